@@ -1,0 +1,97 @@
+"""Errors of the schemas package, and the root error class of all of streamlearn.
+
+Every error streamlearn raises on purpose derives from :class:`StreamlearnError`, so an
+application can catch one class; each package adds its own subclasses in its own
+``exceptions.py``.
+"""
+
+from __future__ import annotations
+
+
+class StreamlearnError(Exception):
+    """Root of every error raised on purpose by streamlearn."""
+
+
+class SchemaError(StreamlearnError):
+    """A schema is malformed, unknown, or a record does not fit it."""
+
+
+class SchemaNotFoundError(SchemaError):
+    """A schema id, subject or version is not in the registry."""
+
+    def __init__(self, message: str, error_code: int = 40403) -> None:
+        super().__init__(message)
+        self.error_code = error_code
+
+
+class SubjectNotFoundError(SchemaNotFoundError):
+    def __init__(self, subject: str) -> None:
+        super().__init__(f"Subject '{subject}' not found.", error_code=40401)
+        self.subject = subject
+
+
+class VersionNotFoundError(SchemaNotFoundError):
+    def __init__(self, subject: str, version: object) -> None:
+        super().__init__(f"Version {version} not found for subject '{subject}'.", error_code=40402)
+
+
+class InvalidSchemaError(SchemaError):
+    """The schema text is not a valid Avro schema (Confluent error 42201)."""
+
+    error_code = 42201
+
+
+class IncompatibleSchemaError(SchemaError):
+    """Registering the schema would break the subject's compatibility mode (Confluent 409).
+
+    ``messages`` lists every incompatibility found, each naming the offending field.
+    """
+
+    error_code = 409
+
+    def __init__(self, subject: str, mode: str, messages: list[str]) -> None:
+        self.subject = subject
+        self.mode = mode
+        self.messages = messages
+        super().__init__(
+            f"Schema being registered is incompatible with an earlier schema for subject '{subject}' "
+            f"(compatibility {mode}): " + "; ".join(messages)
+        )
+
+
+class RecordValidationError(SchemaError):
+    """A record does not match its schema; ``field`` names the offending field path."""
+
+    def __init__(self, schema_name: str, field: str, value: object, reason: str) -> None:
+        self.schema_name = schema_name
+        self.field = field
+        self.value = value
+        self.reason = reason
+        shown = repr(value)
+        if len(shown) > 120:
+            shown = shown[:117] + "..."
+        super().__init__(f"{schema_name}.{field}: {reason} (got {shown})")
+
+
+class FramingError(SchemaError):
+    """Bytes are not a Confluent-framed Avro record. Subclasses say which part is wrong."""
+
+
+class BadMagicByteError(FramingError):
+    pass
+
+
+class ShortPayloadError(FramingError):
+    pass
+
+
+class UnknownSchemaIdError(FramingError):
+    pass
+
+
+class TruncatedRecordError(FramingError):
+    """The Avro body ends early, has trailing garbage, or declares absurd lengths/counts."""
+
+
+class RegistryUnavailableError(StreamlearnError):
+    """The schema registry cannot be reached. Retry with backoff; never dead-letter for this."""

@@ -1,0 +1,1 @@
+"""Kafka and Avro I/O, consumers, featurizers and micro-batches. Imports only `schemas`."""

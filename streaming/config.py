@@ -1,0 +1,201 @@
+"""The one place that reads environment variables and the config file.
+
+Every setting has a name, a type, a default and an environment variable. Precedence, highest
+first: an explicit value passed by the caller (a CLI flag), the environment variable, the config
+file (TOML: ``$STREAMLEARN_CONFIG``, else ``$STREAMLEARN_HOME/config.toml``, else
+``./streamlearn.toml``), the default. Nothing else in streamlearn calls ``os.environ`` for its
+own settings, so ``streamlearn --help`` and the README can list every knob from :data:`SPECS`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from schemas.exceptions import StreamlearnError
+
+
+class ConfigError(StreamlearnError):
+    """A setting has a value of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    env: str
+    type: type
+    default: Any
+    help: str
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec("home", "STREAMLEARN_HOME", Path, Path(".streamlearn"),
+         "root of broker data, schema registry, feature store, models and checkpoints"),
+    Spec("kafka_bootstrap", "STREAMLEARN_KAFKA_BOOTSTRAP", str, None,
+         "Kafka bootstrap address; when set, no embedded broker is started"),
+    Spec("broker_host", "STREAMLEARN_BROKER_HOST", str, "127.0.0.1", "address the embedded broker binds"),
+    Spec("broker_port", "STREAMLEARN_BROKER_PORT", int, 19092, "port of the embedded broker"),
+    Spec("registry_url", "STREAMLEARN_REGISTRY_URL", str, None,
+         "URL of a Confluent-compatible schema registry; when unset the file store under HOME is used"),
+    Spec("registry_port", "STREAMLEARN_REGISTRY_PORT", int, 8081, "port of `streamlearn registry serve`"),
+    Spec("topic_prefix", "STREAMLEARN_TOPIC_PREFIX", str, "",
+         "prefix for every topic and consumer group name (isolates tenants and test runs)"),
+    Spec("partitions", "STREAMLEARN_PARTITIONS", int, 3, "partitions of the raw and request topics"),
+    Spec("feature_store", "STREAMLEARN_FEATURE_STORE", Path, None, "feature batch directory (default HOME/features)"),
+    Spec("model_dir", "STREAMLEARN_MODEL_DIR", Path, None, "model registry directory (default HOME/models)"),
+    Spec("ingest_tokens", "STREAMLEARN_INGEST_TOKENS", str, "",
+         "comma-separated bearer tokens of the HTTP ingest gateway (name:token or token)"),
+    Spec("ingest_port", "STREAMLEARN_INGEST_PORT", int, 8088, "port of the HTTP ingest gateway"),
+    Spec("metrics_port", "STREAMLEARN_METRICS_PORT", int, 0,
+         "port for /metrics of a worker (0 picks a free port, -1 disables)"),
+    Spec("transactions", "STREAMLEARN_TRANSACTIONS", bool, True,
+         "use Kafka transactions for consume-transform-produce (exactly once)"),
+    Spec("batch_max_records", "STREAMLEARN_BATCH_MAX_RECORDS", int, 500, "a micro-batch closes at this many records"),
+    Spec("batch_max_seconds", "STREAMLEARN_BATCH_MAX_SECONDS", float, 5.0, "... or when its oldest record is this old"),
+    Spec("retrain_every_batches", "STREAMLEARN_RETRAIN_EVERY_BATCHES", int, 4, "retrain after this many new batches"),
+    Spec("retrain_every_seconds", "STREAMLEARN_RETRAIN_EVERY_SECONDS", float, 30.0, "... or after this long"),
+    Spec("serve_max_batch", "STREAMLEARN_SERVE_MAX_BATCH", int, 64, "largest dynamic serving batch"),
+    Spec("serve_max_wait_ms", "STREAMLEARN_SERVE_MAX_WAIT_MS", float, 5.0, "longest a request waits for a batch to fill"),
+    Spec("log_level", "STREAMLEARN_LOG_LEVEL", str, "INFO", "logging level"),
+)
+_BY_NAME = {s.name: s for s in SPECS}
+
+
+def env_help(name: str) -> str:
+    """Text for ``--help``: which environment variable a flag falls back to and its default."""
+    spec = _BY_NAME[name]
+    default = spec.default if spec.default is not None else "unset"
+    return f"(env {spec.env}; default {default})"
+
+
+def _coerce(spec: Spec, raw: Any) -> Any:
+    if raw is None:
+        return None
+    try:
+        if spec.type is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if spec.type is str:
+            text = str(raw)
+            return text if text != "" or spec.default == "" else None
+        return spec.type(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"setting '{spec.name}' (env {spec.env}) must be a {spec.type.__name__}, got {raw!r}"
+        ) from exc
+
+
+def _config_file(environ: dict[str, str], home: Path) -> dict[str, Any]:
+    candidates = []
+    if environ.get("STREAMLEARN_CONFIG"):
+        candidates.append(Path(environ["STREAMLEARN_CONFIG"]))
+    candidates += [home / "config.toml", Path("streamlearn.toml")]
+    for path in candidates:
+        if path.is_file():
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+            unknown = set(data) - set(_BY_NAME) - {"models"}
+            if unknown:
+                raise ConfigError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(_BY_NAME)}")
+            return data
+    return {}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings. Build with :func:`load`; derive variants with :meth:`with_`."""
+
+    home: Path
+    kafka_bootstrap: str | None
+    broker_host: str
+    broker_port: int
+    registry_url: str | None
+    registry_port: int
+    topic_prefix: str
+    partitions: int
+    feature_store: Path
+    model_dir: Path
+    ingest_tokens: str
+    ingest_port: int
+    metrics_port: int
+    transactions: bool
+    batch_max_records: int
+    batch_max_seconds: float
+    retrain_every_batches: int
+    retrain_every_seconds: float
+    serve_max_batch: int
+    serve_max_wait_ms: float
+    log_level: str
+    model_specs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bootstrap(self) -> str:
+        """The address clients connect to: the configured one, else the embedded broker's."""
+        return self.kafka_bootstrap or f"{self.broker_host}:{self.broker_port}"
+
+    @property
+    def embedded(self) -> bool:
+        return self.kafka_bootstrap is None
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.home / "broker"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.home / "registry"
+
+    @property
+    def state_dir(self) -> Path:
+        """Checkpoints of sources (file positions, processed images) and worker state."""
+        return self.home / "state"
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def group(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Resolve every setting. ``overrides`` (e.g. CLI flags) win; None values are ignored."""
+    env = dict(os.environ if environ is None else environ)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = set(overrides) - set(_BY_NAME)
+    if unknown:
+        raise ConfigError(f"unknown settings {sorted(unknown)}")
+    home_raw = overrides.get("home") or env.get("STREAMLEARN_HOME") or ".streamlearn"
+    home = Path(home_raw).expanduser().absolute()
+    filecfg = _config_file(env, home)
+    values: dict[str, Any] = {}
+    for spec in SPECS:
+        if spec.name in overrides:
+            raw = overrides[spec.name]
+        elif env.get(spec.env, "") != "":
+            raw = env[spec.env]
+        elif spec.name in filecfg:
+            raw = filecfg[spec.name]
+        else:
+            raw = spec.default
+        values[spec.name] = _coerce(spec, raw)
+    values["home"] = home
+    values["feature_store"] = Path(values["feature_store"] or home / "features").absolute()
+    values["model_dir"] = Path(values["model_dir"] or home / "models").absolute()
+    if values["partitions"] < 1:
+        raise ConfigError("setting 'partitions' (env STREAMLEARN_PARTITIONS) must be >= 1")
+    models = filecfg.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError("config file: [models] must be a table of name = 'module:attribute'")
+    return Settings(**values, model_specs={str(k): str(v) for k, v in models.items()})

@@ -1,0 +1,49 @@
+"""Errors of the streaming package (Kafka I/O, consumers, featurizers, micro-batches)."""
+
+from __future__ import annotations
+
+from schemas.exceptions import StreamlearnError
+
+
+class StreamingError(StreamlearnError):
+    """Base of the streaming package's errors."""
+
+
+class UnknownKindError(StreamingError, ValueError):
+    """An event kind that is not one of streaming.topics.KINDS."""
+
+
+class BrokerError(StreamingError):
+    """The embedded broker could not be started, stopped or reached."""
+
+
+class BrokerAlreadyRunningError(BrokerError):
+    """A broker already runs on this data directory."""
+
+
+class RecordTooLargeError(StreamingError):
+    """An encoded record is over the producer's size limit; refused before sending."""
+
+
+class PublishError(StreamingError):
+    """Kafka did not acknowledge a record."""
+
+
+class OffsetOutOfRangeError(StreamingError):
+    """A requested position (offset or timestamp) is outside what the topic still holds."""
+
+
+class FeatureValidationError(StreamingError):
+    """A decoded record failed feature validation (NaN/inf, impossible timestamp, bad image)."""
+
+
+class BackpressureError(StreamingError):
+    """A sink cannot take more data right now (disk full, permission denied).
+
+    The worker pauses the partitions involved and retries; it never commits past the data
+    that could not be written.
+    """
+
+
+class GroupActiveError(StreamingError):
+    """Offsets of a consumer group can only be reset while it has no active members."""

@@ -1,0 +1,84 @@
+"""The one declaration of every topic streamlearn uses, and idempotent create/list/describe.
+
+Names are built here and nowhere else, so a typo cannot create a stray topic. Every name is
+prefixed with ``Settings.topic_prefix`` (tenants, test isolation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from streaming.config import Settings
+
+DAY_MS = 24 * 3600 * 1000
+
+#: Event kinds and the Avro record each kind's raw topic carries.
+KINDS: dict[str, str] = {"weblog": "WebLogEvent", "sensor": "SensorReading", "image": "ImageEvent"}
+
+#: Built-in models and the event kind each one learns from.
+MODELS: dict[str, str] = {"weblog_classifier": "weblog", "sensor_forecaster": "sensor", "digits_cnn": "image"}
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    retention_ms: int
+    cleanup_policy: str  # "delete" or "compact"
+    record: str | None  # Avro record name of the values; None for dead letters (original bytes)
+    purpose: str
+
+    @property
+    def configs(self) -> dict[str, str]:
+        return {"retention.ms": str(self.retention_ms), "cleanup.policy": self.cleanup_policy}
+
+
+def raw_topic(settings: Settings, kind: str) -> str:
+    _check_kind(kind)
+    return settings.topic(f"{kind}.raw")
+
+
+def dead_letter_topic(settings: Settings, kind: str) -> str:
+    """Dead letters of one event kind (ingest and stream stages), or of 'serving'."""
+    if kind != "serving":
+        _check_kind(kind)
+    return settings.topic(f"{kind}.deadletter")
+
+
+def requests_topic(settings: Settings, model: str) -> str:
+    return settings.topic(f"{model}.requests")
+
+
+def predictions_topic(settings: Settings, model: str) -> str:
+    return settings.topic(f"{model}.predictions")
+
+
+def model_updates_topic(settings: Settings) -> str:
+    return settings.topic("models.updates")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        from streaming.exceptions import UnknownKindError
+
+        raise UnknownKindError(f"unknown event kind {kind!r}; use one of {sorted(KINDS)}")
+
+
+def declared_topics(settings: Settings, models: list[str] | None = None) -> list[TopicSpec]:
+    """Every topic of the platform. ``models`` adds request/prediction topics of custom models."""
+    p = settings.partitions
+    out: list[TopicSpec] = []
+    for kind, record in KINDS.items():
+        out.append(TopicSpec(raw_topic(settings, kind), p, 7 * DAY_MS, "delete", record, f"raw {kind} events"))
+        out.append(TopicSpec(dead_letter_topic(settings, kind), 1, 14 * DAY_MS, "delete", None,
+                             f"{kind} records rejected at ingest or stream time, original bytes + reason headers"))
+    for model in sorted(set(MODELS) | set(models or [])):
+        out.append(TopicSpec(requests_topic(settings, model), p, DAY_MS, "delete", "PredictionRequest",
+                             f"prediction requests for {model}"))
+        out.append(TopicSpec(predictions_topic(settings, model), p, DAY_MS, "delete", "Prediction",
+                             f"answers of {model}, keyed by request id"))
+    out.append(TopicSpec(dead_letter_topic(settings, "serving"), 1, 14 * DAY_MS, "delete", None,
+                         "prediction requests that could not be decoded"))
+    out.append(TopicSpec(model_updates_topic(settings), 1, 30 * DAY_MS, "compact", "ModelUpdate",
+                         "model versions created, promoted, rejected, rolled back (keyed by model)"))
+    return out

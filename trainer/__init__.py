@@ -1,0 +1,1 @@
+"""Periodic TensorFlow retraining, the evaluation gate, model specs and the versioned model registry writer."""
