@@ -1,0 +1,421 @@
+"""The on-disk model registry: versioned SavedModels written by the trainer, read by serving.
+
+Layout (TF Serving compatible, so a stock ``tensorflow_model_server`` can serve the same tree)::
+
+    <root>/<name>/<version>/saved_model.pb
+    <root>/<name>/<version>/variables/...
+    <root>/<name>/<version>/metadata.json     # lineage, scores, gate decision, sha256 manifest
+    <root>/<name>/state.json                  # promoted version, promotion stack, history
+    <root>/<name>/.tmp-<pid>-<rand>/          # staging exports (never visible as a version)
+    <root>/<name>/.lock                       # flock serialising writers
+
+Why it is built this way:
+
+* A version appears atomically: the trainer exports into a staging directory on the same file
+  system, :meth:`ModelRegistry.publish` writes ``metadata.json`` (with the sha256 of every file)
+  into it, fsyncs files and directories and then ``os.rename``\\ s it to ``<version>``. A crash at
+  any point leaves either no version or a complete one; a reader listing numeric directories
+  therefore never sees a half-written model.
+* ``state.json`` is replaced with write-temp + fsync + rename, so concurrent readers (serving)
+  see the old or the new state, never a torn one.
+* Writers (trainer, ``streamlearn models promote``) serialise through an ``flock`` on
+  ``.lock``; readers take no lock.
+* Version numbers are never reused, even after retention deleted the newest ones, because
+  ``state.json`` remembers the highest number ever allocated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from streaming.exceptions import StreamingError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+STAGING_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+METADATA_FILE = "metadata.json"
+STATE_FILE = "state.json"
+
+
+class ModelRegistryError(StreamingError):
+    """Base of the model registry's errors."""
+
+
+class ModelNotFoundError(ModelRegistryError):
+    """A model name or version is not in the registry."""
+
+
+class ModelIntegrityError(ModelRegistryError):
+    """A version's files do not match its manifest, or a SavedModel part is missing.
+
+    Serving must refuse to load such a version; the trainer must not promote it.
+    """
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed so large variable shards do not load into memory."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename or a new entry in it survives power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory below ``root`` (children first, then the parents)."""
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for fname in filenames:
+            fd = os.open(os.path.join(dirpath, fname), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Replace ``path`` with JSON ``data`` so readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ModelRegistry:
+    """Reader and writer of ``<root>/<name>/...``; safe to use from several processes at once."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    # ------------------------------------------------------------------ paths
+    def model_dir(self, name: str) -> Path:
+        """Directory of model ``name``; the name is checked so it cannot escape the root."""
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ModelRegistryError(
+                f"name: {name!r} is not a valid model name; use letters, digits, '_', '-', '.' "
+                "(starting with a letter or digit)"
+            )
+        return self.root / name
+
+    def version_dir(self, name: str, version: int) -> Path:
+        """Directory of an existing version; raises ModelNotFoundError when it does not exist."""
+        path = self.model_dir(name) / str(int(version))
+        if not path.is_dir():
+            raise ModelNotFoundError(
+                f"version: model {name!r} has no version {version} under {self.root}; "
+                f"existing versions: {self.versions(name)}"
+            )
+        return path
+
+    def names(self) -> list[str]:
+        """Every model that has a directory in the registry."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
+
+    def versions(self, name: str) -> list[int]:
+        """Published versions, ascending. Staging and trash directories are never listed."""
+        mdir = self.model_dir(name)
+        if not mdir.is_dir():
+            return []
+        return sorted(int(p.name) for p in mdir.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def latest(self, name: str) -> int | None:
+        found = self.versions(name)
+        return found[-1] if found else None
+
+    def metadata(self, name: str, version: int) -> dict[str, Any]:
+        path = self.version_dir(name, version) / METADATA_FILE
+        try:
+            data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            msg = f"version: {path} is missing; the version is damaged, delete it"
+            raise ModelIntegrityError(msg) from exc
+        except json.JSONDecodeError as exc:
+            msg = f"version: {path} is not valid JSON ({exc}); delete the version"
+            raise ModelIntegrityError(msg) from exc
+        return data
+
+    # ------------------------------------------------------------------ integrity
+    def verify(self, name: str, version: int) -> dict[str, Any]:
+        """Check a version completely; returns its metadata or raises ModelIntegrityError.
+
+        Checks: ``saved_model.pb`` and ``variables/`` (with an index) exist; every file in the
+        manifest exists with the recorded sha256; no file exists that the manifest lacks
+        (e.g. a swapped-in shard); ``metadata.json`` names this version.
+        """
+        vdir = self.version_dir(name, version)
+        meta = self.metadata(name, version)
+        problems: list[str] = []
+        if not (vdir / "saved_model.pb").is_file():
+            problems.append("saved_model.pb is missing")
+        if not (vdir / "variables").is_dir():
+            problems.append("variables/ is missing")
+        elif not (vdir / "variables" / "variables.index").is_file():
+            problems.append("variables/variables.index is missing")
+        if meta.get("version") != int(version):
+            problems.append(f"metadata.json says version {meta.get('version')!r}")
+        manifest = meta.get("manifest")
+        if not isinstance(manifest, dict) or not manifest:
+            problems.append("metadata.json has no manifest")
+            manifest = {}
+        present = {p.relative_to(vdir).as_posix() for p in vdir.rglob("*") if p.is_file()}
+        present.discard(METADATA_FILE)
+        for rel in sorted(set(manifest) - present):
+            problems.append(f"{rel} is missing")
+        for rel in sorted(present - set(manifest)):
+            problems.append(f"{rel} is not in the manifest")
+        for rel in sorted(set(manifest) & present):
+            if sha256_file(vdir / rel) != manifest[rel]:
+                problems.append(f"{rel} sha256 mismatch")
+        if problems:
+            raise ModelIntegrityError(
+                f"version: {name}/{version} at {vdir} failed verification: " + "; ".join(problems)
+                + ". Do not serve it; delete the directory or re-export the model"
+            )
+        return meta
+
+    # ------------------------------------------------------------------ state
+    def _state_path(self, name: str) -> Path:
+        return self.model_dir(name) / STATE_FILE
+
+    def state(self, name: str) -> dict[str, Any]:
+        """The model's state.json (promoted version, promotion stack, history); empty state if none."""
+        path = self._state_path(name)
+        try:
+            data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            data = {}
+        data.setdefault("promoted", None)
+        data.setdefault("promoted_stack", [])
+        data.setdefault("last_version", 0)
+        data.setdefault("history", [])
+        return data
+
+    def promoted(self, name: str) -> int | None:
+        """The version serving should answer with, or None before the first promotion."""
+        value = self.state(name)["promoted"]
+        return int(value) if value is not None else None
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """Every recorded action (CREATED/PROMOTED/REJECTED/ROLLED_BACK/DELETED), oldest first."""
+        return list(self.state(name)["history"])
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        """Exclusive writer lock of one model (flock: released by the kernel if the holder dies)."""
+        mdir = self.model_dir(name)
+        mdir.mkdir(parents=True, exist_ok=True)
+        with (mdir / ".lock").open("a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def _append(self, state: dict[str, Any], action: str, version: int, reason: str, **extra: Any) -> None:
+        entry = {"action": action, "version": int(version), "reason": reason, "at_ms": _now_ms()}
+        entry.update({k: v for k, v in extra.items() if v is not None})
+        state["history"].append(entry)
+
+    def record(self, name: str, version: int, action: str, reason: str, **extra: Any) -> None:
+        """Append a decision (e.g. REJECTED with both scores) to the model's history."""
+        with self._locked(name):
+            state = self.state(name)
+            self._append(state, action, version, reason, **extra)
+            write_json_atomic(self._state_path(name), state)
+
+    # ------------------------------------------------------------------ writing
+    def staging(self, name: str) -> Path:
+        """A fresh staging directory on the registry's file system for an export to fill.
+
+        Its name carries the writer's pid, so :meth:`clean_staging` can tell an abandoned export
+        (writer killed) from one in progress.
+        """
+        mdir = self.model_dir(name)
+        mdir.mkdir(parents=True, exist_ok=True)
+        path = mdir / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        path.mkdir()
+        return path
+
+    def clean_staging(self, name: str) -> list[Path]:
+        """Remove staging and trash directories left by dead writers; returns what was removed."""
+        mdir = self.model_dir(name)
+        removed: list[Path] = []
+        if not mdir.is_dir():
+            return removed
+        for path in mdir.iterdir():
+            if path.name.startswith(TRASH_PREFIX):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            elif path.name.startswith(STAGING_PREFIX):
+                pid_text = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
+                pid = int(pid_text) if pid_text.isdigit() else -1
+                if pid == os.getpid() or (pid > 0 and _pid_alive(pid)):
+                    continue  # an export in progress
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
+
+    def publish(self, name: str, staging_dir: Path | str, metadata: dict[str, Any]) -> int:
+        """Turn a filled staging directory into the next version, atomically; returns the version.
+
+        ``staging_dir`` should come from :meth:`staging` (same file system, so the final step is a
+        rename); a directory elsewhere is first copied into one. The registry adds ``version``,
+        ``created_at`` (if absent) and ``manifest`` (sha256 of every file) to ``metadata``.
+        """
+        mdir = self.model_dir(name)
+        staging = Path(staging_dir).absolute()
+        if not staging.is_dir():
+            raise ModelRegistryError(
+                f"staging_dir: {staging} is not a directory; export the model into it first"
+            )
+        if not (staging / "saved_model.pb").is_file() or not (staging / "variables").is_dir():
+            raise ModelIntegrityError(
+                f"staging_dir: {staging} lacks saved_model.pb or variables/; export with tf.saved_model.save"
+            )
+        if staging.parent != mdir.absolute() or not staging.name.startswith(STAGING_PREFIX):
+            copy = self.staging(name)
+            shutil.copytree(staging, copy, dirs_exist_ok=True)
+            staging = copy
+        (staging / METADATA_FILE).unlink(missing_ok=True)
+        manifest = {
+            p.relative_to(staging).as_posix(): sha256_file(p)
+            for p in sorted(staging.rglob("*")) if p.is_file()
+        }
+        with self._locked(name):
+            state = self.state(name)
+            version = max([int(state["last_version"]), *self.versions(name)]) + 1
+            meta = dict(metadata)
+            meta["name"] = name
+            meta["version"] = version
+            meta.setdefault("created_at", _now_ms())
+            meta["manifest"] = manifest
+            (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", "utf-8")
+            _fsync_tree(staging)
+            os.rename(staging, mdir / str(version))
+            _fsync_dir(mdir)
+            state["last_version"] = version
+            self._append(state, "CREATED", version, str(meta.get("reason") or "exported"))
+            write_json_atomic(self._state_path(name), state)
+        return version
+
+    def set_promoted(self, name: str, version: int, reason: str) -> int | None:
+        """Make ``version`` the one serving answers with; returns the previously promoted version.
+
+        The version is verified first: a damaged export is never promoted.
+        """
+        version = int(version)
+        self.verify(name, version)
+        with self._locked(name):
+            state = self.state(name)
+            previous = state["promoted"]
+            state["promoted"] = version
+            stack = [v for v in state["promoted_stack"] if v != version]
+            stack.append(version)
+            state["promoted_stack"] = stack
+            self._append(state, "PROMOTED", version, reason, previous=previous)
+            write_json_atomic(self._state_path(name), state)
+        return int(previous) if previous is not None else None
+
+    def rollback(self, name: str, reason: str = "manual rollback") -> int:
+        """Return to the version promoted before the current one; returns it.
+
+        Repeated rollbacks walk further back. Versions that no longer verify are skipped.
+        """
+        with self._locked(name):
+            state = self.state(name)
+            current = state["promoted"]
+            if current is None:
+                raise ModelRegistryError(
+                    f"name: model {name!r} has no promoted version; nothing to roll back"
+                )
+            stack = [v for v in state["promoted_stack"] if v != current]
+            target = None
+            while stack:
+                candidate = stack[-1]
+                try:
+                    self.verify(name, candidate)
+                    target = candidate
+                    break
+                except ModelRegistryError:
+                    stack.pop()
+            if target is None:
+                raise ModelRegistryError(
+                    f"name: model {name!r} has no earlier promoted version that still verifies; "
+                    "promote a version explicitly with `streamlearn models promote`"
+                )
+            state["promoted"] = target
+            state["promoted_stack"] = stack
+            self._append(state, "ROLLED_BACK", target, reason, previous=current)
+            write_json_atomic(self._state_path(name), state)
+        return int(target)
+
+    def apply_retention(self, name: str, keep_last: int) -> list[int]:
+        """Delete old versions except the last ``keep_last`` and every version ever promoted.
+
+        Returns the deleted versions. A version is first renamed to a trash name (one atomic
+        step, so readers never see it half-deleted), then removed.
+        """
+        if keep_last < 1:
+            raise ModelRegistryError(
+                f"keep_last: must be >= 1 (got {keep_last}); the newest version is always kept"
+            )
+        deleted: list[int] = []
+        with self._locked(name):
+            state = self.state(name)
+            ever_promoted = {int(e["version"]) for e in state["history"] if e.get("action") == "PROMOTED"}
+            keep = set(self.versions(name)[-keep_last:]) | ever_promoted | set(state["promoted_stack"])
+            if state["promoted"] is not None:
+                keep.add(int(state["promoted"]))
+            mdir = self.model_dir(name)
+            for version in self.versions(name):
+                if version in keep:
+                    continue
+                trash = mdir / f"{TRASH_PREFIX}{version}-{secrets.token_hex(4)}"
+                os.rename(mdir / str(version), trash)
+                shutil.rmtree(trash, ignore_errors=True)
+                deleted.append(version)
+                self._append(state, "DELETED", version, f"retention keep_last={keep_last}")
+            if deleted:
+                _fsync_dir(mdir)
+                write_json_atomic(self._state_path(name), state)
+        return deleted

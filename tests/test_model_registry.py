@@ -1,0 +1,263 @@
+"""The model registry's on-disk contract: atomic versions, integrity checks, promotion, retention.
+
+These tests need no TensorFlow: a "SavedModel" here is the file layout serving checks for
+(saved_model.pb + variables/), filled with random bytes. The TF round trip is covered by the
+trainer tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from streaming.exceptions import StreamingError
+from streaming.model_registry import (
+    ModelIntegrityError,
+    ModelNotFoundError,
+    ModelRegistry,
+    ModelRegistryError,
+)
+
+try:
+    from tests.helpers import wait_until
+except ImportError:  # the lead's tests/helpers.py has not landed yet: same bounded poll
+    import time
+
+    def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(interval)
+        raise AssertionError(f"condition not met within {timeout}s")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_export(reg: ModelRegistry, name: str, payload: bytes = b"weights", n_shards: int = 1) -> Path:
+    staging = reg.staging(name)
+    (staging / "saved_model.pb").write_bytes(b"pb:" + payload)
+    (staging / "variables").mkdir()
+    (staging / "variables" / "variables.index").write_bytes(b"index:" + payload)
+    for i in range(n_shards):
+        (staging / "variables" / f"variables.data-{i:05d}-of-{n_shards:05d}").write_bytes(payload * 10)
+    (staging / "assets").mkdir()
+    return staging
+
+
+def test_publish_creates_numbered_versions_with_manifest(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path)
+    v1 = reg.publish("m", fake_export(reg, "m", b"a"), {"task": "classification"})
+    v2 = reg.publish("m", fake_export(reg, "m", b"b"), {"task": "classification"})
+    assert (v1, v2) == (1, 2)
+    assert reg.versions("m") == [1, 2]
+    meta = reg.verify("m", 2)
+    assert meta["version"] == 2 and meta["name"] == "m" and meta["task"] == "classification"
+    assert set(meta["manifest"]) == {
+        "saved_model.pb", "variables/variables.index", "variables/variables.data-00000-of-00001"
+    }
+    assert not [p for p in (tmp_path / "m").iterdir() if p.name.startswith(".tmp-")]
+    assert [e["action"] for e in reg.history("m")] == ["CREATED", "CREATED"]
+    assert reg.promoted("m") is None
+
+
+def test_publish_copies_a_staging_dir_from_elsewhere(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path / "models")
+    outside = tmp_path / "export"
+    (outside / "variables").mkdir(parents=True)
+    (outside / "saved_model.pb").write_bytes(b"pb")
+    (outside / "variables" / "variables.index").write_bytes(b"ix")
+    assert reg.publish("m", outside, {}) == 1
+    reg.verify("m", 1)
+
+
+def test_publish_refuses_an_incomplete_export(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path)
+    staging = reg.staging("m")
+    (staging / "saved_model.pb").write_bytes(b"pb")
+    with pytest.raises(ModelIntegrityError, match="variables"):
+        reg.publish("m", staging, {})
+    assert reg.versions("m") == []
+
+
+@pytest.mark.parametrize("damage", ["tamper", "missing_pb", "missing_variables", "extra_file", "bad_json"])
+def test_verify_detects_damage(tmp_path: Path, damage: str) -> None:
+    reg = ModelRegistry(tmp_path)
+    v = reg.publish("m", fake_export(reg, "m"), {})
+    vdir = reg.version_dir("m", v)
+    if damage == "tamper":
+        (vdir / "variables" / "variables.data-00000-of-00001").write_bytes(b"evil")
+        expected = "sha256 mismatch"
+    elif damage == "missing_pb":
+        (vdir / "saved_model.pb").unlink()
+        expected = "saved_model.pb is missing"
+    elif damage == "missing_variables":
+        import shutil
+
+        shutil.rmtree(vdir / "variables")
+        expected = "variables/ is missing"
+    elif damage == "extra_file":
+        (vdir / "variables" / "sneaky").write_bytes(b"x")
+        expected = "not in the manifest"
+    else:
+        (vdir / "metadata.json").write_text("{not json")
+        expected = "not valid JSON"
+    with pytest.raises(ModelIntegrityError, match=expected) as info:
+        reg.verify("m", v)
+    assert isinstance(info.value, StreamingError)
+    with pytest.raises(ModelIntegrityError):
+        reg.set_promoted("m", v, "should refuse a damaged version")
+    assert reg.promoted("m") is None
+
+
+def test_unknown_version_and_bad_names(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path)
+    with pytest.raises(ModelNotFoundError, match="no version 3"):
+        reg.version_dir("m", 3)
+    with pytest.raises(ModelRegistryError, match="not a valid model name"):
+        reg.versions("../escape")
+    assert reg.versions("never") == [] and reg.promoted("never") is None and reg.names() == []
+
+
+def test_promote_rollback_walks_back_through_promotions(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path)
+    for i in range(4):
+        reg.publish("m", fake_export(reg, "m", bytes([i])), {})
+    assert reg.set_promoted("m", 1, "first") is None
+    assert reg.set_promoted("m", 2, "better") == 1
+    assert reg.set_promoted("m", 4, "better again") == 2
+    reg.record("m", 3, "REJECTED", "worse", candidate_score=0.5, current_score=0.7)
+    assert reg.rollback("m") == 2
+    assert reg.promoted("m") == 2
+    assert reg.rollback("m") == 1
+    with pytest.raises(ModelRegistryError, match="no earlier promoted version"):
+        reg.rollback("m")
+    actions = [(e["action"], e["version"]) for e in reg.history("m")]
+    assert actions[4:] == [("PROMOTED", 1), ("PROMOTED", 2), ("PROMOTED", 4), ("REJECTED", 3),
+                           ("ROLLED_BACK", 2), ("ROLLED_BACK", 1)]
+    rejected = reg.history("m")[7]
+    assert rejected["candidate_score"] == 0.5 and rejected["current_score"] == 0.7
+    state = json.loads((tmp_path / "m" / "state.json").read_text())
+    assert state["promoted"] == 1
+
+
+def test_rollback_skips_a_damaged_earlier_version(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path)
+    for i in range(3):
+        reg.publish("m", fake_export(reg, "m", bytes([i])), {})
+        reg.set_promoted("m", i + 1, "ok")
+    (reg.version_dir("m", 2) / "saved_model.pb").write_bytes(b"corrupt")
+    assert reg.rollback("m") == 1
+
+
+def test_retention_keeps_last_k_and_every_promoted(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path)
+    for i in range(8):
+        reg.publish("m", fake_export(reg, "m", bytes([i])), {})
+    reg.set_promoted("m", 2, "ok")
+    reg.set_promoted("m", 5, "ok")
+    reg.rollback("m")  # promoted is 2 again; 5 was promoted once and is kept too
+    deleted = reg.apply_retention("m", keep_last=2)
+    assert deleted == [1, 3, 4, 6]
+    assert reg.versions("m") == [2, 5, 7, 8]
+    for v in reg.versions("m"):
+        reg.verify("m", v)
+    # numbers are never reused, even when the newest versions were deleted
+    assert reg.publish("m", fake_export(reg, "m"), {}) == 9
+    with pytest.raises(ModelRegistryError, match="keep_last"):
+        reg.apply_retention("m", 0)
+
+
+def test_clean_staging_removes_only_dead_writers_exports(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path)
+    mine = reg.staging("m")
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(proc.stdout)
+    dead = tmp_path / "m" / f".tmp-{dead_pid}-abc"
+    dead.mkdir()
+    removed = reg.clean_staging("m")
+    assert removed == [dead]
+    assert mine.is_dir()
+
+
+def test_concurrent_reader_never_sees_partial_versions(tmp_path: Path) -> None:
+    """A serving-like reader polls while a writer publishes and promotes; every listed version verifies."""
+    reg = ModelRegistry(tmp_path)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        reader_reg = ModelRegistry(tmp_path)
+        while not done.is_set():
+            try:
+                for v in reader_reg.versions("m"):
+                    reader_reg.verify("m", v)
+                p = reader_reg.promoted("m")
+                if p is not None:
+                    reader_reg.verify("m", p)
+            except BaseException as exc:  # collected, asserted below
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(30):
+            v = reg.publish("m", fake_export(reg, "m", bytes([i]) * 1000, n_shards=3), {})
+            reg.set_promoted("m", v, "test")
+            reg.apply_retention("m", keep_last=3)
+    finally:
+        done.set()
+        thread.join(timeout=30)
+    assert not errors, errors[0]
+
+
+WRITER = r"""
+import sys, os
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from streaming.model_registry import ModelRegistry
+reg = ModelRegistry(Path(sys.argv[1]))
+i = 0
+print("ready", flush=True)
+while True:
+    st = reg.staging("m")
+    (st / "saved_model.pb").write_bytes(os.urandom(20000))
+    (st / "variables").mkdir()
+    (st / "variables" / "variables.index").write_bytes(os.urandom(1000))
+    for s in range(4):
+        (st / "variables" / f"variables.data-{s:05d}-of-00004").write_bytes(os.urandom(50000))
+    v = reg.publish("m", st, {"i": i})
+    i += 1
+"""
+
+
+@pytest.mark.parametrize("publishes_before_kill", [2, 5])
+def test_kill_9_during_export_leaves_registry_consistent(tmp_path: Path, publishes_before_kill: int) -> None:
+    reg = ModelRegistry(tmp_path)
+    v = reg.publish("m", fake_export(reg, "m"), {})
+    reg.set_promoted("m", v, "baseline")
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(ROOT)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        wait_until(lambda: len(reg.versions("m")) >= 1 + publishes_before_kill, timeout=60)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    for version in reg.versions("m"):
+        reg.verify("m", version)  # every listed version is complete
+    assert reg.promoted("m") == v
+    reg.clean_staging("m")
+    assert not [p for p in (tmp_path / "m").iterdir() if p.name.startswith((".tmp-", ".trash-"))]
+    before = reg.versions("m")
+    assert reg.publish("m", fake_export(reg, "m"), {}) == before[-1] + 1
