@@ -1,0 +1,308 @@
+"""Admission control of the ingest gateway: body size, per-token rate, in-flight records, idempotency.
+
+Why each exists:
+
+* :class:`BodyLimitMiddleware` answers 413 before a large body is held in memory. It is a raw ASGI
+  middleware so it sees the bytes as they arrive: it refuses at once on a ``Content-Length`` over
+  the limit, and for chunked uploads (no length) it counts bytes and stops at the first chunk that
+  crosses the limit.
+* :class:`RateLimiter` is one token bucket per principal, in records/s with a burst, so one client
+  cannot starve the others.
+* :class:`InFlightLimiter` bounds records handed to the producer but not yet acked. When Kafka is
+  slower than the clients, new requests get 503 + ``Retry-After`` immediately instead of queueing
+  without bound in the producer buffer (memory) or in the event loop (latency).
+* :class:`OnceMap` is the bounded, TTL'd memory of idempotency keys: event ids (value = where the
+  event was acked) and request ``Idempotency-Key`` s (value = the stored response). A key is
+  recorded as done only after the ack; a key whose first publish is still in flight is "pending" and
+  later claimants wait for that outcome instead of publishing again.
+
+Every class here is thread-safe: records are published from worker threads and their acks arrive
+on the Kafka producer's I/O thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, MutableMapping
+from concurrent.futures import Future
+from typing import Any, Generic, Literal, TypeVar
+
+from ingest.gateway_errors import OverloadedError, PayloadTooLargeError, RateLimitedError
+
+V = TypeVar("V")
+Clock = Callable[[], float]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class TokenBucket:
+    """A token bucket of ``rate`` tokens/s holding at most ``burst`` tokens, starting full.
+
+    A request for ``n`` records needs ``min(n, burst)`` tokens present and then takes all ``n``
+    (the bucket may go negative). Why debt instead of refusing ``n > burst`` outright: a batch larger
+    than the burst would otherwise never pass, yet the long-run rate still holds because the debt
+    is paid back before the next request passes.
+    """
+
+    def __init__(self, rate: float, burst: float, clock: Clock = time.monotonic) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"rate must be > 0 and burst >= 1, got rate={rate}, burst={burst}")
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self._clock = clock
+        self._tokens = self.burst
+        self._stamp = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    def wait_time(self, n: int = 1) -> float:
+        """Seconds until ``n`` records could pass; 0 when they can pass now. Takes nothing."""
+        self._refill()
+        need = min(float(n), self.burst)
+        return 0.0 if self._tokens >= need else (need - self._tokens) / self.rate
+
+    def try_take(self, n: int) -> float:
+        """Take ``n`` tokens and return 0, or take nothing and return the seconds to wait."""
+        wait = self.wait_time(n)
+        if wait == 0.0:
+            self._tokens -= n
+        return wait
+
+
+class RateLimiter:
+    """One :class:`TokenBucket` per principal name; ``rate <= 0`` disables limiting."""
+
+    def __init__(self, rate: float, burst: float, clock: Clock = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1.0)
+        self._clock = clock
+        self._buckets: dict[str, TokenBucket] = {}
+        self._lock = threading.Lock()
+
+    def _bucket(self, name: str) -> TokenBucket:
+        bucket = self._buckets.get(name)
+        if bucket is None:
+            bucket = self._buckets[name] = TokenBucket(self.rate, self.burst, self._clock)
+        return bucket
+
+    def check(self, name: str) -> None:
+        """Refuse early (before the body is read) when not even one record could pass."""
+        if self.rate <= 0:
+            return
+        with self._lock:
+            wait = self._bucket(name).wait_time(1)
+        if wait > 0:
+            raise self._error(wait)
+
+    def take(self, name: str, n: int) -> None:
+        """Charge ``n`` records to ``name``'s bucket or raise :class:`RateLimitedError` (429)."""
+        if self.rate <= 0 or n <= 0:
+            return
+        with self._lock:
+            wait = self._bucket(name).try_take(n)
+        if wait > 0:
+            raise self._error(wait)
+
+    def _error(self, wait: float) -> RateLimitedError:
+        return RateLimitedError(
+            f"rate limit of {self.rate:g} records/s (burst {self.burst:g}) for this token is spent; "
+            f"retry after {math.ceil(wait)} s or send smaller batches",
+            retry_after=max(1, math.ceil(wait)),
+        )
+
+
+class InFlightLimiter:
+    """Counts records handed to the producer and not yet acked (or failed), across all requests.
+
+    Admission is checked when a request arrives: once ``count >= limit`` every new request gets 503.
+    An admitted request then adds its records, so the count may overshoot by at most one request's
+    batch; that bound is what keeps the check O(1) and free of queueing.
+    """
+
+    def __init__(self, limit: int, on_change: Callable[[int], None] | None = None) -> None:
+        if limit < 0:
+            raise ValueError(f"max_in_flight must be >= 0, got {limit}")
+        self.limit = limit
+        self._count = 0
+        self._lock = threading.Lock()
+        self._on_change = on_change
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def admit(self) -> None:
+        """Raise :class:`OverloadedError` (503) when the producer is already behind."""
+        if self._count >= self.limit:
+            raise OverloadedError(
+                f"{self._count} records are waiting for Kafka acknowledgements (limit {self.limit}); "
+                "retry shortly",
+                retry_after=1,
+            )
+
+    def add(self, n: int) -> None:
+        self._change(n)
+
+    def release(self, n: int = 1) -> None:
+        self._change(-n)
+
+    def _change(self, delta: int) -> None:
+        with self._lock:
+            self._count += delta
+            count = self._count
+        if self._on_change is not None:
+            self._on_change(count)
+
+
+Claim = tuple[Literal["new", "pending", "done"], Any]
+
+
+class OnceMap(Generic[V]):
+    """Bounded (LRU by completion order) and TTL'd map of keys whose work is done, plus keys in flight.
+
+    ``claim(key)`` answers one of:
+
+    * ``("new", future)``: the caller owns the key and must later call :meth:`complete` or
+      :meth:`abandon`; other claimants wait on ``future``.
+    * ``("pending", future)``: someone else owns it; ``future`` resolves to their value or raises.
+    * ``("done", value)``: finished within the window; ``value`` is what :meth:`complete` stored.
+
+    The window is per process and bounded by ``capacity`` and ``ttl_s``: a restart or an evicted key
+    forgets, and the same event sent again after that is published again (at-least-once).
+    """
+
+    def __init__(self, capacity: int, ttl_s: float, clock: Clock = time.monotonic) -> None:
+        if capacity < 1 or ttl_s <= 0:
+            raise ValueError(f"capacity must be >= 1 and ttl_s > 0, got {capacity}, {ttl_s}")
+        self.capacity = capacity
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._done: OrderedDict[Any, tuple[float, V]] = OrderedDict()
+        self._pending: dict[Any, Future[V]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def _expire(self, now: float) -> None:
+        while self._done:
+            key, (expires, _) = next(iter(self._done.items()))
+            if expires > now:
+                break
+            del self._done[key]
+
+    def claim(self, key: Any) -> Claim:
+        with self._lock:
+            self._expire(self._clock())
+            if key in self._done:
+                return "done", self._done[key][1]
+            pending = self._pending.get(key)
+            if pending is not None:
+                return "pending", pending
+            future: Future[V] = Future()
+            self._pending[key] = future
+            return "new", future
+
+    def complete(self, key: Any, value: V) -> None:
+        """Record ``key`` as done with ``value`` and wake its waiters."""
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            self._done[key] = (now + self.ttl_s, value)
+            self._done.move_to_end(key)
+            while len(self._done) > self.capacity:
+                self._done.popitem(last=False)
+            future = self._pending.pop(key, None)
+        if future is not None and not future.done():
+            future.set_result(value)
+
+    def abandon(self, key: Any, error: BaseException) -> None:
+        """Forget an in-flight key whose work failed, so a retry may try again; waiters get ``error``."""
+        with self._lock:
+            future = self._pending.pop(key, None)
+        if future is not None and not future.done():
+            future.set_exception(error)
+
+
+async def send_json_error(send: Send, status: int, message: str,
+                          headers: dict[str, str] | None = None) -> None:
+    """Answer a request from raw ASGI with ``{"error": message}``."""
+    body = json.dumps({"error": message}).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+    raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class BodyLimitMiddleware:
+    """Raw ASGI middleware answering 413 once a request body is over ``max_body_bytes``.
+
+    ``on_reject(path, status)`` lets the app count refusals it never sees as a route.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int,
+                 on_reject: Callable[[str, int], None] | None = None) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.on_reject = on_reject
+
+    def _message(self) -> str:
+        return (f"request body is larger than the gateway limit of {self.max_body_bytes} bytes; "
+                "split the batch into smaller requests")
+
+    async def _refuse(self, scope: Scope, send: Send, status: int, message: str) -> None:
+        if self.on_reject is not None:
+            self.on_reject(str(scope.get("path", "")), status)
+        await send_json_error(send, status, message)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await self._refuse(scope, send, 400, "Content-Length header is not an integer")
+                    return
+                if declared > limit:
+                    await self._refuse(scope, send, 413, self._message())
+                    return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLargeError(self._message())
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except PayloadTooLargeError as exc:
+            if started:
+                raise
+            await self._refuse(scope, send, 413, exc.message)
