@@ -70,7 +70,8 @@ class RecordValidationError(SchemaError):
         shown = repr(value)
         if len(shown) > 120:
             shown = shown[:117] + "..."
-        super().__init__(f"{schema_name}.{field}: {reason} (got {shown})")
+        where = f"{schema_name}.{field}" if field else schema_name
+        super().__init__(f"{where}: {reason} (got {shown})")
 
 
 class FramingError(SchemaError):
@@ -95,3 +96,29 @@ class TruncatedRecordError(FramingError):
 
 class RegistryUnavailableError(StreamlearnError):
     """The schema registry cannot be reached. Retry with backoff; never dead-letter for this."""
+
+
+class MalformedRecordError(FramingError):
+    """The Avro body is the right length but not a valid encoding (bad union index, bad UTF-8...)."""
+
+
+class InvalidVersionError(SchemaError):
+    """A version argument is neither a positive integer nor 'latest' (Confluent 42202)."""
+
+    error_code = 42202
+
+
+class InvalidCompatibilityLevelError(SchemaError):
+    """A compatibility level is not one of the Avro modes (Confluent 42203)."""
+
+    error_code = 42203
+
+
+class RegistryStoreError(StreamlearnError):
+    """The registry's backing store failed or is corrupt (Confluent 500). Not retryable by itself."""
+
+    error_code = 50001
+
+
+class IncompatibleReaderError(SchemaError):
+    """A deserializer's reader schema cannot read records written with the record's writer schema."""

@@ -1,0 +1,328 @@
+"""Confluent wire framing and the Avro serializer/deserializer every Kafka client uses.
+
+Wire format: ``b"\\x00" + struct.pack(">I", schema_id) + avro_binary`` (the Confluent framing, so
+any Confluent-aware tool can read our topics). Records are plain dicts with ``timestamp-millis`` as
+ints of epoch milliseconds: encoding and decoding use schemas with logical types stripped (see
+:func:`schemas.catalog.strip_logical_types`), so values round-trip exactly.
+
+Decoding untrusted bytes must fail fast and typed, never hang or allocate gigabytes:
+fastavro's C reader already raises ``EOFError`` as soon as a declared string/bytes length or an
+array/map block outruns the buffer, because each item consumes at least one byte. The one case it
+cannot bound is an array whose items encode to zero bytes (``null``, an empty record, ``fixed`` of
+size 0): a block count of 2**40 would spin forever. Writer schemas containing such arrays are first
+walked by :func:`_guard`, which checks every declared count against what remains.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+from typing import Any, NamedTuple
+
+from fastavro import schemaless_reader, schemaless_writer
+
+from schemas import catalog, compat
+from schemas.base import SchemaRegistry
+from schemas.exceptions import (
+    BadMagicByteError,
+    IncompatibleReaderError,
+    MalformedRecordError,
+    SchemaNotFoundError,
+    ShortPayloadError,
+    TruncatedRecordError,
+    UnknownSchemaIdError,
+)
+from schemas.validate import compile_validator
+
+MAGIC = 0
+HEADER_SIZE = 5
+_HEADER = struct.Struct(">bI")
+#: Most zero-byte array items one record may declare (only arrays of null / empty types).
+MAX_ZERO_SIZE_ITEMS = 1_000_000
+
+
+class Decoded(NamedTuple):
+    """A decoded record and the registry id of the schema it was written with."""
+
+    value: Any
+    schema_id: int
+
+
+def frame(schema_id: int, payload: bytes) -> bytes:
+    """Prefix an Avro body with the Confluent magic byte and big-endian schema id."""
+    return _HEADER.pack(MAGIC, schema_id) + payload
+
+
+def unframe(data: bytes | bytearray | memoryview) -> tuple[int, memoryview]:
+    """Split framed bytes into ``(schema_id, body)``; typed FramingError when the header is wrong."""
+    if data is None or len(data) < HEADER_SIZE:
+        size = 0 if data is None else len(data)
+        raise ShortPayloadError(
+            f"data: {size} bytes is shorter than the 5-byte Confluent header (magic byte + schema id); "
+            f"the message was not written by an Avro serializer"
+        )
+    if data[0] != MAGIC:
+        raise BadMagicByteError(
+            f"data: first byte is {data[0]:#04x}, expected the Confluent magic byte 0x00; the message "
+            f"was not written by a schema-registry serializer (plain JSON or text?)"
+        )
+    schema_id = int.from_bytes(bytes(data[1:5]), "big")
+    return schema_id, memoryview(data)[HEADER_SIZE:]
+
+
+# -- the zero-size-item guard --------------------------------------------------------------------
+def _min_size(node: Any, named: dict[str, Any], seen: frozenset[str] = frozenset()) -> int:
+    """Fewest bytes one value of ``node`` can encode to (0 for null, empty records, fixed(0))."""
+    if isinstance(node, str):
+        if node in named:
+            if node in seen:
+                return 1
+            return _min_size(named[node], named, seen | {node})
+        return {"null": 0, "boolean": 1, "int": 1, "long": 1, "float": 4, "double": 8}.get(node, 1)
+    if isinstance(node, list):
+        return 1  # union index
+    kind = node.get("type")
+    if kind in ("record", "error"):
+        name = node.get("name", "")
+        return sum(_min_size(f["type"], named, seen | {name}) for f in node.get("fields", []))
+    if kind == "fixed":
+        return int(node.get("size", 0))
+    if isinstance(kind, str) and kind not in ("array", "map", "enum"):
+        return _min_size(kind, named, seen)
+    return 1
+
+
+def _needs_guard(node: Any, named: dict[str, Any], seen: set[str]) -> bool:
+    if isinstance(node, str):
+        if node in named and node not in seen:
+            seen.add(node)
+            return _needs_guard(named[node], named, seen)
+        return False
+    if isinstance(node, list):
+        return any(_needs_guard(b, named, seen) for b in node)
+    kind = node.get("type")
+    if kind in ("record", "error"):
+        seen.add(node.get("name", ""))
+        return any(_needs_guard(f["type"], named, seen) for f in node.get("fields", []))
+    if kind == "array":
+        return _min_size(node["items"], named) == 0 or _needs_guard(node["items"], named, seen)
+    if kind == "map":
+        return _needs_guard(node["values"], named, seen)
+    if isinstance(kind, dict | list):
+        return _needs_guard(kind, named, seen)
+    return False
+
+
+def _read_long(buf: memoryview, pos: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise TruncatedRecordError("data: Avro body ends inside a variable-length integer")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return (result >> 1) ^ -(result & 1), pos
+        shift += 7
+
+
+def _guard(node: Any, named: dict[str, Any], buf: memoryview, pos: int, budget: list[int]) -> int:
+    """Walk one value without building it; raise TruncatedRecordError on any absurd declaration."""
+    if isinstance(node, str):
+        if node in named:
+            return _guard(named[node], named, buf, pos, budget)
+        if node == "null":
+            return pos
+        if node == "boolean":
+            size = 1
+        elif node in ("int", "long"):
+            return _read_long(buf, pos)[1]
+        elif node == "float":
+            size = 4
+        elif node == "double":
+            size = 8
+        else:  # string, bytes
+            size, pos = _read_long(buf, pos)
+        if size < 0 or pos + size > len(buf):
+            raise TruncatedRecordError(
+                f"data: Avro {node} declares {size} bytes but only {len(buf) - pos} remain"
+            )
+        return pos + size
+    if isinstance(node, list):
+        index, pos = _read_long(buf, pos)
+        if not 0 <= index < len(node):
+            raise MalformedRecordError(f"data: union index {index} outside 0..{len(node) - 1}")
+        return _guard(node[index], named, buf, pos, budget)
+    kind = node.get("type")
+    if kind in ("record", "error"):
+        for f in node.get("fields", []):
+            pos = _guard(f["type"], named, buf, pos, budget)
+        return pos
+    if kind == "enum":
+        return _read_long(buf, pos)[1]
+    if kind == "fixed":
+        size = int(node["size"])
+        if pos + size > len(buf):
+            raise TruncatedRecordError(f"data: fixed of {size} bytes but only {len(buf) - pos} remain")
+        return pos + size
+    if kind in ("array", "map"):
+        item = node["items"] if kind == "array" else node["values"]
+        zero = kind == "array" and _min_size(item, named) == 0
+        while True:
+            count, pos = _read_long(buf, pos)
+            if count == 0:
+                return pos
+            if count < 0:
+                count = -count
+                _, pos = _read_long(buf, pos)  # block size in bytes
+            if zero:
+                budget[0] -= count
+                if budget[0] < 0:
+                    raise TruncatedRecordError(
+                        f"data: Avro array declares more than {MAX_ZERO_SIZE_ITEMS} empty items; "
+                        f"the payload is corrupt or hostile"
+                    )
+            elif count > len(buf) - pos:
+                raise TruncatedRecordError(
+                    f"data: Avro {kind} declares {count} items but only {len(buf) - pos} bytes remain"
+                )
+            for _ in range(count):
+                if kind == "map":
+                    pos = _guard("string", named, buf, pos, budget)
+                pos = _guard(item, named, buf, pos, budget)
+    if isinstance(kind, str | dict | list):
+        return _guard(kind, named, buf, pos, budget)
+    raise MalformedRecordError(f"schema: cannot walk Avro type {kind!r}")
+
+
+# -- serializer ----------------------------------------------------------------------------------
+class AvroSerializer:
+    """``serializer(value, ctx=None) -> bytes``: validate, encode and frame one record.
+
+    The schema is registered under ``subject`` on first use and its id cached, so a registry
+    outage surfaces as :class:`RegistryUnavailableError` on the first call and is retried on the
+    next. Validation runs before encoding and raises :class:`RecordValidationError` naming the
+    field, e.g. ``SensorReading.value: expected double (got 'abc')``.
+    """
+
+    def __init__(self, registry: SchemaRegistry, subject: str, schema: str | dict[str, Any]) -> None:
+        self.registry = registry
+        self.subject = subject
+        self.schema = catalog.schema_to_dict(schema)
+        self.parsed = catalog.parse(self.schema)
+        self.validate = compile_validator(self.parsed)
+        self._schema_id: int | None = None
+        self._header = b""
+        self._lock = threading.Lock()
+
+    @property
+    def schema_id(self) -> int:
+        """Registry id of the schema (registers it on first access)."""
+        if self._schema_id is None:
+            with self._lock:
+                if self._schema_id is None:
+                    schema_id = self.registry.register(self.subject, self.schema)
+                    self._header = _HEADER.pack(MAGIC, schema_id)
+                    self._schema_id = schema_id
+        return self._schema_id
+
+    def encode(self, value: Any) -> bytes:
+        """Avro body of ``value`` without framing (validated first)."""
+        self.validate(value)
+        buf = io.BytesIO()
+        schemaless_writer(buf, self.parsed, value)
+        return buf.getvalue()
+
+    def __call__(self, value: Any, ctx: Any = None) -> bytes:
+        if self._schema_id is None:
+            self.schema_id  # noqa: B018 - registers and builds the header
+        self.validate(value)
+        buf = io.BytesIO()
+        buf.write(self._header)
+        schemaless_writer(buf, self.parsed, value)
+        return buf.getvalue()
+
+
+# -- deserializer --------------------------------------------------------------------------------
+class _Plan(NamedTuple):
+    writer: Any
+    reader: Any  # None when the reader schema equals the writer schema (fastest path)
+    guard_named: dict[str, Any] | None  # set when the writer needs the zero-size-item guard
+
+
+class AvroDeserializer:
+    """``deserializer(data, ctx=None) -> Decoded(value, schema_id)`` for Confluent-framed Avro.
+
+    With ``reader_schema`` the record is resolved into that schema (Avro evolution: a v1 consumer
+    reads v2 data and vice versa); without, it is returned as written.
+    """
+
+    def __init__(self, registry: SchemaRegistry, reader_schema: str | dict[str, Any] | None = None) -> None:
+        self.registry = registry
+        self.reader_schema: Any = None
+        self._reader_parsed: Any = None
+        self._reader_key: str | None = None
+        if reader_schema is not None:
+            self.reader_schema = catalog.schema_to_dict(reader_schema)
+            self._reader_parsed = catalog.parse(self.reader_schema)
+            self._reader_key = catalog.canonical_text(self.reader_schema)
+        self._plans: dict[int, _Plan] = {}
+
+    def _plan(self, schema_id: int) -> _Plan:
+        try:
+            text = self.registry.get_schema(schema_id)
+        except SchemaNotFoundError as exc:
+            raise UnknownSchemaIdError(
+                f"data: schema id {schema_id} is not in the schema registry; the message was written "
+                f"against another registry (check registry_url / registry_dir)"
+            ) from exc
+        writer = self.registry.get_parsed(schema_id)
+        reader = None
+        if self._reader_parsed is not None and catalog.canonical_text(text) != self._reader_key:
+            errors = compat.reader_errors(self.reader_schema, text, reader_is_new=True)
+            if errors:
+                raise IncompatibleReaderError(
+                    f"reader_schema: cannot read records written with schema id {schema_id}: "
+                    + "; ".join(errors)
+                )
+            reader = self._reader_parsed
+        named: dict[str, Any] = writer.get("__named_schemas", {}) if isinstance(writer, dict) else {}
+        guard = named if _needs_guard(writer, named, set()) else None
+        plan = _Plan(writer, reader, guard)
+        self._plans[schema_id] = plan
+        return plan
+
+    def __call__(self, data: bytes | bytearray | memoryview, ctx: Any = None) -> Decoded:
+        size = len(data) if data is not None else 0
+        if size < HEADER_SIZE or data[0] != MAGIC:
+            unframe(data)  # raises the precise error
+        schema_id = int.from_bytes(data[1:5], "big")
+        plan = self._plans.get(schema_id) or self._plan(schema_id)
+        if plan.guard_named is not None:
+            body = memoryview(data)[HEADER_SIZE:]
+            end = _guard(plan.writer, plan.guard_named, body, 0, [MAX_ZERO_SIZE_ITEMS])
+            if end != len(body):
+                raise TruncatedRecordError(
+                    f"data: {len(body) - end} trailing bytes after the Avro record (schema id {schema_id})"
+                )
+        buf = io.BytesIO(data)
+        buf.seek(HEADER_SIZE)
+        try:
+            value = schemaless_reader(buf, plan.writer, plan.reader)
+        except EOFError as exc:
+            raise TruncatedRecordError(
+                f"data: Avro body of {size - HEADER_SIZE} bytes ends early for schema id {schema_id} ({exc})"
+            ) from exc
+        except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as exc:
+            raise MalformedRecordError(
+                f"data: Avro body is not a valid encoding for schema id {schema_id}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        end = buf.tell()
+        if end != size:
+            raise TruncatedRecordError(
+                f"data: {size - end} trailing bytes after the Avro record (schema id {schema_id}); "
+                f"the payload is corrupt or was written with a different schema"
+            )
+        return Decoded(value, schema_id)
