@@ -199,3 +199,21 @@ def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None
     if not isinstance(models, dict):
         raise ConfigError("config file: [models] must be a table of name = 'module:attribute'")
     return Settings(**values, model_specs={str(k): str(v) for k, v in models.items()})
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The environment variables that reproduce ``settings`` in a child process.
+
+    Used by the supervisor and by tests that run workers as subprocesses.
+    """
+    env: dict[str, str] = {}
+    for spec in SPECS:
+        value = getattr(settings, spec.name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        env[spec.env] = str(value)
+    if not settings.embedded:
+        env["STREAMLEARN_KAFKA_BOOTSTRAP"] = settings.bootstrap
+    return env

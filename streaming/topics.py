@@ -6,7 +6,9 @@ prefixed with ``Settings.topic_prefix`` (tenants, test isolation).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any
 
 from streaming.config import Settings
 
@@ -82,3 +84,61 @@ def declared_topics(settings: Settings, models: list[str] | None = None) -> list
     out.append(TopicSpec(model_updates_topic(settings), 1, 30 * DAY_MS, "compact", "ModelUpdate",
                          "model versions created, promoted, rejected, rolled back (keyed by model)"))
     return out
+
+
+def admin_client(settings: Settings) -> Any:
+    from kafka import KafkaAdminClient
+
+    return KafkaAdminClient(bootstrap_servers=settings.bootstrap, request_timeout_ms=15_000)
+
+
+def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, timeout_s: float = 15.0) -> list[str]:
+    """Create the declared topics that do not exist yet (idempotent). Returns the names created.
+
+    Waits until the broker's metadata lists every topic, so a producer created right after
+    this call does not race topic creation.
+    """
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    specs = declared_topics(settings) if specs is None else specs
+    admin = admin_client(settings)
+    try:
+        existing = set(admin.list_topics())
+        missing = [s for s in specs if s.name not in existing]
+        created: list[str] = []
+        for spec in missing:  # one at a time: a single failure must not hide the others
+            try:
+                admin.create_topics([NewTopic(spec.name, spec.partitions, 1, topic_configs=spec.configs)])
+                created.append(spec.name)
+            except TopicAlreadyExistsError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        wanted = {s.name for s in specs}
+        while not wanted <= set(admin.list_topics()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"topics {sorted(wanted - set(admin.list_topics()))} not visible after "
+                                   f"{timeout_s} s")
+            time.sleep(0.05)  # poll interval inside a deadline loop
+        return created
+    finally:
+        admin.close()
+
+
+def describe(settings: Settings, names: list[str]) -> list[dict[str, Any]]:
+    """Partitions and end offsets of topics (metadata calls only: describe_cluster fails on noida)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap)
+    try:
+        out = []
+        for name in names:
+            parts = sorted(consumer.partitions_for_topic(name) or [])
+            tps = [TopicPartition(name, p) for p in parts]
+            ends = consumer.end_offsets(tps) if tps else {}
+            begins = consumer.beginning_offsets(tps) if tps else {}
+            out.append({"name": name, "partitions": len(parts),
+                        "offsets": {tp.partition: [begins[tp], ends[tp]] for tp in tps}})
+        return out
+    finally:
+        consumer.close()

@@ -1,0 +1,280 @@
+"""The embedded Kafka-compatible broker: `noida-db` (pinned wheel) run as a child process.
+
+Why a child process and not a library: the broker is a native binary; running it as a process
+gives it its own lifetime (``streamlearn broker start`` returns while it keeps running), a log
+file, and a clean SIGTERM stop.
+
+Readiness is a real Kafka metadata request answered before a deadline, not "the port is open":
+the binary binds early and only then loads its state file.
+
+Durability limit (also in the README): noida-db persists by rewriting one JSON file shortly
+after changes, so acknowledged writes of the last second or two can vanish when the broker itself
+is killed with SIGKILL. A clean stop (SIGTERM, ``streamlearn broker stop``) persists everything.
+Production runs Apache Kafka (docker-compose.yml) and has no such window.
+
+When a bootstrap address is configured (``STREAMLEARN_KAFKA_BOOTSTRAP`` or the config file),
+nothing is started: every component talks to that address instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+from streaming.config import Settings
+from streaming.exceptions import BrokerAlreadyRunningError, BrokerError
+
+log = logging.getLogger(__name__)
+
+NOIDA_VERSION = "0.2.3"
+
+
+@dataclass(frozen=True)
+class BrokerStatus:
+    running: bool
+    pid: int | None
+    address: str
+    data_dir: Path
+    log_file: Path
+    external: bool
+    topics: int | None = None
+
+    def describe(self) -> str:
+        if self.external:
+            return f"external broker at {self.address} (no embedded broker is managed)"
+        if not self.running:
+            return f"embedded broker not running (data dir {self.data_dir})"
+        return (f"embedded broker running: pid {self.pid}, address {self.address}, data dir {self.data_dir}, "
+                f"topics {self.topics if self.topics is not None else '?'}, log {self.log_file}")
+
+
+def binary_path() -> Path:
+    path = Path(str(files("noida_db").joinpath("noida-db")))
+    if not path.is_file():
+        raise BrokerError(f"noida-db binary not found at {path}; reinstall with `pip install noida-db=={NOIDA_VERSION}`")
+    if not os.access(path, os.X_OK):
+        path.chmod(0o755)
+    return path
+
+
+def probe(bootstrap: str, timeout_s: float = 2.0) -> int | None:
+    """Send a Kafka metadata request; return the number of topics, or None if no broker answers."""
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaError
+
+    consumer = None
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000) + 500,
+                                 connections_max_idle_ms=int(timeout_s * 1000) + 1000,
+                                 metadata_max_age_ms=1000)
+        return len(consumer.topics())
+    except (KafkaError, OSError, ValueError, AssertionError):
+        return None
+    finally:
+        if consumer is not None:
+            consumer.close()
+
+
+def wait_ready(bootstrap: str, deadline_s: float, proc: subprocess.Popen[bytes] | None = None,
+               log_file: Path | None = None) -> None:
+    """Poll with metadata requests until the broker answers or the deadline passes."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise BrokerError(f"embedded broker exited with code {proc.returncode} while starting; "
+                              f"last log lines:\n{_tail(log_file)}")
+        if probe(bootstrap, timeout_s=1.0) is not None:
+            return
+        time.sleep(0.1)  # a poll interval inside a deadline loop, not a wait for an event
+    raise BrokerError(f"no Kafka broker answered a metadata request at {bootstrap} within {deadline_s:.0f} s; "
+                      f"last log lines:\n{_tail(log_file)}")
+
+
+def _tail(path: Path | None, lines: int = 15) -> str:
+    if path is None or not path.exists():
+        return "(no log)"
+    text = path.read_text(errors="replace").splitlines()
+    return "\n".join(line for line in text[-lines:] if "GLIBC_2.39" not in line)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class EmbeddedBroker:
+    """Start, stop and inspect the embedded broker of one data directory."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.root = settings.broker_dir
+        self.data_dir = self.root / "data"
+        self.log_file = self.root / "broker.log"
+        self.pid_file = self.root / "broker.pid"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return self.settings.bootstrap
+
+    def _read_pid(self) -> dict[str, object] | None:
+        try:
+            info = json.loads(self.pid_file.read_text())
+        except (OSError, ValueError):
+            return None
+        pid = info.get("pid")
+        if isinstance(pid, int) and _pid_alive(pid):
+            return dict(info)
+        return None
+
+    def status(self) -> BrokerStatus:
+        if not self.settings.embedded:
+            return BrokerStatus(True, None, self.address, self.data_dir, self.log_file, True,
+                                probe(self.address))
+        info = self._read_pid()
+        if info is None:
+            return BrokerStatus(False, None, self.address, self.data_dir, self.log_file, False)
+        address = f"{info.get('host')}:{info.get('port')}"
+        return BrokerStatus(True, int(info["pid"]), address, self.data_dir,  # type: ignore[call-overload]
+                            self.log_file, False, probe(address))
+
+    def start(self, timeout_s: float = 30.0, detach: bool = True) -> BrokerStatus:
+        """Start the broker and wait until it answers metadata requests.
+
+        Raises BrokerAlreadyRunningError if a broker already runs on this data directory, and
+        BrokerError if the port is taken by something else or the broker does not come up.
+        """
+        if not self.settings.embedded:
+            log.info("bootstrap %s is configured; not starting an embedded broker", self.address)
+            return self.status()
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "broker.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # two concurrent `start`s on one data dir: one wins
+            info = self._read_pid()
+            if info is not None:
+                raise BrokerAlreadyRunningError(
+                    f"a broker already runs on data dir {self.data_dir} (pid {info['pid']}, port {info['port']}); "
+                    "stop it with `streamlearn broker stop` or use another STREAMLEARN_HOME")
+            host, port = self.settings.broker_host, self.settings.broker_port
+            if _port_in_use(host, port):
+                raise BrokerError(f"port {port} on {host} is already in use by another program; choose another "
+                                  "with --port or STREAMLEARN_BROKER_PORT")
+            cmd = [str(binary_path()), "start", "--data-dir", str(self.data_dir), "--host", host,
+                   "--only", "kafka", "--kafka-port", str(port)]
+            logf = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child
+            self._proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=detach)
+            logf.close()
+            self.pid_file.write_text(json.dumps({"pid": self._proc.pid, "host": host, "port": port,
+                                                 "started_at": time.time(), "version": NOIDA_VERSION}))
+        try:
+            wait_ready(self.address, timeout_s, self._proc, self.log_file)
+        except BrokerError:
+            self.stop()
+            raise
+        log.info("embedded broker ready at %s (pid %s)", self.address, self._proc.pid)
+        return self.status()
+
+    def stop(self, timeout_s: float = 15.0) -> bool:
+        """Stop the broker with SIGTERM (it persists its state), SIGKILL after the timeout.
+
+        Returns False when no broker was running.
+        """
+        if not self.settings.embedded:
+            return False
+        info = self._read_pid()
+        pid = int(info["pid"]) if info else (self._proc.pid if self._proc else None)  # type: ignore[call-overload]
+        if pid is None or not _pid_alive(pid):
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        os.kill(pid, signal.SIGTERM)
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end and _pid_alive(pid):
+            if self._proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(timeout=0.1)
+            else:
+                time.sleep(0.05)  # poll interval inside a deadline loop
+        if _pid_alive(pid):
+            log.warning("broker pid %s ignored SIGTERM for %.0f s; killing it", pid, timeout_s)
+            os.kill(pid, signal.SIGKILL)
+        if self._proc is not None:
+            self._proc.wait()
+            self._proc = None
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL the broker (fault-injection tests only: the last ~2 s of writes may be lost)."""
+        info = self._read_pid()
+        if info:
+            os.kill(int(info["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+            if self._proc is not None:
+                self._proc.wait()
+                self._proc = None
+            self.pid_file.unlink(missing_ok=True)
+
+
+def resolve(settings: Settings) -> Settings:
+    """Point ``settings`` at the embedded broker that actually runs on its data dir, if any.
+
+    ``streamlearn broker start --port P`` records P in the pid file; later commands of the same
+    STREAMLEARN_HOME find the broker there without repeating the port.
+    """
+    if not settings.embedded:
+        return settings
+    info = EmbeddedBroker(settings)._read_pid()
+    if info and isinstance(info.get("port"), int) and info["port"] != settings.broker_port:
+        return settings.with_(broker_port=int(info["port"]))  # type: ignore[call-overload]
+    return settings
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_broker(settings: Settings, timeout_s: float = 30.0) -> Iterator[BrokerStatus]:
+    """Use the configured or already-running broker, or start one and stop it on exit."""
+    broker = EmbeddedBroker(settings)
+    status = broker.status()
+    if status.external:
+        wait_ready(settings.bootstrap, timeout_s)
+        yield status
+        return
+    if status.running:
+        yield status
+        return
+    status = broker.start(timeout_s=timeout_s, detach=False)
+    try:
+        yield status
+    finally:
+        broker.stop()

@@ -1,0 +1,278 @@
+"""Subscriber SDK: decoded records with their coordinates, from a group or from explicit positions.
+
+Two modes:
+
+* **group** (``group=...`` and ``start="committed"``): subscribe in a consumer group, so more
+  processes share the partitions; offsets are committed only by an explicit :meth:`commit` (never
+  automatically: a worker commits once the effect of a record is durable).
+* **positions** (no group, or any other ``start``): explicit assignment of every partition of the
+  topics, seeking to the beginning, the end, an offset, or the first record at/after a timestamp
+  (``offsets_for_times``). Nothing is committed; a live group is never disturbed.
+
+``until`` bounds the read (an offset, a timestamp, or ``"end"`` = the end offsets when the
+subscriber started); iteration stops when every partition reached its bound.
+
+A record that cannot be decoded (bad magic byte, short payload, unknown schema id, truncated
+Avro) becomes an :class:`ErrorItem` with its coordinates and reason; it never stops the stream.
+A registry outage raises ``RegistryUnavailableError`` instead: that is not the record's fault and
+must be retried, not dead-lettered.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaConsumer, TopicPartition
+
+from schemas.exceptions import FramingError, SchemaError
+from schemas.registry import SchemaRegistry, open_registry
+from schemas.serde import AvroDeserializer
+from streaming.config import Settings
+from streaming.exceptions import OffsetOutOfRangeError, StreamingError
+
+Position = str | dict[str, Any]
+
+
+@dataclass(slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+    schema_id: int | None
+    value: Any
+    raw: bytes
+
+    ok = True
+
+
+@dataclass(slots=True)
+class ErrorItem:
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+    raw: bytes
+    error: Exception
+
+    ok = False
+
+    @property
+    def reason(self) -> str:
+        return f"{type(self.error).__name__}: {self.error}"
+
+
+Item = Record | ErrorItem
+
+
+def consumer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "isolation_level": "read_committed",
+        "max_poll_records": 2000,
+        "fetch_max_bytes": 32 * 1024 * 1024,
+        "max_partition_fetch_bytes": 8 * 1024 * 1024,
+        "session_timeout_ms": 10_000,
+        "heartbeat_interval_ms": 1_000,
+        "max_poll_interval_ms": 300_000,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+class Subscriber:
+    """Iterate decoded records of one or more topics. See the module docstring for the modes."""
+
+    def __init__(self, settings: Settings, topics: str | list[str], *, group: str | None = None,
+                 start: Position = "committed", until: Position | None = None,
+                 registry: SchemaRegistry | None = None, reader_schema: dict[str, Any] | None = None,
+                 isolation_level: str = "read_committed", decode: bool = True,
+                 partitions: list[int] | None = None, **consumer_overrides: Any) -> None:
+        self.settings = settings
+        self.topics = [topics] if isinstance(topics, str) else list(topics)
+        self.group = group
+        self.decode = decode
+        self.registry = registry or (open_registry(settings.registry_url, settings.registry_dir) if decode else None)
+        self._deserializer = AvroDeserializer(self.registry, reader_schema) if decode and self.registry else None
+        cfg = consumer_config(settings, isolation_level=isolation_level, group_id=group, **consumer_overrides)
+        if group is None:
+            cfg["enable_auto_commit"] = False
+        self.consumer = KafkaConsumer(**cfg)
+        self._stop_at: dict[TopicPartition, int] = {}
+        self._done: set[TopicPartition] = set()
+        self.grouped = group is not None and start == "committed"
+        if self.grouped:
+            self.consumer.subscribe(self.topics)
+        else:
+            tps = self._partitions(partitions)
+            self.consumer.assign(tps)
+            self._seek(tps, start)
+            if until is not None:
+                self._set_until(tps, until)
+
+    # -- positioning ----------------------------------------------------------------------
+    def _partitions(self, only: list[int] | None) -> list[TopicPartition]:
+        deadline = time.monotonic() + 15
+        tps: list[TopicPartition] = []
+        for topic in self.topics:
+            parts = self.consumer.partitions_for_topic(topic)
+            while not parts and time.monotonic() < deadline:
+                self.consumer.topics()  # refresh metadata
+                parts = self.consumer.partitions_for_topic(topic)
+            if not parts:
+                raise StreamingError(f"topic {topic!r} does not exist; create it with `streamlearn topics create`")
+            tps += [TopicPartition(topic, p) for p in sorted(parts) if only is None or p in only]
+        return tps
+
+    def _seek(self, tps: list[TopicPartition], start: Position) -> None:
+        if start in ("committed", "beginning"):
+            self.consumer.seek_to_beginning(*tps)
+        elif start == "end":
+            self.consumer.seek_to_end(*tps)
+        elif isinstance(start, dict) and "offset" in start:
+            for tp in tps:
+                self.consumer.seek(tp, int(start["offset"]))
+        elif isinstance(start, dict) and "offsets" in start:
+            for tp in tps:
+                self.consumer.seek(tp, int(start["offsets"].get(tp.partition, 0)))
+        elif isinstance(start, dict) and "timestamp" in start:
+            for tp, offset in self.offsets_for_timestamp(tps, int(start["timestamp"])).items():
+                self.consumer.seek(tp, offset)
+        else:
+            raise ValueError(f"start must be 'committed', 'beginning', 'end', {{'offset': n}}, "
+                             f"{{'offsets': {{partition: n}}}} or {{'timestamp': ms}}; got {start!r}")
+
+    def offsets_for_timestamp(self, tps: list[TopicPartition], ts_ms: int,
+                              strict: bool = True) -> dict[TopicPartition, int]:
+        """First offset at or after ``ts_ms`` per partition (the end offset if none).
+
+        With ``strict``, a timestamp older than what a partition still holds (its earliest offset
+        is > 0, i.e. retention deleted records, and the earliest record is newer than ``ts_ms``)
+        is an error that says what is available, never a silent jump.
+        """
+        found = self.consumer.offsets_for_times(dict.fromkeys(tps, ts_ms))
+        begin = self.consumer.beginning_offsets(tps)
+        end = self.consumer.end_offsets(tps)
+        out: dict[TopicPartition, int] = {}
+        for tp in tps:
+            hit = found.get(tp)
+            if strict and begin[tp] > 0 and hit is not None and hit.offset == begin[tp]:
+                first = self.consumer.offsets_for_times({tp: 0}).get(tp)
+                if first is not None and first.timestamp > ts_ms:
+                    raise OffsetOutOfRangeError(
+                        f"{tp.topic}[{tp.partition}] no longer holds records from timestamp {ts_ms}: the "
+                        f"earliest available is offset {begin[tp]} at timestamp {first.timestamp}; "
+                        f"use a timestamp >= {first.timestamp}")
+            out[tp] = hit.offset if hit is not None else end[tp]
+        return out
+
+    def _set_until(self, tps: list[TopicPartition], until: Position) -> None:
+        if until == "end":
+            self._stop_at = dict(self.consumer.end_offsets(tps))
+        elif isinstance(until, dict) and "offset" in until:
+            self._stop_at = dict.fromkeys(tps, int(until["offset"]))
+        elif isinstance(until, dict) and "offsets" in until:
+            self._stop_at = {tp: int(until["offsets"][tp.partition]) for tp in tps}
+        elif isinstance(until, dict) and "timestamp" in until:
+            self._stop_at = self.offsets_for_timestamp(tps, int(until["timestamp"]), strict=False)
+        else:
+            raise ValueError(f"until must be 'end', {{'offset': n}} or {{'timestamp': ms}}; got {until!r}")
+        for tp in tps:  # a partition already at its bound is done before the first poll
+            if self.consumer.position(tp) >= self._stop_at[tp]:
+                self._done.add(tp)
+                self.consumer.pause(tp)
+
+    @property
+    def finished(self) -> bool:
+        """True when ``until`` was given and every partition reached it."""
+        return bool(self._stop_at) and len(self._done) == len(self._stop_at)
+
+    # -- reading --------------------------------------------------------------------------
+    def _item(self, msg: Any) -> Item:
+        raw = msg.value if msg.value is not None else b""
+        if self._deserializer is None:
+            return Record(msg.topic, msg.partition, msg.offset, msg.timestamp, msg.key, msg.headers or [],
+                          None, raw, raw)
+        try:
+            decoded = self._deserializer(raw, {"topic": msg.topic})
+        except (FramingError, SchemaError) as exc:
+            return ErrorItem(msg.topic, msg.partition, msg.offset, msg.timestamp, msg.key, msg.headers or [],
+                             raw, exc)
+        return Record(msg.topic, msg.partition, msg.offset, msg.timestamp, msg.key, msg.headers or [],
+                      decoded.schema_id, decoded.value, raw)
+
+    def poll_batch(self, timeout_ms: int = 500, max_records: int | None = None) -> list[Item]:
+        """One poll: decoded items of all partitions, in offset order within each partition."""
+        if self.finished:
+            return []
+        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        items: list[Item] = []
+        for tp, msgs in polled.items():
+            stop = self._stop_at.get(tp)
+            for msg in msgs:
+                if stop is not None and msg.offset >= stop:
+                    break
+                items.append(self._item(msg))
+            if stop is not None and tp not in self._done and self.consumer.position(tp) >= stop:
+                self._done.add(tp)
+                self.consumer.pause(tp)
+        return items
+
+    def __iter__(self) -> Iterator[Item]:
+        while not self.finished:
+            yield from self.poll_batch()
+
+    def iterate(self, max_records: int | None = None, idle_timeout_s: float | None = None) -> Iterator[Item]:
+        """Iterate with optional bounds: stop after ``max_records`` or ``idle_timeout_s`` without data."""
+        count = 0
+        last = time.monotonic()
+        while not self.finished:
+            batch = self.poll_batch(timeout_ms=200)
+            if batch:
+                last = time.monotonic()
+            elif idle_timeout_s is not None and time.monotonic() - last >= idle_timeout_s:
+                return
+            for item in batch:
+                yield item
+                count += 1
+                if max_records is not None and count >= max_records:
+                    return
+
+    # -- control --------------------------------------------------------------------------
+    def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
+        """Commit next-offsets (``{tp: last_processed + 1}``) for the group; only in group mode."""
+        if self.group is None:
+            raise StreamingError("commit needs a consumer group; create the Subscriber with group=...")
+        if offsets is None:
+            self.consumer.commit()
+            return
+        from kafka.structs import OffsetAndMetadata
+
+        self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.consumer.assignment())
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.consumer.pause(*tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.consumer.resume(*tps)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,171 @@
+"""Publisher SDK: validate, Avro-encode, frame, key and send records to Kafka.
+
+Every record is validated against its schema before it is encoded (the error names the field
+and the value), framed in the Confluent wire format with its registry id, keyed stably so that
+one sensor / client / image always lands on the same partition (kafka-python's default
+partitioner is murmur2 over the key bytes, the same as the Java client; never Python's
+``hash()``), compressed with snappy and sent with ``acks=all`` and idempotence, so a retry
+after a lost ack does not duplicate.
+
+Sends are asynchronous: each returns a future; ``flush()`` waits for all of them. Records
+larger than ``max_record_bytes`` are refused before sending with a message that states the limit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from kafka import KafkaProducer
+from kafka.producer.future import FutureRecordMetadata
+
+from schemas.catalog import load_schema
+from schemas.registry import SchemaRegistry, open_registry
+from schemas.serde import AvroSerializer
+from streaming.config import Settings
+from streaming.exceptions import RecordTooLargeError
+from streaming.topics import KINDS, dead_letter_topic, raw_topic
+
+log = logging.getLogger(__name__)
+
+#: The field of each record type whose value is the Kafka key.
+KEY_FIELDS: dict[str, str] = {
+    "WebLogEvent": "client_ip",
+    "SensorReading": "sensor_id",
+    "ImageEvent": "image_id",
+    "PredictionRequest": "request_id",
+    "Prediction": "request_id",
+    "ModelUpdate": "model",
+}
+
+DEFAULT_MAX_RECORD_BYTES = 1_000_000  # Kafka's default message.max.bytes is ~1 MB
+
+Headers = list[tuple[str, bytes]]
+
+
+def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """Throughput-tuned, durable producer settings shared by every streamlearn producer."""
+    cfg: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap,
+        "acks": "all",
+        "enable_idempotence": True,
+        "compression_type": "snappy",
+        "linger_ms": 5,
+        "batch_size": 256 * 1024,
+        "buffer_memory": 64 * 1024 * 1024,
+        "max_request_size": 2 * DEFAULT_MAX_RECORD_BYTES,
+        "retries": 2**31 - 1,
+        "delivery_timeout_ms": 120_000,
+        "request_timeout_ms": 30_000,
+        "max_in_flight_requests_per_connection": 5,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def dead_letter_headers(stage: str, error: BaseException | str, source: Mapping[str, object]) -> Headers:
+    """The reason headers every dead letter carries (see docs/ARCHITECTURE.md)."""
+    if isinstance(error, BaseException):
+        error_class, message = type(error).__name__, str(error)
+    else:
+        error_class, message = "Rejected", str(error)
+    headers: Headers = [("dl.stage", stage.encode()), ("dl.error_class", error_class.encode()),
+                        ("dl.message", message[:2000].encode("utf-8", "replace"))]
+    for name, value in source.items():
+        headers.append((f"dl.source_{name}", str(value).encode("utf-8", "replace")))
+    return headers
+
+
+def header_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
+    return {k: v.decode("utf-8", "replace") for k, v in (headers or [])}
+
+
+class Publisher:
+    """Publishes records of the platform's schemas (and dead letters) to Kafka.
+
+    One instance per process is enough; kafka-python's producer is thread-safe.
+    """
+
+    def __init__(self, settings: Settings, registry: SchemaRegistry | None = None, *,
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, **producer_overrides: Any) -> None:
+        self.settings = settings
+        self.registry = registry or open_registry(settings.registry_url, settings.registry_dir)
+        self.max_record_bytes = max_record_bytes
+        self._producer = KafkaProducer(**producer_config(settings, **producer_overrides))
+        self._serializers: dict[tuple[str, str], AvroSerializer] = {}
+
+    # -- encoding -------------------------------------------------------------------------
+    def serializer(self, topic: str, record_name: str) -> AvroSerializer:
+        """The serializer of ``record_name`` for ``topic`` (subject ``<topic>-value``), cached."""
+        ser = self._serializers.get((topic, record_name))
+        if ser is None:
+            ser = AvroSerializer(self.registry, f"{topic}-value", load_schema(record_name))
+            self._serializers[(topic, record_name)] = ser
+        return ser
+
+    def encode(self, topic: str, record_name: str, record: Mapping[str, Any]) -> bytes:
+        """Validate + encode + frame one record (raises RecordValidationError naming the field)."""
+        return self.serializer(topic, record_name)(record, {"topic": topic})
+
+    # -- sending --------------------------------------------------------------------------
+    def publish(self, kind: str, record: Mapping[str, Any], key: str | bytes | None = None,
+                headers: Headers | None = None) -> FutureRecordMetadata:
+        """Publish one event of ``kind`` (weblog, sensor, image) to its raw topic."""
+        record_name = KINDS.get(kind)
+        if record_name is None:
+            from streaming.exceptions import UnknownKindError
+
+            raise UnknownKindError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+        return self.publish_to(raw_topic(self.settings, kind), record_name, record, key, headers)
+
+    def publish_to(self, topic: str, record_name: str, record: Mapping[str, Any],
+                   key: str | bytes | None = None, headers: Headers | None = None) -> FutureRecordMetadata:
+        """Publish one record of schema ``record_name`` to any topic."""
+        value = self.encode(topic, record_name, record)
+        if key is None and record_name in KEY_FIELDS:
+            key = record.get(KEY_FIELDS[record_name])
+        return self.send_bytes(topic, value, key, headers)
+
+    def send_bytes(self, topic: str, value: bytes, key: str | bytes | None = None,
+                   headers: Headers | None = None) -> FutureRecordMetadata:
+        """Send already-encoded bytes (used by dead letters and benchmarks)."""
+        if len(value) > self.max_record_bytes:
+            raise RecordTooLargeError(
+                f"record for topic {topic!r} is {len(value)} bytes encoded, over the limit of "
+                f"{self.max_record_bytes} bytes (max_record_bytes); shrink it (e.g. downscale images) "
+                "or raise the limit on the producer and the broker's message.max.bytes")
+        key_bytes = key.encode() if isinstance(key, str) else key
+        return self._producer.send(topic, value=value, key=key_bytes, headers=headers or None)
+
+    def dead_letter(self, kind: str, original: bytes, *, stage: str, error: BaseException | str,
+                    source: Mapping[str, object], key: str | bytes | None = None) -> FutureRecordMetadata:
+        """Keep a rejected record: the original bytes, with the reason in ``dl.*`` headers.
+
+        Dead letters are never refused for size: an oversized original is cut to the limit and the
+        header ``dl.truncated`` says how long it was, so the reason is kept in any case.
+        """
+        headers = dead_letter_headers(stage, error, source)
+        if len(original) > self.max_record_bytes - 4096:
+            headers.append(("dl.truncated", str(len(original)).encode()))
+            original = original[: self.max_record_bytes - 4096]
+        log.warning("dead letter (%s, %s): %s", kind, stage, error)
+        return self.send_bytes(dead_letter_topic(self.settings, kind), original, key, headers)
+
+    def flush(self, timeout: float | None = None) -> None:
+        self._producer.flush(timeout=timeout)
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        self._producer.close(timeout=timeout)
+
+    @property
+    def producer(self) -> KafkaProducer:
+        """The underlying kafka-python producer (for metrics and benchmarks)."""
+        return self._producer
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+        self.close()

@@ -1,0 +1,90 @@
+"""`streamlearn`: one command for the platform.
+
+Each module in ``streamlearn/commands/`` that defines ``register(subparsers)`` contributes its
+subcommands, so packages add commands without editing this file. Handlers receive
+``(args, settings)`` and return an exit code; heavy imports (TensorFlow) happen inside handlers
+so that ``streamlearn --help`` stays fast.
+
+Global flags fall back to environment variables (named in ``--help``) and the config file; see
+``streaming.config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from schemas.exceptions import StreamlearnError
+from streaming import config
+
+log = logging.getLogger("streamlearn")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamlearn",
+        description="Streaming ingestion and online learning on Kafka: publish events, featurize and "
+                    "micro-batch them, retrain TensorFlow models, serve them with hot swaps.",
+        epilog="Settings: every flag falls back to the STREAMLEARN_* variable named in its help, then to "
+               "the config file ($STREAMLEARN_CONFIG, $STREAMLEARN_HOME/config.toml or ./streamlearn.toml).",
+    )
+    parser.add_argument("--home", help=f"state directory {config.env_help('home')}")
+    parser.add_argument("--bootstrap", dest="kafka_bootstrap",
+                        help=f"Kafka bootstrap address {config.env_help('kafka_bootstrap')}")
+    parser.add_argument("--registry-url", help=f"schema registry URL {config.env_help('registry_url')}")
+    parser.add_argument("--topic-prefix", help=f"prefix of topic and group names {config.env_help('topic_prefix')}")
+    parser.add_argument("--log-level", help=f"logging level {config.env_help('log_level')}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    import streamlearn.commands as commands_pkg
+
+    for info in sorted(pkgutil.iter_modules(commands_pkg.__path__), key=lambda m: m.name):
+        try:
+            module = importlib.import_module(f"streamlearn.commands.{info.name}")
+        except ImportError as exc:  # one broken command must not take the others down; tests catch it
+            print(f"warning: command module {info.name!r} failed to import: {exc}", file=sys.stderr)
+            continue
+        register = getattr(module, "register", None)
+        if callable(register):
+            register(sub)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> config.Settings:
+    keys = ("home", "kafka_bootstrap", "registry_url", "topic_prefix", "log_level", "broker_port",
+            "registry_port", "ingest_port", "metrics_port")
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    settings = config.load(overrides)
+    if "broker_port" not in overrides:
+        from streaming.broker import resolve
+
+        settings = resolve(settings)
+    return settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except StreamlearnError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+    try:
+        return int(args.func(args, settings) or 0)
+    except StreamlearnError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""`streamlearn subscribe <topic>`: print decoded records from a group or from any position."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from typing import Any
+
+from streaming import config
+from streaming.consumer import Subscriber
+from streaming.jsoncodec import to_json
+from streaming.producer import header_dict
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("subscribe", help="read and print records of a topic (e.g. weblog.raw, digits_cnn.predictions)")
+    p.add_argument("topic", help="topic name without the topic prefix (the prefix is added)")
+    p.add_argument("--group", help="consume in this consumer group and commit what was printed")
+    pos = p.add_mutually_exclusive_group()
+    pos.add_argument("--from-beginning", action="store_true")
+    pos.add_argument("--from-offset", type=int, metavar="N", help="start every partition at offset N")
+    pos.add_argument("--from-timestamp", metavar="T", help="epoch ms or ISO-8601 time")
+    until = p.add_mutually_exclusive_group()
+    until.add_argument("--until-offset", type=int, metavar="N", help="stop each partition before offset N")
+    until.add_argument("--until-timestamp", metavar="T", help="stop at records at/after T (epoch ms or ISO-8601)")
+    until.add_argument("--until-end", action="store_true", help="stop at the end offsets seen at start")
+    p.add_argument("--json", action="store_true", help="one JSON object per line (bytes as base64)")
+    p.add_argument("--max-records", type=int, metavar="N")
+    p.add_argument("--idle-timeout", type=float, metavar="SECONDS", help="stop after this long without records")
+    p.add_argument("--raw", action="store_true", help="do not decode (dead-letter topics hold original bytes)")
+    p.set_defaults(func=_subscribe)
+
+
+def parse_time(text: str) -> int:
+    """Epoch milliseconds from digits or an ISO-8601 string (naive times are UTC)."""
+    if text.isdigit():
+        return int(text)
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        from datetime import UTC
+
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+def _subscribe(args: argparse.Namespace, settings: config.Settings) -> int:
+    start: Any = "committed" if args.group else "end"
+    if args.from_beginning:
+        start = "beginning"
+    elif args.from_offset is not None:
+        start = {"offset": args.from_offset}
+    elif args.from_timestamp:
+        start = {"timestamp": parse_time(args.from_timestamp)}
+    until: Any = None
+    if args.until_offset is not None:
+        until = {"offset": args.until_offset}
+    elif args.until_timestamp:
+        until = {"timestamp": parse_time(args.until_timestamp)}
+    elif args.until_end:
+        until = "end"
+    topic = settings.topic(args.topic)
+    group = settings.group(args.group) if args.group else None
+    if group and start != "committed":
+        print("note: explicit positions read without the group; nothing will be committed", file=sys.stderr)
+    n = 0
+    with Subscriber(settings, topic, group=group, start=start, until=until, decode=not args.raw) as sub:
+        for item in sub.iterate(max_records=args.max_records, idle_timeout_s=args.idle_timeout):
+            n += 1
+            meta = {"topic": item.topic, "partition": item.partition, "offset": item.offset,
+                    "timestamp": item.timestamp, "key": item.key.decode("utf-8", "replace") if item.key else None}
+            if item.ok:
+                out = {**meta, "schema_id": item.schema_id, "value": item.value}  # type: ignore[union-attr]
+                if args.raw:
+                    out["headers"] = header_dict(item.headers)
+            else:
+                out = {**meta, "error": item.reason}  # type: ignore[union-attr]
+            if args.json:
+                print(to_json(out), flush=True)
+            else:
+                print(f"{item.topic}[{item.partition}]@{item.offset} {to_json(out.get('value', out.get('error')))[:300]}",
+                      flush=True)
+            if args.group and sub.grouped:
+                sub.commit({_tp(item): item.offset + 1})
+    print(f"{n} records", file=sys.stderr)
+    return 0
+
+
+def _tp(item: Any) -> Any:
+    from kafka import TopicPartition
+
+    return TopicPartition(item.topic, item.partition)

@@ -1,0 +1,60 @@
+"""Shared fixtures: one real embedded Kafka broker per test session, isolated settings per test.
+
+The broker is the pinned noida-db binary started over TCP on a free port with a temporary
+STREAMLEARN_HOME. When STREAMLEARN_KAFKA_BOOTSTRAP is set, the tests run against that broker
+instead (e.g. Apache Kafka from docker-compose). Each test gets its own topic prefix, registry,
+feature store and model directory, so tests never see each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from streaming import config  # noqa: E402
+from streaming.broker import EmbeddedBroker, free_port  # noqa: E402
+from streaming.topics import ensure_topics  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def broker_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[config.Settings]:
+    home = tmp_path_factory.mktemp("broker-home")
+    base = config.load({"home": home})
+    if not base.embedded:
+        yield base
+        return
+    settings = config.load({"home": home, "broker_port": free_port()})
+    broker = EmbeddedBroker(settings)
+    broker.start(timeout_s=60, detach=False)
+    try:
+        yield settings
+    finally:
+        broker.stop()
+
+
+@pytest.fixture()
+def settings(broker_settings: config.Settings, tmp_path: Path) -> config.Settings:
+    """Per-test settings on the session broker, with all declared topics created."""
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    s = config.load({
+        "home": tmp_path / "home",
+        "kafka_bootstrap": broker_settings.bootstrap,
+        "topic_prefix": prefix,
+        "batch_max_seconds": 1.0,
+        "metrics_port": -1,
+    })
+    ensure_topics(s)
+    return s
+
+
+@pytest.fixture()
+def bare_settings(broker_settings: config.Settings, tmp_path: Path) -> config.Settings:
+    """Like ``settings`` but no topics are created (for tests of topic management itself)."""
+    return config.load({"home": tmp_path / "home", "kafka_bootstrap": broker_settings.bootstrap,
+                        "topic_prefix": f"t{uuid.uuid4().hex[:10]}.", "metrics_port": -1})

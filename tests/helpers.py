@@ -1,0 +1,70 @@
+"""Test helpers: bounded polling instead of sleeps, subprocess environments, topic reads."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from streaming.config import Settings, to_env
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+APACHE_LOGS = SHARED / "data" / "weblogs" / "apache_logs"
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 20.0, interval: float = 0.05,
+               message: str = "condition") -> T:
+    """Poll ``predicate`` until it returns a truthy value or ``timeout`` seconds pass (then fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)  # poll interval inside a deadline loop
+
+
+def subprocess_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment for a worker subprocess that sees exactly ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLEARN_")}
+    env.update(to_env(settings))
+    env["PYTHONUNBUFFERED"] = "1"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env.update(extra)
+    return env
+
+
+def streamlearn_cmd(*args: str) -> list[str]:
+    """Command line that runs the CLI with this interpreter (works without the console script)."""
+    return [sys.executable, "-m", "streamlearn.cli", *args]
+
+
+def read_topic(settings: Settings, topic: str, *, decode: bool = True, idle_timeout: float = 3.0,
+               expect: int | None = None, timeout: float = 30.0, **kwargs: Any) -> list[Any]:
+    """Read a topic from the beginning to its current end (read_committed) and return the items.
+
+    With ``expect``, keeps reading until that many items arrived or ``timeout`` passed.
+    """
+    from streaming.consumer import Subscriber
+
+    items: list[Any] = []
+    deadline = time.monotonic() + timeout
+    with Subscriber(settings, topic, start="beginning", decode=decode, **kwargs) as sub:
+        while time.monotonic() < deadline:
+            batch = sub.poll_batch(timeout_ms=300)
+            items.extend(batch)
+            if expect is not None:
+                if len(items) >= expect:
+                    break
+            elif not batch:
+                ends = sub.consumer.end_offsets(list(sub.assignment()))
+                if all(sub.consumer.position(tp) >= end for tp, end in ends.items()):
+                    break
+    return items
