@@ -1,0 +1,227 @@
+"""The featurizer contract, the version registry and validation helpers shared by every kind.
+
+A featurizer turns one decoded Avro record (a dict, see ``schemas/*.avsc``) plus an explicit,
+caller-owned ``state`` (sliding windows) into a :class:`FeatureRow`. The same object is used by the
+stream worker (training rows) and by serving (prediction inputs), so a model and the features it
+was trained on cannot drift apart. Every featurizer is versioned (``"<kind>-v<n>"``); older
+versions stay registered so a model trained on v1 keeps being served with v1.
+
+Featurizer objects themselves hold no per-stream data, only configuration and caches, so one
+instance can serve many partitions, each with its own state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from streaming.exceptions import FeatureValidationError, StreamingError, UnknownKindError
+
+#: Event times before this are rejected: 2000-01-01T00:00:00Z in epoch milliseconds. Older values
+#: are almost always seconds-vs-milliseconds mistakes or zeroed fields.
+MIN_EVENT_TIME_MS = 946_684_800_000
+#: Event times further than this ahead of the featurizer's clock are rejected (clock skew allowance).
+MAX_FUTURE_MS = 24 * 3600 * 1000
+
+S = TypeVar("S")
+
+
+class UnknownFeaturizerError(StreamingError, LookupError):
+    """No featurizer is registered for the asked kind/version."""
+
+
+class FeatureStateError(StreamingError, ValueError):
+    """Checkpointed featurizer state cannot be restored (corrupt JSON, other featurizer or settings)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureRow:
+    """One featurized event.
+
+    ``x`` is a fresh float32 array of shape ``(n_features,)`` owned by the row (never a view into
+    a reused buffer, because batchers keep rows). ``labels`` maps every name of the featurizer's
+    ``label_names`` to a float, or None when the source does not say. ``key`` is the record's
+    partitioning key (client ip, sensor id, image id).
+    """
+
+    x: np.ndarray
+    labels: dict[str, float | None]
+    event_time_ms: int
+    key: str
+
+
+def wall_clock_ms() -> int:
+    """Current wall-clock time in epoch milliseconds (the default clock of future-time checks)."""
+    return time.time_ns() // 1_000_000
+
+
+class Featurizer(ABC, Generic[S]):
+    """Base class of every featurizer; see docs/ARCHITECTURE.md "Featurizers".
+
+    Subclasses set ``kind``, ``version``, ``input_shape``, ``label_names`` and ``feature_names``;
+    ``n_features`` derives from ``feature_names`` so the two cannot disagree.
+    """
+
+    kind: str
+    version: str
+    input_shape: tuple[int, ...]
+    label_names: list[str]
+    feature_names: list[str]
+
+    def __init__(self, clock_ms: Callable[[], int] | None = None) -> None:
+        # Injected so tests (and replays in a fixed "now") can pin the future-timestamp check.
+        self._clock_ms: Callable[[], int] = clock_ms or wall_clock_ms
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    @abstractmethod
+    def new_state(self) -> S:
+        """Return an empty state for one stream (e.g. one partition)."""
+
+    @abstractmethod
+    def featurize(self, record: dict[str, Any], state: S) -> FeatureRow:
+        """Featurize a record for training; pure apart from mutating ``state``.
+
+        Raises FeatureValidationError (naming the field) for records that must be dead-lettered.
+        """
+
+    def featurize_for_prediction(self, record: dict[str, Any], state: S) -> FeatureRow:
+        """Featurize a record for serving. Same feature function as :meth:`featurize`.
+
+        Kinds whose training row looks backwards (the sensor forecaster) override this; for the
+        others a prediction input is exactly a training row, so serving can call this uniformly.
+        """
+        return self.featurize(record, state)
+
+    @abstractmethod
+    def state_to_json(self, state: S) -> str:
+        """Serialize ``state`` so that :meth:`state_from_json` restores it exactly."""
+
+    @abstractmethod
+    def state_from_json(self, text: str) -> S:
+        """Restore a state written by :meth:`state_to_json` (raises FeatureStateError)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What a model's metadata should record about the featurizer it was trained with."""
+        return {
+            "kind": self.kind,
+            "version": self.version,
+            "n_features": self.n_features,
+            "input_shape": list(self.input_shape),
+            "label_names": list(self.label_names),
+            "feature_names": list(self.feature_names),
+        }
+
+    # -- shared validation -------------------------------------------------------------------
+
+    def check_event_time(self, record: dict[str, Any], record_name: str, field: str = "timestamp") -> int:
+        """Return the record's event time in ms, or raise if it is missing, not an int or implausible."""
+        ts = record.get(field)
+        if isinstance(ts, bool) or not isinstance(ts, int):
+            raise FeatureValidationError(
+                f"{record_name}.{field}: expected int epoch milliseconds, got {type(ts).__name__} {ts!r}"
+            )
+        if ts < MIN_EVENT_TIME_MS:
+            raise FeatureValidationError(
+                f"{record_name}.{field}: {ts} is before the year 2000 (too far in the past); "
+                "timestamps must be epoch milliseconds, not seconds"
+            )
+        now = self._clock_ms()
+        if ts > now + MAX_FUTURE_MS:
+            raise FeatureValidationError(
+                f"{record_name}.{field}: {ts} is more than one day in the future "
+                f"(now {now}); fix the producer's clock or units"
+            )
+        return ts
+
+
+def check_key(record: dict[str, Any], record_name: str, field: str) -> str:
+    """Return the record's non-empty string key field or raise FeatureValidationError."""
+    key = record.get(field)
+    if not isinstance(key, str) or not key:
+        raise FeatureValidationError(f"{record_name}.{field}: expected a non-empty string, got {key!r}")
+    return key
+
+
+def check_finite(value: Any, record_name: str, field: str, max_abs: float | None = None) -> float:
+    """Return ``value`` as float if it is a finite number (and within ``max_abs``), else raise."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FeatureValidationError(
+            f"{record_name}.{field}: expected a number, got {type(value).__name__} {value!r}"
+        )
+    f = float(value)
+    if math.isnan(f):
+        raise FeatureValidationError(f"{record_name}.{field}: NaN is not a valid measurement")
+    if math.isinf(f):
+        raise FeatureValidationError(f"{record_name}.{field}: {f} (infinite) is not a valid measurement")
+    if max_abs is not None and abs(f) > max_abs:
+        raise FeatureValidationError(
+            f"{record_name}.{field}: absurd magnitude {f!r} (|value| > {max_abs:g}); check units or sensor"
+        )
+    return f
+
+
+def hour_of_day_sin_cos(event_time_ms: int) -> tuple[float, float]:
+    """Encode the UTC hour of day of an event time on the unit circle (23:59 is next to 00:00)."""
+    seconds_of_day = (event_time_ms // 1000) % 86_400
+    angle = 2.0 * math.pi * seconds_of_day / 86_400.0
+    return math.sin(angle), math.cos(angle)
+
+
+# -- registry ---------------------------------------------------------------------------------
+
+_FACTORIES: dict[str, dict[str, Callable[[], Featurizer[Any]]]] = {}
+_CURRENT: dict[str, str] = {}
+
+
+def register(kind: str, version: str, factory: Callable[[], Featurizer[Any]], *, current: bool) -> None:
+    """Register a featurizer version; ``current=True`` makes it what ``version=None`` resolves to."""
+    if not version.startswith(kind + "-"):
+        raise ValueError(f"version {version!r} must start with the kind, e.g. {kind}-v1")
+    _FACTORIES.setdefault(kind, {})[version] = factory
+    if current:
+        _CURRENT[kind] = version
+
+
+def available_versions(kind: str) -> list[str]:
+    """Every registered version of ``kind``, sorted."""
+    _check_kind(kind)
+    return sorted(_FACTORIES[kind])
+
+
+def current_version(kind: str) -> str:
+    """The version ``get_featurizer(kind)`` returns."""
+    _check_kind(kind)
+    return _CURRENT[kind]
+
+
+def get_featurizer(kind: str, version: str | None = None) -> Featurizer[Any]:
+    """Return a featurizer of ``kind`` at ``version`` (None: the current one).
+
+    ``version`` may be given in full (``"sensor-v1"``) or short (``"v1"``). A new instance is
+    returned each time; instances are cheap and hold no stream state.
+    """
+    _check_kind(kind)
+    wanted = _CURRENT[kind] if version is None else version
+    if not wanted.startswith(kind + "-"):
+        wanted = f"{kind}-{wanted}"
+    factory = _FACTORIES[kind].get(wanted)
+    if factory is None:
+        raise UnknownFeaturizerError(
+            f"version: no featurizer {wanted!r} for kind {kind!r}; "
+            f"registered versions are {sorted(_FACTORIES[kind])}"
+        )
+    return factory()
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _FACTORIES:
+        raise UnknownKindError(f"kind: unknown featurizer kind {kind!r}; use one of {sorted(_FACTORIES)}")

@@ -1,0 +1,348 @@
+"""Sensor featurizer ``sensor-v1``: per-sensor event-time windows -> 14 floats for forecasting.
+
+Window features (one function, :meth:`SensorFeaturizer.window_features`, used by training AND
+serving) describe the last ``window`` readings (default 16) of one sensor ending at some reading
+``p``, in event-time order:
+
+=====================  ====================================================================
+``value``              raw value of ``p`` (kept so the model can learn level effects)
+``value_minus_mean``   value - rolling mean      (relative, so one model fits many sensors)
+``zscore``             (value - mean) / std, 0 when std is 0, clipped to [-10, 10]
+``rolling_std``        population std of the window
+``min_minus_mean``     rolling min - mean
+``max_minus_mean``     rolling max - mean
+``slope``              least-squares slope per reading (value units per step)
+``lag1_diff``..3       value - value k readings earlier (0 when there is none yet)
+``window_fill``        readings in the window / window (partial windows at a sensor's start)
+``log1p_gap_s``        log1p(seconds since the previous reading)
+``hour_sin/hour_cos``  UTC hour of day of ``p``'s event time
+=====================  ====================================================================
+
+Labels, and why a training row looks one step back
+---------------------------------------------------
+The value that follows a reading is unknown when the reading arrives, so the row emitted by
+:meth:`featurize` for reading ``t`` is the *training example of the previous reading* ``t-1``:
+
+* ``x`` = window features ending at reading ``t-1`` (the reading just before ``t`` in event time),
+* ``next_value_delta`` = ``value_t - value_{t-1}``: the change from the last observed value,
+* ``is_anomaly`` = the source label of reading ``t-1`` (1.0/0.0, None when unlabelled), because
+  ``t-1`` is the reading whose value the features describe,
+* ``event_time_ms``/``key`` are those of ``t`` (the record that produced the row).
+
+The first reading of a sensor has no predecessor: its row has ``x`` all zeros (``window_fill``
+0) and both labels None; the trainer skips rows whose label is None.
+
+At serving time :meth:`featurize_for_prediction` inserts the reading and returns the window
+features ending at *this* reading: the model's delta output forecasts the NEXT value as
+``forecast = value + predicted_delta``, and its anomaly output scores this reading. Both paths
+call ``window_features``, so the vectors are built identically.
+
+Event time, lateness and bounds
+-------------------------------
+Readings are kept per sensor in event-time order. A reading older than the sensor's latest event
+time minus ``allowed_lateness_ms`` raises FeatureValidationError ("late"); within lateness it is
+inserted in order (a row already emitted for a later reading is not revised). A reading that would
+land deeper than the retained ``history`` readings is also "late", because its window could no
+longer be built as an uninterrupted in-order run would have. At most ``max_sensors`` sensors are
+tracked (least recently seen evicted), each with at most ``history`` readings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from streaming.exceptions import FeatureValidationError
+from streaming.features.base import (
+    FeatureRow,
+    FeatureStateError,
+    Featurizer,
+    check_finite,
+    check_key,
+    hour_of_day_sin_cos,
+    register,
+)
+
+VERSION = "sensor-v1"
+RECORD = "SensorReading"
+MAX_ABS_VALUE = 1e9
+Z_CLIP = 10.0
+
+FEATURE_NAMES = [
+    "value",
+    "value_minus_mean",
+    "zscore",
+    "rolling_std",
+    "min_minus_mean",
+    "max_minus_mean",
+    "slope",
+    "lag1_diff",
+    "lag2_diff",
+    "lag3_diff",
+    "window_fill",
+    "log1p_gap_s",
+    "hour_sin",
+    "hour_cos",
+]
+
+
+class SensorBuffer:
+    """Recent readings of one sensor in event-time order (parallel lists, cheap to append/trim)."""
+
+    __slots__ = ("anomalies", "times", "trimmed", "values")
+
+    def __init__(self) -> None:
+        self.times: list[int] = []
+        self.values: list[float] = []
+        self.anomalies: list[float | None] = []
+        self.trimmed = False  # True once older readings were dropped (history is no longer complete)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"t": self.times, "v": self.values, "a": self.anomalies, "trimmed": self.trimmed}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SensorBuffer):
+            return NotImplemented
+        return self.as_json() == other.as_json()
+
+
+class SensorState:
+    """Per-sensor buffers, least recently seen sensor first."""
+
+    __slots__ = ("sensors",)
+
+    def __init__(self) -> None:
+        self.sensors: OrderedDict[str, SensorBuffer] = OrderedDict()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SensorState):
+            return NotImplemented
+        return list(self.sensors.items()) == list(other.sensors.items())
+
+    def __repr__(self) -> str:
+        return f"SensorState(sensors={len(self.sensors)})"
+
+
+class SensorFeaturizer(Featurizer[SensorState]):
+    """See the module docstring: window features, one-step-back training rows, lateness."""
+
+    kind = "sensor"
+    version = VERSION
+    input_shape: tuple[int, ...] = (len(FEATURE_NAMES),)
+    label_names = ["next_value_delta", "is_anomaly"]
+    feature_names = FEATURE_NAMES
+
+    def __init__(
+        self,
+        *,
+        window: int = 16,
+        history: int = 64,
+        allowed_lateness_ms: int = 300_000,
+        max_sensors: int = 10_000,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> None:
+        super().__init__(clock_ms)
+        if window < 4:
+            raise ValueError(f"window must be >= 4 (lags 1..3 need it), got {window}")
+        if history < window + 1:
+            raise ValueError(f"history must be >= window + 1 = {window + 1}, got {history}")
+        if allowed_lateness_ms < 0 or max_sensors <= 0:
+            raise ValueError("allowed_lateness_ms must be >= 0 and max_sensors > 0")
+        self.window = window
+        self.history = history
+        self.allowed_lateness_ms = allowed_lateness_ms
+        self.max_sensors = max_sensors
+        self._n = len(FEATURE_NAMES)
+        # Centered reading indices and their sum of squares per window length, for the slope.
+        self._centered = [[i - (n - 1) / 2.0 for i in range(n)] for n in range(window + 1)]
+        self._sxx = [sum(c * c for c in cs) for cs in self._centered]
+
+    def new_state(self) -> SensorState:
+        return SensorState()
+
+    # -- the shared feature function ---------------------------------------------------------
+
+    def window_features(self, buf: SensorBuffer, end: int) -> np.ndarray:
+        """Features of the window of ``buf`` ending at index ``end`` (inclusive)."""
+        start = max(0, end - self.window + 1)
+        vals = buf.values[start : end + 1]
+        n = len(vals)
+        value = vals[-1]
+        mean = sum(vals) / n
+        var = sum((v - mean) * (v - mean) for v in vals) / n
+        std = math.sqrt(var)
+        if n >= 2:
+            slope = sum(c * v for c, v in zip(self._centered[n], vals, strict=True)) / self._sxx[n]
+        else:
+            slope = 0.0
+        z = (value - mean) / std if std > 0.0 else 0.0
+        z = max(-Z_CLIP, min(Z_CLIP, z))
+        values = buf.values
+        lags = [value - values[end - k] if end - k >= 0 else 0.0 for k in (1, 2, 3)]
+        t = buf.times[end]
+        gap = math.log1p(max(0, t - buf.times[end - 1]) / 1000.0) if end >= 1 else 0.0
+        hs, hc = hour_of_day_sin_cos(t)
+        return np.array(
+            [
+                value,
+                value - mean,
+                z,
+                std,
+                min(vals) - mean,
+                max(vals) - mean,
+                slope,
+                lags[0],
+                lags[1],
+                lags[2],
+                n / self.window,
+                gap,
+                hs,
+                hc,
+            ],
+            dtype=np.float32,
+        )
+
+    # -- training and serving entry points ---------------------------------------------------
+
+    def featurize(self, record: dict[str, Any], state: SensorState) -> FeatureRow:
+        """Training row for this reading: features of the previous reading's window (see module doc)."""
+        sid, t, value, anomaly = self._validate(record)
+        buf = self._buffer(state, sid)
+        i = self._insert(buf, sid, t, value, anomaly)
+        if i == 0:
+            return FeatureRow(
+                np.zeros(self._n, dtype=np.float32), {"next_value_delta": None, "is_anomaly": None}, t, sid
+            )
+        labels: dict[str, float | None] = {
+            "next_value_delta": value - buf.values[i - 1],
+            "is_anomaly": buf.anomalies[i - 1],
+        }
+        return FeatureRow(self.window_features(buf, i - 1), labels, t, sid)
+
+    def featurize_for_prediction(self, record: dict[str, Any], state: SensorState) -> FeatureRow:
+        """Serving input for this reading: features of the window ending here (predicts the next value).
+
+        ``next_value_delta`` is None (unknown yet); ``is_anomaly`` is this reading's own label.
+        """
+        sid, t, value, anomaly = self._validate(record)
+        buf = self._buffer(state, sid)
+        i = self._insert(buf, sid, t, value, anomaly)
+        return FeatureRow(
+            self.window_features(buf, i), {"next_value_delta": None, "is_anomaly": anomaly}, t, sid
+        )
+
+    @staticmethod
+    def forecast(last_value: float, predicted_delta: float) -> float:
+        """The next-value forecast from a model output: last observed value + predicted change."""
+        return last_value + predicted_delta
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _validate(self, record: dict[str, Any]) -> tuple[str, int, float, float | None]:
+        sid = check_key(record, RECORD, "sensor_id")
+        t = self.check_event_time(record, RECORD)
+        value = check_finite(record.get("value"), RECORD, "value", MAX_ABS_VALUE)
+        channels = record.get("values") or {}
+        if not isinstance(channels, dict):
+            raise FeatureValidationError(f"{RECORD}.values: expected a map of channel -> number")
+        for name, v in channels.items():
+            check_finite(v, RECORD, f"values.{name}", MAX_ABS_VALUE)
+        label = record.get("label")
+        if label is not None and not isinstance(label, bool):
+            raise FeatureValidationError(f"{RECORD}.label: expected true, false or null, got {label!r}")
+        return sid, t, value, (None if label is None else float(label))
+
+    def _buffer(self, state: SensorState, sid: str) -> SensorBuffer:
+        sensors = state.sensors
+        buf = sensors.get(sid)
+        if buf is None:
+            buf = sensors[sid] = SensorBuffer()
+            while len(sensors) > self.max_sensors:
+                sensors.popitem(last=False)
+        else:
+            sensors.move_to_end(sid)
+        return buf
+
+    def _insert(self, buf: SensorBuffer, sid: str, t: int, value: float, anomaly: float | None) -> int:
+        """Insert a reading in event-time order; return its index after trimming. Raises "late"."""
+        times = buf.times
+        n = len(times)
+        if n == 0 or t >= times[-1]:
+            i = n
+        else:
+            latest = times[-1]
+            if t < latest - self.allowed_lateness_ms:
+                raise FeatureValidationError(
+                    f"{RECORD}.timestamp: late reading for sensor {sid!r}: {t} is older than the "
+                    f"sensor's latest event time {latest} minus the allowed lateness "
+                    f"{self.allowed_lateness_ms} ms"
+                )
+            i = bisect_right(times, t)
+            removed = max(0, n + 1 - self.history)
+            if (buf.trimmed or removed) and i - removed < self.window:
+                raise FeatureValidationError(
+                    f"{RECORD}.timestamp: late reading for sensor {sid!r}: {t} falls before the "
+                    f"{self.history} retained readings' window; raise the featurizer's history"
+                )
+        times.insert(i, t)
+        buf.values.insert(i, value)
+        buf.anomalies.insert(i, anomaly)
+        excess = len(times) - self.history
+        if excess > 0:
+            del times[:excess], buf.values[:excess], buf.anomalies[:excess]
+            buf.trimmed = True
+            i -= excess
+        return i
+
+    # -- checkpointing -----------------------------------------------------------------------
+
+    def state_to_json(self, state: SensorState) -> str:
+        return json.dumps(
+            {
+                "featurizer": self.version,
+                "window": self.window,
+                "history": self.history,
+                "sensors": [[sid, buf.as_json()] for sid, buf in state.sensors.items()],
+            },
+            separators=(",", ":"),
+            allow_nan=False,
+        )
+
+    def state_from_json(self, text: str) -> SensorState:
+        try:
+            doc = json.loads(text)
+            if doc["featurizer"] != self.version:
+                raise FeatureStateError(
+                    f"state: written by {doc['featurizer']!r}, cannot restore into {self.version!r}"
+                )
+            if doc["window"] != self.window or doc["history"] != self.history:
+                raise FeatureStateError(
+                    f"state: window/history {doc['window']}/{doc['history']} differ from this "
+                    f"featurizer's {self.window}/{self.history}; use the same settings or new_state()"
+                )
+            state = SensorState()
+            for sid, b in doc["sensors"][-self.max_sensors :]:
+                buf = SensorBuffer()
+                buf.times = [int(v) for v in b["t"]]
+                buf.values = [float(v) for v in b["v"]]
+                buf.anomalies = [None if v is None else float(v) for v in b["a"]]
+                buf.trimmed = bool(b["trimmed"])
+                if not (len(buf.times) == len(buf.values) == len(buf.anomalies)) or buf.times != sorted(
+                    buf.times
+                ):
+                    raise FeatureStateError(f"state: inconsistent buffer for sensor {sid!r}")
+                state.sensors[str(sid)] = buf
+            return state
+        except FeatureStateError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FeatureStateError(f"state: not a {self.version} state document ({exc})") from exc
+
+
+register("sensor", VERSION, SensorFeaturizer, current=True)
