@@ -1,0 +1,395 @@
+"""Image validation (before any decoding) and the directory watcher behind ``ingest images --watch``.
+
+Validation reads the container headers itself, so a hostile file is rejected before Pillow
+allocates anything: magic bytes, extension vs. content (a ``.png`` holding JPEG bytes is
+rejected), dimensions declared in the PNG IHDR / JPEG SOF header (each side <= 4096 and
+<= 16 Mpx: decompression bombs), truncation (a PNG must end with its IEND chunk, a JPEG with
+the FFD9 marker). Only then is the image decoded once by Pillow (with its pixel cap set) to
+catch corrupt data in the middle.
+
+Exactly-once watcher (see :class:`ImageWatcher`): a journal (``ingest.checkpoint.HashJournal``)
+records each file's sha256 with ``I`` (intent, before publishing), ``P`` (published, after the
+ack) or ``R`` (rejected, after the dead letter's ack); the file is moved to ``processed/`` or
+``rejected/`` (with a ``.reason`` file) only after that. On restart a ``P``/``R`` file is only
+moved; an ``I`` file (killed between send and journal) is looked up in the topics by its id
+(``sl.event_id`` header / dead-letter key) from the offsets recorded before the send, and is
+published only when it is not there. So kill -9 at any point gives no loss and no duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ingest import checkpoint as readback
+from ingest.checkpoint import EVENT_ID_HEADER, HashJournal, read_json, write_json
+from ingest.exceptions import ImageValidationError, SourceError
+
+if TYPE_CHECKING:
+    from streaming.config import Settings
+    from streaming.producer import Publisher
+
+log = logging.getLogger(__name__)
+
+MAX_SIDE = 4096
+MAX_PIXELS = 16_000_000
+MAX_FILE_BYTES = 20 * 1024 * 1024
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    content_type: str  # "PNG" or "JPEG"
+    width: int
+    height: int
+
+
+def sniff(data: bytes) -> str | None:
+    """Content type from the magic bytes, or None."""
+    if data.startswith(PNG_SIGNATURE):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    return None
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    if len(data) < 33 or data[12:16] != b"IHDR" or struct.unpack(">I", data[8:12])[0] != 13:
+        raise ImageValidationError("PNG does not start with a 13-byte IHDR chunk", "bad_header")
+    if zlib.crc32(data[12:29]) != struct.unpack(">I", data[29:33])[0]:
+        raise ImageValidationError("PNG IHDR chunk fails its CRC check", "bad_header")
+    width, height = struct.unpack(">II", data[16:24])
+    if not data.endswith(PNG_IEND):
+        raise ImageValidationError("PNG is truncated: it does not end with the IEND chunk", "truncated")
+    return width, height
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    i, n = 2, len(data)
+    size: tuple[int, int] | None = None
+    while i < n:
+        if data[i] != 0xFF:
+            raise ImageValidationError(f"JPEG marker expected at byte {i}", "bad_header")
+        while i < n and data[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            break
+        marker = data[i]
+        i += 1
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            continue
+        if marker == 0xD9:
+            raise ImageValidationError("JPEG ends (EOI) before any image scan", "bad_header")
+        if i + 2 > n:
+            break
+        seg_len = struct.unpack(">H", data[i : i + 2])[0]
+        if seg_len < 2 or i + seg_len > n:
+            break
+        if marker in _SOF:
+            if seg_len < 8:
+                raise ImageValidationError("JPEG SOF segment is too short", "bad_header")
+            height, width = struct.unpack(">HH", data[i + 3 : i + 7])
+            size = (width, height)
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            if size is None:
+                raise ImageValidationError("JPEG has no SOF header before its scan", "bad_header")
+            if not data.endswith(b"\xff\xd9"):
+                raise ImageValidationError(
+                    "JPEG is truncated: it does not end with the FFD9 marker", "truncated"
+                )
+            return size
+        i += seg_len
+    raise ImageValidationError("JPEG is truncated inside its headers (no scan found)", "truncated")
+
+
+def inspect(
+    data: bytes,
+    filename: str | None = None,
+    *,
+    max_side: int = MAX_SIDE,
+    max_pixels: int = MAX_PIXELS,
+    max_bytes: int = MAX_FILE_BYTES,
+    decode: bool = True,
+) -> ImageInfo:
+    """Validate an encoded image; return its type and declared size or raise ImageValidationError.
+
+    ``filename``'s extension, when given, must match the content. ``decode`` runs Pillow once
+    after the header checks passed (set False where only headers matter, e.g. benchmarks).
+    """
+    if len(data) == 0:
+        raise ImageValidationError("image is empty", "empty")
+    if len(data) > max_bytes:
+        raise ImageValidationError(
+            f"image is {len(data)} bytes, over the {max_bytes}-byte limit", "too_large"
+        )
+    kind = sniff(data)
+    if kind is None:
+        raise ImageValidationError("not a PNG or JPEG: unknown magic bytes", "bad_magic")
+    if filename is not None:
+        ext = os.path.splitext(filename)[1].lower()
+        expected = EXTENSIONS.get(ext)
+        if expected is None:
+            raise ImageValidationError(f"extension {ext!r} is not .png, .jpg or .jpeg", "wrong_extension")
+        if expected != kind:
+            raise ImageValidationError(
+                f"file name says {expected} ({ext}) but the bytes are {kind}; rename it", "wrong_extension"
+            )
+    width, height = _png_size(data) if kind == "PNG" else _jpeg_size(data)
+    if width < 1 or height < 1:
+        raise ImageValidationError(f"declared size {width}x{height} is empty", "bad_dimensions")
+    if width > max_side or height > max_side or width * height > max_pixels:
+        raise ImageValidationError(
+            f"declared size {width}x{height} exceeds the cap {max_side}x{max_side} / {max_pixels} pixels "
+            "(possible decompression bomb); downscale it before ingesting",
+            "too_many_pixels",
+        )
+    if decode:
+        _decode_check(data, width, height, max_pixels)
+    return ImageInfo(kind, width, height)
+
+
+def _decode_check(data: bytes, width: int, height: int, max_pixels: int) -> None:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.size != (width, height):
+                raise ImageValidationError(
+                    f"decoder sees {img.size[0]}x{img.size[1]}, header declared {width}x{height}",
+                    "bad_header",
+                )
+            img.load()
+    except ImageValidationError:
+        raise
+    except Exception as exc:  # Pillow raises many unrelated types for corrupt data
+        raise ImageValidationError(f"image does not decode: {type(exc).__name__}: {exc}", "corrupt") from exc
+
+
+def label_for(path: Path) -> str | None:
+    """Label of an image file: sidecar ``x.png.label``, else ``x.label``, else ``label_rest.png``."""
+    for sidecar in (path.with_name(path.name + ".label"), path.with_suffix(".label")):
+        try:
+            text = sidecar.read_text(encoding="utf-8").strip()
+        except (FileNotFoundError, IsADirectoryError):
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ImageValidationError(
+                f"label file {sidecar.name} cannot be read: {exc}", "bad_label"
+            ) from exc
+        if text:
+            return text
+    stem = path.stem
+    if "_" in stem and stem.split("_", 1)[0]:
+        return stem.split("_", 1)[0]
+    return None
+
+
+def image_record(
+    data: bytes, info: ImageInfo, *, label: str | None, source: str, timestamp: int
+) -> dict[str, Any]:
+    """The ImageEvent dict of a validated image (image_id = sha256 of the bytes)."""
+    return {
+        "image_id": hashlib.sha256(data).hexdigest(),
+        "timestamp": int(timestamp),
+        "content_type": info.content_type,
+        "width": info.width,
+        "height": info.height,
+        "data": data,
+        "label": label,
+        "source": source,
+    }
+
+
+@dataclass
+class _Item:
+    path: Path
+    data: bytes
+    digest: str
+    record: dict[str, Any] | None
+    error: ImageValidationError | None
+
+
+class ImageWatcher:
+    """Publish each new image of ``directory`` once, then move it to processed/ or rejected/."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        publisher: Publisher,
+        directory: Path,
+        *,
+        state_path: Path | None = None,
+        batch_size: int = 32,
+        settle_s: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.directory = Path(directory).absolute()
+        if not self.directory.is_dir():
+            raise SourceError(f"--watch {directory}: not a directory; create it or pass an existing one")
+        self.processed = self.directory / "processed"
+        self.rejected = self.directory / "rejected"
+        self.processed.mkdir(exist_ok=True)
+        self.rejected.mkdir(exist_ok=True)
+        key = hashlib.sha1(str(self.directory).encode()).hexdigest()[:16]
+        base = state_path or settings.state_dir / "images" / key
+        self.journal = HashJournal(base.with_suffix(".journal"))
+        self.floors_path = base.with_suffix(".floors.json")
+        self.batch_size = batch_size
+        self.settle_s = settle_s
+        self._seen: dict[Path, tuple[int, int]] = {}
+        self._readback = readback
+        self._topics = readback.source_topics(settings, "image")
+        self.published = 0
+        self.rejected_count = 0
+        self._recover()
+
+    # -- recovery -------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Resolve intents of a previous run that was killed between send and journal."""
+        pending = [d for d, tag in self.journal.items() if tag == "I"]
+        floors = (read_json(self.floors_path) or {}).get("floors")
+        if pending:
+            if floors is None:
+                raise SourceError(
+                    f"journal has in-flight images but {self.floors_path} is missing; "
+                    "delete the journal to re-publish (may duplicate)"
+                )
+            found = self._readback.published_ids(self.settings, self._topics, floors)
+            done = [(found[d], d) for d in pending if d in found]
+            self.journal.add_many(done)
+            log.info("recovered %d of %d in-flight images from the topics", len(done), len(pending))
+        self._save_floors()
+
+    def _save_floors(self) -> None:
+        write_json(self.floors_path, {"floors": self._readback.end_offsets(self.settings, self._topics)})
+
+    # -- scanning -------------------------------------------------------------------------
+    def candidates(self, *, wait_settle: bool = True) -> list[Path]:
+        """Image files ready to take: name order; in follow mode, unchanged since the last scan."""
+        now = time.time()
+        ready: list[Path] = []
+        current: dict[Path, tuple[int, int]] = {}
+        for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
+            if not entry.is_file() or entry.name.startswith("."):
+                continue
+            if os.path.splitext(entry.name)[1].lower() not in EXTENSIONS:
+                continue
+            st = entry.stat()
+            sig = (st.st_size, st.st_mtime_ns)
+            path = Path(entry.path)
+            current[path] = sig
+            if not wait_settle or self._seen.get(path) == sig or now - st.st_mtime >= self.settle_s:
+                ready.append(path)
+        self._seen = current
+        return ready
+
+    def _load(self, path: Path) -> _Item | None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            info = inspect(data, path.name)
+            rec = image_record(
+                data,
+                info,
+                label=label_for(path),
+                source=path.name,
+                timestamp=int(path.stat().st_mtime * 1000),
+            )
+            return _Item(path, data, digest, rec, None)
+        except ImageValidationError as exc:
+            return _Item(path, data, digest, None, exc)
+
+    def process(self, paths: list[Path]) -> int:
+        """Publish/reject one batch of files durably, then move them. Returns files handled."""
+        items = [it for it in (self._load(p) for p in paths) if it is not None]
+        todo: list[_Item] = []
+        for it in items:  # two files with the same bytes are one image: publish it once
+            if self.journal.get(it.digest) not in ("P", "R") and all(t.digest != it.digest for t in todo):
+                todo.append(it)
+        # Intent first, so a kill after the send is resolved from the topics, not re-sent blindly.
+        self.journal.add_many([("I", it.digest) for it in todo if self.journal.get(it.digest) != "I"])
+        futures = []
+        for it in todo:
+            if it.record is not None:
+                fut = self.publisher.publish(
+                    "image",
+                    it.record,
+                    key=it.record["image_id"],
+                    headers=[(EVENT_ID_HEADER, it.digest.encode())],
+                )
+                futures.append((it, "P", fut))
+            else:
+                assert it.error is not None
+                fut = self.publisher.dead_letter(
+                    "image",
+                    it.data,
+                    stage="validate",
+                    error=it.error,
+                    source={"file": str(it.path), "reason": it.error.reason},
+                    key=it.digest,
+                )
+                futures.append((it, "R", fut))
+        self.publisher.flush()
+        for _it, _tag, fut in futures:
+            fut.get(timeout=60)  # raises: nothing is journaled or moved, the restart resolves it
+        self.journal.add_many([(tag, it.digest) for it, tag, _ in futures])
+        self.published += sum(1 for _, tag, _ in futures if tag == "P")
+        self.rejected_count += sum(1 for _, tag, _ in futures if tag == "R")
+        for it in items:
+            self._move(it)
+        if futures:
+            self._save_floors()
+        return len(items)
+
+    def _move(self, it: _Item) -> None:
+        tag = self.journal.get(it.digest)
+        target_dir = self.processed if tag == "P" else self.rejected
+        if tag == "R":
+            if it.error is None:  # recorded rejected by an older run with other limits: keep that verdict
+                it.error = ImageValidationError("rejected by an earlier run", "rejected_earlier")
+            (target_dir / (it.path.name + ".reason")).write_text(
+                f"{it.error.reason}: {it.error}\n", encoding="utf-8"
+            )
+        for sidecar in (it.path.with_name(it.path.name + ".label"), it.path.with_suffix(".label")):
+            if sidecar.exists():
+                os.replace(sidecar, target_dir / sidecar.name)
+        os.replace(it.path, target_dir / it.path.name)
+
+    def run(
+        self, *, follow: bool = True, poll_s: float = 0.5, stop: Any = None, idle_exit_s: float | None = None
+    ) -> None:
+        """Scan and process until ``stop`` (a threading.Event) is set; once when not ``follow``."""
+        last_work = time.monotonic()
+        while True:
+            ready = self.candidates(wait_settle=follow)
+            for i in range(0, len(ready), self.batch_size):
+                self.process(ready[i : i + self.batch_size])
+            if ready:
+                last_work = time.monotonic()
+            if not follow or (stop is not None and stop.is_set()):
+                return
+            if idle_exit_s is not None and time.monotonic() - last_work > idle_exit_s:
+                return
+            if stop is not None:
+                stop.wait(poll_s)
+            else:
+                time.sleep(poll_s)  # poll interval of a directory watcher, not a test wait
+
+    def close(self) -> None:
+        self.journal.close()

@@ -1,0 +1,154 @@
+"""Web-log parsers on the real 10,000-line sample and on hand-made good and malformed lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ingest.exceptions import LogParseError
+from ingest.generators import web_traffic
+from ingest.weblog import event_id_for, format_combined, parse_clf_time, parse_line
+
+APACHE_LOGS = Path(__file__).resolve().parents[2] / "shared/data/weblogs/apache_logs"
+
+LINE = (
+    '83.149.9.216 - - [17/May/2015:10:05:03 +0000] "GET /presentations/logstash-monitorama-2013/images/'
+    'kibana-search.png HTTP/1.1" 200 203023 "http://semicomplete.com/presentations/logstash-monitorama-2013/" '
+    '"Mozilla/5.0 (Macintosh; Intel Mac OS X 10_9_1) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/32.0.1700.77 '
+    'Safari/537.36"'
+)
+
+
+def test_every_line_of_the_real_sample_parses() -> None:
+    if not APACHE_LOGS.is_file():
+        pytest.skip(f"{APACHE_LOGS} is absent (shared test data lives beside the project root)")
+    ids = set()
+    statuses = set()
+    with APACHE_LOGS.open("rb") as fh:
+        offset = 0
+        for n, raw in enumerate(fh, 1):
+            rec = parse_line(raw, source=str(APACHE_LOGS), position=offset)
+            offset += len(raw)
+            assert rec["client_ip"] and rec["method"] in ("GET", "HEAD", "POST", "OPTIONS"), n
+            assert 1431820800000 <= rec["timestamp"] < 1432252800000, n  # 17-21 May 2015
+            ids.add(rec["event_id"])
+            statuses.add(rec["status"])
+    assert n == 10_000
+    assert len(ids) == 10_000
+    assert {200, 304, 404} <= statuses
+
+
+def test_combined_fields() -> None:
+    rec = parse_line(LINE + "\n", source="access.log", position=0)
+    assert rec["client_ip"] == "83.149.9.216"
+    assert rec["ident"] is None and rec["user"] is None
+    assert rec["timestamp"] == 1431857103000
+    assert (rec["method"], rec["protocol"], rec["status"], rec["bytes_sent"]) == (
+        "GET",
+        "HTTP/1.1",
+        200,
+        203023,
+    )
+    assert rec["path"].endswith("kibana-search.png")
+    assert rec["referrer"].startswith("http://semicomplete.com/")
+    assert rec["user_agent"].startswith("Mozilla/5.0 (Macintosh")
+    assert rec["latency_ms"] is None
+    assert rec["event_id"] == event_id_for("access.log", 0, LINE)
+    assert rec["event_id"] != parse_line(LINE, source="access.log", position=1)["event_id"]
+
+
+def test_request_time_common_format_and_escapes() -> None:
+    apache_d = parse_line(LINE + " 1534", source="s")  # %D microseconds
+    assert apache_d["latency_ms"] == pytest.approx(1.534)
+    nginx = parse_line(LINE + " 0.250", source="s")  # $request_time seconds
+    assert nginx["latency_ms"] == pytest.approx(250.0)
+    common = parse_line('10.0.0.1 - bob [01/Jan/2024:00:00:00 -0130] "POST /x HTTP/1.0" 500 -', source="s")
+    assert common["user"] == "bob" and common["bytes_sent"] == 0 and common["referrer"] is None
+    assert common["timestamp"] == 1704067200000 + 90 * 60 * 1000
+    esc = parse_line(
+        '1.2.3.4 - - [01/Jan/2024:00:00:00 +0000] "GET /a HTTP/1.1" 200 5 "-" "say \\"hi\\""', source="s"
+    )
+    assert esc["user_agent"] == 'say "hi"'
+    dash = parse_line('1.2.3.4 - - [01/Jan/2024:00:00:00 +0000] "-" 408 0 "-" "-"', source="s")
+    assert dash["method"] == "-" and dash["status"] == 408 and dash["user_agent"] is None
+    xff = parse_line(LINE + ' "10.1.1.1"', source="s")  # nginx extra $http_x_forwarded_for
+    assert xff["user_agent"].endswith("Safari/537.36")
+
+
+def test_json_lines() -> None:
+    nginx = json.dumps(
+        {
+            "remote_addr": "9.9.9.9",
+            "time_iso8601": "2024-03-01T12:00:00+00:00",
+            "request": "GET /api?q=1 HTTP/2.0",
+            "status": "201",
+            "body_bytes_sent": "12",
+            "http_user_agent": "curl/8",
+            "request_time": "0.004",
+        }
+    )
+    rec = parse_line(nginx, source="s", position=7)
+    assert rec["client_ip"] == "9.9.9.9" and rec["timestamp"] == 1709294400000
+    assert (rec["method"], rec["path"], rec["protocol"]) == ("GET", "/api?q=1", "HTTP/2.0")
+    assert rec["status"] == 201 and rec["bytes_sent"] == 12 and rec["latency_ms"] == pytest.approx(4.0)
+    native = parse_line(
+        json.dumps(
+            {
+                "client_ip": "1.1.1.1",
+                "timestamp": 1709294400123,
+                "method": "GET",
+                "path": "/",
+                "status": 200,
+                "label": "bot",
+                "event_id": "abc",
+            }
+        ),
+        source="s",
+    )
+    assert native["timestamp"] == 1709294400123 and native["label"] == "bot" and native["event_id"] == "abc"
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("", "empty"),
+        ("garbage that is not a log line", "not_combined_format"),
+        ('1.2.3.4 - - [17/Foo/2015:10:05:03 +0000] "GET / HTTP/1.1" 200 1 "-" "-"', "bad_timestamp"),
+        ('1.2.3.4 - - [17/May/2015:10:05:03] "GET / HTTP/1.1" 200 1 "-" "-"', "bad_timestamp"),
+        ('1.2.3.4 - - [17/May/2015:10:05:03 +0000] "\\x16\\x03\\x01" 400 1 "-" "-"', "bad_request_line"),
+        ('1.2.3.4 - - [17/May/2015:10:05:03 +0000] "GET / HTTP/1.1" abc 1 "-" "-"', "not_combined_format"),
+        ("{not json", "bad_json"),
+        ("[1, 2]", "not_combined_format"),
+        ('{"remote_addr": "1.1.1.1"}', "missing_field"),
+        ('{"remote_addr": "1.1.1.1", "time": 1, "request": "GET / HTTP/1.1", "status": 99}', "bad_status"),
+        (
+            '{"remote_addr": "1.1.1.1", "time": "yesterday", "request": "GET /", "status": 200}',
+            "bad_timestamp",
+        ),
+        (
+            '{"remote_addr": "1.1.1.1", "time": "2024-01-01T00:00:00", "request": "GET /", "status": 200}',
+            "bad_timestamp",
+        ),
+    ],
+)
+def test_malformed_lines_raise_with_reason(line: str, reason: str) -> None:
+    with pytest.raises(LogParseError) as info:
+        parse_line(line, source="s", position=0)
+    assert info.value.reason == reason
+    assert str(info.value)
+
+
+def test_clf_time_offsets() -> None:
+    assert parse_clf_time("01/Jan/1970:00:00:00 +0000") == 0
+    assert parse_clf_time("01/Jan/1970:01:00:00 +0100") == 0
+
+
+def test_format_combined_round_trips_generated_traffic() -> None:
+    for rec in web_traffic(300, seed=3):
+        back = parse_line(format_combined(rec), source="x")
+        for key in ("client_ip", "method", "path", "protocol", "status", "user_agent", "referrer"):
+            assert back[key] == rec[key], key
+        assert back["timestamp"] == rec["timestamp"] // 1000 * 1000
+        assert back["latency_ms"] == pytest.approx(rec["latency_ms"], abs=0.001)
