@@ -53,7 +53,6 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "compression_type": "snappy",
         "linger_ms": 5,
         "batch_size": 256 * 1024,
-        "buffer_memory": 64 * 1024 * 1024,
         "max_request_size": 2 * DEFAULT_MAX_RECORD_BYTES,
         "retries": 2**31 - 1,
         "delivery_timeout_ms": 120_000,

@@ -1,0 +1,108 @@
+"""The embedded broker's lifecycle: readiness, refusal of a second broker, persistence across restarts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from streaming import config
+from streaming.broker import EmbeddedBroker, free_port, probe
+from streaming.consumer import Subscriber
+from streaming.exceptions import BrokerAlreadyRunningError, BrokerError
+from streaming.producer import Publisher
+from streaming.topics import ensure_topics, raw_topic
+from tests.helpers import streamlearn_cmd, subprocess_env, wait_until
+
+
+@pytest.fixture()
+def own_broker(tmp_path: Path):  # type: ignore[no-untyped-def]
+    settings = config.load({"home": tmp_path / "home", "broker_port": free_port()}, environ={})
+    broker = EmbeddedBroker(settings)
+    yield settings, broker
+    broker.stop()
+
+
+def test_start_status_stop_and_refuse_second(own_broker) -> None:  # type: ignore[no-untyped-def]
+    settings, broker = own_broker
+    assert not broker.status().running
+    status = broker.start()
+    assert status.running and status.pid and probe(settings.bootstrap) is not None
+    assert (settings.broker_dir / "broker.log").exists()
+    with pytest.raises(BrokerAlreadyRunningError) as err:
+        EmbeddedBroker(settings).start()
+    assert str(settings.broker_dir / "data") in str(err.value)
+    assert broker.stop() is True
+    assert not broker.status().running
+    assert probe(settings.bootstrap, timeout_s=0.5) is None
+    assert broker.stop() is False
+
+
+def test_port_taken_by_another_program_is_a_clear_error(own_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, broker = own_broker
+    broker.start()
+    other = config.load({"home": tmp_path / "other", "broker_port": settings.broker_port}, environ={})
+    with pytest.raises(BrokerError) as err:
+        EmbeddedBroker(other).start()
+    assert "already in use" in str(err.value) and "STREAMLEARN_BROKER_PORT" in str(err.value)
+
+
+def test_external_bootstrap_starts_nothing(tmp_path: Path, broker_settings: config.Settings) -> None:
+    settings = config.load({"home": tmp_path / "h"}, environ={"STREAMLEARN_KAFKA_BOOTSTRAP": broker_settings.bootstrap})
+    status = EmbeddedBroker(settings).start()
+    assert status.external and not (settings.broker_dir / "broker.pid").exists()
+    out = subprocess.run(streamlearn_cmd("broker", "start"), env=subprocess_env(settings), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "not starting" in out.stdout
+
+
+def test_stop_start_keeps_topics_data_and_committed_offsets(own_broker) -> None:  # type: ignore[no-untyped-def]
+    settings, broker = own_broker
+    broker.start()
+    ensure_topics(settings)
+    topic = raw_topic(settings, "sensor")
+    with Publisher(settings) as pub:
+        metas = [pub.publish("sensor", {"sensor_id": "s1", "timestamp": 1_700_000_000_000 + i, "value": float(i),
+                                        "unit": "c"}).get(timeout=10) for i in range(25)]
+    tp = TopicPartition(topic, metas[0].partition)
+    group = settings.group("keep")
+    with Subscriber(settings, topic, group=group) as sub:
+        got = []
+        wait_until(lambda: got.extend(sub.poll_batch(200)) or len(got) >= 10, 20, message="10 records")
+        sub.commit({tp: 10})
+    # past the persistence window: the state file has been rewritten after our last change
+    state = settings.broker_dir / "data" / "kafka.json"
+    wait_until(lambda: state.exists() and str(topic).encode() in state.read_bytes(), 20, message="state persisted")
+    broker.stop()
+    broker.start()
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        assert topic in consumer.topics()
+        assert consumer.end_offsets([tp])[tp] == 25
+        assert consumer.committed(tp) == 10
+    finally:
+        consumer.close()
+    with Subscriber(settings, topic, start="beginning", until="end") as sub:
+        values = sorted(r.value["value"] for r in sub)
+    assert values == [float(i) for i in range(25)]
+
+
+def test_cli_broker_start_status_stop(tmp_path: Path) -> None:
+    settings = config.load({"home": tmp_path / "cli", "broker_port": free_port()}, environ={})
+    env = subprocess_env(settings)
+    try:
+        start = subprocess.run(streamlearn_cmd("broker", "start"), env=env, capture_output=True, text=True, timeout=90)
+        assert start.returncode == 0, start.stderr
+        status = subprocess.run(streamlearn_cmd("broker", "status"), env=env, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and "running" in status.stdout
+        again = subprocess.run(streamlearn_cmd("broker", "start"), env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 1 and "already runs" in again.stderr
+    finally:
+        stop = subprocess.run(streamlearn_cmd("broker", "stop"), env=env, capture_output=True, text=True, timeout=60)
+    assert stop.returncode == 0 and "stopped" in stop.stdout
+    status = subprocess.run(streamlearn_cmd("broker", "status"), env=env, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 3
+    assert os.path.exists(tmp_path / "cli" / "broker" / "broker.log")
