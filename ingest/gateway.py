@@ -1,0 +1,529 @@
+"""HTTP ingest gateway: events over HTTP into the raw topics, answered only after Kafka acked them.
+
+Routes (OpenAPI at ``/openapi.json``, UI at ``/docs``):
+
+* ``POST /ingest/{kind}`` (kind: weblog, sensor, image). Body: one JSON object or a JSON array of
+  objects (``application/json``; image ``data`` is base64), or one Confluent-framed Avro record
+  (``application/vnd.streamlearn.avro`` or ``application/octet-stream``) whose writer schema's
+  record name must match the kind.
+* ``POST /ingest/images``: multipart upload of one or more image files (+ optional ``label``).
+* ``GET /healthz`` (the producer can fetch Kafka metadata) and ``GET /metrics`` (Prometheus).
+
+Answer: ``{"results": [{"index", "status": accepted|duplicate|rejected, "error"?, "id", "topic",
+"partition", "offset"}], "accepted", "duplicates", "rejected"}`` with 200 when nothing was rejected,
+207 when some records were, 422 when none was valid, 400 when the body as a whole is unusable.
+Rejected records are dead-lettered (original bytes, reason headers, ``dl.stage=gateway``). A record
+Kafka did not acknowledge is reported ``rejected`` with ``"retryable": true`` and the whole answer
+is 503 + ``Retry-After``: resend it, the idempotency keys make that safe.
+
+Order of admission, cheapest first, so a refused request costs almost nothing: body size by
+``Content-Length`` (413, raw ASGI middleware, before auth) -> bearer token (401/403) -> rate budget
+not empty (429) -> in-flight records under the limit (503) -> body read while counting bytes (413)
+-> ``Idempotency-Key`` replay -> parse -> rate charge for the records (429) -> publish and wait.
+
+Idempotency window: per gateway process, in memory, bounded (``GatewayLimits.idempotency_capacity``
+keys, ``idempotency_ttl_s``), NOT seeded from the topic: a restart, or more distinct events than the
+capacity within the TTL, forgets keys, and a resend is then published again (consumers dedupe by
+event id downstream). Event keys: weblog ``event_id`` (derived from the content when absent), sensor
+``event_id`` or ``sensor_id:timestamp``, image ``image_id`` (sha256 of the bytes when absent). A key
+is remembered only after its ack; while in flight, a second sender waits for the first outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future as ConcurrentFuture
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Path, Request, Security
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
+from kafka.errors import KafkaError
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from ingest.gateway_auth import Principal, TokenTable
+from ingest.gateway_errors import (
+    BadRequestError,
+    GatewayError,
+    IdempotencyConflictError,
+    OverloadedError,
+    UnsupportedMediaTypeError,
+)
+from ingest.gateway_limits import BodyLimitMiddleware, InFlightLimiter, OnceMap, RateLimiter
+from ingest.gateway_records import (
+    AVRO_TYPES,
+    AvroBodies,
+    Item,
+    describe,
+    fingerprint,
+    image_file_item,
+    is_json,
+    media_type,
+    now_ms,
+    parse_json_body,
+)
+from schemas.exceptions import RegistryUnavailableError, SchemaError
+from schemas.registry import SchemaRegistry
+from streaming.config import Settings
+from streaming.exceptions import RecordTooLargeError
+from streaming.producer import KEY_FIELDS, Publisher
+from streaming.topics import KINDS, raw_topic
+
+log = logging.getLogger(__name__)
+
+Stored = tuple[str, int, dict[str, Any]]  # request fingerprint, status, body
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a request is answered with; kept as data so an Idempotency-Key can replay it."""
+
+    status: int
+    body: dict[str, Any]
+    retry_after: int | None = None
+
+    def response(self, **extra_headers: str) -> JSONResponse:
+        headers = dict(extra_headers)
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        return JSONResponse(self.body, self.status, headers=headers)
+
+
+@dataclass(frozen=True)
+class GatewayLimits:
+    """Admission limits. Defaults where the issue was silent; every one is a ``serve`` flag."""
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_records_per_request: int = 10_000
+    rate_records_per_s: float = 10_000.0  # per token; <= 0 disables rate limiting
+    burst_records: float = 20_000.0
+    max_in_flight: int = 50_000  # un-acked records across all requests before 503
+    ack_timeout_s: float = 30.0
+    idempotency_capacity: int = 500_000
+    idempotency_ttl_s: float = 24 * 3600.0
+    request_key_capacity: int = 10_000
+
+
+class GatewayMetrics:
+    """Prometheus metrics of one app (own registry, so several apps can live in one process).
+
+    Labels are bounded: route templates, status codes, kinds. Never tokens or principal names.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("streamlearn_gateway_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.records = Counter("streamlearn_gateway_records", "Records by kind and outcome",
+                               ["kind", "status"], registry=self.registry)
+        self.in_flight = Gauge("streamlearn_gateway_in_flight_records",
+                               "Records sent to Kafka and not yet acknowledged", registry=self.registry)
+        self.ack_latency = Histogram("streamlearn_gateway_ack_latency_seconds",
+                                     "Seconds from send to Kafka acknowledgement, per record", ["kind"],
+                                     buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 30),
+                                     registry=self.registry)
+
+
+def _bridge(loop: asyncio.AbstractEventLoop, future: Any) -> asyncio.Future[Any]:
+    """A kafka-python future (callbacks on its I/O thread) or a concurrent future -> asyncio future."""
+    if isinstance(future, ConcurrentFuture):
+        return asyncio.wrap_future(future, loop=loop)
+    result: asyncio.Future[Any] = loop.create_future()
+
+    def settle(value: Any, ok: bool) -> None:
+        if not result.done():
+            result.set_result(value) if ok else result.set_exception(value)
+
+    future.add_callback(lambda value: loop.call_soon_threadsafe(settle, value, True))
+    future.add_errback(lambda exc: loop.call_soon_threadsafe(settle, exc, False))
+    return result
+
+
+class Gateway:
+    """The request-independent state of the gateway and the processing of one request."""
+
+    def __init__(self, settings: Settings, publisher: Publisher, registry: SchemaRegistry,
+                 limits: GatewayLimits) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.limits = limits
+        self.tokens = TokenTable(settings.ingest_tokens)
+        self.metrics = GatewayMetrics()
+        self.rate = RateLimiter(limits.rate_records_per_s, limits.burst_records)
+        self.inflight = InFlightLimiter(limits.max_in_flight, on_change=self.metrics.in_flight.set)
+        self.seen: OnceMap[dict[str, Any]] = OnceMap(limits.idempotency_capacity, limits.idempotency_ttl_s)
+        self.responses: OnceMap[Stored] = OnceMap(limits.request_key_capacity, limits.idempotency_ttl_s)
+        self.avro = AvroBodies(registry)
+        self._health_lock = asyncio.Lock()
+
+    # -- admission ----------------------------------------------------------------------------
+    def admit(self, request: Request) -> Principal:
+        """Checks that need no body: token (401/403), rate budget (429), in-flight bound (503)."""
+        principal = self.tokens.authenticate(request.headers.get("authorization"))
+        self.rate.check(principal.name)
+        self.inflight.admit()
+        return principal
+
+    async def with_request_key(self, request: Request, principal: Principal, fp: str,
+                               work: Callable[[], Awaitable[Answer]]) -> JSONResponse:
+        """Run ``work`` once per ``Idempotency-Key``; a repeat gets the stored answer replayed."""
+        header = request.headers.get("idempotency-key")
+        if header is None:
+            return (await work()).response()
+        if not 1 <= len(header) <= 255 or not header.isprintable():
+            raise BadRequestError("Idempotency-Key must be 1-255 printable characters, e.g. a UUID")
+        key = (principal.name, request.url.path, header)
+        state, got = self.responses.claim(key)
+        if state == "pending":
+            try:
+                got = await asyncio.wait_for(asyncio.wrap_future(got), self.limits.ack_timeout_s + 5)
+            except Exception as exc:
+                raise OverloadedError("an earlier request with this Idempotency-Key did not complete; "
+                                      "retry it", retry_after=1) from exc
+        if state != "new":
+            stored_fp, status, body = got
+            if stored_fp != fp:
+                raise IdempotencyConflictError("this Idempotency-Key was used with a different request body; "
+                                               "use a new key for a new request")
+            return Answer(status, body).response(**{"Idempotent-Replayed": "true"})
+        try:
+            answer = await work()
+        except BaseException as exc:
+            self.responses.abandon(key, exc)
+            raise
+        if answer.retry_after is not None:  # a retryable outcome is not the request's final answer
+            self.responses.abandon(key, OverloadedError("the first attempt must be retried"))
+        else:
+            self.responses.complete(key, (fp, answer.status, answer.body))
+        return answer.response()
+
+    # -- publishing (worker thread) -------------------------------------------------------------
+    def _send(self, kind: str, items: list[Item], remote: str,
+              principal: Principal) -> list[tuple[Item, str, Any]]:
+        """Charge the rate, then encode and send the valid items and dead-letter the rejected ones.
+
+        Runs in a worker thread (encoding is CPU work and ``send`` may block on a full buffer).
+        Returns ``(item, what, future)`` with ``what`` in ack | pending | dead_letter.
+        """
+        self.rate.take(principal.name, len(items))
+        topic, record_name = raw_topic(self.settings, kind), KINDS[kind]
+        waits: list[tuple[Item, str, Any]] = []
+        for item in items:
+            if item.record is not None:
+                self._send_one(kind, topic, record_name, item, waits)
+            if item.status == "rejected" and not item.retryable:
+                try:
+                    future = self.publisher.dead_letter(kind, item.original, stage="gateway",
+                                                        error=item.error or "",
+                                                        source={"remote": remote, "index": item.index})
+                    waits.append((item, "dead_letter", future))
+                except (KafkaError, RecordTooLargeError) as exc:
+                    item.retryable, item.error = True, f"could not keep the rejected record ({describe(exc)})"
+        return waits
+
+    def _send_one(self, kind: str, topic: str, record_name: str, item: Item,
+                  waits: list[tuple[Item, str, Any]]) -> None:
+        record = item.record or {}
+        try:
+            value = self.publisher.encode(topic, record_name, record)
+        except SchemaError as exc:
+            item.reject(exc)
+            return
+        key = (kind, item.key)
+        state, got = self.seen.claim(key)
+        if state == "done":
+            item.status, item.meta = "duplicate", dict(got)
+            return
+        if state == "pending":
+            waits.append((item, "pending", got))
+            return
+        self.inflight.add(1)
+        try:
+            future = self.publisher.send_bytes(topic, value, record.get(KEY_FIELDS[record_name]))
+        except RecordTooLargeError as exc:
+            self.inflight.release(1)
+            self.seen.abandon(key, exc)
+            item.reject(exc)
+            return
+        except KafkaError as exc:
+            self.inflight.release(1)
+            self.seen.abandon(key, exc)
+            item.status, item.retryable = "rejected", True
+            item.error = f"Kafka refused the record ({describe(exc)})"
+            return
+        sent = time.perf_counter()
+        latency = self.metrics.ack_latency.labels(kind=kind)
+
+        def acked(md: Any) -> None:
+            latency.observe(time.perf_counter() - sent)
+            self.seen.complete(key, {"topic": md.topic, "partition": md.partition, "offset": md.offset})
+            self.inflight.release(1)
+
+        def failed(exc: BaseException) -> None:
+            self.seen.abandon(key, exc)
+            self.inflight.release(1)
+
+        future.add_callback(acked)
+        future.add_errback(failed)
+        waits.append((item, "ack", future))
+
+    async def settle(self, kind: str, items: list[Item], waits: list[tuple[Item, str, Any]]) -> Answer:
+        """Wait (bounded) for every ack and dead letter, then build the per-record answer."""
+        loop = asyncio.get_running_loop()
+        bridged = [(item, what, _bridge(loop, fut)) for item, what, fut in waits]
+        if bridged:
+            await asyncio.wait([f for _, _, f in bridged], timeout=self.limits.ack_timeout_s)
+        for item, what, fut in bridged:
+            if not fut.done():
+                fut.cancel()
+                item.status, item.retryable = "rejected", True
+                item.error = f"Kafka did not acknowledge within {self.limits.ack_timeout_s:g} s; resend"
+            elif fut.exception() is not None:
+                item.status, item.retryable = "rejected", True
+                item.error = {"ack": "Kafka did not acknowledge the record",
+                              "pending": "the same event was in flight from another request and failed",
+                              "dead_letter": "could not keep the rejected record"}[what]
+                item.error += f" ({describe(fut.exception() or '')}); resend"
+            elif what in ("ack", "pending"):
+                md = fut.result()
+                item.status = "accepted" if what == "ack" else "duplicate"
+                item.meta = dict(md) if isinstance(md, dict) else {
+                    "topic": md.topic, "partition": md.partition, "offset": md.offset}
+        return self.answer(kind, items)
+
+    def answer(self, kind: str, items: list[Item]) -> Answer:
+        counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
+        retry = False
+        for item in items:
+            counts[item.status] += 1
+            retry = retry or item.retryable
+            self.metrics.records.labels(kind=kind, status="failed" if item.retryable else item.status).inc()
+        body = {"results": [item.result() for item in items], "accepted": counts["accepted"],
+                "duplicates": counts["duplicate"], "rejected": counts["rejected"]}
+        if retry:
+            status = 503
+        elif counts["rejected"] == 0:
+            status = 200
+        elif counts["rejected"] < len(items):
+            status = 207
+        else:
+            status = 422
+        return Answer(status, body, 1 if retry else None)
+
+    async def publish(self, kind: str, items: list[Item], request: Request, principal: Principal) -> Answer:
+        remote = request.client.host if request.client else "unknown"
+        waits = await run_in_threadpool(self._send, kind, items, remote, principal)
+        return await self.settle(kind, items, waits)
+
+    async def reject_body(self, kind: str, body: bytes, request: Request, exc: GatewayError) -> Answer:
+        """A body that is unusable as a whole: dead-letter it once (authenticated callers only), 400."""
+        remote = request.client.host if request.client else "unknown"
+        kept = True
+        if body:
+            try:
+                future = await run_in_threadpool(self.publisher.dead_letter, kind, body, stage="gateway",
+                                                 error=exc, source={"remote": remote, "index": "body"})
+                await asyncio.wait_for(_bridge(asyncio.get_running_loop(), future), self.limits.ack_timeout_s)
+            except (KafkaError, RecordTooLargeError, TimeoutError):
+                kept = False
+        self.metrics.records.labels(kind=kind, status="rejected").inc()
+        if not kept:
+            raise OverloadedError(f"{exc.message}; and the body could not be kept in the dead-letter topic, "
+                                  "retry", retry_after=1)
+        return Answer(exc.status, {"error": exc.message, "results": []})
+
+    def _metadata_round_trip(self, timeout_s: float) -> int:
+        """Make the producer fetch fresh cluster metadata now; return the raw topic's partitions.
+
+        Why not ``producer.partitions_for``: it answers from cached metadata, so it says "healthy"
+        long after the broker went away. kafka-python has no public "refresh now", so this asks
+        its cluster metadata for an update and wakes the sender, as ``partitions_for`` does itself
+        on a cache miss; the future fails or times out when no broker answers.
+        """
+        producer = self.publisher.producer
+        cluster, sender = getattr(producer, "_metadata", None), getattr(producer, "_sender", None)
+        if cluster is not None and sender is not None and hasattr(cluster, "request_update"):
+            updated = threading.Event()
+            future = cluster.request_update()
+            future.add_both(lambda *_: updated.set())
+            sender.wakeup()
+            if not updated.wait(timeout_s):
+                raise TimeoutError(f"no metadata answer from Kafka within {timeout_s:g} s")
+            if future.failed():
+                raise future.exception
+        return len(producer.partitions_for(raw_topic(self.settings, "weblog")) or [])
+
+    async def health(self) -> JSONResponse:
+        """Kafka reachable = the producer gets a metadata answer from the cluster within 5 s."""
+        async with self._health_lock:
+            try:
+                partitions = await asyncio.wait_for(run_in_threadpool(self._metadata_round_trip, 5.0), 6.0)
+            except Exception as exc:  # any failure means "not healthy"; the class name says why
+                return JSONResponse({"status": "unavailable", "kafka": type(exc).__name__}, 503,
+                                    headers={"Retry-After": "5"})
+        return JSONResponse({"status": "ok", "kafka": {"bootstrap": self.settings.bootstrap,
+                                                       "partitions": partitions},
+                             "in_flight_records": self.inflight.count})
+
+
+_JSON_OR_AVRO = {"required": True, "content": {
+    "application/json": {"schema": {"oneOf": [{"type": "object"},
+                                              {"type": "array", "items": {"type": "object"}}]}},
+    "application/vnd.streamlearn.avro": {"schema": {"type": "string", "format": "binary"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+}}
+_MULTIPART = {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "label": {"type": "string"}, "timestamp": {"type": "string"}}}}}}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "every record accepted or a duplicate"},
+    207: {"description": "some records rejected (see results)"},
+    400: {"description": "body unusable as a whole"}, 401: {"description": "missing/malformed bearer token"},
+    403: {"description": "unknown token"}, 409: {"description": "Idempotency-Key reused with another body"},
+    413: {"description": "body over the size limit"}, 415: {"description": "unsupported Content-Type"},
+    422: {"description": "no record valid"}, 429: {"description": "rate limit; see Retry-After"},
+    503: {"description": "Kafka behind or not acknowledging; see Retry-After"},
+}
+
+
+class _RequestMetrics:
+    """Raw ASGI middleware counting requests by route template and status (bounded labels)."""
+
+    def __init__(self, app: Any, metrics: GatewayMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, tracking_send)
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        self.metrics.requests.labels(route=route, status=str(status)).inc()
+
+
+def create_app(settings: Settings, publisher: Publisher | None = None, registry: SchemaRegistry | None = None,
+               *, limits: GatewayLimits | None = None) -> FastAPI:
+    """The gateway app. A publisher built here is closed on shutdown; one passed in is the caller's."""
+    limits = limits or GatewayLimits()
+    owned = publisher is None
+    pub = publisher or Publisher(settings, registry)
+    gw = Gateway(settings, pub, registry or pub.registry, limits)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owned:
+            await run_in_threadpool(pub.close)
+
+    app = FastAPI(title="streamlearn ingest gateway", version="1", lifespan=lifespan,
+                  description=(__doc__ or "").split("\n\n", 1)[1])
+    app.state.gateway = gw
+    bearer = HTTPBearer(auto_error=False, description="a token of STREAMLEARN_INGEST_TOKENS")
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
+        headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else {}
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="streamlearn-ingest"'
+        return JSONResponse({"error": exc.message}, exc.status, headers=headers)
+
+    @app.exception_handler(RegistryUnavailableError)
+    async def registry_down(_: Request, exc: RegistryUnavailableError) -> JSONResponse:
+        return JSONResponse({"error": f"schema registry unavailable ({exc}); retry"}, 503,
+                            headers={"Retry-After": "5"})
+
+    @app.post("/ingest/images", responses=_RESPONSES, openapi_extra={"requestBody": _MULTIPART},
+              dependencies=[Security(bearer)], summary="Upload image files (multipart/form-data)")
+    async def ingest_images(request: Request) -> Response:
+        principal = gw.admit(request)
+        if media_type(request.headers.get("content-type")) != "multipart/form-data":
+            raise UnsupportedMediaTypeError("POST /ingest/images takes multipart/form-data with image files")
+        async with request.form(max_files=limits.max_records_per_request, max_fields=16) as form:
+            files = [(v.filename, await v.read()) for _, v in form.multi_items() if isinstance(v, UploadFile)]
+            fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        unknown = sorted(set(fields) - {"label", "timestamp"})
+        if unknown or not files:
+            raise BadRequestError(f"form fields {unknown} are unknown (use label, timestamp)" if unknown
+                                  else "no files in the upload; send one or more image files")
+        stamp = now_ms()
+        if fields.get("timestamp"):
+            if not fields["timestamp"].isdigit():
+                raise BadRequestError("form field timestamp must be epoch milliseconds (digits only)")
+            stamp = int(fields["timestamp"])
+        digest = hashlib.sha256(repr(sorted(fields.items())).encode())
+        for name, data in files:
+            digest.update(f"\x00{name}\x00{len(data)}\x00".encode() + data)
+
+        async def work() -> Answer:
+            items = [image_file_item(i, name, data, label=fields.get("label"), timestamp=stamp)
+                     for i, (name, data) in enumerate(files)]
+            return await gw.publish("image", items, request, principal)
+
+        return await gw.with_request_key(request, principal, digest.hexdigest(), work)
+
+    @app.post("/ingest/{kind}", responses=_RESPONSES, openapi_extra={"requestBody": _JSON_OR_AVRO},
+              dependencies=[Security(bearer)], summary="Publish one event or a batch of one kind")
+    async def ingest(request: Request, kind: str = Path(description="weblog | sensor | image")) -> Response:
+        principal = gw.admit(request)
+        if kind not in KINDS:
+            return JSONResponse({"error": f"unknown kind {kind!r:.40}; use one of {sorted(KINDS)}"}, 404)
+        ctype = media_type(request.headers.get("content-type"))
+        if not (is_json(ctype) or ctype in AVRO_TYPES):
+            raise UnsupportedMediaTypeError(f"Content-Type {ctype!r:.60} is not accepted; use "
+                                            "application/json or application/vnd.streamlearn.avro")
+        body = await request.body()
+
+        async def work() -> Answer:
+            if ctype in AVRO_TYPES:
+                items = [await run_in_threadpool(gw.avro.item, kind, body)]
+            else:
+                try:
+                    items = await run_in_threadpool(parse_json_body, kind, body,
+                                                    limits.max_records_per_request)
+                except BadRequestError as exc:
+                    return await gw.reject_body(kind, body, request, exc)
+            return await gw.publish(kind, items, request, principal)
+
+        return await gw.with_request_key(request, principal, fingerprint(ctype, body), work)
+
+    @app.get("/healthz", summary="Kafka reachable from the gateway's producer")
+    async def healthz() -> Response:
+        return await gw.health()
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def count_refusal(path: str, status: int) -> None:
+        route = "/ingest/images" if path == "/ingest/images" else (
+            "/ingest/{kind}" if path.startswith("/ingest/") else "unmatched")
+        gw.metrics.requests.labels(route=route, status=str(status)).inc()
+
+    app.add_middleware(_RequestMetrics, metrics=gw.metrics)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=limits.max_body_bytes, on_reject=count_refusal)
+    return app

@@ -1,0 +1,282 @@
+"""Request bodies of the ingest gateway -> validated event records, one :class:`Item` per record.
+
+Why the gateway reuses the file sources' parsers (``ingest.weblog.parse_json``,
+``ingest.sensors.validate``, ``ingest.images.inspect``): an event must be acceptable or not
+regardless of how it arrived, so there is one definition of a valid event. Schema validation then
+happens once more when the publisher encodes the record (``Publisher.encode``).
+
+Nothing here touches Kafka; every function is pure apart from the registry lookups of Avro bodies,
+so it is tested without a broker.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ingest import images, sensors, weblog
+from ingest.exceptions import InputRejectedError
+from ingest.gateway_errors import BadRequestError, RecordRejectedError
+from schemas.catalog import load_schema
+from schemas.exceptions import RegistryUnavailableError, SchemaError
+from schemas.registry import SchemaRegistry
+from schemas.serde import AvroDeserializer, unframe
+from streaming.topics import KINDS
+
+JSON_TYPES = frozenset({"application/json", "text/json", ""})
+AVRO_TYPES = frozenset({"application/vnd.streamlearn.avro", "application/octet-stream"})
+#: ``source`` written into events that arrive through the gateway (lineage).
+SOURCE = "gateway"
+
+_IMAGE_FIELDS = {"image_id", "timestamp", "content_type", "width", "height", "data", "label", "source"}
+_SENSOR_FIELDS = {"sensor_id", "timestamp", "value", "values", "unit", "label", "event_id"}
+
+
+@dataclass
+class Item:
+    """One record of a request and what became of it."""
+
+    index: int
+    original: bytes  # what is dead-lettered when the record is rejected
+    record: dict[str, Any] | None = None
+    key: str | None = None  # idempotency key (the event's id)
+    error: BaseException | str | None = None
+    status: str = "pending"  # accepted | duplicate | rejected
+    retryable: bool = False  # rejected because Kafka did not ack: resend
+    meta: dict[str, Any] = field(default_factory=dict)  # topic, partition, offset
+
+    def reject(self, error: BaseException | str) -> None:
+        self.error, self.status, self.record = error, "rejected", None
+
+    def result(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index, "status": self.status}
+        if self.key is not None:
+            out["id"] = self.key
+        if self.error is not None:
+            out["error"] = describe(self.error)
+            reason = getattr(self.error, "reason", None)
+            if isinstance(reason, str):
+                out["reason"] = reason
+        if self.retryable:
+            out["retryable"] = True
+        out.update(self.meta)
+        return out
+
+
+def describe(error: BaseException | str) -> str:
+    """A short reason text for responses and dead-letter headers."""
+    if isinstance(error, str):
+        return error
+    return f"{type(error).__name__}: {error}"[:1000]
+
+
+def media_type(content_type: str | None) -> str:
+    """``application/json; charset=utf-8`` -> ``application/json`` (lowercase, no parameters)."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def is_json(mtype: str) -> bool:
+    return mtype in JSON_TYPES or (mtype.startswith("application/") and mtype.endswith("+json"))
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# -- JSON -----------------------------------------------------------------------------------------
+def _timestamp(value: Any, field_name: str = "timestamp") -> int:
+    """Epoch ms int, or an ISO 8601 string with a UTC offset (same rules as the CSV sources)."""
+    if isinstance(value, str):
+        return sensors.parse_timestamp(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RecordRejectedError(f"{field_name} {value!r:.60} must be epoch milliseconds (an integer) "
+                                  "or an ISO 8601 string with a UTC offset")
+    return value
+
+
+def _weblog(obj: dict[str, Any]) -> dict[str, Any]:
+    # parse_json takes the line it would read from a file; canonical JSON makes the derived
+    # event_id independent of key order and whitespace, so the same event posted twice dedupes.
+    line = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return weblog.parse_json(line, source=SOURCE)
+
+
+def _sensor(obj: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(obj) - _SENSOR_FIELDS)
+    if unknown:
+        raise RecordRejectedError(f"unknown sensor field(s) {unknown}; put further channels in 'values' "
+                                  f"(allowed: {sorted(_SENSOR_FIELDS)})")
+    record = dict(obj)
+    if "timestamp" in record:
+        record["timestamp"] = _timestamp(record["timestamp"])
+    for optional in ("values", "label", "event_id"):
+        record.setdefault(optional, {} if optional == "values" else None)
+    return sensors.validate(record)
+
+
+def _image(obj: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(obj) - _IMAGE_FIELDS)
+    if unknown:
+        raise RecordRejectedError(f"unknown image field(s) {unknown}; allowed: {sorted(_IMAGE_FIELDS)}")
+    encoded = obj.get("data")
+    if not isinstance(encoded, str) or not encoded:
+        raise RecordRejectedError("data must be the image file encoded as a base64 string")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RecordRejectedError(f"data is not valid base64 ({exc}); encode the file with standard base64") \
+            from exc
+    info = images.inspect(data)
+    for name, actual in (("content_type", info.content_type), ("width", info.width), ("height", info.height)):
+        declared = obj.get(name)
+        if declared is not None and declared != actual:
+            raise RecordRejectedError(f"{name} {declared!r:.40} does not match the image bytes ({actual!r}); "
+                                      f"leave {name} out and the gateway reads it from the image")
+    label, source = obj.get("label"), obj.get("source")
+    timestamp = _timestamp(obj["timestamp"]) if obj.get("timestamp") is not None else now_ms()
+    record = images.image_record(data, info, label=label, source=source or SOURCE, timestamp=timestamp)
+    if obj.get("image_id") is not None:
+        record["image_id"] = obj["image_id"]
+    return record
+
+
+_BUILDERS = {"weblog": _weblog, "sensor": _sensor, "image": _image}
+
+
+def event_key(kind: str, record: dict[str, Any]) -> str:
+    """The idempotency key of an event: its own id (see the gateway module docstring)."""
+    if kind == "weblog":
+        return str(record["event_id"])
+    if kind == "sensor":
+        return str(record.get("event_id") or f"{record['sensor_id']}:{record['timestamp']}")
+    return str(record["image_id"])
+
+
+#: Errors that mean "this record is bad" (dead-letter it); anything else is a gateway bug.
+RECORD_ERRORS: tuple[type[BaseException], ...] = (
+    InputRejectedError, RecordRejectedError, SchemaError, ValueError, TypeError, KeyError, OverflowError,
+)
+
+
+def record_item(kind: str, index: int, obj: Any) -> Item:
+    """One JSON value of a body -> an :class:`Item`, rejected with the reason when it is not valid."""
+    try:
+        original = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    except (TypeError, ValueError, RecursionError):
+        original = repr(obj).encode("utf-8", "backslashreplace")
+    item = Item(index, original)
+    if not isinstance(obj, dict):
+        item.reject(RecordRejectedError(f"element {index} is a {type(obj).__name__}; each event must be "
+                                        "a JSON object"))
+        return item
+    try:
+        item.record = _BUILDERS[kind](obj)
+        item.key = event_key(kind, item.record)
+    except RECORD_ERRORS as exc:
+        item.reject(exc)
+    return item
+
+
+def _reject_constant(name: str) -> float:
+    # NaN/Infinity are not JSON; keep them as floats so per-record validation names the field.
+    return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[name]
+
+
+def parse_json_body(kind: str, body: bytes, max_records: int) -> list[Item]:
+    """A JSON object (one event) or array (a batch) -> items. Raises BadRequestError for the body."""
+    if not body.strip():
+        raise BadRequestError("request body is empty; send a JSON object or a JSON array of objects")
+    try:
+        value = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequestError(f"request body is not valid UTF-8 JSON ({type(exc).__name__}: {exc}); "
+                              "send a JSON object or a JSON array of objects") from exc
+    if isinstance(value, dict):
+        return [record_item(kind, 0, value)]
+    if not isinstance(value, list):
+        raise BadRequestError(f"request body is a JSON {type(value).__name__}; send a JSON object "
+                              "(one event) or a JSON array of objects (a batch)")
+    if not value:
+        raise BadRequestError("request body is an empty JSON array; send at least one event")
+    if len(value) > max_records:
+        raise BadRequestError(f"batch of {len(value)} events is over the limit of {max_records} per request; "
+                              "split it")
+    return [record_item(kind, i, obj) for i, obj in enumerate(value)]
+
+
+# -- Avro -----------------------------------------------------------------------------------------
+class AvroBodies:
+    """Decodes Confluent-framed single-record bodies into records of a kind's built-in schema."""
+
+    def __init__(self, registry: SchemaRegistry) -> None:
+        self.registry = registry
+        self._readers = {kind: AvroDeserializer(registry, load_schema(name)) for kind, name in KINDS.items()}
+
+    def item(self, kind: str, body: bytes) -> Item:
+        """Decode ``body`` (raises RegistryUnavailableError: that is retried, never dead-lettered)."""
+        item = Item(0, body)
+        try:
+            schema_id, _ = unframe(body)
+            writer = json.loads(self.registry.get_schema(schema_id))
+            name = writer.get("name", "") if isinstance(writer, dict) else ""
+            if name.rsplit(".", 1)[-1] != KINDS[kind]:
+                raise RecordRejectedError(f"Avro record of schema id {schema_id} is a "
+                                          f"{name or 'non-record'}, not a {KINDS[kind]}; "
+                                          "post it to the route of its kind")
+            record = dict(self._readers[kind](body).value)
+            item.record = _validate_decoded(kind, record)
+            item.key = event_key(kind, item.record)
+        except RegistryUnavailableError:
+            raise
+        except RECORD_ERRORS as exc:
+            item.reject(exc)
+        return item
+
+
+def _validate_decoded(kind: str, record: dict[str, Any]) -> dict[str, Any]:
+    """The domain checks the JSON path runs, for a record that arrived already Avro-typed."""
+    if kind == "sensor":
+        return sensors.validate(record)
+    if kind == "image":
+        info = images.inspect(record["data"])
+        if (info.content_type, info.width, info.height) != (record["content_type"], record["width"],
+                                                            record["height"]):
+            raise RecordRejectedError(f"content_type/width/height {record['content_type']} "
+                                      f"{record['width']}x{record['height']} do not match the image bytes "
+                                      f"({info.content_type} {info.width}x{info.height})")
+        return record
+    latency = record.get("latency_ms")
+    if latency is not None and not math.isfinite(latency):
+        raise RecordRejectedError(f"latency_ms {latency!r} is not finite")
+    return record
+
+
+# -- multipart images -----------------------------------------------------------------------------
+def image_file_item(index: int, filename: str | None, data: bytes, *, label: str | None,
+                    timestamp: int) -> Item:
+    """One uploaded file -> an ImageEvent item (rejected on bad magic, dimensions, truncation...)."""
+    item = Item(index, data)
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1][:200]
+    try:
+        # The extension is checked against the content only when the client sent one.
+        info = images.inspect(data, name if "." in name else None)
+        source = f"{SOURCE}:{name}" if name else SOURCE
+        item.record = images.image_record(data, info, label=label, source=source, timestamp=timestamp)
+        item.key = event_key("image", item.record)
+    except RECORD_ERRORS as exc:
+        item.reject(exc)
+    return item
+
+
+def fingerprint(content_type: str, body: bytes) -> str:
+    """What an Idempotency-Key is bound to: a replay with another body is a client error."""
+    digest = hashlib.sha256(content_type.encode())
+    digest.update(b"\x00")
+    digest.update(body)
+    return digest.hexdigest()
