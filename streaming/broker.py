@@ -62,7 +62,8 @@ class BrokerStatus:
 def binary_path() -> Path:
     path = Path(str(files("noida_db").joinpath("noida-db")))
     if not path.is_file():
-        raise BrokerError(f"noida-db binary not found at {path}; reinstall with `pip install noida-db=={NOIDA_VERSION}`")
+        raise BrokerError(f"noida-db binary not found at {path}; "
+                          f"reinstall with `pip install noida-db=={NOIDA_VERSION}`")
     if not os.access(path, os.X_OK):
         path.chmod(0o755)
     return path

@@ -58,7 +58,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("retrain_every_batches", "STREAMLEARN_RETRAIN_EVERY_BATCHES", int, 4, "retrain after this many new batches"),
     Spec("retrain_every_seconds", "STREAMLEARN_RETRAIN_EVERY_SECONDS", float, 30.0, "... or after this long"),
     Spec("serve_max_batch", "STREAMLEARN_SERVE_MAX_BATCH", int, 64, "largest dynamic serving batch"),
-    Spec("serve_max_wait_ms", "STREAMLEARN_SERVE_MAX_WAIT_MS", float, 5.0, "longest a request waits for a batch to fill"),
+    Spec("serve_max_wait_ms", "STREAMLEARN_SERVE_MAX_WAIT_MS", float, 5.0, "longest a request waits for a batch"),
     Spec("log_level", "STREAMLEARN_LOG_LEVEL", str, "INFO", "logging level"),
 )
 _BY_NAME = {s.name: s for s in SPECS}

@@ -96,7 +96,8 @@ def test_cli_broker_start_status_stop(tmp_path: Path) -> None:
     try:
         start = subprocess.run(streamlearn_cmd("broker", "start"), env=env, capture_output=True, text=True, timeout=90)
         assert start.returncode == 0, start.stderr
-        status = subprocess.run(streamlearn_cmd("broker", "status"), env=env, capture_output=True, text=True, timeout=60)
+        status = subprocess.run(streamlearn_cmd("broker", "status"), env=env, capture_output=True, text=True,
+                                timeout=60)
         assert status.returncode == 0 and "running" in status.stdout
         again = subprocess.run(streamlearn_cmd("broker", "start"), env=env, capture_output=True, text=True, timeout=60)
         assert again.returncode == 1 and "already runs" in again.stderr

@@ -171,7 +171,8 @@ def test_undecodable_records_become_error_items(settings: Settings) -> None:
         for p in payloads:
             pub.send_bytes(topic, p, key="k")
     items = read_topic(settings, topic, expect=5)
-    kinds = [type(i.error).__name__ if isinstance(i, ErrorItem) else "ok" for i in sorted(items, key=lambda x: x.offset)]
+    ordered = sorted(items, key=lambda x: x.offset)
+    kinds = [type(i.error).__name__ if isinstance(i, ErrorItem) else "ok" for i in ordered]
     assert kinds == ["BadMagicByteError", "ShortPayloadError", "UnknownSchemaIdError", "TruncatedRecordError", "ok"]
     assert all(i.offset >= 0 and i.topic == topic for i in items)
 

@@ -10,7 +10,7 @@ from streaming import config
 from streaming.broker import EmbeddedBroker
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("broker", help="run the embedded Kafka broker (noida-db)")
     bs = p.add_subparsers(dest="broker_cmd", metavar="ACTION")
     bs.required = True

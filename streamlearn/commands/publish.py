@@ -16,7 +16,7 @@ from streaming.producer import Publisher
 from streaming.topics import KINDS
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("publish", help="publish web-log, sensor or image events as Avro")
     p.add_argument("kind", choices=sorted(KINDS))
     src = p.add_mutually_exclusive_group(required=True)

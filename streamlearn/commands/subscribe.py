@@ -13,7 +13,7 @@ from streaming.jsoncodec import to_json
 from streaming.producer import header_dict
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("subscribe", help="read and print records of a topic (e.g. weblog.raw, digits_cnn.predictions)")
     p.add_argument("topic", help="topic name without the topic prefix (the prefix is added)")
     p.add_argument("--group", help="consume in this consumer group and commit what was printed")
@@ -78,8 +78,8 @@ def _subscribe(args: argparse.Namespace, settings: config.Settings) -> int:
             if args.json:
                 print(to_json(out), flush=True)
             else:
-                print(f"{item.topic}[{item.partition}]@{item.offset} {to_json(out.get('value', out.get('error')))[:300]}",
-                      flush=True)
+                shown = to_json(out.get("value", out.get("error")))[:300]
+                print(f"{item.topic}[{item.partition}]@{item.offset} {shown}", flush=True)
             if args.group and sub.grouped:
                 sub.commit({_tp(item): item.offset + 1})
     print(f"{n} records", file=sys.stderr)

@@ -9,7 +9,7 @@ from streaming import config
 from streaming.topics import declared_topics, describe, ensure_topics
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("topics", help="create, list and describe the platform's topics")
     ts = p.add_subparsers(dest="topics_cmd", metavar="ACTION")
     ts.required = True

@@ -1,0 +1,201 @@
+"""The supervised stack: every worker of the platform as a child process, restarted when it dies.
+
+Why child processes rather than threads: each worker owns a Kafka consumer group member, a
+TensorFlow runtime or an HTTP server; a crash (or a kill -9 in the fault tests) must take down
+one worker, not the platform, and a restarted process starts from durable state only — the
+same path production takes.
+
+Restarts use exponential backoff (0.5 s doubling, capped at 30 s, reset after a minute of good
+health); each restart is logged and counted. Stopping drains in order — intake first (gateway,
+sources), then stream workers (they flush their open batch and commit), then trainers and
+serving, then the registry — each group with SIGTERM and a bounded wait, then SIGKILL.
+
+The state of the stack (pids, restarts, metrics ports) is written to ``$HOME/stack/state.json``
+so ``streamlearn status`` in another terminal can show what runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from streaming.config import Settings, to_env
+from streaming.topics import KINDS, MODELS
+
+log = logging.getLogger(__name__)
+
+#: Drain order: lower stops first.
+INTAKE, STREAM, MODEL, CORE = 0, 1, 2, 3
+
+
+@dataclass
+class Service:
+    name: str
+    args: list[str]
+    group: int
+    metrics_port: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    next_start: float = 0.0
+    backoff: float = 0.5
+    last_exit: int | None = None
+
+    def state(self) -> str:
+        if self.proc is None:
+            return "waiting"
+        return "running" if self.proc.poll() is None else f"exited({self.proc.returncode})"
+
+
+def default_services(settings: Settings, base_metrics_port: int = 9100, *, gateway: bool = True,
+                     registry_http: bool = False) -> list[Service]:
+    """The platform's workers: gateway, a stream worker per kind, a trainer and a server per model."""
+    services: list[Service] = []
+    port = base_metrics_port
+    if registry_http:
+        services.append(Service("registry", ["registry", "serve"], CORE))
+    if gateway:
+        services.append(Service("gateway", ["ingest", "serve"], INTAKE, port))
+        port += 1
+    for kind in KINDS:
+        services.append(Service(f"stream-{kind}", ["stream", kind], STREAM, port))
+        port += 1
+    for model in MODELS:
+        services.append(Service(f"train-{model}", ["train", model], MODEL, port))
+        port += 1
+    for model in MODELS:
+        services.append(Service(f"serve-{model}", ["serve", model], MODEL, port))
+        port += 1
+    return services
+
+
+class Supervisor:
+    """Start, watch, restart and drain a set of :class:`Service` child processes."""
+
+    def __init__(self, settings: Settings, services: list[Service], *, max_backoff: float = 30.0) -> None:
+        self.settings = settings
+        self.services = services
+        self.max_backoff = max_backoff
+        self.dir = settings.home / "stack"
+        self.log_dir = self.dir / "logs"
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.events: list[dict[str, Any]] = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def _spawn(self, svc: Service) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLEARN_")}
+        env.update(to_env(self.settings))
+        if svc.metrics_port is not None:
+            env["STREAMLEARN_METRICS_PORT"] = str(svc.metrics_port)
+        env.update(svc.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        logf = open(self.log_dir / f"{svc.name}.log", "ab")  # noqa: SIM115 - handed to the child
+        svc.proc = subprocess.Popen([sys.executable, "-m", "streamlearn.cli", *svc.args], env=env,
+                                    stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        logf.close()
+        svc.started_at = time.monotonic()
+        log.info("started %s (pid %s): streamlearn %s", svc.name, svc.proc.pid, " ".join(svc.args))
+
+    def start(self) -> None:
+        for svc in self.services:
+            self._spawn(svc)
+        self._write_state()
+        self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.2):
+            with self._lock:
+                now = time.monotonic()
+                for svc in self.services:
+                    if svc.proc is None:
+                        if now >= svc.next_start:
+                            self._spawn(svc)
+                        continue
+                    code = svc.proc.poll()
+                    if code is None:
+                        if now - svc.started_at > 60:
+                            svc.backoff = 0.5  # healthy for a minute: forget earlier crashes
+                        continue
+                    svc.last_exit = code
+                    svc.restarts += 1
+                    delay = min(self.max_backoff, svc.backoff)
+                    svc.backoff = min(self.max_backoff, svc.backoff * 2)
+                    svc.next_start = now + delay
+                    svc.proc = None
+                    self.events.append({"t": time.time(), "service": svc.name, "event": "restart",
+                                        "exit_code": code, "delay_s": delay})
+                    log.warning("%s exited with code %s; restart #%d in %.1f s (log: %s)", svc.name, code,
+                                svc.restarts, delay, self.log_dir / f"{svc.name}.log")
+                self._write_state()
+
+    def stop(self, timeout_per_group: float = 20.0) -> dict[str, int | None]:
+        """Drain in order (intake, stream, model, core): SIGTERM, bounded wait, then SIGKILL."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        codes: dict[str, int | None] = {}
+        with self._lock:
+            for group in sorted({s.group for s in self.services}):
+                members = [s for s in self.services if s.group == group and s.proc is not None]
+                for svc in members:
+                    if svc.proc is not None and svc.proc.poll() is None:
+                        svc.proc.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + timeout_per_group
+                for svc in members:
+                    assert svc.proc is not None
+                    try:
+                        svc.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        log.warning("%s did not stop within %.0f s of SIGTERM; killing it", svc.name,
+                                    timeout_per_group)
+                        svc.proc.kill()
+                        svc.proc.wait()
+                    codes[svc.name] = svc.proc.returncode
+            self._write_state(stopped=True)
+        return codes
+
+    # -- inspection -----------------------------------------------------------------------
+    def status(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [{"name": s.name, "command": "streamlearn " + " ".join(s.args), "state": s.state(),
+                 "pid": s.proc.pid if s.proc else None, "restarts": s.restarts, "last_exit": s.last_exit,
+                 "uptime_s": round(now - s.started_at, 1) if s.proc else 0.0, "metrics_port": s.metrics_port}
+                for s in self.services]
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
+        """Send ``sig`` to one service (fault injection); returns the pid that was signalled."""
+        with self._lock:
+            svc = next(s for s in self.services if s.name == name)
+            if svc.proc is None or svc.proc.poll() is not None:
+                raise RuntimeError(f"service {name!r} is not running")
+            svc.proc.send_signal(sig)
+            return svc.proc.pid
+
+    def _write_state(self, stopped: bool = False) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps({"supervisor_pid": os.getpid(), "stopped": stopped, "updated": time.time(),
+                                   "services": self.status()}, indent=2))
+        os.replace(tmp, self.dir / "state.json")
+
+
+def read_state(settings: Settings) -> dict[str, Any] | None:
+    path = settings.home / "stack" / "state.json"
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
