@@ -1,0 +1,110 @@
+"""``streamlearn ingest serve``: run the HTTP ingest gateway, and a background server for tests/benchmarks.
+
+The sources helper's ``streamlearn/commands/ingest.py`` calls :func:`register_serve` with its
+``ingest`` subparser group, so this module owns the flags and the handler of ``serve`` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+from streaming import config
+from streaming.config import ConfigError, Settings
+
+log = logging.getLogger(__name__)
+
+
+def register_serve(ingest_subparsers: Any) -> None:
+    """Add ``serve`` to the ``streamlearn ingest`` subcommands."""
+    from ingest.gateway import GatewayLimits
+
+    d = GatewayLimits()
+    p = ingest_subparsers.add_parser(
+        "serve", help="run the HTTP ingest gateway (POST /ingest/{kind}, /ingest/images; /docs)",
+        description="HTTP ingest gateway: events in, acked by Kafka, per-record status out. Bearer tokens come "
+                    "from STREAMLEARN_INGEST_TOKENS (name:token or token, comma separated).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--port", dest="ingest_port", type=int, default=None,
+                   help=f"port to listen on {config.env_help('ingest_port')}")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="413 above this request size")
+    p.add_argument("--max-records", type=int, default=d.max_records_per_request, help="events per request")
+    p.add_argument("--rate", type=float, default=d.rate_records_per_s,
+                   help="records/s per token (token bucket; 0 disables)")
+    p.add_argument("--burst", type=float, default=d.burst_records, help="token bucket size in records")
+    p.add_argument("--max-in-flight", type=int, default=d.max_in_flight,
+                   help="un-acked records across requests before new requests get 503")
+    p.add_argument("--ack-timeout", type=float, default=d.ack_timeout_s, help="seconds to wait for Kafka acks")
+    p.add_argument("--access-log", action="store_true", help="log one line per request (never headers)")
+    p.set_defaults(func=serve)
+
+
+def limits_from_args(args: argparse.Namespace) -> Any:
+    from ingest.gateway import GatewayLimits
+
+    return GatewayLimits(max_body_bytes=args.max_body_bytes, max_records_per_request=args.max_records,
+                         rate_records_per_s=args.rate, burst_records=args.burst,
+                         max_in_flight=args.max_in_flight, ack_timeout_s=args.ack_timeout)
+
+
+def serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Handler of ``streamlearn ingest serve``: make sure the topics exist, then serve until Ctrl-C."""
+    import uvicorn
+
+    from ingest.gateway import create_app
+    from streaming.topics import KINDS, dead_letter_topic, declared_topics, ensure_topics, raw_topic
+
+    if not settings.ingest_tokens.strip():
+        raise ConfigError("setting 'ingest_tokens' (env STREAMLEARN_INGEST_TOKENS) is empty; set it to "
+                          "name:token pairs so clients can authenticate (the gateway refuses to run open)")
+    wanted = {raw_topic(settings, k) for k in KINDS} | {dead_letter_topic(settings, k) for k in KINDS}
+    ensure_topics(settings, [s for s in declared_topics(settings) if s.name in wanted])
+    app = create_app(settings, limits=limits_from_args(args))
+    log.info("ingest gateway on http://%s:%d (docs at /docs), %d token(s)", args.host, settings.ingest_port,
+             len(app.state.gateway.tokens))
+    uvicorn.run(app, host=args.host, port=settings.ingest_port, log_level=settings.log_level.lower(),
+                access_log=args.access_log, server_header=False)
+    return 0
+
+
+class BackgroundServer:
+    """The app under uvicorn in a daemon thread on a free port (tests, benchmarks, the demo).
+
+    The listening socket is bound before the thread starts, so there is no race for the port,
+    and ``url`` is valid as soon as ``__enter__`` returns.
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", start_timeout_s: float = 20.0) -> None:
+        import uvicorn
+
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, 0))
+        self.host, self.port = host, int(self._sock.getsockname()[1])
+        self.url = f"http://{host}:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                     lifespan="on", server_header=False))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name="gateway-server", daemon=True)
+        self._start_timeout_s = start_timeout_s
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + self._start_timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"gateway server did not start within {self._start_timeout_s} s")
+            time.sleep(0.01)  # poll interval inside a deadline loop
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+        self._sock.close()

@@ -1,0 +1,67 @@
+"""The gateway under a real uvicorn server: chunked bodies, concurrent duplicates, the CLI parser."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Iterator
+
+import httpx
+
+from ingest.gateway import GatewayLimits, create_app
+from ingest.gateway_cli import BackgroundServer, limits_from_args, register_serve
+from streaming.config import Settings
+from tests.test_gateway_http import AUTH, gateway_settings, raw_records, weblog
+
+
+def _chunks(total: int, size: int = 1024) -> Iterator[bytes]:
+    sent = 0
+    while sent < total:
+        yield b" " * min(size, total - sent)
+        sent += size
+
+
+def test_chunked_body_without_content_length_over_the_limit_is_413(settings: Settings) -> None:
+    app = create_app(gateway_settings(settings), limits=GatewayLimits(max_body_bytes=4096))
+    body = json.dumps([weblog(i) for i in range(3)]).encode()
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=10) as http:
+        big = http.post("/ingest/weblog", content=_chunks(64 * 1024),
+                        headers={**AUTH, "Content-Type": "application/json"})
+        small = http.post("/ingest/weblog", content=iter([body[:100], body[100:]]),
+                          headers={**AUTH, "Content-Type": "application/json"})
+        metrics = http.get("/metrics").text
+    assert "content-length" not in {k.lower() for k in big.request.headers}
+    assert big.request.headers["transfer-encoding"] == "chunked"
+    assert big.status_code == 413 and "4096 bytes" in big.json()["error"]
+    assert small.status_code == 200, small.text
+    assert 'route="/ingest/{kind}",status="413"' in metrics
+    assert len(raw_records(settings, "weblog", expect=3)) == 3
+
+
+def test_concurrent_posts_of_the_same_event_publish_it_once(settings: Settings) -> None:
+    app = create_app(gateway_settings(settings))
+
+    async def post_all(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            return await asyncio.gather(*[
+                http.post("/ingest/weblog", json=[weblog(1), weblog(2 + i)], headers=AUTH) for i in range(8)])
+
+    with BackgroundServer(app) as server:
+        responses = asyncio.run(post_all(server.url))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    firsts = [r.json()["results"][0] for r in responses]
+    assert sorted(f["status"] for f in firsts) == ["accepted"] + ["duplicate"] * 7
+    assert len({(f["partition"], f["offset"]) for f in firsts}) == 1
+    records = raw_records(settings, "weblog", expect=9)
+    assert sorted(r.value["event_id"] for r in records) == sorted(f"w-{i}" for i in range(1, 10))
+
+
+def test_serve_subcommand_parses_port_and_limits() -> None:
+    parser = argparse.ArgumentParser()
+    register_serve(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["serve", "--port", "9999", "--rate", "5", "--max-in-flight", "7"])
+    assert args.ingest_port == 9999 and args.func.__name__ == "serve"
+    limits = limits_from_args(args)
+    assert (limits.rate_records_per_s, limits.max_in_flight) == (5.0, 7)
+    assert "STREAMLEARN_INGEST_PORT" in parser._subparsers._group_actions[0].choices["serve"].format_help()
