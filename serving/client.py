@@ -1,0 +1,97 @@
+"""Predict client: publish PredictionRequests and wait for their answers by correlation id.
+
+The answers are read with ``read_committed`` (only what a worker's transaction committed) from a
+position taken *before* the requests are published, so no answer can slip past. Answers are
+de-duplicated by request id (the at-least-once mode may deliver one twice); the first one wins.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from serving.exceptions import PredictTimeoutError, RequestDecodeError
+from streaming.config import Settings
+from streaming.jsoncodec import to_json
+from streaming.topics import predictions_topic, requests_topic
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def to_request(model: str, obj: Any, *, line: int | None = None) -> dict[str, Any]:
+    """One input line -> a PredictionRequest dict.
+
+    Accepted: a full PredictionRequest (has ``request_id`` and ``features``/``event_json``),
+    ``{"features": [...]}`` (optionally with ``request_id``), or any other object = a raw event.
+    """
+    where = f"line {line}: " if line is not None else ""
+    if not isinstance(obj, dict):
+        raise RequestDecodeError(f"{where}each request must be a JSON object (a raw event, "
+                                 "{{\"features\": [...]}} or a PredictionRequest), got {type(obj).__name__}")
+    rid = str(obj.get("request_id") or uuid.uuid4().hex)
+    if "features" in obj or "event_json" in obj:
+        features = obj.get("features")
+        if features is not None and not isinstance(features, list):
+            raise RequestDecodeError(f"{where}features must be a list of numbers")
+        event_json = obj.get("event_json")
+        if event_json is not None and not isinstance(event_json, str):
+            event_json = to_json(event_json)
+        return {"request_id": rid, "model": str(obj.get("model") or model),
+                "timestamp": int(obj.get("timestamp") or now_ms()), "event_json": event_json,
+                "features": [float(v) for v in features] if features is not None else None,
+                "reply_topic": obj.get("reply_topic")}
+    return {"request_id": rid, "model": model, "timestamp": now_ms(), "event_json": to_json(obj),
+            "features": None, "reply_topic": None}
+
+
+def read_requests_file(model: str, lines: Iterable[str]) -> list[dict[str, Any]]:
+    out = []
+    for n, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except ValueError as exc:
+            raise RequestDecodeError(f"line {n}: not valid JSON ({exc}); one JSON object per line") from exc
+        out.append(to_request(model, obj, line=n))
+    return out
+
+
+def predict(settings: Settings, model: str, requests: list[dict[str, Any]], *, timeout_s: float = 30.0,
+            reply_topic: str | None = None) -> list[dict[str, Any]]:
+    """Publish ``requests`` (PredictionRequest dicts) and return their answers in request order.
+
+    Raises PredictTimeoutError naming how many answers are missing when the deadline passes.
+    """
+    from streaming.consumer import Subscriber
+    from streaming.producer import Publisher
+
+    topic = reply_topic or predictions_topic(settings, model)
+    wanted = {r["request_id"] for r in requests}
+    answers: dict[str, dict[str, Any]] = {}
+    with Subscriber(settings, topic, start="end", isolation_level="read_committed") as sub:
+        for tp in sub.assignment():  # resolve positions now, before anything is published
+            sub.consumer.position(tp)
+        with Publisher(settings) as pub:
+            for req in requests:
+                if reply_topic is not None:
+                    req = {**req, "reply_topic": reply_topic}
+                pub.publish_to(requests_topic(settings, model), "PredictionRequest", req, key=req["request_id"])
+        deadline = time.monotonic() + timeout_s
+        while len(answers) < len(wanted):
+            if time.monotonic() > deadline:
+                missing = sorted(wanted - set(answers))
+                raise PredictTimeoutError(
+                    f"timeout: {len(missing)} of {len(wanted)} requests got no answer on {topic} within "
+                    f"{timeout_s} s (e.g. {missing[:3]}); is `streamlearn serve {model}` running? "
+                    "Raise --timeout or check the worker's log", missing)
+            for item in sub.poll_batch(timeout_ms=200):
+                value = getattr(item, "value", None)
+                if isinstance(value, dict) and value.get("request_id") in wanted:
+                    answers.setdefault(value["request_id"], value)
+    return [answers[r["request_id"]] for r in requests]

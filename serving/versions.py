@@ -1,0 +1,305 @@
+"""Which model versions are served, and hot swapping between them.
+
+A background thread follows the model-updates topic (and polls the registry as a fallback),
+loads a new version off the serving path (verify sha256 manifest, load, warm up on recorded real
+inputs) and then swaps an immutable :class:`Snapshot` reference. The Kafka loop reads the reference
+once per batch, so a batch is computed entirely by the version(s) of one snapshot, and the old
+version answers until the new one is ready. A version that fails to load is never served; it is
+retried with exponential backoff a bounded number of times, then given up on (until the registry
+names a different version).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from serving import metrics
+from serving.exceptions import ModelLoadError, NoModelVersionError
+from serving.model import LoadedVersion, load_version
+from serving.policy import CanaryJudge, Policy, canary_bucket
+from streaming.config import Settings
+from streaming.model_registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+CANARY_NONE, CANARY_ROUTING, CANARY_ROLLED_BACK = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What answers right now. Never mutated: a swap replaces the whole object."""
+
+    stable: LoadedVersion | None = None
+    candidate: LoadedVersion | None = None
+    share: float = 0.0
+    canary_state: int = CANARY_NONE
+
+    def route(self, request_id: str) -> LoadedVersion:
+        """The version that answers ``request_id`` (stable hash decides the canary share)."""
+        if self.candidate is not None and self.canary_state == CANARY_ROUTING \
+                and canary_bucket(request_id) < self.share:
+            return self.candidate
+        if self.stable is None:
+            raise NoModelVersionError("no model version is loaded yet; publish and promote one")
+        return self.stable
+
+    def versions(self) -> list[LoadedVersion]:
+        return [v for v in (self.stable, self.candidate) if v is not None]
+
+
+@dataclass
+class _Attempts:
+    count: int = 0
+    next_at: float = 0.0
+    last_error: str = ""
+    given_up: bool = False
+
+
+@dataclass
+class LoadStats:
+    """Counts for tests and benchmarks (the same numbers go to Prometheus)."""
+
+    loads: int = 0
+    failures: int = 0
+    swaps: int = 0
+    failed_versions: set[int] = field(default_factory=set)
+    ready_versions: list[int] = field(default_factory=list)
+
+
+class VersionManager:
+    """Loads versions in the background per the policy and swaps them in atomically."""
+
+    def __init__(self, settings: Settings, model: str, policy: Policy | None = None, *,
+                 registry: ModelRegistry | None = None, poll_interval_s: float = 1.0,
+                 max_attempts: int = 3, backoff_s: float = 0.5, follow_updates: bool = True,
+                 judge: CanaryJudge | None = None, recent_inputs: int = 32) -> None:
+        self.settings = settings
+        self.model = model
+        self.policy = policy or Policy()
+        self.registry = registry or ModelRegistry(settings.model_dir)
+        self.poll_interval_s = poll_interval_s
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.follow_updates = follow_updates
+        self.judge = judge or CanaryJudge()
+        self.stats = LoadStats()
+        self._snapshot = Snapshot()
+        self._attempts: dict[int, _Attempts] = {}
+        self._recent: deque[np.ndarray] = deque(maxlen=recent_inputs)
+        self._recent_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._updates_thread: threading.Thread | None = None
+        self._rolled_back: set[int] = set()
+
+    # -- reading ------------------------------------------------------------------------------
+    def current(self) -> Snapshot:
+        """The snapshot to use for one whole batch (an atomic reference read)."""
+        return self._snapshot
+
+    def by_version(self, version: int) -> LoadedVersion:
+        for lv in self._snapshot.versions():
+            if lv.version == version:
+                return lv
+        raise NoModelVersionError(
+            f"version: {self.model} version {version} is not loaded here; loaded: "
+            f"{[v.version for v in self._snapshot.versions()]}")
+
+    def by_label(self, label: str) -> LoadedVersion:
+        snap = self._snapshot
+        canary = snap.candidate if snap.canary_state == CANARY_ROUTING else None
+        lv = {"stable": snap.stable, "canary": canary}.get(label)
+        if lv is None:
+            raise NoModelVersionError(
+                f"label: {label!r} names no loaded version of {self.model}; use 'stable' or 'canary' "
+                "(canary only while a canary policy routes)")
+        return lv
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Block until a stable version answers (True) or the timeout passes (False)."""
+        return self._ready.wait(timeout_s)
+
+    def remember_input(self, x: np.ndarray) -> None:
+        """Keep a real input for warming up the next version (ring buffer)."""
+        with self._recent_lock:
+            self._recent.append(x)
+
+    def recent_inputs(self) -> list[np.ndarray]:
+        with self._recent_lock:
+            return list(self._recent)
+
+    # -- canary -------------------------------------------------------------------------------
+    def record_error(self, version: int, error: float) -> None:
+        """Feed a live error (prediction joined with its label); may roll the canary back."""
+        self.judge.record(version, error)
+        snap = self._snapshot
+        if snap.canary_state != CANARY_ROUTING or snap.stable is None or snap.candidate is None:
+            return
+        if version not in (snap.stable.version, snap.candidate.version):
+            return
+        reason = self.judge.verdict(snap.stable.version, snap.candidate.version)
+        if reason is not None:
+            self._rollback(snap, reason)
+
+    def _rollback(self, snap: Snapshot, reason: str) -> None:
+        assert snap.candidate is not None
+        self._rolled_back.add(snap.candidate.version)
+        self._snapshot = replace(snap, canary_state=CANARY_ROLLED_BACK)
+        metrics.ROLLBACKS.labels(self.model).inc()
+        metrics.CANARY_STATE.labels(self.model).set(CANARY_ROLLED_BACK)
+        metrics.SERVED_VERSION.labels(self.model, "candidate").set(-1)
+        log.warning("canary rollback of %s: %s; all requests go to v%s", self.model, reason,
+                    snap.stable.version if snap.stable else None)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> VersionManager:
+        self._thread = threading.Thread(target=self._run, name=f"versions-{self.model}", daemon=True)
+        self._thread.start()
+        if self.follow_updates:
+            self._updates_thread = threading.Thread(target=self._follow_updates, daemon=True,
+                                                    name=f"model-updates-{self.model}")
+            self._updates_thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in (self._thread, self._updates_thread):
+            if t is not None:
+                t.join(timeout=10)
+
+    def check_now(self) -> None:
+        """Ask the loader thread to look at the registry now (e.g. a ModelUpdate arrived)."""
+        self._wake.set()
+
+    # -- loader thread -------------------------------------------------------------------------
+    def _targets(self) -> tuple[int | None, int | None]:
+        """(stable version wanted, candidate version wanted) per the policy and the registry."""
+        if self.policy.mode == "pinned":
+            return self.policy.version, None
+        promoted = self.registry.promoted(self.model)
+        if self.policy.mode == "canary":
+            cand = self.policy.version
+            if cand == promoted or cand in self._rolled_back:
+                cand = None
+            return promoted, cand
+        return promoted, None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._reconcile()
+            except Exception:  # never let the loader thread die; the old version keeps serving
+                log.exception("version reconcile of %s failed; retrying", self.model)
+            self._wake.wait(self._next_wait())
+            self._wake.clear()
+
+    def _next_wait(self) -> float:
+        now = time.monotonic()
+        pending = [a.next_at - now for a in self._attempts.values() if not a.given_up and a.count]
+        return max(0.01, min([self.poll_interval_s, *pending]))
+
+    def _reconcile(self) -> None:
+        want_stable, want_cand = self._targets()
+        snap = self._snapshot
+        stable = snap.stable
+        if want_stable is not None and (stable is None or stable.version != want_stable):
+            stable = self._try_load(want_stable) or stable
+        cand = snap.candidate
+        if want_cand is None:
+            cand = None if snap.canary_state != CANARY_ROLLED_BACK else cand
+        elif cand is None or cand.version != want_cand:
+            cand = self._try_load(want_cand)
+        if stable is snap.stable and cand is snap.candidate:
+            return
+        state = snap.canary_state
+        if cand is not None and cand is not snap.candidate:
+            state = CANARY_ROUTING
+        elif cand is None:
+            state = CANARY_NONE
+        new = Snapshot(stable, cand, self.policy.share, state)
+        swapped = stable is not snap.stable
+        self._snapshot = new  # the atomic swap: the next batch uses it
+        if swapped and stable is not None:
+            self.stats.swaps += 1
+            self.stats.ready_versions.append(stable.version)
+            if snap.stable is not None:
+                metrics.SWAPS.labels(self.model).inc()
+            metrics.SERVED_VERSION.labels(self.model, "stable").set(stable.version)
+            log.info("%s now serves v%d (was %s)", self.model, stable.version,
+                     snap.stable.version if snap.stable else None)
+        if cand is not None:
+            self.stats.ready_versions.append(cand.version)
+        metrics.SERVED_VERSION.labels(self.model, "candidate").set(
+            cand.version if cand is not None and state == CANARY_ROUTING else -1)
+        metrics.CANARY_STATE.labels(self.model).set(state)
+        if new.stable is not None:
+            self._ready.set()
+
+    def _try_load(self, version: int) -> LoadedVersion | None:
+        att = self._attempts.setdefault(version, _Attempts())
+        if att.given_up or time.monotonic() < att.next_at:
+            return None
+        try:
+            lv = load_version(self.registry, self.model, version, self.recent_inputs())
+        except ModelLoadError as exc:
+            att.count += 1
+            att.last_error = str(exc)
+            att.next_at = time.monotonic() + self.backoff_s * 2 ** (att.count - 1)
+            att.given_up = att.count >= self.max_attempts
+            self.stats.failures += 1
+            self.stats.failed_versions.add(version)
+            metrics.LOAD_FAILURES.labels(self.model).inc()
+            log.error("%s (attempt %d/%d%s)", exc, att.count, self.max_attempts,
+                      "; giving up on this version" if att.given_up else "")
+            return None
+        self.stats.loads += 1
+        self._attempts.pop(version, None)
+        return lv
+
+    # -- model updates follower -----------------------------------------------------------------
+    def _follow_updates(self) -> None:
+        """Wake the loader when a ModelUpdate for our model arrives (the registry poll is the fallback).
+
+        Only the key (the model name) is read, so an update in a schema this worker does not know
+        still triggers a registry check instead of an error.
+        """
+        from kafka import KafkaConsumer, TopicPartition
+
+        from streaming.topics import model_updates_topic
+
+        topic = model_updates_topic(self.settings)
+        consumer = None
+        while not self._stop.is_set():
+            try:
+                if consumer is None:
+                    consumer = KafkaConsumer(bootstrap_servers=self.settings.bootstrap, enable_auto_commit=False,
+                                             isolation_level="read_committed")
+                    parts = consumer.partitions_for_topic(topic)
+                    if not parts:
+                        consumer.close()
+                        consumer = None
+                        self._stop.wait(self.poll_interval_s)
+                        continue
+                    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+                    consumer.assign(tps)
+                    consumer.seek_to_end(*tps)
+                batch = consumer.poll(timeout_ms=500)
+                if any(r.key == self.model.encode() for recs in batch.values() for r in recs):
+                    self.check_now()
+            except Exception as exc:
+                log.warning("model-updates follower: %s; relying on registry polling", exc)
+                if consumer is not None:
+                    consumer.close()
+                consumer = None
+                self._stop.wait(self.poll_interval_s)
+        if consumer is not None:
+            consumer.close()

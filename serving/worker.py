@@ -1,0 +1,387 @@
+"""The serving worker: consume requests (or raw events), batch, predict, produce answers.
+
+Exactly once (``settings.transactions``, the default): each dynamic batch is one Kafka transaction
+holding its Prediction records, its dead letters and the consumer offsets
+(``send_offsets_to_transaction``), so after a crash the batch is either wholly answered and
+consumed or wholly redone. The transactional id and the static group member id are stable per
+worker *slot*, so a restarted worker fences its dead predecessor's open transaction and takes its
+partitions back at once. Readers of the predictions topic use ``read_committed``.
+
+At-least-once (``transactions=False``): answers are flushed before offsets are committed; a
+bounded set of recently answered request ids drops re-deliveries inside one process, and the
+predict client de-duplicates by request id across restarts.
+
+Dynamic batching: a batch closes at ``settings.serve_max_batch`` records or
+``settings.serve_max_wait_ms`` after its first record, whichever comes first; the whole batch goes
+through the model in one signature call per version (see :mod:`serving.model`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from schemas.catalog import load_schema
+from schemas.exceptions import RegistryUnavailableError
+from schemas.registry import SchemaRegistry, open_registry
+from schemas.serde import AvroDeserializer, AvroSerializer
+from serving import metrics
+from serving.exceptions import NoModelVersionError, RequestDecodeError
+from serving.inputs import Featurization
+from serving.model import LoadedVersion
+from serving.policy import Policy
+from serving.versions import VersionManager
+from streaming.config import Settings
+from streaming.topics import (
+    KINDS,
+    dead_letter_topic,
+    declared_topics,
+    ensure_topics,
+    model_updates_topic,
+    predictions_topic,
+    raw_topic,
+    requests_topic,
+)
+
+log = logging.getLogger(__name__)
+
+#: How many answered request ids the at-least-once mode remembers for de-duplication.
+DEDUPE_IDS = 100_000
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class _Item:
+    """One input of a batch and, once computed, its answer."""
+
+    rec: Any  # kafka ConsumerRecord
+    request_id: str
+    timestamp_ms: int
+    reply_topic: str
+    value: Any = None  # the decoded PredictionRequest (or raw event in score-the-stream mode)
+    x: np.ndarray | None = None
+    labels: dict[str, float | None] | None = None
+    version: LoadedVersion | None = None
+    error: BaseException | None = None
+    outputs: np.ndarray | None = None
+
+
+def _safe_id(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", text)[:240]
+
+
+class ServingWorker:
+    """One worker process slot. ``run()`` blocks until ``stop`` is set (or a fatal Kafka error)."""
+
+    def __init__(self, settings: Settings, model: str, *, policy: Policy | None = None,
+                 score_stream: str | None = None, slot: int = 0, manager: VersionManager | None = None,
+                 registry: SchemaRegistry | None = None, featurization: Featurization | None = None) -> None:
+        self.settings = settings
+        self.model = model
+        self.score_stream = score_stream
+        if score_stream is not None and score_stream not in KINDS:
+            raise RequestDecodeError(f"score_stream: {score_stream!r} is not an event kind; use one of "
+                                     f"{sorted(KINDS)}")
+        self.slot = slot
+        self.manager = manager or VersionManager(settings, model, policy)
+        self.schemas = registry or open_registry(settings.registry_url, settings.registry_dir)
+        self.featurization = featurization or Featurization()
+        self.input_topic = raw_topic(settings, score_stream) if score_stream else requests_topic(settings, model)
+        suffix = f".score.{score_stream}" if score_stream else ""
+        self.group = settings.group(f"serving.{model}{suffix}")
+        self.member_id = _safe_id(f"{self.group}.slot{slot}")
+        self.transactional_id = _safe_id(f"{self.group}.tx.slot{slot}")
+        self.predictions = predictions_topic(settings, model)
+        self.dead_letters = dead_letter_topic(settings, "serving")
+        self._deserializer = AvroDeserializer(self.schemas)
+        self._serializers: dict[str, AvroSerializer] = {}
+        self._answered: OrderedDict[str, None] = OrderedDict()
+        self.answered = 0
+        self.batches = 0
+        self.consumer: Any = None
+        self.producer: Any = None
+        self.stop_event = threading.Event()
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _topics(self) -> None:
+        wanted = {self.input_topic, self.predictions, self.dead_letters, model_updates_topic(self.settings)}
+        specs = [s for s in declared_topics(self.settings, [self.model]) if s.name in wanted]
+        ensure_topics(self.settings, specs)
+
+    def _clients(self) -> None:
+        from kafka import KafkaConsumer, KafkaProducer
+
+        from streaming.consumer import consumer_config
+        from streaming.producer import producer_config
+
+        max_batch = max(1, self.settings.serve_max_batch)
+        self.consumer = KafkaConsumer(**consumer_config(
+            self.settings, group_id=self.group, group_instance_id=self.member_id,
+            max_poll_records=max_batch, isolation_level="read_committed", enable_auto_commit=False))
+        self.consumer.subscribe([self.input_topic])
+        extra: dict[str, Any] = {"linger_ms": 0}
+        if self.settings.transactions:
+            extra["transactional_id"] = self.transactional_id
+        self.producer = KafkaProducer(**producer_config(self.settings, **extra))
+        if self.settings.transactions:
+            self.producer.init_transactions()  # fences and aborts a dead predecessor's open transaction
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.manager.stop()
+        for client in (self.consumer, self.producer):
+            if client is not None:
+                try:
+                    client.close()
+                except Exception as exc:  # closing after a broker loss must not hide the original error
+                    log.warning("closing %s: %s", type(client).__name__, exc)
+        self.consumer = self.producer = None
+
+    # -- main loop -----------------------------------------------------------------------------
+    def run(self, stop: threading.Event | None = None, ready_timeout_s: float | None = None) -> None:
+        """Serve until ``stop`` (or :attr:`stop_event`) is set. Requests wait (unconsumed) until a
+        version is ready, so none is answered by "no model"."""
+        stop = stop or self.stop_event
+        self._topics()
+        self.manager.start()
+        deadline = None if ready_timeout_s is None else time.monotonic() + ready_timeout_s
+        while not self.manager.wait_ready(0.2):
+            if stop.is_set() or (deadline is not None and time.monotonic() > deadline):
+                return
+        self._clients()
+        log.info("serving %s from %s (group %s, slot %d, %s)", self.model, self.input_topic, self.group,
+                 self.slot, "exactly once" if self.settings.transactions else "at least once")
+        try:
+            while not stop.is_set() and not self.stop_event.is_set():
+                records = self._collect()
+                if records:
+                    self._handle(records)
+        finally:
+            self.close()
+
+    def _collect(self) -> list[Any]:
+        """One dynamic batch: up to serve_max_batch records, at most serve_max_wait_ms after the first."""
+        max_batch = max(1, self.settings.serve_max_batch)
+        polled = self.consumer.poll(timeout_ms=100, max_records=max_batch)
+        records = [r for recs in polled.values() for r in recs]
+        if not records:
+            return records
+        deadline = time.monotonic() + self.settings.serve_max_wait_ms / 1000.0
+        while len(records) < max_batch:
+            left_ms = (deadline - time.monotonic()) * 1000.0
+            if left_ms <= 0:
+                break
+            polled = self.consumer.poll(timeout_ms=max(1, int(left_ms)), max_records=max_batch - len(records))
+            records.extend(r for recs in polled.values() for r in recs)
+        return records
+
+    # -- one batch ---------------------------------------------------------------------------------
+    def _decode(self, rec: Any) -> _Item:
+        """Decode one record into an item (``error`` set when it cannot be decoded)."""
+        fallback_id = rec.key.decode("utf-8", "replace") if rec.key else f"{rec.topic}/{rec.partition}/{rec.offset}"
+        item = _Item(rec, fallback_id, int(rec.timestamp), self.predictions)
+        try:
+            value = self._deserializer(rec.value).value
+        except RegistryUnavailableError:
+            raise  # not the record's fault: retry the batch, never dead-letter
+        except Exception as exc:
+            item.error = RequestDecodeError(f"value: cannot decode the record: {type(exc).__name__}: {exc}")
+            return item
+        if self.score_stream:
+            item.request_id = f"{rec.topic}/{rec.partition}/{rec.offset}"
+            item.value = value
+            return item
+        if not isinstance(value, dict) or "request_id" not in value:
+            item.error = RequestDecodeError("value: not a PredictionRequest record")
+            return item
+        item.request_id = str(value["request_id"])
+        item.timestamp_ms = int(value.get("timestamp") or rec.timestamp)
+        item.reply_topic = value.get("reply_topic") or self.predictions
+        item.value = value
+        return item
+
+    def _featurize(self, item: _Item, snap_route: Any) -> None:
+        try:
+            lv = snap_route(item.request_id)
+        except NoModelVersionError as exc:
+            item.error = exc
+            return
+        item.version = lv
+        value = item.value
+        try:
+            if self.score_stream:
+                item.x, item.labels = self.featurization.featurize(value, lv)
+            else:
+                item.x, item.labels = self.featurization.request_input(value, lv)
+        except RequestDecodeError as exc:
+            item.error = exc
+            item.labels = None
+
+    def _handle(self, records: list[Any]) -> None:
+        snap = self.manager.current()  # one snapshot for the whole batch (atomic swap boundary)
+        items = [self._decode(r) for r in records]
+        if not self.settings.transactions:
+            fresh = [i for i in items if i.request_id not in self._answered]
+            if len(fresh) < len(items):
+                metrics.DUPLICATES.labels(self.model).inc(len(items) - len(fresh))
+            items = fresh
+        for item in items:
+            if item.error is None:
+                self._featurize(item, snap.route)
+        groups: dict[int, list[_Item]] = {}
+        for item in items:
+            if item.error is None and item.version is not None and item.x is not None:
+                groups.setdefault(item.version.version, []).append(item)
+        for group in groups.values():
+            lv = group[0].version
+            assert lv is not None
+            out = lv.predict(np.stack([i.x for i in group]))  # type: ignore[misc]
+            metrics.BATCH_SIZE.labels(self.model).observe(len(group))
+            for i, row in zip(group, out, strict=True):
+                i.outputs = row
+            self.manager.remember_input(group[-1].x)  # type: ignore[arg-type]
+        self._emit(records, items, snap.stable.version if snap.stable else -1)
+        for item in items:  # live errors feed the canary judge only once the answers are committed
+            if item.outputs is not None and item.version is not None:
+                err = item.version.error(item.outputs, item.labels)
+                if err is not None:
+                    self.manager.record_error(item.version.version, err)
+
+    def _prediction(self, item: _Item, default_version: int) -> dict[str, Any]:
+        lv = item.version
+        ok = item.error is None and item.outputs is not None
+        return {
+            "request_id": item.request_id,
+            "model": self.model,
+            "model_version": lv.version if lv is not None else default_version,
+            "outputs": [float(v) for v in item.outputs] if ok and item.outputs is not None else [],
+            "predicted_label": lv.predicted_label(item.outputs) if ok and lv and item.outputs is not None else None,
+            "latency_ms": float(max(0, now_ms() - item.timestamp_ms)),
+            "input_topic": item.rec.topic,
+            "input_partition": int(item.rec.partition),
+            "input_offset": int(item.rec.offset),
+            "error": None if ok else f"{type(item.error).__name__}: {item.error}",
+        }
+
+    def _serializer(self, topic: str) -> AvroSerializer:
+        ser = self._serializers.get(topic)
+        if ser is None:
+            ser = self._serializers[topic] = AvroSerializer(self.schemas, f"{topic}-value", load_schema("Prediction"))
+        return ser
+
+    def _emit(self, records: list[Any], items: list[_Item], default_version: int) -> None:
+        """Produce answers and dead letters and move the offsets past ``records``, atomically."""
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        from streaming.producer import dead_letter_headers
+
+        sends: list[tuple[str, bytes, bytes, list[tuple[str, bytes]] | None]] = []
+        source = "stream" if self.score_stream else "requests"
+        for item in items:
+            pred = self._prediction(item, default_version)
+            sends.append((item.reply_topic, item.request_id.encode(), self._serializer(item.reply_topic)(pred), None))
+            if item.error is not None:
+                headers = dead_letter_headers("serving", item.error, {
+                    "topic": item.rec.topic, "partition": item.rec.partition, "offset": item.rec.offset})
+                sends.append((self.dead_letters, item.rec.key or item.request_id.encode(), item.rec.value or b"",
+                              headers))
+            metrics.REQUESTS.labels(self.model, "ok" if pred["error"] is None else "error", source).inc()
+            metrics.LATENCY.labels(self.model).observe(pred["latency_ms"] / 1000.0)
+        first: dict[Any, int] = {}
+        offsets: dict[Any, Any] = {}
+        for rec in records:
+            tp = TopicPartition(rec.topic, rec.partition)
+            first.setdefault(tp, rec.offset)
+            offsets[tp] = OffsetAndMetadata(rec.offset + 1, "", -1)
+        if self.settings.transactions:
+            self._emit_transaction(sends, offsets, first)
+        else:
+            futures = [self.producer.send(t, key=k, value=v, headers=h) for t, k, v, h in sends]
+            self.producer.flush()
+            for f in futures:
+                f.get(timeout=30)  # raises if a send failed: offsets are then not committed
+            self.consumer.commit(offsets)
+            for item in items:
+                self._answered[item.request_id] = None
+            while len(self._answered) > DEDUPE_IDS:
+                self._answered.popitem(last=False)
+        self.answered += len(items)
+        self.batches += 1
+
+    def _emit_transaction(self, sends: list[tuple[str, bytes, bytes, Any]], offsets: dict[Any, Any],
+                          first: dict[Any, int]) -> None:
+        from kafka.errors import KafkaError
+
+        try:
+            self.producer.begin_transaction()
+            for topic, key, value, headers in sends:
+                self.producer.send(topic, key=key, value=value, headers=headers)
+            self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+            self.producer.commit_transaction()
+        except KafkaError as exc:
+            log.warning("transaction of %d answers failed (%s); aborting and redoing the batch", len(sends), exc)
+            self.producer.abort_transaction()  # a fatal error (fenced) raises here and stops the worker
+            assigned = self.consumer.assignment()
+            for tp, offset in first.items():
+                if tp in assigned:
+                    self.consumer.seek(tp, offset)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m serving.worker MODEL [--policy P] [--score-stream KIND] [--slot N] [--http-port P]``.
+
+    Settings come from ``streaming.config.load()`` (environment and config file), like the CLI.
+    """
+    from streaming import config
+
+    parser = argparse.ArgumentParser(prog="python -m serving.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--policy", default="latest", help="latest | pinned:V | canary:V:SHARE")
+    parser.add_argument("--score-stream", choices=sorted(KINDS), default=None)
+    parser.add_argument("--slot", type=int, default=0, help="worker slot: stable transactional id per slot")
+    parser.add_argument("--http-port", type=int, default=None)
+    args = parser.parse_args(argv)
+    settings = config.load()
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    return serve(settings, args.model, policy=args.policy, score_stream=args.score_stream, slot=args.slot,
+                 http_port=args.http_port)
+
+
+def serve(settings: Settings, model: str, *, policy: str = "latest", score_stream: str | None = None,
+          slot: int = 0, http_port: int | None = None) -> int:
+    """Run a worker (and the HTTP front end when ``http_port`` is set) until interrupted."""
+    worker = ServingWorker(settings, model, policy=Policy.parse(policy), score_stream=score_stream, slot=slot)
+    metrics.start_metrics(settings)
+    server = None
+    if http_port is not None:
+        from serving.http_api import start_http
+
+        server = start_http(worker.manager, worker.featurization, model, http_port)
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if server is not None:
+            server.should_exit = True
+    print(json.dumps({"model": model, "answered": worker.answered, "batches": worker.batches}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""Test helper for serving: export tiny versioned models and publish them through the registry.
+
+The model is a tf.Module (two variables, one ``serving_default`` signature ``x: float32[None, n]``
+-> ``{"outputs": float32[None, k]}``), not a Keras model, because ``tf.saved_model.save`` of a bare
+module takes a fraction of a second on a shared 2-core CPU and the tests publish dozens of versions.
+Each version computes ``outputs[:, j] = mean(x) * scale + tag + j``: the ``tag`` makes every answer
+prove which version computed it (:func:`expected_outputs`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streaming.model_registry import ModelRegistry, write_json_atomic
+
+
+def export_tiny(path: Path, n_features: int = 4, n_outputs: int = 2, tag: float = 0.0, scale: float = 1.0,
+                nan: bool = False) -> Path:
+    """Write a SavedModel with the serving signature into ``path`` (created)."""
+    import tensorflow as tf
+
+    class Tiny(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = tf.Variable(float("nan") if nan else scale, dtype=tf.float32)
+            self.bias = tf.Variable(tag + np.arange(n_outputs, dtype=np.float32), dtype=tf.float32)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, n_features], tf.float32, name="x")])
+        def serve(self, x: Any) -> dict[str, Any]:
+            m = tf.reduce_mean(x, axis=1, keepdims=True) * self.scale
+            return {"outputs": m + self.bias[tf.newaxis, :]}
+
+    module = Tiny()
+    path.mkdir(parents=True, exist_ok=True)
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return path
+
+
+def expected_outputs(features: list[float], tag: float, n_outputs: int = 2, scale: float = 1.0) -> np.ndarray:
+    return float(np.mean(np.asarray(features, np.float32))) * scale + tag + np.arange(n_outputs)
+
+
+def publish(registry: ModelRegistry, name: str, tag: float, *, promote: bool = True, n_features: int = 4,
+            n_outputs: int = 2, scale: float = 1.0, featurizer: dict[str, Any] | None = None,
+            corrupt: str | None = None, metadata: dict[str, Any] | None = None) -> int:
+    """Export, (optionally corrupt before publishing,) publish and (optionally) promote a version.
+
+    ``corrupt`` (applied to the export *before* publish, so the manifest matches the damage):
+    ``truncate_variables`` | ``random_pb`` | ``nan_weights``.
+    """
+    staging = registry.staging(name)
+    export_tiny(staging, n_features, n_outputs, tag, scale, nan=corrupt == "nan_weights")
+    if corrupt == "truncate_variables":
+        data = next((staging / "variables").glob("variables.data-*"))
+        data.write_bytes(data.read_bytes()[: max(1, data.stat().st_size // 3)])
+    elif corrupt == "random_pb":
+        (staging / "saved_model.pb").write_bytes(os.urandom(2048))
+    meta = {"featurizer": featurizer, "class_names": [], "tag": tag, **(metadata or {})}
+    version = registry.publish(name, staging, meta)
+    if promote:
+        if corrupt is None:
+            registry.set_promoted(name, version, "test")
+        else:
+            force_promote(registry, name, version)
+    return version
+
+
+def force_promote(registry: ModelRegistry, name: str, version: int) -> None:
+    """Mark a version promoted without verifying it (a buggy writer or a hand edit of state.json).
+
+    ``set_promoted`` refuses damaged versions; serving must refuse them too, and this is how the
+    tests put one in front of it.
+    """
+    state_path = registry.model_dir(name) / "state.json"
+    state = registry.state(name)
+    state["promoted"] = int(version)
+    state["history"].append({"action": "PROMOTED", "version": int(version), "reason": "forced by test",
+                             "at_ms": int(time.time() * 1000)})
+    write_json_atomic(state_path, state)
+
+
+def damage_published(registry: ModelRegistry, name: str, version: int, how: str) -> None:
+    """Damage a published version in place: ``manifest_mismatch`` | ``missing_index`` | ``only_pb``."""
+    vdir = registry.version_dir(name, version)
+    if how == "manifest_mismatch":
+        data = next((vdir / "variables").glob("variables.data-*"))
+        raw = bytearray(data.read_bytes())
+        raw[-1] ^= 0xFF
+        data.write_bytes(bytes(raw))
+    elif how == "missing_index":
+        (vdir / "variables" / "variables.index").unlink()
+    elif how == "only_pb":
+        shutil.rmtree(vdir / "variables")
+        for extra in ("fingerprint.pb",):
+            (vdir / extra).unlink(missing_ok=True)
+        for sub in ("assets",):
+            shutil.rmtree(vdir / sub, ignore_errors=True)
+    else:
+        raise ValueError(f"how: unknown damage {how!r}")
+
+
+def read_predictions(items: list[Any]) -> list[dict[str, Any]]:
+    """Values of decoded Prediction records from ``tests.helpers.read_topic``."""
+    return [i.value for i in items if getattr(i, "ok", False)]
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, default=str)[:2000]
