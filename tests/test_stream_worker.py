@@ -1,0 +1,204 @@
+"""Stream worker on the real embedded broker: batches cover every offset once, window state
+survives a restart, poison records are dead-lettered, a broken store pauses and resumes."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from schemas.serde import frame
+from streaming.config import Settings
+from streaming.features import get_featurizer
+from streaming.producer import Publisher, header_dict
+from streaming.store import FeatureStore, read_batch
+from streaming.topics import dead_letter_topic, raw_topic
+from streaming.worker import StreamWorker, default_group
+from tests.helpers import read_topic, wait_until
+
+BASE_MS = 1_763_000_000_000
+
+
+def sensor_events(n: int, start: int = 0, sensors: int = 7) -> list[dict[str, Any]]:
+    """Deterministic sensor readings: ``sensors`` sensors, one reading per second each."""
+    return [{"sensor_id": f"s{i % sensors}", "timestamp": BASE_MS + i * 1000, "value": float((i * 37) % 101) / 7,
+             "values": {}, "unit": "celsius", "label": (i % 11 == 0) if i % 3 else None, "event_id": None}
+            for i in range(start, start + n)]
+
+
+def publish(settings: Settings, kind: str, records: list[dict[str, Any]]) -> None:
+    with Publisher(settings) as pub:
+        for r in records:
+            pub.publish(kind, r)
+
+
+def topic_offsets(settings: Settings, topic: str) -> set[tuple[int, int]]:
+    """Every (partition, offset) the topic holds, read with a plain consumer."""
+    return {(it.partition, it.offset) for it in read_topic(settings, topic, decode=False)}
+
+
+def stored_offsets(settings: Settings, kind: str, namespace: str = "live") -> list[tuple[int, int]]:
+    """(partition, offset) of every row and dead letter in the store, duplicates kept."""
+    out: list[tuple[int, int]] = []
+    for b in FeatureStore(settings.feature_store).batches(kind, namespace):
+        arrays = read_batch(b.path)
+        out += list(zip(arrays["partition"].tolist(), arrays["offset"].tolist(), strict=True))
+        rng = b.manifest["ranges"][0]
+        out += [(rng["partition"], o) for o in rng["dead_letter_offsets"]]
+    return out
+
+
+def committed(settings: Settings, kind: str) -> dict[int, int | None]:
+    topic = raw_topic(settings, kind)
+    c = KafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=default_group(settings, kind),
+                      enable_auto_commit=False)
+    try:
+        return {p: c.committed(TopicPartition(topic, p)) for p in range(settings.partitions)}
+    finally:
+        c.close()
+
+
+def end_offsets(settings: Settings, kind: str) -> dict[int, int]:
+    topic = raw_topic(settings, kind)
+    c = KafkaConsumer(bootstrap_servers=settings.bootstrap)
+    try:
+        ends = c.end_offsets([TopicPartition(topic, p) for p in range(settings.partitions)])
+        return {tp.partition: off for tp, off in ends.items()}
+    finally:
+        c.close()
+
+
+@contextmanager
+def running_worker(settings: Settings, kind: str) -> Iterator[StreamWorker]:
+    worker = StreamWorker(settings, kind)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            worker.run(stop)
+        except BaseException as exc:  # surfaced in the test thread below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        stop.set()
+        thread.join(30)
+        assert not thread.is_alive(), "worker did not stop within 30 s"
+        if errors:
+            raise errors[0]
+
+
+def all_stored(settings: Settings, kind: str, expected: set[tuple[int, int]]) -> bool:
+    return set(stored_offsets(settings, kind)) >= expected
+
+
+def test_worker_persists_every_offset_once_and_state_survives_restart(settings: Settings) -> None:
+    s = settings.with_(batch_max_records=40, batch_max_seconds=0.3)
+    first, second = sensor_events(150), sensor_events(150, start=150)
+    publish(s, "sensor", first)
+    topic = raw_topic(s, "sensor")
+    with running_worker(s, "sensor"):
+        expected = topic_offsets(s, topic)
+        wait_until(lambda: all_stored(s, "sensor", expected), 40, message="first half persisted")
+    assert committed(s, "sensor") == end_offsets(s, "sensor")
+    publish(s, "sensor", second)
+    with running_worker(s, "sensor"):  # a new process-equivalent: state only from the manifests
+        expected = topic_offsets(s, topic)
+        wait_until(lambda: all_stored(s, "sensor", expected), 40, message="second half persisted")
+    got = stored_offsets(s, "sensor")
+    assert len(got) == len(set(got)) == 300
+    # Reference: featurize every partition's records in offset order with one uninterrupted state.
+    fz = get_featurizer("sensor")
+    states: dict[int, Any] = {}
+    reference: dict[tuple[int, int], np.ndarray] = {}
+    for item in sorted(read_topic(s, topic), key=lambda r: (r.partition, r.offset)):
+        state = states.setdefault(item.partition, fz.new_state())
+        reference[(item.partition, item.offset)] = fz.featurize(item.value, state).x
+    for b in FeatureStore(s.feature_store).batches("sensor"):
+        arrays = read_batch(b.path)
+        for x, p, o in zip(arrays["x"], arrays["partition"], arrays["offset"], strict=True):
+            np.testing.assert_array_equal(x, reference[(int(p), int(o))])
+        assert b.manifest["featurizer_state"]
+
+
+POISON = {
+    "BadMagicByteError": b"\x07\x00\x00\x00\x01hello",
+    "ShortPayloadError": b"\x00\x00",
+    "UnknownSchemaIdError": frame(987654, b"\x02a"),
+}
+
+
+def test_poison_records_are_dead_lettered_and_the_worker_keeps_going(settings: Settings) -> None:
+    s = settings.with_(batch_max_records=50, batch_max_seconds=0.3)
+    topic = raw_topic(s, "sensor")
+    good = sensor_events(30)
+    with Publisher(s) as pub:
+        valid = pub.encode(topic, "SensorReading", good[0])
+        poison = dict(POISON)
+        poison["TruncatedRecordError"] = valid[:-3]
+        # a map block count that would allocate gigabytes: schema id of a real record, absurd count
+        poison["huge_block"] = valid[:5] + b"\x04s1" + b"\x80\x80\x80\x80\x80\x80\x80\x80\x01"
+        bad_nan = dict(good[1], value=float("nan"))
+        bad_time = dict(good[2], timestamp=12)
+        poison["FeatureValidationError_nan"] = pub.encode(topic, "SensorReading", bad_nan)
+        poison["FeatureValidationError_time"] = pub.encode(topic, "SensorReading", bad_time)
+        for i, r in enumerate(good):
+            pub.publish("sensor", r)
+            if i < len(poison):
+                name = list(poison)[i]
+                pub.send_bytes(topic, poison[name], key=r["sensor_id"], headers=[("case", name.encode())])
+    expected = topic_offsets(s, topic)
+    with running_worker(s, "sensor") as worker:
+        wait_until(lambda: all_stored(s, "sensor", expected), 40, message="all offsets processed")
+    assert worker.stats.dead_letters == len(poison) and worker.stats.rows == len(good)
+    dls = read_topic(s, dead_letter_topic(s, "sensor"), decode=False, expect=len(poison))
+    assert len(dls) == len(poison)
+    originals = {bytes(v) for v in poison.values()}
+    for d in dls:
+        h = header_dict(d.headers)
+        assert bytes(d.raw) in originals
+        assert h["dl.source_topic"] == topic and h["dl.stage"] in ("decode", "featurize")
+        assert int(h["dl.source_offset"]) >= 0 and h["dl.source_partition"].isdigit()
+        assert h["dl.error_class"] and h["dl.message"]
+    classes = {header_dict(d.headers)["dl.error_class"] for d in dls}
+    assert {"BadMagicByteError", "ShortPayloadError", "UnknownSchemaIdError", "FeatureValidationError"} <= classes
+    assert classes & {"TruncatedRecordError", "MalformedRecordError"}
+    got = stored_offsets(s, "sensor")
+    assert len(got) == len(set(got)) and set(got) == expected
+    assert committed(s, "sensor") == end_offsets(s, "sensor")
+
+
+def test_unwritable_store_pauses_then_resumes_without_loss(settings: Settings) -> None:
+    """Root ignores chmod, so the store's kind directory is replaced by a regular file: every
+    mkdir/open below it fails with EEXIST/ENOTDIR for root too. Removing the file = space is back."""
+    s = settings.with_(batch_max_records=25, batch_max_seconds=0.2)
+    kind_dir = FeatureStore(s.feature_store).directory("sensor")
+    kind_dir.parent.mkdir(parents=True, exist_ok=True)
+    kind_dir.write_text("in the way")
+    publish(s, "sensor", sensor_events(100))
+    expected = topic_offsets(s, raw_topic(s, "sensor"))
+    with running_worker(s, "sensor") as worker:
+        wait_until(lambda: worker.paused_for_backpressure and worker.held, 30, message="backpressure")
+        assert committed(s, "sensor") == dict.fromkeys(range(s.partitions))  # nothing committed
+        kind_dir.unlink()
+        wait_until(lambda: all_stored(s, "sensor", expected), 40, message="resumed and persisted")
+        wait_until(lambda: not worker.paused_for_backpressure, 10, message="partitions resumed")
+    assert worker.stats.backpressure_events >= 1
+    got = stored_offsets(s, "sensor")
+    assert len(got) == len(set(got)) and set(got) == expected
+    assert committed(s, "sensor") == end_offsets(s, "sensor")
+    shutil.rmtree(s.feature_store)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    pytest.main([__file__])
