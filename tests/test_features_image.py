@@ -1,0 +1,169 @@
+"""image-v1: known pixels in, exact [0, 1] grayscale out; bombs and broken files rejected before decoding."""
+
+from __future__ import annotations
+
+import io
+import struct
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from streaming.exceptions import FeatureValidationError
+from streaming.features import get_featurizer
+from streaming.features.image import ImageFeaturizer, probe_image
+
+T0 = 1_700_000_000_000
+NOW = T0 + 3_600_000
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def rec(data: bytes, content_type: str = "PNG", label: str | None = "7", **over: Any) -> dict[str, Any]:
+    r: dict[str, Any] = {
+        "image_id": "img-1",
+        "timestamp": T0,
+        "content_type": content_type,
+        "width": 8,
+        "height": 8,
+        "data": data,
+        "label": label,
+        "source": "test",
+    }
+    r.update(over)
+    return r
+
+
+def fz(**kw: Any) -> ImageFeaturizer:
+    return ImageFeaturizer(clock_ms=lambda: NOW, **kw)
+
+
+def test_known_8x8_pixels_scale_exactly() -> None:
+    pixels = (np.arange(64, dtype=np.uint8) * 4).reshape(8, 8)
+    pixels[7, 7] = 255
+    f = fz()
+    row = f.featurize(rec(encode(Image.fromarray(pixels, "L"))), f.new_state())
+    assert f.version == "image-v1" and f.input_shape == (8, 8, 1) and f.n_features == 64
+    assert row.x.dtype == np.float32 and row.x.shape == (64,)
+    np.testing.assert_array_equal(row.x, pixels.reshape(-1).astype(np.float32) / np.float32(255))
+    assert row.x[-1] == 1.0 and row.x[0] == 0.0
+    assert row.labels == {"digit": 7.0} and row.key == "img-1" and row.event_time_ms == T0
+    assert f.feature_names[9] == "px_1_1"
+
+
+def test_white_on_black_digit_as_the_generator_renders_it() -> None:
+    digit = np.zeros((8, 8), dtype=np.float64)
+    digit[1:7, 3:5] = 16.0  # a "1" in scikit-learn's 0..16 intensities
+    digit[1, 2] = 8.0
+    rendered = np.round(digit * 255 / 16).astype(np.uint8)
+    f = fz()
+    row = f.featurize(rec(encode(Image.fromarray(rendered, "L")), label="1"), f.new_state())
+    img = row.x.reshape(f.input_shape)[:, :, 0]
+    assert img[1, 3] == 1.0 and img[0, 0] == 0.0 and img[1, 2] == np.float32(128 / 255)
+    assert row.labels["digit"] == 1.0
+
+
+def test_larger_image_is_box_resized() -> None:
+    blocks = np.kron(np.arange(64, dtype=np.uint8).reshape(8, 8) * 3, np.ones((4, 4), dtype=np.uint8))
+    f = fz()
+    row = f.featurize(rec(encode(Image.fromarray(blocks, "L")), width=32, height=32), f.new_state())
+    np.testing.assert_allclose(row.x, np.arange(64) * 3 / 255, atol=1e-6)
+
+
+def test_rgb_is_grayscaled_and_size_is_a_parameter() -> None:
+    rgb = np.zeros((12, 16, 3), dtype=np.uint8)
+    rgb[:, 8:] = 255
+    f = fz(size=(16, 12))
+    assert f.input_shape == (12, 16, 1) and f.n_features == 192
+    row = f.featurize(rec(encode(Image.fromarray(rgb, "RGB"))), f.new_state())
+    img = row.x.reshape(12, 16)
+    assert (img[:, :8] == 0.0).all() and (img[:, 8:] == 1.0).all()
+
+
+def test_jpeg_decodes_close_to_its_pixels() -> None:
+    pixels = np.full((8, 8), 200, dtype=np.uint8)
+    data = encode(Image.fromarray(pixels, "L"), "JPEG", quality=95)
+    assert probe_image(data) == ("JPEG", 8, 8)
+    f = fz()
+    row = f.featurize(rec(data, "JPEG"), f.new_state())
+    np.testing.assert_allclose(row.x, 200 / 255, atol=3 / 255)
+
+
+@pytest.mark.parametrize(
+    ("label", "digit"), [("7", 7.0), ("0", 0.0), ("cat", None), (None, None), ("", None)]
+)
+def test_digit_label(label: str | None, digit: float | None) -> None:
+    f = fz()
+    data = encode(Image.new("L", (8, 8)))
+    assert f.featurize(rec(data, label=label), f.new_state()).labels == {"digit": digit}
+
+
+_NOISE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8), "L")
+NOISE_PNG = encode(_NOISE)
+NOISE_JPEG = encode(_NOISE, "JPEG")
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    data = bytearray(encode(Image.new("L", (8, 8))))
+    data[16:24] = struct.pack(">II", width, height)  # header lies; CRC now wrong too
+    return bytes(data)
+
+
+def test_png_bomb_rejected_from_the_header() -> None:
+    data = _png_declaring(100_000, 100_000)
+    assert probe_image(data) == ("PNG", 100_000, 100_000)
+    with pytest.raises(FeatureValidationError, match=r"ImageEvent\.data: header declares 100000x100000"):
+        fz().featurize(rec(data), {})
+
+
+def test_real_png_over_the_pixel_cap_is_rejected_before_decoding() -> None:
+    data = encode(Image.new("L", (40, 30)))  # valid file, small on disk, 1200 px
+    with pytest.raises(FeatureValidationError, match="decompression bomb"):
+        fz(max_pixels=1000).featurize(rec(data), {})
+
+
+def test_jpeg_bomb_rejected_from_the_sof_header() -> None:
+    data = bytearray(encode(Image.new("L", (8, 8)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 60_000, 60_000)
+    assert probe_image(bytes(data)) == ("JPEG", 60_000, 60_000)
+    with pytest.raises(FeatureValidationError, match="60000x60000"):
+        fz().featurize(rec(bytes(data), "JPEG"), {})
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "pattern"),
+    [
+        (encode(Image.new("L", (8, 8)))[:20], "PNG", "truncated PNG"),
+        (NOISE_PNG[: len(NOISE_PNG) // 2], "PNG", "cannot decode the PNG"),  # cut inside IDAT
+        (encode(Image.new("L", (8, 8)), "JPEG")[:30], "JPEG", "JPEG"),
+        (NOISE_JPEG[: len(NOISE_JPEG) // 2], "JPEG", "cannot decode the JPEG"),
+        (b"GIF89a....", "PNG", "not a PNG or JPEG"),
+        (b"", "PNG", "not a PNG or JPEG"),
+        (encode(Image.new("L", (8, 8))), "JPEG", r"content_type: declared 'JPEG' but the bytes are a PNG"),
+        (_png_declaring(0, 8), "PNG", "declares 0x8"),
+    ],
+)
+def test_broken_images_raise_validation_errors(data: bytes, content_type: str, pattern: str) -> None:
+    with pytest.raises(FeatureValidationError, match=pattern):
+        fz().featurize(rec(data, content_type), {})
+
+
+def test_oversized_payload_and_bad_fields() -> None:
+    data = encode(Image.new("L", (8, 8)))
+    with pytest.raises(FeatureValidationError, match="byte image limit"):
+        fz(max_bytes=10).featurize(rec(data), {})
+    with pytest.raises(FeatureValidationError, match=r"ImageEvent\.data: expected bytes"):
+        fz().featurize(rec("not bytes"), {})  # type: ignore[arg-type]
+    with pytest.raises(FeatureValidationError, match=r"ImageEvent\.timestamp"):
+        fz().featurize(rec(data, timestamp=12), {})
+
+
+def test_stateless_state_round_trip() -> None:
+    f = get_featurizer("image")
+    assert f.state_from_json(f.state_to_json(f.new_state())) == {}
