@@ -28,19 +28,24 @@ def register_serve(ingest_subparsers: Any) -> None:
     p = ingest_subparsers.add_parser(
         "serve", help="run the HTTP ingest gateway (POST /ingest/{kind}, /ingest/images; /docs)",
         description="HTTP ingest gateway: events in, acked by Kafka, per-record status out. Bearer tokens come "
-                    "from STREAMLEARN_INGEST_TOKENS (name:token or token, comma separated).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "from STREAMLEARN_INGEST_TOKENS (name:token or token, comma separated). Limits are "
+                    "per process; the idempotency window is in memory (see ingest/gateway.py).")
     p.add_argument("--port", dest="ingest_port", type=int, default=None,
                    help=f"port to listen on {config.env_help('ingest_port')}")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
-    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="413 above this request size")
-    p.add_argument("--max-records", type=int, default=d.max_records_per_request, help="events per request")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                   help=f"413 above this request size (default {d.max_body_bytes})")
+    p.add_argument("--max-records", type=int, default=d.max_records_per_request,
+                   help=f"events per request (default {d.max_records_per_request})")
     p.add_argument("--rate", type=float, default=d.rate_records_per_s,
-                   help="records/s per token (token bucket; 0 disables)")
-    p.add_argument("--burst", type=float, default=d.burst_records, help="token bucket size in records")
+                   help=f"records/s per token, token bucket; 0 disables (default {d.rate_records_per_s:g})")
+    p.add_argument("--burst", type=float, default=d.burst_records,
+                   help=f"token bucket size in records (default {d.burst_records:g})")
     p.add_argument("--max-in-flight", type=int, default=d.max_in_flight,
-                   help="un-acked records across requests before new requests get 503")
-    p.add_argument("--ack-timeout", type=float, default=d.ack_timeout_s, help="seconds to wait for Kafka acks")
+                   help=f"un-acked records across requests before new requests get 503 (default {d.max_in_flight})")
+    p.add_argument("--ack-timeout", type=float, default=d.ack_timeout_s,
+                   help=f"seconds to wait for Kafka acks (default {d.ack_timeout_s:g})")
     p.add_argument("--access-log", action="store_true", help="log one line per request (never headers)")
     p.set_defaults(func=serve)
 
