@@ -92,3 +92,8 @@ def parse(schema: str | dict[str, Any] | list[Any], *, plain: bool = True) -> An
     ``plain=False`` to keep them (e.g. for container files read by tools that want datetimes).
     """
     return _parse_text(canonical_text(schema), plain)
+
+
+def value_subject(topic: str) -> str:
+    """Registry subject of a topic's values (Confluent TopicNameStrategy): ``<topic>-value``."""
+    return f"{topic}-value"
