@@ -25,11 +25,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ingest.exceptions import SensorValidationError, SourceError
+
+if TYPE_CHECKING:
+    from streaming.producer import Publisher
 
 DAY_MS = 86_400_000
 MAX_ABS_VALUE = 1e9
@@ -69,9 +72,7 @@ def validate(
     """Check one SensorReading dict; return it (values as floats) or raise SensorValidationError."""
     sensor_id = record.get("sensor_id")
     if not isinstance(sensor_id, str) or not sensor_id.strip():
-        raise SensorValidationError(
-            f"sensor_id {sensor_id!r} must be a non-empty string", "missing_sensor_id"
-        )
+        raise SensorValidationError(f"sensor_id {sensor_id!r} must be a non-empty string", "missing_sensor_id")
     ts = record.get("timestamp")
     if isinstance(ts, bool) or not isinstance(ts, int):
         raise SensorValidationError(f"timestamp {ts!r} must be an int of epoch milliseconds", "bad_timestamp")
@@ -93,9 +94,7 @@ def validate(
     checked = {str(k): _check_number(f"values[{k!r}]", v, max_abs) for k, v in channels.items()}
     unit = record.get("unit")
     if not isinstance(unit, str) or not unit:
-        raise SensorValidationError(
-            f"unit {unit!r} must be a non-empty string such as 'celsius'", "missing_unit"
-        )
+        raise SensorValidationError(f"unit {unit!r} must be a non-empty string such as 'celsius'", "missing_unit")
     label = record.get("label")
     if label is not None and not isinstance(label, bool):
         raise SensorValidationError(f"label {label!r} must be true, false or null", "bad_label")
@@ -119,9 +118,7 @@ def parse_timestamp(text: str) -> int:
                 f"timestamp {t[:40]!r} is neither epoch ms/s nor ISO 8601", "bad_timestamp"
             ) from exc
         if dt.tzinfo is None:
-            raise SensorValidationError(
-                f"timestamp {t[:40]!r} needs a UTC offset (e.g. Z)", "bad_timestamp"
-            ) from None
+            raise SensorValidationError(f"timestamp {t[:40]!r} needs a UTC offset (e.g. Z)", "bad_timestamp") from None
         return int(round(dt.timestamp() * 1000))
     if not math.isfinite(num):
         raise SensorValidationError(f"timestamp {t!r} is not finite", "bad_timestamp")
@@ -169,9 +166,7 @@ def read_csv(path: Path, *, unit: str = "unit", now: int | None = None) -> Itera
     header = [h.strip() for h in header]
     missing = {"sensor_id", "timestamp", "value"} - set(header)
     if missing:
-        raise SourceError(
-            f"--csv {path}: header lacks {sorted(missing)}; required columns: sensor_id,timestamp,value"
-        )
+        raise SourceError(f"--csv {path}: header lacks {sorted(missing)}; required columns: sensor_id,timestamp,value")
     ref = now_ms() if now is None else now
     for n, raw in enumerate(lines[1:], 2):
         if not raw.strip():
@@ -179,9 +174,7 @@ def read_csv(path: Path, *, unit: str = "unit", now: int | None = None) -> Itera
         try:
             cells = next(csv.reader(io.StringIO(raw.decode("utf-8"))))
             if len(cells) != len(header):
-                raise SensorValidationError(
-                    f"row has {len(cells)} cells, header has {len(header)}", "wrong_cell_count"
-                )
+                raise SensorValidationError(f"row has {len(cells)} cells, header has {len(header)}", "wrong_cell_count")
             row = dict(zip(header, (c.strip() for c in cells), strict=True))
             record: dict[str, Any] = {
                 "sensor_id": row["sensor_id"],
@@ -288,3 +281,74 @@ def to_csv_line(record: dict[str, Any]) -> str:
 
 
 CSV_HEADER = "sensor_id,timestamp,value,unit,label,humidity"
+
+
+@dataclass
+class SensorIngestStats:
+    published: int = 0
+    dead_lettered: int = 0
+    reasons: dict[str, int] | None = None
+
+    def count(self, reason: str) -> None:
+        self.reasons = self.reasons or {}
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+
+def publish_csv(publisher: Publisher, path: Path, *, unit: str = "unit") -> SensorIngestStats:
+    """Publish the valid rows of a CSV file; dead-letter the others (original row bytes + reason).
+
+    Waits for every ack before returning, so a zero exit status means everything is in Kafka.
+    """
+    stats = SensorIngestStats()
+    futures = []
+    for row in read_csv(path, unit=unit):
+        if row.record is not None:
+            futures.append(publisher.publish("sensor", row.record))
+            stats.published += 1
+        else:
+            assert row.error is not None
+            futures.append(
+                publisher.dead_letter(
+                    "sensor",
+                    row.raw,
+                    stage="validate",
+                    error=row.error,
+                    source={"file": str(path), "line": str(row.line), "reason": row.error.reason},
+                )
+            )
+            stats.dead_lettered += 1
+            stats.count(row.error.reason)
+    publisher.flush()
+    for fut in futures:
+        fut.get(timeout=60)
+    return stats
+
+
+def publish_records(publisher: Publisher, records: Iterator[dict[str, Any]], *, source: str) -> SensorIngestStats:
+    """Validate and publish reading dicts (e.g. from :func:`generate`); dead-letter invalid ones as JSON."""
+    import json
+
+    stats = SensorIngestStats()
+    futures = []
+    ref = now_ms()
+    for n, record in enumerate(records, 1):
+        try:
+            futures.append(publisher.publish("sensor", validate(record, now=ref)))
+            stats.published += 1
+        except SensorValidationError as exc:
+            raw = json.dumps(record, default=str, allow_nan=True).encode()
+            futures.append(
+                publisher.dead_letter(
+                    "sensor",
+                    raw,
+                    stage="validate",
+                    error=exc,
+                    source={"file": source, "line": str(n), "reason": exc.reason},
+                )
+            )
+            stats.dead_lettered += 1
+            stats.count(exc.reason)
+    publisher.flush()
+    for fut in futures:
+        fut.get(timeout=60)
+    return stats

@@ -14,10 +14,11 @@ from ingest.weblog import event_id_for, format_combined, parse_clf_time, parse_l
 APACHE_LOGS = Path(__file__).resolve().parents[2] / "shared/data/weblogs/apache_logs"
 
 LINE = (
-    '83.149.9.216 - - [17/May/2015:10:05:03 +0000] "GET /presentations/logstash-monitorama-2013/images/'
-    'kibana-search.png HTTP/1.1" 200 203023 "http://semicomplete.com/presentations/logstash-monitorama-2013/" '
-    '"Mozilla/5.0 (Macintosh; Intel Mac OS X 10_9_1) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/32.0.1700.77 '
-    'Safari/537.36"'
+    '83.149.9.216 - - [17/May/2015:10:05:03 +0000] "GET /presentations/logstash-monitorama-2013/'
+    'images/kibana-search.png HTTP/1.1" 200 203023 '
+    '"http://semicomplete.com/presentations/logstash-monitorama-2013/" '
+    '"Mozilla/5.0 (Macintosh; Intel Mac OS X 10_9_1) AppleWebKit/537.36 (KHTML, like Gecko) '
+    'Chrome/32.0.1700.77 Safari/537.36"'
 )
 
 
@@ -67,9 +68,7 @@ def test_request_time_common_format_and_escapes() -> None:
     common = parse_line('10.0.0.1 - bob [01/Jan/2024:00:00:00 -0130] "POST /x HTTP/1.0" 500 -', source="s")
     assert common["user"] == "bob" and common["bytes_sent"] == 0 and common["referrer"] is None
     assert common["timestamp"] == 1704067200000 + 90 * 60 * 1000
-    esc = parse_line(
-        '1.2.3.4 - - [01/Jan/2024:00:00:00 +0000] "GET /a HTTP/1.1" 200 5 "-" "say \\"hi\\""', source="s"
-    )
+    esc = parse_line('1.2.3.4 - - [01/Jan/2024:00:00:00 +0000] "GET /a HTTP/1.1" 200 5 "-" "say \\"hi\\""', source="s")
     assert esc["user_agent"] == 'say "hi"'
     dash = parse_line('1.2.3.4 - - [01/Jan/2024:00:00:00 +0000] "-" 408 0 "-" "-"', source="s")
     assert dash["method"] == "-" and dash["status"] == 408 and dash["user_agent"] is None

@@ -1,0 +1,171 @@
+"""`streamlearn ingest weblog|sensors|images`: the file and generator event sources.
+
+``serve`` (the HTTP gateway) is added by ``ingest.gateway_cli.register_serve`` when that module
+is present, so the gateway can ship independently of these sources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from streaming import config
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
+    p = sub.add_parser("ingest", help="ingest events from log files, sensor CSVs/generators and image folders")
+    isub = p.add_subparsers(dest="ingest_command", metavar="SOURCE")
+    isub.required = True
+
+    w = isub.add_parser("weblog", help="publish an access log (combined/common/JSON lines), optionally following it")
+    w.add_argument("path", type=Path, help="log file, e.g. /var/log/nginx/access.log")
+    w.add_argument(
+        "--follow",
+        "-F",
+        action="store_true",
+        help="keep following the file like `tail -F` (rotation and truncation survive); "
+        "without it the file is read once to its end",
+    )
+    w.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="position file (default: under HOME/state/weblog/) " + config.env_help("home"),
+    )
+    w.add_argument("--poll", type=float, default=0.2, help="seconds between checks at end of file (default 0.2)")
+    w.add_argument(
+        "--rotate-grace",
+        type=float,
+        default=1.0,
+        help="seconds a rotated file must stay unchanged before switching to the new one (default 1)",
+    )
+    w.add_argument("--idle-exit", type=float, help="with --follow, exit after this many seconds without new lines")
+    w.set_defaults(func=_weblog)
+
+    s = isub.add_parser("sensors", help="publish sensor readings from a CSV file or the generator")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--csv", type=Path, help="CSV with columns sensor_id,timestamp,value[,unit,label,...]")
+    src.add_argument("--generate", type=int, metavar="N", help="publish N generated readings")
+    s.add_argument("--sensors", type=int, default=10, help="number of generated sensors (default 10)")
+    s.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    s.add_argument("--start-ms", type=int, help="timestamp of the first generated reading (default: ends at now)")
+    s.add_argument("--interval-ms", type=int, default=60_000, help="generated reading interval (default 60000)")
+    s.add_argument("--unit", default="unit", help="unit of CSV rows without a unit column (default 'unit')")
+    s.set_defaults(func=_sensors)
+
+    i = isub.add_parser("images", help="publish PNG/JPEG files of a directory once each, then move them")
+    i.add_argument("--watch", type=Path, required=True, metavar="DIR", help="directory to watch")
+    i.add_argument("--once", action="store_true", help="process the files present now and exit")
+    i.add_argument("--poll", type=float, default=0.5, help="seconds between directory scans (default 0.5)")
+    i.add_argument("--idle-exit", type=float, help="exit after this many seconds without new files")
+    i.set_defaults(func=_images)
+
+    try:
+        from ingest.gateway_cli import register_serve  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        pass
+    else:
+        register_serve(isub)
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM/SIGINT end the loop gracefully: in-flight lines are acked and checkpointed first."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def _report(summary: dict[str, Any]) -> None:
+    print(json.dumps(summary, sort_keys=True), flush=True)
+
+
+def _weblog(args: argparse.Namespace, settings: config.Settings) -> int:
+    from dataclasses import asdict
+
+    from ingest.tailer import FileTailer
+    from streaming.producer import Publisher
+
+    stop = _stop_on_signals()
+    started = time.monotonic()
+    with Publisher(settings) as pub:
+        tailer = FileTailer(
+            settings,
+            pub,
+            args.path,
+            checkpoint_path=args.checkpoint,
+            follow=args.follow,
+            poll_s=args.poll,
+            rotate_grace_s=args.rotate_grace,
+        )
+        print(
+            f"ingest weblog: {args.path} from line {tailer.pos.line + 1} (checkpoint {tailer.cp_path})",
+            file=sys.stderr,
+            flush=True,
+        )
+        stats = tailer.run(stop, idle_exit_s=args.idle_exit)
+    _report({"source": str(args.path), "seconds": round(time.monotonic() - started, 3), **asdict(stats)})
+    return 0
+
+
+def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
+    from ingest import sensors
+    from streaming.producer import Publisher
+
+    started = time.monotonic()
+    with Publisher(settings) as pub:
+        if args.csv is not None:
+            stats = sensors.publish_csv(pub, args.csv, unit=args.unit)
+            source = str(args.csv)
+        else:
+            records = sensors.generate(
+                args.generate,
+                n_sensors=args.sensors,
+                seed=args.seed,
+                start_ms=args.start_ms,
+                interval_ms=args.interval_ms,
+            )
+            source = f"generator:sensors:{args.seed}"
+            stats = sensors.publish_records(pub, records, source=source)
+    _report(
+        {
+            "source": source,
+            "published": stats.published,
+            "dead_lettered": stats.dead_lettered,
+            "reasons": stats.reasons or {},
+            "seconds": round(time.monotonic() - started, 3),
+        }
+    )
+    return 0
+
+
+def _images(args: argparse.Namespace, settings: config.Settings) -> int:
+    from ingest.images import ImageWatcher
+    from streaming.producer import Publisher
+
+    stop = _stop_on_signals()
+    started = time.monotonic()
+    with Publisher(settings) as pub:
+        watcher = ImageWatcher(settings, pub, args.watch)
+        try:
+            watcher.run(follow=not args.once, poll_s=args.poll, stop=stop, idle_exit_s=args.idle_exit)
+        finally:
+            watcher.close()
+    _report(
+        {
+            "source": str(args.watch),
+            "published": watcher.published,
+            "rejected": watcher.rejected_count,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+    )
+    return 0
