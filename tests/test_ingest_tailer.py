@@ -161,7 +161,7 @@ def test_kill9_at_random_points_loses_and_duplicates_nothing(settings: Settings,
             # Kill -9 somewhere in the middle of publishing the new lines.
             target = before + rng.randint(1, n - 1)
             wait_until(
-                lambda t=target: published() >= t or proc.poll() is not None,
+                lambda t=target, p=proc: published() >= t or p.poll() is not None,
                 60,
                 interval=0.002,
                 message="tailer progress",
