@@ -1,0 +1,175 @@
+"""`streamlearn demo`: the whole loop on one machine, watched live, summarized with plots.
+
+= ``streamlearn up`` (broker unless configured, registry, gateway, a stream worker per kind, a
+trainer and a server per model, supervised) + the demo generators of all three kinds + one
+prediction requester per model, with a live terminal dashboard. At the end the workers are drained
+in order and ``reports/<timestamp>/`` receives ``summary.json`` and PNG plots.
+
+Generators publish at a steady pace with event times close to the wall clock, so windows,
+retrain timers and latency figures mean what they say.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from streaming.broker import free_port, running_broker
+from streaming.config import Settings
+from streaming.jsoncodec import to_json
+from streaming.producer import Publisher
+from streaming.topics import MODELS, ensure_topics, requests_topic
+from streamlearn.observe import Observer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rates:
+    weblog: float = 120.0
+    sensor: float = 60.0
+    image: float = 15.0
+    requests: float = 8.0  # per model
+
+
+def _events(kind: str, seed: int, start_ms: int) -> Iterator[dict[str, Any]]:
+    """Endless deterministic events of one kind with event times from ``start_ms`` on."""
+    from ingest.generators import digits, web_traffic
+    from ingest.sensors import generate
+
+    round_ = 0
+    while True:
+        s = seed + 1000 * round_
+        if kind == "weblog":
+            yield from web_traffic(5000, seed=s, start_ms=start_ms)
+        elif kind == "sensor":
+            yield from generate(5000, n_sensors=20, seed=s, start_ms=start_ms, interval_ms=1000)
+        else:
+            for event in digits(seed=s, start_ms=start_ms):
+                event["image_id"] = f"{event['image_id']}-{round_}"
+                yield event
+        round_ += 1
+
+
+class Paced(threading.Thread):
+    """Publish from an iterator at ``rate`` records/s until stopped; counts what Kafka acked."""
+
+    def __init__(self, name: str, rate: float, send: Any, source: Iterator[dict[str, Any]]) -> None:
+        super().__init__(name=name, daemon=True)
+        self.rate, self.send, self.source = rate, send, source
+        self.stop_event = threading.Event()
+        self.sent = 0
+        self.errors = 0
+
+    def run(self) -> None:
+        started = time.monotonic()
+        for record in self.source:
+            if self.stop_event.is_set():
+                return
+            try:
+                self.send(record)
+                self.sent += 1
+            except Exception as exc:  # noqa: BLE001 - keep the demo running; the reason is logged
+                self.errors += 1
+                log.warning("%s: %s", self.name, exc)
+            ahead = self.sent / self.rate - (time.monotonic() - started)
+            if ahead > 0:
+                self.stop_event.wait(ahead)  # pacing, not waiting for an event
+
+
+class GatewayPoster:
+    """Sends events through the HTTP ingest gateway, as an outside service would."""
+
+    def __init__(self, port: int, token: str, kind: str) -> None:
+        import httpx
+
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0,
+                                   headers={"Authorization": f"Bearer {token}"})
+        self.kind = kind
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        import httpx
+
+        try:
+            resp = self.client.post(f"/ingest/{self.kind}", content=to_json(record),
+                                    headers={"Content-Type": "application/json"})
+        except httpx.TransportError as exc:  # the gateway is still starting (or restarting)
+            raise ConnectionError(f"gateway not reachable yet: {exc}") from exc
+        if resp.status_code >= 300:
+            raise RuntimeError(f"gateway answered {resp.status_code}: {resp.text[:200]}")
+
+
+def _request_source(model: str, kind: str, seed: int) -> Iterator[dict[str, Any]]:
+    """Prediction requests carrying raw events the models never trained on (another seed)."""
+    for event in _events(kind, seed, int(time.time() * 1000)):
+        yield {"request_id": uuid.uuid4().hex, "model": model, "timestamp": int(time.time() * 1000),
+               "event_json": to_json(event), "features": None, "reply_topic": None}
+
+
+def run_demo(settings: Settings, duration: float, rates: Rates | None = None, report_root: Path = Path("reports"),
+             live: bool | None = None) -> Path:
+    """Run the demo for ``duration`` seconds; returns the report directory."""
+    from streamlearn.dashboard import Dashboard
+    from streamlearn.report import write_report
+    from streamlearn.stack import Supervisor, default_services
+
+    rates = rates or Rates()
+    started_wall = time.time()
+    with running_broker(settings) as broker:
+        log.info("%s", broker.describe())
+        ensure_topics(settings)
+        services = default_services(settings, base_metrics_port=free_port(), gateway=True)
+        token = secrets.token_hex(16)
+        gateway_port = free_port()
+        for svc in services:  # free ports: the demo must not collide with anything running
+            svc.metrics_port = free_port() if svc.metrics_port is not None else None
+            if svc.name == "gateway":
+                svc.env["STREAMLEARN_INGEST_PORT"] = str(gateway_port)
+                svc.env["STREAMLEARN_INGEST_TOKENS"] = f"demo:{token}"
+        sup = Supervisor(settings, services)
+        observer = Observer(settings)
+        publisher = Publisher(settings)
+        now_ms = int(time.time() * 1000)
+        generators = [
+            Paced("weblog", rates.weblog, lambda r: publisher.publish("weblog", r), _events("weblog", 1, now_ms)),
+            Paced("sensor", rates.sensor, lambda r: publisher.publish("sensor", r),
+                  _events("sensor", 2, now_ms - 3_600_000)),
+            Paced("image", rates.image, lambda r: publisher.publish("image", r), _events("image", 3, now_ms)),
+            Paced("gateway-sensor", 5.0, GatewayPoster(gateway_port, token, "sensor"),
+                  _events("sensor", 4, now_ms - 3_600_000)),
+        ]
+        requesters = [
+            Paced(f"requests-{model}", rates.requests,
+                  lambda r, m=model: publisher.publish_to(requests_topic(settings, m), "PredictionRequest", r),
+                  _request_source(model, kind, 100 + i))
+            for i, (model, kind) in enumerate(MODELS.items())
+        ]
+        sup.start()
+        observer.follow_predictions()
+        for g in generators + requesters:
+            g.start()
+        dashboard = Dashboard(observer, sup, generators, requesters, duration, live=live)
+        try:
+            dashboard.run(until=time.monotonic() + duration)
+        except KeyboardInterrupt:
+            log.warning("interrupted: draining and writing the report")
+        for g in generators + requesters:
+            g.stop_event.set()
+        for g in generators + requesters:
+            g.join(timeout=10)
+        publisher.flush(timeout=30)
+        observer.sample()
+        codes = sup.stop()
+        observer.sample()
+        report = write_report(settings, observer, sup, generators, requesters, codes, started_wall, report_root)
+        observer.close()
+        publisher.close()
+        dashboard.print_summary(report)
+    return report
