@@ -99,7 +99,9 @@ class HttpRegistryClient(SchemaRegistry):
         if code in (40403, 40408) or exc.code == 404:
             raise SchemaNotFoundError(message, error_code=int(code)) from exc
         if code == 409 or exc.code == 409:
-            raise IncompatibleSchemaError(path, "registry", [message]) from exc
+            parts = path.split("/")
+            subject = urllib.parse.unquote(parts[2]) if len(parts) > 2 else path
+            raise IncompatibleSchemaError(subject, "registry", [message]) from exc
         if code == 42201 or code == 422 and "schema" in message.lower():
             raise InvalidSchemaError(message) from exc
         if code == 42202:

@@ -83,7 +83,8 @@ class FileRegistry(SchemaRegistry):
             self.directory.mkdir(parents=True, exist_ok=True)
             self._log_path = self.directory / LOG_NAME
             self._log_path.touch(exist_ok=True)
-            self._lock_fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock_path = self.directory / LOCK_NAME
+            os.close(os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644))
         except OSError as exc:
             raise RegistryStoreError(
                 f"directory: cannot open the schema registry under {self.directory}: {exc}; "
@@ -96,12 +97,19 @@ class FileRegistry(SchemaRegistry):
     # -- log plumbing -------------------------------------------------------------------------
     @contextmanager
     def _locked(self, exclusive: bool) -> Iterator[None]:
+        """Hold the machine-wide lock. The lock file is opened per operation on purpose: a flock
+        belongs to an open file description, which a forked child would share (and so not be
+        excluded by) if the descriptor were kept open across ``fork``."""
         with self._mutex:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             try:
+                fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise RegistryStoreError(f"cannot open the registry lock {self._lock_path}: {exc}") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
                 yield
             finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                os.close(fd)  # closing the last descriptor releases the flock
 
     def _catch_up(self, *, repair: bool = False) -> None:
         """Apply log lines appended since the last read (by any process). Caller holds the lock."""
@@ -288,12 +296,6 @@ class FileRegistry(SchemaRegistry):
             versions = sorted(self._subject_versions(self._state, subject))
             self._append([{"op": "delete", "subject": subject}])
         return versions
-
-    def close(self) -> None:
-        with self._mutex:
-            if self._lock_fd >= 0:
-                os.close(self._lock_fd)
-                self._lock_fd = -1
 
 
 __all__ = [

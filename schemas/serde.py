@@ -235,9 +235,9 @@ class AvroSerializer:
         return buf.getvalue()
 
     def __call__(self, value: Any, ctx: Any = None) -> bytes:
+        self.validate(value)  # first: a bad record is the caller's error even while the registry is down
         if self._schema_id is None:
             self.schema_id  # noqa: B018 - registers and builds the header
-        self.validate(value)
         buf = io.BytesIO()
         buf.write(self._header)
         schemaless_writer(buf, self.parsed, value)

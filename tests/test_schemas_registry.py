@@ -148,3 +148,30 @@ def test_unreachable_http_registry_is_retryable_error() -> None:
         client.subjects()
     with pytest.raises(RegistryUnavailableError, match="not an http"):
         HttpRegistryClient("localhost:8081")
+
+
+def test_concurrent_processes_never_share_an_id(tmp_path: Path) -> None:
+    """Four processes register distinct schemas at once: the flock makes every id unique."""
+    code = (
+        "import sys; from schemas.registry import FileRegistry\n"
+        "reg = FileRegistry(sys.argv[1])\n"
+        "for i in range(5):\n"
+        "    name = f'P{sys.argv[2]}_{i}'\n"
+        "    s = {'type': 'record', 'name': name, 'fields': [{'name': 'a', 'type': 'int'}]}\n"
+        "    print(name, reg.register(name, s))\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(n)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for n in range(4)
+    ]
+    got: dict[str, int] = {}
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        got.update((name, int(i)) for name, i in (line.split() for line in out.splitlines()))
+    assert sorted(got.values()) == list(range(1, 21))
+    reg = FileRegistry(tmp_path)
+    for name, schema_id in got.items():
+        assert json.loads(reg.get_schema(schema_id))["name"] == name
+        assert reg.latest(name).id == schema_id

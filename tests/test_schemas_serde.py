@@ -248,3 +248,20 @@ def test_reader_schema_incompatible_with_writer_is_typed(registry: FileRegistry)
     reader["fields"].append({"name": "site", "type": "string"})
     with pytest.raises(IncompatibleReaderError, match="reader field 'site' of SensorReading has no default"):
         AvroDeserializer(registry, reader_schema=reader)(ser(RECORDS["SensorReading"]))
+
+
+def test_deserializer_accepts_any_bytes_like(registry: FileRegistry) -> None:
+    ser = AvroSerializer(registry, "s-value", catalog.load_schema("SensorReading"))
+    data = ser(RECORDS["SensorReading"])
+    des = AvroDeserializer(registry)
+    for form in (bytearray(data), memoryview(data)):
+        assert des(form) == Decoded(RECORDS["SensorReading"], ser.schema_id)
+
+
+def test_bad_record_is_reported_even_when_registry_is_down() -> None:
+    from schemas.http_client import HttpRegistryClient
+
+    ser = AvroSerializer(HttpRegistryClient("http://127.0.0.1:9", timeout=2), "s-value",
+                         catalog.load_schema("SensorReading"))
+    with pytest.raises(RecordValidationError, match="SensorReading.value"):
+        ser({**RECORDS["SensorReading"], "value": "abc"})
