@@ -113,3 +113,14 @@ def read_predictions(items: list[Any]) -> list[dict[str, Any]]:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, default=str)[:2000]
+
+
+WEBLOG_FEATURIZER = {"kind": "weblog", "version": "weblog-v1"}
+
+
+def weblog_event(i: int, label: str | None = "normal") -> dict[str, Any]:
+    """A valid WebLogEvent dict (event time now, so the featurizer's time checks pass)."""
+    return {"event_id": f"e{i}-{time.time_ns()}", "client_ip": f"10.0.{i % 7}.{i % 250}", "ident": None,
+            "user": None, "timestamp": int(time.time() * 1000), "method": "GET", "path": f"/items/{i}?q=1",
+            "protocol": "HTTP/1.1", "status": 200, "bytes_sent": 512 + i, "referrer": None,
+            "user_agent": "Mozilla/5.0", "latency_ms": 12.5, "label": label, "source": "test"}

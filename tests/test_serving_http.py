@@ -1,0 +1,96 @@
+"""HTTP front end: TensorFlow Serving REST shapes (status, metadata, predict, errors)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from serving.http_api import start_http
+from serving.inputs import Featurization
+from serving.policy import Policy
+from serving.versions import VersionManager
+from streaming.config import Settings
+from streaming.model_registry import ModelRegistry
+from tests.helpers import wait_until
+from tests.serving_helpers import WEBLOG_FEATURIZER, expected_outputs, publish, weblog_event
+
+MODEL = "webtiny"
+
+
+@pytest.fixture()
+def server(settings: Settings) -> Iterator[tuple[str, VersionManager]]:
+    reg = ModelRegistry(settings.model_dir)
+    publish(reg, MODEL, tag=5.0, n_features=64, n_outputs=1, featurizer=WEBLOG_FEATURIZER)
+    v2 = publish(reg, MODEL, tag=7.0, n_features=64, n_outputs=1, featurizer=WEBLOG_FEATURIZER, promote=False)
+    manager = VersionManager(settings, MODEL, Policy.parse(f"canary:{v2}:0.5"), poll_interval_s=0.1,
+                             follow_updates=False).start()
+    wait_until(lambda: manager.current().candidate is not None, timeout=60, message="stable and canary loaded")
+    srv = start_http(manager, Featurization(), MODEL, 0)
+    yield f"http://127.0.0.1:{srv.bound_port}", manager
+    srv.should_exit = True
+    manager.stop()
+
+
+def test_status_and_metadata_shapes(server: tuple[str, VersionManager]) -> None:
+    base, _ = server
+    with httpx.Client(base_url=base, timeout=10) as c:
+        body = c.get(f"/v1/models/{MODEL}").json()
+        assert body == {"model_version_status": [
+            {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}},
+            {"version": "2", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+        assert c.get(f"/v1/models/{MODEL}/versions/2").json()["model_version_status"][0]["version"] == "2"
+        meta = c.get(f"/v1/models/{MODEL}/metadata").json()
+        assert meta["model_spec"] == {"name": MODEL, "signature_name": "", "version": "1"}
+        sig = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
+        assert sig["inputs"]["x"]["dtype"] == "DT_FLOAT"
+        assert [d["size"] for d in sig["inputs"]["x"]["tensor_shape"]["dim"]] == ["-1", "64"]
+        assert [d["size"] for d in sig["outputs"]["outputs"]["tensor_shape"]["dim"]] == ["-1", "1"]
+        assert c.get(f"/v1/models/{MODEL}/labels/canary/metadata").json()["model_spec"]["version"] == "2"
+        for path in ("/v1/models/nope", f"/v1/models/{MODEL}/versions/9", f"/v1/models/{MODEL}/labels/blue/metadata"):
+            r = c.get(path)
+            assert r.status_code == 404 and set(r.json()) == {"error"}, (path, r.text)
+
+
+def test_predict_rows_columnar_versions_labels_and_raw_events(server: tuple[str, VersionManager]) -> None:
+    base, _ = server
+    x = np.linspace(-1, 1, 64).round(4).tolist()
+    with httpx.Client(base_url=base, timeout=10) as c:
+        r = c.post(f"/v1/models/{MODEL}:predict", json={"instances": [x, {"x": x}]})
+        assert r.status_code == 200, r.text
+        preds = r.json()["predictions"]
+        assert len(preds) == 2
+        np.testing.assert_allclose(preds[0], expected_outputs(x, 5.0, 1), rtol=1e-5)
+        r = c.post(f"/v1/models/{MODEL}/versions/2:predict", json={"inputs": {"x": [x]}})
+        np.testing.assert_allclose(r.json()["outputs"][0], expected_outputs(x, 7.0, 1), rtol=1e-5)
+        for label, tag in (("stable", 5.0), ("canary", 7.0)):
+            r = c.post(f"/v1/models/{MODEL}/labels/{label}:predict", json={"instances": [x]})
+            np.testing.assert_allclose(r.json()["predictions"][0], expected_outputs(x, tag, 1), rtol=1e-5)
+        r = c.post(f"/v1/models/{MODEL}:predict", json={"instances": [weblog_event(1), weblog_event(2)]})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["predictions"]) == 2 and len(r.json()["predictions"][0]) == 1
+
+
+def test_predict_errors_use_tf_serving_shape(server: tuple[str, VersionManager]) -> None:
+    base, _ = server
+    nan_row = '{"instances": [[' + ",".join(["NaN"] * 64) + "]]}"  # Python's json accepts NaN literals
+    cases: list[tuple[dict[str, Any] | str, str]] = [
+        ({"instances": [[1.0, 2.0]]}, "takes 64 features"),
+        ({"instances": []}, "non-empty"),
+        ({"rows": [[1.0]]}, "instances"),
+        ({"instances": [{"method": "GET"}]}, "instances[0]"),
+        (nan_row, "finite"),
+        ("{not json", "not valid JSON"),
+    ]
+    with httpx.Client(base_url=base, timeout=10) as c:
+        for body, word in cases:
+            if isinstance(body, str):
+                r = c.post(f"/v1/models/{MODEL}:predict", content=body, headers={"content-type": "application/json"})
+            else:
+                r = c.post(f"/v1/models/{MODEL}:predict", json=body)
+            assert r.status_code == 400 and set(r.json()) == {"error"} and word in r.json()["error"], (body, r.text)
+        r = c.post("/v1/models/other:predict", json={"instances": [[1.0]]})
+        assert r.status_code == 404 and "error" in r.json()
