@@ -103,6 +103,9 @@ def test_suspicious_path_flag() -> None:
         ("", "empty"),
         (None, "empty"),
         ("SomethingElse/1.0", "other"),
+        ("UniversalFeedParser/4.2-pre-314-svn +http://feedparser.org/", "bot"),
+        ("Tiny Tiny RSS/1.11 (http://tt-rss.org/)", "bot"),
+        ("Chef Client/10.18.2 (ruby-1.9.3-p327; ohai-6.16.0; x86_64-linux; +http://opscode.com)", "tool"),
     ],
 )
 def test_user_agent_classes(ua: str | None, cls: str) -> None:
@@ -188,3 +191,29 @@ def test_validation_errors_name_the_field(over: dict[str, Any], field: str) -> N
     with pytest.raises(FeatureValidationError, match=rf"WebLogEvent\.{field}"):
         f.featurize(rec(**over), s)
     assert s == f.new_state()  # a rejected record leaves the state untouched
+
+
+def test_real_apache_logs_featurize_cleanly_and_resume_identically() -> None:
+    from tests.helpers import APACHE_LOGS
+
+    if not APACHE_LOGS.exists():
+        pytest.skip(f"{APACHE_LOGS} is absent (real combined-log sample beside the project root)")
+    from ingest.weblog import parse_line
+
+    with APACHE_LOGS.open(encoding="utf-8", errors="replace") as fh:
+        records = [parse_line(line, source="apache_logs", position=i) for i, line in enumerate(fh)]
+    f = get_featurizer("weblog")
+    straight, s1 = [], f.new_state()
+    for r in records:
+        straight.append(f.featurize(r, s1).x)
+    x = np.stack(straight)
+    assert x.shape == (len(records), f.n_features) and np.isfinite(x).all()
+    v = dict(zip(f.feature_names, x.sum(axis=0).tolist(), strict=True))
+    assert v["method_GET"] > 0.9 * len(records) and v["ua_browser"] > 0 and v["ua_bot"] > 0
+    half = len(records) // 2
+    s2 = f.new_state()
+    for r in records[:half]:
+        f.featurize(r, s2)
+    s3 = f.state_from_json(f.state_to_json(s2))
+    resumed = np.stack([f.featurize(r, s3).x for r in records[half:]])
+    np.testing.assert_array_equal(resumed, x[half:])

@@ -54,6 +54,7 @@ import math
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable
+from operator import mul
 from typing import Any
 
 import numpy as np
@@ -169,42 +170,42 @@ class SensorFeaturizer(Featurizer[SensorState]):
     # -- the shared feature function ---------------------------------------------------------
 
     def window_features(self, buf: SensorBuffer, end: int) -> np.ndarray:
-        """Features of the window of ``buf`` ending at index ``end`` (inclusive)."""
-        start = max(0, end - self.window + 1)
-        vals = buf.values[start : end + 1]
-        n = len(vals)
-        value = vals[-1]
-        mean = sum(vals) / n
-        var = sum((v - mean) * (v - mean) for v in vals) / n
-        std = math.sqrt(var)
-        if n >= 2:
-            slope = sum(c * v for c, v in zip(self._centered[n], vals, strict=True)) / self._sxx[n]
-        else:
-            slope = 0.0
-        z = (value - mean) / std if std > 0.0 else 0.0
-        z = max(-Z_CLIP, min(Z_CLIP, z))
+        """Features of the window of ``buf`` ending at index ``end`` (inclusive).
+
+        Plain Python floats over at most ``window`` values, then one float32 array: for 16 values
+        this beats numpy's per-call overhead, and the result is the row's own array.
+        """
         values = buf.values
-        lags = [value - values[end - k] if end - k >= 0 else 0.0 for k in (1, 2, 3)]
-        t = buf.times[end]
-        gap = math.log1p(max(0, t - buf.times[end - 1]) / 1000.0) if end >= 1 else 0.0
+        start = end - self.window + 1
+        if start < 0:
+            start = 0
+        vals = values[start : end + 1]
+        n = end + 1 - start
+        value = values[end]
+        mean = sum(vals) / n
+        # Deviations first (two-pass variance): stable for large offsets with small spread.
+        devs = [v - mean for v in vals]
+        std = math.sqrt(sum(map(mul, devs, devs)) / n)
+        # Least squares on centered indices; sum(c) == 0, so using deviations changes nothing.
+        slope = sum(map(mul, self._centered[n], devs)) / self._sxx[n] if n >= 2 else 0.0
+        dev = devs[-1]  # value - mean
+        z = dev / std if std > 0.0 else 0.0
+        if z > Z_CLIP:
+            z = Z_CLIP
+        elif z < -Z_CLIP:
+            z = -Z_CLIP
+        times = buf.times
+        t = times[end]
+        if end >= 1:
+            lag1 = value - values[end - 1]
+            gap = math.log1p((t - times[end - 1]) / 1000.0)
+        else:
+            lag1 = gap = 0.0
+        lag2 = value - values[end - 2] if end >= 2 else 0.0
+        lag3 = value - values[end - 3] if end >= 3 else 0.0
         hs, hc = hour_of_day_sin_cos(t)
         return np.array(
-            [
-                value,
-                value - mean,
-                z,
-                std,
-                min(vals) - mean,
-                max(vals) - mean,
-                slope,
-                lags[0],
-                lags[1],
-                lags[2],
-                n / self.window,
-                gap,
-                hs,
-                hc,
-            ],
+            [value, dev, z, std, min(devs), max(devs), slope, lag1, lag2, lag3, n / self.window, gap, hs, hc],
             dtype=np.float32,
         )
 

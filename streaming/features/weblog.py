@@ -12,8 +12,9 @@ Feature layout (``feature_names`` lists them; the order is part of the version):
   file extension (``ext:php``) and query parameter names (``q:id``); at most 16 of each;
 * ``log1p_bytes``, ``log1p_latency_ms`` and ``latency_missing`` (latency is optional in the schema;
   0.0 plus the indicator when absent, so "unknown" is not confused with "instant");
-* ``ua_browser``/``ua_bot``/``ua_tool``/``ua_other``/``ua_empty``: user-agent class one-hot (bots and
-  crawlers by self-declared name, scripted tools like curl or python-requests by product token);
+* ``ua_browser``/``ua_bot``/``ua_tool``/``ua_other``/``ua_empty``: user-agent class one-hot (bots,
+  crawlers and feed readers by self-declared name, scripted tools like curl or python-requests by
+  leading product token, browsers by a leading ``Mozilla/``/``Opera``);
 * ``log1p_client_rate_60s``: requests of this client within the last 60 s of *event* time
   (including this one), ``log1p_secs_since_prev`` (capped at one hour) and ``client_first_seen``;
 * ``hour_sin``/``hour_cos`` of the event's UTC hour of day.
@@ -65,13 +66,13 @@ GAP_CAP_S = 3600.0
 
 _BOT_RE = re.compile(
     r"bot|crawl|spider|slurp|archiver|facebookexternalhit|mediapartners|feedfetcher|bingpreview"
-    r"|yandex|baiduspider|semrush|ahrefs|headless",
+    r"|yandex|baiduspider|semrush|ahrefs|headless|feed|\brss\b",
     re.IGNORECASE,
 )
 _TOOL_RE = re.compile(
     r"^\s*(curl|wget|python-requests|python-urllib|python/|python-httpx|aiohttp|httpx|go-http-client"
     r"|java/|libwww-perl|lwp-|okhttp|apache-httpclient|httpie|scrapy|axios|node-fetch|php/|ruby"
-    r"|perl/|powershell|winhttp|nikto|sqlmap|nmap|masscan|zgrab)",
+    r"|perl/|powershell|winhttp|nikto|sqlmap|nmap|masscan|zgrab|chef client|ansible|puppet)",
     re.IGNORECASE,
 )
 _SUSPICIOUS_RE = re.compile(
