@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -31,12 +32,7 @@ def png_bomb(w: int = 100_000, h: int = 100_000) -> bytes:
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
     chunk = struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
     idat_data = zlib.compress(b"\x00" * 1000)
-    idat = (
-        struct.pack(">I", len(idat_data))
-        + b"IDAT"
-        + idat_data
-        + struct.pack(">I", zlib.crc32(b"IDAT" + idat_data))
-    )
+    idat = struct.pack(">I", len(idat_data)) + b"IDAT" + idat_data + struct.pack(">I", zlib.crc32(b"IDAT" + idat_data))
     return b"\x89PNG\r\n\x1a\n" + chunk + idat + b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
@@ -101,3 +97,160 @@ def test_labels(tmp_path: Path) -> None:
     assert label_for(tmp_path / "7_abc.png") == "7"
     assert label_for(tmp_path / "plain.png") is None
     assert label_for(tmp_path / "_x.png") is None
+
+
+# -- the watcher against the real broker ------------------------------------------------------
+
+
+def test_watcher_publishes_valid_and_dead_letters_hostile_files(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from ingest.images import ImageWatcher
+    from streaming.producer import Publisher, header_dict
+    from streaming.topics import dead_letter_topic, raw_topic
+    from tests.helpers import read_topic
+
+    watch = tmp_path / "in"
+    watch.mkdir()
+    d = list(digits(3))
+    (watch / "7_abc.png").write_bytes(d[0]["data"])
+    (watch / "plain.png").write_bytes(d[1]["data"])
+    (watch / "plain.png.label").write_text("one\n")
+    (watch / "photo.jpg").write_bytes(_jpeg(30, 20))
+    (watch / "bomb.png").write_bytes(png_bomb())
+    (watch / "cut.png").write_bytes(d[2]["data"][:-12])
+    (watch / "liar.png").write_bytes(_jpeg())
+    (watch / "noise.jpeg").write_bytes(bytes(np.random.default_rng(2).integers(0, 256, 3000, dtype=np.uint8)))
+    (watch / "notes.txt").write_text("not an image, left alone")
+    with Publisher(settings) as pub:
+        watcher = ImageWatcher(settings, pub, watch)
+        watcher.run(follow=False)
+        watcher.close()
+    assert (watcher.published, watcher.rejected_count) == (3, 4)
+    events = {r.value["source"]: r.value for r in read_topic(settings, raw_topic(settings, "image"), expect=3)}
+    assert set(events) == {"7_abc.png", "plain.png", "photo.jpg"}
+    assert events["7_abc.png"]["label"] == "7" and events["plain.png"]["label"] == "one"
+    assert events["photo.jpg"]["content_type"] == "JPEG" and events["photo.jpg"]["width"] == 30
+    assert events["7_abc.png"]["data"] == d[0]["data"]
+    dls = read_topic(settings, dead_letter_topic(settings, "image"), decode=False, expect=4)
+    reasons = {Path(header_dict(x.headers)["dl.source_file"]).name: header_dict(x.headers) for x in dls}
+    assert {k: v["dl.source_reason"] for k, v in reasons.items()} == {
+        "bomb.png": "too_many_pixels",
+        "cut.png": "truncated",
+        "liar.png": "wrong_extension",
+        "noise.jpeg": "bad_magic",
+    }
+    assert all(v["dl.stage"] == "validate" and v["dl.message"] for v in reasons.values())
+    assert sorted(p.name for p in (watch / "processed").iterdir()) == [
+        "7_abc.png",
+        "photo.jpg",
+        "plain.png",
+        "plain.png.label",
+    ]
+    rejected = sorted(p.name for p in (watch / "rejected").iterdir())
+    assert rejected == sorted(
+        [f"{n}{s}" for n in ("bomb.png", "cut.png", "liar.png", "noise.jpeg") for s in ("", ".reason")]
+    )
+    assert (watch / "rejected" / "bomb.png.reason").read_text().startswith("too_many_pixels:")
+    assert sorted(p.name for p in watch.iterdir()) == ["notes.txt", "processed", "rejected"]
+
+
+@pytest.mark.timeout(240)
+def test_watcher_kill9_at_random_points_publishes_each_file_once(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import random
+    import signal
+    import subprocess
+    from collections import Counter
+
+    from streaming.consumer import Subscriber
+    from streaming.producer import header_dict
+    from streaming.topics import dead_letter_topic, raw_topic
+    from tests.helpers import read_topic, streamlearn_cmd, subprocess_env, wait_until
+
+    rng = random.Random(7)
+    watch = tmp_path / "in"
+    watch.mkdir()
+    cmd = streamlearn_cmd("ingest", "images", "--watch", str(watch), "--poll", "0.05")
+    env = subprocess_env(settings)
+    images = list(digits(900))
+    probe = Subscriber(settings, raw_topic(settings, "image"), start="end", decode=False)
+    tps = list(probe.assignment())
+
+    def published() -> int:
+        return sum(probe.consumer.end_offsets(tps).values())
+
+    dropped = 0
+    hostile = 0
+    kills_mid_stream = 0
+    for kill in range(4):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            n = rng.randint(150, 250)
+            before = published()
+            for rec in images[dropped : dropped + n]:  # write-then-rename, as producers of files should
+                tmp = watch / f".{rec['source'].split(':')[1]}.tmp"
+                tmp.write_bytes(rec["data"])
+                os.rename(tmp, watch / f"{rec['label']}_{rec['source'].split(':')[1]}.png")
+            (watch / f"bad{kill}.png").write_bytes(png_bomb(9000 + kill, 9000))
+            hostile += 1
+            dropped += n
+            target = before + rng.randint(1, n - 1)
+            wait_until(
+                lambda t=target, p=proc: published() >= t or p.poll() is not None,
+                60,
+                interval=0.002,
+                message="watcher progress",
+            )
+        finally:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            if proc.stderr:
+                proc.stderr.close()
+        kills_mid_stream += published() < dropped
+    assert kills_mid_stream >= 2
+    proc = subprocess.Popen(cmd + ["--idle-exit", "1.5"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    probe.close()
+    got = Counter(r.value["image_id"] for r in read_topic(settings, raw_topic(settings, "image"), expect=dropped))
+    want = {r["image_id"] for r in images[:dropped]}
+    assert (len(want - set(got)), sum(v > 1 for v in got.values())) == (0, 0)
+    assert sum(got.values()) == dropped
+    dls = read_topic(settings, dead_letter_topic(settings, "image"), decode=False, idle_timeout=1.0)
+    assert sorted(Path(header_dict(d.headers)["dl.source_file"]).name for d in dls) == [f"bad{k}.png" for k in range(4)]
+    assert len(list((watch / "processed").iterdir())) == dropped
+    assert sorted(p.name for p in watch.iterdir()) == ["processed", "rejected"]
+
+
+def test_images_acked_but_not_journaled_are_not_published_again(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The state a kill -9 between the acks and the journal write leaves: intents only."""
+    from ingest.images import ImageWatcher
+    from streaming.producer import Publisher
+    from streaming.topics import dead_letter_topic, raw_topic
+    from tests.helpers import read_topic
+
+    watch = tmp_path / "in"
+    watch.mkdir()
+    for rec in digits(10):
+        (watch / f"{rec['label']}_{rec['source'].split(':')[1]}.png").write_bytes(rec["data"])
+    (watch / "bomb.png").write_bytes(png_bomb())
+
+    class Crashing(ImageWatcher):
+        def _move(self, it):  # type: ignore[no-untyped-def]
+            raise KeyboardInterrupt  # dies right after the acks, before journal + move
+
+    with Publisher(settings) as pub:
+        crashing = Crashing(settings, pub, watch)
+        real_add = crashing.journal.add_many
+        crashing.journal.add_many = lambda items: real_add([i for i in items if i[0] == "I"])  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            crashing.run(follow=False)
+        crashing.close()
+        assert crashing.published == 10
+        again = ImageWatcher(settings, pub, watch)
+        again.run(follow=False)
+        again.close()
+    assert (again.published, again.rejected_count) == (0, 0)
+    assert len(read_topic(settings, raw_topic(settings, "image"), decode=False, idle_timeout=1.0)) == 10
+    assert len(read_topic(settings, dead_letter_topic(settings, "image"), decode=False, idle_timeout=1.0)) == 1
+    assert len(list((watch / "processed").iterdir())) == 10
+    assert sorted(p.name for p in (watch / "rejected").iterdir()) == ["bomb.png", "bomb.png.reason"]

@@ -121,3 +121,77 @@ def test_generator_default_start_ends_near_now_and_csv_line_round_trips(tmp_path
     assert [(r["sensor_id"], r["timestamp"], r["value"], r["label"]) for r in back] == [
         (r["sensor_id"], r["timestamp"], r["value"], r["label"]) for r in recs
     ]
+
+
+# -- against the real broker ------------------------------------------------------------------
+
+
+def test_cli_sensors_csv_dead_letters_bad_values_with_reasons(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import subprocess
+
+    from ingest.sensors import now_ms
+    from streaming.producer import header_dict
+    from streaming.topics import dead_letter_topic, raw_topic
+    from tests.helpers import read_topic, streamlearn_cmd, subprocess_env
+
+    now = now_ms()
+    path = tmp_path / "readings.csv"
+    path.write_text(
+        "\n".join(
+            [
+                CSV_HEADER,
+                f"s1,{now},20.5,celsius,false,40",
+                f"s1,{now},NaN,celsius,,40",
+                f"s2,{now},-inf,celsius,,",
+                f"s3,{now},3e15,celsius,,",
+                f"s4,{now - 50 * 365 * DAY_MS},1,celsius,,",
+                f"s5,{now + 30 * DAY_MS},1,celsius,,",
+                f"s6,{now},21,celsius,true,41",
+            ]
+        )
+        + "\n"
+    )
+    done = subprocess.run(
+        streamlearn_cmd("ingest", "sensors", "--csv", str(path)),
+        env=subprocess_env(settings),
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    summary = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert (summary["published"], summary["dead_lettered"]) == (2, 5)
+    readings = read_topic(settings, raw_topic(settings, "sensor"), expect=2)
+    assert sorted((r.value["sensor_id"], r.value["value"]) for r in readings) == [("s1", 20.5), ("s6", 21.0)]
+    assert all(math.isfinite(r.value["value"]) for r in readings)
+    dls = read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False, expect=5)
+    got = {header_dict(d.headers)["dl.source_line"]: header_dict(d.headers) for d in dls}
+    assert {k: v["dl.source_reason"] for k, v in got.items()} == {
+        "3": "nan",
+        "4": "infinite",
+        "5": "absurd_magnitude",
+        "6": "timestamp_too_old",
+        "7": "timestamp_in_future",
+    }
+    assert dls[0].value.startswith(b"s1,") and "NaN" in got["3"]["dl.message"]
+
+
+def test_cli_sensors_generate(settings) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    from streaming.topics import raw_topic
+    from tests.helpers import read_topic, streamlearn_cmd, subprocess_env
+
+    done = subprocess.run(
+        streamlearn_cmd("ingest", "sensors", "--generate", "300", "--sensors", "5", "--seed", "3"),
+        env=subprocess_env(settings),
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    got = [r.value for r in read_topic(settings, raw_topic(settings, "sensor"), expect=300)]
+    assert len(got) == 300 and len({r["sensor_id"] for r in got}) == 5
+    want = {
+        r["event_id"]: r["value"] for r in generate(300, n_sensors=5, seed=3, start_ms=min(r["timestamp"] for r in got))
+    }
+    assert {r["event_id"]: r["value"] for r in got} == want
