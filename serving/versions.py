@@ -123,6 +123,11 @@ class VersionManager:
                 "(canary only while a canary policy routes)")
         return lv
 
+    def load_failure(self, version: int) -> tuple[int, bool, str]:
+        """(failed attempts, given up, last error) of a version; (0, False, "") if it never failed."""
+        att = self._attempts.get(version)
+        return (att.count, att.given_up, att.last_error) if att else (0, False, "")
+
     def wait_ready(self, timeout_s: float) -> bool:
         """Block until a stable version answers (True) or the timeout passes (False)."""
         return self._ready.wait(timeout_s)
