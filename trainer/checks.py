@@ -1,0 +1,119 @@
+"""The shared check suite every model spec must pass (built-in or user-supplied).
+
+``check_spec(spec)`` trains the spec briefly on synthetic rows shaped like its featurizer's output
+and raises :class:`SpecCheckError` listing every failed property:
+
+* the featurizer resolves, and the model's input is ``(None, n_features)`` of that featurizer;
+* the output is ``(None, len(output_names))`` (classifiers: one column per class name);
+* the same seed builds and trains to the same weights (reproducibility);
+* rows whose label is NaN are dropped before training (and targets are finite where required);
+* a SavedModel export loads through the serving signature and gives the same predictions as the
+  Keras model, and the warm-start weights round-trip too;
+* the spec's score function gives a finite number on the model's outputs.
+
+Run from the parametrized test ``tests/test_trainer_specs.py`` and by ``streamlearn models check``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from trainer.exceptions import SpecCheckError
+from trainer.spec import FeatureInfo, ModelSpec
+
+N_ROWS = 96
+
+
+def synthetic_columns(spec: ModelSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Label columns for ``n`` rows: valid values, with every 7th primary label unknown (NaN)."""
+    if spec.task == "classification":
+        k = len(spec.class_names or []) or 2
+        primary = rng.integers(0, k, size=n).astype(np.float64)
+    else:
+        primary = rng.normal(size=n)
+    primary[::7] = np.nan
+    cols = {spec.label: primary}
+    for name in spec.aux_labels:
+        aux = rng.integers(0, 2, size=n).astype(np.float64)
+        aux[::3] = np.nan
+        cols[name] = aux
+    return cols
+
+
+def synthetic_x(features: FeatureInfo, n: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(0.0, 1.0, size=(n, features.n_features)).astype(np.float32)
+
+
+def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def check_spec(spec: ModelSpec, epochs: int = 1) -> None:
+    """Raise SpecCheckError naming every property ``spec`` fails; return None when it passes."""
+    from trainer import model_io
+    from trainer.data import labelled
+    from trainer.training import predict, train_candidate
+
+    failures: list[str] = []
+    if spec.task not in ("classification", "regression"):
+        failures.append(f"task is {spec.task!r}; use 'classification' or 'regression'")
+    if spec.direction not in ("max", "min"):
+        failures.append(f"direction is {spec.direction!r}; use 'max' or 'min'")
+    if spec.task == "classification" and (not spec.class_names or len(spec.class_names) != len(spec.output_names)):
+        failures.append("classifiers need class_names with one entry per output column")
+    if failures:
+        raise SpecCheckError(f"model spec {spec.name!r} failed: " + "; ".join(failures))
+    features = spec.features()
+    rng = np.random.default_rng(7)
+    x = synthetic_x(features, N_ROWS, rng)
+    cols = synthetic_columns(spec, N_ROWS, rng)
+    try:
+        xt, yt = labelled(spec, x, cols)
+    except Exception as exc:
+        raise SpecCheckError(f"model spec {spec.name!r}: make_targets failed on valid labels: {exc}") from exc
+    n_known = int(np.sum(~np.isnan(cols[spec.label])))
+    if len(xt) != n_known or len(yt) != n_known:
+        failures.append(f"rows with a NaN label were not dropped ({len(xt)} rows kept, {n_known} labelled)")
+    if spec.task == "classification" and not np.all(np.isfinite(yt)):
+        failures.append("classification targets contain NaN after dropping unlabelled rows")
+
+    first = train_candidate(spec, features, xt, yt, seed=spec.seed, epochs=epochs)
+    second = train_candidate(spec, features, xt, yt, seed=spec.seed, epochs=epochs)
+    model = first.model
+    in_shape = tuple(model.input_shape)
+    if in_shape != (None, features.n_features):
+        failures.append(f"model input shape {in_shape} != (None, {features.n_features}) of featurizer "
+                        f"{features.version}")
+    out_shape = tuple(model.output_shape)
+    if out_shape != (None, len(spec.output_names)):
+        failures.append(f"model output shape {out_shape} != (None, {len(spec.output_names)}) (output_names)")
+    if not _same(first.model.get_weights(), second.model.get_weights()):
+        failures.append("the same seed did not give the same weights (nondeterministic builder or training)")
+    if not np.isfinite(first.final_loss):
+        failures.append(f"training loss is {first.final_loss} on synthetic data")
+
+    expected = predict(model, x)
+    if expected.shape != (N_ROWS, len(spec.output_names)):
+        failures.append(f"predictions have shape {expected.shape}, expected {(N_ROWS, len(spec.output_names))}")
+    with tempfile.TemporaryDirectory(prefix="streamlearn-check-") as tmp:
+        path = Path(tmp) / "1"
+        model_io.export_saved_model(model, features.n_features, path)
+        loaded = model_io.SavedModelPredictor(path)
+        spec_in = loaded.input_spec()
+        if tuple(spec_in.shape.as_list()) != (None, features.n_features) or spec_in.dtype.name != "float32":
+            failures.append(f"serving signature input is {spec_in}, expected float32[None, {features.n_features}]")
+        got = loaded.predict(x)
+        if got.shape != expected.shape or not np.allclose(got, expected, atol=1e-5, rtol=1e-5):
+            failures.append("SavedModel predictions differ from the Keras model's after a save/load round trip")
+        fresh = spec.build(features, spec.seed + 99)
+        if not model_io.load_weights(fresh, path / model_io.WEIGHTS_FILE) or not np.allclose(
+                predict(fresh, x), expected, atol=1e-5, rtol=1e-5):
+            failures.append("warm-start weights did not round-trip to the same predictions")
+    score = spec.score(yt, predict(model, xt))
+    if not np.isfinite(score):
+        failures.append(f"score ({spec.primary_metric}) is {score} on the model's own outputs")
+    if failures:
+        raise SpecCheckError(f"model spec {spec.name!r} failed the shared checks: " + "; ".join(failures))

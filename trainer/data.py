@@ -1,0 +1,179 @@
+"""Which feature batches a new version trains and is evaluated on, and loading them.
+
+Prequential plan (one call of :func:`plan_data`):
+
+* **new** batches are those after the parent version's cursor (the last batch it trained on);
+* the newest ``spec.holdout_batches`` of them are the **holdout**: candidate and current model are
+  both scored on them and neither has trained on them; the *next* version trains on them, because
+  the cursor only advances over trained batches;
+* the rest are trained on, together with a bounded **reservoir** of older batch ids (reservoir
+  sampling, capped at ``spec.reservoir_batches``): no forgetting of old regimes, no unbounded memory.
+
+The reservoir is a pure function of the batch sequence and the seed: step ``n`` draws from
+``random.Random(f"{seed}:{n}")``, so replays and the reproduce command select exactly the same
+batches without persisting RNG state. The state handed to the next version (cursor, count,
+reservoir ids) lives in ``metadata.json["data_state"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streaming.store import BatchInfo, read_batch
+from trainer.exceptions import LineageError, NotEnoughDataError
+from trainer.spec import ModelSpec
+
+#: at most this many new batches are trained on directly; older new ones only enter the reservoir.
+MAX_NEW_BATCHES = 40
+
+
+@dataclass
+class DataPlan:
+    train_new: list[BatchInfo]
+    reservoir: list[BatchInfo]
+    holdout: list[BatchInfo]
+    data_state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train(self) -> list[BatchInfo]:
+        """Training batches in a fixed order: older reservoir first, then the new ones."""
+        return [*self.reservoir, *self.train_new]
+
+
+def _sort_key(b: BatchInfo) -> tuple[int, str]:
+    return int(b.manifest.get("created_at_ms", 0)), b.batch_id
+
+
+def reservoir_add(reservoir: list[str], seen: int, batch_id: str, cap: int, seed: int) -> int:
+    """One step of reservoir sampling (Algorithm R) with a per-step seeded RNG; returns the new count."""
+    seen += 1
+    if len(reservoir) < cap:
+        reservoir.append(batch_id)
+    else:
+        j = random.Random(f"{seed}:{seen}").randrange(seen)
+        if j < cap:
+            reservoir[j] = batch_id
+    return seen
+
+
+def plan_data(spec: ModelSpec, batches: list[BatchInfo], parent_state: dict[str, Any] | None) -> DataPlan:
+    """Split the store's batches (oldest first) into reservoir / new training / holdout batches."""
+    batches = sorted(batches, key=_sort_key)
+    by_id = {b.batch_id: b for b in batches}
+    state = parent_state or {}
+    cursor = state.get("cursor")
+    if cursor is None:
+        new = batches
+    elif cursor in by_id:
+        idx = [b.batch_id for b in batches].index(cursor)
+        new = batches[idx + 1:]
+    else:  # the cursor batch was deleted by store retention: fall back to its creation time
+        mark = (int(state.get("cursor_created_at_ms", 0)), str(cursor))
+        new = [b for b in batches if _sort_key(b) > mark]
+    holdout_n = max(1, spec.holdout_batches)
+    if len(new) < holdout_n + 1:
+        raise NotEnoughDataError(
+            f"model {spec.name!r}: {len(new)} new feature batch(es) since the last version; need at least "
+            f"{holdout_n + 1} ({holdout_n} held out for evaluation). Let the stream worker write more batches"
+        )
+    holdout = new[-holdout_n:]
+    train_new = new[:-holdout_n]
+    reservoir_ids = [str(b) for b in state.get("reservoir", [])]
+    seen = int(state.get("seen", 0))
+    overflow = train_new[:-MAX_NEW_BATCHES] if len(train_new) > MAX_NEW_BATCHES else []
+    train_new = train_new[len(overflow):]
+    for b in overflow:
+        seen = reservoir_add(reservoir_ids, seen, b.batch_id, spec.reservoir_batches, spec.seed)
+    reservoir = [by_id[i] for i in reservoir_ids if i in by_id]
+    next_reservoir = [b.batch_id for b in reservoir]
+    for b in train_new:
+        seen = reservoir_add(next_reservoir, seen, b.batch_id, spec.reservoir_batches, spec.seed)
+    last = train_new[-1]
+    return DataPlan(train_new, reservoir, holdout, {
+        "cursor": last.batch_id, "cursor_created_at_ms": int(last.manifest.get("created_at_ms", 0)),
+        "seen": seen, "reservoir": next_reservoir,
+    })
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_batches(spec: ModelSpec, batches: list[BatchInfo], n_features: int,
+                 expected_sha: dict[str, str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
+    """Read batches after checking each file's sha256; returns ``(x, label columns, sha256 list)``.
+
+    The hash is checked against the batch manifest, or against ``expected_sha`` (batch id -> hash
+    recorded in a version's lineage) when given; any mismatch raises LineageError. A label the
+    featurizer did not emit becomes a NaN column.
+    """
+    xs: list[np.ndarray] = []
+    cols: dict[str, list[np.ndarray]] = {name: [] for name in (spec.label, *spec.aux_labels)}
+    hashes: list[str] = []
+    for b in batches:
+        want = (expected_sha or {}).get(b.batch_id) or b.manifest.get("sha256")
+        got = file_sha256(b.path)
+        if want is not None and got != want:
+            raise LineageError(
+                f"batch {b.batch_id}: sha256 of {b.path} is {got}, expected {want}; the file changed since "
+                "it was recorded; restore it or replay its offsets into a fresh feature store"
+            )
+        arrays = read_batch(b.path)
+        x = arrays["x"]
+        if x.shape[1] != n_features:
+            raise LineageError(
+                f"batch {b.batch_id}: rows have {x.shape[1]} features, model {spec.name!r} needs {n_features}; "
+                "the batch was written by another featurizer version"
+            )
+        xs.append(x)
+        for name in cols:
+            cols[name].append(arrays[name] if name in arrays else np.full(len(x), np.nan))
+        hashes.append(got)
+    x_all = np.concatenate(xs, axis=0) if xs else np.zeros((0, n_features), np.float32)
+    columns = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()}
+    return x_all, columns, hashes
+
+
+def labelled(spec: ModelSpec, x: np.ndarray, columns: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Drop rows whose primary label is NaN (unknown), then build the targets with the spec."""
+    mask = ~np.isnan(np.asarray(columns[spec.label], dtype=np.float64))
+    kept = {k: np.asarray(v)[mask] for k, v in columns.items()}
+    y = np.asarray(spec.make_targets(kept), dtype=np.float32)
+    return np.asarray(x[mask], dtype=np.float32), y
+
+
+def lineage(plan: DataPlan, hashes: dict[str, str], feature_store: Path) -> dict[str, Any]:
+    """Exact provenance of a version: every batch with its role, file, sha256 and offset ranges."""
+    entries: list[dict[str, Any]] = []
+    offsets: dict[str, list[list[int]]] = {}
+    schema_ids: set[int] = set()
+    featurizers: set[str] = set()
+    roles = [("reservoir", plan.reservoir), ("train", plan.train_new), ("holdout", plan.holdout)]
+    for role, group in roles:
+        for b in group:
+            m = b.manifest
+            try:
+                rel = b.path.resolve().relative_to(feature_store.resolve()).as_posix()
+            except ValueError:
+                rel = str(b.path)
+            entries.append({"batch_id": b.batch_id, "role": role, "file": rel, "sha256": hashes[b.batch_id],
+                            "ranges": m.get("ranges", []), "record_count": m.get("record_count"),
+                            "namespace": m.get("namespace"), "featurizer": m.get("featurizer", {}).get("version")})
+            for r in m.get("ranges", []):
+                offsets.setdefault(f"{r['topic']}/{r['partition']}", []).append(
+                    [int(r["first_offset"]), int(r["last_offset"])])
+            schema_ids.update(int(s) for s in m.get("schema_ids", []))
+            if m.get("featurizer", {}).get("version"):
+                featurizers.add(str(m["featurizer"]["version"]))
+    return {"batches": entries, "offsets": {k: sorted(v) for k, v in sorted(offsets.items())},
+            "schema_ids": sorted(schema_ids), "featurizer_versions": sorted(featurizers)}

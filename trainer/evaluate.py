@@ -1,0 +1,65 @@
+"""Train a candidate on a data plan and score it and the current model on the held-out batches.
+
+One function for the worker and the reproduce command, so a reproduction runs literally the same
+code path as the original training: same batch order, same warm start, same seed, same scoring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer import model_io
+from trainer.data import DataPlan, labelled, load_batches
+from trainer.exceptions import NotEnoughDataError
+from trainer.gate import GateDecision, decide
+from trainer.spec import FeatureInfo, ModelSpec
+from trainer.training import TrainResult, predict, train_candidate
+
+
+@dataclass
+class Evaluation:
+    result: TrainResult
+    decision: GateDecision
+    hashes: dict[str, str]
+    eval_rows: int
+    train_rows: int
+    candidate_outputs: np.ndarray
+    y_eval: np.ndarray
+
+    @property
+    def model(self) -> Any:
+        return self.result.model
+
+
+def fit_and_evaluate(spec: ModelSpec, features: FeatureInfo, plan: DataPlan, *, parent_dir: Path | None,
+                     seed: int, log_dir: Path | None = None,
+                     expected_sha: dict[str, str] | None = None) -> Evaluation:
+    """Train on ``plan.train`` (warm-started from ``parent_dir``), gate on ``plan.holdout``."""
+    x_tr, cols_tr, h_tr = load_batches(spec, plan.train, features.n_features, expected_sha)
+    x_ev, cols_ev, h_ev = load_batches(spec, plan.holdout, features.n_features, expected_sha)
+    hashes = dict(zip([b.batch_id for b in plan.train], h_tr, strict=True))
+    hashes.update(zip([b.batch_id for b in plan.holdout], h_ev, strict=True))
+    xt, yt = labelled(spec, x_tr, cols_tr)
+    xe, ye = labelled(spec, x_ev, cols_ev)
+    if len(xt) == 0:
+        raise NotEnoughDataError(
+            f"model {spec.name!r}: the {len(plan.train)} training batch(es) hold no row with label "
+            f"{spec.label!r}; labelled events are needed to train"
+        )
+    init = parent_dir / model_io.WEIGHTS_FILE if parent_dir is not None else None
+    result = train_candidate(spec, features, xt, yt, seed=seed, init_weights=init, log_dir=log_dir)
+    weights_ok = model_io.weights_finite(result.model)
+    cand_out = predict(result.model, xe) if weights_ok else np.full((len(xe), len(spec.output_names)), np.nan)
+    cand_score = float(spec.score(ye, cand_out)) if len(ye) and weights_ok else float("nan")
+    current: float | None = None
+    if parent_dir is not None and len(ye):
+        current_out = model_io.SavedModelPredictor(parent_dir).predict(xe)
+        current = float(spec.score(ye, current_out))
+    decision = decide(spec, y_eval=ye, candidate_outputs=cand_out, candidate_score=cand_score,
+                      current_score=current, weights_finite=weights_ok,
+                      train_loss=result.final_loss)
+    return Evaluation(result, decision, hashes, int(len(ye)), int(len(yt)), cand_out, ye)

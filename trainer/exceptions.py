@@ -1,0 +1,29 @@
+"""Errors of the trainer package; all derive from :class:`schemas.exceptions.StreamlearnError`."""
+
+from __future__ import annotations
+
+from schemas.exceptions import StreamlearnError
+
+
+class TrainerError(StreamlearnError):
+    """Base of the trainer's errors."""
+
+
+class SpecError(TrainerError):
+    """A model spec cannot be found, imported or is malformed."""
+
+
+class SpecCheckError(SpecError):
+    """A model spec failed the shared check suite (:func:`trainer.checks.check_spec`)."""
+
+
+class NotEnoughDataError(TrainerError):
+    """There are too few feature batches (or labelled rows) to train and evaluate a candidate."""
+
+
+class LineageError(TrainerError):
+    """A version's lineage cannot be replayed: a batch is gone or its sha256 changed."""
+
+
+class ReproductionError(TrainerError):
+    """A reproduced training run did not reach the recorded scores within the stated tolerance."""

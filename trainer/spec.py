@@ -1,0 +1,193 @@
+"""Model specs: everything the trainer needs to know about one model, and where specs come from.
+
+A spec bundles the feature spec (featurizer kind + version), a Keras model builder, the loss and
+metrics, how targets are made from the store's label columns, the primary metric and its
+direction, and the fixed training budget. The trainer, the gate, the reproduce command and the
+shared check suite only talk to specs, so adding a model never means editing the trainer.
+
+Where specs come from (later sources override earlier ones with the same name):
+
+1. the built-ins of :mod:`trainer.specs` (``weblog_classifier``, ``sensor_forecaster``, ``digits_cnn``);
+2. Python entry points of group ``streamlearn.models`` (``name = "pkg.module:SPEC"``), so an
+   installed package can add a model without forking streamlearn;
+3. ``settings.model_specs`` (the ``[models]`` table of the config file: ``name = "module:attr"``).
+
+The attribute may be a :class:`ModelSpec` or a zero-argument callable returning one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from trainer.exceptions import SpecError
+
+if TYPE_CHECKING:  # TensorFlow is imported lazily so `streamlearn --help` stays fast.
+    import keras
+
+    from streaming.config import Settings
+
+ENTRY_POINT_GROUP = "streamlearn.models"
+Task = Literal["classification", "regression"]
+Direction = Literal["max", "min"]
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """What a model needs to know about its featurizer (from ``get_featurizer(kind, version)``)."""
+
+    kind: str
+    version: str
+    n_features: int
+    input_shape: tuple[int, ...]
+    label_names: tuple[str, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "version": self.version, "n_features": self.n_features,
+                "input_shape": list(self.input_shape), "label_names": list(self.label_names)}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One trainable model. Builders and factories are called fresh for every training run.
+
+    ``build(features, seed)`` returns an *uncompiled* ``keras.Model`` whose input is
+    ``(None, features.n_features)`` (reshape inside the model, see :func:`trainer.specs.common.inputs`)
+    and whose single output is ``(None, len(output_names))``.
+
+    ``make_targets(columns)`` maps the store's label columns (float64 arrays with NaN for "unknown")
+    to the ``y`` array the loss expects; rows whose ``label`` is NaN are dropped *before* it is called.
+
+    ``score(y, outputs)`` computes the primary metric with numpy on held-out data (the gate and the
+    reproduce command use it); ``direction`` says whether higher ("max") or lower ("min") is better.
+    """
+
+    name: str
+    featurizer_kind: str
+    featurizer_version: str | None
+    label: str
+    task: Task
+    build: Callable[[FeatureInfo, int], keras.Model]
+    loss: Callable[[], Any]
+    metrics: Callable[[], list[Any]]
+    make_targets: Callable[[dict[str, np.ndarray]], np.ndarray]
+    score: Callable[[np.ndarray, np.ndarray], float]
+    primary_metric: str
+    direction: Direction
+    output_names: Sequence[str]
+    class_names: Sequence[str] | None = None
+    #: optional ``adapt(model, x_train)`` run on a cold start only (e.g. a Normalization layer).
+    adapt: Callable[[Any, np.ndarray], None] | None = None
+    aux_labels: Sequence[str] = ()
+    epochs: int = 3
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    seed: int = 1234
+    #: relative tolerance of the gate: the candidate may be this fraction of |current| worse.
+    gate_tolerance: float = 0.02
+    #: cap of the reservoir of older batches mixed into each retrain.
+    reservoir_batches: int = 20
+    #: newest batches held out for the prequential evaluation (trained on by the next version).
+    holdout_batches: int = 1
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def better_or_equal(self, candidate: float, current: float) -> bool:
+        """True when ``candidate`` is at least as good as ``current`` within the gate tolerance."""
+        slack = self.gate_tolerance * abs(current)
+        if self.direction == "max":
+            return candidate >= current - slack
+        return candidate <= current + slack
+
+    def features(self) -> FeatureInfo:
+        """Resolve the featurizer this spec trains on (its registered n_features and input_shape)."""
+        get_featurizer = _get_featurizer()
+        try:
+            fz = get_featurizer(self.featurizer_kind, self.featurizer_version)
+        except Exception as exc:  # UnknownKindError / UnknownFeaturizerError from streaming.features
+            raise SpecError(
+                f"featurizer_kind/featurizer_version: model {self.name!r} needs featurizer "
+                f"{self.featurizer_kind!r} {self.featurizer_version or '(current)'}: {exc}"
+            ) from exc
+        return FeatureInfo(fz.kind, fz.version, int(fz.n_features), tuple(int(d) for d in fz.input_shape),
+                           tuple(fz.label_names))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "task": self.task, "label": self.label, "aux_labels": list(self.aux_labels),
+                "primary_metric": self.primary_metric, "direction": self.direction,
+                "output_names": list(self.output_names),
+                "class_names": list(self.class_names) if self.class_names is not None else None,
+                "epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
+                "seed": self.seed, "gate_tolerance": self.gate_tolerance,
+                "reservoir_batches": self.reservoir_batches, "holdout_batches": self.holdout_batches}
+
+
+def _get_featurizer() -> Callable[..., Any]:
+    try:
+        from streaming.features import get_featurizer
+    except ImportError:  # pragma: no cover - the package __init__ re-exports it per the contract
+        from streaming.features.base import get_featurizer
+    return get_featurizer
+
+
+def _import_target(target: str, origin: str) -> ModelSpec:
+    """Import ``module:attr`` and return the spec it names (calling it when it is a factory)."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise SpecError(f"{origin}: {target!r} must look like 'package.module:ATTRIBUTE'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SpecError(f"{origin}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise SpecError(f"{origin}: module {module_name!r} has no attribute {attr!r}") from exc
+    if not isinstance(obj, ModelSpec) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, ModelSpec):
+        raise SpecError(f"{origin}: {target!r} is a {type(obj).__name__}, not a trainer.spec.ModelSpec")
+    return obj
+
+
+def _entry_point_targets() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        out[ep.name] = ep.value
+    return out
+
+
+def spec_sources(settings: Settings | None = None) -> dict[str, str]:
+    """``{model name: "module:attr"}`` of every known spec, built-ins first, config last."""
+    from trainer.specs import BUILTIN_SPECS
+
+    sources = dict(BUILTIN_SPECS)
+    sources.update(_entry_point_targets())
+    if settings is not None:
+        sources.update(settings.model_specs)
+    return sources
+
+
+def load_spec(name: str, settings: Settings | None = None) -> ModelSpec:
+    """The spec of model ``name`` (raises SpecError listing the known names when unknown)."""
+    sources = spec_sources(settings)
+    if name not in sources:
+        raise SpecError(
+            f"model: unknown model {name!r}; known: {sorted(sources)}. Add one with an entry point in group "
+            f"{ENTRY_POINT_GROUP!r} or a [models] line 'name = \"module:attr\"' in the config file"
+        )
+    spec = _import_target(sources[name], f"model {name!r}")
+    if spec.name != name:
+        raise SpecError(f"model {name!r}: its spec calls itself {spec.name!r}; make the names agree")
+    return spec
+
+
+def all_specs(settings: Settings | None = None) -> list[ModelSpec]:
+    return [load_spec(name, settings) for name in sorted(spec_sources(settings))]

@@ -1,0 +1,54 @@
+"""``digits_cnn``: 10-class softmax CNN on 8x8x1 digit images (image featurizer label ``digit``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainer.spec import FeatureInfo, ModelSpec
+from trainer.specs import common
+
+CLASS_NAMES = [str(d) for d in range(10)]
+
+
+def build(features: FeatureInfo, seed: int) -> Any:
+    import keras
+
+    def init(k: int) -> Any:
+        return keras.initializers.GlorotUniform(seed=seed + k)
+
+    x, h = common.inputs(features)
+    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu", kernel_initializer=init(0), name="conv1")(h)
+    h = keras.layers.MaxPooling2D(2, name="pool1")(h)
+    h = keras.layers.Conv2D(32, 3, padding="same", activation="relu", kernel_initializer=init(1), name="conv2")(h)
+    h = keras.layers.Flatten(name="flatten")(h)
+    h = keras.layers.Dense(64, activation="relu", kernel_initializer=init(2), name="dense")(h)
+    out = keras.layers.Dense(10, activation="softmax", kernel_initializer=init(3), name="outputs")(h)
+    return keras.Model(x, out, name="digits_cnn")
+
+
+def _loss() -> Any:
+    import keras
+
+    return keras.losses.CategoricalCrossentropy()
+
+
+SPEC = ModelSpec(
+    name="digits_cnn",
+    featurizer_kind="image",
+    featurizer_version="image-v1",
+    label="digit",
+    task="classification",
+    build=build,
+    loss=_loss,
+    metrics=lambda: common.classifier_metrics(10, positive_class=None),
+    make_targets=common.one_hot_targets("digit", 10),
+    score=common.accuracy,
+    primary_metric="accuracy",
+    direction="max",
+    output_names=[f"p_{c}" for c in CLASS_NAMES],
+    class_names=CLASS_NAMES,
+    epochs=8,
+    batch_size=32,
+    learning_rate=3e-3,
+    description="handwritten digit class of an 8x8 grayscale image",
+)

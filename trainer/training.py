@@ -1,0 +1,105 @@
+"""One deterministic training run: build from the spec, warm-start, fit through tf.data, log to TensorBoard.
+
+Shared by the trainer worker, the reproduce command, the check suite and the benchmark, so all of
+them train exactly the same way. Determinism: ``keras.utils.set_random_seed(seed)`` (Python, numpy
+and TF seeds), ``tf.config.experimental.enable_op_determinism()``, a seeded ``shuffle``, and the
+spec's builder seeding every initializer; on one machine the same inputs give the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer.spec import FeatureInfo, ModelSpec
+
+log = logging.getLogger(__name__)
+_CONFIGURED = False
+
+
+def configure_tensorflow(intra_threads: int = 2, inter_threads: int = 1) -> Any:
+    """Import TensorFlow quietly, with few threads and op determinism; returns the module.
+
+    ``TF_CPP_MIN_LOG_LEVEL`` configures the TF C++ library's own logging and must be set before
+    the import; ``setdefault`` keeps a value chosen by the user. This is not a streamlearn
+    setting, so it does not go through streaming.config.
+    """
+    global _CONFIGURED
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    if not _CONFIGURED:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_threads)
+            tf.config.threading.set_inter_op_parallelism_threads(inter_threads)
+        except RuntimeError:  # the runtime was initialised by someone else first; keep its threads
+            log.debug("TensorFlow threads already configured")
+        tf.config.experimental.enable_op_determinism()
+        tf.get_logger().setLevel(logging.ERROR)
+        _CONFIGURED = True
+    return tf
+
+
+@dataclass
+class TrainResult:
+    model: Any
+    warm_started: bool
+    final_loss: float
+    history: dict[str, list[float]] = field(default_factory=dict)
+    rows: int = 0
+
+
+def train_candidate(spec: ModelSpec, features: FeatureInfo, x: np.ndarray, y: np.ndarray, *, seed: int,
+                    init_weights: Path | None = None, log_dir: Path | None = None,
+                    epochs: int | None = None) -> TrainResult:
+    """Fit a fresh model from ``spec`` on ``(x, y)``; warm-start from ``init_weights`` when they fit."""
+    tf = configure_tensorflow()
+    import keras
+
+    from trainer import model_io
+    from trainer.specs.common import make_optimizer
+
+    keras.utils.set_random_seed(seed)
+    model = spec.build(features, seed)
+    warm = model_io.load_weights(model, init_weights) if init_weights is not None else False
+    if not warm and spec.adapt is not None and len(x):
+        spec.adapt(model, x)
+    model.compile(optimizer=make_optimizer(spec.learning_rate), loss=spec.loss(), metrics=spec.metrics())
+    ds = (tf.data.Dataset.from_tensor_slices((x.astype(np.float32), y.astype(np.float32)))
+          .shuffle(max(1, len(x)), seed=seed, reshuffle_each_iteration=True)
+          .batch(spec.batch_size))
+    callbacks: list[Any] = [keras.callbacks.TerminateOnNaN()]
+    if log_dir is not None:
+        from trainer.tensorboard import epoch_logger
+
+        callbacks.append(epoch_logger(log_dir))
+    hist = model.fit(ds, epochs=epochs or spec.epochs, verbose=0, callbacks=callbacks, shuffle=False)
+    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    losses = history.get("loss") or [float("nan")]
+    final = losses[-1]
+    return TrainResult(model, warm, final if math.isfinite(final) else float("nan"), history, int(len(x)))
+
+
+def predict(model: Any, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Outputs of an in-memory Keras model (same function the SavedModel signature wraps)."""
+    if len(x) == 0:
+        return np.zeros((0, int(model.output_shape[-1])), dtype=np.float32)
+    return np.asarray(model.predict(x.astype(np.float32), batch_size=batch_size, verbose=0), dtype=np.float32)
+
+
+def write_gate_summary(log_dir: Path, version: int, decision: dict[str, Any]) -> None:
+    """Scalars of the gate (both scores, promoted 0/1) under ``<log_dir>/gate`` at step = version."""
+    from trainer.tensorboard import write_scalars
+
+    metric = decision.get("primary_metric", "score")
+    write_scalars(log_dir / "gate", version, {
+        f"gate/candidate_{metric}": decision.get("candidate_score"),
+        f"gate/current_{metric}": decision.get("current_score"),
+        "gate/promoted": 1.0 if decision.get("promote") else 0.0,
+    })

@@ -1,0 +1,318 @@
+"""The trainer worker: retrain every N new batches or T seconds (or on drift), gate, publish, announce.
+
+One training run (:meth:`Trainer.run_once`):
+
+1. plan the data (new batches since the promoted version + reservoir; newest batch held out);
+2. train a candidate warm-started from the promoted model (seeded, fixed epoch budget), logging
+   to TensorBoard under a run directory that becomes ``<name>/tensorboard/v<version>``;
+3. score candidate and current model on the held-out batch; the gate decides;
+4. export into a registry staging directory and publish atomically (the decision, both scores,
+   lineage, featurizer and schema ids are in ``metadata.json``);
+5. only then: promote (or record the rejection) in ``state.json`` and publish ModelUpdate events
+   (CREATED, then PROMOTED or REJECTED) keyed by the model name; apply retention.
+
+A crash at any point leaves the registry consistent: before step 4 nothing is visible; between 4
+and 5 the version exists with its decision, and the next run applies a pending decision of the
+newest version (:meth:`Trainer.reconcile`) before training again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client import Counter, Gauge
+
+from streaming.config import Settings
+from streaming.model_registry import ModelRegistry
+from streaming.store import BatchInfo, FeatureStore
+from streaming.topics import model_updates_topic
+from trainer.data import plan_data
+from trainer.drift import PageHinkley
+from trainer.evaluate import Evaluation, fit_and_evaluate
+from trainer.exceptions import NotEnoughDataError
+from trainer.gate import GateDecision
+from trainer.spec import FeatureInfo, ModelSpec
+
+log = logging.getLogger(__name__)
+
+VERSIONS = Counter("streamlearn_trainer_versions_total", "Model versions created, by gate decision",
+                   ["model", "action"])
+DRIFT_STAT = Gauge("streamlearn_trainer_drift_statistic", "Page-Hinkley statistic of the live error",
+                   ["model"])
+DRIFT_ALARMS = Counter("streamlearn_trainer_drift_alarms_total", "Drift alarms that triggered a retrain",
+                       ["model"])
+KEEP_LAST = 10
+
+
+@dataclass
+class RunOutcome:
+    version: int
+    decision: GateDecision
+    path: Path
+    metadata: dict[str, Any]
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _versions_info() -> dict[str, str]:
+    import keras
+    import tensorflow as tf
+
+    return {"tf_version": tf.__version__, "keras_version": keras.__version__, "numpy_version": np.__version__}
+
+
+class Trainer:
+    """Trains one model from the feature store into the model registry."""
+
+    def __init__(self, settings: Settings, spec: ModelSpec, *, namespace: str = "live",
+                 publisher: Any = None, events: bool = True, keep_last: int = KEEP_LAST,
+                 drift: PageHinkley | None = None) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.name = spec.name
+        self.namespace = namespace
+        self.registry = ModelRegistry(settings.model_dir)
+        self.store = FeatureStore(settings.feature_store)
+        self.events = events
+        self._publisher = publisher
+        self._own_publisher = publisher is None
+        self.keep_last = keep_last
+        self.drift = drift or PageHinkley(delta=0.05, threshold=20.0, min_instances=50)
+        self._drift_checked: set[str] = set()
+        self._features: FeatureInfo | None = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def features(self) -> FeatureInfo:
+        if self._features is None:
+            self._features = self.spec.features()
+        return self._features
+
+    def batches(self) -> list[BatchInfo]:
+        return self.store.batches(self.features.kind, self.namespace)
+
+    def tensorboard_root(self) -> Path:
+        return self.registry.model_dir(self.name) / "tensorboard"
+
+    def publisher(self) -> Any:
+        if self._publisher is None:
+            from streaming.producer import Publisher
+
+            self._publisher = Publisher(self.settings)
+        return self._publisher
+
+    def close(self) -> None:
+        if self._own_publisher and self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
+
+    def announce(self, version: int, action: str, meta: dict[str, Any]) -> None:
+        """Publish a ModelUpdate event (key = model name) and wait for the broker's ack."""
+        if not self.events:
+            return
+        gate = meta.get("gate", {})
+        record = {
+            "model": self.name, "version": int(version), "action": action,
+            "path": str(self.registry.model_dir(self.name) / str(version)),
+            "timestamp": int(time.time() * 1000),
+            "primary_metric": gate.get("primary_metric"),
+            "candidate_score": gate.get("candidate_score"), "current_score": gate.get("current_score"),
+            "reason": gate.get("reason") if action != "CREATED" else "exported; gate: " + str(gate.get("action")),
+        }
+        pub = self.publisher()
+        pub.publish_to(model_updates_topic(self.settings), "ModelUpdate", record, key=self.name).get(timeout=30)
+
+    # ------------------------------------------------------------------ one run
+    def unseen_batches(self) -> list[BatchInfo]:
+        """Batches newer than everything the newest version trained or was evaluated on."""
+        batches = self.batches()
+        latest = self.registry.latest(self.name)
+        if latest is None:
+            return batches
+        state = self.registry.metadata(self.name, latest).get("data_state", {})
+        newest = state.get("newest_seen")
+        ids = [b.batch_id for b in batches]
+        if newest in ids:
+            return batches[ids.index(newest) + 1:]
+        mark = (int(state.get("newest_seen_created_at_ms", 0)), str(newest))
+        return [b for b in batches if (int(b.manifest.get("created_at_ms", 0)), b.batch_id) > mark]
+
+    def reconcile(self) -> None:
+        """Apply the recorded decision of the newest version if a crash cut it off before step 5."""
+        self.registry.clean_staging(self.name)
+        latest = self.registry.latest(self.name)
+        if latest is None:
+            return
+        decided = {e["version"] for e in self.registry.history(self.name)
+                   if e.get("action") in ("PROMOTED", "REJECTED", "ROLLED_BACK")}
+        if latest in decided:
+            return
+        meta = self.registry.metadata(self.name, latest)
+        gate = meta.get("gate", {})
+        if gate.get("promote"):
+            self.registry.set_promoted(self.name, latest, str(gate.get("reason")) + " (applied after restart)")
+        else:
+            self.registry.record(self.name, latest, "REJECTED", str(gate.get("reason")),
+                                 candidate_score=gate.get("candidate_score"), current_score=gate.get("current_score"))
+        log.info("trainer %s: applied pending gate decision of version %s after a restart", self.name, latest)
+
+    def run_once(self, trigger: str = "manual") -> RunOutcome:
+        """Train, gate, publish and announce one candidate; raises NotEnoughDataError when idle."""
+        from trainer import model_io
+        from trainer.training import configure_tensorflow, write_gate_summary
+
+        configure_tensorflow()
+        self.reconcile()
+        features = self.features
+        promoted = self.registry.promoted(self.name)
+        parent_meta = self.registry.verify(self.name, promoted) if promoted is not None else None
+        plan = plan_data(self.spec, self.batches(), parent_meta.get("data_state") if parent_meta else None)
+        parent_dir = self.registry.version_dir(self.name, promoted) if promoted is not None else None
+        tb_root = self.tensorboard_root()
+        run_dir = tb_root / f".run-{os.getpid()}-{secrets.token_hex(4)}"
+        started = time.time()
+        ev = fit_and_evaluate(self.spec, features, plan, parent_dir=parent_dir, seed=self.spec.seed,
+                              log_dir=run_dir)
+        staging = self.registry.staging(self.name)
+        try:
+            model_io.export_saved_model(ev.model, features.n_features, staging)
+            meta = self._metadata(ev, plan, promoted, features, trigger, time.time() - started)
+            version = self.registry.publish(self.name, staging, meta)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        tb_dir = tb_root / f"v{version}"
+        if run_dir.is_dir() and not tb_dir.exists():
+            os.rename(run_dir, tb_dir)
+        meta = self.registry.metadata(self.name, version)
+        decision = ev.decision
+        self.announce(version, "CREATED", meta)
+        if decision.promote:
+            self.registry.set_promoted(self.name, version, decision.reason)
+        else:
+            self.registry.record(self.name, version, "REJECTED", decision.reason,
+                                 candidate_score=meta["gate"]["candidate_score"],
+                                 current_score=meta["gate"]["current_score"])
+        self.announce(version, decision.action, meta)
+        VERSIONS.labels(self.name, decision.action).inc()
+        write_gate_summary(tb_dir, version, meta["gate"])
+        deleted = self.registry.apply_retention(self.name, self.keep_last)
+        log.info("trainer %s: version %d %s (%s); trigger=%s; retention deleted %s", self.name, version,
+                 decision.action, decision.reason, trigger, deleted or "nothing")
+        if decision.promote:
+            self.drift.reset()
+        return RunOutcome(version, decision, self.registry.version_dir(self.name, version), meta)
+
+    def _metadata(self, ev: Evaluation, plan: Any, parent: int | None, features: FeatureInfo, trigger: str,
+                  seconds: float) -> dict[str, Any]:
+        from trainer.data import lineage
+
+        spec = self.spec
+        lin = lineage(plan, ev.hashes, self.settings.feature_store)
+        newest = plan.holdout[-1]
+        data_state = dict(plan.data_state)
+        data_state.update(newest_seen=newest.batch_id,
+                          newest_seen_created_at_ms=int(newest.manifest.get("created_at_ms", 0)))
+        gate = ev.decision.to_dict()
+        meta: dict[str, Any] = {
+            "parent_version": parent,
+            "created_at": int(time.time() * 1000),
+            "task": spec.task,
+            "class_names": list(spec.class_names) if spec.class_names is not None else None,
+            "output_names": list(spec.output_names),
+            "primary_metric": spec.primary_metric,
+            "direction": spec.direction,
+            "featurizer": features.describe(),
+            "spec": spec.describe(),
+            "seed": spec.seed,
+            "trigger": trigger,
+            "warm_started": ev.result.warm_started,
+            "training": {"rows": ev.train_rows, "eval_rows": ev.eval_rows, "epochs": spec.epochs,
+                         "final_loss": ev.result.final_loss, "history": ev.result.history,
+                         "seconds": round(seconds, 3)},
+            "scores": {"metric": spec.primary_metric, "candidate": gate["candidate_score"],
+                       "current": gate["current_score"]},
+            "gate": gate,
+            "reason": gate["reason"],
+            "lineage": lin,
+            "schema_ids": lin["schema_ids"],
+            "data_state": data_state,
+            **_versions_info(),
+        }
+        result: dict[str, Any] = _finite_or_none(meta)
+        return result
+
+    # ------------------------------------------------------------------ drift
+    def check_drift(self) -> bool:
+        """Score the promoted model on batches it has never seen; True when Page-Hinkley alarms."""
+        from trainer import model_io
+        from trainer.data import labelled, load_batches
+
+        promoted = self.registry.promoted(self.name)
+        if promoted is None:
+            return False
+        fresh = [b for b in self.unseen_batches() if b.batch_id not in self._drift_checked]
+        if not fresh:
+            return False
+        meta = self.registry.metadata(self.name, promoted)
+        x, cols, _ = load_batches(self.spec, fresh, self.features.n_features)
+        self._drift_checked.update(b.batch_id for b in fresh)
+        xs, ys = labelled(self.spec, x, cols)
+        if not len(xs):
+            return False
+        out = model_io.SavedModelPredictor(self.registry.version_dir(self.name, promoted)).predict(xs)
+        if self.spec.task == "classification":
+            errors = (np.argmax(out, axis=1) != np.argmax(ys, axis=1)).astype(float)
+        else:
+            ref = meta.get("scores", {}).get("candidate") or float(np.mean(np.abs(ys[:, 0]))) or 1.0
+            errors = np.abs(out[:, 0] - ys[:, 0]) / max(float(ref), 1e-9)
+        fired = self.drift.update_many(errors.tolist())
+        DRIFT_STAT.labels(self.name).set(self.drift.statistic)
+        if fired:
+            DRIFT_ALARMS.labels(self.name).inc()
+            log.warning("trainer %s: drift detected (Page-Hinkley statistic %.3g > %.3g after %d rows); "
+                        "retraining now", self.name, self.drift.statistic, self.drift.threshold, self.drift.n)
+        return fired
+
+    # ------------------------------------------------------------------ loop
+    def run_forever(self, stop: threading.Event, poll_seconds: float = 1.0) -> None:
+        """Retrain every ``retrain_every_batches`` new batches, every ``retrain_every_seconds`` or on drift."""
+        last_attempt = time.monotonic()
+        while not stop.is_set():
+            unseen = self.unseen_batches()
+            due_count = len(unseen) >= self.settings.retrain_every_batches
+            due_time = bool(unseen) and time.monotonic() - last_attempt >= self.settings.retrain_every_seconds
+            drift = False
+            if not (due_count or due_time):
+                try:
+                    drift = self.check_drift()
+                except Exception:
+                    log.exception("trainer %s: drift check failed; continuing on the timer", self.name)
+            if due_count or due_time or drift:
+                trigger = "drift" if drift else ("batches" if due_count else "timer")
+                try:
+                    self.run_once(trigger)
+                except NotEnoughDataError as exc:
+                    log.info("trainer %s: %s", self.name, exc)
+                except Exception:
+                    log.exception("trainer %s: training run failed; retrying at the next trigger", self.name)
+                last_attempt = time.monotonic()
+            stop.wait(poll_seconds)
