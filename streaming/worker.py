@@ -245,6 +245,9 @@ class StreamWorker:
         self.pipeline = Pipeline(settings, kind, namespace=namespace, registry=registry,
                                  publisher=self.publisher, max_seconds=settings.batch_max_seconds)
         self.topic = self.pipeline.topic
+        removed = self.pipeline.store.remove_stale_temp_files(kind, namespace)
+        if removed:
+            log.info("removed %d temp files of crashed writers", removed)
         if instance_id:
             consumer_overrides["group_instance_id"] = instance_id
         self.sub = Subscriber(settings, self.topic, group=self.group, start="committed", decode=False,
@@ -481,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m streaming.worker")
     parser.add_argument("kind")
-    parser.add_argument("--group")
+    parser.add_argument("--group", help="full consumer group name (default <prefix>stream.<kind>)")
     parser.add_argument("--instance-id")
     parser.add_argument("--idle-exit", type=float)
     args = parser.parse_args(argv)

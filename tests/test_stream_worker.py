@@ -75,8 +75,8 @@ def end_offsets(settings: Settings, kind: str) -> dict[int, int]:
 
 
 @contextmanager
-def running_worker(settings: Settings, kind: str) -> Iterator[StreamWorker]:
-    worker = StreamWorker(settings, kind)
+def running_worker(settings: Settings, kind: str, **kwargs: Any) -> Iterator[StreamWorker]:
+    worker = StreamWorker(settings, kind, **kwargs)
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -198,6 +198,34 @@ def test_unwritable_store_pauses_then_resumes_without_loss(settings: Settings) -
     assert len(got) == len(set(got)) and set(got) == expected
     assert committed(s, "sensor") == end_offsets(s, "sensor")
     shutil.rmtree(s.feature_store)
+
+
+def test_registry_outage_is_retried_not_dead_lettered(settings: Settings) -> None:
+    """The worker talks to an HTTP registry whose port has no server yet (connection refused =
+    RegistryUnavailableError); the server comes up later on that port and nothing was lost."""
+    from schemas.http_client import HttpRegistryClient
+    from schemas.registry import open_registry
+    from schemas.server import start_in_thread
+    from streaming.broker import free_port
+
+    s = settings.with_(batch_max_records=20, batch_max_seconds=0.2)
+    publish(s, "sensor", sensor_events(60))
+    expected = topic_offsets(s, raw_topic(s, "sensor"))
+    port = free_port()
+    http = HttpRegistryClient(f"http://127.0.0.1:{port}", timeout=2.0)
+    server = None
+    try:
+        with running_worker(s, "sensor", registry=http) as worker:
+            wait_until(lambda: worker.stats.registry_retries >= 2, 30, message="registry retries")
+            assert stored_offsets(s, "sensor") == [] and worker.stats.dead_letters == 0
+            server = start_in_thread(open_registry(None, s.registry_dir), port=port)
+            wait_until(lambda: all_stored(s, "sensor", expected), 60, message="persisted after outage")
+        assert worker.stats.dead_letters == 0
+        got = stored_offsets(s, "sensor")
+        assert len(got) == len(set(got)) and set(got) == expected
+    finally:
+        if server is not None:
+            server.stop()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,214 @@
+"""Positions on a topic: timestamps -> offsets with honest errors, and live group offsets.
+
+Why a module of its own: ``streamlearn replay`` and ``streamlearn offsets reset`` both turn a
+timestamp into offsets, and both must refuse, with a message that says what *is* available,
+a timestamp the topic no longer holds (older than retention) or does not hold yet (after the
+last record) instead of silently jumping to one end.
+
+Kafka timestamps are the records' broker/producer timestamps (``CreateTime``: when the event was
+published), not the event-time field inside the Avro record.
+
+Resetting a live group's offsets is only allowed while the group has no members (checked with
+``KafkaAdminClient.describe_groups``); otherwise :class:`GroupActiveError`. Note that a live worker
+resumes after the highest offset its feature store already holds, so moving a group *back* does
+not rewrite live batches; rebuild older ranges with ``streamlearn replay`` into a namespace.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from streaming.config import Settings
+from streaming.exceptions import GroupActiveError, OffsetOutOfRangeError, StreamingError
+from streaming.topics import declared_topics
+
+#: Group states in which no member holds partitions.
+INACTIVE_STATES = frozenset({"Empty", "Dead"})
+
+
+@dataclass(frozen=True)
+class PartitionPosition:
+    """One partition's committed offset against what the topic holds."""
+
+    partition: int
+    committed: int | None
+    earliest: int
+    latest: int
+
+    @property
+    def lag(self) -> int | None:
+        return None if self.committed is None else max(0, self.latest - self.committed)
+
+
+@contextmanager
+def _consumer(settings: Settings, **cfg: Any) -> Iterator[KafkaConsumer]:
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False, **cfg)
+    try:
+        yield consumer
+    finally:
+        consumer.close()
+
+
+def partitions_of(consumer: KafkaConsumer, topic: str, timeout_s: float = 10.0) -> list[TopicPartition]:
+    deadline = time.monotonic() + timeout_s
+    parts = consumer.partitions_for_topic(topic)
+    while not parts and time.monotonic() < deadline:
+        consumer.topics()  # refresh metadata (bounded retry while a new topic propagates)
+        parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        raise StreamingError(f"topic: {topic!r} does not exist; create it with `streamlearn topics create`")
+    return [TopicPartition(topic, p) for p in sorted(parts)]
+
+
+def retention_ms(settings: Settings, topic: str) -> int | None:
+    """The declared retention of ``topic`` (streaming.topics is the one declaration)."""
+    for spec in declared_topics(settings):
+        if spec.name == topic:
+            return spec.retention_ms
+    return None
+
+
+def _first_timestamps(consumer: KafkaConsumer, tps: list[TopicPartition]) -> dict[TopicPartition, Any]:
+    return dict(consumer.offsets_for_times(dict.fromkeys(tps, 0)))
+
+
+def _last_timestamp(consumer: KafkaConsumer, tps: list[TopicPartition],
+                    ends: dict[TopicPartition, int], begins: dict[TopicPartition, int]) -> int | None:
+    """Timestamp of the newest record (reads the last record of each partition)."""
+    wanted = [tp for tp in tps if ends[tp] > begins[tp]]
+    if not wanted:
+        return None
+    consumer.assign(wanted)
+    for tp in wanted:
+        consumer.seek(tp, ends[tp] - 1)
+    newest: int | None = None
+    remaining = set(wanted)
+    deadline = time.monotonic() + 10
+    while remaining and time.monotonic() < deadline:
+        for tp, msgs in consumer.poll(timeout_ms=300).items():
+            for m in msgs:
+                newest = m.timestamp if newest is None else max(newest, m.timestamp)
+            remaining.discard(tp)
+            consumer.pause(tp)
+    consumer.unsubscribe()
+    return newest
+
+
+def _iso(ms: int | None) -> str:
+    if ms is None:
+        return "unknown"
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z ({ms})"
+
+
+def offsets_for_timestamp(settings: Settings, topic: str, ts_ms: int, *, bound: str = "start",
+                          now_ms: int | None = None) -> dict[int, int]:
+    """First offset per partition whose record timestamp is >= ``ts_ms``.
+
+    ``bound="start"`` (a replay's --from-timestamp or a reset): a timestamp older than the
+    earliest retained record is an :class:`OffsetOutOfRangeError` when records were deleted
+    (earliest offset > 0) or the timestamp is older than the topic's retention; a timestamp after
+    the newest record is an error too. ``bound="end"`` (a replay's --to): partitions with nothing
+    at/after the timestamp end at their end offset, and an early timestamp is simply an empty range.
+    """
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    with _consumer(settings) as consumer:
+        tps = partitions_of(consumer, topic)
+        begins = consumer.beginning_offsets(tps)
+        ends = consumer.end_offsets(tps)
+        found = consumer.offsets_for_times(dict.fromkeys(tps, ts_ms))
+        out = {tp.partition: (found[tp].offset if found.get(tp) is not None else ends[tp]) for tp in tps}
+        if bound != "start":
+            return out
+        if all(ends[tp] == begins[tp] for tp in tps):
+            raise OffsetOutOfRangeError(f"timestamp: topic {topic!r} holds no records; nothing to start from")
+        firsts = _first_timestamps(consumer, tps)
+        earliest = min((f.timestamp for f in firsts.values() if f is not None), default=None)
+        retention = retention_ms(settings, topic)
+        too_old_for_retention = retention is not None and ts_ms < now_ms - retention
+        for tp in tps:
+            first = firsts.get(tp)
+            trimmed = begins[tp] > 0
+            if first is not None and first.timestamp > ts_ms and (trimmed or too_old_for_retention):
+                raise OffsetOutOfRangeError(
+                    f"timestamp: {_iso(ts_ms)} is older than what {topic!r} still holds "
+                    f"(retention {retention} ms): the earliest available record of partition {tp.partition} "
+                    f"is offset {begins[tp]} at {_iso(first.timestamp)}, the earliest of the topic at "
+                    f"{_iso(earliest)}; use a timestamp at or after it")
+        if all(found.get(tp) is None for tp in tps):
+            newest = _last_timestamp(consumer, tps, ends, begins)
+            raise OffsetOutOfRangeError(
+                f"timestamp: {_iso(ts_ms)} is after the last record of {topic!r} (newest at "
+                f"{_iso(newest)}); use an earlier timestamp, or --to-latest to skip to the end")
+        return out
+
+
+def group_state(settings: Settings, group: str) -> tuple[str, int]:
+    """``(state, member count)`` of a consumer group (state 'Dead' when it does not exist)."""
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    try:
+        info = admin.describe_groups([group])[group]
+    finally:
+        admin.close()
+    return str(info.get("group_state") or "Dead"), len(info.get("members") or [])
+
+
+def show(settings: Settings, group: str, topic: str) -> list[PartitionPosition]:
+    """Committed offset, earliest, latest (and lag) of every partition of ``topic`` for ``group``."""
+    with _consumer(settings, group_id=group) as consumer:
+        tps = partitions_of(consumer, topic)
+        begins = consumer.beginning_offsets(tps)
+        ends = consumer.end_offsets(tps)
+        return [PartitionPosition(tp.partition, consumer.committed(tp), begins[tp], ends[tp]) for tp in tps]
+
+
+def reset(settings: Settings, group: str, topic: str, *, to_timestamp: int | None = None,
+          to_offset: int | None = None, to_earliest: bool = False, to_latest: bool = False) -> dict[int, int]:
+    """Set ``group``'s committed offsets on ``topic``; exactly one target. Returns partition -> offset.
+
+    Refuses (:class:`GroupActiveError`) while the group has members: their next commit would
+    overwrite the reset, and moving offsets under a running worker breaks its batch accounting.
+    An explicit offset is clamped to nothing: outside [earliest, latest] it is an error.
+    """
+    chosen = [to_timestamp is not None, to_offset is not None, to_earliest, to_latest]
+    if sum(chosen) != 1:
+        raise StreamingError("reset: give exactly one of --to-timestamp, --to-offset, --to-earliest, --to-latest")
+    state, members = group_state(settings, group)
+    if state not in INACTIVE_STATES or members:
+        raise GroupActiveError(
+            f"group: {group!r} is {state} with {members} active member(s); stop its workers "
+            "(e.g. `streamlearn stream` processes) and retry once the group is Empty")
+    with _consumer(settings) as consumer:
+        tps = partitions_of(consumer, topic)
+        begins = consumer.beginning_offsets(tps)
+        ends = consumer.end_offsets(tps)
+    if to_timestamp is not None:
+        target = offsets_for_timestamp(settings, topic, to_timestamp)
+    elif to_offset is not None:
+        for tp in tps:
+            if not begins[tp] <= to_offset <= ends[tp]:
+                raise OffsetOutOfRangeError(
+                    f"to_offset: {to_offset} is outside partition {tp.partition}'s range "
+                    f"[{begins[tp]}, {ends[tp]}]; pick an offset inside it or use --to-earliest/--to-latest")
+        target = {tp.partition: to_offset for tp in tps}
+    elif to_earliest:
+        target = {tp.partition: begins[tp] for tp in tps}
+    else:
+        target = {tp.partition: ends[tp] for tp in tps}
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    try:
+        result = admin.alter_group_offsets(
+            group, {TopicPartition(topic, p): OffsetAndMetadata(off, "", -1) for p, off in target.items()})
+    finally:
+        admin.close()
+    failed = {tp.partition: err.__name__ for tp, err in result.items() if err.__name__ != "NoError"}
+    if failed:
+        raise GroupActiveError(f"group: {group!r} refused the reset for partitions {failed}; "
+                               "a member probably joined meanwhile; stop it and retry")
+    return target

@@ -1,0 +1,145 @@
+"""`streamlearn stream <kind>`, `streamlearn replay <kind> ...`, `streamlearn offsets show|reset ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import UTC, datetime
+
+from streaming import config
+from streaming.exceptions import StreamingError
+from streaming.topics import KINDS
+
+
+class TimestampArgError(StreamingError, ValueError):
+    """A command-line timestamp is neither epoch milliseconds nor ISO-8601."""
+
+
+def parse_timestamp(text: str) -> int:
+    """Epoch milliseconds from ``1735689600000`` or ISO-8601 (``2025-01-01T00:00:00Z``; naive = UTC)."""
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise TimestampArgError(
+            f"timestamp: {text!r} is neither epoch milliseconds nor ISO-8601 like 2025-01-01T00:00:00Z") from exc
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("stream", help="consume a kind's raw topic in a consumer group, featurize and write "
+                                      "micro-batches to the feature store (run one per partition to scale)")
+    s.add_argument("kind", choices=sorted(KINDS))
+    s.add_argument("--group", help="consumer group (default <prefix>stream.<kind>)")
+    s.add_argument("--instance-id", help="static group membership id (a restarted process with the same id "
+                                         "takes its partitions back at once, no session timeout)")
+    s.add_argument("--batch-max-records", type=int,
+                   help=f"close a batch at this many records {config.env_help('batch_max_records')}")
+    s.add_argument("--batch-max-seconds", type=float,
+                   help=f"... or when its oldest record is this old {config.env_help('batch_max_seconds')}")
+    s.add_argument("--metrics-port", type=int, help=f"/metrics port {config.env_help('metrics_port')}")
+    s.add_argument("--idle-exit", type=float, help="exit after this many seconds without records (batch jobs)")
+    s.set_defaults(func=_stream)
+
+    r = sub.add_parser("replay", help="rebuild feature batches for a time range into a separate namespace "
+                                      "(deterministic; never touches the live group's offsets)")
+    r.add_argument("kind", choices=sorted(KINDS))
+    r.add_argument("--from-timestamp", required=True, type=parse_timestamp,
+                   help="first record timestamp (Kafka record time), epoch ms or ISO-8601")
+    r.add_argument("--to", type=parse_timestamp, help="stop before this timestamp (default: the current end)")
+    r.add_argument("--into", required=True, dest="namespace", help="feature-store namespace to write (not 'live')")
+    r.add_argument("--batch-max-records", type=int,
+                   help=f"records per batch {config.env_help('batch_max_records')}")
+    r.add_argument("--featurizer-version", help="featurizer version (default: the current one)")
+    r.add_argument("--dead-letters", action="store_true", help="re-publish dead letters (default: only record "
+                                                               "their offsets; the live run already did)")
+    r.set_defaults(func=_replay)
+
+    o = sub.add_parser("offsets", help="show or reset a live consumer group's offsets")
+    osub = o.add_subparsers(dest="offsets_cmd", metavar="ACTION")
+    osub.required = True
+    show = osub.add_parser("show", help="committed offset, earliest, latest and lag per partition")
+    reset = osub.add_parser("reset", help="set committed offsets (only while the group has no members)")
+    for p in (show, reset):
+        p.add_argument("--group", help="consumer group (default: the stream group of --kind)")
+        p.add_argument("--kind", choices=sorted(KINDS), default=None, help="raw topic of this kind")
+        p.add_argument("--topic", help="topic name (default: the raw topic of --kind)")
+        p.add_argument("--json", action="store_true")
+    target = reset.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to-timestamp", type=parse_timestamp, help="first offset at/after this time")
+    target.add_argument("--to-offset", type=int, help="this offset on every partition")
+    target.add_argument("--to-earliest", action="store_true")
+    target.add_argument("--to-latest", action="store_true")
+    show.set_defaults(func=_offsets_show)
+    reset.set_defaults(func=_offsets_reset)
+
+
+def _stream(args: argparse.Namespace, settings: config.Settings) -> int:
+    from streaming.worker import run_worker
+
+    changes = {k: v for k, v in (("batch_max_records", args.batch_max_records),
+                                 ("batch_max_seconds", args.batch_max_seconds)) if v is not None}
+    group = settings.group(args.group) if args.group else None
+    stats = run_worker(settings.with_(**changes), args.kind, group=group, instance_id=args.instance_id,
+                       idle_exit_s=args.idle_exit)
+    print(json.dumps(stats.__dict__, sort_keys=True))
+    return 0
+
+
+def _replay(args: argparse.Namespace, settings: config.Settings) -> int:
+    from streaming.replay import replay
+
+    if args.batch_max_records is not None:
+        settings = settings.with_(batch_max_records=args.batch_max_records)
+    result = replay(settings, args.kind, from_ms=args.from_timestamp, to_ms=args.to, namespace=args.namespace,
+                    dead_letters=args.dead_letters, featurizer_version=args.featurizer_version)
+    print(json.dumps(result.as_dict(), sort_keys=True))
+    return 0
+
+
+def _group_topic(args: argparse.Namespace, settings: config.Settings) -> tuple[str, str]:
+    from streaming.topics import raw_topic
+    from streaming.worker import default_group
+
+    if args.topic is None and args.kind is None:
+        raise StreamingError("offsets: give --kind (its raw topic and stream group) or --topic and --group")
+    topic = args.topic or raw_topic(settings, args.kind)
+    if args.group is None and args.kind is None:
+        raise StreamingError("group: give --group, or --kind for the stream workers' group")
+    group = settings.group(args.group) if args.group else default_group(settings, args.kind)
+    return group, topic
+
+
+def _offsets_show(args: argparse.Namespace, settings: config.Settings) -> int:
+    from streaming.offsets import group_state, show
+
+    group, topic = _group_topic(args, settings)
+    state, members = group_state(settings, group)
+    rows = show(settings, group, topic)
+    if args.json:
+        print(json.dumps({"group": group, "topic": topic, "state": state, "members": members,
+                          "partitions": [dict(r.__dict__, lag=r.lag) for r in rows]}, indent=2))
+        return 0
+    print(f"group {group} ({state}, {members} members) on {topic}")
+    for r in rows:
+        print(f"  p{r.partition}: committed={r.committed} earliest={r.earliest} latest={r.latest} lag={r.lag}")
+    return 0
+
+
+def _offsets_reset(args: argparse.Namespace, settings: config.Settings) -> int:
+    from streaming.offsets import reset
+
+    group, topic = _group_topic(args, settings)
+    target = reset(settings, group, topic, to_timestamp=args.to_timestamp, to_offset=args.to_offset,
+                   to_earliest=args.to_earliest, to_latest=args.to_latest)
+    if args.json:
+        print(json.dumps({"group": group, "topic": topic, "offsets": target}))
+    else:
+        print(f"group {group} on {topic}: " + " ".join(f"p{p}={o}" for p, o in sorted(target.items())))
+        print("note: live workers still resume after the highest offset their feature store holds; "
+              "rebuild older ranges with `streamlearn replay`")
+    return 0

@@ -1,0 +1,118 @@
+"""Replay determinism, timestamp range errors, group offset show/reset (refused while active)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from streaming.config import Settings
+from streaming.exceptions import GroupActiveError, OffsetOutOfRangeError
+from streaming.offsets import group_state, offsets_for_timestamp, reset, show
+from streaming.replay import ReplayError, replay
+from streaming.store import FeatureStore, read_batch
+from streaming.topics import raw_topic
+from streaming.worker import default_group
+from tests.helpers import streamlearn_cmd, subprocess_env, wait_until
+from tests.test_stream_worker import (
+    committed,
+    end_offsets,
+    publish,
+    running_worker,
+    sensor_events,
+    stored_offsets,
+    topic_offsets,
+)
+
+DAY_MS = 86_400_000
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _next_ms(after: int) -> int:
+    return wait_until(lambda: _now_ms() > after and _now_ms(), 2, interval=0.001, message="clock tick")
+
+
+def test_replay_twice_gives_identical_bytes_and_leaves_live_offsets(settings: Settings) -> None:
+    s = settings.with_(batch_max_records=32)
+    t0 = _now_ms()
+    publish(s, "sensor", sensor_events(100))
+    mid = _next_ms(_now_ms())
+    publish(s, "sensor", sensor_events(50, start=100))
+    topic = raw_topic(s, "sensor")
+    r1 = replay(s, "sensor", from_ms=t0 - 1000, namespace="r1")
+    r2 = replay(s, "sensor", from_ms=t0 - 1000, namespace="r2")
+    store = FeatureStore(s.feature_store)
+    b1, b2 = store.batches("sensor", "r1"), store.batches("sensor", "r2")
+    assert r1.records == 150 and len(r1.batches_written) == len(b1) > 3
+    assert sorted(b.batch_id for b in b1) == sorted(b.batch_id for b in b2)
+    by_id = {b.batch_id: b for b in b2}
+    for b in b1:
+        assert b.path.read_bytes() == by_id[b.batch_id].path.read_bytes()
+    assert set(stored_offsets(s, "sensor", "r1")) == topic_offsets(s, topic)
+    again = replay(s, "sensor", from_ms=t0 - 1000, namespace="r1")
+    assert again.batches_written == [] and len(again.batches_existing) == len(b1)
+    assert r2.records == 150 and committed(s, "sensor") == dict.fromkeys(range(s.partitions))
+    assert group_state(s, default_group(s, "sensor"))[0] == "Dead"  # no group was ever created
+    # --to bounds the range by record time: only the first 100 events
+    part = replay(s, "sensor", from_ms=t0 - 1000, to_ms=mid, namespace="r3")
+    assert part.records == 100 and len(stored_offsets(s, "sensor", "r3")) == 100
+    with pytest.raises(ReplayError, match="live"):
+        replay(s, "sensor", from_ms=t0, namespace="live")
+
+
+def test_timestamps_outside_the_topic_are_errors_that_say_what_exists(settings: Settings) -> None:
+    publish(settings, "sensor", sensor_events(10))
+    topic = raw_topic(settings, "sensor")
+    with pytest.raises(OffsetOutOfRangeError, match="older than what .* still holds.*earliest available"):
+        offsets_for_timestamp(settings, topic, _now_ms() - 8 * DAY_MS)
+    with pytest.raises(OffsetOutOfRangeError, match="after the last record .*newest at"):
+        offsets_for_timestamp(settings, topic, _now_ms() + 3_600_000)
+    with pytest.raises(OffsetOutOfRangeError, match="after the last record"):
+        replay(settings, "sensor", from_ms=_now_ms() + 3_600_000, namespace="late")
+    with pytest.raises(OffsetOutOfRangeError, match="holds no records"):
+        offsets_for_timestamp(settings, raw_topic(settings, "weblog"), _now_ms())
+
+
+def test_reset_refuses_an_active_group_then_resets_an_empty_one(settings: Settings) -> None:
+    s = settings.with_(batch_max_records=20, batch_max_seconds=0.2)
+    publish(s, "sensor", sensor_events(40))
+    topic = raw_topic(s, "sensor")
+    group = default_group(s, "sensor")
+    with running_worker(s, "sensor"):
+        wait_until(lambda: len(stored_offsets(s, "sensor")) == 40, 30, message="worker caught up")
+        assert group_state(s, group)[1] == 1
+        with pytest.raises(GroupActiveError, match="active member"):
+            reset(s, group, topic, to_earliest=True)
+    assert committed(s, "sensor") == end_offsets(s, "sensor")
+    wait_until(lambda: group_state(s, group)[1] == 0, 20, message="group empty after the worker stopped")
+    target = reset(s, group, topic, to_earliest=True)
+    assert target == dict.fromkeys(range(s.partitions), 0)
+    assert [p.committed for p in show(s, group, topic)] == [0] * s.partitions
+    with pytest.raises(OffsetOutOfRangeError, match="outside partition"):
+        reset(s, group, topic, to_offset=10**9)
+
+
+def test_cli_replay_and_offsets(settings: Settings) -> None:
+    t0 = _now_ms()
+    publish(settings, "sensor", sensor_events(30))
+    env = subprocess_env(settings)
+    out = subprocess.run(streamlearn_cmd("replay", "sensor", "--from-timestamp", str(t0 - 1000), "--into",
+                                         "cli", "--batch-max-records", "16"),
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["records"] == 30
+    batches = FeatureStore(settings.feature_store).batches("sensor", "cli")
+    assert sum(len(read_batch(b.path)["offset"]) for b in batches) == 30
+    shown = subprocess.run(streamlearn_cmd("offsets", "show", "--kind", "sensor", "--json"), env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)
+    assert sum(p["latest"] for p in info["partitions"]) == 30
+    bad = subprocess.run(streamlearn_cmd("replay", "sensor", "--from-timestamp", "2000-01-01T00:00:00Z",
+                                         "--into", "old"), env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "earliest available" in bad.stderr
