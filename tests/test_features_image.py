@@ -85,6 +85,14 @@ def test_rgb_is_grayscaled_and_size_is_a_parameter() -> None:
     assert (img[:, :8] == 0.0).all() and (img[:, 8:] == 1.0).all()
 
 
+def test_16_bit_grayscale_is_rescaled_not_clipped() -> None:
+    wide = np.array([[0, 257 * 100, 65535, 32896] * 2] * 8, dtype=np.uint16)
+    img = Image.fromarray(wide)
+    assert img.mode.startswith("I")
+    row = fz().featurize(rec(encode(img)), {})
+    np.testing.assert_array_equal(row.x[:4], np.array([0, 100, 255, 128], dtype=np.float32) / np.float32(255))
+
+
 def test_jpeg_decodes_close_to_its_pixels() -> None:
     pixels = np.full((8, 8), 200, dtype=np.uint8)
     data = encode(Image.fromarray(pixels, "L"), "JPEG", quality=95)

@@ -10,8 +10,9 @@ Decoding untrusted images is the dangerous part, so it happens in this order:
    before ``load()`` (so a header we misread cannot slip through either); truncated or corrupt
    data raises inside ``load()`` and becomes FeatureValidationError.
 
-Then: grayscale (``L``), resize to ``size`` (box filter, the area average, which keeps thin digit
-strokes) unless already that size, and ``pixel / 255``. No inversion or contrast tricks: the
+Then: grayscale (``L``; 16-bit grayscale is rescaled to 8 bits first; alpha is ignored), resize
+to ``size`` (box filter, the area average, which keeps thin digit strokes) unless already that
+size, and ``pixel / 255``. No inversion or contrast tricks: the
 digits generator renders scikit-learn's 0..16 intensities as white-on-black 0..255, and serving
 inputs go through this exact function, so whatever convention the data has is learned consistently.
 
@@ -44,6 +45,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 # SOF markers carrying frame dimensions (C4 = DHT, C8 = JPG extension, CC = DAC are not frames).
 _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+# Pillow modes of 16-bit grayscale PNGs (samples 0..65535).
+_WIDE_GRAY = frozenset({"I", "I;16", "I;16B", "I;16L"})
 # Markers without a length field.
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 
@@ -162,7 +165,12 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
                 if fmt == "JPEG":
                     img.draft("L", self.size)  # let libjpeg scale down while decoding
                 img.load()
-                gray = img.convert("L")
+                if img.mode in _WIDE_GRAY:
+                    # 16-bit grayscale PNG: convert("L") would clip at 255, not rescale.
+                    wide = np.asarray(img, dtype=np.float32)
+                    gray = Image.fromarray(np.clip(wide / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
+                else:
+                    gray = img.convert("L")  # alpha is ignored
                 if gray.size != self.size:
                     gray = gray.resize(self.size, Image.Resampling.BOX)
                 arr = np.asarray(gray, dtype=np.float32)
