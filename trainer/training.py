@@ -31,7 +31,7 @@ def configure_tensorflow(intra_threads: int = 2, inter_threads: int = 1) -> Any:
     setting, so it does not go through streaming.config.
     """
     global _CONFIGURED
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
 
     if not _CONFIGURED:

@@ -35,7 +35,6 @@ from prometheus_client import Counter, Gauge
 from streaming.config import Settings
 from streaming.model_registry import ModelRegistry
 from streaming.store import BatchInfo, FeatureStore
-from streaming.topics import model_updates_topic
 from trainer.data import plan_data
 from trainer.drift import PageHinkley
 from trainer.evaluate import Evaluation, fit_and_evaluate
@@ -128,17 +127,15 @@ class Trainer:
         """Publish a ModelUpdate event (key = model name) and wait for the broker's ack."""
         if not self.events:
             return
+        from trainer.events import publish_update, update_record
+
         gate = meta.get("gate", {})
-        record = {
-            "model": self.name, "version": int(version), "action": action,
-            "path": str(self.registry.model_dir(self.name) / str(version)),
-            "timestamp": int(time.time() * 1000),
-            "primary_metric": gate.get("primary_metric"),
-            "candidate_score": gate.get("candidate_score"), "current_score": gate.get("current_score"),
-            "reason": gate.get("reason") if action != "CREATED" else "exported; gate: " + str(gate.get("action")),
-        }
-        pub = self.publisher()
-        pub.publish_to(model_updates_topic(self.settings), "ModelUpdate", record, key=self.name).get(timeout=30)
+        reason = gate.get("reason") if action != "CREATED" else f"exported; gate: {gate.get('action')}"
+        record = update_record(self.name, version, action, self.registry.model_dir(self.name) / str(version),
+                               reason=reason, primary_metric=gate.get("primary_metric"),
+                               candidate_score=gate.get("candidate_score"),
+                               current_score=gate.get("current_score"))
+        publish_update(self.settings, record, self.publisher())
 
     # ------------------------------------------------------------------ one run
     def unseen_batches(self) -> list[BatchInfo]:

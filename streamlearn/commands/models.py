@@ -1,0 +1,195 @@
+"""`streamlearn models list|show|diff|promote|rollback|check`: inspect and steer the model registry.
+
+``promote`` and ``rollback`` change ``state.json`` first (atomically, what serving reads) and then
+announce the change as a ModelUpdate event; ``--no-event`` skips the event when Kafka is not
+reachable (serving also watches the registry itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from streaming import config
+from streaming.model_registry import ModelRegistry
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list, inspect, compare, promote and roll back model versions")
+    ms = p.add_subparsers(dest="models_cmd", metavar="ACTION")
+    ms.required = True
+    ls = ms.add_parser("list", help="every model with its versions and the promoted one")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.set_defaults(func=_list)
+    show = ms.add_parser("show", help="metadata of one version (default: the promoted one) and the history")
+    show.add_argument("model", help="model name, or model/version")
+    show.add_argument("--manifest", action="store_true", help="include the sha256 manifest and full lineage")
+    show.set_defaults(func=_show)
+    diff = ms.add_parser("diff", help="what differs between two versions (scores, data, featurizer, weights)")
+    diff.add_argument("model")
+    diff.add_argument("a", type=int, help="first version")
+    diff.add_argument("b", type=int, help="second version")
+    diff.set_defaults(func=_diff)
+    promote = ms.add_parser("promote", help="make a version the one serving answers with (verified first)")
+    promote.add_argument("model")
+    promote.add_argument("version", type=int)
+    promote.add_argument("--reason", default="manual promotion", help="recorded in the history and the event")
+    promote.add_argument("--no-event", action="store_true", help="do not publish a ModelUpdate event")
+    promote.set_defaults(func=_promote)
+    rb = ms.add_parser("rollback", help="go back to the previously promoted version")
+    rb.add_argument("model")
+    rb.add_argument("--reason", default="manual rollback")
+    rb.add_argument("--no-event", action="store_true", help="do not publish a ModelUpdate event")
+    rb.set_defaults(func=_rollback)
+    check = ms.add_parser("check", help="run the shared spec checks on a model spec (trains briefly)")
+    check.add_argument("model", nargs="*", help="model names (default: every known spec)")
+    check.set_defaults(func=_check)
+
+
+def _registry(settings: config.Settings) -> ModelRegistry:
+    return ModelRegistry(settings.model_dir)
+
+
+def _split(text: str) -> tuple[str, int | None]:
+    name, sep, version = text.partition("/")
+    if sep and not version.isdigit():
+        raise SystemExit(f"error: model: {text!r} must be <model> or <model>/<version number>")
+    return name, int(version) if sep else None
+
+
+def _list(args: argparse.Namespace, settings: config.Settings) -> int:
+    from trainer.spec import spec_sources
+
+    reg = _registry(settings)
+    names = sorted(set(reg.names()) | set(spec_sources(settings)))
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        versions = reg.versions(name)
+        promoted = reg.promoted(name)
+        score = None
+        if promoted is not None:
+            score = reg.metadata(name, promoted).get("scores", {}).get("candidate")
+        rows.append({"model": name, "versions": versions, "promoted": promoted, "latest": versions[-1] if versions
+                     else None, "promoted_score": score})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'MODEL':<22} {'PROMOTED':>8} {'LATEST':>6} {'SCORE':>10}  VERSIONS")
+    for r in rows:
+        score = "-" if r["promoted_score"] is None else f"{r['promoted_score']:.4g}"
+        print(f"{r['model']:<22} {r['promoted'] if r['promoted'] is not None else '-':>8} "
+              f"{r['latest'] if r['latest'] is not None else '-':>6} {score:>10}  "
+              f"{','.join(map(str, r['versions'])) or '-'}")
+    return 0
+
+
+def _show(args: argparse.Namespace, settings: config.Settings) -> int:
+    reg = _registry(settings)
+    name, version = _split(args.model)
+    if version is None:
+        version = reg.promoted(name) or reg.latest(name)
+    if version is None:
+        print(f"error: model: {name!r} has no versions in {settings.model_dir}; train it with "
+              f"`streamlearn train {name} --once`", file=sys.stderr)
+        return 1
+    meta = reg.metadata(name, version)
+    if not args.manifest:
+        meta.pop("manifest", None)
+        lineage = meta.get("lineage", {})
+        lineage["batches"] = [f"{b['role']}: {b['batch_id']} sha256={b['sha256'][:12]}"
+                              for b in lineage.get("batches", [])]
+        meta.get("training", {}).pop("history", None)
+    try:
+        reg.verify(name, version)
+        meta["integrity"] = "ok"
+    except Exception as exc:
+        meta["integrity"] = str(exc)
+    meta["promoted"] = reg.promoted(name) == version
+    meta["history"] = [e for e in reg.history(name) if e.get("version") == version]
+    print(json.dumps(meta, indent=2, sort_keys=True))
+    return 0
+
+
+def _weights_distance(reg: ModelRegistry, name: str, a: int, b: int) -> float | None:
+    import numpy as np
+
+    from trainer.model_io import WEIGHTS_FILE
+
+    try:
+        path_a = reg.version_dir(name, a) / WEIGHTS_FILE
+        path_b = reg.version_dir(name, b) / WEIGHTS_FILE
+        with np.load(path_a) as da, np.load(path_b) as db:
+            if sorted(da.files) != sorted(db.files) or any(da[k].shape != db[k].shape for k in da.files):
+                return None
+            return float(np.sqrt(sum(float(np.sum((da[k] - db[k]) ** 2)) for k in da.files)))
+    except OSError:
+        return None
+
+
+def _diff(args: argparse.Namespace, settings: config.Settings) -> int:
+    reg = _registry(settings)
+    ma, mb = reg.metadata(args.model, args.a), reg.metadata(args.model, args.b)
+    out: dict[str, Any] = {"model": args.model, "a": args.a, "b": args.b}
+    for key in ("parent_version", "created_at", "featurizer", "schema_ids", "tf_version", "seed", "warm_started",
+                "trigger", "spec"):
+        if ma.get(key) != mb.get(key):
+            out[key] = {"a": ma.get(key), "b": mb.get(key)}
+    out["scores"] = {"a": ma.get("scores"), "b": mb.get("scores")}
+    out["gate"] = {"a": (ma.get("gate") or {}).get("reason"), "b": (mb.get("gate") or {}).get("reason")}
+    ba = {x["batch_id"]: x["role"] for x in ma.get("lineage", {}).get("batches", [])}
+    bb = {x["batch_id"]: x["role"] for x in mb.get("lineage", {}).get("batches", [])}
+    out["batches"] = {"only_a": sorted(set(ba) - set(bb)), "only_b": sorted(set(bb) - set(ba)),
+                      "role_changed": sorted(k for k in set(ba) & set(bb) if ba[k] != bb[k])}
+    out["training_rows"] = {"a": ma.get("training", {}).get("rows"), "b": mb.get("training", {}).get("rows")}
+    out["weights_l2_distance"] = _weights_distance(reg, args.model, args.a, args.b)
+    print(json.dumps(out, indent=2, sort_keys=True))
+    return 0
+
+
+def _announce(settings: config.Settings, name: str, version: int, action: str, reason: str, skip: bool) -> None:
+    if skip:
+        return
+    from trainer.events import publish_update, update_record
+
+    reg = _registry(settings)
+    meta = reg.metadata(name, version)
+    record = update_record(name, version, action, reg.version_dir(name, version), reason=reason,
+                           primary_metric=meta.get("primary_metric"),
+                           candidate_score=(meta.get("scores") or {}).get("candidate"))
+    publish_update(settings, record)
+
+
+def _promote(args: argparse.Namespace, settings: config.Settings) -> int:
+    reg = _registry(settings)
+    previous = reg.set_promoted(args.model, args.version, args.reason)
+    print(f"{args.model}: promoted version {args.version} (was {previous})")
+    _announce(settings, args.model, args.version, "PROMOTED", args.reason, args.no_event)
+    return 0
+
+
+def _rollback(args: argparse.Namespace, settings: config.Settings) -> int:
+    reg = _registry(settings)
+    current = reg.promoted(args.model)
+    target = reg.rollback(args.model, args.reason)
+    print(f"{args.model}: rolled back from version {current} to {target}")
+    _announce(settings, args.model, target, "ROLLED_BACK", args.reason, args.no_event)
+    return 0
+
+
+def _check(args: argparse.Namespace, settings: config.Settings) -> int:
+    from trainer.checks import check_spec
+    from trainer.exceptions import SpecCheckError
+    from trainer.spec import load_spec, spec_sources
+
+    names = args.model or sorted(spec_sources(settings))
+    failed = 0
+    for name in names:
+        try:
+            check_spec(load_spec(name, settings))
+            print(f"{name}: ok")
+        except SpecCheckError as exc:
+            failed += 1
+            print(f"{name}: FAILED: {exc}")
+    return 1 if failed else 0

@@ -1,0 +1,87 @@
+"""`streamlearn train <model> [--once]` and `streamlearn retrain --reproduce <model>/<version>`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from streaming import config
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="retrain a model from the feature store every N batches or T seconds "
+                                     "(or on drift); gate, publish to the registry, announce on Kafka")
+    p.add_argument("model", help="model name (built-in, entry point 'streamlearn.models' or [models] in config)")
+    p.add_argument("--once", action="store_true", help="train one candidate now and exit")
+    p.add_argument("--namespace", default="live", help="feature store namespace (default live)")
+    p.add_argument("--every-batches", dest="retrain_every_batches", type=int,
+                   help=f"retrain after this many new batches {config.env_help('retrain_every_batches')}")
+    p.add_argument("--every-seconds", dest="retrain_every_seconds", type=float,
+                   help=f"... or after this long {config.env_help('retrain_every_seconds')}")
+    p.add_argument("--keep", type=int, default=10, help="versions kept besides every promoted one (default 10)")
+    p.add_argument("--no-events", action="store_true", help="do not publish ModelUpdate events")
+    p.set_defaults(func=_train)
+    r = sub.add_parser("retrain", help="retrain a version from its recorded lineage and compare the scores")
+    r.add_argument("--reproduce", required=True, metavar="MODEL/VERSION", help="e.g. digits_cnn/3")
+    r.add_argument("--tolerance", type=float, default=None,
+                   help="largest accepted |recorded - reproduced| primary metric (default 1e-6)")
+    r.set_defaults(func=_reproduce)
+
+
+def _train(args: argparse.Namespace, settings: config.Settings) -> int:
+    from trainer.exceptions import NotEnoughDataError
+    from trainer.spec import load_spec
+    from trainer.worker import Trainer
+
+    changes = {k: getattr(args, k) for k in ("retrain_every_batches", "retrain_every_seconds")
+               if getattr(args, k) is not None}
+    if changes:
+        settings = settings.with_(**changes)
+    spec = load_spec(args.model, settings)
+    trainer = Trainer(settings, spec, namespace=args.namespace, events=not args.no_events, keep_last=args.keep)
+    try:
+        if args.once:
+            try:
+                outcome = trainer.run_once("once")
+            except NotEnoughDataError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 3
+            print(json.dumps({"model": spec.name, "version": outcome.version, **outcome.decision.to_dict()}))
+            return 0
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        if settings.metrics_port >= 0:
+            from streaming.metrics import start_metrics_server
+
+            start_metrics_server(settings.metrics_port)
+        log.info("trainer %s: retraining every %d batches or %.0f s", spec.name, settings.retrain_every_batches,
+                 settings.retrain_every_seconds)
+        trainer.run_forever(stop)
+        return 0
+    finally:
+        trainer.close()
+
+
+def _reproduce(args: argparse.Namespace, settings: config.Settings) -> int:
+    from trainer.exceptions import LineageError, ReproductionError
+    from trainer.reproduce import DEFAULT_TOLERANCE, reproduce
+
+    name, sep, version = args.reproduce.partition("/")
+    if not sep or not version.isdigit():
+        print(f"error: --reproduce: {args.reproduce!r} must be <model>/<version>, e.g. digits_cnn/3", file=sys.stderr)
+        return 2
+    tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    try:
+        report = reproduce(settings, name, int(version), tolerance=tolerance)
+    except (LineageError, ReproductionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
+    return 0

@@ -1,0 +1,104 @@
+"""``streamlearn retrain --reproduce <model>/<version>``: retrain a version from its lineage and compare.
+
+What is replayed: the exact batch files of the version's lineage, in their recorded roles and
+order (reservoir, new training batches, holdout), each checked against the sha256 recorded at
+training time (a changed or missing file raises LineageError rather than silently training on
+other data); the parent version's weights for the warm start; the recorded seed and the spec's
+training budget. The batch files are themselves a deterministic function of the recorded topic /
+partition / offset ranges (the store writes byte-identical files for a replayed range), which is
+why matching hashes mean matching offsets.
+
+Tolerance: with ``enable_op_determinism`` on the same machine, TensorFlow gives bit-identical
+weights, so the default is ``1e-6`` absolute on the primary metric (scores are computed in float64
+from float32 outputs). Across machines/CPU instruction sets kernels can differ in the last bits;
+pass a looser ``tolerance`` there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streaming.config import Settings
+from streaming.model_registry import ModelRegistry
+from streaming.store import BatchInfo
+from trainer.data import DataPlan
+from trainer.exceptions import LineageError, ReproductionError
+from trainer.spec import ModelSpec, load_spec
+
+DEFAULT_TOLERANCE = 1e-6
+
+
+def _batch(settings: Settings, entry: dict[str, Any]) -> BatchInfo:
+    path = Path(entry["file"])
+    if not path.is_absolute():
+        path = settings.feature_store / path
+    if not path.is_file():
+        raise LineageError(
+            f"lineage: batch {entry['batch_id']} ({path}) is gone; restore the feature store or replay the "
+            f"offsets {entry.get('ranges')} into it first"
+        )
+    manifest_path = path.with_suffix(".json")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+    return BatchInfo(entry["batch_id"], path, manifest)
+
+
+def reproduce(settings: Settings, name: str, version: int, *, tolerance: float = DEFAULT_TOLERANCE,
+              spec: ModelSpec | None = None) -> dict[str, Any]:
+    """Retrain ``name``/``version`` from its lineage; returns a report, raises ReproductionError on mismatch."""
+    from trainer import model_io
+    from trainer.evaluate import fit_and_evaluate
+    from trainer.training import configure_tensorflow
+
+    configure_tensorflow()
+    registry = ModelRegistry(settings.model_dir)
+    meta = registry.verify(name, version)
+    spec = spec or load_spec(name, settings)
+    features = spec.features()
+    recorded_fz = meta.get("featurizer", {}).get("version")
+    if recorded_fz != features.version:
+        raise ReproductionError(f"featurizer: version {version} was trained with {recorded_fz}, the spec now "
+                                f"uses {features.version}; reproduce with the original spec")
+    recorded_spec = meta.get("spec", {})
+    changed = {k for k, v in spec.describe().items() if k in recorded_spec and recorded_spec[k] != v}
+    if changed:
+        raise ReproductionError(f"spec: settings {sorted(changed)} differ from those recorded in version "
+                                f"{version}; reproduce with the original spec")
+    entries = meta["lineage"]["batches"]
+    by_role: dict[str, list[BatchInfo]] = {"reservoir": [], "train": [], "holdout": []}
+    for entry in entries:
+        by_role[entry["role"]].append(_batch(settings, entry))
+    plan = DataPlan(by_role["train"], by_role["reservoir"], by_role["holdout"])
+    expected = {e["batch_id"]: e["sha256"] for e in entries}
+    parent = meta.get("parent_version")
+    parent_dir = None
+    if parent is not None:
+        registry.verify(name, parent)
+        parent_dir = registry.version_dir(name, parent)
+    ev = fit_and_evaluate(spec, features, plan, parent_dir=parent_dir, seed=int(meta["seed"]),
+                          expected_sha=expected)
+    recorded = meta["gate"].get("candidate_score")
+    got = ev.decision.candidate_score
+    with np.load(registry.version_dir(name, version) / model_io.WEIGHTS_FILE) as data:
+        original = [data[k] for k in sorted(data.files)]
+    weights = ev.model.get_weights()
+    max_weight_diff = max((float(np.max(np.abs(a - b))) if a.size else 0.0)
+                          for a, b in zip(original, weights, strict=True))
+    diff = abs(got - recorded) if (recorded is not None and got is not None) else math.inf
+    report = {
+        "model": name, "version": version, "parent_version": parent, "primary_metric": spec.primary_metric,
+        "recorded_score": recorded, "reproduced_score": got, "abs_difference": diff,
+        "tolerance": tolerance, "max_abs_weight_difference": max_weight_diff,
+        "recorded_decision": meta["gate"].get("action"), "reproduced_decision": ev.decision.action,
+        "batches": len(entries), "ok": diff <= tolerance,
+    }
+    if not report["ok"]:
+        raise ReproductionError(
+            f"reproduce: {name}/{version} {spec.primary_metric} {got} differs from the recorded {recorded} by "
+            f"{diff:.3g} > tolerance {tolerance:g}; report: {json.dumps(report)}"
+        )
+    return report
