@@ -133,11 +133,13 @@ def test_reading_older_than_lateness_is_rejected_as_late() -> None:
     f = fz(allowed_lateness_ms=10_000)
     s = f.new_state()
     f.featurize(reading(1.0, 20_000), s)
+    f.featurize(reading(1.0, 0, sid="other"), s)
     before = f.state_to_json(s)
     with pytest.raises(FeatureValidationError, match=r"SensorReading\.timestamp: late reading"):
         f.featurize(reading(1.0, 9_999), s)
-    assert f.state_to_json(s) == before
+    assert f.state_to_json(s) == before  # not even the LRU order moved
     f.featurize(reading(1.0, 10_000), s)  # exactly at the allowance is still accepted
+    assert list(s.sensors) == ["other", "s1"]
 
 
 def test_reading_deeper_than_retained_history_is_late() -> None:

@@ -214,8 +214,7 @@ class SensorFeaturizer(Featurizer[SensorState]):
     def featurize(self, record: dict[str, Any], state: SensorState) -> FeatureRow:
         """Training row for this reading: features of the previous reading's window (see module doc)."""
         sid, t, value, anomaly = self._validate(record)
-        buf = self._buffer(state, sid)
-        i = self._insert(buf, sid, t, value, anomaly)
+        buf, i = self._add(state, sid, t, value, anomaly)
         if i == 0:
             return FeatureRow(
                 np.zeros(self._n, dtype=np.float32), {"next_value_delta": None, "is_anomaly": None}, t, sid
@@ -232,8 +231,7 @@ class SensorFeaturizer(Featurizer[SensorState]):
         ``next_value_delta`` is None (unknown yet); ``is_anomaly`` is this reading's own label.
         """
         sid, t, value, anomaly = self._validate(record)
-        buf = self._buffer(state, sid)
-        i = self._insert(buf, sid, t, value, anomaly)
+        buf, i = self._add(state, sid, t, value, anomaly)
         return FeatureRow(
             self.window_features(buf, i), {"next_value_delta": None, "is_anomaly": anomaly}, t, sid
         )
@@ -259,16 +257,26 @@ class SensorFeaturizer(Featurizer[SensorState]):
             raise FeatureValidationError(f"{RECORD}.label: expected true, false or null, got {label!r}")
         return sid, t, value, (None if label is None else float(label))
 
-    def _buffer(self, state: SensorState, sid: str) -> SensorBuffer:
+    def _add(
+        self, state: SensorState, sid: str, t: int, value: float, anomaly: float | None
+    ) -> tuple[SensorBuffer, int]:
+        """Insert the reading into its sensor's buffer (LRU-touched only once accepted).
+
+        Returns the buffer and the reading's index in it. A "late" rejection leaves the state
+        exactly as it was, so a dead-lettered reading cannot change later features.
+        """
         sensors = state.sensors
         buf = sensors.get(sid)
         if buf is None:
-            buf = sensors[sid] = SensorBuffer()
+            buf = SensorBuffer()
+            i = self._insert(buf, sid, t, value, anomaly)
+            sensors[sid] = buf
             while len(sensors) > self.max_sensors:
                 sensors.popitem(last=False)
         else:
+            i = self._insert(buf, sid, t, value, anomaly)
             sensors.move_to_end(sid)
-        return buf
+        return buf, i
 
     def _insert(self, buf: SensorBuffer, sid: str, t: int, value: float, anomaly: float | None) -> int:
         """Insert a reading in event-time order; return its index after trimming. Raises "late"."""
