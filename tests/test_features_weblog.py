@@ -165,6 +165,11 @@ def test_state_from_json_rejects_garbage_and_other_settings() -> None:
     f = fz()
     with pytest.raises(FeatureStateError, match="state"):
         f.state_from_json("{not json")
+    with pytest.raises(FeatureStateError, match="bad window"):
+        f.state_from_json(
+            '{"featurizer":"weblog-v1","rate_window_ms":60000,"max_events_per_client":256,'
+            '"clients":[["a",[3,1]]]}'
+        )
     with pytest.raises(FeatureStateError, match="rate window"):
         fz(rate_window_ms=1000).state_from_json(f.state_to_json(f.new_state()))
 

@@ -24,9 +24,10 @@ when the record has no label; ``is_error`` is 1.0 when status >= 500, else 0.0.
 
 State: per-client sorted deque of recent event times, kept in LRU order and bounded both in
 clients (``max_clients``; least recently seen evicted) and in events per client
-(``max_events_per_client``; the rate saturates there), so memory cannot grow without bound
-whatever the traffic. Keys of one client arrive in order on one partition (the topic is keyed by
-``client_ip``); a slightly out-of-order event is still counted correctly within the window.
+(``max_events_per_client``, default 256; the rate saturates there, still far above any human), so
+memory and the checkpoint size cannot grow without bound whatever the traffic. Keys of one
+client arrive in order on one partition (the topic is keyed by ``client_ip``); a slightly
+out-of-order event is still counted correctly within the window.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ class WeblogFeaturizer(Featurizer[WeblogState]):
         *,
         rate_window_ms: int = 60_000,
         max_clients: int = 10_000,
-        max_events_per_client: int = 1024,
+        max_events_per_client: int = 256,
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
         super().__init__(clock_ms)
@@ -324,7 +325,11 @@ class WeblogFeaturizer(Featurizer[WeblogState]):
                 )
             state = WeblogState()
             for client, times in doc["clients"][-self.max_clients :]:
-                if not isinstance(client, str) or not all(type(v) is int for v in times):
+                if (
+                    not isinstance(client, str)
+                    or not all(type(v) is int for v in times)
+                    or times != sorted(times)
+                ):
                     raise FeatureStateError(f"state: bad window for client {client!r}")
                 state.clients[client] = deque(times, maxlen=self.max_events_per_client)
             return state
