@@ -43,13 +43,24 @@ class Item:
     """One record of a request and what became of it."""
 
     index: int
-    original: bytes  # what is dead-lettered when the record is rejected
+    #: What is dead-lettered when the record is rejected: the body's bytes, or the JSON element
+    #: (serialized only when needed, because almost every element is accepted).
+    source: bytes | Any
     record: dict[str, Any] | None = None
     key: str | None = None  # idempotency key (the event's id)
     error: BaseException | str | None = None
     status: str = "pending"  # accepted | duplicate | rejected
     retryable: bool = False  # rejected because Kafka did not ack: resend
     meta: dict[str, Any] = field(default_factory=dict)  # topic, partition, offset
+
+    @property
+    def original(self) -> bytes:
+        if isinstance(self.source, bytes):
+            return self.source
+        try:
+            return json.dumps(self.source, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        except (TypeError, ValueError, RecursionError):
+            return repr(self.source).encode("utf-8", "backslashreplace")
 
     def reject(self, error: BaseException | str) -> None:
         self.error, self.status, self.record = error, "rejected", None
@@ -166,11 +177,7 @@ RECORD_ERRORS: tuple[type[BaseException], ...] = (
 
 def record_item(kind: str, index: int, obj: Any) -> Item:
     """One JSON value of a body -> an :class:`Item`, rejected with the reason when it is not valid."""
-    try:
-        original = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
-    except (TypeError, ValueError, RecursionError):
-        original = repr(obj).encode("utf-8", "backslashreplace")
-    item = Item(index, original)
+    item = Item(index, obj)
     if not isinstance(obj, dict):
         item.reject(RecordRejectedError(f"element {index} is a {type(obj).__name__}; each event must be "
                                         "a JSON object"))
