@@ -37,6 +37,14 @@ class FeatureValidationError(StreamingError):
     """A decoded record failed feature validation (NaN/inf, impossible timestamp, bad image)."""
 
 
+class UnknownFeaturizerError(StreamingError, LookupError):
+    """No featurizer is registered for the asked kind/version."""
+
+
+class FeatureStateError(StreamingError, ValueError):
+    """Checkpointed featurizer state cannot be restored (corrupt JSON, other featurizer or settings)."""
+
+
 class BackpressureError(StreamingError):
     """A sink cannot take more data right now (disk full, permission denied).
 

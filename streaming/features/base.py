@@ -21,7 +21,13 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from streaming.exceptions import FeatureValidationError, StreamingError, UnknownKindError
+# FeatureStateError and UnknownFeaturizerError live in streaming.exceptions and are re-exported here.
+from streaming.exceptions import (  # noqa: F401
+    FeatureStateError,
+    FeatureValidationError,
+    UnknownFeaturizerError,
+    UnknownKindError,
+)
 
 #: Event times before this are rejected: 2000-01-01T00:00:00Z in epoch milliseconds. Older values
 #: are almost always seconds-vs-milliseconds mistakes or zeroed fields.
@@ -32,12 +38,6 @@ MAX_FUTURE_MS = 24 * 3600 * 1000
 S = TypeVar("S")
 
 
-class UnknownFeaturizerError(StreamingError, LookupError):
-    """No featurizer is registered for the asked kind/version."""
-
-
-class FeatureStateError(StreamingError, ValueError):
-    """Checkpointed featurizer state cannot be restored (corrupt JSON, other featurizer or settings)."""
 
 
 @dataclass(frozen=True, slots=True)
