@@ -63,6 +63,7 @@ from ingest.gateway_errors import (
     GatewayError,
     IdempotencyConflictError,
     OverloadedError,
+    PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
 from ingest.gateway_limits import BodyLimitMiddleware, InFlightLimiter, OnceMap, RateLimiter
@@ -192,7 +193,8 @@ class Gateway:
         state, got = self.responses.claim(key)
         if state == "pending":
             try:
-                got = await asyncio.wait_for(asyncio.wrap_future(got), self.limits.ack_timeout_s + 5)
+                # shield: a timeout here must not cancel the owner's future other waiters share
+                got = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(got)), self.limits.ack_timeout_s + 5)
             except Exception as exc:
                 raise OverloadedError("an earlier request with this Idempotency-Key did not complete; "
                                       "retry it", retry_after=1) from exc
@@ -291,7 +293,9 @@ class Gateway:
             await asyncio.wait([f for _, _, f in bridged], timeout=self.limits.ack_timeout_s)
         for item, what, fut in bridged:
             if not fut.done():
-                fut.cancel()
+                # Not cancelled: a bridged concurrent future is shared with other waiters. The ack
+                # callbacks still settle the idempotency key and the in-flight count later.
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
                 item.status, item.retryable = "rejected", True
                 item.error = f"Kafka did not acknowledge within {self.limits.ack_timeout_s:g} s; resend"
             elif fut.exception() is not None:
@@ -421,9 +425,17 @@ class _RequestMetrics:
                 status = message["status"]
             await send(message)
 
-        await self.app(scope, receive, tracking_send)
-        route = getattr(scope.get("route"), "path", None) or "unmatched"
-        self.metrics.requests.labels(route=route, status=str(status)).inc()
+        try:
+            await self.app(scope, receive, tracking_send)
+        except PayloadTooLargeError:
+            raise  # answered and counted by BodyLimitMiddleware
+        except Exception:
+            status = 500
+            raise
+        finally:
+            if status:
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                self.metrics.requests.labels(route=route, status=str(status)).inc()
 
 
 def create_app(settings: Settings, publisher: Publisher | None = None, registry: SchemaRegistry | None = None,
@@ -479,9 +491,12 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
         for name, data in files:
             digest.update(f"\x00{name}\x00{len(data)}\x00".encode() + data)
 
+        def validate() -> list[Item]:  # Pillow decodes each image: CPU work, off the event loop
+            return [image_file_item(i, name, data, label=fields.get("label"), timestamp=stamp)
+                    for i, (name, data) in enumerate(files)]
+
         async def work() -> Answer:
-            items = [image_file_item(i, name, data, label=fields.get("label"), timestamp=stamp)
-                     for i, (name, data) in enumerate(files)]
+            items = await run_in_threadpool(validate)
             return await gw.publish("image", items, request, principal)
 
         return await gw.with_request_key(request, principal, digest.hexdigest(), work)
