@@ -18,11 +18,12 @@ from __future__ import annotations
 import io
 import struct
 import threading
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 from fastavro import schemaless_reader, schemaless_writer
 
-from schemas import catalog, compat
+from schemas import catalog, codegen, compat
 from schemas.base import SchemaRegistry
 from schemas.exceptions import (
     BadMagicByteError,
@@ -34,6 +35,12 @@ from schemas.exceptions import (
     UnknownSchemaIdError,
 )
 from schemas.validate import compile_validator
+
+
+@lru_cache(maxsize=256)
+def _codec(text: str) -> tuple[codegen.Encoder, codegen.Decoder] | None:
+    """Generated encoder/decoder for a schema (by canonical text), or None to use fastavro."""
+    return codegen.generate(catalog.parse(text))
 
 MAGIC = 0
 HEADER_SIZE = 5
@@ -212,6 +219,8 @@ class AvroSerializer:
         self.schema = catalog.schema_to_dict(schema)
         self.parsed = catalog.parse(self.schema)
         self.validate = compile_validator(self.parsed)
+        codec = _codec(catalog.canonical_text(self.schema))
+        self._fast = codec[0] if codec is not None else None
         self._schema_id: int | None = None
         self._header = b""
         self._lock = threading.Lock()
@@ -227,21 +236,35 @@ class AvroSerializer:
                     self._schema_id = schema_id
         return self._schema_id
 
-    def encode(self, value: Any) -> bytes:
-        """Avro body of ``value`` without framing (validated first)."""
+    def _body(self, value: Any, out: bytearray) -> bytearray:
+        """Append the Avro body of ``value`` to ``out``, validating it first.
+
+        The generated encoder checks types as it goes; when it cannot vouch for a value it bails
+        out, and the full validator (for a message naming the field) and fastavro take over.
+        """
+        if self._fast is not None:
+            start = len(out)
+            try:
+                self._fast(value, out)
+                return out
+            except Exception:  # noqa: BLE001 - any doubt: redo it the slow, general way
+                del out[start:]
         self.validate(value)
         buf = io.BytesIO()
         schemaless_writer(buf, self.parsed, value)
-        return buf.getvalue()
+        out += buf.getvalue()
+        return out
+
+    def encode(self, value: Any) -> bytes:
+        """Avro body of ``value`` without framing (validated first)."""
+        return bytes(self._body(value, bytearray()))
 
     def __call__(self, value: Any, ctx: Any = None) -> bytes:
-        self.validate(value)  # first: a bad record is the caller's error even while the registry is down
         if self._schema_id is None:
+            body = self._body(value, bytearray())  # a bad record is reported even if the registry is down
             self.schema_id  # noqa: B018 - registers and builds the header
-        buf = io.BytesIO()
-        buf.write(self._header)
-        schemaless_writer(buf, self.parsed, value)
-        return buf.getvalue()
+            return self._header + bytes(body)
+        return bytes(self._body(value, bytearray(self._header)))
 
 
 # -- deserializer --------------------------------------------------------------------------------
@@ -249,6 +272,7 @@ class _Plan(NamedTuple):
     writer: Any
     reader: Any  # None when the reader schema equals the writer schema (fastest path)
     guard_named: dict[str, Any] | None  # set when the writer needs the zero-size-item guard
+    fast: codegen.Decoder | None  # generated decoder of the writer schema (no resolution needed)
 
 
 class AvroDeserializer:
@@ -289,7 +313,8 @@ class AvroDeserializer:
             reader = self._reader_parsed
         named: dict[str, Any] = writer.get("__named_schemas", {}) if isinstance(writer, dict) else {}
         guard = named if _needs_guard(writer, named, set()) else None
-        plan = _Plan(writer, reader, guard)
+        codec = _codec(catalog.canonical_text(text)) if reader is None else None
+        plan = _Plan(writer, reader, guard, codec[1] if codec is not None else None)
         self._plans[schema_id] = plan
         return plan
 
@@ -299,6 +324,8 @@ class AvroDeserializer:
             unframe(data)  # raises the precise error
         schema_id = int.from_bytes(data[1:5], "big")
         plan = self._plans.get(schema_id) or self._plan(schema_id)
+        if plan.fast is not None:
+            return Decoded(self._fast_decode(plan.fast, data, size, schema_id), schema_id)
         if plan.guard_named is not None:
             body = memoryview(data)[HEADER_SIZE:]
             end = _guard(plan.writer, plan.guard_named, body, 0, [MAX_ZERO_SIZE_ITEMS])
@@ -326,3 +353,26 @@ class AvroDeserializer:
                 f"the payload is corrupt or was written with a different schema"
             )
         return Decoded(value, schema_id)
+
+    @staticmethod
+    def _fast_decode(decode: codegen.Decoder, data: Any, size: int, schema_id: int) -> Any:
+        if type(data) is not bytes:
+            data = bytes(data)
+        try:
+            value, end = decode(data, HEADER_SIZE, size)
+        except (IndexError, TruncatedRecordError) as exc:
+            raise TruncatedRecordError(
+                f"data: Avro body of {size - HEADER_SIZE} bytes ends early for schema id {schema_id} "
+                f"({exc or 'no bytes left'})"
+            ) from exc
+        except (UnicodeDecodeError, RecursionError, OverflowError) as exc:
+            raise MalformedRecordError(
+                f"data: Avro body is not a valid encoding for schema id {schema_id}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if end != size:
+            raise TruncatedRecordError(
+                f"data: {size - end} trailing bytes after the Avro record (schema id {schema_id}); "
+                f"the payload is corrupt or was written with a different schema"
+            )
+        return value
