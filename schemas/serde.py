@@ -5,8 +5,13 @@ any Confluent-aware tool can read our topics). Records are plain dicts with ``ti
 ints of epoch milliseconds: encoding and decoding use schemas with logical types stripped (see
 :func:`schemas.catalog.strip_logical_types`), so values round-trip exactly.
 
-Decoding untrusted bytes must fail fast and typed, never hang or allocate gigabytes:
-fastavro's C reader already raises ``EOFError`` as soon as a declared string/bytes length or an
+Hot path: records are encoded and decoded by code generated for their schema
+(:mod:`schemas.codegen`), which also bounds every declared length and count before using it.
+fastavro is the fallback (values the generated encoder cannot vouch for) and does reader/writer
+schema resolution when the deserializer has a ``reader_schema`` that differs from the writer's.
+
+Decoding untrusted bytes must fail fast and typed, never hang or allocate gigabytes. On the
+fastavro path: its C reader already raises ``EOFError`` as soon as a declared string/bytes length or an
 array/map block outruns the buffer, because each item consumes at least one byte. The one case it
 cannot bound is an array whose items encode to zero bytes (``null``, an empty record, ``fixed`` of
 size 0): a block count of 2**40 would spin forever. Writer schemas containing such arrays are first
