@@ -306,3 +306,22 @@ def test_health_is_503_when_the_producer_cannot_reach_kafka(settings: Settings) 
         resp = tc.get("/healthz")
     assert resp.status_code == 503 and resp.json()["status"] == "unavailable"
     assert resp.headers["Retry-After"] == "5"
+
+
+def test_records_kafka_does_not_take_are_retryable_503_not_lost_silently(settings: Settings) -> None:
+    gs = gateway_settings(settings)
+    publisher = Publisher(gs)
+    app = create_app(gs, publisher=publisher)
+    with TestClient(app) as tc:
+        publisher.close(timeout=5)  # the producer no longer sends anything
+        resp = tc.post("/ingest/weblog", json=[weblog(1), {"bad": 1}], headers=AUTH)
+        with client(settings) as healthy:  # the same event later, through a working gateway
+            retried = healthy.post("/ingest/weblog", json=[weblog(1)], headers=AUTH)
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
+    results = resp.json()["results"]
+    assert all(r["status"] == "rejected" and r["retryable"] for r in results)
+    assert "Kafka" in results[0]["error"]
+    assert app.state.gateway.inflight.count == 0
+    assert app.state.gateway.seen.claim(("weblog", "w-1"))[0] == "new"  # forgotten: a resend publishes
+    assert retried.status_code == 200 and retried.json()["results"][0]["status"] == "accepted"
+    assert len(raw_records(settings, "weblog", expect=1)) == 1
