@@ -29,6 +29,8 @@ SCHEMA_NAMES: tuple[str, ...] = (
     "DeadLetter",
 )
 
+_PRIMITIVE_NAMES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
+
 
 @cache
 def _schema_text(name: str) -> str:
@@ -48,6 +50,8 @@ def load_schema(name: str) -> dict[str, Any]:
 def schema_to_dict(schema: str | dict[str, Any] | list[Any]) -> Any:
     """JSON text or an already parsed JSON value -> JSON value; bad JSON is an InvalidSchemaError."""
     if isinstance(schema, str):
+        if schema in _PRIMITIVE_NAMES:  # a bare primitive name is what people type for key schemas
+            return schema
         try:
             return json.loads(schema)
         except json.JSONDecodeError as exc:

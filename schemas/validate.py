@@ -278,7 +278,7 @@ def compile_validator(parsed: Any) -> Callable[[Any], None]:
     """A function ``check(record)`` raising :class:`RecordValidationError` naming the field path."""
     named: dict[str, Any] = dict(parsed.get("__named_schemas", {})) if isinstance(parsed, dict) else {}
     inner = _Compiler(named).compile(parsed)
-    root = _type_name(parsed.get("name", "record")) if isinstance(parsed, dict) else "value"
+    root = _type_name(parsed["name"]) if isinstance(parsed, dict) and "name" in parsed else "value"
 
     def validate(record: Any) -> None:
         try:

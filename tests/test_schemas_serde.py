@@ -265,3 +265,14 @@ def test_bad_record_is_reported_even_when_registry_is_down() -> None:
                          catalog.load_schema("SensorReading"))
     with pytest.raises(RecordValidationError, match="SensorReading.value"):
         ser({**RECORDS["SensorReading"], "value": "abc"})
+
+
+@pytest.mark.parametrize(
+    ("schema", "value"),
+    [("string", "key-1"), ("long", -(2**40)), (["null", "double"], 2.5), ({"type": "array", "items": "int"}, [1, 2])],
+)
+def test_non_record_schemas_round_trip(registry: FileRegistry, schema: Any, value: Any) -> None:
+    ser = AvroSerializer(registry, "k-key", schema)
+    assert AvroDeserializer(registry)(ser(value)).value == value
+    with pytest.raises(RecordValidationError, match=r"^value: expected"):
+        ser(object())
