@@ -76,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("kafka").setLevel(logging.ERROR)
+    for noisy in ("kafka", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if noisy != "kafka" else logging.ERROR)
     try:
         return int(args.func(args, settings) or 0)
     except StreamlearnError as exc:

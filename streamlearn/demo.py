@@ -40,21 +40,27 @@ class Rates:
 
 
 def _events(kind: str, seed: int, start_ms: int) -> Iterator[dict[str, Any]]:
-    """Endless deterministic events of one kind with event times from ``start_ms`` on."""
+    """Endless deterministic events of one kind; event time keeps moving forward across rounds."""
     from ingest.generators import digits, web_traffic
     from ingest.sensors import generate
 
     round_ = 0
+    next_ms = start_ms
     while True:
         s = seed + 1000 * round_
         if kind == "weblog":
-            yield from web_traffic(5000, seed=s, start_ms=start_ms)
+            source = web_traffic(5000, seed=s, start_ms=next_ms)
         elif kind == "sensor":
-            yield from generate(5000, n_sensors=20, seed=s, start_ms=start_ms, interval_ms=1000)
+            source = generate(5000, n_sensors=20, seed=s, start_ms=next_ms, interval_ms=1000)
         else:
-            for event in digits(seed=s, start_ms=start_ms):
+            source = digits(seed=s, start_ms=next_ms)
+        last = next_ms
+        for event in source:
+            if kind == "image":
                 event["image_id"] = f"{event['image_id']}-{round_}"
-                yield event
+            last = max(last, int(event["timestamp"]))
+            yield event
+        next_ms = last + 1000
         round_ += 1
 
 
@@ -142,8 +148,7 @@ def run_demo(settings: Settings, duration: float, rates: Rates | None = None, re
             Paced("sensor", rates.sensor, lambda r: publisher.publish("sensor", r),
                   _events("sensor", 2, now_ms - 3_600_000)),
             Paced("image", rates.image, lambda r: publisher.publish("image", r), _events("image", 3, now_ms)),
-            Paced("gateway-sensor", 5.0, GatewayPoster(gateway_port, token, "sensor"),
-                  _events("sensor", 4, now_ms - 3_600_000)),
+            Paced("gateway-weblog", 5.0, GatewayPoster(gateway_port, token, "weblog"), _events("weblog", 4, now_ms)),
         ]
         requesters = [
             Paced(f"requests-{model}", rates.requests,
