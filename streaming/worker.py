@@ -255,7 +255,7 @@ class StreamWorker:
         # Re-subscribe with our listener so every (re)assignment resumes from the store.
         self._events: queue.SimpleQueue[tuple[str, list[TopicPartition]]] = queue.SimpleQueue()
         self.sub.consumer.subscribe([self.topic], listener=_Rebalance(self._events))
-        self.floor: dict[TopicPartition, int] = {}  # first offset not yet in the store, per partition
+        self.floor: dict[TopicPartition, int] = {}  # next offset to process, per partition
         self.held: list[ClosedBatch] = []  # closed but not yet durable (backpressure)
         self.paused_for_backpressure = False
         self.registry_backoff: dict[TopicPartition, float] = {}  # tp -> resume at (monotonic)
@@ -345,12 +345,15 @@ class StreamWorker:
         return self.stats
 
     def _process_partition(self, tp: TopicPartition, msgs: list[Any]) -> None:
+        # Records below the floor were already handled: fetched before a seek to the store's end,
+        # or re-fetched after a seek. Skipping them keeps every offset in exactly one batch.
         floor = self.floor.get(tp)
         if floor is not None and msgs and msgs[0].offset < floor:
-            msgs = [m for m in msgs if m.offset >= floor]  # fetched before the seek: already stored
+            msgs = [m for m in msgs if m.offset >= floor]
         for msg in msgs:
             try:
                 self.pipeline.process(msg)
+                self.floor[tp] = msg.offset + 1
             except RegistryUnavailableError as exc:
                 self.stats.registry_retries += 1
                 self._registry_streak += 1
@@ -382,6 +385,7 @@ class StreamWorker:
             log.warning("%s; resynchronising %s[%d] from the store", exc, tp.topic, tp.partition)
             nxt = self.pipeline.restore(tp.partition)
             if nxt is not None:
+                self.floor[tp] = nxt
                 self.sub.consumer.seek(tp, nxt)
             return
         if commit:

@@ -131,6 +131,31 @@ def test_worker_persists_every_offset_once_and_state_survives_restart(settings: 
         assert b.manifest["featurizer_state"]
 
 
+def test_store_ahead_of_commit_resumes_after_the_store(settings: Settings) -> None:
+    """The state a crash between the batch rename and the offset commit leaves: batches on disk
+    beyond the committed offsets (made here by rewinding the idle group's commits to 0). The
+    restarted worker must resume after the store, never writing an overlapping batch."""
+    from streaming.offsets import reset
+
+    s = settings.with_(batch_max_records=25, batch_max_seconds=0.2)
+    publish(s, "sensor", sensor_events(90))
+    topic = raw_topic(s, "sensor")
+    with running_worker(s, "sensor"):
+        expected = topic_offsets(s, topic)
+        wait_until(lambda: all_stored(s, "sensor", expected), 40, message="first run persisted")
+    wait_until(lambda: reset(s, default_group(s, "sensor"), topic, to_earliest=True), 20,
+               message="group empty for the reset")
+    assert set(committed(s, "sensor").values()) == {0}
+    publish(s, "sensor", sensor_events(30, start=90))
+    with running_worker(s, "sensor") as worker:
+        expected = topic_offsets(s, topic)
+        wait_until(lambda: all_stored(s, "sensor", expected), 40, message="second run persisted")
+    got = stored_offsets(s, "sensor")
+    assert len(got) == len(set(got)) == 120
+    assert worker.stats.rows == 30 and worker.stats.batches_skipped == 0
+    assert committed(s, "sensor") == end_offsets(s, "sensor")
+
+
 POISON = {
     "BadMagicByteError": b"\x07\x00\x00\x00\x01hello",
     "ShortPayloadError": b"\x00\x00",
