@@ -24,19 +24,7 @@ from streaming.model_registry import (
     ModelRegistry,
     ModelRegistryError,
 )
-
-try:
-    from tests.helpers import wait_until
-except ImportError:  # the lead's tests/helpers.py has not landed yet: same bounded poll
-    import time
-
-    def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(interval)
-        raise AssertionError(f"condition not met within {timeout}s")
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -55,8 +55,9 @@ def check_spec(spec: ModelSpec, epochs: int = 1) -> None:
     """Raise SpecCheckError naming every property ``spec`` fails; return None when it passes."""
     from trainer import model_io
     from trainer.data import labelled
-    from trainer.training import predict, train_candidate
+    from trainer.training import configure_tensorflow, predict, train_candidate
 
+    configure_tensorflow()
     failures: list[str] = []
     if spec.task not in ("classification", "regression"):
         failures.append(f"task is {spec.task!r}; use 'classification' or 'regression'")
@@ -80,16 +81,19 @@ def check_spec(spec: ModelSpec, epochs: int = 1) -> None:
     if spec.task == "classification" and not np.all(np.isfinite(yt)):
         failures.append("classification targets contain NaN after dropping unlabelled rows")
 
-    first = train_candidate(spec, features, xt, yt, seed=spec.seed, epochs=epochs)
-    second = train_candidate(spec, features, xt, yt, seed=spec.seed, epochs=epochs)
-    model = first.model
-    in_shape = tuple(model.input_shape)
+    probe = spec.build(features, spec.seed)
+    in_shape = tuple(probe.input_shape)
     if in_shape != (None, features.n_features):
         failures.append(f"model input shape {in_shape} != (None, {features.n_features}) of featurizer "
                         f"{features.version}")
-    out_shape = tuple(model.output_shape)
+    out_shape = tuple(probe.output_shape)
     if out_shape != (None, len(spec.output_names)):
         failures.append(f"model output shape {out_shape} != (None, {len(spec.output_names)}) (output_names)")
+    if failures:  # shapes are wrong: training would only add noise to the report
+        raise SpecCheckError(f"model spec {spec.name!r} failed the shared checks: " + "; ".join(failures))
+    first = train_candidate(spec, features, xt, yt, seed=spec.seed, epochs=epochs, run_eagerly=True)
+    second = train_candidate(spec, features, xt, yt, seed=spec.seed, epochs=epochs, run_eagerly=True)
+    model = first.model
     if not _same(first.model.get_weights(), second.model.get_weights()):
         failures.append("the same seed did not give the same weights (nondeterministic builder or training)")
     if not np.isfinite(first.final_loss):

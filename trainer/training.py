@@ -57,7 +57,7 @@ class TrainResult:
 
 def train_candidate(spec: ModelSpec, features: FeatureInfo, x: np.ndarray, y: np.ndarray, *, seed: int,
                     init_weights: Path | None = None, log_dir: Path | None = None,
-                    epochs: int | None = None) -> TrainResult:
+                    epochs: int | None = None, run_eagerly: bool = False) -> TrainResult:
     """Fit a fresh model from ``spec`` on ``(x, y)``; warm-start from ``init_weights`` when they fit."""
     tf = configure_tensorflow()
     import keras
@@ -70,7 +70,9 @@ def train_candidate(spec: ModelSpec, features: FeatureInfo, x: np.ndarray, y: np
     warm = model_io.load_weights(model, init_weights) if init_weights is not None else False
     if not warm and spec.adapt is not None and len(x):
         spec.adapt(model, x)
-    model.compile(optimizer=make_optimizer(spec.learning_rate), loss=spec.loss(), metrics=spec.metrics())
+    # run_eagerly: the check suite trains on two tiny batches, where tracing costs more than it saves.
+    model.compile(optimizer=make_optimizer(spec.learning_rate), loss=spec.loss(), metrics=spec.metrics(),
+                  run_eagerly=run_eagerly)
     ds = (tf.data.Dataset.from_tensor_slices((x.astype(np.float32), y.astype(np.float32)))
           .shuffle(max(1, len(x)), seed=seed, reshuffle_each_iteration=True)
           .batch(spec.batch_size))

@@ -1,0 +1,83 @@
+"""The prequential data plan: holdout, cursor, bounded seeded reservoir, hashes, NaN labels."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ingest.generators import digits
+from streaming.store import BatchInfo, FeatureStore
+from trainer.data import labelled, load_batches, plan_data, reservoir_add
+from trainer.exceptions import LineageError, NotEnoughDataError
+from trainer.spec import load_spec
+from trainer.synthetic import write_batches
+
+SPEC = dataclasses.replace(load_spec("digits_cnn"), reservoir_batches=3)
+
+
+@pytest.fixture(scope="module")
+def batches(tmp_path_factory: pytest.TempPathFactory) -> list[BatchInfo]:
+    store = FeatureStore(tmp_path_factory.mktemp("store"))
+    return write_batches(store, "image", digits(240, seed=0), batch_size=20, topic="image.raw")
+
+
+def test_first_plan_trains_on_all_but_the_newest_batch(batches: list[BatchInfo]) -> None:
+    plan = plan_data(SPEC, batches[:4], None)
+    assert [b.batch_id for b in plan.train] == [b.batch_id for b in batches[:3]]
+    assert plan.holdout == [batches[3]] and plan.reservoir == []
+    assert plan.data_state["cursor"] == batches[2].batch_id and plan.data_state["seen"] == 3
+
+
+def test_next_plan_trains_on_the_previous_holdout_plus_reservoir(batches: list[BatchInfo]) -> None:
+    first = plan_data(SPEC, batches[:4], None)
+    second = plan_data(SPEC, batches[:7], first.data_state)
+    assert second.train_new == batches[3:6]  # the old holdout is now trained on
+    assert second.holdout == [batches[6]]
+    assert [b.batch_id for b in second.reservoir] == first.data_state["reservoir"]
+    assert len(second.data_state["reservoir"]) == 3  # capped
+
+
+def test_reservoir_is_bounded_deterministic_and_keeps_old_batches() -> None:
+    picks: list[list[str]] = []
+    for _ in range(2):
+        res: list[str] = []
+        seen = 0
+        for i in range(1000):
+            seen = reservoir_add(res, seen, f"b{i:04d}", 20, seed=5)
+        picks.append(res)
+    assert picks[0] == picks[1] and len(picks[0]) == 20 and seen == 1000
+    ids = sorted(int(b[1:]) for b in picks[0])
+    assert ids[0] < 500 and ids[-1] >= 500  # old and recent batches both represented
+    other: list[str] = []
+    seen = 0
+    for i in range(1000):
+        seen = reservoir_add(other, seen, f"b{i:04d}", 20, seed=6)
+    assert other != picks[0]
+
+
+def test_too_few_new_batches_is_a_clear_error(batches: list[BatchInfo]) -> None:
+    first = plan_data(SPEC, batches[:4], None)
+    with pytest.raises(NotEnoughDataError, match="1 new feature batch"):
+        plan_data(SPEC, batches[:4], first.data_state)
+
+
+def test_cursor_falls_back_to_creation_time_when_its_batch_is_gone(batches: list[BatchInfo]) -> None:
+    first = plan_data(SPEC, batches[:4], None)
+    remaining = [b for b in batches[:8] if b.batch_id != first.data_state["cursor"]]
+    plan = plan_data(SPEC, remaining, first.data_state)
+    assert plan.train_new == batches[3:7]
+
+
+def test_load_checks_hashes_and_drops_unlabelled_rows(batches: list[BatchInfo], tmp_path: Path) -> None:
+    x, cols, hashes = load_batches(SPEC, batches[:2], 64)
+    assert x.shape == (40, 64) and len(hashes) == 2
+    cols["digit"][[0, 5]] = np.nan
+    xs, ys = labelled(SPEC, x, cols)
+    assert xs.shape == (38, 64) and ys.shape == (38, 10) and np.all(ys.sum(axis=1) == 1)
+    with pytest.raises(LineageError, match="sha256"):
+        load_batches(SPEC, batches[:1], 64, expected_sha={batches[0].batch_id: "0" * 64})
+    with pytest.raises(LineageError, match="features"):
+        load_batches(SPEC, batches[:1], 14)

@@ -1,0 +1,116 @@
+"""The trainer worker against the real embedded broker: versions, gate decisions, events, drift, loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+
+from ingest.generators import digits
+from ingest.sensors import generate
+from streaming import config
+from streaming.features import get_featurizer
+from streaming.model_registry import ModelRegistry
+from streaming.store import FeatureStore
+from streaming.topics import model_updates_topic, raw_topic
+from tests.helpers import read_topic, wait_until
+from trainer.model_io import SavedModelPredictor
+from trainer.spec import load_spec
+from trainer.synthetic import write_batches
+from trainer.worker import DRIFT_ALARMS, Trainer
+
+DIGITS = dataclasses.replace(load_spec("digits_cnn"), epochs=2)
+T0 = 1_700_000_000_000
+
+
+def shifted(records):  # type: ignore[no-untyped-def]
+    """The same images with every label moved to the next digit: a sudden concept drift."""
+    for r in records:
+        yield {**r, "label": str((int(r["label"]) + 1) % 10)}
+
+
+def test_versions_gate_events_lineage_and_drift(settings: config.Settings) -> None:
+    store = FeatureStore(settings.feature_store)
+    topic = raw_topic(settings, "image")
+    recs = list(digits(600, seed=1))
+    write_batches(store, "image", recs[:240], batch_size=80, topic=topic)
+    trainer = Trainer(settings, DIGITS)
+    try:
+        first = trainer.run_once("test")
+        assert first.version == 1 and first.decision.promote
+        reg = ModelRegistry(settings.model_dir)
+        assert reg.promoted("digits_cnn") == 1
+        meta = reg.verify("digits_cnn", 1)
+        assert meta["featurizer"]["version"] == "image-v1" and meta["featurizer"]["input_shape"] == [8, 8, 1]
+        assert meta["class_names"] == [str(d) for d in range(10)] and meta["task"] == "classification"
+        assert meta["schema_ids"] == [1] and meta["tf_version"] and meta["parent_version"] is None
+        roles = [(b["role"], b["ranges"][0]["first_offset"], b["ranges"][0]["last_offset"])
+                 for b in meta["lineage"]["batches"]]
+        assert roles == [("train", 0, 79), ("train", 80, 159), ("holdout", 160, 239)]
+        assert meta["lineage"]["offsets"] == {f"{topic}/0": [[0, 79], [80, 159], [160, 239]]}
+        assert all(len(b["sha256"]) == 64 for b in meta["lineage"]["batches"])
+        tb = settings.model_dir / "digits_cnn" / "tensorboard" / "v1"
+        assert list((tb / "train").glob("events.out.tfevents.*")) and list((tb / "gate").glob("events.*"))
+
+        # drift: first a stable error level on unseen batches, then labels shift to the next digit
+        write_batches(store, "image", recs[240:400], batch_size=80, topic=topic, first_offset=240,
+                      created_at_ms=T0 + 10)
+        before = DRIFT_ALARMS.labels("digits_cnn")._value.get()
+        assert not trainer.check_drift()
+        write_batches(store, "image", shifted(recs[400:600]), batch_size=100, topic=topic, first_offset=400,
+                      created_at_ms=T0 + 20)
+        assert trainer.check_drift()
+        assert DRIFT_ALARMS.labels("digits_cnn")._value.get() == before + 1
+
+        # a candidate whose training blows up (NaN learning rate -> NaN weights) is rejected
+        broken = Trainer(settings, dataclasses.replace(DIGITS, learning_rate=float("nan")))
+        second = broken.run_once("test")
+        broken.close()
+        assert second.version == 2 and not second.decision.promote
+        assert "NaN" in second.decision.reason and reg.promoted("digits_cnn") == 1
+        assert reg.verify("digits_cnn", 2)["gate"]["action"] == "REJECTED"
+        history = [(e["action"], e["version"]) for e in reg.history("digits_cnn")]
+        assert history == [("CREATED", 1), ("PROMOTED", 1), ("CREATED", 2), ("REJECTED", 2)]
+    finally:
+        trainer.close()
+    events = read_topic(settings, model_updates_topic(settings), expect=4)
+    got = [(e.key.decode() if isinstance(e.key, bytes) else e.key, e.value["version"], e.value["action"])
+           for e in events]
+    assert got == [("digits_cnn", 1, "CREATED"), ("digits_cnn", 1, "PROMOTED"), ("digits_cnn", 2, "CREATED"),
+                   ("digits_cnn", 2, "REJECTED")]
+    promoted_event = events[1].value
+    assert promoted_event["primary_metric"] == "accuracy" and promoted_event["current_score"] is None
+    assert 0.0 <= promoted_event["candidate_score"] <= 1.0 and "first version" in promoted_event["reason"]
+    assert "NaN" in events[3].value["reason"]
+
+
+def test_custom_spec_trains_in_the_loop_and_its_saved_model_predicts(settings: config.Settings) -> None:
+    settings = settings.with_(model_specs={"tiny_linear": "tests.custom_spec_module:SPEC"},
+                              retrain_every_batches=3, retrain_every_seconds=3600.0)
+    store = FeatureStore(settings.feature_store)
+    spec = load_spec("tiny_linear", settings)
+    trainer = Trainer(settings, spec, events=False)
+    stop = threading.Event()
+    loop = threading.Thread(target=trainer.run_forever, args=(stop, 0.1))
+    loop.start()
+    reg = ModelRegistry(settings.model_dir)
+    try:
+        records = list(generate(300, n_sensors=3, seed=4))
+        write_batches(store, "sensor", records[:200], batch_size=100, topic=raw_topic(settings, "sensor"))
+        assert reg.versions("tiny_linear") == []  # 2 batches < retrain_every_batches
+        write_batches(store, "sensor", records[200:], batch_size=100, topic=raw_topic(settings, "sensor"),
+                      first_offset=200, created_at_ms=T0 + 10)
+        wait_until(lambda: reg.promoted("tiny_linear") == 1, timeout=240, message="version 1 of tiny_linear")
+    finally:
+        stop.set()
+        loop.join(timeout=120)
+    assert not loop.is_alive()
+    meta = reg.verify("tiny_linear", 1)
+    assert meta["trigger"] == "batches" and meta["output_names"] == ["next_value_delta"]
+    fz = get_featurizer("sensor")
+    predictor = SavedModelPredictor(reg.version_dir("tiny_linear", 1))
+    x = np.random.default_rng(0).normal(size=(5, fz.n_features)).astype(np.float32)
+    out = predictor.predict(x)
+    assert out.shape == (5, 1) and np.all(np.isfinite(out))
+    assert tuple(predictor.input_spec().shape.as_list()) == (None, fz.n_features)
