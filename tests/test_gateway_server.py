@@ -65,3 +65,42 @@ def test_serve_subcommand_parses_port_and_limits() -> None:
     limits = limits_from_args(args)
     assert (limits.rate_records_per_s, limits.max_in_flight) == (5.0, 7)
     assert "STREAMLEARN_INGEST_PORT" in parser._subparsers._group_actions[0].choices["serve"].format_help()
+
+
+def test_cli_serve_end_to_end_and_the_token_never_reaches_its_logs(settings: Settings) -> None:
+    import subprocess
+
+    from streaming.broker import free_port
+    from tests.helpers import streamlearn_cmd, subprocess_env, wait_until
+    from tests.test_gateway_http import TOKEN
+
+    no_tokens = subprocess.run(streamlearn_cmd("ingest", "serve"), env=subprocess_env(settings), timeout=60,
+                               capture_output=True, text=True)
+    assert no_tokens.returncode != 0 and "STREAMLEARN_INGEST_TOKENS" in no_tokens.stderr
+
+    port = free_port()
+    env = subprocess_env(gateway_settings(settings), STREAMLEARN_LOG_LEVEL="DEBUG")
+    proc = subprocess.Popen(streamlearn_cmd("ingest", "serve", "--port", str(port), "--access-log"), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(healthy, timeout=60, message="gateway subprocess healthy")
+        ok = httpx.post(f"{url}/ingest/weblog", json=weblog(1), headers=AUTH, timeout=20)
+        bad = httpx.post(f"{url}/ingest/weblog", json={"x": 1}, headers=AUTH, timeout=20)
+        forbidden = httpx.post(f"{url}/ingest/weblog", json=weblog(2), timeout=20,
+                               headers={"Authorization": f"Bearer x{TOKEN}"})
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=30)
+    assert ok.status_code == 200 and bad.status_code == 422 and forbidden.status_code == 403, output[-3000:]
+    assert "POST /ingest/weblog" in output  # the access log ran
+    assert "dead letter" in output  # the rejected record was logged (by the publisher), without the token
+    assert TOKEN not in output
+    assert len(raw_records(settings, "weblog", expect=1)) == 1
