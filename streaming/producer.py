@@ -20,7 +20,7 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka.producer.future import FutureRecordMetadata
 
-from schemas.catalog import load_schema
+from schemas.catalog import load_schema, value_subject
 from schemas.registry import SchemaRegistry, open_registry
 from schemas.serde import AvroSerializer
 from streaming.config import Settings
@@ -99,7 +99,7 @@ class Publisher:
         """The serializer of ``record_name`` for ``topic`` (subject ``<topic>-value``), cached."""
         ser = self._serializers.get((topic, record_name))
         if ser is None:
-            ser = AvroSerializer(self.registry, f"{topic}-value", load_schema(record_name))
+            ser = AvroSerializer(self.registry, value_subject(topic), load_schema(record_name))
             self._serializers[(topic, record_name)] = ser
         return ser
 

@@ -25,7 +25,8 @@ from streaming.broker import free_port, running_broker
 from streaming.config import Settings
 from streaming.jsoncodec import to_json
 from streaming.producer import Publisher
-from streaming.topics import MODELS, ensure_topics, requests_topic
+from streaming.topics import MODELS, requests_topic
+from streamlearn.commands.up import prepare
 from streamlearn.observe import Observer
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def run_demo(settings: Settings, duration: float, rates: Rates | None = None, re
     started_wall = time.time()
     with running_broker(settings) as broker:
         log.info("%s", broker.describe())
-        ensure_topics(settings)
+        prepare(settings)  # topics and schemas before any worker starts
         services = default_services(settings, base_metrics_port=free_port(), gateway=True)
         token = secrets.token_hex(16)
         gateway_port = free_port()

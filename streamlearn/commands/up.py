@@ -23,9 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def prepare(settings: config.Settings) -> None:
     """Topics and schemas exist before any worker starts (idempotent)."""
+    from schemas.registry import open_registry
     from streaming.topics import ensure_topics
+    from streamlearn.commands.schemas import register_builtin
 
     ensure_topics(settings)
+    register_builtin(open_registry(settings.registry_url, settings.registry_dir), settings)
 
 
 def _up(args: argparse.Namespace, settings: config.Settings) -> int:
