@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from ingest import checkpoint as cp
 from ingest.exceptions import InputRejectedError, LogParseError, SourceError
-from ingest.weblog import event_id_for, parse_line
+from ingest.weblog import parse_line
 from schemas.exceptions import SchemaError
 from streaming.exceptions import PublishError, RecordTooLargeError
 
@@ -145,6 +145,9 @@ class FileTailer:
         self._last_cp = 0.0
         self._dirty = False
         self._sent_since_floor = False
+        self._source = str(self.path)
+        self._id_identity = ""
+        self._id_base = hashlib.sha1()
         self.pos = self._start()
 
     # -- start-up -------------------------------------------------------------------------
@@ -236,13 +239,16 @@ class FileTailer:
         self._last_cp = time.monotonic()
         self._dirty = False
 
-    def _reap(self, block: bool = False) -> None:
-        """Advance the checkpoint over the acked prefix of the in-flight lines."""
+    def _reap(self, block: bool = False, down_to: int = 0) -> None:
+        """Advance the checkpoint over the acked prefix of the in-flight lines.
+
+        With ``block``, wait for acks until at most ``down_to`` lines are in flight.
+        """
         while self._pending:
             end, line, fut = self._pending[0]
             if fut is not None:
                 if not fut.is_done:
-                    if not block:
+                    if not block or len(self._pending) <= down_to:
                         break
                     fut.get(timeout=ACK_TIMEOUT_S)
                 if fut.failed():
@@ -298,7 +304,13 @@ class FileTailer:
             self.stats.blank += 1
             self._pending.append((end, n, None))
             return
-        eid = event_id_for(self.pos.identity, start, b"")
+        identity = self.pos.identity
+        if identity != self._id_identity:  # sha1 state of the identity, reused for every line
+            self._id_identity = identity
+            self._id_base = hashlib.sha1(identity.encode("utf-8", "backslashreplace") + b"\x00")
+        h = self._id_base.copy()
+        h.update(b"@%d" % start)
+        eid = h.hexdigest()
         if eid in self._skip:
             self.stats.skipped_duplicates += 1
             self._pending.append((end, n, None))
@@ -307,8 +319,7 @@ class FileTailer:
         try:
             if len(raw) > MAX_LINE_BYTES:
                 raise LogParseError(f"line is longer than {MAX_LINE_BYTES} bytes without a newline", "line_too_long")
-            record = parse_line(raw, source=str(self.path), position=start)
-            record["event_id"] = eid
+            record = parse_line(raw, source=self._source, position=start, event_id=eid)
             fut = self.publisher.publish("weblog", record, headers=[(cp.EVENT_ID_HEADER, eid.encode())])
             self.stats.published += 1
         except (InputRejectedError, SchemaError, RecordTooLargeError) as exc:
@@ -320,8 +331,8 @@ class FileTailer:
             self.stats.dead_lettered += 1
         self._pending.append((end, n, fut))
         self._sent_since_floor = True
-        if len(self._pending) >= self.max_in_flight:  # backpressure: wait for the oldest
-            self._reap(block=True)
+        if len(self._pending) >= self.max_in_flight:  # backpressure: wait for the oldest half
+            self._reap(block=True, down_to=self.max_in_flight // 2)
 
     def _split(self, *, final: bool) -> None:
         buf, start = self._buf, self._buf_start

@@ -116,25 +116,23 @@ def _split_request(request: str) -> tuple[str, str, str | None]:
         return parts[0], parts[1], None
     if len(parts) > 3 and _METHOD.match(parts[0]) and parts[-1].startswith("HTTP/"):
         return parts[0], " ".join(parts[1:-1]), parts[-1]
-    raise LogParseError(
-        f"request line {request[:80]!r} is not 'METHOD TARGET [PROTOCOL]'", "bad_request_line"
-    )
+    raise LogParseError(f"request line {request[:80]!r} is not 'METHOD TARGET [PROTOCOL]'", "bad_request_line")
 
 
-def parse_combined(line: str, *, source: str, position: int | None = None) -> dict[str, Any]:
+def parse_combined(
+    line: str, *, source: str, position: int | None = None, event_id: str | None = None
+) -> dict[str, Any]:
     """One combined/common log line -> WebLogEvent dict. Raises :class:`LogParseError`."""
     m = _COMBINED.match(line)
     if m is None:
-        raise LogParseError(
-            f"line is not in the combined/common log format: {line[:120]!r}", "not_combined_format"
-        )
+        raise LogParseError(f"line is not in the combined/common log format: {line[:120]!r}", "not_combined_format")
     host, ident, user, ts, request, status, size, referrer, agent, rt = m.groups()
     method, path, protocol = _split_request(_unescape(request))
     latency: float | None = None
     if rt is not None:
         latency = float(rt) * 1000.0 if "." in rt else int(rt) / 1000.0
     return {
-        "event_id": event_id_for(source, position, line),
+        "event_id": event_id or event_id_for(source, position, line),
         "client_ip": host,
         "ident": _dash(ident),
         "user": _dash(user),
@@ -188,7 +186,7 @@ def _opt_str(obj: dict[str, Any], field: str) -> str | None:
     return _dash(str(value)) if value is not None else None
 
 
-def parse_json(line: str, *, source: str, position: int | None = None) -> dict[str, Any]:
+def parse_json(line: str, *, source: str, position: int | None = None, event_id: str | None = None) -> dict[str, Any]:
     """One JSON log object -> WebLogEvent dict. Raises :class:`LogParseError`."""
     try:
         obj = json.loads(line)
@@ -237,7 +235,7 @@ def parse_json(line: str, *, source: str, position: int | None = None) -> dict[s
     label = _opt_str(obj, "label")
     supplied_id = _pick(obj, "event_id")
     return {
-        "event_id": str(supplied_id) if supplied_id is not None else event_id_for(source, position, line),
+        "event_id": str(supplied_id) if supplied_id is not None else event_id or event_id_for(source, position, line),
         "client_ip": str(client_ip),
         "ident": _opt_str(obj, "ident"),
         "user": _opt_str(obj, "user"),
@@ -255,11 +253,14 @@ def parse_json(line: str, *, source: str, position: int | None = None) -> dict[s
     }
 
 
-def parse_line(line: str | bytes, *, source: str, position: int | None = None) -> dict[str, Any]:
+def parse_line(
+    line: str | bytes, *, source: str, position: int | None = None, event_id: str | None = None
+) -> dict[str, Any]:
     """Auto-detect the shape of one log line (JSON when it starts with ``{``) and parse it.
 
     ``line`` may carry its trailing newline. Bytes are decoded as UTF-8 with invalid bytes kept
     as ``\\xNN`` escapes (the way Apache itself escapes them), so no input byte is lost.
+    ``event_id``, when given, is used instead of computing one (a JSON line's own id still wins).
     """
     text = line.decode("utf-8", "backslashreplace") if isinstance(line, bytes) else line
     text = text.rstrip("\r\n")
@@ -267,8 +268,8 @@ def parse_line(line: str | bytes, *, source: str, position: int | None = None) -
     if not stripped:
         raise LogParseError("line is empty", "empty")
     if stripped.startswith("{"):
-        return parse_json(stripped, source=source, position=position)
-    return parse_combined(text, source=source, position=position)
+        return parse_json(stripped, source=source, position=position, event_id=event_id)
+    return parse_combined(text, source=source, position=position, event_id=event_id)
 
 
 def format_combined(record: dict[str, Any], *, with_latency: bool = True) -> str:
@@ -278,9 +279,7 @@ def format_combined(record: dict[str, Any], *, with_latency: bool = True) -> str
     """
     ts = datetime.fromtimestamp(record["timestamp"] / 1000.0, tz=UTC)
     when = f"{ts.day:02d}/{_MONTH_NAMES[ts.month - 1]}/{ts.year}:{ts:%H:%M:%S} +0000"
-    request = f"{record['method']} {record['path']}" + (
-        f" {record['protocol']}" if record.get("protocol") else ""
-    )
+    request = f"{record['method']} {record['path']}" + (f" {record['protocol']}" if record.get("protocol") else "")
 
     def q(v: str | None) -> str:
         return "-" if v is None else v.replace("\\", "\\\\").replace('"', '\\"')
