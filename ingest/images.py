@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 from ingest import checkpoint as readback
 from ingest.checkpoint import EVENT_ID_HEADER, HashJournal, read_json, write_json
 from ingest.exceptions import ImageValidationError, SourceError
+from schemas.exceptions import SchemaError
+from streaming.exceptions import RecordTooLargeError
 
 if TYPE_CHECKING:
     from streaming.config import Settings
@@ -105,9 +107,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
             if size is None:
                 raise ImageValidationError("JPEG has no SOF header before its scan", "bad_header")
             if not data.endswith(b"\xff\xd9"):
-                raise ImageValidationError(
-                    "JPEG is truncated: it does not end with the FFD9 marker", "truncated"
-                )
+                raise ImageValidationError("JPEG is truncated: it does not end with the FFD9 marker", "truncated")
             return size
         i += seg_len
     raise ImageValidationError("JPEG is truncated inside its headers (no scan found)", "truncated")
@@ -130,9 +130,7 @@ def inspect(
     if len(data) == 0:
         raise ImageValidationError("image is empty", "empty")
     if len(data) > max_bytes:
-        raise ImageValidationError(
-            f"image is {len(data)} bytes, over the {max_bytes}-byte limit", "too_large"
-        )
+        raise ImageValidationError(f"image is {len(data)} bytes, over the {max_bytes}-byte limit", "too_large")
     kind = sniff(data)
     if kind is None:
         raise ImageValidationError("not a PNG or JPEG: unknown magic bytes", "bad_magic")
@@ -185,9 +183,7 @@ def label_for(path: Path) -> str | None:
         except (FileNotFoundError, IsADirectoryError):
             continue
         except (OSError, UnicodeDecodeError) as exc:
-            raise ImageValidationError(
-                f"label file {sidecar.name} cannot be read: {exc}", "bad_label"
-            ) from exc
+            raise ImageValidationError(f"label file {sidecar.name} cannot be read: {exc}", "bad_label") from exc
         if text:
             return text
     stem = path.stem
@@ -196,9 +192,7 @@ def label_for(path: Path) -> str | None:
     return None
 
 
-def image_record(
-    data: bytes, info: ImageInfo, *, label: str | None, source: str, timestamp: int
-) -> dict[str, Any]:
+def image_record(data: bytes, info: ImageInfo, *, label: str | None, source: str, timestamp: int) -> dict[str, Any]:
     """The ImageEvent dict of a validated image (image_id = sha256 of the bytes)."""
     return {
         "image_id": hashlib.sha256(data).hexdigest(),
@@ -301,6 +295,9 @@ class ImageWatcher:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:  # e.g. permissions: left in place and retried on the next scan
+            log.warning("%s: cannot read (%s); leaving it in place", path, exc)
+            return None
         digest = hashlib.sha256(data).hexdigest()
         try:
             info = inspect(data, path.name)
@@ -327,14 +324,19 @@ class ImageWatcher:
         futures = []
         for it in todo:
             if it.record is not None:
-                fut = self.publisher.publish(
-                    "image",
-                    it.record,
-                    key=it.record["image_id"],
-                    headers=[(EVENT_ID_HEADER, it.digest.encode())],
-                )
-                futures.append((it, "P", fut))
-            else:
+                try:
+                    fut = self.publisher.publish(
+                        "image",
+                        it.record,
+                        key=it.record["image_id"],
+                        headers=[(EVENT_ID_HEADER, it.digest.encode())],
+                    )
+                    futures.append((it, "P", fut))
+                    continue
+                except (RecordTooLargeError, SchemaError) as exc:  # over the record size limit, bad label
+                    it.record = None
+                    it.error = ImageValidationError(f"cannot be published: {exc}", "unpublishable")
+            if it.record is None:
                 assert it.error is not None
                 fut = self.publisher.dead_letter(
                     "image",
@@ -363,13 +365,17 @@ class ImageWatcher:
         if tag == "R":
             if it.error is None:  # recorded rejected by an older run with other limits: keep that verdict
                 it.error = ImageValidationError("rejected by an earlier run", "rejected_earlier")
-            (target_dir / (it.path.name + ".reason")).write_text(
-                f"{it.error.reason}: {it.error}\n", encoding="utf-8"
-            )
+            (target_dir / (it.path.name + ".reason")).write_text(f"{it.error.reason}: {it.error}\n", encoding="utf-8")
         for sidecar in (it.path.with_name(it.path.name + ".label"), it.path.with_suffix(".label")):
             if sidecar.exists():
                 os.replace(sidecar, target_dir / sidecar.name)
-        os.replace(it.path, target_dir / it.path.name)
+        target = target_dir / it.path.name
+        if target.exists():  # same name processed before (other content): keep both
+            target = target_dir / f"{it.path.stem}.{it.digest[:12]}{it.path.suffix}"
+        try:
+            os.replace(it.path, target)
+        except FileNotFoundError:
+            log.warning("%s vanished before it could be moved to %s", it.path, target_dir.name)
 
     def run(
         self, *, follow: bool = True, poll_s: float = 0.5, stop: Any = None, idle_exit_s: float | None = None

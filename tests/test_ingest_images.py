@@ -120,23 +120,26 @@ def test_watcher_publishes_valid_and_dead_letters_hostile_files(settings, tmp_pa
     (watch / "liar.png").write_bytes(_jpeg())
     (watch / "noise.jpeg").write_bytes(bytes(np.random.default_rng(2).integers(0, 256, 3000, dtype=np.uint8)))
     (watch / "notes.txt").write_text("not an image, left alone")
+    noise = np.random.default_rng(3).integers(0, 256, (1100, 1100), dtype=np.uint8)
+    (watch / "huge.png").write_bytes(render_png(noise))  # valid, but over the 1 MB record limit
     with Publisher(settings) as pub:
         watcher = ImageWatcher(settings, pub, watch)
         watcher.run(follow=False)
         watcher.close()
-    assert (watcher.published, watcher.rejected_count) == (3, 4)
+    assert (watcher.published, watcher.rejected_count) == (3, 5)
     events = {r.value["source"]: r.value for r in read_topic(settings, raw_topic(settings, "image"), expect=3)}
     assert set(events) == {"7_abc.png", "plain.png", "photo.jpg"}
     assert events["7_abc.png"]["label"] == "7" and events["plain.png"]["label"] == "one"
     assert events["photo.jpg"]["content_type"] == "JPEG" and events["photo.jpg"]["width"] == 30
     assert events["7_abc.png"]["data"] == d[0]["data"]
-    dls = read_topic(settings, dead_letter_topic(settings, "image"), decode=False, expect=4)
+    dls = read_topic(settings, dead_letter_topic(settings, "image"), decode=False, expect=5)
     reasons = {Path(header_dict(x.headers)["dl.source_file"]).name: header_dict(x.headers) for x in dls}
     assert {k: v["dl.source_reason"] for k, v in reasons.items()} == {
         "bomb.png": "too_many_pixels",
         "cut.png": "truncated",
         "liar.png": "wrong_extension",
         "noise.jpeg": "bad_magic",
+        "huge.png": "unpublishable",
     }
     assert all(v["dl.stage"] == "validate" and v["dl.message"] for v in reasons.values())
     assert sorted(p.name for p in (watch / "processed").iterdir()) == [
@@ -147,7 +150,7 @@ def test_watcher_publishes_valid_and_dead_letters_hostile_files(settings, tmp_pa
     ]
     rejected = sorted(p.name for p in (watch / "rejected").iterdir())
     assert rejected == sorted(
-        [f"{n}{s}" for n in ("bomb.png", "cut.png", "liar.png", "noise.jpeg") for s in ("", ".reason")]
+        [f"{n}{s}" for n in ("bomb.png", "cut.png", "liar.png", "noise.jpeg", "huge.png") for s in ("", ".reason")]
     )
     assert (watch / "rejected" / "bomb.png.reason").read_text().startswith("too_many_pixels:")
     assert sorted(p.name for p in watch.iterdir()) == ["notes.txt", "processed", "rejected"]
