@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,15 +47,12 @@ _PAGES = [
 ]
 _WORDS = ["kafka", "python", "logstash", "avro", "tensorflow", "nginx", "docker", "linux", "puppet", "ruby"]
 _BROWSERS = [
-    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 "
-    "Safari/537.36",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36",
     "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 "
     "Safari/605.1.15",
     "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0",
-    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
-    "Mobile/15E148",
-    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Mobile "
-    "Safari/537.36",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148",
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Mobile Safari/537.36",
 ]
 _BOTS = [
     "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
@@ -191,9 +190,7 @@ def web_traffic(
             label = burst["label"]
             if label == "bot":
                 path = (
-                    "/robots.txt"
-                    if rng.random() < 0.05
-                    else _fill(_PAGES[rng.choice(len(_PAGES), p=weights)][0], rng)
+                    "/robots.txt" if rng.random() < 0.05 else _fill(_PAGES[rng.choice(len(_PAGES), p=weights)][0], rng)
                 )
                 status = int(rng.choice([200, 200, 200, 301, 404]))
                 event = _event(
@@ -263,9 +260,7 @@ def render_png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def digits(
-    n: int | None = None, seed: int = 0, start_ms: int = 1_700_000_000_000
-) -> Iterator[dict[str, Any]]:
+def digits(n: int | None = None, seed: int = 0, start_ms: int = 1_700_000_000_000) -> Iterator[dict[str, Any]]:
     """ImageEvent dicts of the scikit-learn digits (8x8, 0..16 scaled to 0..255), natural order.
 
     ``n`` limits the count (None = all 1,797). ``seed`` only shifts the event timestamps (one
@@ -290,3 +285,35 @@ def digits(
             "label": str(int(ds.target[i])),
             "source": f"sklearn.digits:{i}",
         }
+
+
+def web_traffic_lines(n: int, seed: int = 0, start_ms: int = 1_700_000_000_000) -> Iterator[str]:
+    """:func:`web_traffic` rendered as combined-log lines (with ``%D`` latency), newline included.
+
+    For the demo: append these to an access.log that ``streamlearn ingest weblog --follow`` tails.
+    The labels do not survive the log format (a real access log has none).
+    """
+    from ingest.weblog import format_combined
+
+    for rec in web_traffic(n, seed=seed, start_ms=start_ms):
+        yield format_combined(rec) + "\n"
+
+
+def write_digit_files(directory: Path, n: int | None = None, *, start: int = 0) -> list[Path]:
+    """Write digits ``start .. start+n`` as ``<label>_<index>.png`` into ``directory`` (watcher input).
+
+    Each file is written under a dot-name and renamed into place, so a watcher never sees a
+    half-written image; the label travels in the file name (``7_0042.png`` -> "7").
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    out: list[Path] = []
+    stop = None if n is None else start + n
+    for i, rec in enumerate(digits(stop), 0):
+        if i < start:
+            continue
+        target = directory / f"{rec['label']}_{i:04d}.png"
+        tmp = directory / f".{target.name}.tmp"
+        tmp.write_bytes(rec["data"])
+        os.replace(tmp, target)
+        out.append(target)
+    return out

@@ -43,3 +43,17 @@ def test_digits_natural_order_and_pixels() -> None:
     schema = parse_schema(load_schema("ImageEvent"))
     assert avro_validate(out[0], schema, raise_errors=True)
     assert [r["image_id"] for r in digits(5, seed=3)] == [r["image_id"] for r in out[:5]]
+
+
+def test_demo_file_helpers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ingest.generators import web_traffic_lines, write_digit_files
+    from ingest.images import inspect, label_for
+    from ingest.weblog import parse_line
+
+    lines = list(web_traffic_lines(50, seed=2))
+    assert all(line.endswith("\n") for line in lines)
+    assert [parse_line(x, source="s")["path"] for x in lines] == [r["path"] for r in web_traffic(50, seed=2)]
+    files = write_digit_files(tmp_path / "in", 5, start=10)
+    assert [f.name for f in files] == [f"{r['label']}_{10 + i:04d}.png" for i, r in enumerate(list(digits(15))[10:])]
+    assert all(label_for(f) == f.name[0] and inspect(f.read_bytes(), f.name).width == 8 for f in files)
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == sorted(f.name for f in files)
