@@ -114,7 +114,7 @@ def metrics_port(svc: dict[str, Any]) -> int | None:
 def named_volume_mounts(svc: dict[str, Any]) -> dict[str, str]:
     """{volume name: container path} of a service's named-volume mounts (bind mounts left out)."""
     out: dict[str, str] = {}
-    for vol in svc.get("volumes", []):
+    for vol in svc.get("volumes") or []:
         if isinstance(vol, dict):
             if vol.get("type", "volume") == "volume":
                 out[vol["source"]] = vol["target"]
@@ -126,7 +126,7 @@ def named_volume_mounts(svc: dict[str, Any]) -> dict[str, str]:
 
 
 def bind_mounts(svc: dict[str, Any]) -> list[str]:
-    return [str(v).split(":")[0] for v in svc.get("volumes", [])
+    return [str(v).split(":")[0] for v in svc.get("volumes") or []
             if isinstance(v, str) and v.startswith((".", "/"))]
 
 
@@ -195,7 +195,8 @@ def test_services_are_the_platform_that_streamlearn_up_runs(services: dict[str, 
                 | {"gateway", "registry"})
     assert expected <= workers
     for model in MODELS:
-        assert flag_value(services[f"serve-{model}"]["command"], "--http-port") == "8501"
+        assert flag_value(services[f"serve-{model}"]["command"], "--http-port") == "8501", \
+            f"serve-{model}: the TF Serving REST port is 8501 in every serving container"
 
 
 def test_environment_is_declared_once_and_known_to_config(compose: dict[str, Any],
@@ -438,6 +439,29 @@ def test_dashboard_queries_use_only_contract_metrics() -> None:
     quantiles = [t["expr"] for p in dashboard_panels(dash["panels"]) for t in p.get("targets", [])
                  if "histogram_quantile" in t["expr"]]
     assert any("0.5," in q for q in quantiles) and any("0.99," in q for q in quantiles), "p50 and p99 panels"
+
+
+def test_promtool_accepts_the_config_and_every_dashboard_query(tmp_path: Path) -> None:
+    """Prometheus's own parser (Debian: apt-get install prometheus) on the config and the panels' PromQL."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not on PATH (Debian: apt-get install -y --no-install-recommends prometheus)")
+    config_copy = tmp_path / "prometheus.yml"
+    config_copy.write_text(PROMETHEUS.read_text(encoding="utf-8"), encoding="utf-8")
+    result = subprocess.run([promtool, "check", "config", str(config_copy)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    exprs = [t["expr"] for p in dashboard_panels(dash["panels"]) for t in p.get("targets", [])]
+    # Recording rules are the one promtool input made of bare expressions; Grafana's $__rate_interval
+    # becomes a literal range first.
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:expr{i}", "expr": e.replace("$__rate_interval", "1m")} for i, e in enumerate(exprs)]}]}
+    rules_file = tmp_path / "rules.json"  # JSON is YAML: no PyYAML needed to write it
+    rules_file.write_text(json.dumps(rules), encoding="utf-8")
+    result = subprocess.run([promtool, "check", "rules", str(rules_file)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(exprs)} rules found" in result.stdout, result.stdout
 
 
 def declared_metrics() -> dict[str, set[str]]:
