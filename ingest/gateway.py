@@ -156,6 +156,54 @@ def _bridge(loop: asyncio.AbstractEventLoop, future: Any) -> asyncio.Future[Any]
     return result
 
 
+def _all_done(loop: asyncio.AbstractEventLoop, futures: list[Any]) -> asyncio.Future[None]:
+    """One asyncio future that completes when every kafka/concurrent future in ``futures`` is done.
+
+    Why not one asyncio bridge per record: a batch of 500 would wake the event loop 500 times from
+    the producer's I/O thread; a countdown wakes it once.
+    """
+    done: asyncio.Future[None] = loop.create_future()
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def finish() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def one_done(*_: Any) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            try:
+                loop.call_soon_threadsafe(finish)
+            except RuntimeError:  # the loop is gone (server stopped): nobody waits any more
+                pass
+
+    if not futures:
+        finish()
+    for future in futures:
+        if isinstance(future, ConcurrentFuture):
+            future.add_done_callback(one_done)
+        else:
+            future.add_both(one_done)
+    return done
+
+
+def _outcome(future: Any) -> tuple[bool, Any, BaseException | None]:
+    """(done, value, error) of a kafka-python or concurrent future that may not be done yet."""
+    if isinstance(future, ConcurrentFuture):
+        if not future.done():
+            return False, None, None
+        if future.cancelled():
+            return True, None, RuntimeError("cancelled")
+        error = future.exception()
+        return True, None if error else future.result(), error
+    if not future.is_done:
+        return False, None, None
+    return True, future.value, future.exception if future.failed() else None
+
+
 class Gateway:
     """The request-independent state of the gateway and the processing of one request."""
 
@@ -287,28 +335,24 @@ class Gateway:
 
     async def settle(self, kind: str, items: list[Item], waits: list[tuple[Item, str, Any]]) -> Answer:
         """Wait (bounded) for every ack and dead letter, then build the per-record answer."""
-        loop = asyncio.get_running_loop()
-        bridged = [(item, what, _bridge(loop, fut)) for item, what, fut in waits]
-        if bridged:
-            await asyncio.wait([f for _, _, f in bridged], timeout=self.limits.ack_timeout_s)
-        for item, what, fut in bridged:
-            if not fut.done():
-                # Not cancelled: a bridged concurrent future is shared with other waiters. The ack
-                # callbacks still settle the idempotency key and the in-flight count later.
-                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if waits:
+            all_done = _all_done(asyncio.get_running_loop(), [fut for _, _, fut in waits])
+            await asyncio.wait([all_done], timeout=self.limits.ack_timeout_s)
+        for item, what, fut in waits:
+            done, value, error = _outcome(fut)
+            if not done:  # the ack callbacks still settle the idempotency key and in-flight count later
                 item.status, item.retryable = "rejected", True
                 item.error = f"Kafka did not acknowledge within {self.limits.ack_timeout_s:g} s; resend"
-            elif fut.exception() is not None:
+            elif error is not None:
                 item.status, item.retryable = "rejected", True
                 item.error = {"ack": "Kafka did not acknowledge the record",
                               "pending": "the same event was in flight from another request and failed",
                               "dead_letter": "could not keep the rejected record"}[what]
-                item.error += f" ({describe(fut.exception() or '')}); resend"
+                item.error += f" ({describe(error)}); resend"
             elif what in ("ack", "pending"):
-                md = fut.result()
                 item.status = "accepted" if what == "ack" else "duplicate"
-                item.meta = dict(md) if isinstance(md, dict) else {
-                    "topic": md.topic, "partition": md.partition, "offset": md.offset}
+                item.meta = dict(value) if isinstance(value, dict) else {
+                    "topic": value.topic, "partition": value.partition, "offset": value.offset}
         return self.answer(kind, items)
 
     def answer(self, kind: str, items: list[Item]) -> Answer:
