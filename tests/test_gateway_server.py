@@ -104,3 +104,24 @@ def test_cli_serve_end_to_end_and_the_token_never_reaches_its_logs(settings: Set
     assert "dead letter" in output  # the rejected record was logged (by the publisher), without the token
     assert TOKEN not in output
     assert len(raw_records(settings, "weblog", expect=1)) == 1
+
+
+def test_concurrent_requests_with_one_idempotency_key_run_once(settings: Settings) -> None:
+    from tests.test_gateway_http import dead_letters
+
+    app = create_app(gateway_settings(settings))
+    body = [weblog(1), {"not": "an event"}]
+
+    async def post_all(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            return await asyncio.gather(*[
+                http.post("/ingest/weblog", json=body, headers={**AUTH, "Idempotency-Key": "k-1"})
+                for _ in range(6)])
+
+    with BackgroundServer(app) as server:
+        responses = asyncio.run(post_all(server.url))
+    assert {r.status_code for r in responses} == {207}
+    assert all(r.json() == responses[0].json() for r in responses)
+    assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in responses) == 5
+    assert len(raw_records(settings, "weblog", expect=1)) == 1
+    assert len(dead_letters(settings, "weblog")) == 1  # the request's work (incl. its dead letter) ran once
