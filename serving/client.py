@@ -16,7 +16,7 @@ from typing import Any
 from serving.exceptions import PredictTimeoutError, RequestDecodeError
 from streaming.config import Settings
 from streaming.jsoncodec import to_json
-from streaming.topics import predictions_topic, requests_topic
+from streaming.topics import declared_topics, ensure_topics, predictions_topic, requests_topic
 
 
 def now_ms() -> int:
@@ -62,6 +62,13 @@ def read_requests_file(model: str, lines: Iterable[str]) -> list[dict[str, Any]]
     return out
 
 
+def ensure_model_topics(settings: Settings, model: str) -> None:
+    """Create the request and prediction topics of ``model`` if missing (custom models are not
+    declared by default)."""
+    names = {requests_topic(settings, model), predictions_topic(settings, model)}
+    ensure_topics(settings, [s for s in declared_topics(settings, [model]) if s.name in names])
+
+
 def predict(settings: Settings, model: str, requests: list[dict[str, Any]], *, timeout_s: float = 30.0,
             reply_topic: str | None = None) -> list[dict[str, Any]]:
     """Publish ``requests`` (PredictionRequest dicts) and return their answers in request order.
@@ -72,6 +79,7 @@ def predict(settings: Settings, model: str, requests: list[dict[str, Any]], *, t
     from streaming.producer import Publisher
 
     topic = reply_topic or predictions_topic(settings, model)
+    ensure_model_topics(settings, model)
     wanted = {r["request_id"] for r in requests}
     answers: dict[str, dict[str, Any]] = {}
     with Subscriber(settings, topic, start="end", isolation_level="read_committed") as sub:

@@ -37,6 +37,7 @@ from schemas.serde import AvroDeserializer, AvroSerializer
 from serving import metrics
 from serving.exceptions import NoModelVersionError, RequestDecodeError
 from serving.inputs import Featurization
+from serving.labels import LabelJoiner
 from serving.model import LoadedVersion
 from serving.policy import Policy
 from serving.versions import VersionManager
@@ -71,6 +72,7 @@ class _Item:
     timestamp_ms: int
     reply_topic: str
     value: Any = None  # the decoded PredictionRequest (or raw event in score-the-stream mode)
+    event: dict[str, Any] | None = None  # the raw event of an event_json request (for the label join)
     x: np.ndarray | None = None
     labels: dict[str, float | None] | None = None
     version: LoadedVersion | None = None
@@ -111,8 +113,16 @@ class ServingWorker:
         self.answered = 0
         self.batches = 0
         self.consumer: Any = None
+        self.labels: LabelJoiner | None = None
         self.producer: Any = None
         self.stop_event = threading.Event()
+        self.first_batch_at: float | None = None  # monotonic: first batch received, last one committed
+        self.last_batch_at: float | None = None
+        source = "stream" if score_stream else "requests"
+        self._m_ok = metrics.REQUESTS.labels(model, "ok", source)  # bound once: no label lookups per record
+        self._m_err = metrics.REQUESTS.labels(model, "error", source)
+        self._m_latency = metrics.LATENCY.labels(model)
+        self._m_batch = metrics.BATCH_SIZE.labels(model)
 
     # -- setup ---------------------------------------------------------------------------------
     def _topics(self) -> None:
@@ -141,6 +151,8 @@ class ServingWorker:
     def close(self) -> None:
         self.stop_event.set()
         self.manager.stop()
+        if self.labels is not None:
+            self.labels.stop()
         for client in (self.consumer, self.producer):
             if client is not None:
                 try:
@@ -161,12 +173,18 @@ class ServingWorker:
             if stop.is_set() or (deadline is not None and time.monotonic() > deadline):
                 return
         self._clients()
+        stable = self.manager.current().stable
+        if self.manager.policy.mode == "canary" and not self.score_stream and stable is not None \
+                and stable.featurizer is not None:  # labels arriving later on the raw topic judge the canary
+            self.labels = LabelJoiner(self.settings, stable.featurizer.kind, self.manager).start()
         log.info("serving %s from %s (group %s, slot %d, %s)", self.model, self.input_topic, self.group,
                  self.slot, "exactly once" if self.settings.transactions else "at least once")
         try:
             while not stop.is_set() and not self.stop_event.is_set():
                 records = self._collect()
                 if records:
+                    if self.first_batch_at is None:
+                        self.first_batch_at = time.monotonic()
                     self._handle(records)
         finally:
             self.close()
@@ -223,6 +241,9 @@ class ServingWorker:
         try:
             if self.score_stream:
                 item.x, item.labels = self.featurization.featurize(value, lv)
+            elif value.get("event_json") is not None:
+                item.event = self.featurization.event_from_json(value["event_json"], lv)
+                item.x, item.labels = self.featurization.featurize(dict(item.event), lv)
             else:
                 item.x, item.labels = self.featurization.request_input(value, lv)
         except RequestDecodeError as exc:
@@ -248,7 +269,7 @@ class ServingWorker:
             lv = group[0].version
             assert lv is not None
             out = lv.predict(np.stack([i.x for i in group]))  # type: ignore[misc]
-            metrics.BATCH_SIZE.labels(self.model).observe(len(group))
+            self._m_batch.observe(len(group))
             for i, row in zip(group, out, strict=True):
                 i.outputs = row
             self.manager.remember_input(group[-1].x)  # type: ignore[arg-type]
@@ -258,6 +279,8 @@ class ServingWorker:
                 err = item.version.error(item.outputs, item.labels)
                 if err is not None:
                     self.manager.record_error(item.version.version, err)
+                elif item.event is not None and self.labels is not None:
+                    self.labels.remember(item.event, item.version, item.outputs)
 
     def _prediction(self, item: _Item, default_version: int) -> dict[str, Any]:
         lv = item.version
@@ -289,7 +312,7 @@ class ServingWorker:
         from streaming.producer import dead_letter_headers
 
         sends: list[tuple[str, bytes, bytes, list[tuple[str, bytes]] | None]] = []
-        source = "stream" if self.score_stream else "requests"
+        n_err = 0
         for item in items:
             pred = self._prediction(item, default_version)
             sends.append((item.reply_topic, item.request_id.encode(), self._serializer(item.reply_topic)(pred), None))
@@ -298,8 +321,8 @@ class ServingWorker:
                     "topic": item.rec.topic, "partition": item.rec.partition, "offset": item.rec.offset})
                 sends.append((self.dead_letters, item.rec.key or item.request_id.encode(), item.rec.value or b"",
                               headers))
-            metrics.REQUESTS.labels(self.model, "ok" if pred["error"] is None else "error", source).inc()
-            metrics.LATENCY.labels(self.model).observe(pred["latency_ms"] / 1000.0)
+            n_err += pred["error"] is not None
+            self._m_latency.observe(pred["latency_ms"] / 1000.0)
         first: dict[Any, int] = {}
         offsets: dict[Any, Any] = {}
         for rec in records:
@@ -318,8 +341,11 @@ class ServingWorker:
                 self._answered[item.request_id] = None
             while len(self._answered) > DEDUPE_IDS:
                 self._answered.popitem(last=False)
+        self._m_ok.inc(len(items) - n_err)
+        self._m_err.inc(n_err)
         self.answered += len(items)
         self.batches += 1
+        self.last_batch_at = time.monotonic()
 
     def _emit_transaction(self, sends: list[tuple[str, bytes, bytes, Any]], offsets: dict[Any, Any],
                           first: dict[Any, int]) -> None:
@@ -365,7 +391,11 @@ def main(argv: list[str] | None = None) -> int:
 def serve(settings: Settings, model: str, *, policy: str = "latest", score_stream: str | None = None,
           slot: int = 0, http_port: int | None = None) -> int:
     """Run a worker (and the HTTP front end when ``http_port`` is set) until interrupted."""
+    import signal
+
     worker = ServingWorker(settings, model, policy=Policy.parse(policy), score_stream=score_stream, slot=slot)
+    if threading.current_thread() is threading.main_thread():  # SIGTERM: finish the batch, then stop
+        signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
     metrics.start_metrics(settings)
     server = None
     if http_port is not None:

@@ -129,3 +129,34 @@ def _end_offsets(settings: Settings, topic: str) -> dict[int, int]:
         return {tp.partition: off for tp, off in c.end_offsets(tps).items()}
     finally:
         c.close()
+
+
+def test_canary_judged_by_labels_arriving_later_on_the_raw_topic(settings: Settings,
+                                                                 registry: ModelRegistry) -> None:
+    """Requests carry unlabelled web-log events; the labelled events show up later on weblog.raw.
+    The join of answers to those labels must roll the worse canary back."""
+    import json
+
+    from serving.client import to_request
+
+    model = "canary_late"
+    publish(registry, model, tag=0.0, scale=0.0, n_features=64, n_outputs=1, featurizer=WEBLOG_FEATURIZER)
+    v2 = publish(registry, model, tag=1.0, scale=0.0, n_features=64, n_outputs=1, featurizer=WEBLOG_FEATURIZER,
+                 promote=False)
+    run = Running(settings, model, Policy.parse(f"canary:{v2}:0.5"))
+    try:
+        wait_until(lambda: run.worker.labels is not None, timeout=60, message="label joiner up")
+        events = [weblog_event(i, label=None) for i in range(120)]
+        reqs = [to_request(model, {"request_id": f"q{i}", "event_json": json.dumps(e)}) for i, e in enumerate(events)]
+        answers = predict(settings, model, reqs, timeout_s=90)
+        assert all(a["error"] is None for a in answers)
+        assert {a["model_version"] for a in answers} == {1, v2}
+        assert run.manager.current().canary_state == CANARY_ROUTING  # no labels yet: nothing to judge
+        with Publisher(settings) as pub:
+            for e in events:
+                pub.publish("weblog", dict(e, label="normal"))
+        wait_until(lambda: run.manager.current().canary_state == CANARY_ROLLED_BACK, timeout=60,
+                   message="rollback from late labels")
+        assert run.worker.labels is not None and run.worker.labels.joined >= 60
+    finally:
+        run.stop()

@@ -131,3 +131,23 @@ def test_twenty_swaps_while_requests_flow(settings: Settings, registry: ModelReg
         np.testing.assert_allclose(ans["outputs"], expected_outputs(req_by_id[ans["request_id"]]["features"],
                                                                      tags[ans["model_version"]]), rtol=1e-5)
     assert len(used) >= 10, f"requests were answered by only {sorted(used)}"
+
+
+def test_predict_cli_prints_answers_and_names_missing_on_timeout(settings: Settings, running: Running,
+                                                                 tmp_path: Any) -> None:
+    import json
+    import subprocess
+
+    from tests.helpers import streamlearn_cmd, subprocess_env
+
+    path = tmp_path / "requests.jsonl"
+    path.write_text('{"features": [1, 2, 3, 4]}\n\n{"request_id": "mine", "features": [0, 0, 0, 4]}\n')
+    out = subprocess.run(streamlearn_cmd("predict", MODEL, "--file", str(path), "--timeout", "60"),
+                         env=subprocess_env(settings), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    answers = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [a["error"] for a in answers] == [None, None] and answers[1]["request_id"] == "mine"
+    np.testing.assert_allclose(answers[1]["outputs"], expected_outputs([0, 0, 0, 4], 100.0), rtol=1e-5)
+    out = subprocess.run(streamlearn_cmd("predict", "nobody_serves_this", "--file", str(path), "--timeout", "1"),
+                         env=subprocess_env(settings), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "2 of 2 requests got no answer" in out.stderr, out.stderr

@@ -1,0 +1,119 @@
+"""Join answered requests to labels that arrive later on the raw topics (for the canary judge).
+
+A request carrying a raw event without a label is remembered (bounded, oldest forgotten first)
+under the event's idempotency key; when the same event shows up on its raw topic *with* a label
+(e.g. a web-log line labelled ``bot`` by a later analysis), the answer's live error is computed by
+the version that answered and fed to :meth:`VersionManager.record_error`. In score-the-stream mode,
+and for requests whose event already carries its label, the error is computed at once instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from serving.model import LoadedVersion
+from serving.versions import VersionManager
+from streaming.config import Settings
+from streaming.topics import raw_topic
+
+log = logging.getLogger(__name__)
+
+
+def event_key(kind: str, event: dict[str, Any]) -> str | None:
+    """The idempotency key of a raw event (the field its schema documents as such)."""
+    if kind == "image":
+        return event.get("image_id")
+    if kind == "sensor":
+        return event.get("event_id") or f"{event.get('sensor_id')}:{event.get('timestamp')}"
+    return event.get("event_id")
+
+
+class LabelJoiner:
+    """Remembers unlabelled answers and completes them from labelled raw events, in a thread."""
+
+    def __init__(self, settings: Settings, kind: str, manager: VersionManager, capacity: int = 20_000) -> None:
+        self.settings = settings
+        self.kind = kind
+        self.manager = manager
+        self.capacity = capacity
+        self.joined = 0
+        self._pending: OrderedDict[str, tuple[LoadedVersion, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def remember(self, event: dict[str, Any], lv: LoadedVersion, outputs: np.ndarray) -> None:
+        key = event_key(self.kind, event)
+        if key is None:
+            return
+        with self._lock:
+            self._pending[str(key)] = (lv, outputs)
+            while len(self._pending) > self.capacity:
+                self._pending.popitem(last=False)
+
+    def start(self) -> LabelJoiner:
+        self._thread = threading.Thread(target=self._run, name=f"labels-{self.kind}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def offer(self, event: dict[str, Any]) -> bool:
+        """A raw event arrived: if it is labelled and completes a remembered answer, judge it."""
+        key = event_key(self.kind, event)
+        with self._lock:
+            hit = self._pending.get(str(key)) if key is not None else None
+        if hit is None:
+            return False
+        lv, outputs = hit
+        if lv.featurizer is None:
+            return False
+        try:  # a fresh state: only the labels of this one record are wanted
+            labels = lv.featurizer.featurize(event, lv.featurizer.new_state()).labels
+        except Exception:  # an invalid raw event is the stream workers' business, not ours
+            return False
+        err = lv.error(outputs, labels)
+        if err is None:
+            return False
+        with self._lock:
+            self._pending.pop(str(key), None)
+        self.manager.record_error(lv.version, err)
+        self.joined += 1
+        return True
+
+    def _run(self) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        from schemas.registry import open_registry
+        from schemas.serde import AvroDeserializer
+
+        decode = AvroDeserializer(open_registry(self.settings.registry_url, self.settings.registry_dir))
+        topic = raw_topic(self.settings, self.kind)
+        consumer = KafkaConsumer(bootstrap_servers=self.settings.bootstrap, enable_auto_commit=False,
+                                 isolation_level="read_committed")
+        try:
+            parts = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            consumer.seek_to_end(*tps)
+            while not self._stop.is_set():
+                for recs in consumer.poll(timeout_ms=300).values():
+                    for rec in recs:
+                        try:
+                            event = decode(rec.value).value
+                        except Exception:  # undecodable raw records are dead-lettered by the stream workers
+                            continue
+                        if isinstance(event, dict):
+                            self.offer(event)
+        except Exception as exc:
+            log.warning("label joiner for %s stopped: %s; the canary judge uses in-record labels only", topic, exc)
+        finally:
+            consumer.close()

@@ -1,0 +1,78 @@
+"""`streamlearn serve <model>` (the serving worker) and `streamlearn predict <model> --file F`.
+
+TensorFlow is imported inside the handlers only, so `streamlearn --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from streaming import config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="answer a model's prediction-request topic (and optionally HTTP) with hot-swapped versions",
+        description="Consume <model>.requests, batch dynamically, predict with the promoted version and "
+                    "produce answers to <model>.predictions, exactly once (Kafka transactions) unless "
+                    "transactions are off. Follows models.updates and the model registry for new versions.")
+    p.add_argument("model", help="model name in the model registry, e.g. weblog_classifier")
+    p.add_argument("--http-port", type=int, metavar="P",
+                   help="also serve the TensorFlow Serving REST API on this port (0 picks a free one)")
+    p.add_argument("--score-stream", metavar="KIND", choices=["weblog", "sensor", "image"],
+                   help="instead of requests, score every raw event of KIND (request_id = topic/partition/offset)")
+    p.add_argument("--policy", default="latest", metavar="POLICY",
+                   help="latest (promoted version; default) | pinned:V | canary:V:SHARE (e.g. canary:4:0.1)")
+    p.add_argument("--slot", type=int, default=0, metavar="N",
+                   help="worker slot; give each concurrent worker its own (stable transactional id per slot)")
+    p.add_argument("--max-batch", type=int, dest="serve_max_batch", metavar="N",
+                   help=f"largest dynamic batch {config.env_help('serve_max_batch')}")
+    p.add_argument("--max-wait-ms", type=float, dest="serve_max_wait_ms", metavar="MS",
+                   help=f"longest a request waits for its batch to fill {config.env_help('serve_max_wait_ms')}")
+    p.add_argument("--metrics-port", type=int, metavar="P",
+                   help=f"port of /metrics {config.env_help('metrics_port')}")
+    p.add_argument("--at-least-once", action="store_true",
+                   help=f"no Kafka transactions; de-duplicate by request id instead {config.env_help('transactions')}")
+    p.set_defaults(func=_serve)
+
+    q = sub.add_parser("predict", help="publish prediction requests from a file and print their answers",
+                       description="Each line of --file is a raw event object, {\"features\": [...]} or a full "
+                                   "PredictionRequest. Answers (read_committed from <model>.predictions, matched "
+                                   "by request id) are printed as JSON lines in request order.")
+    q.add_argument("model")
+    q.add_argument("--file", required=True, metavar="PATH", help="JSON-lines requests file ('-' for stdin)")
+    q.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="seconds to wait for every answer (default 30)")
+    q.set_defaults(func=_predict)
+
+
+def _serve(args: argparse.Namespace, settings: config.Settings) -> int:
+    from serving.policy import Policy
+    from serving.worker import serve
+
+    Policy.parse(args.policy)  # a bad policy fails before anything starts
+    changes = {k: getattr(args, k) for k in ("serve_max_batch", "serve_max_wait_ms") if getattr(args, k) is not None}
+    if args.at_least_once:
+        changes["transactions"] = False
+    if changes:
+        settings = settings.with_(**changes)
+    return serve(settings, args.model, policy=args.policy, score_stream=args.score_stream, slot=args.slot,
+                 http_port=args.http_port)
+
+
+def _predict(args: argparse.Namespace, settings: config.Settings) -> int:
+    from serving.client import predict, read_requests_file
+
+    if args.file == "-":
+        requests = read_requests_file(args.model, sys.stdin)
+    else:
+        with open(args.file, encoding="utf-8") as fh:
+            requests = read_requests_file(args.model, fh)
+    if not requests:
+        print(f"error: --file {args.file} holds no requests", file=sys.stderr)
+        return 2
+    for answer in predict(settings, args.model, requests, timeout_s=args.timeout):
+        print(json.dumps(answer))
+    return 0
