@@ -22,9 +22,12 @@ not empty (429) -> in-flight records under the limit (503) -> body read while co
 -> ``Idempotency-Key`` replay -> parse -> rate charge for the records (429) -> publish and wait.
 
 Idempotency window: per gateway process, in memory, bounded (``GatewayLimits.idempotency_capacity``
-keys, ``idempotency_ttl_s``), NOT seeded from the topic: a restart, or more distinct events than the
-capacity within the TTL, forgets keys, and a resend is then published again (consumers dedupe by
-event id downstream). Event keys: weblog ``event_id`` (derived from the content when absent), sensor
+keys, ``idempotency_ttl_s``). By default it is NOT seeded from the topic: a restart, or more distinct
+events than the capacity within the TTL, forgets keys, and a resend is then published again
+(consumers dedupe by event id downstream). ``Gateway.seed_idempotency(window_s)`` (CLI
+``--idempotency-seed-minutes``) re-reads the last minutes of the raw topics at start-up so a restart
+keeps the events acked in that window; request-level ``Idempotency-Key`` answers are never seeded.
+Event keys: weblog ``event_id`` (derived from the content when absent), sensor
 ``event_id`` or ``sensor_id:timestamp``, image ``image_id`` (sha256 of the bytes when absent). A key
 is remembered only after its ack; while in flight, a second sender waits for the first outcome.
 """
@@ -48,10 +51,6 @@ from fastapi.security import HTTPBearer
 from kafka.errors import KafkaError
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
     generate_latest,
 )
 from starlette.concurrency import run_in_threadpool
@@ -63,15 +62,16 @@ from ingest.gateway_errors import (
     GatewayError,
     IdempotencyConflictError,
     OverloadedError,
-    PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
 from ingest.gateway_limits import BodyLimitMiddleware, InFlightLimiter, OnceMap, RateLimiter
+from ingest.gateway_metrics import GatewayMetrics, RequestMetrics
 from ingest.gateway_records import (
     AVRO_TYPES,
     AvroBodies,
     Item,
     describe,
+    event_key,
     fingerprint,
     image_file_item,
     is_json,
@@ -119,26 +119,6 @@ class GatewayLimits:
     idempotency_capacity: int = 500_000
     idempotency_ttl_s: float = 24 * 3600.0
     request_key_capacity: int = 10_000
-
-
-class GatewayMetrics:
-    """Prometheus metrics of one app (own registry, so several apps can live in one process).
-
-    Labels are bounded: route templates, status codes, kinds. Never tokens or principal names.
-    """
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("streamlearn_gateway_requests", "HTTP requests by route and status",
-                                ["route", "status"], registry=self.registry)
-        self.records = Counter("streamlearn_gateway_records", "Records by kind and outcome",
-                               ["kind", "status"], registry=self.registry)
-        self.in_flight = Gauge("streamlearn_gateway_in_flight_records",
-                               "Records sent to Kafka and not yet acknowledged", registry=self.registry)
-        self.ack_latency = Histogram("streamlearn_gateway_ack_latency_seconds",
-                                     "Seconds from send to Kafka acknowledgement, per record", ["kind"],
-                                     buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 30),
-                                     registry=self.registry)
 
 
 def _bridge(loop: asyncio.AbstractEventLoop, future: Any) -> asyncio.Future[Any]:
@@ -220,6 +200,37 @@ class Gateway:
         self.responses: OnceMap[Stored] = OnceMap(limits.request_key_capacity, limits.idempotency_ttl_s)
         self.avro = AvroBodies(registry)
         self._health_lock = asyncio.Lock()
+
+    def seed_idempotency(self, window_s: float, timeout_s: float = 120.0) -> int:
+        """Remember the event keys of the last ``window_s`` seconds of every raw topic; return how many.
+
+        Why: the window is in memory, so a restarted gateway would republish an event a client
+        resends after a lost answer. Re-reading the recent tail of the raw topics at start-up closes
+        that gap for events acked within ``window_s`` (start-up time grows with the data read, so it
+        is opt-in: ``ingest serve --idempotency-seed-minutes``). Records that do not decode are skipped.
+        """
+        from streaming.consumer import Record, Subscriber
+        from streaming.exceptions import OffsetOutOfRangeError
+
+        kinds = {raw_topic(self.settings, k): k for k in KINDS}
+        since = now_ms() - int(window_s * 1000)
+        try:
+            sub = Subscriber(self.settings, list(kinds), start={"timestamp": since}, until="end")
+        except OffsetOutOfRangeError:  # retention already dropped part of the window: read what is left
+            sub = Subscriber(self.settings, list(kinds), start="beginning", until="end")
+        seeded = 0
+        deadline = time.monotonic() + timeout_s
+        with sub:
+            for item in sub.iterate(idle_timeout_s=5.0):
+                if isinstance(item, Record) and isinstance(item.value, dict):
+                    kind = kinds[item.topic]
+                    self.seen.complete((kind, event_key(kind, item.value)),
+                                       {"topic": item.topic, "partition": item.partition, "offset": item.offset})
+                    seeded += 1
+                if time.monotonic() > deadline:
+                    log.warning("idempotency seeding stopped after %d records (%g s limit)", seeded, timeout_s)
+                    break
+        return seeded
 
     # -- admission ----------------------------------------------------------------------------
     def admit(self, request: Request) -> Principal:
@@ -451,37 +462,6 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-class _RequestMetrics:
-    """Raw ASGI middleware counting requests by route template and status (bounded labels)."""
-
-    def __init__(self, app: Any, metrics: GatewayMetrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 0
-
-        async def tracking_send(message: Any) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except PayloadTooLargeError:
-            raise  # answered and counted by BodyLimitMiddleware
-        except Exception:
-            status = 500
-            raise
-        finally:
-            if status:
-                route = getattr(scope.get("route"), "path", None) or "unmatched"
-                self.metrics.requests.labels(route=route, status=str(status)).inc()
-
-
 def create_app(settings: Settings, publisher: Publisher | None = None, registry: SchemaRegistry | None = None,
                *, limits: GatewayLimits | None = None) -> FastAPI:
     """The gateway app. A publisher built here is closed on shutdown; one passed in is the caller's."""
@@ -583,6 +563,6 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
             "/ingest/{kind}" if path.startswith("/ingest/") else "unmatched")
         gw.metrics.requests.labels(route=route, status=str(status)).inc()
 
-    app.add_middleware(_RequestMetrics, metrics=gw.metrics)
+    app.add_middleware(RequestMetrics, metrics=gw.metrics)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=limits.max_body_bytes, on_reject=count_refusal)
     return app

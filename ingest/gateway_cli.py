@@ -46,6 +46,9 @@ def register_serve(ingest_subparsers: Any) -> None:
                    help=f"un-acked records across requests before new requests get 503 (default {d.max_in_flight})")
     p.add_argument("--ack-timeout", type=float, default=d.ack_timeout_s,
                    help=f"seconds to wait for Kafka acks (default {d.ack_timeout_s:g})")
+    p.add_argument("--idempotency-seed-minutes", type=float, default=0.0,
+                   help="at start-up, remember the event ids of the last N minutes of the raw topics so a "
+                        "restart does not republish resent events (default 0: off)")
     p.add_argument("--access-log", action="store_true", help="log one line per request (never headers)")
     p.set_defaults(func=serve)
 
@@ -71,6 +74,10 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     wanted = {raw_topic(settings, k) for k in KINDS} | {dead_letter_topic(settings, k) for k in KINDS}
     ensure_topics(settings, [s for s in declared_topics(settings) if s.name in wanted])
     app = create_app(settings, limits=limits_from_args(args))
+    if args.idempotency_seed_minutes > 0:
+        seeded = app.state.gateway.seed_idempotency(args.idempotency_seed_minutes * 60)
+        log.info("idempotency window seeded with %d event ids from the last %g min", seeded,
+                 args.idempotency_seed_minutes)
     log.info("ingest gateway on http://%s:%d (docs at /docs), %d token(s)", args.host, settings.ingest_port,
              len(app.state.gateway.tokens))
     uvicorn.run(app, host=args.host, port=settings.ingest_port, log_level=settings.log_level.lower(),

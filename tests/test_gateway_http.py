@@ -325,3 +325,14 @@ def test_records_kafka_does_not_take_are_retryable_503_not_lost_silently(setting
     assert app.state.gateway.seen.claim(("weblog", "w-1"))[0] == "new"  # forgotten: a resend publishes
     assert retried.status_code == 200 and retried.json()["results"][0]["status"] == "accepted"
     assert len(raw_records(settings, "weblog", expect=1)) == 1
+
+
+def test_a_restarted_gateway_seeded_from_the_topic_still_answers_duplicate(settings: Settings) -> None:
+    with client(settings) as first:
+        assert first.post("/ingest/sensor", json=[sensor(1), sensor(2)], headers=AUTH).status_code == 200
+    app = create_app(gateway_settings(settings))  # a new process would start with an empty window
+    assert app.state.gateway.seed_idempotency(600) == 2
+    with TestClient(app) as second:
+        again = second.post("/ingest/sensor", json=[sensor(1), sensor(3)], headers=AUTH)
+    assert [r["status"] for r in again.json()["results"]] == ["duplicate", "accepted"]
+    assert len(raw_records(settings, "sensor", expect=3)) == 3
