@@ -78,7 +78,7 @@ def test_random_bodies_never_5xx_and_never_publish_garbage(settings: Settings) -
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
         @given(data=st.data())
         def fuzz(data: st.DataObject) -> None:
-            shape = data.draw(st.sampled_from(["binary", "json", "event", "framed"]))
+            shape = data.draw(st.sampled_from(["binary", "json", "event", "framed", "upload"]))
             kind = data.draw(st.sampled_from([*sorted(KINDS), "images", "nope"]))
             ctype = data.draw(st.sampled_from(CONTENT_TYPES))
             if shape == "binary":
@@ -93,7 +93,15 @@ def test_random_bodies_never_5xx_and_never_publish_garbage(settings: Settings) -
                 body = header + data.draw(st.binary(max_size=120))
                 ctype = "application/vnd.streamlearn.avro"
             headers = {**AUTH, "Content-Type": ctype} if ctype else dict(AUTH)
-            resp = tc.post(f"/ingest/{kind}", content=body, headers=headers)
+            if shape == "upload":  # a well-formed multipart envelope around random or damaged images
+                kind, raw = "images", png(shade=data.draw(st.integers(0, 255)))
+                files = [("files", (data.draw(st.sampled_from(["a.png", "b.jpg", "c", "d.gif"])),
+                                    data.draw(st.sampled_from([raw, raw[: len(raw) // 2], b""]))
+                                    + data.draw(st.binary(max_size=16)), "image/png"))
+                         for _ in range(data.draw(st.integers(1, 3)))]
+                resp = tc.post("/ingest/images", files=files, headers=AUTH)
+            else:
+                resp = tc.post(f"/ingest/{kind}", content=body, headers=headers)
             statuses.append(resp.status_code)
             assert resp.status_code < 500, (resp.status_code, resp.text, body[:200])
             assert resp.status_code in (200, 207, 400, 404, 413, 415, 422), resp.text
