@@ -60,8 +60,9 @@ def test_concurrent_posts_of_the_same_event_publish_it_once(settings: Settings) 
 def test_serve_subcommand_parses_port_and_limits() -> None:
     parser = argparse.ArgumentParser()
     register_serve(parser.add_subparsers(dest="cmd"))
-    args = parser.parse_args(["serve", "--port", "9999", "--rate", "5", "--max-in-flight", "7"])
-    assert args.ingest_port == 9999 and args.func.__name__ == "serve"
+    args = parser.parse_args(["serve", "--port", "9999", "--rate", "5", "--max-in-flight", "7",
+                              "--idempotency-seed-minutes", "30"])
+    assert args.ingest_port == 9999 and args.func.__name__ == "serve" and args.idempotency_seed_minutes == 30
     limits = limits_from_args(args)
     assert (limits.rate_records_per_s, limits.max_in_flight) == (5.0, 7)
     assert "STREAMLEARN_INGEST_PORT" in parser._subparsers._group_actions[0].choices["serve"].format_help()
