@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -67,7 +68,10 @@ def default_services(settings: Settings, base_metrics_port: int = 9100, *, gatew
         services.append(Service("gateway", ["ingest", "serve"], INTAKE, port))
         port += 1
     for kind in KINDS:
-        services.append(Service(f"stream-{kind}", ["stream", kind], STREAM, port))
+        # Static group membership: a stream worker restarted after kill -9 takes its partitions back at
+        # once instead of waiting out the dead member (the embedded broker waits minutes for it).
+        instance = f"{socket.gethostname()}.stream-{kind}"
+        services.append(Service(f"stream-{kind}", ["stream", kind, "--instance-id", instance], STREAM, port))
         port += 1
     for model in MODELS:
         services.append(Service(f"train-{model}", ["train", model], MODEL, port))

@@ -187,9 +187,19 @@ def test_services_are_the_platform_that_streamlearn_up_runs(services: dict[str, 
     workers = {n for n in services if n not in INFRA}
     assert workers == set(stack), \
         f"compose-only: {sorted(workers - set(stack))}, up-only: {sorted(set(stack) - workers)}"
+    def without_instance(cmd: list[str]) -> list[str]:  # the member id names the host, so it differs
+        if "--instance-id" not in cmd:
+            return cmd
+        i = cmd.index("--instance-id")
+        return cmd[:i] + cmd[i + 2:]
+
     for name, args in stack.items():
         command = services[name]["command"]
-        assert command[:len(args)] == args, f"{name}: compose runs {command}, `streamlearn up` runs {args}"
+        assert ("--instance-id" in command) == ("--instance-id" in args), \
+            f"{name}: static group membership must be set in compose as in `streamlearn up`"
+        base = without_instance(args)
+        assert without_instance(command)[:len(base)] == base, \
+            f"{name}: compose runs {command}, `streamlearn up` runs {args}"
     assert services["topics"]["command"] == ["topics", "create"]
     expected = ({f"stream-{k}" for k in KINDS} | {f"train-{m}" for m in MODELS} | {f"serve-{m}" for m in MODELS}
                 | {"gateway", "registry"})
