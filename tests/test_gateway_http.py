@@ -336,3 +336,13 @@ def test_a_restarted_gateway_seeded_from_the_topic_still_answers_duplicate(setti
         again = second.post("/ingest/sensor", json=[sensor(1), sensor(3)], headers=AUTH)
     assert [r["status"] for r in again.json()["results"]] == ["duplicate", "accepted"]
     assert len(raw_records(settings, "sensor", expect=3)) == 3
+
+
+def test_chunked_multipart_upload_over_the_limit_is_413(settings: Settings) -> None:
+    head = b'--xx\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
+    body = head + png()[:8] + b"\x00" * 5000 + b"\r\n--xx--\r\n"
+    with client(settings, GatewayLimits(max_body_bytes=2000)) as tc:
+        resp = tc.post("/ingest/images", content=iter([body[:1000], body[1000:3000], body[3000:]]),
+                       headers={**AUTH, "Content-Type": "multipart/form-data; boundary=xx"})
+    assert resp.request.headers["transfer-encoding"] == "chunked"
+    assert resp.status_code == 413
