@@ -53,20 +53,29 @@ def _make_log(directory: Path) -> tuple[Path, str]:
     return path, source
 
 
-def _parse_only(path: Path) -> float:
-    start = time.perf_counter()
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process incl. the producer's I/O thread) since ``start``."""
+    return time.perf_counter() - start[0], time.process_time() - start[1]
+
+
+def _parse_only(path: Path) -> tuple[float, float]:
+    start = _clock()
     offset = 0
     with path.open("rb") as fh:
         for raw in fh:
             parse_line(raw, source=str(path), position=offset)
             offset += len(raw)
-    return time.perf_counter() - start
+    return _since(start)
 
 
-def _publish_loop(settings: Settings, path: Path) -> float:
+def _publish_loop(settings: Settings, path: Path) -> tuple[float, float]:
     with Publisher(settings) as pub:
         pub.serializer(raw_topic(settings, "weblog"), "WebLogEvent")  # registration is setup
-        start = time.perf_counter()
+        start = _clock()
         futures = []
         offset = 0
         with path.open("rb") as fh:
@@ -76,16 +85,16 @@ def _publish_loop(settings: Settings, path: Path) -> float:
         pub.flush()
         for f in futures:
             f.get(timeout=60)
-        return time.perf_counter() - start
+        return _since(start)
 
 
-def _tailer(settings: Settings, path: Path) -> float:
+def _tailer(settings: Settings, path: Path) -> tuple[float, float]:
     with Publisher(settings) as pub:
         pub.serializer(raw_topic(settings, "weblog"), "WebLogEvent")
         tailer = FileTailer(settings, pub, path)  # start-up (floors, checkpoint) is setup
-        start = time.perf_counter()
+        start = _clock()
         stats = tailer.run()
-        took = time.perf_counter() - start
+        took = _since(start)
     if stats.published != LINES:
         raise RuntimeError(f"tailer published {stats.published} of {LINES} lines")
     return took
@@ -94,7 +103,8 @@ def _tailer(settings: Settings, path: Path) -> float:
 def run(settings: Settings) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-tailer-") as tmp:
         path, source = _make_log(Path(tmp))
-        parse_t = publish_t = tail_t = float("inf")
+        inf = (float("inf"), float("inf"))
+        parse_t, publish_t, tail_t = inf, inf, inf
         for _ in range(2):  # alternate the sides and keep the best of each: less noise
             parse_t = min(parse_t, _parse_only(path))
             publish_t = min(publish_t, _publish_loop(fresh(settings), path))
@@ -106,19 +116,32 @@ def run(settings: Settings) -> dict[str, Any]:
         "input": source,
         "lines": LINES,
         "bytes": size,
-        "tailer_lines_per_s": round(LINES / tail_t),
-        "parse_only_lines_per_s": round(LINES / parse_t),
-        "publish_loop_lines_per_s": round(LINES / publish_t),
-        "ratio_vs_parse_only": round(parse_t / tail_t, 3),
-        "ratio_vs_publish_loop": round(publish_t / tail_t, 3),
+        "tailer_lines_per_s": round(LINES / tail_t[0]),
+        "parse_only_lines_per_s": round(LINES / parse_t[0]),
+        "publish_loop_lines_per_s": round(LINES / publish_t[0]),
+        "ratio_vs_parse_only": round(parse_t[0] / tail_t[0], 3),
+        "ratio_vs_publish_loop": round(publish_t[0] / tail_t[0], 3),
+        # CPU seconds are steadier than wall time on a shared machine; reported, not gated.
+        "tailer_lines_per_cpu_s": round(LINES / tail_t[1]),
+        "publish_loop_lines_per_cpu_s": round(LINES / publish_t[1]),
+        "cpu_ratio_vs_publish_loop": round(publish_t[1] / tail_t[1], 3),
         "goal_vs_publish_loop": GOAL,
     }
     out["table"] = [
-        {"figure": "tailer lines/s (parse + publish + ack + checkpoint)", "value": out["tailer_lines_per_s"],
-         "baseline": out["parse_only_lines_per_s"], "ratio": out["ratio_vs_parse_only"],
-         "goal": "reported (baseline: read + parse, no Kafka)"},
-        {"figure": "tailer lines/s vs plain publish loop", "value": out["tailer_lines_per_s"],
-         "baseline": out["publish_loop_lines_per_s"], "ratio": out["ratio_vs_publish_loop"], "goal": f">= {GOAL}"},
+        {
+            "figure": "tailer lines/s (parse + publish + ack + checkpoint)",
+            "value": out["tailer_lines_per_s"],
+            "baseline": out["parse_only_lines_per_s"],
+            "ratio": out["ratio_vs_parse_only"],
+            "goal": "reported (baseline: read + parse, no Kafka)",
+        },
+        {
+            "figure": "tailer lines/s vs plain publish loop",
+            "value": out["tailer_lines_per_s"],
+            "baseline": out["publish_loop_lines_per_s"],
+            "ratio": out["ratio_vs_publish_loop"],
+            "goal": f">= {GOAL}",
+        },
     ]
     out["ok"] = out["ratio_vs_publish_loop"] >= GOAL
     write_report("ingest_tailer", out)

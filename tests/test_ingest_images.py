@@ -156,6 +156,7 @@ def test_watcher_publishes_valid_and_dead_letters_hostile_files(settings, tmp_pa
     assert sorted(p.name for p in watch.iterdir()) == ["notes.txt", "processed", "rejected"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_watcher_kill9_at_random_points_publishes_each_file_once(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import random

@@ -140,6 +140,7 @@ class _EndOffsets:
         return sum(self.sub.consumer.end_offsets(self.tps).values())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_kill9_at_random_points_loses_and_duplicates_nothing(settings: Settings, tmp_path: Path) -> None:
     rng = random.Random(20261122)
