@@ -98,6 +98,29 @@ def test_follow_survives_rotation_and_truncation(settings: Settings, tmp_path: P
     assert set(seqs.values()) == {1}
 
 
+def test_rotation_and_truncation_while_stopped(settings: Settings, tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    _append(log, _lines(0, 30))
+    with Publisher(settings) as pub:
+        FileTailer(settings, pub, log).run()
+    # Down: 10 more lines reach the old file, it is rotated, and a new file starts.
+    _append(log, _lines(30, 10))
+    os.rename(log, tmp_path / "access.log.1")
+    _append(log, _lines(40, 15))
+    with Publisher(settings) as pub:
+        t = FileTailer(settings, pub, log, follow=True, poll_s=0.02, rotate_grace_s=0.1)
+        stats = t.run(idle_exit_s=0.5)
+    assert (stats.published, stats.rotations) == (25, 1)
+    # Down again: the file is truncated and rewritten with fewer lines than before.
+    log.write_text("".join(_lines(55, 5)))
+    with Publisher(settings) as pub:
+        t = FileTailer(settings, pub, log)
+        stats = t.run()
+    assert (stats.published, stats.truncations, t.pos.generation) == (5, 1, 1)
+    seqs = _seqs(settings, expect=60)
+    assert sorted(seqs) == sorted(f"/seq/{i}" for i in range(60)) and set(seqs.values()) == {1}
+
+
 class _CrashAfter(FileTailer):
     """A tailer whose checkpoint writes stop after ``limit`` lines: the state a kill -9 between
     the acks and the checkpoint write leaves behind (acked lines beyond the checkpoint)."""
