@@ -48,8 +48,12 @@ def _batch(settings: Settings, entry: dict[str, Any]) -> BatchInfo:
 
 
 def reproduce(settings: Settings, name: str, version: int, *, tolerance: float = DEFAULT_TOLERANCE,
-              spec: ModelSpec | None = None) -> dict[str, Any]:
-    """Retrain ``name``/``version`` from its lineage; returns a report, raises ReproductionError on mismatch."""
+              spec: ModelSpec | None = None, from_offsets: bool = False) -> dict[str, Any]:
+    """Retrain ``name``/``version`` from its lineage; returns a report, raises ReproductionError on mismatch.
+
+    ``from_offsets``: rebuild every batch from the raw Kafka offsets through the featurizer
+    (:mod:`trainer.replay`) instead of re-reading the batch files.
+    """
     from trainer import model_io
     from trainer.evaluate import fit_and_evaluate
     from trainer.training import configure_tensorflow
@@ -70,8 +74,19 @@ def reproduce(settings: Settings, name: str, version: int, *, tolerance: float =
                                 f"{version}; reproduce with the original spec")
     entries = meta["lineage"]["batches"]
     by_role: dict[str, list[BatchInfo]] = {"reservoir": [], "train": [], "holdout": []}
+    replay_dir: Path | None = None
+    if from_offsets:
+        import tempfile
+
+        from trainer.replay import replay_entry
+
+        replay_dir = Path(tempfile.mkdtemp(prefix=f"replay-{name}-{version}-", dir=settings.home))
     for entry in entries:
-        by_role[entry["role"]].append(_batch(settings, entry))
+        if replay_dir is not None:
+            batch = replay_entry(settings, entry, features.kind, features.version, replay_dir)
+        else:
+            batch = _batch(settings, entry)
+        by_role[entry["role"]].append(batch)
     plan = DataPlan(by_role["train"], by_role["reservoir"], by_role["holdout"])
     expected = {e["batch_id"]: e["sha256"] for e in entries}
     parent = meta.get("parent_version")
@@ -94,8 +109,13 @@ def reproduce(settings: Settings, name: str, version: int, *, tolerance: float =
         "recorded_score": recorded, "reproduced_score": got, "abs_difference": diff,
         "tolerance": tolerance, "max_abs_weight_difference": max_weight_diff,
         "recorded_decision": meta["gate"].get("action"), "reproduced_decision": ev.decision.action,
-        "batches": len(entries), "ok": diff <= tolerance,
+        "batches": len(entries), "source": "kafka offsets" if from_offsets else "batch files",
+        "ok": diff <= tolerance,
     }
+    if replay_dir is not None:
+        import shutil
+
+        shutil.rmtree(replay_dir, ignore_errors=True)
     if not report["ok"]:
         raise ReproductionError(
             f"reproduce: {name}/{version} {spec.primary_metric} {got} differs from the recorded {recorded} by "

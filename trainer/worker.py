@@ -71,6 +71,16 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _versions_info() -> dict[str, str]:
     import keras
     import tensorflow as tf
@@ -155,6 +165,12 @@ class Trainer:
     def reconcile(self) -> None:
         """Apply the recorded decision of the newest version if a crash cut it off before step 5."""
         self.registry.clean_staging(self.name)
+        tb_root = self.tensorboard_root()
+        if tb_root.is_dir():  # TensorBoard runs of trainers killed mid-training
+            for run in tb_root.glob(".run-*"):
+                pid = run.name.split("-")[1]
+                if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                    shutil.rmtree(run, ignore_errors=True)
         latest = self.registry.latest(self.name)
         if latest is None:
             return
@@ -212,6 +228,8 @@ class Trainer:
         VERSIONS.labels(self.name, decision.action).inc()
         write_gate_summary(tb_dir, version, meta["gate"])
         deleted = self.registry.apply_retention(self.name, self.keep_last)
+        for old in deleted:  # TensorBoard runs follow their versions out of the registry
+            shutil.rmtree(tb_root / f"v{old}", ignore_errors=True)
         log.info("trainer %s: version %d %s (%s); trigger=%s; retention deleted %s", self.name, version,
                  decision.action, decision.reason, trigger, deleted or "nothing")
         if decision.promote:

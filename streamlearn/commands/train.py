@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--reproduce", required=True, metavar="MODEL/VERSION", help="e.g. digits_cnn/3")
     r.add_argument("--tolerance", type=float, default=None,
                    help="largest accepted |recorded - reproduced| primary metric (default 1e-6)")
+    r.add_argument("--from-offsets", action="store_true",
+                   help="re-read the raw topic at the recorded offsets and re-featurize (true replay) "
+                        "instead of re-reading the recorded batch files")
     r.set_defaults(func=_reproduce)
 
 
@@ -79,7 +82,7 @@ def _reproduce(args: argparse.Namespace, settings: config.Settings) -> int:
         return 2
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     try:
-        report = reproduce(settings, name, int(version), tolerance=tolerance)
+        report = reproduce(settings, name, int(version), tolerance=tolerance, from_offsets=args.from_offsets)
     except (LineageError, ReproductionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
