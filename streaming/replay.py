@@ -143,6 +143,7 @@ def _consume(sub: Any, pipeline: Pipeline, result: ReplayResult, idle_timeout_s:
                     time.sleep(1.0)  # backoff before retrying the same record, not a test wait
             if pipeline.batcher.pending(item.topic, item.partition) >= pipeline.batcher.max_records:
                 _close(pipeline, item.partition, result)
+        pipeline.report_metrics()
 
 
 def _close(pipeline: Pipeline, partition: int, result: ReplayResult) -> None:

@@ -48,6 +48,7 @@ from streaming.topics import raw_topic
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
+FEATURIZE_SAMPLE = 8
 
 
 def default_group(settings: Settings, kind: str) -> str:
@@ -97,6 +98,7 @@ class Pipeline:
         self._records_ok = metrics.RECORDS.labels(kind, "row")
         self._records_dl = metrics.RECORDS.labels(kind, "dead_letter")
         self._dl_futures: list[Any] = []
+        self._unreported_rows = 0
 
     # ---- state -------------------------------------------------------------------------------
     def restore(self, partition: int) -> int | None:
@@ -139,18 +141,28 @@ class Pipeline:
         state = self.states.get(partition)
         if state is None:
             state = self.states[partition] = self.featurizer.new_state()
-        t0 = time.perf_counter()
+        # Featurize latency is sampled (1 record in FEATURIZE_SAMPLE, by offset): the histogram's
+        # shape is the same and the hot loop skips two clock reads and a locked observe per record.
+        sampled = offset % FEATURIZE_SAMPLE == 0
+        t0 = time.perf_counter() if sampled else 0.0
         try:
             row = self.featurizer.featurize(decoded.value, state)
         except FeatureValidationError as exc:
             self._dead_letter(msg, raw, "featurize", exc)
             return
-        self._featurize_hist.observe(time.perf_counter() - t0)
+        if sampled:
+            self._featurize_hist.observe(time.perf_counter() - t0)
         self.batcher.add_row(StoredRow(row.x, row.labels, row.event_time_ms, row.key, msg.topic, partition,
                                        offset), decoded.schema_id)
         self.stats.records += 1
         self.stats.rows += 1
-        self._records_ok.inc()
+        self._unreported_rows += 1
+
+    def report_metrics(self) -> None:
+        """Add the rows counted since the last call to the records counter (once per poll, not per record)."""
+        if self._unreported_rows:
+            self._records_ok.inc(self._unreported_rows)
+            self._unreported_rows = 0
 
     def _dead_letter(self, msg: Any, raw: bytes, stage: str, exc: Exception) -> None:
         fut = self.publisher.dead_letter(
@@ -263,6 +275,9 @@ class StreamWorker:
         self._retry_at = 0.0
         self._lag_at = 0.0
         self._registry_streak = 0
+        self._pending_commits: dict[TopicPartition, int] = {}
+        self.max_records = settings.batch_max_records
+        self._commit_retry_at = 0.0
         self.stats = self.pipeline.stats
         self._bp_gauge = metrics.BACKPRESSURE.labels(kind)
 
@@ -290,6 +305,7 @@ class StreamWorker:
             self.pipeline.forget(tp.partition)
             self.registry_backoff.pop(tp, None)
             self.floor.pop(tp, None)
+            self._pending_commits.pop(tp, None)
 
     def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         """Resume each partition after the highest offset its store batches hold (the store is the
@@ -330,11 +346,14 @@ class StreamWorker:
                 for tp, msgs in polled.items():
                     if tp in owned:
                         self._process_partition(tp, msgs)
+                self.pipeline.report_metrics()
                 if not self.held:
                     for _topic, partition in self.pipeline.batcher.due():
                         closed = self.pipeline.close(partition)
                         if closed is not None:
                             self._persist_and_commit(closed)
+                if self._pending_commits and time.monotonic() >= self._commit_retry_at:
+                    self._commit()
                 self._update_lag()
                 if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s \
                         and not self.held and not list(self.pipeline.batcher.open_partitions()):
@@ -354,6 +373,10 @@ class StreamWorker:
             try:
                 self.pipeline.process(msg)
                 self.floor[tp] = msg.offset + 1
+                if not self.held and self.pipeline.batcher.pending(tp.topic, tp.partition) >= self.max_records:
+                    closed = self.pipeline.close(tp.partition)  # exact count boundaries
+                    if closed is not None:
+                        self._persist_and_commit(closed)
             except RegistryUnavailableError as exc:
                 self.stats.registry_retries += 1
                 self._registry_streak += 1
@@ -391,11 +414,23 @@ class StreamWorker:
         if commit:
             self._commit({tp: closed.next_offset})
 
-    def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+    def _commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
+        """Commit (with earlier failed commits); a failure is retried on a later loop, so the group's
+        offsets catch up with the store even when no further batch comes."""
+        self._pending_commits.update(offsets or {})
+        if not self._pending_commits:
+            return
+        pending = dict(self._pending_commits)
         try:
-            self.sub.commit(offsets)
+            self.sub.commit(pending)
         except Exception as exc:  # rebalancing: the store is the truth, the next owner seeks past it
-            log.warning("commit of %s failed (%s); the store still records the progress", offsets, exc)
+            self._commit_retry_at = time.monotonic() + 1.0
+            log.warning("commit of %s failed (%s); the store still records the progress; will retry",
+                        pending, exc)
+            return
+        for tp, off in pending.items():
+            if self._pending_commits.get(tp) == off:
+                del self._pending_commits[tp]
 
     def _enter_backpressure(self, closed: ClosedBatch, exc: Exception) -> None:
         self.held.append(closed)
@@ -454,6 +489,8 @@ class StreamWorker:
             closed = self.pipeline.close(partition)
             if closed is not None:
                 self._persist_and_commit(closed)
+        if self._pending_commits:
+            self._commit()
 
     def close(self) -> None:
         try:
