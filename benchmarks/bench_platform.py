@@ -28,7 +28,7 @@ from streaming.producer import Publisher
 from streaming.store import FeatureStore
 from streaming.topics import predictions_topic, requests_topic
 from streamlearn.commands.up import prepare
-from streamlearn.stack import MODEL, STREAM, Service, Supervisor
+from streamlearn.stack import Supervisor, default_services
 
 RETRAIN_S = 10.0
 
@@ -79,9 +79,11 @@ def run(settings: Settings) -> dict[str, Any]:
                        retrain_every_seconds=RETRAIN_S)
     prepare(s)
     images = list(digits())
-    sup = Supervisor(s, [Service("stream-image", ["stream", "image"], STREAM),
-                         Service("train-digits_cnn", ["train", "digits_cnn"], MODEL),
-                         Service("serve-digits_cnn", ["serve", "digits_cnn"], MODEL)], max_backoff=1.0)
+    wanted = {"stream-image", "train-digits_cnn", "serve-digits_cnn"}
+    services = [svc for svc in default_services(s) if svc.name in wanted]
+    for svc in services:
+        svc.metrics_port = None
+    sup = Supervisor(s, services, max_backoff=1.0)
     registry = ModelRegistry(s.model_dir)
     store = FeatureStore(s.feature_store)
     answers = Answers(s)

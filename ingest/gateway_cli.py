@@ -32,18 +32,19 @@ def register_serve(ingest_subparsers: Any) -> None:
                     "per process; the idempotency window is in memory (see ingest/gateway.py).")
     p.add_argument("--port", dest="ingest_port", type=int, default=None,
                    help=f"port to listen on {config.env_help('ingest_port')}")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
-    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
-                   help=f"413 above this request size (default {d.max_body_bytes})")
+    p.add_argument("--host", dest="ingest_host", default=None,
+                   help=f"address to bind, 0.0.0.0 for all interfaces {config.env_help('ingest_host')}")
+    p.add_argument("--max-body-bytes", dest="ingest_max_body_bytes", type=int, default=None,
+                   help=f"413 above this request size {config.env_help('ingest_max_body_bytes')}")
     p.add_argument("--max-records", type=int, default=d.max_records_per_request,
                    help=f"events per request (default {d.max_records_per_request})")
-    p.add_argument("--rate", type=float, default=d.rate_records_per_s,
-                   help=f"records/s per token, token bucket; 0 disables (default {d.rate_records_per_s:g})")
-    p.add_argument("--burst", type=float, default=d.burst_records,
-                   help=f"token bucket size in records (default {d.burst_records:g})")
-    p.add_argument("--max-in-flight", type=int, default=d.max_in_flight,
-                   help=f"un-acked records across requests before new requests get 503 (default {d.max_in_flight})")
+    p.add_argument("--rate", dest="ingest_rate", type=float, default=None,
+                   help=f"records/s per token, token bucket; 0 disables {config.env_help('ingest_rate')}")
+    p.add_argument("--burst", dest="ingest_burst", type=float, default=None,
+                   help=f"token bucket size in records {config.env_help('ingest_burst')}")
+    p.add_argument("--max-in-flight", dest="ingest_max_in_flight", type=int, default=None,
+                   help="un-acked records across requests before new requests get 503 "
+                        f"{config.env_help('ingest_max_in_flight')}")
     p.add_argument("--ack-timeout", type=float, default=d.ack_timeout_s,
                    help=f"seconds to wait for Kafka acks (default {d.ack_timeout_s:g})")
     p.add_argument("--idempotency-seed-minutes", type=float, default=0.0,
@@ -53,12 +54,17 @@ def register_serve(ingest_subparsers: Any) -> None:
     p.set_defaults(func=serve)
 
 
-def limits_from_args(args: argparse.Namespace) -> Any:
+def limits_from_args(args: argparse.Namespace, settings: Settings) -> Any:
+    """Limits from the flags, falling back to the settings (env vars, config file)."""
     from ingest.gateway import GatewayLimits
 
-    return GatewayLimits(max_body_bytes=args.max_body_bytes, max_records_per_request=args.max_records,
-                         rate_records_per_s=args.rate, burst_records=args.burst,
-                         max_in_flight=args.max_in_flight, ack_timeout_s=args.ack_timeout)
+    def pick(name: str) -> Any:
+        value = getattr(args, name, None)
+        return getattr(settings, name) if value is None else value
+
+    return GatewayLimits(max_body_bytes=pick("ingest_max_body_bytes"), max_records_per_request=args.max_records,
+                         rate_records_per_s=pick("ingest_rate"), burst_records=pick("ingest_burst"),
+                         max_in_flight=pick("ingest_max_in_flight"), ack_timeout_s=args.ack_timeout)
 
 
 def serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -73,14 +79,15 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
                           "name:token pairs so clients can authenticate (the gateway refuses to run open)")
     wanted = {raw_topic(settings, k) for k in KINDS} | {dead_letter_topic(settings, k) for k in KINDS}
     ensure_topics(settings, [s for s in declared_topics(settings) if s.name in wanted])
-    app = create_app(settings, limits=limits_from_args(args))
+    app = create_app(settings, limits=limits_from_args(args, settings))
+    host = args.ingest_host or settings.ingest_host
     if args.idempotency_seed_minutes > 0:
         seeded = app.state.gateway.seed_idempotency(args.idempotency_seed_minutes * 60)
         log.info("idempotency window seeded with %d event ids from the last %g min", seeded,
                  args.idempotency_seed_minutes)
-    log.info("ingest gateway on http://%s:%d (docs at /docs), %d token(s)", args.host, settings.ingest_port,
+    log.info("ingest gateway on http://%s:%d (docs at /docs), %d token(s)", host, settings.ingest_port,
              len(app.state.gateway.tokens))
-    uvicorn.run(app, host=args.host, port=settings.ingest_port, log_level=settings.log_level.lower(),
+    uvicorn.run(app, host=host, port=settings.ingest_port, log_level=settings.log_level.lower(),
                 access_log=args.access_log, server_header=False)
     return 0
 

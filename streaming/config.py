@@ -49,6 +49,13 @@ SPECS: tuple[Spec, ...] = (
     Spec("ingest_tokens", "STREAMLEARN_INGEST_TOKENS", str, "",
          "comma-separated bearer tokens of the HTTP ingest gateway (name:token or token)"),
     Spec("ingest_port", "STREAMLEARN_INGEST_PORT", int, 8088, "port of the HTTP ingest gateway"),
+    Spec("ingest_host", "STREAMLEARN_INGEST_HOST", str, "127.0.0.1", "address the HTTP ingest gateway binds"),
+    Spec("ingest_max_body_bytes", "STREAMLEARN_INGEST_MAX_BODY_BYTES", int, 16 * 1024 * 1024,
+         "gateway: 413 above this request size"),
+    Spec("ingest_rate", "STREAMLEARN_INGEST_RATE", float, 10_000.0, "gateway: records/s per token (0 = unlimited)"),
+    Spec("ingest_burst", "STREAMLEARN_INGEST_BURST", float, 20_000.0, "gateway: token bucket size in records"),
+    Spec("ingest_max_in_flight", "STREAMLEARN_INGEST_MAX_IN_FLIGHT", int, 50_000,
+         "gateway: un-acked records before new requests get 503"),
     Spec("metrics_port", "STREAMLEARN_METRICS_PORT", int, 0,
          "port for /metrics of a worker (0 picks a free port, -1 disables)"),
     Spec("transactions", "STREAMLEARN_TRANSACTIONS", bool, True,
@@ -126,6 +133,11 @@ class Settings:
     model_dir: Path
     ingest_tokens: str
     ingest_port: int
+    ingest_host: str
+    ingest_max_body_bytes: int
+    ingest_rate: float
+    ingest_burst: float
+    ingest_max_in_flight: int
     metrics_port: int
     transactions: bool
     batch_max_records: int

@@ -25,7 +25,7 @@ from streaming.model_registry import ModelRegistry
 from streaming.producer import Publisher
 from streaming.store import FeatureStore, read_batch
 from streaming.topics import ensure_topics, predictions_topic, raw_topic, requests_topic
-from streamlearn.stack import MODEL, STREAM, Service, Supervisor
+from streamlearn.stack import Supervisor, default_services
 from tests.helpers import read_topic, wait_until
 
 pytestmark = pytest.mark.slow
@@ -61,9 +61,10 @@ def _request(i: int, event: dict) -> dict:
 def test_events_batches_models_predictions_with_kills(settings: Settings) -> None:
     s = settings.with_(batch_max_records=100, batch_max_seconds=1.0, retrain_every_batches=3,
                        retrain_every_seconds=5.0)
-    services = [Service("stream-image", ["stream", "image"], STREAM),
-                Service("train-digits_cnn", ["train", "digits_cnn"], MODEL),
-                Service("serve-digits_cnn", ["serve", "digits_cnn"], MODEL)]
+    wanted = {"stream-image", "train-digits_cnn", "serve-digits_cnn"}
+    services = [svc for svc in default_services(s) if svc.name in wanted]
+    for svc in services:
+        svc.metrics_port = None  # -1 from the settings: no /metrics servers in tests
     sup = Supervisor(s, services, max_backoff=2.0)
     registry = ModelRegistry(s.model_dir)
     images = _digits(0, 1797)
@@ -117,7 +118,8 @@ def test_workers_reconnect_after_broker_restart(tmp_path: Path) -> None:
                      "batch_max_seconds": 1.0, "metrics_port": -1}, environ={})
     broker = EmbeddedBroker(s)
     broker.start()
-    sup = Supervisor(s, [Service("stream-sensor", ["stream", "sensor"], STREAM)], max_backoff=2.0)
+    sup = Supervisor(s, [svc for svc in default_services(s) if svc.name == "stream-sensor"], max_backoff=2.0)
+    sup.services[0].metrics_port = None
     try:
         ensure_topics(s)
         from ingest.sensors import generate

@@ -11,6 +11,7 @@ import httpx
 
 from ingest.gateway import GatewayLimits, create_app
 from ingest.gateway_cli import BackgroundServer, limits_from_args, register_serve
+from streaming import config
 from streaming.config import Settings
 from tests.test_gateway_http import AUTH, gateway_settings, raw_records, weblog
 
@@ -63,9 +64,11 @@ def test_serve_subcommand_parses_port_and_limits() -> None:
     args = parser.parse_args(["serve", "--port", "9999", "--rate", "5", "--max-in-flight", "7",
                               "--idempotency-seed-minutes", "30"])
     assert args.ingest_port == 9999 and args.func.__name__ == "serve" and args.idempotency_seed_minutes == 30
-    limits = limits_from_args(args)
-    assert (limits.rate_records_per_s, limits.max_in_flight) == (5.0, 7)
-    assert "STREAMLEARN_INGEST_PORT" in parser._subparsers._group_actions[0].choices["serve"].format_help()
+    limits = limits_from_args(args, config.load(environ={"STREAMLEARN_INGEST_BURST": "123"}))
+    assert (limits.rate_records_per_s, limits.max_in_flight) == (5.0, 7)  # flags win
+    assert limits.burst_records == 123.0  # no flag: the env var
+    help_text = parser._subparsers._group_actions[0].choices["serve"].format_help()
+    assert "STREAMLEARN_INGEST_PORT" in help_text and "STREAMLEARN_INGEST_RATE" in help_text
 
 
 def test_cli_serve_end_to_end_and_the_token_never_reaches_its_logs(settings: Settings) -> None:
