@@ -15,7 +15,6 @@ restarted worker starts with empty history.
 from __future__ import annotations
 
 import json
-import math
 import threading
 from typing import Any
 
@@ -88,7 +87,7 @@ class Featurization:
             x = np.asarray(features, dtype=np.float32)
         except (TypeError, ValueError) as exc:
             raise RequestDecodeError(f"features: not all numbers ({exc})") from exc
-        if x.ndim != 1 or not all(math.isfinite(v) for v in x.tolist()):
+        if x.ndim != 1 or not np.isfinite(x).all():
             raise RequestDecodeError("features: every value must be a finite number (no NaN/inf, no nesting)")
         return x
 

@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import re
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -166,6 +167,9 @@ class ServingWorker:
         """Serve until ``stop`` (or :attr:`stop_event`) is set. Requests wait (unconsumed) until a
         version is ready, so none is answered by "no model"."""
         stop = stop or self.stop_event
+        # Loading a new version (Python-heavy SavedModel restore) runs in a background thread; a
+        # shorter GIL switch interval bounds how long it can stall the batch loop (p99 during swaps).
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         self._topics()
         self.manager.start()
         deadline = None if ready_timeout_s is None else time.monotonic() + ready_timeout_s

@@ -178,7 +178,7 @@ def test_kill9_at_random_points_loses_and_duplicates_nothing(settings: Settings,
         try:
             if kill == 3:  # rotate while a tailer runs, with lines still unread in the old file
                 os.rename(log, tmp_path / "access.log.1")
-            n = rng.randint(2000, 5000)
+            n = rng.randint(1000, 2500)
             _append(log, _lines(total, n))
             before = published()
             total += n

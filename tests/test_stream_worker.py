@@ -203,6 +203,46 @@ def test_poison_records_are_dead_lettered_and_the_worker_keeps_going(settings: S
     assert committed(s, "sensor") == end_offsets(s, "sensor")
 
 
+def _png_header(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+def test_bad_images_are_dead_lettered_with_metrics(settings: Settings) -> None:
+    """Undecodable and decompression-bomb images: FeatureValidationError -> dead letter; the good
+    image next to them is featurized; /metrics counts the reasons with a bounded label."""
+    from prometheus_client import REGISTRY
+
+    from streamlearn.commands.publish import generated
+
+    s = settings.with_(batch_max_records=10, batch_max_seconds=0.2)
+    topic = raw_topic(s, "image")
+    good = next(iter(generated("image", 1, seed=3)))
+    bomb = dict(good, image_id="bomb", data=_png_header(100_000, 100_000), width=100_000, height=100_000)
+    garbage = dict(good, image_id="garbage", data=_png_header(28, 28) + b"not zlib data at all" * 3)
+    reason = {"kind": "image", "reason": "FeatureValidationError"}
+    before = REGISTRY.get_sample_value("streamlearn_stream_dead_letters_total", reason) or 0.0
+    with Publisher(s) as pub:
+        pub.publish("image", good)
+        for bad in (bomb, garbage):
+            pub.send_bytes(topic, pub.encode(topic, "ImageEvent", bad), key=bad["image_id"])
+    expected = topic_offsets(s, topic)
+    with running_worker(s, "image") as worker:
+        wait_until(lambda: all_stored(s, "image", expected), 40, message="images processed")
+    assert worker.stats.rows == 1 and worker.stats.dead_letters == 2
+    dls = read_topic(s, dead_letter_topic(s, "image"), decode=False, expect=2)
+    assert sorted(header_dict(d.headers)["dl.error_class"] for d in dls) == ["FeatureValidationError"] * 2
+    assert {header_dict(d.headers)["dl.stage"] for d in dls} == {"featurize"}
+    after = REGISTRY.get_sample_value("streamlearn_stream_dead_letters_total", reason) or 0.0
+    assert after - before == 2
+    assert REGISTRY.get_sample_value("streamlearn_stream_lag_records", {"kind": "image", "partition": "0"}) \
+        is not None
+
+
 def test_unwritable_store_pauses_then_resumes_without_loss(settings: Settings) -> None:
     """Root ignores chmod, so the store's kind directory is replaced by a regular file: every
     mkdir/open below it fails with EEXIST/ENOTDIR for root too. Removing the file = space is back."""
