@@ -467,9 +467,9 @@ class StreamWorker:
             if resumable:
                 self.sub.consumer.resume(*resumable)
 
-    def _update_lag(self) -> None:
+    def _update_lag(self, force: bool = False) -> None:
         now = time.monotonic()
-        if now < self._lag_at:
+        if now < self._lag_at and not force:
             return
         self._lag_at = now + 1.0
         consumer = self.sub.consumer
@@ -491,6 +491,7 @@ class StreamWorker:
                 self._persist_and_commit(closed)
         if self._pending_commits:
             self._commit()
+        self._update_lag(force=True)
 
     def close(self) -> None:
         try:

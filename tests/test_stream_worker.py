@@ -239,8 +239,9 @@ def test_bad_images_are_dead_lettered_with_metrics(settings: Settings) -> None:
     assert {header_dict(d.headers)["dl.stage"] for d in dls} == {"featurize"}
     after = REGISTRY.get_sample_value("streamlearn_stream_dead_letters_total", reason) or 0.0
     assert after - before == 2
-    assert REGISTRY.get_sample_value("streamlearn_stream_lag_records", {"kind": "image", "partition": "0"}) \
-        is not None
+    lags = {smp.labels["partition"]: smp.value for m in REGISTRY.collect() if m.name == "streamlearn_stream_lag_records"
+            for smp in m.samples if smp.labels.get("kind") == "image"}
+    assert lags and set(lags) <= {str(p) for p in range(s.partitions)} and set(lags.values()) == {0.0}
 
 
 def test_unwritable_store_pauses_then_resumes_without_loss(settings: Settings) -> None:
