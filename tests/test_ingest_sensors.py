@@ -195,3 +195,19 @@ def test_cli_sensors_generate(settings) -> None:  # type: ignore[no-untyped-def]
         r["event_id"]: r["value"] for r in generate(300, n_sensors=5, seed=3, start_ms=min(r["timestamp"] for r in got))
     }
     assert {r["event_id"]: r["value"] for r in got} == want
+
+
+def test_cli_creates_missing_topics_of_its_kind(bare_settings) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    from streaming.topics import raw_topic
+    from tests.helpers import read_topic, streamlearn_cmd, subprocess_env
+
+    done = subprocess.run(
+        streamlearn_cmd("ingest", "sensors", "--generate", "20", "--sensors", "2"),
+        env=subprocess_env(bare_settings),
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert len(read_topic(bare_settings, raw_topic(bare_settings, "sensor"), expect=20)) == 20

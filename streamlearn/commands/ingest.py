@@ -85,6 +85,15 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def _ensure_kind_topics(settings: config.Settings, kind: str) -> None:
+    """Create the raw and dead-letter topics of ``kind`` when missing (idempotent), so a source
+    can start on a fresh broker and its start-up offsets read never races topic creation."""
+    from streaming.topics import dead_letter_topic, declared_topics, ensure_topics, raw_topic
+
+    names = {raw_topic(settings, kind), dead_letter_topic(settings, kind)}
+    ensure_topics(settings, [spec for spec in declared_topics(settings) if spec.name in names])
+
+
 def _report(summary: dict[str, Any]) -> None:
     print(json.dumps(summary, sort_keys=True), flush=True)
 
@@ -96,6 +105,7 @@ def _weblog(args: argparse.Namespace, settings: config.Settings) -> int:
     from streaming.producer import Publisher
 
     stop = _stop_on_signals()
+    _ensure_kind_topics(settings, "weblog")
     started = time.monotonic()
     with Publisher(settings) as pub:
         tailer = FileTailer(
@@ -121,6 +131,7 @@ def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
     from ingest import sensors
     from streaming.producer import Publisher
 
+    _ensure_kind_topics(settings, "sensor")
     started = time.monotonic()
     with Publisher(settings) as pub:
         if args.csv is not None:
@@ -153,6 +164,7 @@ def _images(args: argparse.Namespace, settings: config.Settings) -> int:
     from streaming.producer import Publisher
 
     stop = _stop_on_signals()
+    _ensure_kind_topics(settings, "image")
     started = time.monotonic()
     with Publisher(settings) as pub:
         watcher = ImageWatcher(settings, pub, args.watch)
