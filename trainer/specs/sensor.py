@@ -3,7 +3,10 @@
 Outputs ``float32[None, 2]``:
 
 * column 0, ``next_value_delta``: the forecast change from the last reading (serving reports
-  ``forecast = value + outputs[:, 0]``), trained with mean squared error;
+  ``forecast = value + outputs[:, 0]``), trained with the Huber loss (delta 1.0). Why not MSE:
+  injected anomalies are spikes of tens of units, MSE chases them and its MAE ended *worse* than
+  persistence in the learning benchmark (1.25x); Huber is quadratic for ordinary noise and linear
+  for spikes, and reached 0.71x on the same data;
 * column 1, ``anomaly_score``: P(this reading is an anomaly), a sigmoid head trained on the
   featurizer's ``is_anomaly`` label with binary cross-entropy. Rows whose ``is_anomaly`` is
   unknown (NaN) contribute nothing to that head (masked), while still training the forecast.
@@ -25,6 +28,7 @@ from trainer.spec import FeatureInfo, ModelSpec
 from trainer.specs import common
 
 ANOMALY_WEIGHT = 0.5
+HUBER_DELTA = 1.0
 
 
 def build(features: FeatureInfo, seed: int) -> Any:
@@ -54,13 +58,15 @@ def _loss() -> Any:
     def forecast_and_anomaly_loss(y_true: Any, y_pred: Any) -> Any:
         delta_known = ops.logical_not(ops.isnan(y_true[:, 0]))
         delta_t = ops.where(delta_known, y_true[:, 0], 0.0)
-        mse = ops.where(delta_known, ops.square(delta_t - y_pred[:, 0]), 0.0)
+        err = ops.abs(delta_t - y_pred[:, 0])
+        huber = ops.where(err <= HUBER_DELTA, 0.5 * ops.square(err), HUBER_DELTA * (err - 0.5 * HUBER_DELTA))
+        huber = ops.where(delta_known, huber, 0.0)
         known = ops.logical_not(ops.isnan(y_true[:, 1]))
         target = ops.where(known, y_true[:, 1], 0.0)
         p = ops.clip(y_pred[:, 1], 1e-6, 1.0 - 1e-6)
         bce = -(target * ops.log(p) + (1.0 - target) * ops.log(1.0 - p))
         bce = ops.where(known, bce, 0.0)
-        return mse + ANOMALY_WEIGHT * bce
+        return huber + ANOMALY_WEIGHT * bce
 
     return forecast_and_anomaly_loss
 
