@@ -59,6 +59,12 @@ class LoadedVersion:
             return self.class_names[int(np.argmax(outputs))]
         return None
 
+    def predicted_labels(self, outputs: np.ndarray) -> list[str | None]:
+        """:meth:`predicted_label` for a whole batch ``float32[b, k]`` with one argmax."""
+        if len(self.class_names) > 1 and len(self.class_names) == outputs.shape[-1]:
+            return [self.class_names[i] for i in outputs.argmax(axis=1).tolist()]
+        return [None] * len(outputs)
+
     def error(self, outputs: np.ndarray, labels: dict[str, float | None] | None) -> float | None:
         """Live error of one answer given the event's labels (None when the event carries none).
 

@@ -79,6 +79,8 @@ class _Item:
     version: LoadedVersion | None = None
     error: BaseException | None = None
     outputs: np.ndarray | None = None
+    output_list: list[float] | None = None  # outputs as Python floats, converted once per batch
+    label: str | None = None
 
 
 def _safe_id(text: str) -> str:
@@ -274,8 +276,9 @@ class ServingWorker:
             assert lv is not None
             out = lv.predict(np.stack([i.x for i in group]))  # type: ignore[misc]
             self._m_batch.observe(len(group))
-            for i, row in zip(group, out, strict=True):
-                i.outputs = row
+            for i, row, as_list, label in zip(group, out, out.astype(np.float64).tolist(),
+                                              lv.predicted_labels(out), strict=True):
+                i.outputs, i.output_list, i.label = row, as_list, label
             self.manager.remember_input(group[-1].x)  # type: ignore[arg-type]
         self._emit(records, items, snap.stable.version if snap.stable else -1)
         for item in items:  # live errors feed the canary judge only once the answers are committed
@@ -293,8 +296,8 @@ class ServingWorker:
             "request_id": item.request_id,
             "model": self.model,
             "model_version": lv.version if lv is not None else default_version,
-            "outputs": [float(v) for v in item.outputs] if ok and item.outputs is not None else [],
-            "predicted_label": lv.predicted_label(item.outputs) if ok and lv and item.outputs is not None else None,
+            "outputs": item.output_list if ok and item.output_list is not None else [],
+            "predicted_label": item.label if ok else None,
             "latency_ms": float(max(0, now_ms() - item.timestamp_ms)),
             "input_topic": item.rec.topic,
             "input_partition": int(item.rec.partition),
