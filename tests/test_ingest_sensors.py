@@ -161,10 +161,10 @@ def test_cli_sensors_csv_dead_letters_bad_values_with_reasons(settings, tmp_path
     assert done.returncode == 0, done.stderr.decode()
     summary = json.loads(done.stdout.decode().strip().splitlines()[-1])
     assert (summary["published"], summary["dead_lettered"]) == (2, 5)
-    readings = read_topic(settings, raw_topic(settings, "sensor"), expect=2)
+    readings = read_topic(settings, raw_topic(settings, "sensor"))
     assert sorted((r.value["sensor_id"], r.value["value"]) for r in readings) == [("s1", 20.5), ("s6", 21.0)]
     assert all(math.isfinite(r.value["value"]) for r in readings)
-    dls = read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False, expect=5)
+    dls = read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False)
     got = {header_dict(d.headers)["dl.source_line"]: header_dict(d.headers) for d in dls}
     assert {k: v["dl.source_reason"] for k, v in got.items()} == {
         "3": "nan",
@@ -189,7 +189,7 @@ def test_cli_sensors_generate(settings) -> None:  # type: ignore[no-untyped-def]
         timeout=120,
     )
     assert done.returncode == 0, done.stderr.decode()
-    got = [r.value for r in read_topic(settings, raw_topic(settings, "sensor"), expect=300)]
+    got = [r.value for r in read_topic(settings, raw_topic(settings, "sensor"))]
     assert len(got) == 300 and len({r["sensor_id"] for r in got}) == 5
     want = {
         r["event_id"]: r["value"] for r in generate(300, n_sensors=5, seed=3, start_ms=min(r["timestamp"] for r in got))
@@ -210,4 +210,4 @@ def test_cli_creates_missing_topics_of_its_kind(bare_settings) -> None:  # type:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr.decode()
-    assert len(read_topic(bare_settings, raw_topic(bare_settings, "sensor"), expect=20)) == 20
+    assert len(read_topic(bare_settings, raw_topic(bare_settings, "sensor"))) == 20
