@@ -24,12 +24,12 @@ from typing import Any
 
 from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import open_registry
+from streaming.batcher import Pipeline
 from streaming.config import Settings
 from streaming.exceptions import StreamingError
 from streaming.offsets import offsets_for_timestamp
 from streaming.store import BatchOverlapError
 from streaming.topics import raw_topic
-from streaming.worker import Pipeline
 
 log = logging.getLogger(__name__)
 
