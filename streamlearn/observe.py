@@ -133,13 +133,17 @@ class Observer:
         return sample
 
     def _committed(self, group: str, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
-        from kafka import KafkaAdminClient
-
-        admin = getattr(self, "_admin", None)
-        if admin is None:
-            admin = self._admin = KafkaAdminClient(bootstrap_servers=self.settings.bootstrap)
-        offsets = admin.list_consumer_group_offsets(group)
-        return {tp: meta.offset for tp, meta in offsets.items() if tp in tps and meta.offset >= 0}
+        """Committed offsets of ``group`` (an OffsetFetch; this consumer never joins the group)."""
+        readers = self.__dict__.setdefault("_group_readers", {})
+        reader = readers.get(group)
+        if reader is None:
+            reader = readers[group] = KafkaConsumer(bootstrap_servers=self.settings.bootstrap, group_id=group,
+                                                    enable_auto_commit=False)
+        out = {}
+        for tp in tps:
+            off = reader.committed(tp)
+            out[tp] = int(off) if off is not None else 0
+        return out
 
     # -- predictions ----------------------------------------------------------------------
     def follow_predictions(self) -> None:
@@ -173,6 +177,5 @@ class Observer:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.consumer.close()
-        admin = getattr(self, "_admin", None)
-        if admin is not None:
-            admin.close()
+        for reader in self.__dict__.get("_group_readers", {}).values():
+            reader.close()
