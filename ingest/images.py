@@ -265,10 +265,20 @@ class ImageWatcher:
             done = [(found[d], d) for d in pending if d in found]
             self.journal.add_many(done)
             log.info("recovered %d of %d in-flight images from the topics", len(done), len(pending))
+        self._floors = self._readback.end_offsets(self.settings, self._topics)
         self._save_floors()
 
     def _save_floors(self) -> None:
-        write_json(self.floors_path, {"floors": self._readback.end_offsets(self.settings, self._topics)})
+        write_json(self.floors_path, {"floors": self._floors})
+
+    def _raise_floors(self, futures: list[Any]) -> None:
+        """After a batch is acked and journaled: nothing later can land below these offsets
+        (a partition keeps send order), so a restart reads back only what came after."""
+        for fut in futures:
+            md = fut.value
+            parts = self._floors.setdefault(md.topic, {})
+            parts[str(md.partition)] = max(parts.get(str(md.partition), 0), md.offset + 1)
+        self._save_floors()
 
     # -- scanning -------------------------------------------------------------------------
     def candidates(self, *, wait_settle: bool = True) -> list[Path]:
@@ -356,7 +366,7 @@ class ImageWatcher:
         for it in items:
             self._move(it)
         if futures:
-            self._save_floors()
+            self._raise_floors([fut for _, _, fut in futures])
         return len(items)
 
     def _move(self, it: _Item) -> None:
