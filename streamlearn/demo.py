@@ -138,6 +138,7 @@ def run_demo(settings: Settings, duration: float, rates: Rates | None = None, re
         for svc in services:  # free ports: the demo must not collide with anything running
             svc.metrics_port = free_port() if svc.metrics_port is not None else None
             if svc.name == "gateway":
+                svc.metrics_port = gateway_port  # /metrics is served on the gateway's own port
                 svc.env["STREAMLEARN_INGEST_PORT"] = str(gateway_port)
                 svc.env["STREAMLEARN_INGEST_TOKENS"] = f"demo:{token}"
         sup = Supervisor(settings, services)

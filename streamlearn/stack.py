@@ -64,9 +64,8 @@ def default_services(settings: Settings, base_metrics_port: int = 9100, *, gatew
     port = base_metrics_port
     if registry_http:
         services.append(Service("registry", ["registry", "serve"], CORE))
-    if gateway:
-        services.append(Service("gateway", ["ingest", "serve"], INTAKE, port))
-        port += 1
+    if gateway:  # the gateway serves /metrics on its own HTTP port
+        services.append(Service("gateway", ["ingest", "serve"], INTAKE, settings.ingest_port))
     for kind in KINDS:
         # Static group membership: a stream worker restarted after kill -9 takes its partitions back at
         # once instead of waiting out the dead member (the embedded broker waits minutes for it).
