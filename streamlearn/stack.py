@@ -168,6 +168,8 @@ class Supervisor:
                         svc.proc.kill()
                         svc.proc.wait()
                     codes[svc.name] = svc.proc.returncode
+                    self.events.append({"t": time.time(), "service": svc.name, "event": "stopped",
+                                        "exit_code": svc.proc.returncode, "group": group})
             self._write_state(stopped=True)
         return codes
 
