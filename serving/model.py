@@ -106,6 +106,25 @@ class LoadedVersion:
         }
 
 
+def configure_tf_threads(threads: int) -> bool:
+    """Limit TensorFlow's op thread pools (intra and inter) to ``threads``; False if TF already ran.
+
+    Why: serving models are small and each batch is one signature call, so a thread pool adds
+    hand-off cost and, on a shared CPU, lets one batch's ops wait behind other processes. Measured on
+    the 2-core dev box: a 64->32->2 MLP on 256 rows took 0.31 ms per call single-threaded against
+    0.54-1.09 ms with the default pools.
+    """
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # TensorFlow was initialised already (e.g. a test process); keep its pools
+        log.debug("TensorFlow already initialised; thread pools left as they are")
+        return False
+    return True
+
+
 def _resolve_featurizer(meta: dict[str, Any]) -> tuple[Any | None, str | None]:
     spec = meta.get("featurizer")
     if not isinstance(spec, dict) or not spec.get("kind"):

@@ -39,7 +39,7 @@ from serving import metrics
 from serving.exceptions import NoModelVersionError, RequestDecodeError
 from serving.inputs import Featurization
 from serving.labels import LabelJoiner
-from serving.model import LoadedVersion
+from serving.model import LoadedVersion, configure_tf_threads
 from serving.policy import Policy
 from serving.versions import VersionManager
 from streaming.config import Settings
@@ -92,7 +92,8 @@ class ServingWorker:
 
     def __init__(self, settings: Settings, model: str, *, policy: Policy | None = None,
                  score_stream: str | None = None, slot: int = 0, manager: VersionManager | None = None,
-                 registry: SchemaRegistry | None = None, featurization: Featurization | None = None) -> None:
+                 registry: SchemaRegistry | None = None, featurization: Featurization | None = None,
+                 tf_threads: int | None = 1) -> None:
         self.settings = settings
         self.model = model
         self.score_stream = score_stream
@@ -100,6 +101,7 @@ class ServingWorker:
             raise RequestDecodeError(f"score_stream: {score_stream!r} is not an event kind; use one of "
                                      f"{sorted(KINDS)}")
         self.slot = slot
+        self.tf_threads = tf_threads  # see serving.model.configure_tf_threads; None keeps TF's defaults
         self.manager = manager or VersionManager(settings, model, policy)
         self.schemas = registry or open_registry(settings.registry_url, settings.registry_dir)
         self.featurization = featurization or Featurization()
@@ -173,6 +175,8 @@ class ServingWorker:
         # shorter GIL switch interval bounds how long it can stall the batch loop (p99 during swaps).
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         self._topics()
+        if self.tf_threads is not None:
+            configure_tf_threads(self.tf_threads)
         self.manager.start()
         deadline = None if ready_timeout_s is None else time.monotonic() + ready_timeout_s
         while not self.manager.wait_ready(0.2):
