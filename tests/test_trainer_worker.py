@@ -53,36 +53,51 @@ def test_versions_gate_events_lineage_and_drift(settings: config.Settings) -> No
         tb = settings.model_dir / "digits_cnn" / "tensorboard" / "v1"
         assert list((tb / "train").glob("events.out.tfevents.*")) and list((tb / "gate").glob("events.*"))
 
-        # drift: first a stable error level on unseen batches, then labels shift to the next digit
+        # drift: a stable error level on unseen batches, then labels shift to the next digit; far
+        # fewer new batches than retrain_every_batches and a long timer, so only drift can trigger
         write_batches(store, "image", recs[240:400], batch_size=80, topic=topic, first_offset=240,
                       created_at_ms=T0 + 10)
-        before = DRIFT_ALARMS.labels("digits_cnn")._value.get()
-        assert not trainer.check_drift()
         write_batches(store, "image", shifted(recs[400:600]), batch_size=100, topic=topic, first_offset=400,
                       created_at_ms=T0 + 20)
-        assert trainer.check_drift()
+        before = DRIFT_ALARMS.labels("digits_cnn")._value.get()
+        looping = Trainer(settings.with_(retrain_every_batches=100, retrain_every_seconds=3600.0), DIGITS)
+        stop = threading.Event()
+        loop = threading.Thread(target=looping.run_forever, args=(stop, 0.1))
+        loop.start()
+        try:
+            wait_until(lambda: len(reg.versions("digits_cnn")) >= 2, timeout=240, message="a drift retrain")
+        finally:
+            stop.set()
+            loop.join(timeout=120)
+            looping.close()
         assert DRIFT_ALARMS.labels("digits_cnn")._value.get() == before + 1
+        assert reg.metadata("digits_cnn", 2)["trigger"] == "drift"
 
         # a candidate whose training blows up (NaN learning rate -> NaN weights) is rejected
+        write_batches(store, "image", recs[:160], batch_size=80, topic=topic, first_offset=600,
+                      created_at_ms=T0 + 30)
+        promoted = reg.promoted("digits_cnn")
         broken = Trainer(settings, dataclasses.replace(DIGITS, learning_rate=float("nan")))
-        second = broken.run_once("test")
+        third = broken.run_once("test")
         broken.close()
-        assert second.version == 2 and not second.decision.promote
-        assert "NaN" in second.decision.reason and reg.promoted("digits_cnn") == 1
-        assert reg.verify("digits_cnn", 2)["gate"]["action"] == "REJECTED"
+        assert third.version == 3 and not third.decision.promote
+        assert "NaN" in third.decision.reason and reg.promoted("digits_cnn") == promoted
+        assert reg.verify("digits_cnn", 3)["gate"]["action"] == "REJECTED"
         history = [(e["action"], e["version"]) for e in reg.history("digits_cnn")]
-        assert history == [("CREATED", 1), ("PROMOTED", 1), ("CREATED", 2), ("REJECTED", 2)]
+        decision2 = reg.metadata("digits_cnn", 2)["gate"]["action"]
+        assert history == [("CREATED", 1), ("PROMOTED", 1), ("CREATED", 2), (decision2, 2), ("CREATED", 3),
+                           ("REJECTED", 3)]
     finally:
         trainer.close()
-    events = read_topic(settings, model_updates_topic(settings), expect=4)
+    events = read_topic(settings, model_updates_topic(settings), expect=6)
     got = [(e.key.decode() if isinstance(e.key, bytes) else e.key, e.value["version"], e.value["action"])
            for e in events]
     assert got == [("digits_cnn", 1, "CREATED"), ("digits_cnn", 1, "PROMOTED"), ("digits_cnn", 2, "CREATED"),
-                   ("digits_cnn", 2, "REJECTED")]
+                   ("digits_cnn", 2, decision2), ("digits_cnn", 3, "CREATED"), ("digits_cnn", 3, "REJECTED")]
     promoted_event = events[1].value
     assert promoted_event["primary_metric"] == "accuracy" and promoted_event["current_score"] is None
     assert 0.0 <= promoted_event["candidate_score"] <= 1.0 and "first version" in promoted_event["reason"]
-    assert "NaN" in events[3].value["reason"]
+    assert "NaN" in events[5].value["reason"]
 
 
 def test_custom_spec_trains_in_the_loop_and_its_saved_model_predicts(settings: config.Settings) -> None:
