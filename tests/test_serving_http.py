@@ -94,3 +94,15 @@ def test_predict_errors_use_tf_serving_shape(server: tuple[str, VersionManager])
             assert r.status_code == 400 and set(r.json()) == {"error"} and word in r.json()["error"], (body, r.text)
         r = c.post("/v1/models/other:predict", json={"instances": [[1.0]]})
         assert r.status_code == 404 and "error" in r.json()
+
+
+def test_metrics_endpoint_exposes_serving_metrics(settings: Settings, server: tuple[str, VersionManager]) -> None:
+    from serving.metrics import start_metrics
+
+    port = start_metrics(settings.with_(metrics_port=0))
+    assert port is not None
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert f'streamlearn_serving_version{{model="{MODEL}",role="stable"}} 1.0' in text
+    assert f'streamlearn_serving_version{{model="{MODEL}",role="candidate"}} 2.0' in text
+    assert f'streamlearn_serving_canary_state{{model="{MODEL}"}} 1.0' in text
+    assert "request_id" not in text  # bounded labels only

@@ -151,3 +151,30 @@ def test_predict_cli_prints_answers_and_names_missing_on_timeout(settings: Setti
     out = subprocess.run(streamlearn_cmd("predict", "nobody_serves_this", "--file", str(path), "--timeout", "1"),
                          env=subprocess_env(settings), capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "2 of 2 requests got no answer" in out.stderr, out.stderr
+
+
+def test_at_least_once_mode_skips_a_redelivered_request_id(settings: Settings, registry: ModelRegistry) -> None:
+    """transactions=False: answers are flushed before offsets are committed, and a request id seen
+    recently is not answered twice (the client de-duplicates across restarts)."""
+    from prometheus_client import REGISTRY
+
+    publish(registry, MODEL, tag=3.0)
+    s = settings.with_(transactions=False)
+    run = Running(s)
+    try:
+        before = REGISTRY.get_sample_value("streamlearn_serving_duplicates_total", {"model": MODEL}) or 0.0
+        req = to_request(MODEL, {"request_id": "twice", "features": [1.0, 1.0, 1.0, 1.0]})
+        assert predict(s, MODEL, [req], timeout_s=60)[0]["model_version"] == 1
+        from streaming.producer import Publisher
+        from streaming.topics import requests_topic
+
+        with Publisher(s) as pub:  # a re-delivery of the same request id
+            pub.publish_to(requests_topic(s, MODEL), "PredictionRequest", req, key=req["request_id"])
+        wait_until(lambda: (REGISTRY.get_sample_value("streamlearn_serving_duplicates_total",
+                                                      {"model": MODEL}) or 0) - before == 1,
+                   timeout=30, message="the repeat to be recognised")
+        predict(s, MODEL, _feature_requests(2, seed=5), timeout_s=60)
+        ids = [i.value["request_id"] for i in read_topic(s, predictions_topic(s, MODEL))]
+        assert ids.count("twice") == 1 and len(ids) == 3
+    finally:
+        run.stop()
