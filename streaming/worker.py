@@ -112,16 +112,21 @@ class StreamWorker:
         self._bp_gauge = metrics.BACKPRESSURE.labels(kind)
 
     # ---- rebalance ---------------------------------------------------------------------------
-    def _apply_rebalance_events(self) -> None:
+    def _apply_rebalance_events(self) -> set[TopicPartition]:
+        """Apply queued rebalance events; returns the partitions (re)assigned, whose records in the
+        current poll must be ignored (fetched from a position that the assignment has replaced)."""
+        fresh: set[TopicPartition] = set()
         while True:
             try:
                 what, tps = self._events.get_nowait()
             except queue.Empty:
-                return
+                return fresh
             if what == "revoked":
                 self._on_revoked(tps)
+                fresh -= set(tps)
             else:
                 self._on_assigned(tps)
+                fresh |= set(tps)
 
     def _on_revoked(self, revoked: list[TopicPartition]) -> None:
         """Forget revoked partitions' open and held batches: the partition may already belong to
@@ -142,16 +147,24 @@ class StreamWorker:
         truth; a commit lost in a crash after the rename must not produce an overlapping batch) and
         restore the featurizer state checkpointed with that batch."""
         consumer = self.sub.consumer
+        log.info("assigned %s", sorted(tp.partition for tp in assigned))
         for tp in assigned:
+            # Always position explicitly: a partition revoked and assigned back to this process may
+            # keep its old fetch position, past records whose open batch the revocation dropped.
             from_store = self.pipeline.restore(tp.partition)
-            if from_store is None:
-                continue
-            self.floor[tp] = from_store
             committed = consumer.committed(tp)
-            if committed is None or from_store > committed:
+            if from_store is not None and (committed is None or from_store > committed):
                 log.info("%s[%d]: store holds up to offset %d (committed %s); resuming there",
                          tp.topic, tp.partition, from_store - 1, committed)
-                consumer.seek(tp, from_store)
+                target: int | None = from_store
+            else:
+                target = committed
+            if target is None:
+                consumer.seek_to_beginning(tp)
+                self.floor.pop(tp, None)
+            else:
+                consumer.seek(tp, target)
+                self.floor[tp] = target
         if self.paused_for_backpressure and assigned:
             consumer.pause(*assigned)
 
@@ -171,10 +184,10 @@ class StreamWorker:
                 polled = self.sub.consumer.poll(timeout_ms=max(timeout_ms, 1), max_records=2000)
                 if polled:
                     last_data = time.monotonic()
-                self._apply_rebalance_events()
+                repositioned = self._apply_rebalance_events()
                 owned = self.sub.consumer.assignment()
                 for tp, msgs in polled.items():
-                    if tp in owned:
+                    if tp in owned and tp not in repositioned:
                         self._process_partition(tp, msgs)
                 self.pipeline.report_metrics()
                 if not self.held:

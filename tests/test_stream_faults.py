@@ -31,12 +31,13 @@ KILLS = 10
 SEED = 20240611
 
 
-def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+def _start_worker(settings: Settings, log_path: Any = None) -> subprocess.Popen[bytes]:
     # Static membership: the restarted process takes the partitions back at once instead of
     # waiting for the killed member's session to time out.
     return subprocess.Popen([sys.executable, "-m", "streaming.worker", "sensor", "--instance-id", "fault-worker"],
-                            env=subprocess_env(settings, STREAMLEARN_LOG_LEVEL="WARNING"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=subprocess_env(settings, STREAMLEARN_LOG_LEVEL="INFO"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if log_path is None else
+                            open(log_path, "ab"))  # noqa: SIM115 (the child owns it)
 
 
 @pytest.mark.slow
@@ -79,8 +80,15 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(settings: Settings
         topic = raw_topic(s, "sensor")
         expected = {(it.partition, it.offset) for it in read_topic(s, topic, decode=False)}
         assert len(expected) == N_EVENTS
-        wait_until(lambda: set(stored_offsets(s, "sensor")) >= expected, 90, message="everything persisted")
-        wait_until(lambda: committed(s, "sensor") == end_offsets(s, "sensor"), 30, message="final commit")
+        try:
+            wait_until(lambda: set(stored_offsets(s, "sensor")) >= expected, 90, message="everything persisted")
+            wait_until(lambda: committed(s, "sensor") == end_offsets(s, "sensor"), 30, message="final commit")
+        except AssertionError as exc:
+            proc.kill()
+            proc.wait(10)
+            err = proc.stderr.read()[-4000:].decode(errors="replace") if proc.stderr else ""
+            missing = sorted(expected - set(stored_offsets(s, "sensor")))[:20]
+            raise AssertionError(f"{exc}; missing {missing}; worker stderr:\n{err}") from exc
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     finally:
