@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,13 +32,19 @@ KILLS = 10
 SEED = 20240611
 
 
-def _start_worker(settings: Settings, log_path: Any = None) -> subprocess.Popen[bytes]:
+def _log_path(settings: Settings) -> Path:
+    return settings.home / "worker.log"
+
+
+def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     # Static membership: the restarted process takes the partitions back at once instead of
-    # waiting for the killed member's session to time out.
-    return subprocess.Popen([sys.executable, "-m", "streaming.worker", "sensor", "--instance-id", "fault-worker"],
-                            env=subprocess_env(settings, STREAMLEARN_LOG_LEVEL="INFO"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if log_path is None else
-                            open(log_path, "ab"))  # noqa: SIM115 (the child owns it)
+    # waiting for the killed member's session to time out. Logs go to a file (a pipe nobody reads
+    # until the end could fill up and block the worker).
+    _log_path(settings).parent.mkdir(parents=True, exist_ok=True)
+    with open(_log_path(settings), "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streaming.worker", "sensor", "--instance-id", "fault-worker"],
+            env=subprocess_env(settings, STREAMLEARN_LOG_LEVEL="INFO"), stdout=subprocess.DEVNULL, stderr=log)
 
 
 @pytest.mark.slow
@@ -70,7 +77,7 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(settings: Settings
                 wait_until(lambda b=before, p=proc: len(store.batch_ids("sensor")) > b or p.poll() is not None,
                            60, interval=0.01, message="worker progress")
             threading.Event().wait(rng.uniform(0.0, 0.5))  # the random kill point itself
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert proc.poll() is None, _log_path(s).read_text(errors="replace")[-3000:]
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             kills += 1
@@ -86,7 +93,7 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(settings: Settings
         except AssertionError as exc:
             proc.kill()
             proc.wait(10)
-            err = proc.stderr.read()[-4000:].decode(errors="replace") if proc.stderr else ""
+            err = _log_path(s).read_text(errors="replace")[-4000:]
             missing = sorted(expected - set(stored_offsets(s, "sensor")))[:20]
             raise AssertionError(f"{exc}; missing {missing}; worker stderr:\n{err}") from exc
         proc.send_signal(signal.SIGTERM)
@@ -95,8 +102,8 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(settings: Settings
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        if proc is not None and proc.stderr is not None:
-            stderr_tail = proc.stderr.read()[-3000:]
+        if _log_path(s).exists():
+            stderr_tail = _log_path(s).read_bytes()[-3000:]
     got = stored_offsets(s, "sensor")
     assert len(got) - len(set(got)) == 0, "duplicates in the store"
     assert set(got) == expected, stderr_tail.decode(errors="replace")
