@@ -27,3 +27,7 @@ class LineageError(TrainerError):
 
 class ReproductionError(TrainerError):
     """A reproduced training run did not reach the recorded scores within the stated tolerance."""
+
+
+class EventPublishError(TrainerError):
+    """A ModelUpdate event was not acknowledged; the registry change it announces is already durable."""
