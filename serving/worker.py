@@ -412,7 +412,8 @@ def serve(settings: Settings, model: str, *, policy: str = "latest", score_strea
     if http_port is not None:
         from serving.http_api import start_http
 
-        server = start_http(worker.manager, worker.featurization, model, http_port)
+        server = start_http(worker.manager, worker.featurization, model, http_port,
+                            host=settings.serve_http_host)
     try:
         worker.run()
     except KeyboardInterrupt:

@@ -66,6 +66,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("retrain_every_seconds", "STREAMLEARN_RETRAIN_EVERY_SECONDS", float, 30.0, "... or after this long"),
     Spec("serve_max_batch", "STREAMLEARN_SERVE_MAX_BATCH", int, 64, "largest dynamic serving batch"),
     Spec("serve_max_wait_ms", "STREAMLEARN_SERVE_MAX_WAIT_MS", float, 5.0, "longest a request waits for a batch"),
+    Spec("serve_http_host", "STREAMLEARN_SERVE_HTTP_HOST", str, "127.0.0.1",
+         "address the serving worker's HTTP API binds (0.0.0.0 in containers)"),
     Spec("log_level", "STREAMLEARN_LOG_LEVEL", str, "INFO", "logging level"),
 )
 _BY_NAME = {s.name: s for s in SPECS}
@@ -146,6 +148,7 @@ class Settings:
     retrain_every_seconds: float
     serve_max_batch: int
     serve_max_wait_ms: float
+    serve_http_host: str
     log_level: str
     model_specs: dict[str, str] = field(default_factory=dict)
 

@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model name in the model registry, e.g. weblog_classifier")
     p.add_argument("--http-port", type=int, metavar="P",
                    help="also serve the TensorFlow Serving REST API on this port (0 picks a free one)")
+    p.add_argument("--http-host", dest="serve_http_host", metavar="ADDR",
+                   help=f"address of the HTTP API, 0.0.0.0 for all interfaces {config.env_help('serve_http_host')}")
     p.add_argument("--score-stream", metavar="KIND", choices=["weblog", "sensor", "image"],
                    help="instead of requests, score every raw event of KIND (request_id = topic/partition/offset)")
     p.add_argument("--policy", default="latest", metavar="POLICY",
@@ -53,7 +55,8 @@ def _serve(args: argparse.Namespace, settings: config.Settings) -> int:
     from serving.worker import serve
 
     Policy.parse(args.policy)  # a bad policy fails before anything starts
-    changes = {k: getattr(args, k) for k in ("serve_max_batch", "serve_max_wait_ms") if getattr(args, k) is not None}
+    changes = {k: getattr(args, k) for k in ("serve_max_batch", "serve_max_wait_ms", "serve_http_host")
+               if getattr(args, k) is not None}
     if args.at_least_once:
         changes["transactions"] = False
     if changes:
