@@ -251,6 +251,7 @@ class Trainer:
             "parent_version": parent,
             "created_at": int(time.time() * 1000),
             "task": spec.task,
+            "target": spec.label,  # the label serving's canary judges live errors on
             "class_names": list(spec.class_names) if spec.class_names is not None else None,
             "output_names": list(spec.output_names),
             "primary_metric": spec.primary_metric,
