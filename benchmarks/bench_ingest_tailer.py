@@ -9,7 +9,7 @@
   checkpoint or read-back (what the durability machinery costs over a plain publish loop).
 
 Input: the shared 10,000 real combined-log lines repeated to ``LINES`` lines (or generated demo
-traffic when the shared file is absent). Each side runs twice, alternating; best of each kept.
+traffic when the shared file is absent). Each side runs ``ROUNDS`` times, in alternating order; best of each kept.
 Goal (the issue was silent; chosen here): the tailer reaches >= 0.8x of the plain publish loop.
 The ratio against parse-only is reported, not gated: publishing to Kafka dominates it.
 
@@ -32,6 +32,7 @@ from streaming.producer import Publisher
 from streaming.topics import raw_topic
 
 LINES = 50_000
+ROUNDS = 3
 GOAL = 0.8
 APACHE_LOGS = Path(__file__).resolve().parents[2] / "shared/data/weblogs/apache_logs"
 
@@ -105,10 +106,16 @@ def run(settings: Settings) -> dict[str, Any]:
         path, source = _make_log(Path(tmp))
         inf = (float("inf"), float("inf"))
         parse_t, publish_t, tail_t = inf, inf, inf
-        for _ in range(2):  # alternate the sides and keep the best of each: less noise
+        for round_no in range(ROUNDS):  # alternate the sides and keep the best of each: less noise
             parse_t = min(parse_t, _parse_only(path))
-            publish_t = min(publish_t, _publish_loop(fresh(settings), path))
-            tail_t = min(tail_t, _tailer(fresh(settings), path))
+            # The embedded broker rewrites its data file after writes, so whichever side runs
+            # second meets more stored data; swap the order in the second round to be fair.
+            if round_no % 2 == 0:
+                publish_t = min(publish_t, _publish_loop(fresh(settings), path))
+                tail_t = min(tail_t, _tailer(fresh(settings), path))
+            else:
+                tail_t = min(tail_t, _tailer(fresh(settings), path))
+                publish_t = min(publish_t, _publish_loop(fresh(settings), path))
         size = path.stat().st_size
     out: dict[str, Any] = {
         "benchmark": "ingest_tailer",

@@ -121,7 +121,7 @@ class FileTailer:
         poll_s: float = 0.2,
         rotate_grace_s: float = 1.0,
         checkpoint_every_s: float = 0.5,
-        max_in_flight: int = 20_000,
+        max_in_flight: int = 50_000,
     ) -> None:
         self.settings = settings
         self.publisher = publisher
@@ -331,8 +331,8 @@ class FileTailer:
             self.stats.dead_lettered += 1
         self._pending.append((end, n, fut))
         self._sent_since_floor = True
-        if len(self._pending) >= self.max_in_flight:  # backpressure: wait for the oldest half
-            self._reap(block=True, down_to=self.max_in_flight // 2)
+        if len(self._pending) >= self.max_in_flight:  # backpressure: wait for the oldest tenth
+            self._reap(block=True, down_to=self.max_in_flight * 9 // 10)
 
     def _split(self, *, final: bool) -> None:
         buf, start = self._buf, self._buf_start
