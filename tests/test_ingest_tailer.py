@@ -72,6 +72,26 @@ def test_once_mode_publishes_each_line_and_dead_letters_bad_ones(settings: Setti
     assert len(seqs) == 155 and set(seqs.values()) == {1}
 
 
+def test_backpressure_bounds_in_flight_lines(settings: Settings, tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    _append(log, _lines(0, 120))
+    with Publisher(settings) as pub:
+        tailer = FileTailer(settings, pub, log, max_in_flight=10)
+        real_emit = tailer._emit
+        peak = 0
+
+        def emit(raw: bytes, start: int) -> None:
+            nonlocal peak
+            real_emit(raw, start)
+            peak = max(peak, len(tailer._pending))
+
+        tailer._emit = emit  # type: ignore[method-assign]
+        stats = tailer.run()
+    assert stats.published == 120 and peak <= 10
+    assert tailer.pos.line == 120 and tailer.pos.offset == log.stat().st_size
+    assert len(_seqs(settings)) == 120
+
+
 def test_follow_survives_rotation_and_truncation(settings: Settings, tmp_path: Path) -> None:
     log = tmp_path / "access.log"
     _append(log, _lines(0, 40))
