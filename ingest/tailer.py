@@ -324,7 +324,8 @@ class FileTailer:
             self.stats.published += 1
         except (InputRejectedError, SchemaError, RecordTooLargeError) as exc:
             stage = "parse" if isinstance(exc, InputRejectedError) else "validate"
-            source = {"file": self.pos.file or str(self.path), "line": str(n)}
+            reason = exc.reason if isinstance(exc, InputRejectedError) else "schema"
+            source = {"file": self.pos.file or str(self.path), "line": str(n), "reason": reason}
             fut = self.publisher.dead_letter(
                 "weblog", raw.rstrip(b"\n"), stage=stage, error=exc, source=source, key=eid
             )

@@ -62,6 +62,7 @@ def test_once_mode_publishes_each_line_and_dead_letters_bad_ones(settings: Setti
     h = header_dict(dls[0].headers)
     assert h["dl.stage"] == "parse" and h["dl.source_file"] == str(log) and h["dl.source_line"] == "51"
     assert "combined" in h["dl.message"] and h["dl.error_class"] == "LogParseError"
+    assert h["dl.source_reason"] == "not_combined_format"
     assert header_dict(dls[1].headers)["dl.source_line"] == "103"
     # A second run resumes from the checkpoint: nothing is published again.
     _append(log, _lines(150, 5))
