@@ -27,7 +27,12 @@ from schemas.registry import SchemaRegistry
 from schemas.serde import AvroDeserializer
 from streaming import metrics
 from streaming.config import Settings
-from streaming.exceptions import BackpressureError, FeatureValidationError, PublishError
+from streaming.exceptions import (
+    BackpressureError,
+    BatcherError,  # noqa: F401 (re-exported)
+    FeatureValidationError,
+    PublishError,
+)
 from streaming.store import BatchSpec, FeatureStore, StoredRow
 from streaming.topics import raw_topic
 
@@ -35,10 +40,6 @@ log = logging.getLogger(__name__)
 
 #: Featurize latency is observed for one record in this many (by offset).
 FEATURIZE_SAMPLE = 8
-
-
-class BatcherError(ValueError):
-    """Bad batcher arguments or an offset going backwards within a partition."""
 
 
 @dataclass

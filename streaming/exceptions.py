@@ -55,3 +55,34 @@ class BackpressureError(StreamingError):
 
 class GroupActiveError(StreamingError):
     """Offsets of a consumer group can only be reset while it has no active members."""
+
+
+class StoreError(StreamingError):
+    """The feature store is inconsistent or was asked for something impossible."""
+
+
+class BatchOverlapError(StoreError):
+    """A new batch's offset range overlaps a batch already persisted for the same partition."""
+
+
+class ReplayError(StreamingError):
+    """A replay was asked for something it cannot do (live namespace, overlapping batches)."""
+
+
+class BatcherError(StreamingError, ValueError):
+    """Bad batcher arguments or an offset going backwards within a partition."""
+
+
+class ModelRegistryError(StreamingError):
+    """Base of the model registry's errors."""
+
+
+class ModelNotFoundError(ModelRegistryError):
+    """A model name or version is not in the registry."""
+
+
+class ModelIntegrityError(ModelRegistryError):
+    """A version's files do not match its manifest, or a SavedModel part is missing.
+
+    Serving must refuse to load such a version; the trainer must not promote it.
+    """

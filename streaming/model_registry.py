@@ -39,28 +39,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from streaming.exceptions import StreamingError
+from streaming.exceptions import ModelIntegrityError, ModelNotFoundError, ModelRegistryError, StreamingError  # noqa: F401 (re-exported)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 STAGING_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 METADATA_FILE = "metadata.json"
 STATE_FILE = "state.json"
-
-
-class ModelRegistryError(StreamingError):
-    """Base of the model registry's errors."""
-
-
-class ModelNotFoundError(ModelRegistryError):
-    """A model name or version is not in the registry."""
-
-
-class ModelIntegrityError(ModelRegistryError):
-    """A version's files do not match its manifest, or a SavedModel part is missing.
-
-    Serving must refuse to load such a version; the trainer must not promote it.
-    """
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -26,16 +26,14 @@ from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import open_registry
 from streaming.batcher import Pipeline
 from streaming.config import Settings
-from streaming.exceptions import StreamingError
+from streaming.exceptions import (
+    ReplayError,  # noqa: F401 (re-exported)
+    )
 from streaming.offsets import offsets_for_timestamp
 from streaming.store import BatchOverlapError
 from streaming.topics import raw_topic
 
 log = logging.getLogger(__name__)
-
-
-class ReplayError(StreamingError):
-    """A replay was asked for something it cannot do (live namespace, overlapping batches)."""
 
 
 class _NoDeadLetters:

@@ -39,7 +39,7 @@ from typing import Any, cast
 import fastavro
 import numpy as np
 
-from streaming.exceptions import BackpressureError, StreamingError
+from streaming.exceptions import BackpressureError, BatchOverlapError, StoreError, StreamingError  # noqa: F401 (re-exported)
 
 MANIFEST_FORMAT = 1
 _OFFSET_DIGITS = 20
@@ -66,14 +66,6 @@ ROW_SCHEMA: dict[str, Any] = {
     ],
 }
 _PARSED_ROW_SCHEMA = fastavro.parse_schema(ROW_SCHEMA)
-
-
-class StoreError(StreamingError):
-    """The feature store is inconsistent or was asked for something impossible."""
-
-
-class BatchOverlapError(StoreError):
-    """A new batch's offset range overlaps a batch already persisted for the same partition."""
 
 
 @dataclass(frozen=True)
