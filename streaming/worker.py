@@ -181,7 +181,9 @@ class StreamWorker:
                 self._resume_registry_waits()
                 wait = self.pipeline.batcher.seconds_until_due()
                 timeout_ms = int(min(200.0, (wait if wait is not None else 1.0) * 1000)) if not self.held else 100
-                polled = self.sub.poller.poll(timeout_ms=max(timeout_ms, 1), max_records=2000)
+                # A plain poll: IdlePoller's pause/resume between empty polls interfered with this worker's
+                # own rebalance handling (a revoked worker stalled in the rejoin in the kill -9 test).
+                polled = self.sub.consumer.poll(timeout_ms=max(timeout_ms, 1), max_records=2000)
                 if polled:
                     last_data = time.monotonic()
                 repositioned = self._apply_rebalance_events()
