@@ -181,7 +181,11 @@ class Subscriber:
         if start in ("committed", "beginning"):
             self.consumer.seek_to_beginning(*tps)
         elif start == "end":
-            self.consumer.seek_to_end(*tps)
+            # Resolve the end offsets now: seek_to_end is lazy in kafka-python, and "end" must mean the end
+            # when the subscriber was created, or records produced meanwhile (answers to requests sent
+            # right after subscribing) would be skipped.
+            for tp, end in self.consumer.end_offsets(tps).items():
+                self.consumer.seek(tp, end)
         elif isinstance(start, dict) and "offset" in start:
             for tp in tps:
                 self.consumer.seek(tp, int(start["offset"]))
