@@ -19,7 +19,6 @@ import numpy as np
 from serving.model import LoadedVersion
 from serving.versions import VersionManager
 from streaming.config import Settings
-from streaming.consumer import IdlePoller
 from streaming.topics import raw_topic
 
 log = logging.getLogger(__name__)
@@ -105,9 +104,8 @@ class LabelJoiner:
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
             consumer.assign(tps)
             consumer.seek_to_end(*tps)
-            poller = IdlePoller(consumer, max_idle_s=0.25)
             while not self._stop.is_set():
-                for recs in poller.poll(timeout_ms=300).values():
+                for recs in consumer.poll(timeout_ms=300).values():
                     for rec in recs:
                         try:
                             event = decode(rec.value).value

@@ -24,7 +24,6 @@ from serving.exceptions import ModelLoadError, NoModelVersionError
 from serving.model import LoadedVersion, load_version
 from serving.policy import CanaryJudge, Policy, canary_bucket
 from streaming.config import Settings
-from streaming.consumer import IdlePoller
 from streaming.model_registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -298,7 +297,7 @@ class VersionManager:
                     tps = [TopicPartition(topic, p) for p in sorted(parts)]
                     consumer.assign(tps)
                     consumer.seek_to_end(*tps)
-                batch = IdlePoller(consumer, max_idle_s=0.25).poll(timeout_ms=500)
+                batch = consumer.poll(timeout_ms=500)
                 if any(r.key == self.model.encode() for recs in batch.values() for r in recs):
                     self.check_now()
             except Exception as exc:

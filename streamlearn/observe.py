@@ -152,7 +152,8 @@ class Observer:
 
     def _follow(self) -> None:
         topics = [predictions_topic(self.settings, m) for m in MODELS]
-        with Subscriber(self.settings, topics, start="end", isolation_level="read_committed") as sub:
+        with Subscriber(self.settings, topics, start="end", isolation_level="read_committed",
+                        idle_backoff=True) as sub:
             while not self._stop.is_set():
                 for item in sub.poll_batch(timeout_ms=300):
                     if not item.ok:

@@ -64,7 +64,8 @@ def _subscribe(args: argparse.Namespace, settings: config.Settings) -> int:
     if group and start != "committed":
         print("note: explicit positions read without the group; nothing will be committed", file=sys.stderr)
     n = 0
-    with Subscriber(settings, topic, group=group, start=start, until=until, decode=not args.raw) as sub:
+    with Subscriber(settings, topic, group=group, start=start, until=until, decode=not args.raw,
+                    idle_backoff=True) as sub:
         for item in sub.iterate(max_records=args.max_records, idle_timeout_s=args.idle_timeout):
             n += 1
             meta = {"topic": item.topic, "partition": item.partition, "offset": item.offset,
