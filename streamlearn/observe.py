@@ -123,9 +123,11 @@ class Observer:
                 except Exception:  # noqa: BLE001 - a version removed by retention between two calls
                     continue
                 gate = meta.get("gate") or {}
-                info["detail"].append({"version": v, "decision": gate.get("decision", meta.get("decision")),
+                decision = gate.get("action") or ("PROMOTED" if gate.get("promote") else
+                                                  "REJECTED" if "promote" in gate else None)
+                info["detail"].append({"version": v, "decision": decision,
                                        "candidate": gate.get("candidate_score"), "current": gate.get("current_score"),
-                                       "metric": gate.get("metric", meta.get("primary_metric")),
+                                       "metric": gate.get("primary_metric", meta.get("primary_metric")),
                                        "created_at": meta.get("created_at")})
             models[model] = info
         sample = Sample(time.time(), dict(end_by_topic), lag, batches, models)

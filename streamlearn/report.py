@@ -70,7 +70,7 @@ def _plot_scores(models: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(MODELS), figsize=(5 * len(MODELS), 4), squeeze=False)
     for ax, model in zip(axes[0], MODELS, strict=True):
         detail = [d for d in models.get(model, {}).get("detail", []) if d.get("candidate") is not None]
-        xs = list(range(len(detail)))
+        xs = [int(d["version"]) for d in detail]
         ax.plot(xs, [d["candidate"] for d in detail], "-", color="grey", alpha=0.5)
         for x, d in zip(xs, detail, strict=True):
             promoted = str(d.get("decision", "")).lower().startswith("promot")
@@ -80,6 +80,7 @@ def _plot_scores(models: dict[str, Any], path: Path) -> None:
         metric = next((d.get("metric") for d in detail if d.get("metric")), "score")
         ax.set_title(f"{model}: prequential {metric} per version")
         ax.set_xlabel("version (green promoted, red rejected)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel(str(metric))
         if not detail:
             ax.text(0.5, 0.5, "no version trained", ha="center", va="center", transform=ax.transAxes)
