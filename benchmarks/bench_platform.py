@@ -108,7 +108,8 @@ def run(settings: Settings) -> dict[str, Any]:
         sup.start()
         answers.start()
         _wait(lambda: registry.promoted("digits_cnn"), 400, "first promoted version")
-        _wait(lambda: answers.seen.get(ask()), 120, "a first answer")
+        first = ask()  # ask once, then wait for that answer (the server may still be loading v1)
+        _wait(lambda: answers.seen.get(first), 120, "a first answer")
         # freshness: publish fresh events, keep asking until a version trained on them answers
         metas = [pub.publish("image", ev) for ev in images[600:1200]]
         pub.flush()
