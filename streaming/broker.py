@@ -34,6 +34,7 @@ from pathlib import Path
 
 from streaming.config import Settings
 from streaming.exceptions import BrokerAlreadyRunningError, BrokerError
+from streaming.fsutil import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -109,20 +110,6 @@ def _tail(path: Path | None, lines: int = 15) -> str:
     return "\n".join(line for line in text[-lines:] if "GLIBC_2.39" not in line)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 class EmbeddedBroker:
     """Start, stop and inspect the embedded broker of one data directory."""
 
@@ -144,7 +131,7 @@ class EmbeddedBroker:
         except (OSError, ValueError):
             return None
         pid = info.get("pid")
-        if isinstance(pid, int) and _pid_alive(pid):
+        if isinstance(pid, int) and pid_alive(pid):
             return dict(info)
         return None
 
@@ -205,18 +192,18 @@ class EmbeddedBroker:
             return False
         info = self._read_pid()
         pid = int(info["pid"]) if info else (self._proc.pid if self._proc else None)  # type: ignore[call-overload]
-        if pid is None or not _pid_alive(pid):
+        if pid is None or not pid_alive(pid):
             self.pid_file.unlink(missing_ok=True)
             return False
         os.kill(pid, signal.SIGTERM)
         end = time.monotonic() + timeout_s
-        while time.monotonic() < end and _pid_alive(pid):
+        while time.monotonic() < end and pid_alive(pid):
             if self._proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self._proc.wait(timeout=0.1)
             else:
                 time.sleep(0.05)  # poll interval inside a deadline loop
-        if _pid_alive(pid):
+        if pid_alive(pid):
             log.warning("broker pid %s ignored SIGTERM for %.0f s; killing it", pid, timeout_s)
             os.kill(pid, signal.SIGKILL)
         if self._proc is not None:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from streaming.exceptions import ModelIntegrityError, ModelNotFoundError, ModelRegistryError, StreamingError  # noqa: F401 (re-exported)
+from streaming.fsutil import fsync_dir, pid_alive
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 STAGING_PREFIX = ".tmp-"
@@ -57,15 +58,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename or a new entry in it survives power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     """fsync every file and directory below ``root`` (children first, then the parents)."""
     for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
@@ -75,7 +67,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -87,17 +79,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    fsync_dir(path.parent)
 
 
 def _now_ms() -> int:
@@ -274,7 +256,7 @@ class ModelRegistry:
             elif path.name.startswith(STAGING_PREFIX):
                 pid_text = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
                 pid = int(pid_text) if pid_text.isdigit() else -1
-                if pid == os.getpid() or (pid > 0 and _pid_alive(pid)):
+                if pid == os.getpid() or (pid > 0 and pid_alive(pid)):
                     continue  # an export in progress
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
@@ -317,7 +299,7 @@ class ModelRegistry:
             (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", "utf-8")
             _fsync_tree(staging)
             os.rename(staging, mdir / str(version))
-            _fsync_dir(mdir)
+            fsync_dir(mdir)
             state["last_version"] = version
             self._append(state, "CREATED", version, str(meta.get("reason") or "exported"))
             write_json_atomic(self._state_path(name), state)
@@ -401,6 +383,6 @@ class ModelRegistry:
                 deleted.append(version)
                 self._append(state, "DELETED", version, f"retention keep_last={keep_last}")
             if deleted:
-                _fsync_dir(mdir)
+                fsync_dir(mdir)
                 write_json_atomic(self._state_path(name), state)
         return deleted

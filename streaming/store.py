@@ -40,6 +40,7 @@ import fastavro
 import numpy as np
 
 from streaming.exceptions import BackpressureError, BatchOverlapError, StoreError, StreamingError  # noqa: F401 (re-exported)
+from streaming.fsutil import fsync_dir, pid_alive
 
 MANIFEST_FORMAT = 1
 _OFFSET_DIGITS = 20
@@ -128,14 +129,6 @@ def parse_batch_id(batch_id: str) -> tuple[str, int, int, int]:
 def _sync_marker(batch_id: str) -> bytes:
     """16 bytes derived from the id: fastavro's default marker is random, which breaks byte identity."""
     return hashlib.sha256(("streamlearn-sync:" + batch_id).encode()).digest()[:16]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _as_backpressure(exc: OSError, what: str) -> BackpressureError:
@@ -315,7 +308,7 @@ class FeatureStore:
             self._write_synced(tmp_json, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
             os.replace(tmp_json, d / f"{bid}.json")
             os.replace(tmp_avro, final)
-            _fsync_dir(d)
+            fsync_dir(d)
         except OSError as exc:
             for tmp in (tmp_avro, tmp_json):
                 with contextlib.suppress(OSError):
@@ -376,19 +369,11 @@ class FeatureStore:
             if not (name.startswith(".") and name.endswith(_TMP_SUFFIX)):
                 continue
             path = d / name
-            pid_alive = False
             m = re.search(r"\.(\d+)-\d+\.tmp$", name)
-            if m:
-                try:
-                    os.kill(int(m.group(1)), 0)
-                    pid_alive = True
-                except ProcessLookupError:
-                    pid_alive = False
-                except PermissionError:
-                    pid_alive = True
+            writer_alive = m is not None and pid_alive(int(m.group(1)))
             try:
                 old = older_than_s > 0 and now - path.stat().st_mtime > older_than_s
-                if not pid_alive or old:
+                if not writer_alive or old:
                     path.unlink()
                     removed += 1
             except OSError:

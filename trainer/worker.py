@@ -33,6 +33,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from streaming.config import Settings
+from streaming.fsutil import pid_alive
 from streaming.model_registry import ModelRegistry
 from streaming.store import BatchInfo, FeatureStore
 from trainer.data import plan_data
@@ -69,16 +70,6 @@ def _finite_or_none(value: Any) -> Any:
     if isinstance(value, list):
         return [_finite_or_none(v) for v in value]
     return value
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _versions_info() -> dict[str, str]:
@@ -169,7 +160,7 @@ class Trainer:
         if tb_root.is_dir():  # TensorBoard runs of trainers killed mid-training
             for run in tb_root.glob(".run-*"):
                 pid = run.name.split("-")[1]
-                if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                     shutil.rmtree(run, ignore_errors=True)
         latest = self.registry.latest(self.name)
         if latest is None:
