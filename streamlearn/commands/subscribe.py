@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime
 from typing import Any
 
 from streaming import config
 from streaming.consumer import Subscriber
 from streaming.jsoncodec import to_json
 from streaming.producer import header_dict
+from streamlearn.commands.stream import parse_timestamp
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,18 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_subscribe)
 
 
-def parse_time(text: str) -> int:
-    """Epoch milliseconds from digits or an ISO-8601 string (naive times are UTC)."""
-    if text.isdigit():
-        return int(text)
-    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if dt.tzinfo is None:
-        from datetime import UTC
-
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
-
-
 def _subscribe(args: argparse.Namespace, settings: config.Settings) -> int:
     start: Any = "committed" if args.group else "end"
     if args.from_beginning:
@@ -51,12 +39,12 @@ def _subscribe(args: argparse.Namespace, settings: config.Settings) -> int:
     elif args.from_offset is not None:
         start = {"offset": args.from_offset}
     elif args.from_timestamp:
-        start = {"timestamp": parse_time(args.from_timestamp)}
+        start = {"timestamp": parse_timestamp(args.from_timestamp)}
     until: Any = None
     if args.until_offset is not None:
         until = {"offset": args.until_offset}
     elif args.until_timestamp:
-        until = {"timestamp": parse_time(args.until_timestamp)}
+        until = {"timestamp": parse_timestamp(args.until_timestamp)}
     elif args.until_end:
         until = "end"
     topic = settings.topic(args.topic)

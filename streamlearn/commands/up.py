@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import threading
 
@@ -62,6 +61,7 @@ def _up(args: argparse.Namespace, settings: config.Settings) -> int:
 
 def _status(args: argparse.Namespace, settings: config.Settings) -> int:
     from streaming.broker import EmbeddedBroker
+    from streaming.fsutil import pid_alive
     from streamlearn.stack import read_state
 
     print(EmbeddedBroker(settings).status().describe())
@@ -70,17 +70,9 @@ def _status(args: argparse.Namespace, settings: config.Settings) -> int:
         print("no stack has run under this STREAMLEARN_HOME")
         return 3
     pid = int(state.get("supervisor_pid", 0))
-    alive = bool(pid) and not state.get("stopped") and _alive(pid)
+    alive = bool(pid) and not state.get("stopped") and pid_alive(pid)
     print(f"stack supervisor pid {pid}: {'running' if alive else 'not running'}")
     for s in state.get("services", []):
         print(f"  {s['name']:28} {s['state']:12} pid {s['pid'] or '-':<7} restarts {s['restarts']:<3} "
               f"up {s['uptime_s']:>7.1f}s metrics :{s['metrics_port']}")
     return 0 if alive else 3
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
