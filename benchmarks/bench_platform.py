@@ -31,6 +31,8 @@ from streamlearn.commands.up import prepare
 from streamlearn.stack import Supervisor, default_services
 
 RETRAIN_S = 10.0
+FRESHNESS_GOAL_S = 15.0  # publish -> a model trained on it answers, with a retrain every 10 s
+RECOVERY_GOAL_S = 5.0  # kill -9 -> processing again (the recovery issue's goal)
 
 
 class Answers(threading.Thread):
@@ -127,11 +129,13 @@ def run(settings: Settings) -> dict[str, Any]:
         t1 = _wait(fresh_answer, 300, "a model trained on the fresh events to answer")
         freshness = t1 - t0
         result["freshness_s"] = round(freshness, 2)
-        result["freshness_goal_s"] = RETRAIN_S + 10
+        result["freshness_goal_s"] = FRESHNESS_GOAL_S
         # recovery after kill -9, one worker type at a time
         recovery: dict[str, float] = {}
         for name in ("serve-digits_cnn", "stream-image", "train-digits_cnn"):
             batches_before = len(store.batch_ids("image"))
+            svc = next(x for x in sup.services if x.name == name)
+            old_pid = svc.proc.pid if svc.proc is not None else None
             sup.kill(name, signal.SIGKILL)
             killed = time.time()
             if name.startswith("serve"):
@@ -144,9 +148,9 @@ def run(settings: Settings) -> dict[str, Any]:
                 _wait(lambda b=batches_before: len(store.batch_ids("image")) > b, 120, "batch after restart")
                 done = time.time()
             else:
-                svc = next(x for x in sup.services if x.name == name)
-                _wait(lambda svc=svc: svc.proc is not None and svc.proc.poll() is None
-                      and (time.monotonic() - svc.started_at) > 0, 60, "trainer restarted")
+                # Restarted means a new process: the supervisor replaced the killed pid with a live one.
+                _wait(lambda svc=svc, old=old_pid: svc.proc is not None and svc.proc.pid != old
+                      and svc.proc.poll() is None, 60, "trainer restarted")
                 log = sup.log_dir / f"{name}.log"
                 _wait(lambda log=log: log.read_text(errors="replace").count("retraining every") >= 2, 120,
                       "trainer ready after restart")
@@ -159,10 +163,10 @@ def run(settings: Settings) -> dict[str, Any]:
         pub.close()
     result["table"] = [
         {"figure": "freshness s (publish -> model trained on it answers)", "value": result["freshness_s"],
-         "baseline": f"interval {RETRAIN_S:.0f} s + 10 s", "ratio": round(result["freshness_s"] / (RETRAIN_S + 10), 3),
-         "goal": "<= 1.0"},
-    ] + [{"figure": f"recovery s after kill -9 of {k}", "value": v, "baseline": "goal 10 s",
-          "ratio": round(v / 10, 3), "goal": "<= 1.0"} for k, v in result["recovery_s"].items()]
+         "baseline": f"goal {FRESHNESS_GOAL_S:.0f} s (retrain every {RETRAIN_S:.0f} s)",
+         "ratio": round(result["freshness_s"] / FRESHNESS_GOAL_S, 3), "goal": "<= 1.0"},
+    ] + [{"figure": f"recovery s after kill -9 of {k}", "value": v, "baseline": f"goal {RECOVERY_GOAL_S:.0f} s",
+          "ratio": round(v / RECOVERY_GOAL_S, 3), "goal": "<= 1.0"} for k, v in result["recovery_s"].items()]
     write_report("platform", result)
     return result
 
