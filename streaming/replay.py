@@ -20,16 +20,20 @@
   already there and writes nothing.
 * Dead letters are recorded in the manifests (``dead_letter_offsets``) but not re-published by
   default: the live run already dead-lettered them; ``dead_letters=True`` re-publishes.
-* Progress (records, rate, ETA) goes to an optional sink with ``set_total``/``advance``
-  (:mod:`streaming.progress` in the CLI).
+* Progress (records, rate, ETA) goes to an optional sink made once the total is known
+  (:mod:`streaming.progress` in the CLI); the total counts offsets, so transaction markers make the
+  last percent or so jump.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,9 +57,12 @@ RANGE_FILE = "_replay.json"
 class ProgressSink(Protocol):
     """What a replay reports progress to (``streaming.progress.Progress`` fits)."""
 
-    def set_total(self, total: int | None) -> None: ...
-
     def advance(self, n: int = 1) -> None: ...
+
+
+#: Called with the number of offsets to replay once the range is known; returns a context manager
+#: around the replay yielding the sink (so a progress bar knows its total, hence its ETA, up front).
+ProgressFactory = Callable[[int], AbstractContextManager[ProgressSink]]
 
 
 class _NoDeadLetters:
@@ -140,7 +147,7 @@ def start_offsets(settings: Settings, topic: str, *, from_ms: int | None = None,
 def replay(settings: Settings, kind: str, *, from_ms: int | None = None, from_offsets: dict[int, int] | None = None,
            from_beginning: bool = False, to_ms: int | None = None, namespace: str,
            dead_letters: bool = False, featurizer_version: str | None = None,
-           idle_timeout_s: float = 30.0, progress: ProgressSink | None = None) -> ReplayResult:
+           idle_timeout_s: float = 30.0, progress: ProgressFactory | None = None) -> ReplayResult:
     """Rebuild ``kind``'s batches from one start (exactly one of ``from_ms``, ``from_offsets``,
     ``from_beginning``) up to records at ``to_ms`` (or the current end) into ``namespace``.
 
@@ -163,8 +170,6 @@ def replay(settings: Settings, kind: str, *, from_ms: int | None = None, from_of
     else:
         stop = offsets_for_timestamp(settings, topic, to_ms, bound="end")
     stop = {p: max(stop[p], start[p]) for p in start}
-    if progress is not None:
-        progress.set_total(sum(stop[p] - start[p] for p in start))
     registry = open_registry(settings.registry_url, settings.registry_dir)
     publisher: Any
     if dead_letters:
@@ -178,11 +183,13 @@ def replay(settings: Settings, kind: str, *, from_ms: int | None = None, from_of
     result = ReplayResult(namespace, kind, dict(start), dict(stop))
     for p in start:
         pipeline.states[p] = pipeline.featurizer.new_state()  # windows start empty at the range start
+    total = sum(stop[p] - start[p] for p in start)
     try:
-        if any(stop[p] > start[p] for p in start):
-            with Subscriber(settings, topic, start={"offsets": start}, until={"offsets": stop},
-                            decode=False, registry=registry, partitions=partitions) as sub:
-                _consume(sub, pipeline, result, idle_timeout_s, progress)
+        with progress(total) if progress is not None else contextlib.nullcontext() as sink:
+            if total:
+                with Subscriber(settings, topic, start={"offsets": start}, until={"offsets": stop},
+                                decode=False, registry=registry, partitions=partitions) as sub:
+                    _consume(sub, pipeline, result, idle_timeout_s, sink)
         for p in sorted(start):
             _close(pipeline, p, result)
     finally:

@@ -357,6 +357,10 @@ def run_worker(settings: Settings, kind: str, *, group: str | None = None, names
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+    if namespace == "live":  # a crash may have left a promotion half-done: finish it before joining
+        from streaming.promote import finish_pending
+
+        finish_pending(settings, kind)
     worker = StreamWorker(settings, kind, group=group, namespace=namespace, instance_id=instance_id)
     if on_start:
         on_start(worker)

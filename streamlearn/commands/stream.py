@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from streaming import config
 from streaming.exceptions import StreamingError
@@ -93,12 +94,14 @@ def _replay(args: argparse.Namespace, settings: config.Settings) -> int:
         settings = settings.with_(batch_max_records=args.batch_max_records)
     from_offsets = parse_partition_offsets(args.from_offset) if args.from_offset else None
     quiet = True if args.replay_quiet else None  # None: follow a process-wide --quiet
-    with progress(None, f"replay {args.kind} -> {args.namespace}", quiet, unit="records",
-                  interval=args.progress_interval) as bar:
-        result = replay(settings, args.kind, from_ms=args.from_timestamp, from_offsets=from_offsets,
-                        from_beginning=args.from_beginning, to_ms=args.to, namespace=args.namespace,
-                        dead_letters=args.dead_letters, featurizer_version=args.featurizer_version,
-                        progress=bar)
+
+    def bar(total: int) -> Any:
+        return progress(total, f"replay {args.kind} -> {args.namespace}", quiet, unit="records",
+                        interval=args.progress_interval)
+
+    result = replay(settings, args.kind, from_ms=args.from_timestamp, from_offsets=from_offsets,
+                    from_beginning=args.from_beginning, to_ms=args.to, namespace=args.namespace,
+                    dead_letters=args.dead_letters, featurizer_version=args.featurizer_version, progress=bar)
     print(json.dumps(result.as_dict(), sort_keys=True))
     return 0
 
