@@ -22,8 +22,10 @@ and which steps are done can be read back from the disk: the source and archive 
 exist or not. A crash before the intent is durable leaves the old state untouched; once the intent
 exists the promotion is rolled *forward* by whoever comes next: the same ``store promote`` command run
 again, any ``store promote`` of that kind, or a ``streamlearn stream <kind>`` worker starting
-(:func:`finish_pending`, called from :func:`streaming.worker.run_worker`), which therefore never runs
-against swapped batches with the old offsets. A lock file (``flock``) keeps two promotions apart.
+(:func:`hold_live`, entered by :func:`streaming.worker.run_worker`), which therefore never runs
+against swapped batches with the old offsets. A per-kind lock file (``flock``: shared by running live
+workers, exclusive for a promotion) keeps promotions apart from each other and from the workers of
+this host.
 
 The live batches before the rebuilt range are not merged in: the kind's live directory becomes exactly
 the rebuilt namespace (replay ``--from-beginning`` to keep all history); the old one stays in the archive.
@@ -89,11 +91,22 @@ def _intent_path(store_root: Path, kind: str) -> Path:
     return store_root / f".promote-{kind}.json"
 
 
+def _lock_path(store_root: Path, kind: str) -> Path:
+    return store_root / f".live-{kind}.lock"
+
+
 @contextlib.contextmanager
-def _locked(store_root: Path) -> Iterator[None]:
+def _exclusive(store_root: Path, kind: str) -> Iterator[None]:
+    """The kind's live-store lock, exclusively; refused at once while a live worker of this host holds it."""
     store_root.mkdir(parents=True, exist_ok=True)
-    with open(store_root / ".promote.lock", "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    with open(_lock_path(store_root, kind), "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise GroupActiveError(
+                f"a `streamlearn stream {kind}` worker on this host is running (it holds "
+                f"{_lock_path(store_root, kind)}), or another promotion is; stop its workers (or "
+                "`streamlearn up`) and run this command again") from exc
         try:
             yield
         finally:
@@ -206,7 +219,7 @@ def promote(settings: Settings, kind: str, source: str, *, group: str | None = N
     if source == LIVE:
         raise PromoteError("--from: 'live' is already live; name the namespace a replay wrote (--into)")
     store.directory(kind, source)  # validates the names
-    with _locked(store.root):
+    with _exclusive(store.root, kind):
         pending = _read_intent(store.root, kind)
         if pending is not None:
             log.info("finishing the interrupted promotion of %s from %r", kind, pending["source"])
@@ -238,22 +251,40 @@ def promote(settings: Settings, kind: str, source: str, *, group: str | None = N
         return _result(intent, rolled_forward=False)
 
 
-def finish_pending(settings: Settings, kind: str) -> PromoteResult | None:
-    """Roll forward a promotion of ``kind`` that a crash interrupted (None when there is none).
+@contextlib.contextmanager
+def hold_live(settings: Settings, kind: str) -> Iterator[PromoteResult | None]:
+    """Held by a live stream worker for its whole run: finishes a promotion of ``kind`` that a crash
+    left half-done (yields its result, else None), then keeps new promotions out until it exits.
 
-    Called by a stream worker before it joins its group, so it never consumes with swapped batches
-    and the old offsets."""
+    A shared ``flock`` on the kind's lock file: several workers of a kind share it, ``store promote``
+    needs it exclusively. The worker therefore never runs with swapped batches and the old offsets,
+    and a promotion never swaps the directory under a worker of this host, even one that has not
+    joined its group yet (the group check alone has that window)."""
     store = FeatureStore(settings.feature_store)
-    if not _intent_path(store.root, kind).exists():
-        return None
-    with _locked(store.root):
-        pending = _read_intent(store.root, kind)
-        if pending is None:
-            return None
-        log.warning("a promotion of %s from %r was interrupted; finishing it before starting",
-                    kind, pending["source"])
-        _roll_forward(settings, store, pending, None)
-        return _result(pending, rolled_forward=True)
+    store.root.mkdir(parents=True, exist_ok=True)
+    with open(_lock_path(store.root, kind), "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_SH)  # waits while a promotion runs
+        result = None
+        if _intent_path(store.root, kind).exists():
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise PromoteError(
+                    f"a promotion of {kind} was interrupted and another `streamlearn stream {kind}` worker "
+                    f"holds the store; stop every {kind} worker, then run `streamlearn store promote {kind} "
+                    "--from <namespace>` again (or start one worker)") from exc
+            pending = _read_intent(store.root, kind)
+            if pending is not None:
+                log.warning("a promotion of %s from %r was interrupted; finishing it before starting",
+                            kind, pending["source"])
+                _roll_forward(settings, store, pending, None)
+                result = _result(pending, rolled_forward=True)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+        try:
+            yield result
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _read_intent(store_root: Path, kind: str) -> dict[str, Any] | None:

@@ -31,14 +31,16 @@ import pytest
 from kafka import KafkaAdminClient, TopicPartition
 
 from streaming.config import Settings
+from streaming.exceptions import GroupActiveError
 from streaming.offsets import earliest_and_end, group_state
 from streaming.producer import Publisher
+from streaming.promote import _exclusive, hold_live, promote
 from streaming.replay import read_range
 from streaming.store import FeatureStore
 from streaming.topics import KINDS, raw_topic
 from streaming.worker import default_group
 from tests.helpers import ROOT, read_topic, streamlearn_cmd, subprocess_env, wait_until
-from tests.test_stream_worker import committed, end_offsets, publish, sensor_events, stored_offsets
+from tests.test_stream_worker import committed, end_offsets, publish, running_worker, sensor_events, stored_offsets
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -277,12 +279,23 @@ def test_rebuild_to_live(settings: Settings, tmp_path: Path) -> None:
     ends = end_offsets(s, "sensor")
     assert stop != ends  # the live group is ahead of the rebuild: promotion moves it back
 
-    with stream_worker(s, log):  # a live worker holds the group: refused, nothing changed
+    with stream_worker(s, log):  # a live worker runs: refused, nothing changed
         wait_until(lambda: group_state(s, default_group(s, "sensor"))[1] == 1, 30, message="worker joined")
         refused = cli(s, *readme_command("streamlearn store promote "))
-        assert refused.returncode == 1 and "member" in refused.stderr and "stop its" in refused.stderr
+        assert refused.returncode == 1, refused.stderr
+        assert "`streamlearn stream sensor` worker on this host is running" in refused.stderr
+        assert "stop its workers" in refused.stderr
         assert store.batch_ids("sensor", "rebuild") == rebuild_ids and store.batch_ids("sensor") == live_ids
     wait_until(lambda: group_state(s, default_group(s, "sensor"))[1] == 0, 30, message="group empty")
+    # a member of the group that holds no lock here (another host, or a worker embedded in-process): refused too
+    with running_worker(s, "sensor"):
+        wait_until(lambda: group_state(s, default_group(s, "sensor"))[1] == 1, 30, message="member joined")
+        with pytest.raises(GroupActiveError, match="1 member.*stop its `streamlearn stream` workers"):
+            promote(s, "sensor", "rebuild")
+        assert store.batch_ids("sensor", "rebuild") == rebuild_ids
+        assert not (store.root / ".promote-sensor.json").exists()
+    wait_until(lambda: group_state(s, default_group(s, "sensor"))[1] == 0, 30, message="group empty")
+    assert committed(s, "sensor") == ends
 
     out = cli(s, *readme_command("streamlearn store promote "), "--json")
     info = result_json(out)
@@ -337,3 +350,18 @@ def test_promotion_killed_half_way_rolls_forward(settings: Settings, tmp_path: P
     archives = [d.name for d in store.root.iterdir() if d.name.startswith("replaced-")]
     assert len(archives) == 1 and store.batch_ids("sensor", archives[0]) == live_ids
     exactly_once(s)
+
+
+def test_live_workers_share_the_lock_and_keep_promotions_out(tmp_path: Path) -> None:
+    from streaming import config
+
+    s = config.load({"home": tmp_path / "home", "kafka_bootstrap": "127.0.0.1:1"})  # no broker needed: no intent
+    root = FeatureStore(s.feature_store).root
+    with hold_live(s, "sensor") as first, hold_live(s, "sensor") as second:  # workers of one kind run side by side
+        assert first is None and second is None
+        with pytest.raises(GroupActiveError, match="worker on this host is running"), _exclusive(root, "sensor"):
+            pass
+        with _exclusive(root, "weblog"):  # other kinds are independent
+            pass
+    with _exclusive(root, "sensor"):  # free again once the workers stopped
+        pass
