@@ -123,6 +123,14 @@ def test_from_beginning_and_from_offset(settings: Settings) -> None:
     only = result_json(cli(settings, "replay", "sensor", "--from-offset", "1:0", "--into", "one", "--quiet"))
     assert only["start"] == {"1": 0} and {p for p, _ in stored_offsets(settings, "sensor", "one")} == {1}
 
+    partial = cli(settings, "store", "promote", "sensor", "--from", "one")  # the live directory is swapped whole
+    assert partial.returncode == 1 and "covers partitions [1]" in partial.stderr and "not [0, 2]" in partial.stderr
+    (FeatureStore(settings.feature_store).directory("sensor", "all") / "_replay.json").unlink()  # as if interrupted
+    unfinished = cli(settings, "store", "promote", "sensor", "--from", "all")
+    assert unfinished.returncode == 1 and "no completed replay record" in unfinished.stderr
+    assert sorted(stored_offsets(settings, "sensor", "all")) == sorted(everything)  # refusals change nothing
+    assert FeatureStore(settings.feature_store).batch_ids("sensor") == []
+
     bad = cli(settings, "replay", "sensor", "--from-offset", "1-0", "--into", "bad")
     assert bad.returncode == 1 and "--from-offset: '1-0' is not PARTITION:OFFSET" in bad.stderr
     past = cli(settings, "replay", "sensor", "--from-offset", f"0:{ends[0] + 5}", "--into", "bad")
