@@ -126,15 +126,15 @@ def offsets_for_timestamp(settings: Settings, topic: str, ts_ms: int, *, bound: 
             raise OffsetOutOfRangeError(f"{flag}: topic {topic!r} holds no records; nothing to start from")
         firsts = _first_timestamps(consumer, tps)
         earliest = min((f.timestamp for f in firsts.values() if f is not None), default=None)
-        for tp in tps:
-            first = firsts.get(tp)
-            if begins[tp] > 0 and first is not None and first.timestamp > ts_ms:
-                raise OffsetOutOfRangeError(
-                    f"{flag}: {format_ms(ts_ms)} is before what {topic!r} still holds: partition {tp.partition}'s "
-                    f"offsets below {begins[tp]} were deleted, its earliest available record is offset "
-                    f"{begins[tp]} at {format_ms(first.timestamp)} (the topic's earliest is at "
-                    f"{format_ms(earliest)}); use {flag} at or after that time, or {earliest_flag} to take "
-                    "everything still there")
+        gone = [(f.timestamp, tp) for tp, f in firsts.items()
+                if f is not None and begins[tp] > 0 and f.timestamp > ts_ms]
+        if gone:  # name the latest such start: the earliest time valid for every partition
+            first_ts, tp = max(gone, key=lambda g: (g[0], g[1].partition))
+            raise OffsetOutOfRangeError(
+                f"{flag}: {format_ms(ts_ms)} is before what {topic!r} still holds: partition {tp.partition}'s "
+                f"offsets below {begins[tp]} were deleted, its earliest available record is offset "
+                f"{begins[tp]} at {format_ms(first_ts)} (the topic's earliest is at {format_ms(earliest)}); "
+                f"use {flag} at or after {first_ts}ms, or {earliest_flag} to take everything still there")
         if all(found.get(tp) is None for tp in tps):
             newest = _last_timestamp(consumer, tps, ends, begins)
             alt = f", or {latest_flag} to skip to the end" if latest_flag else ""

@@ -166,6 +166,18 @@ def test_start_before_the_earliest_record_is_checked_against_real_offsets(settin
     assert re.search(r"earliest available record is offset \d+ at \d{4}-\d\d-\d\dT", bad.stderr), bad.stderr
     assert "--from-beginning" in bad.stderr
     assert not FeatureStore(settings.feature_store).batch_ids("sensor", "trimmed")
+    hint = re.search(r"use --from-timestamp at or after (\d+ms)", bad.stderr)
+    assert hint, bad.stderr  # a value valid for every partition, in a form the parser accepts
+    ok = result_json(cli(settings, "replay", "sensor", "--from-timestamp", hint.group(1), "--into", "hinted",
+                         "--quiet"))
+    assert ok["records"] > 0 and all(ok["start"][str(q)] >= trim[q] for q in trim)
+
+    sub = cli(settings, "subscribe", "sensor.raw", "--from-timestamp", "-9d", "--until-end", "--json")
+    assert sub.returncode == 1 and "were deleted" in sub.stderr, sub.stderr
+    hint = re.search(r"e\.g\. (\d+ms)\)", sub.stderr)
+    assert hint, sub.stderr  # the hint is a value the time parser accepts
+    later = cli(settings, "subscribe", "sensor.raw", "--from-timestamp", hint.group(1), "--until-end", "--json")
+    assert later.returncode == 0, later.stderr
 
     gone = cli(settings, "replay", "sensor", "--from-offset", f"{p}:0", "--into", "trimmed")
     assert gone.returncode == 1 and f"use --from-offset {p}:{trim[p]} or --from-beginning" in gone.stderr
