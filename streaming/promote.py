@@ -10,8 +10,8 @@ the rebuilt batches sit in ``<store>/rebuild/<kind>``; the live stream workers o
    not cover every partition, or that holds batches outside its recorded range;
 2. **intent**: ``<store>/.promote-<kind>.json`` (temp file + fsync + rename + fsync of the directory)
    names the source, the archive namespace and the offsets to commit (the replay's ``stop``);
-3. **archive**: rename ``live/<kind>`` to ``replaced-<UTC time>/<kind>`` (kept, never deleted: a
-   namespace like any other, readable and promotable back);
+3. **archive**: write a range record into ``live/<kind>`` (what it covers, so it can be promoted back)
+   and rename it to ``replaced-<UTC time>/<kind>`` (kept, never deleted: a namespace like any other);
 4. **swap**: rename ``<namespace>/<kind>`` to ``live/<kind>``;
 5. **commit**: set the group's committed offsets to the replay's ``stop`` offsets
    (``alter_group_offsets``), so the next worker reads on right after the rebuilt batches;
@@ -50,8 +50,8 @@ from kafka.structs import OffsetAndMetadata
 from streaming.config import Settings
 from streaming.exceptions import GroupActiveError, PromoteError
 from streaming.fsutil import fsync_dir
-from streaming.offsets import INACTIVE_STATES, earliest_and_end, group_state
-from streaming.replay import RANGE_FILE, read_range
+from streaming.offsets import INACTIVE_STATES, earliest_and_end, group_state, show
+from streaming.replay import RANGE_FILE, read_range, write_range
 from streaming.store import FeatureStore, StoreError, parse_batch_id
 from streaming.topics import raw_topic
 
@@ -186,6 +186,8 @@ def _roll_forward(settings: Settings, store: FeatureStore, intent: dict[str, Any
     archive_dir = store.directory(kind, archive) if archive else None
     if source_dir.exists():  # not swapped yet
         if archive_dir is not None and live_dir.exists() and not archive_dir.exists():
+            if intent.get("archive_range"):  # so the archive can be promoted back like a replay
+                write_range(live_dir, intent["archive_range"])
             _rename_durably(live_dir, archive_dir)
         if on_step:
             on_step("archived")
@@ -206,6 +208,21 @@ def _roll_forward(settings: Settings, store: FeatureStore, intent: dict[str, Any
         on_step("committed")
     _intent_path(store.root, kind).unlink()
     fsync_dir(store.root)
+
+
+def _live_range(settings: Settings, store: FeatureStore, kind: str, group: str, topic: str,
+                archive: str) -> dict[str, Any]:
+    """The range the live batches cover, as a replay record: per partition from its first batch to
+    max(committed offset, last batch + 1), so promoting the archive back resumes where live stood."""
+    start: dict[str, int] = {}
+    stop: dict[str, int] = {}
+    for pos in show(settings, group, topic):
+        ranges = store.ranges(kind, topic, pos.partition, LIVE)
+        first = ranges[0][0] if ranges else (pos.committed if pos.committed is not None else pos.earliest)
+        end = max(ranges[-1][1] + 1 if ranges else first, pos.committed or 0)
+        start[str(pos.partition)], stop[str(pos.partition)] = first, end
+    return {"format": 1, "kind": kind, "topic": topic, "namespace": archive, "start": start, "stop": stop,
+            "archived_live": True, "completed_at_ms": int(time.time() * 1000)}
 
 
 def promote(settings: Settings, kind: str, source: str, *, group: str | None = None,
@@ -240,9 +257,11 @@ def promote(settings: Settings, kind: str, source: str, *, group: str | None = N
             n += 1
             archive = "replaced-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{n}"
         had_live = store.directory(kind, LIVE).exists()
+        archive_range = _live_range(settings, store, kind, group, topic, archive) if had_live else None
         intent = {"format": 1, "kind": kind, "source": source, "archive": archive if had_live else None,
                   "group": group,
                   "topic": topic, "offsets": {str(p): o for p, o in sorted(offsets.items())},
+                  "archive_range": archive_range,
                   "created_at_ms": int(time.time() * 1000)}
         _write_json_durably(_intent_path(store.root, kind), intent)
         if on_step:

@@ -204,13 +204,17 @@ def replay(settings: Settings, kind: str, *, from_ms: int | None = None, from_of
 
 
 def _write_range(directory: Path, topic: str, result: ReplayResult, featurizer_version: str) -> None:
-    """Record the completed range (atomically): what :mod:`streaming.promote` commits for the live group."""
+    """Record the completed range: what :mod:`streaming.promote` commits for the live group."""
+    write_range(directory, {"format": 1, "kind": result.kind, "topic": topic, "namespace": result.namespace,
+                            "start": {str(p): o for p, o in sorted(result.start.items())},
+                            "stop": {str(p): o for p, o in sorted(result.stop.items())},
+                            "featurizer_version": featurizer_version, "records": result.records,
+                            "completed_at_ms": int(time.time() * 1000)})
+
+
+def write_range(directory: Path, record: dict[str, Any]) -> None:
+    """Write :data:`RANGE_FILE` atomically (temp file, fsync, rename, fsync of the directory)."""
     directory.mkdir(parents=True, exist_ok=True)
-    record = {"format": 1, "kind": result.kind, "topic": topic, "namespace": result.namespace,
-              "start": {str(p): o for p, o in sorted(result.start.items())},
-              "stop": {str(p): o for p, o in sorted(result.stop.items())},
-              "featurizer_version": featurizer_version, "records": result.records,
-              "completed_at_ms": int(time.time() * 1000)}
     tmp = directory / f".{RANGE_FILE}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(json.dumps(record, indent=1, sort_keys=True) + "\n")

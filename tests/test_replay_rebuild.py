@@ -331,6 +331,14 @@ def test_rebuild_to_live(settings: Settings, tmp_path: Path) -> None:
     exactly_once(s)
     assert set(rebuild_ids) <= set(store.batch_ids("sensor"))
 
+    # going back: the archived live namespace is promotable like a replay, and live goes on from where it stood
+    back = result_json(cli(s, "store", "promote", "sensor", "--from", info["archived_as"], "--json"))
+    assert store.batch_ids("sensor") == live_ids and {int(p): o for p, o in back["offsets"].items()} == ends
+    assert committed(s, "sensor") == ends and store.batch_ids("sensor", back["archived_as"])
+    publish(s, "sensor", sensor_events(10, start=120))
+    run_worker_until_complete(s, log)
+    exactly_once(s)
+
 
 CRASH = """
 import os, sys
