@@ -92,6 +92,8 @@ def _replay(args: argparse.Namespace, settings: config.Settings) -> int:
 
     if args.batch_max_records is not None:
         settings = settings.with_(batch_max_records=args.batch_max_records)
+    if args.progress_interval is not None and args.progress_interval <= 0:
+        raise StreamingError(f"--progress-interval: {args.progress_interval} must be > 0 seconds")
     from_offsets = parse_partition_offsets(args.from_offset) if args.from_offset else None
     quiet = True if args.replay_quiet else None  # None: follow a process-wide --quiet
 
