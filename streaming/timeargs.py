@@ -113,8 +113,8 @@ def attach_relative_values(argv: Sequence[str]) -> list[str]:
         if word == "--":
             out += args[i:]
             break
-        if word in TIME_FLAGS and i + 1 < len(args) and args[i + 1].startswith("-") \
-                and _RELATIVE.match(args[i + 1].strip()):
+        # "-2h", and also "-2x" or "-5" (so the parser, not argparse, explains what is wrong with them)
+        if word in TIME_FLAGS and i + 1 < len(args) and re.match(r"^-\s*\d", args[i + 1]):
             out.append(f"{word}={args[i + 1]}")
             i += 2
             continue

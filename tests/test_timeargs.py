@@ -65,7 +65,10 @@ def test_argparse_type_and_negative_values() -> None:
     parser = build_parser()  # registers the time flags, as streamlearn.cli.main does before parsing
     argv = ["replay", "sensor", "--from-timestamp", "-2h", "--to", "-30m", "--into", "x"]
     assert attach_relative_values(argv) == ["replay", "sensor", "--from-timestamp=-2h", "--to=-30m", "--into", "x"]
-    # only values of time flags, only relative forms, nothing after "--"
+    # a wrong relative value reaches our parser too; a following option is left alone
+    assert attach_relative_values(["--to", "-2x"]) == ["--to=-2x"]
+    assert attach_relative_values(["--to", "--into", "x"]) == ["--to", "--into", "x"]
+    # only values of time flags, nothing after "--"
     assert attach_relative_values(["--into", "-2h", "--", "--to", "-1h"]) == ["--into", "-2h", "--", "--to", "-1h"]
     args = parser.parse_args(attach_relative_values(argv))
     assert abs((args.to - args.from_timestamp) - 90 * 60_000) < 5_000
