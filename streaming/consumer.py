@@ -214,16 +214,22 @@ class Subscriber:
         begin = self.consumer.beginning_offsets(tps)
         end = self.consumer.end_offsets(tps)
         out: dict[TopicPartition, int] = {}
+        gone: list[tuple[int, TopicPartition]] = []
         for tp in tps:
             hit = found.get(tp)
             if strict and begin[tp] > 0 and hit is not None and hit.offset == begin[tp]:
                 first = self.consumer.offsets_for_times({tp: 0}).get(tp)
                 if first is not None and first.timestamp > ts_ms:
-                    raise OffsetOutOfRangeError(
-                        f"{tp.topic}[{tp.partition}] no longer holds records from timestamp {ts_ms}: the "
-                        f"earliest available is offset {begin[tp]} at timestamp {first.timestamp}; "
-                        f"use a timestamp >= {first.timestamp}")
+                    gone.append((first.timestamp, tp))
             out[tp] = hit.offset if hit is not None else end[tp]
+        if gone:  # name the latest such start: the earliest time valid for every partition
+            from streaming.timeargs import format_ms
+
+            first_ts, tp = max(gone, key=lambda g: (g[0], g[1].partition))
+            raise OffsetOutOfRangeError(
+                f"{tp.topic}[{tp.partition}] no longer holds records from {format_ms(ts_ms)}: offsets below "
+                f"{begin[tp]} were deleted; the earliest available is offset {begin[tp]} at {format_ms(first_ts)}; "
+                f"use a time at or after it (e.g. {first_ts}ms) or start from the beginning")
         return out
 
     def _set_until(self, tps: list[TopicPartition], until: Position) -> None:

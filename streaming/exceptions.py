@@ -86,3 +86,7 @@ class ModelIntegrityError(ModelRegistryError):
 
     Serving must refuse to load such a version; the trainer must not promote it.
     """
+
+
+class PromoteError(StreamingError):
+    """A rebuilt namespace cannot be made live (incomplete replay, active group, half-done promotion)."""

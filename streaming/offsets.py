@@ -2,8 +2,9 @@
 
 Why a module of its own: ``streamlearn replay`` and ``streamlearn offsets reset`` both turn a
 timestamp into offsets, and both must refuse, with a message that says what *is* available,
-a timestamp the topic no longer holds (older than retention) or does not hold yet (after the
-last record) instead of silently jumping to one end.
+a timestamp the topic no longer holds (records before it were deleted) or does not hold yet
+(after the last record) instead of silently jumping to one end. The check asks the topic (beginning
+offsets, ``offsets_for_times``), never retention arithmetic.
 
 Kafka timestamps are the records' broker/producer timestamps (``CreateTime``: when the event was
 published), not the event-time field inside the Avro record.
@@ -27,7 +28,7 @@ from kafka.structs import OffsetAndMetadata
 
 from streaming.config import Settings
 from streaming.exceptions import GroupActiveError, OffsetOutOfRangeError, StreamingError
-from streaming.topics import declared_topics
+from streaming.timeargs import format_ms
 
 #: Group states in which no member holds partitions.
 INACTIVE_STATES = frozenset({"Empty", "Dead"})
@@ -67,14 +68,6 @@ def partitions_of(consumer: KafkaConsumer, topic: str, timeout_s: float = 10.0) 
     return [TopicPartition(topic, p) for p in sorted(parts)]
 
 
-def retention_ms(settings: Settings, topic: str) -> int | None:
-    """The declared retention of ``topic`` (streaming.topics is the one declaration)."""
-    for spec in declared_topics(settings):
-        if spec.name == topic:
-            return spec.retention_ms
-    return None
-
-
 def _first_timestamps(consumer: KafkaConsumer, tps: list[TopicPartition]) -> dict[TopicPartition, Any]:
     return dict(consumer.offsets_for_times(dict.fromkeys(tps, 0)))
 
@@ -101,23 +94,26 @@ def _last_timestamp(consumer: KafkaConsumer, tps: list[TopicPartition],
     return newest
 
 
-def _iso(ms: int | None) -> str:
-    if ms is None:
-        return "unknown"
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z ({ms})"
-
-
 def offsets_for_timestamp(settings: Settings, topic: str, ts_ms: int, *, bound: str = "start",
-                          now_ms: int | None = None) -> dict[int, int]:
+                          flag: str = "--from-timestamp", earliest_flag: str = "--from-beginning",
+                          latest_flag: str | None = None) -> dict[int, int]:
     """First offset per partition whose record timestamp is >= ``ts_ms``.
 
-    ``bound="start"`` (a replay's --from-timestamp or a reset): a timestamp older than the
-    earliest retained record is an :class:`OffsetOutOfRangeError` when records were deleted
-    (earliest offset > 0) or the timestamp is older than the topic's retention; a timestamp after
-    the newest record is an error too. ``bound="end"`` (a replay's --to): partitions with nothing
-    at/after the timestamp end at their end offset, and an early timestamp is simply an empty range.
+    ``bound="start"`` (a replay's --from-timestamp or a reset's --to-timestamp) is checked against
+    what the topic really holds, never against retention arithmetic (a topic may hold records older
+    than its retention, e.g. the embedded broker's or one whose cleaner has not run):
+
+    * a timestamp before the earliest retained record of a partition whose earliest offset is > 0
+      (records were deleted, so part of ``[ts_ms, earliest)`` is gone) is an
+      :class:`OffsetOutOfRangeError` naming that offset and its time;
+    * a timestamp before the first record of a partition that still starts at offset 0 is fine:
+      nothing was lost, the range starts at offset 0;
+    * a timestamp after the newest record, or a topic without records, is an error too.
+
+    ``bound="end"`` (a replay's --to): partitions with nothing at/after the timestamp end at their end
+    offset, and an early timestamp is simply an empty range. ``flag``/``earliest_flag``/``latest_flag``
+    are the command's own flag names, quoted in the errors.
     """
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     with _consumer(settings) as consumer:
         tps = partitions_of(consumer, topic)
         begins = consumer.beginning_offsets(tps)
@@ -127,26 +123,34 @@ def offsets_for_timestamp(settings: Settings, topic: str, ts_ms: int, *, bound: 
         if bound != "start":
             return out
         if all(ends[tp] == begins[tp] for tp in tps):
-            raise OffsetOutOfRangeError(f"timestamp: topic {topic!r} holds no records; nothing to start from")
+            raise OffsetOutOfRangeError(f"{flag}: topic {topic!r} holds no records; nothing to start from")
         firsts = _first_timestamps(consumer, tps)
         earliest = min((f.timestamp for f in firsts.values() if f is not None), default=None)
-        retention = retention_ms(settings, topic)
-        too_old_for_retention = retention is not None and ts_ms < now_ms - retention
-        for tp in tps:
-            first = firsts.get(tp)
-            trimmed = begins[tp] > 0
-            if first is not None and first.timestamp > ts_ms and (trimmed or too_old_for_retention):
-                raise OffsetOutOfRangeError(
-                    f"timestamp: {_iso(ts_ms)} is older than what {topic!r} still holds "
-                    f"(retention {retention} ms): the earliest available record of partition {tp.partition} "
-                    f"is offset {begins[tp]} at {_iso(first.timestamp)}, the earliest of the topic at "
-                    f"{_iso(earliest)}; use a timestamp at or after it")
+        gone = [(f.timestamp, tp) for tp, f in firsts.items()
+                if f is not None and begins[tp] > 0 and f.timestamp > ts_ms]
+        if gone:  # name the latest such start: the earliest time valid for every partition
+            first_ts, tp = max(gone, key=lambda g: (g[0], g[1].partition))
+            raise OffsetOutOfRangeError(
+                f"{flag}: {format_ms(ts_ms)} is before what {topic!r} still holds: partition {tp.partition}'s "
+                f"offsets below {begins[tp]} were deleted, its earliest available record is offset "
+                f"{begins[tp]} at {format_ms(first_ts)} (the topic's earliest is at {format_ms(earliest)}); "
+                f"use {flag} at or after {first_ts}ms, or {earliest_flag} to take everything still there")
         if all(found.get(tp) is None for tp in tps):
             newest = _last_timestamp(consumer, tps, ends, begins)
+            alt = f", or {latest_flag} to skip to the end" if latest_flag else ""
             raise OffsetOutOfRangeError(
-                f"timestamp: {_iso(ts_ms)} is after the last record of {topic!r} (newest at "
-                f"{_iso(newest)}); use an earlier timestamp, or --to-latest to skip to the end")
+                f"{flag}: {format_ms(ts_ms)} is after the last record of {topic!r} (newest at "
+                f"{format_ms(newest)}); use an earlier time{alt}")
         return out
+
+
+def earliest_and_end(settings: Settings, topic: str) -> tuple[dict[int, int], dict[int, int]]:
+    """``(beginning offsets, end offsets)`` per partition, as the broker reports them now."""
+    with _consumer(settings) as consumer:
+        tps = partitions_of(consumer, topic)
+        begins = consumer.beginning_offsets(tps)
+        ends = consumer.end_offsets(tps)
+    return ({tp.partition: begins[tp] for tp in tps}, {tp.partition: ends[tp] for tp in tps})
 
 
 def group_state(settings: Settings, group: str) -> tuple[str, int]:
@@ -189,7 +193,8 @@ def reset(settings: Settings, group: str, topic: str, *, to_timestamp: int | Non
         begins = consumer.beginning_offsets(tps)
         ends = consumer.end_offsets(tps)
     if to_timestamp is not None:
-        target = offsets_for_timestamp(settings, topic, to_timestamp)
+        target = offsets_for_timestamp(settings, topic, to_timestamp, flag="--to-timestamp",
+                                       earliest_flag="--to-earliest", latest_flag="--to-latest")
     elif to_offset is not None:
         for tp in tps:
             if not begins[tp] <= to_offset <= ends[tp]:

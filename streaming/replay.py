@@ -1,10 +1,18 @@
-"""Replay: rebuild feature batches for a time range of the raw topic into a separate namespace.
+"""Replay: rebuild feature batches for a range of the raw topic into a separate namespace.
 
-``streamlearn replay <kind> --from-timestamp T [--to T2] --into NAMESPACE``.
+``streamlearn replay <kind> (--from-beginning | --from-offset P:O[,P:O] | --from-timestamp T) [--to T2]
+--into NAMESPACE``; ``streamlearn store promote <kind> --from NAMESPACE`` then makes it live
+(:mod:`streaming.promote`).
 
 * It never touches the live group's offsets: explicit partition assignment (the Subscriber's
-  positions mode) from the first offset at/after ``T`` to the first offset at/after ``T2`` (or the
-  end offsets when the replay starts), no group, no commits.
+  positions mode) from the start (the topic's earliest offsets, the given offsets, or the first
+  offset at/after ``T``) to the first offset at/after ``T2`` (or the end offsets when the replay
+  starts), no group, no commits.
+* Starts are checked against what the topic really holds (beginning offsets, ``offsets_for_times``),
+  never against retention arithmetic; see :func:`streaming.offsets.offsets_for_timestamp`.
+* A completed replay writes :data:`RANGE_FILE` into the namespace's kind directory: the exact
+  ``start``/``stop`` offsets it covered. Promotion needs it (an interrupted replay has none) and
+  commits ``stop`` for the live group.
 * It is deterministic, so running it twice yields byte-identical batches: batch boundaries are
   fixed by count only (``batch_max_records``, no time-based closes), each partition starts with
   empty featurizer windows at its first offset, the ``.avro`` has a sync marker derived from the
@@ -12,28 +20,49 @@
   already there and writes nothing.
 * Dead letters are recorded in the manifests (``dead_letter_offsets``) but not re-published by
   default: the live run already dead-lettered them; ``dead_letters=True`` re-publishes.
-* Timestamps the topic no longer holds (older than retention) or does not hold yet are errors
-  that say what is available (:func:`streaming.offsets.offsets_for_timestamp`).
+* Progress (records, rate, ETA) goes to an optional sink made once the total is known
+  (:mod:`streaming.progress` in the CLI); the total counts offsets, so transaction markers make the
+  last percent or so jump.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import open_registry
 from streaming.batcher import Pipeline
 from streaming.config import Settings
-from streaming.exceptions import (
-    ReplayError,  # noqa: F401 (re-exported)
-    )
-from streaming.offsets import offsets_for_timestamp
-from streaming.store import BatchOverlapError
+from streaming.exceptions import OffsetOutOfRangeError, ReplayError
+from streaming.fsutil import fsync_dir
+from streaming.offsets import earliest_and_end, offsets_for_timestamp
+from streaming.store import BatchOverlapError, FeatureStore
 from streaming.topics import raw_topic
 
 log = logging.getLogger(__name__)
+
+#: Written into ``<store>/<namespace>/<kind>/`` when a replay completes (not a batch: no ``.avro``).
+RANGE_FILE = "_replay.json"
+
+
+class ProgressSink(Protocol):
+    """What a replay reports progress to (``streaming.progress.Progress`` fits)."""
+
+    def advance(self, n: int = 1) -> None: ...
+
+
+#: Called with the number of offsets to replay once the range is known; returns a context manager
+#: around the replay yielding the sink (so a progress bar knows its total, hence its ETA, up front).
+ProgressFactory = Callable[[int], AbstractContextManager[ProgressSink]]
 
 
 class _NoDeadLetters:
@@ -71,21 +100,72 @@ class ReplayResult:
                 "batches_written": len(self.batches_written), "batches_existing": len(self.batches_existing)}
 
 
-def replay(settings: Settings, kind: str, *, from_ms: int, to_ms: int | None = None, namespace: str,
+def parse_partition_offsets(values: list[str], flag: str = "--from-offset") -> dict[int, int]:
+    """``["0:120", "1:95,2:130"]`` -> ``{0: 120, 1: 95, 2: 130}`` (repeatable flag or comma list)."""
+    out: dict[int, int] = {}
+    for value in values:
+        for item in value.split(","):
+            part, sep, off = item.strip().partition(":")
+            if not sep or not part.strip().isdigit() or not off.strip().isdigit():
+                raise ReplayError(f"{flag}: {item.strip()!r} is not PARTITION:OFFSET (e.g. 0:120, or "
+                                  "0:120,1:95 for several partitions)")
+            p = int(part)
+            if p in out and out[p] != int(off):
+                raise ReplayError(f"{flag}: partition {p} is given twice ({out[p]} and {int(off)})")
+            out[p] = int(off)
+    if not out:
+        raise ReplayError(f"{flag}: give at least one PARTITION:OFFSET")
+    return out
+
+
+def start_offsets(settings: Settings, topic: str, *, from_ms: int | None = None,
+                  from_offsets: dict[int, int] | None = None, from_beginning: bool = False) -> dict[int, int]:
+    """The first offset per replayed partition, checked against the topic's real earliest/end offsets."""
+    if sum([from_ms is not None, from_offsets is not None, from_beginning]) != 1:
+        raise ReplayError("replay: give exactly one of --from-beginning, --from-offset, --from-timestamp")
+    if from_ms is not None:
+        return offsets_for_timestamp(settings, topic, from_ms, flag="--from-timestamp",
+                                     earliest_flag="--from-beginning")
+    begins, ends = earliest_and_end(settings, topic)
+    if from_beginning:
+        return begins
+    assert from_offsets is not None
+    for p, off in sorted(from_offsets.items()):
+        if p not in begins:
+            raise ReplayError(f"--from-offset: {topic!r} has no partition {p} (partitions {sorted(begins)})")
+        if off < begins[p]:
+            raise OffsetOutOfRangeError(
+                f"--from-offset: {p}:{off} is before what {topic!r} still holds: partition {p}'s offsets below "
+                f"{begins[p]} were deleted; use --from-offset {p}:{begins[p]} or --from-beginning")
+        if off > ends[p]:
+            raise OffsetOutOfRangeError(
+                f"--from-offset: {p}:{off} is past the end of partition {p} (next offset {ends[p]}); "
+                f"use an offset in [{begins[p]}, {ends[p]}]")
+    return dict(from_offsets)
+
+
+def replay(settings: Settings, kind: str, *, from_ms: int | None = None, from_offsets: dict[int, int] | None = None,
+           from_beginning: bool = False, to_ms: int | None = None, namespace: str,
            dead_letters: bool = False, featurizer_version: str | None = None,
-           idle_timeout_s: float = 30.0) -> ReplayResult:
-    """Rebuild ``kind``'s batches for record timestamps in ``[from_ms, to_ms)`` into ``namespace``."""
+           idle_timeout_s: float = 30.0, progress: ProgressFactory | None = None) -> ReplayResult:
+    """Rebuild ``kind``'s batches from one start (exactly one of ``from_ms``, ``from_offsets``,
+    ``from_beginning``) up to records at ``to_ms`` (or the current end) into ``namespace``.
+
+    ``from_offsets`` replays only the partitions it names.
+    """
     from streaming.consumer import Subscriber
 
     if namespace == "live":
-        raise ReplayError("namespace: replays never write into 'live' (the workers own it); "
-                          "pass another --into, e.g. replay-2025-01-01")
-    if to_ms is not None and to_ms <= from_ms:
-        raise ReplayError(f"to: {to_ms} must be after --from-timestamp {from_ms}")
+        raise ReplayError("--into: replays never write into 'live' (the workers own it); pass another "
+                          "namespace, e.g. rebuild, and make it live with `streamlearn store promote`")
+    if to_ms is not None and from_ms is not None and to_ms <= from_ms:
+        raise ReplayError(f"--to: {to_ms} must be after --from-timestamp {from_ms}")
     topic = raw_topic(settings, kind)
-    start = offsets_for_timestamp(settings, topic, from_ms, bound="start")
+    start = start_offsets(settings, topic, from_ms=from_ms, from_offsets=from_offsets,
+                          from_beginning=from_beginning)
+    partitions = sorted(start)
     if to_ms is None:
-        with Subscriber(settings, topic, start="end", decode=False) as probe:
+        with Subscriber(settings, topic, start="end", decode=False, partitions=partitions) as probe:
             stop = {tp.partition: probe.consumer.position(tp) for tp in probe.assignment()}
     else:
         stop = offsets_for_timestamp(settings, topic, to_ms, bound="end")
@@ -103,11 +183,13 @@ def replay(settings: Settings, kind: str, *, from_ms: int, to_ms: int | None = N
     result = ReplayResult(namespace, kind, dict(start), dict(stop))
     for p in start:
         pipeline.states[p] = pipeline.featurizer.new_state()  # windows start empty at the range start
+    total = sum(stop[p] - start[p] for p in start)
     try:
-        if any(stop[p] > start[p] for p in start):
-            with Subscriber(settings, topic, start={"offsets": start}, until={"offsets": stop},
-                            decode=False, registry=registry) as sub:
-                _consume(sub, pipeline, result, idle_timeout_s)
+        with progress(total) if progress is not None else contextlib.nullcontext() as sink:
+            if total:
+                with Subscriber(settings, topic, start={"offsets": start}, until={"offsets": stop},
+                                decode=False, registry=registry, partitions=partitions) as sub:
+                    _consume(sub, pipeline, result, idle_timeout_s, sink)
         for p in sorted(start):
             _close(pipeline, p, result)
     finally:
@@ -116,17 +198,50 @@ def replay(settings: Settings, kind: str, *, from_ms: int, to_ms: int | None = N
     result.records = pipeline.stats.records
     result.rows = pipeline.stats.rows
     result.dead_letters = pipeline.stats.dead_letters
+    _write_range(FeatureStore(settings.feature_store).directory(kind, namespace), topic, result,
+                 pipeline.featurizer.version)
     return result
 
 
-def _consume(sub: Any, pipeline: Pipeline, result: ReplayResult, idle_timeout_s: float) -> None:
-    import time
+def _write_range(directory: Path, topic: str, result: ReplayResult, featurizer_version: str) -> None:
+    """Record the completed range: what :mod:`streaming.promote` commits for the live group."""
+    write_range(directory, {"format": 1, "kind": result.kind, "topic": topic, "namespace": result.namespace,
+                            "start": {str(p): o for p, o in sorted(result.start.items())},
+                            "stop": {str(p): o for p, o in sorted(result.stop.items())},
+                            "featurizer_version": featurizer_version, "records": result.records,
+                            "completed_at_ms": int(time.time() * 1000)})
 
+
+def write_range(directory: Path, record: dict[str, Any]) -> None:
+    """Write :data:`RANGE_FILE` atomically (temp file, fsync, rename, fsync of the directory)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{RANGE_FILE}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, directory / RANGE_FILE)
+    fsync_dir(directory)
+
+
+def read_range(directory: Path) -> dict[str, Any] | None:
+    """The completed-replay record of a namespace's kind directory, or None (never completed)."""
+    try:
+        record: dict[str, Any] = json.loads((directory / RANGE_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    return record
+
+
+def _consume(sub: Any, pipeline: Pipeline, result: ReplayResult, idle_timeout_s: float,
+             progress: ProgressSink | None) -> None:
     last = time.monotonic()
     while not sub.finished:
         items = sub.poll_batch(timeout_ms=500)
         if items:
             last = time.monotonic()
+            if progress is not None:
+                progress.advance(len(items))
         elif time.monotonic() - last > idle_timeout_s:
             raise ReplayError(f"replay: no records for {idle_timeout_s} s before reaching the end offsets "
                               f"{result.stop}; is the broker reachable? Re-run to continue (batches already "

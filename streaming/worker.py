@@ -23,6 +23,7 @@ worker pauses its partitions, retries with backoff and resumes by itself (backpr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import queue
 import signal
@@ -357,10 +358,14 @@ def run_worker(settings: Settings, kind: str, *, group: str | None = None, names
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    worker = StreamWorker(settings, kind, group=group, namespace=namespace, instance_id=instance_id)
-    if on_start:
-        on_start(worker)
-    stats = worker.run(stop, idle_exit_s=idle_exit_s)
+    from streaming.promote import hold_live
+
+    # Live: finish a promotion a crash left half-done before joining, and keep new ones out while running.
+    with hold_live(settings, kind) if namespace == "live" else contextlib.nullcontext():
+        worker = StreamWorker(settings, kind, group=group, namespace=namespace, instance_id=instance_id)
+        if on_start:
+            on_start(worker)
+        stats = worker.run(stop, idle_exit_s=idle_exit_s)
     log.info("stream worker %s stopped: %s", kind, stats)
     return stats
 

@@ -67,8 +67,10 @@ def settings_from_args(args: argparse.Namespace) -> config.Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from streaming.timeargs import attach_relative_values
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_relative_values(sys.argv[1:] if argv is None else argv))
     try:
         settings = settings_from_args(args)
     except StreamlearnError as exc:

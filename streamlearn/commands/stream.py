@@ -4,30 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import UTC, datetime
+from typing import Any
 
 from streaming import config
 from streaming.exceptions import StreamingError
+from streaming.timeargs import HELP as TIME_HELP
+from streaming.timeargs import time_arg
 from streaming.topics import KINDS
-
-
-class TimestampArgError(StreamingError, ValueError):
-    """A command-line timestamp is neither epoch milliseconds nor ISO-8601."""
-
-
-def parse_timestamp(text: str) -> int:
-    """Epoch milliseconds from ``1735689600000`` or ISO-8601 (``2025-01-01T00:00:00Z``; naive = UTC)."""
-    text = text.strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
-    try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise TimestampArgError(
-            f"timestamp: {text!r} is neither epoch milliseconds nor ISO-8601 like 2025-01-01T00:00:00Z") from exc
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,18 +28,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--idle-exit", type=float, help="exit after this many seconds without records (batch jobs)")
     s.set_defaults(func=_stream)
 
-    r = sub.add_parser("replay", help="rebuild feature batches for a time range into a separate namespace "
-                                      "(deterministic; never touches the live group's offsets)")
+    r = sub.add_parser("replay", help="rebuild feature batches from a point of the raw topic into a separate "
+                                      "namespace (deterministic; never touches the live group's offsets); "
+                                      "`streamlearn store promote` makes it live")
     r.add_argument("kind", choices=sorted(KINDS))
-    r.add_argument("--from-timestamp", required=True, type=parse_timestamp,
-                   help="first record timestamp (Kafka record time), epoch ms or ISO-8601")
-    r.add_argument("--to", type=parse_timestamp, help="stop before this timestamp (default: the current end)")
+    start = r.add_mutually_exclusive_group(required=True)
+    start.add_argument("--from-beginning", action="store_true",
+                       help="from each partition's earliest offset still on the topic")
+    start.add_argument("--from-offset", action="append", metavar="P:O",
+                       help="from offset O of partition P; repeat or comma-separate (0:120,1:95); only the "
+                            "partitions named are replayed")
+    start.add_argument("--from-timestamp", type=time_arg("--from-timestamp"), metavar="T",
+                       help=f"from the first record at/after T (Kafka record time): {TIME_HELP}")
+    r.add_argument("--to", type=time_arg("--to"), metavar="T",
+                   help="stop before records at/after T (default: the end offsets when the replay starts)")
     r.add_argument("--into", required=True, dest="namespace", help="feature-store namespace to write (not 'live')")
     r.add_argument("--batch-max-records", type=int,
                    help=f"records per batch {config.env_help('batch_max_records')}")
     r.add_argument("--featurizer-version", help="featurizer version (default: the current one)")
     r.add_argument("--dead-letters", action="store_true", help="re-publish dead letters (default: only record "
                                                                "their offsets; the live run already did)")
+    r.add_argument("--quiet", action="store_true", dest="replay_quiet",
+                   help="no progress (default: a bar on a terminal, else a line every --progress-interval s)")
+    r.add_argument("--progress-interval", type=float, metavar="S",
+                   help="seconds between progress lines off a terminal (default 10)")
     r.set_defaults(func=_replay)
 
     o = sub.add_parser("offsets", help="show or reset a live consumer group's offsets")
@@ -70,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--topic", help="topic name (default: the raw topic of --kind)")
         p.add_argument("--json", action="store_true")
     target = reset.add_mutually_exclusive_group(required=True)
-    target.add_argument("--to-timestamp", type=parse_timestamp, help="first offset at/after this time")
+    target.add_argument("--to-timestamp", type=time_arg("--to-timestamp"), metavar="T",
+                        help=f"first offset at/after T: {TIME_HELP}")
     target.add_argument("--to-offset", type=int, help="this offset on every partition")
     target.add_argument("--to-earliest", action="store_true")
     target.add_argument("--to-latest", action="store_true")
@@ -91,12 +87,23 @@ def _stream(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def _replay(args: argparse.Namespace, settings: config.Settings) -> int:
-    from streaming.replay import replay
+    from streaming.progress import progress
+    from streaming.replay import parse_partition_offsets, replay
 
     if args.batch_max_records is not None:
         settings = settings.with_(batch_max_records=args.batch_max_records)
-    result = replay(settings, args.kind, from_ms=args.from_timestamp, to_ms=args.to, namespace=args.namespace,
-                    dead_letters=args.dead_letters, featurizer_version=args.featurizer_version)
+    if args.progress_interval is not None and args.progress_interval <= 0:
+        raise StreamingError(f"--progress-interval: {args.progress_interval} must be > 0 seconds")
+    from_offsets = parse_partition_offsets(args.from_offset) if args.from_offset else None
+    quiet = True if args.replay_quiet else None  # None: follow a process-wide --quiet
+
+    def bar(total: int) -> Any:
+        return progress(total, f"replay {args.kind} -> {args.namespace}", quiet, unit="records",
+                        interval=args.progress_interval)
+
+    result = replay(settings, args.kind, from_ms=args.from_timestamp, from_offsets=from_offsets,
+                    from_beginning=args.from_beginning, to_ms=args.to, namespace=args.namespace,
+                    dead_letters=args.dead_letters, featurizer_version=args.featurizer_version, progress=bar)
     print(json.dumps(result.as_dict(), sort_keys=True))
     return 0
 

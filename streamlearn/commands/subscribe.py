@@ -10,7 +10,8 @@ from streaming import config
 from streaming.consumer import Subscriber
 from streaming.jsoncodec import to_json
 from streaming.producer import header_dict
-from streamlearn.commands.stream import parse_timestamp
+from streaming.timeargs import HELP as TIME_HELP
+from streaming.timeargs import time_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,10 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     pos = p.add_mutually_exclusive_group()
     pos.add_argument("--from-beginning", action="store_true")
     pos.add_argument("--from-offset", type=int, metavar="N", help="start every partition at offset N")
-    pos.add_argument("--from-timestamp", metavar="T", help="epoch ms or ISO-8601 time")
+    pos.add_argument("--from-timestamp", type=time_arg("--from-timestamp"), metavar="T",
+                     help=f"from the first record at/after T: {TIME_HELP}")
     until = p.add_mutually_exclusive_group()
     until.add_argument("--until-offset", type=int, metavar="N", help="stop each partition before offset N")
-    until.add_argument("--until-timestamp", metavar="T", help="stop at records at/after T (epoch ms or ISO-8601)")
+    until.add_argument("--until-timestamp", type=time_arg("--until-timestamp"), metavar="T",
+                       help="stop at records at/after T (same forms as --from-timestamp)")
     until.add_argument("--until-end", action="store_true", help="stop at the end offsets seen at start")
     p.add_argument("--json", action="store_true", help="one JSON object per line (bytes as base64)")
     p.add_argument("--max-records", type=int, metavar="N")
@@ -38,13 +41,13 @@ def _subscribe(args: argparse.Namespace, settings: config.Settings) -> int:
         start = "beginning"
     elif args.from_offset is not None:
         start = {"offset": args.from_offset}
-    elif args.from_timestamp:
-        start = {"timestamp": parse_timestamp(args.from_timestamp)}
+    elif args.from_timestamp is not None:
+        start = {"timestamp": args.from_timestamp}
     until: Any = None
     if args.until_offset is not None:
         until = {"offset": args.until_offset}
-    elif args.until_timestamp:
-        until = {"timestamp": parse_timestamp(args.until_timestamp)}
+    elif args.until_timestamp is not None:
+        until = {"timestamp": args.until_timestamp}
     elif args.until_end:
         until = "end"
     topic = settings.topic(args.topic)

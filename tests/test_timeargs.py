@@ -1,0 +1,104 @@
+"""The one command-line time parser: ISO 8601, epoch with a unit, relative; errors name the flag."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+from datetime import UTC, datetime
+
+import pytest
+
+from streaming.timeargs import TimeArgError, attach_relative_values, format_ms, parse_time, time_arg
+from streamlearn.cli import build_parser
+from tests.helpers import streamlearn_cmd
+
+NOW = 1_795_000_000_123  # a fixed "now" for relative forms
+T0 = int(datetime(2026, 11, 22, 10, 0, tzinfo=UTC).timestamp() * 1000)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2026-11-22T10:00:00Z", T0),
+    ("2026-11-22T10:00:00z", T0),
+    ("2026-11-22T10:00:00", T0),  # no zone = UTC
+    ("2026-11-22 10:00", T0),
+    ("2026-11-22T11:00:00+01:00", T0),
+    ("2026-11-22T10:00:00.250Z", T0 + 250),
+    ("2026-11-22", T0 - 10 * 3_600_000),
+    (f"{T0 // 1000}s", T0),
+    (f"{T0}ms", T0),
+    (f"{T0 * 1000}us", T0),
+    (f"{T0 * 1_000_000}ns", T0),
+    ("-45s", NOW - 45_000),
+    ("-30m", NOW - 30 * 60_000),
+    ("-2h", NOW - 2 * 3_600_000),
+    ("-7d", NOW - 7 * 86_400_000),
+    ("-1w", NOW - 7 * 86_400_000),
+    (" -2h ", NOW - 2 * 3_600_000),
+    ("now", NOW),
+])
+def test_accepted_forms(text: str, expected: int) -> None:
+    assert parse_time(text, flag="--from-timestamp", now_ms=NOW) == expected
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("1700000000", "bare number; say its unit, e.g. '1700000000s'"),
+    ("1700000000000", "'1700000000000ms'"),
+    ("-5", "bare number"),
+    ("+2h", "relative times look back from now with a minus sign"),
+    ("-2y", "one of s, m, h, d, w"),
+    ("yesterday", "is not a time"),
+    ("2026-13-01", "is not a time"),
+    ("", "empty"),
+])
+def test_refused_forms_name_the_flag_and_the_accepted_forms(text: str, fragment: str) -> None:
+    with pytest.raises(TimeArgError) as info:
+        parse_time(text, flag="--until-timestamp", now_ms=NOW)
+    msg = str(info.value)
+    assert msg.startswith("--until-timestamp: ") and fragment in msg
+    if text:
+        assert "ISO 8601" in msg and "-2h" in msg and "ms" in msg
+
+
+def test_argparse_type_and_negative_values() -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a time"):
+        time_arg("--to")("soon")
+    parser = build_parser()  # registers the time flags, as streamlearn.cli.main does before parsing
+    argv = ["replay", "sensor", "--from-timestamp", "-2h", "--to", "-30m", "--into", "x"]
+    assert attach_relative_values(argv) == ["replay", "sensor", "--from-timestamp=-2h", "--to=-30m", "--into", "x"]
+    # a wrong relative value reaches our parser too; a following option is left alone
+    assert attach_relative_values(["--to", "-2x"]) == ["--to=-2x"]
+    assert attach_relative_values(["--to", "--into", "x"]) == ["--to", "--into", "x"]
+    # only values of time flags, nothing after "--"
+    assert attach_relative_values(["--into", "-2h", "--", "--to", "-1h"]) == ["--into", "-2h", "--", "--to", "-1h"]
+    args = parser.parse_args(attach_relative_values(argv))
+    assert abs((args.to - args.from_timestamp) - 90 * 60_000) < 5_000
+
+
+def test_every_time_flag_uses_the_one_parser() -> None:
+    parser = build_parser()
+
+    def parsed(argv: list[str], dest: str) -> int:
+        value: int = getattr(parser.parse_args(attach_relative_values(argv)), dest)
+        return value
+
+    iso = "2026-11-22T10:00:00"
+    assert parsed(["subscribe", "sensor.raw", "--from-timestamp", iso], "from_timestamp") == T0
+    assert parsed(["subscribe", "sensor.raw", "--until-timestamp", f"{T0}ms"], "until_timestamp") == T0
+    assert parsed(["replay", "sensor", "--from-timestamp", iso, "--into", "r"], "from_timestamp") == T0
+    assert parsed(["replay", "sensor", "--from-beginning", "--to", iso, "--into", "r"], "to") == T0
+    assert parsed(["offsets", "reset", "--kind", "sensor", "--to-timestamp", iso], "to_timestamp") == T0
+
+
+def test_cli_error_names_the_flag_and_forms() -> None:
+    out = subprocess.run(streamlearn_cmd("replay", "sensor", "--from-timestamp", "1700000000", "--into", "x"),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "argument --from-timestamp: '1700000000' is a bare number" in out.stderr
+    assert "1700000000s" in out.stderr and "-2h" in out.stderr
+
+
+def test_format_ms_round_trips() -> None:
+    text = format_ms(T0 + 7)
+    assert text.startswith("2026-11-22T10:00:00.007Z")
+    assert parse_time(text.split()[0]) == T0 + 7
+    assert parse_time(text.split()[1].strip("()")) == T0 + 7
