@@ -115,7 +115,23 @@ def _weblog(obj: dict[str, Any]) -> dict[str, Any]:
     # parse_json takes the line it would read from a file; canonical JSON makes the derived
     # event_id independent of key order and whitespace, so the same event posted twice dedupes.
     line = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return weblog.parse_json(line, source=SOURCE)
+    return _check_latency(weblog.parse_json(line, source=SOURCE))
+
+
+#: Largest ``latency_ms`` the gateway accepts: one hour. A request slower than that is not a
+#: latency worth learning from, and 1e308 would overflow every feature computed from it.
+MAX_LATENCY_MS = 3_600_000.0
+
+
+def _check_latency(record: dict[str, Any]) -> dict[str, Any]:
+    latency = record.get("latency_ms")
+    if latency is not None:
+        if isinstance(latency, bool) or not isinstance(latency, int | float):
+            raise RecordRejectedError(f"latency_ms {latency!r:.40} must be a number of milliseconds")
+        if not math.isfinite(latency) or not 0 <= latency <= MAX_LATENCY_MS:
+            raise RecordRejectedError(f"latency_ms {latency!r:.40} must be finite and within 0..{MAX_LATENCY_MS:g} "
+                                      "(milliseconds)")
+    return record
 
 
 def _sensor(obj: dict[str, Any]) -> dict[str, Any]:
@@ -258,10 +274,7 @@ def _validate_decoded(kind: str, record: dict[str, Any]) -> dict[str, Any]:
                                       f"{record['width']}x{record['height']} do not match the image bytes "
                                       f"({info.content_type} {info.width}x{info.height})")
         return record
-    latency = record.get("latency_ms")
-    if latency is not None and not math.isfinite(latency):
-        raise RecordRejectedError(f"latency_ms {latency!r} is not finite")
-    return record
+    return _check_latency(record)
 
 
 # -- multipart images -----------------------------------------------------------------------------

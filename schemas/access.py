@@ -132,7 +132,7 @@ class KeyTable:
         else:
             raise ConfigError(f"{self._where(position)} has more than 4 ':'-separated parts; "
                               "write name:token[:scopes[:tenant]]")
-        if not NAME_RE.match(name):
+        if len(parts) > 1 and not NAME_RE.match(name):
             raise ConfigError(f"{self._where(position)} has a name that is not 1-64 characters of "
                               "[A-Za-z0-9_.-]; write entries as name:token[:scopes[:tenant]] or token")
         if not TOKEN_RE.match(token):

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -292,7 +292,7 @@ def _protocol_class(header_timeout_s: float) -> type:
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class GuardedH11Protocol(H11Protocol):  # type: ignore[misc]
+    class GuardedH11Protocol(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
 
         def _arm(self) -> None:
@@ -333,7 +333,8 @@ def _protocol_class(header_timeout_s: float) -> type:
 
 def server_config(app: Any, *, host: str | None = None, port: int | None = None,
                   header_timeout_s: float = HEADER_TIMEOUT_S, limit_concurrency: int = 256,
-                  log_level: str = "warning", access_log: bool = False, lifespan: str = "auto") -> Any:
+                  log_level: str = "warning", access_log: bool = False,
+                  lifespan: Literal["auto", "on", "off"] = "auto") -> Any:
     """A ``uvicorn.Config`` with the guards every streamlearn server uses.
 
     ``limit_concurrency`` answers 503 beyond that many connections + tasks; the head of a request

@@ -94,7 +94,8 @@ SPECS: tuple[Spec, ...] = (
          "PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 (SASL protocols only)"),
     Spec("kafka_sasl_username", "STREAMLEARN_KAFKA_SASL_USERNAME", str, "", "SASL user"),
     Spec("kafka_sasl_password", "STREAMLEARN_KAFKA_SASL_PASSWORD", str, "", "SASL password (env or config file only)"),
-    Spec("kafka_ssl_cafile", "STREAMLEARN_KAFKA_SSL_CAFILE", Path, None, "CA bundle that signs the brokers' certificates"),
+    Spec("kafka_ssl_cafile", "STREAMLEARN_KAFKA_SSL_CAFILE", Path, None,
+         "CA bundle that signs the brokers' certificates"),
 )
 _BY_NAME = {s.name: s for s in SPECS}
 
