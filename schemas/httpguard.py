@@ -126,7 +126,8 @@ def loads_guarded(body: bytes, *, max_depth: int, max_containers: int, what: str
     try:
         return json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
-        raise GuardError(400, f"{what}: not valid UTF-8 JSON ({type(exc).__name__}: {str(exc)[:200]})") from exc
+        raise GuardError(400, f"{what}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]}); "
+                                  "send UTF-8 JSON") from exc
 
 
 # -- body bytes ----------------------------------------------------------------------------------
