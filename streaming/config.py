@@ -37,7 +37,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("broker_host", "STREAMLEARN_BROKER_HOST", str, "127.0.0.1", "address the embedded broker binds"),
     Spec("broker_port", "STREAMLEARN_BROKER_PORT", int, 19092, "port of the embedded broker"),
     Spec("registry_url", "STREAMLEARN_REGISTRY_URL", str, None,
-         "URL of a Confluent-compatible schema registry; when unset the file store under HOME is used"),
+         "URL of a Confluent-compatible schema registry (a key goes in as http://name:token@host:port); when "
+         "unset the file store under HOME is used"),
     Spec("registry_port", "STREAMLEARN_REGISTRY_PORT", int, 8081, "port of `streamlearn registry serve`"),
     Spec("topic_prefix", "STREAMLEARN_TOPIC_PREFIX", str, "",
          "prefix for every topic and consumer group name (isolates tenants and test runs)"),
@@ -74,8 +75,6 @@ SPECS: tuple[Spec, ...] = (
     Spec("registry_read_open", "STREAMLEARN_REGISTRY_READ_OPEN", bool, True,
          "registry server: reads need no key (writes always need schema-admin when keys are set)"),
     Spec("registry_host", "STREAMLEARN_REGISTRY_HOST", str, "127.0.0.1", "address `registry serve` binds"),
-    Spec("registry_key", "STREAMLEARN_REGISTRY_KEY", str, "",
-         "key this process sends to a keyed schema registry (registry_url), name:token or token"),
     Spec("metrics_host", "STREAMLEARN_METRICS_HOST", str, "127.0.0.1", "address /metrics servers bind"),
     Spec("ingest_tenant_rate", "STREAMLEARN_INGEST_TENANT_RATE", float, 0.0,
          "gateway: records/s per tenant across its keys (0 = no tenant quota)"),
@@ -181,7 +180,6 @@ class Settings:
     keys_file: Path | None
     registry_read_open: bool
     registry_host: str
-    registry_key: str = field(repr=False)  # a secret: never in a repr or a log line
     metrics_host: str
     ingest_tenant_rate: float
     serve_tenant_rate: float
