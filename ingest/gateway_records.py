@@ -111,7 +111,17 @@ def _timestamp(value: Any, field_name: str = "timestamp") -> int:
     return value
 
 
+def _no_booleans(obj: dict[str, Any], fields: tuple[str, ...]) -> None:
+    """JSON ``true`` is not the number 1: refuse booleans where a number is expected."""
+    for name in fields:
+        value = obj.get(name)
+        nested = value.values() if isinstance(value, dict) else [value]
+        if any(isinstance(v, bool) for v in nested):
+            raise RecordRejectedError(f"{name} holds a boolean; send a number")
+
+
 def _weblog(obj: dict[str, Any]) -> dict[str, Any]:
+    _no_booleans(obj, ("latency_ms", "status", "bytes_sent"))
     # parse_json takes the line it would read from a file; canonical JSON makes the derived
     # event_id independent of key order and whitespace, so the same event posted twice dedupes.
     line = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -139,6 +149,7 @@ def _sensor(obj: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise RecordRejectedError(f"unknown sensor field(s) {unknown}; put further channels in 'values' "
                                   f"(allowed: {sorted(_SENSOR_FIELDS)})")
+    _no_booleans(obj, ("value", "values"))
     record = dict(obj)
     if "timestamp" in record:
         record["timestamp"] = _timestamp(record["timestamp"])
