@@ -145,6 +145,18 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, 50001, "schema registry internal error; see the server log")
 
 
+def _json_body(properties: dict[str, Any]) -> dict[str, Any]:
+    """``openapi_extra`` of a route that reads its body itself (for the OpenAPI the fuzz test uses)."""
+    schema = {"type": "object", "properties": properties}
+    return {"requestBody": {"required": True, "content": {CONTENT_TYPE: {"schema": schema},
+                                                         "application/json": {"schema": schema}}}}
+
+
+_SCHEMA_BODY = _json_body({"schema": {"type": "string"}, "schemaType": {"type": "string"},
+                           "references": {"type": "array"}})
+_LEVEL_BODY = _json_body({"compatibility": {"type": "string"}})
+
+
 def create_app(registry: SchemaRegistry, *, keys: KeyTable | None = None, read_open: bool = True,
                topic_prefix: str = "", limits: SchemaLimits | None = None) -> FastAPI:
     """The ASGI app serving ``registry``; handlers are sync so blocking file I/O runs in a thread pool.
@@ -244,13 +256,13 @@ def create_app(registry: SchemaRegistry, *, keys: KeyTable | None = None, read_o
         check(request, "schema-read", subject)
         return RegistryResponse(json.loads(_version(subject, version)["schema"]))
 
-    @app.post("/subjects/{subject}/versions")
+    @app.post("/subjects/{subject}/versions", openapi_extra=_SCHEMA_BODY)
     async def register(subject: str, request: Request) -> RegistryResponse:
         check(request, "schema-admin", subject)
         schema = await _schema_of(request)
         return RegistryResponse({"id": registry.register(subject, schema)})
 
-    @app.post("/subjects/{subject}")
+    @app.post("/subjects/{subject}", openapi_extra=_SCHEMA_BODY)
     async def lookup(subject: str, request: Request) -> RegistryResponse:
         check(request, "schema-read", subject)
         schema = await _schema_of(request)
@@ -279,11 +291,11 @@ def create_app(registry: SchemaRegistry, *, keys: KeyTable | None = None, read_o
             answer["messages"] = messages
         return RegistryResponse(answer)
 
-    @app.post("/compatibility/subjects/{subject}/versions/{version}")
+    @app.post("/compatibility/subjects/{subject}/versions/{version}", openapi_extra=_SCHEMA_BODY)
     async def compatibility(subject: str, version: str, request: Request) -> RegistryResponse:
         return await _compat(subject, version, request)
 
-    @app.post("/compatibility/subjects/{subject}/versions")
+    @app.post("/compatibility/subjects/{subject}/versions", openapi_extra=_SCHEMA_BODY)
     async def compatibility_all(subject: str, request: Request) -> RegistryResponse:
         return await _compat(subject, "latest", request)
 
@@ -299,7 +311,7 @@ def create_app(registry: SchemaRegistry, *, keys: KeyTable | None = None, read_o
             raise InvalidCompatibilityLevelError("request body: set 'compatibility' to e.g. \"BACKWARD\"")
         return level
 
-    @app.put("/config")
+    @app.put("/config", openapi_extra=_LEVEL_BODY)
     async def put_global_config(request: Request) -> RegistryResponse:
         admin_global(request)
         return RegistryResponse({"compatibility": registry.set_config(await _level(request))})
@@ -310,7 +322,7 @@ def create_app(registry: SchemaRegistry, *, keys: KeyTable | None = None, read_o
         level = registry.get_config(subject, default_to_global=defaultToGlobal)
         return RegistryResponse({"compatibilityLevel": level})
 
-    @app.put("/config/{subject}")
+    @app.put("/config/{subject}", openapi_extra=_LEVEL_BODY)
     async def put_subject_config(subject: str, request: Request) -> RegistryResponse:
         check(request, "schema-admin", subject)
         return RegistryResponse({"compatibility": registry.set_config(await _level(request), subject)})

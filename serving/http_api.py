@@ -121,6 +121,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal error of the serving HTTP API; see the server log")
 
 
+_PREDICT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "properties": {
+        "instances": {"type": "array", "items": {"oneOf": [{"type": "array", "items": {"type": "number"}},
+                                                          {"type": "object"}]}},
+        "inputs": {"oneOf": [{"type": "object"}, {"type": "array"}]}}}}}}}
+
+
 def _no_booleans(values: Any, where: str) -> None:
     """JSON ``true`` is not the number 1 here: refuse booleans anywhere in a feature vector."""
     if isinstance(values, bool):
@@ -279,15 +286,15 @@ def create_app(manager: VersionManager, featurization: Featurization, model: str
         who(request, name)
         return metadata(pick(name, label=label))
 
-    @app.post("/v1/models/{name}:predict")
+    @app.post("/v1/models/{name}:predict", openapi_extra=_PREDICT_BODY)
     async def predict_latest(name: str, request: Request) -> JSONResponse:
         return await serve_predict(request, name)
 
-    @app.post("/v1/models/{name}/versions/{version}:predict")
+    @app.post("/v1/models/{name}/versions/{version}:predict", openapi_extra=_PREDICT_BODY)
     async def predict_version(name: str, version: str, request: Request) -> JSONResponse:
         return await serve_predict(request, name, version=version)
 
-    @app.post("/v1/models/{name}/labels/{label}:predict")
+    @app.post("/v1/models/{name}/labels/{label}:predict", openapi_extra=_PREDICT_BODY)
     async def predict_label(name: str, label: str, request: Request) -> JSONResponse:
         return await serve_predict(request, name, label=label)
 
