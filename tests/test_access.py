@@ -220,3 +220,21 @@ def test_bad_kafka_security_settings_name_the_setting(env: dict[str, str], word:
     with pytest.raises(ConfigError, match=word) as info:
         kafka_security(_settings(**env))
     assert "pw" not in str(info.value)
+
+
+def _subparser(parser: object, *path: str) -> object:
+    import argparse
+
+    for name in path:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # type: ignore[attr-defined]
+        parser = action.choices[name]
+    return parser
+
+
+@pytest.mark.parametrize("path", [("ingest", "serve"), ("serve",), ("registry", "serve")])
+def test_every_servers_help_names_its_key_setting(path: tuple[str, ...]) -> None:
+    from streamlearn.cli import build_parser
+
+    text = " ".join(_subparser(build_parser(), *path).format_help().split())  # type: ignore[attr-defined]
+    assert "STREAMLEARN_KEYS" in text and "STREAMLEARN_KEYS_FILE" in text, text
+    assert "--key" not in text and "--token" not in text  # never on argv
