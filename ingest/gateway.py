@@ -131,7 +131,7 @@ class GatewayLimits:
     idempotency_capacity: int = 500_000
     idempotency_ttl_s: float = 24 * 3600.0
     request_key_capacity: int = 10_000
-    body_budget_bytes: int = 64 * 1024 * 1024  # bodies held at once, all requests; 503 beyond
+    body_budget_bytes: int = 128 * 1024 * 1024  # body bytes held at once (x2 per body), all requests; 503 beyond
     max_json_depth: int = 32
     containers_per_record: int = 8  # arrays/objects a record may use (sensor values, weblog fields)
     tenant_rate_records_per_s: float = 0.0  # per tenant across its keys; <= 0: no tenant quota
@@ -642,5 +642,5 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
 
     app.add_middleware(RequestMetrics, metrics=gw.metrics)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=limits.max_body_bytes, on_reject=count_refusal,
-                       budget=ByteBudget(max(limits.body_budget_bytes, limits.max_body_bytes)))
+                       budget=ByteBudget(max(limits.body_budget_bytes, 2 * limits.max_body_bytes)))
     return app

@@ -333,7 +333,7 @@ def create_app(registry: SchemaRegistry, *, keys: KeyTable | None = None, read_o
         return RegistryResponse({"compatibilityLevel": registry.delete_config(subject)})
 
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=2 * limits.max_bytes + 4096, what="schema registry",
-                       budget=ByteBudget(32 * (2 * limits.max_bytes + 4096)),
+                       budget=ByteBudget(64 * (2 * limits.max_bytes + 4096)),
                        error_body=lambda status, message: {"error_code": status, "message": message})
     return app
 

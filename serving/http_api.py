@@ -299,7 +299,7 @@ def create_app(manager: VersionManager, featurization: Featurization, model: str
         return await serve_predict(request, name, label=label)
 
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=limits.max_body_bytes, what="serving HTTP",
-                       budget=ByteBudget(limits.max_body_bytes * (limits.max_concurrent + 1)),
+                       budget=ByteBudget(2 * limits.max_body_bytes * (limits.max_concurrent + 1)),
                        body_timeout_s=limits.body_timeout_s)
     return app
 
