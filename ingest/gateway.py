@@ -42,8 +42,10 @@ is remembered only after its ack; while in flight, a second sender waits for the
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -99,6 +101,7 @@ from streaming.topics import KINDS, raw_topic
 log = logging.getLogger(__name__)
 
 Stored = tuple[str, int, dict[str, Any]]  # request fingerprint, status, body
+_EPOCH_MS = re.compile(r"[0-9]{1,15}")
 #: Owner of idempotency keys re-read from the raw topics at start-up (no key is recorded there).
 SEEDED = "\x00seeded"
 
@@ -221,6 +224,7 @@ class Gateway:
         self.seen: OnceMap[dict[str, Any]] = OnceMap(limits.idempotency_capacity, limits.idempotency_ttl_s)
         self.responses: OnceMap[Stored] = OnceMap(limits.request_key_capacity, limits.idempotency_ttl_s)
         self.avro = AvroBodies(registry)
+        self._tenant_publishers: dict[str, Publisher] = {}
         self._health_lock = asyncio.Lock()
 
     def seed_idempotency(self, window_s: float, timeout_s: float = 120.0) -> int:
@@ -261,6 +265,21 @@ class Gateway:
         if not tenant:
             return self.settings
         return self.settings.with_(topic_prefix=f"{self.settings.topic_prefix}{tenant}.")
+
+    def publisher_for(self, tenant: str) -> Publisher:
+        """The publisher whose dead letters go to ``tenant``'s dead-letter topics.
+
+        A shallow copy with the tenant's settings: it shares the one producer and serializer cache,
+        so a tenant costs no connection, and ``Publisher.dead_letter`` (sizing, headers) is reused.
+        """
+        if not tenant:
+            return self.publisher
+        view = self._tenant_publishers.get(tenant)
+        if view is None:
+            view = copy.copy(self.publisher)
+            view.settings = self.tenant_settings(tenant)
+            self._tenant_publishers[tenant] = view
+        return view
 
     # -- admission ----------------------------------------------------------------------------
     def admit(self, request: Request, kind: str | None = None) -> Principal:
@@ -344,7 +363,7 @@ class Gateway:
                 self._send_one(kind, topic, record_name, item, waits, principal)
             if item.status == "rejected" and not item.retryable:
                 try:
-                    future = self.publisher.dead_letter(kind, item.original, stage="gateway",
+                    future = self.publisher_for(principal.tenant).dead_letter(kind, item.original, stage="gateway",
                                                         error=item.error or "",
                                                         source={**source, "index": item.index})
                     waits.append((item, "dead_letter", future))
@@ -454,13 +473,15 @@ class Gateway:
         waits = await run_in_threadpool(self._send, kind, items, remote, principal, charged)
         return await self.settle(kind, items, waits, principal)
 
-    async def reject_body(self, kind: str, body: bytes, request: Request, exc: GatewayError) -> Answer:
+    async def reject_body(self, kind: str, body: bytes, request: Request, exc: GatewayError,
+                          principal: Principal | None = None) -> Answer:
         """A body that is unusable as a whole: dead-letter it once (authenticated callers only), 400."""
         remote = request.client.host if request.client else "unknown"
         kept = True
         if body:
             try:
-                future = await run_in_threadpool(self.publisher.dead_letter, kind, body, stage="gateway",
+                publisher = self.publisher_for(principal.tenant if principal else "")
+                future = await run_in_threadpool(publisher.dead_letter, kind, body, stage="gateway",
                                                  error=exc, source={"remote": remote, "index": "body"})
                 await asyncio.wait_for(_bridge(asyncio.get_running_loop(), future), self.limits.ack_timeout_s)
             except (KafkaError, RecordTooLargeError, TimeoutError):
@@ -578,8 +599,8 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
                                   else "no files in the upload; send one or more image files")
         stamp = now_ms()
         if fields.get("timestamp"):
-            if not fields["timestamp"].isdigit():
-                raise BadRequestError("form field timestamp must be epoch milliseconds (digits only)")
+            if not _EPOCH_MS.fullmatch(fields["timestamp"]):  # not isdigit(): "²".isdigit() is True
+                raise BadRequestError("form field timestamp must be epoch milliseconds (ASCII digits only)")
             stamp = int(fields["timestamp"])
         digest = hashlib.sha256(repr(sorted(fields.items())).encode())
         for name, data in files:
@@ -622,7 +643,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
                 gw.check_shape(shape)
                 items = await run_in_threadpool(parse_json_body, kind, body, limits.max_records_per_request)
             except (BadRequestError, PayloadTooLargeError) as exc:
-                return await gw.reject_body(kind, body, request, exc)
+                return await gw.reject_body(kind, body, request, exc, principal)
             return await gw.publish(kind, items, request, principal, charged=charged)
 
         return await gw.with_request_key(request, principal, fingerprint(ctype, body), work)

@@ -27,7 +27,7 @@ from schemas.registry import FileRegistry
 from schemas.server import create_app as registry_app
 from streaming.config import Settings
 from streaming.consumer import Record
-from streaming.topics import declared_topics, ensure_topics, raw_topic
+from streaming.topics import dead_letter_topic, declared_topics, ensure_topics, raw_topic
 from tests.helpers import read_topic, wait_until
 
 NOW = int(time.time() * 1000)
@@ -78,6 +78,10 @@ def test_gateway_matrix_and_tenant_topics(gateway: tuple[TestClient, Settings]) 
     assert [r.value["event_id"] for r in acme if isinstance(r, Record)] == ["w-7"]
     assert [r.value["event_id"] for r in globex if isinstance(r, Record)] == ["w-7"]
     assert [r.value["event_id"] for r in default if isinstance(r, Record)] == ["w-1"]  # ops only
+    bad = tc.post("/ingest/weblog", json=[{"client_ip": "x"}], headers=ACME)
+    assert bad.status_code == 422
+    kept = read_topic(s, dead_letter_topic(tenant(s, "acme"), "weblog"), decode=False, expect=1, timeout=20)
+    assert len(kept) == 1 and read_topic(s, dead_letter_topic(s, "weblog"), decode=False, idle_timeout=1) == []
     metrics = tc.get("/metrics").text
     assert 'streamlearn_gateway_tenant_records_total{kind="weblog",status="accepted",tenant="acme"} 1.0' in metrics
     assert "acmetoken" not in metrics and "opstoken" not in metrics
@@ -122,6 +126,15 @@ def test_weblog_latency_must_be_finite_and_bounded(settings: Settings) -> None:
         assert r.status_code == 207, r.text
         assert [x["status"] for x in r.json()["results"]] == ["rejected", "rejected", "rejected", "accepted"]
         assert "latency_ms" in r.json()["results"][0]["error"]
+
+
+def test_unicode_digits_are_not_epoch_milliseconds(settings: Settings) -> None:
+    from tests.test_gateway_http import png
+
+    with TestClient(create_app(settings.with_(keys="ops:opstoken"))) as tc:
+        r = tc.post("/ingest/images", files={"files": ("a.png", png(), "image/png")}, data={"timestamp": "²"},
+                    headers=OPS)
+    assert r.status_code == 400 and "ASCII digits" in r.json()["error"], r.text
 
 
 def test_healthz_does_not_reveal_the_bootstrap(settings: Settings) -> None:
