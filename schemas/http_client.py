@@ -102,6 +102,13 @@ class HttpRegistryClient(SchemaRegistry):
             payload = {}
         code = payload.get("error_code", exc.code) if isinstance(payload, dict) else exc.code
         message = payload.get("message", str(exc)) if isinstance(payload, dict) else str(exc)
+        if exc.code in (401, 403):
+            # A key problem is the deployment's, not the record's: callers retry (never dead-letter)
+            # and log this until the key is fixed.
+            raise RegistryUnavailableError(
+                f"schema registry at {self.url} refused this client's key on {path} ({exc.code}): {message}; "
+                "put a key with the needed scope in STREAMLEARN_REGISTRY_URL (http://name:token@host:port)"
+            ) from exc
         if exc.code >= 500:
             raise RegistryUnavailableError(
                 f"schema registry at {self.url} failed on {path} ({code}): {message}; retry later"

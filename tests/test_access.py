@@ -238,3 +238,23 @@ def test_every_servers_help_names_its_key_setting(path: tuple[str, ...]) -> None
     text = " ".join(_subparser(build_parser(), *path).format_help().split())  # type: ignore[attr-defined]
     assert "STREAMLEARN_KEYS" in text and "STREAMLEARN_KEYS_FILE" in text, text
     assert "--key" not in text and "--token" not in text  # never on argv
+
+
+def test_a_refused_registry_key_is_retryable_not_a_bad_record(tmp_path: Path) -> None:
+    from schemas.exceptions import RegistryUnavailableError
+    from schemas.registry import FileRegistry
+    from schemas.server import start_in_thread
+
+    keys = KeyTable(f"admin:{SECRET}:schema-admin, ro:rotoken:schema-read")
+    server = start_in_thread(FileRegistry(tmp_path), keys=keys)
+    try:
+        host = server.url.split("//", 1)[1]
+        schema = {"type": "record", "name": "R", "fields": [{"name": "a", "type": "int"}]}
+        for url in (server.url, f"http://ro:rotoken@{host}", f"http://admin:wrong-key@{host}"):
+            with pytest.raises(RegistryUnavailableError) as info:  # retried by callers, never dead-lettered
+                HttpRegistryClient(url).register("s-value", schema)
+            assert "wrong-key" not in str(info.value) and "rotoken" not in str(info.value)
+        assert HttpRegistryClient(f"http://admin:{SECRET}@{host}").register("s-value", schema) == 1
+        assert HttpRegistryClient(server.url).get_schema(1)  # reads open by default
+    finally:
+        server.stop()
