@@ -12,7 +12,8 @@ comment). ``scopes`` is ``+`` separated, ``*`` (the default) meaning every scope
 * ``predict`` (serving HTTP);
 * ``schema-read`` and ``schema-admin`` (registry; admin implies read).
 
-``tenant`` (``[a-z][a-z0-9-]{0,30}``) confines the key to the names under ``<tenant>.``: topics
+``tenant`` (``[a-z][a-z0-9-]{0,30}``) confines the key to the names under ``<tenant>.``; ``*`` makes
+an operator key that owns every tenant's names (the platform's own key to the registry). Topics
 ``<topic_prefix><tenant>.weblog.raw``, subjects ``<topic_prefix><tenant>.weblog.raw-value``, models
 ``<tenant>.churn``. An entry without a tenant belongs to the default tenant, which owns every name
 whose first dot-separated part is not a configured tenant, so a single-tenant setup needs nothing.
@@ -61,6 +62,8 @@ class Principal:
     name: str
     scopes: frozenset[str] = frozenset({"*"})
     tenant: str = DEFAULT_TENANT
+    #: An operator key (tenant ``*`` in its entry): owns every tenant's names, publishes as the default tenant.
+    all_tenants: bool = False
 
     def allows(self, scope: str) -> bool:
         """Whether this key carries ``scope`` (directly, through ``*``, or through a wider scope)."""
@@ -138,8 +141,11 @@ class KeyTable:
         if not TOKEN_RE.match(token):
             raise ConfigError(f"{self._where(position)}: the token is empty or has characters a bearer "
                               "token cannot carry; use [A-Za-z0-9-._~+/]")
+        all_tenants = tenant == "*"
+        if all_tenants:
+            tenant = DEFAULT_TENANT
         if tenant and not TENANT_RE.match(tenant):
-            raise ConfigError(f"{self._where(position)}: the tenant is not [a-z][a-z0-9-]{{0,30}}")
+            raise ConfigError(f"{self._where(position)}: the tenant is not [a-z][a-z0-9-]{{0,30}} or '*'")
         if name in self.names:
             raise ConfigError(f"setting '{self.setting}' (env {self.env}): name {name!r} appears twice; "
                               "give every key its own name")
@@ -147,7 +153,7 @@ class KeyTable:
         if any(hmac.compare_digest(digest, d) for d, _ in self._entries):
             raise ConfigError(f"{self._where(position)}: the same token is configured twice; "
                               "give every key its own token")
-        self._entries.append((digest, Principal(name, scopes, tenant)))
+        self._entries.append((digest, Principal(name, scopes, tenant, all_tenants)))
 
     @classmethod
     def merged(cls, *tables: KeyTable) -> KeyTable:
@@ -233,6 +239,8 @@ class KeyTable:
         A tenant owns the names under ``<tenant>.``; the default tenant owns every name whose first
         dot-separated part is not a configured tenant.
         """
+        if principal.all_tenants:
+            return True
         if principal.tenant:
             return name.startswith(principal.prefix) and len(name) > len(principal.prefix)
         return name.split(".", 1)[0] not in self.tenants

@@ -99,6 +99,9 @@ def test_tenants_own_their_prefix_and_the_default_tenant_owns_the_rest() -> None
     with pytest.raises(AccessDeniedError, match="acme"):
         table.require(acme, "predict", "globex.churn")
     assert tenant_prefix("") == "" and tenant_prefix("acme") == "acme."
+    operator = KeyTable("root:t9:schema-admin:*, a:t1:*:acme").authenticate("Bearer t9")
+    assert operator.tenant == "" and operator.all_tenants and operator.prefix == ""
+    assert table.owns(operator, "acme.churn") and table.owns(operator, "weblog_classifier")
     assert table.tenant_label(ops) == "default" and table.tenant_label(acme) == "acme"
 
 

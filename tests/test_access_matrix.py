@@ -218,3 +218,24 @@ def test_slow_header_clients_are_disconnected(tmp_path: Path) -> None:
         server.should_exit = True
         thread.join(20)
         sock.close()
+
+
+def test_gateway_through_a_keyed_registry_registers_each_tenants_subject(settings: Settings, tmp_path: Path) -> None:
+    """The compose wiring: the registry needs schema-admin for writes, the services carry the
+    operator key (tenant *) in the registry URL, and a tenant's first event registers its subject."""
+    from schemas.server import start_in_thread
+
+    registry_keys = load_keys("platform:platformtoken:schema-admin:*, acme:acmetoken:*:acme", None)
+    server = start_in_thread(FileRegistry(tmp_path / "reg"), keys=registry_keys, topic_prefix=settings.topic_prefix)
+    try:
+        host = server.url.split("//", 1)[1]
+        s = settings.with_(keys=KEYS, registry_url=f"http://platform:platformtoken@{host}")
+        scoped = tenant(s, "acme")
+        ensure_topics(scoped, [spec for spec in declared_topics(scoped) if spec.name.endswith((".raw", ".deadletter"))])
+        with TestClient(create_app(s)) as tc:
+            r = tc.post("/ingest/weblog", json=[weblog(11)], headers=ACME)
+        assert r.status_code == 200, r.text
+        subjects = TestClient(registry_app(FileRegistry(tmp_path / "reg"))).get("/subjects").json()
+        assert f"{raw_topic(scoped, 'weblog')}-value" in subjects
+    finally:
+        server.stop()

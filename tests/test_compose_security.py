@@ -60,6 +60,7 @@ def test_services_write_the_registry_with_the_platform_key(services: dict[str, d
     platform = registry_keys.authenticate("Basic " + base64.b64encode(name_token.encode()).decode(),
                                           allow_basic=True)
     assert platform.allows("schema-admin") and not platform.allows("predict")
+    assert registry_keys.owns(platform, "acme.weblog.raw-value")  # the gateway registers tenants' subjects
 
 
 def test_kafka_publishes_only_a_sasl_scram_listener(services: dict[str, dict[str, Any]]) -> None:
