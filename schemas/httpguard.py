@@ -223,15 +223,24 @@ class BodyLimitMiddleware:
                     reserved = declared * self.COPIES
         received = 0
         started = False
+        deadline: float | None = None  # the whole body, from its first read: 1 byte a minute does not reset it
+
+        body_done = False
 
         async def counting_receive() -> Message:
-            nonlocal received, reserved
+            nonlocal received, reserved, deadline, body_done
+            if body_done:  # e.g. waiting for a disconnect: no body deadline any more
+                return await receive()
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + self.body_timeout_s
             try:
-                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except TimeoutError as exc:
                 raise GuardError(408, f"the request body did not arrive within {self.body_timeout_s:g} s; "
                                       "send it at once") from exc
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise GuardError(413, self.too_large_message())

@@ -239,3 +239,64 @@ def test_gateway_through_a_keyed_registry_registers_each_tenants_subject(setting
         assert f"{raw_topic(scoped, 'weblog')}-value" in subjects
     finally:
         server.stop()
+
+
+def test_tenant_quota_is_shared_by_the_tenants_keys(settings: Settings) -> None:
+    s = settings.with_(keys="a1:a1token:ingest:acme, a2:a2token:ingest:acme, g:gtoken:ingest:globex")
+    for name in ("acme", "globex"):
+        scoped = tenant(s, name)
+        ensure_topics(scoped, [spec for spec in declared_topics(scoped) if spec.name.endswith((".raw", ".deadletter"))])
+    limits = GatewayLimits(burst_records=3, tenant_rate_records_per_s=0.01)
+    with TestClient(create_app(s, limits=limits)) as tc:
+        first = tc.post("/ingest/weblog", json=[weblog(1), weblog(2), weblog(3)],
+                        headers={"Authorization": "Bearer a1token"})
+        second = tc.post("/ingest/weblog", json=[weblog(4)], headers={"Authorization": "Bearer a2token"})
+        other = tc.post("/ingest/weblog", json=[weblog(5)], headers={"Authorization": "Bearer gtoken"})
+    assert first.status_code == 200, first.text
+    assert second.status_code == 429 and "tenant 'acme'" in second.json()["error"] and "Retry-After" in second.headers
+    assert other.status_code == 200  # another tenant's quota is its own
+
+
+def test_a_body_that_trickles_in_is_cut_off(tmp_path: Path) -> None:
+    import uvicorn
+
+    from schemas.httpguard import BodyLimitMiddleware
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # reads the whole body, then answers
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guarded = BodyLimitMiddleware(app, 1 << 20, body_timeout_s=1.0)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(server_config(guarded, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, timeout=20, message="server started")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+            answer = b""
+            try:
+                for _ in range(8):  # a byte every 0.3 s: each chunk is in time, the body is not
+                    conn.sendall(b"x")
+                    time.sleep(0.3)  # the slow client being simulated, not a wait for the server
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # answered and closed while we were still sending
+            try:
+                while not answer.endswith(b"}"):
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    answer += chunk
+            except ConnectionResetError:
+                pass
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()
