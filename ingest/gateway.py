@@ -238,7 +238,7 @@ class Gateway:
         from streaming.consumer import Record, Subscriber
         from streaming.exceptions import OffsetOutOfRangeError
 
-        kinds = {raw_topic(self.tenant_settings(t), k): k for k in KINDS for t in ("", *self.tokens.tenants)}
+        kinds = {raw_topic(self.tenant_settings(t), k): (t, k) for k in KINDS for t in ("", *self.tokens.tenants)}
         since = now_ms() - int(window_s * 1000)
         try:
             sub = Subscriber(self.settings, list(kinds), start={"timestamp": since}, until="end")
@@ -249,10 +249,10 @@ class Gateway:
         with sub:
             for item in sub.iterate(idle_timeout_s=5.0):
                 if isinstance(item, Record) and isinstance(item.value, dict):
-                    kind = kinds[item.topic]
+                    tenant, kind = kinds[item.topic]
                     # A seeded id is not tied to a key (the topic does not say who sent it): it
-                    # matches any key's resend of that event.
-                    self.seen.complete((SEEDED, kind, event_key(kind, item.value)),
+                    # matches any resend of that event by a key of the topic's tenant.
+                    self.seen.complete((SEEDED, tenant, kind, event_key(kind, item.value)),
                                        {"topic": item.topic, "partition": item.partition, "offset": item.offset})
                     seeded += 1
                 if time.monotonic() > deadline:
@@ -379,7 +379,7 @@ class Gateway:
         except SchemaError as exc:
             item.reject(exc)
             return
-        seeded = self.seen.done_value((SEEDED, kind, item.key))
+        seeded = self.seen.done_value((SEEDED, principal.tenant, kind, item.key))
         if seeded is not None:
             item.status, item.meta = "duplicate", dict(seeded)
             return
