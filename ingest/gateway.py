@@ -17,11 +17,18 @@ Kafka did not acknowledge is reported ``rejected`` with ``"retryable": true`` an
 is 503 + ``Retry-After``: resend it, the idempotency keys make that safe.
 
 Order of admission, cheapest first, so a refused request costs almost nothing: body size by
-``Content-Length`` (413, raw ASGI middleware, before auth) -> bearer token (401/403) -> rate budget
-not empty (429) -> in-flight records under the limit (503) -> body read while counting bytes (413)
--> ``Idempotency-Key`` replay -> parse -> rate charge for the records (429) -> publish and wait.
+``Content-Length`` and the process-wide budget of body bytes held (413/503, raw ASGI middleware,
+before auth) -> key (401/403) -> the key's scope ``ingest.<kind>`` (403) -> rate budget not empty
+(429) -> in-flight records under the limit (503) -> body read while counting bytes (413/408) ->
+JSON shape scanned without parsing (depth, arrays/objects, top-level elements) -> rate charge for
+those elements, also when the body is then refused (429) -> shape limits (400/413) ->
+``Idempotency-Key`` replay -> parse -> publish and wait.
 
-Idempotency window: per gateway process, in memory, bounded (``GatewayLimits.idempotency_capacity``
+Tenants (docs/SECURITY.md): a key of tenant ``acme`` publishes into ``<prefix>acme.<kind>.raw``;
+rate limits are per key and, with ``ingest_tenant_rate``, per tenant.
+
+Idempotency window: per key (a key can only ever dedupe its own events, so one key holder cannot
+make another's event a "duplicate"), per gateway process, in memory, bounded (``GatewayLimits.idempotency_capacity``
 keys, ``idempotency_ttl_s``). By default it is NOT seeded from the topic: a restart, or more distinct
 events than the capacity within the TTL, forgets keys, and a resend is then published again
 (consumers dedupe by event id downstream). ``Gateway.seed_idempotency(window_s)`` (CLI
@@ -35,8 +42,10 @@ is remembered only after its ack; while in flight, a second sender waits for the
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -56,12 +65,14 @@ from prometheus_client import (
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from ingest.gateway_auth import Principal, TokenTable
+from ingest.gateway_auth import Principal, gateway_keys
 from ingest.gateway_errors import (
     BadRequestError,
     GatewayError,
     IdempotencyConflictError,
     OverloadedError,
+    PayloadTooLargeError,
+    RateLimitedError,
     UnsupportedMediaTypeError,
 )
 from ingest.gateway_limits import BodyLimitMiddleware, InFlightLimiter, OnceMap, RateLimiter
@@ -80,6 +91,7 @@ from ingest.gateway_records import (
     parse_json_body,
 )
 from schemas.exceptions import RegistryUnavailableError, SchemaError
+from schemas.httpguard import ByteBudget, GuardError, JsonShape, RateBuckets, scan_json
 from schemas.registry import SchemaRegistry
 from streaming.config import Settings
 from streaming.exceptions import RecordTooLargeError
@@ -89,6 +101,9 @@ from streaming.topics import KINDS, raw_topic
 log = logging.getLogger(__name__)
 
 Stored = tuple[str, int, dict[str, Any]]  # request fingerprint, status, body
+_EPOCH_MS = re.compile(r"[0-9]{1,15}")
+#: Owner of idempotency keys re-read from the raw topics at start-up (no key is recorded there).
+SEEDED = "\x00seeded"
 
 
 @dataclass(frozen=True)
@@ -119,6 +134,14 @@ class GatewayLimits:
     idempotency_capacity: int = 500_000
     idempotency_ttl_s: float = 24 * 3600.0
     request_key_capacity: int = 10_000
+    body_budget_bytes: int = 128 * 1024 * 1024  # body bytes held at once (x2 per body), all requests; 503 beyond
+    max_json_depth: int = 32
+    containers_per_record: int = 8  # arrays/objects a record may use (sensor values, weblog fields)
+    tenant_rate_records_per_s: float = 0.0  # per tenant across its keys; <= 0: no tenant quota
+
+    @property
+    def max_containers(self) -> int:
+        return self.max_records_per_request * self.containers_per_record + 64
 
 
 def _bridge(loop: asyncio.AbstractEventLoop, future: Any) -> asyncio.Future[Any]:
@@ -192,13 +215,16 @@ class Gateway:
         self.settings = settings
         self.publisher = publisher
         self.limits = limits
-        self.tokens = TokenTable(settings.ingest_tokens)
+        self.tokens = gateway_keys(settings)
         self.metrics = GatewayMetrics()
         self.rate = RateLimiter(limits.rate_records_per_s, limits.burst_records)
+        self.tenant_rate = RateBuckets(limits.tenant_rate_records_per_s,
+                                       max(limits.burst_records, limits.tenant_rate_records_per_s))
         self.inflight = InFlightLimiter(limits.max_in_flight, on_change=self.metrics.in_flight.set)
         self.seen: OnceMap[dict[str, Any]] = OnceMap(limits.idempotency_capacity, limits.idempotency_ttl_s)
         self.responses: OnceMap[Stored] = OnceMap(limits.request_key_capacity, limits.idempotency_ttl_s)
         self.avro = AvroBodies(registry)
+        self._tenant_publishers: dict[str, Publisher] = {}
         self._health_lock = asyncio.Lock()
 
     def seed_idempotency(self, window_s: float, timeout_s: float = 120.0) -> int:
@@ -212,7 +238,7 @@ class Gateway:
         from streaming.consumer import Record, Subscriber
         from streaming.exceptions import OffsetOutOfRangeError
 
-        kinds = {raw_topic(self.settings, k): k for k in KINDS}
+        kinds = {raw_topic(self.tenant_settings(t), k): (t, k) for k in KINDS for t in ("", *self.tokens.tenants)}
         since = now_ms() - int(window_s * 1000)
         try:
             sub = Subscriber(self.settings, list(kinds), start={"timestamp": since}, until="end")
@@ -223,8 +249,10 @@ class Gateway:
         with sub:
             for item in sub.iterate(idle_timeout_s=5.0):
                 if isinstance(item, Record) and isinstance(item.value, dict):
-                    kind = kinds[item.topic]
-                    self.seen.complete((kind, event_key(kind, item.value)),
+                    tenant, kind = kinds[item.topic]
+                    # A seeded id is not tied to a key (the topic does not say who sent it): it
+                    # matches any resend of that event by a key of the topic's tenant.
+                    self.seen.complete((SEEDED, tenant, kind, event_key(kind, item.value)),
                                        {"topic": item.topic, "partition": item.partition, "offset": item.offset})
                     seeded += 1
                 if time.monotonic() > deadline:
@@ -232,13 +260,54 @@ class Gateway:
                     break
         return seeded
 
+    def tenant_settings(self, tenant: str) -> Settings:
+        """Settings whose topic names are the tenant's (``<prefix><tenant>.``)."""
+        if not tenant:
+            return self.settings
+        return self.settings.with_(topic_prefix=f"{self.settings.topic_prefix}{tenant}.")
+
+    def publisher_for(self, tenant: str) -> Publisher:
+        """The publisher whose dead letters go to ``tenant``'s dead-letter topics.
+
+        A shallow copy with the tenant's settings: it shares the one producer and serializer cache,
+        so a tenant costs no connection, and ``Publisher.dead_letter`` (sizing, headers) is reused.
+        """
+        if not tenant:
+            return self.publisher
+        view = self._tenant_publishers.get(tenant)
+        if view is None:
+            view = copy.copy(self.publisher)
+            view.settings = self.tenant_settings(tenant)
+            self._tenant_publishers[tenant] = view
+        return view
+
     # -- admission ----------------------------------------------------------------------------
-    def admit(self, request: Request) -> Principal:
-        """Checks that need no body: token (401/403), rate budget (429), in-flight bound (503)."""
+    def admit(self, request: Request, kind: str | None = None) -> Principal:
+        """Checks that need no body: key (401/403), scope, rate budget (429), in-flight bound (503)."""
         principal = self.tokens.authenticate(request.headers.get("authorization"))
+        if kind in KINDS:
+            self.tokens.require(principal, f"ingest.{kind}")
         self.rate.check(principal.name)
         self.inflight.admit()
         return principal
+
+    def charge(self, principal: Principal, n: int) -> None:
+        """Charge ``n`` records to the key and its tenant before the body is parsed (429 when spent)."""
+        self.rate.take(principal.name, n)
+        try:
+            self.tenant_rate.take(principal.tenant_label, n, "records")
+        except GuardError as exc:
+            raise RateLimitedError(f"tenant {principal.tenant_label!r}: {exc.message}",
+                                   retry_after=exc.retry_after) from None
+
+    def check_shape(self, shape: JsonShape) -> None:
+        """Depth and container limits of a scanned JSON body (400/413), after it was charged."""
+        if shape.depth > self.limits.max_json_depth:
+            raise BadRequestError(f"request body: JSON nested {shape.depth} levels deep, over the limit of "
+                                  f"{self.limits.max_json_depth}; events are flat objects")
+        if shape.containers > self.limits.max_containers:
+            raise PayloadTooLargeError(f"request body: {shape.containers} JSON arrays/objects, over the limit "
+                                       f"of {self.limits.max_containers}; send fewer or smaller records")
 
     async def with_request_key(self, request: Request, principal: Principal, fp: str,
                                work: Callable[[], Awaitable[Answer]]) -> JSONResponse:
@@ -276,37 +345,45 @@ class Gateway:
 
     # -- publishing (worker thread) -------------------------------------------------------------
     def _send(self, kind: str, items: list[Item], remote: str,
-              principal: Principal) -> list[tuple[Item, str, Any]]:
-        """Charge the rate, then encode and send the valid items and dead-letter the rejected ones.
+              principal: Principal, charged: int = 0) -> list[tuple[Item, str, Any]]:
+        """Charge what was not charged yet, then send the valid items and dead-letter the rejected ones.
 
         Runs in a worker thread (encoding is CPU work and ``send`` may block on a full buffer).
         Returns ``(item, what, future)`` with ``what`` in ack | pending | dead_letter.
         """
-        self.rate.take(principal.name, len(items))
-        topic, record_name = raw_topic(self.settings, kind), KINDS[kind]
+        if len(items) > charged:
+            self.charge(principal, len(items) - charged)
+        topic, record_name = raw_topic(self.tenant_settings(principal.tenant), kind), KINDS[kind]
+        source: dict[str, Any] = {"remote": remote}
+        if principal.tenant:
+            source["tenant"] = principal.tenant
         waits: list[tuple[Item, str, Any]] = []
         for item in items:
             if item.record is not None:
-                self._send_one(kind, topic, record_name, item, waits)
+                self._send_one(kind, topic, record_name, item, waits, principal)
             if item.status == "rejected" and not item.retryable:
                 try:
-                    future = self.publisher.dead_letter(kind, item.original, stage="gateway",
+                    future = self.publisher_for(principal.tenant).dead_letter(kind, item.original, stage="gateway",
                                                         error=item.error or "",
-                                                        source={"remote": remote, "index": item.index})
+                                                        source={**source, "index": item.index})
                     waits.append((item, "dead_letter", future))
                 except (KafkaError, RecordTooLargeError) as exc:
                     item.retryable, item.error = True, f"could not keep the rejected record ({describe(exc)})"
         return waits
 
     def _send_one(self, kind: str, topic: str, record_name: str, item: Item,
-                  waits: list[tuple[Item, str, Any]]) -> None:
+                  waits: list[tuple[Item, str, Any]], principal: Principal) -> None:
         record = item.record or {}
         try:
             value = self.publisher.encode(topic, record_name, record)
         except SchemaError as exc:
             item.reject(exc)
             return
-        key = (kind, item.key)
+        seeded = self.seen.done_value((SEEDED, principal.tenant, kind, item.key))
+        if seeded is not None:
+            item.status, item.meta = "duplicate", dict(seeded)
+            return
+        key = (principal.name, kind, item.key)
         state, got = self.seen.claim(key)
         if state == "done":
             item.status, item.meta = "duplicate", dict(got)
@@ -344,7 +421,8 @@ class Gateway:
         future.add_errback(failed)
         waits.append((item, "ack", future))
 
-    async def settle(self, kind: str, items: list[Item], waits: list[tuple[Item, str, Any]]) -> Answer:
+    async def settle(self, kind: str, items: list[Item], waits: list[tuple[Item, str, Any]],
+                     principal: Principal | None = None) -> Answer:
         """Wait (bounded) for every ack and dead letter, then build the per-record answer."""
         if waits:
             all_done = _all_done(asyncio.get_running_loop(), [fut for _, _, fut in waits])
@@ -364,15 +442,19 @@ class Gateway:
                 item.status = "accepted" if what == "ack" else "duplicate"
                 item.meta = dict(value) if isinstance(value, dict) else {
                     "topic": value.topic, "partition": value.partition, "offset": value.offset}
-        return self.answer(kind, items)
+        return self.answer(kind, items, principal)
 
-    def answer(self, kind: str, items: list[Item]) -> Answer:
+    def answer(self, kind: str, items: list[Item], principal: Principal | None = None) -> Answer:
         counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
         retry = False
         for item in items:
             counts[item.status] += 1
             retry = retry or item.retryable
-            self.metrics.records.labels(kind=kind, status="failed" if item.retryable else item.status).inc()
+            outcome = "failed" if item.retryable else item.status
+            self.metrics.records.labels(kind=kind, status=outcome).inc()
+            if principal is not None:
+                tenant = self.tokens.tenant_label(principal)
+                self.metrics.tenant_records.labels(tenant=tenant, kind=kind, status=outcome).inc()
         body = {"results": [item.result() for item in items], "accepted": counts["accepted"],
                 "duplicates": counts["duplicate"], "rejected": counts["rejected"]}
         if retry:
@@ -385,18 +467,21 @@ class Gateway:
             status = 422
         return Answer(status, body, 1 if retry else None)
 
-    async def publish(self, kind: str, items: list[Item], request: Request, principal: Principal) -> Answer:
+    async def publish(self, kind: str, items: list[Item], request: Request, principal: Principal,
+                      charged: int = 0) -> Answer:
         remote = request.client.host if request.client else "unknown"
-        waits = await run_in_threadpool(self._send, kind, items, remote, principal)
-        return await self.settle(kind, items, waits)
+        waits = await run_in_threadpool(self._send, kind, items, remote, principal, charged)
+        return await self.settle(kind, items, waits, principal)
 
-    async def reject_body(self, kind: str, body: bytes, request: Request, exc: GatewayError) -> Answer:
+    async def reject_body(self, kind: str, body: bytes, request: Request, exc: GatewayError,
+                          principal: Principal | None = None) -> Answer:
         """A body that is unusable as a whole: dead-letter it once (authenticated callers only), 400."""
         remote = request.client.host if request.client else "unknown"
         kept = True
         if body:
             try:
-                future = await run_in_threadpool(self.publisher.dead_letter, kind, body, stage="gateway",
+                publisher = self.publisher_for(principal.tenant if principal else "")
+                future = await run_in_threadpool(publisher.dead_letter, kind, body, stage="gateway",
                                                  error=exc, source={"remote": remote, "index": "body"})
                 await asyncio.wait_for(_bridge(asyncio.get_running_loop(), future), self.limits.ack_timeout_s)
             except (KafkaError, RecordTooLargeError, TimeoutError):
@@ -436,8 +521,9 @@ class Gateway:
             except Exception as exc:  # any failure means "not healthy"; the class name says why
                 return JSONResponse({"status": "unavailable", "kafka": type(exc).__name__}, 503,
                                     headers={"Retry-After": "5"})
-        return JSONResponse({"status": "ok", "kafka": {"bootstrap": self.settings.bootstrap,
-                                                       "partitions": partitions},
+        # The bootstrap address is not shown: /healthz needs no key, and the address is a map of
+        # the network behind the gateway.
+        return JSONResponse({"status": "ok", "kafka": {"partitions": partitions},
                              "in_flight_records": self.inflight.count})
 
 
@@ -488,6 +574,11 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
             headers["WWW-Authenticate"] = 'Bearer realm="streamlearn-ingest"'
         return JSONResponse({"error": exc.message}, exc.status, headers=headers)
 
+    @app.exception_handler(GuardError)
+    async def guard_error(_: Request, exc: GuardError) -> JSONResponse:
+        headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else {}
+        return JSONResponse({"error": exc.message}, exc.status, headers=headers)
+
     @app.exception_handler(RegistryUnavailableError)
     async def registry_down(_: Request, exc: RegistryUnavailableError) -> JSONResponse:
         return JSONResponse({"error": f"schema registry unavailable ({exc}); retry"}, 503,
@@ -496,7 +587,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
     @app.post("/ingest/images", responses=_RESPONSES, openapi_extra={"requestBody": _MULTIPART},
               dependencies=[Security(bearer)], summary="Upload image files (multipart/form-data)")
     async def ingest_images(request: Request) -> Response:
-        principal = gw.admit(request)
+        principal = gw.admit(request, "image")
         if media_type(request.headers.get("content-type")) != "multipart/form-data":
             raise UnsupportedMediaTypeError("POST /ingest/images takes multipart/form-data with image files")
         async with request.form(max_files=limits.max_records_per_request, max_fields=16) as form:
@@ -508,8 +599,8 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
                                   else "no files in the upload; send one or more image files")
         stamp = now_ms()
         if fields.get("timestamp"):
-            if not fields["timestamp"].isdigit():
-                raise BadRequestError("form field timestamp must be epoch milliseconds (digits only)")
+            if not _EPOCH_MS.fullmatch(fields["timestamp"]):  # not isdigit(): "²".isdigit() is True
+                raise BadRequestError("form field timestamp must be epoch milliseconds (ASCII digits only)")
             stamp = int(fields["timestamp"])
         digest = hashlib.sha256(repr(sorted(fields.items())).encode())
         for name, data in files:
@@ -520,15 +611,16 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
                     for i, (name, data) in enumerate(files)]
 
         async def work() -> Answer:
+            gw.charge(principal, len(files))  # before Pillow decodes anything
             items = await run_in_threadpool(validate)
-            return await gw.publish("image", items, request, principal)
+            return await gw.publish("image", items, request, principal, charged=len(files))
 
         return await gw.with_request_key(request, principal, digest.hexdigest(), work)
 
     @app.post("/ingest/{kind}", responses=_RESPONSES, openapi_extra={"requestBody": _JSON_OR_AVRO},
               dependencies=[Security(bearer)], summary="Publish one event or a batch of one kind")
     async def ingest(request: Request, kind: str = Path(description="weblog | sensor | image")) -> Response:
-        principal = gw.admit(request)
+        principal = gw.admit(request, kind)
         if kind not in KINDS:
             return JSONResponse({"error": f"unknown kind {kind!r:.40}; use one of {sorted(KINDS)}"}, 404)
         ctype = media_type(request.headers.get("content-type"))
@@ -539,14 +631,20 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
 
         async def work() -> Answer:
             if ctype in AVRO_TYPES:
+                gw.charge(principal, 1)
                 items = [await run_in_threadpool(gw.avro.item, kind, body)]
-            else:
-                try:
-                    items = await run_in_threadpool(parse_json_body, kind, body,
-                                                    limits.max_records_per_request)
-                except BadRequestError as exc:
-                    return await gw.reject_body(kind, body, request, exc)
-            return await gw.publish(kind, items, request, principal)
+                return await gw.publish(kind, items, request, principal, charged=1)
+            # Scan the shape without building anything, charge the records it holds (a refused body
+            # pays too), and refuse by shape before json.loads can allocate per element.
+            shape = await run_in_threadpool(scan_json, body)
+            charged = min(max(shape.top_level, 1), limits.max_records_per_request)
+            gw.charge(principal, charged)
+            try:
+                gw.check_shape(shape)
+                items = await run_in_threadpool(parse_json_body, kind, body, limits.max_records_per_request)
+            except (BadRequestError, PayloadTooLargeError) as exc:
+                return await gw.reject_body(kind, body, request, exc, principal)
+            return await gw.publish(kind, items, request, principal, charged=charged)
 
         return await gw.with_request_key(request, principal, fingerprint(ctype, body), work)
 
@@ -564,5 +662,6 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
         gw.metrics.requests.labels(route=route, status=str(status)).inc()
 
     app.add_middleware(RequestMetrics, metrics=gw.metrics)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=limits.max_body_bytes, on_reject=count_refusal)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=limits.max_body_bytes, on_reject=count_refusal,
+                       budget=ByteBudget(max(limits.body_budget_bytes, 2 * limits.max_body_bytes)))
     return app

@@ -27,9 +27,11 @@ def register_serve(ingest_subparsers: Any) -> None:
     d = GatewayLimits()
     p = ingest_subparsers.add_parser(
         "serve", help="run the HTTP ingest gateway (POST /ingest/{kind}, /ingest/images; /docs)",
-        description="HTTP ingest gateway: events in, acked by Kafka, per-record status out. Bearer tokens come "
-                    "from STREAMLEARN_INGEST_TOKENS (name:token or token, comma separated). Limits are "
-                    "per process; the idempotency window is in memory (see ingest/gateway.py).")
+        description="HTTP ingest gateway: events in, acked by Kafka, per-record status out. Keys (bearer "
+                    "tokens) come from env STREAMLEARN_KEYS or the file named by STREAMLEARN_KEYS_FILE "
+                    "(name:token[:scopes[:tenant]], scope ingest or ingest.<kind>), or the legacy "
+                    "STREAMLEARN_INGEST_TOKENS (name:token or token); never from the command line. Limits are "
+                    "per process; the idempotency window is in memory (see ingest/gateway.py, docs/SECURITY.md).")
     p.add_argument("--port", dest="ingest_port", type=int, default=None,
                    help=f"port to listen on {config.env_help('ingest_port')}")
     p.add_argument("--host", dest="ingest_host", default=None,
@@ -42,6 +44,8 @@ def register_serve(ingest_subparsers: Any) -> None:
                    help=f"records/s per token, token bucket; 0 disables {config.env_help('ingest_rate')}")
     p.add_argument("--burst", dest="ingest_burst", type=float, default=None,
                    help=f"token bucket size in records {config.env_help('ingest_burst')}")
+    p.add_argument("--tenant-rate", dest="ingest_tenant_rate", type=float, default=None,
+                   help=f"records/s per tenant across its keys; 0 disables {config.env_help('ingest_tenant_rate')}")
     p.add_argument("--max-in-flight", dest="ingest_max_in_flight", type=int, default=None,
                    help="un-acked records across requests before new requests get 503 "
                         f"{config.env_help('ingest_max_in_flight')}")
@@ -64,7 +68,8 @@ def limits_from_args(args: argparse.Namespace, settings: Settings) -> Any:
 
     return GatewayLimits(max_body_bytes=pick("ingest_max_body_bytes"), max_records_per_request=args.max_records,
                          rate_records_per_s=pick("ingest_rate"), burst_records=pick("ingest_burst"),
-                         max_in_flight=pick("ingest_max_in_flight"), ack_timeout_s=args.ack_timeout)
+                         max_in_flight=pick("ingest_max_in_flight"), ack_timeout_s=args.ack_timeout,
+                         tenant_rate_records_per_s=pick("ingest_tenant_rate"))
 
 
 def serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -72,23 +77,29 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from ingest.gateway import create_app
+    from ingest.gateway_auth import gateway_keys
+    from schemas.httpguard import server_config
     from streaming.topics import KINDS, dead_letter_topic, declared_topics, ensure_topics, raw_topic
 
-    if not settings.ingest_tokens.strip():
-        raise ConfigError("setting 'ingest_tokens' (env STREAMLEARN_INGEST_TOKENS) is empty; set it to "
-                          "name:token pairs so clients can authenticate (the gateway refuses to run open)")
-    wanted = {raw_topic(settings, k) for k in KINDS} | {dead_letter_topic(settings, k) for k in KINDS}
-    ensure_topics(settings, [s for s in declared_topics(settings) if s.name in wanted])
+    keys = gateway_keys(settings)
+    if not keys:
+        raise ConfigError("no key for the gateway: set STREAMLEARN_KEYS (or STREAMLEARN_KEYS_FILE, or the legacy "
+                          "STREAMLEARN_INGEST_TOKENS) to name:token[:scopes[:tenant]] entries so clients can "
+                          "authenticate (the gateway refuses to run open)")
+    for tenant in ("", *sorted(keys.tenants)):
+        scoped = settings if not tenant else settings.with_(topic_prefix=f"{settings.topic_prefix}{tenant}.")
+        wanted = {raw_topic(scoped, k) for k in KINDS} | {dead_letter_topic(scoped, k) for k in KINDS}
+        ensure_topics(scoped, [s for s in declared_topics(scoped) if s.name in wanted])
     app = create_app(settings, limits=limits_from_args(args, settings))
     host = args.ingest_host or settings.ingest_host
     if args.idempotency_seed_minutes > 0:
         seeded = app.state.gateway.seed_idempotency(args.idempotency_seed_minutes * 60)
         log.info("idempotency window seeded with %d event ids from the last %g min", seeded,
                  args.idempotency_seed_minutes)
-    log.info("ingest gateway on http://%s:%d (docs at /docs), %d token(s)", host, settings.ingest_port,
+    log.info("ingest gateway on http://%s:%d (docs at /docs), %d key(s)", host, settings.ingest_port,
              len(app.state.gateway.tokens))
-    uvicorn.run(app, host=host, port=settings.ingest_port, log_level=settings.log_level.lower(),
-                access_log=args.access_log, server_header=False)
+    uvicorn.Server(server_config(app, host=host, port=settings.ingest_port, log_level=settings.log_level.lower(),
+                                 access_log=args.access_log)).run()
     return 0
 
 
@@ -102,13 +113,14 @@ class BackgroundServer:
     def __init__(self, app: Any, host: str = "127.0.0.1", start_timeout_s: float = 20.0) -> None:
         import uvicorn
 
+        from schemas.httpguard import server_config
+
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, 0))
         self.host, self.port = host, int(self._sock.getsockname()[1])
         self.url = f"http://{host}:{self.port}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                     lifespan="on", server_header=False))
+        self._server = uvicorn.Server(server_config(app, lifespan="on"))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
                                         name="gateway-server", daemon=True)
         self._start_timeout_s = start_timeout_s

@@ -22,7 +22,6 @@ on the Kafka producer's I/O thread.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -31,7 +30,9 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import Future
 from typing import Any, Generic, Literal, TypeVar
 
-from ingest.gateway_errors import OverloadedError, PayloadTooLargeError, RateLimitedError
+from ingest.gateway_errors import OverloadedError, RateLimitedError
+from schemas.httpguard import BodyLimitMiddleware as GuardedBodyMiddleware
+from schemas.httpguard import ByteBudget, send_error
 
 V = TypeVar("V")
 Clock = Callable[[], float]
@@ -214,6 +215,13 @@ class OnceMap(Generic[V]):
             self._pending[key] = future
             return "new", future
 
+    def done_value(self, key: Any) -> V | None:
+        """The stored value of a finished key, or None; claims nothing."""
+        with self._lock:
+            self._expire(self._clock())
+            entry = self._done.get(key)
+        return None if entry is None else entry[1]
+
     def complete(self, key: Any, value: V) -> None:
         """Record ``key`` as done with ``value`` and wake its waiters."""
         with self._lock:
@@ -238,71 +246,17 @@ class OnceMap(Generic[V]):
 async def send_json_error(send: Send, status: int, message: str,
                           headers: dict[str, str] | None = None) -> None:
     """Answer a request from raw ASGI with ``{"error": message}``."""
-    body = json.dumps({"error": message}).encode()
-    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
-    raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send_error(send, status, {"error": message}, headers)
 
 
-class BodyLimitMiddleware:
-    """Raw ASGI middleware answering 413 once a request body is over ``max_body_bytes``.
+class BodyLimitMiddleware(GuardedBodyMiddleware):
+    """The shared body guard (:class:`schemas.httpguard.BodyLimitMiddleware`) with the gateway's wording.
 
-    ``on_reject(path, status)`` lets the app count refusals it never sees as a route.
+    ``on_reject(path, status)`` lets the app count refusals it never sees as a route; ``budget`` is
+    the process-wide bound of body bytes held at once (503 beyond it).
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int,
-                 on_reject: Callable[[str, int], None] | None = None) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-        self.on_reject = on_reject
-
-    def _message(self) -> str:
-        return (f"request body is larger than the gateway limit of {self.max_body_bytes} bytes; "
-                "split the batch into smaller requests")
-
-    async def _refuse(self, scope: Scope, send: Send, status: int, message: str) -> None:
-        if self.on_reject is not None:
-            self.on_reject(str(scope.get("path", "")), status)
-        await send_json_error(send, status, message)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.max_body_bytes
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    await self._refuse(scope, send, 400, "Content-Length header is not an integer")
-                    return
-                if declared > limit:
-                    await self._refuse(scope, send, 413, self._message())
-                    return
-        received = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise PayloadTooLargeError(self._message())
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except PayloadTooLargeError as exc:
-            if started:
-                raise
-            await self._refuse(scope, send, 413, exc.message)
+    def __init__(self, app: ASGIApp, max_body_bytes: int, on_reject: Callable[[str, int], None] | None = None,
+                 budget: ByteBudget | None = None, body_timeout_s: float = 30.0) -> None:
+        super().__init__(app, max_body_bytes, budget=budget, body_timeout_s=body_timeout_s,
+                         on_reject=on_reject, what="gateway")

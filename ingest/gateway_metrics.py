@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ingest.gateway_errors import PayloadTooLargeError
+from schemas.httpguard import GuardError
 
 
 class GatewayMetrics:
@@ -26,6 +27,9 @@ class GatewayMetrics:
                                 ["route", "status"], registry=self.registry)
         self.records = Counter("streamlearn_gateway_records", "Records by kind and outcome",
                                ["kind", "status"], registry=self.registry)
+        self.tenant_records = Counter("streamlearn_gateway_tenant_records",
+                                      "Records by tenant (bounded: configured tenants, else 'other'), kind "
+                                      "and outcome", ["tenant", "kind", "status"], registry=self.registry)
         self.in_flight = Gauge("streamlearn_gateway_in_flight_records",
                                "Records sent to Kafka and not yet acknowledged", registry=self.registry)
         self.ack_latency = Histogram("streamlearn_gateway_ack_latency_seconds",
@@ -54,7 +58,7 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, tracking_send)
-        except PayloadTooLargeError:
+        except (PayloadTooLargeError, GuardError):
             raise  # answered and counted by BodyLimitMiddleware
         except Exception:
             status = 500

@@ -111,11 +111,37 @@ def _timestamp(value: Any, field_name: str = "timestamp") -> int:
     return value
 
 
+def _no_booleans(obj: dict[str, Any], fields: tuple[str, ...]) -> None:
+    """JSON ``true`` is not the number 1: refuse booleans where a number is expected."""
+    for name in fields:
+        value = obj.get(name)
+        nested = value.values() if isinstance(value, dict) else [value]
+        if any(isinstance(v, bool) for v in nested):
+            raise RecordRejectedError(f"{name} holds a boolean; send a number")
+
+
 def _weblog(obj: dict[str, Any]) -> dict[str, Any]:
+    _no_booleans(obj, ("latency_ms", "status", "bytes_sent"))
     # parse_json takes the line it would read from a file; canonical JSON makes the derived
     # event_id independent of key order and whitespace, so the same event posted twice dedupes.
     line = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return weblog.parse_json(line, source=SOURCE)
+    return _check_latency(weblog.parse_json(line, source=SOURCE))
+
+
+#: Largest ``latency_ms`` the gateway accepts: one hour. A request slower than that is not a
+#: latency worth learning from, and 1e308 would overflow every feature computed from it.
+MAX_LATENCY_MS = 3_600_000.0
+
+
+def _check_latency(record: dict[str, Any]) -> dict[str, Any]:
+    latency = record.get("latency_ms")
+    if latency is not None:
+        if isinstance(latency, bool) or not isinstance(latency, int | float):
+            raise RecordRejectedError(f"latency_ms {latency!r:.40} must be a number of milliseconds")
+        if not math.isfinite(latency) or not 0 <= latency <= MAX_LATENCY_MS:
+            raise RecordRejectedError(f"latency_ms {latency!r:.40} must be finite and within 0..{MAX_LATENCY_MS:g} "
+                                      "(milliseconds)")
+    return record
 
 
 def _sensor(obj: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +149,7 @@ def _sensor(obj: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise RecordRejectedError(f"unknown sensor field(s) {unknown}; put further channels in 'values' "
                                   f"(allowed: {sorted(_SENSOR_FIELDS)})")
+    _no_booleans(obj, ("value", "values"))
     record = dict(obj)
     if "timestamp" in record:
         record["timestamp"] = _timestamp(record["timestamp"])
@@ -258,10 +285,7 @@ def _validate_decoded(kind: str, record: dict[str, Any]) -> dict[str, Any]:
                                       f"{record['width']}x{record['height']} do not match the image bytes "
                                       f"({info.content_type} {info.width}x{info.height})")
         return record
-    latency = record.get("latency_ms")
-    if latency is not None and not math.isfinite(latency):
-        raise RecordRejectedError(f"latency_ms {latency!r} is not finite")
-    return record
+    return _check_latency(record)
 
 
 # -- multipart images -----------------------------------------------------------------------------

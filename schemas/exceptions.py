@@ -122,3 +122,39 @@ class RegistryStoreError(StreamlearnError):
 
 class IncompatibleReaderError(SchemaError):
     """A deserializer's reader schema cannot read records written with the record's writer schema."""
+
+
+class ConfigError(StreamlearnError):
+    """A setting has a value of the wrong type or out of range.
+
+    Defined here (and re-exported by ``streaming.config``) so that :mod:`schemas.access`, which every
+    server uses for keys, can report a bad key setting without importing ``streaming``.
+    """
+
+
+class AccessError(StreamlearnError):
+    """A request was refused by :mod:`schemas.access`; ``status`` is the HTTP status to answer.
+
+    Messages are built from constants, scope names and tenant ids only: never from a key.
+    """
+
+    status: int = 403
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class UnauthenticatedError(AccessError):
+    """No usable credentials (401)."""
+
+    status = 401
+
+
+class AccessDeniedError(AccessError):
+    """Credentials unknown, or the key lacks the scope or the tenant of what it asked for (403)."""
+
+    status = 403

@@ -11,6 +11,7 @@ backoff, never dead-letter); Confluent error bodies map onto the typed errors of
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import urllib.error
@@ -46,9 +47,22 @@ class HttpRegistryClient(SchemaRegistry):
         super().__init__()
         if not url.startswith(("http://", "https://")):
             raise RegistryUnavailableError(
-                f"url: {url!r} is not an http(s) URL; set registry_url (STREAMLEARN_REGISTRY_URL) "
+                f"url: {url.rsplit('@', 1)[-1]!r} is not an http(s) URL; set registry_url (STREAMLEARN_REGISTRY_URL) "
                 f"to e.g. http://localhost:8081, or leave it unset to use the file store"
             )
+        # A key rides in the URL's userinfo (http://name:token@host:8081, what Confluent clients
+        # accept too); it is taken out of ``url`` so no message or repr can show it.
+        parts = urllib.parse.urlsplit(url)
+        self._authorization: str | None = None
+        if parts.username is not None or parts.password is not None:
+            userinfo = f"{urllib.parse.unquote(parts.username or '')}:{urllib.parse.unquote(parts.password or '')}"
+            self._authorization = "Basic " + base64.b64encode(userinfo.encode("utf-8")).decode("ascii")
+            netloc = parts.hostname or ""
+            if ":" in netloc:
+                netloc = f"[{netloc}]"
+            if parts.port is not None:
+                netloc += f":{parts.port}"
+            url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
         self.url = url.rstrip("/")
         self.timeout = timeout
         self._schemas: dict[int, str] = {}
@@ -60,6 +74,8 @@ class HttpRegistryClient(SchemaRegistry):
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data, method=method)
         req.add_header("Accept", f"{CONTENT_TYPE}, application/json")
+        if self._authorization is not None:
+            req.add_header("Authorization", self._authorization)
         if data is not None:
             req.add_header("Content-Type", CONTENT_TYPE)
         try:
@@ -86,6 +102,13 @@ class HttpRegistryClient(SchemaRegistry):
             payload = {}
         code = payload.get("error_code", exc.code) if isinstance(payload, dict) else exc.code
         message = payload.get("message", str(exc)) if isinstance(payload, dict) else str(exc)
+        if exc.code in (401, 403):
+            # A key problem is the deployment's, not the record's: callers retry (never dead-letter)
+            # and log this until the key is fixed.
+            raise RegistryUnavailableError(
+                f"schema registry at {self.url} refused this client's key on {path} ({exc.code}): {message}; "
+                "put a key with the needed scope in STREAMLEARN_REGISTRY_URL (http://name:token@host:port)"
+            ) from exc
         if exc.code >= 500:
             raise RegistryUnavailableError(
                 f"schema registry at {self.url} failed on {path} ({code}): {message}; retry later"

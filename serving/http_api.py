@@ -4,35 +4,76 @@ It shares the worker's :class:`~serving.versions.VersionManager` (same loaded ve
 and featurizer states, so an HTTP answer and a Kafka answer of the same instant come from the same
 version. Routes (TF Serving REST API):
 
-* ``GET /v1/models/{name}`` and ``.../versions/{v}`` -> ``model_version_status``
+* ``GET /v1/models/{name}``, ``.../versions/{v}`` and ``.../labels/{l}`` -> ``model_version_status``
 * ``GET /v1/models/{name}[/versions/{v}|/labels/{l}]/metadata`` -> signature def
 * ``POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict`` with ``{"instances": [...]}`` (row
   format) or ``{"inputs": ...}`` (columnar) -> ``{"predictions": [...]}`` / ``{"outputs": [...]}``
 
 Instances are feature vectors (lists, or ``{"x": [...]}``) or raw event objects featurized
 server-side. Labels are ``stable`` and ``canary``. Without a version or label the stable version
-answers (the canary share applies to Kafka requests, whose ids are hashed). Errors use TF
-Serving's ``{"error": "..."}`` with 400 (bad input) or 404 (unknown model/version/label).
+answers (the canary share applies to Kafka requests, whose ids are hashed).
+
+Every 4xx/5xx is TF Serving's ``{"error": "..."}``, never a traceback: 400 bad input, 401/403 key,
+404 unknown model/version/label, 408 slow body, 413 body or instances over the limit, 429 too many
+concurrent predictions or the tenant's quota spent. Keys (``predict`` scope, the model under the
+key's tenant) come from ``STREAMLEARN_KEYS``/``STREAMLEARN_KEYS_FILE`` (docs/SECURITY.md); without
+keys the server binds loopback only. Inference runs in a small thread pool, never on the event
+loop, so HTTP and the Kafka loop of the same process do not block each other.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import Counter
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from schemas.access import ANONYMOUS, KeyTable, Principal, bind_host, load_keys
+from schemas.exceptions import AccessError
+from schemas.httpguard import BodyLimitMiddleware, ByteBudget, GuardError, RateBuckets, loads_guarded, server_config
 from serving import metrics
 from serving.exceptions import NoModelVersionError, RequestDecodeError, ServingError
 from serving.inputs import Featurization
 from serving.model import LoadedVersion
 from serving.versions import VersionManager
+from streaming.config import Settings
 
 log = logging.getLogger(__name__)
+
+#: HTTP requests by tenant (bounded: configured tenants, else "other") and status class.
+TENANT_REQUESTS = Counter("streamlearn_serving_http_requests_total",
+                          "Serving HTTP requests by model, tenant and status code", ["model", "tenant", "status"])
+_VERSION_RE = re.compile(r"^[0-9]{1,18}$")  # ASCII digits only: "²".isdigit() is True, int("²") fails
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Limits of the HTTP front end; defaults from the settings of the same names."""
+
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_instances: int = 1024
+    max_concurrent: int = 8  # predict requests being decoded or inferred at once; 429 beyond
+    tenant_rate: float = 0.0  # instances/s per tenant; <= 0: no quota
+    max_depth: int = 32
+    pool_workers: int = 2  # inference threads (TensorFlow parallelizes inside a call)
+    body_timeout_s: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServeLimits:
+        return cls(max_body_bytes=settings.serve_max_body_bytes, max_instances=settings.serve_max_instances,
+                   max_concurrent=settings.serve_max_concurrent, tenant_rate=settings.serve_tenant_rate)
 
 
 class _HttpError(Exception):
@@ -47,24 +88,92 @@ def _status(lv: LoadedVersion) -> dict[str, Any]:
             "status": {"error_code": "OK", "error_message": ""}}
 
 
-def create_app(manager: VersionManager, featurization: Featurization, model: str) -> Any:
-    """The FastAPI application serving ``model`` from ``manager``'s loaded versions."""
-    app = FastAPI(title=f"streamlearn serving: {model}", docs_url=None, redoc_url=None)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every refusal as ``{"error": ...}``; unexpected errors without their text or a traceback."""
 
     @app.exception_handler(_HttpError)
-    async def _http_error(_: Request, exc: _HttpError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    async def http_error(_: Request, exc: _HttpError) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(GuardError)
+    async def guard_error(_: Request, exc: GuardError) -> JSONResponse:
+        return _error(exc.status, exc.message, {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else None)
+
+    @app.exception_handler(AccessError)
+    async def access_error(_: Request, exc: AccessError) -> JSONResponse:
+        return _error(exc.status, exc.message, {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def starlette_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, "request does not match the route's parameters")
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("serving HTTP: unexpected %s", type(exc).__name__)
+        return _error(500, "internal error of the serving HTTP API; see the server log")
+
+
+_PREDICT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "properties": {
+        "instances": {"type": "array", "items": {"oneOf": [{"type": "array", "items": {"type": "number"}},
+                                                          {"type": "object"}]}},
+        "inputs": {"oneOf": [{"type": "object"}, {"type": "array"}]}}}}}}}
+
+
+def _no_booleans(values: Any, where: str) -> None:
+    """JSON ``true`` is not the number 1 here: refuse booleans anywhere in a feature vector."""
+    if isinstance(values, bool):
+        raise _HttpError(400, f"{where}: booleans are not numbers; send 0/1 as numbers")
+    if isinstance(values, list):
+        for v in values:
+            if isinstance(v, bool | list):
+                _no_booleans(v, where)
+
+
+def create_app(manager: VersionManager, featurization: Featurization, model: str, *,
+               keys: KeyTable | None = None, limits: ServeLimits | None = None) -> Any:
+    """The FastAPI application serving ``model`` from ``manager``'s loaded versions.
+
+    ``keys`` empty or None: no authentication (the caller binds loopback only).
+    """
+    keys = keys if keys is not None else KeyTable()
+    limits = limits or ServeLimits()
+    app = FastAPI(title=f"streamlearn serving: {model}", docs_url=None, redoc_url=None)
+    _install_error_handlers(app)
+    pool = ThreadPoolExecutor(max_workers=limits.pool_workers, thread_name_prefix=f"http-predict-{model}")
+    app.state.pool = pool
+    busy = threading.BoundedSemaphore(limits.max_concurrent)
+    quota = RateBuckets(limits.tenant_rate, max(limits.tenant_rate, limits.max_instances))
+
+    def who(request: Request, name: str) -> Principal:
+        if not keys:
+            return ANONYMOUS
+        principal = keys.authenticate(request.headers.get("authorization"))
+        keys.require(principal, "predict", name)
+        return principal
+
+    def count(principal: Principal, status: int) -> None:
+        TENANT_REQUESTS.labels(model, keys.tenant_label(principal), str(status)).inc()
 
     def pick(name: str, version: str | None = None, label: str | None = None) -> LoadedVersion:
         if name != model:
-            raise _HttpError(404, f"Servable not found for request: Latest({name}); this server serves {model!r}")
+            raise _HttpError(404, f"Servable not found for request: Latest({name[:80]}); "
+                                  f"this server serves {model!r}")
         try:
             if version is not None:
-                if not version.isdigit():
-                    raise _HttpError(400, f"version: {version!r} is not a number")
+                if not _VERSION_RE.match(version):
+                    raise _HttpError(400, f"version: {version[:40]!r} is not a number (ASCII digits)")
                 return manager.by_version(int(version))
             if label is not None:
-                return manager.by_label(label)
+                return manager.by_label(label[:64])
             stable = manager.current().stable
             if stable is None:
                 raise NoModelVersionError(f"Servable not found for request: Latest({name}); no version loaded yet")
@@ -75,6 +184,9 @@ def create_app(manager: VersionManager, featurization: Featurization, model: str
     def rows(lv: LoadedVersion, instances: Any) -> np.ndarray:
         if not isinstance(instances, list) or not instances:
             raise _HttpError(400, "instances: must be a non-empty list of feature vectors or raw event objects")
+        if len(instances) > limits.max_instances:
+            raise _HttpError(413, f"instances: {len(instances)} over the limit of {limits.max_instances} per "
+                                  "request; split the request")
         out = []
         for i, inst in enumerate(instances):
             try:
@@ -83,6 +195,7 @@ def create_app(manager: VersionManager, featurization: Featurization, model: str
                 if isinstance(inst, dict):
                     x, _ = featurization.featurize(inst, lv, bytes_are_base64=True)
                 else:
+                    _no_booleans(inst, f"instances[{i}]")
                     x = featurization.check_features(inst, lv)
             except RequestDecodeError as exc:
                 raise _HttpError(400, f"instances[{i}]: {exc}") from exc
@@ -97,7 +210,7 @@ def create_app(manager: VersionManager, featurization: Featurization, model: str
         data = body["inputs"] if columnar else body["instances"]
         if columnar and isinstance(data, dict):
             if set(data) != {"x"}:
-                raise _HttpError(400, f"inputs: the signature has one input 'x', got {sorted(data)}")
+                raise _HttpError(400, f"inputs: the signature has one input 'x', got {sorted(data)[:8]}")
             data = data["x"]
         started = time.monotonic()
         x = rows(lv, data)
@@ -108,67 +221,110 @@ def create_app(manager: VersionManager, featurization: Featurization, model: str
         values = out.astype(float).tolist()
         return {"outputs": values} if columnar else {"predictions": values}
 
-    async def body_of(request: Request) -> Any:
+    async def serve_predict(request: Request, name: str, version: str | None = None,
+                            label: str | None = None) -> JSONResponse:
+        principal = who(request, name)
+        status = 500
         try:
-            return await request.json()
-        except ValueError as exc:
-            raise _HttpError(400, f"body: not valid JSON ({exc})") from exc
+            lv = pick(name, version=version, label=label)
+            raw = await request.body()  # counted against the body budget by the middleware
+            if not busy.acquire(blocking=False):
+                raise _HttpError(429, f"{limits.max_concurrent} predictions are running; retry shortly")
+            try:
+                body = await run_in_threadpool(loads_guarded, raw, max_depth=limits.max_depth,
+                                               max_containers=limits.max_instances * 4 + 16)
+                data = body.get("instances", body.get("inputs")) if isinstance(body, dict) else None
+                n = len(data) if isinstance(data, list) else 1
+                try:
+                    quota.take(principal.tenant_label, n, "instances")
+                except GuardError as exc:
+                    raise GuardError(429, f"tenant {principal.tenant_label!r}: {exc.message}",
+                                     exc.retry_after) from None
+                answer = await asyncio.get_running_loop().run_in_executor(pool, predict, lv, body)
+            finally:
+                busy.release()
+            status = 200
+            return JSONResponse(answer)
+        except (_HttpError, GuardError) as exc:
+            status = exc.status
+            raise
+        finally:
+            count(principal, status)
 
     @app.get("/v1/models/{name}")
-    def status(name: str) -> dict[str, Any]:
+    def status_all(name: str, request: Request) -> dict[str, Any]:
+        who(request, name)
         pick(name)
         return {"model_version_status": [_status(lv) for lv in manager.current().versions()]}
 
     @app.get("/v1/models/{name}/versions/{version}")
-    def status_version(name: str, version: str) -> dict[str, Any]:
+    def status_version(name: str, version: str, request: Request) -> dict[str, Any]:
+        who(request, name)
         return {"model_version_status": [_status(pick(name, version=version))]}
+
+    @app.get("/v1/models/{name}/labels/{label}")
+    def status_label(name: str, label: str, request: Request) -> dict[str, Any]:
+        who(request, name)
+        return {"model_version_status": [_status(pick(name, label=label))]}
 
     def metadata(lv: LoadedVersion) -> dict[str, Any]:
         return {"model_spec": {"name": model, "signature_name": "", "version": str(lv.version)},
                 "metadata": lv.signature_metadata()}
 
     @app.get("/v1/models/{name}/metadata")
-    def meta(name: str) -> dict[str, Any]:
+    def meta(name: str, request: Request) -> dict[str, Any]:
+        who(request, name)
         return metadata(pick(name))
 
     @app.get("/v1/models/{name}/versions/{version}/metadata")
-    def meta_version(name: str, version: str) -> dict[str, Any]:
+    def meta_version(name: str, version: str, request: Request) -> dict[str, Any]:
+        who(request, name)
         return metadata(pick(name, version=version))
 
     @app.get("/v1/models/{name}/labels/{label}/metadata")
-    def meta_label(name: str, label: str) -> dict[str, Any]:
+    def meta_label(name: str, label: str, request: Request) -> dict[str, Any]:
+        who(request, name)
         return metadata(pick(name, label=label))
 
-    @app.post("/v1/models/{name}:predict")
-    async def predict_latest(name: str, request: Request) -> dict[str, Any]:
-        lv = pick(name)
-        return predict(lv, await body_of(request))
+    @app.post("/v1/models/{name}:predict", openapi_extra=_PREDICT_BODY)
+    async def predict_latest(name: str, request: Request) -> JSONResponse:
+        return await serve_predict(request, name)
 
-    @app.post("/v1/models/{name}/versions/{version}:predict")
-    async def predict_version(name: str, version: str, request: Request) -> dict[str, Any]:
-        lv = pick(name, version=version)
-        return predict(lv, await body_of(request))
+    @app.post("/v1/models/{name}/versions/{version}:predict", openapi_extra=_PREDICT_BODY)
+    async def predict_version(name: str, version: str, request: Request) -> JSONResponse:
+        return await serve_predict(request, name, version=version)
 
-    @app.post("/v1/models/{name}/labels/{label}:predict")
-    async def predict_label(name: str, label: str, request: Request) -> dict[str, Any]:
-        lv = pick(name, label=label)
-        return predict(lv, await body_of(request))
+    @app.post("/v1/models/{name}/labels/{label}:predict", openapi_extra=_PREDICT_BODY)
+    async def predict_label(name: str, label: str, request: Request) -> JSONResponse:
+        return await serve_predict(request, name, label=label)
 
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=limits.max_body_bytes, what="serving HTTP",
+                       budget=ByteBudget(2 * limits.max_body_bytes * (limits.max_concurrent + 1)),
+                       body_timeout_s=limits.body_timeout_s)
     return app
 
 
 def start_http(manager: VersionManager, featurization: Featurization, model: str, port: int,
-               host: str = "127.0.0.1", timeout_s: float = 15.0) -> Any:
+               host: str = "127.0.0.1", timeout_s: float = 15.0, *, settings: Settings | None = None,
+               keys: KeyTable | None = None, limits: ServeLimits | None = None) -> Any:
     """Run the app with uvicorn in a daemon thread; returns the ``uvicorn.Server`` once it listens.
 
+    Keys and limits come from ``settings`` when given (``STREAMLEARN_KEYS``/``_FILE``, ``serve_*``);
+    without any key the server binds 127.0.0.1 whatever ``host`` says, and logs that it does.
     ``port=0`` binds a free port; the bound one is in ``server.bound_port``. Stop with
     ``server.should_exit = True``.
     """
     import uvicorn
 
-    config = uvicorn.Config(create_app(manager, featurization, model), host=host, port=port,
-                            log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
+    if settings is not None:
+        keys = keys if keys is not None else load_keys(settings.keys, settings.keys_file)
+        limits = limits or ServeLimits.from_settings(settings)
+    keys = keys if keys is not None else KeyTable()
+    host, warning = bind_host(host, keys, f"serving HTTP for {model}", "--http-host / STREAMLEARN_SERVE_HTTP_HOST")
+    if warning:
+        log.warning(warning)
+    app = create_app(manager, featurization, model, keys=keys, limits=limits)
+    server = uvicorn.Server(server_config(app, host=host, port=port, lifespan="off"))
     thread = threading.Thread(target=server.run, name=f"http-{model}", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s
@@ -178,6 +334,6 @@ def start_http(manager: VersionManager, featurization: Featurization, model: str
         time.sleep(0.02)  # poll interval inside a deadline loop
     sockets = [s for srv in (server.servers or []) for s in srv.sockets]
     server.bound_port = sockets[0].getsockname()[1] if sockets else port  # type: ignore[attr-defined]
-    log.info("TF Serving REST API for %s on http://%s:%d/v1/models/%s", model, host, server.bound_port,  # type: ignore[attr-defined]
-             model)
+    log.info("TF Serving REST API for %s on http://%s:%d/v1/models/%s (%s)", model, host,
+             server.bound_port, model, f"{len(keys)} key(s)" if keys else "no key: loopback only")  # type: ignore[attr-defined]
     return server

@@ -19,6 +19,7 @@ import numpy as np
 from serving.model import LoadedVersion
 from serving.versions import VersionManager
 from streaming.config import Settings
+from streaming.kafka_security import kafka_security
 from streaming.topics import raw_topic
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class LabelJoiner:
         decode = AvroDeserializer(open_registry(self.settings.registry_url, self.settings.registry_dir))
         topic = raw_topic(self.settings, self.kind)
         consumer = KafkaConsumer(bootstrap_servers=self.settings.bootstrap, enable_auto_commit=False,
-                                 isolation_level="read_committed")
+                                 isolation_level="read_committed", **kafka_security(self.settings))
         try:
             parts = consumer.partitions_for_topic(topic) or set()
             tps = [TopicPartition(topic, p) for p in sorted(parts)]

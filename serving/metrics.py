@@ -44,8 +44,8 @@ def start_metrics(settings: Settings) -> int | None:
     """
     from streaming.metrics import start_metrics_server
 
-    port = start_metrics_server(settings.metrics_port)
+    port = start_metrics_server(settings.metrics_port, settings.metrics_host)
     if port < 0:
         return None
-    log.info("serving metrics on http://127.0.0.1:%d/metrics", port)
+    log.info("serving metrics on http://%s:%d/metrics", settings.metrics_host, port)
     return port

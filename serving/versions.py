@@ -24,6 +24,7 @@ from serving.exceptions import ModelLoadError, NoModelVersionError
 from serving.model import LoadedVersion, load_version
 from serving.policy import CanaryJudge, Policy, canary_bucket
 from streaming.config import Settings
+from streaming.kafka_security import kafka_security
 from streaming.model_registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -287,7 +288,7 @@ class VersionManager:
             try:
                 if consumer is None:
                     consumer = KafkaConsumer(bootstrap_servers=self.settings.bootstrap, enable_auto_commit=False,
-                                             isolation_level="read_committed")
+                                             isolation_level="read_committed", **kafka_security(self.settings))
                     parts = consumer.partitions_for_topic(topic)
                     if not parts:
                         consumer.close()

@@ -413,7 +413,7 @@ def serve(settings: Settings, model: str, *, policy: str = "latest", score_strea
         from serving.http_api import start_http
 
         server = start_http(worker.manager, worker.featurization, model, http_port,
-                            host=settings.serve_http_host)
+                            host=settings.serve_http_host, settings=settings)
     try:
         worker.run()
     except KeyboardInterrupt:

@@ -15,11 +15,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from schemas.exceptions import StreamlearnError
+from schemas.exceptions import ConfigError
 
-
-class ConfigError(StreamlearnError):
-    """A setting has a value of the wrong type or out of range."""
+__all__ = ["ConfigError", "SPECS", "Settings", "Spec", "env_help", "load", "to_env"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +37,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("broker_host", "STREAMLEARN_BROKER_HOST", str, "127.0.0.1", "address the embedded broker binds"),
     Spec("broker_port", "STREAMLEARN_BROKER_PORT", int, 19092, "port of the embedded broker"),
     Spec("registry_url", "STREAMLEARN_REGISTRY_URL", str, None,
-         "URL of a Confluent-compatible schema registry; when unset the file store under HOME is used"),
+         "URL of a Confluent-compatible schema registry (a key goes in as http://name:token@host:port); when "
+         "unset the file store under HOME is used"),
     Spec("registry_port", "STREAMLEARN_REGISTRY_PORT", int, 8081, "port of `streamlearn registry serve`"),
     Spec("topic_prefix", "STREAMLEARN_TOPIC_PREFIX", str, "",
          "prefix for every topic and consumer group name (isolates tenants and test runs)"),
@@ -69,6 +68,33 @@ SPECS: tuple[Spec, ...] = (
     Spec("serve_http_host", "STREAMLEARN_SERVE_HTTP_HOST", str, "127.0.0.1",
          "address the serving worker's HTTP API binds (0.0.0.0 in containers)"),
     Spec("log_level", "STREAMLEARN_LOG_LEVEL", str, "INFO", "logging level"),
+    # -- access (schemas/access.py, docs/SECURITY.md) --
+    Spec("keys", "STREAMLEARN_KEYS", str, "",
+         "API keys of every HTTP server: name:token[:scopes[:tenant]], comma separated (never on argv)"),
+    Spec("keys_file", "STREAMLEARN_KEYS_FILE", Path, None, "file of API keys, one name:token[:scopes[:tenant]] a line"),
+    Spec("registry_read_open", "STREAMLEARN_REGISTRY_READ_OPEN", bool, True,
+         "registry server: reads need no key (writes always need schema-admin when keys are set)"),
+    Spec("registry_host", "STREAMLEARN_REGISTRY_HOST", str, "127.0.0.1", "address `registry serve` binds"),
+    Spec("metrics_host", "STREAMLEARN_METRICS_HOST", str, "127.0.0.1", "address /metrics servers bind"),
+    Spec("ingest_tenant_rate", "STREAMLEARN_INGEST_TENANT_RATE", float, 0.0,
+         "gateway: records/s per tenant across its keys (0 = no tenant quota)"),
+    Spec("serve_tenant_rate", "STREAMLEARN_SERVE_TENANT_RATE", float, 0.0,
+         "serving HTTP: instances/s per tenant (0 = no tenant quota)"),
+    Spec("serve_max_body_bytes", "STREAMLEARN_SERVE_MAX_BODY_BYTES", int, 4 * 1024 * 1024,
+         "serving HTTP: 413 above this request size"),
+    Spec("serve_max_instances", "STREAMLEARN_SERVE_MAX_INSTANCES", int, 1024,
+         "serving HTTP: instances per predict request"),
+    Spec("serve_max_concurrent", "STREAMLEARN_SERVE_MAX_CONCURRENT", int, 8,
+         "serving HTTP: predict requests at once before 429"),
+    # -- Kafka client security (streaming/kafka_security.py) --
+    Spec("kafka_security_protocol", "STREAMLEARN_KAFKA_SECURITY_PROTOCOL", str, "PLAINTEXT",
+         "PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL"),
+    Spec("kafka_sasl_mechanism", "STREAMLEARN_KAFKA_SASL_MECHANISM", str, "SCRAM-SHA-512",
+         "PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 (SASL protocols only)"),
+    Spec("kafka_sasl_username", "STREAMLEARN_KAFKA_SASL_USERNAME", str, "", "SASL user"),
+    Spec("kafka_sasl_password", "STREAMLEARN_KAFKA_SASL_PASSWORD", str, "", "SASL password (env or config file only)"),
+    Spec("kafka_ssl_cafile", "STREAMLEARN_KAFKA_SSL_CAFILE", Path, None,
+         "CA bundle that signs the brokers' certificates"),
 )
 _BY_NAME = {s.name: s for s in SPECS}
 
@@ -133,7 +159,7 @@ class Settings:
     partitions: int
     feature_store: Path
     model_dir: Path
-    ingest_tokens: str
+    ingest_tokens: str = field(repr=False)  # a secret: never in a repr or a log line
     ingest_port: int
     ingest_host: str
     ingest_max_body_bytes: int
@@ -150,6 +176,21 @@ class Settings:
     serve_max_wait_ms: float
     serve_http_host: str
     log_level: str
+    keys: str = field(repr=False)  # a secret: never in a repr or a log line
+    keys_file: Path | None
+    registry_read_open: bool
+    registry_host: str
+    metrics_host: str
+    ingest_tenant_rate: float
+    serve_tenant_rate: float
+    serve_max_body_bytes: int
+    serve_max_instances: int
+    serve_max_concurrent: int
+    kafka_security_protocol: str
+    kafka_sasl_mechanism: str
+    kafka_sasl_username: str
+    kafka_sasl_password: str = field(repr=False)  # a secret: never in a repr or a log line
+    kafka_ssl_cafile: Path | None
     model_specs: dict[str, str] = field(default_factory=dict)
 
     @property

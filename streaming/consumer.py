@@ -32,6 +32,7 @@ from schemas.registry import SchemaRegistry, open_registry
 from schemas.serde import AvroDeserializer
 from streaming.config import Settings
 from streaming.exceptions import OffsetOutOfRangeError, StreamingError
+from streaming.kafka_security import kafka_security
 
 Position = str | dict[str, Any]
 
@@ -128,6 +129,7 @@ def consumer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "heartbeat_interval_ms": 1_000,
         "max_poll_interval_ms": 300_000,
     }
+    cfg.update(kafka_security(settings))
     cfg.update(overrides)
     return cfg
 

@@ -55,9 +55,12 @@ def partition_label(partition: int) -> str:
     return str(partition) if 0 <= partition < MAX_PARTITION_LABELS else "other"
 
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0",
+def start_metrics_server(port: int, addr: str = "127.0.0.1",
                          registry: CollectorRegistry = DEFAULT_REGISTRY) -> int:
     """Serve ``/metrics``; returns the bound port. ``0`` picks a free port, ``-1`` disables (returns -1).
+
+    Binds loopback unless ``addr`` (``settings.metrics_host``, env STREAMLEARN_METRICS_HOST) says
+    otherwise: metrics name topics, models and tenants, which is more than an outsider should see.
 
     Idempotent per requested non-zero port within a process (several components may ask).
     """

@@ -28,6 +28,7 @@ from kafka.structs import OffsetAndMetadata
 
 from streaming.config import Settings
 from streaming.exceptions import GroupActiveError, OffsetOutOfRangeError, StreamingError
+from streaming.kafka_security import kafka_security
 from streaming.timeargs import format_ms
 
 #: Group states in which no member holds partitions.
@@ -50,7 +51,8 @@ class PartitionPosition:
 
 @contextmanager
 def _consumer(settings: Settings, **cfg: Any) -> Iterator[KafkaConsumer]:
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False, **cfg)
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False,
+                             **kafka_security(settings), **cfg)
     try:
         yield consumer
     finally:
@@ -155,7 +157,7 @@ def earliest_and_end(settings: Settings, topic: str) -> tuple[dict[int, int], di
 
 def group_state(settings: Settings, group: str) -> tuple[str, int]:
     """``(state, member count)`` of a consumer group (state 'Dead' when it does not exist)."""
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, **kafka_security(settings))
     try:
         info = admin.describe_groups([group])[group]
     finally:
@@ -206,7 +208,7 @@ def reset(settings: Settings, group: str, topic: str, *, to_timestamp: int | Non
         target = {tp.partition: begins[tp] for tp in tps}
     else:
         target = {tp.partition: ends[tp] for tp in tps}
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, **kafka_security(settings))
     try:
         result = admin.alter_group_offsets(
             group, {TopicPartition(topic, p): OffsetAndMetadata(off, "", -1) for p, off in target.items()})

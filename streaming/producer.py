@@ -25,6 +25,7 @@ from schemas.registry import SchemaRegistry, open_registry
 from schemas.serde import AvroSerializer
 from streaming.config import Settings
 from streaming.exceptions import RecordTooLargeError
+from streaming.kafka_security import kafka_security
 from streaming.topics import KINDS, dead_letter_topic, raw_topic
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "request_timeout_ms": 30_000,
         "max_in_flight_requests_per_connection": 5,
     }
+    cfg.update(kafka_security(settings))
     cfg.update(overrides)
     return cfg
 

@@ -89,7 +89,10 @@ def declared_topics(settings: Settings, models: list[str] | None = None) -> list
 def admin_client(settings: Settings) -> Any:
     from kafka import KafkaAdminClient
 
-    return KafkaAdminClient(bootstrap_servers=settings.bootstrap, request_timeout_ms=15_000)
+    from streaming.kafka_security import kafka_security
+
+    return KafkaAdminClient(bootstrap_servers=settings.bootstrap, request_timeout_ms=15_000,
+                            **kafka_security(settings))
 
 
 def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, timeout_s: float = 15.0) -> list[str]:
@@ -129,7 +132,9 @@ def describe(settings: Settings, names: list[str]) -> list[dict[str, Any]]:
     """Partitions and end offsets of topics (metadata calls only: describe_cluster fails on noida)."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap)
+    from streaming.kafka_security import kafka_security
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, **kafka_security(settings))
     try:
         out = []
         for name in names:

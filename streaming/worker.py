@@ -351,9 +351,9 @@ def run_worker(settings: Settings, kind: str, *, group: str | None = None, names
                instance_id: str | None = None, idle_exit_s: float | None = None,
                on_start: Callable[[StreamWorker], None] | None = None) -> WorkerStats:
     """Run one worker in this process until SIGTERM/SIGINT; serves /metrics per settings."""
-    port = metrics.start_metrics_server(settings.metrics_port)
+    port = metrics.start_metrics_server(settings.metrics_port, settings.metrics_host)
     if port > 0:
-        log.info("metrics on http://0.0.0.0:%d/metrics", port)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

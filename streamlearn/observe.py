@@ -19,6 +19,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from streaming.config import Settings
 from streaming.consumer import Subscriber
+from streaming.kafka_security import kafka_security
 from streaming.model_registry import ModelRegistry
 from streaming.store import FeatureStore
 from streaming.topics import KINDS, MODELS, dead_letter_topic, predictions_topic, raw_topic, requests_topic
@@ -76,7 +77,8 @@ class Observer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
+        self.consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False,
+                                      **kafka_security(settings))
         self.store = FeatureStore(settings.feature_store)
         self.models = ModelRegistry(settings.model_dir)
         self.samples: list[Sample] = []
@@ -140,7 +142,7 @@ class Observer:
         reader = readers.get(group)
         if reader is None:
             reader = readers[group] = KafkaConsumer(bootstrap_servers=self.settings.bootstrap, group_id=group,
-                                                    enable_auto_commit=False)
+                                                    enable_auto_commit=False, **kafka_security(self.settings))
         out = {}
         for tp in tps:
             off = reader.committed(tp)

@@ -38,7 +38,10 @@ PACKAGES = ("schemas", "streaming", "ingest", "trainer", "serving", "streamlearn
 #: Conditions Debian's docker-compose 1.29 (v1) accepts; others would break `config` there.
 V1_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 #: Services of the platform that are not `streamlearn up` workers.
-INFRA = {"kafka", "topics", "prometheus", "grafana"}
+INFRA = {"kafka", "kafka-users", "topics", "prometheus", "grafana"}
+#: Variables compose requires (``${X:?...}``: docs/SECURITY.md "Compose") and the stand-ins the tests use.
+REQUIRED = {"STREAMLEARN_PLATFORM_TOKEN": "platformtoken", "STREAMLEARN_KEYS": "me:mytoken",
+            "KAFKA_CLIENT_PASSWORD": "kafkapassword", "GRAFANA_ADMIN_PASSWORD": "grafanapassword"}
 
 
 def load_yaml(path: Path) -> Any:
@@ -86,7 +89,10 @@ def interpolate(value: str) -> str:
             if sep in body:
                 return body.split(sep, 1)[1]
         if ":?" in body or "?" in body:
-            pytest.fail(f"{value!r} requires a variable; the test runs with none set")
+            name = body.split("?", 1)[0].rstrip(":")
+            if name not in REQUIRED:
+                pytest.fail(f"{value!r} requires {name}, which is not one of the documented secrets {sorted(REQUIRED)}")
+            return REQUIRED[name]
         return ""
     return re.sub(r"\$\{([^}]*)\}", sub, value)
 
@@ -215,7 +221,8 @@ def test_environment_is_declared_once_and_known_to_config(compose: dict[str, Any
     assert re.search(r"^x-streamlearn-env:\s*&env\s*$", text, re.M), "the shared env must be the &env anchor"
     shared = {str(k): str(v) for k, v in compose["x-streamlearn-env"].items()}
     assert shared["STREAMLEARN_KAFKA_BOOTSTRAP"] == "kafka:9092"
-    assert shared["STREAMLEARN_REGISTRY_URL"] == "http://registry:8081"
+    # the platform key rides in the URL's userinfo (schemas/http_client.py strips it from messages)
+    assert re.sub(r"//[^@/]*@", "//", shared["STREAMLEARN_REGISTRY_URL"]) == "http://registry:8081"
     known = {s.env for s in config.SPECS}
     for name, svc in services.items():
         if not is_streamlearn(svc):
@@ -319,7 +326,7 @@ def test_restart_policies_and_healthchecks(services: dict[str, dict[str, Any]]) 
         if port is not None:
             assert f"127.0.0.1:{port}/" in " ".join(check["test"]), \
                 f"{name}: its healthcheck does not probe its metrics/health port {port}"
-    assert [n for n, s in services.items() if one_shot(s)] == ["topics"]
+    assert [n for n, s in services.items() if one_shot(s)] == ["kafka-users", "topics"]
 
 
 def test_published_ports_do_not_collide(services: dict[str, dict[str, Any]]) -> None:

@@ -234,9 +234,10 @@ def test_idempotency_key_replays_the_stored_answer(settings: Settings) -> None:
     assert replay.status_code == 207 and replay.json() == first.json()
     assert replay.headers["Idempotent-Replayed"] == "true"
     assert conflict.status_code == 409
-    # another token's key space is its own; the event itself is still deduplicated
-    assert other_token.json()["results"][0]["status"] == "duplicate"
-    assert len(raw_records(settings, "weblog")) == 1
+    # another token's key space is its own, and so is its event-id window (issue 12: one key holder
+    # must not be able to make another's event a "duplicate"); consumers dedupe by event id
+    assert other_token.json()["results"][0]["status"] == "accepted"
+    assert len(raw_records(settings, "weblog", expect=2)) == 2
     assert len(dead_letters(settings, "weblog", expect=2)) == 2  # first + other token, not the replay
 
 

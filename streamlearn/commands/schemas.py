@@ -47,8 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("registry", help="run the Confluent-compatible schema registry REST server")
     rs = r.add_subparsers(dest="registry_cmd", metavar="ACTION")
     rs.required = True
-    serve = rs.add_parser("serve", help="serve the file registry over the Confluent REST API")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve = rs.add_parser("serve", help="serve the file registry over the Confluent REST API",
+                          description="Keys come from env STREAMLEARN_KEYS or the file named by STREAMLEARN_KEYS_FILE "
+                                      "(name:token[:scopes[:tenant]]; writes need schema-admin, reads schema-read "
+                                      "unless STREAMLEARN_REGISTRY_READ_OPEN is true), never from the command "
+                                      "line. Without a key the server binds 127.0.0.1 only.")
+    serve.add_argument("--host", dest="registry_host", default=None,
+                       help=f"address to bind {config.env_help('registry_host')}")
     serve.add_argument("--port", dest="registry_port", type=int,
                        help=f"port to listen on {config.env_help('registry_port')}")
     serve.set_defaults(func=_serve)
@@ -142,11 +147,17 @@ def _register_builtin(args: argparse.Namespace, settings: config.Settings) -> in
 
 
 def _serve(args: argparse.Namespace, settings: config.Settings) -> int:
+    from schemas.access import bind_host, load_keys
     from schemas.registry import FileRegistry
     from schemas.server import serve
 
     port = args.registry_port if args.registry_port is not None else settings.registry_port
+    keys = load_keys(settings.keys, settings.keys_file)
+    host, _ = bind_host(args.registry_host or settings.registry_host, keys, "schema registry", "--host")
     registry = FileRegistry(settings.registry_dir)  # serving a remote registry would only proxy it
-    print(f"schema registry on http://{args.host}:{port} (store {settings.registry_dir})", file=sys.stderr)
-    serve(registry, args.host, port)
+    access = f"{len(keys)} key(s), reads {'open' if settings.registry_read_open else 'keyed'}" if keys else \
+        "no key: open, loopback only"
+    print(f"schema registry on http://{host}:{port} (store {settings.registry_dir}; {access})", file=sys.stderr)
+    serve(registry, args.registry_host or settings.registry_host, port, keys=keys,
+          read_open=settings.registry_read_open, topic_prefix=settings.topic_prefix)
     return 0

@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "transactions are off. Follows models.updates and the model registry for new versions.")
     p.add_argument("model", help="model name in the model registry, e.g. weblog_classifier")
     p.add_argument("--http-port", type=int, metavar="P",
-                   help="also serve the TensorFlow Serving REST API on this port (0 picks a free one)")
+                   help="also serve the TensorFlow Serving REST API on this port (0 picks a free one); keys "
+                        "with the predict scope come from env STREAMLEARN_KEYS or STREAMLEARN_KEYS_FILE (never "
+                        "argv); without a key it binds 127.0.0.1 only")
     p.add_argument("--http-host", dest="serve_http_host", metavar="ADDR",
                    help=f"address of the HTTP API, 0.0.0.0 for all interfaces {config.env_help('serve_http_host')}")
     p.add_argument("--score-stream", metavar="KIND", choices=["weblog", "sensor", "image"],

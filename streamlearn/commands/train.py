@@ -63,7 +63,7 @@ def _train(args: argparse.Namespace, settings: config.Settings) -> int:
         if settings.metrics_port >= 0:
             from streaming.metrics import start_metrics_server
 
-            start_metrics_server(settings.metrics_port)
+            start_metrics_server(settings.metrics_port, settings.metrics_host)
         log.info("trainer %s: retraining every %d batches or %.0f s", spec.name, settings.retrain_every_batches,
                  settings.retrain_every_seconds)
         trainer.run_forever(stop)
