@@ -50,6 +50,7 @@ from kafka.structs import OffsetAndMetadata
 from streaming.config import Settings
 from streaming.exceptions import GroupActiveError, PromoteError
 from streaming.fsutil import fsync_dir
+from streaming.kafka_security import kafka_security
 from streaming.offsets import INACTIVE_STATES, earliest_and_end, group_state, show
 from streaming.replay import RANGE_FILE, read_range, write_range
 from streaming.store import FeatureStore, StoreError, parse_batch_id
@@ -165,7 +166,7 @@ def _check_source(store: FeatureStore, kind: str, source: str, topic: str, parti
 
 def _commit_offsets(settings: Settings, group: str, topic: str, offsets: dict[int, int]) -> None:
     ensure_group_idle(settings, group, "moving its offsets")
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, **kafka_security(settings))
     try:
         result = admin.alter_group_offsets(
             group, {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
