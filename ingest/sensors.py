@@ -191,7 +191,7 @@ class CsvRow:
 
 
 def read_csv(path: Path, *, unit: str = "unit", now: int | None = None, policy: EventTimePolicy | None = None,
-             timestamp_unit: str = "auto") -> Iterator[CsvRow]:
+             timestamp_unit: str = "auto", reader: TimestampReader | None = None) -> Iterator[CsvRow]:
     """Parse and validate every data row of ``path``; bad rows come back with their error.
 
     Timestamps are read with one :class:`~streaming.eventtime.TimestampReader` for the whole file:
@@ -212,8 +212,8 @@ def read_csv(path: Path, *, unit: str = "unit", now: int | None = None, policy: 
         raise SourceError(f"--csv {path}: header lacks {sorted(missing)}; required columns: sensor_id,timestamp,value")
     ref = now_ms() if now is None else now
     try:
-        reader = TimestampReader(timestamp_unit, source=f"--csv {path}")
-        if timestamp_unit == "auto":
+        reader = reader or TimestampReader(timestamp_unit, source=f"--csv {path}")
+        if reader.unit == "auto":
             reader.decide(_timestamp_cells(lines, header.index("timestamp"), reader.sample))
     except EventTimeError as exc:
         raise SourceError(str(exc)) from exc
@@ -356,6 +356,8 @@ class SensorIngestStats:
     published: int = 0
     dead_lettered: int = 0
     reasons: dict[str, int] | None = None
+    #: The unit numeric timestamps were read in (what ``auto`` decided), None when all were ISO text.
+    timestamp_unit: str | None = None
 
     def count(self, reason: str) -> None:
         self.reasons = self.reasons or {}
@@ -377,7 +379,8 @@ def publish_csv(publisher: Publisher, path: Path, *, unit: str = "unit", policy:
     stats = SensorIngestStats()
     futures = []
     headers = (policy or LIVE).headers()
-    for row in read_csv(path, unit=unit, policy=policy, timestamp_unit=timestamp_unit):
+    reader = TimestampReader(timestamp_unit, source=f"--csv {path}")
+    for row in read_csv(path, unit=unit, policy=policy, reader=reader):
         if row.record is not None:
             futures.append(publisher.publish("sensor", row.record, headers=headers or None))
             stats.published += 1
@@ -397,6 +400,7 @@ def publish_csv(publisher: Publisher, path: Path, *, unit: str = "unit", policy:
     publisher.flush()
     for fut in futures:
         fut.get(timeout=60)
+    stats.timestamp_unit = reader.decided
     return stats
 
 

@@ -5,9 +5,9 @@ web-log ingest) and every featurizer apply the same window; docs/EVENT_TIME.md i
 
 * **Units are never guessed per row.** :class:`TimestampReader` converts one file's or stream's
   timestamps with one unit: ``s``, ``ms``, ``us``, ``ns`` or ``iso`` as declared, or ``auto``,
-  which decides *once* from the first values it sees (their order of magnitude, see
-  :func:`magnitude_unit`), logs the decision, and rejects every later value whose magnitude says
-  another unit (``timestamp_unit_mismatch``) instead of silently reinterpreting it. ISO 8601
+  which decides *once* from the first values it sees (the order of magnitude of the largest, see
+  :func:`magnitude_unit`), logs the decision, and rejects every later value that only makes sense
+  in another unit (``timestamp_unit_mismatch``) instead of silently reinterpreting it. ISO 8601
   strings are read whatever the unit, because they carry their own.
 * **The acceptance window** of :class:`EventTimePolicy`: live records must lie within
   ``max_age`` before now (default 20 years, ``--max-age``) and at most ``max_future_skew_s``
@@ -55,6 +55,7 @@ _MS_PER = {"s": 1000, "ms": 1}
 _PER_MS = {"us": 1000, "ns": 1_000_000}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w|y)?\s*$")
+_YEAR_MS = 365 * 86_400_000
 _DURATION_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 7 * 86_400_000,
                 "y": 365 * 86_400_000 + 6 * 3_600_000}  # Julian year: 20y spans 5 leap days
 
@@ -180,12 +181,14 @@ class TimestampReader:
         self.sample = sample
         self.decided: str | None = None if unit == "auto" else unit
         self.decided_from = 0
+        self._ref = 0  # a recent accepted time (ms), for auto's agreement check
 
     def decide(self, values: Iterable[Any]) -> str | None:
         """``auto``: pick the unit from these values (the first ``sample`` numbers) and log it.
 
-        Raises EventTimeError when the numbers say different units, or when none says one.
-        Returns the unit (None when the values held no number: every one was ISO text).
+        The largest magnitude decides (values near 1970 are small in every unit, so they cannot);
+        raises EventTimeError when even the largest fits several units. Returns the unit (None
+        when the values held no number: every one was ISO text).
         """
         if self.decided is not None:
             return self.decided
@@ -201,24 +204,20 @@ class TimestampReader:
                     break
         if not nums:
             return None
-        votes: dict[str, int] = {}
-        for num in nums:
-            u = magnitude_unit(num)
-            if u is not None:
-                votes[u] = votes.get(u, 0) + 1
-        if len(votes) != 1:
-            seen = ", ".join(f"{n} look like {u}" for u, n in sorted(votes.items())) or "none has a telling size"
+        top = max(nums, key=abs)
+        unit = magnitude_unit(top)
+        if unit is None:
             raise EventTimeError(
-                f"{self.source}: {self.flag} auto cannot decide the unit of the first {len(nums)} numeric "
-                f"timestamps ({seen}; values near 1970 fit several units); pass {self.flag} s|ms|us|ns",
-                "timestamp_unit_ambiguous")
-        self.decided = next(iter(votes))
+                f"{self.source}: {self.flag} auto cannot tell the unit of the first {len(nums)} numeric "
+                f"timestamps (the largest, {top!r}, fits several units: values near 1970 or between the "
+                f"units' ranges); pass {self.flag} s|ms|us|ns", "timestamp_unit_ambiguous")
+        self.decided = unit
         self.decided_from = len(nums)
-        lo, hi = min(nums), max(nums)
+        times = sorted(numeric_to_ms(n, unit) for n in nums)
+        self._ref = times[len(times) // 2]
         log.info("%s: %s auto decided '%s' from the first %d numeric timestamps (%s .. %s)", self.source,
-                 self.flag, self.decided, len(nums), iso(numeric_to_ms(lo, self.decided)),
-                 iso(numeric_to_ms(hi, self.decided)))
-        return self.decided
+                 self.flag, unit, len(nums), iso(times[0]), iso(times[-1]))
+        return unit
 
     def __call__(self, value: Any) -> int:
         """One timestamp -> epoch ms. Raises EventTimeError (reason bad_timestamp / *_unit_*)."""
@@ -231,15 +230,26 @@ class TimestampReader:
         if self.decided is None:
             self.decide([num])
         assert self.decided is not None
+        ts = numeric_to_ms(num, self.decided)
         if self.unit == "auto":
-            seen = magnitude_unit(num)
-            if seen is not None and seen != self.decided:
+            self._check_agrees(value, num, ts)
+        return ts
+
+    def _check_agrees(self, value: Any, num: int | float, ts: int) -> None:
+        """``auto``: reject a value whose own magnitude says another unit AND that unit puts it near
+        the input's recent times while the decided unit puts it years away (a seconds value in a
+        millisecond file would otherwise land in January 1970). Accepted values move the reference."""
+        seen = magnitude_unit(num)
+        if seen is not None and seen != self.decided:
+            own = numeric_to_ms(num, seen)
+            far, near = abs(ts - self._ref), abs(own - self._ref)
+            if far > _YEAR_MS and near * 10 < far:
                 raise EventTimeError(
-                    f"timestamp {value!r:.40} looks like {seen} but {self.flag} auto decided "
-                    f"{self.decided!r} for {self.source} from its first {self.decided_from} values; "
-                    f"units are never mixed in one input: pass {self.flag} explicitly or split the input",
+                    f"timestamp {value!r:.40} looks like {seen} ({iso(own)}) but {self.flag} auto decided "
+                    f"{self.decided!r} for {self.source} from its first {self.decided_from} values (it would "
+                    f"be {iso(ts)}); units are never mixed in one input: pass {self.flag} or split the input",
                     "timestamp_unit_mismatch")
-        return numeric_to_ms(num, self.decided)
+        self._ref = ts
 
 
 # -- the acceptance window ---------------------------------------------------------------------------

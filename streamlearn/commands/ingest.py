@@ -61,11 +61,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     add_event_time_flags(s)
     s.set_defaults(func=_sensors)
 
-    i = isub.add_parser("images", help="publish PNG/JPEG files of a directory once each, then move them")
+    i = isub.add_parser("images", help="publish PNG/JPEG files of a directory once each, then move them "
+                          "to processed/ or, with a .reason file, to rejected/")
     i.add_argument("--watch", type=Path, required=True, metavar="DIR", help="directory to watch")
     i.add_argument("--once", action="store_true", help="process the files present now and exit")
     i.add_argument("--poll", type=float, default=0.5, help="seconds between directory scans (default 0.5)")
     i.add_argument("--idle-exit", type=float, help="exit after this many seconds without new files")
+    i.add_argument("--settle", type=float, default=1.0,
+                   help="seconds a file's size and mtime must stay unchanged before it is taken (default 1)")
+    add_event_time_flags(i, unit_setting=None)
     i.set_defaults(func=_images)
 
     try:
@@ -157,14 +161,16 @@ def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
             # featurizer accepts them whenever they run, whatever live readings it has seen before.
             if args.backfill is None:
                 args.backfill = True
-            stats = sensors.publish_records(pub, records, source=source,
-                                            policy=policy_from_args(args, settings, source))
+            policy = policy_from_args(args, settings, source)
+            stats = sensors.publish_records(pub, records, source=source, policy=policy)
     _report(
         {
             "source": source,
             "published": stats.published,
             "dead_lettered": stats.dead_lettered,
             "reasons": stats.reasons or {},
+            "timestamp_unit": stats.timestamp_unit,
+            "backfill": policy.run_id or None,
             "seconds": round(time.monotonic() - started, 3),
         }
     )
@@ -184,7 +190,8 @@ def _images(args: argparse.Namespace, settings: config.Settings) -> int:
     _ensure_kind_topics(settings, "image")
     started = time.monotonic()
     with Publisher(settings) as pub:
-        watcher = ImageWatcher(settings, pub, args.watch)
+        watcher = ImageWatcher(settings, pub, args.watch, settle_s=args.settle,
+                               policy=policy_from_args(args, settings, f"ingest images {args.watch}"))
         try:
             watcher.run(follow=not args.once, poll_s=args.poll, stop=stop, idle_exit_s=args.idle_exit)
         finally:
