@@ -107,12 +107,37 @@ def _other_format(data: bytes, max_side: int, max_pixels: int) -> ImageValidatio
                 f"GIF declares a logical screen of {width}x{height}, over the cap {max_side}x{max_side} / "
                 f"{max_pixels} pixels (possible decompression bomb); GIF is not supported anyway: convert "
                 "one frame to PNG", "too_many_pixels")
-        animated = b"NETSCAPE2.0" in data or data.count(b"\x00\x2c") > 1
+        animated = _gif_frames(data) > 1
         return ImageValidationError(
             f"{'animated ' if animated else ''}GIF ({width}x{height}) is not supported; convert "
             f"{'one frame ' if animated else 'it '}to PNG", "animated" if animated else "unsupported_format")
     return ImageValidationError(f"{name} is not supported (PNG or JPEG only); convert it to PNG",
                                 "unsupported_format")
+
+
+def _gif_frames(data: bytes) -> int:
+    """Image descriptors in a GIF (stops counting at 2); a walk over its blocks, bounded by the data."""
+    i, n, frames = 13, len(data), 0
+    if n > 10 and data[10] & 0x80:
+        i += 3 * (2 ** ((data[10] & 0x07) + 1))
+    while i < n and frames < 2:
+        block = data[i]
+        if block == 0x3B:  # trailer
+            break
+        if block == 0x21:  # extension: label, then sub-blocks
+            i += 2
+        elif block == 0x2C:  # image descriptor, optional local colour table, LZW code size
+            frames += 1
+            if i + 10 > n:
+                break
+            flags = data[i + 9]
+            i += 10 + (3 * (2 ** ((flags & 0x07) + 1)) if flags & 0x80 else 0) + 1
+        else:
+            break
+        while i < n and data[i] != 0:  # sub-blocks until the terminator
+            i += data[i] + 1
+        i += 1
+    return frames
 
 
 def _png_animated(data: bytes) -> bool:
@@ -388,7 +413,10 @@ class ImageWatcher:
             path = Path(entry.path)
             current[path] = sig
             previous = self._seen.get(path)
-            if not wait_settle or (now - st.st_mtime >= self.settle_s and previous in (None, sig)):
+            age = now - st.st_mtime
+            # An mtime ahead of the clock cannot age: unchanged over one scan interval has to do
+            # (such a file is then rejected for its event time, see _load).
+            if not wait_settle or (age >= self.settle_s and previous in (None, sig)) or (age < 0 and previous == sig):
                 ready.append(path)
             else:
                 self.unsettled.append(path)
