@@ -264,3 +264,23 @@ def test_backfill_runs_are_featurized_apart_from_live_state() -> None:
     assert nxt.labels["next_value_delta"] == pytest.approx(1.0)
     restored = f.state_from_json(f.state_to_json(s))
     assert restored == s
+
+
+@pytest.mark.parametrize("kind", ["weblog", "sensor", "image"])
+def test_demo_generators_never_emit_event_times_ahead_of_the_clock(kind: str) -> None:
+    """Issue 14: the demo publishes faster than the generators' own spacing (weblog 6x, images 15x);
+    event times ran ahead and, with a 5-minute future window, would be rejected after a minute."""
+    import itertools
+
+    from streamlearn.demo import _events
+
+    start = eventtime.now_ms()
+    events = list(itertools.islice(_events(kind, 1, start), 3000))
+    assert max(e["timestamp"] for e in events) <= eventtime.now_ms()
+    times = [e["timestamp"] for e in events]
+    assert times == sorted(times)  # still in event-time order
+    f = {"weblog": None, "sensor": SensorFeaturizer(), "image": None}[kind]
+    if f is not None:
+        state = f.new_state()
+        for e in events:
+            f.featurize(e, state)  # none is late or ahead
