@@ -296,7 +296,8 @@ class Gateway:
                 try:
                     future = self.publisher.dead_letter(kind, item.original, stage="gateway",
                                                         error=item.error or "",
-                                                        source={"remote": remote, "index": item.index})
+                                                        source={"remote": remote, "index": item.index,
+                                                                **item.reason_fields()})
                     waits.append((item, "dead_letter", future))
                 except (KafkaError, RecordTooLargeError) as exc:
                     item.retryable, item.error = True, f"could not keep the rejected record ({describe(exc)})"

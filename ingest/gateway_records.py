@@ -68,15 +68,24 @@ class Item:
     def reject(self, error: BaseException | str) -> None:
         self.error, self.status, self.record = error, "rejected", None
 
+    def reason_fields(self) -> dict[str, str]:
+        """``reason`` (the first problem) and, when there are several, ``reasons`` (all, value first)."""
+        out: dict[str, str] = {}
+        reason = getattr(self.error, "reason", None)
+        if isinstance(reason, str):
+            out["reason"] = reason
+            reasons = getattr(self.error, "reasons", None)
+            if isinstance(reasons, list) and len(reasons) > 1:
+                out["reasons"] = ",".join(str(r) for r in reasons)
+        return out
+
     def result(self) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index, "status": self.status}
         if self.key is not None:
             out["id"] = self.key
         if self.error is not None:
             out["error"] = describe(self.error)
-            reason = getattr(self.error, "reason", None)
-            if isinstance(reason, str):
-                out["reason"] = reason
+            out.update(self.reason_fields())
         if self.retryable:
             out["retryable"] = True
         out.update(self.meta)

@@ -89,3 +89,31 @@ def test_generated_sensor_events_are_accepted_after_live_ones(settings: Settings
     with running_worker(s, "sensor") as worker:
         wait_until(lambda: len(_stored(s)["event_time_ms"]) >= 404, 90, message="generated rows featurized")
         assert worker.stats.dead_letters == 0
+
+
+def test_publish_file_and_weblog_ingest_take_history_with_the_flags(settings: Settings, tmp_path: Path) -> None:
+    lines = [json.dumps({"sensor_id": "gauge-1", "timestamp": -126_230_400 + i * 2_678_400, "value": 10.0 + i,
+                         "unit": "m"}) for i in range(5)]
+    lines.append(json.dumps({"sensor_id": "gauge-1", "timestamp": "1966-06-01T00:00:00Z", "value": 16.0, "unit": "m"}))
+    jsonl = tmp_path / "history.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n")
+    env = subprocess_env(settings)
+    live = subprocess.run(streamlearn_cmd("publish", "sensor", "--file", str(jsonl), "--timestamp-unit", "s"),
+                          env=env, capture_output=True, timeout=120)
+    assert live.returncode == 1 and b"timestamp_too_old" in live.stderr and b"--backfill" in live.stderr
+    bf = subprocess.run(streamlearn_cmd("publish", "sensor", "--file", str(jsonl), "--timestamp-unit", "s",
+                                        "--backfill"), env=env, capture_output=True, timeout=120)
+    assert bf.returncode == 0, bf.stderr.decode()
+    got = [r for r in read_topic(settings, raw_topic(settings, "sensor"), expect=6)]
+    assert sorted(r.value["timestamp"] for r in got)[0] == -126_230_400_000  # 1966-01-01, negative epoch
+    assert all(BACKFILL_HEADER in header_dict(r.headers) for r in got)
+
+    log = tmp_path / "app.log"
+    log.write_text("".join(json.dumps({"remote_addr": "10.0.0.1", "time": 946_684_800 + i, "request": "GET / HTTP/1.1",
+                                       "status": 200}) + "\n" for i in range(3)))
+    done = subprocess.run(streamlearn_cmd("ingest", "weblog", str(log), "--backfill", "--max-age", "none"),
+                          env=env, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    events = read_topic(settings, raw_topic(settings, "weblog"), expect=3)
+    assert sorted(e.value["timestamp"] for e in events) == [946_684_800_000, 946_684_801_000, 946_684_802_000]
+    assert all(BACKFILL_HEADER in header_dict(e.headers) for e in events)

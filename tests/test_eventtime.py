@@ -284,3 +284,10 @@ def test_demo_generators_never_emit_event_times_ahead_of_the_clock(kind: str) ->
         state = f.new_state()
         for e in events:
             f.featurize(e, state)  # none is late or ahead
+
+
+def test_gateway_answers_carry_all_reasons() -> None:
+    item = gateway_records.record_item("sensor", 3, {"sensor_id": "a", "timestamp": eventtime.now_ms() + 3_600_000,
+                                                     "value": math.nan, "unit": "c"})
+    assert item.result()["reason"] == "nan" and item.result()["reasons"] == "nan,timestamp_in_future"
+    assert item.reason_fields() == {"reason": "nan", "reasons": "nan,timestamp_in_future"}

@@ -129,7 +129,9 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
                 futures.append(pub.publish(args.kind, record, headers=headers))
         else:
             reader = TimestampReader(unit_from_args(args, settings), source=source)
-            for lineno, line in _decide(reader, _lines(args)):
+            # A file is looked ahead into for auto's decision; stdin, a stream, decides at its first number.
+            lines = _decide(reader, _lines(args)) if args.file else _lines(args)
+            for lineno, line in lines:
                 try:
                     futures.append(pub.publish(args.kind, event_from_line(args.kind, line, reader, policy),
                                                headers=headers))
