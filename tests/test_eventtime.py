@@ -291,3 +291,17 @@ def test_gateway_answers_carry_all_reasons() -> None:
                                                      "value": math.nan, "unit": "c"})
     assert item.result()["reason"] == "nan" and item.result()["reasons"] == "nan,timestamp_in_future"
     assert item.reason_fields() == {"reason": "nan", "reasons": "nan,timestamp_in_future"}
+
+
+def test_a_future_request_does_not_push_real_requests_out_of_the_client_window() -> None:
+    from streaming.features.weblog import WeblogFeaturizer
+
+    f = WeblogFeaturizer(clock_ms=lambda: NOW)
+    s = f.new_state()
+    ev = _weblog_event(client_ip="9.9.9.9")
+    f.featurize(ev | {"timestamp": NOW + 4 * MIN}, s)  # a clock 4 minutes ahead: accepted
+    counts = [f.featurize(ev | {"timestamp": NOW + i * 1000}, s).x for i in range(5)]
+    rate = f.feature_names.index("log1p_client_rate_60s")
+    assert [round(math.expm1(float(x[rate]))) for x in counts] == [1, 2, 3, 4, 5]  # real requests all counted
+    with pytest.raises(FeatureValidationError):
+        f.featurize(ev | {"timestamp": NOW + 6 * MIN}, s)

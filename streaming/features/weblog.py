@@ -301,7 +301,10 @@ class WeblogFeaturizer(Featurizer[WeblogState]):
         i = bisect_right(times, t)
         gap = float(t - times[i - 1]) if i > 0 else GAP_CAP_S * 1000.0
         count = i - bisect_left(times, low, 0, i) + 1
-        if t >= latest - self.rate_window_ms:
+        # Kept when inside the rate window of the latest event, that latest capped at the clock's
+        # now: an event from a clock running ahead (accepted within max_future_ms) must not push
+        # later real events out of the client's window.
+        if t >= min(latest, self._clock_ms()) - self.rate_window_ms:
             if len(times) == times.maxlen:
                 if i == 0:
                     return count, gap, 0.0
