@@ -163,8 +163,7 @@ def _weblog(obj: dict[str, Any], rules: TimeRules) -> dict[str, Any]:
     # parse_json takes the line it would read from a file; canonical JSON makes the derived
     # event_id independent of key order and whitespace, so the same event posted twice dedupes.
     line = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    record = weblog.parse_json(line, source=SOURCE, read_time=rules.reader())
-    return weblog.check_time(record, rules.policy)
+    return weblog.parse_json(line, source=SOURCE, read_time=rules.reader(), policy=rules.policy)
 
 
 def _sensor(obj: dict[str, Any], rules: TimeRules) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from ingest import checkpoint as cp
 from ingest.exceptions import InputRejectedError, LogParseError, SourceError
-from ingest.weblog import check_time, parse_line
+from ingest.weblog import parse_line
 from schemas.exceptions import SchemaError
 from streaming.eventtime import EventTimePolicy, TimestampReader
 from streaming.exceptions import PublishError, RecordTooLargeError
@@ -326,8 +326,8 @@ class FileTailer:
         try:
             if len(raw) > MAX_LINE_BYTES:
                 raise LogParseError(f"line is longer than {MAX_LINE_BYTES} bytes without a newline", "line_too_long")
-            record = parse_line(raw, source=self._source, position=start, event_id=eid, read_time=self._read_time)
-            check_time(record, self.policy)
+            record = parse_line(raw, source=self._source, position=start, event_id=eid, read_time=self._read_time,
+                                policy=self.policy)
             fut = self.publisher.publish("weblog", record,
                                          headers=[(cp.EVENT_ID_HEADER, eid.encode()), *self._headers])
             self.stats.published += 1
@@ -335,6 +335,8 @@ class FileTailer:
             stage = "parse" if isinstance(exc, InputRejectedError) else "validate"
             reason = exc.reason if isinstance(exc, InputRejectedError) else "schema"
             source = {"file": self.pos.file or str(self.path), "line": str(n), "reason": reason}
+            if isinstance(exc, InputRejectedError) and len(exc.reasons) > 1:
+                source["reasons"] = ",".join(exc.reasons)
             fut = self.publisher.dead_letter(
                 "weblog", raw.rstrip(b"\n"), stage=stage, error=exc, source=source, key=eid
             )

@@ -305,3 +305,13 @@ def test_a_future_request_does_not_push_real_requests_out_of_the_client_window()
     assert [round(math.expm1(float(x[rate]))) for x in counts] == [1, 2, 3, 4, 5]  # real requests all counted
     with pytest.raises(FeatureValidationError):
         f.featurize(ev | {"timestamp": NOW + 6 * MIN}, s)
+
+
+def test_weblog_json_line_with_several_problems_reports_all_value_first() -> None:
+    from ingest.exceptions import LogParseError
+
+    line = json.dumps({"remote_addr": "1.2.3.4", "time": "1962-01-07T00:00:00Z", "request": "GET / HTTP/1.1",
+                       "status": 42, "latency_ms": float("inf")})
+    with pytest.raises(LogParseError) as info:
+        parse_line(line.replace("Infinity", "1e999"), source="t", policy=EventTimePolicy())
+    assert info.value.reasons == ["bad_latency", "bad_status", "timestamp_too_old"]
