@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from ingest import checkpoint as readback
 from ingest.checkpoint import EVENT_ID_HEADER, HashJournal, read_json, write_json
 from ingest.exceptions import ImageValidationError, SourceError
+from ingest.image_formats import other_format, png_animated
 from schemas.exceptions import SchemaError
 from streaming.eventtime import EventTimePolicy
 from streaming.exceptions import RecordTooLargeError
@@ -80,78 +81,6 @@ def sniff(data: bytes) -> str | None:
     if data.startswith(b"\xff\xd8\xff"):
         return "JPEG"
     return None
-
-
-#: Formats recognized only to be rejected with their name (magic bytes, format name).
-_OTHER_FORMATS = (
-    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
-    (b"%PDF", "PDF"), (b"\x00\x00\x01\x00", "ICO"),
-)
-
-
-def _other_format(data: bytes, max_side: int, max_pixels: int) -> ImageValidationError | None:
-    """The rejection of a recognized but unsupported format (checked before anything is decoded)."""
-    name = next((n for magic, n in _OTHER_FORMATS if data.startswith(magic)), None)
-    if name is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        name = "WebP"
-    if name is None and data[4:8] == b"ftyp":
-        name = "HEIF/AVIF"
-    if name is None:
-        return None
-    if name == "GIF":
-        if len(data) < 10:
-            return ImageValidationError("GIF is truncated inside its header", "truncated")
-        width, height = struct.unpack("<HH", data[6:10])
-        if width > max_side or height > max_side or width * height > max_pixels:
-            return ImageValidationError(
-                f"GIF declares a logical screen of {width}x{height}, over the cap {max_side}x{max_side} / "
-                f"{max_pixels} pixels (possible decompression bomb); GIF is not supported anyway: convert "
-                "one frame to PNG", "too_many_pixels")
-        animated = _gif_frames(data) > 1
-        return ImageValidationError(
-            f"{'animated ' if animated else ''}GIF ({width}x{height}) is not supported; convert "
-            f"{'one frame ' if animated else 'it '}to PNG", "animated" if animated else "unsupported_format")
-    return ImageValidationError(f"{name} is not supported (PNG or JPEG only); convert it to PNG",
-                                "unsupported_format")
-
-
-def _gif_frames(data: bytes) -> int:
-    """Image descriptors in a GIF (stops counting at 2); a walk over its blocks, bounded by the data."""
-    i, n, frames = 13, len(data), 0
-    if n > 10 and data[10] & 0x80:
-        i += 3 * (2 ** ((data[10] & 0x07) + 1))
-    while i < n and frames < 2:
-        block = data[i]
-        if block == 0x3B:  # trailer
-            break
-        if block == 0x21:  # extension: label, then sub-blocks
-            i += 2
-        elif block == 0x2C:  # image descriptor, optional local colour table, LZW code size
-            frames += 1
-            if i + 10 > n:
-                break
-            flags = data[i + 9]
-            i += 10 + (3 * (2 ** ((flags & 0x07) + 1)) if flags & 0x80 else 0) + 1
-        else:
-            break
-        while i < n and data[i] != 0:  # sub-blocks until the terminator
-            i += data[i] + 1
-        i += 1
-    return frames
-
-
-def _png_animated(data: bytes) -> bool:
-    """True when an ``acTL`` chunk (APNG) comes before the first IDAT (chunk walk, bounded by the data)."""
-    i, n = 8, len(data)
-    while i + 8 <= n:
-        length = struct.unpack(">I", data[i : i + 4])[0]
-        ctype = data[i + 4 : i + 8]
-        if ctype == b"acTL":
-            return True
-        if ctype in (b"IDAT", b"IEND"):
-            return False
-        i += 12 + length
-    return False
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -221,7 +150,7 @@ def inspect(
         raise ImageValidationError(f"image is {len(data)} bytes, over the {max_bytes}-byte limit", "too_large")
     kind = sniff(data)
     if kind is None:
-        other = _other_format(data, max_side, max_pixels)
+        other = other_format(data, max_side, max_pixels)
         if other is not None:
             raise other
         raise ImageValidationError("not a PNG or JPEG: unknown magic bytes", "bad_magic")
@@ -243,7 +172,7 @@ def inspect(
             "(possible decompression bomb); downscale it before ingesting",
             "too_many_pixels",
         )
-    if kind == "PNG" and _png_animated(data):
+    if kind == "PNG" and png_animated(data):
         raise ImageValidationError("animated PNG (APNG) is not supported; send one frame as a PNG", "animated")
     if decode:
         _decode_check(data, width, height, max_pixels)
