@@ -28,6 +28,7 @@ from schemas.exceptions import RegistryUnavailableError, SchemaError
 from schemas.registry import SchemaRegistry
 from schemas.serde import AvroDeserializer, unframe
 from streaming import eventtime
+from streaming.config import ConfigError
 from streaming.eventtime import UNITS, EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
 from streaming.topics import KINDS
@@ -128,7 +129,8 @@ class TimeRules:
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS or self.unit == "auto":
-            raise ValueError(f"ingest_timestamp_unit {self.unit!r} must be one of s|ms|us|ns|iso")
+            raise ConfigError(f"setting 'ingest_timestamp_unit' (env STREAMLEARN_INGEST_TIMESTAMP_UNIT, flag "
+                              f"--timestamp-unit) must be one of s|ms|us|ns|iso, got {self.unit!r}")
 
     @classmethod
     def from_settings(cls, settings: Any, *, backfill: bool | None = None, max_age: str | None = None) -> TimeRules:

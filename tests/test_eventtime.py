@@ -315,3 +315,9 @@ def test_weblog_json_line_with_several_problems_reports_all_value_first() -> Non
     with pytest.raises(LogParseError) as info:
         parse_line(line.replace("Infinity", "1e999"), source="t", policy=EventTimePolicy())
     assert info.value.reasons == ["bad_latency", "bad_status", "timestamp_too_old"]
+
+
+def test_gateway_refuses_auto_and_unknown_units_with_a_config_error() -> None:
+    for unit in ("auto", "minutes"):
+        with pytest.raises(config.ConfigError, match="STREAMLEARN_INGEST_TIMESTAMP_UNIT"):
+            gateway_records.TimeRules(EventTimePolicy(), unit)
