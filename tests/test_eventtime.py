@@ -151,7 +151,7 @@ def test_weekly_series_from_decades_ago_live_vs_backfill() -> None:
     nan_rows = [r for r in live if b",nan," in r.raw]
     assert len(nan_rows) == 23
     # The value problem is reported first, the clock problem too: all reasons, never masked.
-    assert {tuple(r.error.reasons) for r in nan_rows} == {("nan", "timestamp_too_old")}
+    assert {tuple(getattr(r.error, "reasons", ())) for r in nan_rows} == {("nan", "timestamp_too_old")}
     assert all("--backfill" in str(r.error) for r in live)
     bf = EventTimePolicy(max_age_ms=None, backfill=True, run_id="w")
     rows = list(sensors.read_csv(path, now=NOW, policy=bf))
@@ -165,7 +165,8 @@ def test_yearly_series_from_1700_with_iso_dates() -> None:
     rows = list(sensors.read_csv(FIXTURES / "yearly_1700_iso.csv", now=NOW,
                                  policy=EventTimePolicy(max_age_ms=None, backfill=True, run_id="y")))
     assert all(r.error is None for r in rows) and len(rows) == 101
-    assert rows[0].record["timestamp"] == ms(1700) and rows[-1].record["timestamp"] == ms(1800)
+    times = [r.record["timestamp"] for r in rows if r.record]
+    assert times[0] == ms(1700) and times[-1] == ms(1800)
 
 
 def test_several_problems_are_all_reported_value_first() -> None:
@@ -212,16 +213,16 @@ def test_gateway_applies_the_same_window_minutes_not_a_day() -> None:
     now = eventtime.now_ms()
     ahead = gateway_records.record_item("sensor", 0, {"sensor_id": "a", "timestamp": now + 23 * 3_600_000,
                                                       "value": 1.0, "unit": "c"})
-    assert ahead.status == "rejected" and ahead.error.reason == "timestamp_in_future"
+    assert ahead.status == "rejected" and getattr(ahead.error, "reason", None) == "timestamp_in_future"
     near = gateway_records.record_item("sensor", 0, {"sensor_id": "a", "timestamp": now + 2 * MIN,
                                                      "value": 1.0, "unit": "c"})
     assert near.status == "pending" and near.record is not None
     iso = gateway_records.record_item("sensor", 0, {"sensor_id": "a", "timestamp": "2026-11-29T00:00:00Z",
                                                     "value": 1.0, "unit": "c"})
-    assert iso.record is not None or iso.error.reason == "timestamp_in_future"
+    assert iso.record is not None or getattr(iso.error, "reason", None) == "timestamp_in_future"
     weblog = gateway_records.record_item("weblog", 0, {"remote_addr": "1.2.3.4", "time": now + 10 * MIN,
                                                        "request": "GET / HTTP/1.1", "status": 200})
-    assert weblog.status == "rejected" and weblog.error.reason == "timestamp_in_future"
+    assert weblog.status == "rejected" and getattr(weblog.error, "reason", None) == "timestamp_in_future"
     rules = gateway_records.TimeRules(EventTimePolicy(max_age_ms=None, backfill=True, run_id="g"), "s")
     old = gateway_records.record_item("sensor", 0, {"sensor_id": "a", "timestamp": -126_230_400, "value": 1.0,
                                                     "unit": "c"}, rules)

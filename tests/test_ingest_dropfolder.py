@@ -61,7 +61,7 @@ def _bmp() -> bytes:
         (lambda: b"hello", "notes.txt", "bad_magic"),
     ],
 )
-def test_other_formats_are_named_in_the_reason(make, name: str, reason: str) -> None:  # type: ignore[no-untyped-def]
+def test_other_formats_are_named_in_the_reason(make, name: str, reason: str) -> None:  # type: ignore[no-untyped-def,unused-ignore]
     with pytest.raises(ImageValidationError) as info:
         inspect(make(), name)
     assert info.value.reason == reason
