@@ -117,3 +117,37 @@ def test_publish_file_and_weblog_ingest_take_history_with_the_flags(settings: Se
     events = read_topic(settings, raw_topic(settings, "weblog"), expect=3)
     assert sorted(e.value["timestamp"] for e in events) == [946_684_800_000, 946_684_801_000, 946_684_802_000]
     assert all(BACKFILL_HEADER in header_dict(e.headers) for e in events)
+
+
+def test_gateway_rejects_a_reading_a_day_ahead_and_marks_backfill_posts(settings: Settings) -> None:
+    """Issue 12: a reading dated now+23 h was accepted (+24 h allowed) and made the sensor's real readings
+    "late" for 23 h. Now the gateway applies the shared 5-minute window; a backfill gateway marks its records."""
+    from fastapi.testclient import TestClient
+
+    from ingest.gateway import create_app
+    from ingest.gateway_records import TimeRules
+    from streaming.eventtime import EventTimePolicy
+
+    s = settings.with_(ingest_tokens="alice:tok-Alice_0123456789")
+    auth = {"Authorization": "Bearer tok-Alice_0123456789"}
+    now = int(time.time() * 1000)
+    with TestClient(create_app(s)) as tc:
+        resp = tc.post("/ingest/sensor", json=[
+            {"sensor_id": "s1", "timestamp": now + 23 * 3_600_000, "value": 1.0, "unit": "c"},
+            {"sensor_id": "s1", "timestamp": now - 1000, "value": 2.0, "unit": "c"}])
+        assert resp.status_code in (400, 401)  # no token: nothing published
+        resp = tc.post("/ingest/sensor", headers=auth, json=[
+            {"sensor_id": "s1", "timestamp": now + 23 * 3_600_000, "value": 1.0, "unit": "c"},
+            {"sensor_id": "s1", "timestamp": now - 1000, "value": 2.0, "unit": "c"}])
+        results = resp.json()["results"]
+        assert [r["status"] for r in results] == ["rejected", "accepted"]
+        assert results[0]["reason"] == "timestamp_in_future"
+    rules = TimeRules(EventTimePolicy(max_age_ms=None, backfill=True, run_id="gw-run"), "s")
+    with TestClient(create_app(s, time_rules=rules)) as tc:
+        resp = tc.post("/ingest/sensor", headers=auth,
+                       json={"sensor_id": "s2", "timestamp": "1966-01-01T00:00:00Z", "value": 3.0, "unit": "c"})
+        assert resp.json()["results"][0]["status"] == "accepted", resp.text
+    got = {r.value["sensor_id"]: r for r in read_topic(s, raw_topic(s, "sensor"), expect=2)}
+    assert set(got) == {"s1", "s2"} and got["s2"].value["timestamp"] == -126_230_400_000
+    assert header_dict(got["s2"].headers)[BACKFILL_HEADER] == "gw-run" and BACKFILL_HEADER not in header_dict(
+        got["s1"].headers)
