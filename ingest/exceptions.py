@@ -25,6 +25,8 @@ class InputRejectedError(IngestError, ValueError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+        #: Every reason when the item has several problems (first = ``reason``).
+        self.reasons = [reason]
 
 
 class LogParseError(InputRejectedError):

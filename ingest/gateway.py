@@ -65,6 +65,7 @@ from prometheus_client import (
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from ingest.exceptions import InputRejectedError
 from ingest.gateway_auth import Principal, gateway_keys
 from ingest.gateway_errors import (
     BadRequestError,
@@ -81,6 +82,7 @@ from ingest.gateway_records import (
     AVRO_TYPES,
     AvroBodies,
     Item,
+    TimeRules,
     describe,
     event_key,
     fingerprint,
@@ -211,7 +213,7 @@ class Gateway:
     """The request-independent state of the gateway and the processing of one request."""
 
     def __init__(self, settings: Settings, publisher: Publisher, registry: SchemaRegistry,
-                 limits: GatewayLimits) -> None:
+                 limits: GatewayLimits, time_rules: TimeRules | None = None) -> None:
         self.settings = settings
         self.publisher = publisher
         self.limits = limits
@@ -223,7 +225,9 @@ class Gateway:
         self.inflight = InFlightLimiter(limits.max_in_flight, on_change=self.metrics.in_flight.set)
         self.seen: OnceMap[dict[str, Any]] = OnceMap(limits.idempotency_capacity, limits.idempotency_ttl_s)
         self.responses: OnceMap[Stored] = OnceMap(limits.request_key_capacity, limits.idempotency_ttl_s)
-        self.avro = AvroBodies(registry)
+        #: Event-time rules of every entry of this gateway (unit, window, backfill run header).
+        self.time_rules = time_rules or TimeRules.from_settings(settings)
+        self.avro = AvroBodies(registry, self.time_rules)
         self._tenant_publishers: dict[str, Publisher] = {}
         self._health_lock = asyncio.Lock()
 
@@ -365,7 +369,8 @@ class Gateway:
                 try:
                     future = self.publisher_for(principal.tenant).dead_letter(kind, item.original, stage="gateway",
                                                         error=item.error or "",
-                                                        source={**source, "index": item.index})
+                                                        source={**source, "index": item.index,
+                                                                **item.reason_fields()})
                     waits.append((item, "dead_letter", future))
                 except (KafkaError, RecordTooLargeError) as exc:
                     item.retryable, item.error = True, f"could not keep the rejected record ({describe(exc)})"
@@ -393,7 +398,8 @@ class Gateway:
             return
         self.inflight.add(1)
         try:
-            future = self.publisher.send_bytes(topic, value, record.get(KEY_FIELDS[record_name]))
+            future = self.publisher.send_bytes(topic, value, record.get(KEY_FIELDS[record_name]),
+                                               self.time_rules.policy.headers() or None)
         except RecordTooLargeError as exc:
             self.inflight.release(1)
             self.seen.abandon(key, exc)
@@ -549,12 +555,12 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def create_app(settings: Settings, publisher: Publisher | None = None, registry: SchemaRegistry | None = None,
-               *, limits: GatewayLimits | None = None) -> FastAPI:
+               *, limits: GatewayLimits | None = None, time_rules: TimeRules | None = None) -> FastAPI:
     """The gateway app. A publisher built here is closed on shutdown; one passed in is the caller's."""
     limits = limits or GatewayLimits()
     owned = publisher is None
     pub = publisher or Publisher(settings, registry)
-    gw = Gateway(settings, pub, registry or pub.registry, limits)
+    gw = Gateway(settings, pub, registry or pub.registry, limits, time_rules)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -599,15 +605,16 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
                                   else "no files in the upload; send one or more image files")
         stamp = now_ms()
         if fields.get("timestamp"):
-            if not _EPOCH_MS.fullmatch(fields["timestamp"]):  # not isdigit(): "²".isdigit() is True
-                raise BadRequestError("form field timestamp must be epoch milliseconds (ASCII digits only)")
-            stamp = int(fields["timestamp"])
+            try:
+                stamp = gw.time_rules.read(fields["timestamp"].strip())
+            except InputRejectedError as exc:
+                raise BadRequestError(f"form field timestamp: {exc}") from exc
         digest = hashlib.sha256(repr(sorted(fields.items())).encode())
         for name, data in files:
             digest.update(f"\x00{name}\x00{len(data)}\x00".encode() + data)
 
         def validate() -> list[Item]:  # Pillow decodes each image: CPU work, off the event loop
-            return [image_file_item(i, name, data, label=fields.get("label"), timestamp=stamp)
+            return [image_file_item(i, name, data, label=fields.get("label"), timestamp=stamp, rules=gw.time_rules)
                     for i, (name, data) in enumerate(files)]
 
         async def work() -> Answer:
@@ -641,7 +648,8 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
             gw.charge(principal, charged)
             try:
                 gw.check_shape(shape)
-                items = await run_in_threadpool(parse_json_body, kind, body, limits.max_records_per_request)
+                items = await run_in_threadpool(parse_json_body, kind, body, limits.max_records_per_request,
+                                                gw.time_rules)
             except (BadRequestError, PayloadTooLargeError) as exc:
                 return await gw.reject_body(kind, body, request, exc, principal)
             return await gw.publish(kind, items, request, principal, charged=charged)

@@ -55,6 +55,16 @@ def register_serve(ingest_subparsers: Any) -> None:
                    help="at start-up, remember the event ids of the last N minutes of the raw topics so a "
                         "restart does not republish resent events (default 0: off)")
     p.add_argument("--access-log", action="store_true", help="log one line per request (never headers)")
+    # Event time (docs/EVENT_TIME.md); spelled as in streamlearn/eventtime_flags.py.
+    p.add_argument("--backfill", action="store_const", const=True, default=None,
+                   help="accept history (any time from 1678 on) and mark every record as one backfill run "
+                        + config.env_help("backfill"))
+    p.add_argument("--max-age", default=None, metavar="AGE",
+                   help="reject event times older than AGE (30d, 20y, none) " + config.env_help("event_max_age"))
+    p.add_argument("--timestamp-unit", dest="ingest_timestamp_unit", default=None,
+                   choices=["s", "ms", "us", "ns", "iso"],
+                   help="unit of numeric timestamps (ISO 8601 text is always accepted) "
+                        + config.env_help("ingest_timestamp_unit"))
     p.set_defaults(func=serve)
 
 
@@ -90,7 +100,13 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
         scoped = settings if not tenant else settings.with_(topic_prefix=f"{settings.topic_prefix}{tenant}.")
         wanted = {raw_topic(scoped, k) for k in KINDS} | {dead_letter_topic(scoped, k) for k in KINDS}
         ensure_topics(scoped, [s for s in declared_topics(scoped) if s.name in wanted])
-    app = create_app(settings, limits=limits_from_args(args, settings))
+    from ingest.gateway_records import TimeRules
+
+    if args.ingest_timestamp_unit:
+        settings = settings.with_(ingest_timestamp_unit=args.ingest_timestamp_unit)
+    rules = TimeRules.from_settings(settings, backfill=args.backfill, max_age=args.max_age)
+    log.info("event time: %s, numeric timestamps in %s", rules.policy.describe(), rules.unit)
+    app = create_app(settings, limits=limits_from_args(args, settings), time_rules=rules)
     host = args.ingest_host or settings.ingest_host
     if args.idempotency_seed_minutes > 0:
         seeded = app.state.gateway.seed_idempotency(args.idempotency_seed_minutes * 60)

@@ -21,12 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ingest import images, sensors, weblog
-from ingest.exceptions import InputRejectedError
+from ingest.exceptions import InputRejectedError, SensorValidationError
 from ingest.gateway_errors import BadRequestError, RecordRejectedError
 from schemas.catalog import load_schema
 from schemas.exceptions import RegistryUnavailableError, SchemaError
 from schemas.registry import SchemaRegistry
 from schemas.serde import AvroDeserializer, unframe
+from streaming import eventtime
+from streaming.config import ConfigError
+from streaming.eventtime import UNITS, EventTimePolicy, TimestampReader
+from streaming.exceptions import EventTimeError
 from streaming.topics import KINDS
 
 JSON_TYPES = frozenset({"application/json", "text/json", ""})
@@ -65,15 +69,24 @@ class Item:
     def reject(self, error: BaseException | str) -> None:
         self.error, self.status, self.record = error, "rejected", None
 
+    def reason_fields(self) -> dict[str, str]:
+        """``reason`` (the first problem) and, when there are several, ``reasons`` (all, value first)."""
+        out: dict[str, str] = {}
+        reason = getattr(self.error, "reason", None)
+        if isinstance(reason, str):
+            out["reason"] = reason
+            reasons = getattr(self.error, "reasons", None)
+            if isinstance(reasons, list) and len(reasons) > 1:
+                out["reasons"] = ",".join(str(r) for r in reasons)
+        return out
+
     def result(self) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index, "status": self.status}
         if self.key is not None:
             out["id"] = self.key
         if self.error is not None:
             out["error"] = describe(self.error)
-            reason = getattr(self.error, "reason", None)
-            if isinstance(reason, str):
-                out["reason"] = reason
+            out.update(self.reason_fields())
         if self.retryable:
             out["retryable"] = True
         out.update(self.meta)
@@ -101,14 +114,44 @@ def now_ms() -> int:
 
 
 # -- JSON -----------------------------------------------------------------------------------------
-def _timestamp(value: Any, field_name: str = "timestamp") -> int:
-    """Epoch ms int, or an ISO 8601 string with a UTC offset (same rules as the CSV sources)."""
-    if isinstance(value, str):
-        return sensors.parse_timestamp(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RecordRejectedError(f"{field_name} {value!r:.60} must be epoch milliseconds (an integer) "
-                                  "or an ISO 8601 string with a UTC offset")
-    return value
+@dataclass(frozen=True)
+class TimeRules:
+    """How the gateway reads and accepts event times (docs/EVENT_TIME.md).
+
+    Numeric timestamps are in one declared ``unit`` (epoch ms by default, setting
+    ``ingest_timestamp_unit``); ``auto`` is not offered here, because one client's first request
+    must not decide the unit for every other client. ISO 8601 text is always accepted. The
+    window is the shared :class:`~streaming.eventtime.EventTimePolicy` (5 minutes of future skew).
+    """
+
+    policy: EventTimePolicy = field(default_factory=EventTimePolicy)
+    unit: str = "ms"
+
+    def __post_init__(self) -> None:
+        if self.unit not in UNITS or self.unit == "auto":
+            raise ConfigError(f"setting 'ingest_timestamp_unit' (env STREAMLEARN_INGEST_TIMESTAMP_UNIT, flag "
+                              f"--timestamp-unit) must be one of s|ms|us|ns|iso, got {self.unit!r}")
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, backfill: bool | None = None, max_age: str | None = None) -> TimeRules:
+        return cls(eventtime.policy(settings, backfill=backfill, max_age=max_age, source="gateway"),
+                   settings.ingest_timestamp_unit)
+
+    def reader(self) -> TimestampReader:
+        return TimestampReader(self.unit, flag="ingest_timestamp_unit (env STREAMLEARN_INGEST_TIMESTAMP_UNIT)")
+
+    def read(self, value: Any) -> int:
+        """One timestamp -> epoch ms (RecordRejectedError with the reason when unreadable)."""
+        try:
+            return self.reader()(value)
+        except EventTimeError as exc:
+            raise _rejected(exc) from exc
+
+    def check(self, ts: int) -> int:
+        try:
+            return self.policy.check(ts)
+        except EventTimeError as exc:
+            raise _rejected(exc) from exc
 
 
 def _no_booleans(obj: dict[str, Any], fields: tuple[str, ...]) -> None:
@@ -118,14 +161,6 @@ def _no_booleans(obj: dict[str, Any], fields: tuple[str, ...]) -> None:
         nested = value.values() if isinstance(value, dict) else [value]
         if any(isinstance(v, bool) for v in nested):
             raise RecordRejectedError(f"{name} holds a boolean; send a number")
-
-
-def _weblog(obj: dict[str, Any]) -> dict[str, Any]:
-    _no_booleans(obj, ("latency_ms", "status", "bytes_sent"))
-    # parse_json takes the line it would read from a file; canonical JSON makes the derived
-    # event_id independent of key order and whitespace, so the same event posted twice dedupes.
-    line = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return _check_latency(weblog.parse_json(line, source=SOURCE))
 
 
 #: Largest ``latency_ms`` the gateway accepts: one hour. A request slower than that is not a
@@ -144,21 +179,41 @@ def _check_latency(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def _sensor(obj: dict[str, Any]) -> dict[str, Any]:
+LIVE_RULES = TimeRules()
+
+
+def _rejected(exc: EventTimeError) -> InputRejectedError:
+    return InputRejectedError(str(exc), exc.reason)
+
+
+def _weblog(obj: dict[str, Any], rules: TimeRules) -> dict[str, Any]:
+    _no_booleans(obj, ("latency_ms", "status", "bytes_sent"))
+    # parse_json takes the line it would read from a file; canonical JSON makes the derived
+    # event_id independent of key order and whitespace, so the same event posted twice dedupes.
+    line = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _check_latency(weblog.parse_json(line, source=SOURCE, read_time=rules.reader(), policy=rules.policy))
+
+
+def _sensor(obj: dict[str, Any], rules: TimeRules) -> dict[str, Any]:
     unknown = sorted(set(obj) - _SENSOR_FIELDS)
     if unknown:
         raise RecordRejectedError(f"unknown sensor field(s) {unknown}; put further channels in 'values' "
                                   f"(allowed: {sorted(_SENSOR_FIELDS)})")
     _no_booleans(obj, ("value", "values"))
     record = dict(obj)
+    found = []
     if "timestamp" in record:
-        record["timestamp"] = _timestamp(record["timestamp"])
+        try:
+            record["timestamp"] = rules.reader()(record["timestamp"])
+        except EventTimeError as exc:
+            found.append(SensorValidationError(str(exc), exc.reason))
+            del record["timestamp"]
     for optional in ("values", "label", "event_id"):
         record.setdefault(optional, {} if optional == "values" else None)
-    return sensors.validate(record)
+    return sensors.validate(record, policy=rules.policy, problems=found)
 
 
-def _image(obj: dict[str, Any]) -> dict[str, Any]:
+def _image(obj: dict[str, Any], rules: TimeRules) -> dict[str, Any]:
     unknown = sorted(set(obj) - _IMAGE_FIELDS)
     if unknown:
         raise RecordRejectedError(f"unknown image field(s) {unknown}; allowed: {sorted(_IMAGE_FIELDS)}")
@@ -177,7 +232,7 @@ def _image(obj: dict[str, Any]) -> dict[str, Any]:
             raise RecordRejectedError(f"{name} {declared!r:.40} does not match the image bytes ({actual!r}); "
                                       f"leave {name} out and the gateway reads it from the image")
     label, source = obj.get("label"), obj.get("source")
-    timestamp = _timestamp(obj["timestamp"]) if obj.get("timestamp") is not None else now_ms()
+    timestamp = rules.check(rules.read(obj["timestamp"])) if obj.get("timestamp") is not None else now_ms()
     record = images.image_record(data, info, label=label, source=source or SOURCE, timestamp=timestamp)
     if obj.get("image_id") is not None:
         record["image_id"] = obj["image_id"]
@@ -202,7 +257,7 @@ RECORD_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def record_item(kind: str, index: int, obj: Any) -> Item:
+def record_item(kind: str, index: int, obj: Any, rules: TimeRules | None = None) -> Item:
     """One JSON value of a body -> an :class:`Item`, rejected with the reason when it is not valid."""
     item = Item(index, obj)
     if not isinstance(obj, dict):
@@ -210,7 +265,7 @@ def record_item(kind: str, index: int, obj: Any) -> Item:
                                         "a JSON object"))
         return item
     try:
-        item.record = _BUILDERS[kind](obj)
+        item.record = _BUILDERS[kind](obj, rules or LIVE_RULES)
         item.key = event_key(kind, item.record)
     except RECORD_ERRORS as exc:
         item.reject(exc)
@@ -222,7 +277,7 @@ def _reject_constant(name: str) -> float:
     return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[name]
 
 
-def parse_json_body(kind: str, body: bytes, max_records: int) -> list[Item]:
+def parse_json_body(kind: str, body: bytes, max_records: int, rules: TimeRules | None = None) -> list[Item]:
     """A JSON object (one event) or array (a batch) -> items. Raises BadRequestError for the body."""
     if not body.strip():
         raise BadRequestError("request body is empty; send a JSON object or a JSON array of objects")
@@ -232,7 +287,7 @@ def parse_json_body(kind: str, body: bytes, max_records: int) -> list[Item]:
         raise BadRequestError(f"request body is not valid UTF-8 JSON ({type(exc).__name__}: {exc}); "
                               "send a JSON object or a JSON array of objects") from exc
     if isinstance(value, dict):
-        return [record_item(kind, 0, value)]
+        return [record_item(kind, 0, value, rules)]
     if not isinstance(value, list):
         raise BadRequestError(f"request body is a JSON {type(value).__name__}; send a JSON object "
                               "(one event) or a JSON array of objects (a batch)")
@@ -241,15 +296,16 @@ def parse_json_body(kind: str, body: bytes, max_records: int) -> list[Item]:
     if len(value) > max_records:
         raise BadRequestError(f"batch of {len(value)} events is over the limit of {max_records} per request; "
                               "split it")
-    return [record_item(kind, i, obj) for i, obj in enumerate(value)]
+    return [record_item(kind, i, obj, rules) for i, obj in enumerate(value)]
 
 
 # -- Avro -----------------------------------------------------------------------------------------
 class AvroBodies:
     """Decodes Confluent-framed single-record bodies into records of a kind's built-in schema."""
 
-    def __init__(self, registry: SchemaRegistry) -> None:
+    def __init__(self, registry: SchemaRegistry, rules: TimeRules | None = None) -> None:
         self.registry = registry
+        self.rules = rules or LIVE_RULES
         self._readers = {kind: AvroDeserializer(registry, load_schema(name)) for kind, name in KINDS.items()}
 
     def item(self, kind: str, body: bytes) -> Item:
@@ -264,7 +320,7 @@ class AvroBodies:
                                           f"{name or 'non-record'}, not a {KINDS[kind]}; "
                                           "post it to the route of its kind")
             record = dict(self._readers[kind](body).value)
-            item.record = _validate_decoded(kind, record)
+            item.record = _validate_decoded(kind, record, self.rules)
             item.key = event_key(kind, item.record)
         except RegistryUnavailableError:
             raise
@@ -273,10 +329,11 @@ class AvroBodies:
         return item
 
 
-def _validate_decoded(kind: str, record: dict[str, Any]) -> dict[str, Any]:
+def _validate_decoded(kind: str, record: dict[str, Any], rules: TimeRules) -> dict[str, Any]:
     """The domain checks the JSON path runs, for a record that arrived already Avro-typed."""
     if kind == "sensor":
-        return sensors.validate(record)
+        return sensors.validate(record, policy=rules.policy)
+    rules.check(record["timestamp"])
     if kind == "image":
         info = images.inspect(record["data"])
         if (info.content_type, info.width, info.height) != (record["content_type"], record["width"],
@@ -290,12 +347,13 @@ def _validate_decoded(kind: str, record: dict[str, Any]) -> dict[str, Any]:
 
 # -- multipart images -----------------------------------------------------------------------------
 def image_file_item(index: int, filename: str | None, data: bytes, *, label: str | None,
-                    timestamp: int) -> Item:
+                    timestamp: int, rules: TimeRules | None = None) -> Item:
     """One uploaded file -> an ImageEvent item (rejected on bad magic, dimensions, truncation...)."""
     item = Item(index, data)
     name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1][:200]
     try:
         # The extension is checked against the content only when the client sent one.
+        (rules or LIVE_RULES).check(timestamp)
         info = images.inspect(data, name if "." in name else None)
         source = f"{SOURCE}:{name}" if name else SOURCE
         item.record = images.image_record(data, info, label=label, source=source, timestamp=timestamp)

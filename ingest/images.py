@@ -7,6 +7,21 @@ rejected), dimensions declared in the PNG IHDR / JPEG SOF header (each side <= 4
 the FFD9 marker). Only then is the image decoded once by Pillow (with its pixel cap set) to
 catch corrupt data in the middle.
 
+Other formats are recognized by their magic bytes and rejected with a reason that names them
+(``unsupported_format``: GIF, BMP, TIFF, WebP, HEIF/AVIF, PDF); a GIF's declared logical screen
+is checked first (``too_many_pixels`` for a 32767x32767 screen), animated PNGs (APNG, an
+``acTL`` chunk) are ``animated``, and unknown bytes are ``bad_magic``.
+
+The drop folder is complete (docs/EVENT_TIME.md "The image drop folder"): every regular file in
+it, whatever its name, ends up published (moved to ``processed/``) or dead-lettered with a reason
+(moved to ``rejected/`` beside a ``<name>.reason`` file). Exceptions, all documented: names
+starting with a dot (the convention for files still being written, e.g. rsync's temporaries),
+sidecar ``.label`` files (they move with their image; one whose image never arrives is rejected
+as ``orphan_label`` once settled), sub-directories (``processed/``, ``rejected/``), and files not
+yet settled: a file is taken only once its size and mtime stayed unchanged for ``settle_s``
+(also with ``--once``, which waits for them up to ``max_settle_wait_s`` and then logs each file
+it leaves in place).
+
 Exactly-once watcher (see :class:`ImageWatcher`): a journal (``ingest.checkpoint.HashJournal``)
 records each file's sha256 with ``I`` (intent, before publishing), ``P`` (published, after the
 ack) or ``R`` (rejected, after the dead letter's ack); the file is moved to ``processed/`` or
@@ -32,7 +47,9 @@ from typing import TYPE_CHECKING, Any
 from ingest import checkpoint as readback
 from ingest.checkpoint import EVENT_ID_HEADER, HashJournal, read_json, write_json
 from ingest.exceptions import ImageValidationError, SourceError
+from ingest.image_formats import other_format, png_animated
 from schemas.exceptions import SchemaError
+from streaming.eventtime import EventTimePolicy
 from streaming.exceptions import RecordTooLargeError
 
 if TYPE_CHECKING:
@@ -133,6 +150,9 @@ def inspect(
         raise ImageValidationError(f"image is {len(data)} bytes, over the {max_bytes}-byte limit", "too_large")
     kind = sniff(data)
     if kind is None:
+        other = other_format(data, max_side, max_pixels)
+        if other is not None:
+            raise other
         raise ImageValidationError("not a PNG or JPEG: unknown magic bytes", "bad_magic")
     if filename is not None:
         ext = os.path.splitext(filename)[1].lower()
@@ -152,6 +172,8 @@ def inspect(
             "(possible decompression bomb); downscale it before ingesting",
             "too_many_pixels",
         )
+    if kind == "PNG" and png_animated(data):
+        raise ImageValidationError("animated PNG (APNG) is not supported; send one frame as a PNG", "animated")
     if decode:
         _decode_check(data, width, height, max_pixels)
     return ImageInfo(kind, width, height)
@@ -173,6 +195,14 @@ def _decode_check(data: bytes, width: int, height: int, max_pixels: int) -> None
         raise
     except Exception as exc:  # Pillow raises many unrelated types for corrupt data
         raise ImageValidationError(f"image does not decode: {type(exc).__name__}: {exc}", "corrupt") from exc
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def label_for(path: Path) -> str | None:
@@ -227,6 +257,8 @@ class ImageWatcher:
         state_path: Path | None = None,
         batch_size: int = 32,
         settle_s: float = 1.0,
+        max_settle_wait_s: float = 60.0,
+        policy: EventTimePolicy | None = None,
     ) -> None:
         self.settings = settings
         self.publisher = publisher
@@ -243,6 +275,10 @@ class ImageWatcher:
         self.floors_path = base.with_suffix(".floors.json")
         self.batch_size = batch_size
         self.settle_s = settle_s
+        self.max_settle_wait_s = max_settle_wait_s
+        #: Window for the event time of a file (its mtime): the shared event-time policy.
+        self.policy = policy or EventTimePolicy()
+        self.unsettled: list[Path] = []
         self._seen: dict[Path, tuple[int, int]] = {}
         self._readback = readback
         self._topics = readback.source_topics(settings, "image")
@@ -282,26 +318,49 @@ class ImageWatcher:
 
     # -- scanning -------------------------------------------------------------------------
     def candidates(self, *, wait_settle: bool = True) -> list[Path]:
-        """Image files ready to take: name order; in follow mode, unchanged since the last scan."""
+        """Files ready to take, in name order: every regular file but dot-files and ``.label``
+        sidecars (an orphan sidecar is taken, to be rejected), each once it has settled: its mtime
+        at least ``settle_s`` old and its size and mtime unchanged since the previous scan.
+
+        Files not yet settled are listed in ``self.unsettled``. ``wait_settle=False`` takes every
+        file at once (tests, and callers that know the writers are done).
+        """
         now = time.time()
         ready: list[Path] = []
         current: dict[Path, tuple[int, int]] = {}
-        for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
-            if not entry.is_file() or entry.name.startswith("."):
-                continue
-            if os.path.splitext(entry.name)[1].lower() not in EXTENSIONS:
-                continue
+        self.unsettled = []
+        entries = sorted((e for e in os.scandir(self.directory) if e.is_file() and not e.name.startswith(".")),
+                         key=lambda e: e.name)
+        names = {e.name for e in entries}
+        stems = {os.path.splitext(n)[0] for n in names if not n.endswith(".label")}
+        for entry in entries:
+            if entry.name.endswith(".label") and (entry.name[: -len(".label")] in names
+                                                   or entry.name[: -len(".label")] in stems):
+                continue  # a sidecar: it moves with its image
             st = entry.stat()
             sig = (st.st_size, st.st_mtime_ns)
             path = Path(entry.path)
             current[path] = sig
-            if not wait_settle or self._seen.get(path) == sig or now - st.st_mtime >= self.settle_s:
+            previous = self._seen.get(path)
+            age = now - st.st_mtime
+            # An mtime ahead of the clock cannot age: unchanged over one scan interval has to do
+            # (such a file is then rejected for its event time, see _load).
+            if not wait_settle or (age >= self.settle_s and previous in (None, sig)) or (age < 0 and previous == sig):
                 ready.append(path)
+            else:
+                self.unsettled.append(path)
         self._seen = current
         return ready
 
     def _load(self, path: Path) -> _Item | None:
         try:
+            st = path.stat()
+            if st.st_size > MAX_FILE_BYTES:  # never read a huge file whole: keep its head as the dead letter
+                digest = _file_sha256(path)
+                with path.open("rb") as fh:
+                    head = fh.read(64 * 1024)
+                return _Item(path, head, digest, None, ImageValidationError(
+                    f"file is {st.st_size} bytes, over the {MAX_FILE_BYTES}-byte image limit", "too_large"))
             data = path.read_bytes()
         except FileNotFoundError:
             return None
@@ -309,15 +368,17 @@ class ImageWatcher:
             log.warning("%s: cannot read (%s); leaving it in place", path, exc)
             return None
         digest = hashlib.sha256(data).hexdigest()
+        if path.name.endswith(".label"):
+            return _Item(path, data, digest, None, ImageValidationError(
+                f"label file {path.name} has no image beside it (x.png.label or x.label labels x.png)",
+                "orphan_label"))
         try:
             info = inspect(data, path.name)
-            rec = image_record(
-                data,
-                info,
-                label=label_for(path),
-                source=path.name,
-                timestamp=int(path.stat().st_mtime * 1000),
-            )
+            timestamp = int(st.st_mtime * 1000)
+            problems = self.policy.problems(timestamp)
+            if problems:
+                raise ImageValidationError(f"file time (mtime): {problems[0]}", problems[0].reason)
+            rec = image_record(data, info, label=label_for(path), source=path.name, timestamp=timestamp)
             return _Item(path, data, digest, rec, None)
         except ImageValidationError as exc:
             return _Item(path, data, digest, None, exc)
@@ -339,7 +400,7 @@ class ImageWatcher:
                         "image",
                         it.record,
                         key=it.record["image_id"],
-                        headers=[(EVENT_ID_HEADER, it.digest.encode())],
+                        headers=[(EVENT_ID_HEADER, it.digest.encode()), *self.policy.headers()],
                     )
                     futures.append((it, "P", fut))
                     continue
@@ -372,13 +433,20 @@ class ImageWatcher:
     def _move(self, it: _Item) -> None:
         tag = self.journal.get(it.digest)
         target_dir = self.processed if tag == "P" else self.rejected
+        if it.path.name.endswith(".label"):  # an orphan sidecar: it has no sidecars of its own
+            (target_dir / (it.path.name + ".reason")).write_text(f"orphan_label: {it.error}\n", encoding="utf-8")
+            self._replace(it, target_dir)
+            return
         if tag == "R":
             if it.error is None:  # recorded rejected by an older run with other limits: keep that verdict
                 it.error = ImageValidationError("rejected by an earlier run", "rejected_earlier")
             (target_dir / (it.path.name + ".reason")).write_text(f"{it.error.reason}: {it.error}\n", encoding="utf-8")
         for sidecar in (it.path.with_name(it.path.name + ".label"), it.path.with_suffix(".label")):
-            if sidecar.exists():
+            if sidecar.exists() and sidecar != it.path:
                 os.replace(sidecar, target_dir / sidecar.name)
+        self._replace(it, target_dir)
+
+    def _replace(self, it: _Item, target_dir: Path) -> None:
         target = target_dir / it.path.name
         if target.exists():  # same name processed before (other content): keep both
             target = target_dir / f"{it.path.stem}.{it.digest[:12]}{it.path.suffix}"
@@ -390,16 +458,28 @@ class ImageWatcher:
     def run(
         self, *, follow: bool = True, poll_s: float = 0.5, stop: Any = None, idle_exit_s: float | None = None
     ) -> None:
-        """Scan and process until ``stop`` (a threading.Event) is set; once when not ``follow``."""
-        last_work = time.monotonic()
+        """Scan and process until ``stop`` (a threading.Event) is set; once when not ``follow``.
+
+        Once (not ``follow``) still waits for files that are being written, up to
+        ``max_settle_wait_s``; a file that does not settle by then is logged and left in place.
+        """
+        last_work = started = time.monotonic()
         while True:
-            ready = self.candidates(wait_settle=follow)
+            ready = self.candidates()
             for i in range(0, len(ready), self.batch_size):
                 self.process(ready[i : i + self.batch_size])
             if ready:
                 last_work = time.monotonic()
-            if not follow or (stop is not None and stop.is_set()):
+            if stop is not None and stop.is_set():
                 return
+            if not follow:
+                if not self.unsettled:
+                    return
+                if time.monotonic() - started > self.max_settle_wait_s:
+                    for path in self.unsettled:
+                        log.warning("%s is still being written after %.0f s; left in place for the next run",
+                                    path, self.max_settle_wait_s)
+                    return
             if idle_exit_s is not None and time.monotonic() - last_work > idle_exit_s:
                 return
             if stop is not None:

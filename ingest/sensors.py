@@ -4,40 +4,49 @@ Validation runs before anything is published, so a NaN, an infinity, an absurd m
 a timestamp far in the past or future never reaches the raw topic as a reading; the caller
 dead-letters the original bytes with the :class:`SensorValidationError` message and reason.
 
-Limits (keyword arguments of :func:`validate`, defaults chosen where the issue was silent):
-``|value| <= 1e9`` (no physical sensor we ingest reports more; 1e9 still fits pressure in Pa
-and energy counters in Wh), timestamps not older than 20 years and not more than one day ahead
-of ``now_ms`` (clock skew of a field device, not a typo'd year).
+Limits: ``|value| <= 1e9`` (no physical sensor we ingest reports more; 1e9 still fits pressure in
+Pa and energy counters in Wh). Event times follow the one event-time policy
+(:mod:`streaming.eventtime`, docs/EVENT_TIME.md): live readings within ``--max-age`` (default
+20 years) and at most ``max_future_skew_s`` (default 5 minutes) ahead; ``--backfill`` accepts any
+time from 1678 on and marks the readings as a backfill run.
 
-CSV columns: ``sensor_id``, ``timestamp`` (epoch ms, epoch seconds when below 1e11, or ISO
-8601 with offset), ``value``, optional ``unit`` (default ``unit`` argument), ``label``
-(true/false/1/0/empty) and ``event_id``; every other column is a further numeric channel in
-``values``.
+A reading with several problems is rejected with all of them (:class:`SensorValidationError`'s
+``reasons``), the value problems (nan, infinite, magnitude) first, so a NaN is never reported
+as a clock problem.
+
+CSV columns: ``sensor_id``, ``timestamp`` (epoch number in ``--timestamp-unit``, decided once per
+file when ``auto``, or ISO 8601 with an offset, or a bare ISO date = 00:00 UTC), ``value``,
+optional ``unit`` (default ``unit`` argument), ``label`` (true/false/1/0/empty) and ``event_id``;
+every other column is a further numeric channel in ``values``.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ingest.exceptions import SensorValidationError, SourceError
+from streaming.eventtime import EventTimePolicy, TimestampReader
+from streaming.exceptions import EventTimeError
 
 if TYPE_CHECKING:
     from streaming.producer import Publisher
 
+log = logging.getLogger(__name__)
+
 DAY_MS = 86_400_000
 MAX_ABS_VALUE = 1e9
-MAX_AGE_MS = 20 * 365 * DAY_MS
-MAX_AHEAD_MS = DAY_MS
+#: The live policy used when a caller passes none (env settings are applied by the CLI).
+LIVE = EventTimePolicy()
 _RESERVED = {"sensor_id", "timestamp", "value", "unit", "label", "event_id"}
 
 
@@ -61,43 +70,80 @@ def _check_number(name: str, value: Any, max_abs: float) -> float:
     return v
 
 
+def combine(problems: list[SensorValidationError]) -> SensorValidationError:
+    """One error carrying every problem: the first one's reason, all messages, ``reasons`` in order."""
+    if len(problems) == 1:
+        return problems[0]
+    err = SensorValidationError("; ".join(str(p) for p in problems), problems[0].reason)
+    err.reasons = [p.reason for p in problems]
+    return err
+
+
+def reasons_of(exc: BaseException) -> list[str]:
+    """Every reason of a rejection, first one first (one for errors that know only one)."""
+    reasons = getattr(exc, "reasons", None)
+    if reasons:
+        return list(reasons)
+    reason = getattr(exc, "reason", None)
+    return [reason] if isinstance(reason, str) else []
+
+
+def _as_sensor_error(exc: EventTimeError) -> SensorValidationError:
+    return SensorValidationError(str(exc), exc.reason)
+
+
 def validate(
     record: dict[str, Any],
     *,
     now: int | None = None,
     max_abs: float = MAX_ABS_VALUE,
-    max_age_ms: int = MAX_AGE_MS,
-    max_ahead_ms: int = MAX_AHEAD_MS,
+    policy: EventTimePolicy | None = None,
+    problems: list[SensorValidationError] | None = None,
 ) -> dict[str, Any]:
-    """Check one SensorReading dict; return it (values as floats) or raise SensorValidationError."""
+    """Check one SensorReading dict; return it (values as floats) or raise SensorValidationError.
+
+    Every problem is collected (``problems`` brings ones found while parsing, e.g. an unreadable
+    timestamp cell, whose record then has no ``timestamp``); value problems go first, then the
+    others in field order.
+    """
+    value_problems: list[SensorValidationError] = []
+    other: list[SensorValidationError] = []
+    value = None
+    try:
+        value = _check_number("value", record.get("value"), max_abs)
+    except SensorValidationError as exc:
+        value_problems.append(exc)
+    channels = record.get("values") or {}
+    checked: dict[str, float] = {}
+    if not isinstance(channels, dict):
+        other.append(SensorValidationError("values must be a map of channel name to number", "bad_values"))
+    else:
+        for k, v in channels.items():
+            try:
+                checked[str(k)] = _check_number(f"values[{k!r}]", v, max_abs)
+            except SensorValidationError as exc:
+                value_problems.append(exc)
     sensor_id = record.get("sensor_id")
     if not isinstance(sensor_id, str) or not sensor_id.strip():
-        raise SensorValidationError(f"sensor_id {sensor_id!r} must be a non-empty string", "missing_sensor_id")
-    ts = record.get("timestamp")
-    if isinstance(ts, bool) or not isinstance(ts, int):
-        raise SensorValidationError(f"timestamp {ts!r} must be an int of epoch milliseconds", "bad_timestamp")
-    ref = now_ms() if now is None else now
-    if ts < ref - max_age_ms:
-        raise SensorValidationError(
-            f"timestamp {ts} is more than {max_age_ms // DAY_MS} days in the past; check the sensor clock",
-            "timestamp_too_old",
-        )
-    if ts > ref + max_ahead_ms:
-        raise SensorValidationError(
-            f"timestamp {ts} is more than {max_ahead_ms / 3_600_000:g} h ahead; check the sensor clock",
-            "timestamp_in_future",
-        )
-    value = _check_number("value", record.get("value"), max_abs)
-    channels = record.get("values") or {}
-    if not isinstance(channels, dict):
-        raise SensorValidationError("values must be a map of channel name to number", "bad_values")
-    checked = {str(k): _check_number(f"values[{k!r}]", v, max_abs) for k, v in channels.items()}
+        other.append(SensorValidationError(f"sensor_id {sensor_id!r} must be a non-empty string",
+                                           "missing_sensor_id"))
+    other.extend(problems or [])
+    if "timestamp" in record or not problems:
+        ts = record.get("timestamp")
+        if isinstance(ts, bool) or not isinstance(ts, int):
+            other.append(SensorValidationError(f"timestamp {ts!r} must be an int of epoch milliseconds",
+                                               "bad_timestamp"))
+        else:
+            other.extend(_as_sensor_error(p) for p in (policy or LIVE).problems(ts, now))
     unit = record.get("unit")
     if not isinstance(unit, str) or not unit:
-        raise SensorValidationError(f"unit {unit!r} must be a non-empty string such as 'celsius'", "missing_unit")
+        other.append(SensorValidationError(f"unit {unit!r} must be a non-empty string such as 'celsius'",
+                                           "missing_unit"))
     label = record.get("label")
     if label is not None and not isinstance(label, bool):
-        raise SensorValidationError(f"label {label!r} must be true, false or null", "bad_label")
+        other.append(SensorValidationError(f"label {label!r} must be true, false or null", "bad_label"))
+    if value_problems or other:
+        raise combine(value_problems + other)
     out = dict(record)
     out.update(value=value, values=checked)
     out.setdefault("label", None)
@@ -105,34 +151,25 @@ def validate(
     return out
 
 
-def parse_timestamp(text: str) -> int:
-    """CSV timestamp -> epoch ms (ms int, seconds below 1e11, or ISO 8601 with offset)."""
-    t = text.strip()
+def parse_timestamp(text: Any, unit: str = "ms") -> int:
+    """One timestamp -> epoch ms in a declared unit (ISO 8601 text is always accepted)."""
     try:
-        num = float(t)
+        return TimestampReader(unit)(text)
+    except EventTimeError as exc:
+        raise _as_sensor_error(exc) from exc
+
+
+def _parse_float(text: str) -> float | str:
+    """A number cell -> float; 'nan'/'inf' stay floats and anything else stays text, so that
+    :func:`validate` reports it (not_a_number) together with the row's other problems."""
+    try:
+        return float(text)
     except ValueError:
-        try:
-            dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise SensorValidationError(
-                f"timestamp {t[:40]!r} is neither epoch ms/s nor ISO 8601", "bad_timestamp"
-            ) from exc
-        if dt.tzinfo is None:
-            raise SensorValidationError(f"timestamp {t[:40]!r} needs a UTC offset (e.g. Z)", "bad_timestamp") from None
-        return int(round(dt.timestamp() * 1000))
-    if not math.isfinite(num):
-        raise SensorValidationError(f"timestamp {t!r} is not finite", "bad_timestamp")
-    return int(round(num * 1000)) if abs(num) < 1e11 else int(num)
+        return text[:40]
 
 
-def _parse_float(name: str, text: str) -> float:
-    try:
-        return float(text)  # accepts 'nan', 'inf': validate() rejects them with the right reason
-    except ValueError as exc:
-        raise SensorValidationError(f"{name} {text[:40]!r} is not a number", "not_a_number") from exc
-
-
-def _parse_label(text: str) -> bool | None:
+def _parse_label(text: str) -> bool | None | str:
+    """A label cell -> bool/None; other text is kept for :func:`validate` to report (bad_label)."""
     t = text.strip().lower()
     if t in ("", "null", "none"):
         return None
@@ -140,7 +177,7 @@ def _parse_label(text: str) -> bool | None:
         return True
     if t in ("0", "false", "no", "normal"):
         return False
-    raise SensorValidationError(f"label {text!r} must be true/false/1/0 or empty", "bad_label")
+    return text[:40]
 
 
 @dataclass(frozen=True)
@@ -153,8 +190,14 @@ class CsvRow:
     error: SensorValidationError | None
 
 
-def read_csv(path: Path, *, unit: str = "unit", now: int | None = None) -> Iterator[CsvRow]:
-    """Parse and validate every data row of ``path``; bad rows come back with their error."""
+def read_csv(path: Path, *, unit: str = "unit", now: int | None = None, policy: EventTimePolicy | None = None,
+             timestamp_unit: str = "auto", reader: TimestampReader | None = None) -> Iterator[CsvRow]:
+    """Parse and validate every data row of ``path``; bad rows come back with their error.
+
+    Timestamps are read with one :class:`~streaming.eventtime.TimestampReader` for the whole file:
+    with ``timestamp_unit="auto"`` it decides from the first rows before any row is yielded, and
+    raises SourceError (nothing published yet) when it cannot.
+    """
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -168,6 +211,12 @@ def read_csv(path: Path, *, unit: str = "unit", now: int | None = None) -> Itera
     if missing:
         raise SourceError(f"--csv {path}: header lacks {sorted(missing)}; required columns: sensor_id,timestamp,value")
     ref = now_ms() if now is None else now
+    try:
+        reader = reader or TimestampReader(timestamp_unit, source=f"--csv {path}")
+        if reader.unit == "auto":
+            reader.decide(_timestamp_cells(lines, header.index("timestamp"), reader.sample))
+    except EventTimeError as exc:
+        raise SourceError(str(exc)) from exc
     for n, raw in enumerate(lines[1:], 2):
         if not raw.strip():
             continue
@@ -178,18 +227,37 @@ def read_csv(path: Path, *, unit: str = "unit", now: int | None = None) -> Itera
             row = dict(zip(header, (c.strip() for c in cells), strict=True))
             record: dict[str, Any] = {
                 "sensor_id": row["sensor_id"],
-                "timestamp": parse_timestamp(row["timestamp"]),
-                "value": _parse_float("value", row["value"]),
-                "values": {k: _parse_float(k, v) for k, v in row.items() if k not in _RESERVED and v != ""},
+                "value": _parse_float(row["value"]),
+                "values": {k: _parse_float(v) for k, v in row.items() if k not in _RESERVED and v != ""},
                 "unit": row.get("unit") or unit,
                 "label": _parse_label(row.get("label", "")),
                 "event_id": row.get("event_id") or None,
             }
-            yield CsvRow(n, raw, validate(record, now=ref), None)
+            found: list[SensorValidationError] = []
+            try:
+                record["timestamp"] = reader(row["timestamp"])
+            except EventTimeError as exc:
+                found.append(_as_sensor_error(exc))
+            yield CsvRow(n, raw, validate(record, now=ref, policy=policy, problems=found), None)
         except SensorValidationError as exc:
             yield CsvRow(n, raw, None, exc)
         except UnicodeDecodeError as exc:
             yield CsvRow(n, raw, None, SensorValidationError(f"row is not UTF-8 ({exc})", "bad_encoding"))
+
+
+def _timestamp_cells(lines: list[bytes], column: int, limit: int) -> Iterator[str]:
+    """The timestamp cells of the first data rows (for ``auto``'s one decision per file)."""
+    seen = 0
+    for raw in lines[1:]:
+        if seen >= limit:
+            return
+        try:
+            cells = next(csv.reader(io.StringIO(raw.decode("utf-8"))), [])
+        except (UnicodeDecodeError, csv.Error):
+            continue
+        if len(cells) > column:
+            seen += 1
+            yield cells[column]
 
 
 def _sensor_params(rng: np.random.Generator, k: int) -> dict[str, np.ndarray]:
@@ -288,22 +356,33 @@ class SensorIngestStats:
     published: int = 0
     dead_lettered: int = 0
     reasons: dict[str, int] | None = None
+    #: The unit numeric timestamps were read in (what ``auto`` decided), None when all were ISO text.
+    timestamp_unit: str | None = None
 
     def count(self, reason: str) -> None:
         self.reasons = self.reasons or {}
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
 
-def publish_csv(publisher: Publisher, path: Path, *, unit: str = "unit") -> SensorIngestStats:
-    """Publish the valid rows of a CSV file; dead-letter the others (original row bytes + reason).
+def _dead_letter_source(file: str, line: int, exc: SensorValidationError) -> dict[str, str]:
+    """Dead-letter source headers: ``reason`` is the first problem, ``reasons`` all of them."""
+    return {"file": file, "line": str(line), "reason": exc.reason, "reasons": ",".join(reasons_of(exc))}
 
-    Waits for every ack before returning, so a zero exit status means everything is in Kafka.
+
+def publish_csv(publisher: Publisher, path: Path, *, unit: str = "unit", policy: EventTimePolicy | None = None,
+                timestamp_unit: str = "auto") -> SensorIngestStats:
+    """Publish the valid rows of a CSV file; dead-letter the others (original row bytes + reasons).
+
+    Rows of a backfill (``policy.backfill``) carry the backfill header naming the run. Waits for
+    every ack before returning, so a zero exit status means everything is in Kafka.
     """
     stats = SensorIngestStats()
     futures = []
-    for row in read_csv(path, unit=unit):
+    headers = (policy or LIVE).headers()
+    reader = TimestampReader(timestamp_unit, source=f"--csv {path}")
+    for row in read_csv(path, unit=unit, policy=policy, reader=reader):
         if row.record is not None:
-            futures.append(publisher.publish("sensor", row.record))
+            futures.append(publisher.publish("sensor", row.record, headers=headers or None))
             stats.published += 1
         else:
             assert row.error is not None
@@ -313,7 +392,7 @@ def publish_csv(publisher: Publisher, path: Path, *, unit: str = "unit") -> Sens
                     row.raw,
                     stage="validate",
                     error=row.error,
-                    source={"file": str(path), "line": str(row.line), "reason": row.error.reason},
+                    source=_dead_letter_source(str(path), row.line, row.error),
                 )
             )
             stats.dead_lettered += 1
@@ -321,30 +400,29 @@ def publish_csv(publisher: Publisher, path: Path, *, unit: str = "unit") -> Sens
     publisher.flush()
     for fut in futures:
         fut.get(timeout=60)
+    stats.timestamp_unit = reader.decided
     return stats
 
 
-def publish_records(publisher: Publisher, records: Iterator[dict[str, Any]], *, source: str) -> SensorIngestStats:
+def publish_records(publisher: Publisher, records: Iterator[dict[str, Any]], *, source: str,
+                    policy: EventTimePolicy | None = None) -> SensorIngestStats:
     """Validate and publish reading dicts (e.g. from :func:`generate`); dead-letter invalid ones as JSON."""
     import json
 
     stats = SensorIngestStats()
     futures = []
     ref = now_ms()
+    headers = (policy or LIVE).headers()
     for n, record in enumerate(records, 1):
         try:
-            futures.append(publisher.publish("sensor", validate(record, now=ref)))
+            futures.append(publisher.publish("sensor", validate(record, now=ref, policy=policy),
+                                             headers=headers or None))
             stats.published += 1
         except SensorValidationError as exc:
             raw = json.dumps(record, default=str, allow_nan=True).encode()
             futures.append(
-                publisher.dead_letter(
-                    "sensor",
-                    raw,
-                    stage="validate",
-                    error=exc,
-                    source={"file": source, "line": str(n), "reason": exc.reason},
-                )
+                publisher.dead_letter("sensor", raw, stage="validate", error=exc,
+                                      source=_dead_letter_source(source, n, exc))
             )
             stats.dead_lettered += 1
             stats.count(exc.reason)

@@ -50,6 +50,7 @@ from ingest import checkpoint as cp
 from ingest.exceptions import InputRejectedError, LogParseError, SourceError
 from ingest.weblog import parse_line
 from schemas.exceptions import SchemaError
+from streaming.eventtime import EventTimePolicy, TimestampReader
 from streaming.exceptions import PublishError, RecordTooLargeError
 
 if TYPE_CHECKING:
@@ -122,6 +123,8 @@ class FileTailer:
         rotate_grace_s: float = 1.0,
         checkpoint_every_s: float = 0.5,
         max_in_flight: int = 50_000,
+        policy: EventTimePolicy | None = None,
+        timestamp_unit: str = "auto",
     ) -> None:
         self.settings = settings
         self.publisher = publisher
@@ -133,6 +136,10 @@ class FileTailer:
         self.checkpoint_every_s = checkpoint_every_s
         self.max_in_flight = max_in_flight
         self.topics = cp.source_topics(settings, "weblog")
+        # One event-time window and one timestamp unit for the whole followed file (and its successors).
+        self.policy = policy or EventTimePolicy()
+        self._read_time = TimestampReader(timestamp_unit, source=str(self.path))
+        self._headers = [*self.policy.headers()]
         self.stats = TailStats()
         self._pending: collections.deque[tuple[int, int, Any]] = collections.deque()
         self._skip: set[str] = set()
@@ -319,13 +326,17 @@ class FileTailer:
         try:
             if len(raw) > MAX_LINE_BYTES:
                 raise LogParseError(f"line is longer than {MAX_LINE_BYTES} bytes without a newline", "line_too_long")
-            record = parse_line(raw, source=self._source, position=start, event_id=eid)
-            fut = self.publisher.publish("weblog", record, headers=[(cp.EVENT_ID_HEADER, eid.encode())])
+            record = parse_line(raw, source=self._source, position=start, event_id=eid, read_time=self._read_time,
+                                policy=self.policy)
+            fut = self.publisher.publish("weblog", record,
+                                         headers=[(cp.EVENT_ID_HEADER, eid.encode()), *self._headers])
             self.stats.published += 1
         except (InputRejectedError, SchemaError, RecordTooLargeError) as exc:
             stage = "parse" if isinstance(exc, InputRejectedError) else "validate"
             reason = exc.reason if isinstance(exc, InputRejectedError) else "schema"
             source = {"file": self.pos.file or str(self.path), "line": str(n), "reason": reason}
+            if isinstance(exc, InputRejectedError) and len(exc.reasons) > 1:
+                source["reasons"] = ",".join(exc.reasons)
             fut = self.publisher.dead_letter(
                 "weblog", raw.rstrip(b"\n"), stage=stage, error=exc, source=source, key=eid
             )

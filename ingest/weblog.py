@@ -10,6 +10,8 @@ Two input shapes, auto-detected per line:
   without its closing quote (the shared 10,000-line sample has one); it is accepted as is.
 * **JSON** objects, one per line (nginx ``escape=json`` formats, app servers). Field names of
   the schema are accepted, plus the usual nginx/Apache aliases (see :data:`_JSON_ALIASES`).
+  Timestamps: CLF or ISO 8601 text, or epoch numbers in ONE unit per file or stream (a
+  :class:`~streaming.eventtime.TimestampReader`: ``--timestamp-unit``, epoch ms by default).
 
 ``event_id`` is stable: sha1 of ``source`` and the byte position of the line when the caller
 knows it (file sources: replaying the same file position gives the same id, which is what the
@@ -27,6 +29,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ingest.exceptions import LogParseError
+from streaming.eventtime import EventTimePolicy, TimestampReader
+from streaming.exceptions import EventTimeError
 
 _Q = r'"((?:[^"\\]|\\.)*)"'
 _COMBINED = re.compile(
@@ -157,28 +161,29 @@ def _pick(obj: dict[str, Any], field: str) -> Any:
     return None
 
 
-def _json_time(value: Any) -> int:
-    if isinstance(value, bool):
-        raise LogParseError(f"timestamp {value!r} must be epoch ms/s or a date string", "bad_timestamp")
-    if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise LogParseError(f"timestamp {value!r} is not finite", "bad_timestamp")
-        # Heuristic documented in the module: below 1e11 it is seconds (year < 5138), else ms.
-        return int(round(value * 1000)) if abs(value) < 1e11 else int(value)
+#: Numeric JSON timestamps without a declared unit: epoch ms (the gateway's and SDK's unit).
+_DEFAULT_READER = TimestampReader("ms")
+
+
+def _json_time(value: Any, reader: TimestampReader | None = None) -> int:
+    """A JSON log timestamp: CLF text, ISO 8601 text, or an epoch number in the reader's unit
+    (one unit per file or stream, see :mod:`streaming.eventtime`; never guessed per line)."""
     if isinstance(value, str):
         text = value.strip()
         if len(text) >= 26 and text[2] == "/" and text[6] == "/":
             return parse_clf_time(text)
-        try:
-            dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise LogParseError(
-                f"timestamp {text[:40]!r} is neither ISO 8601 nor dd/Mon/yyyy:HH:MM:SS +zzzz", "bad_timestamp"
-            ) from exc
-        if dt.tzinfo is None:
-            raise LogParseError(f"timestamp {text[:40]!r} has no UTC offset; log with one", "bad_timestamp")
-        return int(round(dt.timestamp() * 1000))
-    raise LogParseError(f"timestamp {value!r} must be a number or a string", "bad_timestamp")
+    try:
+        return (reader or _DEFAULT_READER)(value)
+    except EventTimeError as exc:
+        raise LogParseError(str(exc), exc.reason) from exc
+
+
+def _combine(problems: list[LogParseError]) -> LogParseError:
+    if len(problems) == 1:
+        return problems[0]
+    err = LogParseError("; ".join(str(p) for p in problems), problems[0].reason)
+    err.reasons = [p.reason for p in problems]
+    return err
 
 
 def _opt_str(obj: dict[str, Any], field: str) -> str | None:
@@ -186,8 +191,10 @@ def _opt_str(obj: dict[str, Any], field: str) -> str | None:
     return _dash(str(value)) if value is not None else None
 
 
-def parse_json(line: str, *, source: str, position: int | None = None, event_id: str | None = None) -> dict[str, Any]:
-    """One JSON log object -> WebLogEvent dict. Raises :class:`LogParseError`."""
+def parse_json(line: str, *, source: str, position: int | None = None, event_id: str | None = None,
+               read_time: TimestampReader | None = None, policy: EventTimePolicy | None = None) -> dict[str, Any]:
+    """One JSON log object -> WebLogEvent dict. Raises :class:`LogParseError` with every problem of
+    the fields (``reasons``, value problems first) and, given a ``policy``, the event-time window."""
     try:
         obj = json.loads(line)
     except ValueError as exc:
@@ -206,18 +213,15 @@ def parse_json(line: str, *, source: str, position: int | None = None, event_id:
         if not isinstance(request, str):
             raise LogParseError("JSON log line needs 'request' or 'method' + 'path'", "missing_field")
         method, path, protocol = _split_request(request)
-    status = _pick(obj, "status")
-    try:
-        status_i = int(status)
-        if isinstance(status, bool) or not 100 <= status_i <= 999:
-            raise ValueError(status)
-    except (TypeError, ValueError) as exc:
-        raise LogParseError(f"status {status!r} must be an HTTP status code 100-999", "bad_status") from exc
+    # Every problem of the fields below is collected; value problems (latency, size) first.
+    values: list[LogParseError] = []
+    others: list[LogParseError] = []
     size = _pick(obj, "bytes_sent")
+    bytes_sent = 0
     try:
         bytes_sent = 0 if size in (None, "-", "") else int(size)
-    except (TypeError, ValueError) as exc:
-        raise LogParseError(f"bytes_sent {size!r} must be an integer or '-'", "bad_bytes") from exc
+    except (TypeError, ValueError):
+        values.append(LogParseError(f"bytes_sent {size!r:.40} must be an integer or '-'", "bad_bytes"))
     latency: float | None = None
     try:
         if obj.get("latency_ms") is not None:
@@ -226,12 +230,28 @@ def parse_json(line: str, *, source: str, position: int | None = None, event_id:
             latency = float(obj["duration_ms"])
         elif obj.get("request_time") is not None:
             latency = float(obj["request_time"]) * 1000.0
-    except (TypeError, ValueError) as exc:
-        raise LogParseError(
-            "latency (latency_ms / duration_ms / request_time) must be a number", "bad_latency"
-        ) from exc
+    except (TypeError, ValueError):
+        values.append(LogParseError("latency (latency_ms / duration_ms / request_time) must be a number",
+                                    "bad_latency"))
     if latency is not None and not math.isfinite(latency):
-        raise LogParseError(f"latency {latency!r} is not finite", "bad_latency")
+        values.append(LogParseError(f"latency {latency!r} is not finite", "bad_latency"))
+    status = _pick(obj, "status")
+    status_i = 0
+    try:
+        status_i = int(status)
+        if isinstance(status, bool) or not 100 <= status_i <= 999:
+            raise ValueError(status)
+    except (TypeError, ValueError):
+        others.append(LogParseError(f"status {status!r:.40} must be an HTTP status code 100-999", "bad_status"))
+    timestamp = 0
+    try:
+        timestamp = _json_time(ts, read_time)
+        if policy is not None:
+            others.extend(LogParseError(str(p), p.reason) for p in policy.problems(timestamp))
+    except LogParseError as exc:
+        others.append(exc)
+    if values or others:
+        raise _combine(values + others)
     label = _opt_str(obj, "label")
     supplied_id = _pick(obj, "event_id")
     return {
@@ -239,7 +259,7 @@ def parse_json(line: str, *, source: str, position: int | None = None, event_id:
         "client_ip": str(client_ip),
         "ident": _opt_str(obj, "ident"),
         "user": _opt_str(obj, "user"),
-        "timestamp": _json_time(ts),
+        "timestamp": timestamp,
         "method": str(method),
         "path": str(path),
         "protocol": _dash(str(protocol)) if protocol is not None else None,
@@ -254,7 +274,8 @@ def parse_json(line: str, *, source: str, position: int | None = None, event_id:
 
 
 def parse_line(
-    line: str | bytes, *, source: str, position: int | None = None, event_id: str | None = None
+    line: str | bytes, *, source: str, position: int | None = None, event_id: str | None = None,
+    read_time: TimestampReader | None = None, policy: EventTimePolicy | None = None,
 ) -> dict[str, Any]:
     """Auto-detect the shape of one log line (JSON when it starts with ``{``) and parse it.
 
@@ -268,8 +289,19 @@ def parse_line(
     if not stripped:
         raise LogParseError("line is empty", "empty")
     if stripped.startswith("{"):
-        return parse_json(stripped, source=source, position=position, event_id=event_id)
-    return parse_combined(text, source=source, position=position, event_id=event_id)
+        return parse_json(stripped, source=source, position=position, event_id=event_id, read_time=read_time,
+                          policy=policy)
+    return check_time(parse_combined(text, source=source, position=position, event_id=event_id), policy)
+
+
+def check_time(record: dict[str, Any], policy: EventTimePolicy | None, now: int | None = None) -> dict[str, Any]:
+    """Apply the event-time window to a parsed event (LogParseError with the policy's reason)."""
+    if policy is not None:
+        try:
+            policy.check(record["timestamp"], now)
+        except EventTimeError as exc:
+            raise LogParseError(str(exc), exc.reason) from exc
+    return record
 
 
 def format_combined(record: dict[str, Any], *, with_latency: bool = True) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 from schemas.exceptions import SchemaError
 from schemas.registry import SchemaRegistry
 from schemas.serde import AvroDeserializer
-from streaming import metrics
+from streaming import eventtime, metrics
 from streaming.config import Settings
 from streaming.exceptions import (
     BackpressureError,
@@ -209,6 +209,7 @@ class Pipeline:
         from streaming.features import get_featurizer
 
         self.featurizer = get_featurizer(kind, featurizer_version)
+        self.featurizer.max_future_ms = eventtime.max_future_ms(settings)  # the window every entry applies
         self.deserializer = AvroDeserializer(registry)
         self.publisher = publisher
         self.store = store or FeatureStore(settings.feature_store)
@@ -270,7 +271,8 @@ class Pipeline:
         sampled = offset % FEATURIZE_SAMPLE == 0
         t0 = time.perf_counter() if sampled else 0.0
         try:
-            row = self.featurizer.featurize(decoded.value, state)
+            # A declared backfill (header sl.backfill) is featurized as its own run: no live lateness.
+            row = self.featurizer.featurize_event(decoded.value, state, eventtime.backfill_run(msg.headers))
         except FeatureValidationError as exc:
             self._dead_letter(msg, raw, "featurize", exc)
             return

@@ -95,6 +95,17 @@ SPECS: tuple[Spec, ...] = (
     Spec("kafka_sasl_password", "STREAMLEARN_KAFKA_SASL_PASSWORD", str, "", "SASL password (env or config file only)"),
     Spec("kafka_ssl_cafile", "STREAMLEARN_KAFKA_SSL_CAFILE", Path, None,
          "CA bundle that signs the brokers' certificates"),
+    # Event-time policy (streaming/eventtime.py, docs/EVENT_TIME.md).
+    Spec("event_max_age", "STREAMLEARN_EVENT_MAX_AGE", str, "20y",
+         "live sources reject event times older than this (90s, 15m, 12h, 30d, 52w, 20y; 'none': back to 1678)"),
+    Spec("backfill", "STREAMLEARN_BACKFILL", bool, False,
+         "sources publish history: no age limit, records marked as one backfill run (no live lateness)"),
+    Spec("max_future_skew_s", "STREAMLEARN_MAX_FUTURE_SKEW_S", float, 300.0,
+         "every entry and featurizer rejects event times more than this many seconds ahead of now"),
+    Spec("timestamp_unit", "STREAMLEARN_TIMESTAMP_UNIT", str, "auto",
+         "numeric timestamps of files and stdin: s|ms|us|ns|iso|auto (auto decides once per file)"),
+    Spec("ingest_timestamp_unit", "STREAMLEARN_INGEST_TIMESTAMP_UNIT", str, "ms",
+         "numeric timestamps posted to the HTTP ingest gateway: s|ms|us|ns|iso (ISO strings always accepted)"),
 )
 _BY_NAME = {s.name: s for s in SPECS}
 
@@ -191,6 +202,11 @@ class Settings:
     kafka_sasl_username: str
     kafka_sasl_password: str = field(repr=False)  # a secret: never in a repr or a log line
     kafka_ssl_cafile: Path | None
+    event_max_age: str = "20y"
+    backfill: bool = False
+    max_future_skew_s: float = 300.0
+    timestamp_unit: str = "auto"
+    ingest_timestamp_unit: str = "ms"
     model_specs: dict[str, str] = field(default_factory=dict)
 
     @property

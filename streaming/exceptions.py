@@ -90,3 +90,16 @@ class ModelIntegrityError(ModelRegistryError):
 
 class PromoteError(StreamingError):
     """A rebuilt namespace cannot be made live (incomplete replay, active group, half-done promotion)."""
+
+
+class EventTimeError(StreamingError, ValueError):
+    """A record's event time is unreadable, in an unknown unit, or outside the acceptance window.
+
+    ``reason`` is a short stable code for dead-letter headers (``timestamp_too_old``,
+    ``timestamp_in_future``, ``timestamp_unit_mismatch``, ...); the message names the flag that
+    changes the decision (``--backfill``, ``--max-age``, ``--timestamp-unit``).
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -169,7 +169,7 @@ def test_oversized_payload_and_bad_fields() -> None:
     with pytest.raises(FeatureValidationError, match=r"ImageEvent\.data: expected bytes"):
         fz().featurize(rec("not bytes"), {})  # type: ignore[arg-type]
     with pytest.raises(FeatureValidationError, match=r"ImageEvent\.timestamp"):
-        fz().featurize(rec(data, timestamp=12), {})
+        fz().featurize(rec(data, timestamp=-9_300_000_000_000), {})  # before 1678
 
 
 def test_stateless_state_round_trip() -> None:

@@ -184,7 +184,7 @@ def test_state_from_json_rejects_garbage_and_other_settings() -> None:
         ({"latency_ms": float("inf")}, "latency_ms"),
         ({"latency_ms": -3.0}, "latency_ms"),
         ({"label": "spam"}, "label"),
-        ({"timestamp": 1_700_000_000}, "timestamp"),  # seconds, not ms
+        ({"timestamp": -9_300_000_000_000}, "timestamp"),  # before 1678 (units are checked at the entries)
         ({"timestamp": NOW + 2 * 86_400_000}, "timestamp"),
         ({"client_ip": ""}, "client_ip"),
         ({"method": None}, "method"),

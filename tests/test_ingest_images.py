@@ -119,14 +119,14 @@ def test_watcher_publishes_valid_and_dead_letters_hostile_files(settings, tmp_pa
     (watch / "cut.png").write_bytes(d[2]["data"][:-12])
     (watch / "liar.png").write_bytes(_jpeg())
     (watch / "noise.jpeg").write_bytes(bytes(np.random.default_rng(2).integers(0, 256, 3000, dtype=np.uint8)))
-    (watch / "notes.txt").write_text("not an image, left alone")
+    (watch / "notes.txt").write_text("not an image: rejected too (the drop folder is complete)")
     noise = np.random.default_rng(3).integers(0, 256, (1100, 1100), dtype=np.uint8)
     (watch / "huge.png").write_bytes(render_png(noise))  # valid, but over the 1 MB record limit
     with Publisher(settings) as pub:
         watcher = ImageWatcher(settings, pub, watch)
         watcher.run(follow=False)
         watcher.close()
-    assert (watcher.published, watcher.rejected_count) == (3, 5)
+    assert (watcher.published, watcher.rejected_count) == (3, 6)
     events = {r.value["source"]: r.value for r in read_topic(settings, raw_topic(settings, "image"))}
     assert set(events) == {"7_abc.png", "plain.png", "photo.jpg"}
     assert events["7_abc.png"]["label"] == "7" and events["plain.png"]["label"] == "one"
@@ -140,6 +140,7 @@ def test_watcher_publishes_valid_and_dead_letters_hostile_files(settings, tmp_pa
         "liar.png": "wrong_extension",
         "noise.jpeg": "bad_magic",
         "huge.png": "unpublishable",
+        "notes.txt": "bad_magic",
     }
     assert all(v["dl.stage"] == "validate" and v["dl.message"] for v in reasons.values())
     assert sorted(p.name for p in (watch / "processed").iterdir()) == [
@@ -150,10 +151,11 @@ def test_watcher_publishes_valid_and_dead_letters_hostile_files(settings, tmp_pa
     ]
     rejected = sorted(p.name for p in (watch / "rejected").iterdir())
     assert rejected == sorted(
-        [f"{n}{s}" for n in ("bomb.png", "cut.png", "liar.png", "noise.jpeg", "huge.png") for s in ("", ".reason")]
+        [f"{n}{s}" for n in ("bomb.png", "cut.png", "liar.png", "noise.jpeg", "huge.png", "notes.txt")
+         for s in ("", ".reason")]
     )
     assert (watch / "rejected" / "bomb.png.reason").read_text().startswith("too_many_pixels:")
-    assert sorted(p.name for p in watch.iterdir()) == ["notes.txt", "processed", "rejected"]
+    assert sorted(p.name for p in watch.iterdir()) == ["processed", "rejected"]
 
 
 @pytest.mark.slow

@@ -53,7 +53,7 @@ def test_csv_rows_good_and_bad(tmp_path: Path) -> None:
     rows = [
         CSV_HEADER,
         f"s1,{NOW},20.5,celsius,false,40",
-        f"s1,{NOW // 1000},nan,celsius,,40",  # seconds timestamp, NaN value
+        f"s1,{NOW - 1000},nan,celsius,,40",  # NaN value (units are decided per file, not per row)
         "s2,2025-06-15T16:26:40Z,inf,celsius,,",
         f"s3,{NOW},1e300,celsius,true,",
         f"s4,{NOW - 40 * 365 * DAY_MS},1,celsius,,",

@@ -38,6 +38,7 @@ def replay_entry(settings: Settings, entry: dict[str, Any], kind: str, featurize
                  replay_dir: Path, timeout_s: float = 60.0) -> BatchInfo:
     """Rebuild one lineage batch from Kafka into ``replay_dir``; raises LineageError on any mismatch."""
     from streaming.consumer import ErrorItem, Subscriber
+    from streaming.eventtime import backfill_run
     from streaming.features import get_featurizer
 
     if len(entry.get("ranges", [])) != 1:
@@ -61,7 +62,7 @@ def replay_entry(settings: Settings, entry: dict[str, Any], kind: str, featurize
             if isinstance(item, ErrorItem):
                 raise LineageError(f"lineage: {topic}[{partition}]@{item.offset} no longer decodes "
                                    f"({item.error}) but was featurized into batch {entry['batch_id']}")
-            row = fz.featurize(item.value, state)
+            row = fz.featurize_event(item.value, state, backfill_run(item.headers))
             rows.append(StoredRow(row.x, row.labels, row.event_time_ms, row.key, topic, partition, item.offset))
     if not rows or (first not in seen and first not in skip):
         raise LineageError(f"lineage: offsets {first}..{last} of {topic}[{partition}] could not be read "

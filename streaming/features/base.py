@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 # FeatureStateError and UnknownFeaturizerError live in streaming.exceptions and are re-exported here.
+from streaming import eventtime
 from streaming.exceptions import (  # noqa: F401
     FeatureStateError,
     FeatureValidationError,
@@ -29,11 +30,13 @@ from streaming.exceptions import (  # noqa: F401
     UnknownKindError,
 )
 
-#: Event times before this are rejected: 2000-01-01T00:00:00Z in epoch milliseconds. Older values
-#: are almost always seconds-vs-milliseconds mistakes or zeroed fields.
-MIN_EVENT_TIME_MS = 946_684_800_000
-#: Event times further than this ahead of the featurizer's clock are rejected (clock skew allowance).
-MAX_FUTURE_MS = 24 * 3600 * 1000
+#: Event times before this are rejected: 1678-01-01T00:00:00Z (see streaming/eventtime.py). Unit
+#: mistakes are caught where records enter (one unit per input, a live age window); featurizers
+#: must accept history published on purpose (``--backfill``).
+MIN_EVENT_TIME_MS = eventtime.MIN_EVENT_TIME_MS
+#: The default future-skew allowance; each featurizer uses the configured one (``max_future_ms``),
+#: the same window every entry applies (setting ``max_future_skew_s``).
+MAX_FUTURE_MS = eventtime.DEFAULT_MAX_FUTURE_MS
 
 S = TypeVar("S")
 
@@ -74,9 +77,12 @@ class Featurizer(ABC, Generic[S]):
     label_names: list[str]
     feature_names: list[str]
 
-    def __init__(self, clock_ms: Callable[[], int] | None = None) -> None:
+    def __init__(self, clock_ms: Callable[[], int] | None = None, max_future_ms: int | None = None) -> None:
         # Injected so tests (and replays in a fixed "now") can pin the future-timestamp check.
         self._clock_ms: Callable[[], int] = clock_ms or wall_clock_ms
+        #: Event times further ahead of the clock are rejected before they touch any state, so a
+        #: reading from a wrong clock can never make later real readings "late".
+        self.max_future_ms = eventtime.max_future_ms() if max_future_ms is None else max_future_ms
 
     @property
     def n_features(self) -> int:
@@ -92,6 +98,22 @@ class Featurizer(ABC, Generic[S]):
 
         Raises FeatureValidationError (naming the field) for records that must be dead-lettered.
         """
+
+    def featurize_backfill(self, record: dict[str, Any], state: S, run: str) -> FeatureRow:
+        """Featurize a record of the declared backfill ``run`` (its ``sl.backfill`` header).
+
+        Kinds whose state holds per-key event-time windows override this to keep each run's keys
+        apart from the live ones, without the live lateness rules (docs/EVENT_TIME.md); for the
+        others a backfilled record is featurized like any other.
+        """
+        return self.featurize(record, state)
+
+    def featurize_event(self, record: dict[str, Any], state: S, backfill_run: str | None = None) -> FeatureRow:
+        """The stream pipeline's entry: live records to :meth:`featurize`, backfill runs to
+        :meth:`featurize_backfill`."""
+        if backfill_run is None:
+            return self.featurize(record, state)
+        return self.featurize_backfill(record, state, backfill_run)
 
     def featurize_for_prediction(self, record: dict[str, Any], state: S) -> FeatureRow:
         """Featurize a record for serving. Same feature function as :meth:`featurize`.
@@ -131,14 +153,15 @@ class Featurizer(ABC, Generic[S]):
             )
         if ts < MIN_EVENT_TIME_MS:
             raise FeatureValidationError(
-                f"{record_name}.{field}: {ts} is before the year 2000 (too far in the past); "
-                "timestamps must be epoch milliseconds, not seconds"
+                f"{record_name}.{field}: {ts} ({eventtime.iso(ts)}) is before 1678-01-01, the earliest "
+                "event time streamlearn holds; check the source's --timestamp-unit"
             )
         now = self._clock_ms()
-        if ts > now + MAX_FUTURE_MS:
+        if ts > now + self.max_future_ms:
             raise FeatureValidationError(
-                f"{record_name}.{field}: {ts} is more than one day in the future "
-                f"(now {now}); fix the producer's clock or units"
+                f"{record_name}.{field}: {ts} ({eventtime.iso(ts)}) is more than "
+                f"{eventtime.format_duration(self.max_future_ms)} ahead of now {now} (setting max_future_skew_s); "
+                "fix the producer's clock or units"
             )
         return ts
 

@@ -119,9 +119,10 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
         max_pixels: int = MAX_PIXELS,
         max_bytes: int = MAX_BYTES,
         clock_ms: Callable[[], int] | None = None,
+        max_future_ms: int | None = None,
     ) -> None:
         """``size`` is (width, height) of the model input; the default 8x8 fits the digits model."""
-        super().__init__(clock_ms)
+        super().__init__(clock_ms, max_future_ms)
         width, height = size
         if width <= 0 or height <= 0 or max_pixels <= 0 or max_bytes <= 0:
             raise ValueError("size, max_pixels and max_bytes must be positive")

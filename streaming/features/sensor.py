@@ -39,9 +39,17 @@ call ``window_features``, so the vectors are built identically.
 
 Event time, lateness and bounds
 -------------------------------
-Readings are kept per sensor in event-time order. A reading older than the sensor's latest event
-time minus ``allowed_lateness_ms`` raises FeatureValidationError ("late"); within lateness it is
-inserted in order (a row already emitted for a later reading is not revised). A reading that would
+Readings are kept per sensor in event-time order. A reading more than ``max_future_ms`` (the
+shared future-skew window, 5 minutes by default) ahead of the clock is rejected before it touches
+the state. A live reading older than the sensor's latest event time (capped at the clock's now, so an
+accepted reading from a clock running ahead cannot make later real readings late) minus
+``allowed_lateness_ms`` raises FeatureValidationError ("late"); within lateness it is
+inserted in order (a row already emitted for a later reading is not revised).
+
+Readings of a declared backfill run (:meth:`featurize_backfill`, the ``sl.backfill`` header) are
+kept apart from the live ones, per run and sensor, and have no lateness bound: a run only needs
+each sensor's readings in time order as far back as the retained history reaches. So history
+never makes live readings late, nor live readings history. A reading that would
 land deeper than the retained ``history`` readings is also "late", because its window could no
 longer be built as an uninterrupted in-order run would have. At most ``max_sensors`` sensors are
 tracked (least recently seen evicted), each with at most ``history`` readings.
@@ -147,8 +155,9 @@ class SensorFeaturizer(Featurizer[SensorState]):
         allowed_lateness_ms: int = 300_000,
         max_sensors: int = 10_000,
         clock_ms: Callable[[], int] | None = None,
+        max_future_ms: int | None = None,
     ) -> None:
-        super().__init__(clock_ms)
+        super().__init__(clock_ms, max_future_ms)
         if window < 4:
             raise ValueError(f"window must be >= 4 (lags 1..3 need it), got {window}")
         if history < window + 1:
@@ -213,8 +222,15 @@ class SensorFeaturizer(Featurizer[SensorState]):
 
     def featurize(self, record: dict[str, Any], state: SensorState) -> FeatureRow:
         """Training row for this reading: features of the previous reading's window (see module doc)."""
+        return self._training_row(record, state, None)
+
+    def featurize_backfill(self, record: dict[str, Any], state: SensorState, run: str) -> FeatureRow:
+        """Training row of a backfill run's reading: the run's own per-sensor window, no lateness."""
+        return self._training_row(record, state, run)
+
+    def _training_row(self, record: dict[str, Any], state: SensorState, run: str | None) -> FeatureRow:
         sid, t, value, anomaly = self._validate(record)
-        buf, i = self._add(state, sid, t, value, anomaly)
+        buf, i = self._add(state, sid, t, value, anomaly, run)
         if i == 0:
             return FeatureRow(
                 np.zeros(self._n, dtype=np.float32), {"next_value_delta": None, "is_anomaly": None}, t, sid
@@ -257,8 +273,14 @@ class SensorFeaturizer(Featurizer[SensorState]):
             raise FeatureValidationError(f"{RECORD}.label: expected true, false or null, got {label!r}")
         return sid, t, value, (None if label is None else float(label))
 
+    @staticmethod
+    def state_key(sid: str, run: str | None) -> str:
+        """Key of a sensor's buffer: the sensor id live, the run and the id for a backfill run
+        (NUL-separated, which no sensor id from a CSV or JSON source contains in practice)."""
+        return sid if run is None else f"\x00backfill\x00{run}\x00{sid}"
+
     def _add(
-        self, state: SensorState, sid: str, t: int, value: float, anomaly: float | None
+        self, state: SensorState, sid: str, t: int, value: float, anomaly: float | None, run: str | None = None
     ) -> tuple[SensorBuffer, int]:
         """Insert the reading into its sensor's buffer (LRU-touched only once accepted).
 
@@ -266,38 +288,44 @@ class SensorFeaturizer(Featurizer[SensorState]):
         exactly as it was, so a dead-lettered reading cannot change later features.
         """
         sensors = state.sensors
-        buf = sensors.get(sid)
+        key = self.state_key(sid, run)
+        buf = sensors.get(key)
         if buf is None:
             buf = SensorBuffer()
-            i = self._insert(buf, sid, t, value, anomaly)
-            sensors[sid] = buf
+            i = self._insert(buf, sid, t, value, anomaly, run)
+            sensors[key] = buf
             while len(sensors) > self.max_sensors:
                 sensors.popitem(last=False)
         else:
-            i = self._insert(buf, sid, t, value, anomaly)
-            sensors.move_to_end(sid)
+            i = self._insert(buf, sid, t, value, anomaly, run)
+            sensors.move_to_end(key)
         return buf, i
 
-    def _insert(self, buf: SensorBuffer, sid: str, t: int, value: float, anomaly: float | None) -> int:
+    def _insert(self, buf: SensorBuffer, sid: str, t: int, value: float, anomaly: float | None,
+                run: str | None = None) -> int:
         """Insert a reading in event-time order; return its index after trimming. Raises "late"."""
         times = buf.times
         n = len(times)
         if n == 0 or t >= times[-1]:
             i = n
         else:
-            latest = times[-1]
-            if t < latest - self.allowed_lateness_ms:
+            # Lateness counts from the latest reading, but never from beyond the clock: an accepted
+            # reading up to max_future_ms ahead cannot make later real readings late.
+            latest = min(times[-1], self._clock_ms())
+            if run is None and t < latest - self.allowed_lateness_ms:
                 raise FeatureValidationError(
                     f"{RECORD}.timestamp: late reading for sensor {sid!r}: {t} is older than the "
                     f"sensor's latest event time {latest} minus the allowed lateness "
-                    f"{self.allowed_lateness_ms} ms"
+                    f"{self.allowed_lateness_ms} ms; to load history publish it with --backfill"
                 )
             i = bisect_right(times, t)
             removed = max(0, n + 1 - self.history)
             if (buf.trimmed or removed) and i - removed < self.window:
+                hint = ("sort the backfill by time per sensor" if run is not None
+                        else "raise the featurizer's history")
                 raise FeatureValidationError(
                     f"{RECORD}.timestamp: late reading for sensor {sid!r}: {t} falls before the "
-                    f"{self.history} retained readings' window; raise the featurizer's history"
+                    f"{self.history} retained readings' window; {hint}"
                 )
         times.insert(i, t)
         buf.values.insert(i, value)

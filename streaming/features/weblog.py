@@ -198,8 +198,9 @@ class WeblogFeaturizer(Featurizer[WeblogState]):
         max_clients: int = 10_000,
         max_events_per_client: int = 256,
         clock_ms: Callable[[], int] | None = None,
+        max_future_ms: int | None = None,
     ) -> None:
-        super().__init__(clock_ms)
+        super().__init__(clock_ms, max_future_ms)
         if rate_window_ms <= 0 or max_clients <= 0 or max_events_per_client <= 0:
             raise ValueError("rate_window_ms, max_clients and max_events_per_client must be positive")
         self.rate_window_ms = rate_window_ms
@@ -211,6 +212,14 @@ class WeblogFeaturizer(Featurizer[WeblogState]):
         return WeblogState()
 
     def featurize(self, record: dict[str, Any], state: WeblogState) -> FeatureRow:
+        return self._row(record, state, None)
+
+    def featurize_backfill(self, record: dict[str, Any], state: WeblogState, run: str) -> FeatureRow:
+        """A backfill run's request: counted in the run's own per-client window (docs/EVENT_TIME.md),
+        so history does not inflate live client rates and live traffic does not hide history."""
+        return self._row(record, state, run)
+
+    def _row(self, record: dict[str, Any], state: WeblogState, run: str | None) -> FeatureRow:
         t = self.check_event_time(record, RECORD)
         client = check_key(record, RECORD, "client_ip")
         method = record.get("method")
@@ -259,7 +268,8 @@ class WeblogFeaturizer(Featurizer[WeblogState]):
         else:
             x[_LATENCY] = math.log1p(latency)
         x[_UA_IDX[user_agent_class(ua)]] = 1.0
-        count, gap_ms, first = self._update_client(state, client, t)
+        count, gap_ms, first = self._update_client(
+            state, client if run is None else f"\x00backfill\x00{run}\x00{client}", t)
         x[_RATE] = math.log1p(count)
         x[_GAP] = math.log1p(min(gap_ms / 1000.0, GAP_CAP_S))
         x[_FIRST] = first
@@ -291,7 +301,10 @@ class WeblogFeaturizer(Featurizer[WeblogState]):
         i = bisect_right(times, t)
         gap = float(t - times[i - 1]) if i > 0 else GAP_CAP_S * 1000.0
         count = i - bisect_left(times, low, 0, i) + 1
-        if t >= latest - self.rate_window_ms:
+        # Kept when inside the rate window of the latest event, that latest capped at the clock's
+        # now: an event from a clock running ahead (accepted within max_future_ms) must not push
+        # later real events out of the client's window.
+        if t >= min(latest, self._clock_ms()) - self.rate_window_ms:
             if len(times) == times.maxlen:
                 if i == 0:
                     return count, gap, 0.0

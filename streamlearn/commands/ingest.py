@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from streaming import config
+from streamlearn.eventtime_flags import add_event_time_flags, policy_from_args, unit_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
@@ -45,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         help="seconds a rotated file must stay unchanged before switching to the new one (default 1)",
     )
     w.add_argument("--idle-exit", type=float, help="with --follow, exit after this many seconds without new lines")
+    add_event_time_flags(w)
     w.set_defaults(func=_weblog)
 
     s = isub.add_parser("sensors", help="publish sensor readings from a CSV file or the generator")
@@ -56,13 +58,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     s.add_argument("--start-ms", type=int, help="timestamp of the first generated reading (default: ends at now)")
     s.add_argument("--interval-ms", type=int, default=60_000, help="generated reading interval (default 60000)")
     s.add_argument("--unit", default="unit", help="unit of CSV rows without a unit column (default 'unit')")
+    add_event_time_flags(s)
     s.set_defaults(func=_sensors)
 
-    i = isub.add_parser("images", help="publish PNG/JPEG files of a directory once each, then move them")
+    i = isub.add_parser("images", help="publish PNG/JPEG files of a directory once each, then move them "
+                          "to processed/ or, with a .reason file, to rejected/")
     i.add_argument("--watch", type=Path, required=True, metavar="DIR", help="directory to watch")
     i.add_argument("--once", action="store_true", help="process the files present now and exit")
     i.add_argument("--poll", type=float, default=0.5, help="seconds between directory scans (default 0.5)")
     i.add_argument("--idle-exit", type=float, help="exit after this many seconds without new files")
+    i.add_argument("--settle", type=float, default=1.0,
+                   help="seconds a file's size and mtime must stay unchanged before it is taken (default 1)")
+    add_event_time_flags(i, unit_setting=None)
     i.set_defaults(func=_images)
 
     try:
@@ -116,6 +123,8 @@ def _weblog(args: argparse.Namespace, settings: config.Settings) -> int:
             follow=args.follow,
             poll_s=args.poll,
             rotate_grace_s=args.rotate_grace,
+            policy=policy_from_args(args, settings, f"ingest weblog {args.path}"),
+            timestamp_unit=unit_from_args(args, settings),
         )
         print(
             f"ingest weblog: {args.path} from line {tailer.pos.line + 1} (checkpoint {tailer.cp_path})",
@@ -135,8 +144,10 @@ def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
     started = time.monotonic()
     with Publisher(settings) as pub:
         if args.csv is not None:
-            stats = sensors.publish_csv(pub, args.csv, unit=args.unit)
             source = str(args.csv)
+            policy = policy_from_args(args, settings, f"--csv {source}")
+            stats = sensors.publish_csv(pub, args.csv, unit=args.unit, policy=policy,
+                                        timestamp_unit=unit_from_args(args, settings))
         else:
             records = sensors.generate(
                 args.generate,
@@ -146,16 +157,28 @@ def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
                 interval_ms=args.interval_ms,
             )
             source = f"generator:sensors:{args.seed}"
-            stats = sensors.publish_records(pub, records, source=source)
+            # Generated readings are synthetic history ending now: published as a backfill run, so a
+            # featurizer accepts them whenever they run, whatever live readings it has seen before.
+            if args.backfill is None:
+                args.backfill = True
+            policy = policy_from_args(args, settings, source)
+            stats = sensors.publish_records(pub, records, source=source, policy=policy)
     _report(
         {
             "source": source,
             "published": stats.published,
             "dead_lettered": stats.dead_lettered,
             "reasons": stats.reasons or {},
+            "timestamp_unit": stats.timestamp_unit,
+            "backfill": policy.run_id or None,
             "seconds": round(time.monotonic() - started, 3),
         }
     )
+    mismatched = (stats.reasons or {}).get("timestamp_unit_mismatch", 0)
+    if mismatched:
+        print(f"ingest sensors: {mismatched} rows disagree with the timestamp unit decided for the file; they are "
+              "dead-lettered (reason timestamp_unit_mismatch); pass --timestamp-unit", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -167,7 +190,8 @@ def _images(args: argparse.Namespace, settings: config.Settings) -> int:
     _ensure_kind_topics(settings, "image")
     started = time.monotonic()
     with Publisher(settings) as pub:
-        watcher = ImageWatcher(settings, pub, args.watch)
+        watcher = ImageWatcher(settings, pub, args.watch, settle_s=args.settle,
+                               policy=policy_from_args(args, settings, f"ingest images {args.watch}"))
         try:
             watcher.run(follow=not args.once, poll_s=args.poll, stop=stop, idle_exit_s=args.idle_exit)
         finally:

@@ -1,4 +1,11 @@
-"""`streamlearn publish <kind>`: publish events from a JSON-lines file, stdin, or the demo generators."""
+"""`streamlearn publish <kind>`: publish events from a JSON-lines file, stdin, or the demo generators.
+
+Timestamps of ``--file``/``--stdin`` events follow the event-time policy (docs/EVENT_TIME.md):
+epoch numbers in ``--timestamp-unit`` (``auto`` decides once from the first lines) or ISO 8601
+text, accepted within the live window unless ``--backfill``. Generated events are synthetic
+history ending about now, so ``--generate`` publishes them as a backfill run: the featurizers take
+them whenever they run, whatever live events they have seen.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +18,15 @@ from typing import Any
 
 from schemas.exceptions import SchemaError
 from streaming import config
+from streaming.eventtime import EventTimePolicy, TimestampReader
+from streaming.exceptions import EventTimeError
 from streaming.jsoncodec import from_json
 from streaming.producer import Publisher
 from streaming.topics import KINDS
+from streamlearn.eventtime_flags import add_event_time_flags, policy_from_args, unit_from_args
+
+#: Lines ``--timestamp-unit auto`` reads ahead in a file to decide the unit.
+_LOOKAHEAD = 100
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--file", help="JSON-lines file, one event per line (bytes fields base64)")
     src.add_argument("--stdin", action="store_true", help="read JSON lines from standard input")
-    src.add_argument("--generate", type=int, metavar="N", help="publish N events from the demo generator")
+    src.add_argument("--generate", type=int, metavar="N",
+                     help="publish N events from the demo generator (as a backfill run, see --backfill)")
     p.add_argument("--seed", type=int, default=7, help="seed of --generate (default 7)")
+    add_event_time_flags(p)
     p.set_defaults(func=_publish)
 
 
@@ -51,26 +66,82 @@ def _lines(args: argparse.Namespace) -> Iterator[tuple[int, str]]:
                 yield lineno, line
 
 
+def _decide(reader: TimestampReader, lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+    """``auto``: read the first lines' timestamps, decide the unit once, then hand every line on."""
+    head: list[tuple[int, str]] = []
+    for item in lines:
+        head.append(item)
+        if len(head) >= _LOOKAHEAD:
+            break
+    if reader.unit == "auto":
+        stamps = []
+        for _, line in head:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and "timestamp" in obj:
+                stamps.append(obj["timestamp"])
+        reader.decide(stamps)
+    yield from head
+    yield from lines
+
+
+def event_from_line(kind: str, line: str, reader: TimestampReader, policy: EventTimePolicy) -> dict[str, Any]:
+    """One JSON line -> a record of ``kind`` with its timestamp read and checked (raises on any problem)."""
+    record = from_json(KINDS[kind], json.loads(line))
+    if kind == "sensor":
+        from ingest.exceptions import SensorValidationError
+        from ingest.sensors import validate
+
+        found: list[SensorValidationError] = []
+        if "timestamp" in record:
+            try:
+                record["timestamp"] = reader(record["timestamp"])
+            except EventTimeError as exc:
+                found.append(SensorValidationError(str(exc), exc.reason))
+                del record["timestamp"]
+        record.setdefault("values", {})
+        return validate(record, policy=policy, problems=found)
+    if "timestamp" not in record:
+        raise EventTimeError(f"{KINDS[kind]} needs a timestamp (epoch number or ISO 8601 text)", "bad_timestamp")
+    record["timestamp"] = policy.check(reader(record["timestamp"]))
+    return record
+
+
+def _reasons(exc: BaseException) -> str:
+    reasons = getattr(exc, "reasons", None) or [getattr(exc, "reason", None) or type(exc).__name__]
+    return ",".join(str(r) for r in reasons)
+
+
 def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
-    record_name = KINDS[args.kind]
     sent = rejected = 0
     started = time.monotonic()
+    if args.generate is not None and args.backfill is None:
+        args.backfill = True
+    source = "stdin" if args.stdin else (args.file or f"generator:{args.kind}:{args.seed}")
+    policy = policy_from_args(args, settings, f"publish {args.kind} {source}")
+    headers = policy.headers() or None
     with Publisher(settings) as pub:
         futures = []
         if args.generate is not None:
             for record in generated(args.kind, args.generate, args.seed):
-                futures.append(pub.publish(args.kind, record))
+                futures.append(pub.publish(args.kind, record, headers=headers))
         else:
-            source = "stdin" if args.stdin else args.file
-            for lineno, line in _lines(args):
+            reader = TimestampReader(unit_from_args(args, settings), source=source)
+            # A file is looked ahead into for auto's decision; stdin, a stream, decides at its first number.
+            lines = _decide(reader, _lines(args)) if args.file else _lines(args)
+            for lineno, line in lines:
                 try:
-                    record = from_json(record_name, json.loads(line))
-                    futures.append(pub.publish(args.kind, record))
-                except (ValueError, SchemaError) as exc:
+                    futures.append(pub.publish(args.kind, event_from_line(args.kind, line, reader, policy),
+                                               headers=headers))
+                except (ValueError, SchemaError) as exc:  # EventTimeError and InputRejectedError are ValueErrors
                     rejected += 1
-                    print(f"line {lineno}: rejected: {exc}", file=sys.stderr)
+                    reasons = _reasons(exc)
+                    print(f"line {lineno}: rejected ({reasons}): {exc}", file=sys.stderr)
                     pub.dead_letter(args.kind, line.encode(), stage="publish", error=exc,
-                                    source={"file": source, "line": lineno})
+                                    source={"file": source, "line": lineno, "reason": reasons.split(",")[0],
+                                            "reasons": reasons})
         pub.flush()
         for fut in futures:
             fut.get(timeout=30)

@@ -1,0 +1,139 @@
+"""The image drop folder is complete: every file placed in it is published or dead-lettered with a
+reason and moved aside (processed/ or rejected/ + .reason); files still being written wait."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ingest.exceptions import ImageValidationError
+from ingest.images import inspect
+from streaming.config import Settings
+
+
+def _png(w: int = 8, h: int = 8) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(w * h, dtype=np.uint8).reshape(h, w)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _gif(frames: int = 1) -> bytes:
+    buf = io.BytesIO()
+    imgs = [Image.new("RGB", (6, 6), color=(i * 80, 0, 0)) for i in range(frames)]
+    imgs[0].save(buf, format="GIF", save_all=frames > 1, append_images=imgs[1:], loop=0)
+    return buf.getvalue()
+
+
+def huge_screen_gif() -> bytes:
+    """The reported file: a GIF header declaring a 32767x32767 logical screen."""
+    return b"GIF89a" + struct.pack("<HH", 32767, 32767) + b"\x00\x00\x00" + b"\x3b"
+
+
+def _apng() -> bytes:
+    buf = io.BytesIO()
+    frames = [Image.new("L", (6, 6), color=c) for c in (0, 255)]
+    frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+def _bmp() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (6, 6)).save(buf, format="BMP")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("make", "name", "reason"),
+    [
+        (huge_screen_gif, "screen.gif", "too_many_pixels"),
+        (_gif, "still.gif", "unsupported_format"),
+        (lambda: _gif(3), "moving.gif", "animated"),
+        (_apng, "moving.png", "animated"),
+        (_bmp, "old.bmp", "unsupported_format"),
+        (lambda: b"hello", "notes.txt", "bad_magic"),
+    ],
+)
+def test_other_formats_are_named_in_the_reason(make, name: str, reason: str) -> None:  # type: ignore[no-untyped-def,unused-ignore]
+    with pytest.raises(ImageValidationError) as info:
+        inspect(make(), name)
+    assert info.value.reason == reason
+
+
+def test_every_file_in_the_drop_folder_ends_published_or_rejected(settings: Settings, tmp_path: Path) -> None:
+    from ingest.images import ImageWatcher
+    from streaming.producer import Publisher, header_dict
+    from streaming.topics import dead_letter_topic, raw_topic
+    from tests.helpers import read_topic
+
+    watch = tmp_path / "drop"
+    watch.mkdir()
+    files = {
+        "ok.png": _png(),
+        "screen.gif": huge_screen_gif(),
+        "still.gif": _gif(),
+        "moving.gif": _gif(3),
+        "moving.png": _apng(),
+        "old.bmp": _bmp(),
+        "README": b"what is this folder?",
+        "data.bin": bytes(range(256)),
+        "lonely.label": b"7\n",
+        "future.png": _png(9, 9),
+    }
+    for name, data in files.items():
+        (watch / name).write_bytes(data)
+    (watch / ".partial.png").write_bytes(_png()[:20])  # a dot-file: a writer's temporary, left alone
+    old = time.time() - 60
+    for name in files:
+        os.utime(watch / name, (old, old))
+    ahead = time.time() + 3600
+    os.utime(watch / "future.png", (ahead, ahead))  # a clock an hour ahead: outside the 5-minute window
+    with Publisher(settings) as pub:
+        watcher = ImageWatcher(settings, pub, watch)
+        watcher.run(follow=False)
+        watcher.close()
+    assert (watcher.published, watcher.rejected_count) == (1, 9)
+    assert [r.value["source"] for r in read_topic(settings, raw_topic(settings, "image"))] == ["ok.png"]
+    dls = read_topic(settings, dead_letter_topic(settings, "image"), decode=False, expect=9)
+    reasons = {Path(header_dict(d.headers)["dl.source_file"]).name: header_dict(d.headers)["dl.source_reason"]
+               for d in dls}
+    assert reasons == {"screen.gif": "too_many_pixels", "still.gif": "unsupported_format", "moving.gif": "animated",
+                       "moving.png": "animated", "old.bmp": "unsupported_format", "README": "bad_magic",
+                       "data.bin": "bad_magic", "lonely.label": "orphan_label", "future.png": "timestamp_in_future"}
+    assert sorted(p.name for p in watch.iterdir()) == [".partial.png", "processed", "rejected"]
+    rejected = sorted(p.name for p in (watch / "rejected").iterdir())
+    assert rejected == sorted([n for n in files if n != "ok.png"] + [f"{n}.reason" for n in files if n != "ok.png"])
+    assert (watch / "rejected" / "screen.gif.reason").read_text().startswith("too_many_pixels: GIF declares")
+
+
+def test_a_file_still_being_written_waits_and_is_never_cut(settings: Settings, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    from ingest.images import ImageWatcher
+    from streaming.producer import Publisher
+
+    watch = tmp_path / "drop"
+    watch.mkdir()
+    data = _png(40, 40)
+    (watch / "slow.png").write_bytes(data[: len(data) // 2])  # half written, mtime now
+    caplog.set_level(logging.WARNING, logger="ingest.images")
+    with Publisher(settings) as pub:
+        watcher = ImageWatcher(settings, pub, watch, settle_s=30.0, max_settle_wait_s=0.3)
+        watcher.run(follow=False, poll_s=0.05)
+        assert (watcher.published, watcher.rejected_count) == (0, 0)  # not taken: not rejected as truncated
+        assert (watch / "slow.png").exists()
+        assert any("slow.png is still being written" in m for m in caplog.messages)
+        with (watch / "slow.png").open("ab") as fh:  # the writer finishes
+            fh.write(data[len(data) // 2:])
+        old = time.time() - 60
+        os.utime(watch / "slow.png", (old, old))
+        watcher.run(follow=False, poll_s=0.05)
+        watcher.close()
+    assert (watcher.published, watcher.rejected_count) == (1, 0)
+    assert (watch / "processed" / "slow.png").read_bytes() == data
