@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from streaming.config import Settings, to_env
+from streaming.polling import poll_until
 
 T = TypeVar("T")
 
@@ -21,14 +22,10 @@ APACHE_LOGS = SHARED / "data" / "weblogs" / "apache_logs"
 def wait_until(predicate: Callable[[], T], timeout: float = 20.0, interval: float = 0.05,
                message: str = "condition") -> T:
     """Poll ``predicate`` until it returns a truthy value or ``timeout`` seconds pass (then fail)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        time.sleep(interval)  # poll interval inside a deadline loop
+    value = poll_until(predicate, timeout, interval_s=interval)
+    if not value:
+        raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+    return value
 
 
 def subprocess_env(settings: Settings, **extra: str) -> dict[str, str]:
