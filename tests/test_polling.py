@@ -7,7 +7,12 @@ import time
 
 import pytest
 
+from streaming.config import Settings
 from streaming.polling import poll_until
+from streaming.producer import Publisher
+from streaming.topics import raw_topic
+from tests.helpers import read_topic
+from tests.test_sdk_kafka import sensor
 
 
 def test_returns_the_first_truthy_value() -> None:
@@ -47,3 +52,13 @@ def test_stop_event_interrupts_the_wait() -> None:
 def test_interval_must_be_positive() -> None:
     with pytest.raises(ValueError, match="interval_s"):
         poll_until(lambda: True, 1, interval_s=0)
+
+
+def test_read_topic_with_expect_reads_on_to_the_end_offsets(settings: Settings) -> None:
+    """A "published once" check must see the duplicate that follows the first record."""
+    with Publisher(settings) as pub:
+        for i in range(3):
+            pub.publish("sensor", sensor(i))
+    items = read_topic(settings, raw_topic(settings, "sensor"), decode=False, expect=1, timeout=20)
+    assert len(items) == 3
+

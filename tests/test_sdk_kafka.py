@@ -215,20 +215,25 @@ def test_group_commit_resumes(settings: Settings) -> None:
             pub.publish("sensor", sensor(i))
     group = settings.group("g1")
     seen = []
+    last_committed: dict[int, int] = {}
     with Subscriber(settings, topic, group=group) as sub:
         deadline = time.monotonic() + 20
         while len(seen) < 4 and time.monotonic() < deadline:
             for item in sub.poll_batch(300, max_records=1):
                 seen.append(item.offset)
                 sub.commit({TopicPartition(item.topic, item.partition): item.offset + 1})
+                last_committed[item.partition] = item.offset + 1
+    assert len(seen) == 4 and len(last_committed) == 1, "all ten events share one key, so one partition"
     rest = []
     with Subscriber(settings, topic, group=group) as sub:
         deadline = time.monotonic() + 20
         while len(seen) + len(rest) < 10 and time.monotonic() < deadline:
             rest += [i.offset for i in sub.poll_batch(300)]
     assert sorted(seen + rest) == list(range(10))
-    c = KafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=group)
-    try:
-        assert c.committed(TopicPartition(topic, 0)) is None or True
+    c = KafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=group, enable_auto_commit=False)
+    try:  # the second subscriber committed nothing: the group's offset is still the first one's last commit
+        committed = {p: c.committed(TopicPartition(topic, p)) for p in range(settings.partitions)}
+        assert committed == {p: last_committed.get(p) for p in range(settings.partitions)}
+        assert committed[next(iter(last_committed))] == max(seen) + 1 == 4
     finally:
         c.close()
