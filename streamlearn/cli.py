@@ -85,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(settings.log_level, quiet=quiet, verbose=verbose)
     progress.configure(quiet=quiet)
     try:
-        return int(args.func(args, settings) or 0)
+        code = int(args.func(args, settings) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return code
     except StreamlearnError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -60,9 +60,10 @@ def _up(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def _status(args: argparse.Namespace, settings: config.Settings) -> int:
-    from streaming.broker import EmbeddedBroker
+    from streaming.broker import EmbeddedBroker, probe
     from streaming.fsutil import pid_alive
     from streamlearn.stack import read_state
+    from streamlearn.status import render, tcp_reachable, worker_rows
 
     print(EmbeddedBroker(settings).status().describe())
     state = read_state(settings)
@@ -72,7 +73,8 @@ def _status(args: argparse.Namespace, settings: config.Settings) -> int:
     pid = int(state.get("supervisor_pid", 0))
     alive = bool(pid) and not state.get("stopped") and pid_alive(pid)
     print(f"stack supervisor pid {pid}: {'running' if alive else 'not running'}")
-    for s in state.get("services", []):
-        print(f"  {s['name']:28} {s['state']:12} pid {s['pid'] or '-':<7} restarts {s['restarts']:<3} "
-              f"up {s['uptime_s']:>7.1f}s metrics :{s['metrics_port']}")
+    kafka = tcp_reachable(settings.bootstrap) and probe(settings.bootstrap, timeout_s=2.0) is not None
+    if not kafka:
+        print(f"  (no Kafka broker answers at {settings.bootstrap}: partitions and lag unknown)")
+    print("\n".join(render(worker_rows(settings, state, alive, kafka=kafka))))
     return 0 if alive else 3
