@@ -167,7 +167,8 @@ class EmbeddedBroker:
             host, port = self.settings.broker_host, self.settings.broker_port
             if _port_in_use(host, port):
                 raise BrokerError(f"port {port} on {host} is already in use by another program; choose another "
-                                  "with --port or STREAMLEARN_BROKER_PORT")
+                                  "with --broker-port (demo, up), --port (broker start) or the environment "
+                                  "variable STREAMLEARN_BROKER_PORT")
             cmd = [str(binary_path()), "start", "--data-dir", str(self.data_dir), "--host", host,
                    "--only", "kafka", "--kafka-port", str(port)]
             logf = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child

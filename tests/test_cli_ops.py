@@ -84,3 +84,45 @@ def test_subscribe_exits_1_when_records_cannot_be_decoded(settings: config.Setti
     topic = raw_topic(settings, "sensor").removeprefix(settings.topic_prefix)
     assert cli(settings, "subscribe", topic, "--from-beginning", "--until-end") == 1
     assert "1 could not be decoded" in capsys.readouterr().err
+
+
+def test_every_flag_named_in_a_message_exists() -> None:
+    """Error hints and help texts may only name flags the command line has (the demo once said --port)."""
+    import argparse
+    import re
+
+    def walk(p: argparse.ArgumentParser, out: set[str]) -> None:
+        for a in p._actions:
+            out.update(o for o in a.option_strings if o.startswith("--"))
+            if isinstance(a, argparse._SubParsersAction):
+                for sp in a.choices.values():
+                    walk(sp, out)
+
+    known: set[str] = set()
+    walk(build_parser(), known)
+    foreign = {"--data-dir", "--kafka-port", "--logdir"}  # flags of the noida-db binary and of tensorboard
+    unknown = []
+    for package in ("schemas", "streaming", "ingest", "trainer", "serving", "streamlearn"):
+        for f in (ROOT / package).rglob("*.py"):
+            for i, line in enumerate(f.read_text().splitlines(), 1):
+                if "add_argument" in line:
+                    continue
+                unknown += [f"{f.relative_to(ROOT)}:{i}: {m}" for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", line)
+                            if m not in known | foreign]
+    assert unknown == []
+
+
+def test_broker_port_error_names_flags_that_exist(tmp_path: Path) -> None:
+    import socket
+
+    from streaming.broker import EmbeddedBroker
+    from streaming.exceptions import BrokerError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        settings = config.load({"home": tmp_path, "broker_port": busy.getsockname()[1]})
+        with pytest.raises(BrokerError, match=r"--broker-port \(demo, up\), --port \(broker start\)"):
+            EmbeddedBroker(settings).start()
+    assert build_parser().parse_args(["demo", "--broker-port", "19999"]).broker_port == 19999
+    assert build_parser().parse_args(["up", "--broker-port", "19999"]).broker_port == 19999

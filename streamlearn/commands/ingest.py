@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     w.add_argument(
         "--checkpoint",
         type=Path,
-        help="position file (default: under HOME/state/weblog/) " + config.env_help("home"),
+        help="position file (default: HOME/state/weblog/<file name>.<path hash>.json, where HOME is --home "
+        "or $STREAMLEARN_HOME)",
     )
     w.add_argument("--poll", type=float, default=0.2, help="seconds between checks at end of file (default 0.2)")
     w.add_argument(
