@@ -48,6 +48,7 @@ def _stop_handle() -> Any:
 
 def plot_scores(obs: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(MODELS), figsize=(5.2 * len(MODELS), 4.6), squeeze=False)
+    seen: set[str] = set()
     for ax, model in zip(axes[0], MODELS, strict=True):
         versions = sorted(obs["versions"].get(model, []), key=lambda d: int(d["version"]))
         metric = next((d.get("metric") for d in versions if d.get("metric")), "score")
@@ -70,6 +71,8 @@ def plot_scores(obs: dict[str, Any], path: Path) -> None:
                             rotation=90, color="0.4")
                 continue
             decision = str(d.get("decision") or "").upper()
+            seen.add("promoted" if decision.startswith("PROMOT") else "rejected" if decision.startswith("REJECT")
+                     else "undecided")
             if decision.startswith("PROMOT"):
                 ax.scatter([x], [c], marker="o", s=46, color="tab:green", zorder=3)
             elif decision.startswith("REJECT"):
@@ -77,10 +80,19 @@ def plot_scores(obs: dict[str, Any], path: Path) -> None:
             else:
                 ax.scatter([x], [c], marker="o", s=40, color="0.5", zorder=3)
         cur = [(x, d["current"]) for x, d in zip(xs, versions, strict=True) if d.get("current") is not None]
+        base = [(x, d["baseline"]) for x, d in zip(xs, versions, strict=True) if d.get("baseline") is not None]
+        notes = []
+        if cur:
+            seen.add("current")
+        elif len(versions) == 1:
+            notes.append("first version: no current model to compare with")
+        if base:
+            seen.add("baseline")
+        else:
+            notes.append("no baseline score in the versions' metadata")
         if cur:
             ax.scatter([p[0] for p in cur], [p[1] for p in cur], marker="s", s=46, facecolors="none",
                        edgecolors="black", zorder=2)
-        base = [(x, d["baseline"]) for x, d in zip(xs, versions, strict=True) if d.get("baseline") is not None]
         if base:
             ax.plot([p[0] for p in base], [p[1] for p in base], "--^", color="tab:blue", ms=5, lw=1, zorder=2)
         values = [v for v in cand if v is not None] + [p[1] for p in cur] + [p[1] for p in base]
@@ -89,8 +101,10 @@ def plot_scores(obs: dict[str, Any], path: Path) -> None:
             pad = (hi - lo) * 0.15 or max(abs(hi) * 0.05, 0.05)
             ax.set_ylim(lo - pad, hi + pad)
             if len({round(v, 9) for v in cand if v is not None}) == 1 and len(pts) > 1:
-                ax.text(0.5, 0.06, f"every version scored {pts[0][1]:.4g}: the metric cannot tell them apart",
-                        ha="center", transform=ax.transAxes, fontsize=8, color="0.3")
+                notes.append(f"every version scored {pts[0][1]:.4g}: the metric cannot tell them apart")
+        if notes:
+            ax.text(0.5, 0.04, "\n".join(notes), ha="center", va="bottom", transform=ax.transAxes, fontsize=8,
+                    color="0.35")
         ax.set_xticks(xs)
         ax.set_xticklabels([f"v{d['version']}" + (f"\n{d['created_s']:.0f}s" if d.get("created_s") is not None
                                                    else "") for d in versions], fontsize=8)
@@ -99,10 +113,13 @@ def plot_scores(obs: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("version (trained at, seconds since the demo started)", fontsize=8)
         ax.set_ylabel(str(metric))
         ax.grid(True, axis="y", alpha=0.3)
-    handles = [Line2D([], [], marker="o", ls="", color="tab:green", label="candidate, promoted"),
-               Line2D([], [], marker="X", ls="", color="tab:red", label="candidate, rejected by the gate"),
-               Line2D([], [], marker="s", ls="", mfc="none", mec="black", label="current model on the same rows"),
-               Line2D([], [], marker="^", ls="--", color="tab:blue", label="baseline (trivial model)")]
+    kinds = {"promoted": Line2D([], [], marker="o", ls="", color="tab:green", label="candidate, promoted"),
+             "rejected": Line2D([], [], marker="X", ls="", color="tab:red", label="candidate, rejected by the gate"),
+             "undecided": Line2D([], [], marker="o", ls="", color="0.5", label="candidate, no gate decision"),
+             "current": Line2D([], [], marker="s", ls="", mfc="none", mec="black",
+                               label="current model on the same rows"),
+             "baseline": Line2D([], [], marker="^", ls="--", color="tab:blue", label="baseline (trivial model)")}
+    handles = [h for k, h in kinds.items() if k in seen]
     fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False, fontsize=9)
     fig.suptitle("model quality per version: candidate vs the model it would replace vs a baseline", fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 0.97))
