@@ -42,6 +42,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,8 +123,10 @@ class FileTailer:
         rotate_grace_s: float = 1.0,
         checkpoint_every_s: float = 0.5,
         max_in_flight: int = 50_000,
+        on_read: Callable[[int], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_read = on_read  # progress hook: called with the bytes of each chunk read
         self.publisher = publisher
         self.path = Path(path).absolute()
         self.cp_path = checkpoint_path or default_checkpoint_path(settings, self.path)
@@ -359,6 +362,8 @@ class FileTailer:
         if not chunk:
             return False
         self._read_pos += len(chunk)
+        if self.on_read is not None:
+            self.on_read(len(chunk))
         self._buf += chunk
         self._split(final=False)
         self._reap()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from streaming import config
+from streaming.progress import progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
@@ -99,6 +100,13 @@ def _report(summary: dict[str, Any]) -> None:
     print(json.dumps(summary, sort_keys=True), flush=True)
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def _weblog(args: argparse.Namespace, settings: config.Settings) -> int:
     from dataclasses import asdict
 
@@ -123,7 +131,11 @@ def _weblog(args: argparse.Namespace, settings: config.Settings) -> int:
             file=sys.stderr,
             flush=True,
         )
-        stats = tailer.run(stop, idle_exit_s=args.idle_exit)
+        # Read once: the bytes left to read are the total (ETA). Following: no end, so no total.
+        total = None if args.follow else max(0, _size(args.path) - tailer.pos.offset)
+        with progress(total, f"ingest {args.path.name}", unit="bytes") as bar:
+            tailer.on_read = bar.advance
+            stats = tailer.run(stop, idle_exit_s=args.idle_exit)
     _report({"source": str(args.path), "seconds": round(time.monotonic() - started, 3), **asdict(stats)})
     return 0
 

@@ -13,6 +13,7 @@ from schemas.exceptions import SchemaError
 from streaming import config
 from streaming.jsoncodec import from_json
 from streaming.producer import Publisher
+from streaming.progress import progress
 from streaming.topics import KINDS
 
 
@@ -58,8 +59,10 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
     with Publisher(settings) as pub:
         futures = []
         if args.generate is not None:
-            for record in generated(args.kind, args.generate, args.seed):
-                futures.append(pub.publish(args.kind, record))
+            with progress(args.generate, f"publish {args.kind} --generate", unit="events") as bar:
+                for record in generated(args.kind, args.generate, args.seed):
+                    futures.append(pub.publish(args.kind, record))
+                    bar.advance()
         else:
             source = "stdin" if args.stdin else args.file
             for lineno, line in _lines(args):
