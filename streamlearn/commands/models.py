@@ -44,6 +44,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     rb.add_argument("--reason", default="manual rollback")
     rb.add_argument("--no-event", action="store_true", help="do not publish a ModelUpdate event")
     rb.set_defaults(func=_rollback)
+    tfs = ms.add_parser("tf-serving-config",
+                        help="write TF Serving's models.config: promoted (stable) and canary versions only",
+                        description="TF Serving pointed at the registry would serve the newest version directory, "
+                                    "gate-rejected candidates included. This config pins specific versions and "
+                                    "labels them stable/canary. It is also rewritten on every promotion and "
+                                    "rollback, as <model dir>/models.config.")
+    tfs.add_argument("--output", "-o", help="write here instead of printing ('-' prints; default: print)")
+    tfs.add_argument("--base-path", metavar="DIR",
+                     help="the model directory as TF Serving sees it, e.g. /models in its container "
+                          "(default: this registry's absolute path)")
+    tfs.set_defaults(func=_tf_serving_config)
     check = ms.add_parser("check", help="run the shared spec checks on a model spec (trains briefly)")
     check.add_argument("model", nargs="*", help="model names (default: every known spec)")
     check.set_defaults(func=_check)
@@ -182,6 +193,20 @@ def _rollback(args: argparse.Namespace, settings: config.Settings) -> int:
     target = reg.rollback(args.model, args.reason)
     print(f"{args.model}: rolled back from version {current} to {target}")
     _announce(settings, args.model, target, "ROLLED_BACK", args.reason, args.no_event)
+    return 0
+
+
+def _tf_serving_config(args: argparse.Namespace, settings: config.Settings) -> int:
+    from pathlib import Path
+
+    from streaming.tf_serving import render_config, write_config
+
+    reg = _registry(settings)
+    if args.output in (None, "-"):
+        print(render_config(reg, base_path=args.base_path), end="")
+        return 0
+    path = write_config(reg, Path(args.output), base_path=args.base_path)
+    print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
