@@ -13,6 +13,7 @@ from schemas.exceptions import RecordValidationError
 from streaming.config import Settings
 from streaming.consumer import ErrorItem, Record, Subscriber
 from streaming.exceptions import OffsetOutOfRangeError, RecordTooLargeError
+from streaming.polling import poll_until
 from streaming.producer import Publisher, header_dict
 from streaming.topics import dead_letter_topic, raw_topic
 from tests.helpers import read_topic
@@ -140,8 +141,8 @@ def test_replay_from_timestamp_returns_exactly_records_at_or_after(settings: Set
         pub.flush()
         metas1 = [f.get(timeout=10) for f in first]
         cut = max(m.timestamp for m in metas1) + 1
-        while int(time.time() * 1000) <= cut:  # the broker stamps CreateTime from the producer clock
-            time.sleep(0.002)
+        # the broker stamps CreateTime from the producer clock: let it pass the cut (a few ms)
+        assert poll_until(lambda: int(time.time() * 1000) > cut, 5, interval_s=0.002)
         second = [pub.publish("sensor", sensor(100 + i, sid=f"s-{i % 3}")) for i in range(20)]
         pub.flush()
         metas2 = [f.get(timeout=10) for f in second]
