@@ -84,3 +84,25 @@ def test_failure_is_reported_as_failed() -> None:
             bar.advance(2)
             raise RuntimeError("boom")
     assert out.getvalue().startswith("job: failed, 2 items")
+
+
+def test_training_callback_counts_rows_and_names_the_epoch() -> None:
+    """trainer.training's Keras callback, driven by hand (no TensorFlow needed for the arithmetic)."""
+    import types
+
+    from trainer.training import _progress_callback
+
+    fake_keras = types.SimpleNamespace(callbacks=types.SimpleNamespace(Callback=object))
+    out = io.StringIO()
+    rows, batch_size, epochs = 250, 100, 2
+    with progress(rows * epochs, "train m epoch 1/2", quiet=False, tty=False, interval=3600, stream=out,
+                  unit="rows") as bar:
+        cb = _progress_callback(fake_keras, bar, "m", epochs, rows, batch_size)
+        for epoch in range(epochs):
+            for batch in range(3):  # 100 + 100 + 50 rows
+                cb.on_train_batch_end(batch)
+            cb.on_epoch_end(epoch)
+            if epoch == 0:
+                assert bar.done == rows and bar.desc == "train m epoch 2/2 (250 rows)"
+    assert bar.done == rows * epochs
+    assert out.getvalue().startswith("train m epoch 2/2 (250 rows): done, 500 rows in")
