@@ -172,7 +172,7 @@ class Observer:
             try:
                 committed = self._committed(group, self._partitions(raw_topic(self.settings, kind)))
                 for tp in self._partitions(raw_topic(self.settings, kind)):
-                    total += ends.get(tp, 0) - committed.get(tp, 0)
+                    total += max(0, ends.get(tp, 0) - committed.get(tp, 0))  # two reads, two instants
             except Exception:  # noqa: BLE001 - a group that does not exist yet has no lag to show
                 total = -1
             lag[kind] = total
