@@ -45,7 +45,7 @@ class Dashboard:
         s = self.o.samples[-1]
         settings = self.o.settings
         rates = self.o.rates()
-        rows = self.o.predictions.window(10)
+        rows = self.o.predictions.window(10, steady=True)
         lat = [r[3] for r in rows]
         versions = " ".join(f"{m}=v{s.models[m]['promoted']}" if s.models[m]["promoted"] is not None
                             else f"{m}=none" for m in MODELS)
@@ -55,7 +55,7 @@ class Dashboard:
         return (f"[{time.monotonic() - self.started:5.0f}s] events {ev} | batches {_kv(s.batches)} | "
                 f"lag {_kv(s.lag)} | "
                 f"serving {versions} | predictions {len(self.o.predictions.rows)} "
-                f"p50={_ms(p50)} p99={_ms(p99)} | swaps {len(self.o.predictions.swaps())} | "
+                f"steady p50={_ms(p50)} p99={_ms(p99)} ms | swaps {len(self.o.predictions.swaps())} | "
                 f"restarts {sum(x['restarts'] for x in self.sup.status())}")
 
     def render(self) -> Group:
@@ -73,9 +73,9 @@ class Dashboard:
                          str(s.end_offsets.get(dl, 0) if s else 0))
         models = Table(expand=True)
         for col in ("model", "versions", "promoted", "last gate decisions (metric: candidate vs current)",
-                    "pred/s", "p50 ms", "p99 ms", "swaps"):
+                    "pred/s", "steady p50 ms", "steady p99 ms", "swaps"):
             models.add_column(col)
-        window = self.o.predictions.window(10)
+        window = self.o.predictions.window(10, steady=True)
         swaps = self.o.predictions.swaps()
         for model in MODELS:
             info = s.models.get(model, {}) if s else {}

@@ -96,26 +96,14 @@ class PredictionLog:
                 out[model] = min(t, out.get(model, t))
         return out
 
-    def steady_latencies(self, model: str) -> tuple[list[float], list[float]]:
-        """(latencies ms of requests sent after the model first answered, cold-start waits ms).
-
-        A request sent before the model's first answer waited for a model to exist, not for the
-        serving path; mixing the two made p99 read 73 s.
-        """
-        first = self.first_answers().get(model)
-        steady: list[float] = []
-        cold: list[float] = []
-        with self.lock:
-            for t, m, _, lat, _ in self.rows:
-                if m != model:
-                    continue
-                (cold if first is not None and t - lat / 1000.0 < first else steady).append(lat)
-        return steady, cold
-
-    def window(self, seconds: float) -> list[tuple[float, str, int, float, bool]]:
+    def window(self, seconds: float, *, steady: bool = False) -> list[tuple[float, str, int, float, bool]]:
+        """Rows of the last ``seconds``; ``steady``: only requests sent after their model first answered
+        (before that, requests wait for a model to exist, not for the serving path)."""
         cutoff = time.time() - seconds
+        first = self.first_answers() if steady else {}
         with self.lock:
-            return [r for r in self.rows if r[0] >= cutoff]
+            return [r for r in self.rows if r[0] >= cutoff
+                    and (not steady or r[0] - r[3] / 1000.0 >= first.get(r[1], float("inf")))]
 
     def swaps(self) -> list[tuple[float, str, int]]:
         """(time, model, new version) of every change of the version answering a model."""

@@ -80,3 +80,17 @@ def test_summary_lines_are_short_and_name_cold_start() -> None:
     assert "serving v1 of 2 versions" in lines[1] and "accuracy↑ 0.8 (baseline 0.5)" in lines[1]
     assert "p50 10 ms" in lines[1] and "first answer at 20.0 s, 40 requests queued before it" in lines[1]
     json.dumps(summary)
+
+
+def test_live_window_leaves_out_requests_queued_before_the_first_answer() -> None:
+    import time
+
+    from streamlearn.observe import PredictionLog
+
+    log = PredictionLog()
+    now = time.time()
+    log.add("m", "queued", 1, 60_000.0, False, produced_at=now - 5)  # sent 65 s ago, before any model
+    log.add("m", "steady", 1, 12.0, False, produced_at=now - 1)
+    assert [r[3] for r in log.window(10)] == [60_000.0, 12.0]
+    assert [r[3] for r in log.window(10, steady=True)] == [12.0]
+    assert log.first_answers() == {"m": now - 5}
