@@ -72,10 +72,21 @@ def binary_path() -> Path:
 
 
 def probe(bootstrap: str, timeout_s: float = 2.0) -> int | None:
-    """Send a Kafka metadata request; return the number of topics, or None if no broker answers."""
+    """Send a Kafka metadata request; return the number of topics, or None if no broker answers.
+
+    A plain TCP connect goes first: against a port nobody listens on (a broker still starting),
+    kafka-python logs an ERROR per refused connection, which made an expected start-up wait look
+    like a failure.
+    """
     from kafka import KafkaConsumer
     from kafka.errors import KafkaError
 
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError):
+        return None
     consumer = None
     try:
         consumer = KafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000) + 500,

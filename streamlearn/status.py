@@ -81,7 +81,7 @@ def tcp_reachable(bootstrap: str, timeout_s: float = 1.0) -> bool:
     connection for 30 s and logs each try; a plain connect answers at once)."""
     host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
     try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
             return True
     except (OSError, ValueError):
         return False
