@@ -30,6 +30,7 @@ import httpx
 from benchmarks.common import bench_settings, fresh, machine, write_report
 from streaming.broker import free_port
 from streaming.config import Settings, to_env
+from streaming.polling import poll_until
 from streaming.producer import Publisher
 from streaming.topics import raw_topic
 
@@ -97,19 +98,18 @@ def _start_gateway(settings: Settings) -> tuple[subprocess.Popen[bytes], str]:
                              "--max-in-flight", "1000000"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
+    def healthy() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"gateway exited: {(proc.stderr.read() if proc.stderr else b'').decode()[-2000:]}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return proc, url
+            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("gateway did not become healthy within 60 s")
-        time.sleep(0.1)  # poll interval inside a deadline loop
+            return False
+
+    if poll_until(healthy, 60, interval_s=0.1):
+        return proc, url
+    proc.kill()
+    raise RuntimeError("gateway did not become healthy within 60 s")
 
 
 def _percentile(values: list[float], q: float) -> float:

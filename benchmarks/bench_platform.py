@@ -24,6 +24,7 @@ from streaming.config import Settings
 from streaming.consumer import Subscriber
 from streaming.jsoncodec import to_json
 from streaming.model_registry import ModelRegistry
+from streaming.polling import poll_until
 from streaming.producer import Publisher
 from streaming.store import FeatureStore
 from streaming.topics import predictions_topic, requests_topic
@@ -65,12 +66,9 @@ def _trained_on(registry: ModelRegistry, version: int, topic: str, partition: in
 
 
 def _wait(pred: Any, timeout: float, what: str) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)  # polling inside a deadline
+    value = poll_until(pred, timeout, interval_s=0.1)
+    if value:
+        return value
     raise TimeoutError(f"benchmark timed out after {timeout} s waiting for {what}")
 
 

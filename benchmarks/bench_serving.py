@@ -18,6 +18,7 @@ The model is a small Keras MLP (64 -> 32 -> 2) wrapped in the serving signature.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -28,6 +29,7 @@ import numpy as np
 
 from benchmarks.common import bench_settings, machine, write_report
 from streaming.config import Settings
+from streaming.polling import poll_until
 
 MODEL = "bench_mlp"
 N_FEATURES = 64
@@ -36,6 +38,10 @@ NAIVE_SAMPLE = 40
 LATENCY_SECONDS = 8.0
 SWAP_EVERY_S = 2.0  # a new version every 2 s: far more often than the trainer retrains (30 s)
 
+
+
+def _answered_all(worker: Any) -> bool:  # a serving.worker.ServingWorker (imported late: TensorFlow)
+    return worker.answered >= N_REQUESTS
 
 def _keras_model(seed: int) -> Any:
     import keras
@@ -248,9 +254,7 @@ def run(settings: Settings) -> dict[str, Any]:
         worker.member_id, worker.transactional_id = f"{worker.group}.m", f"{worker.group}.tx"
         thread = threading.Thread(target=worker.run, daemon=True)
         thread.start()
-        deadline = time.monotonic() + 300
-        while worker.answered < N_REQUESTS and time.monotonic() < deadline:
-            time.sleep(0.05)  # polling the worker's counter inside a deadline
+        poll_until(functools.partial(_answered_all, worker), 300)
         assert worker.first_batch_at is not None and worker.last_batch_at is not None
         serve_rate = max(serve_rate, worker.answered / (worker.last_batch_at - worker.first_batch_at))
         batches_full = worker.batches

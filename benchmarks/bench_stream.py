@@ -26,6 +26,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from benchmarks.common import bench_settings, fresh, machine, write_report
 from streaming.config import Settings
+from streaming.polling import poll_until
 from streaming.producer import Publisher
 from streaming.store import FeatureStore
 from streaming.topics import raw_topic
@@ -77,14 +78,13 @@ def _worker(settings: Settings, kind: str, n: int, round_no: int) -> tuple[float
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()
-    done = 0
-    deadline = time.monotonic() + 600
     topic = raw_topic(s, kind)
-    while done < n and time.monotonic() < deadline:
-        # progress from file names only (no manifest parsing), so the watcher costs the worker little
-        done = sum(last - first + 1 for p in range(s.partitions) for first, last in store.ranges(kind, topic, p))
-        if done < n:
-            time.sleep(0.05)  # polling the store's progress inside a deadline
+
+    def persisted() -> int:  # from file names only (no manifest parsing), so the watcher costs the worker little
+        return sum(last - first + 1 for p in range(s.partitions) for first, last in store.ranges(kind, topic, p))
+
+    poll_until(lambda: persisted() >= n, 600)
+    done = persisted()
     elapsed, cpu_s = time.perf_counter() - start, time.process_time() - cpu
     stop.set()
     thread.join(60)

@@ -10,12 +10,12 @@ import argparse
 import logging
 import socket
 import threading
-import time
 from types import TracebackType
 from typing import Any
 
 from streaming import config
 from streaming.config import ConfigError, Settings
+from streaming.polling import poll_until
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +143,10 @@ class BackgroundServer:
 
     def __enter__(self) -> BackgroundServer:
         self._thread.start()
-        deadline = time.monotonic() + self._start_timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"gateway server did not start within {self._start_timeout_s} s")
-            time.sleep(0.01)  # poll interval inside a deadline loop
+        started = poll_until(lambda: self._server.started or not self._thread.is_alive(),
+                             self._start_timeout_s, interval_s=0.01)
+        if not started or not self._server.started:
+            raise RuntimeError(f"gateway server did not start within {self._start_timeout_s} s")
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

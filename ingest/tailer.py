@@ -42,6 +42,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,8 +126,10 @@ class FileTailer:
         max_in_flight: int = 50_000,
         policy: EventTimePolicy | None = None,
         timestamp_unit: str = "auto",
+        on_read: Callable[[int], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_read = on_read  # progress hook: called with the bytes of each chunk read
         self.publisher = publisher
         self.path = Path(path).absolute()
         self.cp_path = checkpoint_path or default_checkpoint_path(settings, self.path)
@@ -370,6 +373,8 @@ class FileTailer:
         if not chunk:
             return False
         self._read_pos += len(chunk)
+        if self.on_read is not None:
+            self.on_read(len(chunk))
         self._buf += chunk
         self._split(final=False)
         self._reap()

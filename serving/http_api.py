@@ -49,6 +49,7 @@ from serving.inputs import Featurization
 from serving.model import LoadedVersion
 from serving.versions import VersionManager
 from streaming.config import Settings
+from streaming.polling import poll_until
 
 log = logging.getLogger(__name__)
 
@@ -327,11 +328,9 @@ def start_http(manager: VersionManager, featurization: Featurization, model: str
     server = uvicorn.Server(server_config(app, host=host, port=port, lifespan="off"))
     thread = threading.Thread(target=server.run, name=f"http-{model}", daemon=True)
     thread.start()
-    deadline = time.monotonic() + timeout_s
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise ServingError(f"http_port: the HTTP server on {host}:{port} did not start; is the port in use?")
-        time.sleep(0.02)  # poll interval inside a deadline loop
+    poll_until(lambda: server.started or not thread.is_alive(), timeout_s, interval_s=0.02)
+    if not server.started:
+        raise ServingError(f"http_port: the HTTP server on {host}:{port} did not start; is the port in use?")
     sockets = [s for srv in (server.servers or []) for s in srv.sockets]
     server.bound_port = sockets[0].getsockname()[1] if sockets else port  # type: ignore[attr-defined]
     log.info("TF Serving REST API for %s on http://%s:%d/v1/models/%s (%s)", model, host,

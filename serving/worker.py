@@ -392,9 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, default=None)
     args = parser.parse_args(argv)
     settings = config.load()
-    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    from streaming.logs import setup_logging
+
+    setup_logging(settings.log_level, kafka_level=logging.WARNING)
     return serve(settings, args.model, policy=args.policy, score_stream=args.score_stream, slot=args.slot,
                  http_port=args.http_port)
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from streaming.config import Settings
 from streaming.exceptions import BrokerAlreadyRunningError, BrokerError
 from streaming.fsutil import pid_alive
+from streaming.polling import poll_until
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,21 @@ def binary_path() -> Path:
 
 
 def probe(bootstrap: str, timeout_s: float = 2.0) -> int | None:
-    """Send a Kafka metadata request; return the number of topics, or None if no broker answers."""
+    """Send a Kafka metadata request; return the number of topics, or None if no broker answers.
+
+    A plain TCP connect goes first: against a port nobody listens on (a broker still starting),
+    kafka-python logs an ERROR per refused connection, which made an expected start-up wait look
+    like a failure.
+    """
     from kafka import KafkaConsumer
     from kafka.errors import KafkaError
 
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError):
+        return None
     consumer = None
     try:
         consumer = KafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000) + 500,
@@ -91,14 +103,14 @@ def probe(bootstrap: str, timeout_s: float = 2.0) -> int | None:
 def wait_ready(bootstrap: str, deadline_s: float, proc: subprocess.Popen[bytes] | None = None,
                log_file: Path | None = None) -> None:
     """Poll with metadata requests until the broker answers or the deadline passes."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
+    def answered() -> bool:
         if proc is not None and proc.poll() is not None:
             raise BrokerError(f"embedded broker exited with code {proc.returncode} while starting; "
                               f"last log lines:\n{_tail(log_file)}")
-        if probe(bootstrap, timeout_s=1.0) is not None:
-            return
-        time.sleep(0.1)  # a poll interval inside a deadline loop, not a wait for an event
+        return probe(bootstrap, timeout_s=1.0) is not None
+
+    if poll_until(answered, deadline_s, interval_s=0.1):
+        return
     raise BrokerError(f"no Kafka broker answered a metadata request at {bootstrap} within {deadline_s:.0f} s; "
                       f"last log lines:\n{_tail(log_file)}")
 
@@ -166,7 +178,8 @@ class EmbeddedBroker:
             host, port = self.settings.broker_host, self.settings.broker_port
             if _port_in_use(host, port):
                 raise BrokerError(f"port {port} on {host} is already in use by another program; choose another "
-                                  "with --port or STREAMLEARN_BROKER_PORT")
+                                  "with --broker-port (demo, up), --port (broker start) or the environment "
+                                  "variable STREAMLEARN_BROKER_PORT")
             cmd = [str(binary_path()), "start", "--data-dir", str(self.data_dir), "--host", host,
                    "--only", "kafka", "--kafka-port", str(port)]
             logf = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child
@@ -196,14 +209,13 @@ class EmbeddedBroker:
             self.pid_file.unlink(missing_ok=True)
             return False
         os.kill(pid, signal.SIGTERM)
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end and pid_alive(pid):
-            if self._proc is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self._proc.wait(timeout=0.1)
-            else:
-                time.sleep(0.05)  # poll interval inside a deadline loop
-        if pid_alive(pid):
+        proc = self._proc
+
+        def gone() -> bool:  # our own child must be reaped, or its zombie stays "alive"
+            return proc.poll() is not None if proc is not None else not pid_alive(pid)
+
+        poll_until(gone, timeout_s)
+        if not gone():
             log.warning("broker pid %s ignored SIGTERM for %.0f s; killing it", pid, timeout_s)
             os.kill(pid, signal.SIGKILL)
         if self._proc is not None:

@@ -41,6 +41,7 @@ from typing import Any
 
 from streaming.exceptions import ModelIntegrityError, ModelNotFoundError, ModelRegistryError, StreamingError  # noqa: F401 (re-exported)
 from streaming.fsutil import fsync_dir, pid_alive
+from streaming.tf_serving import refresh_quietly
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 STAGING_PREFIX = ".tmp-"
@@ -321,6 +322,7 @@ class ModelRegistry:
             state["promoted_stack"] = stack
             self._append(state, "PROMOTED", version, reason, previous=previous)
             write_json_atomic(self._state_path(name), state)
+        refresh_quietly(self)  # TF Serving's models.config follows every promotion
         return int(previous) if previous is not None else None
 
     def rollback(self, name: str, reason: str = "manual rollback") -> int:
@@ -354,6 +356,7 @@ class ModelRegistry:
             state["promoted_stack"] = stack
             self._append(state, "ROLLED_BACK", target, reason, previous=current)
             write_json_atomic(self._state_path(name), state)
+        refresh_quietly(self)
         return int(target)
 
     def apply_retention(self, name: str, keep_last: int) -> list[int]:

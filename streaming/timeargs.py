@@ -84,7 +84,7 @@ TIME_FLAGS: set[str] = set()
 def time_arg(flag: str) -> Callable[[str], int]:
     """An argparse ``type=`` for ``flag``: argparse then prints ``argument FLAG: <our message>``, exit 2.
 
-    Register the command line through :func:`attach_relative_values` too, or ``--flag -2h`` is
+    Register the command line through :func:`attach_relative_values` too, or ``--from-timestamp -2h`` is
     taken for an unknown option ``-2h``.
     """
     TIME_FLAGS.add(flag)

@@ -6,11 +6,11 @@ prefixed with ``Settings.topic_prefix`` (tenants, test isolation).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from streaming.config import Settings
+from streaming.polling import poll_until
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -116,13 +116,10 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, time
                 created.append(spec.name)
             except TopicAlreadyExistsError:
                 pass
-        deadline = time.monotonic() + timeout_s
         wanted = {s.name for s in specs}
-        while not wanted <= set(admin.list_topics()):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"topics {sorted(wanted - set(admin.list_topics()))} not visible after "
-                                   f"{timeout_s} s")
-            time.sleep(0.05)  # poll interval inside a deadline loop
+        if not poll_until(lambda: wanted <= set(admin.list_topics()), timeout_s):
+            raise TimeoutError(f"topics {sorted(wanted - set(admin.list_topics()))} not visible after "
+                               f"{timeout_s} s")
         return created
     finally:
         admin.close()

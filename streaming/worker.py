@@ -381,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-exit", type=float)
     args = parser.parse_args(argv)
     settings = config.load()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    from streaming.logs import setup_logging
+
+    setup_logging(settings.log_level, kafka_level=logging.WARNING)
     run_worker(settings, args.kind, group=args.group, instance_id=args.instance_id, idle_exit_s=args.idle_exit)
     return 0
 

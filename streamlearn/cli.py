@@ -12,14 +12,17 @@ Global flags fall back to environment variables (named in ``--help``) and the co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
 
 from schemas.exceptions import StreamlearnError
-from streaming import config
+from streaming import config, progress
+from streaming.logs import setup_logging
 
 log = logging.getLogger("streamlearn")
 
@@ -38,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--registry-url", help=f"schema registry URL {config.env_help('registry_url')}")
     parser.add_argument("--topic-prefix", help=f"prefix of topic and group names {config.env_help('topic_prefix')}")
     parser.add_argument("--log-level", help=f"logging level {config.env_help('log_level')}")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars or progress lines; log only warnings and errors")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and TensorFlow's/absl's own start-up messages (hidden otherwise)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     import streamlearn.commands as commands_pkg
@@ -76,17 +83,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StreamlearnError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("kafka", "httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if noisy != "kafka" else logging.ERROR)
+    quiet, verbose = bool(getattr(args, "quiet", False)), bool(getattr(args, "verbose", False))
+    setup_logging(settings.log_level, quiet=quiet, verbose=verbose)
+    progress.configure(quiet=quiet)
     try:
-        return int(args.func(args, settings) or 0)
+        code = int(args.func(args, settings) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return code
     except StreamlearnError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _closed_pipe()
+
+
+def _closed_pipe() -> int:
+    """The reader of our stdout went away (``... | head``): stop quietly, as Unix tools do.
+
+    Python would print a traceback, then another one while flushing stdout at exit; pointing
+    stdout at /dev/null first makes that last flush harmless.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    with contextlib.suppress(OSError):
+        os.dup2(devnull, sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe
 
 
 if __name__ == "__main__":

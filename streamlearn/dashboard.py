@@ -45,15 +45,17 @@ class Dashboard:
         s = self.o.samples[-1]
         settings = self.o.settings
         rates = self.o.rates()
-        rows = self.o.predictions.window(10)
+        rows = self.o.predictions.window(10, steady=True)
         lat = [r[3] for r in rows]
-        versions = {m: s.models[m]["promoted"] for m in MODELS}
+        versions = " ".join(f"{m}=v{s.models[m]['promoted']}" if s.models[m]["promoted"] is not None
+                            else f"{m}=none" for m in MODELS)
         topics = {k: raw_topic(settings, k) for k in KINDS}
         ev = " ".join(f"{k}={s.end_offsets.get(t, 0)}({rates.get(t, 0):.0f}/s)" for k, t in topics.items())
         p50, p99 = percentile(lat, 50), percentile(lat, 99)
-        return (f"[{time.monotonic() - self.started:5.0f}s] events {ev} | batches {s.batches} | lag {s.lag} | "
-                f"models {versions} | predictions {len(self.o.predictions.rows)} "
-                f"p50={_ms(p50)} p99={_ms(p99)} | swaps {len(self.o.predictions.swaps())} | "
+        return (f"[{time.monotonic() - self.started:5.0f}s] events {ev} | batches {_kv(s.batches)} | "
+                f"lag {_kv(s.lag)} | "
+                f"serving {versions} | predictions {len(self.o.predictions.rows)} "
+                f"steady p50={_ms(p50)} p99={_ms(p99)} ms | swaps {len(self.o.predictions.swaps())} | "
                 f"restarts {sum(x['restarts'] for x in self.sup.status())}")
 
     def render(self) -> Group:
@@ -71,9 +73,9 @@ class Dashboard:
                          str(s.end_offsets.get(dl, 0) if s else 0))
         models = Table(expand=True)
         for col in ("model", "versions", "promoted", "last gate decisions (metric: candidate vs current)",
-                    "pred/s", "p50 ms", "p99 ms", "swaps"):
+                    "pred/s", "steady p50 ms", "steady p99 ms", "swaps"):
             models.add_column(col)
-        window = self.o.predictions.window(10)
+        window = self.o.predictions.window(10, steady=True)
         swaps = self.o.predictions.swaps()
         for model in MODELS:
             info = s.models.get(model, {}) if s else {}
@@ -93,19 +95,10 @@ class Dashboard:
         return Group(head, models, workers)
 
     def print_summary(self, report: Path) -> None:
+        from streamlearn.report import summary_lines
+
         summary = json.loads((report / "summary.json").read_text())
-        out = sys.stdout
-        print("\n=== streamlearn demo summary ===", file=out)
-        for kind, n in summary["events_published"].items():
-            print(f"  {kind:8} published {n:7d}  batches {summary['batches'].get(kind, 0):4d}  "
-                  f"dead letters {summary['dead_letters'].get(kind, 0)}", file=out)
-        for model, m in summary["models"].items():
-            print(f"  {model:20} versions {m['versions']} promoted v{m['promoted']}  predictions "
-                  f"{m['predictions']}  p50 {_ms(m['latency_p50_ms'])} p99 {_ms(m['latency_p99_ms'])} "
-                  f"swaps {m['swaps']}", file=out)
-        print(f"  duplicated predictions: {summary['duplicated_predictions']}  worker restarts: "
-              f"{summary['worker_restarts']}", file=out)
-        print(f"report: {report}", file=out)
+        print("\n" + "\n".join(summary_lines(summary, report)), file=sys.stdout, flush=True)
 
 
 def _ms(v: float | None) -> str:
@@ -114,3 +107,8 @@ def _ms(v: float | None) -> str:
 
 def _num(v: Any) -> str:
     return "-" if v is None else f"{v:.3g}" if isinstance(v, (int, float)) else str(v)
+
+
+def _kv(d: dict[str, Any]) -> str:
+    """``weblog=3 sensor=5`` instead of a Python dict in a status line."""
+    return " ".join(f"{k}={v}" for k, v in d.items())

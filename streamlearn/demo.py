@@ -24,6 +24,7 @@ from typing import Any
 from streaming.broker import free_port, running_broker
 from streaming.config import Settings
 from streaming.jsoncodec import to_json
+from streaming.polling import poll_until
 from streaming.producer import Publisher
 from streaming.topics import MODELS, requests_topic
 from streamlearn.commands.up import prepare
@@ -80,6 +81,9 @@ class Paced(threading.Thread):
         self.errors = 0
 
     def run(self) -> None:
+        wait_ready = getattr(self.send, "wait_ready", None)
+        if wait_ready is not None and not wait_ready(self.stop_event):
+            return
         started = time.monotonic()
         for record in self.source:
             if self.stop_event.is_set():
@@ -104,6 +108,33 @@ class GatewayPoster:
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0,
                                    headers={"Authorization": f"Bearer {token}"})
         self.kind = kind
+        self.port = port
+
+    def wait_ready(self, stop: threading.Event, timeout_s: float = 120.0) -> bool:
+        """Wait for the gateway to answer /healthz: an expected start-up wait, logged once at INFO.
+
+        Without it every paced event failed with "not reachable yet" until the gateway started.
+        """
+        import httpx
+
+        def healthy() -> bool:
+            try:
+                return self.client.get("/healthz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        if healthy():
+            return True
+        log.info("waiting for the ingest gateway on port %d to start (up to %.0f s)", self.port, timeout_s)
+        t0 = time.monotonic()
+        ok = bool(poll_until(healthy, timeout_s, interval_s=0.2, stop=stop))
+        if ok:
+            log.info("ingest gateway answered after %.1f s", time.monotonic() - t0)
+        elif not stop.is_set():
+            log.warning("ingest gateway on port %d did not answer within %.0f s; sending anyway", self.port,
+                        timeout_s)
+            return True
+        return ok
 
     def __call__(self, record: dict[str, Any]) -> None:
         import httpx
@@ -171,6 +202,7 @@ def run_demo(settings: Settings, duration: float, rates: Rates | None = None, re
             dashboard.run(until=time.monotonic() + duration)
         except KeyboardInterrupt:
             log.warning("interrupted: draining and writing the report")
+        traffic_stopped = time.time()
         for g in generators + requesters:
             g.stop_event.set()
         for g in generators + requesters:
@@ -179,7 +211,8 @@ def run_demo(settings: Settings, duration: float, rates: Rates | None = None, re
         observer.sample()
         codes = sup.stop()
         observer.sample()
-        report = write_report(settings, observer, sup, generators, requesters, codes, started_wall, report_root)
+        report = write_report(settings, observer, sup, generators, requesters, codes, started_wall, report_root,
+                              traffic_stopped=traffic_stopped)
         observer.close()
         publisher.close()
         dashboard.print_summary(report)

@@ -34,27 +34,77 @@ class Sample:
     models: dict[str, dict[str, Any]]
 
 
+def version_scores(meta: dict[str, Any]) -> dict[str, Any]:
+    """The scores of one version's metadata, read defensively: the one place that knows key names.
+
+    ``candidate``: the version's own held-out score; ``current``: the score of the model it would
+    replace on the same rows; ``baseline``: a trivial model's score (majority class, last value),
+    when the trainer records one. Unknown or missing keys read as None, and plots show what exists.
+    """
+    gate: dict[str, Any] = meta["gate"] if isinstance(meta.get("gate"), dict) else {}
+    scores: dict[str, Any] = meta["scores"] if isinstance(meta.get("scores"), dict) else {}
+    baseline_entry = meta.get("baseline")
+
+    def first(*values: Any) -> Any:
+        for v in values:
+            if isinstance(v, dict):
+                v = v.get("score", v.get("value"))
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v)
+        return None
+
+    decision = gate.get("action") or ("PROMOTED" if gate.get("promote") else "REJECTED" if "promote" in gate
+                                      else None)
+    return {
+        "decision": decision,
+        "metric": scores.get("metric") or gate.get("primary_metric") or meta.get("primary_metric"),
+        "direction": meta.get("direction") or gate.get("direction"),
+        "candidate": first(scores.get("candidate"), gate.get("candidate_score")),
+        "current": first(scores.get("current"), gate.get("current_score")),
+        "baseline": first(scores.get("baseline"), scores.get("baseline_score"), gate.get("baseline_score"),
+                          baseline_entry, meta.get("baseline_score")),
+        "created_at_ms": meta.get("created_at"),
+    }
+
+
 @dataclass
 class PredictionLog:
-    """Every prediction seen on the prediction topics: (wall time, model, version, latency ms, error)."""
+    """Every prediction seen on the prediction topics.
+
+    Rows are (produced at, wall s; model; version; latency ms; error). "Produced at" is the Kafka
+    timestamp of the prediction record, so the request's own time is ``produced - latency``.
+    """
 
     rows: list[tuple[float, str, int, float, bool]] = field(default_factory=list)
     ids: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     duplicates: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, model: str, request_id: str, version: int, latency_ms: float, error: bool) -> None:
+    def add(self, model: str, request_id: str, version: int, latency_ms: float, error: bool,
+            produced_at: float | None = None) -> None:
         with self.lock:
             if request_id in self.ids[model]:
                 self.duplicates += 1
                 return
             self.ids[model].add(request_id)
-            self.rows.append((time.time(), model, version, latency_ms, error))
+            self.rows.append((produced_at or time.time(), model, version, latency_ms, error))
 
-    def window(self, seconds: float) -> list[tuple[float, str, int, float, bool]]:
-        cutoff = time.time() - seconds
+    def first_answers(self) -> dict[str, float]:
+        """Wall time of each model's first prediction: before it, requests can only queue."""
+        out: dict[str, float] = {}
         with self.lock:
-            return [r for r in self.rows if r[0] >= cutoff]
+            for t, model, _, _, _ in self.rows:
+                out[model] = min(t, out.get(model, t))
+        return out
+
+    def window(self, seconds: float, *, steady: bool = False) -> list[tuple[float, str, int, float, bool]]:
+        """Rows of the last ``seconds``; ``steady``: only requests sent after their model first answered
+        (before that, requests wait for a model to exist, not for the serving path)."""
+        cutoff = time.time() - seconds
+        first = self.first_answers() if steady else {}
+        with self.lock:
+            return [r for r in self.rows if r[0] >= cutoff
+                    and (not steady or r[0] - r[3] / 1000.0 >= first.get(r[1], float("inf")))]
 
     def swaps(self) -> list[tuple[float, str, int]]:
         """(time, model, new version) of every change of the version answering a model."""
@@ -83,6 +133,8 @@ class Observer:
         self.models = ModelRegistry(settings.model_dir)
         self.samples: list[Sample] = []
         self.predictions = PredictionLog()
+        # every version ever seen, kept after retention deletes its directory: the report shows them all
+        self.version_detail: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in MODELS}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.topics = ([raw_topic(settings, k) for k in KINDS] + [dead_letter_topic(settings, k) for k in KINDS]
@@ -110,7 +162,7 @@ class Observer:
             try:
                 committed = self._committed(group, self._partitions(raw_topic(self.settings, kind)))
                 for tp in self._partitions(raw_topic(self.settings, kind)):
-                    total += ends.get(tp, 0) - committed.get(tp, 0)
+                    total += max(0, ends.get(tp, 0) - committed.get(tp, 0))  # two reads, two instants
             except Exception:  # noqa: BLE001 - a group that does not exist yet has no lag to show
                 total = -1
             lag[kind] = total
@@ -119,18 +171,16 @@ class Observer:
         for model in MODELS:
             versions = self.models.versions(model)
             info: dict[str, Any] = {"versions": versions, "promoted": self.models.promoted(model), "detail": []}
-            for v in versions[-5:]:
+            known = self.version_detail.setdefault(model, {})
+            for v in versions:
+                if v in known and known[v].get("decision") is not None:
+                    continue  # metadata is written once; re-read only what was incomplete
                 try:
                     meta = self.models.metadata(model, v)
                 except Exception:  # noqa: BLE001 - a version removed by retention between two calls
                     continue
-                gate = meta.get("gate") or {}
-                decision = gate.get("action") or ("PROMOTED" if gate.get("promote") else
-                                                  "REJECTED" if "promote" in gate else None)
-                info["detail"].append({"version": v, "decision": decision,
-                                       "candidate": gate.get("candidate_score"), "current": gate.get("current_score"),
-                                       "metric": gate.get("primary_metric", meta.get("primary_metric")),
-                                       "created_at": meta.get("created_at")})
+                known[v] = {"version": v, **version_scores(meta)}
+            info["detail"] = [known[v] for v in sorted(known)][-5:]
             models[model] = info
         sample = Sample(time.time(), dict(end_by_topic), lag, batches, models)
         self.samples.append(sample)
@@ -164,7 +214,8 @@ class Observer:
                         continue
                     v = item.value  # type: ignore[union-attr]
                     self.predictions.add(v["model"], v["request_id"], int(v["model_version"]),
-                                         float(v["latency_ms"]), bool(v.get("error")))
+                                         float(v["latency_ms"]), bool(v.get("error")),
+                                         produced_at=item.timestamp / 1000.0 if item.timestamp > 0 else None)
 
     def rates(self, seconds: float = 5.0) -> dict[str, float]:
         """Records/s per topic over the last ``seconds``."""

@@ -178,7 +178,8 @@ class Supervisor:
         now = time.monotonic()
         return [{"name": s.name, "command": "streamlearn " + " ".join(s.args), "state": s.state(),
                  "pid": s.proc.pid if s.proc else None, "restarts": s.restarts, "last_exit": s.last_exit,
-                 "uptime_s": round(now - s.started_at, 1) if s.proc else 0.0, "metrics_port": s.metrics_port}
+                 "uptime_s": round(now - s.started_at, 1) if s.proc else 0.0, "metrics_port": s.metrics_port,
+                 "started_unix_s": round(time.time() - (now - s.started_at), 3) if s.proc else None}
                 for s in self.services]
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> int:

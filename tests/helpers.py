@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from streaming.config import Settings, to_env
+from streaming.polling import poll_until
 
 T = TypeVar("T")
 
@@ -21,14 +22,10 @@ APACHE_LOGS = SHARED / "data" / "weblogs" / "apache_logs"
 def wait_until(predicate: Callable[[], T], timeout: float = 20.0, interval: float = 0.05,
                message: str = "condition") -> T:
     """Poll ``predicate`` until it returns a truthy value or ``timeout`` seconds pass (then fail)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        time.sleep(interval)  # poll interval inside a deadline loop
+    value = poll_until(predicate, timeout, interval_s=interval)
+    if not value:
+        raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+    return value
 
 
 def subprocess_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -48,23 +45,31 @@ def streamlearn_cmd(*args: str) -> list[str]:
 
 def read_topic(settings: Settings, topic: str, *, decode: bool = True, idle_timeout: float = 3.0,
                expect: int | None = None, timeout: float = 30.0, **kwargs: Any) -> list[Any]:
-    """Read a topic from the beginning to its current end (read_committed) and return the items.
+    """Read a topic from the beginning to its current end offsets (read_committed); return the items.
 
-    With ``expect``, keeps reading until that many items arrived or ``timeout`` passed.
+    The read always goes on to the end offsets, so a "published exactly once" check sees a duplicate
+    that follows the first record. ``expect``: records are still arriving; keep reading until at
+    least that many came (then on to the end), or until ``timeout``. ``idle_timeout``: once no
+    record arrived for this long (and ``expect``, if given, is met), stop even if the position never
+    reached the end offsets (a transaction left open by a killed producer holds read_committed back).
     """
     from streaming.consumer import Subscriber
 
     items: list[Any] = []
     deadline = time.monotonic() + timeout
+    last_record = time.monotonic()
     with Subscriber(settings, topic, start="beginning", decode=decode, **kwargs) as sub:
         while time.monotonic() < deadline:
             batch = sub.poll_batch(timeout_ms=300)
             items.extend(batch)
-            if expect is not None:
-                if len(items) >= expect:
-                    break
-            elif not batch:
-                ends = sub.consumer.end_offsets(list(sub.assignment()))
-                if all(sub.consumer.position(tp) >= end for tp, end in ends.items()):
-                    break
+            if batch:
+                last_record = time.monotonic()
+            enough = expect is None or len(items) >= expect
+            if not enough:
+                continue
+            ends = sub.consumer.end_offsets(list(sub.assignment()))
+            if all(sub.consumer.position(tp) >= end for tp, end in ends.items()):
+                break
+            if time.monotonic() - last_record >= idle_timeout:
+                break
     return items

@@ -13,6 +13,7 @@ from schemas.exceptions import RecordValidationError
 from streaming.config import Settings
 from streaming.consumer import ErrorItem, Record, Subscriber
 from streaming.exceptions import OffsetOutOfRangeError, RecordTooLargeError
+from streaming.polling import poll_until
 from streaming.producer import Publisher, header_dict
 from streaming.topics import dead_letter_topic, raw_topic
 from tests.helpers import read_topic
@@ -140,8 +141,8 @@ def test_replay_from_timestamp_returns_exactly_records_at_or_after(settings: Set
         pub.flush()
         metas1 = [f.get(timeout=10) for f in first]
         cut = max(m.timestamp for m in metas1) + 1
-        while int(time.time() * 1000) <= cut:  # the broker stamps CreateTime from the producer clock
-            time.sleep(0.002)
+        # the broker stamps CreateTime from the producer clock: let it pass the cut (a few ms)
+        assert poll_until(lambda: int(time.time() * 1000) > cut, 5, interval_s=0.002)
         second = [pub.publish("sensor", sensor(100 + i, sid=f"s-{i % 3}")) for i in range(20)]
         pub.flush()
         metas2 = [f.get(timeout=10) for f in second]
@@ -215,20 +216,25 @@ def test_group_commit_resumes(settings: Settings) -> None:
             pub.publish("sensor", sensor(i))
     group = settings.group("g1")
     seen = []
+    last_committed: dict[int, int] = {}
     with Subscriber(settings, topic, group=group) as sub:
         deadline = time.monotonic() + 20
         while len(seen) < 4 and time.monotonic() < deadline:
             for item in sub.poll_batch(300, max_records=1):
                 seen.append(item.offset)
                 sub.commit({TopicPartition(item.topic, item.partition): item.offset + 1})
+                last_committed[item.partition] = item.offset + 1
+    assert len(seen) == 4 and len(last_committed) == 1, "all ten events share one key, so one partition"
     rest = []
     with Subscriber(settings, topic, group=group) as sub:
         deadline = time.monotonic() + 20
         while len(seen) + len(rest) < 10 and time.monotonic() < deadline:
             rest += [i.offset for i in sub.poll_batch(300)]
     assert sorted(seen + rest) == list(range(10))
-    c = KafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=group)
-    try:
-        assert c.committed(TopicPartition(topic, 0)) is None or True
+    c = KafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=group, enable_auto_commit=False)
+    try:  # the second subscriber committed nothing: the group's offset is still the first one's last commit
+        committed = {p: c.committed(TopicPartition(topic, p)) for p in range(settings.partitions)}
+        assert committed == {p: last_committed.get(p) for p in range(settings.partitions)}
+        assert committed[next(iter(last_committed))] == max(seen) + 1 == 4
     finally:
         c.close()

@@ -21,6 +21,7 @@ import pytest
 
 from streaming.config import Settings
 from streaming.features import get_featurizer
+from streaming.polling import poll_until
 from streaming.producer import Publisher
 from streaming.store import FeatureStore, read_batch
 from streaming.topics import raw_topic
@@ -47,6 +48,31 @@ def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
             env=subprocess_env(settings, STREAMLEARN_LOG_LEVEL="INFO"), stdout=subprocess.DEVNULL, stderr=log)
 
 
+KILL_POINTS = ("start", "mid-write", "first-new-batch", "second-new-batch")
+
+
+def _wait_for_kill_point(point: str, store: FeatureStore, before: int, proc: subprocess.Popen[bytes]) -> str:
+    """Poll (no sleeps) until the worker reaches ``point``; returns the point reached.
+
+    A transient state the poll misses within its bound (a temp file lives for milliseconds) falls
+    back to the next observable one: a new batch. The kill then still lands inside a batch cycle.
+    """
+    def batches_beyond(n: int) -> bool:
+        return len(store.batch_ids("sensor")) >= before + n or proc.poll() is not None
+
+    def temp_file() -> bool:
+        d = store.directory("sensor")
+        return proc.poll() is not None or (d.is_dir() and any(n.endswith(".tmp") for n in os.listdir(d)))
+
+    if point == "start":
+        return point
+    if point == "mid-write" and poll_until(temp_file, 20, interval_s=0.001):
+        return point
+    wanted = 2 if point == "second-new-batch" else 1
+    wait_until(lambda: batches_beyond(wanted), 60, interval=0.005, message=f"worker progress ({point})")
+    return point
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_points_loses_and_duplicates_nothing(settings: Settings) -> None:
     s = settings.with_(batch_max_records=60, batch_max_seconds=0.25)
@@ -70,13 +96,10 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(settings: Settings
             before = len(store.batch_ids("sensor"))
             feeder = threading.Thread(target=publish_round, args=(kills,), daemon=True)
             feeder.start()
-            # Most rounds kill after the worker persisted something, the others anywhere after the
-            # start (joining, restoring, mid-batch); a random extra delay places the kill anywhere
-            # in the write -> rename -> commit sequence.
-            if rng.random() < 0.7:
-                wait_until(lambda b=before, p=proc: len(store.batch_ids("sensor")) > b or p.poll() is not None,
-                           60, interval=0.01, message="worker progress")
-            threading.Event().wait(rng.uniform(0.0, 0.5))  # the random kill point itself
+            # The kill point is a state of the worker, drawn per round, not a random delay: right
+            # after the start (joining, restoring), while a batch's temp files exist (mid-write), or
+            # right after the first or second new batch appeared (between rename and commit).
+            _wait_for_kill_point(rng.choice(KILL_POINTS), store, before, proc)
             assert proc.poll() is None, _log_path(s).read_text(errors="replace")[-3000:]
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)

@@ -39,14 +39,14 @@ def test_models_commands(settings: config.Settings, capsys: pytest.CaptureFixtur
     reg = ModelRegistry(settings.model_dir)
     export(reg, "m", 1, 0.8, ["a", "b"])
     export(reg, "m", 2, 0.9, ["b", "c"])
-    assert cli(settings, "models", "promote", "m", "1", "--reason", "first") == 0
-    assert cli(settings, "models", "promote", "m", "2") == 0
+    assert cli(settings, "models", "promote", "m/1", "--reason", "first") == 0
+    assert cli(settings, "models", "promote", "m/2") == 0
     capsys.readouterr()
     assert cli(settings, "models", "list", "--json") == 0
     rows = {r["model"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["m"]["versions"] == [1, 2] and rows["m"]["promoted"] == 2 and rows["m"]["promoted_score"] == 0.9
     assert {"weblog_classifier", "sensor_forecaster", "digits_cnn"} <= set(rows)
-    assert cli(settings, "models", "diff", "m", "1", "2") == 0
+    assert cli(settings, "models", "diff", "m/1", "m/2") == 0
     diff = json.loads(capsys.readouterr().out)
     assert diff["batches"] == {"only_a": ["a"], "only_b": ["c"], "role_changed": []}
     assert diff["weights_l2_distance"] == pytest.approx(2.0)
@@ -59,7 +59,7 @@ def test_models_commands(settings: config.Settings, capsys: pytest.CaptureFixtur
     assert [h["action"] for h in shown["history"]] == ["CREATED", "PROMOTED", "ROLLED_BACK"]
     # a damaged version is refused by promote, with the reason
     (reg.version_dir("m", 2) / "saved_model.pb").write_bytes(b"evil")
-    assert cli(settings, "models", "promote", "m", "2") == 1
+    assert cli(settings, "models", "promote", "m/2") == 1
     assert "sha256 mismatch" in capsys.readouterr().err and reg.promoted("m") == 1
     events = read_topic(settings, model_updates_topic(settings), expect=3)
     assert [(e.value["version"], e.value["action"]) for e in events] == [(1, "PROMOTED"), (2, "PROMOTED"),

@@ -25,6 +25,7 @@ import numpy as np
 
 from streaming.config import Settings
 from streaming.model_registry import ModelRegistry
+from streaming.progress import progress
 from streaming.store import BatchInfo
 from trainer.data import DataPlan
 from trainer.exceptions import LineageError, ReproductionError
@@ -81,12 +82,15 @@ def reproduce(settings: Settings, name: str, version: int, *, tolerance: float =
         from trainer.replay import replay_entry
 
         replay_dir = Path(tempfile.mkdtemp(prefix=f"replay-{name}-{version}-", dir=settings.home))
-    for entry in entries:
-        if replay_dir is not None:
-            batch = replay_entry(settings, entry, features.kind, features.version, replay_dir)
-        else:
-            batch = _batch(settings, entry)
-        by_role[entry["role"]].append(batch)
+    how = "re-read from Kafka" if replay_dir is not None else "load"
+    with progress(len(entries), f"reproduce {name}/{version}: {how} batches", unit="batches") as bar:
+        for entry in entries:
+            if replay_dir is not None:
+                batch = replay_entry(settings, entry, features.kind, features.version, replay_dir)
+            else:
+                batch = _batch(settings, entry)
+            by_role[entry["role"]].append(batch)
+            bar.advance()
     plan = DataPlan(by_role["train"], by_role["reservoir"], by_role["holdout"])
     expected = {e["batch_id"]: e["sha256"] for e in entries}
     parent = meta.get("parent_version")

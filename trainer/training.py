@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from streaming.progress import Progress, progress
 from trainer.spec import FeatureInfo, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -81,11 +82,30 @@ def train_candidate(spec: ModelSpec, features: FeatureInfo, x: np.ndarray, y: np
         from trainer.tensorboard import epoch_logger
 
         callbacks.append(epoch_logger(log_dir))
-    hist = model.fit(ds, epochs=epochs or spec.epochs, verbose=0, callbacks=callbacks, shuffle=False)
+    n_epochs = epochs or spec.epochs
+    rows = int(len(x))
+    with progress(n_epochs * rows, f"train {spec.name} epoch 1/{n_epochs} ({rows:,} rows)", unit="rows") as bar:
+        callbacks.append(_progress_callback(keras, bar, spec.name, n_epochs, rows, spec.batch_size))
+        hist = model.fit(ds, epochs=n_epochs, verbose=0, callbacks=callbacks, shuffle=False)
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     losses = history.get("loss") or [float("nan")]
     final = losses[-1]
     return TrainResult(model, warm, final if math.isfinite(final) else float("nan"), history, int(len(x)))
+
+
+def _progress_callback(keras: Any, bar: Progress, name: str, epochs: int, rows: int, batch_size: int) -> Any:
+    """Keras callback feeding streaming.progress: rows per training batch, the epoch in the description."""
+
+    class _Progress(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            done_in_epoch = min(rows, (batch + 1) * batch_size)
+            bar.advance(done_in_epoch - min(rows, batch * batch_size))
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            if epoch + 1 < epochs:
+                bar.set_description(f"train {name} epoch {epoch + 2}/{epochs} ({rows:,} rows)")
+
+    return _Progress()
 
 
 def predict(model: Any, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:

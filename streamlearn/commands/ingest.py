@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from streaming import config
+from streaming.progress import progress
 from streamlearn.eventtime_flags import add_event_time_flags, policy_from_args, unit_from_args
 
 
@@ -36,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     w.add_argument(
         "--checkpoint",
         type=Path,
-        help="position file (default: under HOME/state/weblog/) " + config.env_help("home"),
+        help="position file (default: HOME/state/weblog/<file name>.<path hash>.json, where HOME is --home "
+        "or $STREAMLEARN_HOME)",
     )
     w.add_argument("--poll", type=float, default=0.2, help="seconds between checks at end of file (default 0.2)")
     w.add_argument(
@@ -105,6 +107,13 @@ def _report(summary: dict[str, Any]) -> None:
     print(json.dumps(summary, sort_keys=True), flush=True)
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def _weblog(args: argparse.Namespace, settings: config.Settings) -> int:
     from dataclasses import asdict
 
@@ -131,7 +140,11 @@ def _weblog(args: argparse.Namespace, settings: config.Settings) -> int:
             file=sys.stderr,
             flush=True,
         )
-        stats = tailer.run(stop, idle_exit_s=args.idle_exit)
+        # Read once: the bytes left to read are the total (ETA). Following: no end, so no total.
+        total = None if args.follow else max(0, _size(args.path) - tailer.pos.offset)
+        with progress(total, f"ingest {args.path.name}", unit="bytes") as bar:
+            tailer.on_read = bar.advance
+            stats = tailer.run(stop, idle_exit_s=args.idle_exit)
     _report({"source": str(args.path), "seconds": round(time.monotonic() - started, 3), **asdict(stats)})
     return 0
 

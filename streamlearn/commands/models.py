@@ -14,6 +14,7 @@ from typing import Any
 
 from streaming import config
 from streaming.model_registry import ModelRegistry
+from streamlearn.modelref import model_ref, versioned_ref
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,17 +25,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(func=_list)
     show = ms.add_parser("show", help="metadata of one version (default: the promoted one) and the history")
-    show.add_argument("model", help="model name, or model/version")
+    show.add_argument("model", type=model_ref, help="model name, or model/version (e.g. digits_cnn/3)")
     show.add_argument("--manifest", action="store_true", help="include the sha256 manifest and full lineage")
     show.set_defaults(func=_show)
-    diff = ms.add_parser("diff", help="what differs between two versions (scores, data, featurizer, weights)")
-    diff.add_argument("model")
-    diff.add_argument("a", type=int, help="first version")
-    diff.add_argument("b", type=int, help="second version")
+    diff = ms.add_parser("diff", help="what differs between two versions (scores, data, featurizer, weights)",
+                         description="Compare two versions: `models diff digits_cnn/3 digits_cnn/5`.")
+    diff.add_argument("a", type=versioned_ref, metavar="MODEL/VERSION", help="first version, e.g. digits_cnn/3")
+    diff.add_argument("b", metavar="MODEL/VERSION", help="second version, e.g. digits_cnn/5")
     diff.set_defaults(func=_diff)
-    promote = ms.add_parser("promote", help="make a version the one serving answers with (verified first)")
-    promote.add_argument("model")
-    promote.add_argument("version", type=int)
+    promote = ms.add_parser("promote", help="make a version the one serving answers with (verified first)",
+                            description="Promote a version: `models promote digits_cnn/4`.")
+    promote.add_argument("ref", type=versioned_ref, metavar="MODEL/VERSION", help="e.g. digits_cnn/4")
     promote.add_argument("--reason", default="manual promotion", help="recorded in the history and the event")
     promote.add_argument("--no-event", action="store_true", help="do not publish a ModelUpdate event")
     promote.set_defaults(func=_promote)
@@ -43,6 +44,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     rb.add_argument("--reason", default="manual rollback")
     rb.add_argument("--no-event", action="store_true", help="do not publish a ModelUpdate event")
     rb.set_defaults(func=_rollback)
+    tfs = ms.add_parser("tf-serving-config",
+                        help="write TF Serving's models.config: promoted (stable) and canary versions only",
+                        description="TF Serving pointed at the registry would serve the newest version directory, "
+                                    "gate-rejected candidates included. This config pins specific versions and "
+                                    "labels them stable/canary. It is also rewritten on every promotion and "
+                                    "rollback, as <model dir>/models.config.")
+    tfs.add_argument("--output", "-o", help="write here instead of printing ('-' prints; default: print)")
+    tfs.add_argument("--base-path", metavar="DIR",
+                     help="the model directory as TF Serving sees it, e.g. /models in its container "
+                          "(default: this registry's absolute path)")
+    tfs.set_defaults(func=_tf_serving_config)
     check = ms.add_parser("check", help="run the shared spec checks on a model spec (trains briefly)")
     check.add_argument("model", nargs="*", help="model names (default: every known spec)")
     check.set_defaults(func=_check)
@@ -50,13 +62,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _registry(settings: config.Settings) -> ModelRegistry:
     return ModelRegistry(settings.model_dir)
-
-
-def _split(text: str) -> tuple[str, int | None]:
-    name, sep, version = text.partition("/")
-    if sep and not version.isdigit():
-        raise SystemExit(f"error: model: {text!r} must be <model> or <model>/<version number>")
-    return name, int(version) if sep else None
 
 
 def _list(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -87,7 +92,7 @@ def _list(args: argparse.Namespace, settings: config.Settings) -> int:
 
 def _show(args: argparse.Namespace, settings: config.Settings) -> int:
     reg = _registry(settings)
-    name, version = _split(args.model)
+    name, version = args.model
     if version is None:
         version = reg.promoted(name) or reg.latest(name)
     if version is None:
@@ -130,8 +135,20 @@ def _weights_distance(reg: ModelRegistry, name: str, a: int, b: int) -> float | 
 
 def _diff(args: argparse.Namespace, settings: config.Settings) -> int:
     reg = _registry(settings)
-    ma, mb = reg.metadata(args.model, args.a), reg.metadata(args.model, args.b)
-    out: dict[str, Any] = {"model": args.model, "a": args.a, "b": args.b}
+    model, a = args.a
+    b_text = str(args.b)
+    try:  # the second may be a bare version number of the same model: `diff digits_cnn/3 5`
+        b = int(b_text) if b_text.isdigit() else versioned_ref(b_text).version
+        b_model = model if b_text.isdigit() else versioned_ref(b_text).model
+    except argparse.ArgumentTypeError as exc:
+        print(f"error: models diff: second version {exc}", file=sys.stderr)
+        return 2
+    if b_model != model:
+        print(f"error: models diff: both versions must be of one model, got {args.a} and {b_text}", file=sys.stderr)
+        return 2
+    assert a is not None and b is not None
+    ma, mb = reg.metadata(model, a), reg.metadata(model, b)
+    out: dict[str, Any] = {"model": model, "a": a, "b": b}
     for key in ("parent_version", "created_at", "featurizer", "schema_ids", "tf_version", "seed", "warm_started",
                 "trigger", "spec"):
         if ma.get(key) != mb.get(key):
@@ -143,7 +160,7 @@ def _diff(args: argparse.Namespace, settings: config.Settings) -> int:
     out["batches"] = {"only_a": sorted(set(ba) - set(bb)), "only_b": sorted(set(bb) - set(ba)),
                       "role_changed": sorted(k for k in set(ba) & set(bb) if ba[k] != bb[k])}
     out["training_rows"] = {"a": ma.get("training", {}).get("rows"), "b": mb.get("training", {}).get("rows")}
-    out["weights_l2_distance"] = _weights_distance(reg, args.model, args.a, args.b)
+    out["weights_l2_distance"] = _weights_distance(reg, model, a, b)
     print(json.dumps(out, indent=2, sort_keys=True))
     return 0
 
@@ -163,9 +180,10 @@ def _announce(settings: config.Settings, name: str, version: int, action: str, r
 
 def _promote(args: argparse.Namespace, settings: config.Settings) -> int:
     reg = _registry(settings)
-    previous = reg.set_promoted(args.model, args.version, args.reason)
-    print(f"{args.model}: promoted version {args.version} (was {previous})")
-    _announce(settings, args.model, args.version, "PROMOTED", args.reason, args.no_event)
+    model, version = args.ref
+    previous = reg.set_promoted(model, version, args.reason)
+    print(f"{model}: promoted version {version} (was {previous})")
+    _announce(settings, model, version, "PROMOTED", args.reason, args.no_event)
     return 0
 
 
@@ -175,6 +193,20 @@ def _rollback(args: argparse.Namespace, settings: config.Settings) -> int:
     target = reg.rollback(args.model, args.reason)
     print(f"{args.model}: rolled back from version {current} to {target}")
     _announce(settings, args.model, target, "ROLLED_BACK", args.reason, args.no_event)
+    return 0
+
+
+def _tf_serving_config(args: argparse.Namespace, settings: config.Settings) -> int:
+    from pathlib import Path
+
+    from streaming.tf_serving import render_config, write_config
+
+    reg = _registry(settings)
+    if args.output in (None, "-"):
+        print(render_config(reg, base_path=args.base_path), end="")
+        return 0
+    path = write_config(reg, Path(args.output), base_path=args.base_path)
+    print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

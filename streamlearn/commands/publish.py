@@ -22,6 +22,7 @@ from streaming.eventtime import EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
 from streaming.jsoncodec import from_json
 from streaming.producer import Publisher
+from streaming.progress import progress
 from streaming.topics import KINDS
 from streamlearn.eventtime_flags import add_event_time_flags, policy_from_args, unit_from_args
 
@@ -125,8 +126,10 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
     with Publisher(settings) as pub:
         futures = []
         if args.generate is not None:
-            for record in generated(args.kind, args.generate, args.seed):
-                futures.append(pub.publish(args.kind, record, headers=headers))
+            with progress(args.generate, f"publish {args.kind} --generate", unit="events") as bar:
+                for record in generated(args.kind, args.generate, args.seed):
+                    futures.append(pub.publish(args.kind, record, headers=headers))
+                    bar.advance()
         else:
             reader = TimestampReader(unit_from_args(args, settings), source=source)
             # A file is looked ahead into for auto's decision; stdin, a stream, decides at its first number.

@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per line (bytes as base64)")
     p.add_argument("--max-records", type=int, metavar="N")
     p.add_argument("--idle-timeout", type=float, metavar="SECONDS", help="stop after this long without records")
-    p.add_argument("--raw", action="store_true", help="do not decode (dead-letter topics hold original bytes)")
+    p.add_argument("--raw", action="store_true",
+                   help="do not decode; print headers (automatic for *.deadletter topics, which hold the original "
+                        "bytes plus dl.* reason headers)")
     p.set_defaults(func=_subscribe)
 
 
@@ -51,11 +53,13 @@ def _subscribe(args: argparse.Namespace, settings: config.Settings) -> int:
     elif args.until_end:
         until = "end"
     topic = settings.topic(args.topic)
+    dead_letters = topic.endswith(".deadletter")
+    raw = args.raw or dead_letters  # dead letters are the original bytes: there is nothing to decode
     group = settings.group(args.group) if args.group else None
     if group and start != "committed":
         print("note: explicit positions read without the group; nothing will be committed", file=sys.stderr)
-    n = 0
-    with Subscriber(settings, topic, group=group, start=start, until=until, decode=not args.raw,
+    n = failed = 0
+    with Subscriber(settings, topic, group=group, start=start, until=until, decode=not raw,
                     idle_backoff=True) as sub:
         for item in sub.iterate(max_records=args.max_records, idle_timeout_s=args.idle_timeout):
             n += 1
@@ -63,19 +67,36 @@ def _subscribe(args: argparse.Namespace, settings: config.Settings) -> int:
                     "timestamp": item.timestamp, "key": item.key.decode("utf-8", "replace") if item.key else None}
             if item.ok:
                 out = {**meta, "schema_id": item.schema_id, "value": item.value}  # type: ignore[union-attr]
-                if args.raw:
+                if raw:
                     out["headers"] = header_dict(item.headers)
             else:
+                failed += 1
                 out = {**meta, "error": item.reason}  # type: ignore[union-attr]
             if args.json:
                 print(to_json(out), flush=True)
+            elif dead_letters and item.ok:
+                print(_dead_letter_line(item), flush=True)
             else:
                 shown = to_json(out.get("value", out.get("error")))[:300]
                 print(f"{item.topic}[{item.partition}]@{item.offset} {shown}", flush=True)
             if args.group and sub.grouped:
                 sub.commit({_tp(item): item.offset + 1})
+    if failed:
+        print(f"{n} records, {failed} could not be decoded (see 'error'; --raw prints the bytes)", file=sys.stderr)
+        return 1
     print(f"{n} records", file=sys.stderr)
     return 0
+
+
+def _dead_letter_line(item: Any) -> str:
+    """``topic[p]@offset stage=parse ValueError: no request line (file access.log line 12) | <bytes>``."""
+    h = header_dict(item.headers)
+    reason = f"{h.get('dl.error_class', '?')}: {h.get('dl.message', '?')}"
+    source = ", ".join(f"{k.removeprefix('dl.source_')} {v}" for k, v in h.items() if k.startswith("dl.source_"))
+    body = bytes(item.value).decode("utf-8", "replace") if isinstance(item.value, (bytes, bytearray)) \
+        else to_json(item.value)
+    return (f"{item.topic}[{item.partition}]@{item.offset} stage={h.get('dl.stage', '?')} {reason}"
+            + (f" ({source})" if source else "") + f" | {body[:200]!r}")
 
 
 def _tp(item: Any) -> Any:

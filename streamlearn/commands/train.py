@@ -10,6 +10,7 @@ import sys
 import threading
 
 from streaming import config
+from streamlearn.modelref import versioned_ref
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-events", action="store_true", help="do not publish ModelUpdate events")
     p.set_defaults(func=_train)
     r = sub.add_parser("retrain", help="retrain a version from its recorded lineage and compare the scores")
-    r.add_argument("--reproduce", required=True, metavar="MODEL/VERSION", help="e.g. digits_cnn/3")
+    r.add_argument("--reproduce", required=True, type=versioned_ref, metavar="MODEL/VERSION", help="e.g. digits_cnn/3")
     r.add_argument("--tolerance", type=float, default=None,
                    help="largest accepted |recorded - reproduced| primary metric (default 1e-6)")
     r.add_argument("--from-offsets", action="store_true",
@@ -76,10 +77,7 @@ def _reproduce(args: argparse.Namespace, settings: config.Settings) -> int:
     from trainer.exceptions import LineageError, ReproductionError
     from trainer.reproduce import DEFAULT_TOLERANCE, reproduce
 
-    name, sep, version = args.reproduce.partition("/")
-    if not sep or not version.isdigit():
-        print(f"error: --reproduce: {args.reproduce!r} must be <model>/<version>, e.g. digits_cnn/3", file=sys.stderr)
-        return 2
+    name, version = args.reproduce
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     try:
         report = reproduce(settings, name, int(version), tolerance=tolerance, from_offsets=args.from_offsets)

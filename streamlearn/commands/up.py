@@ -14,6 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                   "supervised; Ctrl-C/SIGTERM drains in order")
     p.add_argument("--no-gateway", action="store_true", help="do not start the HTTP ingest gateway")
     p.add_argument("--only", help="comma-separated service names (default: all; see `streamlearn status`)")
+    p.add_argument("--broker-port", dest="broker_port", type=int,
+                   help=f"port of the embedded broker {config.env_help('broker_port')}")
     p.add_argument("--metrics-base-port", type=int, default=9100, help="first /metrics port (default 9100)")
     p.set_defaults(func=_up)
     s = sub.add_parser("status", help="show the broker and the workers of a running `streamlearn up`/`demo`")
@@ -60,9 +62,10 @@ def _up(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def _status(args: argparse.Namespace, settings: config.Settings) -> int:
-    from streaming.broker import EmbeddedBroker
+    from streaming.broker import EmbeddedBroker, probe
     from streaming.fsutil import pid_alive
     from streamlearn.stack import read_state
+    from streamlearn.status import render, tcp_reachable, worker_rows
 
     print(EmbeddedBroker(settings).status().describe())
     state = read_state(settings)
@@ -72,7 +75,8 @@ def _status(args: argparse.Namespace, settings: config.Settings) -> int:
     pid = int(state.get("supervisor_pid", 0))
     alive = bool(pid) and not state.get("stopped") and pid_alive(pid)
     print(f"stack supervisor pid {pid}: {'running' if alive else 'not running'}")
-    for s in state.get("services", []):
-        print(f"  {s['name']:28} {s['state']:12} pid {s['pid'] or '-':<7} restarts {s['restarts']:<3} "
-              f"up {s['uptime_s']:>7.1f}s metrics :{s['metrics_port']}")
+    kafka = tcp_reachable(settings.bootstrap) and probe(settings.bootstrap, timeout_s=2.0) is not None
+    if not kafka:
+        print(f"  (no Kafka broker answers at {settings.bootstrap}: partitions and lag unknown)")
+    print("\n".join(render(worker_rows(settings, state, alive, kafka=kafka))))
     return 0 if alive else 3

@@ -1,0 +1,128 @@
+"""Command-line consistency: model/version everywhere, quiet closed pipes, dead letters with reasons."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from streaming import config
+from streaming.producer import Publisher
+from streaming.topics import dead_letter_topic, raw_topic
+from streamlearn.cli import build_parser, main
+from streamlearn.modelref import ModelRef, parse_ref
+from tests.helpers import ROOT, streamlearn_cmd
+
+
+def cli(settings: config.Settings, *args: str) -> int:
+    return main(["--home", str(settings.home), "--bootstrap", settings.bootstrap,
+                 "--topic-prefix", settings.topic_prefix, *args])
+
+
+def test_one_model_version_syntax() -> None:
+    assert parse_ref("digits_cnn/3") == ModelRef("digits_cnn", 3)
+    assert parse_ref("digits_cnn") == ModelRef("digits_cnn", None)
+    parser = build_parser()
+    args = parser.parse_args(["models", "diff", "digits_cnn/3", "digits_cnn/5"])
+    assert args.a == ModelRef("digits_cnn", 3) and args.b == "digits_cnn/5"
+    assert parser.parse_args(["models", "promote", "digits_cnn/4"]).ref == ModelRef("digits_cnn", 4)
+    assert parser.parse_args(["retrain", "--reproduce", "digits_cnn/2"]).reproduce == ModelRef("digits_cnn", 2)
+
+
+@pytest.mark.parametrize("argv", [["models", "diff", "digits_cnn", "3"], ["models", "promote", "digits_cnn"],
+                                  ["retrain", "--reproduce", "digits_cnn/x"], ["models", "show", "a/b/c"]])
+def test_malformed_references_fail_with_the_expected_form(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert "e.g. digits_cnn/3" in capsys.readouterr().err
+
+
+def test_diff_refuses_two_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--home", str(tmp_path), "models", "diff", "a/1", "b/2"]) == 2
+    assert "both versions must be of one model" in capsys.readouterr().err
+
+
+def test_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "STREAMLEARN_HOME": str(tmp_path)}
+    reg = subprocess.run(streamlearn_cmd("schemas", "register", "x-value", "WebLogEvent"), env=env, cwd=tmp_path,
+                         capture_output=True, timeout=120)
+    assert reg.returncode == 0, reg.stderr
+    proc = subprocess.Popen(streamlearn_cmd("schemas", "show", "x-value"), env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the command writes (`... | head` that already exited)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_subscribe_shows_dead_letters_with_their_reasons(settings: config.Settings,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    with Publisher(settings) as pub:
+        pub.dead_letter("weblog", b"not a log line", stage="parse", error=ValueError("no request line"),
+                        source={"file": "access.log", "line": 12}).get(timeout=10)
+    topic = dead_letter_topic(settings, "weblog").removeprefix(settings.topic_prefix)
+    assert cli(settings, "subscribe", topic, "--from-beginning", "--until-end") == 0
+    out = capsys.readouterr()
+    assert "stage=parse ValueError: no request line (file access.log, line 12) | 'not a log line'" in out.out
+    assert "BadMagicByte" not in out.out + out.err
+    assert cli(settings, "subscribe", topic, "--from-beginning", "--until-end", "--json") == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert record["headers"]["dl.stage"] == "parse"
+
+
+def test_subscribe_exits_1_when_records_cannot_be_decoded(settings: config.Settings,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap)
+    producer.send(raw_topic(settings, "sensor"), b"plain bytes, no schema id").get(timeout=10)
+    producer.close()
+    topic = raw_topic(settings, "sensor").removeprefix(settings.topic_prefix)
+    assert cli(settings, "subscribe", topic, "--from-beginning", "--until-end") == 1
+    assert "1 could not be decoded" in capsys.readouterr().err
+
+
+def test_every_flag_named_in_a_message_exists() -> None:
+    """Error hints and help texts may only name flags the command line has (the demo once said --port)."""
+    import argparse
+    import re
+
+    def walk(p: argparse.ArgumentParser, out: set[str]) -> None:
+        for a in p._actions:
+            out.update(o for o in a.option_strings if o.startswith("--"))
+            if isinstance(a, argparse._SubParsersAction):
+                for sp in a.choices.values():
+                    walk(sp, out)
+
+    known: set[str] = set()
+    walk(build_parser(), known)
+    foreign = {"--data-dir", "--kafka-port", "--logdir"}  # flags of the noida-db binary and of tensorboard
+    unknown = []
+    for package in ("schemas", "streaming", "ingest", "trainer", "serving", "streamlearn"):
+        for f in (ROOT / package).rglob("*.py"):
+            for i, line in enumerate(f.read_text().splitlines(), 1):
+                if "add_argument" in line:
+                    continue
+                unknown += [f"{f.relative_to(ROOT)}:{i}: {m}" for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", line)
+                            if m not in known | foreign]
+    assert unknown == []
+
+
+def test_broker_port_error_names_flags_that_exist(tmp_path: Path) -> None:
+    import socket
+
+    from streaming.broker import EmbeddedBroker
+    from streaming.exceptions import BrokerError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        settings = config.load({"home": tmp_path, "broker_port": busy.getsockname()[1]})
+        with pytest.raises(BrokerError, match=r"--broker-port \(demo, up\), --port \(broker start\)"):
+            EmbeddedBroker(settings).start()
+    assert build_parser().parse_args(["demo", "--broker-port", "19999"]).broker_port == 19999
+    assert build_parser().parse_args(["up", "--broker-port", "19999"]).broker_port == 19999
