@@ -69,6 +69,12 @@ SPECS: tuple[Spec, ...] = (
     Spec("serve_http_host", "STREAMLEARN_SERVE_HTTP_HOST", str, "127.0.0.1",
          "address the serving worker's HTTP API binds (0.0.0.0 in containers)"),
     Spec("log_level", "STREAMLEARN_LOG_LEVEL", str, "INFO", "logging level"),
+    Spec("max_record_bytes", "STREAMLEARN_MAX_RECORD_BYTES", int, 1_000_000,
+         "broker record limit assumed when the broker does not report max.message.bytes; answers and "
+         "dead letters are cut to fit it less a margin"),
+    Spec("reply_topics", "STREAMLEARN_REPLY_TOPICS", str, "{predictions}.*",
+         "comma-separated fnmatch patterns of topics a prediction request may name as reply_topic, besides "
+         "the model's predictions topic ({predictions} = that topic, {model} = the model name)"),
 )
 _BY_NAME = {s.name: s for s in SPECS}
 
@@ -150,6 +156,8 @@ class Settings:
     serve_max_wait_ms: float
     serve_http_host: str
     log_level: str
+    max_record_bytes: int = 1_000_000
+    reply_topics: str = "{predictions}.*"
     model_specs: dict[str, str] = field(default_factory=dict)
 
     @property
