@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from schemas.catalog import load_schema
 from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import SchemaRegistry, open_registry
 from schemas.serde import AvroDeserializer, AvroSerializer
@@ -41,8 +40,10 @@ from serving.inputs import Featurization
 from serving.labels import LabelJoiner
 from serving.model import LoadedVersion, configure_tf_threads
 from serving.policy import Policy
+from serving.replies import ReplyTopics, SerializerCache, cut_answer, cut_id, error_text
 from serving.versions import VersionManager
 from streaming.config import Settings
+from streaming.limits import MAX_ID_CHARS, BrokerLimits, effective_limit, fit_record, short
 from streaming.topics import (
     KINDS,
     dead_letter_topic,
@@ -56,8 +57,13 @@ from streaming.topics import (
 
 log = logging.getLogger(__name__)
 
-#: How many answered request ids the at-least-once mode remembers for de-duplication.
+#: How many answered request ids the at-least-once mode remembers for de-duplication (ids are
+#: capped at MAX_ID_CHARS, so the map holds at most ~DEDUPE_IDS * 300 bytes of ids).
 DEDUPE_IDS = 100_000
+#: In a redo after a failed transaction, answers and dead letters are cut to this many bytes.
+SAFE_RECORD_BYTES = 64 * 1024
+#: Longest wait between redos of a batch the broker keeps refusing (a SIGTERM ends the wait).
+MAX_REDO_BACKOFF_S = 10.0
 
 
 def now_ms() -> int:
@@ -113,7 +119,10 @@ class ServingWorker:
         self.predictions = predictions_topic(settings, model)
         self.dead_letters = dead_letter_topic(settings, "serving")
         self._deserializer = AvroDeserializer(self.schemas)
-        self._serializers: dict[str, AvroSerializer] = {}
+        self._serializers = SerializerCache(self.schemas)
+        self.replies = ReplyTopics(settings, model, self.predictions)
+        self.broker_limits = BrokerLimits(settings.bootstrap, settings.max_record_bytes)
+        self._redo_backoff_s = 0.0
         self._answered: OrderedDict[str, None] = OrderedDict()
         self.answered = 0
         self.batches = 0
@@ -146,7 +155,8 @@ class ServingWorker:
             self.settings, group_id=self.group, group_instance_id=self.member_id,
             max_poll_records=max_batch, isolation_level="read_committed", enable_auto_commit=False))
         self.consumer.subscribe([self.input_topic])
-        extra: dict[str, Any] = {"linger_ms": 0}
+        # max_block_ms: a send never waits a minute for metadata of a topic that vanished.
+        extra: dict[str, Any] = {"linger_ms": 0, "max_block_ms": 10_000}
         if self.settings.transactions:
             extra["transactional_id"] = self.transactional_id
         self.producer = KafkaProducer(**producer_config(self.settings, **extra))
@@ -217,8 +227,13 @@ class ServingWorker:
 
     # -- one batch ---------------------------------------------------------------------------------
     def _decode(self, rec: Any) -> _Item:
-        """Decode one record into an item (``error`` set when it cannot be decoded)."""
-        fallback_id = rec.key.decode("utf-8", "replace") if rec.key else f"{rec.topic}/{rec.partition}/{rec.offset}"
+        """Decode one record into an item (``error`` set when it cannot be decoded or breaks a bound).
+
+        Ids are capped (MAX_ID_CHARS): a longer request id or key is answered with an error under a
+        cut id (head + sha256 of the whole), and the reply topic must pass the allow-list.
+        """
+        key = rec.key.decode("utf-8", "replace") if rec.key else None
+        fallback_id = cut_id(key, MAX_ID_CHARS) if key else f"{rec.topic}/{rec.partition}/{rec.offset}"
         item = _Item(rec, fallback_id, int(rec.timestamp), self.predictions)
         try:
             value = self._deserializer(rec.value).value
@@ -234,8 +249,20 @@ class ServingWorker:
         if not isinstance(value, dict) or "request_id" not in value:
             item.error = RequestDecodeError("value: not a PredictionRequest record")
             return item
-        item.request_id = str(value["request_id"])
-        item.timestamp_ms = int(value.get("timestamp") or rec.timestamp)
+        rid = str(value["request_id"])
+        item.request_id = cut_id(rid, MAX_ID_CHARS)
+        if len(rid) > MAX_ID_CHARS:
+            item.error = RequestDecodeError(f"request_id: {len(rid)} characters, over the limit of {MAX_ID_CHARS}; "
+                                            "the answer carries its first 64 characters and sha256")
+            return item
+        try:
+            item.timestamp_ms = int(value.get("timestamp") or rec.timestamp)
+        except (TypeError, ValueError, OverflowError):
+            item.timestamp_ms = int(rec.timestamp)
+        problem = self.replies.problem(value.get("reply_topic"))
+        if problem is not None:
+            item.error = RequestDecodeError(problem)  # answered on the default topic, and dead-lettered
+            return item
         item.reply_topic = value.get("reply_topic") or self.predictions
         item.value = value
         return item
@@ -256,8 +283,12 @@ class ServingWorker:
                 item.x, item.labels = self.featurization.featurize(dict(item.event), lv)
             else:
                 item.x, item.labels = self.featurization.request_input(value, lv)
-        except RequestDecodeError as exc:
-            item.error = exc
+        except RecursionError as exc:  # any per-record failure is that record's error, never the worker's
+            item.error = RequestDecodeError(f"request: nested too deeply to featurize ({exc})")
+            item.labels = None
+        except Exception as exc:
+            item.error = exc if isinstance(exc, RequestDecodeError) else RequestDecodeError(
+                f"request: cannot featurize: {type(exc).__name__}: {short(str(exc), 500)}")
             item.labels = None
 
     def _handle(self, records: list[Any]) -> None:
@@ -278,20 +309,32 @@ class ServingWorker:
         for group in groups.values():
             lv = group[0].version
             assert lv is not None
-            out = lv.predict(np.stack([i.x for i in group]))  # type: ignore[misc]
+            try:
+                out = lv.predict(np.stack([i.x for i in group]))  # type: ignore[misc]
+            except Exception as exc:  # a version that fails on these inputs answers them with errors
+                log.warning("%s v%d failed on a batch of %d: %s", self.model, lv.version, len(group), exc)
+                for i in group:
+                    i.error = RequestDecodeError(f"model: v{lv.version} failed: {type(exc).__name__}: "
+                                                 f"{short(str(exc), 300)}")
+                continue
             self._m_batch.observe(len(group))
             for i, row, as_list, label in zip(group, out, out.astype(np.float64).tolist(),
                                               lv.predicted_labels(out), strict=True):
                 i.outputs, i.output_list, i.label = row, as_list, label
             self.manager.remember_input(group[-1].x)  # type: ignore[arg-type]
-        self._emit(records, items, snap.stable.version if snap.stable else -1)
+        if not self._emit(records, items, snap.stable.version if snap.stable else -1):
+            return  # the broker refused the batch twice: it is redone (seeked back), not judged
         for item in items:  # live errors feed the canary judge only once the answers are committed
-            if item.outputs is not None and item.version is not None:
+            if item.outputs is None or item.version is None or item.error is not None:
+                continue
+            if self.score_stream:  # events of the raw topic, produced by ingest: their labels count
                 err = item.version.error(item.outputs, item.labels)
                 if err is not None:
                     self.manager.record_error(item.version.version, err)
-                elif item.event is not None and self.labels is not None:
-                    self.labels.remember(item.event, item.version, item.outputs)
+            elif item.event is not None and self.labels is not None:
+                # A request's own label is never trusted (anyone can write one): the answer waits
+                # for the same event, labelled, on the raw topic ingest produced (serving.labels).
+                self.labels.remember(item.event, item.version, item.outputs)
 
     def _prediction(self, item: _Item, default_version: int) -> dict[str, Any]:
         lv = item.version
@@ -306,48 +349,119 @@ class ServingWorker:
             "input_topic": item.rec.topic,
             "input_partition": int(item.rec.partition),
             "input_offset": int(item.rec.offset),
-            "error": None if ok else f"{type(item.error).__name__}: {item.error}",
+            "error": None if ok else error_text(item.error or RequestDecodeError("no output")),
         }
 
     def _serializer(self, topic: str) -> AvroSerializer:
-        ser = self._serializers.get(topic)
-        if ser is None:
-            ser = self._serializers[topic] = AvroSerializer(self.schemas, f"{topic}-value", load_schema("Prediction"))
-        return ser
+        return self._serializers(topic)
 
-    def _emit(self, records: list[Any], items: list[_Item], default_version: int) -> None:
-        """Produce answers and dead letters and move the offsets past ``records``, atomically."""
-        from kafka import TopicPartition
-        from kafka.structs import OffsetAndMetadata
+    def _answer(self, item: _Item, default_version: int, safe: bool) -> tuple[str, bytes, bytes]:
+        """(topic, key, value) of one item's answer: on its reply topic when that topic takes it, else
+        an error answer on the default topic; cut to fit the broker (``safe``: to SAFE_RECORD_BYTES)."""
+        pred = self._prediction(item, default_version)
+        topic = item.reply_topic
+        if safe and topic != self.predictions:
+            item.error = RequestDecodeError(f"reply_topic: {topic!r} refused the answer; answered here instead")
+            topic = item.reply_topic = self.predictions
+            pred = self._prediction(item, default_version)
+        try:
+            value = self._serializer(topic)(pred)
+        except RegistryUnavailableError:
+            if topic == self.predictions:
+                raise  # not the request's fault: the batch is retried
+            value = b""
+            failure: Exception | None = RequestDecodeError(f"reply_topic: {topic!r}: schema registry unavailable")
+        except Exception as exc:  # e.g. an incompatible subject on the reply topic
+            if topic == self.predictions:
+                raise
+            value, failure = b"", exc
+        else:
+            failure = None
+        if failure is not None:
+            item.error = RequestDecodeError(f"reply_topic: {topic!r} cannot take Prediction records: "
+                                            f"{short(str(failure), 300)}")
+            self._serializers.drop(topic)
+            topic = item.reply_topic = self.predictions
+            pred = self._prediction(item, default_version)
+            value = self._serializer(topic)(pred)
+        key = item.request_id.encode("utf-8", "replace")
+        budget = SAFE_RECORD_BYTES if safe else effective_limit(self.broker_limits.limit(topic))
+        if len(value) + len(key) + 256 > budget:
+            pred = cut_answer(pred, len(value), budget)
+            value = self._serializer(topic)(pred)
+        return topic, key, value
 
+    def _sends(self, items: list[_Item], default_version: int, safe: bool) -> tuple[list[Any], int]:
         from streaming.producer import dead_letter_headers
 
         sends: list[tuple[str, bytes, bytes, list[tuple[str, bytes]] | None]] = []
         n_err = 0
         for item in items:
-            pred = self._prediction(item, default_version)
-            sends.append((item.reply_topic, item.request_id.encode(), self._serializer(item.reply_topic)(pred), None))
+            topic, key, value = self._answer(item, default_version, safe)
+            sends.append((topic, key, value, None))
             if item.error is not None:
                 headers = dead_letter_headers("serving", item.error, {
                     "topic": item.rec.topic, "partition": item.rec.partition, "offset": item.rec.offset})
-                sends.append((self.dead_letters, item.rec.key or item.request_id.encode(), item.rec.value or b"",
-                              headers))
-            n_err += pred["error"] is not None
-            self._m_latency.observe(pred["latency_ms"] / 1000.0)
+                limit = SAFE_RECORD_BYTES * 2 if safe else self.broker_limits.limit(self.dead_letters)
+                dl_value, dl_key, dl_headers = fit_record(item.rec.value or b"", item.rec.key or key, headers,
+                                                          broker_limit=limit)
+                sends.append((self.dead_letters, dl_key or key, dl_value, dl_headers))
+            n_err += item.error is not None
+        return sends, n_err
+
+    def _emit(self, records: list[Any], items: list[_Item], default_version: int) -> bool:
+        """Produce answers and dead letters and move the offsets past ``records``, atomically.
+
+        When the broker refuses the batch (a reply topic gone, a record it finds too large), the
+        batch is sent again at once in *safe* mode: every answer on the default topic, every record
+        cut to SAFE_RECORD_BYTES, so one request cannot make the batch fail forever. When that fails
+        too, the broker itself is the problem: the batch is redone after a backoff that a SIGTERM
+        ends. Returns False when the batch is to be redone.
+        """
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
         first: dict[Any, int] = {}
         offsets: dict[Any, Any] = {}
         for rec in records:
             tp = TopicPartition(rec.topic, rec.partition)
             first.setdefault(tp, rec.offset)
             offsets[tp] = OffsetAndMetadata(rec.offset + 1, "", -1)
-        if self.settings.transactions:
-            self._emit_transaction(sends, offsets, first)
-        else:
-            futures = [self.producer.send(t, key=k, value=v, headers=h) for t, k, v, h in sends]
-            self.producer.flush()
-            for f in futures:
-                f.get(timeout=30)  # raises if a send failed: offsets are then not committed
-            self.consumer.commit(offsets)
+        failure: Exception | None = None
+        for safe in (False, True):
+            sends, n_err = self._sends(items, default_version, safe)
+            try:
+                if self.settings.transactions:
+                    self._emit_transaction(sends, offsets)
+                else:
+                    self._emit_flush(sends, offsets)
+            except _SendFailed as exc:
+                failure = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+                for topic, *_ in sends:
+                    self.replies.forget(topic)
+                log.warning("%s of %d answers failed (%s: %s); %s", "transaction" if self.settings.transactions
+                            else "send", len(sends), type(failure).__name__, short(str(failure), 300),
+                            "redoing the batch after a backoff" if safe else "resending it in safe mode")
+                continue
+            self._redo_backoff_s = 0.0
+            self._count(items, n_err)
+            return True
+        self._redo(first, failure)
+        return False
+
+    def _redo(self, first: dict[Any, int], failure: Exception | None) -> None:
+        """Seek back to the batch's first offsets and wait (SIGTERM-aware) before it is re-read."""
+        assigned = self.consumer.assignment()
+        for tp, offset in first.items():
+            if tp in assigned:
+                self.consumer.seek(tp, offset)
+        self._redo_backoff_s = min(MAX_REDO_BACKOFF_S, max(0.2, self._redo_backoff_s * 2))
+        self.stop_event.wait(self._redo_backoff_s)
+
+    def _count(self, items: list[_Item], n_err: int) -> None:
+        for item in items:
+            self._m_latency.observe(max(0, now_ms() - item.timestamp_ms) / 1000.0)
+        if not self.settings.transactions:
             for item in items:
                 self._answered[item.request_id] = None
             while len(self._answered) > DEDUPE_IDS:
@@ -358,23 +472,30 @@ class ServingWorker:
         self.batches += 1
         self.last_batch_at = time.monotonic()
 
-    def _emit_transaction(self, sends: list[tuple[str, bytes, bytes, Any]], offsets: dict[Any, Any],
-                          first: dict[Any, int]) -> None:
-        from kafka.errors import KafkaError
+    def _emit_flush(self, sends: list[tuple[str, bytes, bytes, Any]], offsets: dict[Any, Any]) -> None:
+        try:
+            futures = [self.producer.send(t, key=k, value=v, headers=h) for t, k, v, h in sends]
+            self.producer.flush(timeout=60)
+            for f in futures:
+                f.get(timeout=30)  # raises if a send failed: offsets are then not committed
+        except Exception as exc:
+            raise _SendFailed(str(exc)) from exc
+        self.consumer.commit(offsets)
 
+    def _emit_transaction(self, sends: list[tuple[str, bytes, bytes, Any]], offsets: dict[Any, Any]) -> None:
         try:
             self.producer.begin_transaction()
             for topic, key, value, headers in sends:
                 self.producer.send(topic, key=key, value=value, headers=headers)
             self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
             self.producer.commit_transaction()
-        except KafkaError as exc:
-            log.warning("transaction of %d answers failed (%s); aborting and redoing the batch", len(sends), exc)
+        except Exception as exc:  # KafkaError, or ValueError/timeout raised by send() itself
             self.producer.abort_transaction()  # a fatal error (fenced) raises here and stops the worker
-            assigned = self.consumer.assignment()
-            for tp, offset in first.items():
-                if tp in assigned:
-                    self.consumer.seek(tp, offset)
+            raise _SendFailed(str(exc)) from exc
+
+
+class _SendFailed(Exception):
+    """The broker refused (part of) a batch; the cause is the client's error."""
 
 
 def main(argv: list[str] | None = None) -> int:
