@@ -110,17 +110,27 @@ def _coerce(spec: Spec, raw: Any) -> Any:
 
 
 def _config_file(environ: dict[str, str], home: Path) -> dict[str, Any]:
+    """The first config file found. Its ``[models]`` table (import targets that get called) is
+    honoured only from ``$STREAMLEARN_CONFIG`` (``--config``) or ``$STREAMLEARN_HOME/config.toml``,
+    never from a ``./streamlearn.toml`` that happens to sit in the working directory (a cloned repo)."""
     candidates = []
     if environ.get("STREAMLEARN_CONFIG"):
         candidates.append(Path(environ["STREAMLEARN_CONFIG"]))
     candidates += [home / "config.toml", Path("streamlearn.toml")]
-    for path in candidates:
+    for n, path in enumerate(candidates):
         if path.is_file():
             with path.open("rb") as fh:
                 data = tomllib.load(fh)
             unknown = set(data) - set(_BY_NAME) - {"models"}
             if unknown:
                 raise ConfigError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(_BY_NAME)}")
+            if n == len(candidates) - 1 and "models" in data:
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "%s: [models] ignored: model plugins load only from the file named by STREAMLEARN_CONFIG "
+                    "(--config), $STREAMLEARN_HOME/config.toml or installed entry points", path)
+                data = {k: v for k, v in data.items() if k != "models"}
             return data
     return {}
 
