@@ -25,9 +25,9 @@ from schemas.exceptions import RegistryUnavailableError
 from schemas.serde import AvroSerializer
 from serving.exceptions import RequestDecodeError
 from serving.model import LoadedVersion
-from serving.replies import ReplyTopics, SerializerCache, cut_answer, error_text
+from serving.replies import LEGAL_TOPIC, ReplyTopics, SerializerCache, cut_answer, error_text
 from streaming.config import Settings
-from streaming.limits import BrokerLimits, effective_limit, fit_record, short
+from streaming.limits import BrokerLimits, effective_limit, fit_record, record_size, short
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,8 @@ class Emitter:
                             else "send", len(sends), type(failure).__name__, short(str(failure), 300),
                             "redoing the batch after a backoff" if safe else "resending it in safe mode")
                 continue
+            if safe:
+                log.info("batch of %d answers sent in safe mode (%d errors)", len(items), n_err)
             self._redo_backoff_s = 0.0
             self._count(items, n_err)
             return True
@@ -222,6 +224,7 @@ class Emitter:
         self.last_batch_at = time.monotonic()
 
     def _emit_flush(self, sends: list[tuple[str, bytes, bytes, Any]], offsets: dict[Any, Any]) -> None:
+        self._precheck(sends)
         try:
             futures = [self.producer.send(t, key=k, value=v, headers=h) for t, k, v, h in sends]
             self.producer.flush(timeout=60)
@@ -231,7 +234,24 @@ class Emitter:
             raise _SendFailed(str(exc)) from exc
         self.consumer.commit(offsets)
 
+    def _precheck(self, sends: list[tuple[str, bytes, bytes, Any]]) -> None:
+        """Refuse a batch the client would refuse record by record, *before* any transaction starts.
+
+        Why: a send() that raises in the middle of a transaction (record over the producer's
+        max_request_size, illegal topic name) leaves earlier records of the transaction in flight
+        while it is aborted; failing before ``begin_transaction`` avoids that race entirely.
+        """
+        max_request = int(self.producer.config.get("max_request_size", 1_048_576))
+        for topic, key, value, headers in sends:
+            size = record_size(value, key, headers)
+            if size > max_request:
+                raise _SendFailed(f"a record for {topic!r} is {size} bytes, over the producer's max_request_size "
+                                  f"{max_request}")
+            if not LEGAL_TOPIC.match(topic):
+                raise _SendFailed(f"topic {short(topic, 80)!r} is not a legal topic name")
+
     def _emit_transaction(self, sends: list[tuple[str, bytes, bytes, Any]], offsets: dict[Any, Any]) -> None:
+        self._precheck(sends)
         try:
             self.producer.begin_transaction()
             for topic, key, value, headers in sends:

@@ -44,11 +44,12 @@ class Worker:
         self.max_rss_mb = max_rss_mb
         self.peak_rss_mb = 0.0
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_env: dict[str, str] = {}
         self.start()
 
     def start(self) -> None:
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(streamlearn_cmd(*self.args), env=subprocess_env(self.settings),
+        self.proc = subprocess.Popen(streamlearn_cmd(*self.args), env=subprocess_env(self.settings, **self.extra_env),
                                      stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
