@@ -70,6 +70,7 @@ class LabelJoiner:
         self.manager = manager
         self.capacity = capacity
         self.joined = 0
+        self.seen = 0  # raw events read (for tests and debugging)
         self._pending: OrderedDict[str, tuple[LoadedVersion, np.ndarray, str]] = OrderedDict()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -140,6 +141,7 @@ class LabelJoiner:
                             event = decode(rec.value).value
                         except Exception:  # undecodable raw records are dead-lettered by the stream workers
                             continue
+                        self.seen += 1
                         if isinstance(event, dict):
                             self.offer(event)
         except Exception as exc:
