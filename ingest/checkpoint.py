@@ -93,12 +93,35 @@ class HashJournal:
     the interrupted step (move the file) without redoing the acknowledged one (publish).
     """
 
-    def __init__(self, path: Path) -> None:
+    #: Digests kept in memory (oldest forgotten first; ~200 bytes each, so ~100 MB at the bound).
+    #: A file older than the newest MAX_ENTRIES distinct ones would be published again if it came
+    #: back; consumers de-duplicate by image id.
+    MAX_ENTRIES = 500_000
+
+    def __init__(self, path: Path, max_entries: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_entries = max_entries or self.MAX_ENTRIES
         self._entries: dict[str, str] = {}
+        self._lines = 0
         self._load()
+        if self._lines > 2 * self.max_entries:
+            self._compact()
         self._fh = open(self.path, "ab")
+
+    def _trim(self) -> None:
+        while len(self._entries) > self.max_entries:
+            del self._entries[next(iter(self._entries))]
+
+    def _compact(self) -> None:
+        """Rewrite the journal with the kept entries only (atomically), so the file stays bounded too."""
+        tmp = self.path.with_name(f".{self.path.name}.compact")
+        with open(tmp, "wb") as fh:
+            fh.write(b"".join(f"{tag} {digest}\n".encode() for digest, tag in self._entries.items()))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        self._lines = len(self._entries)
 
     def _load(self) -> None:
         try:
@@ -120,7 +143,10 @@ class HashJournal:
                 raise CheckpointError(
                     f"journal {self.path} line {n} is not '<tag> <hash>'; repair or delete the journal"
                 )
+            self._entries.pop(parts[1], None)  # re-insert: the latest entry is the newest
             self._entries[parts[1]] = parts[0]
+            self._lines += 1
+        self._trim()
 
     def get(self, digest: str) -> str | None:
         """The tag recorded for ``digest``, or None."""
@@ -147,7 +173,10 @@ class HashJournal:
         self._fh.flush()
         os.fsync(self._fh.fileno())
         for tag, digest in items:
+            self._entries.pop(digest, None)
             self._entries[digest] = tag
+        self._lines += len(items)
+        self._trim()
 
     def close(self) -> None:
         self._fh.close()

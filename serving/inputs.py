@@ -14,7 +14,6 @@ restarted worker starts with empty history.
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any
 
@@ -23,6 +22,7 @@ import numpy as np
 from serving.exceptions import RequestDecodeError
 from serving.model import LoadedVersion
 from streaming.jsoncodec import from_json
+from streaming.limits import InputLimitError, bounded_json
 from streaming.topics import KINDS
 
 
@@ -35,10 +35,10 @@ class Featurization:
 
     def event_from_json(self, text: str, lv: LoadedVersion) -> dict[str, Any]:
         """Parse ``event_json`` into the record dict the featurizer expects (base64 -> bytes)."""
-        try:
-            event = json.loads(text)
-        except (TypeError, ValueError) as exc:
-            raise RequestDecodeError(f"event_json: not valid JSON ({exc}); send a raw event object") from exc
+        try:  # size and depth are checked before the JSON is built (a 100k-deep array is one request's error)
+            event = bounded_json(text, "event_json")
+        except InputLimitError as exc:
+            raise RequestDecodeError(f"{exc}; send a raw event object") from exc
         if not isinstance(event, dict):
             raise RequestDecodeError("event_json: must be a JSON object (a raw event), got "
                                      f"{type(event).__name__}")

@@ -7,6 +7,11 @@ once per batch, so a batch is computed entirely by the version(s) of one snapsho
 version answers until the new one is ready. A version that fails to load is never served; it is
 retried with exponential backoff a bounded number of times, then given up on (until the registry
 names a different version).
+
+One writer at a time: the loader thread (swaps), the Kafka loop and the label joiner (canary
+rollbacks) all replace the snapshot, so every replacement happens under ``_swap_lock`` and only if
+the snapshot is still the one the change was computed from. A swap computed before a concurrent
+rollback is recomputed on the rolled-back snapshot, so a rollback can never be undone.
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ class VersionManager:
         self._thread: threading.Thread | None = None
         self._updates_thread: threading.Thread | None = None
         self._rolled_back: set[int] = set()
+        self._swap_lock = threading.Lock()  # every write of _snapshot holds it (see module doc)
 
     # -- reading ------------------------------------------------------------------------------
     def current(self) -> Snapshot:
@@ -157,8 +163,13 @@ class VersionManager:
 
     def _rollback(self, snap: Snapshot, reason: str) -> None:
         assert snap.candidate is not None
-        self._rolled_back.add(snap.candidate.version)
-        self._snapshot = replace(snap, canary_state=CANARY_ROLLED_BACK)
+        with self._swap_lock:
+            cur = self._snapshot
+            if cur.canary_state != CANARY_ROUTING or cur.candidate is None \
+                    or cur.candidate.version != snap.candidate.version:
+                return  # already rolled back, or another candidate routes now
+            self._rolled_back.add(cur.candidate.version)
+            self._snapshot = snap = replace(cur, canary_state=CANARY_ROLLED_BACK)
         metrics.ROLLBACKS.labels(self.model).inc()
         metrics.CANARY_STATE.labels(self.model).set(CANARY_ROLLED_BACK)
         metrics.SERVED_VERSION.labels(self.model, "candidate").set(-1)
@@ -214,18 +225,30 @@ class VersionManager:
         return max(0.01, min([self.poll_interval_s, *pending]))
 
     def _reconcile(self) -> None:
+        loaded: dict[int, LoadedVersion | None] = {}
+        for _ in range(5):  # recompute when a rollback replaced the snapshot while versions loaded
+            if self._reconcile_once(loaded):
+                return
+
+    def _load_once(self, version: int, loaded: dict[int, LoadedVersion | None]) -> LoadedVersion | None:
+        if version not in loaded:
+            loaded[version] = self._try_load(version)
+        return loaded[version]
+
+    def _reconcile_once(self, loaded: dict[int, LoadedVersion | None]) -> bool:
+        """One attempt; False when the snapshot changed under it (the caller recomputes)."""
         want_stable, want_cand = self._targets()
         snap = self._snapshot
         stable = snap.stable
         if want_stable is not None and (stable is None or stable.version != want_stable):
-            stable = self._try_load(want_stable) or stable
+            stable = self._load_once(want_stable, loaded) or stable
         cand = snap.candidate
         if want_cand is None:
             cand = None if snap.canary_state != CANARY_ROLLED_BACK else cand
         elif cand is None or cand.version != want_cand:
-            cand = self._try_load(want_cand)
+            cand = self._load_once(want_cand, loaded)
         if stable is snap.stable and cand is snap.candidate:
-            return
+            return True
         state = snap.canary_state
         if cand is not None and cand is not snap.candidate:
             state = CANARY_ROUTING
@@ -233,7 +256,10 @@ class VersionManager:
             state = CANARY_NONE
         new = Snapshot(stable, cand, self.policy.share, state)
         swapped = stable is not snap.stable
-        self._snapshot = new  # the atomic swap: the next batch uses it
+        with self._swap_lock:
+            if self._snapshot is not snap:
+                return False  # a rollback (or another writer) came first: recompute on its snapshot
+            self._snapshot = new  # the atomic swap: the next batch uses it
         if swapped and stable is not None:
             self.stats.swaps += 1
             self.stats.ready_versions.append(stable.version)
@@ -249,6 +275,7 @@ class VersionManager:
         metrics.CANARY_STATE.labels(self.model).set(state)
         if new.stable is not None:
             self._ready.set()
+        return True
 
     def _try_load(self, version: int) -> LoadedVersion | None:
         att = self._attempts.setdefault(version, _Attempts())

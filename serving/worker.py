@@ -26,23 +26,24 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from schemas.catalog import load_schema
 from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import SchemaRegistry, open_registry
-from schemas.serde import AvroDeserializer, AvroSerializer
+from schemas.serde import AvroDeserializer
 from serving import metrics
+from serving.emit import Emitter, Item
 from serving.exceptions import NoModelVersionError, RequestDecodeError
 from serving.inputs import Featurization
 from serving.labels import LabelJoiner
-from serving.model import LoadedVersion, configure_tf_threads
+from serving.model import configure_tf_threads
 from serving.policy import Policy
+from serving.replies import ReplyTopics, SerializerCache, cut_id
 from serving.versions import VersionManager
 from streaming.config import Settings
+from streaming.limits import MAX_ID_CHARS, BrokerLimits, short
 from streaming.topics import (
     KINDS,
     dead_letter_topic,
@@ -56,38 +57,13 @@ from streaming.topics import (
 
 log = logging.getLogger(__name__)
 
-#: How many answered request ids the at-least-once mode remembers for de-duplication.
-DEDUPE_IDS = 100_000
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-@dataclass
-class _Item:
-    """One input of a batch and, once computed, its answer."""
-
-    rec: Any  # kafka ConsumerRecord
-    request_id: str
-    timestamp_ms: int
-    reply_topic: str
-    value: Any = None  # the decoded PredictionRequest (or raw event in score-the-stream mode)
-    event: dict[str, Any] | None = None  # the raw event of an event_json request (for the label join)
-    x: np.ndarray | None = None
-    labels: dict[str, float | None] | None = None
-    version: LoadedVersion | None = None
-    error: BaseException | None = None
-    outputs: np.ndarray | None = None
-    output_list: list[float] | None = None  # outputs as Python floats, converted once per batch
-    label: str | None = None
 
 
 def _safe_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", text)[:240]
 
 
-class ServingWorker:
+class ServingWorker(Emitter):
     """One worker process slot. ``run()`` blocks until ``stop`` is set (or a fatal Kafka error)."""
 
     def __init__(self, settings: Settings, model: str, *, policy: Policy | None = None,
@@ -113,7 +89,10 @@ class ServingWorker:
         self.predictions = predictions_topic(settings, model)
         self.dead_letters = dead_letter_topic(settings, "serving")
         self._deserializer = AvroDeserializer(self.schemas)
-        self._serializers: dict[str, AvroSerializer] = {}
+        self._serializers = SerializerCache(self.schemas)
+        self.replies = ReplyTopics(settings, model, self.predictions)
+        self.broker_limits = BrokerLimits(settings.bootstrap, settings.max_record_bytes)
+        self._redo_backoff_s = 0.0
         self._answered: OrderedDict[str, None] = OrderedDict()
         self.answered = 0
         self.batches = 0
@@ -146,7 +125,8 @@ class ServingWorker:
             self.settings, group_id=self.group, group_instance_id=self.member_id,
             max_poll_records=max_batch, isolation_level="read_committed", enable_auto_commit=False))
         self.consumer.subscribe([self.input_topic])
-        extra: dict[str, Any] = {"linger_ms": 0}
+        # max_block_ms: a send never waits a minute for metadata of a topic that vanished.
+        extra: dict[str, Any] = {"linger_ms": 0, "max_block_ms": 10_000}
         if self.settings.transactions:
             extra["transactional_id"] = self.transactional_id
         self.producer = KafkaProducer(**producer_config(self.settings, **extra))
@@ -216,10 +196,15 @@ class ServingWorker:
         return records
 
     # -- one batch ---------------------------------------------------------------------------------
-    def _decode(self, rec: Any) -> _Item:
-        """Decode one record into an item (``error`` set when it cannot be decoded)."""
-        fallback_id = rec.key.decode("utf-8", "replace") if rec.key else f"{rec.topic}/{rec.partition}/{rec.offset}"
-        item = _Item(rec, fallback_id, int(rec.timestamp), self.predictions)
+    def _decode(self, rec: Any) -> Item:
+        """Decode one record into an item (``error`` set when it cannot be decoded or breaks a bound).
+
+        Ids are capped (MAX_ID_CHARS): a longer request id or key is answered with an error under a
+        cut id (head + sha256 of the whole), and the reply topic must pass the allow-list.
+        """
+        key = rec.key.decode("utf-8", "replace") if rec.key else None
+        fallback_id = cut_id(key, MAX_ID_CHARS) if key else f"{rec.topic}/{rec.partition}/{rec.offset}"
+        item = Item(rec, fallback_id, int(rec.timestamp), self.predictions)
         try:
             value = self._deserializer(rec.value).value
         except RegistryUnavailableError:
@@ -234,13 +219,25 @@ class ServingWorker:
         if not isinstance(value, dict) or "request_id" not in value:
             item.error = RequestDecodeError("value: not a PredictionRequest record")
             return item
-        item.request_id = str(value["request_id"])
-        item.timestamp_ms = int(value.get("timestamp") or rec.timestamp)
+        rid = str(value["request_id"])
+        item.request_id = cut_id(rid, MAX_ID_CHARS)
+        if len(rid) > MAX_ID_CHARS:
+            item.error = RequestDecodeError(f"request_id: {len(rid)} characters, over the limit of {MAX_ID_CHARS}; "
+                                            "the answer carries its first 64 characters and sha256")
+            return item
+        try:
+            item.timestamp_ms = int(value.get("timestamp") or rec.timestamp)
+        except (TypeError, ValueError, OverflowError):
+            item.timestamp_ms = int(rec.timestamp)
+        problem = self.replies.problem(value.get("reply_topic"))
+        if problem is not None:
+            item.error = RequestDecodeError(problem)  # answered on the default topic, and dead-lettered
+            return item
         item.reply_topic = value.get("reply_topic") or self.predictions
         item.value = value
         return item
 
-    def _featurize(self, item: _Item, snap_route: Any) -> None:
+    def _featurize(self, item: Item, snap_route: Any) -> None:
         try:
             lv = snap_route(item.request_id)
         except NoModelVersionError as exc:
@@ -256,8 +253,12 @@ class ServingWorker:
                 item.x, item.labels = self.featurization.featurize(dict(item.event), lv)
             else:
                 item.x, item.labels = self.featurization.request_input(value, lv)
-        except RequestDecodeError as exc:
-            item.error = exc
+        except RecursionError as exc:  # any per-record failure is that record's error, never the worker's
+            item.error = RequestDecodeError(f"request: nested too deeply to featurize ({exc})")
+            item.labels = None
+        except Exception as exc:
+            item.error = exc if isinstance(exc, RequestDecodeError) else RequestDecodeError(
+                f"request: cannot featurize: {type(exc).__name__}: {short(str(exc), 500)}")
             item.labels = None
 
     def _handle(self, records: list[Any]) -> None:
@@ -271,111 +272,39 @@ class ServingWorker:
         for item in items:
             if item.error is None:
                 self._featurize(item, snap.route)
-        groups: dict[int, list[_Item]] = {}
+        groups: dict[int, list[Item]] = {}
         for item in items:
             if item.error is None and item.version is not None and item.x is not None:
                 groups.setdefault(item.version.version, []).append(item)
         for group in groups.values():
             lv = group[0].version
             assert lv is not None
-            out = lv.predict(np.stack([i.x for i in group]))  # type: ignore[misc]
+            try:
+                out = lv.predict(np.stack([i.x for i in group]))  # type: ignore[misc]
+            except Exception as exc:  # a version that fails on these inputs answers them with errors
+                log.warning("%s v%d failed on a batch of %d: %s", self.model, lv.version, len(group), exc)
+                for i in group:
+                    i.error = RequestDecodeError(f"model: v{lv.version} failed: {type(exc).__name__}: "
+                                                 f"{short(str(exc), 300)}")
+                continue
             self._m_batch.observe(len(group))
             for i, row, as_list, label in zip(group, out, out.astype(np.float64).tolist(),
                                               lv.predicted_labels(out), strict=True):
                 i.outputs, i.output_list, i.label = row, as_list, label
             self.manager.remember_input(group[-1].x)  # type: ignore[arg-type]
-        self._emit(records, items, snap.stable.version if snap.stable else -1)
+        if not self._emit(records, items, snap.stable.version if snap.stable else -1):
+            return  # the broker refused the batch twice: it is redone (seeked back), not judged
         for item in items:  # live errors feed the canary judge only once the answers are committed
-            if item.outputs is not None and item.version is not None:
+            if item.outputs is None or item.version is None or item.error is not None:
+                continue
+            if self.score_stream:  # events of the raw topic, produced by ingest: their labels count
                 err = item.version.error(item.outputs, item.labels)
                 if err is not None:
                     self.manager.record_error(item.version.version, err)
-                elif item.event is not None and self.labels is not None:
-                    self.labels.remember(item.event, item.version, item.outputs)
-
-    def _prediction(self, item: _Item, default_version: int) -> dict[str, Any]:
-        lv = item.version
-        ok = item.error is None and item.outputs is not None
-        return {
-            "request_id": item.request_id,
-            "model": self.model,
-            "model_version": lv.version if lv is not None else default_version,
-            "outputs": item.output_list if ok and item.output_list is not None else [],
-            "predicted_label": item.label if ok else None,
-            "latency_ms": float(max(0, now_ms() - item.timestamp_ms)),
-            "input_topic": item.rec.topic,
-            "input_partition": int(item.rec.partition),
-            "input_offset": int(item.rec.offset),
-            "error": None if ok else f"{type(item.error).__name__}: {item.error}",
-        }
-
-    def _serializer(self, topic: str) -> AvroSerializer:
-        ser = self._serializers.get(topic)
-        if ser is None:
-            ser = self._serializers[topic] = AvroSerializer(self.schemas, f"{topic}-value", load_schema("Prediction"))
-        return ser
-
-    def _emit(self, records: list[Any], items: list[_Item], default_version: int) -> None:
-        """Produce answers and dead letters and move the offsets past ``records``, atomically."""
-        from kafka import TopicPartition
-        from kafka.structs import OffsetAndMetadata
-
-        from streaming.producer import dead_letter_headers
-
-        sends: list[tuple[str, bytes, bytes, list[tuple[str, bytes]] | None]] = []
-        n_err = 0
-        for item in items:
-            pred = self._prediction(item, default_version)
-            sends.append((item.reply_topic, item.request_id.encode(), self._serializer(item.reply_topic)(pred), None))
-            if item.error is not None:
-                headers = dead_letter_headers("serving", item.error, {
-                    "topic": item.rec.topic, "partition": item.rec.partition, "offset": item.rec.offset})
-                sends.append((self.dead_letters, item.rec.key or item.request_id.encode(), item.rec.value or b"",
-                              headers))
-            n_err += pred["error"] is not None
-            self._m_latency.observe(pred["latency_ms"] / 1000.0)
-        first: dict[Any, int] = {}
-        offsets: dict[Any, Any] = {}
-        for rec in records:
-            tp = TopicPartition(rec.topic, rec.partition)
-            first.setdefault(tp, rec.offset)
-            offsets[tp] = OffsetAndMetadata(rec.offset + 1, "", -1)
-        if self.settings.transactions:
-            self._emit_transaction(sends, offsets, first)
-        else:
-            futures = [self.producer.send(t, key=k, value=v, headers=h) for t, k, v, h in sends]
-            self.producer.flush()
-            for f in futures:
-                f.get(timeout=30)  # raises if a send failed: offsets are then not committed
-            self.consumer.commit(offsets)
-            for item in items:
-                self._answered[item.request_id] = None
-            while len(self._answered) > DEDUPE_IDS:
-                self._answered.popitem(last=False)
-        self._m_ok.inc(len(items) - n_err)
-        self._m_err.inc(n_err)
-        self.answered += len(items)
-        self.batches += 1
-        self.last_batch_at = time.monotonic()
-
-    def _emit_transaction(self, sends: list[tuple[str, bytes, bytes, Any]], offsets: dict[Any, Any],
-                          first: dict[Any, int]) -> None:
-        from kafka.errors import KafkaError
-
-        try:
-            self.producer.begin_transaction()
-            for topic, key, value, headers in sends:
-                self.producer.send(topic, key=key, value=value, headers=headers)
-            self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
-            self.producer.commit_transaction()
-        except KafkaError as exc:
-            log.warning("transaction of %d answers failed (%s); aborting and redoing the batch", len(sends), exc)
-            self.producer.abort_transaction()  # a fatal error (fenced) raises here and stops the worker
-            assigned = self.consumer.assignment()
-            for tp, offset in first.items():
-                if tp in assigned:
-                    self.consumer.seek(tp, offset)
-
+            elif item.event is not None and self.labels is not None:
+                # A request's own label is never trusted (anyone can write one): the answer waits
+                # for the same event, labelled, on the raw topic ingest produced (serving.labels).
+                self.labels.remember(item.event, item.version, item.outputs)
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m serving.worker MODEL [--policy P] [--score-stream KIND] [--slot N] [--http-port P]``.

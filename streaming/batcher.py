@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.exceptions import SchemaError
+from schemas.exceptions import RegistryUnavailableError, SchemaError
 from schemas.registry import SchemaRegistry
 from schemas.serde import AvroDeserializer
 from streaming import eventtime, metrics
@@ -263,6 +263,11 @@ class Pipeline:
         except SchemaError as exc:
             self._dead_letter(msg, raw, "decode", exc)
             return
+        except RegistryUnavailableError:
+            raise  # not the record's fault: the worker retries it
+        except Exception as exc:  # any other decode failure (RecursionError, MemoryError...) is this record's
+            self._dead_letter(msg, raw, "decode", exc)
+            return
         state = self.states.get(partition)
         if state is None:
             state = self.states[partition] = self.featurizer.new_state()
@@ -274,6 +279,11 @@ class Pipeline:
             # A declared backfill (header sl.backfill) is featurized as its own run: no live lateness.
             row = self.featurizer.featurize_event(decoded.value, state, eventtime.backfill_run(msg.headers))
         except FeatureValidationError as exc:
+            self._dead_letter(msg, raw, "featurize", exc)
+            return
+        except Exception as exc:  # a value the featurizer did not foresee: dead-letter it, never crash-loop on it
+            log.warning("%s[%d]@%d: featurizer %s raised %s; dead-lettered", msg.topic, partition, offset,
+                        self.featurizer.version, type(exc).__name__)
             self._dead_letter(msg, raw, "featurize", exc)
             return
         if sampled:

@@ -106,6 +106,12 @@ SPECS: tuple[Spec, ...] = (
          "numeric timestamps of files and stdin: s|ms|us|ns|iso|auto (auto decides once per file)"),
     Spec("ingest_timestamp_unit", "STREAMLEARN_INGEST_TIMESTAMP_UNIT", str, "ms",
          "numeric timestamps posted to the HTTP ingest gateway: s|ms|us|ns|iso (ISO strings always accepted)"),
+    Spec("max_record_bytes", "STREAMLEARN_MAX_RECORD_BYTES", int, 1_000_000,
+         "broker record limit assumed when the broker does not report max.message.bytes; answers and "
+         "dead letters are cut to fit it less a margin"),
+    Spec("reply_topics", "STREAMLEARN_REPLY_TOPICS", str, "{predictions}.*",
+         "comma-separated fnmatch patterns of topics a prediction request may name as reply_topic, besides "
+         "the model's predictions topic ({predictions} = that topic, {model} = the model name)"),
 )
 _BY_NAME = {s.name: s for s in SPECS}
 
@@ -141,17 +147,27 @@ def _coerce(spec: Spec, raw: Any) -> Any:
 
 
 def _config_file(environ: dict[str, str], home: Path) -> dict[str, Any]:
+    """The first config file found. Its ``[models]`` table (import targets that get called) is
+    honoured only from ``$STREAMLEARN_CONFIG`` (``--config``) or ``$STREAMLEARN_HOME/config.toml``,
+    never from a ``./streamlearn.toml`` that happens to sit in the working directory (a cloned repo)."""
     candidates = []
     if environ.get("STREAMLEARN_CONFIG"):
         candidates.append(Path(environ["STREAMLEARN_CONFIG"]))
     candidates += [home / "config.toml", Path("streamlearn.toml")]
-    for path in candidates:
+    for n, path in enumerate(candidates):
         if path.is_file():
             with path.open("rb") as fh:
                 data = tomllib.load(fh)
             unknown = set(data) - set(_BY_NAME) - {"models"}
             if unknown:
                 raise ConfigError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(_BY_NAME)}")
+            if n == len(candidates) - 1 and "models" in data:
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "%s: [models] ignored: model plugins load only from the file named by STREAMLEARN_CONFIG "
+                    "(--config), $STREAMLEARN_HOME/config.toml or installed entry points", path)
+                data = {k: v for k, v in data.items() if k != "models"}
             return data
     return {}
 
@@ -207,6 +223,8 @@ class Settings:
     max_future_skew_s: float = 300.0
     timestamp_unit: str = "auto"
     ingest_timestamp_unit: str = "ms"
+    max_record_bytes: int = 1_000_000
+    reply_topics: str = "{predictions}.*"
     model_specs: dict[str, str] = field(default_factory=dict)
 
     @property

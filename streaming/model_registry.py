@@ -83,6 +83,17 @@ def write_json_atomic(path: Path, data: Any) -> None:
     fsync_dir(path.parent)
 
 
+def metadata_digest(meta: dict[str, Any]) -> str:
+    """sha256 of a version's metadata (without the digest field itself), canonical JSON.
+
+    ``metadata.json`` cannot list its own hash in the manifest, so it carries this digest, and the
+    model's ``state.json`` records it again when the version is created: an edit of the lineage,
+    featurizer or scores after publishing fails :meth:`ModelRegistry.verify`.
+    """
+    body = {k: v for k, v in meta.items() if k != "metadata_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -174,12 +185,28 @@ class ModelRegistry:
         for rel in sorted(set(manifest) & present):
             if sha256_file(vdir / rel) != manifest[rel]:
                 problems.append(f"{rel} sha256 mismatch")
+        problems += self._metadata_problems(name, int(version), meta)
         if problems:
             raise ModelIntegrityError(
                 f"version: {name}/{version} at {vdir} failed verification: " + "; ".join(problems)
                 + ". Do not serve it; delete the directory or re-export the model"
             )
         return meta
+
+    def _metadata_problems(self, name: str, version: int, meta: dict[str, Any]) -> list[str]:
+        """metadata.json against its own digest and the digest state.json recorded at creation.
+
+        Versions published before digests existed have neither and pass (nothing to compare).
+        """
+        digest = metadata_digest(meta)
+        problems = []
+        if "metadata_sha256" in meta and meta["metadata_sha256"] != digest:
+            problems.append("metadata.json sha256 mismatch (edited after publishing)")
+        created = [h for h in self.state(name)["history"]
+                   if h.get("action") == "CREATED" and h.get("version") == version and h.get("metadata_sha256")]
+        if created and created[-1]["metadata_sha256"] != digest:
+            problems.append("metadata.json differs from the digest recorded in state.json at creation")
+        return problems
 
     # ------------------------------------------------------------------ state
     def _state_path(self, name: str) -> Path:
@@ -297,12 +324,14 @@ class ModelRegistry:
             meta["version"] = version
             meta.setdefault("created_at", _now_ms())
             meta["manifest"] = manifest
+            meta["metadata_sha256"] = metadata_digest(meta)
             (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", "utf-8")
             _fsync_tree(staging)
             os.rename(staging, mdir / str(version))
             fsync_dir(mdir)
             state["last_version"] = version
-            self._append(state, "CREATED", version, str(meta.get("reason") or "exported"))
+            self._append(state, "CREATED", version, str(meta.get("reason") or "exported"),
+                         metadata_sha256=meta["metadata_sha256"])
             write_json_atomic(self._state_path(name), state)
         return version
 

@@ -23,9 +23,11 @@ from kafka.producer.future import FutureRecordMetadata
 from schemas.catalog import load_schema, value_subject
 from schemas.registry import SchemaRegistry, open_registry
 from schemas.serde import AvroSerializer
+from streaming import limits
 from streaming.config import Settings
 from streaming.exceptions import RecordTooLargeError
 from streaming.kafka_security import kafka_security
+from streaming.limits import BrokerLimits, fit_record
 from streaming.topics import KINDS, dead_letter_topic, raw_topic
 
 log = logging.getLogger(__name__)
@@ -71,10 +73,10 @@ def dead_letter_headers(stage: str, error: BaseException | str, source: Mapping[
         error_class, message = type(error).__name__, str(error)
     else:
         error_class, message = "Rejected", str(error)
-    headers: Headers = [("dl.stage", stage.encode()), ("dl.error_class", error_class.encode()),
+    headers: Headers = [("dl.stage", stage.encode()), ("dl.error_class", error_class[:200].encode()),
                         ("dl.message", message[:2000].encode("utf-8", "replace"))]
-    for name, value in source.items():
-        headers.append((f"dl.source_{name}", str(value).encode("utf-8", "replace")))
+    for name, value in source.items():  # source values come from records: cut like the message
+        headers.append((f"dl.source_{name}", str(value)[:2000].encode("utf-8", "replace")))
     return headers
 
 
@@ -95,6 +97,7 @@ class Publisher:
         self.max_record_bytes = max_record_bytes
         self._producer = KafkaProducer(**producer_config(settings, **producer_overrides))
         self._serializers: dict[tuple[str, str], AvroSerializer] = {}
+        self._limits: BrokerLimits | None = None
 
     # -- encoding -------------------------------------------------------------------------
     def serializer(self, topic: str, record_name: str) -> AvroSerializer:
@@ -143,15 +146,27 @@ class Publisher:
                     source: Mapping[str, object], key: str | bytes | None = None) -> FutureRecordMetadata:
         """Keep a rejected record: the original bytes, with the reason in ``dl.*`` headers.
 
-        Dead letters are never refused for size: an oversized original is cut to the limit and the
-        header ``dl.truncated`` says how long it was, so the reason is kept in any case.
+        Dead letters are never refused for size: value, key *and* headers together are cut to the
+        broker's real limit (``max.message.bytes`` of the dead-letter topic, else the configured
+        ``max_record_bytes``) less a margin, keeping the sha256 and size of what was cut and the
+        reason (see :func:`streaming.limits.fit_record`), so a record the broker took can always be
+        dead-lettered and never wedges a worker in retries.
         """
+        topic = dead_letter_topic(self.settings, kind)
         headers = dead_letter_headers(stage, error, source)
-        if len(original) > self.max_record_bytes - 4096:
-            headers.append(("dl.truncated", str(len(original)).encode()))
-            original = original[: self.max_record_bytes - 4096]
-        log.warning("dead letter (%s, %s): %s", kind, stage, error)
-        return self.send_bytes(dead_letter_topic(self.settings, kind), original, key, headers)
+        key_bytes = key.encode("utf-8", "replace") if isinstance(key, str) else key
+        value, key_bytes, headers = fit_record(original, key_bytes, headers,
+                                               broker_limit=self.record_limit(topic),
+                                               reason="dead letter over the broker's record limit")
+        log.warning("dead letter (%s, %s): %s", kind, stage, limits.short(str(error), 300))
+        return self._producer.send(topic, value=value, key=key_bytes, headers=headers or None)
+
+    def record_limit(self, topic: str) -> int:
+        """The broker's record limit for ``topic`` (asked once; the configured value as fallback)."""
+        if self._limits is None:
+            self._limits = BrokerLimits(self.settings.bootstrap,
+                                        min(self.max_record_bytes, self.settings.max_record_bytes))
+        return self._limits.limit(topic)
 
     def flush(self, timeout: float | None = None) -> None:
         self._producer.flush(timeout=timeout)

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings: every flag falls back to the STREAMLEARN_* variable named in its help, then to "
                "the config file ($STREAMLEARN_CONFIG, $STREAMLEARN_HOME/config.toml or ./streamlearn.toml).",
     )
+    parser.add_argument("--config", help="config file (TOML; the only place besides $STREAMLEARN_HOME/config.toml "
+                                         "whose [models] plugins are loaded) (env STREAMLEARN_CONFIG)")
     parser.add_argument("--home", help=f"state directory {config.env_help('home')}")
     parser.add_argument("--bootstrap", dest="kafka_bootstrap",
                         help=f"Kafka bootstrap address {config.env_help('kafka_bootstrap')}")
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> config.Settings:
+    if getattr(args, "config", None):  # exported so the processes this command starts read it too
+        os.environ["STREAMLEARN_CONFIG"] = str(args.config)
     keys = ("home", "kafka_bootstrap", "registry_url", "topic_prefix", "log_level", "broker_port",
             "registry_port", "ingest_port", "metrics_port")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}

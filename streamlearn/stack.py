@@ -33,6 +33,9 @@ from streaming.topics import KINDS, MODELS
 
 log = logging.getLogger(__name__)
 
+#: Supervisor events kept in memory (the oldest are dropped; the logs keep everything).
+MAX_EVENTS = 1000
+
 #: Drain order: lower stops first.
 INTAKE, STREAM, MODEL, CORE = 0, 1, 2, 3
 
@@ -93,6 +96,7 @@ class Supervisor:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # Restart/stop events, newest last; at most MAX_EVENTS (a crash-looping service must not grow it).
         self.events: list[dict[str, Any]] = []
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -141,6 +145,7 @@ class Supervisor:
                     svc.proc = None
                     self.events.append({"t": time.time(), "service": svc.name, "event": "restart",
                                         "exit_code": code, "delay_s": delay})
+                    del self.events[:-MAX_EVENTS]
                     log.warning("%s exited with code %s; restart #%d in %.1f s (log: %s)", svc.name, code,
                                 svc.restarts, delay, self.log_dir / f"{svc.name}.log")
                 self._write_state()
@@ -170,6 +175,7 @@ class Supervisor:
                     codes[svc.name] = svc.proc.returncode
                     self.events.append({"t": time.time(), "service": svc.name, "event": "stopped",
                                         "exit_code": svc.proc.returncode, "group": group})
+                    del self.events[:-MAX_EVENTS]
             self._write_state(stopped=True)
         return codes
 

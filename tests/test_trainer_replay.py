@@ -14,7 +14,8 @@ import pytest
 
 from ingest.sensors import generate
 from streaming import config
-from streaming.model_registry import ModelRegistry
+from streaming.exceptions import ModelIntegrityError
+from streaming.model_registry import ModelRegistry, metadata_digest, write_json_atomic
 from streaming.producer import Publisher
 from streaming.store import FeatureStore
 from streaming.worker import StreamWorker
@@ -49,5 +50,15 @@ def test_reproduce_from_kafka_offsets(settings: config.Settings) -> None:
     meta = json.loads(meta_path.read_text())
     meta["lineage"]["batches"][0]["sha256"] = "f" * 64
     meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelIntegrityError, match="metadata.json sha256 mismatch"):  # a hand edit is refused
+        reproduce(settings, "tiny_linear", 1, spec=SPEC, from_offsets=True)
+    # ... so re-sign it as a (buggy) writer would, to reach the lineage check itself
+    meta["metadata_sha256"] = metadata_digest(meta)
+    meta_path.write_text(json.dumps(meta))
+    state = reg.state("tiny_linear")
+    for entry in state["history"]:
+        if entry.get("action") == "CREATED" and entry.get("version") == 1:
+            entry["metadata_sha256"] = meta["metadata_sha256"]
+    write_json_atomic(reg.model_dir("tiny_linear") / "state.json", state)
     with pytest.raises(LineageError, match="featurizer or the records changed"):
         reproduce(settings, "tiny_linear", 1, spec=SPEC, from_offsets=True)

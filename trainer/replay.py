@@ -46,6 +46,11 @@ def replay_entry(settings: Settings, entry: dict[str, Any], kind: str, featurize
                            "ranges; replay supports exactly one (the stream worker writes one per batch)")
     rng = entry["ranges"][0]
     topic, partition = rng["topic"], int(rng["partition"])
+    from streaming.topics import raw_topic
+
+    if topic != raw_topic(settings, kind):  # lineage is data: it may not point a replay at another topic
+        raise LineageError(f"lineage: batch {str(entry['batch_id'])[:80]} names topic {str(topic)[:100]!r}, not "
+                           f"this kind's raw topic {raw_topic(settings, kind)!r}; the metadata is not trustworthy")
     first, last = int(rng["first_offset"]), int(rng["last_offset"])
     skip = {int(o) for o in rng.get("dead_letter_offsets", [])}
     fz = get_featurizer(kind, featurizer_version)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -34,10 +34,28 @@ from trainer.spec import ModelSpec, load_spec
 DEFAULT_TOLERANCE = 1e-6
 
 
+def lineage_path(settings: Settings, entry: dict[str, Any]) -> Path:
+    """The batch file a lineage entry names, validated: a relative path that stays under the feature store.
+
+    Why: ``metadata.json`` is data, and a hand-edited or hostile one must not make a reproduction read
+    (or hash and train on) files outside the store, e.g. ``/etc/passwd`` or ``../../other-tenant``.
+    """
+    raw = entry.get("file")
+    if not isinstance(raw, str) or not raw or "\x00" in raw:
+        raise LineageError(f"lineage: batch {str(entry.get('batch_id'))[:80]} has no valid 'file'")
+    rel = PurePosixPath(raw)
+    if rel.is_absolute() or ".." in rel.parts or not raw.endswith(".avro"):
+        raise LineageError(f"lineage: file {raw[:200]!r} must be a relative .avro path under the feature store "
+                           "(no absolute path, no '..'); the version's metadata is not trustworthy")
+    root = settings.feature_store.resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise LineageError(f"lineage: file {raw[:200]!r} leaves the feature store {root} (a symlink?)")
+    return path
+
+
 def _batch(settings: Settings, entry: dict[str, Any]) -> BatchInfo:
-    path = Path(entry["file"])
-    if not path.is_absolute():
-        path = settings.feature_store / path
+    path = lineage_path(settings, entry)
     if not path.is_file():
         raise LineageError(
             f"lineage: batch {entry['batch_id']} ({path}) is gone; restore the feature store or replay the "
@@ -85,6 +103,8 @@ def reproduce(settings: Settings, name: str, version: int, *, tolerance: float =
     how = "re-read from Kafka" if replay_dir is not None else "load"
     with progress(len(entries), f"reproduce {name}/{version}: {how} batches", unit="batches") as bar:
         for entry in entries:
+            if entry.get("role") not in by_role:
+                raise LineageError(f"lineage: role {str(entry.get('role'))[:40]!r} is not one of {sorted(by_role)}")
             if replay_dir is not None:
                 batch = replay_entry(settings, entry, features.kind, features.version, replay_dir)
             else:

@@ -276,7 +276,11 @@ class Trainer:
         promoted = self.registry.promoted(self.name)
         if promoted is None:
             return False
-        fresh = [b for b in self.unseen_batches() if b.batch_id not in self._drift_checked]
+        unseen = self.unseen_batches()
+        # Forget ids that are no longer unseen (trained on since): the set stays bounded by the
+        # batches waiting for the next retrain instead of growing with every batch ever written.
+        self._drift_checked &= {b.batch_id for b in unseen}
+        fresh = [b for b in unseen if b.batch_id not in self._drift_checked]
         if not fresh:
             return False
         meta = self.registry.metadata(self.name, promoted)

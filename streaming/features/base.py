@@ -166,19 +166,34 @@ class Featurizer(ABC, Generic[S]):
         return ts
 
 
-def check_key(record: dict[str, Any], record_name: str, field: str) -> str:
-    """Return the record's non-empty string key field or raise FeatureValidationError."""
+#: Longest key (sensor_id, client_ip, image_id) a featurizer accepts; keys live in featurizer state,
+#: so an unbounded key is unbounded state in every checkpoint (docs/SECURITY.md).
+MAX_KEY_CHARS = 256
+
+
+def check_key(record: dict[str, Any], record_name: str, field: str, max_chars: int = MAX_KEY_CHARS) -> str:
+    """Return the record's non-empty string key field (at most ``max_chars``) or raise FeatureValidationError."""
     key = record.get(field)
     if not isinstance(key, str) or not key:
-        raise FeatureValidationError(f"{record_name}.{field}: expected a non-empty string, got {key!r}")
+        raise FeatureValidationError(
+            f"{record_name}.{field}: expected a non-empty string, got {short_repr(key)}")
+    if len(key) > max_chars:
+        raise FeatureValidationError(
+            f"{record_name}.{field}: {len(key)} characters, over the limit of {max_chars}; use a shorter id")
     return key
+
+
+def short_repr(value: Any, max_chars: int = 80) -> str:
+    """``repr(value)`` cut for error messages (hostile values must not become megabyte messages)."""
+    text = repr(value)
+    return text if len(text) <= max_chars else f"{text[:max_chars]}...({len(text)} chars)"
 
 
 def check_finite(value: Any, record_name: str, field: str, max_abs: float | None = None) -> float:
     """Return ``value`` as float if it is a finite number (and within ``max_abs``), else raise."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise FeatureValidationError(
-            f"{record_name}.{field}: expected a number, got {type(value).__name__} {value!r}"
+            f"{record_name}.{field}: expected a number, got {type(value).__name__} {short_repr(value)}"
         )
     f = float(value)
     if math.isnan(f):

@@ -76,6 +76,7 @@ from streaming.features.base import (
     check_key,
     hour_of_day_sin_cos,
     register,
+    short_repr,
 )
 
 VERSION = "sensor-v1"
@@ -121,13 +122,27 @@ class SensorBuffer:
         return self.as_json() == other.as_json()
 
 
-class SensorState:
-    """Per-sensor buffers, least recently seen sensor first."""
+#: Estimated checkpoint bytes (JSON) of one sensor entry and of one reading in it; used to bound the
+#: state by bytes (``max_state_bytes``), so the state in every batch manifest has a known ceiling.
+SENSOR_ENTRY_BYTES = 48
+READING_BYTES = 44
+#: Default byte bound of one state (estimated JSON size); see docs/SECURITY.md.
+MAX_STATE_BYTES = 8 * 1024 * 1024
 
-    __slots__ = ("sensors",)
+
+def entry_bytes(sid: str, readings: int) -> int:
+    """Estimated checkpoint size of one sensor's entry (UTF-8 of the id may be up to 4x its length)."""
+    return SENSOR_ENTRY_BYTES + len(sid.encode("utf-8", "replace")) + readings * READING_BYTES
+
+
+class SensorState:
+    """Per-sensor buffers, least recently seen sensor first; ``nbytes`` estimates its checkpoint size."""
+
+    __slots__ = ("nbytes", "sensors")
 
     def __init__(self) -> None:
         self.sensors: OrderedDict[str, SensorBuffer] = OrderedDict()
+        self.nbytes = 0
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SensorState):
@@ -154,6 +169,7 @@ class SensorFeaturizer(Featurizer[SensorState]):
         history: int = 64,
         allowed_lateness_ms: int = 300_000,
         max_sensors: int = 10_000,
+        max_state_bytes: int = MAX_STATE_BYTES,
         clock_ms: Callable[[], int] | None = None,
         max_future_ms: int | None = None,
     ) -> None:
@@ -168,6 +184,7 @@ class SensorFeaturizer(Featurizer[SensorState]):
         self.history = history
         self.allowed_lateness_ms = allowed_lateness_ms
         self.max_sensors = max_sensors
+        self.max_state_bytes = max_state_bytes
         self._n = len(FEATURE_NAMES)
         # Centered reading indices and their sum of squares per window length, for the slope.
         self._centered = [[i - (n - 1) / 2.0 for i in range(n)] for n in range(window + 1)]
@@ -270,7 +287,7 @@ class SensorFeaturizer(Featurizer[SensorState]):
             check_finite(v, RECORD, f"values.{name}", MAX_ABS_VALUE)
         label = record.get("label")
         if label is not None and not isinstance(label, bool):
-            raise FeatureValidationError(f"{RECORD}.label: expected true, false or null, got {label!r}")
+            raise FeatureValidationError(f"{RECORD}.label: expected true, false or null, got {short_repr(label)}")
         return sid, t, value, (None if label is None else float(label))
 
     @staticmethod
@@ -294,12 +311,22 @@ class SensorFeaturizer(Featurizer[SensorState]):
             buf = SensorBuffer()
             i = self._insert(buf, sid, t, value, anomaly, run)
             sensors[key] = buf
-            while len(sensors) > self.max_sensors:
-                sensors.popitem(last=False)
+            state.nbytes += entry_bytes(key, len(buf.times))
         else:
+            before = len(buf.times)
             i = self._insert(buf, sid, t, value, anomaly, run)
             sensors.move_to_end(key)
+            state.nbytes += (len(buf.times) - before) * READING_BYTES
+        self._evict(state)
         return buf, i
+
+    def _evict(self, state: SensorState) -> None:
+        """Forget least recently seen sensors beyond ``max_sensors`` or ``max_state_bytes`` (never the
+        newest one, which one reading can never push over the byte bound: ids are capped)."""
+        sensors = state.sensors
+        while len(sensors) > 1 and (len(sensors) > self.max_sensors or state.nbytes > self.max_state_bytes):
+            old_sid, old = sensors.popitem(last=False)
+            state.nbytes -= entry_bytes(old_sid, len(old.times))
 
     def _insert(self, buf: SensorBuffer, sid: str, t: int, value: float, anomaly: float | None,
                 run: str | None = None) -> int:
@@ -375,6 +402,8 @@ class SensorFeaturizer(Featurizer[SensorState]):
                 ):
                     raise FeatureStateError(f"state: inconsistent buffer for sensor {sid!r}")
                 state.sensors[str(sid)] = buf
+                state.nbytes += entry_bytes(str(sid), len(buf.times))
+            self._evict(state)
             return state
         except FeatureStateError:
             raise

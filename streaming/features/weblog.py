@@ -52,6 +52,7 @@ from streaming.features.base import (
     check_key,
     hour_of_day_sin_cos,
     register,
+    short_repr,
 )
 from streaming.features.hashing import cached_hash_bucket
 
@@ -64,6 +65,12 @@ N_PATH_BUCKETS = 32
 PATH_HASH_SEED = "weblog-path"
 MAX_TOKENS = 16
 GAP_CAP_S = 3600.0
+#: A request that took longer than a day is a unit error or a hostile value (1e308 is finite).
+MAX_LATENCY_MS = 86_400_000.0
+#: Longest request target / user agent accepted (Apache's own request-line limit is 8190 bytes);
+#: both feed LRU caches, so their length bounds the caches' memory.
+MAX_PATH_CHARS = 8192
+MAX_UA_CHARS = 4096
 
 _BOT_RE = re.compile(
     r"bot|crawl|spider|slurp|archiver|facebookexternalhit|mediapartners|feedfetcher|bingpreview"
@@ -165,13 +172,27 @@ def user_agent_class(user_agent: str | None) -> str:
     return "other"
 
 
-class WeblogState:
-    """Per-client sliding windows of event times (oldest client first, LRU order)."""
+#: Estimated checkpoint bytes (JSON) of one client entry and of one event time in it; used to bound
+#: the state by bytes (``max_state_bytes``), so every batch manifest's state has a known ceiling.
+CLIENT_ENTRY_BYTES = 16
+EVENT_BYTES = 14
+#: Default byte bound of one state (estimated JSON size); see docs/SECURITY.md.
+MAX_STATE_BYTES = 8 * 1024 * 1024
 
-    __slots__ = ("clients",)
+
+def entry_bytes(client: str, events: int) -> int:
+    return CLIENT_ENTRY_BYTES + len(client.encode("utf-8", "replace")) + events * EVENT_BYTES
+
+
+class WeblogState:
+    """Per-client sliding windows of event times (oldest client first, LRU order); ``nbytes``
+    estimates the checkpoint size."""
+
+    __slots__ = ("clients", "nbytes")
 
     def __init__(self) -> None:
         self.clients: OrderedDict[str, deque[int]] = OrderedDict()
+        self.nbytes = 0
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, WeblogState):
@@ -197,6 +218,7 @@ class WeblogFeaturizer(Featurizer[WeblogState]):
         rate_window_ms: int = 60_000,
         max_clients: int = 10_000,
         max_events_per_client: int = 256,
+        max_state_bytes: int = MAX_STATE_BYTES,
         clock_ms: Callable[[], int] | None = None,
         max_future_ms: int | None = None,
     ) -> None:
@@ -206,6 +228,7 @@ class WeblogFeaturizer(Featurizer[WeblogState]):
         self.rate_window_ms = rate_window_ms
         self.max_clients = max_clients
         self.max_events_per_client = max_events_per_client
+        self.max_state_bytes = max_state_bytes
         self._n = len(FEATURE_NAMES)
 
     def new_state(self) -> WeblogState:
@@ -224,24 +247,30 @@ class WeblogFeaturizer(Featurizer[WeblogState]):
         client = check_key(record, RECORD, "client_ip")
         method = record.get("method")
         if not isinstance(method, str):
-            raise FeatureValidationError(f"{RECORD}.method: expected a string, got {method!r}")
+            raise FeatureValidationError(f"{RECORD}.method: expected a string, got {short_repr(method)}")
         status = record.get("status")
         if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
             raise FeatureValidationError(f"{RECORD}.status: expected an HTTP status 100..599, got {status!r}")
         path = record.get("path")
         if not isinstance(path, str):
-            raise FeatureValidationError(f"{RECORD}.path: expected a string, got {path!r}")
+            raise FeatureValidationError(f"{RECORD}.path: expected a string, got {short_repr(path)}")
+        if len(path) > MAX_PATH_CHARS:
+            raise FeatureValidationError(
+                f"{RECORD}.path: {len(path)} characters, over the limit of {MAX_PATH_CHARS}")
         nbytes = record.get("bytes_sent", 0)
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
             raise FeatureValidationError(f"{RECORD}.bytes_sent: expected a non-negative int, got {nbytes!r}")
         latency = record.get("latency_ms")
         if latency is not None:
-            latency = check_finite(latency, RECORD, "latency_ms")
+            latency = check_finite(latency, RECORD, "latency_ms", MAX_LATENCY_MS)
             if latency < 0:
                 raise FeatureValidationError(f"{RECORD}.latency_ms: negative latency {latency!r}")
         ua = record.get("user_agent")
         if ua is not None and not isinstance(ua, str):
-            raise FeatureValidationError(f"{RECORD}.user_agent: expected a string or null, got {ua!r}")
+            raise FeatureValidationError(f"{RECORD}.user_agent: expected a string or null, got {short_repr(ua)}")
+        if ua is not None and len(ua) > MAX_UA_CHARS:
+            raise FeatureValidationError(
+                f"{RECORD}.user_agent: {len(ua)} characters, over the limit of {MAX_UA_CHARS}")
         raw_label = record.get("label")
         if raw_label is None:
             attack: float | None = None
@@ -249,7 +278,7 @@ class WeblogFeaturizer(Featurizer[WeblogState]):
             attack = _LABELS.get(raw_label) if isinstance(raw_label, str) else None
             if attack is None:
                 raise FeatureValidationError(
-                    f"{RECORD}.label: expected 'normal', 'bot', 'attack' or null, got {raw_label!r}"
+                    f"{RECORD}.label: expected 'normal', 'bot', 'attack' or null, got {short_repr(raw_label)}"
                 )
 
         x = [0.0] * self._n
@@ -286,10 +315,26 @@ class WeblogFeaturizer(Featurizer[WeblogState]):
         times = clients.get(client)
         if times is None:
             clients[client] = deque([t], maxlen=self.max_events_per_client)
-            while len(clients) > self.max_clients:
-                clients.popitem(last=False)
+            state.nbytes += entry_bytes(client, 1)
+            self._evict(state)
             return 1, 0.0, 1.0
         clients.move_to_end(client)
+        before = len(times)
+        try:
+            return self._update_times(times, t)
+        finally:
+            state.nbytes += (len(times) - before) * EVENT_BYTES
+            if len(times) > before:
+                self._evict(state)
+
+    def _evict(self, state: WeblogState) -> None:
+        """Forget least recently seen clients beyond ``max_clients`` or ``max_state_bytes``."""
+        clients = state.clients
+        while len(clients) > 1 and (len(clients) > self.max_clients or state.nbytes > self.max_state_bytes):
+            old_client, old = clients.popitem(last=False)
+            state.nbytes -= entry_bytes(old_client, len(old))
+
+    def _update_times(self, times: deque[int], t: int) -> tuple[int, float, float]:
         low = t - self.rate_window_ms
         latest = times[-1]
         if t >= latest:  # the common, in-order case
@@ -344,7 +389,9 @@ class WeblogFeaturizer(Featurizer[WeblogState]):
                     or times != sorted(times)
                 ):
                     raise FeatureStateError(f"state: bad window for client {client!r}")
-                state.clients[client] = deque(times, maxlen=self.max_events_per_client)
+                state.clients[client] = window = deque(times, maxlen=self.max_events_per_client)
+                state.nbytes += entry_bytes(client, len(window))
+            self._evict(state)
             return state
         except FeatureStateError:
             raise
