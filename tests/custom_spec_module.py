@@ -10,14 +10,13 @@ import dataclasses
 from typing import Any
 
 from trainer.spec import FeatureInfo, ModelSpec
-from trainer.specs import common
+from trainer.specs import common, guard
 
 
 def build(features: FeatureInfo, seed: int) -> Any:
     import keras
 
-    x, h = common.inputs(features)
-    h = keras.layers.Normalization(name="normalize")(h)
+    x, h = guard.guarded_inputs(features)
     out = keras.layers.Dense(1, kernel_initializer=keras.initializers.GlorotUniform(seed=seed), name="outputs")(h)
     return keras.Model(x, out, name="tiny_linear")
 
@@ -41,7 +40,8 @@ SPEC = ModelSpec(
     label="next_value_delta",
     task="regression",
     build=build,
-    adapt=lambda model, x: model.get_layer("normalize").adapt(x),
+    adapt=guard.guard_adapter(),
+    min_holdout_rows=50,  # test-sized streams (a few hundred readings)
     loss=_loss,
     metrics=_metrics,
     make_targets=common.column_targets("next_value_delta"),

@@ -255,8 +255,16 @@ class Trainer:
             "training": {"rows": ev.train_rows, "eval_rows": ev.eval_rows, "epochs": spec.epochs,
                          "final_loss": ev.result.final_loss, "history": ev.result.history,
                          "seconds": round(seconds, 3)},
-            "scores": {"metric": spec.primary_metric, "candidate": gate["candidate_score"],
-                       "current": gate["current_score"]},
+            # Everything a report needs per version: candidate, current and baseline on the same
+            # held-out rows, the metric, which direction is better, and how many rows decided it.
+            "scores": {"metric": spec.primary_metric, "direction": spec.direction, "better": gate["better"],
+                       "candidate": gate["candidate_score"], "current": gate["current_score"],
+                       "baseline": gate["baseline_score"], "baseline_name": gate["baseline"],
+                       "eval_rows": ev.eval_rows, "train_rows": ev.train_rows,
+                       "holdout_batches": len(plan.holdout),
+                       "margin_vs_current": gate["margin_vs_current"],
+                       "margin_vs_baseline": gate["margin_vs_baseline"]},
+            "input_range": ev.input_range,
             "gate": gate,
             "reason": gate["reason"],
             "lineage": lin,

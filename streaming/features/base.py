@@ -32,6 +32,9 @@ from streaming.exceptions import (  # noqa: F401
 #: Event times before this are rejected: 2000-01-01T00:00:00Z in epoch milliseconds. Older values
 #: are almost always seconds-vs-milliseconds mistakes or zeroed fields.
 MIN_EVENT_TIME_MS = 946_684_800_000
+#: The floor of featurizers that take history (sensor-v2): 1678-01-01T00:00:00Z, the first whole year
+#: that epoch nanoseconds in an int64 (pandas, Arrow) can hold, so any series a user can load fits.
+HISTORICAL_MIN_EVENT_TIME_MS = -9_214_560_000_000
 #: Event times further than this ahead of the featurizer's clock are rejected (clock skew allowance).
 MAX_FUTURE_MS = 24 * 3600 * 1000
 
@@ -73,6 +76,8 @@ class Featurizer(ABC, Generic[S]):
     input_shape: tuple[int, ...]
     label_names: list[str]
     feature_names: list[str]
+    #: event times before this are rejected (a class attribute so a version can accept history).
+    min_event_time_ms: int = MIN_EVENT_TIME_MS
 
     def __init__(self, clock_ms: Callable[[], int] | None = None) -> None:
         # Injected so tests (and replays in a fixed "now") can pin the future-timestamp check.
@@ -129,7 +134,12 @@ class Featurizer(ABC, Generic[S]):
             raise FeatureValidationError(
                 f"{record_name}.{field}: expected int epoch milliseconds, got {type(ts).__name__} {ts!r}"
             )
-        if ts < MIN_EVENT_TIME_MS:
+        if ts < self.min_event_time_ms and self.min_event_time_ms != MIN_EVENT_TIME_MS:
+            raise FeatureValidationError(
+                f"{record_name}.{field}: {ts} is before {self.min_event_time_ms} (1678-01-01), the "
+                "earliest event time this featurizer accepts; timestamps must be epoch milliseconds"
+            )
+        if ts < self.min_event_time_ms:
             raise FeatureValidationError(
                 f"{record_name}.{field}: {ts} is before the year 2000 (too far in the past); "
                 "timestamps must be epoch milliseconds, not seconds"
