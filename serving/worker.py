@@ -278,7 +278,9 @@ class ServingWorker:
         for group in groups.values():
             lv = group[0].version
             assert lv is not None
-            out = lv.predict(np.stack([i.x for i in group]))  # type: ignore[misc]
+            xs = np.stack([i.x for i in group])  # type: ignore[misc]
+            out = lv.predict(xs)
+            lv.observe_inputs(xs)
             self._m_batch.observe(len(group))
             for i, row, as_list, label in zip(group, out, out.astype(np.float64).tolist(),
                                               lv.predicted_labels(out), strict=True):

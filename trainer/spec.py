@@ -46,10 +46,12 @@ class FeatureInfo:
     n_features: int
     input_shape: tuple[int, ...]
     label_names: tuple[str, ...]
+    feature_names: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "version": self.version, "n_features": self.n_features,
-                "input_shape": list(self.input_shape), "label_names": list(self.label_names)}
+                "input_shape": list(self.input_shape), "label_names": list(self.label_names),
+                "feature_names": list(self.feature_names)}
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ class ModelSpec:
                 f"{self.featurizer_kind!r} {self.featurizer_version or '(current)'}: {exc}"
             ) from exc
         return FeatureInfo(fz.kind, fz.version, int(fz.n_features), tuple(int(d) for d in fz.input_shape),
-                           tuple(fz.label_names))
+                           tuple(fz.label_names), tuple(str(n) for n in getattr(fz, "feature_names", ())))
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "task": self.task, "label": self.label, "aux_labels": list(self.aux_labels),
