@@ -167,22 +167,23 @@ def decide(spec: ModelSpec, *, y_eval: np.ndarray, candidate_outputs: np.ndarray
     word = "higher" if spec.direction == "max" else "lower"
     rows = f"{len(y_eval)} held-out rows, {word} is better"
     if base_score is not None and math.isfinite(base_score):
-        margins["baseline"] = _margin(spec, y_eval, candidate_outputs, baseline_outputs, base_score)
-        gain = spec.improvement(candidate_score, base_score)
-        if not gain > margins["baseline"]:
+        need_b = _margin(spec, y_eval, candidate_outputs, baseline_outputs, base_score)
+        margins["baseline"] = need_b
+        if not spec.improvement(candidate_score, base_score) > need_b:
             return verdict(False, f"rejected: does not beat the baseline ({baseline_name}) beyond noise: "
                                   f"candidate {metric} {candidate_score:.6g} vs baseline {base_score:.6g}, "
-                                  f"needs more than {margins['baseline']:.3g} better ({rows})")
+                                  f"needs more than {need_b:.3g} better ({rows})")
     vs_base = f"; baseline {base_score:.6g}" if base_score is not None else ""
     if current_score is None:
         return verdict(True, f"promoted: first version ({metric} {candidate_score:.6g}{vs_base}; {rows})")
     if not math.isfinite(current_score):
         return verdict(True, f"promoted: current model scores {current_score} on held-out data; "
                              f"candidate {metric} {candidate_score:.6g}{vs_base}")
-    margins["current"] = _margin(spec, y_eval, candidate_outputs, current_outputs, current_score)
+    need_c = _margin(spec, y_eval, candidate_outputs, current_outputs, current_score)
+    margins["current"] = need_c
     comparison = (f"candidate {metric} {candidate_score:.6g} vs current {current_score:.6g}{vs_base} "
-                  f"(needs more than {margins['current']:.3g} better; {rows})")
-    if spec.improvement(candidate_score, current_score) > margins["current"]:
+                  f"(needs more than {need_c:.3g} better; {rows})")
+    if spec.improvement(candidate_score, current_score) > need_c:
         return verdict(True, "promoted: " + comparison)
     return verdict(False, "rejected: not better than current beyond noise (a tie is no promotion): "
                           + comparison)

@@ -117,7 +117,7 @@ def _fmt(value: object) -> str:
     return f"{value:.6g}" if isinstance(value, int | float) else "-"
 
 
-def score_summary(meta: dict) -> str:  # type: ignore[type-arg]
+def score_summary(meta: dict[str, Any]) -> str:
     """One line: metric and its direction, the rows, candidate / current / baseline scores, decision."""
     sc = meta.get("scores") or {}
     gate = meta.get("gate") or {}
