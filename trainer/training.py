@@ -112,12 +112,13 @@ def predict(model: Any, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
 
 
 def write_gate_summary(log_dir: Path, version: int, decision: dict[str, Any]) -> None:
-    """Scalars of the gate (both scores, promoted 0/1) under ``<log_dir>/gate`` at step = version."""
+    """Scalars of the gate (candidate, current, baseline, promoted 0/1) under ``<log_dir>/gate`` at step = version."""
     from trainer.tensorboard import write_scalars
 
     metric = decision.get("primary_metric", "score")
     write_scalars(log_dir / "gate", version, {
         f"gate/candidate_{metric}": decision.get("candidate_score"),
         f"gate/current_{metric}": decision.get("current_score"),
+        f"gate/baseline_{metric}": decision.get("baseline_score"),
         "gate/promoted": 1.0 if decision.get("promote") else 0.0,
     })
