@@ -50,11 +50,13 @@ WEBLOG_DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data" 
 
 
 def _river_models(task: str, n_classes: int) -> dict[str, Any]:
-    from river import linear_model, multiclass, naive_bayes, preprocessing, tree
+    from river import linear_model, multiclass, naive_bayes, optim, preprocessing, tree
 
     if task == "regression":
         return {
-            "river_scaler_linreg": preprocessing.StandardScaler() | linear_model.LinearRegression(),
+            # SGD(0.005): River's default step (0.01) diverged on the sensor stream's anomaly spikes
+            "river_scaler_linreg": preprocessing.StandardScaler()
+            | linear_model.LinearRegression(optimizer=optim.SGD(0.005)),
             "river_hoeffding_tree_reg": preprocessing.StandardScaler() | tree.HoeffdingTreeRegressor(grace_period=50),
         }
     logreg = (linear_model.LogisticRegression() if n_classes == 2

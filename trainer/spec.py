@@ -87,6 +87,8 @@ class ModelSpec:
     adapt: Callable[[Any, np.ndarray], None] | None = None
     aux_labels: Sequence[str] = ()
     epochs: int = 3
+    #: training runs at least this many gradient steps (more epochs on small data), see training.epoch_budget.
+    min_train_steps: int = 0
     batch_size: int = 64
     learning_rate: float = 1e-3
     seed: int = 1234
@@ -138,7 +140,8 @@ class ModelSpec:
                 "primary_metric": self.primary_metric, "direction": self.direction,
                 "output_names": list(self.output_names),
                 "class_names": list(self.class_names) if self.class_names is not None else None,
-                "epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
+                "epochs": self.epochs, "min_train_steps": self.min_train_steps, "batch_size": self.batch_size,
+                "learning_rate": self.learning_rate,
                 "seed": self.seed, "gate_tolerance": self.gate_tolerance,
                 "reservoir_batches": self.reservoir_batches, "holdout_batches": self.holdout_batches,
                 "min_holdout_rows": self.min_holdout_rows, "holdout_fraction": self.holdout_fraction,

@@ -84,11 +84,23 @@ def train_candidate(spec: ModelSpec, features: FeatureInfo, x: np.ndarray, y: np
         from trainer.tensorboard import epoch_logger
 
         callbacks.append(epoch_logger(log_dir))
-    hist = model.fit(ds, epochs=epochs or spec.epochs, verbose=0, callbacks=callbacks, shuffle=False)
+    n_epochs = epochs or epoch_budget(spec, len(x))
+    hist = model.fit(ds, epochs=n_epochs, verbose=0, callbacks=callbacks, shuffle=False)
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     losses = history.get("loss") or [float("nan")]
     final = losses[-1]
     return TrainResult(model, warm, final if math.isfinite(final) else float("nan"), history, int(len(x)))
+
+
+def epoch_budget(spec: ModelSpec, rows: int) -> int:
+    """``spec.epochs``, raised so that training takes at least ``spec.min_train_steps`` gradient steps.
+
+    Why: a version trained on the first few hundred rows of a stream got 4 steps per epoch, i.e. a
+    few dozen steps in all, and served an undertrained model for the next batches; a step floor
+    costs nothing on large data (the epochs dominate there) and is deterministic like the epochs.
+    """
+    steps_per_epoch = max(1, math.ceil(rows / max(1, spec.batch_size)))
+    return max(spec.epochs, math.ceil(spec.min_train_steps / steps_per_epoch))
 
 
 def class_balance_weights(y: np.ndarray) -> np.ndarray:

@@ -252,7 +252,8 @@ class Trainer:
             "seed": spec.seed,
             "trigger": trigger,
             "warm_started": ev.result.warm_started,
-            "training": {"rows": ev.train_rows, "eval_rows": ev.eval_rows, "epochs": spec.epochs,
+            "training": {"rows": ev.train_rows, "eval_rows": ev.eval_rows,
+                         "epochs": len(ev.result.history.get("loss", [])) or spec.epochs,
                          "final_loss": ev.result.final_loss, "history": ev.result.history,
                          "seconds": round(seconds, 3)},
             # Everything a report needs per version: candidate, current and baseline on the same

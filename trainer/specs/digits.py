@@ -54,6 +54,7 @@ SPEC = ModelSpec(
     output_names=[f"p_{c}" for c in CLASS_NAMES],
     class_names=CLASS_NAMES,
     epochs=8,
+    min_train_steps=300,
     batch_size=32,
     learning_rate=3e-3,
     description="handwritten digit class of an 8x8 grayscale image",

@@ -94,6 +94,7 @@ SPEC = ModelSpec(
     direction="min",
     output_names=["next_value_delta", "anomaly_score"],
     epochs=5,
+    min_train_steps=300,
     batch_size=64,
     learning_rate=3e-3,
     description="next-value forecast (delta) of a sensor plus P(anomaly) of the current reading",

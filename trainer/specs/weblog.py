@@ -81,6 +81,7 @@ SPEC = ModelSpec(
     baseline="prior",
     balance_classes=True,
     epochs=3,
+    min_train_steps=200,
     batch_size=64,
     learning_rate=3e-3,
     description="will the request fail (status >= 400)? from the request alone (weblog-v2 label is_failed)",
