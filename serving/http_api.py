@@ -216,6 +216,7 @@ def create_app(manager: VersionManager, featurization: Featurization, model: str
         started = time.monotonic()
         x = rows(lv, data)
         out = lv.predict(x)
+        lv.observe_inputs(x)
         metrics.BATCH_SIZE.labels(model).observe(len(x))
         metrics.REQUESTS.labels(model, "ok", "http").inc(len(x))
         metrics.LATENCY.labels(model).observe(time.monotonic() - started)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from serving.exceptions import ModelLoadError
+from serving.input_range import InputRange
 from streaming.model_registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,12 @@ class LoadedVersion:
     loaded_at: float
     _loaded: Any = field(repr=False)
     _fn: Any = field(repr=False)
+    #: training range of the inputs (metadata ``input_range``); None when the version records none.
+    input_range: InputRange | None = None
+
+    def observe_inputs(self, x: np.ndarray) -> int:
+        """Count inputs outside the training range in the serving metrics (see serving.input_range)."""
+        return self.input_range.observe(self.name, x) if self.input_range is not None else 0
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Outputs ``float32[len(x), k]`` for a ``float32[len(x), n_features]`` batch, in one call."""
@@ -178,6 +185,7 @@ def load_version(registry: ModelRegistry, name: str, version: int,
         class_names=[str(c) for c in meta.get("class_names") or []], featurizer=featurizer,
         featurizer_error=feat_error, target_label=str(target) if target is not None else None,
         loaded_at=time.time(), _loaded=loaded, _fn=fn,
+        input_range=InputRange.from_metadata(meta, n_features),
     )
     rows = [r for r in (warmup_inputs or []) if r.shape == (n_features,)]
     x = np.stack(rows).astype(np.float32) if rows else np.zeros((1, n_features), np.float32)

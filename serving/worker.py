@@ -279,14 +279,16 @@ class ServingWorker(Emitter):
         for group in groups.values():
             lv = group[0].version
             assert lv is not None
+            xs = np.stack([i.x for i in group])  # type: ignore[misc]
             try:
-                out = lv.predict(np.stack([i.x for i in group]))  # type: ignore[misc]
+                out = lv.predict(xs)
             except Exception as exc:  # a version that fails on these inputs answers them with errors
                 log.warning("%s v%d failed on a batch of %d: %s", self.model, lv.version, len(group), exc)
                 for i in group:
                     i.error = RequestDecodeError(f"model: v{lv.version} failed: {type(exc).__name__}: "
                                                  f"{short(str(exc), 300)}")
                 continue
+            lv.observe_inputs(xs)
             self._m_batch.observe(len(group))
             for i, row, as_list, label in zip(group, out, out.astype(np.float64).tolist(),
                                               lv.predicted_labels(out), strict=True):

@@ -18,8 +18,8 @@ from streaming.features import (
 @pytest.mark.parametrize(
     ("kind", "version", "n", "shape", "labels"),
     [
-        ("weblog", "weblog-v1", 64, (64,), ["is_bot_or_attack", "is_error"]),
-        ("sensor", "sensor-v1", 14, (14,), ["next_value_delta", "is_anomaly"]),
+        ("weblog", "weblog-v2", 64, (64,), ["is_bot_or_attack", "is_error", "is_failed"]),
+        ("sensor", "sensor-v2", 18, (18,), ["next_value_delta", "is_anomaly"]),
         ("image", "image-v1", 64, (8, 8, 1), ["digit"]),
     ],
 )
@@ -30,7 +30,8 @@ def test_contract_attributes(kind: str, version: str, n: int, shape: tuple[int, 
     assert len(f.feature_names) == n == len(set(f.feature_names))
     assert current_version(kind) == version and version in available_versions(kind)
     assert get_featurizer(kind, version).version == version
-    assert get_featurizer(kind, "v1").version == version
+    assert get_featurizer(kind, version.split("-")[1]).version == version
+    assert get_featurizer(kind, "v1").version == f"{kind}-v1"  # older versions stay registered
     assert f.describe()["version"] == version
     assert f.state_from_json(f.state_to_json(f.new_state())) == f.new_state()
     assert callable(f.featurize_for_prediction)
@@ -40,6 +41,6 @@ def test_contract_attributes(kind: str, version: str, n: int, shape: tuple[int, 
 def test_unknown_kind_and_version() -> None:
     with pytest.raises(UnknownKindError, match="kind: unknown featurizer kind 'audio'"):
         get_featurizer("audio")
-    with pytest.raises(UnknownFeaturizerError, match="weblog-v9.*weblog-v1") as info:
+    with pytest.raises(UnknownFeaturizerError, match="weblog-v9.*weblog-v1.*weblog-v2") as info:
         get_featurizer("weblog", "v9")
     assert isinstance(info.value, StreamingError)

@@ -153,7 +153,7 @@ def test_state_json_round_trip_continues_identically() -> None:
     s2 = f.new_state()
     resumed = [f.featurize(e, s2) for e in events[:17]]
     text = f.state_to_json(s2)
-    s3 = get_featurizer("weblog").state_from_json(text)
+    s3 = get_featurizer("weblog", "weblog-v1").state_from_json(text)
     assert s3 == s2 and f.state_to_json(s3) == text
     resumed += [f.featurize(e, s3) for e in events[17:]]
     for a, b in zip(straight, resumed, strict=True):

@@ -30,7 +30,7 @@ from streaming import config
 from trainer.spec import load_spec
 from trainer.worker import Trainer
 settings = config.load({"home": sys.argv[1]}, environ={})
-spec = dataclasses.replace(load_spec("digits_cnn"), epochs=int(sys.argv[2]))
+spec = dataclasses.replace(load_spec("digits_cnn"), epochs=int(sys.argv[2]), min_holdout_rows=60)
 print("version", Trainer(settings, spec, events=False).run_once("test").version, flush=True)
 """
 

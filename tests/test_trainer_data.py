@@ -15,7 +15,8 @@ from trainer.exceptions import LineageError, NotEnoughDataError
 from trainer.spec import load_spec
 from trainer.synthetic import write_batches
 
-SPEC = dataclasses.replace(load_spec("digits_cnn"), reservoir_batches=3)
+# min_holdout_rows=20: these tests are about the cursor and reservoir with one 20-row holdout batch
+SPEC = dataclasses.replace(load_spec("digits_cnn"), reservoir_batches=3, min_holdout_rows=20, holdout_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +82,15 @@ def test_load_checks_hashes_and_drops_unlabelled_rows(batches: list[BatchInfo], 
         load_batches(SPEC, batches[:1], 64, expected_sha={batches[0].batch_id: "0" * 64})
     with pytest.raises(LineageError, match="features"):
         load_batches(SPEC, batches[:1], 14)
+
+
+def test_holdout_grows_to_max_of_n_rows_and_a_fraction_of_the_new_data(batches: list[BatchInfo]) -> None:
+    spec = dataclasses.replace(SPEC, min_holdout_rows=50, holdout_fraction=0.2)
+    plan = plan_data(spec, batches[:6], None)  # 120 new rows: max(50, 24) = 50 -> 3 batches of 20
+    assert plan.holdout == batches[3:6] and plan.train_new == batches[:3]
+    plan = plan_data(spec, batches, None)  # 240 rows: max(50, 48) -> still 3 batches (60 rows)
+    assert len(plan.holdout) == 3 and sum(b.manifest["record_count"] for b in plan.holdout) >= 50
+    big = dataclasses.replace(spec, min_holdout_rows=10, holdout_fraction=0.5)
+    assert len(plan_data(big, batches, None).holdout) == 6  # half of 240 rows
+    with pytest.raises(NotEnoughDataError, match=r"needs at least 200 held-out rows.*min_holdout_rows=200"):
+        plan_data(load_spec("digits_cnn"), batches[:4], None)  # the default N=200 > 80 rows in all

@@ -28,15 +28,67 @@ def test_first_version_is_promoted_with_reason() -> None:
     assert d.promote and d.action == "PROMOTED" and "first version" in d.reason
 
 
-def test_worse_candidate_is_rejected_and_equal_within_tolerance_promoted() -> None:
+def test_worse_candidate_and_a_tie_are_rejected() -> None:
     worse = decide(CLS, y_eval=Y, candidate_outputs=Y, candidate_score=0.80, current_score=0.90)
-    assert not worse.promote and "worse than current" in worse.reason
+    assert not worse.promote and "not better than current" in worse.reason
     assert worse.to_dict()["candidate_score"] == 0.80 and worse.to_dict()["current_score"] == 0.90
-    # 2% relative tolerance: 0.885 >= 0.90 - 0.018
-    near = decide(CLS, y_eval=Y, candidate_outputs=Y, candidate_score=0.885, current_score=0.90)
-    assert near.promote
-    strict = dataclasses.replace(CLS, gate_tolerance=0.0)
-    assert not decide(strict, y_eval=Y, candidate_outputs=Y, candidate_score=0.885, current_score=0.90).promote
+    tie = decide(CLS, y_eval=Y, candidate_outputs=Y, candidate_score=0.90, current_score=0.90)
+    assert not tie.promote and "a tie is no promotion" in tie.reason
+    # without the current model's outputs only the relative floor (0.5% of 0.90) applies
+    assert decide(CLS, y_eval=Y, candidate_outputs=Y, candidate_score=0.91, current_score=0.90).promote
+    assert not decide(CLS, y_eval=Y, candidate_outputs=Y, candidate_score=0.904, current_score=0.90).promote
+
+
+def test_a_gain_within_the_bootstrap_noise_is_no_promotion() -> None:
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 10, size=300)
+    y = onehot(truth.tolist())
+
+    def answers(acc: float, seed: int) -> np.ndarray:
+        r = np.random.default_rng(seed)
+        pred = np.where(r.random(300) < acc, truth, (truth + 1) % 10)
+        return onehot(pred.tolist())
+
+    current, near, far = answers(0.80, 1), answers(0.81, 2), answers(0.95, 4)
+    cur_score = CLS.score(y, current)
+    d_near = decide(CLS, y_eval=y, candidate_outputs=near, candidate_score=CLS.score(y, near),
+                    current_score=cur_score, current_outputs=current)
+    assert not d_near.promote and d_near.margin_vs_current is not None and d_near.margin_vs_current > 0.01
+    d_far = decide(CLS, y_eval=y, candidate_outputs=far, candidate_score=CLS.score(y, far),
+                   current_score=cur_score, current_outputs=current)
+    assert d_far.promote and d_far.eval_rows == 300
+
+
+def test_the_baseline_must_be_beaten_and_is_recorded() -> None:
+    from trainer.gate import baseline_outputs
+
+    truth = [0] * 270 + [1] * 30
+    y = onehot(truth, 2)
+    spec = dataclasses.replace(load_spec("weblog_classifier"))
+    prior = baseline_outputs(spec, y, len(y), 2)
+    assert np.allclose(prior[0], [0.9, 0.1])  # the class prior; its argmax is the majority class
+    majority_like = onehot([0] * 299 + [1], 2)
+    d = decide(spec, y_eval=y, candidate_outputs=majority_like,
+               candidate_score=spec.score(y, majority_like), current_score=None, baseline_outputs=prior)
+    assert not d.promote and "does not beat the baseline (class prior" in d.reason
+    assert d.baseline_score == 0.5 and d.to_dict()["better"] == "higher"
+    good = onehot([0] * 260 + [1] * 10 + [1] * 25 + [0] * 5, 2)
+    ok = decide(spec, y_eval=y, candidate_outputs=good, candidate_score=spec.score(y, good), current_score=None,
+                baseline_outputs=prior)
+    assert ok.promote and "baseline 0.5" in ok.reason and ok.margin_vs_baseline is not None
+
+
+def test_persistence_is_the_forecasters_baseline() -> None:
+    from trainer.gate import baseline_outputs
+
+    y = np.stack([np.sin(np.arange(300.0)), np.zeros(300)], axis=1).astype(np.float32)
+    zero = baseline_outputs(REG, y, 300, 2)
+    assert REG.baseline_kind() == "zero" and not zero.any()
+    noisy = y.copy()
+    noisy[:, 0] += np.random.default_rng(0).normal(0, 1.0, 300)  # worse than predicting "no change"
+    d = decide(REG, y_eval=y, candidate_outputs=noisy, candidate_score=REG.score(y, noisy), current_score=None,
+               baseline_outputs=zero)
+    assert not d.promote and "persistence" in d.reason and d.to_dict()["better"] == "lower"
 
 
 def test_direction_min_for_the_forecaster() -> None:

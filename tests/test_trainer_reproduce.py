@@ -19,7 +19,8 @@ from trainer.spec import load_spec
 from trainer.synthetic import write_batches
 from trainer.worker import Trainer
 
-DIGITS = dataclasses.replace(load_spec("digits_cnn"), epochs=2)
+# min_holdout_rows=80: test-sized streams (the default N=200 needs more data than these tests write)
+DIGITS = dataclasses.replace(load_spec("digits_cnn"), epochs=2, min_holdout_rows=80)
 
 
 def test_reproduce_warm_started_version_from_lineage(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -67,10 +68,13 @@ def test_cli_reproduces_with_the_configured_spec(tmp_path: Path, capsys: pytest.
                   batch_size=100, topic="sensor.raw")
     assert main(["--home", str(home), "train", "tiny_linear", "--once", "--no-events"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["version"] == 1 and out["action"] == "PROMOTED"
+    # the gate decides (a linear model barely beats persistence on 200 rows); both outcomes reproduce
+    assert out["version"] == 1 and out["action"] in ("PROMOTED", "REJECTED")
     assert main(["--home", str(home), "retrain", "--reproduce", "tiny_linear/1"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and report["abs_difference"] <= 1e-6
     assert main(["--home", str(home), "models", "show", "tiny_linear/1"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["integrity"] == "ok" and shown["promoted"] is True
+    assert shown["integrity"] == "ok" and shown["promoted"] is (out["action"] == "PROMOTED")
+    assert "held-out rows" in shown["summary"] and "persistence" in shown["summary"]
+    assert shown["scores"]["baseline"] is not None and shown["scores"]["eval_rows"] >= 50

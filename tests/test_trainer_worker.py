@@ -20,7 +20,8 @@ from trainer.spec import load_spec
 from trainer.synthetic import write_batches
 from trainer.worker import DRIFT_ALARMS, Trainer
 
-DIGITS = dataclasses.replace(load_spec("digits_cnn"), epochs=2)
+# min_holdout_rows=80: test-sized streams (the default N=200 needs more data than these tests write)
+DIGITS = dataclasses.replace(load_spec("digits_cnn"), epochs=2, min_holdout_rows=80)
 T0 = 1_700_000_000_000
 
 
@@ -117,7 +118,8 @@ def test_custom_spec_trains_in_the_loop_and_its_saved_model_predicts(settings: c
         assert reg.versions("tiny_linear") == []  # 2 batches < retrain_every_batches
         write_batches(store, "sensor", records[200:], batch_size=100, topic=raw_topic(settings, "sensor"),
                       first_offset=200, created_at_ms=T0 + 10)
-        wait_until(lambda: reg.promoted("tiny_linear") == 1, timeout=240, message="version 1 of tiny_linear")
+        # promoted or not is the gate's call (beating persistence beyond noise on 100 rows)
+        wait_until(lambda: reg.versions("tiny_linear") == [1], timeout=240, message="version 1 of tiny_linear")
     finally:
         stop.set()
         loop.join(timeout=120)

@@ -9,7 +9,10 @@ and raises :class:`SpecCheckError` listing every failed property:
 * rows whose label is NaN are dropped before training (and targets are finite where required);
 * a SavedModel export loads through the serving signature and gives the same predictions as the
   Keras model, and the warm-start weights round-trip too;
-* the spec's score function gives a finite number on the model's outputs.
+* the spec's score function gives a finite number on the model's outputs;
+* input scaling is guarded: a feature that was constant in training (column ``CONSTANT_COLUMN``
+  of the synthetic rows) moves the outputs by at most ``CONSTANT_FEATURE_BOUND`` when serving
+  varies it over +-1e6, and inputs of +-1e30 in every feature still give finite outputs.
 
 Run from the parametrized test ``tests/test_trainer_specs.py`` and by ``streamlearn models check``.
 """
@@ -25,6 +28,12 @@ from trainer.exceptions import SpecCheckError
 from trainer.spec import FeatureInfo, ModelSpec
 
 N_ROWS = 96
+#: the synthetic training rows hold this column constant (CONSTANT_VALUE) ...
+CONSTANT_COLUMN = 0
+CONSTANT_VALUE = 0.5
+#: ... and varying it at serving may move any output by at most this much (absolute).
+CONSTANT_FEATURE_BOUND = 1e-4
+PROBE_VALUES = (-1e6, -3.0, 0.0, 0.26, 1.0, 17.3, 1e6)
 
 
 def synthetic_columns(spec: ModelSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -70,6 +79,7 @@ def check_spec(spec: ModelSpec, epochs: int = 1) -> None:
     features = spec.features()
     rng = np.random.default_rng(7)
     x = synthetic_x(features, N_ROWS, rng)
+    x[:, CONSTANT_COLUMN] = CONSTANT_VALUE
     cols = synthetic_columns(spec, N_ROWS, rng)
     try:
         xt, yt = labelled(spec, x, cols)
@@ -116,8 +126,29 @@ def check_spec(spec: ModelSpec, epochs: int = 1) -> None:
         if not model_io.load_weights(fresh, path / model_io.WEIGHTS_FILE) or not np.allclose(
                 predict(fresh, x), expected, atol=1e-5, rtol=1e-5):
             failures.append("warm-start weights did not round-trip to the same predictions")
+    failures += scaling_failures(model, x)
     score = spec.score(yt, predict(model, xt))
     if not np.isfinite(score):
         failures.append(f"score ({spec.primary_metric}) is {score} on the model's own outputs")
     if failures:
         raise SpecCheckError(f"model spec {spec.name!r} failed the shared checks: " + "; ".join(failures))
+
+
+def scaling_failures(model: object, x: np.ndarray) -> list[str]:
+    """The scaling guard checks of :func:`check_spec` on a trained ``model`` (see the module doc)."""
+    from trainer.training import predict
+
+    out: list[str] = []
+    base_rows = np.repeat(x[:4], len(PROBE_VALUES), axis=0)
+    probes = base_rows.copy()
+    probes[:, CONSTANT_COLUMN] = np.tile(np.asarray(PROBE_VALUES, dtype=np.float32), 4)
+    moved = float(np.max(np.abs(predict(model, probes) - predict(model, base_rows))))
+    if not moved <= CONSTANT_FEATURE_BOUND:
+        out.append(f"a feature constant in training ({CONSTANT_COLUMN}) moved the outputs by {moved:.6g} "
+                   f"(> {CONSTANT_FEATURE_BOUND:g}) when varied at serving; guard the input scaling "
+                   "(trainer.specs.guard.guarded_inputs + guard_adapter)")
+    extreme = np.concatenate([np.full((1, x.shape[1]), 1e30, np.float32),
+                              np.full((1, x.shape[1]), -1e30, np.float32)])
+    if not np.all(np.isfinite(predict(model, extreme))):
+        out.append("inputs of +-1e30 gave non-finite outputs; clip standardized inputs (trainer.specs.guard)")
+    return out

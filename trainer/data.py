@@ -3,9 +3,11 @@
 Prequential plan (one call of :func:`plan_data`):
 
 * **new** batches are those after the parent version's cursor (the last batch it trained on);
-* the newest ``spec.holdout_batches`` of them are the **holdout**: candidate and current model are
-  both scored on them and neither has trained on them; the *next* version trains on them, because
-  the cursor only advances over trained batches;
+* the newest of them are the **holdout** (as many batches as it takes to hold
+  max(``spec.min_holdout_rows``, ``spec.holdout_fraction`` x new rows) rows, see
+  :func:`holdout_size`): candidate, current model and baseline are all scored on them and none has
+  trained on them; the *next* version trains on them, because the cursor only advances over
+  trained batches;
 * the rest are trained on, together with a bounded **reservoir** of older batch ids (reservoir
   sampling, capped at ``spec.reservoir_batches``): no forgetting of old regimes, no unbounded memory.
 
@@ -18,6 +20,7 @@ reservoir ids) lives in ``metadata.json["data_state"]``.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +65,32 @@ def reservoir_add(reservoir: list[str], seen: int, batch_id: str, cap: int, seed
     return seen
 
 
+def batch_rows(b: BatchInfo) -> int:
+    """Rows of a batch according to its manifest (0 when the manifest does not say)."""
+    return int(b.manifest.get("record_count") or 0)
+
+
+def holdout_size(spec: ModelSpec, new: list[BatchInfo]) -> int:
+    """How many of the newest batches to hold out: enough for max(N rows, fraction of the new rows).
+
+    At least ``spec.holdout_batches``; at least one new batch must be left to train on. Raises
+    NotEnoughDataError (the trainer then waits for more batches) when the new data cannot give both.
+    """
+    total = sum(batch_rows(b) for b in new)
+    need = max(spec.min_holdout_rows, math.ceil(spec.holdout_fraction * total))
+    k = max(1, spec.holdout_batches)
+    while k < len(new) and sum(batch_rows(b) for b in new[-k:]) < need:
+        k += 1
+    if k >= len(new):
+        raise NotEnoughDataError(
+            f"model {spec.name!r}: {len(new)} new feature batch(es) ({total} rows) since the last version; the "
+            f"gate needs at least {need} held-out rows (max(min_holdout_rows={spec.min_holdout_rows}, "
+            f"holdout_fraction={spec.holdout_fraction:g} x new rows)) in the newest batches plus at least one "
+            "older batch to train on. Let the stream worker write more batches"
+        )
+    return k
+
+
 def plan_data(spec: ModelSpec, batches: list[BatchInfo], parent_state: dict[str, Any] | None) -> DataPlan:
     """Split the store's batches (oldest first) into reservoir / new training / holdout batches."""
     batches = sorted(batches, key=_sort_key)
@@ -76,12 +105,7 @@ def plan_data(spec: ModelSpec, batches: list[BatchInfo], parent_state: dict[str,
     else:  # the cursor batch was deleted by store retention: fall back to its creation time
         mark = (int(state.get("cursor_created_at_ms", 0)), str(cursor))
         new = [b for b in batches if _sort_key(b) > mark]
-    holdout_n = max(1, spec.holdout_batches)
-    if len(new) < holdout_n + 1:
-        raise NotEnoughDataError(
-            f"model {spec.name!r}: {len(new)} new feature batch(es) since the last version; need at least "
-            f"{holdout_n + 1} ({holdout_n} held out for evaluation). Let the stream worker write more batches"
-        )
+    holdout_n = holdout_size(spec, new)
     holdout = new[-holdout_n:]
     train_new = new[:-holdout_n]
     reservoir_ids = [str(b) for b in state.get("reservoir", [])]

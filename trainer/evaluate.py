@@ -15,7 +15,7 @@ import numpy as np
 from trainer import model_io
 from trainer.data import DataPlan, labelled, load_batches
 from trainer.exceptions import NotEnoughDataError
-from trainer.gate import GateDecision, decide
+from trainer.gate import GateDecision, baseline_outputs, decide
 from trainer.spec import FeatureInfo, ModelSpec
 from trainer.training import TrainResult, predict, train_candidate
 
@@ -29,6 +29,8 @@ class Evaluation:
     train_rows: int
     candidate_outputs: np.ndarray
     y_eval: np.ndarray
+    #: per-feature min and max of the training rows (serving counts inputs outside them).
+    input_range: dict[str, list[float]] | None = None
 
     @property
     def model(self) -> Any:
@@ -56,10 +58,20 @@ def fit_and_evaluate(spec: ModelSpec, features: FeatureInfo, plan: DataPlan, *, 
     cand_out = predict(result.model, xe) if weights_ok else np.full((len(xe), len(spec.output_names)), np.nan)
     cand_score = float(spec.score(ye, cand_out)) if len(ye) and weights_ok else float("nan")
     current: float | None = None
+    current_out: np.ndarray | None = None
     if parent_dir is not None and len(ye):
         current_out = model_io.SavedModelPredictor(parent_dir).predict(xe)
         current = float(spec.score(ye, current_out))
+    base_out = baseline_outputs(spec, yt, len(ye), len(spec.output_names))
     decision = decide(spec, y_eval=ye, candidate_outputs=cand_out, candidate_score=cand_score,
                       current_score=current, weights_finite=weights_ok,
-                      train_loss=result.final_loss)
-    return Evaluation(result, decision, hashes, int(len(ye)), int(len(yt)), cand_out, ye)
+                      train_loss=result.final_loss, current_outputs=current_out, baseline_outputs=base_out)
+    return Evaluation(result, decision, hashes, int(len(ye)), int(len(yt)), cand_out, ye,
+                      input_range(xt))
+
+
+def input_range(x: np.ndarray) -> dict[str, list[float]]:
+    """Per-feature ``{"min": [...], "max": [...]}`` of training rows (metadata ``input_range``)."""
+    if len(x) == 0:
+        return {"min": [], "max": []}
+    return {"min": [float(v) for v in np.min(x, axis=0)], "max": [float(v) for v in np.max(x, axis=0)]}

@@ -1,8 +1,12 @@
-"""The evaluation gate: promote a candidate only when it is sane and at least as good as the current model.
+"""The evaluation gate: promote a candidate only when it is sane and beats both the current model
+and a baseline beyond noise, on the same held-out rows.
 
 Pure numpy, no TensorFlow, so every rule is unit-tested on small arrays. The order of checks is
 the order of the reasons a human wants to read: broken training first (NaN weights or loss),
-then broken outputs (non-finite, degenerate), then the comparison on the primary metric.
+then broken outputs (non-finite, degenerate), then the baseline (a model that cannot beat
+"predict the majority class" or "predict the last value" is not a model), then the current
+version. "Beyond noise" is a margin of ``max(gate_tolerance * |reference|, GATE_Z * paired
+bootstrap standard error)``; a tie is a rejection. See docs/MODELS.md "The gate".
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ import numpy as np
 
 from trainer.spec import ModelSpec
 
+#: a candidate must beat a reference by more than GATE_Z paired-bootstrap standard errors.
+GATE_Z = 1.0
+BOOTSTRAP_SAMPLES = 200
+BASELINE_NAMES = {"prior": "class prior (majority class)", "zero": "persistence (last value)",
+                  "mean": "training mean"}
+
 
 @dataclass(frozen=True)
 class GateDecision:
@@ -25,6 +35,12 @@ class GateDecision:
     primary_metric: str
     direction: str
     tolerance: float
+    baseline_score: float | None = None
+    baseline: str | None = None
+    #: the improvement each comparison had to exceed (metric units), None when not compared.
+    margin_vs_current: float | None = None
+    margin_vs_baseline: float | None = None
+    eval_rows: int = 0
 
     @property
     def action(self) -> str:
@@ -33,10 +49,58 @@ class GateDecision:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["action"] = self.action
-        for k in ("candidate_score", "current_score"):
+        out["better"] = "higher" if self.direction == "max" else "lower"
+        for k in ("candidate_score", "current_score", "baseline_score", "margin_vs_current",
+                  "margin_vs_baseline"):
             if out[k] is not None and not math.isfinite(out[k]):
                 out[k] = None  # JSON and Avro have no NaN; the reason says what happened
         return out
+
+
+def baseline_outputs(spec: ModelSpec, y_train: np.ndarray, n_eval: int, n_outputs: int) -> np.ndarray:
+    """What the spec's baseline answers for each of ``n_eval`` rows, knowing only the training targets.
+
+    "prior": the training class frequencies (argmax = the majority class); "mean": the training mean
+    of every target column; "zero": all zeros, i.e. persistence when the target is the change from the
+    last value (the sensor forecaster's ``next_value_delta``).
+    """
+    out = np.zeros((n_eval, n_outputs), dtype=np.float32)
+    kind = spec.baseline_kind()
+    if kind == "zero" or len(y_train) == 0:
+        return out
+    with np.errstate(all="ignore"):
+        level = np.nanmean(np.asarray(y_train, dtype=np.float64), axis=0)
+    level = np.where(np.isfinite(level), level, 0.0)[:n_outputs]
+    out[:, : len(level)] = level
+    return out
+
+
+def paired_standard_error(spec: ModelSpec, y: np.ndarray, a: np.ndarray, b: np.ndarray,
+                          samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> float:
+    """Bootstrap standard error of ``score(a) - score(b)`` on the same rows (resampled together).
+
+    Why paired: both models answer the same rows, so row difficulty cancels and the noise of the
+    *difference* is what decides whether one is better; why a bootstrap: balanced accuracy and MAE
+    have no simple variance formula that holds on a few hundred rows with rare classes.
+    """
+    n = len(y)
+    if n < 2:
+        return float("inf")
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(samples):
+        idx = rng.integers(0, n, size=n)
+        d = float(spec.score(y[idx], a[idx])) - float(spec.score(y[idx], b[idx]))
+        if math.isfinite(d):
+            diffs.append(d)
+    return float(np.std(diffs)) if len(diffs) >= 2 else float("inf")
+
+
+def _margin(spec: ModelSpec, y: np.ndarray, cand: np.ndarray, other: np.ndarray | None, reference: float) -> float:
+    floor = spec.gate_tolerance * abs(reference)
+    if other is None:
+        return floor
+    return max(floor, GATE_Z * paired_standard_error(spec, y, cand, other))
 
 
 def degenerate_reason(spec: ModelSpec, y: np.ndarray, outputs: np.ndarray) -> str | None:
@@ -65,12 +129,26 @@ def degenerate_reason(spec: ModelSpec, y: np.ndarray, outputs: np.ndarray) -> st
 
 def decide(spec: ModelSpec, *, y_eval: np.ndarray, candidate_outputs: np.ndarray, candidate_score: float,
            current_score: float | None, weights_finite: bool = True,
-           train_loss: float | None = None) -> GateDecision:
-    """Decide whether the candidate replaces the current model (``current_score`` None: first version)."""
+           train_loss: float | None = None, current_outputs: np.ndarray | None = None,
+           baseline_outputs: np.ndarray | None = None) -> GateDecision:
+    """Decide whether the candidate replaces the current model (``current_score`` None: first version).
+
+    Promote only a sane candidate that beats the baseline (when ``baseline_outputs`` are given) and
+    the current version by more than the noise margin on the same held-out rows; a tie is a rejection.
+    The margins are ``max(gate_tolerance * |reference|, GATE_Z * paired bootstrap SE)``; without the
+    reference's outputs only the tolerance floor applies.
+    """
+    baseline_name = BASELINE_NAMES.get(spec.baseline_kind(), spec.baseline_kind())
+    base_score: float | None = None
+    if baseline_outputs is not None and len(y_eval):
+        base_score = float(spec.score(y_eval, baseline_outputs))
+    margins: dict[str, float | None] = {"current": None, "baseline": None}
 
     def verdict(promote: bool, reason: str) -> GateDecision:
         return GateDecision(promote, reason, candidate_score, current_score, spec.primary_metric,
-                            spec.direction, spec.gate_tolerance)
+                            spec.direction, spec.gate_tolerance, base_score,
+                            baseline_name if baseline_outputs is not None else None,
+                            margins["current"], margins["baseline"], int(len(y_eval)))
 
     if not weights_finite:
         return verdict(False, "rejected: candidate has NaN or infinite weights")
@@ -86,14 +164,26 @@ def decide(spec: ModelSpec, *, y_eval: np.ndarray, candidate_outputs: np.ndarray
     if why:
         return verdict(False, "rejected: " + why)
     metric = spec.primary_metric
+    word = "higher" if spec.direction == "max" else "lower"
+    rows = f"{len(y_eval)} held-out rows, {word} is better"
+    if base_score is not None and math.isfinite(base_score):
+        need_b = _margin(spec, y_eval, candidate_outputs, baseline_outputs, base_score)
+        margins["baseline"] = need_b
+        if not spec.improvement(candidate_score, base_score) > need_b:
+            return verdict(False, f"rejected: does not beat the baseline ({baseline_name}) beyond noise: "
+                                  f"candidate {metric} {candidate_score:.6g} vs baseline {base_score:.6g}, "
+                                  f"needs more than {need_b:.3g} better ({rows})")
+    vs_base = f"; baseline {base_score:.6g}" if base_score is not None else ""
     if current_score is None:
-        return verdict(True, f"promoted: first version ({metric} {candidate_score:.6g} on held-out data)")
+        return verdict(True, f"promoted: first version ({metric} {candidate_score:.6g}{vs_base}; {rows})")
     if not math.isfinite(current_score):
         return verdict(True, f"promoted: current model scores {current_score} on held-out data; "
-                             f"candidate {metric} {candidate_score:.6g}")
-    word = "higher" if spec.direction == "max" else "lower"
-    comparison = (f"candidate {metric} {candidate_score:.6g} vs current {current_score:.6g} "
-                  f"({word} is better, tolerance {spec.gate_tolerance:.3g} relative)")
-    if spec.better_or_equal(candidate_score, current_score):
+                             f"candidate {metric} {candidate_score:.6g}{vs_base}")
+    need_c = _margin(spec, y_eval, candidate_outputs, current_outputs, current_score)
+    margins["current"] = need_c
+    comparison = (f"candidate {metric} {candidate_score:.6g} vs current {current_score:.6g}{vs_base} "
+                  f"(needs more than {need_c:.3g} better; {rows})")
+    if spec.improvement(candidate_score, current_score) > need_c:
         return verdict(True, "promoted: " + comparison)
-    return verdict(False, "rejected: worse than current: " + comparison)
+    return verdict(False, "rejected: not better than current beyond noise (a tie is no promotion): "
+                          + comparison)

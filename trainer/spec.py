@@ -46,10 +46,12 @@ class FeatureInfo:
     n_features: int
     input_shape: tuple[int, ...]
     label_names: tuple[str, ...]
+    feature_names: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "version": self.version, "n_features": self.n_features,
-                "input_shape": list(self.input_shape), "label_names": list(self.label_names)}
+                "input_shape": list(self.input_shape), "label_names": list(self.label_names),
+                "feature_names": list(self.feature_names)}
 
 
 @dataclass(frozen=True)
@@ -85,24 +87,40 @@ class ModelSpec:
     adapt: Callable[[Any, np.ndarray], None] | None = None
     aux_labels: Sequence[str] = ()
     epochs: int = 3
+    #: training runs at least this many gradient steps (more epochs on small data), see training.epoch_budget.
+    min_train_steps: int = 0
     batch_size: int = 64
     learning_rate: float = 1e-3
     seed: int = 1234
-    #: relative tolerance of the gate: the candidate may be this fraction of |current| worse.
-    gate_tolerance: float = 0.02
+    #: noise floor of the gate, relative to |reference score|: a candidate must beat the current
+    #: version and the baseline by more than max(this * |reference|, GATE_Z * paired bootstrap SE).
+    gate_tolerance: float = 0.005
     #: cap of the reservoir of older batches mixed into each retrain.
     reservoir_batches: int = 20
-    #: newest batches held out for the prequential evaluation (trained on by the next version).
+    #: newest batches held out at least (trained on by the next version; see min_holdout_rows).
     holdout_batches: int = 1
+    #: the holdout grows (newest batches first) until it holds max(min_holdout_rows,
+    #: holdout_fraction * new rows) rows; see docs/MODELS.md "The gate" for why these numbers.
+    min_holdout_rows: int = 200
+    holdout_fraction: float = 0.2
+    #: what the gate compares against on the same rows: "prior" (class prior of the training rows;
+    #: its argmax is the majority class), "zero" (persistence when the target is a change from the
+    #: last value), "mean" (training mean of the target); "auto": prior for classifiers, mean else.
+    baseline: Literal["auto", "prior", "zero", "mean"] = "auto"
+    #: weight training rows by inverse class frequency (rare classes, balanced-accuracy metrics).
+    balance_classes: bool = False
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def better_or_equal(self, candidate: float, current: float) -> bool:
-        """True when ``candidate`` is at least as good as ``current`` within the gate tolerance."""
-        slack = self.gate_tolerance * abs(current)
-        if self.direction == "max":
-            return candidate >= current - slack
-        return candidate <= current + slack
+    def improvement(self, candidate: float, reference: float) -> float:
+        """How much better ``candidate`` is than ``reference`` (positive: better), in metric units."""
+        return candidate - reference if self.direction == "max" else reference - candidate
+
+    def baseline_kind(self) -> str:
+        """The resolved baseline: "prior", "zero" or "mean"."""
+        if self.baseline != "auto":
+            return self.baseline
+        return "prior" if self.task == "classification" else "mean"
 
     def features(self) -> FeatureInfo:
         """Resolve the featurizer this spec trains on (its registered n_features and input_shape)."""
@@ -115,16 +133,19 @@ class ModelSpec:
                 f"{self.featurizer_kind!r} {self.featurizer_version or '(current)'}: {exc}"
             ) from exc
         return FeatureInfo(fz.kind, fz.version, int(fz.n_features), tuple(int(d) for d in fz.input_shape),
-                           tuple(fz.label_names))
+                           tuple(fz.label_names), tuple(str(n) for n in getattr(fz, "feature_names", ())))
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "task": self.task, "label": self.label, "aux_labels": list(self.aux_labels),
                 "primary_metric": self.primary_metric, "direction": self.direction,
                 "output_names": list(self.output_names),
                 "class_names": list(self.class_names) if self.class_names is not None else None,
-                "epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
+                "epochs": self.epochs, "min_train_steps": self.min_train_steps, "batch_size": self.batch_size,
+                "learning_rate": self.learning_rate,
                 "seed": self.seed, "gate_tolerance": self.gate_tolerance,
-                "reservoir_batches": self.reservoir_batches, "holdout_batches": self.holdout_batches}
+                "reservoir_batches": self.reservoir_batches, "holdout_batches": self.holdout_batches,
+                "min_holdout_rows": self.min_holdout_rows, "holdout_fraction": self.holdout_fraction,
+                "baseline": self.baseline_kind(), "balance_classes": self.balance_classes}
 
 
 def _get_featurizer() -> Callable[..., Any]:

@@ -74,7 +74,10 @@ def train_candidate(spec: ModelSpec, features: FeatureInfo, x: np.ndarray, y: np
     # run_eagerly: the check suite trains on two tiny batches, where tracing costs more than it saves.
     model.compile(optimizer=make_optimizer(spec.learning_rate), loss=spec.loss(), metrics=spec.metrics(),
                   run_eagerly=run_eagerly)
-    ds = (tf.data.Dataset.from_tensor_slices((x.astype(np.float32), y.astype(np.float32)))
+    tensors: tuple[np.ndarray, ...] = (x.astype(np.float32), y.astype(np.float32))
+    if spec.balance_classes and spec.task == "classification" and len(y):
+        tensors = (*tensors, class_balance_weights(y))
+    ds = (tf.data.Dataset.from_tensor_slices(tensors)
           .shuffle(max(1, len(x)), seed=seed, reshuffle_each_iteration=True)
           .batch(spec.batch_size))
     callbacks: list[Any] = [keras.callbacks.TerminateOnNaN()]
@@ -82,7 +85,7 @@ def train_candidate(spec: ModelSpec, features: FeatureInfo, x: np.ndarray, y: np
         from trainer.tensorboard import epoch_logger
 
         callbacks.append(epoch_logger(log_dir))
-    n_epochs = epochs or spec.epochs
+    n_epochs = epochs or epoch_budget(spec, len(x))
     rows = int(len(x))
     with progress(n_epochs * rows, f"train {spec.name} epoch 1/{n_epochs} ({rows:,} rows)", unit="rows") as bar:
         callbacks.append(_progress_callback(keras, bar, spec.name, n_epochs, rows, spec.batch_size))
@@ -106,6 +109,28 @@ def _progress_callback(keras: Any, bar: Progress, name: str, epochs: int, rows: 
                 bar.set_description(f"train {name} epoch {epoch + 2}/{epochs} ({rows:,} rows)")
 
     return _Progress()
+def epoch_budget(spec: ModelSpec, rows: int) -> int:
+    """``spec.epochs``, raised so that training takes at least ``spec.min_train_steps`` gradient steps.
+
+    Why: a version trained on the first few hundred rows of a stream got 4 steps per epoch, i.e. a
+    few dozen steps in all, and served an undertrained model for the next batches; a step floor
+    costs nothing on large data (the epochs dominate there) and is deterministic like the epochs.
+    """
+    steps_per_epoch = max(1, math.ceil(rows / max(1, spec.batch_size)))
+    return max(spec.epochs, math.ceil(spec.min_train_steps / steps_per_epoch))
+
+
+def class_balance_weights(y: np.ndarray) -> np.ndarray:
+    """Per-row weights ``n / (classes present * rows of the row's class)`` for one-hot ``y``.
+
+    Why: on a log where 2% of requests fail, plain cross-entropy learns "always ok" (balanced
+    accuracy 0.5, the majority baseline); weighting makes each class count equally, as the metric does.
+    """
+    ids = np.argmax(y, axis=1)
+    counts = np.bincount(ids, minlength=y.shape[1]).astype(np.float64)
+    present = int(np.count_nonzero(counts))
+    w = len(ids) / (present * counts[ids])
+    return w.astype(np.float32)
 
 
 def predict(model: Any, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
@@ -116,12 +141,13 @@ def predict(model: Any, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
 
 
 def write_gate_summary(log_dir: Path, version: int, decision: dict[str, Any]) -> None:
-    """Scalars of the gate (both scores, promoted 0/1) under ``<log_dir>/gate`` at step = version."""
+    """Scalars of the gate (candidate, current, baseline, promoted 0/1) under ``<log_dir>/gate`` at step = version."""
     from trainer.tensorboard import write_scalars
 
     metric = decision.get("primary_metric", "score")
     write_scalars(log_dir / "gate", version, {
         f"gate/candidate_{metric}": decision.get("candidate_score"),
         f"gate/current_{metric}": decision.get("current_score"),
+        f"gate/baseline_{metric}": decision.get("baseline_score"),
         "gate/promoted": 1.0 if decision.get("promote") else 0.0,
     })

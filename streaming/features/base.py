@@ -34,6 +34,9 @@ from streaming.exceptions import (  # noqa: F401
 #: mistakes are caught where records enter (one unit per input, a live age window); featurizers
 #: must accept history published on purpose (``--backfill``).
 MIN_EVENT_TIME_MS = eventtime.MIN_EVENT_TIME_MS
+#: Kept as a name for the featurizers written to take history (sensor-v2): the same 1678 floor, the
+#: first whole year that epoch nanoseconds in an int64 (pandas, Arrow) can hold.
+HISTORICAL_MIN_EVENT_TIME_MS = MIN_EVENT_TIME_MS
 #: The default future-skew allowance; each featurizer uses the configured one (``max_future_ms``),
 #: the same window every entry applies (setting ``max_future_skew_s``).
 MAX_FUTURE_MS = eventtime.DEFAULT_MAX_FUTURE_MS
@@ -76,6 +79,8 @@ class Featurizer(ABC, Generic[S]):
     input_shape: tuple[int, ...]
     label_names: list[str]
     feature_names: list[str]
+    #: event times before this are rejected (a class attribute so a version can accept history).
+    min_event_time_ms: int = MIN_EVENT_TIME_MS
 
     def __init__(self, clock_ms: Callable[[], int] | None = None, max_future_ms: int | None = None) -> None:
         # Injected so tests (and replays in a fixed "now") can pin the future-timestamp check.
@@ -151,7 +156,7 @@ class Featurizer(ABC, Generic[S]):
             raise FeatureValidationError(
                 f"{record_name}.{field}: expected int epoch milliseconds, got {type(ts).__name__} {ts!r}"
             )
-        if ts < MIN_EVENT_TIME_MS:
+        if ts < self.min_event_time_ms:
             raise FeatureValidationError(
                 f"{record_name}.{field}: {ts} ({eventtime.iso(ts)}) is before 1678-01-01, the earliest "
                 "event time streamlearn holds; check the source's --timestamp-unit"

@@ -113,8 +113,24 @@ def _show(args: argparse.Namespace, settings: config.Settings) -> int:
         meta["integrity"] = str(exc)
     meta["promoted"] = reg.promoted(name) == version
     meta["history"] = [e for e in reg.history(name) if e.get("version") == version]
+    meta["summary"] = score_summary(meta)
     print(json.dumps(meta, indent=2, sort_keys=True))
     return 0
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.6g}" if isinstance(value, int | float) else "-"
+
+
+def score_summary(meta: dict[str, Any]) -> str:
+    """One line: metric and its direction, the rows, candidate / current / baseline scores, decision."""
+    sc = meta.get("scores") or {}
+    gate = meta.get("gate") or {}
+    better = sc.get("better") or ("lower" if sc.get("direction") == "min" else "higher")
+    return (f"{sc.get('metric', '?')} ({better} is better) on {sc.get('eval_rows', '?')} held-out rows "
+            f"({sc.get('holdout_batches', '?')} batches; trained on {sc.get('train_rows', '?')} rows): "
+            f"candidate {_fmt(sc.get('candidate'))}, current {_fmt(sc.get('current'))}, "
+            f"baseline {sc.get('baseline_name') or '-'} {_fmt(sc.get('baseline'))} -> {gate.get('action', '?')}")
 
 
 def _weights_distance(reg: ModelRegistry, name: str, a: int, b: int) -> float | None:

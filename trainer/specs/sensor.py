@@ -1,4 +1,4 @@
-"""``sensor_forecaster``: next-value forecaster with an anomaly head (sensor featurizer ``sensor-v1``).
+"""``sensor_forecaster``: next-value forecaster with an anomaly head (sensor featurizer ``sensor-v2``).
 
 Outputs ``float32[None, 2]``:
 
@@ -13,19 +13,19 @@ Outputs ``float32[None, 2]``:
 
 Why a trained head rather than a |residual| z-score: the residual needs the *next* reading,
 which serving does not have when it answers; the head scores the reading at hand.
-The inputs go through a ``Normalization`` layer adapted on the first training data (cold start
-only; warm starts keep its statistics), because raw sensor levels can be in the hundreds.
-Primary metric: MAE of column 0 (lower is better).
+The inputs go through the guarded standardization of :mod:`trainer.specs.guard`, fitted on the
+first training data (cold start only; warm starts keep its statistics), because raw sensor levels
+can be in the hundreds, while features constant in training (the hour of a daily series) are
+ignored and every standardized input is clipped. Primary metric: MAE of column 0 (lower is
+better); the gate's baseline is persistence (a delta of 0: the last value) on the same rows.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from trainer.spec import FeatureInfo, ModelSpec
-from trainer.specs import common
+from trainer.specs import common, guard
 
 ANOMALY_WEIGHT = 0.5
 HUBER_DELTA = 1.0
@@ -37,19 +37,13 @@ def build(features: FeatureInfo, seed: int) -> Any:
     def init(k: int) -> Any:
         return keras.initializers.GlorotUniform(seed=seed + k)
 
-    x, h = common.inputs(features)
-    h = keras.layers.Normalization(name="normalize")(h)
+    x, h = guard.guarded_inputs(features)
     h = keras.layers.Dense(32, activation="relu", kernel_initializer=init(0), name="hidden1")(h)
     h = keras.layers.Dense(32, activation="relu", kernel_initializer=init(1), name="hidden2")(h)
     delta = keras.layers.Dense(1, kernel_initializer=init(2), name="delta")(h)
     anomaly = keras.layers.Dense(1, activation="sigmoid", kernel_initializer=init(3), name="anomaly")(h)
     out = keras.layers.Concatenate(name="outputs")([delta, anomaly])
     return keras.Model(x, out, name="sensor_forecaster")
-
-
-def adapt(model: Any, x: np.ndarray) -> None:
-    """Fit the input normalisation to the first training data (cold start only)."""
-    model.get_layer("normalize").adapt(x)
 
 
 def _loss() -> Any:
@@ -85,12 +79,13 @@ def _metrics() -> list[Any]:
 SPEC = ModelSpec(
     name="sensor_forecaster",
     featurizer_kind="sensor",
-    featurizer_version="sensor-v1",
+    featurizer_version="sensor-v2",
     label="next_value_delta",
     aux_labels=("is_anomaly",),
     task="regression",
     build=build,
-    adapt=adapt,
+    adapt=guard.guard_adapter(),
+    baseline="zero",
     loss=_loss,
     metrics=_metrics,
     make_targets=common.column_targets("next_value_delta", "is_anomaly"),
@@ -99,6 +94,7 @@ SPEC = ModelSpec(
     direction="min",
     output_names=["next_value_delta", "anomaly_score"],
     epochs=5,
+    min_train_steps=300,
     batch_size=64,
     learning_rate=3e-3,
     description="next-value forecast (delta) of a sensor plus P(anomaly) of the current reading",
