@@ -21,10 +21,12 @@ into the JSON: where our stream stage spends its time.
 Skips with a row that says why when quixstreams is not installed (``make bench`` installs it).
 
     python -m benchmarks.bench_peer    # JSON to stdout and reports/bench/peer.json
+    python -m benchmarks.bench_peer --profile-quix   # where the peer's time goes (not in make bench)
 """
 
 from __future__ import annotations
 
+import argparse
 import cProfile
 import io
 import json
@@ -223,10 +225,44 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def profile_quix(settings: Settings) -> dict[str, Any]:
+    """One Quix run on the same backlog under cProfile (its main thread; librdkafka's threads are C).
+
+    Not part of ``run``: it answers "is the peer slow because of how its app is written?" by showing
+    where Quix's time goes (deserializer, state, sink, framework), when someone asks.
+    """
+    if (why := available()) is not None:
+        return {"skipped": why}
+    _publish(settings, N)
+    registry = RegistryServer(settings)
+    profile = cProfile.Profile()
+    try:
+        registry.wait_ready()
+        profile.enable()
+        try:
+            quix = run_quix(bootstrap=settings.bootstrap, topic=raw_topic(settings, KIND),
+                            group=settings.group("bench-peer-quix-profile"), registry_url=registry.url,
+                            workdir=settings.home / "quix-profile", n=N)
+        finally:
+            profile.disable()
+    finally:
+        registry.close()
+    return {"what": "the Quix app on the same backlog under cProfile (main thread)", "records": N,
+            "seconds": round(quix["seconds"], 2), "loadavg_1m": _load(),
+            "top_cumulative": _top(profile, "cumulative"), "top_self": _top(profile, "tottime")}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profile-quix", action="store_true",
+                        help="only profile one Quix run (reports/bench/peer-quix-profile.json)")
+    args = parser.parse_args()
     with bench_settings() as settings:
-        result = run(settings)
-    write_report("peer", result)
+        if args.profile_quix:
+            result, name = profile_quix(settings), "peer-quix-profile"
+        else:
+            result, name = run(settings), "peer"
+    write_report(name, result)
     print(json.dumps(result, indent=2))
 
 
