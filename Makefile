@@ -33,7 +33,7 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/mypy schemas streaming ingest trainer serving streamlearn
 
 $(VENV)/.bench-installed: $(STAMP) requirements-bench.lock
-	$(BIN)/python -m pip install -q -r requirements-bench.lock
+	$(BIN)/python -m pip install -q --no-deps -r requirements-bench.lock  # see the lock: quixstreams caps pydantic
 	touch $@
 
 bench: $(VENV)/.bench-installed ## run every benchmark; JSON + markdown table under reports/bench/
