@@ -52,7 +52,7 @@ def _rows(name: str, result: dict[str, Any]) -> list[tuple[str, ...]]:
     A ratio means little without the machine's state: a figure taken while the load average was 3 on a
     2-core box is not the figure of a quiet one, so every row carries both.
     """
-    rows = []
+    rows: list[tuple[str, ...]] = []
     env = result.get("environment", {})
     ctx = (f"{env.get('wall_s', '?')} / {env.get('cpu_s', '?')} / "
            f"{env.get('loadavg_1m_start', '?')}->{env.get('loadavg_1m_end', '?')}")
