@@ -86,3 +86,11 @@ class ModelIntegrityError(ModelRegistryError):
 
     Serving must refuse to load such a version; the trainer must not promote it.
     """
+
+
+class MemberSlotBusyError(StreamingError):
+    """A worker asked for a group member slot (``--slot``, ``--instance-id``) that a live process holds."""
+
+
+class GroupStuckError(StreamingError):
+    """A worker owns no partition of a topic that has lag (a stuck group or a phantom member)."""

@@ -52,8 +52,30 @@ def _subscribe(args: argparse.Namespace, settings: config.Settings) -> int:
     if group and start != "committed":
         print("note: explicit positions read without the group; nothing will be committed", file=sys.stderr)
     n = 0
+    lease, member = None, dict[str, Any]()
+    if group and start == "committed":  # a group member: static id and slot lock like every worker
+        from streaming import members
+
+        lease = members.claim(settings, group, f"subscribe-{topic}")
+        member = {"group_instance_id": lease.instance_id, "client_id": members.client_id("subscribe")}
+        try:
+            members.remove_dead_local(settings, group)
+        except Exception as exc:  # noqa: BLE001 - the subscription itself still works
+            print(f"note: could not check group {group} for dead members: {exc}", file=sys.stderr)
+    try:
+        n = _print_items(args, settings, topic, group, start, until, member)
+    finally:
+        if lease is not None:
+            lease.release()
+    print(f"{n} records", file=sys.stderr)
+    return 0
+
+
+def _print_items(args: argparse.Namespace, settings: config.Settings, topic: str, group: str | None, start: Any,
+                 until: Any, member: dict[str, Any]) -> int:
+    n = 0
     with Subscriber(settings, topic, group=group, start=start, until=until, decode=not args.raw,
-                    idle_backoff=True) as sub:
+                    idle_backoff=True, **member) as sub:
         for item in sub.iterate(max_records=args.max_records, idle_timeout_s=args.idle_timeout):
             n += 1
             meta = {"topic": item.topic, "partition": item.partition, "offset": item.offset,
@@ -71,8 +93,7 @@ def _subscribe(args: argparse.Namespace, settings: config.Settings) -> int:
                 print(f"{item.topic}[{item.partition}]@{item.offset} {shown}", flush=True)
             if args.group and sub.grouped:
                 sub.commit({_tp(item): item.offset + 1})
-    print(f"{n} records", file=sys.stderr)
-    return 0
+    return n
 
 
 def _tp(item: Any) -> Any:
