@@ -29,6 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 from ingest.gateway_errors import OverloadedError, PayloadTooLargeError, RateLimitedError
@@ -306,3 +307,22 @@ class BodyLimitMiddleware:
             if started:
                 raise
             await self._refuse(scope, send, 413, exc.message)
+
+
+@dataclass(frozen=True)
+class GatewayLimits:
+    """Admission limits. Defaults where the issue was silent; every one is a ``serve`` flag.
+
+    Defined here, not in ``ingest.gateway``, so the CLI can build ``serve``'s flags without importing
+    FastAPI: every `streamlearn` command (and every worker restart) would pay for it.
+    """
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_records_per_request: int = 10_000
+    rate_records_per_s: float = 10_000.0  # per token; <= 0 disables rate limiting
+    burst_records: float = 20_000.0
+    max_in_flight: int = 50_000  # un-acked records across all requests before 503
+    ack_timeout_s: float = 30.0
+    idempotency_capacity: int = 500_000
+    idempotency_ttl_s: float = 24 * 3600.0
+    request_key_capacity: int = 10_000
