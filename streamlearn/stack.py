@@ -8,7 +8,8 @@ same path production takes.
 Restarts use exponential backoff (0.5 s doubling, capped at 30 s, reset after a minute of good
 health); each restart is logged and counted, with the last line of the worker's log, so the console
 says why it died. A worker that crashes ``give_up_after`` times in a row, each time within
-``RAPID_S`` of its start, is not restarted again (a setting or a bug, not a transient fault): the
+``RAPID_S`` of its start while the broker answers, is not restarted again (a setting or a bug, not a
+transient fault; crashes during a broker outage do not count): the
 supervisor says so once, with that last log line, and ``status`` shows it as ``gave up``.
 
 Stopping drains in order — intake first (gateway, sources), then stream workers (they flush
@@ -151,7 +152,10 @@ class Supervisor:
                     svc.proc = None
                     logfile = self.log_dir / f"{svc.name}.log"
                     last = last_log_line(logfile)
-                    svc.rapid_crashes = svc.rapid_crashes + 1 if now - svc.started_at < RAPID_S else 1
+                    if now - svc.started_at >= RAPID_S:
+                        svc.rapid_crashes = 1
+                    elif self._broker_reachable():  # a broker outage is transient: keep retrying
+                        svc.rapid_crashes += 1
                     if svc.rapid_crashes >= self.give_up_after:
                         svc.gave_up = (f"crashed {svc.rapid_crashes} times in a row, each within {RAPID_S:.0f} s "
                                        f"of starting; last log line: {last}")
@@ -170,6 +174,12 @@ class Supervisor:
                     log.warning("%s exited with code %s: %s; restart #%d in %.1f s (log: %s)", svc.name, code,
                                 last, svc.restarts, delay, logfile)
                 self._write_state()
+
+    def _broker_reachable(self) -> bool:
+        """Whether Kafka answers now; a crash while it does not is not held against the worker."""
+        from streaming.broker import probe
+
+        return probe(self.settings.bootstrap, timeout_s=1.0) is not None
 
     def stop(self, timeout_per_group: float = 20.0) -> dict[str, int | None]:
         """Drain in order (intake, stream, model, core): SIGTERM, bounded wait, then SIGKILL."""
