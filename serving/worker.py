@@ -152,7 +152,7 @@ class ServingWorker:
         self.member_id = self.lease.instance_id
         self.transactional_id = _safe_id(f"{self.group}.tx.slot{self.slot}")
         try:  # members of this host whose process is gone would hold their partitions forever
-            members.remove_dead_local(self.settings, self.group)
+            members.remove_dead_local(self.settings, self.group, quick=True)
         except Exception as exc:
             log.info("could not check group %s for dead members: %s", self.group, exc)
         self.stuck = members.StuckWatch(self.settings, self.group, self.input_topic, self.lease,

@@ -290,8 +290,14 @@ def remove_members(settings: Settings, group: str, members: list[Member]) -> dic
     return {str(k): v.__name__ for k, v in result.items()}
 
 
-def remove_dead_local(settings: Settings, group: str) -> list[Member]:
-    """Remove members of ``group`` whose process on this host is gone; returns those removed."""
+def remove_dead_local(settings: Settings, group: str, *, quick: bool = False) -> list[Member]:
+    """Remove members of ``group`` whose process on this host is gone; returns those removed.
+
+    ``quick`` (a worker's start): ask the broker only when a slot of this HOME was left behind by a dead
+    process (its status file outlived it), so a normal start costs no admin round trip; dynamic phantoms
+    of other tools are still caught by :class:`StuckWatch` after the session timeout."""
+    if quick and all(e["alive"] for e in local_entries(settings, group)):
+        return []
     _state, members = describe_group(settings, group)
     dead = [m for m in members if m.local and m.alive is False]
     if dead:

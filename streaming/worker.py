@@ -96,7 +96,7 @@ class StreamWorker:
         consumer_overrides.setdefault("group_instance_id", self.lease.instance_id)
         consumer_overrides.setdefault("client_id", members.client_id(f"stream-{kind}"))
         try:  # members of this host whose process is gone would hold their partitions forever
-            members.remove_dead_local(settings, self.group)
+            members.remove_dead_local(settings, self.group, quick=True)
         except Exception as exc:
             log.info("could not check group %s for dead members: %s", self.group, exc)
         self.stuck = members.StuckWatch(settings, self.group, self.topic, self.lease, f"stream worker {kind} "

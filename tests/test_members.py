@@ -192,3 +192,24 @@ def test_supervisor_says_why_and_stops_restarting_after_rapid_crashes(settings: 
     assert "NOT restarted" in crashes[-1]
     status = _run(settings, "status")
     assert "gave up" in status.stdout and "not restarted: crashed 3 times" in status.stdout, status.stdout
+
+
+def test_scale_down_after_kill_9_the_restarted_worker_takes_every_partition(settings: Settings,
+                                                                           tmp_path: Path) -> None:
+    group = default_group(settings, "sensor")
+    publish(settings, "sensor", sensor_events(30))
+    procs = [_start(settings, tmp_path / f"w{i}.log", "stream", "sensor") for i in range(2)]
+    try:
+        wait_until(lambda: _owned(settings, group) == [0, 1, 2] and all(
+            e.get("partitions") for e in members.local_entries(settings, group)), 120, 0.1, "two workers sharing")
+        for p in procs:
+            p.kill()
+            p.wait(30)
+        # one worker back: slot 0 is its own; slot 1's dead member would keep its partitions forever on the
+        # embedded broker unless the new worker removes it
+        procs.append(_start(settings, tmp_path / "w2.log", "stream", "sensor"))
+        wait_until(lambda: _owned(settings, group) == [0, 1, 2], 120, 0.1, "the restarted worker owns everything")
+        assert "removed 1 dead member(s) of this host" in (tmp_path / "w2.log").read_text(errors="replace")
+    finally:
+        for p in procs:
+            _stop(p)

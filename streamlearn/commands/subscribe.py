@@ -59,7 +59,7 @@ def _subscribe(args: argparse.Namespace, settings: config.Settings) -> int:
         lease = members.claim(settings, group, f"subscribe-{topic}")
         member = {"group_instance_id": lease.instance_id, "client_id": members.client_id("subscribe")}
         try:
-            members.remove_dead_local(settings, group)
+            members.remove_dead_local(settings, group, quick=True)
         except Exception as exc:  # noqa: BLE001 - the subscription itself still works
             print(f"note: could not check group {group} for dead members: {exc}", file=sys.stderr)
     try:
