@@ -250,7 +250,7 @@ def describe_group(settings: Settings, group: str) -> tuple[str, list[Member]]:
     """``(state, members)`` of ``group`` (``'Dead'`` and no members when it does not exist)."""
     from kafka import KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, bootstrap_timeout_ms=10_000)
     try:
         info = admin.describe_groups([group])[group]
     finally:
@@ -272,7 +272,7 @@ def describe_group(settings: Settings, group: str) -> tuple[str, list[Member]]:
     return str(info.get("group_state") or "Dead"), members
 
 
-def remove_members(settings: Settings, group: str, members: list[Member]) -> dict[str, str]:
+def remove_members(settings: Settings, group: str, members: list[Member], timeout_ms: int = 5_000) -> dict[str, str]:
     """KIP-345 RemoveMembersFromConsumerGroup: static members by instance id, dynamic ones by member id."""
     if not members:
         return {}
@@ -282,7 +282,9 @@ def remove_members(settings: Settings, group: str, members: list[Member]) -> dic
     targets = [MemberToRemove(group_instance_id=m.instance_id, reason="streamlearn: process is gone")
                if m.instance_id else MemberToRemove(member_id=m.member_id, reason="streamlearn: process is gone")
                for m in members]
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, request_timeout_ms=10_000)
+    # Bounded: a clean stop while the broker is down must not hang (kafka-python waits 30 s by default).
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, request_timeout_ms=timeout_ms,
+                             bootstrap_timeout_ms=timeout_ms)
     try:
         result = admin.remove_group_members(group, targets)
     finally:
