@@ -213,3 +213,14 @@ def test_scale_down_after_kill_9_the_restarted_worker_takes_every_partition(sett
     finally:
         for p in procs:
             _stop(p)
+
+
+def test_a_clean_exit_leaves_the_group_even_with_a_pinned_instance_id(settings: Settings) -> None:
+    group = default_group(settings, "sensor")
+    publish(settings, "sensor", sensor_events(30))
+    res = _run(settings, "stream", "sensor", "--instance-id", "pinned-1", "--idle-exit", "2", timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1])["records"] == 30
+    # static members do not leave by themselves; the worker removes its own member on a clean stop
+    wait_until(lambda: group_state(settings, group) == ("Empty", 0), 10, 0.1, "the group empty after a clean exit")
+    assert _run(settings, "offsets", "reset", "--kind", "sensor", "--to-earliest").returncode == 0
