@@ -93,6 +93,7 @@ class StreamWorker:
         # Static membership by default (see streaming.members): a restart with the same command takes the
         # same slot, hence the same group.instance.id, and gets its partitions back at once.
         self.lease = members.claim(settings, self.group, f"stream-{kind}", instance=instance_id)
+        log.info("joining group %s as static member %s", self.group, self.lease.instance_id)
         consumer_overrides.setdefault("group_instance_id", self.lease.instance_id)
         consumer_overrides.setdefault("client_id", members.client_id(f"stream-{kind}"))
         try:  # members of this host whose process is gone would hold their partitions forever
