@@ -60,16 +60,19 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
 class Worker:
     """A CLI subprocess logging to a file; ``restart`` starts the very same command again."""
 
-    def __init__(self, settings: Settings, args: list[str], log: Path, **env: str) -> None:
+    def __init__(self, settings: Settings, args: list[str], log: Path, *, stderr_apart: bool = False,
+                 **env: str) -> None:
         self.args, self.log, self.env = args, log, env_for(settings, **env)
+        self.stderr_apart = stderr_apart  # stdout is data (JSON lines): keep log lines out of it
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> float:
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as fh:
+        with self.log.open("ab") as fh, self.log.with_suffix(".err").open("ab") as err:
             started = time.monotonic()
             self.proc = subprocess.Popen([sys.executable, "-m", "streamlearn.cli", *self.args], env=self.env,
-                                         stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+                                         stdout=fh, stderr=err if self.stderr_apart else subprocess.STDOUT,
+                                         cwd=ROOT)
         return started
 
     def kill9(self) -> None:
@@ -90,8 +93,9 @@ class Worker:
         return self.proc.returncode
 
     def tail(self, n: int = 4000) -> str:
+        path = self.log.with_suffix(".err") if self.stderr_apart else self.log
         try:
-            return self.log.read_text(errors="replace")[-n:]
+            return path.read_text(errors="replace")[-n:]
         except OSError:
             return ""
 
@@ -347,13 +351,16 @@ def gateway(settings: Settings, work: Path, n: int = 50) -> dict[str, Any]:
 def subscribe(settings: Settings, work: Path, n: int = 200) -> dict[str, Any]:
     """`streamlearn subscribe sensor.raw --group dash --json` (a dashboard-style group follower)."""
     out = work / "subscribe.out"
-    w = Worker(settings, ["subscribe", "sensor.raw", "--group", "dash", "--json"], out)
+    w = Worker(settings, ["subscribe", "sensor.raw", "--group", "dash", "--json"], out, stderr_apart=True)
 
     def printed() -> list[tuple[int, int]]:
         rows = []
         for line in out.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
+            try:
                 rec = json.loads(line)
+            except ValueError:  # a line cut by the kill (its record is printed again after the restart)
+                continue
+            if isinstance(rec, dict) and "offset" in rec:
                 rows.append((rec["partition"], rec["offset"]))
         return rows
 

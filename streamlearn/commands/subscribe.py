@@ -92,8 +92,21 @@ def _print_items(args: argparse.Namespace, settings: config.Settings, topic: str
                 shown = to_json(out.get("value", out.get("error")))[:300]
                 print(f"{item.topic}[{item.partition}]@{item.offset} {shown}", flush=True)
             if args.group and sub.grouped:
-                sub.commit({_tp(item): item.offset + 1})
+                _commit(sub, item)
     return n
+
+
+def _commit(sub: Subscriber, item: Any) -> None:
+    """Commit after printing (at least once). A commit refused by a rebalance (the group is rejoining, e.g.
+    right after a restart) is not fatal: the next record's commit covers this one, and a partition that
+    moved is re-read from its last commit by its new owner."""
+    from kafka.errors import KafkaError
+
+    try:
+        sub.commit({_tp(item): item.offset + 1})
+    except KafkaError as exc:
+        print(f"note: commit of {item.topic}[{item.partition}]@{item.offset} refused ({type(exc).__name__}); "
+              "a later commit covers it", file=sys.stderr)
 
 
 def _tp(item: Any) -> Any:
