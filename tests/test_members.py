@@ -200,8 +200,12 @@ def test_scale_down_after_kill_9_the_restarted_worker_takes_every_partition(sett
     publish(settings, "sensor", sensor_events(30))
     procs = [_start(settings, tmp_path / f"w{i}.log", "stream", "sensor") for i in range(2)]
     try:
-        wait_until(lambda: _owned(settings, group) == [0, 1, 2] and all(
-            e.get("partitions") for e in members.local_entries(settings, group)), 120, 0.1, "two workers sharing")
+        def sharing() -> bool:  # both processes joined and own something (a slow start must not pass as one)
+            entries = [e for e in members.local_entries(settings, group) if e["alive"]]
+            return len(entries) == 2 and all(e.get("partitions") for e in entries) and _owned(settings, group) == [
+                0, 1, 2]
+
+        wait_until(sharing, 120, 0.1, "two workers sharing the partitions")
         for p in procs:
             p.kill()
             p.wait(30)
