@@ -194,6 +194,16 @@ def test_supervisor_says_why_and_stops_restarting_after_rapid_crashes(settings: 
     assert "gave up" in status.stdout and "not restarted: crashed 3 times" in status.stdout, status.stdout
 
 
+def _wait_or_show_logs(tmp_path: Path, predicate: Any, what: str) -> None:
+    try:
+        wait_until(predicate, 120, 0.1, what)
+    except AssertionError as exc:
+        logs = "\n".join(f"== {p.name}\n" + "\n".join(ln for ln in p.read_text(errors="replace").splitlines()
+                                                        if "dead letter" not in ln)[-2000:]
+                         for p in sorted(tmp_path.glob("w*.log")))
+        raise AssertionError(f"{exc}\n{logs}") from exc
+
+
 def test_scale_down_after_kill_9_the_restarted_worker_takes_every_partition(settings: Settings,
                                                                            tmp_path: Path) -> None:
     group = default_group(settings, "sensor")
@@ -205,14 +215,14 @@ def test_scale_down_after_kill_9_the_restarted_worker_takes_every_partition(sett
             return len(entries) == 2 and all(e.get("partitions") for e in entries) and _owned(settings, group) == [
                 0, 1, 2]
 
-        wait_until(sharing, 120, 0.1, "two workers sharing the partitions")
+        _wait_or_show_logs(tmp_path, sharing, "two workers sharing the partitions")
         for p in procs:
             p.kill()
             p.wait(30)
         # one worker back: slot 0 is its own; slot 1's dead member would keep its partitions forever on the
         # embedded broker unless the new worker removes it
         procs.append(_start(settings, tmp_path / "w2.log", "stream", "sensor"))
-        wait_until(lambda: _owned(settings, group) == [0, 1, 2], 120, 0.1, "the restarted worker owns everything")
+        _wait_or_show_logs(tmp_path, lambda: _owned(settings, group) == [0, 1, 2], "the restarted worker owns all")
         assert "removed 1 dead member(s) of this host" in (tmp_path / "w2.log").read_text(errors="replace")
     finally:
         for p in procs:
