@@ -76,7 +76,7 @@ from ingest.gateway_errors import (
     RateLimitedError,
     UnsupportedMediaTypeError,
 )
-from ingest.gateway_limits import BodyLimitMiddleware, InFlightLimiter, OnceMap, RateLimiter
+from ingest.gateway_limits import BodyLimitMiddleware, GatewayLimits, InFlightLimiter, OnceMap, RateLimiter
 from ingest.gateway_metrics import GatewayMetrics, RequestMetrics
 from ingest.gateway_records import (
     AVRO_TYPES,
@@ -121,29 +121,6 @@ class Answer:
         if self.retry_after is not None:
             headers["Retry-After"] = str(self.retry_after)
         return JSONResponse(self.body, self.status, headers=headers)
-
-
-@dataclass(frozen=True)
-class GatewayLimits:
-    """Admission limits. Defaults where the issue was silent; every one is a ``serve`` flag."""
-
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_records_per_request: int = 10_000
-    rate_records_per_s: float = 10_000.0  # per token; <= 0 disables rate limiting
-    burst_records: float = 20_000.0
-    max_in_flight: int = 50_000  # un-acked records across all requests before 503
-    ack_timeout_s: float = 30.0
-    idempotency_capacity: int = 500_000
-    idempotency_ttl_s: float = 24 * 3600.0
-    request_key_capacity: int = 10_000
-    body_budget_bytes: int = 128 * 1024 * 1024  # body bytes held at once (x2 per body), all requests; 503 beyond
-    max_json_depth: int = 32
-    containers_per_record: int = 8  # arrays/objects a record may use (sensor values, weblog fields)
-    tenant_rate_records_per_s: float = 0.0  # per tenant across its keys; <= 0: no tenant quota
-
-    @property
-    def max_containers(self) -> int:
-        return self.max_records_per_request * self.containers_per_record + 64
 
 
 def _bridge(loop: asyncio.AbstractEventLoop, future: Any) -> asyncio.Future[Any]:

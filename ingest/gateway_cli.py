@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def register_serve(ingest_subparsers: Any) -> None:
     """Add ``serve`` to the ``streamlearn ingest`` subcommands."""
-    from ingest.gateway import GatewayLimits
+    from ingest.gateway_limits import GatewayLimits
 
     d = GatewayLimits()
     p = ingest_subparsers.add_parser(
@@ -70,7 +70,7 @@ def register_serve(ingest_subparsers: Any) -> None:
 
 def limits_from_args(args: argparse.Namespace, settings: Settings) -> Any:
     """Limits from the flags, falling back to the settings (env vars, config file)."""
-    from ingest.gateway import GatewayLimits
+    from ingest.gateway_limits import GatewayLimits
 
     def pick(name: str) -> Any:
         value = getattr(args, name, None)

@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 from ingest.gateway_errors import OverloadedError, RateLimitedError
@@ -260,3 +261,30 @@ class BodyLimitMiddleware(GuardedBodyMiddleware):
                  budget: ByteBudget | None = None, body_timeout_s: float = 30.0) -> None:
         super().__init__(app, max_body_bytes, budget=budget, body_timeout_s=body_timeout_s,
                          on_reject=on_reject, what="gateway")
+
+
+@dataclass(frozen=True)
+class GatewayLimits:
+    """Admission limits. Defaults where the issue was silent; every one is a ``serve`` flag.
+
+    Defined here, not in ``ingest.gateway``, so the CLI can build ``serve``'s flags without importing
+    FastAPI: every `streamlearn` command (and every worker restart) would pay for it.
+    """
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_records_per_request: int = 10_000
+    rate_records_per_s: float = 10_000.0  # per token; <= 0 disables rate limiting
+    burst_records: float = 20_000.0
+    max_in_flight: int = 50_000  # un-acked records across all requests before 503
+    ack_timeout_s: float = 30.0
+    idempotency_capacity: int = 500_000
+    idempotency_ttl_s: float = 24 * 3600.0
+    request_key_capacity: int = 10_000
+    body_budget_bytes: int = 128 * 1024 * 1024  # body bytes held at once (x2 per body), all requests; 503 beyond
+    max_json_depth: int = 32
+    containers_per_record: int = 8  # arrays/objects a record may use (sensor values, weblog fields)
+    tenant_rate_records_per_s: float = 0.0  # per tenant across its keys; <= 0: no tenant quota
+
+    @property
+    def max_containers(self) -> int:
+        return self.max_records_per_request * self.containers_per_record + 64

@@ -67,7 +67,7 @@ class ServingWorker(Emitter):
     """One worker process slot. ``run()`` blocks until ``stop`` is set (or a fatal Kafka error)."""
 
     def __init__(self, settings: Settings, model: str, *, policy: Policy | None = None,
-                 score_stream: str | None = None, slot: int = 0, manager: VersionManager | None = None,
+                 score_stream: str | None = None, slot: int | None = None, manager: VersionManager | None = None,
                  registry: SchemaRegistry | None = None, featurization: Featurization | None = None,
                  tf_threads: int | None = 1) -> None:
         self.settings = settings
@@ -84,8 +84,12 @@ class ServingWorker(Emitter):
         self.input_topic = raw_topic(settings, score_stream) if score_stream else requests_topic(settings, model)
         suffix = f".score.{score_stream}" if score_stream else ""
         self.group = settings.group(f"serving.{model}{suffix}")
-        self.member_id = _safe_id(f"{self.group}.slot{slot}")
-        self.transactional_id = _safe_id(f"{self.group}.tx.slot{slot}")
+        # The slot (hence the static member id and the transactional id) is claimed when the clients are
+        # made (streaming.members): the lowest free one, or ``slot`` when given.
+        self.lease: Any = None
+        self.member_id = ""
+        self.transactional_id = ""
+        self.stuck: Any = None
         self.predictions = predictions_topic(settings, model)
         self.dead_letters = dead_letter_topic(settings, "serving")
         self._deserializer = AvroDeserializer(self.schemas)
@@ -117,12 +121,24 @@ class ServingWorker(Emitter):
     def _clients(self) -> None:
         from kafka import KafkaConsumer, KafkaProducer
 
+        from streaming import members
         from streaming.consumer import consumer_config
         from streaming.producer import producer_config
 
+        role = f"serve-{self.model}"
+        self.lease = members.claim(self.settings, self.group, role, slot=self.slot)
+        self.slot = int(self.lease.slot)
+        self.member_id = self.lease.instance_id
+        self.transactional_id = _safe_id(f"{self.group}.tx.slot{self.slot}")
+        try:  # members of this host whose process is gone would hold their partitions forever
+            members.remove_dead_local(self.settings, self.group, quick=True)
+        except Exception as exc:
+            log.info("could not check group %s for dead members: %s", self.group, exc)
+        self.stuck = members.StuckWatch(self.settings, self.group, self.input_topic, self.lease,
+                                        f"serving worker {self.model} ({self.member_id})")
         max_batch = max(1, self.settings.serve_max_batch)
         self.consumer = KafkaConsumer(**consumer_config(
-            self.settings, group_id=self.group, group_instance_id=self.member_id,
+            self.settings, group_id=self.group, group_instance_id=self.member_id, client_id=members.client_id(role),
             max_poll_records=max_batch, isolation_level="read_committed", enable_auto_commit=False))
         self.consumer.subscribe([self.input_topic])
         # max_block_ms: a send never waits a minute for metadata of a topic that vanished.
@@ -145,6 +161,9 @@ class ServingWorker(Emitter):
                 except Exception as exc:  # closing after a broker loss must not hide the original error
                     log.warning("closing %s: %s", type(client).__name__, exc)
         self.consumer = self.producer = None
+        if self.lease is not None:
+            self.lease.release()  # a clean stop leaves the group (static members do not by themselves)
+            self.lease = None
 
     # -- main loop -----------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, ready_timeout_s: float | None = None) -> None:
@@ -172,6 +191,7 @@ class ServingWorker(Emitter):
         try:
             while not stop.is_set() and not self.stop_event.is_set():
                 records = self._collect()
+                self.stuck.observe(self.consumer.assignment())
                 if records:
                     if self.first_batch_at is None:
                         self.first_batch_at = time.monotonic()
@@ -319,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model")
     parser.add_argument("--policy", default="latest", help="latest | pinned:V | canary:V:SHARE")
     parser.add_argument("--score-stream", choices=sorted(KINDS), default=None)
-    parser.add_argument("--slot", type=int, default=0, help="worker slot: stable transactional id per slot")
+    parser.add_argument("--slot", type=int, default=None,
+                        help="worker slot: stable member and transactional id (default: the lowest free one)")
     parser.add_argument("--http-port", type=int, default=None)
     args = parser.parse_args(argv)
     settings = config.load()
@@ -331,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(settings: Settings, model: str, *, policy: str = "latest", score_stream: str | None = None,
-          slot: int = 0, http_port: int | None = None) -> int:
+          slot: int | None = None, http_port: int | None = None) -> int:
     """Run a worker (and the HTTP front end when ``http_port`` is set) until interrupted."""
     import signal
 

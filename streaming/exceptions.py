@@ -103,3 +103,11 @@ class EventTimeError(StreamingError, ValueError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class MemberSlotBusyError(StreamingError):
+    """A worker asked for a group member slot (``--slot``, ``--instance-id``) that a live process holds."""
+
+
+class GroupStuckError(StreamingError):
+    """A worker owns no partition of a topic that has lag (a stuck group or a phantom member)."""

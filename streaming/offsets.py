@@ -9,8 +9,9 @@ offsets, ``offsets_for_times``), never retention arithmetic.
 Kafka timestamps are the records' broker/producer timestamps (``CreateTime``: when the event was
 published), not the event-time field inside the Avro record.
 
-Resetting a live group's offsets is only allowed while the group has no members (checked with
-``KafkaAdminClient.describe_groups``); otherwise :class:`GroupActiveError`. Note that a live worker
+Resetting a live group's offsets is only allowed while the group has no live members (checked with
+``KafkaAdminClient.describe_groups``; dead members of this host are removed, see
+:mod:`streaming.members`); otherwise :class:`GroupActiveError`. Note that a live worker
 resumes after the highest offset its feature store already holds, so moving a group *back* does
 not rewrite live batches; rebuild older ranges with ``streamlearn replay`` into a namespace.
 """
@@ -178,18 +179,19 @@ def reset(settings: Settings, group: str, topic: str, *, to_timestamp: int | Non
           to_offset: int | None = None, to_earliest: bool = False, to_latest: bool = False) -> dict[int, int]:
     """Set ``group``'s committed offsets on ``topic``; exactly one target. Returns partition -> offset.
 
-    Refuses (:class:`GroupActiveError`) while the group has members: their next commit would
-    overwrite the reset, and moving offsets under a running worker breaks its batch accounting.
+    Refuses (:class:`GroupActiveError`, naming the pid) while a live member remains: its next commit
+    would overwrite the reset, and moving offsets under a running worker breaks its batch accounting.
+    Members of this host whose process is gone are removed first (KIP-345; see streaming.members).
     An explicit offset is clamped to nothing: outside [earliest, latest] it is an error.
     """
     chosen = [to_timestamp is not None, to_offset is not None, to_earliest, to_latest]
     if sum(chosen) != 1:
         raise StreamingError("reset: give exactly one of --to-timestamp, --to-offset, --to-earliest, --to-latest")
-    state, members = group_state(settings, group)
-    if state not in INACTIVE_STATES or members:
-        raise GroupActiveError(
-            f"group: {group!r} is {state} with {members} active member(s); stop its workers "
-            "(e.g. `streamlearn stream` processes) and retry once the group is Empty")
+    from streaming.members import clear_for_reset
+
+    # Dead members of this host (a worker killed with -9 on a broker that never expires it) are removed;
+    # a live worker, or any member of another host, makes this an error naming it.
+    clear_for_reset(settings, group)
     with _consumer(settings) as consumer:
         tps = partitions_of(consumer, topic)
         begins = consumer.beginning_offsets(tps)

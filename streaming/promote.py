@@ -51,7 +51,7 @@ from streaming.config import Settings
 from streaming.exceptions import GroupActiveError, PromoteError
 from streaming.fsutil import fsync_dir
 from streaming.kafka_security import kafka_security
-from streaming.offsets import INACTIVE_STATES, earliest_and_end, group_state, show
+from streaming.offsets import earliest_and_end, show
 from streaming.replay import RANGE_FILE, read_range, write_range
 from streaming.store import FeatureStore, StoreError, parse_batch_id
 from streaming.topics import raw_topic
@@ -79,13 +79,19 @@ class PromoteResult:
 
 
 def ensure_group_idle(settings: Settings, group: str, action: str) -> None:
-    """Refuse (:class:`GroupActiveError`) while ``group`` has members. The one guard of promotion:
-    a smarter member check (dead members of this host, pids) can replace this body alone."""
-    state, members = group_state(settings, group)
-    if state not in INACTIVE_STATES or members:
-        raise GroupActiveError(
-            f"group: {group!r} is {state} with {members} member(s); {action} needs it idle: stop its "
-            "`streamlearn stream` workers (or `streamlearn up`) and run this command again")
+    """Refuse (:class:`GroupActiveError`) while ``group`` has a live member. The one guard of promotion.
+
+    Dead members of this host (a worker killed with -9 on a broker that never expires it) are removed
+    first, through :func:`streaming.members.clear_for_reset`, so a crash does not block a recovery;
+    a live member, or any member of another host, is refused by name (pid on this host).
+    """
+    from streaming import members
+
+    try:
+        members.clear_for_reset(settings, group)
+    except GroupActiveError as exc:
+        raise GroupActiveError(f"{exc}; {action} needs the group idle: stop its `streamlearn stream` workers "
+                               "(or `streamlearn up`) and run this command again") from exc
 
 
 def _intent_path(store_root: Path, kind: str) -> Path:

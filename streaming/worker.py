@@ -36,10 +36,10 @@ from kafka import ConsumerRebalanceListener, TopicPartition
 
 from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import SchemaRegistry, open_registry
-from streaming import metrics
+from streaming import members, metrics
 from streaming.batcher import ClosedBatch, Pipeline, WorkerStats
 from streaming.config import Settings
-from streaming.exceptions import BackpressureError
+from streaming.exceptions import BackpressureError, GroupStuckError
 from streaming.store import BatchOverlapError
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,19 @@ class StreamWorker:
         removed = self.pipeline.store.remove_stale_temp_files(kind, namespace)
         if removed:
             log.info("removed %d temp files of crashed writers", removed)
-        if instance_id:
-            consumer_overrides["group_instance_id"] = instance_id
+        # Static membership by default (see streaming.members): a restart with the same command takes the
+        # same slot, hence the same group.instance.id, and gets its partitions back at once.
+        self.lease = members.claim(settings, self.group, f"stream-{kind}", instance=instance_id)
+        log.info("joining group %s as static member %s", self.group, self.lease.instance_id)
+        consumer_overrides.setdefault("group_instance_id", self.lease.instance_id)
+        consumer_overrides.setdefault("client_id", members.client_id(f"stream-{kind}"))
+        try:  # members of this host whose process is gone would hold their partitions forever
+            members.remove_dead_local(settings, self.group, quick=True)
+        except Exception as exc:
+            log.info("could not check group %s for dead members: %s", self.group, exc)
+        self.stuck = members.StuckWatch(settings, self.group, self.topic, self.lease, f"stream worker {kind} "
+                                        f"({self.lease.instance_id})",
+                                        consumer_overrides.get("session_timeout_ms", 10_000) / 1000)
         self.sub = Subscriber(settings, self.topic, group=self.group, start="committed", decode=False,
                               registry=registry, **consumer_overrides)
         # Re-subscribe with our listener so every (re)assignment resumes from the store.
@@ -189,6 +200,7 @@ class StreamWorker:
                     last_data = time.monotonic()
                 repositioned = self._apply_rebalance_events()
                 owned = self.sub.consumer.assignment()
+                self.stuck.observe(owned)
                 for tp, msgs in polled.items():
                     if tp in owned and tp not in repositioned:
                         self._process_partition(tp, msgs)
@@ -203,11 +215,26 @@ class StreamWorker:
                 self._update_lag()
                 if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s \
                         and not self.held and not list(self.pipeline.batcher.open_partitions()):
+                    if not owned:
+                        self._refuse_idle_exit(idle_exit_s)
                     break
             self._drain()
         finally:
             self.close()
         return self.stats
+
+    def _refuse_idle_exit(self, idle_exit_s: float) -> None:
+        """--idle-exit must not report success for a worker that was idle only because it got nothing."""
+        from streaming.offsets import partitions_of
+
+        consumer = self.sub.consumer
+        tps = partitions_of(consumer, self.topic)
+        ends = consumer.end_offsets(tps)
+        lag = sum(max(0, ends[tp] - (consumer.committed(tp) or 0)) for tp in tps)
+        if lag > 0:
+            why = self.stuck.warning or self.stuck.diagnose(idle_exit_s)
+            raise GroupStuckError(f"idle_exit: exiting after {idle_exit_s:g} s without records, but this worker "
+                                  f"owned no partition while {self.topic} has {lag} unprocessed record(s): {why}")
 
     def _process_partition(self, tp: TopicPartition, msgs: list[Any]) -> None:
         # Records below the floor were already handled: fetched before a seek to the store's end,
@@ -343,6 +370,7 @@ class StreamWorker:
         try:
             self.sub.close()
         finally:
+            self.lease.release()  # a clean stop leaves the group: no member of a gone process stays behind
             if self._own_publisher:
                 self.publisher.close()
 

@@ -6,9 +6,15 @@ one worker, not the platform, and a restarted process starts from durable state 
 same path production takes.
 
 Restarts use exponential backoff (0.5 s doubling, capped at 30 s, reset after a minute of good
-health); each restart is logged and counted. Stopping drains in order — intake first (gateway,
-sources), then stream workers (they flush their open batch and commit), then trainers and
-serving, then the registry — each group with SIGTERM and a bounded wait, then SIGKILL.
+health); each restart is logged and counted, with the last line of the worker's log, so the console
+says why it died. A worker that crashes ``give_up_after`` times in a row, each time within
+``RAPID_S`` of its start while the broker answers, is not restarted again (a setting or a bug, not a
+transient fault; crashes during a broker outage do not count): the
+supervisor says so once, with that last log line, and ``status`` shows it as ``gave up``.
+
+Stopping drains in order — intake first (gateway, sources), then stream workers (they flush
+their open batch and commit), then trainers and serving, then the registry — each group
+with SIGTERM and a bounded wait, then SIGKILL.
 
 The state of the stack (pids, restarts, metrics ports) is written to ``$HOME/stack/state.json``
 so ``streamlearn status`` in another terminal can show what runs.
@@ -20,12 +26,12 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from streaming.config import Settings, to_env
@@ -38,6 +44,10 @@ MAX_EVENTS = 1000
 
 #: Drain order: lower stops first.
 INTAKE, STREAM, MODEL, CORE = 0, 1, 2, 3
+#: A run shorter than this counts as a rapid crash.
+RAPID_S = 30.0
+#: Rapid crashes in a row after which a worker is not restarted any more.
+GIVE_UP_AFTER = 5
 
 
 @dataclass
@@ -53,8 +63,12 @@ class Service:
     next_start: float = 0.0
     backoff: float = 0.5
     last_exit: int | None = None
+    rapid_crashes: int = 0
+    gave_up: str | None = None  # why the supervisor stopped restarting it
 
     def state(self) -> str:
+        if self.gave_up is not None and self.proc is None:
+            return "gave up"
         if self.proc is None:
             return "waiting"
         return "running" if self.proc.poll() is None else f"exited({self.proc.returncode})"
@@ -70,10 +84,9 @@ def default_services(settings: Settings, base_metrics_port: int = 9100, *, gatew
     if gateway:  # the gateway serves /metrics on its own HTTP port
         services.append(Service("gateway", ["ingest", "serve"], INTAKE, settings.ingest_port))
     for kind in KINDS:
-        # Static group membership: a stream worker restarted after kill -9 takes its partitions back at
-        # once instead of waiting out the dead member (the embedded broker waits minutes for it).
-        instance = f"{socket.gethostname()}.stream-{kind}"
-        services.append(Service(f"stream-{kind}", ["stream", kind, "--instance-id", instance], STREAM, port))
+        # No --instance-id: every worker derives its static member id itself (streaming.members), so a
+        # restart after kill -9 takes its partitions back at once, supervised or started by hand.
+        services.append(Service(f"stream-{kind}", ["stream", kind], STREAM, port))
         port += 1
     for model in MODELS:
         services.append(Service(f"train-{model}", ["train", model], MODEL, port))
@@ -87,10 +100,12 @@ def default_services(settings: Settings, base_metrics_port: int = 9100, *, gatew
 class Supervisor:
     """Start, watch, restart and drain a set of :class:`Service` child processes."""
 
-    def __init__(self, settings: Settings, services: list[Service], *, max_backoff: float = 30.0) -> None:
+    def __init__(self, settings: Settings, services: list[Service], *, max_backoff: float = 30.0,
+                 give_up_after: int = GIVE_UP_AFTER) -> None:
         self.settings = settings
         self.services = services
         self.max_backoff = max_backoff
+        self.give_up_after = give_up_after
         self.dir = settings.home / "stack"
         self.log_dir = self.dir / "logs"
         self._stopping = threading.Event()
@@ -129,7 +144,7 @@ class Supervisor:
                 now = time.monotonic()
                 for svc in self.services:
                     if svc.proc is None:
-                        if now >= svc.next_start:
+                        if svc.gave_up is None and now >= svc.next_start:
                             self._spawn(svc)
                         continue
                     code = svc.proc.poll()
@@ -138,17 +153,38 @@ class Supervisor:
                             svc.backoff = 0.5  # healthy for a minute: forget earlier crashes
                         continue
                     svc.last_exit = code
+                    svc.proc = None
+                    logfile = self.log_dir / f"{svc.name}.log"
+                    last = last_log_line(logfile)
+                    if now - svc.started_at >= RAPID_S:
+                        svc.rapid_crashes = 1
+                    elif self._broker_reachable():  # a broker outage is transient: keep retrying
+                        svc.rapid_crashes += 1
+                    if svc.rapid_crashes >= self.give_up_after:
+                        svc.gave_up = (f"crashed {svc.rapid_crashes} times in a row, each within {RAPID_S:.0f} s "
+                                       f"of starting; last log line: {last}")
+                        self.events.append({"t": time.time(), "service": svc.name, "event": "gave-up",
+                                            "exit_code": code, "reason": svc.gave_up})
+                        log.error("%s exited with code %s and is NOT restarted any more: it %s. Fix the cause "
+                                  "(run `streamlearn %s` to see it), then restart `streamlearn up`. Log: %s",
+                                  svc.name, code, svc.gave_up, " ".join(svc.args), logfile)
+                        continue
                     svc.restarts += 1
                     delay = min(self.max_backoff, svc.backoff)
                     svc.backoff = min(self.max_backoff, svc.backoff * 2)
                     svc.next_start = now + delay
-                    svc.proc = None
                     self.events.append({"t": time.time(), "service": svc.name, "event": "restart",
-                                        "exit_code": code, "delay_s": delay})
+                                        "exit_code": code, "delay_s": delay, "last_line": last})
                     del self.events[:-MAX_EVENTS]
-                    log.warning("%s exited with code %s; restart #%d in %.1f s (log: %s)", svc.name, code,
-                                svc.restarts, delay, self.log_dir / f"{svc.name}.log")
+                    log.warning("%s exited with code %s: %s; restart #%d in %.1f s (log: %s)", svc.name, code,
+                                last, svc.restarts, delay, logfile)
                 self._write_state()
+
+    def _broker_reachable(self) -> bool:
+        """Whether Kafka answers now; a crash while it does not is not held against the worker."""
+        from streaming.broker import probe
+
+        return probe(self.settings.bootstrap, timeout_s=1.0) is not None
 
     def stop(self, timeout_per_group: float = 20.0) -> dict[str, int | None]:
         """Drain in order (intake, stream, model, core): SIGTERM, bounded wait, then SIGKILL."""
@@ -184,6 +220,7 @@ class Supervisor:
         now = time.monotonic()
         return [{"name": s.name, "command": "streamlearn " + " ".join(s.args), "state": s.state(),
                  "pid": s.proc.pid if s.proc else None, "restarts": s.restarts, "last_exit": s.last_exit,
+                 "gave_up": s.gave_up,
                  "uptime_s": round(now - s.started_at, 1) if s.proc else 0.0, "metrics_port": s.metrics_port,
                  "started_unix_s": round(time.time() - (now - s.started_at), 3) if s.proc else None}
                 for s in self.services]
@@ -203,6 +240,19 @@ class Supervisor:
         tmp.write_text(json.dumps({"supervisor_pid": os.getpid(), "stopped": stopped, "updated": time.time(),
                                    "services": self.status()}, indent=2))
         os.replace(tmp, self.dir / "state.json")
+
+
+def last_log_line(path: Path, max_bytes: int = 8192) -> str:
+    """The last non-empty line of a worker's log (what it said before dying), or a placeholder."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - max_bytes))
+            tail = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip() and "GLIBC_" not in ln]
+    return lines[-1][:500] if lines else "(empty log)"
 
 
 def read_state(settings: Settings) -> dict[str, Any] | None:

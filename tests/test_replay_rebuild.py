@@ -310,7 +310,7 @@ def test_rebuild_to_live(settings: Settings, tmp_path: Path) -> None:
     # a member of the group that holds no lock here (another host, or a worker embedded in-process): refused too
     with running_worker(s, "sensor"):
         wait_until(lambda: group_state(s, default_group(s, "sensor"))[1] == 1, 30, message="member joined")
-        with pytest.raises(GroupActiveError, match="1 member.*stop its `streamlearn stream` workers"):
+        with pytest.raises(GroupActiveError, match="1 active member.*stop its `streamlearn stream` workers"):
             promote(s, "sensor", "rebuild")
         assert store.batch_ids("sensor", "rebuild") == rebuild_ids
         assert not (store.root / ".promote-sensor.json").exists()

@@ -29,8 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="instead of requests, score every raw event of KIND (request_id = topic/partition/offset)")
     p.add_argument("--policy", default="latest", metavar="POLICY",
                    help="latest (promoted version; default) | pinned:V | canary:V:SHARE (e.g. canary:4:0.1)")
-    p.add_argument("--slot", type=int, default=0, metavar="N",
-                   help="worker slot; give each concurrent worker its own (stable transactional id per slot)")
+    p.add_argument("--slot", type=int, default=None, metavar="N",
+                   help="worker slot: stable group member and transactional id (default: the lowest slot no live "
+                        "process of this host holds, so a restart with the same command takes its old one)")
     p.add_argument("--max-batch", type=int, dest="serve_max_batch", metavar="N",
                    help=f"largest dynamic batch {config.env_help('serve_max_batch')}")
     p.add_argument("--max-wait-ms", type=float, dest="serve_max_wait_ms", metavar="MS",

@@ -18,14 +18,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "micro-batches to the feature store (run one per partition to scale)")
     s.add_argument("kind", choices=sorted(KINDS))
     s.add_argument("--group", help="consumer group (default <prefix>stream.<kind>)")
-    s.add_argument("--instance-id", help="static group membership id (a restarted process with the same id "
-                                         "takes its partitions back at once, no session timeout)")
+    s.add_argument("--instance-id", help="pin the static group membership id (default: derived from group, host "
+                                         "and the lowest free slot, so a restart with the same command takes "
+                                         "its partitions back at once; see docs/RECOVERY.md)")
     s.add_argument("--batch-max-records", type=int,
                    help=f"close a batch at this many records {config.env_help('batch_max_records')}")
     s.add_argument("--batch-max-seconds", type=float,
                    help=f"... or when its oldest record is this old {config.env_help('batch_max_seconds')}")
     s.add_argument("--metrics-port", type=int, help=f"/metrics port {config.env_help('metrics_port')}")
-    s.add_argument("--idle-exit", type=float, help="exit after this many seconds without records (batch jobs)")
+    s.add_argument("--idle-exit", type=float, help="exit after this many seconds without records (batch jobs); "
+                                                   "non-zero when it owned no partition while the topic had lag")
     s.set_defaults(func=_stream)
 
     r = sub.add_parser("replay", help="rebuild feature batches from a point of the raw topic into a separate "
@@ -122,18 +124,25 @@ def _group_topic(args: argparse.Namespace, settings: config.Settings) -> tuple[s
 
 
 def _offsets_show(args: argparse.Namespace, settings: config.Settings) -> int:
-    from streaming.offsets import group_state, show
+    from streaming.members import describe_group
+    from streaming.offsets import show
 
     group, topic = _group_topic(args, settings)
-    state, members = group_state(settings, group)
+    state, members = describe_group(settings, group)
     rows = show(settings, group, topic)
     if args.json:
-        print(json.dumps({"group": group, "topic": topic, "state": state, "members": members,
+        print(json.dumps({"group": group, "topic": topic, "state": state, "members": len(members),
+                          "member_list": [m.as_dict() for m in members],
                           "partitions": [dict(r.__dict__, lag=r.lag) for r in rows]}, indent=2))
         return 0
-    print(f"group {group} ({state}, {members} members) on {topic}")
+    print(f"group {group} ({state}, {len(members)} members) on {topic}")
+    for m in members:
+        print(f"  member {m.describe()}")
     for r in rows:
         print(f"  p{r.partition}: committed={r.committed} earliest={r.earliest} latest={r.latest} lag={r.lag}")
+    if any(m.local and m.alive is False for m in members):
+        print("  dead members of this host are removed by `streamlearn offsets reset` (or any worker of the group "
+              "when it starts)")
     return 0
 
 

@@ -58,9 +58,34 @@ def _subscribe(args: argparse.Namespace, settings: config.Settings) -> int:
     group = settings.group(args.group) if args.group else None
     if group and start != "committed":
         print("note: explicit positions read without the group; nothing will be committed", file=sys.stderr)
+    lease, member = None, dict[str, Any]()
+    if group and start == "committed":  # a group member: static id and slot lock like every worker
+        from streaming import members
+
+        lease = members.claim(settings, group, f"subscribe-{topic}")
+        member = {"group_instance_id": lease.instance_id, "client_id": members.client_id("subscribe")}
+        try:
+            members.remove_dead_local(settings, group, quick=True)
+        except Exception as exc:  # noqa: BLE001 - the subscription itself still works
+            print(f"note: could not check group {group} for dead members: {exc}", file=sys.stderr)
+    try:
+        n, failed = _print_items(args, settings, topic, group, start, until, member, raw, dead_letters)
+    finally:
+        if lease is not None:
+            lease.release()
+    if failed:
+        print(f"{n} records, {failed} could not be decoded (see 'error'; --raw prints the bytes)", file=sys.stderr)
+        return 1
+    print(f"{n} records", file=sys.stderr)
+    return 0
+
+
+def _print_items(args: argparse.Namespace, settings: config.Settings, topic: str, group: str | None, start: Any,
+                 until: Any, member: dict[str, Any], raw: bool, dead_letters: bool) -> tuple[int, int]:
+    """Print each item; returns (items, items that could not be decoded)."""
     n = failed = 0
     with Subscriber(settings, topic, group=group, start=start, until=until, decode=not raw,
-                    idle_backoff=True) as sub:
+                    idle_backoff=True, **member) as sub:
         for item in sub.iterate(max_records=args.max_records, idle_timeout_s=args.idle_timeout):
             n += 1
             meta = {"topic": item.topic, "partition": item.partition, "offset": item.offset,
@@ -80,12 +105,21 @@ def _subscribe(args: argparse.Namespace, settings: config.Settings) -> int:
                 shown = to_json(out.get("value", out.get("error")))[:300]
                 print(f"{item.topic}[{item.partition}]@{item.offset} {shown}", flush=True)
             if args.group and sub.grouped:
-                sub.commit({_tp(item): item.offset + 1})
-    if failed:
-        print(f"{n} records, {failed} could not be decoded (see 'error'; --raw prints the bytes)", file=sys.stderr)
-        return 1
-    print(f"{n} records", file=sys.stderr)
-    return 0
+                _commit(sub, item)
+    return n, failed
+
+
+def _commit(sub: Subscriber, item: Any) -> None:
+    """Commit after printing (at least once). A commit refused by a rebalance (the group is rejoining, e.g.
+    right after a restart) is not fatal: the next record's commit covers this one, and a partition that
+    moved is re-read from its last commit by its new owner."""
+    from kafka.errors import KafkaError
+
+    try:
+        sub.commit({_tp(item): item.offset + 1})
+    except KafkaError as exc:
+        print(f"note: commit of {item.topic}[{item.partition}]@{item.offset} refused ({type(exc).__name__}); "
+              "a later commit covers it", file=sys.stderr)
 
 
 def _dead_letter_line(item: Any) -> str:

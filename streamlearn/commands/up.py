@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 
 from streaming import config
@@ -34,16 +35,31 @@ def prepare(settings: config.Settings) -> None:
 
 def _up(args: argparse.Namespace, settings: config.Settings) -> int:
     from streaming.broker import running_broker
+    from streamlearn import preflight
     from streamlearn.stack import Supervisor, default_services
 
+    services = default_services(settings, args.metrics_base_port, gateway=not args.no_gateway, registry_http=True)
+    if args.only:
+        wanted = {n.strip() for n in args.only.split(",")}
+        unknown = wanted - {s.name for s in services}
+        if unknown:
+            print(f"error: --only: unknown service(s) {sorted(unknown)}; known: {[s.name for s in services]}",
+                  file=sys.stderr)
+            return 2
+        services = [s for s in services if s.name in wanted]
+    checked = preflight.check(settings, services)
+    if checked.errors:  # one line per problem, nothing started
+        for line in checked.errors:
+            print(f"error: {line}", file=sys.stderr)
+        print("up: refusing to start; fix the settings above (flags, STREAMLEARN_* variables or the config file)",
+              file=sys.stderr)
+        return 2
+    for line in checked.notes:
+        print(f"up: {line}", flush=True)
+    services = checked.services
     with running_broker(settings) as broker:
         print(broker.describe())
         prepare(settings)
-        services = default_services(settings, args.metrics_base_port, gateway=not args.no_gateway,
-                                    registry_http=True)
-        if args.only:
-            wanted = {n.strip() for n in args.only.split(",")}
-            services = [s for s in services if s.name in wanted]
         sup = Supervisor(settings, services)
         done = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -68,6 +84,7 @@ def _status(args: argparse.Namespace, settings: config.Settings) -> int:
     from streamlearn.status import render, tcp_reachable, worker_rows
 
     print(EmbeddedBroker(settings).status().describe())
+    _print_members(settings)
     state = read_state(settings)
     if state is None:
         print("no stack has run under this STREAMLEARN_HOME")
@@ -79,4 +96,23 @@ def _status(args: argparse.Namespace, settings: config.Settings) -> int:
     if not kafka:
         print(f"  (no Kafka broker answers at {settings.bootstrap}: partitions and lag unknown)")
     print("\n".join(render(worker_rows(settings, state, alive, kafka=kafka))))
+    for s in state.get("services", []):
+        if s.get("gave_up"):
+            print(f"  {s['name']}: not restarted: {s['gave_up']}")
     return 0 if alive else 3
+
+
+def _print_members(settings: config.Settings) -> None:
+    """Group members started on this host (streaming.members), alive or not, and any stuck warning."""
+    from streaming.members import local_entries
+
+    entries = local_entries(settings)
+    if not entries:
+        return
+    print("group members started on this host:")
+    for e in entries:
+        state = "running" if e.get("alive") else "DEAD (killed; its next start takes the slot back)"
+        print(f"  {e.get('role', '?'):28} pid {e.get('pid', '-'):<7} {state:10} partitions {e.get('partitions')} "
+              f"member {e.get('instance_id')}")
+        if e.get("alive") and e.get("warning"):
+            print(f"    WARNING: {e['warning']}")
