@@ -118,6 +118,7 @@ class ServingWorker:
         self.answered = 0
         self.batches = 0
         self.consumer: Any = None
+        self.poller: Any = None
         self.labels: LabelJoiner | None = None
         self.producer: Any = None
         self.stop_event = threading.Event()
@@ -138,7 +139,7 @@ class ServingWorker:
     def _clients(self) -> None:
         from kafka import KafkaConsumer, KafkaProducer
 
-        from streaming.consumer import consumer_config
+        from streaming.consumer import IdlePoller, consumer_config
         from streaming.producer import producer_config
 
         max_batch = max(1, self.settings.serve_max_batch)
@@ -146,6 +147,7 @@ class ServingWorker:
             self.settings, group_id=self.group, group_instance_id=self.member_id,
             max_poll_records=max_batch, isolation_level="read_committed", enable_auto_commit=False))
         self.consumer.subscribe([self.input_topic])
+        self.poller = IdlePoller(self.consumer)  # sleeps between empty polls; never pauses (docs/IDLE.md)
         extra: dict[str, Any] = {"linger_ms": 0}
         if self.settings.transactions:
             extra["transactional_id"] = self.transactional_id
@@ -202,7 +204,7 @@ class ServingWorker:
     def _collect(self) -> list[Any]:
         """One dynamic batch: up to serve_max_batch records, at most serve_max_wait_ms after the first."""
         max_batch = max(1, self.settings.serve_max_batch)
-        polled = self.consumer.poll(timeout_ms=100, max_records=max_batch)
+        polled = self.poller.poll(timeout_ms=100, max_records=max_batch)
         records = [r for recs in polled.values() for r in recs]
         if not records:
             return records
@@ -211,7 +213,7 @@ class ServingWorker:
             left_ms = (deadline - time.monotonic()) * 1000.0
             if left_ms <= 0:
                 break
-            polled = self.consumer.poll(timeout_ms=max(1, int(left_ms)), max_records=max_batch - len(records))
+            polled = self.poller.poll(timeout_ms=max(1, int(left_ms)), max_records=max_batch - len(records))
             records.extend(r for recs in polled.values() for r in recs)
         return records
 

@@ -93,7 +93,7 @@ class StreamWorker:
         if instance_id:
             consumer_overrides["group_instance_id"] = instance_id
         self.sub = Subscriber(settings, self.topic, group=self.group, start="committed", decode=False,
-                              registry=registry, **consumer_overrides)
+                              registry=registry, idle_backoff=True, **consumer_overrides)
         # Re-subscribe with our listener so every (re)assignment resumes from the store.
         self._events: queue.SimpleQueue[tuple[str, list[TopicPartition]]] = queue.SimpleQueue()
         self.sub.consumer.subscribe([self.topic], listener=_Rebalance(self._events))
@@ -181,9 +181,9 @@ class StreamWorker:
                 self._resume_registry_waits()
                 wait = self.pipeline.batcher.seconds_until_due()
                 timeout_ms = int(min(200.0, (wait if wait is not None else 1.0) * 1000)) if not self.held else 100
-                # A plain poll: IdlePoller's pause/resume between empty polls interfered with this worker's
-                # own rebalance handling (a revoked worker stalled in the rejoin in the kill -9 test).
-                polled = self.sub.consumer.poll(timeout_ms=max(timeout_ms, 1), max_records=2000)
+                # IdlePoller sleeps between empty polls (no fetch spin on the embedded broker) and never
+                # pauses partitions, so this worker's own pauses and rebalance repositioning stay its own.
+                polled = self.sub.poll_raw(timeout_ms=max(timeout_ms, 1), max_records=2000)
                 if polled:
                     last_data = time.monotonic()
                 repositioned = self._apply_rebalance_events()
