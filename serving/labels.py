@@ -105,7 +105,7 @@ class LabelJoiner:
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
             consumer.assign(tps)
             consumer.seek_to_end(*tps)
-            poller = IdlePoller(consumer, max_idle_s=0.1)  # labels may arrive late; no fetch spin meanwhile
+            poller = IdlePoller(consumer, max_idle_s=0.25)  # labels arrive late anyway; no fetch spin meanwhile
             while not self._stop.is_set():
                 for recs in poller.poll(timeout_ms=300).values():
                     for rec in recs:

@@ -299,7 +299,7 @@ class VersionManager:
                     tps = [TopicPartition(topic, p) for p in sorted(parts)]
                     consumer.assign(tps)
                     consumer.seek_to_end(*tps)
-                    poller = IdlePoller(consumer, max_idle_s=0.2)  # registry polling backs this up anyway
+                    poller = IdlePoller(consumer, max_idle_s=0.5)  # registry polling backs this up anyway
                 assert poller is not None
                 batch = poller.poll(timeout_ms=500)
                 if any(r.key == self.model.encode() for recs in batch.values() for r in recs):

@@ -80,24 +80,23 @@ class IdlePoller:
     so a plain ``poll(200)`` on an idle topic re-fetches in a tight loop and burns most of a core.
 
     This never touches ``pause()``/``resume()`` (the first version paused idle partitions during the
-    back-off; that raced with the workers' own pauses and rebalance repositioning, see
-    docs/IDLE.md). Instead, with partitions assigned and fetchable, it calls ``poll(0)`` -- which
-    returns what the last fetch brought and sends the next one -- and, when nothing came, waits
-    ``wait_s`` and reads the fetch it just sent (so the answer is fresh, not one back-off old), then
-    sleeps a back-off that doubles from ``min_idle_s`` to ``max_idle_s``. Records or an assignment
+    back-off; that raced with the workers' own pauses and rebalance repositioning, see docs/IDLE.md).
+    With partitions assigned and fetchable it calls ``poll(read_ms)`` -- a short poll that sends a
+    fetch and reads its answer, so what it sees is fresh, not one back-off old -- and, when nothing
+    came, sleeps a back-off that doubles from ``min_idle_s`` to ``max_idle_s``. Records or an assignment
     change reset the back-off (a change also ends the call, so the caller sees the rebalance before
     any record of the new assignment). With nothing assigned (a join in progress, more members than
     partitions) or everything paused by the caller, it is kafka-python's own ``poll(timeout_ms)``:
     the fetcher is idle then, so kafka-python does not spin, and a join runs exactly as before.
-    Heartbeats run on kafka-python's IO thread, and every call still reaches ``poll`` at least once,
-    so rebalance callbacks and ``max_poll_interval_ms`` behave as with a plain poll. On Apache Kafka
-    it only adds a short sleep between empty polls.
+    Heartbeats run on kafka-python's IO thread, and every call reaches ``poll`` at least once, so
+    rebalance callbacks and ``max_poll_interval_ms`` behave as with a plain poll. On Apache Kafka it
+    only adds a short sleep between empty polls.
     """
 
-    def __init__(self, consumer: KafkaConsumer, min_idle_s: float = 0.001, max_idle_s: float = 0.05,
-                 wait_s: float = 0.001) -> None:
+    def __init__(self, consumer: KafkaConsumer, min_idle_s: float = 0.001, max_idle_s: float = 0.064,
+                 read_ms: int = 2) -> None:
         self.consumer = consumer
-        self.min_idle_s, self.max_idle_s, self.wait_s = min_idle_s, max_idle_s, wait_s
+        self.min_idle_s, self.max_idle_s, self.read_ms = min_idle_s, max_idle_s, read_ms
         self._idle_s = min_idle_s
         self._assigned: frozenset[TopicPartition] = frozenset()
 
@@ -120,10 +119,9 @@ class IdlePoller:
             if not assigned or assigned <= set(self.consumer.paused()):
                 remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
                 return self._got(self.consumer.poll(timeout_ms=remaining_ms, max_records=max_records))
-            records = self.consumer.poll(timeout_ms=0, max_records=max_records)
-            if not records and self.wait_s > 0:  # poll(0) sent a fetch: read its answer, not a stale one
-                time.sleep(self.wait_s)
-                records = self.consumer.poll(timeout_ms=0, max_records=max_records)
+            # Not poll(0): that returns the answer to the fetch sent one back-off ago and costs as much.
+            read_ms = min(self.read_ms, max(0, int((deadline - time.monotonic()) * 1000)))
+            records = self.consumer.poll(timeout_ms=read_ms, max_records=max_records)
             if records:
                 return self._got(records)
             remaining = deadline - time.monotonic()
