@@ -72,6 +72,9 @@ class ErrorItem:
 Item = Record | ErrorItem
 
 
+IDLE_MAX_S = 0.064  # back-off cap: ~15 empty polls/s idle, first record after idle within about one cap
+
+
 class IdlePoller:
     """``consumer.poll`` that sleeps between empty polls instead of spinning on an idle topic.
 
@@ -93,7 +96,7 @@ class IdlePoller:
     only adds a short sleep between empty polls.
     """
 
-    def __init__(self, consumer: KafkaConsumer, min_idle_s: float = 0.001, max_idle_s: float = 0.064,
+    def __init__(self, consumer: KafkaConsumer, min_idle_s: float = 0.001, max_idle_s: float = IDLE_MAX_S,
                  read_ms: int = 2) -> None:
         self.consumer = consumer
         self.min_idle_s, self.max_idle_s, self.read_ms = min_idle_s, max_idle_s, read_ms
@@ -161,7 +164,7 @@ class Subscriber:
                  registry: SchemaRegistry | None = None, reader_schema: dict[str, Any] | None = None,
                  isolation_level: str = "read_committed", decode: bool = True,
                  partitions: list[int] | None = None, idle_backoff: bool = False,
-                 **consumer_overrides: Any) -> None:
+                 idle_max_s: float = IDLE_MAX_S, **consumer_overrides: Any) -> None:
         self.settings = settings
         self.topics = [topics] if isinstance(topics, str) else list(topics)
         self.group = group
@@ -174,7 +177,7 @@ class Subscriber:
         self.consumer = KafkaConsumer(**cfg)
         # Opt-in: the workers, dashboards and `streamlearn subscribe` turn it on; library users who call
         # poll on ``self.consumer`` themselves keep kafka-python's plain poll.
-        self.poller = IdlePoller(self.consumer) if idle_backoff else None
+        self.poller = IdlePoller(self.consumer, max_idle_s=idle_max_s) if idle_backoff else None
         self._stop_at: dict[TopicPartition, int] = {}
         self._done: set[TopicPartition] = set()
         self.grouped = group is not None and start == "committed"

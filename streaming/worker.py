@@ -44,6 +44,10 @@ from streaming.store import BatchOverlapError
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
+# Idle back-off cap of this worker's polls. A record's effect here is a batch, written at the earliest
+# batch_max_seconds (5 s by default) after its first record, so 0.25 s more after an idle spell is not
+# visible, and it quarters the idle polls (docs/IDLE.md). Records reset the back-off to 1 ms.
+STREAM_IDLE_MAX_S = 0.25
 
 
 def default_group(settings: Settings, kind: str) -> str:
@@ -93,7 +97,8 @@ class StreamWorker:
         if instance_id:
             consumer_overrides["group_instance_id"] = instance_id
         self.sub = Subscriber(settings, self.topic, group=self.group, start="committed", decode=False,
-                              registry=registry, idle_backoff=True, **consumer_overrides)
+                              registry=registry, idle_backoff=True, idle_max_s=STREAM_IDLE_MAX_S,
+                              **consumer_overrides)
         # Re-subscribe with our listener so every (re)assignment resumes from the store.
         self._events: queue.SimpleQueue[tuple[str, list[TopicPartition]]] = queue.SimpleQueue()
         self.sub.consumer.subscribe([self.topic], listener=_Rebalance(self._events))
