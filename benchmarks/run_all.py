@@ -18,7 +18,7 @@ from typing import Any
 
 from benchmarks.common import REPORT_DIR, bench_settings, fresh, machine
 
-BENCHMARKS = ["bench_sdk", "bench_ingest_tailer", "bench_gateway", "bench_stream", "bench_serving",
+BENCHMARKS = ["bench_sdk", "bench_idle", "bench_ingest_tailer", "bench_gateway", "bench_stream", "bench_serving",
               "bench_learning", "bench_platform"]
 
 
