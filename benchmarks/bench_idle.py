@@ -186,13 +186,16 @@ def _per_kind(settings: Settings, logs: Path) -> dict[str, Any]:
 
 def _stack(settings: Settings, logs: Path) -> dict[str, Any]:
     """The whole `up` stack, idle (tiny promoted models, so every server is past its wait for a version)."""
+    from streaming.broker import free_port
     from streaming.model_registry import ModelRegistry
     from streaming.topics import MODELS
     from streamlearn.commands.up import prepare
     from streamlearn.stack import Supervisor, default_services
     from tests.serving_helpers import publish
 
-    s = settings.with_(ingest_tokens=settings.ingest_tokens or "bench:idle-bench-token")
+    # Own ports: on a shared box another stack may hold the defaults (the registry would crash-loop).
+    s = settings.with_(ingest_tokens=settings.ingest_tokens or "bench:idle-bench-token",
+                       registry_port=free_port(), ingest_port=free_port())
     prepare(s)
     registry = ModelRegistry(s.model_dir)
     for model in MODELS:
