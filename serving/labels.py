@@ -125,6 +125,7 @@ class LabelJoiner:
 
         from schemas.registry import open_registry
         from schemas.serde import AvroDeserializer
+        from streaming.consumer import IdlePoller
 
         decode = AvroDeserializer(open_registry(self.settings.registry_url, self.settings.registry_dir))
         topic = raw_topic(self.settings, self.kind)
@@ -135,8 +136,9 @@ class LabelJoiner:
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
             consumer.assign(tps)
             consumer.seek_to_end(*tps)
+            poller = IdlePoller(consumer, max_idle_s=0.25)  # labels arrive late anyway; no fetch spin meanwhile
             while not self._stop.is_set():
-                for recs in consumer.poll(timeout_ms=300).values():
+                for recs in poller.poll(timeout_ms=300).values():
                     for rec in recs:
                         try:
                             event = decode(rec.value).value

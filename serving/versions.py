@@ -307,10 +307,12 @@ class VersionManager:
         """
         from kafka import KafkaConsumer, TopicPartition
 
+        from streaming.consumer import IdlePoller
         from streaming.topics import model_updates_topic
 
         topic = model_updates_topic(self.settings)
         consumer = None
+        poller = None
         while not self._stop.is_set():
             try:
                 if consumer is None:
@@ -325,7 +327,9 @@ class VersionManager:
                     tps = [TopicPartition(topic, p) for p in sorted(parts)]
                     consumer.assign(tps)
                     consumer.seek_to_end(*tps)
-                batch = consumer.poll(timeout_ms=500)
+                    poller = IdlePoller(consumer, max_idle_s=0.5)  # registry polling backs this up anyway
+                assert poller is not None
+                batch = poller.poll(timeout_ms=500)
                 if any(r.key == self.model.encode() for recs in batch.values() for r in recs):
                     self.check_now()
             except Exception as exc:

@@ -101,6 +101,7 @@ class ServingWorker(Emitter):
         self.answered = 0
         self.batches = 0
         self.consumer: Any = None
+        self.poller: Any = None
         self.labels: LabelJoiner | None = None
         self.producer: Any = None
         self.stop_event = threading.Event()
@@ -122,7 +123,7 @@ class ServingWorker(Emitter):
         from kafka import KafkaConsumer, KafkaProducer
 
         from streaming import members
-        from streaming.consumer import consumer_config
+        from streaming.consumer import IdlePoller, consumer_config
         from streaming.producer import producer_config
 
         role = f"serve-{self.model}"
@@ -141,6 +142,7 @@ class ServingWorker(Emitter):
             self.settings, group_id=self.group, group_instance_id=self.member_id, client_id=members.client_id(role),
             max_poll_records=max_batch, isolation_level="read_committed", enable_auto_commit=False))
         self.consumer.subscribe([self.input_topic])
+        self.poller = IdlePoller(self.consumer)  # sleeps between empty polls; never pauses (docs/IDLE.md)
         # max_block_ms: a send never waits a minute for metadata of a topic that vanished.
         extra: dict[str, Any] = {"linger_ms": 0, "max_block_ms": 10_000}
         if self.settings.transactions:
@@ -202,7 +204,7 @@ class ServingWorker(Emitter):
     def _collect(self) -> list[Any]:
         """One dynamic batch: up to serve_max_batch records, at most serve_max_wait_ms after the first."""
         max_batch = max(1, self.settings.serve_max_batch)
-        polled = self.consumer.poll(timeout_ms=100, max_records=max_batch)
+        polled = self.poller.poll(timeout_ms=100, max_records=max_batch)
         records = [r for recs in polled.values() for r in recs]
         if not records:
             return records
@@ -211,7 +213,7 @@ class ServingWorker(Emitter):
             left_ms = (deadline - time.monotonic()) * 1000.0
             if left_ms <= 0:
                 break
-            polled = self.consumer.poll(timeout_ms=max(1, int(left_ms)), max_records=max_batch - len(records))
+            polled = self.poller.poll(timeout_ms=max(1, int(left_ms)), max_records=max_batch - len(records))
             records.extend(r for recs in polled.values() for r in recs)
         return records
 

@@ -73,47 +73,71 @@ class ErrorItem:
 Item = Record | ErrorItem
 
 
-class IdlePoller:
-    """``consumer.poll`` that does not spin when the broker answers empty fetches at once.
+IDLE_MAX_S = 0.064  # back-off cap: ~15 empty polls/s idle, first record after idle within about one cap
 
-    kafka-python sends the next fetch as soon as an empty one returns, relying on the broker to
-    hold it for ``fetch.max.wait.ms``. The embedded broker (noida-db) answers at once, so a plain
-    ``poll(200)`` on an idle topic burns most of a core. This polls once for data; when nothing
-    came, it pauses fetching (only the partitions the caller has not paused itself) and lets a
-    normal ``poll`` run the group coordinator for the back-off interval (kafka-python sleeps when
-    everything is paused), then resumes. The interval grows from ``min_idle_s`` to ``max_idle_s``
-    while nothing arrives and resets as soon as data does. Group joins and rebalances proceed as
-    usual. Harmless on Apache Kafka, where it only adds a short pause between empty polls.
+
+class IdlePoller:
+    """``consumer.poll`` that sleeps between empty polls instead of spinning on an idle topic.
+
+    kafka-python sends the next fetch as soon as an empty one returns and relies on the broker to
+    hold it for ``fetch_max_wait_ms``. The embedded broker (noida-db) answers empty fetches at once,
+    so a plain ``poll(200)`` on an idle topic re-fetches in a tight loop and burns most of a core.
+
+    This never touches ``pause()``/``resume()`` (the first version paused idle partitions during the
+    back-off; that raced with the workers' own pauses and rebalance repositioning, see docs/IDLE.md).
+    With partitions assigned and fetchable it calls ``poll(read_ms)`` -- a short poll that sends a
+    fetch and reads its answer, so what it sees is fresh, not one back-off old -- and, when nothing
+    came, sleeps a back-off that doubles from ``min_idle_s`` to ``max_idle_s``. Records or an assignment
+    change reset the back-off (a change also ends the call, so the caller sees the rebalance before
+    any record of the new assignment). With nothing assigned (a join in progress, more members than
+    partitions) or everything paused by the caller, it is kafka-python's own ``poll(timeout_ms)``:
+    the fetcher is idle then, so kafka-python does not spin, and a join runs exactly as before.
+    Heartbeats run on kafka-python's IO thread, and every call reaches ``poll`` at least once, so
+    rebalance callbacks and ``max_poll_interval_ms`` behave as with a plain poll. On Apache Kafka it
+    only adds a short sleep between empty polls.
     """
 
-    def __init__(self, consumer: KafkaConsumer, min_idle_s: float = 0.005, max_idle_s: float = 0.05) -> None:
+    def __init__(self, consumer: KafkaConsumer, min_idle_s: float = 0.001, max_idle_s: float = IDLE_MAX_S,
+                 read_ms: int = 2) -> None:
         self.consumer = consumer
-        self.min_idle_s, self.max_idle_s = min_idle_s, max_idle_s
+        self.min_idle_s, self.max_idle_s, self.read_ms = min_idle_s, max_idle_s, read_ms
         self._idle_s = min_idle_s
+        self._assigned: frozenset[TopicPartition] = frozenset()
+
+    def reset(self) -> None:
+        """Forget the back-off (the next empty poll sleeps ``min_idle_s``)."""
+        self._idle_s = self.min_idle_s
 
     def poll(self, timeout_ms: int = 200, max_records: int | None = None) -> dict[TopicPartition, list[Any]]:
+        """Like ``KafkaConsumer.poll``: records as soon as there are some, else ``{}`` after ``timeout_ms``."""
         deadline = time.monotonic() + max(0, timeout_ms) / 1000
         while True:
-            assigned = set(self.consumer.assignment())
-            if not assigned:  # joining a group or nothing assigned: nothing to spin on
+            assigned = frozenset(self.consumer.assignment())
+            if assigned != self._assigned:
+                first, self._assigned = not self._assigned, assigned
+                self.reset()
+                if not first and time.monotonic() < deadline and assigned:
+                    # A rebalance happened inside this call: hand control back before fetching more,
+                    # so the caller repositions the new partitions first (as after a plain poll).
+                    return {}
+            if not assigned or assigned <= set(self.consumer.paused()):
                 remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-                return dict(self.consumer.poll(timeout_ms=remaining_ms, max_records=max_records))
-            records = self.consumer.poll(timeout_ms=0, max_records=max_records)
+                return self._got(self.consumer.poll(timeout_ms=remaining_ms, max_records=max_records))
+            # Not poll(0): that returns the answer to the fetch sent one back-off ago and costs as much.
+            read_ms = min(self.read_ms, max(0, int((deadline - time.monotonic()) * 1000)))
+            records = self.consumer.poll(timeout_ms=read_ms, max_records=max_records)
             if records:
-                self._idle_s = self.min_idle_s
-                return dict(records)
+                return self._got(records)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return {}
-            quiet = assigned - set(self.consumer.paused())
-            self.consumer.pause(*quiet)
-            try:  # coordinator work (heartbeats, rebalances) goes on; no fetches while paused
-                self.consumer.poll(timeout_ms=max(1, int(min(self._idle_s, remaining) * 1000)))
-            finally:
-                still = quiet & set(self.consumer.assignment())
-                if still:
-                    self.consumer.resume(*still)
-            self._idle_s = min(self.max_idle_s, self._idle_s * 1.5)
+            time.sleep(min(self._idle_s, remaining))  # a back-off between empty fetches, not a wait for an event
+            self._idle_s = min(self.max_idle_s, self._idle_s * 2)
+
+    def _got(self, records: Any) -> dict[TopicPartition, list[Any]]:
+        if records:
+            self.reset()
+        return dict(records)
 
 
 def consumer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
@@ -142,7 +166,7 @@ class Subscriber:
                  registry: SchemaRegistry | None = None, reader_schema: dict[str, Any] | None = None,
                  isolation_level: str = "read_committed", decode: bool = True,
                  partitions: list[int] | None = None, idle_backoff: bool = False,
-                 **consumer_overrides: Any) -> None:
+                 idle_max_s: float = IDLE_MAX_S, **consumer_overrides: Any) -> None:
         self.settings = settings
         self.topics = [topics] if isinstance(topics, str) else list(topics)
         self.group = group
@@ -153,9 +177,9 @@ class Subscriber:
         if group is None:
             cfg["enable_auto_commit"] = False
         self.consumer = KafkaConsumer(**cfg)
-        # Opt-in (read-only followers: dashboards, `streamlearn subscribe`): workers keep kafka-python's own
-        # poll, whose rebalance and read_committed behaviour their fault tests pin.
-        self.poller = IdlePoller(self.consumer) if idle_backoff else None
+        # Opt-in: the workers, dashboards and `streamlearn subscribe` turn it on; library users who call
+        # poll on ``self.consumer`` themselves keep kafka-python's plain poll.
+        self.poller = IdlePoller(self.consumer, max_idle_s=idle_max_s) if idle_backoff else None
         self._stop_at: dict[TopicPartition, int] = {}
         self._done: set[TopicPartition] = set()
         self.grouped = group is not None and start == "committed"
@@ -269,14 +293,17 @@ class Subscriber:
         return Record(msg.topic, msg.partition, msg.offset, msg.timestamp, msg.key, msg.headers or [],
                       decoded.schema_id, decoded.value, raw)
 
+    def poll_raw(self, timeout_ms: int = 500, max_records: int | None = None) -> dict[TopicPartition, list[Any]]:
+        """One poll of undecoded records per partition, through the idle back-off when it is on."""
+        if self.poller is not None:
+            return self.poller.poll(timeout_ms=timeout_ms, max_records=max_records)
+        return dict(self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records))
+
     def poll_batch(self, timeout_ms: int = 500, max_records: int | None = None) -> list[Item]:
         """One poll: decoded items of all partitions, in offset order within each partition."""
         if self.finished:
             return []
-        if self.poller is not None:
-            polled = self.poller.poll(timeout_ms=timeout_ms, max_records=max_records)
-        else:
-            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        polled = self.poll_raw(timeout_ms=timeout_ms, max_records=max_records)
         items: list[Item] = []
         for tp, msgs in polled.items():
             stop = self._stop_at.get(tp)

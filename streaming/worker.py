@@ -45,6 +45,10 @@ from streaming.store import BatchOverlapError
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
+# Idle back-off cap of this worker's polls. A record's effect here is a batch, written at the earliest
+# batch_max_seconds (5 s by default) after its first record, so 0.25 s more after an idle spell is not
+# visible, and it quarters the idle polls (docs/IDLE.md). Records reset the back-off to 1 ms.
+STREAM_IDLE_MAX_S = 0.25
 
 
 def default_group(settings: Settings, kind: str) -> str:
@@ -105,7 +109,8 @@ class StreamWorker:
                                         f"({self.lease.instance_id})",
                                         consumer_overrides.get("session_timeout_ms", 10_000) / 1000)
         self.sub = Subscriber(settings, self.topic, group=self.group, start="committed", decode=False,
-                              registry=registry, **consumer_overrides)
+                              registry=registry, idle_backoff=True, idle_max_s=STREAM_IDLE_MAX_S,
+                              **consumer_overrides)
         # Re-subscribe with our listener so every (re)assignment resumes from the store.
         self._events: queue.SimpleQueue[tuple[str, list[TopicPartition]]] = queue.SimpleQueue()
         self.sub.consumer.subscribe([self.topic], listener=_Rebalance(self._events))
@@ -193,9 +198,9 @@ class StreamWorker:
                 self._resume_registry_waits()
                 wait = self.pipeline.batcher.seconds_until_due()
                 timeout_ms = int(min(200.0, (wait if wait is not None else 1.0) * 1000)) if not self.held else 100
-                # A plain poll: IdlePoller's pause/resume between empty polls interfered with this worker's
-                # own rebalance handling (a revoked worker stalled in the rejoin in the kill -9 test).
-                polled = self.sub.consumer.poll(timeout_ms=max(timeout_ms, 1), max_records=2000)
+                # IdlePoller sleeps between empty polls (no fetch spin on the embedded broker) and never
+                # pauses partitions, so this worker's own pauses and rebalance repositioning stay its own.
+                polled = self.sub.poll_raw(timeout_ms=max(timeout_ms, 1), max_records=2000)
                 if polled:
                     last_data = time.monotonic()
                 repositioned = self._apply_rebalance_events()
