@@ -24,10 +24,11 @@ def poll_until(predicate: Callable[[], T], timeout_s: float, *, interval_s: floa
     Returns the first truthy value, or the last (falsy) value once the deadline passed or ``stop``
     was set; the caller decides what a timeout means. An exception from ``predicate`` propagates at
     once (use it to abort early, e.g. when the process being waited for died). ``stop``, when
-    given, is waited on instead of sleeping so a shutdown interrupts the wait.
+    given, is waited on instead of sleeping so a shutdown interrupts the wait. ``interval_s=0`` is
+    for predicates that block by themselves (a Kafka ``poll`` with a timeout): no sleep between calls.
     """
-    if interval_s <= 0:
-        raise ValueError(f"interval_s must be > 0, got {interval_s}")
+    if interval_s < 0:
+        raise ValueError(f"interval_s must be >= 0, got {interval_s}")
     end = time.monotonic() + timeout_s
     while True:
         value = predicate()
@@ -37,6 +38,10 @@ def poll_until(predicate: Callable[[], T], timeout_s: float, *, interval_s: floa
         if left <= 0:
             return value
         pause = min(interval_s, left)
+        if pause == 0:
+            if stop is not None and stop.is_set():
+                return value
+            continue
         if stop is not None:
             if stop.wait(pause):
                 return value

@@ -49,9 +49,11 @@ def test_stop_event_interrupts_the_wait() -> None:
     assert time.monotonic() - start < 5
 
 
-def test_interval_must_be_positive() -> None:
+def test_interval_must_not_be_negative_and_zero_means_no_sleep() -> None:
     with pytest.raises(ValueError, match="interval_s"):
-        poll_until(lambda: True, 1, interval_s=0)
+        poll_until(lambda: True, 1, interval_s=-1)
+    calls = iter([0, 0, 0, 5])
+    assert poll_until(lambda: next(calls), 10, interval_s=0) == 5  # a predicate that blocks by itself
 
 
 def test_read_topic_with_expect_reads_on_to_the_end_offsets(settings: Settings) -> None:
