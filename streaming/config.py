@@ -69,6 +69,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("serve_http_host", "STREAMLEARN_SERVE_HTTP_HOST", str, "127.0.0.1",
          "address the serving worker's HTTP API binds (0.0.0.0 in containers)"),
     Spec("log_level", "STREAMLEARN_LOG_LEVEL", str, "INFO", "logging level"),
+    Spec("broker_loss_window_s", "STREAMLEARN_BROKER_LOSS_WINDOW_S", float, 5.0,
+         "publishers keep acked records this long (and re-send them if the broker lost them); 0 disables"),
 )
 _BY_NAME = {s.name: s for s in SPECS}
 
@@ -150,6 +152,7 @@ class Settings:
     serve_max_wait_ms: float
     serve_http_host: str
     log_level: str
+    broker_loss_window_s: float = 5.0
     model_specs: dict[str, str] = field(default_factory=dict)
 
     @property
