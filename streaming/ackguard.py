@@ -78,6 +78,7 @@ class GuardedSend(Future):
         super().__init__()
         self.topic, self.key, self.record_value, self.headers = topic, key, value, headers
         self.attempts = 0
+        self.last_error = ""
         self._latch = threading.Event()
 
     def success(self, value: Any) -> GuardedSend:
@@ -244,8 +245,7 @@ class AckLedger:
 
     def _failed(self, fut: GuardedSend, exc: BaseException) -> None:
         if isinstance(exc, RESEND_ERRORS) and fut.attempts < MAX_ATTEMPTS and not self._closed.is_set():
-            log.warning("send to %s failed (%s: %s); sending it again (attempt %d)", fut.topic,
-                        type(exc).__name__, exc, fut.attempts + 1)
+            fut.last_error = f"{type(exc).__name__}: {exc}"
             with self._cond:
                 self.stats.resent_failed += 1
                 self._resend.append(fut)
@@ -284,6 +284,9 @@ class AckLedger:
         with self._cond:
             resend = list(self._resend)
             self._resend.clear()
+        if resend:
+            log.warning("%d sends failed (%s, ...), e.g. after a broker restart; sending them again", len(resend),
+                        resend[0].last_error)
         for fut in resend:
             self._attempt(fut)
         if not self.enabled:
@@ -361,6 +364,11 @@ class AckLedger:
             log.warning("the broker lost %d acked records (it restarted); sending them again", len(lost))
         for e in lost:
             self._attempt(GuardedSend(e.topic, e.key, e.value, e.headers))
+
+    def broker_down_for(self) -> float:
+        """Seconds the broker has been unreachable (0.0 while it is connected or before the first send)."""
+        since = self.broker_down_since
+        return 0.0 if since is None else time.monotonic() - since
 
     # ---- waiting and closing ---------------------------------------------------------------
     def pending(self) -> int:

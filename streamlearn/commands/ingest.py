@@ -123,6 +123,7 @@ def _weblog(args: argparse.Namespace, settings: config.Settings) -> int:
             flush=True,
         )
         stats = tailer.run(stop, idle_exit_s=args.idle_exit)
+        pub.settle()  # a broker killed right after we exit must not lose the last acks
     _report({"source": str(args.path), "seconds": round(time.monotonic() - started, 3), **asdict(stats)})
     return 0
 
@@ -147,6 +148,7 @@ def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
             )
             source = f"generator:sensors:{args.seed}"
             stats = sensors.publish_records(pub, records, source=source)
+        pub.settle()
     _report(
         {
             "source": source,
@@ -170,6 +172,7 @@ def _images(args: argparse.Namespace, settings: config.Settings) -> int:
         watcher = ImageWatcher(settings, pub, args.watch)
         try:
             watcher.run(follow=not args.once, poll_s=args.poll, stop=stop, idle_exit_s=args.idle_exit)
+            pub.settle()
         finally:
             watcher.close()
     _report(
