@@ -19,7 +19,7 @@ from typing import Any
 from benchmarks.common import REPORT_DIR, bench_settings, fresh, machine
 
 BENCHMARKS = ["bench_sdk", "bench_ingest_tailer", "bench_gateway", "bench_stream", "bench_serving",
-              "bench_learning", "bench_platform"]
+              "bench_learning", "bench_platform", "bench_broker_crash"]
 
 
 def _rows(name: str, result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:

@@ -128,7 +128,7 @@ class LedgerStats:
     epochs: int = 0
 
 
-class _EpochWatch:
+class EpochWatch:
     """Plain TCP connections to the bootstrap brokers; a closed one means the broker went away."""
 
     def __init__(self, bootstrap: str) -> None:
@@ -193,7 +193,7 @@ class AckLedger:
         self._resend: deque[GuardedSend] = deque()
         self._unacked = 0
         self._cond = threading.Condition()
-        self._watch = _EpochWatch(bootstrap)
+        self._watch = EpochWatch(bootstrap)
         self._grace_until = 0.0
         self._consumer: Any = None
         self._closed = threading.Event()

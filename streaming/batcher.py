@@ -27,6 +27,7 @@ from schemas.registry import SchemaRegistry
 from schemas.serde import AvroDeserializer
 from streaming import metrics
 from streaming.config import Settings
+from streaming.divergence import FINGERPRINT_ALGO, FingerprintChain, record_fingerprint
 from streaming.exceptions import (
     BackpressureError,
     BatcherError,  # noqa: F401 (re-exported)
@@ -73,6 +74,14 @@ class PartitionBatch:
     first_offset: int | None = None
     last_offset: int | None = None
     opened_at: float | None = None
+    #: chain digest of the records' fingerprints (offset-reuse detection, streaming/divergence.py)
+    chain: FingerprintChain | None = None
+
+    def _fingerprint(self, offset: int, fingerprint: str | None) -> None:
+        if fingerprint is not None:
+            if self.chain is None:
+                self.chain = FingerprintChain()
+            self.chain.add(offset, fingerprint)
 
     @property
     def count(self) -> int:
@@ -116,17 +125,19 @@ class MicroBatcher:
             b = self._open[key] = PartitionBatch(topic, partition)
         return b
 
-    def add_row(self, row: StoredRow, schema_id: int | None) -> None:
+    def add_row(self, row: StoredRow, schema_id: int | None, fingerprint: str | None = None) -> None:
         b = self._batch(row.topic, row.partition)
         b._advance(row.offset, self.clock())
+        b._fingerprint(row.offset, fingerprint)
         b.rows.append(row)
         if schema_id is not None:
             b.schema_ids.add(int(schema_id))
 
-    def add_dead_letter(self, topic: str, partition: int, offset: int) -> None:
+    def add_dead_letter(self, topic: str, partition: int, offset: int, fingerprint: str | None = None) -> None:
         """Record that ``offset`` went to the dead-letter topic (processed, but no row)."""
         b = self._batch(topic, partition)
         b._advance(offset, self.clock())
+        b._fingerprint(offset, fingerprint)
         b.dead_letter_offsets.append(offset)
 
     def pending(self, topic: str, partition: int) -> int:
@@ -166,6 +177,8 @@ class MicroBatcher:
             last_offset=b.last_offset, featurizer_version=self.featurizer_version,
             n_features=self.n_features, label_names=self.label_names, schema_ids=sorted(b.schema_ids),
             dead_letter_offsets=list(b.dead_letter_offsets), featurizer_state=featurizer_state,
+            extra={} if b.chain is None else {"fingerprints": {
+                "algo": FINGERPRINT_ALGO, "last": b.chain.last, "chain": b.chain.hexdigest()}},
         )
         return ClosedBatch(spec, b.rows, b.opened_at or self.clock(), self.clock())
 
@@ -277,7 +290,7 @@ class Pipeline:
         if sampled:
             self._featurize_hist.observe(time.perf_counter() - t0)
         self.batcher.add_row(StoredRow(row.x, row.labels, row.event_time_ms, row.key, msg.topic, partition,
-                                       offset), decoded.schema_id)
+                                       offset), decoded.schema_id, record_fingerprint(msg))
         self.stats.records += 1
         self.stats.rows += 1
         self._unreported_rows += 1
@@ -293,7 +306,7 @@ class Pipeline:
             self.kind, raw, stage=stage, error=exc,
             source={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}, key=msg.key)
         self._dl_futures.append((fut, msg, raw, stage, exc))
-        self.batcher.add_dead_letter(msg.topic, msg.partition, msg.offset)
+        self.batcher.add_dead_letter(msg.topic, msg.partition, msg.offset, record_fingerprint(msg))
         name = type(exc).__name__
         self.stats.records += 1
         self.stats.dead_letters += 1
