@@ -13,9 +13,8 @@ import json
 import signal
 import subprocess
 import threading
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -25,37 +24,13 @@ from ingest.checkpoint import EVENT_ID_HEADER
 from ingest.generators import web_traffic_lines
 from ingest.tailer import default_checkpoint_path
 from streaming import config
-from streaming.broker import EmbeddedBroker, free_port
-from streaming.topics import ensure_topics, raw_topic
+from streaming.broker import free_port
+from streaming.topics import raw_topic
+from tests.broker_crash_helpers import crash_broker_fixture  # noqa: F401 (the crash_broker fixture)
 from tests.helpers import read_topic, streamlearn_cmd, subprocess_env, wait_until
 
 KILLS = 5
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture()
-def crash_broker(tmp_path: Path) -> Iterator[tuple[config.Settings, Callable[..., None]]]:
-    """Settings on a private embedded broker, and ``kill9_restart(while_down=None)``: SIGKILL, run
-    ``while_down()`` if given, start again."""
-    bs = config.load({"home": tmp_path / "broker-home", "broker_port": free_port()}, environ={})
-    holder = [EmbeddedBroker(bs)]
-    holder[0].start(timeout_s=60, detach=False)
-    s = config.load({"home": tmp_path / "home", "kafka_bootstrap": bs.bootstrap,
-                     "topic_prefix": f"c{uuid.uuid4().hex[:8]}.", "metrics_port": -1,
-                     "batch_max_seconds": 1.0}, environ={})
-    ensure_topics(s)
-
-    def kill9_restart(while_down: Callable[[], object] | None = None) -> None:
-        holder[0].kill()
-        if while_down is not None:
-            while_down()
-        holder[0] = EmbeddedBroker(bs)
-        holder[0].start(timeout_s=60, detach=False)
-
-    try:
-        yield s, kill9_restart
-    finally:
-        holder[0].stop()
 
 
 class Paced(threading.Thread):
