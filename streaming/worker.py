@@ -39,9 +39,11 @@ from streaming import metrics
 from streaming.ackguard import EpochWatch
 from streaming.batcher import ClosedBatch, Pipeline, WorkerStats
 from streaming.config import Settings
+from streaming.deadletters import DeadLetterIndex
 from streaming.divergence import find_divergence, quarantine
 from streaming.exceptions import BackpressureError
 from streaming.store import BatchOverlapError
+from streaming.topics import dead_letter_topic
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class StreamWorker:
         self.pipeline = Pipeline(settings, kind, namespace=namespace, registry=registry,
                                  publisher=self.publisher, max_seconds=settings.batch_max_seconds)
         self.topic = self.pipeline.topic
+        self.pipeline.dl_index = DeadLetterIndex(settings.bootstrap, dead_letter_topic(settings, kind))
         removed = self.pipeline.store.remove_stale_temp_files(kind, namespace)
         if removed:
             log.info("removed %d temp files of crashed writers", removed)
@@ -416,6 +419,8 @@ class StreamWorker:
 
     def close(self) -> None:
         self._watch.close()
+        if self.pipeline.dl_index is not None:
+            self.pipeline.dl_index.close()
         if self._check_consumer is not None:
             self._check_consumer.close()
         try:
