@@ -214,15 +214,23 @@ class AckLedger:
         fut = GuardedSend(topic, key, value, headers)
         with self._cond:
             self._unacked += 1
-        self._attempt(fut)
+        self._attempt(fut, raise_errors=True)
         return fut
 
-    def _attempt(self, fut: GuardedSend) -> None:
+    def _attempt(self, fut: GuardedSend, raise_errors: bool = False) -> None:
         fut.attempts += 1
         try:
             inner = self.producer.send(fut.topic, value=fut.record_value, key=fut.key, headers=fut.headers)
         except RESEND_ERRORS as exc:
             self._failed(fut, exc)
+            return
+        except Exception as exc:  # refused for good (too large, closed producer): never counted as in flight
+            with self._cond:
+                self._unacked -= 1
+                self._cond.notify_all()
+            if raise_errors:
+                raise
+            fut.failure(exc)
             return
         inner.add_callback(self._acked, fut)
         inner.add_errback(self._failed, fut)
