@@ -139,6 +139,7 @@ class EpochWatch:
                 self.addrs.append((host.strip("[]"), int(port)))
         self.socks: dict[tuple[str, int], socket.socket] = {}
         self.epoch = 0
+        self.changed_at = -1e9
         self.connected = False
 
     def poll(self) -> bool:
@@ -164,6 +165,7 @@ class EpochWatch:
                 lost = lost or self.connected
         now_connected = len(self.socks) == len(self.addrs) and bool(self.addrs)
         if lost or (self.connected and not now_connected):
+            self.changed_at = time.monotonic()  # before the epoch: a reader that sees the new epoch sees this
             self.epoch += 1
         changed = lost or (self.connected and not now_connected)
         self.connected = now_connected
@@ -194,7 +196,8 @@ class AckLedger:
         self._unacked = 0
         self._cond = threading.Condition()
         self._watch = EpochWatch(bootstrap)
-        self._grace_until = 0.0
+        self._scan_epoch = 0  # no entry of another epoch can exist while this equals the epoch and ...
+        self._scan_needed = False  # ... no suspect (-1) entry was added since the last scan
         self._consumer: Any = None
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -241,9 +244,12 @@ class AckLedger:
         with self._cond:
             self._unacked -= 1
             if self.enabled:
-                epoch = self._watch.epoch if self._watch.connected and now >= self._grace_until else -1
+                # an ack just after an epoch change may still come from the old broker process: suspect
+                watch = self._watch
+                epoch = watch.epoch if watch.connected and now >= watch.changed_at + 1.0 else -1
                 entry = _Entry(md.topic, md.partition, md.offset, fut.key, fut.record_value, fut.headers, now, epoch)
                 entry.size = len(fut.record_value) + len(fut.key or b"") + 64
+                self._scan_needed = self._scan_needed or epoch != self._scan_epoch
                 self._entries.append(entry)
                 self._bytes += entry.size
                 self.stats.acked += 1
@@ -285,7 +291,6 @@ class AckLedger:
         now = time.monotonic()
         if self._watch.poll():
             self.stats.epochs += 1
-            self._grace_until = now + 1.0
             log.warning("broker connection lost (epoch %d): acked records of the last %.1f s will be read back "
                         "and re-sent where the broker lost them", self._watch.epoch, self.window_s)
         self.broker_down_since = None if self._watch.connected else (self.broker_down_since or now)
@@ -302,7 +307,10 @@ class AckLedger:
         epoch, connected = self._watch.epoch, self._watch.connected
         with self._cond:
             confirm_before = now - self.window_s
-            suspects = [e for e in self._entries if e.epoch != epoch]
+            suspects: list[_Entry] = []
+            if self._scan_needed or self._scan_epoch != epoch:  # a full scan only after a change
+                suspects = [e for e in self._entries if e.epoch != epoch]
+                self._scan_epoch, self._scan_needed = epoch, bool(suspects)
             while self._entries and self._entries[0].epoch == epoch and self._entries[0].acked_at <= confirm_before:
                 self._drop(self._entries.popleft())
                 self.stats.confirmed += 1
