@@ -142,8 +142,9 @@ class EpochWatch:
         self.changed_at = -1e9
         self.connected = False
 
-    def poll(self) -> bool:
-        """Check the connections (never blocks long); True when the epoch changed."""
+    def poll(self, reconnect: bool = True) -> bool:
+        """Check the connections (a select without waiting), reconnect the closed ones when
+        ``reconnect``; True when the epoch changed."""
         lost = False
         for addr, sock in list(self.socks.items()):
             try:
@@ -155,7 +156,7 @@ class EpochWatch:
                 sock.close()
                 del self.socks[addr]
         for addr in self.addrs:
-            if addr in self.socks:
+            if addr in self.socks or not reconnect:
                 continue
             try:
                 sock = socket.create_connection(addr, timeout=1.0)
@@ -164,6 +165,8 @@ class EpochWatch:
             except OSError:
                 lost = lost or self.connected
         now_connected = len(self.socks) == len(self.addrs) and bool(self.addrs)
+        if not reconnect and not lost:
+            return False
         if lost or (self.connected and not now_connected):
             self.changed_at = time.monotonic()  # before the epoch: a reader that sees the new epoch sees this
             self.epoch += 1

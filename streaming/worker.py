@@ -215,24 +215,30 @@ class StreamWorker:
                     tp.topic, tp.partition, div.reason, len(ids), qdir, ", ".join(ids), div.resume_at)
         return div.resume_at
 
-    def _watch_broker(self) -> None:
+    def _watch_broker(self) -> set[TopicPartition]:
         """On a broker restart, drop what was read since the store's end and re-check the store of
-        every owned partition before reading on (records there may have vanished or changed)."""
+        every owned partition before reading on (records there may have vanished or changed).
+
+        Returns the partitions it repositioned: records of the current poll were fetched from the old
+        position and must be ignored, as after a rebalance."""
         now = time.monotonic()
-        if now >= self._watch_at:
+        # the liveness check runs on every loop (records fetched from a restarted broker must never be
+        # processed before the restart is noticed); reconnecting is throttled
+        reconnect = now >= self._watch_at
+        if reconnect:
             self._watch_at = now + 0.2
-            if self._watch.poll():
-                owned = self.sub.consumer.assignment()
-                log.warning("broker connection lost; partitions %s will be re-checked against the store when "
-                            "it is back", sorted(tp.partition for tp in owned))
-                for tp in owned:
-                    self.pipeline.forget(tp.partition)
-                    self.held = [c for c in self.held if c.spec.partition != tp.partition]
-                    self._reverify.add(tp)
-                if owned:
-                    self.sub.consumer.pause(*owned)
+        if self._watch.poll(reconnect=reconnect):
+            owned = self.sub.consumer.assignment()
+            log.warning("broker connection lost; partitions %s will be re-checked against the store when "
+                        "it is back", sorted(tp.partition for tp in owned))
+            for tp in owned:
+                self.pipeline.forget(tp.partition)
+                self.held = [c for c in self.held if c.spec.partition != tp.partition]
+                self._reverify.add(tp)
+            if owned:
+                self.sub.consumer.pause(*owned)
         if not self._reverify or not self._watch.connected or now < self._reverify_at:
-            return
+            return set()
         owned = self.sub.consumer.assignment()
         todo = [tp for tp in self._reverify if tp in owned]
         self._reverify.clear()
@@ -243,6 +249,7 @@ class StreamWorker:
                      and not self.paused_for_backpressure]
         if resumable:
             self.sub.consumer.resume(*resumable)
+        return set(todo)
 
     # ---- main loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> WorkerStats:
@@ -263,7 +270,7 @@ class StreamWorker:
                 if polled:
                     last_data = time.monotonic()
                 repositioned = self._apply_rebalance_events()
-                self._watch_broker()
+                repositioned |= self._watch_broker()
                 owned = self.sub.consumer.assignment()
                 for tp, msgs in polled.items():
                     if tp in owned and tp not in repositioned and tp not in self._reverify:

@@ -20,7 +20,7 @@ from kafka import KafkaConsumer, TopicPartition
 from streaming import config
 from streaming.divergence import _read_chain, quarantined
 from streaming.producer import Publisher
-from streaming.store import FeatureStore
+from streaming.store import FeatureStore, StoreError
 from streaming.topics import raw_topic
 from tests.broker_crash_helpers import crash_broker_fixture  # noqa: F401 (the crash_broker fixture)
 from tests.helpers import streamlearn_cmd, subprocess_env, wait_until
@@ -41,13 +41,35 @@ def _ends(settings: config.Settings) -> dict[int, int]:
 
 
 def _covered(settings: config.Settings) -> bool:
-    """The store holds every offset the topic holds now (and nothing beyond)."""
+    """The store holds exactly the offsets the topic holds now: each once, nothing beyond (stale batches
+    of lost records count against it, so this waits for the worker's re-check too)."""
     try:
         ends = _ends(settings)
     except Exception:  # broker restarting
         return False
     want = {(p, o) for p, end in ends.items() for o in range(end)}
-    return set(stored_offsets(settings, "sensor")) >= want
+    try:
+        return sorted(stored_offsets(settings, "sensor")) == sorted(want)
+    except (FileNotFoundError, StoreError):  # a batch was quarantined while we listed them
+        return False
+
+
+def _all_batches_match(settings: config.Settings) -> list[str]:
+    """Ids of the batches whose fingerprint chain differs from the records the topic holds now."""
+    topic = raw_topic(settings, "sensor")
+    c = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
+    bad = []
+    try:
+        for b in FeatureStore(settings.feature_store).batches("sensor"):
+            r = b.manifest["ranges"][0]
+            chain, _ = _read_chain(c, TopicPartition(topic, r["partition"]), r["first_offset"], r["last_offset"])
+            if chain != b.manifest["fingerprints"]["chain"]:
+                bad.append(b.batch_id)
+    except (FileNotFoundError, StoreError):  # a batch was quarantined while we listed them
+        return ["(store changing)"]
+    finally:
+        c.close()
+    return bad
 
 
 def _stored_count(settings: config.Settings) -> int:
@@ -86,7 +108,10 @@ def test_broker_kill9_under_stream_worker_quarantines_and_featurizes_each_record
         wait_until(lambda: quarantined(settings.feature_store), 60, message="divergent batches quarantined")
         _publish(settings, sent, 300)  # new records after the restart take the re-used offsets
         sent += 300
-        wait_until(lambda: _covered(settings), 90, message="worker caught up after the restarts")
+        # equal offsets are not enough (a stale batch of lost records has the same offsets as the new ones):
+        # wait until every batch also matches the topic's records
+        wait_until(lambda: _covered(settings) and _all_batches_match(settings) == [], 90, interval=0.5,
+                   message="worker caught up after the restarts")
     except AssertionError as exc:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
@@ -100,17 +125,10 @@ def test_broker_kill9_under_stream_worker_quarantines_and_featurizes_each_record
     # every record on the topic now: featurized exactly once ...
     ends = _ends(settings)
     got = stored_offsets(settings, "sensor")
-    assert sorted(got) == sorted((p, o) for p, end in ends.items() for o in range(end)), "offsets stored != topic"
+    want = sorted((p, o) for p, end in ends.items() for o in range(end))
+    assert sorted(got) == want, f"offsets stored != topic; worker output:\n{out[-5000:]}"
     # ... from the record that sits at that offset now (every batch's fingerprint chain matches the topic)
-    topic = raw_topic(settings, "sensor")
-    c = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
-    try:
-        for b in FeatureStore(settings.feature_store).batches("sensor"):
-            r = b.manifest["ranges"][0]
-            chain, _ = _read_chain(c, TopicPartition(topic, r["partition"]), r["first_offset"], r["last_offset"])
-            assert chain == b.manifest["fingerprints"]["chain"], f"batch {b.batch_id} does not match the topic"
-    finally:
-        c.close()
+    assert _all_batches_match(settings) == [], f"batches differ from the topic; worker output:\n{out[-5000:]}"
     # the divergent batches were moved aside, named in a WARNING and in `streamlearn status`
     notes = quarantined(settings.feature_store)
     assert notes and all(Path(n["path"], f"{n['batch_id']}.avro").exists() for n in notes)
