@@ -123,6 +123,10 @@ class Answer:
         return JSONResponse(self.body, self.status, headers=headers)
 
 
+#: After this long without a broker connection, requests get 503 at once instead of waiting for acks.
+BROKER_DOWN_503_S = 1.0
+
+
 def _bridge(loop: asyncio.AbstractEventLoop, future: Any) -> asyncio.Future[Any]:
     """A kafka-python future (callbacks on its I/O thread) or a concurrent future -> asyncio future."""
     if isinstance(future, ConcurrentFuture):
@@ -270,6 +274,10 @@ class Gateway:
             self.tokens.require(principal, f"ingest.{kind}")
         self.rate.check(principal.name)
         self.inflight.admit()
+        ledger = getattr(self.publisher, "ledger", None)
+        down = ledger.broker_down_for() if ledger is not None else 0.0
+        if down > BROKER_DOWN_503_S:  # fail fast: no ack can come, and a 2xx must mean "kept"
+            raise OverloadedError(f"Kafka is unreachable (for {down:.0f} s); retry", retry_after=1)
         return principal
 
     def charge(self, principal: Principal, n: int) -> None:
@@ -543,6 +551,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         if owned:
+            await run_in_threadpool(pub.settle)  # acked answers given must survive a broker kill
             await run_in_threadpool(pub.close)
 
     app = FastAPI(title="streamlearn ingest gateway", version="1", lifespan=lifespan,

@@ -29,8 +29,10 @@ Durability - why no gap and no duplicate after ``kill -9``:
 
 Kafka transactions were the alternative; they would need the file position stored in Kafka in
 the same transaction and do not cover dead letters written from the same loop, so the
-read-back is the simpler design that covers both. Limits: a broker that loses acked writes
-(the embedded broker on its own ``kill -9``) is outside this guarantee; a file truncated and
+read-back is the simpler design that covers both. A broker that loses acked writes (the embedded
+broker on its own ``kill -9``) is covered by the Publisher's ack ledger (``streaming/ackguard.py``),
+which re-sends what vanished; a tailer crash *and* a broker crash within the same few seconds can
+still duplicate a line (re-sent lines may land below the floors). A file truncated and
 regrown past the checkpoint with an identical first line while the tailer was down is
 indistinguishable from the old file (as with ``tail -F``).
 """

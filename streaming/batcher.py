@@ -27,6 +27,8 @@ from schemas.registry import SchemaRegistry
 from schemas.serde import AvroDeserializer
 from streaming import eventtime, metrics
 from streaming.config import Settings
+from streaming.deadletters import FLOOR_KEY, DeadLetterIndex
+from streaming.divergence import FINGERPRINT_ALGO, FingerprintChain, record_fingerprint
 from streaming.exceptions import (
     BackpressureError,
     BatcherError,  # noqa: F401 (re-exported)
@@ -73,6 +75,14 @@ class PartitionBatch:
     first_offset: int | None = None
     last_offset: int | None = None
     opened_at: float | None = None
+    #: chain digest of the records' fingerprints (offset-reuse detection, streaming/divergence.py)
+    chain: FingerprintChain | None = None
+
+    def _fingerprint(self, offset: int, fingerprint: str | None) -> None:
+        if fingerprint is not None:
+            if self.chain is None:
+                self.chain = FingerprintChain()
+            self.chain.add(offset, fingerprint)
 
     @property
     def count(self) -> int:
@@ -116,17 +126,19 @@ class MicroBatcher:
             b = self._open[key] = PartitionBatch(topic, partition)
         return b
 
-    def add_row(self, row: StoredRow, schema_id: int | None) -> None:
+    def add_row(self, row: StoredRow, schema_id: int | None, fingerprint: str | None = None) -> None:
         b = self._batch(row.topic, row.partition)
         b._advance(row.offset, self.clock())
+        b._fingerprint(row.offset, fingerprint)
         b.rows.append(row)
         if schema_id is not None:
             b.schema_ids.add(int(schema_id))
 
-    def add_dead_letter(self, topic: str, partition: int, offset: int) -> None:
+    def add_dead_letter(self, topic: str, partition: int, offset: int, fingerprint: str | None = None) -> None:
         """Record that ``offset`` went to the dead-letter topic (processed, but no row)."""
         b = self._batch(topic, partition)
         b._advance(offset, self.clock())
+        b._fingerprint(offset, fingerprint)
         b.dead_letter_offsets.append(offset)
 
     def pending(self, topic: str, partition: int) -> int:
@@ -166,6 +178,8 @@ class MicroBatcher:
             last_offset=b.last_offset, featurizer_version=self.featurizer_version,
             n_features=self.n_features, label_names=self.label_names, schema_ids=sorted(b.schema_ids),
             dead_letter_offsets=list(b.dead_letter_offsets), featurizer_state=featurizer_state,
+            extra={} if b.chain is None else {"fingerprints": {
+                "algo": FINGERPRINT_ALGO, "last": b.chain.last, "chain": b.chain.hexdigest()}},
         )
         return ClosedBatch(spec, b.rows, b.opened_at or self.clock(), self.clock())
 
@@ -224,6 +238,8 @@ class Pipeline:
         self._records_dl = metrics.RECORDS.labels(kind, "dead_letter")
         self._dl_futures: list[Any] = []
         self._unreported_rows = 0
+        self.dl_index: DeadLetterIndex | None = None  # set by the live worker (streaming/deadletters.py)
+        self._dl_skip: dict[int, set[int]] = {}
 
     # ---- state -------------------------------------------------------------------------------
     def restore(self, partition: int) -> int | None:
@@ -246,11 +262,26 @@ class Pipeline:
                             self.topic, partition, last.manifest.get("featurizer", {}).get("version"),
                             self.featurizer.version)
         self.states[partition] = state if state is not None else self.featurizer.new_state()
-        return None if last is None else int(last.manifest["ranges"][0]["last_offset"]) + 1
+        nxt = None if last is None else int(last.manifest["ranges"][0]["last_offset"]) + 1
+        self._dl_skip.pop(partition, None)
+        if self.dl_index is not None:
+            try:
+                skip = self.dl_index.already_written(None if last is None else last.manifest.get(FLOOR_KEY),
+                                                     self.topic, partition, after=nxt or 0)
+            except Exception as exc:  # a duplicate dead letter is better than a stalled partition
+                log.warning("%s[%d]: cannot read back earlier dead letters (%s); records dead-lettered before "
+                            "a crash may be dead-lettered again", self.topic, partition, exc)
+                skip = set()
+            if skip:
+                log.info("%s[%d]: %d offsets past the store already have their dead letter (written before a "
+                         "crash); not writing them again", self.topic, partition, len(skip))
+                self._dl_skip[partition] = skip
+        return nxt
 
     def forget(self, partition: int) -> None:
         self.batcher.drop(self.topic, partition)
         self.states.pop(partition, None)
+        self._dl_skip.pop(partition, None)
 
     # ---- per record --------------------------------------------------------------------------
     def process(self, msg: Any) -> None:
@@ -289,7 +320,7 @@ class Pipeline:
         if sampled:
             self._featurize_hist.observe(time.perf_counter() - t0)
         self.batcher.add_row(StoredRow(row.x, row.labels, row.event_time_ms, row.key, msg.topic, partition,
-                                       offset), decoded.schema_id)
+                                       offset), decoded.schema_id, record_fingerprint(msg))
         self.stats.records += 1
         self.stats.rows += 1
         self._unreported_rows += 1
@@ -301,11 +332,12 @@ class Pipeline:
             self._unreported_rows = 0
 
     def _dead_letter(self, msg: Any, raw: bytes, stage: str, exc: Exception) -> None:
-        fut = self.publisher.dead_letter(
-            self.kind, raw, stage=stage, error=exc,
-            source={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}, key=msg.key)
-        self._dl_futures.append((fut, msg, raw, stage, exc))
-        self.batcher.add_dead_letter(msg.topic, msg.partition, msg.offset)
+        if msg.offset not in self._dl_skip.get(msg.partition, ()):
+            fut = self.publisher.dead_letter(
+                self.kind, raw, stage=stage, error=exc,
+                source={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}, key=msg.key)
+            self._dl_futures.append((fut, msg, raw, stage, exc))
+        self.batcher.add_dead_letter(msg.topic, msg.partition, msg.offset, record_fingerprint(msg))
         name = type(exc).__name__
         self.stats.records += 1
         self.stats.dead_letters += 1
@@ -317,7 +349,14 @@ class Pipeline:
     def close(self, partition: int) -> ClosedBatch | None:
         state = self.states.get(partition)
         text = self.featurizer.state_to_json(state) if state is not None else None
-        return self.batcher.close(self.topic, partition, text)
+        closed = self.batcher.close(self.topic, partition, text)
+        if closed is not None and self.dl_index is not None:
+            # taken before any later record is read: every later dead letter lands at or above it
+            try:
+                closed.spec.extra[FLOOR_KEY] = self.dl_index.floor()
+            except Exception as exc:  # without a floor the next start reads the dead-letter topic from 0
+                log.warning("dead-letter topic end offsets unavailable (%s); batch written without a floor", exc)
+        return closed
 
     def flush_dead_letters(self) -> None:
         """Make every dead letter sent so far durable; failed sends are re-sent once, then

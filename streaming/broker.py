@@ -9,7 +9,10 @@ the binary binds early and only then loads its state file.
 
 Durability limit (also in the README): noida-db persists by rewriting one JSON file shortly
 after changes, so acknowledged writes of the last second or two can vanish when the broker itself
-is killed with SIGKILL. A clean stop (SIGTERM, ``streamlearn broker stop``) persists everything.
+is killed with SIGKILL (measured 0.2-1.2 s at 2,000 records/s; docs/RECOVERY.md), after which the
+restarted broker re-uses the lost offsets. Publishers re-send what was lost (``streaming/ackguard.py``)
+and stream workers detect the re-use (``streaming/divergence.py``). A clean stop (SIGTERM,
+``streamlearn broker stop``) persists everything.
 Production runs Apache Kafka (docker-compose.yml) and has no such window.
 
 When a bootstrap address is configured (``STREAMLEARN_KAFKA_BOOTSTRAP`` or the config file),

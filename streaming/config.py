@@ -112,6 +112,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("reply_topics", "STREAMLEARN_REPLY_TOPICS", str, "{predictions}.*",
          "comma-separated fnmatch patterns of topics a prediction request may name as reply_topic, besides "
          "the model's predictions topic ({predictions} = that topic, {model} = the model name)"),
+    Spec("broker_loss_window_s", "STREAMLEARN_BROKER_LOSS_WINDOW_S", float, 5.0,
+         "publishers keep acked records this long (and re-send them if the broker lost them); 0 disables"),
 )
 _BY_NAME = {s.name: s for s in SPECS}
 
@@ -225,6 +227,7 @@ class Settings:
     ingest_timestamp_unit: str = "ms"
     max_record_bytes: int = 1_000_000
     reply_topics: str = "{predictions}.*"
+    broker_loss_window_s: float = 5.0
     model_specs: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -9,6 +9,11 @@ after a lost ack does not duplicate.
 
 Sends are asynchronous: each returns a future; ``flush()`` waits for all of them. Records
 larger than ``max_record_bytes`` are refused before sending with a message that states the limit.
+
+Acked is not yet kept on the embedded broker (it persists about once a second): every send goes
+through a :class:`streaming.ackguard.AckLedger`, which keeps acked records for
+``broker_loss_window_s`` and re-sends those a broker restart lost. ``settle()`` waits until all
+are confirmed; sources call it before they exit.
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from kafka import KafkaProducer
-from kafka.producer.future import FutureRecordMetadata
 
 from schemas.catalog import load_schema, value_subject
 from schemas.registry import SchemaRegistry, open_registry
 from schemas.serde import AvroSerializer
 from streaming import limits
+from streaming.ackguard import AckLedger, GuardedSend
 from streaming.config import Settings
 from streaming.exceptions import RecordTooLargeError
 from streaming.kafka_security import kafka_security
@@ -96,6 +101,7 @@ class Publisher:
         self.registry = registry or open_registry(settings.registry_url, settings.registry_dir)
         self.max_record_bytes = max_record_bytes
         self._producer = KafkaProducer(**producer_config(settings, **producer_overrides))
+        self.ledger = AckLedger(self._producer, settings.bootstrap, window_s=settings.broker_loss_window_s)
         self._serializers: dict[tuple[str, str], AvroSerializer] = {}
         self._limits: BrokerLimits | None = None
 
@@ -114,7 +120,7 @@ class Publisher:
 
     # -- sending --------------------------------------------------------------------------
     def publish(self, kind: str, record: Mapping[str, Any], key: str | bytes | None = None,
-                headers: Headers | None = None) -> FutureRecordMetadata:
+                headers: Headers | None = None) -> GuardedSend:
         """Publish one event of ``kind`` (weblog, sensor, image) to its raw topic."""
         record_name = KINDS.get(kind)
         if record_name is None:
@@ -124,7 +130,7 @@ class Publisher:
         return self.publish_to(raw_topic(self.settings, kind), record_name, record, key, headers)
 
     def publish_to(self, topic: str, record_name: str, record: Mapping[str, Any],
-                   key: str | bytes | None = None, headers: Headers | None = None) -> FutureRecordMetadata:
+                   key: str | bytes | None = None, headers: Headers | None = None) -> GuardedSend:
         """Publish one record of schema ``record_name`` to any topic."""
         value = self.encode(topic, record_name, record)
         if key is None and record_name in KEY_FIELDS:
@@ -132,18 +138,19 @@ class Publisher:
         return self.send_bytes(topic, value, key, headers)
 
     def send_bytes(self, topic: str, value: bytes, key: str | bytes | None = None,
-                   headers: Headers | None = None) -> FutureRecordMetadata:
-        """Send already-encoded bytes (used by dead letters and benchmarks)."""
+                   headers: Headers | None = None) -> GuardedSend:
+        """Send already-encoded bytes (used by dead letters and benchmarks); returns a future
+        (:class:`streaming.ackguard.GuardedSend`) with kafka-python's record-future interface."""
         if len(value) > self.max_record_bytes:
             raise RecordTooLargeError(
                 f"record for topic {topic!r} is {len(value)} bytes encoded, over the limit of "
                 f"{self.max_record_bytes} bytes (max_record_bytes); shrink it (e.g. downscale images) "
                 "or raise the limit on the producer and the broker's message.max.bytes")
         key_bytes = key.encode() if isinstance(key, str) else key
-        return self._producer.send(topic, value=value, key=key_bytes, headers=headers or None)
+        return self.ledger.send(topic, value, key_bytes, headers or None)
 
     def dead_letter(self, kind: str, original: bytes, *, stage: str, error: BaseException | str,
-                    source: Mapping[str, object], key: str | bytes | None = None) -> FutureRecordMetadata:
+                    source: Mapping[str, object], key: str | bytes | None = None) -> GuardedSend:
         """Keep a rejected record: the original bytes, with the reason in ``dl.*`` headers.
 
         Dead letters are never refused for size: value, key *and* headers together are cut to the
@@ -159,7 +166,7 @@ class Publisher:
                                                broker_limit=self.record_limit(topic),
                                                reason="dead letter over the broker's record limit")
         log.warning("dead letter (%s, %s): %s", kind, stage, limits.short(str(error), 300))
-        return self._producer.send(topic, value=value, key=key_bytes, headers=headers or None)
+        return self.ledger.send(topic, value, key_bytes, headers or None)
 
     def record_limit(self, topic: str) -> int:
         """The broker's record limit for ``topic`` (asked once; the configured value as fallback)."""
@@ -169,9 +176,22 @@ class Publisher:
         return self._limits.limit(topic)
 
     def flush(self, timeout: float | None = None) -> None:
+        """Wait until every send is acked or has finally failed (re-sends after a broker restart too)."""
         self._producer.flush(timeout=timeout)
+        self.ledger.wait_acked(timeout)
+
+    def settle(self, timeout: float | None = 60.0) -> bool:
+        """Flush, then wait until every acked record is confirmed kept by the broker (at most the
+        loss window, longer across a broker restart). False when ``timeout`` passed first."""
+        self.flush(timeout)
+        ok = self.ledger.settle(timeout)
+        if not ok:
+            log.warning("%d acked records are not yet confirmed kept by the broker after %s s; "
+                        "a broker crash now could lose them", self.ledger.pending(), timeout)
+        return ok
 
     def close(self, timeout: float | None = 10.0) -> None:
+        self.ledger.close()
         self._producer.close(timeout=timeout)
 
     @property

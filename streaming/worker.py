@@ -37,10 +37,14 @@ from kafka import ConsumerRebalanceListener, TopicPartition
 from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import SchemaRegistry, open_registry
 from streaming import members, metrics
+from streaming.ackguard import EpochWatch
 from streaming.batcher import ClosedBatch, Pipeline, WorkerStats
 from streaming.config import Settings
+from streaming.deadletters import DeadLetterIndex
+from streaming.divergence import find_divergence, quarantine
 from streaming.exceptions import BackpressureError, GroupStuckError
 from streaming.store import BatchOverlapError
+from streaming.topics import dead_letter_topic
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,7 @@ class StreamWorker:
         self.pipeline = Pipeline(settings, kind, namespace=namespace, registry=registry,
                                  publisher=self.publisher, max_seconds=settings.batch_max_seconds)
         self.topic = self.pipeline.topic
+        self.pipeline.dl_index = DeadLetterIndex(settings.bootstrap, dead_letter_topic(settings, kind))
         removed = self.pipeline.store.remove_stale_temp_files(kind, namespace)
         if removed:
             log.info("removed %d temp files of crashed writers", removed)
@@ -130,6 +135,13 @@ class StreamWorker:
         self._commit_retry_at = 0.0
         self.stats = self.pipeline.stats
         self._bp_gauge = metrics.BACKPRESSURE.labels(kind)
+        # Broker restarts (offset reuse): a plain connection a dying broker closes; partitions to re-check.
+        self._watch = EpochWatch(settings.bootstrap)
+        self._watch_at = 0.0
+        self._reverify: set[TopicPartition] = set()
+        self._reverify_at = 0.0
+        self._check_consumer: Any = None
+        self.quarantined: list[str] = []
 
     # ---- rebalance ---------------------------------------------------------------------------
     def _apply_rebalance_events(self) -> set[TopicPartition]:
@@ -173,6 +185,20 @@ class StreamWorker:
             # keep its old fetch position, past records whose open batch the revocation dropped.
             from_store = self.pipeline.restore(tp.partition)
             committed = consumer.committed(tp)
+            try:
+                resume_at = self._check_store(tp)
+            except Exception as exc:  # the broker is not answering yet: hold the partition, re-check soon
+                log.warning("%s[%d]: cannot compare the store with the topic yet (%s); holding the partition",
+                            tp.topic, tp.partition, exc)
+                self._reverify.add(tp)
+                consumer.pause(tp)
+                continue
+            if resume_at is not None:  # the store diverged from the topic: resume at the divergence
+                self.pipeline.restore(tp.partition)
+                self._pending_commits[tp] = resume_at
+                self.floor[tp] = resume_at
+                consumer.seek(tp, resume_at)
+                continue
             if from_store is not None and (committed is None or from_store > committed):
                 log.info("%s[%d]: store holds up to offset %d (committed %s); resuming there",
                          tp.topic, tp.partition, from_store - 1, committed)
@@ -187,6 +213,63 @@ class StreamWorker:
                 self.floor[tp] = target
         if self.paused_for_backpressure and assigned:
             consumer.pause(*assigned)
+
+    # ---- offset reuse after a broker restart -------------------------------------------------
+    def _check_store(self, tp: TopicPartition) -> int | None:
+        """Compare the partition's stored batches with the topic; on divergence quarantine the
+        batches past it and return the offset to resume at (None when the store agrees)."""
+        from kafka import KafkaConsumer
+
+        if self._check_consumer is None:
+            self._check_consumer = KafkaConsumer(bootstrap_servers=self.settings.bootstrap,
+                                                 enable_auto_commit=False, request_timeout_ms=10_000)
+        store, ns = self.pipeline.store, self.pipeline.namespace
+        div = find_divergence(store, self.kind, tp.topic, tp.partition, ns, self._check_consumer)
+        if div is None:
+            return None
+        qdir = quarantine(store, self.kind, ns, div)
+        ids = [b.batch_id for b in div.bad]
+        self.quarantined += ids
+        log.warning("feature store of %s[%d] diverged from the topic (%s; the broker lost writes and re-used "
+                    "their offsets): quarantined %d batches to %s: %s; resuming at offset %d",
+                    tp.topic, tp.partition, div.reason, len(ids), qdir, ", ".join(ids), div.resume_at)
+        return div.resume_at
+
+    def _watch_broker(self) -> set[TopicPartition]:
+        """On a broker restart, drop what was read since the store's end and re-check the store of
+        every owned partition before reading on (records there may have vanished or changed).
+
+        Returns the partitions it repositioned: records of the current poll were fetched from the old
+        position and must be ignored, as after a rebalance."""
+        now = time.monotonic()
+        # the liveness check runs on every loop (records fetched from a restarted broker must never be
+        # processed before the restart is noticed); reconnecting is throttled
+        reconnect = now >= self._watch_at
+        if reconnect:
+            self._watch_at = now + 0.2
+        if self._watch.poll(reconnect=reconnect):
+            owned = self.sub.consumer.assignment()
+            log.warning("broker connection lost; partitions %s will be re-checked against the store when "
+                        "it is back", sorted(tp.partition for tp in owned))
+            for tp in owned:
+                self.pipeline.forget(tp.partition)
+                self.held = [c for c in self.held if c.spec.partition != tp.partition]
+                self._reverify.add(tp)
+            if owned:
+                self.sub.consumer.pause(*owned)
+        if not self._reverify or not self._watch.connected or now < self._reverify_at:
+            return set()
+        owned = self.sub.consumer.assignment()
+        todo = [tp for tp in self._reverify if tp in owned]
+        self._reverify.clear()
+        self._on_assigned(todo)  # re-adds (and keeps paused) the partitions it could not check yet
+        if self._reverify:
+            self._reverify_at = now + 1.0
+        resumable = [tp for tp in todo if tp not in self._reverify and tp not in self.registry_backoff
+                     and not self.paused_for_backpressure]
+        if resumable:
+            self.sub.consumer.resume(*resumable)
+        return set(todo)
 
     # ---- main loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> WorkerStats:
@@ -207,14 +290,17 @@ class StreamWorker:
                 if polled:
                     last_data = time.monotonic()
                 repositioned = self._apply_rebalance_events()
+                repositioned |= self._watch_broker()
                 owned = self.sub.consumer.assignment()
                 self.stuck.observe(owned)
                 for tp, msgs in polled.items():
-                    if tp in owned and tp not in repositioned:
+                    if tp in owned and tp not in repositioned and tp not in self._reverify:
                         self._process_partition(tp, msgs)
                 self.pipeline.report_metrics()
                 if not self.held:
                     for _topic, partition in self.pipeline.batcher.due():
+                        if TopicPartition(self.topic, partition) in self._reverify:
+                            continue
                         closed = self.pipeline.close(partition)
                         if closed is not None:
                             self._persist_and_commit(closed)
@@ -375,6 +461,11 @@ class StreamWorker:
         self._update_lag(force=True)
 
     def close(self) -> None:
+        self._watch.close()
+        if self.pipeline.dl_index is not None:
+            self.pipeline.dl_index.close()
+        if self._check_consumer is not None:
+            self._check_consumer.close()
         try:
             self.sub.close()
         finally:

@@ -145,6 +145,7 @@ def _weblog(args: argparse.Namespace, settings: config.Settings) -> int:
         with progress(total, f"ingest {args.path.name}", unit="bytes") as bar:
             tailer.on_read = bar.advance
             stats = tailer.run(stop, idle_exit_s=args.idle_exit)
+        pub.settle()  # a broker killed right after we exit must not lose the last acks
     _report({"source": str(args.path), "seconds": round(time.monotonic() - started, 3), **asdict(stats)})
     return 0
 
@@ -176,6 +177,7 @@ def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
                 args.backfill = True
             policy = policy_from_args(args, settings, source)
             stats = sensors.publish_records(pub, records, source=source, policy=policy)
+        pub.settle()
     _report(
         {
             "source": source,
@@ -207,6 +209,7 @@ def _images(args: argparse.Namespace, settings: config.Settings) -> int:
                                policy=policy_from_args(args, settings, f"ingest images {args.watch}"))
         try:
             watcher.run(follow=not args.once, poll_s=args.poll, stop=stop, idle_exit_s=args.idle_exit)
+            pub.settle()
         finally:
             watcher.close()
     _report(

@@ -149,6 +149,7 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
         for fut in futures:
             fut.get(timeout=30)
             sent += 1
+        pub.settle()  # a broker killed right after we exit must not lose the last acks
     took = time.monotonic() - started
     print(f"published {sent} {args.kind} events in {took:.2f} s; {rejected} rejected to the dead-letter topic")
     return 0 if rejected == 0 else 1

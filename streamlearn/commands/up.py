@@ -77,6 +77,19 @@ def _up(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0
 
 
+def _print_quarantine(settings: config.Settings) -> None:
+    """Feature batches a stream worker moved aside after a broker crash re-used their offsets."""
+    from streaming.divergence import quarantined
+
+    notes = quarantined(settings.feature_store)
+    if notes:
+        print(f"quarantined feature batches: {len(notes)} (their records vanished from the topic; kept for "
+              "inspection, no longer read)")
+        for n in notes:
+            print(f"  {n['namespace']}/{n['kind']}/{n['batch_id']}: {n.get('reason')} (at {n.get('quarantined_at')}, "
+                  f"resumed at offset {n.get('resumed_at_offset')}) in {n['path']}")
+
+
 def _status(args: argparse.Namespace, settings: config.Settings) -> int:
     from streaming.broker import EmbeddedBroker, probe
     from streaming.fsutil import pid_alive
@@ -85,6 +98,7 @@ def _status(args: argparse.Namespace, settings: config.Settings) -> int:
 
     print(EmbeddedBroker(settings).status().describe())
     _print_members(settings)
+    _print_quarantine(settings)
     state = read_state(settings)
     if state is None:
         print("no stack has run under this STREAMLEARN_HOME")

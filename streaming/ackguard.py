@@ -1,0 +1,428 @@
+"""Acked is not kept: hold every acknowledged record until the broker has surely persisted it.
+
+Why: the embedded broker (noida-db) persists by rewriting one JSON file about once a second; a
+``kill -9`` of the broker loses the acks of the last ~1-3 s (measured: docs/RECOVERY.md, "Broker
+crash") and the restarted broker then hands those offsets to *new* records. A source whose
+checkpoint already moved past such an event would never send it again.
+
+How (one place for every publisher: the tailer, image watcher, sensor CSV, generators, gateway
+and the stream worker's dead letters all publish through :class:`streaming.producer.Publisher`):
+
+* Each send returns a :class:`GuardedSend`. A send the producer fails with an error a broker
+  restart causes (out-of-order sequence, unknown producer id, timeouts, lost connections) is sent
+  again, a bounded number of times, before the caller ever sees a failure.
+* Each acked record (topic, partition, offset, key, value, headers) enters the :class:`AckLedger`,
+  tagged with the broker *epoch*: the generation of a plain TCP connection the ledger keeps open to
+  every bootstrap broker. A broker process that dies closes that connection, whatever its restart
+  looks like, so an epoch change is a reliable "the broker restarted" signal.
+* A record acked in the current epoch is confirmed once ``window_s`` has passed (longer than the
+  broker's persistence lag) with no epoch change. A record of an older epoch is *read back*: the
+  ledger reads its partition from the smallest suspect offset and compares the record at each
+  acked offset with what it sent (key, value and headers, byte for byte). Where it is missing or
+  another record sits at that offset (offset reuse), the record is sent again, once; the resend
+  is itself ledgered. Matches are confirmed.
+* The ledger is bounded (``max_bytes``): a sender waits while it is full (backpressure).
+* :meth:`AckLedger.settle` waits until every record is confirmed; long-running sources call it
+  (through ``Publisher.settle``) before they exit, so a broker killed just after them loses nothing.
+
+On Apache Kafka with replication an acked record is durable; ``broker_loss_window_s = 0`` turns
+the ledger off (sends are still retried on restart errors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import select
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import errors as kerr
+from kafka.future import Future
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+#: Send failures a broker restart produces; the record was not kept, so sending again is safe.
+RESEND_ERRORS: tuple[type[BaseException], ...] = (
+    kerr.RetriableError,  # timeouts, lost connections, not-leader, request timed out, ...
+    kerr.OutOfOrderSequenceNumberError,
+    kerr.UnknownProducerIdError,
+    kerr.InvalidProducerEpochError,
+    kerr.KafkaTimeoutError,
+)
+MAX_ATTEMPTS = 8
+
+
+def record_digest(key: bytes | None, value: bytes | None, headers: Any) -> str:
+    """Identity of one record as sent: sha1 over key, value and headers (stable across processes)."""
+    h = hashlib.sha1()
+    for part in (key or b"", value or b""):
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    for name, val in headers or ():
+        h.update(name.encode() + b"\x00" + len(val or b"").to_bytes(8, "big") + (val or b""))
+    return h.hexdigest()
+
+
+class GuardedSend(Future):
+    """A send that survives broker restarts; the same interface as kafka-python's record future
+    (``get``, ``is_done``, ``failed``, ``value``, ``exception``, callbacks)."""
+
+    def __init__(self, topic: str, key: bytes | None, value: bytes, headers: Headers | None) -> None:
+        super().__init__()
+        self.topic, self.key, self.record_value, self.headers = topic, key, value, headers
+        self.attempts = 0
+        self.last_error = ""
+        self._latch = threading.Event()
+
+    def success(self, value: Any) -> GuardedSend:
+        super().success(value)
+        self._latch.set()
+        return self
+
+    def failure(self, e: Any) -> GuardedSend:
+        super().failure(e)
+        self._latch.set()
+        return self
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Wait for the ack (raises KafkaTimeoutError after ``timeout``, or the send's error)."""
+        if not self._latch.wait(timeout):
+            raise kerr.KafkaTimeoutError(f"Timeout after waiting for {timeout} secs.")
+        if self.exception is not None:
+            raise self.exception
+        return self.value
+
+
+@dataclass
+class _Entry:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: Headers | None
+    acked_at: float
+    epoch: int  # -1: acked while the broker's connection state was unknown (always read back)
+    size: int = field(default=0)
+
+    def digest(self) -> str:
+        return record_digest(self.key, self.value, self.headers)
+
+
+@dataclass
+class LedgerStats:
+    """Counters, exported by the benchmark and the tests."""
+
+    acked: int = 0
+    confirmed: int = 0
+    verified_by_read: int = 0
+    resent_lost: int = 0
+    resent_failed: int = 0
+    epochs: int = 0
+
+
+class EpochWatch:
+    """Plain TCP connections to the bootstrap brokers; a closed one means the broker went away."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.addrs = []
+        for part in bootstrap.split(","):
+            host, _, port = part.strip().rpartition(":")
+            if host and port.isdigit():
+                self.addrs.append((host.strip("[]"), int(port)))
+        self.socks: dict[tuple[str, int], socket.socket] = {}
+        self.epoch = 0
+        self.changed_at = -1e9
+        self.connected = False
+
+    def poll(self, reconnect: bool = True) -> bool:
+        """Check the connections (a select without waiting), reconnect the closed ones when
+        ``reconnect``; True when the epoch changed."""
+        lost = False
+        for addr, sock in list(self.socks.items()):
+            try:
+                readable, _, _ = select.select([sock], [], [], 0)
+                if readable and not sock.recv(1):
+                    raise ConnectionError("closed")
+            except OSError:
+                lost = True
+                sock.close()
+                del self.socks[addr]
+        for addr in self.addrs:
+            if addr in self.socks or not reconnect:
+                continue
+            try:
+                sock = socket.create_connection(addr, timeout=1.0)
+                sock.setblocking(False)
+                self.socks[addr] = sock
+            except OSError:
+                lost = lost or self.connected
+        now_connected = len(self.socks) == len(self.addrs) and bool(self.addrs)
+        if not reconnect and not lost:
+            return False
+        if lost or (self.connected and not now_connected):
+            self.changed_at = time.monotonic()  # before the epoch: a reader that sees the new epoch sees this
+            self.epoch += 1
+        changed = lost or (self.connected and not now_connected)
+        self.connected = now_connected
+        return changed
+
+    def close(self) -> None:
+        for sock in self.socks.values():
+            sock.close()
+        self.socks.clear()
+
+
+class AckLedger:
+    """The acked-but-unconfirmed records of one producer; re-sends what a broker restart lost."""
+
+    def __init__(self, producer: Any, bootstrap: str, *, window_s: float, max_bytes: int = 64 << 20,
+                 interval_s: float = 0.25, consumer_config: dict[str, Any] | None = None) -> None:
+        self.producer = producer
+        self.bootstrap = bootstrap
+        self.window_s = window_s
+        self.max_bytes = max_bytes
+        self.interval_s = interval_s
+        self.enabled = window_s > 0
+        self.stats = LedgerStats()
+        self._consumer_config = consumer_config or {}
+        self._entries: deque[_Entry] = deque()
+        self._bytes = 0
+        self._resend: deque[GuardedSend] = deque()
+        self._unacked = 0
+        self._cond = threading.Condition()
+        self._watch = EpochWatch(bootstrap)
+        self._scan_epoch = 0  # no entry of another epoch can exist while this equals the epoch and ...
+        self._scan_needed = False  # ... no suspect (-1) entry was added since the last scan
+        self._consumer: Any = None
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.broker_down_since: float | None = None
+
+    # ---- sending ---------------------------------------------------------------------------
+    def send(self, topic: str, value: bytes, key: bytes | None, headers: Headers | None) -> GuardedSend:
+        """Send one record through the producer; the returned future resolves with its ack."""
+        self._start()
+        if self.enabled:
+            with self._cond:
+                deadline = time.monotonic() + 300.0
+                while self._bytes >= self.max_bytes and not self._closed.is_set():
+                    if not self._cond.wait(timeout=max(0.0, deadline - time.monotonic())):
+                        raise kerr.KafkaTimeoutError(
+                            f"ack ledger full ({self._bytes} bytes unconfirmed for 300 s); is the broker up?")
+        fut = GuardedSend(topic, key, value, headers)
+        with self._cond:
+            self._unacked += 1
+        self._attempt(fut, raise_errors=True)
+        return fut
+
+    def _attempt(self, fut: GuardedSend, raise_errors: bool = False) -> None:
+        fut.attempts += 1
+        try:
+            inner = self.producer.send(fut.topic, value=fut.record_value, key=fut.key, headers=fut.headers)
+        except RESEND_ERRORS as exc:
+            self._failed(fut, exc)
+            return
+        except Exception as exc:  # refused for good (too large, closed producer): never counted as in flight
+            with self._cond:
+                self._unacked -= 1
+                self._cond.notify_all()
+            if raise_errors:
+                raise
+            fut.failure(exc)
+            return
+        inner.add_callback(self._acked, fut)
+        inner.add_errback(self._failed, fut)
+
+    def _acked(self, fut: GuardedSend, md: Any) -> None:
+        # Runs on the producer's I/O thread: record and resolve, never send from here.
+        now = time.monotonic()
+        with self._cond:
+            self._unacked -= 1
+            if self.enabled:
+                # an ack just after an epoch change may still come from the old broker process: suspect
+                watch = self._watch
+                epoch = watch.epoch if watch.connected and now >= watch.changed_at + 1.0 else -1
+                entry = _Entry(md.topic, md.partition, md.offset, fut.key, fut.record_value, fut.headers, now, epoch)
+                entry.size = len(fut.record_value) + len(fut.key or b"") + 64
+                self._scan_needed = self._scan_needed or epoch != self._scan_epoch
+                self._entries.append(entry)
+                self._bytes += entry.size
+                self.stats.acked += 1
+            self._cond.notify_all()
+        if not fut.is_done:
+            fut.success(md)
+
+    def _failed(self, fut: GuardedSend, exc: BaseException) -> None:
+        if isinstance(exc, RESEND_ERRORS) and fut.attempts < MAX_ATTEMPTS and not self._closed.is_set():
+            fut.last_error = f"{type(exc).__name__}: {exc}"
+            with self._cond:
+                self.stats.resent_failed += 1
+                self._resend.append(fut)
+            return
+        with self._cond:
+            self._unacked -= 1
+            self._cond.notify_all()
+        if not fut.is_done:
+            fut.failure(exc)
+
+    # ---- the verifier thread ---------------------------------------------------------------
+    def _start(self) -> None:
+        if self._thread is None:
+            with self._cond:
+                if self._thread is None:
+                    self._watch.poll()
+                    self._thread = threading.Thread(target=self._run, name="ack-ledger", daemon=True)
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while not self._closed.wait(self.interval_s):
+            try:
+                self.tick()
+            except Exception as exc:  # the verifier must survive anything; it retries next tick
+                log.warning("ack ledger: verification failed (%s: %s); retrying", type(exc).__name__, exc)
+
+    def tick(self) -> None:
+        """One round: watch the broker, re-send failed sends, confirm or read back due records."""
+        now = time.monotonic()
+        if self._watch.poll():
+            self.stats.epochs += 1
+            log.warning("broker connection lost (epoch %d): acked records of the last %.1f s will be read back "
+                        "and re-sent where the broker lost them", self._watch.epoch, self.window_s)
+        self.broker_down_since = None if self._watch.connected else (self.broker_down_since or now)
+        with self._cond:
+            resend = list(self._resend)
+            self._resend.clear()
+        if resend:
+            log.warning("%d sends failed (%s, ...), e.g. after a broker restart; sending them again", len(resend),
+                        resend[0].last_error)
+        for fut in resend:
+            self._attempt(fut)
+        if not self.enabled:
+            return
+        epoch, connected = self._watch.epoch, self._watch.connected
+        with self._cond:
+            confirm_before = now - self.window_s
+            suspects: list[_Entry] = []
+            if self._scan_needed or self._scan_epoch != epoch:  # a full scan only after a change
+                suspects = [e for e in self._entries if e.epoch != epoch]
+                self._scan_epoch, self._scan_needed = epoch, bool(suspects)
+            while self._entries and self._entries[0].epoch == epoch and self._entries[0].acked_at <= confirm_before:
+                self._drop(self._entries.popleft())
+                self.stats.confirmed += 1
+        if suspects and connected:
+            self._read_back(suspects)
+
+    def _drop(self, entry: _Entry) -> None:
+        self._bytes -= entry.size
+        self._cond.notify_all()
+
+    def _read_back(self, suspects: list[_Entry]) -> None:
+        """Compare each suspect with what its partition holds at its offset; re-send the lost ones."""
+        from kafka import KafkaConsumer, TopicPartition
+
+        if self._consumer is None:
+            self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                           request_timeout_ms=5000, **self._consumer_config)
+        consumer = self._consumer
+        by_tp: dict[Any, list[_Entry]] = {}
+        for e in suspects:
+            by_tp.setdefault(TopicPartition(e.topic, e.partition), []).append(e)
+        ends = consumer.end_offsets(list(by_tp))
+        held: dict[Any, dict[int, str]] = {tp: {} for tp in by_tp}
+        want: dict[Any, set[int]] = {}
+        for tp, entries in by_tp.items():
+            offsets = {e.offset for e in entries if e.offset < ends[tp]}
+            if offsets:
+                want[tp] = offsets
+        consumer.assign(list(want))
+        for tp, offsets in want.items():
+            consumer.seek(tp, min(offsets))
+        deadline = time.monotonic() + 30.0
+        while any(consumer.position(tp) <= max(offs) for tp, offs in want.items()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {sorted(str(tp) for tp in want)} back within 30 s")
+            for tp, msgs in consumer.poll(timeout_ms=500).items():
+                offsets = want.get(tp, set())
+                for m in msgs:
+                    if m.offset in offsets:
+                        held[tp][m.offset] = record_digest(m.key, m.value, m.headers)
+        lost: list[_Entry] = []
+        now = time.monotonic()
+        with self._cond:
+            done = {id(e) for e in suspects}
+            epoch = self._watch.epoch
+            keep: deque[_Entry] = deque()
+            for e in self._entries:
+                if id(e) not in done:
+                    keep.append(e)
+                    continue
+                if held[TopicPartition(e.topic, e.partition)].get(e.offset) != e.digest():
+                    self._bytes -= e.size
+                    lost.append(e)
+                elif e.acked_at <= now - self.window_s:
+                    self._bytes -= e.size
+                    self.stats.verified_by_read += 1
+                else:
+                    # found, but young: a connection closed without a restart (idle close) or an ack
+                    # of the new broker process; kept until the window has passed in this epoch
+                    e.epoch = epoch
+                    keep.append(e)
+            self._entries = keep
+            self.stats.resent_lost += len(lost)
+            self._unacked += len(lost)
+            self._cond.notify_all()
+        if lost:
+            log.warning("the broker lost %d acked records (it restarted); sending them again", len(lost))
+        for e in lost:
+            self._attempt(GuardedSend(e.topic, e.key, e.value, e.headers))
+
+    def broker_down_for(self) -> float:
+        """Seconds the broker has been unreachable (0.0 while it is connected or before the first send)."""
+        since = self.broker_down_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    # ---- waiting and closing ---------------------------------------------------------------
+    def pending(self) -> int:
+        """Records sent or acked but not yet confirmed kept."""
+        with self._cond:
+            return len(self._entries) + self._unacked
+
+    def wait_acked(self, timeout: float | None = None) -> bool:
+        """Wait until every send is acked or finally failed (re-sends included); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._unacked > 0:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(timeout=min(0.1, left) if left is not None else 0.1)
+        return True
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until every acked record is confirmed kept; False when ``timeout`` passed first."""
+        if self._thread is None:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._entries or self._unacked:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(timeout=min(0.2, left) if left is not None else 0.2)
+        return True
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._consumer is not None:
+            self._consumer.close()
+        self._watch.close()
