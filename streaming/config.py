@@ -106,6 +106,13 @@ SPECS: tuple[Spec, ...] = (
          "numeric timestamps of files and stdin: s|ms|us|ns|iso|auto (auto decides once per file)"),
     Spec("ingest_timestamp_unit", "STREAMLEARN_INGEST_TIMESTAMP_UNIT", str, "ms",
          "numeric timestamps posted to the HTTP ingest gateway: s|ms|us|ns|iso (ISO strings always accepted)"),
+    # Feature-store growth (streaming/store_index.py, streaming/retention.py, docs/STORE.md).
+    Spec("store_retention_days", "STREAMLEARN_STORE_RETENTION_DAYS", float, 0.0,
+         "`store gc` deletes batches older than this many days (0 = no age limit); lineage batches stay"),
+    Spec("store_max_bytes", "STREAMLEARN_STORE_MAX_BYTES", int, 0,
+         "`store gc` deletes the oldest batches above this many bytes per kind (0 = no size limit)"),
+    Spec("store_state_inline_max_bytes", "STREAMLEARN_STORE_STATE_INLINE_MAX_BYTES", int, 4096,
+         "featurizer state above this size goes to a <batch>.state.json file, not the manifest"),
 )
 _BY_NAME = {s.name: s for s in SPECS}
 
@@ -207,6 +214,9 @@ class Settings:
     max_future_skew_s: float = 300.0
     timestamp_unit: str = "auto"
     ingest_timestamp_unit: str = "ms"
+    store_retention_days: float = 0.0
+    store_max_bytes: int = 0
+    store_state_inline_max_bytes: int = 4096
     model_specs: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -267,6 +277,9 @@ def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None
     values["model_dir"] = Path(values["model_dir"] or home / "models").absolute()
     if values["partitions"] < 1:
         raise ConfigError("setting 'partitions' (env STREAMLEARN_PARTITIONS) must be >= 1")
+    for name in ("store_retention_days", "store_max_bytes", "store_state_inline_max_bytes"):
+        if values[name] < 0:
+            raise ConfigError(f"setting {name!r} (env {_BY_NAME[name].env}) must be >= 0 (0 turns it off)")
     models = filecfg.get("models", {})
     if not isinstance(models, dict):
         raise ConfigError("config file: [models] must be a table of name = 'module:attribute'")
