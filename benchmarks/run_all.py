@@ -22,7 +22,7 @@ from typing import Any
 from benchmarks.common import REPORT_DIR, bench_settings, fresh, machine
 
 BENCHMARKS = ["bench_sdk", "bench_ingest_tailer", "bench_gateway", "bench_stream", "bench_serving",
-              "bench_learning", "bench_platform"]
+              "bench_learning", "bench_platform", "bench_store_growth"]
 
 
 BUDGET_S = 180.0  # issue: each benchmark runs in <= 3 min

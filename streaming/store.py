@@ -355,16 +355,7 @@ class FeatureStore:
                     f"batch {first}..{last} of {spec.topic}[{spec.partition}]; resume after offset {last}"
                 )
         data = encode_rows(bid, rows, spec.n_features, spec.label_names)
-        manifest = self._manifest(bid, spec, rows, data, namespace, created_at_ms)
-        state_bytes = None if spec.featurizer_state is None else spec.featurizer_state.encode("utf-8")
-        if state_bytes is not None and len(state_bytes) > self.state_inline_max_bytes:
-            # Bounded manifest: the state goes to its own file, written and renamed before the
-            # manifest that names it, so a visible manifest's state file is always complete.
-            manifest["featurizer_state"] = None
-            manifest["featurizer_state_file"] = {"name": f"{bid}{STATE_SUFFIX}", "size_bytes": len(state_bytes),
-                                                 "sha256": hashlib.sha256(state_bytes).hexdigest()}
-        else:
-            state_bytes = None
+        manifest, state_bytes = self.prepare_manifest(bid, spec, rows, data, namespace, created_at_ms)
         tag = f"{os.getpid()}-{time.monotonic_ns()}{_TMP_SUFFIX}"
         tmp_avro = d / f".{bid}.avro.{tag}"
         tmp_json = d / f".{bid}.json.{tag}"
@@ -372,7 +363,7 @@ class FeatureStore:
         try:
             d.mkdir(parents=True, exist_ok=True)
             self._write_synced(tmp_avro, data)
-            if state_bytes is not None:
+            if state_bytes is not None:  # before the manifest naming it: a visible state file is complete
                 self._write_synced(tmp_state, state_bytes)
                 os.replace(tmp_state, d / f"{bid}{STATE_SUFFIX}")
             self._write_synced(tmp_json, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
@@ -407,6 +398,24 @@ class FeatureStore:
                 continue
         fsync_dir(d)
         return freed
+
+    def prepare_manifest(self, bid: str, spec: BatchSpec, rows: Sequence[StoredRow], data: bytes, namespace: str,
+                         created_at_ms: int | None) -> tuple[dict[str, Any], bytes | None]:
+        """The manifest of a batch and, when its featurizer state is over ``state_inline_max_bytes``,
+        the bytes of its ``<batch_id>.state.json`` (then the manifest names it with its sha256).
+
+        Why a state file per batch rather than a checkpoint every N batches: the worker restores
+        from the partition's newest batch and replay from the one before a range, so each batch
+        keeps exactly the state it had; the manifest stays bounded and the crash rules unchanged.
+        """
+        manifest = self._manifest(bid, spec, rows, data, namespace, created_at_ms)
+        state_bytes = None if spec.featurizer_state is None else spec.featurizer_state.encode("utf-8")
+        if state_bytes is None or len(state_bytes) <= self.state_inline_max_bytes:
+            return manifest, None
+        manifest["featurizer_state"] = None
+        manifest["featurizer_state_file"] = {"name": f"{bid}{STATE_SUFFIX}", "size_bytes": len(state_bytes),
+                                             "sha256": hashlib.sha256(state_bytes).hexdigest()}
+        return manifest, state_bytes
 
     @staticmethod
     def _write_synced(path: Path, data: bytes) -> None:

@@ -20,7 +20,10 @@ that may lag, never lead, except in the one documented window of :func:`remove` 
   whose files are going away; a crash between leaves a batch the index hides;
 * both gaps, a journal swapped by a namespace promotion (a new inode) and an append lost to a
   concurrent rebuild are closed by :meth:`IndexCache.reconcile`: a names-only ``listdir``
-  compared with the cache, run when the cache is first loaded and then every ``reconcile_s``;
+  compared with the cache, run whenever a journal is (re)loaded — every new reader, every restart;
+* a long-running reader also scans the directory ``scan_chunk`` names per refresh (a resumable
+  ``os.scandir``), so a batch the journal missed is found within one pass (``n / scan_chunk``
+  polls) at a cost per poll that does not grow with the store;
 * an unreadable line (a torn append after a crash, a corrupted file) makes the reader rebuild
   the journal from the manifests (tmp file + fsync + rename).
 
@@ -40,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 INDEX_NAME = "_index.json"
-#: A full names-only check against the directory at most this often (seconds).
-RECONCILE_S = 60.0
+#: Directory names a long-running reader checks per refresh (bounded work per poll).
+SCAN_CHUNK = 256
 
 SortKey = tuple[int, str]
 
@@ -84,17 +87,18 @@ class IndexCache:
     """
 
     def __init__(self, directory: Path, load_manifest: Callable[[str], dict[str, Any] | None],
-                 reconcile_s: float = RECONCILE_S) -> None:
+                 scan_chunk: int = SCAN_CHUNK) -> None:
         self.directory = directory
         self.path = index_path(directory)
         self.load_manifest = load_manifest
-        self.reconcile_s = reconcile_s
+        self.scan_chunk = scan_chunk
+        self._scan: Any = None  # an open os.scandir iterator between refreshes
         self.manifests: dict[str, dict[str, Any]] = {}
         self.keys: list[SortKey] = []  # sorted; keys[i][1] is the batch id
         self._ino: int | None = None
         self._offset = 0
         self._lines = 0
-        self._reconciled_at = float("-inf")
+        self._needs_reconcile = True
         self.rebuilds = 0
 
     # ---- in-memory edits ---------------------------------------------------------------------
@@ -145,17 +149,20 @@ class IndexCache:
         if st.st_ino != self._ino or st.st_size < self._offset:
             self._reset()
             self._ino = st.st_ino
-            self._reconciled_at = float("-inf")  # a journal we have not checked yet
+            self._needs_reconcile = True  # a journal we have not checked against the directory
         if st.st_size > self._offset:
             try:
                 self._read_from(self._offset)
             except CorruptIndexError:
                 self.rebuild()
                 return
-        if time.monotonic() - self._reconciled_at >= self.reconcile_s:
+        if self._needs_reconcile:
             self.reconcile()
+        else:
+            self._scan_step()
 
     def _reset(self) -> None:
+        self._close_scan()
         self.manifests.clear()
         self.keys.clear()
         self._ino = None
@@ -179,16 +186,45 @@ class IndexCache:
             return set()
         return {n[:-5] for n in names if n.endswith(".avro") and not n.startswith(".")}
 
+    def _add_missing(self, batch_id: str) -> None:
+        manifest = self.load_manifest(batch_id)
+        if manifest is not None:
+            self._put(batch_id, manifest)
+            with contextlib.suppress(OSError):
+                append(self.directory, "add", batch_id, manifest)
+
+    def _scan_step(self) -> None:
+        """Check the next ``scan_chunk`` names of the directory for batches the journal lacks."""
+        try:
+            if self._scan is None:
+                self._scan = os.scandir(self.directory)
+            for _ in range(self.scan_chunk):
+                entry = next(self._scan, None)
+                if entry is None:
+                    self._close_scan()
+                    return
+                name = entry.name
+                if name.endswith(".avro") and not name.startswith(".") and name[:-5] not in self.manifests:
+                    if os.path.exists(entry.path):  # not removed since the journal line was read
+                        self._add_missing(name[:-5])
+        except OSError:
+            self._close_scan()
+
+    def __del__(self) -> None:  # a reader dropped mid-pass: close its directory handle quietly
+        with contextlib.suppress(Exception):
+            self._close_scan()
+
+    def _close_scan(self) -> None:
+        if self._scan is not None:
+            self._scan.close()
+            self._scan = None
+
     def reconcile(self) -> None:
         """Compare the cached ids with the directory (names only) and journal the differences."""
-        self._reconciled_at = time.monotonic()
+        self._needs_reconcile = False
         on_disk = self._listed_ids()
         for bid in sorted(on_disk - self.manifests.keys()):
-            manifest = self.load_manifest(bid)
-            if manifest is not None:
-                self._put(bid, manifest)
-                with contextlib.suppress(OSError):
-                    append(self.directory, "add", bid, manifest)
+            self._add_missing(bid)
         for bid in sorted(self.manifests.keys() - on_disk):
             self._drop(bid)
             with contextlib.suppress(OSError):
@@ -204,7 +240,7 @@ class IndexCache:
             manifest = self.load_manifest(bid)
             if manifest is not None:
                 self._put(bid, manifest)
-        self._reconciled_at = time.monotonic()
+        self._needs_reconcile = False
         self._write_fresh()
 
     def _write_fresh(self) -> None:

@@ -202,3 +202,26 @@ def test_gc_refuses_when_a_version_lineage_is_unreadable(tmp_path: Path) -> None
 def test_retention_settings_reject_negative_values(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="STREAMLEARN_STORE_MAX_BYTES"):
         config.load({"home": str(tmp_path)}, environ={"STREAMLEARN_STORE_MAX_BYTES": "-1"})
+
+
+def test_a_running_reader_finds_a_batch_the_journal_missed(tmp_path: Path) -> None:
+    """A writer killed between the .avro rename and the index append: a reader that is already
+    running finds the batch by its bounded per-poll directory scan, without a restart."""
+    reader = FeatureStore(tmp_path)
+    a = _write(reader, 0, 0, created_at_ms=1000)
+    assert _ids(reader) == [a]
+    index = tmp_path / "live" / "sensor" / INDEX_NAME
+    kept = index.read_bytes()
+    writer = FeatureStore(tmp_path)
+    lost = _write(writer, 0, 5, created_at_ms=2000)
+    with open(index, "r+b") as fh:  # the append never happened (same inode: no reload)
+        fh.truncate(len(kept))
+    newer = _write(writer, 1, 0, created_at_ms=3000)
+    reader._indexes[index.parent].scan_chunk = 1
+    seen: list[str] = []
+    for _ in range(10):  # one name per poll: a full pass takes a handful of polls
+        seen = _ids(reader)
+        if lost in seen:
+            break
+    assert seen == [a, lost, newer]
+    assert b'"id":"%s"' % lost.encode() in index.read_bytes()  # journaled for the next reader
