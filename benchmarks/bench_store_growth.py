@@ -75,10 +75,10 @@ def _fill(store: FeatureStore, start: int, stop: int) -> None:
     d.mkdir(parents=True, exist_ok=True)
     _, rows0 = _batch(0)
     placeholder = encode_rows("synthetic", rows0, N_FEATURES, ["y"])
-    template = d.parent / "placeholder.avro"
-    if not template.exists():
-        template.write_bytes(placeholder)
     for i in range(start, stop):
+        template = d.parent / f"placeholder-{i // 60_000}.avro"  # ext4 allows 65,000 links to a file
+        if not template.exists():
+            template.write_bytes(placeholder)
         spec, rows = _batch(i)
         bid = batch_id_for(TOPIC, spec.partition, spec.first_offset, spec.last_offset)
         manifest, state = store.prepare_manifest(bid, spec, rows, placeholder, "live", BASE_MS + i * 1000)
