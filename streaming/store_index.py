@@ -93,6 +93,7 @@ class IndexCache:
         self.load_manifest = load_manifest
         self.scan_chunk = scan_chunk
         self._scan: Any = None  # an open os.scandir iterator between refreshes
+        self._deleted: set[str] = set()  # ids a "del" line named whose files may still be there
         self.manifests: dict[str, dict[str, Any]] = {}
         self.keys: list[SortKey] = []  # sorted; keys[i][1] is the batch id
         self._ino: int | None = None
@@ -128,6 +129,7 @@ class IndexCache:
                 self._put(bid, entry["m"])
             elif op == "del" and isinstance(bid, str):
                 self._drop(bid)
+                self._deleted.add(bid)  # its files may linger a moment: the scan must not re-add it
             else:
                 raise CorruptIndexError(f"unknown index event {raw[:80]!r}")
         except (ValueError, KeyError, TypeError) as exc:
@@ -204,7 +206,8 @@ class IndexCache:
                     self._close_scan()
                     return
                 name = entry.name
-                if name.endswith(".avro") and not name.startswith(".") and name[:-5] not in self.manifests:
+                if (name.endswith(".avro") and not name.startswith(".") and name[:-5] not in self.manifests
+                        and name[:-5] not in self._deleted):
                     if os.path.exists(entry.path):  # not removed since the journal line was read
                         self._add_missing(name[:-5])
         except OSError:
@@ -215,6 +218,9 @@ class IndexCache:
             self._close_scan()
 
     def _close_scan(self) -> None:
+        # Forget a deletion once its files are gone (a re-write then journals its own "add"); one
+        # whose deleter died before the unlink stays hidden until the next reload's reconcile.
+        self._deleted = {b for b in self._deleted if (self.directory / f"{b}.avro").exists()}
         if self._scan is not None:
             self._scan.close()
             self._scan = None

@@ -225,3 +225,19 @@ def test_a_running_reader_finds_a_batch_the_journal_missed(tmp_path: Path) -> No
             break
     assert seen == [a, lost, newer]
     assert b'"id":"%s"' % lost.encode() in index.read_bytes()  # journaled for the next reader
+
+
+def test_the_scan_does_not_resurrect_a_batch_being_deleted(tmp_path: Path) -> None:
+    """remove_batch journals "del" before unlinking: a running reader's scan that meets the files
+    in between must not add the batch back."""
+    from streaming.store_index import append
+
+    reader = FeatureStore(tmp_path)
+    a = _write(reader, 0, 0, created_at_ms=1000)
+    b = _write(reader, 0, 5, created_at_ms=2000)
+    assert _ids(reader) == [a, b]
+    append(tmp_path / "live" / "sensor", "del", a)  # remove_batch, stopped before the unlink
+    assert _ids(reader) == [b]
+    assert _ids(reader) == [b]  # a full scan pass (256 names) met a's files
+    reader.remove_batch("sensor", a)
+    assert _ids(reader) == [b] and _ids(FeatureStore(tmp_path)) == [b]
