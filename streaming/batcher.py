@@ -34,6 +34,7 @@ from streaming.exceptions import (
     BatcherError,  # noqa: F401 (re-exported)
     FeatureValidationError,
     PublishError,
+    StoreError,
 )
 from streaming.store import BatchSpec, FeatureStore, StoredRow
 from streaming.topics import raw_topic
@@ -226,7 +227,8 @@ class Pipeline:
         self.featurizer.max_future_ms = eventtime.max_future_ms(settings)  # the window every entry applies
         self.deserializer = AvroDeserializer(registry)
         self.publisher = publisher
-        self.store = store or FeatureStore(settings.feature_store)
+        self.store = store or FeatureStore(settings.feature_store,
+                                           state_inline_max_bytes=settings.store_state_inline_max_bytes)
         self.batcher = MicroBatcher(kind=kind, featurizer_version=self.featurizer.version,
                                     n_features=self.featurizer.n_features,
                                     label_names=list(self.featurizer.label_names),
@@ -249,8 +251,12 @@ class Pipeline:
         last = self.store.last_batch(self.kind, self.topic, partition, self.namespace)
         state = None
         if last is not None:
-            text = last.manifest.get("featurizer_state")
             same = last.manifest.get("featurizer", {}).get("version") == self.featurizer.version
+            try:  # inline in the manifest or in the batch's state file (docs/STORE.md)
+                text = self.store.featurizer_state(self.kind, last.manifest, self.namespace)
+            except StoreError as exc:  # a missing/corrupt state file: same policy as a bad checkpoint
+                log.warning("%s[%d]: %s; starting fresh", self.topic, partition, exc)
+                text = None
             if text is not None and same:
                 try:
                     state = self.featurizer.state_from_json(text)

@@ -114,6 +114,13 @@ SPECS: tuple[Spec, ...] = (
          "the model's predictions topic ({predictions} = that topic, {model} = the model name)"),
     Spec("broker_loss_window_s", "STREAMLEARN_BROKER_LOSS_WINDOW_S", float, 5.0,
          "publishers keep acked records this long (and re-send them if the broker lost them); 0 disables"),
+    # Feature-store growth (streaming/store_index.py, streaming/retention.py, docs/STORE.md).
+    Spec("store_retention_days", "STREAMLEARN_STORE_RETENTION_DAYS", float, 0.0,
+         "`store gc` deletes batches older than this many days (0 = no age limit); lineage batches stay"),
+    Spec("store_max_bytes", "STREAMLEARN_STORE_MAX_BYTES", int, 0,
+         "`store gc` deletes the oldest batches above this many bytes per kind (0 = no size limit)"),
+    Spec("store_state_inline_max_bytes", "STREAMLEARN_STORE_STATE_INLINE_MAX_BYTES", int, 4096,
+         "featurizer state above this size goes to a <batch>.state.json file, not the manifest"),
 )
 _BY_NAME = {s.name: s for s in SPECS}
 
@@ -228,6 +235,9 @@ class Settings:
     max_record_bytes: int = 1_000_000
     reply_topics: str = "{predictions}.*"
     broker_loss_window_s: float = 5.0
+    store_retention_days: float = 0.0
+    store_max_bytes: int = 0
+    store_state_inline_max_bytes: int = 4096
     model_specs: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -288,6 +298,9 @@ def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None
     values["model_dir"] = Path(values["model_dir"] or home / "models").absolute()
     if values["partitions"] < 1:
         raise ConfigError("setting 'partitions' (env STREAMLEARN_PARTITIONS) must be >= 1")
+    for name in ("store_retention_days", "store_max_bytes", "store_state_inline_max_bytes"):
+        if values[name] < 0:
+            raise ConfigError(f"setting {name!r} (env {_BY_NAME[name].env}) must be >= 0 (0 turns it off)")
     models = filecfg.get("models", {})
     if not isinstance(models, dict):
         raise ConfigError("config file: [models] must be a table of name = 'module:attribute'")

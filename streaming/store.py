@@ -41,12 +41,18 @@ import numpy as np
 
 from streaming.exceptions import BackpressureError, BatchOverlapError, StoreError, StreamingError  # noqa: F401 (re-exported)
 from streaming.fsutil import fsync_dir, pid_alive
+from streaming.store_index import IndexCache
+from streaming.store_index import append as index_append
 
 MANIFEST_FORMAT = 1
 _OFFSET_DIGITS = 20
 _BATCH_RE = re.compile(r"^(?P<topic>.+)-p(?P<partition>\d+)-(?P<first>\d{20})-(?P<last>\d{20})$")
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _TMP_SUFFIX = ".tmp"
+#: Featurizer state longer than this (UTF-8 bytes) goes to ``<batch_id>.state.json`` next to the
+#: batch instead of into its manifest, so a manifest stays small whatever the featurizer keeps.
+STATE_INLINE_MAX_BYTES = 4096
+STATE_SUFFIX = ".state.json"
 #: errno values meaning "the store cannot take data right now" (backpressure, not a bug).
 BACKPRESSURE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG,
                                  errno.EROFS, errno.ENOTDIR, errno.EEXIST})
@@ -208,8 +214,12 @@ def read_batch(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 class FeatureStore:
     """A directory of feature batches. Readers: :meth:`batches`, :func:`read_batch`."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], state_inline_max_bytes: int = STATE_INLINE_MAX_BYTES) -> None:
         self.root = Path(root)
+        if state_inline_max_bytes < 0:
+            raise StoreError(f"state_inline_max_bytes: must be >= 0, got {state_inline_max_bytes}")
+        self.state_inline_max_bytes = state_inline_max_bytes
+        self._indexes: dict[Path, IndexCache] = {}
 
     # ---- paths -------------------------------------------------------------------------------
     def directory(self, kind: str, namespace: str = "live") -> Path:
@@ -232,18 +242,65 @@ class FeatureStore:
         return sorted(n[:-5] for n in names if n.endswith(".avro") and not n.startswith("."))
 
     def batches(self, kind: str, namespace: str = "live") -> list[BatchInfo]:
-        """Every persisted batch of ``kind``, oldest first (manifest ``created_at_ms``, then id)."""
+        """Every persisted batch of ``kind``, oldest first (manifest ``created_at_ms``, then id).
+
+        Served from the directory's index (``streaming/store_index.py``): only manifests written
+        since the last call are read, so a poll does not grow with the store.
+        """
         d = self.directory(kind, namespace)
-        out = []
-        for bid in self.batch_ids(kind, namespace):
-            try:
-                manifest = json.loads((d / f"{bid}.json").read_text(encoding="utf-8"))
-            except FileNotFoundError as exc:
-                raise StoreError(f"feature store: batch {bid} in {d} has no manifest; "
-                                 "it was not written by FeatureStore.write_batch; remove it") from exc
-            out.append(BatchInfo(bid, d / f"{bid}.avro", manifest))
-        out.sort(key=lambda b: (b.manifest.get("created_at_ms", 0), b.batch_id))
-        return out
+        return [BatchInfo(bid, d / f"{bid}.avro", m) for bid, m in self._index(d).ordered()]
+
+    def batches_after(self, kind: str, batch_id: str | None, created_at_ms: int = 0,
+                      namespace: str = "live") -> list[BatchInfo]:
+        """The batches after ``batch_id`` in :meth:`batches` order (all when None); when that batch
+        is gone, those after ``(created_at_ms, batch_id)``. Costs the answer, not the store: the
+        trainer's once-a-second poll."""
+        d = self.directory(kind, namespace)
+        index = self._index(d)
+        if batch_id is None:
+            pairs = index.ordered()
+        else:
+            known = index.manifests.get(batch_id)
+            mark = (int(known.get("created_at_ms", 0) or 0) if known is not None else int(created_at_ms), batch_id)
+            pairs = index.after(mark)
+        return [BatchInfo(bid, d / f"{bid}.avro", m) for bid, m in pairs]
+
+    def _index(self, d: Path) -> IndexCache:
+        index = self._indexes.get(d)
+        if index is None:
+            index = self._indexes[d] = IndexCache(d, lambda bid: self._read_manifest(d, bid))
+        index.refresh()
+        return index
+
+    @staticmethod
+    def _read_manifest(d: Path, batch_id: str) -> dict[str, Any] | None:
+        """A manifest for the index, None when its batch is gone or it was never written."""
+        if not (d / f"{batch_id}.avro").exists():
+            return None
+        try:
+            result: dict[str, Any] = json.loads((d / f"{batch_id}.json").read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise StoreError(f"feature store: batch {batch_id} in {d} has no manifest; "
+                             "it was not written by FeatureStore.write_batch; remove it") from exc
+        return result
+
+    def featurizer_state(self, kind: str, manifest: dict[str, Any], namespace: str = "live") -> str | None:
+        """The featurizer state checkpointed with a batch: inline in its manifest, or in the
+        ``<batch_id>.state.json`` file the manifest names (checked against its sha256)."""
+        ref = manifest.get("featurizer_state_file")
+        if not ref:
+            text: str | None = manifest.get("featurizer_state")
+            return text
+        path = self.directory(kind, namespace) / str(ref["name"])
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise StoreError(f"batch {manifest.get('batch_id')}: its state file {path} is gone; "
+                             "replay the partition to rebuild it") from exc
+        if hashlib.sha256(data).hexdigest() != ref.get("sha256"):
+            raise StoreError(f"batch {manifest.get('batch_id')}: state file {path} does not match the sha256 "
+                             "of its manifest; it was modified or corrupted; replay the partition")
+        return data.decode("utf-8")
 
     def manifest(self, kind: str, batch_id: str, namespace: str = "live") -> dict[str, Any]:
         result: dict[str, Any] = json.loads(
@@ -252,10 +309,19 @@ class FeatureStore:
 
     def ranges(self, kind: str, topic: str, partition: int, namespace: str = "live") -> list[tuple[int, int]]:
         """Persisted ``(first, last)`` offset ranges of one partition, ascending (from file names)."""
+        # Filter by name prefix before parsing: write_batch calls this per batch, and a regex per
+        # file made that 1 s a write at 100k batches (bench_store_growth); still one listdir.
+        prefix = f"{topic}-p{partition}-"
+        try:
+            names = os.listdir(self.directory(kind, namespace))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
         out = []
-        for bid in self.batch_ids(kind, namespace):
+        for name in names:
+            if not (name.startswith(prefix) and name.endswith(".avro")):
+                continue
             try:
-                t, p, first, last = parse_batch_id(bid)
+                t, p, first, last = parse_batch_id(name[:-5])
             except StoreError:
                 continue
             if t == topic and p == partition:
@@ -298,25 +364,67 @@ class FeatureStore:
                     f"batch {first}..{last} of {spec.topic}[{spec.partition}]; resume after offset {last}"
                 )
         data = encode_rows(bid, rows, spec.n_features, spec.label_names)
-        manifest = self._manifest(bid, spec, rows, data, namespace, created_at_ms)
+        manifest, state_bytes = self.prepare_manifest(bid, spec, rows, data, namespace, created_at_ms)
         tag = f"{os.getpid()}-{time.monotonic_ns()}{_TMP_SUFFIX}"
         tmp_avro = d / f".{bid}.avro.{tag}"
         tmp_json = d / f".{bid}.json.{tag}"
+        tmp_state = d / f".{bid}.state.{tag}"
         try:
             d.mkdir(parents=True, exist_ok=True)
             self._write_synced(tmp_avro, data)
+            if state_bytes is not None:  # before the manifest naming it: a visible state file is complete
+                self._write_synced(tmp_state, state_bytes)
+                os.replace(tmp_state, d / f"{bid}{STATE_SUFFIX}")
             self._write_synced(tmp_json, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
             os.replace(tmp_json, d / f"{bid}.json")
             os.replace(tmp_avro, final)
             fsync_dir(d)
         except OSError as exc:
-            for tmp in (tmp_avro, tmp_json):
+            for tmp in (tmp_avro, tmp_json, tmp_state):
                 with contextlib.suppress(OSError):
                     tmp.unlink()
             if exc.errno in BACKPRESSURE_ERRNOS:
                 raise _as_backpressure(exc, f"batch {bid} in {d}") from exc
             raise
+        with contextlib.suppress(OSError):  # the batch is durable; a reconcile indexes it later
+            index_append(d, "add", bid, manifest)
         return BatchInfo(bid, final, manifest), True
+
+    def remove_batch(self, kind: str, batch_id: str, namespace: str = "live") -> int:
+        """Delete one batch (``.avro`` first: it stops existing at once, then its manifest and
+        state file); returns the bytes freed. Only retention (``streaming/retention.py``) and
+        tests call this: deleting a batch a model's lineage names breaks its reproduction."""
+        d = self.directory(kind, namespace)
+        index_append(d, "del", batch_id)  # before the files go: no reader is handed a vanishing batch
+        freed = 0
+        for name in (f"{batch_id}.avro", f"{batch_id}.json", f"{batch_id}{STATE_SUFFIX}"):
+            path = d / name
+            try:
+                size = path.stat().st_size
+                path.unlink()
+                freed += size
+            except FileNotFoundError:
+                continue
+        fsync_dir(d)
+        return freed
+
+    def prepare_manifest(self, bid: str, spec: BatchSpec, rows: Sequence[StoredRow], data: bytes, namespace: str,
+                         created_at_ms: int | None) -> tuple[dict[str, Any], bytes | None]:
+        """The manifest of a batch and, when its featurizer state is over ``state_inline_max_bytes``,
+        the bytes of its ``<batch_id>.state.json`` (then the manifest names it with its sha256).
+
+        Why a state file per batch rather than a checkpoint every N batches: the worker restores
+        from the partition's newest batch and replay from the one before a range, so each batch
+        keeps exactly the state it had; the manifest stays bounded and the crash rules unchanged.
+        """
+        manifest = self._manifest(bid, spec, rows, data, namespace, created_at_ms)
+        state_bytes = None if spec.featurizer_state is None else spec.featurizer_state.encode("utf-8")
+        if state_bytes is None or len(state_bytes) <= self.state_inline_max_bytes:
+            return manifest, None
+        manifest["featurizer_state"] = None
+        manifest["featurizer_state_file"] = {"name": f"{bid}{STATE_SUFFIX}", "size_bytes": len(state_bytes),
+                                             "sha256": hashlib.sha256(state_bytes).hexdigest()}
+        return manifest, state_bytes
 
     @staticmethod
     def _write_synced(path: Path, data: bytes) -> None:

@@ -74,6 +74,7 @@ EXPECT: dict[str, Expect] = {
     "predict": Expect(r"digits_cnn|prediction"),
     "replay": Expect(r"records"),
     "store promote": Expect(r"is live", stop_first="stream sensor"),
+    "store gc": Expect(r"dry|would|batch"),
     "retrain": Expect(r"reproduc"),
     "models tf-serving-config": Expect(r"models.config|model_config_list"),
     "up": Expect(r"started|supervis", background=True),

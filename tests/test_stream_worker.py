@@ -124,11 +124,12 @@ def test_worker_persists_every_offset_once_and_state_survives_restart(settings: 
     for item in sorted(read_topic(s, topic), key=lambda r: (r.partition, r.offset)):
         state = states.setdefault(item.partition, fz.new_state())
         reference[(item.partition, item.offset)] = fz.featurize(item.value, state).x
-    for b in FeatureStore(s.feature_store).batches("sensor"):
+    store = FeatureStore(s.feature_store)
+    for b in store.batches("sensor"):
         arrays = read_batch(b.path)
         for x, p, o in zip(arrays["x"], arrays["partition"], arrays["offset"], strict=True):
             np.testing.assert_array_equal(x, reference[(int(p), int(o))])
-        assert b.manifest["featurizer_state"]
+        assert store.featurizer_state("sensor", b.manifest)  # inline or in its state file (docs/STORE.md)
 
 
 def test_store_ahead_of_commit_resumes_after_the_store(settings: Settings) -> None:

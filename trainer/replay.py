@@ -30,7 +30,7 @@ def _state_before(store: FeatureStore, featurizer: Any, kind: str, namespace: st
         return featurizer.new_state()
     first, last = max(previous, key=lambda r: r[1])
     bid = batch_id_for(rng["topic"], int(rng["partition"]), first, last)
-    text = store.manifest(kind, bid, namespace).get("featurizer_state")
+    text = store.featurizer_state(kind, store.manifest(kind, bid, namespace), namespace)
     return featurizer.new_state() if text is None else featurizer.state_from_json(text)
 
 

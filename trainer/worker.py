@@ -141,17 +141,14 @@ class Trainer:
     # ------------------------------------------------------------------ one run
     def unseen_batches(self) -> list[BatchInfo]:
         """Batches newer than everything the newest version trained or was evaluated on."""
-        batches = self.batches()
         latest = self.registry.latest(self.name)
         if latest is None:
-            return batches
+            return self.batches()
         state = self.registry.metadata(self.name, latest).get("data_state", {})
         newest = state.get("newest_seen")
-        ids = [b.batch_id for b in batches]
-        if newest in ids:
-            return batches[ids.index(newest) + 1:]
-        mark = (int(state.get("newest_seen_created_at_ms", 0)), str(newest))
-        return [b for b in batches if (int(b.manifest.get("created_at_ms", 0)), b.batch_id) > mark]
+        # The store's index answers "after this batch" without listing the whole store (issue 13).
+        return self.store.batches_after(self.features.kind, None if newest is None else str(newest),
+                                        int(state.get("newest_seen_created_at_ms", 0) or 0), self.namespace)
 
     def reconcile(self) -> None:
         """Apply the recorded decision of the newest version if a crash cut it off before step 5."""

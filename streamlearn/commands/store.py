@@ -1,4 +1,5 @@
-"""`streamlearn store promote <kind> --from <namespace>`: make a rebuilt namespace the live one.
+"""`streamlearn store promote <kind> --from <namespace>`: make a rebuilt namespace the live one;
+`streamlearn store gc [--dry-run]`: apply the retention limits (docs/STORE.md).
 
 Why under ``store`` and not ``replay``: promotion acts on the feature store and the live group, not on
 the topic; ``replay <kind>`` takes the kind as its first word, so ``replay promote`` would be ambiguous;
@@ -15,7 +16,7 @@ from streaming.topics import KINDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("store", help="feature-store namespaces: promote a rebuilt namespace to live")
+    s = sub.add_parser("store", help="feature-store namespaces and retention: promote, gc")
     ssub = s.add_subparsers(dest="store_cmd", metavar="ACTION")
     ssub.required = True
     p = ssub.add_parser(
@@ -28,6 +29,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group", help="live consumer group (default <prefix>stream.<kind>)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_promote)
+    g = ssub.add_parser(
+        "gc", help="delete batches past the retention limits, oldest first; never a batch that a version in the "
+                   "model registry names in its lineage, nor the newest batch of a partition")
+    g.add_argument("--dry-run", action="store_true", help="list what would be deleted and delete nothing")
+    g.add_argument("--kind", action="append", choices=sorted(KINDS), help="only this kind (repeatable; default all)")
+    g.add_argument("--namespace", default="live", help="store namespace (default live)")
+    g.add_argument("--retention-days", type=float, default=None, metavar="DAYS",
+                   help="delete batches older than this (0 = off; default env STREAMLEARN_STORE_RETENTION_DAYS)")
+    g.add_argument("--max-bytes", type=int, default=None, metavar="BYTES",
+                   help="keep each kind under this size (0 = off; default env STREAMLEARN_STORE_MAX_BYTES)")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=_gc)
+
+
+def _gc(args: argparse.Namespace, settings: config.Settings) -> int:
+    from streaming.retention import collect
+
+    result = collect(settings, dry_run=args.dry_run, kinds=args.kind, namespace=args.namespace,
+                     retention_days=args.retention_days, max_bytes=args.max_bytes)
+    if args.json:
+        print(json.dumps(result.as_dict(), sort_keys=True))
+        return 0
+    if result.retention_days <= 0 and result.max_bytes <= 0:
+        print("retention is off: set --retention-days/--max-bytes or STREAMLEARN_STORE_RETENTION_DAYS/"
+              "STREAMLEARN_STORE_MAX_BYTES; nothing deleted")
+        return 0
+    verb = "would delete" if result.dry_run else "deleted"
+    for d in result.deleted:
+        print(f"{verb} {d['kind']}/{d['batch_id']} ({d['bytes']} bytes, {d['reason']})")
+    print(f"{verb} {len(result.deleted)} batches, {result.freed_bytes} bytes; kept {result.kept_for_lineage} for "
+          f"model lineage and {result.kept_newest_of_partition} as the newest of their partition")
+    for kind, after in sorted(result.bytes_after.items()):
+        over = "  (above --max-bytes: the rest is lineage)" if 0 < result.max_bytes < after else ""
+        print(f"{kind}: {result.bytes_before[kind]} -> {after} bytes{over}")
+    return 0
 
 
 def _promote(args: argparse.Namespace, settings: config.Settings) -> int:

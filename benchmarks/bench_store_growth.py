@@ -1,0 +1,196 @@
+"""Feature-store growth: the trainer's per-poll cost and the manifest size at 1k, 10k and 100k batches.
+
+A synthetic store (no broker needed) is grown to 1k, then 10k, then 100k batches of one sensor kind:
+manifests made by ``FeatureStore.prepare_manifest`` (what ``write_batch`` writes), ``.avro`` names
+hard-linked to one placeholder (listing never reads them) and the index lines the writer appends; the
+fill skips fsync and carries a small featurizer state (it is a fixture, not the measured path).
+
+At each size, a fresh reader (a restarted trainer) opens the store, then ``POLLS`` times the stream
+worker writes one batch with the real ``write_batch`` (fsynced) and the trainer polls: the call
+``Trainer.unseen_batches`` makes each second, ``FeatureStore.batches_after(kind, newest_seen)`` with
+the newest trained batch 4 behind. The batches written there carry a featurizer state that grows with
+the stream (40 bytes per 50 batches, as a sensor featurizer keeps more keys: ~80 KB at 100k), so the
+manifest figure shows what the cap keeps out. Figures, baseline = the 1k figure, goal ratio 100k/1k
+(and 10k/1k) <= 1.5:
+
+* trainer poll (µs): median over the polls;
+* manifest bytes: mean ``.json`` size of the batches ``write_batch`` wrote (``state_bytes`` in the JSON
+  is what an embedded state would have added to each).
+
+For reference (no goal): what the poll cost before the index (list + parse every manifest), the cold
+open of a restarted reader (journal read + names-only reconcile), and ``write_batch`` itself (its
+overlap check still lists the directory per write: O(n), see docs/STORE.md).
+
+    python -m benchmarks.bench_store_growth     # JSON to stdout and reports/bench/store_growth.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import machine, write_report
+from streaming import store_index
+from streaming.config import Settings
+from streaming.store import BatchSpec, FeatureStore, StoredRow, batch_id_for, encode_rows
+
+SIZES = (1_000, 10_000, 100_000)
+POLLS = 100
+LAG = 4  # the trainer retrains every 4 batches: its newest_seen is a few batches behind
+PARTITIONS = 3
+TOPIC = "bench.sensor.raw"
+KIND = "sensor"
+N_FEATURES = 8
+BASE_MS = 1_700_000_000_000
+GOAL = "<= 1.5"
+
+
+def _state(i: int, grow: bool) -> str:
+    keys = 20 + i // 50 if grow else 1
+    return json.dumps({"keys": {f"sensor-{k:06d}": [k, 1.5, 2.5] for k in range(keys)}}, separators=(",", ":"))
+
+
+def _batch(i: int, grow: bool = False) -> tuple[BatchSpec, list[StoredRow]]:
+    partition, seq = i % PARTITIONS, i // PARTITIONS
+    first, last = seq * 10, seq * 10 + 9
+    spec = BatchSpec(kind=KIND, topic=TOPIC, partition=partition, first_offset=first, last_offset=last,
+                     featurizer_version="1", n_features=N_FEATURES, label_names=["y"], schema_ids=[1],
+                     featurizer_state=_state(i, grow))
+    row = StoredRow(x=np.arange(N_FEATURES, dtype=np.float32) + i, labels={"y": float(i)},
+                    event_time_ms=BASE_MS + i, key=f"k{i}", topic=TOPIC, partition=partition, offset=first)
+    return spec, [row]
+
+
+def _fill(store: FeatureStore, start: int, stop: int) -> None:
+    """Batches ``start..stop-1`` as write_batch would leave them, without the fsyncs."""
+    d = store.directory(KIND)
+    d.mkdir(parents=True, exist_ok=True)
+    _, rows0 = _batch(0)
+    placeholder = encode_rows("synthetic", rows0, N_FEATURES, ["y"])
+    for i in range(start, stop):
+        template = d.parent / f"placeholder-{i // 60_000}.avro"  # ext4 allows 65,000 links to a file
+        if not template.exists():
+            template.write_bytes(placeholder)
+        spec, rows = _batch(i)
+        bid = batch_id_for(TOPIC, spec.partition, spec.first_offset, spec.last_offset)
+        manifest, state = store.prepare_manifest(bid, spec, rows, placeholder, "live", BASE_MS + i * 1000)
+        if state is not None:
+            (d / manifest["featurizer_state_file"]["name"]).write_bytes(state)
+        (d / f"{bid}.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        os.link(template, d / f"{bid}.avro")  # one placeholder, many names: cheaper to create
+        store_index.append(d, "add", bid, manifest)
+
+
+def _parse_everything(d: Path) -> int:
+    """The poll before the index: list the directory and parse every manifest, then sort."""
+    out = []
+    for name in os.listdir(d):
+        if name.endswith(".avro") and not name.startswith("."):
+            m = json.loads((d / f"{name[:-5]}.json").read_text(encoding="utf-8"))
+            out.append((m.get("created_at_ms", 0), name[:-5]))
+    out.sort()
+    return len(out)
+
+
+def _measure(store: FeatureStore, n: int, root: Path) -> dict[str, float]:
+    d = store.directory(KIND)
+    t0 = time.perf_counter()
+    parsed = _parse_everything(d)
+    full_parse_ms = (time.perf_counter() - t0) * 1000
+    if parsed != n:
+        raise RuntimeError(f"store holds {parsed} batches, expected {n}")
+    reader = FeatureStore(root)  # a restarted trainer
+    t0 = time.perf_counter()
+    listed = reader.batches_after(KIND, None)
+    cold_ms = (time.perf_counter() - t0) * 1000
+    if len(listed) != n:
+        raise RuntimeError(f"index lists {len(listed)} batches, expected {n}")
+    polls, writes, written = [], [], []
+    i = n
+    for _ in range(POLLS):
+        spec, rows = _batch(i, grow=True)
+        t0 = time.perf_counter()
+        info, _ = store.write_batch(spec, rows, created_at_ms=BASE_MS + i * 1000)
+        written.append(info.path.with_suffix(".json").stat().st_size)
+        writes.append(time.perf_counter() - t0)
+        i += 1
+        seen_spec, _ = _batch(i - 1 - LAG)
+        newest_seen = batch_id_for(TOPIC, seen_spec.partition, seen_spec.first_offset, seen_spec.last_offset)
+        t0 = time.perf_counter()
+        unseen = reader.batches_after(KIND, newest_seen, BASE_MS + (i - 1 - LAG) * 1000)
+        polls.append(time.perf_counter() - t0)
+        if len(unseen) != LAG:
+            raise RuntimeError(f"poll saw {len(unseen)} unseen batches, expected {LAG}")
+    for j in range(n, i):  # back to exactly n for the next size
+        spec, _ = _batch(j)
+        store.remove_batch(KIND, batch_id_for(TOPIC, spec.partition, spec.first_offset, spec.last_offset))
+    return {
+        "poll_us": statistics.median(polls) * 1e6,
+        "poll_p90_us": sorted(polls)[int(len(polls) * 0.9)] * 1e6,
+        "manifest_bytes": statistics.mean(written),
+        "state_bytes": len(_state(n, grow=True)),
+        "full_parse_ms": full_parse_ms,
+        "cold_open_ms": cold_ms,
+        "write_batch_ms": statistics.median(writes) * 1000,
+        "index_bytes_per_batch": (d / store_index.INDEX_NAME).stat().st_size / n,
+    }
+
+
+def run(settings: Settings | None = None) -> dict[str, Any]:
+    started, cpu0 = time.perf_counter(), time.process_time()
+    load0 = os.getloadavg()[0]
+    root = Path(tempfile.mkdtemp(prefix="streamlearn-bench-store-"))
+    try:
+        store = FeatureStore(root)
+        figures: dict[int, dict[str, float]] = {}
+        have = 0
+        for n in SIZES:
+            t0 = time.perf_counter()
+            _fill(store, have, n)
+            have = n
+            figures[n] = _measure(store, n, root)
+            figures[n]["fill_s"] = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    base = figures[SIZES[0]]
+    table = []
+    for n in SIZES[1:]:
+        f = figures[n]
+        for key, label in (("poll_us", "trainer poll (batches_after) µs"), ("manifest_bytes", "manifest bytes")):
+            ratio = round(f[key] / base[key], 3)
+            table.append({"figure": f"{label}, {n // 1000}k batches", "value": round(f[key], 1),
+                          "baseline": round(base[key], 1), "baseline_is": "same figure at 1k batches",
+                          "ratio": ratio, "goal": GOAL, "meets_goal": ratio <= 1.5})
+    top = figures[SIZES[-1]]
+    for key, label in (("full_parse_ms", "poll before the index (parse every manifest) ms"),
+                       ("cold_open_ms", "restarted reader's first listing ms"),
+                       ("write_batch_ms", "write_batch ms (fsynced; lists the directory)")):
+        table.append({"figure": f"{label}, {SIZES[-1] // 1000}k batches", "value": round(top[key], 2),
+                      "baseline": round(base[key], 2), "baseline_is": "same figure at 1k batches",
+                      "ratio": round(top[key] / base[key], 3), "goal": None})
+    return {
+        "machine": machine(), "sizes": list(SIZES), "polls": POLLS,
+        "figures": {str(n): {k: round(v, 3) for k, v in f.items()} for n, f in figures.items()},
+        "environment": {"wall_s": round(time.perf_counter() - started, 1),
+                        "cpu_s": round(time.process_time() - cpu0, 1),
+                        "loadavg_1m_start": round(load0, 2), "loadavg_1m_end": round(os.getloadavg()[0], 2)},
+        "table": table,
+    }
+
+
+def main() -> None:
+    result = run()
+    write_report("store_growth", result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Retention of the feature store (`streamlearn store gc`): an age limit and a size limit per kind.
+
+What is never deleted, whatever the limits say:
+
+* a batch named in the lineage of any version still in the model registry (``metadata.json``
+  ``lineage.batches[].batch_id``) — an unexpired version must stay reproducible
+  (``streamlearn retrain --reproduce``); a version expires when the registry's own retention
+  (``ModelRegistry.apply_retention``) deletes it, and its batches become collectable then.
+  Ids are matched in every namespace, which can only keep more than needed, never less;
+* the newest batch of every partition — the stream worker resumes after it and restores the
+  featurizer state checkpointed with it (deleting it would restart the windows from scratch);
+* anything when a version's metadata cannot be read: gc stops with an error naming it, since
+  it cannot know which batches that version needs.
+
+Order: oldest first (the store's order, manifest ``created_at_ms``). The age limit deletes every
+unprotected batch older than ``retention_days``; the size limit then deletes the oldest unprotected
+batches until the kind's bytes (``.avro`` + manifest + state file) fit ``max_bytes`` (protected
+batches count but stay, so a store whose lineage alone exceeds the limit stays above it, and the
+report says so). Both limits are off by default (0).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from streaming.config import Settings
+from streaming.exceptions import ModelRegistryError, StoreError
+from streaming.model_registry import ModelRegistry
+from streaming.store import STATE_SUFFIX, FeatureStore, parse_batch_id
+from streaming.topics import KINDS
+
+_DAY_MS = 86_400_000
+
+
+@dataclass
+class GcResult:
+    """What one gc run deleted (or, with ``dry_run``, would delete) and what it kept for lineage."""
+
+    dry_run: bool
+    namespace: str
+    retention_days: float
+    max_bytes: int
+    deleted: list[dict[str, Any]] = field(default_factory=list)
+    kept_for_lineage: int = 0
+    kept_newest_of_partition: int = 0
+    bytes_before: dict[str, int] = field(default_factory=dict)
+    bytes_after: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(int(d["bytes"]) for d in self.deleted)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"dry_run": self.dry_run, "namespace": self.namespace, "retention_days": self.retention_days,
+                "max_bytes": self.max_bytes, "deleted": self.deleted, "freed_bytes": self.freed_bytes,
+                "kept_for_lineage": self.kept_for_lineage,
+                "kept_newest_of_partition": self.kept_newest_of_partition,
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after}
+
+
+def lineage_batch_ids(registry: ModelRegistry) -> set[str]:
+    """Every batch id some version in the registry was trained or evaluated on."""
+    needed: set[str] = set()
+    for name in registry.names():
+        for version in registry.versions(name):
+            try:
+                meta = registry.metadata(name, version)
+            except ModelRegistryError as exc:
+                raise StoreError(f"store gc: cannot read the lineage of {name}/{version} ({exc}); gc would not "
+                                 "know which batches it needs, so nothing was deleted; fix or delete that "
+                                 "version first") from exc
+            for entry in meta.get("lineage", {}).get("batches", []):
+                needed.add(str(entry["batch_id"]))
+    return needed
+
+
+def _batch_bytes(store: FeatureStore, kind: str, namespace: str, batch_id: str) -> int:
+    d = store.directory(kind, namespace)
+    total = 0
+    for name in (f"{batch_id}.avro", f"{batch_id}.json", f"{batch_id}{STATE_SUFFIX}"):
+        try:
+            total += (d / name).stat().st_size
+        except FileNotFoundError:
+            continue
+    return total
+
+
+def _newest_per_partition(batch_ids: list[str]) -> set[str]:
+    newest: dict[tuple[str, int], tuple[int, str]] = {}
+    for bid in batch_ids:
+        try:
+            topic, partition, _first, last = parse_batch_id(bid)
+        except StoreError:
+            continue
+        if (topic, partition) not in newest or last > newest[(topic, partition)][0]:
+            newest[(topic, partition)] = (last, bid)
+    return {bid for _, bid in newest.values()}
+
+
+def collect(settings: Settings, *, dry_run: bool, kinds: list[str] | None = None, namespace: str = "live",
+            retention_days: float | None = None, max_bytes: int | None = None,
+            now_ms: int | None = None, store: FeatureStore | None = None) -> GcResult:
+    """Apply the retention limits (``None`` = the settings' value) to ``namespace``."""
+    days = settings.store_retention_days if retention_days is None else float(retention_days)
+    cap = settings.store_max_bytes if max_bytes is None else int(max_bytes)
+    if days < 0 or cap < 0:
+        raise StoreError("store gc: --retention-days and --max-bytes must be >= 0 (0 turns a limit off)")
+    store = store or FeatureStore(settings.feature_store)
+    result = GcResult(dry_run=dry_run, namespace=namespace, retention_days=days, max_bytes=cap)
+    protected = lineage_batch_ids(ModelRegistry(settings.model_dir))
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    for kind in kinds or sorted(KINDS):
+        batches = store.batches(kind, namespace)
+        keep_newest = _newest_per_partition([b.batch_id for b in batches])
+        sizes = {b.batch_id: _batch_bytes(store, kind, namespace, b.batch_id) for b in batches}
+        total = sum(sizes.values())
+        result.bytes_before[kind] = total
+        for b in batches:  # oldest first
+            age_ok = days <= 0 or now - int(b.manifest.get("created_at_ms", 0) or 0) <= days * _DAY_MS
+            size_ok = cap <= 0 or total <= cap
+            if age_ok and size_ok:
+                continue
+            if b.batch_id in protected:
+                result.kept_for_lineage += 1
+                continue
+            if b.batch_id in keep_newest:
+                result.kept_newest_of_partition += 1
+                continue
+            reason = "age" if not age_ok else "size"
+            freed = sizes[b.batch_id] if dry_run else store.remove_batch(kind, b.batch_id, namespace)
+            total -= sizes[b.batch_id]
+            result.deleted.append({"kind": kind, "batch_id": b.batch_id, "bytes": freed, "reason": reason,
+                                   "created_at_ms": b.manifest.get("created_at_ms")})
+        result.bytes_after[kind] = total
+    return result
