@@ -236,8 +236,9 @@ def serve(settings: Settings, work: Path, n: int = 100) -> dict[str, Any]:
     return _result("serve", restart_s, 2 * n, answers, first_start_to_progress_s=first_s)
 
 
-def train(settings: Settings, work: Path, rows: int = 120) -> dict[str, Any]:
+def train(settings: Settings, work: Path, rows: int = 300) -> dict[str, Any]:
     """`streamlearn train sensor_forecaster` (periodic): kill -9 after a version, new batches, restart."""
+    # rows: two batches of this size per part, so the gate's holdout (max(200 rows, 20 %)) and a training batch fit.
     from streaming.model_registry import ModelRegistry
     from streaming.store import FeatureStore
     from streamlearn.commands.publish import generated

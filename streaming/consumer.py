@@ -140,6 +140,25 @@ class IdlePoller:
         return dict(records)
 
 
+class PlainPoller:
+    """:class:`IdlePoller`'s interface over kafka-python's own ``poll``, without the back-off.
+
+    For group members (the stream and serving workers, ``subscribe --group``): after the merge with
+    static membership, a member revoked and reassigned behind the IdlePoller did not get its partitions
+    back (tests/test_idle.py's group test, tests/test_restart.py); see docs/IDLE.md. They spin when idle
+    on the embedded broker (not on Apache Kafka) until that is found.
+    """
+
+    def __init__(self, consumer: KafkaConsumer) -> None:
+        self.consumer = consumer
+
+    def reset(self) -> None:
+        """Nothing to forget: there is no back-off."""
+
+    def poll(self, timeout_ms: int = 200, max_records: int | None = None) -> dict[TopicPartition, list[Any]]:
+        return dict(self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records))
+
+
 def consumer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "bootstrap_servers": settings.bootstrap,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from streaming.config import Settings
@@ -93,6 +94,9 @@ def test_keeps_the_callers_pauses(settings: Settings) -> None:
         consumer.close()
 
 
+@pytest.mark.xfail(strict=True, reason="known bug, docs/IDLE.md: after the merge with static membership a group "
+                   "member behind the IdlePoller does not complete the rebalance; group members (stream, serve, "
+                   "subscribe --group) use PlainPoller until it is fixed, and this test then passes (strict)")
 def test_group_rebalances_complete_and_no_record_is_lost(settings: Settings) -> None:
     """Second member joins (partitions split), then leaves (the first takes all back); every record
     is delivered once while both poll only through the back-off."""
