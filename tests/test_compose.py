@@ -15,6 +15,7 @@ import contextlib
 import difflib
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -147,13 +148,35 @@ def compose_binary() -> list[str] | None:
     return None
 
 
+def _compose_config(binary: list[str], secrets: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ``compose config -q`` with exactly ``secrets`` as the documented secrets in the environment.
+
+    The secrets are stripped from the inherited environment first, so that a developer's shell that
+    happens to export one cannot make the "refused without secrets" check pass or fail by accident.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in REQUIRED}
+    env.update(secrets)
+    return subprocess.run([*binary, "-f", str(COMPOSE), "config", "-q"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180, env=env)
+
+
 def test_docker_compose_config_accepts_the_file() -> None:
     binary = compose_binary()
     if binary is None:
         pytest.skip("no docker-compose or `docker compose` on PATH (Debian: apt-get install -y docker-compose)")
-    result = subprocess.run([*binary, "-f", str(COMPOSE), "config", "-q"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=180)
+    result = _compose_config(binary, REQUIRED)
     assert result.returncode == 0, f"{' '.join(binary)} config rejected docker-compose.yml:\n{result.stderr}"
+
+
+@pytest.mark.parametrize("missing", sorted(REQUIRED))
+def test_docker_compose_config_refuses_a_missing_secret_by_name(missing: str) -> None:
+    """Compose must not start with a secret unset: `${X:?set X}` makes `config` fail naming X."""
+    binary = compose_binary()
+    if binary is None:
+        pytest.skip("no docker-compose or `docker compose` on PATH (Debian: apt-get install -y docker-compose)")
+    result = _compose_config(binary, {k: v for k, v in REQUIRED.items() if k != missing})
+    assert result.returncode != 0, f"compose config accepted the file without {missing}"
+    assert f"set {missing}" in result.stderr, result.stderr
 
 
 # --- 2. static checks (always run) ---------------------------------------------------------------
