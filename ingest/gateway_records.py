@@ -31,6 +31,7 @@ from streaming import eventtime
 from streaming.config import ConfigError
 from streaming.eventtime import UNITS, EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
+from streaming.features import weblog as weblog_features
 from streaming.topics import KINDS
 
 JSON_TYPES = frozenset({"application/json", "text/json", ""})
@@ -163,9 +164,10 @@ def _no_booleans(obj: dict[str, Any], fields: tuple[str, ...]) -> None:
             raise RecordRejectedError(f"{name} holds a boolean; send a number")
 
 
-#: Largest ``latency_ms`` the gateway accepts: one hour. A request slower than that is not a
-#: latency worth learning from, and 1e308 would overflow every feature computed from it.
-MAX_LATENCY_MS = 3_600_000.0
+#: Largest ``latency_ms`` the gateway accepts: the featurizer's own bound (one day), so that the
+#: gateway never accepts an event the stream worker would then dead-letter, and one limit is tuned
+#: in one place. 1e308 is finite but would overflow every feature computed from it.
+MAX_LATENCY_MS = weblog_features.MAX_LATENCY_MS
 
 
 def _check_latency(record: dict[str, Any]) -> dict[str, Any]:

@@ -81,3 +81,13 @@ def test_uploaded_file_extension_is_checked_only_when_present() -> None:
     assert wrong.status == "rejected" and getattr(wrong.error, "reason", None) == "wrong_extension"
     source = image_file_item(0, "C:\\dir\\y.png", data, label=None, timestamp=NOW).record
     assert source is not None and source["source"] == "gateway:y.png"
+
+
+def test_gateway_latency_bound_is_the_featurizers_so_nothing_accepted_is_dead_lettered_later() -> None:
+    from streaming.features import weblog as weblog_features
+
+    top = weblog_features.MAX_LATENCY_MS
+    body = json.dumps([{**weblog(1), "latency_ms": top}, {**weblog(2), "latency_ms": top * 1.01}]).encode()
+    ok, too_slow = parse_json_body("weblog", body, 10)
+    assert ok.status == "pending", ok.error
+    assert too_slow.status == "rejected" and "latency_ms" in str(too_slow.error)
