@@ -227,3 +227,27 @@ def test_every_platform_kafka_client_carries_the_security_settings() -> None:
                     if (rel, fn.name) not in exempt and not any(c in spread for c in carriers):
                         missing.append(f"{rel}:{call.lineno} ({fn.name})")
     assert not missing, f"Kafka clients built without the SASL/TLS settings: {sorted(set(missing))}"
+
+
+def test_a_tenant_scoped_serving_api_answers_only_its_tenants_keys() -> None:
+    """`STREAMLEARN_TENANT=acme streamlearn serve churn --http-port ...` serves acme's churn (its topics are
+    <prefix>acme.churn.*): acme's key may predict, globex's and the default tenant's may not. The model has
+    no version yet, so an authorized request gets 404, a refused one 403 (the version manager is a stand-in:
+    the key check comes first)."""
+    from types import SimpleNamespace
+
+    from serving.http_api import create_app as serving_app
+    from serving.inputs import Featurization
+
+    keys = load_keys("ops:opstoken, acme:acmetoken:predict:acme, globex:globextoken:predict:globex", None)
+    manager: Any = SimpleNamespace(current=lambda: SimpleNamespace(stable=None, canary=None))
+    codes = {}
+    for owner in (None, "acme.churn"):
+        tc = TestClient(serving_app(manager, Featurization(), "churn", keys=keys, owner=owner),
+                        raise_server_exceptions=False)
+        for who in ("acme", "globex", "ops"):
+            r = tc.post("/v1/models/churn:predict", json={"instances": [[0.5]]},
+                        headers={"Authorization": f"Bearer {who}token"})
+            codes[(owner, who)] = r.status_code
+    assert codes == {(None, "acme"): 403, (None, "globex"): 403, (None, "ops"): 404,  # "churn": default tenant's
+                     ("acme.churn", "acme"): 404, ("acme.churn", "globex"): 403, ("acme.churn", "ops"): 403}, codes
