@@ -140,10 +140,12 @@ def _no_booleans(values: Any, where: str) -> None:
 
 
 def create_app(manager: VersionManager, featurization: Featurization, model: str, *,
-               keys: KeyTable | None = None, limits: ServeLimits | None = None) -> Any:
+               keys: KeyTable | None = None, limits: ServeLimits | None = None, owner: str | None = None) -> Any:
     """The FastAPI application serving ``model`` from ``manager``'s loaded versions.
 
-    ``keys`` empty or None: no authentication (the caller binds loopback only).
+    ``keys`` empty or None: no authentication (the caller binds loopback only). ``owner``: the name keys
+    must own to predict (default: the model name); a tenant-scoped process (``STREAMLEARN_TENANT``) serves
+    ``model`` under its tenant's namespace, so its owner is ``<tenant>.<model>``.
     """
     keys = keys if keys is not None else KeyTable()
     limits = limits or ServeLimits()
@@ -158,7 +160,7 @@ def create_app(manager: VersionManager, featurization: Featurization, model: str
         if not keys:
             return ANONYMOUS
         principal = keys.authenticate(request.headers.get("authorization"))
-        keys.require(principal, "predict", name)
+        keys.require(principal, "predict", owner or name)
         return principal
 
     def count(principal: Principal, status: int) -> None:
@@ -325,7 +327,8 @@ def start_http(manager: VersionManager, featurization: Featurization, model: str
     host, warning = bind_host(host, keys, f"serving HTTP for {model}", "--http-host / STREAMLEARN_SERVE_HTTP_HOST")
     if warning:
         log.warning(warning)
-    app = create_app(manager, featurization, model, keys=keys, limits=limits)
+    owner = f"{settings.tenant}.{model}" if settings is not None and settings.tenant else None
+    app = create_app(manager, featurization, model, keys=keys, limits=limits, owner=owner)
     server = uvicorn.Server(server_config(app, host=host, port=port, lifespan="off"))
     thread = threading.Thread(target=server.run, name=f"http-{model}", daemon=True)
     thread.start()

@@ -28,7 +28,9 @@ from typing import Any
 from schemas.catalog import load_schema
 from schemas.registry import SchemaRegistry
 from schemas.serde import AvroSerializer
+from streaming import tenancy
 from streaming.config import Settings
+from streaming.kafka_security import kafka_security
 from streaming.limits import short
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class ReplyTopics:
         self.patterns = [p.strip().replace("{predictions}", predictions).replace("{model}", model)
                          for p in settings.reply_topics.split(",") if p.strip()]
         self._bootstrap = settings.bootstrap
+        self._settings = settings
         self._list_topics = list_topics or self._admin_topics
         self._known: set[str] = set()
         self._refreshed_at = float("-inf")
@@ -63,6 +66,9 @@ class ReplyTopics:
         if not isinstance(topic, str) or not LEGAL_TOPIC.match(topic) or topic in (".", ".."):
             return (f"reply_topic: {short(repr(topic), 80)} is not a legal topic name; use the model's "
                     f"predictions topic {self.predictions!r} or leave it null")
+        if not tenancy.allowed(self._settings, topic):
+            return (f"reply_topic: {topic!r} is outside tenant {self._settings.tenant!r}'s topics "
+                    f"({self._settings.namespace!r}...); use the model's predictions topic {self.predictions!r}")
         if not any(fnmatch.fnmatchcase(topic, p) for p in self.patterns):
             return (f"reply_topic: {topic!r} is not allowed for this model; allowed: {self.predictions!r} "
                     f"and {self.patterns} (setting reply_topics, env STREAMLEARN_REPLY_TOPICS)")
@@ -89,7 +95,8 @@ class ReplyTopics:
     def _admin_topics(self) -> set[str]:
         from kafka import KafkaAdminClient
 
-        admin = KafkaAdminClient(bootstrap_servers=self._bootstrap, request_timeout_ms=5000)
+        admin = KafkaAdminClient(bootstrap_servers=self._bootstrap, request_timeout_ms=5000,
+                                 **kafka_security(self._settings))
         try:
             return set(admin.list_topics())
         finally:

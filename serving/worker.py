@@ -43,6 +43,7 @@ from serving.policy import Policy
 from serving.replies import ReplyTopics, SerializerCache, cut_id
 from serving.versions import VersionManager
 from streaming.config import Settings
+from streaming.kafka_security import kafka_security
 from streaming.limits import MAX_ID_CHARS, BrokerLimits, short
 from streaming.topics import (
     KINDS,
@@ -95,7 +96,8 @@ class ServingWorker(Emitter):
         self._deserializer = AvroDeserializer(self.schemas)
         self._serializers = SerializerCache(self.schemas)
         self.replies = ReplyTopics(settings, model, self.predictions)
-        self.broker_limits = BrokerLimits(settings.bootstrap, settings.max_record_bytes)
+        self.broker_limits = BrokerLimits(settings.bootstrap, settings.max_record_bytes,
+                                          security=kafka_security(settings))
         self._redo_backoff_s = 0.0
         self._answered: OrderedDict[str, None] = OrderedDict()
         self.answered = 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from schemas.access import TENANT_RE
 from schemas.exceptions import ConfigError
 
 __all__ = ["ConfigError", "SPECS", "Settings", "Spec", "env_help", "load", "to_env"]
@@ -42,6 +43,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("registry_port", "STREAMLEARN_REGISTRY_PORT", int, 8081, "port of `streamlearn registry serve`"),
     Spec("topic_prefix", "STREAMLEARN_TOPIC_PREFIX", str, "",
          "prefix for every topic and consumer group name (isolates tenants and test runs)"),
+    Spec("tenant", "STREAMLEARN_TENANT", str, "",
+         "tenant this process acts for: its topic and group names become <topic_prefix><tenant>.<name>, and its "
+         "Kafka clients refuse topics, groups and transactional ids outside that prefix (docs/SECURITY.md)"),
     Spec("partitions", "STREAMLEARN_PARTITIONS", int, 3, "partitions of the raw and request topics"),
     Spec("feature_store", "STREAMLEARN_FEATURE_STORE", Path, None, "feature batch directory (default HOME/features)"),
     Spec("model_dir", "STREAMLEARN_MODEL_DIR", Path, None, "model registry directory (default HOME/models)"),
@@ -238,6 +242,7 @@ class Settings:
     store_retention_days: float = 0.0
     store_max_bytes: int = 0
     store_state_inline_max_bytes: int = 4096
+    tenant: str = ""
     model_specs: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -262,11 +267,16 @@ class Settings:
         """Checkpoints of sources (file positions, processed images) and worker state."""
         return self.home / "state"
 
+    @property
+    def namespace(self) -> str:
+        """Prefix of every topic and group name this process uses: ``<topic_prefix>[<tenant>.]``."""
+        return f"{self.topic_prefix}{self.tenant}." if self.tenant else self.topic_prefix
+
     def topic(self, name: str) -> str:
-        return f"{self.topic_prefix}{name}"
+        return f"{self.namespace}{name}"
 
     def group(self, name: str) -> str:
-        return f"{self.topic_prefix}{name}"
+        return f"{self.namespace}{name}"
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -301,6 +311,9 @@ def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None
     for name in ("store_retention_days", "store_max_bytes", "store_state_inline_max_bytes"):
         if values[name] < 0:
             raise ConfigError(f"setting {name!r} (env {_BY_NAME[name].env}) must be >= 0 (0 turns it off)")
+    if values["tenant"] and not TENANT_RE.match(values["tenant"]):
+        raise ConfigError(f"setting 'tenant' (env STREAMLEARN_TENANT) is {values['tenant']!r}; a tenant id is "
+                          "[a-z][a-z0-9-]{0,30}, the same as in a key's tenant field")
     models = filecfg.get("models", {})
     if not isinstance(models, dict):
         raise ConfigError("config file: [models] must be a table of name = 'module:attribute'")

@@ -30,6 +30,7 @@ from kafka import KafkaConsumer, TopicPartition
 from schemas.exceptions import FramingError, SchemaError
 from schemas.registry import SchemaRegistry, open_registry
 from schemas.serde import AvroDeserializer
+from streaming import tenancy
 from streaming.config import Settings
 from streaming.exceptions import OffsetOutOfRangeError, StreamingError
 from streaming.kafka_security import kafka_security
@@ -174,6 +175,7 @@ def consumer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     }
     cfg.update(kafka_security(settings))
     cfg.update(overrides)
+    tenancy.check_group(settings, cfg.get("group_id"))
     return cfg
 
 
@@ -188,6 +190,8 @@ class Subscriber:
                  idle_max_s: float = IDLE_MAX_S, **consumer_overrides: Any) -> None:
         self.settings = settings
         self.topics = [topics] if isinstance(topics, str) else list(topics)
+        tenancy.check_topics(settings, self.topics, "subscribe to")  # before any network call
+        tenancy.check_group(settings, group)
         self.group = group
         self.decode = decode
         self.registry = registry or (open_registry(settings.registry_url, settings.registry_dir) if decode else None)

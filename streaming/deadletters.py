@@ -56,8 +56,9 @@ def dedupe(records: Iterable[Any]) -> list[Any]:
 class DeadLetterIndex:
     """The floor to write into manifests, and the read-back of already dead-lettered offsets."""
 
-    def __init__(self, bootstrap: str, dl_topic: str) -> None:
+    def __init__(self, bootstrap: str, dl_topic: str, *, security: dict[str, Any] | None = None) -> None:
         self.bootstrap = bootstrap
+        self.security = security or {}  # streaming.kafka_security kwargs (SASL/TLS)
         self.dl_topic = dl_topic
         self._consumer: Any = None
         self._floor: dict[str, int] | None = None
@@ -68,7 +69,7 @@ class DeadLetterIndex:
             from kafka import KafkaConsumer
 
             self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                           request_timeout_ms=10_000)
+                                           request_timeout_ms=10_000, **self.security)
         return self._consumer
 
     def _partitions(self) -> list[Any]:

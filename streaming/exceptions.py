@@ -111,3 +111,8 @@ class MemberSlotBusyError(StreamingError):
 
 class GroupStuckError(StreamingError):
     """A worker owns no partition of a topic that has lag (a stuck group or a phantom member)."""
+
+
+class TenantScopeError(StreamingError, PermissionError):
+    """A tenant-scoped client (``STREAMLEARN_TENANT``) named a topic, group or transactional id outside
+    its tenant's prefix; refused before any network call (streaming/tenancy.py)."""

@@ -161,8 +161,10 @@ class BrokerLimits:
     Kafka reports the topic's value (a per-topic override or the broker's ``message.max.bytes``).
     """
 
-    def __init__(self, bootstrap: str, fallback: int = DEFAULT_BROKER_LIMIT, capacity: int = 256) -> None:
+    def __init__(self, bootstrap: str, fallback: int = DEFAULT_BROKER_LIMIT, capacity: int = 256, *,
+                 security: dict[str, Any] | None = None) -> None:
         self.bootstrap = bootstrap
+        self.security = security or {}  # streaming.kafka_security kwargs (SASL/TLS)
         self.fallback = fallback
         self.capacity = capacity
         self._cache: dict[str, int] = {}
@@ -185,7 +187,7 @@ class BrokerLimits:
             from kafka import KafkaAdminClient
             from kafka.admin import ConfigResource, ConfigResourceType
 
-            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
+            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000, **self.security)
             try:
                 res = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
             finally:

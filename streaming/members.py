@@ -48,6 +48,7 @@ from typing import Any
 from streaming.config import Settings
 from streaming.exceptions import GroupActiveError, MemberSlotBusyError
 from streaming.fsutil import pid_alive
+from streaming.kafka_security import kafka_security
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,8 @@ def describe_group(settings: Settings, group: str) -> tuple[str, list[Member]]:
     """``(state, members)`` of ``group`` (``'Dead'`` and no members when it does not exist)."""
     from kafka import KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, bootstrap_timeout_ms=10_000)
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, bootstrap_timeout_ms=10_000,
+                             **kafka_security(settings))
     try:
         info = admin.describe_groups([group])[group]
     finally:
@@ -284,7 +286,7 @@ def remove_members(settings: Settings, group: str, members: list[Member], timeou
                for m in members]
     # Bounded: a clean stop while the broker is down must not hang (kafka-python waits 30 s by default).
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, request_timeout_ms=timeout_ms,
-                             bootstrap_timeout_ms=timeout_ms)
+                             bootstrap_timeout_ms=timeout_ms, **kafka_security(settings))
     try:
         result = admin.remove_group_members(group, targets)
     finally:

@@ -27,7 +27,7 @@ from kafka import KafkaProducer
 from schemas.catalog import load_schema, value_subject
 from schemas.registry import SchemaRegistry, open_registry
 from schemas.serde import AvroSerializer
-from streaming import limits
+from streaming import limits, tenancy
 from streaming.ackguard import AckLedger, GuardedSend
 from streaming.config import Settings
 from streaming.exceptions import RecordTooLargeError
@@ -69,6 +69,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     }
     cfg.update(kafka_security(settings))
     cfg.update(overrides)
+    tenancy.check_transactional_id(settings, cfg.get("transactional_id"))
     return cfg
 
 
@@ -101,7 +102,8 @@ class Publisher:
         self.registry = registry or open_registry(settings.registry_url, settings.registry_dir)
         self.max_record_bytes = max_record_bytes
         self._producer = KafkaProducer(**producer_config(settings, **producer_overrides))
-        self.ledger = AckLedger(self._producer, settings.bootstrap, window_s=settings.broker_loss_window_s)
+        self.ledger = AckLedger(self._producer, settings.bootstrap, window_s=settings.broker_loss_window_s,
+                                consumer_config=kafka_security(settings))
         self._serializers: dict[tuple[str, str], AvroSerializer] = {}
         self._limits: BrokerLimits | None = None
 
@@ -131,7 +133,9 @@ class Publisher:
 
     def publish_to(self, topic: str, record_name: str, record: Mapping[str, Any],
                    key: str | bytes | None = None, headers: Headers | None = None) -> GuardedSend:
-        """Publish one record of schema ``record_name`` to any topic."""
+        """Publish one record of schema ``record_name`` to any topic (a tenant-scoped publisher: any of
+        its tenant's topics; others raise TenantScopeError before the registry or the broker is asked)."""
+        tenancy.check_topics(self.settings, [topic], "publish to")
         value = self.encode(topic, record_name, record)
         if key is None and record_name in KEY_FIELDS:
             key = record.get(KEY_FIELDS[record_name])
@@ -146,6 +150,7 @@ class Publisher:
                 f"record for topic {topic!r} is {len(value)} bytes encoded, over the limit of "
                 f"{self.max_record_bytes} bytes (max_record_bytes); shrink it (e.g. downscale images) "
                 "or raise the limit on the producer and the broker's message.max.bytes")
+        tenancy.check_topics(self.settings, [topic], "publish to")
         key_bytes = key.encode() if isinstance(key, str) else key
         return self.ledger.send(topic, value, key_bytes, headers or None)
 
@@ -171,8 +176,8 @@ class Publisher:
     def record_limit(self, topic: str) -> int:
         """The broker's record limit for ``topic`` (asked once; the configured value as fallback)."""
         if self._limits is None:
-            self._limits = BrokerLimits(self.settings.bootstrap,
-                                        min(self.max_record_bytes, self.settings.max_record_bytes))
+            self._limits = BrokerLimits(self.settings.bootstrap, security=kafka_security(self.settings),
+                                        fallback=min(self.max_record_bytes, self.settings.max_record_bytes))
         return self._limits.limit(topic)
 
     def flush(self, timeout: float | None = None) -> None:

@@ -105,6 +105,9 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, time
     from kafka.errors import TopicAlreadyExistsError
 
     specs = declared_topics(settings) if specs is None else specs
+    from streaming.tenancy import check_topics
+
+    check_topics(settings, [s.name for s in specs], "create")
     admin = admin_client(settings)
     try:
         existing = set(admin.list_topics())

@@ -36,13 +36,14 @@ from kafka import ConsumerRebalanceListener, TopicPartition
 
 from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import SchemaRegistry, open_registry
-from streaming import members, metrics
+from streaming import members, metrics, tenancy
 from streaming.ackguard import EpochWatch
 from streaming.batcher import ClosedBatch, Pipeline, WorkerStats
 from streaming.config import Settings
 from streaming.deadletters import DeadLetterIndex
 from streaming.divergence import find_divergence, quarantine
 from streaming.exceptions import BackpressureError, GroupStuckError
+from streaming.kafka_security import kafka_security
 from streaming.store import BatchOverlapError
 from streaming.topics import dead_letter_topic
 
@@ -90,13 +91,15 @@ class StreamWorker:
         self.settings = settings
         self.kind = kind
         self.group = group or default_group(settings, kind)
+        tenancy.check_group(settings, self.group)  # --group is a full name: refused before any network call
         registry = registry or open_registry(settings.registry_url, settings.registry_dir)
         self._own_publisher = publisher is None
         self.publisher = publisher or Publisher(settings, registry)
         self.pipeline = Pipeline(settings, kind, namespace=namespace, registry=registry,
                                  publisher=self.publisher, max_seconds=settings.batch_max_seconds)
         self.topic = self.pipeline.topic
-        self.pipeline.dl_index = DeadLetterIndex(settings.bootstrap, dead_letter_topic(settings, kind))
+        self.pipeline.dl_index = DeadLetterIndex(settings.bootstrap, dead_letter_topic(settings, kind),
+                                                 security=kafka_security(settings))
         removed = self.pipeline.store.remove_stale_temp_files(kind, namespace)
         if removed:
             log.info("removed %d temp files of crashed writers", removed)
@@ -222,7 +225,8 @@ class StreamWorker:
 
         if self._check_consumer is None:
             self._check_consumer = KafkaConsumer(bootstrap_servers=self.settings.bootstrap,
-                                                 enable_auto_commit=False, request_timeout_ms=10_000)
+                                                 enable_auto_commit=False, request_timeout_ms=10_000,
+                                                 **kafka_security(self.settings))
         store, ns = self.pipeline.store, self.pipeline.namespace
         div = find_divergence(store, self.kind, tp.topic, tp.partition, ns, self._check_consumer)
         if div is None:

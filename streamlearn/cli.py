@@ -33,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Streaming ingestion and online learning on Kafka: publish events, featurize and "
                     "micro-batch them, retrain TensorFlow models, serve them with hot swaps.",
         epilog="Settings: every flag falls back to the STREAMLEARN_* variable named in its help, then to "
-               "the config file ($STREAMLEARN_CONFIG, $STREAMLEARN_HOME/config.toml or ./streamlearn.toml).",
+               "the config file ($STREAMLEARN_CONFIG, $STREAMLEARN_HOME/config.toml or ./streamlearn.toml). "
+               "Kafka credentials (env or config file only, never argv): "
+               + ", ".join(s.env for s in config.SPECS if s.name.startswith("kafka_s"))
+               + " (docs/SECURITY.md).",
     )
     parser.add_argument("--config", help="config file (TOML; the only place besides $STREAMLEARN_HOME/config.toml "
                                          "whose [models] plugins are loaded) (env STREAMLEARN_CONFIG)")
@@ -42,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"Kafka bootstrap address {config.env_help('kafka_bootstrap')}")
     parser.add_argument("--registry-url", help=f"schema registry URL {config.env_help('registry_url')}")
     parser.add_argument("--topic-prefix", help=f"prefix of topic and group names {config.env_help('topic_prefix')}")
+    parser.add_argument("--tenant", help="act for this tenant: names under <topic-prefix><tenant>., Kafka clients "
+                                         f"refuse any other topic or group {config.env_help('tenant')}")
     parser.add_argument("--log-level", help=f"logging level {config.env_help('log_level')}")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bars or progress lines; log only warnings and errors")
@@ -66,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> config.Settings:
     if getattr(args, "config", None):  # exported so the processes this command starts read it too
         os.environ["STREAMLEARN_CONFIG"] = str(args.config)
-    keys = ("home", "kafka_bootstrap", "registry_url", "topic_prefix", "log_level", "broker_port",
+    keys = ("home", "kafka_bootstrap", "registry_url", "topic_prefix", "tenant", "log_level", "broker_port",
             "registry_port", "ingest_port", "metrics_port")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     settings = config.load(overrides)

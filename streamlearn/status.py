@@ -15,6 +15,7 @@ from typing import Any
 
 from streaming.config import Settings
 from streaming.fsutil import pid_alive
+from streaming.kafka_security import kafka_security
 
 
 @dataclass
@@ -106,9 +107,11 @@ def _group_facts(settings: Settings) -> dict[str, dict[str, Any]]:
     try:
         from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
-        admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, request_timeout_ms=5000)
+        admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, request_timeout_ms=5000,
+                                 **kafka_security(settings))
         consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False,
-                                 request_timeout_ms=5000, isolation_level="read_committed")  # as the workers read
+                                 request_timeout_ms=5000, isolation_level="read_committed",
+                                 **kafka_security(settings))  # as the workers read
     except Exception:  # noqa: BLE001 - no broker: status still shows processes and files
         return out
     try:
