@@ -23,6 +23,7 @@ from schemas import catalog
 from schemas.exceptions import MalformedRecordError, RecordValidationError, TruncatedRecordError
 from schemas.registry import FileRegistry
 from schemas.serde import AvroDeserializer, AvroSerializer, frame
+from tests.test_schemas_serde import _zigzag  # an Avro long written by hand, not by the code under test
 
 EVERYTHING: dict[str, Any] = {
     "type": "record", "name": "Everything", "namespace": "t",
@@ -85,17 +86,6 @@ def _fastavro_bytes(parsed: Any, value: Any) -> bytes:
     return buf.getvalue()
 
 
-def _zigzag_bytes(n: int) -> bytes:
-    """An Avro long, written by hand so hostile payloads do not depend on the code under test."""
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n & ~0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 SCHEMAS = {name: catalog.load_schema(name) for name in catalog.SCHEMA_NAMES} | {"Everything": EVERYTHING}
 
 
@@ -144,7 +134,7 @@ def test_hostile_payload_on_the_resolution_path_fails_fast(tmp_path: Path) -> No
     assert des(frame(schema_id, b"\x04\x00")).value == {"x": [None, None], "z": 0}
     start = time.perf_counter()
     with pytest.raises(TruncatedRecordError, match="empty items"):
-        des(frame(schema_id, _zigzag_bytes(2**40) + b"\x00"))
+        des(frame(schema_id, _zigzag(2**40) + b"\x00"))
     assert time.perf_counter() - start < 2.0
     with pytest.raises(MalformedRecordError):
         AvroDeserializer(registry)(frame(schema_id, b"\x81" + b"\x80" * 9 + b"\x01"))  # 11-byte varint
