@@ -7,7 +7,7 @@ ints of epoch milliseconds: encoding and decoding use schemas with logical types
 
 One Avro path: fastavro's ``schemaless_writer``/``schemaless_reader`` on the parsed schema, after
 :mod:`schemas.validate` has checked the record (fastavro's writer does not reject every bad value,
-and its own ``validate`` names fields poorly and is 7-40x slower). A per-schema code generator used
+and its own ``validate`` names fields poorly and is 7-50x slower). A per-schema code generator used
 to sit beside it; the codec table of ``benchmarks/bench_sdk.py`` showed it under 2x end to end (decode
 1.0-1.7x, publish through the producer 0.9-1.3x), so it went (docs/AVRO.md).
 

@@ -2,7 +2,7 @@
 
 Why not ``fastavro.validation.validate(raise_errors=True)``: its messages do not say which field
 failed in a way a person can act on (no map key, a missing field reads "is None", one line per union
-branch), and it re-walks the schema dict on every call (7-40x slower per record, measured by
+branch), and it re-walks the schema dict on every call (7-50x slower per record, measured by
 the codec table of ``benchmarks/bench_sdk.py``; docs/AVRO.md). And fastavro's writer alone is not a
 check: it writes ``True`` as a long. So this is the one validation path, fastavro the one codec. Here a schema
 is compiled once into a tree of small closures (cached per schema); checking a valid record costs
