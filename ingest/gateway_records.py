@@ -16,7 +16,6 @@ import binascii
 import hashlib
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +27,7 @@ from schemas.exceptions import RegistryUnavailableError, SchemaError
 from schemas.registry import SchemaRegistry
 from schemas.serde import AvroDeserializer, unframe
 from streaming import eventtime
+from streaming.clock import now_ms
 from streaming.config import ConfigError
 from streaming.eventtime import UNITS, EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
@@ -108,10 +108,6 @@ def media_type(content_type: str | None) -> str:
 
 def is_json(mtype: str) -> bool:
     return mtype in JSON_TYPES or (mtype.startswith("application/") and mtype.endswith("+json"))
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 # -- JSON -----------------------------------------------------------------------------------------

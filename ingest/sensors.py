@@ -26,7 +26,6 @@ import csv
 import io
 import logging
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ingest.exceptions import SensorValidationError, SourceError
+from streaming.clock import now_ms
 from streaming.eventtime import EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
 
@@ -48,10 +48,6 @@ MAX_ABS_VALUE = 1e9
 #: The live policy used when a caller passes none (env settings are applied by the CLI).
 LIVE = EventTimePolicy()
 _RESERVED = {"sensor_id", "timestamp", "value", "unit", "label", "event_id"}
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _check_number(name: str, value: Any, max_abs: float) -> float:

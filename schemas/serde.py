@@ -5,17 +5,20 @@ any Confluent-aware tool can read our topics). Records are plain dicts with ``ti
 ints of epoch milliseconds: encoding and decoding use schemas with logical types stripped (see
 :func:`schemas.catalog.strip_logical_types`), so values round-trip exactly.
 
-Hot path: records are encoded and decoded by code generated for their schema
-(:mod:`schemas.codegen`), which also bounds every declared length and count before using it.
-fastavro is the fallback (values the generated encoder cannot vouch for) and does reader/writer
-schema resolution when the deserializer has a ``reader_schema`` that differs from the writer's.
+One Avro path: fastavro's ``schemaless_writer``/``schemaless_reader`` on the parsed schema, after
+:mod:`schemas.validate` has checked the record (fastavro's writer does not reject every bad value,
+and its own ``validate`` names fields poorly and is 7-50x slower). A per-schema code generator used
+to sit beside it; the codec table of ``benchmarks/bench_sdk.py`` showed it under 2x end to end (decode
+1.0-1.7x, publish through the producer 0.9-1.3x), so it went (docs/AVRO.md).
 
 Decoding untrusted bytes must fail fast and typed, never hang or allocate gigabytes. On the
 fastavro path: its C reader already raises ``EOFError`` as soon as a declared string/bytes length or an
 array/map block outruns the buffer, because each item consumes at least one byte. The one case it
 cannot bound is an array whose items encode to zero bytes (``null``, an empty record, ``fixed`` of
 size 0): a block count of 2**40 would spin forever. Writer schemas containing such arrays are first
-walked by :func:`_guard`, which checks every declared count against what remains.
+walked by :func:`_guard`, which checks every declared count against what remains. So are recursive
+writer schemas: fastavro's reader recurses on the C stack and a deeply nested hostile record crashes
+the process, so the guard bounds the nesting first (:data:`MAX_NESTING`).
 """
 
 from __future__ import annotations
@@ -23,17 +26,17 @@ from __future__ import annotations
 import io
 import struct
 import threading
-from functools import lru_cache
 from typing import Any, NamedTuple
 
 from fastavro import schemaless_reader, schemaless_writer
 
-from schemas import catalog, codegen, compat
+from schemas import catalog, compat
 from schemas.base import SchemaRegistry
 from schemas.exceptions import (
     BadMagicByteError,
     IncompatibleReaderError,
     MalformedRecordError,
+    RecordValidationError,
     SchemaNotFoundError,
     ShortPayloadError,
     TruncatedRecordError,
@@ -41,17 +44,15 @@ from schemas.exceptions import (
 )
 from schemas.validate import compile_validator
 
-
-@lru_cache(maxsize=256)
-def _codec(text: str) -> tuple[codegen.Encoder, codegen.Decoder] | None:
-    """Generated encoder/decoder for a schema (by canonical text), or None to use fastavro."""
-    return codegen.generate(catalog.parse(text))
-
 MAGIC = 0
 HEADER_SIZE = 5
 _HEADER = struct.Struct(">bI")
 #: Most zero-byte array items one record may declare (only arrays of null / empty types).
 MAX_ZERO_SIZE_ITEMS = 1_000_000
+#: Deepest nesting of a recursive record type (a linked list, a tree) one record may have. Why:
+#: fastavro's C reader recurses on the C stack and crashes the process (SIGSEGV, seen at 100,000
+#: levels) instead of raising; so records of recursive schemas are walked in Python first.
+MAX_NESTING = 200
 
 
 class Decoded(NamedTuple):
@@ -126,10 +127,31 @@ def _needs_guard(node: Any, named: dict[str, Any], seen: set[str]) -> bool:
     return False
 
 
+def _recursive(node: Any, named: dict[str, Any], path: frozenset[str] = frozenset()) -> bool:
+    """Whether a named type of ``node`` contains itself (its values may nest without bound)."""
+    if isinstance(node, str):
+        if node in path:
+            return True
+        return node in named and _recursive(named[node], named, path)
+    if isinstance(node, list):
+        return any(_recursive(b, named, path) for b in node)
+    kind = node.get("type")
+    if kind in ("record", "error"):
+        inner = path | {node.get("name", "")}
+        return any(_recursive(f["type"], named, inner) for f in node.get("fields", []))
+    if kind in ("array", "map"):
+        return _recursive(node["items" if kind == "array" else "values"], named, path)
+    if isinstance(kind, dict | list):
+        return _recursive(kind, named, path)
+    return False
+
+
 def _read_long(buf: memoryview, pos: int) -> tuple[int, int]:
     shift = result = 0
     while True:
-        if pos >= len(buf) or shift > 63:
+        if shift > 63:
+            raise MalformedRecordError("data: Avro varint longer than 10 bytes")
+        if pos >= len(buf):
             raise TruncatedRecordError("data: Avro body ends inside a variable-length integer")
         b = buf[pos]
         pos += 1
@@ -140,7 +162,9 @@ def _read_long(buf: memoryview, pos: int) -> tuple[int, int]:
 
 
 def _guard(node: Any, named: dict[str, Any], buf: memoryview, pos: int, budget: list[int]) -> int:
-    """Walk one value without building it; raise TruncatedRecordError on any absurd declaration."""
+    """Walk one value without building it; raise TruncatedRecordError on any absurd declaration.
+
+    ``budget`` is ``[zero-size items left, record nesting depth]``, shared by the whole walk."""
     if isinstance(node, str):
         if node in named:
             return _guard(named[node], named, buf, pos, budget)
@@ -168,8 +192,14 @@ def _guard(node: Any, named: dict[str, Any], buf: memoryview, pos: int, budget: 
         return _guard(node[index], named, buf, pos, budget)
     kind = node.get("type")
     if kind in ("record", "error"):
+        budget[1] += 1
+        if budget[1] > MAX_NESTING:
+            raise MalformedRecordError(
+                f"data: records nested more than {MAX_NESTING} deep; the payload is corrupt or hostile"
+            )
         for f in node.get("fields", []):
             pos = _guard(f["type"], named, buf, pos, budget)
+        budget[1] -= 1
         return pos
     if kind == "enum":
         return _read_long(buf, pos)[1]
@@ -224,8 +254,6 @@ class AvroSerializer:
         self.schema = catalog.schema_to_dict(schema)
         self.parsed = catalog.parse(self.schema)
         self.validate = compile_validator(self.parsed)
-        codec = _codec(catalog.canonical_text(self.schema))
-        self._fast = codec[0] if codec is not None else None
         self._schema_id: int | None = None
         self._header = b""
         self._lock = threading.Lock()
@@ -241,43 +269,37 @@ class AvroSerializer:
                     self._schema_id = schema_id
         return self._schema_id
 
-    def _body(self, value: Any, out: bytearray) -> bytearray:
-        """Append the Avro body of ``value`` to ``out``, validating it first.
-
-        The generated encoder checks types as it goes; when it cannot vouch for a value it bails
-        out, and the full validator (for a message naming the field) and fastavro take over.
-        """
-        if self._fast is not None:
-            start = len(out)
-            try:
-                self._fast(value, out)
-                return out
-            except Exception:  # noqa: BLE001 - any doubt: redo it the slow, general way
-                del out[start:]
-        self.validate(value)
+    def _write(self, value: Any, header: bytes) -> bytes:
+        """``header`` + the Avro body of ``value``, validated first (the error names the field)."""
+        try:
+            self.validate(value)
+        except RecursionError as exc:  # a value nested (or referring to itself) past the stack
+            raise RecordValidationError(
+                str(self.parsed.get("name", "value")) if isinstance(self.parsed, dict) else "value", "",
+                "<nested value>", "nested too deep to encode (a value that contains itself?)",
+            ) from exc
         buf = io.BytesIO()
+        buf.write(header)
         schemaless_writer(buf, self.parsed, value)
-        out += buf.getvalue()
-        return out
+        return buf.getvalue()
 
     def encode(self, value: Any) -> bytes:
         """Avro body of ``value`` without framing (validated first)."""
-        return bytes(self._body(value, bytearray()))
+        return self._write(value, b"")
 
     def __call__(self, value: Any, ctx: Any = None) -> bytes:
         if self._schema_id is None:
-            body = self._body(value, bytearray())  # a bad record is reported even if the registry is down
+            body = self._write(value, b"")  # a bad record is reported even if the registry is down
             self.schema_id  # noqa: B018 - registers and builds the header
-            return self._header + bytes(body)
-        return bytes(self._body(value, bytearray(self._header)))
+            return self._header + body
+        return self._write(value, self._header)
 
 
 # -- deserializer --------------------------------------------------------------------------------
 class _Plan(NamedTuple):
     writer: Any
     reader: Any  # None when the reader schema equals the writer schema (fastest path)
-    guard_named: dict[str, Any] | None  # set when the writer needs the zero-size-item guard
-    fast: codegen.Decoder | None  # generated decoder of the writer schema (no resolution needed)
+    guard_named: dict[str, Any] | None  # set when the writer needs the guard (zero-size items, recursion)
 
 
 class AvroDeserializer:
@@ -317,9 +339,9 @@ class AvroDeserializer:
                 )
             reader = self._reader_parsed
         named: dict[str, Any] = writer.get("__named_schemas", {}) if isinstance(writer, dict) else {}
-        guard = named if _needs_guard(writer, named, set()) else None
-        codec = _codec(catalog.canonical_text(text)) if reader is None else None
-        plan = _Plan(writer, reader, guard, codec[1] if codec is not None else None)
+        needs = _needs_guard(writer, named, set()) or _recursive(writer, named)
+        guard = named if needs else None
+        plan = _Plan(writer, reader, guard)
         self._plans[schema_id] = plan
         return plan
 
@@ -329,11 +351,14 @@ class AvroDeserializer:
             unframe(data)  # raises the precise error
         schema_id = int.from_bytes(data[1:5], "big")
         plan = self._plans.get(schema_id) or self._plan(schema_id)
-        if plan.fast is not None:
-            return Decoded(self._fast_decode(plan.fast, data, size, schema_id), schema_id)
         if plan.guard_named is not None:
             body = memoryview(data)[HEADER_SIZE:]
-            end = _guard(plan.writer, plan.guard_named, body, 0, [MAX_ZERO_SIZE_ITEMS])
+            try:
+                end = _guard(plan.writer, plan.guard_named, body, 0, [MAX_ZERO_SIZE_ITEMS, 0])
+            except RecursionError as exc:  # nesting within MAX_NESTING but a deep caller stack
+                raise MalformedRecordError(
+                    f"data: Avro record of schema id {schema_id} nests too deep to read"
+                ) from exc
             if end != len(body):
                 raise TruncatedRecordError(
                     f"data: {len(body) - end} trailing bytes after the Avro record (schema id {schema_id})"
@@ -358,26 +383,3 @@ class AvroDeserializer:
                 f"the payload is corrupt or was written with a different schema"
             )
         return Decoded(value, schema_id)
-
-    @staticmethod
-    def _fast_decode(decode: codegen.Decoder, data: Any, size: int, schema_id: int) -> Any:
-        if type(data) is not bytes:
-            data = bytes(data)
-        try:
-            value, end = decode(data, HEADER_SIZE, size)
-        except (IndexError, TruncatedRecordError) as exc:
-            raise TruncatedRecordError(
-                f"data: Avro body of {size - HEADER_SIZE} bytes ends early for schema id {schema_id} "
-                f"({exc or 'no bytes left'})"
-            ) from exc
-        except (UnicodeDecodeError, RecursionError, OverflowError) as exc:
-            raise MalformedRecordError(
-                f"data: Avro body is not a valid encoding for schema id {schema_id}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        if end != size:
-            raise TruncatedRecordError(
-                f"data: {size - end} trailing bytes after the Avro record (schema id {schema_id}); "
-                f"the payload is corrupt or was written with a different schema"
-            )
-        return value

@@ -14,13 +14,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from serving.exceptions import PredictTimeoutError, RequestDecodeError
+from streaming.clock import now_ms
 from streaming.config import Settings
 from streaming.jsoncodec import to_json
 from streaming.topics import declared_topics, ensure_topics, predictions_topic, requests_topic
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def to_request(model: str, obj: Any, *, line: int | None = None) -> dict[str, Any]:

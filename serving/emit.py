@@ -26,6 +26,7 @@ from schemas.serde import AvroSerializer
 from serving.exceptions import RequestDecodeError
 from serving.model import LoadedVersion
 from serving.replies import LEGAL_TOPIC, ReplyTopics, SerializerCache, cut_answer, error_text
+from streaming.clock import now_ms
 from streaming.config import Settings
 from streaming.limits import BrokerLimits, effective_limit, fit_record, record_size, short
 
@@ -38,10 +39,6 @@ DEDUPE_IDS = 100_000
 SAFE_RECORD_BYTES = 64 * 1024
 #: Longest wait between redos of a batch the broker keeps refusing (a SIGTERM ends the wait).
 MAX_REDO_BACKOFF_S = 10.0
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass

@@ -28,12 +28,12 @@ import hashlib
 import logging
 import math
 import re
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from streaming.clock import now_ms
 from streaming.exceptions import EventTimeError
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,6 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w|y)?\s*$")
 _YEAR_MS = 365 * 86_400_000
 _DURATION_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 7 * 86_400_000,
                 "y": 365 * 86_400_000 + 6 * 3_600_000}  # Julian year: 20y spans 5 leap days
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def iso(ms: int) -> str:

@@ -1,9 +1,25 @@
-"""Small OS helpers shared by the feature store, the model registry, the broker manager and the trainer."""
+"""Small OS helpers shared by the feature store, the model registry, the file sources'
+checkpoints, the broker manager and the trainer: the one home of durable file writes.
+
+Why one home: the same temp-file / fsync / rename / fsync-the-directory dance was written three
+times (model registry, ingest checkpoints, feature store) with small differences (one ignored every
+directory-fsync error, one left its temp file behind on failure). A write that is "atomic" must be
+all four steps; a reader then sees the old content or the new, never a mix, also after power loss.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
+import tempfile
 from pathlib import Path
+from typing import Any
+
+#: Errors of ``fsync`` on a directory that mean "this file system cannot sync directories" (some
+#: network and FUSE file systems): the rename is as durable as that file system makes it.
+_DIR_FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
 
 
 def fsync_dir(path: Path) -> None:
@@ -11,8 +27,46 @@ def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _DIR_FSYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist) holding ``data``, flushed to disk before returning.
+    The building block of :func:`write_atomic`, and of multi-file commits that rename later."""
+    with open(path, "xb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably: a unique temp file in the same
+    directory, fsync, rename over ``path``, fsync of the directory. On failure the temp file is
+    removed and the old content stays."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, data: Any, *, indent: int | None = 2) -> None:
+    """:func:`write_atomic` of ``data`` as sorted-key JSON and a newline (``indent=None``: compact)."""
+    separators = (",", ":") if indent is None else None
+    text = json.dumps(data, indent=indent, sort_keys=True, separators=separators) + "\n"
+    write_atomic(path, text.encode("utf-8"))
 
 
 def pid_alive(pid: int) -> bool:

@@ -34,13 +34,13 @@ import os
 import re
 import secrets
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from streaming.clock import now_ms
 from streaming.exceptions import ModelIntegrityError, ModelNotFoundError, ModelRegistryError, StreamingError  # noqa: F401 (re-exported)
-from streaming.fsutil import fsync_dir, pid_alive
+from streaming.fsutil import fsync_dir, pid_alive, write_json_atomic
 from streaming.tf_serving import refresh_quietly
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -71,18 +71,6 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Replace ``path`` with JSON ``data`` so readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def metadata_digest(meta: dict[str, Any]) -> str:
     """sha256 of a version's metadata (without the digest field itself), canonical JSON.
 
@@ -92,10 +80,6 @@ def metadata_digest(meta: dict[str, Any]) -> str:
     """
     body = {k: v for k, v in meta.items() if k != "metadata_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class ModelRegistry:
@@ -247,7 +231,7 @@ class ModelRegistry:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def _append(self, state: dict[str, Any], action: str, version: int, reason: str, **extra: Any) -> None:
-        entry = {"action": action, "version": int(version), "reason": reason, "at_ms": _now_ms()}
+        entry = {"action": action, "version": int(version), "reason": reason, "at_ms": now_ms()}
         entry.update({k: v for k, v in extra.items() if v is not None})
         state["history"].append(entry)
 
@@ -322,7 +306,7 @@ class ModelRegistry:
             meta = dict(metadata)
             meta["name"] = name
             meta["version"] = version
-            meta.setdefault("created_at", _now_ms())
+            meta.setdefault("created_at", now_ms())
             meta["manifest"] = manifest
             meta["metadata_sha256"] = metadata_digest(meta)
             (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", "utf-8")

@@ -47,9 +47,10 @@ from typing import Any
 from kafka import KafkaAdminClient, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
+from streaming.clock import now_ms
 from streaming.config import Settings
 from streaming.exceptions import GroupActiveError, PromoteError
-from streaming.fsutil import fsync_dir
+from streaming.fsutil import fsync_dir, write_json_atomic
 from streaming.kafka_security import kafka_security
 from streaming.offsets import earliest_and_end, show
 from streaming.replay import RANGE_FILE, read_range, write_range
@@ -118,16 +119,6 @@ def _exclusive(store_root: Path, kind: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _write_json_durably(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _rename_durably(src: Path, dst: Path) -> None:
@@ -229,7 +220,7 @@ def _live_range(settings: Settings, store: FeatureStore, kind: str, group: str, 
         end = max(ranges[-1][1] + 1 if ranges else first, pos.committed or 0)
         start[str(pos.partition)], stop[str(pos.partition)] = first, end
     return {"format": 1, "kind": kind, "topic": topic, "namespace": archive, "start": start, "stop": stop,
-            "archived_live": True, "completed_at_ms": int(time.time() * 1000)}
+            "archived_live": True, "completed_at_ms": now_ms()}
 
 
 def promote(settings: Settings, kind: str, source: str, *, group: str | None = None,
@@ -269,8 +260,8 @@ def promote(settings: Settings, kind: str, source: str, *, group: str | None = N
                   "group": group,
                   "topic": topic, "offsets": {str(p): o for p, o in sorted(offsets.items())},
                   "archive_range": archive_range,
-                  "created_at_ms": int(time.time() * 1000)}
-        _write_json_durably(_intent_path(store.root, kind), intent)
+                  "created_at_ms": now_ms()}
+        write_json_atomic(_intent_path(store.root, kind), intent, indent=1)
         if on_step:
             on_step("intent")
         _roll_forward(settings, store, intent, on_step)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -41,9 +40,10 @@ from typing import Any, Protocol
 from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import open_registry
 from streaming.batcher import Pipeline
+from streaming.clock import now_ms
 from streaming.config import Settings
 from streaming.exceptions import OffsetOutOfRangeError, ReplayError
-from streaming.fsutil import fsync_dir
+from streaming.fsutil import write_json_atomic
 from streaming.offsets import earliest_and_end, offsets_for_timestamp
 from streaming.store import BatchOverlapError, FeatureStore
 from streaming.topics import raw_topic
@@ -209,19 +209,13 @@ def _write_range(directory: Path, topic: str, result: ReplayResult, featurizer_v
                             "start": {str(p): o for p, o in sorted(result.start.items())},
                             "stop": {str(p): o for p, o in sorted(result.stop.items())},
                             "featurizer_version": featurizer_version, "records": result.records,
-                            "completed_at_ms": int(time.time() * 1000)})
+                            "completed_at_ms": now_ms()})
 
 
 def write_range(directory: Path, record: dict[str, Any]) -> None:
     """Write :data:`RANGE_FILE` atomically (temp file, fsync, rename, fsync of the directory)."""
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{RANGE_FILE}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, indent=1, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, directory / RANGE_FILE)
-    fsync_dir(directory)
+    write_json_atomic(directory / RANGE_FILE, record, indent=1)
 
 
 def read_range(directory: Path) -> dict[str, Any] | None:

@@ -21,10 +21,10 @@ report says so). Both limits are off by default (0).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from streaming import clock
 from streaming.config import Settings
 from streaming.exceptions import ModelRegistryError, StoreError
 from streaming.model_registry import ModelRegistry
@@ -110,7 +110,7 @@ def collect(settings: Settings, *, dry_run: bool, kinds: list[str] | None = None
     store = store or FeatureStore(settings.feature_store)
     result = GcResult(dry_run=dry_run, namespace=namespace, retention_days=days, max_bytes=cap)
     protected = lineage_batch_ids(ModelRegistry(settings.model_dir))
-    now = int(time.time() * 1000) if now_ms is None else now_ms
+    now = clock.now_ms() if now_ms is None else now_ms
     for kind in kinds or sorted(KINDS):
         batches = store.batches(kind, namespace)
         keep_newest = _newest_per_partition([b.batch_id for b in batches])

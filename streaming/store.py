@@ -39,8 +39,9 @@ from typing import Any, cast
 import fastavro
 import numpy as np
 
+from streaming.clock import now_ms
 from streaming.exceptions import BackpressureError, BatchOverlapError, StoreError, StreamingError  # noqa: F401 (re-exported)
-from streaming.fsutil import fsync_dir, pid_alive
+from streaming.fsutil import fsync_dir, pid_alive, write_synced
 from streaming.store_index import IndexCache
 from streaming.store_index import append as index_append
 
@@ -371,11 +372,11 @@ class FeatureStore:
         tmp_state = d / f".{bid}.state.{tag}"
         try:
             d.mkdir(parents=True, exist_ok=True)
-            self._write_synced(tmp_avro, data)
+            write_synced(tmp_avro, data)
             if state_bytes is not None:  # before the manifest naming it: a visible state file is complete
-                self._write_synced(tmp_state, state_bytes)
+                write_synced(tmp_state, state_bytes)
                 os.replace(tmp_state, d / f"{bid}{STATE_SUFFIX}")
-            self._write_synced(tmp_json, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+            write_synced(tmp_json, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
             os.replace(tmp_json, d / f"{bid}.json")
             os.replace(tmp_avro, final)
             fsync_dir(d)
@@ -427,17 +428,10 @@ class FeatureStore:
         return manifest, state_bytes
 
     @staticmethod
-    def _write_synced(path: Path, data: bytes) -> None:
-        with open(path, "xb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    @staticmethod
     def _manifest(bid: str, spec: BatchSpec, rows: Sequence[StoredRow], data: bytes, namespace: str,
                   created_at_ms: int | None) -> dict[str, Any]:
         times = [int(r.event_time_ms) for r in rows]
-        now_ms = int(time.time() * 1000) if created_at_ms is None else created_at_ms
+        created = now_ms() if created_at_ms is None else created_at_ms
         return {
             "format": MANIFEST_FORMAT,
             "batch_id": bid,
@@ -456,7 +450,7 @@ class FeatureStore:
             "record_count": len(rows),
             "event_time_min_ms": min(times) if times else None,
             "event_time_max_ms": max(times) if times else None,
-            "created_at_ms": now_ms,
+            "created_at_ms": created,
             "sha256": hashlib.sha256(data).hexdigest(),
             "size_bytes": len(data),
             "featurizer_state": spec.featurizer_state,

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
+from streaming import clock
 from streaming.exceptions import StreamingError
 
 #: Accepted forms, quoted in every error and in ``--help``.
@@ -50,7 +50,7 @@ def parse_time(text: str, *, flag: str = "time", now_ms: int | None = None) -> i
     text = text.strip()
     if not text:
         raise TimeArgError(f"{flag}: empty; give {FORMS}")
-    now = int(time.time() * 1000) if now_ms is None else now_ms
+    now = clock.now_ms() if now_ms is None else now_ms
     if text.lower() == "now":
         return now
     m = _RELATIVE.match(text)

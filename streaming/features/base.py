@@ -13,7 +13,6 @@ instance can serve many partitions, each with its own state.
 from __future__ import annotations
 
 import math
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 
 # FeatureStateError and UnknownFeaturizerError live in streaming.exceptions and are re-exported here.
 from streaming import eventtime
+from streaming.clock import now_ms
 from streaming.exceptions import (  # noqa: F401
     FeatureStateError,
     FeatureValidationError,
@@ -62,11 +62,6 @@ class FeatureRow:
     key: str
 
 
-def wall_clock_ms() -> int:
-    """Current wall-clock time in epoch milliseconds (the default clock of future-time checks)."""
-    return time.time_ns() // 1_000_000
-
-
 class Featurizer(ABC, Generic[S]):
     """Base class of every featurizer; see docs/ARCHITECTURE.md "Featurizers".
 
@@ -84,7 +79,7 @@ class Featurizer(ABC, Generic[S]):
 
     def __init__(self, clock_ms: Callable[[], int] | None = None, max_future_ms: int | None = None) -> None:
         # Injected so tests (and replays in a fixed "now") can pin the future-timestamp check.
-        self._clock_ms: Callable[[], int] = clock_ms or wall_clock_ms
+        self._clock_ms: Callable[[], int] = clock_ms or now_ms
         #: Event times further ahead of the clock are rejected before they touch any state, so a
         #: reading from a wrong clock can never make later real readings "late".
         self.max_future_ms = eventtime.max_future_ms() if max_future_ms is None else max_future_ms
