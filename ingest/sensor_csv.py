@@ -11,7 +11,9 @@ A restart with the same command resumes after the last acknowledged row; rows ac
 found on the topics and not sent again. A file that changed while the source was down (other inode or
 header, or shorter than the offset) is read from its start as a new generation (new event ids). A run
 that finished leaves its checkpoint at the end: the same command again publishes nothing (delete the
-checkpoint, printed at start, to publish the file again).
+checkpoint, printed at start, to publish the file again). The checkpoint is per file *and* per flags
+that decide a row's fate (see :func:`default_checkpoint_path`), so ``--backfill`` after a live run
+is a run of its own.
 
 A row that does not validate, or that the publisher refuses (schema, size), is dead-lettered with
 its reasons and the run goes on: no single row stops it.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -220,9 +223,19 @@ class CsvPosition:
         return f"{self.path}#{self.inode}.{self.generation}.{self.fingerprint[:16]}"
 
 
-def default_checkpoint_path(settings: Settings, path: Path) -> Path:
-    """Checkpoint of one CSV under ``settings.state_dir`` (stable hash of the absolute path)."""
-    key = hashlib.sha1(str(Path(path).absolute()).encode()).hexdigest()[:16]
+def default_checkpoint_path(settings: Settings, path: Path, *, unit: str = "unit",
+                            policy: EventTimePolicy | None = None, timestamp_unit: str = "auto") -> Path:
+    """Checkpoint of one CSV read with one set of flags, under ``settings.state_dir``.
+
+    The flags that decide what becomes of a row (unit, timestamp unit, the event-time window, live or
+    backfill) are part of the key: the same command resumes (or, finished, publishes nothing), while
+    the same file with other flags - typically ``--backfill`` after a live run refused the history -
+    is a run of its own. A backfill's run id is not part of it (it is new per invocation).
+    """
+    p = policy or LIVE
+    flags = json.dumps({"unit": unit, "timestamp_unit": timestamp_unit, "backfill": p.backfill,
+                        "max_age_ms": p.max_age_ms, "max_future_ms": p.max_future_ms}, sort_keys=True)
+    key = hashlib.sha1(f"{Path(path).absolute()}\0{flags}".encode()).hexdigest()[:16]
     return settings.state_dir / "sensor" / f"{Path(path).name}.{key}.json"
 
 
@@ -297,7 +310,8 @@ def publish_csv(settings: Settings, publisher: Publisher, path: Path, *, unit: s
     Rows of a backfill (``policy.backfill``) carry the backfill header naming the run. Waits for
     every ack before returning, so a zero exit status means everything is in Kafka.
     """
-    cp_path = checkpoint_path or default_checkpoint_path(settings, path)
+    cp_path = checkpoint_path or default_checkpoint_path(settings, path, unit=unit, policy=policy,
+                                                         timestamp_unit=timestamp_unit)
 
     def build(state: dict[str, Any] | None) -> SensorCsvSource:
         return SensorCsvSource(path, resume_state=state, unit=unit, policy=policy, timestamp_unit=timestamp_unit,
@@ -307,6 +321,9 @@ def publish_csv(settings: Settings, publisher: Publisher, path: Path, *, unit: s
     assert isinstance(runner.source, SensorCsvSource)
     source = runner.source
     from_line = source.pos.line + 1
+    if source.csv.eof or (source.pos.offset and source.pos.offset >= source.path.stat().st_size):
+        log.warning("--csv %s was published to its end by an earlier run with these flags (checkpoint %s); "
+                    "delete the checkpoint to publish it again", path, cp_path)
     stats = runner.run()
     return SensorIngestStats(stats.published, stats.dead_lettered, dict(stats.reasons) or None,
                              timestamp_unit=source.reader.decided, skipped_duplicates=stats.skipped_duplicates,

@@ -18,6 +18,7 @@ from ingest.sensor_csv import SensorCsvSource, default_checkpoint_path, publish_
 from ingest.sensors import CSV_HEADER, now_ms, validate
 from ingest.source import IterSource
 from streaming.config import Settings
+from streaming.eventtime import EventTimePolicy
 from streaming.producer import Publisher, header_dict
 from streaming.topics import dead_letter_topic, raw_topic
 from tests.helpers import read_topic, streamlearn_cmd, subprocess_env, wait_until
@@ -107,7 +108,10 @@ def test_csv_changed_file_is_read_again_as_a_new_generation(settings: Settings, 
         assert publish_csv(settings, pub, path).published == 0  # done: the same command publishes nothing
         path.write_text(CSV_HEADER + ",event_id\n" + f"s9,{now_ms()},1.5,celsius,,40,new\n")  # shorter, rewritten
         assert publish_csv(settings, pub, path).published == 1
-    assert _ids(settings)["new"] == 1
+        # Other flags are a run of their own: a backfill after a live run publishes the file again.
+        backfill = EventTimePolicy(max_age_ms=None, backfill=True, run_id="bf")
+        assert publish_csv(settings, pub, path, policy=backfill).published == 1
+    assert _ids(settings)["new"] == 2
 
 
 class _EndOffsets:
