@@ -66,15 +66,6 @@ def _check_number(name: str, value: Any, max_abs: float) -> float:
     return v
 
 
-def combine(problems: list[SensorValidationError]) -> SensorValidationError:
-    """One error carrying every problem: the first one's reason, all messages, ``reasons`` in order."""
-    if len(problems) == 1:
-        return problems[0]
-    err = SensorValidationError("; ".join(str(p) for p in problems), problems[0].reason)
-    err.reasons = [p.reason for p in problems]
-    return err
-
-
 def reasons_of(exc: BaseException) -> list[str]:
     """Every reason of a rejection, first one first (one for errors that know only one)."""
     reasons = getattr(exc, "reasons", None)
@@ -139,7 +130,7 @@ def validate(
     if label is not None and not isinstance(label, bool):
         other.append(SensorValidationError(f"label {label!r} must be true, false or null", "bad_label"))
     if value_problems or other:
-        raise combine(value_problems + other)
+        raise SensorValidationError.combine(value_problems + other)
     out = dict(record)
     out.update(value=value, values=checked)
     out.setdefault("label", None)

@@ -22,6 +22,7 @@ from streaming.eventtime import EventTimePolicy
 from streaming.producer import Publisher, header_dict
 from streaming.topics import dead_letter_topic, raw_topic
 from tests.helpers import read_topic, streamlearn_cmd, subprocess_env, wait_until
+from tests.test_ingest_tailer import _EndOffsets
 
 
 def _csv(path: Path, n: int, bad: dict[int, str] | None = None) -> None:
@@ -112,19 +113,6 @@ def test_csv_changed_file_is_read_again_as_a_new_generation(settings: Settings, 
         backfill = EventTimePolicy(max_age_ms=None, backfill=True, run_id="bf")
         assert publish_csv(settings, pub, path, policy=backfill).published == 1
     assert _ids(settings)["new"] == 2
-
-
-class _EndOffsets:
-    """Records in a topic = sum of its end offsets (one round trip)."""
-
-    def __init__(self, settings: Settings, topic: str) -> None:
-        from streaming.consumer import Subscriber
-
-        self.sub = Subscriber(settings, topic, start="end", decode=False)
-        self.tps = list(self.sub.assignment())
-
-    def __call__(self) -> int:
-        return sum(self.sub.consumer.end_offsets(self.tps).values())
 
 
 @pytest.mark.slow
