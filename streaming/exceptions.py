@@ -111,3 +111,13 @@ class MemberSlotBusyError(StreamingError):
 
 class GroupStuckError(StreamingError):
     """A worker owns no partition of a topic that has lag (a stuck group or a phantom member)."""
+
+
+class ImageProbeError(StreamingError, ValueError):
+    """An image's header is unusable or over the limits (``streaming/image_probe.py``); ``reason`` is a short
+    code (``empty``, ``too_large``, ``bad_magic``, ``bad_header``, ``truncated``, ``bad_dimensions``,
+    ``too_many_pixels``) that ingestion puts in the dead letter and the featurizer in its message."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
