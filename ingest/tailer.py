@@ -344,29 +344,15 @@ class FileTailer:
     """Publish the lines of one log file (and its successors after rotation) exactly once:
     a :class:`TailSource` run by :class:`ingest.runner.SourceRunner`."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        publisher: Publisher,
-        path: Path,
-        *,
-        checkpoint_path: Path | None = None,
-        follow: bool = False,
-        poll_s: float = 0.2,
-        rotate_grace_s: float = 1.0,
-        checkpoint_every_s: float = 0.5,
-        max_in_flight: int = 50_000,
-        policy: EventTimePolicy | None = None,
-        timestamp_unit: str = "auto",
-        on_read: Callable[[int], None] | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, publisher: Publisher, path: Path, *, checkpoint_path: Path | None = None,
+                 checkpoint_every_s: float = 0.5, max_in_flight: int = 50_000, **source_options: Any) -> None:
+        """``source_options`` are :class:`TailSource`'s (follow, poll_s, rotate_grace_s, policy,
+        timestamp_unit, on_read); the rest is the runner's."""
         self.path = Path(path).absolute()
         self.cp_path = checkpoint_path or default_checkpoint_path(settings, self.path)
 
         def build(state: dict[str, Any] | None) -> TailSource:
-            return TailSource(self.path, resume_state=state, follow=follow, poll_s=poll_s,
-                              rotate_grace_s=rotate_grace_s, policy=policy, timestamp_unit=timestamp_unit,
-                              on_read=on_read)
+            return TailSource(self.path, resume_state=state, **source_options)
 
         self.runner = SourceRunner(settings, publisher, build, kind="weblog", checkpoint_path=self.cp_path,
                                    max_in_flight=max_in_flight, checkpoint_every_s=checkpoint_every_s)

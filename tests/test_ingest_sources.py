@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import doctest
 import json
-import signal
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -22,7 +21,7 @@ from streaming.eventtime import EventTimePolicy
 from streaming.producer import Publisher, header_dict
 from streaming.topics import dead_letter_topic, raw_topic
 from tests.helpers import read_topic, streamlearn_cmd, subprocess_env, wait_until
-from tests.test_ingest_tailer import _EndOffsets
+from tests.test_ingest_tailer import _EndOffsets, kill9
 
 
 def _csv(path: Path, n: int, bad: dict[int, str] | None = None) -> None:
@@ -130,11 +129,7 @@ def test_csv_kill9_mid_file_then_same_command_publishes_each_row_once(settings: 
             wait_until(lambda: published() >= 2000 or proc.poll() is not None, 120, interval=0.002,
                        message="CSV ingest progress")
         finally:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-            if proc.stderr:
-                proc.stderr.close()
+            kill9(proc)
         at_kill = published()
         assert at_kill < total - 1  # killed mid-file
         done = subprocess.run(cmd, env=env, capture_output=True, timeout=240)

@@ -166,6 +166,15 @@ def test_acked_but_not_checkpointed_lines_are_skipped_on_restart(settings: Setti
     assert len(read_topic(settings, dead_letter_topic(settings, "weblog"), decode=False, idle_timeout=0.5)) == 1
 
 
+def kill9(proc: subprocess.Popen[bytes]) -> None:
+    """Kill -9 a source under test; fails with its stderr when it had already exited."""
+    assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    if proc.stderr:
+        proc.stderr.close()
+
+
 class _EndOffsets:
     """Cheap progress probe: records in a topic = sum of its end offsets (one round trip)."""
 
@@ -209,11 +218,7 @@ def test_kill9_at_random_points_loses_and_duplicates_nothing(settings: Settings,
                 message="tailer progress",
             )
         finally:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-            if proc.stderr:
-                proc.stderr.close()
+            kill9(proc)
         kills_mid_stream += published() < total
     assert kills_mid_stream >= 3  # the kills really hit the tailer while it was publishing
     proc = subprocess.Popen(cmd + ["--idle-exit", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
