@@ -118,9 +118,11 @@ class TailSource(SourcePartition):
         policy: EventTimePolicy | None = None,
         timestamp_unit: str = "auto",
         on_read: Callable[[int], None] | None = None,
+        chunk_bytes: int = 1 << 20,
     ) -> None:
         self.path = Path(path).absolute()
         self.name = str(self.path)
+        self.chunk_bytes = chunk_bytes  # bytes read per batch: a batch is the lines of one chunk
         self.follow, self.poll_s, self.rotate_grace_s = follow, poll_s, rotate_grace_s
         self.on_read = on_read  # progress hook: called with the bytes of each chunk read
         # One event-time window and one timestamp unit for the whole followed file (and its successors).
@@ -292,7 +294,7 @@ class TailSource(SourcePartition):
         """Read the next chunk of the current file into lines; False at its end."""
         if self._fd is None:
             return False
-        chunk = os.read(self._fd, 1 << 20)
+        chunk = os.read(self._fd, self.chunk_bytes)
         if not chunk:
             return False
         self._idle_since = time.monotonic()
@@ -347,7 +349,7 @@ class FileTailer:
     def __init__(self, settings: Settings, publisher: Publisher, path: Path, *, checkpoint_path: Path | None = None,
                  checkpoint_every_s: float = 0.5, max_in_flight: int = 50_000, **source_options: Any) -> None:
         """``source_options`` are :class:`TailSource`'s (follow, poll_s, rotate_grace_s, policy,
-        timestamp_unit, on_read); the rest is the runner's."""
+        timestamp_unit, on_read, chunk_bytes); the rest is the runner's."""
         self.path = Path(path).absolute()
         self.cp_path = checkpoint_path or default_checkpoint_path(settings, self.path)
 
