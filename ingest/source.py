@@ -176,6 +176,11 @@ class IterSource(SourcePartition):
             item.source.update(reason=str(reasons[0]), reasons=",".join(str(r) for r in reasons))
         return item
 
+    def refused(self, item: SourceItem, exc: BaseException) -> None:
+        """The dead letter of a refused record is its JSON (bytes fields as text)."""
+        item.raw = json.dumps(item.record, default=str, allow_nan=True).encode()
+        super().refused(item, exc)
+
     def snapshot(self) -> dict[str, Any]:
         return {"index": self.index}
 

@@ -141,3 +141,16 @@ def test_csv_kill9_mid_file_then_same_command_publishes_each_row_once(settings: 
     assert len(ids) == total - 1 and set(ids.values()) == {1}, [k for k, v in ids.items() if v > 1][:10]
     dls = read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False, idle_timeout=1.0)
     assert [header_dict(d.headers)["dl.source_line"] for d in dls] == ["12347"]
+
+
+def test_generator_record_the_publisher_refuses_is_dead_lettered_as_json(settings: Settings) -> None:
+    good = {"sensor_id": "s", "timestamp": now_ms(), "value": 1.0, "unit": "c", "values": {}, "label": None,
+            "event_id": None}
+    bad = {**good, "value": "not a number"}  # unchecked: the publisher's schema refuses it
+    with Publisher(settings) as pub:
+        stats = SourceRunner(settings, pub, lambda st: IterSource("sensor", [good, bad, good], name="gen"),
+                             kind="sensor", checkpoint_path=None).run()
+    assert (stats.published, stats.dead_lettered, stats.reasons) == (2, 1, {"schema": 1})
+    dl = read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False, expect=1)[0]
+    assert json.loads(dl.value)["value"] == "not a number"
+    assert header_dict(dl.headers)["dl.source_line"] == "2" and dl.key == b"gen:1"
