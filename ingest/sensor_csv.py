@@ -26,7 +26,7 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -303,12 +303,14 @@ class SensorCsvSource(SourcePartition):
 
 def publish_csv(settings: Settings, publisher: Publisher, path: Path, *, unit: str = "unit",
                 policy: EventTimePolicy | None = None, timestamp_unit: str = "auto",
-                checkpoint_path: Path | None = None, batch_rows: int = 1000) -> SensorIngestStats:
+                checkpoint_path: Path | None = None, batch_rows: int = 1000,
+                on_start: Callable[[int, Path], None] | None = None) -> SensorIngestStats:
     """Publish the valid rows of a CSV file exactly once; dead-letter the others (original row bytes +
     reasons). Resumes after the last acknowledged row of an earlier run of the same file.
 
     Rows of a backfill (``policy.backfill``) carry the backfill header naming the run. Waits for
-    every ack before returning, so a zero exit status means everything is in Kafka.
+    every ack before returning, so a zero exit status means everything is in Kafka. ``on_start`` is
+    called with the first line this run reads and the checkpoint file, before anything is sent.
     """
     cp_path = checkpoint_path or default_checkpoint_path(settings, path, unit=unit, policy=policy,
                                                          timestamp_unit=timestamp_unit)
@@ -321,6 +323,8 @@ def publish_csv(settings: Settings, publisher: Publisher, path: Path, *, unit: s
     assert isinstance(runner.source, SensorCsvSource)
     source = runner.source
     from_line = source.pos.line + 1
+    if on_start is not None:
+        on_start(from_line, cp_path)
     if source.csv.eof or (source.pos.offset and source.pos.offset >= source.path.stat().st_size):
         log.warning("--csv %s was published to its end by an earlier run with these flags (checkpoint %s); "
                     "delete the checkpoint to publish it again", path, cp_path)

@@ -162,10 +162,10 @@ def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
         if args.csv is not None:
             source = str(args.csv)
             policy = policy_from_args(args, settings, f"--csv {source}")
-            stats = sensor_csv.publish_csv(settings, pub, args.csv, unit=args.unit, policy=policy,
-                                           timestamp_unit=unit_from_args(args, settings))
-            print(f"ingest sensors: {args.csv} from line {stats.from_line} (checkpoint {stats.checkpoint})",
-                  file=sys.stderr, flush=True)
+            stats = sensor_csv.publish_csv(
+                settings, pub, args.csv, unit=args.unit, policy=policy, timestamp_unit=unit_from_args(args, settings),
+                on_start=lambda line, cp: print(f"ingest sensors: {args.csv} from line {line} (checkpoint {cp})",
+                                                file=sys.stderr, flush=True))
         else:
             records = sensors.generate(
                 args.generate,
