@@ -2,10 +2,10 @@
 
 Why two shapes:
 
-* :func:`write_json` / :func:`read_json` hold a *small* document that is replaced as a whole
-  (the tailer's inode + byte offset). It is written to a temp file in the same directory,
-  fsync'd, renamed over the old one and the directory fsync'd, so after a crash (kill -9,
-  power loss) the file is either the old or the new document, never a torn mix.
+* :func:`write_json` / :func:`read_json` hold a *small* document that is replaced as a whole (a
+  source's snapshot beside the runner's floors, ``ingest/runner.py``). It is written to a temp file
+  in the same directory, fsync'd, renamed over the old one and the directory fsync'd, so after a
+  crash (kill -9, power loss) the file is either the old or the new document, never a torn mix.
 * :class:`HashJournal` holds a *growing set* (sha256 of every image already published or
   rejected). Rewriting a growing set on every image would be O(n) per file, so it is an
   append-only text file, one ``<tag> <hash>`` per line, fsync'd after each batch. A crash can

@@ -8,6 +8,9 @@ operator can group rejects without parsing prose.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Self
+
 from schemas.exceptions import StreamlearnError
 
 
@@ -27,6 +30,15 @@ class InputRejectedError(IngestError, ValueError):
         self.reason = reason
         #: Every reason when the item has several problems (first = ``reason``).
         self.reasons = [reason]
+
+    @classmethod
+    def combine(cls, problems: Sequence[InputRejectedError]) -> Self:
+        """One error carrying every problem: the first one's reason, all messages, ``reasons`` in order."""
+        if len(problems) == 1 and isinstance(problems[0], cls):
+            return problems[0]
+        err = cls("; ".join(str(p) for p in problems), problems[0].reason)
+        err.reasons = [r for p in problems for r in p.reasons]
+        return err
 
 
 class LogParseError(InputRejectedError):

@@ -22,18 +22,15 @@ every other column is a further numeric channel in ``values``.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ingest.exceptions import SensorValidationError, SourceError
+from ingest.exceptions import SensorValidationError
 from streaming.clock import now_ms
 from streaming.eventtime import EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
@@ -47,7 +44,6 @@ DAY_MS = 86_400_000
 MAX_ABS_VALUE = 1e9
 #: The live policy used when a caller passes none (env settings are applied by the CLI).
 LIVE = EventTimePolicy()
-_RESERVED = {"sensor_id", "timestamp", "value", "unit", "label", "event_id"}
 
 
 def _check_number(name: str, value: Any, max_abs: float) -> float:
@@ -66,15 +62,6 @@ def _check_number(name: str, value: Any, max_abs: float) -> float:
     return v
 
 
-def combine(problems: list[SensorValidationError]) -> SensorValidationError:
-    """One error carrying every problem: the first one's reason, all messages, ``reasons`` in order."""
-    if len(problems) == 1:
-        return problems[0]
-    err = SensorValidationError("; ".join(str(p) for p in problems), problems[0].reason)
-    err.reasons = [p.reason for p in problems]
-    return err
-
-
 def reasons_of(exc: BaseException) -> list[str]:
     """Every reason of a rejection, first one first (one for errors that know only one)."""
     reasons = getattr(exc, "reasons", None)
@@ -84,7 +71,7 @@ def reasons_of(exc: BaseException) -> list[str]:
     return [reason] if isinstance(reason, str) else []
 
 
-def _as_sensor_error(exc: EventTimeError) -> SensorValidationError:
+def as_sensor_error(exc: EventTimeError) -> SensorValidationError:
     return SensorValidationError(str(exc), exc.reason)
 
 
@@ -130,7 +117,7 @@ def validate(
             other.append(SensorValidationError(f"timestamp {ts!r} must be an int of epoch milliseconds",
                                                "bad_timestamp"))
         else:
-            other.extend(_as_sensor_error(p) for p in (policy or LIVE).problems(ts, now))
+            other.extend(as_sensor_error(p) for p in (policy or LIVE).problems(ts, now))
     unit = record.get("unit")
     if not isinstance(unit, str) or not unit:
         other.append(SensorValidationError(f"unit {unit!r} must be a non-empty string such as 'celsius'",
@@ -139,7 +126,7 @@ def validate(
     if label is not None and not isinstance(label, bool):
         other.append(SensorValidationError(f"label {label!r} must be true, false or null", "bad_label"))
     if value_problems or other:
-        raise combine(value_problems + other)
+        raise SensorValidationError.combine(value_problems + other)
     out = dict(record)
     out.update(value=value, values=checked)
     out.setdefault("label", None)
@@ -152,108 +139,17 @@ def parse_timestamp(text: Any, unit: str = "ms") -> int:
     try:
         return TimestampReader(unit)(text)
     except EventTimeError as exc:
-        raise _as_sensor_error(exc) from exc
+        raise as_sensor_error(exc) from exc
 
 
-def _parse_float(text: str) -> float | str:
-    """A number cell -> float; 'nan'/'inf' stay floats and anything else stays text, so that
-    :func:`validate` reports it (not_a_number) together with the row's other problems."""
-    try:
-        return float(text)
-    except ValueError:
-        return text[:40]
+def __getattr__(name: str) -> Any:
+    """``read_csv``, ``CsvReader`` and ``CsvRow`` live in :mod:`ingest.sensor_csv` (which imports this
+    module's validation); they are still importable from here, as before."""
+    if name in ("read_csv", "CsvReader", "CsvRow"):
+        from ingest import sensor_csv
 
-
-def _parse_label(text: str) -> bool | None | str:
-    """A label cell -> bool/None; other text is kept for :func:`validate` to report (bad_label)."""
-    t = text.strip().lower()
-    if t in ("", "null", "none"):
-        return None
-    if t in ("1", "true", "yes", "anomaly"):
-        return True
-    if t in ("0", "false", "no", "normal"):
-        return False
-    return text[:40]
-
-
-@dataclass(frozen=True)
-class CsvRow:
-    """One data row of a CSV file: its line number, original bytes, and the parsed reading or error."""
-
-    line: int
-    raw: bytes
-    record: dict[str, Any] | None
-    error: SensorValidationError | None
-
-
-def read_csv(path: Path, *, unit: str = "unit", now: int | None = None, policy: EventTimePolicy | None = None,
-             timestamp_unit: str = "auto", reader: TimestampReader | None = None) -> Iterator[CsvRow]:
-    """Parse and validate every data row of ``path``; bad rows come back with their error.
-
-    Timestamps are read with one :class:`~streaming.eventtime.TimestampReader` for the whole file:
-    with ``timestamp_unit="auto"`` it decides from the first rows before any row is yielded, and
-    raises SourceError (nothing published yet) when it cannot.
-    """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise SourceError(f"--csv {path}: cannot read ({exc})") from exc
-    lines = data.splitlines(keepends=False)
-    if not lines:
-        return
-    header = next(csv.reader([lines[0].decode("utf-8", "replace")]))
-    header = [h.strip() for h in header]
-    missing = {"sensor_id", "timestamp", "value"} - set(header)
-    if missing:
-        raise SourceError(f"--csv {path}: header lacks {sorted(missing)}; required columns: sensor_id,timestamp,value")
-    ref = now_ms() if now is None else now
-    try:
-        reader = reader or TimestampReader(timestamp_unit, source=f"--csv {path}")
-        if reader.unit == "auto":
-            reader.decide(_timestamp_cells(lines, header.index("timestamp"), reader.sample))
-    except EventTimeError as exc:
-        raise SourceError(str(exc)) from exc
-    for n, raw in enumerate(lines[1:], 2):
-        if not raw.strip():
-            continue
-        try:
-            cells = next(csv.reader(io.StringIO(raw.decode("utf-8"))))
-            if len(cells) != len(header):
-                raise SensorValidationError(f"row has {len(cells)} cells, header has {len(header)}", "wrong_cell_count")
-            row = dict(zip(header, (c.strip() for c in cells), strict=True))
-            record: dict[str, Any] = {
-                "sensor_id": row["sensor_id"],
-                "value": _parse_float(row["value"]),
-                "values": {k: _parse_float(v) for k, v in row.items() if k not in _RESERVED and v != ""},
-                "unit": row.get("unit") or unit,
-                "label": _parse_label(row.get("label", "")),
-                "event_id": row.get("event_id") or None,
-            }
-            found: list[SensorValidationError] = []
-            try:
-                record["timestamp"] = reader(row["timestamp"])
-            except EventTimeError as exc:
-                found.append(_as_sensor_error(exc))
-            yield CsvRow(n, raw, validate(record, now=ref, policy=policy, problems=found), None)
-        except SensorValidationError as exc:
-            yield CsvRow(n, raw, None, exc)
-        except UnicodeDecodeError as exc:
-            yield CsvRow(n, raw, None, SensorValidationError(f"row is not UTF-8 ({exc})", "bad_encoding"))
-
-
-def _timestamp_cells(lines: list[bytes], column: int, limit: int) -> Iterator[str]:
-    """The timestamp cells of the first data rows (for ``auto``'s one decision per file)."""
-    seen = 0
-    for raw in lines[1:]:
-        if seen >= limit:
-            return
-        try:
-            cells = next(csv.reader(io.StringIO(raw.decode("utf-8"))), [])
-        except (UnicodeDecodeError, csv.Error):
-            continue
-        if len(cells) > column:
-            seen += 1
-            yield cells[column]
+        return getattr(sensor_csv, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _sensor_params(rng: np.random.Generator, k: int) -> dict[str, np.ndarray]:
@@ -354,75 +250,38 @@ class SensorIngestStats:
     reasons: dict[str, int] | None = None
     #: The unit numeric timestamps were read in (what ``auto`` decided), None when all were ISO text.
     timestamp_unit: str | None = None
+    #: CSV: rows found on the topics after a crash (acked by the killed run, not sent again).
+    skipped_duplicates: int = 0
+    #: CSV: the first line this run read (> 2 when it resumed) and its checkpoint file.
+    from_line: int | None = None
+    checkpoint: str | None = None
 
     def count(self, reason: str) -> None:
         self.reasons = self.reasons or {}
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
 
-def _dead_letter_source(file: str, line: int, exc: SensorValidationError) -> dict[str, str]:
+def dead_letter_source(file: str, line: int, exc: SensorValidationError) -> dict[str, str]:
     """Dead-letter source headers: ``reason`` is the first problem, ``reasons`` all of them."""
     return {"file": file, "line": str(line), "reason": exc.reason, "reasons": ",".join(reasons_of(exc))}
 
 
-def publish_csv(publisher: Publisher, path: Path, *, unit: str = "unit", policy: EventTimePolicy | None = None,
-                timestamp_unit: str = "auto") -> SensorIngestStats:
-    """Publish the valid rows of a CSV file; dead-letter the others (original row bytes + reasons).
-
-    Rows of a backfill (``policy.backfill``) carry the backfill header naming the run. Waits for
-    every ack before returning, so a zero exit status means everything is in Kafka.
-    """
-    stats = SensorIngestStats()
-    futures = []
-    headers = (policy or LIVE).headers()
-    reader = TimestampReader(timestamp_unit, source=f"--csv {path}")
-    for row in read_csv(path, unit=unit, policy=policy, reader=reader):
-        if row.record is not None:
-            futures.append(publisher.publish("sensor", row.record, headers=headers or None))
-            stats.published += 1
-        else:
-            assert row.error is not None
-            futures.append(
-                publisher.dead_letter(
-                    "sensor",
-                    row.raw,
-                    stage="validate",
-                    error=row.error,
-                    source=_dead_letter_source(str(path), row.line, row.error),
-                )
-            )
-            stats.dead_lettered += 1
-            stats.count(row.error.reason)
-    publisher.flush()
-    for fut in futures:
-        fut.get(timeout=60)
-    stats.timestamp_unit = reader.decided
-    return stats
-
-
 def publish_records(publisher: Publisher, records: Iterator[dict[str, Any]], *, source: str,
                     policy: EventTimePolicy | None = None) -> SensorIngestStats:
-    """Validate and publish reading dicts (e.g. from :func:`generate`); dead-letter invalid ones as JSON."""
-    import json
+    """Validate and publish reading dicts (e.g. from :func:`generate`); dead-letter invalid ones as JSON.
 
-    stats = SensorIngestStats()
-    futures = []
+    A generator source (:class:`ingest.source.IterSource`) run by the one runner without a
+    checkpoint: a generated run is published whole each time. Waits for every ack before returning.
+    """
+    from ingest.runner import SourceRunner
+    from ingest.source import IterSource
+
     ref = now_ms()
     headers = (policy or LIVE).headers()
-    for n, record in enumerate(records, 1):
-        try:
-            futures.append(publisher.publish("sensor", validate(record, now=ref, policy=policy),
-                                             headers=headers or None))
-            stats.published += 1
-        except SensorValidationError as exc:
-            raw = json.dumps(record, default=str, allow_nan=True).encode()
-            futures.append(
-                publisher.dead_letter("sensor", raw, stage="validate", error=exc,
-                                      source=_dead_letter_source(source, n, exc))
-            )
-            stats.dead_lettered += 1
-            stats.count(exc.reason)
-    publisher.flush()
-    for fut in futures:
-        fut.get(timeout=60)
-    return stats
+
+    def build(state: dict[str, Any] | None) -> IterSource:
+        return IterSource("sensor", records, name=source, check=lambda r: validate(r, now=ref, policy=policy),
+                          errors=(SensorValidationError,), headers=headers, resume_state=state)
+
+    stats = SourceRunner(publisher.settings, publisher, build, kind="sensor", checkpoint_path=None).run()
+    return SensorIngestStats(stats.published, stats.dead_lettered, dict(stats.reasons) or None)

@@ -178,14 +178,6 @@ def _json_time(value: Any, reader: TimestampReader | None = None) -> int:
         raise LogParseError(str(exc), exc.reason) from exc
 
 
-def _combine(problems: list[LogParseError]) -> LogParseError:
-    if len(problems) == 1:
-        return problems[0]
-    err = LogParseError("; ".join(str(p) for p in problems), problems[0].reason)
-    err.reasons = [p.reason for p in problems]
-    return err
-
-
 def _opt_str(obj: dict[str, Any], field: str) -> str | None:
     value = _pick(obj, field)
     return _dash(str(value)) if value is not None else None
@@ -251,7 +243,7 @@ def parse_json(line: str, *, source: str, position: int | None = None, event_id:
     except LogParseError as exc:
         others.append(exc)
     if values or others:
-        raise _combine(values + others)
+        raise LogParseError.combine(values + others)
     label = _opt_str(obj, "label")
     supplied_id = _pick(obj, "event_id")
     return {

@@ -116,3 +116,13 @@ class GroupStuckError(StreamingError):
 class TenantScopeError(StreamingError, PermissionError):
     """A tenant-scoped client (``STREAMLEARN_TENANT``) named a topic, group or transactional id outside
     its tenant's prefix; refused before any network call (streaming/tenancy.py)."""
+
+
+class ImageProbeError(StreamingError, ValueError):
+    """An image's header is unusable or over the limits (``streaming/image_probe.py``); ``reason`` is a short
+    code (``empty``, ``too_large``, ``bad_magic``, ``bad_header``, ``truncated``, ``bad_dimensions``,
+    ``too_many_pixels``) that ingestion puts in the dead letter and the featurizer in its message."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -15,6 +15,7 @@ from PIL import Image
 from ingest.exceptions import ImageValidationError
 from ingest.generators import digits, render_png
 from ingest.images import inspect, label_for
+from tests.test_ingest_tailer import kill9
 
 
 def _png(w: int = 16, h: int = 12) -> bytes:
@@ -162,7 +163,6 @@ def test_watcher_publishes_valid_and_dead_letters_hostile_files(settings, tmp_pa
 @pytest.mark.timeout(240)
 def test_watcher_kill9_at_random_points_publishes_each_file_once(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import random
-    import signal
     import subprocess
     from collections import Counter
 
@@ -206,11 +206,7 @@ def test_watcher_kill9_at_random_points_publishes_each_file_once(settings, tmp_p
                 message="watcher progress",
             )
         finally:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-            if proc.stderr:
-                proc.stderr.close()
+            kill9(proc)
         kills_mid_stream += published() < dropped
     assert kills_mid_stream >= 2
     proc = subprocess.Popen(cmd + ["--idle-exit", "1.5"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -78,16 +78,8 @@ def test_backpressure_bounds_in_flight_lines(settings: Settings, tmp_path: Path)
     _append(log, _lines(0, 120))
     with Publisher(settings) as pub:
         tailer = FileTailer(settings, pub, log, max_in_flight=10)
-        real_emit = tailer._emit
-        peak = 0
-
-        def emit(raw: bytes, start: int) -> None:
-            nonlocal peak
-            real_emit(raw, start)
-            peak = max(peak, len(tailer._pending))
-
-        tailer._emit = emit  # type: ignore[method-assign]
         stats = tailer.run()
+    peak = tailer.runner.stats.peak_in_flight
     assert stats.published == 120 and peak <= 10
     assert tailer.pos.line == 120 and tailer.pos.offset == log.stat().st_size
     assert len(_seqs(settings)) == 120
@@ -144,33 +136,44 @@ def test_rotation_and_truncation_while_stopped(settings: Settings, tmp_path: Pat
     assert sorted(seqs) == sorted(f"/seq/{i}" for i in range(60)) and set(seqs.values()) == {1}
 
 
-class _CrashAfter(FileTailer):
-    """A tailer whose checkpoint writes stop after ``limit`` lines: the state a kill -9 between
-    the acks and the checkpoint write leaves behind (acked lines beyond the checkpoint)."""
+def _crash_after(tailer: FileTailer, limit: int) -> FileTailer:
+    """Checkpoint writes stop after ``limit`` lines: the state a kill -9 between the acks and the
+    checkpoint write leaves behind (acked lines beyond the checkpoint)."""
+    real_write = tailer.runner._write
 
-    limit = 10**9
+    def write() -> None:
+        if (tailer.runner.state or {}).get("line", 0) <= limit:
+            real_write()
 
-    def _write(self, pos):  # type: ignore[no-untyped-def]
-        if pos.line <= self.limit:
-            super()._write(pos)
+    tailer.runner._write = write  # type: ignore[method-assign]
+    return tailer
 
 
 def test_acked_but_not_checkpointed_lines_are_skipped_on_restart(settings: Settings, tmp_path: Path) -> None:
     log = tmp_path / "access.log"
     _append(log, _lines(0, 300) + ["garbage line\n"] + _lines(300, 99))
     with Publisher(settings) as pub:
-        crashed = _CrashAfter(settings, pub, log)
-        crashed.limit = 120
+        # Small chunks and a checkpoint per batch: the last checkpoint written is mid-file.
+        crashed = _crash_after(FileTailer(settings, pub, log, chunk_bytes=4096, checkpoint_every_s=0.0), 120)
         crashed.run()
     assert crashed.stats.published == 399
     with Publisher(settings) as pub:
         again = FileTailer(settings, pub, log)
-        assert again.pos.line <= 120
+        assert 0 < again.pos.line <= 120
         stats = again.run()
     assert stats.published == 0 and stats.dead_lettered == 0 and stats.skipped_duplicates == stats.lines
     seqs = _seqs(settings, expect=399)
     assert len(seqs) == 399 and set(seqs.values()) == {1}
     assert len(read_topic(settings, dead_letter_topic(settings, "weblog"), decode=False, idle_timeout=0.5)) == 1
+
+
+def kill9(proc: subprocess.Popen[bytes]) -> None:
+    """Kill -9 a source under test; fails with its stderr when it had already exited."""
+    assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    if proc.stderr:
+        proc.stderr.close()
 
 
 class _EndOffsets:
@@ -216,11 +219,7 @@ def test_kill9_at_random_points_loses_and_duplicates_nothing(settings: Settings,
                 message="tailer progress",
             )
         finally:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-            if proc.stderr:
-                proc.stderr.close()
+            kill9(proc)
         kills_mid_stream += published() < total
     assert kills_mid_stream >= 3  # the kills really hit the tailer while it was publishing
     proc = subprocess.Popen(cmd + ["--idle-exit", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

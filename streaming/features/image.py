@@ -3,9 +3,10 @@
 Decoding untrusted images is the dangerous part, so it happens in this order:
 
 1. the declared content type must match the magic bytes;
-2. the header is parsed by hand (PNG ``IHDR``, JPEG ``SOFn``) and the declared width x height is
-   checked against ``max_pixels`` (16 Mpx) *before* any pixel is decoded: a 40-byte PNG can declare
-   a 100 000 x 100 000 image (a decompression bomb);
+2. the header is read by the one image probe (``streaming/image_probe.py``: PNG ``IHDR``, JPEG
+   ``SOFn``) and the declared width x height is checked against its limits (4096 a side, 16 Mpx)
+   *before* any pixel is decoded: a 40-byte PNG can declare a 100 000 x 100 000 image (a
+   decompression bomb);
 3. Pillow opens the bytes restricted to that one format, and the size it reports is checked again
    before ``load()`` (so a header we misread cannot slip through either); truncated or corrupt
    data raises inside ``load()`` and becomes FeatureValidationError.
@@ -33,76 +34,32 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from streaming.exceptions import FeatureValidationError
+from streaming import image_probe
+from streaming.exceptions import FeatureValidationError, ImageProbeError
 from streaming.features.base import FeatureRow, FeatureStateError, Featurizer, check_key, register
 
 VERSION = "image-v1"
 RECORD = "ImageEvent"
-MAX_PIXELS = 16_000_000
-MAX_BYTES = 10 * 1024 * 1024
+#: The one set of image limits (streaming/image_probe.py), shared with ingestion.
+MAX_PIXELS = image_probe.MAX_PIXELS
+MAX_BYTES = image_probe.MAX_BYTES
+MAX_SIDE = image_probe.MAX_SIDE
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-JPEG_MAGIC = b"\xff\xd8\xff"
-# SOF markers carrying frame dimensions (C4 = DHT, C8 = JPG extension, CC = DAC are not frames).
-_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 # Pillow modes of 16-bit grayscale PNGs (samples 0..65535).
 _WIDE_GRAY = frozenset({"I", "I;16", "I;16B", "I;16L"})
-# Markers without a length field.
-_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 
 
 def probe_image(data: bytes) -> tuple[str, int, int]:
     """Return ``(format, width, height)`` from the header alone, decoding no pixels.
 
-    ``format`` is ``"PNG"`` or ``"JPEG"``. Raises FeatureValidationError for unknown formats and for
-    headers that are truncated or declare zero dimensions. Public so ingestion can apply the same
-    checks.
+    The one probe of :mod:`streaming.image_probe` (ingestion uses it too); its error becomes a
+    FeatureValidationError naming the field.
     """
-    if data.startswith(PNG_MAGIC):
-        if len(data) < 24 or data[12:16] != b"IHDR":
-            raise FeatureValidationError(f"{RECORD}.data: truncated PNG, no IHDR chunk in the first 24 bytes")
-        width, height = struct.unpack(">II", data[16:24])
-        fmt = "PNG"
-    elif data.startswith(JPEG_MAGIC):
-        width, height = _jpeg_size(data)
-        fmt = "JPEG"
-    else:
-        raise FeatureValidationError(
-            f"{RECORD}.data: not a PNG or JPEG file (magic bytes {data[:8].hex() or 'empty'})"
-        )
-    if width <= 0 or height <= 0:
-        raise FeatureValidationError(f"{RECORD}.data: {fmt} header declares {width}x{height} pixels")
-    return fmt, width, height
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int]:
-    """Walk JPEG marker segments up to the first SOF and read its height and width."""
-    pos, end = 2, len(data)
-    while pos < end:
-        if data[pos] != 0xFF:
-            raise FeatureValidationError(f"{RECORD}.data: corrupt JPEG, expected a marker at byte {pos}")
-        while pos < end and data[pos] == 0xFF:  # fill bytes
-            pos += 1
-        if pos >= end:
-            break
-        marker = data[pos]
-        pos += 1
-        if marker in _JPEG_STANDALONE:
-            continue
-        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
-            raise FeatureValidationError(f"{RECORD}.data: JPEG has no frame header (SOF) before its data")
-        if pos + 2 > end:
-            break
-        (length,) = struct.unpack(">H", data[pos : pos + 2])
-        if length < 2:
-            raise FeatureValidationError(f"{RECORD}.data: corrupt JPEG segment length {length} at byte {pos}")
-        if marker in _JPEG_SOF:
-            if pos + 7 > end:
-                break
-            height, width = struct.unpack(">HH", data[pos + 3 : pos + 7])
-            return width, height
-        pos += length
-    raise FeatureValidationError(f"{RECORD}.data: truncated JPEG, header ends before the frame size")
+    try:
+        header = image_probe.probe(data)
+    except ImageProbeError as exc:
+        raise FeatureValidationError(f"{RECORD}.data: {exc}") from exc
+    return header.content_type, header.width, header.height
 
 
 class ImageFeaturizer(Featurizer[dict[str, Any]]):
@@ -148,10 +105,10 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
 
     def pixels(self, data: bytes, content_type: str | None = None) -> np.ndarray:
         """Decode safely and return the flattened float32 pixels in [0, 1] (the feature vector)."""
-        if len(data) > self.max_bytes:
-            raise FeatureValidationError(
-                f"{RECORD}.data: {len(data)} bytes is over the {self.max_bytes}-byte image limit"
-            )
+        try:
+            image_probe.check_size(len(data), self.max_bytes)
+        except ImageProbeError as exc:
+            raise FeatureValidationError(f"{RECORD}.data: {exc}") from exc
         fmt, width, height = probe_image(data)
         if content_type is not None and content_type != fmt:
             raise FeatureValidationError(
@@ -185,11 +142,10 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
         return out
 
     def _check_pixels(self, width: int, height: int, where: str) -> None:
-        if width * height > self.max_pixels:
-            raise FeatureValidationError(
-                f"{RECORD}.data: {where} declares {width}x{height} = {width * height} pixels, over the "
-                f"{self.max_pixels}-pixel cap (possible decompression bomb)"
-            )
+        try:
+            image_probe.check_limits(width, height, max_side=MAX_SIDE, max_pixels=self.max_pixels, where=where)
+        except ImageProbeError as exc:
+            raise FeatureValidationError(f"{RECORD}.data: {exc}") from exc
 
     def state_to_json(self, state: dict[str, Any]) -> str:
         return json.dumps({"featurizer": self.version})

@@ -53,7 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
 
     s = isub.add_parser("sensors", help="publish sensor readings from a CSV file or the generator")
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--csv", type=Path, help="CSV with columns sensor_id,timestamp,value[,unit,label,...]")
+    src.add_argument("--csv", type=Path, help="CSV with columns sensor_id,timestamp,value[,unit,label,...]; "
+                     "published once: a rerun resumes after the last acknowledged row (checkpoint under "
+                     "HOME/state/sensor/)")
     src.add_argument("--generate", type=int, metavar="N", help="publish N generated readings")
     s.add_argument("--sensors", type=int, default=10, help="number of generated sensors (default 10)")
     s.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
@@ -151,7 +153,7 @@ def _weblog(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
-    from ingest import sensors
+    from ingest import sensor_csv, sensors
     from streaming.producer import Publisher
 
     _ensure_kind_topics(settings, "sensor")
@@ -160,8 +162,10 @@ def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
         if args.csv is not None:
             source = str(args.csv)
             policy = policy_from_args(args, settings, f"--csv {source}")
-            stats = sensors.publish_csv(pub, args.csv, unit=args.unit, policy=policy,
-                                        timestamp_unit=unit_from_args(args, settings))
+            stats = sensor_csv.publish_csv(
+                settings, pub, args.csv, unit=args.unit, policy=policy, timestamp_unit=unit_from_args(args, settings),
+                on_start=lambda line, cp: print(f"ingest sensors: {args.csv} from line {line} (checkpoint {cp})",
+                                                file=sys.stderr, flush=True))
         else:
             records = sensors.generate(
                 args.generate,
@@ -185,6 +189,7 @@ def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
             "dead_lettered": stats.dead_lettered,
             "reasons": stats.reasons or {},
             "timestamp_unit": stats.timestamp_unit,
+            "skipped_duplicates": stats.skipped_duplicates,
             "backfill": policy.run_id or None,
             "seconds": round(time.monotonic() - started, 3),
         }

@@ -126,10 +126,20 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
     with Publisher(settings) as pub:
         futures = []
         if args.generate is not None:
+            from ingest.runner import SourceRunner
+            from ingest.source import IterSource
+
             with progress(args.generate, f"publish {args.kind} --generate", unit="events") as bar:
-                for record in generated(args.kind, args.generate, args.seed):
-                    futures.append(pub.publish(args.kind, record, headers=headers))
-                    bar.advance()
+                def counted() -> Iterator[dict[str, Any]]:
+                    for record in generated(args.kind, args.generate, args.seed):
+                        yield record
+                        bar.advance()
+
+                # A generator source of the one ingest runner (no checkpoint: each run publishes anew).
+                stats = SourceRunner(settings, pub, lambda _: IterSource(args.kind, counted(), name=source,
+                                                                         headers=headers),
+                                     kind=args.kind, checkpoint_path=None).run()
+            sent, rejected = stats.published, stats.dead_lettered
         else:
             reader = TimestampReader(unit_from_args(args, settings), source=source)
             # A file is looked ahead into for auto's decision; stdin, a stream, decides at its first number.

@@ -1,0 +1,129 @@
+"""Image validation before any decoding: magic bytes, extension vs. content, declared dimensions,
+truncation, then one Pillow decode with its pixel cap (see ``ingest/images.py``'s docstring for the
+reason codes). Split from the drop-folder source so ``ingest/images.py`` holds only the watcher.
+
+The header parsing and the limits are the one probe of ``streaming/image_probe.py`` (shared with the
+image featurizer); what is specific to ingestion stays here: unsupported formats named in the reason
+(``ingest/image_formats.py``), the file extension, animated PNGs, one decode, labels and the record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from ingest.exceptions import ImageValidationError
+from ingest.image_formats import other_format, png_animated
+from streaming import image_probe
+from streaming.exceptions import ImageProbeError
+
+#: The one set of limits (``streaming/image_probe.py``), shared with the image featurizer.
+MAX_SIDE = image_probe.MAX_SIDE
+MAX_PIXELS = image_probe.MAX_PIXELS
+MAX_FILE_BYTES = image_probe.MAX_BYTES
+EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+sniff = image_probe.sniff
+#: What :func:`inspect` returns: the probe's header (content type, declared width and height).
+ImageInfo = image_probe.ImageHeader
+
+
+def inspect(
+    data: bytes,
+    filename: str | None = None,
+    *,
+    max_side: int = MAX_SIDE,
+    max_pixels: int = MAX_PIXELS,
+    max_bytes: int = MAX_FILE_BYTES,
+    decode: bool = True,
+) -> ImageInfo:
+    """Validate an encoded image; return its type and declared size or raise ImageValidationError.
+
+    ``filename``'s extension, when given, must match the content. ``decode`` runs Pillow once
+    after the header checks passed (set False where only headers matter, e.g. benchmarks).
+    """
+    try:
+        image_probe.check_size(len(data), max_bytes)
+        kind = sniff(data)
+        if kind is None and data:
+            other = other_format(data, max_side, max_pixels)
+            if other is not None:
+                raise other
+        if kind is not None and filename is not None:
+            ext = os.path.splitext(filename)[1].lower()
+            expected = EXTENSIONS.get(ext)
+            if expected is None:
+                raise ImageValidationError(f"extension {ext!r} is not .png, .jpg or .jpeg", "wrong_extension")
+            if expected != kind:
+                raise ImageValidationError(
+                    f"file name says {expected} ({ext}) but the bytes are {kind}; rename it", "wrong_extension"
+                )
+        info = image_probe.probe(data, complete=True)
+        width, height = info.width, info.height
+        image_probe.check_limits(width, height, max_side=max_side, max_pixels=max_pixels)
+    except ImageProbeError as exc:
+        raise ImageValidationError(str(exc), exc.reason) from exc
+    if kind == "PNG" and png_animated(data):
+        raise ImageValidationError("animated PNG (APNG) is not supported; send one frame as a PNG", "animated")
+    if decode:
+        _decode_check(data, width, height, max_pixels)
+    return info
+
+
+def _decode_check(data: bytes, width: int, height: int, max_pixels: int) -> None:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.size != (width, height):
+                raise ImageValidationError(
+                    f"decoder sees {img.size[0]}x{img.size[1]}, header declared {width}x{height}",
+                    "bad_header",
+                )
+            img.load()
+    except ImageValidationError:
+        raise
+    except Exception as exc:  # Pillow raises many unrelated types for corrupt data
+        raise ImageValidationError(f"image does not decode: {type(exc).__name__}: {exc}", "corrupt") from exc
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def label_for(path: Path) -> str | None:
+    """Label of an image file: sidecar ``x.png.label``, else ``x.label``, else ``label_rest.png``."""
+    for sidecar in (path.with_name(path.name + ".label"), path.with_suffix(".label")):
+        try:
+            text = sidecar.read_text(encoding="utf-8").strip()
+        except (FileNotFoundError, IsADirectoryError):
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ImageValidationError(f"label file {sidecar.name} cannot be read: {exc}", "bad_label") from exc
+        if text:
+            return text
+    stem = path.stem
+    if "_" in stem and stem.split("_", 1)[0]:
+        return stem.split("_", 1)[0]
+    return None
+
+
+def image_record(data: bytes, info: ImageInfo, *, label: str | None, source: str, timestamp: int) -> dict[str, Any]:
+    """The ImageEvent dict of a validated image (image_id = sha256 of the bytes)."""
+    return {
+        "image_id": hashlib.sha256(data).hexdigest(),
+        "timestamp": int(timestamp),
+        "content_type": info.content_type,
+        "width": info.width,
+        "height": info.height,
+        "data": data,
+        "label": label,
+        "source": source,
+    }

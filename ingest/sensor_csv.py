@@ -1,0 +1,334 @@
+"""Sensor CSV as a source: streamed, checkpointed, one dead letter per bad row (with its reasons).
+
+Why its own module: ``ingest/sensors.py`` validates readings wherever they come from (CSV, generator,
+``publish --file``); this module is what is specific to a CSV *file*: reading it as a stream of rows
+(:class:`CsvReader`, never the whole file at once) and :class:`SensorCsvSource`, the source the one
+runner (``ingest/runner.py``) publishes exactly once.
+
+Resume (the contract of ``ingest/source.py``): the snapshot is the file's identity (path, inode, sha1
+of the header line, generation) and the byte offset and line number after the last row handed out.
+A restart with the same command resumes after the last acknowledged row; rows acked after that are
+found on the topics and not sent again. A file that changed while the source was down (other inode or
+header, or shorter than the offset) is read from its start as a new generation (new event ids). A run
+that finished leaves its checkpoint at the end: the same command again publishes nothing (delete the
+checkpoint, printed at start, to publish the file again). The checkpoint is per file *and* per flags
+that decide a row's fate (see :func:`default_checkpoint_path`), so ``--backfill`` after a live run
+is a run of its own.
+
+A row that does not validate, or that the publisher refuses (schema, size), is dead-lettered with
+its reasons and the run goes on: no single row stops it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ingest.exceptions import SensorValidationError, SourceError
+from ingest.runner import SourceRunner
+from ingest.sensors import LIVE, SensorIngestStats, as_sensor_error, dead_letter_source, now_ms, validate
+from ingest.source import PositionIds, SourceItem, SourcePartition
+from streaming.eventtime import EventTimePolicy, TimestampReader
+from streaming.exceptions import EventTimeError
+
+if TYPE_CHECKING:
+    from streaming.config import Settings
+    from streaming.producer import Publisher
+
+log = logging.getLogger(__name__)
+
+_RESERVED = {"sensor_id", "timestamp", "value", "unit", "label", "event_id"}
+
+
+def _parse_float(text: str) -> float | str:
+    """A number cell -> float; 'nan'/'inf' stay floats and anything else stays text, so that
+    :func:`validate` reports it (not_a_number) together with the row's other problems."""
+    try:
+        return float(text)
+    except ValueError:
+        return text[:40]
+
+
+def _parse_label(text: str) -> bool | None | str:
+    """A label cell -> bool/None; other text is kept for :func:`validate` to report (bad_label)."""
+    t = text.strip().lower()
+    if t in ("", "null", "none"):
+        return None
+    if t in ("1", "true", "yes", "anomaly"):
+        return True
+    if t in ("0", "false", "no", "normal"):
+        return False
+    return text[:40]
+
+
+@dataclass(frozen=True)
+class CsvRow:
+    """One data row of a CSV file: its line number, original bytes, and the parsed reading or error.
+
+    ``start`` is the byte offset of the row's line in the file (its identity for event ids)."""
+
+    line: int
+    raw: bytes
+    record: dict[str, Any] | None
+    error: SensorValidationError | None
+    start: int = 0
+
+
+def _split_line(physical: bytes) -> list[bytes]:
+    """One ``\n``-terminated line -> its rows (an old-Mac ``\r`` inside ends a row too, as
+    ``bytes.splitlines`` does); ``[b""]`` for an empty line so it is still counted."""
+    body = physical.rstrip(b"\n")
+    body = body[:-1] if body.endswith(b"\r") else body
+    return (body.splitlines() or [b""]) if b"\r" in body else [body]
+
+
+class CsvReader:
+    """The rows of one sensor CSV read as a stream from a byte offset (the file is never read whole).
+
+    Timestamps are read with one :class:`~streaming.eventtime.TimestampReader` for the whole file: with
+    ``auto`` it decides from the first data rows (read ahead once, also when resuming mid-file, so a
+    resumed run reads them the same way) and raises SourceError, before any row, when it cannot.
+    """
+
+    def __init__(self, path: Path, *, unit: str = "unit", now: int | None = None,
+                 policy: EventTimePolicy | None = None, reader: TimestampReader,
+                 offset: int = 0, line: int = 1) -> None:
+        self.path = Path(path)
+        self.unit, self.policy, self.reader = unit, policy, reader
+        self.ref = now_ms() if now is None else now
+        try:
+            self._fh = open(self.path, "rb")  # noqa: SIM115 (closed by close())
+        except OSError as exc:
+            raise SourceError(f"--csv {path}: cannot read ({exc})") from exc
+        first = self._fh.readline()
+        self.header_line = first
+        self.eof = not first
+        self.offset, self.line = max(offset, len(first)), max(line, 1)
+        if self.eof:
+            return
+        header = [h.strip() for h in next(csv.reader([_split_line(first)[0].decode("utf-8", "replace")]))]
+        missing = {"sensor_id", "timestamp", "value"} - set(header)
+        if missing:
+            self.close()
+            raise SourceError(
+                f"--csv {path}: header lacks {sorted(missing)}; required columns: sensor_id,timestamp,value")
+        self.header = header
+        try:
+            if reader.unit == "auto":
+                reader.decide(self._timestamp_cells(header.index("timestamp"), reader.sample))
+        except EventTimeError as exc:
+            self.close()
+            raise SourceError(str(exc)) from exc
+        self._fh.seek(self.offset)
+
+    def _timestamp_cells(self, column: int, limit: int) -> Iterator[str]:
+        """The timestamp cells of the first data rows (for ``auto``'s one decision per file)."""
+        seen = 0
+        for physical in self._fh:
+            for raw in _split_line(physical):
+                if seen >= limit:
+                    return
+                try:
+                    cells = next(csv.reader(io.StringIO(raw.decode("utf-8"))), [])
+                except (UnicodeDecodeError, csv.Error):
+                    continue
+                if len(cells) > column:
+                    seen += 1
+                    yield cells[column]
+
+    def rows(self, limit: int) -> list[CsvRow]:
+        """Up to ``limit`` rows (blank lines are counted, not returned); ``eof`` is set at the end."""
+        out: list[CsvRow] = []
+        while len(out) < limit and not self.eof:
+            physical = self._fh.readline()
+            if not physical:
+                self.eof = True
+                break
+            start = self.offset
+            self.offset += len(physical)
+            for raw in _split_line(physical):
+                self.line += 1
+                if raw.strip():
+                    out.append(self._row(self.line, raw, start))
+        return out
+
+    def _row(self, n: int, raw: bytes, start: int) -> CsvRow:
+        try:
+            cells = next(csv.reader(io.StringIO(raw.decode("utf-8"))))
+            if len(cells) != len(self.header):
+                raise SensorValidationError(f"row has {len(cells)} cells, header has {len(self.header)}",
+                                            "wrong_cell_count")
+            row = dict(zip(self.header, (c.strip() for c in cells), strict=True))
+            record: dict[str, Any] = {
+                "sensor_id": row["sensor_id"],
+                "value": _parse_float(row["value"]),
+                "values": {k: _parse_float(v) for k, v in row.items() if k not in _RESERVED and v != ""},
+                "unit": row.get("unit") or self.unit,
+                "label": _parse_label(row.get("label", "")),
+                "event_id": row.get("event_id") or None,
+            }
+            found: list[SensorValidationError] = []
+            try:
+                record["timestamp"] = self.reader(row["timestamp"])
+            except EventTimeError as exc:
+                found.append(as_sensor_error(exc))
+            return CsvRow(n, raw, validate(record, now=self.ref, policy=self.policy, problems=found), None, start)
+        except SensorValidationError as exc:
+            return CsvRow(n, raw, None, exc, start)
+        except UnicodeDecodeError as exc:
+            return CsvRow(n, raw, None, SensorValidationError(f"row is not UTF-8 ({exc})", "bad_encoding"), start)
+        except csv.Error as exc:
+            return CsvRow(n, raw, None, SensorValidationError(f"row is not CSV ({exc})", "bad_csv"), start)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_csv(path: Path, *, unit: str = "unit", now: int | None = None, policy: EventTimePolicy | None = None,
+             timestamp_unit: str = "auto", reader: TimestampReader | None = None) -> Iterator[CsvRow]:
+    """Parse and validate every data row of ``path``; bad rows come back with their error.
+
+    Streamed (:class:`CsvReader`); with ``timestamp_unit="auto"`` the unit is decided from the first
+    rows before any row is yielded, and SourceError is raised (nothing yielded yet) when it cannot.
+    """
+    rows = CsvReader(path, unit=unit, now=now, policy=policy,
+                     reader=reader or TimestampReader(timestamp_unit, source=f"--csv {path}"))
+    try:
+        while not rows.eof:
+            yield from rows.rows(1000)
+    finally:
+        rows.close()
+
+
+@dataclass
+class CsvPosition:
+    """The sensor CSV source's snapshot."""
+
+    path: str
+    inode: int = 0
+    fingerprint: str = ""  # sha1 of the header line
+    generation: int = 0
+    offset: int = 0  # byte offset after the last row handed out (0: not started)
+    line: int = 1  # line number of the last line handed out (1: the header)
+
+    @property
+    def identity(self) -> str:
+        return f"{self.path}#{self.inode}.{self.generation}.{self.fingerprint[:16]}"
+
+
+def default_checkpoint_path(settings: Settings, path: Path, *, unit: str = "unit",
+                            policy: EventTimePolicy | None = None, timestamp_unit: str = "auto") -> Path:
+    """Checkpoint of one CSV read with one set of flags, under ``settings.state_dir``.
+
+    The flags that decide what becomes of a row (unit, timestamp unit, the event-time window, live or
+    backfill) are part of the key: the same command resumes (or, finished, publishes nothing), while
+    the same file with other flags - typically ``--backfill`` after a live run refused the history -
+    is a run of its own. A backfill's run id is not part of it (it is new per invocation).
+    """
+    p = policy or LIVE
+    flags = json.dumps({"unit": unit, "timestamp_unit": timestamp_unit, "backfill": p.backfill,
+                        "max_age_ms": p.max_age_ms, "max_future_ms": p.max_future_ms}, sort_keys=True)
+    key = hashlib.sha1(f"{Path(path).absolute()}\0{flags}".encode()).hexdigest()[:16]
+    return settings.state_dir / "sensor" / f"{Path(path).name}.{key}.json"
+
+
+class SensorCsvSource(SourcePartition):
+    """The rows of one sensor CSV file as source items (see the module docstring for resume)."""
+
+    kind = "sensor"
+
+    def __init__(self, path: Path, *, resume_state: dict[str, Any] | None = None, unit: str = "unit",
+                 policy: EventTimePolicy | None = None, timestamp_unit: str = "auto", batch_rows: int = 1000,
+                 now: int | None = None) -> None:
+        self.given = str(path)  # the file as the user named it: dl.source_file
+        self.path = Path(path).absolute()
+        self.name = str(self.path)
+        self.batch_rows = batch_rows
+        self._headers = (policy or LIVE).headers()
+        self._ids = PositionIds()
+        try:
+            inode = self.path.stat().st_ino
+            with self.path.open("rb") as fh:
+                fingerprint = hashlib.sha1(fh.readline()).hexdigest()
+            size = self.path.stat().st_size
+        except OSError as exc:
+            raise SourceError(f"--csv {path}: cannot read ({exc})") from exc
+        pos = CsvPosition(str(self.path), inode, fingerprint)
+        if resume_state is not None:
+            saved = CsvPosition(**{k: v for k, v in resume_state.items() if k in CsvPosition.__dataclass_fields__})
+            if saved.path != str(self.path):
+                raise SourceError(f"the checkpoint belongs to {saved.path}, not {self.path}; "
+                                  "pass another --checkpoint")
+            if (saved.inode, saved.fingerprint) == (inode, fingerprint) and size >= saved.offset:
+                pos = saved
+            else:
+                log.warning("%s changed since its checkpoint (other file, header or shorter); reading it from "
+                            "the start as a new generation", self.path)
+                pos.generation = saved.generation + 1
+        self.pos = pos
+        self.reader = TimestampReader(timestamp_unit, source=f"--csv {path}")
+        self.csv = CsvReader(self.path, unit=unit, now=now, policy=policy, reader=self.reader,
+                             offset=pos.offset, line=pos.line)
+        pos.offset, pos.line = self.csv.offset, self.csv.line
+
+    def next_batch(self) -> list[SourceItem]:
+        if self.csv.eof:
+            raise StopIteration
+        rows = self.csv.rows(self.batch_rows)
+        self.pos.offset, self.pos.line = self.csv.offset, self.csv.line
+        if not rows and self.csv.eof:
+            raise StopIteration
+        return [self._item(row) for row in rows]
+
+    def _item(self, row: CsvRow) -> SourceItem:
+        item = SourceItem(self._ids.at(self.pos.identity, row.start), row.raw, record=row.record, error=row.error,
+                          source={"file": self.given, "line": str(row.line)}, headers=self._headers)
+        if row.error is not None:
+            item.source = dead_letter_source(self.given, row.line, row.error)
+        return item
+
+    def snapshot(self) -> dict[str, Any]:
+        return asdict(self.pos)
+
+    def close(self) -> None:
+        self.csv.close()
+
+
+def publish_csv(settings: Settings, publisher: Publisher, path: Path, *, unit: str = "unit",
+                policy: EventTimePolicy | None = None, timestamp_unit: str = "auto",
+                checkpoint_path: Path | None = None, batch_rows: int = 1000,
+                on_start: Callable[[int, Path], None] | None = None) -> SensorIngestStats:
+    """Publish the valid rows of a CSV file exactly once; dead-letter the others (original row bytes +
+    reasons). Resumes after the last acknowledged row of an earlier run of the same file.
+
+    Rows of a backfill (``policy.backfill``) carry the backfill header naming the run. Waits for
+    every ack before returning, so a zero exit status means everything is in Kafka. ``on_start`` is
+    called with the first line this run reads and the checkpoint file, before anything is sent.
+    """
+    cp_path = checkpoint_path or default_checkpoint_path(settings, path, unit=unit, policy=policy,
+                                                         timestamp_unit=timestamp_unit)
+
+    def build(state: dict[str, Any] | None) -> SensorCsvSource:
+        return SensorCsvSource(path, resume_state=state, unit=unit, policy=policy, timestamp_unit=timestamp_unit,
+                               batch_rows=batch_rows)
+
+    runner = SourceRunner(settings, publisher, build, kind="sensor", checkpoint_path=cp_path)
+    assert isinstance(runner.source, SensorCsvSource)
+    source = runner.source
+    from_line = source.pos.line + 1
+    if on_start is not None:
+        on_start(from_line, cp_path)
+    if source.csv.eof or (source.pos.offset and source.pos.offset >= source.path.stat().st_size):
+        log.warning("--csv %s was published to its end by an earlier run with these flags (checkpoint %s); "
+                    "delete the checkpoint to publish it again", path, cp_path)
+    stats = runner.run()
+    return SensorIngestStats(stats.published, stats.dead_lettered, dict(stats.reasons) or None,
+                             timestamp_unit=source.reader.decided, skipped_duplicates=stats.skipped_duplicates,
+                             from_line=from_line, checkpoint=str(cp_path))

@@ -1,0 +1,186 @@
+"""The source contract: what a file, folder or generator source gives the one runner (ingest/runner.py).
+
+Why one contract: the tailer, the image drop folder, sensor CSV and the generators used to publish,
+wait for acks, checkpoint and recover each in their own way (and sensor CSV not at all). Now a source
+only *reads its input*; :class:`ingest.runner.SourceRunner` owns everything after that: publish ->
+ack -> checkpoint -> read-back after a kill -9 -> backpressure -> dead letters. It follows bytewax's
+``StatefulSourcePartition``: ``next_batch()`` and ``snapshot()``, built from the last durable
+snapshot (``resume_state``).
+
+**The resume contract** (what a source promises, what the runner promises back):
+
+1. ``next_batch()`` returns the next items in input order (``[]``: nothing now, ask again after
+   ``poll_s``; ``StopIteration``: the input is done).
+2. ``snapshot()`` is called right after each non-empty batch and returns a JSON object from which a
+   source built with it as ``resume_state`` continues *after* that batch.
+3. Every item has an ``event_id`` that is a function of its input position only (same file, same
+   offset: same id, in every run). The runner puts it in the ``sl.event_id`` header of a published
+   record and in the key of a dead letter.
+4. The runner makes a snapshot durable only after every item of its batch and of all earlier
+   batches is acknowledged by Kafka, and calls :meth:`SourcePartition.commit` for each batch, in order,
+   before that. So a restart never skips an unacked item (no gap).
+5. Items sent after the durable snapshot may have been acked before a kill -9; the runner finds their
+   ids on the topics (from the *floors* it keeps beside the snapshot) and does not send them again
+   (no duplicate). A source therefore re-reads from its snapshot without any bookkeeping of its own.
+
+Example (a source of three fixed readings; the runner drives it the same way)::
+
+    >>> def readings():
+    ...     return ({"value": v} for v in (20.5, 21.0, 19.5))
+    >>> src = IterSource("sensor", readings(), name="demo", batch=2)
+    >>> [i.event_id for i in src.next_batch()], src.snapshot()
+    (['demo:0', 'demo:1'], {'index': 2})
+    >>> again = IterSource("sensor", readings(), name="demo", batch=2, resume_state={"index": 2})
+    >>> [i.record for i in again.next_batch()]
+    [{'value': 19.5}]
+    >>> again.next_batch()
+    Traceback (most recent call last):
+    ...
+    StopIteration
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+#: What the runner did with an item (``SourceItem.outcome``).
+PUBLISHED, DEAD_LETTERED, NOTHING = "P", "R", ""
+
+
+@dataclass(eq=False)
+class SourceItem:
+    """One input item: an event to publish, or original bytes to dead-letter with a reason.
+
+    ``record`` set: publish it to the source's raw topic. ``error`` set: dead-letter ``raw`` with
+    it (``source`` becomes the ``dl.source_*`` headers, e.g. file, line, reason). Neither: nothing to
+    send (a blank line, a file already journaled) - the item only moves the position on.
+    """
+
+    event_id: str
+    raw: bytes = b""
+    record: dict[str, Any] | None = None
+    error: BaseException | None = None
+    source: dict[str, str] = field(default_factory=dict)
+    stage: str = "validate"
+    key: str | bytes | None = None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    #: Set by the runner: PUBLISHED / DEAD_LETTERED (sent now, or found on the topic after a crash,
+    #: then ``skipped`` is True) or NOTHING.
+    outcome: str = NOTHING
+    skipped: bool = False
+    #: Source-specific payload the source wants back in :meth:`SourcePartition.commit`.
+    ref: Any = None
+
+
+class SourcePartition:
+    """Base of every source: override ``next_batch`` and ``snapshot``; the rest is optional."""
+
+    #: Topic kind (``weblog``, ``sensor``, ``image``): the raw and dead-letter topics it writes.
+    kind: str = ""
+    #: Seconds the runner waits after an empty batch before asking again.
+    poll_s: float = 0.2
+    #: Human name of the input (file, folder, generator) for logs and errors.
+    name: str = ""
+
+    def next_batch(self) -> list[SourceItem]:
+        """The next items in input order; ``[]`` when there is nothing now; StopIteration when done."""
+        raise NotImplementedError
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON state that resumes after every item handed out so far (see the resume contract)."""
+        raise NotImplementedError
+
+    def commit(self, items: list[SourceItem]) -> None:
+        """All ``items`` (one batch) are acked; make any source-side effect durable now (e.g. journal
+        and move image files). Called in batch order, before the runner raises its read-back floors
+        past them. Default: nothing."""
+
+    def refused(self, item: SourceItem, exc: BaseException) -> None:
+        """The publisher refused ``item.record`` (schema, size): turn the item into a dead letter."""
+        item.record, item.error = None, exc
+        item.source = {**item.source, "reason": "schema"}
+
+    def close(self) -> None:
+        """Release files and handles (called once, also after an error)."""
+
+
+class PositionIds:
+    """Deterministic ids of items at byte offsets of one input identity (path, inode, generation...).
+
+    ``sha1(identity + NUL + "@<offset>")``; the sha1 state of the identity is computed once and copied
+    per item, since a log source makes one id per line.
+    """
+
+    def __init__(self) -> None:
+        self._identity: str | None = None
+        self._base = hashlib.sha1()
+
+    def at(self, identity: str, offset: int) -> str:
+        if identity != self._identity:
+            self._identity = identity
+            self._base = hashlib.sha1(identity.encode("utf-8", "backslashreplace") + b"\x00")
+        h = self._base.copy()
+        h.update(b"@%d" % offset)
+        return h.hexdigest()
+
+
+class IterSource(SourcePartition):
+    """A deterministic record iterator (the demo generators) as a source.
+
+    ``check`` turns a record into the record to publish or raises an error with a ``reason`` (then
+    the record's JSON is dead-lettered). ``snapshot`` is the count handed out, so a source resumed
+    from it skips that many records of the same (seeded) iterator.
+    """
+
+    def __init__(self, kind: str, records: Iterable[dict[str, Any]], *, name: str,
+                 check: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 errors: tuple[type[BaseException], ...] = (ValueError,),
+                 headers: list[tuple[str, bytes]] | None = None,
+                 key: Callable[[dict[str, Any]], str | bytes | None] | None = None,
+                 batch: int = 1000, resume_state: dict[str, Any] | None = None) -> None:
+        self.kind, self.name = kind, name
+        self._it: Iterator[dict[str, Any]] = iter(records)
+        self._check, self._errors, self._headers, self._key = check, errors, headers or [], key
+        self._batch = batch
+        self.index = 0
+        skip = int((resume_state or {}).get("index", 0))
+        for _ in range(skip):
+            if next(self._it, None) is None:
+                break
+            self.index += 1
+
+    def next_batch(self) -> list[SourceItem]:
+        out: list[SourceItem] = []
+        for record in self._it:
+            self.index += 1
+            out.append(self._item(record, self.index))
+            if len(out) >= self._batch:
+                break
+        if not out:
+            raise StopIteration
+        return out
+
+    def _item(self, record: dict[str, Any], n: int) -> SourceItem:
+        item = SourceItem(event_id=f"{self.name}:{n - 1}", headers=self._headers,
+                          source={"file": self.name, "line": str(n)})
+        try:
+            item.record = self._check(record) if self._check else record
+            item.key = self._key(item.record) if self._key else None
+        except self._errors as exc:
+            reasons = getattr(exc, "reasons", None) or [getattr(exc, "reason", type(exc).__name__)]
+            item.error, item.raw = exc, json.dumps(record, default=str, allow_nan=True).encode()
+            item.source.update(reason=str(reasons[0]), reasons=",".join(str(r) for r in reasons))
+        return item
+
+    def refused(self, item: SourceItem, exc: BaseException) -> None:
+        """The dead letter of a refused record is its JSON (bytes fields as text)."""
+        item.raw = json.dumps(item.record, default=str, allow_nan=True).encode()
+        super().refused(item, exc)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"index": self.index}
+

@@ -1,0 +1,131 @@
+"""One image header probe and one set of limits for every place that takes image bytes.
+
+Why here: the drop folder and the gateway (``ingest/image_check.py``) and the image featurizer
+(``streaming/features/image.py``, also serving's decode) each parsed PNG ``IHDR`` / JPEG ``SOFn``
+themselves, with different limits (20 MiB and a 4096 px side vs 10 MiB and no side cap). Both layers
+may import ``streaming``, so the probe lives here and both call it.
+
+The probe reads the format and the declared size from the header alone, decoding no pixel, so a
+decompression bomb (a 40-byte PNG declaring 100 000 x 100 000) is refused before anything allocates.
+``complete=True`` also checks the container's integrity (PNG IHDR CRC and final IEND chunk, JPEG end
+marker), which ingestion wants before it publishes; the featurizer lets Pillow find such damage
+while decoding. Every error is an :class:`~streaming.exceptions.ImageProbeError` with a reason code.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from streaming.exceptions import ImageProbeError
+
+#: The limits (one set): bytes of an encoded image, pixels a side, pixels in all.
+MAX_BYTES = 10 * 1024 * 1024
+MAX_SIDE = 4096
+MAX_PIXELS = 16_000_000
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+JPEG_MAGIC = b"\xff\xd8\xff"
+# SOF markers carrying frame dimensions (C4 = DHT, C8 = JPG extension, CC = DAC are not frames).
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+# Markers without a length field.
+_JPEG_STANDALONE = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    content_type: str  # "PNG" or "JPEG"
+    width: int
+    height: int
+
+
+def sniff(data: bytes) -> str | None:
+    """Content type from the magic bytes (``PNG``, ``JPEG``), or None."""
+    if data.startswith(PNG_SIGNATURE):
+        return "PNG"
+    if data.startswith(JPEG_MAGIC):
+        return "JPEG"
+    return None
+
+
+def probe(data: bytes, *, complete: bool = False) -> ImageHeader:
+    """Format and declared size from the header alone (no limits applied: see :func:`check_limits`)."""
+    if not data:
+        raise ImageProbeError("image is empty: not a PNG or JPEG file", "empty")
+    kind = sniff(data)
+    if kind == "PNG":
+        width, height = _png_size(data, complete)
+    elif kind == "JPEG":
+        width, height = _jpeg_size(data)
+        if complete and not data.endswith(b"\xff\xd9"):
+            raise ImageProbeError("JPEG is truncated: it does not end with the FFD9 marker", "truncated")
+    else:
+        raise ImageProbeError(f"not a PNG or JPEG file (magic bytes {data[:8].hex()})", "bad_magic")
+    if width < 1 or height < 1:
+        raise ImageProbeError(f"{kind} header declares {width}x{height} pixels (an empty image)", "bad_dimensions")
+    return ImageHeader(kind, width, height)
+
+
+def check_size(n_bytes: int, max_bytes: int = MAX_BYTES) -> None:
+    """Refuse an encoded image over ``max_bytes`` (reason ``too_large``)."""
+    if n_bytes > max_bytes:
+        raise ImageProbeError(f"image is {n_bytes} bytes, over the {max_bytes}-byte image limit", "too_large")
+
+
+def check_limits(width: int, height: int, *, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS,
+                 where: str = "header") -> None:
+    """Refuse a declared (or decoded) size over the caps (reason ``too_many_pixels``)."""
+    if width > max_side or height > max_side or width * height > max_pixels:
+        raise ImageProbeError(
+            f"{where} declares {width}x{height} = {width * height} pixels, over the cap of {max_side} a side / "
+            f"{max_pixels} pixels (possible decompression bomb); downscale it before sending",
+            "too_many_pixels",
+        )
+
+
+def _png_size(data: bytes, complete: bool) -> tuple[int, int]:
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        raise ImageProbeError("truncated PNG: no IHDR chunk in the first 24 bytes", "bad_header")
+    if complete:
+        if len(data) < 33 or struct.unpack(">I", data[8:12])[0] != 13:
+            raise ImageProbeError("PNG does not start with a 13-byte IHDR chunk", "bad_header")
+        if zlib.crc32(data[12:29]) != struct.unpack(">I", data[29:33])[0]:
+            raise ImageProbeError("PNG IHDR chunk fails its CRC check", "bad_header")
+        if not data.endswith(PNG_IEND):
+            raise ImageProbeError("PNG is truncated: it does not end with the IEND chunk", "truncated")
+    width, height = struct.unpack(">II", data[16:24])
+    return int(width), int(height)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """Walk JPEG marker segments up to the first SOF and read its width and height."""
+    pos, end = 2, len(data)
+    while pos < end:
+        if data[pos] != 0xFF:
+            raise ImageProbeError(f"corrupt JPEG: a marker expected at byte {pos}", "bad_header")
+        while pos < end and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= end:
+            break
+        marker = data[pos]
+        pos += 1
+        if marker in _JPEG_STANDALONE:
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            raise ImageProbeError("JPEG has no frame header (SOF) before its data", "bad_header")
+        if pos + 2 > end:
+            break
+        (length,) = struct.unpack(">H", data[pos : pos + 2])
+        if length < 2:
+            raise ImageProbeError(f"corrupt JPEG: segment length {length} at byte {pos}", "bad_header")
+        if marker in _JPEG_SOF:
+            if length < 8:
+                raise ImageProbeError("JPEG SOF segment is too short", "bad_header")
+            if pos + 7 > end:
+                break
+            height, width = struct.unpack(">HH", data[pos + 3 : pos + 7])
+            return int(width), int(height)
+        pos += length
+    raise ImageProbeError("truncated JPEG: the header ends before the frame size", "truncated")
