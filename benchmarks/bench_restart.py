@@ -3,21 +3,25 @@
 Every long-running worker is started as a subprocess with the command the README shows, made to
 process something, killed with SIGKILL, given new input, and started again with *exactly the same
 command* (no extra flag). Measured: seconds from the second ``Popen`` to the first sign of new
-progress (a new batch offset in the feature store, a new committed request offset, a new model
-version, a new record on the raw topic, a 2xx from the gateway, a new line printed by a group
-subscriber). Afterwards each scenario checks that nothing was lost or duplicated where the worker
-promises it (the stream worker: every offset in exactly one batch; serving: every request answered
-once; the tailer and the gateway: every line / event once on the topic; the subscriber: every record
-printed at least once).
+progress, defined per kind in ``PROGRESS`` (also written to the JSON as ``progress_means``): a new
+batch offset in the feature store, a request sent during the downtime answered (committed), a
+training cycle of the restarted process on the batches written during the downtime (and, reported
+apart as ``restart_to_version_s``, that cycle's version), a new record on the raw topic, a 2xx from
+the gateway, a new line printed by a group subscriber. Afterwards each scenario checks that nothing
+was lost or duplicated where the worker promises it (the stream worker: every offset in exactly one
+batch; serving: every request answered once; the tailer and the gateway: every line / event once on
+the topic; the subscriber: every record printed at least once).
 
 Goal (issue 10): processing again within 5 s of the restart; ``ratio`` = seconds / 5 (<= 1 meets it).
 The baseline of the time is the goal itself: before static membership the stream worker's restart on
 the embedded broker never made progress (the dead member is never expired), which no ratio expresses.
 Workers that load TensorFlow (serve, train) include its import in their time: that is what a user
-waits for. Two baselines from the same run give the figures context on a busy machine: each worker's
-cold first start to progress (``vs_first_start`` ~ 1 means the restart waits for nothing a first start
-does not), and ``cli_start_floor_s``, the best time of a bare ``streamlearn --help`` (interpreter and
-imports); the load average is recorded too.
+waits for, and the run measures ``import tensorflow`` alone in a fresh interpreter
+(``tensorflow_import_s``; ``tensorflow_import_serving_s`` the way serving imports it, without Keras):
+the floor of the serving worker's restart on this machine. Two baselines from the same run give the
+figures context on a busy machine: each worker's cold first start to progress (``vs_first_start`` ~ 1
+means the restart waits for nothing a first start does not), and ``cli_start_floor_s``, the best time
+of a bare ``streamlearn --help`` (interpreter and imports); the load average is recorded too.
 
 The scenario functions are also the restart tests (tests/test_restart.py): they raise when progress
 does not come before a generous deadline and return the counts the tests assert on.
