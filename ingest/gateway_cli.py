@@ -114,9 +114,26 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
                  args.idempotency_seed_minutes)
     log.info("ingest gateway on http://%s:%d (docs at /docs), %d key(s)", host, settings.ingest_port,
              len(app.state.gateway.tokens))
+    threading.Thread(target=_warm, args=(app, settings), name="gateway-warm", daemon=True).start()
     uvicorn.Server(server_config(app, host=host, port=settings.ingest_port, log_level=settings.log_level.lower(),
                                  access_log=args.access_log)).run()
     return 0
+
+
+def _warm(app: Any, settings: Settings) -> None:
+    """Fetch what the first request of each kind would wait for (schema ids, topic metadata) while uvicorn
+    starts: after a restart the first events are answered sooner (benchmarks/bench_restart). Advisory:
+    a failure here only leaves the work to the first request, which reports its own errors."""
+    from streaming.topics import KINDS, raw_topic
+
+    publisher = app.state.gateway.publisher
+    for kind, record_name in KINDS.items():
+        topic = raw_topic(settings, kind)
+        try:
+            publisher.serializer(topic, record_name)
+            publisher.producer.partitions_for(topic)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.debug("gateway warm-up of %s: %s", topic, exc)
 
 
 class BackgroundServer:

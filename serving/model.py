@@ -119,9 +119,11 @@ def configure_tf_threads(threads: int) -> bool:
     Why: serving models are small and each batch is one signature call, so a thread pool adds
     hand-off cost and, on a shared CPU, lets one batch's ops wait behind other processes. Measured on
     the 2-core dev box: a 64->32->2 MLP on 256 rows took 0.31 ms per call single-threaded against
-    0.54-1.09 ms with the default pools.
+    0.54-1.09 ms with the default pools. The first import goes through serving.tfimport (no Keras).
     """
-    import tensorflow as tf
+    from serving.tfimport import import_tensorflow
+
+    tf = import_tensorflow()
 
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)

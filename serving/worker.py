@@ -107,6 +107,7 @@ class ServingWorker(Emitter):
         self.labels: LabelJoiner | None = None
         self.producer: Any = None
         self.stop_event = threading.Event()
+        self._models_error: BaseException | None = None
         self.first_batch_at: float | None = None  # monotonic: first batch received, last one committed
         self.last_batch_at: float | None = None
         source = "stream" if score_stream else "requests"
@@ -171,37 +172,78 @@ class ServingWorker(Emitter):
 
     # -- main loop -----------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, ready_timeout_s: float | None = None) -> None:
-        """Serve until ``stop`` (or :attr:`stop_event`) is set. Requests wait (unconsumed) until a
-        version is ready, so none is answered by "no model"."""
+        """Serve until ``stop`` (or :attr:`stop_event`) is set. Requests wait (fetched at most one
+        batch ahead, never committed) until a version is ready, so none is answered by "no model"."""
         stop = stop or self.stop_event
         # Loading a new version (Python-heavy SavedModel restore) runs in a background thread; a
         # shorter GIL switch interval bounds how long it can stall the batch loop (p99 during swaps).
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
-        self._topics()
-        if self.tf_threads is not None:
-            configure_tf_threads(self.tf_threads)
-        self.manager.start()
-        deadline = None if ready_timeout_s is None else time.monotonic() + ready_timeout_s
-        while not self.manager.wait_ready(0.2):
-            if stop.is_set() or (deadline is not None and time.monotonic() > deadline):
+        # TensorFlow's import (10-20 s on a small box) and the first version's load run in the
+        # background while this thread makes the topics, claims the slot, fences the predecessor's
+        # transaction and joins the group: a restart answers as soon as the model is ready.
+        models = threading.Thread(target=self._start_models, name=f"models-{self.model}", daemon=True)
+        models.start()
+        try:
+            self._topics()
+            self._clients()
+            pending = self._prefetch(stop, models, ready_timeout_s)
+            if pending is None:
                 return
-        self._clients()
+            self._serve_loop(stop, pending)
+        finally:
+            self.close()
+
+    def _start_models(self) -> None:
+        started = time.monotonic()
+        try:
+            if self.tf_threads is not None:
+                configure_tf_threads(self.tf_threads)
+            log.info("TensorFlow imported in %.1f s; loading %s", time.monotonic() - started, self.model)
+            self.manager.start()
+        except BaseException as exc:  # re-raised by the serving thread (_prefetch)
+            self._models_error = exc
+
+    def _prefetch(self, stop: threading.Event, models: threading.Thread,
+                  ready_timeout_s: float | None) -> list[Any] | None:
+        """Join the group and fetch the first batch while the model loads; None when stopped first.
+
+        Fetched records stay uncommitted in memory until answered, so a crash here loses nothing.
+        Polling stops once one batch is held (the heartbeat thread keeps the membership).
+        """
+        deadline = None if ready_timeout_s is None else time.monotonic() + ready_timeout_s
+        pending: list[Any] = []
+        while True:
+            if self._models_error is not None:
+                raise self._models_error
+            if not models.is_alive() and self.manager.wait_ready(0):
+                return pending
+            if stop.is_set() or (deadline is not None and time.monotonic() > deadline):
+                return None
+            if not pending:
+                pending = self._collect()
+                self.stuck.observe(self.consumer.assignment())
+                if pending:
+                    log.info("joined group %s; %d requests fetched, waiting for the model", self.group,
+                             len(pending))
+            elif models.is_alive():
+                models.join(0.2)
+            else:
+                self.manager.wait_ready(0.2)
+
+    def _serve_loop(self, stop: threading.Event, pending: list[Any]) -> None:
         stable = self.manager.current().stable
         if self.manager.policy.mode == "canary" and not self.score_stream and stable is not None \
                 and stable.featurizer is not None:  # labels arriving later on the raw topic judge the canary
             self.labels = LabelJoiner(self.settings, stable.featurizer.kind, self.manager).start()
         log.info("serving %s from %s (group %s, slot %d, %s)", self.model, self.input_topic, self.group,
                  self.slot, "exactly once" if self.settings.transactions else "at least once")
-        try:
-            while not stop.is_set() and not self.stop_event.is_set():
-                records = self._collect()
-                self.stuck.observe(self.consumer.assignment())
-                if records:
-                    if self.first_batch_at is None:
-                        self.first_batch_at = time.monotonic()
-                    self._handle(records)
-        finally:
-            self.close()
+        while not stop.is_set() and not self.stop_event.is_set():
+            records, pending = pending or self._collect(), []
+            self.stuck.observe(self.consumer.assignment())
+            if records:
+                if self.first_batch_at is None:
+                    self.first_batch_at = time.monotonic()
+                self._handle(records)
 
     def _collect(self) -> list[Any]:
         """One dynamic batch: up to serve_max_batch records, at most serve_max_wait_ms after the first."""

@@ -178,15 +178,25 @@ class Trainer:
     def run_once(self, trigger: str = "manual") -> RunOutcome:
         """Train, gate, publish and announce one candidate; raises NotEnoughDataError when idle."""
         from trainer import model_io
+        from trainer.cycle import wait_tensorflow, write_marker
         from trainer.training import configure_tensorflow, write_gate_summary
 
-        configure_tensorflow()
+        # Registry and store work first, TensorFlow last: a restarted trainer is at work on its next
+        # version while TensorFlow still imports (trainer.cycle).
         self.reconcile()
         features = self.features
         promoted = self.registry.promoted(self.name)
         parent_meta = self.registry.verify(self.name, promoted) if promoted is not None else None
         plan = plan_data(self.spec, self.batches(), parent_meta.get("data_state") if parent_meta else None)
         parent_dir = self.registry.version_dir(self.name, promoted) if promoted is not None else None
+        cycle_started = time.time()
+        write_marker(self.settings, self.name, phase="started", trigger=trigger, started_unix_s=cycle_started,
+                     train_batches=[b.batch_id for b in plan.train_new],
+                     holdout_batches=[b.batch_id for b in plan.holdout], parent_version=promoted)
+        log.info("trainer %s: cycle started (trigger=%s): %d new batches to train on, %d held out", self.name,
+                 trigger, len(plan.train_new), len(plan.holdout))
+        wait_tensorflow()
+        configure_tensorflow()
         tb_root = self.tensorboard_root()
         run_dir = tb_root / f".run-{os.getpid()}-{secrets.token_hex(4)}"
         started = time.time()
@@ -222,6 +232,8 @@ class Trainer:
                  decision.action, decision.reason, trigger, deleted or "nothing")
         if decision.promote:
             self.drift.reset()
+        write_marker(self.settings, self.name, phase="published", trigger=trigger, started_unix_s=cycle_started,
+                     version=version, action=decision.action)
         return RunOutcome(version, decision, self.registry.version_dir(self.name, version), meta)
 
     def _metadata(self, ev: Evaluation, plan: Any, parent: int | None, features: FeatureInfo, trigger: str,
@@ -311,8 +323,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run_forever(self, stop: threading.Event, poll_seconds: float = 1.0) -> None:
-        """Retrain every ``retrain_every_batches`` new batches, every ``retrain_every_seconds`` or on drift."""
-        last_attempt = time.monotonic()
+        """Retrain every ``retrain_every_batches`` new batches, every ``retrain_every_seconds`` or on drift.
+
+        The timer runs from the newest version's creation, not from this process's start, so a restart
+        does not wait a fresh interval before training on batches its predecessor left (trainer.cycle).
+        """
+        from trainer.cycle import prefetch_tensorflow, seconds_since_last_version
+
+        prefetch_tensorflow()
+        since = seconds_since_last_version(self.registry, self.name)
+        last_attempt = time.monotonic() - (since if since is not None else 0.0)
         while not stop.is_set():
             unseen = self.unseen_batches()
             due_count = len(unseen) >= self.settings.retrain_every_batches
