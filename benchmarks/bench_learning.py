@@ -41,6 +41,7 @@ from benchmarks.common import REPORT_DIR, machine, write_report
 from streaming import config
 from streaming.config import Settings
 from streaming.store import BatchInfo, FeatureStore, read_batch
+from streaming.store_index import append as index_append
 
 DIGITS_BATCH = 100
 SENSOR_BATCH = 500
@@ -100,6 +101,11 @@ def _loop(settings: Settings, spec: Any, batches: list[BatchInfo], river_cols: l
     visible = settings.feature_store / "bench" / spec.featurizer_kind
     parked = Path(tempfile.mkdtemp(prefix="parked-", dir=settings.home))
     for b in batches:  # the store lists a batch iff its .avro exists: park all, reveal one per step
+        # The store's index journal (streaming/store_index.py) is told like a writer/deleter would:
+        # "del" before the files go, "add" after they are back (_reveal). Without it a revealed batch
+        # reached the trainer only when the index's background scan found it, after newer ones, and
+        # the cursor had passed it: batch 1 of every stream was never trained on.
+        index_append(visible, "del", b.batch_id)
         b.path.rename(parked / b.path.name)
         b.path.with_suffix(".json").rename(parked / b.path.with_suffix(".json").name)
     n_classes = len(spec.class_names or [])
@@ -126,6 +132,7 @@ def _loop(settings: Settings, spec: Any, batches: list[BatchInfo], river_cols: l
         seen_y.append(y)
         (parked / b.path.with_suffix(".json").name).rename(visible / b.path.with_suffix(".json").name)
         (parked / b.path.name).rename(visible / b.path.name)
+        index_append(visible, "add", b.batch_id, b.manifest)
         started = time.perf_counter()
         try:
             outcome = trainer.run_once("bench")

@@ -19,7 +19,7 @@ from streaming.features import (
     ("kind", "version", "n", "shape", "labels"),
     [
         ("weblog", "weblog-v2", 64, (64,), ["is_bot_or_attack", "is_error", "is_failed"]),
-        ("sensor", "sensor-v2", 18, (18,), ["next_value_delta", "is_anomaly"]),
+        ("sensor", "sensor-v3", 22, (22,), ["next_value_delta", "is_anomaly"]),
         ("image", "image-v1", 64, (8, 8, 1), ["digit"]),
     ],
 )

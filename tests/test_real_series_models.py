@@ -1,5 +1,6 @@
-"""Irregular real-like series through sensor-v2 and the sensor forecaster: decades-old weekly data with
-gaps and NaNs, a yearly series from 1700, and a serving probe that varies a feature constant in training.
+"""Irregular real-like series through the current sensor featurizer (sensor-v3: v2's cadence-free
+features plus median levels) and the sensor forecaster: decades-old weekly data with gaps and NaNs,
+a yearly series from 1700, and a serving probe that varies a feature constant in training.
 
 The records are fed to the featurizer directly (ingest's event-time policy is tested elsewhere).
 """
@@ -42,7 +43,7 @@ def _clean(records: list[dict]) -> tuple[list[dict], list[str]]:
 
 def test_sensor_v2_features_are_in_range_from_sub_second_to_yearly() -> None:
     fz = get_featurizer("sensor")
-    assert fz.version == "sensor-v2" and fz.n_features == len(fz.feature_names) == 18
+    assert fz.version == "sensor-v3" and fz.n_features == len(fz.feature_names) == 22  # v2 + median features
     idx = {n: i for i, n in enumerate(fz.feature_names)}
     for step_ms, years_back in ((10, 0), (86_400_000 * 7, 50), (31_556_952_000, 320)):
         state = fz.new_state()
@@ -96,7 +97,7 @@ def test_weekly_series_from_decades_ago_trains_beats_persistence_and_is_robust(t
     print(f"weekly series: MAE {scores['candidate']:.4f} / persistence {scores['baseline']:.4f} = {ratio:.3f} "
           f"on {scores['eval_rows']} held-out rows")
     assert ratio <= 0.8, f"MAE {scores['candidate']:.4f} vs persistence {scores['baseline']:.4f} on the holdout"
-    assert outcome.decision.promote and meta["input_range"]["min"] and len(meta["input_range"]["max"]) == 18
+    assert outcome.decision.promote and meta["input_range"]["min"] and len(meta["input_range"]["max"]) == 22
 
     # the serving probe: every training row was read at 00:00, so hour_sin/hour_cos were constant
     version_dir = ModelRegistry(settings.model_dir).version_dir("sensor_forecaster", outcome.version)

@@ -7,7 +7,7 @@ its features, labels and state. Importing this package registers every built-in 
 
 from __future__ import annotations
 
-from streaming.features import image, sensor, sensor_v2, weblog, weblog_v2  # noqa: F401  (registers)
+from streaming.features import image, sensor, sensor_v2, sensor_v3, weblog, weblog_v2  # noqa: F401  (registers)
 from streaming.features.base import (
     FeatureRow,
     FeatureStateError,

@@ -81,8 +81,8 @@ class SensorFeaturizerV2(SensorFeaturizer):
         out = np.empty(self._n, dtype=np.float32)
         out[: len(V1_NAMES)] = base
         out[_GAP_INDEX] = log_gap
-        out[len(V1_NAMES):] = (ratio, lag1_z, ds, dc)
+        out[len(V1_NAMES):len(FEATURE_NAMES)] = (ratio, lag1_z, ds, dc)
         return out
 
 
-register("sensor", VERSION, SensorFeaturizerV2, current=True)
+register("sensor", VERSION, SensorFeaturizerV2, current=False)

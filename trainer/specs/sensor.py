@@ -1,4 +1,4 @@
-"""``sensor_forecaster``: next-value forecaster with an anomaly head (sensor featurizer ``sensor-v2``).
+"""``sensor_forecaster``: next-value forecaster with an anomaly head (sensor featurizer ``sensor-v3``).
 
 Outputs ``float32[None, 2]``:
 
@@ -10,6 +10,14 @@ Outputs ``float32[None, 2]``:
 * column 1, ``anomaly_score``: P(this reading is an anomaly), a sigmoid head trained on the
   featurizer's ``is_anomaly`` label with binary cross-entropy. Rows whose ``is_anomaly`` is
   unknown (NaN) contribute nothing to that head (masked), while still training the forecast.
+
+The delta is anchored (:mod:`trainer.specs.anchor`): ``correction - sum_k gate_k * anchor_k``
+where the anchors are sensor-v3's raw ``value_minus_median`` and ``value_minus_median5`` (clipped
+to the largest magnitude seen in training), the gates in [0, 1] come from the hidden layer and
+start near 0.95, and the correction (a dense output of the hidden layer) starts at 0. So a fresh
+model forecasts the robust level; training learns per reading when persistence is better (gates
+toward 0) and what the levels miss (trend, season). A spike of any size is answered by the move
+back to the level, which a standardized input clipped at the guard's bound cannot express.
 
 Why a trained head rather than a |residual| z-score: the residual needs the *next* reading,
 which serving does not have when it answers; the head scores the reading at hand.
@@ -24,11 +32,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainer.exceptions import SpecError
 from trainer.spec import FeatureInfo, ModelSpec
-from trainer.specs import common, guard
+from trainer.specs import anchor, common, guard
 
 ANOMALY_WEIGHT = 0.5
 HUBER_DELTA = 1.0
+FEATURIZER_VERSION = "sensor-v3"
+#: raw "value minus a level" features the delta may pull back by (see trainer.specs.anchor).
+ANCHORS = ("value_minus_median", "value_minus_median5")
+
+
+def _anchor_columns(features: FeatureInfo) -> list[int]:
+    names = list(features.feature_names)
+    missing = [n for n in ANCHORS if n not in names]
+    if missing:
+        raise SpecError(f"featurizer_version: sensor_forecaster anchors on {missing}, which featurizer "
+                        f"{features.version} does not emit; use {FEATURIZER_VERSION} or later")
+    return [names.index(n) for n in ANCHORS]
 
 
 def build(features: FeatureInfo, seed: int) -> Any:
@@ -40,7 +61,11 @@ def build(features: FeatureInfo, seed: int) -> Any:
     x, h = guard.guarded_inputs(features)
     h = keras.layers.Dense(32, activation="relu", kernel_initializer=init(0), name="hidden1")(h)
     h = keras.layers.Dense(32, activation="relu", kernel_initializer=init(1), name="hidden2")(h)
-    delta = keras.layers.Dense(1, kernel_initializer=init(2), name="delta")(h)
+    # The correction starts at 0 (zero kernel): a fresh model is the anchored level forecast, and
+    # training adds what the levels miss (trend, season: a weekly CO2-like series needs it).
+    correction = keras.layers.Dense(1, kernel_initializer="zeros", name="delta")(h)
+    pull = anchor.anchored_delta(x, h, _anchor_columns(features), seed + 4)
+    delta = keras.layers.Add(name="anchored_delta")([correction, pull])
     anomaly = keras.layers.Dense(1, activation="sigmoid", kernel_initializer=init(3), name="anomaly")(h)
     out = keras.layers.Concatenate(name="outputs")([delta, anomaly])
     return keras.Model(x, out, name="sensor_forecaster")
@@ -79,12 +104,12 @@ def _metrics() -> list[Any]:
 SPEC = ModelSpec(
     name="sensor_forecaster",
     featurizer_kind="sensor",
-    featurizer_version="sensor-v2",
+    featurizer_version=FEATURIZER_VERSION,
     label="next_value_delta",
     aux_labels=("is_anomaly",),
     task="regression",
     build=build,
-    adapt=guard.guard_adapter(),
+    adapt=anchor.anchored_adapter(),
     baseline="zero",
     loss=_loss,
     metrics=_metrics,
