@@ -1,7 +1,7 @@
 """Idle footprint: CPU of idle workers on the embedded broker, and first-record latency after idle.
 
 noida-db answers an empty fetch at once, so a consumer that re-fetches right away spins. The
-workers' loops go through ``streaming.consumer.IdlePoller`` (sleep 1 ms doubling to 50 ms between
+workers' loops go through ``streaming.consumer.IdlePoller`` (sleep 1 ms doubling to a 64-250 ms cap between
 empty polls, docs/IDLE.md). This measures, on real subprocesses and /proc CPU time:
 
 * **per worker kind** (``stream sensor``, ``serve`` with a tiny promoted model, ``train``): CPU
