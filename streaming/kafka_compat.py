@@ -1,6 +1,8 @@
-"""A fix for kafka-python 3.0.x: a group join that completes between two polls is thrown away.
+"""Two fixes for kafka-python 3.0.x group joins that a poll loop with short calls runs into.
 
-Why this exists (the cause of the stalled rebalances behind the IdlePoller, docs/IDLE.md):
+Why this exists (the causes of the stalled rebalances behind the IdlePoller, docs/IDLE.md).
+
+**1. A join that completes between two polls is thrown away.**
 kafka-python runs a member's JoinGroup -> SyncGroup round trip as a task on its IO thread and
 caches it in ``BaseCoordinator._join_task``, so that a ``poll(timeout_ms)`` that gives up while the
 broker still holds the JoinGroup re-awaits the same task on the next poll instead of sending a
@@ -22,12 +24,26 @@ plain polling hid it. Every path that consumes a task's outcome sets ``_join_tas
 task's own comment says "Cleared on success or non-retriable failure"), so the ``is_done`` test is
 the bug: a finished task must be awaited (its outcome applied), not replaced.
 
+**2. A join that was started is abandoned when the reason for it goes away.** ``poll`` drives a
+join only while ``need_rejoin()`` is true. The consumer coordinator's ``need_rejoin`` is also true
+while the leader's assignment snapshot differs from the current metadata snapshot (a metadata update
+that lands right after a join, common when noida-db follows a static member's rejoin with a second
+short rebalance), and false again once the next metadata update makes them equal. A join started
+for that reason (partitions already revoked and marked pending revocation, heartbeats disabled) by
+a poll call too short to finish it was then never awaited again: the group's answer was never
+applied, the member fetched nothing, and the worker stalled for good
+(tests/test_stream_faults.py behind the IdlePoller; a plain ``poll(200)`` usually finished the
+join inside the call that started it).
+
 :func:`install` wraps ``BaseCoordinator.join_group_async`` so that the cached task is seen through
 :class:`_AwaitedJoin`, which never reports ``is_done``: the original method then awaits it, and a
 task that already finished resolves at once with its assignment (or raises its error, which the
-original handles exactly as if a poll had been waiting). Nothing else of kafka-python changes. The
-wrapper is installed only where the installed ``join_group_async`` still has that test (checked on
-its source), so an upgraded kafka-python that fixed it is left alone.
+original handles exactly as if a poll had been waiting). It also makes ``BaseCoordinator.need_rejoin``
+true while a join is prepared but not completed (``rejoining``, set when the partitions are revoked
+and cleared on success) or a join task is cached, so a started join is always driven to its end.
+Nothing else of kafka-python changes. Each wrapper is installed only where the installed method
+still has the flawed code (checked on its source), so an upgraded kafka-python that fixed it is left
+alone.
 """
 
 from __future__ import annotations
@@ -41,6 +57,7 @@ log = logging.getLogger(__name__)
 
 _MARK = "_streamlearn_awaits_settled_join"
 _BUGGY_TEST = "self._join_task.is_done"
+_BARE_NEED_REJOIN = "return self.rejoin_needed"
 
 
 class _AwaitedJoin:
@@ -66,32 +83,44 @@ class _AwaitedJoin:
 
 
 def installed() -> bool:
-    """True when kafka-python's ``join_group_async`` is the wrapped one."""
+    """True when kafka-python's ``join_group_async`` and ``need_rejoin`` are the wrapped ones."""
     from kafka.coordinator.base import BaseCoordinator
 
-    return bool(getattr(BaseCoordinator.join_group_async, _MARK, False))
+    return all(getattr(f, _MARK, False) for f in (BaseCoordinator.join_group_async, BaseCoordinator.need_rejoin))
+
+
+def _source_has(func: Any, text: str) -> bool:
+    try:
+        return text in inspect.getsource(func)
+    except (OSError, TypeError):  # no source (zipped install): cannot tell, leave it alone
+        return False
 
 
 def install() -> bool:
-    """Wrap ``BaseCoordinator.join_group_async`` once per process; True when the fix is active.
+    """Wrap ``BaseCoordinator.join_group_async`` and ``need_rejoin`` once per process.
 
-    Idempotent. Returns False (and changes nothing) when the installed kafka-python does not have
-    the discarding test any more.
+    Idempotent. Returns True when both fixes are active; a method whose installed source no longer
+    has the flaw is left alone (logged once).
     """
     from kafka.coordinator.base import BaseCoordinator
 
-    original = BaseCoordinator.join_group_async
-    if getattr(original, _MARK, False):
-        return True
-    try:
-        source = inspect.getsource(original)
-    except (OSError, TypeError):  # no source (zipped install): cannot tell, leave it alone
-        log.info("kafka-python's join_group_async has no readable source; settled-join fix not installed")
-        return False
-    if _BUGGY_TEST not in source:
-        log.info("kafka-python's join_group_async no longer replaces a finished join; fix not needed")
-        return False
+    join = BaseCoordinator.join_group_async
+    if not getattr(join, _MARK, False):
+        if _source_has(join, _BUGGY_TEST):
+            BaseCoordinator.join_group_async = _await_settled(join)
+        else:
+            log.info("kafka-python's join_group_async does not replace a finished join (or has no source); "
+                     "settled-join fix not installed")
+    need = BaseCoordinator.need_rejoin
+    if not getattr(need, _MARK, False):
+        if _source_has(need, _BARE_NEED_REJOIN):
+            BaseCoordinator.need_rejoin = _finish_started(need)
+        else:
+            log.info("kafka-python's need_rejoin changed (or has no source); started-join fix not installed")
+    return installed()
 
+
+def _await_settled(original: Any) -> Any:
     @functools.wraps(original)
     async def join_group_async(self: Any, timeout_ms: Any = None) -> Any:
         # Runs on kafka-python's IO thread, as do the task and every other access to _join_task.
@@ -101,5 +130,15 @@ def install() -> bool:
         return await original(self, timeout_ms)
 
     setattr(join_group_async, _MARK, True)
-    BaseCoordinator.join_group_async = join_group_async
-    return True
+    return join_group_async
+
+
+def _finish_started(original: Any) -> Any:
+    @functools.wraps(original)
+    def need_rejoin(self: Any) -> bool:
+        # A prepared join (partitions revoked, heartbeats off) or a cached join task must be finished
+        # even if what asked for it (a metadata snapshot mismatch) has gone away meanwhile.
+        return bool(original(self) or getattr(self, "rejoining", False) or getattr(self, "_join_task", None))
+
+    setattr(need_rejoin, _MARK, True)
+    return need_rejoin

@@ -4,6 +4,8 @@ a group join that finishes between two polls is kept (streaming/kafka_compat.py,
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -17,7 +19,9 @@ from streaming.config import Settings
 from streaming.consumer import IDLE_CAP_LIMIT_S, IdlePoller, consumer_config
 from streaming.producer import producer_config
 from streaming.topics import TopicSpec, ensure_topics
-from tests.helpers import wait_until
+from streaming.topics import raw_topic
+from streaming.worker import default_group
+from tests.helpers import streamlearn_cmd, subprocess_env, wait_until
 
 
 def _topic(settings: Settings, partitions: int = 2) -> str:
@@ -266,3 +270,33 @@ def test_wake_event_ends_the_back_off(settings: Settings) -> None:
         assert time.monotonic() - started < 20, "the stop did not end the 30 s poll call"
     finally:
         consumer.close()
+
+
+def test_idle_stream_worker_takes_new_records_and_stops_on_sigterm(settings: Settings, tmp_path: Any) -> None:
+    """`streamlearn stream sensor`, a static group member behind the back-off: idle after joining, it
+    still persists records published later, and SIGTERM stops it cleanly (exit 0, member removed)."""
+    from tests.test_stream_worker import all_stored, publish, sensor_events, topic_offsets
+
+    s = settings.with_(batch_max_records=20, batch_max_seconds=0.3)
+    group = default_group(s, "sensor")
+    log = tmp_path / "stream.log"
+    with log.open("ab") as fh:
+        proc = subprocess.Popen(streamlearn_cmd("stream", "sensor"), env=subprocess_env(s), stdout=fh,
+                                stderr=subprocess.STDOUT)
+    try:
+        def owns_all() -> bool:
+            entries = [e for e in members.local_entries(s, group) if e["alive"]]
+            return bool(entries) and len(entries[0].get("partitions") or []) == s.partitions
+        wait_until(owns_all, timeout=120, interval=0.1, message="the worker to own every partition")
+        publish(s, "sensor", sensor_events(60))
+        expected = topic_offsets(s, raw_topic(s, "sensor"))
+        wait_until(lambda: all_stored(s, "sensor", expected), timeout=60, interval=0.1,
+                   message="records published after idle to be persisted")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text(errors="replace")[-3000:]
+        assert not [e for e in members.local_entries(s, group) if e["alive"]]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
