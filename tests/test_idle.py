@@ -18,8 +18,7 @@ from streaming import kafka_compat, members
 from streaming.config import Settings
 from streaming.consumer import IDLE_CAP_LIMIT_S, IdlePoller, consumer_config
 from streaming.producer import producer_config
-from streaming.topics import TopicSpec, ensure_topics
-from streaming.topics import raw_topic
+from streaming.topics import TopicSpec, ensure_topics, raw_topic
 from streaming.worker import default_group
 from tests.helpers import streamlearn_cmd, subprocess_env, wait_until
 
