@@ -126,7 +126,7 @@ class ServingWorker(Emitter):
         from kafka import KafkaConsumer, KafkaProducer
 
         from streaming import members
-        from streaming.consumer import PlainPoller, consumer_config
+        from streaming.consumer import IdlePoller, consumer_config
         from streaming.producer import producer_config
 
         role = f"serve-{self.model}"
@@ -145,7 +145,8 @@ class ServingWorker(Emitter):
             self.settings, group_id=self.group, group_instance_id=self.member_id, client_id=members.client_id(role),
             max_poll_records=max_batch, isolation_level="read_committed", enable_auto_commit=False))
         self.consumer.subscribe([self.input_topic])
-        self.poller = PlainPoller(self.consumer)  # no idle back-off for group members yet (docs/IDLE.md)
+        # Sleeps between empty polls (no fetch spin on the embedded broker); SIGTERM ends a back-off at once.
+        self.poller = IdlePoller(self.consumer, wake=self.stop_event)
         # max_block_ms: a send never waits a minute for metadata of a topic that vanished.
         extra: dict[str, Any] = {"linger_ms": 0, "max_block_ms": 10_000}
         if self.settings.transactions:

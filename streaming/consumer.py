@@ -20,6 +20,7 @@ must be retried, not dead-lettered.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +34,10 @@ from schemas.serde import AvroDeserializer
 from streaming import tenancy
 from streaming.config import Settings
 from streaming.exceptions import OffsetOutOfRangeError, StreamingError
+from streaming.kafka_compat import install as _install_kafka_fixes
 from streaming.kafka_security import kafka_security
+
+_install_kafka_fixes()  # group joins that finish between polls are kept (see streaming.kafka_compat)
 
 Position = str | dict[str, Any]
 
@@ -75,6 +79,23 @@ Item = Record | ErrorItem
 
 
 IDLE_MAX_S = 0.064  # back-off cap: ~15 empty polls/s idle, first record after idle within about one cap
+IDLE_CAP_LIMIT_S = 0.5  # no back-off cap above this: a record after idle waits at most about one cap
+
+
+def _joining(consumer: KafkaConsumer) -> bool:
+    """True while this group member wants to (re-)join: a rebalance is under way for it.
+
+    Reads kafka-python's coordinator state (``need_rejoin``); False for consumers with manually
+    assigned partitions, which never join, and wherever that state is not there.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    subscription = getattr(consumer, "_subscription", None)
+    if coordinator is None or subscription is None or getattr(coordinator, "group_id", None) is None:
+        return False
+    try:
+        return bool(subscription.partitions_auto_assigned() and coordinator.need_rejoin())
+    except Exception:  # an internal we do not know: behave as outside a rebalance
+        return False
 
 
 class IdlePoller:
@@ -88,20 +109,30 @@ class IdlePoller:
     back-off; that raced with the workers' own pauses and rebalance repositioning, see docs/IDLE.md).
     With partitions assigned and fetchable it calls ``poll(read_ms)`` -- a short poll that sends a
     fetch and reads its answer, so what it sees is fresh, not one back-off old -- and, when nothing
-    came, sleeps a back-off that doubles from ``min_idle_s`` to ``max_idle_s``. Records or an assignment
-    change reset the back-off (a change also ends the call, so the caller sees the rebalance before
-    any record of the new assignment). With nothing assigned (a join in progress, more members than
-    partitions) or everything paused by the caller, it is kafka-python's own ``poll(timeout_ms)``:
-    the fetcher is idle then, so kafka-python does not spin, and a join runs exactly as before.
+    came, sleeps a back-off that doubles from ``min_idle_s`` to ``max_idle_s`` (at most
+    ``IDLE_CAP_LIMIT_S``). Records or an assignment change reset the back-off (a change also ends the
+    call, so the caller sees the rebalance before any record of the new assignment). With nothing
+    assigned, everything paused by the caller, or a group (re-)join under way, it is kafka-python's
+    own ``poll(timeout_ms)``: the fetcher is idle or the call waits on the join, so kafka-python does
+    not spin, and a join completes inside the call rather than one back-off later. Group joins
+    that finish between two calls are kept by :mod:`streaming.kafka_compat` (installed on import);
+    without it kafka-python threw them away and the short polls kept a group rebalancing forever.
     Heartbeats run on kafka-python's IO thread, and every call reaches ``poll`` at least once, so
-    rebalance callbacks and ``max_poll_interval_ms`` behave as with a plain poll. On Apache Kafka it
+    rebalance callbacks and ``max_poll_interval_ms`` behave as with a plain poll. A call never lasts
+    longer than ``timeout_ms`` (plus one fetch), and a set ``wake`` event ends its back-off at once
+    (the workers pass their stop event, so SIGTERM is not delayed by a sleep). On Apache Kafka it
     only adds a short sleep between empty polls.
     """
 
     def __init__(self, consumer: KafkaConsumer, min_idle_s: float = 0.001, max_idle_s: float = IDLE_MAX_S,
-                 read_ms: int = 2) -> None:
+                 read_ms: int = 2, wake: threading.Event | None = None) -> None:
+        if not 0 < min_idle_s <= max_idle_s <= IDLE_CAP_LIMIT_S:
+            raise ValueError(f"IdlePoller needs 0 < min_idle_s <= max_idle_s <= {IDLE_CAP_LIMIT_S} s (a longer cap "
+                             f"delays the first record after idle); got min_idle_s={min_idle_s}, "
+                             f"max_idle_s={max_idle_s}")
         self.consumer = consumer
         self.min_idle_s, self.max_idle_s, self.read_ms = min_idle_s, max_idle_s, read_ms
+        self.wake = wake
         self._idle_s = min_idle_s
         self._assigned: frozenset[TopicPartition] = frozenset()
 
@@ -121,9 +152,12 @@ class IdlePoller:
                     # A rebalance happened inside this call: hand control back before fetching more,
                     # so the caller repositions the new partitions first (as after a plain poll).
                     return {}
-            if not assigned or assigned <= set(self.consumer.paused()):
+            if not assigned or assigned <= set(self.consumer.paused()) or _joining(self.consumer):
                 remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-                return self._got(self.consumer.poll(timeout_ms=remaining_ms, max_records=max_records))
+                records = self._got(self.consumer.poll(timeout_ms=remaining_ms, max_records=max_records))
+                if records or remaining_ms == 0 or frozenset(self.consumer.assignment()) == assigned:
+                    return records
+                continue  # the join ended inside the poll: apply the assignment change above
             # Not poll(0): that returns the answer to the fetch sent one back-off ago and costs as much.
             read_ms = min(self.read_ms, max(0, int((deadline - time.monotonic()) * 1000)))
             records = self.consumer.poll(timeout_ms=read_ms, max_records=max_records)
@@ -132,32 +166,17 @@ class IdlePoller:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return {}
-            time.sleep(min(self._idle_s, remaining))  # a back-off between empty fetches, not a wait for an event
+            pause_s = min(self._idle_s, remaining)  # a back-off between empty fetches, not a wait for an event
+            if self.wake is None:
+                time.sleep(pause_s)
+            elif self.wake.wait(pause_s):
+                return {}
             self._idle_s = min(self.max_idle_s, self._idle_s * 2)
 
     def _got(self, records: Any) -> dict[TopicPartition, list[Any]]:
         if records:
             self.reset()
         return dict(records)
-
-
-class PlainPoller:
-    """:class:`IdlePoller`'s interface over kafka-python's own ``poll``, without the back-off.
-
-    For group members (the stream and serving workers, ``subscribe --group``): after the merge with
-    static membership, a member revoked and reassigned behind the IdlePoller did not get its partitions
-    back (tests/test_idle.py's group test, tests/test_restart.py); see docs/IDLE.md. They spin when idle
-    on the embedded broker (not on Apache Kafka) until that is found.
-    """
-
-    def __init__(self, consumer: KafkaConsumer) -> None:
-        self.consumer = consumer
-
-    def reset(self) -> None:
-        """Nothing to forget: there is no back-off."""
-
-    def poll(self, timeout_ms: int = 200, max_records: int | None = None) -> dict[TopicPartition, list[Any]]:
-        return dict(self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records))
 
 
 def consumer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:

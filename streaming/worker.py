@@ -116,11 +116,10 @@ class StreamWorker:
         self.stuck = members.StuckWatch(settings, self.group, self.topic, self.lease, f"stream worker {kind} "
                                         f"({self.lease.instance_id})",
                                         consumer_overrides.get("session_timeout_ms", 10_000) / 1000)
-        # Idle back-off stays OFF here: with static membership, a worker whose partitions were revoked
-        # right after a restart (noida-db follows a static rejoin with a short rebalance) never got them
-        # back behind the IdlePoller (tests/test_restart.py, 2026-11-29); see docs/IDLE.md.
+        # Idle back-off (docs/IDLE.md): sleeps between empty polls, never pauses, and group joins that
+        # finish between two polls are kept (streaming.kafka_compat), so rebalances complete.
         self.sub = Subscriber(settings, self.topic, group=self.group, start="committed", decode=False,
-                              registry=registry, idle_backoff=False, idle_max_s=STREAM_IDLE_MAX_S,
+                              registry=registry, idle_backoff=True, idle_max_s=STREAM_IDLE_MAX_S,
                               **consumer_overrides)
         # Re-subscribe with our listener so every (re)assignment resumes from the store.
         self._events: queue.SimpleQueue[tuple[str, list[TopicPartition]]] = queue.SimpleQueue()
@@ -280,6 +279,8 @@ class StreamWorker:
         """Consume until ``stop`` is set (or nothing arrived for ``idle_exit_s``); then persist the
         open batches and commit, so a clean stop loses no work."""
         stop = stop or threading.Event()
+        if self.sub.poller is not None:
+            self.sub.poller.wake = stop  # a stop (SIGTERM) ends an idle back-off at once
         last_data = time.monotonic()
         try:
             while not stop.is_set():

@@ -85,7 +85,7 @@ def _print_items(args: argparse.Namespace, settings: config.Settings, topic: str
     """Print each item; returns (items, items that could not be decoded)."""
     n = failed = 0
     with Subscriber(settings, topic, group=group, start=start, until=until, decode=not raw,
-                    idle_backoff=group is None, **member) as sub:
+                    idle_backoff=True, **member) as sub:
         for item in sub.iterate(max_records=args.max_records, idle_timeout_s=args.idle_timeout):
             n += 1
             meta = {"topic": item.topic, "partition": item.partition, "offset": item.offset,

@@ -1,0 +1,144 @@
+"""Two fixes for kafka-python 3.0.x group joins that a poll loop with short calls runs into.
+
+Why this exists (the causes of the stalled rebalances behind the IdlePoller, docs/IDLE.md).
+
+**1. A join that completes between two polls is thrown away.**
+kafka-python runs a member's JoinGroup -> SyncGroup round trip as a task on its IO thread and
+caches it in ``BaseCoordinator._join_task``, so that a ``poll(timeout_ms)`` that gives up while the
+broker still holds the JoinGroup re-awaits the same task on the next poll instead of sending a
+second JoinGroup. But ``join_group_async`` starts a *new* task when the cached one ``is_done``::
+
+    if self._join_task is None or self._join_task.is_done:
+        ...
+        self._join_task = self._manager.call_soon(self._do_join_and_sync_async)
+
+A task that finished while no poll was awaiting it (the SyncGroup answer arrived during the
+caller's sleep, or while the caller processed records, or while another consumer of the same
+thread polled) is therefore discarded together with its assignment, and the member sends a fresh
+JoinGroup. To the coordinator that is a member rejoining a group that just settled: a new
+rebalance, which every other member must join again, and each of them can lose its own answer the
+same way. A member that polls in short calls with gaps between them (the IdlePoller: a 2 ms read,
+then a back-off sleep) hits this almost every time, so the group cycles through generations and
+never settles; a plain ``poll(200)`` loop hits it only when a join outlasts one poll, which is why
+plain polling hid it. Every path that consumes a task's outcome sets ``_join_task = None`` (the
+task's own comment says "Cleared on success or non-retriable failure"), so the ``is_done`` test is
+the bug: a finished task must be awaited (its outcome applied), not replaced.
+
+**2. A join that was started is abandoned when the reason for it goes away.** ``poll`` drives a
+join only while ``need_rejoin()`` is true. The consumer coordinator's ``need_rejoin`` is also true
+while the leader's assignment snapshot differs from the current metadata snapshot (a metadata update
+that lands right after a join, common when noida-db follows a static member's rejoin with a second
+short rebalance), and false again once the next metadata update makes them equal. A join started
+for that reason (partitions already revoked and marked pending revocation, heartbeats disabled) by
+a poll call too short to finish it was then never awaited again: the group's answer was never
+applied, the member fetched nothing, and the worker stalled for good
+(tests/test_stream_faults.py behind the IdlePoller; a plain ``poll(200)`` usually finished the
+join inside the call that started it).
+
+:func:`install` wraps ``BaseCoordinator.join_group_async`` so that the cached task is seen through
+:class:`_AwaitedJoin`, which never reports ``is_done``: the original method then awaits it, and a
+task that already finished resolves at once with its assignment (or raises its error, which the
+original handles exactly as if a poll had been waiting). It also makes ``BaseCoordinator.need_rejoin``
+true while a join is prepared but not completed (``rejoining``, set when the partitions are revoked
+and cleared on success) or a join task is cached, so a started join is always driven to its end.
+Nothing else of kafka-python changes. Each wrapper is installed only where the installed method
+still has the flawed code (checked on its source), so an upgraded kafka-python that fixed it is left
+alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_MARK = "_streamlearn_awaits_settled_join"
+_BUGGY_TEST = "self._join_task.is_done"
+_BARE_NEED_REJOIN = "return self.rejoin_needed"
+
+
+class _AwaitedJoin:
+    """The cached join task as ``join_group_async`` sees it: never "done", so it is always awaited.
+
+    ``KafkaConnectionManager.wait_for`` only calls ``add_callback``/``add_errback``; on a finished
+    kafka ``Future`` those fire at once with its value or exception.
+    """
+
+    __slots__ = ("task",)
+    is_done = False
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+
+    def add_callback(self, f: Any, *args: Any, **kwargs: Any) -> _AwaitedJoin:
+        self.task.add_callback(f, *args, **kwargs)
+        return self
+
+    def add_errback(self, f: Any, *args: Any, **kwargs: Any) -> _AwaitedJoin:
+        self.task.add_errback(f, *args, **kwargs)
+        return self
+
+
+def installed() -> bool:
+    """True when kafka-python's ``join_group_async`` and ``need_rejoin`` are the wrapped ones."""
+    from kafka.coordinator.base import BaseCoordinator
+
+    return all(getattr(f, _MARK, False) for f in (BaseCoordinator.join_group_async, BaseCoordinator.need_rejoin))
+
+
+def _source_has(func: Any, text: str) -> bool:
+    try:
+        return text in inspect.getsource(func)
+    except (OSError, TypeError):  # no source (zipped install): cannot tell, leave it alone
+        return False
+
+
+def install() -> bool:
+    """Wrap ``BaseCoordinator.join_group_async`` and ``need_rejoin`` once per process.
+
+    Idempotent. Returns True when both fixes are active; a method whose installed source no longer
+    has the flaw is left alone (logged once).
+    """
+    from kafka.coordinator.base import BaseCoordinator
+
+    join = BaseCoordinator.join_group_async
+    if not getattr(join, _MARK, False):
+        if _source_has(join, _BUGGY_TEST):
+            BaseCoordinator.join_group_async = _await_settled(join)
+        else:
+            log.info("kafka-python's join_group_async does not replace a finished join (or has no source); "
+                     "settled-join fix not installed")
+    need = BaseCoordinator.need_rejoin
+    if not getattr(need, _MARK, False):
+        if _source_has(need, _BARE_NEED_REJOIN):
+            BaseCoordinator.need_rejoin = _finish_started(need)
+        else:
+            log.info("kafka-python's need_rejoin changed (or has no source); started-join fix not installed")
+    return installed()
+
+
+def _await_settled(original: Any) -> Any:
+    @functools.wraps(original)
+    async def join_group_async(self: Any, timeout_ms: Any = None) -> Any:
+        # Runs on kafka-python's IO thread, as do the task and every other access to _join_task.
+        task = self._join_task
+        if task is not None and not isinstance(task, _AwaitedJoin):
+            self._join_task = _AwaitedJoin(task)
+        return await original(self, timeout_ms)
+
+    setattr(join_group_async, _MARK, True)
+    return join_group_async
+
+
+def _finish_started(original: Any) -> Any:
+    @functools.wraps(original)
+    def need_rejoin(self: Any) -> bool:
+        # A prepared join (partitions revoked, heartbeats off) or a cached join task must be finished
+        # even if what asked for it (a metadata snapshot mismatch) has gone away meanwhile.
+        return bool(original(self) or getattr(self, "rejoining", False) or getattr(self, "_join_task", None))
+
+    setattr(need_rejoin, _MARK, True)
+    return need_rejoin
