@@ -170,7 +170,7 @@ def test_state_from_json_rejects_garbage_and_other_settings() -> None:
             '{"featurizer":"weblog-v1","rate_window_ms":60000,"max_events_per_client":256,'
             '"clients":[["a",[3,1]]]}'
         )
-    with pytest.raises(FeatureStateError, match="rate window"):
+    with pytest.raises(FeatureStateError, match="rate_window_ms=60000"):
         fz(rate_window_ms=1000).state_from_json(f.state_to_json(f.new_state()))
 
 

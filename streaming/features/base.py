@@ -12,6 +12,7 @@ instance can serve many partitions, each with its own state.
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -130,6 +131,40 @@ class Featurizer(ABC, Generic[S]):
     @abstractmethod
     def state_from_json(self, text: str) -> S:
         """Restore a state written by :meth:`state_to_json` (raises FeatureStateError)."""
+
+    # -- checkpoint documents: one header format and one set of checks for every featurizer ---------
+
+    def state_settings(self) -> dict[str, Any]:
+        """Settings a checkpoint must have been written with to be restored here (name -> value).
+
+        Why: a window of 8 restored into a featurizer of 16 would silently compute different
+        features from the same records; a mismatch is refused instead.
+        """
+        return {}
+
+    def dump_state(self, body: dict[str, Any]) -> str:
+        """A checkpoint document: the version and :meth:`state_settings` as its header, then ``body``."""
+        return json.dumps({"featurizer": self.version, **self.state_settings(), **body},
+                          separators=(",", ":"), allow_nan=False)
+
+    def load_state(self, text: str, restore: Callable[[dict[str, Any]], S]) -> S:
+        """Parse a document written by :meth:`dump_state`, check its version and settings, and hand
+        it to ``restore``; whatever goes wrong is a FeatureStateError naming what to do."""
+        try:
+            doc = json.loads(text)
+            if doc["featurizer"] != self.version:
+                raise FeatureStateError(
+                    f"state: written by {doc['featurizer']!r}, cannot restore into {self.version!r}")
+            for name, mine in self.state_settings().items():
+                if doc[name] != mine:
+                    raise FeatureStateError(
+                        f"state: written with {name}={doc[name]!r}, this featurizer has {name}={mine!r}; "
+                        "use the same settings or start from new_state()")
+            return restore(doc)
+        except FeatureStateError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FeatureStateError(f"state: not a {self.version} state document ({exc})") from exc
 
     def describe(self) -> dict[str, Any]:
         """What a model's metadata should record about the featurizer it was trained with."""

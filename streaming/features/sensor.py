@@ -57,7 +57,6 @@ tracked (least recently seen evicted), each with at most ``history`` readings.
 
 from __future__ import annotations
 
-import json
 import math
 from bisect import bisect_right
 from collections import OrderedDict
@@ -366,49 +365,29 @@ class SensorFeaturizer(Featurizer[SensorState]):
 
     # -- checkpointing -----------------------------------------------------------------------
 
+    def state_settings(self) -> dict[str, Any]:
+        return {"window": self.window, "history": self.history}
+
     def state_to_json(self, state: SensorState) -> str:
-        return json.dumps(
-            {
-                "featurizer": self.version,
-                "window": self.window,
-                "history": self.history,
-                "sensors": [[sid, buf.as_json()] for sid, buf in state.sensors.items()],
-            },
-            separators=(",", ":"),
-            allow_nan=False,
-        )
+        return self.dump_state({"sensors": [[sid, buf.as_json()] for sid, buf in state.sensors.items()]})
 
     def state_from_json(self, text: str) -> SensorState:
-        try:
-            doc = json.loads(text)
-            if doc["featurizer"] != self.version:
-                raise FeatureStateError(
-                    f"state: written by {doc['featurizer']!r}, cannot restore into {self.version!r}"
-                )
-            if doc["window"] != self.window or doc["history"] != self.history:
-                raise FeatureStateError(
-                    f"state: window/history {doc['window']}/{doc['history']} differ from this "
-                    f"featurizer's {self.window}/{self.history}; use the same settings or new_state()"
-                )
-            state = SensorState()
-            for sid, b in doc["sensors"][-self.max_sensors :]:
-                buf = SensorBuffer()
-                buf.times = [int(v) for v in b["t"]]
-                buf.values = [float(v) for v in b["v"]]
-                buf.anomalies = [None if v is None else float(v) for v in b["a"]]
-                buf.trimmed = bool(b["trimmed"])
-                if not (len(buf.times) == len(buf.values) == len(buf.anomalies)) or buf.times != sorted(
-                    buf.times
-                ):
-                    raise FeatureStateError(f"state: inconsistent buffer for sensor {sid!r}")
-                state.sensors[str(sid)] = buf
-                state.nbytes += entry_bytes(str(sid), len(buf.times))
-            self._evict(state)
-            return state
-        except FeatureStateError:
-            raise
-        except (ValueError, KeyError, TypeError) as exc:
-            raise FeatureStateError(f"state: not a {self.version} state document ({exc})") from exc
+        return self.load_state(text, self._restore)
+
+    def _restore(self, doc: dict[str, Any]) -> SensorState:
+        state = SensorState()
+        for sid, b in doc["sensors"][-self.max_sensors :]:
+            buf = SensorBuffer()
+            buf.times = [int(v) for v in b["t"]]
+            buf.values = [float(v) for v in b["v"]]
+            buf.anomalies = [None if v is None else float(v) for v in b["a"]]
+            buf.trimmed = bool(b["trimmed"])
+            if not (len(buf.times) == len(buf.values) == len(buf.anomalies)) or buf.times != sorted(buf.times):
+                raise FeatureStateError(f"state: inconsistent buffer for sensor {sid!r}")
+            state.sensors[str(sid)] = buf
+            state.nbytes += entry_bytes(str(sid), len(buf.times))
+        self._evict(state)
+        return state
 
 
 register("sensor", VERSION, SensorFeaturizer, current=True)

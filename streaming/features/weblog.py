@@ -32,7 +32,6 @@ out-of-order event is still counted correctly within the window.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from bisect import bisect_left, bisect_right
@@ -358,45 +357,25 @@ class WeblogFeaturizer(Featurizer[WeblogState]):
             times.insert(i, t)
         return count, gap, 0.0
 
+    def state_settings(self) -> dict[str, Any]:
+        return {"rate_window_ms": self.rate_window_ms}  # a smaller max_events_per_client just trims
+
     def state_to_json(self, state: WeblogState) -> str:
-        return json.dumps(
-            {
-                "featurizer": self.version,
-                "rate_window_ms": self.rate_window_ms,
-                "max_events_per_client": self.max_events_per_client,
-                "clients": [[c, list(ts)] for c, ts in state.clients.items()],
-            },
-            separators=(",", ":"),
-        )
+        return self.dump_state({"max_events_per_client": self.max_events_per_client,
+                                "clients": [[c, list(ts)] for c, ts in state.clients.items()]})
 
     def state_from_json(self, text: str) -> WeblogState:
-        try:
-            doc = json.loads(text)
-            if doc["featurizer"] != self.version:
-                raise FeatureStateError(
-                    f"state: written by {doc['featurizer']!r}, cannot restore into {self.version!r}"
-                )
-            if doc["rate_window_ms"] != self.rate_window_ms:
-                raise FeatureStateError(
-                    f"state: rate window {doc['rate_window_ms']} ms differs from this featurizer's "
-                    f"{self.rate_window_ms} ms; use the same settings or start from new_state()"
-                )
-            state = WeblogState()
-            for client, times in doc["clients"][-self.max_clients :]:
-                if (
-                    not isinstance(client, str)
-                    or not all(type(v) is int for v in times)
-                    or times != sorted(times)
-                ):
-                    raise FeatureStateError(f"state: bad window for client {client!r}")
-                state.clients[client] = window = deque(times, maxlen=self.max_events_per_client)
-                state.nbytes += entry_bytes(client, len(window))
-            self._evict(state)
-            return state
-        except FeatureStateError:
-            raise
-        except (ValueError, KeyError, TypeError) as exc:
-            raise FeatureStateError(f"state: not a {self.version} state document ({exc})") from exc
+        return self.load_state(text, self._restore)
+
+    def _restore(self, doc: dict[str, Any]) -> WeblogState:
+        state = WeblogState()
+        for client, times in doc["clients"][-self.max_clients :]:
+            if not isinstance(client, str) or not all(type(v) is int for v in times) or times != sorted(times):
+                raise FeatureStateError(f"state: bad window for client {client!r}")
+            state.clients[client] = window = deque(times, maxlen=self.max_events_per_client)
+            state.nbytes += entry_bytes(client, len(window))
+        self._evict(state)
+        return state
 
 
 register("weblog", VERSION, WeblogFeaturizer, current=True)
