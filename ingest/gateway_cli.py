@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import socket
 import threading
 from types import TracebackType
 from typing import Any
 
 from streaming import config
 from streaming.config import ConfigError, Settings
-from streaming.polling import poll_until
 
 log = logging.getLogger(__name__)
 
@@ -144,30 +142,17 @@ class BackgroundServer:
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", start_timeout_s: float = 20.0) -> None:
-        import uvicorn
+        from schemas.httpguard import ThreadedServer
 
-        from schemas.httpguard import server_config
-
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, 0))
-        self.host, self.port = host, int(self._sock.getsockname()[1])
-        self.url = f"http://{host}:{self.port}"
-        self._server = uvicorn.Server(server_config(app, lifespan="on"))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                        name="gateway-server", daemon=True)
+        self._threaded = ThreadedServer(app, host=host, name="gateway-server", lifespan="on")
+        self.host, self.port, self.url = host, self._threaded.port, self._threaded.url
         self._start_timeout_s = start_timeout_s
 
     def __enter__(self) -> BackgroundServer:
-        self._thread.start()
-        started = poll_until(lambda: self._server.started or not self._thread.is_alive(),
-                             self._start_timeout_s, interval_s=0.01)
-        if not started or not self._server.started:
+        if not self._threaded.start(self._start_timeout_s):
             raise RuntimeError(f"gateway server did not start within {self._start_timeout_s} s")
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=30)
-        self._sock.close()
+        self._threaded.stop(30)

@@ -23,6 +23,7 @@ import asyncio
 import json
 import math
 import re
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -367,3 +368,48 @@ def server_config(app: Any, *, host: str | None = None, port: int | None = None,
                           h11_max_incomplete_event_size=64 * 1024, timeout_keep_alive=5,
                           log_level=log_level, access_log=access_log, server_header=False, lifespan=lifespan,
                           **kwargs)
+
+
+class ThreadedServer:
+    """uvicorn with :func:`server_config`'s guards in a daemon thread: the one way every streamlearn
+    HTTP surface (registry, gateway, serving) runs in-process.
+
+    Why one home: the listening socket is bound in ``__init__``, before the thread starts, so a busy
+    port fails at once with ``OSError`` and ``port=0`` is read back without a race; ``start`` waits
+    (bounded) for uvicorn's own ``started`` flag rather than for a guessed delay.
+    """
+
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, name: str = "http",
+                 **config: Any) -> None:
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((host, port))
+        except OSError:
+            self.sock.close()
+            raise
+        self.host, self.port = host, int(self.sock.getsockname()[1])
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(server_config(app, **config))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name=f"{name}:{self.port}", daemon=True)
+
+    def start(self, timeout_s: float) -> bool:
+        """Start the thread; True once uvicorn listens, False (and asked to exit) when it died or
+        did not start within ``timeout_s``."""
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.server.should_exit = True
+                return False
+            time.sleep(0.01)  # bounded poll of a flag set by uvicorn's own thread
+        return True
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout_s)
+        self.sock.close()

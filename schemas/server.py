@@ -378,29 +378,12 @@ def start_in_thread(
 
     ``port=0`` lets the OS pick a free port, read back from the bound socket (no race).
     """
-    import socket
-    import time
-
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    bound_port = sock.getsockname()[1]
-    from schemas.httpguard import server_config
+    from schemas.httpguard import ThreadedServer
 
     app = create_app(registry, keys=keys, read_open=read_open, topic_prefix=topic_prefix)
-    config = server_config(app, lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
-                              name=f"schema-registry:{bound_port}")
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise StreamlearnError(
-                f"port: the schema registry server did not start on {host}:{bound_port} within {timeout}s"
-            )
-        time.sleep(0.01)  # bounded poll of a flag set by uvicorn's own thread
-    return RunningServer(f"http://{host}:{bound_port}", server, thread)
+    threaded = ThreadedServer(app, host=host, port=port, name="schema-registry", lifespan="off")
+    if not threaded.start(timeout):
+        raise StreamlearnError(
+            f"port: the schema registry server did not start on {host}:{threaded.port} within {timeout}s"
+        )
+    return RunningServer(threaded.url, threaded.server, threaded.thread)

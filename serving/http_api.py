@@ -42,14 +42,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.access import ANONYMOUS, KeyTable, Principal, bind_host, load_keys
 from schemas.exceptions import AccessError
-from schemas.httpguard import BodyLimitMiddleware, ByteBudget, GuardError, RateBuckets, loads_guarded, server_config
+from schemas.httpguard import BodyLimitMiddleware, ByteBudget, GuardError, RateBuckets, ThreadedServer, loads_guarded
 from serving import metrics
 from serving.exceptions import NoModelVersionError, RequestDecodeError, ServingError
 from serving.inputs import Featurization
 from serving.model import LoadedVersion
 from serving.versions import VersionManager
 from streaming.config import Settings
-from streaming.polling import poll_until
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +317,6 @@ def start_http(manager: VersionManager, featurization: Featurization, model: str
     ``port=0`` binds a free port; the bound one is in ``server.bound_port``. Stop with
     ``server.should_exit = True``.
     """
-    import uvicorn
 
     if settings is not None:
         keys = keys if keys is not None else load_keys(settings.keys, settings.keys_file)
@@ -329,14 +327,14 @@ def start_http(manager: VersionManager, featurization: Featurization, model: str
         log.warning(warning)
     owner = f"{settings.tenant}.{model}" if settings is not None and settings.tenant else None
     app = create_app(manager, featurization, model, keys=keys, limits=limits, owner=owner)
-    server = uvicorn.Server(server_config(app, host=host, port=port, lifespan="off"))
-    thread = threading.Thread(target=server.run, name=f"http-{model}", daemon=True)
-    thread.start()
-    poll_until(lambda: server.started or not thread.is_alive(), timeout_s, interval_s=0.02)
-    if not server.started:
+    try:
+        threaded = ThreadedServer(app, host=host, port=port, name=f"http-{model}", lifespan="off")
+    except OSError as exc:
+        raise ServingError(f"http_port: cannot listen on {host}:{port} ({exc}); is the port in use?") from exc
+    if not threaded.start(timeout_s):
         raise ServingError(f"http_port: the HTTP server on {host}:{port} did not start; is the port in use?")
-    sockets = [s for srv in (server.servers or []) for s in srv.sockets]
-    server.bound_port = sockets[0].getsockname()[1] if sockets else port  # type: ignore[attr-defined]
+    server = threaded.server
+    server.bound_port = threaded.port  # type: ignore[attr-defined]
     log.info("TF Serving REST API for %s on http://%s:%d/v1/models/%s (%s)", model, host,
              server.bound_port, model, f"{len(keys)} key(s)" if keys else "no key: loopback only")  # type: ignore[attr-defined]
     return server
