@@ -26,7 +26,7 @@ from schemas.catalog import load_schema
 from schemas.exceptions import RegistryUnavailableError, SchemaError
 from schemas.registry import SchemaRegistry
 from schemas.serde import AvroDeserializer, unframe
-from streaming import eventtime
+from streaming import eventtime, topics
 from streaming.clock import now_ms
 from streaming.config import ConfigError
 from streaming.eventtime import UNITS, EventTimePolicy, TimestampReader
@@ -241,12 +241,12 @@ _BUILDERS = {"weblog": _weblog, "sensor": _sensor, "image": _image}
 
 
 def event_key(kind: str, record: dict[str, Any]) -> str:
-    """The idempotency key of an event: its own id (see the gateway module docstring)."""
-    if kind == "weblog":
-        return str(record["event_id"])
-    if kind == "sensor":
-        return str(record.get("event_id") or f"{record['sensor_id']}:{record['timestamp']}")
-    return str(record["image_id"])
+    """The idempotency key of an event (``streaming.topics.event_key``; see the gateway module
+    docstring); an event without one is rejected."""
+    key = topics.event_key(kind, record)
+    if key is None:
+        raise RecordRejectedError(f"a {kind} event needs an id ({'image_id' if kind == 'image' else 'event_id'})")
+    return key
 
 
 #: Errors that mean "this record is bad" (dead-letter it); anything else is a gateway bug.

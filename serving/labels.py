@@ -28,18 +28,9 @@ from serving.versions import VersionManager
 from streaming.config import Settings
 from streaming.kafka_security import kafka_security
 from streaming.limits import MAX_ID_CHARS
-from streaming.topics import raw_topic
+from streaming.topics import event_key, raw_topic
 
 log = logging.getLogger(__name__)
-
-
-def event_key(kind: str, event: dict[str, Any]) -> str | None:
-    """The idempotency key of a raw event (the field its schema documents as such)."""
-    if kind == "image":
-        return event.get("image_id")
-    if kind == "sensor":
-        return event.get("event_id") or f"{event.get('sensor_id')}:{event.get('timestamp')}"
-    return event.get("event_id")
 
 
 def _plain(value: Any) -> Any:

@@ -17,6 +17,24 @@ DAY_MS = 24 * 3600 * 1000
 #: Event kinds and the Avro record each kind's raw topic carries.
 KINDS: dict[str, str] = {"weblog": "WebLogEvent", "sensor": "SensorReading", "image": "ImageEvent"}
 
+
+
+def event_key(kind: str, event: dict[str, Any]) -> str | None:
+    """The idempotency key of a raw event: the field its schema documents as such (``event_id``;
+    ``image_id`` for images; ``sensor_id:timestamp`` for a reading without an id), or None when the
+    event has none. One definition, so the gateway's idempotency and serving's label join agree.
+    """
+    if kind == "image":
+        value = event.get("image_id")
+    elif kind == "sensor":
+        value = event.get("event_id")
+        if not value and event.get("sensor_id") is not None and event.get("timestamp") is not None:
+            value = f"{event['sensor_id']}:{event['timestamp']}"
+    else:
+        value = event.get("event_id")
+    return None if value is None or value == "" else str(value)
+
+
 #: Built-in models and the event kind each one learns from.
 MODELS: dict[str, str] = {"weblog_classifier": "weblog", "sensor_forecaster": "sensor", "digits_cnn": "image"}
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ingest.gateway_errors import BadRequestError
+from ingest.gateway_errors import BadRequestError, RecordRejectedError
 from ingest.gateway_records import event_key, image_file_item, is_json, media_type, parse_json_body
 from tests.test_gateway_http import NOW, png, sensor, weblog
 
@@ -91,3 +91,14 @@ def test_gateway_latency_bound_is_the_featurizers_so_nothing_accepted_is_dead_le
     ok, too_slow = parse_json_body("weblog", body, 10)
     assert ok.status == "pending", ok.error
     assert too_slow.status == "rejected" and "latency_ms" in str(too_slow.error)
+
+
+def test_one_event_key_for_the_gateway_and_the_label_join() -> None:
+    from streaming.topics import event_key as key
+
+    assert key("weblog", {"event_id": "w-1"}) == "w-1"
+    assert key("image", {"image_id": "i-1", "event_id": "ignored"}) == "i-1"
+    assert key("sensor", {"event_id": None, "sensor_id": "s", "timestamp": 5}) == "s:5"
+    assert key("sensor", {"sensor_id": "s"}) is None and key("weblog", {"event_id": ""}) is None
+    with pytest.raises(RecordRejectedError, match="needs an id"):
+        event_key("image", {"image_id": None})
