@@ -199,7 +199,16 @@ def consumer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
 
 
 class Subscriber:
-    """Iterate decoded records of one or more topics. See the module docstring for the modes."""
+    """Iterate decoded records of one or more topics. See the module docstring for the modes.
+
+    Example, reading back what :class:`~streaming.producer.Publisher`'s example sent: ``start`` and
+    ``until`` bound the read, so the loop ends at the topic's end offsets instead of waiting::
+
+        >>> from streaming.topics import raw_topic
+        >>> with Subscriber(settings, raw_topic(settings, "sensor"), start="beginning", until="end") as sub:
+        ...     [(r.value["sensor_id"], r.value["value"]) for r in sub.iterate(idle_timeout_s=10)]
+        [('s-1', 21.5)]
+    """
 
     def __init__(self, settings: Settings, topics: str | list[str], *, group: str | None = None,
                  start: Position = "committed", until: Position | None = None,

@@ -67,6 +67,28 @@ class ModelSpec:
 
     ``score(y, outputs)`` computes the primary metric with numpy on held-out data (the gate and the
     reproduce command use it); ``direction`` says whether higher ("max") or lower ("min") is better.
+
+    Example: a linear forecaster of the sensor's next change, as a user's module would declare it
+    for ``--config`` or an entry point (the test suite runs this)::
+
+        >>> import keras
+        >>> import numpy as np
+        >>> from trainer.specs import common, guard
+        >>> def build(features, seed):
+        ...     x, h = guard.guarded_inputs(features)  # clipped, standardized inputs
+        ...     return keras.Model(x, keras.layers.Dense(1, name="outputs")(h))
+        >>> spec = ModelSpec(
+        ...     name="my_linear", featurizer_kind="sensor", featurizer_version=None,
+        ...     label="next_value_delta", task="regression", build=build, adapt=guard.guard_adapter(),
+        ...     loss=lambda: keras.losses.Huber(), metrics=lambda: [],
+        ...     make_targets=common.column_targets("next_value_delta"), score=common.forecast_mae,
+        ...     primary_metric="mae", direction="min", output_names=["next_value_delta"], baseline="zero")
+        >>> features = spec.features()  # the current sensor featurizer, shared with serving
+        >>> model = spec.build(features, spec.seed)
+        >>> model.input_shape == (None, features.n_features), model.output_shape
+        (True, (None, 1))
+        >>> spec.improvement(candidate=0.4, reference=0.5) > 0  # lower MAE is better
+        True
     """
 
     name: str
