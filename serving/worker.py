@@ -42,9 +42,11 @@ from serving.model import configure_tf_threads
 from serving.policy import Policy
 from serving.replies import ReplyTopics, SerializerCache, cut_id
 from serving.versions import VersionManager
+from streaming import onerror
 from streaming.config import Settings
 from streaming.kafka_security import kafka_security
 from streaming.limits import MAX_ID_CHARS, BrokerLimits, short
+from streaming.onerror import OnError
 from streaming.topics import (
     KINDS,
     dead_letter_topic,
@@ -70,9 +72,12 @@ class ServingWorker(Emitter):
     def __init__(self, settings: Settings, model: str, *, policy: Policy | None = None,
                  score_stream: str | None = None, slot: int | None = None, manager: VersionManager | None = None,
                  registry: SchemaRegistry | None = None, featurization: Featurization | None = None,
-                 tf_threads: int | None = 1) -> None:
+                 tf_threads: int | None = 1, on_error: OnError = onerror.dead_letter) -> None:
         self.settings = settings
         self.model = model
+        #: what a request that cannot be decoded gets (streaming/onerror.py): by default an error answer
+        #: and a dead letter; "raise" stops the worker.
+        self.on_error = on_error
         self.score_stream = score_stream
         if score_stream is not None and score_stream not in KINDS:
             raise RequestDecodeError(f"score_stream: {score_stream!r} is not an event kind; use one of "
@@ -277,6 +282,8 @@ class ServingWorker(Emitter):
         except RegistryUnavailableError:
             raise  # not the record's fault: retry the batch, never dead-letter
         except Exception as exc:
+            if onerror.decide(self.on_error, "decode", exc, rec) == "raise":
+                raise
             item.error = RequestDecodeError(f"value: cannot decode the record: {type(exc).__name__}: {exc}")
             return item
         if self.score_stream:

@@ -22,10 +22,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.exceptions import RegistryUnavailableError, SchemaError
+from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import SchemaRegistry
 from schemas.serde import AvroDeserializer
-from streaming import eventtime, metrics
+from streaming import eventtime, metrics, onerror
 from streaming.config import Settings
 from streaming.deadletters import FLOOR_KEY, DeadLetterIndex
 from streaming.divergence import FINGERPRINT_ALGO, FingerprintChain, record_fingerprint
@@ -216,8 +216,9 @@ class Pipeline:
 
     def __init__(self, settings: Settings, kind: str, *, namespace: str, registry: SchemaRegistry,
                  publisher: Any, max_seconds: float | None, featurizer_version: str | None = None,
-                 store: FeatureStore | None = None) -> None:
+                 store: FeatureStore | None = None, on_error: onerror.OnError = onerror.dead_letter) -> None:
         self.settings = settings
+        self.on_error = on_error
         self.kind = kind
         self.namespace = namespace
         self.topic = raw_topic(settings, kind)
@@ -297,13 +298,10 @@ class Pipeline:
         raw = msg.value if msg.value is not None else b""
         try:
             decoded = self.deserializer(raw)
-        except SchemaError as exc:
-            self._dead_letter(msg, raw, "decode", exc)
-            return
         except RegistryUnavailableError:
             raise  # not the record's fault: the worker retries it
-        except Exception as exc:  # any other decode failure (RecursionError, MemoryError...) is this record's
-            self._dead_letter(msg, raw, "decode", exc)
+        except Exception as exc:  # SchemaError, or any other decode failure (RecursionError, MemoryError...)
+            self._failed(msg, raw, "decode", exc)
             return
         state = self.states.get(partition)
         if state is None:
@@ -315,13 +313,11 @@ class Pipeline:
         try:
             # A declared backfill (header sl.backfill) is featurized as its own run: no live lateness.
             row = self.featurizer.featurize_event(decoded.value, state, eventtime.backfill_run(msg.headers))
-        except FeatureValidationError as exc:
-            self._dead_letter(msg, raw, "featurize", exc)
-            return
-        except Exception as exc:  # a value the featurizer did not foresee: dead-letter it, never crash-loop on it
-            log.warning("%s[%d]@%d: featurizer %s raised %s; dead-lettered", msg.topic, partition, offset,
-                        self.featurizer.version, type(exc).__name__)
-            self._dead_letter(msg, raw, "featurize", exc)
+        except Exception as exc:  # FeatureValidationError, or a value the featurizer did not foresee
+            if not isinstance(exc, FeatureValidationError):
+                log.warning("%s[%d]@%d: featurizer %s raised %s", msg.topic, partition, offset,
+                            self.featurizer.version, type(exc).__name__)
+            self._failed(msg, raw, "featurize", exc)
             return
         if sampled:
             self._featurize_hist.observe(time.perf_counter() - t0)
@@ -336,6 +332,12 @@ class Pipeline:
         if self._unreported_rows:
             self._records_ok.inc(self._unreported_rows)
             self._unreported_rows = 0
+
+    def _failed(self, msg: Any, raw: bytes, stage: str, exc: Exception) -> None:
+        """A record failed at ``stage``: the error policy decides (dead letter by default, or raise)."""
+        if onerror.decide(self.on_error, stage, exc, msg) == "raise":
+            raise exc
+        self._dead_letter(msg, raw, stage, exc)
 
     def _dead_letter(self, msg: Any, raw: bytes, stage: str, exc: Exception) -> None:
         if msg.offset not in self._dl_skip.get(msg.partition, ()):

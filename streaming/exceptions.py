@@ -126,3 +126,7 @@ class ImageProbeError(StreamingError, ValueError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ErrorPolicyError(StreamingError, ValueError):
+    """An ``on_error`` policy (streaming/onerror.py) answered something other than "dead_letter" or "raise"."""

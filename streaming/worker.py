@@ -44,6 +44,8 @@ from streaming.deadletters import DeadLetterIndex
 from streaming.divergence import find_divergence, quarantine
 from streaming.exceptions import BackpressureError, GroupStuckError
 from streaming.kafka_security import kafka_security
+from streaming.onerror import OnError
+from streaming.onerror import dead_letter as onerror_dead_letter
 from streaming.store import BatchOverlapError
 from streaming.topics import dead_letter_topic
 
@@ -84,7 +86,8 @@ class StreamWorker:
 
     def __init__(self, settings: Settings, kind: str, *, group: str | None = None, namespace: str = "live",
                  registry: SchemaRegistry | None = None, publisher: Any = None,
-                 instance_id: str | None = None, **consumer_overrides: Any) -> None:
+                 instance_id: str | None = None, on_error: OnError = onerror_dead_letter,
+                 **consumer_overrides: Any) -> None:
         from streaming.consumer import Subscriber
         from streaming.producer import Publisher
 
@@ -96,7 +99,8 @@ class StreamWorker:
         self._own_publisher = publisher is None
         self.publisher = publisher or Publisher(settings, registry)
         self.pipeline = Pipeline(settings, kind, namespace=namespace, registry=registry,
-                                 publisher=self.publisher, max_seconds=settings.batch_max_seconds)
+                                 publisher=self.publisher, max_seconds=settings.batch_max_seconds,
+                                 on_error=on_error)
         self.topic = self.pipeline.topic
         self.pipeline.dl_index = DeadLetterIndex(settings.bootstrap, dead_letter_topic(settings, kind),
                                                  security=kafka_security(settings))
