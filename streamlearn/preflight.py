@@ -68,7 +68,7 @@ def check(settings: Settings, services: list[Service]) -> Preflight:
                 result.notes.append(f"gateway: setting ingest_tokens (STREAMLEARN_INGEST_TOKENS) is empty; minted a "
                                     f"token into {path} (mode 0600): send `Authorization: Bearer <its contents>`")
             else:
-                from ingest.gateway_auth import TokenTable
+                from ingest.gateway.auth import TokenTable
 
                 try:
                     TokenTable(settings.ingest_tokens)

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from ingest.gateway import GatewayLimits, create_app
+from ingest.gateway.limits import GatewayLimits
+from ingest.gateway.routes import create_app
 from schemas.access import load_keys
 from schemas.httpguard import server_config
 from schemas.registry import FileRegistry

@@ -124,8 +124,8 @@ def test_gateway_rejects_a_reading_a_day_ahead_and_marks_backfill_posts(settings
     "late" for 23 h. Now the gateway applies the shared 5-minute window; a backfill gateway marks its records."""
     from fastapi.testclient import TestClient
 
-    from ingest.gateway import create_app
-    from ingest.gateway_records import TimeRules
+    from ingest.gateway.records import TimeRules
+    from ingest.gateway.routes import create_app
     from streaming.eventtime import EventTimePolicy
 
     s = settings.with_(ingest_tokens="alice:tok-Alice_0123456789")

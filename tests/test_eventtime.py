@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from ingest import gateway_records, sensors
+from ingest import sensors
 from ingest.exceptions import SourceError
+from ingest.gateway import records as gateway_records
 from ingest.weblog import parse_line
 from streaming import config, eventtime
 from streaming.eventtime import (

@@ -19,7 +19,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from ingest.gateway import GatewayLimits, create_app
+from ingest.gateway.limits import GatewayLimits
+from ingest.gateway.routes import create_app
 from streaming.config import Settings
 from streaming.consumer import Record
 from streaming.producer import Publisher, header_dict

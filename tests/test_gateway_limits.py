@@ -7,14 +7,14 @@ import threading
 
 import pytest
 
-from ingest.gateway_auth import TokenTable
-from ingest.gateway_errors import (
+from ingest.gateway.auth import TokenTable
+from ingest.gateway.errors import (
     AuthenticationError,
     ForbiddenError,
     OverloadedError,
     RateLimitedError,
 )
-from ingest.gateway_limits import BodyLimitMiddleware, InFlightLimiter, OnceMap, RateLimiter, TokenBucket
+from ingest.gateway.limits import BodyLimitMiddleware, InFlightLimiter, OnceMap, RateLimiter, TokenBucket
 from streaming.config import ConfigError
 
 SECRET = "s3cret-Token_value"

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from ingest.gateway_errors import BadRequestError, RecordRejectedError
-from ingest.gateway_records import event_key, image_file_item, is_json, media_type, parse_json_body
+from ingest.gateway.errors import BadRequestError, RecordRejectedError
+from ingest.gateway.records import event_key, image_file_item, is_json, media_type, parse_json_body
 from tests.test_gateway_http import NOW, png, sensor, weblog
 
 

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import httpx
 
-from ingest.gateway import GatewayLimits, create_app
-from ingest.gateway_cli import BackgroundServer, limits_from_args, register_serve
+from ingest.gateway.cli import BackgroundServer, limits_from_args, register_serve
+from ingest.gateway.limits import GatewayLimits
+from ingest.gateway.routes import create_app
 from streaming import config
 from streaming.config import Settings
 from tests.test_gateway_http import AUTH, gateway_settings, raw_records, weblog

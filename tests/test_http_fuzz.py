@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 
-from ingest.gateway import create_app as gateway_app
+from ingest.gateway.routes import create_app as gateway_app
 from schemas.access import load_keys
 from schemas.registry import FileRegistry
 from schemas.server import create_app as registry_app

@@ -19,7 +19,8 @@ import pytest
 from fastapi.testclient import TestClient
 from kafka import KafkaConsumer, TopicPartition
 
-from ingest.gateway import GatewayLimits, create_app
+from ingest.gateway.limits import GatewayLimits
+from ingest.gateway.routes import create_app
 from schemas.access import load_keys
 from schemas.registry import FileRegistry
 from schemas.server import create_app as registry_app

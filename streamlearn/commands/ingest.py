@@ -1,6 +1,6 @@
 """`streamlearn ingest weblog|sensors|images`: the file and generator event sources.
 
-``serve`` (the HTTP gateway) is added by ``ingest.gateway_cli.register_serve`` when that module
+``serve`` (the HTTP gateway) is added by ``ingest.gateway.cli.register_serve`` when that module
 is present, so the gateway can ship independently of these sources.
 """
 
@@ -77,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     i.set_defaults(func=_images)
 
     try:
-        from ingest.gateway_cli import register_serve  # type: ignore[import-not-found,unused-ignore]
+        from ingest.gateway.cli import register_serve  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         pass
     else:

@@ -15,7 +15,7 @@ scoped by, and what logs may show. The token itself is never kept.
 
 from __future__ import annotations
 
-from ingest.gateway_errors import AuthenticationError, ForbiddenError
+from ingest.gateway.errors import AuthenticationError, ForbiddenError
 from schemas.access import KeyTable, Principal, load_keys
 from schemas.exceptions import AccessError, UnauthenticatedError
 from streaming.config import Settings

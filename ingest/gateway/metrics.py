@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ingest.gateway_errors import PayloadTooLargeError
+from ingest.gateway.errors import PayloadTooLargeError
 from schemas.httpguard import GuardError
 
 

@@ -31,7 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
-from ingest.gateway_errors import OverloadedError, RateLimitedError
+from ingest.gateway.errors import OverloadedError, RateLimitedError
 from schemas.httpguard import BodyLimitMiddleware as GuardedBodyMiddleware
 from schemas.httpguard import ByteBudget, send_error
 

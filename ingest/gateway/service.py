@@ -1,99 +1,46 @@
-"""HTTP ingest gateway: events over HTTP into the raw topics, answered only after Kafka acked them.
-
-Routes (OpenAPI at ``/openapi.json``, UI at ``/docs``):
-
-* ``POST /ingest/{kind}`` (kind: weblog, sensor, image). Body: one JSON object or a JSON array of
-  objects (``application/json``; image ``data`` is base64), or one Confluent-framed Avro record
-  (``application/vnd.streamlearn.avro`` or ``application/octet-stream``) whose writer schema's
-  record name must match the kind.
-* ``POST /ingest/images``: multipart upload of one or more image files (+ optional ``label``).
-* ``GET /healthz`` (the producer can fetch Kafka metadata) and ``GET /metrics`` (Prometheus).
-
-Answer: ``{"results": [{"index", "status": accepted|duplicate|rejected, "error"?, "id", "topic",
-"partition", "offset"}], "accepted", "duplicates", "rejected"}`` with 200 when nothing was rejected,
-207 when some records were, 422 when none was valid, 400 when the body as a whole is unusable.
-Rejected records are dead-lettered (original bytes, reason headers, ``dl.stage=gateway``). A record
-Kafka did not acknowledge is reported ``rejected`` with ``"retryable": true`` and the whole answer
-is 503 + ``Retry-After``: resend it, the idempotency keys make that safe.
-
-Order of admission, cheapest first, so a refused request costs almost nothing: body size by
-``Content-Length`` and the process-wide budget of body bytes held (413/503, raw ASGI middleware,
-before auth) -> key (401/403) -> the key's scope ``ingest.<kind>`` (403) -> rate budget not empty
-(429) -> in-flight records under the limit (503) -> body read while counting bytes (413/408) ->
-JSON shape scanned without parsing (depth, arrays/objects, top-level elements) -> rate charge for
-those elements, also when the body is then refused (429) -> shape limits (400/413) ->
-``Idempotency-Key`` replay -> parse -> publish and wait.
-
-Tenants (docs/SECURITY.md): a key of tenant ``acme`` publishes into ``<prefix>acme.<kind>.raw``;
-rate limits are per key and, with ``ingest_tenant_rate``, per tenant.
-
-Idempotency window: per key (a key can only ever dedupe its own events, so one key holder cannot
-make another's event a "duplicate"), per gateway process, in memory, bounded (``GatewayLimits.idempotency_capacity``
-keys, ``idempotency_ttl_s``). By default it is NOT seeded from the topic: a restart, or more distinct
-events than the capacity within the TTL, forgets keys, and a resend is then published again
-(consumers dedupe by event id downstream). ``Gateway.seed_idempotency(window_s)`` (CLI
-``--idempotency-seed-minutes``) re-reads the last minutes of the raw topics at start-up so a restart
-keeps the events acked in that window; request-level ``Idempotency-Key`` answers are never seeded.
-Event keys: weblog ``event_id`` (derived from the content when absent), sensor
-``event_id`` or ``sensor_id:timestamp``, image ``image_id`` (sha256 of the bytes when absent). A key
-is remembered only after its ack; while in flight, a second sender waits for the first outcome.
-"""
+"""The gateway service: the request-independent state (publishers per tenant, limits, idempotency,
+metrics) and the processing of one request: admit, charge, send, answer. HTTP routing lives in
+``routes.py``; see the package docstring for the contract."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import hashlib
 import logging
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Future as ConcurrentFuture
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Path, Request, Security
-from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPBearer
+from fastapi import Request
+from fastapi.responses import JSONResponse
 from kafka.errors import KafkaError
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    generate_latest,
-)
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
-from ingest.exceptions import InputRejectedError
-from ingest.gateway_auth import Principal, gateway_keys
-from ingest.gateway_errors import (
+from ingest.gateway.auth import Principal, gateway_keys
+from ingest.gateway.bridge import bridge, outcome, when_all_done
+from ingest.gateway.errors import (
     BadRequestError,
     GatewayError,
     IdempotencyConflictError,
     OverloadedError,
     PayloadTooLargeError,
     RateLimitedError,
-    UnsupportedMediaTypeError,
 )
-from ingest.gateway_limits import BodyLimitMiddleware, GatewayLimits, InFlightLimiter, OnceMap, RateLimiter
-from ingest.gateway_metrics import GatewayMetrics, RequestMetrics
-from ingest.gateway_records import (
-    AVRO_TYPES,
+from ingest.gateway.limits import GatewayLimits, InFlightLimiter, OnceMap, RateLimiter
+from ingest.gateway.metrics import GatewayMetrics
+from ingest.gateway.records import (
     AvroBodies,
     Item,
     TimeRules,
     describe,
     event_key,
-    fingerprint,
-    image_file_item,
-    is_json,
-    media_type,
     now_ms,
-    parse_json_body,
 )
-from schemas.exceptions import RegistryUnavailableError, SchemaError
-from schemas.httpguard import ByteBudget, GuardError, JsonShape, RateBuckets, scan_json
+from schemas.exceptions import SchemaError
+from schemas.httpguard import GuardError, JsonShape, RateBuckets
 from schemas.registry import SchemaRegistry
 from streaming.config import Settings
 from streaming.exceptions import RecordTooLargeError
@@ -126,68 +73,6 @@ class Answer:
 #: After this long without a broker connection, requests get 503 at once instead of waiting for acks.
 BROKER_DOWN_503_S = 1.0
 
-
-def _bridge(loop: asyncio.AbstractEventLoop, future: Any) -> asyncio.Future[Any]:
-    """A kafka-python future (callbacks on its I/O thread) or a concurrent future -> asyncio future."""
-    if isinstance(future, ConcurrentFuture):
-        return asyncio.wrap_future(future, loop=loop)
-    result: asyncio.Future[Any] = loop.create_future()
-
-    def settle(value: Any, ok: bool) -> None:
-        if not result.done():
-            result.set_result(value) if ok else result.set_exception(value)
-
-    future.add_callback(lambda value: loop.call_soon_threadsafe(settle, value, True))
-    future.add_errback(lambda exc: loop.call_soon_threadsafe(settle, exc, False))
-    return result
-
-
-def _all_done(loop: asyncio.AbstractEventLoop, futures: list[Any]) -> asyncio.Future[None]:
-    """One asyncio future that completes when every kafka/concurrent future in ``futures`` is done.
-
-    Why not one asyncio bridge per record: a batch of 500 would wake the event loop 500 times from
-    the producer's I/O thread; a countdown wakes it once.
-    """
-    done: asyncio.Future[None] = loop.create_future()
-    remaining = [len(futures)]
-    lock = threading.Lock()
-
-    def finish() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    def one_done(*_: Any) -> None:
-        with lock:
-            remaining[0] -= 1
-            last = remaining[0] == 0
-        if last:
-            try:
-                loop.call_soon_threadsafe(finish)
-            except RuntimeError:  # the loop is gone (server stopped): nobody waits any more
-                pass
-
-    if not futures:
-        finish()
-    for future in futures:
-        if isinstance(future, ConcurrentFuture):
-            future.add_done_callback(one_done)
-        else:
-            future.add_both(one_done)
-    return done
-
-
-def _outcome(future: Any) -> tuple[bool, Any, BaseException | None]:
-    """(done, value, error) of a kafka-python or concurrent future that may not be done yet."""
-    if isinstance(future, ConcurrentFuture):
-        if not future.done():
-            return False, None, None
-        if future.cancelled():
-            return True, None, RuntimeError("cancelled")
-        error = future.exception()
-        return True, None if error else future.result(), error
-    if not future.is_done:
-        return False, None, None
-    return True, future.value, future.exception if future.failed() else None
 
 
 class Gateway:
@@ -416,10 +301,10 @@ class Gateway:
                      principal: Principal | None = None) -> Answer:
         """Wait (bounded) for every ack and dead letter, then build the per-record answer."""
         if waits:
-            all_done = _all_done(asyncio.get_running_loop(), [fut for _, _, fut in waits])
+            all_done = when_all_done(asyncio.get_running_loop(), [fut for _, _, fut in waits])
             await asyncio.wait([all_done], timeout=self.limits.ack_timeout_s)
         for item, what, fut in waits:
-            done, value, error = _outcome(fut)
+            done, value, error = outcome(fut)
             if not done:  # the ack callbacks still settle the idempotency key and in-flight count later
                 item.status, item.retryable = "rejected", True
                 item.error = f"Kafka did not acknowledge within {self.limits.ack_timeout_s:g} s; resend"
@@ -474,7 +359,7 @@ class Gateway:
                 publisher = self.publisher_for(principal.tenant if principal else "")
                 future = await run_in_threadpool(publisher.dead_letter, kind, body, stage="gateway",
                                                  error=exc, source={"remote": remote, "index": "body"})
-                await asyncio.wait_for(_bridge(asyncio.get_running_loop(), future), self.limits.ack_timeout_s)
+                await asyncio.wait_for(bridge(asyncio.get_running_loop(), future), self.limits.ack_timeout_s)
             except (KafkaError, RecordTooLargeError, TimeoutError):
                 kept = False
         self.metrics.records.labels(kind=kind, status="rejected").inc()
@@ -517,145 +402,3 @@ class Gateway:
         return JSONResponse({"status": "ok", "kafka": {"partitions": partitions},
                              "in_flight_records": self.inflight.count})
 
-
-_JSON_OR_AVRO = {"required": True, "content": {
-    "application/json": {"schema": {"oneOf": [{"type": "object"},
-                                              {"type": "array", "items": {"type": "object"}}]}},
-    "application/vnd.streamlearn.avro": {"schema": {"type": "string", "format": "binary"}},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-}}
-_MULTIPART = {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "properties": {
-        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "label": {"type": "string"}, "timestamp": {"type": "string"}}}}}}
-_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "every record accepted or a duplicate"},
-    207: {"description": "some records rejected (see results)"},
-    400: {"description": "body unusable as a whole"}, 401: {"description": "missing/malformed bearer token"},
-    403: {"description": "unknown token"}, 409: {"description": "Idempotency-Key reused with another body"},
-    413: {"description": "body over the size limit"}, 415: {"description": "unsupported Content-Type"},
-    422: {"description": "no record valid"}, 429: {"description": "rate limit; see Retry-After"},
-    503: {"description": "Kafka behind or not acknowledging; see Retry-After"},
-}
-
-
-def create_app(settings: Settings, publisher: Publisher | None = None, registry: SchemaRegistry | None = None,
-               *, limits: GatewayLimits | None = None, time_rules: TimeRules | None = None) -> FastAPI:
-    """The gateway app. A publisher built here is closed on shutdown; one passed in is the caller's."""
-    limits = limits or GatewayLimits()
-    owned = publisher is None
-    pub = publisher or Publisher(settings, registry)
-    gw = Gateway(settings, pub, registry or pub.registry, limits, time_rules)
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        if owned:
-            await run_in_threadpool(pub.settle)  # acked answers given must survive a broker kill
-            await run_in_threadpool(pub.close)
-
-    app = FastAPI(title="streamlearn ingest gateway", version="1", lifespan=lifespan,
-                  description=(__doc__ or "").split("\n\n", 1)[1])
-    app.state.gateway = gw
-    bearer = HTTPBearer(auto_error=False, description="a token of STREAMLEARN_INGEST_TOKENS")
-
-    @app.exception_handler(GatewayError)
-    async def gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
-        headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else {}
-        if exc.status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="streamlearn-ingest"'
-        return JSONResponse({"error": exc.message}, exc.status, headers=headers)
-
-    @app.exception_handler(GuardError)
-    async def guard_error(_: Request, exc: GuardError) -> JSONResponse:
-        headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else {}
-        return JSONResponse({"error": exc.message}, exc.status, headers=headers)
-
-    @app.exception_handler(RegistryUnavailableError)
-    async def registry_down(_: Request, exc: RegistryUnavailableError) -> JSONResponse:
-        return JSONResponse({"error": f"schema registry unavailable ({exc}); retry"}, 503,
-                            headers={"Retry-After": "5"})
-
-    @app.post("/ingest/images", responses=_RESPONSES, openapi_extra={"requestBody": _MULTIPART},
-              dependencies=[Security(bearer)], summary="Upload image files (multipart/form-data)")
-    async def ingest_images(request: Request) -> Response:
-        principal = gw.admit(request, "image")
-        if media_type(request.headers.get("content-type")) != "multipart/form-data":
-            raise UnsupportedMediaTypeError("POST /ingest/images takes multipart/form-data with image files")
-        async with request.form(max_files=limits.max_records_per_request, max_fields=16) as form:
-            files = [(v.filename, await v.read()) for _, v in form.multi_items() if isinstance(v, UploadFile)]
-            fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-        unknown = sorted(set(fields) - {"label", "timestamp"})
-        if unknown or not files:
-            raise BadRequestError(f"form fields {unknown} are unknown (use label, timestamp)" if unknown
-                                  else "no files in the upload; send one or more image files")
-        stamp = now_ms()
-        if fields.get("timestamp"):
-            try:
-                stamp = gw.time_rules.read(fields["timestamp"].strip())
-            except InputRejectedError as exc:
-                raise BadRequestError(f"form field timestamp: {exc}") from exc
-        digest = hashlib.sha256(repr(sorted(fields.items())).encode())
-        for name, data in files:
-            digest.update(f"\x00{name}\x00{len(data)}\x00".encode() + data)
-
-        def validate() -> list[Item]:  # Pillow decodes each image: CPU work, off the event loop
-            return [image_file_item(i, name, data, label=fields.get("label"), timestamp=stamp, rules=gw.time_rules)
-                    for i, (name, data) in enumerate(files)]
-
-        async def work() -> Answer:
-            gw.charge(principal, len(files))  # before Pillow decodes anything
-            items = await run_in_threadpool(validate)
-            return await gw.publish("image", items, request, principal, charged=len(files))
-
-        return await gw.with_request_key(request, principal, digest.hexdigest(), work)
-
-    @app.post("/ingest/{kind}", responses=_RESPONSES, openapi_extra={"requestBody": _JSON_OR_AVRO},
-              dependencies=[Security(bearer)], summary="Publish one event or a batch of one kind")
-    async def ingest(request: Request, kind: str = Path(description="weblog | sensor | image")) -> Response:
-        principal = gw.admit(request, kind)
-        if kind not in KINDS:
-            return JSONResponse({"error": f"unknown kind {kind!r:.40}; use one of {sorted(KINDS)}"}, 404)
-        ctype = media_type(request.headers.get("content-type"))
-        if not (is_json(ctype) or ctype in AVRO_TYPES):
-            raise UnsupportedMediaTypeError(f"Content-Type {ctype!r:.60} is not accepted; use "
-                                            "application/json or application/vnd.streamlearn.avro")
-        body = await request.body()
-
-        async def work() -> Answer:
-            if ctype in AVRO_TYPES:
-                gw.charge(principal, 1)
-                items = [await run_in_threadpool(gw.avro.item, kind, body)]
-                return await gw.publish(kind, items, request, principal, charged=1)
-            # Scan the shape without building anything, charge the records it holds (a refused body
-            # pays too), and refuse by shape before json.loads can allocate per element.
-            shape = await run_in_threadpool(scan_json, body)
-            charged = min(max(shape.top_level, 1), limits.max_records_per_request)
-            gw.charge(principal, charged)
-            try:
-                gw.check_shape(shape)
-                items = await run_in_threadpool(parse_json_body, kind, body, limits.max_records_per_request,
-                                                gw.time_rules)
-            except (BadRequestError, PayloadTooLargeError) as exc:
-                return await gw.reject_body(kind, body, request, exc, principal)
-            return await gw.publish(kind, items, request, principal, charged=charged)
-
-        return await gw.with_request_key(request, principal, fingerprint(ctype, body), work)
-
-    @app.get("/healthz", summary="Kafka reachable from the gateway's producer")
-    async def healthz() -> Response:
-        return await gw.health()
-
-    @app.get("/metrics", summary="Prometheus metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    def count_refusal(path: str, status: int) -> None:
-        route = "/ingest/images" if path == "/ingest/images" else (
-            "/ingest/{kind}" if path.startswith("/ingest/") else "unmatched")
-        gw.metrics.requests.labels(route=route, status=str(status)).inc()
-
-    app.add_middleware(RequestMetrics, metrics=gw.metrics)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=limits.max_body_bytes, on_reject=count_refusal,
-                       budget=ByteBudget(max(limits.body_budget_bytes, 2 * limits.max_body_bytes)))
-    return app

@@ -21,7 +21,7 @@ from typing import Any
 
 from ingest import images, sensors, weblog
 from ingest.exceptions import InputRejectedError, SensorValidationError
-from ingest.gateway_errors import BadRequestError, RecordRejectedError
+from ingest.gateway.errors import BadRequestError, RecordRejectedError
 from schemas.catalog import load_schema
 from schemas.exceptions import RegistryUnavailableError, SchemaError
 from schemas.registry import SchemaRegistry

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def register_serve(ingest_subparsers: Any) -> None:
     """Add ``serve`` to the ``streamlearn ingest`` subcommands."""
-    from ingest.gateway_limits import GatewayLimits
+    from ingest.gateway.limits import GatewayLimits
 
     d = GatewayLimits()
     p = ingest_subparsers.add_parser(
@@ -29,7 +29,7 @@ def register_serve(ingest_subparsers: Any) -> None:
                     "tokens) come from env STREAMLEARN_KEYS or the file named by STREAMLEARN_KEYS_FILE "
                     "(name:token[:scopes[:tenant]], scope ingest or ingest.<kind>), or the legacy "
                     "STREAMLEARN_INGEST_TOKENS (name:token or token); never from the command line. Limits are "
-                    "per process; the idempotency window is in memory (see ingest/gateway.py, docs/SECURITY.md).")
+                    "per process; the idempotency window is in memory (see docs/SECURITY.md).")
     p.add_argument("--port", dest="ingest_port", type=int, default=None,
                    help=f"port to listen on {config.env_help('ingest_port')}")
     p.add_argument("--host", dest="ingest_host", default=None,
@@ -68,7 +68,7 @@ def register_serve(ingest_subparsers: Any) -> None:
 
 def limits_from_args(args: argparse.Namespace, settings: Settings) -> Any:
     """Limits from the flags, falling back to the settings (env vars, config file)."""
-    from ingest.gateway_limits import GatewayLimits
+    from ingest.gateway.limits import GatewayLimits
 
     def pick(name: str) -> Any:
         value = getattr(args, name, None)
@@ -84,8 +84,8 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     """Handler of ``streamlearn ingest serve``: make sure the topics exist, then serve until Ctrl-C."""
     import uvicorn
 
-    from ingest.gateway import create_app
-    from ingest.gateway_auth import gateway_keys
+    from ingest.gateway.auth import gateway_keys
+    from ingest.gateway.routes import create_app
     from schemas.httpguard import server_config
     from streaming.topics import KINDS, dead_letter_topic, declared_topics, ensure_topics, raw_topic
 
@@ -98,7 +98,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
         scoped = settings if not tenant else settings.with_(topic_prefix=f"{settings.topic_prefix}{tenant}.")
         wanted = {raw_topic(scoped, k) for k in KINDS} | {dead_letter_topic(scoped, k) for k in KINDS}
         ensure_topics(scoped, [s for s in declared_topics(scoped) if s.name in wanted])
-    from ingest.gateway_records import TimeRules
+    from ingest.gateway.records import TimeRules
 
     if args.ingest_timestamp_unit:
         settings = settings.with_(ingest_timestamp_unit=args.ingest_timestamp_unit)
