@@ -23,7 +23,6 @@ from streaming.topics import ensure_topics  # noqa: E402
 from tests import leakguard  # noqa: E402
 from tests.leakguard import pytest_runtest_setup, pytest_runtest_teardown  # noqa: E402,F401  (hooks)
 
-
 #: The ack ledger stays on (its code runs in every publishing test) but confirms after 0.5 s instead
 #: of 5 s: the session broker is never killed, so the window guards nothing here, and every source
 #: exit and gateway shutdown waits for it (tests that kill a broker use their own settings and window).

@@ -19,6 +19,7 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Generator
 
 import pytest
 
@@ -110,17 +111,16 @@ def _kill(keys: list[Key]) -> None:
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> object:
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     _before[item.nodeid] = set(session_processes())
-    return (yield)
+    yield
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
     error: BaseException | None = None
-    result: object = None
     try:
-        result = yield  # every fixture this test alone needed is finalized after this
+        yield  # every fixture this test alone needed is finalized after this
     except BaseException as exc:  # re-raised below, after the leftovers are stopped
         error = exc
     before = _before.pop(item.nodeid, set())
@@ -138,4 +138,3 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         raise AssertionError(
             f"leak guard: {item.nodeid} left {len(left)} process(es) running {GRACE_S:.0f} s after its "
             f"teardown (now killed); stop them in the test's finally/fixture teardown:\n{listing}")
-    return result
