@@ -61,6 +61,9 @@ def _carries_token(pid: int) -> bool:
         return False
 
 
+_MY_START = (_stat(os.getpid()) or (0, "", None))[2] if os.path.isdir("/proc") else None
+
+
 def session_processes() -> dict[Key, str]:
     """Live (non-zombie) processes of this session other than pytest itself: key -> command line."""
     if not os.path.isdir("/proc"):
@@ -82,7 +85,9 @@ def session_processes() -> dict[Key, str]:
             if kid not in ours:
                 ours.add(kid)
                 todo.append(kid)
-    ours.update(pid for pid in stats if pid not in ours and _carries_token(pid))
+    # an orphan started after this session did (cheap filter before reading environments)
+    since = _MY_START if _MY_START is not None else -1
+    ours.update(pid for pid, st in stats.items() if pid not in ours and st[2] >= since and _carries_token(pid))
     return {(pid, stats[pid][2]): _cmdline(pid) for pid in ours if stats[pid][1] not in ("Z", "X")}
 
 
