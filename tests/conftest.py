@@ -20,6 +20,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from streaming import config  # noqa: E402
 from streaming.broker import EmbeddedBroker, free_port  # noqa: E402
 from streaming.topics import ensure_topics  # noqa: E402
+from tests import leakguard  # noqa: E402
+from tests.leakguard import pytest_runtest_setup, pytest_runtest_teardown  # noqa: E402,F401  (hooks)
+
+#: The ack ledger stays on (its code runs in every publishing test) but confirms after 0.5 s instead
+#: of 5 s: the session broker is never killed, so the window guards nothing here, and every source
+#: exit and gateway shutdown waits for it (tests that kill a broker use their own settings and window).
+TEST_LOSS_WINDOW_S = 0.5
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +39,7 @@ def broker_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[config
     settings = config.load({"home": home, "broker_port": free_port()})
     broker = EmbeddedBroker(settings)
     broker.start(timeout_s=60, detach=False)
+    leakguard.adopt()  # the session broker outlives every test by design
     try:
         yield settings
     finally:
@@ -48,6 +56,7 @@ def settings(broker_settings: config.Settings, tmp_path: Path) -> config.Setting
         "topic_prefix": prefix,
         "batch_max_seconds": 1.0,
         "metrics_port": -1,
+        "broker_loss_window_s": TEST_LOSS_WINDOW_S,
     })
     ensure_topics(s)
     return s
@@ -57,4 +66,5 @@ def settings(broker_settings: config.Settings, tmp_path: Path) -> config.Setting
 def bare_settings(broker_settings: config.Settings, tmp_path: Path) -> config.Settings:
     """Like ``settings`` but no topics are created (for tests of topic management itself)."""
     return config.load({"home": tmp_path / "home", "kafka_bootstrap": broker_settings.bootstrap,
-                        "topic_prefix": f"t{uuid.uuid4().hex[:10]}.", "metrics_port": -1})
+                        "topic_prefix": f"t{uuid.uuid4().hex[:10]}.", "metrics_port": -1,
+                        "broker_loss_window_s": TEST_LOSS_WINDOW_S})

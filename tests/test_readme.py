@@ -136,6 +136,9 @@ def _run_block(lines: list[str], tmp: Path) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLEARN_")}
     env.update({"STREAMLEARN_HOME": str(home), "STREAMLEARN_BROKER_PORT": str(free_port()),
                 "STREAMLEARN_METRICS_PORT": "-1", "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
+                # every publish/ingest command settles its acks for the loss window before it exits;
+                # nothing kills this broker, so 0.5 s (ledger still on) instead of 5 s per command
+                "STREAMLEARN_BROKER_LOSS_WINDOW_S": "0.5",
                 "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)})
     python = shlex.quote(sys.executable)
     background: list[tuple[str, subprocess.Popen[bytes]]] = []

@@ -36,6 +36,12 @@ class Running:
         self.worker = ServingWorker(settings, MODEL, manager=manager, **kwargs)
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
+        # The loader must have read the registry (and serve the version promoted now) before the test
+        # promotes others: under load a worker that starts late would see only the test's later
+        # (damaged) promotions, have no old version to fall back on, and never answer.
+        if not self.worker.manager.wait_ready(120):
+            self.stop()
+            raise AssertionError(f"worker for {MODEL} not serving within 120 s: {self.worker.manager.stats}")
 
     def stop(self) -> None:
         self.worker.stop_event.set()
