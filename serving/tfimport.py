@@ -19,6 +19,7 @@ outputs before the version answers anybody.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 import threading
 import types
@@ -59,3 +60,21 @@ def import_tensorflow() -> Any:
                 if name in sys.modules and sys.modules[name] is None:
                     del sys.modules[name]
         return tf
+
+
+def start_background_import() -> threading.Thread:
+    """Begin :func:`import_tensorflow` now, in a daemon thread, and return the thread.
+
+    Why: ``streamlearn serve`` calls this first thing, so TensorFlow's import overlaps the CLI's and the
+    worker's own imports and its Kafka setup instead of starting after them. A failure here is not
+    lost: the model thread's own call imports again and raises it.
+    """
+    def run() -> None:
+        try:
+            import_tensorflow()
+        except Exception as exc:  # the model thread's own import raises it again, with its context
+            logging.getLogger(__name__).debug("background TensorFlow import failed: %s", exc)
+
+    thread = threading.Thread(target=run, name="tf-import", daemon=True)
+    thread.start()
+    return thread

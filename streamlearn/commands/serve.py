@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace, settings: config.Settings) -> int:
+    from serving.tfimport import start_background_import
+
+    start_background_import()  # overlaps the worker's imports and Kafka setup (restart-to-answer time)
     from serving.policy import Policy
     from serving.worker import serve
 
