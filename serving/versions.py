@@ -76,6 +76,7 @@ class LoadStats:
     swaps: int = 0
     failed_versions: set[int] = field(default_factory=set)
     ready_versions: list[int] = field(default_factory=list)
+    fallbacks: int = 0
 
 
 class VersionManager:
@@ -242,6 +243,8 @@ class VersionManager:
         stable = snap.stable
         if want_stable is not None and (stable is None or stable.version != want_stable):
             stable = self._load_once(want_stable, loaded) or stable
+            if stable is None and self.policy.mode != "pinned" and self._given_up(want_stable):
+                stable = self._fallback(want_stable, loaded)
         cand = snap.candidate
         if want_cand is None:
             cand = None if snap.canary_state != CANARY_ROLLED_BACK else cand
@@ -276,6 +279,31 @@ class VersionManager:
         if new.stable is not None:
             self._ready.set()
         return True
+
+    def _given_up(self, version: int) -> bool:
+        att = self._attempts.get(version)
+        return att is not None and att.given_up
+
+    def _fallback(self, failed: int, loaded: dict[int, LoadedVersion | None]) -> LoadedVersion | None:
+        """Nothing serves yet and the promoted version cannot be loaded (a worker started after a
+        damaged version was promoted): serve the newest *previously promoted* version that loads.
+
+        Why previously promoted and not simply older: those passed the gate or an operator's choice;
+        a rejected candidate never answers. It serves until a loadable version is promoted (the
+        reconcile keeps the promoted one as its target and swaps when it can).
+        """
+        stack = [int(v) for v in self.registry.state(self.model).get("promoted_stack", [])]
+        for version in reversed(stack):
+            if version == failed:
+                continue
+            lv = self._load_once(version, loaded)
+            if lv is not None:
+                log.warning("%s: the promoted v%d cannot be loaded; serving the previously promoted v%d until a "
+                            "loadable version is promoted (`streamlearn models promote` or a retrain)",
+                            self.model, failed, version)
+                self.stats.fallbacks += 1
+                return lv
+        return None
 
     def _try_load(self, version: int) -> LoadedVersion | None:
         att = self._attempts.setdefault(version, _Attempts())

@@ -166,3 +166,28 @@ def test_canary_judged_by_labels_arriving_later_on_the_raw_topic(settings: Setti
         assert run.worker.labels is not None and run.worker.labels.joined >= 60
     finally:
         run.stop()
+
+
+def test_worker_started_on_a_damaged_promotion_serves_the_previously_promoted_version(
+        settings: Settings, registry: ModelRegistry) -> None:
+    """A worker that starts after a damaged version was promoted falls back to the last version that
+    was promoted before it (never to a rejected one), and moves on once a good one is promoted."""
+    model = "dmgstart"
+    publish(registry, model, tag=100.0)  # v1, promoted
+    rejected = publish(registry, model, tag=300.0, promote=False)  # good but never promoted: must not serve
+    damaged = publish(registry, model, tag=666.0, promote=False)
+    damage_published(registry, model, damaged, "missing_index")
+    force_promote(registry, model, damaged)
+    run = Running(settings, model)  # waits until something serves
+    try:
+        assert run.manager.load_failure(damaged)[1] and run.manager.stats.fallbacks == 1
+        assert rejected not in run.manager.stats.ready_versions
+        reqs = [to_request(model, {"request_id": f"f{i}", "features": [float(i), 1.0, 2.0, 3.0]}) for i in range(4)]
+        for req, ans in zip(reqs, predict(settings, model, reqs, timeout_s=60), strict=True):
+            assert ans["error"] is None and ans["model_version"] == 1, ans
+            np.testing.assert_allclose(ans["outputs"], expected_outputs(req["features"], 100.0), rtol=1e-5)
+        good = publish(registry, model, tag=200.0)
+        wait_until(lambda: run.manager.current().stable.version == good, timeout=30,  # type: ignore[union-attr]
+                   message="swap to the good version")
+    finally:
+        run.stop()
