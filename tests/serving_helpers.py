@@ -12,12 +12,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from serving.policy import Policy
+from serving.versions import VersionManager
+from serving.worker import ServingWorker
+from streaming.config import Settings
 from streaming.model_registry import ModelRegistry, write_json_atomic
 
 
@@ -124,3 +129,23 @@ def weblog_event(i: int, label: str | None = "normal") -> dict[str, Any]:
             "user": None, "timestamp": int(time.time() * 1000), "method": "GET", "path": f"/items/{i}?q=1",
             "protocol": "HTTP/1.1", "status": 200, "bytes_sent": 512 + i, "referrer": None,
             "user_agent": "Mozilla/5.0", "latency_ms": 12.5, "label": label, "source": "test"}
+
+
+class Running:
+    """A serving worker in a thread of the test process (fast retries: 0.1 s registry poll, 2 load attempts)."""
+
+    def __init__(self, settings: Settings, model: str, policy: Policy | None = None, **kwargs: Any) -> None:
+        self.manager = VersionManager(settings, model, policy, poll_interval_s=0.1, backoff_s=0.05, max_attempts=2)
+        self.worker = ServingWorker(settings, model, manager=self.manager, **kwargs)
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+        self.thread.start()
+        # Serve the version promoted now before the test promotes others: under load a worker that
+        # starts late would first see the test's later promotions, and the test would not be
+        # testing the swap (or the damaged version) it means to.
+        if not self.manager.wait_ready(120):
+            self.stop()
+            raise AssertionError(f"worker for {model} not serving within 120 s: {self.manager.stats}")
+
+    def stop(self) -> None:
+        self.worker.stop_event.set()
+        self.thread.join(timeout=30)

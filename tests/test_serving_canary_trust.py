@@ -11,8 +11,7 @@ from streaming.config import Settings
 from streaming.model_registry import ModelRegistry
 from streaming.producer import Publisher
 from tests.helpers import wait_until
-from tests.serving_helpers import WEBLOG_FEATURIZER, publish, weblog_event
-from tests.test_serving_versions import Running
+from tests.serving_helpers import WEBLOG_FEATURIZER, Running, publish, weblog_event
 
 
 def test_labels_in_requests_and_forged_raw_events_never_judge_the_canary(settings: Settings) -> None:

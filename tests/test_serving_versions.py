@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-from typing import Any
-
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
 from serving.client import predict, to_request
 from serving.policy import Policy
-from serving.versions import CANARY_ROLLED_BACK, CANARY_ROUTING, VersionManager
-from serving.worker import ServingWorker
+from serving.versions import CANARY_ROLLED_BACK, CANARY_ROUTING
 from streaming.config import Settings
 from streaming.model_registry import ModelRegistry
 from streaming.producer import Publisher
@@ -20,6 +16,7 @@ from streaming.topics import predictions_topic, raw_topic
 from tests.helpers import read_topic, wait_until
 from tests.serving_helpers import (
     WEBLOG_FEATURIZER,
+    Running,
     damage_published,
     expected_outputs,
     force_promote,
@@ -30,24 +27,6 @@ from tests.serving_helpers import (
 
 def _metric(name: str, model: str) -> float:
     return REGISTRY.get_sample_value(name, {"model": model}) or 0.0
-
-
-class Running:
-    def __init__(self, settings: Settings, model: str, policy: Policy | None = None, **kwargs: Any) -> None:
-        self.manager = VersionManager(settings, model, policy, poll_interval_s=0.1, backoff_s=0.05, max_attempts=2)
-        self.worker = ServingWorker(settings, model, manager=self.manager, **kwargs)
-        self.thread = threading.Thread(target=self.worker.run, daemon=True)
-        self.thread.start()
-        # The loader must have read the registry (and serve the version promoted now) before the test
-        # promotes others: under load a worker that starts late would see only the test's later
-        # (damaged) promotions, have no old version to fall back on, and never answer.
-        if not self.worker.manager.wait_ready(120):
-            self.stop()
-            raise AssertionError(f"worker for {model} not serving within 120 s: {self.worker.manager.stats}")
-
-    def stop(self) -> None:
-        self.worker.stop_event.set()
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture()

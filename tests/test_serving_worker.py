@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 
 from serving.client import predict, to_request
-from serving.versions import VersionManager
-from serving.worker import ServingWorker
 from streaming.config import Settings
 from streaming.model_registry import ModelRegistry
 from streaming.topics import dead_letter_topic, predictions_topic
 from tests.helpers import read_topic, wait_until
-from tests.serving_helpers import expected_outputs, publish
+from tests.serving_helpers import Running, expected_outputs, publish
 
 MODEL = "tiny"
 
@@ -28,26 +26,6 @@ def _feature_requests(n: int, seed: int = 0) -> list[dict[str, Any]]:
                                "features": rng.normal(size=4).round(3).tolist()}) for i in range(n)]
 
 
-class Running:
-    """A worker in a thread of the test process, stopped at teardown."""
-
-    def __init__(self, settings: Settings, **kwargs: Any) -> None:
-        manager = VersionManager(settings, MODEL, poll_interval_s=0.1, backoff_s=0.05, max_attempts=2)
-        self.worker = ServingWorker(settings, MODEL, manager=manager, **kwargs)
-        self.thread = threading.Thread(target=self.worker.run, daemon=True)
-        self.thread.start()
-        # The loader must have read the registry (and serve the version promoted now) before the test
-        # promotes others: under load a worker that starts late would see only the test's later
-        # (damaged) promotions, have no old version to fall back on, and never answer.
-        if not self.worker.manager.wait_ready(120):
-            self.stop()
-            raise AssertionError(f"worker for {MODEL} not serving within 120 s: {self.worker.manager.stats}")
-
-    def stop(self) -> None:
-        self.worker.stop_event.set()
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture()
 def registry(settings: Settings) -> ModelRegistry:
     return ModelRegistry(settings.model_dir)
@@ -56,7 +34,7 @@ def registry(settings: Settings) -> ModelRegistry:
 @pytest.fixture()
 def running(settings: Settings, registry: ModelRegistry) -> Iterator[Running]:
     publish(registry, MODEL, tag=100.0)
-    r = Running(settings)
+    r = Running(settings, MODEL)
     yield r
     r.stop()
 
@@ -166,7 +144,7 @@ def test_at_least_once_mode_skips_a_redelivered_request_id(settings: Settings, r
 
     publish(registry, MODEL, tag=3.0)
     s = settings.with_(transactions=False)
-    run = Running(s)
+    run = Running(s, MODEL)
     try:
         before = REGISTRY.get_sample_value("streamlearn_serving_duplicates_total", {"model": MODEL}) or 0.0
         req = to_request(MODEL, {"request_id": "twice", "features": [1.0, 1.0, 1.0, 1.0]})
