@@ -156,18 +156,21 @@ class Publisher:
         value = self.encode(topic, record_name, record)
         if key is None and record_name in KEY_FIELDS:
             key = record.get(KEY_FIELDS[record_name])
-        return self.send_bytes(topic, value, key, headers)
+        return self._send(topic, value, key, headers)  # the topic was checked above, before encode
 
     def send_bytes(self, topic: str, value: bytes, key: str | bytes | None = None,
                    headers: Headers | None = None) -> GuardedSend:
         """Send already-encoded bytes (used by dead letters and benchmarks); returns a future
         (:class:`streaming.ackguard.GuardedSend`) with kafka-python's record-future interface."""
+        tenancy.check_topics(self.settings, [topic], "publish to")
+        return self._send(topic, value, key, headers)
+
+    def _send(self, topic: str, value: bytes, key: str | bytes | None, headers: Headers | None) -> GuardedSend:
         if len(value) > self.max_record_bytes:
             raise RecordTooLargeError(
                 f"record for topic {topic!r} is {len(value)} bytes encoded, over the limit of "
                 f"{self.max_record_bytes} bytes (max_record_bytes); shrink it (e.g. downscale images) "
                 "or raise the limit on the producer and the broker's message.max.bytes")
-        tenancy.check_topics(self.settings, [topic], "publish to")
         key_bytes = key.encode() if isinstance(key, str) else key
         return self.ledger.send(topic, value, key_bytes, headers or None)
 
