@@ -25,8 +25,12 @@ venv: $(STAMP) ## create .venv with the pinned dependencies
 demo: $(STAMP) ## run the whole platform on the embedded broker for a while and write a report
 	$(BIN)/streamlearn demo
 
+# Two pytest workers (pytest-xdist), one embedded broker each: most tests wait on subprocesses and the
+# broker, so two workers keep a 2-core box busy. --dist loadfile keeps a file's tests (and its module
+# fixtures) in one worker. TEST_WORKERS=0 runs them in this process, one at a time.
+TEST_WORKERS ?= 2
 test: $(STAMP) ## run the test suite against a real embedded broker
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .
