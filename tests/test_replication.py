@@ -1,0 +1,93 @@
+"""Topic replication: RF 3 / min.insync.replicas 2 on a cluster, RF 1 on the embedded broker (issue 16 item 1).
+
+No three-broker cluster runs here, so the rule (``streaming.topics.replication``) is held against the
+settings compose gives every service, and ``ensure_topics`` runs for real against the session broker
+(one noida-db node): auto keeps RF 1 there, an explicit RF 3 is refused before any topic is created.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from streaming import config
+from streaming.exceptions import ReplicationError
+from streaming.topics import (
+    admin_client,
+    broker_count,
+    check_replication,
+    declared_topics,
+    ensure_topics,
+    replication,
+)
+from tests.test_compose import COMPOSE, env_of, interpolate, is_streamlearn, load_yaml
+
+
+def compose_settings(name: str = "topics") -> config.Settings:
+    services: dict[str, Any] = load_yaml(COMPOSE)["services"]
+    return config.load(environ={k: interpolate(v) for k, v in env_of(services[name]).items()})
+
+
+def test_every_declared_topic_gets_the_clusters_replication_in_compose() -> None:
+    settings = compose_settings()
+    assert not settings.embedded and settings.kafka_bootstrap
+    for brokers in (3, 5, None):  # None: metadata did not say; the explicit setting still holds
+        rep = replication(settings, brokers)
+        check_replication(rep, brokers)
+        assert (rep.replication_factor, rep.min_insync_replicas) == (3, 2)
+        specs = declared_topics(settings, ["custom_model"])
+        assert len(specs) >= 14
+        for spec in specs:  # what ensure_topics sends: the spec's configs plus the replication's
+            configs = {**spec.configs, **rep.configs}
+            assert configs["min.insync.replicas"] == "2", spec.name
+            assert configs["retention.ms"] == str(spec.retention_ms)
+
+
+def test_every_compose_service_has_the_same_replication() -> None:
+    services: dict[str, Any] = load_yaml(COMPOSE)["services"]
+    for name, svc in services.items():
+        if is_streamlearn(svc):
+            s = compose_settings(name)
+            assert replication(s, 3) == replication(compose_settings(), 3), name
+
+
+def test_auto_replication_follows_the_cluster_and_the_embedded_broker_keeps_rf_1() -> None:
+    embedded = config.load({"home": "/tmp/x"}, environ={})
+    assert embedded.embedded
+    assert replication(embedded, 3).replication_factor == 1  # never asks noida for replicas
+    assert replication(embedded, None).configs == {}  # nothing added at RF 1
+    external = config.load({"home": "/tmp/x", "kafka_bootstrap": "k1:9092,k2:9092"}, environ={})
+    assert (replication(external, 1).replication_factor, replication(external, None).replication_factor) == (1, 1)
+    assert (replication(external, 2).replication_factor, replication(external, 2).min_insync_replicas) == (2, 1)
+    assert replication(external, 3).configs == {"min.insync.replicas": "2"}
+    assert replication(external, 7).replication_factor == 3
+
+
+def test_impossible_replication_is_refused_with_both_numbers() -> None:
+    s = config.load({"home": "/tmp/x", "kafka_bootstrap": "k:9092", "replication_factor": 3}, environ={})
+    with pytest.raises(ReplicationError, match=r"needs at least 3 brokers, but the cluster lists 2"):
+        check_replication(replication(s, 2), 2)
+    bad = s.with_(min_insync_replicas=4)
+    with pytest.raises(ReplicationError, match=r"is 4, more than the replication factor 3"):
+        replication(bad, 3)
+    with pytest.raises(config.ConfigError, match="STREAMLEARN_REPLICATION_FACTOR"):
+        config.load({"home": "/tmp/x"}, environ={"STREAMLEARN_REPLICATION_FACTOR": "-1"})
+
+
+def test_ensure_topics_on_one_broker_auto_is_rf_1_and_rf_3_is_refused(bare_settings: config.Settings) -> None:
+    admin = admin_client(bare_settings)
+    try:
+        assert broker_count(admin) == 1  # noida-db lists itself in Metadata
+    finally:
+        admin.close()
+    refused = bare_settings.with_(replication_factor=3)
+    with pytest.raises(ReplicationError, match="cluster lists 1"):
+        ensure_topics(refused)
+    admin = admin_client(bare_settings)
+    try:  # refused before the first create: nothing half made
+        assert not [t for t in admin.list_topics() if t.startswith(bare_settings.topic_prefix)]
+    finally:
+        admin.close()
+    created = ensure_topics(bare_settings)
+    assert len(created) == len(declared_topics(bare_settings))
