@@ -286,7 +286,7 @@ def test_kafka_is_a_three_broker_kraft_cluster(services: dict[str, dict[str, Any
             assert env[key] == want, f"{name}: {key}={env[key]}, want {want}"
         assert env["CLUSTER_ID"] == env_of(services[BROKERS[0]])["CLUSTER_ID"], "one cluster id"
         assert "kafka-broker-api-versions" in " ".join(kafka["healthcheck"]["test"])
-    assert node_ids == {"1", "2", "3"} and len(voters.split(",")) == 3
+    assert node_ids == {"1", "2", "3"} and voters is not None and len(voters.split(",")) == 3
 
 
 def test_scalable_services_can_be_scaled(services: dict[str, dict[str, Any]]) -> None:
