@@ -170,6 +170,17 @@ def broker_count(admin: Any) -> int | None:
     return len(brokers) if brokers else None
 
 
+def new_topics(settings: Settings, specs: list[TopicSpec], brokers: int | None) -> list[Any]:
+    """The ``NewTopic`` requests :func:`ensure_topics` sends for ``specs`` on a cluster listing ``brokers``:
+    each spec's partitions and configs plus the cluster's replication (refused first if impossible)."""
+    from kafka.admin import NewTopic
+
+    rep = replication(settings, brokers)
+    check_replication(rep, brokers)
+    return [NewTopic(spec.name, spec.partitions, rep.replication_factor, topic_configs={**spec.configs, **rep.configs})
+            for spec in specs]
+
+
 def admin_client(settings: Settings) -> Any:
     from kafka import KafkaAdminClient
 
@@ -185,7 +196,6 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, time
     Waits until the broker's metadata lists every topic, so a producer created right after
     this call does not race topic creation.
     """
-    from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
     specs = declared_topics(settings) if specs is None else specs
@@ -198,14 +208,10 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, time
         missing = [s for s in specs if s.name not in existing]
         created: list[str] = []
         brokers = 1 if settings.embedded else broker_count(admin) if missing else None
-        rep = replication(settings, brokers)
-        if missing:
-            check_replication(rep, brokers)
-        for spec in missing:  # one at a time: a single failure must not hide the others
+        for request in new_topics(settings, missing, brokers):  # one at a time: a failure must not hide others
             try:
-                admin.create_topics([NewTopic(spec.name, spec.partitions, rep.replication_factor,
-                                              topic_configs={**spec.configs, **rep.configs})])
-                created.append(spec.name)
+                admin.create_topics([request])
+                created.append(request.name)
             except TopicAlreadyExistsError:
                 pass
         wanted = {s.name for s in specs}

@@ -19,6 +19,7 @@ from streaming.topics import (
     check_replication,
     declared_topics,
     ensure_topics,
+    new_topics,
     replication,
 )
 from tests.test_compose import COMPOSE, env_of, interpolate, is_streamlearn, load_yaml
@@ -32,16 +33,24 @@ def compose_settings(name: str = "topics") -> config.Settings:
 def test_every_declared_topic_gets_the_clusters_replication_in_compose() -> None:
     settings = compose_settings()
     assert not settings.embedded and settings.kafka_bootstrap
+    specs = declared_topics(settings, ["custom_model"])
+    assert len(specs) >= 14
     for brokers in (3, 5, None):  # None: metadata did not say; the explicit setting still holds
-        rep = replication(settings, brokers)
-        check_replication(rep, brokers)
-        assert (rep.replication_factor, rep.min_insync_replicas) == (3, 2)
-        specs = declared_topics(settings, ["custom_model"])
-        assert len(specs) >= 14
-        for spec in specs:  # what ensure_topics sends: the spec's configs plus the replication's
-            configs = {**spec.configs, **rep.configs}
-            assert configs["min.insync.replicas"] == "2", spec.name
-            assert configs["retention.ms"] == str(spec.retention_ms)
+        requests = new_topics(settings, specs, brokers)  # what ensure_topics sends, one per spec
+        assert [r.name for r in requests] == [s.name for s in specs]
+        for request, spec in zip(requests, specs, strict=True):
+            assert request.replication_factor == 3, spec.name
+            assert request.topic_configs["min.insync.replicas"] == "2", spec.name
+            assert request.topic_configs["retention.ms"] == str(spec.retention_ms)
+            assert request.num_partitions == spec.partitions
+    with pytest.raises(ReplicationError, match="cluster lists 2"):  # a broker down: refused, not downgraded
+        new_topics(settings, specs, 2)
+
+
+def test_the_embedded_broker_keeps_rf_1() -> None:
+    embedded = config.load({"home": "/tmp/x"}, environ={})
+    for request in new_topics(embedded, declared_topics(embedded), 1):
+        assert request.replication_factor == 1 and "min.insync.replicas" not in request.topic_configs
 
 
 def test_every_compose_service_has_the_same_replication() -> None:
