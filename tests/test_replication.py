@@ -100,3 +100,12 @@ def test_ensure_topics_on_one_broker_auto_is_rf_1_and_rf_3_is_refused(bare_setti
         admin.close()
     created = ensure_topics(bare_settings)
     assert len(created) == len(declared_topics(bare_settings))
+
+
+def test_compose_producers_wait_for_the_in_sync_replicas() -> None:
+    """min.insync.replicas only guards writes acked by all in-sync replicas: every producer uses acks=all."""
+    from streaming.producer import producer_config
+
+    cfg = producer_config(compose_settings("gateway"))
+    assert cfg["acks"] == "all" and cfg["enable_idempotence"] is True
+    assert cfg["bootstrap_servers"] == "kafka-1:9092,kafka-2:9092,kafka-3:9092"
