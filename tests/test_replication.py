@@ -7,6 +7,7 @@ settings compose gives every service, and ``ensure_topics`` runs for real agains
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -25,9 +26,14 @@ from streaming.topics import (
 from tests.test_compose import COMPOSE, env_of, interpolate, is_streamlearn, load_yaml
 
 
-def compose_settings(name: str = "topics") -> config.Settings:
+@functools.cache
+def compose_services() -> dict[str, Any]:
     services: dict[str, Any] = load_yaml(COMPOSE)["services"]
-    return config.load(environ={k: interpolate(v) for k, v in env_of(services[name]).items()})
+    return services
+
+
+def compose_settings(name: str = "topics") -> config.Settings:
+    return config.load(environ={k: interpolate(v) for k, v in env_of(compose_services()[name]).items()})
 
 
 def test_every_declared_topic_gets_the_clusters_replication_in_compose() -> None:
@@ -54,11 +60,10 @@ def test_the_embedded_broker_keeps_rf_1() -> None:
 
 
 def test_every_compose_service_has_the_same_replication() -> None:
-    services: dict[str, Any] = load_yaml(COMPOSE)["services"]
-    for name, svc in services.items():
+    expected = replication(compose_settings(), 3)
+    for name, svc in compose_services().items():
         if is_streamlearn(svc):
-            s = compose_settings(name)
-            assert replication(s, 3) == replication(compose_settings(), 3), name
+            assert replication(compose_settings(name), 3) == expected, name
 
 
 def test_auto_replication_follows_the_cluster_and_the_embedded_broker_keeps_rf_1() -> None:
