@@ -161,13 +161,17 @@ def check_replication(rep: Replication, brokers: int | None) -> None:
 
 
 def broker_count(admin: Any) -> int | None:
-    """Brokers the cluster's metadata lists (a Metadata request: ``describe_cluster`` fails on noida-db)."""
-    try:
-        metadata = admin._manager.run(admin._get_cluster_metadata, [])  # kafka-python 3.0: no public call
-    except Exception:  # noqa: BLE001 - unknown is a valid answer; the create call reports real faults
-        return None
-    brokers = metadata.get("brokers") if isinstance(metadata, dict) else None
-    return len(brokers) if brokers else None
+    """Brokers the cluster lists: DescribeCluster (Apache Kafka), else a Metadata request (noida-db fails
+    DescribeCluster); None when neither answers (auto replication then says so and uses RF 1)."""
+    for call in (admin.describe_cluster, lambda: admin._manager.run(admin._get_cluster_metadata, [])):
+        try:
+            metadata = call()
+        except Exception:  # noqa: BLE001,S112 - unknown is a valid answer; the create call reports real faults
+            continue
+        brokers = metadata.get("brokers") if isinstance(metadata, dict) else None
+        if brokers:
+            return len(brokers)
+    return None
 
 
 def new_topics(settings: Settings, specs: list[TopicSpec], brokers: int | None) -> list[Any]:
@@ -208,6 +212,12 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, time
         missing = [s for s in specs if s.name not in existing]
         created: list[str] = []
         brokers = 1 if settings.embedded else broker_count(admin) if missing else None
+        if missing and brokers is None and settings.replication_factor == 0:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "could not count the brokers at %s: creating %d topics with replication factor 1; set "
+                "STREAMLEARN_REPLICATION_FACTOR (e.g. 3) for a cluster", settings.bootstrap, len(missing))
         for request in new_topics(settings, missing, brokers):  # one at a time: a failure must not hide others
             try:
                 admin.create_topics([request])
