@@ -138,7 +138,9 @@ class ServingWorker(Emitter):
         self.lease = members.claim(self.settings, self.group, role, slot=self.slot)
         self.slot = int(self.lease.slot)
         self.member_id = self.lease.instance_id
-        self.transactional_id = _safe_id(f"{self.group}.tx.slot{self.slot}")
+        # Named like the member (group, host, HOME hash, slot): replicas on other hosts or containers
+        # (compose --scale) never fence each other, while a restart here fences its dead predecessor.
+        self.transactional_id = _safe_id(f"{self.member_id}.tx")
         try:  # members of this host whose process is gone would hold their partitions forever
             members.remove_dead_local(self.settings, self.group, quick=True)
         except Exception as exc:

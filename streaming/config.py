@@ -125,6 +125,14 @@ SPECS: tuple[Spec, ...] = (
          "`store gc` deletes the oldest batches above this many bytes per kind (0 = no size limit)"),
     Spec("store_state_inline_max_bytes", "STREAMLEARN_STORE_STATE_INLINE_MAX_BYTES", int, 4096,
          "featurizer state above this size goes to a <batch>.state.json file, not the manifest"),
+    # Scale-out (streaming/topics.py, streamlearn/scaling.py, docs/SCALING.md).
+    Spec("replication_factor", "STREAMLEARN_REPLICATION_FACTOR", int, 0,
+         "replicas of every created topic (0 = auto: 1 on a one-broker cluster such as the embedded one, else 3 "
+         "capped at the brokers listed)"),
+    Spec("min_insync_replicas", "STREAMLEARN_MIN_INSYNC_REPLICAS", int, 0,
+         "min.insync.replicas of every created topic (0 = auto: replication factor - 1, at least 1)"),
+    Spec("workers", "STREAMLEARN_WORKERS", str, "",
+         "`streamlearn up`: processes per consumer group, e.g. stream.sensor=3,serve.digits_cnn=2 (default 1 each)"),
 )
 _BY_NAME = {s.name: s for s in SPECS}
 
@@ -242,6 +250,9 @@ class Settings:
     store_retention_days: float = 0.0
     store_max_bytes: int = 0
     store_state_inline_max_bytes: int = 4096
+    replication_factor: int = 0
+    min_insync_replicas: int = 0
+    workers: str = ""
     tenant: str = ""
     model_specs: dict[str, str] = field(default_factory=dict)
 
@@ -311,6 +322,9 @@ def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None
     for name in ("store_retention_days", "store_max_bytes", "store_state_inline_max_bytes"):
         if values[name] < 0:
             raise ConfigError(f"setting {name!r} (env {_BY_NAME[name].env}) must be >= 0 (0 turns it off)")
+    for name in ("replication_factor", "min_insync_replicas"):
+        if values[name] < 0:
+            raise ConfigError(f"setting {name!r} (env {_BY_NAME[name].env}) must be >= 0 (0 = auto, see --help)")
     if values["tenant"] and not TENANT_RE.match(values["tenant"]):
         raise ConfigError(f"setting 'tenant' (env STREAMLEARN_TENANT) is {values['tenant']!r}; a tenant id is "
                           "[a-z][a-z0-9-]{0,30}, the same as in a key's tenant field")

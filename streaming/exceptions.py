@@ -130,3 +130,7 @@ class ImageProbeError(StreamingError, ValueError):
 
 class ErrorPolicyError(StreamingError, ValueError):
     """An ``on_error`` policy (streaming/onerror.py) answered something other than "dead_letter" or "raise"."""
+
+
+class ReplicationError(StreamingError, ValueError):
+    """Topic replication settings the cluster cannot honour (too few brokers, min ISR above RF)."""

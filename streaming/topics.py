@@ -104,6 +104,87 @@ def declared_topics(settings: Settings, models: list[str] | None = None) -> list
     return out
 
 
+#: Replication of auto mode on a cluster of at least this many brokers (Kafka's production default).
+CLUSTER_REPLICATION = 3
+
+
+@dataclass(frozen=True)
+class Replication:
+    """Replication of the topics this process creates: ``replication_factor`` replicas, and
+    ``min_insync_replicas`` of them must have a write before an ``acks=all`` producer gets its ack."""
+
+    replication_factor: int
+    min_insync_replicas: int
+
+    @property
+    def configs(self) -> dict[str, str]:
+        """Topic configs to add; none at RF 1 (the broker's default of 1 is the only valid value)."""
+        return {} if self.replication_factor == 1 else {"min.insync.replicas": str(self.min_insync_replicas)}
+
+
+def replication(settings: Settings, brokers: int | None) -> Replication:
+    """The replication every declared topic is created with.
+
+    Why a rule rather than a constant: the embedded noida-db broker is one node (RF 1 is all it can
+    hold), while a cluster loses acked writes with RF 1 the moment one disk dies. ``brokers`` is the
+    number of brokers the cluster's metadata lists (None when unknown). Auto (setting 0): RF 1 on the
+    embedded broker or a one-broker cluster, else 3 capped at the brokers listed; min.insync.replicas
+    RF - 1 (so with RF 3 one broker may be down and producers with ``acks=all`` still get acks). An
+    explicit setting is used as is: a cluster with fewer brokers than asked is an error (see
+    :func:`check_replication`), never a silent downgrade.
+    """
+    from streaming.exceptions import ReplicationError
+
+    rf = settings.replication_factor
+    if rf == 0:
+        if settings.embedded or brokers is None or brokers <= 1:
+            rf = 1
+        else:
+            rf = min(CLUSTER_REPLICATION, brokers)
+    isr = settings.min_insync_replicas or max(1, rf - 1)
+    if isr > rf:
+        raise ReplicationError(
+            f"setting 'min_insync_replicas' (env STREAMLEARN_MIN_INSYNC_REPLICAS) is {isr}, more than the "
+            f"replication factor {rf}: every acks=all write would fail; set it to at most {rf} (0 = auto)")
+    return Replication(rf, isr)
+
+
+def check_replication(rep: Replication, brokers: int | None) -> None:
+    """Refuse a replication factor the cluster cannot place, before any topic is created."""
+    from streaming.exceptions import ReplicationError
+
+    if brokers is not None and rep.replication_factor > brokers:
+        raise ReplicationError(
+            f"replication factor {rep.replication_factor} (setting 'replication_factor', env "
+            f"STREAMLEARN_REPLICATION_FACTOR) needs at least {rep.replication_factor} brokers, but the cluster "
+            f"lists {brokers}; start the missing brokers or lower the setting (0 = auto)")
+
+
+def broker_count(admin: Any) -> int | None:
+    """Brokers the cluster lists: DescribeCluster (Apache Kafka), else a Metadata request (noida-db fails
+    DescribeCluster); None when neither answers (auto replication then says so and uses RF 1)."""
+    for call in (admin.describe_cluster, lambda: admin._manager.run(admin._get_cluster_metadata, [])):
+        try:
+            metadata = call()
+        except Exception:  # noqa: BLE001,S112 - unknown is a valid answer; the create call reports real faults
+            continue
+        brokers = metadata.get("brokers") if isinstance(metadata, dict) else None
+        if brokers:
+            return len(brokers)
+    return None
+
+
+def new_topics(settings: Settings, specs: list[TopicSpec], brokers: int | None) -> list[Any]:
+    """The ``NewTopic`` requests :func:`ensure_topics` sends for ``specs`` on a cluster listing ``brokers``:
+    each spec's partitions and configs plus the cluster's replication (refused first if impossible)."""
+    from kafka.admin import NewTopic
+
+    rep = replication(settings, brokers)
+    check_replication(rep, brokers)
+    return [NewTopic(spec.name, spec.partitions, rep.replication_factor, topic_configs={**spec.configs, **rep.configs})
+            for spec in specs]
+
+
 def admin_client(settings: Settings) -> Any:
     from kafka import KafkaAdminClient
 
@@ -119,7 +200,6 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, time
     Waits until the broker's metadata lists every topic, so a producer created right after
     this call does not race topic creation.
     """
-    from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
     specs = declared_topics(settings) if specs is None else specs
@@ -131,10 +211,17 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, time
         existing = set(admin.list_topics())
         missing = [s for s in specs if s.name not in existing]
         created: list[str] = []
-        for spec in missing:  # one at a time: a single failure must not hide the others
+        brokers = 1 if settings.embedded else broker_count(admin) if missing else None
+        if missing and brokers is None and settings.replication_factor == 0:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "could not count the brokers at %s: creating %d topics with replication factor 1; set "
+                "STREAMLEARN_REPLICATION_FACTOR (e.g. 3) for a cluster", settings.bootstrap, len(missing))
+        for request in new_topics(settings, missing, brokers):  # one at a time: a failure must not hide others
             try:
-                admin.create_topics([NewTopic(spec.name, spec.partitions, 1, topic_configs=spec.configs)])
-                created.append(spec.name)
+                admin.create_topics([request])
+                created.append(request.name)
             except TopicAlreadyExistsError:
                 pass
         wanted = {s.name for s in specs}

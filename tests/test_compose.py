@@ -39,10 +39,14 @@ PACKAGES = ("schemas", "streaming", "ingest", "trainer", "serving", "streamlearn
 #: Conditions Debian's docker-compose 1.29 (v1) accepts; others would break `config` there.
 V1_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 #: Services of the platform that are not `streamlearn up` workers.
-INFRA = {"kafka", "kafka-users", "topics", "prometheus", "grafana"}
+BROKERS = ("kafka-1", "kafka-2", "kafka-3")
+INFRA = {*BROKERS, "kafka-users", "topics", "prometheus", "grafana"}
+#: Services compose runs as N replicas (`--scale`): no container name, no fixed host port, no pinned id.
+SCALABLE_PREFIXES = ("registry", "stream-", "serve-")
 #: Variables compose requires (``${X:?...}``: docs/SECURITY.md "Compose") and the stand-ins the tests use.
 REQUIRED = {"STREAMLEARN_PLATFORM_TOKEN": "platformtoken", "STREAMLEARN_KEYS": "me:mytoken",
-            "KAFKA_CLIENT_PASSWORD": "kafkapassword", "GRAFANA_ADMIN_PASSWORD": "grafanapassword"}
+            "KAFKA_CLIENT_PASSWORD": "kafkapassword", "GRAFANA_ADMIN_PASSWORD": "grafanapassword",
+            "KAFKA_BROKER_PASSWORD": "brokerpassword"}
 
 
 def load_yaml(path: Path) -> Any:
@@ -216,20 +220,12 @@ def test_services_are_the_platform_that_streamlearn_up_runs(services: dict[str, 
     workers = {n for n in services if n not in INFRA}
     assert workers == set(stack), \
         f"compose-only: {sorted(workers - set(stack))}, up-only: {sorted(set(stack) - workers)}"
-    def without_instance(cmd: list[str]) -> list[str]:  # compose pins member ids: a recreated container
-        if "--instance-id" not in cmd:                   # gets a new hostname, which the derived id names
-            return cmd
-        i = cmd.index("--instance-id")
-        return cmd[:i] + cmd[i + 2:]
-
     for name, args in stack.items():
         command = services[name]["command"]
         assert "--instance-id" not in args, f"{name}: `streamlearn up` lets workers derive their static member id"
-        if name.startswith("stream-"):
-            assert "--instance-id" in command, f"{name}: compose pins the static member id of stream workers"
-        base = without_instance(args)
-        assert without_instance(command)[:len(base)] == base, \
-            f"{name}: compose runs {command}, `streamlearn up` runs {args}"
+        # compose scales these (`--scale`): a pinned id would make the replicas fence each other
+        assert "--instance-id" not in command and "--slot" not in command, f"{name}: compose pins a member id"
+        assert command[:len(args)] == args, f"{name}: compose runs {command}, `streamlearn up` runs {args}"
     assert services["topics"]["command"] == ["topics", "create"]
     expected = ({f"stream-{k}" for k in KINDS} | {f"train-{m}" for m in MODELS} | {f"serve-{m}" for m in MODELS}
                 | {"gateway", "registry"})
@@ -244,7 +240,7 @@ def test_environment_is_declared_once_and_known_to_config(compose: dict[str, Any
     text = COMPOSE.read_text(encoding="utf-8")
     assert re.search(r"^x-streamlearn-env:\s*&env\s*$", text, re.M), "the shared env must be the &env anchor"
     shared = {str(k): str(v) for k, v in compose["x-streamlearn-env"].items()}
-    assert shared["STREAMLEARN_KAFKA_BOOTSTRAP"] == "kafka:9092"
+    assert shared["STREAMLEARN_KAFKA_BOOTSTRAP"] == ",".join(f"{b}:9092" for b in BROKERS)
     # the platform key rides in the URL's userinfo (schemas/http_client.py strips it from messages)
     assert re.sub(r"//[^@/]*@", "//", shared["STREAMLEARN_REGISTRY_URL"]) == "http://registry:8081"
     known = {s.env for s in config.SPECS}
@@ -257,27 +253,53 @@ def test_environment_is_declared_once_and_known_to_config(compose: dict[str, Any
         unknown = {k for k in env if k.startswith("STREAMLEARN_")} - known
         assert not unknown, f"{name}: {sorted(unknown)} are not settings of streaming/config.py"
         settings = config.load(environ={k: interpolate(v) for k, v in env.items()})  # types coerce
-        assert settings.kafka_bootstrap == "kafka:9092" and not settings.embedded
+        assert settings.kafka_bootstrap == shared["STREAMLEARN_KAFKA_BOOTSTRAP"] and not settings.embedded
+        assert (settings.replication_factor, settings.min_insync_replicas) == (3, 2), name
         assert str(settings.feature_store) == shared["STREAMLEARN_FEATURE_STORE"]
         assert str(settings.model_dir) == shared["STREAMLEARN_MODEL_DIR"]
 
 
-def test_kafka_is_kraft_and_advertises_the_bootstrap(services: dict[str, dict[str, Any]],
-                                                     compose: dict[str, Any]) -> None:
-    kafka = services["kafka"]
-    image = kafka["image"]
-    assert re.fullmatch(r"apache/kafka:(3\.9\.\d+|4\.\d+\.\d+)", image), image
-    env = env_of(kafka)
-    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
-    assert env["KAFKA_CONTROLLER_LISTENER_NAMES"] in env["KAFKA_LISTENERS"]
-    bootstrap = compose["x-streamlearn-env"]["STREAMLEARN_KAFKA_BOOTSTRAP"]
-    advertised = [a.split("://", 1)[1] for a in env["KAFKA_ADVERTISED_LISTENERS"].split(",")]
-    assert bootstrap in advertised, f"clients use {bootstrap}, Kafka advertises {advertised}"
-    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false", "topics come only from `streamlearn topics create`"
-    for key in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
-                "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"):
-        assert env[key] == "1", f"{key}: a single node cannot hold more replicas (transactions would hang)"
-    assert "kafka-broker-api-versions" in " ".join(kafka["healthcheck"]["test"])
+def test_kafka_is_a_three_broker_kraft_cluster(services: dict[str, dict[str, Any]],
+                                               compose: dict[str, Any]) -> None:
+    bootstrap = compose["x-streamlearn-env"]["STREAMLEARN_KAFKA_BOOTSTRAP"].split(",")
+    assert [n for n in services if n.startswith("kafka-") and n != "kafka-users"] == list(BROKERS)
+    node_ids = set()
+    voters = None
+    for name in BROKERS:
+        kafka = services[name]
+        assert re.fullmatch(r"apache/kafka:(3\.9\.\d+|4\.\d+\.\d+)", kafka["image"]), kafka["image"]
+        env = env_of(kafka)
+        assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+        assert env["KAFKA_CONTROLLER_LISTENER_NAMES"] in env["KAFKA_LISTENERS"]
+        node_ids.add(env["KAFKA_NODE_ID"])
+        voters = voters or env["KAFKA_CONTROLLER_QUORUM_VOTERS"]
+        assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == voters, f"{name}: every node names the same quorum"
+        assert f"{env['KAFKA_NODE_ID']}@{name}:9093" in voters.split(","), f"{name} is not a voter as itself"
+        advertised = [a.split("://", 1)[1] for a in env["KAFKA_ADVERTISED_LISTENERS"].split(",")]
+        assert f"{name}:9092" in advertised and f"{name}:9092" in bootstrap, (name, advertised, bootstrap)
+        assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false", "topics come only from `streamlearn topics create`"
+        # internal topics (offsets, transactions) and every created topic: 3 replicas, acks need 2
+        for key, want in (("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "3"), ("KAFKA_DEFAULT_REPLICATION_FACTOR", "3"),
+                          ("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "3"),
+                          ("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "2"), ("KAFKA_MIN_INSYNC_REPLICAS", "2"),
+                          ("KAFKA_UNCLEAN_LEADER_ELECTION_ENABLE", "false")):
+            assert env[key] == want, f"{name}: {key}={env[key]}, want {want}"
+        assert env["CLUSTER_ID"] == env_of(services[BROKERS[0]])["CLUSTER_ID"], "one cluster id"
+        assert "kafka-broker-api-versions" in " ".join(kafka["healthcheck"]["test"])
+    assert node_ids == {"1", "2", "3"} and voters is not None and len(voters.split(",")) == 3
+
+
+def test_scalable_services_can_be_scaled(services: dict[str, dict[str, Any]]) -> None:
+    """`docker compose up --scale X=N` needs no container name and no single fixed host port."""
+    scalable = [n for n in services if n.startswith(SCALABLE_PREFIXES)]
+    assert {f"stream-{k}" for k in KINDS} | {f"serve-{m}" for m in MODELS} | {"registry"} <= set(scalable)
+    for name in scalable:
+        svc = services[name]
+        assert "container_name" not in svc and "hostname" not in svc, f"{name}: a fixed name blocks --scale"
+        for port in svc.get("ports", []):
+            host = str(port).rsplit(":", 1)[0]
+            low, _, high = host.rpartition(":")[2].partition("-")
+            assert high and int(high) - int(low) >= 3, f"{name}: host port {host} is not a range (blocks --scale)"
 
 
 def test_volumes_are_declared_used_and_mounted_where_settings_point(compose: dict[str, Any],
@@ -318,8 +340,11 @@ def test_depends_on_targets_exist_and_workers_wait_for_topics(services: dict[str
                 assert one_shot(services[target]), f"{name} waits for {target} to exit; it restarts"
         if is_streamlearn(svc) and not one_shot(svc) and name != "registry":
             assert deps.get("topics", {}).get("condition") == "service_completed_successfully", name
-            assert deps.get("kafka", {}).get("condition") == "service_healthy", name
-    assert services["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+            for broker in BROKERS:
+                assert deps.get(broker, {}).get("condition") == "service_healthy", (name, broker)
+    for broker in BROKERS:  # RF 3 topics need all three
+        assert services["topics"]["depends_on"][broker]["condition"] == "service_healthy"
+        assert services["kafka-users"]["depends_on"][broker]["condition"] == "service_healthy"
     seen: dict[str, int] = {}
 
     def visit(node: str) -> None:  # no cycles: compose would refuse to start
@@ -354,12 +379,14 @@ def test_restart_policies_and_healthchecks(services: dict[str, dict[str, Any]]) 
 
 
 def test_published_ports_do_not_collide(services: dict[str, dict[str, Any]]) -> None:
-    published: dict[str, str] = {}
+    published: dict[int, str] = {}
     for name, svc in services.items():
         for port in svc.get("ports", []):
             host = str(port).rsplit(":", 1)[0] if ":" in str(port) else str(port)
-            assert host not in published, f"host port {host}: {published.get(host)} and {name}"
-            published[host] = name
+            low, _, high = host.rpartition(":")[2].partition("-")  # "127.0.0.1:9090", "8501-8509"
+            for p in range(int(low), int(high or low) + 1):
+                assert p not in published, f"host port {p}: {published.get(p)} and {name}"
+                published[p] = name
 
 
 def test_every_metrics_port_is_a_prometheus_target_and_back(services: dict[str, dict[str, Any]]) -> None:
@@ -367,7 +394,10 @@ def test_every_metrics_port_is_a_prometheus_target_and_back(services: dict[str, 
     jobs: dict[str, list[str]] = {}
     for job in prom["scrape_configs"]:
         assert job.get("metrics_path", "/metrics") == "/metrics"
-        jobs[job["job_name"]] = [t for sc in job.get("static_configs", []) for t in sc["targets"]]
+        assert not job.get("static_configs"), f"{job['job_name']}: a static target misses scaled replicas"
+        # DNS service discovery: the compose service name resolves to every replica (type A)
+        jobs[job["job_name"]] = [f"{n}:{sd['port']}" for sd in job.get("dns_sd_configs", []) for n in sd["names"]
+                                 if sd.get("type") == "A"]
     expected = {}
     for name, svc in services.items():
         port = metrics_port(svc)

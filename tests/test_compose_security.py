@@ -16,7 +16,7 @@ import pytest
 from schemas.access import load_keys
 from schemas.http_client import HttpRegistryClient
 from streaming import config
-from tests.test_compose import COMPOSE, REQUIRED, env_of, interpolate, is_streamlearn, load_yaml
+from tests.test_compose import BROKERS, COMPOSE, REQUIRED, env_of, interpolate, is_streamlearn, load_yaml
 
 
 @pytest.fixture(scope="module")
@@ -64,23 +64,33 @@ def test_services_write_the_registry_with_the_platform_key(services: dict[str, d
 
 
 def test_kafka_publishes_only_a_sasl_scram_listener(services: dict[str, dict[str, Any]]) -> None:
-    kafka = services["kafka"]
-    env = env_of(kafka)
-    protocols = dict(p.split(":") for p in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
-    ports = {name: int(addr.rsplit(":", 1)[1]) for name, addr in
-             (entry.split("://") for entry in env["KAFKA_LISTENERS"].split(","))}
-    host_ports = {int(p.rsplit(":", 1)[1]) for p in published(kafka)}
-    for listener, port in ports.items():
-        if port in host_ports:
-            assert protocols[listener].startswith("SASL_"), f"{listener} on published {port}: {protocols[listener]}"
-    assert host_ports == {9094} and protocols["EXTERNAL"].startswith("SASL_")
-    assert env["KAFKA_SASL_ENABLED_MECHANISMS"] == "SCRAM-SHA-512"
-    jaas = [v for k, v in env.items() if k.startswith("KAFKA_LISTENER_NAME_EXTERNAL_SCRAM___SHA___512_SASL_JAAS")]
-    assert jaas and "ScramLoginModule" in jaas[0]
+    all_host_ports = set()
+    for name in BROKERS:
+        kafka = services[name]
+        env = env_of(kafka)
+        protocols = dict(p.split(":") for p in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+        ports = {listener: int(addr.rsplit(":", 1)[1]) for listener, addr in
+                 (entry.split("://") for entry in env["KAFKA_LISTENERS"].split(","))}
+        container_ports = {int(p.rsplit(":", 1)[1]) for p in published(kafka)}
+        for listener, port in ports.items():
+            if port in container_ports:
+                assert protocols[listener].startswith("SASL_"), f"{name}: {listener} on published {port}"
+        assert container_ports == {ports["EXTERNAL"]} and protocols["EXTERNAL"].startswith("SASL_"), name
+        all_host_ports |= {int(p.split(":")[0]) for p in published(kafka)}
+        assert env["KAFKA_SASL_ENABLED_MECHANISMS"] == "SCRAM-SHA-512"  # the clients' listeners: SCRAM only
+        jaas = [v for k, v in env.items() if k.startswith("KAFKA_LISTENER_NAME_EXTERNAL_SCRAM___SHA___512_SASL_JAAS")]
+        assert jaas and "ScramLoginModule" in jaas[0]
+        # the brokers' own PLAIN identity: only on the quorum and replication listeners, password from env
+        for listener in ("CONTROLLER", "REPLICATION"):
+            assert env[f"KAFKA_LISTENER_NAME_{listener}_SASL_ENABLED_MECHANISMS"] == "PLAIN"
+            plain = env[f"KAFKA_LISTENER_NAME_{listener}_PLAIN_SASL_JAAS_CONFIG"]
+            assert plain.count("${KAFKA_BROKER_PASSWORD:?") == 2 and 'username="broker"' in plain
+            assert REQUIRED["KAFKA_BROKER_PASSWORD"] in interpolate(plain)
+    assert all_host_ports == {9094, 9194, 9294}
     # users (and tenant ACLs) come from deploy/kafka/kafka-users.sh, from env: tests/test_compose_tenants.py
     users = services["kafka-users"]
     assert "${KAFKA_CLIENT_PASSWORD:?" in env_of(users)["KAFKA_CLIENT_PASSWORD"]
-    assert users["network_mode"] == "service:kafka"  # over the broker's loopback listener, never published
+    assert users["network_mode"] == "service:kafka-1"  # over the broker's loopback listener, never published
 
 
 def test_observability_is_not_an_open_door(services: dict[str, dict[str, Any]]) -> None:

@@ -21,7 +21,7 @@ import pytest
 
 from streaming import config
 from streaming.kafka_security import kafka_security
-from tests.test_compose import COMPOSE, ROOT, env_of, interpolate, is_streamlearn, load_yaml
+from tests.test_compose import BROKERS, COMPOSE, ROOT, env_of, interpolate, is_streamlearn, load_yaml
 
 SCRIPT = ROOT / "deploy" / "kafka" / "kafka-users.sh"
 TOPIC_OPS = {"Read", "Write", "Describe", "DescribeConfigs", "Create"}
@@ -115,24 +115,31 @@ def test_the_script_needs_the_platform_password(tmp_path: Path) -> None:
 
 
 def test_compose_runs_the_authorizer_and_the_script_from_env(services: dict[str, dict[str, Any]]) -> None:
-    kafka = env_of(services["kafka"])
-    assert kafka["KAFKA_AUTHORIZER_CLASS_NAME"] == "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
-    assert kafka["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
-    supers = set(interpolate(kafka["KAFKA_SUPER_USERS"]).split(";"))
-    assert supers == {"User:ANONYMOUS", "User:streamlearn"}, supers
-    protocols = dict(p.split(":") for p in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
-    listeners = dict(entry.split("://") for entry in kafka["KAFKA_LISTENERS"].split(","))
-    for name, addr in listeners.items():  # ANONYMOUS is a super user: only on the loopback
-        if protocols[name] == "PLAINTEXT":
-            assert addr.startswith("localhost:"), f"{name} ({addr}) is PLAINTEXT but not loopback-only"
-        else:
-            assert protocols[name] == "SASL_PLAINTEXT", name
-            jaas = f"KAFKA_LISTENER_NAME_{name}_SCRAM___SHA___512_SASL_JAAS_CONFIG"
-            assert "ScramLoginModule" in kafka.get(jaas, ""), jaas
-    assert kafka["KAFKA_INTER_BROKER_LISTENER_NAME"] == "BROKER" and protocols["BROKER"] == "PLAINTEXT"
-    assert "localhost:9095" in " ".join(services["kafka"]["healthcheck"]["test"])
+    for broker in BROKERS:
+        kafka = env_of(services[broker])
+        assert kafka["KAFKA_AUTHORIZER_CLASS_NAME"] == "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+        assert kafka["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+        supers = set(interpolate(kafka["KAFKA_SUPER_USERS"]).split(";"))
+        assert supers == {"User:ANONYMOUS", "User:broker", "User:streamlearn"}, supers
+        protocols = dict(p.split(":") for p in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+        listeners = dict(entry.split("://") for entry in kafka["KAFKA_LISTENERS"].split(","))
+        for name, addr in listeners.items():  # ANONYMOUS is a super user: only on the loopback
+            if protocols[name] == "PLAINTEXT":
+                assert addr.startswith("localhost:"), f"{broker}: {name} ({addr}) is PLAINTEXT but not loopback-only"
+            else:
+                assert protocols[name] == "SASL_PLAINTEXT", name
+                mechanism = kafka.get(f"KAFKA_LISTENER_NAME_{name}_SASL_ENABLED_MECHANISMS",
+                                      kafka["KAFKA_SASL_ENABLED_MECHANISMS"])
+                module = {"SCRAM-SHA-512": "ScramLoginModule", "PLAIN": "PlainLoginModule"}[mechanism]
+                jaas = f"KAFKA_LISTENER_NAME_{name}_{mechanism.replace('-', '___')}_SASL_JAAS_CONFIG"
+                assert module in kafka.get(jaas, ""), f"{broker}: {jaas}"
+        # brokers replicate and reach the quorum over SASL (the network), never over PLAINTEXT
+        assert kafka["KAFKA_INTER_BROKER_LISTENER_NAME"] == "REPLICATION"
+        assert protocols["REPLICATION"] == protocols["CONTROLLER"] == "SASL_PLAINTEXT"
+        assert kafka["KAFKA_SASL_MECHANISM_INTER_BROKER_PROTOCOL"] == kafka["KAFKA_SASL_MECHANISM_CONTROLLER_PROTOCOL"]
+        assert "localhost:9095" in " ".join(services[broker]["healthcheck"]["test"])
     users = services["kafka-users"]
-    assert users["network_mode"] == "service:kafka"
+    assert users["network_mode"] == "service:kafka-1"
     assert users["volumes"] == ["./deploy/kafka/kafka-users.sh:/opt/streamlearn/kafka-users.sh:ro"]
     assert users["command"] == ["sh", "/opt/streamlearn/kafka-users.sh"]
     env = env_of(users)

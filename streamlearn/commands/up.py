@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 from streaming import config
 
@@ -17,10 +18,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", help="comma-separated service names (default: all; see `streamlearn status`)")
     p.add_argument("--broker-port", dest="broker_port", type=int,
                    help=f"port of the embedded broker {config.env_help('broker_port')}")
+    p.add_argument("--workers", help=scaling_help())
     p.add_argument("--metrics-base-port", type=int, default=9100, help="first /metrics port (default 9100)")
     p.set_defaults(func=_up)
     s = sub.add_parser("status", help="show the broker and the workers of a running `streamlearn up`/`demo`")
     s.set_defaults(func=_status)
+
+
+def scaling_help() -> str:
+    from streamlearn.scaling import HELP
+
+    return HELP
 
 
 def prepare(settings: config.Settings) -> None:
@@ -35,7 +43,7 @@ def prepare(settings: config.Settings) -> None:
 
 def _up(args: argparse.Namespace, settings: config.Settings) -> int:
     from streaming.broker import running_broker
-    from streamlearn import preflight
+    from streamlearn import preflight, scaling
     from streamlearn.stack import Supervisor, default_services
 
     services = default_services(settings, args.metrics_base_port, gateway=not args.no_gateway, registry_http=True)
@@ -47,6 +55,13 @@ def _up(args: argparse.Namespace, settings: config.Settings) -> int:
                   file=sys.stderr)
             return 2
         services = [s for s in services if s.name in wanted]
+    try:  # N processes per group, and never more than the topic has partitions (checked again below)
+        workers = scaling.parse_workers(args.workers if args.workers is not None else settings.workers)
+        scaling.check_partitions(workers, lambda group: None, settings)
+    except config.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    services = scaling.expand(services, workers)
     checked = preflight.check(settings, services)
     if checked.errors:  # one line per problem, nothing started
         for line in checked.errors:
@@ -60,6 +75,11 @@ def _up(args: argparse.Namespace, settings: config.Settings) -> int:
     with running_broker(settings) as broker:
         print(broker.describe())
         prepare(settings)
+        try:  # topics made earlier keep their partition count: hold the plan to what exists
+            scaling.check_partitions(workers, _partition_counts(settings, workers), settings)
+        except config.ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         sup = Supervisor(settings, services)
         done = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -75,6 +95,17 @@ def _up(args: argparse.Namespace, settings: config.Settings) -> int:
         codes = sup.stop()
         print("stopped: " + ", ".join(f"{k}={v}" for k, v in codes.items()))
     return 0
+
+
+def _partition_counts(settings: config.Settings, workers: dict[str, int]) -> Callable[[str], int | None]:
+    """``group -> partitions of its topic`` as the broker has it now (None where it does not exist)."""
+    from streaming.topics import describe
+    from streamlearn.scaling import topic_of
+
+    if not workers:
+        return lambda group: None
+    found = {t["name"]: t["partitions"] or None for t in describe(settings, [topic_of(settings, g) for g in workers])}
+    return lambda group: found.get(topic_of(settings, group))
 
 
 def _print_quarantine(settings: config.Settings) -> None:
