@@ -125,15 +125,18 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: Path | None = Field(None, description=("CA bundle that signs the brokers' certificates"))
     # -- event-time policy (streaming/eventtime.py, docs/EVENT_TIME.md) --
     event_max_age: str = Field("20y", description=(
-        "live sources reject event times older than this (90s, 15m, 12h, 30d, 52w, 20y; 'none': back to 1678)"))
+        "live sources reject event times older than this (90s, 15m, 12h, 30d, 52w, 20y; none: back to 1678)"))
     backfill: bool = Field(False, description=(
-        "sources publish history: no age limit, records marked as one backfill run (no live lateness)"))
+        "publish history on purpose: any event time from 1678 on is accepted and every record is marked as "
+        "one backfill run, so the featurizers' live lateness rules do not apply"))
     max_future_skew_s: float = Field(300.0, description=(
         "every entry and featurizer rejects event times more than this many seconds ahead of now"))
     timestamp_unit: str = Field("auto", description=(
-        "numeric timestamps of files and stdin: s|ms|us|ns|iso|auto (auto decides once per file)"))
+        "unit of numeric timestamps of files and stdin: s|ms|us|ns|iso|auto; auto decides once per input from "
+        "its first values and rejects rows that disagree (ISO 8601 text is always read as such)"))
     ingest_timestamp_unit: str = Field("ms", description=(
-        "numeric timestamps posted to the HTTP ingest gateway: s|ms|us|ns|iso (ISO strings always accepted)"))
+        "unit of numeric timestamps posted to the HTTP ingest gateway: s|ms|us|ns|iso (ISO 8601 text is always "
+        "accepted)"))
     max_record_bytes: int = Field(1_000_000, description=(
         "broker record limit assumed when the broker does not report max.message.bytes; answers and "
         "dead letters are cut to fit it less a margin"))

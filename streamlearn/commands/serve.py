@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with the predict scope come from env STREAMLEARN_KEYS or STREAMLEARN_KEYS_FILE (never "
                         "argv); without a key it binds 127.0.0.1 only")
     p.add_argument("--http-host", dest="serve_http_host", metavar="ADDR",
-                   help=f"address of the HTTP API, 0.0.0.0 for all interfaces {config.env_help('serve_http_host')}")
+                   help=config.flag_help("serve_http_host"))
     p.add_argument("--score-stream", metavar="KIND", choices=["weblog", "sensor", "image"],
                    help="instead of requests, score every raw event of KIND (request_id = topic/partition/offset)")
     p.add_argument("--policy", default="latest", metavar="POLICY",
@@ -33,13 +33,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="worker slot: stable group member and transactional id (default: the lowest slot no live "
                         "process of this host holds, so a restart with the same command takes its old one)")
     p.add_argument("--max-batch", type=int, dest="serve_max_batch", metavar="N",
-                   help=f"largest dynamic batch {config.env_help('serve_max_batch')}")
+                   help=config.flag_help("serve_max_batch"))
     p.add_argument("--max-wait-ms", type=float, dest="serve_max_wait_ms", metavar="MS",
-                   help=f"longest a request waits for its batch to fill {config.env_help('serve_max_wait_ms')}")
+                   help=config.flag_help("serve_max_wait_ms"))
     p.add_argument("--metrics-port", type=int, metavar="P",
-                   help=f"port of /metrics {config.env_help('metrics_port')}")
+                   help=config.flag_help("metrics_port"))
     p.add_argument("--at-least-once", action="store_true",
-                   help=f"no Kafka transactions; de-duplicate by request id instead {config.env_help('transactions')}")
+                   help=config.flag_help("transactions", "this flag turns them off and de-duplicates by request "
+                                                         "id instead"))
     p.set_defaults(func=_serve)
 
     q = sub.add_parser("predict", help="publish prediction requests from a file and print their answers",
