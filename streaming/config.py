@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, case_sensitive=False, env_ignore_empty=True,
-                                      extra="forbid", frozen=True, protected_namespaces=())
+                                      extra="forbid", frozen=True, protected_namespaces=(),
+                                      coerce_numbers_to_str=True)  # topic_prefix = 5 in TOML is "5", as before
 
     home: Path = Field(Path(".streamlearn"), description=(
         "root of broker data, schema registry, feature store, models and checkpoints"))

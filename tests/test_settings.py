@@ -85,7 +85,7 @@ def test_a_bad_secret_is_named_but_not_echoed() -> None:
     s = config.load(environ={"STREAMLEARN_KAFKA_SASL_PASSWORD": "pw-secret", "STREAMLEARN_KEYS": "a:tok-secret"})
     assert "secret" not in repr(s) and s.kafka_sasl_password == "pw-secret"
     with pytest.raises(ConfigError, match="STREAMLEARN_KEYS") as info:
-        s.with_(keys=987654321)  # not a string: the message names the setting, not the value
+        s.with_(keys=["name:tok-987654321"])  # not a string: the message names the setting, not the value
     assert "987654321" not in str(info.value) and "(hidden)" in str(info.value)
 
 
