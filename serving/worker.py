@@ -18,8 +18,6 @@ through the model in one signature call per version (see :mod:`serving.model`).
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import re
 import sys
@@ -383,55 +381,3 @@ class ServingWorker(Emitter):
                 # A request's own label is never trusted (anyone can write one): the answer waits
                 # for the same event, labelled, on the raw topic ingest produced (serving.labels).
                 self.labels.remember(item.event, item.version, item.outputs)
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m serving.worker MODEL [--policy P] [--score-stream KIND] [--slot N] [--http-port P]``.
-
-    Settings come from ``streaming.config.load()`` (environment and config file), like the CLI.
-    """
-    from streaming import config
-
-    parser = argparse.ArgumentParser(prog="python -m serving.worker", description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("--policy", default="latest", help="latest | pinned:V | canary:V:SHARE")
-    parser.add_argument("--score-stream", choices=sorted(KINDS), default=None)
-    parser.add_argument("--slot", type=int, default=None,
-                        help="worker slot: stable member and transactional id (default: the lowest free one)")
-    parser.add_argument("--http-port", type=int, default=None)
-    args = parser.parse_args(argv)
-    settings = config.load()
-    from streaming.logs import setup_logging
-
-    setup_logging(settings.log_level, kafka_level=logging.WARNING)
-    return serve(settings, args.model, policy=args.policy, score_stream=args.score_stream, slot=args.slot,
-                 http_port=args.http_port)
-
-
-def serve(settings: Settings, model: str, *, policy: str = "latest", score_stream: str | None = None,
-          slot: int | None = None, http_port: int | None = None) -> int:
-    """Run a worker (and the HTTP front end when ``http_port`` is set) until interrupted."""
-    import signal
-
-    worker = ServingWorker(settings, model, policy=Policy.parse(policy), score_stream=score_stream, slot=slot)
-    if threading.current_thread() is threading.main_thread():  # SIGTERM: finish the batch, then stop
-        signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
-    metrics.start_metrics(settings)
-    server = None
-    if http_port is not None:
-        from serving.http_api import start_http
-
-        server = start_http(worker.manager, worker.featurization, model, http_port,
-                            host=settings.serve_http_host, settings=settings)
-    try:
-        worker.run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if server is not None:
-            server.should_exit = True
-    print(json.dumps({"model": model, "answered": worker.answered, "batches": worker.batches}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

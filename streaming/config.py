@@ -1,260 +1,197 @@
-"""The one place that reads environment variables and the config file.
+"""The one place that reads environment variables and the config file (pydantic-settings).
 
-Every setting has a name, a type, a default and an environment variable. Precedence, highest
-first: an explicit value passed by the caller (a CLI flag), the environment variable, the config
-file (TOML: ``$STREAMLEARN_CONFIG``, else ``$STREAMLEARN_HOME/config.toml``, else
-``./streamlearn.toml``), the default. Nothing else in streamlearn calls ``os.environ`` for its
-own settings, so ``streamlearn --help`` and the README can list every knob from :data:`SPECS`.
+Every setting is a field of :class:`Settings`: a name, a type, a default and a description. Its
+environment variable is ``STREAMLEARN_<NAME>`` (:func:`env_name`). Precedence, highest first: an
+explicit value passed by the caller (a CLI flag), the environment variable, the config file (TOML:
+``$STREAMLEARN_CONFIG``, else ``$STREAMLEARN_HOME/config.toml``, else ``./streamlearn.toml``), the
+default. pydantic-settings does the lookup and the coercion; this module only fixes the order of the
+sources, keeps the ``[models]`` trust rule and turns pydantic's ``ValidationError`` into our
+:class:`ConfigError` naming the variable. Nothing else in streamlearn calls ``os.environ`` for its own
+settings, so ``--help`` (:func:`flag_help`) and the README read every knob from the field docs.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import tomllib
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, ClassVar, Union, get_args, get_origin
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from schemas.access import TENANT_RE
 from schemas.exceptions import ConfigError
 
-__all__ = ["ConfigError", "SPECS", "Settings", "Spec", "env_help", "load", "to_env"]
+__all__ = ["ConfigError", "SPECS", "Settings", "Spec", "env_help", "env_name", "flag_help", "load", "to_env"]
+
+ENV_PREFIX = "STREAMLEARN_"
+#: Fields that are not settings of their own: never read from the environment, never in ``to_env``.
+_NOT_FROM_ENV = frozenset({"model_specs"})
 
 
-@dataclass(frozen=True)
-class Spec:
-    name: str
-    env: str
-    type: type
-    default: Any
-    help: str
+class Settings(BaseSettings):
+    """Resolved settings. Build with :func:`load`; derive variants with :meth:`with_`.
 
+    Frozen, so a settings object handed to a thread or a child's environment never changes under it.
+    """
 
-SPECS: tuple[Spec, ...] = (
-    Spec("home", "STREAMLEARN_HOME", Path, Path(".streamlearn"),
-         "root of broker data, schema registry, feature store, models and checkpoints"),
-    Spec("kafka_bootstrap", "STREAMLEARN_KAFKA_BOOTSTRAP", str, None,
-         "Kafka bootstrap address; when set, no embedded broker is started"),
-    Spec("broker_host", "STREAMLEARN_BROKER_HOST", str, "127.0.0.1", "address the embedded broker binds"),
-    Spec("broker_port", "STREAMLEARN_BROKER_PORT", int, 19092, "port of the embedded broker"),
-    Spec("registry_url", "STREAMLEARN_REGISTRY_URL", str, None,
-         "URL of a Confluent-compatible schema registry (a key goes in as http://name:token@host:port); when "
-         "unset the file store under HOME is used"),
-    Spec("registry_port", "STREAMLEARN_REGISTRY_PORT", int, 8081, "port of `streamlearn registry serve`"),
-    Spec("topic_prefix", "STREAMLEARN_TOPIC_PREFIX", str, "",
-         "prefix for every topic and consumer group name (isolates tenants and test runs)"),
-    Spec("tenant", "STREAMLEARN_TENANT", str, "",
-         "tenant this process acts for: its topic and group names become <topic_prefix><tenant>.<name>, and its "
-         "Kafka clients refuse topics, groups and transactional ids outside that prefix (docs/SECURITY.md)"),
-    Spec("partitions", "STREAMLEARN_PARTITIONS", int, 3, "partitions of the raw and request topics"),
-    Spec("feature_store", "STREAMLEARN_FEATURE_STORE", Path, None, "feature batch directory (default HOME/features)"),
-    Spec("model_dir", "STREAMLEARN_MODEL_DIR", Path, None, "model registry directory (default HOME/models)"),
-    Spec("ingest_tokens", "STREAMLEARN_INGEST_TOKENS", str, "",
-         "comma-separated bearer tokens of the HTTP ingest gateway (name:token or token)"),
-    Spec("ingest_port", "STREAMLEARN_INGEST_PORT", int, 8088, "port of the HTTP ingest gateway"),
-    Spec("ingest_host", "STREAMLEARN_INGEST_HOST", str, "127.0.0.1", "address the HTTP ingest gateway binds"),
-    Spec("ingest_max_body_bytes", "STREAMLEARN_INGEST_MAX_BODY_BYTES", int, 16 * 1024 * 1024,
-         "gateway: 413 above this request size"),
-    Spec("ingest_rate", "STREAMLEARN_INGEST_RATE", float, 10_000.0, "gateway: records/s per token (0 = unlimited)"),
-    Spec("ingest_burst", "STREAMLEARN_INGEST_BURST", float, 20_000.0, "gateway: token bucket size in records"),
-    Spec("ingest_max_in_flight", "STREAMLEARN_INGEST_MAX_IN_FLIGHT", int, 50_000,
-         "gateway: un-acked records before new requests get 503"),
-    Spec("metrics_port", "STREAMLEARN_METRICS_PORT", int, 0,
-         "port for /metrics of a worker (0 picks a free port, -1 disables)"),
-    Spec("transactions", "STREAMLEARN_TRANSACTIONS", bool, True,
-         "use Kafka transactions for consume-transform-produce (exactly once)"),
-    Spec("batch_max_records", "STREAMLEARN_BATCH_MAX_RECORDS", int, 500, "a micro-batch closes at this many records"),
-    Spec("batch_max_seconds", "STREAMLEARN_BATCH_MAX_SECONDS", float, 5.0, "... or when its oldest record is this old"),
-    Spec("retrain_every_batches", "STREAMLEARN_RETRAIN_EVERY_BATCHES", int, 4, "retrain after this many new batches"),
-    Spec("retrain_every_seconds", "STREAMLEARN_RETRAIN_EVERY_SECONDS", float, 30.0, "... or after this long"),
-    Spec("serve_max_batch", "STREAMLEARN_SERVE_MAX_BATCH", int, 64, "largest dynamic serving batch"),
-    Spec("serve_max_wait_ms", "STREAMLEARN_SERVE_MAX_WAIT_MS", float, 5.0, "longest a request waits for a batch"),
-    Spec("serve_http_host", "STREAMLEARN_SERVE_HTTP_HOST", str, "127.0.0.1",
-         "address the serving worker's HTTP API binds (0.0.0.0 in containers)"),
-    Spec("log_level", "STREAMLEARN_LOG_LEVEL", str, "INFO", "logging level"),
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, case_sensitive=False, env_ignore_empty=True,
+                                      extra="forbid", frozen=True, protected_namespaces=(),
+                                      coerce_numbers_to_str=True)  # topic_prefix = 5 in TOML is "5", as before
+
+    home: Path = Field(Path(".streamlearn"), description=(
+        "root of broker data, schema registry, feature store, models and checkpoints"))
+    kafka_bootstrap: str | None = Field(None, description=(
+        "Kafka bootstrap address; when set, no embedded broker is started"))
+    broker_host: str = Field("127.0.0.1", description=("address the embedded broker binds"))
+    broker_port: int = Field(19092, description=("port of the embedded broker"))
+    registry_url: str | None = Field(None, description=(
+        "URL of a Confluent-compatible schema registry (a key goes in as http://name:token@host:port); when "
+        "unset the file store under HOME is used"))
+    registry_port: int = Field(8081, description=("port `streamlearn registry serve` listens on"))
+    topic_prefix: str = Field("", description=(
+        "prefix for every topic and consumer group name (isolates tenants and test runs)"))
+    tenant: str = Field("", description=(
+        "tenant this process acts for: its topic and group names become <topic_prefix><tenant>., and its "
+        "Kafka clients refuse topics, groups and transactional ids outside that prefix (docs/SECURITY.md)"))
+    partitions: int = Field(3, ge=1, description=("partitions of the raw and request topics"))
+    feature_store: Path = Field(None, validate_default=False,  # type: ignore[assignment]  # HOME/features
+                                description=("feature batch directory (default HOME/features)"))
+    model_dir: Path = Field(None, validate_default=False,  # type: ignore[assignment]  # HOME/models
+                            description=("model registry directory (default HOME/models)"))
+    ingest_tokens: str = Field("", repr=False, description=(  # a secret: never in a repr or a log line
+        "comma-separated bearer tokens of the HTTP ingest gateway (name:token or token)"))
+    ingest_port: int = Field(8088, description=("port the HTTP ingest gateway listens on"))
+    ingest_host: str = Field("127.0.0.1", description=(
+        "address the HTTP ingest gateway binds, 0.0.0.0 for all interfaces"))
+    ingest_max_body_bytes: int = Field(16 * 1024 * 1024, description=(
+        "gateway: 413 above this request size in bytes"))
+    ingest_rate: float = Field(10_000.0, description=("gateway: records/s per token, token bucket (0 disables)"))
+    ingest_burst: float = Field(20_000.0, description=("gateway: token bucket size in records"))
+    ingest_max_in_flight: int = Field(50_000, description=(
+        "gateway: un-acked records across requests before new requests get 503"))
+    metrics_port: int = Field(0, description=(
+        "port of a worker's /metrics (0 picks a free port, -1 disables)"))
+    transactions: bool = Field(True, description=(
+        "use Kafka transactions for consume-transform-produce (exactly once)"))
+    batch_max_records: int = Field(500, description=("a micro-batch closes at this many records"))
+    batch_max_seconds: float = Field(5.0, description=(
+        "a micro-batch also closes when its oldest record is this many seconds old"))
+    retrain_every_batches: int = Field(4, description=("retrain after this many new feature batches"))
+    retrain_every_seconds: float = Field(30.0, description=(
+        "retrain at the latest this many seconds after the last training (if new batches exist)"))
+    serve_max_batch: int = Field(64, description=("largest dynamic serving batch"))
+    serve_max_wait_ms: float = Field(5.0, description=(
+        "longest a prediction request waits for its batch to fill, in ms"))
+    serve_http_host: str = Field("127.0.0.1", description=(
+        "address the serving worker's HTTP API binds, 0.0.0.0 for all interfaces (containers)"))
+    log_level: str = Field("INFO", description=("logging level"))
     # -- access (schemas/access.py, docs/SECURITY.md) --
-    Spec("keys", "STREAMLEARN_KEYS", str, "",
-         "API keys of every HTTP server: name:token[:scopes[:tenant]], comma separated (never on argv)"),
-    Spec("keys_file", "STREAMLEARN_KEYS_FILE", Path, None, "file of API keys, one name:token[:scopes[:tenant]] a line"),
-    Spec("registry_read_open", "STREAMLEARN_REGISTRY_READ_OPEN", bool, True,
-         "registry server: reads need no key (writes always need schema-admin when keys are set)"),
-    Spec("registry_host", "STREAMLEARN_REGISTRY_HOST", str, "127.0.0.1", "address `registry serve` binds"),
-    Spec("metrics_host", "STREAMLEARN_METRICS_HOST", str, "127.0.0.1", "address /metrics servers bind"),
-    Spec("ingest_tenant_rate", "STREAMLEARN_INGEST_TENANT_RATE", float, 0.0,
-         "gateway: records/s per tenant across its keys (0 = no tenant quota)"),
-    Spec("serve_tenant_rate", "STREAMLEARN_SERVE_TENANT_RATE", float, 0.0,
-         "serving HTTP: instances/s per tenant (0 = no tenant quota)"),
-    Spec("serve_max_body_bytes", "STREAMLEARN_SERVE_MAX_BODY_BYTES", int, 4 * 1024 * 1024,
-         "serving HTTP: 413 above this request size"),
-    Spec("serve_max_instances", "STREAMLEARN_SERVE_MAX_INSTANCES", int, 1024,
-         "serving HTTP: instances per predict request"),
-    Spec("serve_max_concurrent", "STREAMLEARN_SERVE_MAX_CONCURRENT", int, 8,
-         "serving HTTP: predict requests at once before 429"),
+    keys: str = Field("", repr=False, description=(  # a secret: never in a repr or a log line
+        "API keys of every HTTP server: name:token[:scopes[:tenant]], comma separated (never on argv)"))
+    keys_file: Path | None = Field(None, description=(
+        "file of API keys, one name:token[:scopes[:tenant]] a line"))
+    registry_read_open: bool = Field(True, description=(
+        "registry server: reads need no key (writes always need schema-admin when keys are set)"))
+    registry_host: str = Field("127.0.0.1", description=("address `streamlearn registry serve` binds"))
+    metrics_host: str = Field("127.0.0.1", description=("address /metrics servers bind"))
+    ingest_tenant_rate: float = Field(0.0, description=(
+        "gateway: records/s per tenant across its keys (0 = no tenant quota)"))
+    serve_tenant_rate: float = Field(0.0, description=(
+        "serving HTTP: instances/s per tenant (0 = no tenant quota)"))
+    serve_max_body_bytes: int = Field(4 * 1024 * 1024, description=(
+        "serving HTTP: 413 above this request size in bytes"))
+    serve_max_instances: int = Field(1024, description=("serving HTTP: instances per predict request"))
+    serve_max_concurrent: int = Field(8, description=("serving HTTP: predict requests at once before 429"))
     # -- Kafka client security (streaming/kafka_security.py) --
-    Spec("kafka_security_protocol", "STREAMLEARN_KAFKA_SECURITY_PROTOCOL", str, "PLAINTEXT",
-         "PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL"),
-    Spec("kafka_sasl_mechanism", "STREAMLEARN_KAFKA_SASL_MECHANISM", str, "SCRAM-SHA-512",
-         "PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 (SASL protocols only)"),
-    Spec("kafka_sasl_username", "STREAMLEARN_KAFKA_SASL_USERNAME", str, "", "SASL user"),
-    Spec("kafka_sasl_password", "STREAMLEARN_KAFKA_SASL_PASSWORD", str, "", "SASL password (env or config file only)"),
-    Spec("kafka_ssl_cafile", "STREAMLEARN_KAFKA_SSL_CAFILE", Path, None,
-         "CA bundle that signs the brokers' certificates"),
-    # Event-time policy (streaming/eventtime.py, docs/EVENT_TIME.md).
-    Spec("event_max_age", "STREAMLEARN_EVENT_MAX_AGE", str, "20y",
-         "live sources reject event times older than this (90s, 15m, 12h, 30d, 52w, 20y; 'none': back to 1678)"),
-    Spec("backfill", "STREAMLEARN_BACKFILL", bool, False,
-         "sources publish history: no age limit, records marked as one backfill run (no live lateness)"),
-    Spec("max_future_skew_s", "STREAMLEARN_MAX_FUTURE_SKEW_S", float, 300.0,
-         "every entry and featurizer rejects event times more than this many seconds ahead of now"),
-    Spec("timestamp_unit", "STREAMLEARN_TIMESTAMP_UNIT", str, "auto",
-         "numeric timestamps of files and stdin: s|ms|us|ns|iso|auto (auto decides once per file)"),
-    Spec("ingest_timestamp_unit", "STREAMLEARN_INGEST_TIMESTAMP_UNIT", str, "ms",
-         "numeric timestamps posted to the HTTP ingest gateway: s|ms|us|ns|iso (ISO strings always accepted)"),
-    Spec("max_record_bytes", "STREAMLEARN_MAX_RECORD_BYTES", int, 1_000_000,
-         "broker record limit assumed when the broker does not report max.message.bytes; answers and "
-         "dead letters are cut to fit it less a margin"),
-    Spec("reply_topics", "STREAMLEARN_REPLY_TOPICS", str, "{predictions}.*",
-         "comma-separated fnmatch patterns of topics a prediction request may name as reply_topic, besides "
-         "the model's predictions topic ({predictions} = that topic, {model} = the model name)"),
-    Spec("broker_loss_window_s", "STREAMLEARN_BROKER_LOSS_WINDOW_S", float, 5.0,
-         "publishers keep acked records this long (and re-send them if the broker lost them); 0 disables"),
-    # Feature-store growth (streaming/store_index.py, streaming/retention.py, docs/STORE.md).
-    Spec("store_retention_days", "STREAMLEARN_STORE_RETENTION_DAYS", float, 0.0,
-         "`store gc` deletes batches older than this many days (0 = no age limit); lineage batches stay"),
-    Spec("store_max_bytes", "STREAMLEARN_STORE_MAX_BYTES", int, 0,
-         "`store gc` deletes the oldest batches above this many bytes per kind (0 = no size limit)"),
-    Spec("store_state_inline_max_bytes", "STREAMLEARN_STORE_STATE_INLINE_MAX_BYTES", int, 4096,
-         "featurizer state above this size goes to a <batch>.state.json file, not the manifest"),
-    # Scale-out (streaming/topics.py, streamlearn/scaling.py, docs/SCALING.md).
-    Spec("replication_factor", "STREAMLEARN_REPLICATION_FACTOR", int, 0,
-         "replicas of every created topic (0 = auto: 1 on a one-broker cluster such as the embedded one, else 3 "
-         "capped at the brokers listed)"),
-    Spec("min_insync_replicas", "STREAMLEARN_MIN_INSYNC_REPLICAS", int, 0,
-         "min.insync.replicas of every created topic (0 = auto: replication factor - 1, at least 1)"),
-    Spec("workers", "STREAMLEARN_WORKERS", str, "",
-         "`streamlearn up`: processes per consumer group, e.g. stream.sensor=3,serve.digits_cnn=2 (default 1 each)"),
-)
-_BY_NAME = {s.name: s for s in SPECS}
+    kafka_security_protocol: str = Field("PLAINTEXT", description=(
+        "PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL"))
+    kafka_sasl_mechanism: str = Field("SCRAM-SHA-512", description=(
+        "PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 (SASL protocols only)"))
+    kafka_sasl_username: str = Field("", description=("SASL user"))
+    kafka_sasl_password: str = Field("", repr=False, description=(  # a secret: never in a repr or a log line
+        "SASL password (env or config file only)"))
+    kafka_ssl_cafile: Path | None = Field(None, description=("CA bundle that signs the brokers' certificates"))
+    # -- event-time policy (streaming/eventtime.py, docs/EVENT_TIME.md) --
+    event_max_age: str = Field("20y", description=(
+        "live sources reject event times older than this (90s, 15m, 12h, 30d, 52w, 20y; none: back to 1678)"))
+    backfill: bool = Field(False, description=(
+        "publish history on purpose: any event time from 1678 on is accepted and every record is marked as "
+        "one backfill run, so the featurizers' live lateness rules do not apply"))
+    max_future_skew_s: float = Field(300.0, description=(
+        "every entry and featurizer rejects event times more than this many seconds ahead of now"))
+    timestamp_unit: str = Field("auto", description=(
+        "unit of numeric timestamps of files and stdin: s|ms|us|ns|iso|auto; auto decides once per input from "
+        "its first values and rejects rows that disagree (ISO 8601 text is always read as such)"))
+    ingest_timestamp_unit: str = Field("ms", description=(
+        "unit of numeric timestamps posted to the HTTP ingest gateway: s|ms|us|ns|iso (ISO 8601 text is always "
+        "accepted)"))
+    max_record_bytes: int = Field(1_000_000, description=(
+        "broker record limit assumed when the broker does not report max.message.bytes; answers and "
+        "dead letters are cut to fit it less a margin"))
+    reply_topics: str = Field("{predictions}.*", description=(
+        "comma-separated fnmatch patterns of topics a prediction request may name as reply_topic, besides "
+        "the model's predictions topic ({predictions} = that topic, {model} = the model name)"))
+    broker_loss_window_s: float = Field(5.0, description=(
+        "publishers keep acked records this long (and re-send them if the broker lost them); 0 disables"))
+    # -- feature-store growth (streaming/store_index.py, streaming/retention.py, docs/STORE.md) --
+    store_retention_days: float = Field(0.0, ge=0, description=(
+        "`store gc` deletes batches older than this many days (0 = no age limit); lineage batches stay"))
+    store_max_bytes: int = Field(0, ge=0, description=(
+        "`store gc` deletes the oldest batches above this many bytes per kind (0 = no size limit)"))
+    store_state_inline_max_bytes: int = Field(4096, ge=0, description=(
+        "featurizer state above this size goes to a <batch>.state.json file, not the manifest"))
+    # -- scale-out (streaming/topics.py, streamlearn/scaling.py, docs/SCALING.md) --
+    replication_factor: int = Field(0, ge=0, description=(
+        "replicas of every created topic (0 = auto: 1 on a one-broker cluster such as the embedded one, else 3 "
+        "capped at the brokers listed)"))
+    min_insync_replicas: int = Field(0, ge=0, description=(
+        "min.insync.replicas of every created topic (0 = auto: replication factor - 1, at least 1)"))
+    workers: str = Field("", description=(
+        "`streamlearn up`: processes per consumer group, e.g. stream.sensor=3,serve.digits_cnn=2 (default 1 each)"))
+    # Not a setting of its own: the [models] table of a trusted config file (never from the environment).
+    model_specs: dict[str, str] = Field(default_factory=dict, description=(
+        "model plugins, name = 'module:attribute' (the [models] table of the config file)"))
 
+    _SECRETS: ClassVar[frozenset[str]] = frozenset({"ingest_tokens", "keys", "kafka_sasl_password"})
 
-def env_help(name: str) -> str:
-    """Text for ``--help``: which environment variable a flag falls back to and its default."""
-    spec = _BY_NAME[name]
-    default = spec.default if spec.default is not None else "unset"
-    return f"(env {spec.env}; default {default})"
-
-
-def _coerce(spec: Spec, raw: Any) -> Any:
-    if raw is None:
-        return None
-    try:
-        if spec.type is bool:
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if spec.type is str:
-            text = str(raw)
-            return text if text != "" or spec.default == "" else None
-        return spec.type(raw)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"setting '{spec.name}' (env {spec.env}) must be a {spec.type.__name__}, got {raw!r}"
-        ) from exc
-
-
-def _config_file(environ: dict[str, str], home: Path) -> dict[str, Any]:
-    """The first config file found. Its ``[models]`` table (import targets that get called) is
-    honoured only from ``$STREAMLEARN_CONFIG`` (``--config``) or ``$STREAMLEARN_HOME/config.toml``,
-    never from a ``./streamlearn.toml`` that happens to sit in the working directory (a cloned repo)."""
-    candidates = []
-    if environ.get("STREAMLEARN_CONFIG"):
-        candidates.append(Path(environ["STREAMLEARN_CONFIG"]))
-    candidates += [home / "config.toml", Path("streamlearn.toml")]
-    for n, path in enumerate(candidates):
-        if path.is_file():
-            with path.open("rb") as fh:
-                data = tomllib.load(fh)
-            unknown = set(data) - set(_BY_NAME) - {"models"}
-            if unknown:
-                raise ConfigError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(_BY_NAME)}")
-            if n == len(candidates) - 1 and "models" in data:
-                import logging
-
-                logging.getLogger(__name__).warning(
-                    "%s: [models] ignored: model plugins load only from the file named by STREAMLEARN_CONFIG "
-                    "(--config), $STREAMLEARN_HOME/config.toml or installed entry points", path)
-                data = {k: v for k, v in data.items() if k != "models"}
+    @model_validator(mode="before")
+    @classmethod
+    def _paths_under_home(cls, data: Any) -> Any:
+        """``home`` is absolute; the feature store and model directory default to directories under it."""
+        if not isinstance(data, dict):
             return data
-    return {}
+        home = Path(data.get("home") or ".streamlearn").expanduser().absolute()
+        return {**data, "home": home,
+                "feature_store": Path(data.get("feature_store") or home / "features").absolute(),
+                "model_dir": Path(data.get("model_dir") or home / "models").absolute()}
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_means_unset(cls, value: Any, info: Any) -> Any:
+        """An empty string (a flag or a config value left blank) means "not set": the default applies."""
+        if value != "" or not isinstance(value, str):
+            return value
+        return cls.model_fields[info.field_name].default
 
-@dataclass(frozen=True)
-class Settings:
-    """Resolved settings. Build with :func:`load`; derive variants with :meth:`with_`."""
-
-    home: Path
-    kafka_bootstrap: str | None
-    broker_host: str
-    broker_port: int
-    registry_url: str | None
-    registry_port: int
-    topic_prefix: str
-    partitions: int
-    feature_store: Path
-    model_dir: Path
-    ingest_tokens: str = field(repr=False)  # a secret: never in a repr or a log line
-    ingest_port: int
-    ingest_host: str
-    ingest_max_body_bytes: int
-    ingest_rate: float
-    ingest_burst: float
-    ingest_max_in_flight: int
-    metrics_port: int
-    transactions: bool
-    batch_max_records: int
-    batch_max_seconds: float
-    retrain_every_batches: int
-    retrain_every_seconds: float
-    serve_max_batch: int
-    serve_max_wait_ms: float
-    serve_http_host: str
-    log_level: str
-    keys: str = field(repr=False)  # a secret: never in a repr or a log line
-    keys_file: Path | None
-    registry_read_open: bool
-    registry_host: str
-    metrics_host: str
-    ingest_tenant_rate: float
-    serve_tenant_rate: float
-    serve_max_body_bytes: int
-    serve_max_instances: int
-    serve_max_concurrent: int
-    kafka_security_protocol: str
-    kafka_sasl_mechanism: str
-    kafka_sasl_username: str
-    kafka_sasl_password: str = field(repr=False)  # a secret: never in a repr or a log line
-    kafka_ssl_cafile: Path | None
-    event_max_age: str = "20y"
-    backfill: bool = False
-    max_future_skew_s: float = 300.0
-    timestamp_unit: str = "auto"
-    ingest_timestamp_unit: str = "ms"
-    max_record_bytes: int = 1_000_000
-    reply_topics: str = "{predictions}.*"
-    broker_loss_window_s: float = 5.0
-    store_retention_days: float = 0.0
-    store_max_bytes: int = 0
-    store_state_inline_max_bytes: int = 4096
-    replication_factor: int = 0
-    min_insync_replicas: int = 0
-    workers: str = ""
-    tenant: str = ""
-    model_specs: dict[str, str] = field(default_factory=dict)
+    @field_validator("tenant")
+    @classmethod
+    def _tenant_id(cls, value: str) -> str:
+        if value and not TENANT_RE.match(value):
+            raise ValueError("must be a tenant id: [a-z][a-z0-9-]{0,30}, the same as in a key's tenant field")
+        return value
 
     @property
     def bootstrap(self) -> str:
@@ -290,48 +227,162 @@ class Settings:
         return f"{self.namespace}{name}"
 
     def with_(self, **changes: Any) -> Settings:
-        return replace(self, **changes)
+        """A copy with ``changes`` applied and validated again (never reads the environment)."""
+        unknown = set(changes) - set(type(self).model_fields)
+        if unknown:
+            raise ConfigError(f"unknown settings {sorted(unknown)}; known: {sorted(type(self).model_fields)}")
+        try:  # model_validate runs the validators but no settings source: the environment is not read again
+            return type(self).model_validate({**self.model_dump(), **changes})
+        except ValidationError as exc:
+            raise _config_error(exc) from None
 
 
-def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' env source over a given mapping (``load(environ=...)``; ``os.environ`` by default)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._environ.items() if v != ""}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        if field_name in _NOT_FROM_ENV:
+            return None, field_name, False
+        return super().get_field_value(field, field_name)
+
+
+class _ConfigFile(TomlConfigSettingsSource):
+    """The first config file found, read by pydantic-settings' TOML source.
+
+    Its ``[models]`` table (import targets that get called) is honoured only from
+    ``$STREAMLEARN_CONFIG`` (``--config``) or ``$STREAMLEARN_HOME/config.toml``, never from a
+    ``./streamlearn.toml`` that happens to sit in the working directory (a cloned repo).
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None, trusted: bool) -> None:
+        self.path, self.trusted = path, trusted
+        self.models: dict[str, str] = {}
+        super().__init__(settings_cls, toml_file=path)
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        data = dict(super()._read_file(file_path))
+        known = set(Settings.model_fields) - _NOT_FROM_ENV
+        unknown = set(data) - known - {"models"}
+        if unknown:
+            raise ConfigError(f"{file_path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        models = data.pop("models", {})
+        if not isinstance(models, dict):
+            raise ConfigError(f"{file_path}: [models] must be a table of name = 'module:attribute'")
+        if models and not self.trusted:
+            logging.getLogger(__name__).warning(
+                "%s: [models] ignored: model plugins load only from the file named by STREAMLEARN_CONFIG "
+                "(--config), $STREAMLEARN_HOME/config.toml or installed entry points", file_path)
+            models = {}
+        self.models = {str(k): str(v) for k, v in models.items()}
+        return data
+
+
+def _config_file(environ: Mapping[str, str], home: Path) -> tuple[Path | None, bool]:
+    """The config file to read (the first that exists) and whether its ``[models]`` are trusted."""
+    candidates = [Path(environ["STREAMLEARN_CONFIG"])] if environ.get("STREAMLEARN_CONFIG") else []
+    candidates += [home / "config.toml", Path("streamlearn.toml")]
+    for n, path in enumerate(candidates):
+        if path.is_file():
+            return path, n < len(candidates) - 1
+    return None, False
+
+
+def env_name(name: str) -> str:
+    """The environment variable of setting ``name``."""
+    return f"{ENV_PREFIX}{name.upper()}"
+
+
+def _what(name: str, value: Any) -> str:
+    return "(hidden)" if name in Settings._SECRETS else repr(value)
+
+
+def _build(sources: tuple[PydanticBaseSettingsSource, ...], config_file: Path | None = None) -> Settings:
+    """Run pydantic-settings over ``sources`` (highest first); its ValidationError becomes a ConfigError."""
+    try:
+        return Settings(_build_sources=(sources, {}))  # type: ignore[call-arg]  # pydantic-settings keyword
+    except ValidationError as exc:
+        raise _config_error(exc, config_file) from None
+
+
+def _config_error(exc: ValidationError, config_file: Path | None = None) -> ConfigError:
+    """One message per bad value, naming the setting and its env var and saying where to fix it."""
+    problems = []
+    in_file = f" or {config_file}" if config_file else " or the config file"
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        if err["type"] == "extra_forbidden":
+            problems.append(f"unknown setting {name!r}; known: {[s.name for s in SPECS]}")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        problems.append(f"setting {name!r} (env {env_name(name)}): {msg[:1].lower()}{msg[1:]}, got "
+                        f"{_what(name, err.get('input'))}; fix the flag, {env_name(name)}{in_file}")
+    return ConfigError("; ".join(problems))
+
+
+def load(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Resolve every setting. ``overrides`` (e.g. CLI flags) win; None values are ignored."""
-    env = dict(os.environ if environ is None else environ)
+    env = os.environ if environ is None else environ
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    unknown = set(overrides) - set(_BY_NAME)
+    known = set(Settings.model_fields) - _NOT_FROM_ENV
+    unknown = set(overrides) - known
     if unknown:
         raise ConfigError(f"unknown settings {sorted(unknown)}")
-    home_raw = overrides.get("home") or env.get("STREAMLEARN_HOME") or ".streamlearn"
-    home = Path(home_raw).expanduser().absolute()
-    filecfg = _config_file(env, home)
-    values: dict[str, Any] = {}
-    for spec in SPECS:
-        if spec.name in overrides:
-            raw = overrides[spec.name]
-        elif env.get(spec.env, "") != "":
-            raw = env[spec.env]
-        elif spec.name in filecfg:
-            raw = filecfg[spec.name]
-        else:
-            raw = spec.default
-        values[spec.name] = _coerce(spec, raw)
-    values["home"] = home
-    values["feature_store"] = Path(values["feature_store"] or home / "features").absolute()
-    values["model_dir"] = Path(values["model_dir"] or home / "models").absolute()
-    if values["partitions"] < 1:
-        raise ConfigError("setting 'partitions' (env STREAMLEARN_PARTITIONS) must be >= 1")
-    for name in ("store_retention_days", "store_max_bytes", "store_state_inline_max_bytes"):
-        if values[name] < 0:
-            raise ConfigError(f"setting {name!r} (env {_BY_NAME[name].env}) must be >= 0 (0 turns it off)")
-    for name in ("replication_factor", "min_insync_replicas"):
-        if values[name] < 0:
-            raise ConfigError(f"setting {name!r} (env {_BY_NAME[name].env}) must be >= 0 (0 = auto, see --help)")
-    if values["tenant"] and not TENANT_RE.match(values["tenant"]):
-        raise ConfigError(f"setting 'tenant' (env STREAMLEARN_TENANT) is {values['tenant']!r}; a tenant id is "
-                          "[a-z][a-z0-9-]{0,30}, the same as in a key's tenant field")
-    models = filecfg.get("models", {})
-    if not isinstance(models, dict):
-        raise ConfigError("config file: [models] must be a table of name = 'module:attribute'")
-    return Settings(**values, model_specs={str(k): str(v) for k, v in models.items()})
+    # HOME decides where the config file is, so it comes from a flag, the env or the default (never the file).
+    home = Path(overrides.get("home") or env.get(env_name("home")) or ".streamlearn").expanduser().absolute()
+    path, trusted = _config_file(env, home)
+    try:
+        filecfg = _ConfigFile(Settings, path, trusted)
+    except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
+        raise ConfigError(f"config file {path}: {exc}; fix or remove it") from exc
+    init = InitSettingsSource(Settings, {**overrides, "home": home, "model_specs": filecfg.models})
+    return _build((init, _Environment(Settings, env), filecfg), path)
+
+
+def _base_type(annotation: Any) -> type:
+    """``str | None`` -> ``str``: the type a value of the setting has when it is set."""
+    if get_origin(annotation) in (Union, UnionType):
+        return next(a for a in get_args(annotation) if a is not type(None))
+    return annotation
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One setting as a row (name, env var, type, default, doc), derived from the :class:`Settings` fields."""
+
+    name: str
+    env: str
+    type: type
+    default: Any
+    help: str
+
+
+#: Every setting, in declaration order (README tables, ``--help`` epilogs, docker-compose checks).
+SPECS: tuple[Spec, ...] = tuple(
+    Spec(name, env_name(name), _base_type(f.annotation), f.default, f.description or "")
+    for name, f in Settings.model_fields.items() if name not in _NOT_FROM_ENV)
+_BY_NAME = {s.name: s for s in SPECS}
+
+
+def env_help(name: str) -> str:
+    """Which environment variable a setting falls back to and its default: ``(env X; default D)``."""
+    spec = _BY_NAME[name]
+    default = spec.default if spec.default is not None else "unset"
+    return f"(env {spec.env}; default {default})"
+
+
+def flag_help(name: str, note: str | None = None) -> str:
+    """The ``--help`` text of a flag that sets ``name``: the field's doc, ``note`` (what the flag itself
+    adds, e.g. an inverted sense), then its env var and default. The doc lives only on the field."""
+    spec = _BY_NAME[name]
+    text = f"{spec.help}; {note}" if note else spec.help
+    return f"{text} {env_help(name)}".replace("%", "%%")  # argparse formats help with %
 
 
 def to_env(settings: Settings) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Stream workers: raw topic -> decode -> featurize -> micro-batches in the feature store.
 
-Run ``streamlearn stream <kind>`` (or ``python -m streaming.worker <kind>``) in as many
-processes as the raw topic has partitions; they share the partitions through a consumer group.
+Run ``streamlearn stream <kind>`` (its command line lives in ``streamlearn/commands/stream.py``) in
+as many processes as the raw topic has partitions; they share the partitions through a consumer group.
 
 Exactly-once into the store, without Kafka transactions:
 
@@ -22,7 +22,6 @@ worker pauses its partitions, retries with backoff and resumes by itself (backpr
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import queue
@@ -504,25 +503,3 @@ def run_worker(settings: Settings, kind: str, *, group: str | None = None, names
         stats = worker.run(stop, idle_exit_s=idle_exit_s)
     log.info("stream worker %s stopped: %s", kind, stats)
     return stats
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m streaming.worker <kind>``: the same as ``streamlearn stream <kind>``."""
-    from streaming import config
-
-    parser = argparse.ArgumentParser(prog="python -m streaming.worker")
-    parser.add_argument("kind")
-    parser.add_argument("--group", help="full consumer group name (default <prefix>stream.<kind>)")
-    parser.add_argument("--instance-id")
-    parser.add_argument("--idle-exit", type=float)
-    args = parser.parse_args(argv)
-    settings = config.load()
-    from streaming.logs import setup_logging
-
-    setup_logging(settings.log_level, kafka_level=logging.WARNING)
-    run_worker(settings, args.kind, group=args.group, instance_id=args.instance_id, idle_exit_s=args.idle_exit)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -40,14 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="config file (TOML; the only place besides $STREAMLEARN_HOME/config.toml "
                                          "whose [models] plugins are loaded) (env STREAMLEARN_CONFIG)")
-    parser.add_argument("--home", help=f"state directory {config.env_help('home')}")
+    parser.add_argument("--home", help=config.flag_help("home"))
     parser.add_argument("--bootstrap", dest="kafka_bootstrap",
-                        help=f"Kafka bootstrap address {config.env_help('kafka_bootstrap')}")
-    parser.add_argument("--registry-url", help=f"schema registry URL {config.env_help('registry_url')}")
-    parser.add_argument("--topic-prefix", help=f"prefix of topic and group names {config.env_help('topic_prefix')}")
-    parser.add_argument("--tenant", help="act for this tenant: names under <topic-prefix><tenant>., Kafka clients "
-                                         f"refuse any other topic or group {config.env_help('tenant')}")
-    parser.add_argument("--log-level", help=f"logging level {config.env_help('log_level')}")
+                        help=config.flag_help("kafka_bootstrap"))
+    parser.add_argument("--registry-url", help=config.flag_help("registry_url"))
+    parser.add_argument("--topic-prefix", help=config.flag_help("topic_prefix"))
+    parser.add_argument("--tenant", help=config.flag_help("tenant"))
+    parser.add_argument("--log-level", help=config.flag_help("log_level"))
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bars or progress lines; log only warnings and errors")
     parser.add_argument("-v", "--verbose", action="store_true",

@@ -17,18 +17,14 @@ def add_event_time_flags(p: argparse.ArgumentParser, *, unit_setting: str | None
                          auto: bool = True) -> None:
     """Add the flags; ``unit_setting`` names the setting ``--timestamp-unit`` falls back to (None: no flag)."""
     p.add_argument("--backfill", action="store_const", const=True, default=None,
-                   help="publish history on purpose: any event time from 1678 on is accepted and every record "
-                        "is marked as one backfill run, so the featurizers' live lateness rules do not apply "
-                        + config.env_help("backfill"))
+                   help=config.flag_help("backfill"))
     p.add_argument("--max-age", default=None, metavar="AGE",
-                   help="reject event times older than AGE (90s, 15m, 12h, 30d, 52w, 20y, or none); "
-                        "with --backfill the default is none " + config.env_help("event_max_age"))
+                   help=config.flag_help("event_max_age", "with --backfill the default is none"))
     if unit_setting is not None:
         units = [u for u in eventtime.UNITS if auto or u != "auto"]
         p.add_argument("--timestamp-unit", default=None, choices=units,
-                       help="unit of numeric timestamps; auto decides once per input from the first "
-                            f"{eventtime.AUTO_SAMPLE} values and rejects rows that disagree (ISO 8601 text is "
-                            "always read as such) " + config.env_help(unit_setting))
+                       help=config.flag_help(unit_setting, f"auto reads the first {eventtime.AUTO_SAMPLE} values"
+                                             if auto else None))
 
 
 def policy_from_args(args: argparse.Namespace, settings: config.Settings, source: str) -> eventtime.EventTimePolicy:

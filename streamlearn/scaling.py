@@ -24,9 +24,6 @@ from streamlearn.stack import Service
 #: Most processes one group may get on one machine (a typo such as =100 must not fork a hundred).
 MAX_WORKERS = 64
 _ENTRY = re.compile(r"^(stream|serve)\.([A-Za-z0-9_-]+)=(\d+)$")
-HELP = ("processes per consumer group, comma-separated GROUP=N with GROUP stream.<kind> or serve.<model>, "
-        "e.g. stream.sensor=3,serve.digits_cnn=2 (env STREAMLEARN_WORKERS; default 1 each); each group's topic "
-        "needs at least N partitions (STREAMLEARN_PARTITIONS)")
 
 
 def parse_workers(text: str, models: list[str] | None = None) -> dict[str, int]:

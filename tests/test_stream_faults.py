@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from streaming.polling import poll_until
 from streaming.producer import Publisher
 from streaming.store import FeatureStore, read_batch
 from streaming.topics import raw_topic
-from tests.helpers import read_topic, subprocess_env, wait_until
+from tests.helpers import read_topic, streamlearn_cmd, subprocess_env, wait_until
 from tests.test_stream_worker import committed, end_offsets, sensor_events, stored_offsets
 
 N_EVENTS = 2000
@@ -44,7 +43,7 @@ def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     _log_path(settings).parent.mkdir(parents=True, exist_ok=True)
     with open(_log_path(settings), "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "streaming.worker", "sensor", "--instance-id", "fault-worker"],
+            streamlearn_cmd("stream", "sensor", "--instance-id", "fault-worker"),
             env=subprocess_env(settings, STREAMLEARN_LOG_LEVEL="INFO"), stdout=subprocess.DEVNULL, stderr=log)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from streaming.config import Settings
 from streaming.producer import Publisher
 from streaming.store import FeatureStore
 from streaming.topics import dead_letter_topic, raw_topic
-from tests.helpers import read_topic, subprocess_env, wait_until
+from tests.helpers import read_topic, streamlearn_cmd, subprocess_env, wait_until
 from tests.test_stream_worker import committed, end_offsets, sensor_events, stored_offsets, topic_offsets
 
 #: Generous bound for a SIGTERM to end the process (a wedge, not a speed goal).
@@ -33,7 +32,7 @@ REDOS = 4
 
 def _start(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "streaming.worker", "sensor", "--instance-id", "redo-worker"],
+        return subprocess.Popen(streamlearn_cmd("stream", "sensor", "--instance-id", "redo-worker"),
                                 env=subprocess_env(settings, STREAMLEARN_LOG_LEVEL="INFO"),
                                 stdout=subprocess.DEVNULL, stderr=log)
 

@@ -10,7 +10,6 @@ the same line with SCRAM users and prefixed ACLs (tests/test_compose_tenants.py)
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from streaming.producer import Publisher, producer_config
 from streaming.store import FeatureStore, read_batch
 from streaming.topics import declared_topics, ensure_topics, predictions_topic, raw_topic, requests_topic
 from streaming.worker import StreamWorker, default_group
-from tests.helpers import read_topic, subprocess_env
+from tests.helpers import read_topic, streamlearn_cmd, subprocess_env
 
 KEYS = "acme:acmetoken:ingest+schema-read:acme, globex:globextoken:ingest+schema-read:globex"
 ACME = {"Authorization": "Bearer acmetoken"}
@@ -93,7 +92,9 @@ def test_a_tenant_client_refuses_foreign_names_before_any_network_call(tmp_path:
         producer_config(s, transactional_id="p.globex.serving.churn.tx.slot0")
     with pytest.raises(TenantScopeError, match="create"):
         ensure_topics(s, declared_topics(globex)[:1])
-    with pytest.raises(TenantScopeError, match="consumer group"):  # `python -m streaming.worker --group` is a full name
+    # `streamlearn stream --group` always names a group under the tenant's namespace; a caller of the
+    # library that names a full foreign group is refused here, before any network call.
+    with pytest.raises(TenantScopeError, match="consumer group"):
         StreamWorker(s, "weblog", group=default_group(globex, "weblog"))
     # the tenant's own names pass; an unscoped (platform) process is never checked
     assert consumer_config(s, group_id=default_group(s, "weblog"))["group_id"] == "p.acme.stream.weblog"
@@ -167,11 +168,8 @@ def test_tenant_isolation_end_to_end(settings: Settings, tmp_path: Path) -> None
 
     # acme's stream worker, started as a tenant starts it: refuses globex's group, processes only acme's topic
     env = subprocess_env(acme, STREAMLEARN_LOG_LEVEL="INFO")
-    worker = [sys.executable, "-m", "streaming.worker", "weblog"]
-    refused = subprocess.run([*worker, "--group", default_group(globex, "weblog")], env=env, capture_output=True,
-                             timeout=120)
-    assert refused.returncode != 0 and b"TenantScopeError" in refused.stderr, refused.stderr[-2000:]
-    ran = subprocess.run([*worker, "--idle-exit", "3"], env=env, capture_output=True, timeout=180)
+    ran = subprocess.run(streamlearn_cmd("stream", "weblog", "--idle-exit", "3"), env=env, capture_output=True,
+                         timeout=180)
     assert ran.returncode == 0, ran.stderr[-3000:]
     batches = FeatureStore(acme.feature_store).batches("weblog")
     assert {r["topic"] for b in batches for r in b.manifest["ranges"]} == {raw_topic(acme, "weblog")}

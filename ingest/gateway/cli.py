@@ -31,22 +31,21 @@ def register_serve(ingest_subparsers: Any) -> None:
                     "STREAMLEARN_INGEST_TOKENS (name:token or token); never from the command line. Limits are "
                     "per process; the idempotency window is in memory (see docs/SECURITY.md).")
     p.add_argument("--port", dest="ingest_port", type=int, default=None,
-                   help=f"port to listen on {config.env_help('ingest_port')}")
+                   help=config.flag_help("ingest_port"))
     p.add_argument("--host", dest="ingest_host", default=None,
-                   help=f"address to bind, 0.0.0.0 for all interfaces {config.env_help('ingest_host')}")
+                   help=config.flag_help("ingest_host"))
     p.add_argument("--max-body-bytes", dest="ingest_max_body_bytes", type=int, default=None,
-                   help=f"413 above this request size {config.env_help('ingest_max_body_bytes')}")
+                   help=config.flag_help("ingest_max_body_bytes"))
     p.add_argument("--max-records", type=int, default=d.max_records_per_request,
                    help=f"events per request (default {d.max_records_per_request})")
     p.add_argument("--rate", dest="ingest_rate", type=float, default=None,
-                   help=f"records/s per token, token bucket; 0 disables {config.env_help('ingest_rate')}")
+                   help=config.flag_help("ingest_rate"))
     p.add_argument("--burst", dest="ingest_burst", type=float, default=None,
-                   help=f"token bucket size in records {config.env_help('ingest_burst')}")
+                   help=config.flag_help("ingest_burst"))
     p.add_argument("--tenant-rate", dest="ingest_tenant_rate", type=float, default=None,
-                   help=f"records/s per tenant across its keys; 0 disables {config.env_help('ingest_tenant_rate')}")
+                   help=config.flag_help("ingest_tenant_rate"))
     p.add_argument("--max-in-flight", dest="ingest_max_in_flight", type=int, default=None,
-                   help="un-acked records across requests before new requests get 503 "
-                        f"{config.env_help('ingest_max_in_flight')}")
+                   help=config.flag_help("ingest_max_in_flight"))
     p.add_argument("--ack-timeout", type=float, default=d.ack_timeout_s,
                    help=f"seconds to wait for Kafka acks (default {d.ack_timeout_s:g})")
     p.add_argument("--idempotency-seed-minutes", type=float, default=0.0,
@@ -55,14 +54,12 @@ def register_serve(ingest_subparsers: Any) -> None:
     p.add_argument("--access-log", action="store_true", help="log one line per request (never headers)")
     # Event time (docs/EVENT_TIME.md); spelled as in streamlearn/eventtime_flags.py.
     p.add_argument("--backfill", action="store_const", const=True, default=None,
-                   help="accept history (any time from 1678 on) and mark every record as one backfill run "
-                        + config.env_help("backfill"))
+                   help=config.flag_help("backfill"))
     p.add_argument("--max-age", default=None, metavar="AGE",
-                   help="reject event times older than AGE (30d, 20y, none) " + config.env_help("event_max_age"))
+                   help=config.flag_help("event_max_age"))
     p.add_argument("--timestamp-unit", dest="ingest_timestamp_unit", default=None,
                    choices=["s", "ms", "us", "ns", "iso"],
-                   help="unit of numeric timestamps (ISO 8601 text is always accepted) "
-                        + config.env_help("ingest_timestamp_unit"))
+                   help=config.flag_help("ingest_timestamp_unit"))
     p.set_defaults(func=serve)
 
 

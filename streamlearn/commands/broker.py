@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     bs = p.add_subparsers(dest="broker_cmd", metavar="ACTION")
     bs.required = True
     start = bs.add_parser("start", help="start the broker in the background (unless a bootstrap is configured)")
-    start.add_argument("--port", dest="broker_port", type=int, help=f"port {config.env_help('broker_port')}")
+    start.add_argument("--port", dest="broker_port", type=int, help=config.flag_help("broker_port"))
     start.add_argument("--foreground", action="store_true", help="stay in the foreground until Ctrl-C")
     start.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for readiness (default 30)")
     start.set_defaults(func=_start)

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-rate", type=float, default=8.0, help="prediction requests/s per model (default 8)")
     p.add_argument("--reports", default="reports", help="report root directory (default reports/)")
     p.add_argument("--broker-port", dest="broker_port", type=int,
-                   help=f"port of the embedded broker {config.env_help('broker_port')}")
+                   help=config.flag_help("broker_port"))
     p.add_argument("--no-live", action="store_true", help="print a status line every 10 s instead of the live view")
     p.set_defaults(func=_demo)
 

@@ -53,9 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "unless STREAMLEARN_REGISTRY_READ_OPEN is true), never from the command "
                                       "line. Without a key the server binds 127.0.0.1 only.")
     serve.add_argument("--host", dest="registry_host", default=None,
-                       help=f"address to bind {config.env_help('registry_host')}")
+                       help=config.flag_help("registry_host"))
     serve.add_argument("--port", dest="registry_port", type=int,
-                       help=f"port to listen on {config.env_help('registry_port')}")
+                       help=config.flag_help("registry_port"))
     serve.set_defaults(func=_serve)
 
 

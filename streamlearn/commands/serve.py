@@ -1,6 +1,9 @@
 """`streamlearn serve <model>` (the serving worker) and `streamlearn predict <model> --file F`.
 
-TensorFlow is imported inside the handlers only, so `streamlearn --help` stays fast.
+TensorFlow is imported inside the handlers only, so `streamlearn --help` stays fast. This is the
+one command line of the serving worker (the former ``python -m serving.worker`` is gone):
+:func:`run_serving_worker` owns what belongs to a process (signals, /metrics, the HTTP front end,
+the summary line on stdout), :class:`serving.worker.ServingWorker` the consume-predict-produce loop.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 
 from streaming import config
 
@@ -24,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with the predict scope come from env STREAMLEARN_KEYS or STREAMLEARN_KEYS_FILE (never "
                         "argv); without a key it binds 127.0.0.1 only")
     p.add_argument("--http-host", dest="serve_http_host", metavar="ADDR",
-                   help=f"address of the HTTP API, 0.0.0.0 for all interfaces {config.env_help('serve_http_host')}")
+                   help=config.flag_help("serve_http_host"))
     p.add_argument("--score-stream", metavar="KIND", choices=["weblog", "sensor", "image"],
                    help="instead of requests, score every raw event of KIND (request_id = topic/partition/offset)")
     p.add_argument("--policy", default="latest", metavar="POLICY",
@@ -33,13 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="worker slot: stable group member and transactional id (default: the lowest slot no live "
                         "process of this host holds, so a restart with the same command takes its old one)")
     p.add_argument("--max-batch", type=int, dest="serve_max_batch", metavar="N",
-                   help=f"largest dynamic batch {config.env_help('serve_max_batch')}")
+                   help=config.flag_help("serve_max_batch"))
     p.add_argument("--max-wait-ms", type=float, dest="serve_max_wait_ms", metavar="MS",
-                   help=f"longest a request waits for its batch to fill {config.env_help('serve_max_wait_ms')}")
+                   help=config.flag_help("serve_max_wait_ms"))
     p.add_argument("--metrics-port", type=int, metavar="P",
-                   help=f"port of /metrics {config.env_help('metrics_port')}")
+                   help=config.flag_help("metrics_port"))
     p.add_argument("--at-least-once", action="store_true",
-                   help=f"no Kafka transactions; de-duplicate by request id instead {config.env_help('transactions')}")
+                   help=config.flag_help("transactions", "this flag turns them off and de-duplicates by request "
+                                                         "id instead"))
     p.set_defaults(func=_serve)
 
     q = sub.add_parser("predict", help="publish prediction requests from a file and print their answers",
@@ -58,7 +63,6 @@ def _serve(args: argparse.Namespace, settings: config.Settings) -> int:
 
     start_background_import()  # overlaps the worker's imports and Kafka setup (restart-to-answer time)
     from serving.policy import Policy
-    from serving.worker import serve
 
     Policy.parse(args.policy)  # a bad policy fails before anything starts
     changes = {k: getattr(args, k) for k in ("serve_max_batch", "serve_max_wait_ms", "serve_http_host")
@@ -67,8 +71,38 @@ def _serve(args: argparse.Namespace, settings: config.Settings) -> int:
         changes["transactions"] = False
     if changes:
         settings = settings.with_(**changes)
-    return serve(settings, args.model, policy=args.policy, score_stream=args.score_stream, slot=args.slot,
-                 http_port=args.http_port)
+    return run_serving_worker(settings, args.model, policy=args.policy, score_stream=args.score_stream,
+                              slot=args.slot, http_port=args.http_port)
+
+
+def run_serving_worker(settings: config.Settings, model: str, *, policy: str = "latest",
+                       score_stream: str | None = None, slot: int | None = None, http_port: int | None = None) -> int:
+    """Run a worker (and the HTTP front end when ``http_port`` is set) until SIGTERM or Ctrl-C."""
+    import signal
+
+    from serving import metrics
+    from serving.policy import Policy
+    from serving.worker import ServingWorker
+
+    worker = ServingWorker(settings, model, policy=Policy.parse(policy), score_stream=score_stream, slot=slot)
+    if threading.current_thread() is threading.main_thread():  # SIGTERM: finish the batch, then stop
+        signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
+    metrics.start_metrics(settings)
+    server = None
+    if http_port is not None:
+        from serving.http_api import start_http
+
+        server = start_http(worker.manager, worker.featurization, model, http_port,
+                            host=settings.serve_http_host, settings=settings)
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if server is not None:
+            server.should_exit = True
+    print(json.dumps({"model": model, "answered": worker.answered, "batches": worker.batches}))
+    return 0
 
 
 def _predict(args: argparse.Namespace, settings: config.Settings) -> int:

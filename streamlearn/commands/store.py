@@ -36,9 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--kind", action="append", choices=sorted(KINDS), help="only this kind (repeatable; default all)")
     g.add_argument("--namespace", default="live", help="store namespace (default live)")
     g.add_argument("--retention-days", type=float, default=None, metavar="DAYS",
-                   help="delete batches older than this (0 = off; default env STREAMLEARN_STORE_RETENTION_DAYS)")
+                   help=config.flag_help("store_retention_days"))
     g.add_argument("--max-bytes", type=int, default=None, metavar="BYTES",
-                   help="keep each kind under this size (0 = off; default env STREAMLEARN_STORE_MAX_BYTES)")
+                   help=config.flag_help("store_max_bytes"))
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=_gc)
 

@@ -22,10 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                          "and the lowest free slot, so a restart with the same command takes "
                                          "its partitions back at once; see docs/RECOVERY.md)")
     s.add_argument("--batch-max-records", type=int,
-                   help=f"close a batch at this many records {config.env_help('batch_max_records')}")
+                   help=config.flag_help("batch_max_records"))
     s.add_argument("--batch-max-seconds", type=float,
-                   help=f"... or when its oldest record is this old {config.env_help('batch_max_seconds')}")
-    s.add_argument("--metrics-port", type=int, help=f"/metrics port {config.env_help('metrics_port')}")
+                   help=config.flag_help("batch_max_seconds"))
+    s.add_argument("--metrics-port", type=int, help=config.flag_help("metrics_port"))
     s.add_argument("--idle-exit", type=float, help="exit after this many seconds without records (batch jobs); "
                                                    "non-zero when it owned no partition while the topic had lag")
     s.set_defaults(func=_stream)
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stop before records at/after T (default: the end offsets when the replay starts)")
     r.add_argument("--into", required=True, dest="namespace", help="feature-store namespace to write (not 'live')")
     r.add_argument("--batch-max-records", type=int,
-                   help=f"records per batch {config.env_help('batch_max_records')}")
+                   help=config.flag_help("batch_max_records"))
     r.add_argument("--featurizer-version", help="featurizer version (default: the current one)")
     r.add_argument("--dead-letters", action="store_true", help="re-publish dead letters (default: only record "
                                                                "their offsets; the live run already did)")

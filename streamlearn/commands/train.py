@@ -22,9 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--once", action="store_true", help="train one candidate now and exit")
     p.add_argument("--namespace", default="live", help="feature store namespace (default live)")
     p.add_argument("--every-batches", dest="retrain_every_batches", type=int,
-                   help=f"retrain after this many new batches {config.env_help('retrain_every_batches')}")
+                   help=config.flag_help("retrain_every_batches"))
     p.add_argument("--every-seconds", dest="retrain_every_seconds", type=float,
-                   help=f"... or after this long {config.env_help('retrain_every_seconds')}")
+                   help=config.flag_help("retrain_every_seconds"))
     p.add_argument("--keep", type=int, default=10, help="versions kept besides every promoted one (default 10)")
     p.add_argument("--no-events", action="store_true", help="do not publish ModelUpdate events")
     p.set_defaults(func=_train)

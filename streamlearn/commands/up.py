@@ -17,18 +17,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-gateway", action="store_true", help="do not start the HTTP ingest gateway")
     p.add_argument("--only", help="comma-separated service names (default: all; see `streamlearn status`)")
     p.add_argument("--broker-port", dest="broker_port", type=int,
-                   help=f"port of the embedded broker {config.env_help('broker_port')}")
-    p.add_argument("--workers", help=scaling_help())
+                   help=config.flag_help("broker_port"))
+    p.add_argument("--workers", help=config.flag_help(
+        "workers", "GROUP=N with GROUP stream.<kind> or serve.<model>; each group's topic needs at least N "
+                   "partitions (STREAMLEARN_PARTITIONS)"))
     p.add_argument("--metrics-base-port", type=int, default=9100, help="first /metrics port (default 9100)")
     p.set_defaults(func=_up)
     s = sub.add_parser("status", help="show the broker and the workers of a running `streamlearn up`/`demo`")
     s.set_defaults(func=_status)
-
-
-def scaling_help() -> str:
-    from streamlearn.scaling import HELP
-
-    return HELP
 
 
 def prepare(settings: config.Settings) -> None:
