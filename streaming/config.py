@@ -67,6 +67,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("batch_max_seconds", "STREAMLEARN_BATCH_MAX_SECONDS", float, 5.0, "... or when its oldest record is this old"),
     Spec("retrain_every_batches", "STREAMLEARN_RETRAIN_EVERY_BATCHES", int, 4, "retrain after this many new batches"),
     Spec("retrain_every_seconds", "STREAMLEARN_RETRAIN_EVERY_SECONDS", float, 30.0, "... or after this long"),
+    Spec("leader_lease_s", "STREAMLEARN_LEADER_LEASE_S", float, 15.0,
+         "trainer leader lease: renewed every third of it; a standby takes over at most 4/3 of it after the "
+         "leader died (docs/LEADER.md)"),
     Spec("serve_max_batch", "STREAMLEARN_SERVE_MAX_BATCH", int, 64, "largest dynamic serving batch"),
     Spec("serve_max_wait_ms", "STREAMLEARN_SERVE_MAX_WAIT_MS", float, 5.0, "longest a request waits for a batch"),
     Spec("serve_http_host", "STREAMLEARN_SERVE_HTTP_HOST", str, "127.0.0.1",
@@ -242,6 +245,7 @@ class Settings:
     store_retention_days: float = 0.0
     store_max_bytes: int = 0
     store_state_inline_max_bytes: int = 4096
+    leader_lease_s: float = 15.0
     tenant: str = ""
     model_specs: dict[str, str] = field(default_factory=dict)
 
