@@ -84,7 +84,7 @@ class ServingWorker(Emitter):
                                      f"{sorted(KINDS)}")
         self.slot = slot
         self.tf_threads = tf_threads  # see serving.model.configure_tf_threads; None keeps TF's defaults
-        self.manager = manager or VersionManager(settings, model, policy)
+        self.manager = manager or VersionManager(settings, model, policy, poll_interval_s=settings.serve_poll_s)
         self.schemas = registry or open_registry(settings.registry_url, settings.registry_dir)
         self.featurization = featurization or Featurization()
         self.input_topic = raw_topic(settings, score_stream) if score_stream else requests_topic(settings, model)

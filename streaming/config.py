@@ -70,6 +70,10 @@ SPECS: tuple[Spec, ...] = (
     Spec("leader_lease_s", "STREAMLEARN_LEADER_LEASE_S", float, 15.0,
          "trainer leader lease: renewed every third of it; a standby takes over at most 4/3 of it after the "
          "leader died (docs/LEADER.md)"),
+    Spec("serve_poll_s", "STREAMLEARN_SERVE_POLL_S", float, 1.0,
+         "serving replicas look for a newly promoted version at least this often (a ModelUpdate event wakes "
+         "them sooner); replicas serve different versions at most this plus one version's load time apart "
+         "(docs/LEADER.md)"),
     Spec("serve_max_batch", "STREAMLEARN_SERVE_MAX_BATCH", int, 64, "largest dynamic serving batch"),
     Spec("serve_max_wait_ms", "STREAMLEARN_SERVE_MAX_WAIT_MS", float, 5.0, "longest a request waits for a batch"),
     Spec("serve_http_host", "STREAMLEARN_SERVE_HTTP_HOST", str, "127.0.0.1",
@@ -246,6 +250,7 @@ class Settings:
     store_max_bytes: int = 0
     store_state_inline_max_bytes: int = 4096
     leader_lease_s: float = 15.0
+    serve_poll_s: float = 1.0
     tenant: str = ""
     model_specs: dict[str, str] = field(default_factory=dict)
 

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"largest dynamic batch {config.env_help('serve_max_batch')}")
     p.add_argument("--max-wait-ms", type=float, dest="serve_max_wait_ms", metavar="MS",
                    help=f"longest a request waits for its batch to fill {config.env_help('serve_max_wait_ms')}")
+    p.add_argument("--poll-seconds", type=float, dest="serve_poll_s", metavar="S",
+                   help="look for a newly promoted version at least this often; bounds the version skew between "
+                        f"replicas (docs/LEADER.md) {config.env_help('serve_poll_s')}")
     p.add_argument("--metrics-port", type=int, metavar="P",
                    help=f"port of /metrics {config.env_help('metrics_port')}")
     p.add_argument("--at-least-once", action="store_true",
@@ -61,7 +64,7 @@ def _serve(args: argparse.Namespace, settings: config.Settings) -> int:
     from serving.worker import serve
 
     Policy.parse(args.policy)  # a bad policy fails before anything starts
-    changes = {k: getattr(args, k) for k in ("serve_max_batch", "serve_max_wait_ms", "serve_http_host")
+    changes = {k: getattr(args, k) for k in ("serve_max_batch", "serve_max_wait_ms", "serve_http_host", "serve_poll_s")
                if getattr(args, k) is not None}
     if args.at_least_once:
         changes["transactions"] = False
