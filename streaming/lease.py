@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 from streaming.clock import now_ms
 from streaming.exceptions import LeaseError
-from streaming.fsutil import fsync_dir
+from streaming.fsutil import fsync_dir, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,18 @@ class FileLeaseStore:
         return True
 
 
+def host_id() -> str:
+    """This host and pid namespace: a pid in a lease record is only checkable where both match.
+
+    Two containers may share a host name (``network_mode: host``) but never a pid namespace inode.
+    """
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return f"{socket.gethostname()}:{ns}"
+
+
 def new_owner_id() -> str:
     """A process-unique owner id: host, pid and randomness (a restarted pid never matches)."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -197,7 +209,7 @@ class Lease:
 
     def _record(self, epoch: int, now: int) -> LeaseRecord:
         return LeaseRecord(self.model, self.owner, epoch, now + int(self.ttl_s * 1000), now, self.ttl_s,
-                           socket.gethostname(), os.getpid())
+                           host_id(), os.getpid())
 
     def _write(self, epoch: int, token: str | None) -> bool:
         started = self._monotonic()
@@ -221,10 +233,19 @@ class Lease:
         if rec.owner == self.owner:  # still ours (also after our local validity ran out): nobody took over
             return self.epoch if self._write(rec.epoch, token) else None
         self.epoch = None
-        if not rec.expired(self._clock()):
+        if not rec.expired(self._clock()) and not self._holder_dead(rec):
             return None
         assert token is not None
         return self.epoch if self._write(max(rec.epoch, floor) + 1, token) else None
+
+    @staticmethod
+    def _holder_dead(rec: LeaseRecord) -> bool:
+        """The holder ran in this host's pid namespace and its process is gone (``kill -9``, a crash).
+
+        Then waiting for the expiry gains nothing: a trainer restarted with the same command leads
+        again at once. Across hosts only the expiry tells. A reused pid reads as alive: we just wait.
+        """
+        return rec.host == host_id() and rec.pid > 0 and rec.pid != os.getpid() and not pid_alive(rec.pid)
 
     def renew(self) -> bool:
         """Extend the lease this candidate holds; False (and ``epoch`` None) when it was taken over."""

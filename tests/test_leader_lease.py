@@ -185,3 +185,28 @@ def test_trainer_stands_by_and_its_publish_is_refused_after_a_takeover(settings:
     with pytest.raises(FencedError, match="does not hold the model's lease"):
         ta.run_once("test")
     assert json.loads(store.read()[0] or b"{}")["owner"] == "b"
+
+
+def test_a_dead_holder_on_this_host_is_taken_over_before_expiry(tmp_path: Path) -> None:
+    """kill -9 and restart with the same command: the new process leads at once, not after the ttl."""
+    import subprocess
+    import sys
+
+    from streaming.lease import host_id
+
+    clock = Clock()
+    store = FileLeaseStore(tmp_path / "leader.json")
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        held = LeaseRecord("m", "other", 3, clock.wall() + 60_000, clock.wall(), 60.0, host_id(), live.pid)
+        assert store.create(held.encode())
+        assert _lease(store, clock, "b").try_acquire() is None  # alive: wait for the expiry
+    finally:
+        live.communicate(b"")
+    data, token = store.read()
+    assert data is not None and token is not None
+    assert _lease(store, clock, "b").try_acquire() == 4  # the holder's process is gone: take over now
+    elsewhere = LeaseRecord("m", "remote", 5, clock.wall() + 60_000, clock.wall(), 60.0, "otherhost:1", live.pid)
+    data, token = store.read()
+    assert token is not None and store.replace(elsewhere.encode(), token)
+    assert _lease(store, clock, "c").try_acquire() is None  # another host's pid says nothing here
