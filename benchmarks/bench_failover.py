@@ -96,7 +96,7 @@ def trainer(settings: Settings, work: Path, rows: int = 40, lease_s: float = 3.0
     store = FeatureStore(settings.feature_store)
     events = list(generated("sensor", 6 * rows, seed=5))
     registry = ModelRegistry(settings.model_dir)
-    lease_view = Lease(lease_store(settings.model_dir, model), model, ttl_s=lease_s)
+    lease_view = Lease(lease_store(registry, model), model, ttl_s=lease_s)
 
     def add(part: int) -> set[str]:
         before = {b.batch_id for b in store.batches("sensor")}

@@ -340,9 +340,39 @@ class LeaseKeeper:
                                 exc, self.lease.ttl_s)
 
 
-def lease_store(model_dir: Path, name: str) -> LeaseStore:
-    """The lease object of model ``name`` beside its versions (the one place that chooses the store)."""
-    return FileLeaseStore(Path(model_dir) / name / LEASE_FILE)
+class ObjectLeaseStore:
+    """:class:`LeaseStore` over an object store with conditional puts (S3 ``If-None-Match``/``If-Match``,
+    GCS generations): any object with ``get_versioned(key) -> (bytes, token) | None``,
+    ``create(key, data) -> bool`` and ``replace_if(key, data, token) -> bool``.
+    """
+
+    def __init__(self, objects: Any, key: str) -> None:
+        self.objects = objects
+        self.key = key
+        self.where = f"{getattr(objects, 'url', 'object store')}/{key}"
+
+    def read(self) -> tuple[bytes | None, str | None]:
+        current = self.objects.get_versioned(self.key)
+        return (None, None) if current is None else (bytes(current[0]), str(current[1]))
+
+    def create(self, data: bytes) -> bool:
+        return bool(self.objects.create(self.key, data))
+
+    def replace(self, data: bytes, token: str) -> bool:
+        return bool(self.objects.replace_if(self.key, data, token))
+
+
+def lease_store(registry: Any, name: str) -> LeaseStore:
+    """The lease object of model ``name`` beside its versions (the one place that chooses the store).
+
+    ``registry``: a :class:`streaming.model_registry.ModelRegistry`. One on object storage (it has an
+    ``objects`` store) keeps the lease as the object ``<name>/leader.json`` there, so trainers on
+    different hosts elect one leader; a local one uses the file ``<model_dir>/<name>/leader.json``.
+    """
+    objects = getattr(registry, "objects", None)
+    if objects is not None:
+        return ObjectLeaseStore(objects, f"{name}/{LEASE_FILE}")
+    return FileLeaseStore(registry.model_dir(name) / LEASE_FILE)
 
 
 def describe(record: LeaseRecord | None, now: int | None = None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ class Clock:
         self.ms += int(seconds * 1000)
 
 
-def _lease(store: FileLeaseStore, clock: Clock, owner: str, ttl: float = 10.0) -> Lease:
+def _lease(store: Any, clock: Clock, owner: str, ttl: float = 10.0) -> Lease:
     return Lease(store, "m", ttl_s=ttl, owner=owner, clock=clock.wall, monotonic=clock.mono)
 
 
@@ -167,7 +168,7 @@ def test_trainer_stands_by_and_its_publish_is_refused_after_a_takeover(settings:
     from trainer.worker import Trainer
 
     clock = Clock()
-    store = lease_store(settings.model_dir, SPEC.name)
+    store = lease_store(ModelRegistry(settings.model_dir), SPEC.name)
     a = LeaseKeeper(_lease(store, clock, "a", ttl=3))
     b = LeaseKeeper(_lease(store, clock, "b", ttl=3))
     ta = Trainer(settings, SPEC, events=False, lease=a)
@@ -210,3 +211,53 @@ def test_a_dead_holder_on_this_host_is_taken_over_before_expiry(tmp_path: Path) 
     data, token = store.read()
     assert token is not None and store.replace(elsewhere.encode(), token)
     assert _lease(store, clock, "c").try_acquire() is None  # another host's pid says nothing here
+
+
+class MemoryObjects:
+    """An object store with conditional puts (the three calls ObjectLeaseStore needs), in memory.
+
+    Stands in for S3/GCS semantics (create-if-absent, replace-if-generation) to show the lease needs
+    nothing else; the fsspec store itself is tested with the registry on object storage.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.data: dict[str, tuple[bytes, int]] = {}
+
+    def get_versioned(self, key: str) -> tuple[bytes, str] | None:
+        with self.lock:
+            cur = self.data.get(key)
+            return None if cur is None else (cur[0], str(cur[1]))
+
+    def create(self, key: str, data: bytes) -> bool:
+        with self.lock:
+            if key in self.data:
+                return False
+            self.data[key] = (data, 1)
+            return True
+
+    def replace_if(self, key: str, data: bytes, token: str | None) -> bool:
+        with self.lock:
+            cur = self.data.get(key)
+            if cur is None or str(cur[1]) != token:
+                return False
+            self.data[key] = (data, cur[1] + 1)
+            return True
+
+
+def test_lease_over_an_object_store_with_conditional_puts() -> None:
+    from streaming.lease import ObjectLeaseStore
+
+    class Registry:  # what lease_store() looks at: a registry on object storage has ``objects``
+        objects = MemoryObjects()
+
+    store = lease_store(Registry(), "m")
+    assert isinstance(store, ObjectLeaseStore) and store.key == "m/leader.json"
+    clock = Clock()
+    a, b = _lease(store, clock, "a"), _lease(store, clock, "b")
+    assert a.try_acquire() == 1 and b.try_acquire() is None
+    assert a.renew()
+    clock.advance(11)
+    assert b.try_acquire() == 2 and not a.renew()
+    data, token = store.read()
+    assert data is not None and not store.replace(b"x", "stale") and store.replace(data, token or "")

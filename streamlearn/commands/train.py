@@ -93,8 +93,8 @@ def _lease_keeper(settings: config.Settings, name: str) -> LeaseKeeper:
     from streaming.model_registry import ModelRegistry
 
     registry = ModelRegistry(settings.model_dir)
-    lease = Lease(lease_store(settings.model_dir, name), name, ttl_s=settings.leader_lease_s)
-    return LeaseKeeper(lease, floor=lambda: int(registry.state(name)["leader_epoch"])).start()
+    lease = Lease(lease_store(registry, name), name, ttl_s=settings.leader_lease_s)
+    return LeaseKeeper(lease, floor=lambda: int(registry.state(name).get("leader_epoch") or 0)).start()
 
 
 def _reproduce(args: argparse.Namespace, settings: config.Settings) -> int:
