@@ -300,11 +300,18 @@ def serving(settings: Settings, work: Path, versions: int = 3, poll_s: float = 0
     loader = threading.Thread(target=load, daemon=True)
     promoted_at: dict[int, float] = {}
     try:
-        for r in replicas:
-            r.start()
+        # One replica first, the second once the first answers: scaling out a running group, the way an
+        # operator adds a replica (two cold starts at once also make the group rebalance while both
+        # still import TensorFlow).
+        replicas[0].start()
         loader.start()
-        wait_for(lambda: len(owners()) == 2 and all(owners()), "both replicas to own partitions", replicas[0])
-        wait_for(lambda: answered_on_every_partition(1, 0), "answers by v1 on every partition", replicas[1])
+        wait_for(lambda: owners() == [list(range(settings.partitions))], "the first replica to own every partition",
+                 replicas[0])
+        second_started_ms = int(time.time() * 1000)
+        replicas[1].start()
+        wait_for(lambda: len(owners()) == 2 and all(owners()), "both replicas to own partitions", replicas[1])
+        both = len(answers.items)
+        wait_for(lambda: answered_on_every_partition(1, both), "both replicas answering with v1", replicas[1])
         for k in range(2, versions + 2):
             mark = len(answers.items)
             promoted_at[k] = time.time()
@@ -325,15 +332,27 @@ def serving(settings: Settings, work: Path, versions: int = 3, poll_s: float = 0
         progress.close()
     # The verdict comes from a fresh read_committed read of the whole topic after both replicas stopped, so
     # a late duplicate cannot slip past; the live reader above only timed the swaps.
+    records = _read_all(settings, predictions_topic(settings, model))
     final = [(r.key.decode(), int(r.value["input_partition"]), int(r.value["model_version"]), r.timestamp, r.value)
-             for r in _read_all(settings, predictions_topic(settings, model))]
+             for r in records]
     counts = Counter(i[0] for i in final)
+    dup_keys = {k for k, c in counts.items() if c > 1}
+    by_key: dict[str, list[tuple[int, int, int, float]]] = {}
+    for r in records:
+        if r.key.decode() in dup_keys:  # (input partition, input offset, version, s after the 2nd replica started)
+            by_key.setdefault(r.key.decode(), []).append((int(r.value["input_partition"]), int(r.value["input_offset"]),
+                                                          int(r.value["model_version"]),
+                                                          round((r.timestamp - second_started_ms) / 1000, 3)))
+    examples = sorted(by_key.items(), key=lambda kv: kv[1][0][1])[:5] + sorted(by_key.items(),
+                                                                                key=lambda kv: -kv[1][0][1])[:3]
+    live_counts = Counter(i[0] for i in answers.items)
     wrong = [i[0] for i in final if _wrong(i[0], i[2], i[4], expected_outputs)]
     skews = [version_skew(answers.items, k) for k in sorted(promoted_at)]
     loads = _load_seconds(replicas)
     return {"kind": "serving_replicas", "replicas": 2, "partitions": partitions, "poll_s": poll_s,
             "requests": len(sent), "answered": len(counts), "missing": len(set(sent) - set(counts)),
             "duplicates": sum(c - 1 for c in counts.values() if c > 1), "wrong_outputs": len(wrong),
+            "duplicate_examples": examples, "live_duplicates": sum(c - 1 for c in live_counts.values() if c > 1),
             "skews": skews, "max_skew_s": max((s["skew_s"] or 0.0) for s in skews),
             "load_seconds": loads, "skew_bound_s": round(poll_s + max(loads, default=0.0), 3)}
 
