@@ -312,6 +312,7 @@ def serving(settings: Settings, work: Path, versions: int = 3, poll_s: float = 0
         wait_for(lambda: len(owners()) == 2 and all(owners()), "both replicas to own partitions", replicas[1])
         both = len(answers.items)
         wait_for(lambda: answered_on_every_partition(1, both), "both replicas answering with v1", replicas[1])
+        at_swaps = owners()
         for k in range(2, versions + 2):
             mark = len(answers.items)
             promoted_at[k] = time.time()
@@ -349,7 +350,8 @@ def serving(settings: Settings, work: Path, versions: int = 3, poll_s: float = 0
     wrong = [i[0] for i in final if _wrong(i[0], i[2], i[4], expected_outputs)]
     skews = [version_skew(answers.items, k) for k in sorted(promoted_at)]
     loads = _load_seconds(replicas)
-    return {"kind": "serving_replicas", "replicas": 2, "partitions": partitions, "poll_s": poll_s,
+    return {"kind": "serving_replicas", "replicas": 2, "partitions_at_swaps": at_swaps, "partitions_end": partitions,
+            "poll_s": poll_s,
             "requests": len(sent), "answered": len(counts), "missing": len(set(sent) - set(counts)),
             "duplicates": sum(c - 1 for c in counts.values() if c > 1), "wrong_outputs": len(wrong),
             "duplicate_examples": examples, "live_duplicates": sum(c - 1 for c in live_counts.values() if c > 1),
