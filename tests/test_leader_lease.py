@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +262,28 @@ def test_lease_over_an_object_store_with_conditional_puts() -> None:
     assert b.try_acquire() == 2 and not a.renew()
     data, token = store.read()
     assert data is not None and not store.replace(b"x", "stale") and store.replace(data, token or "")
+
+
+def test_train_once_refuses_while_another_trainer_leads(settings: Settings, tmp_path: Path) -> None:
+    """`streamlearn train M --once` beside a leading trainer: exit 4 and a message naming the holder."""
+    import os
+    import subprocess
+
+    from streaming.lease import host_id
+    from tests.helpers import ROOT, streamlearn_cmd, subprocess_env
+
+    reg = ModelRegistry(settings.model_dir)
+    store = lease_store(reg, "restart_tiny")
+    now = int(time.time() * 1000)
+    held = LeaseRecord("restart_tiny", "leader-elsewhere", 3, now + 600_000, now, 600.0, host_id(), os.getpid())
+    assert store.create(held.encode())  # held by this (live) test process
+    config = tmp_path / "config.toml"
+    config.write_text('[models]\nrestart_tiny = "tests.restart_spec:SPEC"\n')
+    env = subprocess_env(settings, STREAMLEARN_CONFIG=str(config), PYTHONPATH=str(ROOT))
+    proc = subprocess.run(streamlearn_cmd("train", "restart_tiny", "--once", "--no-events"), env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "leader-elsewhere" in proc.stderr and "only the leader trains" in proc.stderr
+    assert reg.versions("restart_tiny") == []
+    rec = LeaseRecord.decode(store.read()[0] or b"", "test")
+    assert (rec.owner, rec.epoch) == ("leader-elsewhere", 3)  # the refused trainer did not touch the lease
