@@ -1,7 +1,8 @@
 """Two serving replicas in one group keep the exactly-once answer while versions swap (issue 16 step 4).
 
 Slow (two `streamlearn serve` processes import TensorFlow; well under a minute of work after that on a
-quiet 2-core box), so it is one test. The scenario is :func:`benchmarks.bench_failover.serving`, which
+quiet 2-core box), so it is one test. The second replica joins the group while the first answers
+(scaling out). The scenario is :func:`benchmarks.bench_failover.serving`, which
 also measures the version skew between the replicas; this test asserts correctness only: every
 request answered exactly once across both replicas (read_committed), by the version the answer names,
 both replicas owning partitions, and every promoted version reaching every partition.
