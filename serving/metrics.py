@@ -30,6 +30,9 @@ SERVED_VERSION = Gauge("streamlearn_serving_version", "Model version served, by 
                        ["model", "role"])
 LOAD_FAILURES = Counter("streamlearn_serving_load_failures_total",
                         "Model versions that failed verification, loading or warm-up", ["model"])
+LOAD_SECONDS = Histogram("streamlearn_serving_load_seconds",
+                         "Seconds to verify, load and warm up a version (part of the replica version skew bound)",
+                         ["model"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 SWAPS = Counter("streamlearn_serving_swaps_total", "Hot swaps of the served version", ["model"])
 CANARY_STATE = Gauge("streamlearn_serving_canary_state",
                      "0 = no canary, 1 = canary routing, 2 = rolled back", ["model"])

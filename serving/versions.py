@@ -309,6 +309,7 @@ class VersionManager:
         att = self._attempts.setdefault(version, _Attempts())
         if att.given_up or time.monotonic() < att.next_at:
             return None
+        started = time.monotonic()
         try:
             lv = load_version(self.registry, self.model, version, self.recent_inputs())
         except ModelLoadError as exc:
@@ -324,6 +325,9 @@ class VersionManager:
             return None
         self.stats.loads += 1
         self._attempts.pop(version, None)
+        seconds = time.monotonic() - started
+        metrics.LOAD_SECONDS.labels(self.model).observe(seconds)
+        log.info("%s v%d verified, loaded and warmed up in %.3f s", self.model, version, seconds)
         return lv
 
     # -- model updates follower -----------------------------------------------------------------

@@ -82,7 +82,7 @@ class ServingWorker(Emitter):
                                      f"{sorted(KINDS)}")
         self.slot = slot
         self.tf_threads = tf_threads  # see serving.model.configure_tf_threads; None keeps TF's defaults
-        self.manager = manager or VersionManager(settings, model, policy)
+        self.manager = manager or VersionManager(settings, model, policy, poll_interval_s=settings.serve_poll_s)
         self.schemas = registry or open_registry(settings.registry_url, settings.registry_dir)
         self.featurization = featurization or Featurization()
         self.input_topic = raw_topic(settings, score_stream) if score_stream else requests_topic(settings, model)
@@ -243,6 +243,8 @@ class ServingWorker(Emitter):
             self.labels = LabelJoiner(self.settings, stable.featurizer.kind, self.manager).start()
         log.info("serving %s from %s (group %s, slot %d, %s)", self.model, self.input_topic, self.group,
                  self.slot, "exactly once" if self.settings.transactions else "at least once")
+        self._rewind(pending)  # re-read the held batch through a poll: a rebalance meanwhile is applied first
+        pending = []
         while not stop.is_set() and not self.stop_event.is_set():
             records, pending = pending or self._collect(), []
             self.stuck.observe(self.consumer.assignment())
@@ -335,7 +337,45 @@ class ServingWorker(Emitter):
                 f"request: cannot featurize: {type(exc).__name__}: {short(str(exc), 500)}")
             item.labels = None
 
+    def _rewind(self, records: list[Any]) -> None:
+        """Seek back to the first offset of each partition of ``records`` that this member still owns.
+
+        The batch fetched while the model loaded may be many seconds old: another replica may have
+        joined and taken its partition meanwhile, and kafka-python applies such a rebalance only in
+        a poll. Seeking back and polling again answers what this member owns after that poll.
+        """
+        from kafka import TopicPartition
+
+        first: dict[Any, int] = {}
+        for rec in records:
+            first.setdefault(TopicPartition(rec.topic, rec.partition), rec.offset)
+        owned = self.consumer.assignment()
+        for tp, offset in first.items():
+            if tp in owned:
+                self.consumer.seek(tp, offset)
+
+    def _owned(self, records: list[Any]) -> list[Any]:
+        """Only the records of partitions this member owns now.
+
+        Why: a batch fetched before a rebalance (held while the model loaded, or fetched just before
+        another replica joined) may belong to a partition that moved; its new owner reads it again
+        from the committed offset, so answering it here would answer it twice. The embedded broker
+        does not refuse a stale generation's transactional offset commit (Apache Kafka does, through
+        ``group_metadata()``), so the check has to happen here (docs/LEADER.md).
+        """
+        from kafka import TopicPartition
+
+        owned = self.consumer.assignment()
+        kept = [r for r in records if TopicPartition(r.topic, r.partition) in owned]
+        if len(kept) < len(records):
+            log.info("dropped %d fetched requests of partitions this replica no longer owns; their new owner "
+                     "answers them", len(records) - len(kept))
+        return kept
+
     def _handle(self, records: list[Any]) -> None:
+        records = self._owned(records)
+        if not records:
+            return
         snap = self.manager.current()  # one snapshot for the whole batch (atomic swap boundary)
         items = [self._decode(r) for r in records]
         if not self.settings.transactions:

@@ -92,6 +92,13 @@ class Settings(BaseSettings):
     retrain_every_batches: int = Field(4, description=("retrain after this many new feature batches"))
     retrain_every_seconds: float = Field(30.0, description=(
         "retrain at the latest this many seconds after the last training (if new batches exist)"))
+    leader_lease_s: float = Field(15.0, gt=0, description=(
+        "trainer leader lease in seconds: renewed every third of it; a standby takes over at most 4/3 of it "
+        "after the leader died (docs/LEADER.md)"))
+    serve_poll_s: float = Field(1.0, gt=0, description=(
+        "serving replicas look for a newly promoted version at least this often, in seconds (a ModelUpdate "
+        "event wakes them sooner); replicas serve different versions at most this plus one version's load "
+        "time apart (docs/LEADER.md)"))
     serve_max_batch: int = Field(64, description=("largest dynamic serving batch"))
     serve_max_wait_ms: float = Field(5.0, description=(
         "longest a prediction request waits for its batch to fill, in ms"))

@@ -88,6 +88,18 @@ class ModelIntegrityError(ModelRegistryError):
     """
 
 
+class FencedError(ModelRegistryError):
+    """A registry write carried a leader epoch older than the model's: another trainer took over.
+
+    Raised by :class:`streaming.model_registry.ModelRegistry` writes given ``fence=<epoch>`` after a
+    newer leader claimed the model (docs/LEADER.md). The writer must stop and rejoin as a standby.
+    """
+
+
+class LeaseError(StreamingError):
+    """The leader lease of a model cannot be read or written (bad record, unreachable store)."""
+
+
 class PromoteError(StreamingError):
     """A rebuilt namespace cannot be made live (incomplete replay, active group, half-done promotion)."""
 

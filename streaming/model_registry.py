@@ -22,6 +22,10 @@ Why it is built this way:
   ``.lock``; readers take no lock.
 * Version numbers are never reused, even after retention deleted the newest ones, because
   ``state.json`` remembers the highest number ever allocated.
+* One trainer leader per model (docs/LEADER.md): ``state.json`` keeps ``leader_epoch``, the newest
+  epoch a lease holder claimed (:meth:`ModelRegistry.claim_leadership`); a write given ``fence=``
+  an older epoch is refused with :class:`FencedError` in the same locked read-modify-write of
+  ``state.json`` that allocates the version, so a stale leader can never publish or decide.
 """
 
 from __future__ import annotations
@@ -39,7 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from streaming.clock import now_ms
-from streaming.exceptions import ModelIntegrityError, ModelNotFoundError, ModelRegistryError, StreamingError  # noqa: F401 (re-exported)
+from streaming.exceptions import (  # noqa: F401 (re-exported)
+    FencedError,
+    ModelIntegrityError,
+    ModelNotFoundError,
+    ModelRegistryError,
+    StreamingError,
+)
 from streaming.fsutil import fsync_dir, pid_alive, write_json_atomic
 from streaming.tf_serving import refresh_quietly
 
@@ -207,7 +217,41 @@ class ModelRegistry:
         data.setdefault("promoted_stack", [])
         data.setdefault("last_version", 0)
         data.setdefault("history", [])
+        data.setdefault("leader_epoch", 0)
         return data
+
+    def _check_fence(self, name: str, state: dict[str, Any], fence: int | None) -> None:
+        """Refuse a write of a leader whose epoch is not the newest claimed one (``fence=None``: unfenced)."""
+        if fence is None:
+            return
+        claimed = int(state.get("leader_epoch") or 0)
+        if int(fence) != claimed:
+            raise FencedError(
+                f"fence: trainer epoch {fence} is not the leader epoch {claimed} of model {name!r} in "
+                f"{self._state_path(name)}; another trainer took over the lease, so this one must not "
+                "publish or decide versions: it stops and rejoins as a standby (docs/LEADER.md)"
+            )
+
+    def claim_leadership(self, name: str, epoch: int) -> int:
+        """Record ``epoch`` as the model's leader epoch; returns the previous one.
+
+        Called by a trainer right after it acquired the lease and before it reads the registry to
+        plan, so every write of an older leader after this point is refused (the fencing token is
+        checked where the versions are allocated). An epoch older than the claimed one raises.
+        """
+        with self._locked(name):
+            state = self.state(name)
+            previous = int(state.get("leader_epoch") or 0)
+            if int(epoch) < previous:
+                raise FencedError(
+                    f"epoch: {epoch} is older than the leader epoch {previous} of model {name!r}; "
+                    "a newer trainer holds the lease; wait for it to expire"
+                )
+            if int(epoch) != previous:
+                state["leader_epoch"] = int(epoch)
+                self._append(state, "LEADER", self.latest(name) or 0, f"leader epoch {epoch}", epoch=int(epoch))
+                write_json_atomic(self._state_path(name), state)
+        return previous
 
     def promoted(self, name: str) -> int | None:
         """The version serving should answer with, or None before the first promotion."""
@@ -235,10 +279,12 @@ class ModelRegistry:
         entry.update({k: v for k, v in extra.items() if v is not None})
         state["history"].append(entry)
 
-    def record(self, name: str, version: int, action: str, reason: str, **extra: Any) -> None:
+    def record(self, name: str, version: int, action: str, reason: str, *, fence: int | None = None,
+               **extra: Any) -> None:
         """Append a decision (e.g. REJECTED with both scores) to the model's history."""
         with self._locked(name):
             state = self.state(name)
+            self._check_fence(name, state, fence)
             self._append(state, action, version, reason, **extra)
             write_json_atomic(self._state_path(name), state)
 
@@ -274,12 +320,14 @@ class ModelRegistry:
                 removed.append(path)
         return removed
 
-    def publish(self, name: str, staging_dir: Path | str, metadata: dict[str, Any]) -> int:
+    def publish(self, name: str, staging_dir: Path | str, metadata: dict[str, Any], *,
+                fence: int | None = None) -> int:
         """Turn a filled staging directory into the next version, atomically; returns the version.
 
         ``staging_dir`` should come from :meth:`staging` (same file system, so the final step is a
         rename); a directory elsewhere is first copied into one. The registry adds ``version``,
         ``created_at`` (if absent) and ``manifest`` (sha256 of every file) to ``metadata``.
+        ``fence``: the publishing leader's epoch; refused with FencedError unless it is the newest.
         """
         mdir = self.model_dir(name)
         staging = Path(staging_dir).absolute()
@@ -302,6 +350,7 @@ class ModelRegistry:
         }
         with self._locked(name):
             state = self.state(name)
+            self._check_fence(name, state, fence)
             version = max([int(state["last_version"]), *self.versions(name)]) + 1
             meta = dict(metadata)
             meta["name"] = name
@@ -315,11 +364,11 @@ class ModelRegistry:
             fsync_dir(mdir)
             state["last_version"] = version
             self._append(state, "CREATED", version, str(meta.get("reason") or "exported"),
-                         metadata_sha256=meta["metadata_sha256"])
+                         metadata_sha256=meta["metadata_sha256"], epoch=fence)
             write_json_atomic(self._state_path(name), state)
         return version
 
-    def set_promoted(self, name: str, version: int, reason: str) -> int | None:
+    def set_promoted(self, name: str, version: int, reason: str, *, fence: int | None = None) -> int | None:
         """Make ``version`` the one serving answers with; returns the previously promoted version.
 
         The version is verified first: a damaged export is never promoted.
@@ -328,6 +377,7 @@ class ModelRegistry:
         self.verify(name, version)
         with self._locked(name):
             state = self.state(name)
+            self._check_fence(name, state, fence)
             previous = state["promoted"]
             state["promoted"] = version
             stack = [v for v in state["promoted_stack"] if v != version]
@@ -372,7 +422,7 @@ class ModelRegistry:
         refresh_quietly(self)
         return int(target)
 
-    def apply_retention(self, name: str, keep_last: int) -> list[int]:
+    def apply_retention(self, name: str, keep_last: int, *, fence: int | None = None) -> list[int]:
         """Delete old versions except the last ``keep_last`` and every version ever promoted.
 
         Returns the deleted versions. A version is first renamed to a trash name (one atomic
@@ -385,6 +435,7 @@ class ModelRegistry:
         deleted: list[int] = []
         with self._locked(name):
             state = self.state(name)
+            self._check_fence(name, state, fence)
             ever_promoted = {int(e["version"]) for e in state["history"] if e.get("action") == "PROMOTED"}
             keep = set(self.versions(name)[-keep_last:]) | ever_promoted | set(state["promoted_stack"])
             if state["promoted"] is not None:

@@ -14,6 +14,10 @@ One training run (:meth:`Trainer.run_once`):
 A crash at any point leaves the registry consistent: before step 4 nothing is visible; between 4
 and 5 the version exists with its decision, and the next run applies a pending decision of the
 newest version (:meth:`Trainer.reconcile`) before training again.
+
+With a lease (``lease=``, what ``streamlearn train`` passes) only the holder of the model's lease
+trains; every registry write carries its epoch (``fence``), so a trainer that lost the lease
+cannot publish or decide a version (streaming/lease.py, docs/LEADER.md).
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from streaming.config import Settings
+from streaming.exceptions import FencedError
 from streaming.fsutil import pid_alive
+from streaming.lease import LeaseKeeper
 from streaming.model_registry import ModelRegistry
 from streaming.store import BatchInfo, FeatureStore
 from trainer.data import plan_data
@@ -84,7 +90,7 @@ class Trainer:
 
     def __init__(self, settings: Settings, spec: ModelSpec, *, namespace: str = "live",
                  publisher: Any = None, events: bool = True, keep_last: int = KEEP_LAST,
-                 drift: PageHinkley | None = None) -> None:
+                 drift: PageHinkley | None = None, lease: LeaseKeeper | None = None) -> None:
         self.settings = settings
         self.spec = spec
         self.name = spec.name
@@ -98,6 +104,9 @@ class Trainer:
         self.drift = drift or PageHinkley(delta=0.05, threshold=20.0, min_instances=50)
         self._drift_checked: set[str] = set()
         self._features: FeatureInfo | None = None
+        self.lease = lease
+        #: the leader epoch this trainer claimed in the registry; every write carries it (None: unfenced)
+        self.fence: int | None = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -138,6 +147,40 @@ class Trainer:
                                current_score=gate.get("current_score"))
         publish_update(self.settings, record, self.publisher())
 
+    # ------------------------------------------------------------------ leadership
+    def lead(self) -> bool:
+        """True when this trainer may train now: it holds the lease and claimed its epoch in the registry.
+
+        Without a lease (library use, tests) always True and unfenced. A newly won epoch is claimed
+        before anything is read from the registry, so every later write of the previous leader fails.
+        """
+        if self.lease is None:
+            return True
+        epoch = self.lease.epoch()
+        if epoch is None:
+            if self.fence is not None:
+                log.warning("trainer %s: lost the lease (epoch %d); standing by", self.name, self.fence)
+            self.fence = None
+            return False
+        if epoch != self.fence:
+            try:
+                self.registry.claim_leadership(self.name, epoch)
+            except FencedError as exc:
+                log.warning("trainer %s: %s", self.name, exc)
+                self.fence = None
+                return False
+            log.info("trainer %s: leader with epoch %d (owner %s)", self.name, epoch, self.lease.lease.owner)
+            self.fence = epoch
+        return True
+
+    def _check_lead(self) -> None:
+        """Fail fast (before a long fit or an export) when the lease was lost; the registry fence is the guard."""
+        if self.lease is not None and self.lease.epoch() != self.fence:
+            raise FencedError(
+                f"fence: trainer {self.name!r} no longer holds the lease of epoch {self.fence}; "
+                "it stops this cycle and stands by (docs/LEADER.md)"
+            )
+
     # ------------------------------------------------------------------ one run
     def unseen_batches(self) -> list[BatchInfo]:
         """Batches newer than everything the newest version trained or was evaluated on."""
@@ -169,9 +212,10 @@ class Trainer:
         meta = self.registry.metadata(self.name, latest)
         gate = meta.get("gate", {})
         if gate.get("promote"):
-            self.registry.set_promoted(self.name, latest, str(gate.get("reason")) + " (applied after restart)")
+            self.registry.set_promoted(self.name, latest, str(gate.get("reason")) + " (applied after restart)",
+                                       fence=self.fence)
         else:
-            self.registry.record(self.name, latest, "REJECTED", str(gate.get("reason")),
+            self.registry.record(self.name, latest, "REJECTED", str(gate.get("reason")), fence=self.fence,
                                  candidate_score=gate.get("candidate_score"), current_score=gate.get("current_score"))
         log.info("trainer %s: applied pending gate decision of version %s after a restart", self.name, latest)
 
@@ -183,6 +227,13 @@ class Trainer:
 
         # Registry and store work first, TensorFlow last: a restarted trainer is at work on its next
         # version while TensorFlow still imports (trainer.cycle).
+        if not self.lead():
+            holder = self.lease.lease.current() if self.lease is not None else None
+            raise FencedError(
+                f"lease: trainer {self.name!r} does not hold the model's lease (held by "
+                f"{holder.owner if holder else 'nobody'}); only the leader trains. Stop the other trainer or "
+                "wait for its lease to expire (docs/LEADER.md)"
+            )
         self.reconcile()
         features = self.features
         promoted = self.registry.promoted(self.name)
@@ -206,7 +257,8 @@ class Trainer:
         try:
             model_io.export_saved_model(ev.model, features.n_features, staging)
             meta = self._metadata(ev, plan, promoted, features, trigger, time.time() - started)
-            version = self.registry.publish(self.name, staging, meta)
+            self._check_lead()
+            version = self.registry.publish(self.name, staging, meta, fence=self.fence)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -217,15 +269,15 @@ class Trainer:
         decision = ev.decision
         self.announce(version, "CREATED", meta)
         if decision.promote:
-            self.registry.set_promoted(self.name, version, decision.reason)
+            self.registry.set_promoted(self.name, version, decision.reason, fence=self.fence)
         else:
-            self.registry.record(self.name, version, "REJECTED", decision.reason,
+            self.registry.record(self.name, version, "REJECTED", decision.reason, fence=self.fence,
                                  candidate_score=meta["gate"]["candidate_score"],
                                  current_score=meta["gate"]["current_score"])
         self.announce(version, decision.action, meta)
         VERSIONS.labels(self.name, decision.action).inc()
         write_gate_summary(tb_dir, version, meta["gate"])
-        deleted = self.registry.apply_retention(self.name, self.keep_last)
+        deleted = self.registry.apply_retention(self.name, self.keep_last, fence=self.fence)
         for old in deleted:  # TensorBoard runs follow their versions out of the registry
             shutil.rmtree(tb_root / f"v{old}", ignore_errors=True)
         log.info("trainer %s: version %d %s (%s); trigger=%s; retention deleted %s", self.name, version,
@@ -334,6 +386,13 @@ class Trainer:
         since = seconds_since_last_version(self.registry, self.name)
         last_attempt = time.monotonic() - (since if since is not None else 0.0)
         while not stop.is_set():
+            was = self.fence
+            if not self.lead():  # a standby: the lease keeper takes over when the leader's lease expires
+                stop.wait(poll_seconds)
+                continue
+            if self.fence != was:  # just took over: continue the predecessor's retrain interval
+                since = seconds_since_last_version(self.registry, self.name)
+                last_attempt = time.monotonic() - (since if since is not None else 0.0)
             unseen = self.unseen_batches()
             due_count = len(unseen) >= self.settings.retrain_every_batches
             due_time = bool(unseen) and time.monotonic() - last_attempt >= self.settings.retrain_every_seconds
@@ -349,6 +408,9 @@ class Trainer:
                     self.run_once(trigger)
                 except NotEnoughDataError as exc:
                     log.info("trainer %s: %s", self.name, exc)
+                except FencedError as exc:  # another trainer took over meanwhile: nothing was published
+                    log.warning("trainer %s: %s", self.name, exc)
+                    self.fence = None
                 except Exception:
                     log.exception("trainer %s: training run failed; retrying at the next trigger", self.name)
                 last_attempt = time.monotonic()

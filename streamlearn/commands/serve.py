@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=config.flag_help("serve_max_batch"))
     p.add_argument("--max-wait-ms", type=float, dest="serve_max_wait_ms", metavar="MS",
                    help=config.flag_help("serve_max_wait_ms"))
+    p.add_argument("--poll-seconds", type=float, dest="serve_poll_s", metavar="S",
+                   help=config.flag_help("serve_poll_s"))
     p.add_argument("--metrics-port", type=int, metavar="P",
                    help=config.flag_help("metrics_port"))
     p.add_argument("--at-least-once", action="store_true",
@@ -65,7 +67,7 @@ def _serve(args: argparse.Namespace, settings: config.Settings) -> int:
     from serving.policy import Policy
 
     Policy.parse(args.policy)  # a bad policy fails before anything starts
-    changes = {k: getattr(args, k) for k in ("serve_max_batch", "serve_max_wait_ms", "serve_http_host")
+    changes = {k: getattr(args, k) for k in ("serve_max_batch", "serve_max_wait_ms", "serve_http_host", "serve_poll_s")
                if getattr(args, k) is not None}
     if args.at_least_once:
         changes["transactions"] = False

@@ -8,9 +8,13 @@ import logging
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from streaming import config
 from streamlearn.modelref import versioned_ref
+
+if TYPE_CHECKING:
+    from streaming.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=config.flag_help("retrain_every_seconds"))
     p.add_argument("--keep", type=int, default=10, help="versions kept besides every promoted one (default 10)")
     p.add_argument("--no-events", action="store_true", help="do not publish ModelUpdate events")
+    p.add_argument("--lease-seconds", dest="leader_lease_s", type=float,
+                   help=config.flag_help("leader_lease_s", "one trainer per model leads, the others stand by"))
     p.set_defaults(func=_train)
     r = sub.add_parser("retrain", help="retrain a version from its recorded lineage and compare the scores")
     r.add_argument("--reproduce", required=True, type=versioned_ref, metavar="MODEL/VERSION", help="e.g. digits_cnn/3")
@@ -39,16 +45,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace, settings: config.Settings) -> int:
+    from streaming.exceptions import FencedError
     from trainer.exceptions import NotEnoughDataError
     from trainer.spec import load_spec
     from trainer.worker import Trainer
 
-    changes = {k: getattr(args, k) for k in ("retrain_every_batches", "retrain_every_seconds")
+    changes = {k: getattr(args, k) for k in ("retrain_every_batches", "retrain_every_seconds", "leader_lease_s")
                if getattr(args, k) is not None}
     if changes:
         settings = settings.with_(**changes)
     spec = load_spec(args.model, settings)
-    trainer = Trainer(settings, spec, namespace=args.namespace, events=not args.no_events, keep_last=args.keep)
+    keeper = _lease_keeper(settings, spec.name)
+    trainer = Trainer(settings, spec, namespace=args.namespace, events=not args.no_events, keep_last=args.keep,
+                      lease=keeper)
     try:
         if args.once:
             try:
@@ -56,6 +65,9 @@ def _train(args: argparse.Namespace, settings: config.Settings) -> int:
             except NotEnoughDataError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 3
+            except FencedError as exc:  # another trainer leads this model
+                print(f"error: {exc}", file=sys.stderr)
+                return 4
             print(json.dumps({"model": spec.name, "version": outcome.version, **outcome.decision.to_dict()}))
             return 0
         stop = threading.Event()
@@ -71,6 +83,17 @@ def _train(args: argparse.Namespace, settings: config.Settings) -> int:
         return 0
     finally:
         trainer.close()
+        keeper.stop()  # hands the lease over at once instead of after its expiry
+
+
+def _lease_keeper(settings: config.Settings, name: str) -> LeaseKeeper:
+    """The lease of model ``name``; its floor is the registry's claimed epoch (docs/LEADER.md)."""
+    from streaming.lease import Lease, LeaseKeeper, lease_store
+    from streaming.model_registry import ModelRegistry
+
+    registry = ModelRegistry(settings.model_dir)
+    lease = Lease(lease_store(registry, name), name, ttl_s=settings.leader_lease_s)
+    return LeaseKeeper(lease, floor=lambda: int(registry.state(name).get("leader_epoch") or 0)).start()
 
 
 def _reproduce(args: argparse.Namespace, settings: config.Settings) -> int:
