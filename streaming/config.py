@@ -47,8 +47,10 @@ SPECS: tuple[Spec, ...] = (
          "tenant this process acts for: its topic and group names become <topic_prefix><tenant>.<name>, and its "
          "Kafka clients refuse topics, groups and transactional ids outside that prefix (docs/SECURITY.md)"),
     Spec("partitions", "STREAMLEARN_PARTITIONS", int, 3, "partitions of the raw and request topics"),
-    Spec("feature_store", "STREAMLEARN_FEATURE_STORE", Path, None, "feature batch directory (default HOME/features)"),
-    Spec("model_dir", "STREAMLEARN_MODEL_DIR", Path, None, "model registry directory (default HOME/models)"),
+    Spec("feature_store", "STREAMLEARN_FEATURE_STORE", str, None,
+         "feature batch directory or object-storage URL, e.g. s3://bucket/features (default HOME/features)"),
+    Spec("model_dir", "STREAMLEARN_MODEL_DIR", str, None,
+         "model registry directory or object-storage URL, e.g. s3://bucket/models (default HOME/models)"),
     Spec("ingest_tokens", "STREAMLEARN_INGEST_TOKENS", str, "",
          "comma-separated bearer tokens of the HTTP ingest gateway (name:token or token)"),
     Spec("ingest_port", "STREAMLEARN_INGEST_PORT", int, 8088, "port of the HTTP ingest gateway"),
@@ -159,6 +161,16 @@ def _coerce(spec: Spec, raw: Any) -> Any:
         ) from exc
 
 
+def _location(raw: str | None, default: Path) -> Path | str:
+    """A store location: an object-storage URL stays a str (``s3://...``); a path or ``file://``
+    URL becomes an absolute Path, as before."""
+    from streaming.objstore import is_remote, local_path
+
+    if raw and is_remote(raw):
+        return raw.rstrip("/")
+    return (local_path(raw) if raw else default).expanduser().absolute()
+
+
 def _config_file(environ: dict[str, str], home: Path) -> dict[str, Any]:
     """The first config file found. Its ``[models]`` table (import targets that get called) is
     honoured only from ``$STREAMLEARN_CONFIG`` (``--config``) or ``$STREAMLEARN_HOME/config.toml``,
@@ -197,8 +209,8 @@ class Settings:
     registry_port: int
     topic_prefix: str
     partitions: int
-    feature_store: Path
-    model_dir: Path
+    feature_store: Path | str  # a str only for an object-storage URL (streaming/objstore.py)
+    model_dir: Path | str
     ingest_tokens: str = field(repr=False)  # a secret: never in a repr or a log line
     ingest_port: int
     ingest_host: str
@@ -304,8 +316,8 @@ def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None
             raw = spec.default
         values[spec.name] = _coerce(spec, raw)
     values["home"] = home
-    values["feature_store"] = Path(values["feature_store"] or home / "features").absolute()
-    values["model_dir"] = Path(values["model_dir"] or home / "models").absolute()
+    values["feature_store"] = _location(values["feature_store"], home / "features")
+    values["model_dir"] = _location(values["model_dir"], home / "models")
     if values["partitions"] < 1:
         raise ConfigError("setting 'partitions' (env STREAMLEARN_PARTITIONS) must be >= 1")
     for name in ("store_retention_days", "store_max_bytes", "store_state_inline_max_bytes"):

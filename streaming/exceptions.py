@@ -130,3 +130,11 @@ class ImageProbeError(StreamingError, ValueError):
 
 class ErrorPolicyError(StreamingError, ValueError):
     """An ``on_error`` policy (streaming/onerror.py) answered something other than "dead_letter" or "raise"."""
+
+
+class ObjectStoreError(StreamingError):
+    """An object-storage operation failed or the backend lacks it (streaming/objstore.py)."""
+
+
+class ObjectNotFoundError(ObjectStoreError, FileNotFoundError):
+    """A key does not exist; also a FileNotFoundError so callers' ``except`` clauses keep working."""
