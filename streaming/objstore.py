@@ -321,28 +321,19 @@ class FsspecObjectStore(ObjectStore):
         return data
 
     def get_versioned(self, key: str) -> tuple[bytes, str] | None:
-        # The token must belong to the bytes returned: read the ETag, then the bytes only if that
-        # ETag still holds (a GET with If-Match); a concurrent writer makes us retry.
-        for _ in range(5):
+        # The ETag is read before the bytes: if a writer slips in between, the token is older than
+        # the bytes and a replace_if with it fails (412), so a stale pair can only cause a retry,
+        # never a lost update.
+        for _ in range(3):
             try:
                 info = self.fs.info(self._p(key))
-            except FileNotFoundError:
+                data = self.get(key)
+            except (FileNotFoundError, ObjectNotFoundError):
                 return None
             etag = str(info.get("ETag") or info.get("etag") or "")
-            try:
-                data = self.get(key)
-            except ObjectNotFoundError:
-                continue
-            if not etag or self._etag(key) == etag:
+            if etag:
                 return data, etag
-        raise ObjectStoreError(f"key: {key} in {self.url} keeps changing; retry later")
-
-    def _etag(self, key: str) -> str | None:
-        try:
-            info = self.fs.info(self._p(key))
-        except FileNotFoundError:
-            return None
-        return str(info.get("ETag") or info.get("etag") or "")
+        raise ObjectStoreError(f"key: {self.url}/{key} has no ETag; compare-and-swap needs an S3-compatible store")
 
     def replace_if(self, key: str, data: bytes, token: str | None) -> bool:
         if token is None:

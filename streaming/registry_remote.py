@@ -87,10 +87,11 @@ class RemoteModelRegistry(ModelRegistry):
     def versions(self, name: str) -> list[int]:
         """Published versions: those whose ``metadata.json`` exists (never a half upload)."""
         self.model_dir(name)
-        out = []
-        for entry in self.objects.names(name):
-            if entry.isdigit() and self.objects.exists(f"{name}/{entry}/{METADATA_FILE}"):
-                out.append(int(entry))
+        out = set()
+        for key in self.objects.list_keys(name):  # one paged listing, not a request per version
+            parts = key.split("/")
+            if len(parts) == 3 and parts[1].isdigit() and parts[2] == METADATA_FILE:
+                out.add(int(parts[1]))
         return sorted(out)
 
     def metadata(self, name: str, version: int) -> dict[str, Any]:
