@@ -93,6 +93,14 @@ class ObjectStore:
         """Write ``key`` only if it does not exist yet; False (nothing written) when it does."""
         raise NotImplementedError
 
+    def put_file(self, key: str, source: Path) -> None:
+        """:meth:`put` of a local file's content, streamed (model shards can be large)."""
+        self.put(key, Path(source).read_bytes())
+
+    def get_file(self, key: str, dest: Path) -> None:
+        """Copy one object into a new local file ``dest`` (streamed where the backend allows)."""
+        Path(dest).write_bytes(self.get(key))
+
     def get(self, key: str) -> bytes:
         """The object's bytes; :class:`ObjectNotFoundError` when it does not exist."""
         raise NotImplementedError
@@ -294,6 +302,18 @@ class FsspecObjectStore(ObjectStore):
         except OSError as exc:
             raise ObjectStoreError(f"key: cannot write {key} to {self.url}: {exc}; check the bucket and "
                                    "credentials, then retry") from exc
+
+    def put_file(self, key: str, source: Path) -> None:
+        try:
+            self.fs.put_file(str(source), self._p(key))  # one PUT, or a multipart upload: atomic either way
+        except OSError as exc:
+            raise ObjectStoreError(f"key: cannot upload {source} to {self.url}/{key}: {exc}") from exc
+
+    def get_file(self, key: str, dest: Path) -> None:
+        try:
+            self.fs.get_file(self._p(key), str(dest))
+        except FileNotFoundError as exc:
+            raise ObjectNotFoundError(f"key: {key} does not exist in {self.url}") from exc
 
     def _conditional_put(self, key: str, data: bytes, **condition: str) -> bool:
         if not self._conditional():

@@ -130,7 +130,7 @@ class RemoteModelRegistry(ModelRegistry):
                     continue
                 dest = tmp / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(self.objects.get(key))
+                self.objects.get_file(key, dest)
             (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", "utf-8")
             final = mdir / str(version)
             if final.exists():  # a refresh: swap the old copy out in one rename, then delete it
@@ -264,8 +264,9 @@ class RemoteModelRegistry(ModelRegistry):
             meta["manifest"] = manifest
             meta["metadata_sha256"] = metadata_digest(meta)
             body = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
-            objects = {f"{name}/{version}/{rel}": p.read_bytes() for rel, p in files.items()}
-            if not self.objects.publish(objects, f"{name}/{version}/{METADATA_FILE}", body):
+            for rel, path in files.items():  # data first (streamed), metadata.json last and only if absent
+                self.objects.put_file(f"{name}/{version}/{rel}", path)
+            if not self.objects.create(f"{name}/{version}/{METADATA_FILE}", body):
                 raise ModelRegistryError(f"version: {name}/{version} was published by another writer during "
                                          "this upload; retry")
             state["last_version"] = version
