@@ -100,10 +100,13 @@ class ModelRegistry:
 
     def __init__(self, root: Path | str, storage_options: dict[str, Any] | None = None,
                  cache_dir: Path | None = None) -> None:
-        from streaming.objstore import local_path
+        from streaming.objstore import ObjectStore, local_path, open_store
 
         self.root = local_path(root)
         self.url = str(root)
+        #: Small objects beside the versions (e.g. a trainer lease: ``create`` / ``replace_if``), keyed
+        #: ``<name>/<file>``; the same API on object storage (streaming/objstore.py).
+        self.objects: ObjectStore = open_store(self.root)
 
     def _write_state(self, name: str, state: dict[str, Any]) -> None:
         """Replace the model's state.json (the seam object storage overrides with compare-and-swap)."""

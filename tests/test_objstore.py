@@ -74,6 +74,18 @@ def test_create_if_absent_and_compare_and_swap(store_url: tuple[str, dict[str, A
     assert objects.get_versioned("missing") is None
 
 
+def test_registry_exposes_atomic_small_objects_for_a_lease(tmp_path: Path) -> None:
+    """What a trainer lease needs from the (default, local) registry: create-if-absent and CAS."""
+    from streaming.model_registry import ModelRegistry
+
+    reg = ModelRegistry(tmp_path / "models")
+    assert reg.objects.create("m/lease.json", b'{"owner": "a"}')
+    assert not reg.objects.create("m/lease.json", b'{"owner": "b"}')
+    current = reg.objects.get_versioned("m/lease.json")
+    assert current is not None and reg.objects.replace_if("m/lease.json", b'{"owner": "b"}', current[1])
+    assert reg.versions("m") == [] and reg.names() == ["m"]  # a lease is not a version
+
+
 def test_backends_and_config_accept_urls(tmp_path: Path) -> None:
     assert isinstance(open_store(tmp_path), LocalObjectStore)
     assert isinstance(open_store(f"file://{tmp_path}"), LocalObjectStore)
