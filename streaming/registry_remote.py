@@ -10,11 +10,13 @@ Layout under the URL (keys; same names as the local tree, so TF Serving's layout
 
 Why: an object store has no rename and no flock, so the local protocol (export into a staging
 directory, ``os.rename`` it to ``<version>``, writers serialised by ``flock``) becomes
-(1) a writer lease taken with create-if-absent / compare-and-swap on ``.lock`` and expiring on its
-own if the holder dies, (2) a version number claimed with create-if-absent, (3) the files uploaded,
-(4) ``metadata.json`` (sha256 of every file + its own digest) put last, (5) ``state.json`` replaced
-only if nobody changed it since it was read. A reader lists ``<version>/metadata.json`` keys only,
-so it never sees a half-uploaded version; a claim without metadata is a crashed publish and is
+(1) a version number claimed with create-if-absent, (2) the files uploaded, (3) ``metadata.json``
+(sha256 of every file + its own digest) put last and only if absent, (4) under a writer lease
+(create-if-absent / compare-and-swap on ``.lock``, expiring on its own if the holder dies) the
+``CREATED`` entry appended to ``state.json``, replaced only if nobody changed it since it was read.
+The lease is held for state updates only (never during an upload). Lease expiry compares the
+writers' wall clocks: hosts must be NTP-synchronised to well under :data:`LEASE_S`. A reader lists
+``<version>/metadata.json`` keys only, so it never sees a half-uploaded version; a claim without metadata is a crashed publish and is
 collected by :meth:`RemoteModelRegistry.clean_staging` after a grace period.
 
 TensorFlow loads from local directories, so :meth:`version_dir` materialises a version into a local
@@ -252,24 +254,27 @@ class RemoteModelRegistry(ModelRegistry):
         (staging / METADATA_FILE).unlink(missing_ok=True)
         files = {p.relative_to(staging).as_posix(): p for p in sorted(staging.rglob("*")) if p.is_file()}
         manifest = {rel: sha256_file(p) for rel, p in files.items()}
+        # The number is claimed with create-if-absent (no lease needed: two writers can never claim
+        # the same one) and the upload runs outside the lease, which is held only for the short
+        # state.json update: a slow upload never outlives a lease another writer then steals.
+        version = max([int(self.state(name)["last_version"]), *self.versions(name)]) + 1
+        while not self.objects.create(f"{name}/{version}/{CLAIM_FILE}", self._owner.encode()):
+            version += 1  # another writer, or a crashed publish, holds that number
+        meta = dict(metadata)
+        meta["name"] = name
+        meta["version"] = version
+        meta.setdefault("created_at", now_ms())
+        meta["manifest"] = manifest
+        meta["metadata_sha256"] = metadata_digest(meta)
+        body = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+        for rel, path in files.items():  # data first (streamed), metadata.json last and only if absent
+            self.objects.put_file(f"{name}/{version}/{rel}", path)
+        if not self.objects.create(f"{name}/{version}/{METADATA_FILE}", body):
+            raise ModelRegistryError(f"version: {name}/{version} already has a metadata.json although this "
+                                     "writer claimed the number; the registry was edited by hand; retry")
         with self._locked(name):
             state = self.state(name)
-            version = max([int(state["last_version"]), *self.versions(name)]) + 1
-            while not self.objects.create(f"{name}/{version}/{CLAIM_FILE}", self._owner.encode()):
-                version += 1  # a crashed publish (or a writer without the lease) holds that number
-            meta = dict(metadata)
-            meta["name"] = name
-            meta["version"] = version
-            meta.setdefault("created_at", now_ms())
-            meta["manifest"] = manifest
-            meta["metadata_sha256"] = metadata_digest(meta)
-            body = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
-            for rel, path in files.items():  # data first (streamed), metadata.json last and only if absent
-                self.objects.put_file(f"{name}/{version}/{rel}", path)
-            if not self.objects.create(f"{name}/{version}/{METADATA_FILE}", body):
-                raise ModelRegistryError(f"version: {name}/{version} was published by another writer during "
-                                         "this upload; retry")
-            state["last_version"] = version
+            state["last_version"] = max(int(state["last_version"]), version)
             self._append(state, "CREATED", version, str(meta.get("reason") or "exported"),
                          metadata_sha256=meta["metadata_sha256"])
             self._write_state(name, state)

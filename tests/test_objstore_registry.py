@@ -84,8 +84,8 @@ def test_crash_before_metadata_leaves_no_version(remote: tuple[str, S3Server, Pa
     reader = _registry(server, url, tmp / "reader")
     assert reader.versions("m") == [] and reader.latest("m") is None  # ... but no version is visible
     assert reader.state("m")["history"] == []
-    # the lease of the killed writer was released by its context manager; a restarted one publishes
-    # the next number (1 stays claimed by the crash until clean_staging collects it)
+    # no lease is held during an upload, so nothing blocks the restarted writer; it publishes the
+    # next number (1 stays claimed by the crash; clean_staging collects its objects, not the number)
     v = reg.publish("m", _export(reg, "m", b"2"), {})
     assert v == 2 and reader.versions("m") == [2]
     reader.verify("m", 2)
