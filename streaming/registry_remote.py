@@ -17,7 +17,8 @@ directory, ``os.rename`` it to ``<version>``, writers serialised by ``flock``) b
 The lease is held for state updates only (never during an upload). Lease expiry compares the
 writers' wall clocks: hosts must be NTP-synchronised to well under :data:`LEASE_S`. A reader lists
 ``<version>/metadata.json`` keys only, so it never sees a half-uploaded version; a claim without
-metadata is a crashed publish and its objects are collected by :meth:`RemoteModelRegistry.clean_staging` after a grace period.
+metadata is a crashed publish; :meth:`RemoteModelRegistry.clean_staging` collects its objects
+after a grace period.
 
 TensorFlow loads from local directories, so :meth:`version_dir` materialises a version into a local
 cache (``cache_dir``) and :meth:`verify` re-downloads it and checks every file against the sha256
