@@ -2,8 +2,8 @@
 SavedModel, a serving host with an empty cache verifies, downloads and answers with it, and refuses
 a version whose shard was damaged on the object store.
 
-One test on purpose: it imports TensorFlow and exports two tiny SavedModels (47 s alone at a load
-average of ~19 on the 2-core box, most of it the TF import that the suite's serving tests share)."""
+One test on purpose: it imports TensorFlow and exports two tiny SavedModels (36-47 s alone at a load
+average of 19-40 on the shared 2-core box, most of it the TF import the suite's serving tests share)."""
 
 from __future__ import annotations
 

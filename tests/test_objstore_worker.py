@@ -2,8 +2,8 @@
 broker: every offset lands in exactly one published batch, and a restarted worker resumes from
 the store on object storage (its newest manifest and state object), not from a local directory.
 
-One test on purpose (two worker runs with a group join each, every batch four S3 requests): 31 s
-under a load average of 19 on the 2-core box; the unit-level guarantees are in test_objstore*.py."""
+One test on purpose (two worker runs with a group join each, every batch four S3 requests): 9 to
+31 s on the shared 2-core box (load average 19-40); the unit-level guarantees are in test_objstore*.py."""
 
 from __future__ import annotations
 
