@@ -202,10 +202,25 @@ def test_lineage_keys_resolve_on_another_host(s3_server: S3Server, tmp_path: Pat
         lineage_path(other, {**entry, "file": "../other/x.avro"})
 
 
-def test_remote_store_refuses_directory_only_operations(s3_server: S3Server) -> None:
-    store = FeatureStore(f"s3://{s3_server.new_bucket()}/f", storage_options=s3_server.options())
+def test_remote_store_refuses_directory_only_operations(s3_server: S3Server, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import fsspec
+
+    from streaming.promote import hold_live
+    from streamlearn.status import _last_batch_age
+
+    url = f"s3://{s3_server.new_bucket()}/f"
+    store = FeatureStore(url, storage_options=s3_server.options())
     with pytest.raises(StoreError, match="object storage"):
         store.directory("sensor")
+    info, _ = store.write_batch(_spec(0, 4), _rows(0, 5), created_at_ms=1_000)
+    monkeypatch.setitem(fsspec.config.conf, "s3", s3_server.options())
+    monkeypatch.chdir(tmp_path)
+    s = config.load({"home": tmp_path / "home", "feature_store": url})
+    assert _last_batch_age(s, "sensor", now=11.0) == 10.0  # status reads the manifest's time, no stat
+    with hold_live(s, "sensor") as pending:  # the stream worker's promotion guard: nothing to hold
+        assert pending is None
+    assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())  # no URL made into a local dir
 
 
 def test_unsupported_conditional_backend_says_so(tmp_path: Path) -> None:
