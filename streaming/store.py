@@ -245,7 +245,7 @@ class FeatureStore:
         self.check_names(kind, namespace)
         if self.remote is not None:
             raise StoreError(f"feature_store: {self.url} is object storage; this operation (namespace promote, "
-                             "quarantine, gc by directory) needs a local or shared directory store")
+                             "replay --into, quarantine) needs a local or shared directory store")
         return self.root / namespace / kind
 
     def batch_path(self, kind: str, batch_id: str, namespace: str = "live") -> Location:

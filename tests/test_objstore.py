@@ -202,6 +202,24 @@ def test_lineage_keys_resolve_on_another_host(s3_server: S3Server, tmp_path: Pat
         lineage_path(other, {**entry, "file": "../other/x.avro"})
 
 
+def test_store_gc_on_object_storage(s3_server: S3Server, tmp_path: Path) -> None:
+    """Retention works on s3://: old batches go (manifest first), the newest of the partition stays."""
+    from streaming.retention import collect
+
+    url = f"s3://{s3_server.new_bucket()}/f"
+    store = FeatureStore(url, storage_options=s3_server.options())
+    for i in range(3):
+        store.write_batch(_spec(i * 5, i * 5 + 4), _rows(i * 5, 5), created_at_ms=1_000 + i)
+    s = config.load({"home": tmp_path, "feature_store": url})
+    dry = collect(s, dry_run=True, kinds=["sensor"], retention_days=1, now_ms=10 * 86_400_000, store=store)
+    assert len(dry.deleted) == 2 and all(d["bytes"] > 0 for d in dry.deleted) and len(store.batches("sensor")) == 3
+    done = collect(s, dry_run=False, kinds=["sensor"], retention_days=1, now_ms=10 * 86_400_000, store=store)
+    assert [d["bytes"] for d in done.deleted] == [d["bytes"] for d in dry.deleted]
+    assert [b.manifest["ranges"][0]["first_offset"] for b in store.batches("sensor")] == [10]
+    assert store.remote is not None and store.remote.objects.names("live/sensor") == sorted(
+        f"{store.batches('sensor')[0].batch_id}{ext}" for ext in (".avro", ".json"))
+
+
 def test_remote_store_refuses_directory_only_operations(s3_server: S3Server, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     import fsspec
