@@ -409,6 +409,26 @@ class FsspecObjectStore(ObjectStore):
         return f"{self.url}/{check_key(key)}"
 
 
+def backend_errors() -> tuple[type[BaseException], ...]:
+    """Exception types meaning "the object store failed or is unreachable" (callers turn them into
+    backpressure): ours, OSError (what s3fs translates to), and the S3 client's own connection and
+    protocol errors, which s3fs passes through untranslated (e.g. EndpointConnectionError)."""
+    found: list[type[BaseException]] = [ObjectStoreError, OSError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        found += [BotoCoreError, ClientError]
+    except ImportError:  # pragma: no cover - botocore comes with s3fs
+        pass
+    try:
+        from aiohttp import ClientError as HttpClientError
+
+        found.append(HttpClientError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(found)
+
+
 def open_store(location: Location, storage_options: dict[str, Any] | None = None) -> ObjectStore:
     """The object store of a location: local for a path or ``file://``, fsspec otherwise.
 

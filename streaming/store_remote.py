@@ -24,8 +24,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from streaming.exceptions import BackpressureError, ObjectNotFoundError, ObjectStoreError, StoreError
-from streaming.objstore import ObjectStore
+from streaming.exceptions import BackpressureError, ObjectNotFoundError, StoreError
+from streaming.objstore import ObjectStore, backend_errors
 
 if TYPE_CHECKING:
     from streaming.store import BatchInfo, BatchSpec, FeatureStore, StoredRow
@@ -148,23 +148,23 @@ class RemoteBatches:
         bid = batch_id_for(spec.topic, spec.partition, spec.first_offset, spec.last_offset)
         path = self.batch_path(spec.kind, bid, namespace)
         manifest_key = self.key(spec.kind, namespace, f"{bid}.json")
-        if self.objects.exists(manifest_key):
-            return BatchInfo(bid, path, self.manifest(spec.kind, bid, namespace)), False
-        self.store.check_overlap(spec, bid, namespace)
-        data = encode_rows(bid, rows, spec.n_features, spec.label_names)
-        manifest, state_bytes = self.store.prepare_manifest(bid, spec, rows, data, namespace, created_at_ms)
-        objects = {self.key(spec.kind, namespace, f"{bid}.avro"): data}
-        if state_bytes is not None:
-            objects[self.key(spec.kind, namespace, f"{bid}{STATE_SUFFIX}")] = state_bytes
-        body = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
-        try:
+        try:  # an unreachable or refusing object store is backpressure (pause, retry), not a crash
+            if self.objects.exists(manifest_key):
+                return BatchInfo(bid, path, self.manifest(spec.kind, bid, namespace)), False
+            self.store.check_overlap(spec, bid, namespace)
+            data = encode_rows(bid, rows, spec.n_features, spec.label_names)
+            manifest, state_bytes = self.store.prepare_manifest(bid, spec, rows, data, namespace, created_at_ms)
+            objects = {self.key(spec.kind, namespace, f"{bid}.avro"): data}
+            if state_bytes is not None:
+                objects[self.key(spec.kind, namespace, f"{bid}{STATE_SUFFIX}")] = state_bytes
+            body = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
             created = self.objects.publish(objects, manifest_key, body)
-        except ObjectStoreError as exc:
+            if not created:  # another writer published the same range first: its batch is the batch
+                return BatchInfo(bid, path, self.manifest(spec.kind, bid, namespace)), False
+        except backend_errors() as exc:
             err = BackpressureError(f"feature store: cannot publish batch {bid} to {self.objects.url}: {exc}; "
                                     "the worker pauses and retries")
             raise err from exc
-        if not created:  # another writer published the same range first: its batch is the batch
-            return BatchInfo(bid, path, self.manifest(spec.kind, bid, namespace)), False
         return BatchInfo(bid, path, manifest), True
 
     def remove_batch(self, kind: str, batch_id: str, namespace: str) -> int:

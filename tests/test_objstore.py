@@ -220,6 +220,18 @@ def test_store_gc_on_object_storage(s3_server: S3Server, tmp_path: Path) -> None
         f"{store.batches('sensor')[0].batch_id}{ext}" for ext in (".avro", ".json"))
 
 
+def test_unreachable_object_store_is_backpressure(tmp_path: Path) -> None:
+    """The stream worker pauses and retries on BackpressureError; an S3 outage must be one."""
+    from streaming.broker import free_port
+    from streaming.exceptions import BackpressureError
+
+    dead = {"key": "k", "secret": "s", "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+            "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{free_port()}", "region_name": "us-east-1"}}
+    store = FeatureStore("s3://nobucket/f", storage_options=dead)
+    with pytest.raises(BackpressureError, match="pauses and retries"):
+        store.write_batch(_spec(0, 4), _rows(0, 5))
+
+
 def test_remote_store_refuses_directory_only_operations(s3_server: S3Server, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     import fsspec
