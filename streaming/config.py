@@ -41,6 +41,16 @@ ENV_PREFIX = "STREAMLEARN_"
 _NOT_FROM_ENV = frozenset({"model_specs"})
 
 
+def _location(raw: Path | str | None, default: Path) -> Path | str:
+    """A store location: an object-storage URL stays a str (``s3://...``); a path or ``file://`` URL
+    becomes an absolute Path, as before."""
+    from streaming.objstore import is_remote, local_path
+
+    if raw and is_remote(raw):
+        return str(raw).rstrip("/")
+    return (local_path(raw) if raw else default).expanduser().absolute()
+
+
 class Settings(BaseSettings):
     """Resolved settings. Build with :func:`load`; derive variants with :meth:`with_`.
 
@@ -67,10 +77,13 @@ class Settings(BaseSettings):
         "tenant this process acts for: its topic and group names become <topic_prefix><tenant>., and its "
         "Kafka clients refuse topics, groups and transactional ids outside that prefix (docs/SECURITY.md)"))
     partitions: int = Field(3, ge=1, description=("partitions of the raw and request topics"))
-    feature_store: Path = Field(None, validate_default=False,  # type: ignore[assignment]  # HOME/features
-                                description=("feature batch directory (default HOME/features)"))
-    model_dir: Path = Field(None, validate_default=False,  # type: ignore[assignment]  # HOME/models
-                            description=("model registry directory (default HOME/models)"))
+    # A str only for an object-storage URL (streaming/objstore.py); a path or file:// URL is an absolute Path.
+    feature_store: Path | str = Field(None, validate_default=False,  # type: ignore[assignment]  # HOME/features
+                                      description=("feature batch directory or object-storage URL, e.g. "
+                                                   "s3://bucket/features (default HOME/features)"))
+    model_dir: Path | str = Field(None, validate_default=False,  # type: ignore[assignment]  # HOME/models
+                                  description=("model registry directory or object-storage URL, e.g. "
+                                               "s3://bucket/models (default HOME/models)"))
     ingest_tokens: str = Field("", repr=False, description=(  # a secret: never in a repr or a log line
         "comma-separated bearer tokens of the HTTP ingest gateway (name:token or token)"))
     ingest_port: int = Field(8088, description=("port the HTTP ingest gateway listens on"))
@@ -182,8 +195,8 @@ class Settings(BaseSettings):
             return data
         home = Path(data.get("home") or ".streamlearn").expanduser().absolute()
         return {**data, "home": home,
-                "feature_store": Path(data.get("feature_store") or home / "features").absolute(),
-                "model_dir": Path(data.get("model_dir") or home / "models").absolute()}
+                "feature_store": _location(data.get("feature_store"), home / "features"),
+                "model_dir": _location(data.get("model_dir"), home / "models")}
 
     @field_validator("*", mode="before")
     @classmethod

@@ -70,11 +70,10 @@ class Divergence:
 
 def _batches_newest_first(store: FeatureStore, kind: str, topic: str, partition: int,
                           namespace: str) -> list[BatchInfo]:
-    d = store.directory(kind, namespace)
     out = []
     for first, last in reversed(store.ranges(kind, topic, partition, namespace)):
         bid = batch_id_for(topic, partition, first, last)
-        out.append(BatchInfo(bid, d / f"{bid}.avro", store.manifest(kind, bid, namespace)))
+        out.append(BatchInfo(bid, store.batch_path(kind, bid, namespace), store.manifest(kind, bid, namespace)))
     return out
 
 
@@ -146,9 +145,12 @@ def quarantine(store: FeatureStore, kind: str, namespace: str, div: Divergence) 
     return qdir
 
 
-def quarantined(feature_store: Path) -> list[dict[str, Any]]:
-    """Every quarantine note under a feature store (for ``streamlearn status``), oldest first."""
-    out = []
+def quarantined(feature_store: Path | str) -> list[dict[str, Any]]:
+    """Every quarantine note under a feature store (for ``streamlearn status``), oldest first
+    (none on object storage, where quarantine is not available)."""
+    out: list[dict[str, Any]] = []
+    if isinstance(feature_store, str) and "://" in feature_store:
+        return out
     root = Path(feature_store)
     for note in sorted(root.glob(f"*/*/{QUARANTINE_DIR}/*.why.json")):
         try:

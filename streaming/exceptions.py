@@ -146,3 +146,11 @@ class ErrorPolicyError(StreamingError, ValueError):
 
 class ReplicationError(StreamingError, ValueError):
     """Topic replication settings the cluster cannot honour (too few brokers, min ISR above RF)."""
+
+
+class ObjectStoreError(StreamingError):
+    """An object-storage operation failed or the backend lacks it (streaming/objstore.py)."""
+
+
+class ObjectNotFoundError(ObjectStoreError, FileNotFoundError):
+    """A key does not exist; also a FileNotFoundError so callers' ``except`` clauses keep working."""

@@ -93,10 +93,37 @@ def metadata_digest(meta: dict[str, Any]) -> str:
 
 
 class ModelRegistry:
-    """Reader and writer of ``<root>/<name>/...``; safe to use from several processes at once."""
+    """Reader and writer of ``<root>/<name>/...``; safe to use from several processes at once.
 
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
+    A root that is an object-storage URL (``s3://bucket/models``) gives a
+    :class:`streaming.registry_remote.RemoteModelRegistry` (same API; docs/STORE.md).
+    """
+
+    def __new__(cls, root: Path | str, *args: Any, **kwargs: Any) -> ModelRegistry:
+        from streaming.objstore import is_remote
+
+        if cls is ModelRegistry and is_remote(root):
+            from streaming.registry_remote import RemoteModelRegistry
+
+            return super().__new__(RemoteModelRegistry)
+        return super().__new__(cls)
+
+    def __init__(self, root: Path | str, storage_options: dict[str, Any] | None = None,
+                 cache_dir: Path | None = None) -> None:
+        from streaming.objstore import ObjectStore, local_path, open_store
+
+        self.root = local_path(root)
+        self.url = str(root)
+        #: Small objects beside the versions (e.g. a trainer lease: ``create`` / ``replace_if``), keyed
+        #: ``<name>/<file>``; the same API on object storage (streaming/objstore.py).
+        self.objects: ObjectStore = open_store(self.root)
+
+    def _write_state(self, name: str, state: dict[str, Any]) -> None:
+        """Replace the model's state.json (the seam object storage overrides with compare-and-swap)."""
+        write_json_atomic(self._state_path(name), state)
+
+    def _refresh_serving_config(self) -> None:
+        refresh_quietly(self)  # TF Serving's models.config follows every promotion
 
     # ------------------------------------------------------------------ paths
     def model_dir(self, name: str) -> Path:
@@ -250,7 +277,7 @@ class ModelRegistry:
             if int(epoch) != previous:
                 state["leader_epoch"] = int(epoch)
                 self._append(state, "LEADER", self.latest(name) or 0, f"leader epoch {epoch}", epoch=int(epoch))
-                write_json_atomic(self._state_path(name), state)
+                self._write_state(name, state)
         return previous
 
     def promoted(self, name: str) -> int | None:
@@ -286,7 +313,7 @@ class ModelRegistry:
             state = self.state(name)
             self._check_fence(name, state, fence)
             self._append(state, action, version, reason, **extra)
-            write_json_atomic(self._state_path(name), state)
+            self._write_state(name, state)
 
     # ------------------------------------------------------------------ writing
     def staging(self, name: str) -> Path:
@@ -365,7 +392,7 @@ class ModelRegistry:
             state["last_version"] = version
             self._append(state, "CREATED", version, str(meta.get("reason") or "exported"),
                          metadata_sha256=meta["metadata_sha256"], epoch=fence)
-            write_json_atomic(self._state_path(name), state)
+            self._write_state(name, state)
         return version
 
     def set_promoted(self, name: str, version: int, reason: str, *, fence: int | None = None) -> int | None:
@@ -384,8 +411,8 @@ class ModelRegistry:
             stack.append(version)
             state["promoted_stack"] = stack
             self._append(state, "PROMOTED", version, reason, previous=previous)
-            write_json_atomic(self._state_path(name), state)
-        refresh_quietly(self)  # TF Serving's models.config follows every promotion
+            self._write_state(name, state)
+        self._refresh_serving_config()
         return int(previous) if previous is not None else None
 
     def rollback(self, name: str, reason: str = "manual rollback") -> int:
@@ -418,8 +445,8 @@ class ModelRegistry:
             state["promoted"] = target
             state["promoted_stack"] = stack
             self._append(state, "ROLLED_BACK", target, reason, previous=current)
-            write_json_atomic(self._state_path(name), state)
-        refresh_quietly(self)
+            self._write_state(name, state)
+        self._refresh_serving_config()
         return int(target)
 
     def apply_retention(self, name: str, keep_last: int, *, fence: int | None = None) -> list[int]:
@@ -451,5 +478,5 @@ class ModelRegistry:
                 self._append(state, "DELETED", version, f"retention keep_last={keep_last}")
             if deleted:
                 fsync_dir(mdir)
-                write_json_atomic(self._state_path(name), state)
+                self._write_state(name, state)
         return deleted

@@ -278,6 +278,9 @@ def hold_live(settings: Settings, kind: str) -> Iterator[PromoteResult | None]:
     and a promotion never swaps the directory under a worker of this host, even one that has not
     joined its group yet (the group check alone has that window)."""
     store = FeatureStore(settings.feature_store)
+    if store.remote is not None:  # object storage: no namespace promotion exists there to hold off
+        yield None
+        return
     store.root.mkdir(parents=True, exist_ok=True)
     with open(_lock_path(store.root, kind), "a+") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_SH)  # waits while a promotion runs

@@ -77,6 +77,10 @@ def lineage_batch_ids(registry: ModelRegistry) -> set[str]:
 
 
 def _batch_bytes(store: FeatureStore, kind: str, namespace: str, batch_id: str) -> int:
+    if store.remote is not None:  # object storage: the objects' sizes (a HEAD each)
+        return sum(store.remote.objects.size(key) for key in
+                   (store.remote.key(kind, namespace, f"{batch_id}{ext}") for ext in (".avro", ".json", STATE_SUFFIX))
+                   if store.remote.objects.exists(key))
     d = store.directory(kind, namespace)
     total = 0
     for name in (f"{batch_id}.avro", f"{batch_id}.json", f"{batch_id}{STATE_SUFFIX}"):

@@ -42,8 +42,10 @@ import numpy as np
 from streaming.clock import now_ms
 from streaming.exceptions import BackpressureError, BatchOverlapError, StoreError, StreamingError  # noqa: F401 (re-exported)
 from streaming.fsutil import fsync_dir, pid_alive, write_synced
+from streaming.objstore import Location, is_remote, local_path, open_store, open_url
 from streaming.store_index import IndexCache
 from streaming.store_index import append as index_append
+from streaming.store_remote import RemoteBatches
 
 MANIFEST_FORMAT = 1
 _OFFSET_DIGITS = 20
@@ -91,10 +93,10 @@ class StoredRow:
 
 @dataclass(frozen=True)
 class BatchInfo:
-    """A persisted batch: its id, the path of its ``.avro`` and its parsed manifest."""
+    """A persisted batch: its id, the path of its ``.avro`` (a URL on object storage) and its parsed manifest."""
 
     batch_id: str
-    path: Path
+    path: Location
     manifest: dict[str, Any]
 
 
@@ -172,14 +174,14 @@ def encode_rows(batch_id: str, rows: Iterable[StoredRow], n_features: int,
     return buf.getvalue()
 
 
-def read_batch(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+def read_batch(path: Location) -> dict[str, np.ndarray]:
     """Arrays of one batch: ``x`` (N, n_features) float32, one float64 array per label name (NaN
     where the label is None), ``event_time_ms`` int64, ``partition`` int32, ``offset`` int64.
 
     Needs only the ``.avro`` (n_features and label names are in its header metadata), so a batch
-    copied elsewhere stays readable.
+    copied elsewhere stays readable. ``path`` may be an object-storage URL (``BatchInfo.path``).
     """
-    with open(path, "rb") as fh:
+    with open_url(path) as fh:
         reader = fastavro.reader(fh)
         meta = reader.metadata
         n_features = int(meta["streamlearn.n_features"])
@@ -213,26 +215,50 @@ def read_batch(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
 
 class FeatureStore:
-    """A directory of feature batches. Readers: :meth:`batches`, :func:`read_batch`."""
+    """A directory (or an object-storage URL) of feature batches. Readers: :meth:`batches`,
+    :func:`read_batch`.
 
-    def __init__(self, root: str | os.PathLike[str], state_inline_max_bytes: int = STATE_INLINE_MAX_BYTES) -> None:
-        self.root = Path(root)
+    A root that is an ``s3://`` (or other fsspec) URL delegates batch I/O to
+    :class:`streaming.store_remote.RemoteBatches` (manifest published last, docs/STORE.md);
+    a path or ``file://`` URL keeps the local protocol below.
+    """
+
+    def __init__(self, root: Location, state_inline_max_bytes: int = STATE_INLINE_MAX_BYTES,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.url = str(root)
+        self.root = Path(self.url) if is_remote(root) else local_path(root)
         if state_inline_max_bytes < 0:
             raise StoreError(f"state_inline_max_bytes: must be >= 0, got {state_inline_max_bytes}")
         self.state_inline_max_bytes = state_inline_max_bytes
         self._indexes: dict[Path, IndexCache] = {}
+        self.remote = RemoteBatches(self, open_store(root, storage_options)) if is_remote(root) else None
 
     # ---- paths -------------------------------------------------------------------------------
-    def directory(self, kind: str, namespace: str = "live") -> Path:
+    @staticmethod
+    def check_names(kind: str, namespace: str) -> None:
         if not _NAMESPACE_RE.match(namespace):
             raise StoreError(f"namespace: {namespace!r} must be letters, digits, '.', '_' or '-' (max 100)")
         if not _NAMESPACE_RE.match(kind):
             raise StoreError(f"kind: {kind!r} must be letters, digits, '.', '_' or '-'")
+
+    def directory(self, kind: str, namespace: str = "live") -> Path:
+        self.check_names(kind, namespace)
+        if self.remote is not None:
+            raise StoreError(f"feature_store: {self.url} is object storage; this operation (namespace promote, "
+                             "replay --into, quarantine) needs a local or shared directory store")
         return self.root / namespace / kind
+
+    def batch_path(self, kind: str, batch_id: str, namespace: str = "live") -> Location:
+        """Where a batch's rows live: a Path locally, a URL on object storage."""
+        if self.remote is not None:
+            return self.remote.batch_path(kind, batch_id, namespace)
+        return self.directory(kind, namespace) / f"{batch_id}.avro"
 
     # ---- reading -----------------------------------------------------------------------------
     def batch_ids(self, kind: str, namespace: str = "live") -> list[str]:
         """Ids of the persisted batches (those whose ``.avro`` exists), by name."""
+        if self.remote is not None:
+            return self.remote.batch_ids(kind, namespace)
         d = self.directory(kind, namespace)
         try:
             names = os.listdir(d)
@@ -248,6 +274,8 @@ class FeatureStore:
         Served from the directory's index (``streaming/store_index.py``): only manifests written
         since the last call are read, so a poll does not grow with the store.
         """
+        if self.remote is not None:
+            return self.remote.batches(kind, namespace)
         d = self.directory(kind, namespace)
         return [BatchInfo(bid, d / f"{bid}.avro", m) for bid, m in self._index(d).ordered()]
 
@@ -256,6 +284,8 @@ class FeatureStore:
         """The batches after ``batch_id`` in :meth:`batches` order (all when None); when that batch
         is gone, those after ``(created_at_ms, batch_id)``. Costs the answer, not the store: the
         trainer's once-a-second poll."""
+        if self.remote is not None:
+            return self.remote.batches_after(kind, batch_id, created_at_ms, namespace)
         d = self.directory(kind, namespace)
         index = self._index(d)
         if batch_id is None:
@@ -288,6 +318,8 @@ class FeatureStore:
     def featurizer_state(self, kind: str, manifest: dict[str, Any], namespace: str = "live") -> str | None:
         """The featurizer state checkpointed with a batch: inline in its manifest, or in the
         ``<batch_id>.state.json`` file the manifest names (checked against its sha256)."""
+        if self.remote is not None:
+            return self.remote.featurizer_state(kind, manifest, namespace)
         ref = manifest.get("featurizer_state_file")
         if not ref:
             text: str | None = manifest.get("featurizer_state")
@@ -304,6 +336,8 @@ class FeatureStore:
         return data.decode("utf-8")
 
     def manifest(self, kind: str, batch_id: str, namespace: str = "live") -> dict[str, Any]:
+        if self.remote is not None:
+            return self.remote.manifest(kind, batch_id, namespace)
         result: dict[str, Any] = json.loads(
             (self.directory(kind, namespace) / f"{batch_id}.json").read_text(encoding="utf-8"))
         return result
@@ -314,7 +348,8 @@ class FeatureStore:
         # file made that 1 s a write at 100k batches (bench_store_growth); still one listdir.
         prefix = f"{topic}-p{partition}-"
         try:
-            names = os.listdir(self.directory(kind, namespace))
+            names = ([f"{b}.avro" for b in self.remote.batch_ids(kind, namespace)] if self.remote is not None
+                     else os.listdir(self.directory(kind, namespace)))
         except (FileNotFoundError, NotADirectoryError):
             return []
         out = []
@@ -340,8 +375,7 @@ class FeatureStore:
             return None
         first, last = rs[-1]
         bid = batch_id_for(topic, partition, first, last)
-        d = self.directory(kind, namespace)
-        return BatchInfo(bid, d / f"{bid}.avro", self.manifest(kind, bid, namespace))
+        return BatchInfo(bid, self.batch_path(kind, bid, namespace), self.manifest(kind, bid, namespace))
 
     # ---- writing -----------------------------------------------------------------------------
     def write_batch(self, spec: BatchSpec, rows: Sequence[StoredRow], namespace: str = "live",
@@ -353,17 +387,14 @@ class FeatureStore:
         and :class:`BackpressureError` when the disk is full or not writable (nothing visible is
         left behind; retry later).
         """
+        if self.remote is not None:
+            return self.remote.write_batch(spec, rows, namespace, created_at_ms)
         bid = batch_id_for(spec.topic, spec.partition, spec.first_offset, spec.last_offset)
         d = self.directory(spec.kind, namespace)
         final = d / f"{bid}.avro"
         if final.exists():
             return BatchInfo(bid, final, self.manifest(spec.kind, bid, namespace)), False
-        for first, last in self.ranges(spec.kind, spec.topic, spec.partition, namespace):
-            if first <= spec.last_offset and spec.first_offset <= last:
-                raise BatchOverlapError(
-                    f"batch {bid}: offsets {spec.first_offset}..{spec.last_offset} overlap the persisted "
-                    f"batch {first}..{last} of {spec.topic}[{spec.partition}]; resume after offset {last}"
-                )
+        self.check_overlap(spec, bid, namespace)
         data = encode_rows(bid, rows, spec.n_features, spec.label_names)
         manifest, state_bytes = self.prepare_manifest(bid, spec, rows, data, namespace, created_at_ms)
         tag = f"{os.getpid()}-{time.monotonic_ns()}{_TMP_SUFFIX}"
@@ -391,10 +422,21 @@ class FeatureStore:
             index_append(d, "add", bid, manifest)
         return BatchInfo(bid, final, manifest), True
 
+    def check_overlap(self, spec: BatchSpec, bid: str, namespace: str) -> None:
+        """Refuse a range that overlaps a persisted batch of the same partition."""
+        for first, last in self.ranges(spec.kind, spec.topic, spec.partition, namespace):
+            if first <= spec.last_offset and spec.first_offset <= last:
+                raise BatchOverlapError(
+                    f"batch {bid}: offsets {spec.first_offset}..{spec.last_offset} overlap the persisted "
+                    f"batch {first}..{last} of {spec.topic}[{spec.partition}]; resume after offset {last}"
+                )
+
     def remove_batch(self, kind: str, batch_id: str, namespace: str = "live") -> int:
         """Delete one batch (``.avro`` first: it stops existing at once, then its manifest and
         state file); returns the bytes freed. Only retention (``streaming/retention.py``) and
         tests call this: deleting a batch a model's lineage names breaks its reproduction."""
+        if self.remote is not None:
+            return self.remote.remove_batch(kind, batch_id, namespace)
         d = self.directory(kind, namespace)
         index_append(d, "del", batch_id)  # before the files go: no reader is handed a vanishing batch
         freed = 0
@@ -459,7 +501,11 @@ class FeatureStore:
 
     def remove_stale_temp_files(self, kind: str, namespace: str = "live", older_than_s: float = 0.0) -> int:
         """Delete temp files left by crashed writers (pid no longer alive on this host, or older
-        than ``older_than_s`` when that is > 0). Returns how many were removed."""
+        than ``older_than_s`` when that is > 0). Returns how many were removed. On object storage:
+        data objects whose manifest never appeared, older than ``ORPHAN_GRACE_S``."""
+        if self.remote is not None:
+            from streaming.store_remote import ORPHAN_GRACE_S
+            return self.remote.collect_orphans(kind, namespace, max(older_than_s, ORPHAN_GRACE_S))
         d = self.directory(kind, namespace)
         removed = 0
         try:
@@ -484,7 +530,9 @@ class FeatureStore:
 
     def verify(self, info: BatchInfo) -> None:
         """Check a batch's bytes against the sha256 of its manifest (raises :class:`StoreError`)."""
-        digest = hashlib.sha256(info.path.read_bytes()).hexdigest()
+        if self.remote is not None:
+            return self.remote.verify(info)
+        digest = hashlib.sha256(Path(info.path).read_bytes()).hexdigest()
         if digest != info.manifest.get("sha256"):
             raise StoreError(f"batch {info.batch_id}: sha256 {digest} does not match its manifest; "
                              "the file was modified or corrupted; delete it and replay the range")

@@ -177,7 +177,10 @@ def _last_batch_age(settings: Settings, kind: str, now: float) -> float | None:
         ids = store.batch_ids(kind)
         if not ids:
             return None
-        newest = max((store.directory(kind) / f"{bid}.avro").stat().st_mtime for bid in ids[-50:])
+        if store.remote is not None:  # object storage: no mtimes to stat; the manifests carry the time
+            newest = max(int(b.manifest.get("created_at_ms", 0) or 0) for b in store.batches(kind)) / 1000.0
+        else:
+            newest = max((store.directory(kind) / f"{bid}.avro").stat().st_mtime for bid in ids[-50:])
     except OSError:
         return None
     return max(0.0, now - newest)

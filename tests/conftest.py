@@ -68,3 +68,6 @@ def bare_settings(broker_settings: config.Settings, tmp_path: Path) -> config.Se
     return config.load({"home": tmp_path / "home", "kafka_bootstrap": broker_settings.bootstrap,
                         "topic_prefix": f"t{uuid.uuid4().hex[:10]}.", "metrics_port": -1,
                         "broker_loss_window_s": TEST_LOSS_WINDOW_S})
+
+
+from tests.s3_helpers import s3_bucket, s3_server  # noqa: E402,F401  (object-storage fixtures, tests/test_objstore*.py)

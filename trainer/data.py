@@ -23,11 +23,11 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from streaming.objstore import Location, open_url, relative_key
 from streaming.store import BatchInfo, read_batch
 from trainer.exceptions import LineageError, NotEnoughDataError
 from trainer.spec import ModelSpec
@@ -125,9 +125,10 @@ def plan_data(spec: ModelSpec, batches: list[BatchInfo], parent_state: dict[str,
     })
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Location) -> str:
+    """sha256 of a batch file, a local path or an object-storage URL (``BatchInfo.path``)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_url(path) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -176,8 +177,11 @@ def labelled(spec: ModelSpec, x: np.ndarray, columns: dict[str, np.ndarray]) -> 
     return np.asarray(x[mask], dtype=np.float32), y
 
 
-def lineage(plan: DataPlan, hashes: dict[str, str], feature_store: Path) -> dict[str, Any]:
-    """Exact provenance of a version: every batch with its role, file, sha256 and offset ranges."""
+def lineage(plan: DataPlan, hashes: dict[str, str], feature_store: Location) -> dict[str, Any]:
+    """Exact provenance of a version: every batch with its role, file, sha256 and offset ranges.
+
+    ``file`` is relative to the feature store (``live/sensor/<id>.avro``), never an absolute path
+    or URL, so a lineage resolves on any host that opens the same store."""
     entries: list[dict[str, Any]] = []
     offsets: dict[str, list[list[int]]] = {}
     schema_ids: set[int] = set()
@@ -186,10 +190,7 @@ def lineage(plan: DataPlan, hashes: dict[str, str], feature_store: Path) -> dict
     for role, group in roles:
         for b in group:
             m = b.manifest
-            try:
-                rel = b.path.resolve().relative_to(feature_store.resolve()).as_posix()
-            except ValueError:
-                rel = str(b.path)
+            rel = relative_key(b.path, feature_store) or str(b.path)
             entries.append({"batch_id": b.batch_id, "role": role, "file": rel, "sha256": hashes[b.batch_id],
                             "ranges": m.get("ranges", []), "record_count": m.get("record_count"),
                             "namespace": m.get("namespace"), "featurizer": m.get("featurizer", {}).get("version")})

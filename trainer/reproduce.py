@@ -25,6 +25,7 @@ import numpy as np
 
 from streaming.config import Settings
 from streaming.model_registry import ModelRegistry
+from streaming.objstore import Location, is_remote, open_store
 from streaming.progress import progress
 from streaming.store import BatchInfo
 from trainer.data import DataPlan
@@ -34,7 +35,7 @@ from trainer.spec import ModelSpec, load_spec
 DEFAULT_TOLERANCE = 1e-6
 
 
-def lineage_path(settings: Settings, entry: dict[str, Any]) -> Path:
+def lineage_path(settings: Settings, entry: dict[str, Any]) -> Location:
     """The batch file a lineage entry names, validated: a relative path that stays under the feature store.
 
     Why: ``metadata.json`` is data, and a hand-edited or hostile one must not make a reproduction read
@@ -47,7 +48,9 @@ def lineage_path(settings: Settings, entry: dict[str, Any]) -> Path:
     if rel.is_absolute() or ".." in rel.parts or not raw.endswith(".avro"):
         raise LineageError(f"lineage: file {raw[:200]!r} must be a relative .avro path under the feature store "
                            "(no absolute path, no '..'); the version's metadata is not trustworthy")
-    root = settings.feature_store.resolve()
+    if is_remote(settings.feature_store):  # a key under the store URL: no symlinks to follow
+        return f"{str(settings.feature_store).rstrip('/')}/{rel.as_posix()}"
+    root = Path(settings.feature_store).resolve()
     path = (root / rel).resolve()
     if not path.is_relative_to(root):
         raise LineageError(f"lineage: file {raw[:200]!r} leaves the feature store {root} (a symlink?)")
@@ -56,6 +59,8 @@ def lineage_path(settings: Settings, entry: dict[str, Any]) -> Path:
 
 def _batch(settings: Settings, entry: dict[str, Any]) -> BatchInfo:
     path = lineage_path(settings, entry)
+    if isinstance(path, str):
+        return _remote_batch(settings, entry, path)
     if not path.is_file():
         raise LineageError(
             f"lineage: batch {entry['batch_id']} ({path}) is gone; restore the feature store or replay the "
@@ -64,6 +69,19 @@ def _batch(settings: Settings, entry: dict[str, Any]) -> BatchInfo:
     manifest_path = path.with_suffix(".json")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
     return BatchInfo(entry["batch_id"], path, manifest)
+
+
+def _remote_batch(settings: Settings, entry: dict[str, Any], url: str) -> BatchInfo:
+    """A lineage batch on object storage: it exists iff its manifest does (docs/STORE.md)."""
+    objects = open_store(settings.feature_store)
+    key = url[len(str(settings.feature_store).rstrip("/")) + 1:]
+    try:
+        manifest = json.loads(objects.get(key[:-len(".avro")] + ".json"))
+    except FileNotFoundError as exc:
+        raise LineageError(
+            f"lineage: batch {entry['batch_id']} ({url}) is gone; restore the feature store or replay the "
+            f"offsets {entry.get('ranges')} into it first") from exc
+    return BatchInfo(entry["batch_id"], url, manifest)
 
 
 def reproduce(settings: Settings, name: str, version: int, *, tolerance: float = DEFAULT_TOLERANCE,
