@@ -28,29 +28,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import queue
 import signal
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka import TopicPartition
 
 from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import SchemaRegistry, open_registry
 from streaming import members, metrics, tenancy
-from streaming.ackguard import EpochWatch
 from streaming.batcher import Pipeline, WorkerStats
 from streaming.config import Settings
 from streaming.deadletters import DeadLetterIndex
-from streaming.divergence import find_divergence, quarantine
 from streaming.exceptions import GroupStuckError, SinkBackpressureError
 from streaming.kafka_security import kafka_security
 from streaming.onerror import OnError
 from streaming.onerror import dead_letter as onerror_dead_letter
 from streaming.sink import OffsetCommitter
 from streaming.topics import dead_letter_topic
+from streaming.worker_positions import PartitionPositions
 
 log = logging.getLogger(__name__)
 
@@ -66,26 +64,12 @@ def default_group(settings: Settings, kind: str) -> str:
     return settings.group(f"stream.{kind}")
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    """Queues rebalance events for the worker's thread.
+class StreamWorker(PartitionPositions):
+    """A live stream worker of one kind in a consumer group. :meth:`run` until ``stop`` is set.
 
-    Why not act here: kafka-python 3 calls listeners on its IO thread, where blocking consumer
-    calls (committed, commit) are refused and where the worker's own thread may be mid-batch.
-    The worker applies the events right after the poll that delivered them, before its records.
+    Where each partition resumes (rebalances, the store's end, broker restarts) is
+    :class:`~streaming.worker_positions.PartitionPositions`; the loop, flushes and backpressure are here.
     """
-
-    def __init__(self, events: queue.SimpleQueue[tuple[str, list[TopicPartition]]]) -> None:
-        self.events = events
-
-    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self.events.put(("revoked", list(revoked)))
-
-    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self.events.put(("assigned", list(assigned)))
-
-
-class StreamWorker:
-    """A live stream worker of one kind in a consumer group. :meth:`run` until ``stop`` is set."""
 
     def __init__(self, settings: Settings, kind: str, *, group: str | None = None, namespace: str = "live",
                  registry: SchemaRegistry | None = None, publisher: Any = None,
@@ -132,10 +116,7 @@ class StreamWorker:
         self.sub = Subscriber(settings, self.topic, group=self.group, start="committed", decode=False,
                               registry=registry, idle_backoff=True, idle_max_s=STREAM_IDLE_MAX_S,
                               **consumer_overrides)
-        # Re-subscribe with our listener so every (re)assignment resumes from the store.
-        self._events: queue.SimpleQueue[tuple[str, list[TopicPartition]]] = queue.SimpleQueue()
-        self.sub.consumer.subscribe([self.topic], listener=_Rebalance(self._events))
-        self.floor: dict[TopicPartition, int] = {}  # next offset to process, per partition
+        self._init_positions()  # re-subscribes with a listener: every (re)assignment resumes from the store
         self.paused_for_backpressure = False
         self.registry_backoff: dict[TopicPartition, float] = {}  # tp -> resume at (monotonic)
         self._retry_at = 0.0
@@ -144,140 +125,6 @@ class StreamWorker:
         self.max_records = settings.batch_max_records
         self.stats = self.pipeline.stats
         self._bp_gauge = metrics.BACKPRESSURE.labels(kind)
-        # Broker restarts (offset reuse): a plain connection a dying broker closes; partitions to re-check.
-        self._watch = EpochWatch(settings.bootstrap)
-        self._watch_at = 0.0
-        self._reverify: set[TopicPartition] = set()
-        self._reverify_at = 0.0
-        self._check_consumer: Any = None
-        self.quarantined: list[str] = []
-
-    # ---- rebalance ---------------------------------------------------------------------------
-    def _apply_rebalance_events(self) -> set[TopicPartition]:
-        """Apply queued rebalance events; returns the partitions (re)assigned, whose records in the
-        current poll must be ignored (fetched from a position that the assignment has replaced)."""
-        fresh: set[TopicPartition] = set()
-        while True:
-            try:
-                what, tps = self._events.get_nowait()
-            except queue.Empty:
-                return fresh
-            if what == "revoked":
-                self._on_revoked(tps)
-                fresh -= set(tps)
-            else:
-                self._on_assigned(tps)
-                fresh |= set(tps)
-
-    def _on_revoked(self, revoked: list[TopicPartition]) -> None:
-        """Forget revoked partitions' open and held batches: the partition may already belong to
-        another worker, which resumes from the store; persisting late could overlap its batches."""
-        for tp in revoked:
-            dropped = self.sink.forget(tp.partition)
-            if dropped:
-                log.info("%s[%d] revoked: %d unpersisted records will be re-read by the next owner",
-                         tp.topic, tp.partition, dropped)
-            self.pipeline.forget(tp.partition)
-            self.registry_backoff.pop(tp, None)
-            self.floor.pop(tp, None)
-            self.committer.forget(tp.partition)
-
-    def _on_assigned(self, assigned: list[TopicPartition]) -> None:
-        """Resume each partition after the highest offset its store batches hold (the store is the
-        truth; a commit lost in a crash after the rename must not produce an overlapping batch) and
-        restore the featurizer state checkpointed with that batch."""
-        consumer = self.sub.consumer
-        log.info("assigned %s", sorted(tp.partition for tp in assigned))
-        for tp in assigned:
-            # Always position explicitly: a partition revoked and assigned back to this process may
-            # keep its old fetch position, past records whose open batch the revocation dropped.
-            from_store = self.pipeline.restore(tp.partition)
-            committed = consumer.committed(tp)
-            try:
-                resume_at = self._check_store(tp)
-            except Exception as exc:  # the broker is not answering yet: hold the partition, re-check soon
-                log.warning("%s[%d]: cannot compare the store with the topic yet (%s); holding the partition",
-                            tp.topic, tp.partition, exc)
-                self._reverify.add(tp)
-                consumer.pause(tp)
-                continue
-            if resume_at is not None:  # the store diverged from the topic: resume at the divergence
-                self.pipeline.restore(tp.partition)
-                self.committer.later({tp.partition: resume_at})  # the store's verified end: durable
-                self.floor[tp] = resume_at
-                consumer.seek(tp, resume_at)
-                continue
-            if from_store is not None and (committed is None or from_store > committed):
-                log.info("%s[%d]: store holds up to offset %d (committed %s); resuming there",
-                         tp.topic, tp.partition, from_store - 1, committed)
-                target: int | None = from_store
-            else:
-                target = committed
-            if target is None:
-                consumer.seek_to_beginning(tp)
-                self.floor.pop(tp, None)
-            else:
-                consumer.seek(tp, target)
-                self.floor[tp] = target
-        if self.paused_for_backpressure and assigned:
-            consumer.pause(*assigned)
-
-    # ---- offset reuse after a broker restart -------------------------------------------------
-    def _check_store(self, tp: TopicPartition) -> int | None:
-        """Compare the partition's stored batches with the topic; on divergence quarantine the
-        batches past it and return the offset to resume at (None when the store agrees)."""
-        from kafka import KafkaConsumer
-
-        if self._check_consumer is None:
-            self._check_consumer = KafkaConsumer(bootstrap_servers=self.settings.bootstrap,
-                                                 enable_auto_commit=False, request_timeout_ms=10_000,
-                                                 **kafka_security(self.settings))
-        store, ns = self.pipeline.store, self.pipeline.namespace
-        div = find_divergence(store, self.kind, tp.topic, tp.partition, ns, self._check_consumer)
-        if div is None:
-            return None
-        qdir = quarantine(store, self.kind, ns, div)
-        ids = [b.batch_id for b in div.bad]
-        self.quarantined += ids
-        log.warning("feature store of %s[%d] diverged from the topic (%s; the broker lost writes and re-used "
-                    "their offsets): quarantined %d batches to %s: %s; resuming at offset %d",
-                    tp.topic, tp.partition, div.reason, len(ids), qdir, ", ".join(ids), div.resume_at)
-        return div.resume_at
-
-    def _watch_broker(self) -> set[TopicPartition]:
-        """On a broker restart, drop what was read since the store's end and re-check the store of
-        every owned partition before reading on (records there may have vanished or changed).
-
-        Returns the partitions it repositioned: records of the current poll were fetched from the old
-        position and must be ignored, as after a rebalance."""
-        now = time.monotonic()
-        # the liveness check runs on every loop (records fetched from a restarted broker must never be
-        # processed before the restart is noticed); reconnecting is throttled
-        reconnect = now >= self._watch_at
-        if reconnect:
-            self._watch_at = now + 0.2
-        if self._watch.poll(reconnect=reconnect):
-            owned = self.sub.consumer.assignment()
-            log.warning("broker connection lost; partitions %s will be re-checked against the store when "
-                        "it is back", sorted(tp.partition for tp in owned))
-            for tp in owned:
-                self.pipeline.forget(tp.partition)  # open and held batches: re-read after the re-check
-                self._reverify.add(tp)
-            if owned:
-                self.sub.consumer.pause(*owned)
-        if not self._reverify or not self._watch.connected or now < self._reverify_at:
-            return set()
-        owned = self.sub.consumer.assignment()
-        todo = [tp for tp in self._reverify if tp in owned]
-        self._reverify.clear()
-        self._on_assigned(todo)  # re-adds (and keeps paused) the partitions it could not check yet
-        if self._reverify:
-            self._reverify_at = now + 1.0
-        resumable = [tp for tp in todo if tp not in self._reverify and tp not in self.registry_backoff
-                     and not self.paused_for_backpressure]
-        if resumable:
-            self.sub.consumer.resume(*resumable)
-        return set(todo)
 
     # ---- main loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> WorkerStats:
