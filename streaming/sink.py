@@ -134,8 +134,7 @@ class FeatureSink:
                 break
             except BatchOverlapError as exc:
                 self.forget(partition)  # its later batches follow a range someone else wrote
-                flushed.overlaps[partition] = exc
-                flushed.offsets.pop(partition, None)
+                flushed.overlaps[partition] = exc  # (batches of it written before this one stay durable)
                 continue
             self.held.pop(0)
             (flushed.written if written else flushed.existing).append(info.batch_id)
