@@ -328,8 +328,8 @@ class Pipeline:
             return
         if sampled:
             self._featurize_hist.observe(time.perf_counter() - t0)
-        self.sink.add(StoredRow(row.x, row.labels, row.event_time_ms, row.key, msg.topic, partition,
-                                       offset), decoded.schema_id, record_fingerprint(msg))
+        self.sink.add(StoredRow(row.x, row.labels, row.event_time_ms, row.key, msg.topic, partition, offset),
+                      decoded.schema_id, record_fingerprint(msg))
         self.stats.records += 1
         self.stats.rows += 1
         self._unreported_rows += 1

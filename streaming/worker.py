@@ -47,7 +47,7 @@ from streaming.kafka_security import kafka_security
 from streaming.onerror import OnError
 from streaming.onerror import dead_letter as onerror_dead_letter
 from streaming.sink import OffsetCommitter
-from streaming.topics import dead_letter_topic
+from streaming.topics import dead_letter_topic, raw_topic
 from streaming.worker_positions import PartitionPositions
 
 log = logging.getLogger(__name__)
@@ -85,14 +85,13 @@ class StreamWorker(PartitionPositions):
         registry = registry or open_registry(settings.registry_url, settings.registry_dir)
         self._own_publisher = publisher is None
         self.publisher = publisher or Publisher(settings, registry)
+        # commit-after-flush: the sink tells the committer what is durable, nothing else commits a batch
+        self.committer = OffsetCommitter(raw_topic(settings, kind), lambda offsets: self.sub.commit(offsets))
         self.pipeline = Pipeline(settings, kind, namespace=namespace, registry=registry,
                                  publisher=self.publisher, max_seconds=settings.batch_max_seconds,
-                                 on_error=on_error)
+                                 on_error=on_error, on_durable=self.committer.durable)
         self.topic = self.pipeline.topic
         self.sink = self.pipeline.sink
-        # commit-after-flush: the sink tells the committer what is durable, nothing else commits a batch
-        self.committer = OffsetCommitter(self.topic, lambda offsets: self.sub.commit(offsets))
-        self.sink.on_durable = self.committer.durable
         self.pipeline.dl_index = DeadLetterIndex(settings.bootstrap, dead_letter_topic(settings, kind),
                                                  security=kafka_security(settings))
         removed = self.pipeline.store.remove_stale_temp_files(kind, namespace)
