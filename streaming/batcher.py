@@ -1,8 +1,9 @@
 """Micro-batcher (rows per partition until N records or T seconds) and the Pipeline around it.
 
-:class:`Pipeline` is decode -> featurize -> batch -> persist for one kind, shared by the live
-worker (:mod:`streaming.worker`) and replays (:mod:`streaming.replay`), so both build batches the
-same way.
+:class:`Pipeline` is decode -> featurize -> batch for one kind, shared by the live worker
+(:mod:`streaming.worker`) and replays (:mod:`streaming.replay`), so both build batches the same way;
+its :class:`~streaming.sink.FeatureSink` (``pipeline.sink``) makes them durable and says which
+offsets may be committed.
 
 Why per partition: a batch's name is derived from one partition's offset range, which keeps
 names deterministic (a restarted worker recomputes the same ids) and lets the worker commit one
@@ -30,12 +31,12 @@ from streaming.config import Settings
 from streaming.deadletters import FLOOR_KEY, DeadLetterIndex
 from streaming.divergence import FINGERPRINT_ALGO, FingerprintChain, record_fingerprint
 from streaming.exceptions import (
-    BackpressureError,
     BatcherError,  # noqa: F401 (re-exported)
     FeatureValidationError,
     PublishError,
     StoreError,
 )
+from streaming.sink import FeatureSink
 from streaming.store import BatchSpec, FeatureStore, StoredRow
 from streaming.topics import raw_topic
 
@@ -208,15 +209,17 @@ class WorkerStats:
 
 
 class Pipeline:
-    """Decode + featurize + batch + persist for one kind; shared by the worker and replays.
+    """Decode + featurize + batch for one kind; shared by the worker and replays.
 
-    Holds one featurizer state per partition. ``commit`` is called with ``{tp: next_offset}``
-    after a batch is durable (None for replays, which never commit).
+    Holds one featurizer state per partition. Rows go to :attr:`sink`, which writes batches and
+    calls ``on_durable({partition: next_offset})`` after each flush made batches durable (None for
+    replays, which never commit).
     """
 
     def __init__(self, settings: Settings, kind: str, *, namespace: str, registry: SchemaRegistry,
                  publisher: Any, max_seconds: float | None, featurizer_version: str | None = None,
-                 store: FeatureStore | None = None, on_error: onerror.OnError = onerror.dead_letter) -> None:
+                 store: FeatureStore | None = None, on_error: onerror.OnError = onerror.dead_letter,
+                 on_durable: Callable[[dict[int, int]], None] | None = None) -> None:
         self.settings = settings
         self.on_error = on_error
         self.kind = kind
@@ -236,6 +239,9 @@ class Pipeline:
                                     max_records=settings.batch_max_records, max_seconds=max_seconds)
         self.states: dict[int, Any] = {}
         self.stats = WorkerStats()
+        self.sink = FeatureSink(self.store, kind, namespace, self.topic, self.batcher, checkpoint=self._checkpoint,
+                                stats=self.stats, before_write=lambda _closed: self.flush_dead_letters(),
+                                on_durable=on_durable)
         self._featurize_hist = metrics.FEATURIZE_SECONDS.labels(kind)
         self._records_ok = metrics.RECORDS.labels(kind, "row")
         self._records_dl = metrics.RECORDS.labels(kind, "dead_letter")
@@ -247,8 +253,9 @@ class Pipeline:
     # ---- state -------------------------------------------------------------------------------
     def restore(self, partition: int) -> int | None:
         """Load the partition's featurizer state from its last batch; returns the next offset to
-        read according to the store (None when the store has nothing for the partition)."""
-        self.batcher.drop(self.topic, partition)
+        read according to the store (None when the store has nothing for the partition).
+        Open and held batches of the partition are dropped: reading resumes at the store's end."""
+        self.sink.forget(partition)
         last = self.store.last_batch(self.kind, self.topic, partition, self.namespace)
         state = None
         if last is not None:
@@ -286,7 +293,7 @@ class Pipeline:
         return nxt
 
     def forget(self, partition: int) -> None:
-        self.batcher.drop(self.topic, partition)
+        self.sink.forget(partition)
         self.states.pop(partition, None)
         self._dl_skip.pop(partition, None)
 
@@ -321,8 +328,8 @@ class Pipeline:
             return
         if sampled:
             self._featurize_hist.observe(time.perf_counter() - t0)
-        self.batcher.add_row(StoredRow(row.x, row.labels, row.event_time_ms, row.key, msg.topic, partition,
-                                       offset), decoded.schema_id, record_fingerprint(msg))
+        self.sink.add(StoredRow(row.x, row.labels, row.event_time_ms, row.key, msg.topic, partition, offset),
+                      decoded.schema_id, record_fingerprint(msg))
         self.stats.records += 1
         self.stats.rows += 1
         self._unreported_rows += 1
@@ -345,7 +352,7 @@ class Pipeline:
                 self.kind, raw, stage=stage, error=exc,
                 source={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}, key=msg.key)
             self._dl_futures.append((fut, msg, raw, stage, exc))
-        self.batcher.add_dead_letter(msg.topic, msg.partition, msg.offset, record_fingerprint(msg))
+        self.sink.add_dead_letter(msg.partition, msg.offset, record_fingerprint(msg))
         name = type(exc).__name__
         self.stats.records += 1
         self.stats.dead_letters += 1
@@ -354,17 +361,19 @@ class Pipeline:
         metrics.DEAD_LETTERS.labels(self.kind, metrics.reason_label(name)).inc()
 
     # ---- closing -----------------------------------------------------------------------------
-    def close(self, partition: int) -> ClosedBatch | None:
+    def _checkpoint(self, partition: int) -> tuple[str | None, dict[str, Any]]:
+        """What the sink stores with the partition's batch as it closes: the featurizer state after
+        its last record, and the dead-letter floor."""
         state = self.states.get(partition)
         text = self.featurizer.state_to_json(state) if state is not None else None
-        closed = self.batcher.close(self.topic, partition, text)
-        if closed is not None and self.dl_index is not None:
+        extra: dict[str, Any] = {}
+        if self.dl_index is not None:
             # taken before any later record is read: every later dead letter lands at or above it
             try:
-                closed.spec.extra[FLOOR_KEY] = self.dl_index.floor()
+                extra[FLOOR_KEY] = self.dl_index.floor()
             except Exception as exc:  # without a floor the next start reads the dead-letter topic from 0
                 log.warning("dead-letter topic end offsets unavailable (%s); batch written without a floor", exc)
-        return closed
+        return text, extra
 
     def flush_dead_letters(self) -> None:
         """Make every dead letter sent so far durable; failed sends are re-sent once, then
@@ -385,20 +394,3 @@ class Pipeline:
                 raise PublishError(f"dead-letter topic: {len(still)} dead letters not acknowledged "
                                    f"({still[0][0].exception}); check the broker; will retry")
         self._dl_futures = []
-
-    def persist(self, closed: ClosedBatch) -> bool:
-        """Write one closed batch (dead letters first); True when written, False when it existed."""
-        if closed.spec.dead_letter_offsets:
-            try:
-                self.flush_dead_letters()
-            except PublishError as exc:
-                raise BackpressureError(str(exc)) from exc
-        _, written = self.store.write_batch(closed.spec, closed.rows, namespace=self.namespace)
-        if written:
-            self.stats.batches += 1
-            metrics.BATCHES.labels(self.kind).inc()
-            metrics.BATCH_SIZE.labels(self.kind).observe(closed.spec.last_offset - closed.spec.first_offset + 1)
-            metrics.BATCH_AGE.labels(self.kind).observe(max(0.0, time.monotonic() - closed.opened_at))
-        else:
-            self.stats.batches_skipped += 1
-        return written

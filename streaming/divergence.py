@@ -18,6 +18,7 @@ Manifests written before fingerprints existed are trusted (nothing to compare).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from typing import Any
 from streaming.ackguard import record_digest
 from streaming.fsutil import fsync_dir
 from streaming.store import BatchInfo, FeatureStore, batch_id_for
+from streaming.store_index import append as index_append
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,9 @@ def quarantine(store: FeatureStore, kind: str, namespace: str, div: Divergence) 
     qdir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     for info in div.bad:
+        # journaled first (as FeatureStore.remove_batch does): a reader's index stops listing it at once
+        with contextlib.suppress(OSError):
+            index_append(d, "del", info.batch_id)
         for suffix in (".avro", ".json"):
             src = d / f"{info.batch_id}{suffix}"
             if src.exists():

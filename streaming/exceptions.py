@@ -53,6 +53,18 @@ class BackpressureError(StreamingError):
     """
 
 
+class SinkBackpressureError(BackpressureError):
+    """The feature sink could not make a batch durable; retry after ``retry_after`` seconds.
+
+    After quix-streams' ``SinkBackpressureError``: the caller pauses its partitions instead of
+    failing. The batches are kept by the sink (in order) and written by a later ``flush()``.
+    """
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class GroupActiveError(StreamingError):
     """Offsets of a consumer group can only be reset while it has no active members."""
 

@@ -45,7 +45,7 @@ from streaming.config import Settings
 from streaming.exceptions import OffsetOutOfRangeError, ReplayError
 from streaming.fsutil import write_json_atomic
 from streaming.offsets import earliest_and_end, offsets_for_timestamp
-from streaming.store import BatchOverlapError, FeatureStore
+from streaming.store import FeatureStore
 from streaming.topics import raw_topic
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,7 @@ def replay(settings: Settings, kind: str, *, from_ms: int | None = None, from_of
                 with Subscriber(settings, topic, start={"offsets": start}, until={"offsets": stop},
                                 decode=False, registry=registry, partitions=partitions) as sub:
                     _consume(sub, pipeline, result, idle_timeout_s, sink)
-        for p in sorted(start):
-            _close(pipeline, p, result)
+        _flush(pipeline, sorted(start), result)
     finally:
         if dead_letters:
             publisher.close()
@@ -248,21 +247,19 @@ def _consume(sub: Any, pipeline: Pipeline, result: ReplayResult, idle_timeout_s:
                 except RegistryUnavailableError as exc:
                     log.warning("schema registry unavailable (%s); retrying in 1 s", exc)
                     time.sleep(1.0)  # backoff before retrying the same record, not a test wait
-            if pipeline.batcher.pending(item.topic, item.partition) >= pipeline.batcher.max_records:
-                _close(pipeline, item.partition, result)
+            if pipeline.sink.pending(item.partition) >= pipeline.batcher.max_records:
+                _flush(pipeline, [item.partition], result)
         pipeline.report_metrics()
 
 
-def _close(pipeline: Pipeline, partition: int, result: ReplayResult) -> None:
-    closed = pipeline.close(partition)
-    if closed is None:
-        return
-    try:
-        written = pipeline.persist(closed)
-    except BatchOverlapError as exc:
+def _flush(pipeline: Pipeline, partitions: list[int], result: ReplayResult) -> None:
+    """Close the partitions' batches and write them through the pipeline's sink (the same writes as
+    the live worker's; a replay has no ``on_durable``: it commits nothing). A store that refuses
+    (SinkBackpressureError) ends the replay: re-running it skips the batches already written."""
+    flushed = pipeline.sink.flush(partitions)
+    result.batches_written += flushed.written
+    result.batches_existing += flushed.existing
+    if flushed.overlaps:
+        exc = next(iter(flushed.overlaps.values()))
         raise ReplayError(f"namespace: {result.namespace!r} already holds batches of another range ({exc}); "
                           "replay into a new namespace or delete that one") from exc
-    from streaming.store import batch_id_for
-
-    bid = batch_id_for(closed.spec.topic, partition, closed.spec.first_offset, closed.spec.last_offset)
-    (result.batches_written if written else result.batches_existing).append(bid)

@@ -16,40 +16,48 @@ Durability protocol of :meth:`FeatureStore.write_batch` (a batch exists iff its 
 ``batch_id`` is derived from the topic/partition/offset range (``<topic>-p<partition>-<first>-<last>``,
 offsets zero-padded so names sort by offset), so writing the same range twice is detected and
 skipped, and an overlapping range is refused (:class:`BatchOverlapError`). The ``.avro`` bytes are
-a pure function of the rows: the sync marker is derived from the batch id and no wall-clock time is
-written into it (``created_at`` lives only in the manifest), so a replay of the same range produces
-byte-identical files.
+a pure function of the rows, so a replay of the same range produces byte-identical files. Those
+pure parts (ids, row schema, encoding, manifest fields) live in :mod:`streaming.store_format` and
+are re-exported here; this module is the directory, the durability protocol and the index.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import fastavro
 import numpy as np
 
-from streaming.clock import now_ms
 from streaming.exceptions import BackpressureError, BatchOverlapError, StoreError, StreamingError  # noqa: F401 (re-exported)
 from streaming.fsutil import fsync_dir, pid_alive, write_synced
 from streaming.objstore import Location, is_remote, local_path, open_store, open_url
+from streaming.store_format import (  # noqa: F401 (re-exported: the store's public names stay here)
+    MANIFEST_FORMAT,
+    OFFSET_DIGITS,
+    ROW_SCHEMA,
+    BatchInfo,
+    BatchSpec,
+    StoredRow,
+    batch_id_for,
+    build_manifest,
+    decode_batch,
+    encode_rows,
+    parse_batch_id,
+)
 from streaming.store_index import IndexCache
 from streaming.store_index import append as index_append
 from streaming.store_remote import RemoteBatches
 
-MANIFEST_FORMAT = 1
-_OFFSET_DIGITS = 20
-_BATCH_RE = re.compile(r"^(?P<topic>.+)-p(?P<partition>\d+)-(?P<first>\d{20})-(?P<last>\d{20})$")
+_RANGE_RE = re.compile(rf"\d{{{OFFSET_DIGITS}}}-\d{{{OFFSET_DIGITS}}}")
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _TMP_SUFFIX = ".tmp"
 #: Featurizer state longer than this (UTF-8 bytes) goes to ``<batch_id>.state.json`` next to the
@@ -60,86 +68,6 @@ STATE_SUFFIX = ".state.json"
 BACKPRESSURE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG,
                                  errno.EROFS, errno.ENOTDIR, errno.EEXIST})
 
-ROW_SCHEMA: dict[str, Any] = {
-    "type": "record",
-    "name": "FeatureRow",
-    "namespace": "io.streamlearn.features",
-    "doc": "One featurized event; x has the featurizer's n_features floats.",
-    "fields": [
-        {"name": "x", "type": {"type": "array", "items": "float"}},
-        {"name": "labels", "type": {"type": "map", "values": ["null", "double"]}},
-        {"name": "event_time_ms", "type": "long"},
-        {"name": "key", "type": "string"},
-        {"name": "topic", "type": "string"},
-        {"name": "partition", "type": "int"},
-        {"name": "offset", "type": "long"},
-    ],
-}
-_PARSED_ROW_SCHEMA = fastavro.parse_schema(ROW_SCHEMA)
-
-
-@dataclass(frozen=True)
-class StoredRow:
-    """One row to persist: features plus where the event came from."""
-
-    x: np.ndarray
-    labels: dict[str, float | None]
-    event_time_ms: int
-    key: str
-    topic: str
-    partition: int
-    offset: int
-
-
-@dataclass(frozen=True)
-class BatchInfo:
-    """A persisted batch: its id, the path of its ``.avro`` (a URL on object storage) and its parsed manifest."""
-
-    batch_id: str
-    path: Location
-    manifest: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class BatchSpec:
-    """Everything that describes a batch apart from its rows (becomes the manifest)."""
-
-    kind: str
-    topic: str
-    partition: int
-    first_offset: int
-    last_offset: int
-    featurizer_version: str
-    n_features: int
-    label_names: Sequence[str]
-    schema_ids: Sequence[int] = ()
-    dead_letter_offsets: Sequence[int] = ()
-    featurizer_state: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def batch_id_for(topic: str, partition: int, first_offset: int, last_offset: int) -> str:
-    """Deterministic id of the batch holding ``[first_offset, last_offset]`` of one partition."""
-    if first_offset < 0 or last_offset < first_offset:
-        raise StoreError(
-            f"first_offset/last_offset: need 0 <= first <= last, got {first_offset}..{last_offset}"
-        )
-    return (f"{topic}-p{partition}-{first_offset:0{_OFFSET_DIGITS}d}-{last_offset:0{_OFFSET_DIGITS}d}")
-
-
-def parse_batch_id(batch_id: str) -> tuple[str, int, int, int]:
-    """``(topic, partition, first_offset, last_offset)`` of a batch id made by :func:`batch_id_for`."""
-    m = _BATCH_RE.match(batch_id)
-    if not m:
-        raise StoreError(f"batch_id: {batch_id!r} is not <topic>-p<partition>-<first>-<last>")
-    return m["topic"], int(m["partition"]), int(m["first"]), int(m["last"])
-
-
-def _sync_marker(batch_id: str) -> bytes:
-    """16 bytes derived from the id: fastavro's default marker is random, which breaks byte identity."""
-    return hashlib.sha256(("streamlearn-sync:" + batch_id).encode()).digest()[:16]
-
-
 def _as_backpressure(exc: OSError, what: str) -> BackpressureError:
     err = BackpressureError(
         f"feature store: cannot write {what}: {exc.strerror or exc} (errno {exc.errno}); "
@@ -147,31 +75,6 @@ def _as_backpressure(exc: OSError, what: str) -> BackpressureError:
     )
     err.errno = exc.errno  # type: ignore[attr-defined]
     return err
-
-
-def encode_rows(batch_id: str, rows: Iterable[StoredRow], n_features: int,
-                label_names: Sequence[str]) -> bytes:
-    """The exact bytes of a batch's ``.avro`` file (pure function of its arguments)."""
-    records = []
-    for r in rows:
-        x = np.asarray(r.x, dtype=np.float32).reshape(-1)
-        if x.shape[0] != n_features:
-            raise StoreError(
-                f"rows: offset {r.offset} has {x.shape[0]} features, the batch needs {n_features}")
-        labels = {name: (None if r.labels.get(name) is None else float(r.labels[name]))  # type: ignore[arg-type]
-                  for name in label_names}
-        records.append({"x": x.tolist(), "labels": labels, "event_time_ms": int(r.event_time_ms),
-                        "key": r.key, "topic": r.topic, "partition": int(r.partition),
-                        "offset": int(r.offset)})
-    buf = io.BytesIO()
-    metadata = {
-        "streamlearn.batch_id": batch_id,
-        "streamlearn.n_features": str(n_features),
-        "streamlearn.label_names": json.dumps(list(label_names)),
-    }
-    fastavro.writer(buf, _PARSED_ROW_SCHEMA, records, codec="snappy", sync_marker=_sync_marker(batch_id),
-                    metadata=metadata, sync_interval=1 << 20)
-    return buf.getvalue()
 
 
 def read_batch(path: Location) -> dict[str, np.ndarray]:
@@ -182,36 +85,7 @@ def read_batch(path: Location) -> dict[str, np.ndarray]:
     copied elsewhere stays readable. ``path`` may be an object-storage URL (``BatchInfo.path``).
     """
     with open_url(path) as fh:
-        reader = fastavro.reader(fh)
-        meta = reader.metadata
-        n_features = int(meta["streamlearn.n_features"])
-        label_names: list[str] = json.loads(meta["streamlearn.label_names"])
-        xs: list[list[float]] = []
-        labels: dict[str, list[float]] = {name: [] for name in label_names}
-        times: list[int] = []
-        parts: list[int] = []
-        offs: list[int] = []
-        for item in reader:
-            rec = cast(dict[str, Any], item)
-            xs.append(rec["x"])
-            lab = rec["labels"]
-            for name in label_names:
-                v = lab.get(name)
-                labels[name].append(np.nan if v is None else v)
-            times.append(rec["event_time_ms"])
-            parts.append(rec["partition"])
-            offs.append(rec["offset"])
-    out: dict[str, np.ndarray] = {
-        "x": np.asarray(xs, dtype=np.float32).reshape(len(xs), n_features),
-        "event_time_ms": np.asarray(times, dtype=np.int64),
-        "partition": np.asarray(parts, dtype=np.int32),
-        "offset": np.asarray(offs, dtype=np.int64),
-    }
-    for name in label_names:
-        if name in out:
-            raise StoreError(f"label_names: label {name!r} clashes with a built-in column; rename it")
-        out[name] = np.asarray(labels[name], dtype=np.float64)
-    return out
+        return decode_batch(fh)
 
 
 class FeatureStore:
@@ -377,6 +251,46 @@ class FeatureStore:
         bid = batch_id_for(topic, partition, first, last)
         return BatchInfo(bid, self.batch_path(kind, bid, namespace), self.manifest(kind, bid, namespace))
 
+    def overlapping(self, kind: str, topic: str, partition: int, first_offset: int, last_offset: int,
+                    namespace: str = "live") -> tuple[int, int] | None:
+        """A persisted ``(first, last)`` range of the partition overlapping ``first_offset..last_offset``,
+        or None: :meth:`write_batch`'s guard.
+
+        Served from the index (each partition's ids, sorted by offset), so a write costs
+        the same at 1k and 100k batches (it used to list the directory: bench_store_growth). Index
+        entries are candidates confirmed on disk (one ``stat`` each): a batch moved away behind the
+        index's back never blocks its offsets. A batch another writer renamed into place is seen once
+        its writer appended its journal line (right after the rename): the same check-then-write race
+        the directory listing had; a writer killed between its rename and its append is found by this
+        process's next index reload or scan, and by every process started after it.
+        """
+        d = self.directory(kind, namespace)
+        prefix = f"{topic}-p{partition}-"
+        ids = self._index(d).partition_ids(prefix)
+        at = bisect.bisect_left(ids, f"{prefix}{first_offset:0{OFFSET_DIGITS}d}")
+
+        def span(bid: str) -> tuple[int, int] | None:  # (first, last) named by a batch id
+            rest = bid[len(prefix):]
+            return (int(rest[:OFFSET_DIGITS]), int(rest[-OFFSET_DIGITS:])) if _RANGE_RE.fullmatch(rest) else None
+
+        # Existing batches of a partition never overlap each other, so only the nearest existing one
+        # starting before first_offset can reach into the range; any starting inside it overlaps.
+        for j in range(at - 1, -1, -1):
+            before = span(ids[j])
+            if before is not None and (d / f"{ids[j]}.avro").exists():
+                if before[1] >= first_offset:
+                    return before
+                break
+        for j in range(at, len(ids)):
+            inside = span(ids[j])
+            if inside is None:
+                continue
+            if inside[0] > last_offset:
+                break
+            if (d / f"{ids[j]}.avro").exists():
+                return inside
+        return None
+
     # ---- writing -----------------------------------------------------------------------------
     def write_batch(self, spec: BatchSpec, rows: Sequence[StoredRow], namespace: str = "live",
                     created_at_ms: int | None = None) -> tuple[BatchInfo, bool]:
@@ -423,13 +337,21 @@ class FeatureStore:
         return BatchInfo(bid, final, manifest), True
 
     def check_overlap(self, spec: BatchSpec, bid: str, namespace: str) -> None:
-        """Refuse a range that overlaps a persisted batch of the same partition."""
-        for first, last in self.ranges(spec.kind, spec.topic, spec.partition, namespace):
-            if first <= spec.last_offset and spec.first_offset <= last:
-                raise BatchOverlapError(
-                    f"batch {bid}: offsets {spec.first_offset}..{spec.last_offset} overlap the persisted "
-                    f"batch {first}..{last} of {spec.topic}[{spec.partition}]; resume after offset {last}"
-                )
+        """Refuse a range that overlaps a persisted batch of the same partition (locally from the index,
+        :meth:`overlapping`; on object storage from the listed ranges)."""
+        if self.remote is None:
+            overlap = self.overlapping(spec.kind, spec.topic, spec.partition, spec.first_offset,
+                                       spec.last_offset, namespace)
+        else:
+            overlap = next(((first, last) for first, last in self.ranges(spec.kind, spec.topic, spec.partition,
+                                                                         namespace)
+                            if first <= spec.last_offset and spec.first_offset <= last), None)
+        if overlap is not None:
+            first, last = overlap
+            raise BatchOverlapError(
+                f"batch {bid}: offsets {spec.first_offset}..{spec.last_offset} overlap the persisted "
+                f"batch {first}..{last} of {spec.topic}[{spec.partition}]; resume after offset {last}"
+            )
 
     def remove_batch(self, kind: str, batch_id: str, namespace: str = "live") -> int:
         """Delete one batch (``.avro`` first: it stops existing at once, then its manifest and
@@ -460,7 +382,7 @@ class FeatureStore:
         from the partition's newest batch and replay from the one before a range, so each batch
         keeps exactly the state it had; the manifest stays bounded and the crash rules unchanged.
         """
-        manifest = self._manifest(bid, spec, rows, data, namespace, created_at_ms)
+        manifest = build_manifest(bid, spec, rows, data, namespace, created_at_ms)
         state_bytes = None if spec.featurizer_state is None else spec.featurizer_state.encode("utf-8")
         if state_bytes is None or len(state_bytes) <= self.state_inline_max_bytes:
             return manifest, None
@@ -468,36 +390,6 @@ class FeatureStore:
         manifest["featurizer_state_file"] = {"name": f"{bid}{STATE_SUFFIX}", "size_bytes": len(state_bytes),
                                              "sha256": hashlib.sha256(state_bytes).hexdigest()}
         return manifest, state_bytes
-
-    @staticmethod
-    def _manifest(bid: str, spec: BatchSpec, rows: Sequence[StoredRow], data: bytes, namespace: str,
-                  created_at_ms: int | None) -> dict[str, Any]:
-        times = [int(r.event_time_ms) for r in rows]
-        created = now_ms() if created_at_ms is None else created_at_ms
-        return {
-            "format": MANIFEST_FORMAT,
-            "batch_id": bid,
-            "namespace": namespace,
-            "kind": spec.kind,
-            "ranges": [{
-                "topic": spec.topic,
-                "partition": spec.partition,
-                "first_offset": spec.first_offset,
-                "last_offset": spec.last_offset,
-                "dead_letter_offsets": sorted(int(o) for o in spec.dead_letter_offsets),
-            }],
-            "featurizer": {"kind": spec.kind, "version": spec.featurizer_version,
-                           "n_features": spec.n_features, "label_names": list(spec.label_names)},
-            "schema_ids": sorted({int(s) for s in spec.schema_ids}),
-            "record_count": len(rows),
-            "event_time_min_ms": min(times) if times else None,
-            "event_time_max_ms": max(times) if times else None,
-            "created_at_ms": created,
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "size_bytes": len(data),
-            "featurizer_state": spec.featurizer_state,
-            **spec.extra,
-        }
 
     def remove_stale_temp_files(self, kind: str, namespace: str = "live", older_than_s: float = 0.0) -> int:
         """Delete temp files left by crashed writers (pid no longer alive on this host, or older

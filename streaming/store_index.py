@@ -42,11 +42,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from streaming.store_format import OFFSET_DIGITS
+
 INDEX_NAME = "_index.json"
+#: Length of the "<first>-<last>" tail of every batch id (streaming/store_format.py: batch_id_for).
+RANGE_CHARS = 2 * OFFSET_DIGITS + 1
 #: Directory names a long-running reader checks per refresh (bounded work per poll).
 SCAN_CHUNK = 256
 
 SortKey = tuple[int, str]
+
+
+def partition_prefix(batch_id: str) -> str:
+    """``"<topic>-p<partition>-"`` of a batch id: what its partition's ids share."""
+    return batch_id[:-RANGE_CHARS]
 
 
 def index_path(directory: Path) -> Path:
@@ -96,6 +105,8 @@ class IndexCache:
         self._deleted: set[str] = set()  # ids a "del" line named whose files may still be there
         self.manifests: dict[str, dict[str, Any]] = {}
         self.keys: list[SortKey] = []  # sorted; keys[i][1] is the batch id
+        #: ids per partition ("<topic>-p<partition>-"), sorted = by offset: write_batch's overlap check
+        self.by_partition: dict[str, list[str]] = {}
         self._ino: int | None = None
         self._offset = 0
         self._lines = 0
@@ -111,6 +122,11 @@ class IndexCache:
             self.keys.append(key)  # the usual case: the newest batch
         else:
             bisect.insort(self.keys, key)
+        ids = self.by_partition.setdefault(partition_prefix(batch_id), [])
+        if not ids or batch_id > ids[-1]:
+            ids.append(batch_id)  # a partition's batches are journaled in offset order
+        else:
+            bisect.insort(ids, batch_id)
 
     def _drop(self, batch_id: str) -> None:
         old = self.manifests.pop(batch_id, None)
@@ -120,6 +136,10 @@ class IndexCache:
         i = bisect.bisect_left(self.keys, key)
         if i < len(self.keys) and self.keys[i] == key:
             del self.keys[i]
+        ids = self.by_partition.get(partition_prefix(batch_id), [])
+        j = bisect.bisect_left(ids, batch_id)
+        if j < len(ids) and ids[j] == batch_id:
+            del ids[j]
 
     def _apply(self, raw: bytes) -> None:
         try:
@@ -142,7 +162,7 @@ class IndexCache:
         a rebuild when it is missing or corrupt, a reconcile when one is due."""
         try:
             st = os.stat(self.path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no directory yet, or a file in its place
             if not self.directory.is_dir():
                 self._reset()
                 return
@@ -167,6 +187,7 @@ class IndexCache:
         self._close_scan()
         self.manifests.clear()
         self.keys.clear()
+        self.by_partition.clear()
         self._ino = None
         self._offset = 0
         self._lines = 0
@@ -272,6 +293,10 @@ class IndexCache:
     # ---- queries -----------------------------------------------------------------------------
     def ordered(self) -> list[tuple[str, dict[str, Any]]]:
         return [(bid, self.manifests[bid]) for _, bid in self.keys]
+
+    def partition_ids(self, prefix: str) -> list[str]:
+        """The cached ids of one partition (``"<topic>-p<partition>-"``), sorted by offset. Not a copy."""
+        return self.by_partition.get(prefix, [])
 
     def after(self, key: SortKey) -> list[tuple[str, dict[str, Any]]]:
         """Batches whose sort key is greater than ``key`` (cost: the answer, not the store)."""

@@ -61,7 +61,7 @@ class RemoteBatches:
     # ---- reading -----------------------------------------------------------------------------
     def batch_ids(self, kind: str, namespace: str) -> list[str]:
         """Ids of the published batches (those whose manifest exists), by name."""
-        from streaming.store import _BATCH_RE
+        from streaming.store_format import _BATCH_RE
 
         self.store.check_names(kind, namespace)
         names = self.objects.names(self.prefix(kind, namespace))

@@ -6,7 +6,9 @@ as many processes as the raw topic has partitions; they share the partitions thr
 Exactly-once into the store, without Kafka transactions:
 
 * a batch is one partition's offset range; it is written atomically (see :mod:`streaming.store`)
-  and only then are the offsets committed, so a crash never commits unpersisted data;
+  and only then are the offsets committed, so a crash never commits unpersisted data. That rule
+  lives in one place, the feature sink (:mod:`streaming.sink`), which reports what is durable to
+  this worker's :class:`~streaming.sink.OffsetCommitter`;
 * on (re)assignment the worker resumes after the highest offset the *store* holds for the
   partition (the store is the source of truth; the Kafka commit is an optimization), so a crash
   between the rename and the commit never produces an overlapping batch;
@@ -17,36 +19,35 @@ Undecodable records and records failing feature validation go to the kind's dead
 (original bytes, reason headers) and their offsets are listed in the batch manifest; the
 dead-letter producer is flushed before the batch is written. A registry outage is retried with
 backoff and never dead-lettered. When the store cannot be written (disk full, permissions) the
-worker pauses its partitions, retries with backoff and resumes by itself (backpressure).
+sink raises SinkBackpressureError: the worker pauses its partitions, lets the sink retry its held
+batches with backoff and resumes by itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import signal
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka import TopicPartition
 
 from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import SchemaRegistry, open_registry
 from streaming import members, metrics, tenancy
-from streaming.ackguard import EpochWatch
-from streaming.batcher import ClosedBatch, Pipeline, WorkerStats
+from streaming.batcher import Pipeline, WorkerStats
 from streaming.config import Settings
 from streaming.deadletters import DeadLetterIndex
-from streaming.divergence import find_divergence, quarantine
-from streaming.exceptions import BackpressureError, GroupStuckError
+from streaming.exceptions import GroupStuckError, SinkBackpressureError
 from streaming.kafka_security import kafka_security
 from streaming.onerror import OnError
 from streaming.onerror import dead_letter as onerror_dead_letter
-from streaming.store import BatchOverlapError
-from streaming.topics import dead_letter_topic
+from streaming.sink import OffsetCommitter
+from streaming.topics import dead_letter_topic, raw_topic
+from streaming.worker_positions import PartitionPositions
 
 log = logging.getLogger(__name__)
 
@@ -62,26 +63,12 @@ def default_group(settings: Settings, kind: str) -> str:
     return settings.group(f"stream.{kind}")
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    """Queues rebalance events for the worker's thread.
+class StreamWorker(PartitionPositions):
+    """A live stream worker of one kind in a consumer group. :meth:`run` until ``stop`` is set.
 
-    Why not act here: kafka-python 3 calls listeners on its IO thread, where blocking consumer
-    calls (committed, commit) are refused and where the worker's own thread may be mid-batch.
-    The worker applies the events right after the poll that delivered them, before its records.
+    Where each partition resumes (rebalances, the store's end, broker restarts) is
+    :class:`~streaming.worker_positions.PartitionPositions`; the loop, flushes and backpressure are here.
     """
-
-    def __init__(self, events: queue.SimpleQueue[tuple[str, list[TopicPartition]]]) -> None:
-        self.events = events
-
-    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self.events.put(("revoked", list(revoked)))
-
-    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self.events.put(("assigned", list(assigned)))
-
-
-class StreamWorker:
-    """A live stream worker of one kind in a consumer group. :meth:`run` until ``stop`` is set."""
 
     def __init__(self, settings: Settings, kind: str, *, group: str | None = None, namespace: str = "live",
                  registry: SchemaRegistry | None = None, publisher: Any = None,
@@ -97,10 +84,13 @@ class StreamWorker:
         registry = registry or open_registry(settings.registry_url, settings.registry_dir)
         self._own_publisher = publisher is None
         self.publisher = publisher or Publisher(settings, registry)
+        # commit-after-flush: the sink tells the committer what is durable, nothing else commits a batch
+        self.committer = OffsetCommitter(raw_topic(settings, kind), lambda offsets: self.sub.commit(offsets))
         self.pipeline = Pipeline(settings, kind, namespace=namespace, registry=registry,
                                  publisher=self.publisher, max_seconds=settings.batch_max_seconds,
-                                 on_error=on_error)
+                                 on_error=on_error, on_durable=self.committer.durable)
         self.topic = self.pipeline.topic
+        self.sink = self.pipeline.sink
         self.pipeline.dl_index = DeadLetterIndex(settings.bootstrap, dead_letter_topic(settings, kind),
                                                  security=kafka_security(settings))
         removed = self.pipeline.store.remove_stale_temp_files(kind, namespace)
@@ -124,158 +114,15 @@ class StreamWorker:
         self.sub = Subscriber(settings, self.topic, group=self.group, start="committed", decode=False,
                               registry=registry, idle_backoff=True, idle_max_s=STREAM_IDLE_MAX_S,
                               **consumer_overrides)
-        # Re-subscribe with our listener so every (re)assignment resumes from the store.
-        self._events: queue.SimpleQueue[tuple[str, list[TopicPartition]]] = queue.SimpleQueue()
-        self.sub.consumer.subscribe([self.topic], listener=_Rebalance(self._events))
-        self.floor: dict[TopicPartition, int] = {}  # next offset to process, per partition
-        self.held: list[ClosedBatch] = []  # closed but not yet durable (backpressure)
+        self._init_positions()  # re-subscribes with a listener: every (re)assignment resumes from the store
         self.paused_for_backpressure = False
         self.registry_backoff: dict[TopicPartition, float] = {}  # tp -> resume at (monotonic)
-        self._backoff_s = 0.0
         self._retry_at = 0.0
         self._lag_at = 0.0
         self._registry_streak = 0
-        self._pending_commits: dict[TopicPartition, int] = {}
         self.max_records = settings.batch_max_records
-        self._commit_retry_at = 0.0
         self.stats = self.pipeline.stats
         self._bp_gauge = metrics.BACKPRESSURE.labels(kind)
-        # Broker restarts (offset reuse): a plain connection a dying broker closes; partitions to re-check.
-        self._watch = EpochWatch(settings.bootstrap)
-        self._watch_at = 0.0
-        self._reverify: set[TopicPartition] = set()
-        self._reverify_at = 0.0
-        self._check_consumer: Any = None
-        self.quarantined: list[str] = []
-
-    # ---- rebalance ---------------------------------------------------------------------------
-    def _apply_rebalance_events(self) -> set[TopicPartition]:
-        """Apply queued rebalance events; returns the partitions (re)assigned, whose records in the
-        current poll must be ignored (fetched from a position that the assignment has replaced)."""
-        fresh: set[TopicPartition] = set()
-        while True:
-            try:
-                what, tps = self._events.get_nowait()
-            except queue.Empty:
-                return fresh
-            if what == "revoked":
-                self._on_revoked(tps)
-                fresh -= set(tps)
-            else:
-                self._on_assigned(tps)
-                fresh |= set(tps)
-
-    def _on_revoked(self, revoked: list[TopicPartition]) -> None:
-        """Forget revoked partitions' open and held batches: the partition may already belong to
-        another worker, which resumes from the store; persisting late could overlap its batches."""
-        for tp in revoked:
-            dropped = self.pipeline.batcher.pending(tp.topic, tp.partition)
-            if dropped:
-                log.info("%s[%d] revoked: %d unpersisted records will be re-read by the next owner",
-                         tp.topic, tp.partition, dropped)
-            self.held = [c for c in self.held if c.spec.partition != tp.partition]
-            self.pipeline.forget(tp.partition)
-            self.registry_backoff.pop(tp, None)
-            self.floor.pop(tp, None)
-            self._pending_commits.pop(tp, None)
-
-    def _on_assigned(self, assigned: list[TopicPartition]) -> None:
-        """Resume each partition after the highest offset its store batches hold (the store is the
-        truth; a commit lost in a crash after the rename must not produce an overlapping batch) and
-        restore the featurizer state checkpointed with that batch."""
-        consumer = self.sub.consumer
-        log.info("assigned %s", sorted(tp.partition for tp in assigned))
-        for tp in assigned:
-            # Always position explicitly: a partition revoked and assigned back to this process may
-            # keep its old fetch position, past records whose open batch the revocation dropped.
-            from_store = self.pipeline.restore(tp.partition)
-            committed = consumer.committed(tp)
-            try:
-                resume_at = self._check_store(tp)
-            except Exception as exc:  # the broker is not answering yet: hold the partition, re-check soon
-                log.warning("%s[%d]: cannot compare the store with the topic yet (%s); holding the partition",
-                            tp.topic, tp.partition, exc)
-                self._reverify.add(tp)
-                consumer.pause(tp)
-                continue
-            if resume_at is not None:  # the store diverged from the topic: resume at the divergence
-                self.pipeline.restore(tp.partition)
-                self._pending_commits[tp] = resume_at
-                self.floor[tp] = resume_at
-                consumer.seek(tp, resume_at)
-                continue
-            if from_store is not None and (committed is None or from_store > committed):
-                log.info("%s[%d]: store holds up to offset %d (committed %s); resuming there",
-                         tp.topic, tp.partition, from_store - 1, committed)
-                target: int | None = from_store
-            else:
-                target = committed
-            if target is None:
-                consumer.seek_to_beginning(tp)
-                self.floor.pop(tp, None)
-            else:
-                consumer.seek(tp, target)
-                self.floor[tp] = target
-        if self.paused_for_backpressure and assigned:
-            consumer.pause(*assigned)
-
-    # ---- offset reuse after a broker restart -------------------------------------------------
-    def _check_store(self, tp: TopicPartition) -> int | None:
-        """Compare the partition's stored batches with the topic; on divergence quarantine the
-        batches past it and return the offset to resume at (None when the store agrees)."""
-        from kafka import KafkaConsumer
-
-        if self._check_consumer is None:
-            self._check_consumer = KafkaConsumer(bootstrap_servers=self.settings.bootstrap,
-                                                 enable_auto_commit=False, request_timeout_ms=10_000,
-                                                 **kafka_security(self.settings))
-        store, ns = self.pipeline.store, self.pipeline.namespace
-        div = find_divergence(store, self.kind, tp.topic, tp.partition, ns, self._check_consumer)
-        if div is None:
-            return None
-        qdir = quarantine(store, self.kind, ns, div)
-        ids = [b.batch_id for b in div.bad]
-        self.quarantined += ids
-        log.warning("feature store of %s[%d] diverged from the topic (%s; the broker lost writes and re-used "
-                    "their offsets): quarantined %d batches to %s: %s; resuming at offset %d",
-                    tp.topic, tp.partition, div.reason, len(ids), qdir, ", ".join(ids), div.resume_at)
-        return div.resume_at
-
-    def _watch_broker(self) -> set[TopicPartition]:
-        """On a broker restart, drop what was read since the store's end and re-check the store of
-        every owned partition before reading on (records there may have vanished or changed).
-
-        Returns the partitions it repositioned: records of the current poll were fetched from the old
-        position and must be ignored, as after a rebalance."""
-        now = time.monotonic()
-        # the liveness check runs on every loop (records fetched from a restarted broker must never be
-        # processed before the restart is noticed); reconnecting is throttled
-        reconnect = now >= self._watch_at
-        if reconnect:
-            self._watch_at = now + 0.2
-        if self._watch.poll(reconnect=reconnect):
-            owned = self.sub.consumer.assignment()
-            log.warning("broker connection lost; partitions %s will be re-checked against the store when "
-                        "it is back", sorted(tp.partition for tp in owned))
-            for tp in owned:
-                self.pipeline.forget(tp.partition)
-                self.held = [c for c in self.held if c.spec.partition != tp.partition]
-                self._reverify.add(tp)
-            if owned:
-                self.sub.consumer.pause(*owned)
-        if not self._reverify or not self._watch.connected or now < self._reverify_at:
-            return set()
-        owned = self.sub.consumer.assignment()
-        todo = [tp for tp in self._reverify if tp in owned]
-        self._reverify.clear()
-        self._on_assigned(todo)  # re-adds (and keeps paused) the partitions it could not check yet
-        if self._reverify:
-            self._reverify_at = now + 1.0
-        resumable = [tp for tp in todo if tp not in self._reverify and tp not in self.registry_backoff
-                     and not self.paused_for_backpressure]
-        if resumable:
-            self.sub.consumer.resume(*resumable)
-        return set(todo)
 
     # ---- main loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> WorkerStats:
@@ -288,7 +135,7 @@ class StreamWorker:
         try:
             while not stop.is_set():
                 if self.paused_for_backpressure and time.monotonic() >= self._retry_at:
-                    self._retry_held()
+                    self._flush()  # the sink retries its held batches, oldest first
                 self._resume_registry_waits()
                 wait = self.pipeline.batcher.seconds_until_due()
                 timeout_ms = int(min(200.0, (wait if wait is not None else 1.0) * 1000)) if not self.held else 100
@@ -306,14 +153,11 @@ class StreamWorker:
                         self._process_partition(tp, msgs)
                 self.pipeline.report_metrics()
                 if not self.held:
-                    for _topic, partition in self.pipeline.batcher.due():
-                        if TopicPartition(self.topic, partition) in self._reverify:
-                            continue
-                        closed = self.pipeline.close(partition)
-                        if closed is not None:
-                            self._persist_and_commit(closed)
-                if self._pending_commits and time.monotonic() >= self._commit_retry_at:
-                    self._commit()
+                    due = [p for _topic, p in self.pipeline.batcher.due()
+                           if TopicPartition(self.topic, p) not in self._reverify]
+                    if due:
+                        self._flush(due)
+                self.committer.retry()
                 self._update_lag()
                 if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s \
                         and not self.held and not list(self.pipeline.batcher.open_partitions()):
@@ -348,10 +192,8 @@ class StreamWorker:
             try:
                 self.pipeline.process(msg)
                 self.floor[tp] = msg.offset + 1
-                if not self.held and self.pipeline.batcher.pending(tp.topic, tp.partition) >= self.max_records:
-                    closed = self.pipeline.close(tp.partition)  # exact count boundaries
-                    if closed is not None:
-                        self._persist_and_commit(closed)
+                if not self.held and self.sink.pending(tp.partition) >= self.max_records:
+                    self._flush([tp.partition])  # exact count boundaries
             except RegistryUnavailableError as exc:
                 self.stats.registry_retries += 1
                 self._registry_streak += 1
@@ -372,75 +214,45 @@ class StreamWorker:
                 if not self.paused_for_backpressure:
                     self.sub.consumer.resume(tp)
 
-    def _persist_and_commit(self, closed: ClosedBatch, commit: bool = True) -> None:
-        tp = TopicPartition(closed.spec.topic, closed.spec.partition)
+    @property
+    def held(self) -> list[Any]:
+        """Closed batches the store refused so far (backpressure), oldest first; the sink keeps them."""
+        return self.sink.held
+
+    def _flush(self, partitions: list[int] | None = None) -> None:
+        """Close ``partitions``' open batches and let the sink write every closed batch; the sink
+        hands what became durable to the committer. A refusal pauses, an overlap resynchronises."""
         try:
-            self.pipeline.persist(closed)
-        except BackpressureError as exc:
-            self._enter_backpressure(closed, exc)
+            flushed = self.sink.flush(partitions or ())
+        except SinkBackpressureError as exc:
+            self._backpressure(exc)
             return
-        except BatchOverlapError as exc:  # someone else persisted it (zombie owner): resync
-            log.warning("%s; resynchronising %s[%d] from the store", exc, tp.topic, tp.partition)
-            nxt = self.pipeline.restore(tp.partition)
+        for partition, overlap in flushed.overlaps.items():  # someone else persisted it (zombie owner)
+            tp = TopicPartition(self.topic, partition)
+            log.warning("%s; resynchronising %s[%d] from the store", overlap, tp.topic, tp.partition)
+            nxt = self.pipeline.restore(partition)
             if nxt is not None:
                 self.floor[tp] = nxt
                 self.sub.consumer.seek(tp, nxt)
-            return
-        if commit:
-            self._commit({tp: closed.next_offset})
-
-    def _commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
-        """Commit (with earlier failed commits); a failure is retried on a later loop, so the group's
-        offsets catch up with the store even when no further batch comes."""
-        self._pending_commits.update(offsets or {})
-        if not self._pending_commits:
-            return
-        pending = dict(self._pending_commits)
-        try:
-            self.sub.commit(pending)
-        except Exception as exc:  # rebalancing: the store is the truth, the next owner seeks past it
-            self._commit_retry_at = time.monotonic() + 1.0
-            log.warning("commit of %s failed (%s); the store still records the progress; will retry",
-                        pending, exc)
-            return
-        for tp, off in pending.items():
-            if self._pending_commits.get(tp) == off:
-                del self._pending_commits[tp]
-
-    def _enter_backpressure(self, closed: ClosedBatch, exc: Exception) -> None:
-        self.held.append(closed)
-        if not self.paused_for_backpressure:
-            self.paused_for_backpressure = True
-            self.stats.backpressure_events += 1
-            self._bp_gauge.set(1)
-            self.sub.consumer.pause(*self.sub.consumer.assignment())
-        self._backoff_s = min(MAX_BACKOFF_S, max(0.2, self._backoff_s * 2))
-        self._retry_at = time.monotonic() + self._backoff_s
-        log.warning("backpressure: %s; partitions paused, retrying in %.1f s", exc, self._backoff_s)
-
-    def _retry_held(self) -> None:
-        held, self.held = self.held, []
-        done: dict[TopicPartition, int] = {}
-        for i, closed in enumerate(held):
-            try:
-                self.pipeline.persist(closed)
-            except BackpressureError as exc:
-                self.held = held[i:]
-                self._backoff_s = min(MAX_BACKOFF_S, max(0.2, self._backoff_s * 2))
-                self._retry_at = time.monotonic() + self._backoff_s
-                log.warning("backpressure persists: %s; retrying in %.1f s", exc, self._backoff_s)
-                break
-            done[TopicPartition(closed.spec.topic, closed.spec.partition)] = closed.next_offset
-        if done:
-            self._commit(done)
-        if not self.held:
+        if self.paused_for_backpressure and not self.held:
             log.info("backpressure over: store writable again; resuming partitions")
             self.paused_for_backpressure = False
-            self._backoff_s = 0.0
             self._bp_gauge.set(0)
             resumable = [tp for tp in self.sub.consumer.assignment() if tp not in self.registry_backoff]
             if resumable:
                 self.sub.consumer.resume(*resumable)
+
+    def _backpressure(self, exc: SinkBackpressureError) -> None:
+        """The store refused a batch: pause every partition until the sink's retry is due."""
+        self._retry_at = time.monotonic() + exc.retry_after
+        if self.paused_for_backpressure:
+            log.warning("backpressure persists: %s; retrying in %.1f s", exc, exc.retry_after)
+            return
+        self.paused_for_backpressure = True
+        self.stats.backpressure_events += 1
+        self._bp_gauge.set(1)
+        self.sub.consumer.pause(*self.sub.consumer.assignment())
+        log.warning("backpressure: %s; partitions paused, retrying in %.1f s", exc, exc.retry_after)
 
     def _update_lag(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -457,15 +269,11 @@ class StreamWorker:
     def _drain(self) -> None:
         """On a clean stop: close every open batch and persist + commit what the store takes."""
         if self.held:
-            self._retry_held()
+            self._flush()
         if self.held:
             return
-        for _, partition in list(self.pipeline.batcher.open_partitions()):
-            closed = self.pipeline.close(partition)
-            if closed is not None:
-                self._persist_and_commit(closed)
-        if self._pending_commits:
-            self._commit()
+        self._flush([p for _, p in self.pipeline.batcher.open_partitions()])
+        self.committer.commit()
         self._update_lag(force=True)
 
     def close(self) -> None:
