@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from streaming.features import get_featurizer
-from streaming.features.sensor import SensorBuffer
+from streaming.features.sensor import SensorBuffer, SensorFeaturizer
 
 VERSIONS = ["sensor-v1", "sensor-v2", "sensor-v3"]
 
@@ -43,6 +43,7 @@ def _times(rng: random.Random, n: int) -> list[int]:
 @pytest.mark.parametrize("version", VERSIONS)
 def test_batched_rows_equal_the_per_record_rows_bit_for_bit(version: str) -> None:
     fz = get_featurizer("sensor", version)
+    assert isinstance(fz, SensorFeaturizer)
     rng = random.Random(version)
     snaps, expected = [], []
     for _ in range(150):
