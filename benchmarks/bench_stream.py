@@ -9,7 +9,10 @@ For each kind the same pre-published topic is read twice per round:
   batches (fsync, rename) until the store holds every offset. Group join is included.
 
 Two alternating rounds, best of each kept. Goal (issue "Streaming"): worker >= 0.5x baseline.
-Images are fewer (each is a PNG decoded and resized by the featurizer).
+Images are fewer (each is a PNG decoded and resized by the featurizer). For images a second
+baseline (issue 13) is a bare Pillow loop over the same images' bytes (open, grayscale, box resize
+to the featurizer's size, numpy /255: no Kafka, no validation, no store): the per-image cost of the
+pixels alone; goal: worker >= 0.8x of its rate.
 
     python -m benchmarks.bench_stream     # JSON to stdout and reports/bench/stream.json
 """
@@ -32,6 +35,7 @@ from streaming.store import FeatureStore
 from streaming.topics import raw_topic
 
 GOAL = 0.5
+PILLOW_GOAL = 0.8
 COUNTS = {"weblog": 10_000, "sensor": 20_000, "image": 1_000}
 ROUNDS = 2
 
@@ -64,6 +68,42 @@ def _raw_consume(settings: Settings, kind: str, n: int) -> tuple[float, float]:
         return time.perf_counter() - start, time.process_time() - cpu
     finally:
         consumer.close()
+
+
+def _pillow_loop(settings: Settings, n: int) -> tuple[float, float]:
+    """Seconds (wall, CPU) of a bare Pillow decode + grayscale + resize loop over the topic's images."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from schemas.registry import open_registry
+    from schemas.serde import AvroDeserializer
+    from streaming.features import get_featurizer
+
+    topic = raw_topic(settings, "image")
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False,
+                             max_poll_records=2000, fetch_max_bytes=32 * 1024 * 1024)
+    deserializer = AvroDeserializer(open_registry(settings.registry_url, settings.registry_dir))
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        images: list[bytes] = []
+        deadline = time.monotonic() + 300
+        while len(images) < n and time.monotonic() < deadline:
+            for msgs in consumer.poll(timeout_ms=500).values():
+                images += [bytes(deserializer(m.value).value["data"]) for m in msgs]
+    finally:
+        consumer.close()
+    size = get_featurizer("image").size  # type: ignore[attr-defined]
+    start, cpu = time.perf_counter(), time.process_time()
+    for data in images:
+        gray = Image.open(io.BytesIO(data)).convert("L")
+        if gray.size != size:
+            gray = gray.resize(size, Image.Resampling.BOX)
+        np.asarray(gray, dtype=np.float32) / 255.0
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def _worker(settings: Settings, kind: str, n: int, round_no: int) -> tuple[float, float, dict[str, Any]]:
@@ -121,6 +161,21 @@ def run(settings: Settings) -> dict[str, Any]:
         }
         table.append({"figure": f"{kind} worker records/s", "value": round(worker_rate),
                       "baseline": round(raw_rate), "ratio": ratio, "goal": GOAL})
+        if kind == "image":
+            pil_best = pil_cpu = float("inf")
+            for _ in range(ROUNDS):
+                wall, cpu = _pillow_loop(s, n)
+                pil_best, pil_cpu = min(pil_best, wall), min(pil_cpu, cpu)
+            pil_ratio = round(pil_best / worker_best, 3)
+            results["kinds"][kind].update({
+                "pillow_loop_images_per_s": round(n / pil_best), "pillow_cpu_s": round(pil_cpu, 3),
+                "worker_ms_per_image": round(worker_best / n * 1000, 3),
+                "pillow_ms_per_image": round(pil_best / n * 1000, 3),
+                "ratio_vs_pillow": pil_ratio, "cpu_ratio_vs_pillow": round(pil_cpu / worker_cpu, 3),
+                "meets_pillow_goal": pil_ratio >= PILLOW_GOAL})
+            table.append({"figure": "image worker images/s vs a bare Pillow decode+resize loop",
+                          "value": round(worker_rate), "baseline": round(n / pil_best), "ratio": pil_ratio,
+                          "goal": PILLOW_GOAL})
     results["table"] = table
     return results
 

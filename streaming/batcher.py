@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import SchemaRegistry
 from schemas.serde import AvroDeserializer
@@ -36,6 +38,7 @@ from streaming.exceptions import (
     PublishError,
     StoreError,
 )
+from streaming.features.base import DeferredRow
 from streaming.sink import FeatureSink
 from streaming.store import BatchSpec, FeatureStore, StoredRow
 from streaming.topics import raw_topic
@@ -44,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: Featurize latency is observed for one record in this many (by offset).
 FEATURIZE_SAMPLE = 8
+#: ``x`` of a row whose features are computed when its batch closes (never persisted as such).
+_NO_X = np.zeros(0, dtype=np.float32)
 
 
 @dataclass
@@ -54,6 +59,9 @@ class ClosedBatch:
     rows: list[StoredRow]
     opened_at: float
     closed_at: float
+    #: rows whose ``x`` the featurizer computes for the whole batch (index in ``rows``, inputs);
+    #: the sink's ``finish`` hook (:meth:`Pipeline._finish`) fills them in before anyone sees the batch
+    deferred: list[tuple[int, DeferredRow]] = field(default_factory=list)
 
     @property
     def next_offset(self) -> int:
@@ -72,6 +80,7 @@ class PartitionBatch:
     topic: str
     partition: int
     rows: list[StoredRow] = field(default_factory=list)
+    deferred: list[tuple[int, DeferredRow]] = field(default_factory=list)
     dead_letter_offsets: list[int] = field(default_factory=list)
     schema_ids: set[int] = field(default_factory=set)
     first_offset: int | None = None
@@ -128,10 +137,14 @@ class MicroBatcher:
             b = self._open[key] = PartitionBatch(topic, partition)
         return b
 
-    def add_row(self, row: StoredRow, schema_id: int | None, fingerprint: str | None = None) -> None:
+    def add_row(self, row: StoredRow, schema_id: int | None, fingerprint: str | None = None,
+                deferred: DeferredRow | None = None) -> None:
+        """Add a row; with ``deferred`` its ``x`` is a placeholder until the batch closes."""
         b = self._batch(row.topic, row.partition)
         b._advance(row.offset, self.clock())
         b._fingerprint(row.offset, fingerprint)
+        if deferred is not None:
+            b.deferred.append((len(b.rows), deferred))
         b.rows.append(row)
         if schema_id is not None:
             b.schema_ids.add(int(schema_id))
@@ -183,7 +196,7 @@ class MicroBatcher:
             extra={} if b.chain is None else {"fingerprints": {
                 "algo": FINGERPRINT_ALGO, "last": b.chain.last, "chain": b.chain.hexdigest()}},
         )
-        return ClosedBatch(spec, b.rows, b.opened_at or self.clock(), self.clock())
+        return ClosedBatch(spec, b.rows, b.opened_at or self.clock(), self.clock(), b.deferred)
 
     def drop(self, topic: str, partition: int) -> int:
         """Forget a partition's open batch (revoked, or about to re-read after a failure)."""
@@ -241,7 +254,7 @@ class Pipeline:
         self.stats = WorkerStats()
         self.sink = FeatureSink(self.store, kind, namespace, self.topic, self.batcher, checkpoint=self._checkpoint,
                                 stats=self.stats, before_write=lambda _closed: self.flush_dead_letters(),
-                                on_durable=on_durable)
+                                finish=self._finish, on_durable=on_durable)
         self._featurize_hist = metrics.FEATURIZE_SECONDS.labels(kind)
         self._records_ok = metrics.RECORDS.labels(kind, "row")
         self._records_dl = metrics.RECORDS.labels(kind, "dead_letter")
@@ -319,7 +332,10 @@ class Pipeline:
         t0 = time.perf_counter() if sampled else 0.0
         try:
             # A declared backfill (header sl.backfill) is featurized as its own run: no live lateness.
-            row = self.featurizer.featurize_event(decoded.value, state, eventtime.backfill_run(msg.headers))
+            # Rows may come back deferred: validated and in the state now, x computed for the whole
+            # batch at close (Featurizer.finish_rows, the same bits as one at a time).
+            row = self.featurizer.featurize_event_deferred(decoded.value, state,
+                                                           eventtime.backfill_run(msg.headers))
         except Exception as exc:  # FeatureValidationError, or a value the featurizer did not foresee
             if not isinstance(exc, FeatureValidationError):
                 log.warning("%s[%d]@%d: featurizer %s raised %s", msg.topic, partition, offset,
@@ -328,8 +344,12 @@ class Pipeline:
             return
         if sampled:
             self._featurize_hist.observe(time.perf_counter() - t0)
-        self.sink.add(StoredRow(row.x, row.labels, row.event_time_ms, row.key, msg.topic, partition, offset),
-                      decoded.schema_id, record_fingerprint(msg))
+        if isinstance(row, DeferredRow):
+            self.sink.add(StoredRow(_NO_X, row.labels, row.event_time_ms, row.key, msg.topic, partition, offset),
+                          decoded.schema_id, record_fingerprint(msg), deferred=row)
+        else:
+            self.sink.add(StoredRow(row.x, row.labels, row.event_time_ms, row.key, msg.topic, partition, offset),
+                          decoded.schema_id, record_fingerprint(msg))
         self.stats.records += 1
         self.stats.rows += 1
         self._unreported_rows += 1
@@ -374,6 +394,18 @@ class Pipeline:
             except Exception as exc:  # without a floor the next start reads the dead-letter topic from 0
                 log.warning("dead-letter topic end offsets unavailable (%s); batch written without a floor", exc)
         return text, extra
+
+    def _finish(self, closed: ClosedBatch) -> None:
+        """Compute the deferred rows' ``x`` for the whole batch at once and put them in place.
+
+        (The featurize histogram keeps timing the per-record part in :meth:`process`; this part
+        costs a few microseconds per row and is inside the batch's persist time.)"""
+        xs = self.featurizer.finish_rows([d for _, d in closed.deferred])
+        rows = closed.rows
+        for (i, _), x in zip(closed.deferred, xs, strict=True):
+            r = rows[i]
+            rows[i] = StoredRow(x, r.labels, r.event_time_ms, r.key, r.topic, r.partition, r.offset)
+        closed.deferred = []
 
     def flush_dead_letters(self) -> None:
         """Make every dead letter sent so far durable; failed sends are re-sent once, then

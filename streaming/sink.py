@@ -62,14 +62,16 @@ class FeatureSink:
     """Batches of one kind's raw topic into one namespace of the feature store.
 
     ``checkpoint(partition)`` gives the featurizer state (and extra manifest fields) to store with a
-    batch when it closes; ``before_write(batch)`` makes the batch's side effects durable first (the
-    dead letters; raises :class:`PublishError` when they are not acked, handled as backpressure);
-    ``on_durable({partition: next_offset})`` is told what may be committed, after each flush.
+    batch when it closes; ``finish(batch)`` computes the rows the featurizer deferred to the batch;
+    ``before_write(batch)`` makes the batch's side effects durable first (the dead letters; raises
+    :class:`PublishError` when they are not acked, handled as backpressure); ``on_durable({partition:
+    next_offset})`` is told what may be committed, after each flush.
     """
 
     def __init__(self, store: FeatureStore, kind: str, namespace: str, topic: str, batcher: MicroBatcher, *,
                  checkpoint: Checkpoint, stats: WorkerStats,
                  before_write: Callable[[ClosedBatch], None] | None = None,
+                 finish: Callable[[ClosedBatch], None] | None = None,
                  on_durable: Callable[[dict[int, int]], None] | None = None) -> None:
         self.store = store
         self.kind = kind
@@ -79,15 +81,18 @@ class FeatureSink:
         self.checkpoint = checkpoint
         self.stats = stats
         self.before_write = before_write
+        self.finish = finish
         self.on_durable = on_durable
         #: closed batches not yet durable, oldest first (written in this order: offsets stay ascending)
         self.held: list[ClosedBatch] = []
         self._backoff_s = 0.0
 
     # ---- add ---------------------------------------------------------------------------------
-    def add(self, row: StoredRow, schema_id: int | None, fingerprint: str | None = None) -> None:
-        """One featurized record's row, into its partition's open batch."""
-        self.batcher.add_row(row, schema_id, fingerprint)
+    def add(self, row: StoredRow, schema_id: int | None, fingerprint: str | None = None,
+            deferred: Any = None) -> None:
+        """One featurized record's row, into its partition's open batch. ``deferred``: the row's
+        ``x`` is computed for the whole batch when it closes (``finish``; Featurizer.finish_rows)."""
+        self.batcher.add_row(row, schema_id, fingerprint, deferred)
 
     def add_dead_letter(self, partition: int, offset: int, fingerprint: str | None = None) -> None:
         """An offset whose record went to the dead-letter topic: covered by the batch, no row."""
@@ -120,6 +125,8 @@ class FeatureSink:
             state, extra = self.checkpoint(partition)
             closed = self.batcher.close(self.topic, partition, state)
             if closed is not None:
+                if closed.deferred and self.finish is not None:
+                    self.finish(closed)  # the batch's deferred rows get their x before anything sees it
                 closed.spec.extra.update(extra)
                 self.held.append(closed)
         flushed = Flushed()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -58,6 +58,21 @@ class FeatureRow:
     """
 
     x: np.ndarray
+    labels: dict[str, float | None]
+    event_time_ms: int
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeferredRow:
+    """A training row whose ``x`` is computed later, for many rows at once (:meth:`Featurizer.finish_rows`).
+
+    ``inputs`` is what the featurizer needs for ``x`` (a copy, so later records cannot change it);
+    the other fields are final. Why: the stream worker featurizes a whole micro-batch with array
+    operations instead of one record at a time, while validation and state stay per record.
+    """
+
+    inputs: Any
     labels: dict[str, float | None]
     event_time_ms: int
     key: str
@@ -115,6 +130,17 @@ class Featurizer(ABC, Generic[S]):
         if backfill_run is None:
             return self.featurize(record, state)
         return self.featurize_backfill(record, state, backfill_run)
+
+    def featurize_event_deferred(self, record: dict[str, Any], state: S,
+                                 backfill_run: str | None = None) -> FeatureRow | DeferredRow:
+        """:meth:`featurize_event` that may leave ``x`` for :meth:`finish_rows`: the same validation,
+        errors and state change now, the same ``x`` later. The default defers nothing."""
+        return self.featurize_event(record, state, backfill_run)
+
+    def finish_rows(self, rows: Sequence[DeferredRow]) -> np.ndarray:
+        """``x`` of rows this featurizer deferred, float32 ``(len(rows), n_features)``, bit-identical
+        to what :meth:`featurize_event` would have returned for each."""
+        raise NotImplementedError(f"rows: featurizer {self.version} defers no rows, so it has none to finish")
 
     def featurize_for_prediction(self, record: dict[str, Any], state: S) -> FeatureRow:
         """Featurize a record for serving. Same feature function as :meth:`featurize`.

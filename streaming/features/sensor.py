@@ -60,14 +60,15 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from operator import mul
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from streaming.exceptions import FeatureValidationError
 from streaming.features.base import (
+    DeferredRow,
     FeatureRow,
     FeatureStateError,
     Featurizer,
@@ -119,6 +120,15 @@ class SensorBuffer:
         if not isinstance(other, SensorBuffer):
             return NotImplemented
         return self.as_json() == other.as_json()
+
+
+WindowSnapshot = tuple[list[int], list[float]]
+"""``(times, values)`` of a window and the reading before it (see ``SensorFeaturizer.window_snapshot``)."""
+
+
+def clip_like_python(a: np.ndarray, bound: float) -> np.ndarray:
+    """``bound if a > bound else (-bound if a < -bound else a)`` per element (keeps -0.0 as it is)."""
+    return np.where(a > bound, bound, np.where(a < -bound, -bound, a))
 
 
 #: Estimated checkpoint bytes (JSON) of one sensor entry and of one reading in it; used to bound the
@@ -186,8 +196,18 @@ class SensorFeaturizer(Featurizer[SensorState]):
         self.max_state_bytes = max_state_bytes
         self._n = len(FEATURE_NAMES)
         # Centered reading indices and their sum of squares per window length, for the slope.
-        self._centered = [[i - (n - 1) / 2.0 for i in range(n)] for n in range(window + 1)]
-        self._sxx = [sum(c * c for c in cs) for cs in self._centered]
+        self._centered = centered = [[i - (n - 1) / 2.0 for i in range(n)] for n in range(window + 1)]
+        self._sxx = [sum(c * c for c in cs) for cs in centered]
+        # Per window length n: the n centered indices right-aligned in a row of ``window`` (zeros
+        # before them), and their sum of squares (0 for n < 2, where the slope is 0 anyway).
+        self._centered_rows = np.array([[0.0] * (window - len(cs)) + cs for cs in centered])
+        self._sxx_rows = np.array(self._sxx)
+        # Rows are deferred to the batched features only when ``window_features`` and ``_features``
+        # come from the same class: a subclass that changes only the per-record features must not
+        # get another version's batched ones.
+        mro = type(self).__mro__
+        self._batched_ok = (next(c for c in mro if "window_features" in vars(c))
+                            is next(c for c in mro if "_features" in vars(c)))
 
     def new_state(self) -> SensorState:
         return SensorState()
@@ -198,7 +218,9 @@ class SensorFeaturizer(Featurizer[SensorState]):
         """Features of the window of ``buf`` ending at index ``end`` (inclusive).
 
         Plain Python floats over at most ``window`` values, then one float32 array: for 16 values
-        this beats numpy's per-call overhead, and the result is the row's own array.
+        this beats numpy's per-call overhead (serving and reproduction featurize one record at a
+        time), and the result is the row's own array. The stream worker computes a batch's rows with
+        :meth:`window_matrix` instead, which gives the same bits.
         """
         values = buf.values
         start = end - self.window + 1
@@ -234,17 +256,109 @@ class SensorFeaturizer(Featurizer[SensorState]):
             dtype=np.float32,
         )
 
+    def window_snapshot(self, buf: SensorBuffer, end: int) -> WindowSnapshot:
+        """Copies of what the features of the window ending at ``end`` read: the window's readings
+        and the one before it (its gap). Later readings may change ``buf``; a snapshot does not."""
+        s0 = end - self.window
+        if s0 < 0:
+            s0 = 0
+        return buf.times[s0 : end + 1], buf.values[s0 : end + 1]
+
+    def window_matrix(self, snapshots: Sequence[WindowSnapshot]) -> np.ndarray:
+        """Features of many windows at once, float32 ``(len(snapshots), n_features)``.
+
+        Why numpy over a whole batch: per-record Python arithmetic over 16 values was most of the
+        stream worker's time. Every operation keeps the exact floating-point result of the scalar
+        formulas (sums added left to right, stable sorts, ``math`` for the transcendental functions,
+        Python's ``min``/``max`` tie rules), so the rows do not depend on how many are computed
+        together (``tests/test_sensor_batch.py`` checks them bit for bit against the scalar code).
+        """
+        width = self.window + 1
+        k = len(snapshots)
+        flat_t: list[int] = []
+        flat_v: list[float] = []
+        lens: list[int] = []
+        zt, zv = [0] * width, [0.0] * width
+        for times, values in snapshots:
+            pad = width - len(values)
+            if pad:
+                flat_t += zt[:pad]
+                flat_v += zv[:pad]
+            flat_t += times
+            flat_v += values
+            lens.append(len(values))
+        t = np.array(flat_t, dtype=np.int64).reshape(k, width)
+        v = np.array(flat_v, dtype=np.float64).reshape(k, width)
+        return self._features(t, v, np.array(lens, dtype=np.int64))
+
+    def _features(self, t: np.ndarray, v: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        """v1's 14 features of windows packed right-aligned in ``t``/``v`` (``lens`` readings each,
+        the window plus the reading before it when there is one)."""
+        w = self.window
+        k = len(lens)
+        n = np.minimum(lens, w)  # readings in each window
+        vw = v[:, 1:]  # the windows, zero-padded on the left
+        valid = np.arange(w) >= (w - n)[:, None]
+        nf = n.astype(np.float64)
+        total = np.zeros(k)
+        for j in range(w):  # left to right like sum(): padding adds 0.0 before the first reading
+            total += vw[:, j]
+        mean = total / nf
+        devs = np.where(valid, vw - mean[:, None], 0.0)
+        sq = np.zeros(k)
+        for j in range(w):
+            sq += devs[:, j] * devs[:, j]
+        std = np.sqrt(sq / nf)
+        centered = self._centered_rows[n]
+        sc = np.zeros(k)
+        for j in range(w):
+            sc += centered[:, j] * devs[:, j]
+        two = n >= 2
+        slope = np.where(two, sc / np.where(two, self._sxx_rows[n], 1.0), 0.0)
+        value = vw[:, -1]
+        dev = devs[:, -1]
+        z = clip_like_python(np.where(std > 0.0, dev / np.where(std > 0.0, std, 1.0), 0.0), Z_CLIP)
+        lo, hi = np.full(k, np.inf), np.full(k, -np.inf)
+        for j in range(w):  # min()/max() keep the first of equal values (-0.0 vs 0.0)
+            col = devs[:, j]
+            lo = np.where(valid[:, j] & (col < lo), col, lo)
+            hi = np.where(valid[:, j] & (col > hi), col, hi)
+        lag1 = np.where(two, value - vw[:, -2], 0.0)
+        lag2 = np.where(n >= 3, value - vw[:, -3], 0.0)
+        lag3 = np.where(n >= 4, value - vw[:, -4], 0.0)
+        extra = []  # the transcendental functions through math, one call per value as the scalar code
+        for tt, tp, nn in zip(t[:, -1].tolist(), t[:, -2].tolist(), n.tolist(), strict=True):
+            hs, hc = hour_of_day_sin_cos(tt)
+            extra.append((math.log1p((tt - tp) / 1000.0) if nn >= 2 else 0.0, hs, hc))
+        out = np.empty((k, len(FEATURE_NAMES)), dtype=np.float32)
+        for c, col in enumerate((value, dev, z, std, lo, hi, slope, lag1, lag2, lag3, nf / w)):
+            out[:, c] = col
+        out[:, 11:14] = np.array(extra, dtype=np.float64).reshape(k, 3)
+        return out
+
     # -- training and serving entry points ---------------------------------------------------
 
     def featurize(self, record: dict[str, Any], state: SensorState) -> FeatureRow:
         """Training row for this reading: features of the previous reading's window (see module doc)."""
-        return self._training_row(record, state, None)
+        return cast(FeatureRow, self._training_row(record, state, None))
 
     def featurize_backfill(self, record: dict[str, Any], state: SensorState, run: str) -> FeatureRow:
         """Training row of a backfill run's reading: the run's own per-sensor window, no lateness."""
-        return self._training_row(record, state, run)
+        return cast(FeatureRow, self._training_row(record, state, run))
 
-    def _training_row(self, record: dict[str, Any], state: SensorState, run: str | None) -> FeatureRow:
+    def featurize_event_deferred(self, record: dict[str, Any], state: SensorState,
+                                 backfill_run: str | None = None) -> FeatureRow | DeferredRow:
+        """The training row of :meth:`featurize_event` with its window snapshotted, for
+        :meth:`finish_rows` (when this class's batched features match its ``window_features``)."""
+        if not self._batched_ok:
+            return self.featurize_event(record, state, backfill_run)
+        return self._training_row(record, state, backfill_run, defer=True)
+
+    def finish_rows(self, rows: Sequence[DeferredRow]) -> np.ndarray:
+        return self.window_matrix([r.inputs for r in rows])
+
+    def _training_row(self, record: dict[str, Any], state: SensorState, run: str | None,
+                      defer: bool = False) -> FeatureRow | DeferredRow:
         sid, t, value, anomaly = self._validate(record)
         buf, i = self._add(state, sid, t, value, anomaly, run)
         if i == 0:
@@ -255,6 +369,8 @@ class SensorFeaturizer(Featurizer[SensorState]):
             "next_value_delta": value - buf.values[i - 1],
             "is_anomaly": buf.anomalies[i - 1],
         }
+        if defer:
+            return DeferredRow(self.window_snapshot(buf, i - 1), labels, t, sid)
         return FeatureRow(self.window_features(buf, i - 1), labels, t, sid)
 
     def featurize_for_prediction(self, record: dict[str, Any], state: SensorState) -> FeatureRow:

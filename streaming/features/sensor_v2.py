@@ -26,7 +26,7 @@ import numpy as np
 
 from streaming.features.base import HISTORICAL_MIN_EVENT_TIME_MS, register
 from streaming.features.sensor import FEATURE_NAMES as V1_NAMES
-from streaming.features.sensor import SensorBuffer, SensorFeaturizer
+from streaming.features.sensor import SensorBuffer, SensorFeaturizer, clip_like_python
 
 VERSION = "sensor-v2"
 GAP_FLOOR_S = 0.001
@@ -82,6 +82,38 @@ class SensorFeaturizerV2(SensorFeaturizer):
         out[: len(V1_NAMES)] = base
         out[_GAP_INDEX] = log_gap
         out[len(V1_NAMES):len(FEATURE_NAMES)] = (ratio, lag1_z, ds, dc)
+        return out
+
+    def _features(self, t: np.ndarray, v: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        base = super()._features(t, v, lens)
+        w = self.window
+        k = len(lens)
+        gaps = lens - 1  # gaps inside the snapshot: the window's, and the one before it when known
+        diffs = t[:, 1:] - t[:, :-1]
+        known = np.arange(w) >= (w - gaps)[:, None]
+        ordered = np.sort(np.where(known, diffs, np.iinfo(np.int64).max), axis=1)
+        typical = ordered[np.arange(k), gaps // 2].tolist()  # the upper median, as gaps[len // 2]
+        rows = []  # math's log/sin/cos per value, as the scalar code
+        for tt, tp, nn, typ in zip(t[:, -1].tolist(), t[:, -2].tolist(), lens.tolist(), typical, strict=True):
+            if nn >= 2:
+                gap_s = (tt - tp) / 1000.0
+                log_gap = math.log(max(gap_s, GAP_FLOOR_S))
+                ratio = _clip(math.log(max(gap_s, GAP_FLOOR_S) / max(typ / 1000.0, GAP_FLOOR_S)), RATIO_CLIP)
+            else:
+                log_gap = ratio = 0.0
+            ds, dc = day_of_year_sin_cos(tt)
+            rows.append((log_gap, ratio, ds, dc))
+        extra = np.array(rows, dtype=np.float64).reshape(k, 4)
+        # the change in units of spread reads the rounded (float32) std and lag, as v2 always has
+        std = base[:, V1_NAMES.index("rolling_std")].astype(np.float64)
+        lag1 = base[:, V1_NAMES.index("lag1_diff")].astype(np.float64)
+        lag1_z = clip_like_python(np.where(std > 0.0, lag1 / np.where(std > 0.0, std, 1.0), 0.0), RATIO_CLIP)
+        out = np.empty((k, self._n), dtype=np.float32)
+        out[:, : len(V1_NAMES)] = base
+        out[:, _GAP_INDEX] = extra[:, 0]
+        out[:, len(V1_NAMES)] = extra[:, 1]
+        out[:, len(V1_NAMES) + 1] = lag1_z
+        out[:, len(V1_NAMES) + 2 : len(FEATURE_NAMES)] = extra[:, 2:]
         return out
 
 

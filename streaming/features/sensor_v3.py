@@ -46,6 +46,17 @@ def _median(sorted_vals: list[float]) -> float:
     return sorted_vals[mid] if n % 2 else 0.5 * (sorted_vals[mid - 1] + sorted_vals[mid])
 
 
+def _row_medians(padded: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Median of the first ``counts[r]`` values of each row after a stable sort (padding is +inf):
+    the middle one, or the mean of the two middle ones, as of ``sorted(values)``."""
+    ordered = np.sort(padded, axis=1, kind="stable")  # stable: equal values (-0.0, 0.0) keep their order
+    rows = np.arange(len(counts))
+    mid = counts // 2
+    upper = ordered[rows, mid]
+    lower = ordered[rows, np.maximum(mid - 1, 0)]
+    return np.where(counts % 2 == 1, upper, 0.5 * (lower + upper))
+
+
 class SensorFeaturizerV3(SensorFeaturizerV2):
     """v2's features plus median-anchored level and spread (see the module docstring)."""
 
@@ -72,6 +83,29 @@ class SensorFeaturizerV3(SensorFeaturizerV2):
         out = np.empty(self._n, dtype=np.float32)
         out[: len(V2_NAMES)] = base[: len(V2_NAMES)]
         out[len(V2_NAMES):] = (dev, value - short, mad, robust_z)
+        return out
+
+    def _features(self, t: np.ndarray, v: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        base = super()._features(t, v, lens)
+        w = self.window
+        k = len(lens)
+        n = np.minimum(lens, w)
+        vw = v[:, 1:]
+        value = vw[:, -1]
+        valid = np.arange(w) >= (w - n)[:, None]
+        median = _row_medians(np.where(valid, vw, np.inf), n)
+        m5 = np.minimum(n, SHORT_WINDOW)
+        short = _row_medians(np.where(np.arange(SHORT_WINDOW) >= (SHORT_WINDOW - m5)[:, None],
+                                      vw[:, -SHORT_WINDOW:], np.inf), m5)
+        mad = _row_medians(np.where(valid, np.abs(vw - median[:, None]), np.inf), n)
+        dev = value - median
+        robust_z = np.where(mad > 0.0, dev / np.where(mad > 0.0, MAD_TO_STD * mad, 1.0), 0.0)
+        robust_z = np.where(robust_z < RATIO_CLIP, robust_z, RATIO_CLIP)  # min(RATIO_CLIP, z)
+        robust_z = np.where(robust_z > -RATIO_CLIP, robust_z, -RATIO_CLIP)  # max(-RATIO_CLIP, z)
+        out = np.empty((k, self._n), dtype=np.float32)
+        out[:, : len(V2_NAMES)] = base[:, : len(V2_NAMES)]
+        for c, col in enumerate((dev, value - short, mad, robust_z)):
+            out[:, len(V2_NAMES) + c] = col
         return out
 
 
