@@ -249,11 +249,18 @@ class _VisibleReader:
             self._consumer.position(tp)  # resolve the end now, before any request of the phase is sent
         self.visible: dict[str, float] = {}  # request id -> ms from its timestamp to visible
         self.stamped: dict[str, float] = {}  # request id -> the answer's own latency_ms (before commit)
+        self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="visible-reader", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
+        try:
+            self._read()
+        except BaseException as exc:  # re-raised by wait_for: a dead reader must not look like lost answers
+            self.error = exc
+
+    def _read(self) -> None:
         while not self._stop.is_set():
             polled = self._consumer.poll(timeout_ms=100)
             now = time.time_ns() / 1e6
@@ -274,8 +281,10 @@ class _VisibleReader:
             return sum(1 for k in list(self.visible) if k.startswith(prefix))
 
         deadline = time.monotonic() + timeout
-        while got() < expect and time.monotonic() < deadline:
+        while got() < expect and time.monotonic() < deadline and self.error is None:
             time.sleep(0.05)  # benchmark-side wait for the reader thread, bounded by the deadline
+        if self.error is not None:
+            raise RuntimeError(f"the read_committed reader failed: {self.error!r}") from self.error
         keys = [k for k in list(self.visible) if k.startswith(prefix)]
         return [self.visible[k] for k in keys], [self.stamped[k] for k in keys]
 
