@@ -125,6 +125,9 @@ SPECS: tuple[Spec, ...] = (
          "`store gc` deletes the oldest batches above this many bytes per kind (0 = no size limit)"),
     Spec("store_state_inline_max_bytes", "STREAMLEARN_STORE_STATE_INLINE_MAX_BYTES", int, 4096,
          "featurizer state above this size goes to a <batch>.state.json file, not the manifest"),
+    # Distributed training (trainer/distributed.py, docs/DISTRIBUTED.md).
+    Spec("distributed_timeout_s", "STREAMLEARN_DISTRIBUTED_TIMEOUT_S", float, 300.0,
+         "`train --distributed`: longest wait for the other workers to join and for any one collective step"),
 )
 _BY_NAME = {s.name: s for s in SPECS}
 
@@ -242,6 +245,7 @@ class Settings:
     store_retention_days: float = 0.0
     store_max_bytes: int = 0
     store_state_inline_max_bytes: int = 4096
+    distributed_timeout_s: float = 300.0
     tenant: str = ""
     model_specs: dict[str, str] = field(default_factory=dict)
 
@@ -308,6 +312,9 @@ def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None
     values["model_dir"] = Path(values["model_dir"] or home / "models").absolute()
     if values["partitions"] < 1:
         raise ConfigError("setting 'partitions' (env STREAMLEARN_PARTITIONS) must be >= 1")
+    if values["distributed_timeout_s"] <= 0:
+        raise ConfigError("setting 'distributed_timeout_s' (env STREAMLEARN_DISTRIBUTED_TIMEOUT_S) must be > 0 "
+                          "seconds")
     for name in ("store_retention_days", "store_max_bytes", "store_state_inline_max_bytes"):
         if values[name] < 0:
             raise ConfigError(f"setting {name!r} (env {_BY_NAME[name].env}) must be >= 0 (0 turns it off)")
@@ -318,6 +325,17 @@ def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None
     if not isinstance(models, dict):
         raise ConfigError("config file: [models] must be a table of name = 'module:attribute'")
     return Settings(**values, model_specs={str(k): str(v) for k, v in models.items()})
+
+
+def tf_config(environ: dict[str, str] | None = None) -> str:
+    """TensorFlow's ``TF_CONFIG`` (cluster and task of a ``train --distributed`` worker), "" when unset.
+
+    TensorFlow reads this variable itself; streamlearn reads it here too (the one place) so the
+    trainer can check it and name it in errors before TensorFlow starts. It is deliberately not a
+    setting: :func:`to_env` must not hand one worker's task index to the processes it starts.
+    """
+    env = os.environ if environ is None else environ
+    return env.get("TF_CONFIG", "")
 
 
 def to_env(settings: Settings) -> dict[str, str]:

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+from typing import Any
 
 from streaming import config
 from streamlearn.modelref import versioned_ref
@@ -20,6 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "(or on drift); gate, publish to the registry, announce on Kafka")
     p.add_argument("model", help="model name (built-in, entry point 'streamlearn.models' or [models] in config)")
     p.add_argument("--once", action="store_true", help="train one candidate now and exit")
+    p.add_argument("--distributed", action="store_true",
+                   help="with --once: train as one worker of a tf.distribute.MultiWorkerMirroredStrategy cluster "
+                        "described by env TF_CONFIG (worker 0 publishes; others only train their shard of the batch "
+                        "files); waits at most env STREAMLEARN_DISTRIBUTED_TIMEOUT_S for the others "
+                        "(docs/DISTRIBUTED.md)")
     p.add_argument("--namespace", default="live", help="feature store namespace (default live)")
     p.add_argument("--every-batches", dest="retrain_every_batches", type=int,
                    help=f"retrain after this many new batches {config.env_help('retrain_every_batches')}")
@@ -48,6 +54,8 @@ def _train(args: argparse.Namespace, settings: config.Settings) -> int:
     if changes:
         settings = settings.with_(**changes)
     spec = load_spec(args.model, settings)
+    if args.distributed:
+        return _train_distributed(args, settings, spec)
     trainer = Trainer(settings, spec, namespace=args.namespace, events=not args.no_events, keep_last=args.keep)
     try:
         if args.once:
@@ -71,6 +79,30 @@ def _train(args: argparse.Namespace, settings: config.Settings) -> int:
         return 0
     finally:
         trainer.close()
+
+
+def _train_distributed(args: argparse.Namespace, settings: config.Settings, spec: Any) -> int:
+    """One worker of `train MODEL --once --distributed` (trainer/multiworker.py); exit 3 idle, 4 cluster error."""
+    from trainer.distributed import parse_tf_config
+    from trainer.exceptions import DistributedTrainingError, NotEnoughDataError
+    from trainer.multiworker import run_distributed
+
+    if not args.once:
+        print("error: --distributed trains one candidate per cluster run; add --once (run it again, e.g. from a "
+              "scheduler, for the next version)", file=sys.stderr)
+        return 2
+    try:
+        cluster = parse_tf_config(config.tf_config())
+        summary = run_distributed(settings, spec, cluster, namespace=args.namespace, events=not args.no_events,
+                                  keep_last=args.keep)
+    except NotEnoughDataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except DistributedTrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
+    print(json.dumps(summary))
+    return 0
 
 
 def _reproduce(args: argparse.Namespace, settings: config.Settings) -> int:
