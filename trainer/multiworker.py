@@ -32,6 +32,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +55,10 @@ log = logging.getLogger(__name__)
 
 #: seconds between TensorFlow's peer health checks (its default, 30 s, lets a dead peer block longer).
 HEALTH_INTERVAL_S = 5
+#: a worker that sent no heartbeat for this long is dead: the others abort (TensorFlow's default is 10 s).
+HEARTBEAT_TIMEOUT_S = 10
+#: the rendezvous watchdog fires this long after distributed_timeout_s (TensorFlow's own checks go first).
+RENDEZVOUS_GRACE_S = 2.0
 
 
 @dataclass
@@ -67,9 +75,11 @@ class _Rows:
 class MultiWorkerFit:
     """The strategy of one process and the distributed fit; ``fit`` has the signature of fit_and_evaluate."""
 
-    def __init__(self, settings: Settings, cluster: Cluster) -> None:
+    def __init__(self, settings: Settings, cluster: Cluster, *, hard_exit: bool = False) -> None:
         self.settings = settings
         self.cluster = cluster
+        #: a command-line worker is killed (with a clear message) when the rendezvous outlives the timeout.
+        self.hard_exit = hard_exit
         self._strategy: Any = None
         self.parent_version: int | None = None
         self.history: dict[str, list[float]] = {}
@@ -79,9 +89,8 @@ class MultiWorkerFit:
         return f"worker {self.cluster.index} of {self.cluster.size} ({self.cluster.workers[self.cluster.index]})"
 
     def _lost(self, what: str, exc: BaseException) -> DistributedTrainingError:
-        first = (getattr(exc, "message", None) or str(exc)).strip().splitlines()
         return DistributedTrainingError(
-            f"{self._where()}: {what} failed: {first[0] if first else type(exc).__name__}. A worker stopped, "
+            f"{self._where()}: {what} failed: {_cause(exc)}. A worker stopped, "
             f"could not be reached, or one step took longer than distributed_timeout_s="
             f"{self.settings.distributed_timeout_s:g} s (env STREAMLEARN_DISTRIBUTED_TIMEOUT_S). Nothing was "
             "published (only the chief publishes, after every worker finished). Restart the same "
@@ -94,6 +103,7 @@ class MultiWorkerFit:
         tf = configure_tensorflow()
         timeout = float(self.settings.distributed_timeout_s)
         _tune_health_check(math.ceil(timeout))
+        _configure_coordination(self.cluster, timeout)
         resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
             tf.train.ClusterSpec({"worker": list(self.cluster.workers)}), task_type="worker",
             task_id=self.cluster.index, rpc_layer="grpc")
@@ -101,18 +111,22 @@ class MultiWorkerFit:
             implementation=tf.distribute.experimental.CommunicationImplementation.RING, timeout_seconds=timeout)
         started = time.monotonic()
         log.info("%s: waiting up to %.0f s for the cluster %s", self._where(), timeout, list(self.cluster.workers))
+        missing = (f"{self._where()}: the other workers did not all join within distributed_timeout_s={timeout:g} s "
+                   "(env STREAMLEARN_DISTRIBUTED_TIMEOUT_S); start `streamlearn train MODEL --once --distributed` on "
+                   "every host of TF_CONFIG, each with its own task.index, and check that the listed ports are "
+                   "reachable. Nothing was published")
+        joined = _Watchdog(timeout + RENDEZVOUS_GRACE_S, missing, self.hard_exit)
         try:
             self._strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
                                                                        communication_options=options)
-        except RuntimeError as exc:  # "Timeout waiting for the cluster"
-            raise DistributedTrainingError(
-                f"{self._where()}: the other workers did not all join within distributed_timeout_s={timeout:g} s "
-                f"({exc}); start `streamlearn train MODEL --once --distributed` on every host of TF_CONFIG, each "
-                "with its own task.index, and check that the listed ports are reachable") from exc
+        except RuntimeError as exc:  # "Timeout waiting for the cluster" (the pre-coordination-service check)
+            raise DistributedTrainingError(f"{missing} ({exc})") from exc
         except tf.errors.OpError as exc:  # e.g. "Could not start gRPC server": the port is taken
             raise DistributedTrainingError(
                 f"{self._where()}: cannot start this worker's server ({exc.message}); is the port in TF_CONFIG "
                 "free on this host?") from exc
+        finally:
+            joined.set()
         log.info("%s: cluster ready after %.1f s (%d replicas)", self._where(), time.monotonic() - started,
                  self._strategy.num_replicas_in_sync)
         return self._strategy
@@ -354,6 +368,76 @@ class MultiWorkerFit:
         model.set_weights(out)
 
 
+_WATCHER = """
+import os, select, signal, sys
+parent, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+ready, _, _ = select.select([sys.stdin], [], [], seconds)
+if not ready:
+    sys.stderr.write("error: " + message + "\\n")
+    sys.stderr.flush()
+    os.kill(parent, signal.SIGKILL)
+"""
+
+
+class _Watchdog:
+    """Kill this process with ``message`` unless :meth:`set` is called within ``seconds``.
+
+    Why a separate process: TensorFlow 2.21 waits for every worker to register inside a C++ call
+    that holds the GIL, and neither the coordination service's registration timeout nor a Python
+    thread or signal handler ends it, so a worker whose peer never started would block for good.
+    A tiny watcher process (no imports) waits on a pipe; :meth:`set` closes it; when the time is up
+    it prints the message and sends SIGKILL (exit status 137). Only a command-line worker arms it;
+    nothing has been written by then (the chief publishes after training).
+    """
+
+    def __init__(self, seconds: float, message: str, armed: bool) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        if armed:
+            self._proc = subprocess.Popen([sys.executable, "-S", "-c", _WATCHER, str(os.getpid()), str(seconds),
+                                           message], stdin=subprocess.PIPE)
+
+    def set(self) -> None:
+        if self._proc is not None and self._proc.stdin is not None:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=30)
+            self._proc = None
+
+
+def _configure_coordination(cluster: Cluster, timeout_s: float) -> None:
+    """Bound how long the coordination service waits for every worker to register (TF >= 2.13 uses it).
+
+    The strategy configures TensorFlow's coordination service itself when none is configured, with a
+    registration timeout of "TensorFlow's default" (an hour or more): a worker that never started kept
+    the others waiting that long. This configures the same service (same leader, same jobs) with
+    ``distributed_timeout_s``, before the strategy, through the eager context (TensorFlow-internal,
+    guarded: without it the run works with TensorFlow's defaults).
+    """
+    try:
+        from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+        from tensorflow.python.eager import context
+    except ImportError:  # pragma: no cover - layout of another TensorFlow version
+        log.warning("cannot bound the cluster registration: TensorFlow's coordination service module moved")
+        return
+    ctx = context.context()
+    if getattr(ctx, "coordination_service", None) is not None:
+        return
+    ctx.configure_coordination_service(
+        service_type="standalone", service_leader="/job:worker/replica:0/task:0",
+        cluster_register_timeout_in_ms=int(timeout_s * 1000),
+        heartbeat_timeout_in_ms=HEARTBEAT_TIMEOUT_S * 1000,
+        coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name="worker", num_tasks=cluster.size)])
+
+
+_CAUSE = re.compile(r"unhealthy|unavailable|deadline|timed out|timeout|abort|crash|connect|refused", re.I)
+
+
+def _cause(exc: BaseException) -> str:
+    """The line of a TensorFlow error that says what happened (its first line is often "Graph execution error")."""
+    lines = [ln.strip() for ln in (getattr(exc, "message", None) or str(exc)).splitlines() if ln.strip()]
+    line = next((ln for ln in lines if _CAUSE.search(ln)), lines[0] if lines else "")
+    return f"{type(exc).__name__}: {line[:300]}"
+
+
 def _tune_health_check(initial_timeout_s: int) -> None:
     """Bound the strategy's first rendezvous and check peers more often (TensorFlow's class attributes).
 
@@ -377,15 +461,18 @@ def _tune_health_check(initial_timeout_s: int) -> None:
 
 
 def run_distributed(settings: Settings, spec: ModelSpec, cluster: Cluster, *, namespace: str = "live",
-                    events: bool = True, keep_last: int = 10) -> dict[str, Any]:
+                    events: bool = True, keep_last: int = 10, hard_exit: bool = False) -> dict[str, Any]:
     """This process's part of one distributed training run; returns a JSON-able summary.
+
+    ``hard_exit`` (the command line): a cluster that does not form within distributed_timeout_s
+    ends the process (status 137, with a message; see :class:`_Watchdog`).
 
     Raises NotEnoughDataError (idle: same answer on every worker) or DistributedTrainingError.
     """
     from trainer.worker import Trainer
 
     started = time.monotonic()
-    session = MultiWorkerFit(settings, cluster)
+    session = MultiWorkerFit(settings, cluster, hard_exit=hard_exit)
     summary: dict[str, Any] = {"model": spec.name, "worker": cluster.index, "workers": cluster.size,
                                "role": "chief" if cluster.is_chief else "worker"}
     if cluster.is_chief:

@@ -94,7 +94,7 @@ def _train_distributed(args: argparse.Namespace, settings: config.Settings, spec
     try:
         cluster = parse_tf_config(config.tf_config())
         summary = run_distributed(settings, spec, cluster, namespace=args.namespace, events=not args.no_events,
-                                  keep_last=args.keep)
+                                  keep_last=args.keep, hard_exit=True)
     except NotEnoughDataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
