@@ -5,7 +5,7 @@ the real featurizer into real batch files), each from a fresh registry, each as 
 processes (TensorFlow import included, as an operator would see it). The workers run on this
 machine on localhost ports (gRPC collectives on the CPU); across hosts see docs/DISTRIBUTED.md.
 
-Figures: wall seconds of the whole command (slowest worker for the distributed run), the fit
+Figures: wall seconds of the whole command (slowest worker for the distributed run), the fit, gate and export
 seconds the chief recorded in the version's metadata (``training.seconds``), the holdout score of
 each candidate, and ``speedup`` = single wall / distributed wall (> 1: distributed is faster) with
 ``score_ratio`` = distributed / single primary metric. Writes ``reports/bench/distributed.json``.
