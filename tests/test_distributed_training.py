@@ -110,13 +110,15 @@ def _free_ports(n: int) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_workers_train_like_one_process_and_only_the_chief_publishes(tmp_path: Path) -> None:
-    """SLOW (about 1-2 min on 2 cores: three TensorFlow imports and two short fits); one test on purpose.
+    """SLOW (about 1-2.5 min on 2 cores: four TensorFlow imports and two short fits); one test on purpose.
 
     Two `train --once --distributed` processes on localhost (gRPC collectives on the CPU) train the
     test-sized sensor forecaster on a shared temp feature store; worker 1 has its own, empty model
     registry, which must stay empty (it never writes). The chief's version is gated like a
     single-process one and its holdout MAE is within SCORE_TOLERANCE of a single-process run on the
     same batches (they differ by data order and per-worker batches, not by what they learn from).
+    A third process, a chief whose peer never starts, ends within its 3 s timeout with a clear
+    message and publishes nothing.
     """
     from tests.distributed_spec import SPEC
     from trainer.worker import Trainer
@@ -127,17 +129,22 @@ def test_two_workers_train_like_one_process_and_only_the_chief_publishes(tmp_pat
                   topic="sensor.raw")
     cfg = tmp_path / "config.toml"
     cfg.write_text('[models]\nsensor_small = "tests.distributed_spec:SPEC"\n')
-    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    addresses = [f"127.0.0.1:{p}" for p in _free_ports(4)]
+    workers, lonely = addresses[:2], addresses[2:]
     base = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMLEARN_", "TF_CONFIG"))}
-    procs = []
-    started = time.monotonic()
-    for i in range(2):
-        env = {**base, "PYTHONPATH": str(ROOT), "STREAMLEARN_CONFIG": str(cfg), "STREAMLEARN_HOME": str(home / f"w{i}"),
-               "STREAMLEARN_FEATURE_STORE": str(store_dir), "STREAMLEARN_MODEL_DIR": str(tmp_path / f"models{i}"),
-               "STREAMLEARN_DISTRIBUTED_TIMEOUT_S": "300", "TF_CONFIG": tf_config(workers, i)}
-        procs.append(subprocess.Popen(
+
+    def start(name: str, tf_conf: str, timeout_s: str = "300") -> subprocess.Popen[str]:
+        env = {**base, "PYTHONPATH": str(ROOT), "STREAMLEARN_CONFIG": str(cfg), "STREAMLEARN_HOME": str(home / name),
+               "STREAMLEARN_FEATURE_STORE": str(store_dir), "STREAMLEARN_MODEL_DIR": str(tmp_path / f"models-{name}"),
+               "STREAMLEARN_DISTRIBUTED_TIMEOUT_S": timeout_s, "TF_CONFIG": tf_conf}
+        return subprocess.Popen(
             [sys.executable, "-m", "streamlearn.cli", "train", "sensor_small", "--once", "--distributed",
-             "--no-events"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+             "--no-events"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    started = time.monotonic()
+    procs = [start(f"w{i}", tf_config(workers, i)) for i in range(2)]
+    # Beside them, a chief whose second worker never starts: it must give up after its timeout.
+    procs.append(start("alone", tf_config(lonely, 0), timeout_s="3"))
     outs = []
     try:
         for p in procs:
@@ -149,14 +156,17 @@ def test_two_workers_train_like_one_process_and_only_the_chief_publishes(tmp_pat
                 p.kill()
                 p.wait()
     dist_seconds = time.monotonic() - started
+    alone_rc, _, alone_err = outs.pop()
+    assert alone_rc == -9 and "did not all join within distributed_timeout_s=3 s" in alone_err, alone_err[-3000:]
+    assert ModelRegistry(tmp_path / "models-alone").latest("sensor_small") is None
     for rc, _out, err in outs:
         assert rc == 0, err[-3000:]
     chief, worker = (json.loads(o.strip().splitlines()[-1]) for _, o, _ in outs)
     assert chief["role"] == "chief" and chief["version"] == 1 and chief["promote"], chief
     assert worker["role"] == "worker" and worker["trained_batches"] == 4 and "version" not in worker
-    assert not any((tmp_path / "models1").rglob("*")), "worker 1 wrote to its model registry"
+    assert not any((tmp_path / "models-w1").rglob("*")), "worker 1 wrote to its model registry"
 
-    reg = ModelRegistry(tmp_path / "models0")
+    reg = ModelRegistry(tmp_path / "models-w0")
     meta = reg.verify("sensor_small", 1)
     assert meta["trigger"] == "distributed" and reg.promoted("sensor_small") == 1
     roles = [b["role"] for b in meta["lineage"]["batches"]]
