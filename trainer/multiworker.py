@@ -21,9 +21,10 @@ by the number of replicas, with the Keras optimizer summing the gradients across
 Every worker runs the same number of steps (the largest shard sets it; smaller shards repeat
 their rows), because a worker that stopped early would leave the others blocked in an all-reduce.
 
-A dead or stuck worker: TensorFlow's cluster health check aborts the collectives within about
-``HEALTH_INTERVAL_S`` of a peer going away, and every collective (and the first rendezvous) is
-bounded by ``distributed_timeout_s``. Either way each surviving worker raises
+A dead or stuck worker: TensorFlow's coordination service aborts the collectives when a peer
+misses its heartbeats for ``tfcluster.HEARTBEAT_TIMEOUT_S`` (older TensorFlow: the strategy's own health
+check, every ``tfcluster.HEALTH_INTERVAL_S``), every collective is bounded by ``distributed_timeout_s``, and so
+is the first rendezvous (:class:`trainer.tfcluster.Watchdog`). Each surviving worker raises
 DistributedTrainingError. The chief publishes only after training finished, so no version is
 half-published; the user restarts the same command on every host.
 """
@@ -32,10 +33,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import re
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,16 +46,11 @@ from trainer.distributed import Cluster, fingerprint_number, plan_fingerprint, s
 from trainer.evaluate import Evaluation, evaluate_candidate
 from trainer.exceptions import DistributedTrainingError, NotEnoughDataError
 from trainer.spec import FeatureInfo, ModelSpec
+from trainer.tfcluster import RENDEZVOUS_GRACE_S, Watchdog, cause, configure_coordination, tune_health_check
 from trainer.training import TrainResult, configure_tensorflow, epoch_budget
 
 log = logging.getLogger(__name__)
 
-#: seconds between TensorFlow's peer health checks (its default, 30 s, lets a dead peer block longer).
-HEALTH_INTERVAL_S = 5
-#: a worker that sent no heartbeat for this long is dead: the others abort (TensorFlow's default is 10 s).
-HEARTBEAT_TIMEOUT_S = 10
-#: the rendezvous watchdog fires this long after distributed_timeout_s (TensorFlow's own checks go first).
-RENDEZVOUS_GRACE_S = 2.0
 
 
 @dataclass
@@ -90,7 +82,7 @@ class MultiWorkerFit:
 
     def _lost(self, what: str, exc: BaseException) -> DistributedTrainingError:
         return DistributedTrainingError(
-            f"{self._where()}: {what} failed: {_cause(exc)}. A worker stopped, "
+            f"{self._where()}: {what} failed: {cause(exc)}. A worker stopped, "
             f"could not be reached, or one step took longer than distributed_timeout_s="
             f"{self.settings.distributed_timeout_s:g} s (env STREAMLEARN_DISTRIBUTED_TIMEOUT_S). Nothing was "
             "published (only the chief publishes, after every worker finished). Restart the same "
@@ -102,8 +94,8 @@ class MultiWorkerFit:
             return self._strategy
         tf = configure_tensorflow()
         timeout = float(self.settings.distributed_timeout_s)
-        _tune_health_check(math.ceil(timeout))
-        _configure_coordination(self.cluster, timeout)
+        tune_health_check(math.ceil(timeout))
+        configure_coordination(self.cluster, timeout)
         resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
             tf.train.ClusterSpec({"worker": list(self.cluster.workers)}), task_type="worker",
             task_id=self.cluster.index, rpc_layer="grpc")
@@ -115,7 +107,7 @@ class MultiWorkerFit:
                    "(env STREAMLEARN_DISTRIBUTED_TIMEOUT_S); start `streamlearn train MODEL --once --distributed` on "
                    "every host of TF_CONFIG, each with its own task.index, and check that the listed ports are "
                    "reachable. Nothing was published")
-        joined = _Watchdog(timeout + RENDEZVOUS_GRACE_S, missing, self.hard_exit)
+        joined = Watchdog(timeout + RENDEZVOUS_GRACE_S, missing, self.hard_exit)
         try:
             self._strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
                                                                        communication_options=options)
@@ -366,98 +358,6 @@ class MultiWorkerFit:
         except tf.errors.OpError as exc:
             raise self._lost("receiving the chief's initial weights", exc) from exc
         model.set_weights(out)
-
-
-_WATCHER = """
-import os, select, signal, sys
-parent, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
-ready, _, _ = select.select([sys.stdin], [], [], seconds)
-if not ready:
-    sys.stderr.write("error: " + message + "\\n")
-    sys.stderr.flush()
-    os.kill(parent, signal.SIGKILL)
-"""
-
-
-class _Watchdog:
-    """Kill this process with ``message`` unless :meth:`set` is called within ``seconds``.
-
-    Why a separate process: TensorFlow 2.21 waits for every worker to register inside a C++ call
-    that holds the GIL, and neither the coordination service's registration timeout nor a Python
-    thread or signal handler ends it, so a worker whose peer never started would block for good.
-    A tiny watcher process (no imports) waits on a pipe; :meth:`set` closes it; when the time is up
-    it prints the message and sends SIGKILL (exit status 137). Only a command-line worker arms it;
-    nothing has been written by then (the chief publishes after training).
-    """
-
-    def __init__(self, seconds: float, message: str, armed: bool) -> None:
-        self._proc: subprocess.Popen[bytes] | None = None
-        if armed:
-            self._proc = subprocess.Popen([sys.executable, "-S", "-c", _WATCHER, str(os.getpid()), str(seconds),
-                                           message], stdin=subprocess.PIPE)
-
-    def set(self) -> None:
-        if self._proc is not None and self._proc.stdin is not None:
-            self._proc.stdin.close()
-            self._proc.wait(timeout=30)
-            self._proc = None
-
-
-def _configure_coordination(cluster: Cluster, timeout_s: float) -> None:
-    """Bound how long the coordination service waits for every worker to register (TF >= 2.13 uses it).
-
-    The strategy configures TensorFlow's coordination service itself when none is configured, with a
-    registration timeout of "TensorFlow's default" (an hour or more): a worker that never started kept
-    the others waiting that long. This configures the same service (same leader, same jobs) with
-    ``distributed_timeout_s``, before the strategy, through the eager context (TensorFlow-internal,
-    guarded: without it the run works with TensorFlow's defaults).
-    """
-    try:
-        from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
-        from tensorflow.python.eager import context
-    except ImportError:  # pragma: no cover - layout of another TensorFlow version
-        log.warning("cannot bound the cluster registration: TensorFlow's coordination service module moved")
-        return
-    ctx = context.context()
-    if getattr(ctx, "coordination_service", None) is not None:
-        return
-    ctx.configure_coordination_service(
-        service_type="standalone", service_leader="/job:worker/replica:0/task:0",
-        cluster_register_timeout_in_ms=int(timeout_s * 1000),
-        heartbeat_timeout_in_ms=HEARTBEAT_TIMEOUT_S * 1000,
-        coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name="worker", num_tasks=cluster.size)])
-
-
-_CAUSE = re.compile(r"unhealthy|unavailable|deadline|timed out|timeout|abort|crash|connect|refused", re.I)
-
-
-def _cause(exc: BaseException) -> str:
-    """The line of a TensorFlow error that says what happened (its first line is often "Graph execution error")."""
-    lines = [ln.strip() for ln in (getattr(exc, "message", None) or str(exc)).splitlines() if ln.strip()]
-    line = next((ln for ln in lines if _CAUSE.search(ln)), lines[0] if lines else "")
-    return f"{type(exc).__name__}: {line[:300]}"
-
-
-def _tune_health_check(initial_timeout_s: int) -> None:
-    """Bound the strategy's first rendezvous and check peers more often (TensorFlow's class attributes).
-
-    These are private knobs of ``CollectiveAllReduceExtended`` (TF 2.x; TensorFlow's own multi-worker
-    tests set them the same way). The initial timeout defaults to 0 = wait forever, which turned a
-    worker that never started into a chief blocked for good. When a TensorFlow version drops them
-    the run still works, with TensorFlow's defaults.
-    """
-    try:
-        from tensorflow.python.distribute import collective_all_reduce_strategy as car
-    except ImportError:  # pragma: no cover - layout of another TensorFlow version
-        log.warning("cannot bound the cluster rendezvous: TensorFlow's collective strategy module moved")
-        return
-    ext = car.CollectiveAllReduceExtended
-    for name, value in (("_check_health_initial_timeout", initial_timeout_s),
-                        ("_check_health_interval", HEALTH_INTERVAL_S)):
-        if hasattr(ext, name):
-            setattr(ext, name, value)
-        else:  # pragma: no cover
-            log.warning("TensorFlow's CollectiveAllReduceExtended has no %s; keeping its default", name)
 
 
 def run_distributed(settings: Settings, spec: ModelSpec, cluster: Cluster, *, namespace: str = "live",
