@@ -173,6 +173,10 @@ class Settings(BaseSettings):
         "`store gc` deletes the oldest batches above this many bytes per kind (0 = no size limit)"))
     store_state_inline_max_bytes: int = Field(4096, ge=0, description=(
         "featurizer state above this size goes to a <batch>.state.json file, not the manifest"))
+    # -- distributed training (trainer/distributed.py, docs/DISTRIBUTED.md) --
+    distributed_timeout_s: float = Field(300.0, gt=0, description=(
+        "`train --distributed`: longest wait in seconds for the other workers to join and for any one "
+        "collective step"))
     # -- scale-out (streaming/topics.py, streamlearn/scaling.py, docs/SCALING.md) --
     replication_factor: int = Field(0, ge=0, description=(
         "replicas of every created topic (0 = auto: 1 on a one-broker cluster such as the embedded one, else 3 "
@@ -403,6 +407,17 @@ def flag_help(name: str, note: str | None = None) -> str:
     spec = _BY_NAME[name]
     text = f"{spec.help}; {note}" if note else spec.help
     return f"{text} {env_help(name)}".replace("%", "%%")  # argparse formats help with %
+
+
+def tf_config(environ: dict[str, str] | None = None) -> str:
+    """TensorFlow's ``TF_CONFIG`` (cluster and task of a ``train --distributed`` worker), "" when unset.
+
+    TensorFlow reads this variable itself; streamlearn reads it here too (the one place) so the
+    trainer can check it and name it in errors before TensorFlow starts. It is deliberately not a
+    setting: :func:`to_env` must not hand one worker's task index to the processes it starts.
+    """
+    env = os.environ if environ is None else environ
+    return env.get("TF_CONFIG", "")
 
 
 def to_env(settings: Settings) -> dict[str, str]:

@@ -54,6 +54,16 @@ def fit_and_evaluate(spec: ModelSpec, features: FeatureInfo, plan: DataPlan, *, 
         )
     init = parent_dir / model_io.WEIGHTS_FILE if parent_dir is not None else None
     result = train_candidate(spec, features, xt, yt, seed=seed, init_weights=init, log_dir=log_dir)
+    return evaluate_candidate(spec, result, xt, yt, xe, ye, parent_dir=parent_dir, hashes=hashes)
+
+
+def evaluate_candidate(spec: ModelSpec, result: TrainResult, xt: np.ndarray, yt: np.ndarray, xe: np.ndarray,
+                       ye: np.ndarray, *, parent_dir: Path | None, hashes: dict[str, str]) -> Evaluation:
+    """Score a trained candidate, the current model and the baseline on the held-out rows; gate.
+
+    Shared by the single-process fit above and the chief of a distributed run
+    (trainer.distributed), so both gate exactly the same way on all training rows.
+    """
     weights_ok = model_io.weights_finite(result.model)
     cand_out = predict(result.model, xe) if weights_ok else np.full((len(xe), len(spec.output_names)), np.nan)
     cand_score = float(spec.score(ye, cand_out)) if len(ye) and weights_ok else float("nan")

@@ -31,3 +31,11 @@ class ReproductionError(TrainerError):
 
 class EventPublishError(TrainerError):
     """A ModelUpdate event was not acknowledged; the registry change it announces is already durable."""
+
+
+class DistributedTrainingError(TrainerError):
+    """A ``train --distributed`` run cannot start or lost a worker; nothing was published."""
+
+
+class ClusterConfigError(DistributedTrainingError):
+    """``TF_CONFIG`` is missing or does not describe a worker of a MultiWorkerMirroredStrategy cluster."""

@@ -29,6 +29,7 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,8 +220,13 @@ class Trainer:
                                  candidate_score=gate.get("candidate_score"), current_score=gate.get("current_score"))
         log.info("trainer %s: applied pending gate decision of version %s after a restart", self.name, latest)
 
-    def run_once(self, trigger: str = "manual") -> RunOutcome:
-        """Train, gate, publish and announce one candidate; raises NotEnoughDataError when idle."""
+    def run_once(self, trigger: str = "manual", *, fit: Callable[..., Evaluation] | None = None) -> RunOutcome:
+        """Train, gate, publish and announce one candidate; raises NotEnoughDataError when idle.
+
+        ``fit`` replaces :func:`trainer.evaluate.fit_and_evaluate` (same arguments, same result): the
+        chief of a distributed run passes its multi-worker fit (trainer.distributed), so it plans,
+        publishes and announces through this one path.
+        """
         from trainer import model_io
         from trainer.cycle import wait_tensorflow, write_marker
         from trainer.training import configure_tensorflow, write_gate_summary
@@ -251,8 +257,8 @@ class Trainer:
         tb_root = self.tensorboard_root()
         run_dir = tb_root / f".run-{os.getpid()}-{secrets.token_hex(4)}"
         started = time.time()
-        ev = fit_and_evaluate(self.spec, features, plan, parent_dir=parent_dir, seed=self.spec.seed,
-                              log_dir=run_dir)
+        ev = (fit or fit_and_evaluate)(self.spec, features, plan, parent_dir=parent_dir, seed=self.spec.seed,
+                                       log_dir=run_dir)
         staging = self.registry.staging(self.name)
         try:
             model_io.export_saved_model(ev.model, features.n_features, staging)

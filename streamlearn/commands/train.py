@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from streaming import config
 from streamlearn.modelref import versioned_ref
@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "(or on drift); gate, publish to the registry, announce on Kafka")
     p.add_argument("model", help="model name (built-in, entry point 'streamlearn.models' or [models] in config)")
     p.add_argument("--once", action="store_true", help="train one candidate now and exit")
+    p.add_argument("--distributed", action="store_true",
+                   help="with --once: train as one worker of a tf.distribute.MultiWorkerMirroredStrategy cluster "
+                        "described by env TF_CONFIG (worker 0 publishes; others only train their shard of the batch "
+                        "files); waits at most env STREAMLEARN_DISTRIBUTED_TIMEOUT_S for the others "
+                        "(docs/DISTRIBUTED.md)")
     p.add_argument("--namespace", default="live", help="feature store namespace (default live)")
     p.add_argument("--every-batches", dest="retrain_every_batches", type=int,
                    help=config.flag_help("retrain_every_batches"))
@@ -55,6 +60,8 @@ def _train(args: argparse.Namespace, settings: config.Settings) -> int:
     if changes:
         settings = settings.with_(**changes)
     spec = load_spec(args.model, settings)
+    if args.distributed:
+        return _train_distributed(args, settings, spec)
     keeper = _lease_keeper(settings, spec.name)
     trainer = Trainer(settings, spec, namespace=args.namespace, events=not args.no_events, keep_last=args.keep,
                       lease=keeper)
@@ -94,6 +101,38 @@ def _lease_keeper(settings: config.Settings, name: str) -> LeaseKeeper:
     registry = ModelRegistry(settings.model_dir)
     lease = Lease(lease_store(registry, name), name, ttl_s=settings.leader_lease_s)
     return LeaseKeeper(lease, floor=lambda: int(registry.state(name).get("leader_epoch") or 0)).start()
+
+
+def _train_distributed(args: argparse.Namespace, settings: config.Settings, spec: Any) -> int:
+    """One worker of `train MODEL --once --distributed` (trainer/multiworker.py); exit 3 idle, 4 cluster error."""
+    from streaming.exceptions import FencedError
+    from trainer.distributed import parse_tf_config
+    from trainer.exceptions import DistributedTrainingError, NotEnoughDataError
+    from trainer.multiworker import run_distributed
+
+    if not args.once:
+        print("error: --distributed trains one candidate per cluster run; add --once (run it again, e.g. from a "
+              "scheduler, for the next version)", file=sys.stderr)
+        return 2
+    keeper = None
+    try:
+        cluster = parse_tf_config(config.tf_config())
+        # The chief publishes through the normal run_once path, so it leads like any trainer: it holds
+        # the model's lease and fences its registry writes (docs/LEADER.md); the other workers never write.
+        keeper = _lease_keeper(settings, spec.name) if cluster.is_chief else None
+        summary = run_distributed(settings, spec, cluster, namespace=args.namespace, events=not args.no_events,
+                                  keep_last=args.keep, hard_exit=True, lease=keeper)
+    except NotEnoughDataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except (DistributedTrainingError, FencedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
+    finally:
+        if keeper is not None:
+            keeper.stop()
+    print(json.dumps(summary))
+    return 0
 
 
 def _reproduce(args: argparse.Namespace, settings: config.Settings) -> int:
