@@ -70,11 +70,11 @@ def _layer_class() -> Any:
         def vote(self, x: Any) -> Any:
             q = ops.clip(x, self.lo, self.hi)
             key_sq = ops.sum(ops.square(self.keys), axis=1)
-            dist = None
-            for s in self._shifted(q):
-                d = ops.sum(ops.square(s), axis=1, keepdims=True) - 2.0 * ops.matmul(s, ops.transpose(self.keys))
-                d = d + key_sq[None, :]
-                dist = d if dist is None else ops.minimum(dist, d)
+            dists = [ops.sum(ops.square(s), axis=1, keepdims=True) - 2.0 * ops.matmul(s, ops.transpose(self.keys))
+                     + key_sq[None, :] for s in self._shifted(q)]
+            dist = dists[0]
+            for d in dists[1:]:  # the closest shift of the request counts
+                dist = ops.minimum(dist, d)
             logits = ops.where(self.used[None, :] > 0.0, -self.gamma * dist, -1e9)
             probs = ops.matmul(ops.softmax(logits, axis=-1), self.values)
             filled = ops.max(self.used)
