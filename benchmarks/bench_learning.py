@@ -178,23 +178,31 @@ def _summary(spec: Any, rows: list[dict[str, Any]], river_names: list[str]) -> d
     }
 
 
-def bench_digits(settings: Settings) -> dict[str, Any]:
-    from ingest.generators import digits
+def _load_spec(name: str, settings: Settings, seed: int | None) -> Any:
+    """The spec, with its training seed replaced when ``seed`` is given (``--seed``: spread over runs)."""
+    import dataclasses
+
     from trainer.spec import load_spec
+
+    spec = load_spec(name, settings)
+    return spec if seed is None else dataclasses.replace(spec, seed=seed)
+
+
+def bench_digits(settings: Settings, seed: int | None = None) -> dict[str, Any]:
+    from ingest.generators import digits
     from trainer.synthetic import write_batches
 
-    spec = load_spec("digits_cnn", settings)
+    spec = _load_spec("digits_cnn", settings, seed)
     batches = write_batches(FeatureStore(settings.feature_store), "image", digits(), batch_size=DIGITS_BATCH,
                             topic="bench.image", namespace="bench")
     return _loop(settings, spec, batches, list(range(spec.features().n_features)))
 
 
-def bench_sensor(settings: Settings) -> dict[str, Any]:
+def bench_sensor(settings: Settings, seed: int | None = None) -> dict[str, Any]:
     from ingest.sensors import generate
-    from trainer.spec import load_spec
     from trainer.synthetic import write_batches
 
-    spec = load_spec("sensor_forecaster", settings)
+    spec = _load_spec("sensor_forecaster", settings, seed)
     batches = write_batches(FeatureStore(settings.feature_store), "sensor",
                             generate(SENSOR_READINGS, n_sensors=10, seed=11), batch_size=SENSOR_BATCH,
                             topic="bench.sensor", namespace="bench")
@@ -203,13 +211,12 @@ def bench_sensor(settings: Settings) -> dict[str, Any]:
     return out
 
 
-def bench_weblog(settings: Settings, log: Path) -> dict[str, Any]:
+def bench_weblog(settings: Settings, log: Path, seed: int | None = None) -> dict[str, Any]:
     from ingest.weblog import parse_line
     from streaming.features.weblog_v2 import OUTCOME_FEATURES
-    from trainer.spec import load_spec
     from trainer.synthetic import write_batches
 
-    spec = load_spec("weblog_classifier", settings)
+    spec = _load_spec("weblog_classifier", settings, seed)
     with log.open("rb") as fh:
         records = [parse_line(line, source=log.name, position=i) for i, line in enumerate(fh)]
     batches = write_batches(FeatureStore(settings.feature_store), "weblog", records, batch_size=WEBLOG_BATCH,
@@ -251,22 +258,35 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def run(settings: Settings, weblog: Path | None = None) -> dict[str, Any]:
-    """All learning benchmarks on ``settings``' feature store and model dir (no Kafka needed)."""
+STREAMS = ("digits", "sensor", "weblog")
+
+
+def run(settings: Settings, weblog: Path | None = None, streams: tuple[str, ...] = STREAMS,
+        seed: int | None = None) -> dict[str, Any]:
+    """The learning benchmarks of ``streams`` on ``settings``' store and model dir (no Kafka needed).
+
+    ``seed`` replaces each spec's training seed (initializers, shuffling); the streams themselves and
+    River's side do not depend on it, so runs with several seeds show our models' seed-to-seed spread.
+    """
     from trainer.training import configure_tensorflow
 
     configure_tensorflow()
     started = time.perf_counter()
-    result: dict[str, Any] = {"benchmark": "learning", "protocol": "test-then-train", "machine": machine()}
-    result["digits"] = bench_digits(settings)
-    result["sensor"] = bench_sensor(settings)
+    result: dict[str, Any] = {"benchmark": "learning", "protocol": "test-then-train", "machine": machine(),
+                              "seed": seed}
+    if "digits" in streams:
+        result["digits"] = bench_digits(settings, seed)
+    if "sensor" in streams:
+        result["sensor"] = bench_sensor(settings, seed)
     log = weblog or WEBLOG_DEFAULT
-    result["weblog"] = bench_weblog(settings, log) if log.is_file() else {"skipped": f"{log} is absent"}
+    if "weblog" in streams:
+        result["weblog"] = (bench_weblog(settings, log, seed) if log.is_file()
+                            else {"skipped": f"{log} is absent"})
     result["seconds"] = round(time.perf_counter() - started, 1)
     table = []
-    for key in ("digits", "sensor", "weblog"):
-        s = result[key]
-        if "skipped" in s:
+    for key in STREAMS:
+        s = result.get(key)
+        if s is None or "skipped" in s:
             continue
         table.append({"figure": f"{s['model']} {s['metric']} / best River ({s['best_river_model']})",
                       "value": round(s["ours"], 4), "baseline": round(s["river"][s["best_river_model"]], 4),
@@ -287,10 +307,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weblog", type=Path, default=None,
                         help=f"combined/common log to learn from (default {WEBLOG_DEFAULT})")
+    parser.add_argument("--streams", default=",".join(STREAMS),
+                        help=f"comma-separated streams to run (default {','.join(STREAMS)})")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="training seed of every spec (default: each spec's own); run several to see the spread")
     args = parser.parse_args()
+    streams = tuple(s.strip() for s in args.streams.split(",") if s.strip())
+    unknown = sorted(set(streams) - set(STREAMS))
+    if unknown:
+        parser.error(f"--streams: unknown {unknown}; choose from {list(STREAMS)}")
     home = Path(tempfile.mkdtemp(prefix="streamlearn-bench-learning-"))
     settings = config.load({"home": home, "metrics_port": -1})
-    print(json.dumps(run(settings, args.weblog), indent=2, default=str))
+    print(json.dumps(run(settings, args.weblog, streams, args.seed), indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -107,6 +107,9 @@ class ModelSpec:
     class_names: Sequence[str] | None = None
     #: optional ``adapt(model, x_train)`` run on a cold start only (e.g. a Normalization layer).
     adapt: Callable[[Any, np.ndarray], None] | None = None
+    #: optional ``after_fit(model, x_train, y_train)`` run after every fit (warm or cold), e.g. to
+    #: store exemplars in non-trainable weights (:mod:`trainer.specs.exemplars`).
+    after_fit: Callable[[Any, np.ndarray, np.ndarray], None] | None = None
     aux_labels: Sequence[str] = ()
     epochs: int = 3
     #: training runs at least this many gradient steps (more epochs on small data), see training.epoch_budget.

@@ -90,6 +90,8 @@ def train_candidate(spec: ModelSpec, features: FeatureInfo, x: np.ndarray, y: np
     with progress(n_epochs * rows, f"train {spec.name} epoch 1/{n_epochs} ({rows:,} rows)", unit="rows") as bar:
         callbacks.append(_progress_callback(keras, bar, spec.name, n_epochs, rows, spec.batch_size))
         hist = model.fit(ds, epochs=n_epochs, verbose=0, callbacks=callbacks, shuffle=False)
+    if spec.after_fit is not None and len(x):
+        spec.after_fit(model, x, y)
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     losses = history.get("loss") or [float("nan")]
     final = losses[-1]
