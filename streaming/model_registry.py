@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -51,48 +50,23 @@ from streaming.exceptions import (  # noqa: F401 (re-exported)
     StreamingError,
 )
 from streaming.fsutil import fsync_dir, pid_alive, write_json_atomic
+from streaming.registry_integrity import (  # re-exported: registry_remote and tests import them here
+    METADATA_FILE,
+    RegistryIntegrityMixin,
+    fsync_tree,
+    metadata_digest,
+    sha256_file,
+)
+from streaming.registry_leader import RegistryLeaderMixin
 from streaming.tf_serving import refresh_quietly
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 STAGING_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
-METADATA_FILE = "metadata.json"
 STATE_FILE = "state.json"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed so large variable shards do not load into memory."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory below ``root`` (children first, then the parents)."""
-    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
-        for fname in filenames:
-            fd = os.open(os.path.join(dirpath, fname), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def metadata_digest(meta: dict[str, Any]) -> str:
-    """sha256 of a version's metadata (without the digest field itself), canonical JSON.
-
-    ``metadata.json`` cannot list its own hash in the manifest, so it carries this digest, and the
-    model's ``state.json`` records it again when the version is created: an edit of the lineage,
-    featurizer or scores after publishing fails :meth:`ModelRegistry.verify`.
-    """
-    body = {k: v for k, v in meta.items() if k != "metadata_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-class ModelRegistry:
+class ModelRegistry(RegistryIntegrityMixin, RegistryLeaderMixin):
     """Reader and writer of ``<root>/<name>/...``; safe to use from several processes at once.
 
     A root that is an object-storage URL (``s3://bucket/models``) gives a
@@ -174,61 +148,6 @@ class ModelRegistry:
             raise ModelIntegrityError(msg) from exc
         return data
 
-    # ------------------------------------------------------------------ integrity
-    def verify(self, name: str, version: int) -> dict[str, Any]:
-        """Check a version completely; returns its metadata or raises ModelIntegrityError.
-
-        Checks: ``saved_model.pb`` and ``variables/`` (with an index) exist; every file in the
-        manifest exists with the recorded sha256; no file exists that the manifest lacks
-        (e.g. a swapped-in shard); ``metadata.json`` names this version.
-        """
-        vdir = self.version_dir(name, version)
-        meta = self.metadata(name, version)
-        problems: list[str] = []
-        if not (vdir / "saved_model.pb").is_file():
-            problems.append("saved_model.pb is missing")
-        if not (vdir / "variables").is_dir():
-            problems.append("variables/ is missing")
-        elif not (vdir / "variables" / "variables.index").is_file():
-            problems.append("variables/variables.index is missing")
-        if meta.get("version") != int(version):
-            problems.append(f"metadata.json says version {meta.get('version')!r}")
-        manifest = meta.get("manifest")
-        if not isinstance(manifest, dict) or not manifest:
-            problems.append("metadata.json has no manifest")
-            manifest = {}
-        present = {p.relative_to(vdir).as_posix() for p in vdir.rglob("*") if p.is_file()}
-        present.discard(METADATA_FILE)
-        for rel in sorted(set(manifest) - present):
-            problems.append(f"{rel} is missing")
-        for rel in sorted(present - set(manifest)):
-            problems.append(f"{rel} is not in the manifest")
-        for rel in sorted(set(manifest) & present):
-            if sha256_file(vdir / rel) != manifest[rel]:
-                problems.append(f"{rel} sha256 mismatch")
-        problems += self._metadata_problems(name, int(version), meta)
-        if problems:
-            raise ModelIntegrityError(
-                f"version: {name}/{version} at {vdir} failed verification: " + "; ".join(problems)
-                + ". Do not serve it; delete the directory or re-export the model"
-            )
-        return meta
-
-    def _metadata_problems(self, name: str, version: int, meta: dict[str, Any]) -> list[str]:
-        """metadata.json against its own digest and the digest state.json recorded at creation.
-
-        Versions published before digests existed have neither and pass (nothing to compare).
-        """
-        digest = metadata_digest(meta)
-        problems = []
-        if "metadata_sha256" in meta and meta["metadata_sha256"] != digest:
-            problems.append("metadata.json sha256 mismatch (edited after publishing)")
-        created = [h for h in self.state(name)["history"]
-                   if h.get("action") == "CREATED" and h.get("version") == version and h.get("metadata_sha256")]
-        if created and created[-1]["metadata_sha256"] != digest:
-            problems.append("metadata.json differs from the digest recorded in state.json at creation")
-        return problems
-
     # ------------------------------------------------------------------ state
     def _state_path(self, name: str) -> Path:
         return self.model_dir(name) / STATE_FILE
@@ -246,39 +165,6 @@ class ModelRegistry:
         data.setdefault("history", [])
         data.setdefault("leader_epoch", 0)
         return data
-
-    def _check_fence(self, name: str, state: dict[str, Any], fence: int | None) -> None:
-        """Refuse a write of a leader whose epoch is not the newest claimed one (``fence=None``: unfenced)."""
-        if fence is None:
-            return
-        claimed = int(state.get("leader_epoch") or 0)
-        if int(fence) != claimed:
-            raise FencedError(
-                f"fence: trainer epoch {fence} is not the leader epoch {claimed} of model {name!r} in "
-                f"{self._state_path(name)}; another trainer took over the lease, so this one must not "
-                "publish or decide versions: it stops and rejoins as a standby (docs/LEADER.md)"
-            )
-
-    def claim_leadership(self, name: str, epoch: int) -> int:
-        """Record ``epoch`` as the model's leader epoch; returns the previous one.
-
-        Called by a trainer right after it acquired the lease and before it reads the registry to
-        plan, so every write of an older leader after this point is refused (the fencing token is
-        checked where the versions are allocated). An epoch older than the claimed one raises.
-        """
-        with self._locked(name):
-            state = self.state(name)
-            previous = int(state.get("leader_epoch") or 0)
-            if int(epoch) < previous:
-                raise FencedError(
-                    f"epoch: {epoch} is older than the leader epoch {previous} of model {name!r}; "
-                    "a newer trainer holds the lease; wait for it to expire"
-                )
-            if int(epoch) != previous:
-                state["leader_epoch"] = int(epoch)
-                self._append(state, "LEADER", self.latest(name) or 0, f"leader epoch {epoch}", epoch=int(epoch))
-                self._write_state(name, state)
-        return previous
 
     def promoted(self, name: str) -> int | None:
         """The version serving should answer with, or None before the first promotion."""
@@ -386,7 +272,7 @@ class ModelRegistry:
             meta["manifest"] = manifest
             meta["metadata_sha256"] = metadata_digest(meta)
             (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", "utf-8")
-            _fsync_tree(staging)
+            fsync_tree(staging)
             os.rename(staging, mdir / str(version))
             fsync_dir(mdir)
             state["last_version"] = version

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from operator import mul
 from typing import Any, cast
@@ -77,6 +76,24 @@ from streaming.features.base import (
     hour_of_day_sin_cos,
     register,
     short_repr,
+)
+from streaming.features.sensor_batch import (  # re-exported: sensor_v2 and older callers import them here
+    WindowSnapshot,
+    pack_windows,
+    v1_features,
+)
+from streaming.features.sensor_batch import (
+    clip_like_python as clip_like_python,
+)
+from streaming.features.sensor_state import (  # re-exported: v2/v3, tests and benchmarks import them here
+    MAX_STATE_BYTES,
+    READING_BYTES,
+    SensorBuffer,
+    SensorState,
+    entry_bytes,
+)
+from streaming.features.sensor_state import (
+    SENSOR_ENTRY_BYTES as SENSOR_ENTRY_BYTES,
 )
 
 VERSION = "sensor-v1"
@@ -100,66 +117,6 @@ FEATURE_NAMES = [
     "hour_sin",
     "hour_cos",
 ]
-
-
-class SensorBuffer:
-    """Recent readings of one sensor in event-time order (parallel lists, cheap to append/trim)."""
-
-    __slots__ = ("anomalies", "times", "trimmed", "values")
-
-    def __init__(self) -> None:
-        self.times: list[int] = []
-        self.values: list[float] = []
-        self.anomalies: list[float | None] = []
-        self.trimmed = False  # True once older readings were dropped (history is no longer complete)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"t": self.times, "v": self.values, "a": self.anomalies, "trimmed": self.trimmed}
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, SensorBuffer):
-            return NotImplemented
-        return self.as_json() == other.as_json()
-
-
-WindowSnapshot = tuple[list[int], list[float]]
-"""``(times, values)`` of a window and the reading before it (see ``SensorFeaturizer.window_snapshot``)."""
-
-
-def clip_like_python(a: np.ndarray, bound: float) -> np.ndarray:
-    """``bound if a > bound else (-bound if a < -bound else a)`` per element (keeps -0.0 as it is)."""
-    return np.where(a > bound, bound, np.where(a < -bound, -bound, a))
-
-
-#: Estimated checkpoint bytes (JSON) of one sensor entry and of one reading in it; used to bound the
-#: state by bytes (``max_state_bytes``), so the state in every batch manifest has a known ceiling.
-SENSOR_ENTRY_BYTES = 48
-READING_BYTES = 44
-#: Default byte bound of one state (estimated JSON size); see docs/SECURITY.md.
-MAX_STATE_BYTES = 8 * 1024 * 1024
-
-
-def entry_bytes(sid: str, readings: int) -> int:
-    """Estimated checkpoint size of one sensor's entry (UTF-8 of the id may be up to 4x its length)."""
-    return SENSOR_ENTRY_BYTES + len(sid.encode("utf-8", "replace")) + readings * READING_BYTES
-
-
-class SensorState:
-    """Per-sensor buffers, least recently seen sensor first; ``nbytes`` estimates its checkpoint size."""
-
-    __slots__ = ("nbytes", "sensors")
-
-    def __init__(self) -> None:
-        self.sensors: OrderedDict[str, SensorBuffer] = OrderedDict()
-        self.nbytes = 0
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, SensorState):
-            return NotImplemented
-        return list(self.sensors.items()) == list(other.sensors.items())
-
-    def __repr__(self) -> str:
-        return f"SensorState(sensors={len(self.sensors)})"
 
 
 class SensorFeaturizer(Featurizer[SensorState]):
@@ -267,74 +224,18 @@ class SensorFeaturizer(Featurizer[SensorState]):
     def window_matrix(self, snapshots: Sequence[WindowSnapshot]) -> np.ndarray:
         """Features of many windows at once, float32 ``(len(snapshots), n_features)``.
 
-        Why numpy over a whole batch: per-record Python arithmetic over 16 values was most of the
-        stream worker's time. Every operation keeps the exact floating-point result of the scalar
-        formulas (sums added left to right, stable sorts, ``math`` for the transcendental functions,
-        Python's ``min``/``max`` tie rules), so the rows do not depend on how many are computed
-        together (``tests/test_sensor_batch.py`` checks them bit for bit against the scalar code).
+        Why numpy over a whole batch: per-record Python arithmetic was most of the stream worker's
+        time. The arithmetic lives in :mod:`streaming.features.sensor_batch`, bit-identical to
+        :meth:`window_features` (``tests/test_sensor_batch.py``).
         """
-        width = self.window + 1
-        k = len(snapshots)
-        flat_t: list[int] = []
-        flat_v: list[float] = []
-        lens: list[int] = []
-        zt, zv = [0] * width, [0.0] * width
-        for times, values in snapshots:
-            pad = width - len(values)
-            if pad:
-                flat_t += zt[:pad]
-                flat_v += zv[:pad]
-            flat_t += times
-            flat_v += values
-            lens.append(len(values))
-        t = np.array(flat_t, dtype=np.int64).reshape(k, width)
-        v = np.array(flat_v, dtype=np.float64).reshape(k, width)
-        return self._features(t, v, np.array(lens, dtype=np.int64))
+        t, v, lens = pack_windows(snapshots, self.window + 1)
+        return self._features(t, v, lens)
 
     def _features(self, t: np.ndarray, v: np.ndarray, lens: np.ndarray) -> np.ndarray:
         """v1's 14 features of windows packed right-aligned in ``t``/``v`` (``lens`` readings each,
-        the window plus the reading before it when there is one)."""
-        w = self.window
-        k = len(lens)
-        n = np.minimum(lens, w)  # readings in each window
-        vw = v[:, 1:]  # the windows, zero-padded on the left
-        valid = np.arange(w) >= (w - n)[:, None]
-        nf = n.astype(np.float64)
-        total = np.zeros(k)
-        for j in range(w):  # left to right like sum(): padding adds 0.0 before the first reading
-            total += vw[:, j]
-        mean = total / nf
-        devs = np.where(valid, vw - mean[:, None], 0.0)
-        sq = np.zeros(k)
-        for j in range(w):
-            sq += devs[:, j] * devs[:, j]
-        std = np.sqrt(sq / nf)
-        centered = self._centered_rows[n]
-        sc = np.zeros(k)
-        for j in range(w):
-            sc += centered[:, j] * devs[:, j]
-        two = n >= 2
-        slope = np.where(two, sc / np.where(two, self._sxx_rows[n], 1.0), 0.0)
-        value = vw[:, -1]
-        dev = devs[:, -1]
-        z = clip_like_python(np.where(std > 0.0, dev / np.where(std > 0.0, std, 1.0), 0.0), Z_CLIP)
-        lo, hi = np.full(k, np.inf), np.full(k, -np.inf)
-        for j in range(w):  # min()/max() keep the first of equal values (-0.0 vs 0.0)
-            col = devs[:, j]
-            lo = np.where(valid[:, j] & (col < lo), col, lo)
-            hi = np.where(valid[:, j] & (col > hi), col, hi)
-        lag1 = np.where(two, value - vw[:, -2], 0.0)
-        lag2 = np.where(n >= 3, value - vw[:, -3], 0.0)
-        lag3 = np.where(n >= 4, value - vw[:, -4], 0.0)
-        extra = []  # the transcendental functions through math, one call per value as the scalar code
-        for tt, tp, nn in zip(t[:, -1].tolist(), t[:, -2].tolist(), n.tolist(), strict=True):
-            hs, hc = hour_of_day_sin_cos(tt)
-            extra.append((math.log1p((tt - tp) / 1000.0) if nn >= 2 else 0.0, hs, hc))
-        out = np.empty((k, len(FEATURE_NAMES)), dtype=np.float32)
-        for c, col in enumerate((value, dev, z, std, lo, hi, slope, lag1, lag2, lag3, nf / w)):
-            out[:, c] = col
-        out[:, 11:14] = np.array(extra, dtype=np.float64).reshape(k, 3)
-        return out
+        the window plus the reading before it when there is one); see :mod:`.sensor_batch`."""
+        return v1_features(t, v, lens, window=self.window, n_features=len(FEATURE_NAMES), z_clip=Z_CLIP,
+                           centered_rows=self._centered_rows, sxx_rows=self._sxx_rows)
 
     # -- training and serving entry points ---------------------------------------------------
 
