@@ -353,16 +353,25 @@ class ModelRegistry(RegistryIntegrityMixin, RegistryLeaderMixin):
             keep = set(self.versions(name)[-keep_last:]) | ever_promoted | set(state["promoted_stack"])
             if state["promoted"] is not None:
                 keep.add(int(state["promoted"]))
-            mdir = self.model_dir(name)
             for version in self.versions(name):
                 if version in keep:
                     continue
-                trash = mdir / f"{TRASH_PREFIX}{version}-{secrets.token_hex(4)}"
-                os.rename(mdir / str(version), trash)
-                shutil.rmtree(trash, ignore_errors=True)
+                self._delete_version(name, version)
                 deleted.append(version)
                 self._append(state, "DELETED", version, f"retention keep_last={keep_last}")
             if deleted:
-                fsync_dir(mdir)
+                self._deleted_durable(name)
                 self._write_state(name, state)
         return deleted
+
+    def _delete_version(self, name: str, version: int) -> None:
+        """Remove one version (the seam object storage overrides): renamed to a trash name first,
+        one atomic step, so readers never see it half-deleted, then removed."""
+        mdir = self.model_dir(name)
+        trash = mdir / f"{TRASH_PREFIX}{version}-{secrets.token_hex(4)}"
+        os.rename(mdir / str(version), trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _deleted_durable(self, name: str) -> None:
+        """Make the deletions durable before state.json records them."""
+        fsync_dir(self.model_dir(name))

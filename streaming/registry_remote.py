@@ -292,29 +292,13 @@ class RemoteModelRegistry(ModelRegistry):
                 os.rename(staging, final)
         return version
 
-    def apply_retention(self, name: str, keep_last: int, *, fence: int | None = None) -> list[int]:
-        """As the local one; a version stops existing when its metadata.json is deleted (first),
-        then its other objects and its cached copy go."""
-        if keep_last < 1:
-            raise ModelRegistryError(
-                f"keep_last: must be >= 1 (got {keep_last}); the newest version is always kept")
-        deleted: list[int] = []
-        with self._locked(name):
-            state = self.state(name)
-            self._check_fence(name, state, fence)
-            ever_promoted = {int(e["version"]) for e in state["history"] if e.get("action") == "PROMOTED"}
-            keep = set(self.versions(name)[-keep_last:]) | ever_promoted | set(state["promoted_stack"])
-            if state["promoted"] is not None:
-                keep.add(int(state["promoted"]))
-            for version in self.versions(name):
-                if version in keep:
-                    continue
-                self.objects.delete(f"{name}/{version}/{METADATA_FILE}")
-                for key in self.objects.list_keys(f"{name}/{version}"):
-                    self.objects.delete(key)
-                shutil.rmtree(self.model_dir(name) / str(version), ignore_errors=True)
-                deleted.append(version)
-                self._append(state, "DELETED", version, f"retention keep_last={keep_last}")
-            if deleted:
-                self._write_state(name, state)
-        return deleted
+    def _delete_version(self, name: str, version: int) -> None:
+        """A version stops existing when its metadata.json is deleted (first), then its other
+        objects and its cached copy go."""
+        self.objects.delete(f"{name}/{version}/{METADATA_FILE}")
+        for key in self.objects.list_keys(f"{name}/{version}"):
+            self.objects.delete(key)
+        shutil.rmtree(self.model_dir(name) / str(version), ignore_errors=True)
+
+    def _deleted_durable(self, name: str) -> None:
+        """Nothing to sync: each delete is done when the object store answers."""
