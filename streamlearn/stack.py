@@ -101,8 +101,9 @@ class Supervisor:
     """Start, watch, restart and drain a set of :class:`Service` child processes."""
 
     def __init__(self, settings: Settings, services: list[Service], *, max_backoff: float = 30.0,
-                 give_up_after: int = GIVE_UP_AFTER) -> None:
+                 give_up_after: int = GIVE_UP_AFTER, rapid_s: float = RAPID_S) -> None:
         self.settings = settings
+        self.rapid_s = rapid_s
         self.services = services
         self.max_backoff = max_backoff
         self.give_up_after = give_up_after
@@ -156,12 +157,12 @@ class Supervisor:
                     svc.proc = None
                     logfile = self.log_dir / f"{svc.name}.log"
                     last = last_log_line(logfile)
-                    if now - svc.started_at >= RAPID_S:
+                    if now - svc.started_at >= self.rapid_s:
                         svc.rapid_crashes = 1
                     elif self._broker_reachable():  # a broker outage is transient: keep retrying
                         svc.rapid_crashes += 1
                     if svc.rapid_crashes >= self.give_up_after:
-                        svc.gave_up = (f"crashed {svc.rapid_crashes} times in a row, each within {RAPID_S:.0f} s "
+                        svc.gave_up = (f"crashed {svc.rapid_crashes} times in a row, each within {self.rapid_s:.0f} s "
                                        f"of starting; last log line: {last}")
                         self.events.append({"t": time.time(), "service": svc.name, "event": "gave-up",
                                             "exit_code": code, "reason": svc.gave_up})

@@ -100,7 +100,8 @@ def test_every_flag_named_in_a_message_exists() -> None:
 
     known: set[str] = set()
     walk(build_parser(), known)
-    foreign = {"--data-dir", "--kafka-port", "--logdir"}  # flags of the noida-db binary and of tensorboard
+    # flags of the noida-db binary, tensorboard, `docker compose` and kafka-topics.sh
+    foreign = {"--data-dir", "--kafka-port", "--logdir", "--scale", "--alter", "--partitions"}
     unknown = []
     for package in ("schemas", "streaming", "ingest", "trainer", "serving", "streamlearn"):
         for f in (ROOT / package).rglob("*.py"):

@@ -179,7 +179,9 @@ def test_up_refuses_a_malformed_setting_with_one_line(settings: Settings) -> Non
 def test_supervisor_says_why_and_stops_restarting_after_rapid_crashes(settings: Settings,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     # `offsets show` without --kind fails at once with an error line: a worker with a bad setting
-    sup = Supervisor(settings, [Service("broken", ["offsets", "show"], 0)], max_backoff=0.2, give_up_after=3)
+    # rapid_s: on a loaded box one CLI start can take over the default 30 s; every crash here is "rapid"
+    sup = Supervisor(settings, [Service("broken", ["offsets", "show"], 0)], max_backoff=0.2, give_up_after=3,
+                     rapid_s=600.0)
     with caplog.at_level("WARNING", logger="streamlearn.stack"):
         sup.start()
         try:

@@ -190,6 +190,7 @@ BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # ~20 commands, TensorFlow training among them: ~90 s quiet, 340 s seen at load 10
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs_as_written(index: int, tmp_path: Path) -> None:
     lines = BLOCKS[index]
