@@ -216,14 +216,6 @@ class RemoteModelRegistry(ModelRegistry):
                     f"within {LEASE_S:.0f} s of its holder's death; retry later")
             time.sleep(0.05 + secrets.randbelow(100) / 1000)  # bounded back-off between two polls of the lease
 
-    def staging(self, name: str) -> Path:
-        """A local staging directory (in the cache) for an export to fill."""
-        mdir = self.model_dir(name)
-        mdir.mkdir(parents=True, exist_ok=True)
-        path = mdir / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-        path.mkdir()
-        return path
-
     def clean_staging(self, name: str) -> list[Path]:
         """Local staging left by dead writers, plus remote claims whose publish never finished
         (older than :data:`CLAIM_GRACE_S`): their uploaded objects are deleted."""
