@@ -191,21 +191,24 @@ class FeatureStore:
 
     def featurizer_state(self, kind: str, manifest: dict[str, Any], namespace: str = "live") -> str | None:
         """The featurizer state checkpointed with a batch: inline in its manifest, or in the
-        ``<batch_id>.state.json`` file the manifest names (checked against its sha256)."""
-        if self.remote is not None:
-            return self.remote.featurizer_state(kind, manifest, namespace)
+        ``<batch_id>.state.json`` file (an object on object storage) the manifest names, checked
+        against its sha256."""
         ref = manifest.get("featurizer_state_file")
         if not ref:
             text: str | None = manifest.get("featurizer_state")
             return text
-        path = self.directory(kind, namespace) / str(ref["name"])
+        name = str(ref["name"])
+        if self.remote is not None:
+            what, where = "state object", self.remote.key(kind, namespace, name)
+        else:
+            what, where = "state file", str(self.directory(kind, namespace) / name)
         try:
-            data = path.read_bytes()
-        except FileNotFoundError as exc:
-            raise StoreError(f"batch {manifest.get('batch_id')}: its state file {path} is gone; "
+            data = self.remote.objects.get(where) if self.remote is not None else Path(where).read_bytes()
+        except FileNotFoundError as exc:  # ObjectNotFoundError is one too
+            raise StoreError(f"batch {manifest.get('batch_id')}: its {what} {where} is gone; "
                              "replay the partition to rebuild it") from exc
         if hashlib.sha256(data).hexdigest() != ref.get("sha256"):
-            raise StoreError(f"batch {manifest.get('batch_id')}: state file {path} does not match the sha256 "
+            raise StoreError(f"batch {manifest.get('batch_id')}: {what} {where} does not match the sha256 "
                              "of its manifest; it was modified or corrupted; replay the partition")
         return data.decode("utf-8")
 

@@ -110,22 +110,6 @@ class RemoteBatches:
             pairs = [(b, m) for b, m in pairs if (int(m.get("created_at_ms", 0) or 0), b) > mark]
         return [BatchInfo(bid, self.batch_path(kind, bid, namespace), m) for bid, m in pairs]
 
-    def featurizer_state(self, kind: str, manifest: dict[str, Any], namespace: str) -> str | None:
-        ref = manifest.get("featurizer_state_file")
-        if not ref:
-            text: str | None = manifest.get("featurizer_state")
-            return text
-        key = self.key(kind, namespace, str(ref["name"]))
-        try:
-            data = self.objects.get(key)
-        except ObjectNotFoundError as exc:
-            raise StoreError(f"batch {manifest.get('batch_id')}: its state object {key} is gone; "
-                             "replay the partition to rebuild it") from exc
-        if hashlib.sha256(data).hexdigest() != ref.get("sha256"):
-            raise StoreError(f"batch {manifest.get('batch_id')}: state object {key} does not match the sha256 "
-                             "of its manifest; it was modified or corrupted; replay the partition")
-        return data.decode("utf-8")
-
     def verify(self, info: BatchInfo) -> None:
         kind, namespace = str(info.manifest.get("kind")), str(info.manifest.get("namespace"))
         key = self.key(kind, namespace, f"{info.batch_id}.avro")
