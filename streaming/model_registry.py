@@ -54,8 +54,8 @@ from streaming.registry_integrity import (  # re-exported: registry_remote and t
     METADATA_FILE,
     RegistryIntegrityMixin,
     fsync_tree,
-    metadata_digest,
     sha256_file,
+    version_metadata,
 )
 from streaming.registry_leader import RegistryLeaderMixin
 from streaming.tf_serving import refresh_quietly
@@ -265,12 +265,7 @@ class ModelRegistry(RegistryIntegrityMixin, RegistryLeaderMixin):
             state = self.state(name)
             self._check_fence(name, state, fence)
             version = max([int(state["last_version"]), *self.versions(name)]) + 1
-            meta = dict(metadata)
-            meta["name"] = name
-            meta["version"] = version
-            meta.setdefault("created_at", now_ms())
-            meta["manifest"] = manifest
-            meta["metadata_sha256"] = metadata_digest(meta)
+            meta = version_metadata(metadata, name, version, manifest)
             (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", "utf-8")
             fsync_tree(staging)
             os.rename(staging, mdir / str(version))

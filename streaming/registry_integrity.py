@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from streaming.clock import now_ms
 from streaming.exceptions import ModelIntegrityError
 from streaming.fsutil import fsync_dir
 
@@ -52,6 +53,18 @@ def metadata_digest(meta: dict[str, Any]) -> str:
     """
     body = {k: v for k, v in meta.items() if k != "metadata_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def version_metadata(metadata: dict[str, Any], name: str, version: int, manifest: dict[str, str]) -> dict[str, Any]:
+    """The ``metadata.json`` of a new version: the caller's fields plus its name, number, creation time,
+    file manifest (relative path -> sha256) and, last, the digest over all of it."""
+    meta = dict(metadata)
+    meta["name"] = name
+    meta["version"] = version
+    meta.setdefault("created_at", now_ms())
+    meta["manifest"] = manifest
+    meta["metadata_sha256"] = metadata_digest(meta)
+    return meta
 
 
 class RegistryIntegrityMixin:

@@ -46,8 +46,8 @@ from streaming.model_registry import (
     STAGING_PREFIX,
     STATE_FILE,
     ModelRegistry,
-    metadata_digest,
     sha256_file,
+    version_metadata,
 )
 from streaming.objstore import ObjectStore, open_store
 
@@ -258,12 +258,7 @@ class RemoteModelRegistry(ModelRegistry):
         version = max([int(self.state(name)["last_version"]), *self.versions(name)]) + 1
         while not self.objects.create(f"{name}/{version}/{CLAIM_FILE}", self._owner.encode()):
             version += 1  # another writer, or a crashed publish, holds that number
-        meta = dict(metadata)
-        meta["name"] = name
-        meta["version"] = version
-        meta.setdefault("created_at", now_ms())
-        meta["manifest"] = manifest
-        meta["metadata_sha256"] = metadata_digest(meta)
+        meta = version_metadata(metadata, name, version, manifest)
         body = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
         for rel, path in files.items():  # data first (streamed), metadata.json last and only if absent
             self.objects.put_file(f"{name}/{version}/{rel}", path)
