@@ -43,23 +43,52 @@ def write_synced(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably: a unique temp file in the same
-    directory, fsync, rename over ``path``, fsync of the directory. On failure the temp file is
-    removed and the old content stays."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _synced_temp(path: Path, data: bytes, prefix: str) -> str:
+    """A unique temp file beside ``path`` holding ``data``, fsynced; removed again if writing fails."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably: a unique temp file in the same
+    directory, fsync, rename over ``path``, fsync of the directory. On failure the temp file is
+    removed and the old content stays."""
+    path = Path(path)
+    tmp = _synced_temp(path, data, f".{path.name}.")
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def create_atomic(path: Path, data: bytes) -> bool:
+    """Create ``path`` with ``data`` only if it does not exist, atomically and durably: a synced temp
+    file hard-linked to ``path`` (the link fails if it exists), then the directory synced. Returns
+    False, writing nothing, when ``path`` already existed."""
+    path = Path(path)
+    tmp = _synced_temp(path, data, f".{path.name}.{os.getpid()}-")
+    try:
+        try:
+            os.link(tmp, path)  # atomic create-if-absent of a complete, synced file
+        except FileExistsError:
+            return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    fsync_dir(path.parent)
+    return True
 
 
 def write_json_atomic(path: Path, data: Any, *, indent: int | None = 2) -> None:

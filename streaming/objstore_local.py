@@ -12,12 +12,11 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from streaming.exceptions import ObjectNotFoundError
-from streaming.fsutil import fsync_dir, write_atomic
+from streaming.fsutil import create_atomic, write_atomic
 from streaming.objstore_base import Location, ObjectStore, check_key, local_path
 
 
@@ -44,21 +43,7 @@ class LocalObjectStore(ObjectStore):
     def create(self, key: str, data: bytes) -> bool:
         path = self._p(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            try:
-                os.link(tmp, path)  # atomic create-if-absent of a complete, synced file
-            except FileExistsError:
-                return False
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        fsync_dir(path.parent)
-        return True
+        return create_atomic(path, data)
 
     def get(self, key: str) -> bytes:
         try:
