@@ -22,25 +22,22 @@ therefore cannot publish, promote or reject anything. See docs/LEADER.md for the
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import logging
 import os
 import secrets
 import socket
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from streaming.clock import now_ms
 from streaming.exceptions import LeaseError
-from streaming.fsutil import fsync_dir, pid_alive
+from streaming.fsutil import pid_alive
+from streaming.objstore_local import LocalObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -96,70 +93,6 @@ class LeaseStore(Protocol):
     def create(self, data: bytes) -> bool: ...
 
     def replace(self, data: bytes, token: str) -> bool: ...
-
-
-class FileLeaseStore:
-    """:class:`LeaseStore` on a local (or single-host shared) file system.
-
-    create: a fully written temp file is hard-linked to the name (``link`` fails if it exists);
-    replace: under an ``flock`` of ``<file>.cas`` the token is compared, then the file is renamed
-    over. The kernel drops the flock of a killed process, so a crash never wedges the lease.
-    """
-
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self.where = str(self.path)
-
-    def read(self) -> tuple[bytes | None, str | None]:
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return None, None
-        return data, hashlib.sha256(data).hexdigest()
-
-    def _temp(self, data: bytes) -> str:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        return tmp
-
-    def create(self, data: bytes) -> bool:
-        tmp = self._temp(data)
-        try:
-            os.link(tmp, self.path)
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-        fsync_dir(self.path.parent)
-        return True
-
-    @contextlib.contextmanager
-    def _cas_lock(self) -> Iterator[None]:
-        with self.path.with_name(self.path.name + ".cas").open("a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-    def replace(self, data: bytes, token: str) -> bool:
-        with self._cas_lock():
-            _, current = self.read()
-            if current != token:
-                return False
-            tmp = self._temp(data)
-            try:
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            fsync_dir(self.path.parent)
-        return True
 
 
 def host_id() -> str:
@@ -360,6 +293,21 @@ class ObjectLeaseStore:
 
     def replace(self, data: bytes, token: str) -> bool:
         return bool(self.objects.replace_if(self.key, data, token))
+
+
+class FileLeaseStore(ObjectLeaseStore):
+    """:class:`LeaseStore` on a local (or single-host shared) file system: the object lease over a
+    :class:`~streaming.objstore_local.LocalObjectStore` of the file's directory.
+
+    create: a fully written temp file is hard-linked to the name (``link`` fails if it exists);
+    replace: under an ``flock`` the token (sha256 of the content) is compared, then the file is renamed
+    over. The kernel drops the flock of a killed process, so a crash never wedges the lease.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        super().__init__(LocalObjectStore(self.path.parent), self.path.name)
+        self.where = str(self.path)
 
 
 def lease_store(registry: Any, name: str) -> LeaseStore:
