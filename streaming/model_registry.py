@@ -54,6 +54,7 @@ from streaming.registry_integrity import (  # re-exported: registry_remote and t
     METADATA_FILE,
     RegistryIntegrityMixin,
     fsync_tree,
+    metadata_digest,  # noqa: F401 (re-exported for tests)
     sha256_file,
     version_metadata,
 )
