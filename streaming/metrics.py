@@ -7,6 +7,8 @@ Error classes outside :data:`DEAD_LETTER_REASONS` are reported as ``other``.
 
 from __future__ import annotations
 
+import errno
+import logging
 import threading
 from typing import Any
 
@@ -44,6 +46,7 @@ BATCHES = Counter("streamlearn_stream_batches_total", "Micro-batches persisted",
 
 _lock = threading.Lock()
 _servers: dict[int, Any] = {}
+log = logging.getLogger(__name__)
 
 
 def reason_label(error_class: str) -> str:
@@ -63,13 +66,28 @@ def start_metrics_server(port: int, addr: str = "127.0.0.1",
     otherwise: metrics name topics, models and tenants, which is more than an outsider should see.
 
     Idempotent per requested non-zero port within a process (several components may ask).
+
+    A requested port that another process holds (a second ``up`` on the same host, a race with
+    ``up``'s own free-port check) does not stop the worker: metrics are an aid, the stream is the
+    job. The server then binds a free port and a WARNING names both ports and the setting, so a
+    Prometheus scrape config can be fixed; the bound port is what this returns.
     """
     if port < 0:
         return -1
     with _lock:
         if port and port in _servers:
             return port
-        result = start_http_server(port, addr=addr, registry=registry)
+        taken = False
+        try:
+            result = start_http_server(port, addr=addr, registry=registry)
+        except OSError as exc:
+            if not port or exc.errno != errno.EADDRINUSE:
+                raise
+            taken, result = True, start_http_server(0, addr=addr, registry=registry)
         bound = int(result[0].server_port) if isinstance(result, tuple) else port
+        if taken:
+            log.warning("metrics port %d on %s is in use by another process; /metrics is served on port %d "
+                        "instead. Give this worker a free port (STREAMLEARN_METRICS_PORT, or `up "
+                        "--metrics-base-port`) if Prometheus scrapes a fixed one", port, addr, bound)
         _servers[bound] = result
         return bound

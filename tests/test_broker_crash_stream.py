@@ -132,7 +132,8 @@ def test_broker_kill9_under_stream_worker_quarantines_and_featurizes_each_record
     # the divergent batches were moved aside, named in a WARNING and in `streamlearn status`
     notes = quarantined(settings.feature_store)
     assert notes and all(Path(n["path"], f"{n['batch_id']}.avro").exists() for n in notes)
-    assert "diverged from the topic" in out and notes[0]["batch_id"] in out
+    # repeated warnings are de-duplicated by the log ("N more like this"), so not every batch is named in it
+    assert "diverged from the topic" in out and any(n["batch_id"] in out for n in notes), out[-3000:]
     status = subprocess.run(streamlearn_cmd("status"), env=subprocess_env(settings), capture_output=True,
                             text=True, timeout=60)
     assert "quarantined feature batches" in status.stdout and notes[0]["batch_id"] in status.stdout

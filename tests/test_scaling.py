@@ -11,10 +11,11 @@ import pytest
 
 from streaming import config
 from streaming.members import local_entries
+from streaming.polling import poll_until
 from streaming.topics import declared_topics, ensure_topics, raw_topic
 from streamlearn.scaling import base_name, check_partitions, expand, group_of, parse_workers
 from streamlearn.stack import default_services
-from tests.helpers import streamlearn_cmd, subprocess_env, wait_until
+from tests.helpers import streamlearn_cmd, subprocess_env
 
 
 def test_parse_workers_reads_groups_and_refuses_bad_entries_by_name() -> None:
@@ -87,22 +88,25 @@ def test_up_workers_runs_two_processes_in_one_group(settings: config.Settings) -
     up = subprocess.Popen(streamlearn_cmd("up", "--only", "stream-sensor", "--workers", "stream.sensor=2"),
                           env=subprocess_env(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     group = settings.group("stream.sensor")
-    try:
-        def split() -> list[dict[str, Any]] | None:
-            """Two live members whose partitions (as each last recorded them) split the topic."""
-            alive = [e for e in local_entries(settings, group) if e.get("alive") and e.get("partitions")]
-            if len(alive) != 2:
-                return None
-            a, b = (set(e["partitions"]) for e in alive)  # a rebalance shows up in each file in turn
-            return alive if not a & b and a | b == set(range(settings.partitions)) else None
+    members: list[dict[str, Any]] | None = None
 
-        members = wait_until(split, 90, 0.2, "two live stream.sensor members that split the partitions")
-        assert members is not None
-        assert len({m["pid"] for m in members}) == 2 and len({m["instance_id"] for m in members}) == 2
+    def split() -> list[dict[str, Any]] | None:
+        """Two live members whose partitions (as each last recorded them) split the topic."""
+        alive = [e for e in local_entries(settings, group) if e.get("alive") and e.get("partitions")]
+        if len(alive) != 2:
+            return None
+        a, b = (set(e["partitions"]) for e in alive)  # a rebalance shows up in each file in turn
+        return alive if not a & b and a | b == set(range(settings.partitions)) else None
+
+    try:
+        members = poll_until(split, 90, interval_s=0.2)
     finally:
+        seen = local_entries(settings, group)  # what the members recorded, for the failure message
         up.send_signal(signal.SIGTERM)
         out, _ = up.communicate(timeout=90)
-    assert up.returncode == 0, out.decode(errors="replace")[-2000:]
     text = out.decode(errors="replace")
+    assert members, f"no two live members split the partitions within 90 s; members: {seen}; up said: {text[-3000:]}"
+    assert len({m["pid"] for m in members}) == 2 and len({m["instance_id"] for m in members}) == 2
+    assert up.returncode == 0, text[-2000:]
     assert "stream-sensor-2" in text and "stopped: stream-sensor=0, stream-sensor-2=0" in text, text[-2000:]
     assert not [e for e in local_entries(settings, group) if e.get("alive")]

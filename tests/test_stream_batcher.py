@@ -86,3 +86,18 @@ def test_metric_labels_are_bounded() -> None:
 
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert "streamlearn_stream_records_total" in body
+
+
+def test_a_taken_metrics_port_falls_back_to_a_free_one_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Two `up`s on one host once raced for port 9102 and the loser crash-looped; now it serves elsewhere."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        taken = holder.getsockname()[1]
+        with caplog.at_level("WARNING", logger="streaming.metrics"):
+            port = start_metrics_server(taken, addr="127.0.0.1")
+    assert port > 0 and port != taken
+    assert f"metrics port {taken} on 127.0.0.1 is in use" in caplog.text and f"port {port} instead" in caplog.text
+    assert "STREAMLEARN_METRICS_PORT" in caplog.text
