@@ -284,17 +284,19 @@ def store_partitions(settings: Settings) -> list[tuple[str, str]]:
 
 
 def compact_all(settings: Settings, *, kinds: list[str] | None = None, namespaces: list[str] | None = None,
-                models: list[str] | None = None, predictions: bool = True) -> CompactReport:
+                models: list[str] | None = None, predictions: bool = True, features: bool = True) -> CompactReport:
     """Compact every feature (namespace, kind) of the store and every model's prediction topic.
 
     ``kinds``/``namespaces`` restrict the features; ``models`` the predictions (default: the built-in
     models and those of the config file's ``[models]`` table whose prediction topic exists).
+    ``features=False`` / ``predictions=False`` skip one half. An unreachable broker raises
+    :class:`ColumnarError` when predictions are asked for (after the features are done).
     """
     for name in [*(kinds or []), *(namespaces or []), *(models or [])]:
         check_name("kind/namespace/model", name)
     report = CompactReport()
     store = FeatureStore(settings.feature_store)
-    for ns, kind in store_partitions(settings):
+    for ns, kind in store_partitions(settings) if features else []:
         if (kinds and kind not in kinds) or (namespaces and ns not in namespaces):
             continue
         try:

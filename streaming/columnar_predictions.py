@@ -47,10 +47,15 @@ _FIELDS = ("request_id", "model_version", "outputs", "latency_ms", "input_topic"
 
 def _existing_topics(settings: Settings) -> set[str]:
     from kafka import KafkaConsumer
+    from kafka.errors import KafkaError
 
     from streaming.consumer import consumer_config
 
-    consumer = KafkaConsumer(**consumer_config(settings))
+    try:
+        consumer = KafkaConsumer(**consumer_config(settings))
+    except KafkaError as exc:
+        raise ColumnarError(f"predictions: the broker at {settings.bootstrap} cannot be reached ({exc}); start it "
+                            "(`streamlearn up`), or compact feature batches only (--no-predictions)") from exc
     try:
         return set(consumer.topics())
     finally:

@@ -232,3 +232,17 @@ def test_predictions_compact_from_the_topic_and_resume_from_the_manifest(setting
         ids += [r["request_id"] for r in v2.to_json()["rows"]]
     assert sorted(ids) == sorted(f"r-{i}" for i in range(17) if i % 2 == 1)
     assert compact_predictions(settings, model, idle_timeout_s=1.0)["rows"] == 0
+
+
+def test_cli_store_compact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from streamlearn.cli import main
+
+    settings = local_settings(tmp_path)
+    rows = build_store(settings, batches=1)
+    home = ["--home", str(settings.home)]
+    assert main([*home, "store", "compact", "--no-predictions", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["features"] == [{"namespace": "live", "kind": "sensor", "batches": 2, "rows": len(rows), "files": 1,
+                                   "orphans_removed": 0, "rebuilt": False}] and report["predictions"] == []
+    assert main([*home, "store", "compact", "--no-predictions", "--kind", "sensor"]) == 0
+    assert "features live/sensor: 0 batches, 0 rows" in capsys.readouterr().out

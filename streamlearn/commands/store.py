@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
+from schemas.exceptions import StreamlearnError
 from streaming import config
 from streaming.topics import KINDS
 
@@ -56,11 +58,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _compact(args: argparse.Namespace, settings: config.Settings) -> int:
     from streaming.columnar import compact_all
 
-    report = compact_all(settings, kinds=args.kind, namespaces=args.namespace, models=args.model,
-                         predictions=not args.no_predictions)
+    report = compact_all(settings, kinds=args.kind, namespaces=args.namespace, predictions=False)
+    if not args.no_predictions:  # features first: they need no broker, and are kept if it is down
+        try:
+            report.predictions = compact_all(settings, models=args.model, features=False).predictions
+        except StreamlearnError:
+            _print_compact(args, report)
+            raise
+    _print_compact(args, report)
+    return 0
+
+
+def _print_compact(args: argparse.Namespace, report: Any) -> None:
     if args.json:
         print(json.dumps(report.as_dict(), sort_keys=True))
-        return 0
+        return
     for f in report.features:
         rebuilt = " (rebuilt: the namespace was replaced)" if f["rebuilt"] else ""
         print(f"features {f['namespace']}/{f['kind']}: {f['batches']} batches, {f['rows']} rows, "
@@ -70,7 +82,6 @@ def _compact(args: argparse.Namespace, settings: config.Settings) -> int:
             print(f"predictions {p['model']}: skipped, {p['skipped']}")
             continue
         print(f"predictions {p['model']}: {p['rows']} rows, {p['files']} files, {p['dead_letters']} dead letters")
-    return 0
 
 
 def _gc(args: argparse.Namespace, settings: config.Settings) -> int:
