@@ -132,13 +132,16 @@ def _text(what: str, value: Any) -> str | None:
     return value
 
 
-def _int(what: str, value: Any, minimum: int | None = None) -> int | None:
+def _int(what: str, value: Any, minimum: int = -(2**62), maximum: int = 2**62) -> int | None:
+    """An integer argument within bounds the int64 (or int32) column it is compared with can hold."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise QueryError(f"{what}: must be an integer, got {value!r:.80}")
-    if minimum is not None and value < minimum:
+    if value < minimum:
         raise QueryError(f"{what}: must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise QueryError(f"{what}: must be <= {maximum}, got {value}")
     return value
 
 
@@ -389,7 +392,7 @@ def query_predictions(settings: Settings, *, model: str, version: int | None = N
     topic, partition, offset); paged like :func:`query_features`."""
     limits = limits or QueryLimits.from_settings(settings)
     _name("model", model)
-    _int("version", version, 0)
+    _int("version", version, 0, 2**31 - 1)
     _text("request_id", request_id)
     _check_common(start_ms, end_ms, limit, limits)
     query = {"what": "predictions", "model": model, "version": version, "start_ms": start_ms, "end_ms": end_ms,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,42 @@ def test_a_step_killed_before_its_manifest_is_redone(tmp_path: Path, monkeypatch
     got = [ident(r) for r in _parquet_rows(out)]
     assert sorted(got) == sorted(ident(r) for r in rows) and len(got) == len(set(got))
     assert {str(p.relative_to(out)) for p in out.rglob("*.parquet")} == {e["path"] for e in _manifest(out)["files"]}
+
+
+_KILLED_COMPACTOR = """
+import os, signal, sys
+import streaming.columnar as columnar
+from streaming import config
+real, calls = columnar.save_manifest, []
+def save(directory, manifest):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # after the step's Parquet files were renamed into place
+    real(directory, manifest)
+columnar.save_manifest = save
+columnar.compact_features(config.load({"home": sys.argv[1]}), "sensor", step_rows=20)
+"""
+
+
+def test_a_compactor_killed_with_sigkill_is_redone(tmp_path: Path) -> None:
+    """A real kill -9 (held lock, temp files, renamed but unlisted Parquet); the same command finishes it."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    settings = local_settings(tmp_path)
+    rows = build_store(settings, batches=3)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_COMPACTOR, str(settings.home)], cwd=ROOT, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    out = features_dir(columnar_root(settings), "live", "sensor")
+    assert len(_manifest(out)["files"]) >= 1
+    report = compact_features(settings, "sensor", step_rows=20)  # the lock died with its holder
+    assert report["orphans_removed"] >= 1
+    got = [ident(r) for r in _parquet_rows(out)]
+    assert sorted(got) == sorted(ident(r) for r in rows) and len(got) == len(set(got))
 
 
 def test_a_modified_batch_is_refused(tmp_path: Path) -> None:
@@ -246,3 +283,30 @@ def test_cli_store_compact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
                                    "orphans_removed": 0, "rebuilt": False}] and report["predictions"] == []
     assert main([*home, "store", "compact", "--no-predictions", "--kind", "sensor"]) == 0
     assert "features live/sensor: 0 batches, 0 rows" in capsys.readouterr().out
+
+
+def test_predictions_step_killed_before_its_manifest_is_redone(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import streaming.columnar_predictions as cp
+    from streaming.producer import Publisher
+    from streaming.topics import predictions_topic
+
+    model = "digits_cnn"
+    topic = predictions_topic(settings, model)
+    with Publisher(settings) as pub:
+        for i in range(9):
+            pub.publish_to(topic, "Prediction", _prediction(i, model=model), key=f"r-{i}")
+        pub.settle(30)
+
+    def killed(directory: Path, manifest: dict[str, Any]) -> None:
+        raise KeyboardInterrupt("killed between the Parquet rename and the manifest")
+
+    monkeypatch.setattr(cp, "save_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cp.compact_predictions(settings, model, idle_timeout_s=5.0)
+    monkeypatch.undo()
+    out = predictions_dir(columnar_root(settings), model)
+    assert list(out.rglob("*.parquet")) and not (out / MANIFEST_NAME).exists()
+    report = cp.compact_predictions(settings, model, idle_timeout_s=5.0)
+    assert report["rows"] == 9 and report["orphans_removed"] >= 1  # one file per answer date
+    got = ds.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    assert sorted(got["request_id"].to_pylist()) == sorted(f"r-{i}" for i in range(9))

@@ -127,6 +127,7 @@ def test_too_large_names_the_limit(compacted: tuple[config.Settings, list[Stored
     (dict(kind="sensor", start_ms=10, end_ms=10), "start_ms/end_ms"),
     (dict(kind="sensor", start_ms="yesterday"), "start_ms: must be an integer"),
     (dict(kind="sensor", limit=0), "limit: must be >= 1"),
+    (dict(kind="sensor", end_ms=2**70), "end_ms: must be <= "),
     (dict(kind="sensor", key=""), "key: must be a non-empty string"),
     (dict(kind="sensor", batch="x" * 2000), "batch: must be a non-empty string"),
 ])
@@ -143,6 +144,8 @@ def test_prediction_arguments_are_checked(tmp_path: Path) -> None:
         query_predictions(settings, model="../x")
     with pytest.raises(QueryError, match="version: must be >= 0"):
         query_predictions(settings, model="m", version=-1)
+    with pytest.raises(QueryError, match="version: must be <= 2147483647"):
+        query_predictions(settings, model="m", version=2**40)
     assert query_predictions(settings, model="m").to_json()["rows"] == []
 
 
