@@ -83,8 +83,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, list):
-        if value and isinstance(value[0], tuple):  # a map column: [(key, value), ...]
-            return {str(k): _json_safe(v) for k, v in value}
         return [_json_safe(v) for v in value]
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
@@ -102,7 +100,9 @@ class QueryPage:
 
     def to_json(self) -> dict[str, Any]:
         """``{"rows": [...], "count": n, "next_cursor": ...}``; maps become objects, NaN/inf become null."""
-        rows = [{k: _json_safe(v) for k, v in row.items()} for row in self.table.to_pylist()]
+        maps = {f.name for f in self.table.schema if pa.types.is_map(f.type)}  # pyarrow gives [(key, value), ...]
+        rows = [{k: _json_safe(dict(v) if k in maps and v is not None else v) for k, v in row.items()}
+                for row in self.table.to_pylist()]
         return {"rows": rows, "count": len(rows), "next_cursor": self.next_cursor}
 
     def to_arrow_ipc(self) -> bytes:

@@ -169,5 +169,25 @@ def test_cli_query_json_lines_and_files(compacted: tuple[config.Settings, list[S
 
 
 def test_json_turns_nan_into_null() -> None:
-    page = QueryPage(pa.table({"a": [1.0, float("nan")]}), None, 0)
-    assert page.to_json() == {"rows": [{"a": 1.0}, {"a": None}], "count": 2, "next_cursor": None}
+    labels = pa.array([[("y", float("inf"))], []], pa.map_(pa.string(), pa.float64()))
+    page = QueryPage(pa.table({"a": [1.0, float("nan")], "labels": labels}), None, 0)
+    assert page.to_json() == {"rows": [{"a": 1.0, "labels": {"y": None}}, {"a": None, "labels": {}}], "count": 2,
+                              "next_cursor": None}
+
+
+@pytest.mark.parametrize("step_rows", [10, 1000])
+def test_pages_with_equal_times_across_many_files(tmp_path: Path, step_rows: int) -> None:
+    """Ties on event time are ordered by (topic, partition, offset); one file per batch or one for all."""
+    from tests.columnar_helpers import write
+
+    settings = local_settings(tmp_path)
+    store = FeatureStore(settings.feature_store)
+    rows: list[StoredRow] = []
+    for b in range(3):
+        for p in (0, 1, 2):
+            rows += write(store, p, b * 10, 10, step_ms=0, t0=T0 + (b % 2) * 1000)  # two distinct times only
+    compact_features(settings, "sensor", step_rows=step_rows)
+    want = [ident(r) for r in sorted(rows, key=order_key)]
+    for limit in (1, 4, 10, 89, 90, 91):
+        got, _ = _all_pages(settings, limit)
+        assert [ident(r) for r in got] == want, limit
