@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from streaming.ackguard import record_digest
 from streaming.columnar_format import (
     PREDICTION_SCHEMA,
     check_name,
@@ -100,10 +101,13 @@ class _Step:
         self.bad: list[tuple[Any, str]] = []
         self.first: dict[int, int] = {}
         self.last: dict[int, int] = {}
+        self.tail: dict[int, dict[str, Any]] = {}  # the last record per partition: what the next run checks
 
-    def seen(self, partition: int, offset: int) -> None:
-        self.first.setdefault(partition, offset)
-        self.last[partition] = offset
+    def seen(self, item: Any) -> None:
+        self.first.setdefault(item.partition, item.offset)
+        self.last[item.partition] = item.offset
+        self.tail[item.partition] = {"offset": int(item.offset), "time": int(item.timestamp),
+                                     "digest": record_digest(item.key, item.raw, item.headers)}
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.bad)
@@ -125,7 +129,7 @@ def _read_step(sub: Any, model: str, tps: list[Any], end: dict[Any, int], step_r
             continue
         last = time.monotonic()
         for item in items:
-            step.seen(item.partition, item.offset)
+            step.seen(item)
             if not item.ok:
                 step.bad.append((item, item.reason))
                 continue
@@ -134,6 +138,65 @@ def _read_step(sub: Any, model: str, tps: list[Any], end: dict[Any, int], step_r
             except (ValueError, TypeError, KeyError) as exc:
                 step.bad.append((item, f"{type(exc).__name__}: {exc}"))
     return step, False
+
+
+def _diverged(checker: Any, tp: Any, tail: dict[str, Any] | None, end: int, timeout_s: float = 10.0) -> bool:
+    """Whether the last record compacted from ``tp`` is no longer at its offset: the broker lost it (a
+    noida-db kill -9) and may have handed its offset to a new answer (streaming/divergence.py does the same
+    for feature batches). Reads that one record back with ``checker`` (a consumer of its own, so the
+    compactor's fetch state is untouched); a partition it cannot read in time is trusted, with a warning."""
+    if not tail:
+        return False
+    offset = int(tail["offset"])
+    if end <= offset:
+        return True
+    checker.assign([tp])
+    checker.seek(tp, offset)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        msgs = checker.poll(timeout_ms=200, max_records=1).get(tp, [])
+        if msgs:
+            m = msgs[0]
+            digest = record_digest(m.key, m.value or b"", m.headers or [])
+            return bool(m.offset != offset or digest != tail["digest"])
+    log.warning("columnar: could not read back %s[%d] offset %d to check it; trusting the manifest",
+                tp.topic, tp.partition, offset)
+    return False
+
+
+def _resume_points(settings: Settings, sub: Any, manifest: dict[str, Any], tps: list[Any],
+                   end: dict[Any, int]) -> None:
+    """Seek every partition to where compaction goes on: the manifest's offset, the log start when
+    retention deleted answers first, or after the last compacted answer's time when the broker lost it."""
+    from kafka import KafkaConsumer
+
+    from streaming.consumer import consumer_config
+
+    committed = {int(p): int(o) for p, o in manifest["offsets"].items()}
+    begin = sub.consumer.beginning_offsets(tps)
+    tails = manifest.get("tails", {})
+    checker = KafkaConsumer(**consumer_config(settings)) if tails else None
+    try:
+        diverged = {tp: _diverged(checker, tp, tails.get(str(tp.partition)), end[tp]) for tp in tps}
+    finally:
+        if checker is not None:
+            checker.close()
+    for tp in tps:
+        at = committed.get(tp.partition, 0)
+        tail = tails.get(str(tp.partition))
+        if diverged[tp] and tail:
+            found = sub.consumer.offsets_for_times({tp: int(tail["time"]) + 1}).get(tp)
+            new_at = found.offset if found is not None else end[tp]
+            manifest.setdefault("gaps", []).append({
+                "partition": tp.partition, "from": min(new_at, at), "to": at,
+                "reason": "the broker lost answers after they were compacted and re-used their offsets; the copy "
+                          "keeps the lost answers and goes on with the answers newer than the last one compacted"})
+            at = new_at
+        if begin[tp] > at:  # retention deleted answers before they were compacted: say so, never silently
+            manifest.setdefault("gaps", []).append({"partition": tp.partition, "from": at, "to": begin[tp],
+                                                    "reason": "deleted by topic retention before compaction"})
+            at = begin[tp]
+        sub.consumer.seek(tp, at)
 
 
 def _write_step(out: Path, manifest: dict[str, Any], step: _Step, topic: str) -> int:
@@ -195,7 +258,7 @@ def compact_predictions(settings: Settings, model: str, *, step_records: int = S
         return report
     own_publisher = publisher is None
     with compaction_lock(out):
-        manifest = load_manifest(out, model=model, topic=topic, offsets={}, dead_letters=[], gaps=[])
+        manifest = load_manifest(out, model=model, topic=topic, offsets={}, tails={}, dead_letters=[], gaps=[])
         if manifest.get("topic") != topic:
             raise ColumnarError(f"{out}: its manifest follows topic {manifest.get('topic')!r}, not {topic!r} (another "
                                 "topic prefix or tenant); give each its own STREAMLEARN_COLUMNAR_DIR")
@@ -203,13 +266,8 @@ def compact_predictions(settings: Settings, model: str, *, step_records: int = S
         committed = {int(p): int(o) for p, o in manifest["offsets"].items()}
         with Subscriber(settings, topic, start={"offsets": committed}, isolation_level="read_committed") as sub:
             tps = sorted(sub.assignment(), key=lambda tp: tp.partition)
-            begin = sub.consumer.beginning_offsets(tps)
-            for tp in tps:  # retention deleted answers before they were compacted: say so, never silently
-                if begin[tp] > committed.get(tp.partition, 0):
-                    manifest.setdefault("gaps", []).append({"partition": tp.partition, "from": committed.get(
-                        tp.partition, 0), "to": begin[tp], "reason": "deleted by topic retention before compaction"})
-                    sub.consumer.seek(tp, begin[tp])
             end = sub.consumer.end_offsets(tps)
+            _resume_points(settings, sub, manifest, tps, end)
             done = False
             try:
                 while not done:
@@ -220,7 +278,8 @@ def compact_predictions(settings: Settings, model: str, *, step_records: int = S
                         {"partition": item.partition, "offset": item.offset, "reason": reason[:500]}
                         for item, reason in step.bad)
                     offsets = {str(tp.partition): int(sub.consumer.position(tp)) for tp in tps}
-                    if offsets != manifest["offsets"] or files:
+                    manifest.setdefault("tails", {}).update({str(p): tail for p, tail in step.tail.items()})
+                    if offsets != manifest["offsets"] or files or step.tail:
                         manifest["offsets"] = offsets
                         save_manifest(out, manifest)
                     report["rows"] += len(step.rows)

@@ -263,7 +263,8 @@ def _run(plan: _Plan, limit: int, after: tuple[int, str, int, int] | None, limit
         _too_slow(deadline, limits)
         path = plan.directory / entry["path"]
         if not path.exists():
-            raise ColumnarError(f"columnar file {path} is listed in its manifest but missing; delete "
+            raise ColumnarError(f"columnar file {path} is listed in its manifest but missing (a compaction rebuilt "
+                                "the copy meanwhile: repeat the query); if it stays missing, delete "
                                 f"{plan.directory} and run `streamlearn store compact` to rebuild it")
         dataset = ds.dataset(str(path), format="parquet")
         groups = [g for frag in dataset.get_fragments(filter=base) for g in frag.split_by_row_group(filter=base)]

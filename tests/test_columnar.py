@@ -310,3 +310,60 @@ def test_predictions_step_killed_before_its_manifest_is_redone(settings: Any, mo
     assert report["rows"] == 9 and report["orphans_removed"] >= 1  # one file per answer date
     got = ds.dataset(str(out), format="parquet", partitioning="hive").to_table()
     assert sorted(got["request_id"].to_pylist()) == sorted(f"r-{i}" for i in range(9))
+
+
+def test_predictions_after_the_broker_lost_compacted_offsets(settings: Any) -> None:
+    """A manifest ahead of the topic's end (a broker kill -9 lost compacted answers, offsets re-used): the
+    new answers are compacted, not skipped, and the gap is recorded."""
+    from streaming.columnar_format import save_manifest
+    from streaming.columnar_predictions import compact_predictions
+    from streaming.producer import Publisher
+    from streaming.topics import predictions_topic
+
+    model = "weblog_classifier"
+    topic = predictions_topic(settings, model)
+    with Publisher(settings) as pub:
+        pub.publish_to(topic, "Prediction", _prediction(0, model=model), key="r-0")
+        pub.settle(30)
+    assert compact_predictions(settings, model, idle_timeout_s=5.0)["rows"] == 1
+    out = predictions_dir(columnar_root(settings), model)
+    manifest = _manifest(out)
+    # As if 50 more answers had been compacted and then lost by the broker: the offsets and last records named
+    # by the manifest are no longer on the topic, and the broker hands those offsets to new answers.
+    manifest["offsets"] = {p: int(o) + 50 for p, o in manifest["offsets"].items()}
+    for tail in manifest["tails"].values():
+        tail["offset"] += 50
+    save_manifest(out, manifest)
+    with Publisher(settings) as pub:
+        for i in range(1, 4):
+            pub.publish_to(topic, "Prediction", _prediction(i, model=model), key=f"r-{i}")
+        pub.settle(30)
+    assert compact_predictions(settings, model, idle_timeout_s=5.0)["rows"] == 3
+    gaps = _manifest(out)["gaps"]
+    assert gaps and all("broker lost answers after they were compacted" in g["reason"] for g in gaps)
+    got = ds.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    assert sorted(got["request_id"].to_pylist()) == ["r-0", "r-1", "r-2", "r-3"]
+
+
+def test_predictions_notice_a_replaced_last_record(settings: Any) -> None:
+    """The record at the manifest's last offset changed (lost, its offset re-used): resume by time, not offset."""
+    from streaming.columnar_format import save_manifest
+    from streaming.columnar_predictions import compact_predictions
+    from streaming.producer import Publisher
+    from streaming.topics import predictions_topic
+
+    model = "weblog_classifier"
+    topic = predictions_topic(settings, model)
+    with Publisher(settings) as pub:
+        for i in range(3):
+            pub.publish_to(topic, "Prediction", _prediction(i, model=model), key="same-key")  # one partition
+            pub.settle(30)  # acked and past the loss window: the next answer gets a later timestamp
+    assert compact_predictions(settings, model, idle_timeout_s=5.0)["rows"] == 3
+    out = predictions_dir(columnar_root(settings), model)
+    manifest = _manifest(out)
+    (p, tail), = manifest["tails"].items()
+    tail["digest"] = "0" * 40  # the answer compacted at that offset is not the one there now
+    tail["time"] -= 1  # ... and the one there now is newer than it
+    save_manifest(out, manifest)
+    assert compact_predictions(settings, model, idle_timeout_s=5.0)["rows"] == 1  # the "new" answer, once
+    assert [g["partition"] for g in _manifest(out)["gaps"]] == [int(p)]
