@@ -80,8 +80,13 @@ PREDICTION_PARTITIONING = pa.schema([("model", pa.string()), ("date", pa.string(
 
 
 def columnar_root(settings: Settings) -> Path:
-    """``STREAMLEARN_COLUMNAR_DIR``, else ``HOME/columnar``."""
-    return Path(settings.columnar_dir).expanduser().absolute() if settings.columnar_dir else settings.home / "columnar"
+    """``STREAMLEARN_COLUMNAR_DIR``, else ``HOME/columnar`` (``HOME/tenants/<tenant>/columnar`` for a tenant's
+    process, so two tenants sharing a HOME never read or write each other's copy)."""
+    if settings.columnar_dir:
+        return Path(settings.columnar_dir).expanduser().absolute()
+    if settings.tenant:
+        return settings.home / "tenants" / settings.tenant / "columnar"
+    return settings.home / "columnar"
 
 
 def check_name(what: str, value: str, error: type[Exception] = ColumnarError) -> str:

@@ -185,7 +185,7 @@ class Settings(BaseSettings):
         "min.insync.replicas of every created topic (0 = auto: replication factor - 1, at least 1)"))
     columnar_dir: Path | None = Field(None, description=(
         "directory of the columnar (Parquet) copy of feature batches and predictions that queries read "
-        "(default HOME/columnar; docs/COLUMNAR.md)"))
+        "(default HOME/columnar, HOME/tenants/<tenant>/columnar for a tenant; docs/COLUMNAR.md)"))
     query_max_rows: int = Field(10_000, ge=1, description=(
         "queries: most rows one page may return (a larger limit is refused with 413)"))
     query_max_scan_rows: int = Field(5_000_000, ge=1, description=(

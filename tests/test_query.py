@@ -191,3 +191,13 @@ def test_pages_with_equal_times_across_many_files(tmp_path: Path, step_rows: int
     for limit in (3, 89, 90, 91):
         got, _ = _all_pages(settings, limit)
         assert [ident(r) for r in got] == want, limit
+
+
+def test_a_tenant_reads_only_its_own_copy(compacted: tuple[config.Settings, list[StoredRow]]) -> None:
+    settings, rows = compacted
+    tenant = settings.with_(tenant="acme")
+    assert query_features(tenant, kind="sensor").table.num_rows == 0
+    assert query_features(settings, kind="sensor", limit=100).table.num_rows == len(rows)
+    from streaming.columnar_format import columnar_root
+
+    assert columnar_root(tenant) == settings.home / "tenants" / "acme" / "columnar"
