@@ -259,7 +259,11 @@ def compact_features(settings: Settings, kind: str, namespace: str = "live", *, 
                               for b in pending] or [1])
             step_rows = max(1, min(STEP_MAX_ROWS, STEP_CELLS // n_features))
         for step in _plan(pending, step_rows):
-            rows, files = _step(out, manifest, step)
+            try:
+                rows, files = _step(out, manifest, step)
+            except OSError as exc:
+                raise ColumnarError(f"columnar {namespace}/{kind}: cannot write under {out}: {exc}; free disk space "
+                                    "or fix permissions, then run again (the half-done step is redone)") from exc
             report["batches"] += len(step)
             report["rows"] += rows
             report["files"] += files

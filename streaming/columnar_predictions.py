@@ -272,7 +272,11 @@ def compact_predictions(settings: Settings, model: str, *, step_records: int = S
             try:
                 while not done:
                     step, done = _read_step(sub, model, tps, end, step_records, idle_timeout_s)
-                    files = _write_step(out, manifest, step, topic)
+                    try:
+                        files = _write_step(out, manifest, step, topic)
+                    except OSError as exc:
+                        raise ColumnarError(f"columnar predictions of {model}: cannot write under {out}: {exc}; free "
+                                            "disk space or fix permissions, then run again") from exc
                     publisher = _dead_letter(settings, publisher, step, model)
                     manifest.setdefault("dead_letters", []).extend(
                         {"partition": item.partition, "offset": item.offset, "reason": reason[:500]}
