@@ -162,6 +162,13 @@ def test_cli_query_json_lines_and_files(compacted: tuple[config.Settings, list[S
     assert main([*home, "query", "features", "--kind", "sensor", "--all", "--limit", "7", "--format", "parquet",
                  "--output", str(tmp_path / "all.parquet")]) == 0
     assert pq.read_table(tmp_path / "all.parquet").num_rows == len(rows)
+    assert main([*home, "query", "features", "--kind", "sensor", "--all", "--limit", "9", "--format", "arrow",
+                 "--output", str(tmp_path / "all.arrows"), "--key", "k0"]) == 0
+    streamed = pa.ipc.open_stream((tmp_path / "all.arrows").read_bytes()).read_all()
+    assert streamed.num_rows == sum(1 for r in rows if r.key == "k0") and set(streamed["key"].to_pylist()) == {"k0"}
+    assert main([*home, "query", "features", "--kind", "sensor", "--start", "2030-01-01", "--format", "parquet",
+                 "--output", str(tmp_path / "none.parquet")]) == 0
+    assert pq.read_table(tmp_path / "none.parquet").num_rows == 0
     assert main([*home, "query", "features", "--kind", "sensor", "--limit", "999999"]) == 1
     assert "query_max_rows" in capsys.readouterr().err
     assert main([*home, "query", "features", "--kind", "sensor", "--max-rows", "3", "--limit", "4"]) == 1

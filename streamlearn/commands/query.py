@@ -63,35 +63,55 @@ def _limits(args: argparse.Namespace, settings: config.Settings) -> Any:
     return QueryLimits.from_settings(settings.with_(**changes) if changes else settings)
 
 
-def _emit(args: argparse.Namespace, fetch: Any) -> int:
-    import pyarrow as pa
+class _Sink:
+    """Where pages go, one at a time (memory holds one page, also with --all): JSON lines, or one
+    Parquet / Arrow IPC stream file whose writer opens with the first page's schema."""
 
-    from streaming.query import QueryError, QueryPage
+    def __init__(self, fmt: str, output: str | None) -> None:
+        self.fmt, self.output = fmt, output
+        self.text = (open(output, "w", encoding="utf-8") if output else sys.stdout) if fmt == "json" else None  # noqa: SIM115
+        self.binary: Any = None
+        self.writer: Any = None
+
+    def write(self, page: Any) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.text is not None:
+            for row in page.to_json()["rows"]:
+                self.text.write(json.dumps(row, sort_keys=True) + "\n")
+            return
+        if self.writer is None:
+            self.binary = open(str(self.output), "wb")  # noqa: SIM115
+            self.writer = (pq.ParquetWriter(self.binary, page.table.schema, compression="zstd")
+                           if self.fmt == "parquet" else pa.ipc.new_stream(self.binary, page.table.schema))
+        self.writer.write_table(page.table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.binary is not None:
+            self.binary.close()
+        if self.text is not None and self.text is not sys.stdout:
+            self.text.close()
+
+
+def _emit(args: argparse.Namespace, fetch: Any) -> int:
+    from streaming.query import QueryError
 
     if args.format != "json" and not args.output:
         raise QueryError(f"--output: --format {args.format} writes a binary file; name it with --output FILE")
     cursor = args.cursor
-    tables: list[Any] = []
-    out = open(args.output, "w", encoding="utf-8") if args.output and args.format == "json" else sys.stdout  # noqa: SIM115
+    sink = _Sink(args.format, args.output)
     try:
         while True:
             page = fetch(cursor)
-            if args.format == "json":
-                for row in page.to_json()["rows"]:
-                    out.write(json.dumps(row, sort_keys=True) + "\n")
-            else:
-                tables.append(page.table)
+            sink.write(page)
             cursor = page.next_cursor
             if cursor is None or not args.all:
                 break
     finally:
-        if out is not sys.stdout:
-            out.close()
-    if args.format != "json":
-        table = pa.concat_tables(tables)
-        whole = QueryPage(table, cursor, 0)
-        with open(args.output, "wb") as fh:
-            fh.write(whole.to_parquet() if args.format == "parquet" else whole.to_arrow_ipc())
+        sink.close()
     if cursor is not None:
         print(f"next cursor (more rows): --cursor {cursor}", file=sys.stderr)
     return 0
