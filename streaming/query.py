@@ -267,21 +267,29 @@ def _run(plan: _Plan, limit: int, after: tuple[int, str, int, int] | None, limit
                                 "the copy meanwhile: repeat the query); if it stays missing, delete "
                                 f"{plan.directory} and run `streamlearn store compact` to rebuild it")
         dataset = ds.dataset(str(path), format="parquet")
+        # Row groups left after pushdown, in file order = time order (files are sorted by time): read them one
+        # by one and stop once the page is full and the next group starts after it.
         groups = [g for frag in dataset.get_fragments(filter=base) for g in frag.split_by_row_group(filter=base)]
-        rows = sum(rg.num_rows for g in groups for rg in g.row_groups)
-        if scanned + rows > limits.max_scan_rows:
-            raise QueryTooLargeError(
-                f"query would scan more than query_max_scan_rows ({limits.max_scan_rows} rows, env "
-                f"{env_name('query_max_scan_rows')}); narrow the time range (start_ms/end_ms) or filter by key/batch "
-                "(request_id/version for predictions)", "query_max_scan_rows")
-        scanned += rows
-        if not rows:
-            continue
-        keys = dataset.to_table(columns=key_cols, filter=base)
-        if keys.num_rows:
+        contributed = False
+        for group in groups:
+            if best is not None and best.num_rows > limit and _min_time(group, plan.tcol, -1) > best[plan.tcol][
+                    limit].as_py():
+                break
+            _too_slow(deadline, limits)
+            rows = sum(rg.num_rows for rg in group.row_groups)
+            if scanned + rows > limits.max_scan_rows:
+                raise QueryTooLargeError(
+                    f"query would scan more than query_max_scan_rows ({limits.max_scan_rows} rows, env "
+                    f"{env_name('query_max_scan_rows')}); narrow the time range (start_ms/end_ms) or filter by "
+                    "key/batch (request_id/version for predictions)", "query_max_scan_rows")
+            scanned += rows
+            keys = group.to_table(columns=key_cols, filter=base)
+            if keys.num_rows:
+                contributed = True
+                best = keys if best is None else pa.concat_tables([best, keys])
+                best = best.take(pc.sort_indices(best, sort_keys=order)[: limit + 1])
+        if contributed:
             used.append(entry["path"])
-            best = keys if best is None else pa.concat_tables([best, keys])
-            best = best.take(pc.sort_indices(best, sort_keys=order)[: limit + 1])
     if best is None or best.num_rows == 0:
         return QueryPage(_empty(plan), None, scanned)
     more = best.num_rows > limit
@@ -304,6 +312,14 @@ def _run(plan: _Plan, limit: int, after: tuple[int, str, int, int] | None, limit
     table = table.take(pc.sort_indices(table, sort_keys=order))
     table = _with_constants(table, plan)
     return QueryPage(table, encode_cursor(secret, scope, last) if more else None, scanned)
+
+
+def _min_time(group: Any, tcol: str, default: int) -> int:
+    """The smallest time of a row-group fragment from its Parquet statistics (``default`` when absent)."""
+    try:
+        return int(group.row_groups[0].statistics[tcol]["min"])
+    except (IndexError, KeyError, TypeError, ValueError):
+        return default
 
 
 def _with_constants(table: pa.Table, plan: _Plan) -> pa.Table:

@@ -208,3 +208,21 @@ def test_a_tenant_reads_only_its_own_copy(compacted: tuple[config.Settings, list
     from streaming.columnar_format import columnar_root
 
     assert columnar_root(tenant) == settings.home / "tenants" / "acme" / "columnar"
+
+
+def test_pages_over_small_row_groups_stop_early(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files of many row groups: every page is right, and a page reads only the row groups it needs."""
+    import streaming.columnar_format as fmt
+
+    monkeypatch.setattr(fmt, "ROW_GROUP_ROWS", 4)
+    settings = local_settings(tmp_path)
+    rows = build_store(settings, batches=4)
+    compact_features(settings, "sensor")  # one step: one file per date, each of many row groups
+    assert max(pq.ParquetFile(p).num_row_groups for p in (settings.home / "columnar").rglob("*.parquet")) > 5
+    want = [ident(r) for r in sorted(rows, key=order_key)]
+    got, _ = _all_pages(settings, 5)
+    assert [ident(r) for r in got] == want
+    first = query_features(settings, kind="sensor", limit=5)
+    assert first.scanned_rows < len(rows) / 2, first.scanned_rows
+    ties, _ = _all_pages(settings, 6, key="k2")
+    assert [ident(r) for r in ties] == [ident(r) for r in sorted(rows, key=order_key) if r.key == "k2"]
