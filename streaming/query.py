@@ -12,8 +12,8 @@ How a page is found (docs/COLUMNAR.md, "Queries"):
    cursor, and for a ``batch`` filter by the file's lineage;
 2. pass one reads only the ordering columns ``(time, topic, partition, offset)`` with the filters
    pushed down to the Parquet row groups (pyarrow.dataset), keeping the first ``limit + 1`` keys
-   after the cursor; files are visited by their minimum time and the scan stops at the first file
-   that starts after the page;
+   after the cursor; files are visited by their minimum time, a file's row groups in order (each file
+   is sorted by time), and the scan stops at the first file or row group that starts after the page;
 3. pass two reads the full rows between the cursor and the page's last key.
 
 Order is ``(time, topic, partition, offset)``, unique per row, so pages never repeat or skip a row.
