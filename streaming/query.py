@@ -55,9 +55,10 @@ from streaming.config import Settings, env_name
 from streaming.exceptions import ColumnarError, QueryError, QueryTooLargeError
 from streaming.fsutil import create_atomic
 
-__all__ = ["CompactReport", "QueryError", "QueryLimits", "QueryPage", "QueryTooLargeError", "compact_all",
-           "query_features", "query_predictions"]
+__all__ = ["ARROW_STREAM", "PARQUET", "CompactReport", "QueryError", "QueryLimits", "QueryPage", "QueryTooLargeError",
+           "compact_all", "query_features", "query_predictions"]
 
+#: Media types of :meth:`QueryPage.to_arrow_ipc` and :meth:`QueryPage.to_parquet` (for ``Accept`` negotiation).
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 PARQUET = "application/vnd.apache.parquet"
 _MAX_TEXT = 1000  # longest key / batch id / request id accepted as a filter
