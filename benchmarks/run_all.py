@@ -23,7 +23,7 @@ from benchmarks.common import REPORT_DIR, bench_settings, fresh, machine
 
 BENCHMARKS = ["bench_sdk", "bench_idle", "bench_ingest_tailer", "bench_gateway", "bench_stream", "bench_peer",
               "bench_serving", "bench_learning", "bench_platform", "bench_restart", "bench_broker_crash",
-              "bench_store_growth", "bench_scaling"]
+              "bench_store_growth", "bench_scaling", "bench_query"]
 
 
 BUDGET_S = 180.0  # issue: each benchmark runs in <= 3 min

@@ -183,6 +183,17 @@ class Settings(BaseSettings):
         "capped at the brokers listed)"))
     min_insync_replicas: int = Field(0, ge=0, description=(
         "min.insync.replicas of every created topic (0 = auto: replication factor - 1, at least 1)"))
+    columnar_dir: Path | None = Field(None, description=(
+        "directory of the columnar (Parquet) copy of feature batches and predictions that queries read "
+        "(default HOME/columnar, HOME/tenants/<tenant>/columnar for a tenant; docs/COLUMNAR.md)"))
+    query_max_rows: int = Field(10_000, ge=1, description=(
+        "queries: most rows one page may return (a larger limit is refused with 413)"))
+    query_max_scan_rows: int = Field(5_000_000, ge=1, description=(
+        "queries: most Parquet rows one request may scan after pruning (narrow the time range beyond it)"))
+    query_max_bytes: int = Field(64 * 1024 * 1024, ge=1, description=(
+        "queries: most bytes of Arrow data one page may hold (ask for fewer rows beyond it)"))
+    query_timeout_s: float = Field(10.0, gt=0, description=(
+        "queries: seconds one request may spend reading before it is refused"))
     workers: str = Field("", description=(
         "`streamlearn up`: processes per consumer group, e.g. stream.sensor=3,serve.digits_cnn=2 (default 1 each)"))
     # Not a setting of its own: the [models] table of a trusted config file (never from the environment).

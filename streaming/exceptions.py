@@ -166,3 +166,21 @@ class ObjectStoreError(StreamingError):
 
 class ObjectNotFoundError(ObjectStoreError, FileNotFoundError):
     """A key does not exist; also a FileNotFoundError so callers' ``except`` clauses keep working."""
+
+
+class ColumnarError(StreamingError):
+    """The columnar (Parquet) copy cannot be built or read: a corrupt source batch, a busy lock, a bad name."""
+
+
+class QueryError(StreamingError, ValueError):
+    """A query argument is wrong (a bad name, time range, limit or cursor); the message names it.
+    The control API answers 400."""
+
+
+class QueryTooLargeError(QueryError):
+    """A query would go over a configured bound; ``limit`` is the setting's name (e.g. ``query_max_rows``).
+    The control API answers 413; the message says what to narrow."""
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit

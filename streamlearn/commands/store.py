@@ -1,5 +1,6 @@
 """`streamlearn store promote <kind> --from <namespace>`: make a rebuilt namespace the live one;
-`streamlearn store gc [--dry-run]`: apply the retention limits (docs/STORE.md).
+`streamlearn store gc [--dry-run]`: apply the retention limits (docs/STORE.md);
+`streamlearn store compact [--kind] [--namespace]`: the Parquet copy that queries read (docs/COLUMNAR.md).
 
 Why under ``store`` and not ``replay``: promotion acts on the feature store and the live group, not on
 the topic; ``replay <kind>`` takes the kind as its first word, so ``replay promote`` would be ambiguous;
@@ -10,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
+from schemas.exceptions import StreamlearnError
 from streaming import config
 from streaming.topics import KINDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("store", help="feature-store namespaces and retention: promote, gc")
+    s = sub.add_parser("store", help="feature-store namespaces, retention and Parquet copy: promote, gc, compact")
     ssub = s.add_subparsers(dest="store_cmd", metavar="ACTION")
     ssub.required = True
     p = ssub.add_parser(
@@ -41,6 +44,44 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=config.flag_help("store_max_bytes"))
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=_gc)
+    c = ssub.add_parser(
+        "compact", help="copy the feature batches not yet compacted (and the prediction topics) into the Parquet "
+                        "store that `streamlearn query` and GET /query read; incremental, safe to re-run after a crash")
+    c.add_argument("--kind", action="append", help="only this kind (repeatable; default every kind in the store)")
+    c.add_argument("--namespace", action="append", help="only this namespace (repeatable; default all)")
+    c.add_argument("--model", action="append", help="only this model's predictions (repeatable; default all)")
+    c.add_argument("--no-predictions", action="store_true", help="compact feature batches only")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_compact)
+
+
+def _compact(args: argparse.Namespace, settings: config.Settings) -> int:
+    from streaming.columnar import compact_all
+
+    report = compact_all(settings, kinds=args.kind, namespaces=args.namespace, predictions=False)
+    if not args.no_predictions:  # features first: they need no broker, and are kept if it is down
+        try:
+            report.predictions = compact_all(settings, models=args.model, features=False).predictions
+        except StreamlearnError:
+            _print_compact(args, report)
+            raise
+    _print_compact(args, report)
+    return 0
+
+
+def _print_compact(args: argparse.Namespace, report: Any) -> None:
+    if args.json:
+        print(json.dumps(report.as_dict(), sort_keys=True))
+        return
+    for f in report.features:
+        rebuilt = " (rebuilt: the namespace was replaced)" if f["rebuilt"] else ""
+        print(f"features {f['namespace']}/{f['kind']}: {f['batches']} batches, {f['rows']} rows, "
+              f"{f['files']} files{rebuilt}")
+    for p in report.predictions:
+        if p.get("skipped"):
+            print(f"predictions {p['model']}: skipped, {p['skipped']}")
+            continue
+        print(f"predictions {p['model']}: {p['rows']} rows, {p['files']} files, {p['dead_letters']} dead letters")
 
 
 def _gc(args: argparse.Namespace, settings: config.Settings) -> int:
