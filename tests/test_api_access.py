@@ -17,7 +17,6 @@ from fastapi.testclient import TestClient
 
 from schemas.access import load_keys
 from streaming import config
-from streaming.config import Settings
 from streamlearn.api.app import create_app
 from streamlearn.api.jobs import JobRunner
 from tests.helpers import ROOT
