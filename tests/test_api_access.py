@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -139,7 +140,7 @@ def test_fuzz_control_api(tc: TestClient) -> None:
     ``GET /query`` is fuzzed where the columnar engine (``streaming.query``) is installed; without it
     the route answers 501 by design.
     """
-    app = tc.app
+    app: Any = tc.app
     spec = app.openapi()
     if importlib.util.find_spec("streaming.query") is None:
         spec["paths"].pop("/query")
