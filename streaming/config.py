@@ -448,3 +448,16 @@ def to_env(settings: Settings) -> dict[str, str]:
     if not settings.embedded:
         env["STREAMLEARN_KAFKA_BOOTSTRAP"] = settings.bootstrap
     return env
+
+
+def child_env(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child process that sees exactly ``settings``.
+
+    The parent's variables minus its ``STREAMLEARN_*`` ones (a setting unset in ``settings`` must not
+    leak through from the parent), plus :func:`to_env`. ``STREAMLEARN_CONFIG`` stays: it names the file
+    whose ``[models]`` the child must load too. Used by the control API's jobs (streamlearn/api/jobs.py).
+    """
+    env = os.environ if environ is None else environ
+    out = {k: v for k, v in env.items() if not k.startswith(ENV_PREFIX) or k == f"{ENV_PREFIX}CONFIG"}
+    out.update(to_env(settings))
+    return out

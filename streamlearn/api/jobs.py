@@ -45,7 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from streaming.config import Settings, to_env
+from streaming.config import Settings, child_env
 from streaming.fsutil import pid_alive, write_json_atomic
 from streamlearn.api.exceptions import JobConflictError, JobNotFoundError, TooManyJobsError
 
@@ -339,13 +339,6 @@ def reap_orphans(store: JobStore, instance: str | None, grace_s: float, *, start
     return orphaned
 
 
-def _inherited_env() -> dict[str, str]:
-    """The API's environment without its settings variables: ``to_env`` of the child's settings says
-    all of them, and a stale one (a setting that is unset in the child) must not leak through.
-    ``STREAMLEARN_CONFIG`` stays: it names the file whose [models] the child must load too."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("STREAMLEARN_") or k == "STREAMLEARN_CONFIG"}
-
-
 class JobRunner:
     """Starts jobs as child processes and records their end; one per control-API process."""
 
@@ -397,7 +390,7 @@ class JobRunner:
                                        "(STREAMLEARN_API_MAX_JOBS); retry when one has ended", retry_after=5)
             job = Job(new_job_id(), kind, tenant, resource, args, argv, owner=self.instance)
             self.store.save(job)
-            env = {**_inherited_env(), **to_env(child), JOB_ENV: job.id, "PYTHONUNBUFFERED": "1"}
+            env = {**child_env(child), JOB_ENV: job.id, "PYTHONUNBUFFERED": "1"}
             try:
                 with open(self.store.log_path(job.id), "ab") as logfile:
                     proc = subprocess.Popen([*self.cli, *argv], stdin=subprocess.DEVNULL, stdout=logfile,
