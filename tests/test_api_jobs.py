@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from schemas.exceptions import ConfigError
 from streaming import config
 from streaming.config import Settings
 from streaming.fsutil import pid_alive
@@ -109,8 +110,12 @@ def test_api_restart_marks_a_running_job_failed_and_ends_its_process(local: Sett
     job = tc.post("/process", json={"action": "replay", "kind": "sensor", "namespace": "rebuild-1",
                                     "from_beginning": True}).json()["job"]
     assert job["status"] == "running" and pid_alive(job["pid"])
-    # A second API on the same home (the first one "crashed": it never shuts down its jobs).
+    # A second API on the same home is refused while the first one runs ...
     second = hold_runner(local, release)
+    with pytest.raises(ConfigError, match="another control API runs on home"):
+        second.recover()
+    # ... and takes over once it "crashed" (it never shuts down its jobs; the kernel drops its lock).
+    first.release_home()
     with TestClient(create_app(local, runner=second, compact=False)) as tc2:
         state = job_state(tc2, job["id"])["job"]
         assert state["status"] == "failed"

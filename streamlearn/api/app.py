@@ -148,8 +148,9 @@ def create_app(settings: Settings, *, keys: KeyTable | None = None, runner: JobR
 
     def started(job: Job) -> JSONResponse:
         jobs_total.labels(job.kind).inc()
-        status = 202 if job.status == "running" else 500
-        return JSONResponse({"job": public(job)}, status, headers={"Location": f"/jobs/{job.id}"})
+        if job.status != "running":  # the process could not be started (reason says why)
+            return JSONResponse({"error": job.reason, "job": public(job)}, 500)
+        return JSONResponse({"job": public(job)}, 202, headers={"Location": f"/jobs/{job.id}"})
 
     @app.post("/trainModel", status_code=202, openapi_extra=_body_schema(TrainRequest),
               responses={**_ERRORS, 202: {"description": "job started; poll GET /jobs/{id}"},

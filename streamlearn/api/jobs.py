@@ -43,8 +43,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from schemas.exceptions import ConfigError
 from streaming.config import Settings, child_env
 from streaming.fsutil import pid_alive, write_json_atomic
 from streamlearn.api.exceptions import JobConflictError, JobNotFoundError, TooManyJobsError
@@ -353,9 +354,43 @@ class JobRunner:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
+        self._home_lock: IO[str] | None = None
+
+    def claim_home(self) -> None:
+        """Hold ``<home>/jobs/.api.lock`` for this runner's life: one API per home.
+
+        Why: a second API on the same home would take the first one's running jobs for orphans and
+        end them. The kernel drops the lock when the process dies, so a crashed API never blocks the
+        restart.
+        """
+        if self._home_lock is not None:
+            return
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        fh = open(self.store.root / ".api.lock", "a+")  # noqa: SIM115 - held open for the runner's life
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            fh.close()
+            raise ConfigError(f"another control API runs on home {self.settings.home} (instance {holder}); stop it, "
+                              "or give this one another STREAMLEARN_HOME") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(self.instance)
+        fh.flush()
+        self._home_lock = fh
+
+    def release_home(self) -> None:
+        """Let another runner claim the home (what the kernel does when this process dies)."""
+        if self._home_lock is not None:
+            self._home_lock.close()
+            self._home_lock = None
 
     def recover(self) -> list[str]:
-        """At start-up: fail the jobs an earlier API left queued or running (see the module docstring)."""
+        """At start-up: claim the home, then fail the jobs an earlier API left queued or running
+        (see the module docstring)."""
+        self.claim_home()
         ids = reap_orphans(self.store, self.instance, self.grace_s, starting=True)
         for job_id in ids:
             log.warning("job %s marked failed: the API restarted while it ran", job_id)
@@ -470,3 +505,4 @@ class JobRunner:
                 terminate_group(job.pid, job.id, self.grace_s, self._procs.get(job.id))
         for thread in list(self._threads.values()):
             thread.join(5.0)
+        self.release_home()

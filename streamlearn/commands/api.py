@@ -38,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     jsub.required = True
     ls = jsub.add_parser("list", help="jobs, newest first")
     ls.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
-    ls.add_argument("--tenant", dest="job_tenant", help="only this tenant's jobs ('' = the default tenant)")
+    ls.add_argument("--for-tenant", dest="job_tenant", metavar="TENANT",
+                    help="only this tenant's jobs ('' = the default tenant)")
     ls.add_argument("--limit", type=int, default=50)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_list)
