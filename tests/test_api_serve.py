@@ -14,7 +14,8 @@ import httpx
 from streaming import config
 from streaming.broker import free_port
 from streaming.fsutil import pid_alive
-from streamlearn.api.jobs import JOB_ENV, Job, JobStore, new_job_id
+from streamlearn.api.jobs import Job, JobStore, new_job_id
+from streamlearn.api.procs import JOB_ENV
 from tests.helpers import streamlearn_cmd, subprocess_env, wait_until
 
 
