@@ -20,6 +20,7 @@ import pytest
 from ingest.gateway.routes import create_app as gateway_app
 from ingest.sensors import generate
 from schemas.httpguard import ThreadedServer
+from streaming import config
 from streaming.broker import free_port
 from streaming.config import Settings
 from streaming.jsoncodec import to_json
@@ -39,7 +40,12 @@ def test_ingest_stream_query_train_predict_query_over_http(settings: Settings) -
     has_query = importlib.util.find_spec("streaming.query") is not None
     settings.home.mkdir(parents=True, exist_ok=True)
     (settings.home / "config.toml").write_text(f'[models]\n{MODEL} = "tests.custom_spec_module:SPEC"\n')
-    s = settings.with_(keys=f"ops:{TOKEN}", batch_max_records=100, api_compact_interval_s=0)
+    # loaded again now that the home has its config file, as `api serve` would load it ([models] included)
+    s = config.load({"home": settings.home, "kafka_bootstrap": settings.kafka_bootstrap,
+                     "topic_prefix": settings.topic_prefix, "metrics_port": -1, "batch_max_seconds": 1.0,
+                     "broker_loss_window_s": settings.broker_loss_window_s, "keys": f"ops:{TOKEN}",
+                     "batch_max_records": 100, "api_compact_interval_s": 0})
+    assert MODEL in s.model_specs
     events = list(generate(300, n_sensors=3, seed=9))
 
     # 1. ingest over the gateway, with a key
@@ -119,7 +125,11 @@ def test_ingest_stream_query_train_predict_query_over_http(settings: Settings) -
                 api.state.compactor.run_once()
                 found = http.get("/query", params={"what": "predictions", "model": MODEL, "request_id": request_id})
                 assert found.status_code == 200, found.text
-                assert found.json()["count"] == 1
+                assert found.json()["count"] == 1, found.text
+                assert found.json()["rows"][0]["request_id"] == request_id
+                metrics = http.get("/metrics").text
+                assert 'streamlearn_api_compactions_total{outcome="error"}' not in metrics
+                assert 'streamlearn_api_compactions_total{outcome="ok"} 2.0' in metrics
     finally:
         if serve is not None:
             serve.terminate()
