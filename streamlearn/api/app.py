@@ -219,7 +219,7 @@ def create_app(settings: Settings, *, keys: KeyTable | None = None, runner: JobR
                     key: str | None = Query(None, max_length=256), batch: str | None = Query(None, max_length=128),
                     model: str | None = Query(None, max_length=129), version: int | None = Query(None, ge=1),
                     request_id: str | None = Query(None, max_length=256), limit: int = Query(1000, ge=1, le=100_000),
-                    cursor: str | None = Query(None, max_length=1024)) -> Response:
+                    cursor: str | None = Query(None, max_length=2048)) -> Response:
         principal = who(request, "query", model if what == "predictions" and model else None)
         params: dict[str, Any] = {"what": what, "kind": kind, "namespace": namespace, "start": start, "end": end,
                                   "key": key, "batch": batch, "version": version, "request_id": request_id,
