@@ -60,6 +60,10 @@ def test_unauthenticated_and_unknown_keys(tc: TestClient) -> None:
 def test_scopes_per_verb(tc: TestClient) -> None:
     assert tc.post("/trainModel", json={"model": "weblog_classifier"}, headers=READER).status_code == 403
     assert tc.post("/trainModel", json={"model": "weblog_classifier"}, headers=INGEST).status_code == 403
+    pinned = tc.post("/trainModel", json={"model": "weblog_classifier", "reproduce_version": 3}, headers=BOSS)
+    assert pinned.status_code == 202
+    assert pinned.json()["job"]["argv"] == ["retrain", "--reproduce", "weblog_classifier/3"]
+    assert tc.delete(f"/jobs/{pinned.json()['job']['id']}", headers=BOSS).status_code == 200
     assert tc.post("/process", json=REPLAY, headers=READER).status_code == 403
     assert tc.get("/jobs", headers=READER).status_code == 403
     replay = tc.post("/process", json=REPLAY, headers=PROC)
@@ -74,7 +78,7 @@ def test_scopes_per_verb(tc: TestClient) -> None:
                                                                   "--json"]
     # a process key sees its replay but not the promote (admin); the admin key sees both
     assert [j["kind"] for j in tc.get("/jobs", headers=PROC).json()["jobs"]] == ["replay"]
-    assert {j["kind"] for j in tc.get("/jobs", headers=BOSS).json()["jobs"]} == {"replay", "promote"}
+    assert {j["kind"] for j in tc.get("/jobs", headers=BOSS).json()["jobs"]} == {"train", "replay", "promote"}
     assert tc.delete(f"/jobs/{ok.json()['job']['id']}", headers=PROC).status_code == 404
     assert tc.delete(f"/jobs/{ok.json()['job']['id']}", headers=BOSS).status_code == 200
 

@@ -388,7 +388,11 @@ class JobRunner:
             job.ended_ms = job.ended_ms or now_ms()
             if result is not None:
                 job.result = result
-                if job.kind == "train":
+                if job.kind == "train" and job.args.get("reproduce_version") is not None:
+                    # `retrain --reproduce` produces no version: its report names the one it re-trained
+                    job.gate = {"action": result.get("reproduced_decision"),
+                                "recorded_action": result.get("recorded_decision"), "reproduced": result.get("ok")}
+                elif job.kind == "train":
                     job.version = result.get("version") if isinstance(result.get("version"), int) else None
                     job.gate = {k: v for k, v in result.items() if k not in ("model", "version")} or None
             if job.status not in ACTIVE:  # cancelled (or failed by a restart) while it ran: that stays
