@@ -10,7 +10,10 @@ comment). ``scopes`` is ``+`` separated, ``*`` (the default) meaning every scope
 
 * ``ingest`` (every kind) or ``ingest.weblog`` / ``ingest.sensor`` / ``ingest.image`` (one kind);
 * ``predict`` (serving HTTP);
-* ``schema-read`` and ``schema-admin`` (registry; admin implies read).
+* ``schema-read`` and ``schema-admin`` (registry; admin implies read);
+* ``query``, ``train``, ``process`` and ``admin`` (the control API, ``streamlearn api serve``:
+  read features/predictions, start training jobs, start replay jobs, promote a namespace; ``admin``
+  implies the other three).
 
 ``tenant`` (``[a-z][a-z0-9-]{0,30}``) confines the key to the names under ``<tenant>.``; ``*`` makes
 an operator key that owns every tenant's names (the platform's own key to the registry). Topics
@@ -37,11 +40,12 @@ from schemas.exceptions import AccessDeniedError, ConfigError, UnauthenticatedEr
 
 #: Every scope a key may carry (``*`` = all of them).
 SCOPES: frozenset[str] = frozenset({"ingest", "ingest.weblog", "ingest.sensor", "ingest.image", "predict",
-                                    "schema-read", "schema-admin"})
+                                    "schema-read", "schema-admin", "query", "train", "process", "admin"})
 #: Scope -> the narrower scopes it implies.
 _IMPLIES: dict[str, frozenset[str]] = {
     "ingest": frozenset({"ingest.weblog", "ingest.sensor", "ingest.image"}),
     "schema-admin": frozenset({"schema-read"}),
+    "admin": frozenset({"query", "train", "process"}),
 }
 DEFAULT_TENANT = ""
 #: Label value of the default tenant in metrics.

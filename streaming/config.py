@@ -135,6 +135,18 @@ class Settings(BaseSettings):
         "serving HTTP: 413 above this request size in bytes"))
     serve_max_instances: int = Field(1024, description=("serving HTTP: instances per predict request"))
     serve_max_concurrent: int = Field(8, description=("serving HTTP: predict requests at once before 429"))
+    api_host: str = Field("127.0.0.1", description=(
+        "address `streamlearn api serve` (the control API: /query, /trainModel, /process, /jobs) binds"))
+    api_port: int = Field(8090, description=("port `streamlearn api serve` listens on"))
+    api_max_jobs: int = Field(4, ge=1, description=(
+        "control API: jobs (training, replay, promote) running at once; more get 429 + Retry-After"))
+    api_max_body_bytes: int = Field(64 * 1024, ge=1024, description=(
+        "control API: 413 above this request body size"))
+    api_cancel_grace_s: float = Field(10.0, gt=0, description=(
+        "control API: seconds a cancelled job's process group has after SIGTERM before SIGKILL"))
+    api_compact_interval_s: float = Field(60.0, ge=0, description=(
+        "control API: seconds between compactions of new feature batches and predictions into the "
+        "columnar store that /query reads (0 = off)"))
     # -- Kafka client security (streaming/kafka_security.py) --
     kafka_security_protocol: str = Field("PLAINTEXT", description=(
         "PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL"))
@@ -447,3 +459,16 @@ def to_env(settings: Settings) -> dict[str, str]:
     if not settings.embedded:
         env["STREAMLEARN_KAFKA_BOOTSTRAP"] = settings.bootstrap
     return env
+
+
+def child_env(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child process that sees exactly ``settings``.
+
+    The parent's variables minus its ``STREAMLEARN_*`` ones (a setting unset in ``settings`` must not
+    leak through from the parent), plus :func:`to_env`. ``STREAMLEARN_CONFIG`` stays: it names the file
+    whose ``[models]`` the child must load too. Used by the control API's jobs (streamlearn/api/jobs.py).
+    """
+    env = os.environ if environ is None else environ
+    out = {k: v for k, v in env.items() if not k.startswith(ENV_PREFIX) or k == f"{ENV_PREFIX}CONFIG"}
+    out.update(to_env(settings))
+    return out

@@ -1,0 +1,115 @@
+"""``GET /query``: feature rows and predictions from the columnar store (``streaming.query``).
+
+The query engine is imported when a query arrives, not when the app is built: the control API's
+jobs work without it, and an installation without it answers 501 naming what is missing instead of
+failing at start-up. A query runs in a worker thread (it reads Parquet files), at most
+:data:`MAX_CONCURRENT_QUERIES` at once (429 beyond), bounded by the engine's own
+``QueryLimits.from_settings`` (rows, scanned rows, bytes, time): a query over a limit is a 413
+whose message names the setting.
+
+Formats by ``Accept``: JSON (default, ``application/json``), Arrow IPC stream
+(``application/vnd.apache.arrow.stream``) or Parquet (``application/vnd.apache.parquet`` or
+``application/x-parquet``); anything else is 406. Pagination: ``limit`` rows a page, and the
+``next_cursor`` of a page (JSON body, or the ``X-Next-Cursor`` header of Arrow/Parquet answers) as
+``cursor`` of the next request.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from schemas.access import Principal
+from streaming.config import Settings
+from streamlearn.api.exceptions import (
+    BadRequestError,
+    NotAcceptableError,
+    TooLargeError,
+    TooManyJobsError,
+    UnavailableError,
+)
+from streamlearn.api.requests import parse_when, tenant_settings
+
+MAX_CONCURRENT_QUERIES = 4
+ARROW = "application/vnd.apache.arrow.stream"
+PARQUET = "application/vnd.apache.parquet"
+_FORMATS = {"application/json": "json", "application/*": "json", "*/*": "json", ARROW: "arrow",
+            PARQUET: "parquet", "application/x-parquet": "parquet"}
+
+
+def negotiate(accept: str | None) -> str:
+    """``json`` | ``arrow`` | ``parquet`` for an ``Accept`` header (first listed match wins; q ignored)."""
+    if accept is None or not accept.strip():
+        return "json"
+    for part in accept.split(",")[:16]:
+        media = part.split(";", 1)[0].strip().lower()
+        if media in _FORMATS:
+            return _FORMATS[media]
+    raise NotAcceptableError(f"Accept {accept[:80]!r}: answers are application/json (default), {ARROW} or {PARQUET}")
+
+
+def engine() -> Any:
+    """The ``streaming.query`` module, or 501 when this installation has no columnar store."""
+    try:
+        return importlib.import_module("streaming.query")
+    except ImportError as exc:
+        raise UnavailableError(f"this installation has no columnar query engine (streaming.query: {exc}); "
+                               "install a streamlearn with the columnar store") from None
+
+
+class QueryService:
+    """Runs queries for the routes: bounded concurrency, errors mapped to HTTP statuses."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_QUERIES)
+
+    async def answer(self, request: Request, principal: Principal, params: dict[str, Any]) -> Response:
+        fmt = negotiate(request.headers.get("accept"))
+        q = engine()
+        what = params["what"]
+        settings = tenant_settings(self.settings, principal.tenant)
+        limits = q.QueryLimits.from_settings(settings)
+        common = {"start_ms": parse_when(params.get("start"), "start"), "end_ms": parse_when(params.get("end"), "end"),
+                  "limit": params["limit"], "cursor": params.get("cursor"), "limits": limits}
+        if what == "features":
+            if not params.get("kind"):
+                raise BadRequestError("kind: required for what=features (weblog, sensor or image)")
+            call = {"kind": params["kind"], "namespace": params.get("namespace") or "live",
+                    "key": params.get("key"), "batch": params.get("batch"), **common}
+            run = q.query_features
+        else:
+            if not params.get("model"):
+                raise BadRequestError("model: required for what=predictions")
+            call = {"model": params["model"], "version": params.get("version"),
+                    "request_id": params.get("request_id"), **common}
+            run = q.query_predictions
+        if not self._slots.acquire(blocking=False):
+            raise TooManyJobsError(f"{MAX_CONCURRENT_QUERIES} queries are running; retry shortly", retry_after=1)
+        try:
+            page = await run_in_threadpool(lambda: run(settings, **call))
+            body = await run_in_threadpool(_render, page, fmt)
+        except q.QueryTooLargeError as exc:
+            raise TooLargeError(str(exc)) from None
+        except q.QueryError as exc:
+            raise BadRequestError(str(exc)) from None
+        finally:
+            self._slots.release()
+        headers = {"X-Next-Cursor": page.next_cursor} if page.next_cursor else {}
+        headers["X-Scanned-Rows"] = str(page.scanned_rows)
+        if fmt == "json":
+            return JSONResponse(body, headers=headers)
+        return Response(body, media_type=ARROW if fmt == "arrow" else PARQUET, headers=headers)
+
+
+def _render(page: Any, fmt: str) -> Any:
+    if fmt == "arrow":
+        return page.to_arrow_ipc()
+    if fmt == "parquet":
+        return page.to_parquet()
+    return page.to_json()

@@ -1,0 +1,164 @@
+"""Jobs of the control API: start, status, 409, cancel, the API restarted under a running job, CLI parity.
+
+The children run through ``tests/api_hold.py`` (waits for a release file, then runs the real
+``streamlearn`` command), so a job is reliably "running" while the test looks at it; everything else
+(runner, process groups, signals, state files, the command's own output) is the product's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from schemas.exceptions import ConfigError
+from streaming import config
+from streaming.config import Settings
+from streaming.fsutil import pid_alive
+from streamlearn.api.app import create_app
+from streamlearn.api.jobs import JobRunner, parse_outcome
+from tests.helpers import ROOT, streamlearn_cmd, subprocess_env, wait_until
+
+HOLD = str(ROOT / "tests" / "api_hold.py")
+MODEL = "sensor_forecaster"
+
+
+def hold_runner(settings: Settings, release: Path) -> JobRunner:
+    return JobRunner(settings, cli=[sys.executable, HOLD, str(release)])
+
+
+@pytest.fixture()
+def local(tmp_path: Path) -> Settings:
+    """Settings without a broker: held jobs never reach their command."""
+    return config.load({"home": tmp_path / "home", "metrics_port": -1, "api_cancel_grace_s": 5.0,
+                        "api_compact_interval_s": 0})
+
+
+@pytest.fixture()
+def api(local: Settings, tmp_path: Path) -> Iterator[tuple[TestClient, JobRunner, Path]]:
+    release = tmp_path / "release"
+    runner = hold_runner(local, release)
+    with TestClient(create_app(local, runner=runner, compact=False)) as tc:
+        yield tc, runner, release
+
+
+def job_state(tc: TestClient, job_id: str) -> dict:
+    resp = tc.get(f"/jobs/{job_id}")
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_parse_outcome_reads_the_closing_json_and_the_error_line() -> None:
+    one = 'log line\n{"model": "m", "version": 3, "promote": true}\n'
+    assert parse_outcome(one) == ({"model": "m", "version": 3, "promote": True}, None)
+    indented = 'x\n{\n  "recorded": 0.5,\n  "ok": true\n}\n'
+    assert parse_outcome(indented)[0] == {"recorded": 0.5, "ok": True}
+    assert parse_outcome("starting\nerror: not enough data; publish more\n") == (None, "not enough data; publish more")
+
+
+def test_train_job_status_409_cancel_and_free_again(api: tuple[TestClient, JobRunner, Path]) -> None:
+    tc, runner, _ = api
+    first = tc.post("/trainModel", json={"model": MODEL})
+    assert first.status_code == 202, first.text
+    job = first.json()["job"]
+    assert job["status"] == "running" and job["argv"] == ["train", MODEL, "--once", "--namespace", "live"]
+    assert first.headers["location"] == f"/jobs/{job['id']}"
+    wait_until(lambda: "holding" in job_state(tc, job["id"])["log_tail"], message="the child printed")
+    state = job_state(tc, job["id"])
+    assert state["job"]["pid"] > 0 and state["progress"]["last_line"] == "holding"
+
+    second = tc.post("/trainModel", json={"model": MODEL})
+    assert second.status_code == 409 and second.json()["job"] == job["id"]
+    assert job["id"] in second.json()["error"]
+
+    cancelled = tc.delete(f"/jobs/{job['id']}")
+    assert cancelled.status_code == 200 and cancelled.json()["job"]["status"] == "cancelled"
+    assert not pid_alive(job["pid"])
+    assert runner.wait(job["id"], 10)
+    final = job_state(tc, job["id"])["job"]
+    assert final["status"] == "cancelled" and final["exit_code"] == -15  # SIGTERM, recorded by the monitor
+    assert tc.delete(f"/jobs/{job['id']}").status_code == 409  # over already
+
+    again = tc.post("/trainModel", json={"model": MODEL})  # the model is free again
+    assert again.status_code == 202, again.text
+    assert tc.delete(f"/jobs/{again.json()['job']['id']}").status_code == 200
+
+
+def test_released_job_records_the_real_commands_failure(settings: Settings, tmp_path: Path) -> None:
+    """The real `train --once` on an empty store exits 3; its `error:` line becomes the reason."""
+    release = tmp_path / "release"
+    release.touch()
+    runner = hold_runner(settings.with_(api_compact_interval_s=0), release)
+    with TestClient(create_app(settings, runner=runner, compact=False)) as tc:
+        job = tc.post("/trainModel", json={"model": MODEL}).json()["job"]
+        assert runner.wait(job["id"], 120)
+        final = job_state(tc, job["id"])["job"]
+    assert final["status"] == "failed" and final["exit_code"] == 3, final
+    assert final["reason"] and "batch" in final["reason"].lower(), final["reason"]
+
+
+def test_api_restart_marks_a_running_job_failed_and_ends_its_process(local: Settings, tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    first = hold_runner(local, release)
+    tc = TestClient(create_app(local, runner=first, compact=False))
+    tc.__enter__()
+    job = tc.post("/process", json={"action": "replay", "kind": "sensor", "namespace": "rebuild-1",
+                                    "from_beginning": True}).json()["job"]
+    assert job["status"] == "running" and pid_alive(job["pid"])
+    # A second API on the same home is refused while the first one runs ...
+    second = hold_runner(local, release)
+    with pytest.raises(ConfigError, match="another control API runs on home"):
+        second.recover()
+    # ... and takes over once it "crashed" (it never shuts down its jobs; the kernel drops its lock).
+    first.release_home()
+    with TestClient(create_app(local, runner=second, compact=False)) as tc2:
+        state = job_state(tc2, job["id"])["job"]
+        assert state["status"] == "failed"
+        assert state["reason"] == f"the API restarted while it ran (pid {job['pid']})"
+        wait_until(lambda: not pid_alive(job["pid"]), timeout=15, message="the orphaned job's process ended")
+        assert first.wait(job["id"], 10)
+        assert job_state(tc2, job["id"])["job"]["status"] == "failed"  # the old monitor did not overwrite it
+        # the namespace is free for the new API
+        again = tc2.post("/process", json={"action": "replay", "kind": "sensor", "namespace": "rebuild-1",
+                                           "from_beginning": True})
+        assert again.status_code == 202, again.text
+    first._procs.clear()  # its job belongs to the second API now; do not let its shutdown touch it
+    tc.__exit__(None, None, None)
+
+
+def test_too_many_jobs_is_429(local: Settings, tmp_path: Path) -> None:
+    s = local.with_(api_max_jobs=1)
+    with TestClient(create_app(s, runner=hold_runner(s, tmp_path / "release"), compact=False)) as tc:
+        assert tc.post("/trainModel", json={"model": MODEL}).status_code == 202
+        busy = tc.post("/process", json={"action": "replay", "kind": "weblog", "namespace": "n1",
+                                         "start": "-1h", "end": "now"})
+        assert busy.status_code == 429 and busy.headers["retry-after"] and "api_max_jobs" in busy.json()["error"]
+
+
+def test_cli_jobs_list_show_cancel_use_the_same_files(api: tuple[TestClient, JobRunner, Path],
+                                                      local: Settings) -> None:
+    tc, runner, _ = api
+    job = tc.post("/trainModel", json={"model": MODEL, "namespace": "rebuild-2"}).json()["job"]
+    env = subprocess_env(local)
+
+    def cli(*words: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(streamlearn_cmd(*words), env=env, capture_output=True, text=True, timeout=60)
+
+    listed = cli("jobs", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [j["id"] for j in json.loads(listed.stdout)] == [job["id"]]
+    shown = cli("jobs", "show", job["id"])
+    assert shown.returncode == 0 and "running" in shown.stdout and "--namespace rebuild-2" in shown.stdout
+    cancelled = cli("jobs", "cancel", job["id"], "--json")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert json.loads(cancelled.stdout)["status"] == "cancelled"
+    assert runner.wait(job["id"], 10)
+    assert job_state(tc, job["id"])["job"]["status"] == "cancelled"
+    again = cli("jobs", "cancel", job["id"])
+    assert again.returncode == 1 and "cancelled already" in again.stderr
+    assert cli("jobs", "show", "../etc").returncode == 1
