@@ -18,8 +18,11 @@ and compaction throughput.
 
     python -m benchmarks.bench_query        # JSON to stdout and reports/bench/query.json
 
-The HTTP variant (``GET /query`` of the control API) adds the service's JSON or Arrow encoding of the
-same pages; it belongs to the control API's benchmark.
+* **HTTP**: the same query through ``GET /query`` of the control API (``streamlearn api serve``'s app
+  under uvicorn on a loopback port, a key with the ``query`` scope), following ``next_cursor``: once
+  as JSON (the default) and once as Arrow IPC (``Accept: application/vnd.apache.arrow.stream``). The
+  goal is stated for this figure: the issue asks for the query *through /query*; the engine-only
+  figure shows what the HTTP encoding adds.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ WINDOW = 0.01
 PAGE = 10_000
 REPEATS = 5
 GOAL = ">= 20"
+TOKEN = "bench-query-token"
 
 
 def _fill(store: FeatureStore, rows_total: int) -> None:
@@ -92,6 +96,68 @@ def _full_scan(store: FeatureStore, start: int, end: int) -> int:
     return n
 
 
+def _http_query(base: str, start: int, end: int, accept: str) -> int:
+    """Every page of the window through ``GET /query``; returns the rows received."""
+    import io
+
+    import httpx
+    import pyarrow.ipc as ipc
+
+    n, cursor = 0, None
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}", "Accept": accept},
+                      timeout=120) as client:
+        while True:
+            params: dict[str, Any] = {"what": "features", "kind": "sensor", "start": start, "end": end,
+                                      "limit": PAGE}
+            if cursor:
+                params["cursor"] = cursor
+            reply = client.get("/query", params=params)
+            reply.raise_for_status()
+            if accept == "application/json":
+                body = reply.json()
+                n += body["count"]
+                cursor = body.get("next_cursor")
+            else:
+                n += ipc.open_stream(io.BytesIO(reply.content)).read_all().num_rows
+                cursor = reply.headers.get("x-next-cursor") or None
+            if not cursor:
+                return n
+
+
+class _ApiServer:
+    """The control API's app under uvicorn in a thread, on a free loopback port (no compactor, no jobs)."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        from schemas.access import load_keys
+        from schemas.httpguard import server_config
+        from streamlearn.api.app import create_app
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        app = create_app(settings, keys=load_keys(f"bench:{TOKEN}:query", None), compact=False)
+        self.server = uvicorn.Server(server_config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the control API did not start within 30 s")
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
 def _median_s(fn: Any, repeats: int) -> tuple[float, int]:
     times, n = [], 0
     for _ in range(repeats):
@@ -119,19 +185,31 @@ def run(settings: config.Settings | None = None, rows: int = ROWS) -> dict[str, 
         first_page_s, _ = _median_s(lambda: query_features(s, kind="sensor", start_ms=start, end_ms=end,
                                                            limit=1000).table.num_rows, REPEATS)
         query_s, got = _median_s(lambda: _query(s, start, end), REPEATS)
+        with _ApiServer(s) as base:
+            http_json_s, got_json = _median_s(lambda: _http_query(base, start, end, "application/json"), REPEATS)
+            http_arrow_s, got_arrow = _median_s(
+                lambda: _http_query(base, start, end, "application/vnd.apache.arrow.stream"), REPEATS)
         scan_s, want = _median_s(lambda: _full_scan(store, start, end), 1)
-        if got != want:
-            raise AssertionError(f"query returned {got} rows, the full scan {want}")
+        if not got == got_json == got_arrow == want:
+            raise AssertionError(f"query returned {got} rows (HTTP JSON {got_json}, Arrow {got_arrow}), "
+                                 f"the full scan {want}")
         parquet_bytes = sum(p.stat().st_size for p in (home / "columnar").rglob("*.parquet"))
         avro_bytes = sum(p.stat().st_size for p in Path(s.feature_store).rglob("*.avro"))
     finally:
         shutil.rmtree(home, ignore_errors=True)
     ratio = round(scan_s / query_s, 1)
+    http_ratio = round(scan_s / http_json_s, 1)
+    what = f"{WINDOW:.0%} of {rows:,} rows ({got:,} rows, pages of {PAGE})"
     table = [
-        {"figure": f"time-range query, {WINDOW:.0%} of {rows:,} rows ({got:,} rows, pages of {PAGE}) s",
+        {"figure": f"time-range query through GET /query (JSON), {what} s", "value": round(http_json_s, 4),
+         "baseline": round(scan_s, 3), "baseline_is": "decode every Avro batch (read_batch) and filter",
+         "ratio": http_ratio, "goal": GOAL, "meets_goal": http_ratio >= 20},
+        {"figure": "the same through GET /query as Arrow IPC s", "value": round(http_arrow_s, 4),
+         "baseline": round(scan_s, 3), "baseline_is": "full scan", "ratio": round(scan_s / http_arrow_s, 1),
+         "goal": GOAL, "meets_goal": scan_s / http_arrow_s >= 20},
+        {"figure": f"the same through query_features (no HTTP), {what} s",
          "value": round(query_s, 4), "baseline": round(scan_s, 3),
-         "baseline_is": "decode every Avro batch (read_batch) and filter", "ratio": ratio, "goal": GOAL,
-         "meets_goal": ratio >= 20},
+         "baseline_is": "full scan", "ratio": ratio, "goal": None},
         {"figure": "first page (1000 rows) of the same query s", "value": round(first_page_s, 4),
          "baseline": round(scan_s, 3), "baseline_is": "full scan", "ratio": round(scan_s / first_page_s, 1),
          "goal": None},
@@ -141,8 +219,10 @@ def run(settings: config.Settings | None = None, rows: int = ROWS) -> dict[str, 
         "rows_in_window": got, "fill_s": round(fill_s, 1), "compact_s": round(compact_s, 1),
         "compact_rows_per_s": round(report["rows"] / compact_s), "compacted_files": report["files"],
         "parquet_bytes": parquet_bytes, "avro_bytes": avro_bytes,
-        "query_s": round(query_s, 4), "first_page_s": round(first_page_s, 4), "full_scan_s": round(scan_s, 3),
-        "ratio": ratio, "goal": GOAL,
+        "query_s": round(query_s, 4), "http_json_s": round(http_json_s, 4),
+        "http_arrow_s": round(http_arrow_s, 4), "http_ratio": http_ratio,
+        "first_page_s": round(first_page_s, 4), "full_scan_s": round(scan_s, 3),
+        "ratio": http_ratio, "engine_ratio": ratio, "goal": GOAL,
         "environment": {"wall_s": round(time.perf_counter() - started, 1),
                         "cpu_s": round(time.process_time() - cpu0, 1),
                         "loadavg_1m_start": round(load0, 2), "loadavg_1m_end": round(os.getloadavg()[0], 2)},
