@@ -123,7 +123,9 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
                 if fmt == "JPEG":
                     img.draft("L", self.size)  # let libjpeg scale down while decoding
                 img.load()
-                if img.mode in _WIDE_GRAY:
+                if img.mode == "L":
+                    gray = img  # already 8-bit grayscale: convert("L") would only copy it
+                elif img.mode in _WIDE_GRAY:
                     # 16-bit grayscale PNG: convert("L") would clip at 255, not rescale.
                     wide = np.asarray(img, dtype=np.float32)
                     gray = Image.fromarray(np.clip(wide / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
@@ -131,13 +133,18 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
                     gray = img.convert("L")  # alpha is ignored
                 if gray.size != self.size:
                     gray = gray.resize(self.size, Image.Resampling.BOX)
-                arr = np.asarray(gray, dtype=np.float32)
+                # Mode L packs one byte a pixel, row-major, unpadded: the same values as
+                # np.asarray(gray, dtype=float32) without building the array interface (per image,
+                # that costs more than the decode of a small image).
+                raw = gray.tobytes()
         except FeatureValidationError:
             raise
         except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError,
                 Image.DecompressionBombWarning) as exc:
             raise FeatureValidationError(f"{RECORD}.data: cannot decode the {fmt} image ({exc})") from exc
-        out = arr.reshape(-1)
+        if len(raw) != self.size[0] * self.size[1]:  # not one byte a pixel: never hand on a misread image
+            raise FeatureValidationError(f"{RECORD}.data: decoded {len(raw)} bytes for a {self.size} L image")
+        out = np.frombuffer(raw, dtype=np.uint8).astype(np.float32)
         np.divide(out, np.float32(255.0), out=out)
         return out
 
