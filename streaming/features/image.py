@@ -124,7 +124,7 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
                     img.draft("L", self.size)  # let libjpeg scale down while decoding
                 img.load()
                 if img.mode == "L":
-                    gray = img  # already 8-bit grayscale: convert("L") would only copy it
+                    gray: Image.Image = img  # already 8-bit grayscale: convert("L") would only copy it
                 elif img.mode in _WIDE_GRAY:
                     # 16-bit grayscale PNG: convert("L") would clip at 255, not rescale.
                     wide = np.asarray(img, dtype=np.float32)
