@@ -37,7 +37,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,32 +77,24 @@ class FreshnessTimeout(RuntimeError):
     """No version trained on the new regime answered within the freshness phase's bound."""
 
 
-def regime_events(shifted: bool, start_ms: int, seed: int) -> Iterator[dict[str, Any]]:
+def regime_events(shifted: bool, start_ms: int, seed: int, chunk: int = 20_000) -> Iterator[dict[str, Any]]:
     """An endless generated web-log stream: the old regime, or the shifted one (crawlers get 403).
 
     Old: bots are ``OLD_BOT_RATE`` of the traffic, attack bursts ``ATTACK_RATE``. Shifted: bots are
-    ``SHIFTED_BOT_RATE`` of the traffic and every bot request is answered 403, so
-    ``is_failed`` (status >= 400) becomes true for all of them; the old regime answers them 200/301
-    mostly (ingest.generators.web_traffic). The request side (paths, agents, rates) is unchanged.
+    ``SHIFTED_BOT_RATE`` of the traffic and every bot request is answered 403, so ``is_failed``
+    (status >= 400) becomes true for all of them; the old regime answers them 200/301 mostly
+    (ingest.generators.web_traffic). The request side (paths, agents, rates) is unchanged. Generated
+    in chunks of ``chunk`` events, each with its own seed and an hour later than the previous one.
     """
-    for chunk in itertools.count():
-        gen = (web_traffic_shifted if shifted else _web_traffic)(seed + 1000 * chunk, start_ms + chunk * 3_600_000)
-        yield from gen
-
-
-def _web_traffic(seed: int, start_ms: int) -> Iterator[dict[str, Any]]:
     from ingest.generators import web_traffic
 
-    return web_traffic(20_000, seed=seed, start_ms=start_ms, bot_rate=OLD_BOT_RATE, attack_rate=ATTACK_RATE)
-
-
-def web_traffic_shifted(seed: int, start_ms: int) -> Iterator[dict[str, Any]]:
-    from ingest.generators import web_traffic
-
-    for ev in web_traffic(20_000, seed=seed, start_ms=start_ms, bot_rate=SHIFTED_BOT_RATE, attack_rate=ATTACK_RATE):
-        if ev["label"] == "bot":
-            ev = {**ev, "status": 403, "bytes_sent": 150}
-        yield ev
+    bot_rate = SHIFTED_BOT_RATE if shifted else OLD_BOT_RATE
+    for n in itertools.count():
+        for ev in web_traffic(chunk, seed=seed + 1000 * n, start_ms=start_ms + n * 3_600_000, bot_rate=bot_rate,
+                              attack_rate=ATTACK_RATE):
+            if shifted and ev["label"] == "bot":
+                ev = {**ev, "status": 403, "bytes_sent": 150}
+            yield ev
 
 
 def trained_on(meta: dict[str, Any], topic: str, partition: int, offset: int) -> bool:
@@ -115,6 +107,16 @@ def trained_on(meta: dict[str, Any], topic: str, partition: int, offset: int) ->
                     int(r["first_offset"]) <= offset <= int(r["last_offset"]):
                 return True
     return False
+
+
+def p_failed_by_version(answers: Iterable[tuple[float, int, list[float]]]) -> dict[str, dict[str, float]]:
+    """Mean P(failed) per answering version over the probe answers (outputs ``[p_ok, p_failed]``)."""
+    by: dict[int, list[float]] = {}
+    for _, version, outputs in answers:
+        if len(outputs) > 1:
+            by.setdefault(version, []).append(float(outputs[1]))
+    return {f"v{v}": {"answers": len(ps), "mean_p_failed": round(sum(ps) / len(ps), 3)}
+            for v, ps in sorted(by.items())}
 
 
 def batch_time_ms(store: FeatureStore, topic: str, partition: int, offset: int) -> int | None:
@@ -226,7 +228,7 @@ def run(settings: Settings, *, recovery: bool = True) -> dict[str, Any]:
     answers = Answers(s)
     feeder = Feeder(s)
     pub = Publisher(s)
-    probes = [ev for ev in itertools.islice(web_traffic_shifted(7, int(time.time() * 1000) - 600_000), 5000)
+    probes = [ev for ev in itertools.islice(regime_events(True, int(time.time() * 1000) - 600_000, seed=7), 5000)
               if ev["label"] == "bot"]
     counter = itertools.count()
 
@@ -313,6 +315,8 @@ def run(settings: Settings, *, recovery: bool = True) -> dict[str, Any]:
         result["freshness_stages_s_after_publish"] = {
             "batch_written": rel(batch_ms / 1000 if batch_ms else None), "version_created": rel(created),
             "version_promoted": rel(promoted), "first_answer_visible": rel(t1)}
+        # The behavioural view: every probe is a crawler's request, which fails in the new regime.
+        result["probe_p_failed_by_version"] = p_failed_by_version(dict(answers.seen).values())
         result["fresh_version"] = version
         result["fresh_answer_p_failed"] = outputs[1] if len(outputs) > 1 else None
         result["decisions_since_shift"] = decisions
