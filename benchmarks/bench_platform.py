@@ -291,8 +291,9 @@ def run(settings: Settings, *, recovery: bool = True) -> dict[str, Any]:
             if promoted_before is not None else None,
             "first_answer_version": before[1], "first_promoted_version": first_version,
         }
+        _wait(lambda: len(feeder.new_sends) >= FIRST_SENDS, 30, f"the first {FIRST_SENDS} new-regime events")
         firsts: dict[int, int] = {}
-        for sent in feeder.new_sends:
+        for sent in list(feeder.new_sends):
             md = sent.get(timeout=30)
             firsts[md.partition] = min(md.offset, firsts.get(md.partition, md.offset))
         result["shift"]["first_new_offsets"] = {str(k): v for k, v in sorted(firsts.items())}
