@@ -117,8 +117,10 @@ class IdlePoller:
     not spin, and a join completes inside the call rather than one back-off later. Group joins
     that finish between two calls are kept by :mod:`streaming.kafka_compat` (installed on import);
     without it kafka-python threw them away and the short polls kept a group rebalancing forever.
-    Heartbeats run on kafka-python's IO thread, and every call reaches ``poll`` at least once, so
-    rebalance callbacks and ``max_poll_interval_ms`` behave as with a plain poll. A call never lasts
+    Heartbeats run on kafka-python's IO thread; a join under way is polled through in the call that
+    sees it, and an idle consumer fetches at least once per back-off cap (the back-off keeps its own
+    schedule across calls, so a call that ends inside it returns ``{}`` without a fetch), so rebalance
+    callbacks and ``max_poll_interval_ms`` behave as with a plain poll. A call never lasts
     longer than ``timeout_ms`` (plus one fetch), and a set ``wake`` event ends its back-off at once
     (the workers pass their stop event, so SIGTERM is not delayed by a sleep). On Apache Kafka it
     only adds a short sleep between empty polls.
@@ -134,11 +136,14 @@ class IdlePoller:
         self.min_idle_s, self.max_idle_s, self.read_ms = min_idle_s, max_idle_s, read_ms
         self.wake = wake
         self._idle_s = min_idle_s
+        #: monotonic time before which no fetch is sent (one back-off after the last empty poll); 0: none.
+        self._next_fetch_at = 0.0
         self._assigned: frozenset[TopicPartition] = frozenset()
 
     def reset(self) -> None:
-        """Forget the back-off (the next empty poll sleeps ``min_idle_s``)."""
+        """Forget the back-off (the next poll fetches at once; an empty one then sleeps ``min_idle_s``)."""
         self._idle_s = self.min_idle_s
+        self._next_fetch_at = 0.0
 
     def poll(self, timeout_ms: int = 200, max_records: int | None = None) -> dict[TopicPartition, list[Any]]:
         """Like ``KafkaConsumer.poll``: records as soon as there are some, else ``{}`` after ``timeout_ms``."""
@@ -158,20 +163,30 @@ class IdlePoller:
                 if records or remaining_ms == 0 or frozenset(self.consumer.assignment()) == assigned:
                     return records
                 continue  # the join ended inside the poll: apply the assignment change above
+            # The back-off runs on its own clock, across calls: the next fetch is due one back-off after
+            # the last empty one, however the caller slices its time. (When each call started with a
+            # fetch and ended with one at its deadline, a worker polling in 100 ms calls fetched ~30
+            # times a second with a 64 ms cap instead of ~15, doubling its idle CPU.)
+            now = time.monotonic()
+            if now < self._next_fetch_at:
+                pause_s = min(self._next_fetch_at, deadline) - now  # a back-off, not a wait for an event
+                if pause_s > 0:
+                    if self.wake is None:
+                        time.sleep(pause_s)
+                    elif self.wake.wait(pause_s):
+                        return {}
+                if time.monotonic() >= deadline and time.monotonic() < self._next_fetch_at:
+                    return {}  # the call's time ran out inside the back-off: no fetch is due yet
+                continue  # re-check the assignment and joins, then fetch
             # Not poll(0): that returns the answer to the fetch sent one back-off ago and costs as much.
-            read_ms = min(self.read_ms, max(0, int((deadline - time.monotonic()) * 1000)))
-            records = self.consumer.poll(timeout_ms=read_ms, max_records=max_records)
+            # A full read_ms even at the deadline: a call may end one short fetch late, never early.
+            records = self.consumer.poll(timeout_ms=self.read_ms, max_records=max_records)
             if records:
                 return self._got(records)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return {}
-            pause_s = min(self._idle_s, remaining)  # a back-off between empty fetches, not a wait for an event
-            if self.wake is None:
-                time.sleep(pause_s)
-            elif self.wake.wait(pause_s):
-                return {}
+            self._next_fetch_at = time.monotonic() + self._idle_s
             self._idle_s = min(self.max_idle_s, self._idle_s * 2)
+            if time.monotonic() >= deadline:
+                return {}
 
     def _got(self, records: Any) -> dict[TopicPartition, list[Any]]:
         if records:
