@@ -1,6 +1,6 @@
 """The SDK's hot paths (issue 13 item 4) keep the per-record checks: batch decode gives exactly the
 per-record results and error classes, and the publisher's per-topic caches keep validation and the
-tenant check. No broker: these are the codec and the checks, not the transport (test_sdk_kafka.py)."""
+tenant check. Broker-free except the last test, which needs the session broker for ``publish_many``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ from schemas.exceptions import RecordValidationError, SchemaError
 from schemas.registry import FileRegistry
 from schemas.serde import AvroDeserializer, AvroSerializer, Decoded, frame
 from streaming.ackguard import GuardedSend
+from streaming.config import Settings
+from streaming.consumer import Subscriber
+from streaming.producer import Publisher
+from streaming.topics import raw_topic
+from tests.helpers import read_topic
 
 READING = {"sensor_id": "s-1", "timestamp": 1_700_000_000_000, "value": 21.5, "values": {"humidity": 40.0},
            "unit": "C", "label": None, "event_id": None}
@@ -87,3 +92,31 @@ def test_guarded_send_get_waits_and_wakes_on_resolution() -> None:
     failed = GuardedSend("t", None, b"v", None).failure(ValueError("no"))
     with pytest.raises(ValueError, match="no"):
         failed.get(timeout=0)
+
+
+def test_publish_many_validates_all_before_sending_then_sends_keyed(settings: Settings) -> None:
+    """Uses the session broker: an invalid record stops the whole batch before any send; a valid batch
+    arrives whole, keyed like ``publish`` (same sensor, same partition) and decodes through poll_batch."""
+    topic = raw_topic(settings, "sensor")
+    rows = [{**READING, "timestamp": READING["timestamp"] + i, "sensor_id": f"s-{i % 2}"} for i in range(6)]
+    with Publisher(settings) as pub:
+        with pytest.raises(RecordValidationError, match=r"SensorReading.value: expected double"):
+            pub.publish_many("sensor", [*rows[:3], {**READING, "value": "warm"}, *rows[3:]])
+        pub.flush()
+        assert sum(_end_offsets(settings, topic).values()) == 0  # nothing of the bad batch was sent
+        futures = pub.publish_many("sensor", rows)
+        pub.flush()
+        parts = {f.get(timeout=10).partition for f in futures}
+    items = read_topic(settings, topic, expect=6)
+    assert all(i.ok for i in items) and sorted(i.value["timestamp"] for i in items) == [r["timestamp"] for r in rows]
+    by_sensor: dict[str, set[int]] = {}
+    for i in items:
+        by_sensor.setdefault(i.value["sensor_id"], set()).add(i.partition)
+    assert all(len(p) == 1 for p in by_sensor.values()) and parts == set().union(*by_sensor.values())
+
+
+def _end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    """End offsets per partition of ``topic``."""
+    with Subscriber(settings, topic, start="beginning", decode=False) as sub:
+        ends = sub.consumer.end_offsets(sorted(sub.assignment(), key=lambda tp: tp.partition))
+    return {tp.partition: off for tp, off in ends.items()}
