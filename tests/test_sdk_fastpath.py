@@ -21,8 +21,8 @@ from streaming.producer import Publisher
 from streaming.topics import raw_topic
 from tests.helpers import read_topic
 
-READING = {"sensor_id": "s-1", "timestamp": 1_700_000_000_000, "value": 21.5, "values": {"humidity": 40.0},
-           "unit": "C", "label": None, "event_id": None}
+READING: dict[str, Any] = {"sensor_id": "s-1", "timestamp": 1_700_000_000_000, "value": 21.5,
+                           "values": {"humidity": 40.0}, "unit": "C", "label": None, "event_id": None}
 
 
 @pytest.fixture()
