@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import struct
 import threading
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from fastavro import schemaless_reader, schemaless_writer
@@ -34,9 +35,11 @@ from schemas import catalog, compat
 from schemas.base import SchemaRegistry
 from schemas.exceptions import (
     BadMagicByteError,
+    FramingError,
     IncompatibleReaderError,
     MalformedRecordError,
     RecordValidationError,
+    SchemaError,
     SchemaNotFoundError,
     ShortPayloadError,
     TruncatedRecordError,
@@ -383,3 +386,41 @@ class AvroDeserializer:
                 f"the payload is corrupt or was written with a different schema"
             )
         return Decoded(value, schema_id)
+
+    def decode_many(self, payloads: Sequence[bytes | bytearray | memoryview | None]) -> list[Decoded | SchemaError]:
+        """Decode a poll's worth of payloads in one call; each that fails is its typed error, in place.
+
+        Why: the Subscriber decodes every fetched batch, and per record the wrapper around fastavro
+        (method lookups, frame checks, a ``try`` per layer) cost about as much as a small record's
+        decode (``benchmarks/bench_sdk.py``). Here the common case -- a well-framed payload of a
+        known schema that needs no guard walk -- runs in one tight loop; anything else (unknown id,
+        bad framing, a guarded schema, a body fastavro rejects or that leaves bytes over) goes
+        through :meth:`__call__`, so the checks and error classes are exactly the per-record ones.
+        Only ``FramingError``/``SchemaError`` are kept in place; anything else (a registry outage)
+        propagates, as from ``__call__``.
+        """
+        out: list[Decoded | SchemaError] = []
+        append = out.append
+        plans = self._plans
+        reader = schemaless_reader
+        new_buffer = io.BytesIO
+        for data in payloads:
+            if data is not None and len(data) >= HEADER_SIZE and data[0] == MAGIC:
+                schema_id = int.from_bytes(data[1:5], "big")
+                plan = plans.get(schema_id)
+                if plan is not None and plan.guard_named is None:
+                    buf = new_buffer(data)
+                    buf.seek(HEADER_SIZE)
+                    try:
+                        value = reader(buf, plan.writer, plan.reader)
+                        whole = buf.tell() == len(data)
+                    except Exception:  # noqa: BLE001 - re-decoded below for the precise, typed error
+                        whole = False
+                    if whole:
+                        append(Decoded(value, schema_id))
+                        continue
+            try:
+                append(self(data))  # type: ignore[arg-type]  # None is refused there with a typed error
+            except (FramingError, SchemaError) as exc:
+                append(exc)
+        return out

@@ -30,7 +30,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from schemas.exceptions import FramingError, SchemaError
 from schemas.registry import SchemaRegistry, open_registry
-from schemas.serde import AvroDeserializer
+from schemas.serde import AvroDeserializer, Decoded
 from streaming import tenancy
 from streaming.config import Settings
 from streaming.exceptions import OffsetOutOfRangeError, StreamingError
@@ -373,14 +373,29 @@ class Subscriber:
         items: list[Item] = []
         for tp, msgs in polled.items():
             stop = self._stop_at.get(tp)
-            for msg in msgs:
-                if stop is not None and msg.offset >= stop:
-                    break
-                items.append(self._item(msg))
+            if stop is not None and msgs and msgs[-1].offset >= stop:
+                msgs = [m for m in msgs if m.offset < stop]  # offsets ascend: the ones before the bound
+            items += self._items(msgs)
             if stop is not None and tp not in self._done and self.consumer.position(tp) >= stop:
                 self._done.add(tp)
                 self.consumer.pause(tp)
         return items
+
+    def _items(self, msgs: list[Any]) -> list[Item]:
+        """Items of one partition's fetched records: one decode call per batch, not per record
+        (:meth:`schemas.serde.AvroDeserializer.decode_many`; same checks and error items as :meth:`_item`)."""
+        if self._deserializer is None:
+            return [self._item(m) for m in msgs]
+        raws = [m.value if m.value is not None else b"" for m in msgs]
+        out: list[Item] = []
+        append = out.append
+        for m, raw, decoded in zip(msgs, raws, self._deserializer.decode_many(raws), strict=True):
+            if isinstance(decoded, Decoded):
+                append(Record(m.topic, m.partition, m.offset, m.timestamp, m.key, m.headers or [],
+                              decoded.schema_id, decoded.value, raw))
+            else:
+                append(ErrorItem(m.topic, m.partition, m.offset, m.timestamp, m.key, m.headers or [], raw, decoded))
+        return out
 
     def __iter__(self) -> Iterator[Item]:
         while not self.finished:
