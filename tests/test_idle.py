@@ -17,6 +17,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, Topic
 from streaming import kafka_compat, members
 from streaming.config import Settings
 from streaming.consumer import IDLE_CAP_LIMIT_S, IdlePoller, consumer_config
+from streaming.polling import poll_until
 from streaming.producer import producer_config
 from streaming.topics import TopicSpec, ensure_topics, raw_topic
 from streaming.worker import default_group
@@ -140,8 +141,10 @@ def test_join_that_finishes_between_polls_is_kept(settings: Settings) -> None:
         wait_until(a_joins, timeout=60, interval=0.0, message="the first member to start rejoining")
         # Only B polls now: the broker answers both JoinGroups once A's arrived, and A's IO thread
         # finishes A's round trip (SyncGroup included) with nobody awaiting it.
-        wait_until(lambda: b.poll(50) == {} and len(b.assignment()) == 1, timeout=60, interval=0.0,
-                   message="the second member's share")
+        shared = poll_until(lambda: b.poll(50) == {} and len(b.assignment()) == 1, 60, interval_s=0.0)
+        join = getattr(a._coordinator._join_task, "task", a._coordinator._join_task)
+        assert shared, (f"the second member got no share in 60 s: B owns {sorted(b.assignment())}, A's events "
+                        f"{events.events}, A's join task {join!r} (done: {getattr(join, 'is_done', None)})")
 
         def a_settled() -> bool:  # kafka-python internals, read only to hit the race deterministically
             task = a._coordinator._join_task
