@@ -143,6 +143,11 @@ class Publisher:
     def publish(self, kind: str, record: Mapping[str, Any], key: str | bytes | None = None,
                 headers: Headers | None = None) -> GuardedSend:
         """Publish one event of ``kind`` (weblog, sensor, image) to its raw topic."""
+        record_name, topic = self._raw(kind)
+        return self.publish_to(topic, record_name, record, key, headers)
+
+    def _raw(self, kind: str) -> tuple[str, str]:
+        """The record name and raw topic of ``kind`` (the topic cached: it is asked per record)."""
         record_name = KINDS.get(kind)
         if record_name is None:
             from streaming.exceptions import UnknownKindError
@@ -151,7 +156,7 @@ class Publisher:
         topic = self._raw_topics.get(kind)
         if topic is None:
             topic = self._raw_topics[kind] = raw_topic(self.settings, kind)
-        return self.publish_to(topic, record_name, record, key, headers)
+        return record_name, topic
 
     def publish_many(self, kind: str, records: Iterable[Mapping[str, Any]]) -> list[GuardedSend]:
         """Publish a batch of ``kind`` events: all are validated and encoded first, then all are sent.
@@ -163,14 +168,7 @@ class Publisher:
         raises ``RecordValidationError`` (naming the field) before any record of the batch is sent.
         Keys come from each record's key field, as in :meth:`publish`.
         """
-        record_name = KINDS.get(kind)
-        if record_name is None:
-            from streaming.exceptions import UnknownKindError
-
-            raise UnknownKindError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
-        topic = self._raw_topics.get(kind)
-        if topic is None:
-            topic = self._raw_topics[kind] = raw_topic(self.settings, kind)
+        record_name, topic = self._raw(kind)
         self._check_topic(topic)
         ser = self.serializer(topic, record_name)
         key_field = KEY_FIELDS[record_name]
