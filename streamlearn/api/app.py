@@ -33,6 +33,7 @@ from streamlearn.api.exceptions import ApiError, JobConflictError, JobNotFoundEr
 from streamlearn.api.jobs import STATUSES, Job, JobRunner, progress
 from streamlearn.api.query import QueryService
 from streamlearn.api.requests import (
+    JobSpec,
     ProcessRequest,
     TrainRequest,
     own_model,
@@ -146,7 +147,10 @@ def create_app(settings: Settings, *, keys: KeyTable | None = None, runner: JobR
         raw = await request.body()
         return await run_in_threadpool(loads_guarded, raw, max_depth=8, max_containers=64)
 
-    def started(job: Job) -> JSONResponse:
+    async def started(spec: JobSpec, principal: Principal) -> JSONResponse:
+        """Start ``spec`` (a train or process job) for the caller's tenant; 202 with the job."""
+        job = await run_in_threadpool(runner.start, spec.kind, principal.tenant, spec.resource, spec.args, spec.argv,
+                                      tenant_settings(settings, principal.tenant))
         jobs_total.labels(job.kind).inc()
         if job.status != "running":  # the process could not be started (reason says why)
             return JSONResponse({"error": job.reason, "job": public(job)}, 500)
@@ -162,10 +166,7 @@ def create_app(settings: Settings, *, keys: KeyTable | None = None, runner: JobR
         req = parse_body(TrainRequest, await body_of(request))
         principal = who(request, "train", req.model)
         model = own_model(principal, req.model)
-        spec = train_job(req, model)
-        job = await run_in_threadpool(runner.start, spec.kind, principal.tenant, spec.resource, spec.args, spec.argv,
-                                      tenant_settings(settings, principal.tenant))
-        return started(job)
+        return await started(train_job(req, model), principal)
 
     @app.post("/process", status_code=202, openapi_extra=_body_schema(ProcessRequest),
               responses={**_ERRORS, 202: {"description": "job started; poll GET /jobs/{id}"},
@@ -176,10 +177,7 @@ def create_app(settings: Settings, *, keys: KeyTable | None = None, runner: JobR
         who(request, "process")
         req = parse_body(ProcessRequest, await body_of(request))
         principal = who(request, "admin" if req.action == "promote" else "process")
-        spec = process_job(req)
-        job = await run_in_threadpool(runner.start, spec.kind, principal.tenant, spec.resource, spec.args, spec.argv,
-                                      tenant_settings(settings, principal.tenant))
-        return started(job)
+        return await started(process_job(req), principal)
 
     @app.get("/jobs", responses=_ERRORS, summary="The caller's tenant's jobs, newest first")
     async def list_jobs(request: Request,
