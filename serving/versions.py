@@ -181,11 +181,19 @@ class VersionManager:
     def start(self) -> VersionManager:
         self._thread = threading.Thread(target=self._run, name=f"versions-{self.model}", daemon=True)
         self._thread.start()
-        if self.follow_updates:
+        if self.follow_updates and self._updates_thread is None:
             self._updates_thread = threading.Thread(target=self._follow_updates, daemon=True,
                                                     name=f"model-updates-{self.model}")
             self._updates_thread.start()
         return self
+
+    def follow(self) -> None:
+        """Start following models.updates now (a warm standby taking over: it polled the registry only)."""
+        if self._updates_thread is None and not self._stop.is_set():
+            self.follow_updates = True
+            self._updates_thread = threading.Thread(target=self._follow_updates, daemon=True,
+                                                    name=f"model-updates-{self.model}")
+            self._updates_thread.start()
 
     def stop(self) -> None:
         self._stop.set()

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -70,9 +71,16 @@ class ServingWorker(Emitter):
     def __init__(self, settings: Settings, model: str, *, policy: Policy | None = None,
                  score_stream: str | None = None, slot: int | None = None, manager: VersionManager | None = None,
                  registry: SchemaRegistry | None = None, featurization: Featurization | None = None,
-                 tf_threads: int | None = 1, on_error: OnError = onerror.dead_letter) -> None:
+                 tf_threads: int | None = 1, on_error: OnError = onerror.dead_letter, standby: bool | None = None,
+                 on_active: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.model = model
+        #: warm standby (streaming.standby, docs/STANDBY.md): when the slot's active process lives, load and
+        #: warm the model, then wait on its lock without any Kafka client; ``on_active`` runs once this
+        #: process holds its slot (the command starts /metrics and HTTP there, so a standby binds no port).
+        self.standby = settings.serve_standby if standby is None else standby
+        self.on_active = on_active
+        self.role = "active"  # "standby" while waiting (streamlearn status reads the member files)
         #: what a request that cannot be decoded gets (streaming/onerror.py): by default an error answer
         #: and a dead letter; "raise" stops the worker.
         self.on_error = on_error
@@ -82,7 +90,9 @@ class ServingWorker(Emitter):
                                      f"{sorted(KINDS)}")
         self.slot = slot
         self.tf_threads = tf_threads  # see serving.model.configure_tf_threads; None keeps TF's defaults
-        self.manager = manager or VersionManager(settings, model, policy, poll_interval_s=settings.serve_poll_s)
+        # A standby follows the registry by polling files only; the models.updates consumer starts at takeover.
+        self.manager = manager or VersionManager(settings, model, policy, poll_interval_s=settings.serve_poll_s,
+                                                 follow_updates=not self.standby)
         self.schemas = registry or open_registry(settings.registry_url, settings.registry_dir)
         self.featurization = featurization or Featurization()
         self.input_topic = raw_topic(settings, score_stream) if score_stream else requests_topic(settings, model)
@@ -94,6 +104,7 @@ class ServingWorker(Emitter):
         self.member_id = ""
         self.transactional_id = ""
         self.stuck: Any = None
+        self.waiting: Any = None  # the streaming.standby.Standby place while this process is a standby
         self.predictions = predictions_topic(settings, model)
         self.dead_letters = dead_letter_topic(settings, "serving")
         self._deserializer = AvroDeserializer(self.schemas)
@@ -133,7 +144,8 @@ class ServingWorker(Emitter):
         from streaming.producer import producer_config
 
         role = f"serve-{self.model}"
-        self.lease = members.claim(self.settings, self.group, role, slot=self.slot)
+        if self.lease is None:  # a standby holds its slot already (_await_slot)
+            self.lease = members.claim(self.settings, self.group, role, slot=self.slot)
         self.slot = int(self.lease.slot)
         self.member_id = self.lease.instance_id
         # Named like the member (group, host, HOME hash, slot): replicas on other hosts or containers
@@ -165,6 +177,9 @@ class ServingWorker(Emitter):
         self.manager.stop()
         if self.labels is not None:
             self.labels.stop()
+        if self.waiting is not None:
+            self.waiting.release()
+            self.waiting = None
         for client in (self.consumer, self.producer):
             if client is not None:
                 try:
@@ -190,7 +205,14 @@ class ServingWorker(Emitter):
         models = threading.Thread(target=self._start_models, name=f"models-{self.model}", daemon=True)
         models.start()
         try:
+            if not self.standby and self.on_active is not None:
+                self.on_active()
             self._topics()
+            if self.standby:
+                if not self._await_slot(stop, models):
+                    return
+                if self.on_active is not None:
+                    self.on_active()
             self._clients()
             pending = self._prefetch(stop, models, ready_timeout_s)
             if pending is None:
@@ -198,6 +220,60 @@ class ServingWorker(Emitter):
             self._serve_loop(stop, pending)
         finally:
             self.close()
+
+    def _await_slot(self, stop: threading.Event, models: threading.Thread) -> bool:
+        """Standby mode: hold the slot at once when its active process is gone, else wait as its standby.
+
+        Waiting means: the model is loaded and warmed (one predict) first, then the slot's lock is waited
+        for (streaming.standby); the registry is still polled by the version manager, so a version promoted
+        meanwhile is loaded before the takeover. No consumer or producer exists until the lock is held:
+        the standby takes no partition, fences nobody and costs no fetch loop. False when stopped first.
+        """
+        from streaming.standby import Standby, claim_or_standby
+
+        role = f"serve-{self.model}"
+        claimed = claim_or_standby(self.settings, self.group, role, slot=self.slot)
+        if not isinstance(claimed, Standby):
+            self.lease = claimed
+            self.manager.follow()
+            return True
+        self.waiting, self.role = claimed, "standby"
+        log.info("standby for %s slot %d (active pid %s): loading the model before waiting", self.model,
+                 claimed.slot, claimed.active_pid())
+        while not (not models.is_alive() and self.manager.wait_ready(0.2)):
+            if self._models_error is not None:
+                raise self._models_error
+            if stop.is_set():
+                return False
+            models.join(0.2)
+        self._warm_clients()
+
+        def tick() -> None:
+            stable = self.manager.current().stable
+            version = stable.version if stable is not None else None
+            if claimed.info.get("version") != version or not claimed.info.get("ready"):
+                claimed.set_status(ready=True, version=version)
+
+        tick()
+        log.info("standby for %s slot %d is warm (v%s); waiting to take over", self.model, claimed.slot,
+                 claimed.info.get("version"))
+        lease = claimed.wait_active(stop, tick)
+        self.waiting = None
+        if lease is None:
+            claimed.release()
+            return False
+        self.lease, self.slot, self.role = lease, int(claimed.slot), "active"
+        log.info("took over %s slot %d as %s (the active process is gone)", self.model, claimed.slot,
+                 lease.instance_id)
+        self.manager.check_now()  # a version promoted in the last poll interval is loaded now
+        self.manager.follow()
+        return True
+
+    def _warm_clients(self) -> None:
+        """Import what the takeover needs (Kafka clients, the member helpers) while nothing waits on it."""
+        import kafka  # noqa: F401
+
+        from streaming import consumer, members, producer  # noqa: F401
 
     def _start_models(self) -> None:
         started = time.monotonic()

@@ -112,6 +112,12 @@ class Settings(BaseSettings):
         "serving replicas look for a newly promoted version at least this often, in seconds (a ModelUpdate "
         "event wakes them sooner); replicas serve different versions at most this plus one version's load "
         "time apart (docs/LEADER.md)"))
+    serve_standby: bool = Field(False, description=(
+        "serve: pair processes per member slot as active + warm standby; a standby loads and warms the model, "
+        "then waits (no Kafka client) and takes the slot over the moment the active process dies "
+        "(docs/STANDBY.md)"))
+    up_standby: bool = Field(True, description=(
+        "`streamlearn up` starts a warm standby beside each serving worker (serve --standby; docs/STANDBY.md)"))
     serve_max_batch: int = Field(64, description=("largest dynamic serving batch"))
     serve_max_wait_ms: float = Field(5.0, description=(
         "longest a prediction request waits for its batch to fill, in ms"))

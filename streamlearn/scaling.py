@@ -113,6 +113,8 @@ def expand(services: list[Service], workers: dict[str, int]) -> list[Service]:
 
 
 def base_name(service_name: str) -> str:
-    """``stream-sensor-2`` -> ``stream-sensor`` (what ``--only`` matches); other names unchanged."""
+    """``stream-sensor-2`` -> ``stream-sensor``, ``serve-m-standby(-2)`` -> ``serve-m`` (what ``--only``
+    matches); other names unchanged."""
     m = re.match(r"^((?:stream|serve)-.+)-(\d+)$", service_name)
-    return m.group(1) if m else service_name
+    name = m.group(1) if m else service_name
+    return name.removesuffix("-standby") if name.startswith("serve-") else name

@@ -74,9 +74,19 @@ class Service:
         return "running" if self.proc.poll() is None else f"exited({self.proc.returncode})"
 
 
+#: Name suffix of a serving worker's warm-standby twin (``serve-<model>-standby``; docs/STANDBY.md).
+STANDBY_SUFFIX = "-standby"
+
+
 def default_services(settings: Settings, base_metrics_port: int = 9100, *, gateway: bool = True,
-                     registry_http: bool = False) -> list[Service]:
-    """The platform's workers: gateway, a stream worker per kind, a trainer and a server per model."""
+                     registry_http: bool = False, standby: bool = False) -> list[Service]:
+    """The platform's workers: gateway, a stream worker per kind, a trainer and a server per model.
+
+    ``standby``: each server runs as ``serve <model> --standby`` beside a twin with the same command
+    (``serve-<model>-standby``); whichever starts first is active, the other waits warm and takes over
+    at its death, and the restarted one becomes the standby (the names stay, the roles swap;
+    ``streamlearn status`` shows which is which).
+    """
     services: list[Service] = []
     port = base_metrics_port
     if registry_http:
@@ -92,8 +102,12 @@ def default_services(settings: Settings, base_metrics_port: int = 9100, *, gatew
         services.append(Service(f"train-{model}", ["train", model], MODEL, port))
         port += 1
     for model in MODELS:
-        services.append(Service(f"serve-{model}", ["serve", model], MODEL, port))
+        args = ["serve", model, "--standby"] if standby else ["serve", model]
+        services.append(Service(f"serve-{model}", args, MODEL, port))
         port += 1
+        if standby:
+            services.append(Service(f"serve-{model}{STANDBY_SUFFIX}", list(args), MODEL, port))
+            port += 1
     return services
 
 

@@ -44,6 +44,7 @@ def worker_rows(settings: Settings, state: dict[str, Any], supervisor_alive: boo
     """One row per service of the state file, with live facts filled in where they can be read."""
     now = time.time()
     groups = _group_facts(settings) if kafka else {}
+    roles = serving_roles(settings)
     rows = []
     for s in state.get("services", []):
         pid = s.get("pid")
@@ -68,13 +69,33 @@ def worker_rows(settings: Settings, state: dict[str, Any], supervisor_alive: boo
             _fill_group(row, groups.get(settings.group(f"stream.{kind}")))
             row.last_batch = _age(_last_batch_age(settings, kind, now))
         elif name.startswith("serve-"):
-            model = name.removeprefix("serve-")
+            from streamlearn.scaling import base_name
+
+            model = base_name(name).removeprefix("serve-")
+            if alive and int(pid) in roles:  # a warm-standby pair: which one answers now
+                row.state += f", {roles[int(pid)]}"
             _fill_group(row, groups.get(settings.group(f"serving.{model}")))
             row.model_version = _model_version(settings, model, now, promoted=True)
         elif name.startswith("train-"):
             row.model_version = _model_version(settings, name.removeprefix("train-"), now, promoted=False)
         rows.append(row)
     return rows
+
+
+def serving_roles(settings: Settings) -> dict[int, str]:
+    """pid -> ``active`` / ``standby (warm vN)`` / ``standby (loading)`` of this host's serving processes
+    that run in standby mode (member files, streaming.standby); other processes are not listed."""
+    from streaming.members import local_entries
+
+    out: dict[int, str] = {}
+    for e in local_entries(settings):
+        if not e.get("alive") or not str(e.get("role", "")).startswith("serve-") or not e.get("pid"):
+            continue
+        if e.get("state") == "standby":
+            out[int(e["pid"])] = f"standby (warm v{e.get('version')})" if e.get("ready") else "standby (loading)"
+        elif e.get("state") == "active":
+            out[int(e["pid"])] = "active"
+    return out
 
 
 def tcp_reachable(bootstrap: str, timeout_s: float = 1.0) -> bool:

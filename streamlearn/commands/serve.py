@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import threading
+from typing import Any
 
 from streaming import config
 
@@ -36,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slot", type=int, default=None, metavar="N",
                    help="worker slot: stable group member and transactional id (default: the lowest slot no live "
                         "process of this host holds, so a restart with the same command takes its old one)")
+    p.add_argument("--standby", dest="serve_standby", action="store_true", default=None,
+                   help=config.flag_help("serve_standby", "run the same command twice for an active + standby pair; "
+                                                          "a restarted process takes whichever role is free"))
     p.add_argument("--max-batch", type=int, dest="serve_max_batch", metavar="N",
                    help=config.flag_help("serve_max_batch"))
     p.add_argument("--max-wait-ms", type=float, dest="serve_max_wait_ms", metavar="MS",
@@ -67,7 +71,8 @@ def _serve(args: argparse.Namespace, settings: config.Settings) -> int:
     from serving.policy import Policy
 
     Policy.parse(args.policy)  # a bad policy fails before anything starts
-    changes = {k: getattr(args, k) for k in ("serve_max_batch", "serve_max_wait_ms", "serve_http_host", "serve_poll_s")
+    changes = {k: getattr(args, k) for k in ("serve_max_batch", "serve_max_wait_ms", "serve_http_host", "serve_poll_s",
+                                             "serve_standby")
                if getattr(args, k) is not None}
     if args.at_least_once:
         changes["transactions"] = False
@@ -86,22 +91,28 @@ def run_serving_worker(settings: config.Settings, model: str, *, policy: str = "
     from serving.policy import Policy
     from serving.worker import ServingWorker
 
-    worker = ServingWorker(settings, model, policy=Policy.parse(policy), score_stream=score_stream, slot=slot)
+    servers: list[Any] = []
+
+    def on_active() -> None:
+        """/metrics and HTTP start once this process holds its slot: a warm standby binds no port, so an
+        active + standby pair can run the same command (same ports) on one host."""
+        metrics.start_metrics(settings)
+        if http_port is not None:
+            from serving.http_api import start_http
+
+            servers.append(start_http(worker.manager, worker.featurization, model, http_port,
+                                      host=settings.serve_http_host, settings=settings))
+
+    worker = ServingWorker(settings, model, policy=Policy.parse(policy), score_stream=score_stream, slot=slot,
+                           on_active=on_active)
     if threading.current_thread() is threading.main_thread():  # SIGTERM: finish the batch, then stop
         signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
-    metrics.start_metrics(settings)
-    server = None
-    if http_port is not None:
-        from serving.http_api import start_http
-
-        server = start_http(worker.manager, worker.featurization, model, http_port,
-                            host=settings.serve_http_host, settings=settings)
     try:
         worker.run()
     except KeyboardInterrupt:
         pass
     finally:
-        if server is not None:
+        for server in servers:
             server.should_exit = True
     print(json.dumps({"model": model, "answered": worker.answered, "batches": worker.batches}))
     return 0

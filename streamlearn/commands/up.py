@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", help=config.flag_help(
         "workers", "GROUP=N with GROUP stream.<kind> or serve.<model>; each group's topic needs at least N "
                    "partitions (STREAMLEARN_PARTITIONS)"))
+    p.add_argument("--no-standby", dest="up_standby", action="store_false", default=None,
+                   help=config.flag_help("up_standby", "this flag starts no standby"))
     p.add_argument("--metrics-base-port", type=int, default=9100, help="first /metrics port (default 9100)")
     p.set_defaults(func=_up)
     s = sub.add_parser("status", help="show the broker and the workers of a running `streamlearn up`/`demo`")
@@ -42,7 +44,10 @@ def _up(args: argparse.Namespace, settings: config.Settings) -> int:
     from streamlearn import preflight, scaling
     from streamlearn.stack import Supervisor, default_services
 
-    services = default_services(settings, args.metrics_base_port, gateway=not args.no_gateway, registry_http=True)
+    if getattr(args, "up_standby", None) is not None:
+        settings = settings.with_(up_standby=args.up_standby)
+    services = default_services(settings, args.metrics_base_port, gateway=not args.no_gateway, registry_http=True,
+                                standby=settings.up_standby)
     if args.only:
         wanted = {n.strip() for n in args.only.split(",")}
         unknown = wanted - {s.name for s in services}
@@ -50,7 +55,8 @@ def _up(args: argparse.Namespace, settings: config.Settings) -> int:
             print(f"error: --only: unknown service(s) {sorted(unknown)}; known: {[s.name for s in services]}",
                   file=sys.stderr)
             return 2
-        services = [s for s in services if s.name in wanted]
+        # a server's standby twin comes with it (--only serve-M starts the pair)
+        services = [s for s in services if s.name in wanted or scaling.base_name(s.name) in wanted]
     try:  # N processes per group, and never more than the topic has partitions (checked again below)
         workers = scaling.parse_workers(args.workers if args.workers is not None else settings.workers)
         scaling.check_partitions(workers, lambda group: None, settings)
@@ -153,6 +159,13 @@ def _print_members(settings: config.Settings) -> None:
     print("group members started on this host:")
     for e in entries:
         state = "running" if e.get("alive") else "DEAD (killed; its next start takes the slot back)"
+        if e.get("state") == "standby":  # a warm standby has no member: it waits for the slot's active process
+            if not e.get("alive"):
+                continue
+            warm = f"warm v{e.get('version')}" if e.get("ready") else "loading the model"
+            print(f"  {e.get('role', '?'):28} pid {e.get('pid', '-'):<7} standby    ({warm}) takes over "
+                  f"member {e.get('standby_for')} when its process dies")
+            continue
         print(f"  {e.get('role', '?'):28} pid {e.get('pid', '-'):<7} {state:10} partitions {e.get('partitions')} "
               f"member {e.get('instance_id')}")
         if e.get("alive") and e.get("warning"):
