@@ -7,6 +7,7 @@ load and checks that the standby answers, with no request lost or answered twice
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,7 @@ from streaming.exceptions import MemberSlotBusyError
 from streaming.members import Lease, instance_id, local_entries, members_dir
 from streaming.standby import Standby, claim_or_standby
 from streaming.topics import predictions_topic, requests_topic
+from streamlearn.status import serving_roles, worker_rows
 from tests.helpers import read_topic, streamlearn_cmd, subprocess_env, wait_until
 
 GROUP = "standby-test-group"
@@ -81,8 +83,8 @@ def test_standby_takes_the_slot_when_the_active_one_releases_it_and_stop_ends_th
 HOLDER = textwrap.dedent("""
     import sys, time
     from streaming import config
-    from streaming.members import claim
-    lease = claim(config.load({"home": sys.argv[1]}), sys.argv[2], "serve-x", slot=0)
+    from streaming.standby import claim_or_standby
+    lease = claim_or_standby(config.load({"home": sys.argv[1]}), sys.argv[2], "serve-x", slot=0)
     print("held", flush=True)
     sys.stdin.read()  # until killed
 """)
@@ -96,6 +98,13 @@ def test_kill_9_of_the_holder_wakes_the_standby(settings: Settings) -> None:
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"held"
         standby = claim_or_standby(settings, GROUP, "serve-x")
         assert isinstance(standby, Standby) and standby.active_pid() == proc.pid
+        # what `streamlearn status` shows for the pair
+        assert serving_roles(settings) == {proc.pid: "active", os.getpid(): "standby (loading)"}
+        standby.set_status(ready=True, version=3)
+        services = [{"name": "serve-x", "pid": proc.pid, "state": "running", "started_unix_s": 1.0},
+                    {"name": "serve-x-standby", "pid": os.getpid(), "state": "running", "started_unix_s": 1.0}]
+        rows = worker_rows(settings, {"services": services}, True, kafka=False)
+        assert [r.state for r in rows] == ["alive, active", "alive, standby (warm v3)"]
         stop = threading.Event()
         thread, out = _in_thread(standby, stop)
         assert not out, "took over a slot whose holder lives"
