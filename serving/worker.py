@@ -105,6 +105,7 @@ class ServingWorker(Emitter):
         self.transactional_id = ""
         self.stuck: Any = None
         self.waiting: Any = None  # the streaming.standby.Standby place while this process is a standby
+        self.took_over_at: float | None = None  # monotonic: when a standby got its slot
         self.predictions = predictions_topic(settings, model)
         self.dead_letters = dead_letter_topic(settings, "serving")
         self._deserializer = AvroDeserializer(self.schemas)
@@ -144,7 +145,7 @@ class ServingWorker(Emitter):
         from streaming.producer import producer_config
 
         role = f"serve-{self.model}"
-        if self.lease is None:  # a standby holds its slot already (_await_slot)
+        if self.lease is None:  # a standby holds its slot already (serving.takeover)
             self.lease = members.claim(self.settings, self.group, role, slot=self.slot)
         self.slot = int(self.lease.slot)
         self.member_id = self.lease.instance_id
@@ -209,7 +210,9 @@ class ServingWorker(Emitter):
                 self.on_active()
             self._topics()
             if self.standby:
-                if not self._await_slot(stop, models):
+                from serving.takeover import await_slot
+
+                if not await_slot(self, stop, models):
                     return
                 if self.on_active is not None:
                     self.on_active()
@@ -220,60 +223,6 @@ class ServingWorker(Emitter):
             self._serve_loop(stop, pending)
         finally:
             self.close()
-
-    def _await_slot(self, stop: threading.Event, models: threading.Thread) -> bool:
-        """Standby mode: hold the slot at once when its active process is gone, else wait as its standby.
-
-        Waiting means: the model is loaded and warmed (one predict) first, then the slot's lock is waited
-        for (streaming.standby); the registry is still polled by the version manager, so a version promoted
-        meanwhile is loaded before the takeover. No consumer or producer exists until the lock is held:
-        the standby takes no partition, fences nobody and costs no fetch loop. False when stopped first.
-        """
-        from streaming.standby import Standby, claim_or_standby
-
-        role = f"serve-{self.model}"
-        claimed = claim_or_standby(self.settings, self.group, role, slot=self.slot)
-        if not isinstance(claimed, Standby):
-            self.lease = claimed
-            self.manager.follow()
-            return True
-        self.waiting, self.role = claimed, "standby"
-        log.info("standby for %s slot %d (active pid %s): loading the model before waiting", self.model,
-                 claimed.slot, claimed.active_pid())
-        while not (not models.is_alive() and self.manager.wait_ready(0.2)):
-            if self._models_error is not None:
-                raise self._models_error
-            if stop.is_set():
-                return False
-            models.join(0.2)
-        self._warm_clients()
-
-        def tick() -> None:
-            stable = self.manager.current().stable
-            version = stable.version if stable is not None else None
-            if claimed.info.get("version") != version or not claimed.info.get("ready"):
-                claimed.set_status(ready=True, version=version)
-
-        tick()
-        log.info("standby for %s slot %d is warm (v%s); waiting to take over", self.model, claimed.slot,
-                 claimed.info.get("version"))
-        lease = claimed.wait_active(stop, tick)
-        self.waiting = None
-        if lease is None:
-            claimed.release()
-            return False
-        self.lease, self.slot, self.role = lease, int(claimed.slot), "active"
-        log.info("took over %s slot %d as %s (the active process is gone)", self.model, claimed.slot,
-                 lease.instance_id)
-        self.manager.check_now()  # a version promoted in the last poll interval is loaded now
-        self.manager.follow()
-        return True
-
-    def _warm_clients(self) -> None:
-        """Import what the takeover needs (Kafka clients, the member helpers) while nothing waits on it."""
-        import kafka  # noqa: F401
-
-        from streaming import consumer, members, producer  # noqa: F401
 
     def _start_models(self) -> None:
         started = time.monotonic()
@@ -327,6 +276,8 @@ class ServingWorker(Emitter):
             if records:
                 if self.first_batch_at is None:
                     self.first_batch_at = time.monotonic()
+                    if self.took_over_at is not None:
+                        log.info("first batch %.2f s after taking over", self.first_batch_at - self.took_over_at)
                 self._handle(records)
 
     def _collect(self) -> list[Any]:
