@@ -60,6 +60,9 @@ def await_slot(worker: Any, stop: threading.Event, models: threading.Thread) -> 
         if worker._models_error is not None:
             raise worker._models_error
         return False
+    if stop.is_set():  # stopping together with the active one (e.g. `up` draining): do not take over
+        lease.release(leave=False)
+        return False
     worker.lease, worker.slot, worker.role = lease, int(claimed.slot), "active"
     worker.took_over_at = time.monotonic()
     log.info("took over %s slot %d as %s (the active process is gone; model %s)", worker.model, claimed.slot,
