@@ -72,9 +72,11 @@ def worker_rows(settings: Settings, state: dict[str, Any], supervisor_alive: boo
             from streamlearn.scaling import base_name
 
             model = base_name(name).removeprefix("serve-")
-            if alive and int(pid) in roles:  # a warm-standby pair: which one answers now
-                row.state += f", {roles[int(pid)]}"
-            _fill_group(row, groups.get(settings.group(f"serving.{model}")))
+            role = roles.get(int(pid)) if alive else None
+            if role is not None:  # a warm-standby pair: which one answers now
+                row.state += f", {role}"
+            if role is None or role == "active":  # a standby owns no partition and has no lag of its own
+                _fill_group(row, groups.get(settings.group(f"serving.{model}")))
             row.model_version = _model_version(settings, model, now, promoted=True)
         elif name.startswith("train-"):
             row.model_version = _model_version(settings, name.removeprefix("train-"), now, promoted=False)
@@ -224,11 +226,12 @@ def _model_version(settings: Settings, model: str, now: float, *, promoted: bool
 
 def render(rows: list[WorkerRow]) -> list[str]:
     width = max([10] + [len(r.state) for r in rows])
-    header = (f"  {'WORKER':26} {'STATE':{width}} {'PID':>7} {'UP':>8} {'RESTARTS':>8} {'PARTITIONS':>10} "
+    nw = max([26] + [len(r.name) for r in rows])
+    header = (f"  {'WORKER':{nw}} {'STATE':{width}} {'PID':>7} {'UP':>8} {'RESTARTS':>8} {'PARTITIONS':>10} "
               f"{'LAG':>7} {'LAST BATCH':>11}  MODEL VERSION")
     lines = [header]
     for r in rows:
         up = f"{r.uptime_s:.0f}s" if r.uptime_s is not None else "-"
-        lines.append(f"  {r.name:26} {r.state:{width}} {r.pid or '-':>7} {up:>8} {r.restarts:>8} {r.partitions:>10} "
+        lines.append(f"  {r.name:{nw}} {r.state:{width}} {r.pid or '-':>7} {up:>8} {r.restarts:>8} {r.partitions:>10} "
                      f"{r.lag:>7} {r.last_batch:>11}  {r.model_version}")
     return lines
