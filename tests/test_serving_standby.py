@@ -248,3 +248,22 @@ def test_kill_9_of_the_active_server_the_warm_standby_answers_exactly_once(setti
     decode = AvroDeserializer(open_registry(settings.registry_url, settings.registry_dir))
     versions = [decode(v).value["model_version"] for _, v in answers]
     assert versions[-1] == 2 and all(v in (1, 2) for v in versions)
+
+
+def test_up_starts_a_standby_twin_per_server_and_scales_them_together() -> None:
+    from streaming import config
+    from streamlearn.scaling import base_name, expand, group_of
+    from streamlearn.stack import default_services
+
+    s = config.load({"home": "/tmp/x"}, environ={})
+    assert s.up_standby and not s.serve_standby
+    plain = default_services(s, 9100, gateway=False)
+    assert all("--standby" not in x.args for x in plain)  # compose and the demo run no standby
+    services = expand(default_services(s, 9100, gateway=False, standby=True), {"serve.digits_cnn": 2})
+    pair = [x for x in services if base_name(x.name) == "serve-digits_cnn"]
+    assert sorted(x.name for x in pair) == ["serve-digits_cnn", "serve-digits_cnn-2", "serve-digits_cnn-standby",
+                                            "serve-digits_cnn-standby-2"]
+    assert {tuple(x.args) for x in pair} == {("serve", "digits_cnn", "--standby")}  # one command: roles swap freely
+    assert {group_of(x.name) for x in pair} == {"serve.digits_cnn"}
+    ports = [x.metrics_port for x in services if x.metrics_port]
+    assert len(ports) == len(set(ports))
