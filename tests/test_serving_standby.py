@@ -154,7 +154,7 @@ def _roles(settings: Settings) -> dict[str, int]:
 @pytest.mark.timeout(420)
 def test_kill_9_of_the_active_server_the_warm_standby_answers_exactly_once(settings: Settings,
                                                                           tmp_path: Path) -> None:
-    """Slow (two TensorFlow processes, ~40-90 s on a loaded 2-core box): one test on purpose.
+    """Slow (two TensorFlow processes: 27 s at load 5, 70-120 s at load 10-19 on 2 cores): one test on purpose.
 
     The standby holds no group member while the active server lives, picks up a version promoted while
     it waits, answers after the active one is killed with -9 (same slot: the zombie's transaction is
