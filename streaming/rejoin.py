@@ -29,6 +29,7 @@ poll joins again). Any other fencing (a second process with our instance id) is 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from typing import Any
 
@@ -38,6 +39,10 @@ from streaming.members import Lease, describe_group
 log = logging.getLogger(__name__)
 
 MAX_KICKS = 3
+#: Each wait is stretched by a random factor up to this. Members started together would otherwise
+#: remove themselves, and so re-join, as far apart as they first joined -- ~0.3 s when the wedge came
+#: from that gap -- and could hit the same race again (seen in the stress run before the jitter).
+JITTER = 0.5
 #: How long after our own removal a FencedInstanceIdError from poll is taken as its answer.
 FENCE_WINDOW_S = 120.0
 
@@ -68,6 +73,7 @@ class Rejoiner:
         self._since: float | None = None
         self._next_at = 0.0
         self._kicked_at: float | None = None
+        self._random = random.Random()  # per member; seeded from the OS, so two members differ
 
     def check(self, consumer: Any, owned: set[Any] | frozenset[Any]) -> bool:
         """One look; True when this call removed the member so that it re-joins."""
@@ -78,11 +84,11 @@ class Rejoiner:
             self._since, self.kicks = None, 0
             return False
         if self._since is None:
-            self._since, self._next_at = now, now + self.timeout_s
+            self._since, self._next_at = now, now + self._wait(self.timeout_s)
             return False
         if self.kicks >= self.max_kicks or now < self._next_at:
             return False
-        self._next_at = now + self.timeout_s  # look again one timeout later, whatever we find now
+        self._next_at = now + self._wait(self.timeout_s)  # look again a timeout later, whatever we find now
         if not join_under_way(consumer):
             return False  # not waiting on a join: nothing of ours to unstick (StuckWatch says why)
         try:
@@ -100,12 +106,15 @@ class Rejoiner:
         self.kicks += 1
         self.total_kicks += 1
         self._kicked_at = now
-        self._next_at = now + self.timeout_s * 2 ** self.kicks
+        self._next_at = now + self._wait(self.timeout_s * 2 ** self.kicks)
         log.warning("%s has owned nothing for %.0f s while group %s sat in PreparingRebalance with %d member(s) "
                     "and its own JoinGroup unanswered; it removed itself from the group (%d of at most %d) and "
                     "joins again (a coordinator that dropped a parked JoinGroup, docs/GROUP_JOIN.md)",
                     self.what, now - self._since, self.group, len(members), self.kicks, self.max_kicks)
         return True
+
+    def _wait(self, base_s: float) -> float:
+        return base_s * (1.0 + JITTER * self._random.random())
 
     def fenced(self, exc: BaseException) -> bool:
         """True when ``exc`` is the FencedInstanceIdError that our own removal answered the join with."""
