@@ -48,7 +48,7 @@ class _JoinSent(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.getMessage().startswith("Sending JoinGroup"):
-            self.at.setdefault(record.threadName, time.monotonic())
+            self.at.setdefault(record.threadName or "", time.monotonic())
 
 
 @dataclass
@@ -127,13 +127,20 @@ def _wedge(settings: Settings, admin: KafkaAdminClient, sent: _JoinSent,
             sent.at.clear()
             pair[0].start()
             key = f"kafka-io-join0-{group}"
-            first = poll_until(lambda key=key: sent.at.get(key), 10, interval_s=0.001)
+
+            def joined(key: str = key) -> float | None:
+                return sent.at.get(key)
+
+            def both_own(pair: list[_Member] = pair) -> bool:
+                return all(m.owned for m in pair)
+
+            first = poll_until(joined, 10, interval_s=0.001)
             assert first, "the first member sent no JoinGroup within 10 s"
             gap = GAPS_S[attempt % len(GAPS_S)]
             while time.monotonic() < first + gap:
                 pass  # a busy wait of < 0.3 s: the start offset is what is under test
             pair[1].start()
-            settled = poll_until(lambda pair=pair: all(m.owned for m in pair), HELD_S, interval_s=0.05)
+            settled = poll_until(both_own, HELD_S, interval_s=0.05)
             second = sent.at.get(f"kafka-io-join1-{group}")
             wedged = not settled and _state(admin, group) == "PreparingRebalance" and not any(m.owned for m in pair)
             trace.append((gap, None if second is None else round(second - first, 3), wedged))
