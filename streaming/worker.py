@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kafka import TopicPartition
+from kafka.errors import FencedInstanceIdError
 
 from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import SchemaRegistry, open_registry
@@ -45,6 +46,7 @@ from streaming.exceptions import GroupStuckError, SinkBackpressureError
 from streaming.kafka_security import kafka_security
 from streaming.onerror import OnError
 from streaming.onerror import dead_letter as onerror_dead_letter
+from streaming.rejoin import Rejoiner
 from streaming.sink import OffsetCommitter
 from streaming.topics import dead_letter_topic, raw_topic
 from streaming.worker_positions import PartitionPositions
@@ -109,6 +111,8 @@ class StreamWorker(PartitionPositions):
         self.stuck = members.StuckWatch(settings, self.group, self.topic, self.lease, f"stream worker {kind} "
                                         f"({self.lease.instance_id})",
                                         consumer_overrides.get("session_timeout_ms", 10_000) / 1000)
+        # A JoinGroup the coordinator never answers (noida-db drops some): leave and re-join, bounded.
+        self.rejoin = Rejoiner(settings, self.group, self.lease, self.stuck.what, self.stuck.timeout_s)
         # Idle back-off (docs/IDLE.md): sleeps between empty polls, never pauses, and group joins that
         # finish between two polls are kept (streaming.kafka_compat), so rebalances complete.
         self.sub = Subscriber(settings, self.topic, group=self.group, start="committed", decode=False,
@@ -141,13 +145,19 @@ class StreamWorker(PartitionPositions):
                 timeout_ms = int(min(200.0, (wait if wait is not None else 1.0) * 1000)) if not self.held else 100
                 # IdlePoller sleeps between empty polls (no fetch spin on the embedded broker) and never
                 # pauses partitions, so this worker's own pauses and rebalance repositioning stay its own.
-                polled = self.sub.poll_raw(timeout_ms=max(timeout_ms, 1), max_records=2000)
+                try:
+                    polled = self.sub.poll_raw(timeout_ms=max(timeout_ms, 1), max_records=2000)
+                except FencedInstanceIdError as exc:
+                    if not self.rejoin.fenced(exc):  # our own self-removal answered the wedged join
+                        raise
+                    polled = {}
                 if polled:
                     last_data = time.monotonic()
                 repositioned = self._apply_rebalance_events()
                 repositioned |= self._watch_broker()
                 owned = self.sub.consumer.assignment()
                 self.stuck.observe(owned)
+                self.rejoin.check(self.sub.consumer, owned)
                 for tp, msgs in polled.items():
                     if tp in owned and tp not in repositioned and tp not in self._reverify:
                         self._process_partition(tp, msgs)
