@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from kafka.errors import FencedInstanceIdError
 
 from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import SchemaRegistry, open_registry
@@ -46,6 +47,7 @@ from streaming.config import Settings
 from streaming.kafka_security import kafka_security
 from streaming.limits import MAX_ID_CHARS, BrokerLimits, short
 from streaming.onerror import OnError
+from streaming.rejoin import Rejoiner
 from streaming.topics import (
     KINDS,
     dead_letter_topic,
@@ -158,6 +160,9 @@ class ServingWorker(Emitter):
             log.info("could not check group %s for dead members: %s", self.group, exc)
         self.stuck = members.StuckWatch(self.settings, self.group, self.input_topic, self.lease,
                                         f"serving worker {self.model} ({self.member_id})")
+        # noida-db can drop a parked JoinGroup and wedge the group (docs/GROUP_JOIN.md): `up --workers
+        # serve.M=2` starts two members of one group as close together as the stream workers that hit it.
+        self.rejoin = Rejoiner(self.settings, self.group, self.lease, self.stuck.what, self.stuck.timeout_s)
         max_batch = max(1, self.settings.serve_max_batch)
         self.consumer = KafkaConsumer(**consumer_config(
             self.settings, group_id=self.group, group_instance_id=self.member_id, client_id=members.client_id(role),
@@ -283,7 +288,13 @@ class ServingWorker(Emitter):
     def _collect(self) -> list[Any]:
         """One dynamic batch: up to serve_max_batch records, at most serve_max_wait_ms after the first."""
         max_batch = max(1, self.settings.serve_max_batch)
-        polled = self.poller.poll(timeout_ms=100, max_records=max_batch)
+        try:
+            polled = self.poller.poll(timeout_ms=100, max_records=max_batch)
+        except FencedInstanceIdError as exc:
+            if not self.rejoin.fenced(exc):  # our own self-removal answered the wedged join
+                raise
+            polled = {}
+        self.rejoin.check(self.consumer, self.consumer.assignment())
         records = [r for recs in polled.values() for r in recs]
         if not records:
             return records
