@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import SchemaRegistry
 from schemas.serde import AvroDeserializer
 from streaming import eventtime, metrics, onerror
+from streaming.ackguard import record_digest
 from streaming.config import Settings
 from streaming.deadletters import FLOOR_KEY, DeadLetterIndex
 from streaming.divergence import FINGERPRINT_ALGO, FingerprintChain, record_fingerprint
@@ -148,6 +149,35 @@ class MicroBatcher:
         b.rows.append(row)
         if schema_id is not None:
             b.schema_ids.add(int(schema_id))
+
+    def add_rows(self, topic: str, partition: int,
+                 items: list[tuple[StoredRow, int | None, str | None, DeferredRow | None]]) -> None:
+        """:meth:`add_row` for consecutive rows of one partition (a poll's run between dead letters):
+        the same checks and fingerprint chain, with the batch looked up and the clock read once."""
+        if not items:
+            return
+        b = self._batch(topic, partition)
+        first = items[0][0].offset
+        b._advance(first, self.clock())  # refuses a first offset at or before the batch's last one
+        last = first - 1
+        rows, deferred, schema_ids = b.rows, b.deferred, b.schema_ids
+        chain = b.chain
+        for row, schema_id, fingerprint, later in items:
+            offset = row.offset
+            if offset <= last:
+                b.last_offset = last
+                b._advance(offset, 0.0)  # raises the precise BatcherError
+            last = offset
+            if fingerprint is not None:
+                if chain is None:
+                    chain = b.chain = FingerprintChain()
+                chain.add(offset, fingerprint)
+            if later is not None:
+                deferred.append((len(rows), later))
+            rows.append(row)
+            if schema_id is not None:
+                schema_ids.add(int(schema_id))
+        b.last_offset = last
 
     def add_dead_letter(self, topic: str, partition: int, offset: int, fingerprint: str | None = None) -> None:
         """Record that ``offset`` went to the dead-letter topic (processed, but no row)."""
@@ -353,6 +383,81 @@ class Pipeline:
         self.stats.records += 1
         self.stats.rows += 1
         self._unreported_rows += 1
+
+    def process_many(self, msgs: Sequence[Any]) -> tuple[int, RegistryUnavailableError | None]:
+        """:meth:`process` for each of ``msgs`` (one partition's records of a poll, in offset order),
+        with the same rows, dead letters, batch contents and fingerprints, but fewer steps per record:
+        the values are decoded in one :meth:`AvroDeserializer.decode_many` call, lookups are hoisted
+        and rows go to the batcher per run between dead letters (:meth:`MicroBatcher.add_rows`).
+
+        Returns ``(processed, outage)``: ``outage`` is the RegistryUnavailableError met at
+        ``msgs[processed]``, which is not processed (the caller seeks back to it and retries), else
+        None. Any other exception propagates as from :meth:`process` (an ``on_error`` that raises).
+        """
+        raws = [m.value if m.value is not None else b"" for m in msgs]
+        try:
+            decoded = self.deserializer.decode_many(raws)
+        except Exception:  # a registry outage or a failure decode_many does not keep in place: the
+            return self._process_each(msgs)  # per-record path meets it at its record, with its own error
+        featurize = self.featurizer.featurize_event_deferred
+        states, stats, batcher, topic = self.states, self.stats, self.batcher, self.topic
+        backfill_run = eventtime.backfill_run
+        run: list[tuple[StoredRow, int | None, str | None, DeferredRow | None]] = []
+        run_partition = -1
+        ok = 0
+        try:
+            for msg, raw, dec in zip(msgs, raws, decoded, strict=True):
+                partition, offset = msg.partition, msg.offset
+                if partition != run_partition and run:
+                    batcher.add_rows(topic, run_partition, run)
+                    run = []
+                run_partition = partition
+                if isinstance(dec, Exception):  # SchemaError/FramingError, kept in place by decode_many
+                    batcher.add_rows(topic, partition, run)
+                    run = []
+                    self._failed(msg, raw, "decode", dec)
+                    continue
+                state = states.get(partition)
+                if state is None:
+                    state = states[partition] = self.featurizer.new_state()
+                sampled = offset % FEATURIZE_SAMPLE == 0
+                t0 = time.perf_counter() if sampled else 0.0
+                headers = msg.headers
+                try:
+                    row = featurize(dec.value, state, backfill_run(headers) if headers else None)
+                except Exception as exc:  # as in process(): dead-lettered with the featurizer's reason
+                    if not isinstance(exc, FeatureValidationError):
+                        log.warning("%s[%d]@%d: featurizer %s raised %s", msg.topic, partition, offset,
+                                    self.featurizer.version, type(exc).__name__)
+                    batcher.add_rows(topic, partition, run)
+                    run = []
+                    self._failed(msg, raw, "featurize", exc)
+                    continue
+                if sampled:
+                    self._featurize_hist.observe(time.perf_counter() - t0)
+                fingerprint = record_digest(msg.key, msg.value, headers)
+                if isinstance(row, DeferredRow):
+                    run.append((StoredRow(_NO_X, row.labels, row.event_time_ms, row.key, msg.topic, partition,
+                                          offset), dec.schema_id, fingerprint, row))
+                else:
+                    run.append((StoredRow(row.x, row.labels, row.event_time_ms, row.key, msg.topic, partition,
+                                          offset), dec.schema_id, fingerprint, None))
+                ok += 1
+            if run:
+                batcher.add_rows(topic, run_partition, run)
+        finally:
+            stats.records += ok
+            stats.rows += ok
+            self._unreported_rows += ok
+        return len(msgs), None
+
+    def _process_each(self, msgs: Sequence[Any]) -> tuple[int, RegistryUnavailableError | None]:
+        for i, msg in enumerate(msgs):
+            try:
+                self.process(msg)
+            except RegistryUnavailableError as exc:
+                return i, exc
+        return len(msgs), None
 
     def report_metrics(self) -> None:
         """Add the rows counted since the last call to the records counter (once per poll, not per record)."""
