@@ -29,7 +29,7 @@ from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import SchemaRegistry
 from schemas.serde import AvroDeserializer
 from streaming import eventtime, metrics, onerror
-from streaming.ackguard import record_digest
+from streaming.batcher_runs import process_runs
 from streaming.config import Settings
 from streaming.deadletters import FLOOR_KEY, DeadLetterIndex
 from streaming.divergence import FINGERPRINT_ALGO, FingerprintChain, record_fingerprint
@@ -394,64 +394,10 @@ class Pipeline:
         ``msgs[processed]``, which is not processed (the caller seeks back to it and retries), else
         None. Any other exception propagates as from :meth:`process` (an ``on_error`` that raises).
         """
-        raws = [m.value if m.value is not None else b"" for m in msgs]
-        try:
-            decoded = self.deserializer.decode_many(raws)
-        except Exception:  # a registry outage or a failure decode_many does not keep in place: the
-            return self._process_each(msgs)  # per-record path meets it at its record, with its own error
-        featurize = self.featurizer.featurize_event_deferred
-        states, stats, batcher, topic = self.states, self.stats, self.batcher, self.topic
-        backfill_run = eventtime.backfill_run
-        run: list[tuple[StoredRow, int | None, str | None, DeferredRow | None]] = []
-        run_partition = -1
-        ok = 0
-        try:
-            for msg, raw, dec in zip(msgs, raws, decoded, strict=True):
-                partition, offset = msg.partition, msg.offset
-                if partition != run_partition and run:
-                    batcher.add_rows(topic, run_partition, run)
-                    run = []
-                run_partition = partition
-                if isinstance(dec, Exception):  # SchemaError/FramingError, kept in place by decode_many
-                    batcher.add_rows(topic, partition, run)
-                    run = []
-                    self._failed(msg, raw, "decode", dec)
-                    continue
-                state = states.get(partition)
-                if state is None:
-                    state = states[partition] = self.featurizer.new_state()
-                sampled = offset % FEATURIZE_SAMPLE == 0
-                t0 = time.perf_counter() if sampled else 0.0
-                headers = msg.headers
-                try:
-                    row = featurize(dec.value, state, backfill_run(headers) if headers else None)
-                except Exception as exc:  # as in process(): dead-lettered with the featurizer's reason
-                    if not isinstance(exc, FeatureValidationError):
-                        log.warning("%s[%d]@%d: featurizer %s raised %s", msg.topic, partition, offset,
-                                    self.featurizer.version, type(exc).__name__)
-                    batcher.add_rows(topic, partition, run)
-                    run = []
-                    self._failed(msg, raw, "featurize", exc)
-                    continue
-                if sampled:
-                    self._featurize_hist.observe(time.perf_counter() - t0)
-                fingerprint = record_digest(msg.key, msg.value, headers)
-                if isinstance(row, DeferredRow):
-                    run.append((StoredRow(_NO_X, row.labels, row.event_time_ms, row.key, msg.topic, partition,
-                                          offset), dec.schema_id, fingerprint, row))
-                else:
-                    run.append((StoredRow(row.x, row.labels, row.event_time_ms, row.key, msg.topic, partition,
-                                          offset), dec.schema_id, fingerprint, None))
-                ok += 1
-            if run:
-                batcher.add_rows(topic, run_partition, run)
-        finally:
-            stats.records += ok
-            stats.rows += ok
-            self._unreported_rows += ok
-        return len(msgs), None
+        return process_runs(self, msgs)
 
     def _process_each(self, msgs: Sequence[Any]) -> tuple[int, RegistryUnavailableError | None]:
+        """:meth:`process` one record at a time; stops at a registry outage (``(index, error)``)."""
         for i, msg in enumerate(msgs):
             try:
                 self.process(msg)
