@@ -83,11 +83,14 @@ class StreamWorker(PartitionPositions):
         registry = registry or open_registry(settings.registry_url, settings.registry_dir)
         self._own_publisher = publisher is None
         self.publisher = publisher or Publisher(settings, registry)
-        # commit-after-flush: the sink tells the committer what is durable, nothing else commits a batch
+        # commit-after-flush: the sink tells the committer what is durable, nothing else commits a batch.
+        # Queued (``later``) and committed once per loop, after the poll's records (``committer.retry``):
+        # one synchronous commit round trip per poll instead of one per batch (a 2,000-record poll closes
+        # up to four per partition); still only offsets whose batch is durable, before the next poll.
         self.committer = OffsetCommitter(raw_topic(settings, kind), lambda offsets: self.sub.commit(offsets))
         self.pipeline = Pipeline(settings, kind, namespace=namespace, registry=registry,
                                  publisher=self.publisher, max_seconds=settings.batch_max_seconds,
-                                 on_error=on_error, on_durable=self.committer.durable)
+                                 on_error=on_error, on_durable=self.committer.later)
         self.topic = self.pipeline.topic
         self.sink = self.pipeline.sink
         self.pipeline.dl_index = DeadLetterIndex(settings.bootstrap, dead_letter_topic(settings, kind),
