@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from schemas.exceptions import RegistryUnavailableError
 from schemas.registry import SchemaRegistry
 from schemas.serde import AvroDeserializer
 from streaming import eventtime, metrics, onerror
+from streaming.batcher_runs import process_runs
 from streaming.config import Settings
 from streaming.deadletters import FLOOR_KEY, DeadLetterIndex
 from streaming.divergence import FINGERPRINT_ALGO, FingerprintChain, record_fingerprint
@@ -148,6 +149,35 @@ class MicroBatcher:
         b.rows.append(row)
         if schema_id is not None:
             b.schema_ids.add(int(schema_id))
+
+    def add_rows(self, topic: str, partition: int,
+                 items: list[tuple[StoredRow, int | None, str | None, DeferredRow | None]]) -> None:
+        """:meth:`add_row` for consecutive rows of one partition (a poll's run between dead letters):
+        the same checks and fingerprint chain, with the batch looked up and the clock read once."""
+        if not items:
+            return
+        b = self._batch(topic, partition)
+        first = items[0][0].offset
+        b._advance(first, self.clock())  # refuses a first offset at or before the batch's last one
+        last = first - 1
+        rows, deferred, schema_ids = b.rows, b.deferred, b.schema_ids
+        chain = b.chain
+        for row, schema_id, fingerprint, later in items:
+            offset = row.offset
+            if offset <= last:
+                b.last_offset = last
+                b._advance(offset, 0.0)  # raises the precise BatcherError
+            last = offset
+            if fingerprint is not None:
+                if chain is None:
+                    chain = b.chain = FingerprintChain()
+                chain.add(offset, fingerprint)
+            if later is not None:
+                deferred.append((len(rows), later))
+            rows.append(row)
+            if schema_id is not None:
+                schema_ids.add(int(schema_id))
+        b.last_offset = last
 
     def add_dead_letter(self, topic: str, partition: int, offset: int, fingerprint: str | None = None) -> None:
         """Record that ``offset`` went to the dead-letter topic (processed, but no row)."""
@@ -353,6 +383,27 @@ class Pipeline:
         self.stats.records += 1
         self.stats.rows += 1
         self._unreported_rows += 1
+
+    def process_many(self, msgs: Sequence[Any]) -> tuple[int, RegistryUnavailableError | None]:
+        """:meth:`process` for each of ``msgs`` (one partition's records of a poll, in offset order),
+        with the same rows, dead letters, batch contents and fingerprints, but fewer steps per record:
+        the values are decoded in one :meth:`AvroDeserializer.decode_many` call, lookups are hoisted
+        and rows go to the batcher per run between dead letters (:meth:`MicroBatcher.add_rows`).
+
+        Returns ``(processed, outage)``: ``outage`` is the RegistryUnavailableError met at
+        ``msgs[processed]``, which is not processed (the caller seeks back to it and retries), else
+        None. Any other exception propagates as from :meth:`process` (an ``on_error`` that raises).
+        """
+        return process_runs(self, msgs)
+
+    def _process_each(self, msgs: Sequence[Any]) -> tuple[int, RegistryUnavailableError | None]:
+        """:meth:`process` one record at a time; stops at a registry outage (``(index, error)``)."""
+        for i, msg in enumerate(msgs):
+            try:
+                self.process(msg)
+            except RegistryUnavailableError as exc:
+                return i, exc
+        return len(msgs), None
 
     def report_metrics(self) -> None:
         """Add the rows counted since the last call to the records counter (once per poll, not per record)."""

@@ -295,12 +295,17 @@ class SensorFeaturizer(Featurizer[SensorState]):
     def _validate(self, record: dict[str, Any]) -> tuple[str, int, float, float | None]:
         sid = check_key(record, RECORD, "sensor_id")
         t = self.check_event_time(record, RECORD)
-        value = check_finite(record.get("value"), RECORD, "value", MAX_ABS_VALUE)
+        value = record.get("value")
+        # The common case inline (a float within the bound: neither NaN nor infinite, since those fail
+        # the comparison); anything else goes through check_finite for its value and precise error.
+        if type(value) is not float or not -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE:
+            value = check_finite(value, RECORD, "value", MAX_ABS_VALUE)
         channels = record.get("values") or {}
         if not isinstance(channels, dict):
             raise FeatureValidationError(f"{RECORD}.values: expected a map of channel -> number")
         for name, v in channels.items():
-            check_finite(v, RECORD, f"values.{name}", MAX_ABS_VALUE)
+            if type(v) is not float or not -MAX_ABS_VALUE <= v <= MAX_ABS_VALUE:
+                check_finite(v, RECORD, f"values.{name}", MAX_ABS_VALUE)
         label = record.get("label")
         if label is not None and not isinstance(label, bool):
             raise FeatureValidationError(f"{RECORD}.label: expected true, false or null, got {short_repr(label)}")
