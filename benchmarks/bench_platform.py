@@ -233,8 +233,19 @@ def _log_tail(path: Path, n: int = 15) -> str:
 
 
 def _decisions_since(registry: ModelRegistry, since_ms: int) -> list[dict[str, Any]]:
-    return [{k: e.get(k) for k in ("action", "version", "reason", "at_ms")}
-            for e in registry.history(MODEL) if int(e.get("at_ms", 0)) >= since_ms]
+    """Gate decisions since ``since_ms``, with seconds after it and the trigger of the version's cycle."""
+    out = []
+    for e in registry.history(MODEL):
+        if int(e.get("at_ms", 0)) < since_ms:
+            continue
+        d = {k: e.get(k) for k in ("action", "version", "reason", "at_ms")}
+        d["s_after"] = round((int(e.get("at_ms", 0)) - since_ms) / 1000, 2)
+        try:  # timer, drift or drift-follow-up (trainer.schedule)
+            d["trigger"] = registry.metadata(MODEL, int(e["version"])).get("trigger")
+        except Exception:  # a version deleted by retention since
+            d["trigger"] = None
+        out.append(d)
+    return out
 
 
 def run(settings: Settings, *, recovery: bool = True, standby: bool = True) -> dict[str, Any]:

@@ -17,6 +17,7 @@ rollback is recomputed on the rolled-back snapshot, so a rollback can never be u
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -30,11 +31,13 @@ from serving.model import LoadedVersion, load_version
 from serving.policy import CanaryJudge, Policy, canary_bucket
 from streaming.config import Settings
 from streaming.kafka_security import kafka_security
-from streaming.model_registry import ModelRegistry
+from streaming.model_registry import STATE_FILE, ModelRegistry
 
 log = logging.getLogger(__name__)
 
 CANARY_NONE, CANARY_ROUTING, CANARY_ROLLED_BACK = 0, 1, 2
+#: an unchanged registry is still reconciled in full every this many polls (a stat that missed a write)
+FULL_CHECK_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class LoadStats:
     failed_versions: set[int] = field(default_factory=set)
     ready_versions: list[int] = field(default_factory=list)
     fallbacks: int = 0
+    polls: int = 0  # wake-ups of the loader thread
+    reconciles: int = 0  # of them, those that read the registry (the others found state.json unchanged)
 
 
 class VersionManager:
@@ -219,14 +224,46 @@ class VersionManager:
             return promoted, cand
         return promoted, None
 
+    def _registry_mark(self) -> tuple[int, int, int] | None:
+        """(inode, size, mtime) of the model's state.json, which every promotion and rollback rewrites."""
+        try:
+            st = os.stat(self.registry.model_dir(self.model) / STATE_FILE)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
     def _run(self) -> None:
+        """Reconcile on every wake-up (a ModelUpdate, a rollback) and, between them, once per poll
+        interval only when the registry's state file changed.
+
+        Why: an idle serving worker used to parse the whole state.json (its history grows with every
+        version) once a second to learn that nothing changed; one ``stat`` says the same (docs/IDLE.md).
+        A full reconcile still runs every ``FULL_CHECK_EVERY`` polls, while a load is being retried,
+        while nothing serves yet, and after any change of the snapshot, so a write the stat missed (a
+        coarse mtime on a network file system) costs at most that many intervals, never a version.
+        """
+        woken, mark, snap, skipped = True, None, None, 0
         while not self._stop.is_set():
-            try:
-                self._reconcile()
-            except Exception:  # never let the loader thread die; the old version keeps serving
-                log.exception("version reconcile of %s failed; retrying", self.model)
-            self._wake.wait(self._next_wait())
+            self.stats.polls += 1
+            now_mark = self._registry_mark()
+            unchanged = (not woken and now_mark is not None and now_mark == mark and self._snapshot is snap
+                         and snap is not None and snap.stable is not None and not self._retrying())
+            if unchanged and skipped < FULL_CHECK_EVERY - 1:
+                skipped += 1
+            else:
+                skipped = 0
+                self.stats.reconciles += 1
+                try:
+                    self._reconcile()
+                    mark, snap = now_mark, self._snapshot  # the mark read before: a write meanwhile shows next time
+                except Exception:  # never let the loader thread die; the old version keeps serving
+                    log.exception("version reconcile of %s failed; retrying", self.model)
+                    mark = None
+            woken = self._wake.wait(self._next_wait())
             self._wake.clear()
+
+    def _retrying(self) -> bool:
+        return any(not a.given_up and a.count for a in self._attempts.values())
 
     def _next_wait(self) -> float:
         now = time.monotonic()
