@@ -23,6 +23,7 @@ Every figure carries the load average: on a loaded box CPU time per poll grows (
 context switches), so compare the ratio, not the raw figure, across runs.
 
     python -m benchmarks.bench_idle [--stack]
+    python -m benchmarks.bench_idle --latency-caps 0.064,0.128,0.25   # latency after idle per back-off cap
 """
 
 from __future__ import annotations
@@ -364,6 +365,18 @@ def run(settings: Settings, stack: bool = False) -> dict[str, Any]:
 def main() -> None:
     if len(sys.argv) >= 5 and sys.argv[1] == "--child":
         _child(sys.argv[2], sys.argv[3], sys.argv[4])
+        return
+    if "--latency-caps" in sys.argv:  # only the latency probe, at each back-off cap given (seconds)
+        caps = sys.argv[sys.argv.index("--latency-caps") + 1].split(",")
+        with bench_settings() as settings:
+            logs = settings.home / "bench-idle-logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            out: dict[str, Any] = {"benchmark": "idle latency per cap", "machine": machine()}
+            for cap in caps:
+                lat = _latency(settings, logs, f"lat-idle:{float(cap)}")
+                out[f"cap {cap} s"] = {"p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99), "samples": len(lat),
+                                       "load_average": [round(x, 2) for x in os.getloadavg()]}
+        print(json.dumps(out, indent=2))
         return
     with bench_settings() as settings:
         result = run(settings, stack="--stack" in sys.argv)
