@@ -235,7 +235,10 @@ class AckLedger:
         self._bytes = 0
         self._resend: deque[GuardedSend] = deque()
         self._unacked = 0
-        self._cond = threading.Condition()
+        #: The condition's lock, taken directly on the per-record paths (send, ack): ``with self._cond``
+        #: goes through Condition.__enter__, a Python-level call per record; this is the same lock.
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._watch = EpochWatch(bootstrap)
         self._scan_epoch = 0  # no entry of another epoch can exist while this equals the epoch and ...
         self._scan_needed = False  # ... no suspect (-1) entry was added since the last scan
@@ -257,7 +260,7 @@ class AckLedger:
                         raise kerr.KafkaTimeoutError(
                             f"ack ledger full ({self._bytes} bytes unconfirmed for 300 s); is the broker up?")
         fut = GuardedSend(topic, key, value, headers, self)
-        with self._cond:
+        with self._lock:
             self._unacked += 1
         self._attempt(fut, raise_errors=True)
         return fut
@@ -283,7 +286,7 @@ class AckLedger:
     def _acked(self, fut: GuardedSend, md: Any) -> None:
         # Runs on the producer's I/O thread: record and resolve, never send from here.
         now = time.monotonic()
-        with self._cond:
+        with self._lock:  # the condition's lock (notify_all below needs it held)
             self._unacked -= 1
             if self.enabled:
                 # an ack just after an epoch change may still come from the old broker process: suspect
