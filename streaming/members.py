@@ -91,6 +91,18 @@ def _lock_held(path: Path) -> bool:
     return False
 
 
+def write_status(path: Path, info: dict[str, Any], fields: dict[str, Any]) -> None:
+    """Merge ``fields`` into ``info`` and write it to ``path`` by atomic rename (readers never see half a
+    file). Status is advisory, for ``streamlearn status``: a full disk must not stop the worker."""
+    info.update(fields, updated=time.time())
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(info, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("status %s not written: %s", path, exc)
+
+
 @dataclass
 class Lease:
     """This process's claim on one member slot; the lock lives as long as the file descriptor."""
@@ -110,13 +122,7 @@ class Lease:
 
     def set_status(self, **fields: Any) -> None:
         """Merge ``fields`` into this member's JSON (atomic rename: readers never see half a file)."""
-        self.info.update(fields, updated=time.time())
-        tmp = self.info_path.with_suffix(f".{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(self.info, sort_keys=True))
-            os.replace(tmp, self.info_path)
-        except OSError as exc:  # status is advisory; a full disk must not stop the worker
-            log.debug("member status %s not written: %s", self.info_path, exc)
+        write_status(self.info_path, self.info, fields)
 
     def leave(self) -> None:
         """Remove this static member from the group (a clean stop: nothing stays behind)."""

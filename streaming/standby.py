@@ -40,7 +40,7 @@ from typing import Any
 
 from streaming.config import Settings
 from streaming.exceptions import MemberSlotBusyError
-from streaming.members import HOST, MAX_SLOTS, Lease, claim, instance_id, members_dir
+from streaming.members import HOST, MAX_SLOTS, Lease, claim, instance_id, members_dir, write_status
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,7 @@ class Standby:
 
     def set_status(self, **fields: Any) -> None:
         """Merge ``fields`` into the standby's JSON (``streamlearn status`` reads it; advisory only)."""
-        self.info.update(fields, updated=time.time())
-        tmp = self.info_path.with_suffix(f".{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(self.info, sort_keys=True))
-            os.replace(tmp, self.info_path)
-        except OSError as exc:
-            log.debug("standby status %s not written: %s", self.info_path, exc)
+        write_status(self.info_path, self.info, fields)
 
     def active_pid(self) -> int | None:
         """The pid the active process of this slot recorded (for log lines), None when unknown."""

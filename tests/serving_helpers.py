@@ -24,6 +24,7 @@ from serving.versions import VersionManager
 from serving.worker import ServingWorker
 from streaming.config import Settings
 from streaming.model_registry import ModelRegistry, write_json_atomic
+from streaming.topics import requests_topic
 
 
 def export_tiny(path: Path, n_features: int = 4, n_outputs: int = 2, tag: float = 0.0, scale: float = 1.0,
@@ -149,3 +150,24 @@ class Running:
     def stop(self) -> None:
         self.worker.stop_event.set()
         self.thread.join(timeout=30)
+
+
+class GroupProgress:
+    """Committed offsets of a model's serving group on its requests topic (what the servers finished)."""
+
+    def __init__(self, settings: Settings, model: str) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        topic = requests_topic(settings, model)
+        self.consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False,
+                                      group_id=settings.group(f"serving.{model}"))
+        self.tps = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic))]
+
+    def done(self) -> int:
+        return sum(self.consumer.committed(tp) or 0 for tp in self.tps)
+
+    def total(self) -> int:
+        return sum(self.consumer.end_offsets(self.tps).values())
+
+    def close(self) -> None:
+        self.consumer.close()

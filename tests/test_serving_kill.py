@@ -18,31 +18,10 @@ from streaming.model_registry import ModelRegistry
 from streaming.producer import Publisher
 from streaming.topics import predictions_topic, requests_topic
 from tests.helpers import streamlearn_cmd, subprocess_env, wait_until
-from tests.serving_helpers import publish
+from tests.serving_helpers import GroupProgress, publish
 
 MODEL = "killme"
 KILLS = 10
-
-
-class Progress:
-    """Committed offsets of the worker group on the requests topic (what the worker finished)."""
-
-    def __init__(self, settings: Settings) -> None:
-        from kafka import KafkaConsumer, TopicPartition
-
-        topic = requests_topic(settings, MODEL)
-        self.consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False,
-                                      group_id=settings.group(f"serving.{MODEL}"))
-        self.tps = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic))]
-
-    def done(self) -> int:
-        return sum(self.consumer.committed(tp) or 0 for tp in self.tps)
-
-    def total(self) -> int:
-        return sum(self.consumer.end_offsets(self.tps).values())
-
-    def close(self) -> None:
-        self.consumer.close()
 
 
 def _answers(settings: Settings, expect: int, timeout: float = 120) -> list[tuple[str, bytes]]:
@@ -82,7 +61,7 @@ def _start(settings: Settings, log: Any) -> subprocess.Popen[bytes]:
 def test_kill_9_under_load_every_request_answered_exactly_once(settings: Settings, tmp_path: Any) -> None:
     publish(ModelRegistry(settings.model_dir), MODEL, tag=1.0)
     ensure_model_topics(settings, MODEL)
-    progress = Progress(settings)
+    progress = GroupProgress(settings, MODEL)
     sent: list[str] = []
     stop_load = threading.Event()
 

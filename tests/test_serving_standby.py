@@ -123,27 +123,6 @@ def test_kill_9_of_the_holder_wakes_the_standby(settings: Settings) -> None:
 MODEL = "standby_m"
 
 
-class _Progress:
-    """Committed offsets of the serving group on the requests topic (what the servers finished)."""
-
-    def __init__(self, settings: Settings) -> None:
-        from kafka import KafkaConsumer, TopicPartition
-
-        topic = requests_topic(settings, MODEL)
-        self.consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False,
-                                      group_id=settings.group(f"serving.{MODEL}"))
-        self.tps = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic))]
-
-    def done(self) -> int:
-        return sum(self.consumer.committed(tp) or 0 for tp in self.tps)
-
-    def total(self) -> int:
-        return sum(self.consumer.end_offsets(self.tps).values())
-
-    def close(self) -> None:
-        self.consumer.close()
-
-
 def _roles(settings: Settings) -> dict[str, int]:
     group = settings.group(f"serving.{MODEL}")
     return {str(e["state"]) + ("-ready" if e.get("ready") else ""): int(e["pid"])
@@ -166,7 +145,7 @@ def test_kill_9_of_the_active_server_the_warm_standby_answers_exactly_once(setti
     from streaming.members import describe_group
     from streaming.model_registry import ModelRegistry
     from streaming.producer import Publisher
-    from tests.serving_helpers import publish
+    from tests.serving_helpers import GroupProgress, publish
 
     registry = ModelRegistry(settings.model_dir)
     publish(registry, MODEL, tag=1.0)
@@ -192,7 +171,7 @@ def test_kill_9_of_the_active_server_the_warm_standby_answers_exactly_once(setti
         return "\n".join(f"--- serve{i}\n" + (tmp_path / f"serve{i}.log").read_text(errors="replace")[-2000:]
                          for i in range(3))
 
-    progress = _Progress(settings)
+    progress = GroupProgress(settings, MODEL)
     loader = threading.Thread(target=load, daemon=True)
     group = settings.group(f"serving.{MODEL}")
     try:
