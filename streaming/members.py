@@ -143,7 +143,8 @@ class Lease:
         self.fd = None
 
 
-def _try_lock(path: Path) -> int | None:
+def try_lock(path: Path) -> int | None:
+    """An exclusive ``flock`` on ``path`` without waiting: its descriptor, or None when another process holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -169,14 +170,14 @@ def claim(settings: Settings, group: str, role: str, *, slot: int | None = None,
     directory = members_dir(settings, group)
     if instance is not None:
         path = directory / f"id-{hashlib.sha256(instance.encode()).hexdigest()[:16]}.lock"
-        fd = _try_lock(path)
+        fd = try_lock(path)
         if fd is None:
             raise MemberSlotBusyError(f"instance_id: {instance!r} of group {group!r} is held by {_holder(path)}; "
                                       "stop that process or give another --instance-id")
         chosen: tuple[int | None, int, Path, str] = (None, fd, path, instance)
     elif slot is not None:
         path = directory / f"slot{slot}.lock"
-        fd = _try_lock(path)
+        fd = try_lock(path)
         if fd is None:
             raise MemberSlotBusyError(f"slot: {slot} of group {group!r} is held by {_holder(path)}; stop that "
                                       "process, give another --slot, or leave --slot out to take a free one")
@@ -184,7 +185,7 @@ def claim(settings: Settings, group: str, role: str, *, slot: int | None = None,
     else:
         for free in range(MAX_SLOTS):
             path = directory / f"slot{free}.lock"
-            fd = _try_lock(path)
+            fd = try_lock(path)
             if fd is not None:
                 chosen = (free, fd, path, instance_id(settings, group, free))
                 break

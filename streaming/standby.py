@@ -40,20 +40,9 @@ from typing import Any
 
 from streaming.config import Settings
 from streaming.exceptions import MemberSlotBusyError
-from streaming.members import HOST, MAX_SLOTS, Lease, claim, instance_id, members_dir, write_status
+from streaming.members import HOST, MAX_SLOTS, Lease, claim, instance_id, members_dir, try_lock, write_status
 
 log = logging.getLogger(__name__)
-
-
-def _try_lock(path: Path) -> int | None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
 
 
 class Standby:
@@ -152,7 +141,7 @@ def claim_or_standby(settings: Settings, group: str, role: str, *, slot: int | N
         try:
             lease = claim(settings, group, role, slot=n)
         except MemberSlotBusyError:
-            fd = _try_lock(directory / f"slot{n}.standby.lock")
+            fd = try_lock(directory / f"slot{n}.standby.lock")
             if fd is not None:
                 return Standby(settings, group, role, n, fd)
             continue
