@@ -118,7 +118,7 @@ def _one(base: Settings, i: int, n: int, jitter_s: float, stall_s: float, out: P
     return result
 
 
-class _JoinSent(logging.Handler):
+class JoinSent(logging.Handler):
     """Monotonic time each client (kafka-python IO thread ``kafka-io-<client_id>``) first sent a JoinGroup."""
 
     def __init__(self) -> None:
@@ -144,7 +144,7 @@ def _one_inprocess(base: Settings, i: int, n: int, gap_s: tuple[float, float], s
     file_handler = logging.FileHandler(log_path)
     file_handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(threadName)s %(name)s %(message)s",
                                                 "%H:%M:%S"))
-    sent = _JoinSent()
+    sent = JoinSent()
     coordinator = logging.getLogger("kafka.coordinator")
     coordinator.setLevel(logging.DEBUG)
     for h in (sent, file_handler):

@@ -171,3 +171,49 @@ class GroupProgress:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+class RequestLoad:
+    """A steady stream of prediction requests (about 50/s) from a thread, for kill tests under load.
+
+    Ids are ``<prefix><n>``; features ``[n % modulus, 0, 1, 2]``. ``sent`` lists every id published.
+    """
+
+    def __init__(self, settings: Settings, model: str, prefix: str, modulus: int) -> None:
+        self.settings, self.model, self.prefix, self.modulus = settings, model, prefix, modulus
+        self.sent: list[str] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from serving.client import to_request
+        from streaming.producer import Publisher
+
+        n = 0
+        with Publisher(self.settings) as pub:
+            while not self.stopped.is_set():
+                req = to_request(self.model, {"request_id": f"{self.prefix}{n}",
+                                              "features": [float(n % self.modulus), 0.0, 1.0, 2.0]})
+                pub.publish_to(requests_topic(self.settings, self.model), "PredictionRequest", req,
+                               key=req["request_id"])
+                self.sent.append(req["request_id"])
+                n += 1
+                self.stopped.wait(0.02)  # pacing of the load generator, not a wait for a condition
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+
+
+def assert_each_answered_once(answered_ids: list[str], sent: list[str]) -> None:
+    """Every sent request has an answer, and none has two."""
+    counts: dict[str, int] = {}
+    for rid in answered_ids:
+        counts[rid] = counts.get(rid, 0) + 1
+    assert set(counts) == set(sent), f"missing {len(set(sent) - set(counts))}"
+    dups = {r: c for r, c in counts.items() if c > 1}
+    assert not dups, f"{len(dups)} requests answered more than once, e.g. {list(dups.items())[:5]}"

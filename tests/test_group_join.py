@@ -23,6 +23,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import FencedInstanceIdError
 
+from benchmarks.stress_group_join import JoinSent
 from streaming import members
 from streaming.config import Settings
 from streaming.consumer import consumer_config
@@ -37,18 +38,6 @@ BUDGET_S = 20.0  # of tries; a try costs about a second
 #: arrive right when the first round completes (the broker's 300 ms initial delay).
 GAPS_S = (0.305, 0.31, 0.315, 0.32, 0.30, 0.325)
 HELD_S = 2.5  # a round of two fresh members completes in ~0.3 s; this long in PreparingRebalance is the wedge
-
-
-class _JoinSent(logging.Handler):
-    """Monotonic time each client (by IO thread name) first logged sending a JoinGroup."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.at: dict[str, float] = {}
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage().startswith("Sending JoinGroup"):
-            self.at.setdefault(record.threadName or "", time.monotonic())
 
 
 @dataclass
@@ -110,7 +99,7 @@ def _state(admin: KafkaAdminClient, group: str) -> str:
     return str(admin.describe_groups([group])[group].get("group_state"))
 
 
-def _wedge(settings: Settings, admin: KafkaAdminClient, sent: _JoinSent,
+def _wedge(settings: Settings, admin: KafkaAdminClient, sent: JoinSent,
            trace: list[tuple[float, float | None, bool]]) -> tuple[list[_Member], str] | None:
     """Start pairs of members until the broker drops a JoinGroup; the wedged pair (running) or None.
 
@@ -159,7 +148,7 @@ def test_a_group_wedged_by_a_dropped_join_recovers(settings: Settings, admin: Ka
     """~10 s on a quiet box: making the wedge takes 1-20 s (random per try), recovering a few seconds.
 
     Fails without the Rejoiner (the group stays in PreparingRebalance, checked by hand)."""
-    sent = _JoinSent()
+    sent = JoinSent()
     trace: list[tuple[float, float | None, bool]] = []
     coordinator_log = logging.getLogger("kafka.coordinator")
     old_level = coordinator_log.level

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import subprocess
-import threading
 import time
 from typing import Any
 
@@ -12,13 +11,12 @@ import pytest
 
 from schemas.registry import open_registry
 from schemas.serde import AvroDeserializer
-from serving.client import ensure_model_topics, to_request
+from serving.client import ensure_model_topics
 from streaming.config import Settings
 from streaming.model_registry import ModelRegistry
-from streaming.producer import Publisher
-from streaming.topics import predictions_topic, requests_topic
+from streaming.topics import predictions_topic
 from tests.helpers import streamlearn_cmd, subprocess_env, wait_until
-from tests.serving_helpers import GroupProgress, publish
+from tests.serving_helpers import GroupProgress, RequestLoad, assert_each_answered_once, publish
 
 MODEL = "killme"
 KILLS = 10
@@ -62,25 +60,12 @@ def test_kill_9_under_load_every_request_answered_exactly_once(settings: Setting
     publish(ModelRegistry(settings.model_dir), MODEL, tag=1.0)
     ensure_model_topics(settings, MODEL)
     progress = GroupProgress(settings, MODEL)
-    sent: list[str] = []
-    stop_load = threading.Event()
-
-    def load() -> None:  # a steady stream of requests for the whole test (about 50/s)
-        n = 0
-        with Publisher(settings) as pub:
-            while not stop_load.is_set():
-                req = to_request(MODEL, {"request_id": f"k{n}", "features": [float(n % 13), 0.0, 1.0, 2.0]})
-                pub.publish_to(requests_topic(settings, MODEL), "PredictionRequest", req, key=req["request_id"])
-                sent.append(req["request_id"])
-                n += 1
-                stop_load.wait(0.02)  # pacing of the load generator, not a wait for a condition
-
-    loader = threading.Thread(target=load, daemon=True)
+    load = RequestLoad(settings, MODEL, "k", 13)
     rng = random.Random(7)
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:
         proc = _start(settings, log)
-        loader.start()
+        load.start()
         try:
             for k in range(KILLS):
                 seen = progress.done()
@@ -91,23 +76,17 @@ def test_kill_9_under_load_every_request_answered_exactly_once(settings: Setting
                 proc.kill()  # SIGKILL: no clean-up, an open transaction is left behind
                 proc.wait(timeout=10)
                 proc = _start(settings, log)
-            stop_load.set()
-            loader.join(timeout=10)
+            load.stop()
             wait_until(lambda: progress.done() >= progress.total(), timeout=180, interval=0.5,
-                       message=f"the worker to consume all {len(sent)} requests")
+                       message=f"the worker to consume all {len(load.sent)} requests")
         finally:
-            stop_load.set()
+            load.stop()
             proc.terminate()
             proc.wait(timeout=20)
             progress.close()
-    answers = _answers(settings, len(sent))
-    counts: dict[str, int] = {}
-    for rid, _ in answers:
-        counts[rid] = counts.get(rid, 0) + 1
-    assert len(sent) > 300
-    assert set(counts) == set(sent), f"missing {len(set(sent) - set(counts))}"
-    dups = {r: c for r, c in counts.items() if c > 1}
-    assert not dups, f"{len(dups)} requests answered more than once, e.g. {list(dups.items())[:5]}"
+    answers = _answers(settings, len(load.sent))
+    assert len(load.sent) > 300
+    assert_each_answered_once([rid for rid, _ in answers], load.sent)
     decode = AvroDeserializer(open_registry(settings.registry_url, settings.registry_dir))
     values = [decode(v).value for _, v in answers]
     assert all(v["error"] is None and v["model_version"] == 1 for v in values)

@@ -21,7 +21,7 @@ from streaming.config import Settings
 from streaming.exceptions import MemberSlotBusyError
 from streaming.members import Lease, instance_id, local_entries, members_dir
 from streaming.standby import Standby, claim_or_standby
-from streaming.topics import predictions_topic, requests_topic
+from streaming.topics import predictions_topic
 from streamlearn.status import serving_roles, worker_rows
 from tests.helpers import read_topic, streamlearn_cmd, subprocess_env, wait_until
 
@@ -141,11 +141,10 @@ def test_kill_9_of_the_active_server_the_warm_standby_answers_exactly_once(setti
     """
     from schemas.registry import open_registry
     from schemas.serde import AvroDeserializer
-    from serving.client import ensure_model_topics, to_request
+    from serving.client import ensure_model_topics
     from streaming.members import describe_group
     from streaming.model_registry import ModelRegistry
-    from streaming.producer import Publisher
-    from tests.serving_helpers import GroupProgress, publish
+    from tests.serving_helpers import GroupProgress, RequestLoad, assert_each_answered_once, publish
 
     registry = ModelRegistry(settings.model_dir)
     publish(registry, MODEL, tag=1.0)
@@ -154,28 +153,15 @@ def test_kill_9_of_the_active_server_the_warm_standby_answers_exactly_once(setti
     logs = [open(tmp_path / f"serve{i}.log", "wb") for i in range(3)]  # noqa: SIM115 - closed below
     procs = [subprocess.Popen(streamlearn_cmd("serve", MODEL, "--standby"), env=env, stdout=logs[i],
                               stderr=subprocess.STDOUT) for i in range(2)]
-    sent: list[str] = []
-    stop_load = threading.Event()
-
-    def load() -> None:  # about 50 requests/s for the whole test
-        n = 0
-        with Publisher(settings) as pub:
-            while not stop_load.is_set():
-                req = to_request(MODEL, {"request_id": f"s{n}", "features": [float(n % 7), 0.0, 1.0, 2.0]})
-                pub.publish_to(requests_topic(settings, MODEL), "PredictionRequest", req, key=req["request_id"])
-                sent.append(req["request_id"])
-                n += 1
-                stop_load.wait(0.02)  # pacing of the load generator, not a wait for a condition
-
     def tail() -> str:
         return "\n".join(f"--- serve{i}\n" + (tmp_path / f"serve{i}.log").read_text(errors="replace")[-2000:]
                          for i in range(3))
 
     progress = GroupProgress(settings, MODEL)
-    loader = threading.Thread(target=load, daemon=True)
+    load = RequestLoad(settings, MODEL, "s", 7)
     group = settings.group(f"serving.{MODEL}")
     try:
-        loader.start()
+        load.start()
         wait_until(lambda: {"active", "standby-ready"} <= set(_roles(settings)), timeout=240, interval=0.2,
                    message="an active server and a warm standby")
         roles = _roles(settings)
@@ -200,12 +186,11 @@ def test_kill_9_of_the_active_server_the_warm_standby_answers_exactly_once(setti
         wait_until(lambda: restarted.pid in (_roles(settings).get("standby"), _roles(settings).get("standby-ready")),
                    timeout=60, interval=0.2, message=f"the restarted process to become the standby\n{tail()}")
         assert _roles(settings).get("active") == roles["standby-ready"]
-        stop_load.set()
-        loader.join(timeout=10)
+        load.stop()
         wait_until(lambda: progress.done() >= progress.total(), timeout=120, interval=0.2,
                    message="every request consumed")
     finally:
-        stop_load.set()
+        load.stop()
         for p in procs:
             p.terminate()
         for p in procs:
@@ -216,14 +201,10 @@ def test_kill_9_of_the_active_server_the_warm_standby_answers_exactly_once(setti
         progress.close()
         for f in logs:
             f.close()
-    answers = read_topic(settings, predictions_topic(settings, MODEL), decode=False, expect=len(sent), timeout=120)
+    answers = read_topic(settings, predictions_topic(settings, MODEL), decode=False, expect=len(load.sent),
+                         timeout=120)
     answers = [(r.key.decode(), r.raw) for r in answers]
-    counts: dict[str, int] = {}
-    for rid, _ in answers:
-        counts[rid] = counts.get(rid, 0) + 1
-    assert set(counts) == set(sent), f"missing {len(set(sent) - set(counts))}"
-    dups = {r: c for r, c in counts.items() if c > 1}
-    assert not dups, f"{len(dups)} requests answered more than once, e.g. {list(dups.items())[:5]}"
+    assert_each_answered_once([rid for rid, _ in answers], load.sent)
     decode = AvroDeserializer(open_registry(settings.registry_url, settings.registry_dir))
     versions = [decode(v).value["model_version"] for _, v in answers]
     assert versions[-1] == 2 and all(v in (1, 2) for v in versions)
