@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import calendar
 import hashlib
-import json
 import math
 import re
 from datetime import UTC, datetime
@@ -31,6 +30,7 @@ from typing import Any
 from ingest.exceptions import LogParseError
 from streaming.eventtime import EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
+from streaming.limits import bounded_json
 
 _Q = r'"((?:[^"\\]|\\.)*)"'
 _COMBINED = re.compile(
@@ -188,7 +188,7 @@ def parse_json(line: str, *, source: str, position: int | None = None, event_id:
     """One JSON log object -> WebLogEvent dict. Raises :class:`LogParseError` with every problem of
     the fields (``reasons``, value problems first) and, given a ``policy``, the event-time window."""
     try:
-        obj = json.loads(line)
+        obj = bounded_json(line, "line")  # size and depth first: a 100k-deep line must not raise RecursionError
     except ValueError as exc:
         raise LogParseError(f"line is not valid JSON: {exc}", "bad_json") from exc
     if not isinstance(obj, dict):

@@ -7,7 +7,6 @@ de-duplicated by request id (the at-least-once mode may deliver one twice); the 
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterable
@@ -17,6 +16,7 @@ from serving.exceptions import PredictTimeoutError, RequestDecodeError
 from streaming.clock import now_ms
 from streaming.config import Settings
 from streaming.jsoncodec import to_json
+from streaming.limits import bounded_json
 from streaming.topics import declared_topics, ensure_topics, predictions_topic, requests_topic
 
 
@@ -52,7 +52,7 @@ def read_requests_file(model: str, lines: Iterable[str]) -> list[dict[str, Any]]
         if not text.strip():
             continue
         try:
-            obj = json.loads(text)
+            obj = bounded_json(text, f"line {n}")
         except ValueError as exc:
             raise RequestDecodeError(f"line {n}: not valid JSON ({exc}); one JSON object per line") from exc
         out.append(to_request(model, obj, line=n))

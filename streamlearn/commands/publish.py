@@ -10,7 +10,6 @@ them whenever they run, whatever live events they have seen.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from streaming import config
 from streaming.eventtime import EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
 from streaming.jsoncodec import from_json
+from streaming.limits import bounded_json
 from streaming.producer import Publisher
 from streaming.progress import progress
 from streaming.topics import KINDS
@@ -78,7 +78,7 @@ def _decide(reader: TimestampReader, lines: Iterator[tuple[int, str]]) -> Iterat
         stamps = []
         for _, line in head:
             try:
-                obj = json.loads(line)
+                obj = bounded_json(line, "line")
             except ValueError:
                 continue
             if isinstance(obj, dict) and "timestamp" in obj:
@@ -90,7 +90,7 @@ def _decide(reader: TimestampReader, lines: Iterator[tuple[int, str]]) -> Iterat
 
 def event_from_line(kind: str, line: str, reader: TimestampReader, policy: EventTimePolicy) -> dict[str, Any]:
     """One JSON line -> a record of ``kind`` with its timestamp read and checked (raises on any problem)."""
-    record = from_json(KINDS[kind], json.loads(line))
+    record = from_json(KINDS[kind], bounded_json(line, "line"))
     if kind == "sensor":
         from ingest.exceptions import SensorValidationError
         from ingest.sensors import validate
