@@ -17,7 +17,7 @@ def lines(n: int = 5) -> Iterator[str]:
     from ingest.generators import digits
     from streaming.jsoncodec import to_json
 
-    for event in digits(n, seed=0, start_ms=1_800_000_000_000):
+    for event in digits(n, seed=0, start_ms=1_700_000_000_000):
         yield to_json(event)
 
 

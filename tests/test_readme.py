@@ -71,7 +71,7 @@ EXPECT: dict[str, Expect] = {
     "train": Expect(r"promot|reject"),
     "models show": Expect(r"baseline"),
     "serve": Expect(r"8501", background=True),
-    "predict": Expect(r"digits_cnn|prediction"),
+    "predict": Expect(r"\"model\": \"digits_cnn\".*\"error\": null"),  # an answer, not an error reply
     "replay": Expect(r"records"),
     "store promote": Expect(r"is live", stop_first="stream sensor"),
     "store gc": Expect(r"dry|would|batch"),
