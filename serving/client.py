@@ -13,10 +13,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from serving.exceptions import PredictTimeoutError, RequestDecodeError
+from serving.replies import cut_id
 from streaming.clock import now_ms
 from streaming.config import Settings
 from streaming.jsoncodec import to_json
-from streaming.limits import bounded_json
+from streaming.limits import MAX_ID_CHARS, bounded_json
 from streaming.topics import declared_topics, ensure_topics, predictions_topic, requests_topic
 
 
@@ -78,6 +79,9 @@ def predict(settings: Settings, model: str, requests: list[dict[str, Any]], *, t
     topic = reply_topic or predictions_topic(settings, model)
     ensure_model_topics(settings, model)
     wanted = {r["request_id"] for r in requests}
+    # The worker echoes an id over MAX_ID_CHARS cut to its head plus a sha256 (serving.replies.cut_id),
+    # with an error; match those answers to the request they belong to instead of waiting for the full id.
+    echoed = {cut_id(rid, MAX_ID_CHARS): rid for rid in wanted}
     answers: dict[str, dict[str, Any]] = {}
     with Subscriber(settings, topic, start="end", isolation_level="read_committed") as sub:
         for tp in sub.assignment():  # resolve positions now, before anything is published
@@ -97,6 +101,9 @@ def predict(settings: Settings, model: str, requests: list[dict[str, Any]], *, t
                     "Raise --timeout or check the worker's log", missing)
             for item in sub.poll_batch(timeout_ms=200):
                 value = getattr(item, "value", None)
-                if isinstance(value, dict) and value.get("request_id") in wanted:
-                    answers.setdefault(value["request_id"], value)
+                if not isinstance(value, dict):
+                    continue
+                rid = echoed.get(str(value.get("request_id")))
+                if rid is not None:
+                    answers.setdefault(rid, value)
     return [answers[r["request_id"]] for r in requests]
