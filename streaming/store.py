@@ -49,6 +49,7 @@ from streaming.store_format import (  # noqa: F401 (re-exported: the store's pub
     StoredRow,
     batch_id_for,
     build_manifest,
+    manifest_bytes,
     decode_batch,
     encode_rows,
     parse_batch_id,
@@ -324,7 +325,7 @@ class FeatureStore:
             if state_bytes is not None:  # before the manifest naming it: a visible state file is complete
                 write_synced(tmp_state, state_bytes)
                 os.replace(tmp_state, d / f"{bid}{STATE_SUFFIX}")
-            write_synced(tmp_json, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+            write_synced(tmp_json, manifest_bytes(manifest))
             os.replace(tmp_json, d / f"{bid}.json")
             os.replace(tmp_avro, final)
             fsync_dir(d)

@@ -165,6 +165,16 @@ def decode_batch(fh: BinaryIO) -> dict[str, np.ndarray]:
     return out
 
 
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The manifest file's bytes: compact, sorted JSON, one line.
+
+    Why compact: ``json.dumps(indent=...)`` runs the pure-Python encoder (the C one serves only
+    ``indent=None``); a compact manifest is written several times faster and is ~20 % smaller.
+    Readers only ``json.loads`` it; ``jq .`` pretty-prints one for a person.
+    """
+    return (json.dumps(manifest, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+
 def build_manifest(bid: str, spec: BatchSpec, rows: Sequence[StoredRow], data: bytes, namespace: str,
                    created_at_ms: int | None) -> dict[str, Any]:
     """A batch's manifest (featurizer state inline; :meth:`FeatureStore.prepare_manifest` may move it out)."""

@@ -127,7 +127,7 @@ class RemoteBatches:
     def write_batch(self, spec: BatchSpec, rows: Sequence[StoredRow], namespace: str,
                     created_at_ms: int | None) -> tuple[BatchInfo, bool]:
         """Data objects first, the manifest last and only if absent (see the module docstring)."""
-        from streaming.store import BatchInfo, batch_id_for, encode_rows
+        from streaming.store import BatchInfo, batch_id_for, encode_rows, manifest_bytes
 
         bid = batch_id_for(spec.topic, spec.partition, spec.first_offset, spec.last_offset)
         path = self.batch_path(spec.kind, bid, namespace)
@@ -141,7 +141,7 @@ class RemoteBatches:
             objects = {self.key(spec.kind, namespace, f"{bid}.avro"): data}
             if state_bytes is not None:
                 objects[self.key(spec.kind, namespace, f"{bid}{STATE_SUFFIX}")] = state_bytes
-            body = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+            body = manifest_bytes(manifest)
             created = self.objects.publish(objects, manifest_key, body)
             if not created:  # another writer published the same range first: its batch is the batch
                 return BatchInfo(bid, path, self.manifest(spec.kind, bid, namespace)), False
