@@ -49,9 +49,9 @@ from streaming.store_format import (  # noqa: F401 (re-exported: the store's pub
     StoredRow,
     batch_id_for,
     build_manifest,
-    manifest_bytes,
     decode_batch,
     encode_rows,
+    manifest_bytes,
     parse_batch_id,
 )
 from streaming.store_index import IndexCache
