@@ -285,7 +285,7 @@ def _latency(settings: Settings, logs: Path, mode: str) -> list[float]:
             if not line:
                 raise RuntimeError(f"latency consumer {mode} exited; see {logs / (mode + '.log')}")
             samples.append(json.loads(line)["ms"])
-            time.sleep(rng.uniform(0.3, 1.0))  # idle gap, random so the record lands anywhere in the cycle
+            time.sleep(rng.uniform(0.25, 0.6))  # idle gap > the back-off cap, random: lands anywhere in a cycle
     finally:
         producer.close()
         _stop([proc])  # type: ignore[list-item]

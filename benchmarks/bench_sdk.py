@@ -55,7 +55,7 @@ from streaming.consumer import Subscriber, consumer_config
 from streaming.producer import KEY_FIELDS, Publisher, producer_config
 from streaming.topics import KINDS, raw_topic
 
-COUNTS = {"weblog": 20_000, "sensor": 20_000, "image": 9_000}
+COUNTS = {"weblog": 12_000, "sensor": 12_000, "image": 6_000}  # >= ~1 s per side and round
 ROUNDS = 3  # alternating rounds per side; the best of each is kept
 
 
