@@ -104,7 +104,8 @@ class Settings(BaseSettings):
         "a micro-batch also closes when its oldest record is this many seconds old"))
     retrain_every_batches: int = Field(4, description=("retrain after this many new feature batches"))
     retrain_every_seconds: float = Field(30.0, description=(
-        "retrain at the latest this many seconds after the last training (if new batches exist)"))
+        "retrain at the latest this many seconds after the last training started (if new batches exist), "
+        "resting at least half of it after a run ends"))
     leader_lease_s: float = Field(15.0, gt=0, description=(
         "trainer leader lease in seconds: renewed every third of it; a standby takes over at most 4/3 of it "
         "after the leader died (docs/LEADER.md)"))

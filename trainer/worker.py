@@ -86,6 +86,19 @@ def _versions_info() -> dict[str, str]:
     return {"tf_version": tf.__version__, "keras_version": keras.__version__, "numpy_version": np.__version__}
 
 
+def timer_due(now: float, last_start: float, last_end: float, interval_s: float) -> bool:
+    """Whether the retrain timer is due: ``interval_s`` since the last run *started*, and at least half
+    an interval of rest since it *ended*.
+
+    Why start-to-start: counted from the end, the cadence was the interval plus a run's length, and
+    new data waited on average half of that before a run that could include it (freshness, issue 13).
+    Why the rest: a run longer than the interval (a loaded box, a big model) would otherwise be
+    followed by the next one at once, and the trainer would take a core for good from the workers
+    that share the machine.
+    """
+    return now - last_start >= interval_s and now - last_end >= interval_s / 2
+
+
 class Trainer:
     """Trains one model from the feature store into the model registry."""
 
@@ -390,7 +403,7 @@ class Trainer:
 
         prefetch_tensorflow()
         since = seconds_since_last_version(self.registry, self.name)
-        last_attempt = time.monotonic() - (since if since is not None else 0.0)
+        last_attempt = last_end = time.monotonic() - (since if since is not None else 0.0)
         while not stop.is_set():
             was = self.fence
             if not self.lead():  # a standby: the lease keeper takes over when the leader's lease expires
@@ -398,10 +411,11 @@ class Trainer:
                 continue
             if self.fence != was:  # just took over: continue the predecessor's retrain interval
                 since = seconds_since_last_version(self.registry, self.name)
-                last_attempt = time.monotonic() - (since if since is not None else 0.0)
+                last_attempt = last_end = time.monotonic() - (since if since is not None else 0.0)
             unseen = self.unseen_batches()
             due_count = len(unseen) >= self.settings.retrain_every_batches
-            due_time = bool(unseen) and time.monotonic() - last_attempt >= self.settings.retrain_every_seconds
+            due_time = bool(unseen) and timer_due(time.monotonic(), last_attempt, last_end,
+                                                  self.settings.retrain_every_seconds)
             drift = False
             if not (due_count or due_time):
                 try:
@@ -410,6 +424,7 @@ class Trainer:
                     log.exception("trainer %s: drift check failed; continuing on the timer", self.name)
             if due_count or due_time or drift:
                 trigger = "drift" if drift else ("batches" if due_count else "timer")
+                last_attempt = time.monotonic()
                 try:
                     self.run_once(trigger)
                 except NotEnoughDataError as exc:
@@ -419,5 +434,5 @@ class Trainer:
                     self.fence = None
                 except Exception:
                     log.exception("trainer %s: training run failed; retrying at the next trigger", self.name)
-                last_attempt = time.monotonic()
+                last_end = time.monotonic()
             stop.wait(poll_seconds)
