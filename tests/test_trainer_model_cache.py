@@ -126,3 +126,28 @@ def test_no_reuse_when_the_spec_opts_out_or_the_data_layout_changes() -> None:
     a = train_candidate(opted_out, FEATURES, x1, y1, seed=1, epochs=1, cache=cache).model
     b = train_candidate(opted_out, FEATURES, x1, y1, seed=1, epochs=1, cache=cache).model
     assert a is not b and cache.hits == 0
+
+
+def test_export_falls_back_to_the_whole_keras_object_for_untracked_state(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A layer whose call reads a raw tf.Variable (outside model.variables) still exports and serves."""
+    import keras
+    import tensorflow as tf
+
+    class RawOffset(keras.layers.Layer):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.offset = tf.Variable([0.5, -0.25], trainable=False)  # not a Keras variable
+
+        def call(self, x: Any) -> Any:
+            return x + self.offset
+
+    x = keras.Input(shape=(2,), name="x")
+    model = keras.Model(x, RawOffset()(keras.layers.Dense(2, name="d")(x)))
+    assert len(model.variables) == 2  # the raw variable is not among them
+    with caplog.at_level("WARNING", logger="trainer.model_io"):
+        model_io.export_saved_model(model, 2, tmp_path / "1")
+    assert "exporting the whole Keras object" in caplog.text
+    probe = np.asarray([[1.0, 2.0], [-3.0, 0.5]], np.float32)
+    np.testing.assert_allclose(model_io.SavedModelPredictor(tmp_path / "1").predict(probe),
+                               predict(model, probe), atol=1e-6)
