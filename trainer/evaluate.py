@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from trainer.exceptions import NotEnoughDataError
 from trainer.gate import GateDecision, baseline_outputs, decide
 from trainer.spec import FeatureInfo, ModelSpec
 from trainer.training import TrainResult, predict, train_candidate
+
+if TYPE_CHECKING:
+    from trainer.model_cache import ModelCache
 
 
 @dataclass
@@ -39,8 +42,11 @@ class Evaluation:
 
 def fit_and_evaluate(spec: ModelSpec, features: FeatureInfo, plan: DataPlan, *, parent_dir: Path | None,
                      seed: int, log_dir: Path | None = None,
-                     expected_sha: dict[str, str] | None = None) -> Evaluation:
-    """Train on ``plan.train`` (warm-started from ``parent_dir``), gate on ``plan.holdout``."""
+                     expected_sha: dict[str, str] | None = None, cache: ModelCache | None = None) -> Evaluation:
+    """Train on ``plan.train`` (warm-started from ``parent_dir``), gate on ``plan.holdout``.
+
+    ``cache``: the trainer's :class:`trainer.model_cache.ModelCache` (same results, less tracing).
+    """
     x_tr, cols_tr, h_tr = load_batches(spec, plan.train, features.n_features, expected_sha)
     x_ev, cols_ev, h_ev = load_batches(spec, plan.holdout, features.n_features, expected_sha)
     hashes = dict(zip([b.batch_id for b in plan.train], h_tr, strict=True))
@@ -53,7 +59,7 @@ def fit_and_evaluate(spec: ModelSpec, features: FeatureInfo, plan: DataPlan, *, 
             f"{spec.label!r}; labelled events are needed to train"
         )
     init = parent_dir / model_io.WEIGHTS_FILE if parent_dir is not None else None
-    result = train_candidate(spec, features, xt, yt, seed=seed, init_weights=init, log_dir=log_dir)
+    result = train_candidate(spec, features, xt, yt, seed=seed, init_weights=init, log_dir=log_dir, cache=cache)
     return evaluate_candidate(spec, result, xt, yt, xe, ye, parent_dir=parent_dir, hashes=hashes)
 
 

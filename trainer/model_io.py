@@ -14,6 +14,7 @@ trivial to check for shape compatibility (a changed architecture cold-starts ins
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +25,56 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "keras/weights.npz"
 
 
+#: per live Keras model: (n_features, its traced serving function); see export_saved_model.
+_SERVE_FUNCTIONS: weakref.WeakKeyDictionary[Any, tuple[int, Any]] = weakref.WeakKeyDictionary()
+
+
 def export_saved_model(model: Any, n_features: int, path: Path) -> None:
-    """Write ``model`` as a SavedModel with the serving signature, plus its warm-start weights."""
+    """Write ``model`` as a SavedModel with the serving signature, plus its warm-start weights.
+
+    The serving function traced for a model object is kept (weakly) and used again by its next
+    export: a trainer re-uses one model across runs (trainer.model_cache), and the traced graph
+    reads the model's variables, so each save writes the weights of that moment with the same
+    graph a fresh trace would give, minus the tracing (docs/TRAINER_REUSE.md).
+    """
     import tensorflow as tf
 
+    known = _SERVE_FUNCTIONS.get(model)
+    if known is not None and known[0] == n_features:
+        serve = known[1]
+    else:
+        serve = _serving_function(tf, weakref.ref(model), n_features)
+        _SERVE_FUNCTIONS[model] = (n_features, serve)
+    signatures = {"serving_default": serve.get_concrete_function()}
     module = tf.Module()
-    module.model = model
+    # Only the model's variables, not the Keras object: serving reads the signature alone, and the
+    # Keras object would drag its optimizer slots and metrics into the export (3x the variables of
+    # an Adam-trained model; saving and loading cost in proportion).
+    module.weights = list(model.variables)
+    module.serve = serve
+    try:
+        tf.saved_model.save(module, str(path), signatures=signatures)
+    except (AssertionError, ValueError) as exc:  # e.g. a user layer's variable Keras does not track
+        log.warning("export: the serving function uses state outside model.variables (%s); exporting the "
+                    "whole Keras object", exc)
+        module = tf.Module()
+        module.model = model
+        module.serve = serve
+        tf.saved_model.save(module, str(path), signatures=signatures)
+    save_weights(model, path / WEIGHTS_FILE)
+
+
+def _serving_function(tf: Any, model_ref: weakref.ReferenceType[Any], n_features: int) -> Any:
+    """The ``serving_default`` function; it holds the model weakly so the cache above can let go of it."""
 
     @tf.function(input_signature=[tf.TensorSpec([None, n_features], tf.float32, name="x")])
     def serve(x: Any) -> dict[str, Any]:
+        model = model_ref()
+        if model is None:  # pragma: no cover - only traced while the model is alive
+            raise RuntimeError("model: the Keras model of this serving function is gone; export it again")
         return {"outputs": tf.cast(model(x, training=False), tf.float32)}
 
-    module.serve = serve
-    tf.saved_model.save(module, str(path), signatures={"serving_default": serve.get_concrete_function()})
-    save_weights(model, path / WEIGHTS_FILE)
+    return serve
 
 
 def save_weights(model: Any, path: Path) -> None:

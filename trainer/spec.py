@@ -134,6 +134,10 @@ class ModelSpec:
     baseline: Literal["auto", "prior", "zero", "mean"] = "auto"
     #: weight training rows by inverse class frequency (rare classes, balanced-accuracy metrics).
     balance_classes: bool = False
+    #: let a trainer process re-use the compiled model of its previous run, reset to a fresh build's
+    #: state (trainer.model_cache); False for a spec whose layers keep Python-side state that
+    #: training changes, which such a reset cannot restore (docs/TRAINER_REUSE.md).
+    reuse_model: bool = True
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -13,12 +13,15 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from streaming.progress import Progress, progress
 from trainer.spec import FeatureInfo, ModelSpec
+
+if TYPE_CHECKING:
+    from trainer.model_cache import ModelCache
 
 log = logging.getLogger(__name__)
 _CONFIGURED = False
@@ -58,24 +61,39 @@ class TrainResult:
 
 def train_candidate(spec: ModelSpec, features: FeatureInfo, x: np.ndarray, y: np.ndarray, *, seed: int,
                     init_weights: Path | None = None, log_dir: Path | None = None,
-                    epochs: int | None = None, run_eagerly: bool = False) -> TrainResult:
-    """Fit a fresh model from ``spec`` on ``(x, y)``; warm-start from ``init_weights`` when they fit."""
+                    epochs: int | None = None, run_eagerly: bool = False,
+                    cache: ModelCache | None = None) -> TrainResult:
+    """Fit a fresh model from ``spec`` on ``(x, y)``; warm-start from ``init_weights`` when they fit.
+
+    ``cache``: re-use the compiled model of this process's previous run, reset to exactly the state
+    of a fresh build (bit-identical results, no re-tracing; trainer.model_cache). The returned model
+    is then the cache's: valid until the next run through the same cache.
+    """
     tf = configure_tensorflow()
     import keras
 
     from trainer import model_io
     from trainer.specs.common import make_optimizer
 
+    def compile_model(model: Any) -> None:
+        # run_eagerly: the check suite trains on two tiny batches, where tracing costs more than it saves.
+        model.compile(optimizer=make_optimizer(spec.learning_rate), loss=spec.loss(), metrics=spec.metrics(),
+                      run_eagerly=run_eagerly)
+
     keras.utils.set_random_seed(seed)
-    model = spec.build(features, seed)
+    weighted = bool(spec.balance_classes and spec.task == "classification" and len(y))
+    if cache is not None:
+        model = cache.checkout(spec, features, seed, weighted=weighted, run_eagerly=run_eagerly,
+                               compile_model=compile_model).model
+    else:
+        model = spec.build(features, seed)
     warm = model_io.load_weights(model, init_weights) if init_weights is not None else False
     if not warm and spec.adapt is not None and len(x):
         spec.adapt(model, x)
-    # run_eagerly: the check suite trains on two tiny batches, where tracing costs more than it saves.
-    model.compile(optimizer=make_optimizer(spec.learning_rate), loss=spec.loss(), metrics=spec.metrics(),
-                  run_eagerly=run_eagerly)
+    if cache is None:
+        compile_model(model)
     tensors: tuple[np.ndarray, ...] = (x.astype(np.float32), y.astype(np.float32))
-    if spec.balance_classes and spec.task == "classification" and len(y):
+    if weighted:
         tensors = (*tensors, class_balance_weights(y))
     ds = (tf.data.Dataset.from_tensor_slices(tensors)
           .shuffle(max(1, len(x)), seed=seed, reshuffle_each_iteration=True)

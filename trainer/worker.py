@@ -22,6 +22,7 @@ cannot publish or decide a version (streaming/lease.py, docs/LEADER.md).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ from trainer.drift import PageHinkley
 from trainer.evaluate import Evaluation, fit_and_evaluate
 from trainer.exceptions import NotEnoughDataError
 from trainer.gate import GateDecision
+from trainer.model_cache import ModelCache
 from trainer.spec import FeatureInfo, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,8 @@ class Trainer:
         self.lease = lease
         #: the leader epoch this trainer claimed in the registry; every write carries it (None: unfenced)
         self.fence: int | None = None
+        #: the compiled model of the previous run, re-used bit-identically (docs/TRAINER_REUSE.md)
+        self.model_cache = ModelCache()
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -270,8 +274,8 @@ class Trainer:
         tb_root = self.tensorboard_root()
         run_dir = tb_root / f".run-{os.getpid()}-{secrets.token_hex(4)}"
         started = time.time()
-        ev = (fit or fit_and_evaluate)(self.spec, features, plan, parent_dir=parent_dir, seed=self.spec.seed,
-                                       log_dir=run_dir)
+        fit_fn = fit or functools.partial(fit_and_evaluate, cache=self.model_cache)
+        ev = fit_fn(self.spec, features, plan, parent_dir=parent_dir, seed=self.spec.seed, log_dir=run_dir)
         staging = self.registry.staging(self.name)
         try:
             model_io.export_saved_model(ev.model, features.n_features, staging)
