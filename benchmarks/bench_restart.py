@@ -453,7 +453,7 @@ TF_IMPORTS = {  # what a TensorFlow worker pays before it can compute anything (
 }
 
 
-def tf_import_floor(settings: Settings, tries: int = 2) -> dict[str, float]:
+def tf_import_floor(settings: Settings, tries: int = 1) -> dict[str, float]:
     """Best of ``tries`` fresh interpreters importing TensorFlow, as the trainer and the serving worker do:
     the part of their restart no restart design can remove on this machine."""
     out = {}
