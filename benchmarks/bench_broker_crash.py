@@ -35,7 +35,7 @@ from streaming.producer import Publisher
 from streaming.topics import ensure_topics, raw_topic
 
 RATE = 2000
-KILLS = 5
+KILLS = 4
 PERIOD_S = 3.0
 DOWN_S = 0.5
 
