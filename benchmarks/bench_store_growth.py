@@ -154,16 +154,17 @@ def _measure(store: FeatureStore, n: int, root: Path) -> dict[str, float]:
     for j in range(n, i):  # back to exactly n for the next size
         spec, _ = _batch(j)
         store.remove_batch(KIND, batch_id_for(TOPIC, spec.partition, spec.first_offset, spec.last_offset))
+    state_bytes = len(_state(n, grow=True))
     return {
         "poll_us": statistics.median(polls) * 1e6,
         "poll_p90_us": sorted(polls)[int(len(polls) * 0.9)] * 1e6,
         "manifest_bytes": statistics.mean(written),
-        "state_bytes": len(_state(n, grow=True)),
+        "state_bytes": state_bytes,
         "full_parse_ms": full_parse_ms,
         "cold_open_ms": cold_ms,
         "write_batch_ms": statistics.median(writes) * 1000,
         "write_batch_same_state_ms": statistics.median(same_state_writes) * 1000,
-        "state_in_own_file": float(len(_state(n, grow=True)) > store.state_inline_max_bytes),
+        "state_in_own_file": float(state_bytes > store.state_inline_max_bytes),
         "overlap_check_us": statistics.median(checks) * 1e6,
         "listdir_us": statistics.median(listings) * 1e6,
         "index_bytes_per_batch": (d / store_index.INDEX_NAME).stat().st_size / n,

@@ -31,7 +31,6 @@ of the same spec, so a caller that keeps models side by side must not pass a cac
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,8 +39,6 @@ from typing import Any
 import numpy as np
 
 from trainer.spec import FeatureInfo, ModelSpec
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,21 +66,16 @@ class _Entry:
                 and self.run_eagerly == run_eagerly)
 
 
-@dataclass
-class CachedModel:
-    """A compiled model in its freshly built state; ``reused`` when its traced functions carry over."""
-
-    model: Any
-    reused: bool
-
-
 def _signature(model: Any) -> list[tuple[tuple[int, ...], str]]:
     return [(tuple(int(d) for d in v.shape), str(v.dtype)) for v in model.variables]
 
 
+def _values(variables: Any) -> list[np.ndarray]:
+    return [np.array(v.numpy(), copy=True) for v in variables]
+
+
 def _snapshot(model: Any) -> _Initial:
-    return _Initial([np.array(v.numpy(), copy=True) for v in model.variables], random.getstate(),
-                    np.random.get_state())
+    return _Initial(_values(model.variables), random.getstate(), np.random.get_state())
 
 
 class ModelCache:
@@ -95,11 +87,12 @@ class ModelCache:
         self.misses = 0
 
     def checkout(self, spec: ModelSpec, features: FeatureInfo, seed: int, *, weighted: bool, run_eagerly: bool,
-                 compile_model: Callable[[Any], None]) -> CachedModel:
+                 compile_model: Callable[[Any], None]) -> Any:
         """The model for one run, in the state of a fresh ``spec.build(features, seed)``, compiled.
 
         ``keras.utils.set_random_seed(seed)`` must have been called just before, as for a fresh
-        build. ``compile_model(model)`` compiles a newly built model (a hit re-uses the compiled one).
+        build. ``compile_model(model)`` compiles a newly built model (a hit re-uses the compiled one);
+        ``hits`` and ``misses`` count which of the two happened.
         """
         import keras
         import tensorflow as tf
@@ -121,7 +114,7 @@ class ModelCache:
                 random.setstate(initial.python_rng)
                 np.random.set_state(initial.numpy_rng)
                 self.hits += 1
-                return CachedModel(entry.model, reused=True)
+                return entry.model
             keras.utils.set_random_seed(seed)  # the probe drew from the RNGs; start the fresh build clean
         self.misses += 1
         model = spec.build(features, seed)
@@ -129,10 +122,9 @@ class ModelCache:
         compile_model(model)
         if not usable:
             self._entries.pop(spec.name, None)
-            return CachedModel(model, reused=False)
+            return model
         # What the first fit's _symbolic_build would do; built here so its initial values can be kept.
         model.optimizer.build(model.trainable_variables)
         self._entries[spec.name] = _Entry(spec, features, weighted, run_eagerly, model, _signature(model),
-                                          [np.array(v.numpy(), copy=True) for v in model.optimizer.variables],
-                                          {seed: initial})
-        return CachedModel(model, reused=False)
+                                          _values(model.optimizer.variables), {seed: initial})
+        return model

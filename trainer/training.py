@@ -84,7 +84,7 @@ def train_candidate(spec: ModelSpec, features: FeatureInfo, x: np.ndarray, y: np
     weighted = bool(spec.balance_classes and spec.task == "classification" and len(y))
     if cache is not None:
         model = cache.checkout(spec, features, seed, weighted=weighted, run_eagerly=run_eagerly,
-                               compile_model=compile_model).model
+                               compile_model=compile_model)
     else:
         model = spec.build(features, seed)
     warm = model_io.load_weights(model, init_weights) if init_weights is not None else False
