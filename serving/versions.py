@@ -401,6 +401,8 @@ class VersionManager:
                         consumer = None
                         self._stop.wait(self.poll_interval_s)
                         continue
+                    if poller is not None:
+                        poller.close()
                     tps = [TopicPartition(topic, p) for p in sorted(parts)]
                     consumer.assign(tps)
                     consumer.seek_to_end(*tps)
@@ -413,7 +415,11 @@ class VersionManager:
                 log.warning("model-updates follower: %s; relying on registry polling", exc)
                 if consumer is not None:
                     consumer.close()
+                if poller is not None:
+                    poller.close()
                 consumer = None
                 self._stop.wait(self.poll_interval_s)
         if consumer is not None:
             consumer.close()
+        if poller is not None:
+            poller.close()

@@ -186,6 +186,8 @@ class ServingWorker(Emitter):
         if self.waiting is not None:
             self.waiting.release()
             self.waiting = None
+        if self.poller is not None:
+            self.poller.close()
         for client in (self.consumer, self.producer):
             if client is not None:
                 try:

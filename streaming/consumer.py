@@ -33,6 +33,7 @@ from schemas.registry import SchemaRegistry, open_registry
 from schemas.serde import AvroDeserializer, Decoded
 from streaming import tenancy
 from streaming.config import Settings
+from streaming.end_offsets import EndOffsetProbe
 from streaming.exceptions import OffsetOutOfRangeError, StreamingError
 from streaming.kafka_compat import install as _install_kafka_fixes
 from streaming.kafka_security import kafka_security
@@ -80,6 +81,7 @@ Item = Record | ErrorItem
 
 IDLE_MAX_S = 0.064  # back-off cap: ~15 empty polls/s idle, first record after idle within about one cap
 IDLE_CAP_LIMIT_S = 0.5  # no back-off cap above this: a record after idle waits at most about one cap
+FULL_POLL_S = 1.0  # with the end-offset probe, a real fetch still at least this often (rebalances, poll interval)
 
 
 def _joining(consumer: KafkaConsumer) -> bool:
@@ -124,10 +126,18 @@ class IdlePoller:
     longer than ``timeout_ms`` (plus one fetch), and a set ``wake`` event ends its back-off at once
     (the workers pass their stop event, so SIGTERM is not delayed by a sleep). On Apache Kafka it
     only adds a short sleep between empty polls.
+
+    Once a back-off is under way (an empty fetch since the last records), a due check first asks
+    :class:`streaming.end_offsets.EndOffsetProbe` whether any fetchable partition's last stable
+    offset differs from the consumer's position: one ListOffsets round trip on a private socket,
+    ~10x cheaper than an empty ``poll``. Only "yes" or "cannot tell" leads to the real fetch; "no"
+    counts as an empty poll. A real fetch still happens at least every ``full_poll_s``.
+    ``probe=False`` turns it off.
     """
 
     def __init__(self, consumer: KafkaConsumer, min_idle_s: float = 0.001, max_idle_s: float = IDLE_MAX_S,
-                 read_ms: int = 2, wake: threading.Event | None = None) -> None:
+                 read_ms: int = 2, wake: threading.Event | None = None, probe: bool = True,
+                 full_poll_s: float = FULL_POLL_S) -> None:
         if not 0 < min_idle_s <= max_idle_s <= IDLE_CAP_LIMIT_S:
             raise ValueError(f"IdlePoller needs 0 < min_idle_s <= max_idle_s <= {IDLE_CAP_LIMIT_S} s (a longer cap "
                              f"delays the first record after idle); got min_idle_s={min_idle_s}, "
@@ -139,6 +149,15 @@ class IdlePoller:
         #: monotonic time before which no fetch is sent (one back-off after the last empty poll); 0: none.
         self._next_fetch_at = 0.0
         self._assigned: frozenset[TopicPartition] = frozenset()
+        self.probe = EndOffsetProbe(consumer) if probe else None
+        self.full_poll_s = full_poll_s
+        self._polled_at = 0.0  # monotonic time of the last real fetch
+        self.fetches = 0  # real fetches made (tests and docs/IDLE.md read it)
+
+    def close(self) -> None:
+        """Close the probe's socket (the consumer is the caller's to close)."""
+        if self.probe is not None:
+            self.probe.close()
 
     def reset(self) -> None:
         """Forget the back-off (the next poll fetches at once; an empty one then sleeps ``min_idle_s``)."""
@@ -178,15 +197,28 @@ class IdlePoller:
                 if time.monotonic() >= deadline and time.monotonic() < self._next_fetch_at:
                     return {}  # the call's time ran out inside the back-off: no fetch is due yet
                 continue  # re-check the assignment and joins, then fetch
-            # Not poll(0): that returns the answer to the fetch sent one back-off ago and costs as much.
-            # A full read_ms even at the deadline: a call may end one short fetch late, never early.
-            records = self.consumer.poll(timeout_ms=self.read_ms, max_records=max_records)
-            if records:
-                return self._got(records)
+            if self._nothing_new(assigned, now):
+                records = {}
+            else:
+                # Not poll(0): that returns the answer to the fetch sent one back-off ago and costs as much.
+                # A full read_ms even at the deadline: a call may end one short fetch late, never early.
+                records = self.consumer.poll(timeout_ms=self.read_ms, max_records=max_records)
+                self._polled_at = time.monotonic()
+                self.fetches += 1
+                if records:
+                    return self._got(records)
             self._next_fetch_at = time.monotonic() + self._idle_s
             self._idle_s = min(self.max_idle_s, self._idle_s * 2)
             if time.monotonic() >= deadline:
                 return {}
+
+    def _nothing_new(self, assigned: frozenset[TopicPartition], now: float) -> bool:
+        """True when the probe says no fetchable partition has anything past its position (so no fetch is
+        needed now); False to fetch: no probe, no back-off under way yet, a real fetch due, or the probe
+        saw news or could not tell."""
+        if self.probe is None or self._idle_s <= self.min_idle_s or now - self._polled_at >= self.full_poll_s:
+            return False
+        return self.probe.has_news(assigned - set(self.consumer.paused())) is False
 
     def _got(self, records: Any) -> dict[TopicPartition, list[Any]]:
         if records:
@@ -439,6 +471,8 @@ class Subscriber:
         self.consumer.resume(*tps)
 
     def close(self) -> None:
+        if self.poller is not None:
+            self.poller.close()
         self.consumer.close()
 
     def __enter__(self) -> Subscriber:
