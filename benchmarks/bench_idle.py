@@ -2,7 +2,8 @@
 
 noida-db answers an empty fetch at once, so a consumer that re-fetches right away spins. The
 workers' loops go through ``streaming.consumer.IdlePoller`` (sleep 1 ms doubling to a 64-250 ms cap between
-empty polls, docs/IDLE.md). This measures, on real subprocesses and /proc CPU time:
+empty polls; once idle, a ListOffsets probe instead of an empty fetch, docs/IDLE.md). This measures, on
+real subprocesses and /proc CPU time:
 
 * **per worker kind** (``stream sensor``, ``serve`` with a tiny promoted model, ``train``): CPU
   cores used over an 8 s window after start-up, all idle (no input). Baseline: a bare kafka-python
