@@ -280,8 +280,15 @@ class AckLedger:
                 raise
             fut.failure(exc)
             return
-        inner.add_callback(fut._on_ack)
-        inner.add_errback(fut._on_error)
+        # One registration (one lock) instead of add_callback + add_errback: this runs per record.
+        # ``_add_cb_eb`` is kafka-python's own fast path for exactly this pair (same semantics: on a
+        # future that is already done it calls the one that applies at once); older versions lack it.
+        add_both = getattr(inner, "_add_cb_eb", None)
+        if add_both is not None:
+            add_both(fut._on_ack, fut._on_error)
+        else:
+            inner.add_callback(fut._on_ack)
+            inner.add_errback(fut._on_error)
 
     def _acked(self, fut: GuardedSend, md: Any) -> None:
         # Runs on the producer's I/O thread: record and resolve, never send from here.
