@@ -170,7 +170,7 @@ class _Compiler:
             fields.append((f["name"], self.compile(f["type"]), "default" in f, self.always_valid(f["type"])))
 
         def check_record(value: Any) -> None:
-            if not isinstance(value, Mapping):
+            if type(value) is not dict and not isinstance(value, Mapping):  # the ABC check costs a call
                 raise _Invalid(value, f"expected a dict for record {name}")
             for fname, check, has_default, fast in fields:
                 try:
