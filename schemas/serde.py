@@ -27,7 +27,7 @@ import io
 import struct
 import threading
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from fastavro import schemaless_reader, schemaless_writer
 
@@ -404,21 +404,36 @@ class AvroDeserializer:
         plans = self._plans
         reader = schemaless_reader
         new_buffer = io.BytesIO
+        # The header of the last fast-path record: a poll's records nearly always share one schema, so
+        # one 5-byte compare stands for the length, magic byte, id and plan checks of the next ones.
+        last_header: bytes | None = None
+        schema_id, writer, reader_schema = 0, cast(Any, None), cast(Any, None)
         for data in payloads:
-            if data is not None and len(data) >= HEADER_SIZE and data[0] == MAGIC:
+            if data is None:
+                fast = False
+            elif last_header is not None and data[:HEADER_SIZE] == last_header:
+                fast = True
+            elif len(data) >= HEADER_SIZE and data[0] == MAGIC:
                 schema_id = int.from_bytes(data[1:5], "big")
                 plan = plans.get(schema_id)
-                if plan is not None and plan.guard_named is None:
-                    buf = new_buffer(data)
-                    buf.seek(HEADER_SIZE)
-                    try:
-                        value = reader(buf, plan.writer, plan.reader)
-                        whole = buf.tell() == len(data)
-                    except Exception:  # noqa: BLE001 - re-decoded below for the precise, typed error
-                        whole = False
-                    if whole:
-                        append(Decoded(value, schema_id))
-                        continue
+                fast = plan is not None and plan.guard_named is None
+                if plan is not None and fast:
+                    writer, reader_schema, last_header = plan.writer, plan.reader, bytes(data[:HEADER_SIZE])
+                else:
+                    last_header = None
+            else:
+                fast = False
+            if fast and data is not None:
+                buf = new_buffer(data)
+                buf.seek(HEADER_SIZE)
+                try:
+                    value = reader(buf, writer, reader_schema)
+                    whole = buf.tell() == len(data)
+                except Exception:  # noqa: BLE001 - re-decoded below for the precise, typed error
+                    whole = False
+                if whole:
+                    append(Decoded(value, schema_id))
+                    continue
             try:
                 append(self(data))  # type: ignore[arg-type]  # None is refused there with a typed error
             except (FramingError, SchemaError) as exc:

@@ -57,6 +57,8 @@ RESEND_ERRORS: tuple[type[BaseException], ...] = (
     kerr.KafkaTimeoutError,
 )
 MAX_ATTEMPTS = 8
+#: kafka-python's record futures register a callback and an errback under one lock (3.0.x).
+_ONE_REGISTRATION = hasattr(Future, "_add_cb_eb")
 
 
 def record_digest(key: bytes | None, value: bytes | None, headers: Any) -> str:
@@ -280,8 +282,14 @@ class AckLedger:
                 raise
             fut.failure(exc)
             return
-        inner.add_callback(fut._on_ack)
-        inner.add_errback(fut._on_error)
+        # One registration (one lock) instead of add_callback + add_errback: this runs per record.
+        # ``_add_cb_eb`` is kafka-python's own fast path for exactly this pair (same semantics: on a
+        # future that is already done it calls the one that applies at once); older versions lack it.
+        if _ONE_REGISTRATION:
+            inner._add_cb_eb(fut._on_ack, fut._on_error)
+        else:
+            inner.add_callback(fut._on_ack)
+            inner.add_errback(fut._on_error)
 
     def _acked(self, fut: GuardedSend, md: Any) -> None:
         # Runs on the producer's I/O thread: record and resolve, never send from here.

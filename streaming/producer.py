@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from kafka import KafkaProducer
 
@@ -123,6 +123,8 @@ class Publisher:
                                 consumer_config=kafka_security(settings))
         self._serializers: dict[tuple[str, str], AvroSerializer] = {}
         self._raw_topics: dict[str, str] = {}  # kind -> raw topic (settings do not change under a publisher)
+        #: kind -> (raw topic, serializer, key field): everything ``publish`` derives per kind, looked up once
+        self._kinds: dict[str, tuple[str, AvroSerializer, str]] = {}
         self._allowed: set[str] = set()  # topics that passed the tenant check (same reason)
         self._limits: BrokerLimits | None = None
 
@@ -142,9 +144,33 @@ class Publisher:
     # -- sending --------------------------------------------------------------------------
     def publish(self, kind: str, record: Mapping[str, Any], key: str | bytes | None = None,
                 headers: Headers | None = None) -> GuardedSend:
-        """Publish one event of ``kind`` (weblog, sensor, image) to its raw topic."""
+        """Publish one event of ``kind`` (weblog, sensor, image) to its raw topic.
+
+        The same steps as :meth:`publish_to` (tenant check, validate + encode, key from the record,
+        size check, ledgered send), with what depends only on ``kind`` looked up once: this is the
+        per-record hot path (``benchmarks/bench_sdk.py``), and the three calls and four lookups it
+        took per record cost about as much as the ack ledger (docs/SDK_PERF.md)."""
+        hot = self._kinds.get(kind)
+        if hot is None:
+            hot = self._kind_path(kind)
+        topic, ser, key_field = hot
+        value = ser(record)  # validates first: RecordValidationError names the field
+        if len(value) > self.max_record_bytes:
+            self._too_large(topic, value)
+        if key is None:
+            key = record.get(key_field)
+        if isinstance(key, str):
+            key = key.encode()
+        return self.ledger.send(topic, value, key, headers or None)
+
+    def _kind_path(self, kind: str) -> tuple[str, AvroSerializer, str]:
+        """(raw topic, serializer, key field) of ``kind``, cached; the tenant check runs here, once,
+        before the serializer (and so the registry) is ever asked, as in :meth:`publish_to`."""
         record_name, topic = self._raw(kind)
-        return self.publish_to(topic, record_name, record, key, headers)
+        self._check_topic(topic)
+        hot = (topic, self.serializer(topic, record_name), KEY_FIELDS[record_name])
+        self._kinds[kind] = hot
+        return hot
 
     def _raw(self, kind: str) -> tuple[str, str]:
         """The record name and raw topic of ``kind`` (the topic cached: it is asked per record)."""
@@ -201,12 +227,15 @@ class Publisher:
 
     def _send(self, topic: str, value: bytes, key: str | bytes | None, headers: Headers | None) -> GuardedSend:
         if len(value) > self.max_record_bytes:
-            raise RecordTooLargeError(
-                f"record for topic {topic!r} is {len(value)} bytes encoded, over the limit of "
-                f"{self.max_record_bytes} bytes (max_record_bytes); shrink it (e.g. downscale images) "
-                "or raise the limit on the producer and the broker's message.max.bytes")
+            self._too_large(topic, value)
         key_bytes = key.encode() if isinstance(key, str) else key
         return self.ledger.send(topic, value, key_bytes, headers or None)
+
+    def _too_large(self, topic: str, value: bytes) -> NoReturn:
+        raise RecordTooLargeError(
+            f"record for topic {topic!r} is {len(value)} bytes encoded, over the limit of "
+            f"{self.max_record_bytes} bytes (max_record_bytes); shrink it (e.g. downscale images) "
+            "or raise the limit on the producer and the broker's message.max.bytes")
 
     def dead_letter(self, kind: str, original: bytes, *, stage: str, error: BaseException | str,
                     source: Mapping[str, object], key: str | bytes | None = None) -> GuardedSend:
