@@ -1,12 +1,16 @@
 """Feature-store growth: the trainer's per-poll cost and the manifest size at 1k, 10k and 100k batches.
 
-A synthetic store (no broker needed) is grown to 1k, then 10k, then 100k batches of one sensor kind:
-manifests made by ``FeatureStore.prepare_manifest`` (what ``write_batch`` writes), ``.avro`` names
-hard-linked to one placeholder (listing never reads them) and the index lines the writer appends; the
-fill skips fsync and carries a small featurizer state (it is a fixture, not the measured path).
+Three synthetic stores (no broker needed) of 1k, 10k and 100k batches of one sensor kind: manifests
+made by ``FeatureStore.prepare_manifest`` (what ``write_batch`` writes) in the index journal, and
+``.avro`` and ``.json`` names in the directory hard-linked to placeholders (see ``_fill``); the fill
+skips fsync and carries a small featurizer state (it is a fixture, not the measured path), and the
+file system is synced once after it.
 
 At each size, a fresh reader (a restarted trainer) opens the store, then ``POLLS`` times the stream
-worker writes one batch with the real ``write_batch`` (fsynced) and the trainer polls: the call
+worker writes one batch with the real ``write_batch`` (fsynced) and the trainer polls. The sizes take
+turns (a write and a poll on the 1k store, then on the 10k, then on the 100k, and again), so load from
+other processes on a shared machine lands on every size alike instead of on whichever was measured
+while it lasted: the ratios compare samples taken in the same seconds. The poll is the call
 ``Trainer.unseen_batches`` makes each second, ``FeatureStore.batches_after(kind, newest_seen)`` with
 the newest trained batch 4 behind. The batches written there carry a featurizer state that grows with
 the stream (40 bytes per 50 batches, as a sensor featurizer keeps more keys: ~80 KB at 100k), so the
@@ -23,7 +27,9 @@ manifest figure shows what the cap keeps out. Figures, baseline = the 1k figure,
   not of the number of batches;
 * overlap check µs: median of ``FeatureStore.overlapping``, write_batch's guard alone (no fsync noise).
   It is served from the index; it used to list the directory per write, which is measured beside it
-  (``listdir_us``, no goal) to show what the index saves.
+  (``listdir_us``, no goal) to show what the index saves. Its directory scan step (a chunk of names,
+  for batches the journal missed) is paced, at most one per ``store_index.SCAN_INTERVAL_S``: the
+  back-to-back writes here mostly skip it; the trainer poll above takes one every time.
 
 For reference (no goal): what the poll cost before the index (list + parse every manifest), the cold
 open of a restarted reader (journal read + names-only reconcile), and one directory listing.
@@ -77,24 +83,35 @@ def _batch(i: int, grow: bool = False) -> tuple[BatchSpec, list[StoredRow]]:
     return spec, [row]
 
 
-def _fill(store: FeatureStore, start: int, stop: int) -> None:
-    """Batches ``start..stop-1`` as write_batch would leave them, without the fsyncs."""
+def _fill(store: FeatureStore, n: int) -> None:
+    """Batches ``0..n-1`` as write_batch would leave them, without the fsyncs: a fixture, not the measured path.
+
+    Every batch gets a real manifest (``prepare_manifest``) in the index journal, and an ``.avro`` and a
+    ``.json`` name in the directory. The names are hard links to one placeholder file per 60,000 batches
+    (ext4 allows 65,000 links to a file): a link costs a directory entry, ~20 µs, where creating a file costs
+    an inode too, 0.05-0.9 ms here, and creating 100k manifest files was most of this benchmark's time. The
+    ``.json`` placeholder is a real manifest of the same size, so the parse-every-manifest reference reads
+    and parses as many bytes per batch as before. The journal is written in one buffered pass (the lines
+    ``store_index.append`` writes one at a time).
+    """
     d = store.directory(KIND)
     d.mkdir(parents=True, exist_ok=True)
     _, rows0 = _batch(0)
     placeholder = encode_rows("synthetic", rows0, N_FEATURES, ["y"])
-    for i in range(start, stop):
-        template = d.parent / f"placeholder-{i // 60_000}.avro"  # ext4 allows 65,000 links to a file
-        if not template.exists():
-            template.write_bytes(placeholder)
-        spec, rows = _batch(i)
-        bid = batch_id_for(TOPIC, spec.partition, spec.first_offset, spec.last_offset)
-        manifest, state = store.prepare_manifest(bid, spec, rows, placeholder, "live", BASE_MS + i * 1000)
-        if state is not None:
-            (d / manifest["featurizer_state_file"]["name"]).write_bytes(state)
-        (d / f"{bid}.json").write_bytes(manifest_bytes(manifest))
-        os.link(template, d / f"{bid}.avro")  # one placeholder, many names: cheaper to create
-        store_index.append(d, "add", bid, manifest)
+    with open(d / store_index.INDEX_NAME, "ab") as journal:
+        for i in range(n):
+            spec, rows = _batch(i)
+            bid = batch_id_for(TOPIC, spec.partition, spec.first_offset, spec.last_offset)
+            manifest, state = store.prepare_manifest(bid, spec, rows, placeholder, "live", BASE_MS + i * 1000)
+            if state is not None:
+                raise RuntimeError("the fill's one-key state must stay inline")
+            avro, meta = (d.parent / f"placeholder-{i // 60_000}{ext}" for ext in (".avro", ".json"))
+            if not avro.exists():
+                avro.write_bytes(placeholder)
+                meta.write_bytes(manifest_bytes(manifest))
+            os.link(meta, d / f"{bid}.json")
+            os.link(avro, d / f"{bid}.avro")
+            journal.write(store_index.line("add", bid, manifest))
 
 
 def _parse_everything(d: Path) -> int:
@@ -108,67 +125,82 @@ def _parse_everything(d: Path) -> int:
     return len(out)
 
 
-def _measure(store: FeatureStore, n: int, root: Path) -> dict[str, float]:
-    d = store.directory(KIND)
-    t0 = time.perf_counter()
-    parsed = _parse_everything(d)
-    full_parse_ms = (time.perf_counter() - t0) * 1000
-    if parsed != n:
-        raise RuntimeError(f"store holds {parsed} batches, expected {n}")
-    reader = FeatureStore(root)  # a restarted trainer
-    t0 = time.perf_counter()
-    listed = reader.batches_after(KIND, None)
-    cold_ms = (time.perf_counter() - t0) * 1000
-    if len(listed) != n:
-        raise RuntimeError(f"index lists {len(listed)} batches, expected {n}")
-    polls, writes, same_state_writes, written, checks, listings = [], [], [], [], [], []
-    i = n
-    for k in range(POLLS):
+class _Size:
+    """One store of ``n`` batches under test: its writer, a restarted trainer's reader, the samples."""
+
+    def __init__(self, root: Path, n: int) -> None:
+        self.n, self.root, self.next = n, root, n
+        self.store = FeatureStore(root)
+        t0 = time.perf_counter()
+        _fill(self.store, n)
+        self.fill_s = time.perf_counter() - t0
+        self.d = self.store.directory(KIND)
+        t0 = time.perf_counter()
+        parsed = _parse_everything(self.d)
+        self.full_parse_ms = (time.perf_counter() - t0) * 1000
+        if parsed != n:
+            raise RuntimeError(f"store holds {parsed} batches, expected {n}")
+        self.reader = FeatureStore(root)  # a restarted trainer
+        t0 = time.perf_counter()
+        listed = self.reader.batches_after(KIND, None)
+        self.cold_ms = (time.perf_counter() - t0) * 1000
+        if len(listed) != n:
+            raise RuntimeError(f"index lists {len(listed)} batches, expected {n}")
+        self.store.overlapping(KIND, TOPIC, 0, 0, 0)  # loads the writer's index before its first (timed) write
+        self.polls: list[float] = []
+        self.writes: list[float] = []
+        self.same_state_writes: list[float] = []
+        self.written: list[int] = []
+        self.checks: list[float] = []
+        self.listings: list[float] = []
+
+    def step(self, k: int) -> None:
+        """One write (fsynced) and one trainer poll on this store."""
         # Every other write carries a one-key featurizer state, the same at every size: the growing
         # state (20 + i/50 keys) leaves the manifest past STATE_INLINE_MAX_BYTES (somewhere between 1k
         # and 10k batches here) for a state file of its own, one more fsynced file per write.
         # The same-state writes measure what the number of batches does to a write.
-        grow = k % 2 == 0
+        store, i, grow = self.store, self.next, k % 2 == 0
         spec, rows = _batch(i, grow=grow)
         t0 = time.perf_counter()
         if store.overlapping(KIND, TOPIC, spec.partition, spec.first_offset, spec.last_offset) is not None:
             raise RuntimeError(f"batch {i} overlaps a stored one")
-        checks.append(time.perf_counter() - t0)
-        if len(listings) < LISTDIR_SAMPLES:  # 0.2 s each at 100k: a sample gives the median
+        self.checks.append(time.perf_counter() - t0)
+        if len(self.listings) < LISTDIR_SAMPLES:  # 0.2 s each at 100k: a sample gives the median
             t0 = time.perf_counter()
-            os.listdir(d)  # what the guard cost per write before the index
-            listings.append(time.perf_counter() - t0)
+            os.listdir(self.d)  # what the guard cost per write before the index
+            self.listings.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         info, _ = store.write_batch(spec, rows, created_at_ms=BASE_MS + i * 1000)
-        (writes if grow else same_state_writes).append(time.perf_counter() - t0)
+        (self.writes if grow else self.same_state_writes).append(time.perf_counter() - t0)
         if grow:
-            written.append(info.path.with_suffix(".json").stat().st_size)
-        i += 1
+            self.written.append(Path(info.path).with_suffix(".json").stat().st_size)
+        self.next = i = i + 1
         seen_spec, _ = _batch(i - 1 - LAG)
         newest_seen = batch_id_for(TOPIC, seen_spec.partition, seen_spec.first_offset, seen_spec.last_offset)
         t0 = time.perf_counter()
-        unseen = reader.batches_after(KIND, newest_seen, BASE_MS + (i - 1 - LAG) * 1000)
-        polls.append(time.perf_counter() - t0)
+        unseen = self.reader.batches_after(KIND, newest_seen, BASE_MS + (i - 1 - LAG) * 1000)
+        self.polls.append(time.perf_counter() - t0)
         if len(unseen) != LAG:
             raise RuntimeError(f"poll saw {len(unseen)} unseen batches, expected {LAG}")
-    for j in range(n, i):  # back to exactly n for the next size
-        spec, _ = _batch(j)
-        store.remove_batch(KIND, batch_id_for(TOPIC, spec.partition, spec.first_offset, spec.last_offset))
-    state_bytes = len(_state(n, grow=True))
-    return {
-        "poll_us": statistics.median(polls) * 1e6,
-        "poll_p90_us": sorted(polls)[int(len(polls) * 0.9)] * 1e6,
-        "manifest_bytes": statistics.mean(written),
-        "state_bytes": state_bytes,
-        "full_parse_ms": full_parse_ms,
-        "cold_open_ms": cold_ms,
-        "write_batch_ms": statistics.median(writes) * 1000,
-        "write_batch_same_state_ms": statistics.median(same_state_writes) * 1000,
-        "state_in_own_file": float(state_bytes > store.state_inline_max_bytes),
-        "overlap_check_us": statistics.median(checks) * 1e6,
-        "listdir_us": statistics.median(listings) * 1e6,
-        "index_bytes_per_batch": (d / store_index.INDEX_NAME).stat().st_size / n,
-    }
+
+    def figures(self) -> dict[str, float]:
+        state_bytes = len(_state(self.n, grow=True))
+        return {
+            "poll_us": statistics.median(self.polls) * 1e6,
+            "poll_p90_us": sorted(self.polls)[int(len(self.polls) * 0.9)] * 1e6,
+            "manifest_bytes": statistics.mean(self.written),
+            "state_bytes": state_bytes,
+            "full_parse_ms": self.full_parse_ms,
+            "cold_open_ms": self.cold_ms,
+            "write_batch_ms": statistics.median(self.writes) * 1000,
+            "write_batch_same_state_ms": statistics.median(self.same_state_writes) * 1000,
+            "state_in_own_file": float(state_bytes > self.store.state_inline_max_bytes),
+            "overlap_check_us": statistics.median(self.checks) * 1e6,
+            "listdir_us": statistics.median(self.listings) * 1e6,
+            "index_bytes_per_batch": (self.d / store_index.INDEX_NAME).stat().st_size / self.n,
+            "fill_s": self.fill_s,
+        }
 
 
 def run(settings: Settings | None = None) -> dict[str, Any]:
@@ -176,15 +208,12 @@ def run(settings: Settings | None = None) -> dict[str, Any]:
     load0 = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="streamlearn-bench-store-"))
     try:
-        store = FeatureStore(root)
-        figures: dict[int, dict[str, float]] = {}
-        have = 0
-        for n in SIZES:
-            t0 = time.perf_counter()
-            _fill(store, have, n)
-            have = n
-            figures[n] = _measure(store, n, root)
-            figures[n]["fill_s"] = time.perf_counter() - t0
+        sizes = [_Size(root / f"store-{n}", n) for n in SIZES]
+        os.sync()  # the fixtures' unsynced pages (100k journal lines) must not be flushed by the measured fsyncs
+        for k in range(POLLS):
+            for size in sizes:  # interleaved: a burst of load from other processes hits every size alike
+                size.step(k)
+        figures = {size.n: size.figures() for size in sizes}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     base = figures[SIZES[0]]

@@ -171,11 +171,12 @@ class FeatureStore:
             pairs = index.after(mark)
         return [BatchInfo(bid, d / f"{bid}.avro", m) for bid, m in pairs]
 
-    def _index(self, d: Path) -> IndexCache:
+    def _index(self, d: Path, paced: bool = False) -> IndexCache:
+        """The directory's index, brought up to date (``paced``: the writer's check, see ``IndexCache.refresh``)."""
         index = self._indexes.get(d)
         if index is None:
             index = self._indexes[d] = IndexCache(d, lambda bid: self._read_manifest(d, bid))
-        index.refresh()
+        index.refresh(paced)
         return index
 
     @staticmethod
@@ -266,11 +267,12 @@ class FeatureStore:
         index's back never blocks its offsets. A batch another writer renamed into place is seen once
         its writer appended its journal line (right after the rename): the same check-then-write race
         the directory listing had; a writer killed between its rename and its append is found by this
-        process's next index reload or scan, and by every process started after it.
+        process's next index reload or scan, and by every process started after it. The scan is paced
+        here (one step per ``store_index.SCAN_INTERVAL_S`` at most): back-to-back writes skip it.
         """
         d = self.directory(kind, namespace)
         prefix = f"{topic}-p{partition}-"
-        ids = self._index(d).partition_ids(prefix)
+        ids = self._index(d, paced=True).partition_ids(prefix)
         at = bisect.bisect_left(ids, f"{prefix}{first_offset:0{OFFSET_DIGITS}d}")
 
         def span(bid: str) -> tuple[int, int] | None:  # (first, last) named by a batch id

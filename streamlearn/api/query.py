@@ -17,11 +17,12 @@ Formats by ``Accept``: JSON (default, ``application/json``), Arrow IPC stream
 from __future__ import annotations
 
 import importlib
+import json
 import threading
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from schemas.access import Principal
@@ -102,14 +103,19 @@ class QueryService:
             self._slots.release()
         headers = {"X-Next-Cursor": page.next_cursor} if page.next_cursor else {}
         headers["X-Scanned-Rows"] = str(page.scanned_rows)
-        if fmt == "json":
-            return JSONResponse(body, headers=headers)
-        return Response(body, media_type=ARROW if fmt == "arrow" else PARQUET, headers=headers)
+        media = {"json": "application/json", "arrow": ARROW}.get(fmt, PARQUET)
+        return Response(body, media_type=media, headers=headers)
 
 
-def _render(page: Any, fmt: str) -> Any:
+def _render(page: Any, fmt: str) -> bytes:
+    """The page's body, built in the worker thread (a JSON page is encoded there too, column-wise:
+    ``QueryPage.to_json_bytes``, not by ``JSONResponse`` on the event loop)."""
     if fmt == "arrow":
-        return page.to_arrow_ipc()
-    if fmt == "parquet":
-        return page.to_parquet()
-    return page.to_json()
+        body: bytes = page.to_arrow_ipc()
+    elif fmt == "parquet":
+        body = page.to_parquet()
+    elif hasattr(page, "to_json_bytes"):
+        body = page.to_json_bytes()
+    else:  # a page of an engine without the column-wise encoder: what JSONResponse would have sent
+        body = json.dumps(page.to_json(), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    return body
