@@ -25,41 +25,59 @@ import threading
 import types
 from typing import Any
 
+from serving.heap import freeze_startup_heap, paused_gc
+
 _LOCK = threading.Lock()
 _HIDDEN = ("keras.src", "keras._tf_keras")
 
 
 def import_tensorflow() -> Any:
-    """The ``tensorflow`` module, imported without Keras when this process has not imported either."""
+    """The ``tensorflow`` module, imported without Keras when this process has not imported either.
+
+    An import made here runs with the cyclic collector paused and freezes the heap it leaves behind
+    (serving.heap: ~0.5 s less CPU to import, no full-heap walk on a hot swap later).
+    """
     with _LOCK:
-        if "tensorflow" in sys.modules or any(n == "keras" or n.startswith("keras.") for n in sys.modules):
+        if "tensorflow" in sys.modules:
             import tensorflow as tf
 
             return tf
-        try:
-            spec = importlib.util.find_spec("keras")
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            import tensorflow as tf
-
-            return tf
-        stub = types.ModuleType("keras")
-        stub.__spec__ = spec
-        stub.__path__ = list(spec.submodule_search_locations)
-        stub.__file__ = spec.origin
-        sys.modules["keras"] = stub
-        for name in _HIDDEN:
-            sys.modules[name] = None  # type: ignore[assignment]  # "import halted": an ImportError
-        try:
-            import tensorflow as tf
-        finally:
-            if sys.modules.get("keras") is stub:
-                del sys.modules["keras"]
-            for name in _HIDDEN:
-                if name in sys.modules and sys.modules[name] is None:
-                    del sys.modules[name]
+        with paused_gc():
+            tf = _import_without_keras()
+        freeze_startup_heap()
         return tf
+
+
+def _import_without_keras() -> Any:
+    """The import itself (caller holds _LOCK): Keras hidden unless it is imported already."""
+    if "tensorflow" in sys.modules or any(n == "keras" or n.startswith("keras.") for n in sys.modules):
+        import tensorflow as tf
+
+        return tf
+    try:
+        spec = importlib.util.find_spec("keras")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        import tensorflow as tf
+
+        return tf
+    stub = types.ModuleType("keras")
+    stub.__spec__ = spec
+    stub.__path__ = list(spec.submodule_search_locations)
+    stub.__file__ = spec.origin
+    sys.modules["keras"] = stub
+    for name in _HIDDEN:
+        sys.modules[name] = None  # type: ignore[assignment]  # "import halted": an ImportError
+    try:
+        import tensorflow as tf
+    finally:
+        if sys.modules.get("keras") is stub:
+            del sys.modules["keras"]
+        for name in _HIDDEN:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+    return tf
 
 
 def start_background_import() -> threading.Thread:

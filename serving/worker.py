@@ -36,11 +36,13 @@ from schemas.serde import AvroDeserializer
 from serving import metrics
 from serving.emit import Emitter, Item
 from serving.exceptions import NoModelVersionError, RequestDecodeError
+from serving.heap import freeze_startup_heap
 from serving.inputs import Featurization
 from serving.labels import LabelJoiner
 from serving.model import configure_tf_threads
 from serving.policy import Policy
 from serving.replies import ReplyTopics, SerializerCache, cut_id
+from serving.tfimport import import_tensorflow
 from serving.versions import VersionManager
 from streaming import onerror
 from streaming.config import Settings
@@ -236,6 +238,9 @@ class ServingWorker(Emitter):
         try:
             if self.tf_threads is not None:
                 configure_tf_threads(self.tf_threads)
+            import_tensorflow()
+            # Before the first version loads: versions come and go with swaps and must stay collectable.
+            freeze_startup_heap()
             log.info("TensorFlow imported in %.1f s; loading %s", time.monotonic() - started, self.model)
             self.manager.start()
         except BaseException as exc:  # re-raised by the serving thread (_prefetch)
