@@ -50,27 +50,43 @@ def test_visible_reader_sees_only_committed_answers_after_the_commit(settings: c
     producer.init_transactions()
     try:
         producer.begin_transaction()  # before the reader: it starts at the end and must skip this one
-        producer.send(topic, key=b"old", value=ser(_answer("vis-old")))
+        producer.send(topic, key=b"old", value=ser(_answer(f"lv-0-{time.time_ns() // 1_000_000}")))
         producer.commit_transaction()
-        now = time.time_ns() / 1e6
-        for rid in ("vis-old", "vis-ok"):
-            bench_serving._REQUEST_TS[rid] = now
+        now = time.time_ns() // 1_000_000
+        old, ok = f"lv-0-{now}", f"lv-1-{now}"  # load-generator ids carry their send time (ms)
         reader = bench_serving._VisibleReader(settings, topic)
         try:
             producer.begin_transaction()
-            producer.send(topic, key=b"b", value=ser(_answer("vis-ok")))
+            producer.send(topic, key=b"b", value=ser(_answer(ok)))
             producer.flush()  # on the broker, in an open transaction: not visible to read_committed yet
             wait_until(lambda: _raw_offsets(settings, topic), timeout=30, message="the record on the broker")
             before_commit = time.time_ns() / 1e6
             producer.commit_transaction()
-            wait_until(lambda: "vis-ok" in reader.visible, timeout=30)
-            visible, stamped = reader.wait_for("vis-", 1, timeout=5)
+            wait_until(lambda: ok in reader.visible, timeout=30)
+            visible, stamped = reader.wait_for("lv-", 1, timeout=5)
         finally:
             reader.close()
     finally:
         producer.close()
     assert reader._consumer.config["isolation_level"] == "read_committed"
-    assert set(reader.visible) == {"vis-ok"}  # not the answer from before the reader started
-    assert reader.visible["vis-ok"] >= before_commit - now  # stamped after its transaction committed
-    assert visible == [reader.visible["vis-ok"]] and stamped == [1.0]
+    assert set(reader.visible) == {ok} and old not in reader.visible  # not the answer from before the reader
+    assert reader.visible[ok] >= before_commit - now  # stamped after its transaction committed
+    assert visible == [reader.visible[ok]] and stamped == [1.0]
     assert "bench_serving" in BENCHMARKS
+
+
+def test_the_load_generator_runs_in_its_own_process_and_stamps_its_ids(settings: config.Settings) -> None:
+    """_offered_load's child publishes valid requests whose ids carry their send time (read by _sent_ms)."""
+    from streaming.consumer import Subscriber
+
+    topic = settings.topic("bench.load")
+    ensure_topics(settings, [TopicSpec(topic, 1, 3_600_000, "delete", None, "test")])
+    before = time.time_ns() / 1e6
+    sent = bench_serving._offered_load(settings, topic, rate=50, seconds=0.3, seed=7)
+    assert 5 <= sent <= 20
+    with Subscriber(settings, [topic], until="end") as sub:
+        ids = [item.value["request_id"] for item in sub]
+    assert len(ids) == sent and ids[0].startswith("l7-0-")
+    stamps = [bench_serving._sent_ms(i) for i in ids]
+    assert all(s is not None and before <= s <= time.time_ns() / 1e6 for s in stamps)
+    assert bench_serving._sent_ms("vis-ok") is None and bench_serving._sent_ms("a-b-c") is None
