@@ -69,6 +69,9 @@ def _safe_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", text)[:240]
 
 
+CLIENT_CLOSE_S = 5.0  # each Kafka client's close: kafka-python's producer otherwise waits for ever on a stuck batch
+CLOSE_SLOW_S = 5.0  # a stop slower than this logs where its time went
+
 class ServingWorker(Emitter):
     """One worker process slot. ``run()`` blocks until ``stop`` is set (or a fatal Kafka error)."""
 
@@ -181,21 +184,41 @@ class ServingWorker(Emitter):
             self.producer.init_transactions()  # fences and aborts a dead predecessor's open transaction
 
     def close(self) -> None:
+        """Stop the threads and the clients, each bounded: a stop must finish well inside a supervisor's
+        SIGTERM grace period even when the broker or a thread is slow (each step's time is logged when
+        the whole took longer than CLOSE_SLOW_S, so a slow stop says where it waited)."""
         self.stop_event.set()
+        steps: list[tuple[str, float]] = []
+        began = last = time.monotonic()
+
+        def step(name: str) -> None:
+            nonlocal last
+            now = time.monotonic()
+            steps.append((name, now - last))
+            last = now
+
         self.manager.stop()
+        step("version threads")
         if self.labels is not None:
             self.labels.stop()
+            step("label joiner")
         if self.waiting is not None:
             self.waiting.release()
             self.waiting = None
         if self.poller is not None:
             self.poller.close()
-        for client in (self.consumer, self.producer):
+        closers = ((self.consumer, lambda c: c.close(timeout_ms=int(CLIENT_CLOSE_S * 1000))),
+                   (self.producer, lambda p: p.close(timeout=CLIENT_CLOSE_S)))  # an open transaction is aborted
+        for client, close in closers:
             if client is not None:
                 try:
-                    client.close()
+                    close(client)
                 except Exception as exc:  # closing after a broker loss must not hide the original error
                     log.warning("closing %s: %s", type(client).__name__, exc)
+                step(type(client).__name__)
+        if time.monotonic() - began > CLOSE_SLOW_S:
+            log.warning("stopping %s took %.1f s: %s", self.model, time.monotonic() - began,
+                        ", ".join(f"{name} {took:.1f} s" for name, took in steps))
         self.consumer = self.producer = None
         if self.lease is not None:
             self.lease.release()  # a clean stop leaves the group (static members do not by themselves)
