@@ -7,23 +7,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from streaming.store import BatchOverlapError, BatchSpec, FeatureStore, StoredRow
+from streaming.store import BatchOverlapError, FeatureStore
 from streaming.store_index import INDEX_NAME, IndexCache
-
-TOPIC = "t.sensor.raw"
-
-
-def _write(store: FeatureStore, partition: int, first: int, last: int) -> str:
-    spec = BatchSpec(kind="sensor", topic=TOPIC, partition=partition, first_offset=first, last_offset=last,
-                     featurizer_version="1", n_features=2, label_names=["y"])
-    rows = [StoredRow(np.array([o, 1.0], np.float32), {"y": 1.0}, 1_700_000_000_000 + o, "k", TOPIC, partition, o)
-            for o in range(first, last + 1)]
-    info, written = store.write_batch(spec, rows)
-    assert written
-    return info.batch_id
+from tests.test_store_overlap_index import TOPIC, _write  # one batch of rows first..last on a partition
 
 
 def _count_steps(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
