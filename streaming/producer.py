@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any, NoReturn
+from typing import Any
 
 from kafka import KafkaProducer
 
@@ -147,21 +147,15 @@ class Publisher:
         """Publish one event of ``kind`` (weblog, sensor, image) to its raw topic.
 
         The same steps as :meth:`publish_to` (tenant check, validate + encode, key from the record,
-        size check, ledgered send), with what depends only on ``kind`` looked up once: this is the
-        per-record hot path (``benchmarks/bench_sdk.py``), and the three calls and four lookups it
-        took per record cost about as much as the ack ledger (docs/SDK_PERF.md)."""
+        then :meth:`_send`: size check, ledgered send), with what depends only on ``kind`` looked up
+        once: this is the per-record hot path (``benchmarks/bench_sdk.py``), and the calls and lookups
+        it took per record cost about as much as the ack ledger (docs/SDK_PERF.md)."""
         hot = self._kinds.get(kind)
         if hot is None:
             hot = self._kind_path(kind)
         topic, ser, key_field = hot
         value = ser(record)  # validates first: RecordValidationError names the field
-        if len(value) > self.max_record_bytes:
-            self._too_large(topic, value)
-        if key is None:
-            key = record.get(key_field)
-        if isinstance(key, str):
-            key = key.encode()
-        return self.ledger.send(topic, value, key, headers or None)
+        return self._send(topic, value, record.get(key_field) if key is None else key, headers)
 
     def _kind_path(self, kind: str) -> tuple[str, AvroSerializer, str]:
         """(raw topic, serializer, key field) of ``kind``, cached; the tenant check runs here, once,
@@ -227,15 +221,12 @@ class Publisher:
 
     def _send(self, topic: str, value: bytes, key: str | bytes | None, headers: Headers | None) -> GuardedSend:
         if len(value) > self.max_record_bytes:
-            self._too_large(topic, value)
+            raise RecordTooLargeError(
+                f"record for topic {topic!r} is {len(value)} bytes encoded, over the limit of "
+                f"{self.max_record_bytes} bytes (max_record_bytes); shrink it (e.g. downscale images) "
+                "or raise the limit on the producer and the broker's message.max.bytes")
         key_bytes = key.encode() if isinstance(key, str) else key
         return self.ledger.send(topic, value, key_bytes, headers or None)
-
-    def _too_large(self, topic: str, value: bytes) -> NoReturn:
-        raise RecordTooLargeError(
-            f"record for topic {topic!r} is {len(value)} bytes encoded, over the limit of "
-            f"{self.max_record_bytes} bytes (max_record_bytes); shrink it (e.g. downscale images) "
-            "or raise the limit on the producer and the broker's message.max.bytes")
 
     def dead_letter(self, kind: str, original: bytes, *, stage: str, error: BaseException | str,
                     source: Mapping[str, object], key: str | bytes | None = None) -> GuardedSend:
