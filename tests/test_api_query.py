@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from schemas.access import load_keys
 from schemas.exceptions import StreamlearnError
-from streaming import config
+from streaming import config, query_json
 from streaming.config import Settings
 from streamlearn.api import query as query_route
 from streamlearn.api.app import create_app
@@ -70,7 +70,7 @@ class RecordingEngine:
             return sink.getvalue()
 
         return SimpleNamespace(table=rows, next_cursor=nxt, scanned_rows=self.table.num_rows,
-                               to_json=lambda: {"rows": rows.to_pylist(), "count": rows.num_rows, "next_cursor": nxt},
+                               to_json_bytes=lambda: query_json.page_bytes(rows.to_pylist(), nxt),
                                to_arrow_ipc=ipc, to_parquet=parquet)
 
     def query_features(self, settings: Settings, **kw: Any) -> Any:

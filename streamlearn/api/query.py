@@ -17,7 +17,6 @@ Formats by ``Accept``: JSON (default, ``application/json``), Arrow IPC stream
 from __future__ import annotations
 
 import importlib
-import json
 import threading
 from typing import Any
 
@@ -114,8 +113,6 @@ def _render(page: Any, fmt: str) -> bytes:
         body: bytes = page.to_arrow_ipc()
     elif fmt == "parquet":
         body = page.to_parquet()
-    elif hasattr(page, "to_json_bytes"):
+    else:
         body = page.to_json_bytes()
-    else:  # a page of an engine without the column-wise encoder: what JSONResponse would have sent
-        body = json.dumps(page.to_json(), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
     return body
