@@ -122,14 +122,13 @@ class LabelJoiner:
         topic = raw_topic(self.settings, self.kind)
         consumer = KafkaConsumer(bootstrap_servers=self.settings.bootstrap, enable_auto_commit=False,
                                  isolation_level="read_committed", **kafka_security(self.settings))
-        closing: list[IdlePoller] = []  # the poller's probe socket is closed with the consumer
+        poller: IdlePoller | None = None  # its probe socket is closed with the consumer
         try:
             parts = consumer.partitions_for_topic(topic) or set()
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
             consumer.assign(tps)
             consumer.seek_to_end(*tps)
             poller = IdlePoller(consumer, max_idle_s=0.25)  # labels arrive late anyway; no fetch spin meanwhile
-            closing.append(poller)
             while not self._stop.is_set():
                 for recs in poller.poll(timeout_ms=300).values():
                     for rec in recs:
@@ -143,6 +142,6 @@ class LabelJoiner:
         except Exception as exc:
             log.warning("label joiner for %s stopped: %s; the canary judge uses in-record labels only", topic, exc)
         finally:
-            for poller in closing:
+            if poller is not None:
                 poller.close()
             consumer.close()

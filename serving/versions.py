@@ -401,8 +401,6 @@ class VersionManager:
                         consumer = None
                         self._stop.wait(self.poll_interval_s)
                         continue
-                    if poller is not None:
-                        poller.close()
                     tps = [TopicPartition(topic, p) for p in sorted(parts)]
                     consumer.assign(tps)
                     consumer.seek_to_end(*tps)
@@ -417,7 +415,7 @@ class VersionManager:
                     consumer.close()
                 if poller is not None:
                     poller.close()
-                consumer = None
+                consumer = poller = None
                 self._stop.wait(self.poll_interval_s)
         if consumer is not None:
             consumer.close()

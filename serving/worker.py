@@ -72,6 +72,7 @@ def _safe_id(text: str) -> str:
 CLIENT_CLOSE_S = 5.0  # each Kafka client's close: kafka-python's producer otherwise waits for ever on a stuck batch
 CLOSE_SLOW_S = 5.0  # a stop slower than this logs where its time went
 
+
 class ServingWorker(Emitter):
     """One worker process slot. ``run()`` blocks until ``stop`` is set (or a fatal Kafka error)."""
 
