@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -27,9 +26,9 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import bench_settings, fresh, machine, write_report
+from benchmarks.common import bench_settings, child_env, fresh, machine, write_report
 from streaming.broker import free_port
-from streaming.config import Settings, to_env
+from streaming.config import Settings
 from streaming.polling import poll_until
 from streaming.producer import Publisher
 from streaming.topics import raw_topic
@@ -90,9 +89,7 @@ async def _post_all(url: str, bodies: list[bytes]) -> tuple[float, list[float], 
 
 def _start_gateway(settings: Settings) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLEARN_")}
-    env.update(to_env(settings))
-    env.update(STREAMLEARN_INGEST_TOKENS=f"bench:{TOKEN}", STREAMLEARN_INGEST_PORT=str(port),
+    env = child_env(settings, STREAMLEARN_INGEST_TOKENS=f"bench:{TOKEN}", STREAMLEARN_INGEST_PORT=str(port),
                STREAMLEARN_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "streamlearn.cli", "ingest", "serve", "--rate", "0",
                              "--max-in-flight", "1000000"], env=env, stdout=subprocess.DEVNULL,

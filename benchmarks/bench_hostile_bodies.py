@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -29,9 +28,9 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import bench_settings, fresh, machine, write_report
+from benchmarks.common import bench_settings, child_env, fresh, machine, write_report
 from streaming.broker import free_port
-from streaming.config import Settings, to_env
+from streaming.config import Settings
 
 TOKEN = "bench-token-0123456789"
 CONCURRENT = 6
@@ -49,9 +48,7 @@ def _rss_kib(pid: int, field: str) -> int:
 
 def _start(settings: Settings, src: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLEARN_")}
-    env.update(to_env(settings))
-    env.update(STREAMLEARN_INGEST_TOKENS=f"bench:{TOKEN}", STREAMLEARN_INGEST_PORT=str(port),
+    env = child_env(settings, STREAMLEARN_INGEST_TOKENS=f"bench:{TOKEN}", STREAMLEARN_INGEST_PORT=str(port),
                STREAMLEARN_LOG_LEVEL="WARNING", PYTHONPATH=src, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "streamlearn.cli", "ingest", "serve",
                              "--max-body-bytes", str(BODY_BYTES + 1024)], env=env, cwd=src,

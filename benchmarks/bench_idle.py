@@ -41,8 +41,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import bench_settings, machine, write_report
-from streaming.config import Settings, to_env
+from benchmarks.common import bench_settings, child_env, machine, write_report
+from streaming.config import Settings
 
 WINDOW_S = 8.0  # 800+ clock ticks per window: 0.01 core resolves to ~8 ticks
 GOAL_WORKER_CORE = 0.02
@@ -63,10 +63,7 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def _env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLEARN_")}
-    env.update(to_env(settings))
-    env.update(PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3", STREAMLEARN_METRICS_PORT="-1")
-    return env
+    return child_env(settings, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3", STREAMLEARN_METRICS_PORT="-1")
 
 
 def _spawn(settings: Settings, args: list[str], log: Path) -> subprocess.Popen[bytes]:

@@ -45,8 +45,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from benchmarks.common import bench_settings, fresh, machine, write_report
-from streaming.config import Settings, to_env
+from benchmarks.common import bench_settings, child_env, fresh, machine, write_report
+from streaming.config import Settings
 from streaming.topics import raw_topic
 
 GOAL_S = 5.0
@@ -57,10 +57,7 @@ T = TypeVar("T")
 
 # -- plumbing ----------------------------------------------------------------------------------------
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLEARN_")}
-    env.update(to_env(settings))
-    env.update(PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT), **extra)
-    return env
+    return child_env(settings, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT), **extra)
 
 
 class Worker:

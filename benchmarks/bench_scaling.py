@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import bench_settings, fresh, machine, write_report
-from streaming.config import Settings, to_env
+from benchmarks.common import bench_settings, child_env, fresh, machine, write_report
+from streaming.config import Settings
 from streaming.members import local_entries
 from streaming.polling import poll_until
 from streaming.producer import Publisher
@@ -64,11 +64,9 @@ def _run(settings: Settings, n_workers: int) -> dict[str, Any]:
     name = f"bench-scaling-{n_workers}"
     group = settings.group(name)  # what the CLI makes of --group NAME
     store, topic = FeatureStore(features), raw_topic(settings, "sensor")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLEARN_")}
-    env.update(to_env(settings))
     # A short batch timer: each partition's last partial batch must not wait out the default 5 s.
-    env.update({"STREAMLEARN_FEATURE_STORE": str(features), "STREAMLEARN_METRICS_PORT": "-1",
-                "STREAMLEARN_BATCH_MAX_SECONDS": "0.25", "PYTHONUNBUFFERED": "1"})
+    env = child_env(settings, STREAMLEARN_FEATURE_STORE=str(features), STREAMLEARN_METRICS_PORT="-1",
+                    STREAMLEARN_BATCH_MAX_SECONDS="0.25", PYTHONUNBUFFERED="1")
     log_dir = settings.home / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import bench_settings, machine, write_report
+from benchmarks.common import bench_settings, child_env, machine, write_report
 from streaming.config import Settings
 from streaming.polling import poll_until
 
@@ -313,11 +313,7 @@ def _offered_load(settings: Settings, topic: str, rate: float, seconds: float, s
     import subprocess
     import sys
 
-    from streaming.config import to_env
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLEARN_")}
-    env.update(to_env(settings))
-    env.update(STREAMLEARN_METRICS_PORT="-1")
+    env = child_env(settings, STREAMLEARN_METRICS_PORT="-1")
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_serving", "--load", topic, str(rate),
                           str(seconds), str(seed)], env=env, capture_output=True, text=True, timeout=seconds + 120,
                          check=True)

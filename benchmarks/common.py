@@ -41,6 +41,16 @@ def bench_settings(**overrides: Any) -> Iterator[config.Settings]:
             broker.stop()
 
 
+def child_env(settings: config.Settings, **extra: str) -> dict[str, str]:
+    """The environment of a worker subprocess that sees exactly ``settings``: this process's variables
+    without any ``STREAMLEARN_*`` (a developer's own would leak into the run), ``settings`` as
+    variables (the one place that reads them, ``streaming.config``, reads them back), then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLEARN_")}
+    env.update(config.to_env(settings))
+    env.update(extra)
+    return env
+
+
 def fresh(settings: config.Settings, **overrides: Any) -> config.Settings:
     """Same broker, new topic prefix and home: a benchmark never reads another one's data."""
     home = Path(tempfile.mkdtemp(prefix="streamlearn-bench-"))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import signal
 import subprocess
@@ -34,8 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import bench_settings, fresh, machine, write_report
-from streaming.config import Settings, to_env
+from benchmarks.common import bench_settings, child_env, fresh, machine, write_report
+from streaming.config import Settings
 from streaming.members import describe_group, local_entries
 from streaming.polling import poll_until
 
@@ -72,9 +71,7 @@ def _split(settings: Settings, group: str, n: int) -> bool:
 def _one(base: Settings, i: int, n: int, jitter_s: float, stall_s: float, out: Path) -> dict[str, Any]:
     settings = fresh(base, partitions=max(n, base.partitions), batch_max_seconds=1.0)
     group = settings.group("stream.sensor")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLEARN_")}
-    env.update(to_env(settings))
-    env.update({"PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    env = child_env(settings, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
     run_dir = out / f"run{i:03d}"
     run_dir.mkdir(parents=True, exist_ok=True)
     procs = []
