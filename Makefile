@@ -34,7 +34,7 @@ test: $(STAMP) ## run the test suite against a real embedded broker
 
 lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .
-	$(BIN)/mypy schemas streaming ingest trainer serving streamlearn
+	$(BIN)/mypy schemas streaming ingest trainer serving streamlearn benchmarks
 
 $(VENV)/.bench-installed: $(STAMP) requirements-bench.lock
 	$(BIN)/python -m pip install -q --no-deps -r requirements-bench.lock  # see the lock: quixstreams caps pydantic

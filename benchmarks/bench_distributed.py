@@ -59,7 +59,7 @@ def _run(cmds: list[tuple[list[str], dict[str, str]]]) -> tuple[float, list[dict
     for p in procs:
         out, err = p.communicate(timeout=1800)
         if p.returncode != 0:
-            raise SystemExit(f"{p.args} failed ({p.returncode}):\n{err[-3000:]}")
+            raise SystemExit(f"{p.args!r} failed ({p.returncode}):\n{err[-3000:]}")
         results.append(json.loads(out.strip().splitlines()[-1]))
     return time.monotonic() - started, results
 

@@ -90,6 +90,13 @@ def _river_outputs(spec: Any, model: Any, x: np.ndarray, y: np.ndarray, cols: li
     return out
 
 
+def _local(path: Path | str) -> Path:
+    """A local path: the benchmark parks and reveals batch files, which needs a local feature store."""
+    if not isinstance(path, Path):
+        raise SystemExit(f"bench_learning needs a local feature store; got {path!r}")
+    return path
+
+
 def _loop(settings: Settings, spec: Any, batches: list[BatchInfo], river_cols: list[int]) -> dict[str, Any]:
     """Test-then-train over ``batches``: served version, River models and baseline, per batch."""
     from streaming.model_registry import ModelRegistry
@@ -101,23 +108,26 @@ def _loop(settings: Settings, spec: Any, batches: list[BatchInfo], river_cols: l
 
     trainer = Trainer(settings, spec, namespace="bench", events=False, keep_last=1000)
     registry = ModelRegistry(settings.model_dir)
-    visible = settings.feature_store / "bench" / spec.featurizer_kind
+    visible = _local(settings.feature_store) / "bench" / spec.featurizer_kind
     parked = Path(tempfile.mkdtemp(prefix="parked-", dir=settings.home))
+    paths = {b.batch_id: _local(b.path) for b in batches}
     for b in batches:  # the store lists a batch iff its .avro exists: park all, reveal one per step
         # The store's index journal (streaming/store_index.py) is told like a writer/deleter would:
         # "del" before the files go, "add" after they are back (_reveal). Without it a revealed batch
         # reached the trainer only when the index's background scan found it, after newer ones, and
         # the cursor had passed it: batch 1 of every stream was never trained on.
         index_append(visible, "del", b.batch_id)
-        b.path.rename(parked / b.path.name)
-        b.path.with_suffix(".json").rename(parked / b.path.with_suffix(".json").name)
+        path = paths[b.batch_id]
+        path.rename(parked / path.name)
+        path.with_suffix(".json").rename(parked / path.with_suffix(".json").name)
     n_classes = len(spec.class_names or [])
     river = _river_models(spec.task, n_classes)
     seen_y: list[np.ndarray] = []
     rows: list[dict[str, Any]] = []
     predictors: dict[int, Any] = {}
     for i, b in enumerate(batches):
-        arrays = read_batch(parked / b.path.name)
+        path = paths[b.batch_id]
+        arrays = read_batch(parked / path.name)
         columns = {name: arrays[name] if name in arrays else np.full(len(arrays["x"]), np.nan)
                    for name in (spec.label, *spec.aux_labels)}
         x, y = labelled(spec, arrays["x"], columns)
@@ -133,8 +143,8 @@ def _loop(settings: Settings, spec: Any, batches: list[BatchInfo], river_cols: l
         row["river"] = {name: float(spec.score(y, _river_outputs(spec, m, x, y, river_cols))) if len(y) else None
                         for name, m in river.items()}
         seen_y.append(y)
-        (parked / b.path.with_suffix(".json").name).rename(visible / b.path.with_suffix(".json").name)
-        (parked / b.path.name).rename(visible / b.path.name)
+        (parked / path.with_suffix(".json").name).rename(visible / path.with_suffix(".json").name)
+        (parked / path.name).rename(visible / path.name)
         index_append(visible, "add", b.batch_id, b.manifest)
         started = time.perf_counter()
         try:
