@@ -18,8 +18,9 @@ every ``RETRAIN_S`` seconds.
   partition) in a ``train`` or ``reservoir`` batch (holdout batches are only evaluated on). Requests
   are sent every ``ASK_EVERY_S``. Goal <= 15 s (retrain every 10 s). ``freshness_first_event_s`` is
   the stricter figure: the lineage must hold that very first event. It can stay null: the trainer may
-  hold the first event's batch out in one version and, when more than 40 batches (MAX_NEW_BATCHES)
-  arrived since the promoted version, leave it to reservoir sampling in the next (docs/FRESHNESS.md).
+  hold the first event's batch out in one version and, when more new rows than the spec's
+  ``max_new_rows`` arrived since the promoted version, leave it to reservoir sampling in the next
+  (docs/FRESHNESS.md).
   The JSON splits the figure into stages (first event's batch written -> version created -> promoted
   -> first answer) and lists every version decided after the shift with its gate reason. If no such
   answer comes within ``FRESH_BOUND_S`` of the shift, the benchmark raises with those decisions and

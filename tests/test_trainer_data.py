@@ -94,3 +94,37 @@ def test_holdout_grows_to_max_of_n_rows_and_a_fraction_of_the_new_data(batches: 
     assert len(plan_data(big, batches, None).holdout) == 6  # half of 240 rows
     with pytest.raises(NotEnoughDataError, match=r"needs at least 200 held-out rows.*min_holdout_rows=200"):
         plan_data(load_spec("digits_cnn"), batches[:4], None)  # the default N=200 > 80 rows in all
+
+
+def _fake(i: int, rows: int) -> BatchInfo:
+    """A batch as the planner sees it (id, creation time, row count): planning reads no files."""
+    return BatchInfo(f"b{i:05d}", Path(f"/nowhere/b{i:05d}.avro"), {"created_at_ms": 1_000 + i, "record_count": rows})
+
+
+def test_every_new_batch_is_trained_on_while_the_rows_fit() -> None:
+    """60 new 5-row batches since the cursor: all but the holdout are trained on directly. The old cap
+    counted 40 batches and left the oldest ones (the previous version's holdout) to reservoir sampling."""
+    spec = dataclasses.replace(SPEC, min_holdout_rows=5)
+    old = [_fake(i, 5) for i in range(4)]
+    first = plan_data(spec, old, None)
+    new = [_fake(i, 5) for i in range(4, 64)]
+    plan = plan_data(spec, old + new, first.data_state)
+    assert plan.train_new == [old[3], *new[:-1]] and plan.holdout == [new[-1]]
+
+
+def test_new_rows_over_max_new_rows_leave_the_oldest_batches_to_the_reservoir() -> None:
+    spec = dataclasses.replace(SPEC, min_holdout_rows=5, max_new_rows=100)
+    batches = [_fake(i, 30) for i in range(10)]
+    plan = plan_data(spec, batches, None)
+    assert plan.holdout == [batches[9]]
+    assert plan.train_new == batches[6:9]  # the newest 90 rows; a 4th batch would make 120 > 100
+    # the six older batches were offered to the reservoir first: this version trains on a sample of them
+    assert len(plan.reservoir) == 3 and {b.batch_id for b in plan.reservoir} <= {b.batch_id for b in batches[:6]}
+    assert plan.data_state["seen"] == 9
+
+
+def test_one_batch_over_max_new_rows_is_still_trained_on() -> None:
+    spec = dataclasses.replace(SPEC, min_holdout_rows=5, max_new_rows=10)
+    batches = [_fake(i, 500) for i in range(3)]
+    plan = plan_data(spec, batches, None)
+    assert plan.train_new == [batches[1]] and plan.holdout == [batches[2]]

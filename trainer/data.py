@@ -32,8 +32,9 @@ from streaming.store import BatchInfo, read_batch
 from trainer.exceptions import LineageError, NotEnoughDataError
 from trainer.spec import ModelSpec
 
-#: at most this many new batches are trained on directly; older new ones only enter the reservoir.
-MAX_NEW_BATCHES = 40
+#: at most this many new batch files are read for one retrain (besides ``spec.max_new_rows``); it bounds
+#: the file opens and sha256 checks after a long trainer outage with many small batches.
+MAX_NEW_BATCHES = 1000
 
 
 @dataclass
@@ -91,6 +92,24 @@ def holdout_size(spec: ModelSpec, new: list[BatchInfo]) -> int:
     return k
 
 
+def direct_count(spec: ModelSpec, train_new: list[BatchInfo]) -> int:
+    """How many of the newest ``train_new`` batches are trained on directly (at least one).
+
+    Newest first, while their rows stay within ``spec.max_new_rows`` and their number within
+    MAX_NEW_BATCHES; older ones only enter reservoir sampling. Why rows: what one retrain costs in
+    memory and time is its rows, not its batch files. The cap was 40 batches, and with a few
+    partitions each closing a batch a second that is ~13 s of data, so a previous version's holdout
+    (the oldest of the new batches) could go untrained (docs/FRESHNESS.md); with a row budget every
+    batch is trained on once unless the stream outruns the trainer.
+    """
+    rows = 0
+    for n, b in enumerate(reversed(train_new)):
+        rows += batch_rows(b)
+        if n and (rows > spec.max_new_rows or n >= MAX_NEW_BATCHES):
+            return n
+    return len(train_new)
+
+
 def plan_data(spec: ModelSpec, batches: list[BatchInfo], parent_state: dict[str, Any] | None) -> DataPlan:
     """Split the store's batches (oldest first) into reservoir / new training / holdout batches."""
     batches = sorted(batches, key=_sort_key)
@@ -110,7 +129,7 @@ def plan_data(spec: ModelSpec, batches: list[BatchInfo], parent_state: dict[str,
     train_new = new[:-holdout_n]
     reservoir_ids = [str(b) for b in state.get("reservoir", [])]
     seen = int(state.get("seen", 0))
-    overflow = train_new[:-MAX_NEW_BATCHES] if len(train_new) > MAX_NEW_BATCHES else []
+    overflow = train_new[:len(train_new) - direct_count(spec, train_new)]
     train_new = train_new[len(overflow):]
     for b in overflow:
         seen = reservoir_add(reservoir_ids, seen, b.batch_id, spec.reservoir_batches, spec.seed)

@@ -122,6 +122,10 @@ class ModelSpec:
     gate_tolerance: float = 0.005
     #: cap of the reservoir of older batches mixed into each retrain.
     reservoir_batches: int = 20
+    #: new rows trained on directly per version (newest batches first); older new batches only enter
+    #: the reservoir. Bounds one retrain's memory (~rows x n_features x 4 bytes) when the stream
+    #: outruns the trainer (trainer.data.direct_count).
+    max_new_rows: int = 50_000
     #: newest batches held out at least (trained on by the next version; see min_holdout_rows).
     holdout_batches: int = 1
     #: the holdout grows (newest batches first) until it holds max(min_holdout_rows,
@@ -172,7 +176,8 @@ class ModelSpec:
                 "epochs": self.epochs, "min_train_steps": self.min_train_steps, "batch_size": self.batch_size,
                 "learning_rate": self.learning_rate,
                 "seed": self.seed, "gate_tolerance": self.gate_tolerance,
-                "reservoir_batches": self.reservoir_batches, "holdout_batches": self.holdout_batches,
+                "reservoir_batches": self.reservoir_batches, "max_new_rows": self.max_new_rows,
+                "holdout_batches": self.holdout_batches,
                 "min_holdout_rows": self.min_holdout_rows, "holdout_fraction": self.holdout_fraction,
                 "baseline": self.baseline_kind(), "balance_classes": self.balance_classes}
 
