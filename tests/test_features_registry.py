@@ -20,7 +20,7 @@ from streaming.features import (
     [
         ("weblog", "weblog-v2", 64, (64,), ["is_bot_or_attack", "is_error", "is_failed"]),
         ("sensor", "sensor-v3", 22, (22,), ["next_value_delta", "is_anomaly"]),
-        ("image", "image-v1", 64, (8, 8, 1), ["digit"]),
+        ("image", "image-v2", 64, (8, 8, 1), ["digit"]),
     ],
 )
 def test_contract_attributes(kind: str, version: str, n: int, shape: tuple[int, ...], labels: list[str]) -> None:

@@ -43,7 +43,7 @@ def test_versions_gate_events_lineage_and_drift(settings: config.Settings) -> No
         reg = ModelRegistry(settings.model_dir)
         assert reg.promoted("digits_cnn") == 1
         meta = reg.verify("digits_cnn", 1)
-        assert meta["featurizer"]["version"] == "image-v1" and meta["featurizer"]["input_shape"] == [8, 8, 1]
+        assert meta["featurizer"]["version"] == "image-v2" and meta["featurizer"]["input_shape"] == [8, 8, 1]
         assert meta["class_names"] == [str(d) for d in range(10)] and meta["task"] == "classification"
         assert meta["target"] == "digit"
         assert meta["schema_ids"] == [1] and meta["tf_version"] and meta["parent_version"] is None

@@ -7,7 +7,15 @@ its features, labels and state. Importing this package registers every built-in 
 
 from __future__ import annotations
 
-from streaming.features import image, sensor, sensor_v2, sensor_v3, weblog, weblog_v2  # noqa: F401  (registers)
+from streaming.features import (  # noqa: F401  (registers)
+    image,
+    image_v2,
+    sensor,
+    sensor_v2,
+    sensor_v3,
+    weblog,
+    weblog_v2,
+)
 from streaming.features.base import (
     FeatureRow,
     FeatureStateError,

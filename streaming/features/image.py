@@ -45,6 +45,10 @@ MAX_PIXELS = image_probe.MAX_PIXELS
 MAX_BYTES = image_probe.MAX_BYTES
 MAX_SIDE = image_probe.MAX_SIDE
 
+#: Transposes that swap width and height (EXIF orientations 5-8).
+SWAPS_AXES = frozenset({Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                        Image.Transpose.ROTATE_90})
+
 # Pillow modes of 16-bit grayscale PNGs (samples 0..65535).
 _WIDE_GRAY = frozenset({"I", "I;16", "I;16B", "I;16L"})
 
@@ -120,17 +124,19 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(io.BytesIO(data), formats=[fmt])
                 self._check_pixels(img.width, img.height, "decoder")
-                if fmt == "JPEG":
-                    img.draft("L", self.size)  # let libjpeg scale down while decoding
+                turn = self._turn(img)
+                if fmt == "JPEG":  # let libjpeg scale down while decoding (to the size before any turn)
+                    img.draft("L", self.size[::-1] if turn in SWAPS_AXES else self.size)
                 img.load()
-                if img.mode == "L":
-                    gray: Image.Image = img  # already 8-bit grayscale: convert("L") would only copy it
-                elif img.mode in _WIDE_GRAY:
+                pic: Image.Image = img if turn is None else img.transpose(turn)
+                if pic.mode == "L":
+                    gray = pic  # already 8-bit grayscale: convert("L") would only copy it
+                elif pic.mode in _WIDE_GRAY:
                     # 16-bit grayscale PNG: convert("L") would clip at 255, not rescale.
-                    wide = np.asarray(img, dtype=np.float32)
+                    wide = np.asarray(pic, dtype=np.float32)
                     gray = Image.fromarray(np.clip(wide / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
                 else:
-                    gray = img.convert("L")  # alpha is ignored
+                    gray = pic.convert("L")  # alpha is ignored
                 if gray.size != self.size:
                     gray = gray.resize(self.size, Image.Resampling.BOX)
                 # Mode L packs one byte a pixel, row-major, unpadded: the same values as
@@ -147,6 +153,11 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
         out = np.frombuffer(raw, dtype=np.uint8).astype(np.float32)
         np.divide(out, np.float32(255.0), out=out)
         return out
+
+    def _turn(self, img: Image.Image) -> Image.Transpose | None:
+        """The transpose that makes the stored pixels upright; None in v1, which ignores EXIF
+        orientation (kept bit-identical for the models trained on it; ``image-v2`` applies it)."""
+        return None
 
     def _check_pixels(self, width: int, height: int, where: str) -> None:
         try:

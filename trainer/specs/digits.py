@@ -55,7 +55,7 @@ def _loss() -> Any:
 SPEC = ModelSpec(
     name="digits_cnn",
     featurizer_kind="image",
-    featurizer_version="image-v1",
+    featurizer_version="image-v2",
     label="digit",
     task="classification",
     build=build,
