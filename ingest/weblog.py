@@ -8,6 +8,8 @@ Two input shapes, auto-detected per line:
   request time is read as latency: an integer is Apache's ``%D`` (microseconds), a number with a
   decimal point is nginx's ``$request_time`` (seconds). Real logs contain a user agent cut off
   without its closing quote (the shared 10,000-line sample has one); it is accepted as is.
+  Apache's **vhost_combined** (``%v:%p`` first, Debian's default for virtual hosts) is read too; the
+  virtual host is not kept, as the schema has no field for it and no feature uses it.
 * **JSON** objects, one per line (nginx ``escape=json`` formats, app servers). Field names of
   the schema are accepted, plus the usual nginx/Apache aliases (see :data:`_JSON_ALIASES`).
   Timestamps: CLF or ISO 8601 text, or epoch numbers in ONE unit per file or stream (a
@@ -33,11 +35,14 @@ from streaming.exceptions import EventTimeError
 from streaming.limits import bounded_json
 
 _Q = r'"((?:[^"\\]|\\.)*)"'
-_COMBINED = re.compile(
-    r"^(\S+) (\S+) (\S+) \[([^\]]+)\] " + _Q + r" (\d{3}) (\d+|-)"
+_COMBINED = re.compile(  # no "^": match() anchors it, at 0 or past a vhost_combined prefix
+    r"(\S+) (\S+) (\S+) \[([^\]]+)\] " + _Q + r" (\d{3}) (\d+|-)"
     r'(?: "((?:[^"\\]|\\.)*)" "((?:[^"\\]|\\.)*)"?(?: "(?:[^"\\]|\\.)*")*)?'
     r"(?: (\d+(?:\.\d+)?))?\s*$"
 )
+#: Apache's ``vhost_combined`` (Debian/Ubuntu's other_vhosts_access.log): ``%v:%p`` before the combined
+#: fields. Tried only when a line does not match :data:`_COMBINED`, so plain logs pay nothing for it.
+_VHOST = re.compile(r"^\S+ (?=\S+ \S+ \S+ \[)")
 _MONTH_NAMES = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _MONTHS = {m: i for i, m in enumerate(_MONTH_NAMES, 1)}
 _METHOD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
@@ -128,6 +133,10 @@ def parse_combined(
 ) -> dict[str, Any]:
     """One combined/common log line -> WebLogEvent dict. Raises :class:`LogParseError`."""
     m = _COMBINED.match(line)
+    if m is None:
+        vhost = _VHOST.match(line)
+        if vhost is not None:
+            m = _COMBINED.match(line, vhost.end())
     if m is None:
         raise LogParseError(f"line is not in the combined/common log format: {line[:120]!r}", "not_combined_format")
     host, ident, user, ts, request, status, size, referrer, agent, rt = m.groups()

@@ -151,3 +151,19 @@ def test_format_combined_round_trips_generated_traffic() -> None:
             assert back[key] == rec[key], key
         assert back["timestamp"] == rec["timestamp"] // 1000 * 1000
         assert back["latency_ms"] == pytest.approx(rec["latency_ms"], abs=0.001)
+
+
+@pytest.mark.parametrize("vhost", ["www.example.com:443", "example.org", "[2001:db8::1]:80"])
+def test_vhost_combined_lines_read_as_the_combined_line_after_the_vhost(vhost: str) -> None:
+    """Debian/Ubuntu write other_vhosts_access.log as ``%v:%p`` + combined; every line used to be a
+    dead letter (not_combined_format)."""
+    plain = '203.0.113.9 - alice [17/May/2015:10:05:03 +0000] "GET /a?b=1 HTTP/1.1" 404 120 "-" "curl/8.0"'
+    got = parse_line(f"{vhost} {plain}", source="s", event_id="e")
+    assert got == parse_line(plain, source="s", event_id="e")
+    assert got["client_ip"] == "203.0.113.9" and got["user"] == "alice" and got["status"] == 404
+
+
+def test_a_line_with_too_many_leading_fields_is_still_refused() -> None:
+    with pytest.raises(LogParseError) as err:
+        parse_line('a b 1.2.3.4 - - [17/May/2015:10:05:03 +0000] "GET / HTTP/1.1" 200 1 "-" "-"', source="s")
+    assert err.value.reason == "not_combined_format"
