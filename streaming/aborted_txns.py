@@ -49,6 +49,8 @@ from kafka.record import MemoryRecords
 log = logging.getLogger(__name__)
 
 _MARK = "_streamlearn_drops_stale_aborts"
+#: kafka-python's own class, for diagnostics that compare (benchmarks/probe_read_committed.py).
+KAFKA_PYTHON_RECORDS: type = Fetcher.PartitionRecords
 
 
 class Marker(NamedTuple):
@@ -117,3 +119,9 @@ def install() -> None:
 
 def installed() -> bool:
     return bool(getattr(Fetcher.PartitionRecords, _MARK, False))
+
+
+def unfiltered(consumer: Any) -> None:
+    """Give one consumer kafka-python's own handling back (diagnostics only: it loses records on
+    noida-db; benchmarks/probe_read_committed.py uses it to tell whether this module is still needed)."""
+    consumer._fetcher.PartitionRecords = KAFKA_PYTHON_RECORDS
