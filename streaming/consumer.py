@@ -32,6 +32,7 @@ from schemas.exceptions import FramingError, SchemaError
 from schemas.registry import SchemaRegistry, open_registry
 from schemas.serde import AvroDeserializer, Decoded
 from streaming import tenancy
+from streaming.aborted_txns import install as _install_abort_filter
 from streaming.config import Settings
 from streaming.end_offsets import EndOffsetProbe
 from streaming.exceptions import OffsetOutOfRangeError, StreamingError
@@ -39,6 +40,7 @@ from streaming.kafka_compat import install as _install_kafka_fixes
 from streaming.kafka_security import kafka_security
 
 _install_kafka_fixes()  # group joins that finish between polls are kept (see streaming.kafka_compat)
+_install_abort_filter()  # read_committed sees commits after an old abort (see streaming.aborted_txns)
 
 Position = str | dict[str, Any]
 
