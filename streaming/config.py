@@ -80,10 +80,12 @@ class Settings(BaseSettings):
     # A str only for an object-storage URL (streaming/objstore.py); a path or file:// URL is an absolute Path.
     feature_store: Path | str = Field(None, validate_default=False,  # type: ignore[assignment]  # HOME/features
                                       description=("feature batch directory or object-storage URL, e.g. "
-                                                   "s3://bucket/features (default HOME/features)"))
+                                                   "s3://bucket/features (default HOME/features, for a tenant "
+                                                   "HOME/tenants/<tenant>/features)"))
     model_dir: Path | str = Field(None, validate_default=False,  # type: ignore[assignment]  # HOME/models
                                   description=("model registry directory or object-storage URL, e.g. "
-                                               "s3://bucket/models (default HOME/models)"))
+                                               "s3://bucket/models (default HOME/models, for a tenant "
+                                               "HOME/tenants/<tenant>/models)"))
     ingest_tokens: str = Field("", repr=False, description=(  # a secret: never in a repr or a log line
         "comma-separated bearer tokens of the HTTP ingest gateway (name:token or token)"))
     ingest_port: int = Field(8088, description=("port the HTTP ingest gateway listens on"))
@@ -224,13 +226,21 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _paths_under_home(cls, data: Any) -> Any:
-        """``home`` is absolute; the feature store and model directory default to directories under it."""
+        """``home`` is absolute; the feature store and model directory default to directories under it:
+        ``HOME/features`` and ``HOME/models``, or ``HOME/tenants/<tenant>/...`` for a tenant's process.
+
+        Why per tenant: a tenant's stream worker used to write into the platform's store, where the
+        default tenant's trainer lists batches by kind and would train on them; the control API's jobs
+        for a tenant already used ``HOME/tenants/<tenant>`` (streamlearn/api/requests.py), as does the
+        columnar copy. (The tenant id is validated after this; an invalid one fails the settings.)"""
         if not isinstance(data, dict):
             return data
         home = Path(data.get("home") or ".streamlearn").expanduser().absolute()
+        tenant = data.get("tenant")
+        base = home / "tenants" / tenant if isinstance(tenant, str) and tenant else home
         return {**data, "home": home,
-                "feature_store": _location(data.get("feature_store"), home / "features"),
-                "model_dir": _location(data.get("model_dir"), home / "models")}
+                "feature_store": _location(data.get("feature_store"), base / "features"),
+                "model_dir": _location(data.get("model_dir"), base / "models")}
 
     @field_validator("*", mode="before")
     @classmethod

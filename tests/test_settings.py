@@ -52,6 +52,23 @@ def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None
     assert config.load({"home": home}, environ={"STREAMLEARN_PARTITIONS": ""}).partitions == 5
 
 
+def test_a_tenant_process_defaults_to_its_tenant_stores(tmp_path: Path) -> None:
+    """A tenant's stream worker wrote into the platform store, where the default tenant's trainer lists
+    batches by kind; the API's jobs for the tenant used HOME/tenants/<t>, so the two never met either."""
+    home = tmp_path / "home"
+    s = config.load({"home": home}, environ={"STREAMLEARN_TENANT": "acme"})
+    assert s.feature_store == home / "tenants" / "acme" / "features"
+    assert s.model_dir == home / "tenants" / "acme" / "models"
+    from streamlearn.api.requests import tenant_settings
+
+    api = tenant_settings(config.load({"home": home}, environ={}), "acme")
+    assert (api.feature_store, api.model_dir) == (s.feature_store, s.model_dir)
+    explicit = config.load({"home": home, "feature_store": tmp_path / "fs"}, environ={"STREAMLEARN_TENANT": "acme"})
+    assert explicit.feature_store == tmp_path / "fs" and explicit.model_dir == s.model_dir
+    plain = config.load({"home": home}, environ={})
+    assert (plain.feature_store, plain.model_dir) == (home / "features", home / "models")
+
+
 def test_home_from_env_finds_its_config_file_and_explicit_file_wins(tmp_path: Path) -> None:
     home = tmp_path / "h"
     home.mkdir()
