@@ -213,20 +213,20 @@ def _record_check(name: str, fields: list[tuple[str, Check, bool, frozenset[type
             except KeyError:
                 if has_default:
                     continue
-                exc = _Invalid(MISSING, "missing required field (it has no default)")
-                exc.path.append(fname)
-                raise exc from None
+                missing = _Invalid(MISSING, "missing required field (it has no default)")
+                missing.path.append(fname)
+                raise missing from None
             if type(item) not in fast:
                 try:
                     check(item)
-                except _Invalid as exc:
-                    exc.path.append(fname)
+                except _Invalid as bad:
+                    bad.path.append(fname)
                     raise
             if isinstance(item, str) and len(item) > MAX_ID_CHARS:
-                exc = _Invalid(item, f"{len(item)} characters, over the limit of {MAX_ID_CHARS} for an id "
-                                     "(MAX_ID_CHARS); use a shorter id")
-                exc.path.append(fname)
-                raise exc
+                too_long = _Invalid(item, f"{len(item)} characters, over the limit of {MAX_ID_CHARS} for an id "
+                                          "(MAX_ID_CHARS); use a shorter id")
+                too_long.path.append(fname)
+                raise too_long
 
     return check_record
 
