@@ -26,6 +26,8 @@ from fastapi.testclient import TestClient
 
 from ingest.gateway.routes import create_app
 from ingest.runner import SourceRunner
+from ingest.sensor_csv import publish_csv
+from ingest.sensors import CSV_HEADER
 from ingest.source import IterSource
 from schemas.exceptions import RecordValidationError
 from schemas.ids import ID_FIELDS
@@ -153,6 +155,22 @@ def test_ingest_runner_dead_letters_an_over_long_id_or_key_and_goes_on(settings:
     assert sorted(r["event_id"][:3] for r in kept) == ["eee", "w-3", "w-4"]
     assert sorted(r.value["event_id"] for r in read_topic(settings, raw_topic(settings, "weblog"), expect=2)) == [
         "w-1", "w-5"]
+
+
+def test_sensor_csv_dead_letters_an_over_long_sensor_id_or_event_id_row(settings: Settings, tmp_path: Path) -> None:
+    """The sensor CSV source (the image watcher's image_id is a sha256 of the bytes: 64 characters)."""
+    path = tmp_path / "readings.csv"
+    rows = [f"s1,{NOW},1.5,celsius,,40,r0", f"{'S' * 5000},{NOW},1.5,celsius,,40,r1",
+            f"s1,{NOW + 1},1.5,celsius,,40,{'R' * 5000}", f"s1,{NOW + 2},1.5,celsius,,40,r3"]
+    path.write_text(CSV_HEADER + ",event_id\n" + "\n".join(rows) + "\n")
+    with Publisher(settings) as pub:
+        stats = publish_csv(settings, pub, path)
+    assert (stats.published, stats.dead_lettered) == (2, 2)
+    dls = read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False, expect=2)
+    assert sorted(header_dict(d.headers)["dl.message"].split(":")[0] for d in dls) == [
+        "SensorReading.event_id", "SensorReading.sensor_id"]
+    got = read_topic(settings, raw_topic(settings, "sensor"), expect=2)
+    assert sorted(r.value["event_id"] for r in got) == ["r0", "r3"]
 
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
