@@ -86,6 +86,21 @@ def test_an_over_long_id_is_refused_at_encode_naming_the_field_and_the_limit(
     assert "shorter id" in message and len(message) < 400  # the hostile id is not echoed whole
 
 
+def test_the_id_check_keeps_the_field_checks_of_the_schema() -> None:
+    """An id field is still checked as its Avro type first (wrong type, missing, optional None)."""
+    from schemas import catalog
+    from schemas.validate import compile_validator
+
+    check = compile_validator(catalog.parse(catalog.schema_to_dict(catalog.load_schema("SensorReading"))))
+    good = RECORDS["SensorReading"]
+    check({**good, "event_id": None})  # optional id: None passes
+    for bad, reason in (({**good, "sensor_id": 5}, "expected string"), ({**good, "event_id": 5}, "expected"),
+                        ({k: v for k, v in good.items() if k != "sensor_id"}, "missing required field")):
+        with pytest.raises(RecordValidationError, match=reason) as err:
+            check(bad)
+        assert err.value.field in ("sensor_id", "event_id")
+
+
 def test_publish_refuses_a_300_kb_event_id_and_client_ip_before_sending(settings: Settings) -> None:
     with Publisher(settings) as pub:
         for field in ("event_id", "client_ip"):
