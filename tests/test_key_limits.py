@@ -64,8 +64,10 @@ RECORDS: dict[str, dict[str, Any]] = {
 CASES = [(name, f) for name, fields in ID_FIELDS.items() for f in fields]
 
 
-def test_every_key_field_is_an_id_field() -> None:
+def test_every_key_field_is_an_id_field_and_the_bounds_agree() -> None:
     """A record's Kafka key field is always capped (else a new schema could bring an unbounded key back)."""
+    assert MAX_KEY_BYTES >= 4 * MAX_ID_CHARS  # no valid id (UTF-8: at most 4 bytes a character) is refused
+    assert MAX_KEY_BYTES <= MAX_DL_KEY_BYTES  # a dead letter of a record we published keeps its key whole
     for name, key_field in KEY_FIELDS.items():
         if name != "Prediction":  # written by the serving worker only, under an id it cut (serving/replies.py)
             assert key_field in ID_FIELDS[name], name
