@@ -156,7 +156,7 @@ class Publisher:
         """Publish one event of ``kind`` (weblog, sensor, image) to its raw topic.
 
         The same steps as :meth:`publish_to` (tenant check, validate + encode, key from the record,
-        then :meth:`_send`: size check, ledgered send), with what depends only on ``kind`` looked up
+        then :meth:`_send`: size and key checks, ledgered send), with what depends only on ``kind`` looked up
         once: this is the per-record hot path (``benchmarks/bench_sdk.py``), and the calls and lookups
         it took per record cost about as much as the ack ledger (docs/SDK_PERF.md)."""
         hot = self._kinds.get(kind)

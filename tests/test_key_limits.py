@@ -190,6 +190,19 @@ def test_sensor_csv_dead_letters_an_over_long_sensor_id_or_event_id_row(settings
     assert sorted(r.value["event_id"] for r in got) == ["r0", "r3"]
 
 
+def test_predict_client_refuses_an_over_long_request_id_before_sending_anything() -> None:
+    """``streamlearn serve predict --file``: the whole file is checked first, as for a non-JSON line."""
+    from serving.client import read_requests_file
+    from serving.exceptions import RequestDecodeError
+
+    ok = read_requests_file("m", ['{"request_id": "%s", "features": [1]}' % ("r" * MAX_ID_CHARS)])
+    assert ok[0]["request_id"] == "r" * MAX_ID_CHARS
+    lines = ['{"request_id": "a", "features": [1]}', '{"request_id": "%s", "features": [1]}' % ("r" * 5000)]
+    refused = f"^line 2: request_id: 5000 characters, over the limit of {MAX_ID_CHARS}"
+    with pytest.raises(RequestDecodeError, match=refused):
+        read_requests_file("m", lines)
+
+
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(streamlearn_cmd(*args), env=subprocess_env(settings), capture_output=True, text=True,
                           timeout=120, check=False)
