@@ -43,6 +43,7 @@ from ingest.source import DEAD_LETTERED, PUBLISHED, SourceItem, SourcePartition
 from schemas.exceptions import SchemaError
 from streaming.clock import now_ms
 from streaming.exceptions import PublishError, RecordTooLargeError
+from streaming.limits import InputLimitError
 
 if TYPE_CHECKING:
     import threading
@@ -192,7 +193,7 @@ class SourceRunner:
                 stats.published += 1
                 item.record, item.raw = None, b""  # in flight: keep only what the ack needs
                 return fut
-            except (SchemaError, RecordTooLargeError) as exc:
+            except (SchemaError, RecordTooLargeError, InputLimitError) as exc:  # InputLimitError: a key too long
                 self.source.refused(item, exc)
         assert item.error is not None
         fut = self.publisher.dead_letter(self.kind, item.raw, stage=item.stage, error=item.error,

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from schemas.exceptions import RecordValidationError
+from schemas.ids import ID_FIELDS, MAX_ID_CHARS
 
 Check = Callable[[Any], None]
 
@@ -165,31 +166,75 @@ class _Compiler:
 
     def _record(self, node: dict[str, Any]) -> Check:
         name = _type_name(node["name"])
+        id_names = ID_FIELDS.get(name, ())
         fields: list[tuple[str, Check, bool, frozenset[type]]] = []
+        ids: list[tuple[str, Check, bool, frozenset[type]]] = []
         for f in node.get("fields", []):
-            fields.append((f["name"], self.compile(f["type"]), "default" in f, self.always_valid(f["type"])))
+            entry = (f["name"], self.compile(f["type"]), "default" in f, self.always_valid(f["type"]))
+            (ids if f["name"] in id_names else fields).append(entry)
+        return _record_check(name, fields, ids)
 
-        def check_record(value: Any) -> None:
-            if type(value) is not dict and not isinstance(value, Mapping):  # the ABC check costs a call
-                raise _Invalid(value, f"expected a dict for record {name}")
-            for fname, check, has_default, fast in fields:
-                try:
-                    item = value[fname]
-                except KeyError:
-                    if has_default:
-                        continue
-                    exc = _Invalid(MISSING, "missing required field (it has no default)")
-                    exc.path.append(fname)
-                    raise exc from None
-                if type(item) in fast:
+
+def _record_check(name: str, fields: list[tuple[str, Check, bool, frozenset[type]]],
+                  ids: list[tuple[str, Check, bool, frozenset[type]]]) -> Check:
+    """The check of one record: ``fields`` in order, then ``ids`` (schemas.ids.ID_FIELDS), which are
+    checked the same way and also capped at MAX_ID_CHARS.
+
+    Why the id fields get a loop of their own instead of a cap slot in every field's tuple: the
+    other fields' loop stays exactly as cheap as before (the publish hot path, docs/SDK_PERF.md) and
+    an id field costs the one ``len()`` it needs (a record without ids: an empty loop, no call).
+    Only a string is measured (an optional id may be None). The error shows at most 120 characters
+    of the id (RecordValidationError cuts its repr), so a hostile id never becomes a huge message.
+    """
+    id_fields = tuple(ids)
+    cap = MAX_ID_CHARS  # a closure variable: cheaper to read per record than the module global
+
+    def check_record(value: Any) -> None:
+        if type(value) is not dict and not isinstance(value, Mapping):  # the ABC check costs a call
+            raise _Invalid(value, f"expected a dict for record {name}")
+        for fname, check, has_default, fast in fields:
+            try:
+                item = value[fname]
+            except KeyError:
+                if has_default:
                     continue
+                exc = _Invalid(MISSING, "missing required field (it has no default)")
+                exc.path.append(fname)
+                raise exc from None
+            if type(item) in fast:
+                continue
+            try:
+                check(item)
+            except _Invalid as exc:
+                exc.path.append(fname)
+                raise
+        for fname, check, has_default, fast in id_fields:
+            try:
+                item = value[fname]
+            except KeyError:
+                if has_default:
+                    continue
+                missing = _Invalid(MISSING, "missing required field (it has no default)")
+                missing.path.append(fname)
+                raise missing from None
+            kind = type(item)
+            if kind in fast:  # as above, plus the one len() of a string
+                if kind is not str or len(item) <= cap:
+                    continue
+            else:
                 try:
                     check(item)
-                except _Invalid as exc:
-                    exc.path.append(fname)
+                except _Invalid as bad:
+                    bad.path.append(fname)
                     raise
+                if not isinstance(item, str) or len(item) <= cap:
+                    continue
+            too_long = _Invalid(item, f"{len(item)} characters, over the limit of {cap} for an id "
+                                      "(MAX_ID_CHARS); use a shorter id")
+            too_long.path.append(fname)
+            raise too_long
 
-        return check_record
+    return check_record
 
 
 #: Exact types that pass a primitive's check for every value (see ``_Compiler.always_valid``).

@@ -32,6 +32,9 @@ def to_request(model: str, obj: Any, *, line: int | None = None) -> dict[str, An
         raise RequestDecodeError(f"{where}each request must be a JSON object (a raw event, "
                                  "{{\"features\": [...]}} or a PredictionRequest), got {type(obj).__name__}")
     rid = str(obj.get("request_id") or uuid.uuid4().hex)
+    if len(rid) > MAX_ID_CHARS:  # refused here, before any request of the file is sent (the SDK would refuse
+        raise RequestDecodeError(  # it at publish, schemas/ids.py, after the lines before it had gone out)
+            f"{where}request_id: {len(rid)} characters, over the limit of {MAX_ID_CHARS}; use a shorter id")
     if "features" in obj or "event_json" in obj:
         features = obj.get("features")
         if features is not None and not isinstance(features, list):

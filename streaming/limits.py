@@ -10,7 +10,9 @@ limits live here so the numbers are the same everywhere and documented once (doc
   100k-deep ``[[[[...`` cannot raise RecursionError in the parser or anywhere downstream.
 * :func:`check_id` caps the length of ids and keys (request ids, sensor ids, client ips, image ids).
 * :func:`fit_record` cuts a record (answer or dead letter) so that value + key + headers fit the
-  broker's limit with a margin, keeping a sha256 digest, the original sizes and the reason.
+  broker's limit with a margin, keeping a sha256 digest, the original sizes and the reason; it
+  always cuts a key over MAX_DL_KEY_BYTES (:func:`cut_key`).
+* MAX_KEY_BYTES bounds the key of every record the publisher sends (``Publisher._send``).
 * :func:`broker_record_limit` asks the broker for the topic's real ``max.message.bytes`` and
   falls back to the configured ``max_record_bytes`` when the broker does not say.
 """
@@ -24,12 +26,14 @@ import re
 import threading
 from typing import Any
 
+from schemas.ids import MAX_ID_CHARS as _SCHEMA_MAX_ID_CHARS
 from streaming.exceptions import StreamingError
 
 log = logging.getLogger(__name__)
 
-#: Longest id or key (request_id, sensor_id, client_ip, image_id, event_id) in characters.
-MAX_ID_CHARS = 256
+#: Longest id or key (request_id, sensor_id, client_ip, image_id, event_id) in characters. Defined in
+#: the schemas layer, whose validator refuses longer ids at publish (schemas/ids.py); one number.
+MAX_ID_CHARS = _SCHEMA_MAX_ID_CHARS
 #: Largest JSON text a request may carry (``event_json``), in bytes of UTF-8.
 MAX_JSON_BYTES = 1_000_000
 #: Deepest nesting of arrays/objects accepted in JSON text. Real events are 2 levels deep.
@@ -43,6 +47,13 @@ HEADER_OVERHEAD = 16
 RECORD_OVERHEAD = 128
 #: Longest dead-letter key kept as is; a longer key is cut and its digest kept in a header.
 MAX_DL_KEY_BYTES = 1024
+#: Longest Kafka key the publisher sends (``Publisher._send``; dead letters are cut instead, to
+#: MAX_DL_KEY_BYTES). 1,024 = 4 * MAX_ID_CHARS: every id that passes the schemas' id check is at most
+#: 4 UTF-8 bytes per character, so no valid record's key is refused, while a key can never crowd
+#: out the value (1 KB of a ~1 MB record) nor cost the partitioner's murmur2 or the broker's
+#: compaction more than a kilobyte. The same bound as a dead letter's key, so a dead letter of a
+#: record we published keeps its key whole.
+MAX_KEY_BYTES = 4 * MAX_ID_CHARS
 
 
 class InputLimitError(StreamingError, ValueError):
@@ -126,23 +137,32 @@ def record_size(value: bytes | None, key: bytes | None, headers: list[tuple[str,
     return len(value or b"") + len(key or b"") + headers_size(headers) + RECORD_OVERHEAD
 
 
+def cut_key(key: bytes | None, headers: list[tuple[str, bytes]]) -> bytes | None:
+    """``key`` cut to MAX_DL_KEY_BYTES; when cut, its sha256 and size are appended to ``headers``
+    (``dl.key_sha256``, ``dl.key_bytes``), so the original can still be found and compared."""
+    if key is not None and len(key) > MAX_DL_KEY_BYTES:
+        headers += [("dl.key_sha256", digest(key).encode()), ("dl.key_bytes", str(len(key)).encode())]
+        return key[:MAX_DL_KEY_BYTES]
+    return key
+
+
 def fit_record(value: bytes, key: bytes | None, headers: list[tuple[str, bytes]] | None, *,
                broker_limit: int, reason: str = "over the broker's record limit"
                ) -> tuple[bytes, bytes | None, list[tuple[str, bytes]]]:
     """Cut a record so that it fits ``broker_limit`` with the margin; returns (value, key, headers).
 
-    A record that fits is returned unchanged. Otherwise the key is cut to MAX_DL_KEY_BYTES (its
-    sha256 and size kept in ``dl.key_sha256``/``dl.key_bytes``), header values are cut to 2000
-    bytes, and the value is cut to what is left, with ``dl.truncated`` (original size, for
-    compatibility), ``dl.value_sha256``, ``dl.value_bytes`` and ``dl.cut_reason`` headers.
+    A key over MAX_DL_KEY_BYTES is always cut (:func:`cut_key`), whatever the record's size: a dead
+    letter keeps a foreign producer's hostile key only as its head and digest, never as a key that
+    the publisher itself would refuse (MAX_KEY_BYTES). A record that fits (with its whole key) keeps
+    its value and headers; the two key headers (~130 bytes) then come out of the margin. Otherwise
+    header values are cut to 2000 bytes and the value is cut to what is left, with ``dl.truncated``
+    (original size, for compatibility), ``dl.value_sha256``, ``dl.value_bytes`` and ``dl.cut_reason``.
     """
     headers = list(headers or [])
     budget = effective_limit(broker_limit)
     if record_size(value, key, headers) <= budget:
-        return value, key, headers
-    if key is not None and len(key) > MAX_DL_KEY_BYTES:
-        headers += [("dl.key_sha256", digest(key).encode()), ("dl.key_bytes", str(len(key)).encode())]
-        key = key[:MAX_DL_KEY_BYTES]
+        return value, cut_key(key, headers), headers
+    key = cut_key(key, headers)
     headers = [(k, v if len(v) <= 2000 else v[:2000]) for k, v in headers]
     extra = [("dl.truncated", str(len(value)).encode()), ("dl.value_sha256", digest(value).encode()),
              ("dl.value_bytes", str(len(value)).encode()), ("dl.cut_reason", reason[:200].encode())]

@@ -8,7 +8,8 @@ partitioner is murmur2 over the key bytes, the same as the Java client; never Py
 after a lost ack does not duplicate.
 
 Sends are asynchronous: each returns a future; ``flush()`` waits for all of them. Records
-larger than ``max_record_bytes`` are refused before sending with a message that states the limit.
+larger than ``max_record_bytes``, and keys over ``streaming.limits.MAX_KEY_BYTES``, are refused
+before sending with a message that states the limit (docs/SECURITY.md, "Hostile input").
 
 Acked is not yet kept on the embedded broker (it persists about once a second): every send goes
 through a :class:`streaming.ackguard.AckLedger`, which keeps acked records for
@@ -32,7 +33,7 @@ from streaming.ackguard import AckLedger, GuardedSend
 from streaming.config import Settings
 from streaming.exceptions import RecordTooLargeError
 from streaming.kafka_security import kafka_security
-from streaming.limits import BrokerLimits, fit_record
+from streaming.limits import MAX_KEY_BYTES, BrokerLimits, InputLimitError, fit_record
 from streaming.topics import KINDS, dead_letter_topic, raw_topic
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,14 @@ def dead_letter_headers(stage: str, error: BaseException | str, source: Mapping[
     for name, value in source.items():  # source values come from records: cut like the message
         headers.append((f"dl.source_{name}", str(value)[:2000].encode("utf-8", "replace")))
     return headers
+
+
+def _key_too_long(topic: str, key: bytes) -> InputLimitError:
+    """The error of a key over MAX_KEY_BYTES: names ``key``, the limit and what to do (off the hot path)."""
+    return InputLimitError(
+        f"key: {len(key)} bytes for topic {topic!r}, over the limit of {MAX_KEY_BYTES} bytes "
+        f"(streaming.limits.MAX_KEY_BYTES; it starts {key[:40]!r}); "
+        "key the record by a short id (ids are capped at 256 characters), or put a long value in the record")
 
 
 def header_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
@@ -147,7 +156,7 @@ class Publisher:
         """Publish one event of ``kind`` (weblog, sensor, image) to its raw topic.
 
         The same steps as :meth:`publish_to` (tenant check, validate + encode, key from the record,
-        then :meth:`_send`: size check, ledgered send), with what depends only on ``kind`` looked up
+        then :meth:`_send`: size and key checks, ledgered send), with what depends only on ``kind`` looked up
         once: this is the per-record hot path (``benchmarks/bench_sdk.py``), and the calls and lookups
         it took per record cost about as much as the ack ledger (docs/SDK_PERF.md)."""
         hot = self._kinds.get(kind)
@@ -220,17 +229,29 @@ class Publisher:
             self._allowed.add(topic)
 
     def _send(self, topic: str, value: bytes, key: str | bytes | None, headers: Headers | None) -> GuardedSend:
+        """The one send of ``publish``/``publish_many``/``publish_to``/``send_bytes``: size and key checks,
+        then the ledgered send. A key over MAX_KEY_BYTES is refused (InputLimitError naming ``key``):
+        every id field is already capped by the schemas' validator, so this only meets a key given
+        explicitly or raw bytes, and a 300 KB key must not reach the broker, the partitioner or a
+        consumer's dead letter whole. Dead letters do not come here: they cut their key instead."""
         if len(value) > self.max_record_bytes:
             raise RecordTooLargeError(
                 f"record for topic {topic!r} is {len(value)} bytes encoded, over the limit of "
                 f"{self.max_record_bytes} bytes (max_record_bytes); shrink it (e.g. downscale images) "
                 "or raise the limit on the producer and the broker's message.max.bytes")
         key_bytes = key.encode() if isinstance(key, str) else key
+        if key_bytes and len(key_bytes) > MAX_KEY_BYTES:
+            raise _key_too_long(topic, key_bytes)
         return self.ledger.send(topic, value, key_bytes, headers or None)
 
     def dead_letter(self, kind: str, original: bytes, *, stage: str, error: BaseException | str,
                     source: Mapping[str, object], key: str | bytes | None = None) -> GuardedSend:
         """Keep a rejected record: the original bytes, with the reason in ``dl.*`` headers.
+
+        Dead letters are never refused for their key: one over MAX_DL_KEY_BYTES is always cut, its
+        sha256 and size kept in ``dl.key_sha256``/``dl.key_bytes`` (the source key is whatever a
+        foreign producer wrote; refusing it would lose the record). They do not pass :meth:`_send`'s
+        MAX_KEY_BYTES check, which is the same number, so a cut key would pass it anyway.
 
         Dead letters are never refused for size: value, key *and* headers together are cut to the
         broker's real limit (``max.message.bytes`` of the dead-letter topic, else the configured

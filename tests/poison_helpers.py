@@ -6,6 +6,7 @@ wedges (no progress on good records within the deadline, at most 30 s) or exceed
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -14,7 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fastavro import schemaless_writer
+
+from schemas.serde import frame
 from streaming.config import Settings
+from streaming.producer import Publisher
 from tests.helpers import streamlearn_cmd, subprocess_env
 
 T = TypeVar("T")
@@ -116,3 +121,20 @@ def wait_progress(predicate: Callable[[], T], workers: list[Worker], what: str, 
             raise AssertionError(f"no progress for {timeout} s waiting for {what}\n"
                                  + "\n".join(w.tail() for w in workers))
         time.sleep(0.05)  # poll interval inside a deadline loop
+
+
+def foreign_send(pub: Publisher, topic: str, record_name: str, record: dict[str, Any],
+                 key: str | bytes | None = None) -> Any:
+    """Send ``record`` as someone else's producer would: Avro-encoded by fastavro alone (none of
+    streamlearn's validation, so no id bound: schemas/ids.py) and framed with the registered schema
+    id, through the plain kafka-python producer under ``pub`` (no key bound: MAX_KEY_BYTES).
+
+    Why: the SDK now refuses an over-long id or key at publish, but anyone who can produce to a topic
+    can still write one; the poison suites check that the workers survive exactly that.
+    Returns kafka-python's future (``pub.flush()`` waits for it too).
+    """
+    ser = pub.serializer(topic, record_name)
+    buf = io.BytesIO()
+    schemaless_writer(buf, ser.parsed, record)
+    raw_key = key.encode() if isinstance(key, str) else key
+    return pub.producer.send(topic, frame(ser.schema_id, buf.getvalue()), key=raw_key)

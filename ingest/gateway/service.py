@@ -44,6 +44,7 @@ from schemas.httpguard import GuardError, JsonShape, RateBuckets
 from schemas.registry import SchemaRegistry
 from streaming.config import Settings
 from streaming.exceptions import RecordTooLargeError
+from streaming.limits import InputLimitError
 from streaming.producer import KEY_FIELDS, Publisher
 from streaming.topics import KINDS, raw_topic
 
@@ -270,7 +271,7 @@ class Gateway:
         try:
             future = self.publisher.send_bytes(topic, value, record.get(KEY_FIELDS[record_name]),
                                                self.time_rules.policy.headers() or None)
-        except RecordTooLargeError as exc:
+        except (RecordTooLargeError, InputLimitError) as exc:  # InputLimitError: a key over MAX_KEY_BYTES
             self.inflight.release(1)
             self.seen.abandon(key, exc)
             item.reject(exc)
