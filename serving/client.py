@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from typing import Any
 
 from serving.exceptions import PredictTimeoutError, RequestDecodeError
-from serving.replies import cut_id
 from streaming.clock import now_ms
 from streaming.config import Settings
 from streaming.jsoncodec import to_json
@@ -81,10 +80,9 @@ def predict(settings: Settings, model: str, requests: list[dict[str, Any]], *, t
 
     topic = reply_topic or predictions_topic(settings, model)
     ensure_model_topics(settings, model)
+    # Ids are at most MAX_ID_CHARS (the SDK refuses longer ones at publish, schemas/ids.py), so the
+    # worker echoes each one whole: answers are matched by the id itself.
     wanted = {r["request_id"] for r in requests}
-    # The worker echoes an id over MAX_ID_CHARS cut to its head plus a sha256 (serving.replies.cut_id),
-    # with an error; match those answers to the request they belong to instead of waiting for the full id.
-    echoed = {cut_id(rid, MAX_ID_CHARS): rid for rid in wanted}
     answers: dict[str, dict[str, Any]] = {}
     with Subscriber(settings, topic, start="end", isolation_level="read_committed") as sub:
         for tp in sub.assignment():  # resolve positions now, before anything is published
@@ -106,7 +104,7 @@ def predict(settings: Settings, model: str, requests: list[dict[str, Any]], *, t
                 value = getattr(item, "value", None)
                 if not isinstance(value, dict):
                     continue
-                rid = echoed.get(str(value.get("request_id")))
-                if rid is not None:
+                rid = str(value.get("request_id"))
+                if rid in wanted:
                     answers.setdefault(rid, value)
     return [answers[r["request_id"]] for r in requests]

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 
 from serving.client import predict, to_request
-from serving.replies import cut_id
 from streaming.config import Settings
-from streaming.limits import MAX_ID_CHARS
 from streaming.model_registry import ModelRegistry
 from streaming.topics import dead_letter_topic, predictions_topic
 from tests.helpers import read_topic, wait_until
@@ -66,20 +64,6 @@ def test_bad_requests_get_an_error_answer_and_a_dead_letter(settings: Settings, 
     assert set(reasons) == {"short", "notjson", "noinput"}
     assert reasons["short"]["dl.stage"] == b"serving"
     assert b"takes 4 features" in reasons["short"]["dl.message"]
-
-
-def test_predict_matches_the_cut_id_answer_of_an_over_long_request_id(settings: Settings, running: Running) -> None:
-    """The worker answers an id over MAX_ID_CHARS under its cut id (head + sha256) with an error; the
-    predict client must hand that answer back for the request it belongs to, in request order, instead of
-    waiting for the full id until its timeout."""
-    long_rid = "L" * (MAX_ID_CHARS + 44)
-    reqs = [to_request(MODEL, {"request_id": long_rid, "features": [1.0, 2.0, 3.0, 4.0]}),
-            *_feature_requests(2, seed=7)]
-    answers = predict(settings, MODEL, reqs, timeout_s=60)
-    assert answers[0]["request_id"] == cut_id(long_rid, MAX_ID_CHARS) != long_rid
-    assert f"{MAX_ID_CHARS + 44} characters" in answers[0]["error"] and answers[0]["outputs"] == []
-    for req, ans in zip(reqs[1:], answers[1:], strict=True):
-        assert ans["request_id"] == req["request_id"] and ans["error"] is None, ans
 
 
 def test_twenty_swaps_while_requests_flow(settings: Settings, registry: ModelRegistry, running: Running) -> None:
