@@ -40,6 +40,7 @@ from typing import Any
 
 from streaming.config import Settings
 from streaming.exceptions import MemberSlotBusyError
+from streaming.fsutil import pid_alive
 from streaming.members import HOST, MAX_SLOTS, Lease, claim, instance_id, members_dir, try_lock, write_status
 
 log = logging.getLogger(__name__)
@@ -132,21 +133,69 @@ class Standby:
         self.fd = None
 
 
+#: Longest wait for a slot whose standby is taking over (see :func:`takeover_in_progress`).
+TAKEOVER_WAIT_S = 2.0
+TAKEOVER_POLL_S = 0.02
+
+
+def _status(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def takeover_in_progress(directory: Path, slot: int) -> bool:
+    """Whether slot ``slot``'s standby is between taking the active lock and giving up its standby lock.
+
+    Why: in that window both locks of the slot are held, so a restarted copy of the same command (the
+    usual case: the supervisor restarts the process that just died) found no place in the slot and
+    claimed the next slot's active lock, an extra active replica. The window is recognisable from the
+    status files: the standby's file is still there while the active file names either the standby's
+    own pid (already rewritten) or a pid that is dead (the process whose death started the takeover).
+    A live active process with a live standby beside it is not a takeover, so the caller moves on.
+    """
+    standby = _status(directory / f"slot{slot}.standby.json")
+    if not standby.get("pid"):
+        return False
+    active = _status(directory / f"slot{slot}.json").get("pid")
+    if active is None or active == standby.get("pid"):
+        return True
+    try:
+        return not pid_alive(int(active))
+    except (TypeError, ValueError):
+        return True
+
+
 def claim_or_standby(settings: Settings, group: str, role: str, *, slot: int | None = None) -> Lease | Standby:
     """The active lease of the lowest slot that has no live active process, else the standby place of the
-    lowest slot that has none (``slot`` pins one). Raises MemberSlotBusyError when every place is held."""
+    lowest slot that has none (``slot`` pins one). Raises MemberSlotBusyError when every place is held.
+
+    A slot whose standby is taking over is waited for (at most TAKEOVER_WAIT_S), so a restarted copy
+    becomes its new standby instead of an extra active replica in the next slot."""
     candidates = [slot] if slot is not None else range(MAX_SLOTS)
     directory = members_dir(settings, group)
     for n in candidates:
-        try:
-            lease = claim(settings, group, role, slot=n)
-        except MemberSlotBusyError:
-            fd = try_lock(directory / f"slot{n}.standby.lock")
-            if fd is not None:
-                return Standby(settings, group, role, n, fd)
-            continue
-        lease.set_status(state="active")
-        return lease
+        deadline: float | None = None
+        while True:
+            try:
+                lease = claim(settings, group, role, slot=n)
+            except MemberSlotBusyError:
+                fd = try_lock(directory / f"slot{n}.standby.lock")
+                if fd is not None:
+                    return Standby(settings, group, role, n, fd)
+                if not takeover_in_progress(directory, n):
+                    break
+                if deadline is None:
+                    deadline = time.monotonic() + TAKEOVER_WAIT_S
+                    log.info("slot %d of %s: its standby is taking over; waiting for its standby place", n, group)
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(TAKEOVER_POLL_S)
+                continue
+            lease.set_status(state="active")
+            return lease
     where = f"slot {slot}" if slot is not None else f"all {MAX_SLOTS} slots"
     raise MemberSlotBusyError(f"slot: {where} of group {group!r} on this host already has an active and a standby "
                               "process; stop one of them, or give another --slot")
