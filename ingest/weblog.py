@@ -40,9 +40,11 @@ _COMBINED = re.compile(  # no "^": match() anchors it, at 0 or past a vhost_comb
     r'(?: "((?:[^"\\]|\\.)*)" "((?:[^"\\]|\\.)*)"?(?: "(?:[^"\\]|\\.)*")*)?'
     r"(?: (\d+(?:\.\d+)?))?\s*$"
 )
-#: Apache's ``vhost_combined`` (Debian/Ubuntu's other_vhosts_access.log): ``%v:%p`` before the combined
-#: fields. Tried only when a line does not match :data:`_COMBINED`, so plain logs pay nothing for it.
-_VHOST = re.compile(r"^\S+ (?=\S+ \S+ \S+ \[)")
+#: Apache's ``vhost_combined`` (Debian/Ubuntu's other_vhosts_access.log): ``%v:%p`` (always with the
+#: port) before the combined fields. Tried only when a line does not match :data:`_COMBINED`, so plain
+#: logs pay nothing for it; the port is required, and a shifted client of ``-`` refused, so a plain line
+#: that failed for another reason (a user name with a space) is never read one field to the left.
+_VHOST = re.compile(r"^\S+:\d{1,5} (?=\S+ \S+ \S+ \[)")
 _MONTH_NAMES = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _MONTHS = {m: i for i, m in enumerate(_MONTH_NAMES, 1)}
 _METHOD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
@@ -137,6 +139,8 @@ def parse_combined(
         vhost = _VHOST.match(line)
         if vhost is not None:
             m = _COMBINED.match(line, vhost.end())
+            if m is not None and m.group(1) == "-":
+                m = None
     if m is None:
         raise LogParseError(f"line is not in the combined/common log format: {line[:120]!r}", "not_combined_format")
     host, ident, user, ts, request, status, size, referrer, agent, rt = m.groups()

@@ -153,7 +153,7 @@ def test_format_combined_round_trips_generated_traffic() -> None:
         assert back["latency_ms"] == pytest.approx(rec["latency_ms"], abs=0.001)
 
 
-@pytest.mark.parametrize("vhost", ["www.example.com:443", "example.org", "[2001:db8::1]:80"])
+@pytest.mark.parametrize("vhost", ["www.example.com:443", "example.org:80", "[2001:db8::1]:80"])
 def test_vhost_combined_lines_read_as_the_combined_line_after_the_vhost(vhost: str) -> None:
     """Debian/Ubuntu write other_vhosts_access.log as ``%v:%p`` + combined; every line used to be a
     dead letter (not_combined_format)."""
@@ -163,7 +163,14 @@ def test_vhost_combined_lines_read_as_the_combined_line_after_the_vhost(vhost: s
     assert got["client_ip"] == "203.0.113.9" and got["user"] == "alice" and got["status"] == 404
 
 
-def test_a_line_with_too_many_leading_fields_is_still_refused() -> None:
+@pytest.mark.parametrize("line", [
+    'a b 1.2.3.4 - - [17/May/2015:10:05:03 +0000] "GET / HTTP/1.1" 200 1 "-" "-"',
+    'example.org 1.2.3.4 - - [17/May/2015:10:05:03 +0000] "GET / HTTP/1.1" 200 1 "-" "-"',  # %v without %p
+    # a user name with a space must not be read one field to the left (client "-", ident "John")
+    '203.0.113.9 - John Smith [17/May/2015:10:05:03 +0000] "GET /a HTTP/1.1" 200 120 "-" "curl/8.0"',
+    '2001:db8::1 - John Smith [17/May/2015:10:05:03 +0000] "GET /a HTTP/1.1" 200 120 "-" "curl/8.0"',
+])
+def test_a_line_that_is_not_vhost_combined_is_still_refused(line: str) -> None:
     with pytest.raises(LogParseError) as err:
-        parse_line('a b 1.2.3.4 - - [17/May/2015:10:05:03 +0000] "GET / HTTP/1.1" 200 1 "-" "-"', source="s")
+        parse_line(line, source="s")
     assert err.value.reason == "not_combined_format"
