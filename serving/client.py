@@ -80,9 +80,14 @@ def predict(settings: Settings, model: str, requests: list[dict[str, Any]], *, t
 
     topic = reply_topic or predictions_topic(settings, model)
     ensure_model_topics(settings, model)
-    # Ids are at most MAX_ID_CHARS (the SDK refuses longer ones at publish, schemas/ids.py), so the
-    # worker echoes each one whole: answers are matched by the id itself.
+    # Ids are at most MAX_ID_CHARS, so the worker echoes each one whole: answers are matched by the id
+    # itself. Checked for every request before any is sent (the SDK would refuse a longer one at
+    # publish, schemas/ids.py, after the requests before it had gone out).
     wanted = {r["request_id"] for r in requests}
+    for rid in wanted:
+        if len(str(rid)) > MAX_ID_CHARS:
+            raise RequestDecodeError(f"request_id: {len(str(rid))} characters, over the limit of {MAX_ID_CHARS}; "
+                                     "use a shorter id (nothing was sent)")
     answers: dict[str, dict[str, Any]] = {}
     with Subscriber(settings, topic, start="end", isolation_level="read_committed") as sub:
         for tp in sub.assignment():  # resolve positions now, before anything is published

@@ -203,6 +203,20 @@ def test_predict_client_refuses_an_over_long_request_id_before_sending_anything(
         read_requests_file("m", lines)
 
 
+def test_predict_refuses_an_over_long_request_id_before_sending_any_request(settings: Settings) -> None:
+    """``serving.client.predict`` called with PredictionRequest dicts (the SDK path, no file): every id is
+    checked first, so no request of the call reaches the topic."""
+    from serving.client import predict, to_request
+    from serving.exceptions import RequestDecodeError
+    from streaming.topics import requests_topic
+
+    reqs = [to_request("tiny", {"request_id": "ok-1", "features": [1.0]}),
+            {**to_request("tiny", {"features": [1.0]}), "request_id": "r" * (MAX_ID_CHARS + 1)}]
+    with pytest.raises(RequestDecodeError, match=f"request_id: {MAX_ID_CHARS + 1} characters.*nothing was sent"):
+        predict(settings, "tiny", reqs, timeout_s=5)
+    assert topic_offsets(settings, requests_topic(settings, "tiny")) == set()
+
+
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(streamlearn_cmd(*args), env=subprocess_env(settings), capture_output=True, text=True,
                           timeout=120, check=False)
