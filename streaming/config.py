@@ -236,8 +236,7 @@ class Settings(BaseSettings):
         if not isinstance(data, dict):
             return data
         home = Path(data.get("home") or ".streamlearn").expanduser().absolute()
-        tenant = data.get("tenant")
-        base = home / "tenants" / tenant if isinstance(tenant, str) and tenant else home
+        base = _store_base(home, data.get("tenant"))
         return {**data, "home": home,
                 "feature_store": _location(data.get("feature_store"), base / "features"),
                 "model_dir": _location(data.get("model_dir"), base / "models")}
@@ -295,10 +294,20 @@ class Settings(BaseSettings):
         unknown = set(changes) - set(type(self).model_fields)
         if unknown:
             raise ConfigError(f"unknown settings {sorted(unknown)}; known: {sorted(type(self).model_fields)}")
+        data = {**self.model_dump(), **changes}
+        if "tenant" in changes:  # a store left at the old tenant's default follows the new tenant's default
+            for name, leaf in (("feature_store", "features"), ("model_dir", "models")):
+                if name not in changes and getattr(self, name) == _store_base(self.home, self.tenant) / leaf:
+                    data[name] = None
         try:  # model_validate runs the validators but no settings source: the environment is not read again
-            return type(self).model_validate({**self.model_dump(), **changes})
+            return type(self).model_validate(data)
         except ValidationError as exc:
             raise _config_error(exc) from None
+
+
+def _store_base(home: Path, tenant: Any) -> Path:
+    """Where the default feature store and model directory live: HOME, or HOME/tenants/<tenant>."""
+    return home / "tenants" / tenant if isinstance(tenant, str) and tenant else home
 
 
 class _Environment(EnvSettingsSource):

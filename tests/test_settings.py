@@ -67,6 +67,11 @@ def test_a_tenant_process_defaults_to_its_tenant_stores(tmp_path: Path) -> None:
     assert explicit.feature_store == tmp_path / "fs" and explicit.model_dir == s.model_dir
     plain = config.load({"home": home}, environ={})
     assert (plain.feature_store, plain.model_dir) == (home / "features", home / "models")
+    # with_(tenant=...) is the same process as one started with STREAMLEARN_TENANT; explicit stores stay
+    moved = plain.with_(tenant="acme")
+    assert (moved.feature_store, moved.model_dir) == (s.feature_store, s.model_dir)
+    assert explicit.with_(tenant="globex").feature_store == tmp_path / "fs"
+    assert moved.with_(tenant="").feature_store == home / "features"
 
 
 def test_home_from_env_finds_its_config_file_and_explicit_file_wins(tmp_path: Path) -> None:
