@@ -65,15 +65,20 @@ def test_v1_ignores_the_tag_and_v2_equals_v1_without_one() -> None:
         np.testing.assert_array_equal(v2().pixels(data, "PNG"), ImageFeaturizer(size=(16, 8)).pixels(data, "PNG"))
 
 
-def test_a_rotated_jpeg_is_scaled_down_to_its_upright_size() -> None:
-    """JPEG draft scaling is asked for the pre-turn shape, so a turned photo is not decoded too small."""
-    big = np.kron(UPRIGHT, np.ones((40, 40), np.uint8))  # 640x320 upright
+def test_a_turned_jpeg_is_drafted_at_its_pre_turn_shape() -> None:
+    """libjpeg's draft scaling is asked for the size before the turn. A portrait photo (80x320 upright,
+    stored 320x80 with orientation 6) into a wide (40, 8) input: drafted at the upright shape, it would
+    decode at 40x10, turn to 10x40 and be stretched back to 40 wide, losing its 4-pixel stripes."""
+    upright = np.zeros((320, 80), np.uint8)
+    for k in range(4):
+        upright[:, k::8] = 255
     buf = io.BytesIO()
     exif = Image.Exif()
     exif[0x0112] = 6
-    Image.fromarray(np.ascontiguousarray(STORED[6](big)), "L").save(buf, "JPEG", quality=95, exif=exif.tobytes())
-    got = v2().pixels(buf.getvalue(), "JPEG").reshape(8, 16) * 255
-    assert np.abs(got - UPRIGHT).max() < 12  # JPEG loss only; a sideways image would be off by ~200
+    Image.fromarray(np.ascontiguousarray(STORED[6](upright)), "L").save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    truth = np.asarray(Image.fromarray(upright, "L").resize((40, 8), Image.Resampling.BOX), np.float32)
+    got = v2(size=(40, 8)).pixels(buf.getvalue(), "JPEG").reshape(8, 40) * 255
+    assert np.abs(got - truth).max() < 20  # JPEG loss only; drafted at the wrong shape: ~128
 
 
 @pytest.mark.parametrize("exif_bytes", [

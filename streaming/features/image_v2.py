@@ -12,6 +12,10 @@ viewers do: the pixels themselves decoded fine, and rejecting the photo for its 
 real data over a side channel. The image is counted (``exif_unreadable``) and logged once per
 featurizer instance.
 
+Limit: a PNG whose ``eXIf`` chunk comes after its pixel data (allowed, rare; phone photos are JPEG)
+is taken as upright, because Pillow fills ``info["exif"]`` only from the chunks read when the file is
+opened, and the check below looks only there.
+
 v1 stays registered, unchanged, for models trained on it: serving builds a version's inputs with
 the featurizer recorded in its metadata, so a model never sees turned pixels it was not trained on.
 """
