@@ -27,9 +27,9 @@ from what the response itself holds, so it is correct on Apache Kafka too:
 
 Only responses with an entry below the fetch offset are scanned (on Apache Kafka: a fetch that
 resumes inside an aborted transaction; on noida-db: any fetch past an old abort), and the scan reads
-batch headers plus the one record of a control batch. Remaining gap (noida-db only): a single
-transaction of one producer larger than one fetch response, fetched from past an old abort of the
-same producer, shows no marker in that response and keeps the stale entry.
+batch headers plus the one record of a control batch. Remaining gap (noida-db only): a response from
+past an old abort that holds a producer's data but none of its markers (it ends between a
+transaction's records and its commit marker) keeps the stale entry (docs/READ_COMMITTED.md).
 
 :func:`install` replaces ``Fetcher.PartitionRecords`` (which the fetcher instantiates through
 ``self.PartitionRecords``) with a subclass that filters the entries before kafka-python sees them;
