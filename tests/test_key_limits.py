@@ -230,7 +230,7 @@ def test_cli_publish_and_ingest_weblog_dead_letter_an_over_long_id_line_and_go_o
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     done = _cli(settings, "publish", "weblog", "--file", str(path))
     assert done.returncode == 1, done.stderr  # 1: some lines were rejected
-    assert "line 2: rejected" in done.stderr and "event_id" in done.stderr
+    assert "line 2: rejected (schema): WebLogEvent.event_id: " in done.stderr
     assert "published 2 weblog events" in done.stdout and "1 rejected" in done.stdout
     log = tmp_path / "access.log"  # JSON lines are one of the tailer's formats; it refuses lines over
     long_id = "e" * 5000           # 256 KB itself (LogParseError), so the id here is 5,000 characters
@@ -242,7 +242,7 @@ def test_cli_publish_and_ingest_weblog_dead_letter_an_over_long_id_line_and_go_o
     sizes = []
     for d in dls:
         h = header_dict(d.headers)
-        assert h["dl.error_class"] == "RecordValidationError", h
+        assert h["dl.error_class"] == "RecordValidationError" and h["dl.source_reason"] == "schema", h
         assert h["dl.message"].startswith("WebLogEvent.event_id: ")
         assert f"characters, over the limit of {MAX_ID_CHARS}" in h["dl.message"]
         sizes.append(int(h["dl.message"].split()[1]))

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from schemas.exceptions import SchemaError
+from schemas.exceptions import RecordValidationError, SchemaError
 from streaming import config
 from streaming.eventtime import EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
@@ -111,6 +111,10 @@ def event_from_line(kind: str, line: str, reader: TimestampReader, policy: Event
 
 
 def _reasons(exc: BaseException) -> str:
+    """Short reason codes (``dl.source_reason(s)``), as the ingest sources write them: a record that breaks
+    its schema is ``schema`` (its ``reason`` is the sentence already in the message), not the sentence."""
+    if isinstance(exc, RecordValidationError):
+        return "schema"
     reasons = getattr(exc, "reasons", None) or [getattr(exc, "reason", None) or type(exc).__name__]
     return ",".join(str(r) for r in reasons)
 
