@@ -18,10 +18,14 @@ their request trace, and the retries by error, JSON out.
 
     python -m benchmarks.probe_txn_latency [--loops 2000] [--rate 20] [--records 8] [--load 0]
         [--retry-backoff-ms 100]
+        [--producers 1] [--gil-threads 0] [--switch-interval-ms 1]
 
 ``--load K`` starts K busy Python processes (a pure-Python spin) for the run, to show the tail on a
-loaded box; ``--retry-backoff-ms`` overrides the producer's ``retry_backoff_ms`` (default: what
-``producer_config`` and the serving worker give, i.e. kafka-python's default unless configured).
+loaded box; ``--gil-threads K`` K busy threads in the probe's own process (GIL contention, as the
+worker's other threads), with ``--switch-interval-ms`` (the worker sets 1 ms); ``--producers K`` splits
+the loops over K successive producers of one transactional id (restarts), each first transaction apart;
+``--retry-backoff-ms`` overrides the producer's ``retry_backoff_ms`` (default: the serving worker's,
+``serving.txn.TXN_RETRY_BACKOFF_MS``; ``--retry-backoff-ms 100`` is kafka-python's default, the "before").
 """
 
 from __future__ import annotations
@@ -177,6 +181,20 @@ def _spinners(k: int) -> list[subprocess.Popen[bytes]]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(k)]
 
 
+def _gil_spinners(k: int, stop: threading.Event) -> list[threading.Thread]:
+    """Busy pure-Python threads in *this* process: they hold the GIL the producer's sender thread needs,
+    as the serving worker's other threads (and ``bench_serving``'s in-process load generator) do."""
+    def spin() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+
+    threads = [threading.Thread(target=spin, daemon=True, name=f"probe-gil-{i}") for i in range(k)]
+    for t in threads:
+        t.start()
+    return threads
+
+
 def _joined_consumer(settings: config.Settings, topic: str) -> KafkaConsumer:
     group = settings.topic(f"probe.txn.{uuid.uuid4().hex[:6]}")
     consumer = KafkaConsumer(**consumer_config(settings, group_id=group, group_instance_id=f"{group}-m0"))
@@ -203,7 +221,7 @@ def _producer(settings: config.Settings, tid: str, retry_backoff_ms: int | None)
 
 
 def run(settings: config.Settings, loops: int, rate: float, records: int, load: int,
-        retry_backoff_ms: int | None, producers: int = 1) -> dict[str, Any]:
+        retry_backoff_ms: int | None, producers: int = 1, gil_threads: int = 0) -> dict[str, Any]:
     """``loops`` transactions split over ``producers`` successive producers of one transactional id
     (each a restart: a new producer fences the last); each producer's first transaction is reported
     apart (``first_txn``), the others make the steady figures."""
@@ -222,6 +240,8 @@ def run(settings: config.Settings, loops: int, rate: float, records: int, load: 
     waits: dict[str, list[float]] = defaultdict(list)
     slow: list[dict[str, Any]] = []
     spin = _spinners(load)
+    gil_stop = threading.Event()
+    gil = _gil_spinners(gil_threads, gil_stop)
     load_start = os.getloadavg()[0]
     cpu0 = time.process_time()
     wall0 = time.perf_counter()
@@ -277,6 +297,9 @@ def run(settings: config.Settings, loops: int, rate: float, records: int, load: 
             else:
                 next_at = time.perf_counter()
     finally:
+        gil_stop.set()
+        for t in gil:
+            t.join()
         for p in spin:
             p.kill()
             p.wait()
@@ -295,7 +318,8 @@ def run(settings: config.Settings, loops: int, rate: float, records: int, load: 
             errors[f"{kind}:{e}"] += 1
         if r:
             retries[kind] += 1
-    return {"loops": loops, "rate": rate, "records": records, "load_procs": load, "producers": producers,
+    return {"loops": loops, "rate": rate, "records": records, "load_procs": load, "gil_threads": gil_threads,
+            "switch_interval_s": sys.getswitchinterval(), "producers": producers,
             "retry_backoff_ms": backoff,
             "load1_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
             "committed_records": committed, "wall_s": round(wall, 2), "cpu_s": round(time.process_time() - cpu0, 2),
@@ -347,11 +371,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retry-backoff-ms", type=int, default=None)
     ap.add_argument("--producers", type=int, default=1,
                     help="successive producers of one transactional id (restarts); first transactions apart")
+    ap.add_argument("--gil-threads", type=int, default=0, help="busy Python threads in the probe's process")
+    ap.add_argument("--switch-interval-ms", type=float, default=None,
+                    help="sys.setswitchinterval for the run (the serving worker sets 1 ms)")
     ap.add_argument("--name", default="probe_txn_latency")
     args = ap.parse_args(argv)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     with bench_settings() as settings:
         result = run(settings, args.loops, args.rate, args.records, args.load, args.retry_backoff_ms,
-                     args.producers)
+                     args.producers, args.gil_threads)
     result["machine"] = machine()
     path = write_report(args.name, result)
     summary = {k: result[k] for k in ("load1_start_end", "wall_s", "first_txn", "calls", "requests_rtt", "error_codes",
