@@ -41,6 +41,7 @@ def test_probe_commits_each_cycle_and_times_every_request(settings: Settings) ->
     result = probe.run(settings, loops=6, rate=50.0, records=2, load=0, retry_backoff_ms=None, producers=2)
     assert result["retry_backoff_ms"] == TXN_RETRY_BACKOFF_MS  # the probe runs the worker's settings
     assert result["first_txn"]["n"] == 2 and result["calls"]["total"]["n"] == 4
+    assert result["init_transactions"]["n"] == 2
     kinds = set(result["requests_rtt"])
     assert {"AddPartitionsToTxnHandler", "AddOffsetsToTxnHandler", "TxnOffsetCommitHandler", "EndTxnHandler",
             "Produce"} <= kinds, kinds
