@@ -185,7 +185,7 @@ def _spinners(k: int) -> list[subprocess.Popen[bytes]]:
 
 def _gil_spinners(k: int, stop: threading.Event) -> list[threading.Thread]:
     """Busy pure-Python threads in *this* process: they hold the GIL the producer's sender thread needs,
-    as the serving worker's other threads (and ``bench_serving``'s in-process load generator) do."""
+    as the serving worker's other threads (and ``bench_serving``'s read_committed reader) do."""
     def spin() -> None:
         n = 0
         while not stop.is_set():
