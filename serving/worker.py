@@ -43,6 +43,7 @@ from serving.model import configure_tf_threads
 from serving.policy import Policy
 from serving.replies import ReplyTopics, SerializerCache, cut_id
 from serving.tfimport import import_tensorflow
+from serving.txn import serving_producer_overrides
 from serving.versions import VersionManager
 from streaming import onerror
 from streaming.config import Settings
@@ -180,6 +181,7 @@ class ServingWorker(Emitter):
         extra: dict[str, Any] = {"linger_ms": 0, "max_block_ms": 10_000}
         if self.settings.transactions:
             extra["transactional_id"] = self.transactional_id
+            extra.update(serving_producer_overrides())  # a re-sent transactional request waits 20 ms, not 2x100
         self.producer = KafkaProducer(**producer_config(self.settings, **extra))
         if self.settings.transactions:
             self.producer.init_transactions()  # fences and aborts a dead predecessor's open transaction
