@@ -167,32 +167,28 @@ class _Compiler:
     def _record(self, node: dict[str, Any]) -> Check:
         name = _type_name(node["name"])
         id_names = ID_FIELDS.get(name, ())
-        fields: list[tuple[str, Check, bool, frozenset[type]]] = []
-        ids: list[tuple[str, Check, bool, frozenset[type]]] = []
-        for f in node.get("fields", []):
-            entry = (f["name"], self.compile(f["type"]), "default" in f, self.always_valid(f["type"]))
-            (ids if f["name"] in id_names else fields).append(entry)
-        return _record_check(name, fields, ids)
+        fields = [(f["name"], self.compile(f["type"]), "default" in f, self.always_valid(f["type"]),
+                   f["name"] in id_names) for f in node.get("fields", [])]
+        fields.sort(key=lambda field: field[4])  # id fields last (stable: schema order otherwise)
+        return _record_check(name, fields)
 
 
-def _record_check(name: str, fields: list[tuple[str, Check, bool, frozenset[type]]],
-                  ids: list[tuple[str, Check, bool, frozenset[type]]]) -> Check:
-    """The check of one record: ``fields`` in order, then ``ids`` (schemas.ids.ID_FIELDS), which are
-    checked the same way and also capped at MAX_ID_CHARS.
+def _record_check(name: str, fields: list[tuple[str, Check, bool, frozenset[type], bool]]) -> Check:
+    """The check of one record: every field in schema order, the id fields (schemas.ids.ID_FIELDS) last,
+    which are also capped at MAX_ID_CHARS.
 
-    Why the id fields get a loop of their own instead of a cap slot in every field's tuple: the
-    other fields' loop stays exactly as cheap as before (the publish hot path, docs/SDK_PERF.md) and
-    an id field costs the one ``len()`` it needs (a record without ids: an empty loop, no call).
-    Only a string is measured (an optional id may be None). The error shows at most 120 characters
-    of the id (RecordValidationError cuts its repr), so a hostile id never becomes a huge message.
+    The exact type of a value usually decides its field (``fast``, see ``_Compiler.always_valid``):
+    a set lookup instead of a call on the publish hot path (docs/SDK_PERF.md). An id field costs one
+    more ``len()``; only a string is measured (an optional id may be None). The error shows at most
+    120 characters of the id (RecordValidationError cuts its repr), so a hostile id never becomes a
+    huge message.
     """
-    id_fields = tuple(ids)
     cap = MAX_ID_CHARS  # a closure variable: cheaper to read per record than the module global
 
     def check_record(value: Any) -> None:
         if type(value) is not dict and not isinstance(value, Mapping):  # the ABC check costs a call
             raise _Invalid(value, f"expected a dict for record {name}")
-        for fname, check, has_default, fast in fields:
+        for fname, check, has_default, fast, is_id in fields:
             try:
                 item = value[fname]
             except KeyError:
@@ -201,38 +197,17 @@ def _record_check(name: str, fields: list[tuple[str, Check, bool, frozenset[type
                 exc = _Invalid(MISSING, "missing required field (it has no default)")
                 exc.path.append(fname)
                 raise exc from None
-            if type(item) in fast:
-                continue
-            try:
-                check(item)
-            except _Invalid as exc:
-                exc.path.append(fname)
-                raise
-        for fname, check, has_default, fast in id_fields:
-            try:
-                item = value[fname]
-            except KeyError:
-                if has_default:
-                    continue
-                missing = _Invalid(MISSING, "missing required field (it has no default)")
-                missing.path.append(fname)
-                raise missing from None
-            kind = type(item)
-            if kind in fast:  # as above, plus the one len() of a string
-                if kind is not str or len(item) <= cap:
-                    continue
-            else:
+            if type(item) not in fast:
                 try:
                     check(item)
-                except _Invalid as bad:
-                    bad.path.append(fname)
+                except _Invalid as exc:
+                    exc.path.append(fname)
                     raise
-                if not isinstance(item, str) or len(item) <= cap:
-                    continue
-            too_long = _Invalid(item, f"{len(item)} characters, over the limit of {cap} for an id "
-                                      "(MAX_ID_CHARS); use a shorter id")
-            too_long.path.append(fname)
-            raise too_long
+            if is_id and isinstance(item, str) and len(item) > cap:
+                too_long = _Invalid(item, f"{len(item)} characters, over the limit of {cap} for an id "
+                                          "(MAX_ID_CHARS); use a shorter id")
+                too_long.path.append(fname)
+                raise too_long
 
     return check_record
 
