@@ -16,8 +16,16 @@ from serving.exceptions import PredictTimeoutError, RequestDecodeError
 from streaming.clock import now_ms
 from streaming.config import Settings
 from streaming.jsoncodec import to_json
-from streaming.limits import MAX_ID_CHARS, bounded_json
+from streaming.limits import InputLimitError, bounded_json, check_id
 from streaming.topics import declared_topics, ensure_topics, predictions_topic, requests_topic
+
+
+def _request_id(value: Any, where: str, after: str = "") -> str:
+    """``value`` as a request id, or RequestDecodeError when over MAX_ID_CHARS (``limits.check_id``)."""
+    try:
+        return check_id(value, f"{where}request_id")
+    except InputLimitError as exc:
+        raise RequestDecodeError(f"{exc}{after}") from None
 
 
 def to_request(model: str, obj: Any, *, line: int | None = None) -> dict[str, Any]:
@@ -30,10 +38,9 @@ def to_request(model: str, obj: Any, *, line: int | None = None) -> dict[str, An
     if not isinstance(obj, dict):
         raise RequestDecodeError(f"{where}each request must be a JSON object (a raw event, "
                                  "{{\"features\": [...]}} or a PredictionRequest), got {type(obj).__name__}")
-    rid = str(obj.get("request_id") or uuid.uuid4().hex)
-    if len(rid) > MAX_ID_CHARS:  # refused here, before any request of the file is sent (the SDK would refuse
-        raise RequestDecodeError(  # it at publish, schemas/ids.py, after the lines before it had gone out)
-            f"{where}request_id: {len(rid)} characters, over the limit of {MAX_ID_CHARS}; use a shorter id")
+    # Refused here, before any request of the file is sent (the SDK would refuse it at publish,
+    # schemas/ids.py, after the lines before it had gone out).
+    rid = _request_id(obj.get("request_id") or uuid.uuid4().hex, where)
     if "features" in obj or "event_json" in obj:
         features = obj.get("features")
         if features is not None and not isinstance(features, list):
@@ -85,9 +92,7 @@ def predict(settings: Settings, model: str, requests: list[dict[str, Any]], *, t
     # publish, schemas/ids.py, after the requests before it had gone out).
     wanted = {r["request_id"] for r in requests}
     for rid in wanted:
-        if len(str(rid)) > MAX_ID_CHARS:
-            raise RequestDecodeError(f"request_id: {len(str(rid))} characters, over the limit of {MAX_ID_CHARS}; "
-                                     "use a shorter id (nothing was sent)")
+        _request_id(rid, "", " (nothing was sent)")
     answers: dict[str, dict[str, Any]] = {}
     with Subscriber(settings, topic, start="end", isolation_level="read_committed") as sub:
         for tp in sub.assignment():  # resolve positions now, before anything is published
