@@ -73,8 +73,8 @@ class Standby:
     def active_pid(self) -> int | None:
         """The pid the active process of this slot recorded (for log lines), None when unknown."""
         try:
-            return int(json.loads(self.active_path.with_suffix(".json").read_text()).get("pid"))
-        except (OSError, ValueError, TypeError):
+            return int(_status(self.active_path.with_suffix(".json"))["pid"])
+        except (KeyError, ValueError, TypeError):
             return None
 
     def wait_active(self, stop: threading.Event, tick: Callable[[], None] | None = None,
