@@ -416,11 +416,11 @@ class AvroDeserializer:
             elif len(data) >= HEADER_SIZE and data[0] == MAGIC:
                 schema_id = int.from_bytes(data[1:5], "big")
                 plan = plans.get(schema_id)
-                fast = plan is not None and plan.guard_named is None
-                if plan is not None and fast:
-                    writer, reader_schema, last_header = plan.writer, plan.reader, bytes(data[:HEADER_SIZE])
+                if plan is not None and plan.guard_named is None:
+                    fast, writer, reader_schema = True, plan.writer, plan.reader
+                    last_header = bytes(data[:HEADER_SIZE])
                 else:
-                    last_header = None
+                    fast, last_header = False, None
             else:
                 fast = False
             if fast and data is not None:
