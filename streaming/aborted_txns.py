@@ -98,7 +98,7 @@ class _StaleAbortsDropped(Fetcher.PartitionRecords):
 
     def __init__(self, fetch_offset: int, tp: Any, records: Any, *args: Any,
                  aborted_transactions: Sequence[Any] | None = None, **kwargs: Any) -> None:
-        if aborted_transactions and any(e.first_offset < fetch_offset for e in aborted_transactions):
+        if aborted_transactions:  # live_entries returns them all at once when none is below fetch_offset
             kept = live_entries(fetch_offset, aborted_transactions, markers(records))
             if len(kept) != len(aborted_transactions):
                 log.debug("%s: ignoring %d aborted transaction(s) that ended before fetch offset %d",
