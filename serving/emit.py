@@ -12,6 +12,7 @@ SIGTERM ends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -29,6 +30,7 @@ from serving.replies import LEGAL_TOPIC, ReplyTopics, SerializerCache, cut_answe
 from streaming.clock import now_ms
 from streaming.config import Settings
 from streaming.limits import BrokerLimits, effective_limit, fit_record, record_size, short
+from streaming.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,11 @@ class Emitter:
     _serializers: SerializerCache
     _answered: OrderedDict[str, None]
     _redo_backoff_s: float
+    #: the command line's liveness watchdog (streaming/watchdog.py); waits on the broker are not timed
+    watchdog: Watchdog | None = None
+
+    def _broker_wait(self, why: str) -> contextlib.AbstractContextManager[None]:
+        return self.watchdog.waiting(why) if self.watchdog is not None else contextlib.nullcontext()
     _m_latency: Any
     _m_ok: Any
     _m_err: Any
@@ -204,7 +211,8 @@ class Emitter:
             if tp in assigned:
                 self.consumer.seek(tp, offset)
         self._redo_backoff_s = min(MAX_REDO_BACKOFF_S, max(0.2, self._redo_backoff_s * 2))
-        self.stop_event.wait(self._redo_backoff_s)
+        with self._broker_wait("redo backoff"):
+            self.stop_event.wait(self._redo_backoff_s)
 
     def _count(self, items: list[Item], n_err: int) -> None:
         for item in items:
@@ -222,14 +230,15 @@ class Emitter:
 
     def _emit_flush(self, sends: list[tuple[str, bytes, bytes, Any]], offsets: dict[Any, Any]) -> None:
         self._precheck(sends)
-        try:
-            futures = [self.producer.send(t, key=k, value=v, headers=h) for t, k, v, h in sends]
-            self.producer.flush(timeout=60)
-            for f in futures:
-                f.get(timeout=30)  # raises if a send failed: offsets are then not committed
-        except Exception as exc:
-            raise _SendFailed(str(exc)) from exc
-        self.consumer.commit(offsets)
+        with self._broker_wait("flush and commit"):
+            try:
+                futures = [self.producer.send(t, key=k, value=v, headers=h) for t, k, v, h in sends]
+                self.producer.flush(timeout=60)
+                for f in futures:
+                    f.get(timeout=30)  # raises if a send failed: offsets are then not committed
+            except Exception as exc:
+                raise _SendFailed(str(exc)) from exc
+            self.consumer.commit(offsets)
 
     def _precheck(self, sends: list[tuple[str, bytes, bytes, Any]]) -> None:
         """Refuse a batch the client would refuse record by record, *before* any transaction starts.
@@ -249,15 +258,18 @@ class Emitter:
 
     def _emit_transaction(self, sends: list[tuple[str, bytes, bytes, Any]], offsets: dict[Any, Any]) -> None:
         self._precheck(sends)
-        try:
-            self.producer.begin_transaction()
-            for topic, key, value, headers in sends:
-                self.producer.send(topic, key=key, value=value, headers=headers)
-            self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
-            self.producer.commit_transaction()
-        except Exception as exc:  # KafkaError, or ValueError/timeout raised by send() itself
-            self.producer.abort_transaction()  # a fatal error (fenced) raises here and stops the worker
-            raise _SendFailed(str(exc)) from exc
+        # kafka-python waits for the transaction's round trips without a timeout: during a broker outage
+        # this is where the loop waits, and the watchdog must not take that for a hang.
+        with self._broker_wait("kafka transaction"):
+            try:
+                self.producer.begin_transaction()
+                for topic, key, value, headers in sends:
+                    self.producer.send(topic, key=key, value=value, headers=headers)
+                self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+                self.producer.commit_transaction()
+            except Exception as exc:  # KafkaError, or ValueError/timeout raised by send() itself
+                self.producer.abort_transaction()  # a fatal error (fenced) raises here and stops the worker
+                raise _SendFailed(str(exc)) from exc
 
 
 class _SendFailed(Exception):

@@ -191,6 +191,8 @@ class ServingWorker(Emitter):
         SIGTERM grace period even when the broker or a thread is slow (each step's time is logged when
         the whole took longer than CLOSE_SLOW_S, so a slow stop says where it waited)."""
         self.stop_event.set()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         steps: list[tuple[str, float]] = []
         began = last = time.monotonic()
 
@@ -308,7 +310,11 @@ class ServingWorker(Emitter):
                  self.slot, "exactly once" if self.settings.transactions else "at least once")
         self._rewind(pending)  # re-read the held batch through a poll: a rebalance meanwhile is applied first
         pending = []
+        if self.watchdog is not None:  # from here on the loop comes round at least every ~100 ms
+            self.watchdog.start()
         while not stop.is_set() and not self.stop_event.is_set():
+            if self.watchdog is not None:
+                self.watchdog.beat()
             records, pending = pending or self._collect(), []
             self.stuck.observe(self.consumer.assignment())
             if records:

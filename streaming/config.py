@@ -121,6 +121,9 @@ class Settings(BaseSettings):
         "(docs/STANDBY.md)"))
     up_standby: bool = Field(True, description=(
         "`streamlearn up` starts a warm standby beside each serving worker (serve --standby; docs/STANDBY.md)"))
+    watchdog_s: float = Field(300.0, ge=0, description=(
+        "stream and serve: exit (stack dump, code 70) when the worker's loop stalls this long, so it is restarted "
+        "or its standby takes over; waits on the broker do not count; 0 turns it off (streaming/watchdog.py)"))
     serve_max_batch: int = Field(64, description=("largest dynamic serving batch"))
     serve_max_wait_ms: float = Field(5.0, description=(
         "longest a prediction request waits for its batch to fill, in ms"))

@@ -43,6 +43,9 @@ FEATURIZE_SECONDS = Histogram("streamlearn_stream_featurize_seconds", "Featurize
 BACKPRESSURE = Gauge("streamlearn_stream_backpressure", "1 while the worker is paused because the store "
                      "cannot be written", ["kind"])
 BATCHES = Counter("streamlearn_stream_batches_total", "Micro-batches persisted", ["kind"])
+LOOP_BEAT_AGE = Gauge("streamlearn_loop_beat_age_seconds", "Seconds since the worker's loop last came round "
+                      "(0 while it waits for the broker); the watchdog ends the process past its limit",
+                      ["worker"])
 
 _lock = threading.Lock()
 _servers: dict[int, Any] = {}

@@ -21,7 +21,8 @@ member id and transactional id as the dead process: its consumer takes the dead 
 the group at once and its producer's ``init_transactions`` fences the dead one's open transaction.
 
 A live but hung active process keeps its lock, so a standby never runs beside it (no split brain on
-one host); detecting a hang is not this module's job.
+one host); the active process's own liveness watchdog (:mod:`streaming.watchdog`) ends it when its
+loop stalls, and the kernel then frees the lock as for any death.
 """
 
 from __future__ import annotations

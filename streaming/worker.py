@@ -48,6 +48,7 @@ from streaming.onerror import dead_letter as onerror_dead_letter
 from streaming.rejoin import Rejoiner
 from streaming.sink import OffsetCommitter
 from streaming.topics import dead_letter_topic, raw_topic
+from streaming.watchdog import Watchdog, from_settings
 from streaming.worker_positions import PartitionPositions
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,10 @@ MAX_BACKOFF_S = 30.0
 # batch_max_seconds (5 s by default) after its first record, so 0.25 s more after an idle spell is not
 # visible, and it quarters the idle polls (docs/IDLE.md). Records reset the back-off to 1 ms.
 STREAM_IDLE_MAX_S = 0.25
+
+
+def _untimed(why: str) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
 
 
 def default_group(settings: Settings, kind: str) -> str:
@@ -131,15 +136,22 @@ class StreamWorker(PartitionPositions):
         self._bp_gauge = metrics.BACKPRESSURE.labels(kind)
 
     # ---- main loop ---------------------------------------------------------------------------
-    def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> WorkerStats:
+    def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None,
+            watchdog: Watchdog | None = None) -> WorkerStats:
         """Consume until ``stop`` is set (or nothing arrived for ``idle_exit_s``); then persist the
-        open batches and commit, so a clean stop loses no work."""
+        open batches and commit, so a clean stop loses no work. ``watchdog`` is told each time the
+        loop comes round (streaming/watchdog.py: a loop stalled past its limit ends the process)."""
         stop = stop or threading.Event()
         if self.sub.poller is not None:
             self.sub.poller.wake = stop  # a stop (SIGTERM) ends an idle back-off at once
         last_data = time.monotonic()
+        untimed = watchdog.waiting if watchdog is not None else _untimed
+        if watchdog is not None:
+            watchdog.start()
         try:
             while not stop.is_set():
+                if watchdog is not None:
+                    watchdog.beat()
                 if self.paused_for_backpressure and time.monotonic() >= self._retry_at:
                     self._flush()  # the sink retries its held batches, oldest first
                 self._resume_registry_waits()
@@ -155,8 +167,11 @@ class StreamWorker(PartitionPositions):
                     polled = {}
                 if polled:
                     last_data = time.monotonic()
-                repositioned = self._apply_rebalance_events()
-                repositioned |= self._watch_broker()
+                # Repositioning after a (re)assignment or a broker restart asks the broker (end offsets,
+                # the dead-letter topic) and waits while it is away: the watchdog does not time that.
+                with untimed("the broker (repositioning)"):
+                    repositioned = self._apply_rebalance_events()
+                    repositioned |= self._watch_broker()
                 owned = self.sub.consumer.assignment()
                 self.stuck.observe(owned)
                 self.rejoin.check(self.sub.consumer, owned)
@@ -169,7 +184,8 @@ class StreamWorker(PartitionPositions):
                            if TopicPartition(self.topic, p) not in self._reverify]
                     if due:
                         self._flush(due)
-                self.committer.retry()
+                with untimed("the broker (offset commit)"):
+                    self.committer.retry()
                 self._update_lag()
                 if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s \
                         and not self.held and not list(self.pipeline.batcher.open_partitions()):
@@ -178,6 +194,8 @@ class StreamWorker(PartitionPositions):
                     break
             self._drain()
         finally:
+            if watchdog is not None:
+                watchdog.stop()
             self.close()
         return self.stats
 
@@ -327,6 +345,6 @@ def run_worker(settings: Settings, kind: str, *, group: str | None = None, names
         worker = StreamWorker(settings, kind, group=group, namespace=namespace, instance_id=instance_id)
         if on_start:
             on_start(worker)
-        stats = worker.run(stop, idle_exit_s=idle_exit_s)
+        stats = worker.run(stop, idle_exit_s=idle_exit_s, watchdog=from_settings(settings.watchdog_s, f"stream {kind}"))
     log.info("stream worker %s stopped: %s", kind, stats)
     return stats

@@ -50,7 +50,10 @@ def _answers(settings: Settings, expect: int, timeout: float = 120) -> list[tupl
 
 
 def _start(settings: Settings, log: Any) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(streamlearn_cmd("serve", MODEL), env=subprocess_env(settings),
+    # A short liveness watchdog (streaming/watchdog.py) rides along: under load, through kill -9 restarts,
+    # fenced transactions and the final drain, the batch loop must keep coming round (a watchdog exit
+    # would show as the worker dying on its own, which the loop below asserts never happens).
+    return subprocess.Popen(streamlearn_cmd("serve", MODEL), env=subprocess_env(settings, STREAMLEARN_WATCHDOG_S="10"),
                             stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -84,6 +87,9 @@ def test_kill_9_under_load_every_request_answered_exactly_once(settings: Setting
             proc.terminate()
             proc.wait(timeout=20)
             progress.close()
+    text = log_path.read_text(errors="replace")
+    assert "watchdog: this process exits if its serve killme loop stalls for 10 s" in text
+    assert "has not come round" not in text, text[-3000:]
     answers = _answers(settings, len(load.sent))
     assert len(load.sent) > 300
     assert_each_answered_once([rid for rid, _ in answers], load.sent)

@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=config.flag_help("serve_max_wait_ms"))
     p.add_argument("--poll-seconds", type=float, dest="serve_poll_s", metavar="S",
                    help=config.flag_help("serve_poll_s"))
+    p.add_argument("--watchdog-s", type=float, dest="watchdog_s", metavar="S", help=config.flag_help("watchdog_s"))
     p.add_argument("--metrics-port", type=int, metavar="P",
                    help=config.flag_help("metrics_port"))
     p.add_argument("--at-least-once", action="store_true",
@@ -72,7 +73,7 @@ def _serve(args: argparse.Namespace, settings: config.Settings) -> int:
 
     Policy.parse(args.policy)  # a bad policy fails before anything starts
     changes = {k: getattr(args, k) for k in ("serve_max_batch", "serve_max_wait_ms", "serve_http_host", "serve_poll_s",
-                                             "serve_standby")
+                                             "serve_standby", "watchdog_s")
                if getattr(args, k) is not None}
     if args.at_least_once:
         changes["transactions"] = False
@@ -90,6 +91,7 @@ def run_serving_worker(settings: config.Settings, model: str, *, policy: str = "
     from serving import metrics
     from serving.policy import Policy
     from serving.worker import ServingWorker
+    from streaming.watchdog import from_settings
 
     servers: list[Any] = []
 
@@ -105,6 +107,7 @@ def run_serving_worker(settings: config.Settings, model: str, *, policy: str = "
 
     worker = ServingWorker(settings, model, policy=Policy.parse(policy), score_stream=score_stream, slot=slot,
                            on_active=on_active)
+    worker.watchdog = from_settings(settings.watchdog_s, f"serve {model}")  # armed when the batch loop starts
     if threading.current_thread() is threading.main_thread():  # SIGTERM: finish the batch, then stop
         signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
     try:

@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--batch-max-seconds", type=float,
                    help=config.flag_help("batch_max_seconds"))
     s.add_argument("--metrics-port", type=int, help=config.flag_help("metrics_port"))
+    s.add_argument("--watchdog-s", type=float, metavar="S", help=config.flag_help("watchdog_s"))
     s.add_argument("--idle-exit", type=float, help="exit after this many seconds without records (batch jobs); "
                                                    "non-zero when it owned no partition while the topic had lag")
     s.set_defaults(func=_stream)
@@ -80,7 +81,8 @@ def _stream(args: argparse.Namespace, settings: config.Settings) -> int:
     from streaming.worker import run_worker
 
     changes = {k: v for k, v in (("batch_max_records", args.batch_max_records),
-                                 ("batch_max_seconds", args.batch_max_seconds)) if v is not None}
+                                 ("batch_max_seconds", args.batch_max_seconds),
+                                 ("watchdog_s", args.watchdog_s)) if v is not None}
     group = settings.group(args.group) if args.group else None
     stats = run_worker(settings.with_(**changes), args.kind, group=group, instance_id=args.instance_id,
                        idle_exit_s=args.idle_exit)
