@@ -1,0 +1,106 @@
+"""Recovery and operations paths found broken by running the README's commands (audit, docs/RECOVERY.md).
+
+Each test reproduces one problem over the real broker and fails without its fix:
+
+* ``kill PID`` (SIGTERM) of ``subscribe --group`` used to end the process like ``kill -9``: its static
+  member stayed in the group, which the embedded broker never expires, although a clean stop is documented
+  to remove it;
+* a damaged manifest in the feature store (a disk fault, a hand edit) stopped ``stream`` and ``store gc``
+  with a bare ``JSONDecodeError`` traceback instead of an error naming the file and the way out.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.bench_restart import _publish
+from streaming import members, offsets
+from streaming.config import Settings
+from streaming.store import BatchSpec, FeatureStore, StoredRow
+from tests.helpers import ROOT, subprocess_env, wait_until
+
+
+def _printed(out: Path) -> list[dict[str, object]]:
+    rows = []
+    for line in out.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "offset" in rec:
+            rows.append(rec)
+    return rows
+
+
+def test_sigterm_of_group_subscriber_leaves_the_group_and_commits_what_it_printed(
+        settings: Settings, tmp_path: Path) -> None:
+    _publish(settings, "sensor", 60, seed=3)
+    out, err = tmp_path / "sub.out", tmp_path / "sub.err"
+    group = settings.group("dash")
+    with out.open("wb") as fh, err.open("wb") as fe:
+        proc = subprocess.Popen([sys.executable, "-m", "streamlearn.cli", "subscribe", "sensor.raw", "--group",
+                                 "dash", "--json"], env=subprocess_env(settings), cwd=ROOT, stdout=fh, stderr=fe)
+    try:
+        wait_until(lambda: len(_printed(out)) >= 60 or proc.poll() is not None, 60, 0.05, "60 records printed")
+        assert proc.poll() is None, err.read_text()
+        wait_until(lambda: describe(settings, group)[1], 30, 0.1, "the subscriber's member in the group")
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert rc == 128 + signal.SIGTERM, err.read_text()
+    state, left = describe(settings, group)
+    assert left == [], (state, left)  # before the fix: the member stayed, DEAD, never expired by the broker
+    # the commit after each print still covers every printed record: a restart prints nothing twice
+    printed = _printed(out)
+    assert len(printed) == 60
+    ends: dict[int, int] = {}
+    for rec in printed:
+        ends[int(rec["partition"])] = max(ends.get(int(rec["partition"]), -1), int(rec["offset"]) + 1)  # type: ignore[call-overload]
+    committed = {p.partition: p.committed for p in offsets.show(settings, group, settings.topic("sensor.raw"))
+                 if p.committed is not None}
+    assert committed == ends
+
+
+def describe(settings: Settings, group: str) -> tuple[str, list[members.Member]]:
+    return members.describe_group(settings, group)
+
+
+def _write_one_batch(store: FeatureStore, topic: str) -> str:
+    rows = [StoredRow(x=np.zeros(2, dtype=np.float32), labels={"y": 1.0}, event_time_ms=1_700_000_000_000 + i,
+                      key="k", topic=topic, partition=0, offset=i) for i in range(3)]
+    spec = BatchSpec(kind="sensor", topic=topic, partition=0, first_offset=0, last_offset=2,
+                     featurizer_version="1", n_features=2, label_names=["y"], featurizer_state='{"w": 1}')
+    info, _ = store.write_batch(spec, rows)
+    return info.batch_id
+
+
+def test_damaged_manifest_is_named_with_the_way_out_not_a_traceback(settings: Settings) -> None:
+    store = FeatureStore(settings.feature_store)
+    bid = _write_one_batch(store, settings.topic("sensor.raw"))
+    d = store.directory("sensor")
+    manifest = d / f"{bid}.json"
+    manifest.write_bytes(manifest.read_bytes()[:100])  # cut, as a disk fault leaves it
+    (d / "_index.json").unlink()  # the index cached the good copy; a new process re-reads the file
+    proc = subprocess.run([sys.executable, "-m", "streamlearn.cli", "store", "gc", "--dry-run",
+                           "--retention-days", "0.000001", "--kind", "sensor"], env=subprocess_env(settings),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "JSONDecodeError" not in proc.stderr, proc.stderr
+    assert f"manifest {manifest} is unreadable" in proc.stderr, proc.stderr
+    assert "streamlearn replay" in proc.stderr, proc.stderr
+    # the worker's path (resume from the partition's newest batch) says the same
+    try:
+        FeatureStore(settings.feature_store).last_batch("sensor", settings.topic("sensor.raw"), 0)
+    except Exception as exc:  # noqa: BLE001 - the type is the point
+        assert type(exc).__name__ == "StoreError" and str(manifest) in str(exc), repr(exc)
+    else:
+        raise AssertionError("a damaged manifest was read as if it were fine")
