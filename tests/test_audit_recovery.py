@@ -104,3 +104,28 @@ def test_damaged_manifest_is_named_with_the_way_out_not_a_traceback(settings: Se
         assert type(exc).__name__ == "StoreError" and str(manifest) in str(exc), repr(exc)
     else:
         raise AssertionError("a damaged manifest was read as if it were fine")
+
+
+def test_store_promote_run_again_after_it_finished_says_done_and_moves_nothing(settings: Settings) -> None:
+    """A crash (or a lost terminal) after the last step leaves no sign whether it finished; the documented
+    answer is "run the same command again". That used to fail with "namespace has no batches; rebuild it with
+    replay", sending the user into a needless rebuild; now it exits 0 and commits nothing again."""
+    from streaming.promote import promote
+    from streaming.replay import replay
+
+    _publish(settings, "sensor", 40, seed=5)
+    replay(settings, "sensor", from_beginning=True, namespace="rb", idle_timeout_s=20)
+    first = promote(settings, "sensor", "rb")
+    topic = settings.topic("sensor.raw")
+    group = settings.group("stream.sensor")
+    assert any(first.offsets.values())
+    # the group moved on after the promotion (here: back to the start): a re-run must not commit over it
+    moved = offsets.reset(settings, group, topic, to_earliest=True)
+    proc = subprocess.run([sys.executable, "-m", "streamlearn.cli", "store", "promote", "sensor", "--from", "rb",
+                           "--json"], env=subprocess_env(settings), cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["already_live"] is True and info["offsets"] == {str(p): o for p, o in first.offsets.items()}
+    after = {p.partition: p.committed for p in offsets.show(settings, group, topic)}
+    assert after == moved, after
