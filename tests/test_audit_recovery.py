@@ -129,3 +129,31 @@ def test_store_promote_run_again_after_it_finished_says_done_and_moves_nothing(s
     assert info["already_live"] is True and info["offsets"] == {str(p): o for p, o in first.offsets.items()}
     after = {p.partition: p.committed for p in offsets.show(settings, group, topic)}
     assert after == moved, after
+
+
+def test_unreachable_broker_is_one_error_line_naming_the_address(settings: Settings) -> None:
+    """Every Kafka command with no broker at the address (`topics create` before `broker start`, a crashed
+    broker) ended in kafka-python's bootstrap traceback; the CLI boundary now prints one line for it.
+    The exception is kafka-python's own, from a real client against a port nobody listens on."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaTimeoutError
+
+    from streaming import config
+    from streaming.broker import free_port
+    from streamlearn.broker_errors import unreachable_message
+
+    port = free_port()
+    try:
+        KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}", bootstrap_timeout_ms=300)
+    except KafkaTimeoutError as exc:
+        real = exc
+    else:
+        raise AssertionError(f"a Kafka client bootstrapped from 127.0.0.1:{port}, where nothing listens")
+    embedded = config.load({"home": settings.home, "broker_port": port})
+    message = unreachable_message(real, embedded)
+    assert message is not None and f"127.0.0.1:{port}" in message and "streamlearn broker start" in message
+    remote = settings.with_(kafka_bootstrap=f"127.0.0.1:{port}")
+    assert "STREAMLEARN_KAFKA_BOOTSTRAP" in (unreachable_message(real, remote) or "")
+    # other timeouts (a send, a commit) are not "unreachable": they keep their own handling
+    assert unreachable_message(KafkaTimeoutError("Timeout after waiting for 30 secs."), embedded) is None
+    assert unreachable_message(ValueError("bootstrap"), embedded) is None
