@@ -12,6 +12,7 @@ Each test reproduces one problem over the real broker and fails without its fix:
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -157,3 +158,43 @@ def test_unreachable_broker_is_one_error_line_naming_the_address(settings: Setti
     # other timeouts (a send, a commit) are not "unreachable": they keep their own handling
     assert unreachable_message(KafkaTimeoutError("Timeout after waiting for 30 secs."), embedded) is None
     assert unreachable_message(ValueError("bootstrap"), embedded) is None
+
+
+_SUPERVISOR = """
+import threading
+from streaming import config
+from streamlearn.stack import STREAM, Service, Supervisor
+Supervisor(config.load(), [Service("follower", {args!r}, STREAM)]).start()
+threading.Event().wait()
+"""
+
+
+def test_up_restarted_after_its_supervisor_was_killed_stops_the_orphaned_workers(settings: Settings) -> None:
+    """`kill -9` of `streamlearn up` leaves its workers running; the same command again used to start a
+    second set beside them (every group got an unsupervised extra member nothing ever stopped). Now the new
+    supervisor drains the old one's workers first, so one supervised stack remains."""
+    from streaming.fsutil import pid_alive
+    from streamlearn.stack import STREAM, Service, Supervisor, read_state
+
+    args = ["subscribe", "weblog.raw", "--idle-timeout", "600"]
+    first = subprocess.Popen([sys.executable, "-c", _SUPERVISOR.format(args=args)], env=subprocess_env(settings),
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def first_worker_pid() -> int:
+            state = read_state(settings) or {}
+            return int(([*state.get("services", []), {}][0]).get("pid") or 0)
+
+        orphan = wait_until(first_worker_pid, 60, 0.1, "the first supervisor's worker")
+    finally:
+        first.kill()  # the supervisor dies; its worker lives on as an orphan
+        first.wait(30)
+    assert pid_alive(orphan)
+    sup = Supervisor(settings, [Service("follower", args, STREAM)])
+    try:
+        sup.start()
+        assert not pid_alive(orphan), "the orphan of the dead supervisor still runs beside the new stack"
+        assert sup.status()[0]["pid"] not in (None, orphan)
+    finally:
+        sup.stop(timeout_per_group=30)
+        if pid_alive(orphan):
+            os.kill(orphan, signal.SIGKILL)
