@@ -198,3 +198,48 @@ def test_up_restarted_after_its_supervisor_was_killed_stops_the_orphaned_workers
         sup.stop(timeout_per_group=30)
         if pid_alive(orphan):
             os.kill(orphan, signal.SIGKILL)
+
+
+class _Interrupt:
+    """A replay progress sink that stops the run at its first poll, the way Ctrl-C or a kill would."""
+
+    def __init__(self, _total: int) -> None:
+        pass
+
+    def __enter__(self) -> _Interrupt:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def advance(self, n: int = 1) -> None:
+        raise KeyboardInterrupt
+
+
+def test_interrupted_time_replay_rerun_later_completes_from_its_own_start(settings: Settings) -> None:
+    """`replay --from-timestamp -2h --into NS` interrupted, then the same command run again later: the relative
+    time now resolves to later offsets. The re-run used to replay from there (or be refused where its
+    batch boundaries overlapped the ones already written); it completes the interrupted replay instead."""
+    import pytest
+
+    from streaming.producer import Publisher
+    from streaming.replay import read_range, replay
+    from streamlearn.commands.publish import generated
+
+    with Publisher(settings) as pub:
+        metas = [pub.publish("sensor", e).get(30) for e in generated("sensor", 30, seed=1)]
+        later_ms = max(m.timestamp for m in metas) + 1  # "-2h" an hour later: after these records
+        for e in generated("sensor", 30, seed=2):
+            pub.publish("sensor", e).get(30)
+    small = settings.with_(batch_max_records=7)
+    with pytest.raises(KeyboardInterrupt):
+        replay(small, "sensor", from_beginning=True, namespace="ns", progress=_Interrupt)
+    store = FeatureStore(small.feature_store)
+    assert read_range(store.directory("sensor", "ns")) is None  # interrupted: not promotable
+    again = replay(small, "sensor", from_ms=later_ms, namespace="ns")
+    reference = replay(small, "sensor", from_beginning=True, namespace="ref")
+    assert again.start == reference.start and again.stop == reference.stop
+    drifted = offsets.offsets_for_timestamp(small, small.topic("sensor.raw"), later_ms)
+    assert drifted != reference.start  # the re-run's own start lies later: without the fix it replayed from there
+    assert store.batch_ids("sensor", "ns") == store.batch_ids("sensor", "ref")
+    assert read_range(store.directory("sensor", "ns")) is not None
