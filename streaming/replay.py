@@ -166,7 +166,10 @@ def replay(settings: Settings, kind: str, *, from_ms: int | None = None, from_of
     topic = raw_topic(settings, kind)
     start = start_offsets(settings, topic, from_ms=from_ms, from_offsets=from_offsets,
                           from_beginning=from_beginning)
-    directory = FeatureStore(settings.feature_store).directory(kind, namespace)
+    store = FeatureStore(settings.feature_store)
+    directory = store.directory(kind, namespace)
+    # a killed earlier run of this replay left its half-written batch as a temp file: its writer is gone
+    store.remove_stale_temp_files(kind, namespace)
     if not from_offsets:
         start = _resume_start(directory, topic, start)
     partitions = sorted(start)

@@ -219,7 +219,8 @@ class _Interrupt:
 def test_interrupted_time_replay_rerun_later_completes_from_its_own_start(settings: Settings) -> None:
     """`replay --from-timestamp -2h --into NS` interrupted, then the same command run again later: the relative
     time now resolves to later offsets. The re-run used to replay from there (or be refused where its
-    batch boundaries overlapped the ones already written); it completes the interrupted replay instead."""
+    batch boundaries overlapped the ones already written); it completes the interrupted replay instead,
+    and removes the temp file a killed writer left (only a stream worker's start did)."""
     import pytest
 
     from streaming.producer import Publisher
@@ -236,6 +237,11 @@ def test_interrupted_time_replay_rerun_later_completes_from_its_own_start(settin
         replay(small, "sensor", from_beginning=True, namespace="ns", progress=_Interrupt)
     store = FeatureStore(small.feature_store)
     assert read_range(store.directory("sensor", "ns")) is None  # interrupted: not promotable
+    # what a kill -9 in the middle of write_batch leaves: the temp file of a writer that no longer runs
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    stale = store.directory("sensor", "ns") / f".{small.topic('sensor.raw')}-p0-x.avro.{gone}-1.tmp"
+    stale.write_bytes(b"half a batch")
     again = replay(small, "sensor", from_ms=later_ms, namespace="ns")
     reference = replay(small, "sensor", from_beginning=True, namespace="ref")
     assert again.start == reference.start and again.stop == reference.stop
@@ -243,3 +249,4 @@ def test_interrupted_time_replay_rerun_later_completes_from_its_own_start(settin
     assert drifted != reference.start  # the re-run's own start lies later: without the fix it replayed from there
     assert store.batch_ids("sensor", "ns") == store.batch_ids("sensor", "ref")
     assert read_range(store.directory("sensor", "ns")) is not None
+    assert not stale.exists()  # the re-run cleaned up after the killed writer, as a stream worker's start does
