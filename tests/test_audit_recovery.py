@@ -250,3 +250,17 @@ def test_interrupted_time_replay_rerun_later_completes_from_its_own_start(settin
     assert store.batch_ids("sensor", "ns") == store.batch_ids("sensor", "ref")
     assert read_range(store.directory("sensor", "ns")) is not None
     assert not stale.exists()  # the re-run cleaned up after the killed writer, as a stream worker's start does
+
+
+def test_store_gc_of_a_namespace_that_does_not_exist_says_so(settings: Settings) -> None:
+    """`store gc --namespace NS` with a typo answered "deleted 0 batches" as if NS were clean."""
+    import pytest
+
+    from streaming.exceptions import StoreError
+    from streaming.retention import collect
+
+    store = FeatureStore(settings.feature_store)
+    _write_one_batch(store, settings.topic("sensor.raw"))
+    with pytest.raises(StoreError, match=r"--namespace 'rebuld' does not exist in .*namespaces there: live"):
+        collect(settings, dry_run=True, namespace="rebuld", retention_days=1)
+    assert collect(settings, dry_run=True, namespace="live", retention_days=1).deleted == []
