@@ -73,10 +73,13 @@ class PromoteResult:
     topic: str
     offsets: dict[int, int]
     rolled_forward: bool = False
+    #: the same command ran again after it had finished: nothing was moved or committed
+    already_live: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "from": self.source, "archived_as": self.archive, "group": self.group,
-                "topic": self.topic, "offsets": self.offsets, "rolled_forward": self.rolled_forward}
+                "topic": self.topic, "offsets": self.offsets, "rolled_forward": self.rolled_forward,
+                "already_live": self.already_live}
 
 
 def ensure_group_idle(settings: Settings, group: str, action: str) -> None:
@@ -159,6 +162,23 @@ def _check_source(store: FeatureStore, kind: str, source: str, topic: str, parti
                                f"range (partition {p}: [{start.get(p)}, {stop.get(p)})); the namespace mixes "
                                "several replays; replay into a fresh namespace")
     return stop
+
+
+def _already_live(store: FeatureStore, kind: str, source: str, topic: str, group: str) -> PromoteResult | None:
+    """The result of a promotion of ``source`` that already finished, or None.
+
+    Why: the rule is "run the same command again" after a crash, and a crash (or a lost terminal) can come
+    after the last step, when nothing says whether it finished. The source namespace is gone then and the
+    live directory carries its replay record; that is reported as done (the offsets it committed back then;
+    none are committed again: a worker may have moved on since), not as a namespace to rebuild.
+    """
+    if store.directory(kind, source).exists():
+        return None
+    record = read_range(store.directory(kind, LIVE))
+    if not record or record.get("namespace") != source or record.get("topic") != topic:
+        return None
+    stop = {int(p): int(o) for p, o in dict(record.get("stop") or {}).items()}
+    return PromoteResult(kind, source, None, group, topic, stop, already_live=True)
 
 
 def _commit_offsets(settings: Settings, group: str, topic: str, offsets: dict[int, int]) -> None:
@@ -246,6 +266,9 @@ def promote(settings: Settings, kind: str, source: str, *, group: str | None = N
                 return result
         group = group or default_group(settings, kind)
         topic = raw_topic(settings, kind)
+        done = _already_live(store, kind, source, topic, group)
+        if done is not None:
+            return done
         ensure_group_idle(settings, group, "promotion")
         begins, _ends = earliest_and_end(settings, topic)
         offsets = _check_source(store, kind, source, topic, sorted(begins))

@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 #: Written into ``<store>/<namespace>/<kind>/`` when a replay completes (not a batch: no ``.avro``).
 RANGE_FILE = "_replay.json"
+#: The start offsets of a replay that has not completed yet (written before its first batch, removed with
+#: :data:`RANGE_FILE`): a re-run of the same command resumes from them (:func:`_resume_start`).
+START_FILE = "_replay.start.json"
 
 
 class ProgressSink(Protocol):
@@ -163,6 +166,12 @@ def replay(settings: Settings, kind: str, *, from_ms: int | None = None, from_of
     topic = raw_topic(settings, kind)
     start = start_offsets(settings, topic, from_ms=from_ms, from_offsets=from_offsets,
                           from_beginning=from_beginning)
+    store = FeatureStore(settings.feature_store)
+    directory = store.directory(kind, namespace)
+    # a killed earlier run of this replay left its half-written batch as a temp file: its writer is gone
+    store.remove_stale_temp_files(kind, namespace)
+    if not from_offsets:
+        start = _resume_start(directory, topic, start)
     partitions = sorted(start)
     if to_ms is None:
         with Subscriber(settings, topic, start="end", decode=False, partitions=partitions) as probe:
@@ -184,6 +193,9 @@ def replay(settings: Settings, kind: str, *, from_ms: int | None = None, from_of
     for p in start:
         pipeline.states[p] = pipeline.featurizer.new_state()  # windows start empty at the range start
     total = sum(stop[p] - start[p] for p in start)
+    if read_range(directory) is None:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(directory / START_FILE, {"topic": topic, "start": {str(p): o for p, o in start.items()}})
     try:
         with progress(total) if progress is not None else contextlib.nullcontext() as sink:
             if total:
@@ -197,9 +209,37 @@ def replay(settings: Settings, kind: str, *, from_ms: int | None = None, from_of
     result.records = pipeline.stats.records
     result.rows = pipeline.stats.rows
     result.dead_letters = pipeline.stats.dead_letters
-    _write_range(FeatureStore(settings.feature_store).directory(kind, namespace), topic, result,
-                 pipeline.featurizer.version)
+    _write_range(directory, topic, result, pipeline.featurizer.version)
+    with contextlib.suppress(FileNotFoundError):
+        (directory / START_FILE).unlink()
     return result
+
+
+def _resume_start(directory: Path, topic: str, start: dict[int, int]) -> dict[int, int]:
+    """The start offsets of this namespace's interrupted replay when ``start`` is a later one, else ``start``.
+
+    Why: "an interrupted replay is completed by running the same command again", but a time start drifts:
+    ``--from-timestamp -2h`` run again an hour later (or ``--from-beginning`` after retention deleted
+    records) resolves to later offsets, whose count-based batch boundaries overlap the batches already
+    written, and the re-run was refused. A start that lies at or after the interrupted one on every
+    partition it names is that same replay resumed, so it continues from the recorded start; an earlier or
+    different start is a different replay and meets the overlap check as before. ``--from-offset`` never
+    drifts and is taken as given.
+    """
+    if read_range(directory) is not None:
+        return start
+    try:
+        record = json.loads((directory / START_FILE).read_text(encoding="utf-8"))
+        recorded = {int(p): int(o) for p, o in record["start"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return start
+    if record.get("topic") != topic or set(recorded) != set(start) or recorded == start:
+        return start
+    if any(start[p] < recorded[p] for p in start):
+        return start
+    log.info("replay into %s: completing the interrupted replay from its recorded start offsets %s (this run's "
+             "start resolved to %s)", directory, recorded, start)
+    return recorded
 
 
 def _write_range(directory: Path, topic: str, result: ReplayResult, featurizer_version: str) -> None:

@@ -112,6 +112,11 @@ def collect(settings: Settings, *, dry_run: bool, kinds: list[str] | None = None
     if days < 0 or cap < 0:
         raise StoreError("store gc: --retention-days and --max-bytes must be >= 0 (0 turns a limit off)")
     store = store or FeatureStore(settings.feature_store)
+    if namespace != "live" and store.remote is None and not (store.root / namespace).is_dir():
+        # a typo'd namespace used to report "deleted 0 batches" as if there were nothing to collect
+        found = sorted(p.name for p in store.root.iterdir() if p.is_dir()) if store.root.is_dir() else []
+        raise StoreError(f"store gc: --namespace {namespace!r} does not exist in {store.root}; "
+                         f"namespaces there: {', '.join(found) or 'none'}")
     result = GcResult(dry_run=dry_run, namespace=namespace, retention_days=days, max_bytes=cap)
     protected = lineage_batch_ids(ModelRegistry(settings.model_dir))
     now = clock.now_ms() if now_ms is None else now_ms

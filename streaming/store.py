@@ -69,6 +69,26 @@ STATE_SUFFIX = ".state.json"
 BACKPRESSURE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG,
                                  errno.EROFS, errno.ENOTDIR, errno.EEXIST})
 
+def _load_manifest(d: Path, batch_id: str) -> dict[str, Any]:
+    """One batch's manifest; a file that is not a JSON object (truncated or overwritten by a disk
+    fault or by hand: ``write_batch`` itself only ever renames complete ones into place) is a
+    :class:`StoreError` naming it and the way out, never a bare ``JSONDecodeError`` traceback."""
+    path = d / f"{batch_id}.json"
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        result = json.loads(text)
+    except ValueError as exc:
+        result, why = None, f"{exc}"
+    else:
+        why = f"a JSON {type(result).__name__}, not an object"
+    if not isinstance(result, dict):
+        raise StoreError(
+            f"feature store: manifest {path} is unreadable ({why}); the disk or a hand edit damaged it. "
+            f"Move {batch_id}.* out of {d}, then rebuild that range with `streamlearn replay` "
+            "(docs/RECOVERY.md, 'Replay and rebuild')")
+    return result
+
+
 def _as_backpressure(exc: OSError, what: str) -> BackpressureError:
     err = BackpressureError(
         f"feature store: cannot write {what}: {exc.strerror or exc} (errno {exc.errno}); "
@@ -185,11 +205,10 @@ class FeatureStore:
         if not (d / f"{batch_id}.avro").exists():
             return None
         try:
-            result: dict[str, Any] = json.loads((d / f"{batch_id}.json").read_text(encoding="utf-8"))
+            return _load_manifest(d, batch_id)
         except FileNotFoundError as exc:
             raise StoreError(f"feature store: batch {batch_id} in {d} has no manifest; "
                              "it was not written by FeatureStore.write_batch; remove it") from exc
-        return result
 
     def featurizer_state(self, kind: str, manifest: dict[str, Any], namespace: str = "live") -> str | None:
         """The featurizer state checkpointed with a batch: inline in its manifest, or in the
@@ -217,9 +236,7 @@ class FeatureStore:
     def manifest(self, kind: str, batch_id: str, namespace: str = "live") -> dict[str, Any]:
         if self.remote is not None:
             return self.remote.manifest(kind, batch_id, namespace)
-        result: dict[str, Any] = json.loads(
-            (self.directory(kind, namespace) / f"{batch_id}.json").read_text(encoding="utf-8"))
-        return result
+        return _load_manifest(self.directory(kind, namespace), batch_id)
 
     def ranges(self, kind: str, topic: str, partition: int, namespace: str = "live") -> list[tuple[int, int]]:
         """Persisted ``(first, last)`` offset ranges of one partition, ascending (from file names)."""

@@ -105,6 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _closed_pipe()
+    except Exception as exc:
+        from streamlearn.broker_errors import unreachable_message
+
+        message = unreachable_message(exc, settings)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
 
 
 def _closed_pipe() -> int:

@@ -22,6 +22,7 @@ so ``streamlearn status`` in another terminal can show what runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +149,7 @@ class Supervisor:
         log.info("started %s (pid %s): streamlearn %s", svc.name, svc.proc.pid, " ".join(svc.args))
 
     def start(self) -> None:
+        stop_orphans(self.settings, {s.name: s.group for s in self.services})
         for svc in self.services:
             self._spawn(svc)
         self._write_state()
@@ -255,6 +258,63 @@ class Supervisor:
         tmp.write_text(json.dumps({"supervisor_pid": os.getpid(), "stopped": stopped, "updated": time.time(),
                                    "services": self.status()}, indent=2))
         os.replace(tmp, self.dir / "state.json")
+
+
+def _runs_command(pid: int, args: list[str]) -> bool:
+    """Whether process ``pid`` runs ``streamlearn <args>`` (so a recycled pid is never signalled)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return False
+    return "streamlearn.cli" in argv and argv[argv.index("streamlearn.cli") + 1:][:len(args)] == args
+
+
+def _all_gone(pids: list[int]) -> bool:
+    from streaming.fsutil import pid_alive
+
+    return not any(pid_alive(p) for p in pids)
+
+
+def stop_orphans(settings: Settings, groups: dict[str, int] | None = None, timeout_s: float = 20.0) -> list[str]:
+    """Stop the live workers of a previous stack whose supervisor died (``kill -9``, OOM): drain order,
+    SIGTERM, a bounded wait, then SIGKILL. Returns the names of those stopped.
+
+    Why: workers outlive a supervisor killed with -9. Running the same ``streamlearn up`` again then
+    started a second set beside them: every group got an unsupervised extra member that nothing stopped
+    any more (``up``'s own stop drains only its children), and a gateway orphan kept its port. A restart
+    with the same command must leave one supervised stack, so the new supervisor first stops the old
+    one's workers, the way that supervisor would have (each drains: a stream worker flushes and commits).
+    Only processes named in ``HOME/stack/state.json`` that still run that exact command are touched.
+    """
+    from streaming.fsutil import pid_alive
+    from streaming.polling import poll_until
+
+    state = read_state(settings)
+    if not state or state.get("stopped") or pid_alive(int(state.get("supervisor_pid") or 0) or -1):
+        return []
+    orphans = []
+    for entry in state.get("services") or []:
+        pid, command = entry.get("pid"), str(entry.get("command") or "")
+        args = command.split()[1:]  # "streamlearn <args>"
+        if isinstance(pid, int) and pid > 0 and pid_alive(pid) and _runs_command(pid, args):
+            orphans.append((int((groups or {}).get(str(entry.get("name")), CORE)), str(entry.get("name")), pid))
+    stopped = []
+    for group in sorted({g for g, _, _ in orphans}):
+        batch = [(name, pid) for g, name, pid in orphans if g == group]
+        log.warning("the previous stack's supervisor (pid %s) is gone but its workers still run: %s; stopping them "
+                    "before starting this stack", state.get("supervisor_pid"),
+                    ", ".join(f"{name} (pid {pid})" for name, pid in batch))
+        for _, pid in batch:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        if not poll_until(partial(_all_gone, [pid for _, pid in batch]), timeout_s, interval_s=0.1):
+            for name, pid in batch:
+                if pid_alive(pid):
+                    log.warning("%s (pid %s) did not stop within %.0f s of SIGTERM; killing it", name, pid, timeout_s)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        stopped += [name for name, _ in batch]
+    return stopped
 
 
 def last_log_line(path: Path, max_bytes: int = 8192) -> str:

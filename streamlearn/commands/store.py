@@ -115,6 +115,10 @@ def _promote(args: argparse.Namespace, settings: config.Settings) -> int:
     if args.json:
         print(json.dumps(result.as_dict(), sort_keys=True))
         return 0
+    if result.already_live:
+        print(f"{result.kind}: namespace {result.source!r} is already live (an earlier run of this command finished "
+              "it); nothing to do")
+        return 0
     if result.rolled_forward:
         print(f"finished an interrupted promotion of {result.kind} from {result.source!r}")
     where = f"; the previous live batches are in namespace {result.archive!r}" if result.archive else ""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from typing import Any
 
 from streaming import config
@@ -63,6 +65,7 @@ def _subscribe(args: argparse.Namespace, settings: config.Settings) -> int:
         from streaming import members
 
         lease = members.claim(settings, group, f"subscribe-{topic}")
+        _Sigterm.install()
         member = {"group_instance_id": lease.instance_id, "client_id": members.client_id("subscribe")}
         try:
             members.remove_dead_local(settings, group, quick=True)
@@ -78,6 +81,40 @@ def _subscribe(args: argparse.Namespace, settings: config.Settings) -> int:
         return 1
     print(f"{n} records", file=sys.stderr)
     return 0
+
+
+class _Sigterm:
+    """SIGTERM ends a group subscription the way Ctrl-C does: through the ``finally`` that closes the
+    consumer and releases the slot, which removes the static member from its group.
+
+    Why: Python's default SIGTERM ends the process at once, like ``kill -9``, so a plain ``kill`` (or a
+    supervisor's stop) left the member behind, and the embedded broker never expires one (docs/RECOVERY.md:
+    "a clean stop (SIGTERM, Ctrl-C, --idle-exit) removes its own member"). A SIGTERM that arrives during an
+    offset commit takes effect right after it, so the commit of what was printed is not cut off; a second
+    SIGTERM during the cleanup is ignored rather than cutting that short (``kill -9`` still ends it at once).
+    """
+
+    committing = False
+    pending = 0
+
+    @classmethod
+    def install(cls) -> None:
+        if threading.current_thread() is threading.main_thread():  # the CLI always runs there
+            signal.signal(signal.SIGTERM, cls._handler)
+
+    @classmethod
+    def _handler(cls, signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if cls.committing:
+            cls.pending = signum
+            return
+        raise SystemExit(128 + signum)
+
+    @classmethod
+    def after_commit(cls) -> None:
+        cls.committing = False
+        if cls.pending:
+            raise SystemExit(128 + cls.pending)
 
 
 def _print_items(args: argparse.Namespace, settings: config.Settings, topic: str, group: str | None, start: Any,
@@ -115,11 +152,14 @@ def _commit(sub: Subscriber, item: Any) -> None:
     moved is re-read from its last commit by its new owner."""
     from kafka.errors import KafkaError
 
+    _Sigterm.committing = True
     try:
         sub.commit({_tp(item): item.offset + 1})
     except KafkaError as exc:
         print(f"note: commit of {item.topic}[{item.partition}]@{item.offset} refused ({type(exc).__name__}); "
               "a later commit covers it", file=sys.stderr)
+    finally:
+        _Sigterm.after_commit()
 
 
 def _dead_letter_line(item: Any) -> str:
