@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -435,8 +435,13 @@ class Subscriber:
         while not self.finished:
             yield from self.poll_batch()
 
-    def iterate(self, max_records: int | None = None, idle_timeout_s: float | None = None) -> Iterator[Item]:
-        """Iterate with optional bounds: stop after ``max_records`` or ``idle_timeout_s`` without data."""
+    def iterate(self, max_records: int | None = None, idle_timeout_s: float | None = None,
+                batch_done: Callable[[], None] | None = None) -> Iterator[Item]:
+        """Iterate with optional bounds: stop after ``max_records`` or ``idle_timeout_s`` without data.
+
+        ``batch_done()`` runs after the caller has taken every item of a fetched batch, before the next
+        poll: the place to commit what was handled, once per batch rather than once per record (a
+        commit is a broker round trip). A caller that stops early commits its own remainder."""
         count = 0
         last = time.monotonic()
         while not self.finished:
@@ -450,6 +455,8 @@ class Subscriber:
                 count += 1
                 if max_records is not None and count >= max_records:
                     return
+            if batch and batch_done is not None:
+                batch_done()
 
     # -- control --------------------------------------------------------------------------
     def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
