@@ -10,9 +10,13 @@ All over the real session broker; no sleeps.
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 from streaming.config import Settings
 from streaming.producer import header_dict
+from streaming.topics import dead_letter_topic
+from tests.helpers import read_topic, streamlearn_cmd, subprocess_env
 from tests.test_gateway_http import AUTH, client, dead_letters, raw_records, sensor
 
 CLF = '10.0.0.{i} - - [17/May/2015:10:05:03 +0000] "GET /p{i} HTTP/1.1" 200 5 "-" "ua"\n'
@@ -33,3 +37,34 @@ def test_gateway_lone_surrogate_is_rejected_and_dead_lettered_not_a_500(settings
     headers = header_dict(letter.headers)
     assert headers["dl.source_index"] == "0" and headers["dl.source_reason"] == "schema", headers
 
+
+def _cli(settings: Settings, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(streamlearn_cmd(*args), env=subprocess_env(settings), input=stdin, capture_output=True,
+                          timeout=120, check=False)
+
+
+def _reading(i: int) -> bytes:
+    return json.dumps({"sensor_id": f"s{i}", "timestamp": sensor(i)["timestamp"], "value": float(i),
+                       "unit": "celsius"}).encode()
+
+
+def test_publish_file_keeps_going_past_latin1_bom_and_overlong_lines(settings: Settings, tmp_path: Path) -> None:
+    """A BOM before line 1 is not part of the event; a latin-1 line and a line over the JSON limit are
+    dead letters with their reasons (the latin-1 one used to end the run with a UnicodeDecodeError)."""
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + _reading(0) + b"\r\n" + b'{"sensor_id": "caf\xe9"}\n' + _reading(2) + b"\n"
+                     + b'{"x": "' + b"a" * 1_100_000 + b'"}\n' + _reading(4) + b"\n"
+                     + _reading(6).replace(b'"s6"', b'"\\ud800"') + b"\n")
+    done = _cli(settings, "publish", "sensor", "--file", str(path))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert b"published 3 sensor events" in done.stdout and b"3 rejected" in done.stdout, done.stdout
+    published = raw_records(settings, "sensor", expect=3)
+    assert sorted(r.value["sensor_id"] for r in published) == ["s0", "s2", "s4"]
+    dls = read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False, expect=3, timeout=20)
+    found = {header_dict(d.headers)["dl.source_line"]: (header_dict(d.headers)["dl.source_reason"], d.value)
+             for d in dls}
+    assert found["2"] == ("bad_encoding", b'{"sensor_id": "caf\xe9"}'), found["2"]
+    assert found["4"][0] == "line_too_long" and found["4"][1].startswith(b'{"x": "aaa'), found["4"][0]
+    assert len(found["4"][1]) <= 64 * 1024
+    assert found["6"][0] == "schema", found["6"]
+    assert len(dls) == 3
