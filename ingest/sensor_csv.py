@@ -113,7 +113,9 @@ class CsvReader:
         self.offset, self.line = max(offset, len(first)), max(line, 1)
         if self.eof:
             return
-        header = [h.strip() for h in next(csv.reader([_split_line(first)[0].decode("utf-8", "replace")]))]
+        # "utf-8-sig": a byte-order mark (Excel's "CSV UTF-8", other Windows tools) is not part of the
+        # first column's name; read as part of it, "\ufeffsensor_id" refused the whole file.
+        header = [h.strip() for h in next(csv.reader([_split_line(first)[0].decode("utf-8-sig", "replace")]))]
         missing = {"sensor_id", "timestamp", "value"} - set(header)
         if missing:
             self.close()

@@ -13,8 +13,9 @@ import json
 import subprocess
 from pathlib import Path
 
+from ingest.sensor_csv import publish_csv
 from streaming.config import Settings
-from streaming.producer import header_dict
+from streaming.producer import Publisher, header_dict
 from streaming.topics import dead_letter_topic
 from tests.helpers import read_topic, streamlearn_cmd, subprocess_env
 from tests.test_gateway_http import AUTH, client, dead_letters, raw_records, sensor
@@ -68,3 +69,15 @@ def test_publish_file_keeps_going_past_latin1_bom_and_overlong_lines(settings: S
     assert len(found["4"][1]) <= 64 * 1024
     assert found["6"][0] == "schema", found["6"]
     assert len(dls) == 3
+
+
+def test_sensor_csv_with_a_byte_order_mark_is_published(settings: Settings, tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a BOM; it used to be read into the first column's name, so the
+    header 'lacked sensor_id' and the whole file was refused."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbfsensor_id,timestamp,value,unit\r\n"
+                     b"s1,2024-01-01T00:00:00Z,1.5,celsius\r\ns2,2024-01-01T00:01:00+02:00,2,celsius\r\n")
+    with Publisher(settings) as pub:
+        stats = publish_csv(settings, pub, path)
+    assert (stats.published, stats.dead_lettered) == (2, 0)
+    assert sorted(r.value["sensor_id"] for r in raw_records(settings, "sensor", expect=2)) == ["s1", "s2"]
