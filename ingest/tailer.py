@@ -68,6 +68,9 @@ class Position:
     offset: int = 0  # every line before this byte offset is handed out (in a snapshot: acked)
     line: int = 0  # number of lines before ``offset``
     file: str = ""  # the file actually read (differs from ``path`` while draining a rotated file)
+    #: ``offset`` is inside an over-long line whose head is already a dead letter: the bytes up to the
+    #: next newline belong to it (skipped, not read as lines of their own).
+    skipping: bool = False
 
     @property
     def identity(self) -> str:
@@ -174,7 +177,7 @@ class TailSource(SourcePartition):
                 if cand == self.path:  # same inode, other content: truncated while we were down
                     self.truncations += 1
                     pos.generation += 1
-                    pos.fingerprint, pos.offset, pos.line = "", 0, 0
+                    pos.fingerprint, pos.offset, pos.line, pos.skipping = "", 0, 0, False
                     self._attach(fd=os.open(cand, os.O_RDONLY), pos=pos, file=cand)
                     return
                 continue
@@ -202,6 +205,7 @@ class TailSource(SourcePartition):
         # A recycled inode must not reuse the old ids: bump the generation instead of resetting it.
         pos.generation = pos.generation + 1 if os.fstat(fd).st_ino == pos.inode else 0
         pos.inode, pos.fingerprint, pos.offset, pos.line = os.fstat(fd).st_ino, "", 0, 0
+        pos.skipping = False
         self._attach(fd=fd, pos=pos, file=self.path)
 
     def _attach(self, *, fd: int, pos: Position, file: Path) -> None:
@@ -219,8 +223,9 @@ class TailSource(SourcePartition):
         """The lines of the next chunk read; at the end of the file, rotation or truncation."""
         if self._done:
             raise StopIteration
-        if self._read_chunk():
-            return self._take()
+        while self._read_chunk():
+            if self._out or not self.pos.skipping:  # skipping a long line's rest hands out nothing: read on
+                return self._take()
         if not self.follow:
             self._split(final=True)
             self._done = True
@@ -261,7 +266,8 @@ class TailSource(SourcePartition):
         item = SourceItem(eid, raw, source={"file": pos.file or str(self.path), "line": str(pos.line)})
         try:
             if len(raw) > MAX_LINE_BYTES:
-                raise LogParseError(f"line is longer than {MAX_LINE_BYTES} bytes without a newline", "line_too_long")
+                raise LogParseError(f"line is longer than {MAX_LINE_BYTES} bytes; its head is kept here, the rest "
+                                    "of it up to the next newline is skipped", "line_too_long")
             item.record = parse_line(raw, source=self.name, position=start, event_id=eid, read_time=self._read_time,
                                      policy=self.policy)
             item.headers = self._headers
@@ -277,6 +283,10 @@ class TailSource(SourcePartition):
     def _split(self, *, final: bool) -> None:
         buf, start = self._buf, self._buf_start
         i = 0
+        if self.pos.skipping:  # the rest of an over-long line: one line, one dead letter (its head)
+            nl = buf.find(b"\n")
+            i = len(buf) if nl < 0 else nl + 1
+            self.pos.offset, self.pos.skipping = start + i, nl < 0 and not final
         while True:
             nl = buf.find(b"\n", i)
             if nl < 0:
@@ -286,6 +296,9 @@ class TailSource(SourcePartition):
         rest = buf[i:]
         if rest and (final or len(rest) > MAX_LINE_BYTES):
             self._emit(rest, start + i)
+            # Not yet at its newline: the bytes still to come are this line's, not lines of their own
+            # (they used to become more dead letters, 'not_combined_format', each shifting the line count).
+            self.pos.skipping = not final
             i = len(buf)
             rest = b""
         self._buf, self._buf_start = rest, start + i

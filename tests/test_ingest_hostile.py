@@ -9,11 +9,13 @@ All over the real session broker; no sleeps.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from pathlib import Path
 
 from ingest.sensor_csv import publish_csv
+from ingest.tailer import MAX_LINE_BYTES, FileTailer, TailSource
 from streaming.config import Settings
 from streaming.producer import Publisher, header_dict
 from streaming.topics import dead_letter_topic
@@ -81,3 +83,30 @@ def test_sensor_csv_with_a_byte_order_mark_is_published(settings: Settings, tmp_
         stats = publish_csv(settings, pub, path)
     assert (stats.published, stats.dead_lettered) == (2, 0)
     assert sorted(r.value["sensor_id"] for r in raw_records(settings, "sensor", expect=2)) == ["s1", "s2"]
+
+
+def test_tailer_over_long_line_is_one_dead_letter_and_later_line_numbers_stay_true(settings: Settings,
+                                                                                   tmp_path: Path) -> None:
+    """A 3 MB line used to become one dead letter per chunk read (the later ones 'not_combined_format',
+    their bytes read as lines of their own), shifting the line number of every later dead letter."""
+    long_line = CLF.format(i=2).replace("/p2", "/" + "a" * 3_000_000).encode()
+    log = tmp_path / "access.log"
+    log.write_bytes(CLF.format(i=1).encode() + long_line + CLF.format(i=3).encode() + b"garbage\n"
+                    + CLF.format(i=5).encode().rstrip(b"\n"))
+    with Publisher(settings) as pub:
+        stats = FileTailer(settings, pub, log).run()
+    assert (stats.lines, stats.published, stats.dead_lettered) == (5, 3, 2), stats
+    dls = read_topic(settings, dead_letter_topic(settings, "weblog"), decode=False, expect=2, timeout=20)
+    found = {header_dict(d.headers)["dl.source_line"]: header_dict(d.headers)["dl.source_reason"] for d in dls}
+    assert found == {"2": "line_too_long", "4": "not_combined_format"}, found
+    assert sorted(r.value["path"] for r in raw_records(settings, "weblog", expect=3)) == ["/p1", "/p3", "/p5"]
+
+    # A checkpoint taken while the rest of the long line was being skipped resumes skipping it.
+    first = CLF.format(i=1).encode()
+    state = {"path": str(log.absolute()), "inode": log.stat().st_ino, "file": str(log.absolute()),
+             "fingerprint": hashlib.sha1(first).hexdigest(), "offset": len(first) + MAX_LINE_BYTES + 10,
+             "line": 2, "skipping": True}
+    source = TailSource(log, resume_state=state)
+    items = source.next_batch() + source.next_batch()
+    source.close()
+    assert [(it.source["line"], it.record is not None) for it in items] == [("3", True), ("4", False), ("5", True)]
