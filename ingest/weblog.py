@@ -289,7 +289,9 @@ def parse_line(
     ``event_id``, when given, is used instead of computing one (a JSON line's own id still wins).
     """
     text = line.decode("utf-8", "backslashreplace") if isinstance(line, bytes) else line
-    text = text.rstrip("\r\n")
+    # A byte-order mark (a log saved by a Windows editor) is not part of the client address; left in,
+    # it became client_ip "\ufeff10.0.0.1" and made a first JSON line "not JSON".
+    text = text.rstrip("\r\n").removeprefix("\ufeff")
     stripped = text.lstrip()
     if not stripped:
         raise LogParseError("line is empty", "empty")

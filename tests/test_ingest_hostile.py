@@ -110,3 +110,20 @@ def test_tailer_over_long_line_is_one_dead_letter_and_later_line_numbers_stay_tr
     items = source.next_batch() + source.next_batch()
     source.close()
     assert [(it.source["line"], it.record is not None) for it in items] == [("3", True), ("4", False), ("5", True)]
+
+
+def test_tailer_log_starting_with_a_byte_order_mark(settings: Settings, tmp_path: Path) -> None:
+    """A log saved by a Windows editor starts with a BOM: it was read into the first client address
+    ("\\ufeff10.0.0.1"), and a JSON-lines log lost its first line as 'bad_json'."""
+    clf, jsonl = tmp_path / "clf.log", tmp_path / "json.log"
+    clf.write_bytes(b"\xef\xbb\xbf" + CLF.format(i=1).encode() + CLF.format(i=2).encode())
+    event = {"remote_addr": "10.0.0.3", "time": "2024-01-01T00:00:00Z", "request": "GET /p3 HTTP/1.1",
+             "status": 200}
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(event).encode() + b"\r\n")
+    with Publisher(settings) as pub:
+        for log in (clf, jsonl):
+            stats = FileTailer(settings, pub, log).run()
+            assert stats.dead_lettered == 0, stats
+    published = raw_records(settings, "weblog", expect=3)
+    assert sorted((r.value["client_ip"], r.value["path"]) for r in published) == [
+        ("10.0.0.1", "/p1"), ("10.0.0.2", "/p2"), ("10.0.0.3", "/p3")]
