@@ -29,7 +29,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ingest.exceptions import SensorValidationError, SourceError
 from ingest.runner import SourceRunner
@@ -45,6 +45,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _RESERVED = {"sensor_id", "timestamp", "value", "unit", "label", "event_id"}
+#: Bytes of one CSV line held in memory at most. A longer line is one dead letter (``row_too_long``, its
+#: head kept) and the rest of it is skipped in bounded reads: a 300 MB line used to be read whole, then
+#: decoded and copied, about 2.2 GB of memory for one row.
+MAX_ROW_BYTES = 1 << 20
+_KEEP_BYTES = 64 * 1024
+
+
+def _read_line(fh: BinaryIO) -> tuple[bytes, int]:
+    """The next physical line (with its newline) and its size; over :data:`MAX_ROW_BYTES`, only its
+    head comes back and the rest is read past (the size tells: ``size > len(line)``)."""
+    line = fh.readline(MAX_ROW_BYTES + 1)
+    size = len(line)
+    if size <= MAX_ROW_BYTES or line.endswith(b"\n"):
+        return line, size
+    rest = line
+    while rest and not rest.endswith(b"\n"):
+        rest = fh.readline(1 << 20)
+        size += len(rest)
+    return line[:_KEEP_BYTES], size
 
 
 def _parse_float(text: str) -> float | str:
@@ -107,12 +126,16 @@ class CsvReader:
             self._fh = open(self.path, "rb")  # noqa: SIM115 (closed by close())
         except OSError as exc:
             raise SourceError(f"--csv {path}: cannot read ({exc})") from exc
-        first = self._fh.readline()
+        first, size = _read_line(self._fh)
         self.header_line = first
         self.eof = not first
-        self.offset, self.line = max(offset, len(first)), max(line, 1)
+        self.offset, self.line = max(offset, size), max(line, 1)
         if self.eof:
             return
+        if size > len(first):
+            self.close()
+            raise SourceError(f"--csv {path}: the header line is {size} bytes, over the {MAX_ROW_BYTES}-byte "
+                              "limit of a line; is this a CSV file?")
         # "utf-8-sig": a byte-order mark (Excel's "CSV UTF-8", other Windows tools) is not part of the
         # first column's name; read as part of it, "\ufeffsensor_id" refused the whole file.
         header = [h.strip() for h in next(csv.reader([_split_line(first)[0].decode("utf-8-sig", "replace")]))]
@@ -133,7 +156,12 @@ class CsvReader:
     def _timestamp_cells(self, column: int, limit: int) -> Iterator[str]:
         """The timestamp cells of the first data rows (for ``auto``'s one decision per file)."""
         seen = 0
-        for physical in self._fh:
+        while True:
+            physical, size = _read_line(self._fh)
+            if not physical:
+                return
+            if size > len(physical):
+                continue  # over-long: a dead letter of its own later, no vote
             for raw in _split_line(physical):
                 if seen >= limit:
                     return
@@ -149,12 +177,18 @@ class CsvReader:
         """Up to ``limit`` rows (blank lines are counted, not returned); ``eof`` is set at the end."""
         out: list[CsvRow] = []
         while len(out) < limit and not self.eof:
-            physical = self._fh.readline()
+            physical, size = _read_line(self._fh)
             if not physical:
                 self.eof = True
                 break
             start = self.offset
-            self.offset += len(physical)
+            self.offset += size
+            if size > len(physical):
+                self.line += 1
+                out.append(CsvRow(self.line, physical, None, SensorValidationError(
+                    f"row is {size} bytes, over the {MAX_ROW_BYTES}-byte limit of a CSV line; its head is kept",
+                    "row_too_long"), start))
+                continue
             for raw in _split_line(physical):
                 self.line += 1
                 if raw.strip():
@@ -258,7 +292,7 @@ class SensorCsvSource(SourcePartition):
         try:
             inode = self.path.stat().st_ino
             with self.path.open("rb") as fh:
-                fingerprint = hashlib.sha1(fh.readline()).hexdigest()
+                fingerprint = hashlib.sha1(_read_line(fh)[0]).hexdigest()
             size = self.path.stat().st_size
         except OSError as exc:
             raise SourceError(f"--csv {path}: cannot read ({exc})") from exc
