@@ -9,6 +9,7 @@ All over the real session broker; no sleeps.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import subprocess
@@ -142,3 +143,14 @@ def test_sensor_csv_over_long_row_is_read_in_bounded_pieces(settings: Settings, 
     assert header_dict(letter.headers)["dl.source_line"] == "3"
     assert letter.value.startswith(b"s2,2024-01-01T00:00:00Z,999") and len(letter.value) <= 64 * 1024
     assert sorted(r.value["sensor_id"] for r in raw_records(settings, "sensor", expect=2)) == ["s1", "s3"]
+
+
+def test_gateway_compressed_body_is_415_naming_the_encoding(settings: Settings) -> None:
+    """Bodies are not decompressed; a gzip body was answered 400 'not valid UTF-8 JSON', and dead-lettered."""
+    body = gzip.compress(json.dumps(sensor(0)).encode())
+    with client(settings) as tc:
+        answer = tc.post("/ingest/sensor", content=body, headers={**AUTH, "Content-Type": "application/json",
+                                                                  "Content-Encoding": "gzip"})
+        plain = tc.post("/ingest/sensor", json=sensor(1), headers={**AUTH, "Content-Encoding": "identity"})
+    assert answer.status_code == 415 and "Content-Encoding 'gzip'" in answer.json()["error"], answer.text
+    assert plain.status_code == 200, plain.text
