@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 256 * 1024
+_NULS = re.compile(rb"\x00+")
 _FP_MAX = 64 * 1024
 
 
@@ -141,6 +143,7 @@ class TailSource(SourcePartition):
         self._buf_start = 0  # file offset of _buf[0]
         self._done = False
         self._idle_since = time.monotonic()
+        self._warned_nuls = False
         self.pos = self._start(resume_state)
 
     # -- start-up -------------------------------------------------------------------------
@@ -288,6 +291,8 @@ class TailSource(SourcePartition):
             i = len(buf) if nl < 0 else nl + 1
             self.pos.offset, self.pos.skipping = start + i, nl < 0 and not final
         while True:
+            if i < len(buf) and buf[i] == 0:
+                i = self._skip_nuls(buf, i, start)
             nl = buf.find(b"\n", i)
             if nl < 0:
                 break
@@ -302,6 +307,19 @@ class TailSource(SourcePartition):
             i = len(buf)
             rest = b""
         self._buf, self._buf_start = rest, start + i
+
+    def _skip_nuls(self, buf: bytes, i: int, start: int) -> int:
+        """Past a run of NUL bytes before a line: the hole a copytruncate rotation leaves when the
+        writer does not append (it goes on writing at its old offset; the file reads as zeros up to
+        there). Not a line: it made the next real line a dead letter (or, over 256 KiB, lost it
+        inside one). Lines start at their first other byte, whatever the chunking, so ids stay stable."""
+        m = _NULS.match(buf, i)
+        assert m is not None
+        if not self._warned_nuls:
+            self._warned_nuls = True
+            log.warning("%s: skipping NUL bytes from offset %d (a copytruncate hole?); logged once",
+                        self.pos.file or self.path, start + i)
+        return m.end()
 
     def _read_chunk(self) -> bool:
         """Read the next chunk of the current file into lines; False at its end."""
