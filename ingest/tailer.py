@@ -30,6 +30,7 @@ old file (as with ``tail -F``).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -94,9 +95,19 @@ class TailStats:
     truncations: int = 0
 
 
-def default_checkpoint_path(settings: Settings, path: Path) -> Path:
-    """Checkpoint of one followed path under ``settings.state_dir`` (stable hash of the path)."""
-    key = hashlib.sha1(str(Path(path).absolute()).encode()).hexdigest()[:16]
+def default_checkpoint_path(settings: Settings, path: Path, policy: EventTimePolicy | None = None) -> Path:
+    """Checkpoint of one followed path under ``settings.state_dir`` (stable hash of the path).
+
+    A ``--backfill`` run has a checkpoint of its own (its window in the hash, as the sensor CSV's): a
+    live run dead-letters history as ``timestamp_too_old`` with "load history on purpose with
+    --backfill", and that command then resumed at the live run's end and published nothing. Live runs
+    keep the path they always had, so a restarted ``--follow`` resumes where it was.
+    """
+    where = str(Path(path).absolute())
+    if policy is not None and policy.backfill:
+        where += "\0" + json.dumps({"backfill": True, "max_age_ms": policy.max_age_ms,
+                                    "max_future_ms": policy.max_future_ms}, sort_keys=True)
+    key = hashlib.sha1(where.encode()).hexdigest()[:16]
     return settings.state_dir / "weblog" / f"{Path(path).name}.{key}.json"
 
 
@@ -382,7 +393,7 @@ class FileTailer:
         """``source_options`` are :class:`TailSource`'s (follow, poll_s, rotate_grace_s, policy,
         timestamp_unit, on_read, chunk_bytes); the rest is the runner's."""
         self.path = Path(path).absolute()
-        self.cp_path = checkpoint_path or default_checkpoint_path(settings, self.path)
+        self.cp_path = checkpoint_path or default_checkpoint_path(settings, self.path, source_options.get("policy"))
 
         def build(state: dict[str, Any] | None) -> TailSource:
             return TailSource(self.path, resume_state=state, **source_options)

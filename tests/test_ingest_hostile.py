@@ -18,6 +18,7 @@ from pathlib import Path
 from ingest.sensor_csv import MAX_ROW_BYTES, publish_csv
 from ingest.tailer import MAX_LINE_BYTES, FileTailer, TailSource
 from streaming.config import Settings
+from streaming.eventtime import EventTimePolicy
 from streaming.producer import Publisher, header_dict
 from streaming.topics import dead_letter_topic
 from tests.helpers import read_topic, streamlearn_cmd, subprocess_env
@@ -178,3 +179,22 @@ def test_tailer_reads_past_the_nul_hole_of_a_copytruncate_rotation(settings: Set
     assert (stats.published, stats.dead_lettered) == (3, 0), stats
     assert sorted(r.value["path"] for r in raw_records(settings, "weblog", expect=3)) == ["/p1", "/p2", "/p3"]
     assert _ids(log, 4096) == _ids(log, 1 << 20)  # where a read ends does not move a line's id
+
+
+def test_weblog_backfill_after_a_live_run_publishes_the_history_it_refused(settings: Settings,
+                                                                           tmp_path: Path) -> None:
+    """The live run's dead letters say 'load history on purpose with --backfill'; that run then resumed
+    at the live run's checkpoint (the end of the file) and published nothing."""
+    log = tmp_path / "old.log"
+    log.write_bytes("".join(CLF.format(i=i).replace("2015", "1999") for i in (1, 2)).encode())
+    with Publisher(settings) as pub:
+        live = FileTailer(settings, pub, log).run()
+        assert (live.published, live.dead_lettered) == (0, 2), live
+        backfill = EventTimePolicy(max_age_ms=None, backfill=True, run_id="audit-1")
+        history = FileTailer(settings, pub, log, policy=backfill).run()
+        again = FileTailer(settings, pub, log, policy=EventTimePolicy(max_age_ms=None, backfill=True,
+                                                                     run_id="audit-2")).run()
+    assert (history.published, history.dead_lettered) == (2, 0), history
+    assert (again.published, again.lines) == (0, 0), again  # the same backfill command again: nothing new
+    published = raw_records(settings, "weblog", expect=2)
+    assert sorted(header_dict(r.headers)["sl.backfill"] for r in published) == ["audit-1", "audit-1"]
