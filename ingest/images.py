@@ -253,7 +253,12 @@ class ImageWatcher:
         return items
 
     def _item(self, it: _Item) -> SourceItem:
-        if self.journal.get(it.digest) in ("P", "R") or it.digest in self._in_flight:
+        tag = self.journal.get(it.digest)
+        # Rejected by an earlier run and accepted by this one (typically an old file time, put back and
+        # run with --backfill as its reason file says): published now. It used to be moved back to
+        # rejected/ as 'rejected_earlier', so following the reason file's advice did nothing.
+        accepted_now = tag == "R" and it.record is not None
+        if (tag in ("P", "R") and not accepted_now) or it.digest in self._in_flight:
             return SourceItem(it.digest, ref=it)  # nothing to send (done, or same bytes as one in flight): moved
         self._in_flight.add(it.digest)
         if it.record is not None:

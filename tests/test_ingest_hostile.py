@@ -12,9 +12,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
+from ingest.images import ImageWatcher
 from ingest.sensor_csv import MAX_ROW_BYTES, publish_csv
 from ingest.tailer import MAX_LINE_BYTES, FileTailer, TailSource
 from streaming.config import Settings
@@ -22,7 +24,7 @@ from streaming.eventtime import EventTimePolicy
 from streaming.producer import Publisher, header_dict
 from streaming.topics import dead_letter_topic
 from tests.helpers import read_topic, streamlearn_cmd, subprocess_env
-from tests.test_gateway_http import AUTH, client, dead_letters, raw_records, sensor
+from tests.test_gateway_http import AUTH, client, dead_letters, png, raw_records, sensor
 
 CLF = '10.0.0.{i} - - [17/May/2015:10:05:03 +0000] "GET /p{i} HTTP/1.1" 200 5 "-" "ua"\n'
 
@@ -198,3 +200,30 @@ def test_weblog_backfill_after_a_live_run_publishes_the_history_it_refused(setti
     assert (again.published, again.lines) == (0, 0), again  # the same backfill command again: nothing new
     published = raw_records(settings, "weblog", expect=2)
     assert sorted(header_dict(r.headers)["sl.backfill"] for r in published) == ["audit-1", "audit-1"]
+
+
+def test_image_rejected_for_its_old_file_time_is_published_when_put_back_with_backfill(
+        settings: Settings, tmp_path: Path) -> None:
+    """Its reason file says 'load history on purpose with --backfill'; doing so moved it back to
+    rejected/ as 'rejected_earlier' (the journal's verdict of the live run), publishing nothing."""
+    watch = tmp_path / "in"
+    watch.mkdir()
+    photo = watch / "scan_1999.png"
+    photo.write_bytes(png(shade=99))
+    os.utime(photo, (915148800, 915148800))  # 1999-01-01: older than the live window of 20 years
+
+    def run(policy: EventTimePolicy | None = None) -> tuple[int, int]:
+        with Publisher(settings) as pub:
+            watcher = ImageWatcher(settings, pub, watch, settle_s=0.0, policy=policy)
+            watcher.run(follow=False)
+            watcher.close()
+        return watcher.published, watcher.rejected_count
+
+    assert run() == (0, 1)
+    assert (watch / "rejected" / "scan_1999.png.reason").read_text().startswith("timestamp_too_old")
+    os.replace(watch / "rejected" / "scan_1999.png", photo)
+    assert run(EventTimePolicy(max_age_ms=None, backfill=True, run_id="photos")) == (1, 0)
+    assert (watch / "processed" / "scan_1999.png").exists()
+    (record,) = raw_records(settings, "image", expect=1)
+    assert record.value["data"] == png(shade=99) and header_dict(record.headers)["sl.backfill"] == "photos"
+    assert run() == (0, 0)  # nothing left; the same file again would be a duplicate (journal: published)
