@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -139,6 +140,11 @@ class CsvReader:
         # "utf-8-sig": a byte-order mark (Excel's "CSV UTF-8", other Windows tools) is not part of the
         # first column's name; read as part of it, "\ufeffsensor_id" refused the whole file.
         header = [h.strip() for h in next(csv.reader([_split_line(first)[0].decode("utf-8-sig", "replace")]))]
+        twice = sorted(h for h, n in Counter(header).items() if h and n > 1)
+        if twice:  # a row would keep only the last cell of each: the other values silently lost
+            self.close()
+            raise SourceError(f"--csv {path}: header names {twice} more than once; rename the columns so "
+                              "each is named once")
         missing = {"sensor_id", "timestamp", "value"} - set(header)
         if missing:
             self.close()

@@ -16,6 +16,9 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from ingest.exceptions import SourceError
 from ingest.images import ImageWatcher
 from ingest.sensor_csv import MAX_ROW_BYTES, publish_csv
 from ingest.tailer import MAX_LINE_BYTES, FileTailer, TailSource
@@ -227,3 +230,12 @@ def test_image_rejected_for_its_old_file_time_is_published_when_put_back_with_ba
     (record,) = raw_records(settings, "image", expect=1)
     assert record.value["data"] == png(shade=99) and header_dict(record.headers)["sl.backfill"] == "photos"
     assert run() == (0, 0)  # nothing left; the same file again would be a duplicate (journal: published)
+
+
+def test_sensor_csv_with_a_column_named_twice_is_refused_before_any_row(settings: Settings,
+                                                                        tmp_path: Path) -> None:
+    """Each row kept only the last of the two cells: the other reading was dropped without a word."""
+    path = tmp_path / "twice.csv"
+    path.write_bytes(b"sensor_id,timestamp,value,unit,temp,temp\ns1,2024-01-01T00:00:00Z,1,c,5,6\n")
+    with Publisher(settings) as pub, pytest.raises(SourceError, match=r"\['temp'\] more than once"):
+        publish_csv(settings, pub, path)
