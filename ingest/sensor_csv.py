@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -51,6 +52,7 @@ _RESERVED = {"sensor_id", "timestamp", "value", "unit", "label", "event_id"}
 #: decoded and copied, about 2.2 GB of memory for one row.
 MAX_ROW_BYTES = 1 << 20
 _KEEP_BYTES = 64 * 1024
+_DECIMAL_COMMA = re.compile(r"[+-]?[0-9]*,[0-9]+(?:[eE][+-]?[0-9]+)?")
 
 
 def _read_line(fh: BinaryIO) -> tuple[bytes, int]:
@@ -139,7 +141,11 @@ class CsvReader:
                               "limit of a line; is this a CSV file?")
         # "utf-8-sig": a byte-order mark (Excel's "CSV UTF-8", other Windows tools) is not part of the
         # first column's name; read as part of it, "\ufeffsensor_id" refused the whole file.
-        header = [h.strip() for h in next(csv.reader([_split_line(first)[0].decode("utf-8-sig", "replace")]))]
+        text = _split_line(first)[0].decode("utf-8-sig", "replace")
+        # Excel writes ';' (and decimal commas) where ',' is the decimal mark; '\t' is the other common
+        # export. Decided once from the header: a header without ',' but with one of them uses it.
+        self.delimiter = next((d for d in (",", ";", "\t") if d in text), ",")
+        header = [h.strip() for h in next(csv.reader([text], delimiter=self.delimiter))]
         twice = sorted(h for h, n in Counter(header).items() if h and n > 1)
         if twice:  # a row would keep only the last cell of each: the other values silently lost
             self.close()
@@ -172,7 +178,7 @@ class CsvReader:
                 if seen >= limit:
                     return
                 try:
-                    cells = next(csv.reader(io.StringIO(raw.decode("utf-8"))), [])
+                    cells = next(csv.reader(io.StringIO(raw.decode("utf-8")), delimiter=self.delimiter), [])
                 except (UnicodeDecodeError, csv.Error):
                     continue
                 if len(cells) > column:
@@ -203,15 +209,15 @@ class CsvReader:
 
     def _row(self, n: int, raw: bytes, start: int) -> CsvRow:
         try:
-            cells = next(csv.reader(io.StringIO(raw.decode("utf-8"))))
+            cells = next(csv.reader(io.StringIO(raw.decode("utf-8")), delimiter=self.delimiter))
             if len(cells) != len(self.header):
                 raise SensorValidationError(f"row has {len(cells)} cells, header has {len(self.header)}",
                                             "wrong_cell_count")
             row = dict(zip(self.header, (c.strip() for c in cells), strict=True))
             record: dict[str, Any] = {
                 "sensor_id": row["sensor_id"],
-                "value": _parse_float(row["value"]),
-                "values": {k: _parse_float(v) for k, v in row.items() if k not in _RESERVED and v != ""},
+                "value": self._number(row["value"]),
+                "values": {k: self._number(v) for k, v in row.items() if k not in _RESERVED and v != ""},
                 "unit": row.get("unit") or self.unit,
                 "label": _parse_label(row.get("label", "")),
                 "event_id": row.get("event_id") or None,
@@ -228,6 +234,12 @@ class CsvReader:
             return CsvRow(n, raw, None, SensorValidationError(f"row is not UTF-8 ({exc})", "bad_encoding"), start)
         except csv.Error as exc:
             return CsvRow(n, raw, None, SensorValidationError(f"row is not CSV ({exc})", "bad_csv"), start)
+
+    def _number(self, text: str) -> float | str:
+        """A number cell; in a ';'-separated file a decimal comma ('1,5') is the decimal mark."""
+        if self.delimiter == ";" and _DECIMAL_COMMA.fullmatch(text):
+            text = text.replace(",", ".")
+        return _parse_float(text)
 
     def close(self) -> None:
         self._fh.close()
