@@ -58,7 +58,7 @@ from ingest.image_check import (  # noqa: F401 (re-exported: callers import them
     sniff,
 )
 from ingest.runner import SourceRunner
-from ingest.source import PUBLISHED, SourceItem, SourcePartition
+from ingest.source import PUBLISHED, SourceItem, SourcePartition, text_name
 from streaming.eventtime import EventTimePolicy
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ class ImageWatcher:
         self.rejected = self.directory / "rejected"
         self.processed.mkdir(exist_ok=True)
         self.rejected.mkdir(exist_ok=True)
-        key = hashlib.sha1(str(self.directory).encode()).hexdigest()[:16]
+        key = hashlib.sha1(str(self.directory).encode("utf-8", "surrogateescape")).hexdigest()[:16]
         base = state_path or settings.state_dir / "images" / key
         self.journal = HashJournal(base.with_suffix(".journal"))
         self.floors_path = base.with_suffix(".floors.json")
@@ -222,7 +222,8 @@ class ImageWatcher:
             problems = self.policy.problems(timestamp)
             if problems:
                 raise ImageValidationError(f"file time (mtime): {problems[0]}", problems[0].reason)
-            rec = image_record(data, info, label=label_for(path), source=path.name, timestamp=timestamp)
+            rec = image_record(data, info, label=label_for(path), source=text_name(path.name),
+                               timestamp=timestamp)
             return _Item(path, data, digest, rec, None)
         except ImageValidationError as exc:
             return _Item(path, data, digest, None, exc)

@@ -289,7 +289,7 @@ def default_checkpoint_path(settings: Settings, path: Path, *, unit: str = "unit
     p = policy or LIVE
     flags = json.dumps({"unit": unit, "timestamp_unit": timestamp_unit, "backfill": p.backfill,
                         "max_age_ms": p.max_age_ms, "max_future_ms": p.max_future_ms}, sort_keys=True)
-    key = hashlib.sha1(f"{Path(path).absolute()}\0{flags}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{Path(path).absolute()}\0{flags}".encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return settings.state_dir / "sensor" / f"{Path(path).name}.{key}.json"
 
 

@@ -43,12 +43,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 #: What the runner did with an item (``SourceItem.outcome``).
 PUBLISHED, DEAD_LETTERED, NOTHING = "P", "R", ""
+
+
+def text_name(name: str) -> str:
+    """A file name or path as record text: bytes that are not UTF-8 (a latin-1 name from an old share,
+    which Python holds as lone surrogates) become ``\\xNN`` escapes, as the log parser writes them.
+    Avro strings are UTF-8: put in as they were, such a name made every record of the file unpublishable
+    (and, before the serializer named the field, crashed the image watcher on every start)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 @dataclass(eq=False)

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from ingest.exceptions import InputRejectedError, LogParseError, SourceError
 from ingest.runner import SourceRunner
-from ingest.source import PositionIds, SourceItem, SourcePartition
+from ingest.source import PositionIds, SourceItem, SourcePartition, text_name
 from ingest.weblog import parse_line
 from schemas.exceptions import SchemaError
 from streaming.eventtime import EventTimePolicy, TimestampReader
@@ -107,7 +107,7 @@ def default_checkpoint_path(settings: Settings, path: Path, policy: EventTimePol
     if policy is not None and policy.backfill:
         where += "\0" + json.dumps({"backfill": True, "max_age_ms": policy.max_age_ms,
                                     "max_future_ms": policy.max_future_ms}, sort_keys=True)
-    key = hashlib.sha1(where.encode()).hexdigest()[:16]
+    key = hashlib.sha1(where.encode("utf-8", "surrogateescape")).hexdigest()[:16]  # a latin-1 name too
     return settings.state_dir / "weblog" / f"{Path(path).name}.{key}.json"
 
 
@@ -138,6 +138,7 @@ class TailSource(SourcePartition):
     ) -> None:
         self.path = Path(path).absolute()
         self.name = str(self.path)
+        self._source = text_name(self.name)  # the records' ``source`` field
         self.chunk_bytes = chunk_bytes  # bytes read per batch: a batch is the lines of one chunk
         self.follow, self.poll_s, self.rotate_grace_s = follow, poll_s, rotate_grace_s
         self.on_read = on_read  # progress hook: called with the bytes of each chunk read
@@ -282,7 +283,7 @@ class TailSource(SourcePartition):
             if len(raw) > MAX_LINE_BYTES:
                 raise LogParseError(f"line is longer than {MAX_LINE_BYTES} bytes; its head is kept here, the rest "
                                     "of it up to the next newline is skipped", "line_too_long")
-            item.record = parse_line(raw, source=self.name, position=start, event_id=eid, read_time=self._read_time,
+            item.record = parse_line(raw, source=self._source, position=start, event_id=eid, read_time=self._read_time,
                                      policy=self.policy)
             item.headers = self._headers
         except (InputRejectedError, SchemaError) as exc:

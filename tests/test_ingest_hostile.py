@@ -254,3 +254,26 @@ def test_sensor_csv_semicolon_and_tab_separated_exports_are_read(settings: Setti
     assert (tab_stats.published, tab_stats.dead_lettered) == (1, 0), tab_stats
     got = {r.value["sensor_id"]: (r.value["value"], r.value["values"]) for r in raw_records(settings, "sensor", 2)}
     assert got == {"s1": (1.5, {"humidity": 0.25}), "s3": (-7.5, {})}
+
+
+def test_files_with_latin1_names_are_published_with_escaped_names(settings: Settings, tmp_path: Path) -> None:
+    """A name that is not UTF-8 (an old share's latin-1) reaches Python as lone surrogates. The image
+    watcher crashed on every start (UnicodeEncodeError out of the Avro writer) and the log tailer before
+    its first line (hashing the checkpoint path)."""
+    watch = tmp_path / "in"
+    watch.mkdir()
+    image = os.fsdecode(os.fsencode(watch) + b"/caf\xe9_3.png")
+    Path(image).write_bytes(png(shade=3))
+    log = Path(os.fsdecode(os.fsencode(tmp_path) + b"/acc\xe8s.log"))
+    log.write_bytes(CLF.format(i=1).encode())
+    with Publisher(settings) as pub:
+        watcher = ImageWatcher(settings, pub, watch, settle_s=0.0)
+        watcher.run(follow=False)
+        watcher.close()
+        tailed = FileTailer(settings, pub, log).run()
+    assert (watcher.published, watcher.rejected_count) == (1, 0)
+    assert (tailed.published, tailed.dead_lettered) == (1, 0), tailed
+    (picture,) = raw_records(settings, "image", expect=1)
+    assert (picture.value["source"], picture.value["label"]) == ("caf\\xe9_3.png", "caf\\xe9")
+    (line,) = raw_records(settings, "weblog", expect=1)
+    assert line.value["source"].endswith("/acc\\xe8s.log"), line.value["source"]
