@@ -277,3 +277,21 @@ def test_files_with_latin1_names_are_published_with_escaped_names(settings: Sett
     assert (picture.value["source"], picture.value["label"]) == ("caf\\xe9_3.png", "caf\\xe9")
     (line,) = raw_records(settings, "weblog", expect=1)
     assert line.value["source"].endswith("/acc\\xe8s.log"), line.value["source"]
+
+
+def test_nginx_and_apache_logs_with_fields_after_the_request_time(settings: Settings, tmp_path: Path) -> None:
+    """nginx's '$request_time $upstream_response_time', its rt=/uct= timing format and Apache's combinedio
+    ('%I %O') put fields after the agent; every such line was dead-lettered as not_combined_format."""
+    agent = '"-" "Mozilla/5.0 (X11; Linux x86_64)"'
+    lines = [CLF.format(i=i).replace('"-" "ua"', agent).rstrip("\n") + tail + "\n" for i, tail in enumerate(
+        [" 0.005 0.004", " 0.250 -", ' rt=0.005 uct="0.001" uht="0.002" urt="0.003"', " 512 1024"], 1)]
+    lines.append(CLF.format(i=5).replace('"ua"', '"ua"x'))  # a broken quote still fails the line
+    log = tmp_path / "nginx.log"
+    log.write_bytes("".join(lines).encode())
+    with Publisher(settings) as pub:
+        stats = FileTailer(settings, pub, log).run()
+    assert (stats.published, stats.dead_lettered) == (4, 1), stats
+    got = {r.value["path"]: (r.value["latency_ms"], r.value["user_agent"])
+           for r in raw_records(settings, "weblog", expect=4)}
+    assert got == {"/p1": (5.0, "Mozilla/5.0 (X11; Linux x86_64)"), "/p2": (250.0, "Mozilla/5.0 (X11; Linux x86_64)"),
+                   "/p3": (None, "Mozilla/5.0 (X11; Linux x86_64)"), "/p4": (None, "Mozilla/5.0 (X11; Linux x86_64)")}
