@@ -148,6 +148,7 @@ class ImageWatcher:
         self._seen: dict[Path, tuple[int, int]] = {}
         self._queue: list[Path] = []
         self._taken: set[Path] = set()  # handed to the runner, not yet moved
+        self._odd: set[str] = set()  # entries that are neither regular files nor directories, logged once
         self._in_flight: set[str] = set()  # digests sent, not yet journaled
         self.follow, self.poll_s, self._started = True, 0.5, time.monotonic()
         self.published = 0
@@ -173,8 +174,18 @@ class ImageWatcher:
         ready: list[Path] = []
         current: dict[Path, tuple[int, int]] = {}
         self.unsettled = []
-        entries = sorted((e for e in os.scandir(self.directory) if e.is_file() and not e.name.startswith(".")),
-                         key=lambda e: e.name)
+        entries = []
+        for e in os.scandir(self.directory):
+            if e.name.startswith("."):
+                continue
+            if e.is_file():
+                entries.append(e)
+            elif not e.is_dir() and e.path not in self._odd and len(self._odd) < 10_000:
+                # Never read (a link to /dev/zero would never end), never moved; said once, not silently.
+                self._odd.add(e.path)
+                log.warning("%s is not a regular file (a device, a FIFO, a dangling link?); left in place, "
+                            "not published", e.path)
+        entries.sort(key=lambda e: e.name)
         names = {e.name for e in entries}
         stems = {os.path.splitext(n)[0] for n in names if not n.endswith(".label")}
         for entry in entries:

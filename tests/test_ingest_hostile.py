@@ -295,3 +295,23 @@ def test_nginx_and_apache_logs_with_fields_after_the_request_time(settings: Sett
            for r in raw_records(settings, "weblog", expect=4)}
     assert got == {"/p1": (5.0, "Mozilla/5.0 (X11; Linux x86_64)"), "/p2": (250.0, "Mozilla/5.0 (X11; Linux x86_64)"),
                    "/p3": (None, "Mozilla/5.0 (X11; Linux x86_64)"), "/p4": (None, "Mozilla/5.0 (X11; Linux x86_64)")}
+
+
+def test_drop_folder_names_what_it_cannot_take_instead_of_ignoring_it(settings: Settings, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A link to /dev/zero, a dangling link and a FIFO are never read (reading /dev/zero never ends); they
+    were skipped without a word, so a user saw 'published 0, rejected 0' and no reason anywhere."""
+    watch = tmp_path / "in"
+    watch.mkdir()
+    (watch / "zero.png").symlink_to("/dev/zero")
+    (watch / "gone.png").symlink_to(tmp_path / "nothing-here.png")
+    os.mkfifo(watch / "pipe.png")
+    (watch / "ok.png").write_bytes(png(shade=5))
+    with Publisher(settings) as pub, caplog.at_level("WARNING", logger="ingest.images"):
+        watcher = ImageWatcher(settings, pub, watch, settle_s=0.0)
+        watcher.run(follow=False)
+        watcher.close()
+    assert (watcher.published, watcher.rejected_count) == (1, 0)
+    named = sorted(Path(r.args[0]).name for r in caplog.records if "not a regular file" in r.getMessage())
+    assert named == ["gone.png", "pipe.png", "zero.png"], caplog.text
+    assert (watch / "zero.png").is_symlink() and (watch / "pipe.png").exists()
