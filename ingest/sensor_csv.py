@@ -55,13 +55,16 @@ _KEEP_BYTES = 64 * 1024
 _DECIMAL_COMMA = re.compile(r"[+-]?[0-9]*,[0-9]+(?:[eE][+-]?[0-9]+)?")
 
 
-def _read_line(fh: BinaryIO) -> tuple[bytes, int]:
+def _read_line(fh: BinaryIO, *, skip: bool = True) -> tuple[bytes, int]:
     """The next physical line (with its newline) and its size; over :data:`MAX_ROW_BYTES`, only its
-    head comes back and the rest is read past (the size tells: ``size > len(line)``)."""
+    head comes back and the rest is read past (the size tells: ``size > len(line)``). ``skip=False``
+    (the header) reads no further: a first line that long is no CSV, and ``--csv /dev/zero`` never ends."""
     line = fh.readline(MAX_ROW_BYTES + 1)
     size = len(line)
     if size <= MAX_ROW_BYTES or line.endswith(b"\n"):
         return line, size
+    if not skip:
+        return line[:_KEEP_BYTES], size
     rest = line
     while rest and not rest.endswith(b"\n"):
         rest = fh.readline(1 << 20)
@@ -129,7 +132,7 @@ class CsvReader:
             self._fh = open(self.path, "rb")  # noqa: SIM115 (closed by close())
         except OSError as exc:
             raise SourceError(f"--csv {path}: cannot read ({exc})") from exc
-        first, size = _read_line(self._fh)
+        first, size = _read_line(self._fh, skip=False)
         self.header_line = first
         self.eof = not first
         self.offset, self.line = max(offset, size), max(line, 1)
@@ -137,8 +140,8 @@ class CsvReader:
             return
         if size > len(first):
             self.close()
-            raise SourceError(f"--csv {path}: the header line is {size} bytes, over the {MAX_ROW_BYTES}-byte "
-                              "limit of a line; is this a CSV file?")
+            raise SourceError(f"--csv {path}: the header line is over the {MAX_ROW_BYTES}-byte limit of a "
+                              "line; is this a CSV file?")
         # "utf-8-sig": a byte-order mark (Excel's "CSV UTF-8", other Windows tools) is not part of the
         # first column's name; read as part of it, "\ufeffsensor_id" refused the whole file.
         text = _split_line(first)[0].decode("utf-8-sig", "replace")
@@ -310,7 +313,7 @@ class SensorCsvSource(SourcePartition):
         try:
             inode = self.path.stat().st_ino
             with self.path.open("rb") as fh:
-                fingerprint = hashlib.sha1(_read_line(fh)[0]).hexdigest()
+                fingerprint = hashlib.sha1(_read_line(fh, skip=False)[0]).hexdigest()
             size = self.path.stat().st_size
         except OSError as exc:
             raise SourceError(f"--csv {path}: cannot read ({exc})") from exc

@@ -241,6 +241,13 @@ def test_sensor_csv_with_a_column_named_twice_is_refused_before_any_row(settings
         publish_csv(settings, pub, path)
 
 
+def test_sensor_csv_of_an_endless_file_is_refused_at_its_header(settings: Settings) -> None:
+    """``--csv /dev/zero``: the header was read past its 1 MiB bound to its newline, which never comes
+    (before bounded reads: until memory ran out). On a regression this test hangs until --timeout."""
+    with Publisher(settings) as pub, pytest.raises(SourceError, match="header line is over"):
+        publish_csv(settings, pub, Path("/dev/zero"))
+
+
 def test_sensor_csv_semicolon_and_tab_separated_exports_are_read(settings: Settings, tmp_path: Path) -> None:
     """Excel writes ';' with decimal commas where ',' is the decimal mark; such a file was refused as
     'header lacks [sensor_id, timestamp, value]'. A thousands separator stays a clear not_a_number."""
