@@ -64,20 +64,21 @@ def test_publish_file_keeps_going_past_latin1_bom_and_overlong_lines(settings: S
     path = tmp_path / "events.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + _reading(0) + b"\r\n" + b'{"sensor_id": "caf\xe9"}\n' + _reading(2) + b"\n"
                      + b'{"x": "' + b"a" * 1_100_000 + b'"}\n' + _reading(4) + b"\n"
-                     + _reading(6).replace(b'"s6"', b'"\\ud800"') + b"\n")
+                     + _reading(6).replace(b'"s6"', b'"\\ud800"') + b"\n" + b"[" * 100 + b"\n")
     done = _cli(settings, "publish", "sensor", "--file", str(path))
     assert done.returncode == 1, done.stderr[-2000:]
-    assert b"published 3 sensor events" in done.stdout and b"3 rejected" in done.stdout, done.stdout
+    assert b"published 3 sensor events" in done.stdout and b"4 rejected" in done.stdout, done.stdout
     published = raw_records(settings, "sensor", expect=3)
     assert sorted(r.value["sensor_id"] for r in published) == ["s0", "s2", "s4"]
-    dls = read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False, expect=3, timeout=20)
+    dls = read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False, expect=4, timeout=20)
     found = {header_dict(d.headers)["dl.source_line"]: (header_dict(d.headers)["dl.source_reason"], d.value)
              for d in dls}
     assert found["2"] == ("bad_encoding", b'{"sensor_id": "caf\xe9"}'), found["2"]
     assert found["4"][0] == "line_too_long" and found["4"][1].startswith(b'{"x": "aaa'), found["4"][0]
     assert len(found["4"][1]) <= 64 * 1024
     assert found["6"][0] == "schema", found["6"]
-    assert len(dls) == 3
+    assert found["7"][0] == "bad_json", found["7"]  # bounded_json's refusal, not the class name
+    assert len(dls) == 4
 
 
 def test_sensor_csv_with_a_byte_order_mark_is_published(settings: Settings, tmp_path: Path) -> None:
