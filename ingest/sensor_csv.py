@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from ingest.exceptions import SensorValidationError, SourceError
 from ingest.runner import SourceRunner
 from ingest.sensors import LIVE, SensorIngestStats, as_sensor_error, dead_letter_source, now_ms, validate
-from ingest.source import PositionIds, SourceItem, SourcePartition
+from ingest.source import PositionIds, SourceItem, SourcePartition, compressed
 from streaming.eventtime import EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
 
@@ -138,6 +138,10 @@ class CsvReader:
         self.offset, self.line = max(offset, size), max(line, 1)
         if self.eof:
             return
+        packed = compressed(first[:8], path)
+        if packed is not None:
+            self.close()
+            raise SourceError(f"--csv {packed}")
         if size > len(first):
             self.close()
             raise SourceError(f"--csv {path}: the header line is over the {MAX_ROW_BYTES}-byte limit of a "

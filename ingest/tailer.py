@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from ingest.exceptions import InputRejectedError, LogParseError, SourceError
 from ingest.runner import SourceRunner
-from ingest.source import PositionIds, SourceItem, SourcePartition, text_name
+from ingest.source import PositionIds, SourceItem, SourcePartition, compressed, text_name
 from ingest.weblog import parse_line
 from schemas.exceptions import SchemaError
 from streaming.eventtime import EventTimePolicy, TimestampReader
@@ -217,6 +217,10 @@ class TailSource(SourcePartition):
             return
         except OSError as exc:
             raise SourceError(f"{self.path}: cannot open ({exc})") from exc
+        packed = compressed(os.pread(fd, 8, 0), self.path)
+        if packed is not None:
+            os.close(fd)
+            raise SourceError(packed)
         # A recycled inode must not reuse the old ids: bump the generation instead of resetting it.
         pos.generation = pos.generation + 1 if os.fstat(fd).st_ino == pos.inode else 0
         pos.inode, pos.fingerprint, pos.offset, pos.line = os.fstat(fd).st_ino, "", 0, 0

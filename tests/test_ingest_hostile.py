@@ -323,3 +323,16 @@ def test_drop_folder_names_what_it_cannot_take_instead_of_ignoring_it(settings: 
     named = sorted(Path(r.args[0]).name for r in caplog.records if "not a regular file" in r.getMessage())
     assert named == ["gone.png", "pipe.png", "zero.png"], caplog.text
     assert (watch / "zero.png").is_symlink() and (watch / "pipe.png").exists()
+
+
+def test_a_compressed_log_or_csv_is_refused_with_what_to_do(settings: Settings, tmp_path: Path) -> None:
+    """A rotated log is usually access.log.2.gz: read as text it became one not_combined_format dead
+    letter per random newline in the compressed bytes, published nothing, and the run said nothing."""
+    log, table = tmp_path / "access.log.2.gz", tmp_path / "readings.csv.gz"
+    log.write_bytes(gzip.compress("".join(CLF.format(i=i) for i in range(200)).encode()))
+    table.write_bytes(gzip.compress(b"sensor_id,timestamp,value\ns1,2024-01-01T00:00:00Z,1\n"))
+    with Publisher(settings) as pub:
+        with pytest.raises(SourceError, match=r"access.log.2.gz is gzip-compressed.*zcat"):
+            FileTailer(settings, pub, log).run()
+        with pytest.raises(SourceError, match=r"readings.csv.gz is gzip-compressed"):
+            publish_csv(settings, pub, table)
