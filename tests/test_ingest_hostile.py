@@ -336,3 +336,8 @@ def test_a_compressed_log_or_csv_is_refused_with_what_to_do(settings: Settings, 
             FileTailer(settings, pub, log).run()
         with pytest.raises(SourceError, match=r"readings.csv.gz is gzip-compressed"):
             publish_csv(settings, pub, table)
+    events = tmp_path / "events.jsonl.gz"
+    events.write_bytes(gzip.compress(_reading(1) + b"\n"))
+    done = _cli(settings, "publish", "sensor", "--file", str(events))
+    assert done.returncode != 0 and b"events.jsonl.gz is gzip-compressed" in done.stderr, done.stderr[-2000:]
+    assert read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False, idle_timeout=0.5) == []

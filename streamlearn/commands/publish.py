@@ -16,7 +16,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from ingest.exceptions import InputRejectedError
+from ingest.exceptions import InputRejectedError, SourceError
+from ingest.source import compressed
 from schemas.exceptions import RecordValidationError, SchemaError
 from streaming import config
 from streaming.eventtime import EventTimePolicy, TimestampReader
@@ -85,6 +86,8 @@ def _lines(args: argparse.Namespace) -> Iterator[Line]:
             lineno += 1
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8):]
+            if lineno == 1 and (packed := compressed(raw[:8], args.file or "stdin")) is not None:
+                raise SourceError(packed)  # not one bad_encoding dead letter per random newline
             if len(raw) > MAX_JSON_BYTES and not raw.endswith(b"\n"):
                 head, size = raw[:_KEEP_BYTES], len(raw)
                 while raw and not raw.endswith(b"\n"):  # skip the rest of the line, a bounded read at a time
