@@ -17,6 +17,7 @@ from typing import Any
 
 from ingest.exceptions import ImageValidationError
 from ingest.image_formats import other_format, png_animated
+from ingest.source import text_name
 from streaming import image_probe
 from streaming.exceptions import ImageProbeError
 
@@ -111,7 +112,7 @@ def label_for(path: Path) -> str | None:
             return text
     stem = path.stem
     if "_" in stem and stem.split("_", 1)[0]:
-        return stem.split("_", 1)[0]
+        return text_name(stem.split("_", 1)[0])
     return None
 
 

@@ -58,7 +58,7 @@ from ingest.image_check import (  # noqa: F401 (re-exported: callers import them
     sniff,
 )
 from ingest.runner import SourceRunner
-from ingest.source import PUBLISHED, SourceItem, SourcePartition
+from ingest.source import PUBLISHED, SourceItem, SourcePartition, text_name
 from streaming.eventtime import EventTimePolicy
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ class ImageWatcher:
         self.rejected = self.directory / "rejected"
         self.processed.mkdir(exist_ok=True)
         self.rejected.mkdir(exist_ok=True)
-        key = hashlib.sha1(str(self.directory).encode()).hexdigest()[:16]
+        key = hashlib.sha1(str(self.directory).encode("utf-8", "surrogateescape")).hexdigest()[:16]
         base = state_path or settings.state_dir / "images" / key
         self.journal = HashJournal(base.with_suffix(".journal"))
         self.floors_path = base.with_suffix(".floors.json")
@@ -148,6 +148,7 @@ class ImageWatcher:
         self._seen: dict[Path, tuple[int, int]] = {}
         self._queue: list[Path] = []
         self._taken: set[Path] = set()  # handed to the runner, not yet moved
+        self._odd: set[str] = set()  # entries that are neither regular files nor directories, logged once
         self._in_flight: set[str] = set()  # digests sent, not yet journaled
         self.follow, self.poll_s, self._started = True, 0.5, time.monotonic()
         self.published = 0
@@ -173,8 +174,18 @@ class ImageWatcher:
         ready: list[Path] = []
         current: dict[Path, tuple[int, int]] = {}
         self.unsettled = []
-        entries = sorted((e for e in os.scandir(self.directory) if e.is_file() and not e.name.startswith(".")),
-                         key=lambda e: e.name)
+        entries = []
+        for e in os.scandir(self.directory):
+            if e.name.startswith("."):
+                continue
+            if e.is_file():
+                entries.append(e)
+            elif not e.is_dir() and e.path not in self._odd and len(self._odd) < 10_000:
+                # Never read (a link to /dev/zero would never end), never moved; said once, not silently.
+                self._odd.add(e.path)
+                log.warning("%s is not a regular file (a device, a FIFO, a dangling link?); left in place, "
+                            "not published", e.path)
+        entries.sort(key=lambda e: e.name)
         names = {e.name for e in entries}
         stems = {os.path.splitext(n)[0] for n in names if not n.endswith(".label")}
         for entry in entries:
@@ -222,7 +233,8 @@ class ImageWatcher:
             problems = self.policy.problems(timestamp)
             if problems:
                 raise ImageValidationError(f"file time (mtime): {problems[0]}", problems[0].reason)
-            rec = image_record(data, info, label=label_for(path), source=path.name, timestamp=timestamp)
+            rec = image_record(data, info, label=label_for(path), source=text_name(path.name),
+                               timestamp=timestamp)
             return _Item(path, data, digest, rec, None)
         except ImageValidationError as exc:
             return _Item(path, data, digest, None, exc)
@@ -253,7 +265,12 @@ class ImageWatcher:
         return items
 
     def _item(self, it: _Item) -> SourceItem:
-        if self.journal.get(it.digest) in ("P", "R") or it.digest in self._in_flight:
+        tag = self.journal.get(it.digest)
+        # Rejected by an earlier run and accepted by this one (typically an old file time, put back and
+        # run with --backfill as its reason file says): published now. It used to be moved back to
+        # rejected/ as 'rejected_earlier', so following the reason file's advice did nothing.
+        accepted_now = tag == "R" and it.record is not None
+        if (tag in ("P", "R") and not accepted_now) or it.digest in self._in_flight:
             return SourceItem(it.digest, ref=it)  # nothing to send (done, or same bytes as one in flight): moved
         self._in_flight.add(it.digest)
         if it.record is not None:

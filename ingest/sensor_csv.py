@@ -26,15 +26,17 @@ import hashlib
 import io
 import json
 import logging
+import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ingest.exceptions import SensorValidationError, SourceError
 from ingest.runner import SourceRunner
 from ingest.sensors import LIVE, SensorIngestStats, as_sensor_error, dead_letter_source, now_ms, validate
-from ingest.source import PositionIds, SourceItem, SourcePartition
+from ingest.source import PositionIds, SourceItem, SourcePartition, compressed
 from streaming.eventtime import EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
 
@@ -45,6 +47,29 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _RESERVED = {"sensor_id", "timestamp", "value", "unit", "label", "event_id"}
+#: Bytes of one CSV line held in memory at most. A longer line is one dead letter (``row_too_long``, its
+#: head kept) and the rest of it is skipped in bounded reads: a 300 MB line used to be read whole, then
+#: decoded and copied, about 2.2 GB of memory for one row.
+MAX_ROW_BYTES = 1 << 20
+_KEEP_BYTES = 64 * 1024
+_DECIMAL_COMMA = re.compile(r"[+-]?[0-9]*,[0-9]+(?:[eE][+-]?[0-9]+)?")
+
+
+def _read_line(fh: BinaryIO, *, skip: bool = True) -> tuple[bytes, int]:
+    """The next physical line (with its newline) and its size; over :data:`MAX_ROW_BYTES`, only its
+    head comes back and the rest is read past (the size tells: ``size > len(line)``). ``skip=False``
+    (the header) reads no further: a first line that long is no CSV, and ``--csv /dev/zero`` never ends."""
+    line = fh.readline(MAX_ROW_BYTES + 1)
+    size = len(line)
+    if size <= MAX_ROW_BYTES or line.endswith(b"\n"):
+        return line, size
+    if not skip:
+        return line[:_KEEP_BYTES], size
+    rest = line
+    while rest and not rest.endswith(b"\n"):
+        rest = fh.readline(1 << 20)
+        size += len(rest)
+    return line[:_KEEP_BYTES], size
 
 
 def _parse_float(text: str) -> float | str:
@@ -107,13 +132,32 @@ class CsvReader:
             self._fh = open(self.path, "rb")  # noqa: SIM115 (closed by close())
         except OSError as exc:
             raise SourceError(f"--csv {path}: cannot read ({exc})") from exc
-        first = self._fh.readline()
+        first, size = _read_line(self._fh, skip=False)
         self.header_line = first
         self.eof = not first
-        self.offset, self.line = max(offset, len(first)), max(line, 1)
+        self.offset, self.line = max(offset, size), max(line, 1)
         if self.eof:
             return
-        header = [h.strip() for h in next(csv.reader([_split_line(first)[0].decode("utf-8", "replace")]))]
+        packed = compressed(first[:8], path)
+        if packed is not None:
+            self.close()
+            raise SourceError(f"--csv {packed}")
+        if size > len(first):
+            self.close()
+            raise SourceError(f"--csv {path}: the header line is over the {MAX_ROW_BYTES}-byte limit of a "
+                              "line; is this a CSV file?")
+        # "utf-8-sig": a byte-order mark (Excel's "CSV UTF-8", other Windows tools) is not part of the
+        # first column's name; read as part of it, "\ufeffsensor_id" refused the whole file.
+        text = _split_line(first)[0].decode("utf-8-sig", "replace")
+        # Excel writes ';' (and decimal commas) where ',' is the decimal mark; '\t' is the other common
+        # export. Decided once from the header: a header without ',' but with one of them uses it.
+        self.delimiter = next((d for d in (",", ";", "\t") if d in text), ",")
+        header = [h.strip() for h in next(csv.reader([text], delimiter=self.delimiter))]
+        twice = sorted(h for h, n in Counter(header).items() if h and n > 1)
+        if twice:  # a row would keep only the last cell of each: the other values silently lost
+            self.close()
+            raise SourceError(f"--csv {path}: header names {twice} more than once; rename the columns so "
+                              "each is named once")
         missing = {"sensor_id", "timestamp", "value"} - set(header)
         if missing:
             self.close()
@@ -131,12 +175,17 @@ class CsvReader:
     def _timestamp_cells(self, column: int, limit: int) -> Iterator[str]:
         """The timestamp cells of the first data rows (for ``auto``'s one decision per file)."""
         seen = 0
-        for physical in self._fh:
+        while True:
+            physical, size = _read_line(self._fh)
+            if not physical:
+                return
+            if size > len(physical):
+                continue  # over-long: a dead letter of its own later, no vote
             for raw in _split_line(physical):
                 if seen >= limit:
                     return
                 try:
-                    cells = next(csv.reader(io.StringIO(raw.decode("utf-8"))), [])
+                    cells = next(csv.reader(io.StringIO(raw.decode("utf-8")), delimiter=self.delimiter), [])
                 except (UnicodeDecodeError, csv.Error):
                     continue
                 if len(cells) > column:
@@ -147,12 +196,18 @@ class CsvReader:
         """Up to ``limit`` rows (blank lines are counted, not returned); ``eof`` is set at the end."""
         out: list[CsvRow] = []
         while len(out) < limit and not self.eof:
-            physical = self._fh.readline()
+            physical, size = _read_line(self._fh)
             if not physical:
                 self.eof = True
                 break
             start = self.offset
-            self.offset += len(physical)
+            self.offset += size
+            if size > len(physical):
+                self.line += 1
+                out.append(CsvRow(self.line, physical, None, SensorValidationError(
+                    f"row is {size} bytes, over the {MAX_ROW_BYTES}-byte limit of a CSV line; its head is kept",
+                    "row_too_long"), start))
+                continue
             for raw in _split_line(physical):
                 self.line += 1
                 if raw.strip():
@@ -161,15 +216,15 @@ class CsvReader:
 
     def _row(self, n: int, raw: bytes, start: int) -> CsvRow:
         try:
-            cells = next(csv.reader(io.StringIO(raw.decode("utf-8"))))
+            cells = next(csv.reader(io.StringIO(raw.decode("utf-8")), delimiter=self.delimiter))
             if len(cells) != len(self.header):
                 raise SensorValidationError(f"row has {len(cells)} cells, header has {len(self.header)}",
                                             "wrong_cell_count")
             row = dict(zip(self.header, (c.strip() for c in cells), strict=True))
             record: dict[str, Any] = {
                 "sensor_id": row["sensor_id"],
-                "value": _parse_float(row["value"]),
-                "values": {k: _parse_float(v) for k, v in row.items() if k not in _RESERVED and v != ""},
+                "value": self._number(row["value"]),
+                "values": {k: self._number(v) for k, v in row.items() if k not in _RESERVED and v != ""},
                 "unit": row.get("unit") or self.unit,
                 "label": _parse_label(row.get("label", "")),
                 "event_id": row.get("event_id") or None,
@@ -186,6 +241,12 @@ class CsvReader:
             return CsvRow(n, raw, None, SensorValidationError(f"row is not UTF-8 ({exc})", "bad_encoding"), start)
         except csv.Error as exc:
             return CsvRow(n, raw, None, SensorValidationError(f"row is not CSV ({exc})", "bad_csv"), start)
+
+    def _number(self, text: str) -> float | str:
+        """A number cell; in a ';'-separated file a decimal comma ('1,5') is the decimal mark."""
+        if self.delimiter == ";" and _DECIMAL_COMMA.fullmatch(text):
+            text = text.replace(",", ".")
+        return _parse_float(text)
 
     def close(self) -> None:
         self._fh.close()
@@ -235,7 +296,7 @@ def default_checkpoint_path(settings: Settings, path: Path, *, unit: str = "unit
     p = policy or LIVE
     flags = json.dumps({"unit": unit, "timestamp_unit": timestamp_unit, "backfill": p.backfill,
                         "max_age_ms": p.max_age_ms, "max_future_ms": p.max_future_ms}, sort_keys=True)
-    key = hashlib.sha1(f"{Path(path).absolute()}\0{flags}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{Path(path).absolute()}\0{flags}".encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return settings.state_dir / "sensor" / f"{Path(path).name}.{key}.json"
 
 
@@ -256,7 +317,7 @@ class SensorCsvSource(SourcePartition):
         try:
             inode = self.path.stat().st_ino
             with self.path.open("rb") as fh:
-                fingerprint = hashlib.sha1(fh.readline()).hexdigest()
+                fingerprint = hashlib.sha1(_read_line(fh, skip=False)[0]).hexdigest()
             size = self.path.stat().st_size
         except OSError as exc:
             raise SourceError(f"--csv {path}: cannot read ({exc})") from exc

@@ -43,12 +43,35 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 #: What the runner did with an item (``SourceItem.outcome``).
 PUBLISHED, DEAD_LETTERED, NOTHING = "P", "R", ""
+
+
+#: Magic bytes of compressed files (a rotated log is usually ``access.log.2.gz``).
+_COMPRESSED = ((b"\x1f\x8b", "gzip", "zcat"), (b"BZh", "bzip2", "bzcat"), (b"\xfd7zXZ\x00", "xz", "xzcat"),
+               (b"\x28\xb5\x2f\xfd", "zstd", "zstdcat"))
+
+
+def compressed(head: bytes, path: object) -> str | None:
+    """A message when ``head`` (a file's first bytes) is a compressed file, else None. Read as text, a
+    gzipped log became one 'not_combined_format' dead letter per random newline and nothing else."""
+    for magic, name, cat in _COMPRESSED:
+        if head.startswith(magic):
+            return f"{path} is {name}-compressed, not text: decompress it first ({cat} {path} > FILE) and ingest FILE"
+    return None
+
+
+def text_name(name: str) -> str:
+    """A file name or path as record text: bytes that are not UTF-8 (a latin-1 name from an old share,
+    which Python holds as lone surrogates) become ``\\xNN`` escapes, as the log parser writes them.
+    Avro strings are UTF-8: put in as they were, such a name made every record of the file unpublishable
+    (and, before the serializer named the field, crashed the image watcher on every start)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 @dataclass(eq=False)

@@ -30,8 +30,10 @@ old file (as with ``tail -F``).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -40,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from ingest.exceptions import InputRejectedError, LogParseError, SourceError
 from ingest.runner import SourceRunner
-from ingest.source import PositionIds, SourceItem, SourcePartition
+from ingest.source import PositionIds, SourceItem, SourcePartition, compressed, text_name
 from ingest.weblog import parse_line
 from schemas.exceptions import SchemaError
 from streaming.eventtime import EventTimePolicy, TimestampReader
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 256 * 1024
+_NULS = re.compile(rb"\x00+")
 _FP_MAX = 64 * 1024
 
 
@@ -68,6 +71,9 @@ class Position:
     offset: int = 0  # every line before this byte offset is handed out (in a snapshot: acked)
     line: int = 0  # number of lines before ``offset``
     file: str = ""  # the file actually read (differs from ``path`` while draining a rotated file)
+    #: ``offset`` is inside an over-long line whose head is already a dead letter: the bytes up to the
+    #: next newline belong to it (skipped, not read as lines of their own).
+    skipping: bool = False
 
     @property
     def identity(self) -> str:
@@ -89,9 +95,19 @@ class TailStats:
     truncations: int = 0
 
 
-def default_checkpoint_path(settings: Settings, path: Path) -> Path:
-    """Checkpoint of one followed path under ``settings.state_dir`` (stable hash of the path)."""
-    key = hashlib.sha1(str(Path(path).absolute()).encode()).hexdigest()[:16]
+def default_checkpoint_path(settings: Settings, path: Path, policy: EventTimePolicy | None = None) -> Path:
+    """Checkpoint of one followed path under ``settings.state_dir`` (stable hash of the path).
+
+    A ``--backfill`` run has a checkpoint of its own (its window in the hash, as the sensor CSV's): a
+    live run dead-letters history as ``timestamp_too_old`` with "load history on purpose with
+    --backfill", and that command then resumed at the live run's end and published nothing. Live runs
+    keep the path they always had, so a restarted ``--follow`` resumes where it was.
+    """
+    where = str(Path(path).absolute())
+    if policy is not None and policy.backfill:
+        where += "\0" + json.dumps({"backfill": True, "max_age_ms": policy.max_age_ms,
+                                    "max_future_ms": policy.max_future_ms}, sort_keys=True)
+    key = hashlib.sha1(where.encode("utf-8", "surrogateescape")).hexdigest()[:16]  # a latin-1 name too
     return settings.state_dir / "weblog" / f"{Path(path).name}.{key}.json"
 
 
@@ -122,6 +138,7 @@ class TailSource(SourcePartition):
     ) -> None:
         self.path = Path(path).absolute()
         self.name = str(self.path)
+        self._source = text_name(self.name)  # the records' ``source`` field
         self.chunk_bytes = chunk_bytes  # bytes read per batch: a batch is the lines of one chunk
         self.follow, self.poll_s, self.rotate_grace_s = follow, poll_s, rotate_grace_s
         self.on_read = on_read  # progress hook: called with the bytes of each chunk read
@@ -138,6 +155,7 @@ class TailSource(SourcePartition):
         self._buf_start = 0  # file offset of _buf[0]
         self._done = False
         self._idle_since = time.monotonic()
+        self._warned_nuls = False
         self.pos = self._start(resume_state)
 
     # -- start-up -------------------------------------------------------------------------
@@ -174,7 +192,7 @@ class TailSource(SourcePartition):
                 if cand == self.path:  # same inode, other content: truncated while we were down
                     self.truncations += 1
                     pos.generation += 1
-                    pos.fingerprint, pos.offset, pos.line = "", 0, 0
+                    pos.fingerprint, pos.offset, pos.line, pos.skipping = "", 0, 0, False
                     self._attach(fd=os.open(cand, os.O_RDONLY), pos=pos, file=cand)
                     return
                 continue
@@ -199,9 +217,14 @@ class TailSource(SourcePartition):
             return
         except OSError as exc:
             raise SourceError(f"{self.path}: cannot open ({exc})") from exc
+        packed = compressed(os.pread(fd, 8, 0), self.path)
+        if packed is not None:
+            os.close(fd)
+            raise SourceError(packed)
         # A recycled inode must not reuse the old ids: bump the generation instead of resetting it.
         pos.generation = pos.generation + 1 if os.fstat(fd).st_ino == pos.inode else 0
         pos.inode, pos.fingerprint, pos.offset, pos.line = os.fstat(fd).st_ino, "", 0, 0
+        pos.skipping = False
         self._attach(fd=fd, pos=pos, file=self.path)
 
     def _attach(self, *, fd: int, pos: Position, file: Path) -> None:
@@ -219,8 +242,9 @@ class TailSource(SourcePartition):
         """The lines of the next chunk read; at the end of the file, rotation or truncation."""
         if self._done:
             raise StopIteration
-        if self._read_chunk():
-            return self._take()
+        while self._read_chunk():
+            if self._out or not self.pos.skipping:  # skipping a long line's rest hands out nothing: read on
+                return self._take()
         if not self.follow:
             self._split(final=True)
             self._done = True
@@ -261,8 +285,9 @@ class TailSource(SourcePartition):
         item = SourceItem(eid, raw, source={"file": pos.file or str(self.path), "line": str(pos.line)})
         try:
             if len(raw) > MAX_LINE_BYTES:
-                raise LogParseError(f"line is longer than {MAX_LINE_BYTES} bytes without a newline", "line_too_long")
-            item.record = parse_line(raw, source=self.name, position=start, event_id=eid, read_time=self._read_time,
+                raise LogParseError(f"line is longer than {MAX_LINE_BYTES} bytes; its head is kept here, the rest "
+                                    "of it up to the next newline is skipped", "line_too_long")
+            item.record = parse_line(raw, source=self._source, position=start, event_id=eid, read_time=self._read_time,
                                      policy=self.policy)
             item.headers = self._headers
         except (InputRejectedError, SchemaError) as exc:
@@ -277,7 +302,13 @@ class TailSource(SourcePartition):
     def _split(self, *, final: bool) -> None:
         buf, start = self._buf, self._buf_start
         i = 0
+        if self.pos.skipping:  # the rest of an over-long line: one line, one dead letter (its head)
+            nl = buf.find(b"\n")
+            i = len(buf) if nl < 0 else nl + 1
+            self.pos.offset, self.pos.skipping = start + i, nl < 0 and not final
         while True:
+            if i < len(buf) and buf[i] == 0:
+                i = self._skip_nuls(buf, i, start)
             nl = buf.find(b"\n", i)
             if nl < 0:
                 break
@@ -286,9 +317,25 @@ class TailSource(SourcePartition):
         rest = buf[i:]
         if rest and (final or len(rest) > MAX_LINE_BYTES):
             self._emit(rest, start + i)
+            # Not yet at its newline: the bytes still to come are this line's, not lines of their own
+            # (they used to become more dead letters, 'not_combined_format', each shifting the line count).
+            self.pos.skipping = not final
             i = len(buf)
             rest = b""
         self._buf, self._buf_start = rest, start + i
+
+    def _skip_nuls(self, buf: bytes, i: int, start: int) -> int:
+        """Past a run of NUL bytes before a line: the hole a copytruncate rotation leaves when the
+        writer does not append (it goes on writing at its old offset; the file reads as zeros up to
+        there). Not a line: it made the next real line a dead letter (or, over 256 KiB, lost it
+        inside one). Lines start at their first other byte, whatever the chunking, so ids stay stable."""
+        m = _NULS.match(buf, i)
+        assert m is not None
+        if not self._warned_nuls:
+            self._warned_nuls = True
+            log.warning("%s: skipping NUL bytes from offset %d (a copytruncate hole?); logged once",
+                        self.pos.file or self.path, start + i)
+        return m.end()
 
     def _read_chunk(self) -> bool:
         """Read the next chunk of the current file into lines; False at its end."""
@@ -351,7 +398,7 @@ class FileTailer:
         """``source_options`` are :class:`TailSource`'s (follow, poll_s, rotate_grace_s, policy,
         timestamp_unit, on_read, chunk_bytes); the rest is the runner's."""
         self.path = Path(path).absolute()
-        self.cp_path = checkpoint_path or default_checkpoint_path(settings, self.path)
+        self.cp_path = checkpoint_path or default_checkpoint_path(settings, self.path, source_options.get("policy"))
 
         def build(state: dict[str, Any] | None) -> TailSource:
             return TailSource(self.path, resume_state=state, **source_options)

@@ -6,7 +6,9 @@ Two input shapes, auto-detected per line:
   "%{User-agent}i"``, and its **common** subset (no referrer/agent). Extra quoted fields after
   the user agent (e.g. nginx's ``"$http_x_forwarded_for"``) are ignored. An optional trailing
   request time is read as latency: an integer is Apache's ``%D`` (microseconds), a number with a
-  decimal point is nginx's ``$request_time`` (seconds). Real logs contain a user agent cut off
+  decimal point is nginx's ``$request_time`` (seconds). Fields after it (``$upstream_response_time``,
+  ``rt=... uct="..."`` timings, Apache ``combinedio``'s ``%I %O``) are ignored; when such fields follow,
+  only a number with a decimal point is read as the latency. Real logs contain a user agent cut off
   without its closing quote (the shared 10,000-line sample has one); it is accepted as is.
   Apache's **vhost_combined** (``%v:%p`` first, Debian's default for virtual hosts) is read too; the
   virtual host is not kept, as the schema has no field for it and no feature uses it.
@@ -39,6 +41,18 @@ _COMBINED = re.compile(  # no "^": match() anchors it, at 0 or past a vhost_comb
     r"(\S+) (\S+) (\S+) \[([^\]]+)\] " + _Q + r" (\d{3}) (\d+|-)"
     r'(?: "((?:[^"\\]|\\.)*)" "((?:[^"\\]|\\.)*)"?(?: "(?:[^"\\]|\\.)*")*)?'
     r"(?: (\d+(?:\.\d+)?))?\s*$"
+)
+#: Fields after the request time (nginx's ``$upstream_response_time``: "0.005 0.004", "0.005 -";
+#: ``rt=0.005 uct="0.001"`` timings; Apache ``combinedio``'s ``%I %O``), tried only when a line does not
+#: match :data:`_COMBINED`. The user agent's closing quote is required here (a cut-off agent would let
+#: the fields start at any space in it: quadratic); a field starts with a plain character and may hold
+#: ``"quoted"`` parts (``uct="0.001"``), so a referrer/agent pair is never taken for such fields; the
+#: repetitions are possessive, so a broken line fails in linear time.
+_COMBINED_MORE = re.compile(
+    r"(\S+) (\S+) (\S+) \[([^\]]+)\] " + _Q + r" (\d{3}) (\d+|-)"
+    r'(?: "((?:[^"\\]|\\.)*)" "((?:[^"\\]|\\.)*)"(?: "(?:[^"\\]|\\.)*")*+)?'
+    r"(?: (\d+(?:\.\d+)?))?"
+    r'((?:\s+[^\s"](?:[^\s"]|"[^"]*+")*+)++)\s*$'
 )
 #: Apache's ``vhost_combined`` (Debian/Ubuntu's other_vhosts_access.log): ``%v:%p`` (always with the
 #: port) before the combined fields. Tried only when a line does not match :data:`_COMBINED`, so plain
@@ -130,23 +144,31 @@ def _split_request(request: str) -> tuple[str, str, str | None]:
     raise LogParseError(f"request line {request[:80]!r} is not 'METHOD TARGET [PROTOCOL]'", "bad_request_line")
 
 
+def _match(line: str, pattern: re.Pattern[str]) -> re.Match[str] | None:
+    """``pattern`` at the start of ``line``, or past a ``vhost_combined`` prefix (see :data:`_VHOST`)."""
+    m = pattern.match(line)
+    if m is None:
+        vhost = _VHOST.match(line)
+        if vhost is not None:
+            m = pattern.match(line, vhost.end())
+            if m is not None and m.group(1) == "-":
+                m = None
+    return m
+
+
 def parse_combined(
     line: str, *, source: str, position: int | None = None, event_id: str | None = None
 ) -> dict[str, Any]:
     """One combined/common log line -> WebLogEvent dict. Raises :class:`LogParseError`."""
-    m = _COMBINED.match(line)
-    if m is None:
-        vhost = _VHOST.match(line)
-        if vhost is not None:
-            m = _COMBINED.match(line, vhost.end())
-            if m is not None and m.group(1) == "-":
-                m = None
+    m = _match(line, _COMBINED) or _match(line, _COMBINED_MORE)
     if m is None:
         raise LogParseError(f"line is not in the combined/common log format: {line[:120]!r}", "not_combined_format")
-    host, ident, user, ts, request, status, size, referrer, agent, rt = m.groups()
+    host, ident, user, ts, request, status, size, referrer, agent, rt = m.groups()[:10]
     method, path, protocol = _split_request(_unescape(request))
     latency: float | None = None
-    if rt is not None:
+    if rt is not None and (m.re is _COMBINED or "." in rt):
+        # With more fields after it only a decimal number is known to be a time (nginx's
+        # $request_time, seconds); an integer there may be combinedio's %I (bytes): no latency.
         latency = float(rt) * 1000.0 if "." in rt else int(rt) / 1000.0
     return {
         "event_id": event_id or event_id_for(source, position, line),
@@ -289,7 +311,9 @@ def parse_line(
     ``event_id``, when given, is used instead of computing one (a JSON line's own id still wins).
     """
     text = line.decode("utf-8", "backslashreplace") if isinstance(line, bytes) else line
-    text = text.rstrip("\r\n")
+    # A byte-order mark (a log saved by a Windows editor) is not part of the client address; left in,
+    # it became client_ip "\ufeff10.0.0.1" and made a first JSON line "not JSON".
+    text = text.rstrip("\r\n").removeprefix("\ufeff")
     stripped = text.lstrip()
     if not stripped:
         raise LogParseError("line is empty", "empty")

@@ -283,7 +283,15 @@ class AvroSerializer:
             ) from exc
         buf = io.BytesIO()
         buf.write(header)
-        schemaless_writer(buf, self.parsed, value)
+        try:
+            schemaless_writer(buf, self.parsed, value)
+        except UnicodeEncodeError as exc:  # a lone surrogate (JSON "\ud800"): Avro strings are UTF-8
+            field, text = _unencodable(value) or ("", "")
+            root = str(self.parsed.get("name", "value")) if isinstance(self.parsed, dict) else "value"
+            raise RecordValidationError(
+                root.rsplit(".", 1)[-1], field, text,
+                f"text is not valid Unicode ({exc.reason}: a lone UTF-16 surrogate); send UTF-8 text",
+            ) from None
         return buf.getvalue()
 
     def encode(self, value: Any) -> bytes:
@@ -296,6 +304,31 @@ class AvroSerializer:
             self.schema_id  # noqa: B018 - registers and builds the header
             return self._header + body
         return self._write(value, self._header)
+
+
+def _unencodable(value: Any, path: str = "") -> tuple[str, str] | None:
+    """The field path and text of the first string (or map key) UTF-8 cannot encode, for the error.
+
+    Walked only after the writer failed, so valid records pay nothing; the validator has just
+    accepted the record, so its depth is finite."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path, value
+        return None
+    items: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            items += [(f"{path}[key]", key), (where, item)]
+    elif isinstance(value, list | tuple):
+        items = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+    for where, item in items:
+        found = _unencodable(item, where)
+        if found is not None:
+            return found
+    return None
 
 
 # -- deserializer --------------------------------------------------------------------------------

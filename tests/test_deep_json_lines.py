@@ -23,14 +23,14 @@ DEEP_OBJECT = '{"sensor_id": ' + DEEP + "}"
 
 def test_publish_refuses_a_deep_line_and_keeps_the_next_one() -> None:
     reader = TimestampReader("auto", source="t")
-    lines = [(1, DEEP_OBJECT + "\n"),
-             (2, '{"sensor_id": "s1", "timestamp": 315532800000, "value": 21.5, "unit": "celsius"}\n')]
+    texts = [DEEP_OBJECT + "\n", '{"sensor_id": "s1", "timestamp": 315532800000, "value": 21.5, "unit": "celsius"}\n']
+    lines = [(n, text.encode(), text) for n, text in enumerate(texts, 1)]  # (number, bytes, text) per line
     # the unit look-ahead reads the deep line too, and must pass over it
     decided = list(_decide(reader, iter(lines)))
-    assert [n for n, _ in decided] == [1, 2]
+    assert [(n, t) for n, _, t in decided] == [(1, texts[0]), (2, texts[1])]
     with pytest.raises(ValueError, match="nested 100001 levels deep"):  # the loop dead-letters ValueErrors
-        event_from_line("sensor", decided[0][1], reader, EventTimePolicy(max_age_ms=None))
-    ok = event_from_line("sensor", decided[1][1], reader, EventTimePolicy(max_age_ms=None))
+        event_from_line("sensor", texts[0], reader, EventTimePolicy(max_age_ms=None))
+    ok = event_from_line("sensor", texts[1], reader, EventTimePolicy(max_age_ms=None))
     assert ok["sensor_id"] == "s1" and ok["timestamp"] == 315532800000  # a 1980 reading is kept as such
 
 

@@ -23,7 +23,7 @@ from ingest import images, sensors, weblog
 from ingest.exceptions import InputRejectedError, SensorValidationError
 from ingest.gateway.errors import BadRequestError, RecordRejectedError
 from schemas.catalog import load_schema
-from schemas.exceptions import RegistryUnavailableError, SchemaError
+from schemas.exceptions import RecordValidationError, RegistryUnavailableError, SchemaError
 from schemas.registry import SchemaRegistry
 from schemas.serde import AvroDeserializer, unframe
 from streaming import eventtime, topics
@@ -73,6 +73,8 @@ class Item:
     def reason_fields(self) -> dict[str, str]:
         """``reason`` (the first problem) and, when there are several, ``reasons`` (all, value first)."""
         out: dict[str, str] = {}
+        if isinstance(self.error, RecordValidationError):  # its .reason is a sentence: the sources' code
+            return {"reason": "schema"}
         reason = getattr(self.error, "reason", None)
         if isinstance(reason, str):
             out["reason"] = reason

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import re
 import threading
@@ -68,7 +69,16 @@ class Answer:
         headers = dict(extra_headers)
         if self.retry_after is not None:
             headers["Retry-After"] = str(self.retry_after)
-        return JSONResponse(self.body, self.status, headers=headers)
+        return _AsciiJSONResponse(self.body, self.status, headers=headers)
+
+
+class _AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII text escaped: an answer echoes ids built from the client's own text, and a
+    lone surrogate there (JSON ``"\\ud800"``, valid to parse, not encodable as UTF-8) made
+    starlette's UTF-8 rendering fail with a 500 after the record had been dead-lettered."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 #: After this long without a broker connection, requests get 503 at once instead of waiting for acks.

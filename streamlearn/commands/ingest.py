@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         "--checkpoint",
         type=Path,
         help="position file (default: HOME/state/weblog/<file name>.<path hash>.json, where HOME is --home "
-        "or $STREAMLEARN_HOME)",
+        "or $STREAMLEARN_HOME; a --backfill run has its own, the hash also over its window)",
     )
     w.add_argument("--poll", type=float, default=0.2, help="seconds between checks at end of file (default 0.2)")
     w.add_argument(

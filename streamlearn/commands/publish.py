@@ -10,17 +10,20 @@ them whenever they run, whatever live events they have seen.
 from __future__ import annotations
 
 import argparse
+import codecs
 import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
+from ingest.exceptions import InputRejectedError, SourceError
+from ingest.source import compressed
 from schemas.exceptions import RecordValidationError, SchemaError
 from streaming import config
 from streaming.eventtime import EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
 from streaming.jsoncodec import from_json
-from streaming.limits import bounded_json
+from streaming.limits import MAX_JSON_BYTES, InputLimitError, bounded_json
 from streaming.producer import Publisher
 from streaming.progress import progress
 from streaming.topics import KINDS
@@ -28,6 +31,8 @@ from streamlearn.eventtime_flags import add_event_time_flags, policy_from_args, 
 
 #: Lines ``--timestamp-unit auto`` reads ahead in a file to decide the unit.
 _LOOKAHEAD = 100
+#: Bytes of an over-long line its dead letter keeps (the broker refuses records over ~1 MiB).
+_KEEP_BYTES = 64 * 1024
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,24 +64,61 @@ def generated(kind: str, n: int, seed: int) -> Iterator[dict[str, Any]]:
         yield from digits(n, seed=seed)
 
 
-def _lines(args: argparse.Namespace) -> Iterator[tuple[int, str]]:
-    stream = sys.stdin if args.stdin else open(args.file, encoding="utf-8")  # noqa: SIM115
+#: One input line: its number, its bytes, and its text or why it has none.
+Line = tuple[int, bytes, str | InputRejectedError]
+
+
+def _lines(args: argparse.Namespace) -> Iterator[Line]:
+    """The non-blank lines with their numbers; a line that is not UTF-8 or over the JSON size limit
+    comes as its error instead (dead-lettered with its first bytes, the run goes on).
+
+    Read as bytes, at most :data:`MAX_JSON_BYTES` per line in memory: a text-mode read raised
+    UnicodeDecodeError out of the loop (one latin-1 byte ended the run), and a line without a newline
+    was read whole whatever its size. A UTF-8 byte-order mark before the first line is skipped.
+    """
+    stream = sys.stdin.buffer if args.stdin else open(args.file, "rb")  # noqa: SIM115
     with stream:
-        for lineno, line in enumerate(stream, 1):
-            if line.strip():
-                yield lineno, line
+        lineno = 0
+        while True:
+            raw = stream.readline(MAX_JSON_BYTES + 1)
+            if not raw:
+                return
+            lineno += 1
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            if lineno == 1 and (packed := compressed(raw[:8], args.file or "stdin")) is not None:
+                raise SourceError(packed)  # not one bad_encoding dead letter per random newline
+            if len(raw) > MAX_JSON_BYTES and not raw.endswith(b"\n"):
+                head, size = raw[:_KEEP_BYTES], len(raw)
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the line, a bounded read at a time
+                    raw = stream.readline(1 << 20)
+                    size += len(raw)
+                yield lineno, head, InputRejectedError(
+                    f"line is {size} bytes, over the {MAX_JSON_BYTES}-byte limit of one JSON event; "
+                    "send a smaller event", "line_too_long")
+                continue
+            if not raw.strip():
+                continue
+            try:
+                text: str | InputRejectedError = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                text = InputRejectedError(
+                    f"line is not UTF-8 ({exc}); convert the file to UTF-8", "bad_encoding")
+            yield lineno, raw, text
 
 
-def _decide(reader: TimestampReader, lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+def _decide(reader: TimestampReader, lines: Iterator[Line]) -> Iterator[Line]:
     """``auto``: read the first lines' timestamps, decide the unit once, then hand every line on."""
-    head: list[tuple[int, str]] = []
+    head: list[Line] = []
     for item in lines:
         head.append(item)
         if len(head) >= _LOOKAHEAD:
             break
     if reader.unit == "auto":
         stamps = []
-        for _, line in head:
+        for _, _, line in head:
+            if not isinstance(line, str):
+                continue
             try:
                 obj = bounded_json(line, "line")
             except ValueError:
@@ -115,6 +157,8 @@ def _reasons(exc: BaseException) -> str:
     its schema is ``schema`` (its ``reason`` is the sentence already in the message), not the sentence."""
     if isinstance(exc, RecordValidationError):
         return "schema"
+    if isinstance(exc, InputLimitError):  # bounded_json's refusals: as the log tailer names them
+        return "bad_json"
     reasons = getattr(exc, "reasons", None) or [getattr(exc, "reason", None) or type(exc).__name__]
     return ",".join(str(r) for r in reasons)
 
@@ -148,15 +192,17 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
             reader = TimestampReader(unit_from_args(args, settings), source=source)
             # A file is looked ahead into for auto's decision; stdin, a stream, decides at its first number.
             lines = _decide(reader, _lines(args)) if args.file else _lines(args)
-            for lineno, line in lines:
+            for lineno, raw, line in lines:
                 try:
+                    if not isinstance(line, str):
+                        raise line
                     futures.append(pub.publish(args.kind, event_from_line(args.kind, line, reader, policy),
                                                headers=headers))
                 except (ValueError, SchemaError) as exc:  # EventTimeError and InputRejectedError are ValueErrors
                     rejected += 1
                     reasons = _reasons(exc)
                     print(f"line {lineno}: rejected ({reasons}): {exc}", file=sys.stderr)
-                    pub.dead_letter(args.kind, line.encode(), stage="publish", error=exc,
+                    pub.dead_letter(args.kind, raw.rstrip(b"\r\n"), stage="publish", error=exc,
                                     source={"file": source, "line": lineno, "reason": reasons.split(",")[0],
                                             "reasons": reasons})
         pub.flush()

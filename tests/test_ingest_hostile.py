@@ -1,0 +1,343 @@
+"""Hostile and real-world input at every ingest entry, found by an audit run of the README's commands.
+
+Each test failed before its fix: a lone UTF-16 surrogate in gateway JSON (a 500 after the dead letter),
+a UTF-8 byte-order mark (Excel's "CSV UTF-8", Windows tools) that refused a whole CSV or dead-lettered
+a JSON line, a non-UTF-8 line that crashed ``publish --file``, and a log line over the tailer's limit that
+became several dead letters with wrong reasons and shifted every later line number.
+All over the real session broker; no sleeps.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ingest.exceptions import SourceError
+from ingest.images import ImageWatcher
+from ingest.sensor_csv import MAX_ROW_BYTES, publish_csv
+from ingest.tailer import MAX_LINE_BYTES, FileTailer, TailSource
+from streaming.config import Settings
+from streaming.eventtime import EventTimePolicy
+from streaming.producer import Publisher, header_dict
+from streaming.topics import dead_letter_topic
+from tests.helpers import read_topic, streamlearn_cmd, subprocess_env
+from tests.test_gateway_http import AUTH, client, dead_letters, png, raw_records, sensor
+
+CLF = '10.0.0.{i} - - [17/May/2015:10:05:03 +0000] "GET /p{i} HTTP/1.1" 200 5 "-" "ua"\n'
+
+
+def test_gateway_lone_surrogate_is_rejected_and_dead_lettered_not_a_500(settings: Settings) -> None:
+    """JSON may spell a lone surrogate (``"\\ud800"``); UTF-8, and so Avro, cannot hold it."""
+    good = sensor(1)
+    body = json.dumps([{**sensor(0), "sensor_id": "s\ud800"}, good])  # ensure_ascii: "s\\ud800"
+    with client(settings) as tc:
+        answer = tc.post("/ingest/sensor", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert answer.status_code == 207, answer.text
+    results = answer.json()["results"]
+    assert [r["status"] for r in results] == ["rejected", "accepted"]
+    assert results[0]["reason"] == "schema" and "sensor_id" in results[0]["error"], results[0]
+    assert [r.value["sensor_id"] for r in raw_records(settings, "sensor", expect=1)] == [good["sensor_id"]]
+    (letter,) = dead_letters(settings, "sensor", expect=1)
+    headers = header_dict(letter.headers)
+    assert headers["dl.source_index"] == "0" and headers["dl.source_reason"] == "schema", headers
+
+
+def _cli(settings: Settings, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(streamlearn_cmd(*args), env=subprocess_env(settings), input=stdin, capture_output=True,
+                          timeout=120, check=False)
+
+
+def _reading(i: int) -> bytes:
+    return json.dumps({"sensor_id": f"s{i}", "timestamp": sensor(i)["timestamp"], "value": float(i),
+                       "unit": "celsius"}).encode()
+
+
+def test_publish_file_keeps_going_past_latin1_bom_and_overlong_lines(settings: Settings, tmp_path: Path) -> None:
+    """A BOM before line 1 is not part of the event; a latin-1 line and a line over the JSON limit are
+    dead letters with their reasons (the latin-1 one used to end the run with a UnicodeDecodeError)."""
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + _reading(0) + b"\r\n" + b'{"sensor_id": "caf\xe9"}\n' + _reading(2) + b"\n"
+                     + b'{"x": "' + b"a" * 1_100_000 + b'"}\n' + _reading(4) + b"\n"
+                     + _reading(6).replace(b'"s6"', b'"\\ud800"') + b"\n" + b"[" * 100 + b"\n")
+    done = _cli(settings, "publish", "sensor", "--file", str(path))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert b"published 3 sensor events" in done.stdout and b"4 rejected" in done.stdout, done.stdout
+    published = raw_records(settings, "sensor", expect=3)
+    assert sorted(r.value["sensor_id"] for r in published) == ["s0", "s2", "s4"]
+    dls = read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False, expect=4, timeout=20)
+    found = {header_dict(d.headers)["dl.source_line"]: (header_dict(d.headers)["dl.source_reason"], d.value)
+             for d in dls}
+    assert found["2"] == ("bad_encoding", b'{"sensor_id": "caf\xe9"}'), found["2"]
+    assert found["4"][0] == "line_too_long" and found["4"][1].startswith(b'{"x": "aaa'), found["4"][0]
+    assert len(found["4"][1]) <= 64 * 1024
+    assert found["6"][0] == "schema", found["6"]
+    assert found["7"][0] == "bad_json", found["7"]  # bounded_json's refusal, not the class name
+    assert len(dls) == 4
+
+
+def test_sensor_csv_with_a_byte_order_mark_is_published(settings: Settings, tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a BOM; it used to be read into the first column's name, so the
+    header 'lacked sensor_id' and the whole file was refused."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbfsensor_id,timestamp,value,unit\r\n"
+                     b"s1,2024-01-01T00:00:00Z,1.5,celsius\r\ns2,2024-01-01T00:01:00+02:00,2,celsius\r\n")
+    with Publisher(settings) as pub:
+        stats = publish_csv(settings, pub, path)
+    assert (stats.published, stats.dead_lettered) == (2, 0)
+    assert sorted(r.value["sensor_id"] for r in raw_records(settings, "sensor", expect=2)) == ["s1", "s2"]
+
+
+def test_tailer_over_long_line_is_one_dead_letter_and_later_line_numbers_stay_true(settings: Settings,
+                                                                                   tmp_path: Path) -> None:
+    """A 3 MB line used to become one dead letter per chunk read (the later ones 'not_combined_format',
+    their bytes read as lines of their own), shifting the line number of every later dead letter."""
+    long_line = CLF.format(i=2).replace("/p2", "/" + "a" * 3_000_000).encode()
+    log = tmp_path / "access.log"
+    log.write_bytes(CLF.format(i=1).encode() + long_line + CLF.format(i=3).encode() + b"garbage\n"
+                    + CLF.format(i=5).encode().rstrip(b"\n"))
+    with Publisher(settings) as pub:
+        stats = FileTailer(settings, pub, log).run()
+    assert (stats.lines, stats.published, stats.dead_lettered) == (5, 3, 2), stats
+    dls = read_topic(settings, dead_letter_topic(settings, "weblog"), decode=False, expect=2, timeout=20)
+    found = {header_dict(d.headers)["dl.source_line"]: header_dict(d.headers)["dl.source_reason"] for d in dls}
+    assert found == {"2": "line_too_long", "4": "not_combined_format"}, found
+    assert sorted(r.value["path"] for r in raw_records(settings, "weblog", expect=3)) == ["/p1", "/p3", "/p5"]
+
+    # A checkpoint taken while the rest of the long line was being skipped resumes skipping it.
+    first = CLF.format(i=1).encode()
+    state = {"path": str(log.absolute()), "inode": log.stat().st_ino, "file": str(log.absolute()),
+             "fingerprint": hashlib.sha1(first).hexdigest(), "offset": len(first) + MAX_LINE_BYTES + 10,
+             "line": 2, "skipping": True}
+    source = TailSource(log, resume_state=state)
+    items = source.next_batch() + source.next_batch()
+    source.close()
+    assert [(it.source["line"], it.record is not None) for it in items] == [("3", True), ("4", False), ("5", True)]
+
+
+def test_tailer_log_starting_with_a_byte_order_mark(settings: Settings, tmp_path: Path) -> None:
+    """A log saved by a Windows editor starts with a BOM: it was read into the first client address
+    ("\\ufeff10.0.0.1"), and a JSON-lines log lost its first line as 'bad_json'."""
+    clf, jsonl = tmp_path / "clf.log", tmp_path / "json.log"
+    clf.write_bytes(b"\xef\xbb\xbf" + CLF.format(i=1).encode() + CLF.format(i=2).encode())
+    event = {"remote_addr": "10.0.0.3", "time": "2024-01-01T00:00:00Z", "request": "GET /p3 HTTP/1.1",
+             "status": 200}
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(event).encode() + b"\r\n")
+    with Publisher(settings) as pub:
+        for log in (clf, jsonl):
+            stats = FileTailer(settings, pub, log).run()
+            assert stats.dead_lettered == 0, stats
+    published = raw_records(settings, "weblog", expect=3)
+    assert sorted((r.value["client_ip"], r.value["path"]) for r in published) == [
+        ("10.0.0.1", "/p1"), ("10.0.0.2", "/p2"), ("10.0.0.3", "/p3")]
+
+
+def test_sensor_csv_over_long_row_is_read_in_bounded_pieces(settings: Settings, tmp_path: Path) -> None:
+    """A row longer than MAX_ROW_BYTES is one dead letter (its head) and the next row is published; it
+    used to be read whole (a 300 MB row held about 2.2 GB: `ingest sensors --csv`, /usr/bin/time -v)."""
+    path = tmp_path / "wide.csv"
+    path.write_bytes(b"sensor_id,timestamp,value,unit\ns1,2024-01-01T00:00:00Z,1,c\ns2,2024-01-01T00:00:00Z,"
+                     + b"9" * (MAX_ROW_BYTES + 5000) + b",c\ns3,2024-01-01T00:00:00Z,3,c\n")
+    with Publisher(settings) as pub:
+        stats = publish_csv(settings, pub, path)
+    assert (stats.published, stats.dead_lettered, stats.reasons) == (2, 1, {"row_too_long": 1}), stats
+    (letter,) = read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False, expect=1, timeout=20)
+    assert header_dict(letter.headers)["dl.source_line"] == "3"
+    assert letter.value.startswith(b"s2,2024-01-01T00:00:00Z,999") and len(letter.value) <= 64 * 1024
+    assert sorted(r.value["sensor_id"] for r in raw_records(settings, "sensor", expect=2)) == ["s1", "s3"]
+
+
+def test_gateway_compressed_body_is_415_naming_the_encoding(settings: Settings) -> None:
+    """Bodies are not decompressed; a gzip body was answered 400 'not valid UTF-8 JSON', and dead-lettered."""
+    body = gzip.compress(json.dumps(sensor(0)).encode())
+    with client(settings) as tc:
+        answer = tc.post("/ingest/sensor", content=body, headers={**AUTH, "Content-Type": "application/json",
+                                                                  "Content-Encoding": "gzip"})
+        plain = tc.post("/ingest/sensor", json=sensor(1), headers={**AUTH, "Content-Encoding": "identity"})
+    assert answer.status_code == 415 and "Content-Encoding 'gzip'" in answer.json()["error"], answer.text
+    assert plain.status_code == 200, plain.text
+
+
+def _ids(log: Path, chunk_bytes: int) -> list[tuple[str, str]]:
+    source, out = TailSource(log, chunk_bytes=chunk_bytes), []
+    try:
+        while True:
+            out += [(it.event_id, it.source.get("line", "")) for it in source.next_batch() if it.event_id]
+    except StopIteration:
+        source.close()
+    return out
+
+
+def test_tailer_reads_past_the_nul_hole_of_a_copytruncate_rotation(settings: Settings, tmp_path: Path) -> None:
+    """logrotate's copytruncate with a writer that does not append leaves the file reading as NUL bytes
+    up to the writer's old offset. The line after the hole was dead-lettered (a hole over 256 KiB lost
+    it inside a line_too_long dead letter); NUL runs before a line are now skipped, not lines."""
+    log = tmp_path / "access.log"
+    log.write_bytes(b"\x00" * 1000 + CLF.format(i=1).encode() + b"\x00" * 600_000 + CLF.format(i=2).encode()
+                    + CLF.format(i=3).encode() + b"\x00" * 10)
+    with Publisher(settings) as pub:
+        stats = FileTailer(settings, pub, log).run()
+    assert (stats.published, stats.dead_lettered) == (3, 0), stats
+    assert sorted(r.value["path"] for r in raw_records(settings, "weblog", expect=3)) == ["/p1", "/p2", "/p3"]
+    assert _ids(log, 4096) == _ids(log, 1 << 20)  # where a read ends does not move a line's id
+
+
+def test_weblog_backfill_after_a_live_run_publishes_the_history_it_refused(settings: Settings,
+                                                                           tmp_path: Path) -> None:
+    """The live run's dead letters say 'load history on purpose with --backfill'; that run then resumed
+    at the live run's checkpoint (the end of the file) and published nothing."""
+    log = tmp_path / "old.log"
+    log.write_bytes("".join(CLF.format(i=i).replace("2015", "1999") for i in (1, 2)).encode())
+    with Publisher(settings) as pub:
+        live = FileTailer(settings, pub, log).run()
+        assert (live.published, live.dead_lettered) == (0, 2), live
+        backfill = EventTimePolicy(max_age_ms=None, backfill=True, run_id="audit-1")
+        history = FileTailer(settings, pub, log, policy=backfill).run()
+        again = FileTailer(settings, pub, log, policy=EventTimePolicy(max_age_ms=None, backfill=True,
+                                                                     run_id="audit-2")).run()
+    assert (history.published, history.dead_lettered) == (2, 0), history
+    assert (again.published, again.lines) == (0, 0), again  # the same backfill command again: nothing new
+    published = raw_records(settings, "weblog", expect=2)
+    assert sorted(header_dict(r.headers)["sl.backfill"] for r in published) == ["audit-1", "audit-1"]
+
+
+def test_image_rejected_for_its_old_file_time_is_published_when_put_back_with_backfill(
+        settings: Settings, tmp_path: Path) -> None:
+    """Its reason file says 'load history on purpose with --backfill'; doing so moved it back to
+    rejected/ as 'rejected_earlier' (the journal's verdict of the live run), publishing nothing."""
+    watch = tmp_path / "in"
+    watch.mkdir()
+    photo = watch / "scan_1999.png"
+    photo.write_bytes(png(shade=99))
+    os.utime(photo, (915148800, 915148800))  # 1999-01-01: older than the live window of 20 years
+
+    def run(policy: EventTimePolicy | None = None) -> tuple[int, int]:
+        with Publisher(settings) as pub:
+            watcher = ImageWatcher(settings, pub, watch, settle_s=0.0, policy=policy)
+            watcher.run(follow=False)
+            watcher.close()
+        return watcher.published, watcher.rejected_count
+
+    assert run() == (0, 1)
+    assert (watch / "rejected" / "scan_1999.png.reason").read_text().startswith("timestamp_too_old")
+    os.replace(watch / "rejected" / "scan_1999.png", photo)
+    assert run(EventTimePolicy(max_age_ms=None, backfill=True, run_id="photos")) == (1, 0)
+    assert (watch / "processed" / "scan_1999.png").exists()
+    (record,) = raw_records(settings, "image", expect=1)
+    assert record.value["data"] == png(shade=99) and header_dict(record.headers)["sl.backfill"] == "photos"
+    assert run() == (0, 0)  # nothing left; the same file again would be a duplicate (journal: published)
+
+
+def test_sensor_csv_with_a_column_named_twice_is_refused_before_any_row(settings: Settings,
+                                                                        tmp_path: Path) -> None:
+    """Each row kept only the last of the two cells: the other reading was dropped without a word."""
+    path = tmp_path / "twice.csv"
+    path.write_bytes(b"sensor_id,timestamp,value,unit,temp,temp\ns1,2024-01-01T00:00:00Z,1,c,5,6\n")
+    with Publisher(settings) as pub, pytest.raises(SourceError, match=r"\['temp'\] more than once"):
+        publish_csv(settings, pub, path)
+
+
+def test_sensor_csv_of_an_endless_file_is_refused_at_its_header(settings: Settings) -> None:
+    """``--csv /dev/zero``: the header was read past its 1 MiB bound to its newline, which never comes
+    (before bounded reads: until memory ran out). On a regression this test hangs until --timeout."""
+    with Publisher(settings) as pub, pytest.raises(SourceError, match="header line is over"):
+        publish_csv(settings, pub, Path("/dev/zero"))
+
+
+def test_sensor_csv_semicolon_and_tab_separated_exports_are_read(settings: Settings, tmp_path: Path) -> None:
+    """Excel writes ';' with decimal commas where ',' is the decimal mark; such a file was refused as
+    'header lacks [sensor_id, timestamp, value]'. A thousands separator stays a clear not_a_number."""
+    semi, tab = tmp_path / "excel_de.csv", tmp_path / "export.tsv"
+    semi.write_bytes(b"sensor_id;timestamp;value;unit;humidity\r\ns1;2024-01-01T00:00:00Z;1,5;c;0,25\r\n"
+                     b"s2;2024-01-01T00:00:00Z;1.234,5;c;1\r\n")
+    tab.write_bytes(b"sensor_id\ttimestamp\tvalue\tunit\ns3\t2024-01-01T00:00:00Z\t-7.5\tc\n")
+    with Publisher(settings) as pub:
+        semi_stats, tab_stats = publish_csv(settings, pub, semi), publish_csv(settings, pub, tab)
+    assert (semi_stats.published, semi_stats.reasons) == (1, {"not_a_number": 1}), semi_stats
+    assert (tab_stats.published, tab_stats.dead_lettered) == (1, 0), tab_stats
+    got = {r.value["sensor_id"]: (r.value["value"], r.value["values"]) for r in raw_records(settings, "sensor", 2)}
+    assert got == {"s1": (1.5, {"humidity": 0.25}), "s3": (-7.5, {})}
+
+
+def test_files_with_latin1_names_are_published_with_escaped_names(settings: Settings, tmp_path: Path) -> None:
+    """A name that is not UTF-8 (an old share's latin-1) reaches Python as lone surrogates. The image
+    watcher crashed on every start (UnicodeEncodeError out of the Avro writer) and the log tailer before
+    its first line (hashing the checkpoint path)."""
+    watch = tmp_path / "in"
+    watch.mkdir()
+    image = os.fsdecode(os.fsencode(watch) + b"/caf\xe9_3.png")
+    Path(image).write_bytes(png(shade=3))
+    log = Path(os.fsdecode(os.fsencode(tmp_path) + b"/acc\xe8s.log"))
+    log.write_bytes(CLF.format(i=1).encode())
+    with Publisher(settings) as pub:
+        watcher = ImageWatcher(settings, pub, watch, settle_s=0.0)
+        watcher.run(follow=False)
+        watcher.close()
+        tailed = FileTailer(settings, pub, log).run()
+    assert (watcher.published, watcher.rejected_count) == (1, 0)
+    assert (tailed.published, tailed.dead_lettered) == (1, 0), tailed
+    (picture,) = raw_records(settings, "image", expect=1)
+    assert (picture.value["source"], picture.value["label"]) == ("caf\\xe9_3.png", "caf\\xe9")
+    (line,) = raw_records(settings, "weblog", expect=1)
+    assert line.value["source"].endswith("/acc\\xe8s.log"), line.value["source"]
+
+
+def test_nginx_and_apache_logs_with_fields_after_the_request_time(settings: Settings, tmp_path: Path) -> None:
+    """nginx's '$request_time $upstream_response_time', its rt=/uct= timing format and Apache's combinedio
+    ('%I %O') put fields after the agent; every such line was dead-lettered as not_combined_format."""
+    agent = '"-" "Mozilla/5.0 (X11; Linux x86_64)"'
+    lines = [CLF.format(i=i).replace('"-" "ua"', agent).rstrip("\n") + tail + "\n" for i, tail in enumerate(
+        [" 0.005 0.004", " 0.250 -", ' rt=0.005 uct="0.001" uht="0.002" urt="0.003"', " 512 1024"], 1)]
+    lines.append(CLF.format(i=5).replace('"ua"', '"ua"x'))  # a broken quote still fails the line
+    log = tmp_path / "nginx.log"
+    log.write_bytes("".join(lines).encode())
+    with Publisher(settings) as pub:
+        stats = FileTailer(settings, pub, log).run()
+    assert (stats.published, stats.dead_lettered) == (4, 1), stats
+    got = {r.value["path"]: (r.value["latency_ms"], r.value["user_agent"])
+           for r in raw_records(settings, "weblog", expect=4)}
+    assert got == {"/p1": (5.0, "Mozilla/5.0 (X11; Linux x86_64)"), "/p2": (250.0, "Mozilla/5.0 (X11; Linux x86_64)"),
+                   "/p3": (None, "Mozilla/5.0 (X11; Linux x86_64)"), "/p4": (None, "Mozilla/5.0 (X11; Linux x86_64)")}
+
+
+def test_drop_folder_names_what_it_cannot_take_instead_of_ignoring_it(settings: Settings, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A link to /dev/zero, a dangling link and a FIFO are never read (reading /dev/zero never ends); they
+    were skipped without a word, so a user saw 'published 0, rejected 0' and no reason anywhere."""
+    watch = tmp_path / "in"
+    watch.mkdir()
+    (watch / "zero.png").symlink_to("/dev/zero")
+    (watch / "gone.png").symlink_to(tmp_path / "nothing-here.png")
+    os.mkfifo(watch / "pipe.png")
+    (watch / "ok.png").write_bytes(png(shade=5))
+    with Publisher(settings) as pub, caplog.at_level("WARNING", logger="ingest.images"):
+        watcher = ImageWatcher(settings, pub, watch, settle_s=0.0)
+        watcher.run(follow=False)
+        watcher.close()
+    assert (watcher.published, watcher.rejected_count) == (1, 0)
+    named = sorted(Path(r.args[0]).name for r in caplog.records if "not a regular file" in r.getMessage())
+    assert named == ["gone.png", "pipe.png", "zero.png"], caplog.text
+    assert (watch / "zero.png").is_symlink() and (watch / "pipe.png").exists()
+
+
+def test_a_compressed_log_or_csv_is_refused_with_what_to_do(settings: Settings, tmp_path: Path) -> None:
+    """A rotated log is usually access.log.2.gz: read as text it became one not_combined_format dead
+    letter per random newline in the compressed bytes, published nothing, and the run said nothing."""
+    log, table = tmp_path / "access.log.2.gz", tmp_path / "readings.csv.gz"
+    log.write_bytes(gzip.compress("".join(CLF.format(i=i) for i in range(200)).encode()))
+    table.write_bytes(gzip.compress(b"sensor_id,timestamp,value\ns1,2024-01-01T00:00:00Z,1\n"))
+    with Publisher(settings) as pub:
+        with pytest.raises(SourceError, match=r"access.log.2.gz is gzip-compressed.*zcat"):
+            FileTailer(settings, pub, log).run()
+        with pytest.raises(SourceError, match=r"readings.csv.gz is gzip-compressed"):
+            publish_csv(settings, pub, table)
+    events = tmp_path / "events.jsonl.gz"
+    events.write_bytes(gzip.compress(_reading(1) + b"\n"))
+    done = _cli(settings, "publish", "sensor", "--file", str(events))
+    assert done.returncode != 0 and b"events.jsonl.gz is gzip-compressed" in done.stderr, done.stderr[-2000:]
+    assert read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False, idle_timeout=0.5) == []
