@@ -38,6 +38,22 @@ def subprocess_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+def printed_records(out: Path) -> list[dict[str, Any]]:
+    """The records a `streamlearn subscribe --json` wrote to ``out`` so far (other lines, and a line
+    still being written, are skipped)."""
+    import json
+
+    rows = []
+    for line in out.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "offset" in rec:
+            rows.append(rec)
+    return rows
+
+
 def streamlearn_cmd(*args: str) -> list[str]:
     """Command line that runs the CLI with this interpreter (works without the console script)."""
     return [sys.executable, "-m", "streamlearn.cli", *args]

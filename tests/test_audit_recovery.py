@@ -24,19 +24,7 @@ from benchmarks.bench_restart import _publish
 from streaming import members, offsets
 from streaming.config import Settings
 from streaming.store import BatchSpec, FeatureStore, StoredRow
-from tests.helpers import ROOT, subprocess_env, wait_until
-
-
-def _printed(out: Path) -> list[dict[str, object]]:
-    rows = []
-    for line in out.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "offset" in rec:
-            rows.append(rec)
-    return rows
+from tests.helpers import ROOT, printed_records, subprocess_env, wait_until
 
 
 def test_sigterm_of_group_subscriber_leaves_the_group_and_commits_what_it_printed(
@@ -48,7 +36,7 @@ def test_sigterm_of_group_subscriber_leaves_the_group_and_commits_what_it_printe
         proc = subprocess.Popen([sys.executable, "-m", "streamlearn.cli", "subscribe", "sensor.raw", "--group",
                                  "dash", "--json"], env=subprocess_env(settings), cwd=ROOT, stdout=fh, stderr=fe)
     try:
-        wait_until(lambda: len(_printed(out)) >= 60 or proc.poll() is not None, 60, 0.05, "60 records printed")
+        wait_until(lambda: len(printed_records(out)) >= 60 or proc.poll() is not None, 60, 0.05, "60 records printed")
         assert proc.poll() is None, err.read_text()
         wait_until(lambda: describe(settings, group)[1], 30, 0.1, "the subscriber's member in the group")
         proc.send_signal(signal.SIGTERM)
@@ -61,11 +49,11 @@ def test_sigterm_of_group_subscriber_leaves_the_group_and_commits_what_it_printe
     state, left = describe(settings, group)
     assert left == [], (state, left)  # before the fix: the member stayed, DEAD, never expired by the broker
     # the commit after each print still covers every printed record: a restart prints nothing twice
-    printed = _printed(out)
+    printed = printed_records(out)
     assert len(printed) == 60
     ends: dict[int, int] = {}
     for rec in printed:
-        ends[int(rec["partition"])] = max(ends.get(int(rec["partition"]), -1), int(rec["offset"]) + 1)  # type: ignore[call-overload]
+        ends[int(rec["partition"])] = max(ends.get(int(rec["partition"]), -1), int(rec["offset"]) + 1)
     committed = {p.partition: p.committed for p in offsets.show(settings, group, settings.topic("sensor.raw"))
                  if p.committed is not None}
     assert committed == ends

@@ -8,7 +8,6 @@ exit), and a restart after ``kill -9`` prints nothing twice once the printed rec
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -17,21 +16,13 @@ from pathlib import Path
 from benchmarks.bench_restart import _publish
 from streaming import offsets
 from streaming.config import Settings
-from tests.helpers import ROOT, subprocess_env, wait_until
+from tests.helpers import ROOT, printed_records, subprocess_env, wait_until
 
 N = 1500
 
 
 def _printed(out: Path) -> list[tuple[int, int]]:
-    rows = []
-    for line in out.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "offset" in rec:
-            rows.append((int(rec["partition"]), int(rec["offset"])))
-    return rows
+    return [(int(rec["partition"]), int(rec["offset"])) for rec in printed_records(out)]
 
 
 def _ends(rows: list[tuple[int, int]]) -> dict[int, int]:
