@@ -175,16 +175,21 @@ class ImageWatcher:
         current: dict[Path, tuple[int, int]] = {}
         self.unsettled = []
         entries = []
+        inside = os.path.realpath(self.directory) + os.sep
         for e in os.scandir(self.directory):
             if e.name.startswith("."):
                 continue
-            if e.is_file():
+            if e.is_file() and not (e.is_symlink() and not os.path.realpath(e.path).startswith(inside)):
                 entries.append(e)
             elif not e.is_dir() and e.path not in self._odd and len(self._odd) < 10_000:
                 # Never read (a link to /dev/zero would never end), never moved; said once, not silently.
+                # A link to a file outside the folder is not read either: whoever can write the folder
+                # could otherwise have any file this process can read (keys, /etc/shadow as root) published,
+                # or its bytes kept in a dead letter when it is not an image.
                 self._odd.add(e.path)
-                log.warning("%s is not a regular file (a device, a FIFO, a dangling link?); left in place, "
-                            "not published", e.path)
+                what = ("a link to a file outside the drop folder" if e.is_symlink() and e.is_file()
+                        else "not a regular file (a device, a FIFO, a dangling link?)")
+                log.warning("%s is %s; left in place, not published", e.path, what)
         entries.sort(key=lambda e: e.name)
         names = {e.name for e in entries}
         stems = {os.path.splitext(n)[0] for n in names if not n.endswith(".label")}

@@ -325,6 +325,29 @@ def test_drop_folder_names_what_it_cannot_take_instead_of_ignoring_it(settings: 
     assert (watch / "zero.png").is_symlink() and (watch / "pipe.png").exists()
 
 
+def test_drop_folder_does_not_read_a_link_to_a_file_outside_it(settings: Settings, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Whoever can write the drop folder could link any file this process can read into it; it was read,
+    and, not being an image, its bytes went to the dead-letter topic. A link to an image inside the folder
+    is still taken."""
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"SECRET-TOKEN-0123456789")
+    watch = tmp_path / "in"
+    (watch / "sub").mkdir(parents=True)
+    (watch / "leak.png").symlink_to(secret)
+    (watch / "sub" / "inner.png").write_bytes(png(shade=7))
+    (watch / "alias.png").symlink_to(watch / "sub" / "inner.png")
+    with Publisher(settings) as pub, caplog.at_level("WARNING", logger="ingest.images"):
+        watcher = ImageWatcher(settings, pub, watch, settle_s=0.0)
+        watcher.run(follow=False)
+        watcher.close()
+    assert (watcher.published, watcher.rejected_count) == (1, 0)  # alias.png only
+    assert any("leak.png is a link to a file outside the drop folder" in r.getMessage() for r in caplog.records)
+    assert (watch / "leak.png").is_symlink() and secret.read_bytes() == b"SECRET-TOKEN-0123456789"
+    dead = read_topic(settings, dead_letter_topic(settings, "image"), decode=False, idle_timeout=0.5)
+    assert not any(b"SECRET-TOKEN" in bytes(r.value or b"") for r in dead)
+
+
 def test_a_compressed_log_or_csv_is_refused_with_what_to_do(settings: Settings, tmp_path: Path) -> None:
     """A rotated log is usually access.log.2.gz: read as text it became one not_combined_format dead
     letter per random newline in the compressed bytes, published nothing, and the run said nothing."""
