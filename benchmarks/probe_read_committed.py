@@ -46,13 +46,15 @@ def _topic(settings: config.Settings, tag: str) -> str:
     return name
 
 
-def _producer(settings: config.Settings, tid: str) -> KafkaProducer:
+def transactional_producer(settings: config.Settings, tid: str) -> KafkaProducer:
+    """A transactional producer of ``tid``, initialised (also used by tests/test_read_committed_gap.py)."""
     producer = KafkaProducer(**producer_config(settings, transactional_id=tid, linger_ms=0))
     producer.init_transactions()
     return producer
 
 
-def _txn(producer: KafkaProducer, topic: str, values: list[bytes], commit: bool) -> None:
+def txn(producer: KafkaProducer, topic: str, values: list[bytes], *, commit: bool) -> None:
+    """One transaction of ``values``, committed or aborted."""
     producer.begin_transaction()
     for v in values:
         producer.send(topic, value=v)
@@ -91,24 +93,24 @@ def _case(settings: config.Settings, refence: bool, per_txn: int, start: str) ->
     topic = _topic(settings, "case")
     tid = f"{topic}.tx"
     vals = {t: [f"{t}{i}".encode() for i in range(per_txn)] for t in "ABCD"}
-    producer = _producer(settings, tid)
+    producer = transactional_producer(settings, tid)
     readers: dict[str, _Reader] = {}
     try:
         if start == "live":
             readers = {k: _Reader(settings, topic, k == "filtered", False) for k in ("unfiltered", "filtered")}
-        _txn(producer, topic, vals["A"], True)
+        txn(producer, topic, vals["A"], commit=True)
         for r in readers.values():
             r.to_end()
-        _txn(producer, topic, vals["B"], False)
+        txn(producer, topic, vals["B"], commit=False)
         if start == "end":
             readers = {k: _Reader(settings, topic, k == "filtered", True) for k in ("unfiltered", "filtered")}
         for r in readers.values():
             r.to_end()
         if refence:
             producer.close()
-            producer = _producer(settings, tid)
-        _txn(producer, topic, vals["C"], True)
-        _txn(producer, topic, vals["D"], True)
+            producer = transactional_producer(settings, tid)
+        txn(producer, topic, vals["C"], commit=True)
+        txn(producer, topic, vals["D"], commit=True)
         for r in readers.values():
             r.to_end()
         after = vals["C"] + vals["D"]
@@ -138,12 +140,12 @@ def _cost(settings: config.Settings, txns: int, per_txn: int = 10) -> dict[str, 
     topics = {}
     for label, abort_first in (("without_abort", False), ("with_abort", True)):
         topic = _topic(settings, label)
-        producer = _producer(settings, f"{topic}.tx")
+        producer = transactional_producer(settings, f"{topic}.tx")
         try:
             if abort_first:
-                _txn(producer, topic, [b"aborted"] * per_txn, False)
+                txn(producer, topic, [b"aborted"] * per_txn, commit=False)
             for t in range(txns):
-                _txn(producer, topic, [f"{t}.{i}".encode().ljust(100, b".") for i in range(per_txn)], True)
+                txn(producer, topic, [f"{t}.{i}".encode().ljust(100, b".") for i in range(per_txn)], commit=True)
         finally:
             producer.close()
         topics[label] = topic

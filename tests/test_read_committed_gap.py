@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from benchmarks.probe_read_committed import transactional_producer, txn
 from schemas.catalog import load_schema
 from schemas.registry import open_registry
 from schemas.serde import AvroSerializer
@@ -28,7 +29,6 @@ from serving.client import ensure_model_topics, predict, to_request
 from streaming import aborted_txns, config
 from streaming.aborted_txns import Marker, live_entries
 from streaming.consumer import Subscriber, consumer_config
-from streaming.producer import producer_config
 from streaming.topics import TopicSpec, ensure_topics, predictions_topic, requests_topic
 from tests.helpers import wait_until
 
@@ -82,23 +82,6 @@ def topic(settings: config.Settings) -> str:
     name = settings.topic(f"rcgap.{uuid.uuid4().hex[:6]}")
     ensure_topics(settings, [TopicSpec(name, 1, 3_600_000, "delete", None, "read_committed gap test")])
     return name
-
-
-def _producer(settings: config.Settings, tid: str) -> KafkaProducer:
-    producer = KafkaProducer(**producer_config(settings, transactional_id=tid, linger_ms=0))
-    producer.init_transactions()
-    return producer
-
-
-def _txn(producer: KafkaProducer, topic: str, values: list[bytes], *, commit: bool) -> None:
-    producer.begin_transaction()
-    for value in values:
-        producer.send(topic, value=value)
-    producer.flush()
-    if commit:
-        producer.commit_transaction()
-    else:
-        producer.abort_transaction()
 
 
 def _values(tag: str, n: int) -> list[bytes]:
@@ -165,19 +148,19 @@ def test_a_live_consumer_past_an_abort_sees_the_next_commits(settings: config.Se
     ``refence``: C and D come from a new producer with the same transactional id (fences the old one;
     same producer id, new epoch), as a restarted serving worker does."""
     tid = f"{topic}.tx"
-    producer = _producer(settings, tid)
+    producer = transactional_producer(settings, tid)
     try:
         with _consumer(settings, topic, "beginning") as (consumer, tp):
             live = _plain_live(consumer, tp)
-            _txn(producer, topic, _values("A", per_txn), commit=True)
+            txn(producer, topic, _values("A", per_txn), commit=True)
             live.wait_for(_values("A", per_txn))
-            _txn(producer, topic, _values("B", per_txn), commit=False)
+            txn(producer, topic, _values("B", per_txn), commit=False)
             live.pass_end()
             if refence:
                 producer.close()
-                producer = _producer(settings, tid)
-            _txn(producer, topic, _values("C", per_txn), commit=True)
-            _txn(producer, topic, _values("D", per_txn), commit=True)
+                producer = transactional_producer(settings, tid)
+            txn(producer, topic, _values("C", per_txn), commit=True)
+            txn(producer, topic, _values("D", per_txn), commit=True)
             live.wait_for(_values("C", per_txn) + _values("D", per_txn))
             assert live.seen == _values("A", per_txn) + _values("C", per_txn) + _values("D", per_txn)
     finally:
@@ -187,14 +170,14 @@ def test_a_live_consumer_past_an_abort_sees_the_next_commits(settings: config.Se
 def test_a_consumer_that_starts_at_the_end_after_an_abort_sees_the_next_commit(settings: config.Settings,
                                                                               topic: str) -> None:
     """The predict client's position: the abort marker lies before where it starts reading."""
-    producer = _producer(settings, f"{topic}.tx")
+    producer = transactional_producer(settings, f"{topic}.tx")
     try:
-        _txn(producer, topic, _values("A", 2), commit=True)
-        _txn(producer, topic, _values("B", 2), commit=False)
+        txn(producer, topic, _values("A", 2), commit=True)
+        txn(producer, topic, _values("B", 2), commit=False)
         with _consumer(settings, topic, "end") as (consumer, tp):
             live = _plain_live(consumer, tp)
             live.pass_end()
-            _txn(producer, topic, _values("C", 2), commit=True)
+            txn(producer, topic, _values("C", 2), commit=True)
             live.wait_for(_values("C", 2))
             assert live.seen == _values("C", 2)
     finally:
@@ -204,17 +187,17 @@ def test_a_consumer_that_starts_at_the_end_after_an_abort_sees_the_next_commit(s
 @pytest.mark.parametrize("idle_backoff", [False, True], ids=["plain-poll", "idle-backoff"])
 def test_a_live_subscriber_past_an_abort_sees_the_next_commit(settings: config.Settings, topic: str,
                                                                idle_backoff: bool) -> None:
-    producer = _producer(settings, f"{topic}.tx")
+    producer = transactional_producer(settings, f"{topic}.tx")
     try:
         with Subscriber(settings, topic, start="beginning", decode=False, idle_backoff=idle_backoff) as sub:
             tp = TopicPartition(topic, 0)
             live = _Live(lambda: [item.raw for item in sub.poll_batch(timeout_ms=100)],
                          lambda: sub.consumer.position(tp), lambda: sub.consumer.end_offsets([tp])[tp])
-            _txn(producer, topic, _values("A", 2), commit=True)
+            txn(producer, topic, _values("A", 2), commit=True)
             live.wait_for(_values("A", 2))
-            _txn(producer, topic, _values("B", 2), commit=False)
+            txn(producer, topic, _values("B", 2), commit=False)
             live.pass_end()
-            _txn(producer, topic, _values("C", 2), commit=True)
+            txn(producer, topic, _values("C", 2), commit=True)
             live.wait_for(_values("C", 2))
             assert live.seen == _values("A", 2) + _values("C", 2)
     finally:
@@ -272,7 +255,7 @@ def test_predict_gets_every_answer_from_a_worker_that_aborted_before(settings: c
     model = f"rcgap{uuid.uuid4().hex[:4]}"
     ensure_model_topics(settings, model)
     topic = predictions_topic(settings, model)
-    producer = _producer(settings, f"{topic}.tx")
+    producer = transactional_producer(settings, f"{topic}.tx")
     worker = _AbortingWorker(settings, model, producer)
     try:
         probe = KafkaConsumer(**consumer_config(settings))
