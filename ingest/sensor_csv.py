@@ -31,12 +31,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from ingest.exceptions import SensorValidationError, SourceError
 from ingest.runner import SourceRunner
 from ingest.sensors import LIVE, SensorIngestStats, as_sensor_error, dead_letter_source, now_ms, validate
-from ingest.source import PositionIds, SourceItem, SourcePartition, compressed
+from ingest.source import PositionIds, SourceItem, SourcePartition, compressed, read_line
 from streaming.eventtime import EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
 
@@ -51,25 +51,7 @@ _RESERVED = {"sensor_id", "timestamp", "value", "unit", "label", "event_id"}
 #: head kept) and the rest of it is skipped in bounded reads: a 300 MB line used to be read whole, then
 #: decoded and copied, about 2.2 GB of memory for one row.
 MAX_ROW_BYTES = 1 << 20
-_KEEP_BYTES = 64 * 1024
 _DECIMAL_COMMA = re.compile(r"[+-]?[0-9]*,[0-9]+(?:[eE][+-]?[0-9]+)?")
-
-
-def _read_line(fh: BinaryIO, *, skip: bool = True) -> tuple[bytes, int]:
-    """The next physical line (with its newline) and its size; over :data:`MAX_ROW_BYTES`, only its
-    head comes back and the rest is read past (the size tells: ``size > len(line)``). ``skip=False``
-    (the header) reads no further: a first line that long is no CSV, and ``--csv /dev/zero`` never ends."""
-    line = fh.readline(MAX_ROW_BYTES + 1)
-    size = len(line)
-    if size <= MAX_ROW_BYTES or line.endswith(b"\n"):
-        return line, size
-    if not skip:
-        return line[:_KEEP_BYTES], size
-    rest = line
-    while rest and not rest.endswith(b"\n"):
-        rest = fh.readline(1 << 20)
-        size += len(rest)
-    return line[:_KEEP_BYTES], size
 
 
 def _parse_float(text: str) -> float | str:
@@ -132,7 +114,7 @@ class CsvReader:
             self._fh = open(self.path, "rb")  # noqa: SIM115 (closed by close())
         except OSError as exc:
             raise SourceError(f"--csv {path}: cannot read ({exc})") from exc
-        first, size = _read_line(self._fh, skip=False)
+        first, size = read_line(self._fh, MAX_ROW_BYTES, skip=False)
         self.header_line = first
         self.eof = not first
         self.offset, self.line = max(offset, size), max(line, 1)
@@ -176,7 +158,7 @@ class CsvReader:
         """The timestamp cells of the first data rows (for ``auto``'s one decision per file)."""
         seen = 0
         while True:
-            physical, size = _read_line(self._fh)
+            physical, size = read_line(self._fh, MAX_ROW_BYTES)
             if not physical:
                 return
             if size > len(physical):
@@ -196,7 +178,7 @@ class CsvReader:
         """Up to ``limit`` rows (blank lines are counted, not returned); ``eof`` is set at the end."""
         out: list[CsvRow] = []
         while len(out) < limit and not self.eof:
-            physical, size = _read_line(self._fh)
+            physical, size = read_line(self._fh, MAX_ROW_BYTES)
             if not physical:
                 self.eof = True
                 break
@@ -317,7 +299,7 @@ class SensorCsvSource(SourcePartition):
         try:
             inode = self.path.stat().st_ino
             with self.path.open("rb") as fh:
-                fingerprint = hashlib.sha1(_read_line(fh, skip=False)[0]).hexdigest()
+                fingerprint = hashlib.sha1(read_line(fh, MAX_ROW_BYTES, skip=False)[0]).hexdigest()
             size = self.path.stat().st_size
         except OSError as exc:
             raise SourceError(f"--csv {path}: cannot read ({exc})") from exc

@@ -46,7 +46,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 #: What the runner did with an item (``SourceItem.outcome``).
 PUBLISHED, DEAD_LETTERED, NOTHING = "P", "R", ""
@@ -64,6 +64,29 @@ def compressed(head: bytes, path: object) -> str | None:
         if head.startswith(magic):
             return f"{path} is {name}-compressed, not text: decompress it first ({cat} {path} > FILE) and ingest FILE"
     return None
+
+
+#: Bytes of an over-long line that its dead letter keeps (the broker refuses records over ~1 MiB).
+KEEP_BYTES = 64 * 1024
+
+
+def read_line(fh: BinaryIO, max_bytes: int, *, skip: bool = True) -> tuple[bytes, int]:
+    """The next physical line of ``fh`` (with its newline) and its size, never more than ``max_bytes``
+    (+1) of it in memory. Over ``max_bytes``, only its head (:data:`KEEP_BYTES`) comes back and the rest
+    is read past, a bounded read at a time (the size tells: ``size > len(line)``); ``skip=False`` reads
+    no further (a header that long is no CSV, and ``/dev/zero`` never ends). A line read whole used to
+    hold a 300 MB row in memory, decoded and copied: ~2.2 GB."""
+    line = fh.readline(max_bytes + 1)
+    size = len(line)
+    if size <= max_bytes or line.endswith(b"\n"):
+        return line, size
+    if not skip:
+        return line[:KEEP_BYTES], size
+    rest = line
+    while rest and not rest.endswith(b"\n"):
+        rest = fh.readline(1 << 20)
+        size += len(rest)
+    return line[:KEEP_BYTES], size
 
 
 def text_name(name: str) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ingest.exceptions import InputRejectedError, SourceError
-from ingest.source import compressed
+from ingest.source import compressed, read_line
 from schemas.exceptions import RecordValidationError, SchemaError
 from streaming import config
 from streaming.eventtime import EventTimePolicy, TimestampReader
@@ -31,8 +31,6 @@ from streamlearn.eventtime_flags import add_event_time_flags, policy_from_args, 
 
 #: Lines ``--timestamp-unit auto`` reads ahead in a file to decide the unit.
 _LOOKAHEAD = 100
-#: Bytes of an over-long line its dead letter keeps (the broker refuses records over ~1 MiB).
-_KEEP_BYTES = 64 * 1024
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -80,20 +78,17 @@ def _lines(args: argparse.Namespace) -> Iterator[Line]:
     with stream:
         lineno = 0
         while True:
-            raw = stream.readline(MAX_JSON_BYTES + 1)
+            raw, size = read_line(stream, MAX_JSON_BYTES)
             if not raw:
                 return
+            over = size > len(raw)  # only its head came back (before the BOM is taken off)
             lineno += 1
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8):]
             if lineno == 1 and (packed := compressed(raw[:8], args.file or "stdin")) is not None:
                 raise SourceError(packed)  # not one bad_encoding dead letter per random newline
-            if len(raw) > MAX_JSON_BYTES and not raw.endswith(b"\n"):
-                head, size = raw[:_KEEP_BYTES], len(raw)
-                while raw and not raw.endswith(b"\n"):  # skip the rest of the line, a bounded read at a time
-                    raw = stream.readline(1 << 20)
-                    size += len(raw)
-                yield lineno, head, InputRejectedError(
+            if over:
+                yield lineno, raw, InputRejectedError(
                     f"line is {size} bytes, over the {MAX_JSON_BYTES}-byte limit of one JSON event; "
                     "send a smaller event", "line_too_long")
                 continue
