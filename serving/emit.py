@@ -12,7 +12,6 @@ SIGTERM ends.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -30,7 +29,7 @@ from serving.replies import LEGAL_TOPIC, ReplyTopics, SerializerCache, cut_answe
 from streaming.clock import now_ms
 from streaming.config import Settings
 from streaming.limits import BrokerLimits, effective_limit, fit_record, record_size, short
-from streaming.watchdog import Watchdog
+from streaming.watchdog import Watchdog, untimed
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +81,6 @@ class Emitter:
     _redo_backoff_s: float
     #: the command line's liveness watchdog (streaming/watchdog.py); waits on the broker are not timed
     watchdog: Watchdog | None = None
-
-    def _broker_wait(self, why: str) -> contextlib.AbstractContextManager[None]:
-        return self.watchdog.waiting(why) if self.watchdog is not None else contextlib.nullcontext()
     _m_latency: Any
     _m_ok: Any
     _m_err: Any
@@ -211,7 +207,7 @@ class Emitter:
             if tp in assigned:
                 self.consumer.seek(tp, offset)
         self._redo_backoff_s = min(MAX_REDO_BACKOFF_S, max(0.2, self._redo_backoff_s * 2))
-        with self._broker_wait("redo backoff"):
+        with untimed(self.watchdog, "redo backoff"):
             self.stop_event.wait(self._redo_backoff_s)
 
     def _count(self, items: list[Item], n_err: int) -> None:
@@ -230,7 +226,7 @@ class Emitter:
 
     def _emit_flush(self, sends: list[tuple[str, bytes, bytes, Any]], offsets: dict[Any, Any]) -> None:
         self._precheck(sends)
-        with self._broker_wait("flush and commit"):
+        with untimed(self.watchdog, "flush and commit"):
             try:
                 futures = [self.producer.send(t, key=k, value=v, headers=h) for t, k, v, h in sends]
                 self.producer.flush(timeout=60)
@@ -260,7 +256,7 @@ class Emitter:
         self._precheck(sends)
         # kafka-python waits for the transaction's round trips without a timeout: during a broker outage
         # this is where the loop waits, and the watchdog must not take that for a hang.
-        with self._broker_wait("kafka transaction"):
+        with untimed(self.watchdog, "kafka transaction"):
             try:
                 self.producer.begin_transaction()
                 for topic, key, value, headers in sends:

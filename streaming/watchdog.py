@@ -131,6 +131,11 @@ class Watchdog:
                 self._last = time.monotonic()  # a callback that returns (tests) is not called again at once
 
 
+def untimed(watchdog: Watchdog | None, why: str) -> contextlib.AbstractContextManager[None]:
+    """``watchdog.waiting(why)``, or nothing when the worker runs without a watchdog."""
+    return watchdog.waiting(why) if watchdog is not None else contextlib.nullcontext()
+
+
 def from_settings(timeout_s: float, what: str) -> Watchdog | None:
     """The watchdog of a worker's command line (``hard``; main thread only), or None when turned off."""
     if timeout_s <= 0 or threading.current_thread() is not threading.main_thread():

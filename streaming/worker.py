@@ -48,7 +48,7 @@ from streaming.onerror import dead_letter as onerror_dead_letter
 from streaming.rejoin import Rejoiner
 from streaming.sink import OffsetCommitter
 from streaming.topics import dead_letter_topic, raw_topic
-from streaming.watchdog import Watchdog, from_settings
+from streaming.watchdog import Watchdog, from_settings, untimed
 from streaming.worker_positions import PartitionPositions
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,6 @@ MAX_BACKOFF_S = 30.0
 # batch_max_seconds (5 s by default) after its first record, so 0.25 s more after an idle spell is not
 # visible, and it quarters the idle polls (docs/IDLE.md). Records reset the back-off to 1 ms.
 STREAM_IDLE_MAX_S = 0.25
-
-
-def _untimed(why: str) -> contextlib.AbstractContextManager[None]:
-    return contextlib.nullcontext()
 
 
 def default_group(settings: Settings, kind: str) -> str:
@@ -145,7 +141,6 @@ class StreamWorker(PartitionPositions):
         if self.sub.poller is not None:
             self.sub.poller.wake = stop  # a stop (SIGTERM) ends an idle back-off at once
         last_data = time.monotonic()
-        untimed = watchdog.waiting if watchdog is not None else _untimed
         if watchdog is not None:
             watchdog.start()
         try:
@@ -169,7 +164,7 @@ class StreamWorker(PartitionPositions):
                     last_data = time.monotonic()
                 # Repositioning after a (re)assignment or a broker restart asks the broker (end offsets,
                 # the dead-letter topic) and waits while it is away: the watchdog does not time that.
-                with untimed("the broker (repositioning)"):
+                with untimed(watchdog, "the broker (repositioning)"):
                     repositioned = self._apply_rebalance_events()
                     repositioned |= self._watch_broker()
                 owned = self.sub.consumer.assignment()
@@ -184,7 +179,7 @@ class StreamWorker(PartitionPositions):
                            if TopicPartition(self.topic, p) not in self._reverify]
                     if due:
                         self._flush(due)
-                with untimed("the broker (offset commit)"):
+                with untimed(watchdog, "the broker (offset commit)"):
                     self.committer.retry()
                 self._update_lag()
                 if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s \
