@@ -170,7 +170,8 @@ def replay(settings: Settings, kind: str, *, from_ms: int | None = None, from_of
     directory = store.directory(kind, namespace)
     # a killed earlier run of this replay left its half-written batch as a temp file: its writer is gone
     store.remove_stale_temp_files(kind, namespace)
-    if not from_offsets:
+    completed = read_range(directory)  # a replay already finished here: no start record, nothing to resume
+    if not from_offsets and completed is None:
         start = _resume_start(directory, topic, start)
     partitions = sorted(start)
     if to_ms is None:
@@ -193,7 +194,7 @@ def replay(settings: Settings, kind: str, *, from_ms: int | None = None, from_of
     for p in start:
         pipeline.states[p] = pipeline.featurizer.new_state()  # windows start empty at the range start
     total = sum(stop[p] - start[p] for p in start)
-    if read_range(directory) is None:
+    if completed is None:
         directory.mkdir(parents=True, exist_ok=True)
         write_json_atomic(directory / START_FILE, {"topic": topic, "start": {str(p): o for p, o in start.items()}})
     try:
@@ -224,10 +225,8 @@ def _resume_start(directory: Path, topic: str, start: dict[int, int]) -> dict[in
     written, and the re-run was refused. A start that lies at or after the interrupted one on every
     partition it names is that same replay resumed, so it continues from the recorded start; an earlier or
     different start is a different replay and meets the overlap check as before. ``--from-offset`` never
-    drifts and is taken as given.
+    drifts and is taken as given. Called only where no replay has completed into ``directory``.
     """
-    if read_range(directory) is not None:
-        return start
     try:
         record = json.loads((directory / START_FILE).read_text(encoding="utf-8"))
         recorded = {int(p): int(o) for p, o in record["start"].items()}

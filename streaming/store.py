@@ -69,6 +69,7 @@ STATE_SUFFIX = ".state.json"
 BACKPRESSURE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG,
                                  errno.EROFS, errno.ENOTDIR, errno.EEXIST})
 
+
 def _load_manifest(d: Path, batch_id: str) -> dict[str, Any]:
     """One batch's manifest; a file that is not a JSON object (truncated or overwritten by a disk
     fault or by hand: ``write_batch`` itself only ever renames complete ones into place) is a
