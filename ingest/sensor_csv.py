@@ -22,9 +22,7 @@ its reasons and the run goes on: no single row stops it.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
 import logging
 import re
 from collections import Counter
@@ -36,7 +34,16 @@ from typing import TYPE_CHECKING, Any
 from ingest.exceptions import SensorValidationError, SourceError
 from ingest.runner import SourceRunner
 from ingest.sensors import LIVE, SensorIngestStats, as_sensor_error, dead_letter_source, now_ms, validate
-from ingest.source import PositionIds, SourceItem, SourcePartition, compressed, read_line
+from ingest.source import (
+    FilePosition,
+    PositionIds,
+    SourceItem,
+    SourcePartition,
+    compressed,
+    file_checkpoint_path,
+    policy_flags,
+    read_line,
+)
 from streaming.eventtime import EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
 
@@ -250,36 +257,17 @@ def read_csv(path: Path, *, unit: str = "unit", now: int | None = None, policy: 
         rows.close()
 
 
-@dataclass
-class CsvPosition:
-    """The sensor CSV source's snapshot."""
-
-    path: str
-    inode: int = 0
-    fingerprint: str = ""  # sha1 of the header line
-    generation: int = 0
-    offset: int = 0  # byte offset after the last row handed out (0: not started)
-    line: int = 1  # line number of the last line handed out (1: the header)
-
-    @property
-    def identity(self) -> str:
-        return f"{self.path}#{self.inode}.{self.generation}.{self.fingerprint[:16]}"
-
-
 def default_checkpoint_path(settings: Settings, path: Path, *, unit: str = "unit",
                             policy: EventTimePolicy | None = None, timestamp_unit: str = "auto") -> Path:
-    """Checkpoint of one CSV read with one set of flags, under ``settings.state_dir``.
+    """Checkpoint of one CSV read with one set of flags, under ``settings.state_dir / "sensor"``.
 
     The flags that decide what becomes of a row (unit, timestamp unit, the event-time window, live or
     backfill) are part of the key: the same command resumes (or, finished, publishes nothing), while
     the same file with other flags - typically ``--backfill`` after a live run refused the history -
     is a run of its own. A backfill's run id is not part of it (it is new per invocation).
     """
-    p = policy or LIVE
-    flags = json.dumps({"unit": unit, "timestamp_unit": timestamp_unit, "backfill": p.backfill,
-                        "max_age_ms": p.max_age_ms, "max_future_ms": p.max_future_ms}, sort_keys=True)
-    key = hashlib.sha1(f"{Path(path).absolute()}\0{flags}".encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return settings.state_dir / "sensor" / f"{Path(path).name}.{key}.json"
+    return file_checkpoint_path(settings.state_dir / "sensor", path,
+                                {"unit": unit, **policy_flags(policy or LIVE, timestamp_unit)})
 
 
 class SensorCsvSource(SourcePartition):
@@ -296,26 +284,8 @@ class SensorCsvSource(SourcePartition):
         self.batch_rows = batch_rows
         self._headers = (policy or LIVE).headers()
         self._ids = PositionIds()
-        try:
-            inode = self.path.stat().st_ino
-            with self.path.open("rb") as fh:
-                fingerprint = hashlib.sha1(read_line(fh, MAX_ROW_BYTES, skip=False)[0]).hexdigest()
-            size = self.path.stat().st_size
-        except OSError as exc:
-            raise SourceError(f"--csv {path}: cannot read ({exc})") from exc
-        pos = CsvPosition(str(self.path), inode, fingerprint)
-        if resume_state is not None:
-            saved = CsvPosition(**{k: v for k, v in resume_state.items() if k in CsvPosition.__dataclass_fields__})
-            if saved.path != str(self.path):
-                raise SourceError(f"the checkpoint belongs to {saved.path}, not {self.path}; "
-                                  "pass another --checkpoint")
-            if (saved.inode, saved.fingerprint) == (inode, fingerprint) and size >= saved.offset:
-                pos = saved
-            else:
-                log.warning("%s changed since its checkpoint (other file, header or shorter); reading it from "
-                            "the start as a new generation", self.path)
-                pos.generation = saved.generation + 1
-        self.pos = pos
+        self.pos = FilePosition.resume(self.path, resume_state, f"--csv {path}", head_bytes=MAX_ROW_BYTES)
+        pos = self.pos
         self.reader = TimestampReader(timestamp_unit, source=f"--csv {path}")
         self.csv = CsvReader(self.path, unit=unit, now=now, policy=policy, reader=self.reader,
                              offset=pos.offset, line=pos.line)

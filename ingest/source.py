@@ -43,10 +43,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+if TYPE_CHECKING:
+    from streaming.eventtime import EventTimePolicy
+
+log = logging.getLogger(__name__)
 
 #: What the runner did with an item (``SourceItem.outcome``).
 PUBLISHED, DEAD_LETTERED, NOTHING = "P", "R", ""
@@ -95,6 +102,71 @@ def text_name(name: str) -> str:
     Avro strings are UTF-8: put in as they were, such a name made every record of the file unpublishable
     (and, before the serializer named the field, crashed the image watcher on every start)."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+@dataclass
+class FilePosition:
+    """The snapshot of a source that reads one regular file front to back (sensor CSV, ``publish --file``).
+
+    The file's identity (path, inode, sha1 of its first line) and the byte offset and line number after
+    the last line handed out. ``generation`` goes up when the file changed while its source was down, so
+    that a rewritten file's lines get new event ids instead of being taken for already-published ones.
+    """
+
+    path: str
+    inode: int = 0
+    fingerprint: str = ""  # sha1 of the first line (at most head_bytes of it)
+    generation: int = 0
+    offset: int = 0  # byte offset after the last line handed out (0: not started)
+    line: int = 0  # number of the last line handed out (0: none)
+
+    @property
+    def identity(self) -> str:
+        return f"{self.path}#{self.inode}.{self.generation}.{self.fingerprint[:16]}"
+
+    @classmethod
+    def resume(cls, path: Path, resume_state: dict[str, Any] | None, what: str, *, head_bytes: int) -> FilePosition:
+        """Where a source of ``path`` (absolute) starts: the saved position when the file is the one it
+        was taken of (same inode and first line, at least as long), else the start as a new generation.
+        ``what`` names the input in errors (``--csv F``). Raises SourceError when the file cannot be read
+        or the checkpoint belongs to another file."""
+        from ingest.exceptions import SourceError
+
+        try:
+            inode = path.stat().st_ino
+            with path.open("rb") as fh:
+                fingerprint = hashlib.sha1(read_line(fh, head_bytes, skip=False)[0]).hexdigest()
+            size = path.stat().st_size
+        except OSError as exc:
+            raise SourceError(f"{what}: cannot read ({exc})") from exc
+        pos = cls(str(path), inode, fingerprint)
+        if resume_state is None:
+            return pos
+        saved = cls(**{k: v for k, v in resume_state.items() if k in cls.__dataclass_fields__})
+        if saved.path != str(path):
+            raise SourceError(f"the checkpoint belongs to {saved.path}, not {path}; pass another --checkpoint")
+        if (saved.inode, saved.fingerprint) == (inode, fingerprint) and size >= saved.offset:
+            return saved
+        log.warning("%s changed since its checkpoint (other file, first line or shorter); reading it from "
+                    "the start as a new generation", path)
+        pos.generation = saved.generation + 1
+        return pos
+
+
+def policy_flags(policy: EventTimePolicy, timestamp_unit: str) -> dict[str, Any]:
+    """The event-time flags that decide what becomes of a line: part of a file checkpoint's key."""
+    return {"timestamp_unit": timestamp_unit, "backfill": policy.backfill,
+            "max_age_ms": policy.max_age_ms, "max_future_ms": policy.max_future_ms}
+
+
+def file_checkpoint_path(folder: Path, path: Path, flags: dict[str, Any]) -> Path:
+    """Checkpoint of one file read with one set of ``flags``: ``folder/<name>.<key>.json``, the key a
+    sha1 of the absolute path and the flags. The same command resumes (or, finished, publishes nothing);
+    the same file with other flags (``--backfill`` after a live run refused the history) is a run of its
+    own."""
+    key_text = f"{Path(path).absolute()}\0{json.dumps(flags, sort_keys=True)}"
+    key = hashlib.sha1(key_text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return folder / f"{Path(path).name}.{key}.json"
 
 
 @dataclass(eq=False)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 
 from ingest.exceptions import LogParseError
+from ingest.jsonlines import decide_unit, event_from_line
 from ingest.weblog import parse_json
 from serving.client import read_requests_file
 from serving.exceptions import RequestDecodeError
 from streaming.eventtime import EventTimePolicy, TimestampReader
-from streamlearn.commands.publish import _decide, event_from_line
 
 DEEP = "[" * 100_000 + "]" * 100_000
 DEEP_OBJECT = '{"sensor_id": ' + DEEP + "}"
@@ -26,8 +26,8 @@ def test_publish_refuses_a_deep_line_and_keeps_the_next_one() -> None:
     texts = [DEEP_OBJECT + "\n", '{"sensor_id": "s1", "timestamp": 315532800000, "value": 21.5, "unit": "celsius"}\n']
     lines = [(n, text.encode(), text) for n, text in enumerate(texts, 1)]  # (number, bytes, text) per line
     # the unit look-ahead reads the deep line too, and must pass over it
-    decided = list(_decide(reader, iter(lines)))
-    assert [(n, t) for n, _, t in decided] == [(1, texts[0]), (2, texts[1])]
+    decide_unit(reader, lines)
+    assert reader.decided == "ms"
     with pytest.raises(ValueError, match="nested 100001 levels deep"):  # the loop dead-letters ValueErrors
         event_from_line("sensor", texts[0], reader, EventTimePolicy(max_age_ms=None))
     ok = event_from_line("sensor", texts[1], reader, EventTimePolicy(max_age_ms=None))

@@ -187,7 +187,7 @@ def test_weblog_json_numbers_use_the_stream_unit() -> None:
 
 
 def test_publish_file_lines_accept_iso_and_declared_units() -> None:
-    from streamlearn.commands.publish import event_from_line
+    from ingest.jsonlines import event_from_line
 
     live = EventTimePolicy()
     rec = event_from_line("sensor", json.dumps({"sensor_id": "a", "timestamp": "2026-11-29T10:00:00Z",

@@ -5,43 +5,40 @@ epoch numbers in ``--timestamp-unit`` (``auto`` decides once from the first line
 text, accepted within the live window unless ``--backfill``. Generated events are synthetic
 history ending about now, so ``--generate`` publishes them as a backfill run: the featurizers take
 them whenever they run, whatever live events they have seen.
+
+``--file`` is a checkpointed source of the one ingest runner (ingest/jsonlines.py): the same command
+run again after a crash or Ctrl-C resumes after the last acknowledged line, and once finished it
+publishes nothing again. ``--stdin`` cannot be read twice and has no checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import codecs
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from ingest.exceptions import InputRejectedError, SourceError
-from ingest.source import compressed, read_line
-from schemas.exceptions import RecordValidationError, SchemaError
 from streaming import config
-from streaming.eventtime import EventTimePolicy, TimestampReader
-from streaming.exceptions import EventTimeError
-from streaming.jsoncodec import from_json
-from streaming.limits import MAX_JSON_BYTES, InputLimitError, bounded_json
 from streaming.producer import Publisher
 from streaming.progress import progress
 from streaming.topics import KINDS
 from streamlearn.eventtime_flags import add_event_time_flags, policy_from_args, unit_from_args
-
-#: Lines ``--timestamp-unit auto`` reads ahead in a file to decide the unit.
-_LOOKAHEAD = 100
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("publish", help="publish web-log, sensor or image events as Avro")
     p.add_argument("kind", choices=sorted(KINDS))
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--file", help="JSON-lines file, one event per line (bytes fields base64)")
+    src.add_argument("--file", help="JSON-lines file, one event per line (bytes fields base64); published once: "
+                     "a rerun resumes after the last acknowledged line (checkpoint under HOME/state/publish/)")
     src.add_argument("--stdin", action="store_true", help="read JSON lines from standard input")
     src.add_argument("--generate", type=int, metavar="N",
                      help="publish N events from the demo generator (as a backfill run, see --backfill)")
     p.add_argument("--seed", type=int, default=7, help="seed of --generate (default 7)")
+    p.add_argument("--checkpoint", type=Path, help="position file of --file (default: HOME/state/publish/KIND/"
+                   "<file name>.<hash of the path and the event-time flags>.json)")
     add_event_time_flags(p)
     p.set_defaults(func=_publish)
 
@@ -62,116 +59,29 @@ def generated(kind: str, n: int, seed: int) -> Iterator[dict[str, Any]]:
         yield from digits(n, seed=seed)
 
 
-#: One input line: its number, its bytes, and its text or why it has none.
-Line = tuple[int, bytes, str | InputRejectedError]
-
-
-def _lines(args: argparse.Namespace) -> Iterator[Line]:
-    """The non-blank lines with their numbers; a line that is not UTF-8 or over the JSON size limit
-    comes as its error instead (dead-lettered with its first bytes, the run goes on).
-
-    Read as bytes, at most :data:`MAX_JSON_BYTES` per line in memory: a text-mode read raised
-    UnicodeDecodeError out of the loop (one latin-1 byte ended the run), and a line without a newline
-    was read whole whatever its size. A UTF-8 byte-order mark before the first line is skipped.
-    """
-    stream = sys.stdin.buffer if args.stdin else open(args.file, "rb")  # noqa: SIM115
-    with stream:
-        lineno = 0
-        while True:
-            raw, size = read_line(stream, MAX_JSON_BYTES)
-            if not raw:
-                return
-            over = size > len(raw)  # only its head came back (before the BOM is taken off)
-            lineno += 1
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
-            if lineno == 1 and (packed := compressed(raw[:8], args.file or "stdin")) is not None:
-                raise SourceError(packed)  # not one bad_encoding dead letter per random newline
-            if over:
-                yield lineno, raw, InputRejectedError(
-                    f"line is {size} bytes, over the {MAX_JSON_BYTES}-byte limit of one JSON event; "
-                    "send a smaller event", "line_too_long")
-                continue
-            if not raw.strip():
-                continue
-            try:
-                text: str | InputRejectedError = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                text = InputRejectedError(
-                    f"line is not UTF-8 ({exc}); convert the file to UTF-8", "bad_encoding")
-            yield lineno, raw, text
-
-
-def _decide(reader: TimestampReader, lines: Iterator[Line]) -> Iterator[Line]:
-    """``auto``: read the first lines' timestamps, decide the unit once, then hand every line on."""
-    head: list[Line] = []
-    for item in lines:
-        head.append(item)
-        if len(head) >= _LOOKAHEAD:
-            break
-    if reader.unit == "auto":
-        stamps = []
-        for _, _, line in head:
-            if not isinstance(line, str):
-                continue
-            try:
-                obj = bounded_json(line, "line")
-            except ValueError:
-                continue
-            if isinstance(obj, dict) and "timestamp" in obj:
-                stamps.append(obj["timestamp"])
-        reader.decide(stamps)
-    yield from head
-    yield from lines
-
-
-def event_from_line(kind: str, line: str, reader: TimestampReader, policy: EventTimePolicy) -> dict[str, Any]:
-    """One JSON line -> a record of ``kind`` with its timestamp read and checked (raises on any problem)."""
-    record = from_json(KINDS[kind], bounded_json(line, "line"))
-    if kind == "sensor":
-        from ingest.exceptions import SensorValidationError
-        from ingest.sensors import validate
-
-        found: list[SensorValidationError] = []
-        if "timestamp" in record:
-            try:
-                record["timestamp"] = reader(record["timestamp"])
-            except EventTimeError as exc:
-                found.append(SensorValidationError(str(exc), exc.reason))
-                del record["timestamp"]
-        record.setdefault("values", {})
-        return validate(record, policy=policy, problems=found)
-    if "timestamp" not in record:
-        raise EventTimeError(f"{KINDS[kind]} needs a timestamp (epoch number or ISO 8601 text)", "bad_timestamp")
-    record["timestamp"] = policy.check(reader(record["timestamp"]))
-    return record
-
-
-def _reasons(exc: BaseException) -> str:
-    """Short reason codes (``dl.source_reason(s)``), as the ingest sources write them: a record that breaks
-    its schema is ``schema`` (its ``reason`` is the sentence already in the message), not the sentence."""
-    if isinstance(exc, RecordValidationError):
-        return "schema"
-    if isinstance(exc, InputLimitError):  # bounded_json's refusals: as the log tailer names them
-        return "bad_json"
-    reasons = getattr(exc, "reasons", None) or [getattr(exc, "reason", None) or type(exc).__name__]
-    return ",".join(str(r) for r in reasons)
-
-
 def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
-    sent = rejected = 0
+    from ingest.jsonlines import JsonLinesSource, default_checkpoint_path
+    from ingest.runner import SourceRunner
+    from ingest.source import IterSource, SourcePartition
+    from streamlearn.commands.ingest import _ensure_kind_topics, _stop_on_signals
+
     started = time.monotonic()
     if args.generate is not None and args.backfill is None:
         args.backfill = True
     source = "stdin" if args.stdin else (args.file or f"generator:{args.kind}:{args.seed}")
     policy = policy_from_args(args, settings, f"publish {args.kind} {source}")
-    headers = policy.headers() or None
-    with Publisher(settings) as pub:
-        futures = []
-        if args.generate is not None:
-            from ingest.runner import SourceRunner
-            from ingest.source import IterSource
+    unit = unit_from_args(args, settings)
+    cp_path = None
+    if args.file:
+        cp_path = args.checkpoint or default_checkpoint_path(settings, args.kind, Path(args.file), policy=policy,
+                                                             timestamp_unit=unit)
+        _ensure_kind_topics(settings, args.kind)  # the checkpoint's read-back floors are the topics' offsets
 
+    def rejected_line(lineno: str, reasons: str, exc: BaseException) -> None:
+        print(f"line {lineno}: rejected ({reasons}): {exc}", file=sys.stderr)
+
+    with Publisher(settings) as pub:
+        if args.generate is not None:
             with progress(args.generate, f"publish {args.kind} --generate", unit="events") as bar:
                 def counted() -> Iterator[dict[str, Any]]:
                     for record in generated(args.kind, args.generate, args.seed):
@@ -180,31 +90,32 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
 
                 # A generator source of the one ingest runner (no checkpoint: each run publishes anew).
                 stats = SourceRunner(settings, pub, lambda _: IterSource(args.kind, counted(), name=source,
-                                                                         headers=headers),
+                                                                         headers=policy.headers() or None),
                                      kind=args.kind, checkpoint_path=None).run()
-            sent, rejected = stats.published, stats.dead_lettered
         else:
-            reader = TimestampReader(unit_from_args(args, settings), source=source)
-            # A file is looked ahead into for auto's decision; stdin, a stream, decides at its first number.
-            lines = _decide(reader, _lines(args)) if args.file else _lines(args)
-            for lineno, raw, line in lines:
-                try:
-                    if not isinstance(line, str):
-                        raise line
-                    futures.append(pub.publish(args.kind, event_from_line(args.kind, line, reader, policy),
-                                               headers=headers))
-                except (ValueError, SchemaError) as exc:  # EventTimeError and InputRejectedError are ValueErrors
-                    rejected += 1
-                    reasons = _reasons(exc)
-                    print(f"line {lineno}: rejected ({reasons}): {exc}", file=sys.stderr)
-                    pub.dead_letter(args.kind, raw.rstrip(b"\r\n"), stage="publish", error=exc,
-                                    source={"file": source, "line": lineno, "reason": reasons.split(",")[0],
-                                            "reasons": reasons})
-        pub.flush()
-        for fut in futures:
-            fut.get(timeout=30)
-            sent += 1
+            def build(state: dict[str, Any] | None) -> SourcePartition:
+                if args.stdin:
+                    return JsonLinesSource(args.kind, stream=sys.stdin.buffer, policy=policy, timestamp_unit=unit,
+                                           on_reject=rejected_line)
+                return JsonLinesSource(args.kind, path=Path(args.file), resume_state=state, policy=policy,
+                                       timestamp_unit=unit, on_reject=rejected_line)
+
+            runner = SourceRunner(settings, pub, build, kind=args.kind, checkpoint_path=cp_path)
+            if cp_path is not None:
+                line = int((runner.state or {}).get("line", 0))
+                offset = int((runner.state or {}).get("offset", 0))
+                done = 0 < offset and Path(args.file).stat().st_size <= offset
+                print(f"publish {args.kind}: {args.file} " + (
+                    f"was published to its end by an earlier run with these flags; delete {cp_path} to publish "
+                    "it again" if done else f"from line {line + 1} (checkpoint {cp_path})"),
+                    file=sys.stderr, flush=True)
+            # A file stops cleanly on Ctrl-C/SIGTERM (acked, checkpointed: the same command resumes);
+            # standard input keeps Python's Ctrl-C, which a blocked read of the pipe would not see.
+            stats = runner.run(None if args.stdin else _stop_on_signals())
         pub.settle()  # a broker killed right after we exit must not lose the last acks
+    sent, rejected = stats.published, stats.dead_lettered
     took = time.monotonic() - started
-    print(f"published {sent} {args.kind} events in {took:.2f} s; {rejected} rejected to the dead-letter topic")
+    skipped = f"; {stats.skipped_duplicates} already on the topic" if stats.skipped_duplicates else ""
+    print(f"published {sent} {args.kind} events in {took:.2f} s; {rejected} rejected to the dead-letter topic"
+          f"{skipped}")
     return 0 if rejected == 0 else 1
