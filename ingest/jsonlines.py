@@ -23,6 +23,7 @@ run goes on. A UTF-8 byte-order mark before the first line is skipped.
 from __future__ import annotations
 
 import codecs
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -150,7 +151,8 @@ def default_checkpoint_path(settings: Settings, kind: str, path: Path, *, policy
 
 
 class JsonLinesSource(SourcePartition):
-    """The lines of a JSON-lines file (``path``) or of a stream (``stream``: standard input) as items.
+    """The lines of a JSON-lines file (``path``) or of a stream (``stream``, called ``name``: standard input,
+    a FIFO) as items.
 
     Each line is an event of ``kind`` (see :func:`event_from_line`); a line that is not becomes a dead
     letter of stage ``publish`` with its reasons, and ``on_reject(line number, reasons, error)`` is
@@ -158,7 +160,7 @@ class JsonLinesSource(SourcePartition):
     """
 
     def __init__(self, kind: str, *, path: Path | None = None, stream: BinaryIO | None = None,
-                 resume_state: dict[str, Any] | None = None, policy: EventTimePolicy,
+                 name: str = "stdin", resume_state: dict[str, Any] | None = None, policy: EventTimePolicy,
                  timestamp_unit: str = "auto", batch: int = 1000, on_reject: Any = None) -> None:
         if (path is None) == (stream is None):
             raise ValueError("JsonLinesSource needs exactly one of path= and stream=")
@@ -180,9 +182,9 @@ class JsonLinesSource(SourcePartition):
             self.batch = batch
         else:
             assert stream is not None
-            self.given = self.name = "stdin"
+            self.given = self.name = name
             self.pos = None
-            self.lines = LineReader(stream, "stdin")
+            self.lines = LineReader(stream, name)
             # Standard input is often a pipe fed as events happen: hand each line on as it comes, rather
             # than wait for a batch to fill (no snapshot is kept for it, so a batch buys nothing).
             self.batch = 1
@@ -221,7 +223,7 @@ class JsonLinesSource(SourcePartition):
         return out
 
     def _item(self, lineno: int, start: int, raw: bytes, text: str | InputRejectedError) -> SourceItem:
-        event_id = self._ids.at(self.pos.identity, start) if self.pos is not None else f"stdin:{lineno}"
+        event_id = self._ids.at(self.pos.identity, start) if self.pos is not None else f"{self.name}:{lineno}"
         item = SourceItem(event_id, raw.rstrip(b"\r\n"), source={"file": self.given, "line": str(lineno)},
                           stage="publish", headers=self._headers)
         try:
@@ -248,5 +250,5 @@ class JsonLinesSource(SourcePartition):
         return asdict(self.pos)
 
     def close(self) -> None:
-        if self.pos is not None:
+        if self.lines.fh is not sys.stdin.buffer:
             self.lines.fh.close()

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -110,3 +111,19 @@ def test_publish_stdin_has_no_checkpoint_and_sends_each_run(settings: Settings, 
                               input=path.read_text(), capture_output=True, text=True, timeout=120, check=False)
         assert done.returncode == 0 and "published 4 sensor events" in done.stdout, done.stderr[-2000:]
     assert sum(_published_values(settings).values()) == 8
+
+
+def test_publish_file_reads_a_fifo_once_as_a_stream(settings: Settings, tmp_path: Path) -> None:
+    """A FIFO (or ``--file /dev/stdin`` on a pipe) cannot be seeked or read twice: it used to end in
+    ``io.UnsupportedOperation`` after the unit look-ahead had eaten its first lines."""
+    path = tmp_path / "r.jsonl"
+    _write(path, 4)
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(path.read_bytes()), daemon=True)
+    writer.start()
+    done = _run(settings, fifo)
+    writer.join(timeout=30)
+    assert done.returncode == 0 and "published 4 sensor events" in done.stdout, done.stderr[-2000:]
+    assert "not a regular file" in done.stderr
+    assert sum(_published_values(settings).values()) == 4

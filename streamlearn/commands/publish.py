@@ -14,6 +14,7 @@ publishes nothing again. ``--stdin`` cannot be read twice and has no checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -72,7 +73,12 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
     policy = policy_from_args(args, settings, f"publish {args.kind} {source}")
     unit = unit_from_args(args, settings)
     cp_path = None
-    if args.file:
+    piped = bool(args.file) and os.path.exists(args.file) and not os.path.isfile(args.file) \
+        and not os.path.isdir(args.file)
+    if piped:  # a FIFO, /dev/stdin on a pipe, <(process substitution): readable once, like --stdin
+        print(f"publish {args.kind}: {args.file} is not a regular file; it is read once as a stream, with no "
+              "checkpoint (a re-run sends anew)", file=sys.stderr, flush=True)
+    elif args.file:
         cp_path = args.checkpoint or default_checkpoint_path(settings, args.kind, Path(args.file), policy=policy,
                                                              timestamp_unit=unit)
         _ensure_kind_topics(settings, args.kind)  # the checkpoint's read-back floors are the topics' offsets
@@ -94,9 +100,10 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
                                      kind=args.kind, checkpoint_path=None).run()
         else:
             def build(state: dict[str, Any] | None) -> SourcePartition:
-                if args.stdin:
-                    return JsonLinesSource(args.kind, stream=sys.stdin.buffer, policy=policy, timestamp_unit=unit,
-                                           on_reject=rejected_line)
+                if args.stdin or piped:
+                    stream = sys.stdin.buffer if args.stdin else open(args.file, "rb")  # noqa: SIM115 (closed by the source)
+                    return JsonLinesSource(args.kind, stream=stream, name=source, policy=policy,
+                                           timestamp_unit=unit, on_reject=rejected_line)
                 return JsonLinesSource(args.kind, path=Path(args.file), resume_state=state, policy=policy,
                                        timestamp_unit=unit, on_reject=rejected_line)
 
@@ -111,7 +118,7 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
                     file=sys.stderr, flush=True)
             # A file stops cleanly on Ctrl-C/SIGTERM (acked, checkpointed: the same command resumes);
             # standard input keeps Python's Ctrl-C, which a blocked read of the pipe would not see.
-            stats = runner.run(None if args.stdin else _stop_on_signals())
+            stats = runner.run(None if args.stdin or piped else _stop_on_signals())
         pub.settle()  # a broker killed right after we exit must not lose the last acks
     sent, rejected = stats.published, stats.dead_lettered
     took = time.monotonic() - started
