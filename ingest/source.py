@@ -45,6 +45,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,8 @@ class FilePosition:
         from ingest.exceptions import SourceError
 
         try:
+            if not stat.S_ISREG(path.stat().st_mode):
+                raise SourceError(f"{what}: {not_a_file(path, 'this source')}")
             inode = path.stat().st_ino
             with path.open("rb") as fh:
                 fingerprint = hashlib.sha1(read_line(fh, head_bytes, skip=False)[0]).hexdigest()
@@ -151,6 +154,15 @@ class FilePosition:
                     "the start as a new generation", path)
         pos.generation = saved.generation + 1
         return pos
+
+
+def not_a_file(path: Path, what: str) -> str:
+    """The error of a FIFO, pipe or device given as a file: a file source resumes from byte offsets and
+    reads a file's head twice (identity, timestamp unit), which a pipe cannot give; read through one,
+    the first read ate the data and the run published nothing, saying it was done."""
+    return (f"{path} is not a regular file (a FIFO, pipe or device), and {what} resumes from byte offsets, so "
+            "it needs a file it can read again: write the data to a file first (or pipe JSON lines to "
+            "`streamlearn publish KIND --stdin`)")
 
 
 def policy_flags(policy: EventTimePolicy, timestamp_unit: str) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -42,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from ingest.exceptions import InputRejectedError, LogParseError, SourceError
 from ingest.runner import SourceRunner
-from ingest.source import PositionIds, SourceItem, SourcePartition, compressed, text_name
+from ingest.source import PositionIds, SourceItem, SourcePartition, compressed, not_a_file, text_name
 from ingest.weblog import parse_line
 from schemas.exceptions import SchemaError
 from streaming.eventtime import EventTimePolicy, TimestampReader
@@ -208,6 +209,8 @@ class TailSource(SourcePartition):
 
     def _open_current(self, pos: Position) -> None:
         try:
+            if not stat.S_ISREG(os.stat(self.path).st_mode):  # before open: opening a FIFO waits for a writer
+                raise SourceError(not_a_file(self.path, "the log tailer"))
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             if not self.follow:

@@ -242,11 +242,17 @@ def test_sensor_csv_with_a_column_named_twice_is_refused_before_any_row(settings
         publish_csv(settings, pub, path)
 
 
-def test_sensor_csv_of_an_endless_file_is_refused_at_its_header(settings: Settings) -> None:
+def test_sensor_csv_of_an_endless_file_is_refused_at_its_header(settings: Settings, tmp_path: Path) -> None:
     """``--csv /dev/zero``: the header was read past its 1 MiB bound to its newline, which never comes
-    (before bounded reads: until memory ran out). On a regression this test hangs until --timeout."""
-    with Publisher(settings) as pub, pytest.raises(SourceError, match="header line is over"):
+    (before bounded reads: until memory ran out). A device is now refused before any read (not a regular
+    file); a regular file whose first line is over the bound is refused at its header, read no further.
+    On a regression this test hangs until --timeout."""
+    with Publisher(settings) as pub, pytest.raises(SourceError, match="is not a regular file"):
         publish_csv(settings, pub, Path("/dev/zero"))
+    wide = tmp_path / "no_newline.csv"
+    wide.write_bytes(b"sensor_id," * (MAX_ROW_BYTES // 5))
+    with Publisher(settings) as pub, pytest.raises(SourceError, match="header line is over"):
+        publish_csv(settings, pub, wide)
 
 
 def test_sensor_csv_semicolon_and_tab_separated_exports_are_read(settings: Settings, tmp_path: Path) -> None:

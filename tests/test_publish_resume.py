@@ -127,3 +127,15 @@ def test_publish_file_reads_a_fifo_once_as_a_stream(settings: Settings, tmp_path
     assert done.returncode == 0 and "published 4 sensor events" in done.stdout, done.stderr[-2000:]
     assert "not a regular file" in done.stderr
     assert sum(_published_values(settings).values()) == 4
+
+
+def test_checkpointed_file_sources_refuse_a_fifo_before_reading_it(settings: Settings, tmp_path: Path) -> None:
+    """Through a FIFO the CSV source's identity read ate the data and the run published nothing while
+    saying the file was done; the log tailer ended in a traceback (illegal seek)."""
+    fifo = tmp_path / "data.fifo"
+    os.mkfifo(fifo)
+    for args in (("ingest", "sensors", "--csv", str(fifo)), ("ingest", "weblog", str(fifo))):
+        done = subprocess.run(streamlearn_cmd(*args), env=subprocess_env(settings), capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert done.returncode != 0 and "is not a regular file (a FIFO, pipe or device)" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
