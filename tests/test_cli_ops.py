@@ -74,6 +74,20 @@ def test_subscribe_shows_dead_letters_with_their_reasons(settings: config.Settin
     assert record["headers"]["dl.stage"] == "parse"
 
 
+def test_subscribe_dead_letter_view_escapes_terminal_control_characters(
+        settings: config.Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    """A dead letter's reason and source come from hostile input (a file name, a quoted value): an escape
+    sequence in them used to reach the operator's terminal as one (here: retitle it, clear the screen)."""
+    with Publisher(settings) as pub:
+        pub.dead_letter("weblog", b"x", stage="parse", error=ValueError("bad value '\x1b[2J'"),
+                        source={"file": "evil\x1b]0;pwned\x07.log", "line": 1}).get(timeout=10)
+    topic = dead_letter_topic(settings, "weblog").removeprefix(settings.topic_prefix)
+    assert cli(settings, "subscribe", topic, "--from-beginning", "--until-end") == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out, repr(out)
+    assert "bad value '\\x1b[2J'" in out and "file evil\\x1b]0;pwned\\x07.log" in out, out
+
+
 def test_subscribe_exits_1_when_records_cannot_be_decoded(settings: config.Settings,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     from kafka import KafkaProducer
