@@ -26,6 +26,19 @@ NOISY_LIBRARIES = {"kafka": logging.ERROR, "httpx": logging.WARNING, "httpcore":
                    "matplotlib": logging.WARNING, "PIL": logging.WARNING}
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
+#: C0 and C1 control characters (tab excepted) as ``\\xNN``. Messages quote input (file names, rejected
+#: values, a dead letter's reason): an escape sequence in one reached the operator's terminal as one
+#: (retitle it, clear the screen, hide text), and a newline forged a log line of its own.
+CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c != 0x09}
+
+
+class SafeFormatter(logging.Formatter):
+    """The log format with control characters in the message escaped (:data:`CONTROL_ESCAPES`); a
+    traceback, appended after the message, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's API
+        return super().formatMessage(record).translate(CONTROL_ESCAPES)
+
 
 def reason_of(record: logging.LogRecord) -> tuple[str, int, str]:
     """The key under which repeats are counted: logger, level and the message without its numbers."""
@@ -157,7 +170,7 @@ def setup_logging(level: str = "INFO", *, quiet: bool = False, verbose: bool = F
             old.close()
     target = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
     handler = AggregatingHandler(target, interval_s=interval_s)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(SafeFormatter(FORMAT))
     root.addHandler(handler)
     lvl = logging.DEBUG if verbose else getattr(logging, level.upper(), logging.INFO)
     root.setLevel(max(lvl, logging.WARNING) if quiet else lvl)

@@ -93,3 +93,22 @@ def test_setup_logging_quiet_and_tensorflow_silence(monkeypatch: pytest.MonkeyPa
             if h not in old_handlers:
                 root.removeHandler(h)
         root.setLevel(old_level)
+
+
+def test_control_characters_in_a_message_are_escaped_and_a_traceback_keeps_its_lines() -> None:
+    """A file name or rejected value with an escape sequence reached the terminal as one; a newline in
+    it forged a log line of its own."""
+    import io
+
+    from streaming.logs import setup_logging
+
+    out = io.StringIO()
+    setup_logging(stream=out)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("t").exception("skipped %s", "evil\x1b]0;pwned\x07.log\n2026-01-01 INFO forged")
+    text = out.getvalue()
+    assert "\x1b" not in text and "\x07" not in text
+    assert "evil\\x1b]0;pwned\\x07.log\\x0a2026-01-01 INFO forged" in text
+    assert "Traceback (most recent call last):\n" in text and text.rstrip().endswith("ValueError: boom")

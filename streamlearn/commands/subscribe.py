@@ -11,6 +11,7 @@ from typing import Any
 from streaming import config
 from streaming.consumer import Subscriber
 from streaming.jsoncodec import to_json
+from streaming.logs import CONTROL_ESCAPES
 from streaming.producer import header_dict
 from streaming.timeargs import HELP as TIME_HELP
 from streaming.timeargs import time_arg
@@ -181,21 +182,15 @@ def _commit(sub: Subscriber, printed: dict[Any, int]) -> None:
         _Sigterm.after_commit()
 
 
-#: C0 and C1 control characters (bar none) as ``\xNN``: what a dead letter's reason and source say comes
-#: from the rejected input (a file name, a quoted value), and an escape sequence in it would reach the
-#: operator's terminal as one (retitle it, hide text, move the cursor). The body is shown with repr().
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
-
-
 def _dead_letter_line(item: Any) -> str:
     """``topic[p]@offset stage=parse ValueError: no request line (file access.log line 12) | <bytes>``."""
     h = header_dict(item.headers)
-    reason = f"{h.get('dl.error_class', '?')}: {h.get('dl.message', '?')}".translate(_CONTROLS)
+    reason = f"{h.get('dl.error_class', '?')}: {h.get('dl.message', '?')}".translate(CONTROL_ESCAPES)
     source = ", ".join(f"{k.removeprefix('dl.source_')} {v}" for k, v in h.items()
-                       if k.startswith("dl.source_")).translate(_CONTROLS)
+                       if k.startswith("dl.source_")).translate(CONTROL_ESCAPES)
     body = bytes(item.value).decode("utf-8", "replace") if isinstance(item.value, (bytes, bytearray)) \
         else to_json(item.value)
-    stage = h.get("dl.stage", "?").translate(_CONTROLS)
+    stage = h.get("dl.stage", "?").translate(CONTROL_ESCAPES)
     return (f"{item.topic}[{item.partition}]@{item.offset} stage={stage} {reason}"
             + (f" ({source})" if source else "") + f" | {body[:200]!r}")
 
