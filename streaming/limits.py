@@ -78,9 +78,29 @@ def json_depth(text: str) -> int:
     return deepest
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s ``object_pairs_hook``: an object naming a key twice is refused (ValueError).
+
+    Python's parser keeps the last value silently, other parsers the first: a proxy or a validator in
+    front of us could check one value while we store the other, and a producer's bug stays hidden.
+    Costs ~7 us per small event (json.loads 6 -> 13 us), next to ~120 us to publish one."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = ""
+        for key, _ in pairs:
+            if key in seen:
+                dup = key
+                break
+            seen.add(key)
+        raise ValueError(f"key {short(dup, 60)!r} appears more than once in one object; send each field once")
+    return out
+
+
 def bounded_json(text: Any, field: str, *, max_bytes: int = MAX_JSON_BYTES,
                  max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads(text)`` after checking size and depth; InputLimitError (naming ``field``) otherwise.
+    """``json.loads(text)`` after checking size and depth, with each object's keys unique
+    (:func:`unique_keys`); InputLimitError (naming ``field``) otherwise.
 
     Raises ValueError subclasses only, so callers that already map ValueError to a per-record
     error need nothing new.
@@ -98,7 +118,7 @@ def bounded_json(text: Any, field: str, *, max_bytes: int = MAX_JSON_BYTES,
         raise InputLimitError(f"{field}: JSON nested {depth} levels deep, over the limit of {max_depth}; "
                               "send a flat raw event object")
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=unique_keys)
     except RecursionError as exc:  # belt and braces: the depth scan should have refused it
         raise InputLimitError(f"{field}: JSON nested too deeply") from exc
     except (TypeError, ValueError) as exc:

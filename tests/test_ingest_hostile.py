@@ -370,3 +370,18 @@ def test_a_compressed_log_or_csv_is_refused_with_what_to_do(settings: Settings, 
     done = _cli(settings, "publish", "sensor", "--file", str(events))
     assert done.returncode != 0 and b"events.jsonl.gz is gzip-compressed" in done.stderr, done.stderr[-2000:]
     assert read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False, idle_timeout=0.5) == []
+
+
+def test_a_key_given_twice_in_json_is_refused_at_every_json_entry(settings: Settings, tmp_path: Path) -> None:
+    """``{"value": 1, "value": "x"}``: Python kept the last value silently, other parsers (a proxy, a
+    validator in front of us) the first. A line is one dead letter naming the key; a body is a 400."""
+    path = tmp_path / "dup.jsonl"
+    line = _reading(1).replace(b'"value": 1.0', b'"value": 1.0, "value": 99.0')
+    path.write_bytes(_reading(0) + b"\n" + line + b"\n")
+    done = _cli(settings, "publish", "sensor", "--file", str(path))
+    assert b"published 1 sensor events" in done.stdout and b"1 rejected" in done.stdout, done.stdout
+    assert b"line 2: rejected (bad_json)" in done.stderr and b"key 'value' appears more than once" in done.stderr
+    with client(settings) as tc:
+        answer = tc.post("/ingest/sensor", content=json.dumps([sensor(0)])[:-2] + ', "unit": "K"}]',
+                         headers={**AUTH, "Content-Type": "application/json"})
+    assert answer.status_code == 400 and "key 'unit' appears more than once" in answer.text, answer.text

@@ -32,6 +32,7 @@ from streaming.config import ConfigError
 from streaming.eventtime import UNITS, EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
 from streaming.features import weblog as weblog_features
+from streaming.limits import unique_keys
 from streaming.topics import KINDS
 
 JSON_TYPES = frozenset({"application/json", "text/json", ""})
@@ -282,7 +283,7 @@ def parse_json_body(kind: str, body: bytes, max_records: int, rules: TimeRules |
     if not body.strip():
         raise BadRequestError("request body is empty; send a JSON object or a JSON array of objects")
     try:
-        value = json.loads(body, parse_constant=_reject_constant)
+        value = json.loads(body, parse_constant=_reject_constant, object_pairs_hook=unique_keys)
     except (ValueError, RecursionError) as exc:
         raise BadRequestError(f"request body is not valid UTF-8 JSON ({type(exc).__name__}: {exc}); "
                               "send a JSON object or a JSON array of objects") from exc
