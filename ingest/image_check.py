@@ -1,6 +1,7 @@
 """Image validation before any decoding: magic bytes, extension vs. content, declared dimensions,
 truncation, then one Pillow decode with its pixel cap (see ``ingest/images.py``'s docstring for the
-reason codes). Split from the drop-folder source so ``ingest/images.py`` holds only the watcher.
+reason codes); :func:`accept` converts still GIF/BMP/TIFF/WebP/ICO to PNG first. Split from the
+drop-folder source so ``ingest/images.py`` holds only the watcher.
 
 The header parsing and the limits are the one probe of ``streaming/image_probe.py`` (shared with the
 image featurizer); what is specific to ingestion stays here: unsupported formats named in the reason
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.exceptions import ImageValidationError
-from ingest.image_formats import other_format, png_animated
+from ingest.image_formats import CONVERTIBLE, format_name, other_format, png_animated, to_png
 from ingest.source import text_name
 from streaming import image_probe
 from streaming.exceptions import ImageProbeError
@@ -71,6 +72,29 @@ def inspect(
     if decode:
         _decode_check(data, width, height, max_pixels)
     return info
+
+
+def accept(data: bytes, filename: str | None = None, *, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS,
+           max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes, ImageInfo]:
+    """The bytes to publish for an image file and their header: PNG and JPEG as they are (:func:`inspect`),
+    a still GIF, BMP, TIFF, WebP or ICO converted to PNG first (``ingest/image_formats.py``), anything
+    else refused with its reason. The drop folder and the gateway call this; the dead letter of a refused
+    file keeps the original bytes. ``filename``'s extension, when given, must fit the content."""
+    try:
+        image_probe.check_size(len(data), max_bytes)
+    except ImageProbeError as exc:
+        raise ImageValidationError(str(exc), exc.reason) from exc
+    name = format_name(data) if sniff(data) is None else None
+    if name not in CONVERTIBLE:
+        return data, inspect(data, filename, max_side=max_side, max_pixels=max_pixels, max_bytes=max_bytes)
+    assert name is not None
+    if filename is not None:
+        ext = os.path.splitext(filename)[1].lower()
+        if ext not in CONVERTIBLE[name][1]:
+            raise ImageValidationError(f"file name says {ext or 'no extension'} but the bytes are {name}; rename it "
+                                       f"({' or '.join(CONVERTIBLE[name][1])})", "wrong_extension")
+    png = to_png(data, name, max_side, max_pixels)
+    return png, inspect(png, None, max_side=max_side, max_pixels=max_pixels, max_bytes=max_bytes)
 
 
 def _decode_check(data: bytes, width: int, height: int, max_pixels: int) -> None:

@@ -1,9 +1,16 @@
-"""Image formats the drop folder and the gateway recognize only to reject them with a reason.
+"""Image formats other than PNG and JPEG: named, checked, and where Pillow can, converted to PNG.
 
-``ingest.images.inspect`` accepts PNG and JPEG; everything else is named here so the reason says
-what the file is (``unsupported_format``, ``animated``), and a GIF's declared logical screen is
-checked before anything else (``too_many_pixels``: a 32767x32767 screen). All parsing is a bounded
-walk over the bytes already read; nothing is decoded.
+``ingest.images.inspect`` accepts PNG and JPEG, the two encodings an ImageEvent carries; everything
+else is named here so a reason says what the file is (``unsupported_format``, ``animated``), and a
+GIF's declared logical screen is checked before anything else (``too_many_pixels``: a 32767x32767
+screen). That parsing is a bounded walk over the bytes already read.
+
+Users' folders hold scans and exports as BMP, TIFF, GIF, WebP and ICO, and refusing them made the drop
+folder useless on such data. A still image of those formats is decoded once by Pillow under the same
+pixel caps (the declared size is checked before any pixel is decoded; a decompression-bomb warning is
+an error) and re-encoded as PNG, lossless, by :func:`to_png`; the PNG is then validated like any other.
+Still refused, with their reason: animated GIF/WebP and multi-page TIFF (``animated``: which frame is
+"the" image is the user's call), HEIF/AVIF and PDF (no decoder here).
 """
 
 from __future__ import annotations
@@ -19,24 +26,89 @@ _OTHER_FORMATS = (
 )
 
 
-def other_format(data: bytes, max_side: int, max_pixels: int) -> ImageValidationError | None:
-    """The rejection of a recognized but unsupported format (checked before anything is decoded)."""
+#: Formats :func:`to_png` converts (our name -> Pillow's format name, the file extensions that fit it).
+CONVERTIBLE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "GIF": ("GIF", (".gif",)), "BMP": ("BMP", (".bmp", ".dib")), "TIFF": ("TIFF", (".tif", ".tiff")),
+    "WebP": ("WEBP", (".webp",)), "ICO": ("ICO", (".ico",)),
+}
+
+
+def format_name(data: bytes) -> str | None:
+    """The name of a recognized format other than PNG/JPEG, from its magic bytes (None: not one)."""
     name = next((n for magic, n in _OTHER_FORMATS if data.startswith(magic)), None)
     if name is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         name = "WebP"
     if name is None and data[4:8] == b"ftyp":
         name = "HEIF/AVIF"
+    return name
+
+
+def gif_screen_check(data: bytes, max_side: int, max_pixels: int) -> None:
+    """A GIF's declared logical screen against the caps, before anything else (ImageValidationError)."""
+    if len(data) < 10:
+        raise ImageValidationError("GIF is truncated inside its header", "truncated")
+    width, height = struct.unpack("<HH", data[6:10])
+    if width > max_side or height > max_side or width * height > max_pixels:
+        raise ImageValidationError(
+            f"GIF declares a logical screen of {width}x{height}, over the cap {max_side}x{max_side} / "
+            f"{max_pixels} pixels (possible decompression bomb)", "too_many_pixels")
+
+
+def to_png(data: bytes, name: str, max_side: int, max_pixels: int) -> bytes:
+    """A still image of a :data:`CONVERTIBLE` format as PNG bytes (lossless); ImageValidationError when
+    it is animated or multi-page, over the caps (checked on the declared size, before decoding) or corrupt.
+
+    Modes PNG cannot hold are converted: CMYK and other colour spaces to RGB, 32-bit float (scientific
+    TIFF) to 8-bit grey, clipped; the featurizers read grey pixels in [0, 1] anyway."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    if name == "GIF":
+        gif_screen_check(data, max_side, max_pixels)
+    pil_format = CONVERTIBLE[name][0]
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=[pil_format]) as img:
+                width, height = img.size
+                if width > max_side or height > max_side or width * height > max_pixels:
+                    raise ImageValidationError(
+                        f"{name} declares {width}x{height}, over the cap {max_side}x{max_side} / {max_pixels} "
+                        "pixels (possible decompression bomb)", "too_many_pixels")
+                if getattr(img, "n_frames", 1) > 1:
+                    what = "multi-page TIFF" if name == "TIFF" else f"animated {name}"
+                    raise ImageValidationError(f"{what} ({width}x{height}) is not supported; convert the page "
+                                               "or frame you mean to PNG", "animated")
+                img.load()
+                still = img if img.mode in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16") \
+                    else img.convert("L" if img.mode == "F" else "RGB")
+                out = io.BytesIO()
+                still.save(out, format="PNG", compress_level=1)
+    except ImageValidationError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # raised by open() itself
+        raise ImageValidationError(f"{name}: {exc} (possible decompression bomb)", "too_many_pixels") from exc
+    except Exception as exc:  # Pillow raises many unrelated types for corrupt data  # noqa: BLE001
+        raise ImageValidationError(f"{name} does not decode: {type(exc).__name__}: {str(exc)[:200]}",
+                                   "corrupt") from exc
+    return out.getvalue()
+
+
+def other_format(data: bytes, max_side: int, max_pixels: int) -> ImageValidationError | None:
+    """The rejection of a recognized format that :func:`inspect <ingest.image_check.inspect>` does not take
+    (checked before anything is decoded); :func:`ingest.image_check.accept` converts the convertible ones."""
+    name = format_name(data)
     if name is None:
         return None
     if name == "GIF":
-        if len(data) < 10:
-            return ImageValidationError("GIF is truncated inside its header", "truncated")
+        try:
+            gif_screen_check(data, max_side, max_pixels)
+        except ImageValidationError as exc:
+            return exc
         width, height = struct.unpack("<HH", data[6:10])
-        if width > max_side or height > max_side or width * height > max_pixels:
-            return ImageValidationError(
-                f"GIF declares a logical screen of {width}x{height}, over the cap {max_side}x{max_side} / "
-                f"{max_pixels} pixels (possible decompression bomb); GIF is not supported anyway: convert "
-                "one frame to PNG", "too_many_pixels")
         animated = _gif_frames(data) > 1
         return ImageValidationError(
             f"{'animated ' if animated else ''}GIF ({width}x{height}) is not supported; convert "

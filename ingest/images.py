@@ -52,6 +52,7 @@ from ingest.image_check import (  # noqa: F401 (re-exported: callers import them
     MAX_SIDE,
     ImageInfo,
     _file_sha256,
+    accept,
     image_record,
     inspect,
     label_for,
@@ -233,12 +234,12 @@ class ImageWatcher:
                 f"label file {path.name} has no image beside it (x.png.label or x.label labels x.png)",
                 "orphan_label"))
         try:
-            info = inspect(data, path.name)
+            published, info = accept(data, path.name)  # a BMP, TIFF, GIF, WebP or ICO becomes a PNG
             timestamp = int(st.st_mtime * 1000)
             problems = self.policy.problems(timestamp)
             if problems:
                 raise ImageValidationError(f"file time (mtime): {problems[0]}", problems[0].reason)
-            rec = image_record(data, info, label=label_for(path), source=text_name(path.name),
+            rec = image_record(published, info, label=label_for(path), source=text_name(path.name),
                                timestamp=timestamp)
             return _Item(path, data, digest, rec, None)
         except ImageValidationError as exc:

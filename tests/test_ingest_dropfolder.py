@@ -67,6 +67,60 @@ def test_other_formats_are_named_in_the_reason(make, name: str, reason: str) -> 
     assert info.value.reason == reason
 
 
+def _saved(fmt: str, mode: str = "L", frames: int = 1, size: tuple[int, int] = (12, 10)) -> bytes:
+    base = Image.fromarray((np.arange(size[0] * size[1], dtype=np.uint32) * 7 % 251).astype(np.uint8)
+                           .reshape(size[1], size[0]))
+    imgs = [base.convert(mode).rotate(90 * i) for i in range(frames)]
+    buf = io.BytesIO()
+    imgs[0].save(buf, format=fmt, save_all=frames > 1, append_images=imgs[1:], **({"lossless": True}
+                                                                                if fmt == "WEBP" else {}))
+    return buf.getvalue()
+
+
+def _bmp_header(width: int, height: int) -> bytes:
+    """A BMP whose header declares ``width`` x ``height`` 8-bit pixels and holds none of them."""
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + 40 + 1024, 0, 0, 14 + 40 + 1024) + info + bytes(1024)
+
+
+@pytest.mark.parametrize(("make", "name", "mode"), [
+    (lambda: _saved("GIF", "P"), "still.gif", "P"), (lambda: _saved("BMP"), "scan.bmp", "L"),
+    (lambda: _saved("BMP", "1"), "fax.bmp", "1"), (lambda: _saved("TIFF"), "page.tif", "L"),
+    (lambda: _saved("TIFF", "CMYK"), "print.tiff", "RGB"), (lambda: _saved("TIFF", "F"), "sci.tiff", "L"),
+    (lambda: _saved("WEBP", "RGB"), "photo.webp", "RGB"), (lambda: _saved("ICO", "RGBA"), "icon.ico", "RGBA"),
+])
+def test_still_images_of_other_formats_are_published_as_png(make, name: str, mode: str) -> None:  # type: ignore[no-untyped-def,unused-ignore]
+    """Scans, faxes and exports arrive as BMP, TIFF, GIF, WebP and ICO; they used to be refused whole."""
+    from ingest.images import accept
+
+    data = make()
+    published, info = accept(data, name)
+    assert published[:8] == b"\x89PNG\r\n\x1a\n" and info.content_type == "PNG" and inspect(published) == info
+    with Image.open(io.BytesIO(published)) as png, Image.open(io.BytesIO(data)) as original:
+        assert png.mode == mode and png.size == original.size
+        if original.mode in ("L", "P", "1"):  # lossless: the very pixels
+            assert np.array_equal(np.asarray(png.convert("L")), np.asarray(original.convert("L")))
+
+
+@pytest.mark.parametrize(("make", "name", "reason"), [
+    (lambda: _saved("GIF", "P", frames=3), "moving.gif", "animated"),
+    (lambda: _saved("WEBP", "RGB", frames=2), "moving.webp", "animated"),
+    (lambda: _saved("TIFF", frames=2), "two_pages.tif", "animated"),
+    (lambda: _bmp_header(100_000, 100_000), "bomb.bmp", "too_many_pixels"),
+    (lambda: _bmp_header(5000, 3000), "wide.bmp", "too_many_pixels"),
+    (lambda: _saved("TIFF")[:60], "cut.tif", "corrupt"),
+    (lambda: _saved("BMP"), "scan.jpg", "wrong_extension"),
+    (lambda: b"\x00\x00\x00\x18ftypheic" + bytes(40), "phone.heic", "unsupported_format"),
+    (huge_screen_gif, "screen.gif", "too_many_pixels"),
+])
+def test_other_formats_that_cannot_be_converted_keep_their_reason(make, name: str, reason: str) -> None:  # type: ignore[no-untyped-def,unused-ignore]
+    from ingest.images import accept
+
+    with pytest.raises(ImageValidationError) as info:
+        accept(make(), name)
+    assert info.value.reason == reason, info.value
+
+
 def test_every_file_in_the_drop_folder_ends_published_or_rejected(settings: Settings, tmp_path: Path) -> None:
     from ingest.images import ImageWatcher
     from streaming.producer import Publisher, header_dict
@@ -99,17 +153,21 @@ def test_every_file_in_the_drop_folder_ends_published_or_rejected(settings: Sett
         watcher = ImageWatcher(settings, pub, watch)
         watcher.run(follow=False)
         watcher.close()
-    assert (watcher.published, watcher.rejected_count) == (1, 9)
-    assert [r.value["source"] for r in read_topic(settings, raw_topic(settings, "image"))] == ["ok.png"]
-    dls = read_topic(settings, dead_letter_topic(settings, "image"), decode=False, expect=9)
+    assert (watcher.published, watcher.rejected_count) == (3, 7)  # the still GIF and the BMP as PNGs
+    published = read_topic(settings, raw_topic(settings, "image"))
+    assert sorted(r.value["source"] for r in published) == ["ok.png", "old.bmp", "still.gif"]
+    assert {r.value["content_type"] for r in published} == {"PNG"}
+    dls = read_topic(settings, dead_letter_topic(settings, "image"), decode=False, expect=7)
     reasons = {Path(header_dict(d.headers)["dl.source_file"]).name: header_dict(d.headers)["dl.source_reason"]
                for d in dls}
-    assert reasons == {"screen.gif": "too_many_pixels", "still.gif": "unsupported_format", "moving.gif": "animated",
-                       "moving.png": "animated", "old.bmp": "unsupported_format", "README": "bad_magic",
+    assert reasons == {"screen.gif": "too_many_pixels", "moving.gif": "animated",
+                       "moving.png": "animated", "README": "bad_magic",
                        "data.bin": "bad_magic", "lonely.label": "orphan_label", "future.png": "timestamp_in_future"}
     assert sorted(p.name for p in watch.iterdir()) == [".partial.png", "processed", "rejected"]
     rejected = sorted(p.name for p in (watch / "rejected").iterdir())
-    assert rejected == sorted([n for n in files if n != "ok.png"] + [f"{n}.reason" for n in files if n != "ok.png"])
+    published_names = ("ok.png", "still.gif", "old.bmp")
+    assert rejected == sorted([n for n in files if n not in published_names]
+                              + [f"{n}.reason" for n in files if n not in published_names])
     assert (watch / "rejected" / "screen.gif.reason").read_text().startswith("too_many_pixels: GIF declares")
 
 

@@ -385,3 +385,33 @@ def test_a_key_given_twice_in_json_is_refused_at_every_json_entry(settings: Sett
         answer = tc.post("/ingest/sensor", content=json.dumps([sensor(0)])[:-2] + ', "unit": "K"}]',
                          headers={**AUTH, "Content-Type": "application/json"})
     assert answer.status_code == 400 and "key 'unit' appears more than once" in answer.text, answer.text
+
+
+def test_gateway_publishes_a_bmp_upload_and_a_base64_tiff_as_png(settings: Settings) -> None:
+    """The gateway takes the drop folder's formats: a still BMP/TIFF/GIF/WebP/ICO is converted to PNG
+    (it was refused as unsupported_format); an animated GIF keeps its reason."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    def saved(fmt: str, frames: int = 1, shade: int = 40) -> bytes:  # same pixels: same PNG, a duplicate
+        imgs = [Image.new("L", (9, 7), color=shade * (i + 1)) for i in range(frames)]
+        buf = io.BytesIO()
+        imgs[0].save(buf, format=fmt, save_all=frames > 1, append_images=imgs[1:])
+        return buf.getvalue()
+
+    files = [("files", ("scan.bmp", saved("BMP"), "image/bmp")),
+             ("files", ("moving.gif", saved("GIF", 3), "image/gif"))]
+    with client(settings) as tc:
+        upload = tc.post("/ingest/images", files=files, headers=AUTH)
+        tiff = base64.b64encode(saved("TIFF", shade=90)).decode()
+        body = tc.post("/ingest/image", json={"data": tiff, "source": "fax"}, headers=AUTH)
+    assert [r["status"] for r in upload.json()["results"]] == ["accepted", "rejected"], upload.text
+    assert upload.json()["results"][1]["reason"] == "animated"
+    assert body.status_code in (200, 201, 202), body.text
+    records = raw_records(settings, "image", expect=2)
+    assert sorted(r.value["source"] for r in records) == ["fax", "gateway:scan.bmp"]
+    for r in records:
+        assert r.value["content_type"] == "PNG" and bytes(r.value["data"]).startswith(b"\x89PNG")
+        assert (r.value["width"], r.value["height"]) == (9, 7)

@@ -226,7 +226,7 @@ def _image(obj: dict[str, Any], rules: TimeRules) -> dict[str, Any]:
     except (binascii.Error, ValueError) as exc:
         raise RecordRejectedError(f"data is not valid base64 ({exc}); encode the file with standard base64") \
             from exc
-    info = images.inspect(data)
+    data, info = images.accept(data)  # a still BMP, TIFF, GIF, WebP or ICO is published as PNG
     for name, actual in (("content_type", info.content_type), ("width", info.width), ("height", info.height)):
         declared = obj.get(name)
         if declared is not None and declared != actual:
@@ -355,9 +355,9 @@ def image_file_item(index: int, filename: str | None, data: bytes, *, label: str
     try:
         # The extension is checked against the content only when the client sent one.
         (rules or LIVE_RULES).check(timestamp)
-        info = images.inspect(data, name if "." in name else None)
+        published, info = images.accept(data, name if "." in name else None)  # BMP, TIFF, GIF... -> PNG
         source = f"{SOURCE}:{name}" if name else SOURCE
-        item.record = images.image_record(data, info, label=label, source=source, timestamp=timestamp)
+        item.record = images.image_record(published, info, label=label, source=source, timestamp=timestamp)
         item.key = event_key("image", item.record)
     except RECORD_ERRORS as exc:
         item.reject(exc)
