@@ -78,7 +78,7 @@ def to_png(data: bytes, name: str, max_side: int, max_pixels: int) -> bytes:
                     raise ImageValidationError(
                         f"{name} declares {width}x{height}, over the cap {max_side}x{max_side} / {max_pixels} "
                         "pixels (possible decompression bomb)", "too_many_pixels")
-                if getattr(img, "n_frames", 1) > 1:
+                if getattr(img, "is_animated", False):  # not n_frames: for a TIFF it walks every page
                     what = "multi-page TIFF" if name == "TIFF" else f"animated {name}"
                     raise ImageValidationError(f"{what} ({width}x{height}) is not supported; convert the page "
                                                "or frame you mean to PNG", "animated")

@@ -50,15 +50,15 @@ def _run(settings: Settings, path: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=240, check=False)
 
 
-def _interrupt(settings: Settings, path: Path, sig: int, at_least: int) -> None:
-    """Start the command, let ``at_least`` records reach the topic, then send ``sig``."""
+def _interrupt(settings: Settings, path: Path, sig: int, at_least: int) -> str:
+    """Start the command, let ``at_least`` records reach the topic, then send ``sig``; its stderr."""
     proc = subprocess.Popen(streamlearn_cmd("publish", "sensor", "--file", str(path)), env=subprocess_env(settings),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: _end_offset(settings) >= at_least, timeout=120, interval=0.1)
         assert proc.poll() is None, "the run ended before it could be interrupted; make LINES larger"
         os.kill(proc.pid, sig)
-        proc.communicate(timeout=120)
+        return proc.communicate(timeout=120)[1]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -70,7 +70,8 @@ def test_publish_file_resumes_after_kill_and_sigterm_exactly_once(settings: Sett
     _write(path, LINES, bad_every=1000)
     _interrupt(settings, path, signal.SIGKILL, at_least=3_000)  # acked past its checkpoint: read back
     first = _end_offset(settings)
-    _interrupt(settings, path, signal.SIGTERM, at_least=first + 3_000)  # a clean stop: acked and checkpointed
+    stopped = _interrupt(settings, path, signal.SIGTERM, at_least=first + 3_000)  # acked and checkpointed
+    assert "stopped after line " in stopped and "the same command resumes" in stopped, stopped[-2000:]
     done = _run(settings, path)  # the same command, no flag
     assert done.returncode == 1, done.stderr[-2000:]  # some lines were rejected (dead letters)
     values = _published_values(settings)

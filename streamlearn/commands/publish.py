@@ -118,7 +118,12 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
                     file=sys.stderr, flush=True)
             # A file stops cleanly on Ctrl-C/SIGTERM (acked, checkpointed: the same command resumes);
             # standard input keeps Python's Ctrl-C, which a blocked read of the pipe would not see.
-            stats = runner.run(None if args.stdin or piped else _stop_on_signals())
+            stop = None if args.stdin or piped else _stop_on_signals()
+            stats = runner.run(stop)
+            if stop is not None and stop.is_set() and isinstance(runner.source, JsonLinesSource) \
+                    and not runner.source.lines.eof:
+                print(f"publish {args.kind}: stopped after line {runner.source.lines.line} of {args.file} "
+                      f"(checkpoint {cp_path}); the same command resumes", file=sys.stderr, flush=True)
         pub.settle()  # a broker killed right after we exit must not lose the last acks
     sent, rejected = stats.published, stats.dead_lettered
     took = time.monotonic() - started
