@@ -17,6 +17,13 @@ is a run of its own.
 
 A row that does not validate, or that the publisher refuses (schema, size), is dead-lettered with
 its reasons and the run goes on: no single row stops it.
+
+Two layouts: *long*, one reading per row (``sensor_id,timestamp,value[,unit,label,event_id,...]``, other
+columns into ``values``), and *wide*, one row per time and one column per sensor, as loggers, Grafana/
+InfluxDB and spreadsheets export it (``time,temp_1,temp_2,...``; the time column is ``timestamp``,
+``time``, ``datetime`` or ``date``). In a wide file every filled cell is a reading of the column's sensor
+(an empty cell is none), a bad cell is a dead letter of its own (``dl.source_column``), and the column is
+part of each reading's event id.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _RESERVED = {"sensor_id", "timestamp", "value", "unit", "label", "event_id"}
+#: Names of the time column of a wide CSV (one column per sensor), compared in lower case.
+WIDE_TIME_COLUMNS = ("timestamp", "time", "datetime", "date")
 #: Bytes of one CSV line held in memory at most. A longer line is one dead letter (``row_too_long``, its
 #: head kept) and the rest of it is skipped in bounded reads: a 300 MB line used to be read whole, then
 #: decoded and copied, about 2.2 GB of memory for one row.
@@ -86,13 +95,15 @@ def _parse_label(text: str) -> bool | None | str:
 class CsvRow:
     """One data row of a CSV file: its line number, original bytes, and the parsed reading or error.
 
-    ``start`` is the byte offset of the row's line in the file (its identity for event ids)."""
+    ``start`` is the byte offset of the row's line in the file (its identity for event ids); in a wide
+    file ``column`` is the sensor column of this reading (one row holds a reading per sensor column)."""
 
     line: int
     raw: bytes
     record: dict[str, Any] | None
     error: SensorValidationError | None
     start: int = 0
+    column: str | None = None
 
 
 def _split_line(physical: bytes) -> list[bytes]:
@@ -147,19 +158,40 @@ class CsvReader:
             self.close()
             raise SourceError(f"--csv {path}: header names {twice} more than once; rename the columns so "
                               "each is named once")
+        self.header = header
+        self.time_column = "timestamp"
+        #: Wide layout (one row per time, one column per sensor): the sensor columns; None: long layout.
+        self.sensors: list[str] | None = None
         missing = {"sensor_id", "timestamp", "value"} - set(header)
-        if missing:
+        if missing and {"sensor_id", "value"} & missing == {"sensor_id", "value"}:
+            self._wide(path, header, missing)
+        elif missing:
             self.close()
             raise SourceError(
-                f"--csv {path}: header lacks {sorted(missing)}; required columns: sensor_id,timestamp,value")
-        self.header = header
+                f"--csv {path}: header lacks {sorted(missing)}; required columns: sensor_id,timestamp,value "
+                f"(or, one column per sensor: {'|'.join(WIDE_TIME_COLUMNS)},<sensor>,<sensor>,...)")
         try:
             if reader.unit == "auto":
-                reader.decide(self._timestamp_cells(header.index("timestamp"), reader.sample))
+                reader.decide(self._timestamp_cells(header.index(self.time_column), reader.sample))
         except EventTimeError as exc:
             self.close()
             raise SourceError(str(exc)) from exc
         self._fh.seek(self.offset)
+
+    def _wide(self, path: Path, header: list[str], missing: set[str]) -> None:
+        """A header without ``sensor_id`` and ``value`` but with a time column: the wide layout that
+        loggers, Grafana/InfluxDB and spreadsheet exports write (``time,temp_1,temp_2,...``). Every other
+        named column is a sensor (``unit``/``label``/``event_id`` keep their meaning for the row)."""
+        time_col = next((h for h in header if h.lower() in WIDE_TIME_COLUMNS), None)
+        sensors = [h for h in header if h and h != time_col and h not in _RESERVED]
+        if time_col is None or not sensors:
+            self.close()
+            raise SourceError(
+                f"--csv {path}: header lacks {sorted(missing)}; required columns: sensor_id,timestamp,value "
+                f"(or, one column per sensor: {'|'.join(WIDE_TIME_COLUMNS)},<sensor>,<sensor>,...)")
+        self.time_column, self.sensors = time_col, sensors
+        log.info("--csv %s: one column per sensor (%d: %s), times in column %r", path, len(sensors),
+                 ", ".join(sensors[:5]) + (", ..." if len(sensors) > 5 else ""), time_col)
 
     def _timestamp_cells(self, column: int, limit: int) -> Iterator[str]:
         """The timestamp cells of the first data rows (for ``auto``'s one decision per file)."""
@@ -199,17 +231,59 @@ class CsvReader:
                 continue
             for raw in _split_line(physical):
                 self.line += 1
-                if raw.strip():
+                if raw.strip() and self.sensors:
+                    out.extend(self._wide_row(self.line, raw, start))
+                elif raw.strip():
                     out.append(self._row(self.line, raw, start))
+        return out
+
+    def _cells(self, raw: bytes) -> dict[str, str]:
+        """A data row's cells by column name (SensorValidationError, UnicodeDecodeError or csv.Error)."""
+        cells = next(csv.reader(io.StringIO(raw.decode("utf-8")), delimiter=self.delimiter))
+        if len(cells) != len(self.header):
+            raise SensorValidationError(f"row has {len(cells)} cells, header has {len(self.header)}",
+                                        "wrong_cell_count")
+        return dict(zip(self.header, (c.strip() for c in cells), strict=True))
+
+    def _wide_row(self, n: int, raw: bytes, start: int) -> list[CsvRow]:
+        """One reading per sensor column with a value (an empty cell is no reading: exports are sparse);
+        a row that cannot be read at all is one dead letter, a bad cell a dead letter of its own."""
+        assert self.sensors is not None
+        try:
+            row = self._cells(raw)
+        except SensorValidationError as exc:
+            return [CsvRow(n, raw, None, exc, start)]
+        except UnicodeDecodeError as exc:
+            return [CsvRow(n, raw, None, SensorValidationError(f"row is not UTF-8 ({exc})", "bad_encoding"), start)]
+        except csv.Error as exc:
+            return [CsvRow(n, raw, None, SensorValidationError(f"row is not CSV ({exc})", "bad_csv"), start)]
+        stamp: int | SensorValidationError
+        try:
+            stamp = self.reader(row[self.time_column])
+        except EventTimeError as exc:
+            stamp = as_sensor_error(exc)
+        out = []
+        for name in self.sensors:
+            if row[name] == "":
+                continue
+            record: dict[str, Any] = {"sensor_id": name, "value": self._number(row[name]), "values": {},
+                                      "unit": row.get("unit") or self.unit, "label": _parse_label(row.get("label", "")),
+                                      "event_id": None}
+            found: list[SensorValidationError] = []
+            if isinstance(stamp, int):
+                record["timestamp"] = stamp
+            else:
+                found.append(stamp)
+            try:
+                out.append(CsvRow(n, raw, validate(record, now=self.ref, policy=self.policy, problems=found), None,
+                                  start, name))
+            except SensorValidationError as exc:
+                out.append(CsvRow(n, raw, None, exc, start, name))
         return out
 
     def _row(self, n: int, raw: bytes, start: int) -> CsvRow:
         try:
-            cells = next(csv.reader(io.StringIO(raw.decode("utf-8")), delimiter=self.delimiter))
-            if len(cells) != len(self.header):
-                raise SensorValidationError(f"row has {len(cells)} cells, header has {len(self.header)}",
-                                            "wrong_cell_count")
-            row = dict(zip(self.header, (c.strip() for c in cells), strict=True))
+            row = self._cells(raw)
             record: dict[str, Any] = {
                 "sensor_id": row["sensor_id"],
                 "value": self._number(row["value"]),
@@ -301,10 +375,14 @@ class SensorCsvSource(SourcePartition):
         return [self._item(row) for row in rows]
 
     def _item(self, row: CsvRow) -> SourceItem:
-        item = SourceItem(self._ids.at(self.pos.identity, row.start), row.raw, record=row.record, error=row.error,
+        # A wide row holds a reading per sensor column: the column is part of each one's id.
+        identity = self.pos.identity if row.column is None else f"{self.pos.identity}#{row.column}"
+        item = SourceItem(self._ids.at(identity, row.start), row.raw, record=row.record, error=row.error,
                           source={"file": self.given, "line": str(row.line)}, headers=self._headers)
         if row.error is not None:
             item.source = dead_letter_source(self.given, row.line, row.error)
+        if row.column is not None:
+            item.source["column"] = row.column
         return item
 
     def snapshot(self) -> dict[str, Any]:

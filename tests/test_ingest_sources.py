@@ -161,3 +161,38 @@ def test_generator_record_the_publisher_refuses_is_dead_lettered_as_json(setting
     dl = read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False, expect=1)[0]
     assert json.loads(dl.value)["value"] == "not a number"
     assert header_dict(dl.headers)["dl.source_line"] == "2" and dl.key == b"gen:1"
+
+
+def test_csv_with_one_column_per_sensor_is_read_and_resumed_exactly_once(settings: Settings, tmp_path: Path) -> None:
+    """Loggers, Grafana/InfluxDB and spreadsheets export one row per time and one column per sensor
+    (``Time,temp_1,temp_2,...``); such a file was refused whole ("header lacks sensor_id, value").
+    Each filled cell is a reading with an id of its own, so a crash after the acks but before the
+    checkpoint re-sends no reading and skips none."""
+    from collections import Counter as Count
+
+    path = tmp_path / "export.csv"
+    now = now_ms()
+    lines = [f"{now - (40 - i) * 1000},{20 + i % 5}.5,{'' if i % 4 == 0 else 40 + i},1013" for i in range(40)]
+    lines[7] = f"{now - 33_000},warm,47,1013"  # one bad cell: its own dead letter, the row's others published
+    path.write_text("Time,temp (C),humidity,pressure\n" + "\n".join(lines) + "\n")
+    expected = 40 * 3 - 10 - 1  # 10 empty humidity cells are no readings; 'warm' is a dead letter
+    cp_path = default_checkpoint_path(settings, path)
+    with Publisher(settings) as pub:
+        crashed = SourceRunner(settings, pub, lambda st: SensorCsvSource(path, resume_state=st, batch_rows=5),
+                               kind="sensor", checkpoint_path=cp_path, checkpoint_every_s=0.0)
+        real_write = crashed._write
+        crashed._write = lambda: real_write() if (crashed.state or {}).get("line", 0) <= 11 else None  # type: ignore
+        assert crashed.run().published == expected
+        stats = publish_csv(settings, pub, path)
+        assert stats.published == 0 and stats.skipped_duplicates > 0
+        assert publish_csv(settings, pub, path).published == 0  # finished: nothing again
+    items = read_topic(settings, raw_topic(settings, "sensor"), idle_timeout=1.0, expect=expected)
+    copies = Count((item.value["sensor_id"], item.value["timestamp"]) for item in items)
+    assert len(copies) == expected and set(copies.values()) == {1}
+    assert {item.value["sensor_id"] for item in items} == {"temp (C)", "humidity", "pressure"}
+    ids = {dict(item.headers)["sl.event_id"] for item in items}  # one per reading, not per row
+    assert len(ids) == expected
+    (letter,) = read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False, idle_timeout=1.0)
+    headers = dict((k, v.decode()) for k, v in letter.headers)
+    assert headers["dl.source_reason"] == "not_a_number" and headers["dl.source_column"] == "temp (C)"
+    assert headers["dl.source_line"] == "9"

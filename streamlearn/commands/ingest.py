@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
 
     s = isub.add_parser("sensors", help="publish sensor readings from a CSV file or the generator")
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--csv", type=Path, help="CSV with columns sensor_id,timestamp,value[,unit,label,...]; "
+    src.add_argument("--csv", type=Path, help="CSV with columns sensor_id,timestamp,value[,unit,label,...], or one "
+                     "column per sensor (time|timestamp|datetime|date,<sensor>,...: each filled cell a reading); "
                      "published once: a rerun resumes after the last acknowledged row (checkpoint under "
                      "HOME/state/sensor/)")
     src.add_argument("--generate", type=int, metavar="N", help="publish N generated readings")
