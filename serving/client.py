@@ -56,9 +56,19 @@ def to_request(model: str, obj: Any, *, line: int | None = None) -> dict[str, An
             "features": None, "reply_topic": None}
 
 
-def read_requests_file(model: str, lines: Iterable[str]) -> list[dict[str, Any]]:
+def read_requests_file(model: str, lines: Iterable[str | bytes]) -> list[dict[str, Any]]:
+    """The requests of a JSON-lines file (``predict --file``); RequestDecodeError names the first bad
+    line, before anything is sent. Lines may be bytes: a line that is not UTF-8 is such an error (read
+    as text, it ended the command in a UnicodeDecodeError traceback)."""
     out = []
-    for n, text in enumerate(lines, 1):
+    for n, line in enumerate(lines, 1):
+        if isinstance(line, bytes):
+            try:
+                text = line.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise RequestDecodeError(f"line {n}: not UTF-8 ({exc}); convert the file to UTF-8") from exc
+        else:
+            text = line
         if not text.strip():
             continue
         try:

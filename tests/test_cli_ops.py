@@ -141,3 +141,15 @@ def test_broker_port_error_names_flags_that_exist(tmp_path: Path) -> None:
             EmbeddedBroker(settings).start()
     assert build_parser().parse_args(["demo", "--broker-port", "19999"]).broker_port == 19999
     assert build_parser().parse_args(["up", "--broker-port", "19999"]).broker_port == 19999
+
+
+def test_predict_file_that_is_not_utf8_or_not_there_is_one_error_line(settings: config.Settings, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A latin-1 byte in a requests file, or a missing file, ended `predict` in a traceback."""
+    latin1 = tmp_path / "requests.jsonl"
+    latin1.write_bytes(b'{"features": [1, 2]}\n{"path": "/caf\xe9"}\n')
+    assert cli(settings, "predict", "weblog_classifier", "--file", str(latin1), "--timeout", "1") != 0
+    err = capsys.readouterr().err
+    assert "line 2: not UTF-8" in err and "convert the file to UTF-8" in err and "Traceback" not in err, err
+    assert cli(settings, "predict", "weblog_classifier", "--file", str(tmp_path / "nothere.jsonl")) == 2
+    assert "cannot read (No such file or directory)" in capsys.readouterr().err

@@ -125,9 +125,14 @@ def _predict(args: argparse.Namespace, settings: config.Settings) -> int:
     from serving.client import predict, read_requests_file
 
     if args.file == "-":
-        requests = read_requests_file(args.model, sys.stdin)
+        requests = read_requests_file(args.model, sys.stdin.buffer)
     else:
-        with open(args.file, encoding="utf-8") as fh:
+        try:
+            fh = open(args.file, "rb")  # noqa: SIM115 - bytes: a line that is not UTF-8 is named, not a traceback
+        except OSError as exc:
+            print(f"error: --file {args.file}: cannot read ({exc.strerror or exc})", file=sys.stderr)
+            return 2
+        with fh:
             requests = read_requests_file(args.model, fh)
     if not requests:
         print(f"error: --file {args.file} holds no requests", file=sys.stderr)
