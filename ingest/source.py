@@ -134,8 +134,9 @@ class FilePosition:
         from ingest.exceptions import SourceError
 
         try:
-            if not stat.S_ISREG(path.stat().st_mode):
-                raise SourceError(f"{what}: {not_a_file(path, 'this source')}")
+            mode = path.stat().st_mode
+            if not stat.S_ISREG(mode):
+                raise SourceError(f"{what}: {not_a_file(path, 'this source', mode)}")
             inode = path.stat().st_ino
             with path.open("rb") as fh:
                 fingerprint = hashlib.sha1(read_line(fh, head_bytes, skip=False)[0]).hexdigest()
@@ -156,10 +157,13 @@ class FilePosition:
         return pos
 
 
-def not_a_file(path: Path, what: str) -> str:
-    """The error of a FIFO, pipe or device given as a file: a file source resumes from byte offsets and
-    reads a file's head twice (identity, timestamp unit), which a pipe cannot give; read through one,
-    the first read ate the data and the run published nothing, saying it was done."""
+def not_a_file(path: Path, what: str, mode: int) -> str:
+    """The error of a path that is not a regular file (``mode``: its ``st_mode``). A FIFO, pipe or device:
+    a file source resumes from byte offsets and reads a file's head twice (identity, timestamp unit),
+    which a pipe cannot give; read through one, the first read ate the data and the run published
+    nothing, saying it was done."""
+    if stat.S_ISDIR(mode):
+        return f"{path} is a directory; pass a file"
     return (f"{path} is not a regular file (a FIFO, pipe or device), and {what} resumes from byte offsets, so "
             "it needs a file it can read again: write the data to a file first (or pipe JSON lines to "
             "`streamlearn publish KIND --stdin`)")

@@ -209,8 +209,9 @@ class TailSource(SourcePartition):
 
     def _open_current(self, pos: Position) -> None:
         try:
-            if not stat.S_ISREG(os.stat(self.path).st_mode):  # before open: opening a FIFO waits for a writer
-                raise SourceError(not_a_file(self.path, "the log tailer"))
+            mode = os.stat(self.path).st_mode
+            if not stat.S_ISREG(mode):  # before open: opening a FIFO waits for a writer
+                raise SourceError(not_a_file(self.path, "the log tailer", mode))
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             if not self.follow:
