@@ -30,6 +30,7 @@ import math
 import re
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from ingest.exceptions import LogParseError
 from streaming.eventtime import EventTimePolicy, TimestampReader
@@ -63,22 +64,43 @@ _MONTH_NAMES = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "
 _MONTHS = {m: i for i, m in enumerate(_MONTH_NAMES, 1)}
 _METHOD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 
-#: JSON key aliases, per schema field, first match wins.
+#: JSON key aliases, per schema field, first match wins. A dotted alias is a path into nested objects
+#: (or a flattened key of that name): Caddy (``request.method``), Google Cloud load balancers
+#: (``httpRequest.requestMethod``), Elastic Common Schema as Filebeat writes it (``http.request.method``,
+#: ``source.ip``) and Traefik (``RequestMethod``) access logs were dead-lettered line by line before.
 _JSON_ALIASES: dict[str, tuple[str, ...]] = {
-    "client_ip": ("client_ip", "remote_addr", "clientip", "client", "ip", "host"),
+    "client_ip": ("client_ip", "remote_addr", "clientip", "client", "ip", "host", "request.client_ip",
+                  "request.remote_ip", "httpRequest.remoteIp", "source.ip", "client.ip", "source.address",
+                  "ClientHost"),
     "ident": ("ident",),
-    "user": ("user", "remote_user", "auth"),
-    "timestamp": ("timestamp", "time", "@timestamp", "time_iso8601", "time_local", "ts"),
-    "method": ("method", "request_method", "verb"),
-    "path": ("path", "request_uri", "uri", "url"),
-    "protocol": ("protocol", "server_protocol", "httpversion"),
-    "status": ("status", "response", "status_code"),
-    "bytes_sent": ("bytes_sent", "body_bytes_sent", "bytes", "size", "response_bytes"),
-    "referrer": ("referrer", "http_referer", "referer"),
-    "user_agent": ("user_agent", "http_user_agent", "agent", "useragent"),
+    "user": ("user", "remote_user", "auth", "user_id", "user.name", "ClientUsername"),
+    "timestamp": ("timestamp", "time", "@timestamp", "time_iso8601", "time_local", "ts", "StartUTC"),
+    "method": ("method", "request_method", "verb", "request.method", "httpRequest.requestMethod",
+               "http.request.method", "RequestMethod"),
+    "path": ("path", "request_uri", "uri", "url", "request.uri", "httpRequest.requestUrl", "url.original",
+             "url.path", "RequestPath"),
+    "protocol": ("protocol", "server_protocol", "httpversion", "request.proto", "httpRequest.protocol",
+                 "RequestProtocol"),
+    "status": ("status", "response", "status_code", "httpRequest.status", "http.response.status_code",
+               "DownstreamStatus"),
+    "bytes_sent": ("bytes_sent", "body_bytes_sent", "bytes", "size", "response_bytes", "httpRequest.responseSize",
+                   "http.response.body.bytes", "DownstreamContentSize"),
+    "referrer": ("referrer", "http_referer", "referer", "request.headers.Referer", "httpRequest.referer",
+                 "http.request.referrer", "request_Referer"),
+    "user_agent": ("user_agent", "http_user_agent", "agent", "useragent", "request.headers.User-Agent",
+                   "httpRequest.userAgent", "user_agent.original", "request_User-Agent"),
     "label": ("label",),
     "event_id": ("event_id", "request_id", "id"),
 }
+
+#: Latency fields of JSON logs and the factor to milliseconds, first match wins. A string value may end
+#: in its unit, as Google Cloud writes it (``"0.0123s"``).
+_JSON_LATENCY: tuple[tuple[str, float], ...] = (
+    ("latency_ms", 1.0), ("duration_ms", 1.0), ("request_time", 1000.0),
+    ("duration", 1000.0),  # Caddy: seconds
+    ("httpRequest.latency", 1000.0),  # "0.0123s"
+    ("event.duration", 1e-6), ("Duration", 1e-6),  # ECS and Traefik: nanoseconds
+)
 
 
 def event_id_for(source: str, position: int | None, content: str | bytes) -> str:
@@ -189,10 +211,47 @@ def parse_combined(
     }
 
 
+def _lookup(obj: dict[str, Any], key: str) -> Any:
+    """``obj[key]``, or for a dotted key the value at that path through nested objects; a list holding
+    one value (Caddy's headers) gives that value; an object is no value (``url`` in ECS is one)."""
+    value = obj.get(key)
+    if value is None and "." in key:
+        value = obj
+        for part in key.split("."):
+            if not isinstance(value, dict):
+                return None
+            value = value.get(part)
+    if isinstance(value, list):
+        value = value[0] if value and not isinstance(value[0], dict | list) else None
+    return None if isinstance(value, dict) else value
+
+
 def _pick(obj: dict[str, Any], field: str) -> Any:
     for key in _JSON_ALIASES[field]:
-        if key in obj and obj[key] is not None:
-            return obj[key]
+        value = _lookup(obj, key)
+        if value is not None:
+            return value
+    return None
+
+
+def _request_target(url: str) -> str:
+    """The path and query of an absolute URL (Google Cloud logs ``requestUrl`` whole); others unchanged,
+    so a JSON log's path is what a combined log's request line holds."""
+    if not url.startswith(("http://", "https://")):
+        return url
+    parts = urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+def _json_latency(obj: dict[str, Any]) -> float | None:
+    """Latency in ms from the first latency field present (ValueError/TypeError when it is no number)."""
+    for key, factor in _JSON_LATENCY:
+        value = _lookup(obj, key)
+        if value is None:
+            continue
+        if isinstance(value, str) and value.endswith("s") and key == "httpRequest.latency":
+            value = value[:-1]
+        return float(value) * factor
     return None
 
 
@@ -251,15 +310,10 @@ def parse_json(line: str, *, source: str, position: int | None = None, event_id:
         values.append(LogParseError(f"bytes_sent {size!r:.40} must be an integer or '-'", "bad_bytes"))
     latency: float | None = None
     try:
-        if obj.get("latency_ms") is not None:
-            latency = float(obj["latency_ms"])
-        elif obj.get("duration_ms") is not None:
-            latency = float(obj["duration_ms"])
-        elif obj.get("request_time") is not None:
-            latency = float(obj["request_time"]) * 1000.0
+        latency = _json_latency(obj)
     except (TypeError, ValueError):
-        values.append(LogParseError("latency (latency_ms / duration_ms / request_time) must be a number",
-                                    "bad_latency"))
+        names = " / ".join(k for k, _ in _JSON_LATENCY)
+        values.append(LogParseError(f"latency ({names}) must be a number", "bad_latency"))
     if latency is not None and not math.isfinite(latency):
         values.append(LogParseError(f"latency {latency!r} is not finite", "bad_latency"))
     status = _pick(obj, "status")
@@ -288,7 +342,7 @@ def parse_json(line: str, *, source: str, position: int | None = None, event_id:
         "user": _opt_str(obj, "user"),
         "timestamp": timestamp,
         "method": str(method),
-        "path": str(path),
+        "path": _request_target(str(path)),
         "protocol": _dash(str(protocol)) if protocol is not None else None,
         "status": status_i,
         "bytes_sent": bytes_sent,

@@ -174,3 +174,48 @@ def test_a_line_that_is_not_vhost_combined_is_still_refused(line: str) -> None:
     with pytest.raises(LogParseError) as err:
         parse_line(line, source="s")
     assert err.value.reason == "not_combined_format"
+
+
+def _now_iso(fraction: str = "") -> str:
+    import time as _time
+
+    return _time.strftime(f"%Y-%m-%dT%H:%M:%S{fraction}Z", _time.gmtime())
+
+
+@pytest.mark.parametrize(("name", "obj", "expected"), [
+    ("caddy", {"level": "info", "ts": "NOW_S", "logger": "http.log.access", "msg": "handled request",
+               "request": {"remote_ip": "203.0.113.7", "proto": "HTTP/2.0", "method": "GET", "host": "example.com",
+                           "uri": "/shop?q=1", "headers": {"User-Agent": ["curl/8.4.0"],
+                                                           "Referer": ["https://example.com/"]}},
+               "user_id": "", "duration": 0.0125, "size": 10900, "status": 200},
+     ("203.0.113.7", "GET", "/shop?q=1", "HTTP/2.0", 200, 10900, "curl/8.4.0", 12.5)),
+    ("google cloud load balancer", {"httpRequest": {
+        "requestMethod": "POST", "requestUrl": "https://example.com/api/v1/items?id=3", "status": 503,
+        "responseSize": "1234", "userAgent": "Mozilla/5.0", "remoteIp": "198.51.100.4", "latency": "0.250s",
+        "protocol": "HTTP/1.1"}, "timestamp": "NOW_ISO", "severity": "INFO"},
+     ("198.51.100.4", "POST", "/api/v1/items?id=3", "HTTP/1.1", 503, 1234, "Mozilla/5.0", 250.0)),
+    ("elastic common schema (filebeat)", {
+        "@timestamp": "NOW_ISO", "source": {"ip": "192.0.2.9"}, "url": {"original": "/missing", "path": "/missing"},
+        "http": {"request": {"method": "GET"}, "response": {"status_code": 404, "body": {"bytes": 321}}},
+        "user_agent": {"original": "Go-http-client/1.1"}, "event": {"duration": 4_500_000}},
+     ("192.0.2.9", "GET", "/missing", None, 404, 321, "Go-http-client/1.1", 4.5)),
+    ("traefik", {"ClientHost": "192.0.2.33", "DownstreamContentSize": 42, "DownstreamStatus": 302,
+                 "Duration": 1_500_000, "RequestMethod": "GET", "RequestPath": "/login", "RequestProtocol": "HTTP/1.1",
+                 "StartUTC": "NOW_ISO_NS", "request_User-Agent": "Mozilla/5.0 (X11)"},
+     ("192.0.2.33", "GET", "/login", "HTTP/1.1", 302, 42, "Mozilla/5.0 (X11)", 1.5)),
+])
+def test_json_access_logs_of_common_proxies_are_read(name: str, obj: dict, expected: tuple) -> None:  # type: ignore[type-arg]
+    """Caddy, Google Cloud load balancers, Filebeat (ECS) and Traefik write JSON access logs with nested
+    or differently named fields; every line of them was dead-lettered ('needs request or method + path')."""
+    import time as _time
+
+    from streaming.eventtime import EventTimePolicy, TimestampReader
+
+    text = (json.dumps(obj).replace('"NOW_S"', repr(_time.time())).replace("NOW_ISO_NS", _now_iso(".542906519"))
+            .replace("NOW_ISO", _now_iso(".123456")))
+    record = parse_line(text, source="proxy.json", read_time=TimestampReader("auto"),
+                        policy=EventTimePolicy())
+    fields = ("client_ip", "method", "path", "protocol", "status", "bytes_sent", "user_agent")
+    assert tuple(record[f] for f in fields) == expected[:7], name
+    assert record["latency_ms"] == pytest.approx(expected[7]), name
+    assert abs(record["timestamp"] - _time.time() * 1000) < 60_000, name
