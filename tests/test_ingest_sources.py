@@ -82,6 +82,17 @@ def test_csv_bad_rows_in_the_middle_are_dead_lettered_and_the_rest_published(
     assert by_line["62"][0]["dl.error_class"] == "RecordTooLargeError"
 
 
+def _run_checkpointing_until(settings: Settings, pub: Publisher, path: Path, batch_rows: int, last_line: int) -> int:
+    """Run the CSV source to its end while its checkpoints stop at ``last_line``: the state a kill -9
+    between the acks and the checkpoint write leaves. Returns how many readings it published."""
+    crashed = SourceRunner(settings, pub, lambda st: SensorCsvSource(path, resume_state=st, batch_rows=batch_rows),
+                           kind="sensor", checkpoint_path=default_checkpoint_path(settings, path),
+                           checkpoint_every_s=0.0)
+    real_write = crashed._write
+    crashed._write = lambda: real_write() if (crashed.state or {}).get("line", 0) <= last_line else None  # type: ignore
+    return crashed.run().published
+
+
 def test_csv_acked_but_not_checkpointed_rows_are_not_published_again(settings: Settings, tmp_path: Path) -> None:
     """The state a kill -9 between the acks and the checkpoint write leaves: the checkpoint stops at
     row 300 while all 1000 rows (one of them a dead letter) are on the topics."""
@@ -89,11 +100,7 @@ def test_csv_acked_but_not_checkpointed_rows_are_not_published_again(settings: S
     _csv(path, 1000, bad={500: "s1,not-a-time,1,celsius,,40,r500"})
     cp_path = default_checkpoint_path(settings, path)
     with Publisher(settings) as pub:
-        crashed = SourceRunner(settings, pub, lambda st: SensorCsvSource(path, resume_state=st, batch_rows=50),
-                               kind="sensor", checkpoint_path=cp_path, checkpoint_every_s=0.0)
-        real_write = crashed._write
-        crashed._write = lambda: real_write() if (crashed.state or {}).get("line", 0) <= 301 else None  # type: ignore
-        assert crashed.run().published == 999
+        assert _run_checkpointing_until(settings, pub, path, 50, 301) == 999
         # the last checkpoint written: header + at most 300 rows (acks of several 50-row batches may
         # arrive together, so which multiple of 50 it stopped at depends on timing)
         line = json.loads(cp_path.read_text())["line"]
@@ -176,13 +183,8 @@ def test_csv_with_one_column_per_sensor_is_read_and_resumed_exactly_once(setting
     lines[7] = f"{now - 33_000},warm,47,1013"  # one bad cell: its own dead letter, the row's others published
     path.write_text("Time,temp (C),humidity,pressure\n" + "\n".join(lines) + "\n")
     expected = 40 * 3 - 10 - 1  # 10 empty humidity cells are no readings; 'warm' is a dead letter
-    cp_path = default_checkpoint_path(settings, path)
     with Publisher(settings) as pub:
-        crashed = SourceRunner(settings, pub, lambda st: SensorCsvSource(path, resume_state=st, batch_rows=5),
-                               kind="sensor", checkpoint_path=cp_path, checkpoint_every_s=0.0)
-        real_write = crashed._write
-        crashed._write = lambda: real_write() if (crashed.state or {}).get("line", 0) <= 11 else None  # type: ignore
-        assert crashed.run().published == expected
+        assert _run_checkpointing_until(settings, pub, path, 5, 11) == expected
         stats = publish_csv(settings, pub, path)
         assert stats.published == 0 and stats.skipped_duplicates > 0
         assert publish_csv(settings, pub, path).published == 0  # finished: nothing again
