@@ -101,10 +101,11 @@ def test_csv_acked_but_not_checkpointed_rows_are_not_published_again(settings: S
     cp_path = default_checkpoint_path(settings, path)
     with Publisher(settings) as pub:
         assert _run_checkpointing_until(settings, pub, path, 50, 301) == 999
-        # the last checkpoint written: header + at most 300 rows (acks of several 50-row batches may
-        # arrive together, so which multiple of 50 it stopped at depends on timing)
+        # the last checkpoint written: header + at most 300 rows. Acks of several 50-row batches may
+        # arrive together, so which multiple of 50 it stopped at depends on timing; on a loaded box the
+        # first seven can all arrive at once and only the start's checkpoint (line 1) is written.
         line = json.loads(cp_path.read_text())["line"]
-        assert 1 < line <= 301 and (line - 1) % 50 == 0, line
+        assert 1 <= line <= 301 and (line - 1) % 50 == 0, line
         stats = publish_csv(settings, pub, path)
     assert (stats.from_line, stats.published, stats.dead_lettered, stats.skipped_duplicates) == \
         (line + 1, 0, 0, 1001 - line)
