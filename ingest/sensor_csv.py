@@ -163,9 +163,7 @@ class CsvReader:
         #: Wide layout (one row per time, one column per sensor): the sensor columns; None: long layout.
         self.sensors: list[str] | None = None
         missing = {"sensor_id", "timestamp", "value"} - set(header)
-        if missing and {"sensor_id", "value"} & missing == {"sensor_id", "value"}:
-            self._wide(path, header, missing)
-        elif missing:
+        if missing and not ({"sensor_id", "value"} <= missing and self._wide(path, header)):
             self.close()
             raise SourceError(
                 f"--csv {path}: header lacks {sorted(missing)}; required columns: sensor_id,timestamp,value "
@@ -178,20 +176,19 @@ class CsvReader:
             raise SourceError(str(exc)) from exc
         self._fh.seek(self.offset)
 
-    def _wide(self, path: Path, header: list[str], missing: set[str]) -> None:
-        """A header without ``sensor_id`` and ``value`` but with a time column: the wide layout that
-        loggers, Grafana/InfluxDB and spreadsheet exports write (``time,temp_1,temp_2,...``). Every other
-        named column is a sensor (``unit``/``label``/``event_id`` keep their meaning for the row)."""
+    def _wide(self, path: Path, header: list[str]) -> bool:
+        """Take a header without ``sensor_id`` and ``value`` as the wide layout that loggers, Grafana/InfluxDB
+        and spreadsheet exports write (``time,temp_1,temp_2,...``) when it has a time column and a sensor
+        column; False when it is not one. Every other named column is a sensor (``unit``/``label``/
+        ``event_id`` keep their meaning for the row)."""
         time_col = next((h for h in header if h.lower() in WIDE_TIME_COLUMNS), None)
         sensors = [h for h in header if h and h != time_col and h not in _RESERVED]
         if time_col is None or not sensors:
-            self.close()
-            raise SourceError(
-                f"--csv {path}: header lacks {sorted(missing)}; required columns: sensor_id,timestamp,value "
-                f"(or, one column per sensor: {'|'.join(WIDE_TIME_COLUMNS)},<sensor>,<sensor>,...)")
+            return False
         self.time_column, self.sensors = time_col, sensors
         log.info("--csv %s: one column per sensor (%d: %s), times in column %r", path, len(sensors),
                  ", ".join(sensors[:5]) + (", ..." if len(sensors) > 5 else ""), time_col)
+        return True
 
     def _timestamp_cells(self, column: int, limit: int) -> Iterator[str]:
         """The timestamp cells of the first data rows (for ``auto``'s one decision per file)."""
@@ -231,15 +228,23 @@ class CsvReader:
                 continue
             for raw in _split_line(physical):
                 self.line += 1
-                if raw.strip() and self.sensors:
+                if not raw.strip():
+                    continue
+                if self.sensors:
                     out.extend(self._wide_row(self.line, raw, start))
-                elif raw.strip():
+                else:
                     out.append(self._row(self.line, raw, start))
         return out
 
     def _cells(self, raw: bytes) -> dict[str, str]:
-        """A data row's cells by column name (SensorValidationError, UnicodeDecodeError or csv.Error)."""
-        cells = next(csv.reader(io.StringIO(raw.decode("utf-8")), delimiter=self.delimiter))
+        """A data row's cells by column name; SensorValidationError when it is not UTF-8, not CSV or has
+        another number of cells than the header."""
+        try:
+            cells = next(csv.reader(io.StringIO(raw.decode("utf-8")), delimiter=self.delimiter))
+        except UnicodeDecodeError as exc:
+            raise SensorValidationError(f"row is not UTF-8 ({exc})", "bad_encoding") from exc
+        except csv.Error as exc:
+            raise SensorValidationError(f"row is not CSV ({exc})", "bad_csv") from exc
         if len(cells) != len(self.header):
             raise SensorValidationError(f"row has {len(cells)} cells, header has {len(self.header)}",
                                         "wrong_cell_count")
@@ -253,22 +258,18 @@ class CsvReader:
             row = self._cells(raw)
         except SensorValidationError as exc:
             return [CsvRow(n, raw, None, exc, start)]
-        except UnicodeDecodeError as exc:
-            return [CsvRow(n, raw, None, SensorValidationError(f"row is not UTF-8 ({exc})", "bad_encoding"), start)]
-        except csv.Error as exc:
-            return [CsvRow(n, raw, None, SensorValidationError(f"row is not CSV ({exc})", "bad_csv"), start)]
         stamp: int | SensorValidationError
         try:
             stamp = self.reader(row[self.time_column])
         except EventTimeError as exc:
             stamp = as_sensor_error(exc)
+        unit, label = row.get("unit") or self.unit, _parse_label(row.get("label", ""))
         out = []
         for name in self.sensors:
             if row[name] == "":
                 continue
             record: dict[str, Any] = {"sensor_id": name, "value": self._number(row[name]), "values": {},
-                                      "unit": row.get("unit") or self.unit, "label": _parse_label(row.get("label", "")),
-                                      "event_id": None}
+                                      "unit": unit, "label": label, "event_id": None}
             found: list[SensorValidationError] = []
             if isinstance(stamp, int):
                 record["timestamp"] = stamp
@@ -300,10 +301,6 @@ class CsvReader:
             return CsvRow(n, raw, validate(record, now=self.ref, policy=self.policy, problems=found), None, start)
         except SensorValidationError as exc:
             return CsvRow(n, raw, None, exc, start)
-        except UnicodeDecodeError as exc:
-            return CsvRow(n, raw, None, SensorValidationError(f"row is not UTF-8 ({exc})", "bad_encoding"), start)
-        except csv.Error as exc:
-            return CsvRow(n, raw, None, SensorValidationError(f"row is not CSV ({exc})", "bad_csv"), start)
 
     def _number(self, text: str) -> float | str:
         """A number cell; in a ';'-separated file a decimal comma ('1,5') is the decimal mark."""
@@ -416,7 +413,7 @@ def publish_csv(settings: Settings, publisher: Publisher, path: Path, *, unit: s
     from_line = source.pos.line + 1
     if on_start is not None:
         on_start(from_line, cp_path)
-    if source.csv.eof or (source.pos.offset and source.pos.offset >= source.path.stat().st_size):
+    if source.csv.eof or source.pos.at_end():
         log.warning("--csv %s was published to its end by an earlier run with these flags (checkpoint %s); "
                     "delete the checkpoint to publish it again", path, cp_path)
     stats = runner.run()
