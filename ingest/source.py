@@ -125,6 +125,13 @@ class FilePosition:
     def identity(self) -> str:
         return f"{self.path}#{self.inode}.{self.generation}.{self.fingerprint[:16]}"
 
+    def at_end(self) -> bool:
+        """True when a run already handed out the whole file (its size is at most the saved offset)."""
+        try:
+            return 0 < self.offset and Path(self.path).stat().st_size <= self.offset
+        except OSError:
+            return False
+
     @classmethod
     def resume(cls, path: Path, resume_state: dict[str, Any] | None, what: str, *, head_bytes: int) -> FilePosition:
         """Where a source of ``path`` (absolute) starts: the saved position when the file is the one it
@@ -134,13 +141,12 @@ class FilePosition:
         from ingest.exceptions import SourceError
 
         try:
-            mode = path.stat().st_mode
-            if not stat.S_ISREG(mode):
-                raise SourceError(f"{what}: {not_a_file(path, 'this source', mode)}")
-            inode = path.stat().st_ino
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceError(f"{what}: {not_a_file(path, 'this source', st.st_mode)}")
+            inode, size = st.st_ino, st.st_size
             with path.open("rb") as fh:
                 fingerprint = hashlib.sha1(read_line(fh, head_bytes, skip=False)[0]).hexdigest()
-            size = path.stat().st_size
         except OSError as exc:
             raise SourceError(f"{what}: cannot read ({exc})") from exc
         pos = cls(str(path), inode, fingerprint)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -73,8 +74,11 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
     policy = policy_from_args(args, settings, f"publish {args.kind} {source}")
     unit = unit_from_args(args, settings)
     cp_path = None
-    piped = bool(args.file) and os.path.exists(args.file) and not os.path.isfile(args.file) \
-        and not os.path.isdir(args.file)
+    try:
+        mode = os.stat(args.file).st_mode if args.file else None
+    except OSError:
+        mode = None  # missing or unreadable: the file source says so
+    piped = mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
     if piped:  # a FIFO, /dev/stdin on a pipe, <(process substitution): readable once, like --stdin
         print(f"publish {args.kind}: {args.file} is not a regular file; it is read once as a stream, with no "
               "checkpoint (a re-run sends anew)", file=sys.stderr, flush=True)
@@ -108,21 +112,19 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
                                        timestamp_unit=unit, on_reject=rejected_line)
 
             runner = SourceRunner(settings, pub, build, kind=args.kind, checkpoint_path=cp_path)
-            if cp_path is not None:
-                line = int((runner.state or {}).get("line", 0))
-                offset = int((runner.state or {}).get("offset", 0))
-                done = 0 < offset and Path(args.file).stat().st_size <= offset
+            src = runner.source
+            assert isinstance(src, JsonLinesSource)
+            if src.pos is not None:
                 print(f"publish {args.kind}: {args.file} " + (
                     f"was published to its end by an earlier run with these flags; delete {cp_path} to publish "
-                    "it again" if done else f"from line {line + 1} (checkpoint {cp_path})"),
+                    "it again" if src.pos.at_end() else f"from line {src.pos.line + 1} (checkpoint {cp_path})"),
                     file=sys.stderr, flush=True)
             # A file stops cleanly on Ctrl-C/SIGTERM (acked, checkpointed: the same command resumes);
             # standard input keeps Python's Ctrl-C, which a blocked read of the pipe would not see.
             stop = None if args.stdin or piped else _stop_on_signals()
             stats = runner.run(stop)
-            if stop is not None and stop.is_set() and isinstance(runner.source, JsonLinesSource) \
-                    and not runner.source.lines.eof:
-                print(f"publish {args.kind}: stopped after line {runner.source.lines.line} of {args.file} "
+            if stop is not None and stop.is_set() and not src.lines.eof:
+                print(f"publish {args.kind}: stopped after line {src.lines.line} of {args.file} "
                       f"(checkpoint {cp_path}); the same command resumes", file=sys.stderr, flush=True)
         pub.settle()  # a broker killed right after we exit must not lose the last acks
     sent, rejected = stats.published, stats.dead_lettered
