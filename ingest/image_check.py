@@ -80,14 +80,14 @@ def accept(data: bytes, filename: str | None = None, *, max_side: int = MAX_SIDE
     a still GIF, BMP, TIFF, WebP or ICO converted to PNG first (``ingest/image_formats.py``), anything
     else refused with its reason. The drop folder and the gateway call this; the dead letter of a refused
     file keeps the original bytes. ``filename``'s extension, when given, must fit the content."""
-    try:
-        image_probe.check_size(len(data), max_bytes)
-    except ImageProbeError as exc:
-        raise ImageValidationError(str(exc), exc.reason) from exc
     name = format_name(data) if sniff(data) is None else None
     if name not in CONVERTIBLE:
         return data, inspect(data, filename, max_side=max_side, max_pixels=max_pixels, max_bytes=max_bytes)
     assert name is not None
+    try:
+        image_probe.check_size(len(data), max_bytes)  # before decoding; inspect() checks the others
+    except ImageProbeError as exc:
+        raise ImageValidationError(str(exc), exc.reason) from exc
     if filename is not None:
         ext = os.path.splitext(filename)[1].lower()
         if ext not in CONVERTIBLE[name][1]:

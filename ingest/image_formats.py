@@ -18,6 +18,8 @@ from __future__ import annotations
 import struct
 
 from ingest.exceptions import ImageValidationError
+from streaming import image_probe
+from streaming.exceptions import ImageProbeError
 
 #: Formats recognized only to be rejected with their name (magic bytes, format name).
 _OTHER_FORMATS = (
@@ -74,10 +76,7 @@ def to_png(data: bytes, name: str, max_side: int, max_pixels: int) -> bytes:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=[pil_format]) as img:
                 width, height = img.size
-                if width > max_side or height > max_side or width * height > max_pixels:
-                    raise ImageValidationError(
-                        f"{name} declares {width}x{height}, over the cap {max_side}x{max_side} / {max_pixels} "
-                        "pixels (possible decompression bomb)", "too_many_pixels")
+                image_probe.check_limits(width, height, max_side=max_side, max_pixels=max_pixels, where=name)
                 if getattr(img, "is_animated", False):  # not n_frames: for a TIFF it walks every page
                     what = "multi-page TIFF" if name == "TIFF" else f"animated {name}"
                     raise ImageValidationError(f"{what} ({width}x{height}) is not supported; convert the page "
@@ -89,6 +88,8 @@ def to_png(data: bytes, name: str, max_side: int, max_pixels: int) -> bytes:
                 still.save(out, format="PNG", compress_level=1)
     except ImageValidationError:
         raise
+    except ImageProbeError as exc:
+        raise ImageValidationError(str(exc), exc.reason) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # raised by open() itself
         raise ImageValidationError(f"{name}: {exc} (possible decompression bomb)", "too_many_pixels") from exc
     except Exception as exc:  # Pillow raises many unrelated types for corrupt data  # noqa: BLE001
