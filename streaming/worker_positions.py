@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from kafka import ConsumerRebalanceListener, TopicPartition
 
-from streaming.ackguard import EpochWatch
 from streaming.divergence import find_divergence, quarantine
+from streaming.epochwatch import EpochWatch
 from streaming.kafka_security import kafka_security
 
 if TYPE_CHECKING:

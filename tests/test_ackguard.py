@@ -34,6 +34,8 @@ def test_after_an_epoch_change_a_record_missing_at_its_offset_is_sent_again_once
         lost = pub.send_bytes(topic, b"other", key=b"k")
         pub.flush()
         assert kept.succeeded() and lost.succeeded()
+        mark = pub.ledger.acked_mark()
+        assert pub.ledger.confirmed_mark() < mark  # acked is not confirmed
         with pub.ledger._cond:
             # what a broker restart with offset reuse looks like from the ledger: the record we acked at this
             # offset ("lost") is not the one the topic holds there ("other"); both acks are older than the window
@@ -45,6 +47,13 @@ def test_after_an_epoch_change_a_record_missing_at_its_offset_is_sent_again_once
         wait_until(lambda: stats.resent_lost == 1 and stats.verified_by_read == 1, 30, message="read back")
         pub.flush()
         assert pub.ledger.pending() == 1  # the re-sent record, until its own window has passed
+        # the "kept" record is confirmed, but the mark stays below the lost one's first ack until its re-send is
+        assert pub.ledger.confirmed_mark() < mark
+        with pub.ledger._cond:
+            for e in pub.ledger._entries:
+                e.acked_at -= 120.0
+        wait_until(lambda: pub.ledger.confirmed_mark() >= mark, 30, message="the re-send confirmed")
+        assert pub.ledger.pending() == 0 and not pub.ledger._holds
     values = sorted(r.raw for r in read_topic(s, topic, decode=False, expect=3))
     assert values == [b"kept", b"lost", b"other"]
 
