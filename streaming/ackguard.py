@@ -42,12 +42,15 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kafka import errors as kerr
 from kafka.future import Future
 
 from streaming.epochwatch import EpochWatch
+
+if TYPE_CHECKING:
+    from streaming.ackjournal import AckJournal
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +213,8 @@ class AckLedger:
         self._consumer: Any = None
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
+        #: Where sends are written before they go out (the gateway's, ``streaming/ackjournal.py``); None: nowhere.
+        self.journal: AckJournal | None = None
         self.broker_down_since: float | None = None
 
     # ---- sending ---------------------------------------------------------------------------
@@ -225,6 +230,8 @@ class AckLedger:
                         raise kerr.KafkaTimeoutError(
                             f"ack ledger full ({self._bytes} bytes unconfirmed for 300 s); is the broker up?")
         fut = GuardedSend(topic, key, value, headers, self)
+        if self.journal is not None:
+            self.journal.append(fut)
         with self._lock:
             self._unacked += 1
         self._attempt(fut, raise_errors=True)
@@ -244,6 +251,8 @@ class AckLedger:
                     self._release(fut.hold)
                     self.stats.lost_for_good += 1
                 self._cond.notify_all()
+            if self.journal is not None and fut.hold < 0:
+                self.journal.failed(fut)
             if raise_errors:
                 raise
             fut.failure(exc)
@@ -295,6 +304,8 @@ class AckLedger:
                 log.error("a record the broker lost could not be sent again (%s: %s); a source restarted with "
                           "the same command sends it from its checkpoint", type(exc).__name__, exc)
             self._cond.notify_all()
+        if self.journal is not None and fut.hold < 0:
+            self.journal.failed(fut)
         if not fut.is_done:
             fut.failure(exc)
 
@@ -364,6 +375,8 @@ class AckLedger:
                 self.stats.confirmed += 1
         if suspects and connected:
             self._read_back(suspects)
+        if self.journal is not None:
+            self.journal.collect(self)
 
     def _drop(self, entry: _Entry) -> None:
         self._bytes -= entry.size
@@ -474,6 +487,10 @@ class AckLedger:
         self._closed.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self.journal is not None:
+            with self._cond:
+                settled = not self._entries and not self._unacked and not self._holds
+            self.journal.close(settled=settled)
         if self._consumer is not None:
             self._consumer.close()
         self._watch.close()

@@ -224,3 +224,72 @@ def test_source_and_broker_killed_together_lose_no_checkpointed_line(crash_broke
     missing = lines - len(values)
     assert missing == 0 and max(values.values()) == 1, \
         f"{missing} lines missing, {sum(values.values()) - len(values)} on the topic twice"
+
+
+def test_gateway_and_broker_killed_together_lose_no_accepted_event(crash_broker) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 of `ingest serve` and, at once, of the broker. The broker loses its last seconds of acked
+    writes; the client was told "accepted" for them and will not send them again. The gateway's journal
+    (streaming/ackjournal.py) keeps them: the same command, run again, finds them missing on the topic
+    and sends them once, before it answers anything."""
+    settings, kill9_restart = crash_broker
+    token = "tok-crash_0123456789"
+    port = free_port()
+    env = subprocess_env(settings.with_(ingest_tokens=f"crash:{token}", ingest_port=port))
+    cmd = streamlearn_cmd("ingest", "serve")
+    url = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {token}"}
+    accepted: list[str] = []
+    halt = threading.Event()
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def client() -> None:  # one client, one request at a time; stops at the first answer that is not 200
+        with httpx.Client(base_url=url, timeout=30) as http:
+            n = 0
+            while not halt.is_set():
+                batch = [f"g-{n + i}" for i in range(50)]
+                n += 50
+                body = [{"event_id": eid, "client_ip": "10.2.0.1", "timestamp": 1_700_000_000_000 + i,
+                         "method": "GET", "path": f"/{eid}", "protocol": "HTTP/1.1", "status": 200, "bytes_sent": 1,
+                         "user_agent": "crash-test", "latency_ms": 1.0} for i, eid in enumerate(batch)]
+                try:
+                    r = http.post("/ingest/weblog", json=body, headers=auth)
+                except httpx.HTTPError:
+                    return
+                if r.status_code != 200:
+                    return
+                accepted.extend(batch)
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    thread = threading.Thread(target=client, daemon=True)
+    try:
+        wait_until(healthy, 60, message="gateway healthy")
+        thread.start()
+        wait_until(lambda: len(accepted) >= 3_000 or not thread.is_alive(), 120, message="3,000 events accepted")
+        assert thread.is_alive(), "the client stopped before the kill"
+        proc.kill()
+        kill9_restart()
+        halt.set()
+        thread.join(timeout=60)
+    finally:
+        halt.set()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    again = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(healthy, 180, message="the restarted gateway healthy")
+    finally:
+        again.send_signal(signal.SIGTERM)
+        out, _ = again.communicate(timeout=180)
+    event_ids = Counter(json_event_ids(settings))
+    missing = set(accepted) - set(event_ids)
+    dups = {k: n for k, n in event_ids.items() if n > 1}
+    assert not missing, f"{len(missing)} of {len(accepted)} accepted events missing, e.g. {sorted(missing)[:5]}"
+    assert not dups, f"{len(dups)} events on the topic more than once, e.g. {list(dups.items())[:5]}"
+    assert "journal of the last run" in out, out[-3000:]
+    print(next(line for line in out.splitlines() if "journal of the last run" in line))

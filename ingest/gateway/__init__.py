@@ -14,7 +14,10 @@ Answer: ``{"results": [{"index", "status": accepted|duplicate|rejected, "error"?
 207 when some records were, 422 when none was valid, 400 when the body as a whole is unusable.
 Rejected records are dead-lettered (original bytes, reason headers, ``dl.stage=gateway``). A record
 Kafka did not acknowledge is reported ``rejected`` with ``"retryable": true`` and the whole answer
-is 503 + ``Retry-After``: resend it, the idempotency keys make that safe.
+is 503 + ``Retry-After``: resend it, the idempotency keys make that safe. An answered record is also
+in the gateway's journal (``streaming/ackjournal.py``, fsynced before the answer), so a kill -9 of the
+gateway together with an embedded broker that loses its last acks loses none of them: the same
+command re-sends them at start (docs/RECOVERY.md, "Broker crash").
 
 Order of admission, cheapest first, so a refused request costs almost nothing: body size by
 ``Content-Length`` and the process-wide budget of body bytes held (413/503, raw ASGI middleware,

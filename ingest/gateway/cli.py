@@ -103,6 +103,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     log.info("event time: %s, numeric timestamps in %s", rules.policy.describe(), rules.unit)
     app = create_app(settings, limits=limits_from_args(args, settings), time_rules=rules)
     host = args.ingest_host or settings.ingest_host
+    _recover_journal(app, settings)
     if args.idempotency_seed_minutes > 0:
         seeded = app.state.gateway.seed_idempotency(args.idempotency_seed_minutes * 60)
         log.info("idempotency window seeded with %d event ids from the last %g min", seeded,
@@ -113,6 +114,20 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     uvicorn.Server(server_config(app, host=host, port=settings.ingest_port, log_level=settings.log_level.lower(),
                                  access_log=args.access_log)).run()
     return 0
+
+
+def _recover_journal(app: Any, settings: Settings) -> None:
+    """Journal every send of this gateway (one journal per port), and first send again what the broker
+    lost of an earlier run's acknowledged records (streaming/ackjournal.py). Before the port is bound:
+    no request is answered until the records acknowledged by the crashed run are back on the topics."""
+    from streaming.ackjournal import attach, journal_dir, recover
+
+    publisher = app.state.gateway.publisher
+    journal = attach(publisher, journal_dir(settings.state_dir, settings.ingest_port))
+    if journal is not None and journal.leftover:
+        done = recover(publisher, journal)
+        log.info("journal of the last run: %d records, %d on the topics, %d sent again", done["journaled"],
+                 done["found"], done["resent"])
 
 
 def _warm(app: Any, settings: Settings) -> None:

@@ -1,0 +1,91 @@
+"""The gateway's journal of sends (streaming/ackjournal.py): frames, torn tails, the lock, dropping
+confirmed segments, and recovery over the real session broker (the broker is not killed here; the
+crash itself is tests/test_broker_crash_ingest.py::test_gateway_and_broker_killed_together_*)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from streaming.ackjournal import (
+    AckJournal,
+    JournalLockedError,
+    JournalRecord,
+    attach,
+    encode,
+    read_segment,
+    recover,
+)
+from streaming.config import Settings
+from streaming.producer import Publisher
+from streaming.topics import raw_topic
+from tests.helpers import read_topic, wait_until
+
+
+def test_frames_round_trip_and_a_torn_tail_ends_the_read(tmp_path: Path) -> None:
+    recs = [JournalRecord(1, "t.a", None, b"v1", []), JournalRecord(2, "t.b", b"", b"", [("h", b"x"), ("e", b"")]),
+            JournalRecord(3, "t.c", b"k" * 300, b"\x00" * 70_000, [("sl.event_id", b"id")])]
+    seg = tmp_path / "0.seg"
+    data = b"".join(encode(r) for r in recs)
+    seg.write_bytes(data + encode(JournalRecord(4, "t.d", b"k", b"torn", []))[:-2])
+    assert list(read_segment(seg)) == recs
+    flipped = bytearray(data)
+    flipped[-1] ^= 1  # a corrupt last frame: its crc says so
+    seg.write_bytes(bytes(flipped))
+    assert list(read_segment(seg)) == recs[:2]
+
+
+def test_one_journal_per_directory(tmp_path: Path) -> None:
+    first = AckJournal(tmp_path / "j")
+    with pytest.raises(JournalLockedError, match="in use by another process"):
+        AckJournal(tmp_path / "j")
+    first.close(settled=False)
+    AckJournal(tmp_path / "j").close(settled=True)
+
+
+def test_confirmed_segments_are_dropped_and_a_clean_close_leaves_none(settings: Settings, tmp_path: Path) -> None:
+    topic = raw_topic(settings, "weblog")
+    with Publisher(settings) as pub:
+        journal = attach(pub, tmp_path / "j")
+        assert journal is not None
+        journal.segment_s = 0.05
+        for i in range(30):
+            pub.send_bytes(topic, b"r%d" % i, key=b"k")
+        journal.sync()
+        pub.flush()
+        wait_until(lambda: len(list((tmp_path / "j").glob("*.seg"))) <= 1, 30, message="confirmed segments gone")
+        pub.send_bytes(topic, b"last", key=b"k")
+        assert pub.settle(timeout=30)
+    assert not list((tmp_path / "j").glob("*.seg"))
+
+
+def test_recover_sends_again_only_what_the_topic_lacks(settings: Settings, tmp_path: Path) -> None:
+    """A journal a crashed gateway left: two records on the topic, one lost by the broker, one sent twice
+    (the client's resend after a failure) and one whose send failed for good."""
+    topic = raw_topic(settings, "weblog")
+    with Publisher(settings) as pub:
+        on_topic = [pub.send_bytes(topic, b"kept-%d" % i, key=b"k", headers=[("sl.event_id", b"%d" % i)])
+                    for i in range(2)]
+        assert pub.settle(timeout=30) and all(f.succeeded() for f in on_topic)
+    jdir = tmp_path / "j"
+    jdir.mkdir()
+    now = on_topic[0].value.timestamp
+    frames = [JournalRecord(now, topic, b"k", b"kept-0", [("sl.event_id", b"0")]),
+              JournalRecord(now, topic, b"k", b"kept-1", [("sl.event_id", b"1")]),
+              JournalRecord(now, topic, b"k", b"lost", [("sl.event_id", b"2")]),
+              JournalRecord(now, topic, b"k", b"twice", [])]
+    from streaming.ackguard import record_digest
+    from streaming.ackjournal import FAILED
+
+    failed = JournalRecord(now, FAILED, None, record_digest(b"k", b"twice", []).encode(), [])
+    (jdir / "7.seg").write_bytes(b"".join(encode(f) for f in frames) + encode(frames[3]) + encode(failed))
+    with Publisher(settings) as pub:
+        journal = attach(pub, jdir)
+        assert journal is not None and journal.leftover == [jdir / "7.seg"]
+        done = recover(pub, journal)
+        assert done == {"journaled": 5, "found": 3, "resent": 2}
+        assert not (jdir / "7.seg").exists()
+        assert pub.settle(timeout=30)
+    values = sorted(r.raw for r in read_topic(settings, topic, decode=False, expect=4))
+    assert values == [b"kept-0", b"kept-1", b"lost", b"twice"]
