@@ -146,6 +146,9 @@ class AckJournal:
         self._written = 0  # bytes appended, and ...
         self._synced = 0  # ... of those, made durable
         self._sync_lock = threading.Lock()
+        #: Files of closed segments not yet fsynced: the next :meth:`sync` does it, outside ``_mutex``, so
+        #: a rotation never makes the senders wait for a disk flush.
+        self._to_sync: list[Any] = []
         numbers = [int(p.stem) for p in self.directory.glob("*.seg") if p.stem.isdigit()]
         #: Segments a crashed run left behind: :func:`recover` reads and then removes them.
         self.leftover = [self.directory / f"{n}.seg" for n in sorted(numbers)]
@@ -179,11 +182,10 @@ class AckJournal:
             self._written += len(frame)
 
     def _rotate(self) -> None:
-        """Close the open segment (durable first) and open the next; under ``_mutex``."""
+        """Close the open segment (its file waits for the next :meth:`sync`) and open the next; under
+        ``_mutex``."""
         self._file.flush()
-        os.fsync(self._file.fileno())
-        self._synced = max(self._synced, self._written)
-        self._file.close()
+        self._to_sync.append(self._file)
         self._closed.append(self._open)
         self._open = self._new_segment()
         self._file = self._open.path.open("ab")
@@ -192,15 +194,19 @@ class AckJournal:
         """Make every record appended so far durable (one fsync serves every caller waiting on it)."""
         with self._mutex:
             target = self._written
-        if self._synced >= target:
+        if self._synced >= target and not self._to_sync:
             return
         with self._sync_lock:
-            if self._synced >= target:
+            if self._synced >= target and not self._to_sync:
                 return
             with self._mutex:
                 self._file.flush()
                 fd, upto = os.dup(self._file.fileno()), self._written
+                older, self._to_sync = self._to_sync, []
             try:
+                for fh in older:  # in order: a closed segment holds earlier records than the open one
+                    os.fsync(fh.fileno())
+                    fh.close()
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -213,6 +219,9 @@ class AckJournal:
             if self._open.sends and time.monotonic() - self._open.opened > self.segment_s:
                 self._rotate()
             closed = list(self._closed)
+            unsynced = bool(self._to_sync)
+        if unsynced:
+            self.sync()
         if not closed:
             return
         confirmed = ledger.confirmed_mark()
@@ -233,9 +242,8 @@ class AckJournal:
     def close(self, *, settled: bool) -> None:
         """At a clean stop: drop every segment when the ledger ``settled`` (all confirmed); else keep them
         for the next start's :func:`recover`."""
+        self.sync()
         with self._mutex:
-            self._file.flush()
-            os.fsync(self._file.fileno())
             self._file.close()
             segments = [*self._closed, self._open]
         if settled:
