@@ -295,8 +295,8 @@ def recover(publisher: Publisher, journal: AckJournal, *, timeout_s: float = 300
             publisher.ledger.send(rec.topic, rec.value, rec.key, rec.headers or None)
             resent += 1
     if resent:
-        log.warning("the broker lost %d records this gateway had acknowledged before it stopped; sent them again",
-                    resent)
+        log.warning("the broker lost %d acknowledged records of this process's last run (journal %s); sent them "
+                    "again", resent, journal.directory)
         if not publisher.settle(timeout=timeout_s):
             raise TimeoutError(f"the {resent} records sent again were not confirmed within {timeout_s:g} s; the "
                                f"journal {journal.directory} is kept, and the next start tries again")

@@ -14,6 +14,8 @@ beginning when the store holds no batch of the partition yet) to its end and col
 the store's end; those records are recorded as dead letters in their batch again but not produced
 a second time.
 
+A dead letter the broker lost together with the worker (both killed within the broker's loss window)
+is sent again from the worker's ack journal when the same command restarts it (``streaming/ackjournal.py``).
 Readers that want to be safe against the remaining double fault (a broker ``kill -9`` that loses
 the floor's offsets *and* a worker crash before the batch) deduplicate by the key
 ``(dl.source_topic, dl.source_partition, dl.source_offset)``: :func:`dedupe` does that.

@@ -276,9 +276,12 @@ class Publisher:
         return self._limits.limit(topic)
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until every send is acked or has finally failed (re-sends after a broker restart too)."""
+        """Wait until every send is acked or has finally failed (re-sends after a broker restart too), and
+        is in the ack journal where one is attached."""
         self._producer.flush(timeout=timeout)
         self.ledger.wait_acked(timeout)
+        if self.ledger.journal is not None:  # acked, and in the journal on disk (streaming/ackjournal.py)
+            self.ledger.journal.sync()
 
     def settle(self, timeout: float | None = 60.0) -> bool:
         """Flush, then wait until every acked record is confirmed kept by the broker (at most the

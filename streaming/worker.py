@@ -26,6 +26,7 @@ batches with backoff and resumes by itself.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import signal
 import threading
@@ -105,6 +106,8 @@ class StreamWorker(PartitionPositions):
         # same slot, hence the same group.instance.id, and gets its partitions back at once.
         self.lease = members.claim(settings, self.group, f"stream-{kind}", instance=instance_id)
         log.info("joining group %s as static member %s", self.group, self.lease.instance_id)
+        if self._own_publisher:
+            self._journal_dead_letters()
         consumer_overrides.setdefault("group_instance_id", self.lease.instance_id)
         consumer_overrides.setdefault("client_id", members.client_id(f"stream-{kind}"))
         try:  # members of this host whose process is gone would hold their partitions forever
@@ -308,7 +311,24 @@ class StreamWorker(PartitionPositions):
         self.committer.commit()
         self._update_lag(force=True)
 
+    def _journal_dead_letters(self) -> None:
+        """Journal this member's dead letters, and first re-send what a broker crash lost of the last
+        run's (streaming/ackjournal.py). Why: a dead letter's record is "handled" once its batch is in
+        the store, so a worker killed together with a broker that lost the dead letter would never
+        write it again. One journal per member slot: the same command restarted takes the same slot."""
+        from streaming.ackjournal import attach, recover
+
+        name = hashlib.sha256(f"{self.group}/{self.lease.instance_id}".encode()).hexdigest()[:16]
+        journal = attach(self.publisher, self.settings.state_dir / "stream" / "journal" / name)
+        if journal is not None and journal.leftover:
+            done = recover(self.publisher, journal)
+            if done["resent"]:
+                log.warning("%d dead letters of the last run were lost by the broker; sent them again",
+                            done["resent"])
+
     def close(self) -> None:
+        if self._own_publisher:  # dead letters just sent: confirmed before exit (the journal covers a crash)
+            self.publisher.settle(timeout=10.0)
         self._watch.close()
         if self.pipeline.dl_index is not None:
             self.pipeline.dl_index.close()

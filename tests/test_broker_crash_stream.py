@@ -19,6 +19,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from streaming import config
 from streaming.divergence import _read_chain, quarantined
+from streaming.polling import poll_until
 from streaming.producer import Publisher
 from streaming.store import FeatureStore, StoreError
 from streaming.topics import raw_topic
@@ -137,3 +138,59 @@ def test_broker_kill9_under_stream_worker_quarantines_and_featurizes_each_record
     status = subprocess.run(streamlearn_cmd("status"), env=subprocess_env(settings), capture_output=True,
                             text=True, timeout=60)
     assert "quarantined feature batches" in status.stdout and notes[0]["batch_id"] in status.stdout
+
+
+def _dl_end(settings: config.Settings) -> int:
+    from streaming.topics import dead_letter_topic
+
+    c = KafkaConsumer(bootstrap_servers=settings.bootstrap, request_timeout_ms=10_000)
+    try:
+        topic = dead_letter_topic(settings, "sensor")
+        return sum(c.end_offsets([TopicPartition(topic, p) for p in c.partitions_for_topic(topic) or ()]).values())
+    finally:
+        c.close()
+
+
+def test_worker_and_broker_killed_together_lose_no_dead_letter(crash_broker) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 of `streamlearn stream sensor` while it dead-letters, and at once of the broker. The broker
+    loses the dead letters of its last seconds; their records are in stored batches, so the restarted worker
+    resumes after them and would never write them again. The worker's journal (streaming/ackjournal.py)
+    keeps them: the same command sends the missing ones again before it resumes."""
+    from streaming.deadletters import source_key
+    from streaming.topics import dead_letter_topic
+    from tests.helpers import read_topic
+
+    settings, kill9_restart = crash_broker
+    topic, n = raw_topic(settings, "sensor"), 10_000
+    with Publisher(settings) as pub:
+        for i in range(n):
+            pub.send_bytes(topic, b"not an avro record %d" % i, key=f"s{i % 7}")
+        assert pub.settle(timeout=120)  # the bad records themselves are kept by the broker
+    cmd, env = streamlearn_cmd("stream", "sensor"), subprocess_env(settings)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _dl_end(settings) >= 2_500, 120, interval=0.05, message="2,500 dead letters")
+        proc.kill()
+        kill9_restart()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+    assert _dl_end(settings) < n, "the worker had dead-lettered everything before the kill; use more records"
+
+    def covered() -> set[int]:
+        letters = read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False, timeout=60)
+        return {k[2] + 1_000_000 * k[1] for k in (source_key(r.headers) for r in letters) if k is not None}
+
+    ends = _ends(settings)
+    want = {o + 1_000_000 * p for p, end in ends.items() for o in range(end)}
+    again = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        poll_until(lambda: covered() >= want or again.poll() is not None, 180, interval_s=1.0)
+    finally:
+        again.send_signal(signal.SIGTERM)
+        out, _ = again.communicate(timeout=120)
+    missing = want - covered()
+    assert not missing, f"{len(missing)} of {n} bad records have no dead letter, e.g. {sorted(missing)[:5]}; " \
+                        f"worker: {out[-3000:]}"
+    assert "dead letters of the last run were lost by the broker" in out, out[-3000:]
