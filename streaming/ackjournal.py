@@ -266,11 +266,23 @@ def recover(publisher: Publisher, journal: AckJournal, *, timeout_s: float = 300
     if not records:
         for path in journal.leftover:
             path.unlink(missing_ok=True)
-        return {"journaled": 0, "found": 0, "resent": 0}
+        return {"journaled": 0, "resent": 0, "gone": 0}
+    journaled = len(records)
+    existing = _existing_topics(publisher.settings)
+    gone = Counter(r.topic for r in records if r.topic not in existing)
+    if gone:  # deleted since (e.g. a removed tenant): nothing to compare with, and no one reads it any more
+        log.warning("journal %s: %s no longer exist; their %d journaled records are not sent again",
+                    journal.directory, sorted(gone), sum(gone.values()))
+        records = [r for r in records if r.topic in existing]
     wanted = Counter(r.digest() for r in records) - gave_up
     topics = sorted({r.topic for r in records})
     since = min(r.send_ms for r in records) - READ_BACK_MARGIN_MS
     settings = publisher.settings
+    if not records:
+        for path in journal.leftover:
+            path.unlink(missing_ok=True)
+        journal.leftover = []
+        return {"journaled": journaled, "resent": 0, "gone": journaled}
     try:
         sub = Subscriber(settings, topics, start={"timestamp": since}, until="end", decode=False)
     except OffsetOutOfRangeError:  # retention dropped part of the span: read what is left
@@ -304,7 +316,20 @@ def recover(publisher: Publisher, journal: AckJournal, *, timeout_s: float = 300
     for path in journal.leftover:
         path.unlink(missing_ok=True)
     journal.leftover = []
-    return {"journaled": len(records), "found": len(records) - resent, "resent": resent}
+    return {"journaled": journaled, "resent": resent, "gone": journaled - len(records)}
+
+
+def _existing_topics(settings: Any) -> set[str]:
+    from kafka import KafkaConsumer
+
+    from streaming.kafka_security import kafka_security
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, request_timeout_ms=10_000,
+                             **kafka_security(settings))
+    try:
+        return set(consumer.topics())
+    finally:
+        consumer.close()
 
 
 def journal_dir(state_dir: Path, port: int) -> Path:

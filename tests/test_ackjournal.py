@@ -62,7 +62,7 @@ def test_confirmed_segments_are_dropped_and_a_clean_close_leaves_none(settings: 
 
 def test_recover_sends_again_only_what_the_topic_lacks(settings: Settings, tmp_path: Path) -> None:
     """A journal a crashed gateway left: two records on the topic, one lost by the broker, one sent twice
-    (the client's resend after a failure) and one whose send failed for good."""
+    (the client's resend after a failure) and one whose send failed for good, one for a deleted topic."""
     topic = raw_topic(settings, "weblog")
     with Publisher(settings) as pub:
         on_topic = [pub.send_bytes(topic, b"kept-%d" % i, key=b"k", headers=[("sl.event_id", b"%d" % i)])
@@ -79,12 +79,14 @@ def test_recover_sends_again_only_what_the_topic_lacks(settings: Settings, tmp_p
     from streaming.ackjournal import FAILED
 
     failed = JournalRecord(now, FAILED, None, record_digest(b"k", b"twice", []).encode(), [])
-    (jdir / "7.seg").write_bytes(b"".join(encode(f) for f in frames) + encode(frames[3]) + encode(failed))
+    gone = JournalRecord(now, f"{topic}.deleted", b"k", b"gone", [])
+    (jdir / "7.seg").write_bytes(b"".join(encode(f) for f in frames) + encode(frames[3]) + encode(failed)
+                                 + encode(gone))
     with Publisher(settings) as pub:
         journal = attach(pub, jdir)
         assert journal is not None and journal.leftover == [jdir / "7.seg"]
         done = recover(pub, journal)
-        assert done == {"journaled": 5, "found": 3, "resent": 2}
+        assert done == {"journaled": 6, "resent": 2, "gone": 1}
         assert not (jdir / "7.seg").exists()
         assert pub.settle(timeout=30)
     values = sorted(r.raw for r in read_topic(settings, topic, decode=False, expect=4))

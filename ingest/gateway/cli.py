@@ -126,8 +126,8 @@ def _recover_journal(app: Any, settings: Settings) -> None:
     journal = attach(publisher, journal_dir(settings.state_dir, settings.ingest_port))
     if journal is not None and journal.leftover:
         done = recover(publisher, journal)
-        log.info("journal of the last run: %d records, %d on the topics, %d sent again", done["journaled"],
-                 done["found"], done["resent"])
+        log.info("journal of the last run: %d records, %d sent again (the rest were on the topics%s)",
+                 done["journaled"], done["resent"], f", {done['gone']} for deleted topics" if done["gone"] else "")
 
 
 def _warm(app: Any, settings: Settings) -> None:
