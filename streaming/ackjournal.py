@@ -46,8 +46,11 @@ _NO_KEY = 0xFFFFFFFF
 #: Topic of a frame that says "the send with this digest (the value) failed for good": not on the topic,
 #: and the client was told to send it again; recovery must not send it a second time.
 FAILED = "\x00failed"
-#: Records at most this far before the oldest journaled send are read back (producer clocks of one host).
-READ_BACK_MARGIN_MS = 60_000
+#: The read-back starts this far before the oldest journaled send. Record times are the producer's clock
+#: (CreateTime), the same clock as ``send_ms``; the margin covers a topic on LogAppendTime whose broker
+#: clock is behind by less. More skew than this costs duplicates (a found record is sent again), never
+#: a loss, and a longer margin costs start-up time on a busy topic.
+READ_BACK_MARGIN_MS = 10_000
 
 
 class JournalLockedError(StreamingError):
