@@ -342,15 +342,19 @@ class Gateway:
 
     def answer(self, kind: str, items: list[Item], principal: Principal | None = None) -> Answer:
         counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
+        outcomes = {"accepted": 0, "duplicate": 0, "rejected": 0, "failed": 0}
         retry = False
         for item in items:
             counts[item.status] += 1
             retry = retry or item.retryable
-            outcome = "failed" if item.retryable else item.status
-            self.metrics.records.labels(kind=kind, status=outcome).inc()
-            if principal is not None:
-                tenant = self.tokens.tenant_label(principal)
-                self.metrics.tenant_records.labels(tenant=tenant, kind=kind, status=outcome).inc()
+            outcomes["failed" if item.retryable else item.status] += 1
+        # one counter update per outcome, not per record (two label lookups per record were ~2 % of a run)
+        tenant = self.tokens.tenant_label(principal) if principal is not None else None
+        for status, n in outcomes.items():
+            if n:
+                self.metrics.records.labels(kind=kind, status=status).inc(n)
+                if tenant is not None:
+                    self.metrics.tenant_records.labels(tenant=tenant, kind=kind, status=status).inc(n)
         body = {"results": [item.result() for item in items], "accepted": counts["accepted"],
                 "duplicates": counts["duplicate"], "rejected": counts["rejected"]}
         if retry:
