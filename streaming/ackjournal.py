@@ -116,7 +116,12 @@ def read_segment(path: Path) -> Iterator[JournalRecord]:
             log.warning("%s: a torn record at byte %d (a crash mid-write); the rest of the segment is skipped",
                         path, pos)
             return
-        yield _decode(payload)
+        try:
+            record = _decode(payload)
+        except (struct.error, UnicodeDecodeError) as exc:  # a whole frame that does not parse: not ours
+            log.warning("%s: an unreadable record at byte %d (%s); the rest of the segment is skipped", path, pos, exc)
+            return
+        yield record
         pos += _HEAD.size + size
 
 

@@ -4,6 +4,8 @@ crash itself is tests/test_broker_crash_ingest.py::test_gateway_and_broker_kille
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,9 @@ def test_frames_round_trip_and_a_torn_tail_ends_the_read(tmp_path: Path) -> None
     seg = tmp_path / "0.seg"
     data = b"".join(encode(r) for r in recs)
     seg.write_bytes(data + encode(JournalRecord(4, "t.d", b"k", b"torn", []))[:-2])
+    assert list(read_segment(seg)) == recs
+    junk = b"\xff" * 7
+    seg.write_bytes(data + struct.pack(">II", len(junk), zlib.crc32(junk)) + junk)  # a whole frame, not a record
     assert list(read_segment(seg)) == recs
     flipped = bytearray(data)
     flipped[-1] ^= 1  # a corrupt last frame: its crc says so
