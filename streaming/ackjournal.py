@@ -250,7 +250,11 @@ class AckJournal:
     def close(self, *, settled: bool) -> None:
         """At a clean stop: drop every segment when the ledger ``settled`` (all confirmed); else keep them
         for the next start's :func:`recover`."""
-        self.sync()
+        try:
+            self.sync()
+        except OSError as exc:  # kept as they are: the next start reads what is readable
+            log.error("journal %s: %s; its segments are kept for the next start", self.directory, exc)
+            settled = False
         with self._mutex:
             self._file.close()
             segments = [*self._closed, self._open]

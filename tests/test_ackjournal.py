@@ -96,3 +96,30 @@ def test_recover_sends_again_only_what_the_topic_lacks(settings: Settings, tmp_p
         assert pub.settle(timeout=30)
     values = sorted(r.raw for r in read_topic(settings, topic, decode=False, expect=4))
     assert values == [b"kept-0", b"kept-1", b"lost", b"twice"]
+
+
+def test_a_gateway_whose_journal_cannot_be_written_answers_503_not_accepted(settings: Settings,
+                                                                            tmp_path: Path) -> None:
+    """Sent and acked, but not in the journal (a full disk): the answer must not say "accepted"."""
+    import errno
+
+    from fastapi.testclient import TestClient
+
+    from ingest.gateway.routes import create_app
+    from tests.test_gateway_http import AUTH, gateway_settings, weblog
+
+    app = create_app(gateway_settings(settings))
+    journal = attach(app.state.gateway.publisher, tmp_path / "j")
+    assert journal is not None
+
+    def full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    journal.sync = full  # type: ignore[method-assign]
+    with TestClient(app) as tc:
+        r = tc.post("/ingest/weblog", json=[weblog(1), weblog(2)], headers=AUTH)
+        assert r.status_code == 503 and r.headers["Retry-After"], r.text
+        body = r.json()
+        assert body["accepted"] == 0 and all(x["retryable"] for x in body["results"])
+        assert "could not write its journal" in body["results"][0]["error"]
+        assert "No space left" in body["results"][0]["error"]

@@ -58,6 +58,7 @@ class Item:
     status: str = "pending"  # accepted | duplicate | rejected
     retryable: bool = False  # rejected because Kafka did not ack: resend
     meta: dict[str, Any] = field(default_factory=dict)  # topic, partition, offset
+    journal_error: str = ""  # sent, but the gateway's journal could not be made durable: not accepted
 
     @property
     def original(self) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -66,6 +67,8 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"description": "Kafka behind or not acknowledging; see Retry-After"},
 }
 
+log = logging.getLogger(__name__)
+
 
 def _identity_only(request: Request) -> None:
     """415 for a compressed body: it is not decompressed (no gzip bomb to bound), and read as it is
@@ -88,7 +91,10 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         if owned:
-            await run_in_threadpool(pub.settle)  # acked answers given must survive a broker kill
+            try:
+                await run_in_threadpool(pub.settle)  # acked answers given must survive a broker kill
+            except OSError as exc:  # the journal could not be written: the producer must close all the same
+                log.error("gateway shutdown: %s", exc)
             await run_in_threadpool(pub.close)
 
     app = FastAPI(title="streamlearn ingest gateway", version="1", lifespan=lifespan,

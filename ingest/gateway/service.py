@@ -255,7 +255,13 @@ class Gateway:
                     waits.append((item, "dead_letter", future))
                 except (KafkaError, RecordTooLargeError) as exc:
                     item.retryable, item.error = True, f"could not keep the rejected record ({describe(exc)})"
-        self.sync_journal()
+        try:
+            self.sync_journal()
+        except OSError as exc:  # sent, but not durable here: the client must not take it as accepted
+            log.error("gateway journal: %s; answering 503 until it can be written", exc)
+            for item, what, _ in waits:
+                if what == "ack":
+                    item.journal_error = f"the gateway could not write its journal ({describe(exc)}); resend"
         return waits
 
     def sync_journal(self) -> None:
@@ -295,11 +301,12 @@ class Gateway:
             self.seen.abandon(key, exc)
             item.reject(exc)
             return
-        except KafkaError as exc:
+        except (KafkaError, OSError) as exc:  # OSError: the journal could not be written (disk full?)
             self.inflight.release(1)
             self.seen.abandon(key, exc)
             item.status, item.retryable = "rejected", True
-            item.error = f"Kafka refused the record ({describe(exc)})"
+            item.error = f"{'Kafka refused the record' if isinstance(exc, KafkaError) else 'not kept'} " \
+                         f"({describe(exc)})"
             return
         sent = time.perf_counter()
         latency = self.metrics.ack_latency.labels(kind=kind)
@@ -334,6 +341,8 @@ class Gateway:
                               "pending": "the same event was in flight from another request and failed",
                               "dead_letter": "could not keep the rejected record"}[what]
                 item.error += f" ({describe(error)}); resend"
+            elif item.journal_error:
+                item.status, item.retryable, item.error = "rejected", True, item.journal_error
             elif what in ("ack", "pending"):
                 item.status = "accepted" if what == "ack" else "duplicate"
                 item.meta = dict(value) if isinstance(value, dict) else {
@@ -350,11 +359,11 @@ class Gateway:
             outcomes["failed" if item.retryable else item.status] += 1
         # one counter update per outcome, not per record (two label lookups per record were ~2 % of a run)
         tenant = self.tokens.tenant_label(principal) if principal is not None else None
-        for status, n in outcomes.items():
+        for what, n in outcomes.items():
             if n:
-                self.metrics.records.labels(kind=kind, status=status).inc(n)
+                self.metrics.records.labels(kind=kind, status=what).inc(n)
                 if tenant is not None:
-                    self.metrics.tenant_records.labels(tenant=tenant, kind=kind, status=status).inc(n)
+                    self.metrics.tenant_records.labels(tenant=tenant, kind=kind, status=what).inc(n)
         body = {"results": [item.result() for item in items], "accepted": counts["accepted"],
                 "duplicates": counts["duplicate"], "rejected": counts["rejected"]}
         if retry:
