@@ -1,6 +1,6 @@
 """Image validation before any decoding: magic bytes, extension vs. content, declared dimensions,
 truncation, then one Pillow decode with its pixel cap (see ``ingest/images.py``'s docstring for the
-reason codes); :func:`accept` converts still GIF/BMP/TIFF/WebP/ICO to PNG first. Split from the
+reason codes); :func:`accept` converts still GIF/BMP/TIFF/WebP/ICO/netpbm to PNG first. Split from the
 drop-folder source so ``ingest/images.py`` holds only the watcher.
 
 The header parsing and the limits are the one probe of ``streaming/image_probe.py`` (shared with the
@@ -77,12 +77,20 @@ def inspect(
 def accept(data: bytes, filename: str | None = None, *, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS,
            max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes, ImageInfo]:
     """The bytes to publish for an image file and their header: PNG and JPEG as they are (:func:`inspect`),
-    a still GIF, BMP, TIFF, WebP or ICO converted to PNG first (``ingest/image_formats.py``), anything
-    else refused with its reason. The drop folder and the gateway call this; the dead letter of a refused
-    file keeps the original bytes. ``filename``'s extension, when given, must fit the content."""
+    a still GIF, BMP, TIFF, WebP, ICO or netpbm (PPM/PGM/PBM) converted to PNG first
+    (``ingest/image_formats.py``), anything else refused with its reason. The drop folder and the gateway
+    call this; the dead letter of a refused file keeps the original bytes. ``filename``'s extension, when
+    given, must fit the content."""
     name = format_name(data) if sniff(data) is None else None
     if name not in CONVERTIBLE:
-        return data, inspect(data, filename, max_side=max_side, max_pixels=max_pixels, max_bytes=max_bytes)
+        try:
+            return data, inspect(data, filename, max_side=max_side, max_pixels=max_pixels, max_bytes=max_bytes)
+        except ImageValidationError as exc:
+            if exc.reason != "bad_magic":
+                raise
+            raise ImageValidationError(
+                f"{exc}: not an image format this takes (PNG and JPEG; {', '.join(CONVERTIBLE)} are converted to "
+                "PNG); convert it to PNG", "bad_magic") from exc
     assert name is not None
     try:
         image_probe.check_size(len(data), max_bytes)  # before decoding; inspect() checks the others

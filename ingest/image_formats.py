@@ -5,17 +5,20 @@ else is named here so a reason says what the file is (``unsupported_format``, ``
 GIF's declared logical screen is checked before anything else (``too_many_pixels``: a 32767x32767
 screen). That parsing is a bounded walk over the bytes already read.
 
-Users' folders hold scans and exports as BMP, TIFF, GIF, WebP and ICO, and refusing them made the drop
-folder useless on such data. A still image of those formats is decoded once by Pillow under the same
-pixel caps (the declared size is checked before any pixel is decoded; a decompression-bomb warning is
-an error) and re-encoded as PNG, lossless, by :func:`to_png`; the PNG is then validated like any other.
+Users' folders hold scans and exports as BMP, TIFF, GIF, WebP and ICO, and datasets as netpbm
+(PPM/PGM/PBM), and refusing them made the drop folder useless on such data. A still image of those
+formats is decoded once by Pillow under the same pixel caps (the declared size is checked before any
+pixel is decoded; a decompression-bomb warning is an error) and re-encoded as PNG, lossless, by
+:func:`to_png`; the PNG is then validated like any other.
 Still refused, with their reason: animated GIF/WebP and multi-page TIFF (``animated``: which frame is
-"the" image is the user's call), HEIF/AVIF and PDF (no decoder here).
+"the" image is the user's call), HEIF/AVIF and PDF (no decoder here). A format not named here
+(PCX, TGA, ...) is ``bad_magic``, with a message that lists what is taken.
 """
 
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from ingest.exceptions import ImageValidationError
 from streaming import image_probe
@@ -32,6 +35,7 @@ _OTHER_FORMATS = (
 CONVERTIBLE: dict[str, tuple[str, tuple[str, ...]]] = {
     "GIF": ("GIF", (".gif",)), "BMP": ("BMP", (".bmp", ".dib")), "TIFF": ("TIFF", (".tif", ".tiff")),
     "WebP": ("WEBP", (".webp",)), "ICO": ("ICO", (".ico",)),
+    "PNM": ("PPM", (".ppm", ".pgm", ".pbm", ".pnm")),  # netpbm: scientific and computer-vision datasets
 }
 
 
@@ -42,6 +46,9 @@ def format_name(data: bytes) -> str | None:
         name = "WebP"
     if name is None and data[4:8] == b"ftyp":
         name = "HEIF/AVIF"
+    if name is None and data[:1] == b"P" and data[1:2] in (b"1", b"2", b"3", b"4", b"5", b"6") \
+            and data[2:3] in (b" ", b"\t", b"\r", b"\n", b"#"):
+        name = "PNM"
     return name
 
 
@@ -61,7 +68,8 @@ def to_png(data: bytes, name: str, max_side: int, max_pixels: int) -> bytes:
     it is animated or multi-page, over the caps (checked on the declared size, before decoding) or corrupt.
 
     Modes PNG cannot hold are converted: CMYK and other colour spaces to RGB, 32-bit float (scientific
-    TIFF) to 8-bit grey, clipped; the featurizers read grey pixels in [0, 1] anyway."""
+    TIFF) to 8-bit grey, 32-bit integer grey to 16-bit, both clipped; the featurizers read grey pixels in
+    [0, 1] anyway."""
     import io
     import warnings
 
@@ -82,8 +90,7 @@ def to_png(data: bytes, name: str, max_side: int, max_pixels: int) -> bytes:
                     raise ImageValidationError(f"{what} ({width}x{height}) is not supported; convert the page "
                                                "or frame you mean to PNG", "animated")
                 img.load()
-                still = img if img.mode in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16") \
-                    else img.convert("L" if img.mode == "F" else "RGB")
+                still = _png_mode(img)
                 out = io.BytesIO()
                 still.save(out, format="PNG", compress_level=1)
     except ImageValidationError:
@@ -96,6 +103,18 @@ def to_png(data: bytes, name: str, max_side: int, max_pixels: int) -> bytes:
         raise ImageValidationError(f"{name} does not decode: {type(exc).__name__}: {str(exc)[:200]}",
                                    "corrupt") from exc
     return out.getvalue()
+
+
+def _png_mode(img: Any) -> Any:
+    """``img`` in a mode PNG can hold (see :func:`to_png`)."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode in ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"):
+        return img
+    if img.mode.startswith("I"):  # 32-bit integer (microscopy, astronomy) or 16-bit of the other byte order
+        return Image.fromarray(np.clip(np.asarray(img), 0, 65535).astype(np.uint16))
+    return img.convert("L" if img.mode == "F" else "RGB")
 
 
 def other_format(data: bytes, max_side: int, max_pixels: int) -> ImageValidationError | None:

@@ -234,7 +234,7 @@ class ImageWatcher:
                 f"label file {path.name} has no image beside it (x.png.label or x.label labels x.png)",
                 "orphan_label"))
         try:
-            published, info = accept(data, path.name)  # a BMP, TIFF, GIF, WebP or ICO becomes a PNG
+            published, info = accept(data, path.name)  # a BMP, TIFF, GIF, WebP, ICO or netpbm becomes a PNG
             timestamp = int(st.st_mtime * 1000)
             problems = self.policy.problems(timestamp)
             if problems:

@@ -88,6 +88,9 @@ def _bmp_header(width: int, height: int) -> bytes:
     (lambda: _saved("BMP", "1"), "fax.bmp", "1"), (lambda: _saved("TIFF"), "page.tif", "L"),
     (lambda: _saved("TIFF", "CMYK"), "print.tiff", "RGB"), (lambda: _saved("TIFF", "F"), "sci.tiff", "L"),
     (lambda: _saved("WEBP", "RGB"), "photo.webp", "RGB"), (lambda: _saved("ICO", "RGBA"), "icon.ico", "RGBA"),
+    (lambda: _saved("TIFF", "I"), "counts.tif", "I;16"),  # 32-bit integer grey (microscopy) could not be saved
+    (lambda: _saved("PPM"), "face.pgm", "L"), (lambda: _saved("PPM", "RGB"), "frame.ppm", "RGB"),
+    (lambda: _saved("PPM", "1"), "mask.pbm", "1"),
 ])
 def test_still_images_of_other_formats_are_published_as_png(make, name: str, mode: str) -> None:  # type: ignore[no-untyped-def,unused-ignore]
     """Scans, faxes and exports arrive as BMP, TIFF, GIF, WebP and ICO; they used to be refused whole."""
@@ -112,6 +115,7 @@ def test_still_images_of_other_formats_are_published_as_png(make, name: str, mod
     (lambda: _saved("BMP"), "scan.jpg", "wrong_extension"),
     (lambda: b"\x00\x00\x00\x18ftypheic" + bytes(40), "phone.heic", "unsupported_format"),
     (huge_screen_gif, "screen.gif", "too_many_pixels"),
+    (lambda: _saved("PCX", "RGB"), "paint.pcx", "bad_magic"),
 ])
 def test_other_formats_that_cannot_be_converted_keep_their_reason(make, name: str, reason: str) -> None:  # type: ignore[no-untyped-def,unused-ignore]
     from ingest.images import accept
@@ -119,6 +123,8 @@ def test_other_formats_that_cannot_be_converted_keep_their_reason(make, name: st
     with pytest.raises(ImageValidationError) as info:
         accept(make(), name)
     assert info.value.reason == reason, info.value
+    if reason == "bad_magic":  # an unknown format: the message says what is taken
+        assert "PNG and JPEG; GIF, BMP, TIFF, WebP, ICO, PNM are converted to PNG" in str(info.value)
 
 
 def test_every_file_in_the_drop_folder_ends_published_or_rejected(settings: Settings, tmp_path: Path) -> None:

@@ -227,7 +227,7 @@ def _image(obj: dict[str, Any], rules: TimeRules) -> dict[str, Any]:
     except (binascii.Error, ValueError) as exc:
         raise RecordRejectedError(f"data is not valid base64 ({exc}); encode the file with standard base64") \
             from exc
-    data, info = images.accept(data)  # a still BMP, TIFF, GIF, WebP or ICO is published as PNG
+    data, info = images.accept(data)  # a still BMP, TIFF, GIF, WebP, ICO or netpbm (PPM/PGM/PBM) is published as PNG
     for name, actual in (("content_type", info.content_type), ("width", info.width), ("height", info.height)):
         declared = obj.get(name)
         if declared is not None and declared != actual:
