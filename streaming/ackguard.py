@@ -245,14 +245,7 @@ class AckLedger:
             self._failed(fut, exc)
             return
         except Exception as exc:  # refused for good (too large, closed producer): never counted as in flight
-            with self._cond:
-                self._unacked -= 1
-                if fut.hold >= 0:
-                    self._release(fut.hold)
-                    self.stats.lost_for_good += 1
-                self._cond.notify_all()
-            if self.journal is not None and fut.hold < 0:
-                self.journal.failed(fut)
+            self._given_up(fut, exc)
             if raise_errors:
                 raise
             fut.failure(exc)
@@ -296,9 +289,16 @@ class AckLedger:
                 self.stats.resent_failed += 1
                 self._resend.append(fut)
             return
+        self._given_up(fut, exc)
+        if not fut.is_done:
+            fut.failure(exc)
+
+    def _given_up(self, fut: GuardedSend, exc: BaseException) -> None:
+        """A send failed for good: no longer in flight; a re-send of a lost record is counted lost (the
+        sources stop on it), a first send is marked failed in the journal (recovery must not send it)."""
         with self._cond:
             self._unacked -= 1
-            if fut.hold >= 0:  # a lost record could not be sent again: it is gone, say so to the sources
+            if fut.hold >= 0:
                 self._release(fut.hold)
                 self.stats.lost_for_good += 1
                 log.error("a record the broker lost could not be sent again (%s: %s); a source restarted with "
@@ -306,12 +306,11 @@ class AckLedger:
             self._cond.notify_all()
         if self.journal is not None and fut.hold < 0:
             self.journal.failed(fut)
-        if not fut.is_done:
-            fut.failure(exc)
 
     # ---- what is confirmed -------------------------------------------------------------------
     def acked_mark(self) -> int:
-        """A mark above every record acked so far (pass it to :meth:`is_confirmed` later)."""
+        """A mark above every record acked so far: they are all confirmed once :meth:`confirmed_mark`
+        reaches it."""
         with self._lock:
             return self._next_seq
 

@@ -19,7 +19,6 @@ mid-write, before any answer depended on it) ends that segment's read.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import struct
@@ -127,7 +126,6 @@ def read_segment(path: Path) -> Iterator[JournalRecord]:
 
 @dataclass
 class _Segment:
-    number: int
     path: Path
     opened: float
     sends: list[GuardedSend] = field(default_factory=list)
@@ -141,14 +139,14 @@ class AckJournal:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.segment_s = segment_s
-        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
+        from streaming.members import try_lock
+
+        lock_fd = try_lock(self.directory / "lock")
+        if lock_fd is None:
             raise JournalLockedError(
                 f"{self.directory} is in use by another process (is a gateway with the same port and "
-                "STREAMLEARN_HOME already running?); stop it, or give this one another --port") from None
+                "STREAMLEARN_HOME already running?); stop it, or give this one another --port")
+        self._lock_fd = lock_fd
         self._mutex = threading.Lock()
         self._closed: list[_Segment] = []
         self._written = 0  # bytes appended, and ...
@@ -167,7 +165,7 @@ class AckJournal:
     def _new_segment(self) -> _Segment:
         n = self._next
         self._next += 1
-        return _Segment(n, self.directory / f"{n}.seg", time.monotonic())
+        return _Segment(self.directory / f"{n}.seg", time.monotonic())
 
     # -- writing (the ledger's send path) ------------------------------------------------------
     def append(self, fut: GuardedSend) -> None:
@@ -280,7 +278,9 @@ def recover(publisher: Publisher, journal: AckJournal, *, timeout_s: float = 300
             path.unlink(missing_ok=True)
         return {"journaled": 0, "resent": 0, "gone": 0}
     journaled = len(records)
-    existing = _existing_topics(publisher.settings)
+    from streaming.offsets import topic_names
+
+    existing = topic_names(publisher.settings)
     gone = Counter(r.topic for r in records if r.topic not in existing)
     if gone:  # deleted since (e.g. a removed tenant): nothing to compare with, and no one reads it any more
         log.warning("journal %s: %s no longer exist; their %d journaled records are not sent again",
@@ -319,8 +319,6 @@ def recover(publisher: Publisher, journal: AckJournal, *, timeout_s: float = 300
             publisher.ledger.send(rec.topic, rec.value, rec.key, rec.headers or None)
             resent += 1
     if resent:
-        log.warning("the broker lost %d acknowledged records of this process's last run (journal %s); sent them "
-                    "again", resent, journal.directory)
         if not publisher.settle(timeout=timeout_s):
             raise TimeoutError(f"the {resent} records sent again were not confirmed within {timeout_s:g} s; the "
                                f"journal {journal.directory} is kept, and the next start tries again")
@@ -329,19 +327,6 @@ def recover(publisher: Publisher, journal: AckJournal, *, timeout_s: float = 300
         path.unlink(missing_ok=True)
     journal.leftover = []
     return {"journaled": journaled, "resent": resent, "gone": journaled - len(records)}
-
-
-def _existing_topics(settings: Any) -> set[str]:
-    from kafka import KafkaConsumer
-
-    from streaming.kafka_security import kafka_security
-
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, request_timeout_ms=10_000,
-                             **kafka_security(settings))
-    try:
-        return set(consumer.topics())
-    finally:
-        consumer.close()
 
 
 def journal_dir(state_dir: Path, port: int) -> Path:
@@ -356,3 +341,15 @@ def attach(publisher: Any, directory: Path) -> AckJournal | None:
     journal = AckJournal(directory)
     publisher.ledger.journal = journal
     return journal
+
+
+def attach_and_recover(publisher: Any, directory: Path) -> dict[str, int] | None:
+    """:func:`attach`, after :func:`recover` of what a crashed run left in ``directory``: the recovery's
+    counts (all 0 where nothing was left), None where the ledger is off (no journal). The gateway and the
+    stream worker call this at start, before they answer or resume; each says what it re-sent."""
+    journal = attach(publisher, directory)
+    if journal is None:
+        return None
+    if journal.leftover:
+        return recover(publisher, journal)
+    return {"journaled": 0, "resent": 0, "gone": 0}

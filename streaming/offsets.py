@@ -60,6 +60,12 @@ def _consumer(settings: Settings, **cfg: Any) -> Iterator[KafkaConsumer]:
         consumer.close()
 
 
+def topic_names(settings: Settings) -> set[str]:
+    """The names of every topic on the cluster now."""
+    with _consumer(settings, request_timeout_ms=10_000) as consumer:
+        return set(consumer.topics())
+
+
 def partitions_of(consumer: KafkaConsumer, topic: str, timeout_s: float = 10.0) -> list[TopicPartition]:
     deadline = time.monotonic() + timeout_s
     parts = consumer.partitions_for_topic(topic)

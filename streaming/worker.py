@@ -316,15 +316,12 @@ class StreamWorker(PartitionPositions):
         run's (streaming/ackjournal.py). Why: a dead letter's record is "handled" once its batch is in
         the store, so a worker killed together with a broker that lost the dead letter would never
         write it again. One journal per member slot: the same command restarted takes the same slot."""
-        from streaming.ackjournal import attach, recover
+        from streaming.ackjournal import attach_and_recover
 
         name = hashlib.sha256(f"{self.group}/{self.lease.instance_id}".encode()).hexdigest()[:16]
-        journal = attach(self.publisher, self.settings.state_dir / "stream" / "journal" / name)
-        if journal is not None and journal.leftover:
-            done = recover(self.publisher, journal)
-            if done["resent"]:
-                log.warning("%d dead letters of the last run were lost by the broker; sent them again",
-                            done["resent"])
+        done = attach_and_recover(self.publisher, self.settings.state_dir / "stream" / "journal" / name)
+        if done and done["resent"]:
+            log.warning("%d dead letters of the last run were lost by the broker; sent them again", done["resent"])
 
     def close(self) -> None:
         if self._own_publisher:  # dead letters just sent: confirmed before exit (the journal covers a crash)

@@ -120,14 +120,13 @@ def _recover_journal(app: Any, settings: Settings) -> None:
     """Journal every send of this gateway (one journal per port), and first send again what the broker
     lost of an earlier run's acknowledged records (streaming/ackjournal.py). Before the port is bound:
     no request is answered until the records acknowledged by the crashed run are back on the topics."""
-    from streaming.ackjournal import attach, journal_dir, recover
+    from streaming.ackjournal import attach_and_recover, journal_dir
 
-    publisher = app.state.gateway.publisher
-    journal = attach(publisher, journal_dir(settings.state_dir, settings.ingest_port))
-    if journal is not None and journal.leftover:
-        done = recover(publisher, journal)
-        log.info("journal of the last run: %d records, %d sent again (the rest were on the topics%s)",
-                 done["journaled"], done["resent"], f", {done['gone']} for deleted topics" if done["gone"] else "")
+    done = attach_and_recover(app.state.gateway.publisher, journal_dir(settings.state_dir, settings.ingest_port))
+    if done and done["journaled"]:
+        log.log(logging.WARNING if done["resent"] else logging.INFO,
+                "journal of the last run: %d records, %d sent again (the rest were on the topics%s)",
+                done["journaled"], done["resent"], f", {done['gone']} for deleted topics" if done["gone"] else "")
 
 
 def _warm(app: Any, settings: Settings) -> None:
