@@ -101,6 +101,9 @@ class Settings(BaseSettings):
         "port of a worker's /metrics (0 picks a free port, -1 disables)"))
     transactions: bool = Field(True, description=(
         "use Kafka transactions for consume-transform-produce (exactly once)"))
+    fast_reader: bool = Field(True, description=(
+        "bounded reads of the raw and dead-letter topics (replays, read-backs, subscribe --until-end) fetch with "
+        "confluent-kafka's C client; false reads everything with kafka-python (streaming/cfetch.py)"))
     batch_max_records: int = Field(500, description=("a micro-batch closes at this many records"))
     batch_max_seconds: float = Field(5.0, description=(
         "a micro-batch also closes when its oldest record is this many seconds old"))

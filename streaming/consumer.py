@@ -31,7 +31,7 @@ from kafka import KafkaConsumer, TopicPartition
 from schemas.exceptions import FramingError, SchemaError
 from schemas.registry import SchemaRegistry, open_registry
 from schemas.serde import AvroDeserializer, Decoded
-from streaming import tenancy
+from streaming import cfetch, tenancy
 from streaming.aborted_txns import install as _install_abort_filter
 from streaming.config import Settings
 from streaming.end_offsets import EndOffsetProbe
@@ -277,9 +277,6 @@ class Subscriber:
         if group is None:
             cfg["enable_auto_commit"] = False
         self.consumer = KafkaConsumer(**cfg)
-        # Opt-in: the workers, dashboards and `streamlearn subscribe` turn it on; library users who call
-        # poll on ``self.consumer`` themselves keep kafka-python's plain poll.
-        self.poller = IdlePoller(self.consumer, max_idle_s=idle_max_s) if idle_backoff else None
         self._stop_at: dict[TopicPartition, int] = {}
         self._done: set[TopicPartition] = set()
         self.grouped = group is not None and start == "committed"
@@ -291,6 +288,16 @@ class Subscriber:
             self._seek(tps, start)
             if until is not None:
                 self._set_until(tps, until)
+                # A bounded read of backlog may fetch with librdkafka (streaming/cfetch.py says when and why).
+                self.consumer = cfetch.take_over(settings, self.consumer, self.topics, grouped=False,
+                                                 stop_at=self._stop_at, until_end=until == "end",
+                                                 overrides=consumer_overrides, isolation_level=isolation_level)
+        #: "librdkafka" or "kafka-python": which client fetches this subscriber's records.
+        self.fetcher = "librdkafka" if isinstance(self.consumer, cfetch.CFetchConsumer) else "kafka-python"
+        # Opt-in: the workers, dashboards and `streamlearn subscribe` turn it on; library users who call
+        # poll on ``self.consumer`` themselves keep the client's plain poll.
+        self.poller = (IdlePoller(self.consumer, max_idle_s=idle_max_s, probe=self.fetcher == "kafka-python")
+                       if idle_backoff else None)
 
     # -- positioning ----------------------------------------------------------------------
     def _partitions(self, only: list[int] | None) -> list[TopicPartition]:
