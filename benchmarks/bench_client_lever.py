@@ -11,8 +11,9 @@ Per kind (weblog, sensor; ``N`` records published by the SDK), best of ``ROUNDS`
 * confluent-kafka raw consume (``consume(num_messages=2000)``; read_committed, same topic);
 * confluent-kafka consume + the SDK's own decode of every value (``AvroDeserializer``).
 
-Ratios are against kafka-python raw. confluent-kafka is a bench-only dependency (requirements-bench.lock,
-installed by ``make bench``); nothing in the platform imports it.
+Ratios are against kafka-python raw. confluent-kafka is in requirements.lock since the platform's bounded
+reads fetch with it (streaming/cfetch.py); this measures the bare client, the Subscriber's own figure is
+``bench_sdk``'s "bounded read" row.
 
     python -m benchmarks.bench_client_lever     # JSON to stdout and reports/bench/client_lever.json
 """
