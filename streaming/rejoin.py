@@ -55,7 +55,7 @@ def join_under_way(consumer: Any) -> bool:
 
     With :mod:`streaming.kafka_compat` installed this includes a JoinGroup sent and not yet answered.
     """
-    from streaming.consumer import _joining
+    from streaming.idlepoll import _joining
 
     return _joining(consumer)
 
