@@ -40,12 +40,10 @@ from kafka import KafkaConsumer, TopicPartition
 
 from streaming.config import Settings
 from streaming.exceptions import StreamingError
+from streaming.kafka_security import kafka_security
 from streaming.topics import KINDS, dead_letter_topic, raw_topic
 
 log = logging.getLogger(__name__)
-
-MAX_RECORDS = 2000  # per poll, as consumer_config's max_poll_records
-
 
 def available() -> bool:
     """True when confluent-kafka imports (it is a dependency; a broken wheel falls back, never fails)."""
@@ -61,20 +59,19 @@ def transaction_free_topics(settings: Settings) -> set[str]:
     return {t for k in KINDS for t in (raw_topic(settings, k), dead_letter_topic(settings, k))}
 
 
-def eligible(settings: Settings, topics: list[str], *, grouped: bool, bounded: bool,
-             overrides: dict[str, Any]) -> bool:
-    """Whether a Subscriber may fetch with librdkafka (the module docstring says why each condition)."""
-    return (settings.fast_reader and bounded and not grouped and not overrides
-            and settings.kafka_security_protocol.upper() == "PLAINTEXT"
+def eligible(settings: Settings, topics: list[str], overrides: dict[str, Any]) -> bool:
+    """Whether a bounded, positioned (no group) read of ``topics`` may fetch with librdkafka; the module
+    docstring says why each condition. Only such reads get here (:meth:`Subscriber.__init__`)."""
+    return (settings.fast_reader and not overrides and not kafka_security(settings)
             and set(topics) <= transaction_free_topics(settings) and available())
 
 
-def take_over(settings: Settings, consumer: KafkaConsumer, topics: list[str], *, grouped: bool,
+def take_over(settings: Settings, consumer: KafkaConsumer, topics: list[str], *,
               stop_at: dict[TopicPartition, int], until_end: bool, overrides: dict[str, Any],
               isolation_level: str) -> KafkaConsumer | CFetchConsumer:
-    """The consumer a positioned Subscriber fetches with: a :class:`CFetchConsumer` over ``consumer`` where
-    :func:`eligible` and every bound lies within the backlog, else ``consumer`` itself."""
-    if not stop_at or not eligible(settings, topics, grouped=grouped, bounded=True, overrides=overrides):
+    """The consumer a positioned, bounded Subscriber fetches with: a :class:`CFetchConsumer` over ``consumer``
+    where :func:`eligible` and every bound lies within the backlog, else ``consumer`` itself."""
+    if not stop_at or not eligible(settings, topics, overrides):
         return consumer
     if not until_end:  # an offset or time bound past the end would wait for new records: kafka-python's job
         ends = consumer.end_offsets(list(stop_at))
@@ -110,6 +107,7 @@ class CFetchConsumer:
         self._tps = {(tp.topic, tp.partition): tp for tp in consumer.assignment()}
         self._pos = {tp: int(consumer.position(tp)) for tp in self._tps.values()}
         self._paused = set(consumer.paused())
+        self._max_records = int(consumer.config["max_poll_records"])  # per poll, as the consumer it replaces
         consumer.assign([])  # it must not fetch beside librdkafka
         self._c = ck.Consumer({
             "bootstrap.servers": settings.bootstrap,
@@ -172,7 +170,7 @@ class CFetchConsumer:
 
         A partition whose position moved with no record (its end is past a transaction marker) is in the
         answer with an empty list."""
-        n = max_records or MAX_RECORDS
+        n = max_records or self._max_records
         msgs = self._c.consume(n, 0)
         if not msgs and timeout_ms > 0:
             first = self._c.poll(timeout_ms / 1000)

@@ -153,9 +153,9 @@ class Subscriber:
             if until is not None:
                 self._set_until(tps, until)
                 # A bounded read of backlog may fetch with librdkafka (streaming/cfetch.py says when and why).
-                self.consumer = cfetch.take_over(settings, self.consumer, self.topics, grouped=False,
-                                                 stop_at=self._stop_at, until_end=until == "end",
-                                                 overrides=consumer_overrides, isolation_level=isolation_level)
+                self.consumer = cfetch.take_over(settings, self.consumer, self.topics, stop_at=self._stop_at,
+                                                 until_end=self._until_end, overrides=consumer_overrides,
+                                                 isolation_level=isolation_level)
         #: "librdkafka" or "kafka-python": which client fetches this subscriber's records.
         self.fetcher = "librdkafka" if isinstance(self.consumer, cfetch.CFetchConsumer) else "kafka-python"
         # Opt-in: the workers, dashboards and `streamlearn subscribe` turn it on; library users who call
@@ -242,8 +242,12 @@ class Subscriber:
             raise ValueError(f"until must be 'end', {{'offset': n}} or {{'timestamp': ms}}; got {until!r}")
         for tp in tps:  # a partition already at its bound is done before the first poll
             if self.consumer.position(tp) >= self._stop_at[tp]:
-                self._done.add(tp)
-                self.consumer.pause(tp)
+                self._reached(tp)
+
+    def _reached(self, tp: TopicPartition) -> None:
+        """``tp`` is at its ``until`` bound: done, and no longer fetched."""
+        self._done.add(tp)
+        self.consumer.pause(tp)
 
     @property
     def finished(self) -> bool:
@@ -282,8 +286,7 @@ class Subscriber:
                 msgs = [m for m in msgs if m.offset < stop]  # offsets ascend: the ones before the bound
             items += self._items(msgs)
             if stop is not None and tp not in self._done and self.consumer.position(tp) >= stop:
-                self._done.add(tp)
-                self.consumer.pause(tp)
+                self._reached(tp)
         if polled:
             self._quiet_since = time.monotonic()
         elif self._until_end and not self.finished:
@@ -313,8 +316,7 @@ class Subscriber:
                 log.warning("%s[%d]: the end offset fell from %d to %d while reading (the broker lost records); "
                             "the read ends there", tp.topic, tp.partition, self._stop_at[tp], end)
                 self._stop_at[tp] = end
-                self._done.add(tp)
-                self.consumer.pause(tp)
+                self._reached(tp)
 
     def _items(self, msgs: list[Any]) -> list[Item]:
         """Items of one partition's fetched records: one decode call per batch, not per record
