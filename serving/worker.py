@@ -310,7 +310,7 @@ class ServingWorker(Emitter):
                  self.slot, "exactly once" if self.settings.transactions else "at least once")
         self._rewind(pending)  # re-read the held batch through a poll: a rebalance meanwhile is applied first
         pending = []
-        if self.watchdog is not None:  # from here on the loop comes round at least every ~100 ms
+        if self.watchdog is not None:  # from here on the loop comes round at least every ~250 ms
             self.watchdog.start()
         while not stop.is_set() and not self.stop_event.is_set():
             if self.watchdog is not None:
@@ -328,7 +328,7 @@ class ServingWorker(Emitter):
         """One dynamic batch: up to serve_max_batch records, at most serve_max_wait_ms after the first."""
         max_batch = max(1, self.settings.serve_max_batch)
         try:
-            polled = self.poller.poll(timeout_ms=100, max_records=max_batch)
+            polled = self.poller.poll(timeout_ms=250, max_records=max_batch)
         except FencedInstanceIdError as exc:
             if not self.rejoin.fenced(exc):  # our own self-removal answered the wedged join
                 raise

@@ -17,6 +17,9 @@ from streaming.end_offsets import EndOffsetProbe
 IDLE_MAX_S = 0.064  # back-off cap: ~15 empty polls/s idle, first record after idle within about one cap
 IDLE_CAP_LIMIT_S = 0.5  # no back-off cap above this: a record after idle waits at most about one cap
 FULL_POLL_S = 1.0  # with the end-offset probe, a real fetch still at least this often (rebalances, poll interval)
+#: the same for a consumer outside any group (assigned partitions): it has no rebalance, heartbeat or poll
+#: interval for a fetch to keep up, so only the probe's own blind spots are left (see ``IdlePoller``)
+FULL_POLL_MANUAL_S = 10.0
 
 
 def _joining(consumer: KafkaConsumer) -> bool:
@@ -66,13 +69,16 @@ class IdlePoller:
     :class:`streaming.end_offsets.EndOffsetProbe` whether any fetchable partition's last stable
     offset differs from the consumer's position: one ListOffsets round trip on a private socket,
     ~10x cheaper than an empty ``poll``. Only "yes" or "cannot tell" leads to the real fetch; "no"
-    counts as an empty poll. A real fetch still happens at least every ``full_poll_s``.
+    counts as an empty poll. A real fetch still happens at least every ``full_poll_s``: by default
+    ``FULL_POLL_S`` for a group member and ``FULL_POLL_MANUAL_S`` for a consumer outside any group (the
+    serving worker's model-updates follower, a Subscriber without a group). Such a consumer needs no
+    fetch for a rebalance or a poll interval, and a fetch a second was ~40 % of an idle follower's CPU.
     ``probe=False`` turns it off.
     """
 
     def __init__(self, consumer: KafkaConsumer, min_idle_s: float = 0.001, max_idle_s: float = IDLE_MAX_S,
                  read_ms: int = 2, wake: threading.Event | None = None, probe: bool = True,
-                 full_poll_s: float = FULL_POLL_S) -> None:
+                 full_poll_s: float | None = None) -> None:
         if not 0 < min_idle_s <= max_idle_s <= IDLE_CAP_LIMIT_S:
             raise ValueError(f"IdlePoller needs 0 < min_idle_s <= max_idle_s <= {IDLE_CAP_LIMIT_S} s (a longer cap "
                              f"delays the first record after idle); got min_idle_s={min_idle_s}, "
@@ -85,6 +91,9 @@ class IdlePoller:
         self._next_fetch_at = 0.0
         self._assigned: frozenset[TopicPartition] = frozenset()
         self.probe = EndOffsetProbe(consumer) if probe else None
+        if full_poll_s is None:
+            grouped = getattr(consumer, "config", {}).get("group_id") is not None
+            full_poll_s = FULL_POLL_S if grouped else FULL_POLL_MANUAL_S
         self.full_poll_s = full_poll_s
         self._polled_at = 0.0  # monotonic time of the last real fetch
         self.fetches = 0  # real fetches made (tests and docs/IDLE.md read it)
