@@ -1,4 +1,4 @@
-"""What a C Kafka client would buy the read path: confluent-kafka against kafka-python on the same topic.
+"""What a C Kafka client would buy: confluent-kafka against kafka-python on the same topic, read and write.
 
 Not part of ``make bench`` (run_all): it measures a lever, not the product. Issue 13 names confluent-kafka
 behind the consumer seam as the way past kafka-python's per-record cost; before anyone rewrites the
@@ -11,19 +11,36 @@ Per kind (weblog, sensor; ``N`` records published by the SDK), best of ``ROUNDS`
 * confluent-kafka raw consume (``consume(num_messages=2000)``; read_committed, same topic);
 * confluent-kafka consume + the SDK's own decode of every value (``AvroDeserializer``).
 
+And the write path (the lever for ``bench_sdk``'s publish goal, >= 0.8x kafka-python's raw send), on the
+same records pre-encoded by the SDK:
+
+* kafka-python raw send (``producer_config``: acks=all, idempotence, snappy, linger 5 ms; bench_sdk's baseline);
+* confluent-kafka raw produce with the same durability (acks=all, ``enable.idempotence``, snappy, linger
+  5 ms, ``murmur2_random``: the Java/kafka-python partitioner, so keys land on the same partitions);
+* **across a broker ``kill -9``** (``--skip-crash`` leaves it out; a private broker, started and killed
+  here): the idempotent confluent producer at ~2,000 records/s while the embedded broker is killed and
+  restarted. Reported: what its delivery reports and error callback said. Why it matters: noida-db
+  loses the tail of its log on a kill and forgets the producer's sequence numbers with it; kafka-python
+  answers that with retriable ``OutOfOrderSequenceNumberError`` failures the ack ledger re-sends, and
+  librdkafka with a *fatal* error that makes the producer unusable (measured 2026-12-01), which is why
+  the Publisher still sends with kafka-python (docs/SDK_PERF.md, "The publish lever").
+
 Ratios are against kafka-python raw. confluent-kafka is in requirements.lock since the platform's bounded
 reads fetch with it (streaming/cfetch.py); this measures the bare client, the Subscriber's own figure is
 ``bench_sdk``'s "bounded read" row.
 
-    python -m benchmarks.bench_client_lever     # JSON to stdout and reports/bench/client_lever.json
+    python -m benchmarks.bench_client_lever [--skip-crash]   # JSON to stdout and reports/bench/client_lever.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_sdk import _records
@@ -32,8 +49,8 @@ from schemas.registry import open_registry
 from schemas.serde import AvroDeserializer
 from streaming.config import Settings
 from streaming.consumer import consumer_config
-from streaming.producer import Publisher
-from streaming.topics import raw_topic
+from streaming.producer import KEY_FIELDS, Publisher, producer_config
+from streaming.topics import KINDS, raw_topic
 
 N = 12_000
 ROUNDS = 3
@@ -81,7 +98,139 @@ def _confluent(settings: Settings, topic: str, decode: AvroDeserializer | None) 
         c.close()
 
 
-def run(settings: Settings) -> dict[str, Any]:
+def _confluent_producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
+    """librdkafka with the durability of ``producer_config``: acks=all, idempotence, snappy, linger 5 ms, and
+    the Java client's key partitioner (librdkafka's default, CRC32, would put keys on other partitions)."""
+    return {"bootstrap.servers": settings.bootstrap, "acks": "all", "enable.idempotence": True,
+            "compression.type": "snappy", "linger.ms": 5, "batch.size": 256 * 1024,
+            "partitioner": "murmur2_random", "message.max.bytes": 2_000_000, **extra}
+
+
+def _kafka_python_send(settings: Settings, topic: str, encoded: list[tuple[bytes, bytes]]) -> tuple[float, float]:
+    from kafka import KafkaProducer
+
+    p = KafkaProducer(**producer_config(settings))
+    try:
+        t, cpu = time.perf_counter(), _cpu()
+        futures = [p.send(topic, value=v, key=k) for k, v in encoded]
+        p.flush()
+        for f in futures:
+            f.get(timeout=60)
+        return time.perf_counter() - t, _cpu() - cpu
+    finally:
+        p.close()
+
+
+def _confluent_produce(settings: Settings, topic: str, encoded: list[tuple[bytes, bytes]]) -> tuple[float, float]:
+    import confluent_kafka as ck
+
+    p = ck.Producer(_confluent_producer_config(settings))
+    acked = [0]
+    failed: list[str] = []
+
+    def delivered(err: Any, _msg: Any) -> None:
+        if err is None:
+            acked[0] += 1
+        else:
+            failed.append(str(err))
+
+    t, cpu = time.perf_counter(), _cpu()
+    for k, v in encoded:
+        while True:
+            try:
+                p.produce(topic, v, k, on_delivery=delivered)
+                break
+            except BufferError:  # the local queue is full: serve delivery reports, then retry
+                p.poll(0.01)
+    p.flush(60)
+    if acked[0] != len(encoded):
+        raise RuntimeError(f"confluent produce: {acked[0]} of {len(encoded)} acked ({failed[:3]})")
+    return time.perf_counter() - t, _cpu() - cpu
+
+
+def _produce_sides(settings: Settings, kind: str) -> dict[str, Any]:
+    s = fresh(settings)
+    topic = raw_topic(s, kind)
+    with Publisher(s) as pub:
+        ser = pub.serializer(topic, KINDS[kind])
+        key_field = KEY_FIELDS[KINDS[kind]]
+        encoded = [(str(r[key_field]).encode(), ser(r)) for r in _records(kind, N)]
+    sides = {"kafka_python_send": lambda: _kafka_python_send(s, topic, encoded),
+             "confluent_produce": lambda: _confluent_produce(s, topic, encoded)}
+    best = {name: (float("inf"), 0.0) for name in sides}
+    for _ in range(ROUNDS):  # alternating rounds, best of each
+        for name, fn in sides.items():
+            best[name] = min(best[name], fn())
+    base = best["kafka_python_send"][0]
+    return {name: {"per_s": round(N / w), "cpu_s": round(c, 3), "vs_kafka_python_send": round(base / w, 3)}
+            for name, (w, c) in best.items()}
+
+
+def idempotent_producer_across_kill(rate: int = 2000, before_s: float = 3.0, down_s: float = 1.0,
+                                    after_s: float = 4.0) -> dict[str, Any]:
+    """The idempotent confluent producer while a private embedded broker is killed (-9) and restarted."""
+    import confluent_kafka as ck
+
+    from streaming import config
+    from streaming.broker import EmbeddedBroker, free_port
+    from streaming.topics import ensure_topics
+
+    home = Path(tempfile.mkdtemp(prefix="streamlearn-lever-kill-"))
+    s = config.load({"home": home, "broker_port": free_port(), "metrics_port": -1}, environ={})
+    broker = EmbeddedBroker(s)
+    broker.start(detach=False)
+    errors: dict[str, int] = {}
+    acked = [0]
+
+    def note(err: Any) -> None:
+        name = f"{err.name()}{' (fatal)' if err.fatal() else ''}{' (retriable)' if err.retriable() else ''}"
+        errors[name] = errors.get(name, 0) + 1
+
+    def delivered(err: Any, _msg: Any) -> None:
+        if err is None:
+            acked[0] += 1
+        else:
+            note(err)
+
+    try:
+        ensure_topics(s)
+        topic = raw_topic(s, "sensor")
+        p = ck.Producer(_confluent_producer_config(s, error_cb=note, log_level=0))
+        sent, fatal, t0 = 0, None, time.monotonic()
+        phases = {"killed": before_s, "restarted": before_s + down_s, "end": before_s + down_s + after_s}
+        done: set[str] = set()
+        while time.monotonic() - t0 < phases["end"]:
+            el = time.monotonic() - t0
+            if el >= phases["killed"] and "killed" not in done:
+                broker.kill()
+                done.add("killed")
+            if el >= phases["restarted"] and "restarted" not in done:
+                broker = EmbeddedBroker(s)
+                broker.start(detach=False)
+                done.add("restarted")
+            if sent < rate * el:
+                try:
+                    p.produce(topic, b"r%09d" % sent, b"k%d" % (sent % 7), on_delivery=delivered)
+                    sent += 1
+                except BufferError:
+                    pass
+                except ck.KafkaException as exc:  # a fatal error refuses every later produce
+                    fatal = fatal or str(exc.args[0])
+                    break
+            p.poll(0.0005)
+        detail = None
+        try:
+            p.flush(30)
+        except ck.KafkaException as exc:  # after a fatal error: the error that caused it
+            detail = str(exc.args[0])
+        return {"sent": sent, "acked": acked[0], "errors": errors, "fatal": fatal, "fatal_cause": detail,
+                "producer_usable_after_restart": fatal is None and not any("fatal" in e for e in errors)}
+    finally:
+        broker.stop()
+
+
+def run(settings: Settings, crash: bool = True) -> dict[str, Any]:
+    produce = {kind: _produce_sides(settings, kind) for kind in ("weblog", "sensor")}
     kinds: dict[str, Any] = {}
     for kind in ("weblog", "sensor"):
         s = fresh(settings)
@@ -101,12 +250,16 @@ def run(settings: Settings) -> dict[str, Any]:
         base = best["kafka_python_raw"][0]
         kinds[kind] = {name: {"per_s": round(N / w), "cpu_s": round(c, 3), "vs_kafka_python_raw": round(base / w, 3)}
                        for name, (w, c) in best.items()}
-    result = {"machine": machine(), "records": N, "rounds": ROUNDS, "kinds": kinds,
+    result = {"machine": machine(), "records": N, "rounds": ROUNDS, "kinds": kinds, "produce": produce,
+              "idempotent_producer_across_broker_kill": idempotent_producer_across_kill() if crash else "skipped",
               "load_average": [round(x, 2) for x in os.getloadavg()]}
     write_report("client_lever", result)
     return result
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-crash", action="store_true", help="leave out the producer across a broker kill -9")
+    args = parser.parse_args()
     with bench_settings() as settings:
-        print(json.dumps(run(settings), indent=2))
+        print(json.dumps(run(settings, crash=not args.skip_crash), indent=2))
