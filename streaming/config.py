@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     fast_reader: bool = Field(True, description=(
         "bounded reads of the raw and dead-letter topics (replays, read-backs, subscribe --until-end) fetch with "
         "confluent-kafka's C client; false reads everything with kafka-python (streaming/cfetch.py)"))
+    fast_publisher: bool = Field(True, description=(
+        "publishers (sources, the gateway, dead letters) send with confluent-kafka's C client; false sends "
+        "with kafka-python (streaming/cproduce.py)"))
     batch_max_records: int = Field(500, description=("a micro-batch closes at this many records"))
     batch_max_seconds: float = Field(5.0, description=(
         "a micro-batch also closes when its oldest record is this many seconds old"))

@@ -44,6 +44,7 @@ from schemas.exceptions import SchemaError
 from schemas.httpguard import GuardError, JsonShape, RateBuckets
 from schemas.registry import SchemaRegistry
 from streaming.config import Settings
+from streaming.cproduce import CProducer
 from streaming.exceptions import RecordTooLargeError
 from streaming.limits import InputLimitError
 from streaming.producer import KEY_FIELDS, Publisher
@@ -408,9 +409,12 @@ class Gateway:
         Why not ``producer.partitions_for``: it answers from cached metadata, so it says "healthy"
         long after the broker went away. kafka-python has no public "refresh now", so this asks
         its cluster metadata for an update and wakes the sender, as ``partitions_for`` does itself
-        on a cache miss; the future fails or times out when no broker answers.
+        on a cache miss; the future fails or times out when no broker answers. librdkafka's
+        (:class:`streaming.cproduce.CProducer`) ``partitions_for`` asks the cluster itself, within ``timeout_s``.
         """
         producer = self.publisher.producer
+        if isinstance(producer, CProducer):
+            return len(producer.partitions_for(raw_topic(self.settings, "weblog"), timeout_s=timeout_s))
         cluster, sender = getattr(producer, "_metadata", None), getattr(producer, "_sender", None)
         if cluster is not None and sender is not None and hasattr(cluster, "request_update"):
             updated = threading.Event()
