@@ -46,6 +46,11 @@ from streaming.cfetch import available
 from streaming.config import Settings
 from streaming.kafka_security import kafka_security
 
+try:  # optional at import: eligible() says whether it is there
+    import confluent_kafka as _ck
+except Exception:  # noqa: BLE001 - an ImportError or a librdkafka load error: kafka-python sends
+    _ck = None
+
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1  # the delivery thread's wait for callbacks (C-side, the GIL released)
@@ -126,6 +131,13 @@ class SendFuture(Future):
         return self.value
 
 
+def record_metadata(msg: Any, key_size: int, value_size: int) -> RecordMetadata:
+    """kafka-python's ``RecordMetadata`` of a delivered librdkafka message."""
+    topic, partition = msg.topic(), msg.partition()
+    return RecordMetadata(topic, partition, TopicPartition(topic, partition), msg.offset(), msg.timestamp()[1],
+                          None, key_size, value_size, -1)
+
+
 class CProducer:
     """kafka-python's producer interface, as far as the platform uses it, on librdkafka."""
 
@@ -149,8 +161,6 @@ class CProducer:
              headers: list[tuple[str, bytes]] | None = None, partition: int | None = None,
              timestamp_ms: int | None = None) -> SendFuture:
         """Queue one record; the future resolves with its ``RecordMetadata`` or fails with a kafka-python error."""
-        import confluent_kafka as ck
-
         if self._closed.is_set():
             raise kerr.KafkaError("the producer is closed")
         fut = SendFuture()
@@ -159,29 +169,38 @@ class CProducer:
         def delivered(err: Any, msg: Any) -> None:
             if err is not None:
                 fut.failure(kafka_python_error(err))
-                return
-            ts = msg.timestamp()[1]
-            fut.success(RecordMetadata(msg.topic(), msg.partition(), TopicPartition(msg.topic(), msg.partition()),
-                                       msg.offset(), ts, None, size_k, size_v, -1))
+            else:
+                fut.success(record_metadata(msg, size_k, size_v))
 
-        kwargs: dict[str, Any] = {"on_delivery": delivered}
-        if headers:
-            kwargs["headers"] = headers
+        kwargs: dict[str, Any] = {}
         if partition is not None:
             kwargs["partition"] = partition
         if timestamp_ms is not None:
             kwargs["timestamp"] = timestamp_ms
-        deadline = time.monotonic() + self.config.get("max_block_ms", 60_000) / 1000
+        self.produce(topic, value, key, headers, delivered, **kwargs)
+        return fut
+
+    def produce(self, topic: str, value: bytes | None, key: bytes | None, headers: list[tuple[str, bytes]] | None,
+                on_delivery: Any, **kwargs: Any) -> None:
+        """Queue one record; ``on_delivery(err, msg)`` runs on the delivery thread (librdkafka's arguments:
+        :func:`kafka_python_error` and :func:`record_metadata` turn them into kafka-python's). The ack
+        ledger calls this directly, one bound method per record and no future in between
+        (``streaming.ackguard``); ``send`` wraps it for everyone else."""
+        if headers:
+            kwargs["headers"] = headers
+        deadline = 0.0
         while True:
             producer = self._producer
             try:
-                producer.produce(topic, value, key, **kwargs)
-                return fut
+                producer.produce(topic, value, key, on_delivery=on_delivery, **kwargs)
+                return
             except BufferError:  # the local queue is full: the delivery thread drains it
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                deadline = deadline or now + self.config.get("max_block_ms", 60_000) / 1000
+                if now > deadline:
                     raise kerr.KafkaTimeoutError("librdkafka's send queue stayed full") from None
                 time.sleep(0.005)  # backpressure on a full client queue, not a wait for an event
-            except ck.KafkaException as exc:
+            except _ck.KafkaException as exc:
                 err = exc.args[0]
                 if err.fatal() or err.name() == "_FATAL":
                     self._recover(producer, err)
