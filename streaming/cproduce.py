@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.1  # the delivery thread's wait for callbacks (C-side, the GIL released)
 PARTITIONS_TIMEOUT_S = 10.0
+DRAIN_S = 60.0  # how long a replaced (fatal) instance is polled for the reports of its purged sends
 
 
 def eligible(settings: Settings, overrides: dict[str, Any]) -> bool:
@@ -217,17 +218,25 @@ class CProducer:
                 producer.poll(POLL_S)
             except ck.KafkaException as exc:  # a fatal error surfaces here too
                 if exc.args and exc.args[0].fatal():
-                    self._recover(producer, exc.args[0])
+                    self._recover_logged(producer, exc.args[0])
                 else:
                     log.warning("librdkafka delivery thread: %s", exc)
             except Exception as exc:  # a callback's error must not end the thread that serves them all
                 log.warning("librdkafka delivery thread: %s: %s", type(exc).__name__, exc)
 
+    def _recover_logged(self, broken: Any, err: Any) -> None:
+        """:meth:`_recover` where nothing may escape: on the delivery thread (which must live on: every
+        later report comes through it) and on the error callback's thread."""
+        try:
+            self._recover(broken, err)
+        except Exception:  # noqa: BLE001 - logged with its traceback; the next fatal error tries again
+            log.exception("replacing the librdkafka producer after a fatal error failed")
+
     def _on_error(self, err: Any) -> None:
         """librdkafka's global errors: a fatal one replaces the instance; the rest are logged (and
         retried by librdkafka itself)."""
         if err.fatal():
-            threading.Thread(target=self._recover, args=(self._producer, err), daemon=True).start()
+            threading.Thread(target=self._recover_logged, args=(self._producer, err), daemon=True).start()
         elif err.name() not in ("_TRANSPORT", "_ALL_BROKERS_DOWN"):
             log.warning("librdkafka: %s", err.str())
         else:
@@ -245,15 +254,19 @@ class CProducer:
             self._producer = self._new()
         try:
             broken.purge(in_queue=True, in_flight=True, blocking=False)
-        except Exception as exc:  # noqa: BLE001 - the purge is best effort; flush below still fails them
+        except Exception as exc:  # noqa: BLE001 - the purge is best effort; the drain below still fails them
             log.debug("purge after a fatal error: %s", exc)
-        deadline = time.monotonic() + 5.0
+        # Every send of the broken instance must get its report, or the ledger waits for it forever: poll
+        # it until it holds none. A fatal instance's poll may raise its error again; that is not the end.
+        deadline = time.monotonic() + DRAIN_S
         while len(broken) and time.monotonic() < deadline:
-            broken.poll(0.05)
-        try:
-            broken.flush(0)
-        except Exception as exc:  # noqa: BLE001 - a fatal instance raises here; its callbacks have run
-            log.debug("flush of the replaced producer: %s", exc)
+            try:
+                broken.poll(0.05)
+            except Exception as exc:  # noqa: BLE001 - the fatal error again, or a callback's
+                log.debug("draining the replaced producer: %s", exc)
+        if len(broken):
+            log.error("%d sends of the replaced librdkafka producer got no delivery report in %.0f s; a source "
+                      "restarted with the same command sends them from its checkpoint", len(broken), DRAIN_S)
 
     # ---- the rest of the interface ------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> None:
