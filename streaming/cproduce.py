@@ -162,8 +162,6 @@ class CProducer:
              headers: list[tuple[str, bytes]] | None = None, partition: int | None = None,
              timestamp_ms: int | None = None) -> SendFuture:
         """Queue one record; the future resolves with its ``RecordMetadata`` or fails with a kafka-python error."""
-        if self._closed.is_set():
-            raise kerr.KafkaError("the producer is closed")
         fut = SendFuture()
         size_k, size_v = len(key) if key else 0, len(value) if value else 0
 
@@ -187,6 +185,8 @@ class CProducer:
         :func:`kafka_python_error` and :func:`record_metadata` turn them into kafka-python's). The ack
         ledger calls this directly, one bound method per record and no future in between
         (``streaming.ackguard``); ``send`` wraps it for everyone else."""
+        if self._closed.is_set():  # as kafka-python's closed producer: the ledger gives the send up, the caller sees it
+            raise kerr.KafkaError("the producer is closed")
         if headers:
             kwargs["headers"] = headers
         deadline = 0.0
@@ -293,6 +293,8 @@ class CProducer:
         answers within ``timeout_s``: the gateway's health check)."""
         import confluent_kafka as ck
 
+        if self._closed.is_set():
+            raise kerr.KafkaConnectionError("the producer is closed: it reaches no broker")
         try:
             md = self._producer.list_topics(topic, timeout=timeout_s)
         except ck.KafkaException as exc:

@@ -84,7 +84,10 @@ def test_snappy_on_the_wire(settings: Settings, monkeypatch: pytest.MonkeyPatch)
         return real_send(sock, data, *args)
 
     monkeypatch.setattr(socket.socket, "send", spy)
-    with Publisher(settings) as pub:  # a batch: kafka-python sends uncompressed when snappy would not shrink it
+    # kafka-python: its sockets are Python's, so the spy sees its bytes (librdkafka's are C sockets; its
+    # setting is checked in test_librdkafka_publisher_compresses_with_snappy below)
+    with Publisher(settings.with_(fast_publisher=False)) as pub:  # a batch: kafka-python sends uncompressed
+        # when snappy would not shrink it
         futures = [pub.publish("weblog", weblog(i)) for i in range(50)]
         pub.flush()
         [f.get(timeout=10) for f in futures]
@@ -238,3 +241,16 @@ def test_group_commit_resumes(settings: Settings) -> None:
         assert committed[next(iter(last_committed))] == max(seen) + 1 == 4
     finally:
         c.close()
+
+
+def test_librdkafka_publisher_compresses_with_snappy(settings: Settings) -> None:
+    """The default Publisher (librdkafka) is configured like kafka-python's: snappy, acks=all, idempotence,
+    and the Java client's murmur2 key partitioner (the wire check above cannot see C sockets)."""
+    from streaming.cproduce import CProducer, librdkafka_config
+    from streaming.producer import producer_config
+
+    with Publisher(settings) as pub:
+        assert isinstance(pub.producer, CProducer)
+    cfg = librdkafka_config(producer_config(settings))
+    assert (cfg["compression.type"], cfg["acks"], cfg["enable.idempotence"], cfg["partitioner"]) == \
+        ("snappy", "all", True, "murmur2_random")
