@@ -42,11 +42,10 @@ from kafka.future import Future
 from kafka.producer.future import RecordMetadata
 from kafka.structs import TopicPartition
 
-from streaming.cfetch import available
 from streaming.config import Settings
 from streaming.kafka_security import kafka_security
 
-try:  # optional at import: eligible() says whether it is there
+try:  # optional at import (~4 ms): eligible() says whether it is there
     import confluent_kafka as _ck
 except Exception:  # noqa: BLE001 - an ImportError or a librdkafka load error: kafka-python sends
     _ck = None
@@ -60,7 +59,7 @@ DRAIN_S = 60.0  # how long a replaced (fatal) instance is polled for the reports
 
 def eligible(settings: Settings, overrides: dict[str, Any]) -> bool:
     """True when the Publisher may send with librdkafka (see the module docstring)."""
-    return settings.fast_publisher and not overrides and not kafka_security(settings) and available()
+    return settings.fast_publisher and not overrides and not kafka_security(settings) and _ck is not None
 
 
 def librdkafka_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -148,14 +147,11 @@ class CProducer:
         self._lock = threading.Lock()  # guards swapping the instance after a fatal error
         self._producer = self._new()
         self._closed = threading.Event()
-        self.fatal_errors = 0
         self._thread = threading.Thread(target=self._serve, name="librdkafka-deliveries", daemon=True)
         self._thread.start()
 
     def _new(self) -> Any:
-        import confluent_kafka as ck
-
-        return ck.Producer({**self._settings, "logger": _ClientLog(), "error_cb": self._on_error})
+        return _ck.Producer({**self._settings, "logger": _ClientLog(), "error_cb": self._on_error})
 
     # ---- sending ---------------------------------------------------------------------------
     def send(self, topic: str, value: bytes | None = None, key: bytes | None = None,
@@ -210,13 +206,11 @@ class CProducer:
 
     # ---- librdkafka's callbacks and errors -------------------------------------------------------
     def _serve(self) -> None:
-        import confluent_kafka as ck
-
         while not self._closed.is_set():
             producer = self._producer
             try:
                 producer.poll(POLL_S)
-            except ck.KafkaException as exc:  # a fatal error surfaces here too
+            except _ck.KafkaException as exc:  # a fatal error surfaces here too
                 if exc.args and exc.args[0].fatal():
                     self._recover_logged(producer, exc.args[0])
                 else:
@@ -248,7 +242,6 @@ class CProducer:
         with self._lock:
             if self._producer is not broken:
                 return  # another thread already replaced it
-            self.fatal_errors += 1
             log.warning("librdkafka producer hit a fatal error (%s), e.g. after a broker restart lost its "
                         "sequence state; failing its pending sends for a re-send and starting a new one", err.str())
             self._producer = self._new()
@@ -271,15 +264,13 @@ class CProducer:
     # ---- the rest of the interface ------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every queued record is delivered or failed (its future resolved)."""
-        import confluent_kafka as ck
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             producer = self._producer
             left = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 remaining = producer.flush(left)
-            except ck.KafkaException as exc:  # fatal: its sends fail for a re-send; flush the new instance
+            except _ck.KafkaException as exc:  # fatal: its sends fail for a re-send; flush the new instance
                 self._recover(producer, exc.args[0])
                 continue
             if producer is not self._producer:
@@ -291,13 +282,11 @@ class CProducer:
     def partitions_for(self, topic: str, timeout_s: float = PARTITIONS_TIMEOUT_S) -> set[int]:
         """The topic's partitions, from a metadata request made now (so it also says whether a broker
         answers within ``timeout_s``: the gateway's health check)."""
-        import confluent_kafka as ck
-
         if self._closed.is_set():
             raise kerr.KafkaConnectionError("the producer is closed: it reaches no broker")
         try:
             md = self._producer.list_topics(topic, timeout=timeout_s)
-        except ck.KafkaException as exc:
+        except _ck.KafkaException as exc:
             raise kafka_python_error(exc.args[0]) from exc
         meta = md.topics.get(topic)
         if meta is None or meta.error is not None:
