@@ -40,15 +40,17 @@ import os
 import tempfile
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_sdk import _records
+from benchmarks.bench_sdk import _best_wall_cpu, _raw_produce_librdkafka, _raw_publish, _records
 from benchmarks.common import bench_settings, fresh, machine, write_report
 from schemas.registry import open_registry
 from schemas.serde import AvroDeserializer
 from streaming.config import Settings
 from streaming.consumer import consumer_config
+from streaming.cproduce import librdkafka_config
 from streaming.producer import KEY_FIELDS, Publisher, producer_config
 from streaming.topics import KINDS, raw_topic
 
@@ -98,69 +100,17 @@ def _confluent(settings: Settings, topic: str, decode: AvroDeserializer | None) 
         c.close()
 
 
-def _confluent_producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
-    """librdkafka with the durability of ``producer_config``: acks=all, idempotence, snappy, linger 5 ms, and
-    the Java client's key partitioner (librdkafka's default, CRC32, would put keys on other partitions)."""
-    return {"bootstrap.servers": settings.bootstrap, "acks": "all", "enable.idempotence": True,
-            "compression.type": "snappy", "linger.ms": 5, "batch.size": 256 * 1024,
-            "partitioner": "murmur2_random", "message.max.bytes": 2_000_000, **extra}
-
-
-def _kafka_python_send(settings: Settings, topic: str, encoded: list[tuple[bytes, bytes]]) -> tuple[float, float]:
-    from kafka import KafkaProducer
-
-    p = KafkaProducer(**producer_config(settings))
-    try:
-        t, cpu = time.perf_counter(), _cpu()
-        futures = [p.send(topic, value=v, key=k) for k, v in encoded]
-        p.flush()
-        for f in futures:
-            f.get(timeout=60)
-        return time.perf_counter() - t, _cpu() - cpu
-    finally:
-        p.close()
-
-
-def _confluent_produce(settings: Settings, topic: str, encoded: list[tuple[bytes, bytes]]) -> tuple[float, float]:
-    import confluent_kafka as ck
-
-    p = ck.Producer(_confluent_producer_config(settings))
-    acked = [0]
-    failed: list[str] = []
-
-    def delivered(err: Any, _msg: Any) -> None:
-        if err is None:
-            acked[0] += 1
-        else:
-            failed.append(str(err))
-
-    t, cpu = time.perf_counter(), _cpu()
-    for k, v in encoded:
-        while True:
-            try:
-                p.produce(topic, v, k, on_delivery=delivered)
-                break
-            except BufferError:  # the local queue is full: serve delivery reports, then retry
-                p.poll(0.01)
-    p.flush(60)
-    if acked[0] != len(encoded):
-        raise RuntimeError(f"confluent produce: {acked[0]} of {len(encoded)} acked ({failed[:3]})")
-    return time.perf_counter() - t, _cpu() - cpu
-
-
 def _produce_sides(settings: Settings, kind: str) -> dict[str, Any]:
+    """bench_sdk's two raw sends of the same pre-encoded records: kafka-python's and librdkafka's, each with
+    the Publisher's settings (``producer_config``, and ``streaming.cproduce.librdkafka_config`` of it)."""
     s = fresh(settings)
     topic = raw_topic(s, kind)
     with Publisher(s) as pub:
         ser = pub.serializer(topic, KINDS[kind])
         key_field = KEY_FIELDS[KINDS[kind]]
         encoded = [(str(r[key_field]).encode(), ser(r)) for r in _records(kind, N)]
-    sides = {"kafka_python_send": lambda: _kafka_python_send(s, topic, encoded),
-             "confluent_produce": lambda: _confluent_produce(s, topic, encoded)}
-    best = {name: (float("inf"), 0.0) for name in sides}
-    for _ in range(ROUNDS):  # alternating rounds, best of each
-        for name, fn in sides.items():
-            best[name] = min(best[name], fn())
+    best = _best_wall_cpu({"kafka_python_send": partial(_raw_publish, s, topic, encoded),
+                           "confluent_produce": partial(_raw_produce_librdkafka, s, topic, encoded)}, ROUNDS)
     base = best["kafka_python_send"][0]
     return {name: {"per_s": round(N / w), "cpu_s": round(c, 3), "vs_kafka_python_send": round(base / w, 3)}
             for name, (w, c) in best.items()}
@@ -195,7 +145,7 @@ def idempotent_producer_across_kill(rate: int = 2000, before_s: float = 3.0, dow
     try:
         ensure_topics(s)
         topic = raw_topic(s, "sensor")
-        p = ck.Producer(_confluent_producer_config(s, error_cb=note, log_level=0))
+        p = ck.Producer({**librdkafka_config(producer_config(s)), "error_cb": note, "log_level": 0})
         sent, fatal, t0 = 0, None, time.monotonic()
         phases = {"killed": before_s, "restarted": before_s + down_s, "end": before_s + down_s + after_s}
         done: set[str] = set()
@@ -208,16 +158,17 @@ def idempotent_producer_across_kill(rate: int = 2000, before_s: float = 3.0, dow
                 broker = EmbeddedBroker(s)
                 broker.start(detach=False)
                 done.add("restarted")
-            if sent < rate * el:
-                try:
-                    p.produce(topic, b"r%09d" % sent, b"k%d" % (sent % 7), on_delivery=delivered)
-                    sent += 1
-                except BufferError:
-                    pass
-                except ck.KafkaException as exc:  # a fatal error refuses every later produce
-                    fatal = fatal or str(exc.args[0])
-                    break
-            p.poll(0.0005)
+            try:
+                if sent < rate * el:
+                    try:
+                        p.produce(topic, b"r%09d" % sent, b"k%d" % (sent % 7), on_delivery=delivered)
+                        sent += 1
+                    except BufferError:
+                        pass
+                p.poll(0.0005)
+            except ck.KafkaException as exc:  # the fatal error: from produce, or raised by poll
+                fatal = str(exc.args[0])
+                break
         detail = None
         try:
             p.flush(30)

@@ -95,9 +95,8 @@ def test_no_acked_record_is_lost_when_the_broker_is_killed_under_librdkafka(
         stop.set()
         sender.join(timeout=30)
         assert pub.settle(timeout=120), "the ack ledger did not settle after the broker restart"
-    on_topic = _partitions_by_key(settings, topic)
-    assert on_topic  # the read worked
     with Subscriber(settings, topic, start="beginning", until="end", decode=False) as sub:
         seen = {item.raw for item in sub}
+    assert seen  # the read worked
     lost = acked - seen
     assert not lost, f"{len(lost)} acked records are not on the topic, e.g. {sorted(lost)[:3]}"
