@@ -153,6 +153,17 @@ def _score_text(s: dict[str, Any] | None) -> str:
     return text
 
 
+def _kept_text(versions: list[Any]) -> str:
+    """Which versions are on disk: retention keeps the newest ones (and every one ever promoted), so
+    "v19 of 15 versions" would read as a miscount; "15 kept, v5-v19" does not."""
+    numbers = sorted(int(v) for v in versions)
+    if not numbers:
+        return "no versions kept"
+    if len(numbers) == 1:
+        return f"1 version kept, v{numbers[0]}"
+    return f"{len(numbers)} versions kept, v{numbers[0]}-v{numbers[-1]}"
+
+
 def summary_lines(summary: dict[str, Any], report: Path | None = None) -> list[str]:
     """The terminal summary: what a person needs in ten seconds (details stay in summary.json)."""
     events = sum(summary["events_on_topics"].values())
@@ -168,7 +179,8 @@ def summary_lines(summary: dict[str, Any], report: Path | None = None) -> list[s
         cold = m["cold_start_wait_s"]
         first = m.get("first_answer_s")
         lines.append(
-            f"  {model:18} serving v{promoted if promoted is not None else '-'} of {len(m['versions'])} versions, "
+            f"  {model:18} serving v{promoted if promoted is not None else '-'} "
+            f"({_kept_text(m['versions'])}), "
             f"{_score_text(score)}; latency p50 {_fmt_s(lat['p50'])} p99 {_fmt_s(lat['p99'])} "
             f"(first answer at {_fmt_s(first)}, {cold['requests']} requests queued before it)")
     if report is not None:

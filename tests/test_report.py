@@ -77,9 +77,25 @@ def test_summary_lines_are_short_and_name_cold_start() -> None:
     lines = summary_lines(summary, Path("reports/x"))
     assert len(lines) == 3
     assert "6,000 events" in lines[0] and "1 worker restarts" in lines[0]
-    assert "serving v1 of 2 versions" in lines[1] and "accuracy↑ 0.8 (baseline 0.5)" in lines[1]
+    assert "serving v1 (2 versions kept, v1-v2)" in lines[1] and "accuracy↑ 0.8 (baseline 0.5)" in lines[1]
     assert "p50 10 ms" in lines[1] and "first answer at 20.0 s, 40 requests queued before it" in lines[1]
     json.dumps(summary)
+
+
+def test_summary_names_the_kept_range_after_retention() -> None:
+    """Retention deletes old versions: the newest served version is above the count kept, and the
+    line must not read as "v19 of 15 versions"."""
+    m0 = list(MODELS)[0]
+    summary = {"duration_s": 1.0, "events_on_topics": {}, "dead_letters": {}, "batches": {},
+               "duplicated_predictions": 0, "worker_restarts": 0, "plots": [],
+               "models": {m0: {"promoted_version": 19, "versions": list(range(5, 20)), "first_answer_s": None,
+                               "scores": [], "latency_after_first_answer_s": {"p50": None, "p99": None},
+                               "cold_start_wait_s": {"requests": 0}}}}
+    line = summary_lines(summary)[1]
+    assert "serving v19 (15 versions kept, v5-v19)" in line, line
+    summary["models"][m0]["versions"] = []
+    summary["models"][m0]["promoted_version"] = None
+    assert "serving v- (no versions kept)" in summary_lines(summary)[1]
 
 
 def test_live_window_leaves_out_requests_queued_before_the_first_answer() -> None:
