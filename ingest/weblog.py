@@ -28,6 +28,7 @@ import calendar
 import hashlib
 import math
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -287,6 +288,18 @@ def parse_json(line: str, *, source: str, position: int | None = None, event_id:
         raise LogParseError(f"line is not valid JSON: {exc}", "bad_json") from exc
     if not isinstance(obj, dict):
         raise LogParseError("JSON log line must be an object", "bad_json")
+    return parse_object(obj, lambda: line, source=source, position=position, event_id=event_id,
+                        read_time=read_time, policy=policy)
+
+
+def parse_object(obj: dict[str, Any], text: Callable[[], str], *, source: str, position: int | None = None,
+                 event_id: str | None = None, read_time: TimestampReader | None = None,
+                 policy: EventTimePolicy | None = None) -> dict[str, Any]:
+    """:func:`parse_json` of an object already parsed, within the bounds ``bounded_json`` checks.
+
+    Why apart: the HTTP gateway parses a whole batch body once; going back to text per event (dump,
+    then parse again) cost about a fifth of its CPU. ``text()`` is the line the derived ``event_id``
+    hashes; it is called only for an event that names no id of its own."""
     client_ip = _pick(obj, "client_ip")
     if client_ip is None:
         raise LogParseError("JSON log line has no client address (client_ip / remote_addr)", "missing_field")
@@ -336,7 +349,7 @@ def parse_json(line: str, *, source: str, position: int | None = None, event_id:
     label = _opt_str(obj, "label")
     supplied_id = _pick(obj, "event_id")
     return {
-        "event_id": str(supplied_id) if supplied_id is not None else event_id or event_id_for(source, position, line),
+        "event_id": str(supplied_id) if supplied_id is not None else event_id or event_id_for(source, position, text()),
         "client_ip": str(client_ip),
         "ident": _opt_str(obj, "ident"),
         "user": _opt_str(obj, "user"),

@@ -102,3 +102,63 @@ def test_one_event_key_for_the_gateway_and_the_label_join() -> None:
     assert key("sensor", {"sensor_id": "s"}) is None and key("weblog", {"event_id": ""}) is None
     with pytest.raises(RecordRejectedError, match="needs an id"):
         event_key("image", {"image_id": None})
+
+
+def _outcome(item: object) -> tuple[object, ...]:
+    error = getattr(item, "error", None)
+    return (getattr(item, "status"), getattr(item, "key"), getattr(item, "record"),  # noqa: B009
+            type(error).__name__, str(error), getattr(error, "reason", None))
+
+
+def test_weblog_events_read_as_parsed_are_judged_exactly_as_through_the_text_path() -> None:
+    """A body whose size and depth already bound each event skips the per-event dump + parse
+    (``bounded``); every outcome -- record, derived id, error class, text and reason -- must be the
+    one the text path gives."""
+    bare = {k: v for k, v in weblog(7).items() if k != "event_id"}
+    events: list[object] = [
+        weblog(1), bare, dict(reversed(list(bare.items()))), {**bare, "extra": {"nested": [1, {"a": None}]}},
+        {**weblog(2), "status": True}, {**weblog(3), "status": "abc"}, {**weblog(4), "status": 99},
+        {**weblog(5), "latency_ms": float("nan")}, {**weblog(6), "latency_ms": -1}, {**weblog(8), "bytes_sent": "x"},
+        {**weblog(9), "timestamp": "not a time"}, {**weblog(10), "timestamp": -2_208_988_800_000},
+        {k: v for k, v in weblog(11).items() if k != "client_ip"}, {"remote_addr": "1.2.3.4", "request": 5},
+        {"remote_addr": "1.2.3.4", "time": NOW, "request": "GET /a?b=1 HTTP/1.1", "status": 200},
+        {"httpRequest": {"remoteIp": "::1", "requestMethod": "GET", "requestUrl": "https://h/x?q", "status": 201,
+                         "latency": "0.25s"}, "timestamp": NOW, "event_id": "gcp-1"},
+        {**weblog(12), "user_agent": "ünïcødé \ud800", "referrer": "-"}, "not an object", [],
+    ]
+    body = json.dumps(events).encode()
+    text_path = parse_json_body("weblog", body, 100)
+    parsed = parse_json_body("weblog", body, 100, depth=4)
+    assert [_outcome(i) for i in parsed] == [_outcome(i) for i in text_path]
+    assert sum(i.status == "pending" for i in parsed) >= 5 and sum(i.status == "rejected" for i in parsed) >= 8
+
+
+def test_events_whose_bounds_the_body_does_not_imply_still_go_through_the_text_path() -> None:
+    """An event over one JSON line's limit (1 MB) in a larger body is refused as a file source refuses
+    the line; the bounded path is only taken where it cannot arise."""
+    from ingest.gateway.records import MAX_REENCODE_GROWTH
+    from streaming.limits import MAX_JSON_BYTES
+
+    big = {**weblog(1), "user_agent": "x" * (MAX_JSON_BYTES + 10)}
+    body = json.dumps([big, weblog(2)]).encode()
+    assert len(body) * MAX_REENCODE_GROWTH > MAX_JSON_BYTES
+    first, second = parse_json_body("weblog", body, 10, depth=2)
+    assert first.status == "rejected" and "over the limit" in str(first.error)
+    assert second.status == "pending"
+    assert repr(1e15) == "1000000000000000.0" and len(repr(1e15)) / len("1e15") <= MAX_REENCODE_GROWTH
+
+
+def test_which_bodies_bound_their_events_without_the_text_round_trip() -> None:
+    from ingest.gateway.records import events_within_line_bounds
+    from streaming.limits import MAX_JSON_BYTES
+
+    small = json.dumps([weblog(i) for i in range(3)]).encode()
+    assert events_within_line_bounds(small, 2)
+    assert not events_within_line_bounds(small, None) and not events_within_line_bounds(small, 33)
+    pad = "y" * (MAX_JSON_BYTES // 3)
+    mid = json.dumps([{**weblog(1), "user_agent": pad}]).encode()  # over 1/5 MB, under 1 MB
+    assert events_within_line_bounds(mid, 2)
+    for exponent in (b"1e15", b"-2.5E+3", b"[1E400]"):
+        assert not events_within_line_bounds(mid[:-2] + b', "n": ' + exponent + b"}]", 2), exponent
+    assert events_within_line_bounds(mid[:-2] + b', "n": "a 1e15 in text", "m": 1.5}]', 2)
+    assert not events_within_line_bounds(json.dumps([{"a": "z" * MAX_JSON_BYTES}]).encode(), 2)

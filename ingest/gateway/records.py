@@ -16,6 +16,7 @@ import binascii
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,7 @@ from streaming.config import ConfigError
 from streaming.eventtime import UNITS, EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
 from streaming.features import weblog as weblog_features
-from streaming.limits import unique_keys
+from streaming.limits import MAX_JSON_BYTES, MAX_JSON_DEPTH, unique_keys
 from streaming.topics import KINDS
 
 JSON_TYPES = frozenset({"application/json", "text/json", ""})
@@ -188,12 +189,22 @@ def _rejected(exc: EventTimeError) -> InputRejectedError:
     return InputRejectedError(str(exc), exc.reason)
 
 
-def _weblog(obj: dict[str, Any], rules: TimeRules) -> dict[str, Any]:
+def _canonical(obj: dict[str, Any]) -> str:
+    """The event as one line of canonical JSON: the derived event_id hashes it, so it does not depend on
+    key order or whitespace, and the same event posted twice dedupes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _weblog(obj: dict[str, Any], rules: TimeRules, bounded: bool = False) -> dict[str, Any]:
+    """``bounded``: the body's size and depth already imply the per-event bounds of ``bounded_json``
+    (:func:`parse_json_body`), so the event is read as parsed, and turned into text only when an id is
+    derived from it; otherwise it goes through the file source's text path, bounds checked there."""
     _no_booleans(obj, ("latency_ms", "status", "bytes_sent"))
-    # parse_json takes the line it would read from a file; canonical JSON makes the derived
-    # event_id independent of key order and whitespace, so the same event posted twice dedupes.
-    line = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return _check_latency(weblog.parse_json(line, source=SOURCE, read_time=rules.reader(), policy=rules.policy))
+    if bounded:
+        return _check_latency(weblog.parse_object(obj, lambda: _canonical(obj), source=SOURCE,
+                                                  read_time=rules.reader(), policy=rules.policy))
+    return _check_latency(weblog.parse_json(_canonical(obj), source=SOURCE, read_time=rules.reader(),
+                                            policy=rules.policy))
 
 
 def _sensor(obj: dict[str, Any], rules: TimeRules) -> dict[str, Any]:
@@ -259,15 +270,19 @@ RECORD_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def record_item(kind: str, index: int, obj: Any, rules: TimeRules | None = None) -> Item:
-    """One JSON value of a body -> an :class:`Item`, rejected with the reason when it is not valid."""
+def record_item(kind: str, index: int, obj: Any, rules: TimeRules | None = None, *, bounded: bool = False) -> Item:
+    """One JSON value of a body -> an :class:`Item`, rejected with the reason when it is not valid.
+    ``bounded``: see :func:`parse_json_body`."""
     item = Item(index, obj)
     if not isinstance(obj, dict):
         item.reject(RecordRejectedError(f"element {index} is a {type(obj).__name__}; each event must be "
                                         "a JSON object"))
         return item
     try:
-        item.record = _BUILDERS[kind](obj, rules or LIVE_RULES)
+        if kind == "weblog":
+            item.record = _weblog(obj, rules or LIVE_RULES, bounded)
+        else:
+            item.record = _BUILDERS[kind](obj, rules or LIVE_RULES)
         item.key = event_key(kind, item.record)
     except RECORD_ERRORS as exc:
         item.reject(exc)
@@ -279,8 +294,33 @@ def _reject_constant(name: str) -> float:
     return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[name]
 
 
-def parse_json_body(kind: str, body: bytes, max_records: int, rules: TimeRules | None = None) -> list[Item]:
-    """A JSON object (one event) or array (a batch) -> items. Raises BadRequestError for the body."""
+#: How many times longer an event's canonical JSON can be than its text in a body: a number is
+#: re-written by ``repr`` ("1e15" -> "1000000000000000.0", 4.5x, the most); strings, keys and
+#: literals never grow (an escape is never shorter than what it stands for), and whitespace is dropped.
+MAX_REENCODE_GROWTH = 5
+#: A number with an exponent outside a string: the only token ``repr`` can write longer than it came
+#: (every value follows ``:``, ``,`` or ``[``). Matches inside strings too, which only costs the fast path.
+_EXPONENT_NUMBER = re.compile(rb"[:,\[]\s*-?[0-9]+(?:\.[0-9]+)?[eE]")
+
+
+def events_within_line_bounds(body: bytes, depth: int | None) -> bool:
+    """Whether every event of ``body`` surely passes one JSON line's bounds (``bounded_json``: depth and
+    size of its canonical text), so it need not be turned back into text to check them. ``depth``: the
+    body's nesting from ``scan_json``; None when unknown."""
+    if depth is None or depth > MAX_JSON_DEPTH:
+        return False
+    if len(body) * MAX_REENCODE_GROWTH <= MAX_JSON_BYTES:
+        return True
+    return len(body) <= MAX_JSON_BYTES and _EXPONENT_NUMBER.search(body) is None
+
+
+def parse_json_body(kind: str, body: bytes, max_records: int, rules: TimeRules | None = None, *,
+                    depth: int | None = None) -> list[Item]:
+    """A JSON object (one event) or array (a batch) -> items. Raises BadRequestError for the body.
+
+    ``depth``: the body's nesting, when the caller scanned it (``scan_json``). Each event must pass the
+    bounds one line of a file source passes (``streaming.limits.bounded_json``: 1 MB of JSON, 32 levels);
+    where the body's own size and depth imply them, events skip the text round trip that checks them."""
     if not body.strip():
         raise BadRequestError("request body is empty; send a JSON object or a JSON array of objects")
     try:
@@ -288,8 +328,9 @@ def parse_json_body(kind: str, body: bytes, max_records: int, rules: TimeRules |
     except (ValueError, RecursionError) as exc:
         raise BadRequestError(f"request body is not valid UTF-8 JSON ({type(exc).__name__}: {exc}); "
                               "send a JSON object or a JSON array of objects") from exc
+    bounded = events_within_line_bounds(body, depth)
     if isinstance(value, dict):
-        return [record_item(kind, 0, value, rules)]
+        return [record_item(kind, 0, value, rules, bounded=bounded)]
     if not isinstance(value, list):
         raise BadRequestError(f"request body is a JSON {type(value).__name__}; send a JSON object "
                               "(one event) or a JSON array of objects (a batch)")
@@ -298,7 +339,7 @@ def parse_json_body(kind: str, body: bytes, max_records: int, rules: TimeRules |
     if len(value) > max_records:
         raise BadRequestError(f"batch of {len(value)} events is over the limit of {max_records} per request; "
                               "split it")
-    return [record_item(kind, i, obj, rules) for i, obj in enumerate(value)]
+    return [record_item(kind, i, obj, rules, bounded=bounded) for i, obj in enumerate(value)]
 
 
 # -- Avro -----------------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
             try:
                 gw.check_shape(shape)
                 items = await run_in_threadpool(parse_json_body, kind, body, limits.max_records_per_request,
-                                                gw.time_rules)
+                                                gw.time_rules, depth=shape.depth)
             except (BadRequestError, PayloadTooLargeError) as exc:
                 return await gw.reject_body(kind, body, request, exc, principal)
             return await gw.publish(kind, items, request, principal, charged=charged)
