@@ -111,10 +111,9 @@ def test_in_flight_limiter_refuses_once_at_limit() -> None:
 def test_once_map_claim_complete_duplicate_and_ttl() -> None:
     clock = FakeClock()
     seen: OnceMap[str] = OnceMap(capacity=10, ttl_s=60, clock=clock)
-    state, future = seen.claim("k")
-    assert state == "new"
+    assert seen.claim("k") == ("new", None)
     state2, pending = seen.claim("k")
-    assert state2 == "pending" and pending is future
+    assert state2 == "pending" and seen.claim("k")[1] is pending  # every waiter shares one future
     seen.complete("k", "where")
     assert pending.result(timeout=0) == "where"
     assert seen.claim("k") == ("done", "where")
@@ -124,7 +123,7 @@ def test_once_map_claim_complete_duplicate_and_ttl() -> None:
 
 def test_once_map_abandon_lets_a_retry_claim_again_and_waiters_see_the_error() -> None:
     seen: OnceMap[str] = OnceMap(capacity=10, ttl_s=60)
-    _, future = seen.claim("k")
+    seen.claim("k")
     _, waiter = seen.claim("k")
     seen.abandon("k", RuntimeError("kafka down"))
     with pytest.raises(RuntimeError):

@@ -175,8 +175,9 @@ class OnceMap(Generic[V]):
 
     ``claim(key)`` answers one of:
 
-    * ``("new", future)``: the caller owns the key and must later call :meth:`complete` or
-      :meth:`abandon`; other claimants wait on ``future``.
+    * ``("new", None)``: the caller owns the key and must later call :meth:`complete` or
+      :meth:`abandon`. The future other claimants wait on is made when the first of them comes: a
+      ``Future`` builds a ``Condition``, and most keys (one per event) never get a second claimant.
     * ``("pending", future)``: someone else owns it; ``future`` resolves to their value or raises.
     * ``("done", value)``: finished within the window; ``value`` is what :meth:`complete` stored.
 
@@ -191,7 +192,7 @@ class OnceMap(Generic[V]):
         self.ttl_s = ttl_s
         self._clock = clock
         self._done: OrderedDict[Any, tuple[float, V]] = OrderedDict()
-        self._pending: dict[Any, Future[V]] = {}
+        self._pending: dict[Any, Future[V] | None] = {}  # None: owned, nobody waiting yet
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -209,12 +210,13 @@ class OnceMap(Generic[V]):
             self._expire(self._clock())
             if key in self._done:
                 return "done", self._done[key][1]
-            pending = self._pending.get(key)
-            if pending is not None:
+            if key in self._pending:
+                pending = self._pending[key]
+                if pending is None:
+                    pending = self._pending[key] = Future()
                 return "pending", pending
-            future: Future[V] = Future()
-            self._pending[key] = future
-            return "new", future
+            self._pending[key] = None
+            return "new", None
 
     def done_value(self, key: Any) -> V | None:
         """The stored value of a finished key, or None; claims nothing."""
