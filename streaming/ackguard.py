@@ -36,7 +36,6 @@ the ledger off (sends are still retried on restart errors).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -47,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from kafka import errors as kerr
 from kafka.future import Future
 
+from streaming.ackreadback import ReadBack, record_digest
 from streaming.cproduce import CProducer, kafka_python_error, record_metadata
 from streaming.epochwatch import EpochWatch
 
@@ -68,17 +68,6 @@ RESEND_ERRORS: tuple[type[BaseException], ...] = (
 MAX_ATTEMPTS = 8
 #: kafka-python's record futures register a callback and an errback under one lock (3.0.x).
 _ONE_REGISTRATION = hasattr(Future, "_add_cb_eb")
-
-
-def record_digest(key: bytes | None, value: bytes | None, headers: Any) -> str:
-    """Identity of one record as sent: sha1 over key, value and headers (stable across processes)."""
-    h = hashlib.sha1()
-    for part in (key or b"", value or b""):
-        h.update(len(part).to_bytes(8, "big"))
-        h.update(part)
-    for name, val in headers or ():
-        h.update(name.encode() + b"\x00" + len(val or b"").to_bytes(8, "big") + (val or b""))
-    return h.hexdigest()
 
 
 #: Guards the lazy creation of a :class:`GuardedSend`'s latch against its resolution (one plain lock:
@@ -160,29 +149,6 @@ class GuardedSend(Future):
         return self.value
 
 
-def _end_offsets(consumer: Any, partitions: list[Any]) -> dict[Any, int]:
-    """End offsets; 0 for a partition the broker answers "no offset" for.
-
-    Why: the embedded broker, killed with -9 before it persisted anything of a partition, comes back
-    answering ListOffsets for it with offset -1, and kafka-python's ``end_offsets`` then raises
-    ``KeyError`` (it drops the -1 and indexes its answer). That went on until something was written
-    there again, and nothing was: the ledger's re-sends wait for this read-back, so it never settled
-    (tests/test_cproduce.py, under load). Such a partition holds none of the acked records, which is
-    what an end of 0 says, so they are all sent again."""
-    try:
-        return dict(consumer.end_offsets(partitions))
-    except KeyError:
-        ends: dict[Any, int] = {}
-        for tp in partitions:
-            try:
-                ends.update(consumer.end_offsets([tp]))
-            except KeyError:
-                log.warning("the broker has no end offset for %s (it lost the partition's log in a crash); "
-                            "its acked records are sent again", tp)
-                ends[tp] = 0
-        return ends
-
-
 @dataclass(slots=True)
 class _Entry:
     topic: str
@@ -245,7 +211,7 @@ class AckLedger:
         self._watch = EpochWatch(bootstrap)
         self._scan_epoch = 0  # no entry of another epoch can exist while this equals the epoch and ...
         self._scan_needed = False  # ... no suspect (-1) entry was added since the last scan
-        self._consumer: Any = None
+        self._reader = ReadBack(bootstrap, self._consumer_config)
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
         #: Where sends are written before they go out (the gateway's, ``streaming/ackjournal.py``); None: nowhere.
@@ -422,49 +388,11 @@ class AckLedger:
         self._cond.notify_all()
 
     def _read_back(self, suspects: list[_Entry]) -> None:
-        """Compare each suspect with what its partition holds at its offset; re-send the lost ones.
-
-        A failed read-back drops its consumer, so the next tick starts from a fresh one."""
-        try:
-            self._compare_and_resend(suspects)
-        except Exception:
-            if self._consumer is not None:
-                consumer, self._consumer = self._consumer, None
-                try:
-                    consumer.close()
-                except Exception as exc:  # noqa: BLE001 - closing a broken consumer is best effort
-                    log.debug("closing the ack ledger's read-back consumer: %s", exc)
-            raise
-
-    def _compare_and_resend(self, suspects: list[_Entry]) -> None:
-        from kafka import KafkaConsumer, TopicPartition
-
-        if self._consumer is None:
-            self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                           request_timeout_ms=5000, **self._consumer_config)
-        consumer = self._consumer
-        by_tp: dict[Any, list[_Entry]] = {}
+        """Compare each suspect with what its partition holds at its offset; re-send the lost ones."""
+        wanted: dict[tuple[str, int], set[int]] = {}
         for e in suspects:
-            by_tp.setdefault(TopicPartition(e.topic, e.partition), []).append(e)
-        ends = _end_offsets(consumer, list(by_tp))
-        held: dict[Any, dict[int, str]] = {tp: {} for tp in by_tp}
-        want: dict[Any, set[int]] = {}
-        for tp, entries in by_tp.items():
-            offsets = {e.offset for e in entries if e.offset < ends[tp]}
-            if offsets:
-                want[tp] = offsets
-        consumer.assign(list(want))
-        for tp, offsets in want.items():
-            consumer.seek(tp, min(offsets))
-        deadline = time.monotonic() + 30.0
-        while any(consumer.position(tp) <= max(offs) for tp, offs in want.items()):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"could not read {sorted(str(tp) for tp in want)} back within 30 s")
-            for tp, msgs in consumer.poll(timeout_ms=500).items():
-                offsets = want.get(tp, set())
-                for m in msgs:
-                    if m.offset in offsets:
-                        held[tp][m.offset] = record_digest(m.key, m.value, m.headers)
+            wanted.setdefault((e.topic, e.partition), set()).add(e.offset)
+        held = self._reader.held(wanted)
         lost: list[_Entry] = []
         now = time.monotonic()
         with self._cond:
@@ -475,7 +403,7 @@ class AckLedger:
                 if id(e) not in done:
                     keep.append(e)
                     continue
-                if held[TopicPartition(e.topic, e.partition)].get(e.offset) != e.digest():
+                if held.get((e.topic, e.partition), {}).get(e.offset) != e.digest():
                     self._bytes -= e.size
                     if e.hold == e.seq:  # a re-send lost again already holds its first ack's place
                         self._holds[e.hold] = self._holds.get(e.hold, 0) + 1
@@ -542,6 +470,5 @@ class AckLedger:
             with self._cond:
                 settled = not self._entries and not self._unacked and not self._holds
             self.journal.close(settled=settled)
-        if self._consumer is not None:
-            self._consumer.close()
+        self._reader.close()
         self._watch.close()
