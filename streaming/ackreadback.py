@@ -32,27 +32,37 @@ def record_digest(key: bytes | None, value: bytes | None, headers: Any) -> str:
 
 
 def _end_offsets(consumer: Any, partitions: list[Any]) -> dict[Any, int]:
-    """End offsets; 0 for a partition the broker answers "no offset" for.
+    """End offsets; 0 for a partition the broker no longer has, or answers "no offset" for.
 
-    Why: the embedded broker, killed with -9 before it persisted anything of a partition, comes back
-    answering ListOffsets for it with offset -1, and kafka-python's ``end_offsets`` then raises
-    ``KeyError`` (it drops the -1 and indexes its answer). That went on until something was written
-    there again, and nothing was: the ledger's re-sends wait for this read-back, so it never settled
-    (tests/test_cproduce.py, under load). Such a partition holds none of the acked records, which is
-    what an end of 0 says, so they are all sent again."""
+    Why: the embedded broker, killed with -9, can come back without a partition's log, or without a
+    topic created shortly before the kill; the next metadata request re-creates such a topic with one
+    partition. kafka-python then raises ``KeyError`` for the whole call (it drops the broker's -1 and
+    indexes its answer), and for a partition that is not in the metadata it retries until its timeout,
+    on every tick. The ledger's re-sends wait for this read-back, so it never settled and the records it
+    held were never sent again (tests/test_cproduce.py, tests/test_ackreadback.py). Such a partition
+    holds none of the acked records, which is what an end of 0 says, so they are all sent again."""
+    from kafka.errors import KafkaTimeoutError
+
     try:
         return dict(consumer.end_offsets(partitions))
-    except KeyError:
-        ends: dict[Any, int] = {}
-        for tp in partitions:
-            try:
-                ends.update(consumer.end_offsets([tp]))
-            except KeyError:
-                log.warning("the broker has no end offset for %s (it lost the partition's log in a crash); "
-                            "its acked records are sent again", tp)
-                ends[tp] = 0
-        return ends
-
+    except (KeyError, KafkaTimeoutError):
+        pass
+    ends: dict[Any, int] = {}
+    known: dict[str, set[int]] = {}
+    for tp in partitions:
+        if tp.topic not in known:
+            known[tp.topic] = set(consumer.partitions_for_topic(tp.topic) or ())
+        if tp.partition not in known[tp.topic]:
+            log.warning("the broker no longer has %s (it lost it in a crash); its acked records are sent again", tp)
+            ends[tp] = 0
+            continue
+        try:
+            ends.update(consumer.end_offsets([tp]))  # a timeout here is a slow broker: the next tick retries
+        except KeyError:
+            log.warning("the broker has no end offset for %s (it lost the partition's log in a crash); "
+                        "its acked records are sent again", tp)
+            ends[tp] = 0
+    return ends
 
 
 class ReadBack:
