@@ -22,8 +22,12 @@ same records pre-encoded by the SDK:
   restarted. Reported: what its delivery reports and error callback said. Why it matters: noida-db
   loses the tail of its log on a kill and forgets the producer's sequence numbers with it; kafka-python
   answers that with retriable ``OutOfOrderSequenceNumberError`` failures the ack ledger re-sends, and
-  librdkafka with a *fatal* error that makes the producer unusable (measured 2026-12-01), which is why
-  the Publisher still sends with kafka-python (docs/SDK_PERF.md, "The publish lever").
+  librdkafka with a *fatal* error that makes the producer unusable (measured 2026-12-01); the Publisher's
+  librdkafka adapter replaces the instance and fails its sends for a re-send (``streaming/cproduce.py``).
+
+Both write sides start their client and wait for one warm-up ack before the clock starts (bench_sdk's
+sides): librdkafka's idempotent producer takes ~0.5 s to its first ack, which a 12,000-record round
+otherwise reads as a rate near 23,000/s.
 
 Ratios are against kafka-python raw. confluent-kafka is in requirements.lock since the platform's bounded
 reads fetch with it (streaming/cfetch.py); this measures the bare client, the Subscriber's own figure is
