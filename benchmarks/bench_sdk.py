@@ -136,42 +136,44 @@ def _sdk_publish(settings: Settings, kind: str, records: list[dict[str, Any]],
             f.get(timeout=60)
 
 
-def _raw_consume(settings: Settings, topic: str, n: int) -> int:
+def _raw_consume(settings: Settings, topic: str, n: int) -> Iterator[None]:
+    """kafka-python, assigned to every partition from the beginning: the consume baseline. Like the
+    publish sides, the clock starts once the client is made and positioned (the SDK sides likewise)."""
     consumer = KafkaConsumer(**consumer_config(settings))  # the Subscriber's settings, read_committed too
-    parts = consumer.partitions_for_topic(topic) or set()
-    consumer.assign([TopicPartition(topic, p) for p in parts])
-    consumer.seek_to_beginning()
-    got = 0
     try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        consumer.assign([TopicPartition(topic, p) for p in parts])
+        consumer.seek_to_beginning()
+        yield  # the clock starts here
+        got = 0
         while got < n:
             for msgs in consumer.poll(timeout_ms=1000).values():
                 got += len(msgs)
     finally:
         consumer.close()
-    return got
 
 
-def _sdk_read_back(settings: Settings, topic: str, n: int) -> int:
+def _sdk_read_back(settings: Settings, topic: str, n: int) -> Iterator[None]:
     """A bounded read (``until="end"``): what replays, read-backs and ``subscribe --until-end`` do. It
     fetches with librdkafka (streaming/cfetch.py); the check below keeps the figure honest about that."""
     got = 0
     with Subscriber(settings, topic, start="beginning", until="end") as sub:
         if sub.fetcher != "librdkafka":
             raise RuntimeError(f"the bounded read fetched with {sub.fetcher}, not librdkafka")
+        yield  # the clock starts here: made and positioned
         while not sub.finished:
             got += sum(1 for item in sub.poll_batch(timeout_ms=1000) if item.ok)
     if got != n:
         raise RuntimeError(f"the bounded read got {got} records, not {n}")
-    return got
 
 
-def _sdk_consume(settings: Settings, topic: str, n: int) -> int:
+def _sdk_consume(settings: Settings, topic: str, n: int) -> Iterator[None]:
     got = 0
     with Subscriber(settings, topic, start="beginning") as sub:
+        yield  # the clock starts here: made and positioned
         while got < n:
             batch = sub.poll_batch(timeout_ms=1000)
             got += sum(1 for item in batch if item.ok)
-    return got
 
 
 CODEC_RECORDS = 4_000
@@ -323,9 +325,11 @@ def run(settings: Settings) -> dict[str, Any]:
                                 "sdk_kafka_python": partial(_sdk_publish, s_kp, kind, records, "kafka-python")},
                                ROUNDS, startup)
         total = ROUNDS * n  # the SDK's topic now holds every round: read them all back
+        con_setup: dict[str, float] = {}
         con_t = _best_wall_cpu({"raw": partial(_raw_consume, s_sdk, raw_topic(s_sdk, kind), total),
                                 "sdk": partial(_sdk_consume, s_sdk, raw_topic(s_sdk, kind), total),
-                                "bounded": partial(_sdk_read_back, s_sdk, raw_topic(s_sdk, kind), total)}, ROUNDS)
+                                "bounded": partial(_sdk_read_back, s_sdk, raw_topic(s_sdk, kind), total)},
+                               ROUNDS, con_setup)
         (raw_t, raw_c), (sdk_t, sdk_c) = pub_t["raw"], pub_t["sdk"]
         (raw_ct, raw_cc), (sdk_ct, sdk_cc), (bnd_ct, bnd_cc) = con_t["raw"], con_t["sdk"], con_t["bounded"]
         out["kinds"][kind] = {
@@ -346,6 +350,7 @@ def run(settings: Settings) -> dict[str, Any]:
             "consume_cpu_ratio": round(raw_cc / sdk_cc, 3),
             "bounded_sdk_per_s": round(total / bnd_ct), "bounded_ratio": round(raw_ct / bnd_ct, 3),
             "bounded_sdk_cpu_s": round(bnd_cc, 3), "bounded_cpu_ratio": round(raw_cc / bnd_cc, 3),
+            "consume_setup_s": {side: round(t, 3) for side, t in con_setup.items()},  # made and positioned
         }
     out["table"] = [row for kind, k in out["kinds"].items() for row in (
         {"figure": f"publish {kind} events/s (librdkafka; baseline: raw kafka-python send)",
