@@ -32,6 +32,7 @@ import csv
 import io
 import logging
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -392,13 +393,15 @@ class SensorCsvSource(SourcePartition):
 def publish_csv(settings: Settings, publisher: Publisher, path: Path, *, unit: str = "unit",
                 policy: EventTimePolicy | None = None, timestamp_unit: str = "auto",
                 checkpoint_path: Path | None = None, batch_rows: int = 1000,
-                on_start: Callable[[int, Path], None] | None = None) -> SensorIngestStats:
+                on_start: Callable[[int, Path], None] | None = None,
+                stop: threading.Event | None = None) -> SensorIngestStats:
     """Publish the valid rows of a CSV file exactly once; dead-letter the others (original row bytes +
     reasons). Resumes after the last acknowledged row of an earlier run of the same file.
 
     Rows of a backfill (``policy.backfill``) carry the backfill header naming the run. Waits for
     every ack before returning, so a zero exit status means everything is in Kafka. ``on_start`` is
     called with the first line this run reads and the checkpoint file, before anything is sent.
+    ``stop`` ends the run early, checkpointed (the same call resumes).
     """
     cp_path = checkpoint_path or default_checkpoint_path(settings, path, unit=unit, policy=policy,
                                                          timestamp_unit=timestamp_unit)
@@ -416,7 +419,7 @@ def publish_csv(settings: Settings, publisher: Publisher, path: Path, *, unit: s
     if source.csv.eof or source.pos.at_end():
         log.warning("--csv %s was published to its end by an earlier run with these flags (checkpoint %s); "
                     "delete the checkpoint to publish it again", path, cp_path)
-    stats = runner.run()
+    stats = runner.run(stop)
     return SensorIngestStats(stats.published, stats.dead_lettered, dict(stats.reasons) or None,
                              timestamp_unit=source.reader.decided, skipped_duplicates=stats.skipped_duplicates,
                              from_line=from_line, checkpoint=str(cp_path))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -267,7 +268,7 @@ def dead_letter_source(file: str, line: int, exc: SensorValidationError) -> dict
 
 
 def publish_records(publisher: Publisher, records: Iterator[dict[str, Any]], *, source: str,
-                    policy: EventTimePolicy | None = None) -> SensorIngestStats:
+                    policy: EventTimePolicy | None = None, stop: threading.Event | None = None) -> SensorIngestStats:
     """Validate and publish reading dicts (e.g. from :func:`generate`); dead-letter invalid ones as JSON.
 
     A generator source (:class:`ingest.source.IterSource`) run by the one runner without a
@@ -283,5 +284,5 @@ def publish_records(publisher: Publisher, records: Iterator[dict[str, Any]], *, 
         return IterSource("sensor", records, name=source, check=lambda r: validate(r, now=ref, policy=policy),
                           errors=(SensorValidationError,), headers=headers, resume_state=state)
 
-    stats = SourceRunner(publisher.settings, publisher, build, kind="sensor", checkpoint_path=None).run()
+    stats = SourceRunner(publisher.settings, publisher, build, kind="sensor", checkpoint_path=None).run(stop)
     return SensorIngestStats(stats.published, stats.dead_lettered, dict(stats.reasons) or None)

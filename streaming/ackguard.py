@@ -438,6 +438,11 @@ class AckLedger:
         with self._cond:
             return len(self._entries) + self._unacked
 
+    def unacked(self) -> int:
+        """Sends not yet acked (re-sends included)."""
+        with self._cond:
+            return self._unacked
+
     def wait_acked(self, timeout: float | None = None) -> bool:
         """Wait until every send is acked or finally failed (re-sends included); False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -449,15 +454,16 @@ class AckLedger:
                 self._cond.wait(timeout=min(0.1, left) if left is not None else 0.1)
         return True
 
-    def settle(self, timeout: float | None = None) -> bool:
-        """Wait until every acked record is confirmed kept; False when ``timeout`` passed first."""
+    def settle(self, timeout: float | None = None, give_up: threading.Event | None = None) -> bool:
+        """Wait until every acked record is confirmed kept; False when ``timeout`` passed first or
+        ``give_up`` was set."""
         if self._thread is None:
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._entries or self._unacked:
                 left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
+                if (left is not None and left <= 0) or (give_up is not None and give_up.is_set()):
                     return False
                 self._cond.wait(timeout=min(0.2, left) if left is not None else 0.2)
         return True

@@ -21,10 +21,13 @@ are confirmed; sources call it before they exit.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kafka import KafkaProducer
+from kafka.errors import KafkaTimeoutError
 
 from schemas.catalog import load_schema, value_subject
 from schemas.registry import SchemaRegistry, open_registry
@@ -50,6 +53,9 @@ KEY_FIELDS: dict[str, str] = {
 }
 
 DEFAULT_MAX_RECORD_BYTES = 1_000_000  # Kafka's default message.max.bytes is ~1 MB
+#: A waiting ``flush`` checks its ``give_up`` event this often, and says what it waits for every WAIT_NOTE_S.
+WAIT_STEP_S = 0.25
+WAIT_NOTE_S = 10.0
 
 Headers = list[tuple[str, bytes]]
 
@@ -124,8 +130,14 @@ class Publisher:
     """
 
     def __init__(self, settings: Settings, registry: SchemaRegistry | None = None, *,
-                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, **producer_overrides: Any) -> None:
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, give_up: threading.Event | None = None,
+                 **producer_overrides: Any) -> None:
         self.settings = settings
+        #: Set (by a second Ctrl-C, or a stop's grace running out) to end every wait for acks at once:
+        #: see :meth:`flush`. None: the waits last until the broker acks.
+        self.give_up = give_up
+        #: Records that were still not acked when a wait was given up (0 while none was).
+        self.abandoned = 0
         self.registry = registry or open_registry(settings.registry_url, settings.registry_dir)
         self.max_record_bytes = max_record_bytes
         cfg = producer_config(settings, **producer_overrides)
@@ -279,19 +291,57 @@ class Publisher:
                                         fallback=min(self.max_record_bytes, self.settings.max_record_bytes))
         return self._limits.limit(topic)
 
-    def flush(self, timeout: float | None = None) -> None:
+    def flush(self, timeout: float | None = None) -> bool:
         """Wait until every send is acked or has finally failed (re-sends after a broker restart too), and
-        is in the ack journal where one is attached."""
-        self._producer.flush(timeout=timeout)
-        self.ledger.wait_acked(timeout)
+        is in the ack journal where one is attached. True when it is.
+
+        Raises ``KafkaTimeoutError`` when ``timeout`` passes first. Returns False, with an error logged
+        and :attr:`abandoned` set, as soon as :attr:`give_up` is set: why, a broker that is down for good
+        would otherwise hold a stopping process here forever (``kill -9`` was the only way out). What is
+        given up was never acked, so a source's checkpoint is still before it and the same command sends
+        it again. Every ``WAIT_NOTE_S`` of waiting it logs how many records it waits for.
+        """
+        began = time.monotonic()
+        deadline = None if timeout is None else began + timeout
+        note_at = began + WAIT_NOTE_S
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            step = WAIT_STEP_S if left is None else max(0.0, min(WAIT_STEP_S, left))
+            try:
+                self._producer.flush(timeout=step)
+                done = self.ledger.wait_acked(step)
+            except KafkaTimeoutError:
+                done = False
+            if done:
+                break
+            if left is not None and left <= step:
+                raise KafkaTimeoutError(f"{self.ledger.unacked()} records not acked after {timeout} s")
+            if self.give_up is not None and self.give_up.is_set():
+                said, self.abandoned = self.abandoned, self.ledger.unacked()
+                if said:  # said once: a source's settle, its command's settle and the exit all end here
+                    return False
+                log.error("gave up waiting for %d records the broker has not acked (%s); they were not "
+                          "checkpointed: the same command sends them again", self.abandoned, self._broker_state())
+                return False
+            if time.monotonic() >= note_at:
+                note_at += WAIT_NOTE_S
+                log.warning("waiting %.0f s for %d records to be acked (%s)", time.monotonic() - began,
+                            self.ledger.unacked(), self._broker_state())
         if self.ledger.journal is not None:  # acked, and in the journal on disk (streaming/ackjournal.py)
             self.ledger.journal.sync()
+        return True
+
+    def _broker_state(self) -> str:
+        down = self.ledger.broker_down_for()
+        return f"the broker unreachable for {down:.0f} s" if down > 0 else "the broker is reachable"
 
     def settle(self, timeout: float | None = 60.0) -> bool:
         """Flush, then wait until every acked record is confirmed kept by the broker (at most the
-        loss window, longer across a broker restart). False when ``timeout`` passed first."""
-        self.flush(timeout)
-        ok = self.ledger.settle(timeout)
+        loss window, longer across a broker restart). False when ``timeout`` passed first, or when
+        :attr:`give_up` was set."""
+        if not self.flush(timeout):
+            return False
+        ok = self.ledger.settle(timeout, give_up=self.give_up)
         if not ok:
             log.warning("%d acked records are not yet confirmed kept by the broker after %s s; "
                         "a broker crash now could lose them", self.ledger.pending(), timeout)
@@ -316,5 +366,7 @@ class Publisher:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.flush()
-        self.close()
+        if self.flush():
+            self.close()
+        else:
+            self.close(timeout=1.0)  # given up: what is left unacked is not waited for again

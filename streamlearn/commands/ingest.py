@@ -85,12 +85,42 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         register_serve(isub)
 
 
-def _stop_on_signals() -> threading.Event:
-    """SIGTERM/SIGINT end the loop gracefully: in-flight lines are acked and checkpointed first."""
+#: After a stop signal, how long a source waits for its records in flight to be acked before it gives
+#: them up (they are not checkpointed, so the same command sends them again). Below the 20 s that
+#: ``streamlearn up`` allows a worker between SIGTERM and SIGKILL, so a supervised source ends on its own.
+STOP_GRACE_S = 15.0
+#: Exit status of a source command stopped before every record was acked (the same command resumes).
+EXIT_NOT_ACKED = 3
+#: How long a stop may take before the console is told how to end it sooner.
+STOP_HINT_AFTER_S = 2.0
+
+
+def _stop_on_signals(give_up: threading.Event | None = None, grace_s: float = STOP_GRACE_S) -> threading.Event:
+    """SIGTERM/SIGINT end the loop gracefully: in-flight lines are acked and checkpointed first.
+
+    With ``give_up`` (the Publisher's, :attr:`streaming.producer.Publisher.give_up`): a second signal, or
+    ``grace_s`` after the first, sets it, so a broker that is down for good cannot keep the process from
+    exiting; what was not acked is not checkpointed and the same command sends it again. Why: without it a
+    stopped ``publish --file`` whose broker had died waited for acks forever, and only ``kill -9`` ended it.
+    """
     stop = threading.Event()
 
+    def hint() -> None:  # a thread, not the handler: a print in a signal handler can re-enter stderr's writer
+        if give_up is not None and not give_up.wait(STOP_HINT_AFTER_S):
+            print(f"stopping: waiting for the records in flight to be acked (at most {grace_s:.0f} s; Ctrl-C "
+                  "again stops now, and the same command sends what was not acked)", file=sys.stderr, flush=True)
+
     def handler(signum: int, frame: Any) -> None:
-        stop.set()
+        if give_up is None:
+            stop.set()
+        elif not stop.is_set():
+            stop.set()
+            timer = threading.Timer(grace_s, give_up.set)
+            timer.daemon = True
+            timer.start()
+            threading.Thread(target=hint, name="stop-hint", daemon=True).start()
+        else:
+            give_up.set()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
@@ -123,10 +153,11 @@ def _weblog(args: argparse.Namespace, settings: config.Settings) -> int:
     from ingest.tailer import FileTailer
     from streaming.producer import Publisher
 
-    stop = _stop_on_signals()
+    give_up = threading.Event()
+    stop = _stop_on_signals(give_up)
     _ensure_kind_topics(settings, "weblog")
     started = time.monotonic()
-    with Publisher(settings) as pub:
+    with Publisher(settings, give_up=give_up) as pub:
         tailer = FileTailer(
             settings,
             pub,
@@ -150,23 +181,25 @@ def _weblog(args: argparse.Namespace, settings: config.Settings) -> int:
             stats = tailer.run(stop, idle_exit_s=args.idle_exit)
         pub.settle()  # a broker killed right after we exit must not lose the last acks
     _report({"source": str(args.path), "seconds": round(time.monotonic() - started, 3), **asdict(stats)})
-    return 0
+    return EXIT_NOT_ACKED if pub.abandoned else 0
 
 
 def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
     from ingest import sensor_csv, sensors
     from streaming.producer import Publisher
 
+    give_up = threading.Event()
+    stop = _stop_on_signals(give_up)
     _ensure_kind_topics(settings, "sensor")
     started = time.monotonic()
-    with Publisher(settings) as pub:
+    with Publisher(settings, give_up=give_up) as pub:
         if args.csv is not None:
             source = str(args.csv)
             policy = policy_from_args(args, settings, f"--csv {source}")
             stats = sensor_csv.publish_csv(
                 settings, pub, args.csv, unit=args.unit, policy=policy, timestamp_unit=unit_from_args(args, settings),
                 on_start=lambda line, cp: print(f"ingest sensors: {args.csv} from line {line} (checkpoint {cp})",
-                                                file=sys.stderr, flush=True))
+                                                file=sys.stderr, flush=True), stop=stop)
         else:
             records = sensors.generate(
                 args.generate,
@@ -181,7 +214,7 @@ def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
             if args.backfill is None:
                 args.backfill = True
             policy = policy_from_args(args, settings, source)
-            stats = sensors.publish_records(pub, records, source=source, policy=policy)
+            stats = sensors.publish_records(pub, records, source=source, policy=policy, stop=stop)
         pub.settle()
     _report(
         {
@@ -192,9 +225,12 @@ def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
             "timestamp_unit": stats.timestamp_unit,
             "skipped_duplicates": stats.skipped_duplicates,
             "backfill": policy.run_id or None,
+            "not_acked": pub.abandoned,
             "seconds": round(time.monotonic() - started, 3),
         }
     )
+    if pub.abandoned:
+        return EXIT_NOT_ACKED
     mismatched = (stats.reasons or {}).get("timestamp_unit_mismatch", 0)
     if mismatched:
         print(f"ingest sensors: {mismatched} rows disagree with the timestamp unit decided for the file; they are "
@@ -207,10 +243,11 @@ def _images(args: argparse.Namespace, settings: config.Settings) -> int:
     from ingest.images import ImageWatcher
     from streaming.producer import Publisher
 
-    stop = _stop_on_signals()
+    give_up = threading.Event()
+    stop = _stop_on_signals(give_up)
     _ensure_kind_topics(settings, "image")
     started = time.monotonic()
-    with Publisher(settings) as pub:
+    with Publisher(settings, give_up=give_up) as pub:
         watcher = ImageWatcher(settings, pub, args.watch, settle_s=args.settle,
                                policy=policy_from_args(args, settings, f"ingest images {args.watch}"))
         try:
@@ -223,7 +260,8 @@ def _images(args: argparse.Namespace, settings: config.Settings) -> int:
             "source": str(args.watch),
             "published": watcher.published,
             "rejected": watcher.rejected_count,
+            "not_acked": pub.abandoned,
             "seconds": round(time.monotonic() - started, 3),
         }
     )
-    return 0
+    return EXIT_NOT_ACKED if pub.abandoned else 0

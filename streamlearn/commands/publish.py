@@ -17,6 +17,7 @@ import argparse
 import os
 import stat
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,7 +66,7 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
     from ingest.jsonlines import JsonLinesSource, default_checkpoint_path
     from ingest.runner import SourceRunner
     from ingest.source import IterSource, SourcePartition
-    from streamlearn.commands.ingest import _ensure_kind_topics, _stop_on_signals
+    from streamlearn.commands.ingest import EXIT_NOT_ACKED, _ensure_kind_topics, _stop_on_signals
 
     started = time.monotonic()
     if args.generate is not None and args.backfill is None:
@@ -90,7 +91,8 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
     def rejected_line(lineno: str, reasons: str, exc: BaseException) -> None:
         print(f"line {lineno}: rejected ({reasons}): {exc}", file=sys.stderr)
 
-    with Publisher(settings) as pub:
+    give_up = threading.Event()  # set by a second Ctrl-C or the stop's grace: see _stop_on_signals
+    with Publisher(settings, give_up=give_up) as pub:
         if args.generate is not None:
             with progress(args.generate, f"publish {args.kind} --generate", unit="events") as bar:
                 def counted() -> Iterator[dict[str, Any]]:
@@ -121,7 +123,7 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
                     file=sys.stderr, flush=True)
             # A file stops cleanly on Ctrl-C/SIGTERM (acked, checkpointed: the same command resumes);
             # standard input keeps Python's Ctrl-C, which a blocked read of the pipe would not see.
-            stop = None if args.stdin or piped else _stop_on_signals()
+            stop = None if args.stdin or piped else _stop_on_signals(give_up)
             stats = runner.run(stop)
             if stop is not None and stop.is_set() and not src.lines.eof:
                 print(f"publish {args.kind}: stopped after line {src.lines.line} of {args.file} "
@@ -130,6 +132,10 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
     sent, rejected = stats.published, stats.dead_lettered
     took = time.monotonic() - started
     skipped = f"; {stats.skipped_duplicates} already on the topic" if stats.skipped_duplicates else ""
-    print(f"published {sent} {args.kind} events in {took:.2f} s; {rejected} rejected to the dead-letter topic"
-          f"{skipped}")
+    unacked = (f", {pub.abandoned} of them not acked by the broker (not checkpointed: the same command sends them "
+               "again)") if pub.abandoned else ""
+    print(f"published {sent} {args.kind} events in {took:.2f} s{unacked}; {rejected} rejected to the dead-letter "
+          f"topic{skipped}")
+    if pub.abandoned:
+        return EXIT_NOT_ACKED
     return 0 if rejected == 0 else 1
