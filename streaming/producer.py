@@ -53,6 +53,10 @@ KEY_FIELDS: dict[str, str] = {
 }
 
 DEFAULT_MAX_RECORD_BYTES = 1_000_000  # Kafka's default message.max.bytes is ~1 MB
+#: How long a stopping process waits for its records in flight to be acked before it gives them up (they
+#: are not checkpointed or answered, so they are sent again). Below the 20 s ``streamlearn up`` allows a
+#: worker between SIGTERM and SIGKILL, so a supervised process ends on its own and says what it gave up.
+STOP_GRACE_S = 15.0
 #: A waiting ``flush`` checks its ``give_up`` event this often, and says what it waits for every WAIT_NOTE_S.
 WAIT_STEP_S = 0.25
 WAIT_NOTE_S = 10.0

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Path, Request, Security
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
+from kafka.errors import KafkaTimeoutError
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     generate_latest,
@@ -44,7 +45,7 @@ from schemas.exceptions import RegistryUnavailableError
 from schemas.httpguard import ByteBudget, GuardError, scan_json
 from schemas.registry import SchemaRegistry
 from streaming.config import Settings
-from streaming.producer import Publisher
+from streaming.producer import STOP_GRACE_S, Publisher
 from streaming.topics import KINDS
 
 _JSON_OR_AVRO = {"required": True, "content": {
@@ -91,11 +92,15 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         if owned:
-            try:
-                await run_in_threadpool(pub.settle)  # acked answers given must survive a broker kill
+            settled = False
+            try:  # acked answers given must survive a broker kill
+                settled = await run_in_threadpool(pub.settle, STOP_GRACE_S)
+            except KafkaTimeoutError:  # the broker is away: bounded, so a stop ends inside a supervisor's grace
+                log.error("gateway shutdown: %d events not acked by the broker after %.0f s; their requests were not "
+                          "answered 2xx, so their clients send them again", pub.ledger.unacked(), STOP_GRACE_S)
             except OSError as exc:  # the journal could not be written: the producer must close all the same
                 log.error("gateway shutdown: %s", exc)
-            await run_in_threadpool(pub.close)
+            await run_in_threadpool(pub.close, 10.0 if settled else 1.0)
 
     app = FastAPI(title="streamlearn ingest gateway", version="1", lifespan=lifespan,
                   description=(package.__doc__ or "").split("\n\n", 1)[-1])  # the contract, for OpenAPI

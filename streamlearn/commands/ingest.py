@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from streaming import config
+from streaming.producer import STOP_GRACE_S
 from streaming.progress import progress
 from streamlearn.eventtime_flags import add_event_time_flags, policy_from_args, unit_from_args
 
@@ -85,10 +86,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         register_serve(isub)
 
 
-#: After a stop signal, how long a source waits for its records in flight to be acked before it gives
-#: them up (they are not checkpointed, so the same command sends them again). Below the 20 s that
-#: ``streamlearn up`` allows a worker between SIGTERM and SIGKILL, so a supervised source ends on its own.
-STOP_GRACE_S = 15.0
 #: Exit status of a source command stopped before every record was acked (the same command resumes).
 EXIT_NOT_ACKED = 3
 #: How long a stop may take before the console is told how to end it sooner.
