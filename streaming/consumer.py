@@ -362,16 +362,18 @@ class Subscriber:
                 batch_done()
 
     # -- control --------------------------------------------------------------------------
-    def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
-        """Commit next-offsets (``{tp: last_processed + 1}``) for the group; only in group mode."""
+    def commit(self, offsets: dict[TopicPartition, int] | None = None, timeout_ms: int | None = None) -> None:
+        """Commit next-offsets (``{tp: last_processed + 1}``) for the group; only in group mode.
+        ``timeout_ms`` bounds the wait (kafka-python's ``KafkaTimeoutError`` past it); None: the client's own."""
         if self.group is None:
             raise StreamingError("commit needs a consumer group; create the Subscriber with group=...")
         if offsets is None:
-            self.consumer.commit()
+            self.consumer.commit(timeout_ms=timeout_ms)
             return
         from kafka.structs import OffsetAndMetadata
 
-        self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
+        self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()},
+                             timeout_ms=timeout_ms)
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.consumer.assignment())

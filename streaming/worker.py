@@ -55,6 +55,12 @@ from streaming.worker_positions import PartitionPositions
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
+#: Bounds of an offset commit: in the loop, and in the drain of a stop. Why: kafka-python's own bound is
+#: 30 s when the broker is away, so a SIGTERM with the broker down took 63 s (the loop's commit, then the
+#: drain's), past the 20 s ``streamlearn up`` allows. The store is the truth either way: a commit that does
+#: not make it is made by the next run, which resumes after the store's last batch.
+COMMIT_TIMEOUT_MS = 10_000
+STOP_COMMIT_TIMEOUT_MS = 3_000
 # Idle back-off cap of this worker's polls. A record's effect here is a batch, written at the earliest
 # batch_max_seconds (5 s by default) after its first record, so 0.25 s more after an idle spell is not
 # visible, and it quarters the idle polls (docs/IDLE.md). Records reset the back-off to 1 ms.
@@ -91,7 +97,9 @@ class StreamWorker(PartitionPositions):
         # Queued (``later``) and committed once per loop, after the poll's records (``committer.retry``):
         # one synchronous commit round trip per poll instead of one per batch (a 2,000-record poll closes
         # up to four per partition); still only offsets whose batch is durable, before the next poll.
-        self.committer = OffsetCommitter(raw_topic(settings, kind), lambda offsets: self.sub.commit(offsets))
+        self._commit_timeout_ms = COMMIT_TIMEOUT_MS
+        self.committer = OffsetCommitter(raw_topic(settings, kind),
+                                         lambda offsets: self.sub.commit(offsets, timeout_ms=self._commit_timeout_ms))
         self.pipeline = Pipeline(settings, kind, namespace=namespace, registry=registry,
                                  publisher=self.publisher, max_seconds=settings.batch_max_seconds,
                                  on_error=on_error, on_durable=self.committer.later)
@@ -308,6 +316,7 @@ class StreamWorker(PartitionPositions):
         if self.held:
             return
         self._flush([p for _, p in self.pipeline.batcher.open_partitions()])
+        self._commit_timeout_ms = STOP_COMMIT_TIMEOUT_MS  # a stop with the broker away must not wait 30 s here
         self.committer.commit()
         self._update_lag(force=True)
 

@@ -181,3 +181,4 @@ def test_the_gateway_stops_within_its_grace_while_the_broker_is_gone(
     assert "Application shutdown failed" not in out, out[-3000:]
     # what it left, said: events in flight (their clients retry) or acked ones the ledger could not confirm
     assert "not acked by the broker after" in out or "not yet confirmed kept by the broker" in out, out[-3000:]
+
