@@ -104,8 +104,9 @@ def _stop_on_signals(give_up: threading.Event | None = None, grace_s: float = ST
 
     def hint() -> None:  # a thread, not the handler: a print in a signal handler can re-enter stderr's writer
         if give_up is not None and not give_up.wait(STOP_HINT_AFTER_S):
-            print(f"stopping: waiting for the records in flight to be acked (at most {grace_s:.0f} s; Ctrl-C "
-                  "again stops now, and the same command sends what was not acked)", file=sys.stderr, flush=True)
+            print(f"stopping: waiting for the records in flight to be acked and confirmed kept (at most "
+                  f"{grace_s:.0f} s; Ctrl-C again stops now, and the same command sends what is not confirmed)",
+                  file=sys.stderr, flush=True)
 
     def handler(signum: int, frame: Any) -> None:
         if give_up is None:
