@@ -347,8 +347,10 @@ class Publisher:
             return False
         ok = self.ledger.settle(timeout, give_up=self.give_up)
         if not ok:
-            log.warning("%d acked records are not yet confirmed kept by the broker after %s s; "
-                        "a broker crash now could lose them", self.ledger.pending(), timeout)
+            given_up = self.give_up is not None and self.give_up.is_set()
+            when = "(the wait was given up)" if given_up else f"after {timeout} s"
+            log.warning("%d acked records are not yet confirmed kept by the broker %s; a broker crash now could "
+                        "lose them", self.ledger.pending(), when)
         return ok
 
     def close(self, timeout: float | None = 10.0) -> None:
