@@ -74,7 +74,6 @@ class RunStats:
     skipped_duplicates: int = 0  # found on the topics after a crash: acked before, not sent again
     blank: int = 0  # items with nothing to send
     peak_in_flight: int = 0
-    not_acked: int = 0  # in flight when the wait for acks was given up (Publisher.give_up); sent again on resume
     reasons: dict[str, int] = field(default_factory=dict)  # dead letters per reason
 
 
@@ -283,11 +282,10 @@ class SourceRunner:
         """Wait for every item in flight and for the ledger's confirmation, then commit and checkpoint
         everything handed out. A broker that stays down keeps the checkpoint at the last confirmed
         item (logged by the Publisher); the same command resumes from there. When the Publisher's
-        ``give_up`` is set meanwhile (a second Ctrl-C), only what is confirmed is checkpointed, and
-        :attr:`RunStats.not_acked` says how many items were left in flight."""
+        ``give_up`` is set meanwhile (a second Ctrl-C), only what is confirmed is checkpointed
+        (:attr:`Publisher.abandoned` says how many records were left in flight)."""
         if not self.publisher.flush():
             self._reap()
-            self.stats.not_acked = len(self._pending)
             self._maybe_checkpoint(force=True)
             return
         self._reap(block=True)

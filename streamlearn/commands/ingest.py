@@ -92,10 +92,10 @@ EXIT_NOT_ACKED = 3
 STOP_HINT_AFTER_S = 2.0
 
 
-def _stop_on_signals(give_up: threading.Event | None = None, grace_s: float = STOP_GRACE_S) -> threading.Event:
+def _stop_on_signals(give_up: threading.Event, grace_s: float = STOP_GRACE_S) -> threading.Event:
     """SIGTERM/SIGINT end the loop gracefully: in-flight lines are acked and checkpointed first.
 
-    With ``give_up`` (the Publisher's, :attr:`streaming.producer.Publisher.give_up`): a second signal, or
+    ``give_up`` is the Publisher's (:attr:`streaming.producer.Publisher.give_up`): a second signal, or
     ``grace_s`` after the first, sets it, so a broker that is down for good cannot keep the process from
     exiting; what was not acked is not checkpointed and the same command sends it again. Why: without it a
     stopped ``publish --file`` whose broker had died waited for acks forever, and only ``kill -9`` ended it.
@@ -103,15 +103,13 @@ def _stop_on_signals(give_up: threading.Event | None = None, grace_s: float = ST
     stop = threading.Event()
 
     def hint() -> None:  # a thread, not the handler: a print in a signal handler can re-enter stderr's writer
-        if give_up is not None and not give_up.wait(STOP_HINT_AFTER_S):
+        if not give_up.wait(STOP_HINT_AFTER_S):
             print(f"stopping: waiting for the records in flight to be acked and confirmed kept (at most "
                   f"{grace_s:.0f} s; Ctrl-C again stops now, and the same command sends what is not confirmed)",
                   file=sys.stderr, flush=True)
 
     def handler(signum: int, frame: Any) -> None:
-        if give_up is None:
-            stop.set()
-        elif not stop.is_set():
+        if not stop.is_set():
             stop.set()
             timer = threading.Timer(grace_s, give_up.set)
             timer.daemon = True
@@ -178,7 +176,8 @@ def _weblog(args: argparse.Namespace, settings: config.Settings) -> int:
             tailer.on_read = bar.advance
             stats = tailer.run(stop, idle_exit_s=args.idle_exit)
         pub.settle()  # a broker killed right after we exit must not lose the last acks
-    _report({"source": str(args.path), "seconds": round(time.monotonic() - started, 3), **asdict(stats)})
+    _report({"source": str(args.path), "seconds": round(time.monotonic() - started, 3), **asdict(stats),
+             "not_acked": pub.abandoned})
     return EXIT_NOT_ACKED if pub.abandoned else 0
 
 
