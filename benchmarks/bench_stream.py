@@ -24,7 +24,7 @@ baseline (issue 13) is a bare Pillow loop over the same images' bytes, already i
 ``draft`` for JPEG DCT scaling, grayscale, box resize to the featurizer's size, numpy /255: no Kafka,
 no validation, no store): the per-image cost of the pixels alone. The worker side does all of that
 plus the Kafka fetch, Avro decode, the safety checks (size and magic-byte checks, header probe and
-pixel caps before decoding, decompression-bomb warnings as errors), batching and the durable write.
+pixel caps before decoding, ours and Pillow's), batching and the durable write.
 Goal: the worker's per-image cost in its steady phase (first records in hand -> all batches
 durable) >= 0.8x the loop's rate; the end-to-end figure (with group join) is reported next to it.
 

@@ -71,7 +71,6 @@ def to_png(data: bytes, name: str, max_side: int, max_pixels: int) -> bytes:
     TIFF) to 8-bit grey, 32-bit integer grey to 16-bit, both clipped; the featurizers read grey pixels in
     [0, 1] anyway."""
     import io
-    import warnings
 
     from PIL import Image
 
@@ -80,19 +79,20 @@ def to_png(data: bytes, name: str, max_side: int, max_pixels: int) -> bytes:
     pil_format = CONVERTIBLE[name][0]
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=[pil_format]) as img:
-                width, height = img.size
-                image_probe.check_limits(width, height, max_side=max_side, max_pixels=max_pixels, where=name)
-                if getattr(img, "is_animated", False):  # not n_frames: for a TIFF it walks every page
-                    what = "multi-page TIFF" if name == "TIFF" else f"animated {name}"
-                    raise ImageValidationError(f"{what} ({width}x{height}) is not supported; convert the page "
-                                               "or frame you mean to PNG", "animated")
-                img.load()
-                still = _png_mode(img)
-                out = io.BytesIO()
-                still.save(out, format="PNG", compress_level=1)
+        # No warnings filter here (catch_warnings() swaps process-wide state and is not thread-safe):
+        # over MAX_IMAGE_PIXELS Pillow only warns, and the size check right after open() refuses the
+        # same images before any pixel is decoded; over twice that, open() raises DecompressionBombError.
+        with Image.open(io.BytesIO(data), formats=[pil_format]) as img:
+            width, height = img.size
+            image_probe.check_limits(width, height, max_side=max_side, max_pixels=max_pixels, where=name)
+            if getattr(img, "is_animated", False):  # not n_frames: for a TIFF it walks every page
+                what = "multi-page TIFF" if name == "TIFF" else f"animated {name}"
+                raise ImageValidationError(f"{what} ({width}x{height}) is not supported; convert the page "
+                                           "or frame you mean to PNG", "animated")
+            img.load()
+            still = _png_mode(img)
+            out = io.BytesIO()
+            still.save(out, format="PNG", compress_level=1)
     except ImageValidationError:
         raise
     except ImageProbeError as exc:

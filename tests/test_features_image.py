@@ -175,3 +175,19 @@ def test_oversized_payload_and_bad_fields() -> None:
 def test_stateless_state_round_trip() -> None:
     f = get_featurizer("image")
     assert f.state_from_json(f.state_to_json(f.new_state())) == {}
+
+
+def test_pillows_own_pixel_cap_still_refuses_without_a_warnings_filter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's MAX_IMAGE_PIXELS (lowered here) is checked as our own cap, before decoding: the images the
+    DecompressionBombWarning-as-error used to refuse, refused with no process-wide warnings filter."""
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    data = encode(Image.new("L", (40, 30)))  # 1,200 px: within the featurizer's cap, over Pillow's
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(FeatureValidationError, match="over the cap .* 1000 pixels"):
+            fz(max_pixels=10_000).featurize(rec(data), {})
+    assert not seen  # refused from the header, before Pillow looked at it
+    assert list(warnings.filters) == before

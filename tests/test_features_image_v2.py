@@ -97,3 +97,34 @@ def test_an_orientation_outside_1_to_8_is_taken_as_upright_and_counted() -> None
     f = v2()
     np.testing.assert_array_equal(f.pixels(png(UPRIGHT, 9), "PNG"), UPRIGHT.reshape(-1).astype(np.float32) / 255)
     assert f.exif_unreadable == 1
+
+
+def test_featurizing_on_several_threads_leaves_the_process_warnings_filters_alone() -> None:
+    """Serving featurizes on several threads (the Kafka loop, the HTTP predict pool). The decode used to
+    wrap everything in ``warnings.catch_warnings()``, which is process-wide: interleaved blocks restored
+    each other's filter lists and left "error" installed for the whole process (seen within 12,000 calls
+    on 4 threads). Every answer must also stay right."""
+    import threading
+    import warnings
+
+    f = v2()
+    unreadable = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff"  # an IFD claiming 65535 entries
+    cases = [(png(STORED[6](UPRIGHT), 6), 0), (png(UPRIGHT, exif_bytes=unreadable), 1), (png(UPRIGHT), 0)]
+    want = UPRIGHT.reshape(-1).astype(np.float32) / 255
+    before = list(warnings.filters)
+    wrong: list[int] = []
+
+    def work() -> None:
+        for i in range(3000):
+            data, _ = cases[i % len(cases)]
+            if not np.array_equal(f.pixels(data, "PNG"), want):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not wrong
+    assert list(warnings.filters) == before
+    assert f.exif_unreadable == sum(1 for i in range(3000) if cases[i % len(cases)][1]) * 4

@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -120,29 +119,27 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
             )
         self._check_pixels(width, height, "header")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data), formats=[fmt])
-                self._check_pixels(img.width, img.height, "decoder")
-                turn = self._turn(img)
-                if fmt == "JPEG":  # let libjpeg scale down while decoding (to the size before any turn)
-                    img.draft("L", self.size[::-1] if turn in SWAPS_AXES else self.size)
-                img.load()
-                pic: Image.Image = img if turn is None else img.transpose(turn)
-                if pic.mode == "L":
-                    gray = pic  # already 8-bit grayscale: convert("L") would only copy it
-                elif pic.mode in _WIDE_GRAY:
-                    # 16-bit grayscale PNG: convert("L") would clip at 255, not rescale.
-                    wide = np.asarray(pic, dtype=np.float32)
-                    gray = Image.fromarray(np.clip(wide / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
-                else:
-                    gray = pic.convert("L")  # alpha is ignored
-                if gray.size != self.size:
-                    gray = gray.resize(self.size, Image.Resampling.BOX)
-                # Mode L packs one byte a pixel, row-major, unpadded: the same values as
-                # np.asarray(gray, dtype=float32) without building the array interface (per image,
-                # that costs more than the decode of a small image).
-                raw = gray.tobytes()
+            img = Image.open(io.BytesIO(data), formats=[fmt])
+            self._check_pixels(img.width, img.height, "decoder")
+            turn = self._turn(img)
+            if fmt == "JPEG":  # let libjpeg scale down while decoding (to the size before any turn)
+                img.draft("L", self.size[::-1] if turn in SWAPS_AXES else self.size)
+            img.load()
+            pic: Image.Image = img if turn is None else img.transpose(turn)
+            if pic.mode == "L":
+                gray = pic  # already 8-bit grayscale: convert("L") would only copy it
+            elif pic.mode in _WIDE_GRAY:
+                # 16-bit grayscale PNG: convert("L") would clip at 255, not rescale.
+                wide = np.asarray(pic, dtype=np.float32)
+                gray = Image.fromarray(np.clip(wide / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
+            else:
+                gray = pic.convert("L")  # alpha is ignored
+            if gray.size != self.size:
+                gray = gray.resize(self.size, Image.Resampling.BOX)
+            # Mode L packs one byte a pixel, row-major, unpadded: the same values as
+            # np.asarray(gray, dtype=float32) without building the array interface (per image,
+            # that costs more than the decode of a small image).
+            raw = gray.tobytes()
         except FeatureValidationError:
             raise
         except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError,
@@ -160,8 +157,18 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
         return None
 
     def _check_pixels(self, width: int, height: int, where: str) -> None:
+        """Our caps, and Pillow's own ``Image.MAX_IMAGE_PIXELS`` where it is lower.
+
+        Why Pillow's too: it warns (``DecompressionBombWarning``) over that size, and this featurizer
+        used to turn the warning into an error with ``warnings.catch_warnings()``. That changes
+        process-wide state and is not thread-safe: serving featurizes on several threads (the Kafka
+        loop and the HTTP predict pool), and interleaved blocks left the "error" filter installed for
+        the whole process. Checking the same size here, before Pillow decodes, refuses exactly the
+        images the warning did, with no global state."""
+        pillow_cap = Image.MAX_IMAGE_PIXELS
+        cap = self.max_pixels if pillow_cap is None else min(self.max_pixels, int(pillow_cap))
         try:
-            image_probe.check_limits(width, height, max_side=MAX_SIDE, max_pixels=self.max_pixels, where=where)
+            image_probe.check_limits(width, height, max_side=MAX_SIDE, max_pixels=cap, where=where)
         except ImageProbeError as exc:
             raise FeatureValidationError(f"{RECORD}.data: {exc}") from exc
 

@@ -23,6 +23,7 @@ the featurizer recorded in its metadata, so a model never sees turned pixels it 
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 
 from PIL import Image
@@ -44,6 +45,8 @@ _TURNS = {
     8: Image.Transpose.ROTATE_90,
 }
 _ORIENTATION = 0x0112
+#: Serializes this module's warnings-filter block (see ``_turn``).
+_WARNINGS_LOCK = threading.Lock()
 
 
 class ImageFeaturizerV2(ImageFeaturizer):
@@ -56,19 +59,25 @@ class ImageFeaturizerV2(ImageFeaturizer):
     def _turn(self, img: Image.Image) -> Image.Transpose | None:
         if "exif" not in img.info:  # no EXIF block at all: the common case costs one dict lookup
             return None
-        try:
-            with warnings.catch_warnings():  # Pillow only warns on a truncated IFD and drops the tags
-                warnings.simplefilter("error", UserWarning)
-                value = img.getexif().get(_ORIENTATION, 1)
-        except Exception as exc:  # noqa: BLE001 - any parse failure of the metadata means "upright"
-            self._unreadable(f"{type(exc).__name__}: {exc}")
-            return None
-        if value == 1:
-            return None
-        turn = _TURNS.get(value) if isinstance(value, int) else None
-        if turn is None:
-            self._unreadable(f"Orientation {value!r} is not 1-8")
-        return turn
+        # Pillow only warns on a truncated IFD and drops the tags, so the warning is made an error.
+        # catch_warnings() swaps process-wide state and is not thread-safe; the lock keeps two of these
+        # blocks (serving featurizes on several threads) from restoring each other's filters and leaving
+        # "error" installed for the whole process. It covers the EXIF parse only, not the pixel decode,
+        # and the count of unreadable tags.
+        with _WARNINGS_LOCK:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", UserWarning)
+                    value = img.getexif().get(_ORIENTATION, 1)
+            except Exception as exc:  # noqa: BLE001 - any parse failure of the metadata means "upright"
+                self._unreadable(f"{type(exc).__name__}: {exc}")
+                return None
+            if value == 1:
+                return None
+            turn = _TURNS.get(value) if isinstance(value, int) else None
+            if turn is None:
+                self._unreadable(f"Orientation {value!r} is not 1-8")
+            return turn
 
     def _unreadable(self, why: str) -> None:
         if not self.exif_unreadable:
