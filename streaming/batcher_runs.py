@@ -37,6 +37,10 @@ def process_runs(p: Pipeline, msgs: Sequence[Any]) -> tuple[int, RegistryUnavail
     except Exception:  # a registry outage or a failure decode_many does not keep in place: the
         return p._process_each(msgs)  # per-record path meets it at its record, with its own error
     featurize = p.featurizer.featurize_event_deferred
+    # A featurizer may do the costly, stateless part of a poll's records at once (the image
+    # featurizer decodes them on a few threads: Pillow releases the GIL); featurize() then takes
+    # each result, or its error, in order, exactly as if it had computed it there.
+    p.featurizer.prepare_many([dec.value for dec in decoded if not isinstance(dec, Exception)])
     states, stats, batcher, topic = p.states, p.stats, p.batcher, p.topic
     backfill_run = eventtime.backfill_run
     run: list[tuple[StoredRow, int | None, str | None, DeferredRow | None]] = []
@@ -83,6 +87,7 @@ def process_runs(p: Pipeline, msgs: Sequence[Any]) -> tuple[int, RegistryUnavail
         if run:
             batcher.add_rows(topic, run_partition, run)
     finally:
+        p.featurizer.release_prepared()
         stats.records += ok
         stats.rows += ok
         p._unreported_rows += ok

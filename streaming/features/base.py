@@ -142,6 +142,14 @@ class Featurizer(ABC, Generic[S]):
         to what :meth:`featurize_event` would have returned for each."""
         raise NotImplementedError(f"rows: featurizer {self.version} defers no rows, so it has none to finish")
 
+    def prepare_many(self, records: Sequence[Any]) -> None:
+        """Work ahead on a poll's decoded records, before :meth:`featurize_event_deferred` sees them one
+        by one in the same order. Only stateless work (the same result whatever came before), and the
+        result must be the one the per-record call would have computed, errors included. Default: none."""
+
+    def release_prepared(self) -> None:
+        """Drop what :meth:`prepare_many` kept and the records did not take (the run ended early)."""
+
     def featurize_for_prediction(self, record: dict[str, Any], state: S) -> FeatureRow:
         """Featurize a record for serving. Same feature function as :meth:`featurize`.
 
