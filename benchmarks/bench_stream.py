@@ -316,9 +316,13 @@ def run(settings: Settings, kinds: list[str] | None = None) -> dict[str, Any]:
             "steady_cpu_ratio": round(raw_steady_cpu_us / worker_steady_cpu_us, 3),
             "load_average": [round(x, 2) for x in os.getloadavg()], **info,
         }
-        table.append({"figure": f"{kind} worker records/s, steady (first records in hand -> last durable)",
-                      "value": round(worker_steady_rate), "baseline": round(raw_steady_rate), "ratio": ratio,
-                      "goal": goal})
+        if not kind.startswith("image"):
+            # Not for images: their goal is the Pillow row below, and with 2,000 records a poll the raw side's
+            # first poll takes most of a few thousand images, so its "steady" phase is the few left (the
+            # figures stay in the JSON).
+            table.append({"figure": f"{kind} worker records/s, steady (first records in hand -> last durable)",
+                          "value": round(worker_steady_rate), "baseline": round(raw_steady_rate), "ratio": ratio,
+                          "goal": goal})
         table.append({"figure": f"{kind} worker records/s, total (start, group join and first fetch included)",
                       "value": round(worker_rate), "baseline": round(raw_rate), "ratio": total_ratio,
                       "goal": None})
