@@ -191,3 +191,38 @@ def test_pillows_own_pixel_cap_still_refuses_without_a_warnings_filter(monkeypat
             fz(max_pixels=10_000).featurize(rec(data), {})
     assert not seen  # refused from the header, before Pillow looked at it
     assert list(warnings.filters) == before
+
+
+def test_prepare_many_decodes_photos_ahead_not_large_pngs_and_gives_the_one_by_one_answers() -> None:
+    """A poll's photos are decoded ahead on threads; a PNG over AHEAD_MAX_PIXELS (it decodes at full size)
+    and an image whose header does not probe are left to featurize(); every answer, rows and errors, is
+    what a featurizer without threads gives."""
+    import numpy as np
+
+    from streaming.features import image as image_mod
+
+    rng = np.random.default_rng(3)
+    photos = [encode(Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)), "JPEG") for _ in range(4)]
+    big_png = encode(Image.new("L", (2000, 1500), 9))  # 3 Mpx, a few KB
+    assert 2000 * 1500 > image_mod.AHEAD_MAX_PIXELS
+    records = [rec(p, "JPEG", image_id=f"p{i}") for i, p in enumerate(photos)]
+    records += [rec(big_png, image_id="big"), rec(photos[0][:4000], "JPEG", image_id="cut"),
+                rec(b"GIF89a" + bytes(5000), "PNG", image_id="gif"), rec(photos[1], "PNG", image_id="liar")]
+
+    def answers(f: ImageFeaturizer) -> list[Any]:
+        out: list[Any] = []
+        f.prepare_many(records)
+        try:
+            for r in records:
+                try:
+                    out.append(f.featurize(r, {}).x.tolist())
+                except FeatureValidationError as exc:
+                    out.append(str(exc))
+        finally:
+            f.release_prepared()
+        return out
+
+    threaded, single = fz(decode_threads=4), fz(decode_threads=1)
+    assert answers(threaded) == answers(single)
+    assert threaded.decoded_ahead == 6 and single.decoded_ahead == 0  # 4 photos, the cut one, the liar
+    assert isinstance(answers(single)[-1], str) and "declared 'PNG'" in answers(single)[-1]

@@ -57,6 +57,8 @@ DECODE_THREADS = 4
 #: instead: an 8x8 PNG (~100 bytes) decodes in ~0.05 ms, about what the thread hand-off costs; a 320x240
 #: JPEG (~15 KB) in ~0.3 ms.
 MIN_BYTES_AHEAD = 2048
+#: Largest PNG (declared pixels) decoded ahead on a thread; larger ones decode one at a time in featurize().
+AHEAD_MAX_PIXELS = 2_000_000
 
 # Pillow modes of 16-bit grayscale PNGs (samples 0..65535).
 _WIDE_GRAY = frozenset({"I", "I;16", "I;16B", "I;16L"})
@@ -78,6 +80,18 @@ def _decode_pool(threads: int) -> ThreadPoolExecutor:
         if pool is None:
             pool = _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="image-decode")
         return pool
+
+
+def _small_enough_ahead(data: bytes | bytearray | memoryview) -> bool:
+    """Whether an image may be decoded ahead, beside others: a JPEG always (libjpeg decodes it scaled
+    down to about the model input), a PNG up to :data:`AHEAD_MAX_PIXELS`, a header that does not probe
+    never (featurize() meets its error in order). Why: a PNG decodes at full size, up to 16 Mpx x 4
+    bytes; several at once would multiply the worker's peak memory by the thread count."""
+    try:
+        header = image_probe.probe(data if isinstance(data, bytes) else bytes(data))
+    except ImageProbeError:
+        return False
+    return header.content_type == "JPEG" or header.width * header.height <= AHEAD_MAX_PIXELS
 
 
 def probe_image(data: bytes) -> tuple[str, int, int]:
@@ -118,7 +132,7 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
                                          else min(DECODE_THREADS, os.cpu_count() or 1)))
         #: id(record) -> (its data object, pixels or the error), filled by prepare_many for one run
         self._prepared: dict[int, tuple[Any, np.ndarray | Exception]] = {}
-        #: records whose pixels featurize() took from prepare_many (for metrics-minded callers and tests)
+        #: records whose pixels (or decode error) featurize() took from prepare_many (for callers and tests)
         self.decoded_ahead = 0
         width, height = size
         if width <= 0 or height <= 0 or max_pixels <= 0 or max_bytes <= 0:
@@ -140,10 +154,10 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
             raise FeatureValidationError(f"{RECORD}.data: expected bytes, got {type(data).__name__}")
         ready = self._prepared.pop(id(record), None) if self._prepared else None
         if ready is not None and ready[0] is data:  # decoded ahead by prepare_many, same bytes object
+            self.decoded_ahead += 1
             if isinstance(ready[1], Exception):
                 raise ready[1]
             x = ready[1]
-            self.decoded_ahead += 1
         else:
             x = self.pixels(bytes(data), record.get("content_type"))
         label = record.get("label")
@@ -162,7 +176,8 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
             return
         jobs: list[tuple[dict[str, Any], bytes | bytearray | memoryview, Any]] = [
             (r, r["data"], r.get("content_type")) for r in records
-            if isinstance(r, dict) and isinstance(r.get("data"), bytes | bytearray | memoryview)]
+            if isinstance(r, dict) and isinstance(r.get("data"), bytes | bytearray | memoryview)
+            and _small_enough_ahead(r["data"])]
         if len(jobs) < 2 or sum(len(job[1]) for job in jobs) < MIN_BYTES_AHEAD * len(jobs):
             return  # small images (the 8x8 digits) decode in less time than handing them to a thread takes
         results = _decode_pool(self.decode_threads).map(self._pixels_or_error, [(j[1], j[2]) for j in jobs])
