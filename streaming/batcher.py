@@ -269,9 +269,12 @@ class Pipeline:
         self.namespace = namespace
         self.topic = raw_topic(settings, kind)
         from streaming.features import get_featurizer
+        from streaming.features.image import ImageFeaturizer
 
         self.featurizer = get_featurizer(kind, featurizer_version)
         self.featurizer.max_future_ms = eventtime.max_future_ms(settings)  # the window every entry applies
+        if settings.image_decode_threads and isinstance(self.featurizer, ImageFeaturizer):
+            self.featurizer.decode_threads = settings.image_decode_threads
         self.deserializer = AvroDeserializer(registry)
         self.publisher = publisher
         self.store = store or FeatureStore(settings.feature_store,

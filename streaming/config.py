@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     batch_max_records: int = Field(500, description=("a micro-batch closes at this many records"))
     batch_max_seconds: float = Field(5.0, description=(
         "a micro-batch also closes when its oldest record is this many seconds old"))
+    image_decode_threads: int = Field(0, ge=0, description=(
+        "threads a stream worker decodes a poll's photos on (0: up to 4, at most the CPUs this process may "
+        "run on; 1: one at a time); set it where a CPU quota is lower than the CPUs the process sees"))
     retrain_every_batches: int = Field(4, description=("retrain after this many new feature batches"))
     retrain_every_seconds: float = Field(30.0, description=(
         "retrain at the latest this many seconds after the last training started (if new batches exist), "

@@ -159,3 +159,18 @@ def test_registry_outage_stops_at_its_record(settings: Settings, tmp_path: Path)
         done, outage = p.process_many(msgs[4:])  # msgs[4] is a well-framed record: its schema is looked up
     assert done == 0 and outage is not None
     assert p.stats.records == 0 and p.stats.dead_letters == 0 and p.sink.pending(0) == 0
+
+
+def test_image_decode_threads_setting_reaches_the_worker_featurizer(settings: Settings, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """STREAMLEARN_IMAGE_DECODE_THREADS (a CPU quota the process cannot see) sets the decode threads; 0 keeps
+    the featurizer's own default."""
+    from streaming import config
+
+    monkeypatch.setenv("STREAMLEARN_IMAGE_DECODE_THREADS", "3")
+    assert config.load({"home": str(tmp_path)}).image_decode_threads == 3
+    with Publisher(settings) as pub:
+        one = _pipeline(settings.with_(image_decode_threads=1), "image", "one", pub)
+        default = _pipeline(settings, "image", "default", pub)
+    assert one.featurizer.decode_threads == 1  # type: ignore[attr-defined]
+    assert default.featurizer.decode_threads == type(default.featurizer)().decode_threads >= 1  # type: ignore[attr-defined]

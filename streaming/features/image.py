@@ -82,6 +82,15 @@ def _decode_pool(threads: int) -> ThreadPoolExecutor:
         return pool
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container's cpuset), not the host's count. A CPU
+    quota (``--cpus``) is not visible here; ``STREAMLEARN_IMAGE_DECODE_THREADS`` sets the count then."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _small_enough_ahead(data: bytes | bytearray | memoryview) -> bool:
     """Whether an image may be decoded ahead, beside others: a JPEG always (libjpeg decodes it scaled
     down to about the model input), a PNG up to :data:`AHEAD_MAX_PIXELS`, a header that does not probe
@@ -126,10 +135,11 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
     ) -> None:
         """``size`` is (width, height) of the model input; the default 8x8 fits the digits model.
         ``decode_threads``: how many images of a poll :meth:`prepare_many` decodes at once (None: up
-        to :data:`DECODE_THREADS`, at most the CPU count; 1: none ahead, each in :meth:`featurize`)."""
+        to :data:`DECODE_THREADS`, at most the CPUs the process may run on; 1: none ahead, each in
+        :meth:`featurize`). The stream worker passes ``Settings.image_decode_threads`` when it is set."""
         super().__init__(clock_ms, max_future_ms)
         self.decode_threads = max(1, int(decode_threads if decode_threads is not None
-                                         else min(DECODE_THREADS, os.cpu_count() or 1)))
+                                         else min(DECODE_THREADS, _usable_cpus())))
         #: id(record) -> (its data object, pixels or the error), filled by prepare_many for one run
         self._prepared: dict[int, tuple[Any, np.ndarray | Exception]] = {}
         #: records whose pixels (or decode error) featurize() took from prepare_many (for callers and tests)
