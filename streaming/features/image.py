@@ -84,7 +84,8 @@ def _decode_pool(threads: int) -> ThreadPoolExecutor:
 
 def _usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask: a container's cpuset), not the host's count. A CPU
-    quota (``--cpus``) is not visible here; ``STREAMLEARN_IMAGE_DECODE_THREADS`` sets the count then."""
+    quota (a container's CPU limit) is not visible here; ``STREAMLEARN_IMAGE_DECODE_THREADS`` sets the count
+    then."""
     try:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):  # not on Linux
