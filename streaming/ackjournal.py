@@ -286,15 +286,15 @@ def recover(publisher: Publisher, journal: AckJournal, *, timeout_s: float = 300
         log.warning("journal %s: %s no longer exist; their %d journaled records are not sent again",
                     journal.directory, sorted(gone), sum(gone.values()))
         records = [r for r in records if r.topic in existing]
-    wanted = Counter(r.digest() for r in records) - gave_up
-    topics = sorted({r.topic for r in records})
-    since = min(r.send_ms for r in records) - READ_BACK_MARGIN_MS
-    settings = publisher.settings
-    if not records:
+    if not records:  # every journaled topic is gone: before min() below, which has nothing to take
         for path in journal.leftover:
             path.unlink(missing_ok=True)
         journal.leftover = []
         return {"journaled": journaled, "resent": 0, "gone": journaled}
+    wanted = Counter(r.digest() for r in records) - gave_up
+    topics = sorted({r.topic for r in records})
+    since = min(r.send_ms for r in records) - READ_BACK_MARGIN_MS
+    settings = publisher.settings
     try:
         sub = Subscriber(settings, topics, start={"timestamp": since}, until="end", decode=False)
     except OffsetOutOfRangeError:  # retention dropped part of the span: read what is left

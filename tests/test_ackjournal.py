@@ -123,3 +123,19 @@ def test_a_gateway_whose_journal_cannot_be_written_answers_503_not_accepted(sett
         assert body["accepted"] == 0 and all(x["retryable"] for x in body["results"])
         assert "could not write its journal" in body["results"][0]["error"]
         assert "No space left" in body["results"][0]["error"]
+
+
+def test_recover_when_every_journaled_topic_is_gone(settings: Settings, tmp_path: Path) -> None:
+    """The embedded broker killed with -9 can lose a topic created a moment before (a worker's dead-letter
+    topic): recovery counts its records gone and returns, instead of failing on an empty read-back span
+    (the restarted worker died on ``min()`` of nothing, every time, before)."""
+    jdir = tmp_path / "j"
+    jdir.mkdir()
+    topic = f"{raw_topic(settings, 'weblog')}.lost-in-the-crash"
+    (jdir / "3.seg").write_bytes(b"".join(encode(JournalRecord(1_700_000_000_000 + i, topic, b"k", b"v%d" % i, []))
+                                          for i in range(3)))
+    with Publisher(settings) as pub:
+        journal = attach(pub, jdir)
+        assert journal is not None
+        assert recover(pub, journal) == {"journaled": 3, "resent": 0, "gone": 3}
+        assert not (jdir / "3.seg").exists()
