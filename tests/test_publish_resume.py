@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -16,11 +17,12 @@ from collections import Counter
 from pathlib import Path
 
 from streaming.config import Settings
+from streaming.consumer import Subscriber
 from streaming.topics import dead_letter_topic, raw_topic
 from tests.helpers import read_topic, streamlearn_cmd, subprocess_env, wait_until
 from tests.test_gateway_http import sensor
 
-LINES = 30_000
+LINES = 50_000
 
 
 def _write(path: Path, n: int, *, bad_every: int = 0) -> None:
@@ -39,8 +41,6 @@ def _published_values(settings: Settings) -> Counter[float]:
 
 
 def _end_offset(settings: Settings) -> int:
-    from streaming.consumer import Subscriber
-
     with Subscriber(settings, raw_topic(settings, "sensor"), start="end", decode=False) as sub:
         return sum(sub.consumer.end_offsets(list(sub.assignment())).values())
 
@@ -50,27 +50,57 @@ def _run(settings: Settings, path: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=240, check=False)
 
 
-def _interrupt(settings: Settings, path: Path, sig: int, at_least: int) -> str:
-    """Start the command, let ``at_least`` records reach the topic, then send ``sig``; its stderr."""
+def _interrupt(settings: Settings, path: Path, sig: int, *, past_line: int, acked: int) -> str:
+    """Start the command; once it has read past ``past_line`` and ``acked`` records are on the topic,
+    send ``sig``; its stderr.
+
+    Progress is read from the run's own stderr (each 1000th line is a rejected one, printed as it is
+    read), not from the topic: a run reads about 15,000 lines a second here, and polling end offsets
+    through a new consumer each time once let a run reach its last line before the signal (CI), so the
+    run ended before its "stopped after line" or the rejected lines the next run must find."""
+    sub = Subscriber(settings, raw_topic(settings, "sensor"), start="end", decode=False)  # ready before the run
+    parts = list(sub.assignment())
     proc = subprocess.Popen(streamlearn_cmd("publish", "sensor", "--file", str(path)), env=subprocess_env(settings),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reached = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for text in proc.stderr:
+            lines.append(text)
+            m = re.match(r"line (\d+): rejected", text)
+            if m and int(m.group(1)) > past_line:
+                reached.set()
+        reached.set()  # the run ended: the check below says so
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        wait_until(lambda: _end_offset(settings) >= at_least, timeout=120, interval=0.1)
+        wait_until(reached.is_set, timeout=120, message=f"the run to read past line {past_line}")
+        assert proc.poll() is None, "the run ended before it could be interrupted; make LINES larger"
+        wait_until(lambda: sum(sub.consumer.end_offsets(parts).values()) >= acked, timeout=60,
+                   interval=0.01, message=f"{acked} records on the topic")
         assert proc.poll() is None, "the run ended before it could be interrupted; make LINES larger"
         os.kill(proc.pid, sig)
-        return proc.communicate(timeout=120)[1]
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
+        reader.join(timeout=30)
+        sub.close()
+    return "".join(lines)
 
 
 def test_publish_file_resumes_after_kill_and_sigterm_exactly_once(settings: Settings, tmp_path: Path) -> None:
     path = tmp_path / "readings.jsonl"
     _write(path, LINES, bad_every=1000)
-    _interrupt(settings, path, signal.SIGKILL, at_least=3_000)  # acked past its checkpoint: read back
+    _interrupt(settings, path, signal.SIGKILL, past_line=1_000, acked=1)  # acked past its checkpoint: read back
     first = _end_offset(settings)
-    stopped = _interrupt(settings, path, signal.SIGTERM, at_least=first + 3_000)  # acked and checkpointed
+    assert first < LINES // 2, f"the killed run published {first} lines before the kill; make LINES larger"
+    # No wait for acks here: they trail the reads by thousands of lines, and the stop must come mid-file.
+    stopped = _interrupt(settings, path, signal.SIGTERM, past_line=first + 3_000, acked=0)  # acked, checkpointed
     assert "stopped after line " in stopped and "the same command resumes" in stopped, stopped[-2000:]
     done = _run(settings, path)  # the same command, no flag
     assert done.returncode == 1, done.stderr[-2000:]  # some lines were rejected (dead letters)
