@@ -26,7 +26,7 @@ import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -262,11 +262,17 @@ class AckJournal:
         os.close(self._lock_fd)
 
 
-def recover(publisher: Publisher, journal: AckJournal, *, timeout_s: float = 300.0) -> dict[str, int]:
+def recover(publisher: Publisher, journal: AckJournal, *, timeout_s: float = 300.0,
+            recreate: Collection[str] = ()) -> dict[str, int]:
     """After a crash: read the topics back from just before the oldest journaled send, send again every
     journaled record the broker no longer holds (as many times as it is missing), wait until those are
     confirmed, then remove the old segments. Raises (keeping them) when Kafka cannot be read; the same
-    command retries."""
+    command retries.
+
+    A journaled topic that no longer exists is taken as deleted on purpose (a removed tenant's) and its
+    records are not sent again, unless it is in ``recreate``: topics the caller owns, which the embedded
+    broker killed with -9 can lose whole when they were created a moment before (a stream worker's
+    dead-letter topic, seen). Those are created again as declared and get all their records back."""
     from streaming.consumer import Record, Subscriber
     from streaming.exceptions import OffsetOutOfRangeError
 
@@ -281,6 +287,15 @@ def recover(publisher: Publisher, journal: AckJournal, *, timeout_s: float = 300
     from streaming.offsets import topic_names
 
     existing = topic_names(publisher.settings)
+    lost = sorted({r.topic for r in records if r.topic not in existing and r.topic in recreate})
+    if lost:
+        from streaming.topics import declared_topics, ensure_topics
+
+        specs = {s.name: s for s in declared_topics(publisher.settings)}
+        log.warning("journal %s: %s are gone (lost by a broker crash); creating them again and sending their "
+                    "journaled records", journal.directory, lost)
+        ensure_topics(publisher.settings, [specs[t] for t in lost if t in specs])
+        existing = topic_names(publisher.settings)
     gone = Counter(r.topic for r in records if r.topic not in existing)
     if gone:  # deleted since (e.g. a removed tenant): nothing to compare with, and no one reads it any more
         log.warning("journal %s: %s no longer exist; their %d journaled records are not sent again",
@@ -343,7 +358,7 @@ def attach(publisher: Any, directory: Path) -> AckJournal | None:
     return journal
 
 
-def attach_and_recover(publisher: Any, directory: Path) -> dict[str, int] | None:
+def attach_and_recover(publisher: Any, directory: Path, *, recreate: Collection[str] = ()) -> dict[str, int] | None:
     """:func:`attach`, after :func:`recover` of what a crashed run left in ``directory``: the recovery's
     counts (all 0 where nothing was left), None where the ledger is off (no journal). The gateway and the
     stream worker call this at start, before they answer or resume; each says what it re-sent."""
@@ -351,5 +366,5 @@ def attach_and_recover(publisher: Any, directory: Path) -> dict[str, int] | None
     if journal is None:
         return None
     if journal.leftover:
-        return recover(publisher, journal)
+        return recover(publisher, journal, recreate=recreate)
     return {"journaled": 0, "resent": 0, "gone": 0}

@@ -328,7 +328,8 @@ class StreamWorker(PartitionPositions):
         from streaming.ackjournal import attach_and_recover
 
         name = hashlib.sha256(f"{self.group}/{self.lease.instance_id}".encode()).hexdigest()[:16]
-        done = attach_and_recover(self.publisher, self.settings.state_dir / "stream" / "journal" / name)
+        done = attach_and_recover(self.publisher, self.settings.state_dir / "stream" / "journal" / name,
+                                  recreate={dead_letter_topic(self.settings, self.kind)})
         if done and done["resent"]:
             log.warning("%d dead letters of the last run were lost by the broker; sent them again", done["resent"])
 

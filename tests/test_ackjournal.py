@@ -139,3 +139,62 @@ def test_recover_when_every_journaled_topic_is_gone(settings: Settings, tmp_path
         assert journal is not None
         assert recover(pub, journal) == {"journaled": 3, "resent": 0, "gone": 3}
         assert not (jdir / "3.seg").exists()
+
+
+def test_recover_creates_a_lost_topic_of_its_own_again_and_sends_all_its_records(bare_settings: Settings,
+                                                                                tmp_path: Path) -> None:
+    """The embedded broker killed together with a stream worker lost the worker's dead-letter topic
+    whole (created a moment before); recovery took it for a deleted one and dropped 39 dead letters whose
+    source offsets were already committed. A topic the caller names in ``recreate`` is created again, as
+    declared, and gets every journaled record back; another missing topic still counts as deleted."""
+    from streaming.offsets import topic_names
+    from streaming.topics import dead_letter_topic, declared_topics
+
+    settings = bare_settings
+    dlq = dead_letter_topic(settings, "image")
+    other = dead_letter_topic(settings, "sensor")
+    assert not {dlq, other} & topic_names(settings)
+    jdir = tmp_path / "j"
+    jdir.mkdir()
+    now = 1_700_000_000_000
+    (jdir / "5.seg").write_bytes(b"".join(
+        [encode(JournalRecord(now + i, dlq, b"k%d" % i, b"letter-%d" % i, [("dl.reason", b"corrupt")]))
+         for i in range(4)] + [encode(JournalRecord(now, other, b"k", b"not ours", []))]))
+    with Publisher(settings) as pub:
+        journal = attach(pub, jdir)
+        assert journal is not None
+        assert recover(pub, journal, recreate={dlq}) == {"journaled": 5, "resent": 4, "gone": 1}
+        assert pub.settle(timeout=30)
+    assert dlq in topic_names(settings) and other not in topic_names(settings)
+    spec = next(s for s in declared_topics(settings) if s.name == dlq)
+    from streaming.topics import describe
+
+    assert describe(settings, [dlq])[0]["partitions"] == spec.partitions
+    letters = read_topic(settings, dlq, decode=False, expect=4)
+    assert sorted(r.raw for r in letters) == [b"letter-%d" % i for i in range(4)]
+    assert not (jdir / "5.seg").exists()
+
+
+def test_a_stream_worker_whose_dead_letter_topic_was_lost_creates_it_and_sends_its_letters(
+        bare_settings: Settings) -> None:
+    """The worker end of the test above: its start recovers its journal with its own dead-letter topic
+    to re-create (a worker killed with the broker; seen with the image worker, 39 dead letters lost)."""
+    from streaming.offsets import topic_names
+    from streaming.topics import dead_letter_topic, declared_topics, ensure_topics
+    from streaming.worker import StreamWorker
+
+    settings = bare_settings
+    ensure_topics(settings, [s for s in declared_topics(settings) if s.name == raw_topic(settings, "sensor")])
+    dlq = dead_letter_topic(settings, "sensor")
+    worker = StreamWorker(settings, "sensor", instance_id="slot0")
+    jdir = worker.publisher.ledger.journal.directory
+    worker.close()
+    assert dlq not in topic_names(settings), "the worker created its dead-letter topic; the test cannot lose it"
+    (jdir / "9.seg").write_bytes(b"".join(encode(JournalRecord(1_700_000_000_000 + i, dlq, b"k", b"bad-%d" % i, []))
+                                          for i in range(3)))
+    worker = StreamWorker(settings, "sensor", instance_id="slot0")  # the same command, restarted
+    try:
+        assert worker.publisher.settle(timeout=30)
+    finally:
+        worker.close()
+    assert sorted(r.raw for r in read_topic(settings, dlq, decode=False, expect=3)) == [b"bad-0", b"bad-1", b"bad-2"]
