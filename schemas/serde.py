@@ -72,8 +72,13 @@ def frame(schema_id: int, payload: bytes) -> bytes:
 
 def unframe(data: bytes | bytearray | memoryview) -> tuple[int, memoryview]:
     """Split framed bytes into ``(schema_id, body)``; typed FramingError when the header is wrong."""
-    if data is None or len(data) < HEADER_SIZE:
-        size = 0 if data is None else len(data)
+    if data is None:  # a Kafka tombstone: said as such, since "0 bytes" sends people looking for a bug
+        raise ShortPayloadError(
+            "data: the value is null (a Kafka tombstone, as sent to delete a key on a compacted topic); an "
+            "event topic holds Avro records framed with the Confluent header, and a null value is not an event"
+        )
+    if len(data) < HEADER_SIZE:
+        size = len(data)
         raise ShortPayloadError(
             f"data: {size} bytes is shorter than the 5-byte Confluent header (magic byte + schema id); "
             f"the message was not written by an Avro serializer"

@@ -350,7 +350,7 @@ class Pipeline:
         partition, offset = msg.partition, msg.offset
         raw = msg.value if msg.value is not None else b""
         try:
-            decoded = self.deserializer(raw)
+            decoded = self.deserializer(msg.value)  # None: a tombstone, said as such
         except RegistryUnavailableError:
             raise  # not the record's fault: the worker retries it
         except Exception as exc:  # SchemaError, or any other decode failure (RecursionError, MemoryError...)

@@ -33,7 +33,7 @@ def process_runs(p: Pipeline, msgs: Sequence[Any]) -> tuple[int, RegistryUnavail
 
     raws = [m.value if m.value is not None else b"" for m in msgs]
     try:
-        decoded = p.deserializer.decode_many(raws)
+        decoded = p.deserializer.decode_many([m.value for m in msgs])  # None: a tombstone, said as such
     except Exception:  # a registry outage or a failure decode_many does not keep in place: the
         return p._process_each(msgs)  # per-record path meets it at its record, with its own error
     featurize = p.featurizer.featurize_event_deferred

@@ -261,7 +261,7 @@ class Subscriber:
             return Record(msg.topic, msg.partition, msg.offset, msg.timestamp, msg.key, msg.headers or [],
                           None, raw, raw)
         try:
-            decoded = self._deserializer(raw, {"topic": msg.topic})
+            decoded = self._deserializer(msg.value, {"topic": msg.topic})  # None: a tombstone, said as such
         except (FramingError, SchemaError) as exc:
             return ErrorItem(msg.topic, msg.partition, msg.offset, msg.timestamp, msg.key, msg.headers or [],
                              raw, exc)
@@ -326,7 +326,8 @@ class Subscriber:
         raws = [m.value if m.value is not None else b"" for m in msgs]
         out: list[Item] = []
         append = out.append
-        for m, raw, decoded in zip(msgs, raws, self._deserializer.decode_many(raws), strict=True):
+        decodes = self._deserializer.decode_many([m.value for m in msgs])  # None: a tombstone, said as such
+        for m, raw, decoded in zip(msgs, raws, decodes, strict=True):
             if isinstance(decoded, Decoded):
                 append(Record(m.topic, m.partition, m.offset, m.timestamp, m.key, m.headers or [],
                               decoded.schema_id, decoded.value, raw))

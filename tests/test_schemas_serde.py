@@ -124,12 +124,13 @@ def test_frame_unframe() -> None:
     ("data", "error", "match"),
     [
         (b"", ShortPayloadError, "0 bytes is shorter than the 5-byte"),
+        (None, ShortPayloadError, r"the value is null \(a Kafka tombstone"),  # kafka-python's value of a tombstone
         (b"\x00\x00\x01", ShortPayloadError, "3 bytes"),
         (b'{"json": 1}', BadMagicByteError, "0x7b"),
         (b"\x00\x00\x00\x03\xe7\x02", UnknownSchemaIdError, "schema id 999"),
     ],
 )
-def test_framing_errors_are_typed(registry: FileRegistry, data: bytes, error: type, match: str) -> None:
+def test_framing_errors_are_typed(registry: FileRegistry, data: bytes | None, error: type, match: str) -> None:
     with pytest.raises(error, match=match) as info:
         AvroDeserializer(registry)(data)
     assert isinstance(info.value, FramingError)

@@ -204,6 +204,32 @@ def test_poison_records_are_dead_lettered_and_the_worker_keeps_going(settings: S
     assert committed(s, "sensor") == end_offsets(s, "sensor")
 
 
+def test_a_tombstone_on_a_raw_topic_is_dead_lettered_as_one(settings: Settings) -> None:
+    """A null value (a producer "deleting" a key, or a compaction habit) is not an event: it is
+    dead-lettered with a reason that names it a tombstone (it read "0 bytes is shorter than the 5-byte
+    Confluent header", which sent people looking for a truncation), and the partition goes on."""
+    from kafka import KafkaProducer
+
+    s = settings.with_(batch_max_records=50, batch_max_seconds=0.3)
+    topic = raw_topic(s, "sensor")
+    raw = KafkaProducer(bootstrap_servers=s.bootstrap)
+    try:
+        raw.send(topic, value=None, key=b"s0", partition=0).get(timeout=30)
+    finally:
+        raw.close()
+    with Publisher(s) as pub:
+        for r in sensor_events(5):
+            pub.publish("sensor", r)
+    expected = topic_offsets(s, topic)
+    with running_worker(s, "sensor") as worker:
+        wait_until(lambda: all_stored(s, "sensor", expected), 40, message="all offsets processed")
+    assert worker.stats.dead_letters == 1 and worker.stats.rows == 5
+    (letter,) = read_topic(s, dead_letter_topic(s, "sensor"), decode=False, expect=1)
+    h = header_dict(letter.headers)
+    assert h["dl.error_class"] == "ShortPayloadError" and "a Kafka tombstone" in h["dl.message"], h
+    assert h["dl.source_partition"] == "0"
+
+
 def _png_header(width: int, height: int) -> bytes:
     import struct
     import zlib
