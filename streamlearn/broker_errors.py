@@ -1,6 +1,7 @@
 """The one message for "the Kafka broker cannot be reached", at the command line's error boundary.
 
-Why: every command that talks to Kafka (``topics create``, ``publish``, ``subscribe``, ``replay``,
+Why: every command that talks to Kafka (``topics create``, ``publish`` (every mode: it makes sure of the
+kind's topics first), ``subscribe``, ``replay``,
 ``offsets``, ``ingest``) builds its client through kafka-python, which after its bootstrap timeout raises
 ``KafkaTimeoutError("Unable to bootstrap from HOST:PORT")`` (kafka-python 3.0.x). Uncaught, that
 was a 40-line traceback, the first thing a user who forgot ``streamlearn broker start`` (or whose broker

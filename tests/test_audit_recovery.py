@@ -252,3 +252,21 @@ def test_store_gc_of_a_namespace_that_does_not_exist_says_so(settings: Settings)
     with pytest.raises(StoreError, match=r"--namespace 'rebuld' does not exist in .*namespaces there: live"):
         collect(settings, dry_run=True, namespace="rebuld", retention_days=1)
     assert collect(settings, dry_run=True, namespace="live", retention_days=1).deleted == []
+
+
+def test_publish_with_no_broker_at_the_address_ends_with_the_one_error_line(settings: Settings) -> None:
+    """`publish --generate` (and `--stdin`) built only the librdkafka producer, which retries a refused
+    bootstrap for ever: with no broker at the address the command said "waiting N s for 3 records to be
+    acked" until it was interrupted. It now makes sure of the kind's topics first, as `--file` did, and
+    ends with the same line as every other Kafka command."""
+    import subprocess
+
+    from streaming.broker import free_port
+    from tests.helpers import streamlearn_cmd, subprocess_env
+
+    port = free_port()
+    done = subprocess.run(streamlearn_cmd("--bootstrap", f"127.0.0.1:{port}", "publish", "sensor", "--generate", "3"),
+                          env=subprocess_env(settings), capture_output=True, text=True, timeout=150, check=False)
+    assert done.returncode != 0, done.stderr[-2000:]
+    assert f"cannot reach the Kafka broker at 127.0.0.1:{port}" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr

@@ -86,7 +86,11 @@ def _publish(args: argparse.Namespace, settings: config.Settings) -> int:
     elif args.file:
         cp_path = args.checkpoint or default_checkpoint_path(settings, args.kind, Path(args.file), policy=policy,
                                                              timestamp_unit=unit)
-        _ensure_kind_topics(settings, args.kind)  # the checkpoint's read-back floors are the topics' offsets
+    # Every mode: the checkpoint's read-back floors are the topics' offsets (--file), a cluster that does not
+    # create topics on first use refuses a send to a missing one, and with no broker at the address this is
+    # the one clear error after the bootstrap timeout. Before, --generate and --stdin went straight to the
+    # (librdkafka) producer, which never fails a bootstrap: they waited for acks until interrupted.
+    _ensure_kind_topics(settings, args.kind)
 
     def rejected_line(lineno: str, reasons: str, exc: BaseException) -> None:
         print(f"line {lineno}: rejected ({reasons}): {exc}", file=sys.stderr)
