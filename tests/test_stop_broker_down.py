@@ -18,6 +18,8 @@ from collections import Counter
 from pathlib import Path
 
 from streaming.config import Settings
+from streaming.consumer import Subscriber
+from streaming.topics import raw_topic
 from streamlearn.commands.ingest import EXIT_NOT_ACKED, _stop_on_signals
 from tests.broker_crash_helpers import Kill9Restart, crash_broker_fixture  # noqa: F401 - the fixture
 from tests.helpers import read_topic, streamlearn_cmd, subprocess_env, wait_until
@@ -32,14 +34,6 @@ def _write(path: Path) -> None:
                                  "unit": "celsius"}) + "\n")
 
 
-def _end_offset(settings: Settings) -> int:
-    from streaming.consumer import Subscriber
-    from streaming.topics import raw_topic
-
-    with Subscriber(settings, raw_topic(settings, "sensor"), start="end", decode=False) as sub:
-        return sum(sub.consumer.end_offsets(list(sub.assignment())).values())
-
-
 def test_a_second_signal_ends_a_stop_whose_broker_is_gone_and_the_same_command_resumes(
         crash_broker: tuple[Settings, Kill9Restart], tmp_path: Path) -> None:
     settings, kill9_restart = crash_broker
@@ -47,10 +41,18 @@ def test_a_second_signal_ends_a_stop_whose_broker_is_gone_and_the_same_command_r
     _write(path)
     cmd = streamlearn_cmd("publish", "sensor", "--file", str(path))
     env = subprocess_env(settings)
+    # One consumer, ready before the run: a new one per poll took long enough for a fast run to finish
+    # between two polls (seen in tests/test_publish_resume.py on CI).
+    sub = Subscriber(settings, raw_topic(settings, "sensor"), start="end", decode=False)
+    parts = list(sub.assignment())
     with err.open("w") as err_fh:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err_fh, text=True)
     try:
-        wait_until(lambda: _end_offset(settings) >= 5_000, timeout=120, interval=0.1, message="records on the topic")
+        try:
+            wait_until(lambda: sum(sub.consumer.end_offsets(parts).values()) >= 5_000, timeout=120, interval=0.02,
+                       message="records on the topic")
+        finally:
+            sub.close()  # before the broker is killed
         assert proc.poll() is None, "the run ended before the broker was killed; make LINES larger"
         ended: list[tuple[int, str]] = []
 
@@ -76,7 +78,6 @@ def test_a_second_signal_ends_a_stop_whose_broker_is_gone_and_the_same_command_r
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    from streaming.topics import raw_topic
 
     seen = Counter(r.value["timestamp"] for r in read_topic(settings, raw_topic(settings, "sensor"), timeout=120))
     assert len(seen) == LINES, f"{LINES - len(seen)} lines missing after the resume"
