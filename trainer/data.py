@@ -29,7 +29,7 @@ import numpy as np
 
 from streaming.objstore import Location, open_url, relative_key
 from streaming.store import BatchInfo, read_batch
-from trainer.exceptions import LineageError, NotEnoughDataError
+from trainer.exceptions import DamagedBatchError, LineageError, NotEnoughDataError
 from trainer.spec import ModelSpec
 
 #: at most this many new batch files are read for one retrain (besides ``spec.max_new_rows``); it bounds
@@ -168,9 +168,9 @@ def load_batches(spec: ModelSpec, batches: list[BatchInfo], n_features: int,
         want = (expected_sha or {}).get(b.batch_id) or b.manifest.get("sha256")
         got = file_sha256(b.path)
         if want is not None and got != want:
-            raise LineageError(
+            raise DamagedBatchError(
                 f"batch {b.batch_id}: sha256 of {b.path} is {got}, expected {want}; the file changed since "
-                "it was recorded; restore it or replay its offsets into a fresh feature store"
+                "it was recorded; restore it or replay its offsets into a fresh feature store", b.batch_id
             )
         arrays = read_batch(b.path)
         x = arrays["x"]

@@ -25,6 +25,17 @@ class LineageError(TrainerError):
     """A version's lineage cannot be replayed: a batch is gone or its sha256 changed."""
 
 
+class DamagedBatchError(LineageError):
+    """A batch file's bytes no longer hash to its manifest's sha256 (bit rot, a partial restore, an edit).
+
+    ``batch_id`` names it: the trainer sets such a batch aside and trains on the others, instead of failing
+    every retrain for as long as the batch stays in its window (``trainer.worker.Trainer.run_once``)."""
+
+    def __init__(self, message: str, batch_id: str) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
+
+
 class ReproductionError(TrainerError):
     """A reproduced training run did not reach the recorded scores within the stated tolerance."""
 

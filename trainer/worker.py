@@ -47,7 +47,7 @@ from streaming.store import BatchInfo, FeatureStore
 from trainer.data import plan_data
 from trainer.drift import PageHinkley
 from trainer.evaluate import Evaluation, fit_and_evaluate
-from trainer.exceptions import NotEnoughDataError
+from trainer.exceptions import DamagedBatchError, NotEnoughDataError
 from trainer.gate import GateDecision
 from trainer.model_cache import ModelCache
 from trainer.spec import FeatureInfo, ModelSpec
@@ -60,7 +60,11 @@ DRIFT_STAT = Gauge("streamlearn_trainer_drift_statistic", "Page-Hinkley statisti
                    ["model"])
 DRIFT_ALARMS = Counter("streamlearn_trainer_drift_alarms_total", "Drift alarms that triggered a retrain",
                        ["model"])
+DAMAGED = Counter("streamlearn_trainer_damaged_batches_total", "Feature batches set aside because their file no "
+                  "longer hashes to their manifest's sha256", ["model"])
 KEEP_LAST = 10
+#: Damaged batches one run sets aside before it gives up (each costs a re-plan, no training).
+MAX_SET_ASIDE_PER_RUN = 50
 
 
 @dataclass
@@ -119,6 +123,8 @@ class Trainer:
         self.keep_last = keep_last
         self.drift = drift or PageHinkley(delta=0.05, threshold=20.0, min_instances=50)
         self._drift_checked: set[str] = set()
+        #: ids of batches whose file no longer matches its manifest: left out of every plan of this process
+        self.set_aside: set[str] = set()
         self._features: FeatureInfo | None = None
         self.lease = lease
         #: the leader epoch this trainer claimed in the registry; every write carries it (None: unfenced)
@@ -134,7 +140,16 @@ class Trainer:
         return self._features
 
     def batches(self) -> list[BatchInfo]:
-        return self.store.batches(self.features.kind, self.namespace)
+        found = self.store.batches(self.features.kind, self.namespace)
+        return [b for b in found if b.batch_id not in self.set_aside] if self.set_aside else found
+
+    def _set_aside(self, exc: DamagedBatchError) -> None:
+        """Leave a damaged batch out of this process's plans, loudly. Why: it failed every retrain (and
+        every drift check) for as long as it stayed in the training window, a reservoir batch for good."""
+        self.set_aside.add(exc.batch_id)
+        DAMAGED.labels(self.name).inc()
+        log.error("trainer %s: %s. Set aside: training goes on without it (a restarted trainer checks it "
+                  "again)", self.name, exc)
 
     def tensorboard_root(self) -> Path:
         return self.registry.model_dir(self.name) / "tensorboard"
@@ -208,8 +223,9 @@ class Trainer:
         state = self.registry.metadata(self.name, latest).get("data_state", {})
         newest = state.get("newest_seen")
         # The store's index answers "after this batch" without listing the whole store (issue 13).
-        return self.store.batches_after(self.features.kind, None if newest is None else str(newest),
-                                        int(state.get("newest_seen_created_at_ms", 0) or 0), self.namespace)
+        after = self.store.batches_after(self.features.kind, None if newest is None else str(newest),
+                                         int(state.get("newest_seen_created_at_ms", 0) or 0), self.namespace)
+        return [b for b in after if b.batch_id not in self.set_aside]
 
     def reconcile(self) -> None:
         """Apply the recorded decision of the newest version if a crash cut it off before step 5."""
@@ -243,7 +259,19 @@ class Trainer:
         ``fit`` replaces :func:`trainer.evaluate.fit_and_evaluate` (same arguments, same result): the
         chief of a distributed run passes its multi-worker fit (trainer.distributed), so it plans,
         publishes and announces through this one path.
+
+        A batch whose file no longer hashes to its manifest's sha256 (:class:`DamagedBatchError`, raised
+        while the fit loads its data, before any training or write) is set aside and the run is planned
+        again without it; the version's lineage names only the batches it used.
         """
+        for _ in range(MAX_SET_ASIDE_PER_RUN):
+            try:
+                return self._run_once(trigger, fit=fit)
+            except DamagedBatchError as exc:
+                self._set_aside(exc)
+        return self._run_once(trigger, fit=fit)  # one more; a further damaged batch is this run's error
+
+    def _run_once(self, trigger: str, *, fit: Callable[..., Evaluation] | None) -> RunOutcome:
         from trainer import model_io
         from trainer.cycle import wait_tensorflow, write_marker
         from trainer.training import configure_tensorflow, write_gate_summary
@@ -377,7 +405,11 @@ class Trainer:
         if not fresh:
             return False
         meta = self.registry.metadata(self.name, promoted)
-        x, cols, _ = load_batches(self.spec, fresh, self.features.n_features)
+        try:
+            x, cols, _ = load_batches(self.spec, fresh, self.features.n_features)
+        except DamagedBatchError as exc:  # the next poll checks the others again
+            self._set_aside(exc)
+            return False
         self._drift_checked.update(b.batch_id for b in fresh)
         xs, ys = labelled(self.spec, x, cols)
         if not len(xs):
