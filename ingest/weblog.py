@@ -164,7 +164,12 @@ def _split_request(request: str) -> tuple[str, str, str | None]:
         return parts[0], parts[1], None
     if len(parts) > 3 and _METHOD.match(parts[0]) and parts[-1].startswith("HTTP/"):
         return parts[0], " ".join(parts[1:-1]), parts[-1]
-    raise LogParseError(f"request line {request[:80]!r} is not 'METHOD TARGET [PROTOCOL]'", "bad_request_line")
+    # Anything else the server logged as the request line: a TLS handshake sent to the plain-HTTP port
+    # (Apache writes "\x16\x03\x01..."), a binary probe, a line of junk, answered 400 or 408. Kept as an
+    # event, as the 408s above and as Logstash's COMBINEDAPACHELOG keeps it (``rawrequest``): the log
+    # line is well-formed, and internet-facing logs hold a few percent of these, which a bot or attack
+    # model needs to see. No method could be read: "-"; the path is the request text as the server wrote it.
+    return "-", request, None
 
 
 def _match(line: str, pattern: re.Pattern[str]) -> re.Match[str] | None:
