@@ -77,7 +77,7 @@ def inspect(
 def accept(data: bytes, filename: str | None = None, *, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS,
            max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes, ImageInfo]:
     """The bytes to publish for an image file and their header: PNG and JPEG as they are (:func:`inspect`),
-    a still GIF, BMP, TIFF, WebP, ICO or netpbm (PPM/PGM/PBM) converted to PNG first
+    a still GIF, BMP, TIFF, WebP, ICO, netpbm (PPM/PGM/PBM), AVIF or HEIC converted to PNG first
     (``ingest/image_formats.py``), anything else refused with its reason. The drop folder and the gateway
     call this; the dead letter of a refused file keeps the original bytes. ``filename``'s extension, when
     given, must fit the content."""

@@ -10,9 +10,15 @@ Users' folders hold scans and exports as BMP, TIFF, GIF, WebP and ICO, and datas
 formats is decoded once by Pillow under the same pixel caps (the declared size is checked before any
 pixel is decoded; a decompression-bomb warning is an error) and re-encoded as PNG, lossless, by
 :func:`to_png`; the PNG is then validated like any other.
-Still refused, with their reason: animated GIF/WebP and multi-page TIFF (``animated``: which frame is
-"the" image is the user's call), HEIF/AVIF and PDF (no decoder here). A format not named here
-(PCX, TGA, ...) is ``bad_magic``, with a message that lists what is taken.
+Phone photos arrive as HEIC (an iPhone's default) and web exports as AVIF: AVIF is decoded by Pillow's
+own plugin, HEIC by pillow-heif (libheif), and both are converted alike. A converted image is turned
+upright first by its EXIF orientation (AVIF and TIFF carry the turn there; libheif applies HEIC's
+``irot``/``imir`` itself and reports orientation 1), since the PNG carries no EXIF: a phone photo
+taken in portrait must not become a landscape one on the way.
+Still refused, with their reason: animated GIF/WebP/AVIF, image sequences and multi-page TIFF
+(``animated``: which frame is "the" image is the user's call), PDF and other ISO media (a video, a
+camera's raw file: no decoder here). A format not named here (PCX, TGA, ...) is ``bad_magic``, with a
+message that lists what is taken.
 """
 
 from __future__ import annotations
@@ -36,7 +42,27 @@ CONVERTIBLE: dict[str, tuple[str, tuple[str, ...]]] = {
     "GIF": ("GIF", (".gif",)), "BMP": ("BMP", (".bmp", ".dib")), "TIFF": ("TIFF", (".tif", ".tiff")),
     "WebP": ("WEBP", (".webp",)), "ICO": ("ICO", (".ico",)),
     "PNM": ("PPM", (".ppm", ".pgm", ".pbm", ".pnm")),  # netpbm: scientific and computer-vision datasets
+    "AVIF": ("AVIF", (".avif",)), "HEIC": ("HEIF", (".heic", ".heif", ".hif")),  # web exports, phone photos
 }
+
+#: ISO base media ``ftyp`` brands (major or compatible) of the two still-image formats taken. An AVIF
+#: brand wins over the generic HEIF ones (``mif1``/``miaf`` are both's); anything else in an ``ftyp`` box
+#: (mp4, QuickTime, a Canon CR3 raw) is named with its brand and refused.
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEIC_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1",
+                          b"msf1"})
+
+
+def _ftyp_name(data: bytes) -> str:
+    """AVIF, HEIC or "ISO media 'brand'" for bytes that start with an ``ftyp`` box (bounded: one box)."""
+    size = struct.unpack(">I", data[:4])[0]
+    end = min(len(data), size if 16 <= size <= 4096 else 16)
+    brands = {data[8:12]} | {data[i:i + 4] for i in range(16, end - 3, 4)}
+    if brands & _AVIF_BRANDS:
+        return "AVIF"
+    if brands & _HEIC_BRANDS:
+        return "HEIC"
+    return f"ISO media {data[8:12].decode('latin-1')!r}"
 
 
 def format_name(data: bytes) -> str | None:
@@ -44,8 +70,8 @@ def format_name(data: bytes) -> str | None:
     name = next((n for magic, n in _OTHER_FORMATS if data.startswith(magic)), None)
     if name is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         name = "WebP"
-    if name is None and data[4:8] == b"ftyp":
-        name = "HEIF/AVIF"
+    if name is None and data[4:8] == b"ftyp" and len(data) >= 12:
+        name = _ftyp_name(data)
     if name is None and data[:1] == b"P" and data[1:2] in (b"1", b"2", b"3", b"4", b"5", b"6") \
             and data[2:3] in (b" ", b"\t", b"\r", b"\n", b"#"):
         name = "PNM"
@@ -77,6 +103,8 @@ def to_png(data: bytes, name: str, max_side: int, max_pixels: int) -> bytes:
     if name == "GIF":
         gif_screen_check(data, max_side, max_pixels)
     pil_format = CONVERTIBLE[name][0]
+    if name == "HEIC":
+        _register_heif()
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         # No warnings filter here (catch_warnings() swaps process-wide state and is not thread-safe):
@@ -90,7 +118,7 @@ def to_png(data: bytes, name: str, max_side: int, max_pixels: int) -> bytes:
                 raise ImageValidationError(f"{what} ({width}x{height}) is not supported; convert the page "
                                            "or frame you mean to PNG", "animated")
             img.load()
-            still = _png_mode(img)
+            still = _png_mode(_upright(img))
             out = io.BytesIO()
             still.save(out, format="PNG", compress_level=1)
     except ImageValidationError:
@@ -103,6 +131,27 @@ def to_png(data: bytes, name: str, max_side: int, max_pixels: int) -> bytes:
         raise ImageValidationError(f"{name} does not decode: {type(exc).__name__}: {str(exc)[:200]}",
                                    "corrupt") from exc
     return out.getvalue()
+
+
+def _register_heif() -> None:
+    """Let Pillow open HEIC/HEIF (pillow-heif, once per process; it keeps its own registration)."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+
+
+def _upright(img: Any) -> Any:
+    """``img`` turned by its EXIF orientation (the PNG written from it carries no EXIF); as it is when it
+    has none, or one that cannot be read (counted upright, as the image featurizer does)."""
+    from PIL import ImageOps
+
+    try:
+        orientation = img.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a corrupt EXIF block: upright, as image-v2 reads it
+        return img
+    if orientation in (None, 1):
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def _png_mode(img: Any) -> Any:

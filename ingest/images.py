@@ -8,7 +8,8 @@ the FFD9 marker). Only then is the image decoded once by Pillow (with its pixel 
 catch corrupt data in the middle.
 
 Other formats are recognized by their magic bytes and rejected with a reason that names them
-(``unsupported_format``: GIF, BMP, TIFF, WebP, HEIF/AVIF, PDF); a GIF's declared logical screen
+(``unsupported_format``: PDF, ISO media other than AVIF/HEIC; GIF, BMP, TIFF, WebP, ICO, netpbm, AVIF
+and HEIC are converted to PNG by ``accept``); a GIF's declared logical screen
 is checked first (``too_many_pixels`` for a 32767x32767 screen), animated PNGs (APNG, an
 ``acTL`` chunk) are ``animated``, and unknown bytes are ``bad_magic``.
 
@@ -234,7 +235,7 @@ class ImageWatcher:
                 f"label file {path.name} has no image beside it (x.png.label or x.label labels x.png)",
                 "orphan_label"))
         try:
-            published, info = accept(data, path.name)  # a BMP, TIFF, GIF, WebP, ICO or netpbm becomes a PNG
+            published, info = accept(data, path.name)  # a BMP, TIFF, GIF, WebP, ICO, netpbm, AVIF or HEIC becomes a PNG
             timestamp = int(st.st_mtime * 1000)
             problems = self.policy.problems(timestamp)
             if problems:

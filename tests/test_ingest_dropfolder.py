@@ -67,13 +67,22 @@ def test_other_formats_are_named_in_the_reason(make, name: str, reason: str) -> 
     assert info.value.reason == reason
 
 
-def _saved(fmt: str, mode: str = "L", frames: int = 1, size: tuple[int, int] = (12, 10)) -> bytes:
+def _saved(fmt: str, mode: str = "L", frames: int = 1, size: tuple[int, int] = (12, 10),
+           orientation: int | None = None) -> bytes:
+    if fmt == "HEIF":
+        from pillow_heif import register_heif_opener
+
+        register_heif_opener()
+    extra: dict[str, object] = {"lossless": True} if fmt == "WEBP" else {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        extra["exif"] = exif.tobytes()
     base = Image.fromarray((np.arange(size[0] * size[1], dtype=np.uint32) * 7 % 251).astype(np.uint8)
                            .reshape(size[1], size[0]))
     imgs = [base.convert(mode).rotate(90 * i) for i in range(frames)]
     buf = io.BytesIO()
-    imgs[0].save(buf, format=fmt, save_all=frames > 1, append_images=imgs[1:], **({"lossless": True}
-                                                                                if fmt == "WEBP" else {}))
+    imgs[0].save(buf, format=fmt, save_all=frames > 1, append_images=imgs[1:], **extra)  # type: ignore[arg-type]
     return buf.getvalue()
 
 
@@ -91,6 +100,7 @@ def _bmp_header(width: int, height: int) -> bytes:
     (lambda: _saved("TIFF", "I"), "counts.tif", "I;16"),  # 32-bit integer grey (microscopy) could not be saved
     (lambda: _saved("PPM"), "face.pgm", "L"), (lambda: _saved("PPM", "RGB"), "frame.ppm", "RGB"),
     (lambda: _saved("PPM", "1"), "mask.pbm", "1"),
+    (lambda: _saved("AVIF", "RGB"), "export.avif", "RGB"), (lambda: _saved("HEIF", "RGB"), "IMG_0001.HEIC", "RGB"),
 ])
 def test_still_images_of_other_formats_are_published_as_png(make, name: str, mode: str) -> None:  # type: ignore[no-untyped-def,unused-ignore]
     """Scans, faxes and exports arrive as BMP, TIFF, GIF, WebP and ICO; they used to be refused whole."""
@@ -113,7 +123,9 @@ def test_still_images_of_other_formats_are_published_as_png(make, name: str, mod
     (lambda: _bmp_header(5000, 3000), "wide.bmp", "too_many_pixels"),
     (lambda: _saved("TIFF")[:60], "cut.tif", "corrupt"),
     (lambda: _saved("BMP"), "scan.jpg", "wrong_extension"),
-    (lambda: b"\x00\x00\x00\x18ftypheic" + bytes(40), "phone.heic", "unsupported_format"),
+    (lambda: b"\x00\x00\x00\x18ftypheic" + bytes(40), "phone.heic", "corrupt"),
+    (lambda: b"\x00\x00\x00\x18ftypisom" + bytes(40), "clip.mp4", "unsupported_format"),
+    (lambda: _saved("AVIF", "RGB", frames=2), "moving.avif", "animated"),
     (huge_screen_gif, "screen.gif", "too_many_pixels"),
     (lambda: _saved("PCX", "RGB"), "paint.pcx", "bad_magic"),
 ])
@@ -124,7 +136,7 @@ def test_other_formats_that_cannot_be_converted_keep_their_reason(make, name: st
         accept(make(), name)
     assert info.value.reason == reason, info.value
     if reason == "bad_magic":  # an unknown format: the message says what is taken
-        assert "PNG and JPEG; GIF, BMP, TIFF, WebP, ICO, PNM are converted to PNG" in str(info.value)
+        assert "PNG and JPEG; GIF, BMP, TIFF, WebP, ICO, PNM, AVIF, HEIC are converted to PNG" in str(info.value)
 
 
 def test_every_file_in_the_drop_folder_ends_published_or_rejected(settings: Settings, tmp_path: Path) -> None:
@@ -201,3 +213,23 @@ def test_a_file_still_being_written_waits_and_is_never_cut(settings: Settings, t
         watcher.close()
     assert (watcher.published, watcher.rejected_count) == (1, 0)
     assert (watch / "processed" / "slow.png").read_bytes() == data
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("AVIF", "portrait.avif"), ("HEIF", "portrait.heic"),
+                                           ("TIFF", "portrait.tif")])
+def test_a_converted_photo_taken_in_portrait_stays_in_portrait(fmt: str, name: str) -> None:
+    """The PNG a converted image becomes carries no EXIF, so the turn a camera records there (AVIF, TIFF)
+    is applied first; libheif applies HEIC's own rotation and reports orientation 1, so a HEIC is not
+    turned twice. Stored 12x10 with orientation 6 (turn 90 degrees): published 10x12."""
+    from ingest.images import accept
+
+    published, info = accept(_saved(fmt, "RGB", orientation=6), name)
+    assert (info.width, info.height) == (10, 12), (fmt, info)
+
+
+def test_iso_media_other_than_avif_and_heic_is_named_by_its_brand() -> None:
+    from ingest.images import accept
+
+    with pytest.raises(ImageValidationError, match="ISO media 'crx '") as info:
+        accept(b"\x00\x00\x00\x18ftypcrx " + bytes(40), "IMG_1.CR3")  # a Canon raw file
+    assert info.value.reason == "unsupported_format"

@@ -388,8 +388,8 @@ def test_a_key_given_twice_in_json_is_refused_at_every_json_entry(settings: Sett
 
 
 def test_gateway_publishes_a_bmp_upload_and_a_base64_tiff_as_png(settings: Settings) -> None:
-    """The gateway takes the drop folder's formats: a still BMP/TIFF/GIF/WebP/ICO is converted to PNG
-    (it was refused as unsupported_format); an animated GIF keeps its reason."""
+    """The gateway takes the drop folder's formats: a still BMP/TIFF/GIF/WebP/ICO/AVIF/HEIC is converted to
+    PNG (each was refused as unsupported_format); an animated GIF keeps its reason."""
     import base64
     import io
 
@@ -401,17 +401,24 @@ def test_gateway_publishes_a_bmp_upload_and_a_base64_tiff_as_png(settings: Setti
         imgs[0].save(buf, format=fmt, save_all=frames > 1, append_images=imgs[1:])
         return buf.getvalue()
 
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    phone = Image.new("RGB", (9, 7), color=(10, 120, 200))
+    heic = io.BytesIO()
+    phone.save(heic, format="HEIF")  # an iPhone's default photo format
     files = [("files", ("scan.bmp", saved("BMP"), "image/bmp")),
-             ("files", ("moving.gif", saved("GIF", 3), "image/gif"))]
+             ("files", ("moving.gif", saved("GIF", 3), "image/gif")),
+             ("files", ("IMG_0001.HEIC", heic.getvalue(), "image/heic"))]
     with client(settings) as tc:
         upload = tc.post("/ingest/images", files=files, headers=AUTH)
         tiff = base64.b64encode(saved("TIFF", shade=90)).decode()
         body = tc.post("/ingest/image", json={"data": tiff, "source": "fax"}, headers=AUTH)
-    assert [r["status"] for r in upload.json()["results"]] == ["accepted", "rejected"], upload.text
+    assert [r["status"] for r in upload.json()["results"]] == ["accepted", "rejected", "accepted"], upload.text
     assert upload.json()["results"][1]["reason"] == "animated"
     assert body.status_code in (200, 201, 202), body.text
-    records = raw_records(settings, "image", expect=2)
-    assert sorted(r.value["source"] for r in records) == ["fax", "gateway:scan.bmp"]
+    records = raw_records(settings, "image", expect=3)
+    assert sorted(r.value["source"] for r in records) == ["fax", "gateway:IMG_0001.HEIC", "gateway:scan.bmp"]
     for r in records:
         assert r.value["content_type"] == "PNG" and bytes(r.value["data"]).startswith(b"\x89PNG")
         assert (r.value["width"], r.value["height"]) == (9, 7)
