@@ -22,7 +22,8 @@ Two layouts: *long*, one reading per row (``sensor_id,timestamp,value[,unit,labe
 columns into ``values``), and *wide*, one row per time and one column per sensor, as loggers, Grafana/
 InfluxDB and spreadsheets export it (``time,temp_1,temp_2,...``; the time column is ``timestamp``,
 ``time``, ``datetime`` or ``date``). In a wide file every filled cell is a reading of the column's sensor
-(an empty cell is none), a bad cell is a dead letter of its own (``dl.source_column``), and the column is
+(an empty cell is none, as is ``NA``, ``#N/A``, ``NaN`` or ``NULL``: :data:`MISSING_CELLS`), a bad cell is a
+dead letter of its own (``dl.source_column``), and the column is
 part of each reading's event id.
 """
 
@@ -68,6 +69,12 @@ WIDE_TIME_COLUMNS = ("timestamp", "time", "datetime", "date")
 #: head kept) and the rest of it is skipped in bounded reads: a 300 MB line used to be read whole, then
 #: decoded and copied, about 2.2 GB of memory for one row.
 MAX_ROW_BYTES = 1 << 20
+#: Cells that mean "no value" in the exports people bring: empty, R's ``NA``, Excel's ``#N/A``, pandas'
+#: ``NaN``, SQL dumps' ``NULL``. In an extra value column of a long file, or a sensor column of a wide one,
+#: such a cell is no reading, as an empty one always was; it made the whole row a dead letter before
+#: (a weather station with a dead humidity sensor lost every temperature). The main ``value`` of a long
+#: row is still required: a reading without it is refused with its reason.
+MISSING_CELLS = frozenset({"", "na", "n/a", "#n/a", "nan", "null", "none"})
 _DECIMAL_COMMA = re.compile(r"[+-]?[0-9]*,[0-9]+(?:[eE][+-]?[0-9]+)?")
 
 
@@ -267,7 +274,7 @@ class CsvReader:
         unit, label = row.get("unit") or self.unit, _parse_label(row.get("label", ""))
         out = []
         for name in self.sensors:
-            if row[name] == "":
+            if row[name].strip().lower() in MISSING_CELLS:
                 continue
             record: dict[str, Any] = {"sensor_id": name, "value": self._number(row[name]), "values": {},
                                       "unit": unit, "label": label, "event_id": None}
@@ -289,7 +296,8 @@ class CsvReader:
             record: dict[str, Any] = {
                 "sensor_id": row["sensor_id"],
                 "value": self._number(row["value"]),
-                "values": {k: self._number(v) for k, v in row.items() if k not in _RESERVED and v != ""},
+                "values": {k: self._number(v) for k, v in row.items()
+                           if k not in _RESERVED and v.strip().lower() not in MISSING_CELLS},
                 "unit": row.get("unit") or self.unit,
                 "label": _parse_label(row.get("label", "")),
                 "event_id": row.get("event_id") or None,

@@ -81,6 +81,28 @@ def test_csv_rows_good_and_bad(tmp_path: Path) -> None:
     assert got[1].raw == rows[2].encode()
 
 
+def test_missing_value_markers_are_no_reading_in_extra_and_wide_columns_not_a_dead_row(tmp_path: Path) -> None:
+    """R writes NA, Excel #N/A, pandas NaN, SQL dumps NULL. In an extra column of a long file such a cell
+    made the whole row a dead letter (a station whose humidity sensor died lost every temperature); in a
+    wide file it made a dead letter per cell. It is now no reading, as an empty cell always was. The main
+    value of a long row is still required."""
+    long = tmp_path / "long.csv"
+    long.write_text("sensor_id,timestamp,value,unit,humidity,pressure\n"
+                    + "".join(f"s1,{NOW - i * 1000},{20 + i},celsius,{m},1013\n"
+                              for i, m in enumerate(["NA", "N/A", "#N/A", "NaN", "null", " None ", "", "41"]))
+                    + f"s1,{NOW},NA,celsius,40,1013\n")
+    got = list(read_csv(long, now=NOW))
+    assert [r.record["values"] for r in got[:8]] == [{"pressure": 1013.0}] * 7 + [{"humidity": 41.0,
+                                                                                    "pressure": 1013.0}]
+    assert got[8].record is None and got[8].error.reason == "not_a_number"
+    wide = tmp_path / "wide.csv"
+    wide.write_text(f"time,temp_1,temp_2\n{NOW},21.5,NA\n{NOW - 1000},#N/A,22\n{NOW - 2000},x,\n")
+    rows = list(read_csv(wide, now=NOW))
+    assert [(r.record["sensor_id"], r.record["value"]) for r in rows if r.record] == [("temp_1", 21.5),
+                                                                                      ("temp_2", 22.0)]
+    assert [r.error.reason for r in rows if r.error] == ["not_a_number"]
+
+
 def test_csv_header_must_name_required_columns(tmp_path: Path) -> None:
     path = tmp_path / "r.csv"
     path.write_text("id,ts,v\n1,2,3\n")
