@@ -103,6 +103,8 @@ def validate(
         other.append(SensorValidationError("values must be a map of channel name to number", "bad_values"))
     else:
         for k, v in channels.items():
+            if v is None:  # JSON null: this channel has no reading (the Avro map holds numbers only)
+                continue
             try:
                 checked[str(k)] = _check_number(f"values[{k!r}]", v, max_abs)
             except SensorValidationError as exc:

@@ -48,6 +48,15 @@ def test_good_reading_passes() -> None:
     assert out["value"] == 3.0 and isinstance(out["value"], float) and out["label"] is None
 
 
+def test_a_null_channel_is_no_reading_not_a_rejected_reading() -> None:
+    """JSON null in ``values`` (a channel whose sensor gave nothing) rejected the whole reading; the main
+    value is still required."""
+    out = validate(_reading(value=3, values={"h": None, "p": 2}), now=NOW)
+    assert out["values"] == {"p": 2.0}
+    with pytest.raises(SensorValidationError):
+        validate(_reading(value=None, values={"p": 2}), now=NOW)
+
+
 def test_csv_rows_good_and_bad(tmp_path: Path) -> None:
     path = tmp_path / "r.csv"
     rows = [
