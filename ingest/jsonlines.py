@@ -188,7 +188,7 @@ class JsonLinesSource(SourcePartition):
             # Standard input is often a pipe fed as events happen: hand each line on as it comes, rather
             # than wait for a batch to fill (no snapshot is kept for it, so a batch buys nothing).
             self.batch = 1
-        self.reader = TimestampReader(timestamp_unit, source=self.given)
+        self.reader = self.policy.reader(timestamp_unit, source=self.given)
         if path is not None and self.reader.decided is None:
             decide_unit(self.reader, self._head(Path(path).absolute()))
 

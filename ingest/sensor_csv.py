@@ -329,7 +329,7 @@ def read_csv(path: Path, *, unit: str = "unit", now: int | None = None, policy: 
     rows before any row is yielded, and SourceError is raised (nothing yielded yet) when it cannot.
     """
     rows = CsvReader(path, unit=unit, now=now, policy=policy,
-                     reader=reader or TimestampReader(timestamp_unit, source=f"--csv {path}"))
+                     reader=reader or (policy or LIVE).reader(timestamp_unit, source=f"--csv {path}"))
     try:
         while not rows.eof:
             yield from rows.rows(1000)
@@ -366,7 +366,7 @@ class SensorCsvSource(SourcePartition):
         self._ids = PositionIds()
         self.pos = FilePosition.resume(self.path, resume_state, f"--csv {path}", head_bytes=MAX_ROW_BYTES)
         pos = self.pos
-        self.reader = TimestampReader(timestamp_unit, source=f"--csv {path}")
+        self.reader = (policy or LIVE).reader(timestamp_unit, source=f"--csv {path}")
         self.csv = CsvReader(self.path, unit=unit, now=now, policy=policy, reader=self.reader,
                              offset=pos.offset, line=pos.line)
         pos.offset, pos.line = self.csv.offset, self.csv.line

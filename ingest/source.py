@@ -177,8 +177,11 @@ def not_a_file(path: Path, what: str, mode: int) -> str:
 
 def policy_flags(policy: EventTimePolicy, timestamp_unit: str) -> dict[str, Any]:
     """The event-time flags that decide what becomes of a line: part of a file checkpoint's key."""
-    return {"timestamp_unit": timestamp_unit, "backfill": policy.backfill,
-            "max_age_ms": policy.max_age_ms, "max_future_ms": policy.max_future_ms}
+    flags = {"timestamp_unit": timestamp_unit, "backfill": policy.backfill,
+             "max_age_ms": policy.max_age_ms, "max_future_ms": policy.max_future_ms}
+    if policy.timezone:  # only when set: the keys of checkpoints written before the flag existed stay
+        flags["timezone"] = policy.timezone
+    return flags
 
 
 def file_checkpoint_path(folder: Path, path: Path, flags: dict[str, Any]) -> Path:

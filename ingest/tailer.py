@@ -46,7 +46,7 @@ from ingest.runner import SourceRunner
 from ingest.source import PositionIds, SourceItem, SourcePartition, compressed, not_a_file, text_name
 from ingest.weblog import parse_line
 from schemas.exceptions import SchemaError
-from streaming.eventtime import EventTimePolicy, TimestampReader
+from streaming.eventtime import EventTimePolicy
 
 if TYPE_CHECKING:
     import threading
@@ -108,6 +108,8 @@ def default_checkpoint_path(settings: Settings, path: Path, policy: EventTimePol
     if policy is not None and policy.backfill:
         where += "\0" + json.dumps({"backfill": True, "max_age_ms": policy.max_age_ms,
                                     "max_future_ms": policy.max_future_ms}, sort_keys=True)
+    if policy is not None and policy.timezone:  # JSON logs' naive times: another zone, another fate
+        where += "\0timezone=" + policy.timezone
     key = hashlib.sha1(where.encode("utf-8", "surrogateescape")).hexdigest()[:16]  # a latin-1 name too
     return settings.state_dir / "weblog" / f"{Path(path).name}.{key}.json"
 
@@ -145,7 +147,7 @@ class TailSource(SourcePartition):
         self.on_read = on_read  # progress hook: called with the bytes of each chunk read
         # One event-time window and one timestamp unit for the whole followed file (and its successors).
         self.policy = policy or EventTimePolicy()
-        self._read_time = TimestampReader(timestamp_unit, source=str(self.path))
+        self._read_time = self.policy.reader(timestamp_unit, source=str(self.path))
         self._headers = [*self.policy.headers()]
         self.rotations = self.truncations = 0
         self._out: list[SourceItem] = []

@@ -188,6 +188,10 @@ class Settings(BaseSettings):
     timestamp_unit: str = Field("auto", description=(
         "unit of numeric timestamps of files and stdin: s|ms|us|ns|iso|auto; auto decides once per input from "
         "its first values and rejects rows that disagree (ISO 8601 text is always read as such)"))
+    timestamp_timezone: str = Field("", description=(
+        "IANA time zone (UTC, Europe/Berlin) of ISO 8601 timestamps written without an offset ('2024-01-01 "
+        "00:04:00', as spreadsheets and loggers export them), for files, stdin, logs and the gateway; empty: "
+        "such timestamps are refused with their reason, since which zone they meant cannot be known"))
     ingest_timestamp_unit: str = Field("ms", description=(
         "unit of numeric timestamps posted to the HTTP ingest gateway: s|ms|us|ns|iso (ISO 8601 text is always "
         "accepted)"))

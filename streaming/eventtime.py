@@ -8,7 +8,9 @@ web-log ingest) and every featurizer apply the same window; docs/EVENT_TIME.md i
   which decides *once* from the first values it sees (the order of magnitude of the largest, see
   :func:`magnitude_unit`), logs the decision, and rejects every later value that only makes sense
   in another unit (``timestamp_unit_mismatch``) instead of silently reinterpreting it. ISO 8601
-  strings are read whatever the unit, because they carry their own.
+  strings are read whatever the unit, because they carry their own; one written without an offset
+  (``2024-01-01 00:04:00``, as spreadsheets and loggers export it) is refused, since which zone it
+  meant cannot be known, unless the source names that zone (``--timezone``, :attr:`EventTimePolicy.timezone`).
 * **The acceptance window** of :class:`EventTimePolicy`: live records must lie within
   ``max_age`` before now (default 20 years, ``--max-age``) and at most ``max_future_skew_s``
   ahead (default 5 minutes, the same everywhere, featurizers included). ``--backfill`` lifts the
@@ -30,7 +32,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any
 
 from streaming.clock import now_ms
@@ -92,10 +94,12 @@ def format_duration(ms: int | None) -> str:
 
 
 # -- reading timestamps ----------------------------------------------------------------------------
-def parse_iso_ms(text: str) -> int:
+def parse_iso_ms(text: str, zone: tzinfo | None = None) -> int:
     """ISO 8601 with a UTC offset (``Z`` too) -> epoch ms; a bare date means 00:00 UTC that day.
 
-    A date and time without an offset is refused: which zone it meant cannot be known.
+    A date and time without an offset is in ``zone`` when given (an hour repeated by a daylight-saving
+    change is taken at its first occurrence, an hour skipped by one at the offset before it), and is
+    refused when not: which zone it meant cannot be known.
     Exact integer arithmetic (no float seconds), so 1700-01-01 converts without rounding.
     """
     t = text.strip()
@@ -109,8 +113,25 @@ def parse_iso_ms(text: str) -> int:
         raise EventTimeError(f"timestamp {t[:40]!r} is not ISO 8601 (e.g. 1962-01-07T00:00:00Z) nor a number",
                              "bad_timestamp") from exc
     if dt.tzinfo is None:
-        raise EventTimeError(f"timestamp {t[:40]!r} has no UTC offset; append Z or +hh:mm", "bad_timestamp")
+        if zone is None:
+            raise EventTimeError(f"timestamp {t[:40]!r} has no UTC offset; append Z or +hh:mm, or name the zone "
+                                 "such times are in with --timezone (env STREAMLEARN_TIMESTAMP_TIMEZONE), e.g. UTC",
+                                 "bad_timestamp")
+        dt = dt.replace(tzinfo=zone)
     return (dt - _EPOCH) // timedelta(milliseconds=1)
+
+
+def parse_zone(name: str, flag: str = "--timezone") -> tzinfo | None:
+    """An IANA zone name (``UTC``, ``Europe/Berlin``) -> tzinfo; "" -> None (naive times refused)."""
+    if not name:
+        return None
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise EventTimeError(f"{flag} {name!r:.60} is not a time zone; use an IANA name such as UTC, "
+                             "Europe/Berlin or America/New_York", "bad_setting") from exc
 
 
 def numeric_to_ms(value: int | float, unit: str) -> int:
@@ -168,10 +189,11 @@ class TimestampReader:
     """
 
     def __init__(self, unit: str = "auto", *, source: str = "input", flag: str = "--timestamp-unit",
-                 sample: int = AUTO_SAMPLE) -> None:
+                 sample: int = AUTO_SAMPLE, zone: tzinfo | None = None) -> None:
         if unit not in UNITS:
             raise EventTimeError(f"{flag} {unit!r} is not one of {'|'.join(UNITS)}", "bad_setting")
         self.unit = unit
+        self.zone = zone  # of ISO times written without an offset (None: refused)
         self.source = source
         self.flag = flag
         self.sample = sample
@@ -219,7 +241,7 @@ class TimestampReader:
         """One timestamp -> epoch ms. Raises EventTimeError (reason bad_timestamp / *_unit_*)."""
         num = _as_number(value)
         if num is None:
-            return parse_iso_ms(str(value))
+            return parse_iso_ms(str(value), self.zone)
         if self.unit == "iso":
             raise EventTimeError(f"timestamp {value!r:.40} is a number but {self.flag} is iso; pass the unit "
                                  f"of the numbers ({self.flag} s|ms|us|ns)", "bad_timestamp")
@@ -257,6 +279,15 @@ class EventTimePolicy:
     max_future_ms: int = DEFAULT_MAX_FUTURE_MS
     backfill: bool = False
     run_id: str = ""
+    #: IANA zone of ISO times written without an offset ("": such times are refused)
+    timezone: str = ""
+
+    def zone(self) -> tzinfo | None:
+        return parse_zone(self.timezone)
+
+    def reader(self, unit: str, **kwargs: Any) -> TimestampReader:
+        """A :class:`TimestampReader` of ``unit`` that reads naive ISO times in this policy's zone."""
+        return TimestampReader(unit, zone=self.zone(), **kwargs)
 
     def problems(self, ts: int, now: int | None = None) -> list[EventTimeError]:
         """Every reason ``ts`` (epoch ms) is outside the window; empty when it is accepted."""
@@ -313,13 +344,16 @@ def max_future_ms(settings: Any = None) -> int:
 
 
 def policy(settings: Any, *, backfill: bool | None = None, max_age: str | None = None,
-           source: str = "input", run_id: str | None = None) -> EventTimePolicy:
-    """The policy of one source: flags (``backfill``/``max_age``) win over the settings (env)."""
+           source: str = "input", run_id: str | None = None, timezone: str | None = None) -> EventTimePolicy:
+    """The policy of one source: flags (``backfill``/``max_age``/``timezone``) win over the settings (env)."""
     bf = settings.backfill if backfill is None else backfill
     age_text = max_age if max_age is not None else (None if bf else settings.event_max_age)
+    zone = str(settings.timestamp_timezone if timezone is None else timezone).strip()
+    parse_zone(zone, "--timezone" if timezone is not None else "setting 'timestamp_timezone' (env "
+               "STREAMLEARN_TIMESTAMP_TIMEZONE)")  # refused here, before any record is read
     return EventTimePolicy(max_age_ms=None if bf and max_age is None else parse_duration_ms(age_text),
                            max_future_ms=max_future_ms(settings), backfill=bool(bf),
-                           run_id=(run_id or new_run_id(source)) if bf else "")
+                           run_id=(run_id or new_run_id(source)) if bf else "", timezone=zone)
 
 
 def backfill_run(headers: Sequence[tuple[str, bytes | None]] | None) -> str | None:

@@ -114,6 +114,32 @@ def test_iso_8601_forms() -> None:
     assert info.value.reason == "bad_timestamp" and "--timestamp-unit" in str(info.value)
 
 
+def test_naive_iso_times_are_read_in_the_zone_the_source_names() -> None:
+    """Spreadsheets, loggers and SQL dumps write '2024-01-01 00:04:00' with no offset; such a time was
+    refused with 'append Z or +hh:mm', so a user had to rewrite the file. --timezone (or
+    STREAMLEARN_TIMESTAMP_TIMEZONE) names the zone; times with an offset keep their own."""
+    from zoneinfo import ZoneInfo
+
+    with pytest.raises(EventTimeError, match="--timezone"):
+        parse_iso_ms("2024-01-01 00:04:00")
+    berlin = ZoneInfo("Europe/Berlin")
+    assert parse_iso_ms("2024-01-01 00:04:00", ZoneInfo("UTC")) == parse_iso_ms("2024-01-01T00:04:00Z")
+    assert parse_iso_ms("2024-01-15 12:00:00", berlin) == parse_iso_ms("2024-01-15T11:00:00Z")  # CET, +1
+    assert parse_iso_ms("2024-07-15 12:00:00", berlin) == parse_iso_ms("2024-07-15T10:00:00Z")  # CEST, +2
+    assert parse_iso_ms("2024-10-27 02:30:00", berlin) == parse_iso_ms("2024-10-27T00:30:00Z")  # repeated: first
+    assert parse_iso_ms("2024-07-15T12:00:00-05:00", berlin) == parse_iso_ms("2024-07-15T17:00:00Z")  # its own
+    assert parse_iso_ms("2024-07-15", berlin) == parse_iso_ms("2024-07-15T00:00:00Z")  # a bare date stays UTC
+    reader = eventtime.policy(config.load(environ={"STREAMLEARN_TIMESTAMP_TIMEZONE": "America/New_York"}),
+                              source="x").reader("auto", source="x")
+    assert reader("2024-01-15 07:00:00") == parse_iso_ms("2024-01-15T12:00:00Z")
+    assert eventtime.policy(config.load(environ={}), timezone="UTC").timezone == "UTC"  # the flag wins
+    with pytest.raises(EventTimeError, match="--timezone 'Mars/Olympus' is not a time zone") as info:
+        eventtime.policy(config.load(environ={}), timezone="Mars/Olympus")
+    assert info.value.reason == "bad_setting"
+    with pytest.raises(EventTimeError, match="STREAMLEARN_TIMESTAMP_TIMEZONE"):
+        eventtime.policy(config.load(environ={"STREAMLEARN_TIMESTAMP_TIMEZONE": "CEST+2"}))
+
+
 # -- the window -------------------------------------------------------------------------------------
 def test_window_messages_name_the_flags() -> None:
     live = EventTimePolicy()

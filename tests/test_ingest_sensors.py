@@ -157,6 +157,35 @@ def test_generator_default_start_ends_near_now_and_csv_line_round_trips(tmp_path
 # -- against the real broker ------------------------------------------------------------------
 
 
+def test_cli_sensors_csv_with_naive_times_and_timezone(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A logger's export without offsets: refused row by row with a reason naming --timezone, then
+    published by the same command with --timezone (another checkpoint: another run); a zone that does not
+    exist is one error line before anything is read."""
+    import subprocess
+
+    from streaming.eventtime import parse_iso_ms
+    from streaming.topics import raw_topic
+    from tests.helpers import read_topic, streamlearn_cmd, subprocess_env
+
+    path = tmp_path / "logger.csv"
+    path.write_text("sensor_id,timestamp,value,unit\ns1,2024-07-15 12:00:00,20.5,celsius\n"
+                    "s1,2024-07-15 12:01:00,20.7,celsius\n")
+
+    def run(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(streamlearn_cmd("ingest", "sensors", "--csv", str(path), "--backfill", *flags),
+                              env=subprocess_env(settings), capture_output=True, text=True, timeout=120)
+
+    refused = run()
+    assert "\"dead_lettered\": 2" in refused.stdout and "--timezone" in refused.stderr, refused.stdout + refused.stderr
+    bad = run("--timezone", "Europe/Berlln")
+    assert bad.returncode != 0 and "--timezone 'Europe/Berlln' is not a time zone" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
+    done = run("--timezone", "Europe/Berlin")
+    assert done.returncode == 0 and '"published": 2' in done.stdout, done.stdout + done.stderr
+    times = sorted(r.value["timestamp"] for r in read_topic(settings, raw_topic(settings, "sensor"), expect=2))
+    assert times == [parse_iso_ms("2024-07-15T10:00:00Z"), parse_iso_ms("2024-07-15T10:01:00Z")]
+
+
 def test_cli_sensors_csv_dead_letters_bad_values_with_reasons(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import json
     import subprocess

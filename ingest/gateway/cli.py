@@ -60,6 +60,7 @@ def register_serve(ingest_subparsers: Any) -> None:
     p.add_argument("--timestamp-unit", dest="ingest_timestamp_unit", default=None,
                    choices=["s", "ms", "us", "ns", "iso"],
                    help=config.flag_help("ingest_timestamp_unit"))
+    p.add_argument("--timezone", default=None, metavar="ZONE", help=config.flag_help("timestamp_timezone"))
     p.set_defaults(func=serve)
 
 
@@ -99,7 +100,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.ingest_timestamp_unit:
         settings = settings.with_(ingest_timestamp_unit=args.ingest_timestamp_unit)
-    rules = TimeRules.from_settings(settings, backfill=args.backfill, max_age=args.max_age)
+    rules = TimeRules.from_settings(settings, backfill=args.backfill, max_age=args.max_age, timezone=args.timezone)
     log.info("event time: %s, numeric timestamps in %s", rules.policy.describe(), rules.unit)
     app = create_app(settings, limits=limits_from_args(args, settings), time_rules=rules)
     host = args.ingest_host or settings.ingest_host

@@ -135,12 +135,13 @@ class TimeRules:
                               f"--timestamp-unit) must be one of s|ms|us|ns|iso, got {self.unit!r}")
 
     @classmethod
-    def from_settings(cls, settings: Any, *, backfill: bool | None = None, max_age: str | None = None) -> TimeRules:
-        return cls(eventtime.policy(settings, backfill=backfill, max_age=max_age, source="gateway"),
-                   settings.ingest_timestamp_unit)
+    def from_settings(cls, settings: Any, *, backfill: bool | None = None, max_age: str | None = None,
+                      timezone: str | None = None) -> TimeRules:
+        return cls(eventtime.policy(settings, backfill=backfill, max_age=max_age, source="gateway",
+                                    timezone=timezone), settings.ingest_timestamp_unit)
 
     def reader(self) -> TimestampReader:
-        return TimestampReader(self.unit, flag="ingest_timestamp_unit (env STREAMLEARN_INGEST_TIMESTAMP_UNIT)")
+        return self.policy.reader(self.unit, flag="ingest_timestamp_unit (env STREAMLEARN_INGEST_TIMESTAMP_UNIT)")
 
     def read(self, value: Any) -> int:
         """One timestamp -> epoch ms (RecordRejectedError with the reason when unreadable)."""
