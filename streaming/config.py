@@ -463,7 +463,7 @@ def env_help(name: str) -> str:
     """Which environment variable a setting falls back to and its default: ``(env X; default D)``."""
     spec = _BY_NAME[name]
     default = spec.default if spec.default is not None else "unset"
-    return f"(env {spec.env}; default {default})"
+    return f"(env {spec.env}; default {default if default != '' else 'empty'})"
 
 
 def flag_help(name: str, note: str | None = None) -> str:
