@@ -23,6 +23,7 @@ message that lists what is taken.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any
 
@@ -133,8 +134,9 @@ def to_png(data: bytes, name: str, max_side: int, max_pixels: int) -> bytes:
     return out.getvalue()
 
 
+@functools.cache
 def _register_heif() -> None:
-    """Let Pillow open HEIC/HEIF (pillow-heif, once per process; it keeps its own registration)."""
+    """Let Pillow open HEIC/HEIF (pillow-heif), once per process: at the first HEIC, not at import."""
     from pillow_heif import register_heif_opener
 
     register_heif_opener()

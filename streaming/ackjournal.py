@@ -162,6 +162,12 @@ class AckJournal:
         self._open = self._new_segment()
         self._file = self._open.path.open("ab")
 
+    def drop_leftover(self) -> None:
+        """Remove the segments a crashed run left, once :func:`recover` no longer needs them."""
+        for path in self.leftover:
+            path.unlink(missing_ok=True)
+        self.leftover = []
+
     def _new_segment(self) -> _Segment:
         n = self._next
         self._next += 1
@@ -280,8 +286,7 @@ def recover(publisher: Publisher, journal: AckJournal, *, timeout_s: float = 300
     gave_up = Counter(r.value.decode() for r in frames if r.topic == FAILED)
     records = [r for r in frames if r.topic != FAILED]
     if not records:
-        for path in journal.leftover:
-            path.unlink(missing_ok=True)
+        journal.drop_leftover()
         return {"journaled": 0, "resent": 0, "gone": 0}
     journaled = len(records)
     from streaming.offsets import topic_names
@@ -302,9 +307,7 @@ def recover(publisher: Publisher, journal: AckJournal, *, timeout_s: float = 300
                     journal.directory, sorted(gone), sum(gone.values()))
         records = [r for r in records if r.topic in existing]
     if not records:  # every journaled topic is gone: before min() below, which has nothing to take
-        for path in journal.leftover:
-            path.unlink(missing_ok=True)
-        journal.leftover = []
+        journal.drop_leftover()
         return {"journaled": journaled, "resent": 0, "gone": journaled}
     wanted = Counter(r.digest() for r in records) - gave_up
     topics = sorted({r.topic for r in records})
@@ -338,9 +341,7 @@ def recover(publisher: Publisher, journal: AckJournal, *, timeout_s: float = 300
             raise TimeoutError(f"the {resent} records sent again were not confirmed within {timeout_s:g} s; the "
                                f"journal {journal.directory} is kept, and the next start tries again")
         journal.sync()
-    for path in journal.leftover:
-        path.unlink(missing_ok=True)
-    journal.leftover = []
+    journal.drop_leftover()
     return {"journaled": journaled, "resent": resent, "gone": journaled - len(records)}
 
 

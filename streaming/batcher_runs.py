@@ -31,7 +31,6 @@ def process_runs(p: Pipeline, msgs: Sequence[Any]) -> tuple[int, RegistryUnavail
     """``Pipeline.process_many`` (see there): ``(processed, registry outage or None)``."""
     from streaming.batcher import _NO_X, FEATURIZE_SAMPLE  # lazily: batcher.py imports this module at its top
 
-    raws = [m.value if m.value is not None else b"" for m in msgs]
     try:
         decoded = p.deserializer.decode_many([m.value for m in msgs])  # None: a tombstone, said as such
     except Exception:  # a registry outage or a failure decode_many does not keep in place: the
@@ -47,7 +46,7 @@ def process_runs(p: Pipeline, msgs: Sequence[Any]) -> tuple[int, RegistryUnavail
     run_partition = -1
     ok = 0
     try:
-        for msg, raw, dec in zip(msgs, raws, decoded, strict=True):
+        for msg, dec in zip(msgs, decoded, strict=True):
             partition, offset = msg.partition, msg.offset
             if partition != run_partition and run:
                 batcher.add_rows(topic, run_partition, run)
@@ -56,7 +55,7 @@ def process_runs(p: Pipeline, msgs: Sequence[Any]) -> tuple[int, RegistryUnavail
             if isinstance(dec, Exception):  # SchemaError/FramingError, kept in place by decode_many
                 batcher.add_rows(topic, partition, run)
                 run = []
-                p._failed(msg, raw, "decode", dec)
+                p._failed(msg, msg.value or b"", "decode", dec)  # a tombstone's dead letter: b""
                 continue
             state = states.get(partition)
             if state is None:
@@ -72,7 +71,7 @@ def process_runs(p: Pipeline, msgs: Sequence[Any]) -> tuple[int, RegistryUnavail
                                 p.featurizer.version, type(exc).__name__)
                 batcher.add_rows(topic, partition, run)
                 run = []
-                p._failed(msg, raw, "featurize", exc)
+                p._failed(msg, msg.value or b"", "featurize", exc)
                 continue
             if sampled:
                 p._featurize_hist.observe(time.perf_counter() - t0)

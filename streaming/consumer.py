@@ -323,11 +323,11 @@ class Subscriber:
         (:meth:`schemas.serde.AvroDeserializer.decode_many`; same checks and error items as :meth:`_item`)."""
         if self._deserializer is None:
             return [self._item(m) for m in msgs]
-        raws = [m.value if m.value is not None else b"" for m in msgs]
         out: list[Item] = []
         append = out.append
         decodes = self._deserializer.decode_many([m.value for m in msgs])  # None: a tombstone, said as such
-        for m, raw, decoded in zip(msgs, raws, decodes, strict=True):
+        for m, decoded in zip(msgs, decodes, strict=True):
+            raw = m.value if m.value is not None else b""
             if isinstance(decoded, Decoded):
                 append(Record(m.topic, m.partition, m.offset, m.timestamp, m.key, m.headers or [],
                               decoded.schema_id, decoded.value, raw))
