@@ -5,7 +5,7 @@ drop-folder source so ``ingest/images.py`` holds only the watcher.
 
 The header parsing and the limits are the one probe of ``streaming/image_probe.py`` (shared with the
 image featurizer); what is specific to ingestion stays here: unsupported formats named in the reason
-(``ingest/image_formats.py``), the file extension, animated PNGs, one decode, labels and the record.
+(``streaming/image_formats.py``), the file extension, animated PNGs, one decode, labels and the record.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ingest.exceptions import ImageValidationError
-from ingest.image_formats import CONVERTIBLE, format_name, other_format, png_animated, to_png
 from ingest.source import text_name
 from streaming import image_probe
 from streaming.exceptions import ImageProbeError
+from streaming.image_formats import CONVERTIBLE, format_name, other_format, png_animated, to_png
 
 #: The one set of limits (``streaming/image_probe.py``), shared with the image featurizer.
 MAX_SIDE = image_probe.MAX_SIDE
@@ -78,7 +78,7 @@ def accept(data: bytes, filename: str | None = None, *, max_side: int = MAX_SIDE
            max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes, ImageInfo]:
     """The bytes to publish for an image file and their header: PNG and JPEG as they are (:func:`inspect`),
     a still GIF, BMP, TIFF, WebP, ICO, netpbm (PPM/PGM/PBM), AVIF or HEIC converted to PNG first
-    (``ingest/image_formats.py``), anything else refused with its reason. The drop folder and the gateway
+    (``streaming/image_formats.py``), anything else refused with its reason. The drop folder and the gateway
     call this; the dead letter of a refused file keeps the original bytes. ``filename``'s extension, when
     given, must fit the content."""
     name = format_name(data) if sniff(data) is None else None
@@ -101,7 +101,10 @@ def accept(data: bytes, filename: str | None = None, *, max_side: int = MAX_SIDE
         if ext not in CONVERTIBLE[name][1]:
             raise ImageValidationError(f"file name says {ext or 'no extension'} but the bytes are {name}; rename it "
                                        f"({' or '.join(CONVERTIBLE[name][1])})", "wrong_extension")
-    png = to_png(data, name, max_side, max_pixels)
+    try:
+        png = to_png(data, name, max_side, max_pixels)
+    except ImageProbeError as exc:
+        raise ImageValidationError(str(exc), exc.reason) from exc
     return png, inspect(png, None, max_side=max_side, max_pixels=max_pixels, max_bytes=max_bytes)
 
 

@@ -64,7 +64,10 @@ class Featurization:
             event = self._decode_bytes(dict(event), lv)
         key = (fz.kind, fz.version)
         fn = getattr(fz, "featurize_for_prediction", fz.featurize)
+        prepare = getattr(fz, "prediction_input", None)  # stateless work (an image's conversion): not under the lock
         try:
+            if prepare is not None:
+                event = prepare(event)
             with self._lock:  # featurizer state is not thread-safe; featurizing is cheap
                 state = self._states.get(key)
                 if state is None:

@@ -226,3 +226,72 @@ def test_prepare_many_decodes_photos_ahead_not_large_pngs_and_gives_the_one_by_o
     assert answers(threaded) == answers(single)
     assert threaded.decoded_ahead == 6 and single.decoded_ahead == 0  # 4 photos, the cut one, the liar
     assert isinstance(answers(single)[-1], str) and "declared 'PNG'" in answers(single)[-1]
+
+
+def _photo(fmt: str, orientation: int | None = None, frames: int = 1) -> bytes:
+    """A 24x20 gradient photo in ``fmt`` (Pillow's format name), optionally EXIF-turned or animated."""
+    if fmt == "HEIF":
+        from pillow_heif import register_heif_opener
+
+        register_heif_opener()
+    arr = (np.add.outer(np.arange(20) * 9, np.arange(24) * 4) % 256).astype(np.uint8)
+    img = Image.fromarray(arr, "L").convert("RGB")
+    extra: dict[str, Any] = {"lossless": True} if fmt == "WEBP" else {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        extra["exif"] = exif.tobytes()
+    if frames > 1:
+        extra.update(save_all=True, append_images=[img.rotate(90)] * (frames - 1))
+    return encode(img, fmt, **extra)
+
+
+@pytest.mark.parametrize(("fmt", "declared"), [("WEBP", None), ("WEBP", "WebP"), ("BMP", None), ("TIFF", "tiff"),
+                                               ("GIF", None), ("HEIF", "HEIC"), ("AVIF", None)])
+def test_a_prediction_in_a_format_ingestion_converts_gets_the_features_of_the_ingested_photo(
+        fmt: str, declared: str | None) -> None:
+    """Serving took PNG and JPEG only, while the drop folder and the gateway convert these formats to PNG
+    before publishing: a model trained on a user's WebP/HEIC photos refused the same photo at predict time.
+    The prediction path converts with the same function, so the row equals the one ingestion would store."""
+    from ingest.image_check import accept
+
+    raw = _photo(fmt, orientation=6 if fmt in ("AVIF", "TIFF") else None)
+    from streaming.features.image_v2 import ImageFeaturizerV2
+
+    ingested_png, _ = accept(raw)
+    for fz in (ImageFeaturizer(clock_ms=lambda: NOW), ImageFeaturizerV2(clock_ms=lambda: NOW)):
+        stored = fz.featurize(rec(ingested_png), fz.new_state())
+        served = fz.featurize_for_prediction(rec(raw, content_type=declared), fz.new_state())  # type: ignore[arg-type]
+        np.testing.assert_array_equal(served.x, stored.x)
+        assert served.labels == stored.labels and served.key == stored.key
+        with pytest.raises(FeatureValidationError):  # stored records stay PNG/JPEG: ingestion converted them
+            fz.featurize(rec(raw, content_type=declared), fz.new_state())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("data", "declared", "words"), [
+    (b"%PDF-1.7\n" + bytes(64), None, "PDF is not supported (PNG or JPEG only); convert it to PNG [unsupported_format]"),
+    (b"\x00\x00\x00\x18ftypmp42" + bytes(40), None, "ISO media 'mp42' is not supported"),
+    (b"RIFF\x00\x00\x00\x00WEBPVP8 " + bytes(30), None, "WebP does not decode: OSError"),
+    (None, "PNG", "declared 'PNG' but the bytes are a WebP file"),
+    ("animated", None, "animated GIF (24x20) is not supported; convert the page or frame you mean to PNG [animated]"),
+    (b"GIF89a" + struct.pack("<HH", 32767, 32767) + bytes(20), None, "[too_many_pixels]"),
+])
+def test_a_prediction_in_an_unusable_format_is_refused_with_its_reason(data: Any, declared: str | None,
+                                                                       words: str) -> None:
+    if data is None:
+        data = _photo("WEBP")
+    elif data == "animated":
+        data = _photo("GIF", frames=3)
+    fz = ImageFeaturizer(clock_ms=lambda: NOW)
+    with pytest.raises(FeatureValidationError) as info:
+        fz.featurize_for_prediction(rec(data, content_type=declared), fz.new_state())  # type: ignore[arg-type]
+    assert words in str(info.value)
+
+
+def test_a_prediction_in_png_or_jpeg_is_featurized_as_it_is() -> None:
+    fz = ImageFeaturizer(clock_ms=lambda: NOW)
+    for fmt in ("PNG", "JPEG"):
+        data = encode(Image.fromarray((np.arange(64).reshape(8, 8) * 3).astype(np.uint8), "L"), fmt)
+        a = fz.featurize_for_prediction(rec(data, content_type=fmt), fz.new_state())
+        b = fz.featurize(rec(data, content_type=fmt), fz.new_state())
+        np.testing.assert_array_equal(a.x, b.x)

@@ -106,3 +106,41 @@ def test_metrics_endpoint_exposes_serving_metrics(settings: Settings, server: tu
     assert f'streamlearn_serving_version{{model="{MODEL}",role="candidate"}} 2.0' in text
     assert f'streamlearn_serving_canary_state{{model="{MODEL}"}} 1.0' in text
     assert "request_id" not in text  # bounded labels only
+
+
+def test_predict_takes_an_image_in_any_format_ingestion_converts(settings: Settings) -> None:
+    """A phone's HEIC or a web WebP sent to :predict as a raw ImageEvent is answered with the features of the
+    same photo as ingestion publishes it (converted to PNG by the same function), not refused; a PDF is a
+    400 that names it."""
+    import base64
+
+    from ingest.image_check import accept
+    from streaming.features.image import ImageFeaturizer
+    from tests.test_features_image import NOW, _photo, rec
+
+    reg = ModelRegistry(settings.model_dir)
+    publish(reg, "imgtiny", tag=3.0, n_features=64, n_outputs=1, featurizer={"kind": "image", "version": "image-v1"})
+    manager = VersionManager(settings, "imgtiny", Policy.parse("latest"), poll_interval_s=0.1,
+                             follow_updates=False).start()
+    srv = None
+    try:
+        wait_until(lambda: manager.current().stable is not None, timeout=60, message="the image model loaded")
+        srv = start_http(manager, Featurization(), "imgtiny", 0)
+        fz = ImageFeaturizer(clock_ms=lambda: NOW)
+        with httpx.Client(base_url=f"http://127.0.0.1:{srv.bound_port}", timeout=30) as c:
+            for fmt in ("WEBP", "HEIF"):
+                raw = _photo(fmt)
+                want = fz.featurize(rec(accept(raw)[0]), fz.new_state()).x.tolist()
+                event = {**rec(raw, content_type=None), "timestamp": int(NOW), "data": base64.b64encode(raw).decode()}
+                del event["content_type"]
+                r = c.post("/v1/models/imgtiny:predict", json={"instances": [event]})
+                assert r.status_code == 200, (fmt, r.text)
+                np.testing.assert_allclose(r.json()["predictions"][0], expected_outputs(want, 3.0, 1), rtol=1e-5)
+            pdf = {**rec(b"", content_type=None), "timestamp": int(NOW),
+                   "data": base64.b64encode(b"%PDF-1.7\n" + bytes(64)).decode()}
+            r = c.post("/v1/models/imgtiny:predict", json={"instances": [pdf]})
+            assert r.status_code == 400 and "PDF is not supported" in r.json()["error"], r.text
+    finally:
+        if srv is not None:
+            srv.should_exit = True
+        manager.stop()

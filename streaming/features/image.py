@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from streaming import image_probe
+from streaming import image_formats, image_probe
 from streaming.exceptions import FeatureValidationError, ImageProbeError
 from streaming.features.base import FeatureRow, FeatureStateError, Featurizer, check_key, register
 
@@ -174,6 +174,49 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
         label = record.get("label")
         digit = float(int(label)) if isinstance(label, str) and label.isdigit() and label.isascii() else None
         return FeatureRow(x, {"digit": digit}, t, key)
+
+    def featurize_for_prediction(self, record: dict[str, Any], state: dict[str, Any]) -> FeatureRow:
+        """Serving's entry: a request may carry any still format the drop folder and the gateway take.
+
+        Why: stored ImageEvents are PNG or JPEG because ingestion converts GIF, BMP, TIFF, WebP, ICO,
+        netpbm, AVIF and HEIC to PNG before publishing; a model trained on those photos was refusing the
+        same photo sent for a prediction. Such bytes are converted here by the same function
+        (``streaming/image_formats.py``: same caps, same EXIF turn, same PNG), so the features are those
+        of the photo ingested. PNG and JPEG go to :meth:`featurize` as they are. ``content_type`` may be
+        left out for a converted format, or name it (``WebP``, ``HEIC``/``HEIF``, ...)."""
+        return self.featurize(self.prediction_input(record), state)
+
+    def prediction_input(self, record: dict[str, Any]) -> dict[str, Any]:
+        """``record`` with its image converted to PNG where :meth:`featurize_for_prediction` converts it.
+
+        Stateless, so serving calls it before it takes its featurizer-state lock: a 12 Mpx HEIC takes a
+        few hundred ms to decode, and one request must not hold up every other one's featurization."""
+        data = record.get("data") if isinstance(record, dict) else None
+        if isinstance(data, bytes | bytearray | memoryview):
+            png = self._as_png(bytes(data), record.get("content_type"))
+            if png is not None:
+                return {**record, "data": png, "content_type": "PNG"}
+        return record
+
+    def _as_png(self, data: bytes, declared: Any) -> bytes | None:
+        """PNG bytes of a convertible format; None for PNG, JPEG and unknown bytes (featurize() judges those)."""
+        if image_probe.sniff(data) is not None:
+            return None
+        name = image_formats.format_name(data)
+        if name is None:
+            return None
+        try:
+            image_probe.check_size(len(data), self.max_bytes)
+            if name not in image_formats.CONVERTIBLE:  # PDF, a video: named, never decoded
+                raise image_formats.other_format(data, MAX_SIDE, self.max_pixels) or ImageProbeError(
+                    f"{name} is not supported", "unsupported_format")
+            if declared is not None and str(declared).upper() not in (name.upper(), image_formats.CONVERTIBLE[name][0]):
+                raise FeatureValidationError(
+                    f"{RECORD}.content_type: declared {declared!r} but the bytes are a {name} file; "
+                    f"say {name!r} or leave content_type out")
+            return image_formats.to_png(data, name, MAX_SIDE, self.max_pixels)
+        except ImageProbeError as exc:
+            raise FeatureValidationError(f"{RECORD}.data: {exc} [{exc.reason}]") from exc
 
     def prepare_many(self, records: Sequence[Any]) -> None:
         """Decode a poll's images on ``decode_threads`` threads; :meth:`featurize` takes each result.

@@ -1,6 +1,12 @@
 """Image formats other than PNG and JPEG: named, checked, and where Pillow can, converted to PNG.
 
-``ingest.images.inspect`` accepts PNG and JPEG, the two encodings an ImageEvent carries; everything
+Shared by ingestion (``ingest/image_check.py``: the drop folder and the gateway publish the PNG) and
+the image featurizers' prediction path (``streaming/features/image.py``: a serving request may carry
+the same formats), so a photo converted at either place is the same PNG, and the same features.
+Errors are :class:`~streaming.exceptions.ImageProbeError` with a ``reason`` code; ingestion turns them
+into dead letters, the featurizer into its validation error.
+
+``ingest.image_check.inspect`` accepts PNG and JPEG, the two encodings an ImageEvent carries; everything
 else is named here so a reason says what the file is (``unsupported_format``, ``animated``), and a
 GIF's declared logical screen is checked before anything else (``too_many_pixels``: a 32767x32767
 screen). That parsing is a bounded walk over the bytes already read.
@@ -27,7 +33,6 @@ import functools
 import struct
 from typing import Any
 
-from ingest.exceptions import ImageValidationError
 from streaming import image_probe
 from streaming.exceptions import ImageProbeError
 
@@ -80,18 +85,18 @@ def format_name(data: bytes) -> str | None:
 
 
 def gif_screen_check(data: bytes, max_side: int, max_pixels: int) -> None:
-    """A GIF's declared logical screen against the caps, before anything else (ImageValidationError)."""
+    """A GIF's declared logical screen against the caps, before anything else (ImageProbeError)."""
     if len(data) < 10:
-        raise ImageValidationError("GIF is truncated inside its header", "truncated")
+        raise ImageProbeError("GIF is truncated inside its header", "truncated")
     width, height = struct.unpack("<HH", data[6:10])
     if width > max_side or height > max_side or width * height > max_pixels:
-        raise ImageValidationError(
+        raise ImageProbeError(
             f"GIF declares a logical screen of {width}x{height}, over the cap {max_side}x{max_side} / "
             f"{max_pixels} pixels (possible decompression bomb)", "too_many_pixels")
 
 
 def to_png(data: bytes, name: str, max_side: int, max_pixels: int) -> bytes:
-    """A still image of a :data:`CONVERTIBLE` format as PNG bytes (lossless); ImageValidationError when
+    """A still image of a :data:`CONVERTIBLE` format as PNG bytes (lossless); ImageProbeError when
     it is animated or multi-page, over the caps (checked on the declared size, before decoding) or corrupt.
 
     Modes PNG cannot hold are converted: CMYK and other colour spaces to RGB, 32-bit float (scientific
@@ -116,21 +121,19 @@ def to_png(data: bytes, name: str, max_side: int, max_pixels: int) -> bytes:
             image_probe.check_limits(width, height, max_side=max_side, max_pixels=max_pixels, where=name)
             if getattr(img, "is_animated", False):  # not n_frames: for a TIFF it walks every page
                 what = "multi-page TIFF" if name == "TIFF" else f"animated {name}"
-                raise ImageValidationError(f"{what} ({width}x{height}) is not supported; convert the page "
-                                           "or frame you mean to PNG", "animated")
+                raise ImageProbeError(f"{what} ({width}x{height}) is not supported; convert the page "
+                                      "or frame you mean to PNG", "animated")
             img.load()
             still = _png_mode(_upright(img))
             out = io.BytesIO()
             still.save(out, format="PNG", compress_level=1)
-    except ImageValidationError:
+    except ImageProbeError:
         raise
-    except ImageProbeError as exc:
-        raise ImageValidationError(str(exc), exc.reason) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # raised by open() itself
-        raise ImageValidationError(f"{name}: {exc} (possible decompression bomb)", "too_many_pixels") from exc
+        raise ImageProbeError(f"{name}: {exc} (possible decompression bomb)", "too_many_pixels") from exc
     except Exception as exc:  # Pillow raises many unrelated types for corrupt data  # noqa: BLE001
-        raise ImageValidationError(f"{name} does not decode: {type(exc).__name__}: {str(exc)[:200]}",
-                                   "corrupt") from exc
+        raise ImageProbeError(f"{name} does not decode: {type(exc).__name__}: {str(exc)[:200]}",
+                              "corrupt") from exc
     return out.getvalue()
 
 
@@ -168,7 +171,7 @@ def _png_mode(img: Any) -> Any:
     return img.convert("L" if img.mode == "F" else "RGB")
 
 
-def other_format(data: bytes, max_side: int, max_pixels: int) -> ImageValidationError | None:
+def other_format(data: bytes, max_side: int, max_pixels: int) -> ImageProbeError | None:
     """The rejection of a recognized format that :func:`inspect <ingest.image_check.inspect>` does not take
     (checked before anything is decoded); :func:`ingest.image_check.accept` converts the convertible ones."""
     name = format_name(data)
@@ -177,14 +180,14 @@ def other_format(data: bytes, max_side: int, max_pixels: int) -> ImageValidation
     if name == "GIF":
         try:
             gif_screen_check(data, max_side, max_pixels)
-        except ImageValidationError as exc:
+        except ImageProbeError as exc:
             return exc
         width, height = struct.unpack("<HH", data[6:10])
         animated = _gif_frames(data) > 1
-        return ImageValidationError(
+        return ImageProbeError(
             f"{'animated ' if animated else ''}GIF ({width}x{height}) is not supported; convert "
             f"{'one frame ' if animated else 'it '}to PNG", "animated" if animated else "unsupported_format")
-    return ImageValidationError(f"{name} is not supported (PNG or JPEG only); convert it to PNG",
+    return ImageProbeError(f"{name} is not supported (PNG or JPEG only); convert it to PNG",
                                 "unsupported_format")
 
 
