@@ -20,7 +20,7 @@ from ingest.sensors import generate
 from streaming import config
 from streaming.model_registry import ModelRegistry
 from streaming.store import BatchInfo, FeatureStore
-from trainer.data import DataPlan
+from trainer.data import DataPlan, plan_data
 from trainer.distributed import Cluster, fingerprint_number, parse_tf_config, plan_fingerprint, shard
 from trainer.exceptions import ClusterConfigError
 from trainer.synthetic import write_batches
@@ -125,8 +125,15 @@ def test_two_workers_train_like_one_process_and_only_the_chief_publishes(tmp_pat
 
     home = tmp_path / "home"
     store_dir = tmp_path / "features"
-    write_batches(FeatureStore(store_dir), "sensor", generate(1200, n_sensors=6, seed=5), batch_size=100,
+    write_batches(FeatureStore(store_dir), "sensor", generate(1300, n_sensors=6, seed=5), batch_size=100,
                   topic="sensor.raw")
+    # One batch of worker 1's shard no longer hashes to its manifest (bit rot). It used to end that worker
+    # mid-load and fail every distributed run; now every process leaves it out of the same re-planned window.
+    found = FeatureStore(store_dir).batches("sensor", "live")
+    damaged = plan_data(SPEC, found, None).train[1]
+    with open(damaged.path, "ab") as fh:
+        fh.write(b"\0")
+    clean = plan_data(SPEC, [b for b in found if b.batch_id != damaged.batch_id], None)
     cfg = tmp_path / "config.toml"
     cfg.write_text('[models]\nsensor_small = "tests.distributed_spec:SPEC"\n')
     addresses = [f"127.0.0.1:{p}" for p in _free_ports(4)]
@@ -163,7 +170,9 @@ def test_two_workers_train_like_one_process_and_only_the_chief_publishes(tmp_pat
         assert rc == 0, err[-3000:]
     chief, worker = (json.loads(o.strip().splitlines()[-1]) for _, o, _ in outs)
     assert chief["role"] == "chief" and chief["version"] == 1 and chief["promote"], chief
-    assert worker["role"] == "worker" and worker["trained_batches"] == 4 and "version" not in worker
+    assert worker["role"] == "worker" and "version" not in worker
+    assert worker["trained_batches"] == len(shard(clean.train, 1, 2)) == 4
+    assert f"batch {damaged.batch_id}" in outs[1][2] and "Set aside, as the chief does" in outs[1][2]
     assert not any((tmp_path / "models-w1").rglob("*")), "worker 1 wrote to its model registry"
 
     reg = ModelRegistry(tmp_path / "models-w0")
@@ -171,6 +180,7 @@ def test_two_workers_train_like_one_process_and_only_the_chief_publishes(tmp_pat
     assert meta["trigger"] == "distributed" and reg.promoted("sensor_small") == 1
     roles = [b["role"] for b in meta["lineage"]["batches"]]
     assert roles == ["train"] * 9 + ["holdout"] * 3  # the whole window, as one process would record it
+    assert damaged.batch_id not in [b["batch_id"] for b in meta["lineage"]["batches"]]
 
     started = time.monotonic()
     single = Trainer(config.load({"home": tmp_path / "single", "feature_store": store_dir, "metrics_port": -1}),

@@ -153,6 +153,25 @@ def file_sha256(path: Location) -> str:
     return digest.hexdigest()
 
 
+def check_batches(batches: list[BatchInfo], expected_sha: dict[str, str] | None = None) -> None:
+    """Raise :class:`DamagedBatchError` for the first batch whose file no longer hashes to its manifest's
+    sha256 (or to ``expected_sha``), without reading its rows.
+
+    Why: a distributed run must agree on its window before any worker trains. Every process checks the
+    whole plan up front and plans again without a damaged batch, so they all leave out the same ones
+    (``trainer/multiworker.py``); found during a shard's load, it ended one worker and failed every run."""
+    for b in batches:
+        want = (expected_sha or {}).get(b.batch_id) or b.manifest.get("sha256")
+        if want is None:
+            continue
+        got = file_sha256(b.path)
+        if got != want:
+            raise DamagedBatchError(
+                f"batch {b.batch_id}: sha256 of {b.path} is {got}, expected {want}; the file changed since "
+                "it was recorded; restore it or replay its offsets into a fresh feature store", b.batch_id
+            )
+
+
 def load_batches(spec: ModelSpec, batches: list[BatchInfo], n_features: int,
                  expected_sha: dict[str, str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
     """Read batches after checking each file's sha256; returns ``(x, label columns, sha256 list)``.

@@ -42,10 +42,10 @@ import numpy as np
 
 from streaming.config import Settings
 from streaming.lease import LeaseKeeper
-from trainer.data import DataPlan, labelled, load_batches, plan_data
+from trainer.data import DataPlan, check_batches, labelled, load_batches, plan_data
 from trainer.distributed import Cluster, fingerprint_number, plan_fingerprint, shard
 from trainer.evaluate import Evaluation, evaluate_candidate
-from trainer.exceptions import DistributedTrainingError, NotEnoughDataError
+from trainer.exceptions import DamagedBatchError, DistributedTrainingError, NotEnoughDataError
 from trainer.spec import FeatureInfo, ModelSpec
 from trainer.tfcluster import RENDEZVOUS_GRACE_S, Watchdog, cause, configure_coordination, tune_health_check
 from trainer.training import TrainResult, configure_tensorflow, epoch_budget
@@ -159,7 +159,13 @@ class MultiWorkerFit:
     # ------------------------------------------------------------------ fit
     def fit(self, spec: ModelSpec, features: FeatureInfo, plan: DataPlan, *, parent_dir: Path | None,
             seed: int, log_dir: Path | None = None, expected_sha: dict[str, str] | None = None) -> Evaluation:
-        """Train on this worker's shard of ``plan.train`` together with the others; the chief also gates."""
+        """Train on this worker's shard of ``plan.train`` together with the others; the chief also gates.
+
+        The whole plan's files are checked first (:func:`trainer.data.check_batches`): a damaged batch
+        raises before any collective step, the chief's :meth:`Trainer.run_once` sets it aside and plans
+        again, and the other workers, which check the same plan the same way (:func:`worker_plan`), have
+        left out the same batch, so the plan fingerprints agree."""
+        check_batches([*plan.train, *plan.holdout], expected_sha)
         self.strategy()
         ev = self._fit(spec, features, plan, parent_dir=parent_dir, seed=seed, log_dir=log_dir,
                        expected_sha=expected_sha)
@@ -400,7 +406,7 @@ def run_distributed(settings: Settings, spec: ModelSpec, cluster: Cluster, *, na
         promoted = registry.promoted(spec.name)
         parent_meta = registry.verify(spec.name, promoted) if promoted is not None else None
         batches = FeatureStore(settings.feature_store).batches(features.kind, namespace)
-        plan = plan_data(spec, batches, parent_meta.get("data_state") if parent_meta else None)
+        plan = worker_plan(spec, batches, parent_meta.get("data_state") if parent_meta else None)
         parent_dir = registry.version_dir(spec.name, promoted) if promoted is not None else None
         session.train_shard(spec, features, plan, parent_dir=parent_dir, seed=spec.seed)
         losses = session.history.get("loss") or []
@@ -408,3 +414,24 @@ def run_distributed(settings: Settings, spec: ModelSpec, cluster: Cluster, *, na
                        final_loss=losses[-1] if losses else None)
     summary["seconds"] = round(time.monotonic() - started, 3)
     return summary
+
+
+def worker_plan(spec: ModelSpec, batches: list[Any], data_state: dict[str, Any] | None) -> DataPlan:
+    """A non-chief worker's plan: the chief's, damaged batches left out the way the chief leaves them out.
+
+    The chief's :meth:`Trainer.run_once` sets aside each batch :meth:`MultiWorkerFit.fit` finds damaged
+    and plans again over the others; this does the same over the same store, so both end at the same
+    window (a damaged batch's place is taken by the batch the planner picks next, not just removed)."""
+    from trainer.worker import MAX_SET_ASIDE_PER_RUN
+
+    left_out: set[str] = set()
+    for _ in range(MAX_SET_ASIDE_PER_RUN + 1):
+        plan = plan_data(spec, [b for b in batches if b.batch_id not in left_out], data_state)
+        try:
+            check_batches([*plan.train, *plan.holdout])
+            return plan
+        except DamagedBatchError as exc:
+            left_out.add(exc.batch_id)
+            log.error("distributed worker: %s. Set aside, as the chief does", exc)
+    raise DistributedTrainingError(f"more than {MAX_SET_ASIDE_PER_RUN} damaged batches in the window; restore "
+                                   "the feature store or replay it into a fresh one")
