@@ -20,7 +20,7 @@ from ingest.exceptions import ImageValidationError
 from ingest.source import text_name
 from streaming import image_probe
 from streaming.exceptions import ImageProbeError
-from streaming.image_formats import CONVERTIBLE, format_name, other_format, png_animated, to_png
+from streaming.image_formats import CONVERTIBLE, format_name, other_format, png_animated, shrink_to_fit, to_png
 
 #: The one set of limits (``streaming/image_probe.py``), shared with the image featurizer.
 MAX_SIDE = image_probe.MAX_SIDE
@@ -78,13 +78,16 @@ def accept(data: bytes, filename: str | None = None, *, max_side: int = MAX_SIDE
            max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes, ImageInfo]:
     """The bytes to publish for an image file and their header: PNG and JPEG as they are (:func:`inspect`),
     a still GIF, BMP, TIFF, WebP, ICO, netpbm (PPM/PGM/PBM), AVIF or HEIC converted to PNG first
-    (``streaming/image_formats.py``), anything else refused with its reason. The drop folder and the gateway
+    (``streaming/image_formats.py``), anything else refused with its reason. An image over
+    ``RECORD_IMAGE_BYTES`` (a phone photo) is published scaled down to fit a Kafka record
+    (``shrink_to_fit``). The drop folder and the gateway
     call this; the dead letter of a refused file keeps the original bytes. ``filename``'s extension, when
     given, must fit the content."""
     name = format_name(data) if sniff(data) is None else None
     if name not in CONVERTIBLE:
         try:
-            return data, inspect(data, filename, max_side=max_side, max_pixels=max_pixels, max_bytes=max_bytes)
+            info = inspect(data, filename, max_side=max_side, max_pixels=max_pixels, max_bytes=max_bytes)
+            return _fitted(data, info, max_side=max_side, max_pixels=max_pixels, max_bytes=max_bytes)
         except ImageValidationError as exc:
             if exc.reason != "bad_magic":
                 raise
@@ -102,10 +105,22 @@ def accept(data: bytes, filename: str | None = None, *, max_side: int = MAX_SIDE
             raise ImageValidationError(f"file name says {ext or 'no extension'} but the bytes are {name}; rename it "
                                        f"({' or '.join(CONVERTIBLE[name][1])})", "wrong_extension")
     try:
-        png = to_png(data, name, max_side, max_pixels)
+        png = shrink_to_fit(to_png(data, name, max_side, max_pixels), "PNG")
     except ImageProbeError as exc:
         raise ImageValidationError(str(exc), exc.reason) from exc
     return png, inspect(png, None, max_side=max_side, max_pixels=max_pixels, max_bytes=max_bytes)
+
+
+def _fitted(data: bytes, info: ImageInfo, *, max_side: int, max_pixels: int, max_bytes: int) -> tuple[bytes, ImageInfo]:
+    """A valid PNG/JPEG, scaled down by :func:`streaming.image_formats.shrink_to_fit` when it would not fit
+    a Kafka record (a phone's 2-5 MB JPEG), with the header of what is published."""
+    try:
+        fitted = shrink_to_fit(data, info.content_type)
+    except ImageProbeError as exc:
+        raise ImageValidationError(str(exc), exc.reason) from exc
+    if fitted is data:
+        return data, info
+    return fitted, inspect(fitted, None, max_side=max_side, max_pixels=max_pixels, max_bytes=max_bytes)
 
 
 def _decode_check(data: bytes, width: int, height: int, max_pixels: int) -> None:

@@ -137,6 +137,64 @@ def to_png(data: bytes, name: str, max_side: int, max_pixels: int) -> bytes:
     return out.getvalue()
 
 
+#: Most bytes an ImageEvent's image may take: the whole record must fit one Kafka record (Kafka's default
+#: ``message.max.bytes`` is ~1 MB, the embedded broker refuses ~1 MiB), and the other fields, the Avro and
+#: the schema-registry framing need far less than the 100 KB left.
+RECORD_IMAGE_BYTES = 900_000
+#: Quality of a JPEG re-encoded by :func:`shrink_to_fit` (libjpeg's scale: 75 is its default, 90 keeps
+#: fine detail; the featurizers average blocks of pixels anyway).
+SHRINK_JPEG_QUALITY = 90
+
+
+def shrink_to_fit(data: bytes, fmt: str, budget: int = RECORD_IMAGE_BYTES) -> bytes:
+    """``data`` as it is when it fits ``budget``; else the same picture halved, quartered, ... (box
+    average, :meth:`PIL.Image.Image.reduce`) until its encoding fits, in the same format.
+
+    Why: a phone photo is a 2-5 MB JPEG, or a 12 Mpx HEIC whose PNG is 15-25 MB, and a Kafka record
+    holds ~1 MB, so every such photo was refused (``unpublishable``, ``too_large``). The models take
+    8x8 to 64x64 grey pixels, box-averaged from the picture, so a picture of 1000-2000 pixels a side
+    gives them practically what the original gives. Deterministic (same bytes in, same bytes out), so
+    ingestion (``ingest/image_check.py: accept``) and the image featurizers' prediction path apply the
+    same rule and a photo sent for a prediction gets the features of the same photo ingested. A JPEG is
+    re-encoded at :data:`SHRINK_JPEG_QUALITY` with its EXIF block (its orientation tag still applies);
+    a PNG stays lossless. ImageProbeError (``too_large``) when even 1/1024 of it does not fit."""
+    if len(data) <= budget:
+        return data
+    import io
+
+    from PIL import Image
+
+    if fmt not in ("PNG", "JPEG"):
+        raise ValueError(f"fmt: {fmt!r}; shrink_to_fit takes PNG or JPEG bytes (convert others first)")
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt]) as img:
+            exif = img.info.get("exif")
+            img.load()
+            picture = img.copy()
+        for k in range(1, 11):
+            factor = 2 ** k
+            try:
+                small = picture.reduce(factor)
+            except ValueError:  # a mode reduce() does not take (16-bit grey): the same box average by resize
+                size = (max(1, -(-picture.width // factor)), max(1, -(-picture.height // factor)))
+                small = picture.resize(size, Image.Resampling.BOX)
+            out = io.BytesIO()
+            extra = {"exif": exif} if exif else {}
+            if fmt == "JPEG":
+                small.save(out, "JPEG", quality=SHRINK_JPEG_QUALITY, **extra)
+            else:
+                small.save(out, "PNG", compress_level=6, **extra)
+            if out.tell() <= budget:
+                return out.getvalue()
+    except ImageProbeError:
+        raise
+    except Exception as exc:  # Pillow raises many unrelated types for corrupt data  # noqa: BLE001
+        raise ImageProbeError(f"{fmt} of {len(data)} bytes could not be scaled down to fit a Kafka record: "
+                              f"{type(exc).__name__}: {str(exc)[:200]}", "corrupt") from exc
+    raise ImageProbeError(f"{fmt} of {len(data)} bytes does not fit {budget} bytes even at 1/1024 of its size",
+                          "too_large")
+
+
 @functools.cache
 def _register_heif() -> None:
     """Let Pillow open HEIC/HEIF (pillow-heif), once per process: at the first HEIC, not at import."""

@@ -295,3 +295,20 @@ def test_a_prediction_in_png_or_jpeg_is_featurized_as_it_is() -> None:
         a = fz.featurize_for_prediction(rec(data, content_type=fmt), fz.new_state())
         b = fz.featurize(rec(data, content_type=fmt), fz.new_state())
         np.testing.assert_array_equal(a.x, b.x)
+
+
+def test_a_prediction_on_a_photo_over_a_kafka_record_sees_what_ingestion_published() -> None:
+    """Ingestion publishes a phone photo over ~1 MB scaled down (shrink_to_fit); a prediction on the original
+    photo is scaled down by the same rule first, so both image featurizers give the ingested photo's row."""
+    from ingest.image_check import accept
+    from streaming.features.image_v2 import ImageFeaturizerV2
+    from tests.test_ingest_dropfolder import _phone_photo
+
+    original = _phone_photo("JPEG", (2400, 1800), orientation=6)
+    published, info = accept(original, "IMG_1.JPG")
+    assert published != original
+    for fz in (ImageFeaturizer(clock_ms=lambda: NOW), ImageFeaturizerV2(clock_ms=lambda: NOW)):
+        assert fz.prediction_input(rec(original, content_type="JPEG"))["data"] == published
+        served = fz.featurize_for_prediction(rec(original, content_type="JPEG"), fz.new_state())
+        stored = fz.featurize(rec(published, content_type="JPEG"), fz.new_state())
+        np.testing.assert_array_equal(served.x, stored.x)

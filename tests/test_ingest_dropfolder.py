@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from ingest.exceptions import ImageValidationError
-from ingest.images import inspect
+from ingest.images import accept, inspect
 from streaming.config import Settings
 
 
@@ -233,3 +233,50 @@ def test_iso_media_other_than_avif_and_heic_is_named_by_its_brand() -> None:
     with pytest.raises(ImageValidationError, match="ISO media 'crx '") as info:
         accept(b"\x00\x00\x00\x18ftypcrx " + bytes(40), "IMG_1.CR3")  # a Canon raw file
     assert info.value.reason == "unsupported_format"
+
+
+def _phone_photo(fmt: str, size: tuple[int, int], orientation: int | None = None) -> bytes:
+    """A photo-like picture (smooth light, sensor noise) as a camera or phone writes it."""
+    if fmt == "HEIF":
+        from pillow_heif import register_heif_opener
+
+        register_heif_opener()
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    light = np.stack([x / w * 200 + 30, y / h * 180 + 40, (x + y) / (w + h) * 150 + 60], -1)
+    pixels = np.clip(light + np.random.default_rng(5).normal(0, 8, light.shape), 0, 255).astype(np.uint8)
+    extra: dict[str, object] = {"quality": 92}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        extra["exif"] = exif.tobytes()
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt, **extra)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("fmt", "name", "published_as"), [("JPEG", "IMG_1234.JPG", "JPEG"),
+                                                            ("HEIF", "IMG_0001.HEIC", "PNG")])
+def test_a_phone_photo_over_a_kafka_record_is_published_scaled_down(fmt: str, name: str, published_as: str) -> None:
+    """A phone's 2-5 MB JPEG, or a HEIC whose PNG is several MB, was refused (``unpublishable`` /
+    ``too_large``): a Kafka record holds ~1 MB. It is now published halved until it fits, in the format
+    it would have had, with its EXIF orientation kept (image-v2 still turns it)."""
+    from streaming.image_formats import RECORD_IMAGE_BYTES
+
+    original = _phone_photo(fmt, (2400, 1800), orientation=6)
+    assert len(original) > RECORD_IMAGE_BYTES or fmt == "HEIF"  # HEIF is small; its PNG is not
+    published, info = accept(original, name)
+    assert len(published) <= RECORD_IMAGE_BYTES and info.content_type == published_as
+    # halved or quartered; a converted HEIC is also turned upright by its orientation 6 (to_png), so portrait
+    assert sorted((info.width, info.height)) in ([900, 1200], [450, 600], [225, 300])
+    assert (info.width > info.height) == (published_as == "JPEG")
+    with Image.open(io.BytesIO(published)) as img:
+        assert img.format == published_as and img.size == (info.width, info.height)
+        if published_as == "JPEG":
+            assert img.getexif().get(0x0112) == 6  # still says "turn me": image-v2 does, as for the original
+    assert accept(original, name) == (published, info)  # deterministic: the same photo, the same event
+
+
+def test_a_photo_that_fits_a_record_is_published_byte_for_byte() -> None:
+    small = _phone_photo("JPEG", (640, 480))
+    assert accept(small, "small.jpg")[0] == small

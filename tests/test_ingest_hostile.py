@@ -422,3 +422,27 @@ def test_gateway_publishes_a_bmp_upload_and_a_base64_tiff_as_png(settings: Setti
     for r in records:
         assert r.value["content_type"] == "PNG" and bytes(r.value["data"]).startswith(b"\x89PNG")
         assert (r.value["width"], r.value["height"]) == (9, 7)
+
+
+def test_gateway_publishes_a_phone_photo_over_a_kafka_record_scaled_down(settings: Settings) -> None:
+    """A 2-5 MB phone JPEG posted as base64 JSON (declaring its own size) or uploaded was refused: a Kafka
+    record holds ~1 MB. It is published halved until it fits; the declared original size is accepted."""
+    import base64
+
+    from tests.test_ingest_dropfolder import _phone_photo
+
+    photo = _phone_photo("JPEG", (2400, 1800))
+    assert len(photo) > 1_000_000
+    with client(settings) as tc:
+        body = tc.post("/ingest/image", json={"data": base64.b64encode(photo).decode(), "source": "phone",
+                                              "width": 2400, "height": 1800, "content_type": "JPEG"}, headers=AUTH)
+        upload = tc.post("/ingest/images", files=[("files", ("IMG_2.JPG", photo, "image/jpeg"))], headers=AUTH)
+        wrong = tc.post("/ingest/image", json={"data": base64.b64encode(photo).decode(), "width": 2000},
+                        headers=AUTH)
+    assert body.status_code in (200, 201, 202), body.text
+    # the same photo scales to the same bytes, so the same event id: the upload is the JSON event's duplicate
+    assert [r["status"] for r in upload.json()["results"]] == ["duplicate"], upload.text
+    assert wrong.status_code == 422 and "width 2000 does not match the image bytes (1200)" in wrong.text, wrong.text
+    records = raw_records(settings, "image", expect=1)  # the same published bytes twice: one event
+    assert [(r.value["content_type"], r.value["width"], r.value["height"]) for r in records] == [("JPEG", 1200, 900)]
+    assert len(bytes(records[0].value["data"])) <= 900_000

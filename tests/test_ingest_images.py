@@ -122,14 +122,19 @@ def test_watcher_publishes_valid_and_dead_letters_hostile_files(settings, tmp_pa
     (watch / "noise.jpeg").write_bytes(bytes(np.random.default_rng(2).integers(0, 256, 3000, dtype=np.uint8)))
     (watch / "notes.txt").write_text("not an image: rejected too (the drop folder is complete)")
     noise = np.random.default_rng(3).integers(0, 256, (1100, 1100), dtype=np.uint8)
-    (watch / "huge.png").write_bytes(render_png(noise))  # valid, but over the 1 MB record limit
+    (watch / "huge.png").write_bytes(render_png(noise))  # valid, over a Kafka record: published at half size
     with Publisher(settings) as pub:
         watcher = ImageWatcher(settings, pub, watch)
         watcher.run(follow=False)
         watcher.close()
-    assert (watcher.published, watcher.rejected_count) == (3, 6)
+    assert (watcher.published, watcher.rejected_count) == (4, 5)
     events = {r.value["source"]: r.value for r in read_topic(settings, raw_topic(settings, "image"))}
-    assert set(events) == {"7_abc.png", "plain.png", "photo.jpg"}
+    assert set(events) == {"7_abc.png", "plain.png", "photo.jpg", "huge.png"}
+    huge = events["huge.png"]
+    assert (huge["content_type"], huge["width"], huge["height"]) == ("PNG", 550, 550)
+    assert len(huge["data"]) <= 900_000
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(huge["data"]))),
+                                  np.asarray(Image.fromarray(noise).reduce(2)))  # the box average, lossless
     assert events["7_abc.png"]["label"] == "7" and events["plain.png"]["label"] == "one"
     assert events["photo.jpg"]["content_type"] == "JPEG" and events["photo.jpg"]["width"] == 30
     assert events["7_abc.png"]["data"] == d[0]["data"]
@@ -140,23 +145,46 @@ def test_watcher_publishes_valid_and_dead_letters_hostile_files(settings, tmp_pa
         "cut.png": "truncated",
         "liar.png": "wrong_extension",
         "noise.jpeg": "bad_magic",
-        "huge.png": "unpublishable",
         "notes.txt": "bad_magic",
     }
     assert all(v["dl.stage"] == "validate" and v["dl.message"] for v in reasons.values())
     assert sorted(p.name for p in (watch / "processed").iterdir()) == [
         "7_abc.png",
+        "huge.png",
         "photo.jpg",
         "plain.png",
         "plain.png.label",
     ]
     rejected = sorted(p.name for p in (watch / "rejected").iterdir())
     assert rejected == sorted(
-        [f"{n}{s}" for n in ("bomb.png", "cut.png", "liar.png", "noise.jpeg", "huge.png", "notes.txt")
+        [f"{n}{s}" for n in ("bomb.png", "cut.png", "liar.png", "noise.jpeg", "notes.txt")
          for s in ("", ".reason")]
     )
     assert (watch / "rejected" / "bomb.png.reason").read_text().startswith("too_many_pixels:")
     assert sorted(p.name for p in watch.iterdir()) == ["processed", "rejected"]
+
+
+def test_an_image_over_the_publishers_own_record_limit_is_still_dead_lettered_unpublishable(
+        settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Scaling down fits the default ~1 MB record; a publisher set to a smaller limit still refuses what is
+    over its own, and the file is kept as a dead letter with the reason, never dropped."""
+    from ingest.images import ImageWatcher
+    from streaming.producer import Publisher, header_dict
+    from streaming.topics import dead_letter_topic
+    from tests.helpers import read_topic
+
+    watch = tmp_path / "in"
+    watch.mkdir()
+    noise = np.random.default_rng(4).integers(0, 256, (400, 400), dtype=np.uint8)
+    (watch / "big.png").write_bytes(render_png(noise))  # ~160 KB: fits the 900 KB budget as it is
+    with Publisher(settings, max_record_bytes=100_000) as pub:
+        watcher = ImageWatcher(settings, pub, watch)
+        watcher.run(follow=False)
+        watcher.close()
+    assert (watcher.published, watcher.rejected_count) == (0, 1)
+    (dl,) = read_topic(settings, dead_letter_topic(settings, "image"), decode=False)
+    assert header_dict(dl.headers)["dl.source_reason"] == "unpublishable"
+    assert "over the limit of 100000 bytes" in header_dict(dl.headers)["dl.message"]
 
 
 @pytest.mark.slow

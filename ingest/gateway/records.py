@@ -239,9 +239,16 @@ def _image(obj: dict[str, Any], rules: TimeRules) -> dict[str, Any]:
     except (binascii.Error, ValueError) as exc:
         raise RecordRejectedError(f"data is not valid base64 ({exc}); encode the file with standard base64") \
             from exc
-    data, info = images.accept(data)  # a still BMP, TIFF, GIF, WebP, ICO or netpbm (PPM/PGM/PBM) is published as PNG
+    # A still BMP, TIFF, GIF, WebP, ICO, netpbm, AVIF or HEIC is published as PNG; one over a Kafka record
+    # (a phone photo) scaled down by halves (streaming/image_formats.py: shrink_to_fit).
+    published, info = images.accept(data)
+    scaled = published is not data  # converted or scaled: a declared size may be the original's
+    data = published
     for name, actual in (("content_type", info.content_type), ("width", info.width), ("height", info.height)):
         declared = obj.get(name)
+        if scaled and name != "content_type" and isinstance(declared, int) and not isinstance(declared, bool) \
+                and any(-(-declared // 2 ** k) == actual for k in range(1, 11)):
+            continue  # the original's size, which the gateway halved to fit the record
         if declared is not None and declared != actual:
             raise RecordRejectedError(f"{name} {declared!r:.40} does not match the image bytes ({actual!r}); "
                                       f"leave {name} out and the gateway reads it from the image")

@@ -187,36 +187,48 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
         return self.featurize(self.prediction_input(record), state)
 
     def prediction_input(self, record: dict[str, Any]) -> dict[str, Any]:
-        """``record`` with its image converted to PNG where :meth:`featurize_for_prediction` converts it.
+        """``record`` with its image as ingestion would have published it: converted to PNG where
+        :meth:`featurize_for_prediction` converts it, and scaled down where it would not fit a Kafka record
+        (``streaming/image_formats.py: shrink_to_fit``, the rule ingestion applies to phone photos).
 
         Stateless, so serving calls it before it takes its featurizer-state lock: a 12 Mpx HEIC takes a
         few hundred ms to decode, and one request must not hold up every other one's featurization."""
         data = record.get("data") if isinstance(record, dict) else None
         if isinstance(data, bytes | bytearray | memoryview):
-            png = self._as_png(bytes(data), record.get("content_type"))
-            if png is not None:
-                return {**record, "data": png, "content_type": "PNG"}
+            raw = bytes(data)
+            kind = image_probe.sniff(raw)
+            declared = record.get("content_type")
+            try:
+                if kind is None:
+                    png = self._as_png(raw, declared)
+                    if png is not None:
+                        return {**record, "data": image_formats.shrink_to_fit(png, "PNG"), "content_type": "PNG"}
+                elif len(raw) > image_formats.RECORD_IMAGE_BYTES and declared in (None, kind):
+                    # What ingestion publishes for a photo over a Kafka record (accept() -> shrink_to_fit),
+                    # after the same caps on the original.
+                    image_probe.check_size(len(raw), self.max_bytes)
+                    header = image_probe.probe(raw)
+                    image_probe.check_limits(header.width, header.height, max_side=MAX_SIDE,
+                                             max_pixels=self.max_pixels)
+                    return {**record, "data": image_formats.shrink_to_fit(raw, kind), "content_type": kind}
+            except ImageProbeError as exc:
+                raise FeatureValidationError(f"{RECORD}.data: {exc} [{exc.reason}]") from exc
         return record
 
     def _as_png(self, data: bytes, declared: Any) -> bytes | None:
-        """PNG bytes of a convertible format; None for PNG, JPEG and unknown bytes (featurize() judges those)."""
-        if image_probe.sniff(data) is not None:
-            return None
+        """PNG bytes of a convertible format (ImageProbeError when it cannot be); None for unknown bytes."""
         name = image_formats.format_name(data)
         if name is None:
             return None
-        try:
-            image_probe.check_size(len(data), self.max_bytes)
-            if name not in image_formats.CONVERTIBLE:  # PDF, a video: named, never decoded
-                raise image_formats.other_format(data, MAX_SIDE, self.max_pixels) or ImageProbeError(
-                    f"{name} is not supported", "unsupported_format")
-            if declared is not None and str(declared).upper() not in (name.upper(), image_formats.CONVERTIBLE[name][0]):
-                raise FeatureValidationError(
-                    f"{RECORD}.content_type: declared {declared!r} but the bytes are a {name} file; "
-                    f"say {name!r} or leave content_type out")
-            return image_formats.to_png(data, name, MAX_SIDE, self.max_pixels)
-        except ImageProbeError as exc:
-            raise FeatureValidationError(f"{RECORD}.data: {exc} [{exc.reason}]") from exc
+        image_probe.check_size(len(data), self.max_bytes)
+        if name not in image_formats.CONVERTIBLE:  # PDF, a video: named, never decoded
+            raise image_formats.other_format(data, MAX_SIDE, self.max_pixels) or ImageProbeError(
+                f"{name} is not supported", "unsupported_format")
+        if declared is not None and str(declared).upper() not in (name.upper(), image_formats.CONVERTIBLE[name][0]):
+            raise FeatureValidationError(
+                f"{RECORD}.content_type: declared {declared!r} but the bytes are a {name} file; "
+                f"say {name!r} or leave content_type out")
+        return image_formats.to_png(data, name, MAX_SIDE, self.max_pixels)
 
     def prepare_many(self, records: Sequence[Any]) -> None:
         """Decode a poll's images on ``decode_threads`` threads; :meth:`featurize` takes each result.
