@@ -250,8 +250,8 @@ def other_format(data: bytes, max_side: int, max_pixels: int) -> ImageProbeError
         return ImageProbeError(
             f"{'animated ' if animated else ''}GIF ({width}x{height}) is not supported; convert "
             f"{'one frame ' if animated else 'it '}to PNG", "animated" if animated else "unsupported_format")
-    return ImageProbeError(f"{name} is not supported (PNG or JPEG only); convert it to PNG",
-                                "unsupported_format")
+    return ImageProbeError(f"{name} is not supported (PNG, JPEG, and {', '.join(CONVERTIBLE)} converted to PNG); "
+                           "convert it to PNG", "unsupported_format")
 
 
 def _gif_frames(data: bytes) -> int:

@@ -269,7 +269,9 @@ def test_a_prediction_in_a_format_ingestion_converts_gets_the_features_of_the_in
 
 
 @pytest.mark.parametrize(("data", "declared", "words"), [
-    (b"%PDF-1.7\n" + bytes(64), None, "PDF is not supported (PNG or JPEG only); convert it to PNG [unsupported_format]"),
+    (b"%PDF-1.7\n" + bytes(64), None,
+     "PDF is not supported (PNG, JPEG, and GIF, BMP, TIFF, WebP, ICO, PNM, AVIF, HEIC converted to PNG); "
+     "convert it to PNG [unsupported_format]"),
     (b"\x00\x00\x00\x18ftypmp42" + bytes(40), None, "ISO media 'mp42' is not supported"),
     (b"RIFF\x00\x00\x00\x00WEBPVP8 " + bytes(30), None, "WebP does not decode: OSError"),
     (None, "PNG", "declared 'PNG' but the bytes are a WebP file"),
