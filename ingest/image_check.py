@@ -75,18 +75,22 @@ def inspect(
 
 
 def accept(data: bytes, filename: str | None = None, *, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS,
-           max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes, ImageInfo]:
+           max_bytes: int = MAX_FILE_BYTES, original_max_side: int = image_probe.ORIGINAL_MAX_SIDE,
+           original_max_pixels: int = image_probe.ORIGINAL_MAX_PIXELS) -> tuple[bytes, ImageInfo]:
     """The bytes to publish for an image file and their header: PNG and JPEG as they are (:func:`inspect`),
     a still GIF, BMP, TIFF, WebP, ICO, netpbm (PPM/PGM/PBM), AVIF or HEIC converted to PNG first
     (``streaming/image_formats.py``), anything else refused with its reason. An image over
     ``RECORD_IMAGE_BYTES`` (a phone photo) is published scaled down to fit a Kafka record
-    (``shrink_to_fit``). The drop folder and the gateway
+    (``shrink_to_fit``), and so is one over ``max_side``/``max_pixels`` (a 24 Mpx phone photo): the
+    original is checked against ``original_max_side``/``original_max_pixels`` (before any pixel is
+    decoded), what is published against ``max_side``/``max_pixels``. The drop folder and the gateway
     call this; the dead letter of a refused file keeps the original bytes. ``filename``'s extension, when
     given, must fit the content."""
     name = format_name(data) if sniff(data) is None else None
     if name not in CONVERTIBLE:
         try:
-            info = inspect(data, filename, max_side=max_side, max_pixels=max_pixels, max_bytes=max_bytes)
+            info = inspect(data, filename, max_side=max(max_side, original_max_side),
+                           max_pixels=max(max_pixels, original_max_pixels), max_bytes=max_bytes)
             return _fitted(data, info, max_side=max_side, max_pixels=max_pixels, max_bytes=max_bytes)
         except ImageValidationError as exc:
             if exc.reason != "bad_magic":
@@ -105,7 +109,8 @@ def accept(data: bytes, filename: str | None = None, *, max_side: int = MAX_SIDE
             raise ImageValidationError(f"file name says {ext or 'no extension'} but the bytes are {name}; rename it "
                                        f"({' or '.join(CONVERTIBLE[name][1])})", "wrong_extension")
     try:
-        png = shrink_to_fit(to_png(data, name, max_side, max_pixels), "PNG")
+        png = to_png(data, name, max(max_side, original_max_side), max(max_pixels, original_max_pixels))
+        png = shrink_to_fit(png, "PNG", max_side=max_side, max_pixels=max_pixels)
     except ImageProbeError as exc:
         raise ImageValidationError(str(exc), exc.reason) from exc
     return png, inspect(png, None, max_side=max_side, max_pixels=max_pixels, max_bytes=max_bytes)
@@ -113,9 +118,9 @@ def accept(data: bytes, filename: str | None = None, *, max_side: int = MAX_SIDE
 
 def _fitted(data: bytes, info: ImageInfo, *, max_side: int, max_pixels: int, max_bytes: int) -> tuple[bytes, ImageInfo]:
     """A valid PNG/JPEG, scaled down by :func:`streaming.image_formats.shrink_to_fit` when it would not fit
-    a Kafka record (a phone's 2-5 MB JPEG), with the header of what is published."""
+    a Kafka record (a phone's 2-5 MB JPEG) or the caps (a 24 Mpx photo), with the header of what is published."""
     try:
-        fitted = shrink_to_fit(data, info.content_type)
+        fitted = shrink_to_fit(data, info.content_type, max_side=max_side, max_pixels=max_pixels)
     except ImageProbeError as exc:
         raise ImageValidationError(str(exc), exc.reason) from exc
     if fitted is data:

@@ -147,9 +147,11 @@ RECORD_IMAGE_BYTES = 900_000
 SHRINK_JPEG_QUALITY = 90
 
 
-def shrink_to_fit(data: bytes, fmt: str, budget: int = RECORD_IMAGE_BYTES) -> bytes:
-    """``data`` as it is when it fits ``budget``; else the same picture halved, quartered, ... (box
-    average, :meth:`PIL.Image.Image.reduce`) until its encoding fits, in the same format.
+def shrink_to_fit(data: bytes, fmt: str, budget: int = RECORD_IMAGE_BYTES, *, max_side: int = image_probe.MAX_SIDE,
+                  max_pixels: int = image_probe.MAX_PIXELS) -> bytes:
+    """``data`` as it is when it fits ``budget`` bytes and the caps; else the same picture halved,
+    quartered, ... (box average, :meth:`PIL.Image.Image.reduce`) until it is within ``max_side`` /
+    ``max_pixels`` and its encoding fits, in the same format.
 
     Why: a phone photo is a 2-5 MB JPEG, or a 12 Mpx HEIC whose PNG is 15-25 MB, and a Kafka record
     holds ~1 MB, so every such photo was refused (``unpublishable``, ``too_large``). The models take
@@ -159,23 +161,25 @@ def shrink_to_fit(data: bytes, fmt: str, budget: int = RECORD_IMAGE_BYTES) -> by
     same rule and a photo sent for a prediction gets the features of the same photo ingested. A JPEG is
     re-encoded at :data:`SHRINK_JPEG_QUALITY` with its EXIF block (its orientation tag still applies);
     a PNG stays lossless. ImageProbeError (``too_large``) when even 1/1024 of it does not fit."""
-    if len(data) <= budget:
+    if fmt not in ("PNG", "JPEG"):
+        raise ValueError(f"fmt: {fmt!r}; shrink_to_fit takes PNG or JPEG bytes (convert others first)")
+    header = image_probe.probe(data)
+    within = _halvings_within(header.width, header.height, max_side, max_pixels)
+    if len(data) <= budget and within == 0:
         return data
     import io
 
     from PIL import Image
 
-    if fmt not in ("PNG", "JPEG"):
-        raise ValueError(f"fmt: {fmt!r}; shrink_to_fit takes PNG or JPEG bytes (convert others first)")
     try:
         with Image.open(io.BytesIO(data), formats=[fmt]) as img:
             exif = img.info.get("exif")
             img.load()
             picture = img.copy()
         # Halving a side quarters the pixels and, roughly, the bytes: start at the last halving that cannot
-        # be enough yet (a 13 MB PNG starts at 1/4, not 1/2), which saves the largest encode. Depends only on
-        # the input, so the result stays deterministic.
-        first = max(1, int(math.log(len(data) / budget, 4)))
+        # be enough yet (a 13 MB PNG starts at 1/4, not 1/2), which saves the largest encode; and no earlier
+        # than the caps ask. Depends only on the input, so the result stays deterministic.
+        first = max(within, max(1, int(math.log(len(data) / budget, 4))) if len(data) > budget else 1)
         for k in range(first, 11):
             factor = 2 ** k
             try:
@@ -198,6 +202,17 @@ def shrink_to_fit(data: bytes, fmt: str, budget: int = RECORD_IMAGE_BYTES) -> by
                               f"{type(exc).__name__}: {str(exc)[:200]}", "corrupt") from exc
     raise ImageProbeError(f"{fmt} of {len(data)} bytes does not fit {budget} bytes even at 1/1024 of its size",
                           "too_large")
+
+
+def _halvings_within(width: int, height: int, max_side: int, max_pixels: int) -> int:
+    """How many halvings (``reduce``: sides rounded up) bring ``width`` x ``height`` within the caps."""
+    k = 0
+    while k < 10:
+        w, h = -(-width // 2 ** k), -(-height // 2 ** k)
+        if w <= max_side and h <= max_side and w * h <= max_pixels:
+            break
+        k += 1
+    return k
 
 
 @functools.cache

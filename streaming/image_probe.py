@@ -24,6 +24,12 @@ from streaming.exceptions import ImageProbeError
 MAX_BYTES = 10 * 1024 * 1024
 MAX_SIDE = 4096
 MAX_PIXELS = 16_000_000
+#: Caps on an *original* photo that ingestion, or a prediction, scales down before anything stores or
+#: featurizes it (``streaming/image_formats.py: shrink_to_fit``): a 24 Mpx phone photo (5712x4284, an
+#: iPhone 15's default) is over MAX_SIDE and MAX_PIXELS, and what is published stays within them. Still
+#: checked on the declared size before any pixel is decoded; one such decode takes ~100 MB (32 Mpx RGB).
+ORIGINAL_MAX_SIDE = 8192
+ORIGINAL_MAX_PIXELS = 32_000_000
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"

@@ -314,3 +314,19 @@ def test_a_prediction_on_a_photo_over_a_kafka_record_sees_what_ingestion_publish
         served = fz.featurize_for_prediction(rec(original, content_type="JPEG"), fz.new_state())
         stored = fz.featurize(rec(published, content_type="JPEG"), fz.new_state())
         np.testing.assert_array_equal(served.x, stored.x)
+
+
+def test_a_prediction_on_a_photo_over_the_pixel_caps_sees_what_ingestion_published() -> None:
+    """A 4400x3300 photo small in bytes: ingestion publishes it halved (the 4096 px cap); a prediction on
+    the original is halved by the same rule, where it used to be refused as too_many_pixels."""
+    from ingest.image_check import accept
+    from tests.test_ingest_dropfolder import _phone_photo
+
+    original = _phone_photo("JPEG", (4400, 3300), noise=0)
+    published, _ = accept(original, "IMG_4.JPG")
+    fz = ImageFeaturizer(clock_ms=lambda: NOW)
+    with pytest.raises(FeatureValidationError, match="too_many_pixels|over the cap"):
+        fz.featurize(rec(original, content_type="JPEG"), fz.new_state())  # stored records keep the caps
+    assert fz.prediction_input(rec(original, content_type="JPEG"))["data"] == published
+    np.testing.assert_array_equal(fz.featurize_for_prediction(rec(original, content_type="JPEG"), fz.new_state()).x,
+                                  fz.featurize(rec(published, content_type="JPEG"), fz.new_state()).x)

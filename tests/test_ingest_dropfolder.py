@@ -120,7 +120,8 @@ def test_still_images_of_other_formats_are_published_as_png(make, name: str, mod
     (lambda: _saved("WEBP", "RGB", frames=2), "moving.webp", "animated"),
     (lambda: _saved("TIFF", frames=2), "two_pages.tif", "animated"),
     (lambda: _bmp_header(100_000, 100_000), "bomb.bmp", "too_many_pixels"),
-    (lambda: _bmp_header(5000, 3000), "wide.bmp", "too_many_pixels"),
+    (lambda: _bmp_header(9000, 3000), "wide.bmp", "too_many_pixels"),  # over the caps on an original, 8192 a side
+    (lambda: _bmp_header(6000, 6000), "big.bmp", "too_many_pixels"),  # 36 Mpx: over 32 Mpx
     (lambda: _saved("TIFF")[:60], "cut.tif", "corrupt"),
     (lambda: _saved("BMP"), "scan.jpg", "wrong_extension"),
     (lambda: b"\x00\x00\x00\x18ftypheic" + bytes(40), "phone.heic", "corrupt"),
@@ -235,7 +236,7 @@ def test_iso_media_other_than_avif_and_heic_is_named_by_its_brand() -> None:
     assert info.value.reason == "unsupported_format"
 
 
-def _phone_photo(fmt: str, size: tuple[int, int], orientation: int | None = None) -> bytes:
+def _phone_photo(fmt: str, size: tuple[int, int], orientation: int | None = None, noise: float = 8) -> bytes:
     """A photo-like picture (smooth light, sensor noise) as a camera or phone writes it."""
     if fmt == "HEIF":
         from pillow_heif import register_heif_opener
@@ -244,7 +245,7 @@ def _phone_photo(fmt: str, size: tuple[int, int], orientation: int | None = None
     w, h = size
     y, x = np.mgrid[0:h, 0:w]
     light = np.stack([x / w * 200 + 30, y / h * 180 + 40, (x + y) / (w + h) * 150 + 60], -1)
-    pixels = np.clip(light + np.random.default_rng(5).normal(0, 8, light.shape), 0, 255).astype(np.uint8)
+    pixels = np.clip(light + np.random.default_rng(5).normal(0, noise, light.shape), 0, 255).astype(np.uint8)
     extra: dict[str, object] = {"quality": 92}
     if orientation is not None:
         exif = Image.Exif()
@@ -280,3 +281,16 @@ def test_a_phone_photo_over_a_kafka_record_is_published_scaled_down(fmt: str, na
 def test_a_photo_that_fits_a_record_is_published_byte_for_byte() -> None:
     small = _phone_photo("JPEG", (640, 480))
     assert accept(small, "small.jpg")[0] == small
+
+
+def test_a_photo_over_the_pixel_caps_is_published_halved_within_them() -> None:
+    """A 24 Mpx phone photo (5712x4284, an iPhone 15's default) is over the 4096 px / 16 Mpx caps on what is
+    stored and featurized. Its original is checked against the caps on originals (8192 px, 32 Mpx) and it
+    is published halved: here a 4400x3300 JPEG small enough in bytes, so only the caps ask for it."""
+    from streaming.image_probe import MAX_PIXELS, MAX_SIDE
+
+    photo = _phone_photo("JPEG", (4400, 3300), noise=0)
+    assert len(photo) <= 900_000
+    published, info = accept(photo, "IMG_3.JPG")
+    assert (info.content_type, info.width, info.height) == ("JPEG", 2200, 1650)
+    assert info.width <= MAX_SIDE and info.width * info.height <= MAX_PIXELS

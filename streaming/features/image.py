@@ -46,6 +46,8 @@ RECORD = "ImageEvent"
 MAX_PIXELS = image_probe.MAX_PIXELS
 MAX_BYTES = image_probe.MAX_BYTES
 MAX_SIDE = image_probe.MAX_SIDE
+ORIGINAL_MAX_SIDE = image_probe.ORIGINAL_MAX_SIDE
+ORIGINAL_MAX_PIXELS = image_probe.ORIGINAL_MAX_PIXELS
 
 #: Transposes that swap width and height (EXIF orientations 5-8).
 SWAPS_AXES = frozenset({Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
@@ -202,15 +204,17 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
                 if kind is None:
                     png = self._as_png(raw, declared)
                     if png is not None:
-                        return {**record, "data": image_formats.shrink_to_fit(png, "PNG"), "content_type": "PNG"}
-                elif len(raw) > image_formats.RECORD_IMAGE_BYTES and declared in (None, kind):
-                    # What ingestion publishes for a photo over a Kafka record (accept() -> shrink_to_fit),
-                    # after the same caps on the original.
+                        fitted = image_formats.shrink_to_fit(png, "PNG", max_side=MAX_SIDE, max_pixels=self.max_pixels)
+                        return {**record, "data": fitted, "content_type": "PNG"}
+                elif declared in (None, kind) and self._over_record_or_caps(raw):
+                    # What ingestion publishes for a photo over a Kafka record or the caps (accept() ->
+                    # shrink_to_fit), after the same checks on the original.
                     image_probe.check_size(len(raw), self.max_bytes)
                     header = image_probe.probe(raw)
-                    image_probe.check_limits(header.width, header.height, max_side=MAX_SIDE,
-                                             max_pixels=self.max_pixels)
-                    return {**record, "data": image_formats.shrink_to_fit(raw, kind), "content_type": kind}
+                    image_probe.check_limits(header.width, header.height, max_side=ORIGINAL_MAX_SIDE,
+                                             max_pixels=max(self.max_pixels, ORIGINAL_MAX_PIXELS))
+                    fitted = image_formats.shrink_to_fit(raw, kind, max_side=MAX_SIDE, max_pixels=self.max_pixels)
+                    return {**record, "data": fitted, "content_type": kind}
             except ImageProbeError as exc:
                 raise FeatureValidationError(f"{RECORD}.data: {exc} [{exc.reason}]") from exc
         return record
@@ -228,7 +232,17 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
             raise FeatureValidationError(
                 f"{RECORD}.content_type: declared {declared!r} but the bytes are a {name} file; "
                 f"say {name!r} or leave content_type out")
-        return image_formats.to_png(data, name, MAX_SIDE, self.max_pixels)
+        return image_formats.to_png(data, name, ORIGINAL_MAX_SIDE, max(self.max_pixels, ORIGINAL_MAX_PIXELS))
+
+    def _over_record_or_caps(self, data: bytes) -> bool:
+        """Whether ingestion would have scaled this PNG/JPEG down (bytes over a record, size over the caps)."""
+        if len(data) > image_formats.RECORD_IMAGE_BYTES:
+            return True
+        try:
+            header = image_probe.probe(data)
+        except ImageProbeError:
+            return False  # featurize() refuses it with its own reason
+        return header.width > MAX_SIDE or header.height > MAX_SIDE or header.width * header.height > self.max_pixels
 
     def prepare_many(self, records: Sequence[Any]) -> None:
         """Decode a poll's images on ``decode_threads`` threads; :meth:`featurize` takes each result.
