@@ -86,11 +86,12 @@ def accept(data: bytes, filename: str | None = None, *, max_side: int = MAX_SIDE
     decoded), what is published against ``max_side``/``max_pixels``. The drop folder and the gateway
     call this; the dead letter of a refused file keeps the original bytes. ``filename``'s extension, when
     given, must fit the content."""
+    original_max_side, original_max_pixels = max(max_side, original_max_side), max(max_pixels, original_max_pixels)
     name = format_name(data) if sniff(data) is None else None
     if name not in CONVERTIBLE:
         try:
-            info = inspect(data, filename, max_side=max(max_side, original_max_side),
-                           max_pixels=max(max_pixels, original_max_pixels), max_bytes=max_bytes)
+            info = inspect(data, filename, max_side=original_max_side, max_pixels=original_max_pixels,
+                           max_bytes=max_bytes)
             return _fitted(data, info, max_side=max_side, max_pixels=max_pixels, max_bytes=max_bytes)
         except ImageValidationError as exc:
             if exc.reason != "bad_magic":
@@ -109,7 +110,7 @@ def accept(data: bytes, filename: str | None = None, *, max_side: int = MAX_SIDE
             raise ImageValidationError(f"file name says {ext or 'no extension'} but the bytes are {name}; rename it "
                                        f"({' or '.join(CONVERTIBLE[name][1])})", "wrong_extension")
     try:
-        png = to_png(data, name, max(max_side, original_max_side), max(max_pixels, original_max_pixels))
+        png = to_png(data, name, original_max_side, original_max_pixels)
         png = shrink_to_fit(png, "PNG", max_side=max_side, max_pixels=max_pixels)
     except ImageProbeError as exc:
         raise ImageValidationError(str(exc), exc.reason) from exc

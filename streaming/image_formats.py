@@ -164,7 +164,7 @@ def shrink_to_fit(data: bytes, fmt: str, budget: int = RECORD_IMAGE_BYTES, *, ma
     if fmt not in ("PNG", "JPEG"):
         raise ValueError(f"fmt: {fmt!r}; shrink_to_fit takes PNG or JPEG bytes (convert others first)")
     header = image_probe.probe(data)
-    within = _halvings_within(header.width, header.height, max_side, max_pixels)
+    within = halvings_within(header.width, header.height, max_side, max_pixels)
     if len(data) <= budget and within == 0:
         return data
     import io
@@ -185,8 +185,7 @@ def shrink_to_fit(data: bytes, fmt: str, budget: int = RECORD_IMAGE_BYTES, *, ma
             try:
                 small = picture.reduce(factor)
             except ValueError:  # a mode reduce() does not take (16-bit grey): the same box average by resize
-                size = (max(1, -(-picture.width // factor)), max(1, -(-picture.height // factor)))
-                small = picture.resize(size, Image.Resampling.BOX)
+                small = picture.resize((halved(picture.width, k), halved(picture.height, k)), Image.Resampling.BOX)
             out = io.BytesIO()
             extra = {"exif": exif} if exif else {}
             if fmt == "JPEG":
@@ -204,11 +203,16 @@ def shrink_to_fit(data: bytes, fmt: str, budget: int = RECORD_IMAGE_BYTES, *, ma
                           "too_large")
 
 
-def _halvings_within(width: int, height: int, max_side: int, max_pixels: int) -> int:
-    """How many halvings (``reduce``: sides rounded up) bring ``width`` x ``height`` within the caps."""
+def halved(side: int, k: int) -> int:
+    """A side after ``k`` halvings by :func:`shrink_to_fit` (``reduce`` rounds up; never below 1)."""
+    return max(1, -(-side // 2 ** k))
+
+
+def halvings_within(width: int, height: int, max_side: int, max_pixels: int) -> int:
+    """How many halvings bring ``width`` x ``height`` within the caps (0: it already is; at most 10)."""
     k = 0
     while k < 10:
-        w, h = -(-width // 2 ** k), -(-height // 2 ** k)
+        w, h = halved(width, k), halved(height, k)
         if w <= max_side and h <= max_side and w * h <= max_pixels:
             break
         k += 1

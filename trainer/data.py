@@ -161,15 +161,25 @@ def check_batches(batches: list[BatchInfo], expected_sha: dict[str, str] | None 
     whole plan up front and plans again without a damaged batch, so they all leave out the same ones
     (``trainer/multiworker.py``); found during a shard's load, it ended one worker and failed every run."""
     for b in batches:
-        want = (expected_sha or {}).get(b.batch_id) or b.manifest.get("sha256")
-        if want is None:
-            continue
-        got = file_sha256(b.path)
-        if got != want:
-            raise DamagedBatchError(
-                f"batch {b.batch_id}: sha256 of {b.path} is {got}, expected {want}; the file changed since "
-                "it was recorded; restore it or replay its offsets into a fresh feature store", b.batch_id
-            )
+        if _recorded_sha(b, expected_sha) is not None:
+            _verified_sha(b, expected_sha)
+
+
+def _recorded_sha(b: BatchInfo, expected_sha: dict[str, str] | None) -> str | None:
+    """The sha256 ``b``'s file must have: the lineage's (``expected_sha``) when given, else its manifest's."""
+    return (expected_sha or {}).get(b.batch_id) or b.manifest.get("sha256")
+
+
+def _verified_sha(b: BatchInfo, expected_sha: dict[str, str] | None) -> str:
+    """The sha256 of ``b``'s file; DamagedBatchError when it is not the recorded one."""
+    want = _recorded_sha(b, expected_sha)
+    got = file_sha256(b.path)
+    if want is not None and got != want:
+        raise DamagedBatchError(
+            f"batch {b.batch_id}: sha256 of {b.path} is {got}, expected {want}; the file changed since "
+            "it was recorded; restore it or replay its offsets into a fresh feature store", b.batch_id
+        )
+    return got
 
 
 def load_batches(spec: ModelSpec, batches: list[BatchInfo], n_features: int,
@@ -184,13 +194,7 @@ def load_batches(spec: ModelSpec, batches: list[BatchInfo], n_features: int,
     cols: dict[str, list[np.ndarray]] = {name: [] for name in (spec.label, *spec.aux_labels)}
     hashes: list[str] = []
     for b in batches:
-        want = (expected_sha or {}).get(b.batch_id) or b.manifest.get("sha256")
-        got = file_sha256(b.path)
-        if want is not None and got != want:
-            raise DamagedBatchError(
-                f"batch {b.batch_id}: sha256 of {b.path} is {got}, expected {want}; the file changed since "
-                "it was recorded; restore it or replay its offsets into a fresh feature store", b.batch_id
-            )
+        got = _verified_sha(b, expected_sha)
         arrays = read_batch(b.path)
         x = arrays["x"]
         if x.shape[1] != n_features:

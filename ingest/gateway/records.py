@@ -33,6 +33,7 @@ from streaming.config import ConfigError
 from streaming.eventtime import UNITS, EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
 from streaming.features import weblog as weblog_features
+from streaming.image_formats import halved
 from streaming.limits import MAX_JSON_BYTES, MAX_JSON_DEPTH, unique_keys
 from streaming.topics import KINDS
 
@@ -246,8 +247,7 @@ def _image(obj: dict[str, Any], rules: TimeRules) -> dict[str, Any]:
     data = published
     for name, actual in (("content_type", info.content_type), ("width", info.width), ("height", info.height)):
         declared = obj.get(name)
-        if scaled and name != "content_type" and isinstance(declared, int) and not isinstance(declared, bool) \
-                and any(-(-declared // 2 ** k) == actual for k in range(1, 11)):
+        if scaled and name != "content_type" and _halved_to(declared, actual):
             continue  # the original's size, which the gateway halved to fit the record
         if declared is not None and declared != actual:
             raise RecordRejectedError(f"{name} {declared!r:.40} does not match the image bytes ({actual!r}); "
@@ -258,6 +258,12 @@ def _image(obj: dict[str, Any], rules: TimeRules) -> dict[str, Any]:
     if obj.get("image_id") is not None:
         record["image_id"] = obj["image_id"]
     return record
+
+
+def _halved_to(declared: Any, actual: Any) -> bool:
+    """Whether ``declared`` is a side that :func:`~streaming.image_formats.shrink_to_fit` halved to ``actual``."""
+    return isinstance(declared, int) and not isinstance(declared, bool) and declared > 0 \
+        and any(halved(declared, k) == actual for k in range(1, 11))
 
 
 _BUILDERS = {"weblog": _weblog, "sensor": _sensor, "image": _image}

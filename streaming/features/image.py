@@ -242,7 +242,7 @@ class ImageFeaturizer(Featurizer[dict[str, Any]]):
             header = image_probe.probe(data)
         except ImageProbeError:
             return False  # featurize() refuses it with its own reason
-        return header.width > MAX_SIDE or header.height > MAX_SIDE or header.width * header.height > self.max_pixels
+        return image_formats.halvings_within(header.width, header.height, MAX_SIDE, self.max_pixels) > 0
 
     def prepare_many(self, records: Sequence[Any]) -> None:
         """Decode a poll's images on ``decode_threads`` threads; :meth:`featurize` takes each result.
