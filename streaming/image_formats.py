@@ -25,6 +25,8 @@ Still refused, with their reason: animated GIF/WebP/AVIF, image sequences and mu
 (``animated``: which frame is "the" image is the user's call), PDF and other ISO media (a video, a
 camera's raw file: no decoder here). A format not named here (PCX, TGA, ...) is ``bad_magic``, with a
 message that lists what is taken.
+:func:`shrink_to_fit` scales any image down by halves until it fits one Kafka record and the caps on
+stored images (a phone's 2-5 MB JPEG, a 24 Mpx photo), for the same two callers.
 """
 
 from __future__ import annotations
