@@ -1,4 +1,4 @@
-"""Two fixes for kafka-python 3.0.x group joins that a poll loop with short calls runs into.
+"""Fixes for kafka-python 3.0.x: two for group joins that a poll loop with short calls runs into, one for resume.
 
 Why this exists (the causes of the stalled rebalances behind the IdlePoller, docs/IDLE.md).
 
@@ -41,6 +41,19 @@ task that already finished resolves at once with its assignment (or raises its e
 original handles exactly as if a poll had been waiting). It also makes ``BaseCoordinator.need_rejoin``
 true while a join is prepared but not completed (``rejoining``, set when the partitions are revoked
 and cleared on success) or a join task is cached, so a started join is always driven to its end.
+**3. A partition resumed after a pause can starve for good.** When a fetch answer for a paused
+partition is read, ``Fetcher.fetched_records`` parks it (KAFKA-7548) and never fetches that partition
+while it is parked; on a later call it restores parked records of a resumed partition only
+``if self._next_partition_records is None``. But a drained ``PartitionRecords`` (say, the empty answer
+of an idle partition) stays in that slot, falsy yet not None, until the next answer replaces it; on
+a topic whose other partitions are idle the slot is such a drained object most of the time, so the
+resumed partition's parked records were never restored and it was never fetched again. Measured:
+a partition paused while a 2,000-record answer for it was in hand, next to two empty partitions,
+returned nothing for minutes after ``resume`` (``tests/test_stream_catchup.py``). Every pause of a
+worker (registry outage, backpressure, broker restart) could hit it. :func:`install` wraps
+``fetched_records`` to empty a drained slot (``None``) before the original runs, which is what the
+original's own loop does with it anyway (``if not self._next_partition_records``).
+
 Nothing else of kafka-python changes. Each wrapper is installed only where the installed method
 still has the flawed code (checked on its source), so an upgraded kafka-python that fixed it is left
 alone.
@@ -58,6 +71,7 @@ log = logging.getLogger(__name__)
 _MARK = "_streamlearn_awaits_settled_join"
 _BUGGY_TEST = "self._join_task.is_done"
 _BARE_NEED_REJOIN = "return self.rejoin_needed"
+_PARKED_RESTORE = "if self._next_partition_records is None:"
 
 
 class _AwaitedJoin:
@@ -86,7 +100,10 @@ def installed() -> bool:
     """True when kafka-python's ``join_group_async`` and ``need_rejoin`` are the wrapped ones."""
     from kafka.coordinator.base import BaseCoordinator
 
-    return all(getattr(f, _MARK, False) for f in (BaseCoordinator.join_group_async, BaseCoordinator.need_rejoin))
+    from kafka.consumer.fetcher import Fetcher
+
+    return all(getattr(f, _MARK, False) for f in (BaseCoordinator.join_group_async, BaseCoordinator.need_rejoin,
+                                                  Fetcher.fetched_records))
 
 
 def _source_has(func: Any, text: str) -> bool:
@@ -97,11 +114,12 @@ def _source_has(func: Any, text: str) -> bool:
 
 
 def install() -> bool:
-    """Wrap ``BaseCoordinator.join_group_async`` and ``need_rejoin`` once per process.
+    """Wrap ``BaseCoordinator.join_group_async``, ``need_rejoin`` and ``Fetcher.fetched_records`` once per process.
 
-    Idempotent. Returns True when both fixes are active; a method whose installed source no longer
+    Idempotent. Returns True when all fixes are active; a method whose installed source no longer
     has the flaw is left alone (logged once).
     """
+    from kafka.consumer.fetcher import Fetcher
     from kafka.coordinator.base import BaseCoordinator
 
     join = BaseCoordinator.join_group_async
@@ -117,6 +135,12 @@ def install() -> bool:
             BaseCoordinator.need_rejoin = _finish_started(need)
         else:
             log.info("kafka-python's need_rejoin changed (or has no source); started-join fix not installed")
+    fetched = Fetcher.fetched_records
+    if not getattr(fetched, _MARK, False):
+        if _source_has(fetched, _PARKED_RESTORE):
+            Fetcher.fetched_records = _restore_parked(fetched)
+        else:
+            log.info("kafka-python's fetched_records changed (or has no source); resume fix not installed")
     return installed()
 
 
@@ -142,3 +166,15 @@ def _finish_started(original: Any) -> Any:
 
     setattr(need_rejoin, _MARK, True)
     return need_rejoin
+
+
+def _restore_parked(original: Any) -> Any:
+    @functools.wraps(original)
+    def fetched_records(self: Any, max_records: Any = None, update_offsets: bool = True) -> Any:
+        current = self._next_partition_records
+        if current is not None and not current:  # drained: let the original restore a resumed partition's records
+            self._next_partition_records = None
+        return original(self, max_records, update_offsets)
+
+    setattr(fetched_records, _MARK, True)
+    return fetched_records

@@ -119,6 +119,41 @@ def test_keeps_the_callers_pauses(settings: Settings) -> None:
         consumer.close()
 
 
+def test_a_partition_paused_with_records_in_hand_is_fetched_again_after_resume(settings: Settings) -> None:
+    """kafka-python parks a paused partition's fetched records and restored them only when no drained answer
+    (an idle partition's) sat in its slot: next to idle partitions the resumed one starved for good
+    (streaming/kafka_compat.py, fix 3)."""
+    topic = _topic(settings, 3)
+    consumer = KafkaConsumer(**consumer_config(settings, max_poll_records=50))
+    producer = KafkaProducer(**producer_config(settings))
+    try:
+        for i in range(1000):
+            producer.send(topic, b"r%d" % i, partition=1)
+        producer.flush(timeout=30)
+        tps = [TopicPartition(topic, p) for p in range(3)]
+        busy = tps[1]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        offsets: list[int] = []
+        deadline = time.monotonic() + 30
+        while not offsets:
+            assert time.monotonic() < deadline, "no record within 30 s"
+            offsets += [r.offset for r in consumer.poll(timeout_ms=100).get(busy, [])]
+        consumer.pause(busy)  # 50 of a 1,000-record answer returned: the rest is parked
+        for _ in range(5):  # the idle partitions' empty answers go through the slot meanwhile
+            assert busy not in consumer.poll(timeout_ms=20)
+        consumer.resume(busy)
+        deadline = time.monotonic() + 20
+        while len(offsets) < 1000:
+            assert time.monotonic() < deadline, f"the resumed partition starved at offset {len(offsets)}"
+            offsets += [r.offset for r in consumer.poll(timeout_ms=100).get(busy, [])]
+        assert offsets == list(range(1000))
+        assert kafka_compat.installed()
+    finally:
+        producer.close()
+        consumer.close()
+
+
 def test_join_that_finishes_between_polls_is_kept(settings: Settings) -> None:
     """The root cause of the stalled rebalances: kafka-python 3.0.12 threw away a JoinGroup/SyncGroup
     round trip that completed while no poll awaited it and sent a new JoinGroup (a new rebalance for the
