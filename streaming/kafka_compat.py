@@ -48,9 +48,11 @@ while it is parked; on a later call it restores parked records of a resumed part
 of an idle partition) stays in that slot, falsy yet not None, until the next answer replaces it; on
 a topic whose other partitions are idle the slot is such a drained object most of the time, so the
 resumed partition's parked records were never restored and it was never fetched again. Measured:
-a partition paused while a 2,000-record answer for it was in hand, next to two empty partitions,
-returned nothing for minutes after ``resume`` (``tests/test_stream_catchup.py``). Every pause of a
-worker (registry outage, backpressure, broker restart) could hit it. :func:`install` wraps
+a partition paused with 950 fetched records in hand, next to two empty partitions, returned nothing
+after ``resume`` (``tests/test_idle.py``); and a stream worker whose records all sit on one partition
+stalled for good after the first retry of a schema-registry outage, which pauses that partition and
+resumes it after a back-off (``tests/test_stream_worker.py``). The same pause and resume serve
+backpressure and broker restarts. :func:`install` wraps
 ``fetched_records`` to empty a drained slot (``None``) before the original runs, which is what the
 original's own loop does with it anyway (``if not self._next_partition_records``).
 
@@ -97,10 +99,9 @@ class _AwaitedJoin:
 
 
 def installed() -> bool:
-    """True when kafka-python's ``join_group_async`` and ``need_rejoin`` are the wrapped ones."""
-    from kafka.coordinator.base import BaseCoordinator
-
+    """True when kafka-python's ``join_group_async``, ``need_rejoin`` and ``fetched_records`` are the wrapped ones."""
     from kafka.consumer.fetcher import Fetcher
+    from kafka.coordinator.base import BaseCoordinator
 
     return all(getattr(f, _MARK, False) for f in (BaseCoordinator.join_group_async, BaseCoordinator.need_rejoin,
                                                   Fetcher.fetched_records))
