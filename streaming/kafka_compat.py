@@ -123,25 +123,20 @@ def install() -> bool:
     from kafka.consumer.fetcher import Fetcher
     from kafka.coordinator.base import BaseCoordinator
 
-    join = BaseCoordinator.join_group_async
-    if not getattr(join, _MARK, False):
-        if _source_has(join, _BUGGY_TEST):
-            BaseCoordinator.join_group_async = _await_settled(join)
+    fixes = ((BaseCoordinator, "join_group_async", _BUGGY_TEST, _await_settled,
+              "does not replace a finished join (or has no source); settled-join fix not installed"),
+             (BaseCoordinator, "need_rejoin", _BARE_NEED_REJOIN, _finish_started,
+              "changed (or has no source); started-join fix not installed"),
+             (Fetcher, "fetched_records", _PARKED_RESTORE, _restore_parked,
+              "changed (or has no source); resume fix not installed"))
+    for owner, name, flaw, wrap, otherwise in fixes:
+        method = getattr(owner, name)
+        if getattr(method, _MARK, False):
+            continue
+        if _source_has(method, flaw):
+            setattr(owner, name, wrap(method))
         else:
-            log.info("kafka-python's join_group_async does not replace a finished join (or has no source); "
-                     "settled-join fix not installed")
-    need = BaseCoordinator.need_rejoin
-    if not getattr(need, _MARK, False):
-        if _source_has(need, _BARE_NEED_REJOIN):
-            BaseCoordinator.need_rejoin = _finish_started(need)
-        else:
-            log.info("kafka-python's need_rejoin changed (or has no source); started-join fix not installed")
-    fetched = Fetcher.fetched_records
-    if not getattr(fetched, _MARK, False):
-        if _source_has(fetched, _PARKED_RESTORE):
-            Fetcher.fetched_records = _restore_parked(fetched)
-        else:
-            log.info("kafka-python's fetched_records changed (or has no source); resume fix not installed")
+            log.info("kafka-python's %s %s", name, otherwise)
     return installed()
 
 

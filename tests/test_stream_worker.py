@@ -293,23 +293,24 @@ def test_unwritable_store_pauses_then_resumes_without_loss(settings: Settings) -
     shutil.rmtree(s.feature_store)
 
 
-def test_registry_outage_is_retried_not_dead_lettered(settings: Settings) -> None:
-    """The worker talks to an HTTP registry whose port has no server yet (connection refused =
-    RegistryUnavailableError); the server comes up later on that port and nothing was lost."""
+def _through_a_registry_outage(settings: Settings, events: list[dict[str, Any]], retries: int) -> None:
+    """Run a worker against an HTTP registry whose port has no server yet (connection refused =
+    RegistryUnavailableError) until it retried ``retries`` times; the server then comes up on that port,
+    and every offset must be stored once, none dead-lettered."""
     from schemas.http_client import HttpRegistryClient
     from schemas.registry import open_registry
     from schemas.server import start_in_thread
     from streaming.broker import free_port
 
     s = settings.with_(batch_max_records=20, batch_max_seconds=0.2)
-    publish(s, "sensor", sensor_events(60))
+    publish(s, "sensor", events)
     expected = topic_offsets(s, raw_topic(s, "sensor"))
     port = free_port()
     http = HttpRegistryClient(f"http://127.0.0.1:{port}", timeout=2.0)
     server = None
     try:
         with running_worker(s, "sensor", registry=http) as worker:
-            wait_until(lambda: worker.stats.registry_retries >= 2, 30, message="registry retries")
+            wait_until(lambda: worker.stats.registry_retries >= retries, 30, message=f"{retries} registry retries")
             assert stored_offsets(s, "sensor") == [] and worker.stats.dead_letters == 0
             server = start_in_thread(open_registry(None, s.registry_dir), port=port)
             wait_until(lambda: all_stored(s, "sensor", expected), 60, message="persisted after outage")
@@ -321,32 +322,15 @@ def test_registry_outage_is_retried_not_dead_lettered(settings: Settings) -> Non
             server.stop()
 
 
+def test_registry_outage_is_retried_not_dead_lettered(settings: Settings) -> None:
+    _through_a_registry_outage(settings, sensor_events(60), retries=2)
+
 
 def test_a_registry_outage_on_the_one_busy_partition_does_not_wedge_it(settings: Settings) -> None:
     """Every record on one partition, the others idle: the outage pauses that partition with a fetch answer
     in hand, and kafka-python never fetched it again after the resume (streaming/kafka_compat.py, fix 3):
     the worker stalled for good after its first retry."""
-    from schemas.http_client import HttpRegistryClient
-    from schemas.registry import open_registry
-    from schemas.server import start_in_thread
-    from streaming.broker import free_port
-
-    s = settings.with_(batch_max_records=20, batch_max_seconds=0.2)
-    publish(s, "sensor", sensor_events(3000, sensors=1))  # one key: one partition
-    expected = topic_offsets(s, raw_topic(s, "sensor"))
-    port = free_port()
-    http = HttpRegistryClient(f"http://127.0.0.1:{port}", timeout=2.0)
-    server = None
-    try:
-        with running_worker(s, "sensor", registry=http) as worker:
-            wait_until(lambda: worker.stats.registry_retries >= 3, 30, message="registry retries after resumes")
-            server = start_in_thread(open_registry(None, s.registry_dir), port=port)
-            wait_until(lambda: all_stored(s, "sensor", expected), 60, message="persisted after outage")
-        got = stored_offsets(s, "sensor")
-        assert len(got) == len(set(got)) and set(got) == expected and worker.stats.dead_letters == 0
-    finally:
-        if server is not None:
-            server.stop()
+    _through_a_registry_outage(settings, sensor_events(3000, sensors=1), retries=3)  # one key: one partition
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__])
