@@ -85,9 +85,12 @@ class ReadBack:
     def _read(self, wanted: dict[tuple[str, int], set[int]]) -> dict[tuple[str, int], dict[int, str]]:
         from kafka import KafkaConsumer, TopicPartition
 
-        if self._consumer is None:
+        from streaming.kafka_compat import FETCH_RESPONSE_MAX_BYTES
+
+        if self._consumer is None:  # the embedded broker answers with the whole backlog (kafka_compat, fix 4)
             self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                           request_timeout_ms=5000, **self._consumer_config)
+                                           request_timeout_ms=5000, receive_message_max_bytes=FETCH_RESPONSE_MAX_BYTES,
+                                           **self._consumer_config)
         consumer = self._consumer
         tps = {TopicPartition(topic, partition): offsets for (topic, partition), offsets in wanted.items()}
         ends = _end_offsets(consumer, list(tps))

@@ -40,6 +40,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from streaming.config import Settings
 from streaming.exceptions import StreamingError
+from streaming.kafka_compat import FETCH_RESPONSE_MAX_BYTES
 from streaming.kafka_security import kafka_security
 from streaming.topics import KINDS, dead_letter_topic, raw_topic
 
@@ -124,7 +125,11 @@ class CFetchConsumer:
             "queued.min.messages": 2000, "fetch.queue.backoff.ms": 10,
             "client.id": "streamlearn-cfetch",
             "fetch.max.bytes": 32 * 1024 * 1024, "max.partition.fetch.bytes": 8 * 1024 * 1024,
-            "message.max.bytes": 32 * 1024 * 1024, "receive.message.max.bytes": 64 * 1024 * 1024,
+            # The embedded broker answers with the partitions' whole unread backlog, whatever the two limits
+            # above say (streaming/kafka_compat.py, fix 4): a cap below it made librdkafka drop the answer and
+            # fetch it again forever ("Invalid response size"), so a bounded read of an image topic over 64 MiB
+            # never ended. Apache Kafka keeps its answers within fetch.max.bytes.
+            "message.max.bytes": 32 * 1024 * 1024, "receive.message.max.bytes": FETCH_RESPONSE_MAX_BYTES,
             "logger": log,
         })
         self._c.assign([ck.TopicPartition(tp.topic, tp.partition, self._pos[tp]) for tp in self._tps.values()])

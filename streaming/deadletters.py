@@ -70,8 +70,12 @@ class DeadLetterIndex:
         if self._consumer is None:
             from kafka import KafkaConsumer
 
+            from streaming.kafka_compat import FETCH_RESPONSE_MAX_BYTES
+
+            # the embedded broker answers with the whole backlog past the position (kafka_compat, fix 4)
             self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                           request_timeout_ms=10_000, **self.security)
+                                           request_timeout_ms=10_000,
+                                           receive_message_max_bytes=FETCH_RESPONSE_MAX_BYTES, **self.security)
         return self._consumer
 
     def _partitions(self) -> list[Any]:

@@ -1,4 +1,5 @@
-"""Fixes for kafka-python 3.0.x: two for group joins that a poll loop with short calls runs into, one for resume.
+"""Fixes for kafka-python 3.0.x: two for group joins that a poll loop with short calls runs into, one for resume,
+and a receive cap raised for the embedded broker.
 
 Why this exists (the causes of the stalled rebalances behind the IdlePoller, docs/IDLE.md).
 
@@ -56,6 +57,18 @@ backpressure and broker restarts. :func:`install` wraps
 ``fetched_records`` to empty a drained slot (``None``) before the original runs, which is what the
 original's own loop does with it anyway (``if not self._next_partition_records``).
 
+**4. The embedded broker answers a fetch with the partitions' whole unread backlog.** noida-db ignores a
+fetch's ``max_bytes`` and ``partition_max_bytes`` (measured: a 1 MB / 1 MB fetch of a partition holding
+200 MB got one 200,028,952-byte answer). kafka-python refuses any answer over its
+``receive_message_max_bytes`` (100 MB by default: ``InvalidReceiveError: Invalid frame length``), drops
+the connection and sends the same fetch again, forever: a stream worker, replay or read-back whose
+partitions held more than 100 MB past its position never read another record. :func:`install` raises
+the default of every ``KafkaConsumer`` made afterwards to :data:`FETCH_RESPONSE_MAX_BYTES` (2 GiB - 1,
+librdkafka's own maximum, which :mod:`streaming.cfetch` uses too). Apache Kafka keeps honouring
+``fetch_max_bytes`` (32 MiB here), so there the cap changes nothing; on the embedded broker a reader's
+memory grows with the backlog it reads in one answer, and a backlog over 2 GiB still stalls (said in the
+README's durability notes).
+
 Nothing else of kafka-python changes. Each wrapper is installed only where the installed method
 still has the flawed code (checked on its source), so an upgraded kafka-python that fixed it is left
 alone.
@@ -74,6 +87,8 @@ _MARK = "_streamlearn_awaits_settled_join"
 _BUGGY_TEST = "self._join_task.is_done"
 _BARE_NEED_REJOIN = "return self.rejoin_needed"
 _PARKED_RESTORE = "if self._next_partition_records is None:"
+#: Largest fetch answer a consumer takes (fix 4): the embedded broker sends a partition's whole unread backlog.
+FETCH_RESPONSE_MAX_BYTES = 2**31 - 1
 
 
 class _AwaitedJoin:
@@ -99,12 +114,15 @@ class _AwaitedJoin:
 
 
 def installed() -> bool:
-    """True when kafka-python's ``join_group_async``, ``need_rejoin`` and ``fetched_records`` are the wrapped ones."""
+    """True when kafka-python's ``join_group_async``, ``need_rejoin`` and ``fetched_records`` are the wrapped ones
+    and consumers take fetch answers up to :data:`FETCH_RESPONSE_MAX_BYTES`."""
+    from kafka import KafkaConsumer
     from kafka.consumer.fetcher import Fetcher
     from kafka.coordinator.base import BaseCoordinator
 
     return all(getattr(f, _MARK, False) for f in (BaseCoordinator.join_group_async, BaseCoordinator.need_rejoin,
-                                                  Fetcher.fetched_records))
+                                                  Fetcher.fetched_records)) \
+        and KafkaConsumer.DEFAULT_CONFIG["receive_message_max_bytes"] >= FETCH_RESPONSE_MAX_BYTES
 
 
 def _source_has(func: Any, text: str) -> bool:
@@ -115,14 +133,18 @@ def _source_has(func: Any, text: str) -> bool:
 
 
 def install() -> bool:
-    """Wrap ``BaseCoordinator.join_group_async``, ``need_rejoin`` and ``Fetcher.fetched_records`` once per process.
+    """Wrap ``BaseCoordinator.join_group_async``, ``need_rejoin`` and ``Fetcher.fetched_records`` once per process,
+    and raise ``KafkaConsumer``'s default ``receive_message_max_bytes`` (fix 4).
 
     Idempotent. Returns True when all fixes are active; a method whose installed source no longer
     has the flaw is left alone (logged once).
     """
+    from kafka import KafkaConsumer
     from kafka.consumer.fetcher import Fetcher
     from kafka.coordinator.base import BaseCoordinator
 
+    defaults = KafkaConsumer.DEFAULT_CONFIG
+    defaults["receive_message_max_bytes"] = max(defaults.get("receive_message_max_bytes", 0), FETCH_RESPONSE_MAX_BYTES)
     fixes = ((BaseCoordinator, "join_group_async", _BUGGY_TEST, _await_settled,
               "does not replace a finished join (or has no source); settled-join fix not installed"),
              (BaseCoordinator, "need_rejoin", _BARE_NEED_REJOIN, _finish_started,

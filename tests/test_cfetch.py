@@ -7,6 +7,7 @@ All over the real embedded broker. The comparison side of each check is the same
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -136,3 +137,35 @@ def test_pause_resume_and_seek_neither_lose_nor_repeat_records(settings: config.
     for p, offsets in got.items():
         assert offsets == list(range(ends[p])), f"partition {p}: records lost, repeated or out of order"
     assert sum(ends.values()) == 3000
+
+
+def test_a_backlog_over_the_old_receive_caps_is_read_by_both_clients(settings: config.Settings) -> None:
+    """The embedded broker answers a fetch with the partition's whole unread backlog, whatever its size limits
+    say (streaming/kafka_compat.py, fix 4). librdkafka refused answers over its 64 MiB cap and fetched the same
+    answer again forever: a bounded read of an image topic over 64 MiB never ended (`subscribe --until-end`,
+    replays, restart read-backs). kafka-python's cap (100 MB) is raised the same way; every consumer made
+    after streaming.consumer was imported gets the new default."""
+    from kafka import KafkaConsumer
+
+    from streaming.kafka_compat import FETCH_RESPONSE_MAX_BYTES, installed
+
+    assert installed()
+    probe = KafkaConsumer(bootstrap_servers=settings.bootstrap)
+    try:
+        assert probe.config["receive_message_max_bytes"] == FETCH_RESPONSE_MAX_BYTES
+    finally:
+        probe.close()
+    topic = raw_topic(settings, "image")
+    producer = KafkaProducer(**producer_config(settings))
+    try:
+        for i in range(80):  # ~72 MB on one partition, as incompressible as photos: one fetch answer over 64 MiB
+            blob = random.Random(i).randbytes(896_000)  # one record under the broker's ~1 MiB limit
+            producer.send(topic, value=blob, key=b"k%d" % i, partition=0)
+        producer.flush(timeout=60)
+    finally:
+        producer.close()
+    for s in (settings, settings.with_(fast_reader=False)):
+        with Subscriber(s, topic, start="beginning", until="end", decode=False) as sub:
+            offsets = [item.offset for item in sub.iterate(idle_timeout_s=20) if item.partition == 0]
+            assert sub.finished, f"the bounded read ({sub.fetcher}) never finished: {len(offsets)} of 80 records"
+            assert offsets == list(range(80))
