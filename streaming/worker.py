@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kafka import TopicPartition
-from kafka.errors import FencedInstanceIdError
+from kafka.errors import FencedInstanceIdError, KafkaTimeoutError
 
 from schemas.registry import SchemaRegistry, open_registry
 from streaming import members, metrics, tenancy
@@ -61,6 +61,9 @@ MAX_BACKOFF_S = 30.0
 #: not make it is made by the next run, which resumes after the store's last batch.
 COMMIT_TIMEOUT_MS = 10_000
 STOP_COMMIT_TIMEOUT_MS = 3_000
+#: Bound of the committed-offset check behind a refused ``--idle-exit``: a group stuck in a rebalance (the
+#: case it reports) left the coordinator's answer for kafka-python's 30 s request timeout.
+IDLE_EXIT_COMMITTED_TIMEOUT_MS = 3_000
 # Idle back-off cap of this worker's polls. A record's effect here is a batch, written at the earliest
 # batch_max_seconds (5 s by default) after its first record, so 0.25 s more after an idle spell is not
 # visible, and it quarters the idle polls (docs/IDLE.md). Records reset the back-off to 1 ms.
@@ -212,11 +215,24 @@ class StreamWorker(PartitionPositions):
         consumer = self.sub.consumer
         tps = partitions_of(consumer, self.topic)
         ends = consumer.end_offsets(tps)
-        lag = sum(max(0, ends[tp] - (consumer.committed(tp) or 0)) for tp in tps)
-        if lag > 0:
+        lag, unconfirmed = 0, 0
+        for tp in tps:
+            if ends[tp] <= 0:
+                continue
+            if unconfirmed:  # the coordinator did not answer: the other partitions' commits cannot be read either
+                unconfirmed += ends[tp]
+                continue
+            try:  # bounded: a coordinator in a stuck rebalance answered after 30 s (kafka-python's request timeout)
+                lag += max(0, ends[tp] - (consumer.committed(tp, timeout_ms=IDLE_EXIT_COMMITTED_TIMEOUT_MS) or 0))
+            except KafkaTimeoutError:
+                unconfirmed += ends[tp]
+        if lag > 0 or unconfirmed:
             why = self.stuck.warning or self.stuck.diagnose(idle_exit_s)
+            what = f"{lag} unprocessed record(s)" if not unconfirmed else (
+                f"{lag + unconfirmed} record(s) not known to be processed (the group coordinator did not answer "
+                f"an offset fetch within {IDLE_EXIT_COMMITTED_TIMEOUT_MS / 1000:g} s: a rebalance is under way)")
             raise GroupStuckError(f"idle_exit: exiting after {idle_exit_s:g} s without records, but this worker "
-                                  f"owned no partition while {self.topic} has {lag} unprocessed record(s): {why}")
+                                  f"owned no partition while {self.topic} has {what}: {why}")
 
     def _process_partition(self, tp: TopicPartition, msgs: list[Any]) -> None:
         # Records below the floor were already handled: fetched before a seek to the store's end,
