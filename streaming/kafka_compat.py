@@ -113,15 +113,25 @@ class _AwaitedJoin:
         return self
 
 
+def _fixes() -> tuple[tuple[Any, str, str, Any, str], ...]:
+    """Each wrapped method: (owner class, name, its flawed line, the wrapper, what to log when it is not there)."""
+    from kafka.consumer.fetcher import Fetcher
+    from kafka.coordinator.base import BaseCoordinator
+
+    return ((BaseCoordinator, "join_group_async", _BUGGY_TEST, _await_settled,
+             "does not replace a finished join (or has no source); settled-join fix not installed"),
+            (BaseCoordinator, "need_rejoin", _BARE_NEED_REJOIN, _finish_started,
+             "changed (or has no source); started-join fix not installed"),
+            (Fetcher, "fetched_records", _PARKED_RESTORE, _restore_parked,
+             "changed (or has no source); resume fix not installed"))
+
+
 def installed() -> bool:
     """True when kafka-python's ``join_group_async``, ``need_rejoin`` and ``fetched_records`` are the wrapped ones
     and consumers take fetch answers up to :data:`FETCH_RESPONSE_MAX_BYTES`."""
     from kafka import KafkaConsumer
-    from kafka.consumer.fetcher import Fetcher
-    from kafka.coordinator.base import BaseCoordinator
 
-    return all(getattr(f, _MARK, False) for f in (BaseCoordinator.join_group_async, BaseCoordinator.need_rejoin,
-                                                  Fetcher.fetched_records)) \
+    return all(getattr(getattr(owner, name), _MARK, False) for owner, name, *_ in _fixes()) \
         and KafkaConsumer.DEFAULT_CONFIG["receive_message_max_bytes"] >= FETCH_RESPONSE_MAX_BYTES
 
 
@@ -140,18 +150,10 @@ def install() -> bool:
     has the flaw is left alone (logged once).
     """
     from kafka import KafkaConsumer
-    from kafka.consumer.fetcher import Fetcher
-    from kafka.coordinator.base import BaseCoordinator
 
     defaults = KafkaConsumer.DEFAULT_CONFIG
     defaults["receive_message_max_bytes"] = max(defaults.get("receive_message_max_bytes", 0), FETCH_RESPONSE_MAX_BYTES)
-    fixes = ((BaseCoordinator, "join_group_async", _BUGGY_TEST, _await_settled,
-              "does not replace a finished join (or has no source); settled-join fix not installed"),
-             (BaseCoordinator, "need_rejoin", _BARE_NEED_REJOIN, _finish_started,
-              "changed (or has no source); started-join fix not installed"),
-             (Fetcher, "fetched_records", _PARKED_RESTORE, _restore_parked,
-              "changed (or has no source); resume fix not installed"))
-    for owner, name, flaw, wrap, otherwise in fixes:
+    for owner, name, flaw, wrap, otherwise in _fixes():
         method = getattr(owner, name)
         if getattr(method, _MARK, False):
             continue
