@@ -22,6 +22,7 @@ nothing is started: every component talks to that address instead.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -250,6 +251,30 @@ def resolve(settings: Settings) -> Settings:
     if info and isinstance(info.get("port"), int) and info["port"] != settings.broker_port:
         return settings.with_(broker_port=int(info["port"]))  # type: ignore[call-overload]
     return settings
+
+
+def not_started(settings: Settings) -> str | None:
+    """Why no command can reach the embedded broker now, when that is certain; else None.
+
+    Certain means: the embedded broker is the configured one, it was never started under this
+    ``STREAMLEARN_HOME`` or was stopped cleanly (no pid file at all), and its port refuses connections.
+    Why: a Kafka client waits out its bootstrap timeout (30 s) before it gives up, so a user who had not
+    run ``streamlearn broker start`` stared at a silent command for half a minute before the error. A
+    pid file, even of a dead process, means a broker ran here and may be coming back (a supervisor or
+    the user restarting it after a crash): commands then wait for it as before. So does every external
+    bootstrap address, which may be a cluster restarting.
+    """
+    if not settings.embedded or EmbeddedBroker(settings).pid_file.exists():
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        refused = sock.connect_ex((settings.broker_host, settings.broker_port)) == errno.ECONNREFUSED
+    if not refused:
+        return None
+    return (f"no Kafka broker is running at {settings.bootstrap}: the embedded broker of {settings.home} was not "
+            "started (or was stopped); start it with `streamlearn broker start` (same STREAMLEARN_HOME and "
+            "STREAMLEARN_BROKER_PORT), or point --bootstrap / STREAMLEARN_KAFKA_BOOTSTRAP at a running Kafka; "
+            "then run the same command again")
 
 
 def _port_in_use(host: str, port: int) -> bool:

@@ -81,6 +81,19 @@ def settings_from_args(args: argparse.Namespace) -> config.Settings:
     return settings
 
 
+#: Commands that can do nothing before a Kafka broker answers: they fail at once when the embedded broker
+#: was never started (:func:`streaming.broker.not_started`), instead of after a 30 s bootstrap timeout.
+#: Not here: commands that start the broker themselves (``broker``, ``up``, ``demo``), work without one
+#: (``schemas``, ``models``, ``store``, ``train``, ``query``, ``status``), or serve HTTP while it is away
+#: (``api``, ``registry``, ``ingest serve``).
+NEEDS_BROKER = frozenset({"topics", "publish", "subscribe", "replay", "offsets", "stream", "serve", "predict",
+                          "ingest"})
+
+
+def _needs_broker(args: argparse.Namespace) -> bool:
+    return args.command in NEEDS_BROKER and getattr(args, "ingest_command", None) != "serve"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from streaming.timeargs import attach_relative_values
 
@@ -94,6 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet, verbose = bool(getattr(args, "quiet", False)), bool(getattr(args, "verbose", False))
     setup_logging(settings.log_level, quiet=quiet, verbose=verbose)
     progress.configure(quiet=quiet)
+    if _needs_broker(args):
+        from streaming.broker import not_started
+
+        if (reason := not_started(settings)) is not None:
+            print(f"error: {reason}", file=sys.stderr)
+            return 1
     try:
         code = int(args.func(args, settings) or 0)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
