@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -155,11 +156,39 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: Largest label file read (a label is a class name; the record's label field is bounded further on).
+MAX_LABEL_FILE_BYTES = 64 * 1024
+
+
+def _read_sidecar(sidecar: Path) -> bytes:
+    """A label file's bytes: a regular file in the folder itself, at most :data:`MAX_LABEL_FILE_BYTES`.
+
+    Why: read with ``read_text``, a sidecar that was a link to a file outside the drop folder was read
+    and published (the image checks refuse such links, the label read did not), a FIFO blocked the
+    watcher for good (even SIGTERM waited on it), and a link to /dev/zero read until memory ran out,
+    at every restart. Not followed, not waited on, not read past the bound: each is the image's
+    ``bad_label`` dead letter instead.
+    """
+    fd = os.open(sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(sidecar)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{sidecar.name} is not a regular file")
+        data = os.read(fd, MAX_LABEL_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_LABEL_FILE_BYTES:
+        raise OSError(f"over {MAX_LABEL_FILE_BYTES} bytes; a label is a short class name")
+    return data
+
+
 def label_for(path: Path) -> str | None:
     """Label of an image file: sidecar ``x.png.label``, else ``x.label``, else ``label_rest.png``."""
     for sidecar in (path.with_name(path.name + ".label"), path.with_suffix(".label")):
         try:
-            text = sidecar.read_text(encoding="utf-8").strip()
+            text = _read_sidecar(sidecar).decode("utf-8").strip()
         except (FileNotFoundError, IsADirectoryError):
             continue
         except (OSError, UnicodeDecodeError) as exc:

@@ -230,7 +230,10 @@ class JsonLinesSource(SourcePartition):
             if not isinstance(text, str):
                 raise text
             item.record = event_from_line(self.kind, text, self.reader, self.policy)
-        except ValueError as exc:  # EventTimeError, InputRejectedError and bounded_json's refusals
+        except (ValueError, RecordValidationError) as exc:
+            # ValueError: EventTimeError, InputRejectedError and bounded_json's refusals. RecordValidationError:
+            # valid JSON that is no event ([1, 2], null, a string; data that is not base64). Uncaught, one
+            # such line ended the run with nothing dead-lettered, and every re-run ended there again.
             self._reject(item, exc)
         return item
 
