@@ -160,7 +160,11 @@ class CsvReader:
         # Excel writes ';' (and decimal commas) where ',' is the decimal mark; '\t' is the other common
         # export. Decided once from the header: a header without ',' but with one of them uses it.
         self.delimiter = next((d for d in (",", ";", "\t") if d in text), ",")
-        header = [h.strip() for h in next(csv.reader([text], delimiter=self.delimiter))]
+        try:
+            header = [h.strip() for h in next(csv.reader([text], delimiter=self.delimiter))]
+        except csv.Error as exc:  # a header cell over the csv module's 128 KiB field limit: was a traceback
+            self.close()
+            raise SourceError(f"--csv {path}: the header line is not CSV ({exc}); is this a CSV file?") from exc
         twice = sorted(h for h, n in Counter(header).items() if h and n > 1)
         if twice:  # a row would keep only the last cell of each: the other values silently lost
             self.close()

@@ -119,6 +119,15 @@ def test_csv_header_must_name_required_columns(tmp_path: Path) -> None:
         list(read_csv(path))
 
 
+def test_a_header_cell_over_the_csv_field_limit_is_refused_with_a_message(tmp_path: Path) -> None:
+    """Was a `_csv.Error: field larger than field limit` traceback (the same cell in a row was already a
+    `bad_csv` dead letter)."""
+    path = tmp_path / "big_header.csv"
+    path.write_text("sensor_id,timestamp,value," + "c" * 200_000 + "\n1,2,3,4\n")
+    with pytest.raises(SourceError, match="the header line is not CSV"):
+        list(read_csv(path))
+
+
 def test_generator_is_deterministic_valid_and_labelled() -> None:
     a = list(generate(6000, n_sensors=6, seed=5, start_ms=NOW - 2 * DAY_MS))
     b = list(generate(6000, n_sensors=6, seed=5, start_ms=NOW - 2 * DAY_MS))
