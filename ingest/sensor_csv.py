@@ -178,7 +178,8 @@ class CsvReader:
         if missing and not ({"sensor_id", "value"} <= missing and self._wide(path, header)):
             self.close()
             raise SourceError(
-                f"--csv {path}: header lacks {sorted(missing)}; required columns: sensor_id,timestamp,value "
+                f"--csv {path}: header lacks {sorted(missing)}; required columns (lower case): "
+                "sensor_id,timestamp,value "
                 f"(or, one column per sensor: {'|'.join(WIDE_TIME_COLUMNS)},<sensor>,<sensor>,...)")
         try:
             if reader.unit == "auto":
@@ -193,6 +194,11 @@ class CsvReader:
         and spreadsheet exports write (``time,temp_1,temp_2,...``) when it has a time column and a sensor
         column; False when it is not one. Every other named column is a sensor (``unit``/``label``/
         ``event_id`` keep their meaning for the row)."""
+        if any(h.lower() == "sensor_id" for h in header):
+            # "Sensor_ID,Timestamp,Value" is the long layout in other letters, not sensors: read wide, its ids
+            # became readings of a sensor "Sensor_ID" and every reading one sensor "Value" (exit 0). A lone
+            # "Value" column stays a sensor: "Time,Value" is how Grafana exports one series.
+            return False
         time_col = next((h for h in header if h.lower() in WIDE_TIME_COLUMNS), None)
         sensors = [h for h in header if h and h != time_col and h not in _RESERVED]
         if time_col is None or not sensors:

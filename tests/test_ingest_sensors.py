@@ -119,6 +119,17 @@ def test_csv_header_must_name_required_columns(tmp_path: Path) -> None:
         list(read_csv(path))
 
 
+def test_the_long_layout_in_other_letters_is_refused_not_read_as_wide(tmp_path: Path) -> None:
+    """Read as the wide layout, sensor ids became readings of a sensor "Sensor_ID" (exit 0)."""
+    path = tmp_path / "caps.csv"
+    path.write_text(f"Sensor_ID,Timestamp,Value\n101,{NOW},20.5\n")
+    with pytest.raises(SourceError, match=r"required columns \(lower case\)"):
+        list(read_csv(path))
+    one_series = tmp_path / "grafana.csv"
+    one_series.write_text(f"Time,Value\n{NOW},20.5\n")
+    assert [(r.record["sensor_id"], r.record["value"]) for r in read_csv(one_series, now=NOW)] == [("Value", 20.5)]
+
+
 def test_a_header_cell_over_the_csv_field_limit_is_refused_with_a_message(tmp_path: Path) -> None:
     """Was a `_csv.Error: field larger than field limit` traceback (the same cell in a row was already a
     `bad_csv` dead letter)."""
