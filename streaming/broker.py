@@ -253,6 +253,11 @@ def resolve(settings: Settings) -> Settings:
     return settings
 
 
+#: What to do when the embedded broker cannot be reached (also in :mod:`streamlearn.broker_errors`' message).
+START_HINT = ("start it with `streamlearn broker start` (same STREAMLEARN_HOME and STREAMLEARN_BROKER_PORT), "
+              "or point --bootstrap / STREAMLEARN_KAFKA_BOOTSTRAP at a running Kafka")
+
+
 def not_started(settings: Settings) -> str | None:
     """Why no command can reach the embedded broker now, when that is certain; else None.
 
@@ -266,21 +271,21 @@ def not_started(settings: Settings) -> str | None:
     """
     if not settings.embedded or EmbeddedBroker(settings).pid_file.exists():
         return None
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        refused = sock.connect_ex((settings.broker_host, settings.broker_port)) == errno.ECONNREFUSED
-    if not refused:
+    if _connect_errno(settings.broker_host, settings.broker_port) != errno.ECONNREFUSED:
         return None
     return (f"no Kafka broker is running at {settings.bootstrap}: the embedded broker of {settings.home} was not "
-            "started (or was stopped); start it with `streamlearn broker start` (same STREAMLEARN_HOME and "
-            "STREAMLEARN_BROKER_PORT), or point --bootstrap / STREAMLEARN_KAFKA_BOOTSTRAP at a running Kafka; "
-            "then run the same command again")
+            f"started (or was stopped); {START_HINT}; then run the same command again")
+
+
+def _connect_errno(host: str, port: int) -> int:
+    """0 when something accepts a TCP connection at ``host:port`` within 0.5 s, else the error number."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port))
 
 
 def _port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
+    return _connect_errno(host, port) == 0
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -24,8 +24,9 @@ def unreachable_message(exc: BaseException, settings: Settings) -> str | None:
     if not (isinstance(exc, errors.KafkaTimeoutError) and "bootstrap" in str(exc).lower()):
         return None
     if settings.embedded:
-        fix = ("start it with `streamlearn broker start` (same STREAMLEARN_HOME and STREAMLEARN_BROKER_PORT), "
-               "or point --bootstrap / STREAMLEARN_KAFKA_BOOTSTRAP at a running Kafka")
+        from streaming.broker import START_HINT
+
+        fix = START_HINT
     else:
         fix = "check that Kafka runs there and that --bootstrap / STREAMLEARN_KAFKA_BOOTSTRAP names it"
     return (f"cannot reach the Kafka broker at {settings.bootstrap} ({type(exc).__name__}); {fix}; "
