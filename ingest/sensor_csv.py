@@ -44,11 +44,14 @@ from ingest.exceptions import SensorValidationError, SourceError
 from ingest.runner import SourceRunner
 from ingest.sensors import LIVE, SensorIngestStats, as_sensor_error, dead_letter_source, now_ms, validate
 from ingest.source import (
+    CrLines,
     FilePosition,
+    LineFile,
     PositionIds,
     SourceItem,
     SourcePartition,
     compressed,
+    cr_only,
     file_checkpoint_path,
     policy_flags,
     read_line,
@@ -137,10 +140,16 @@ class CsvReader:
         self.unit, self.policy, self.reader = unit, policy, reader
         self.ref = now_ms() if now is None else now
         try:
-            self._fh = open(self.path, "rb")  # noqa: SIM115 (closed by close())
+            raw = open(self.path, "rb")  # noqa: SIM115 (closed by close())
+            self._fh: LineFile = raw
         except OSError as exc:
             raise SourceError(f"--csv {path}: cannot read ({exc})") from exc
         first, size = read_line(self._fh, MAX_ROW_BYTES, skip=False)
+        if cr_only(first):  # classic-Mac line ends: read on '\n', the header swallowed every row (exit 0)
+            self._fh = CrLines(raw)
+            self._fh.seek(0)
+            first, size = read_line(self._fh, MAX_ROW_BYTES, skip=False)
+            log.info("--csv %s: lines end in '\\r' (classic Mac), read as such", path)
         self.header_line = first
         self.eof = not first
         self.offset, self.line = max(offset, size), max(line, 1)

@@ -49,7 +49,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 if TYPE_CHECKING:
     from streaming.eventtime import EventTimePolicy
@@ -78,7 +78,17 @@ def compressed(head: bytes, path: object) -> str | None:
 KEEP_BYTES = 64 * 1024
 
 
-def read_line(fh: BinaryIO, max_bytes: int, *, skip: bool = True) -> tuple[bytes, int]:
+class LineFile(Protocol):
+    """What the line readers need of a file: a binary file, or :class:`CrLines` over one."""
+
+    def readline(self, limit: int = -1, /) -> bytes: ...
+
+    def seek(self, offset: int, /) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def read_line(fh: LineFile, max_bytes: int, *, skip: bool = True) -> tuple[bytes, int]:
     """The next physical line of ``fh`` (with its newline) and its size, never more than ``max_bytes``
     (+1) of it in memory. Over ``max_bytes``, only its head (:data:`KEEP_BYTES`) comes back and the rest
     is read past, a bounded read at a time (the size tells: ``size > len(line)``); ``skip=False`` reads
@@ -95,6 +105,55 @@ def read_line(fh: BinaryIO, max_bytes: int, *, skip: bool = True) -> tuple[bytes
         rest = fh.readline(1 << 20)
         size += len(rest)
     return line[:KEEP_BYTES], size
+
+
+def cr_only(first: bytes) -> bool:
+    """True when a file's first physical line (as :func:`read_line` gives it) shows classic-Mac line ends:
+    a ``\r`` inside it that is not the ``\r`` of a ``\r\n``. Excel for Mac's "CSV (Macintosh)" and old
+    loggers write them; read on ``\n``, the whole file was one line."""
+    body = first[:-1] if first.endswith(b"\n") else first
+    body = body[:-1] if body.endswith(b"\r") else body
+    return b"\r" in body
+
+
+class CrLines:
+    """A binary file whose lines end in ``\r``, read as if each ended in ``\n``: :meth:`readline` returns a
+    line with its ``\r`` swapped for ``\n``, byte for byte, so sizes and offsets stay those of the file
+    and :func:`read_line`, checkpoints and ``seek`` work unchanged. Only ``readline``/``seek``/``close``,
+    which the line readers use; buffered, so a line costs no system call of its own."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self._buf = b""
+        self._at = 0
+
+    def readline(self, limit: int = -1, /) -> bytes:
+        limit = limit if limit >= 0 else 1 << 62
+        while True:
+            end = self._buf.find(b"\r", self._at, self._at + limit)
+            if end >= 0:
+                line = self._buf[self._at : end] + b"\n"
+                self._at = end + 1
+                return line
+            if len(self._buf) - self._at >= limit:
+                line = self._buf[self._at : self._at + limit]
+                self._at += limit
+                return line
+            more = self._fh.read(self.CHUNK)
+            if not more:
+                line, self._buf, self._at = self._buf[self._at :], b"", 0
+                return line
+            self._buf = self._buf[self._at :] + more
+            self._at = 0
+
+    def seek(self, offset: int, /) -> int:
+        self._buf, self._at = b"", 0
+        return self._fh.seek(offset)
+
+    def close(self) -> None:
+        self._fh.close()
 
 
 def text_name(name: str) -> str:
@@ -146,7 +205,10 @@ class FilePosition:
                 raise SourceError(f"{what}: {not_a_file(path, 'this source', st.st_mode)}")
             inode, size = st.st_ino, st.st_size
             with path.open("rb") as fh:
-                fingerprint = hashlib.sha1(read_line(fh, head_bytes, skip=False)[0]).hexdigest()
+                first = read_line(fh, head_bytes, skip=False)[0]
+                if cr_only(first):  # the header, not the whole (growing) file read as one line
+                    first = first[: first.index(b"\r") + 1]
+                fingerprint = hashlib.sha1(first).hexdigest()
         except OSError as exc:
             raise SourceError(f"{what}: cannot read ({exc})") from exc
         pos = cls(str(path), inode, fingerprint)

@@ -446,3 +446,26 @@ def test_gateway_publishes_a_phone_photo_over_a_kafka_record_scaled_down(setting
     records = raw_records(settings, "image", expect=1)  # the same published bytes twice: one event
     assert [(r.value["content_type"], r.value["width"], r.value["height"]) for r in records] == [("JPEG", 1200, 900)]
     assert len(bytes(records[0].value["data"])) <= 900_000
+
+
+def test_sensor_csv_with_classic_mac_line_ends_is_published_row_by_row_and_resumes(settings: Settings,
+                                                                                  tmp_path: Path) -> None:
+    """Excel for Mac's "CSV (Macintosh)" ends lines with a lone '\\r'. Read on '\\n' the whole file was its
+    header line: nothing was published and the run exited 0. Appended rows must resume after the last
+    one (the checkpoint's identity is the header, not the file read as one line)."""
+    import time
+
+    now = int(time.time() * 1000)
+    path = tmp_path / "mac.csv"
+    path.write_bytes(b"sensor_id,timestamp,value\r" + b"".join(
+        f"s{i % 3},{now - i},{i}\r".encode() for i in range(2500)))
+    with Publisher(settings) as pub:
+        first = publish_csv(settings, pub, path, batch_rows=1000)
+    assert (first.published, first.dead_lettered) == (2500, 0), first
+    with path.open("ab") as fh:
+        fh.write(b"".join(f"t{i},{now},{i}\r".encode() for i in range(7)))
+    with Publisher(settings) as pub:
+        second = publish_csv(settings, pub, path, batch_rows=1000)
+    assert (second.published, second.dead_lettered, second.from_line) == (7, 0, 2502), second
+    values = [r.value["value"] for r in raw_records(settings, "sensor", expect=2507)]
+    assert sorted(values) == sorted([float(i) for i in range(2500)] + [float(i) for i in range(7)])
