@@ -25,7 +25,6 @@ from __future__ import annotations
 import codecs
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -250,7 +249,7 @@ class JsonLinesSource(SourcePartition):
 
     def snapshot(self) -> dict[str, Any]:
         assert self.pos is not None, "standard input has no snapshot"
-        return asdict(self.pos)
+        return self.pos.snapshot()
 
     def close(self) -> None:
         if self.lines.fh is not sys.stdin.buffer:

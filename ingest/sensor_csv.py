@@ -9,7 +9,8 @@ Resume (the contract of ``ingest/source.py``): the snapshot is the file's identi
 of the header line, generation) and the byte offset and line number after the last row handed out.
 A restart with the same command resumes after the last acknowledged row; rows acked after that are
 found on the topics and not sent again. A file that changed while the source was down (other inode or
-header, or shorter than the offset) is read from its start as a new generation (new event ids). A run
+header, shorter than the offset, or other bytes just before it) is read from its start as a new
+generation (new event ids). A run
 that finished leaves its checkpoint at the end: the same command again publishes nothing (delete the
 checkpoint, printed at start, to publish the file again). The checkpoint is per file *and* per flags
 that decide a row's fate (see :func:`default_checkpoint_path`), so ``--backfill`` after a live run
@@ -36,7 +37,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -411,7 +412,7 @@ class SensorCsvSource(SourcePartition):
         return item
 
     def snapshot(self) -> dict[str, Any]:
-        return asdict(self.pos)
+        return self.pos.snapshot()
 
     def close(self) -> None:
         self.csv.close()

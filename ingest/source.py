@@ -47,7 +47,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
@@ -179,10 +179,38 @@ class FilePosition:
     generation: int = 0
     offset: int = 0  # byte offset after the last line handed out (0: not started)
     line: int = 0  # number of the last line handed out (0: none)
+    #: sha1 of the :data:`TAIL_BYTES` before ``offset`` ("" in checkpoints written before it existed). Why:
+    #: a CSV's first line is its header, so a file truncated and rewritten in place under the same header,
+    #: and again as long, matched inode and fingerprint and resumed mid-row of the new content.
+    tail: str = ""
+
+    TAIL_BYTES = 512
 
     @property
     def identity(self) -> str:
         return f"{self.path}#{self.inode}.{self.generation}.{self.fingerprint[:16]}"
+
+    def snapshot(self) -> dict[str, Any]:
+        """The position as a JSON object, with :attr:`tail` taken from the file now."""
+        self.tail = self._tail_of(Path(self.path), self.inode, self.offset) or ""
+        return asdict(self)
+
+    @classmethod
+    def _tail_of(cls, path: Path, inode: int, offset: int) -> str | None:
+        """sha1 of the bytes before ``offset`` of ``path`` when it is still file ``inode``, else None."""
+        if offset <= 0:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            return None
+        try:
+            if os.fstat(fd).st_ino != inode:
+                return None
+            start = max(0, offset - cls.TAIL_BYTES)
+            return hashlib.sha1(os.pread(fd, offset - start, start)).hexdigest()
+        finally:
+            os.close(fd)
 
     def at_end(self) -> bool:
         """True when a run already handed out the whole file (its size is at most the saved offset)."""
@@ -217,10 +245,11 @@ class FilePosition:
         saved = cls(**{k: v for k, v in resume_state.items() if k in cls.__dataclass_fields__})
         if saved.path != str(path):
             raise SourceError(f"the checkpoint belongs to {saved.path}, not {path}; pass another --checkpoint")
-        if (saved.inode, saved.fingerprint) == (inode, fingerprint) and size >= saved.offset:
+        if (saved.inode, saved.fingerprint) == (inode, fingerprint) and size >= saved.offset and (
+                not saved.tail or cls._tail_of(path, inode, saved.offset) == saved.tail):
             return saved
-        log.warning("%s changed since its checkpoint (other file, first line or shorter); reading it from "
-                    "the start as a new generation", path)
+        log.warning("%s changed since its checkpoint (other file, first line, shorter, or other bytes before the "
+                    "saved offset); reading it from the start as a new generation", path)
         pos.generation = saved.generation + 1
         return pos
 

@@ -469,3 +469,27 @@ def test_sensor_csv_with_classic_mac_line_ends_is_published_row_by_row_and_resum
     assert (second.published, second.dead_lettered, second.from_line) == (7, 0, 2502), second
     values = [r.value["value"] for r in raw_records(settings, "sensor", expect=2507)]
     assert sorted(values) == sorted([float(i) for i in range(2500)] + [float(i) for i in range(7)])
+
+
+def test_sensor_csv_rewritten_in_place_under_the_same_header_is_read_from_its_start(settings: Settings,
+                                                                                   tmp_path: Path) -> None:
+    """A logger that truncates its CSV and writes it again keeps the inode and the header line (the
+    fingerprint), and the new content soon passes the old offset: the next run resumed there, mid-row of
+    the new content, and lost every row before it. The bytes before the saved offset tell."""
+    import time
+
+    now = int(time.time() * 1000)
+    path = tmp_path / "logger.csv"
+    path.write_text("sensor_id,timestamp,value\n" + "".join(f"a{i},{now - i},{i}\n" for i in range(30)))
+    inode = path.stat().st_ino
+    with Publisher(settings) as pub:
+        assert publish_csv(settings, pub, path).published == 30
+    with path.open("r+b") as fh:  # in place: same inode, same header
+        fh.truncate(0)
+        fh.write(("sensor_id,timestamp,value\n" + "".join(f"b{i},{now - i},{100 + i}\n" for i in range(40))).encode())
+    assert path.stat().st_ino == inode
+    with Publisher(settings) as pub:
+        again = publish_csv(settings, pub, path)
+    assert (again.published, again.from_line) == (40, 2), again
+    ids = sorted(r.value["sensor_id"] for r in raw_records(settings, "sensor", expect=70))
+    assert ids == sorted([f"a{i}" for i in range(30)] + [f"b{i}" for i in range(40)])
