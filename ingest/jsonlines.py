@@ -23,6 +23,7 @@ run goes on. A UTF-8 byte-order mark before the first line is skipped.
 from __future__ import annotations
 
 import codecs
+import logging
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,12 +31,15 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ingest.exceptions import InputRejectedError, SourceError
 from ingest.source import (
+    BUSY,
+    SETTLED,
     FilePosition,
     PositionIds,
     SourceItem,
     SourcePartition,
     compressed,
     file_checkpoint_path,
+    last_line_state,
     policy_flags,
     read_line,
 )
@@ -49,6 +53,8 @@ from streaming.topics import KINDS
 if TYPE_CHECKING:
     from streaming.config import Settings
 
+log = logging.getLogger(__name__)
+
 #: Lines ``--timestamp-unit auto`` reads ahead in a file to decide the unit.
 LOOKAHEAD = 100
 
@@ -60,15 +66,29 @@ class LineReader:
     """The physical lines of a binary stream from a byte offset, each at most ``MAX_JSON_BYTES`` in
     memory; ``offset`` and ``line`` follow the last line read (blank lines included)."""
 
-    def __init__(self, fh: BinaryIO, name: str, *, offset: int = 0, line: int = 0) -> None:
+    def __init__(self, fh: BinaryIO, name: str, *, offset: int = 0, line: int = 0, path: Path | None = None) -> None:
         self.fh, self.name = fh, name
         self.offset, self.line = offset, line
         self.eof = False
+        #: The file (None for a stream): an unterminated last line waits for it to settle (``last_line_state``).
+        self.path = path
 
     def next(self) -> tuple[int, int, bytes, str | InputRejectedError | None]:
         """(number, start offset, bytes, text | its error | None for a blank line); ``eof`` set at the end."""
         start = self.offset
-        raw, size = read_line(self.fh, MAX_JSON_BYTES)
+        while True:
+            raw, size = read_line(self.fh, MAX_JSON_BYTES)
+            if self.path is None or not raw or raw.endswith(b"\n") or size > len(raw):
+                break
+            state = last_line_state(self.path, start + size)
+            if state == SETTLED:
+                break
+            self.fh.seek(start)  # read it again, longer, or leave it for the next run
+            if state == BUSY:
+                log.warning("--file %s: its last line (line %d) is still being written; it is left for the next run",
+                            self.name, self.line + 1)
+                raw = b""
+                break
         if not raw:
             self.eof = True
             return self.line, start, b"", None
@@ -176,7 +196,7 @@ class JsonLinesSource(SourcePartition):
                 fh: BinaryIO = absolute.open("rb")
             except OSError as exc:
                 raise SourceError(f"--file {path}: cannot read ({exc})") from exc
-            self.lines = LineReader(fh, self.given, offset=self.pos.offset, line=self.pos.line)
+            self.lines = LineReader(fh, self.given, offset=self.pos.offset, line=self.pos.line, path=absolute)
             self.lines.fh.seek(self.pos.offset)
             self.batch = batch
         else:

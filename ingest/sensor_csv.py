@@ -45,6 +45,8 @@ from ingest.exceptions import SensorValidationError, SourceError
 from ingest.runner import SourceRunner
 from ingest.sensors import LIVE, SensorIngestStats, as_sensor_error, dead_letter_source, now_ms, validate
 from ingest.source import (
+    BUSY,
+    SETTLED,
     CrLines,
     FilePosition,
     LineFile,
@@ -54,6 +56,7 @@ from ingest.source import (
     compressed,
     cr_only,
     file_checkpoint_path,
+    last_line_state,
     policy_flags,
     read_line,
 )
@@ -246,6 +249,8 @@ class CsvReader:
             if not physical:
                 self.eof = True
                 break
+            if size == len(physical) and not physical.endswith(b"\n") and not self._last_line_ready(size):
+                continue
             start = self.offset
             self.offset += size
             if size > len(physical):
@@ -263,6 +268,19 @@ class CsvReader:
                 else:
                     out.append(self._row(self.line, raw, start))
         return out
+
+    def _last_line_ready(self, size: int) -> bool:
+        """An unterminated last line: True to take it as the file's last row; False after seeking back to
+        read it again (the file grew) or, still being written, leaving it for the next run (``eof``)."""
+        state = last_line_state(self.path, self.offset + size)
+        if state == SETTLED:
+            return True
+        self._fh.seek(self.offset)
+        if state == BUSY:
+            log.warning("--csv %s: its last line (line %d) is still being written; it is left for the next run",
+                        self.path, self.line + 1)
+            self.eof = True
+        return False
 
     def _cells(self, raw: bytes) -> dict[str, str]:
         """A data row's cells by column name; SensorValidationError when it is not UTF-8, not CSV or has

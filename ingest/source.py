@@ -107,6 +107,46 @@ def read_line(fh: LineFile, max_bytes: int, *, skip: bool = True) -> tuple[bytes
     return line[:KEEP_BYTES], size
 
 
+#: An unterminated last line of a file read once (no ``--follow``) is taken as complete when the file has
+#: not changed for ``LAST_LINE_SETTLE_S``; a file still written after ``LAST_LINE_MAX_WAIT_S`` keeps that
+#: line for the next run. Why: a CSV or log copied or written while a run read it was cut mid-line: the
+#: head was published as a row of its own (a value of 2 for 23.5) and the rest dead-lettered next run.
+LAST_LINE_SETTLE_S = 1.0
+LAST_LINE_MAX_WAIT_S = 10.0
+#: What :func:`last_line_state` found.
+SETTLED, GREW, BUSY = "settled", "grew", "busy"
+
+
+def last_line_state(path: Path | str, read_to: int) -> str:
+    """Whether the unterminated line that ends at byte ``read_to`` of ``path`` is the file's last line.
+
+    :data:`SETTLED`: the file is that long and unchanged for :data:`LAST_LINE_SETTLE_S` (at once when its
+    mtime is already that old): publish the line. :data:`GREW`: the file is longer now: read on. :data:`BUSY`:
+    still changing after :data:`LAST_LINE_MAX_WAIT_S`, or gone: leave the line for the next run."""
+    import time
+
+    deadline = time.monotonic() + LAST_LINE_MAX_WAIT_S
+    seen: tuple[int, int] | None = None
+    since = time.monotonic()
+    while True:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return BUSY
+        if st.st_size > read_to:
+            return GREW
+        now = (st.st_size, st.st_mtime_ns)
+        if seen is None and time.time() - st.st_mtime >= LAST_LINE_SETTLE_S:
+            return SETTLED
+        if now != seen:  # first look, or written since: the quiet period starts again
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since >= LAST_LINE_SETTLE_S:
+            return SETTLED
+        if time.monotonic() >= deadline:
+            return BUSY
+        time.sleep(min(0.05, LAST_LINE_SETTLE_S / 10))
+
+
 def cr_only(first: bytes) -> bool:
     """True when a file's first physical line (as :func:`read_line` gives it) shows classic-Mac line ends:
     a ``\r`` inside it that is not the ``\r`` of a ``\r\n``. Excel for Mac's "CSV (Macintosh)" and old

@@ -8,7 +8,8 @@ Rotation: when the path names a new inode, the old file is drained to its end (a
 ``rotate_grace_s`` to stop growing), then the new file is read from 0. Truncation (copytruncate:
 the file is shorter than what was read) restarts the same inode from 0 under a new
 *generation*. Without ``follow`` the file is read once to its end, the last line even without
-its newline.
+its newline once the file has not changed for a second (a line still being written waits, up to
+``LAST_LINE_MAX_WAIT_S``, and is otherwise left for the next run).
 
 Durability - why no gap and no duplicate after ``kill -9``: :class:`TailSource` is a source of the
 one runner (``ingest/runner.py``, the contract in ``ingest/source.py``), which publishes, checkpoints
@@ -43,7 +44,17 @@ from typing import TYPE_CHECKING, Any
 
 from ingest.exceptions import InputRejectedError, LogParseError, SourceError
 from ingest.runner import SourceRunner
-from ingest.source import PositionIds, SourceItem, SourcePartition, compressed, not_a_file, text_name
+from ingest.source import (
+    BUSY,
+    GREW,
+    PositionIds,
+    SourceItem,
+    SourcePartition,
+    compressed,
+    last_line_state,
+    not_a_file,
+    text_name,
+)
 from ingest.weblog import parse_line
 from schemas.exceptions import SchemaError
 from streaming.eventtime import EventTimePolicy
@@ -252,6 +263,14 @@ class TailSource(SourcePartition):
             if self._out or not self.pos.skipping:  # skipping a long line's rest hands out nothing: read on
                 return self._take()
         if not self.follow:
+            if self._buf and not self.pos.skipping and b"\n" not in self._buf:
+                state = last_line_state(self.pos.file or self.path, self._read_pos)
+                if state == GREW:
+                    return []  # asked again after poll_s: the next chunk carries the rest of the line
+                if state == BUSY:
+                    log.warning("%s: its last line (line %d) is still being written; it is left for the next run",
+                                self.pos.file or self.path, self.pos.line + 1)
+                    self._buf = b""
             self._split(final=True)
             self._done = True
             if not self._out:
