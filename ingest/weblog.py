@@ -133,12 +133,17 @@ def parse_clf_time(text: str) -> int:
         if tz[0] not in "+-" or len(tz) != 5:
             raise ValueError(tz)
         offset = sign * (int(tz[1:3]) * 3600 + int(tz[3:5]) * 60)
-        if not (1 <= day <= 31 and hour < 24 and minute < 60 and second < 61):
+        if not (1 <= day <= 31 and hour < 24 and minute < 60 and second < 61 and int(tz[3:5]) < 60):
             raise ValueError(text)
+        # 31/Feb used to be read as 3 Mar (timegm carries days over): a date that does not exist is refused.
+        month_days = calendar.monthrange(year, month)[1] if day > 28 else 31
     except (ValueError, KeyError, IndexError) as exc:
         raise LogParseError(
             f"timestamp [{text}] is not 'dd/Mon/yyyy:HH:MM:SS +zzzz'; fix the log format", "bad_timestamp"
         ) from exc
+    if day > month_days:
+        raise LogParseError(f"timestamp [{text}] names day {day} of a month of {month_days} days; fix the log",
+                            "bad_timestamp")
     return (calendar.timegm((year, month, day, hour, minute, second)) - offset) * 1000
 
 

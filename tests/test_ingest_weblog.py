@@ -143,6 +143,21 @@ def test_clf_time_offsets() -> None:
     assert parse_clf_time("01/Jan/1970:01:00:00 +0100") == 0
 
 
+@pytest.mark.parametrize("text", ["31/Feb/2023:10:00:00 +0000", "29/Feb/2023:10:00:00 +0000",
+                                  "31/Apr/2024:00:00:00 +0000", "01/Jan/2024:00:00:00 +0099"])
+def test_clf_dates_that_do_not_exist_are_refused_not_carried_into_the_next_month(text: str) -> None:
+    """31/Feb/2023 was read as 3 Mar 2023 (timegm carries the days over): a wrong time, not an error."""
+    with pytest.raises(LogParseError) as err:
+        parse_clf_time(text)
+    assert err.value.reason == "bad_timestamp"
+
+
+def test_clf_month_ends_and_leap_days_that_exist_are_read() -> None:
+    assert parse_clf_time("29/Feb/2024:00:00:00 +0000") == 1709164800000
+    assert parse_clf_time("31/Dec/1999:23:59:59 +0000") == 946684799000
+    assert parse_clf_time("30/Apr/2024:00:00:00 +0000") + 86_400_000 == parse_clf_time("01/May/2024:00:00:00 +0000")
+
+
 def test_format_combined_round_trips_generated_traffic() -> None:
     for rec in web_traffic(300, seed=3):
         back = parse_line(format_combined(rec), source="x")
