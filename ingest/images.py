@@ -20,8 +20,8 @@ starting with a dot (the convention for files still being written, e.g. rsync's 
 sidecar ``.label`` files (they move with their image; one whose image never arrives is rejected
 as ``orphan_label`` once settled), sub-directories (``processed/``, ``rejected/``), and files not
 yet settled: a file is taken only once its size and mtime stayed unchanged for ``settle_s``
-(also with ``--once``, which waits for them up to ``max_settle_wait_s`` and then logs each file
-it leaves in place).
+(also with ``--once`` and ``--idle-exit``, which wait for them up to ``max_settle_wait_s`` more and
+then log each file they leave in place).
 
 Exactly-once watcher (see :class:`ImageWatcher`): the folder is a source of the one runner
 (``ingest/runner.py``, contract in ``ingest/source.py``); an image's event id is the sha256 of its
@@ -33,6 +33,21 @@ on the topics by the runner's read-back from its floors (``<state>.floors.json``
 what was found, not sent again. So kill -9 at any point gives no loss and no duplicate. The snapshot
 is empty: the journal and the folder itself are the position. (Journals of earlier versions may hold
 ``I`` intents: such files are resolved by the same read-back.)
+
+Names in ``processed/`` and ``rejected/`` (``ingest/image_moves.py``): a file keeps its name unless
+that name, or a sidecar name it could have there (``<name>.label``, ``<name>.reason``,
+``<name>.duplicate``, ``<stem>.label``), is taken; then it becomes ``<stem>.<12 hex of its sha256><ext>``
+(``-2``, ``-3``... after that), and its label and note files follow the name it got, so an earlier
+file's sidecars are never overwritten. Where each file went is journaled too (``<state>.names``, the
+journal's format with the hex of ``[source, target, label]`` as tag), before it is moved, so a move cut
+short by a kill ends under the same name.
+
+The same bytes under another name (a re-upload, a copy) are the same event id: never sent twice. The copy
+gets its own verdict all the same: valid, it goes to ``processed/`` beside ``<name>.duplicate``, which
+names the file the bytes were published from and, when they differ, both labels (the copy's label is
+not published: the record keeps the first one); refused, it goes to ``rejected/`` beside its ``.reason``
+with the same duplicate line (it is not dead-lettered again). A copy valid where the first was refused
+(its file time, say) is left for the next scan, which publishes it. Each is logged.
 """
 
 from __future__ import annotations
@@ -59,6 +74,7 @@ from ingest.image_check import (  # noqa: F401 (re-exported: callers import them
     label_for,
     sniff,
 )
+from ingest.image_moves import Plan, carry_out, label_key, names_entry, names_tag, place
 from ingest.runner import SourceRunner
 from ingest.source import PUBLISHED, SourceItem, SourcePartition, text_name
 from streaming.eventtime import EventTimePolicy
@@ -115,6 +131,10 @@ class _DropFolder(SourcePartition):
 class ImageWatcher:
     """Publish each new image of ``directory`` once, then move it to processed/ or rejected/."""
 
+    #: Entries of the names journal kept (most recent first): a copy of bytes older than that is still
+    #: never sent again (the hash journal says so), but its note cannot name the first file.
+    NAMES_KEPT = 100_000
+
     def __init__(
         self,
         settings: Settings,
@@ -139,6 +159,8 @@ class ImageWatcher:
         key = hashlib.sha1(str(self.directory).encode("utf-8", "surrogateescape")).hexdigest()[:16]
         base = state_path or settings.state_dir / "images" / key
         self.journal = HashJournal(base.with_suffix(".journal"))
+        #: Where the file of each event id went (``processed/x.png``), so a copy's note can name it.
+        self.names = HashJournal(base.with_suffix(".names"), max_entries=self.NAMES_KEPT)
         self.floors_path = base.with_suffix(".floors.json")
         self.batch_size = batch_size
         self.settle_s = settle_s
@@ -153,8 +175,11 @@ class ImageWatcher:
         self._odd: set[str] = set()  # entries that are neither regular files nor directories, logged once
         self._in_flight: set[str] = set()  # digests sent, not yet journaled
         self.follow, self.poll_s, self._started = True, 0.5, time.monotonic()
+        self.idle_exit_s: float | None = None
+        self._active = self._started  # when a file was last handed out (for idle_exit_s)
         self.published = 0
         self.rejected_count = 0
+        self.duplicates = 0  # copies of bytes already published or rejected: moved beside a note, not sent
         if any(tag == "I" for _, tag in self.journal.items()) and read_json(self.floors_path) is None:
             raise SourceError(
                 f"journal has in-flight images but {self.floors_path} is missing; "
@@ -248,19 +273,13 @@ class ImageWatcher:
 
     # -- the source side (driven by the runner) ---------------------------------------------
     def _next_batch(self) -> list[SourceItem]:
-        """Up to ``batch_size`` settled files as items; [] while files settle; StopIteration when a
-        once run has nothing left (or waited ``max_settle_wait_s`` for files still being written)."""
+        """Up to ``batch_size`` settled files as items; [] while files settle; StopIteration when the run
+        is over (:meth:`_over`)."""
         if not self._queue:
             self._queue = [p for p in self.candidates() if p not in self._taken]
             if not self._queue:
-                if not self.follow:
-                    if not self.unsettled:
-                        raise StopIteration
-                    if time.monotonic() - self._started > self.max_settle_wait_s:
-                        for path in self.unsettled:
-                            log.warning("%s is still being written after %.0f s; left in place for the next run",
-                                        path, self.max_settle_wait_s)
-                        raise StopIteration
+                if self._over():
+                    raise StopIteration
                 return []
         paths, self._queue = self._queue[: self.batch_size], self._queue[self.batch_size :]
         items = []
@@ -269,7 +288,35 @@ class ImageWatcher:
             if it is not None:
                 self._taken.add(path)
                 items.append(self._item(it))
+        if items:
+            self._active = time.monotonic()
         return items
+
+    def _over(self) -> bool:
+        """Whether a once run (nothing left) or an idle exit (``idle_exit_s`` without a new file) ends now.
+
+        Neither ends while a file is still being written: a once run waits ``max_settle_wait_s`` from its
+        start, an idle exit ``max_settle_wait_s`` past ``idle_exit_s``; then each file left is logged.
+        Why: the idle exit used to count a file still being written as idleness, so ``--idle-exit`` left
+        it in place without a word, and a batch job ended with a file unpublished.
+        """
+        now = time.monotonic()
+        if not self.follow:
+            waited, grace = now - self._started, 0.0
+        elif self.idle_exit_s is not None:
+            waited, grace = now - self._active, self.idle_exit_s
+            if waited <= grace:
+                return False
+        else:
+            return False
+        if not self.unsettled:
+            return True
+        if waited - grace <= self.max_settle_wait_s:
+            return False
+        for path in self.unsettled:
+            log.warning("%s is still being written after %.0f s; left in place for the next run",
+                        path, self.max_settle_wait_s)
+        return True
 
     def _item(self, it: _Item) -> SourceItem:
         tag = self.journal.get(it.digest)
@@ -288,53 +335,102 @@ class ImageWatcher:
                           ref=it)
 
     def _commit(self, items: list[SourceItem]) -> None:
-        """A batch is acked: journal each sent (or found) image, then move every file of the batch."""
+        """A batch is acked: journal each sent (or found) image, plan where every file of the batch goes
+        (journaled too, so a move cut short ends under the same name), then move them."""
         done = [(item.outcome, item.event_id) for item in items if item.outcome]
         self.journal.add_many(done)
         self.published += sum(1 for i in items if i.outcome == PUBLISHED and not i.skipped)
         self.rejected_count += sum(1 for i in items if i.outcome and i.outcome != PUBLISHED and not i.skipped)
         for item in items:
             self._in_flight.discard(item.event_id)
+        reserved: set[Path] = set()
+        placed: dict[str, str] = {}  # digest -> names tag of a file planned in this batch
+        plans = []
         for item in items:
             self._taken.discard(item.ref.path)
-            self._move(item.ref)
+            plan = self._plan(item.ref, bool(item.outcome), reserved, placed)
+            if plan.entry is not None:
+                placed[plan.entry[1]] = plan.entry[0]
+            plans.append(plan)
+        self.names.add_many([plan.entry for plan in plans if plan.entry is not None])
+        for plan in plans:
+            self._move(plan)
 
-    def _move(self, it: _Item) -> None:
+    def _plan(self, it: _Item, sent: bool, reserved: set[Path], placed: dict[str, str]) -> Plan:
+        """Where ``it`` goes: the directory of its journaled verdict (a copy of bytes already done: of its
+        own verdict), under a name whose sidecars are all free, with its label files and note.
+
+        ``sent``: the runner published or dead-lettered it now (or found it on the topics after a kill):
+        the file of its event id. A file not sent is a copy, unless it is the one file the names journal
+        placed under a name that is not there yet (a kill cut its move short, or it was put back).
+        """
         tag = self.journal.get(it.digest)
-        target_dir = self.processed if tag == "P" else self.rejected
-        if it.path.name.endswith(".label"):  # an orphan sidecar: it has no sidecars of its own
-            (target_dir / (it.path.name + ".reason")).write_text(f"orphan_label: {it.error}\n", encoding="utf-8")
-            self._replace(it, target_dir)
-            return
-        if tag == "R":
-            if it.error is None:  # recorded rejected by an older run with other limits: keep that verdict
-                it.error = ImageValidationError("rejected by an earlier run", "rejected_earlier")
-            (target_dir / (it.path.name + ".reason")).write_text(f"{it.error.reason}: {it.error}\n", encoding="utf-8")
-        for sidecar in (it.path.with_name(it.path.name + ".label"), it.path.with_suffix(".label")):
-            if sidecar.exists() and sidecar != it.path:
-                os.replace(sidecar, target_dir / sidecar.name)
-        self._replace(it, target_dir)
+        if tag not in ("P", "R"):  # cannot happen: every file of a committed batch is journaled or a copy
+            log.warning("%s has no verdict in %s; left in place for the next scan", it.path, self.journal.path)
+            return Plan(it.path, None)
+        first = None if sent else names_entry(placed.get(it.digest) or self.names.get(it.digest))
+        own = None
+        if first is not None and first[0] == it.path.name and not os.path.lexists(self.directory / first[1]):
+            own, first = self.directory / first[1], None
+        label = it.record["label"] if it.record is not None else None
+        if first is None:  # the file of this event id
+            note = None
+            if it.path.name.endswith(".label"):
+                note = f"orphan_label: {it.error}"
+            elif tag == "R":
+                if it.error is None:  # recorded rejected by an older run with other limits: keep that verdict
+                    it.error = ImageValidationError("rejected by an earlier run", "rejected_earlier")
+                note = f"{it.error.reason}: {it.error}"
+            plan = place(it.path, it.digest, self.processed if tag == "P" else self.rejected, note=note,
+                         reserved=reserved, own=own)
+            assert plan.target is not None
+            if not sent:  # journaled by a run that stopped before moving it (or put back after its move)
+                log.info("%s was %s by an earlier run; moved to %s now, not sent again", it.path,
+                         "published" if tag == "P" else "rejected", plan.target)
+            plan.entry = (names_tag(it.path.name, str(plan.target.relative_to(self.directory)), label), it.digest)
+            return plan
+        # A copy: the same bytes as a file already published or rejected (this run or an earlier one).
+        where = first[1] + ("" if os.path.lexists(self.directory / first[1]) else " (no longer there)")
+        if tag == "R" and it.error is None:
+            log.info("%s has the bytes of %s, which was rejected, but is valid itself; left for the next scan, "
+                     "which publishes it", it.path, where)
+            return Plan(it.path, None)
+        self.duplicates += 1
+        said = "published" if tag == "P" else "dead-lettered"
+        line = (f"duplicate: same bytes (event id {it.digest}) as {where}, dropped as {first[0]!r} and {said}; "
+                f"not {said} again (one event per event id)")
+        if it.error is None:
+            if label_key(label) != first[2]:  # recorded, not dropped: the record keeps the first label
+                line += (f". Its label {label_key(label)!r} differs from the published {first[2]!r}, which the "
+                         "record keeps; correct the label downstream if this one is right")
+            plan = place(it.path, it.digest, self.processed, note=line, ext=".duplicate", reserved=reserved)
+        else:
+            plan = place(it.path, it.digest, self.rejected, note=f"{it.error.reason}: {it.error}\n{line}",
+                         reserved=reserved)
+        log.warning("%s: %s; moved to %s beside its note", it.path, line, plan.target)
+        return plan
 
-    def _replace(self, it: _Item, target_dir: Path) -> None:
-        target = target_dir / it.path.name
-        if target.exists():  # same name processed before (other content): keep both
-            target = target_dir / f"{it.path.stem}.{it.digest[:12]}{it.path.suffix}"
-        try:
-            os.replace(it.path, target)
-        except FileNotFoundError:
-            log.warning("%s vanished before it could be moved to %s", it.path, target_dir.name)
+    def _move(self, plan: Plan) -> None:
+        """Carry out one file's plan (the step after the journal: a kill before it leaves the file in place,
+        and the next run moves it under the name its names entry planned)."""
+        carry_out(plan)
 
     def run(
         self, *, follow: bool = True, poll_s: float = 0.5, stop: threading.Event | None = None,
         idle_exit_s: float | None = None,
     ) -> None:
-        """Scan and publish until ``stop`` (a threading.Event) is set; once when not ``follow``.
+        """Scan and publish until ``stop`` (a threading.Event) is set; once when not ``follow``; with
+        ``idle_exit_s``, until that long without a new file.
 
-        Once (not ``follow``) still waits for files that are being written, up to
-        ``max_settle_wait_s``; a file that does not settle by then is logged and left in place.
+        Once (not ``follow``) still waits for files that are being written, up to ``max_settle_wait_s``,
+        and so does an idle exit, past ``idle_exit_s``; a file that does not settle by then is logged and
+        left in place. The idle exit is decided here (:meth:`_over`), not by the runner, which cannot see
+        a file that is still being written.
         """
         self.follow, self.poll_s, self._started = follow, poll_s, time.monotonic()
-        self.runner.run(stop, idle_exit_s=idle_exit_s)
+        self.idle_exit_s, self._active = idle_exit_s, self._started
+        self.runner.run(stop)
 
     def close(self) -> None:
         self.journal.close()
+        self.names.close()

@@ -72,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     i.add_argument("--watch", type=Path, required=True, metavar="DIR", help="directory to watch")
     i.add_argument("--once", action="store_true", help="process the files present now and exit")
     i.add_argument("--poll", type=float, default=0.5, help="seconds between directory scans (default 0.5)")
-    i.add_argument("--idle-exit", type=float, help="exit after this many seconds without new files")
+    i.add_argument("--idle-exit", type=float, help="exit after this many seconds without new files; a file "
+                   "still being written is waited for (up to 60 s more), then logged and left in place")
     i.add_argument("--settle", type=float, default=1.0,
                    help="seconds a file's size and mtime must stay unchanged before it is taken (default 1)")
     add_event_time_flags(i, unit_setting=None)
@@ -257,6 +258,7 @@ def _images(args: argparse.Namespace, settings: config.Settings) -> int:
             "source": str(args.watch),
             "published": watcher.published,
             "rejected": watcher.rejected_count,
+            "duplicates": watcher.duplicates,
             "not_acked": pub.abandoned,
             "seconds": round(time.monotonic() - started, 3),
         }
