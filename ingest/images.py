@@ -156,8 +156,7 @@ class ImageWatcher:
         self.rejected = self.directory / "rejected"
         self.processed.mkdir(exist_ok=True)
         self.rejected.mkdir(exist_ok=True)
-        key = hashlib.sha1(str(self.directory).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-        base = state_path or settings.state_dir / "images" / key
+        base = state_path or self._state_base(settings)
         self.journal = HashJournal(base.with_suffix(".journal"))
         #: Where the file of each event id went (``processed/x.png``), so a copy's note can name it.
         self.names = HashJournal(base.with_suffix(".names"), max_entries=self.NAMES_KEPT)
@@ -187,6 +186,20 @@ class ImageWatcher:
             )
         self.runner = SourceRunner(settings, publisher, lambda _state: _DropFolder(self), kind="image",
                                    checkpoint_path=self.floors_path)
+
+    def _state_base(self, settings: Settings) -> Path:
+        """The journal's and floors' path: a hash of the folder's real path. Another spelling of it (a
+        linked directory, ``in/../in``) used to be another journal: every file published again. A state
+        written before, under the path as given, is still used."""
+
+        def at(where: Path) -> Path:
+            return settings.state_dir / "images" / hashlib.sha1(
+                str(where).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+        real = Path(os.path.realpath(self.directory))
+        own, given = at(real), at(self.directory)
+        earlier = real != self.directory and not own.with_suffix(".journal").exists()
+        return given if earlier and given.with_suffix(".journal").exists() else own
 
     # -- scanning -------------------------------------------------------------------------
     def candidates(self, *, wait_settle: bool = True) -> list[Path]:
@@ -432,5 +445,6 @@ class ImageWatcher:
         self.runner.run(stop)
 
     def close(self) -> None:
+        self.runner.release()
         self.journal.close()
         self.names.close()

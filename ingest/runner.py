@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,8 +122,13 @@ class SourceRunner:
         self._sent_since_floor = False
         #: The last durable snapshot (what a restart resumes from); None without a checkpoint.
         self.state: dict[str, Any] | None = None
-        resume = self._load()
-        self.source = build(resume)
+        self._lock_fd = self._lock()
+        try:
+            resume = self._load()
+            self.source = build(resume)
+        except BaseException:
+            self.release()
+            raise
         #: Whether the source does something in commit() (the drop folder journals and moves files).
         self._commits = type(self.source).commit is not SourcePartition.commit
         if self.cp_path is not None:
@@ -132,6 +138,35 @@ class SourceRunner:
             self._write()
 
     # -- checkpoint ---------------------------------------------------------------------------
+    def _lock(self) -> int | None:
+        """Hold ``<checkpoint>.lock`` (an flock, freed by the kernel when the process dies, kill -9 too) for
+        this runner's life. Why: two runs of one input (the same command started twice, a cron job over a
+        slow one) both resumed from one checkpoint and both published: every event twice. The second is
+        refused at once instead, naming the first."""
+        if self.cp_path is None:
+            return None
+        from ingest.exceptions import SourceError
+        from streaming.members import try_lock
+
+        lock = self.cp_path.with_name(self.cp_path.name + ".lock")
+        fd = try_lock(lock)
+        if fd is None:
+            try:
+                holder = "pid " + (lock.read_text(encoding="ascii").strip() or "?")
+            except (OSError, UnicodeDecodeError):
+                holder = "another process"
+            raise SourceError(f"another run ({holder}) is publishing this input now (checkpoint {self.cp_path}); "
+                              "wait for it to finish or stop it, then run the same command again")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
+
+    def release(self) -> None:
+        """Let another run of this input start (run() does it when it returns; idempotent)."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
+
     def _load(self) -> dict[str, Any] | None:
         if self.cp_path is None:
             return None
@@ -326,4 +361,5 @@ class SourceRunner:
             self.settle()
         finally:
             source.close()
+            self.release()
         return self.stats

@@ -283,7 +283,7 @@ class FilePosition:
         if resume_state is None:
             return pos
         saved = cls(**{k: v for k, v in resume_state.items() if k in cls.__dataclass_fields__})
-        if saved.path != str(path):
+        if saved.path != str(path) and canonical_path(saved.path) != canonical_path(path):
             raise SourceError(f"the checkpoint belongs to {saved.path}, not {path}; pass another --checkpoint")
         if (saved.inode, saved.fingerprint) == (inode, fingerprint) and size >= saved.offset and (
                 not saved.tail or cls._tail_of(path, inode, saved.offset) == saved.tail):
@@ -320,9 +320,25 @@ def file_checkpoint_path(folder: Path, path: Path, flags: dict[str, Any]) -> Pat
     sha1 of the absolute path and the flags. The same command resumes (or, finished, publishes nothing);
     the same file with other flags (``--backfill`` after a live run refused the history) is a run of its
     own."""
-    key_text = f"{Path(path).absolute()}\0{json.dumps(flags, sort_keys=True)}"
-    key = hashlib.sha1(key_text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return folder / f"{Path(path).name}.{key}.json"
+    def at(where: Path) -> Path:
+        key_text = f"{where}\0{json.dumps(flags, sort_keys=True)}"
+        key = hashlib.sha1(key_text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        return folder / f"{Path(path).name}.{key}.json"
+
+    given, canonical = Path(path).absolute(), canonical_path(path)
+    own = at(canonical)
+    if canonical != given and not own.exists() and at(given).exists():
+        return at(given)  # written before keys were canonical: that run resumes where it was
+    return own
+
+
+def canonical_path(path: Path | str) -> Path:
+    """``path`` with its directory resolved (``..``, ``.`` and directory links) and its own name kept.
+    Why: ``in/../in/x.csv`` or the file through a linked directory was another checkpoint, so the same
+    file was published again. The last component is kept as named: a followed log path (``current``,
+    a link switched at rotation) stays the path it is, not the file it names today."""
+    p = Path(path).absolute()
+    return Path(os.path.realpath(p.parent)) / p.name
 
 
 @dataclass(eq=False)

@@ -50,6 +50,7 @@ from ingest.source import (
     PositionIds,
     SourceItem,
     SourcePartition,
+    canonical_path,
     compressed,
     last_line_state,
     not_a_file,
@@ -115,14 +116,22 @@ def default_checkpoint_path(settings: Settings, path: Path, policy: EventTimePol
     --backfill", and that command then resumed at the live run's end and published nothing. Live runs
     keep the path they always had, so a restarted ``--follow`` resumes where it was.
     """
-    where = str(Path(path).absolute())
+    suffix = ""
     if policy is not None and policy.backfill:
-        where += "\0" + json.dumps({"backfill": True, "max_age_ms": policy.max_age_ms,
-                                    "max_future_ms": policy.max_future_ms}, sort_keys=True)
+        suffix += "\0" + json.dumps({"backfill": True, "max_age_ms": policy.max_age_ms,
+                                     "max_future_ms": policy.max_future_ms}, sort_keys=True)
     if policy is not None and policy.timezone:  # JSON logs' naive times: another zone, another fate
-        where += "\0timezone=" + policy.timezone
-    key = hashlib.sha1(where.encode("utf-8", "surrogateescape")).hexdigest()[:16]  # a latin-1 name too
-    return settings.state_dir / "weblog" / f"{Path(path).name}.{key}.json"
+        suffix += "\0timezone=" + policy.timezone
+
+    def at(where: Path) -> Path:
+        key = hashlib.sha1((str(where) + suffix).encode("utf-8", "surrogateescape")).hexdigest()[:16]  # latin-1 too
+        return settings.state_dir / "weblog" / f"{Path(path).name}.{key}.json"
+
+    # The directory resolved (another spelling of it was another checkpoint: the log published again); a
+    # checkpoint written before that, under the path as given, is still resumed.
+    given, canonical = Path(path).absolute(), canonical_path(path)
+    own = at(canonical)
+    return at(given) if canonical != given and not own.exists() and at(given).exists() else own
 
 
 def _first_line_fp(fd: int) -> str:
@@ -179,7 +188,7 @@ class TailSource(SourcePartition):
             self._open_current(pos)
             return pos
         pos = Position.from_state(saved)
-        if pos.path != str(self.path):
+        if pos.path != str(self.path) and canonical_path(pos.path) != canonical_path(self.path):
             raise SourceError(
                 f"the checkpoint belongs to {pos.path}, not {self.path}; pass --checkpoint with another file"
             )
