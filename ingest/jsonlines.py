@@ -149,6 +149,10 @@ def event_from_line(kind: str, line: str, reader: TimestampReader, policy: Event
     if "timestamp" not in record:
         raise EventTimeError(f"{KINDS[kind]} needs a timestamp (epoch number or ISO 8601 text)", "bad_timestamp")
     record["timestamp"] = policy.check(reader(record["timestamp"]))
+    if kind == "weblog":  # as `ingest weblog` refuses it: a field the features cannot use
+        from ingest.weblog import usable
+
+        return usable(record)
     return record
 
 

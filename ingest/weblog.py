@@ -35,7 +35,8 @@ from urllib.parse import urlsplit
 
 from ingest.exceptions import InputRejectedError, LogParseError
 from streaming.eventtime import EventTimePolicy, TimestampReader
-from streaming.exceptions import EventTimeError
+from streaming.exceptions import EventTimeError, FeatureValidationError
+from streaming.features.weblog import request_fields
 from streaming.limits import bounded_json
 
 _Q = r'"((?:[^"\\]|\\.)*)"'
@@ -358,7 +359,7 @@ def parse_object(obj: dict[str, Any], text: Callable[[], str], *, source: str, p
         raise LogParseError.combine(values + others)
     label = _opt_str(obj, "label")
     supplied_id = _pick(obj, "event_id")
-    return {
+    return usable({
         "event_id": str(supplied_id) if supplied_id is not None else event_id or event_id_for(source, position, text()),
         "client_ip": str(client_ip),
         "ident": _opt_str(obj, "ident"),
@@ -374,7 +375,7 @@ def parse_object(obj: dict[str, Any], text: Callable[[], str], *, source: str, p
         "latency_ms": latency,
         "label": label,
         "source": source,
-    }
+    })
 
 
 def parse_line(
@@ -398,7 +399,7 @@ def parse_line(
         if stripped.startswith("{"):
             return parse_json(stripped, source=source, position=position, event_id=event_id, read_time=read_time,
                               policy=policy)
-        return check_time(parse_combined(text, source=source, position=position, event_id=event_id), policy)
+        return check_time(usable(parse_combined(text, source=source, position=position, event_id=event_id)), policy)
     except InputRejectedError:
         raise
     except (ValueError, OverflowError) as exc:
@@ -407,6 +408,26 @@ def parse_line(
         # Uncaught, one such line crashed `ingest weblog` at every restart; it is one line's dead letter.
         raise LogParseError(f"a number in the line is out of range ({type(exc).__name__}: {str(exc)[:120]})",
                             "bad_number") from exc
+
+
+#: The reason code of a field the features cannot use (:func:`usable`).
+_FIELD_REASONS = {"bytes_sent": "bad_bytes", "latency_ms": "bad_latency", "status": "bad_status", "path": "bad_path",
+                  "user_agent": "bad_user_agent", "client_ip": "bad_client_ip", "method": "bad_method"}
+
+
+def usable(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` when the web-log features can use each of its fields, else LogParseError with the field's
+    reason. Why at ingestion: such a line (a negative size, a latency of 1e400 read as infinity, a
+    200,000-character path, an empty client address) was published and then dead-lettered by every
+    stream worker; refused here, it is one dead letter where it was read, with its line number. Any
+    three-digit status is kept (000 and 999 are in real logs): the features refuse those themselves."""
+    try:
+        request_fields(record, any_status=True)
+    except FeatureValidationError as exc:
+        field = str(exc).split(":", 1)[0].rsplit(".", 1)[-1]
+        raise LogParseError(f"{exc}; the web-log features cannot use it", _FIELD_REASONS.get(field, "bad_field")) \
+            from exc
+    return record
 
 
 def check_time(record: dict[str, Any], policy: EventTimePolicy | None, now: int | None = None) -> dict[str, Any]:

@@ -89,3 +89,48 @@ def test_a_label_file_is_read_within_its_bound(tmp_path: Path) -> None:
         label_for(img)
     (tmp_path / "secret.png.label").write_text("7\n")
     assert label_for(img) == "7"
+
+
+def _clf(**over: str) -> str:
+    f = {"ip": "10.0.0.1", "stamp": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(time.time() - 5)),
+         "path": "/a", "status": "200", "size": "512", "ua": "curl/8", "tail": ""} | over
+    return f'{f["ip"]} - - [{f["stamp"]}] "GET {f["path"]} HTTP/1.1" {f["status"]} {f["size"]} "-" "{f["ua"]}"{f["tail"]}'
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    (_clf(path="/" + "p" * 200_000), "bad_path"),
+    (_clf(ua="u" * 5000), "bad_user_agent"),
+    ('{"remote_addr": "", "time": "2024-01-01T00:00:00Z", "request": "GET / HTTP/1.1", "status": 200}',
+     "bad_client_ip"),
+    ('{"client_ip": "10.0.0.1", "time": "2024-01-01T00:00:00Z", "request": "GET / HTTP/1.1", "status": 200, '
+     '"bytes_sent": -5}', "bad_bytes"),
+    ('{"client_ip": "10.0.0.1", "time": "2024-01-01T00:00:00Z", "request": "GET / HTTP/1.1", "status": 200, '
+     '"latency_ms": -1}', "bad_latency"),
+    (_clf(tail=" " + "9" * 400 + ".5"), "bad_latency"),  # read as infinity, published as such
+    (_clf(tail=" 172800.5"), "bad_latency"),  # two days in seconds: over the features' one-day bound
+])
+def test_a_log_line_the_features_cannot_use_is_refused_where_it_is_read(line: str, reason: str) -> None:
+    """Such lines were published and then dead-lettered by every stream worker (and a 400-digit latency
+    became infinity on the raw topic); now they are one dead letter at ingestion, with the field named."""
+    from ingest.exceptions import LogParseError
+    from ingest.weblog import parse_line
+
+    with pytest.raises(LogParseError) as err:
+        parse_line(line, source="t", policy=EventTimePolicy(max_age_ms=None))
+    assert err.value.reason == reason, err.value
+    assert "the web-log features cannot use it" in str(err.value) or reason == "bad_latency"
+
+
+def test_a_weblog_json_line_for_publish_is_held_to_the_same_fields_and_real_odd_statuses_pass() -> None:
+    now = int(time.time() * 1000)
+    base = {"event_id": "e", "client_ip": "10.0.0.1", "ident": None, "user": None, "timestamp": now - 1000,
+            "method": "GET", "path": "/", "protocol": "HTTP/1.1", "status": 200, "bytes_sent": 1, "referrer": None,
+            "user_agent": None, "latency_ms": None, "label": None, "source": "t"}
+    lines = [base | {"bytes_sent": -1}, base | {"status": 999}, base | {"status": 0}]
+    stream = io.BytesIO(b"".join(json.dumps(x).encode() + b"\n" for x in lines))
+    src = JsonLinesSource("weblog", stream=stream, policy=EventTimePolicy(max_age_ms=None), timestamp_unit="ms")
+    items = []
+    with pytest.raises(StopIteration):
+        while True:
+            items += src.next_batch()
+    assert [it.source.get("reason") for it in items] == ["bad_bytes", None, None]

@@ -32,7 +32,6 @@ from streaming.clock import now_ms
 from streaming.config import ConfigError
 from streaming.eventtime import UNITS, EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
-from streaming.features import weblog as weblog_features
 from streaming.image_formats import halved
 from streaming.limits import MAX_JSON_BYTES, MAX_JSON_DEPTH, unique_keys
 from streaming.topics import KINDS
@@ -167,23 +166,6 @@ def _no_booleans(obj: dict[str, Any], fields: tuple[str, ...]) -> None:
             raise RecordRejectedError(f"{name} holds a boolean; send a number")
 
 
-#: Largest ``latency_ms`` the gateway accepts: the featurizer's own bound (one day), so that the
-#: gateway never accepts an event the stream worker would then dead-letter, and one limit is tuned
-#: in one place. 1e308 is finite but would overflow every feature computed from it.
-MAX_LATENCY_MS = weblog_features.MAX_LATENCY_MS
-
-
-def _check_latency(record: dict[str, Any]) -> dict[str, Any]:
-    latency = record.get("latency_ms")
-    if latency is not None:
-        if isinstance(latency, bool) or not isinstance(latency, int | float):
-            raise RecordRejectedError(f"latency_ms {latency!r:.40} must be a number of milliseconds")
-        if not math.isfinite(latency) or not 0 <= latency <= MAX_LATENCY_MS:
-            raise RecordRejectedError(f"latency_ms {latency!r:.40} must be finite and within 0..{MAX_LATENCY_MS:g} "
-                                      "(milliseconds)")
-    return record
-
-
 LIVE_RULES = TimeRules()
 
 
@@ -203,10 +185,9 @@ def _weblog(obj: dict[str, Any], rules: TimeRules, bounded: bool = False) -> dic
     derived from it; otherwise it goes through the file source's text path, bounds checked there."""
     _no_booleans(obj, ("latency_ms", "status", "bytes_sent"))
     if bounded:
-        return _check_latency(weblog.parse_object(obj, lambda: _canonical(obj), source=SOURCE,
-                                                  read_time=rules.reader(), policy=rules.policy))
-    return _check_latency(weblog.parse_json(_canonical(obj), source=SOURCE, read_time=rules.reader(),
-                                            policy=rules.policy))
+        return weblog.parse_object(obj, lambda: _canonical(obj), source=SOURCE, read_time=rules.reader(),
+                                   policy=rules.policy)
+    return weblog.parse_json(_canonical(obj), source=SOURCE, read_time=rules.reader(), policy=rules.policy)
 
 
 def _sensor(obj: dict[str, Any], rules: TimeRules) -> dict[str, Any]:
@@ -399,7 +380,7 @@ def _validate_decoded(kind: str, record: dict[str, Any], rules: TimeRules) -> di
                                       f"{record['width']}x{record['height']} do not match the image bytes "
                                       f"({info.content_type} {info.width}x{info.height})")
         return record
-    return _check_latency(record)
+    return weblog.usable(record)  # what the JSON path checks in parse_object: fields the features can use
 
 
 # -- multipart images -----------------------------------------------------------------------------

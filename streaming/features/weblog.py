@@ -183,6 +183,46 @@ def entry_bytes(client: str, events: int) -> int:
     return CLIENT_ENTRY_BYTES + len(client.encode("utf-8", "replace")) + events * EVENT_BYTES
 
 
+def request_fields(record: dict[str, Any], *, any_status: bool = False
+                   ) -> tuple[str, str, int, str, int, float | None, str | None]:
+    """The fields of one request as the features need them: ``(client_ip, method, status, path, bytes_sent,
+    latency_ms, user_agent)``, or FeatureValidationError naming the first unusable one.
+
+    Why a function of its own: ingestion calls it too (``ingest/weblog.py``), so a line is refused where it
+    is read, with its reason, not published and then dead-lettered by every stream worker (a negative
+    size, a latency of 1e400 read as infinity, a 200,000-character path, an empty client address).
+    ``any_status``: ingestion keeps any three-digit status (000 and 999 are in real logs; the raw topic is
+    the log as written), which the features refuse outside 100..599."""
+    client = check_key(record, RECORD, "client_ip")
+    method = record.get("method")
+    if not isinstance(method, str):
+        raise FeatureValidationError(f"{RECORD}.method: expected a string, got {short_repr(method)}")
+    status = record.get("status")
+    if isinstance(status, bool) or not isinstance(status, int) or not (any_status or 100 <= status <= 599):
+        raise FeatureValidationError(f"{RECORD}.status: expected an HTTP status 100..599, got {status!r}")
+    path = record.get("path")
+    if not isinstance(path, str):
+        raise FeatureValidationError(f"{RECORD}.path: expected a string, got {short_repr(path)}")
+    if len(path) > MAX_PATH_CHARS:
+        raise FeatureValidationError(
+            f"{RECORD}.path: {len(path)} characters, over the limit of {MAX_PATH_CHARS}")
+    nbytes = record.get("bytes_sent", 0)
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise FeatureValidationError(f"{RECORD}.bytes_sent: expected a non-negative int, got {nbytes!r}")
+    latency = record.get("latency_ms")
+    if latency is not None:
+        latency = check_finite(latency, RECORD, "latency_ms", MAX_LATENCY_MS)
+        if latency < 0:
+            raise FeatureValidationError(f"{RECORD}.latency_ms: negative latency {latency!r}")
+    ua = record.get("user_agent")
+    if ua is not None and not isinstance(ua, str):
+        raise FeatureValidationError(f"{RECORD}.user_agent: expected a string or null, got {short_repr(ua)}")
+    if ua is not None and len(ua) > MAX_UA_CHARS:
+        raise FeatureValidationError(
+            f"{RECORD}.user_agent: {len(ua)} characters, over the limit of {MAX_UA_CHARS}")
+    return client, method, status, path, nbytes, latency, ua
+
+
 class WeblogState:
     """Per-client sliding windows of event times (oldest client first, LRU order); ``nbytes``
     estimates the checkpoint size."""
@@ -243,33 +283,7 @@ class WeblogFeaturizer(Featurizer[WeblogState]):
 
     def _row(self, record: dict[str, Any], state: WeblogState, run: str | None) -> FeatureRow:
         t = self.check_event_time(record, RECORD)
-        client = check_key(record, RECORD, "client_ip")
-        method = record.get("method")
-        if not isinstance(method, str):
-            raise FeatureValidationError(f"{RECORD}.method: expected a string, got {short_repr(method)}")
-        status = record.get("status")
-        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-            raise FeatureValidationError(f"{RECORD}.status: expected an HTTP status 100..599, got {status!r}")
-        path = record.get("path")
-        if not isinstance(path, str):
-            raise FeatureValidationError(f"{RECORD}.path: expected a string, got {short_repr(path)}")
-        if len(path) > MAX_PATH_CHARS:
-            raise FeatureValidationError(
-                f"{RECORD}.path: {len(path)} characters, over the limit of {MAX_PATH_CHARS}")
-        nbytes = record.get("bytes_sent", 0)
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-            raise FeatureValidationError(f"{RECORD}.bytes_sent: expected a non-negative int, got {nbytes!r}")
-        latency = record.get("latency_ms")
-        if latency is not None:
-            latency = check_finite(latency, RECORD, "latency_ms", MAX_LATENCY_MS)
-            if latency < 0:
-                raise FeatureValidationError(f"{RECORD}.latency_ms: negative latency {latency!r}")
-        ua = record.get("user_agent")
-        if ua is not None and not isinstance(ua, str):
-            raise FeatureValidationError(f"{RECORD}.user_agent: expected a string or null, got {short_repr(ua)}")
-        if ua is not None and len(ua) > MAX_UA_CHARS:
-            raise FeatureValidationError(
-                f"{RECORD}.user_agent: {len(ua)} characters, over the limit of {MAX_UA_CHARS}")
+        client, method, status, path, nbytes, latency, ua = request_fields(record)
         raw_label = record.get("label")
         if raw_label is None:
             attack: float | None = None
