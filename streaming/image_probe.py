@@ -121,12 +121,14 @@ def check_jpeg_scans(data: bytes, max_scans: int = MAX_JPEG_SCANS) -> None:
 
 
 def _jpeg_scan_count(data: bytes, stop_after: int) -> int:
-    """Scans (SOS markers) in ``data`` counted by walking its structure; stops early past ``stop_after``.
-    Damage ends the count (the decoder reports it)."""
+    """Scans (SOS markers) in ``data`` counted by walking its structure as libjpeg reads it (bytes that are no
+    marker are skipped to the next FF); stops early past ``stop_after``."""
     pos, end, scans = 2, len(data), 0
     while pos + 1 < end and scans <= stop_after:
-        if data[pos] != 0xFF:
-            break
+        if data[pos] != 0xFF:  # junk where a marker belongs: libjpeg skips to the next FF and decodes on,
+            pos = data.find(b"\xff", pos)  # so the count must too (stopping here let one byte hide 6000 scans)
+            if pos < 0:
+                break
         while pos < end and data[pos] == 0xFF:  # fill bytes
             pos += 1
         if pos >= end:
@@ -135,7 +137,7 @@ def _jpeg_scan_count(data: bytes, stop_after: int) -> int:
         pos += 1
         if marker == 0xD9:
             break
-        if marker in _JPEG_STANDALONE:
+        if marker == 0x00 or marker in _JPEG_STANDALONE:  # FF 00 there is junk to libjpeg too
             continue
         if pos + 2 > end:
             break

@@ -117,3 +117,18 @@ def test_the_drop_folder_rejects_the_bomb_with_its_reason(settings: Settings, tm
     (dl,) = read_topic(settings, dead_letter_topic(settings, "image"), decode=False, expect=1)
     assert header_dict(dl.headers)["dl.source_reason"] == "too_many_scans"
     assert (watch / "rejected" / "bomb.jpg.reason").read_text().startswith("too_many_scans: JPEG holds more than")
+
+
+@pytest.mark.parametrize("junk", [b"\x00", b"\x12\x34\x56", b"\xff\x00"])
+def test_junk_between_segments_does_not_hide_the_scans_behind_it(junk: bytes) -> None:
+    """libjpeg skips bytes that are no marker ("extraneous bytes before marker") and decodes every scan
+    after them; a count that stopped at the junk let one byte hide thousands of scans."""
+    bomb = scan_bomb(300)
+    dht_end = bomb.index(b"\xff\xc4" + struct.pack(">H", 20)) + 22
+    hidden = bomb[:dht_end] + junk + bomb[dht_end:]
+    with Image.open(io.BytesIO(hidden)) as img:  # the decoder still reads them all
+        img.load()
+    assert _scans(hidden) == _scans(bomb)
+    with pytest.raises(ImageProbeError) as err:
+        image_probe.probe(hidden)
+    assert err.value.reason == "too_many_scans"
