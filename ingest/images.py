@@ -403,7 +403,8 @@ class ImageWatcher:
             plan.entry = (names_tag(it.path.name, str(plan.target.relative_to(self.directory)), label), it.digest)
             return plan
         # A copy: the same bytes as a file already published or rejected (this run or an earlier one).
-        where = first[1] + ("" if os.path.lexists(self.directory / first[1]) else " (no longer there)")
+        there = it.digest in placed or os.path.lexists(self.directory / first[1])  # in this batch: not moved yet
+        where = first[1] + ("" if there else " (no longer there)")
         if tag == "R" and it.error is None:
             log.info("%s has the bytes of %s, which was rejected, but is valid itself; left for the next scan, "
                      "which publishes it", it.path, where)

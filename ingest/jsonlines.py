@@ -42,6 +42,7 @@ from ingest.source import (
     last_line_state,
     policy_flags,
     read_line,
+    tail_hash,
 )
 from schemas.exceptions import RecordValidationError
 from streaming.eventtime import EventTimePolicy, TimestampReader
@@ -72,6 +73,14 @@ class LineReader:
         self.eof = False
         #: The file (None for a stream): an unterminated last line waits for it to settle (``last_line_state``).
         self.path = path
+        self._tail: tuple[int, str | None] = (-1, None)
+
+    def tail_at(self, offset: int) -> str | None:
+        """:func:`~ingest.source.tail_hash` at ``offset``, taken once per offset: the first time is when the
+        bytes were read (or just before waiting on a last line), never after a rewrite during the wait."""
+        if self._tail[0] != offset:
+            self._tail = (offset, tail_hash(self.fh.fileno(), offset))
+        return self._tail[1]
 
     def next(self) -> tuple[int, int, bytes, str | InputRejectedError | None]:
         """(number, start offset, bytes, text | its error | None for a blank line); ``eof`` set at the end."""
@@ -80,7 +89,8 @@ class LineReader:
             raw, size = read_line(self.fh, MAX_JSON_BYTES)
             if self.path is None or not raw or raw.endswith(b"\n") or size > len(raw):
                 break
-            state = last_line_state(self.path, start + size)
+            self.tail_at(start)  # before the wait: the bytes as they were read
+            state = last_line_state(self.fh.fileno(), start + size, raw)
             if state == SETTLED:
                 break
             self.fh.seek(start)  # read it again, longer, or leave it for the next run
@@ -273,7 +283,7 @@ class JsonLinesSource(SourcePartition):
 
     def snapshot(self) -> dict[str, Any]:
         assert self.pos is not None, "standard input has no snapshot"
-        return self.pos.snapshot()
+        return self.pos.snapshot(self.lines.tail_at(self.pos.offset))
 
     def close(self) -> None:
         if self.lines.fh is not sys.stdin.buffer:

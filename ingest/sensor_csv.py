@@ -47,18 +47,18 @@ from ingest.sensors import LIVE, SensorIngestStats, as_sensor_error, dead_letter
 from ingest.source import (
     BUSY,
     SETTLED,
-    CrLines,
     FilePosition,
     LineFile,
     PositionIds,
     SourceItem,
     SourcePartition,
+    UniversalLines,
     compressed,
-    cr_only,
     file_checkpoint_path,
     last_line_state,
     policy_flags,
     read_line,
+    tail_hash,
 )
 from streaming.eventtime import EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
@@ -122,11 +122,10 @@ class CsvRow:
 
 
 def _split_line(physical: bytes) -> list[bytes]:
-    """One ``\n``-terminated line -> its rows (an old-Mac ``\r`` inside ends a row too, as
-    ``bytes.splitlines`` does); ``[b""]`` for an empty line so it is still counted."""
+    """One line as :class:`~ingest.source.UniversalLines` reads it -> its one row, without its line end
+    (a list: one physical line is one row, with its own offset and so its own event id)."""
     body = physical.rstrip(b"\n")
-    body = body[:-1] if body.endswith(b"\r") else body
-    return (body.splitlines() or [b""]) if b"\r" in body else [body]
+    return [body[:-1] if body.endswith(b"\r") else body]
 
 
 class CsvReader:
@@ -144,17 +143,15 @@ class CsvReader:
         self.unit, self.policy, self.reader = unit, policy, reader
         self.ref = now_ms() if now is None else now
         try:
-            raw = open(self.path, "rb")  # noqa: SIM115 (closed by close())
-            self._fh: LineFile = raw
+            # Lines end in "\n", "\r\n" or a lone "\r" (classic Mac), even mixed in one file.
+            self._fh: LineFile = UniversalLines(open(self.path, "rb"))  # noqa: SIM115 (closed by close())
         except OSError as exc:
             raise SourceError(f"--csv {path}: cannot read ({exc})") from exc
         first, size = read_line(self._fh, MAX_ROW_BYTES, skip=False)
-        if cr_only(first):  # classic-Mac line ends: read on '\n', the header swallowed every row (exit 0)
-            self._fh = CrLines(raw)
-            self._fh.seek(0)
-            first, size = read_line(self._fh, MAX_ROW_BYTES, skip=False)
-            log.info("--csv %s: lines end in '\\r' (classic Mac), read as such", path)
         self.header_line = first
+        #: :func:`~ingest.source.tail_hash` of the bytes before ``_tail_at`` as they were read (the snapshot's).
+        self.tail: str | None = None
+        self._tail_at = -1
         self.eof = not first
         self.offset, self.line = max(offset, size), max(line, 1)
         if self.eof:
@@ -201,6 +198,7 @@ class CsvReader:
             self.close()
             raise SourceError(str(exc)) from exc
         self._fh.seek(self.offset)
+        self.tail, self._tail_at = tail_hash(self._fh.fileno(), self.offset), self.offset
 
     def _wide(self, path: Path, header: list[str]) -> bool:
         """Take a header without ``sensor_id`` and ``value`` as the wide layout that loggers, Grafana/InfluxDB
@@ -242,14 +240,22 @@ class CsvReader:
                     yield cells[column]
 
     def rows(self, limit: int) -> list[CsvRow]:
-        """Up to ``limit`` rows (blank lines are counted, not returned); ``eof`` is set at the end."""
+        """Up to ``limit`` rows (blank lines are counted, not returned); ``eof`` is set at the end.
+        :attr:`tail` is the hash of the bytes before :attr:`offset` as they were read."""
         out: list[CsvRow] = []
+        try:
+            return self._rows(limit, out)
+        finally:
+            if self._tail_at != self.offset:
+                self.tail, self._tail_at = tail_hash(self._fh.fileno(), self.offset), self.offset
+
+    def _rows(self, limit: int, out: list[CsvRow]) -> list[CsvRow]:
         while len(out) < limit and not self.eof:
             physical, size = read_line(self._fh, MAX_ROW_BYTES)
             if not physical:
                 self.eof = True
                 break
-            if size == len(physical) and not physical.endswith(b"\n") and not self._last_line_ready(size):
+            if size == len(physical) and not physical.endswith(b"\n") and not self._last_line_ready(physical):
                 continue
             start = self.offset
             self.offset += size
@@ -269,15 +275,18 @@ class CsvReader:
                     out.append(self._row(self.line, raw, start))
         return out
 
-    def _last_line_ready(self, size: int) -> bool:
+    def _last_line_ready(self, physical: bytes) -> bool:
         """An unterminated last line: True to take it as the file's last row; False after seeking back to
         read it again (the file grew) or, still being written, leaving it for the next run (``eof``)."""
-        state = last_line_state(self.path, self.offset + size)
+        # Before the wait: the bytes as they were read (a rewrite during it must not be taken for them).
+        self.tail, self._tail_at = tail_hash(self._fh.fileno(), self.offset), self.offset
+        state = last_line_state(self._fh.fileno(), self.offset + len(physical), physical)
         if state == SETTLED:
             return True
         self._fh.seek(self.offset)
         if state == BUSY:
-            log.warning("--csv %s: its last line (line %d) is still being written; it is left for the next run",
+            log.warning("--csv %s: its last line (line %d) is still being written (or the file changed); it is left "
+                        "for the next run",
                         self.path, self.line + 1)
             self.eof = True
         return False
@@ -430,7 +439,7 @@ class SensorCsvSource(SourcePartition):
         return item
 
     def snapshot(self) -> dict[str, Any]:
-        return self.pos.snapshot()
+        return self.pos.snapshot(self.csv.tail)
 
     def close(self) -> None:
         self.csv.close()

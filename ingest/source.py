@@ -45,6 +45,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -79,11 +80,13 @@ KEEP_BYTES = 64 * 1024
 
 
 class LineFile(Protocol):
-    """What the line readers need of a file: a binary file, or :class:`CrLines` over one."""
+    """What the line readers need of a file: a binary file, or :class:`UniversalLines` over one."""
 
     def readline(self, limit: int = -1, /) -> bytes: ...
 
     def seek(self, offset: int, /) -> int: ...
+
+    def fileno(self) -> int: ...
 
     def close(self) -> None: ...
 
@@ -117,12 +120,18 @@ LAST_LINE_MAX_WAIT_S = 10.0
 SETTLED, GREW, BUSY = "settled", "grew", "busy"
 
 
-def last_line_state(path: Path | str, read_to: int) -> str:
-    """Whether the unterminated line that ends at byte ``read_to`` of ``path`` is the file's last line.
+def last_line_state(fd: int, read_to: int, partial: bytes) -> str:
+    """Whether ``partial``, the unterminated line that ends at byte ``read_to`` of the open file ``fd``, is
+    the file's last line.
 
     :data:`SETTLED`: the file is that long and unchanged for :data:`LAST_LINE_SETTLE_S` (at once when its
-    mtime is already that old): publish the line. :data:`GREW`: the file is longer now: read on. :data:`BUSY`:
-    still changing after :data:`LAST_LINE_MAX_WAIT_S`, or gone: leave the line for the next run."""
+    mtime is already that old): publish the line. :data:`GREW`: the file is longer now and still holds
+    ``partial`` where it was: read on. :data:`BUSY`: still changing after :data:`LAST_LINE_MAX_WAIT_S`, or
+    shorter, or other bytes where ``partial`` was (rewritten in place): leave the line for the next run.
+
+    The open file, not its path: an exporter that saves by renaming a new file over the old one leaves
+    the path naming another, longer file, and read by path that was "grew" forever (the old file never
+    did), a run spinning a core and deaf to SIGTERM."""
     import time
 
     deadline = time.monotonic() + LAST_LINE_MAX_WAIT_S
@@ -130,11 +139,13 @@ def last_line_state(path: Path | str, read_to: int) -> str:
     since = time.monotonic()
     while True:
         try:
-            st = os.stat(path)
+            st = os.fstat(fd)
         except OSError:
             return BUSY
-        if st.st_size > read_to:
-            return GREW
+        if st.st_size != read_to:
+            if st.st_size > read_to and os.pread(fd, len(partial), read_to - len(partial)) == partial:
+                return GREW
+            return BUSY
         now = (st.st_size, st.st_mtime_ns)
         if seen is None and time.time() - st.st_mtime >= LAST_LINE_SETTLE_S:
             return SETTLED
@@ -147,6 +158,14 @@ def last_line_state(path: Path | str, read_to: int) -> str:
         time.sleep(min(0.05, LAST_LINE_SETTLE_S / 10))
 
 
+def tail_hash(fd: int, offset: int) -> str | None:
+    """sha1 of the :attr:`FilePosition.TAIL_BYTES` before ``offset`` of the open file ``fd`` (None at 0)."""
+    if offset <= 0:
+        return None
+    start = max(0, offset - FilePosition.TAIL_BYTES)
+    return hashlib.sha1(os.pread(fd, offset - start, start)).hexdigest()
+
+
 def cr_only(first: bytes) -> bool:
     """True when a file's first physical line (as :func:`read_line` gives it) shows classic-Mac line ends:
     a ``\r`` inside it that is not the ``\r`` of a ``\r\n``. Excel for Mac's "CSV (Macintosh)" and old
@@ -156,11 +175,18 @@ def cr_only(first: bytes) -> bool:
     return b"\r" in body
 
 
-class CrLines:
-    """A binary file whose lines end in ``\r``, read as if each ended in ``\n``: :meth:`readline` returns a
-    line with its ``\r`` swapped for ``\n``, byte for byte, so sizes and offsets stay those of the file
-    and :func:`read_line`, checkpoints and ``seek`` work unchanged. Only ``readline``/``seek``/``close``,
-    which the line readers use; buffered, so a line costs no system call of its own."""
+_LINE_END = re.compile(rb"[\r\n]")
+
+
+class UniversalLines:
+    """A binary file read line by line where a line ends in ``\n``, ``\r\n`` or a lone ``\r`` (classic
+    Mac, Excel for Mac's "CSV (Macintosh)"), all in one file if need be. :meth:`readline` returns each line
+    ending in ``\n`` (a lone ``\r`` swapped for it) and exactly as long as the bytes it took, so sizes and
+    offsets stay those of the file and :func:`read_line`, checkpoints and ``seek`` work unchanged.
+
+    Why: read on ``\n`` alone, a ``\r`` file was one line (nothing published, exit 0), and rows that a
+    lone ``\r`` split inside one ``\n`` line shared one offset, so one event id. Buffered: a line costs
+    no system call of its own."""
 
     CHUNK = 1 << 16
 
@@ -168,29 +194,43 @@ class CrLines:
         self._fh = fh
         self._buf = b""
         self._at = 0
+        self._eof = False
 
     def readline(self, limit: int = -1, /) -> bytes:
         limit = limit if limit >= 0 else 1 << 62
         while True:
-            end = self._buf.find(b"\r", self._at, self._at + limit)
-            if end >= 0:
-                line = self._buf[self._at : end] + b"\n"
-                self._at = end + 1
-                return line
-            if len(self._buf) - self._at >= limit:
+            found = _LINE_END.search(self._buf, self._at, self._at + limit)
+            if found is not None:
+                end = found.start()
+                if self._buf[end] == 0x0A:  # "\n"
+                    line, self._at = self._buf[self._at : end + 1], end + 1
+                    return line
+                if end + 1 < len(self._buf) or self._eof:  # "\r": the next byte tells "\r\n" from a lone "\r"
+                    if self._buf[end + 1 : end + 2] == b"\n":
+                        line, self._at = self._buf[self._at : end + 2], end + 2
+                        return line
+                    line, self._at = self._buf[self._at : end] + b"\n", end + 1
+                    return line
+            elif len(self._buf) - self._at >= limit:
                 line = self._buf[self._at : self._at + limit]
                 self._at += limit
                 return line
-            more = self._fh.read(self.CHUNK)
-            if not more:
+            elif self._eof:
                 line, self._buf, self._at = self._buf[self._at :], b"", 0
                 return line
+            more = self._fh.read(self.CHUNK)
+            if not more:
+                self._eof = True
+                continue
             self._buf = self._buf[self._at :] + more
             self._at = 0
 
     def seek(self, offset: int, /) -> int:
-        self._buf, self._at = b"", 0
+        self._buf, self._at, self._eof = b"", 0, False
         return self._fh.seek(offset)
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
 
     def close(self) -> None:
         self._fh.close()
@@ -230,25 +270,22 @@ class FilePosition:
     def identity(self) -> str:
         return f"{self.path}#{self.inode}.{self.generation}.{self.fingerprint[:16]}"
 
-    def snapshot(self) -> dict[str, Any]:
-        """The position as a JSON object, with :attr:`tail` taken from the file now."""
-        self.tail = self._tail_of(Path(self.path), self.inode, self.offset) or ""
+    def snapshot(self, tail: str | None) -> dict[str, Any]:
+        """The position as a JSON object with ``tail``, the :func:`tail_hash` its reader took when it read up
+        to ``offset`` (before any wait: bytes hashed at snapshot time would be those of a file rewritten
+        meanwhile, and the next run would take the new content for the old)."""
+        self.tail = tail or ""
         return asdict(self)
 
     @classmethod
     def _tail_of(cls, path: Path, inode: int, offset: int) -> str | None:
-        """sha1 of the bytes before ``offset`` of ``path`` when it is still file ``inode``, else None."""
-        if offset <= 0:
-            return None
+        """:func:`tail_hash` of ``path`` at ``offset`` when it is still file ``inode``, else None."""
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError:
             return None
         try:
-            if os.fstat(fd).st_ino != inode:
-                return None
-            start = max(0, offset - cls.TAIL_BYTES)
-            return hashlib.sha1(os.pread(fd, offset - start, start)).hexdigest()
+            return tail_hash(fd, offset) if os.fstat(fd).st_ino == inode else None
         finally:
             os.close(fd)
 
@@ -283,7 +320,7 @@ class FilePosition:
         if resume_state is None:
             return pos
         saved = cls(**{k: v for k, v in resume_state.items() if k in cls.__dataclass_fields__})
-        if saved.path != str(path) and canonical_path(saved.path) != canonical_path(path):
+        if saved.path != str(path) and canonical_path(saved.path, whole=True) != canonical_path(path, whole=True):
             raise SourceError(f"the checkpoint belongs to {saved.path}, not {path}; pass another --checkpoint")
         if (saved.inode, saved.fingerprint) == (inode, fingerprint) and size >= saved.offset and (
                 not saved.tail or cls._tail_of(path, inode, saved.offset) == saved.tail):
@@ -323,22 +360,23 @@ def file_checkpoint_path(folder: Path, path: Path, flags: dict[str, Any]) -> Pat
     def at(where: Path) -> Path:
         key_text = f"{where}\0{json.dumps(flags, sort_keys=True)}"
         key = hashlib.sha1(key_text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-        return folder / f"{Path(path).name}.{key}.json"
+        return folder / f"{where.name}.{key}.json"
 
-    given, canonical = Path(path).absolute(), canonical_path(path)
+    given, canonical = Path(path).absolute(), canonical_path(path, whole=True)
     own = at(canonical)
     if canonical != given and not own.exists() and at(given).exists():
         return at(given)  # written before keys were canonical: that run resumes where it was
     return own
 
 
-def canonical_path(path: Path | str) -> Path:
-    """``path`` with its directory resolved (``..``, ``.`` and directory links) and its own name kept.
-    Why: ``in/../in/x.csv`` or the file through a linked directory was another checkpoint, so the same
-    file was published again. The last component is kept as named: a followed log path (``current``,
-    a link switched at rotation) stays the path it is, not the file it names today."""
+def canonical_path(path: Path | str, *, whole: bool = False) -> Path:
+    """``path`` with its directory resolved (``..``, ``.`` and directory links) and, with ``whole``, its own
+    name too. Why: ``in/../in/x.csv``, the file through a linked directory or a link to it was another
+    checkpoint, so the same file was published again. A file read once (CSV, ``publish --file``) is keyed
+    ``whole``; a followed log keeps its last component as named (``current``, a link switched at
+    rotation, stays the path it is, not the file it names today)."""
     p = Path(path).absolute()
-    return Path(os.path.realpath(p.parent)) / p.name
+    return Path(os.path.realpath(p)) if whole else Path(os.path.realpath(p.parent)) / p.name
 
 
 @dataclass(eq=False)

@@ -273,7 +273,7 @@ class TailSource(SourcePartition):
                 return self._take()
         if not self.follow:
             if self._buf and not self.pos.skipping and b"\n" not in self._buf:
-                state = last_line_state(self.pos.file or self.path, self._read_pos)
+                state = last_line_state(self._fd, self._read_pos, self._buf) if self._fd is not None else BUSY
                 if state == GREW:
                     return []  # asked again after poll_s: the next chunk carries the rest of the line
                 if state == BUSY:

@@ -118,6 +118,7 @@ def test_a_copy_of_published_bytes_under_another_name_is_moved_beside_a_note_nam
     assert counts == (1, 1, 2)  # published, rejected, copies moved beside a note
     note = (processed / "b.png.duplicate").read_text()
     assert note.startswith("duplicate: same bytes") and "processed/a.png" in note, note
+    assert "no longer there" not in note, note  # a.png was moved in the same batch, after the note was planned
     assert "'dog'" in note and "'cat'" in note, note  # the label that was not published is recorded
     assert (processed / "b.png.label").read_text() == "dog\n"
     y_note = (rejected / "y.bin.reason").read_text()

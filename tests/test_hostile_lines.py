@@ -94,7 +94,8 @@ def test_a_label_file_is_read_within_its_bound(tmp_path: Path) -> None:
 def _clf(**over: str) -> str:
     f = {"ip": "10.0.0.1", "stamp": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(time.time() - 5)),
          "path": "/a", "status": "200", "size": "512", "ua": "curl/8", "tail": ""} | over
-    return f'{f["ip"]} - - [{f["stamp"]}] "GET {f["path"]} HTTP/1.1" {f["status"]} {f["size"]} "-" "{f["ua"]}"{f["tail"]}'
+    request = f'"GET {f["path"]} HTTP/1.1" {f["status"]} {f["size"]}'
+    return f'{f["ip"]} - - [{f["stamp"]}] {request} "-" "{f["ua"]}"{f["tail"]}'
 
 
 @pytest.mark.parametrize(("line", "reason"), [

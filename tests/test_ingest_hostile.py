@@ -493,3 +493,28 @@ def test_sensor_csv_rewritten_in_place_under_the_same_header_is_read_from_its_st
     assert (again.published, again.from_line) == (40, 2), again
     ids = sorted(r.value["sensor_id"] for r in raw_records(settings, "sensor", expect=70))
     assert ids == sorted([f"a{i}" for i in range(30)] + [f"b{i}" for i in range(40)])
+
+
+@pytest.mark.parametrize("body", [
+    b"sensor_id,timestamp,value\ra,{t},1\nb,{t},2\nc,{t},3\rd,{t},4\r",  # lone CR header, then LF and CR rows
+    b"sensor_id,timestamp,value\ra,{t},1\rb,{t},2\r\nc,{t},3\rd,{t},4\r",  # a CRLF row among CR rows
+    b"sensor_id,timestamp,value\r\na,{t},1\rb,{t},2\rc,{t},3\rd,{t},4\r",  # CRLF header, CR rows
+    b"sensor_id,timestamp,value\na,{t},1\rb,{t},2\rc,{t},3\nd,{t},4\n",  # lone CRs inside LF lines
+])
+def test_sensor_csv_with_mixed_line_ends_gives_every_row_its_own_id(body: bytes, tmp_path: Path) -> None:
+    """Mixed line ends lost rows silently (b and c of the first file), read a CRLF-headed CR file as one
+    over-long row, or gave rows split inside one LF line a single event id (so a restart's read-back could
+    take them for sent). Every row is now its own line, offset and id."""
+    import time
+
+    from ingest.sensor_csv import SensorCsvSource
+
+    path = tmp_path / "mixed.csv"
+    path.write_bytes(body.replace(b"{t}", str(int(time.time() * 1000)).encode()))
+    src, items = SensorCsvSource(path), []
+    with pytest.raises(StopIteration):
+        while True:
+            items += src.next_batch()
+    assert [it.record["sensor_id"] for it in items if it.record] == ["a", "b", "c", "d"], \
+        [(it.raw, it.error) for it in items]
+    assert len({it.event_id for it in items}) == 4

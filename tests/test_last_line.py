@@ -149,3 +149,52 @@ def test_a_last_line_finished_while_the_run_waits_on_it_is_read_on_and_given_who
     raws, _ = _drain(build(path, None))
     writer.join()
     assert raws == [line(0).rstrip("\n").encode(), whole.rstrip("\n").encode()]
+
+
+def test_a_csv_renamed_over_while_its_last_line_waits_neither_hangs_nor_loses_rows(tmp_path: Path,
+                                                                                  quick_settle: None) -> None:
+    """Exporters save by writing a new file and renaming it over the old one. The last-line wait looked at
+    the path, which then named a longer file: 'grew' forever, re-reading the same line, a core spinning
+    and deaf to SIGTERM. The open file is the one read: its last line settles, and the next run reads the
+    new file as a new generation."""
+    path = tmp_path / "export.csv"
+    path.write_text("sensor_id,timestamp,value\n" + "".join(_csv(i) for i in range(5)) + f"z,{NOW},9")
+    src = KINDS["csv"][2](path, None)  # the old file is open
+    new = tmp_path / "export.tmp"
+    new.write_text("sensor_id,timestamp,value\n" + "".join(_csv(100 + i) for i in range(8)))
+    new.replace(path)
+    result: list[Any] = []
+    reader = threading.Thread(target=lambda: result.append(_drain(src)), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive(), "the reader never finished its last line"
+    raws, snap = result[0]
+    assert raws == [_csv(i).rstrip("\n").encode() for i in range(5)] + [f"z,{NOW},9".encode()]
+    again, _ = _drain(KINDS["csv"][2](path, snap))
+    assert again == [_csv(100 + i).rstrip("\n").encode() for i in range(8)]
+
+
+def test_a_csv_rewritten_in_place_during_the_wait_is_read_again_from_its_start(
+        tmp_path: Path, quick_settle: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Truncated and written longer while the run waited on its last line: the run used to read on at its
+    old offset in the new content, and checkpointed a hash of the new bytes, so the next run took the
+    file as read and 45 new rows were never sent. Now the wait sees other bytes where the line was and
+    leaves it, and the checkpoint keeps the hash of the bytes as they were read."""
+    import ingest.sensor_csv as csv_mod
+
+    path = tmp_path / "logger.csv"
+    path.write_text("sensor_id,timestamp,value\n" + "".join(_csv(i) for i in range(50)) + f"z,{NOW},9")
+    real = csv_mod.last_line_state
+
+    def rewritten_meanwhile(fd: int, read_to: int, partial: bytes) -> str:
+        with path.open("r+b") as fh:  # the logger starts over, in place (same inode)
+            fh.truncate(0)
+            fh.write(("sensor_id,timestamp,value\n" + "".join(_csv(1000 + i) for i in range(80))).encode())
+        return real(fd, read_to, partial)
+
+    monkeypatch.setattr(csv_mod, "last_line_state", rewritten_meanwhile)
+    raws, snap = _drain(KINDS["csv"][2](path, None))
+    monkeypatch.setattr(csv_mod, "last_line_state", real)
+    assert raws == [_csv(i).rstrip("\n").encode() for i in range(50)]
+    again, _ = _drain(KINDS["csv"][2](path, snap))
+    assert again == [_csv(1000 + i).rstrip("\n").encode() for i in range(80)]

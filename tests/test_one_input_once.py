@@ -41,6 +41,9 @@ def test_a_csv_named_through_dot_dot_or_a_linked_directory_is_not_published_agai
             fh.write(f"late,{NOW},9\n")
         assert publish_csv(settings, pub, tmp_path / "link" / "x.csv").published == 1
         assert publish_csv(settings, pub, real).published == 0
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "alias.csv").symlink_to(real)  # a link to the file itself: read once, same file
+        assert publish_csv(settings, pub, tmp_path / "elsewhere" / "alias.csv").published == 0
 
 
 def test_a_checkpoint_written_under_the_path_as_given_is_still_resumed(settings: Settings, tmp_path: Path,
@@ -53,7 +56,7 @@ def test_a_checkpoint_written_under_the_path_as_given_is_still_resumed(settings:
     (tmp_path / "link").symlink_to(tmp_path / "in", target_is_directory=True)
     given = tmp_path / "link" / "x.csv"
     with monkeypatch.context() as old_keys:  # the earlier version: the path as given, nothing resolved
-        old_keys.setattr(source_mod, "canonical_path", lambda p: Path(p).absolute())
+        old_keys.setattr(source_mod, "canonical_path", lambda p, whole=False: Path(p).absolute())
         legacy = default_checkpoint_path(settings, given)
         with Publisher(settings) as pub:
             assert publish_csv(settings, pub, given).published == 5
