@@ -30,19 +30,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ingest.exceptions import InputRejectedError, SourceError
+from ingest.lines import BUSY, SETTLED, last_line_state, read_line, tail_hash
 from ingest.source import (
-    BUSY,
-    SETTLED,
     FilePosition,
     PositionIds,
     SourceItem,
     SourcePartition,
     compressed,
     file_checkpoint_path,
-    last_line_state,
     policy_flags,
-    read_line,
-    tail_hash,
 )
 from schemas.exceptions import RecordValidationError
 from streaming.eventtime import EventTimePolicy, TimestampReader

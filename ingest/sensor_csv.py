@@ -42,23 +42,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ingest.exceptions import SensorValidationError, SourceError
+from ingest.lines import BUSY, SETTLED, LineFile, UniversalLines, last_line_state, read_line, tail_hash
 from ingest.runner import SourceRunner
 from ingest.sensors import LIVE, SensorIngestStats, as_sensor_error, dead_letter_source, now_ms, validate
 from ingest.source import (
-    BUSY,
-    SETTLED,
     FilePosition,
-    LineFile,
     PositionIds,
     SourceItem,
     SourcePartition,
-    UniversalLines,
     compressed,
     file_checkpoint_path,
-    last_line_state,
     policy_flags,
-    read_line,
-    tail_hash,
 )
 from streaming.eventtime import EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError

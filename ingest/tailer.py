@@ -43,16 +43,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ingest.exceptions import InputRejectedError, LogParseError, SourceError
+from ingest.lines import BUSY, GREW, last_line_state
 from ingest.runner import SourceRunner
 from ingest.source import (
-    BUSY,
-    GREW,
     PositionIds,
     SourceItem,
     SourcePartition,
     canonical_path,
     compressed,
-    last_line_state,
     not_a_file,
     text_name,
 )

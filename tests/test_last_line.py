@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-import ingest.source as source_mod
+import ingest.lines as lines_mod
 from ingest.jsonlines import JsonLinesSource
 from ingest.sensor_csv import SensorCsvSource
 from ingest.source import SourcePartition
@@ -66,8 +66,8 @@ def _drain(src: SourcePartition) -> tuple[list[bytes], dict[str, Any]]:
 
 @pytest.fixture
 def quick_settle(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(source_mod, "LAST_LINE_SETTLE_S", 0.4)
-    monkeypatch.setattr(source_mod, "LAST_LINE_MAX_WAIT_S", 1.5)
+    monkeypatch.setattr(lines_mod, "LAST_LINE_SETTLE_S", 0.4)
+    monkeypatch.setattr(lines_mod, "LAST_LINE_MAX_WAIT_S", 1.5)
 
 
 class _Writer:
