@@ -100,7 +100,7 @@ def _small_enough_ahead(data: bytes | bytearray | memoryview) -> bool:
     never (featurize() meets its error in order). Why: a PNG decodes at full size, up to 16 Mpx x 4
     bytes; several at once would multiply the worker's peak memory by the thread count."""
     try:
-        header = image_probe.probe(data if isinstance(data, bytes) else bytes(data))
+        header = image_probe.probe(data if isinstance(data, bytes) else bytes(data), scans=False)  # sizes only
     except ImageProbeError:
         return False
     return header.content_type == "JPEG" or header.width * header.height <= AHEAD_MAX_PIXELS
