@@ -48,10 +48,14 @@ def to_request(model: str, obj: Any, *, line: int | None = None) -> dict[str, An
         event_json = obj.get("event_json")
         if event_json is not None and not isinstance(event_json, str):
             event_json = to_json(event_json)
-        return {"request_id": rid, "model": str(obj.get("model") or model),
-                "timestamp": int(obj.get("timestamp") or now_ms()), "event_json": event_json,
-                "features": [float(v) for v in features] if features is not None else None,
-                "reply_topic": obj.get("reply_topic")}
+        try:  # a 4000-digit integer is an OverflowError of float(): a traceback, before this
+            values = [float(v) for v in features] if features is not None else None
+            stamp = int(obj.get("timestamp") or now_ms())
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise RequestDecodeError(f"{where}features must be numbers and timestamp an integer of ms "
+                                     f"({type(exc).__name__}: {str(exc)[:80]})") from None
+        return {"request_id": rid, "model": str(obj.get("model") or model), "timestamp": stamp,
+                "event_json": event_json, "features": values, "reply_topic": obj.get("reply_topic")}
     return {"request_id": rid, "model": model, "timestamp": now_ms(), "event_json": to_json(obj),
             "features": None, "reply_topic": None}
 

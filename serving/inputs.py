@@ -88,8 +88,8 @@ class Featurization:
                 f"features: {lv.name} v{lv.version} takes {lv.n_features} features, got {len(features)}")
         try:
             x = np.asarray(features, dtype=np.float32)
-        except (TypeError, ValueError) as exc:
-            raise RequestDecodeError(f"features: not all numbers ({exc})") from exc
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: a 4000-digit integer (was a 500)
+            raise RequestDecodeError(f"features: not all numbers ({type(exc).__name__}: {str(exc)[:80]})") from exc
         if x.ndim != 1 or not np.isfinite(x).all():
             raise RequestDecodeError("features: every value must be a finite number (no NaN/inf, no nesting)")
         return x

@@ -1,0 +1,31 @@
+"""Hostile numbers in a prediction request are the request's 400, never the server's 500.
+
+A 4000-digit integer among the features raised OverflowError in ``np.asarray`` (serving HTTP answered
+500 with a traceback in its log) and in ``float()`` (``streamlearn predict --file`` ended in a traceback).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from serving.client import to_request
+from serving.exceptions import RequestDecodeError
+from serving.inputs import Featurization
+
+HUGE = int("9" * 4000)
+
+
+def test_a_huge_integer_feature_is_a_decode_error() -> None:
+    version = SimpleNamespace(n_features=3, name="m", version=1)
+    with pytest.raises(RequestDecodeError, match="features: not all numbers"):
+        Featurization.check_features([HUGE, 0, 0], version)  # type: ignore[arg-type]
+    assert Featurization.check_features([1, 2, 3], version).tolist() == [1.0, 2.0, 3.0]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("line", [{"features": [HUGE, 0]}, {"features": [1, 2], "timestamp": "soon"},
+                                  {"features": [1, "x"]}])
+def test_predict_file_lines_with_unusable_numbers_are_refused_naming_the_line(line: dict) -> None:
+    with pytest.raises(RequestDecodeError, match="line 7: features must be numbers"):
+        to_request("m", line, line=7)
