@@ -44,8 +44,23 @@ class TimeArgError(StreamingError, ValueError):
     """A command-line time is in none of the accepted forms (the message names the flag)."""
 
 
+#: The last millisecond of 9999-12-31, the latest time taken (ISO 8601 cannot say later).
+MAX_TIME_MS = 253_402_300_799_999
+
+
 def parse_time(text: str, *, flag: str = "time", now_ms: int | None = None) -> int:
-    """Epoch milliseconds (UTC) of ``text`` in one of :data:`FORMS`; ``flag`` names the argument in errors."""
+    """Epoch milliseconds (UTC) of ``text`` in one of :data:`FORMS`; ``flag`` names the argument in errors.
+
+    A time before 1970 is 0, the start of every topic (Kafka record times are not negative: it used to be
+    kafka-python's "target time cannot be negative" traceback); one after 9999 is refused (an epoch with
+    too many digits was a ``struct.error`` traceback, or a 30 s hang in ``subscribe``)."""
+    ms = _parse_time(text, flag, now_ms)
+    if ms > MAX_TIME_MS:
+        raise TimeArgError(f"{flag}: {text.strip()!r} is after 9999-12-31; give {FORMS}")
+    return max(ms, 0)
+
+
+def _parse_time(text: str, flag: str, now_ms: int | None) -> int:
     raw = text
     text = text.strip()
     if not text:

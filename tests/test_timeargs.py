@@ -102,3 +102,30 @@ def test_format_ms_round_trips() -> None:
     assert text.startswith("2026-11-22T10:00:00.007Z")
     assert parse_time(text.split()[0]) == T0 + 7
     assert parse_time(text.split()[1].strip("()")) == T0 + 7
+
+
+def test_times_before_1970_are_the_start_of_the_topic_and_after_9999_are_refused() -> None:
+    """1000-01-01 was kafka-python's 'target time cannot be negative' traceback in subscribe, replay and
+    offsets reset; 99999999999999999999s a struct.error traceback (subscribe: a 30 s hang first)."""
+    assert parse_time("1000-01-01", flag="--from-timestamp") == 0
+    assert parse_time("1969-12-31T23:59:59Z", flag="--to") == 0
+    assert parse_time("-100000w", flag="--from-timestamp", now_ms=NOW) == 0
+    assert parse_time("9999-12-31T23:59:59.999Z", flag="--to") == 253_402_300_799_999
+    for text in ("99999999999999999999s", "253402300800000ms"):
+        with pytest.raises(TimeArgError, match=r"^--to: .* is after 9999-12-31"):
+            parse_time(text, flag="--to")
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--from-offset", "-5"], "offsets run from 0"),
+    (["--from-offset", "99999999999999999999"], "offsets run from 0"),
+    (["--until-offset", "x"], "is not an offset"),
+    (["--max-records", "-1"], "give at least 1"),
+    (["--max-records", "0"], "give at least 1"),
+])
+def test_subscribe_positions_and_counts_out_of_range_are_usage_errors(args: list[str], fragment: str,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as code:
+        build_parser().parse_args(["subscribe", "weblog.raw", *args])
+    assert code.value.code == 2
+    assert fragment in capsys.readouterr().err
