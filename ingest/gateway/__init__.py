@@ -37,6 +37,9 @@ events than the capacity within the TTL, forgets keys, and a resend is then publ
 (consumers dedupe by event id downstream). ``Gateway.seed_idempotency(window_s)`` (CLI
 ``--idempotency-seed-minutes``) re-reads the last minutes of the raw topics at start-up so a restart
 keeps the events acked in that window; request-level ``Idempotency-Key`` answers are never seeded.
+Those answers are kept as their rendered JSON, bounded by count (``request_key_capacity``) and by bytes
+(``request_key_max_bytes``, 64 MiB, oldest evicted first): a request whose answer was evicted runs again
+if resent, and its events are still deduplicated by their ids.
 Event keys: weblog ``event_id`` (derived from the content when absent), sensor
 ``event_id`` or ``sensor_id:timestamp``, image ``image_id`` (sha256 of the bytes when absent). A key
 is remembered only after its ack; while in flight, a second sender waits for the first outcome.

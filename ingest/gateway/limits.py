@@ -185,11 +185,18 @@ class OnceMap(Generic[V]):
     forgets, and the same event sent again after that is published again (at-least-once).
     """
 
-    def __init__(self, capacity: int, ttl_s: float, clock: Clock = time.monotonic) -> None:
+    def __init__(self, capacity: int, ttl_s: float, clock: Clock = time.monotonic, *,
+                 max_bytes: int | None = None, size: Callable[[V], int] | None = None) -> None:
+        """``max_bytes`` with ``size`` (a value's bytes) bounds the stored values' bytes too, evicting the
+        oldest: a count alone let 10,000 stored answers of 10,000 results each grow to gigabytes."""
         if capacity < 1 or ttl_s <= 0:
             raise ValueError(f"capacity must be >= 1 and ttl_s > 0, got {capacity}, {ttl_s}")
+        if (max_bytes is None) != (size is None):
+            raise ValueError("max_bytes and size go together")
         self.capacity = capacity
         self.ttl_s = ttl_s
+        self.max_bytes, self._size = max_bytes, size
+        self.bytes = 0
         self._clock = clock
         self._done: OrderedDict[Any, tuple[float, V]] = OrderedDict()
         self._pending: dict[Any, Future[V] | None] = {}  # None: owned, nobody waiting yet
@@ -203,7 +210,12 @@ class OnceMap(Generic[V]):
             key, (expires, _) = next(iter(self._done.items()))
             if expires > now:
                 break
-            del self._done[key]
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        _, (_, value) = self._done.popitem(last=False)
+        if self._size is not None:
+            self.bytes -= self._size(value)
 
     def claim(self, key: Any) -> Claim:
         with self._lock:
@@ -230,10 +242,15 @@ class OnceMap(Generic[V]):
         with self._lock:
             now = self._clock()
             self._expire(now)
+            if key in self._done:  # completed again: its old value's bytes leave first
+                self._done.move_to_end(key, last=False)
+                self._drop_oldest()
             self._done[key] = (now + self.ttl_s, value)
-            self._done.move_to_end(key)
-            while len(self._done) > self.capacity:
-                self._done.popitem(last=False)
+            if self._size is not None:
+                self.bytes += self._size(value)
+            while len(self._done) > self.capacity or (self.max_bytes is not None and self.bytes > self.max_bytes
+                                                      and self._done):
+                self._drop_oldest()
             future = self._pending.pop(key, None)
         if future is not None and not future.done():
             future.set_result(value)
@@ -282,6 +299,9 @@ class GatewayLimits:
     idempotency_capacity: int = 500_000
     idempotency_ttl_s: float = 24 * 3600.0
     request_key_capacity: int = 10_000
+    #: Bytes of stored Idempotency-Key answers (their rendered JSON), oldest evicted first: an evicted
+    #: key's request is run again if resent, and its events are still deduplicated by their own ids.
+    request_key_max_bytes: int = 64 * 1024 * 1024
     body_budget_bytes: int = 128 * 1024 * 1024  # body bytes held at once (x2 per body), all requests; 503 beyond
     max_json_depth: int = 32
     containers_per_record: int = 8  # arrays/objects a record may use (sensor values, weblog fields)

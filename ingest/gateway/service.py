@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from kafka.errors import KafkaError
 from starlette.concurrency import run_in_threadpool
 
@@ -54,7 +54,7 @@ from streaming.topics import KINDS, raw_topic
 
 log = logging.getLogger(__name__)
 
-Stored = tuple[str, int, dict[str, Any]]  # request fingerprint, status, body
+Stored = tuple[str, int, bytes]  # request fingerprint, status, the rendered JSON body
 _EPOCH_MS = re.compile(r"[0-9]{1,15}")
 #: Owner of idempotency keys re-read from the raw topics at start-up (no key is recorded there).
 SEEDED = "\x00seeded"
@@ -112,7 +112,9 @@ class Gateway:
         self.inflight = InFlightLimiter(limits.max_in_flight, on_change=self.metrics.in_flight.set)
         self._ack_latency: dict[str, Any] = {}  # the ack latency histogram's child per kind
         self.seen: OnceMap[dict[str, Any]] = OnceMap(limits.idempotency_capacity, limits.idempotency_ttl_s)
-        self.responses: OnceMap[Stored] = OnceMap(limits.request_key_capacity, limits.idempotency_ttl_s)
+        self.responses: OnceMap[Stored] = OnceMap(limits.request_key_capacity, limits.idempotency_ttl_s,
+                                                  max_bytes=limits.request_key_max_bytes,
+                                                  size=lambda stored: len(stored[2]) + 200)
         #: Event-time rules of every entry of this gateway (unit, window, backfill run header).
         self.time_rules = time_rules or TimeRules.from_settings(settings)
         self.avro = AvroBodies(registry, self.time_rules)
@@ -206,7 +208,7 @@ class Gateway:
                                        f"of {self.limits.max_containers}; send fewer or smaller records")
 
     async def with_request_key(self, request: Request, principal: Principal, fp: str,
-                               work: Callable[[], Awaitable[Answer]]) -> JSONResponse:
+                               work: Callable[[], Awaitable[Answer]]) -> Response:
         """Run ``work`` once per ``Idempotency-Key``; a repeat gets the stored answer replayed."""
         header = request.headers.get("idempotency-key")
         if header is None:
@@ -227,7 +229,7 @@ class Gateway:
             if stored_fp != fp:
                 raise IdempotencyConflictError("this Idempotency-Key was used with a different request body; "
                                                "use a new key for a new request")
-            return Answer(status, body).response(**{"Idempotent-Replayed": "true"})
+            return Response(body, status, headers={"Idempotent-Replayed": "true"}, media_type="application/json")
         try:
             answer = await work()
         except BaseException as exc:
@@ -235,9 +237,10 @@ class Gateway:
             raise
         if answer.retry_after is not None:  # a retryable outcome is not the request's final answer
             self.responses.abandon(key, OverloadedError("the first attempt must be retried"))
-        else:
-            self.responses.complete(key, (fp, answer.status, answer.body))
-        return answer.response()
+            return answer.response()
+        response = answer.response()  # stored as rendered: a dict of 10,000 results held ~20 MB, its JSON ~2
+        self.responses.complete(key, (fp, answer.status, bytes(response.body)))
+        return response
 
     # -- publishing (worker thread) -------------------------------------------------------------
     def _send(self, kind: str, items: list[Item], remote: str,
