@@ -14,13 +14,17 @@ restarted worker starts with empty history.
 
 from __future__ import annotations
 
+import base64
+import io
 import threading
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from serving.exceptions import RequestDecodeError
 from serving.model import LoadedVersion
+from streaming import image_probe
 from streaming.jsoncodec import from_json
 from streaming.limits import InputLimitError, bounded_json
 from streaming.topics import KINDS
@@ -103,3 +107,26 @@ class Featurization:
         if request.get("features") is not None:
             return self.check_features(request["features"], lv), None
         raise RequestDecodeError("request: has neither 'features' nor 'event_json'; set one of them")
+
+
+#: Base64 characters of an image read to find its size (its header): 192 KiB of bytes, past any EXIF block.
+_HEAD_B64 = 256 * 1024
+
+
+def declared_pixels(instance: Any) -> int:
+    """Pixels an instance's image declares in its header (0 when it has none, or none is readable: its
+    featurization then says why), read from the head of its base64 ``data`` without decoding a pixel.
+    What a request's images will cost to decode, known before any is (serving/http_api.py)."""
+    data = instance.get("data") if isinstance(instance, dict) else None
+    if not isinstance(data, str) or not data:
+        return 0
+    try:
+        head = base64.b64decode(data[: _HEAD_B64], validate=False)
+        if image_probe.sniff(head) is not None:  # PNG/JPEG: the one probe, from the header bytes alone
+            header = image_probe.probe(head, scans=False)
+            return header.width * header.height
+        with Image.open(io.BytesIO(head)) as img:  # a format ingestion converts (WebP, HEIC...): its header
+            width, height = img.size
+    except Exception:  # noqa: BLE001 - not an image here: featurize() refuses it with its reason
+        return 0
+    return int(width) * int(height)

@@ -144,3 +144,44 @@ def test_predict_takes_an_image_in_any_format_ingestion_converts(settings: Setti
         if srv is not None:
             srv.should_exit = True
         manager.stop()
+
+
+def test_the_images_of_one_request_are_bounded_in_pixels_before_any_is_decoded(settings: Settings) -> None:
+    """180 small PNGs each declaring 4000x4000 fit the body and instance limits and took 14 s of CPU to
+    decode, so two requests filled the inference pool and a trivial predict waited 12 s. The request's
+    images are now counted from their headers, and a request over the pixel budget is a 413 at once."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from serving.http_api import ServeLimits
+    from serving.inputs import declared_pixels
+    from tests.test_features_image import NOW, rec
+
+    buf = io.BytesIO()
+    Image.new("L", (2000, 2000), 200).save(buf, "PNG")  # ~10 KB on the wire, 4 Mpx to decode
+    big = {**rec(b""), "timestamp": int(NOW), "data": base64.b64encode(buf.getvalue()).decode()}
+    assert declared_pixels(big) == 4_000_000 and declared_pixels({"data": "not base64!"}) == 0
+    reg = ModelRegistry(settings.model_dir)
+    publish(reg, "imgpx", tag=3.0, n_features=64, n_outputs=1, featurizer={"kind": "image", "version": "image-v1"})
+    manager = VersionManager(settings, "imgpx", Policy.parse("latest"), poll_interval_s=0.1,
+                             follow_updates=False).start()
+    srv = None
+    try:
+        wait_until(lambda: manager.current().stable is not None, timeout=60, message="the image model loaded")
+        srv = start_http(manager, Featurization(), "imgpx", 0, limits=ServeLimits(max_request_pixels=10_000_000))
+        with httpx.Client(base_url=f"http://127.0.0.1:{srv.bound_port}", timeout=30) as c:
+            r = c.post("/v1/models/imgpx:predict", json={"instances": [big] * 3})
+            assert r.status_code == 413 and "12000000 pixels in all" in r.json()["error"], r.text
+            # Cut after the header: decoded first, it would be a 400 "cannot decode"; the 413 says the
+            # request was refused from the headers alone.
+            cut = {**big, "data": base64.b64encode(buf.getvalue()[:40]).decode()}
+            r = c.post("/v1/models/imgpx:predict", json={"instances": [cut] * 3})
+            assert r.status_code == 413, r.text
+            r = c.post("/v1/models/imgpx:predict", json={"instances": [big] * 2})
+            assert r.status_code == 200, r.text
+    finally:
+        if srv is not None:
+            srv.should_exit = True
+        manager.stop()
