@@ -348,3 +348,31 @@ def test_chunked_multipart_upload_over_the_limit_is_413(settings: Settings) -> N
                        headers={**AUTH, "Content-Type": "multipart/form-data; boundary=xx"})
     assert resp.request.headers["transfer-encoding"] == "chunked"
     assert resp.status_code == 413
+
+
+def test_an_unusable_multipart_upload_is_a_dead_letter_and_an_error_object(settings: Settings) -> None:
+    """Too many fields, an unknown field, a missing closing boundary or a bad timestamp field were answered
+    by starlette as {"detail": ...} (not the gateway's {"error": ...}) and kept nothing; a JSON body that
+    is unusable as a whole was always dead-lettered. Now an upload is too."""
+    boundary = "XyZ"
+    unclosed = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n"
+                "Content-Type: image/png\r\n\r\n").encode() + png(4, 4)  # no closing boundary
+    many = [("f" + str(i), "x") for i in range(20)]
+    with client(settings) as tc:
+        answers = [
+            tc.post("/ingest/images", data=dict(many), files=[("files", ("a.png", png(4, 4), "image/png"))],
+                    headers=AUTH),
+            tc.post("/ingest/images", data={"colour": "red"}, files=[("files", ("a.png", png(4, 4), "image/png"))],
+                    headers=AUTH),
+            tc.post("/ingest/images", content=unclosed,
+                    headers={**AUTH, "Content-Type": f"multipart/form-data; boundary={boundary}"}),
+            tc.post("/ingest/images", data={"timestamp": "yesterday"},
+                    files=[("files", ("a.png", png(4, 4), "image/png"))], headers=AUTH),
+        ]
+    for answer in answers:
+        assert answer.status_code == 400 and set(answer.json()) == {"error", "results"}, answer.text
+    assert "not usable multipart" in answers[0].json()["error"]
+    assert "no complete file" in answers[2].json()["error"]
+    dls = dead_letters(settings, "image", expect=4)
+    assert {header_dict(d.headers)["dl.source_index"] for d in dls} == {"body"}
+    assert any(bytes(d.raw) == unclosed for d in dls)

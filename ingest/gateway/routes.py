@@ -18,6 +18,8 @@ from prometheus_client import (
 )
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
 from ingest import gateway as package
 from ingest.exceptions import InputRejectedError
@@ -131,19 +133,32 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
         _identity_only(request)
         if media_type(request.headers.get("content-type")) != "multipart/form-data":
             raise UnsupportedMediaTypeError("POST /ingest/images takes multipart/form-data with image files")
-        async with request.form(max_files=limits.max_records_per_request, max_fields=16) as form:
-            files = [(v.filename, await v.read()) for _, v in form.multi_items() if isinstance(v, UploadFile)]
-            fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        # The body first (bounded by the body limit), then the form from it: an upload that is unusable as a
+        # whole is kept as a dead letter with its reason, as a JSON body is, and answered {"error": ...};
+        # starlette's own 400s were {"detail": ...} and kept nothing.
+        body = await request.body()
+
+        async def refused(message: str) -> Response:
+            return (await gw.reject_body("image", body, request, BadRequestError(message), principal)).response()
+
+        try:
+            async with request.form(max_files=limits.max_records_per_request, max_fields=16) as form:
+                files = [(v.filename, await v.read()) for _, v in form.multi_items() if isinstance(v, UploadFile)]
+                fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        except (StarletteHTTPException, MultiPartException) as exc:
+            detail = exc.detail if isinstance(exc, StarletteHTTPException) else exc.message
+            return await refused(f"the upload is not usable multipart/form-data ({str(detail)[:200]})")
         unknown = sorted(set(fields) - {"label", "timestamp"})
         if unknown or not files:
-            raise BadRequestError(f"form fields {unknown} are unknown (use label, timestamp)" if unknown
-                                  else "no files in the upload; send one or more image files")
+            return await refused(f"form fields {[u[:40] for u in unknown[:8]]} are unknown (use label, timestamp)"
+                                 if unknown else "no complete file in the upload (a file part needs a filename "
+                                 "and the closing boundary); send one or more image files")
         stamp = now_ms()
         if fields.get("timestamp"):
             try:
                 stamp = gw.time_rules.read(fields["timestamp"].strip())
             except InputRejectedError as exc:
-                raise BadRequestError(f"form field timestamp: {exc}") from exc
+                return await refused(f"form field timestamp: {exc}")
         digest = hashlib.sha256(repr(sorted(fields.items())).encode())
         for name, data in files:
             digest.update(f"\x00{name}\x00{len(data)}\x00".encode() + data)
