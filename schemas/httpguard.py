@@ -123,11 +123,13 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON; send finite numbers")
 
 
-def loads_guarded(body: bytes, *, max_depth: int, max_containers: int, what: str = "body") -> Any:
-    """``json.loads`` after :func:`check_json_shape`; NaN/Infinity refused; 400 on bad JSON."""
+def loads_guarded(body: bytes, *, max_depth: int, max_containers: int, what: str = "body",
+                  object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
+    """``json.loads`` after :func:`check_json_shape`; NaN/Infinity refused; 400 on bad JSON, including what
+    ``object_pairs_hook`` refuses with ValueError (``streaming.limits.unique_keys``: a key named twice)."""
     check_json_shape(body, max_depth=max_depth, max_containers=max_containers, what=what)
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        return json.loads(body, parse_constant=_reject_constant, object_pairs_hook=object_pairs_hook)
     except (ValueError, RecursionError) as exc:
         raise GuardError(400, f"{what}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]}); "
                                   "send UTF-8 JSON") from exc

@@ -49,6 +49,7 @@ from serving.inputs import Featurization, declared_pixels
 from serving.model import LoadedVersion
 from serving.versions import VersionManager
 from streaming.config import Settings
+from streaming.limits import unique_keys
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +243,11 @@ def create_app(manager: VersionManager, featurization: Featurization, model: str
             if not busy.acquire(blocking=False):
                 raise _HttpError(429, f"{limits.max_concurrent} predictions are running; retry shortly")
             try:
-                body = await run_in_threadpool(loads_guarded, raw, max_depth=limits.max_depth,
-                                               max_containers=limits.max_instances * 4 + 16)
+                # A key named twice is refused, as the gateway and `predict --file` refuse it: Python keeps the
+                # last "instances", a proxy in front may have checked the first.
+                body = await run_in_threadpool(lambda: loads_guarded(raw, max_depth=limits.max_depth,
+                                                                     max_containers=limits.max_instances * 4 + 16,
+                                                                     object_pairs_hook=unique_keys))
                 data = body.get("instances", body.get("inputs")) if isinstance(body, dict) else None
                 n = len(data) if isinstance(data, list) else 1
                 try:

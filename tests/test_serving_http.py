@@ -84,6 +84,8 @@ def test_predict_errors_use_tf_serving_shape(server: tuple[str, VersionManager])
         ({"instances": [{"method": "GET"}]}, "instances[0]"),
         (nan_row, "finite"),
         ("{not json", "not valid JSON"),
+        # a key named twice: Python kept the last, a proxy in front may have checked the first (was a 200)
+        ('{"instances": [[0]], "instances": [[' + ",".join(["0"] * 64) + "]]}", "appears more than once"),
     ]
     with httpx.Client(base_url=base, timeout=10) as c:
         for body, word in cases:
