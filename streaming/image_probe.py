@@ -128,13 +128,8 @@ def _jpeg_scan_count(data: bytes, stop_after: int) -> int:
             pos = data.find(b"\xff", pos)  # so the count must too (stopping here let one byte hide 6000 scans)
             if pos < 0:
                 break
-        while pos < end and data[pos] == 0xFF:  # fill bytes
-            pos += 1
-        if pos >= end:
-            break
-        marker = data[pos]
-        pos += 1
-        if marker == 0xD9:
+        marker, pos = _marker(data, pos)
+        if marker is None or marker == 0xD9:
             break
         if marker == 0x00 or marker in _JPEG_STANDALONE:  # FF 00 there is junk to libjpeg too
             continue
@@ -168,18 +163,23 @@ def _png_size(data: bytes, complete: bool) -> tuple[int, int]:
     return int(width), int(height)
 
 
+def _marker(data: bytes, pos: int) -> tuple[int | None, int]:
+    """The marker code after the FF (and any fill FFs) at ``pos``, and the position after it; None at the end."""
+    end = len(data)
+    while pos < end and data[pos] == 0xFF:
+        pos += 1
+    return (None, pos) if pos >= end else (data[pos], pos + 1)
+
+
 def _jpeg_size(data: bytes) -> tuple[int, int]:
     """Walk JPEG marker segments up to the first SOF and read its width and height."""
     pos, end = 2, len(data)
     while pos < end:
         if data[pos] != 0xFF:
             raise ImageProbeError(f"corrupt JPEG: a marker expected at byte {pos}", "bad_header")
-        while pos < end and data[pos] == 0xFF:  # fill bytes
-            pos += 1
-        if pos >= end:
+        marker, pos = _marker(data, pos)
+        if marker is None:
             break
-        marker = data[pos]
-        pos += 1
         if marker in _JPEG_STANDALONE:
             continue
         if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header

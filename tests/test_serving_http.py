@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
-from serving.http_api import start_http
+from serving.http_api import ServeLimits, start_http
 from serving.inputs import Featurization
 from serving.policy import Policy
 from serving.versions import VersionManager
@@ -33,6 +34,23 @@ def server(settings: Settings) -> Iterator[tuple[str, VersionManager]]:
     yield f"http://127.0.0.1:{srv.bound_port}", manager
     srv.should_exit = True
     manager.stop()
+
+
+@contextmanager
+def image_server(settings: Settings, name: str, limits: ServeLimits | None = None) -> Iterator[str]:
+    """An image-v1 model ``name`` loaded and served over HTTP; yields the base URL."""
+    reg = ModelRegistry(settings.model_dir)
+    publish(reg, name, tag=3.0, n_features=64, n_outputs=1, featurizer={"kind": "image", "version": "image-v1"})
+    manager = VersionManager(settings, name, Policy.parse("latest"), poll_interval_s=0.1, follow_updates=False).start()
+    srv = None
+    try:
+        wait_until(lambda: manager.current().stable is not None, timeout=60, message="the image model loaded")
+        srv = start_http(manager, Featurization(), name, 0, limits=limits)
+        yield f"http://127.0.0.1:{srv.bound_port}"
+    finally:
+        if srv is not None:
+            srv.should_exit = True
+        manager.stop()
 
 
 def test_status_and_metadata_shapes(server: tuple[str, VersionManager]) -> None:
@@ -120,16 +138,9 @@ def test_predict_takes_an_image_in_any_format_ingestion_converts(settings: Setti
     from streaming.features.image import ImageFeaturizer
     from tests.test_features_image import NOW, _photo, rec
 
-    reg = ModelRegistry(settings.model_dir)
-    publish(reg, "imgtiny", tag=3.0, n_features=64, n_outputs=1, featurizer={"kind": "image", "version": "image-v1"})
-    manager = VersionManager(settings, "imgtiny", Policy.parse("latest"), poll_interval_s=0.1,
-                             follow_updates=False).start()
-    srv = None
-    try:
-        wait_until(lambda: manager.current().stable is not None, timeout=60, message="the image model loaded")
-        srv = start_http(manager, Featurization(), "imgtiny", 0)
+    with image_server(settings, "imgtiny") as base:
         fz = ImageFeaturizer(clock_ms=lambda: NOW)
-        with httpx.Client(base_url=f"http://127.0.0.1:{srv.bound_port}", timeout=30) as c:
+        with httpx.Client(base_url=base, timeout=30) as c:
             for fmt in ("WEBP", "HEIF"):
                 raw = _photo(fmt)
                 want = fz.featurize(rec(accept(raw)[0]), fz.new_state()).x.tolist()
@@ -142,10 +153,6 @@ def test_predict_takes_an_image_in_any_format_ingestion_converts(settings: Setti
                    "data": base64.b64encode(b"%PDF-1.7\n" + bytes(64)).decode()}
             r = c.post("/v1/models/imgtiny:predict", json={"instances": [pdf]})
             assert r.status_code == 400 and "PDF is not supported" in r.json()["error"], r.text
-    finally:
-        if srv is not None:
-            srv.should_exit = True
-        manager.stop()
 
 
 def test_the_images_of_one_request_are_bounded_in_pixels_before_any_is_decoded(settings: Settings) -> None:
@@ -157,7 +164,6 @@ def test_the_images_of_one_request_are_bounded_in_pixels_before_any_is_decoded(s
 
     from PIL import Image
 
-    from serving.http_api import ServeLimits
     from serving.inputs import declared_pixels
     from tests.test_features_image import NOW, rec
 
@@ -165,15 +171,8 @@ def test_the_images_of_one_request_are_bounded_in_pixels_before_any_is_decoded(s
     Image.new("L", (2000, 2000), 200).save(buf, "PNG")  # ~10 KB on the wire, 4 Mpx to decode
     big = {**rec(b""), "timestamp": int(NOW), "data": base64.b64encode(buf.getvalue()).decode()}
     assert declared_pixels(big) == 4_000_000 and declared_pixels({"data": "not base64!"}) == 0
-    reg = ModelRegistry(settings.model_dir)
-    publish(reg, "imgpx", tag=3.0, n_features=64, n_outputs=1, featurizer={"kind": "image", "version": "image-v1"})
-    manager = VersionManager(settings, "imgpx", Policy.parse("latest"), poll_interval_s=0.1,
-                             follow_updates=False).start()
-    srv = None
-    try:
-        wait_until(lambda: manager.current().stable is not None, timeout=60, message="the image model loaded")
-        srv = start_http(manager, Featurization(), "imgpx", 0, limits=ServeLimits(max_request_pixels=10_000_000))
-        with httpx.Client(base_url=f"http://127.0.0.1:{srv.bound_port}", timeout=30) as c:
+    with image_server(settings, "imgpx", ServeLimits(max_request_pixels=10_000_000)) as base:
+        with httpx.Client(base_url=base, timeout=30) as c:
             r = c.post("/v1/models/imgpx:predict", json={"instances": [big] * 3})
             assert r.status_code == 413 and "12000000 pixels in all" in r.json()["error"], r.text
             # Cut after the header: decoded first, it would be a 400 "cannot decode"; the 413 says the
@@ -183,7 +182,3 @@ def test_the_images_of_one_request_are_bounded_in_pixels_before_any_is_decoded(s
             assert r.status_code == 413, r.text
             r = c.post("/v1/models/imgpx:predict", json={"instances": [big] * 2})
             assert r.status_code == 200, r.text
-    finally:
-        if srv is not None:
-            srv.should_exit = True
-        manager.stop()
