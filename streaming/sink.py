@@ -102,14 +102,16 @@ class FeatureSink:
         """Records (rows and dead letters) in the partition's open batch."""
         return self.batcher.pending(self.topic, partition)
 
-    def forget(self, partition: int) -> int:
+    def forget(self, partition: int) -> tuple[int, int]:
         """Drop the partition's open and held batches (revoked, or about to be re-read from the store);
-        returns how many records were dropped. Nothing of them was reported durable."""
-        dropped = self.batcher.drop(self.topic, partition)
-        keep = [c for c in self.held if c.spec.partition != partition]
-        dropped += sum(c.spec.last_offset - c.spec.first_offset + 1 for c in self.held if c.spec.partition == partition)
-        self.held = keep
-        return dropped
+        returns how many records and rows were dropped. Nothing of them was reported durable."""
+        dropped, rows = self.batcher.drop(self.topic, partition)
+        for c in self.held:
+            if c.spec.partition == partition:
+                dropped += c.spec.last_offset - c.spec.first_offset + 1
+                rows += len(c.rows)
+        self.held = [c for c in self.held if c.spec.partition != partition]
+        return dropped, rows
 
     # ---- flush -------------------------------------------------------------------------------
     def flush(self, partitions: Iterable[int] = ()) -> Flushed:

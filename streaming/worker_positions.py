@@ -106,11 +106,10 @@ class PartitionPositions:
         """Forget revoked partitions' open and held batches: the partition may already belong to
         another worker, which resumes from the store; persisting late could overlap its batches."""
         for tp in revoked:
-            dropped = self.sink.forget(tp.partition)
+            dropped = self.pipeline.forget(tp.partition)  # and off the run's counts: re-read, counted again
             if dropped:
                 log.info("%s[%d] revoked: %d unpersisted records will be re-read by the next owner",
                          tp.topic, tp.partition, dropped)
-            self.pipeline.forget(tp.partition)
             self.registry_backoff.pop(tp, None)
             self.floor.pop(tp, None)
             self.committer.forget(tp.partition)

@@ -70,7 +70,7 @@ def test_count_only_mode_for_replays_and_offsets_must_increase() -> None:
     assert b.due() == [] and b.seconds_until_due() is None
     with pytest.raises(BatcherError, match="not after"):
         b.add_row(_row(0, 0), None)
-    assert b.drop("t", 0) == 1
+    assert b.drop("t", 0) == (1, 1)  # records, rows
     b.add_row(_row(0, 0), None)  # after a drop the partition may re-read
     with pytest.raises(BatcherError, match="max_records"):
         _batcher(clock, n=0)

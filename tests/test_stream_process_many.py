@@ -174,3 +174,26 @@ def test_image_decode_threads_setting_reaches_the_worker_featurizer(settings: Se
         default = _pipeline(settings, "image", "default", pub)
     assert one.featurizer.decode_threads == 1  # type: ignore[attr-defined]
     assert default.featurizer.decode_threads == type(default.featurizer)().decode_threads >= 1  # type: ignore[attr-defined]
+
+
+def test_records_dropped_unpersisted_are_taken_off_the_run_counts(settings: Settings) -> None:
+    """A partition revoked (or re-read from the store) drops its unpersisted batches, and they are read and
+    counted again: after a kill -9 and a rebalance the run's summary said 600 records and rows for 300
+    written. Dropped records leave the counts; what is persisted stays counted once."""
+    msgs = _records(settings, "sensor")
+    with Publisher(settings) as pub:
+        p = _pipeline(settings, "sensor", "uncount", pub)
+        first = msgs[: BATCH + 40]  # one batch persisted, 40 records open
+        p.process_many(first[:BATCH])
+        p.sink.flush([0])
+        p.process_many(first[BATCH:])
+        before = (p.stats.records, p.stats.rows, p.stats.dead_letters)
+        assert before[0] == BATCH + 40
+        assert p.forget(0) == 40
+        after = (p.stats.records, p.stats.rows, p.stats.dead_letters)
+        assert after[0] == BATCH and after[1] + after[2] == BATCH
+        p.restore(0)  # the next owner (here: the same pipeline) re-reads the 40 from the store's end
+        p.process_many(msgs[BATCH:BATCH + 40])
+        p.sink.flush([0])
+        pub.settle()
+    assert (p.stats.records, p.stats.rows, p.stats.dead_letters) == before
