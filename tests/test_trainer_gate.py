@@ -140,3 +140,21 @@ def test_no_labelled_evaluation_rows_is_rejected() -> None:
     d = decide(CLS, y_eval=np.zeros((0, 10)), candidate_outputs=np.zeros((0, 10)), candidate_score=float("nan"),
                current_score=None)
     assert not d.promote and "no labelled evaluation rows" in d.reason
+
+
+def test_a_held_out_set_of_one_class_says_so_when_the_baseline_is_not_beaten() -> None:
+    """A small site's log with no failed request: 'balanced_accuracy 1 vs baseline 1' said neither that the
+    rows hold one class nor what to do (docs/MODELS.md gives that baseline as 0.5)."""
+    from trainer.gate import baseline_outputs
+
+    spec = dataclasses.replace(load_spec("weblog_classifier"))
+    y = onehot([0] * 300, 2)
+    prior = baseline_outputs(spec, y, len(y), 2)
+    d = decide(spec, y_eval=y, candidate_outputs=y, candidate_score=spec.score(y, y), current_score=None,
+               baseline_outputs=prior)
+    assert not d.promote and "Every held-out row is of one class" in d.reason, d.reason
+    mixed = onehot([0] * 270 + [1] * 30, 2)
+    prior = baseline_outputs(spec, mixed, len(mixed), 2)
+    d = decide(spec, y_eval=mixed, candidate_outputs=prior, candidate_score=spec.score(mixed, prior),
+               current_score=None, baseline_outputs=prior)
+    assert not d.promote and "one class" not in d.reason

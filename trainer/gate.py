@@ -127,6 +127,22 @@ def degenerate_reason(spec: ModelSpec, y: np.ndarray, outputs: np.ndarray) -> st
     return None
 
 
+def _one_class_hint(spec: ModelSpec, y: np.ndarray) -> str:
+    """Why a classifier cannot beat its baseline when every held-out row has one class, or "". Why: a small
+    site's log with no failed request gave "balanced_accuracy 1 vs baseline 1", which said neither that
+    the data hold a single class nor what to do."""
+    if spec.task != "classification" or not len(y):
+        return ""
+    present = np.unique(np.argmax(y, axis=1)) if y.ndim == 2 and y.shape[1] > 1 else np.unique(np.asarray(y) > 0.5)
+    if len(present) > 1:
+        return ""
+    only = int(present[0])
+    name = spec.class_names[only] if spec.class_names and only < len(spec.class_names) else str(only)
+    return (f". Every held-out row is of one class ({name!r}): there is nothing to tell apart, and any model "
+            "ties with the baseline. Train on data that holds the other classes too (for a web log: failed "
+            "requests, 4xx/5xx)")
+
+
 def decide(spec: ModelSpec, *, y_eval: np.ndarray, candidate_outputs: np.ndarray, candidate_score: float,
            current_score: float | None, weights_finite: bool = True,
            train_loss: float | None = None, current_outputs: np.ndarray | None = None,
@@ -172,7 +188,7 @@ def decide(spec: ModelSpec, *, y_eval: np.ndarray, candidate_outputs: np.ndarray
         if not spec.improvement(candidate_score, base_score) > need_b:
             return verdict(False, f"rejected: does not beat the baseline ({baseline_name}) beyond noise: "
                                   f"candidate {metric} {candidate_score:.6g} vs baseline {base_score:.6g}, "
-                                  f"needs more than {need_b:.3g} better ({rows})")
+                                  f"needs more than {need_b:.3g} better ({rows})" + _one_class_hint(spec, y_eval))
     vs_base = f"; baseline {base_score:.6g}" if base_score is not None else ""
     if current_score is None:
         return verdict(True, f"promoted: first version ({metric} {candidate_score:.6g}{vs_base}; {rows})")
