@@ -41,8 +41,10 @@ def _stored(settings: Settings) -> dict[str, np.ndarray]:
 def test_weekly_history_backfills_into_feature_rows_beside_live_readings(settings: Settings) -> None:
     s = settings.with_(batch_max_records=100, batch_max_seconds=0.5)
     # Live first: the history is refused, every row with the reason naming the flag.
-    rc, live, _ = _ingest(s, "--csv", str(WEEKLY))
-    assert rc == 0 and live["published"] == 0 and live["dead_lettered"] == ROWS + NANS
+    rc, live, err = _ingest(s, "--csv", str(WEEKLY))
+    # Nothing published: exit 1, saying so and where to look (it was 0, and scripts went on as if loaded).
+    assert rc == 1 and live["published"] == 0 and live["dead_lettered"] == ROWS + NANS
+    assert "every record read was refused" in err and "--backfill" in err, err
     assert live["reasons"] == {"timestamp_too_old": ROWS, "nan": NANS}
     dls = read_topic(s, dead_letter_topic(s, "sensor"), decode=False, expect=ROWS + NANS)
     nan_dl = [header_dict(d.headers) for d in dls if b",nan," in d.value]

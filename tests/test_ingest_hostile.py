@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -518,3 +519,22 @@ def test_sensor_csv_with_mixed_line_ends_gives_every_row_its_own_id(body: bytes,
     assert [it.record["sensor_id"] for it in items if it.record] == ["a", "b", "c", "d"], \
         [(it.raw, it.error) for it in items]
     assert len({it.event_id for it in items}) == 4
+
+
+def test_a_file_run_that_refuses_every_record_exits_1_and_one_that_refuses_some_exits_0(settings: Settings,
+                                                                                      tmp_path: Path) -> None:
+    """1970s readings without --backfill, all dead-lettered, and a log all outside --max-age exited 0: a
+    script carried on as if the load had worked. Some refused among published is still 0."""
+    old = tmp_path / "old.csv"
+    old.write_text("sensor_id,timestamp,value\n" + "".join(f"s{i},{80_000_000 + i * 60},{i}\n" for i in range(5)))
+    done = subprocess.run(streamlearn_cmd("ingest", "sensors", "--csv", str(old), "--timestamp-unit", "s"),
+                          env=subprocess_env(settings), capture_output=True, timeout=120)
+    summary = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert done.returncode == 1 and (summary["published"], summary["dead_lettered"]) == (0, 5), done.stderr
+    assert b"every record read was refused" in done.stderr and b"timestamp_too_old x5" in done.stderr
+    log = tmp_path / "mixed.log"
+    now = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(time.time() - 5))
+    log.write_text(f'10.0.0.1 - - [{now}] "GET / HTTP/1.1" 200 5 "-" "curl/8"\nnot a log line\n')
+    done = subprocess.run(streamlearn_cmd("ingest", "weblog", str(log)), env=subprocess_env(settings),
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -89,6 +89,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
 
 #: Exit status of a source command stopped before every record was acked (the same command resumes).
 EXIT_NOT_ACKED = 3
+#: Exit status of a file run that refused every record it read (all dead-lettered, none published).
+EXIT_ALL_REFUSED = 1
+
+
+def _all_refused(command: str, published: int, dead_lettered: int, reasons: dict[str, int] | None) -> bool:
+    """Say so, and True, when a run dead-lettered every record and published none. Why: 3,756 rows of
+    1970s data without --backfill, all refused, exited 0, and a script went on as if the load had worked.
+    A run that refused some rows still exits 0 (dead letters are kept, with reasons)."""
+    if published or not dead_lettered:
+        return False
+    why = ", ".join(f"{k} x{v}" for k, v in sorted((reasons or {}).items(), key=lambda kv: -kv[1])[:5])
+    print(f"{command}: every record read was refused ({dead_lettered} dead letters{': ' + why if why else ''}); "
+          "nothing was published. The dead-letter messages say what to change (e.g. --backfill for history)",
+          file=sys.stderr, flush=True)
+    return True
 #: How long a stop may take before the console is told how to end it sooner.
 STOP_HINT_AFTER_S = 2.0
 
@@ -179,7 +194,9 @@ def _weblog(args: argparse.Namespace, settings: config.Settings) -> int:
         pub.settle()  # a broker killed right after we exit must not lose the last acks
     _report({"source": str(args.path), "seconds": round(time.monotonic() - started, 3), **asdict(stats),
              "not_acked": pub.abandoned})
-    return EXIT_NOT_ACKED if pub.abandoned else 0
+    if pub.abandoned:
+        return EXIT_NOT_ACKED
+    return EXIT_ALL_REFUSED if _all_refused("ingest weblog", stats.published, stats.dead_lettered, None) else 0
 
 
 def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -234,6 +251,8 @@ def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
         print(f"ingest sensors: {mismatched} rows disagree with the timestamp unit decided for the file; they are "
               "dead-lettered (reason timestamp_unit_mismatch); pass --timestamp-unit", file=sys.stderr)
         return 1
+    if args.csv is not None and _all_refused("ingest sensors", stats.published, stats.dead_lettered, stats.reasons):
+        return EXIT_ALL_REFUSED
     return 0
 
 
