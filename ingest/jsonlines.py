@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ingest.exceptions import InputRejectedError, SourceError
-from ingest.lines import BUSY, SETTLED, last_line_state, read_line, tail_hash
+from ingest.lines import BUSY, SETTLED, TailCache, last_line_state, read_line
 from ingest.source import (
     FilePosition,
     PositionIds,
@@ -69,14 +69,11 @@ class LineReader:
         self.eof = False
         #: The file (None for a stream): an unterminated last line waits for it to settle (``last_line_state``).
         self.path = path
-        self._tail: tuple[int, str | None] = (-1, None)
+        self._tail = TailCache()
 
     def tail_at(self, offset: int) -> str | None:
-        """:func:`~ingest.source.tail_hash` at ``offset``, taken once per offset: the first time is when the
-        bytes were read (or just before waiting on a last line), never after a rewrite during the wait."""
-        if self._tail[0] != offset:
-            self._tail = (offset, tail_hash(self.fh.fileno(), offset))
-        return self._tail[1]
+        """The hash of the bytes before ``offset`` as they were read (:class:`~ingest.lines.TailCache`)."""
+        return self._tail.at(self.fh.fileno(), offset)
 
     def next(self) -> tuple[int, int, bytes, str | InputRejectedError | None]:
         """(number, start offset, bytes, text | its error | None for a blank line); ``eof`` set at the end."""

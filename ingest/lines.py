@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from typing import BinaryIO, Protocol
 
 #: Bytes before a file position whose sha1 a checkpoint keeps (``FilePosition.tail``).
@@ -74,8 +75,6 @@ def last_line_state(fd: int, read_to: int, partial: bytes) -> str:
     The open file, not its path: an exporter that saves by renaming a new file over the old one leaves
     the path naming another, longer file, and read by path that was "grew" forever (the old file never
     did), a run spinning a core and deaf to SIGTERM."""
-    import time
-
     deadline = time.monotonic() + LAST_LINE_MAX_WAIT_S
     seen: tuple[int, int] | None = None
     since = time.monotonic()
@@ -106,6 +105,19 @@ def tail_hash(fd: int, offset: int) -> str | None:
         return None
     start = max(0, offset - TAIL_BYTES)
     return hashlib.sha1(os.pread(fd, offset - start, start)).hexdigest()
+
+
+class TailCache:
+    """:func:`tail_hash` taken once per offset: the first time is when the bytes were read (or just before
+    waiting on a last line), so a rewrite during that wait is never taken for them. One per file reader."""
+
+    def __init__(self) -> None:
+        self._at: tuple[int, str | None] = (-1, None)
+
+    def at(self, fd: int, offset: int) -> str | None:
+        if self._at[0] != offset:
+            self._at = (offset, tail_hash(fd, offset))
+        return self._at[1]
 
 
 def cr_only(first: bytes) -> bool:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ingest.exceptions import SensorValidationError, SourceError
-from ingest.lines import BUSY, SETTLED, LineFile, UniversalLines, last_line_state, read_line, tail_hash
+from ingest.lines import BUSY, SETTLED, LineFile, TailCache, UniversalLines, last_line_state, read_line
 from ingest.runner import SourceRunner
 from ingest.sensors import LIVE, SensorIngestStats, as_sensor_error, dead_letter_source, now_ms, validate
 from ingest.source import (
@@ -143,9 +143,7 @@ class CsvReader:
             raise SourceError(f"--csv {path}: cannot read ({exc})") from exc
         first, size = read_line(self._fh, MAX_ROW_BYTES, skip=False)
         self.header_line = first
-        #: :func:`~ingest.source.tail_hash` of the bytes before ``_tail_at`` as they were read (the snapshot's).
-        self.tail: str | None = None
-        self._tail_at = -1
+        self._tail = TailCache()
         self.eof = not first
         self.offset, self.line = max(offset, size), max(line, 1)
         if self.eof:
@@ -192,7 +190,6 @@ class CsvReader:
             self.close()
             raise SourceError(str(exc)) from exc
         self._fh.seek(self.offset)
-        self.tail, self._tail_at = tail_hash(self._fh.fileno(), self.offset), self.offset
 
     def _wide(self, path: Path, header: list[str]) -> bool:
         """Take a header without ``sensor_id`` and ``value`` as the wide layout that loggers, Grafana/InfluxDB
@@ -234,16 +231,8 @@ class CsvReader:
                     yield cells[column]
 
     def rows(self, limit: int) -> list[CsvRow]:
-        """Up to ``limit`` rows (blank lines are counted, not returned); ``eof`` is set at the end.
-        :attr:`tail` is the hash of the bytes before :attr:`offset` as they were read."""
+        """Up to ``limit`` rows (blank lines are counted, not returned); ``eof`` is set at the end."""
         out: list[CsvRow] = []
-        try:
-            return self._rows(limit, out)
-        finally:
-            if self._tail_at != self.offset:
-                self.tail, self._tail_at = tail_hash(self._fh.fileno(), self.offset), self.offset
-
-    def _rows(self, limit: int, out: list[CsvRow]) -> list[CsvRow]:
         while len(out) < limit and not self.eof:
             physical, size = read_line(self._fh, MAX_ROW_BYTES)
             if not physical:
@@ -272,8 +261,7 @@ class CsvReader:
     def _last_line_ready(self, physical: bytes) -> bool:
         """An unterminated last line: True to take it as the file's last row; False after seeking back to
         read it again (the file grew) or, still being written, leaving it for the next run (``eof``)."""
-        # Before the wait: the bytes as they were read (a rewrite during it must not be taken for them).
-        self.tail, self._tail_at = tail_hash(self._fh.fileno(), self.offset), self.offset
+        self.tail()  # before the wait: the bytes as they were read (a rewrite during it must not be taken for them)
         state = last_line_state(self._fh.fileno(), self.offset + len(physical), physical)
         if state == SETTLED:
             return True
@@ -284,6 +272,10 @@ class CsvReader:
                         self.path, self.line + 1)
             self.eof = True
         return False
+
+    def tail(self) -> str | None:
+        """The hash of the bytes before :attr:`offset` as they were read (:class:`~ingest.lines.TailCache`)."""
+        return self._tail.at(self._fh.fileno(), self.offset)
 
     def _cells(self, raw: bytes) -> dict[str, str]:
         """A data row's cells by column name; SensorValidationError when it is not UTF-8, not CSV or has
@@ -433,7 +425,7 @@ class SensorCsvSource(SourcePartition):
         return item
 
     def snapshot(self) -> dict[str, Any]:
-        return self.pos.snapshot(self.csv.tail)
+        return self.pos.snapshot(self.csv.tail())
 
     def close(self) -> None:
         self.csv.close()
