@@ -76,7 +76,7 @@ from ingest.image_check import (  # noqa: F401 (re-exported: callers import them
 )
 from ingest.image_moves import Plan, carry_out, label_key, names_entry, names_tag, place
 from ingest.runner import SourceRunner
-from ingest.source import PUBLISHED, SourceItem, SourcePartition, text_name
+from ingest.source import PUBLISHED, SourceItem, SourcePartition, keyed_state, text_name
 from streaming.eventtime import EventTimePolicy
 
 if TYPE_CHECKING:
@@ -196,10 +196,8 @@ class ImageWatcher:
             return settings.state_dir / "images" / hashlib.sha1(
                 str(where).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
-        real = Path(os.path.realpath(self.directory))
-        own, given = at(real), at(self.directory)
-        earlier = real != self.directory and not own.with_suffix(".journal").exists()
-        return given if earlier and given.with_suffix(".journal").exists() else own
+        return keyed_state(self.directory, Path(os.path.realpath(self.directory)), at,
+                           found=lambda base: base.with_suffix(".journal").exists())
 
     # -- scanning -------------------------------------------------------------------------
     def candidates(self, *, wait_settle: bool = True) -> list[Path]:

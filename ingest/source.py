@@ -200,10 +200,18 @@ def file_checkpoint_path(folder: Path, path: Path, flags: dict[str, Any]) -> Pat
         key = hashlib.sha1(key_text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
         return folder / f"{where.name}.{key}.json"
 
-    given, canonical = Path(path).absolute(), canonical_path(path, whole=True)
+    return keyed_state(Path(path).absolute(), canonical_path(path, whole=True), at)
+
+
+def keyed_state(given: Path, canonical: Path, at: Callable[[Path], Path],
+                found: Callable[[Path], bool] = Path.exists) -> Path:
+    """The state file ``at(canonical)``, unless only ``at(given)`` is ``found``: a state written before
+    keys were canonical (under the path as the user spelled it), which that run resumes. One rule for the
+    CSV and JSON-lines checkpoints, the followed log's and the drop folder's journal (``found`` tests
+    the file that proves a state exists, which for the drop folder is its journal)."""
     own = at(canonical)
-    if canonical != given and not own.exists() and at(given).exists():
-        return at(given)  # written before keys were canonical: that run resumes where it was
+    if canonical != given and not found(own) and found(at(given)):
+        return at(given)
     return own
 
 

@@ -51,6 +51,7 @@ from ingest.source import (
     SourcePartition,
     canonical_path,
     compressed,
+    keyed_state,
     not_a_file,
     text_name,
 )
@@ -127,9 +128,7 @@ def default_checkpoint_path(settings: Settings, path: Path, policy: EventTimePol
 
     # The directory resolved (another spelling of it was another checkpoint: the log published again); a
     # checkpoint written before that, under the path as given, is still resumed.
-    given, canonical = Path(path).absolute(), canonical_path(path)
-    own = at(canonical)
-    return at(given) if canonical != given and not own.exists() and at(given).exists() else own
+    return keyed_state(Path(path).absolute(), canonical_path(path), at)
 
 
 def _first_line_fp(fd: int) -> str:

@@ -99,3 +99,24 @@ def test_a_web_log_named_another_way_resumes_and_a_drop_folder_is_watched_once(s
             ImageWatcher(settings, pub, tmp_path / "drop-link")
         watcher.close()
         ImageWatcher(settings, pub, tmp_path / "drop-link").close()
+
+
+def test_keyed_state_keeps_an_earlier_state_only_while_it_is_the_only_one(tmp_path: Path) -> None:
+    """The rule the CSV, followed-log and drop-folder states share (``ingest.source.keyed_state``)."""
+    from ingest.source import keyed_state
+
+    def at(where: Path) -> Path:
+        return tmp_path / where.name
+
+    given, canonical = Path("/spelled/a"), Path("/real/b")
+    assert keyed_state(given, canonical, at) == tmp_path / "b"  # nothing yet: the canonical key
+    (tmp_path / "a").touch()
+    assert keyed_state(given, canonical, at) == tmp_path / "a"  # only the earlier state: resumed
+    assert keyed_state(canonical, canonical, at) == tmp_path / "b"  # spelled canonically: its own key
+    (tmp_path / "b").touch()
+    assert keyed_state(given, canonical, at) == tmp_path / "b"  # both: the canonical one wins
+    # the drop folder proves a state by its journal, not by the base path itself
+    journal = lambda base: base.with_suffix(".journal").exists()  # noqa: E731
+    assert keyed_state(given, canonical, at, found=journal) == tmp_path / "b"
+    (tmp_path / "a.journal").touch()
+    assert keyed_state(given, canonical, at, found=journal) == tmp_path / "a"
