@@ -176,6 +176,9 @@ class CsvReader:
         self.time_column = "timestamp"
         #: Wide layout (one row per time, one column per sensor): the sensor columns; None: long layout.
         self.sensors: list[str] | None = None
+        #: Wide layout: the sensor columns with at least one reading in the rows read so far (a column
+        #: with none, a misspelt or unplugged sensor, is reported rather than silently yielding nothing).
+        self.filled: set[str] = set()
         missing = {"sensor_id", "timestamp", "value"} - set(header)
         if missing and not ({"sensor_id", "value"} <= missing and self._wide(path, header)):
             self.close()
@@ -309,6 +312,7 @@ class CsvReader:
         for name in self.sensors:
             if row[name].strip().lower() in MISSING_CELLS:
                 continue
+            self.filled.add(name)
             record: dict[str, Any] = {"sensor_id": name, "value": self._number(row[name]), "values": {},
                                       "unit": unit, "label": label, "event_id": None}
             found: list[SensorValidationError] = []
@@ -461,6 +465,11 @@ def publish_csv(settings: Settings, publisher: Publisher, path: Path, *, unit: s
         log.warning("--csv %s was published to its end by an earlier run with these flags (checkpoint %s); "
                     "delete the checkpoint to publish it again", path, cp_path)
     stats = runner.run(stop)
+    read_rows = source.pos.line + 1 > from_line
+    empty = [s for s in source.csv.sensors or () if s not in source.csv.filled] if read_rows else []
+    if empty:
+        log.warning("--csv %s: sensor column(s) %s had no reading in the rows this run read (every cell empty "
+                    "or a missing-value marker); check the column names", path, empty)
     return SensorIngestStats(stats.published, stats.dead_lettered, dict(stats.reasons) or None,
                              timestamp_unit=source.reader.decided, skipped_duplicates=stats.skipped_duplicates,
-                             from_line=from_line, checkpoint=str(cp_path))
+                             from_line=from_line, checkpoint=str(cp_path), empty_columns=empty or None)

@@ -258,6 +258,8 @@ class SensorIngestStats:
     #: CSV: the first line this run read (> 2 when it resumed) and its checkpoint file.
     from_line: int | None = None
     checkpoint: str | None = None
+    #: Wide CSV: sensor columns without a single reading in the rows this run read.
+    empty_columns: list[str] | None = None
 
     def count(self, reason: str) -> None:
         self.reasons = self.reasons or {}

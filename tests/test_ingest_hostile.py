@@ -538,3 +538,18 @@ def test_a_file_run_that_refuses_every_record_exits_1_and_one_that_refuses_some_
     done = subprocess.run(streamlearn_cmd("ingest", "weblog", str(log)), env=subprocess_env(settings),
                           capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_wide_csv_column_without_a_reading_is_reported(settings: Settings, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A wide export whose ``temp_2`` column is all empty (an unplugged or misspelt sensor) published the
+    other column and said nothing of it; it is now named in the run's summary and a warning."""
+    now = int(time.time() * 1000)
+    path = tmp_path / "wide_gap.csv"
+    path.write_text("time,temp_1,temp_2\n" + "".join(f"{now - i * 1000},{20 + i},{m}\n"
+                                                     for i, m in enumerate(["", "NA", ""])))
+    with Publisher(settings) as pub, caplog.at_level("WARNING", logger="ingest.sensor_csv"):
+        stats = publish_csv(settings, pub, path)
+        assert (stats.published, stats.empty_columns) == (3, ["temp_2"]), stats
+        assert "['temp_2'] had no reading" in caplog.text
+        assert publish_csv(settings, pub, path).empty_columns is None  # nothing read: nothing to say

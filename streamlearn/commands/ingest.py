@@ -239,6 +239,7 @@ def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
             "reasons": stats.reasons or {},
             "timestamp_unit": stats.timestamp_unit,
             "skipped_duplicates": stats.skipped_duplicates,
+            **({"empty_columns": stats.empty_columns} if stats.empty_columns else {}),
             "backfill": policy.run_id or None,
             "not_acked": pub.abandoned,
             "seconds": round(time.monotonic() - started, 3),
