@@ -138,6 +138,14 @@ def _with_suffix(record: logging.LogRecord, count: int, seconds: float, summary:
     return rec
 
 
+def closing_noise(record: logging.LogRecord) -> bool:
+    """False for kafka-python's ERROR "Metadata refresh: failed Cancelled": a refresh still in flight
+    when a client closes is cancelled, and that was printed as an error at the end of commands that had
+    worked (``retrain --reproduce``). Any other metadata failure still prints."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    return not (record.msg == "Metadata refresh: failed %s" and args and type(args[0]).__name__ == "Cancelled")
+
+
 def silence_tensorflow(verbose: bool = False) -> None:
     """Keep TensorFlow's C++/absl start-up lines off the terminal unless ``verbose``.
 
@@ -177,4 +185,9 @@ def setup_logging(level: str = "INFO", *, quiet: bool = False, verbose: bool = F
     for name, noisy_level in NOISY_LIBRARIES.items():
         logging.getLogger(name).setLevel(logging.WARNING if verbose else noisy_level)
     logging.getLogger("kafka").setLevel(logging.WARNING if verbose else kafka_level)
+    cluster = logging.getLogger("kafka.cluster")
+    if not verbose and closing_noise not in cluster.filters:
+        cluster.addFilter(closing_noise)
+    elif verbose:
+        cluster.removeFilter(closing_noise)
     return handler

@@ -112,3 +112,24 @@ def test_control_characters_in_a_message_are_escaped_and_a_traceback_keeps_its_l
     assert "\x1b" not in text and "\x07" not in text
     assert "evil\\x1b]0;pwned\\x07.log\\x0a2026-01-01 INFO forged" in text
     assert "Traceback (most recent call last):\n" in text and text.rstrip().endswith("ValueError: boom")
+
+
+def test_a_cancelled_metadata_refresh_at_close_is_not_printed_as_an_error() -> None:
+    """kafka-python logs ERROR "Metadata refresh: failed Cancelled" when a client closes with a refresh in
+    flight; it ended ``retrain --reproduce`` runs that had worked. Other metadata failures still print."""
+    from kafka.errors import Cancelled, NodeNotReadyError
+
+    root = logging.getLogger()
+    old_level, old_handlers = root.level, list(root.handlers)
+    try:
+        out = io.StringIO()
+        setup_logging("INFO", stream=out)
+        cluster = logging.getLogger("kafka.cluster")
+        cluster.error("Metadata refresh: failed %s", Cancelled())
+        cluster.error("Metadata refresh: failed %s", NodeNotReadyError("metadata"))
+        assert "Cancelled" not in out.getvalue() and "NodeNotReadyError" in out.getvalue()
+    finally:
+        for h in list(root.handlers):
+            if h not in old_handlers:
+                root.removeHandler(h)
+        root.setLevel(old_level)
