@@ -59,7 +59,10 @@ from streaming.store_index import append as index_append
 from streaming.store_remote import RemoteBatches
 
 _RANGE_RE = re.compile(rf"\d{{{OFFSET_DIGITS}}}-\d{{{OFFSET_DIGITS}}}")
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+#: A namespace (and kind) name: one directory name, never ``.``/``..``. The control API validates
+#: against this same pattern, so a namespace the command line made can be queried over HTTP.
+NAMESPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+_NAMESPACE_RE = re.compile(NAMESPACE_PATTERN)
 _TMP_SUFFIX = ".tmp"
 #: Featurizer state longer than this (UTF-8 bytes) goes to ``<batch_id>.state.json`` next to the
 #: batch instead of into its manifest, so a manifest stays small whatever the featurizer keeps.

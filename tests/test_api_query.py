@@ -155,3 +155,16 @@ def test_without_the_engine_the_route_says_so(tmp_path: Path, monkeypatch: pytes
     with TestClient(create_app(s, runner=JobRunner(s), compact=False)) as tc:
         resp = tc.get("/query", params={"what": "features", "kind": "weblog"})
     assert resp.status_code == 501 and "streaming.query" in resp.json()["error"]
+
+
+def test_a_namespace_the_command_line_can_make_can_be_queried(setup: Any) -> None:
+    """The API allowed `[A-Za-z0-9][A-Za-z0-9_-]{0,63}` while `replay --into` allows the store's rule (dots,
+    100 characters): `rebuild.2026-12` was a namespace the API could not reach. One pattern now."""
+    tc, engine, _ = setup
+    for ns in ("rebuild.2026-12", "r" * 100):
+        got = tc.get("/query", params={"what": "features", "kind": "weblog", "namespace": ns}, headers=READER)
+        assert got.status_code == 200, got.text
+        assert engine.calls[-1][2]["namespace"] == ns
+    for bad in ("..", ".hidden", "a/b", "r" * 101):
+        assert tc.get("/query", params={"what": "features", "kind": "weblog", "namespace": bad},
+                      headers=READER).status_code == 400, bad

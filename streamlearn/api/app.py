@@ -28,6 +28,7 @@ from schemas.access import ANONYMOUS, KeyTable, Principal, load_keys
 from schemas.exceptions import AccessError
 from schemas.httpguard import BodyLimitMiddleware, ByteBudget, GuardError, loads_guarded
 from streaming.config import Settings
+from streaming.store import NAMESPACE_PATTERN
 from streamlearn.api.compact import Compactor
 from streamlearn.api.exceptions import ApiError, JobConflictError, JobNotFoundError
 from streamlearn.api.jobs import STATUSES, Job, JobRunner, progress
@@ -212,7 +213,7 @@ def create_app(settings: Settings, *, keys: KeyTable | None = None, runner: JobR
              summary="Feature rows (what=features) or predictions (what=predictions) from the columnar store")
     async def query(request: Request, what: Literal["features", "predictions"],
                     kind: Literal["weblog", "sensor", "image"] | None = None,
-                    namespace: str = Query("live", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"),
+                    namespace: str = Query("live", pattern=NAMESPACE_PATTERN),
                     start: str | None = Query(None, max_length=64), end: str | None = Query(None, max_length=64),
                     key: str | None = Query(None, max_length=256), batch: str | None = Query(None, max_length=128),
                     model: str | None = Query(None, max_length=129), version: int | None = Query(None, ge=1),

@@ -26,11 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.access import Principal
 from streaming.config import Settings
+from streaming.store import NAMESPACE_PATTERN
 from streaming.timeargs import TimeArgError, parse_time
 from streamlearn.api.exceptions import BadRequestError
 
 MODEL_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}(\.[A-Za-z][A-Za-z0-9_-]{0,63})?$"
-NAMESPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 TIME_HELP = ("ISO 8601 (2026-11-22T10:00:00Z; no zone = UTC), epoch milliseconds (1700000000000), epoch with a "
              "unit (1700000000s) or relative to now (-2h, -7d)")
 
