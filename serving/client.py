@@ -54,7 +54,11 @@ def to_request(model: str, obj: Any, *, line: int | None = None) -> dict[str, An
         except (TypeError, ValueError, OverflowError) as exc:
             raise RequestDecodeError(f"{where}features must be numbers and timestamp an integer of ms "
                                      f"({type(exc).__name__}: {str(exc)[:80]})") from None
-        return {"request_id": rid, "model": str(obj.get("model") or model), "timestamp": stamp,
+        asked = obj.get("model")
+        if asked not in (None, "", model):  # the worker of ``model`` would answer it with an error
+            raise RequestDecodeError(f"{where}model is {str(asked)[:100]!r}, but these requests go to "
+                                     f"{model!r}; drop the field or run `streamlearn predict {str(asked)[:100]}`")
+        return {"request_id": rid, "model": model, "timestamp": stamp,
                 "event_json": event_json, "features": values, "reply_topic": obj.get("reply_topic")}
     return {"request_id": rid, "model": model, "timestamp": now_ms(), "event_json": to_json(obj),
             "features": None, "reply_topic": None}

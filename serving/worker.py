@@ -386,6 +386,14 @@ class ServingWorker(Emitter):
         if problem is not None:
             item.error = RequestDecodeError(problem)  # answered on the default topic, and dead-lettered
             return item
+        asked = value.get("model")
+        if asked and asked not in (self.model, self.settings.topic(self.model)):
+            # The topic chose this model; answering a request meant for another would pass off this
+            # model's outputs as that one's. It is answered with an error (and dead-lettered) instead.
+            item.error = RequestDecodeError(
+                f"model: the request asks for {str(asked)[:100]!r}, but {self.input_topic} is {self.model!r}'s "
+                "requests topic; publish it to the requests topic of the model it asks for")
+            return item
         item.reply_topic = value.get("reply_topic") or self.predictions
         item.value = value
         return item

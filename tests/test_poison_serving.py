@@ -165,6 +165,7 @@ def test_hostile_requests_never_stop_the_serving_worker(settings: Settings, tmp_
                                              reply_topic=f"{pred}.missing")),
             ("incompatible subject", _request("p-incompat", features=[1.0] * N_FEATURES,
                                               reply_topic=f"{pred}.incompat")),
+            ("another model's name", _request("p-model", features=[1.0] * N_FEATURES, model="other_model")),
             ("900 KB client_ip", _request("p-ip", event_json=json.dumps(dict(weblog_event(1),
                                                                              client_ip="1" * 900_000)))),
             ("latency 1e308", _request("p-latency", event_json=json.dumps(dict(weblog_event(2),

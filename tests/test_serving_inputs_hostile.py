@@ -29,3 +29,12 @@ def test_a_huge_integer_feature_is_a_decode_error() -> None:
 def test_predict_file_lines_with_unusable_numbers_are_refused_naming_the_line(line: dict) -> None:
     with pytest.raises(RequestDecodeError, match="line 7: features must be numbers"):
         to_request("m", line, line=7)
+
+
+def test_a_predict_file_line_naming_another_model_is_refused_before_anything_is_sent() -> None:
+    """It went to this model's requests topic with the other name in it, and was answered by this model;
+    the worker now answers such a request with an error, so the client refuses it first."""
+    with pytest.raises(RequestDecodeError, match=r"line 3: model is 'other', but these requests go to 'm'"):
+        to_request("m", {"features": [1.0], "model": "other"}, line=3)
+    assert to_request("m", {"features": [1.0], "model": "m"})["model"] == "m"
+    assert to_request("m", {"features": [1.0], "model": ""})["model"] == "m"
