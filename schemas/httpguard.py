@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 import socket
@@ -31,8 +32,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from starlette.requests import ClientDisconnect
 
 from schemas.exceptions import StreamlearnError
+
+log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -265,6 +269,12 @@ class BodyLimitMiddleware:
             if started:
                 raise
             await self._refuse(scope, send, exc)
+        except ClientDisconnect:
+            # The client went away before its body was whole (a short body and a half-close, a dropped
+            # connection): nobody is left to answer, and it is not the server's error. It was a
+            # 40-line "Exception in ASGI application" traceback per request.
+            log.info("%s %s: the client disconnected after %d of its body's bytes; nothing was done",
+                     scope.get("method", "?"), str(scope.get("path", ""))[:200], received)
         finally:
             if budget is not None and reserved:
                 budget.give(reserved)

@@ -233,3 +233,30 @@ def test_once_map_bounds_the_bytes_of_what_it_stores_oldest_first() -> None:
     assert answers.bytes == 10
     with pytest.raises(ValueError, match="go together"):
         OnceMap(capacity=1, ttl_s=1, max_bytes=10)
+
+
+def test_a_client_gone_before_its_body_is_whole_is_one_info_line_not_a_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A body shorter than its Content-Length and a half-close: starlette raises ClientDisconnect from
+    ``request.body()``, and uvicorn logged a 40-line "Exception in ASGI application" for it."""
+    from starlette.requests import Request
+
+    async def app(scope, receive, send) -> None:
+        await Request(scope, receive).body()
+        raise AssertionError("the body was whole")
+
+    messages = [{"type": "http.request", "body": b'[{"a":1', "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/ingest/sensor", "method": "POST",
+             "headers": [(b"content-length", b"1000")]}
+    with caplog.at_level("INFO", logger="schemas.httpguard"):
+        asyncio.run(BodyLimitMiddleware(app, 10_000)(scope, receive, send))
+    assert sent == []  # nobody to answer
+    assert "the client disconnected after 7 of its body's bytes" in caplog.text
