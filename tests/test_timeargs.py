@@ -129,3 +129,32 @@ def test_subscribe_positions_and_counts_out_of_range_are_usage_errors(args: list
         build_parser().parse_args(["subscribe", "weblog.raw", *args])
     assert code.value.code == 2
     assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["publish", "sensor", "--generate", "-1"], "--generate: -1: give at least 0"),
+    (["publish", "sensor", "--generate", "9" * 23], "give at most 100000000"),  # ran for ever before 1970
+    (["publish", "sensor", "--generate", "3", "--seed", "-1"], "--seed: -1: give at least 0"),
+    (["ingest", "sensors", "--generate", "5", "--sensors", "0"], "--sensors: 0: give at least 1"),
+    (["ingest", "sensors", "--generate", "5", "--interval-ms", "-5"], "--interval-ms: -5: give at least 1"),
+    (["ingest", "images", "--watch", "d", "--poll", "0"], "--poll: 0: give more than 0"),
+    (["stream", "sensor", "--idle-exit", "nan"], "--idle-exit: nan: give a finite number"),  # never exited
+    (["stream", "sensor", "--idle-exit", "-1"], "give at least 0"),
+    (["subscribe", "x", "--idle-timeout", "inf"], "give a finite number"),
+    (["store", "gc", "--retention-days", "-3"], "--retention-days: -3: give at least 0"),
+    (["offsets", "reset", "sensor", "--to-offset", "-1"], "offsets run from 0"),
+    (["serve", "m", "--http-port", "70000"], "--http-port: 70000: give at most 65535"),
+    (["predict", "m", "--file", "f", "--timeout", "0"], "give more than 0"),
+    (["query", "features", "--kind", "sensor", "--limit", "0"], "give at least 1"),
+    (["jobs", "list", "--limit", "x"], "'x' is not a whole number"),
+    (["demo", "--weblog-rate", "nan"], "give a finite number"),
+    (["retrain", "--reproduce", "m/1", "--tolerance", "-1"], "give at least 0"),
+])
+def test_numbers_no_command_can_use_are_usage_errors_naming_the_flag(argv: list[str], fragment: str,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """They were tracebacks (--generate -1, --sensors 0), a run that never ended (--idle-exit nan, 23-digit
+    --generate) or an instant exit (--idle-exit -1): streamlearn/argtypes.py bounds every such flag."""
+    with pytest.raises(SystemExit) as code:
+        build_parser().parse_args(argv)
+    assert code.value.code == 2
+    assert fragment in capsys.readouterr().err

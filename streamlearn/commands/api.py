@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from streaming import config
+from streamlearn.argtypes import count_arg, whole
 
 if TYPE_CHECKING:
     from streamlearn.api.jobs import JobStore
@@ -40,12 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
     ls.add_argument("--for-tenant", dest="job_tenant", metavar="TENANT",
                     help="only this tenant's jobs ('' = the default tenant)")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=count_arg, default=50)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_list)
     sh = jsub.add_parser("show", help="a job's state, progress and the end of its log")
     sh.add_argument("job_id")
-    sh.add_argument("--tail-bytes", type=int, default=4096)
+    sh.add_argument("--tail-bytes", type=whole(0, 16 * 1024 * 1024), default=4096)
     sh.add_argument("--json", action="store_true")
     sh.set_defaults(func=_show)
     c = jsub.add_parser("cancel", help="cancel a queued or running job: SIGTERM its process group, SIGKILL after "

@@ -8,6 +8,7 @@ import threading
 
 from streaming import config
 from streaming.broker import EmbeddedBroker
+from streamlearn.argtypes import seconds
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     start = bs.add_parser("start", help="start the broker in the background (unless a bootstrap is configured)")
     start.add_argument("--port", dest="broker_port", type=int, help=config.flag_help("broker_port"))
     start.add_argument("--foreground", action="store_true", help="stay in the foreground until Ctrl-C")
-    start.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for readiness (default 30)")
+    start.add_argument("--timeout", type=seconds(0.0, above=True), default=30.0,
+                       help="seconds to wait for readiness (default 30)")
     start.set_defaults(func=_start)
     stop = bs.add_parser("stop", help="stop the broker cleanly (it persists its data)")
     stop.set_defaults(func=_stop)

@@ -6,16 +6,22 @@ import argparse
 from pathlib import Path
 
 from streaming import config
+from streamlearn.argtypes import finite, seconds
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole loop (broker, workers, generators, requesters) with a live "
                                     "dashboard, then write reports/<timestamp>/ with plots")
-    p.add_argument("--duration", type=float, default=180.0, help="seconds of traffic (default 180)")
-    p.add_argument("--weblog-rate", type=float, default=120.0, help="web-log events/s (default 120)")
-    p.add_argument("--sensor-rate", type=float, default=60.0, help="sensor readings/s (default 60)")
-    p.add_argument("--image-rate", type=float, default=15.0, help="digit images/s (default 15)")
-    p.add_argument("--request-rate", type=float, default=8.0, help="prediction requests/s per model (default 8)")
+    p.add_argument("--duration", type=seconds(0.0, 86_400.0, above=True), default=180.0,
+                   help="seconds of traffic (default 180)")
+    p.add_argument("--weblog-rate", type=finite(0.0, 100_000.0, what="a rate"), default=120.0,
+                   help="web-log events/s (default 120)")
+    p.add_argument("--sensor-rate", type=finite(0.0, 100_000.0, what="a rate"), default=60.0,
+                   help="sensor readings/s (default 60)")
+    p.add_argument("--image-rate", type=finite(0.0, 100_000.0, what="a rate"), default=15.0,
+                   help="digit images/s (default 15)")
+    p.add_argument("--request-rate", type=finite(0.0, 100_000.0, what="a rate"), default=8.0,
+                   help="prediction requests/s per model (default 8)")
     p.add_argument("--reports", default="reports", help="report root directory (default reports/)")
     p.add_argument("--broker-port", dest="broker_port", type=int,
                    help=config.flag_help("broker_port"))

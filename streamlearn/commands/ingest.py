@@ -18,6 +18,7 @@ from typing import Any
 from streaming import config
 from streaming.producer import STOP_GRACE_S
 from streaming.progress import progress
+from streamlearn.argtypes import generate_arg, seconds, seed_arg, whole
 from streamlearn.eventtime_flags import add_event_time_flags, policy_from_args, unit_from_args
 
 
@@ -41,14 +42,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         help="position file (default: HOME/state/weblog/<file name>.<path hash>.json, where HOME is --home "
         "or $STREAMLEARN_HOME; a --backfill run has its own, the hash also over its window)",
     )
-    w.add_argument("--poll", type=float, default=0.2, help="seconds between checks at end of file (default 0.2)")
+    w.add_argument("--poll", type=seconds(0.0, 3600.0, above=True), default=0.2,
+                   help="seconds between checks at end of file (default 0.2)")
     w.add_argument(
         "--rotate-grace",
-        type=float,
+        type=seconds(0.0, 86_400.0),
         default=1.0,
         help="seconds a rotated file must stay unchanged before switching to the new one (default 1)",
     )
-    w.add_argument("--idle-exit", type=float, help="with --follow, exit after this many seconds without new lines")
+    w.add_argument("--idle-exit", type=seconds(), help="with --follow, exit after this many seconds without new lines")
     add_event_time_flags(w)
     w.set_defaults(func=_weblog)
 
@@ -58,11 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
                      "column per sensor (time|timestamp|datetime|date,<sensor>,...: each filled cell a reading); "
                      "published once: a rerun resumes after the last acknowledged row (checkpoint under "
                      "HOME/state/sensor/)")
-    src.add_argument("--generate", type=int, metavar="N", help="publish N generated readings")
-    s.add_argument("--sensors", type=int, default=10, help="number of generated sensors (default 10)")
-    s.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    src.add_argument("--generate", type=generate_arg, metavar="N", help="publish N generated readings")
+    s.add_argument("--sensors", type=whole(1, 1_000_000), default=10, help="number of generated sensors (default 10)")
+    s.add_argument("--seed", type=seed_arg, default=0, help="generator seed (default 0)")
     s.add_argument("--start-ms", type=int, help="timestamp of the first generated reading (default: ends at now)")
-    s.add_argument("--interval-ms", type=int, default=60_000, help="generated reading interval (default 60000)")
+    s.add_argument("--interval-ms", type=whole(1, 365 * 86_400_000), default=60_000,
+                   help="generated reading interval (default 60000)")
     s.add_argument("--unit", default="unit", help="unit of CSV rows without a unit column (default 'unit')")
     add_event_time_flags(s)
     s.set_defaults(func=_sensors)
@@ -71,10 +74,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
                           "to processed/ or, with a .reason file, to rejected/")
     i.add_argument("--watch", type=Path, required=True, metavar="DIR", help="directory to watch")
     i.add_argument("--once", action="store_true", help="process the files present now and exit")
-    i.add_argument("--poll", type=float, default=0.5, help="seconds between directory scans (default 0.5)")
-    i.add_argument("--idle-exit", type=float, help="exit after this many seconds without new files; a file "
+    i.add_argument("--poll", type=seconds(0.0, 3600.0, above=True), default=0.5,
+                   help="seconds between directory scans (default 0.5)")
+    i.add_argument("--idle-exit", type=seconds(), help="exit after this many seconds without new files; a file "
                    "still being written is waited for (up to 60 s more), then logged and left in place")
-    i.add_argument("--settle", type=float, default=1.0,
+    i.add_argument("--settle", type=seconds(0.0, 86_400.0), default=1.0,
                    help="seconds a file's size and mtime must stay unchanged before it is taken (default 1)")
     add_event_time_flags(i, unit_setting=None)
     i.set_defaults(func=_images)

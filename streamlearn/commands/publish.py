@@ -27,6 +27,7 @@ from streaming import config
 from streaming.producer import Publisher
 from streaming.progress import progress
 from streaming.topics import KINDS
+from streamlearn.argtypes import generate_arg, seed_arg
 from streamlearn.eventtime_flags import add_event_time_flags, policy_from_args, unit_from_args
 
 
@@ -37,9 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--file", help="JSON-lines file, one event per line (bytes fields base64); published once: "
                      "a rerun resumes after the last acknowledged line (checkpoint under HOME/state/publish/)")
     src.add_argument("--stdin", action="store_true", help="read JSON lines from standard input")
-    src.add_argument("--generate", type=int, metavar="N",
+    src.add_argument("--generate", type=generate_arg, metavar="N",
                      help="publish N events from the demo generator (as a backfill run, see --backfill)")
-    p.add_argument("--seed", type=int, default=7, help="seed of --generate (default 7)")
+    p.add_argument("--seed", type=seed_arg, default=7, help="seed of --generate (default 7)")
     p.add_argument("--checkpoint", type=Path, help="position file of --file (default: HOME/state/publish/KIND/"
                    "<file name>.<hash of the path and the event-time flags>.json)")
     add_event_time_flags(p)

@@ -15,12 +15,13 @@ from typing import Any
 from streaming import config
 from streaming.timeargs import HELP as TIME_HELP
 from streaming.timeargs import time_arg
+from streamlearn.argtypes import count_arg
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start", type=time_arg("--start"), metavar="T", help=f"rows at or after T: {TIME_HELP}")
     p.add_argument("--end", type=time_arg("--end"), metavar="T", help=f"rows before T (exclusive): {TIME_HELP}")
-    p.add_argument("--limit", type=int, default=1000, help="rows per page (default 1000)")
+    p.add_argument("--limit", type=count_arg, default=1000, help="rows per page (default 1000)")
     p.add_argument("--cursor", help="next_cursor of the previous page")
     p.add_argument("--all", action="store_true", help="follow next_cursor until the last page")
     p.add_argument("--format", choices=["json", "parquet", "arrow"], default="json",
@@ -46,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.set_defaults(func=_features)
     p = qsub.add_parser("predictions", help="answers of a model by version, time range (answer time) and request id")
     p.add_argument("--model", required=True)
-    p.add_argument("--version", type=int, help="only answers of this model version")
+    p.add_argument("--version", type=count_arg, help="only answers of this model version")
     p.add_argument("--request-id", help="only the answer(s) to this request id")
     _common(p)
     p.set_defaults(func=_predictions)

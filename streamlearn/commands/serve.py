@@ -15,6 +15,7 @@ import threading
 from typing import Any
 
 from streaming import config
+from streamlearn.argtypes import port_arg, seconds, whole
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "produce answers to <model>.predictions, exactly once (Kafka transactions) unless "
                     "transactions are off. Follows models.updates and the model registry for new versions.")
     p.add_argument("model", help="model name in the model registry, e.g. weblog_classifier")
-    p.add_argument("--http-port", type=int, metavar="P",
+    p.add_argument("--http-port", type=port_arg, metavar="P",
                    help="also serve the TensorFlow Serving REST API on this port (0 picks a free one); keys "
                         "with the predict scope come from env STREAMLEARN_KEYS or STREAMLEARN_KEYS_FILE (never "
                         "argv); without a key it binds 127.0.0.1 only")
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="instead of requests, score every raw event of KIND (request_id = topic/partition/offset)")
     p.add_argument("--policy", default="latest", metavar="POLICY",
                    help="latest (promoted version; default) | pinned:V | canary:V:SHARE (e.g. canary:4:0.1)")
-    p.add_argument("--slot", type=int, default=None, metavar="N",
+    p.add_argument("--slot", type=whole(0), default=None, metavar="N",
                    help="worker slot: stable group member and transactional id (default: the lowest slot no live "
                         "process of this host holds, so a restart with the same command takes its old one)")
     p.add_argument("--standby", dest="serve_standby", action="store_true", default=None,
@@ -60,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "by request id) are printed as JSON lines in request order.")
     q.add_argument("model")
     q.add_argument("--file", required=True, metavar="PATH", help="JSON-lines requests file ('-' for stdin)")
-    q.add_argument("--timeout", type=float, default=30.0, metavar="S",
+    q.add_argument("--timeout", type=seconds(0.0, above=True), default=30.0, metavar="S",
                    help="seconds to wait for every answer (default 30)")
     q.set_defaults(func=_predict)
 

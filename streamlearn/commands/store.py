@@ -16,6 +16,7 @@ from typing import Any
 from schemas.exceptions import StreamlearnError
 from streaming import config
 from streaming.topics import KINDS
+from streamlearn.argtypes import seconds, whole
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,9 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dry-run", action="store_true", help="list what would be deleted and delete nothing")
     g.add_argument("--kind", action="append", choices=sorted(KINDS), help="only this kind (repeatable; default all)")
     g.add_argument("--namespace", default="live", help="store namespace (default live)")
-    g.add_argument("--retention-days", type=float, default=None, metavar="DAYS",
+    g.add_argument("--retention-days", type=seconds(0.0, 100 * 365.0), default=None, metavar="DAYS",
                    help=config.flag_help("store_retention_days"))
-    g.add_argument("--max-bytes", type=int, default=None, metavar="BYTES",
+    g.add_argument("--max-bytes", type=whole(0), default=None, metavar="BYTES",
                    help=config.flag_help("store_max_bytes"))
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=_gc)

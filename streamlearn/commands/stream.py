@@ -11,6 +11,7 @@ from streaming.exceptions import StreamingError
 from streaming.timeargs import HELP as TIME_HELP
 from streaming.timeargs import time_arg
 from streaming.topics import KINDS
+from streamlearn.argtypes import offset_arg, seconds
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=config.flag_help("batch_max_seconds"))
     s.add_argument("--metrics-port", type=int, help=config.flag_help("metrics_port"))
     s.add_argument("--watchdog-s", type=float, metavar="S", help=config.flag_help("watchdog_s"))
-    s.add_argument("--idle-exit", type=float, help="exit after this many seconds without records (batch jobs); "
+    s.add_argument("--idle-exit", type=seconds(), help="exit after this many seconds without records (batch jobs); "
                                                    "non-zero when it owned no partition while the topic had lag")
     s.set_defaults(func=_stream)
 
@@ -53,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                                "their offsets; the live run already did)")
     r.add_argument("--quiet", action="store_true", dest="replay_quiet",
                    help="no progress (default: a bar on a terminal, else a line every --progress-interval s)")
-    r.add_argument("--progress-interval", type=float, metavar="S",
+    r.add_argument("--progress-interval", type=seconds(0.0, above=True), metavar="S",
                    help="seconds between progress lines off a terminal (default 10)")
     r.set_defaults(func=_replay)
 
@@ -70,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     target = reset.add_mutually_exclusive_group(required=True)
     target.add_argument("--to-timestamp", type=time_arg("--to-timestamp"), metavar="T",
                         help=f"first offset at/after T: {TIME_HELP}")
-    target.add_argument("--to-offset", type=int, help="this offset on every partition")
+    target.add_argument("--to-offset", type=offset_arg, help="this offset on every partition")
     target.add_argument("--to-earliest", action="store_true")
     target.add_argument("--to-latest", action="store_true")
     show.set_defaults(func=_offsets_show)

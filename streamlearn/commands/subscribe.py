@@ -15,32 +15,7 @@ from streaming.logs import CONTROL_ESCAPES
 from streaming.producer import header_dict
 from streaming.timeargs import HELP as TIME_HELP
 from streaming.timeargs import time_arg
-
-#: The largest Kafka offset (int64).
-MAX_OFFSET = 2**63 - 1
-
-
-def offset_arg(text: str) -> int:
-    """An argparse ``type=`` for an offset: 0..2**63-1 (-5 was a ValueError traceback, 20 digits an
-    OverflowError one)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an offset (a whole number from 0)") from None
-    if not 0 <= n <= MAX_OFFSET:
-        raise argparse.ArgumentTypeError(f"{text} is not an offset: offsets run from 0 to {MAX_OFFSET}")
-    return n
-
-
-def count_arg(text: str) -> int:
-    """An argparse ``type=`` for a count of at least 1 (``--max-records -1`` printed one record)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n}: give at least 1")
-    return n
+from streamlearn.argtypes import count_arg, offset_arg, seconds
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     until.add_argument("--until-end", action="store_true", help="stop at the end offsets seen at start")
     p.add_argument("--json", action="store_true", help="one JSON object per line (bytes as base64)")
     p.add_argument("--max-records", type=count_arg, metavar="N", help="stop after N records (N >= 1)")
-    p.add_argument("--idle-timeout", type=float, metavar="SECONDS", help="stop after this long without records")
+    p.add_argument("--idle-timeout", type=seconds(), metavar="SECONDS", help="stop after this long without records")
     p.add_argument("--raw", action="store_true",
                    help="do not decode; print headers (automatic for *.deadletter topics, which hold the original "
                         "bytes plus dl.* reason headers)")

@@ -11,6 +11,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from streaming import config
+from streamlearn.argtypes import finite, whole
 from streamlearn.modelref import versioned_ref
 
 if TYPE_CHECKING:
@@ -34,14 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=config.flag_help("retrain_every_batches"))
     p.add_argument("--every-seconds", dest="retrain_every_seconds", type=float,
                    help=config.flag_help("retrain_every_seconds"))
-    p.add_argument("--keep", type=int, default=10, help="versions kept besides every promoted one (default 10)")
+    p.add_argument("--keep", type=whole(0), default=10, help="versions kept besides every promoted one (default 10)")
     p.add_argument("--no-events", action="store_true", help="do not publish ModelUpdate events")
     p.add_argument("--lease-seconds", dest="leader_lease_s", type=float,
                    help=config.flag_help("leader_lease_s", "one trainer per model leads, the others stand by"))
     p.set_defaults(func=_train)
     r = sub.add_parser("retrain", help="retrain a version from its recorded lineage and compare the scores")
     r.add_argument("--reproduce", required=True, type=versioned_ref, metavar="MODEL/VERSION", help="e.g. digits_cnn/3")
-    r.add_argument("--tolerance", type=float, default=None,
+    r.add_argument("--tolerance", type=finite(0.0, 1e9), default=None,
                    help="largest accepted |recorded - reproduced| primary metric (default 1e-6)")
     r.add_argument("--from-offsets", action="store_true",
                    help="re-read the raw topic at the recorded offsets and re-featurize (true replay) "

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 
 from streaming import config
+from streamlearn.argtypes import whole
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "partitions (STREAMLEARN_PARTITIONS)"))
     p.add_argument("--no-standby", dest="up_standby", action="store_false", default=None,
                    help=config.flag_help("up_standby", "this flag starts no standby"))
-    p.add_argument("--metrics-base-port", type=int, default=9100, help="first /metrics port (default 9100)")
+    p.add_argument("--metrics-base-port", type=whole(1, 65_000, "a port number"), default=9100,
+                   help="first /metrics port (default 9100)")
     p.set_defaults(func=_up)
     s = sub.add_parser("status", help="show the broker and the workers of a running `streamlearn up`/`demo`")
     s.set_defaults(func=_status)
