@@ -153,3 +153,12 @@ def test_predict_file_that_is_not_utf8_or_not_there_is_one_error_line(settings: 
     assert "line 2: not UTF-8" in err and "convert the file to UTF-8" in err and "Traceback" not in err, err
     assert cli(settings, "predict", "weblog_classifier", "--file", str(tmp_path / "nothere.jsonl")) == 2
     assert "cannot read (No such file or directory)" in capsys.readouterr().err
+
+
+def test_topics_describe_of_a_named_topic_that_does_not_exist_exits_1(settings: config.Settings,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """It printed "does not exist" and exited 0, so `topics describe x && ...` went on."""
+    assert cli(settings, "topics", "describe", "no_such_topic") == 1
+    assert "no_such_topic: does not exist" in capsys.readouterr().out
+    assert cli(settings, "topics", "describe", "no_such_topic", "--json") == 1
+    assert cli(settings, "topics", "describe") == 0  # declared topics not created yet are only reported

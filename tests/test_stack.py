@@ -18,7 +18,7 @@ def test_crashed_worker_restarts_with_backoff_and_is_counted(settings: Settings)
     restarts = [e for e in sup.events if e["event"] == "restart"]
     delays = [e["delay_s"] for e in restarts]
     assert delays[:3] == [0.5, 1.0, 1.0], "exponential backoff, capped"
-    assert all(e["exit_code"] == 0 for e in restarts)
+    assert all(e["exit_code"] == 1 for e in restarts)  # a named topic that does not exist: exit 1
     state = read_state(settings)
     assert state is not None and state["stopped"] and state["services"][0]["restarts"] >= 3
 

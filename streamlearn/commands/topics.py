@@ -44,13 +44,16 @@ def _list(args: argparse.Namespace, settings: config.Settings) -> int:
 def _describe(args: argparse.Namespace, settings: config.Settings) -> int:
     names = args.names or [s.name for s in declared_topics(settings)]
     info = describe(settings, names)
+    # A topic named on the command line that does not exist is a failure (a script's `&&` must stop);
+    # a declared topic not created yet is only reported.
+    missing = 1 if args.names and any(not t["partitions"] for t in info) else 0
     if args.json:
         print(json.dumps(info, indent=2))
-        return 0
+        return missing
     for t in info:
         if not t["partitions"]:
             print(f"{t['name']}: does not exist")
             continue
         parts = " ".join(f"p{p}=[{b},{e})" for p, (b, e) in t["offsets"].items())
         print(f"{t['name']}: {t['partitions']} partitions {parts}")
-    return 0
+    return missing
