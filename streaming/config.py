@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ from schemas.exceptions import ConfigError
 __all__ = ["ConfigError", "SPECS", "Settings", "Spec", "env_help", "env_name", "flag_help", "load", "to_env"]
 
 ENV_PREFIX = "STREAMLEARN_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+TOPIC_PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]{0,100}$")
 #: Fields that are not settings of their own: never read from the environment, never in ``to_env``.
 _NOT_FROM_ENV = frozenset({"model_specs"})
 
@@ -66,11 +69,11 @@ class Settings(BaseSettings):
     kafka_bootstrap: str | None = Field(None, description=(
         "Kafka bootstrap address; when set, no embedded broker is started"))
     broker_host: str = Field("127.0.0.1", description=("address the embedded broker binds"))
-    broker_port: int = Field(19092, description=("port of the embedded broker"))
+    broker_port: int = Field(19092, ge=1, le=65_535, description=("port of the embedded broker"))
     registry_url: str | None = Field(None, description=(
         "URL of a Confluent-compatible schema registry (a key goes in as http://name:token@host:port); when "
         "unset the file store under HOME is used"))
-    registry_port: int = Field(8081, description=("port `streamlearn registry serve` listens on"))
+    registry_port: int = Field(8081, ge=0, le=65_535, description=("port `streamlearn registry serve` listens on"))
     topic_prefix: str = Field("", description=(
         "prefix for every topic and consumer group name (isolates tenants and test runs)"))
     tenant: str = Field("", description=(
@@ -88,16 +91,18 @@ class Settings(BaseSettings):
                                                "HOME/tenants/<tenant>/models)"))
     ingest_tokens: str = Field("", repr=False, description=(  # a secret: never in a repr or a log line
         "comma-separated bearer tokens of the HTTP ingest gateway (name:token or token)"))
-    ingest_port: int = Field(8088, description=("port the HTTP ingest gateway listens on"))
+    ingest_port: int = Field(8088, ge=0, le=65_535, description=("port the HTTP ingest gateway listens on"))
     ingest_host: str = Field("127.0.0.1", description=(
         "address the HTTP ingest gateway binds, 0.0.0.0 for all interfaces"))
-    ingest_max_body_bytes: int = Field(16 * 1024 * 1024, description=(
+    ingest_max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description=(
         "gateway: 413 above this request size in bytes"))
-    ingest_rate: float = Field(10_000.0, description=("gateway: records/s per token, token bucket (0 disables)"))
-    ingest_burst: float = Field(20_000.0, description=("gateway: token bucket size in records"))
-    ingest_max_in_flight: int = Field(50_000, description=(
+    ingest_rate: float = Field(10_000.0, ge=0, allow_inf_nan=False, description=(
+        "gateway: records/s per token, token bucket (0 disables)"))
+    ingest_burst: float = Field(20_000.0, ge=0, allow_inf_nan=False, description=(
+        "gateway: token bucket size in records"))
+    ingest_max_in_flight: int = Field(50_000, ge=1, description=(
         "gateway: un-acked records across requests before new requests get 503"))
-    metrics_port: int = Field(0, description=(
+    metrics_port: int = Field(0, ge=-1, le=65_535, description=(
         "port of a worker's /metrics (0 picks a free port, -1 disables)"))
     transactions: bool = Field(True, description=(
         "use Kafka transactions for consume-transform-produce (exactly once)"))
@@ -107,14 +112,14 @@ class Settings(BaseSettings):
     fast_publisher: bool = Field(True, description=(
         "publishers (sources, the gateway, dead letters) send with confluent-kafka's C client; false sends "
         "with kafka-python (streaming/cproduce.py)"))
-    batch_max_records: int = Field(500, description=("a micro-batch closes at this many records"))
-    batch_max_seconds: float = Field(5.0, description=(
+    batch_max_records: int = Field(500, ge=1, description=("a micro-batch closes at this many records"))
+    batch_max_seconds: float = Field(5.0, gt=0, allow_inf_nan=False, description=(
         "a micro-batch also closes when its oldest record is this many seconds old"))
     image_decode_threads: int = Field(0, ge=0, description=(
         "threads a stream worker decodes a poll's photos on (0: up to 4, at most the CPUs this process may "
         "run on; 1: one at a time); set it where a CPU quota is lower than the CPUs the process sees"))
-    retrain_every_batches: int = Field(4, description=("retrain after this many new feature batches"))
-    retrain_every_seconds: float = Field(30.0, description=(
+    retrain_every_batches: int = Field(4, ge=1, description=("retrain after this many new feature batches"))
+    retrain_every_seconds: float = Field(30.0, ge=0, allow_inf_nan=False, description=(
         "retrain at the latest this many seconds after the last training started (if new batches exist), "
         "resting at least half of it after a run ends"))
     leader_lease_s: float = Field(15.0, gt=0, description=(
@@ -133,8 +138,8 @@ class Settings(BaseSettings):
     watchdog_s: float = Field(300.0, ge=0, description=(
         "stream and serve: exit (stack dump, code 70) when the worker's loop stalls this long, so it is restarted "
         "or its standby takes over; waits on the broker do not count; 0 turns it off (streaming/watchdog.py)"))
-    serve_max_batch: int = Field(64, description=("largest dynamic serving batch"))
-    serve_max_wait_ms: float = Field(5.0, description=(
+    serve_max_batch: int = Field(64, ge=1, description=("largest dynamic serving batch"))
+    serve_max_wait_ms: float = Field(5.0, ge=0, allow_inf_nan=False, description=(
         "longest a prediction request waits for its batch to fill, in ms"))
     serve_http_host: str = Field("127.0.0.1", description=(
         "address the serving worker's HTTP API binds, 0.0.0.0 for all interfaces (containers)"))
@@ -148,17 +153,17 @@ class Settings(BaseSettings):
         "registry server: reads need no key (writes always need schema-admin when keys are set)"))
     registry_host: str = Field("127.0.0.1", description=("address `streamlearn registry serve` binds"))
     metrics_host: str = Field("127.0.0.1", description=("address /metrics servers bind"))
-    ingest_tenant_rate: float = Field(0.0, description=(
+    ingest_tenant_rate: float = Field(0.0, ge=0, allow_inf_nan=False, description=(
         "gateway: records/s per tenant across its keys (0 = no tenant quota)"))
-    serve_tenant_rate: float = Field(0.0, description=(
+    serve_tenant_rate: float = Field(0.0, ge=0, allow_inf_nan=False, description=(
         "serving HTTP: instances/s per tenant (0 = no tenant quota)"))
-    serve_max_body_bytes: int = Field(4 * 1024 * 1024, description=(
+    serve_max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description=(
         "serving HTTP: 413 above this request size in bytes"))
-    serve_max_instances: int = Field(1024, description=("serving HTTP: instances per predict request"))
-    serve_max_concurrent: int = Field(8, description=("serving HTTP: predict requests at once before 429"))
+    serve_max_instances: int = Field(1024, ge=1, description=("serving HTTP: instances per predict request"))
+    serve_max_concurrent: int = Field(8, ge=1, description=("serving HTTP: predict requests at once before 429"))
     api_host: str = Field("127.0.0.1", description=(
         "address `streamlearn api serve` (the control API: /query, /trainModel, /process, /jobs) binds"))
-    api_port: int = Field(8090, description=("port `streamlearn api serve` listens on"))
+    api_port: int = Field(8090, ge=0, le=65_535, description=("port `streamlearn api serve` listens on"))
     api_max_jobs: int = Field(4, ge=1, description=(
         "control API: jobs (training, replay, promote) running at once; more get 429 + Retry-After"))
     api_max_body_bytes: int = Field(64 * 1024, ge=1024, description=(
@@ -183,7 +188,7 @@ class Settings(BaseSettings):
     backfill: bool = Field(False, description=(
         "publish history on purpose: any event time from 1678 on is accepted and every record is marked as "
         "one backfill run, so the featurizers' live lateness rules do not apply"))
-    max_future_skew_s: float = Field(300.0, description=(
+    max_future_skew_s: float = Field(300.0, ge=0, allow_inf_nan=False, description=(
         "every entry and featurizer rejects event times more than this many seconds ahead of now"))
     timestamp_unit: str = Field("auto", description=(
         "unit of numeric timestamps of files and stdin: s|ms|us|ns|iso|auto; auto decides once per input from "
@@ -195,13 +200,13 @@ class Settings(BaseSettings):
     ingest_timestamp_unit: str = Field("ms", description=(
         "unit of numeric timestamps posted to the HTTP ingest gateway: s|ms|us|ns|iso (ISO 8601 text is always "
         "accepted)"))
-    max_record_bytes: int = Field(1_000_000, description=(
+    max_record_bytes: int = Field(1_000_000, ge=64 * 1024, description=(
         "broker record limit assumed when the broker does not report max.message.bytes; answers and "
         "dead letters are cut to fit it less a margin"))
     reply_topics: str = Field("{predictions}.*", description=(
         "comma-separated fnmatch patterns of topics a prediction request may name as reply_topic, besides "
         "the model's predictions topic ({predictions} = that topic, {model} = the model name)"))
-    broker_loss_window_s: float = Field(5.0, description=(
+    broker_loss_window_s: float = Field(5.0, ge=0, allow_inf_nan=False, description=(
         "publishers keep acked records this long (and re-send them if the broker lost them); 0 disables"))
     # -- feature-store growth (streaming/store_index.py, streaming/retention.py, docs/STORE.md) --
     store_retention_days: float = Field(0.0, ge=0, description=(
@@ -270,6 +275,35 @@ class Settings(BaseSettings):
     def _tenant_id(cls, value: str) -> str:
         if value and not TENANT_RE.match(value):
             raise ValueError("must be a tenant id: [a-z][a-z0-9-]{0,30}, the same as in a key's tenant field")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        """``--log-level BOGUS`` was INFO in silence."""
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {'|'.join(LOG_LEVELS)}")
+        return value.upper()
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_prefix(cls, value: str) -> str:
+        """Every topic name starts with it, and Kafka allows only these characters in one (``a/b`` was
+        taken, then every topic was refused by a real broker)."""
+        if not TOPIC_PREFIX_RE.match(value):
+            raise ValueError("must be up to 100 of the characters Kafka allows in a topic name: A-Z a-z 0-9 . _ -")
+        return value
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, value: str | None) -> str | None:
+        """``host:port[,host:port...]``; ``::::`` was a ValueError traceback inside kafka-python."""
+        if value is None:
+            return None
+        for entry in value.split(","):
+            host, colon, port = entry.strip().rpartition(":")
+            if not entry.strip() or (colon and (not host or not port.isdigit() or not 0 < int(port) < 65_536)):
+                raise ValueError("must be host:port entries separated by commas, e.g. localhost:9092,kafka-2:9092")
         return value
 
     @property
@@ -375,7 +409,11 @@ class _ConfigFile(TomlConfigSettingsSource):
 
 def _config_file(environ: Mapping[str, str], home: Path) -> tuple[Path | None, bool]:
     """The config file to read (the first that exists) and whether its ``[models]`` are trusted."""
-    candidates = [Path(environ["STREAMLEARN_CONFIG"])] if environ.get("STREAMLEARN_CONFIG") else []
+    named = environ.get("STREAMLEARN_CONFIG")
+    if named and not Path(named).is_file():  # a file the user named: its settings must not be skipped in silence
+        raise ConfigError(f"config file {named} (--config / STREAMLEARN_CONFIG): not a readable file; fix the "
+                          "path or drop the flag")
+    candidates = [Path(named)] if named else []
     candidates += [home / "config.toml", Path("streamlearn.toml")]
     for n, path in enumerate(candidates):
         if path.is_file():

@@ -93,6 +93,18 @@ def test_home_from_env_finds_its_config_file_and_explicit_file_wins(tmp_path: Pa
     ("STREAMLEARN_BATCH_MAX_SECONDS", "soon", "valid number"),
     ("STREAMLEARN_STORE_MAX_BYTES", "-1", "greater than or equal to 0"),
     ("STREAMLEARN_TENANT", "Acme Corp", "tenant id"),
+    # Accepted in silence before (an exploratory run): each was a traceback, a hang or a wrong run later.
+    ("STREAMLEARN_BATCH_MAX_RECORDS", "0", "greater than or equal to 1"),
+    ("STREAMLEARN_BATCH_MAX_SECONDS", "nan", "finite number"),
+    ("STREAMLEARN_RETRAIN_EVERY_BATCHES", "0", "greater than or equal to 1"),  # retrained on nothing, on a loop
+    ("STREAMLEARN_RETRAIN_EVERY_SECONDS", "-1", "greater than or equal to 0"),
+    ("STREAMLEARN_API_PORT", "99999", "less than or equal to 65535"),  # an OverflowError traceback at bind
+    ("STREAMLEARN_BROKER_PORT", "0", "greater than or equal to 1"),  # clients dialled 127.0.0.1:0
+    ("STREAMLEARN_METRICS_PORT", "-2", "greater than or equal to -1"),
+    ("STREAMLEARN_MAX_RECORD_BYTES", "1", "greater than or equal to 65536"),
+    ("STREAMLEARN_LOG_LEVEL", "LOUD", "DEBUG|INFO|WARNING|ERROR|CRITICAL"),
+    ("STREAMLEARN_TOPIC_PREFIX", "a/b", "characters Kafka allows in a topic name"),
+    ("STREAMLEARN_KAFKA_BOOTSTRAP", "::::", "host:port entries"),  # a ValueError inside kafka-python
 ])
 def test_a_bad_env_value_is_a_config_error_naming_the_variable(var: str, value: str, words: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -124,6 +136,8 @@ def test_bad_config_file_values_and_unknown_keys_are_config_errors(tmp_path: Pat
         config.load(environ={"STREAMLEARN_CONFIG": str(cfg)})
     with pytest.raises(ConfigError, match="unknown settings"):
         config.load({"no_such_setting": 1}, environ={})
+    with pytest.raises(ConfigError, match=r"--config / STREAMLEARN_CONFIG\): not a readable file"):
+        config.load(environ={"STREAMLEARN_CONFIG": str(tmp_path / "missing.toml")})  # was skipped in silence
 
 
 def test_with_validates_and_never_rereads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
