@@ -36,6 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from schemas.exceptions import StreamlearnError
 from streaming.config import Settings, to_env
 from streaming.topics import KINDS, MODELS
 
@@ -126,6 +127,7 @@ class Supervisor:
         self.dir = settings.home / "stack"
         self.log_dir = self.dir / "logs"
         self._stopping = threading.Event()
+        self._holding = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         # Restart/stop events, newest last; at most MAX_EVENTS (a crash-looping service must not grow it).
@@ -149,6 +151,8 @@ class Supervisor:
         log.info("started %s (pid %s): streamlearn %s", svc.name, svc.proc.pid, " ".join(svc.args))
 
     def start(self) -> None:
+        hold_stack(self.settings)  # no-op when `up` took it already
+        self._holding = True
         stop_orphans(self.settings, {s.name: s.group for s in self.services})
         for svc in self.services:
             self._spawn(svc)
@@ -231,6 +235,9 @@ class Supervisor:
                                         "exit_code": svc.proc.returncode, "group": group})
                     del self.events[:-MAX_EVENTS]
             self._write_state(stopped=True)
+        if self._holding:
+            self._holding = False
+            release_stack(self.settings)
         return codes
 
     # -- inspection -----------------------------------------------------------------------
@@ -273,6 +280,52 @@ def _all_gone(pids: list[int]) -> bool:
     from streaming.fsutil import pid_alive
 
     return not any(pid_alive(p) for p in pids)
+
+
+class StackBusyError(StreamlearnError):
+    """Another supervisor (``up``, ``demo``) runs a stack in this home now."""
+
+
+#: Stack locks this process holds: lock path -> (descriptor, holders). A flock is per open file, so a
+#: second Supervisor in the same process (tests) shares the first one's instead of blocking on it.
+_HELD: dict[Path, list[int]] = {}
+
+
+def hold_stack(settings: Settings) -> None:
+    """Take ``HOME/stack/supervisor.lock`` (an flock: freed when this process dies, kill -9 included).
+
+    Why: a second ``up`` in one home started a second set of workers beside the first: each group got
+    extra members, both wrote ``stack/state.json`` (so ``status`` showed whichever wrote last) and both
+    appended to the same logs. Now the second is refused, naming the first one's pid.
+    """
+    from streaming.members import try_lock
+
+    path = settings.home / "stack" / "supervisor.lock"
+    if path in _HELD:
+        _HELD[path][1] += 1
+        return
+    fd = try_lock(path)
+    if fd is None:
+        try:
+            holder = "pid " + (path.read_text(encoding="ascii").strip() or "?")
+        except (OSError, UnicodeDecodeError):
+            holder = "another process"
+        raise StackBusyError(f"another stack ({holder}) runs in {settings.home} now; use `streamlearn status` to see "
+                             "it, stop it (Ctrl-C or SIGTERM) to start this one, or give another --home")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _HELD[path] = [fd, 1]
+
+
+def release_stack(settings: Settings) -> None:
+    path = settings.home / "stack" / "supervisor.lock"
+    held = _HELD.get(path)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] <= 0:
+        del _HELD[path]
+        os.close(held[0])
 
 
 def stop_orphans(settings: Settings, groups: dict[str, int] | None = None, timeout_s: float = 20.0) -> list[str]:

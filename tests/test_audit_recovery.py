@@ -19,12 +19,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from benchmarks.bench_restart import _publish
 from streaming import members, offsets
 from streaming.config import Settings
 from streaming.store import BatchSpec, FeatureStore, StoredRow
-from tests.helpers import ROOT, printed_records, subprocess_env, wait_until
+from tests.helpers import ROOT, printed_records, streamlearn_cmd, subprocess_env, wait_until
 
 
 def test_sigterm_of_group_subscriber_leaves_the_group_and_commits_what_it_printed(
@@ -186,6 +187,69 @@ def test_up_restarted_after_its_supervisor_was_killed_stops_the_orphaned_workers
         sup.stop(timeout_per_group=30)
         if pid_alive(orphan):
             os.kill(orphan, signal.SIGKILL)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_second_stack_in_one_home_is_refused_and_a_restart_gets_the_orphans_ports_back(
+        settings: Settings) -> None:
+    """Two findings of an exploratory run of `up`:
+    * a second `up` in one home started a second set of workers beside the first (both wrote
+      stack/state.json, both appended to the same logs): it is now refused, naming the first's pid;
+    * after `kill -9` of `up`, the same command left the registry and gateway out ("port in use"): their
+      orphans held the ports until they were stopped, which happened after the port checks. The orphans
+      are now stopped first."""
+    from streaming.fsutil import pid_alive
+    from streamlearn.stack import CORE, Service, StackBusyError, Supervisor, read_state
+
+    port = _free_port()
+    env = subprocess_env(settings, STREAMLEARN_REGISTRY_PORT=str(port))
+    script = _SUPERVISOR.replace("STREAM, Service", "CORE, Service").replace(
+        'Service("follower", {args!r}, STREAM)', 'Service("registry", ["registry", "serve"], CORE)')
+    first = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def orphan_pid() -> int:
+            state = read_state(settings) or {}
+            pid = int(([*state.get("services", []), {}][0]).get("pid") or 0)
+            return pid if pid and _port_open(port) else 0
+
+        orphan = wait_until(orphan_pid, 60, 0.1, "the first stack's registry on its port")
+        with pytest.raises(StackBusyError, match=rf"another stack \(pid {first.pid}\) runs in"):
+            Supervisor(settings, [Service("registry", ["registry", "serve"], CORE)]).start()
+    finally:
+        first.kill()  # the supervisor dies; its registry lives on and keeps the port
+        first.wait(30)
+    assert pid_alive(orphan)
+    up = subprocess.Popen(streamlearn_cmd("up", "--only", "registry", "--no-standby"), env=env, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def restarted() -> bool:
+            state = read_state(settings) or {}
+            pids = [e.get("pid") for e in state.get("services", [])]
+            return bool(pids) and pids[0] not in (None, orphan) and not pid_alive(orphan) and _port_open(port)
+
+        wait_until(restarted, 90, 0.2, "the registry restarted by the same `up` command on its own port")
+    finally:
+        up.terminate()
+        out, _ = up.communicate(timeout=60)
+        if pid_alive(orphan):
+            os.kill(orphan, signal.SIGKILL)
+    assert "left out registry" not in out, out
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 class _Interrupt:

@@ -44,7 +44,7 @@ def prepare(settings: config.Settings) -> None:
 def _up(args: argparse.Namespace, settings: config.Settings) -> int:
     from streaming.broker import running_broker
     from streamlearn import preflight, scaling
-    from streamlearn.stack import Supervisor, default_services
+    from streamlearn.stack import StackBusyError, Supervisor, default_services, hold_stack, stop_orphans
 
     if getattr(args, "up_standby", None) is not None:
         settings = settings.with_(up_standby=args.up_standby)
@@ -66,6 +66,14 @@ def _up(args: argparse.Namespace, settings: config.Settings) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     services = scaling.expand(services, workers)
+    try:
+        hold_stack(settings)
+    except StackBusyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    # A previous stack's workers, left running by a supervisor killed with -9, hold its ports: stopped
+    # before the port checks, or the same command left the gateway and registry out as "port in use".
+    stop_orphans(settings, {s.name: s.group for s in services})
     checked = preflight.check(settings, services)
     if checked.errors:  # one line per problem, nothing started
         for line in checked.errors:
