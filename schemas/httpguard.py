@@ -280,6 +280,44 @@ class BodyLimitMiddleware:
                 budget.give(reserved)
 
 
+class StatusCounting:
+    """Raw ASGI middleware: ``count(route template, status)`` once per answered request (bounded labels).
+
+    Raw ASGI, not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs the app in a task
+    group, so a :class:`GuardError` raised while the body is read (a chunked body over the limit, a slow
+    body) reached :class:`BodyLimitMiddleware` wrapped in an ExceptionGroup, missed its handler and was
+    answered 500 instead of 413/408 (the control API). Refusals of ``passthrough`` types are left to the
+    middleware that answers them (and counts them there).
+    """
+
+    def __init__(self, app: ASGIApp, count: Callable[[str, int], None],
+                 passthrough: tuple[type[BaseException], ...] = (GuardError,)) -> None:
+        self.app, self.count, self.passthrough = app, count, passthrough
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except self.passthrough:
+            raise
+        except Exception:
+            status = status or 500
+            raise
+        finally:
+            if status:
+                self.count(getattr(scope.get("route"), "path", None) or "unmatched", status)
+
+
 # -- rate buckets --------------------------------------------------------------------------------
 class RateBuckets:
     """One token bucket per key (``rate`` units/s, ``burst`` size); ``rate <= 0`` disables it.

@@ -136,6 +136,12 @@ def test_bad_requests_are_400_406_413(tc: TestClient) -> None:
     accept = tc.get("/query", params={"what": "features", "kind": "weblog"}, headers={**READER, "Accept": "text/csv"})
     assert accept.status_code == 406 and "arrow" in accept.json()["error"]
     assert tc.get("/jobs/..%2F..%2Fetc", headers=ACME).status_code == 404
+    # A chunked body (no Content-Length) over the limit is refused while it is read: that was a 500, the
+    # request-counting middleware (BaseHTTPMiddleware) wrapping the guard's error in an ExceptionGroup.
+    chunked = tc.post("/trainModel", content=iter([b'{"model": "', b"a" * 40_000, b"a" * 40_000, b'"}']),
+                      headers={**ACME, "Content-Type": "application/json"})
+    assert chunked.status_code == 413, chunked.text
+    assert "larger than the control API limit" in chunked.json()["error"]
 
 
 def test_fuzz_control_api(tc: TestClient) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ingest.gateway.errors import PayloadTooLargeError
-from schemas.httpguard import GuardError
+from schemas.httpguard import GuardError, StatusCounting
 
 
 class GatewayMetrics:
@@ -38,32 +38,9 @@ class GatewayMetrics:
                                      registry=self.registry)
 
 
-class RequestMetrics:
-    """Raw ASGI middleware counting requests by route template and status (bounded labels)."""
+class RequestMetrics(StatusCounting):
+    """Requests counted by route template and status (bounded labels), in the gateway's registry."""
 
     def __init__(self, app: Any, metrics: GatewayMetrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 0
-
-        async def tracking_send(message: Any) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except (PayloadTooLargeError, GuardError):
-            raise  # answered and counted by BodyLimitMiddleware
-        except Exception:
-            status = 500
-            raise
-        finally:
-            if status:
-                route = getattr(scope.get("route"), "path", None) or "unmatched"
-                self.metrics.requests.labels(route=route, status=str(status)).inc()
+        super().__init__(app, lambda route, status: metrics.requests.labels(route=route, status=str(status)).inc(),
+                         (PayloadTooLargeError, GuardError))

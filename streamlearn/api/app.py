@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.access import ANONYMOUS, KeyTable, Principal, load_keys
 from schemas.exceptions import AccessError
-from schemas.httpguard import BodyLimitMiddleware, ByteBudget, GuardError, loads_guarded
+from schemas.httpguard import BodyLimitMiddleware, ByteBudget, GuardError, StatusCounting, loads_guarded
 from streaming.config import Settings
 from streaming.store import NAMESPACE_PATTERN
 from streamlearn.api.compact import Compactor
@@ -234,12 +234,7 @@ def create_app(settings: Settings, *, keys: KeyTable | None = None, runner: JobR
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        route = request.scope.get("route")
-        requests_total.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+    app.add_middleware(StatusCounting, count=lambda route, status: requests_total.labels(route, str(status)).inc())
 
     def count_refusal(path: str, status: int) -> None:
         requests_total.labels("refused", str(status)).inc()
