@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -162,3 +163,42 @@ def test_a_damaged_batch_is_set_aside_and_training_goes_on(settings: config.Sett
     assert damaged.batch_id not in used and len(used) == 3, used
     assert trainer.set_aside == {damaged.batch_id}
     assert DAMAGED.labels("digits_cnn")._value.get() == before + 1
+
+
+def test_a_run_that_cannot_train_is_not_retried_on_the_same_batches_at_every_poll(settings: config.Settings) -> None:
+    """Batches with no labelled row: the loop ran a cycle on them once a second (65 "cycle started" lines a
+    minute under `up`, each reloading the batches). Now it waits for new batches (or the timer)."""
+    store = FeatureStore(settings.feature_store)
+    topic = raw_topic(settings, "image")
+    unlabelled = [{**r, "label": None} for r in digits(160, seed=3)]
+    write_batches(store, "image", unlabelled, batch_size=80, topic=topic)
+    trainer = Trainer(settings.with_(retrain_every_batches=1, retrain_every_seconds=3600.0), DIGITS, events=False)
+    runs: list[str] = []
+    polls: list[int] = []
+    run_once, unseen_batches = trainer.run_once, trainer.unseen_batches
+
+    def counting_run(trigger: str) -> Any:
+        runs.append(trigger)
+        return run_once(trigger)
+
+    def counting_unseen() -> Any:
+        polls.append(1)
+        return unseen_batches()
+
+    trainer.run_once, trainer.unseen_batches = counting_run, counting_unseen  # type: ignore[method-assign,assignment]
+    stop = threading.Event()
+    loop = threading.Thread(target=trainer.run_forever, args=(stop, 0.02))
+    loop.start()
+    try:
+        wait_until(lambda: len(polls) >= 40, timeout=120, message="40 polls of the loop")
+        assert runs == ["batches"], runs  # one attempt, not one per poll
+        write_batches(store, "image", unlabelled[:80], batch_size=80, topic=topic, first_offset=160,
+                      created_at_ms=T0 + 10)
+        wait_until(lambda: len(runs) == 2, timeout=120, message="a new attempt once a new batch arrived")
+        seen = len(polls)
+        wait_until(lambda: len(polls) >= seen + 40, timeout=120, message="40 more polls")
+        assert len(runs) == 2, runs
+    finally:
+        stop.set()
+        loop.join(timeout=120)
+        trainer.close()

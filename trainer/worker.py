@@ -440,6 +440,12 @@ class Trainer:
         prefetch_tensorflow()
         since = seconds_since_last_version(self.registry, self.name)
         last_attempt = last_end = time.monotonic() - (since if since is not None else 0.0)
+        # A run that could not train (no labelled row, too few held-out rows) is not retried on the same
+        # batches at every poll: it was, once a second, reloading them and logging "cycle started" each
+        # time. ``stuck`` is how many unseen batches it saw; the count trigger waits for more, the timer
+        # and drift still fire. A run that failed otherwise backs off (1 s doubling to 60 s).
+        stuck: int | None = None
+        backoff, not_before = 0.0, 0.0
         while not stop.is_set():
             was = self.fence
             if not self.lead():  # a standby: the lease keeper takes over when the leader's lease expires
@@ -449,7 +455,7 @@ class Trainer:
                 since = seconds_since_last_version(self.registry, self.name)
                 last_attempt = last_end = time.monotonic() - (since if since is not None else 0.0)
             unseen = self.unseen_batches()
-            due_count = len(unseen) >= self.settings.retrain_every_batches
+            due_count = len(unseen) >= self.settings.retrain_every_batches and (stuck is None or len(unseen) > stuck)
             due_time = bool(unseen) and timer_due(time.monotonic(), last_attempt, last_end,
                                                   self.settings.retrain_every_seconds)
             drift = False
@@ -458,17 +464,22 @@ class Trainer:
                     drift = self.check_drift()
                 except Exception:
                     log.exception("trainer %s: drift check failed; continuing on the timer", self.name)
-            if due_count or due_time or drift:
+            if (due_count or due_time or drift) and time.monotonic() >= not_before:
                 trigger = "drift" if drift else ("batches" if due_count else "timer")
                 last_attempt = time.monotonic()
                 try:
                     self.run_once(trigger)
+                    stuck, backoff = None, 0.0
                 except NotEnoughDataError as exc:
-                    log.info("trainer %s: %s", self.name, exc)
+                    stuck = len(unseen)
+                    log.info("trainer %s: %s (tried again when new batches arrive or on the timer)", self.name, exc)
                 except FencedError as exc:  # another trainer took over meanwhile: nothing was published
                     log.warning("trainer %s: %s", self.name, exc)
                     self.fence = None
                 except Exception:
-                    log.exception("trainer %s: training run failed; retrying at the next trigger", self.name)
+                    backoff = min(60.0, max(1.0, backoff * 2))
+                    not_before = time.monotonic() + backoff
+                    log.exception("trainer %s: training run failed; retrying in %.0f s at the earliest", self.name,
+                                  backoff)
                 last_end = time.monotonic()
             stop.wait(poll_seconds)
