@@ -60,6 +60,14 @@ def _port_taken(host: str, port: int) -> bool:
 def check(settings: Settings, services: list[Service]) -> Preflight:
     """Decide what ``up`` starts; see the module docstring."""
     result = Preflight([])
+    if settings.keys or settings.keys_file:  # every server reads them: a bad entry crash-looped each one
+        from schemas.access import load_keys
+
+        try:
+            load_keys(settings.keys, settings.keys_file)
+        except ConfigError as exc:
+            result.errors.append(f"keys: {exc}")
+            return result
     for svc in services:
         if svc.name == "gateway":
             if not settings.ingest_tokens.strip():

@@ -181,6 +181,12 @@ def test_up_refuses_a_malformed_setting_with_one_line(settings: Settings) -> Non
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "ingest_tokens" in errors[0], res.stderr
     assert "refusing to start" in res.stderr and not (settings.home / "stack" / "state.json").exists()
+    # a malformed STREAMLEARN_KEYS entry: the gateway crash-looped five times and the stack ran on empty
+    res = _run(settings, "up", "--only", "gateway", STREAMLEARN_KEYS="x:short:nosuchscope")
+    assert res.returncode == 2, res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: keys:") and "STREAMLEARN_KEYS" in errors[0], res.stderr
+    assert not (settings.home / "stack" / "state.json").exists()
 
 
 def test_supervisor_says_why_and_stops_restarting_after_rapid_crashes(settings: Settings,

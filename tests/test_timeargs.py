@@ -149,6 +149,8 @@ def test_subscribe_positions_and_counts_out_of_range_are_usage_errors(args: list
     (["jobs", "list", "--limit", "x"], "'x' is not a whole number"),
     (["demo", "--weblog-rate", "nan"], "give a finite number"),
     (["retrain", "--reproduce", "m/1", "--tolerance", "-1"], "give at least 0"),
+    (["train", "m", "--keep", "0"], "--keep: 0: give at least 1"),  # trained and published, then failed
+    (["store", "gc", "--retention-days", "nan"], "give a finite number"),  # deleted every unprotected batch
 ])
 def test_numbers_no_command_can_use_are_usage_errors_naming_the_flag(argv: list[str], fragment: str,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
