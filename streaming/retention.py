@@ -9,6 +9,11 @@ What is never deleted, whatever the limits say:
   Ids are matched in every namespace, which can only keep more than needed, never less;
 * the newest batch of every partition — the stream worker resumes after it and restores the
   featurizer state checkpointed with it (deleting it would restart the windows from scratch);
+* a batch a training cycle in progress plans to use: a live trainer's cycle marker
+  (``STATE_DIR/trainer/<model>.json``, phase ``started``, its pid alive) names them. A version
+  published after gc deleted one of its batches could not be reproduced; the trainer also checks
+  that its batches are all still there before it publishes, which closes the window between its
+  plan and its marker;
 * anything when a version's metadata cannot be read: gc stops with an error naming it, since
   it cannot know which batches that version needs.
 
@@ -21,6 +26,7 @@ report says so). Both limits are off by default (0).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +82,30 @@ def lineage_batch_ids(registry: ModelRegistry) -> set[str]:
     return needed
 
 
+def in_flight_batch_ids(settings: Settings) -> set[str]:
+    """Batches named by the cycle marker of a trainer that is training now (phase ``started``, pid alive).
+
+    The marker is written by ``trainer.cycle.write_marker``; read here as plain JSON, since the store's
+    retention must not import the trainer."""
+    from streaming.fsutil import pid_alive
+
+    needed: set[str] = set()
+    folder = settings.state_dir / "trainer"
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            marker = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(marker, dict) or marker.get("phase") != "started":
+            continue
+        pid = marker.get("pid")
+        if not isinstance(pid, int) or pid <= 0 or not pid_alive(pid):
+            continue
+        for key in ("train_batches", "holdout_batches", "reservoir_batches"):
+            needed.update(str(b) for b in marker.get(key) or [])
+    return needed
+
+
 def _batch_bytes(store: FeatureStore, kind: str, namespace: str, batch_id: str) -> int:
     if store.remote is not None:  # object storage: the objects' sizes (a HEAD each)
         return sum(store.remote.objects.size(key) for key in
@@ -118,7 +148,7 @@ def collect(settings: Settings, *, dry_run: bool, kinds: list[str] | None = None
         raise StoreError(f"store gc: --namespace {namespace!r} does not exist in {store.root}; "
                          f"namespaces there: {', '.join(found) or 'none'}")
     result = GcResult(dry_run=dry_run, namespace=namespace, retention_days=days, max_bytes=cap)
-    protected = lineage_batch_ids(ModelRegistry(settings.model_dir))
+    protected = lineage_batch_ids(ModelRegistry(settings.model_dir)) | in_flight_batch_ids(settings)
     now = clock.now_ms() if now_ms is None else now_ms
     for kind in kinds or sorted(KINDS):
         batches = store.batches(kind, namespace)

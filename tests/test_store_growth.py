@@ -176,6 +176,25 @@ def test_gc_by_size_and_the_newest_of_a_partition(tmp_path: Path) -> None:
     assert result.kept_newest_of_partition == 1 and result.bytes_after["sensor"] > 1
 
 
+def test_gc_keeps_the_batches_of_a_training_cycle_in_progress(tmp_path: Path) -> None:
+    """gc run while a trainer trained deleted batches the coming version's lineage named: it was promoted
+    and could not be reproduced. A live trainer's cycle marker now protects them; a dead one's does not."""
+    from trainer.cycle import write_marker
+
+    settings = _settings(tmp_path, store_retention_days=3.0)
+    store, ids = _aged_store(settings)
+    write_marker(settings, "m", phase="started", train_batches=[ids[1]], holdout_batches=[ids[2]],
+                 reservoir_batches=[ids[0]])  # this process: alive
+    dead = settings.state_dir / "trainer" / "other.json"
+    dead.write_text(json.dumps({"model": "other", "pid": 2**22 + 12345, "phase": "started",
+                                "train_batches": [ids[3]]}))
+    result = collect(settings, dry_run=False, now_ms=NOW_MS)
+    assert result.kept_for_lineage == 3
+    assert _ids(store) == [ids[0], ids[1], ids[2], *ids[7:]]
+    write_marker(settings, "m", phase="published", version=1, action="PROMOTED")  # the cycle is over
+    assert [d["batch_id"] for d in collect(settings, dry_run=False, now_ms=NOW_MS).deleted] == ids[:3]
+
+
 def test_gc_dry_run_deletes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from streamlearn.cli import main
 

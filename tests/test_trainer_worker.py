@@ -202,3 +202,32 @@ def test_a_run_that_cannot_train_is_not_retried_on_the_same_batches_at_every_pol
         stop.set()
         loop.join(timeout=120)
         trainer.close()
+
+
+def test_a_batch_deleted_while_a_run_trains_is_not_in_the_published_lineage(settings: config.Settings) -> None:
+    """`store gc` between a cycle's plan and its publish: the version was promoted with a lineage naming
+    deleted batches (`retrain --reproduce` then failed). The run now checks before publishing and plans
+    again without them."""
+    import functools
+
+    from trainer.evaluate import fit_and_evaluate
+
+    store = FeatureStore(settings.feature_store)
+    write_batches(store, "image", list(digits(320, seed=5)), batch_size=80, topic=raw_topic(settings, "image"))
+    trainer = Trainer(settings, DIGITS, events=False)
+    fits: list[list[str]] = []
+
+    def fit_then_gc(spec, features, plan, **kw):  # type: ignore[no-untyped-def]
+        fits.append([b.batch_id for b in plan.train_new])
+        if len(fits) == 1:
+            store.remove_batch("image", plan.train_new[0].batch_id)  # what gc did meanwhile
+        return functools.partial(fit_and_evaluate, cache=trainer.model_cache)(spec, features, plan, **kw)
+
+    try:
+        outcome = trainer.run_once("test", fit=fit_then_gc)
+    finally:
+        trainer.close()
+    assert len(fits) == 2 and fits[0][0] not in fits[1]
+    lineage = {b["batch_id"] for b in ModelRegistry(settings.model_dir).verify("digits_cnn", outcome.version)
+               ["lineage"]["batches"]}
+    assert fits[0][0] not in lineage and lineage <= {b.batch_id for b in store.batches("image")}

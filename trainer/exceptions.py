@@ -36,6 +36,15 @@ class DamagedBatchError(LineageError):
         self.batch_id = batch_id
 
 
+class BatchesGoneError(LineageError):
+    """Batches a run planned on were deleted while it ran (``store gc``): it is planned again without them,
+    never published with a lineage that names them (``trainer.worker.Trainer.run_once``)."""
+
+    def __init__(self, message: str, batch_ids: list[str]) -> None:
+        super().__init__(message)
+        self.batch_ids = batch_ids
+
+
 class ReproductionError(TrainerError):
     """A reproduced training run did not reach the recorded scores within the stated tolerance."""
 

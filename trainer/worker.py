@@ -47,7 +47,7 @@ from streaming.store import BatchInfo, FeatureStore
 from trainer.data import plan_data
 from trainer.drift import PageHinkley
 from trainer.evaluate import Evaluation, fit_and_evaluate
-from trainer.exceptions import DamagedBatchError, NotEnoughDataError
+from trainer.exceptions import BatchesGoneError, DamagedBatchError, NotEnoughDataError
 from trainer.gate import GateDecision
 from trainer.model_cache import ModelCache
 from trainer.spec import FeatureInfo, ModelSpec
@@ -269,7 +269,16 @@ class Trainer:
                 return self._run_once(trigger, fit=fit)
             except DamagedBatchError as exc:
                 self._set_aside(exc)
-        return self._run_once(trigger, fit=fit)  # one more; a further damaged batch is this run's error
+            except BatchesGoneError as exc:
+                log.warning("trainer %s: %s", self.name, exc)
+            except FileNotFoundError as exc:  # gc deleted a planned batch before the fit read it
+                log.warning("trainer %s: a batch was deleted while this run read it (%s); planning again",
+                            self.name, exc)
+        try:
+            return self._run_once(trigger, fit=fit)
+        except FileNotFoundError as exc:
+            raise BatchesGoneError(f"lineage: a batch was deleted while this run read it ({exc}); run again",
+                                   []) from exc  # one more; a further damaged batch is this run's error
 
     def _run_once(self, trigger: str, *, fit: Callable[..., Evaluation] | None) -> RunOutcome:
         from trainer import model_io
@@ -294,7 +303,8 @@ class Trainer:
         cycle_started = time.time()
         write_marker(self.settings, self.name, phase="started", trigger=trigger, started_unix_s=cycle_started,
                      train_batches=[b.batch_id for b in plan.train_new],
-                     holdout_batches=[b.batch_id for b in plan.holdout], parent_version=promoted)
+                     holdout_batches=[b.batch_id for b in plan.holdout],
+                     reservoir_batches=[b.batch_id for b in plan.reservoir], parent_version=promoted)
         log.info("trainer %s: cycle started (trigger=%s): %d new batches to train on, %d held out", self.name,
                  trigger, len(plan.train_new), len(plan.holdout))
         wait_tensorflow()
@@ -308,6 +318,7 @@ class Trainer:
         try:
             model_io.export_saved_model(ev.model, features.n_features, staging)
             meta = self._metadata(ev, plan, promoted, features, trigger, time.time() - started)
+            self._check_batches_still_there(plan)
             self._check_lead()
             version = self.registry.publish(self.name, staging, meta, fence=self.fence)
         except BaseException:
@@ -338,6 +349,15 @@ class Trainer:
         write_marker(self.settings, self.name, phase="published", trigger=trigger, started_unix_s=cycle_started,
                      version=version, action=decision.action)
         return RunOutcome(version, decision, self.registry.version_dir(self.name, version), meta)
+
+    def _check_batches_still_there(self, plan: Any) -> None:
+        """Refuse to publish a version whose lineage names a batch that is gone (``store gc`` ran between
+        this cycle's plan and its marker): it could never be reproduced. The run is planned again."""
+        gone = [b.batch_id for b in (*plan.train, *plan.holdout) if _gone(b.path)]
+        if gone:
+            raise BatchesGoneError(f"lineage: {len(gone)} batch(es) this run trained or held out on were deleted "
+                                   f"while it ran (e.g. {gone[0]}; `store gc`?); planning again without them",
+                                   gone)
 
     def _metadata(self, ev: Evaluation, plan: Any, parent: int | None, features: FeatureInfo, trigger: str,
                   seconds: float) -> dict[str, Any]:
@@ -483,3 +503,14 @@ class Trainer:
                                   backoff)
                 last_end = time.monotonic()
             stop.wait(poll_seconds)
+
+
+def _gone(path: Any) -> bool:
+    """True when a batch file (a local path or an object-storage URL) no longer exists."""
+    from streaming.objstore import open_url
+
+    try:
+        with open_url(path):
+            return False
+    except FileNotFoundError:
+        return True
