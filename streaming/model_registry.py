@@ -131,7 +131,9 @@ class ModelRegistry(RegistryIntegrityMixin, RegistryLeaderMixin):
         mdir = self.model_dir(name)
         if not mdir.is_dir():
             return []
-        return sorted(int(p.name) for p in mdir.iterdir() if p.name.isdigit() and p.is_dir())
+        # ASCII digits, no leading zero: "²" and "١" are str.isdigit() (int("²") raised), a hand copy "01"
+        # of version 1 listed it twice
+        return sorted(int(p.name) for p in mdir.iterdir() if _VERSION_DIR.match(p.name) and p.is_dir())
 
     def latest(self, name: str) -> int | None:
         found = self.versions(name)
@@ -160,6 +162,15 @@ class ModelRegistry(RegistryIntegrityMixin, RegistryLeaderMixin):
             data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             data = {}
+        except (OSError, ValueError) as exc:  # truncated, empty, not UTF-8: was a JSONDecodeError traceback
+            raise ModelRegistryError(_state_damaged(path, name, f"{type(exc).__name__}: {exc}")) from None
+        if not isinstance(data, dict):
+            raise ModelRegistryError(_state_damaged(path, name, f"a JSON {type(data).__name__}, not an object"))
+        promoted = data.get("promoted")
+        if promoted is not None and (isinstance(promoted, bool) or not isinstance(promoted, int)):
+            raise ModelRegistryError(_state_damaged(path, name, f"promoted is {str(promoted)[:40]!r}, not a version"))
+        if not isinstance(data.get("history", []), list) or not isinstance(data.get("promoted_stack", []), list):
+            raise ModelRegistryError(_state_damaged(path, name, "history or promoted_stack is not a list"))
         data.setdefault("promoted", None)
         data.setdefault("promoted_stack", [])
         data.setdefault("last_version", 0)
@@ -371,3 +382,12 @@ class ModelRegistry(RegistryIntegrityMixin, RegistryLeaderMixin):
     def _deleted_durable(self, name: str) -> None:
         """Make the deletions durable before state.json records them."""
         fsync_dir(self.model_dir(name))
+
+
+_VERSION_DIR = re.compile(r"^[1-9][0-9]{0,17}$")
+
+
+def _state_damaged(path: Path, name: str, what: str) -> str:
+    return (f"state: {path} of model {name!r} is damaged ({what}); the versions beside it are intact. Restore "
+            "the file from a backup, or move it aside: the registry then starts a fresh state (no version "
+            f"promoted) and `streamlearn models promote {name}/<N>` promotes one again")

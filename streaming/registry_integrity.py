@@ -111,7 +111,9 @@ class RegistryIntegrityMixin:
         if problems:
             raise ModelIntegrityError(
                 f"version: {name}/{version} at {vdir} failed verification: " + "; ".join(problems)
-                + ". Do not serve it; delete the directory or re-export the model"
+                + f". Do not serve it; restore the directory from a backup, or, if it is the promoted version, "
+                f"`streamlearn models rollback {name}` to promote the previous one (deleting a promoted "
+                "version's directory leaves the model with no promoted version)"
             )
         return meta
 

@@ -96,8 +96,10 @@ def refresh_quietly(registry: ModelRegistry) -> Any:
     """Regenerate after a promotion; a failure is logged, never fails the promotion itself."""
     import logging
 
+    from streaming.exceptions import ModelRegistryError
+
     try:
         return write_config(registry)
-    except OSError as exc:
+    except (OSError, ModelRegistryError) as exc:  # another model's damaged state.json must not fail this one
         logging.getLogger(__name__).warning("could not rewrite %s: %s", Path(registry.root) / CONFIG_FILE, exc)
         return None

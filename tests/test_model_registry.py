@@ -249,3 +249,36 @@ def test_kill_9_during_export_leaves_registry_consistent(tmp_path: Path, publish
     assert not [p for p in (tmp_path / "m").iterdir() if p.name.startswith((".tmp-", ".trash-"))]
     before = reg.versions("m")
     assert reg.publish("m", fake_export(reg, "m"), {}) == before[-1] + 1
+
+
+@pytest.mark.parametrize("text", ['{"promoted": 1, "history": [', "", "[]", '{"promoted": "abc"}',
+                                  '{"history": 5}'])
+def test_a_damaged_state_file_is_an_error_that_says_how_to_recover(tmp_path: Path, text: str,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A truncated or hand-edited state.json gave JSONDecodeError/AttributeError/ValueError tracebacks from
+    `models list|show|promote`, `tf-serving-config` and `train`; `models list` failed for every model."""
+    from streamlearn.cli import main
+
+    reg = ModelRegistry(tmp_path / "models")
+    reg.publish("good", fake_export(reg, "good"), {"task": "classification"})
+    reg.set_promoted("good", 1, "test")
+    reg.publish("bad", fake_export(reg, "bad"), {"task": "classification"})
+    (tmp_path / "models" / "bad" / "state.json").write_text(text)
+    with pytest.raises(ModelRegistryError, match=r"is damaged .*versions beside it are intact.*move it aside"):
+        reg.promoted("bad")
+    assert reg.versions("bad") == [1]
+    assert main(["--home", str(tmp_path), "models", "list"]) == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "state.json of model 'bad' is damaged" in err
+    assert any(line.startswith("good ") and " 1 " in line for line in out.splitlines()), out  # the others listed
+    (tmp_path / "models" / "bad" / "state.json").rename(tmp_path / "state.json.aside")
+    assert reg.promoted("bad") is None and reg.publish("bad", fake_export(reg, "bad"), {}) == 2  # no reuse
+
+
+def test_version_directories_are_ascii_numbers_without_a_leading_zero(tmp_path: Path) -> None:
+    """A hand copy "01" of version 1 listed it twice; "²" is str.isdigit() and int("²") raised."""
+    reg = ModelRegistry(tmp_path)
+    reg.publish("m", fake_export(reg, "m"), {})
+    for odd in ("01", "²", "١"):
+        (tmp_path / "m" / odd).mkdir()
+    assert reg.versions("m") == [1]

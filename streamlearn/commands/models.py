@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from streaming import config
+from streaming.exceptions import ModelRegistryError
 from streaming.model_registry import ModelRegistry
 from streamlearn.modelref import model_ref, versioned_ref
 
@@ -70,24 +71,30 @@ def _list(args: argparse.Namespace, settings: config.Settings) -> int:
     reg = _registry(settings)
     names = sorted(set(reg.names()) | set(spec_sources(settings)))
     rows: list[dict[str, Any]] = []
+    damaged = 0
     for name in names:
         versions = reg.versions(name)
-        promoted = reg.promoted(name)
-        score = None
-        if promoted is not None:
-            score = reg.metadata(name, promoted).get("scores", {}).get("candidate")
+        problem, promoted, score = None, None, None
+        try:  # one model's damage is that model's line, not the whole listing's traceback
+            promoted = reg.promoted(name)
+            if promoted is not None:
+                score = reg.metadata(name, promoted).get("scores", {}).get("candidate")
+        except ModelRegistryError as exc:
+            problem, damaged = str(exc), damaged + 1
+            print(f"models list: {exc}; `streamlearn models rollback {name}` promotes the previous version",
+                  file=sys.stderr)
         rows.append({"model": name, "versions": versions, "promoted": promoted, "latest": versions[-1] if versions
-                     else None, "promoted_score": score})
+                     else None, "promoted_score": score, **({"problem": problem} if problem else {})})
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
+        return 1 if damaged else 0
     print(f"{'MODEL':<22} {'PROMOTED':>8} {'LATEST':>6} {'SCORE':>10}  VERSIONS")
     for r in rows:
         score = "-" if r["promoted_score"] is None else f"{r['promoted_score']:.4g}"
         print(f"{r['model']:<22} {r['promoted'] if r['promoted'] is not None else '-':>8} "
               f"{r['latest'] if r['latest'] is not None else '-':>6} {score:>10}  "
-              f"{','.join(map(str, r['versions'])) or '-'}")
-    return 0
+              f"{','.join(map(str, r['versions'])) or '-'}{'  (damaged: see above)' if r.get('problem') else ''}")
+    return 1 if damaged else 0
 
 
 def _show(args: argparse.Namespace, settings: config.Settings) -> int:
