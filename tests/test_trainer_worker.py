@@ -231,3 +231,33 @@ def test_a_batch_deleted_while_a_run_trains_is_not_in_the_published_lineage(sett
     lineage = {b["batch_id"] for b in ModelRegistry(settings.model_dir).verify("digits_cnn", outcome.version)
                ["lineage"]["batches"]}
     assert fits[0][0] not in lineage and lineage <= {b.batch_id for b in store.batches("image")}
+
+
+def test_a_damaged_newest_version_does_not_stop_the_periodic_trainer(settings: config.Settings) -> None:
+    """The newest version's metadata.json truncated: `train M` (periodic) exited 1 at once, a crash loop
+    under `up`. The loop now logs it and retries with a back-off."""
+    from tests.test_model_registry import fake_export
+
+    reg = ModelRegistry(settings.model_dir)
+    reg.publish("digits_cnn", fake_export(reg, "digits_cnn"), {"task": "classification"})
+    meta = reg.version_dir("digits_cnn", 1) / "metadata.json"
+    meta.write_text(meta.read_text()[:40])
+    trainer = Trainer(settings, DIGITS, events=False)
+    calls: list[int] = []
+    unseen = trainer.unseen_batches
+
+    def counting() -> Any:
+        calls.append(1)
+        return unseen()
+
+    trainer.unseen_batches = counting  # type: ignore[method-assign]
+    stop = threading.Event()
+    loop = threading.Thread(target=trainer.run_forever, args=(stop, 0.02))
+    loop.start()
+    try:
+        wait_until(lambda: len(calls) >= 2, timeout=60, message="a second look after the first failed")
+        assert loop.is_alive()
+    finally:
+        stop.set()
+        loop.join(timeout=60)
+        trainer.close()

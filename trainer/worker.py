@@ -474,7 +474,14 @@ class Trainer:
             if self.fence != was:  # just took over: continue the predecessor's retrain interval
                 since = seconds_since_last_version(self.registry, self.name)
                 last_attempt = last_end = time.monotonic() - (since if since is not None else 0.0)
-            unseen = self.unseen_batches()
+            try:
+                unseen = self.unseen_batches()
+            except Exception:  # e.g. the newest version's metadata.json damaged: was an exit, a crash loop under up
+                backoff = min(60.0, max(1.0, backoff * 2))
+                log.exception("trainer %s: cannot list the batches not yet trained on; retrying in %.0f s", self.name,
+                              backoff)
+                stop.wait(backoff)
+                continue
             due_count = len(unseen) >= self.settings.retrain_every_batches and (stuck is None or len(unseen) > stuck)
             due_time = bool(unseen) and timer_due(time.monotonic(), last_attempt, last_end,
                                                   self.settings.retrain_every_seconds)
