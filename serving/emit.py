@@ -259,13 +259,34 @@ class Emitter:
         with untimed(self.watchdog, "kafka transaction"):
             try:
                 self.producer.begin_transaction()
-                for topic, key, value, headers in sends:
-                    self.producer.send(topic, key=key, value=value, headers=headers)
+                futures = [self.producer.send(topic, key=key, value=value, headers=headers)
+                           for topic, key, value, headers in sends]
                 self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+                # Every record must be acked before the commit. kafka-python 3.0.12 "commits" a transaction
+                # none of whose partitions could be added (a reply topic deleted after the worker checked
+                # it) without sending EndTxn and without an error: the batch's requests were consumed and
+                # never answered, and the next transaction committed offsets past them.
+                self.producer.flush()
+                failed = next((f for f in futures if not f.succeeded()), None)
+                if failed is not None:
+                    raise failed.exception or RuntimeError("a record of the transaction was not acknowledged")
                 self.producer.commit_transaction()
             except Exception as exc:  # KafkaError, or ValueError/timeout raised by send() itself
-                self.producer.abort_transaction()  # a fatal error (fenced) raises here and stops the worker
+                if _transaction_state(self.producer) != "READY":  # READY: the client ended it already
+                    self.producer.abort_transaction()  # a fatal error (fenced) raises here and stops the worker
                 raise _SendFailed(str(exc)) from exc
+
+
+def _transaction_state(producer: Any) -> str | None:
+    """The producer's transaction state name (kafka-python 3.0.12's private TransactionManager), or None.
+
+    Why: when none of a transaction's partitions could be added (a reply topic deleted after the worker
+    checked it), kafka-python ends the transaction itself, back in READY, without EndTxn; its next
+    send raised "Cannot call send in state READY" and abort_transaction() "Invalid transition from
+    READY", which stopped the worker. Nothing is left to abort then, and the batch is resent."""
+    manager = getattr(producer, "_transaction_manager", None)
+    state = getattr(manager, "_current_state", None)
+    return getattr(state, "name", None)
 
 
 class _SendFailed(Exception):
