@@ -165,13 +165,21 @@ class Subscriber:
 
     # -- positioning ----------------------------------------------------------------------
     def _partitions(self, only: list[int] | None) -> list[TopicPartition]:
-        deadline = time.monotonic() + 15
+        # A topic the cluster lists may still be without partition metadata (just created): wait up to
+        # 15 s for those. One the cluster does not list at all is missing: said after 3 s, not 18 s of
+        # metadata requests sent back to back.
+        started = time.monotonic()
+        deadline = started + 15
         tps: list[TopicPartition] = []
         for topic in self.topics:
             parts = self.consumer.partitions_for_topic(topic)
             while not parts and time.monotonic() < deadline:
-                self.consumer.topics()  # refresh metadata
+                listed = self.consumer.topics()  # refresh metadata
                 parts = self.consumer.partitions_for_topic(topic)
+                if not parts and topic not in listed and time.monotonic() - started > 3:
+                    break
+                if not parts:
+                    time.sleep(0.1)  # bounded retry of a metadata request, not a wait for a result
             if not parts:
                 raise StreamingError(f"topic {topic!r} does not exist; create it with `streamlearn topics create`")
             tps += [TopicPartition(topic, p) for p in sorted(parts) if only is None or p in only]

@@ -162,3 +162,13 @@ def test_topics_describe_of_a_named_topic_that_does_not_exist_exits_1(settings: 
     assert "no_such_topic: does not exist" in capsys.readouterr().out
     assert cli(settings, "topics", "describe", "no_such_topic", "--json") == 1
     assert cli(settings, "topics", "describe") == 0  # declared topics not created yet are only reported
+
+
+def test_subscribe_in_a_group_refuses_until_and_a_missing_topic(settings: config.Settings,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`subscribe --group G --until-end` printed the records and then read on for ever; `--group` on a topic
+    that does not exist waited in silence. Both now say so at once."""
+    assert cli(settings, "subscribe", "sensor.raw", "--group", "g", "--until-end") == 2
+    assert "use --idle-timeout" in capsys.readouterr().err
+    assert cli(settings, "subscribe", "no_such_topic", "--group", "g") == 1
+    assert "no_such_topic' does not exist" in capsys.readouterr().err

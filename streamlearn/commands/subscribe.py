@@ -60,6 +60,18 @@ def _subscribe(args: argparse.Namespace, settings: config.Settings) -> int:
     dead_letters = topic.endswith(".deadletter")
     raw = args.raw or dead_letters  # dead letters are the original bytes: there is nothing to decode
     group = settings.group(args.group) if args.group else None
+    if group and start == "committed" and until is not None:  # it read on for ever past the end
+        print("error: --until-offset/--until-timestamp/--until-end stop a read from given positions, and a --group "
+              "member reads from its committed offsets for as long as it runs; use --idle-timeout to stop once it "
+              "has caught up, or add --from-beginning/--from-offset/--from-timestamp to read without the group",
+              file=sys.stderr)
+        return 2
+    if group and start == "committed":  # joining a group on a missing topic waited in silence for ever
+        from streaming.topics import describe
+
+        if not describe(settings, [topic])[0]["partitions"]:
+            print(f"error: topic {topic!r} does not exist; create it with `streamlearn topics create`", file=sys.stderr)
+            return 1
     if group and start != "committed":
         print("note: explicit positions read without the group; nothing will be committed", file=sys.stderr)
     lease, member = None, dict[str, Any]()
