@@ -272,6 +272,13 @@ def promote(settings: Settings, kind: str, source: str, *, group: str | None = N
         ensure_group_idle(settings, group, "promotion")
         begins, _ends = earliest_and_end(settings, topic)
         offsets = _check_source(store, kind, source, topic, sorted(begins))
+        live_batches = len(store.batch_ids(kind, LIVE)) if store.directory(kind, LIVE).exists() else 0
+        if live_batches and not store.batch_ids(kind, source):
+            # A replay of a range with no records ("records": 0) swapped in: the live store was left empty
+            # and the group's offsets moved. Nothing a user means; refused, the live batches untouched.
+            raise PromoteError(f"--from: namespace {source!r} holds no {kind} batches (its replay read no records), "
+                               f"and promoting it would replace the {live_batches} live batches with none; replay a "
+                               "range that holds records into a fresh namespace")
         archive = "replaced-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         n = 1
         while store.directory(kind, archive).exists() or (store.root / archive).exists():

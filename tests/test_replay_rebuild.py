@@ -344,6 +344,23 @@ def test_rebuild_to_live(settings: Settings, tmp_path: Path) -> None:
     exactly_once(s)
 
 
+def test_a_replay_that_read_nothing_is_not_promoted_over_live_batches(settings: Settings, tmp_path: Path) -> None:
+    """`replay ... --to 1970-01-02 --into topast` read 0 records; promoting it moved every live batch to
+    `replaced-*`, left live empty and reset the group's offsets. It is now refused, live untouched."""
+    s = settings.with_(batch_max_records=16, batch_max_seconds=0.3)
+    publish(s, "sensor", sensor_events(40))
+    run_worker_until_complete(s, tmp_path / "worker.log")
+    store = FeatureStore(s.feature_store)
+    live_ids, before = store.batch_ids("sensor"), committed(s, "sensor")
+    assert live_ids
+    empty = result_json(cli(s, "replay", "sensor", "--from-beginning", "--to", "1970-01-02T00:00:00Z",
+                            "--into", "topast", "--quiet"))
+    assert empty["records"] == 0
+    refused = cli(s, "store", "promote", "sensor", "--from", "topast")
+    assert refused.returncode == 1 and "would replace the" in refused.stderr and "with none" in refused.stderr
+    assert store.batch_ids("sensor") == live_ids and committed(s, "sensor") == before
+
+
 CRASH = """
 import os, sys
 from streaming import config
