@@ -51,6 +51,7 @@ from streaming.store_format import (  # noqa: F401 (re-exported: the store's pub
     build_manifest,
     decode_batch,
     encode_rows,
+    is_batch_file,
     manifest_bytes,
     parse_batch_id,
 )
@@ -165,7 +166,7 @@ class FeatureStore:
             return []
         except NotADirectoryError:
             return []
-        return sorted(n[:-5] for n in names if n.endswith(".avro") and not n.startswith("."))
+        return sorted(n[:-5] for n in names if is_batch_file(n))
 
     def batches(self, kind: str, namespace: str = "live") -> list[BatchInfo]:
         """Every persisted batch of ``kind``, oldest first (manifest ``created_at_ms``, then id).

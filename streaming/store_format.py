@@ -103,6 +103,13 @@ def batch_id_for(topic: str, partition: int, first_offset: int, last_offset: int
     return (f"{topic}-p{partition}-{first_offset:0{OFFSET_DIGITS}d}-{last_offset:0{OFFSET_DIGITS}d}")
 
 
+def is_batch_file(name: str) -> bool:
+    """``name`` is a batch's ``.avro`` (``<batch id>.avro``, not hidden). A copy a user left beside one
+    (``X.bak.avro``, ``X (copy).avro``) or a stray ``empty.avro`` is not: a copy was trained on twice
+    (held out and trained on: leakage), and a stray file with no manifest stopped every reader."""
+    return name.endswith(".avro") and not name.startswith(".") and _BATCH_RE.match(name[:-5]) is not None
+
+
 def parse_batch_id(batch_id: str) -> tuple[str, int, int, int]:
     """``(topic, partition, first_offset, last_offset)`` of a batch id made by :func:`batch_id_for`."""
     m = _BATCH_RE.match(batch_id)

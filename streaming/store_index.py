@@ -45,7 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from streaming.store_format import OFFSET_DIGITS
+from streaming.store_format import OFFSET_DIGITS, is_batch_file
 
 INDEX_NAME = "_index.json"
 #: Length of the "<first>-<last>" tail of every batch id (streaming/store_format.py: batch_id_for).
@@ -216,7 +216,7 @@ class IndexCache:
             names = os.listdir(self.directory)
         except (FileNotFoundError, NotADirectoryError):
             return set()
-        return {n[:-5] for n in names if n.endswith(".avro") and not n.startswith(".")}
+        return {n[:-5] for n in names if is_batch_file(n)}
 
     def _add_missing(self, batch_id: str) -> None:
         manifest = self.load_manifest(batch_id)
@@ -237,7 +237,7 @@ class IndexCache:
                     self._close_scan()
                     return
                 name = entry.name
-                if (name.endswith(".avro") and not name.startswith(".") and name[:-5] not in self.manifests
+                if (is_batch_file(name) and name[:-5] not in self.manifests
                         and name[:-5] not in self._deleted):
                     if os.path.exists(entry.path):  # not removed since the journal line was read
                         self._add_missing(name[:-5])

@@ -262,3 +262,20 @@ def test_the_scan_does_not_resurrect_a_batch_being_deleted(tmp_path: Path) -> No
     assert _ids(reader) == [b]  # a full scan pass (256 names) met a's files
     reader.remove_batch("sensor", a)
     assert _ids(reader) == [b] and _ids(FeatureStore(tmp_path)) == [b]
+
+
+def test_copies_and_stray_files_beside_batches_are_not_batches(tmp_path: Path) -> None:
+    """`cp X.avro X.bak.avro` (and its manifest) was a second batch: the same rows trained on twice, or held
+    out and trained on. A stray `empty.avro` with no manifest stopped every reader."""
+    settings = _settings(tmp_path)
+    store = FeatureStore(settings.feature_store)
+    bid = _write(store, 0, 0)
+    d = store.directory("sensor")
+    for stem in (f"{bid}.bak", f"{bid} (copy)"):
+        (d / f"{stem}.avro").write_bytes((d / f"{bid}.avro").read_bytes())
+        (d / f"{stem}.json").write_text((d / f"{bid}.json").read_text())
+    (d / "empty.avro").write_bytes(b"")
+    fresh = FeatureStore(settings.feature_store)
+    assert fresh.batch_ids("sensor") == [bid] and _ids(fresh) == [bid]
+    second = _write(store, 0, 5)
+    assert _ids(store) == [bid, second]  # a running reader's index too
