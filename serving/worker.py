@@ -66,6 +66,10 @@ log = logging.getLogger(__name__)
 
 
 
+#: A request's own timestamp further than this from its record's is not believed (latency is measured from it).
+DAY_MS = 86_400_000
+
+
 def _safe_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", text)[:240]
 
@@ -373,6 +377,9 @@ class ServingWorker(Emitter):
             item.error = RequestDecodeError("value: not a PredictionRequest record")
             return item
         rid = str(value["request_id"])
+        if not rid:  # an answer keyed b"" with request_id "" is one no client can match to its request
+            item.error = RequestDecodeError("request_id: empty; give every request an id its answer can carry")
+            return item
         item.request_id = cut_id(rid, MAX_ID_CHARS)
         if len(rid) > MAX_ID_CHARS:
             item.error = RequestDecodeError(f"request_id: {len(rid)} characters, over the limit of {MAX_ID_CHARS}; "
@@ -382,6 +389,8 @@ class ServingWorker(Emitter):
             item.timestamp_ms = int(value.get("timestamp") or rec.timestamp)
         except (TypeError, ValueError, OverflowError):
             item.timestamp_ms = int(rec.timestamp)
+        if abs(item.timestamp_ms - int(rec.timestamp)) > DAY_MS:  # -2**62 was a latency of 4.6e18 ms in the
+            item.timestamp_ms = int(rec.timestamp)  # answer and the latency histogram: the record's time instead
         problem = self.replies.problem(value.get("reply_topic"))
         if problem is not None:
             item.error = RequestDecodeError(problem)  # answered on the default topic, and dead-lettered
