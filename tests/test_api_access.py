@@ -125,6 +125,8 @@ def test_bad_requests_are_400_406_413(tc: TestClient) -> None:
                    ).status_code == 400
     assert tc.post("/trainModel", json={"model": "acme.x", "extra": 1}, headers=ACME).status_code == 400
     assert tc.post("/trainModel", json={"model": "acme.--help"}, headers=ACME).status_code == 400
+    unknown = tc.post("/trainModel", json={"model": "acme.nosuchmodel"}, headers=ACME)  # was a 202, then a failed job
+    assert unknown.status_code == 400 and "not a model this platform knows" in unknown.json()["error"]
     bad_time = tc.post("/process", json={**REPLAY, "start": "yesterday"}, headers=PROC)
     assert bad_time.status_code == 400 and "start" in bad_time.json()["error"]
     backwards = tc.post("/process", json={**REPLAY, "end": "2025-01-01"}, headers=PROC)

@@ -30,7 +30,7 @@ from schemas.httpguard import BodyLimitMiddleware, ByteBudget, GuardError, Statu
 from streaming.config import Settings
 from streaming.store import NAMESPACE_PATTERN
 from streamlearn.api.compact import Compactor
-from streamlearn.api.exceptions import ApiError, JobConflictError, JobNotFoundError
+from streamlearn.api.exceptions import ApiError, BadRequestError, JobConflictError, JobNotFoundError
 from streamlearn.api.jobs import STATUSES, Job, JobRunner, progress
 from streamlearn.api.query import QueryService
 from streamlearn.api.requests import (
@@ -167,6 +167,12 @@ def create_app(settings: Settings, *, keys: KeyTable | None = None, runner: JobR
         req = parse_body(TrainRequest, await body_of(request))
         principal = who(request, "train", req.model)
         model = own_model(principal, req.model)
+        from trainer.spec import spec_sources
+
+        known = spec_sources(tenant_settings(settings, principal.tenant))
+        if model not in known:  # was a 202 and a job that failed with "unknown model"
+            raise BadRequestError(f"model: {req.model!r} is not a model this platform knows; known: "
+                                  f"{sorted(known)[:20]} (custom models come from the config file's [models])")
         return await started(train_job(req, model), principal)
 
     @app.post("/process", status_code=202, openapi_extra=_body_schema(ProcessRequest),

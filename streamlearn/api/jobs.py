@@ -52,7 +52,7 @@ from streamlearn.api.procs import JOB_ENV, terminate_group
 
 log = logging.getLogger(__name__)
 
-JOB_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}-[0-9a-f]{8}$")
+JOB_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}-[0-9a-f]{8}\Z")  # \Z: "$" also matched before a final newline
 ACTIVE = frozenset({"queued", "running"})
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 #: Bytes of the log end searched for the command's closing JSON object and error line.

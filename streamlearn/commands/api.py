@@ -72,7 +72,11 @@ def _serve(args: argparse.Namespace, settings: config.Settings) -> int:
         log.warning(warning)
     import uvicorn
 
-    app = create_app(settings, keys=keys)
+    from streamlearn.api.jobs import JobRunner
+
+    runner = JobRunner(settings)
+    runner.claim_home()  # a second API on this home: one error line here, not a uvicorn start-up traceback
+    app = create_app(settings, keys=keys, runner=runner)
     log.info("control API on http://%s:%d (OpenAPI at /docs), %s", host, settings.api_port,
              f"{len(keys)} key(s)" if keys else "no key: loopback only")
     uvicorn.Server(server_config(app, host=host, port=settings.api_port, log_level=settings.log_level.lower(),
