@@ -146,19 +146,12 @@ class SourceRunner:
         if self.cp_path is None:
             return None
         from ingest.exceptions import SourceError
-        from streaming.members import try_lock
+        from streaming.members import lock_as_pid
 
-        lock = self.cp_path.with_name(self.cp_path.name + ".lock")
-        fd = try_lock(lock)
+        fd, holder = lock_as_pid(self.cp_path.with_name(self.cp_path.name + ".lock"))
         if fd is None:
-            try:
-                holder = "pid " + (lock.read_text(encoding="ascii").strip() or "?")
-            except (OSError, UnicodeDecodeError):
-                holder = "another process"
             raise SourceError(f"another run ({holder}) is publishing this input now (checkpoint {self.cp_path}); "
                               "wait for it to finish or stop it, then run the same command again")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
         return fd
 
     def release(self) -> None:

@@ -155,6 +155,21 @@ def try_lock(path: Path) -> int | None:
     return fd
 
 
+def lock_as_pid(path: Path) -> tuple[int | None, str]:
+    """``try_lock`` that writes this process's pid into the lock file: ``(descriptor, "")`` when taken,
+    ``(None, "pid N")`` naming the holder when another process has it (one-run-at-a-time locks of an
+    input, a stack)."""
+    fd = try_lock(path)
+    if fd is None:
+        try:
+            return None, "pid " + (path.read_text(encoding="ascii").strip() or "?")
+        except (OSError, UnicodeDecodeError):
+            return None, "another process"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd, ""
+
+
 def _holder(path: Path) -> str:
     try:
         info = json.loads(path.with_suffix(".json").read_text())

@@ -298,22 +298,16 @@ def hold_stack(settings: Settings) -> None:
     extra members, both wrote ``stack/state.json`` (so ``status`` showed whichever wrote last) and both
     appended to the same logs. Now the second is refused, naming the first one's pid.
     """
-    from streaming.members import try_lock
+    from streaming.members import lock_as_pid
 
     path = settings.home / "stack" / "supervisor.lock"
     if path in _HELD:
         _HELD[path][1] += 1
         return
-    fd = try_lock(path)
+    fd, holder = lock_as_pid(path)
     if fd is None:
-        try:
-            holder = "pid " + (path.read_text(encoding="ascii").strip() or "?")
-        except (OSError, UnicodeDecodeError):
-            holder = "another process"
         raise StackBusyError(f"another stack ({holder}) runs in {settings.home} now; use `streamlearn status` to see "
                              "it, stop it (Ctrl-C or SIGTERM) to start this one, or give another --home")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
     _HELD[path] = [fd, 1]
 
 
