@@ -274,11 +274,11 @@ class Trainer:
             except FileNotFoundError as exc:  # gc deleted a planned batch before the fit read it
                 log.warning("trainer %s: a batch was deleted while this run read it (%s); planning again",
                             self.name, exc)
-        try:
+        try:  # one more; a further damaged or deleted batch is this run's error
             return self._run_once(trigger, fit=fit)
         except FileNotFoundError as exc:
             raise BatchesGoneError(f"lineage: a batch was deleted while this run read it ({exc}); run again",
-                                   []) from exc  # one more; a further damaged batch is this run's error
+                                   []) from exc
 
     def _run_once(self, trigger: str, *, fit: Callable[..., Evaluation] | None) -> RunOutcome:
         from trainer import model_io
