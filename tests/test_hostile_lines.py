@@ -109,7 +109,8 @@ def _clf(**over: str) -> str:
      '"latency_ms": -1}', "bad_latency"),
     (_clf(tail=" " + "9" * 400 + ".5"), "bad_latency"),  # read as infinity, published as such
     (_clf(tail=" 172800.5"), "bad_latency"),  # two days in seconds: over the features' one-day bound
-])
+], ids=["long_path", "long_user_agent", "empty_ip", "negative_bytes", "negative_latency", "huge_latency",
+        "two_day_latency"])
 def test_a_log_line_the_features_cannot_use_is_refused_where_it_is_read(line: str, reason: str) -> None:
     """Such lines were published and then dead-lettered by every stream worker (and a 400-digit latency
     became infinity on the raw topic); now they are one dead letter at ingestion, with the field named."""
