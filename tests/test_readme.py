@@ -202,3 +202,28 @@ def test_readme_block_runs_as_written(index: int, tmp_path: Path) -> None:
     if shutil.which("bash") is None:
         pytest.skip("bash is needed to run README lines as a shell would")
     assert _run_block(lines, tmp_path) >= len(lines)
+
+
+def _documented_settings(text: str) -> set[str]:
+    """Environment names the README's configuration table covers. A row may shorten names that share a
+    prefix: "`STREAMLEARN_API_HOST` / `_PORT`" stands for STREAMLEARN_API_PORT too."""
+    names: set[str] = set()
+    for row in (line for line in text.splitlines() if line.startswith("| `STREAMLEARN_")):
+        tokens = re.findall(r"`([A-Z0-9_]+)`", row)
+        full = [t for t in tokens if t.startswith("STREAMLEARN_")]
+        names.update(full)
+        for short in (t for t in tokens if t.startswith("_")):
+            for name in full:
+                parts = name.split("_")
+                names.update("_".join(parts[:k]) + short for k in range(1, len(parts)))
+    return names
+
+
+def test_every_setting_is_in_the_readme_configuration_table() -> None:
+    """A setting a user cannot find cannot be tuned; the table fell behind the code once already."""
+    from streaming import config
+
+    wanted = {config.env_name(f) for f in config.Settings.model_fields} - {
+        config.env_name(f) for f in config._NOT_FROM_ENV}
+    missing = sorted(wanted - _documented_settings(README.read_text()))
+    assert not missing, f"add these to README.md's configuration table: {missing}"
