@@ -313,6 +313,10 @@ class ModelRegistry(RegistryIntegrityMixin, RegistryLeaderMixin):
 
         Repeated rollbacks walk further back. Versions that no longer verify are skipped.
         """
+        if not self.model_dir(name).is_dir():  # before the lock, whose mkdir would make a phantom model
+            known = ", ".join(self.names()) or "none yet"
+            raise ModelRegistryError(
+                f"name: there is no model {name!r} in {self.root} (models: {known}); check the name")
         with self._locked(name):
             state = self.state(name)
             current = state["promoted"]

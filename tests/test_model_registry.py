@@ -145,6 +145,16 @@ def test_rollback_skips_a_damaged_earlier_version(tmp_path: Path) -> None:
     assert reg.rollback("m") == 1
 
 
+def test_rollback_of_a_misspelt_model_names_the_models_and_creates_nothing(tmp_path: Path) -> None:
+    """The writer lock's mkdir used to run first, so `models rollback typo` left a phantom model
+    `typo` that `models list` showed from then on."""
+    reg = ModelRegistry(tmp_path)
+    reg.publish("m", fake_export(reg, "m", b"x"), {})
+    with pytest.raises(ModelRegistryError, match=r"there is no model 'mm' .*\(models: m\)"):
+        reg.rollback("mm")
+    assert reg.names() == ["m"]
+
+
 def test_retention_keeps_last_k_and_every_promoted(tmp_path: Path) -> None:
     reg = ModelRegistry(tmp_path)
     for i in range(8):
