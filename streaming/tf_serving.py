@@ -84,8 +84,12 @@ def write_config(registry: ModelRegistry, path: Path | None = None, *, base_path
         try:
             text = render_config(registry, base_path=base_path)
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, target)
+            try:
+                tmp.write_text(text, encoding="utf-8")
+                os.replace(tmp, target)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
         finally:
             with contextlib.suppress(OSError):
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

@@ -76,3 +76,10 @@ def test_cli_prints_and_writes_the_config(tmp_path: Path, capsys: pytest.Capture
     out.parent.mkdir()
     assert main(["--home", str(home), "models", "tf-serving-config", "-o", str(out)]) == 0
     assert parse(out.read_text())["digits_cnn"]["versions"] == [1]
+    # a directory gets models.config inside it (it was a traceback); an unwritable path is one error line
+    out.unlink()
+    assert main(["--home", str(home), "models", "tf-serving-config", "-o", str(out.parent)]) == 0
+    assert parse(out.read_text())["digits_cnn"]["versions"] == [1]
+    assert main(["--home", str(home), "models", "tf-serving-config", "-o", str(tmp_path / "no" / "such")]) == 1
+    assert "error: --output: cannot write" in capsys.readouterr().err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["models.config"]  # no temporary file left

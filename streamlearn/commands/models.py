@@ -222,13 +222,21 @@ def _rollback(args: argparse.Namespace, settings: config.Settings) -> int:
 def _tf_serving_config(args: argparse.Namespace, settings: config.Settings) -> int:
     from pathlib import Path
 
-    from streaming.tf_serving import render_config, write_config
+    from streaming.tf_serving import CONFIG_FILE, render_config, write_config
 
     reg = _registry(settings)
     if args.output in (None, "-"):
         print(render_config(reg, base_path=args.base_path), end="")
         return 0
-    path = write_config(reg, Path(args.output), base_path=args.base_path)
+    target = Path(args.output)
+    if target.is_dir():  # like cp: a directory gets the file under its usual name
+        target = target / CONFIG_FILE
+    try:
+        path = write_config(reg, target, base_path=args.base_path)
+    except OSError as exc:
+        print(f"error: --output: cannot write {target}: {exc.strerror or exc}; name a writable file, "
+              "or '-' to print", file=sys.stderr)
+        return 1
     print(f"wrote {path}", file=sys.stderr)
     return 0
 
