@@ -45,6 +45,7 @@ from streaming.config import Settings
 from streaming.exceptions import OffsetOutOfRangeError, ReplayError
 from streaming.fsutil import write_json_atomic
 from streaming.offsets import earliest_and_end, offsets_for_timestamp
+from streaming.timeargs import format_ms
 from streaming.store import FeatureStore
 from streaming.topics import raw_topic
 
@@ -162,7 +163,7 @@ def replay(settings: Settings, kind: str, *, from_ms: int | None = None, from_of
         raise ReplayError("--into: replays never write into 'live' (the workers own it); pass another "
                           "namespace, e.g. rebuild, and make it live with `streamlearn store promote`")
     if to_ms is not None and from_ms is not None and to_ms <= from_ms:
-        raise ReplayError(f"--to: {to_ms} must be after --from-timestamp {from_ms}")
+        raise ReplayError(f"--to: {format_ms(to_ms)} must be after --from-timestamp {format_ms(from_ms)}")
     topic = raw_topic(settings, kind)
     start = start_offsets(settings, topic, from_ms=from_ms, from_offsets=from_offsets,
                           from_beginning=from_beginning)

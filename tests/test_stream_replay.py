@@ -63,6 +63,8 @@ def test_replay_twice_gives_identical_bytes_and_leaves_live_offsets(settings: Se
     assert part.records == 100 and len(stored_offsets(s, "sensor", "r3")) == 100
     with pytest.raises(ReplayError, match="live"):
         replay(s, "sensor", from_ms=t0, namespace="live")
+    with pytest.raises(ReplayError, match=r"--to: \d{4}-\d\d-\d\dT.*Z \(\d+ms\) must be after --from-timestamp "):
+        replay(s, "sensor", from_ms=t0, to_ms=t0 - 1, namespace="r4")  # both times readable, not bare ms
 
 
 def test_timestamps_outside_the_topic_are_errors_that_say_what_exists(settings: Settings) -> None:
