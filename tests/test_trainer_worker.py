@@ -165,6 +165,42 @@ def test_a_damaged_batch_is_set_aside_and_training_goes_on(settings: config.Sett
     assert DAMAGED.labels("digits_cnn")._value.get() == before + 1
 
 
+def test_a_batch_deleted_while_the_run_reads_it_is_planned_out_and_other_missing_files_are_errors(
+        settings: config.Settings, monkeypatch: Any) -> None:
+    """`store gc` may delete a planned batch before the fit reads it: the run is planned again without it.
+    Only that case: any FileNotFoundError of the run used to be taken for it, retried and then reported
+    as "a batch was deleted", hiding e.g. a missing model file behind a wrong message."""
+    from pathlib import Path
+
+    import pytest
+
+    import trainer.data
+
+    store = FeatureStore(settings.feature_store)
+    write_batches(store, "image", list(digits(320, seed=1)), batch_size=80, topic=raw_topic(settings, "image"))
+    doomed = store.batches("image")[1]
+    real = trainer.data.file_sha256
+
+    def gc_meanwhile(path: Any) -> str:
+        if Path(doomed.path).exists():  # what `store gc` in another process does
+            FeatureStore(settings.feature_store).remove_batch("image", doomed.batch_id)
+        return real(path)
+
+    def broken_fit(*_a: Any, **_k: Any) -> Any:
+        raise FileNotFoundError(2, "No such file or directory", "/somewhere/else")
+
+    t = Trainer(settings, DIGITS)
+    try:
+        with pytest.raises(FileNotFoundError, match="/somewhere/else"):
+            t.run_once("test", fit=broken_fit)
+        monkeypatch.setattr(trainer.data, "file_sha256", gc_meanwhile)
+        out = t.run_once("test")
+        used = [b["batch_id"] for b in out.metadata["lineage"]["batches"]]
+        assert out.version == 1 and doomed.batch_id not in used and len(used) == 3, used
+    finally:
+        t.close()
+
+
 def test_a_run_that_cannot_train_is_not_retried_on_the_same_batches_at_every_poll(settings: config.Settings) -> None:
     """Batches with no labelled row: the loop ran a cycle on them once a second (65 "cycle started" lines a
     minute under `up`, each reloading the batches). Now it waits for new batches (or the timer)."""

@@ -29,7 +29,7 @@ import numpy as np
 
 from streaming.objstore import Location, open_url, relative_key
 from streaming.store import BatchInfo, read_batch
-from trainer.exceptions import DamagedBatchError, LineageError, NotEnoughDataError
+from trainer.exceptions import BatchesGoneError, DamagedBatchError, LineageError, NotEnoughDataError
 from trainer.spec import ModelSpec
 
 #: at most this many new batch files are read for one retrain (besides ``spec.max_new_rows``); it bounds
@@ -170,10 +170,20 @@ def _recorded_sha(b: BatchInfo, expected_sha: dict[str, str] | None) -> str | No
     return (expected_sha or {}).get(b.batch_id) or b.manifest.get("sha256")
 
 
+def _gone(b: BatchInfo, exc: FileNotFoundError) -> BatchesGoneError:
+    """Why here and not around the whole run: only a planned batch's file vanishing means "plan again"
+    (``store gc`` deleted it meanwhile); any other missing file is a real error and must say so."""
+    return BatchesGoneError(f"lineage: batch {b.batch_id}'s file {b.path} was deleted while this run read it "
+                            f"(e.g. by `streamlearn store gc`): {exc.strerror or exc}", [b.batch_id])
+
+
 def _verified_sha(b: BatchInfo, expected_sha: dict[str, str] | None) -> str:
     """The sha256 of ``b``'s file; DamagedBatchError when it is not the recorded one."""
     want = _recorded_sha(b, expected_sha)
-    got = file_sha256(b.path)
+    try:
+        got = file_sha256(b.path)
+    except FileNotFoundError as exc:
+        raise _gone(b, exc) from exc
     if want is not None and got != want:
         raise DamagedBatchError(
             f"batch {b.batch_id}: sha256 of {b.path} is {got}, expected {want}; the file changed since "
@@ -195,7 +205,10 @@ def load_batches(spec: ModelSpec, batches: list[BatchInfo], n_features: int,
     hashes: list[str] = []
     for b in batches:
         got = _verified_sha(b, expected_sha)
-        arrays = read_batch(b.path)
+        try:
+            arrays = read_batch(b.path)
+        except FileNotFoundError as exc:
+            raise _gone(b, exc) from exc
         x = arrays["x"]
         if x.shape[1] != n_features:
             raise LineageError(

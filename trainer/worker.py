@@ -269,16 +269,10 @@ class Trainer:
                 return self._run_once(trigger, fit=fit)
             except DamagedBatchError as exc:
                 self._set_aside(exc)
-            except BatchesGoneError as exc:
-                log.warning("trainer %s: %s", self.name, exc)
-            except FileNotFoundError as exc:  # gc deleted a planned batch before the fit read it
-                log.warning("trainer %s: a batch was deleted while this run read it (%s); planning again",
-                            self.name, exc)
-        try:  # one more; a further damaged or deleted batch is this run's error
-            return self._run_once(trigger, fit=fit)
-        except FileNotFoundError as exc:
-            raise BatchesGoneError(f"lineage: a batch was deleted while this run read it ({exc}); run again",
-                                   []) from exc
+            except BatchesGoneError as exc:  # gc deleted a planned batch: trainer.data raises it per batch
+                log.warning("trainer %s: %s; planning again", self.name, exc)
+        # one more; a further damaged or deleted batch is this run's error
+        return self._run_once(trigger, fit=fit)
 
     def _run_once(self, trigger: str, *, fit: Callable[..., Evaluation] | None) -> RunOutcome:
         from trainer import model_io
