@@ -323,6 +323,23 @@ def lease_store(registry: Any, name: str) -> LeaseStore:
     return FileLeaseStore(registry.model_dir(name) / LEASE_FILE)
 
 
+def live_holder(registry: Any, name: str) -> LeaseRecord | None:
+    """The record of a trainer that leads ``name`` now (unexpired, its process not known dead), else None.
+
+    Why: a one-off run (`train --once`, the control API's /trainModel) beside a periodic leader can only
+    end with "another trainer leads this model"; asked up front, the caller says so before starting one.
+    A damaged record reads as no holder: the run itself then reports it.
+    """
+    try:
+        data, _ = lease_store(registry, name).read()
+        rec = None if data is None else LeaseRecord.decode(data, name)
+    except (LeaseError, OSError):
+        return None
+    if rec is None or rec.expired(now_ms()) or Lease._holder_dead(rec):
+        return None
+    return rec
+
+
 def describe(record: LeaseRecord | None, now: int | None = None) -> dict[str, Any]:
     """The lease for status output: owner, epoch and seconds until it expires (negative: expired)."""
     if record is None:

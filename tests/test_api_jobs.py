@@ -89,6 +89,28 @@ def test_train_job_status_409_cancel_and_free_again(api: tuple[TestClient, JobRu
     assert tc.delete(f"/jobs/{again.json()['job']['id']}").status_code == 200
 
 
+def test_train_beside_a_leading_periodic_trainer_is_409_up_front(api: tuple[TestClient, JobRunner, Path],
+                                                                 local: Settings) -> None:
+    """With `up`'s trainer leading the model, a /trainModel job could only fail with "another trainer
+    leads this model" after its 202; the lease is now read first. An expired lease or a dead holder's
+    does not block (the run takes it over)."""
+    import os
+
+    from streaming.lease import Lease, lease_store
+    from streaming.model_registry import ModelRegistry
+
+    tc, _, _ = api
+    lease = Lease(lease_store(ModelRegistry(local.model_dir), MODEL), MODEL, ttl_s=30)
+    assert lease.try_acquire() == 1
+    refused = tc.post("/trainModel", json={"model": MODEL})
+    assert refused.status_code == 409, refused.text
+    assert f"pid {os.getpid()}" in refused.json()["error"] and "periodic trainer" in refused.json()["error"]
+    lease.release()
+    freed = tc.post("/trainModel", json={"model": MODEL})
+    assert freed.status_code == 202, freed.text
+    assert tc.delete(f"/jobs/{freed.json()['job']['id']}").status_code == 200
+
+
 def test_released_job_records_the_real_commands_failure(settings: Settings, tmp_path: Path) -> None:
     """The real `train --once` on an empty store exits 3; its `error:` line becomes the reason."""
     release = tmp_path / "release"

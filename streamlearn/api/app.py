@@ -173,6 +173,12 @@ def create_app(settings: Settings, *, keys: KeyTable | None = None, runner: JobR
         if model not in known:  # was a 202 and a job that failed with "unknown model"
             raise BadRequestError(f"model: {req.model!r} is not a model this platform knows; known: "
                                   f"{sorted(known)[:20]} (custom models come from the config file's [models])")
+        holder = await run_in_threadpool(_leader, tenant_settings(settings, principal.tenant), model)
+        if holder is not None:  # was a 202 and a job that failed with "another trainer leads this model"
+            raise JobConflictError(
+                f"model: {req.model!r} has a periodic trainer leading it (pid {holder.pid} on {holder.host}, "
+                f"lease epoch {holder.epoch}); it retrains on its own cadence. Stop that trainer to train "
+                "on demand, or wait for its next version")
         return await started(train_job(req, model), principal)
 
     @app.post("/process", status_code=202, openapi_extra=_body_schema(ProcessRequest),
@@ -248,3 +254,11 @@ def create_app(settings: Settings, *, keys: KeyTable | None = None, runner: JobR
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api_max_body_bytes, what="control API",
                        budget=ByteBudget(16 * settings.api_max_body_bytes), on_reject=count_refusal)
     return app
+
+
+def _leader(settings: Settings, model: str) -> Any:
+    """The live lease record of ``model``'s leading trainer, or None (streaming.lease.live_holder)."""
+    from streaming.lease import live_holder
+    from streaming.model_registry import ModelRegistry
+
+    return live_holder(ModelRegistry(settings.model_dir), model)
