@@ -73,6 +73,11 @@ class CompactReport:
     predictions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def skipped(self) -> list[dict[str, str]]:
+        """Feature batches left out because they cannot be used (each with its reason)."""
+        return [b for f in self.features for b in f.get("skipped", [])]
+
+    @property
     def rows(self) -> int:
         return sum(int(f.get("rows", 0)) for f in self.features) + sum(int(p.get("rows", 0))
                                                                           for p in self.predictions)
@@ -186,18 +191,47 @@ def _plan(pending: list[BatchInfo], budget_rows: int) -> list[list[BatchInfo]]:
     return steps
 
 
-def _step(out: Path, manifest: dict[str, Any], step: list[BatchInfo]) -> tuple[int, int]:
-    """Compact one step into ``out``; returns (rows, files). The manifest is saved last."""
+def _readable(info: BatchInfo) -> tuple[bytes, pa.Table | None]:
+    """The batch's verified bytes and rows (None: an empty batch); ColumnarError when it cannot be used."""
+    try:
+        data = _read_verified(info)
+        if int(info.manifest.get("record_count", 0) or 0) == 0:
+            return data, None
+        return data, batch_table(info, data)
+    except ColumnarError:
+        raise
+    except FileNotFoundError as exc:
+        raise ColumnarError(f"batch {info.batch_id}: its file is gone ({exc.strerror}); it was deleted while "
+                            "compacting (store gc?)") from exc
+    except (ValueError, KeyError, TypeError, EOFError, OSError, pa.ArrowException) as exc:
+        raise ColumnarError(f"batch {info.batch_id}: cannot be read as a feature batch ({type(exc).__name__}: "
+                            f"{str(exc)[:200]}); delete it and replay its range, then compact again") from exc
+
+
+def _step(out: Path, manifest: dict[str, Any], step: list[BatchInfo],
+          skipped: list[dict[str, str]]) -> tuple[int, int]:
+    """Compact one step into ``out``; returns (rows, files). The manifest is saved last.
+
+    A batch that cannot be used (damaged, unreadable, deleted meanwhile) is left out and named in
+    ``skipped``, not recorded as compacted: one bad batch must not stop every other batch's copy (the
+    control API compacts in the background, and /query would go stale for the whole store). It is
+    tried again at the next compaction, so a batch replaced by a replay of its range gets in then.
+    """
     tables: list[pa.Table] = []
     infos: dict[str, BatchInfo] = {}
     for info in step:
-        data = _read_verified(info)
+        try:
+            _data, table = _readable(info)
+        except ColumnarError as exc:
+            log.warning("columnar: %s; left out of this compaction", exc)
+            skipped.append({"batch_id": info.batch_id, "reason": str(exc)})
+            continue
         infos[info.batch_id] = info
-        if int(info.manifest.get("record_count", 0) or 0) == 0:
+        if table is None:
             manifest.setdefault("empty_batches", []).append(
                 {"batch_id": info.batch_id, "sha256": info.manifest.get("sha256"), "ranges": _ranges(info)})
             continue
-        tables.append(batch_table(info, data))
+        tables.append(table)
     files = 0
     rows = 0
     if tables:
@@ -239,7 +273,7 @@ def compact_features(settings: Settings, kind: str, namespace: str = "live", *, 
     store = store or FeatureStore(settings.feature_store)
     out = features_dir(columnar_root(settings), namespace, kind)
     report: dict[str, Any] = {"namespace": namespace, "kind": kind, "batches": 0, "rows": 0, "files": 0,
-                              "orphans_removed": 0, "rebuilt": False}
+                              "orphans_removed": 0, "rebuilt": False, "skipped": []}
     with compaction_lock(out):
         manifest = load_manifest(out, namespace=namespace, kind=kind, empty_batches=[])
         report["orphans_removed"] = remove_orphans(out, manifest)
@@ -260,11 +294,12 @@ def compact_features(settings: Settings, kind: str, namespace: str = "live", *, 
             step_rows = max(1, min(STEP_MAX_ROWS, STEP_CELLS // n_features))
         for step in _plan(pending, step_rows):
             try:
-                rows, files = _step(out, manifest, step)
+                before = len(report["skipped"])
+                rows, files = _step(out, manifest, step, report["skipped"])
             except OSError as exc:
                 raise ColumnarError(f"columnar {namespace}/{kind}: cannot write under {out}: {exc}; free disk space "
                                     "or fix permissions, then run again (the half-done step is redone)") from exc
-            report["batches"] += len(step)
+            report["batches"] += len(step) - (len(report["skipped"]) - before)
             report["rows"] += rows
             report["files"] += files
     return report

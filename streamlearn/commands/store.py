@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from schemas.exceptions import StreamlearnError
@@ -67,7 +68,9 @@ def _compact(args: argparse.Namespace, settings: config.Settings) -> int:
             _print_compact(args, report)
             raise
     _print_compact(args, report)
-    return 0
+    for bad in report.skipped:  # the rest is compacted; these need a hand (the reason says how)
+        print(f"error: {bad['reason']}", file=sys.stderr)
+    return 1 if report.skipped else 0
 
 
 def _print_compact(args: argparse.Namespace, report: Any) -> None:
@@ -76,8 +79,9 @@ def _print_compact(args: argparse.Namespace, report: Any) -> None:
         return
     for f in report.features:
         rebuilt = " (rebuilt: the namespace was replaced)" if f["rebuilt"] else ""
+        left_out = f", {len(f['skipped'])} left out (see below)" if f.get("skipped") else ""
         print(f"features {f['namespace']}/{f['kind']}: {f['batches']} batches, {f['rows']} rows, "
-              f"{f['files']} files{rebuilt}")
+              f"{f['files']} files{rebuilt}{left_out}")
     for p in report.predictions:
         if p.get("skipped"):
             print(f"predictions {p['model']}: skipped, {p['skipped']}")
