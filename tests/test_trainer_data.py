@@ -78,6 +78,11 @@ def test_load_checks_hashes_and_drops_unlabelled_rows(batches: list[BatchInfo], 
     cols["digit"][[0, 5]] = np.nan
     xs, ys = labelled(SPEC, x, cols)
     assert xs.shape == (38, 64) and ys.shape == (38, 10) and np.all(ys.sum(axis=1) == 1)
+    # labels that are no class id (a camera file name "20241203_101500.png", "-1", "2.5") are unlabelled
+    # rows, not the end of every retrain ("class ids must be integers in [0, 10)")
+    cols["digit"][[1, 2, 3]] = [20241203.0, -1.0, 2.5]
+    xs, ys = labelled(SPEC, x, cols)
+    assert xs.shape == (35, 64) and ys.shape == (35, 10) and np.all(ys.sum(axis=1) == 1)
     with pytest.raises(LineageError, match="sha256"):
         load_batches(SPEC, batches[:1], 64, expected_sha={batches[0].batch_id: "0" * 64})
     with pytest.raises(LineageError, match="features"):

@@ -20,6 +20,7 @@ reservoir ids) lives in ``metadata.json["data_state"]``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import random
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from trainer.spec import ModelSpec
 #: at most this many new batch files are read for one retrain (besides ``spec.max_new_rows``); it bounds
 #: the file opens and sha256 checks after a long trainer outage with many small batches.
 MAX_NEW_BATCHES = 1000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -225,8 +228,23 @@ def load_batches(spec: ModelSpec, batches: list[BatchInfo], n_features: int,
 
 
 def labelled(spec: ModelSpec, x: np.ndarray, columns: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Drop rows whose primary label is NaN (unknown), then build the targets with the spec."""
-    mask = ~np.isnan(np.asarray(columns[spec.label], dtype=np.float64))
+    """Drop rows whose primary label is NaN (unknown), then build the targets with the spec.
+
+    A classifier also drops rows whose label is no class id (not an integer in [0, classes)), with one
+    warning: users label their own data, and a camera file name ``20241203_101500.png`` labels an
+    image ``20241203``. One such row used to fail every retrain for as long as its batch was in the
+    window; a row that cannot be a target is unlabelled data, like a missing label.
+    """
+    ids = np.asarray(columns[spec.label], dtype=np.float64)
+    mask = ~np.isnan(ids)
+    if spec.class_names is not None:
+        n = len(spec.class_names)
+        bad = mask & ((ids < 0) | (ids >= n) | (ids != np.round(ids)))
+        if bad.any():
+            log.warning("model %s: %d row(s) have a %r label that is no class id in [0, %d) (e.g. %s); "
+                        "they train as unlabelled rows", spec.name, int(bad.sum()), spec.label, n,
+                        sorted({float(v) for v in ids[bad][:5]}))
+            mask &= ~bad
     kept = {k: np.asarray(v)[mask] for k, v in columns.items()}
     y = np.asarray(spec.make_targets(kept), dtype=np.float32)
     return np.asarray(x[mask], dtype=np.float32), y
