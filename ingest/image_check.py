@@ -10,6 +10,7 @@ image featurizer); what is specific to ingestion stays here: unsupported formats
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -191,7 +192,11 @@ def label_for(path: Path) -> str | None:
             text = _read_sidecar(sidecar).decode("utf-8").strip()
         except (FileNotFoundError, IsADirectoryError):
             continue
-        except (OSError, UnicodeDecodeError) as exc:
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                continue  # a name too long for any sidecar: the image has none
+            raise ImageValidationError(f"label file {sidecar.name} cannot be read: {exc}", "bad_label") from exc
+        except UnicodeDecodeError as exc:
             raise ImageValidationError(f"label file {sidecar.name} cannot be read: {exc}", "bad_label") from exc
         if text:
             return text

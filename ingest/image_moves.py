@@ -74,6 +74,22 @@ def claimed(target_dir: Path, name: str) -> list[Path]:
             target_dir / (os.path.splitext(name)[0] + ".label")]
 
 
+#: Longest name a moved file may take: it and every sidecar name (``<name>.duplicate``, the longest)
+#: must stay within the usual 255-byte limit of a file name.
+MAX_MOVED_NAME_BYTES = 255 - max(len(e) for e in SIDECARS)
+
+
+def _fits(name: str) -> bool:
+    return len(os.fsencode(name)) <= MAX_MOVED_NAME_BYTES
+
+
+def _fitting(stem: str, suffix: str) -> tuple[str, str]:
+    """``stem`` and ``suffix`` cut so that ``<stem>.<12 hex>-<n><suffix>`` fits, whatever they were."""
+    suffix_b = os.fsencode(suffix)[:16]
+    room = MAX_MOVED_NAME_BYTES - len(suffix_b) - 1 - 12 - 8  # ".<12 hex>" and "-<n>" with room to spare
+    return os.fsdecode(os.fsencode(stem)[:room]), os.fsdecode(suffix_b)
+
+
 def place(source: Path, digest: str, target_dir: Path, *, note: str | None, ext: str = ".reason",
           reserved: set[Path], own: Path | None = None) -> Plan:
     """A plan for ``source`` under the first free name in ``target_dir``: its own, else
@@ -96,8 +112,13 @@ def place(source: Path, digest: str, target_dir: Path, *, note: str | None, ext:
     if own is not None and own.parent == target_dir:
         name = own.name
     else:
+        short_stem, short_suffix = _fitting(stem, suffix)
         for n in itertools.count():
-            name = source.name if n == 0 else f"{stem}.{digest[:12]}{'' if n == 1 else f'-{n}'}{suffix}"
+            if n == 0 and not _fits(source.name):
+                continue  # its sidecars could not be written: a shortened name (a 250-character file
+                # name ended every run of the folder in "File name too long")
+            base, ext_ = (stem, suffix) if _fits(f"{stem}.{digest[:12]}-{n}{suffix}") else (short_stem, short_suffix)
+            name = source.name if n == 0 else f"{base}.{digest[:12]}{'' if n == 1 else f'-{n}'}{ext_}"
             if not (any(os.path.lexists(p) for p in claimed(target_dir, name))
                     or any(p in reserved for p in writes(name))):
                 break

@@ -190,6 +190,21 @@ def policy_flags(policy: EventTimePolicy, timestamp_unit: str) -> dict[str, Any]
     return flags
 
 
+#: Longest file name a state file may carry: ``.<name>.<16 hex>.json.compact`` and ``<...>.json.lock``
+#: must stay within the usual 255-byte limit of a file name.
+_STATE_NAME_MAX_BYTES = 224
+
+
+def state_name(name: str) -> str:
+    """``name`` as the readable part of a state file's name: as it is when it fits, else cut to 200
+    bytes (the key beside it is what tells files apart). A 240-character file name made every run of
+    its input end in "File name too long"; names that fit keep the name they always had."""
+    raw = os.fsencode(name)
+    if len(raw) <= _STATE_NAME_MAX_BYTES:
+        return name
+    return os.fsdecode(raw[:200])  # a character cut in two stays its bytes (surrogate escapes)
+
+
 def file_checkpoint_path(folder: Path, path: Path, flags: dict[str, Any]) -> Path:
     """Checkpoint of one file read with one set of ``flags``: ``folder/<name>.<key>.json``, the key a
     sha1 of the absolute path and the flags. The same command resumes (or, finished, publishes nothing);
@@ -198,7 +213,7 @@ def file_checkpoint_path(folder: Path, path: Path, flags: dict[str, Any]) -> Pat
     def at(where: Path) -> Path:
         key_text = f"{where}\0{json.dumps(flags, sort_keys=True)}"
         key = hashlib.sha1(key_text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-        return folder / f"{where.name}.{key}.json"
+        return folder / f"{state_name(where.name)}.{key}.json"
 
     return keyed_state(Path(path).absolute(), canonical_path(path, whole=True), at)
 

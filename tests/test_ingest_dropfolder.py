@@ -190,6 +190,37 @@ def test_every_file_in_the_drop_folder_ends_published_or_rejected(settings: Sett
     assert (watch / "rejected" / "screen.gif.reason").read_text().startswith("too_many_pixels: GIF declares")
 
 
+def test_a_file_name_too_long_for_its_sidecars_is_moved_under_a_shorter_one(settings: Settings,
+                                                                           tmp_path: Path) -> None:
+    """A 250-character name: its `.reason` could not be written, every run of the folder ended in
+    "File name too long" and no other file was moved. A valid one was refused as "bad_label" (its
+    label file's name was too long to look up). Now both take a shortened name, the rest goes on."""
+    from ingest.image_moves import MAX_MOVED_NAME_BYTES
+    from ingest.images import ImageWatcher
+    from streaming.producer import Publisher
+
+    watch = tmp_path / "drop"
+    watch.mkdir()
+    bad, good = "a" * 246 + ".png", "b" * 247 + ".png"
+    (watch / bad).write_bytes(b"not an image")
+    (watch / good).write_bytes(_png())
+    (watch / "ok.png").write_bytes(_png(9, 9))
+    old = time.time() - 60
+    for p in watch.iterdir():
+        os.utime(p, (old, old))
+    with Publisher(settings) as pub:
+        watcher = ImageWatcher(settings, pub, watch)
+        watcher.run(follow=False)
+        watcher.close()
+    assert (watcher.published, watcher.rejected_count) == (2, 1)
+    assert sorted(p.name for p in watch.iterdir()) == ["processed", "rejected"]
+    moved = [p.name for d in ("processed", "rejected") for p in (watch / d).iterdir()]
+    assert all(len(n.encode()) <= MAX_MOVED_NAME_BYTES + len(".reason") for n in moved), moved
+    reasons = list((watch / "rejected").glob("*.reason"))
+    assert len(reasons) == 1 and reasons[0].read_text().startswith("bad_magic")
+    assert {n[:3] for n in moved} == {"aaa", "bbb", "ok."}
+
+
 def test_a_file_still_being_written_waits_and_is_never_cut(settings: Settings, tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     from ingest.images import ImageWatcher

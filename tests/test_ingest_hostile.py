@@ -553,3 +553,21 @@ def test_a_wide_csv_column_without_a_reading_is_reported(settings: Settings, tmp
         assert (stats.published, stats.empty_columns) == (3, ["temp_2"]), stats
         assert "['temp_2'] had no reading" in caplog.text
         assert publish_csv(settings, pub, path).empty_columns is None  # nothing read: nothing to say
+
+
+def test_a_file_name_too_long_for_a_checkpoint_name_gets_a_shortened_one(tmp_path: Path) -> None:
+    """`ingest sensors --csv <240 characters>.csv` ended in a "File name too long" traceback: the checkpoint
+    (and its .lock) carry the file's name. Names that fit keep the checkpoint name they always had."""
+    from ingest.sensor_csv import default_checkpoint_path
+    from ingest.tailer import default_checkpoint_path as weblog_checkpoint
+    from streaming import config
+
+    settings = config.load({"home": tmp_path / "home", "metrics_port": -1})
+    long_csv = tmp_path / ("s" * 240 + ".csv")
+    long_csv.write_text("sensor_id,timestamp,value\n")
+    for cp in (default_checkpoint_path(settings, long_csv), weblog_checkpoint(settings, long_csv)):
+        cp.parent.mkdir(parents=True, exist_ok=True)
+        for name in (cp.name + ".lock", f".{cp.name}.compact"):
+            (cp.parent / name).write_text("")  # no "File name too long"
+    short = tmp_path / "plain.csv"
+    assert default_checkpoint_path(settings, short).name.startswith("plain.csv.")
