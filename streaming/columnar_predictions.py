@@ -84,6 +84,10 @@ def _row(model: str, rec: Any) -> dict[str, Any]:
     if v.get("model") != model:
         raise ValueError(f"model: the record answers {v.get('model')!r}, not {model!r}, on {model}'s topic")
     latency = float(v["latency_ms"])
+    if np.isfinite(latency) and not 0 <= latency <= max(0, int(rec.timestamp)):
+        # 1e300 overflowed the int64 request time and stopped this model's compaction for good
+        raise ValueError(f"latency_ms: {latency:g} is no latency of an answer written at {int(rec.timestamp)} ms "
+                         "(it must be >= 0 and not reach back before 1970)")
     return {"answer_time_ms": int(rec.timestamp),
             "request_time_ms": int(rec.timestamp) - (int(round(latency)) if np.isfinite(latency) else 0),
             "request_id": str(v["request_id"]), "model_version": int(v["model_version"]),

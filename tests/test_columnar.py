@@ -253,19 +253,22 @@ def test_predictions_compact_from_the_topic_and_resume_from_the_manifest(setting
             pub.publish_to(topic, "Prediction", _prediction(i), key=f"r-{i}")
         pub.send_bytes(topic, b"\x00not avro at all", key=b"bad")
         pub.publish_to(topic, "Prediction", _prediction(99, model="digits_cnn"), key="r-99")  # wrong model
+        # a finite latency no answer can have: its int64 request time overflowed and stopped the copy for good
+        pub.publish_to(topic, "Prediction", {**_prediction(98), "latency_ms": 1e300}, key="r-98")
         pub.settle(30)
     first = compact_predictions(settings, model, idle_timeout_s=5.0)
-    assert (first["rows"], first["dead_letters"]) == (12, 2)
+    assert (first["rows"], first["dead_letters"]) == (12, 3)
     out = predictions_dir(columnar_root(settings), model)
     manifest = _manifest(out)
-    assert sum(int(o) for o in manifest["offsets"].values()) == 14
+    assert sum(int(o) for o in manifest["offsets"].values()) == 15
     reasons = sorted(d["reason"] for d in manifest["dead_letters"])
-    assert len(reasons) == 2 and any("model: the record answers 'digits_cnn'" in r for r in reasons), reasons
+    assert len(reasons) == 3 and any("model: the record answers 'digits_cnn'" in r for r in reasons), reasons
+    assert any("latency_ms: 1e+300 is no latency" in r for r in reasons), reasons
     for entry in manifest["files"]:
         assert hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
-    dead = read_topic(settings, dead_letter_topic(settings, "serving"), decode=False, expect=2)
+    dead = read_topic(settings, dead_letter_topic(settings, "serving"), decode=False, expect=3)
     stages = [dict(d.headers)["dl.stage"] for d in dead]
-    assert stages == [b"columnar", b"columnar"]
+    assert stages == [b"columnar"] * 3
     assert {dict(d.headers)["dl.source_topic"].decode() for d in dead} == {topic}
     assert b"\x00not avro at all" in [d.value for d in dead]
 
