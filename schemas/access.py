@@ -55,6 +55,21 @@ MAX_TENANT_LABELS = 64
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 TENANT_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+#: Tenant ids that are the first part of a platform name: a tenant's names are ``<tenant>.<name>``, so a
+#: tenant ``weblog`` owned ``weblog.raw`` (the default tenant's topic and its registry subject), ``models``
+#: the ``models.updates`` topic serving follows, ``stream`` the live stream groups. Kept equal to the
+#: names of streaming/topics.py and the workers' groups by tests/test_tenant_names.py.
+RESERVED_TENANTS = frozenset({"weblog", "sensor", "image", "models", "serving", "stream"})
+
+
+def tenant_problem(tenant: str) -> str | None:
+    """Why ``tenant`` cannot be a tenant id, or None when it can."""
+    if not TENANT_RE.match(tenant):
+        return "is not [a-z][a-z0-9-]{0,30}"
+    if tenant in RESERVED_TENANTS:
+        return (f"is reserved: the platform's own names start with {tenant!r}. (reserved: "
+                f"{', '.join(sorted(RESERVED_TENANTS))}); pick another id")
+    return None
 # RFC 6750 b64token: the characters a bearer token may use.
 TOKEN_RE = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 
@@ -148,8 +163,8 @@ class KeyTable:
         all_tenants = tenant == "*"
         if all_tenants:
             tenant = DEFAULT_TENANT
-        if tenant and not TENANT_RE.match(tenant):
-            raise ConfigError(f"{self._where(position)}: the tenant is not [a-z][a-z0-9-]{{0,30}} or '*'")
+        if tenant and (problem := tenant_problem(tenant)) is not None:
+            raise ConfigError(f"{self._where(position)}: the tenant {tenant!r} {problem} (or '*' for every tenant)")
         if name in self.names:
             raise ConfigError(f"setting '{self.setting}' (env {self.env}): name {name!r} appears twice; "
                               "give every key its own name")

@@ -32,7 +32,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from schemas.access import TENANT_RE
+from schemas.access import tenant_problem
 from schemas.exceptions import ConfigError
 
 __all__ = ["ConfigError", "SPECS", "Settings", "Spec", "env_help", "env_name", "flag_help", "load", "to_env"]
@@ -273,8 +273,8 @@ class Settings(BaseSettings):
     @field_validator("tenant")
     @classmethod
     def _tenant_id(cls, value: str) -> str:
-        if value and not TENANT_RE.match(value):
-            raise ValueError("must be a tenant id: [a-z][a-z0-9-]{0,30}, the same as in a key's tenant field")
+        if value and (problem := tenant_problem(value)) is not None:
+            raise ValueError(f"must be a tenant id, the same as in a key's tenant field: {value!r} {problem}")
         return value
 
     @field_validator("log_level")

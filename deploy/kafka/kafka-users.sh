@@ -33,10 +33,15 @@ check_password() {  # $1 user, $2 password: kafka-configs.sh parses [a=b,c=d]
     esac
 }
 
-check_tenant() {  # the tenant id rule of schemas/access.py (TENANT_RE): [a-z][a-z0-9-]{0,30}
+RESERVED_TENANTS="weblog sensor image models serving stream"  # schemas/access.py RESERVED_TENANTS
+
+check_tenant() {  # the tenant id rule of schemas/access.py (tenant_problem): [a-z][a-z0-9-]{0,30}, not reserved
     if ! printf '%s' "$1" | grep -Eq '^[a-z][a-z0-9-]{0,30}$'; then
         fail "tenant '$1' in KAFKA_TENANT_USERS is not a tenant id ([a-z][a-z0-9-]{0,30})"
     fi
+    for reserved in $RESERVED_TENANTS; do
+        [ "$1" != "$reserved" ] || fail "tenant '$1' is reserved: the platform's own topics and groups start with '$1.'"
+    done
     [ "$1" != "$PLATFORM" ] || fail "tenant '$1' has the platform user's name"
 }
 
