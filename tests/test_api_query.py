@@ -149,6 +149,19 @@ def test_a_tenant_queries_its_own_store_and_models(setup: Any) -> None:
                   headers=ACME).status_code == 403
 
 
+def test_a_columnar_dir_set_for_the_api_is_split_per_tenant(tmp_path: Path) -> None:
+    """With STREAMLEARN_COLUMNAR_DIR set, every tenant's queries and background compactions used that one
+    directory: each tenant read every tenant's feature rows."""
+    from streaming.columnar_format import columnar_root
+    from streamlearn.api.requests import tenant_settings
+
+    shared = tmp_path / "col"
+    s = config.load({"home": tmp_path / "home", "metrics_port": -1, "columnar_dir": shared})
+    roots = {t: columnar_root(tenant_settings(s, t)) for t in ("", "acme", "ac")}
+    assert roots[""] == shared.absolute()
+    assert roots["acme"] == shared.absolute() / "tenants" / "acme" and roots["ac"] == shared.absolute() / "tenants" / "ac"
+
+
 def test_without_the_engine_the_route_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "streaming.query", None)  # import fails as in a build without it
     s = config.load({"home": tmp_path / "home", "metrics_port": -1})

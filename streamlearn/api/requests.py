@@ -90,7 +90,10 @@ def tenant_settings(settings: Settings, tenant: str) -> Settings:
     if not tenant:
         return settings
     base = Path(settings.home) / "tenants" / tenant
-    return settings.with_(tenant=tenant, feature_store=base / "features", model_dir=base / "models")
+    # A columnar directory set for the API is the operator's: each tenant gets its own folder under it
+    # (it was one copy for all, so every tenant's /query read every tenant's rows).
+    columnar = {"columnar_dir": Path(settings.columnar_dir) / "tenants" / tenant} if settings.columnar_dir else {}
+    return settings.with_(tenant=tenant, feature_store=base / "features", model_dir=base / "models", **columnar)
 
 
 def own_model(principal: Principal, name: str) -> str:
