@@ -173,9 +173,10 @@ async def send_error(send: Send, status: int, body: dict[str, Any], headers: dic
 class BodyLimitMiddleware:
     """Raw ASGI middleware: 413 over ``max_body_bytes``, 503 over the shared budget, 408 on a slow body.
 
-    ``Content-Length`` is checked (and reserved from the budget) before the app runs; a chunked body
-    is counted and reserved chunk by chunk. The reservation is returned when the request is answered,
-    so a body the app still holds (parsing, publishing) keeps counting.
+    ``Content-Length`` is checked against the limit before the app runs; every body is counted and
+    reserved from the budget chunk by chunk as it arrives (a declared length costs nothing until its
+    bytes come). The reservation is returned when the request is answered, so a body the app still
+    holds (parsing, publishing) keeps counting.
     """
 
     #: Bytes a received body costs: Starlette keeps the chunks and then joins them into one copy.
@@ -223,11 +224,9 @@ class BodyLimitMiddleware:
                 if declared > limit:
                     await self._refuse(scope, send, GuardError(413, self.too_large_message()))
                     return
-                if budget is not None and declared > 0:
-                    if not budget.take(declared * self.COPIES):
-                        await self._refuse(scope, send, self._busy())
-                        return
-                    reserved = declared * self.COPIES
+                # Nothing is reserved for a declared length: bytes count as they arrive. Reserving it up
+                # front let a few connections that sent headers only (Content-Length: 16 MiB, no body) hold
+                # the whole budget for the body timeout, and every other client got 503 meanwhile.
         received = 0
         started = False
         deadline: float | None = None  # the whole body, from its first read: 1 byte a minute does not reset it
