@@ -143,6 +143,7 @@ class CsvReader:
             raise SourceError(f"--csv {path}: cannot read ({exc})") from exc
         first, size = read_line(self._fh, MAX_ROW_BYTES, skip=False)
         self.header_line = first
+        self._after_header = size
         self._tail = TailCache()
         self.eof = not first
         self.offset, self.line = max(offset, size), max(line, 1)
@@ -208,10 +209,57 @@ class CsvReader:
         sensors = [h for h in header if h and h != time_col and h not in _RESERVED]
         if time_col is None or not sensors:
             return False
+        texts = self._text_columns(header, sensors)
+        if texts:
+            # "Timestamp,Device,Value,Unit" is a long file under other names: read wide, its device names
+            # were dead letters and every reading of every device one sensor "Value" (°C and bar mixed)
+            self.close()
+            raise SourceError(
+                f"--csv {path}: column(s) {texts} hold text, not readings, so this is no file with one column "
+                "per sensor; a file with one reading per row needs the columns sensor_id,timestamp,value "
+                "(and unit, label): rename its columns to those names")
         self.time_column, self.sensors = time_col, sensors
         log.info("--csv %s: one column per sensor (%d: %s), times in column %r", path, len(sensors),
                  ", ".join(sensors[:5]) + (", ..." if len(sensors) > 5 else ""), time_col)
         return True
+
+    def _text_columns(self, header: list[str], columns: list[str], limit: int = 50) -> list[str]:
+        """Those of ``columns`` whose cells in the first ``limit`` rows are all text (no number, no
+        missing-value mark among them, at least one cell): names, units, ids, not a sensor's readings."""
+        index = {name: header.index(name) for name in columns}
+        numbers = dict.fromkeys(columns, 0)
+        texts = dict.fromkeys(columns, 0)
+        try:
+            for cells in self._sample_cells(limit):
+                for name, at in index.items():
+                    cell = cells[at].strip() if len(cells) > at else ""
+                    if cell.lower() in MISSING_CELLS:
+                        continue
+                    if isinstance(self._number(cell), float):
+                        numbers[name] += 1
+                    else:
+                        texts[name] += 1
+        finally:
+            self._fh.seek(self._after_header)  # the time unit's sample reads these rows again
+        return [name for name in columns if texts[name] and not numbers[name]]
+
+    def _sample_cells(self, limit: int) -> Iterator[list[str]]:
+        """The cells of the first ``limit`` readable data rows."""
+        seen = 0
+        while seen < limit:
+            physical, size = read_line(self._fh, MAX_ROW_BYTES)
+            if not physical:
+                return
+            if size > len(physical):
+                continue
+            for raw in _split_line(physical):
+                try:
+                    cells = next(csv.reader(io.StringIO(raw.decode("utf-8")), delimiter=self.delimiter), [])
+                except (UnicodeDecodeError, csv.Error):
+                    continue
+                if cells:
+                    seen += 1
+                    yield cells
 
     def _timestamp_cells(self, column: int, limit: int) -> Iterator[str]:
         """The timestamp cells of the first data rows (for ``auto``'s one decision per file)."""

@@ -128,6 +128,17 @@ def test_the_long_layout_in_other_letters_is_refused_not_read_as_wide(tmp_path: 
     one_series = tmp_path / "grafana.csv"
     one_series.write_text(f"Time,Value\n{NOW},20.5\n")
     assert [(r.record["sensor_id"], r.record["value"]) for r in read_csv(one_series, now=NOW)] == [("Value", 20.5)]
+    # "Timestamp,Device,Value,Unit": read wide, the device names were dead letters and every device's readings
+    # one sensor "Value", degrees and bar mixed (exit 0)
+    devices = tmp_path / "devices.csv"
+    devices.write_text(f"Timestamp,Device,Value,Unit\n{NOW},boiler,71.5,C\n{NOW},pump,3.2,bar\n")
+    with pytest.raises(SourceError, match=r"column\(s\) \['Device', 'Unit'\] hold text, not readings"):
+        list(read_csv(devices))
+    # a wide file with a dead sensor column (all missing) and decimal commas is still a wide file
+    wide = tmp_path / "wide.csv"
+    wide.write_text(f"time;temp;hum\n{NOW};20,5;NA\n{NOW + 1000};21,0;\n")
+    assert [(r.record["sensor_id"], r.record["value"]) for r in read_csv(wide, now=NOW + 1000)] == [
+        ("temp", 20.5), ("temp", 21.0)]
 
 
 def test_a_header_cell_over_the_csv_field_limit_is_refused_with_a_message(tmp_path: Path) -> None:
