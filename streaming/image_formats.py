@@ -252,7 +252,28 @@ def _png_mode(img: Any) -> Any:
         return img
     if img.mode.startswith("I"):  # 32-bit integer (microscopy, astronomy) or 16-bit of the other byte order
         return Image.fromarray(np.clip(np.asarray(img), 0, 65535).astype(np.uint16))
-    return img.convert("L" if img.mode == "F" else "RGB")
+    if img.mode == "F":  # 32-bit float (scientific TIFF): scaled to 16-bit grey, never truncated
+        return Image.fromarray(_float_to_uint16(np.asarray(img, dtype=np.float64)))
+    return img.convert("RGB")
+
+
+def _float_to_uint16(pixels: Any) -> Any:
+    """Float pixels as 16-bit grey: values in [0, 1] (the usual normalized image) scale by 65535, any other
+    range maps its min..max onto 0..65535; NaN and infinities are 0. ``convert("L")`` truncated them:
+    a 0..1 image became all black, 64 zero features published as a valid image."""
+    import numpy as np
+
+    finite = np.isfinite(pixels)
+    if not finite.any():
+        return np.zeros(pixels.shape, np.uint16)
+    lo, hi = float(pixels[finite].min()), float(pixels[finite].max())
+    if lo >= 0.0 and hi <= 1.0:
+        scaled = pixels * 65535.0
+    elif hi > lo:
+        scaled = (pixels - lo) * (65535.0 / (hi - lo))
+    else:
+        scaled = np.full(pixels.shape, 0.0)
+    return np.clip(np.where(finite, scaled, 0.0), 0, 65535).round().astype(np.uint16)
 
 
 def other_format(data: bytes, max_side: int, max_pixels: int) -> ImageProbeError | None:

@@ -95,7 +95,7 @@ def _bmp_header(width: int, height: int) -> bytes:
 @pytest.mark.parametrize(("make", "name", "mode"), [
     (lambda: _saved("GIF", "P"), "still.gif", "P"), (lambda: _saved("BMP"), "scan.bmp", "L"),
     (lambda: _saved("BMP", "1"), "fax.bmp", "1"), (lambda: _saved("TIFF"), "page.tif", "L"),
-    (lambda: _saved("TIFF", "CMYK"), "print.tiff", "RGB"), (lambda: _saved("TIFF", "F"), "sci.tiff", "L"),
+    (lambda: _saved("TIFF", "CMYK"), "print.tiff", "RGB"), (lambda: _saved("TIFF", "F"), "sci.tiff", "I;16"),
     (lambda: _saved("WEBP", "RGB"), "photo.webp", "RGB"), (lambda: _saved("ICO", "RGBA"), "icon.ico", "RGBA"),
     (lambda: _saved("TIFF", "I"), "counts.tif", "I;16"),  # 32-bit integer grey (microscopy) could not be saved
     (lambda: _saved("PPM"), "face.pgm", "L"), (lambda: _saved("PPM", "RGB"), "frame.ppm", "RGB"),
@@ -113,6 +113,23 @@ def test_still_images_of_other_formats_are_published_as_png(make, name: str, mod
         assert png.mode == mode and png.size == original.size
         if original.mode in ("L", "P", "1"):  # lossless: the very pixels
             assert np.array_equal(np.asarray(png.convert("L")), np.asarray(original.convert("L")))
+
+
+def test_a_float_image_in_0_to_1_keeps_its_picture() -> None:
+    """A normalized float TIFF (values 0..1) became all black: convert("L") truncated every pixel to 0,
+    and 64 zero features were published as a valid image."""
+    from ingest.images import accept
+    from streaming.features import get_featurizer
+
+    ramp = np.linspace(0.0, 1.0, 32 * 32, dtype=np.float32).reshape(32, 32)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="TIFF")
+    published, info = accept(buf.getvalue(), "norm.tiff")
+    with Image.open(io.BytesIO(published)) as png:
+        pixels = np.asarray(png, dtype=np.float64)
+    assert png.mode == "I;16" and pixels.min() == 0 and pixels.max() == 65535 and info.width == 32
+    grey = get_featurizer("image").pixels(published, "PNG")
+    assert 0.4 < float(np.mean(grey)) < 0.6 and float(np.max(grey)) > 0.9  # a ramp, not black
 
 
 @pytest.mark.parametrize(("make", "name", "reason"), [
