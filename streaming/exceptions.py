@@ -172,6 +172,11 @@ class ColumnarError(StreamingError):
     """The columnar (Parquet) copy cannot be built or read: a corrupt source batch, a busy lock, a bad name."""
 
 
+class ColumnarChangedError(ColumnarError):
+    """The copy a query was reading was rebuilt under it (``store promote``, a replay): repeat the query.
+    The control API answers 503 with Retry-After."""
+
+
 class QueryError(StreamingError, ValueError):
     """A query argument is wrong (a bad name, time range, limit or cursor); the message names it.
     The control API answers 400."""

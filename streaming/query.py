@@ -51,7 +51,7 @@ from streaming.columnar_format import (
     predictions_dir,
 )
 from streaming.config import Settings, env_name
-from streaming.exceptions import ColumnarError, QueryError, QueryTooLargeError
+from streaming.exceptions import ColumnarChangedError, QueryError, QueryTooLargeError
 from streaming.fsutil import create_atomic
 from streaming.query_json import page_bytes, table_rows
 
@@ -257,9 +257,10 @@ def _run(plan: _Plan, limit: int, after: tuple[int, str, int, int] | None, limit
         _too_slow(deadline, limits)
         path = plan.directory / entry["path"]
         if not path.exists():
-            raise ColumnarError(f"columnar file {path} is listed in its manifest but missing (a compaction rebuilt "
-                                "the copy meanwhile: repeat the query); if it stays missing, delete "
-                                f"{plan.directory} and run `streamlearn store compact` to rebuild it")
+            raise ColumnarChangedError(
+                f"columnar file {path} is listed in its manifest but missing (a compaction rebuilt the copy "
+                f"meanwhile: repeat the query); if it stays missing, delete {plan.directory} and run "
+                "`streamlearn store compact` to rebuild it")
         dataset = ds.dataset(str(path), format="parquet")
         # Row groups left after pushdown, in file order = time order (files are sorted by time): read them one
         # by one and stop once the page is full and the next group starts after it.

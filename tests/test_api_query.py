@@ -77,6 +77,10 @@ class RecordingEngine:
         self.calls.append(("features", settings, kw))
         if kw["key"] == "bad":
             raise self.QueryError("key: bad is not a key; give one of the store's keys")
+        if kw["key"] == "rebuilt":
+            from streaming.exceptions import ColumnarChangedError
+
+            raise ColumnarChangedError("columnar file x.parquet is listed in its manifest but missing")
         return self._page(kw)
 
     def query_predictions(self, settings: Settings, **kw: Any) -> Any:
@@ -147,6 +151,14 @@ def test_a_tenant_queries_its_own_store_and_models(setup: Any) -> None:
     assert (kw["model"], kw["version"], kw["request_id"]) == ("weblog_classifier", 2, "r1")
     assert tc.get("/query", params={"what": "predictions", "model": "weblog_classifier"},
                   headers=ACME).status_code == 403
+
+
+def test_a_copy_rebuilt_under_a_query_is_a_503_to_retry_not_a_500(setup: Any) -> None:
+    """`store promote` rebuilds the copy; a query reading it then was "internal error of the control API"."""
+    tc, _, _ = setup
+    resp = tc.get("/query", params={"what": "features", "kind": "weblog", "key": "rebuilt"}, headers=READER)
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "1", resp.text
+    assert "repeat the query" in resp.json()["error"]
 
 
 def test_a_columnar_dir_set_for_the_api_is_split_per_tenant(tmp_path: Path) -> None:

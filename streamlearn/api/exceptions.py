@@ -53,6 +53,12 @@ class NotAcceptableError(ApiError):
     status = 406
 
 
+class RetryLaterError(ApiError):
+    """What the request reads is being rebuilt right now; the same request succeeds shortly (503)."""
+
+    status = 503
+
+
 class UnavailableError(ApiError):
     """A part the route needs is missing from this installation (501)."""
 

@@ -26,9 +26,11 @@ from starlette.concurrency import run_in_threadpool
 
 from schemas.access import Principal
 from streaming.config import Settings
+from streaming.exceptions import ColumnarChangedError
 from streamlearn.api.exceptions import (
     BadRequestError,
     NotAcceptableError,
+    RetryLaterError,
     TooLargeError,
     TooManyJobsError,
     UnavailableError,
@@ -98,6 +100,9 @@ class QueryService:
             raise TooLargeError(str(exc)) from None
         except q.QueryError as exc:
             raise BadRequestError(str(exc)) from None
+        except (ColumnarChangedError, FileNotFoundError) as exc:  # a compaction rebuilt the copy meanwhile
+            raise RetryLaterError(f"the columnar copy was rebuilt while this query read it; repeat the query "
+                                  f"({str(exc)[:300]})", retry_after=1) from None
         finally:
             self._slots.release()
         headers = {"X-Next-Cursor": page.next_cursor} if page.next_cursor else {}
