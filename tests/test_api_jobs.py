@@ -184,3 +184,13 @@ def test_cli_jobs_list_show_cancel_use_the_same_files(api: tuple[TestClient, Job
     again = cli("jobs", "cancel", job["id"])
     assert again.returncode == 1 and "cancelled already" in again.stderr
     assert cli("jobs", "show", "../etc").returncode == 1
+
+
+def test_a_body_value_of_the_wrong_json_type_is_a_400_not_a_coerced_job(
+        api: tuple[TestClient, JobRunner, Path]) -> None:
+    """`"reproduce_version": true` started `retrain --reproduce M/1`, and `"from_beginning": "yes"` a replay."""
+    tc, _, _ = api
+    bad = tc.post("/trainModel", json={"model": MODEL, "reproduce_version": True})
+    assert bad.status_code == 400 and bad.json()["error"].startswith("reproduce_version:"), bad.text
+    bad = tc.post("/process", json={"action": "replay", "kind": "sensor", "namespace": "n", "from_beginning": "yes"})
+    assert bad.status_code == 400 and bad.json()["error"].startswith("from_beginning:"), bad.text

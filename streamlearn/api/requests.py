@@ -38,7 +38,7 @@ TIME_HELP = ("ISO 8601 (2026-11-22T10:00:00Z; no zone = UTC), epoch milliseconds
 class TrainRequest(BaseModel):
     """``POST /trainModel``: one training run of ``model`` (``train --once`` semantics)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON true is no version 1, "yes" no boolean
 
     model: str = Field(pattern=MODEL_PATTERN, description="model name; a tenant key names <tenant>.<model>")
     namespace: str = Field("live", pattern=NAMESPACE_PATTERN,
@@ -50,7 +50,7 @@ class TrainRequest(BaseModel):
 class ProcessRequest(BaseModel):
     """``POST /process``: a replay (re-featurization) into a namespace, or the promotion of one."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON true is no version 1, "yes" no boolean
 
     action: Literal["replay", "promote"] = Field(description=(
         "replay: re-featurize the raw topic over [start, end) into `namespace`; promote: make `namespace` the "
