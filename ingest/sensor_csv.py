@@ -153,6 +153,10 @@ class CsvReader:
         if packed is not None:
             self.close()
             raise SourceError(f"--csv {packed}")
+        if first.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in first[:256]:
+            self.close()  # was "header lacks ['sensor_id', 'timestamp', 'value']", which says nothing of why
+            raise SourceError(f"--csv {path}: the file is UTF-16 text (Excel's \"Unicode Text\"), not UTF-8; save "
+                              f"it as \"CSV UTF-8\" or convert it: iconv -f UTF-16 -t UTF-8 {path} > out.csv")
         if size > len(first):
             self.close()
             raise SourceError(f"--csv {path}: the header line is over the {MAX_ROW_BYTES}-byte limit of a "
@@ -503,13 +507,17 @@ def publish_csv(settings: Settings, publisher: Publisher, path: Path, *, unit: s
         return SensorCsvSource(path, resume_state=state, unit=unit, policy=policy, timestamp_unit=timestamp_unit,
                                batch_rows=batch_rows)
 
+    resumed = cp_path.exists()
     runner = SourceRunner(settings, publisher, build, kind="sensor", checkpoint_path=cp_path)
     assert isinstance(runner.source, SensorCsvSource)
     source = runner.source
     from_line = source.pos.line + 1
     if on_start is not None:
         on_start(from_line, cp_path)
-    if source.csv.eof or source.pos.at_end():
+    if (source.csv.eof or source.pos.at_end()) and not resumed:
+        log.warning("--csv %s has no rows%s: nothing to publish", path,
+                    "" if source.csv.header_line else " (the file is empty)")
+    elif source.csv.eof or source.pos.at_end():
         log.warning("--csv %s was published to its end by an earlier run with these flags (checkpoint %s); "
                     "delete the checkpoint to publish it again", path, cp_path)
     stats = runner.run(stop)

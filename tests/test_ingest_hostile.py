@@ -94,6 +94,25 @@ def test_sensor_csv_with_a_byte_order_mark_is_published(settings: Settings, tmp_
     assert sorted(r.value["sensor_id"] for r in raw_records(settings, "sensor", expect=2)) == ["s1", "s2"]
 
 
+def test_utf16_and_empty_sensor_csvs_say_what_they_are(settings: Settings, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Excel's "Unicode Text" was refused as "header lacks ['sensor_id', ...]"; an empty or header-only file,
+    on its first run, said it "was published to its end by an earlier run"."""
+    utf16 = tmp_path / "unicode.csv"
+    utf16.write_bytes("sensor_id,timestamp,value\ns1,2024-01-01T00:00:00Z,1.5\n".encode("utf-16"))
+    with Publisher(settings) as pub:
+        with pytest.raises(SourceError, match="UTF-16 text .* iconv -f UTF-16 -t UTF-8"):
+            publish_csv(settings, pub, utf16)
+        for name, text in (("empty.csv", ""), ("header.csv", "sensor_id,timestamp,value\n")):
+            caplog.clear()
+            (tmp_path / name).write_text(text)
+            assert publish_csv(settings, pub, tmp_path / name).published == 0
+            assert f"{name} has no rows" in caplog.text and "earlier run" not in caplog.text, caplog.text
+            caplog.clear()
+            publish_csv(settings, pub, tmp_path / name)  # the same command again: now it was an earlier run
+            assert "earlier run" in caplog.text, caplog.text
+
+
 def test_tailer_over_long_line_is_one_dead_letter_and_later_line_numbers_stay_true(settings: Settings,
                                                                                    tmp_path: Path) -> None:
     """A 3 MB line used to become one dead letter per chunk read (the later ones 'not_combined_format',
