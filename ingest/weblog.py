@@ -255,6 +255,16 @@ def _request_target(url: str) -> str:
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
+def _whole(value: Any) -> int:
+    """An integer field of a JSON log line: an int, a float with no fraction (``200.0``) or a string of
+    digits. ``int()`` cut ``200.7`` to 200 and ``12.9`` bytes to 12 without a word."""
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    return int(value)
+
+
 def _json_latency(obj: dict[str, Any]) -> float | None:
     """Latency in ms from the first latency field present (ValueError/TypeError when it is no number)."""
     for key, factor in _JSON_LATENCY:
@@ -329,7 +339,7 @@ def parse_object(obj: dict[str, Any], text: Callable[[], str], *, source: str, p
     size = _pick(obj, "bytes_sent")
     bytes_sent = 0
     try:
-        bytes_sent = 0 if size in (None, "-", "") else int(size)
+        bytes_sent = 0 if size in (None, "-", "") else _whole(size)
     except (TypeError, ValueError):
         values.append(LogParseError(f"bytes_sent {size!r:.40} must be an integer or '-'", "bad_bytes"))
     latency: float | None = None
@@ -343,7 +353,7 @@ def parse_object(obj: dict[str, Any], text: Callable[[], str], *, source: str, p
     status = _pick(obj, "status")
     status_i = 0
     try:
-        status_i = int(status)
+        status_i = _whole(status)
         if isinstance(status, bool) or not 100 <= status_i <= 999:
             raise ValueError(status)
     except (TypeError, ValueError):

@@ -136,3 +136,20 @@ def test_a_weblog_json_line_for_publish_is_held_to_the_same_fields_and_real_odd_
         while True:
             items += src.next_batch()
     assert [it.source.get("reason") for it in items] == ["bad_bytes", None, None]
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), [
+    ("status", 200.7, "bad_status"), ("body_bytes_sent", 12.9, "bad_bytes")], ids=["status", "bytes"])
+def test_a_fraction_in_an_integer_field_of_a_json_log_line_is_refused_not_cut(field: str, value: float,
+                                                                             reason: str) -> None:
+    """`"status": 200.7` was published as 200 and `"body_bytes_sent": 12.9` as 12, without a word."""
+    from ingest.exceptions import LogParseError
+    from ingest.weblog import parse_line
+
+    line = {"remote_addr": "1.2.3.4", "time": "2024-01-01T00:00:00Z", "request": "GET / HTTP/1.1", "status": 200,
+            "body_bytes_sent": 10, field: value}
+    with pytest.raises(LogParseError) as err:
+        parse_line(json.dumps(line), source="t", policy=EventTimePolicy(max_age_ms=None))
+    assert reason in err.value.reasons, err.value
+    whole = dict(line, **{field: float(int(value))})  # 200.0 is a whole number: taken
+    assert parse_line(json.dumps(whole), source="t", policy=EventTimePolicy(max_age_ms=None))
