@@ -77,6 +77,9 @@ MAX_ROW_BYTES = 1 << 20
 #: row is still required: a reading without it is refused with its reason.
 MISSING_CELLS = frozenset({"", "na", "n/a", "#n/a", "nan", "null", "none"})
 _DECIMAL_COMMA = re.compile(r"[+-]?[0-9]*,[0-9]+(?:[eE][+-]?[0-9]+)?")
+#: German/Excel style with thousands dots and a decimal comma (``1.234,5``): unambiguous, read as 1234.5. A
+#: bare ``1.000`` stays 1.0: in a ';' file with decimal points it is a reading with three decimals.
+_GROUPED_DECIMAL_COMMA = re.compile(r"[+-]?[0-9]{1,3}(?:\.[0-9]{3})+,[0-9]+")
 
 
 def _parse_float(text: str) -> float | str:
@@ -404,6 +407,8 @@ class CsvReader:
         """A number cell; in a ';'-separated file a decimal comma ('1,5') is the decimal mark."""
         if self.delimiter == ";" and _DECIMAL_COMMA.fullmatch(text):
             text = text.replace(",", ".")
+        elif self.delimiter == ";" and _GROUPED_DECIMAL_COMMA.fullmatch(text):
+            text = text.replace(".", "").replace(",", ".")
         return _parse_float(text)
 
     def close(self) -> None:

@@ -302,3 +302,11 @@ def test_cli_creates_missing_topics_of_its_kind(bare_settings) -> None:  # type:
     )
     assert done.returncode == 0, done.stderr.decode()
     assert len(read_topic(bare_settings, raw_topic(bare_settings, "sensor"))) == 20
+
+
+def test_thousands_dots_with_a_decimal_comma_are_read_in_a_semicolon_file(tmp_path: Path) -> None:
+    """German Excel writes 1.234,5: it was a dead letter ("must be a number")."""
+    path = tmp_path / "de.csv"
+    path.write_text(f"sensor_id;timestamp;value\nn1;{NOW};1.234,5\nn2;{NOW};-12.345.678,25\nn3;{NOW};20.125\n")
+    got = [(r.record["sensor_id"], r.record["value"]) for r in read_csv(path, now=NOW)]
+    assert got == [("n1", 1234.5), ("n2", -12345678.25), ("n3", 20.125)]
