@@ -137,6 +137,8 @@ def test_limits_and_errors_are_4xx(setup: Any) -> None:
     assert tc.get("/query", params={"what": "predictions"}, headers=READER).status_code == 400  # no model
     when = tc.get("/query", params={"what": "features", "kind": "weblog", "start": "soon"}, headers=READER)
     assert when.status_code == 400 and "start" in when.json()["error"]
+    long = tc.get("/query", params={"what": "features", "kind": "weblog", "start": "9" * 16}, headers=READER)
+    assert long.status_code == 400 and "over 15 digits" in long.json()["error"], long.text
 
 
 def test_a_tenant_queries_its_own_store_and_models(setup: Any) -> None:

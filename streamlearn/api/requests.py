@@ -79,6 +79,9 @@ def parse_when(text: str | None, name: str) -> int | None:
     text = text.strip()
     if re.fullmatch(r"[0-9]{1,15}", text):
         return int(text)
+    if re.fullmatch(r"[0-9]{16,}", text):  # parse_time's advice ("say its unit") contradicts the HTTP rule
+        raise BadRequestError(f"{name}: {text[:40]} has over 15 digits; over HTTP a bare number is epoch "
+                              "milliseconds (13 digits today), or give a time with its unit or as ISO 8601")
     try:
         return parse_time(text, flag=name)
     except TimeArgError as exc:
@@ -108,8 +111,8 @@ def own_model(principal: Principal, name: str) -> str:
             raise BadRequestError(f"model: {name!r} is not under your tenant; name it {prefix}<model>")
         return name[len(prefix):]
     if principal.all_tenants and "." in name:
-        raise BadRequestError("model: an operator key starts jobs for the default tenant only; use a tenant's key "
-                              "for a tenant's model")
+        raise BadRequestError("model: an operator key names the default tenant's models only (for jobs and "
+                              "queries); use a tenant's key for a tenant's model")
     return name
 
 
