@@ -159,6 +159,11 @@ def test_auth_401_without_or_with_malformed_header_and_403_for_unknown_token(
         unknown = tc.post("/ingest/weblog", json=weblog(0),
                           headers={"Authorization": "Bearer nope-" + TOKEN})
         ok = tc.post("/ingest/weblog", json=weblog(0), headers={"Authorization": f"Bearer {OTHER}"})
+        # an unknown path is a 404 in the gateway's shape; a trailing slash is no redirect
+        for path in ("/ingest/..%2Fweblog", "/ingest/weblog/", "/nope"):
+            lost = tc.post(path, json=weblog(0), headers={"Authorization": f"Bearer {OTHER}"},
+                           follow_redirects=False)
+            assert lost.status_code == 404 and "no route" in lost.json()["error"], (path, lost.text)
         metrics = tc.get("/metrics").text
     assert missing.status_code == 401 and missing.headers["WWW-Authenticate"].startswith("Bearer")
     assert basic.status_code == 401 and basic.headers["WWW-Authenticate"].startswith("Bearer")

@@ -104,7 +104,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
                 log.error("gateway shutdown: %s", exc)
             await run_in_threadpool(pub.close, 10.0 if settled else 1.0)
 
-    app = FastAPI(title="streamlearn ingest gateway", version="1", lifespan=lifespan,
+    app = FastAPI(title="streamlearn ingest gateway", version="1", lifespan=lifespan, redirect_slashes=False,
                   description=(package.__doc__ or "").split("\n\n", 1)[-1])  # the contract, for OpenAPI
     app.state.gateway = gw
     bearer = HTTPBearer(auto_error=False, description="a token of STREAMLEARN_INGEST_TOKENS")
@@ -115,6 +115,16 @@ def create_app(settings: Settings, publisher: Publisher | None = None, registry:
         if exc.status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="streamlearn-ingest"'
         return JSONResponse({"error": exc.message}, exc.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own answers (an unknown path, a wrong method) in the gateway's error shape; a 404 names
+        the routes (it was {"detail": "Not Found"}, and a trailing slash a 307 redirect)."""
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = (f"no route {request.url.path[:200]!r}; POST /ingest/weblog, /ingest/sensor, /ingest/image "
+                       "or /ingest/images (see /docs)")
+        return JSONResponse({"error": message}, exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(GuardError)
     async def guard_error(_: Request, exc: GuardError) -> JSONResponse:
