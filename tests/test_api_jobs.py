@@ -162,6 +162,37 @@ def test_too_many_jobs_is_429(local: Settings, tmp_path: Path) -> None:
         assert busy.status_code == 429 and busy.headers["retry-after"] and "api_max_jobs" in busy.json()["error"]
 
 
+def test_one_tenant_cannot_take_every_job_slot(local: Settings, tmp_path: Path) -> None:
+    """Four replays of one tenant answered every other tenant's /process and /trainModel 429."""
+    from schemas.access import load_keys
+
+    s = local.with_(api_max_jobs=3)
+    keys = load_keys("acme:tok-acme-0123456789:*:acme,globex:tok-globex-0123456789:*:globex", None)
+    acme, globex = ({"Authorization": f"Bearer tok-{t}-0123456789"} for t in ("acme", "globex"))
+    with TestClient(create_app(s, keys=keys, runner=hold_runner(s, tmp_path / "release"), compact=False)) as tc:
+        replay = {"action": "replay", "kind": "weblog", "start": "-1h", "end": "now"}
+        for n in (1, 2):
+            assert tc.post("/process", json={**replay, "namespace": f"a{n}"}, headers=acme).status_code == 202
+        third = tc.post("/process", json={**replay, "namespace": "a3"}, headers=acme)
+        assert third.status_code == 429 and "kept for other tenants" in third.json()["error"], third.text
+        assert tc.post("/process", json={**replay, "namespace": "g1"}, headers=globex).status_code == 202
+        for job in tc.get("/jobs", headers=acme).json()["jobs"] + tc.get("/jobs", headers=globex).json()["jobs"]:
+            tc.delete(f"/jobs/{job['id']}", headers=acme if job["tenant"] == "acme" else globex)
+
+
+def test_fair_query_slots_keep_one_for_other_tenants() -> None:
+    from streamlearn.api.query import FairSlots
+
+    slots = FairSlots(4, shared=True)
+    assert [slots.acquire("globex") for _ in range(3)] == [None, None, None]
+    assert "kept for other tenants" in (slots.acquire("globex") or "")
+    assert slots.acquire("def") is None and "4 queries are running" in (slots.acquire("def") or "")
+    slots.release("globex")
+    assert slots.acquire("def") is None
+    alone = FairSlots(4)  # no tenant keys: one tenant may use every slot
+    assert [alone.acquire("") for _ in range(4)] == [None] * 4
+
+
 def test_cli_jobs_list_show_cancel_use_the_same_files(api: tuple[TestClient, JobRunner, Path],
                                                       local: Settings) -> None:
     tc, runner, _ = api

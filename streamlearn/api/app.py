@@ -71,7 +71,8 @@ def create_app(settings: Settings, *, keys: KeyTable | None = None, runner: JobR
     """The control API. ``runner`` defaults to one over ``settings.home``; its orphans are failed at start-up."""
     keys = keys if keys is not None else load_keys(settings.keys, settings.keys_file)
     runner = runner or JobRunner(settings)
-    queries = QueryService(settings)
+    queries = QueryService(settings, tenants=len(keys.tenants))
+    runner.tenant_cap = max(1, runner.max_jobs - 1) if keys.tenants else runner.max_jobs  # see FairSlots
     registry = CollectorRegistry()
     requests_total = Counter("streamlearn_api_requests_total", "Control API requests by route and status",
                              ["route", "status"], registry=registry)

@@ -277,6 +277,8 @@ class JobRunner:
         #: The command that runs ``streamlearn``; a test may put a wrapper in front of the real CLI.
         self.cli = cli or [sys.executable, "-m", "streamlearn.cli"]
         self.max_jobs = settings.api_max_jobs
+        #: Jobs one tenant may run at once (create_app keeps one slot for other tenants when keys name tenants).
+        self.tenant_cap = self.max_jobs
         self.grace_s = settings.api_cancel_grace_s
         self.instance = f"{os.getpid()}:{secrets.token_hex(4)}"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -351,6 +353,10 @@ class JobRunner:
             if len(active) >= self.max_jobs:
                 raise TooManyJobsError(f"{len(active)} jobs are running, the limit of api_max_jobs "
                                        "(STREAMLEARN_API_MAX_JOBS); retry when one has ended", retry_after=5)
+            mine = sum(1 for j in active if j.tenant == tenant)
+            if mine >= self.tenant_cap:  # one tenant's replays kept every other tenant's jobs at 429
+                raise TooManyJobsError(f"your tenant runs {mine} jobs already; one of the api_max_jobs slots is kept "
+                                       "for other tenants; retry when one has ended", retry_after=5)
             job = Job(new_job_id(), kind, tenant, resource, args, argv, owner=self.instance)
             self.store.save(job)
             env = {**child_env(child), JOB_ENV: job.id, "PYTHONUNBUFFERED": "1"}

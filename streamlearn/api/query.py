@@ -64,12 +64,43 @@ def engine() -> Any:
                                "install a streamlearn with the columnar store") from None
 
 
-class QueryService:
-    """Runs queries for the routes: bounded concurrency, errors mapped to HTTP statuses."""
+class FairSlots:
+    """``total`` slots shared by every caller; with ``shared`` (keys of more than one tenant) one tenant holds
+    at most ``total - 1`` of them, so another tenant always finds one. Why: four loops of one tenant's slow
+    query answered 142 of another tenant's 143 queries 429."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, total: int, shared: bool = False) -> None:
+        self.total = total
+        self.per_tenant = max(1, total - 1) if shared else total
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, tenant: str) -> str | None:
+        """Take a slot for ``tenant``; None when taken, else why not."""
+        with self._lock:
+            if sum(self._held.values()) >= self.total:
+                return f"{self.total} queries are running"
+            if self._held.get(tenant, 0) >= self.per_tenant:
+                return f"your tenant runs {self.per_tenant} queries already (one slot is kept for other tenants)"
+            self._held[tenant] = self._held.get(tenant, 0) + 1
+            return None
+
+    def release(self, tenant: str) -> None:
+        with self._lock:
+            left = self._held.get(tenant, 0) - 1
+            if left > 0:
+                self._held[tenant] = left
+            else:
+                self._held.pop(tenant, None)
+
+
+class QueryService:
+    """Runs queries for the routes: bounded concurrency (fair between tenants), errors mapped to HTTP statuses."""
+
+    def __init__(self, settings: Settings, *, tenants: int = 0) -> None:
         self.settings = settings
-        self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_QUERIES)
+        # tenants: how many tenants the keys name besides the default one; more than one tenant shares
+        self._slots = FairSlots(MAX_CONCURRENT_QUERIES, shared=tenants >= 1)
 
     async def answer(self, request: Request, principal: Principal, params: dict[str, Any]) -> Response:
         fmt = negotiate(request.headers.get("accept"))
@@ -91,8 +122,9 @@ class QueryService:
             call = {"model": params["model"], "version": params.get("version"),
                     "request_id": params.get("request_id"), **common}
             run = q.query_predictions
-        if not self._slots.acquire(blocking=False):
-            raise TooManyJobsError(f"{MAX_CONCURRENT_QUERIES} queries are running; retry shortly", retry_after=1)
+        busy = self._slots.acquire(principal.tenant)
+        if busy is not None:
+            raise TooManyJobsError(f"{busy}; retry shortly", retry_after=1)
         try:
             page = await run_in_threadpool(lambda: run(settings, **call))
             body = await run_in_threadpool(_render, page, fmt)
@@ -104,7 +136,7 @@ class QueryService:
             raise RetryLaterError(f"the columnar copy was rebuilt while this query read it; repeat the query "
                                   f"({str(exc)[:300]})", retry_after=1) from None
         finally:
-            self._slots.release()
+            self._slots.release(principal.tenant)
         headers = {"X-Next-Cursor": page.next_cursor} if page.next_cursor else {}
         headers["X-Scanned-Rows"] = str(page.scanned_rows)
         media = {"json": "application/json", "arrow": ARROW}.get(fmt, PARQUET)
