@@ -50,7 +50,7 @@ from streaming.config import Settings
 from streaming.kafka_security import kafka_security
 from streaming.limits import MAX_ID_CHARS, BrokerLimits, short
 from streaming.onerror import OnError
-from streaming.rejoin import Rejoiner
+from streaming.rejoin import Rejoiner, held
 from streaming.topics import (
     KINDS,
     dead_letter_topic,
@@ -296,7 +296,7 @@ class ServingWorker(Emitter):
                 return None
             if not pending:
                 pending = self._collect()
-                self.stuck.observe(self.consumer.assignment())
+                self.stuck.observe(held(self.consumer))
                 if pending:
                     log.info("joined group %s; %d requests fetched, waiting for the model", self.group,
                              len(pending))
@@ -320,7 +320,7 @@ class ServingWorker(Emitter):
             if self.watchdog is not None:
                 self.watchdog.beat()
             records, pending = pending or self._collect(), []
-            self.stuck.observe(self.consumer.assignment())
+            self.stuck.observe(held(self.consumer))
             if records:
                 if self.first_batch_at is None:
                     self.first_batch_at = time.monotonic()
@@ -337,7 +337,7 @@ class ServingWorker(Emitter):
             if not self.rejoin.fenced(exc):  # our own self-removal answered the wedged join
                 raise
             polled = {}
-        self.rejoin.check(self.consumer, self.consumer.assignment())
+        self.rejoin.check(self.consumer, held(self.consumer))
         records = [r for recs in polled.values() for r in recs]
         if not records:
             return records

@@ -60,6 +60,19 @@ def join_under_way(consumer: Any) -> bool:
     return _joining(consumer)
 
 
+def held(consumer: Any) -> set[Any]:
+    """What ``consumer`` owns for the stuck checks (:class:`streaming.members.StuckWatch`, :class:`Rejoiner`):
+    nothing while a join is under way.
+
+    Why: kafka-python keeps the old assignment until a join completes, so a member parked in a rebalance
+    that a dead member of this host held open (noida-db never expires it) looked as if it owned its
+    partitions: neither check fired, no warning was said and the group sat for minutes. Counted as owning
+    nothing, such a member removes the dead members of this host after the session timeout, and a wedged
+    join of its own is reset like any other.
+    """
+    return set() if join_under_way(consumer) else set(consumer.assignment())
+
+
 class Rejoiner:
     """Removes this member from its group and lets it re-join when its join is wedged (module doc).
 

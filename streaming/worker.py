@@ -46,7 +46,7 @@ from streaming.exceptions import GroupStuckError, SinkBackpressureError
 from streaming.kafka_security import kafka_security
 from streaming.onerror import OnError
 from streaming.onerror import dead_letter as onerror_dead_letter
-from streaming.rejoin import Rejoiner
+from streaming.rejoin import Rejoiner, held
 from streaming.sink import OffsetCommitter
 from streaming.topics import dead_letter_topic, raw_topic
 from streaming.watchdog import Watchdog, from_settings, untimed
@@ -182,8 +182,9 @@ class StreamWorker(PartitionPositions):
                     repositioned = self._apply_rebalance_events()
                     repositioned |= self._watch_broker()
                 owned = self.sub.consumer.assignment()
-                self.stuck.observe(owned)
-                self.rejoin.check(self.sub.consumer, owned)
+                holding = held(self.sub.consumer)  # nothing while a join is under way (streaming/rejoin.py)
+                self.stuck.observe(holding)
+                self.rejoin.check(self.sub.consumer, holding)
                 for tp, msgs in polled.items():
                     if tp in owned and tp not in repositioned and tp not in self._reverify:
                         self._process_partition(tp, msgs)

@@ -142,6 +142,10 @@ class PartitionPositions:
             if from_store is not None and (committed is None or from_store > committed):
                 log.info("%s[%d]: store holds up to offset %d (committed %s); resuming there",
                          tp.topic, tp.partition, from_store - 1, committed)
+                # The store agrees with the topic (checked above): its end is durable, so commit it. A commit
+                # refused by the rebalance (IllegalGeneration) was dropped at the revocation, and the group's
+                # offsets (lag in `offsets show` and `status`) stayed behind the store until new records came.
+                self.committer.later({tp.partition: from_store})
                 target: int | None = from_store
             else:
                 target = committed

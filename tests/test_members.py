@@ -26,7 +26,7 @@ from streaming.topics import raw_topic
 from streaming.worker import default_group
 from streamlearn.stack import Service, Supervisor
 from tests.helpers import streamlearn_cmd, subprocess_env, wait_until
-from tests.test_stream_worker import publish, sensor_events
+from tests.test_stream_worker import committed, end_offsets, publish, sensor_events
 
 
 def _start(settings: Settings, log: Path, *args: str) -> subprocess.Popen[bytes]:
@@ -239,6 +239,42 @@ def test_scale_down_after_kill_9_the_restarted_worker_takes_every_partition(sett
         procs.append(_start(settings, tmp_path / "w2.log", "stream", "sensor"))
         _wait_or_show_logs(tmp_path, lambda: _owned(settings, group) == [0, 1, 2], "the restarted worker owns all")
         assert "removed 1 dead member(s) of this host" in (tmp_path / "w2.log").read_text(errors="replace")
+    finally:
+        for p in procs:
+            _stop(p)
+
+
+def test_a_rebalance_held_open_by_a_dead_extra_worker_is_cleared_by_the_live_ones(settings: Settings,
+                                                                                  tmp_path: Path) -> None:
+    """Three workers and an extra fourth (no partition) killed with -9 and not restarted (a scale-down by
+    kill), then a clean stop of another: the rebalance waited on the dead member (the embedded broker
+    never expires it) and the live workers, still holding their old assignment while their joins were
+    parked, neither warned nor removed it. The group sat for ~5 minutes; now the live workers remove it
+    after the session timeout."""
+    group = default_group(settings, "sensor")
+    publish(settings, "sensor", sensor_events(30))
+    procs = []
+    try:
+        for i in range(3):
+            procs.append(_start(settings, tmp_path / f"w{i}.log", "stream", "sensor"))
+            _wait_or_show_logs(tmp_path, lambda n=i + 1: len(_owned(settings, group)) == 3 and len(
+                [e for e in members.local_entries(settings, group) if e["alive"] and e.get("partitions")]) == n,
+                f"{i + 1} worker(s) sharing the partitions")
+        procs.append(_start(settings, tmp_path / "w3.log", "stream", "sensor"))
+        _wait_or_show_logs(tmp_path, lambda: "assigned []" in (tmp_path / "w3.log").read_text(errors="replace"),
+                           "the extra worker joined with nothing")
+        procs[3].kill()
+        procs[3].wait(30)
+        _stop(procs[1])  # a clean leave: the rebalance starts and waits for every member, the dead one too
+        publish(settings, "sensor", sensor_events(30, start=30))
+        end = end_offsets(settings, "sensor")
+        try:
+            wait_until(lambda: committed(settings, "sensor") == end, 90, 0.5, "the live workers committing all")
+        except AssertionError as exc:
+            logs = "\n".join((tmp_path / f"w{i}.log").read_text(errors="replace")[-1500:] for i in (0, 2))
+            raise AssertionError(f"{exc}\n{logs}") from exc
+        logs = "".join((tmp_path / f"w{i}.log").read_text(errors="replace") for i in (0, 2))
+        assert "Removed 1 dead member(s) of this host" in logs
     finally:
         for p in procs:
             _stop(p)
