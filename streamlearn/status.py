@@ -16,6 +16,7 @@ from typing import Any
 from streaming.config import Settings
 from streaming.fsutil import pid_alive
 from streaming.kafka_security import kafka_security
+from streamlearn.scaling import base_name
 
 
 @dataclass
@@ -45,6 +46,7 @@ def worker_rows(settings: Settings, state: dict[str, Any], supervisor_alive: boo
     now = time.time()
     groups = _group_facts(settings) if kafka else {}
     roles = serving_roles(settings)
+    owned_by_pid = _owned_by_pid(settings)
     rows = []
     for s in state.get("services", []):
         pid = s.get("pid")
@@ -65,12 +67,14 @@ def worker_rows(settings: Settings, state: dict[str, Any], supervisor_alive: boo
         row = WorkerRow(str(s["name"]), label, int(pid) if pid else None, uptime, int(s.get("restarts", 0)))
         name = row.name
         if name.startswith("stream-"):
-            kind = name.removeprefix("stream-")
+            # a replica of `up --workers` (stream-sensor-2) is a member of the kind's one group; it was
+            # looked up as a group "sensor-2", and the first replica showed the whole group's partitions
+            kind = base_name(name).removeprefix("stream-")
             _fill_group(row, groups.get(settings.group(f"stream.{kind}")))
+            if alive and int(pid) in owned_by_pid:
+                row.partitions = ",".join(map(str, owned_by_pid[int(pid)])) or "none"
             row.last_batch = _age(_last_batch_age(settings, kind, now))
         elif name.startswith("serve-"):
-            from streamlearn.scaling import base_name
-
             model = base_name(name).removeprefix("serve-")
             role = roles.get(int(pid)) if alive else None
             if role is not None:  # a warm-standby pair: which one answers now
@@ -82,6 +86,14 @@ def worker_rows(settings: Settings, state: dict[str, Any], supervisor_alive: boo
             row.model_version = _model_version(settings, name.removeprefix("train-"), now, promoted=False)
         rows.append(row)
     return rows
+
+
+def _owned_by_pid(settings: Settings) -> dict[int, list[int]]:
+    """pid -> the partitions this host's live group member says it owns (its member file)."""
+    from streaming.members import local_entries
+
+    return {int(e["pid"]): sorted(int(p) for p in e.get("partitions") or [])
+            for e in local_entries(settings) if e.get("alive") and e.get("pid")}
 
 
 def serving_roles(settings: Settings) -> dict[int, str]:

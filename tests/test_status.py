@@ -68,3 +68,21 @@ def test_partitions_owned_and_lag_come_from_the_group(settings: config.Settings)
         ends = sub.consumer.end_offsets(list(sub.assignment()))
     assert row.partitions == ",".join(str(p) for p in range(settings.partitions))
     assert int(row.lag) == sum(ends.values()) >= 5  # nothing committed: lag is the end offsets (markers too)
+
+
+def test_a_replica_of_up_workers_shows_its_own_partitions(tmp_path) -> None:
+    """`up --workers stream.sensor=2`: `stream-sensor-2` was looked up as a group "sensor-2" (no partitions,
+    no lag), and the first replica showed the whole group's partitions. Each row now shows what its own
+    process owns (its member file)."""
+    from streaming import members
+
+    settings = config.load({"home": tmp_path, "metrics_port": -1})
+    lease = members.claim(settings, settings.group("stream.sensor"), "stream-sensor")
+    try:
+        lease.set_status(partitions=[2])
+        svc = {"name": "stream-sensor-2", "state": "running", "pid": os.getpid(), "restarts": 0,
+               "started_unix_s": time.time()}
+        [row] = worker_rows(settings, _state([svc]), supervisor_alive=True, kafka=False)
+    finally:
+        lease.release(leave=False)
+    assert row.partitions == "2"
