@@ -45,8 +45,8 @@ from streaming.config import Settings
 from streaming.exceptions import OffsetOutOfRangeError, ReplayError
 from streaming.fsutil import write_json_atomic
 from streaming.offsets import earliest_and_end, offsets_for_timestamp
-from streaming.timeargs import format_ms
 from streaming.store import FeatureStore
+from streaming.timeargs import format_ms
 from streaming.topics import raw_topic
 
 log = logging.getLogger(__name__)

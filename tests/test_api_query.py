@@ -173,7 +173,8 @@ def test_a_columnar_dir_set_for_the_api_is_split_per_tenant(tmp_path: Path) -> N
     s = config.load({"home": tmp_path / "home", "metrics_port": -1, "columnar_dir": shared})
     roots = {t: columnar_root(tenant_settings(s, t)) for t in ("", "acme", "ac")}
     assert roots[""] == shared.absolute()
-    assert roots["acme"] == shared.absolute() / "tenants" / "acme" and roots["ac"] == shared.absolute() / "tenants" / "ac"
+    assert roots["acme"] == shared.absolute() / "tenants" / "acme"
+    assert roots["ac"] == shared.absolute() / "tenants" / "ac"
 
 
 def test_without_the_engine_the_route_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
