@@ -119,26 +119,32 @@ def test_csv_header_must_name_required_columns(tmp_path: Path) -> None:
         list(read_csv(path))
 
 
+def _csv(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _readings(path: Path, now: int = NOW) -> list[tuple[str, float]]:
+    return [(r.record["sensor_id"], r.record["value"]) for r in read_csv(path, now=now)]
+
+
 def test_the_long_layout_in_other_letters_is_refused_not_read_as_wide(tmp_path: Path) -> None:
-    """Read as the wide layout, sensor ids became readings of a sensor "Sensor_ID" (exit 0)."""
-    path = tmp_path / "caps.csv"
-    path.write_text(f"Sensor_ID,Timestamp,Value\n101,{NOW},20.5\n")
-    with pytest.raises(SourceError, match=r"required columns \(lower case\)"):
-        list(read_csv(path))
-    one_series = tmp_path / "grafana.csv"
-    one_series.write_text(f"Time,Value\n{NOW},20.5\n")
-    assert [(r.record["sensor_id"], r.record["value"]) for r in read_csv(one_series, now=NOW)] == [("Value", 20.5)]
-    # "Timestamp,Device,Value,Unit": read wide, the device names were dead letters and every device's readings
-    # one sensor "Value", degrees and bar mixed (exit 0)
-    devices = tmp_path / "devices.csv"
-    devices.write_text(f"Timestamp,Device,Value,Unit\n{NOW},boiler,71.5,C\n{NOW},pump,3.2,bar\n")
-    with pytest.raises(SourceError, match=r"column\(s\) \['Device', 'Unit'\] hold text, not readings"):
-        list(read_csv(devices))
+    """Read as the wide layout, sensor ids became readings of a sensor "Sensor_ID" (exit 0); and with
+    "Timestamp,Device,Value,Unit" the device names were dead letters and every device's readings one sensor
+    "Value", degrees and bar mixed (exit 0)."""
+    refused = {
+        "caps.csv": (f"Sensor_ID,Timestamp,Value\n101,{NOW},20.5\n", r"required columns \(lower case\)"),
+        "devices.csv": (f"Timestamp,Device,Value,Unit\n{NOW},boiler,71.5,C\n{NOW},pump,3.2,bar\n",
+                        r"column\(s\) \['Device', 'Unit'\] hold text, not readings"),
+    }
+    for name, (text, match) in refused.items():
+        with pytest.raises(SourceError, match=match):
+            list(read_csv(_csv(tmp_path, name, text)))
+    assert _readings(_csv(tmp_path, "grafana.csv", f"Time,Value\n{NOW},20.5\n")) == [("Value", 20.5)]
     # a wide file with a dead sensor column (all missing) and decimal commas is still a wide file
-    wide = tmp_path / "wide.csv"
-    wide.write_text(f"time;temp;hum\n{NOW};20,5;NA\n{NOW + 1000};21,0;\n")
-    assert [(r.record["sensor_id"], r.record["value"]) for r in read_csv(wide, now=NOW + 1000)] == [
-        ("temp", 20.5), ("temp", 21.0)]
+    wide = _csv(tmp_path, "wide.csv", f"time;temp;hum\n{NOW};20,5;NA\n{NOW + 1000};21,0;\n")
+    assert _readings(wide, NOW + 1000) == [("temp", 20.5), ("temp", 21.0)]
 
 
 def test_a_header_cell_over_the_csv_field_limit_is_refused_with_a_message(tmp_path: Path) -> None:
