@@ -47,7 +47,8 @@ gets its own verdict all the same: valid, it goes to ``processed/`` beside ``<na
 names the file the bytes were published from and, when they differ, both labels (the copy's label is
 not published: the record keeps the first one); refused, it goes to ``rejected/`` beside its ``.reason``
 with the same duplicate line (it is not dead-lettered again). A copy valid where the first was refused
-(its file time, say) is left for the next scan, which publishes it. Each is logged.
+(its file time, say) is left for the next scan, which publishes it (a ``--once`` run makes that scan before it
+ends: it is not over while a sent batch waits for its commit). Each is logged.
 """
 
 from __future__ import annotations
@@ -311,6 +312,10 @@ class ImageWatcher:
         Why: the idle exit used to count a file still being written as idleness, so ``--idle-exit`` left
         it in place without a word, and a batch job ended with a file unpublished.
         """
+        if self._taken:
+            # files sent and not yet committed: their commit may leave one for the next scan (a valid copy
+            # of a rejected file's bytes), which a once run must still make, not end with it in the folder
+            return False
         now = time.monotonic()
         if not self.follow:
             waited, grace = now - self._started, 0.0

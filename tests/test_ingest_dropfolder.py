@@ -238,6 +238,30 @@ def test_a_file_name_too_long_for_its_sidecars_is_moved_under_a_shorter_one(sett
     assert {n[:3] for n in moved} == {"aaa", "bbb", "ok."}
 
 
+def test_a_once_run_publishes_a_valid_copy_of_a_rejected_files_bytes(settings: Settings, tmp_path: Path) -> None:
+    """`ingest images --once`: a JPEG named .png is rejected; the same bytes as prog.jpg are valid, and were
+    "left for the next scan", which a once run never made (it ended while the batch was still in flight):
+    exit 0 with the file still in the folder. The run now scans once more after its last commit."""
+    from ingest.images import ImageWatcher
+    from streaming.producer import Publisher
+
+    watch = tmp_path / "drop"
+    watch.mkdir()
+    jpeg = _saved("JPEG", "L", size=(32, 32))
+    (watch / "prog.jpg").write_bytes(jpeg)
+    (watch / "jpeg_named.png").write_bytes(jpeg)
+    old = time.time() - 60
+    for p in watch.iterdir():
+        os.utime(p, (old, old))
+    with Publisher(settings) as pub:
+        watcher = ImageWatcher(settings, pub, watch)
+        watcher.run(follow=False)
+        watcher.close()
+    assert (watcher.published, watcher.rejected_count) == (1, 1)
+    assert sorted(p.name for p in watch.iterdir()) == ["processed", "rejected"]
+    assert [p.name for p in (watch / "processed").iterdir()] == ["prog.jpg"]
+
+
 def test_a_file_still_being_written_waits_and_is_never_cut(settings: Settings, tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     from ingest.images import ImageWatcher
