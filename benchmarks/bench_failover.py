@@ -174,6 +174,8 @@ def trainer(settings: Settings, work: Path, rows: int = 40, lease_s: float = 3.0
             "takeover_s": round(takeover_s, 3), "kill_to_version_s": round(kill_to_version_s, 3),
             "killed_during_cycle": caught_in_cycle, "epochs": [first[1], took[1]],
             "versions_at_kill": versions_at_kill, "versions": registry.versions(model),
+            "standby_said_so": "standing by" in (work / f"train{workers.index(standby)}.log").read_text(
+                errors="replace"),
             "problems": lineage_problems(registry, store, model, "sensor")}
 
 

@@ -23,5 +23,6 @@ def test_standby_trainer_takes_over_after_kill_9_without_losing_or_duplicating_v
         settings: Settings, tmp_path: Path) -> None:
     result = bench_failover.trainer(settings, tmp_path, rows=40, lease_s=3.0)
     assert result["problems"] == [], result
+    assert result["standby_said_so"], result  # a standby says so once: it logged nothing before
     assert result["epochs"][1] > result["epochs"][0], result  # the takeover fenced the old epoch
     assert len(result["versions"]) > len(result["versions_at_kill"]) >= 1, result

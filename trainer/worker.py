@@ -460,11 +460,20 @@ class Trainer:
         # and drift still fire. A run that failed otherwise backs off (1 s doubling to 60 s).
         stuck: int | None = None
         backoff, not_before = 0.0, 0.0
+        said_standby = False
         while not stop.is_set():
             was = self.fence
             if not self.lead():  # a standby: the lease keeper takes over when the leader's lease expires
+                if not said_standby:  # once per spell: a silent standby could not be told from a hung one
+                    said_standby = True
+                    holder = self.lease.lease.current() if self.lease is not None else None
+                    log.info("trainer %s: standing by; %s leads (epoch %s); this one takes over when its lease "
+                             "expires (docs/LEADER.md)", self.name,
+                             f"pid {holder.pid} on {holder.host}" if holder else "another trainer",
+                             holder.epoch if holder else "?")
                 stop.wait(poll_seconds)
                 continue
+            said_standby = False
             if self.fence != was:  # just took over: continue the predecessor's retrain interval
                 since = seconds_since_last_version(self.registry, self.name)
                 last_attempt = last_end = time.monotonic() - (since if since is not None else 0.0)
