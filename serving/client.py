@@ -37,7 +37,7 @@ def to_request(model: str, obj: Any, *, line: int | None = None) -> dict[str, An
     where = f"line {line}: " if line is not None else ""
     if not isinstance(obj, dict):
         raise RequestDecodeError(f"{where}each request must be a JSON object (a raw event, "
-                                 "{{\"features\": [...]}} or a PredictionRequest), got {type(obj).__name__}")
+                                 f"{{\"features\": [...]}} or a PredictionRequest), got {type(obj).__name__}")
     # Refused here, before any request of the file is sent (the SDK would refuse it at publish,
     # schemas/ids.py, after the lines before it had gone out).
     rid = _request_id(obj.get("request_id") or uuid.uuid4().hex, where)
@@ -45,6 +45,12 @@ def to_request(model: str, obj: Any, *, line: int | None = None) -> dict[str, An
         features = obj.get("features")
         if features is not None and not isinstance(features, list):
             raise RequestDecodeError(f"{where}features must be a list of numbers")
+        if features is not None and obj.get("event_json") is not None:  # event_json silently won
+            raise RequestDecodeError(f"{where}give features or event_json, not both")
+        if features is not None and any(isinstance(v, (bool, str)) or v is None for v in features):
+            # float() took true as 1.0 and "16" as 16.0; the HTTP API and the Kafka path refuse them
+            raise RequestDecodeError(f"{where}features must be numbers (JSON numbers, not strings, booleans "
+                                     "or null)")
         event_json = obj.get("event_json")
         if event_json is not None and not isinstance(event_json, str):
             event_json = to_json(event_json)

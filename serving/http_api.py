@@ -238,8 +238,11 @@ def create_app(manager: VersionManager, featurization: Featurization, model: str
         principal = who(request, name)
         status = 500
         try:
-            lv = pick(name, version=version, label=label)
+            pick(name, version=version, label=label)  # a wrong name or version is refused before any body
             raw = await request.body()  # counted against the body budget by the middleware
+            # The version is chosen once the body is here: a body may take up to the body timeout, and a
+            # version promoted (or rolled back) meanwhile answered it with the one picked at its start.
+            lv = pick(name, version=version, label=label)
             if not busy.acquire(blocking=False):
                 raise _HttpError(429, f"{limits.max_concurrent} predictions are running; retry shortly")
             try:
@@ -249,7 +252,7 @@ def create_app(manager: VersionManager, featurization: Featurization, model: str
                                                                      max_containers=limits.max_instances * 4 + 16,
                                                                      object_pairs_hook=unique_keys))
                 data = body.get("instances", body.get("inputs")) if isinstance(body, dict) else None
-                n = len(data) if isinstance(data, list) else 1
+                n = _instances(data)
                 try:
                     quota.take(principal.tenant_label, n, "instances")
                 except GuardError as exc:
@@ -350,3 +353,14 @@ def start_http(manager: VersionManager, featurization: Featurization, model: str
     log.info("TF Serving REST API for %s on http://%s:%d/v1/models/%s (%s)", model, host,
              server.bound_port, model, f"{len(keys)} key(s)" if keys else "no key: loopback only")  # type: ignore[attr-defined]
     return server
+
+
+def _instances(data: Any) -> int:
+    """How many instances a body's ``instances``/``inputs`` holds, for the tenant quota: the rows of the row
+    form, or of the longest column of the columnar form (``{"inputs": {"x": [...]}}`` counted as one
+    instance, so 1,000 rows a request went through a spent quota)."""
+    if isinstance(data, list):
+        return len(data)
+    if isinstance(data, dict):
+        return max((len(v) for v in data.values() if isinstance(v, list)), default=1)
+    return 1

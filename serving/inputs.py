@@ -90,8 +90,12 @@ class Featurization:
         if len(features) != lv.n_features:
             raise RequestDecodeError(
                 f"features: {lv.name} v{lv.version} takes {lv.n_features} features, got {len(features)}")
+        if not isinstance(features, np.ndarray) and any(isinstance(v, str | bool) for v in features):
+            # numpy read "16" as 16.0 and true as 1.0: a number sent as text is a client's bug to report
+            raise RequestDecodeError("features: every value must be a JSON number (not a string or a boolean)")
         try:
-            x = np.asarray(features, dtype=np.float32)
+            with np.errstate(over="ignore"):  # 1e39 is refused below as not finite, without a RuntimeWarning
+                x = np.asarray(features, dtype=np.float32)
         except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: a 4000-digit integer (was a 500)
             raise RequestDecodeError(f"features: not all numbers ({type(exc).__name__}: {str(exc)[:80]})") from exc
         if x.ndim != 1 or not np.isfinite(x).all():

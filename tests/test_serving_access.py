@@ -112,3 +112,9 @@ def test_concurrency_and_tenant_quota_answer_429(manager: VersionManager) -> Non
     assert quota.post(f"/v1/models/{ACME_MODEL}:predict", json={"instances": [X] * 4}, headers=acme).status_code == 200
     r = quota.post(f"/v1/models/{ACME_MODEL}:predict", json={"instances": [X]}, headers=acme)
     assert r.status_code == 429 and "acme" in r.json()["error"] and "Retry-After" in r.headers
+    # the columnar form counts its rows too: {"inputs": {"x": [1000 rows]}} was one instance, through a spent quota
+    fresh = client(manager, keys, tenant_rate=0.01, max_instances=4)
+    r = fresh.post(f"/v1/models/{ACME_MODEL}:predict", json={"inputs": {"x": [X] * 3}}, headers=acme)
+    assert r.status_code == 200, r.text
+    r = fresh.post(f"/v1/models/{ACME_MODEL}:predict", json={"inputs": {"x": [X] * 3}}, headers=acme)
+    assert r.status_code == 429, r.text  # 3 + 3 rows over a burst of 4

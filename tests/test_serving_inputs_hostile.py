@@ -38,3 +38,18 @@ def test_a_predict_file_line_naming_another_model_is_refused_before_anything_is_
         to_request("m", {"features": [1.0], "model": "other"}, line=3)
     assert to_request("m", {"features": [1.0], "model": "m"})["model"] == "m"
     assert to_request("m", {"features": [1.0], "model": ""})["model"] == "m"
+
+
+def test_numbers_sent_as_strings_or_booleans_are_refused_on_both_paths() -> None:
+    """HTTP took ["16", ...] as 16.0 and `predict --file` took true as 1.0 (and "1" as 1.0); both now refuse
+    them, as docs/SECURITY.md says. A line with both features and event_json used event_json silently."""
+    version = SimpleNamespace(n_features=2, name="m", version=1)
+    for bad in (["16", 0], [True, 0]):
+        with pytest.raises(RequestDecodeError, match="features: every value must be a JSON number"):
+            Featurization.check_features(bad, version)  # type: ignore[arg-type]
+        with pytest.raises(RequestDecodeError, match="line 2: features must be numbers"):
+            to_request("m", {"features": bad}, line=2)
+    with pytest.raises(RequestDecodeError, match="line 4: give features or event_json, not both"):
+        to_request("m", {"features": [0.0, 1.0], "event_json": "{}"}, line=4)
+    with pytest.raises(RequestDecodeError, match=r"line 5: each request must be a JSON object .* got list"):
+        to_request("m", [1, 2, 3], line=5)  # the message was missing its f-string: "{type(obj).__name__}"
