@@ -53,3 +53,22 @@ def test_numbers_sent_as_strings_or_booleans_are_refused_on_both_paths() -> None
         to_request("m", {"features": [0.0, 1.0], "event_json": "{}"}, line=4)
     with pytest.raises(RequestDecodeError, match=r"line 5: each request must be a JSON object .* got list"):
         to_request("m", [1, 2, 3], line=5)  # the message was missing its f-string: "{type(obj).__name__}"
+
+
+def test_an_image_whose_size_is_at_its_end_declares_its_pixels() -> None:
+    """A group4 TIFF of 8000x3900 puts its IFD after 200 KB of strips: past the head that was probed, so it
+    declared 0 pixels and a 4 MB body of 14 of them went past the per-request pixel cap."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from serving.inputs import declared_pixels
+
+    pixels = np.zeros((3900, 8000), bool)
+    pixels[:100] = np.random.default_rng(0).random((100, 8000)) > 0.5
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "TIFF", compression="group4")
+    assert buf.tell() > 200_000
+    assert declared_pixels({"data": base64.b64encode(buf.getvalue()).decode()}) == 8000 * 3900
