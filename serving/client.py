@@ -87,8 +87,8 @@ def read_requests_file(model: str, lines: Iterable[str | bytes]) -> list[dict[st
             continue
         try:
             obj = bounded_json(text, f"line {n}")
-        except ValueError as exc:
-            raise RequestDecodeError(f"line {n}: not valid JSON ({exc}); one JSON object per line") from exc
+        except ValueError as exc:  # bounded_json's message already names the line
+            raise RequestDecodeError(f"{exc}; one JSON object per line") from exc
         out.append(to_request(model, obj, line=n))
     return out
 

@@ -41,5 +41,8 @@ def test_a_deep_json_log_line_is_a_parse_error() -> None:
 
 
 def test_predict_file_names_the_deep_line() -> None:
-    with pytest.raises(RequestDecodeError, match="line 2: not valid JSON .*nested 100000 levels deep"):
+    with pytest.raises(RequestDecodeError, match="line 2: JSON nested 100000 levels deep"):
         read_requests_file("m", ['{"features": [1, 2]}', DEEP])
+    with pytest.raises(RequestDecodeError) as err:  # the line was named twice: "line 2: ... (line 2: ...)"
+        read_requests_file("m", ['{"features": [1, 2]}', '{"features": [1 2]}'])
+    assert str(err.value).startswith("line 2: not valid JSON (") and str(err.value).count("line 2") == 1
