@@ -31,6 +31,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.access import ANONYMOUS, KeyTable, Principal
@@ -260,13 +261,16 @@ def create_app(registry: SchemaRegistry, *, keys: KeyTable | None = None, read_o
     async def register(subject: str, request: Request) -> RegistryResponse:
         check(request, "schema-admin", subject)
         schema = await _schema_of(request)
-        return RegistryResponse({"id": registry.register(subject, schema)})
+        # the compatibility check and the file lock run in a worker thread: on the event loop, one slow
+        # check stopped every other request of the server (GET /subjects timed out meanwhile)
+        schema_id = await run_in_threadpool(registry.register, subject, schema)
+        return RegistryResponse({"id": schema_id})
 
     @app.post("/subjects/{subject}", openapi_extra=_SCHEMA_BODY)
     async def lookup(subject: str, request: Request) -> RegistryResponse:
         check(request, "schema-read", subject)
         schema = await _schema_of(request)
-        found = registry.lookup(subject, schema)
+        found = await run_in_threadpool(registry.lookup, subject, schema)
         return RegistryResponse(
             {"subject": found.subject, "id": found.id, "version": found.version, "schema": found.schema}
         )
@@ -281,7 +285,7 @@ def create_app(registry: SchemaRegistry, *, keys: KeyTable | None = None, read_o
         schema = await _schema_of(request)
         wanted = parse_version(version)
         try:
-            messages = registry.test_compatibility(subject, schema, version)
+            messages = await run_in_threadpool(registry.test_compatibility, subject, schema, version)
         except SubjectNotFoundError:
             if wanted is not None:
                 raise
