@@ -403,6 +403,9 @@ class _ConfigFile(TomlConfigSettingsSource):
                 "%s: [models] ignored: model plugins load only from the file named by STREAMLEARN_CONFIG "
                 "(--config), $STREAMLEARN_HOME/config.toml or installed entry points", file_path)
             models = {}
+        odd = sorted(str(k) for k, v in models.items() if not isinstance(v, str))
+        if odd:  # `x = { a = 1 }` became the text "{'a': 1}", an error only when the model was used
+            raise ConfigError(f"{file_path}: [models] {odd}: each entry is name = 'module:attribute' (a string)")
         self.models = {str(k): str(v) for k, v in models.items()}
         return data
 
@@ -468,6 +471,9 @@ def load(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] 
         filecfg = _ConfigFile(Settings, path, trusted)
     except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
         raise ConfigError(f"config file {path}: {exc}; fix or remove it") from exc
+    except RecursionError:  # a value nested thousands deep: tomllib recurses (was a traceback in every command)
+        raise ConfigError(f"config file {path}: values nested too deeply to read; a config file holds "
+                          "settings and a [models] table of name = 'module:attribute'") from None
     init = InitSettingsSource(Settings, {**overrides, "home": home, "model_specs": filecfg.models})
     return _build((init, _Environment(Settings, env), filecfg), path)
 

@@ -138,6 +138,12 @@ def test_bad_config_file_values_and_unknown_keys_are_config_errors(tmp_path: Pat
         config.load({"no_such_setting": 1}, environ={})
     with pytest.raises(ConfigError, match=r"--config / STREAMLEARN_CONFIG\): not a readable file"):
         config.load(environ={"STREAMLEARN_CONFIG": str(tmp_path / "missing.toml")})  # was skipped in silence
+    cfg.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")  # a RecursionError traceback in every command
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        config.load(environ={"STREAMLEARN_CONFIG": str(cfg)})
+    cfg.write_text("[models]\nx = { a = 1 }\ny = 5\n")  # was read as the text "{'a': 1}" and "5"
+    with pytest.raises(ConfigError, match=r"\[models\] \['x', 'y'\]: each entry is name = 'module:attribute'"):
+        config.load(environ={"STREAMLEARN_CONFIG": str(cfg)})
 
 
 def test_with_validates_and_never_rereads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
