@@ -72,3 +72,25 @@ def test_unknown_and_malformed_specs_say_what_to_do(local_settings: config.Setti
     wrong = local_settings.with_(model_specs={"x": "tests.custom_spec_module:SPEC"})
     with pytest.raises(SpecError, match="calls itself 'tiny_linear'"):
         load_spec("x", wrong)
+
+
+def test_a_plugin_that_fails_is_one_failed_line_and_the_others_are_checked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A plugin whose import raised (or called sys.exit) ended `models check` in a traceback (or silently),
+    and no model after it was checked."""
+    from streamlearn.cli import main
+
+    (tmp_path / "explode_mod.py").write_text("raise RuntimeError('plugin import exploded')\n")
+    (tmp_path / "exit_mod.py").write_text("import sys\nsys.exit(3)\n")
+    (tmp_path / "factory_mod.py").write_text("def make():\n    raise ValueError('no spec today')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text('[models]\nboom = "explode_mod:SPEC"\nquit = "exit_mod:SPEC"\n'
+                                      'factory = "factory_mod:make"\n')
+    assert main(["--home", str(home), "models", "check", "boom", "quit", "factory", "nope"]) == 1
+    out = capsys.readouterr().out
+    assert "boom: FAILED: " in out and "RuntimeError: plugin import exploded" in out, out
+    assert "quit: FAILED: " in out and "SystemExit" in out, out
+    assert "factory: FAILED: " in out and "ValueError: no spec today" in out, out
+    assert "nope: FAILED: " in out and "unknown model 'nope'" in out, out

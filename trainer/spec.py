@@ -199,6 +199,9 @@ def _import_target(target: str, origin: str) -> ModelSpec:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise SpecError(f"{origin}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") from exc
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the plugin's own code failed while importing
+        raise SpecError(f"{origin}: importing module {module_name!r} failed: {type(exc).__name__}: "
+                        f"{str(exc)[:300]}; fix the plugin") from exc
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -206,7 +209,11 @@ def _import_target(target: str, origin: str) -> ModelSpec:
         except AttributeError as exc:
             raise SpecError(f"{origin}: module {module_name!r} has no attribute {attr!r}") from exc
     if not isinstance(obj, ModelSpec) and callable(obj):
-        obj = obj()
+        try:
+            obj = obj()
+        except Exception as exc:  # noqa: BLE001 - a plugin's factory that raises
+            raise SpecError(f"{origin}: {target!r} raised {type(exc).__name__}: {str(exc)[:300]}; fix the "
+                            "plugin") from exc
     if not isinstance(obj, ModelSpec):
         raise SpecError(f"{origin}: {target!r} is a {type(obj).__name__}, not a trainer.spec.ModelSpec")
     return obj

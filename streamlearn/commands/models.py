@@ -248,11 +248,14 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
 
     names = args.model or sorted(spec_sources(settings))
     failed = 0
-    for name in names:
+    for name in names:  # one bad plugin is that model's FAILED line; the others are still checked
         try:
             check_spec(load_spec(name, settings))
             print(f"{name}: ok")
         except SpecCheckError as exc:
             failed += 1
             print(f"{name}: FAILED: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a plugin's build/loss/score raising: was a traceback, and the end
+            failed += 1
+            print(f"{name}: FAILED: {type(exc).__name__}: {str(exc)[:300]}")
     return 1 if failed else 0
