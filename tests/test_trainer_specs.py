@@ -42,6 +42,14 @@ def test_a_spec_with_the_wrong_output_width_fails_the_checks() -> None:
         check_spec(broken)
 
 
+def test_a_label_the_featurizer_does_not_emit_fails_the_checks() -> None:
+    """The checks made the label column up, so such a spec was "ok" and could never train ("hold no row
+    with label ..."; a periodic trainer waited for labelled data for ever)."""
+    broken = dataclasses.replace(load_spec("sensor_forecaster"), label="no_such_label")
+    with pytest.raises(SpecCheckError, match=r"label\(s\) \['no_such_label'\] are not emitted by featurizer sensor/"):
+        check_spec(broken)
+
+
 def test_a_nondeterministic_builder_fails_the_checks() -> None:
     spec = load_spec("sensor_forecaster")
     counter = iter(range(100))

@@ -74,9 +74,14 @@ def check_spec(spec: ModelSpec, epochs: int = 1) -> None:
         failures.append(f"direction is {spec.direction!r}; use 'max' or 'min'")
     if spec.task == "classification" and (not spec.class_names or len(spec.class_names) != len(spec.output_names)):
         failures.append("classifiers need class_names with one entry per output column")
+    features = spec.features()
+    emitted = set(features.label_names)
+    missing = [name for name in (spec.label, *spec.aux_labels) if name not in emitted]
+    if missing:  # the synthetic columns below made them up, so the check passed and training never could
+        failures.append(f"label(s) {missing} are not emitted by featurizer {features.kind}/{features.version} "
+                        f"(it emits {sorted(emitted)})")
     if failures:
         raise SpecCheckError(f"model spec {spec.name!r} failed: " + "; ".join(failures))
-    features = spec.features()
     rng = np.random.default_rng(7)
     x = synthetic_x(features, N_ROWS, rng)
     x[:, CONSTANT_COLUMN] = CONSTANT_VALUE
