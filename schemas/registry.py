@@ -40,6 +40,7 @@ from schemas.exceptions import (
     VersionNotFoundError,
 )
 from schemas.http_client import HttpRegistryClient
+from schemas.schema_limits import check_schema
 
 LOG_NAME = "schemas.jsonl"
 LOCK_NAME = "schemas.lock"
@@ -249,6 +250,7 @@ class FileRegistry(SchemaRegistry):
         if not subject or not isinstance(subject, str):
             raise SchemaNotFoundError("subject: must be a non-empty string, e.g. '<topic>-value'", 40401)
         text = schema_text(schema)
+        check_schema(text)  # the REST server checks too; `schemas register` writes the file store directly
         key = catalog.canonical_text(text)
         with self._locked(exclusive=True):
             self._catch_up(repair=True)

@@ -169,7 +169,17 @@ def _record(fields: list[dict[str, object]], name: str = "R") -> str:
     (_record([{"name": f"f{i}", "type": "int"} for i in range(6000)]), "more than"),
     ("[" * 5000 + '"int"' + "]" * 5000, "levels deep"),
     ('"x' + "a" * 300_000 + '"', "bytes"),
-])
+    # Avro the registry took (200) and then failed on: a 500 reading it back (NaN), raw errors encoding
+    (json.dumps({"type": "fixed", "name": "F", "size": "abc"}), "fixed size 'abc' must be an integer"),
+    (json.dumps({"type": "fixed", "name": "F", "size": -1}), "fixed size"),
+    (_record([{"name": "a", "type": []}]), "at least one branch"),
+    (_record([{"name": "a", "type": ["int", "int"]}]), "the union holds 'int' twice"),
+    (_record([{"name": "a", "type": [["int"], "null"]}]), "may not hold a union"),
+    (_record([{"name": "a", "type": "int"}, {"name": "a", "type": "long"}]), "field 'a' is declared twice"),
+    (_record([{"name": "a", "type": "long", "default": 10**40}]), "does not fit an Avro long"),
+    ('{"type": "record", "name": "R", "fields": [{"name": "a", "type": "double", "default": NaN}]}', "not JSON"),
+], ids=["field_name", "record_name", "enum_symbol", "too_many", "too_deep", "too_big", "fixed_text", "fixed_negative",
+        "empty_union", "twice_in_union", "union_in_union", "field_twice", "default_range", "nan_default"])
 def test_schema_limits_and_avro_names(schema: str, word: str) -> None:
     with pytest.raises(InvalidSchemaError, match=word):
         check_schema(schema, SchemaLimits())
