@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from ingest.exceptions import ImageValidationError
-from ingest.images import accept, inspect
+from ingest.images import ImageWatcher, accept, inspect
 from streaming.config import Settings
 
 
@@ -207,28 +207,32 @@ def test_every_file_in_the_drop_folder_ends_published_or_rejected(settings: Sett
     assert (watch / "rejected" / "screen.gif.reason").read_text().startswith("too_many_pixels: GIF declares")
 
 
+def _once(settings: Settings, watch: Path, files: dict[str, bytes]) -> ImageWatcher:
+    """``files`` written into a new drop folder ``watch`` (settled: a minute old), then one run of it."""
+    from streaming.producer import Publisher
+
+    watch.mkdir()
+    old = time.time() - 60
+    for name, data in files.items():
+        (watch / name).write_bytes(data)
+        os.utime(watch / name, (old, old))
+    with Publisher(settings) as pub:
+        watcher = ImageWatcher(settings, pub, watch)
+        watcher.run(follow=False)
+        watcher.close()
+    return watcher
+
+
 def test_a_file_name_too_long_for_its_sidecars_is_moved_under_a_shorter_one(settings: Settings,
                                                                            tmp_path: Path) -> None:
     """A 250-character name: its `.reason` could not be written, every run of the folder ended in
     "File name too long" and no other file was moved. A valid one was refused as "bad_label" (its
     label file's name was too long to look up). Now both take a shortened name, the rest goes on."""
     from ingest.image_moves import MAX_MOVED_NAME_BYTES
-    from ingest.images import ImageWatcher
-    from streaming.producer import Publisher
 
     watch = tmp_path / "drop"
-    watch.mkdir()
-    bad, good = "a" * 246 + ".png", "b" * 247 + ".png"
-    (watch / bad).write_bytes(b"not an image")
-    (watch / good).write_bytes(_png())
-    (watch / "ok.png").write_bytes(_png(9, 9))
-    old = time.time() - 60
-    for p in watch.iterdir():
-        os.utime(p, (old, old))
-    with Publisher(settings) as pub:
-        watcher = ImageWatcher(settings, pub, watch)
-        watcher.run(follow=False)
-        watcher.close()
+    watcher = _once(settings, watch, {"a" * 246 + ".png": b"not an image", "b" * 247 + ".png": _png(),
+                                      "ok.png": _png(9, 9)})
     assert (watcher.published, watcher.rejected_count) == (2, 1)
     assert sorted(p.name for p in watch.iterdir()) == ["processed", "rejected"]
     moved = [p.name for d in ("processed", "rejected") for p in (watch / d).iterdir()]
@@ -242,21 +246,9 @@ def test_a_once_run_publishes_a_valid_copy_of_a_rejected_files_bytes(settings: S
     """`ingest images --once`: a JPEG named .png is rejected; the same bytes as prog.jpg are valid, and were
     "left for the next scan", which a once run never made (it ended while the batch was still in flight):
     exit 0 with the file still in the folder. The run now scans once more after its last commit."""
-    from ingest.images import ImageWatcher
-    from streaming.producer import Publisher
-
     watch = tmp_path / "drop"
-    watch.mkdir()
     jpeg = _saved("JPEG", "L", size=(32, 32))
-    (watch / "prog.jpg").write_bytes(jpeg)
-    (watch / "jpeg_named.png").write_bytes(jpeg)
-    old = time.time() - 60
-    for p in watch.iterdir():
-        os.utime(p, (old, old))
-    with Publisher(settings) as pub:
-        watcher = ImageWatcher(settings, pub, watch)
-        watcher.run(follow=False)
-        watcher.close()
+    watcher = _once(settings, watch, {"prog.jpg": jpeg, "jpeg_named.png": jpeg})
     assert (watcher.published, watcher.rejected_count) == (1, 1)
     assert sorted(p.name for p in watch.iterdir()) == ["processed", "rejected"]
     assert [p.name for p in (watch / "processed").iterdir()] == ["prog.jpg"]
