@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -129,8 +130,10 @@ def declared_pixels(instance: Any) -> int:
         if image_probe.sniff(head) is not None:  # PNG/JPEG: the one probe, from the header bytes alone
             header = image_probe.probe(head, scans=False)
             return header.width * header.height
-        with Image.open(io.BytesIO(head)) as img:  # a format ingestion converts (WebP, HEIC...): its header
-            width, height = img.size
+        with warnings.catch_warnings():  # a cut-off head's "Corrupt EXIF data": the size is all we read here
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(head)) as img:  # a format ingestion converts (WebP, HEIC...): its header
+                width, height = img.size
     except Exception:  # noqa: BLE001 - not an image here: featurize() refuses it with its reason
         if len(data) <= _HEAD_B64:
             return 0
