@@ -35,6 +35,7 @@ def schema_text(schema: str | dict[str, Any] | list[Any]) -> str:
 
 def parse_version(version: Version) -> int | None:
     """``"latest"`` or ``-1`` -> None; a positive int (or its text) -> int; else InvalidVersionError."""
+    given = version  # quoted as the caller sent it ("abc" was reported as "0 is not a version")
     if isinstance(version, str):
         if version.strip().lower() == "latest":
             return None
@@ -48,7 +49,7 @@ def parse_version(version: Version) -> int | None:
         return None
     if version < 1 or version > 2**31 - 1:
         raise InvalidVersionError(
-            f"version: {version!r} is not a version; pass a positive integer or 'latest'"
+            f"version: {str(given)[:40]!r} is not a version; pass a positive integer or 'latest'"
         )
     return version
 

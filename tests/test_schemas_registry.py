@@ -56,8 +56,8 @@ def test_versions_and_lookups(tmp_path: Path) -> None:
     assert reg.get_version("s", "2").id == 2
     with pytest.raises(VersionNotFoundError, match="Version 7 not found for subject 's'"):
         reg.get_version("s", 7)
-    with pytest.raises(InvalidVersionError, match="positive integer or 'latest'"):
-        reg.get_version("s", "newest")
+    with pytest.raises(InvalidVersionError, match="version: 'newest' is not a version; pass a positive integer"):
+        reg.get_version("s", "newest")  # it said "0 is not a version"
     with pytest.raises(SubjectNotFoundError, match="Subject 'nope' not found."):
         reg.versions("nope")
     with pytest.raises(SchemaNotFoundError) as info:
