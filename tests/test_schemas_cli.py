@@ -58,6 +58,13 @@ def test_register_show_list_check(home: Path, tmp_path: Path, capsys: pytest.Cap
     assert "Subject 'nope' not found" in capsys.readouterr().err
     assert _run(home, "schemas", "register", "x", "NoSuchFile.avsc") == 1
     assert "neither an existing .avsc file nor a built-in schema" in capsys.readouterr().err
+    primitive = tmp_path / "p.avsc"
+    primitive.write_text('"string"')
+    assert _run(home, "schemas", "register", "p-value", str(primitive)) == 0
+    capsys.readouterr()
+    assert _run(home, "schemas", "list") == 0
+    listed = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [row[-1] for row in listed if row[0] == "p-value"] == ["string"], listed  # was shown as "union"
 
 
 def test_register_builtin_is_idempotent(home: Path, capsys: pytest.CaptureFixture[str]) -> None:

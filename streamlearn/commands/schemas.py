@@ -111,7 +111,9 @@ def _list(args: argparse.Namespace, settings: config.Settings) -> int:
 
 def _record_name(text: str) -> str:
     value = json.loads(text)
-    return str(value.get("name", value.get("type", ""))) if isinstance(value, dict) else "union"
+    if isinstance(value, dict):
+        return str(value.get("name", value.get("type", "")))
+    return value if isinstance(value, str) else "union"  # a primitive schema ("string") was shown as a union
 
 
 def _show(args: argparse.Namespace, settings: config.Settings) -> int:
