@@ -258,10 +258,8 @@ def _request_target(url: str) -> str:
 def _whole(value: Any) -> int:
     """An integer field of a JSON log line: an int, a float with no fraction (``200.0``) or a string of
     digits. ``int()`` cut ``200.7`` to 200 and ``12.9`` bytes to 12 without a word."""
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(value)
-        return int(value)
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
     return int(value)
 
 

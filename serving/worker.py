@@ -52,6 +52,7 @@ from streaming.limits import MAX_ID_CHARS, BrokerLimits, short
 from streaming.onerror import OnError
 from streaming.rejoin import Rejoiner, held
 from streaming.topics import (
+    DAY_MS,
     KINDS,
     dead_letter_topic,
     declared_topics,
@@ -63,11 +64,6 @@ from streaming.topics import (
 )
 
 log = logging.getLogger(__name__)
-
-
-
-#: A request's own timestamp further than this from its record's is not believed (latency is measured from it).
-DAY_MS = 86_400_000
 
 
 def _safe_id(text: str) -> str:
@@ -389,6 +385,8 @@ class ServingWorker(Emitter):
             item.timestamp_ms = int(value.get("timestamp") or rec.timestamp)
         except (TypeError, ValueError, OverflowError):
             item.timestamp_ms = int(rec.timestamp)
+        # a request's own timestamp further than a day from its record's is not believed (latency is measured
+        # from it)
         if abs(item.timestamp_ms - int(rec.timestamp)) > DAY_MS:  # -2**62 was a latency of 4.6e18 ms in the
             item.timestamp_ms = int(rec.timestamp)  # answer and the latency histogram: the record's time instead
         problem = self.replies.problem(value.get("reply_topic"))

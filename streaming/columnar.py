@@ -191,13 +191,13 @@ def _plan(pending: list[BatchInfo], budget_rows: int) -> list[list[BatchInfo]]:
     return steps
 
 
-def _readable(info: BatchInfo) -> tuple[bytes, pa.Table | None]:
-    """The batch's verified bytes and rows (None: an empty batch); ColumnarError when it cannot be used."""
+def _readable(info: BatchInfo) -> pa.Table | None:
+    """The batch's verified rows (None: an empty batch); ColumnarError when it cannot be used."""
     try:
         data = _read_verified(info)
         if int(info.manifest.get("record_count", 0) or 0) == 0:
-            return data, None
-        return data, batch_table(info, data)
+            return None
+        return batch_table(info, data)
     except ColumnarError:
         raise
     except FileNotFoundError as exc:
@@ -221,7 +221,7 @@ def _step(out: Path, manifest: dict[str, Any], step: list[BatchInfo],
     infos: dict[str, BatchInfo] = {}
     for info in step:
         try:
-            _data, table = _readable(info)
+            table = _readable(info)
         except ColumnarError as exc:
             log.warning("columnar: %s; left out of this compaction", exc)
             skipped.append({"batch_id": info.batch_id, "reason": str(exc)})
