@@ -32,6 +32,7 @@ from streaming.objstore import Location, open_url, relative_key
 from streaming.store import BatchInfo, read_batch
 from trainer.exceptions import BatchesGoneError, DamagedBatchError, LineageError, NotEnoughDataError
 from trainer.spec import ModelSpec
+from trainer.specs.common import not_class_ids
 
 #: at most this many new batch files are read for one retrain (besides ``spec.max_new_rows``); it bounds
 #: the file opens and sha256 checks after a long trainer outage with many small batches.
@@ -239,7 +240,7 @@ def labelled(spec: ModelSpec, x: np.ndarray, columns: dict[str, np.ndarray]) -> 
     mask = ~np.isnan(ids)
     if spec.class_names is not None:
         n = len(spec.class_names)
-        bad = mask & ((ids < 0) | (ids >= n) | (ids != np.round(ids)))
+        bad = mask & not_class_ids(ids, n)
         if bad.any():
             log.warning("model %s: %d row(s) have a %r label that is no class id in [0, %d) (e.g. %s); "
                         "they train as unlabelled rows", spec.name, int(bad.sum()), spec.label, n,

@@ -32,13 +32,20 @@ def inputs(features: FeatureInfo) -> tuple[Any, Any]:
     return x, keras.layers.Reshape(tuple(features.input_shape), name="to_input_shape")(x)
 
 
+def not_class_ids(ids: np.ndarray, n_classes: int) -> np.ndarray:
+    """Mask of the labels that are no class id, i.e. not an integer in [0, n_classes) (NaN included: drop
+    unlabelled rows first). One rule for the trainer's row filter (trainer.data.labelled) and the targets."""
+    return (ids < 0) | (ids >= n_classes) | (ids != np.round(ids))
+
+
 def one_hot_targets(label: str, n_classes: int) -> Any:
     """Target maker: integer class label column -> one-hot float32 (N, n_classes)."""
 
     def make(columns: dict[str, np.ndarray]) -> np.ndarray:
         ids = np.asarray(columns[label], dtype=np.float64)
-        if ids.size and (np.any(ids < 0) or np.any(ids >= n_classes) or np.any(ids != np.round(ids))):
-            bad = ids[(ids < 0) | (ids >= n_classes) | (ids != np.round(ids))][:5]
+        invalid = not_class_ids(ids, n_classes)
+        if invalid.any():
+            bad = ids[invalid][:5]
             raise ValueError(f"label {label!r}: class ids must be integers in [0, {n_classes}), got {bad}")
         out = np.zeros((ids.shape[0], n_classes), dtype=np.float32)
         out[np.arange(ids.shape[0]), ids.astype(np.int64)] = 1.0
