@@ -27,10 +27,11 @@ demo: $(STAMP) ## run the whole platform on the embedded broker for a while and 
 
 # Two pytest workers (pytest-xdist), one embedded broker each: most tests wait on subprocesses and the
 # broker, so two workers keep a 2-core box busy. --dist loadfile keeps a file's tests (and its module
-# fixtures) in one worker. TEST_WORKERS=0 runs them in this process, one at a time.
+# fixtures) in one worker. TEST_WORKERS=0 runs them in this process, one at a time. --durations: the
+# slowest tests are in every CI log, so a suite that grows slower shows where.
 TEST_WORKERS ?= 2
 test: $(STAMP) ## run the test suite against a real embedded broker
-	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+	$(BIN)/python -m pytest -q --durations=25 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .
