@@ -35,6 +35,19 @@ def test_weblog_v2_labels_a_real_format_log_without_labels() -> None:
     assert got == [(0.0, 0.0, None), (0.0, 0.0, None), (1.0, 0.0, None), (1.0, 1.0, None), (0.0, 0.0, None)]
 
 
+def test_backfilled_lines_carry_the_same_labels_as_live_ones() -> None:
+    """A backfill run (`ingest weblog --backfill`, and every generator) goes through featurize_backfill;
+    v2 once added `is_failed` only on the live path, so history trained nothing."""
+    v2 = get_featurizer("weblog")
+    live_state, back_state = v2.new_state(), v2.new_state()
+    for i, line in enumerate(COMBINED_LOG):
+        rec = parse_line(line, source="fixture.log", position=i)
+        live = v2.featurize_event(rec, live_state)
+        back = v2.featurize_event(rec, back_state, backfill_run="run-1")
+        assert back.labels == live.labels
+        assert back.labels["is_failed"] == (1.0 if rec["status"] >= 400 else 0.0)
+
+
 def test_the_web_log_model_ignores_the_features_that_are_the_answer() -> None:
     spec = load_spec("weblog_classifier")
     assert spec.label == "is_failed" and spec.featurizer_version == "weblog-v2" and spec.balance_classes

@@ -32,8 +32,10 @@ class WeblogFeaturizerV2(WeblogFeaturizer):
     version = VERSION
     label_names = ["is_bot_or_attack", "is_error", "is_failed"]
 
-    def featurize(self, record: dict[str, Any], state: WeblogState) -> FeatureRow:
-        row = super().featurize(record, state)  # validates status as an int in 100..599
+    def _row(self, record: dict[str, Any], state: WeblogState, run: str | None) -> FeatureRow:
+        """v1's row plus ``is_failed``. Overridden here, under both the live and the backfill entry:
+        overriding ``featurize`` alone left every backfilled line (and every generated one) unlabelled."""
+        row = super()._row(record, state, run)  # validates status as an int in 100..599
         labels = dict(row.labels)
         labels["is_failed"] = 1.0 if int(record["status"]) >= 400 else 0.0
         return FeatureRow(row.x, labels, row.event_time_ms, row.key)
