@@ -5,7 +5,7 @@ web-log ingest) and every featurizer apply the same window; docs/EVENT_TIME.md i
 
 * **Units are never guessed per row.** :class:`TimestampReader` converts one file's or stream's
   timestamps with one unit: ``s``, ``ms``, ``us``, ``ns`` or ``iso`` as declared, or ``auto``,
-  which decides *once* from the first values it sees (the order of magnitude of the largest, see
+  which decides *once* from the first values it sees (a vote of their orders of magnitude, see
   :func:`magnitude_unit`), logs the decision, and rejects every later value that only makes sense
   in another unit (``timestamp_unit_mismatch``) instead of silently reinterpreting it. ISO 8601
   strings are read whatever the unit, because they carry their own; one written without an offset
@@ -204,9 +204,12 @@ class TimestampReader:
     def decide(self, values: Iterable[Any]) -> str | None:
         """``auto``: pick the unit from these values (the first ``sample`` numbers) and log it.
 
-        The largest magnitude decides (values near 1970 are small in every unit, so they cannot);
-        raises EventTimeError when even the largest fits several units. Returns the unit (None
-        when the values held no number: every one was ISO text).
+        Each value whose magnitude names one unit votes (values near 1970 are small in every unit,
+        so they do not); the unit with most votes wins. Raises EventTimeError when no value votes,
+        or when two units tie. Returns the unit (None when the values held no number: every one was
+        ISO text). A vote and not the largest value: one nanosecond row among millisecond ones made
+        "the largest" pick ns, read every millisecond row as January 1970, and left the one real
+        outlier as the only row that agreed.
         """
         if self.decided is not None:
             return self.decided
@@ -222,16 +225,28 @@ class TimestampReader:
                     break
         if not nums:
             return None
-        top = max(nums, key=abs)
-        unit = magnitude_unit(top)
-        if unit is None:
+        votes: dict[str, int] = {}
+        for n in nums:
+            seen = magnitude_unit(n)
+            if seen is not None:
+                votes[seen] = votes.get(seen, 0) + 1
+        ranked = sorted(votes.items(), key=lambda kv: -kv[1])
+        if not ranked:
+            top = max(nums, key=abs)
             raise EventTimeError(
                 f"{self.source}: {self.flag} auto cannot tell the unit of the first {len(nums)} numeric "
                 f"timestamps (the largest, {top!r}, fits several units: values near 1970 or between the "
                 f"units' ranges); pass {self.flag} s|ms|us|ns", "timestamp_unit_ambiguous")
+        if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+            counts = ", ".join(f"{v} like {k}" for k, v in ranked)
+            raise EventTimeError(
+                f"{self.source}: {self.flag} auto cannot tell the unit of the first {len(nums)} numeric "
+                f"timestamps: as many look like one unit as like another ({counts}); pass "
+                f"{self.flag} s|ms|us|ns", "timestamp_unit_ambiguous")
+        unit = ranked[0][0]
         self.decided = unit
         self.decided_from = len(nums)
-        times = sorted(numeric_to_ms(n, unit) for n in nums)
+        times = sorted(numeric_to_ms(n, unit) for n in nums if magnitude_unit(n) in (unit, None))
         self._ref = times[len(times) // 2]
         log.info("%s: %s auto decided '%s' from the first %d numeric timestamps (%s .. %s)", self.source,
                  self.flag, unit, len(nums), iso(times[0]), iso(times[-1]))

@@ -97,6 +97,27 @@ def test_auto_rejects_later_rows_in_another_unit_instead_of_reinterpreting(tmp_p
     assert "auto decided 'ms'" in str(rows[5].error)
 
 
+@pytest.mark.parametrize("where", [3, 30], ids=["early", "late"])
+def test_one_row_in_a_larger_unit_does_not_turn_the_others_into_1970(tmp_path: Path, where: int) -> None:
+    """The largest value used to decide: one nanosecond row among millisecond ones made every
+    millisecond row January 1970 (with --backfill, published as such). The rows now vote."""
+    base = ms(2026, 11)
+    lines = [f"a,{base + i * MIN},{i}" for i in range(50)]
+    lines[where] = f"a,{(base + where * MIN) * 1_000_000},{where}"  # the same instant, in ns
+    path = tmp_path / "outlier.csv"
+    path.write_text("sensor_id,timestamp,value\n" + "\n".join(lines) + "\n")
+    rows = list(sensors.read_csv(path, now=NOW, policy=EventTimePolicy(max_age_ms=None)))
+    reasons = [r.error.reason if r.error else None for r in rows]
+    assert reasons == [None] * where + ["timestamp_unit_mismatch"] + [None] * (49 - where)
+    assert [r.record["timestamp"] for r in rows if r.record][:2] == [base, base + MIN]
+
+
+def test_a_tied_vote_is_refused_not_guessed() -> None:
+    with pytest.raises(EventTimeError) as info:
+        TimestampReader("auto", source="f").decide([ms(2026, 11), ms(2026, 11) * 1_000_000])
+    assert info.value.reason == "timestamp_unit_ambiguous" and "1 like ms, 1 like ns" in str(info.value)
+
+
 def test_magnitude_classes_do_not_overlap() -> None:
     assert [magnitude_unit(v) for v in (1.7e9, 1.7e12, 1.7e15, 1.7e18, -1.26e8, 5e7, 5e10)] == [
         "s", "ms", "us", "ns", "s", None, None]
