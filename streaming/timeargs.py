@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from streaming import clock
 from streaming.exceptions import StreamingError
@@ -40,6 +40,9 @@ _RELATIVE_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 6
 _EPOCH_DIV = {"s": None, "ms": 1, "us": 1_000, "ns": 1_000_000}
 
 
+_EPOCH_START = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 class TimeArgError(StreamingError, ValueError):
     """A command-line time is in none of the accepted forms (the message names the flag)."""
 
@@ -48,16 +51,19 @@ class TimeArgError(StreamingError, ValueError):
 MAX_TIME_MS = 253_402_300_799_999
 
 
-def parse_time(text: str, *, flag: str = "time", now_ms: int | None = None) -> int:
+def parse_time(text: str, *, flag: str = "time", now_ms: int | None = None, event_time: bool = False) -> int:
     """Epoch milliseconds (UTC) of ``text`` in one of :data:`FORMS`; ``flag`` names the argument in errors.
 
-    A time before 1970 is 0, the start of every topic (Kafka record times are not negative: it used to be
-    kafka-python's "target time cannot be negative" traceback); one after 9999 is refused (an epoch with
-    too many digits was a ``struct.error`` traceback, or a 30 s hang in ``subscribe``)."""
+    For a Kafka record time (the default) a time before 1970 is 0, the start of every topic (record times
+    are not negative: it used to be kafka-python's "target time cannot be negative" traceback). An
+    ``event_time`` bound (``query --start/--end``) keeps it: backfilled history goes back to 1678, and
+    clamping made ``--start 1962-01-01`` mean 1970 (rows of 1962-1969 left out) and any range before
+    1970 an "empty range" error. One after 9999 is refused (an epoch with too many digits was a
+    ``struct.error`` traceback, or a 30 s hang in ``subscribe``)."""
     ms = _parse_time(text, flag, now_ms)
     if ms > MAX_TIME_MS:
         raise TimeArgError(f"{flag}: {text.strip()!r} is after 9999-12-31; give {FORMS}")
-    return max(ms, 0)
+    return ms if event_time else max(ms, 0)
 
 
 def _parse_time(text: str, flag: str, now_ms: int | None) -> int:
@@ -89,15 +95,18 @@ def _parse_time(text: str, flag: str, now_ms: int | None) -> int:
         raise TimeArgError(f"{flag}: {raw!r} is not a time; give {FORMS}") from exc
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
+    # Exact integer arithmetic: int(dt.timestamp() * 1000) goes through a float and truncated some
+    # milliseconds to the one before (2004-03-15T07:55:47.472Z was ...471).
+    return (dt - _EPOCH_START) // timedelta(milliseconds=1)
 
 
 #: Every flag made by :func:`time_arg`, so :func:`attach_relative_values` knows them.
 TIME_FLAGS: set[str] = set()
 
 
-def time_arg(flag: str) -> Callable[[str], int]:
+def time_arg(flag: str, *, event_time: bool = False) -> Callable[[str], int]:
     """An argparse ``type=`` for ``flag``: argparse then prints ``argument FLAG: <our message>``, exit 2.
+    ``event_time``: a bound on event times, which may lie before 1970 (see :func:`parse_time`).
 
     Register the command line through :func:`attach_relative_values` too, or ``--from-timestamp -2h`` is
     taken for an unknown option ``-2h``.
@@ -106,7 +115,7 @@ def time_arg(flag: str) -> Callable[[str], int]:
 
     def convert(text: str) -> int:
         try:
-            return parse_time(text, flag=flag)
+            return parse_time(text, flag=flag, event_time=event_time)
         except TimeArgError as exc:
             raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag}: ")) from exc
 

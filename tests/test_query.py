@@ -226,3 +226,25 @@ def test_pages_over_small_row_groups_stop_early(tmp_path: Path, monkeypatch: pyt
     assert first.scanned_rows < len(rows) / 2, first.scanned_rows
     ties, _ = _all_pages(settings, 6, key="k2")
     assert [ident(r) for r in ties] == [ident(r) for r in sorted(rows, key=order_key) if r.key == "k2"]
+
+
+def test_event_time_bounds_before_1970_select_backfilled_rows(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Backfilled history goes back to 1678; `--start 1962-01-01` was clamped to 1970 (every 1960s row
+    left out) and a range before 1970 was an 'empty range' error. The same bounds over HTTP."""
+    from streamlearn.api.requests import parse_when
+    from streamlearn.cli import main
+    from tests.columnar_helpers import write
+
+    settings = local_settings(tmp_path)
+    t1962 = -252_460_800_000  # 1962-01-01T00:00:00Z
+    rows = write(FeatureStore(settings.feature_store), 0, 0, 30, step_ms=30 * 86_400_000, t0=t1962)
+    compact_features(settings, "sensor")
+    home = ["--home", str(settings.home)]
+    assert main([*home, "query", "features", "--kind", "sensor", "--all", "--start", "1962-01-01",
+                 "--end", "1963-01-01"]) == 0
+    got = [json.loads(line)["event_time_ms"] for line in capsys.readouterr().out.splitlines()]
+    assert got == [r.event_time_ms for r in rows if r.event_time_ms < -220_924_800_000]  # before 1963
+    assert len(got) == 13
+    assert parse_when("1962-01-01", "start", event_time=True) == t1962
+    assert parse_when(str(t1962), "start", event_time=True) == t1962

@@ -116,6 +116,16 @@ def test_times_before_1970_are_the_start_of_the_topic_and_after_9999_are_refused
             parse_time(text, flag="--to")
 
 
+def test_event_time_bounds_keep_times_before_1970_and_every_millisecond_is_exact() -> None:
+    """query's --start/--end bound event times, which backfill takes back to 1678; and ISO times were
+    read through a float, so 2004-03-15T07:55:47.472Z came out one millisecond early."""
+    assert parse_time("1962-01-01", flag="--start", event_time=True) == -252_460_800_000
+    assert time_arg("--end", event_time=True)("1678-01-01T00:00:00Z") == -9_214_560_000_000
+    assert parse_time("2004-03-15T07:55:47.472Z") == 1_079_337_347_472
+    for ms in range(1_079_337_347_000, 1_079_337_348_000):  # every millisecond of a second that went wrong
+        assert parse_time(format_ms(ms).split()[0]) == ms
+
+
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--from-offset", "-5"], "offsets run from 0"),
     (["--from-offset", "99999999999999999999"], "offsets run from 0"),

@@ -108,7 +108,8 @@ class QueryService:
         what = params["what"]
         settings = tenant_settings(self.settings, principal.tenant)
         limits = q.QueryLimits.from_settings(settings)
-        common = {"start_ms": parse_when(params.get("start"), "start"), "end_ms": parse_when(params.get("end"), "end"),
+        common = {"start_ms": parse_when(params.get("start"), "start", event_time=True),
+                  "end_ms": parse_when(params.get("end"), "end", event_time=True),
                   "limit": params["limit"], "cursor": params.get("cursor"), "limits": limits}
         if what == "features":
             if not params.get("kind"):

@@ -72,18 +72,21 @@ def parse_body(model: type[BaseModel], value: Any) -> Any:
         raise BadRequestError(f"{where}: {err['msg']}; see the schema in /openapi.json") from None
 
 
-def parse_when(text: str | None, name: str) -> int | None:
-    """Epoch ms of a time parameter: bare digits are epoch ms; anything else as ``streaming.timeargs``."""
+def parse_when(text: str | None, name: str, *, event_time: bool = False) -> int | None:
+    """Epoch ms of a time parameter: bare digits are epoch ms; anything else as ``streaming.timeargs``.
+
+    ``event_time`` (the /query bounds): times before 1970 are kept, and a bare negative number is
+    epoch ms too, since backfilled rows go back to 1678; a replay's record times start at 0."""
     if text is None or text == "":
         return None
     text = text.strip()
-    if re.fullmatch(r"[0-9]{1,15}", text):
+    if re.fullmatch(r"-?[0-9]{1,15}" if event_time else r"[0-9]{1,15}", text):
         return int(text)
     if re.fullmatch(r"[0-9]{16,}", text):  # parse_time's advice ("say its unit") contradicts the HTTP rule
         raise BadRequestError(f"{name}: {text[:40]} has over 15 digits; over HTTP a bare number is epoch "
                               "milliseconds (13 digits today), or give a time with its unit or as ISO 8601")
     try:
-        return parse_time(text, flag=name)
+        return parse_time(text, flag=name, event_time=event_time)
     except TimeArgError as exc:
         raise BadRequestError(f"{exc}; over HTTP a bare number is epoch milliseconds") from None
 

@@ -19,8 +19,11 @@ from streamlearn.argtypes import count_arg
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--start", type=time_arg("--start"), metavar="T", help=f"rows at or after T: {TIME_HELP}")
-    p.add_argument("--end", type=time_arg("--end"), metavar="T", help=f"rows before T (exclusive): {TIME_HELP}")
+    # event_time: backfilled rows go back to 1678, so a bound before 1970 is kept (not clamped to 0)
+    p.add_argument("--start", type=time_arg("--start", event_time=True), metavar="T",
+                   help=f"rows at or after T: {TIME_HELP}")
+    p.add_argument("--end", type=time_arg("--end", event_time=True), metavar="T",
+                   help=f"rows before T (exclusive): {TIME_HELP}")
     p.add_argument("--limit", type=count_arg, default=1000, help="rows per page (default 1000)")
     p.add_argument("--cursor", help="next_cursor of the previous page")
     p.add_argument("--all", action="store_true", help="follow next_cursor until the last page")
