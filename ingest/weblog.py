@@ -134,7 +134,9 @@ def parse_clf_time(text: str) -> int:
         if tz[0] not in "+-" or len(tz) != 5:
             raise ValueError(tz)
         offset = sign * (int(tz[1:3]) * 3600 + int(tz[3:5]) * 60)
-        if not (1 <= day <= 31 and hour < 24 and minute < 60 and second < 61 and int(tz[3:5]) < 60):
+        # Zone offsets on Earth run from -12:00 to +14:00; "+9900" was read as 99 hours.
+        if not (1 <= day <= 31 and hour < 24 and minute < 60 and second < 61 and int(tz[3:5]) < 60
+                and int(tz[1:3]) <= 14):
             raise ValueError(text)
         # 31/Feb used to be read as 3 Mar (timegm carries days over): a date that does not exist is refused.
         month_days = calendar.monthrange(year, month)[1] if day > 28 else 31

@@ -81,15 +81,28 @@ def parse_duration_ms(text: str | None, flag: str = "--max-age") -> int | None:
     if m is None:
         raise EventTimeError(f"{flag} {text!r} is not a duration; use e.g. 90s, 15m, 12h, 30d, 52w, 20y or none",
                              "bad_setting")
-    return int(float(m.group(1)) * _DURATION_MS[m.group(2) or "s"])
+    value = float(m.group(1)) * _DURATION_MS[m.group(2) or "s"]
+    if not value <= _MAX_DURATION_MS:  # also inf: a 300-digit number was an OverflowError traceback
+        raise EventTimeError(f"{flag} {text!r:.40} is longer than any event time can be old (1678 is the "
+                             "oldest accepted); use none for no limit", "bad_setting")
+    return int(value)
+
+
+#: Longer than 1678..2262 in either direction: no age limit past it can matter.
+_MAX_DURATION_MS = 10_000 * _DURATION_MS["y"]
 
 
 def format_duration(ms: int | None) -> str:
+    """``20y``, ``90s``; a length that is no whole number of a unit in the largest unit it reaches,
+    with one decimal (``3.1y``, not ``9.71387e+07s``). Every form parses back with --max-age."""
     if ms is None:
         return "none"
     for unit in ("y", "w", "d", "h", "m"):
         if ms >= _DURATION_MS[unit] and ms % _DURATION_MS[unit] == 0:
             return f"{ms // _DURATION_MS[unit]}{unit}"
+    for unit in ("y", "d", "h", "m"):
+        if ms >= 2 * _DURATION_MS[unit]:
+            return f"{ms / _DURATION_MS[unit]:.1f}{unit}"
     return f"{ms / 1000:g}s"
 
 

@@ -189,6 +189,11 @@ def test_policy_from_flags_and_env(tmp_path: Path) -> None:
     assert eventtime.policy(config.load(environ={**env, "STREAMLEARN_BACKFILL": "1"})).backfill
     with pytest.raises(EventTimeError, match="--max-age"):
         eventtime.policy(s, max_age="ten years")
+    for absurd in ("9" * 300 + "y", "20000y"):  # the first was an OverflowError traceback
+        with pytest.raises(EventTimeError, match="--max-age .* use none for no limit"):
+            eventtime.parse_duration_ms(absurd)
+    assert eventtime.format_duration(97_138_700_000) == "3.1y"  # was '9.71387e+07s' in messages
+    assert eventtime.parse_duration_ms(eventtime.format_duration(97_138_700_000)) is not None
 
 
 # -- sources ----------------------------------------------------------------------------------------

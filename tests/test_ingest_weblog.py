@@ -141,10 +141,12 @@ def test_malformed_lines_raise_with_reason(line: str, reason: str) -> None:
 def test_clf_time_offsets() -> None:
     assert parse_clf_time("01/Jan/1970:00:00:00 +0000") == 0
     assert parse_clf_time("01/Jan/1970:01:00:00 +0100") == 0
+    assert parse_clf_time("01/Jan/1970:14:00:00 +1400") == parse_clf_time("31/Dec/1969:12:00:00 -1200") == 0
 
 
 @pytest.mark.parametrize("text", ["31/Feb/2023:10:00:00 +0000", "29/Feb/2023:10:00:00 +0000",
-                                  "31/Apr/2024:00:00:00 +0000", "01/Jan/2024:00:00:00 +0099"])
+                                  "31/Apr/2024:00:00:00 +0000", "01/Jan/2024:00:00:00 +0099",
+                                  "01/Jan/2026:00:00:00 +9900", "01/Jan/2026:00:00:00 -1500"])
 def test_clf_dates_that_do_not_exist_are_refused_not_carried_into_the_next_month(text: str) -> None:
     """31/Feb/2023 was read as 3 Mar 2023 (timegm carries the days over): a wrong time, not an error."""
     with pytest.raises(LogParseError) as err:
