@@ -168,6 +168,14 @@ class ObjectNotFoundError(ObjectStoreError, FileNotFoundError):
     """A key does not exist; also a FileNotFoundError so callers' ``except`` clauses keep working."""
 
 
+class ObjectStoreUnavailableError(ObjectStoreError, OSError):
+    """The object store could not be reached or failed an operation (connection refused, timeout, 5xx,
+    access denied). Also an OSError: every caller written for a local disk's failures (the lease
+    keeper, the stream worker's backpressure, cleanup that may fail) treats a remote store's the same
+    way, where the S3 client's own exceptions (botocore's EndpointConnectionError is no OSError) used
+    to escape them and end the process."""
+
+
 class ColumnarError(StreamingError):
     """The columnar (Parquet) copy cannot be built or read: a corrupt source batch, a busy lock, a bad name."""
 

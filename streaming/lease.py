@@ -258,7 +258,11 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.step()
+            try:
+                self.step()
+            except Exception:  # an error step() does not know: the thread must outlive it, or this process
+                # could never lead again (the lease runs out on its own; a later step retries)
+                log.exception("lease of %s: renewal failed; retrying in %.1f s", self.lease.model, self.interval_s)
 
     def stop(self, release: bool = True) -> None:
         self._stop.set()

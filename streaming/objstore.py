@@ -41,7 +41,7 @@ from streaming.objstore_base import (  # re-exported: callers import these from 
     is_remote,
     local_path,
 )
-from streaming.objstore_fsspec import FsspecObjectStore
+from streaming.objstore_fsspec import FsspecObjectStore, client_errors
 from streaming.objstore_local import LocalObjectStore, content_token
 
 __all__ = [
@@ -54,21 +54,10 @@ __all__ = [
 def backend_errors() -> tuple[type[BaseException], ...]:
     """Exception types meaning "the object store failed or is unreachable" (callers turn them into
     backpressure): ours, OSError (what s3fs translates to), and the S3 client's own connection and
-    protocol errors, which s3fs passes through untranslated (e.g. EndpointConnectionError)."""
-    found: list[type[BaseException]] = [ObjectStoreError, OSError]
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        found += [BotoCoreError, ClientError]
-    except ImportError:  # pragma: no cover - botocore comes with s3fs
-        pass
-    try:
-        from aiohttp import ClientError as HttpClientError
-
-        found.append(HttpClientError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(found)
+    protocol errors, which s3fs passes through untranslated (e.g. EndpointConnectionError). The
+    fsspec store translates them itself now (ObjectStoreUnavailableError); this stays for reads that
+    go around it (``open_url``)."""
+    return (ObjectStoreError, *client_errors())
 
 
 def open_store(location: Location, storage_options: dict[str, Any] | None = None) -> ObjectStore:

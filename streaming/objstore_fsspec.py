@@ -8,12 +8,54 @@ one. Re-exported from :mod:`streaming.objstore`, which chooses the backend for a
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from streaming.exceptions import ObjectNotFoundError, ObjectStoreError
+from streaming.exceptions import ObjectNotFoundError, ObjectStoreError, ObjectStoreUnavailableError
 from streaming.objstore_base import _OPTIONS_BY_PREFIX, Location, ObjectStore, check_key
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def client_errors() -> tuple[type[BaseException], ...]:
+    """The backend client's own failure types, which s3fs passes through untranslated (botocore's
+    connection and protocol errors, aiohttp's), plus OSError, which s3fs translates the rest into."""
+    found: list[type[BaseException]] = [OSError, TimeoutError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        found += [BotoCoreError, ClientError]
+    except ImportError:  # pragma: no cover - botocore comes with s3fs
+        pass
+    try:
+        from aiohttp import ClientError as HttpClientError
+
+        found.append(HttpClientError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(found)
+
+
+def _translated(method: F) -> F:
+    """Run ``method``; a backend failure leaves it as :class:`ObjectStoreUnavailableError` (an OSError
+    too). Not-found and already-exists keep their own classes: callers decide on them."""
+
+    @functools.wraps(method)
+    def wrapper(self: FsspecObjectStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (ObjectStoreError, FileNotFoundError, FileExistsError):
+            raise
+        except client_errors() as exc:
+            what = f"{method.__name__}({args[0]!r})" if args else method.__name__
+            raise ObjectStoreUnavailableError(f"object store {self.url}: {what} failed: {exc}; check that the "
+                                              "endpoint is reachable and the bucket and credentials are "
+                                              "right (it is retried)") from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _is_precondition_failure(exc: BaseException) -> bool:
@@ -56,19 +98,22 @@ class FsspecObjectStore(ObjectStore):
     def _conditional(self) -> bool:
         return self.scheme in ("s3", "s3a")
 
+    @_translated
     def put(self, key: str, data: bytes) -> None:
         try:
             self.fs.pipe_file(self._p(key), data)
         except OSError as exc:
-            raise ObjectStoreError(f"key: cannot write {key} to {self.url}: {exc}; check the bucket and "
-                                   "credentials, then retry") from exc
+            raise ObjectStoreUnavailableError(f"key: cannot write {key} to {self.url}: {exc}; check the bucket "
+                                              "and credentials, then retry") from exc
 
+    @_translated
     def put_file(self, key: str, source: Path) -> None:
         try:
             self.fs.put_file(str(source), self._p(key))  # one PUT, or a multipart upload: atomic either way
         except OSError as exc:
-            raise ObjectStoreError(f"key: cannot upload {source} to {self.url}/{key}: {exc}") from exc
+            raise ObjectStoreUnavailableError(f"key: cannot upload {source} to {self.url}/{key}: {exc}") from exc
 
+    @_translated
     def get_file(self, key: str, dest: Path) -> None:
         try:
             self.fs.get_file(self._p(key), str(dest))
@@ -87,12 +132,14 @@ class FsspecObjectStore(ObjectStore):
         except OSError as exc:
             if _is_precondition_failure(exc):
                 return False
-            raise ObjectStoreError(f"key: cannot write {key} to {self.url}: {exc}") from exc
+            raise ObjectStoreUnavailableError(f"key: cannot write {key} to {self.url}: {exc}") from exc
         return True
 
+    @_translated
     def create(self, key: str, data: bytes) -> bool:
         return self._conditional_put(key, data, IfNoneMatch="*")
 
+    @_translated
     def get(self, key: str) -> bytes:
         try:
             data: bytes = self.fs.cat_file(self._p(key))
@@ -100,6 +147,7 @@ class FsspecObjectStore(ObjectStore):
             raise ObjectNotFoundError(f"key: {key} does not exist in {self.url}") from exc
         return data
 
+    @_translated
     def get_versioned(self, key: str) -> tuple[bytes, str] | None:
         # The ETag is read before the bytes: if a writer slips in between, the token is older than
         # the bytes and a replace_if with it fails (412), so a stale pair can only cause a retry,
@@ -115,20 +163,24 @@ class FsspecObjectStore(ObjectStore):
                 return data, etag
         raise ObjectStoreError(f"key: {self.url}/{key} has no ETag; compare-and-swap needs an S3-compatible store")
 
+    @_translated
     def replace_if(self, key: str, data: bytes, token: str | None) -> bool:
         if token is None:
             return self.create(key, data)
         return self._conditional_put(key, data, IfMatch=token)
 
+    @_translated
     def exists(self, key: str) -> bool:
         return bool(self.fs.exists(self._p(key)))
 
+    @_translated
     def size(self, key: str) -> int:
         try:
             return int(self.fs.info(self._p(key))["size"])
         except FileNotFoundError as exc:
             raise ObjectNotFoundError(f"key: {key} does not exist in {self.url}") from exc
 
+    @_translated
     def modified_s(self, key: str) -> float:
         try:
             info = self.fs.info(self._p(key))
@@ -143,6 +195,7 @@ class FsspecObjectStore(ObjectStore):
         path = path.split("://", 1)[-1]
         return path[len(self.base) + 1:] if path.startswith(self.base + "/") else path
 
+    @_translated
     def list_keys(self, prefix: str) -> list[str]:
         try:
             found = self.fs.find(self._dir(prefix))
@@ -150,6 +203,7 @@ class FsspecObjectStore(ObjectStore):
             return []
         return sorted(self._rel(p) for p in found)
 
+    @_translated
     def names(self, prefix: str) -> list[str]:
         try:
             found = self.fs.ls(self._dir(prefix), detail=False)
@@ -157,6 +211,7 @@ class FsspecObjectStore(ObjectStore):
             return []
         return sorted({self._rel(str(p)).rstrip("/").rsplit("/", 1)[-1] for p in found})
 
+    @_translated
     def delete(self, key: str) -> bool:
         existed = self.exists(key)  # S3's DELETE succeeds on a missing key: ask first (informational)
         try:

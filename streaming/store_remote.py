@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,13 @@ from streaming.objstore import ObjectStore, backend_errors
 
 if TYPE_CHECKING:
     from streaming.store import BatchInfo, BatchSpec, FeatureStore, StoredRow
+
+log = logging.getLogger(__name__)
+
+
+class ManifestGoneError(StoreError):
+    """The manifest was deleted between a listing and its read (gc, compaction): the batch is gone."""
+
 
 #: Unpublished data objects younger than this are a writer in progress, never garbage.
 ORPHAN_GRACE_S = 900.0
@@ -71,14 +79,21 @@ class RemoteBatches:
         try:
             data = self.objects.get(self.key(kind, namespace, f"{batch_id}.json"))
         except ObjectNotFoundError as exc:
-            raise StoreError(f"batch_id: {batch_id} is not published in {self.objects.url}/"
-                             f"{self.prefix(kind, namespace)}") from exc
+            raise ManifestGoneError(f"batch_id: {batch_id} is not published in {self.objects.url}/"
+                                    f"{self.prefix(kind, namespace)}") from exc
         try:
-            result: dict[str, Any] = json.loads(data)
+            result = json.loads(data)
         except ValueError as exc:
-            raise StoreError(f"batch {batch_id}: its manifest in {self.objects.url} is not valid JSON ({exc}); "
-                             "delete the batch and replay its range") from exc
-        return result
+            why = str(exc)
+        else:
+            why = f"a JSON {type(result).__name__}, not an object"
+            if isinstance(result, dict):
+                return result
+        # As the local store says it: a damaged manifest is named, never skipped (it hid the batch) nor
+        # a traceback (a JSON list was an AttributeError in every listing).
+        raise StoreError(f"feature store: manifest {self.objects.url}/{self.prefix(kind, namespace)}/{batch_id}.json "
+                         f"is unreadable ({why}). Delete {batch_id}.* there, then rebuild that range with "
+                         "`streamlearn replay` (docs/RECOVERY.md, 'Replay and rebuild')")
 
     def ordered(self, kind: str, namespace: str) -> list[tuple[str, dict[str, Any]]]:
         """Every batch with its manifest, oldest first; parses only manifests not seen before."""
@@ -90,7 +105,7 @@ class RemoteBatches:
             if bid not in cache:
                 try:
                     cache[bid] = self.manifest(kind, bid, namespace)
-                except StoreError:
+                except ManifestGoneError:
                     continue  # removed between the listing and the read
         return sorted(((b, cache[b]) for b in ids if b in cache),
                       key=lambda p: (int(p[1].get("created_at_ms", 0) or 0), p[0]))
@@ -168,8 +183,14 @@ class RemoteBatches:
     def collect_orphans(self, kind: str, namespace: str, older_than_s: float = ORPHAN_GRACE_S) -> int:
         """Delete data objects whose manifest never appeared (a writer killed before publishing),
         once older than ``older_than_s`` (at least :data:`ORPHAN_GRACE_S` would be wise: a live
-        writer's objects are young). Returns how many were deleted."""
-        names = set(self.objects.names(self.prefix(kind, namespace)))
+        writer's objects are young). Returns how many were deleted; 0 when the store cannot be
+        listed now (cleanup is retried at the next start; it stopped a worker from starting)."""
+        try:
+            names = set(self.objects.names(self.prefix(kind, namespace)))
+        except backend_errors() as exc:
+            log.warning("feature store: cannot look for unpublished objects in %s/%s (%s); left for later",
+                        self.objects.url, self.prefix(kind, namespace), exc)
+            return 0
         now = time.time()
         removed = 0
         for name in sorted(names):
@@ -187,4 +208,8 @@ class RemoteBatches:
                     removed += 1
             except ObjectNotFoundError:
                 continue
+            except backend_errors() as exc:
+                log.warning("feature store: cannot delete unpublished %s/%s (%s); left for later",
+                            self.objects.url, key, exc)
+                break
         return removed

@@ -259,3 +259,43 @@ def test_unsupported_conditional_backend_says_so(tmp_path: Path) -> None:
     assert objects.get("k") == b"v"
     with pytest.raises(ObjectStoreError, match="conditional writes"):
         objects.create("k2", b"v")
+
+
+def _dead_endpoint() -> dict[str, Any]:
+    from streaming.broker import free_port
+
+    return {"key": "k", "secret": "s", "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+            "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{free_port()}", "region_name": "us-east-1"}}
+
+
+def test_an_unreachable_endpoint_is_an_os_error_every_caller_handles(caplog: pytest.LogCaptureFixture) -> None:
+    """botocore's EndpointConnectionError is no OSError: it escaped the lease keeper (its thread died, so
+    the trainer could never lead again, then the trainer itself) and the stream worker's start-up cleanup."""
+    from streaming.exceptions import ObjectStoreUnavailableError
+    from streaming.lease import Lease, LeaseKeeper, ObjectLeaseStore
+
+    objects = FsspecObjectStore("s3://nobucket/x", _dead_endpoint())
+    for call in (lambda: objects.get("k"), lambda: objects.get_versioned("k"), lambda: objects.names("p"),
+                 lambda: objects.exists("k"), lambda: objects.create("k", b"v")):
+        with pytest.raises(ObjectStoreUnavailableError, match="nobucket") as info:
+            call()
+        assert isinstance(info.value, OSError)
+    keeper = LeaseKeeper(Lease(ObjectLeaseStore(objects, "m/leader.json"), "m", ttl_s=30.0))
+    assert keeper.step() is None  # an unreachable lease store: not held, and no exception
+    store = FeatureStore("s3://nobucket/f", storage_options=_dead_endpoint())
+    assert store.remove_stale_temp_files("sensor") == 0  # was a traceback before the worker's first poll
+    assert any("left for later" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("damage", [b"[]", b'{"batch_id": "x", "created_at_ms": 1, '], ids=["list", "truncated"])
+def test_a_damaged_remote_manifest_is_named_not_skipped(s3_server: S3Server, damage: bytes) -> None:
+    """A JSON list was an AttributeError in every listing; a truncated manifest made its batch vanish."""
+    url = f"s3://{s3_server.new_bucket()}/features"
+    store = FeatureStore(url, storage_options=s3_server.options())
+    store.write_batch(_spec(0, 4), _rows(0, 5))
+    info, _ = store.write_batch(_spec(5, 9), _rows(5, 5))
+    assert store.remote is not None
+    store.remote.objects.put(f"live/sensor/{info.batch_id}.json", damage)
+    fresh = FeatureStore(url, storage_options=s3_server.options())
+    with pytest.raises(StoreError, match=rf"manifest .*{info.batch_id}\.json is unreadable .*streamlearn replay"):
+        fresh.batches("sensor")

@@ -442,6 +442,16 @@ class Trainer:
                         "retraining now", self.name, self.drift.statistic, self.drift.threshold, self.drift.n)
         return fired
 
+    def _lease_holder(self) -> Any:
+        """Who holds the lease now, for the standby's log line; None when unknown or unreadable."""
+        if self.lease is None:
+            return None
+        try:
+            return self.lease.lease.current()
+        except Exception as exc:  # the lease store unreachable: the line says "another trainer"
+            log.debug("trainer %s: cannot read the lease holder: %s", self.name, exc)
+            return None
+
     # ------------------------------------------------------------------ loop
     def run_forever(self, stop: threading.Event, poll_seconds: float = 1.0) -> None:
         """Retrain every ``retrain_every_batches`` new batches, every ``retrain_every_seconds`` or on drift.
@@ -463,10 +473,18 @@ class Trainer:
         said_standby = False
         while not stop.is_set():
             was = self.fence
-            if not self.lead():  # a standby: the lease keeper takes over when the leader's lease expires
+            try:
+                leading = self.lead()
+            except Exception as exc:  # the registry unreachable (an S3 outage): was the end of the process
+                backoff = min(60.0, max(1.0, backoff * 2))
+                log.warning("trainer %s: cannot claim leadership in the model registry (%s); retrying in %.0f s",
+                            self.name, exc, backoff)
+                stop.wait(backoff)
+                continue
+            if not leading:  # a standby: the lease keeper takes over when the leader's lease expires
                 if not said_standby:  # once per spell: a silent standby could not be told from a hung one
                     said_standby = True
-                    holder = self.lease.lease.current() if self.lease is not None else None
+                    holder = self._lease_holder()
                     log.info("trainer %s: standing by; %s leads (epoch %s); this one takes over when its lease "
                              "expires (docs/LEADER.md)", self.name,
                              f"pid {holder.pid} on {holder.host}" if holder else "another trainer",
@@ -475,7 +493,12 @@ class Trainer:
                 continue
             said_standby = False
             if self.fence != was:  # just took over: continue the predecessor's retrain interval
-                since = seconds_since_last_version(self.registry, self.name)
+                try:
+                    since = seconds_since_last_version(self.registry, self.name)
+                except Exception as exc:
+                    log.warning("trainer %s: cannot read the newest version's time (%s); the retrain timer "
+                                "starts now", self.name, exc)
+                    since = None
                 last_attempt = last_end = time.monotonic() - (since if since is not None else 0.0)
             try:
                 unseen = self.unseen_batches()
