@@ -3,8 +3,9 @@
 Timestamps of ``--file``/``--stdin`` events follow the event-time policy (docs/EVENT_TIME.md):
 epoch numbers in ``--timestamp-unit`` (``auto`` decides once from the first lines) or ISO 8601
 text, accepted within the live window unless ``--backfill``. Generated events are synthetic
-history (sensor readings end about now; web-log and image events start in 2023), so ``--generate`` publishes them as a backfill run: the featurizers take
-them whenever they run, whatever live events they have seen.
+history (sensor readings end about now; web-log and image events start in 2023), so
+``--generate`` publishes them as a backfill run: the featurizers take them whenever they run,
+whatever live events they have seen.
 
 ``--file`` is a checkpointed source of the one ingest runner (ingest/jsonlines.py): the same command
 run again after a crash or Ctrl-C resumes after the last acknowledged line, and once finished it
