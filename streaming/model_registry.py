@@ -142,14 +142,11 @@ class ModelRegistry(RegistryIntegrityMixin, RegistryLeaderMixin):
     def metadata(self, name: str, version: int) -> dict[str, Any]:
         path = self.version_dir(name, version) / METADATA_FILE
         try:
-            data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            raw = path.read_bytes()
         except FileNotFoundError as exc:
             msg = f"version: {path} is missing; the version is damaged, delete it"
             raise ModelIntegrityError(msg) from exc
-        except json.JSONDecodeError as exc:
-            msg = f"version: {path} is not valid JSON ({exc}); delete the version"
-            raise ModelIntegrityError(msg) from exc
-        return data
+        return parse_metadata(raw, path)
 
     # ------------------------------------------------------------------ state
     def _state_path(self, name: str) -> Path:
@@ -159,24 +156,12 @@ class ModelRegistry(RegistryIntegrityMixin, RegistryLeaderMixin):
         """The model's state.json (promoted version, promotion stack, history); empty state if none."""
         path = self._state_path(name)
         try:
-            data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            raw: bytes | None = path.read_bytes()
         except FileNotFoundError:
-            data = {}
-        except (OSError, ValueError) as exc:  # truncated, empty, not UTF-8: was a JSONDecodeError traceback
+            raw = None
+        except OSError as exc:
             raise ModelRegistryError(_state_damaged(path, name, f"{type(exc).__name__}: {exc}")) from None
-        if not isinstance(data, dict):
-            raise ModelRegistryError(_state_damaged(path, name, f"a JSON {type(data).__name__}, not an object"))
-        promoted = data.get("promoted")
-        if promoted is not None and (isinstance(promoted, bool) or not isinstance(promoted, int)):
-            raise ModelRegistryError(_state_damaged(path, name, f"promoted is {str(promoted)[:40]!r}, not a version"))
-        if not isinstance(data.get("history", []), list) or not isinstance(data.get("promoted_stack", []), list):
-            raise ModelRegistryError(_state_damaged(path, name, "history or promoted_stack is not a list"))
-        data.setdefault("promoted", None)
-        data.setdefault("promoted_stack", [])
-        data.setdefault("last_version", 0)
-        data.setdefault("history", [])
-        data.setdefault("leader_epoch", 0)
-        return data
+        return parse_state(raw, path, name)
 
     def promoted(self, name: str) -> int | None:
         """The version serving should answer with, or None before the first promotion."""
@@ -391,7 +376,44 @@ class ModelRegistry(RegistryIntegrityMixin, RegistryLeaderMixin):
 _VERSION_DIR = re.compile(r"^[1-9][0-9]{0,17}$")
 
 
-def _state_damaged(path: Path, name: str, what: str) -> str:
+def parse_metadata(raw: bytes, where: object) -> dict[str, Any]:
+    """A version's metadata.json (``where``: its path or URL, for the message); both backends read it so."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # not JSON, not UTF-8
+        raise ModelIntegrityError(f"version: {where} is not valid JSON ({exc}); delete the version") from exc
+    if not isinstance(data, dict):  # a JSON list was a TypeError in `models show`, AttributeError in promote
+        raise ModelIntegrityError(f"version: {where} is a JSON {type(data).__name__}, not an object; the version "
+                                  "is damaged, delete it")
+    return data
+
+
+def parse_state(raw: bytes | None, where: object, name: str) -> dict[str, Any]:
+    """A model's state.json (None: there is none yet), checked, with defaults; both backends read it so
+    (the object-storage registry's bare json.loads was a JSONDecodeError traceback on a damaged one)."""
+    if raw is None:
+        data: Any = {}
+    else:
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:  # truncated, empty, not UTF-8
+            raise ModelRegistryError(_state_damaged(where, name, f"{type(exc).__name__}: {exc}")) from None
+    if not isinstance(data, dict):
+        raise ModelRegistryError(_state_damaged(where, name, f"a JSON {type(data).__name__}, not an object"))
+    promoted = data.get("promoted")
+    if promoted is not None and (isinstance(promoted, bool) or not isinstance(promoted, int)):
+        raise ModelRegistryError(_state_damaged(where, name, f"promoted is {str(promoted)[:40]!r}, not a version"))
+    if not isinstance(data.get("history", []), list) or not isinstance(data.get("promoted_stack", []), list):
+        raise ModelRegistryError(_state_damaged(where, name, "history or promoted_stack is not a list"))
+    data.setdefault("promoted", None)
+    data.setdefault("promoted_stack", [])
+    data.setdefault("last_version", 0)
+    data.setdefault("history", [])
+    data.setdefault("leader_epoch", 0)
+    return data
+
+
+def _state_damaged(path: object, name: str, what: str) -> str:
     return (f"state: {path} of model {name!r} is damaged ({what}); the versions beside it are intact. Restore "
             "the file from a backup, or move it aside: the registry then starts a fresh state (no version "
             f"promoted) and `streamlearn models promote {name}/<N>` promotes one again")

@@ -46,6 +46,8 @@ from streaming.model_registry import (
     STAGING_PREFIX,
     STATE_FILE,
     ModelRegistry,
+    parse_metadata,
+    parse_state,
     sha256_file,
     version_metadata,
 )
@@ -105,12 +107,7 @@ class RemoteModelRegistry(ModelRegistry):
         except ObjectNotFoundError as exc:
             raise ModelNotFoundError(f"version: model {name!r} has no version {version} in {self.url}; "
                                      f"existing versions: {self.versions(name)}") from exc
-        try:
-            meta: dict[str, Any] = json.loads(data)
-        except ValueError as exc:
-            raise ModelIntegrityError(
-                f"version: {self.url}/{key} is not valid JSON ({exc}); delete the version") from exc
-        return meta
+        return parse_metadata(data, f"{self.url}/{key}")
 
     def version_dir(self, name: str, version: int) -> Path:
         """A local, complete copy of the version (downloaded once into the cache)."""
@@ -156,12 +153,7 @@ class RemoteModelRegistry(ModelRegistry):
         self.model_dir(name)
         current = self.objects.get_versioned(f"{name}/{STATE_FILE}")
         self._state_tokens[name] = current[1] if current is not None else None
-        data: dict[str, Any] = json.loads(current[0]) if current is not None else {}
-        data.setdefault("promoted", None)
-        data.setdefault("promoted_stack", [])
-        data.setdefault("last_version", 0)
-        data.setdefault("history", [])
-        return data
+        return parse_state(current[0] if current is not None else None, f"{self.url}/{name}/{STATE_FILE}", name)
 
     # ------------------------------------------------------------------ writing
     def _write_state(self, name: str, state: dict[str, Any]) -> None:

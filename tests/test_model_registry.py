@@ -285,6 +285,21 @@ def test_a_damaged_state_file_is_an_error_that_says_how_to_recover(tmp_path: Pat
     assert reg.promoted("bad") is None and reg.publish("bad", fake_export(reg, "bad"), {}) == 2  # no reuse
 
 
+def test_metadata_that_is_json_but_not_an_object_is_a_damaged_version(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`[]` in metadata.json was a TypeError traceback from `models show` (AttributeError from promote)."""
+    from streamlearn.cli import main
+
+    reg = ModelRegistry(tmp_path / "models")
+    reg.publish("m", fake_export(reg, "m"), {"task": "classification"})
+    (tmp_path / "models" / "m" / "1" / "metadata.json").write_text("[]")
+    with pytest.raises(ModelIntegrityError, match="is a JSON list, not an object"):
+        reg.metadata("m", 1)
+    assert main(["--home", str(tmp_path), "models", "show", "m/1"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "not an object" in err
+
+
 def test_version_directories_are_ascii_numbers_without_a_leading_zero(tmp_path: Path) -> None:
     """A hand copy "01" of version 1 listed it twice; "²" is str.isdigit() and int("²") raised."""
     reg = ModelRegistry(tmp_path)

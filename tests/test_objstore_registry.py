@@ -149,3 +149,19 @@ def test_state_compare_and_swap_refuses_a_lost_update(remote: tuple[str, S3Serve
     with pytest.raises(ModelRegistryError, match="changed"):
         a._write_state("m", state_a)
     assert [h["action"] for h in b.history("m")] == ["CREATED", "REJECTED"]
+
+
+@pytest.mark.parametrize("text", [b'{"promoted": 3, "hist', b"[]", b'{"history": 5}'], ids=["cut", "list", "history"])
+def test_a_damaged_remote_state_or_metadata_says_how_to_recover(remote: tuple[str, S3Server, Path],
+                                                                text: bytes) -> None:
+    """The object-storage registry read state.json with a bare json.loads (a JSONDecodeError traceback from
+    `models list`) and took any JSON as metadata; it now applies the local registry's checks."""
+    url, server, tmp = remote
+    reg = _registry(server, url, tmp / "host")
+    reg.publish("m", _export(reg, "m", b"1"), {})
+    reg.objects.put("m/state.json", text)
+    with pytest.raises(ModelRegistryError, match=r"state.json of model 'm' is damaged .*move it aside"):
+        reg.promoted("m")
+    reg.objects.put("m/1/metadata.json", b"[]")
+    with pytest.raises(ModelIntegrityError, match="is a JSON list, not an object"):
+        _registry(server, url, tmp / "other-host").metadata("m", 1)
