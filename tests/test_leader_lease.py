@@ -287,3 +287,26 @@ def test_train_once_refuses_while_another_trainer_leads(settings: Settings, tmp_
     assert reg.versions("restart_tiny") == []
     rec = LeaseRecord.decode(store.read()[0] or b"", "test")
     assert (rec.owner, rec.epoch) == ("leader-elsewhere", 3)  # the refused trainer did not touch the lease
+
+
+def test_a_distributed_chief_without_the_lease_applies_no_pending_decision(settings: Settings) -> None:
+    """The chief reconciled (promoted a version whose gate passed but whose decision was not recorded)
+    before it checked the lease: a run that never led, and then failed, changed what serving answers with."""
+    from tests.restart_spec import SPEC
+    from trainer.distributed import Cluster
+    from trainer.multiworker import run_distributed
+
+    clock = Clock()
+    reg = ModelRegistry(settings.model_dir)
+    store = lease_store(reg, SPEC.name)
+    leader, chief = LeaseKeeper(_lease(store, clock, "leader")), LeaseKeeper(_lease(store, clock, "chief"))
+    assert leader.step() == 1 and chief.step() is None
+    reg.claim_leadership(SPEC.name, 1)
+    reg.publish(SPEC.name, _fake_version(reg, SPEC.name), {}, fence=1)
+    reg.set_promoted(SPEC.name, 1, "first", fence=1)
+    reg.publish(SPEC.name, _fake_version(reg, SPEC.name), {"gate": {"promote": True, "reason": "better"}}, fence=1)
+    cluster = Cluster(("127.0.0.1:1", "127.0.0.1:2"), 0)
+    with pytest.raises(FencedError, match="does not hold the model's lease"):
+        # a short rendezvous: without the check the chief waits for workers that never come
+        run_distributed(settings.with_(distributed_timeout_s=3.0), SPEC, cluster, events=False, lease=chief)
+    assert reg.promoted(SPEC.name) == 1  # the pending version 2 waits for the leader

@@ -389,7 +389,9 @@ def run_distributed(settings: Settings, spec: ModelSpec, cluster: Cluster, *, na
         trainer = Trainer(settings, spec, namespace=namespace, events=events, keep_last=keep_last, lease=lease)
         try:
             # A pending gate decision is applied before the rendezvous, so the workers (who plan after
-            # it) read the same promoted version as the chief.
+            # it) read the same promoted version as the chief; and only by the lease holder: the chief
+            # reconciled before it led, and promoted a version while another trainer held the lease.
+            trainer.require_lead()
             trainer.reconcile()
             session.strategy()
             outcome = trainer.run_once("distributed", fit=session.fit)

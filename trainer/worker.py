@@ -227,8 +227,20 @@ class Trainer:
                                          int(state.get("newest_seen_created_at_ms", 0) or 0), self.namespace)
         return [b for b in after if b.batch_id not in self.set_aside]
 
+    def require_lead(self) -> None:
+        """Raise FencedError unless this trainer leads (see :meth:`lead`): before any registry write,
+        :meth:`reconcile` included, which promotes a pending version."""
+        if not self.lead():
+            holder = self._lease_holder()
+            raise FencedError(
+                f"lease: trainer {self.name!r} does not hold the model's lease (held by "
+                f"{holder.owner if holder else 'nobody'}); only the leader trains. Stop the other trainer or "
+                "wait for its lease to expire (docs/LEADER.md)"
+            )
+
     def reconcile(self) -> None:
-        """Apply the recorded decision of the newest version if a crash cut it off before step 5."""
+        """Apply the recorded decision of the newest version if a crash cut it off before step 5.
+        The caller leads (:meth:`require_lead`): a pending promotion is a registry write."""
         self.registry.clean_staging(self.name)
         tb_root = self.tensorboard_root()
         if tb_root.is_dir():  # TensorBoard runs of trainers killed mid-training
@@ -281,13 +293,7 @@ class Trainer:
 
         # Registry and store work first, TensorFlow last: a restarted trainer is at work on its next
         # version while TensorFlow still imports (trainer.cycle).
-        if not self.lead():
-            holder = self.lease.lease.current() if self.lease is not None else None
-            raise FencedError(
-                f"lease: trainer {self.name!r} does not hold the model's lease (held by "
-                f"{holder.owner if holder else 'nobody'}); only the leader trains. Stop the other trainer or "
-                "wait for its lease to expire (docs/LEADER.md)"
-            )
+        self.require_lead()
         self.reconcile()
         features = self.features
         promoted = self.registry.promoted(self.name)
