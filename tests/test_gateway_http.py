@@ -315,6 +315,36 @@ def test_health_is_503_when_the_producer_cannot_reach_kafka(settings: Settings) 
     assert resp.headers["Retry-After"] == "5"
 
 
+def test_concurrent_health_probes_share_one_check(settings: Settings) -> None:
+    """Probes queued behind a lock, one 5 s Kafka timeout each while Kafka was down: twelve monitors
+    waited up to 60 s. Now probes that arrive during a check wait for that check."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = create_app(gateway_settings(settings))
+    gw = app.state.gateway
+    calls: list[float] = []
+    release = threading.Event()
+
+    def slow_unreachable(timeout_s: float) -> int:
+        calls.append(timeout_s)
+        release.wait(10)
+        raise ConnectionError("kafka down")
+
+    with TestClient(app) as tc:
+        gw._metadata_round_trip = slow_unreachable  # hangs: each check ends at the 6 s bound
+        started = time.monotonic()
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda _: tc.get("/healthz"), range(8)))
+        finally:
+            release.set()
+        took = time.monotonic() - started
+    assert [a.status_code for a in answers] == [503] * 8
+    assert answers[0].json() == {"status": "unavailable", "kafka": "TimeoutError"}
+    assert len(calls) == 1, (calls, took)  # every probe arrived within the one check: it was 8 checks, 48 s
+
+
 def test_records_kafka_does_not_take_are_retryable_503_not_lost_silently(settings: Settings) -> None:
     gs = gateway_settings(settings)
     publisher = Publisher(gs)

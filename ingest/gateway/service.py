@@ -119,7 +119,7 @@ class Gateway:
         self.time_rules = time_rules or TimeRules.from_settings(settings)
         self.avro = AvroBodies(registry, self.time_rules)
         self._tenant_publishers: dict[str, Publisher] = {}
-        self._health_lock = asyncio.Lock()
+        self._health_check: asyncio.Future[int] | None = None  # the /healthz check in flight (shared)
 
     def seed_idempotency(self, window_s: float, timeout_s: float = 120.0) -> int:
         """Remember the event keys of the last ``window_s`` seconds of every raw topic; return how many.
@@ -443,13 +443,22 @@ class Gateway:
         return len(producer.partitions_for(raw_topic(self.settings, "weblog")) or [])
 
     async def health(self) -> JSONResponse:
-        """Kafka reachable = the producer gets a metadata answer from the cluster within 5 s."""
-        async with self._health_lock:
-            try:
-                partitions = await asyncio.wait_for(run_in_threadpool(self._metadata_round_trip, 5.0), 6.0)
-            except Exception as exc:  # any failure means "not healthy"; the class name says why
-                return JSONResponse({"status": "unavailable", "kafka": type(exc).__name__}, 503,
-                                    headers={"Retry-After": "5"})
+        """Kafka reachable = the producer gets a metadata answer from the cluster within 5 s.
+
+        One check at a time, shared: a probe that arrives while a check runs waits for that check's
+        answer. The checks used to queue behind a lock, one 5 s timeout each while Kafka was down, so
+        twelve monitors waited up to 60 s (and probes whose clients had left still held their place,
+        and held up the gateway's shutdown). /healthz needs no key, so anybody could grow that queue.
+        """
+        if self._health_check is None or self._health_check.done():
+            self._health_check = asyncio.ensure_future(
+                asyncio.wait_for(run_in_threadpool(self._metadata_round_trip, 5.0), 6.0))
+        try:
+            # shield: a probe whose client leaves does not cancel the check the others wait for
+            partitions = await asyncio.shield(self._health_check)
+        except Exception as exc:  # any failure means "not healthy"; the class name says why
+            return JSONResponse({"status": "unavailable", "kafka": type(exc).__name__}, 503,
+                                headers={"Retry-After": "5"})
         # The bootstrap address is not shown: /healthz needs no key, and the address is a map of
         # the network behind the gateway.
         return JSONResponse({"status": "ok", "kafka": {"partitions": partitions},
