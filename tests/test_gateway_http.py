@@ -315,6 +315,19 @@ def test_health_is_503_when_the_producer_cannot_reach_kafka(settings: Settings) 
     assert resp.headers["Retry-After"] == "5"
 
 
+def test_a_rejected_records_id_is_echoed_cut_to_the_id_limit(settings: Settings) -> None:
+    """A 2,000,000-character event_id came back whole in the 422: one small request, a 2 MB answer."""
+    from streaming.limits import MAX_ID_CHARS
+
+    long_id = "y" * 200_000
+    with client(settings) as tc:
+        resp = tc.post("/ingest/sensor", json={**sensor(1), "event_id": long_id}, headers=AUTH)
+    assert resp.status_code == 422
+    result = resp.json()["results"][0]
+    assert result["status"] == "rejected" and result["id"] == long_id[:MAX_ID_CHARS]
+    assert result["id_chars"] == 200_000 and len(resp.content) < 5_000
+
+
 def test_concurrent_health_probes_share_one_check(settings: Settings) -> None:
     """Probes queued behind a lock, one 5 s Kafka timeout each while Kafka was down: twelve monitors
     waited up to 60 s. Now probes that arrive during a check wait for that check."""

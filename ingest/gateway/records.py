@@ -33,7 +33,7 @@ from streaming.config import ConfigError
 from streaming.eventtime import UNITS, EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
 from streaming.image_formats import halved
-from streaming.limits import MAX_JSON_BYTES, MAX_JSON_DEPTH, unique_keys
+from streaming.limits import MAX_ID_CHARS, MAX_JSON_BYTES, MAX_JSON_DEPTH, unique_keys
 from streaming.topics import KINDS
 
 JSON_TYPES = frozenset({"application/json", "text/json", ""})
@@ -89,7 +89,11 @@ class Item:
     def result(self) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index, "status": self.status}
         if self.key is not None:
-            out["id"] = self.key
+            # Cut to the id limit, as the error text is: a 15 MB id was echoed whole, so a small request
+            # pinned a 15 MB answer outside the body budget.
+            out["id"] = self.key[:MAX_ID_CHARS]
+            if len(self.key) > MAX_ID_CHARS:
+                out["id_chars"] = len(self.key)
         if self.error is not None:
             out["error"] = describe(self.error)
             out.update(self.reason_fields())
