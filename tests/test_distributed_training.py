@@ -92,6 +92,10 @@ def test_plan_fingerprint_changes_with_the_window_the_parent_and_the_bytes() -> 
     assert base != plan_fingerprint(_plan(["a", "b", "c", "d"]), 4)
     assert base != plan_fingerprint(_plan(["a", "b", "c", "d"], sha="t"), 3)
     assert fingerprint_number(base) == float(int(base[:12], 16)) < 2 ** 53  # exact in a float64 all-reduce
+    # another model or another cluster list is told apart here, not by a TensorFlow shape/group error
+    named = plan_fingerprint(_plan(["a", "b", "c", "d"]), 3, model="m", workers=["h:1", "h:2"])
+    assert named != plan_fingerprint(_plan(["a", "b", "c", "d"]), 3, model="n", workers=["h:1", "h:2"])
+    assert named != plan_fingerprint(_plan(["a", "b", "c", "d"]), 3, model="m", workers=["h:1", "h:2", "h:3"])
 
 
 # -- one two-process run (slow) -------------------------------------------------------------------

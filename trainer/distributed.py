@@ -96,14 +96,23 @@ def shard(items: Sequence[T], index: int, size: int) -> list[T]:
     return list(items[index::size])
 
 
-def plan_fingerprint(plan: Any, parent_version: int | None) -> str:
-    """sha256 (hex) of a :class:`trainer.data.DataPlan`: what every worker must agree on before training."""
+def plan_fingerprint(plan: Any, parent_version: int | None, *, model: str | None = None,
+                     workers: Sequence[str] | None = None) -> str:
+    """sha256 (hex) of a :class:`trainer.data.DataPlan`: what every worker must agree on before training.
+
+    ``model`` and ``workers`` (the TF_CONFIG cluster list) are in it too: workers started with another
+    model or another cluster list failed later with an unrelated TensorFlow shape or group-size error
+    whose advice ("restart the same command") could only fail again."""
     roles = {"reservoir": plan.reservoir, "train": plan.train_new, "holdout": plan.holdout}
     doc = {
         "parent": parent_version,
         "batches": {role: [[b.batch_id, b.manifest.get("sha256")] for b in group] for role, group in roles.items()},
         "data_state": plan.data_state,
     }
+    if model is not None:
+        doc["model"] = model
+    if workers is not None:
+        doc["workers"] = list(workers)
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

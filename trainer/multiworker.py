@@ -87,7 +87,8 @@ class MultiWorkerFit:
             f"could not be reached, or one step took longer than distributed_timeout_s="
             f"{self.settings.distributed_timeout_s:g} s (env STREAMLEARN_DISTRIBUTED_TIMEOUT_S). Nothing was "
             "published (only the chief publishes, after every worker finished). Restart the same "
-            "`streamlearn train MODEL --once --distributed` on every host of TF_CONFIG")
+            "`streamlearn train MODEL --once --distributed` on every host of TF_CONFIG (the same MODEL and the "
+            "same TF_CONFIG cluster list on each: a \"group size\" error means the lists differ)")
 
     def strategy(self) -> Any:
         """Create the strategy once; its constructor waits (bounded) until every worker has joined."""
@@ -212,19 +213,28 @@ class MultiWorkerFit:
     def _fit(self, spec: ModelSpec, features: FeatureInfo, plan: DataPlan, *, parent_dir: Path | None,
              seed: int, log_dir: Path | None, expected_sha: dict[str, str] | None) -> Evaluation | None:
         parent = parent_dir.name if parent_dir is not None else None
-        fingerprint = plan_fingerprint(plan, int(parent) if parent and parent.isdigit() else None)
+        fingerprint = plan_fingerprint(plan, int(parent) if parent and parent.isdigit() else None,
+                                       model=spec.name, workers=self.cluster.workers)
         rows = self._load(spec, features, plan, expected_sha)
         n_classes = len(spec.output_names) if spec.balance_classes and spec.task == "classification" else 0
         class_counts = (np.bincount(np.argmax(rows.ys, axis=1), minlength=n_classes) if n_classes and len(rows.ys)
                         else np.zeros(n_classes))
-        table = self.exchange(np.concatenate([[fingerprint_number(fingerprint), float(len(rows.xs))],
-                                              class_counts.astype(np.float64)]))
+        # Two exchanges: first one of the same length on every worker (whatever its model), so a
+        # mismatch is told by the fingerprint, not by TensorFlow's "shape mismatch in the collective".
+        table = self.exchange(np.asarray([fingerprint_number(fingerprint), float(len(rows.xs))], np.float64))
         if len(set(table[:, 0].tolist())) != 1:
             raise DistributedTrainingError(
-                f"{self._where()}: the workers planned different training windows (plan fingerprints "
-                f"{[f'{int(v):012x}' for v in table[:, 0]]}, this one {fingerprint[:12]}); every worker must see the "
-                "same feature store and model registry (shared storage, same namespace); rerun when they agree")
+                f"{self._where()}: the workers planned different training runs (plan fingerprints "
+                f"{[f'{int(v):012x}' for v in table[:, 0]]}, this one {fingerprint[:12]}); every worker must run "
+                "the same MODEL with the same TF_CONFIG cluster list and see the same feature store and model "
+                "registry (shared storage, same namespace); nothing was published. Rerun when they agree")
         counts = table[:, 1].astype(np.int64)
+        if n_classes:
+            table = np.concatenate([table, self.exchange(class_counts.astype(np.float64))], axis=1)
+        if int(counts.sum()) == 0:
+            raise NotEnoughDataError(
+                f"model {spec.name!r}: the {len(plan.train)} training batch file(s) hold no row with label "
+                f"{spec.label!r} on any of the {self.cluster.size} workers; labelled events are needed to train")
         if int(counts.min()) == 0:
             raise NotEnoughDataError(
                 f"model {spec.name!r}: worker(s) {np.flatnonzero(counts == 0).tolist()} of {self.cluster.size} got no "
