@@ -78,3 +78,16 @@ def test_cli_reproduces_with_the_configured_spec(tmp_path: Path, capsys: pytest.
     assert shown["integrity"] == "ok" and shown["promoted"] is (out["action"] == "PROMOTED")
     assert "held-out rows" in shown["summary"] and "persistence" in shown["summary"]
     assert shown["scores"]["baseline"] is not None and shown["scores"]["eval_rows"] >= 50
+
+
+def test_a_distributed_version_is_refused_before_any_work(tmp_path: Path) -> None:
+    """One process retrained a distributed run's version on another row order and split: the score
+    differed and the report said the gate decision would have flipped."""
+    from tests.test_model_registry import fake_export
+    from trainer.exceptions import ReproductionError
+
+    settings = config.load({"home": tmp_path / "home"}, environ={})
+    reg = ModelRegistry(settings.model_dir)
+    reg.publish("digits_cnn", fake_export(reg, "digits_cnn"), {"trigger": "distributed", "lineage": {"batches": []}})
+    with pytest.raises(ReproductionError, match="trained by a distributed run .*docs/DISTRIBUTED.md"):
+        reproduce(settings, "digits_cnn", 1, spec=DIGITS)

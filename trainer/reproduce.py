@@ -95,9 +95,16 @@ def reproduce(settings: Settings, name: str, version: int, *, tolerance: float =
     from trainer.evaluate import fit_and_evaluate
     from trainer.training import configure_tensorflow
 
-    configure_tensorflow()
     registry = ModelRegistry(settings.model_dir)
     meta = registry.verify(name, version)
+    if meta.get("trigger") == "distributed":
+        # Refused before any work: a single process retrains on another row order and batch split,
+        # so its score differed, and the report claimed the gate decision would have flipped.
+        raise ReproductionError(
+            f"version: {name}/{version} was trained by a distributed run (trigger=distributed); one process "
+            "cannot reproduce it (row order and per-worker batches differ, docs/DISTRIBUTED.md). Its lineage "
+            f"still names every batch and sha256: `streamlearn models show {name}/{version}`")
+    configure_tensorflow()
     spec = spec or load_spec(name, settings)
     features = spec.features()
     recorded_fz = meta.get("featurizer", {}).get("version")
