@@ -133,3 +133,36 @@ def test_one_batch_over_max_new_rows_is_still_trained_on() -> None:
     batches = [_fake(i, 500) for i in range(3)]
     plan = plan_data(spec, batches, None)
     assert plan.train_new == [batches[1]] and plan.holdout == [batches[2]]
+
+
+def test_a_once_run_that_would_repeat_a_rejected_candidate_is_recognised(tmp_path: Path) -> None:
+    """`train --once` from cron published a copy of the same rejected candidate on every run (same
+    batches, parent and spec: training is deterministic), pushing real versions out of --keep."""
+    from types import SimpleNamespace
+
+    from streaming.model_registry import ModelRegistry
+    from streaming.store import BatchInfo
+    from tests.test_model_registry import fake_export
+    from trainer.cycle import rejected_repeat
+
+    reg = ModelRegistry(tmp_path / "models")
+
+    def batch(i: int, sha: str = "s") -> BatchInfo:
+        return BatchInfo(f"b{i}", tmp_path / f"b{i}.avro", {"sha256": f"{sha}{i}"})
+
+    def plan(*batches: BatchInfo) -> SimpleNamespace:
+        return SimpleNamespace(reservoir=[], train_new=list(batches[:-1]), holdout=[batches[-1]])
+
+    spec = {"epochs": 2, "layers": [8, 4]}
+    lineage = {"batches": [{"batch_id": "b1", "role": "train", "sha256": "s1"},
+                           {"batch_id": "b2", "role": "holdout", "sha256": "s2"}]}
+    reg.publish("m", fake_export(reg, "m"), {"parent_version": None, "spec": spec, "lineage": lineage})
+    reg.set_promoted("m", 1, "first")
+    reg.publish("m", fake_export(reg, "m"), {"parent_version": 1, "spec": spec, "lineage": lineage})
+    assert rejected_repeat(reg, "m", spec, plan(batch(1), batch(2)), 1) is None  # no decision yet: not a repeat
+    reg.record("m", 2, "REJECTED", "worse")
+    assert rejected_repeat(reg, "m", spec, plan(batch(1), batch(2)), 1) == 2
+    assert rejected_repeat(reg, "m", spec, plan(batch(1), batch(2), batch(3)), 1) is None  # a new batch
+    assert rejected_repeat(reg, "m", spec, plan(batch(1, "t"), batch(2)), 1) is None  # same id, other bytes
+    assert rejected_repeat(reg, "m", {**spec, "epochs": 3}, plan(batch(1), batch(2)), 1) is None  # spec changed
+    assert rejected_repeat(reg, "m", spec, plan(batch(1), batch(2)), None) is None  # another parent

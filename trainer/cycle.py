@@ -108,3 +108,26 @@ def read_marker(settings: Settings, name: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def rejected_repeat(registry: ModelRegistry, name: str, spec_doc: dict[str, Any], plan: Any,
+                    promoted: int | None) -> int | None:
+    """The newest version when this run would only repeat it: REJECTED, trained from the same parent
+    with the same spec on exactly the same batches (ids, roles and bytes). Training is deterministic, so
+    the run would publish a copy of that candidate and reject it again. ``train --once`` from cron did
+    that on every run, and the copies pushed real history out of the kept versions; the periodic loop
+    never did (it waits for batches newer than the newest version)."""
+    latest = registry.latest(name)
+    if latest is None or latest == promoted:
+        return None
+    if not any(e.get("version") == latest and e.get("action") == "REJECTED" for e in registry.history(name)):
+        return None
+    meta = registry.metadata(name, latest)
+    if meta.get("parent_version") != promoted or meta.get("spec") != json.loads(json.dumps(spec_doc)):
+        return None
+    planned = sorted((b.batch_id, role, str(b.manifest.get("sha256"))) for role, group in
+                     (("reservoir", plan.reservoir), ("train", plan.train_new), ("holdout", plan.holdout))
+                     for b in group)
+    recorded = sorted((str(e.get("batch_id")), str(e.get("role")), str(e.get("sha256")))
+                      for e in meta.get("lineage", {}).get("batches", []))
+    return latest if planned and planned == recorded else None

@@ -288,7 +288,7 @@ class Trainer:
 
     def _run_once(self, trigger: str, *, fit: Callable[..., Evaluation] | None) -> RunOutcome:
         from trainer import model_io
-        from trainer.cycle import wait_tensorflow, write_marker
+        from trainer.cycle import rejected_repeat, wait_tensorflow, write_marker
         from trainer.training import configure_tensorflow, write_gate_summary
 
         # Registry and store work first, TensorFlow last: a restarted trainer is at work on its next
@@ -299,6 +299,10 @@ class Trainer:
         promoted = self.registry.promoted(self.name)
         parent_meta = self.registry.verify(self.name, promoted) if promoted is not None else None
         plan = plan_data(self.spec, self.batches(), parent_meta.get("data_state") if parent_meta else None)
+        repeat = rejected_repeat(self.registry, self.name, self.spec.describe(), plan, promoted)
+        if repeat is not None:
+            raise NotEnoughDataError(f"model {self.name!r}: nothing new since version {repeat} (REJECTED): the same "
+                                     "batches, parent and spec would train the same candidate; waiting for new batches")
         parent_dir = self.registry.version_dir(self.name, promoted) if promoted is not None else None
         cycle_started = time.time()
         write_marker(self.settings, self.name, phase="started", trigger=trigger, started_unix_s=cycle_started,
