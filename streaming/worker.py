@@ -245,7 +245,15 @@ class StreamWorker(PartitionPositions):
         # close at exactly max_records, as one record at a time did (the floor moves with each run).
         i, n = 0, len(msgs)
         while i < n:
-            room = n - i if self.held else max(1, self.max_records - self.sink.pending(tp.partition))
+            if self.sink.pending(tp.partition) >= self.max_records and not self.held:
+                self._flush([tp.partition])
+            if self.held and self.sink.pending(tp.partition) >= self.max_records:
+                # The store refuses batches (backpressure; the partitions are paused): leave the rest of
+                # this poll to be fetched again once it takes them. Batching on took it all into one
+                # open batch, far past batch_max_records (a whole 2,000-record poll of images).
+                self.sub.consumer.seek(tp, msgs[i].offset)
+                return
+            room = max(1, self.max_records - self.sink.pending(tp.partition))
             run = msgs[i:i + room]
             done, outage = self.pipeline.process_many(run)
             if done:

@@ -278,7 +278,7 @@ def test_unwritable_store_pauses_then_resumes_without_loss(settings: Settings) -
     kind_dir = FeatureStore(s.feature_store).directory("sensor")
     kind_dir.parent.mkdir(parents=True, exist_ok=True)
     kind_dir.write_text("in the way")
-    publish(s, "sensor", sensor_events(100))
+    publish(s, "sensor", sensor_events(300))
     expected = topic_offsets(s, raw_topic(s, "sensor"))
     with running_worker(s, "sensor") as worker:
         wait_until(lambda: worker.paused_for_backpressure and worker.held, 30, message="backpressure")
@@ -290,6 +290,10 @@ def test_unwritable_store_pauses_then_resumes_without_loss(settings: Settings) -
     got = stored_offsets(s, "sensor")
     assert len(got) == len(set(got)) and set(got) == expected
     assert committed(s, "sensor") == end_offsets(s, "sensor")
+    # the rest of the poll the refusal came in was fetched again, not taken into one batch of ~75
+    sizes = [sum(r["last_offset"] - r["first_offset"] + 1 for r in b.manifest["ranges"])
+             for b in FeatureStore(s.feature_store).batches("sensor")]
+    assert max(sizes) <= 25, sizes
     shutil.rmtree(s.feature_store)
 
 
