@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from streaming.exceptions import ObjectStoreError
 
@@ -35,10 +35,11 @@ def is_remote(location: Location) -> bool:
 
 
 def local_path(location: Location) -> Path:
-    """The directory of a local location (a path or a ``file://`` URL)."""
+    """The directory of a local location (a path or a ``file://`` URL, percent-decoded as RFC 8089 says:
+    ``Path("/a b").as_uri()`` is ``file:///a%20b``, which was taken for a directory named ``a%20b``)."""
     text = str(location)
     if not isinstance(location, Path) and urlsplit(text).scheme.lower() in ("file", "local"):
-        text = urlsplit(text).path
+        text = unquote(urlsplit(text).path)
     return Path(text)
 
 

@@ -94,6 +94,10 @@ def test_backends_and_config_accept_urls(tmp_path: Path) -> None:
     assert config.load({"home": tmp_path}).feature_store == tmp_path / "features"
     assert relative_key("s3://b/f/live/sensor/x.avro", "s3://b/f") == "live/sensor/x.avro"
     assert relative_key(tmp_path / "live" / "x.avro", tmp_path) == "live/x.avro"
+    # a file:// URL is percent-decoded: Path.as_uri() of "a b" is ".../a%20b", the same directory
+    spaced = tmp_path / "pct store"
+    assert config.load({"home": tmp_path, "feature_store": spaced.as_uri()}).feature_store == spaced
+    assert open_store(spaced.as_uri()).put("k", b"v") is None and (spaced / "k").read_bytes() == b"v"
 
 
 # ---- the feature store -----------------------------------------------------------------------------
