@@ -91,3 +91,19 @@ def test_a_distributed_version_is_refused_before_any_work(tmp_path: Path) -> Non
     reg.publish("digits_cnn", fake_export(reg, "digits_cnn"), {"trigger": "distributed", "lineage": {"batches": []}})
     with pytest.raises(ReproductionError, match="trained by a distributed run .*docs/DISTRIBUTED.md"):
         reproduce(settings, "digits_cnn", 1, spec=DIGITS)
+
+
+def test_a_version_trained_before_a_store_promote_reproduces_from_the_archive(tmp_path: Path) -> None:
+    """`store promote` moves live/<kind> to replaced-<time>/<kind> and a replay's batch boundaries differ,
+    so reproducing any earlier version said its batches were gone (and advised a replay into live, which
+    is refused)."""
+    settings = config.load({"home": tmp_path / "home"}, environ={})
+    write_batches(FeatureStore(settings.feature_store), "image", list(digits(240, seed=3)), batch_size=80,
+                  topic="image.raw")
+    assert Trainer(settings, DIGITS, events=False).run_once().version == 1
+    live, archive = Path(settings.feature_store) / "live" / "image", Path(settings.feature_store) / "replaced-1"
+    archive.mkdir()
+    live.rename(archive / "image")  # what `store promote` does with the old live batches
+    live.mkdir()  # the promoted namespace: other batches (none of the version's)
+    report = reproduce(settings, "digits_cnn", 1, spec=DIGITS)
+    assert report["ok"] and report["abs_difference"] <= 1e-6

@@ -17,6 +17,7 @@ pass a looser ``tolerance`` there.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -31,6 +32,8 @@ from streaming.store import BatchInfo
 from trainer.data import DataPlan
 from trainer.exceptions import LineageError, ReproductionError
 from trainer.spec import ModelSpec, load_spec
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 1e-6
 
@@ -62,13 +65,38 @@ def _batch(settings: Settings, entry: dict[str, Any]) -> BatchInfo:
     if isinstance(path, str):
         return _remote_batch(settings, entry, path)
     if not path.is_file():
-        raise LineageError(
-            f"lineage: batch {entry['batch_id']} ({path}) is gone; restore the feature store or replay the "
-            f"offsets {entry.get('ranges')} into it first"
-        )
+        root = Path(settings.feature_store).resolve()
+        archived = _archived(root, PurePosixPath(str(entry["file"])), entry.get("sha256"))
+        if archived is None:
+            raise LineageError(
+                f"lineage: batch {entry['batch_id']} ({path}) is gone, and no `store promote` archive "
+                f"(replaced-*) holds it; restore the feature store from a backup, or check the version's "
+                f"offsets {entry.get('ranges')} with --from-offsets")
+        log.info("lineage: batch %s is in the archive %s (moved there by `store promote`)", entry["batch_id"],
+                 archived.relative_to(root).parts[0])
+        path = archived
     manifest_path = path.with_suffix(".json")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
     return BatchInfo(entry["batch_id"], path, manifest)
+
+
+def _archived(root: Path, rel: PurePosixPath, sha256: Any) -> Path | None:
+    """The batch file ``rel`` (``live/<kind>/<id>.avro``) as ``store promote`` archived it
+    (``replaced-<time>/<kind>/<id>.avro``), newest archive first, when its manifest has the recorded
+    sha256. Why: a promote of a rebuilt namespace moves the old live batches there (kept, never
+    deleted), and a replay's batch boundaries differ, so every version trained before it had lineage
+    batches that were no longer in live, and the advice "replay into it" could not be followed."""
+    if len(rel.parts) < 3:
+        return None
+    for archive in sorted(root.glob("replaced-*"), reverse=True):
+        candidate = archive.joinpath(*rel.parts[1:])
+        try:
+            manifest = json.loads(candidate.with_suffix(".json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if candidate.is_file() and isinstance(manifest, dict) and manifest.get("sha256") == sha256:
+            return candidate
+    return None
 
 
 def _remote_batch(settings: Settings, entry: dict[str, Any], url: str) -> BatchInfo:
