@@ -166,3 +166,17 @@ def test_a_once_run_that_would_repeat_a_rejected_candidate_is_recognised(tmp_pat
     assert rejected_repeat(reg, "m", spec, plan(batch(1, "t"), batch(2)), 1) is None  # same id, other bytes
     assert rejected_repeat(reg, "m", {**spec, "epochs": 3}, plan(batch(1), batch(2)), 1) is None  # spec changed
     assert rejected_repeat(reg, "m", spec, plan(batch(1), batch(2)), None) is None  # another parent
+
+
+def test_after_a_promote_only_batches_past_the_trained_offsets_are_new(tmp_path: Path) -> None:
+    """`store promote` of a rebuilt namespace: other batch ids (other boundaries), all created later.
+    By creation time all of them were new, so the next candidate trained again on its parent's rows and
+    held out rows its parent had trained on."""
+    old_store = FeatureStore(tmp_path / "old")
+    old = write_batches(old_store, "image", digits(160, seed=0), batch_size=20, topic="image.raw")
+    first = plan_data(SPEC, old[:4], None)  # trained on offsets 0..59, held out 60..79
+    assert first.data_state["cursor_offsets"] == {"image.raw/0": 59}
+    rebuilt = write_batches(FeatureStore(tmp_path / "rebuilt"), "image", digits(160, seed=0), batch_size=30,
+                            topic="image.raw", created_at_ms=1_900_000_000_000)  # boundaries 0-29, 30-59, ...
+    plan = plan_data(SPEC, rebuilt, first.data_state)
+    assert [b.manifest["ranges"][0]["first_offset"] for b in plan.train_new + plan.holdout] == [60, 90, 120, 150]

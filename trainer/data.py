@@ -125,7 +125,13 @@ def plan_data(spec: ModelSpec, batches: list[BatchInfo], parent_state: dict[str,
     elif cursor in by_id:
         idx = [b.batch_id for b in batches].index(cursor)
         new = batches[idx + 1:]
-    else:  # the cursor batch was deleted by store retention: fall back to its creation time
+    elif isinstance(state.get("cursor_offsets"), dict):
+        # The cursor batch is gone (store gc, or a `store promote` of a rebuilt namespace, whose batches
+        # have other ids and all are newer): what is new is what lies past the offsets trained so far.
+        # By creation time, every rebuilt batch was new, so a candidate trained again on the rows its
+        # parent had trained on, and its holdout overlapped them (a gate biased to the current version).
+        new = [b for b in batches if _past(b, state["cursor_offsets"])]
+    else:  # a version from before the offsets were recorded: fall back to the cursor's creation time
         mark = (int(state.get("cursor_created_at_ms", 0)), str(cursor))
         new = [b for b in batches if _sort_key(b) > mark]
     holdout_n = holdout_size(spec, new)
@@ -142,10 +148,30 @@ def plan_data(spec: ModelSpec, batches: list[BatchInfo], parent_state: dict[str,
     for b in train_new:
         seen = reservoir_add(next_reservoir, seen, b.batch_id, spec.reservoir_batches, spec.seed)
     last = train_new[-1]
+    marks = dict(state.get("cursor_offsets") or {}) if isinstance(state.get("cursor_offsets"), dict) else {}
+    for b in batches[:batches.index(last) + 1]:
+        for key, last_offset in _ranges(b):
+            marks[key] = max(int(marks.get(key, -1)), last_offset)
     return DataPlan(train_new, reservoir, holdout, {
         "cursor": last.batch_id, "cursor_created_at_ms": int(last.manifest.get("created_at_ms", 0)),
-        "seen": seen, "reservoir": next_reservoir,
+        "cursor_offsets": marks, "seen": seen, "reservoir": next_reservoir,
     })
+
+
+def _ranges(b: BatchInfo) -> list[tuple[str, int]]:
+    """``("topic/partition", last offset)`` of each offset range a batch covers (its manifest's ranges)."""
+    out = []
+    for r in b.manifest.get("ranges") or []:
+        try:
+            out.append((f"{r['topic']}/{int(r['partition'])}", int(r["last_offset"])))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def _past(b: BatchInfo, marks: dict[str, Any]) -> bool:
+    """True when ``b`` covers an offset past ``marks`` (per topic/partition, the last offset trained)."""
+    return any(last > int(marks.get(key, -1)) for key, last in _ranges(b))
 
 
 def file_sha256(path: Location) -> str:
