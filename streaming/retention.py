@@ -6,7 +6,9 @@ What is never deleted, whatever the limits say:
   ``lineage.batches[].batch_id``) — an unexpired version must stay reproducible
   (``streamlearn retrain --reproduce``); a version expires when the registry's own retention
   (``ModelRegistry.apply_retention``) deletes it, and its batches become collectable then.
-  Ids are matched in every namespace, which can only keep more than needed, never less;
+  Ids are matched in every namespace, which can only keep more than needed, never less; and the
+  batch just before each such batch in its partition, whose featurizer state
+  ``retrain --reproduce --from-offsets`` replays the range from;
 * the newest batch of every partition — the stream worker resumes after it and restores the
   featurizer state checkpointed with it (deleting it would restart the windows from scratch);
 * a batch a training cycle in progress plans to use: a live trainer's cycle marker
@@ -34,7 +36,7 @@ from streaming import clock
 from streaming.config import Settings
 from streaming.exceptions import ModelRegistryError, StoreError
 from streaming.model_registry import ModelRegistry
-from streaming.store import STATE_SUFFIX, FeatureStore, parse_batch_id
+from streaming.store import STATE_SUFFIX, BatchInfo, FeatureStore, parse_batch_id
 from streaming.topics import KINDS
 
 _DAY_MS = 86_400_000
@@ -64,6 +66,28 @@ class GcResult:
                 "kept_for_lineage": self.kept_for_lineage,
                 "kept_newest_of_partition": self.kept_newest_of_partition,
                 "bytes_before": self.bytes_before, "bytes_after": self.bytes_after}
+
+
+def _predecessors(batches: list[BatchInfo], protected: set[str]) -> set[str]:
+    """The batch just before each protected one in its topic partition (by first offset).
+
+    Why: ``retrain --reproduce --from-offsets`` replays a lineage range starting from the featurizer
+    state the batch before it recorded; gc deleted that batch, and the replay then started from an
+    older batch's state and reported the version as not reproducible."""
+    by_partition: dict[tuple[str, int], list[tuple[int, str]]] = {}
+    for b in batches:
+        ranges = b.manifest.get("ranges") or []
+        try:
+            first = ranges[0]
+            key, offset = (str(first["topic"]), int(first["partition"])), int(first["first_offset"])
+        except (IndexError, KeyError, TypeError, ValueError):
+            continue
+        by_partition.setdefault(key, []).append((offset, b.batch_id))
+    out: set[str] = set()
+    for items in by_partition.values():
+        items.sort()
+        out.update(items[i - 1][1] for i in range(1, len(items)) if items[i][1] in protected)
+    return out
 
 
 def lineage_batch_ids(registry: ModelRegistry) -> set[str]:
@@ -153,6 +177,7 @@ def collect(settings: Settings, *, dry_run: bool, kinds: list[str] | None = None
     for kind in kinds or sorted(KINDS):
         batches = store.batches(kind, namespace)
         keep_newest = _newest_per_partition([b.batch_id for b in batches])
+        protected_here = protected | _predecessors(batches, protected)
         sizes = {b.batch_id: _batch_bytes(store, kind, namespace, b.batch_id) for b in batches}
         total = sum(sizes.values())
         result.bytes_before[kind] = total
@@ -161,7 +186,7 @@ def collect(settings: Settings, *, dry_run: bool, kinds: list[str] | None = None
             size_ok = cap <= 0 or total <= cap
             if age_ok and size_ok:
                 continue
-            if b.batch_id in protected:
+            if b.batch_id in protected_here:
                 result.kept_for_lineage += 1
                 continue
             if b.batch_id in keep_newest:

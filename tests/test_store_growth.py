@@ -158,10 +158,11 @@ def test_gc_by_age_keeps_lineage_and_the_newest_batch(tmp_path: Path) -> None:
     store, ids = _aged_store(settings)
     _version(settings, "m", 1, [ids[0], ids[4]])
     result = collect(settings, dry_run=False, now_ms=NOW_MS)
-    assert sorted(d["batch_id"] for d in result.deleted) == sorted(set(ids[:7]) - {ids[0], ids[4]})
-    assert result.kept_for_lineage == 2
-    assert _ids(FeatureStore(settings.feature_store)) == [ids[0], ids[4], *ids[7:]]
-    assert set(_ids(store)) == {ids[0], ids[4], *ids[7:]}  # a live reader's index agrees
+    # ids[3] too: --from-offsets replays ids[4]'s range from the featurizer state ids[3] recorded
+    assert sorted(d["batch_id"] for d in result.deleted) == sorted(set(ids[:7]) - {ids[0], ids[3], ids[4]})
+    assert result.kept_for_lineage == 3
+    assert _ids(FeatureStore(settings.feature_store)) == [ids[0], ids[3], ids[4], *ids[7:]]
+    assert set(_ids(store)) == {ids[0], ids[3], ids[4], *ids[7:]}  # a live reader's index agrees
 
 
 def test_gc_by_size_and_the_newest_of_a_partition(tmp_path: Path) -> None:
@@ -172,7 +173,7 @@ def test_gc_by_size_and_the_newest_of_a_partition(tmp_path: Path) -> None:
     assert one.deleted == []
     result = collect(settings, dry_run=False, max_bytes=1, now_ms=NOW_MS)  # everything over the cap
     assert {d["reason"] for d in result.deleted} == {"size"}
-    assert _ids(store) == [ids[1], ids[9]]  # lineage and the partition's resume point stay
+    assert _ids(store) == [ids[0], ids[1], ids[9]]  # lineage, the batch before it, the partition's resume point
     assert result.kept_newest_of_partition == 1 and result.bytes_after["sensor"] > 1
 
 
