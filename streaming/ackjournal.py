@@ -237,11 +237,16 @@ class AckJournal:
         if not closed:
             return
         confirmed = ledger.confirmed_mark()
-        done: list[_Segment] = []
+        # Every finished segment gets its mark now, not only the first one left: marked one at a time,
+        # each waited a whole loss window after the one before it was dropped, so under steady traffic
+        # at most one segment went per window and the journal (and its sends' records, in memory) grew
+        # without bound. A mark taken now is above every ack of that segment's records all the same.
         for seg in closed:
             if seg.mark is None and all(f.is_done for f in seg.sends):
-                seg.mark = ledger.acked_mark()  # above every ack of this segment's records
+                seg.mark = ledger.acked_mark()
                 seg.sends = []
+        done: list[_Segment] = []
+        for seg in closed:
             if seg.mark is None or seg.mark > confirmed:
                 break  # in order: a later segment is never dropped before an earlier one
             done.append(seg)

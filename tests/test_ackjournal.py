@@ -198,3 +198,34 @@ def test_a_stream_worker_whose_dead_letter_topic_was_lost_creates_it_and_sends_i
     finally:
         worker.close()
     assert sorted(r.raw for r in read_topic(settings, dlq, decode=False, expect=3)) == [b"bad-0", b"bad-1", b"bad-2"]
+
+
+def test_under_steady_traffic_every_finished_segment_is_marked_at_each_collect(tmp_path: Path) -> None:
+    """A segment got its mark only once the one before it was deleted, so at most one segment went per
+    loss window (5 s) whatever the traffic: a gateway under steady load kept 675 segments and their
+    records in memory after 20 minutes. Every segment whose sends are done is marked at each collect."""
+    from types import SimpleNamespace
+
+    from streaming.ackjournal import AckJournal
+
+    class Ledger:
+        acked, confirmed = 0, 0
+
+        def acked_mark(self) -> int:
+            return self.acked
+
+        def confirmed_mark(self) -> int:
+            return self.confirmed
+
+    journal, ledger = AckJournal(tmp_path / "j", segment_s=0.0), Ledger()
+    sends = [SimpleNamespace(topic="t", key=b"k", record_value=b"v%d" % i, headers=[], is_done=True)
+             for i in range(6)]
+    for fut in sends:
+        journal.append(fut)  # segment_s 0: every send after the first closes the one before
+    ledger.acked = 10
+    journal.collect(ledger)  # closes the sixth too; all six finished: all marked 10, none confirmed yet
+    assert len(list((tmp_path / "j").glob("*.seg"))) == 7  # and a new, empty open segment
+    ledger.acked, ledger.confirmed = 20, 10  # one loss window later: everything up to 10 is kept
+    journal.collect(ledger)
+    assert len(list((tmp_path / "j").glob("*.seg"))) == 1  # only the open segment (was: one segment per window)
+    journal.close(settled=True)
