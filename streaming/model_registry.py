@@ -332,10 +332,18 @@ class ModelRegistry(RegistryIntegrityMixin, RegistryLeaderMixin):
         return int(target)
 
     def apply_retention(self, name: str, keep_last: int, *, fence: int | None = None) -> list[int]:
-        """Delete old versions except the last ``keep_last`` and every version ever promoted.
+        """Delete old versions except the last ``keep_last``, the promoted one and the last ``keep_last``
+        promoted before it (the rollback depth); trim the history to match.
 
         Returns the deleted versions. A version is first renamed to a trash name (one atomic
         step, so readers never see it half-deleted), then removed.
+
+        Why bounded: every version ever promoted used to be kept, and the promotion stack and history
+        grew with every decision. A stack that promotes regularly then never expired a version (199
+        versions, 29 kept, in a 25-minute soak), so ``store gc`` could free no batch (every one was some
+        kept version's lineage) and state.json, re-read by every serving replica, grew ~20 entries a minute.
+        History entries of versions that no longer exist are dropped beyond the newest
+        :data:`HISTORY_KEEP` (the ModelUpdate events on Kafka keep the full record).
         """
         if keep_last < 1:
             raise ModelRegistryError(
@@ -345,8 +353,10 @@ class ModelRegistry(RegistryIntegrityMixin, RegistryLeaderMixin):
         with self._locked(name):
             state = self.state(name)
             self._check_fence(name, state, fence)
-            ever_promoted = {int(e["version"]) for e in state["history"] if e.get("action") == "PROMOTED"}
-            keep = set(self.versions(name)[-keep_last:]) | ever_promoted | set(state["promoted_stack"])
+            stack = [int(v) for v in state["promoted_stack"]][-(keep_last + 1):]  # the promoted one + keep_last
+            changed = stack != state["promoted_stack"]
+            state["promoted_stack"] = stack
+            keep = set(self.versions(name)[-keep_last:]) | set(stack)
             if state["promoted"] is not None:
                 keep.add(int(state["promoted"]))
             for version in self.versions(name):
@@ -355,8 +365,15 @@ class ModelRegistry(RegistryIntegrityMixin, RegistryLeaderMixin):
                 self._delete_version(name, version)
                 deleted.append(version)
                 self._append(state, "DELETED", version, f"retention keep_last={keep_last}")
+            history = state["history"]
+            if len(history) > HISTORY_KEEP:
+                cut, existing = len(history) - HISTORY_KEEP, set(self.versions(name))
+                trimmed = [e for e in history[:cut] if e.get("version") in existing] + history[cut:]
+                changed = changed or len(trimmed) != len(history)
+                state["history"] = trimmed
             if deleted:
                 self._deleted_durable(name)
+            if deleted or changed:
                 self._write_state(name, state)
         return deleted
 
@@ -374,6 +391,8 @@ class ModelRegistry(RegistryIntegrityMixin, RegistryLeaderMixin):
 
 
 _VERSION_DIR = re.compile(r"^[1-9][0-9]{0,17}$")
+#: History entries kept whatever their version; older ones only while their version exists.
+HISTORY_KEEP = 1000
 
 
 def parse_metadata(raw: bytes, where: object) -> dict[str, Any]:
