@@ -35,7 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=config.flag_help("retrain_every_batches"))
     p.add_argument("--every-seconds", dest="retrain_every_seconds", type=float,
                    help=config.flag_help("retrain_every_seconds"))
-    p.add_argument("--keep", type=whole(1), default=10, help="versions kept (default 10), besides the promoted one and the N promoted before it (the rollback depth)")
+    p.add_argument("--keep", type=whole(1), default=10,
+                   help="versions kept (default 10), besides the promoted one and the N promoted before it "
+                        "(the rollback depth)")
     p.add_argument("--no-events", action="store_true", help="do not publish ModelUpdate events")
     p.add_argument("--lease-seconds", dest="leader_lease_s", type=float,
                    help=config.flag_help("leader_lease_s", "one trainer per model leads, the others stand by"))
