@@ -155,8 +155,7 @@ def _score_text(s: dict[str, Any] | None) -> str:
 
 def _kept_text(versions: list[Any]) -> str:
     """Which versions are on disk: retention keeps the newest ones (and the promoted one with its rollback
-    targets), so
-    "v19 of 15 versions" would read as a miscount; "15 kept, v5-v19" does not."""
+    targets), so "v19 of 15 versions" would read as a miscount; "15 kept, v5-v19" does not."""
     numbers = sorted(int(v) for v in versions)
     if not numbers:
         return "no versions kept"
