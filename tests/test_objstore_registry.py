@@ -165,3 +165,10 @@ def test_a_damaged_remote_state_or_metadata_says_how_to_recover(remote: tuple[st
     reg.objects.put("m/1/metadata.json", b"[]")
     with pytest.raises(ModelIntegrityError, match="is a JSON list, not an object"):
         _registry(server, url, tmp / "other-host").metadata("m", 1)
+
+
+def test_a_registry_in_a_missing_bucket_says_so(s3_server: S3Server, tmp_path: Path) -> None:
+    """A typo'd bucket listed as an empty registry (`models list` printed nothing, exit 0)."""
+    with pytest.raises(ModelRegistryError, match="bucket does not exist.*STREAMLEARN_MODEL_DIR"):
+        _registry(s3_server, "s3://no-such-bucket-here/models", tmp_path / "c").names()
+    assert _registry(s3_server, f"s3://{s3_server.new_bucket()}/models", tmp_path / "d").names() == []
