@@ -69,6 +69,10 @@ _TMP_SUFFIX = ".tmp"
 #: batch instead of into its manifest, so a manifest stays small whatever the featurizer keeps.
 STATE_INLINE_MAX_BYTES = 4096
 STATE_SUFFIX = ".state.json"
+try:
+    _PATH_MAX = int(os.pathconf("/", "PC_PATH_MAX"))
+except (OSError, ValueError):  # pragma: no cover - every POSIX system answers
+    _PATH_MAX = 4096
 #: errno values meaning "the store cannot take data right now" (backpressure, not a bug).
 BACKPRESSURE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG,
                                  errno.EROFS, errno.ENOTDIR, errno.EEXIST})
@@ -334,6 +338,12 @@ class FeatureStore:
         bid = batch_id_for(spec.topic, spec.partition, spec.first_offset, spec.last_offset)
         d = self.directory(spec.kind, namespace)
         final = d / f"{bid}.avro"
+        # the longest name written here is a temp file's: a path past PATH_MAX was a raw ENAMETOOLONG
+        # traceback after the records were consumed (a configuration error: say which setting)
+        if len(os.fsencode(str(d))) + len(bid) + 60 >= _PATH_MAX:
+            raise StoreError(f"feature store: the files of batch {bid} under {d} would be too long a path for "
+                             f"this system ({len(str(d))} characters before the file name, limit {_PATH_MAX}); "
+                             "set STREAMLEARN_FEATURE_STORE to a shorter path. Nothing was committed")
         if final.exists():
             return BatchInfo(bid, final, self.manifest(spec.kind, bid, namespace)), False
         self.check_overlap(spec, bid, namespace)

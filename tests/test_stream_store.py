@@ -109,6 +109,18 @@ def test_unwritable_store_is_backpressure_and_leaves_nothing(tmp_path: Path) -> 
     assert written and len(read_batch(info.path)["offset"]) == 5
 
 
+def test_a_store_path_too_long_for_its_files_is_one_clear_error(tmp_path: Path) -> None:
+    """A 4,000-character store path: the worker consumed, then died on a raw ENAMETOOLONG traceback."""
+    from streaming.exceptions import StoreError
+
+    deep = tmp_path
+    while len(str(deep)) < 4040:  # the directory fits PATH_MAX (4096); a batch file under it does not
+        deep = deep / ("d" * min(200, 4040 - len(str(deep))))
+    deep.mkdir(parents=True)
+    with pytest.raises(StoreError, match="too long a path for this system .*STREAMLEARN_FEATURE_STORE"):
+        FeatureStore(deep).write_batch(_spec(0, 4), _rows("t.sensor.raw", 1, 0, 5))
+
+
 def test_wrong_feature_count_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="features"):
         FeatureStore(tmp_path).write_batch(_spec(0, 0, n_features=4), _rows("t.sensor.raw", 1, 0, 1))
