@@ -86,3 +86,17 @@ def test_a_replica_of_up_workers_shows_its_own_partitions(tmp_path) -> None:
     finally:
         lease.release(leave=False)
     assert row.partitions == "2"
+
+
+def test_a_dead_members_partitions_are_shown_as_the_last_it_held(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A killed pinned member was listed as holding [0, 1, 2] while another member owned them."""
+    from streamlearn.commands.up import _print_members
+
+    settings = config.load({"home": tmp_path})
+    d = tmp_path / "members" / "stream.sensor"
+    d.mkdir(parents=True)
+    (d / "id-pinA.json").write_text(json.dumps({"role": "stream-sensor", "pid": _dead_pid(), "instance_id": "pinA",
+                                                "partitions": [0, 1, 2]}))
+    _print_members(settings)
+    out = capsys.readouterr().out
+    assert "DEAD" in out and "last held partitions [0, 1, 2]" in out

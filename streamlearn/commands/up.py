@@ -176,7 +176,9 @@ def _print_members(settings: config.Settings) -> None:
             print(f"  {e.get('role', '?'):28} pid {e.get('pid', '-'):<7} standby    ({warm}) takes over "
                   f"member {e.get('standby_for')} when its process dies")
             continue
-        print(f"  {e.get('role', '?'):28} pid {e.get('pid', '-'):<7} {state:10} partitions {e.get('partitions')} "
+        # a dead member's partitions are the last it held: another member may own them now
+        held = "partitions" if e.get("alive") else "last held partitions"
+        print(f"  {e.get('role', '?'):28} pid {e.get('pid', '-'):<7} {state:10} {held} {e.get('partitions')} "
               f"member {e.get('instance_id')}")
         if e.get("alive") and e.get("warning"):
             print(f"    WARNING: {e['warning']}")
