@@ -23,10 +23,11 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from streaming import clock
-from streaming.exceptions import StreamingError
+from streaming.eventtime import parse_iso_ms
+from streaming.exceptions import EventTimeError, StreamingError
 
 #: Accepted forms, quoted in every error and in ``--help``.
 FORMS = ("ISO 8601 (2026-11-22T10:00:00Z; no zone = UTC), epoch with a unit (1700000000s, "
@@ -38,9 +39,6 @@ _RELATIVE = re.compile(r"^-\s*(?P<n>\d+)\s*(?P<unit>s|m|h|d|w)$")
 _EPOCH = re.compile(r"^(?P<n>\d+)\s*(?P<unit>s|ms|us|ns)$")
 _RELATIVE_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 _EPOCH_DIV = {"s": None, "ms": 1, "us": 1_000, "ns": 1_000_000}
-
-
-_EPOCH_START = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class TimeArgError(StreamingError, ValueError):
@@ -90,14 +88,11 @@ def _parse_time(text: str, flag: str, now_ms: int | None) -> int:
                            f"look back from now with a minus sign and one of s, m, h, d, w (e.g. -2h); "
                            f"epochs use s, ms, us or ns (accepted: {FORMS})")
     try:
-        dt = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text)
-    except ValueError as exc:
+        # the event-time reader's ISO parse, with UTC for a time without a zone: exact integer
+        # milliseconds (through a float, 2004-03-15T07:55:47.472Z was ...471)
+        return parse_iso_ms(text, UTC)
+    except EventTimeError as exc:
         raise TimeArgError(f"{flag}: {raw!r} is not a time; give {FORMS}") from exc
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    # Exact integer arithmetic: int(dt.timestamp() * 1000) goes through a float and truncated some
-    # milliseconds to the one before (2004-03-15T07:55:47.472Z was ...471).
-    return (dt - _EPOCH_START) // timedelta(milliseconds=1)
 
 
 #: Every flag made by :func:`time_arg`, so :func:`attach_relative_values` knows them.
