@@ -83,18 +83,22 @@ def _load_manifest(d: Path, batch_id: str) -> dict[str, Any]:
     fault or by hand: ``write_batch`` itself only ever renames complete ones into place) is a
     :class:`StoreError` naming it and the way out, never a bare ``JSONDecodeError`` traceback."""
     path = d / f"{batch_id}.json"
-    text = path.read_text(encoding="utf-8", errors="replace")
+    return parse_manifest(path.read_text(encoding="utf-8", errors="replace"), path, f"Move {batch_id}.* out of {d}")
+
+
+def parse_manifest(data: str | bytes, where: object, way_out: str) -> dict[str, Any]:
+    """A manifest's JSON object (local store and object storage alike); anything else is a StoreError
+    naming ``where`` and ``way_out`` (what to do with the batch's files) before the replay that rebuilds it."""
     try:
-        result = json.loads(text)
+        result = json.loads(data)
     except ValueError as exc:
         result, why = None, f"{exc}"
     else:
         why = f"a JSON {type(result).__name__}, not an object"
     if not isinstance(result, dict):
         raise StoreError(
-            f"feature store: manifest {path} is unreadable ({why}); the disk or a hand edit damaged it. "
-            f"Move {batch_id}.* out of {d}, then rebuild that range with `streamlearn replay` "
-            "(docs/RECOVERY.md, 'Replay and rebuild')")
+            f"feature store: manifest {where} is unreadable ({why}); the disk or a hand edit damaged it. "
+            f"{way_out}, then rebuild that range with `streamlearn replay` (docs/RECOVERY.md, 'Replay and rebuild')")
     return result
 
 

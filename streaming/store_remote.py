@@ -19,7 +19,6 @@ the manifests it already parsed in memory, so a poll parses only new manifests.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -81,19 +80,12 @@ class RemoteBatches:
         except ObjectNotFoundError as exc:
             raise ManifestGoneError(f"batch_id: {batch_id} is not published in {self.objects.url}/"
                                     f"{self.prefix(kind, namespace)}") from exc
-        try:
-            result = json.loads(data)
-        except ValueError as exc:
-            why = str(exc)
-        else:
-            why = f"a JSON {type(result).__name__}, not an object"
-            if isinstance(result, dict):
-                return result
-        # As the local store says it: a damaged manifest is named, never skipped (it hid the batch) nor
-        # a traceback (a JSON list was an AttributeError in every listing).
-        raise StoreError(f"feature store: manifest {self.objects.url}/{self.prefix(kind, namespace)}/{batch_id}.json "
-                         f"is unreadable ({why}). Delete {batch_id}.* there, then rebuild that range with "
-                         "`streamlearn replay` (docs/RECOVERY.md, 'Replay and rebuild')")
+        from streaming.store import parse_manifest
+
+        # as the local store reads it: a damaged manifest is named, never skipped (it hid the batch) nor
+        # a traceback (a JSON list was an AttributeError in every listing)
+        return parse_manifest(data, f"{self.objects.url}/{self.prefix(kind, namespace)}/{batch_id}.json",
+                              f"Delete {batch_id}.* there")
 
     def ordered(self, kind: str, namespace: str) -> list[tuple[str, dict[str, Any]]]:
         """Every batch with its manifest, oldest first; parses only manifests not seen before."""
