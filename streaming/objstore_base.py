@@ -62,6 +62,11 @@ class ObjectStore:
         """Write (or replace) one object atomically: a reader sees the old bytes or the new."""
         raise NotImplementedError
 
+    def container_exists(self) -> bool:
+        """Whether what holds the keys exists (an S3/GCS bucket); an empty listing alone cannot tell a
+        missing bucket from an empty store. Backends without such a container answer True."""
+        return True
+
     def create(self, key: str, data: bytes) -> bool:
         """Write ``key`` only if it does not exist yet; False (nothing written) when it does."""
         raise NotImplementedError

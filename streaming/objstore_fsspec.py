@@ -95,6 +95,15 @@ class FsspecObjectStore(ObjectStore):
     def _dir(self, prefix: str) -> str:
         return self._p(prefix.strip("/")) if prefix.strip("/") else self.base
 
+    @_translated
+    def container_exists(self) -> bool:
+        if self.scheme not in ("s3", "s3a", "gs", "gcs"):
+            return True
+        try:
+            return bool(self.fs.exists(self.base.split("/")[0]))
+        except (OSError, ValueError):
+            return True  # unreachable: the caller's own listing says so
+
     def _conditional(self) -> bool:
         return self.scheme in ("s3", "s3a")
 

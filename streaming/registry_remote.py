@@ -87,21 +87,11 @@ class RemoteModelRegistry(ModelRegistry):
             with contextlib.suppress(ModelRegistryError):
                 self.model_dir(name)
                 found.append(name)
-        if not found and not self._bucket_exists():
+        if not found and not self.objects.container_exists():
             # a typo'd bucket listed as an empty registry: `models list` printed nothing and exited 0
             raise ModelRegistryError(f"model registry {self.url}: its bucket does not exist; check "
                                      "STREAMLEARN_MODEL_DIR (or create the bucket)")
         return sorted(found)
-
-    def _bucket_exists(self) -> bool:
-        """Whether the bucket of an ``s3://``/``gs://`` URL exists (True for other schemes: not asked)."""
-        fs, base = getattr(self.objects, "fs", None), str(getattr(self.objects, "base", ""))
-        if fs is None or getattr(self.objects, "scheme", "") not in ("s3", "s3a", "gs", "gcs"):
-            return True
-        try:
-            return bool(fs.exists(base.split("/")[0]))
-        except (OSError, ValueError):
-            return True  # unreachable: the listing above would have said so
 
     def versions(self, name: str) -> list[int]:
         """Published versions: those whose ``metadata.json`` exists (never a half upload)."""
