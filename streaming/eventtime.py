@@ -30,6 +30,7 @@ import hashlib
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
@@ -238,12 +239,8 @@ class TimestampReader:
                     break
         if not nums:
             return None
-        votes: dict[str, int] = {}
-        for n in nums:
-            seen = magnitude_unit(n)
-            if seen is not None:
-                votes[seen] = votes.get(seen, 0) + 1
-        ranked = sorted(votes.items(), key=lambda kv: -kv[1])
+        units = [magnitude_unit(n) for n in nums]
+        ranked = Counter(u for u in units if u is not None).most_common()  # ties in order of appearance
         if not ranked:
             top = max(nums, key=abs)
             raise EventTimeError(
@@ -259,7 +256,7 @@ class TimestampReader:
         unit = ranked[0][0]
         self.decided = unit
         self.decided_from = len(nums)
-        times = sorted(numeric_to_ms(n, unit) for n in nums if magnitude_unit(n) in (unit, None))
+        times = sorted(numeric_to_ms(n, unit) for n, u in zip(nums, units, strict=True) if u in (unit, None))
         self._ref = times[len(times) // 2]
         log.info("%s: %s auto decided '%s' from the first %d numeric timestamps (%s .. %s)", self.source,
                  self.flag, unit, len(nums), iso(times[0]), iso(times[-1]))
