@@ -36,7 +36,7 @@ from streaming import clock
 from streaming.config import Settings
 from streaming.exceptions import ModelRegistryError, StoreError
 from streaming.model_registry import ModelRegistry
-from streaming.store import STATE_SUFFIX, BatchInfo, FeatureStore, parse_batch_id
+from streaming.store import STATE_SUFFIX, FeatureStore, parse_batch_id
 from streaming.topics import KINDS
 
 _DAY_MS = 86_400_000
@@ -68,21 +68,20 @@ class GcResult:
                 "bytes_before": self.bytes_before, "bytes_after": self.bytes_after}
 
 
-def _predecessors(batches: list[BatchInfo], protected: set[str]) -> set[str]:
-    """The batch just before each protected one in its topic partition (by first offset).
+def _predecessors(batch_ids: list[str], protected: set[str]) -> set[str]:
+    """The batch just before each protected one in its topic partition (by first offset; ids parsed as
+    :func:`_newest_per_partition` parses them).
 
     Why: ``retrain --reproduce --from-offsets`` replays a lineage range starting from the featurizer
     state the batch before it recorded; gc deleted that batch, and the replay then started from an
     older batch's state and reported the version as not reproducible."""
     by_partition: dict[tuple[str, int], list[tuple[int, str]]] = {}
-    for b in batches:
-        ranges = b.manifest.get("ranges") or []
+    for bid in batch_ids:
         try:
-            first = ranges[0]
-            key, offset = (str(first["topic"]), int(first["partition"])), int(first["first_offset"])
-        except (IndexError, KeyError, TypeError, ValueError):
+            topic, partition, first, _last = parse_batch_id(bid)
+        except StoreError:
             continue
-        by_partition.setdefault(key, []).append((offset, b.batch_id))
+        by_partition.setdefault((topic, partition), []).append((first, bid))
     out: set[str] = set()
     for items in by_partition.values():
         items.sort()
@@ -176,8 +175,9 @@ def collect(settings: Settings, *, dry_run: bool, kinds: list[str] | None = None
     now = clock.now_ms() if now_ms is None else now_ms
     for kind in kinds or sorted(KINDS):
         batches = store.batches(kind, namespace)
-        keep_newest = _newest_per_partition([b.batch_id for b in batches])
-        protected_here = protected | _predecessors(batches, protected)
+        ids = [b.batch_id for b in batches]
+        keep_newest = _newest_per_partition(ids)
+        protected_here = protected | _predecessors(ids, protected)
         sizes = {b.batch_id: _batch_bytes(store, kind, namespace, b.batch_id) for b in batches}
         total = sum(sizes.values())
         result.bytes_before[kind] = total

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from streaming.objstore import Location, open_url, relative_key
-from streaming.store import BatchInfo, read_batch
+from streaming.store import BatchInfo, StoreError, parse_batch_id, read_batch
 from trainer.exceptions import BatchesGoneError, DamagedBatchError, LineageError, NotEnoughDataError
 from trainer.spec import ModelSpec
 from trainer.specs.common import not_class_ids
@@ -120,17 +120,18 @@ def plan_data(spec: ModelSpec, batches: list[BatchInfo], parent_state: dict[str,
     by_id = {b.batch_id: b for b in batches}
     state = parent_state or {}
     cursor = state.get("cursor")
+    trained = state.get("cursor_offsets") if isinstance(state.get("cursor_offsets"), dict) else None
     if cursor is None:
         new = batches
     elif cursor in by_id:
         idx = [b.batch_id for b in batches].index(cursor)
         new = batches[idx + 1:]
-    elif isinstance(state.get("cursor_offsets"), dict):
+    elif trained is not None:
         # The cursor batch is gone (store gc, or a `store promote` of a rebuilt namespace, whose batches
         # have other ids and all are newer): what is new is what lies past the offsets trained so far.
         # By creation time, every rebuilt batch was new, so a candidate trained again on the rows its
         # parent had trained on, and its holdout overlapped them (a gate biased to the current version).
-        new = [b for b in batches if _past(b, state["cursor_offsets"])]
+        new = [b for b in batches if _past(b, trained)]
     else:  # a version from before the offsets were recorded: fall back to the cursor's creation time
         mark = (int(state.get("cursor_created_at_ms", 0)), str(cursor))
         new = [b for b in batches if _sort_key(b) > mark]
@@ -148,30 +149,31 @@ def plan_data(spec: ModelSpec, batches: list[BatchInfo], parent_state: dict[str,
     for b in train_new:
         seen = reservoir_add(next_reservoir, seen, b.batch_id, spec.reservoir_batches, spec.seed)
     last = train_new[-1]
-    marks = dict(state.get("cursor_offsets") or {}) if isinstance(state.get("cursor_offsets"), dict) else {}
+    marks = dict(trained or {})
     for b in batches[:batches.index(last) + 1]:
-        for key, last_offset in _ranges(b):
-            marks[key] = max(int(marks.get(key, -1)), last_offset)
+        end = _partition_end(b)
+        if end is not None:
+            marks[end[0]] = max(int(marks.get(end[0], -1)), end[1])
     return DataPlan(train_new, reservoir, holdout, {
         "cursor": last.batch_id, "cursor_created_at_ms": int(last.manifest.get("created_at_ms", 0)),
         "cursor_offsets": marks, "seen": seen, "reservoir": next_reservoir,
     })
 
 
-def _ranges(b: BatchInfo) -> list[tuple[str, int]]:
-    """``("topic/partition", last offset)`` of each offset range a batch covers (its manifest's ranges)."""
-    out = []
-    for r in b.manifest.get("ranges") or []:
-        try:
-            out.append((f"{r['topic']}/{int(r['partition'])}", int(r["last_offset"])))
-        except (KeyError, TypeError, ValueError):
-            continue
-    return out
+def _partition_end(b: BatchInfo) -> tuple[str, int] | None:
+    """``("topic/partition", last offset)`` of a batch, from its id (as store gc reads it,
+    streaming.retention); None for an id of another form."""
+    try:
+        topic, partition, _first, last = parse_batch_id(b.batch_id)
+    except StoreError:
+        return None
+    return f"{topic}/{partition}", last
 
 
 def _past(b: BatchInfo, marks: dict[str, Any]) -> bool:
     """True when ``b`` covers an offset past ``marks`` (per topic/partition, the last offset trained)."""
-    return any(last > int(marks.get(key, -1)) for key, last in _ranges(b))
+    end = _partition_end(b)
+    return end is not None and end[1] > int(marks.get(end[0], -1))
 
 
 def file_sha256(path: Location) -> str:
