@@ -294,20 +294,84 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+class KeptBroker:
+    """The broker a supervisor uses, and for one it started itself a restart should that broker die.
+
+    Why: ``streamlearn up`` starts the embedded broker unless one is configured or already runs, and
+    every worker it supervises survives a broker outage by retrying. Without this, a broker that died
+    (an OOM kill, a crash of the binary) stayed dead until somebody ran ``streamlearn broker start``
+    by hand, so the whole supervised stack waited for a person. A broker that ``up`` did not start (a
+    configured bootstrap, or one from ``streamlearn broker start``) belongs to whoever started it and
+    is never restarted here.
+    """
+
+    BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+    def __init__(self, broker: EmbeddedBroker, status: BrokerStatus, owned: bool, timeout_s: float) -> None:
+        self.broker = broker
+        self.status = status
+        self.owned = owned
+        self.timeout_s = timeout_s
+        self.restarts = 0
+        self._failures = 0
+        self._next_try = 0.0
+
+    def revive(self) -> str | None:
+        """Start the broker again if the one started here has exited; a line saying what happened, or None.
+
+        A failed start (the port taken meanwhile, a broker that does not come up) is retried at the next
+        call after a back-off of 1 s growing to 30 s, so a broken binary is not restarted in a tight loop.
+        """
+        proc = self.broker._proc
+        if not self.owned or proc is None or proc.poll() is None or time.monotonic() < self._next_try:
+            return None
+        old, code = proc.pid, proc.returncode
+        self.broker._proc = None
+        with contextlib.suppress(OSError, ValueError):  # the pid file still names the dead broker
+            if json.loads(self.broker.pid_file.read_text()).get("pid") == old:
+                self.broker.pid_file.unlink()
+        try:
+            self.status = self.broker.start(timeout_s=self.timeout_s, detach=False)
+        except BrokerAlreadyRunningError as exc:  # somebody started one by hand meanwhile: theirs to stop
+            self.owned = False
+            return f"the embedded broker (pid {old}) exited with code {code}; {exc}; using that one"
+        except BrokerError as exc:
+            wait = self.BACKOFF_S[min(self._failures, len(self.BACKOFF_S) - 1)]
+            self._failures += 1
+            self._next_try = time.monotonic() + wait
+            if self.broker._proc is None:  # keep watching the failed start's process for the next try
+                self.broker._proc = proc
+            return (f"the embedded broker (pid {old}) exited with code {code} and could not be started again: "
+                    f"{exc}; trying again in {wait:.0f} s")
+        self._failures = 0
+        self.restarts += 1
+        return (f"the embedded broker (pid {old}) exited with code {code}; started it again as pid "
+                f"{self.status.pid} on the same data dir {self.broker.data_dir}")
+
+
 @contextlib.contextmanager
-def running_broker(settings: Settings, timeout_s: float = 30.0) -> Iterator[BrokerStatus]:
-    """Use the configured or already-running broker, or start one and stop it on exit."""
+def kept_broker(settings: Settings, timeout_s: float = 30.0) -> Iterator[KeptBroker]:
+    """Use the configured or already-running broker, or start one, restart it with ``revive()`` should
+    it die, and stop it on exit."""
     broker = EmbeddedBroker(settings)
     status = broker.status()
     if status.external:
         wait_ready(settings.bootstrap, timeout_s)
-        yield status
+        yield KeptBroker(broker, status, owned=False, timeout_s=timeout_s)
         return
     if status.running:
-        yield status
+        yield KeptBroker(broker, status, owned=False, timeout_s=timeout_s)
         return
-    status = broker.start(timeout_s=timeout_s, detach=False)
+    kept = KeptBroker(broker, broker.start(timeout_s=timeout_s, detach=False), owned=True, timeout_s=timeout_s)
     try:
-        yield status
+        yield kept
     finally:
-        broker.stop()
+        if kept.owned:
+            broker.stop()
+
+
+@contextlib.contextmanager
+def running_broker(settings: Settings, timeout_s: float = 30.0) -> Iterator[BrokerStatus]:
+    """Use the configured or already-running broker, or start one and stop it on exit."""
+    with kept_broker(settings, timeout_s) as kept:
+        yield kept.status

@@ -107,3 +107,71 @@ def test_cli_broker_start_status_stop(tmp_path: Path) -> None:
     status = subprocess.run(streamlearn_cmd("broker", "status"), env=env, capture_output=True, text=True, timeout=60)
     assert status.returncode == 3
     assert os.path.exists(tmp_path / "cli" / "broker" / "broker.log")
+
+
+def test_a_broker_started_by_the_supervisor_is_started_again_after_kill_9(tmp_path: Path) -> None:
+    """`up` started the embedded broker but never watched it: after the broker died (an OOM kill, a crash)
+    every supervised worker retried against nothing until somebody ran `streamlearn broker start` by hand.
+    The broker it started is now restarted on the same data dir. (What a kill -9 of noida-db loses of its
+    last writes is docs/RECOVERY.md's matter, not checked here.)"""
+    import signal
+
+    from streaming.broker import kept_broker
+
+    settings = config.load({"home": tmp_path / "home", "broker_port": free_port()}, environ={})
+    with kept_broker(settings, timeout_s=60) as kept:
+        assert kept.owned and kept.revive() is None  # alive: nothing to do
+        ensure_topics(settings)
+        first = kept.status.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        note = wait_until(kept.revive, 60, 0.05, "the broker started again")
+        assert f"(pid {first}) exited with code -9; started it again as pid {kept.status.pid}" in note
+        assert kept.status.pid != first and kept.restarts == 1
+        assert probe(settings.bootstrap) is not None
+        assert EmbeddedBroker(settings).status().pid == kept.status.pid  # `status` sees the new one
+        ensure_topics(settings)  # it answers Kafka requests again
+    assert not EmbeddedBroker(settings).status().running  # stopped on the way out, as before
+
+
+def test_a_broker_the_supervisor_did_not_start_is_left_alone(own_broker) -> None:  # type: ignore[no-untyped-def]
+    """A broker from `streamlearn broker start` belongs to whoever started it: `up` uses it, and neither
+    restarts it nor stops it."""
+    from streaming.broker import kept_broker
+
+    settings, broker = own_broker
+    broker.start()
+    with kept_broker(settings) as kept:
+        assert not kept.owned
+        broker.kill()
+        assert kept.revive() is None
+    assert not EmbeddedBroker(settings).status().running
+
+
+def test_up_restarts_the_embedded_broker_it_started(tmp_path: Path) -> None:
+    """The same through the command: `streamlearn up` says so on its output, and still drains and stops."""
+    import json
+    import signal
+
+    settings = config.load({"home": tmp_path / "home", "broker_port": free_port()}, environ={})
+    env = subprocess_env(settings, STREAMLEARN_REGISTRY_PORT=str(free_port()))
+    out = tmp_path / "up.out"
+    with open(out, "w") as fh:
+        up = subprocess.Popen(streamlearn_cmd("up", "--only", "registry", "--no-standby"), env=env, stdout=fh,
+                              stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "Ctrl-C or SIGTERM drains" in out.read_text(), 120, 0.1, "up started")
+        first = EmbeddedBroker(settings).status().pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: "started it again as pid" in out.read_text(), 90, 0.1, "up to restart the broker")
+        again = json.loads((settings.broker_dir / "broker.pid").read_text())["pid"]
+        assert again != first and probe(settings.bootstrap) is not None
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(120) == 0, out.read_text()[-3000:]
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(30)
+        EmbeddedBroker(settings).stop()
+    assert not EmbeddedBroker(settings).status().running, out.read_text()[-3000:]

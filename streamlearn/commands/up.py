@@ -42,7 +42,7 @@ def prepare(settings: config.Settings) -> None:
 
 
 def _up(args: argparse.Namespace, settings: config.Settings) -> int:
-    from streaming.broker import running_broker
+    from streaming.broker import kept_broker
     from streamlearn import preflight, scaling
     from streamlearn.stack import StackBusyError, Supervisor, default_services, hold_stack, stop_orphans
 
@@ -84,8 +84,8 @@ def _up(args: argparse.Namespace, settings: config.Settings) -> int:
     for line in checked.notes:
         print(f"up: {line}", flush=True)
     services = checked.services
-    with running_broker(settings) as broker:
-        print(broker.describe())
+    with kept_broker(settings) as broker:
+        print(broker.status.describe())
         prepare(settings)
         try:  # topics made earlier keep their partition count: hold the plan to what exists
             scaling.check_partitions(workers, _partition_counts(settings, workers), settings)
@@ -99,8 +99,11 @@ def _up(args: argparse.Namespace, settings: config.Settings) -> int:
         for s in sup.status():
             print(f"  {s['name']:28} pid {s['pid']:<7} metrics :{s['metrics_port']}  {s['command']}")
         print(f"logs in {sup.log_dir}; Ctrl-C or SIGTERM drains and stops")
-        try:
-            done.wait()
+        try:  # the broker `up` started is supervised too: restarted should it die (KeptBroker)
+            while not done.wait(1.0):
+                note = broker.revive()
+                if note:
+                    print(f"up: {note}", flush=True)
         except KeyboardInterrupt:
             pass
         print("draining: intake, stream workers, trainers and serving, registry ...")
