@@ -171,7 +171,8 @@ async def send_error(send: Send, status: int, body: dict[str, Any], headers: dic
 
 
 class BodyLimitMiddleware:
-    """Raw ASGI middleware: 413 over ``max_body_bytes``, 503 over the shared budget, 408 on a slow body.
+    """Raw ASGI middleware: 413 over ``max_body_bytes``, 503 over the shared budget, 408 on a slow body,
+    415 for a compressed body (``Content-Encoding`` other than identity).
 
     ``Content-Length`` is checked against the limit before the app runs; every body is counted and
     reserved from the budget chunk by chunk as it arrives (a declared length costs nothing until its
@@ -215,6 +216,14 @@ class BodyLimitMiddleware:
         limit, budget = self.max_body_bytes, self.budget
         reserved = 0
         for name, value in scope.get("headers", []):
+            if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                # Not decompressed (no gzip bomb to bound): read as it is, a gzip body was answered 400 "not
+                # valid UTF-8 JSON" by every server, which named the wrong problem.
+                coding = value.decode("latin-1").strip().lower()
+                await self._refuse(scope, send, GuardError(
+                    415, f"Content-Encoding {coding!r:.40} is not accepted; send the body uncompressed (the "
+                         "request size limit applies to it as sent)"))
+                return
             if name == b"content-length":
                 try:
                     declared = int(value)
