@@ -215,10 +215,9 @@ class _Checker:
         if key in self._seen:  # recursive type: already being checked higher up
             return
         self._seen.add(key)
+        # Only the reader's aliases count (the Avro spec, Java Avro, Confluent and fastavro's decoder): a
+        # writer field's aliases let a rename pass here that the decoder then could not read.
         wfields = {f["name"]: f for f in wnode.get("fields", [])}
-        for wf in wnode.get("fields", []):
-            for alias in wf.get("aliases") or []:
-                wfields.setdefault(alias, wf)
         for rf in rnode.get("fields", []):
             name = rf["name"]
             fpath = f"{path}.{name}" if path else name

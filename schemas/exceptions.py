@@ -102,6 +102,13 @@ class MalformedRecordError(FramingError):
     """The Avro body is the right length but not a valid encoding (bad union index, bad UTF-8...)."""
 
 
+class InvalidSubjectError(SchemaError):
+    """A subject name the registry will not store: empty, over 255 characters, or with control characters
+    (Confluent's invalid-subject error, 42208)."""
+
+    error_code = 42208
+
+
 class InvalidVersionError(SchemaError):
     """A version argument is neither a positive integer nor 'latest' (Confluent 42202)."""
 

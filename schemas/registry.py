@@ -40,7 +40,7 @@ from schemas.exceptions import (
     VersionNotFoundError,
 )
 from schemas.http_client import HttpRegistryClient
-from schemas.schema_limits import check_schema
+from schemas.schema_limits import check_schema, check_subject
 
 LOG_NAME = "schemas.jsonl"
 LOCK_NAME = "schemas.lock"
@@ -247,8 +247,7 @@ class FileRegistry(SchemaRegistry):
 
     # -- writes -------------------------------------------------------------------------------
     def register(self, subject: str, schema: str | dict[str, Any]) -> int:
-        if not subject or not isinstance(subject, str):
-            raise SchemaNotFoundError("subject: must be a non-empty string, e.g. '<topic>-value'", 40401)
+        check_subject(subject)
         text = schema_text(schema)
         check_schema(text)  # the REST server checks too; `schemas register` writes the file store directly
         key = catalog.canonical_text(text)
@@ -275,6 +274,8 @@ class FileRegistry(SchemaRegistry):
 
     def set_config(self, level: str, subject: str | None = None) -> str:
         value = compat.normalize_level(level)
+        if subject is not None:
+            check_subject(subject)
         with self._locked(exclusive=True):
             self._catch_up(repair=True)
             self._append([{"op": "config", "subject": subject, "level": value}])

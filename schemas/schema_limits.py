@@ -15,12 +15,34 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.exceptions import InvalidSchemaError
+import fastavro
+
+from schemas.exceptions import InvalidSchemaError, InvalidSubjectError
 from schemas.httpguard import scan_json
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 NAMESPACE_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
+
+
+MAX_SUBJECT_CHARS = 255  # Kafka's longest topic name (249) plus "-value"
+
+
+def check_subject(subject: object) -> str:
+    """``subject`` if the registry may store it, else :class:`InvalidSubjectError`.
+
+    Why: any subject was stored as sent, so a 100,000-character name added 100 KB to the registry log and
+    to every ``GET /subjects`` answer, and a newline split ``streamlearn schemas list`` across lines.
+    """
+    if not isinstance(subject, str) or not subject.strip():
+        raise InvalidSubjectError("subject: must be a non-empty name, e.g. '<topic>-value'")
+    if len(subject) > MAX_SUBJECT_CHARS:
+        raise InvalidSubjectError(f"subject: {len(subject)} characters, over the limit of {MAX_SUBJECT_CHARS} "
+                                  "(a topic name of up to 249 plus '-value')")
+    bad = next((c for c in subject if ord(c) < 32 or 127 <= ord(c) < 160), None)
+    if bad is not None:
+        raise InvalidSubjectError(f"subject {subject[:60]!r}: control character {bad!r} is not allowed in a name")
+    return subject
 
 
 @dataclass(frozen=True)
@@ -109,6 +131,7 @@ def check_schema(text: str, limits: SchemaLimits | None = None) -> None:
             stack.append((node.get("values"), f"{where}{{}}"))
         elif isinstance(kind, dict | list):
             stack.append((kind, where))
+    check_defaults(doc)
 
 
 _INT_MAX = 2**31 - 1
@@ -120,21 +143,28 @@ def _no_constant(name: str) -> Any:
 
 
 def _check_union(branches: list[Any], where: str) -> None:
-    """A union is non-empty, holds no union directly, and no two branches of one type: each was accepted
-    and then made the serializer or the registry's answers fail (Confluent refuses them, 42201)."""
+    """A union is non-empty and holds no union directly (Confluent refuses both, 42201). Two branches of
+    one type are refused after the parse (:func:`_union_twice`), where names are full names."""
     if not branches:
         raise InvalidSchemaError(f"{where[:200]}: a union needs at least one branch")
-    seen: set[str] = set()
     for branch in branches:
         if isinstance(branch, list):
             raise InvalidSchemaError(f"{where[:200]}: a union may not hold a union directly")
+
+
+def _union_twice(branches: list[Any], where: str) -> None:
+    """No two branches of one type, by full name (parsed form): each such union was accepted and then made
+    the serializer or the registry's answers fail. Compared by short name before, ``[a.X, b.X]`` (legal
+    Avro) was refused and ``[X in namespace a, "a.X"]`` (one type twice) was accepted."""
+    seen: set[str] = set()
+    for branch in branches:
         if isinstance(branch, str):
             key = branch
         elif isinstance(branch, dict):
             kind = branch.get("type")
             key = str(branch.get("name")) if kind in ("record", "error", "enum", "fixed") else str(kind)
         else:
-            continue  # reported as "a type must be a name, an object or a union list"
+            continue
         if key in seen:
             raise InvalidSchemaError(f"{where[:200]}: the union holds {key[:60]!r} twice")
         seen.add(key)
@@ -147,3 +177,110 @@ def _check_default(field: dict[str, Any], where: str) -> None:
     if bounds is not None and isinstance(default, int) and not isinstance(default, bool) and not (
             bounds[0] <= default <= bounds[1]):
         raise InvalidSchemaError(f"{where[:200]}: default {str(default)[:40]} does not fit an Avro {kind}")
+
+
+def check_defaults(doc: Any) -> None:
+    """Every field default is a value of its field's type, however deep (arrays, maps, records, named
+    references), in Avro's JSON encoding; and no union holds one type twice (by full name).
+
+    Why: fastavro checks only a primitive field's default, so ``"default": ["x"]`` on an array of int, a
+    record default with a string for an int field, or ``"1.5"`` for a float were registered; a reader
+    that filled a missing field from such a default got a value of the wrong type, silently. Confluent
+    refuses them (42201). A union's default may match any of its branches (Avro 1.12, AVRO-3649; older
+    readers wanted the first). A schema fastavro cannot parse is left to the parse that reports it.
+    """
+    named: dict[str, Any] = {}
+    try:
+        parsed = fastavro.parse_schema(doc, named_schemas=named)
+    except Exception:  # noqa: BLE001 - the registry's own parse raises the precise InvalidSchemaError
+        return
+    seen: set[str] = set()
+    stack: list[tuple[Any, str]] = [(parsed, "schema")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, str):
+            if node in named and node not in seen:
+                seen.add(node)
+                stack.append((named[node], where))
+        elif isinstance(node, list):
+            _union_twice(node, where)
+            stack.extend((branch, where) for branch in node)
+        elif isinstance(node, dict):
+            kind = node.get("type")
+            if kind in ("record", "error"):
+                for field in node.get("fields", []):
+                    fwhere = f"{where}.{field['name']}"
+                    if "default" in field and not _fits(field["type"], field["default"], named, 0):
+                        raise InvalidSchemaError(
+                            f"{fwhere[:200]}: default {json.dumps(field['default'])[:60]} is not a value of "
+                            f"the field's type {_type_name(field['type'])}")
+                    stack.append((field["type"], fwhere))
+            elif kind == "array":
+                stack.append((node.get("items"), f"{where}[]"))
+            elif kind == "map":
+                stack.append((node.get("values"), f"{where}{{}}"))
+            elif isinstance(kind, dict | list):
+                stack.append((kind, where))
+
+
+_MAX_DEFAULT_DEPTH = 64  # the schema document itself is at most 64 levels deep (SchemaLimits.max_depth)
+
+
+def _fits(node: Any, value: Any, named: dict[str, Any], depth: int) -> bool:
+    """Whether ``value`` (JSON) is a value of Avro type ``node`` (fastavro's parsed form)."""
+    if depth > _MAX_DEFAULT_DEPTH:
+        return False
+    if isinstance(node, str):
+        if node in named:
+            return _fits(named[node], value, named, depth + 1)
+        return _primitive_fits(node, value)
+    if isinstance(node, list):
+        return any(_fits(branch, value, named, depth + 1) for branch in node)
+    if not isinstance(node, dict):
+        return False
+    kind = node.get("type")
+    if kind in ("record", "error"):
+        return isinstance(value, dict) and all(
+            _fits(f["type"], value[f["name"]], named, depth + 1) if f["name"] in value else "default" in f
+            for f in node.get("fields", []))
+    if kind == "enum":
+        return isinstance(value, str) and value in node.get("symbols", [])
+    if kind == "fixed":
+        return isinstance(value, str) and len(value) == node.get("size") and all(ord(c) < 256 for c in value)
+    if kind == "array":
+        return isinstance(value, list) and all(_fits(node.get("items"), v, named, depth + 1) for v in value)
+    if kind == "map":
+        return isinstance(value, dict) and all(_fits(node.get("values"), v, named, depth + 1) for v in value.values())
+    return _fits(kind, value, named, depth + 1)  # {"type": "long", "logicalType": ...}: the underlying type
+
+
+def _primitive_fits(kind: str, value: Any) -> bool:
+    if kind == "null":
+        return value is None
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind in _INT_RANGES:
+        low, high = _INT_RANGES[kind]
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    if kind in ("float", "double"):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "bytes":  # JSON strings whose code points 0-255 are the bytes
+        return isinstance(value, str) and all(ord(c) < 256 for c in value)
+    return False
+
+
+def _type_name(node: Any) -> str:
+    if isinstance(node, list):
+        return "union[" + ", ".join(_type_name(b) for b in node) + "]"
+    if isinstance(node, dict):
+        kind = node.get("type")
+        if kind in ("record", "error", "enum", "fixed"):
+            return str(node.get("name"))
+        if kind == "array":
+            return f"array<{_type_name(node.get('items'))}>"
+        if kind == "map":
+            return f"map<{_type_name(node.get('values'))}>"
+        return _type_name(kind)
+    return str(node)

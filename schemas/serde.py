@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
 from fastavro import schemaless_reader, schemaless_writer
+from fastavro.read import SchemaResolutionError
 
 from schemas import catalog, compat
 from schemas.base import SchemaRegistry
@@ -411,6 +412,10 @@ class AvroDeserializer:
         except EOFError as exc:
             raise TruncatedRecordError(
                 f"data: Avro body of {size - HEADER_SIZE} bytes ends early for schema id {schema_id} ({exc})"
+            ) from exc
+        except SchemaResolutionError as exc:  # a plain Exception: it escaped every caller's handler
+            raise IncompatibleReaderError(
+                f"reader_schema: cannot read records written with schema id {schema_id}: {exc}"
             ) from exc
         except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as exc:
             raise MalformedRecordError(

@@ -8,8 +8,8 @@ this server or a real Confluent registry with no code change.
 Requests and answers use ``application/vnd.schemaregistry.v1+json`` (plain JSON is accepted too).
 Errors are Confluent bodies ``{"error_code": 40401, "message": "Subject 'x' not found."}``:
 40401 subject, 40402 version, 40403 schema not found, 40408 no subject-level config, 42201 invalid
-schema, 42202 invalid version, 42203 invalid compatibility level, 409 incompatible, 500xx store,
-and 401/403 (``error_code`` = the status) for keys, 413 for a body over the limit.
+schema, 42202 invalid version, 42203 invalid compatibility level, 42208 invalid subject name, 409
+incompatible, 500xx store, and 401/403 (``error_code`` = the status) for keys, 413 for a body over the limit.
 
 Access (docs/SECURITY.md): with keys configured (``STREAMLEARN_KEYS`` / ``STREAMLEARN_KEYS_FILE``),
 writes need the ``schema-admin`` scope; reads are open (``registry_read_open``, the default) or need
@@ -41,6 +41,7 @@ from schemas.exceptions import (
     IncompatibleSchemaError,
     InvalidCompatibilityLevelError,
     InvalidSchemaError,
+    InvalidSubjectError,
     InvalidVersionError,
     SchemaNotFoundError,
     StreamlearnError,
@@ -71,6 +72,8 @@ def _status_of(exc: Exception) -> tuple[int, int]:
         return 422, 42201
     if isinstance(exc, InvalidVersionError):
         return 422, 42202
+    if isinstance(exc, InvalidSubjectError):
+        return 422, 42208
     if isinstance(exc, InvalidCompatibilityLevelError):
         return 422, 42203
     return 500, 50001

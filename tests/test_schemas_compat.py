@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from schemas import catalog, compat
-from schemas.exceptions import IncompatibleSchemaError, InvalidCompatibilityLevelError
+from schemas.exceptions import IncompatibleReaderError, IncompatibleSchemaError, InvalidCompatibilityLevelError
 from schemas.registry import FileRegistry
 from schemas.serde import AvroDeserializer, AvroSerializer
 
@@ -175,6 +175,23 @@ def test_field_aliases_count_as_the_same_field() -> None:
     old = {"type": "record", "name": "R", "fields": [{"name": "a", "type": "int"}]}
     new = {"type": "record", "name": "R", "fields": [{"name": "b", "type": "int", "aliases": ["a"]}]}
     assert compat.check_compatibility("BACKWARD", new, [old]) == []
+
+
+@pytest.mark.parametrize("level", ["BACKWARD", "FORWARD"])
+def test_a_writer_field_alias_does_not_count(tmp_path: Path, level: str) -> None:
+    """Only the reader's aliases resolve a rename (the Avro spec; fastavro's decoder reads so). Counting the
+    writer's let a rename pass that the decoder could not read: the gateway answered such a record 500 and a
+    Subscriber with a reader schema crashed on it at every restart."""
+    aliased = {"type": "record", "name": "R", "fields": [{"name": "a", "type": "string", "aliases": ["b"]}]}
+    renamed = {"type": "record", "name": "R", "fields": [{"name": "b", "type": "string"}]}
+    old, new = (aliased, renamed) if level == "BACKWARD" else (renamed, aliased)
+    errors = compat.check_compatibility(level, new, [old])
+    assert errors and "has no default and is missing from the writer schema" in errors[0], errors
+    registry = FileRegistry(tmp_path)
+    registry.set_config("NONE")
+    written = AvroSerializer(registry, "w-value", aliased)({"a": "x"})
+    with pytest.raises(IncompatibleReaderError, match="cannot read records written with schema id"):
+        AvroDeserializer(registry, reader_schema=renamed)(written)
 
 
 def test_records_evolve_read_both_ways(tmp_path: Path) -> None:

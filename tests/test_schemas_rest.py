@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -209,3 +210,77 @@ def test_two_file_registries_on_one_directory_share_ids(tmp_path: Path) -> None:
     assert client_b.post("/subjects/b/versions", content=_body(WEBLOG)).json() == {"id": 2}
     assert json.loads(client_a.get("/schemas/ids/2").json()["schema"]) == WEBLOG
     assert client_b.get("/subjects").json() == ["a", "b"]
+
+
+def _record(fields: list[dict[str, Any]], name: str = "R", namespace: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "record", "name": name, "fields": fields}
+    if namespace:
+        out["namespace"] = namespace
+    return out
+
+
+_X = _record([{"name": "i", "type": "int"}], "X")
+
+
+@pytest.mark.parametrize(("field", "where"), [
+    ({"name": "m", "type": {"type": "array", "items": "int"}, "default": ["x"]}, "array<int>"),
+    ({"name": "r", "type": _X, "default": {"i": "nope"}}, "type X"),
+    ({"name": "r", "type": _X, "default": {}}, "type X"),
+    ({"name": "m", "type": {"type": "map", "values": {"type": "map", "values": "int"}}, "default": {"a": {"b": "x"}}},
+     "map<map<int>>"),
+    ({"name": "f", "type": "float", "default": "1.5"}, "type float"),
+    ({"name": "e", "type": {"type": "enum", "name": "E", "symbols": ["A"]}, "default": "B"}, "type E"),
+    ({"name": "x", "type": {"type": "fixed", "name": "F", "size": 2}, "default": "abc"}, "type F"),
+    ({"name": "b", "type": "bytes", "default": "\u0100"}, "type bytes"),
+], ids=["array-item", "record-field", "record-missing-field", "nested-map", "float-as-text", "enum-symbol",
+        "fixed-size", "bytes-code-point"])
+def test_a_default_of_the_wrong_type_at_any_depth_is_42201(client: TestClient, field: dict[str, Any],
+                                                           where: str) -> None:
+    """fastavro checks only a primitive field's default: these were registered, and a reader filling a missing
+    field from one got a value of the wrong type."""
+    message = _err(client.post("/subjects/d-value/versions", content=_body(_record([field])), headers=HEADERS),
+                   422, 42201)
+    assert f"schema.{field['name']}: default" in message and where in message, message
+
+
+@pytest.mark.parametrize("field", [
+    {"name": "m", "type": {"type": "array", "items": "int"}, "default": [1, 2]},
+    {"name": "r", "type": _record([{"name": "i", "type": "int"}, {"name": "j", "type": "int", "default": 0}], "Y"),
+     "default": {"i": 3}},
+    {"name": "f", "type": "float", "default": 1},
+    {"name": "u", "type": ["string", "null"], "default": None},  # any branch: Avro 1.12 (AVRO-3649)
+    {"name": "x", "type": {"type": "fixed", "name": "F", "size": 2}, "default": "\u00ff\u0000"},
+    {"name": "t", "type": {"type": "long", "logicalType": "timestamp-millis"}, "default": 0},
+], ids=["array", "record-with-defaulted-field", "float-from-int", "union-second-branch", "fixed", "logical"])
+def test_defaults_of_the_right_type_are_registered(client: TestClient, field: dict[str, Any]) -> None:
+    resp = client.post("/subjects/d-value/versions", content=_body(_record([field])), headers=HEADERS)
+    assert resp.status_code == 200, resp.text
+
+
+def test_a_union_is_checked_by_full_names(client: TestClient) -> None:
+    """By short name, one type twice ([a.X, "a.X"]) was accepted and two legal types (a.X, b.X) refused."""
+    twice = _record([{"name": "u", "type": [_record([{"name": "i", "type": "int"}], "X", "a"), "a.X"]}])
+    message = _err(client.post("/subjects/u-value/versions", content=_body(twice), headers=HEADERS), 422, 42201)
+    assert "the union holds 'a.X' twice" in message
+    both = _record([{"name": "u", "type": [_record([{"name": "i", "type": "int"}], "X", "a"),
+                                           _record([{"name": "i", "type": "int"}], "X", "b")]}])
+    assert client.post("/subjects/u-value/versions", content=_body(both), headers=HEADERS).status_code == 200
+
+
+@pytest.mark.parametrize(("subject", "says"), [
+    ("s" * 10_000, "10000 characters, over the limit of 255"),
+    ("a\nb-value", "control character '\\n'"),
+    ("a\x00b-value", "control character '\\x00'"),
+    (" ", "must be a non-empty name"),
+], ids=["long", "newline", "nul", "blank"])
+def test_a_subject_name_the_registry_will_not_store_is_42208(tmp_path: Path, subject: str, says: str) -> None:
+    """Any subject was stored as sent: a 100,000-character one added 100 KB to the log and to every /subjects
+    answer, and a newline split `schemas list` across lines."""
+    client = TestClient(create_app(FileRegistry(tmp_path)))
+    message = _err(client.post(f"/subjects/{quote(subject, safe='')}/versions", content=_body(SENSOR),
+                               headers=HEADERS), 422, 42208)
+    assert says in message, message
+    _err(client.put(f"/config/{quote(subject, safe='')}", json={"compatibility": "NONE"}, headers=HEADERS),
+         422, 42208)
+    assert client.get("/subjects").json() == []
+    assert FileRegistry(tmp_path).register("s" * 249 + "-value", SENSOR) > 0  # the longest topic's subject

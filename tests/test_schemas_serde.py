@@ -277,3 +277,20 @@ def test_non_record_schemas_round_trip(registry: FileRegistry, schema: Any, valu
     assert AvroDeserializer(registry)(ser(value)).value == value
     with pytest.raises(RecordValidationError, match=r"^value: expected"):
         ser(object())
+
+
+def test_a_pair_the_checker_lets_through_but_fastavro_cannot_resolve_is_a_typed_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fastavro's SchemaResolutionError is a plain Exception: it escaped every caller's handler (the gateway
+    answered 500 with a traceback, a Subscriber stopped at the record at every restart). Whatever the
+    compatibility check misses now reaches callers as the IncompatibleReaderError they handle."""
+    from schemas import compat
+
+    registry = FileRegistry(tmp_path)
+    writer = {"type": "record", "name": "R", "fields": [{"name": "a", "type": "string"}]}
+    reader = {"type": "record", "name": "R", "fields": [{"name": "b", "type": "string"}]}
+    data = AvroSerializer(registry, "r-value", writer)({"a": "x"})
+    monkeypatch.setattr(compat, "reader_errors", lambda *a, **k: [])  # a checker that misses the pair
+    with pytest.raises(IncompatibleReaderError, match="No default value for field b"):
+        AvroDeserializer(registry, reader_schema=reader)(data)
+    assert isinstance(AvroDeserializer(registry, reader_schema=reader).decode_many([data])[0], IncompatibleReaderError)
