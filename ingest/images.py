@@ -135,6 +135,7 @@ class ImageWatcher:
     #: Entries of the names journal kept (most recent first): a copy of bytes older than that is still
     #: never sent again (the hash journal says so), but its note cannot name the first file.
     NAMES_KEPT = 100_000
+    TRUNCATED_GRACE_SETTLES = 10
 
     def __init__(
         self,
@@ -165,6 +166,9 @@ class ImageWatcher:
         self.batch_size = batch_size
         self.settle_s = settle_s
         self.max_settle_wait_s = max_settle_wait_s
+        #: A settled file that is cut short is read again until it is this old (10 s at the default
+        #: --settle of 1 s): a writer that paused longer than settle_s is likely still writing it.
+        self.truncated_grace_s = self.TRUNCATED_GRACE_SETTLES * settle_s
         #: Window for the event time of a file (its mtime): the shared event-time policy.
         self.policy = policy or EventTimePolicy()
         self._headers = [*self.policy.headers()]
@@ -236,7 +240,10 @@ class ImageWatcher:
             if entry.name.endswith(".label") and (entry.name[: -len(".label")] in names
                                                    or entry.name[: -len(".label")] in stems):
                 continue  # a sidecar: it moves with its image
-            st = entry.stat()
+            try:
+                st = entry.stat()
+            except FileNotFoundError:  # gone since the listing (renamed, deleted): the next scan has its new name
+                continue
             sig = (st.st_size, st.st_mtime_ns)
             path = Path(entry.path)
             current[path] = sig
@@ -281,6 +288,13 @@ class ImageWatcher:
                                timestamp=timestamp)
             return _Item(path, data, digest, rec, None)
         except ImageValidationError as exc:
+            if exc.reason == "truncated" and 0 <= time.time() - st.st_mtime < self.truncated_grace_s:
+                # Settled but cut short, and written to moments ago: a writer that paused longer than
+                # --settle (a slow network copy) may still be at it. It used to be rejected, and moved
+                # away while still being written; it is read again at each scan until it is
+                # truncated_grace_s old, then rejected. (--once and --idle-exit wait for it meanwhile.)
+                log.debug("%s is truncated and %.1f s old; read again later", path, time.time() - st.st_mtime)
+                return None
             return _Item(path, data, digest, None, exc)
 
     # -- the source side (driven by the runner) ---------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -118,6 +119,8 @@ def test_watcher_publishes_valid_and_dead_letters_hostile_files(settings, tmp_pa
     (watch / "photo.jpg").write_bytes(_jpeg(30, 20))
     (watch / "bomb.png").write_bytes(png_bomb())
     (watch / "cut.png").write_bytes(d[2]["data"][:-12])
+    old = time.time() - 60  # a truncated file that has lain there a while: no writer is coming back to it
+    os.utime(watch / "cut.png", (old, old))
     (watch / "liar.png").write_bytes(_jpeg())
     (watch / "noise.jpeg").write_bytes(bytes(np.random.default_rng(2).integers(0, 256, 3000, dtype=np.uint8)))
     (watch / "notes.txt").write_text("not an image: rejected too (the drop folder is complete)")
@@ -287,3 +290,84 @@ def test_images_acked_but_not_journaled_are_not_published_again(settings, tmp_pa
     assert len(read_topic(settings, dead_letter_topic(settings, "image"), decode=False, idle_timeout=1.0)) == 1
     assert len(list((watch / "processed").iterdir())) == 10
     assert sorted(p.name for p in (watch / "rejected").iterdir()) == ["bomb.png", "bomb.png.reason"]
+
+
+def test_a_file_written_with_a_pause_longer_than_settle_is_published_not_rejected_as_truncated(
+        settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A writer that paused longer than --settle (a slow network copy) had its half-written file rejected as
+    truncated and moved to rejected/ while it kept writing into it. A settled file that is cut short and was
+    written to within 10 settle times is now read again later. The writer here resumes only once the watcher
+    has read the half file, so the pause is always longer than the settle time."""
+    import threading
+
+    from ingest.images import ImageWatcher
+    from streaming.producer import Publisher
+
+    watch = tmp_path / "in"
+    watch.mkdir()
+    data = next(iter(digits(1)))["data"]
+    target = watch / "slow.png"
+    half_read = threading.Event()
+    with Publisher(settings) as pub:
+        watcher = ImageWatcher(settings, pub, watch, settle_s=0.2)
+        load = watcher._load
+
+        def spying_load(path: Path):  # type: ignore[no-untyped-def]
+            item = load(path)
+            if path == target and path.exists() and path.stat().st_size < len(data):
+                half_read.set()
+            return item
+
+        watcher._load = spying_load  # type: ignore[method-assign]
+
+        fh = open(target, "wb")  # noqa: SIM115 - the writer thread finishes and closes it
+        fh.write(data[: len(data) // 2])
+        fh.flush()
+
+        def write_slowly() -> None:
+            with fh:
+                half_read.wait(60)
+                fh.write(data[len(data) // 2:])
+
+        writer = threading.Thread(target=write_slowly)
+        writer.start()
+        try:
+            watcher.run(follow=False)
+        finally:
+            half_read.set()
+            writer.join(60)
+            watcher.close()
+    assert half_read.is_set()
+    assert (watcher.published, watcher.rejected_count) == (1, 0)
+    assert (watch / "processed" / "slow.png").read_bytes() == data
+
+
+def test_a_file_gone_between_the_listing_and_its_stat_is_skipped(settings, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`x.part` renamed to `x.png` (the usual upload pattern) between the folder listing and the stat of its
+    entry was a FileNotFoundError out of the scan: `ingest images --watch` died with a traceback. The entry
+    is skipped; the next scan sees the new name."""
+    import ingest.images as images
+    from streaming.producer import Publisher
+
+    watch = tmp_path / "in"
+    watch.mkdir()
+    data = next(iter(digits(1)))["data"]
+    (watch / "x.part").write_bytes(data)
+    (watch / "kept.png").write_bytes(data)
+    real = os.scandir
+
+    def listing_then_rename(path):  # type: ignore[no-untyped-def]
+        with real(path) as it:
+            entries = list(it)
+        if (watch / "x.part").exists():
+            os.rename(watch / "x.part", watch / "x.png")
+        return iter(entries)
+
+    with Publisher(settings) as pub:
+        watcher = images.ImageWatcher(settings, pub, watch, settle_s=0.0)
+        monkeypatch.setattr(images.os, "scandir", listing_then_rename)
+        assert [p.name for p in watcher.candidates()] == ["kept.png"]
+        monkeypatch.setattr(images.os, "scandir", real)
+        assert [p.name for p in watcher.candidates()] == ["kept.png", "x.png"]
+        watcher.close()
