@@ -15,10 +15,10 @@ answers (the canary share applies to Kafka requests, whose ids are hashed).
 
 Every 4xx/5xx is TF Serving's ``{"error": "..."}``, never a traceback: 400 bad input, 401/403 key,
 404 unknown model/version/label, 408 slow body, 413 body or instances over the limit, 415 a
-compressed body, 429 too many concurrent predictions or the tenant's quota spent. Keys (``predict`` scope, the model under the
-key's tenant) come from ``STREAMLEARN_KEYS``/``STREAMLEARN_KEYS_FILE`` (docs/SECURITY.md); without
-keys the server binds loopback only. Inference runs in a small thread pool, never on the event
-loop, so HTTP and the Kafka loop of the same process do not block each other.
+compressed body, 429 too many concurrent predictions or the tenant's quota spent. Keys (``predict``
+scope, the model under the key's tenant) come from ``STREAMLEARN_KEYS``/``STREAMLEARN_KEYS_FILE``
+(docs/SECURITY.md); without keys the server binds loopback only. Inference runs in a small thread
+pool, never on the event loop, so HTTP and the Kafka loop of the same process do not block each other.
 """
 
 from __future__ import annotations

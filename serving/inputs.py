@@ -130,7 +130,8 @@ def declared_pixels(instance: Any) -> int:
         if image_probe.sniff(head) is not None:  # PNG/JPEG: the one probe, from the header bytes alone
             header = image_probe.probe(head, scans=False)
             return header.width * header.height
-        with warnings.catch_warnings():  # a cut-off head's "Corrupt EXIF data": the size is all we read here
+        # a cut-off head's "Corrupt EXIF data": the size is all we read here (the lock: image_probe.WARNINGS_LOCK)
+        with image_probe.WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(head)) as img:  # a format ingestion converts (WebP, HEIC...): its header
                 width, height = img.size

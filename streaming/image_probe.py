@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 
@@ -23,6 +24,10 @@ from streaming.exceptions import ImageProbeError
 
 #: The limits (one set): bytes of an encoded image, pixels a side, pixels in all.
 MAX_BYTES = 10 * 1024 * 1024
+#: Held around every ``warnings.catch_warnings()`` block of the image paths: it swaps process-wide state and
+#: is not thread-safe, and serving featurizes on several threads; two unlocked blocks can restore each
+#: other's filters and leave one installed for the whole process.
+WARNINGS_LOCK = threading.Lock()
 MAX_SIDE = 4096
 MAX_PIXELS = 16_000_000
 #: Caps on an *original* photo that ingestion, or a prediction, scales down before anything stores or

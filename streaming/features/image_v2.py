@@ -23,13 +23,13 @@ the featurizer recorded in its metadata, so a model never sees turned pixels it 
 from __future__ import annotations
 
 import logging
-import threading
 import warnings
 
 from PIL import Image
 
 from streaming.features.base import register
 from streaming.features.image import ImageFeaturizer
+from streaming.image_probe import WARNINGS_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,6 @@ _TURNS = {
     8: Image.Transpose.ROTATE_90,
 }
 _ORIENTATION = 0x0112
-#: Serializes this module's warnings-filter block (see ``_turn``).
-_WARNINGS_LOCK = threading.Lock()
 
 
 class ImageFeaturizerV2(ImageFeaturizer):
@@ -64,7 +62,7 @@ class ImageFeaturizerV2(ImageFeaturizer):
         # blocks (serving featurizes on several threads) from restoring each other's filters and leaving
         # "error" installed for the whole process. It covers the EXIF parse only, not the pixel decode,
         # and the count of unreadable tags.
-        with _WARNINGS_LOCK:
+        with WARNINGS_LOCK:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("error", UserWarning)
