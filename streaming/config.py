@@ -376,6 +376,10 @@ class _Environment(EnvSettingsSource):
         return super().get_field_value(field, field_name)
 
 
+#: A model's name: also its registry directory and part of its topic names, so nothing that could escape.
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
 class _ConfigFile(TomlConfigSettingsSource):
     """The first config file found, read by pydantic-settings' TOML source.
 
@@ -406,6 +410,10 @@ class _ConfigFile(TomlConfigSettingsSource):
         odd = sorted(str(k) for k, v in models.items() if not isinstance(v, str))
         if odd:  # `x = { a = 1 }` became the text "{'a': 1}", an error only when the model was used
             raise ConfigError(f"{file_path}: [models] {odd}: each entry is name = 'module:attribute' (a string)")
+        bad = sorted(str(k) for k in models if not MODEL_NAME_RE.match(str(k)))
+        if bad:  # it broke `models list` (and every command that lists models) with an error naming no file
+            raise ConfigError(f"{file_path}: [models] {bad}: not a valid model name; use letters, digits, '_', "
+                              "'-', '.' (starting with a letter or digit, at most 128)")
         self.models = {str(k): str(v) for k, v in models.items()}
         return data
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from streaming.clock import now_ms
+from streaming.config import MODEL_NAME_RE
 from streaming.exceptions import (  # noqa: F401 (re-exported)
     FencedError,
     ModelIntegrityError,
@@ -61,7 +62,7 @@ from streaming.registry_integrity import (  # re-exported: registry_remote and t
 from streaming.registry_leader import RegistryLeaderMixin
 from streaming.tf_serving import refresh_quietly
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME_RE = MODEL_NAME_RE
 STAGING_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 STATE_FILE = "state.json"

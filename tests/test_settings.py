@@ -144,6 +144,12 @@ def test_bad_config_file_values_and_unknown_keys_are_config_errors(tmp_path: Pat
     cfg.write_text("[models]\nx = { a = 1 }\ny = 5\n")  # was read as the text "{'a': 1}" and "5"
     with pytest.raises(ConfigError, match=r"\[models\] \['x', 'y'\]: each entry is name = 'module:attribute'"):
         config.load(environ={"STREAMLEARN_CONFIG": str(cfg)})
+    target = '"trainer.specs.weblog:BOT_SPEC"'
+    cfg.write_text(f'[models]\n"bad name!" = {target}\nok_name = {target}\n')
+    # it broke `models list` for every model, with an error that named no file
+    bad = rf"{re.escape(str(cfg))}: \[models\] \['bad name!'\]: not a valid model name"
+    with pytest.raises(ConfigError, match=bad):
+        config.load(environ={"STREAMLEARN_CONFIG": str(cfg)})
 
 
 def test_with_validates_and_never_rereads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
