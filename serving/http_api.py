@@ -15,7 +15,8 @@ answers (the canary share applies to Kafka requests, whose ids are hashed).
 
 Every 4xx/5xx is TF Serving's ``{"error": "..."}``, never a traceback: 400 bad input, 401/403 key,
 404 unknown model/version/label, 408 slow body, 413 body or instances over the limit, 415 a
-compressed body, 429 too many concurrent predictions or the tenant's quota spent. Keys (``predict``
+compressed body, 429 too many concurrent predictions or the tenant's quota spent, 501 ``:classify``,
+``:regress`` and ``:multi_inference`` (only the Predict API is served). Keys (``predict``
 scope, the model under the key's tenant) come from ``STREAMLEARN_KEYS``/``STREAMLEARN_KEYS_FILE``
 (docs/SECURITY.md); without keys the server binds loopback only. Inference runs in a small thread
 pool, never on the event loop, so HTTP and the Kafka loop of the same process do not block each other.
@@ -315,6 +316,17 @@ def create_app(manager: VersionManager, featurization: Featurization, model: str
     @app.post("/v1/models/{name}/labels/{label}:predict", openapi_extra=_PREDICT_BODY)
     async def predict_label(name: str, label: str, request: Request) -> JSONResponse:
         return await serve_predict(request, name, label=label)
+
+    @app.post("/v1/models/{rest:path}", include_in_schema=False)
+    async def other_post(rest: str) -> JSONResponse:
+        """TF Serving's other verbs: a POST to ``...:classify`` matched ``GET /v1/models/{name}`` and was a
+        405 that said nothing of what this server does serve."""
+        verb = rest.rpartition(":")[2] if ":" in rest else ""
+        if verb in ("classify", "regress", "multi_inference"):
+            return _error(501, f":{verb} is not served here; this server answers TF Serving's Predict API only: "
+                               "POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict with "
+                               '{"instances": [...]} (each a feature vector or a raw event)')
+        return _error(404, "no such endpoint; POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict")
 
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=limits.max_body_bytes, what="serving HTTP",
                        budget=ByteBudget(2 * limits.max_body_bytes * (limits.max_concurrent + 1)),

@@ -61,3 +61,16 @@ def test_serving_refuses_a_gzip_body_with_415(broker_settings: Settings, tmp_pat
     status, text, plain = _post_both(tc, "/v1/models/encmodel:predict", {"instances": [[0.0, 1.0]]})
     assert status == 415 and "Content-Encoding 'gzip' is not accepted" in text, text
     assert plain != 415  # no version loaded: refused further on, for that reason
+
+
+def test_serving_says_which_tf_serving_verbs_it_answers(broker_settings: Settings, tmp_path: Path) -> None:
+    """`:classify` and `:regress` matched `GET /v1/models/{name}` and were a 405 that named nothing."""
+    s = config.load({"home": tmp_path, "kafka_bootstrap": broker_settings.bootstrap,
+                     "topic_prefix": f"t{uuid.uuid4().hex[:10]}.", "metrics_port": -1})
+    manager = VersionManager(s, "encmodel", Policy.parse("latest"), poll_interval_s=0.1, follow_updates=False)
+    tc = TestClient(serving_app(manager, Featurization(), "encmodel", keys=load_keys(KEYS, None)))
+    for path in ("/v1/models/encmodel:classify", "/v1/models/encmodel/versions/1:regress"):
+        answer = tc.post(path, json={"examples": [{"x": 1.0}]}, headers=AUTH)
+        assert answer.status_code == 501 and ":predict with" in answer.json()["error"], (path, answer.text)
+    other = tc.post("/v1/models/encmodel/nothing", json={}, headers=AUTH)
+    assert other.status_code == 404 and ":predict" in other.json()["error"], other.text
