@@ -33,6 +33,10 @@ class OffsetOutOfRangeError(StreamingError):
     """A requested position (offset or timestamp) is outside what the topic still holds."""
 
 
+class AfterLastRecordError(OffsetOutOfRangeError):
+    """A start time after the newest record of the topic (a relative ``-2h`` can drift there)."""
+
+
 class FeatureValidationError(StreamingError):
     """A decoded record failed feature validation (NaN/inf, impossible timestamp, bad image)."""
 

@@ -28,7 +28,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from streaming.config import Settings
-from streaming.exceptions import GroupActiveError, OffsetOutOfRangeError, StreamingError
+from streaming.exceptions import AfterLastRecordError, GroupActiveError, OffsetOutOfRangeError, StreamingError
 from streaming.kafka_security import kafka_security
 from streaming.timeargs import format_ms
 
@@ -147,7 +147,7 @@ def offsets_for_timestamp(settings: Settings, topic: str, ts_ms: int, *, bound: 
         if all(found.get(tp) is None for tp in tps):
             newest = _last_timestamp(consumer, tps, ends, begins)
             alt = f", or {latest_flag} to skip to the end" if latest_flag else ""
-            raise OffsetOutOfRangeError(
+            raise AfterLastRecordError(
                 f"{flag}: {format_ms(ts_ms)} is after the last record of {topic!r} (newest at "
                 f"{format_ms(newest)}); use an earlier time{alt}")
         return out

@@ -42,7 +42,7 @@ from schemas.registry import open_registry
 from streaming.batcher import Pipeline
 from streaming.clock import now_ms
 from streaming.config import Settings
-from streaming.exceptions import OffsetOutOfRangeError, ReplayError
+from streaming.exceptions import AfterLastRecordError, OffsetOutOfRangeError, ReplayError
 from streaming.fsutil import write_json_atomic
 from streaming.offsets import earliest_and_end, offsets_for_timestamp
 from streaming.store import FeatureStore
@@ -165,15 +165,25 @@ def replay(settings: Settings, kind: str, *, from_ms: int | None = None, from_of
     if to_ms is not None and from_ms is not None and to_ms <= from_ms:
         raise ReplayError(f"--to: {format_ms(to_ms)} must be after --from-timestamp {format_ms(from_ms)}")
     topic = raw_topic(settings, kind)
-    start = start_offsets(settings, topic, from_ms=from_ms, from_offsets=from_offsets,
-                          from_beginning=from_beginning)
     store = FeatureStore(settings.feature_store)
     directory = store.directory(kind, namespace)
+    completed = read_range(directory)  # a replay already finished here: no start record, nothing to resume
+    recorded = _recorded_start(directory, topic, completed)
+    try:
+        start = start_offsets(settings, topic, from_ms=from_ms, from_offsets=from_offsets,
+                              from_beginning=from_beginning)
+    except AfterLastRecordError:
+        if recorded is None:
+            raise
+        # A relative --from-timestamp (-2h) run again later can drift past the newest record: the same
+        # command, so this namespace's own replay, which the recorded start completes (or extends).
+        start = dict(recorded)
+    _check_same_replay(namespace, directory, topic, start, recorded, exact=from_offsets is not None,
+                       has_batches=lambda: bool(store.batch_ids(kind, namespace)))
     # a killed earlier run of this replay left its half-written batch as a temp file: its writer is gone
     store.remove_stale_temp_files(kind, namespace)
-    completed = read_range(directory)  # a replay already finished here: no start record, nothing to resume
-    if not from_offsets and completed is None:
-        start = _resume_start(directory, topic, start)
+    if recorded is not None and not from_offsets:
+        start = _resume_start(start, recorded, directory)
     partitions = sorted(start)
     if to_ms is None:
         with Subscriber(settings, topic, start="end", decode=False, partitions=partitions) as probe:
@@ -217,29 +227,74 @@ def replay(settings: Settings, kind: str, *, from_ms: int | None = None, from_of
     return result
 
 
-def _resume_start(directory: Path, topic: str, start: dict[int, int]) -> dict[int, int]:
-    """The start offsets of this namespace's interrupted replay when ``start`` is a later one, else ``start``.
+def _recorded_start(directory: Path, topic: str, completed: dict[str, Any] | None) -> dict[int, int] | None:
+    """The start offsets of the replay this namespace already holds (completed: :data:`RANGE_FILE`;
+    interrupted: :data:`START_FILE`), or None when it holds none (of ``topic``)."""
+    record = completed
+    if record is None:
+        try:
+            record = json.loads((directory / START_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    try:
+        if record.get("topic") != topic:
+            return None
+        return {int(p): int(o) for p, o in record["start"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _check_same_replay(namespace: str, directory: Path, topic: str, start: dict[int, int],
+                       recorded: dict[int, int] | None, *, exact: bool, has_batches: Callable[[], bool]) -> None:
+    """Refuse, before anything is written, a replay that is not the one this namespace already holds.
+
+    A namespace holds one replay: one start per partition. Why: another start into it was run, and its
+    count-based batch boundaries met the old batches. Where they fell on the same offsets (a
+    ``--from-beginning`` after a replay from 39000) the old batches -- built from empty windows at 39000 --
+    were kept as "already written" and the namespace claimed a full rebuild, which ``store promote`` made
+    live; where they did not, the overlap was found at the first clash, after the batches before it had been
+    written, and the namespace could no longer be promoted. A narrower re-run into a completed namespace
+    rewrote its recorded range, so promote refused the partitions it left out.
+
+    The same replay is: the recorded start, or (``exact`` False: a time or --from-beginning start, which
+    drifts) a start at or after it on the same partitions, which :func:`_resume_start` then takes back to
+    the recorded one. ``--from-offset`` never drifts and must name the recorded start exactly.
+    """
+    if recorded is None:
+        if has_batches():
+            raise ReplayError(
+                f"--into: namespace {namespace!r} holds batches but no record of the replay that wrote them "
+                f"({directory}); replay into a new namespace, or remove that directory first")
+        return
+    same = set(start) == set(recorded) and (
+        start == recorded if exact else all(start[p] >= recorded[p] for p in start))
+    if same:
+        return
+    where = ",".join(f"{p}:{o}" for p, o in sorted(recorded.items()))
+    asked = ",".join(f"{p}:{o}" for p, o in sorted(start.items()))
+    state = "a completed" if (directory / RANGE_FILE).exists() else "an interrupted"
+    raise ReplayError(
+        f"--into: namespace {namespace!r} holds {state} replay of {topic!r} from offsets {where}; this one "
+        f"starts at {asked}, a different replay, which would mix with it. Run the same start again (--from-offset "
+        f"{where}) to finish or extend it, or replay into a new namespace (or remove {directory} first)")
+
+
+def _resume_start(start: dict[int, int], recorded: dict[int, int], directory: Path) -> dict[int, int]:
+    """The recorded start of this namespace's replay when ``start`` is a later one (checked by
+    :func:`_check_same_replay`), else ``start``.
 
     Why: "an interrupted replay is completed by running the same command again", but a time start drifts:
     ``--from-timestamp -2h`` run again an hour later (or ``--from-beginning`` after retention deleted
     records) resolves to later offsets, whose count-based batch boundaries overlap the batches already
-    written, and the re-run was refused. A start that lies at or after the interrupted one on every
-    partition it names is that same replay resumed, so it continues from the recorded start; an earlier or
-    different start is a different replay and meets the overlap check as before. ``--from-offset`` never
-    drifts and is taken as given. Called only where no replay has completed into ``directory``.
+    written, and the re-run was refused. A start that lies at or after the recorded one on every partition
+    is that same replay resumed (or, once completed, extended to the current end), so it continues from
+    the recorded start. ``--from-offset`` never drifts and is taken as given.
     """
-    try:
-        record = json.loads((directory / START_FILE).read_text(encoding="utf-8"))
-        recorded = {int(p): int(o) for p, o in record["start"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    if recorded == start:
         return start
-    if record.get("topic") != topic or set(recorded) != set(start) or recorded == start:
-        return start
-    if any(start[p] < recorded[p] for p in start):
-        return start
-    log.info("replay into %s: completing the interrupted replay from its recorded start offsets %s (this run's "
-             "start resolved to %s)", directory, recorded, start)
-    return recorded
+    log.info("replay into %s: continuing the replay from its recorded start offsets %s (this run's start "
+             "resolved to %s)", directory, recorded, start)
+    return dict(recorded)
 
 
 def _write_range(directory: Path, topic: str, result: ReplayResult, featurizer_version: str) -> None:

@@ -120,3 +120,64 @@ def test_cli_replay_and_offsets(settings: Settings) -> None:
     late = subprocess.run(streamlearn_cmd("replay", "sensor", "--from-timestamp", "2999-01-01T00:00:00Z",
                                           "--into", "late"), env=env, capture_output=True, text=True, timeout=60)
     assert late.returncode == 1 and "--from-timestamp" in late.stderr and "after the last record" in late.stderr
+
+
+def _state_of(store: FeatureStore, namespace: str) -> dict[str, object]:
+    """Every file of the namespace's kind directory (the range record without its completion time)."""
+    directory = store.directory("sensor", namespace)
+    out: dict[str, object] = {p.name: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    if "_replay.json" in out:
+        out["_replay.json"] = {k: v for k, v in json.loads(out["_replay.json"]).items()  # type: ignore[arg-type]
+                               if k != "completed_at_ms"}
+    return out
+
+
+def test_a_namespace_holds_one_replay_and_another_start_is_refused_before_anything_is_written(
+        settings: Settings) -> None:
+    """Three findings of a replay probe, one cause (a namespace took any start):
+    * `--from-beginning` into a namespace holding a replay from a later offset kept the old batches where the
+      batch boundaries met (built from empty windows there) and recorded a full rebuild, which promote made live;
+    * an earlier start that did not meet them wrote its first batches, then was refused at the overlap: the
+      namespace could no longer be promoted;
+    * a narrower re-run into a completed namespace rewrote its recorded range, so promote refused it."""
+    s = settings.with_(batch_max_records=8)
+    publish(s, "sensor", sensor_events(64, sensors=1))  # one key: every record on one partition
+    (p,) = [q for q, end in end_offsets(s, "sensor").items() if end]
+    store = FeatureStore(s.feature_store)
+    late = replay(s, "sensor", from_offsets={p: 24}, namespace="m")
+    assert late.start == {p: 24} and late.records == 40
+    before = _state_of(store, "m")
+    everything = ",".join(f"{q}:0" for q in range(s.partitions))
+    for kwargs, says in (({"from_beginning": True}, f"holds a completed replay of .* from offsets {p}:24; this one "
+                                                    f"starts at {everything}, a different replay"),
+                         ({"from_offsets": {p: 16}}, f"from offsets {p}:24; this one starts at {p}:16"),
+                         ({"from_offsets": {p: 32}}, f"from offsets {p}:24; this one starts at {p}:32")):
+        with pytest.raises(ReplayError, match=says):
+            replay(s, "sensor", namespace="m", **kwargs)  # type: ignore[arg-type]
+        assert _state_of(store, "m") == before, kwargs  # nothing written, the recorded range kept
+    again = replay(s, "sensor", from_offsets={p: 24}, namespace="m")  # the same replay: nothing to do
+    assert again.batches_written == [] and _state_of(store, "m") == before
+    directory = store.directory("sensor", "m")
+    (directory / "_replay.json").rename(directory / "_kept.json")  # batches whose replay left no record
+    with pytest.raises(ReplayError, match="holds batches but no record of the replay that wrote them"):
+        replay(s, "sensor", from_beginning=True, namespace="m")
+
+
+def test_a_relative_start_that_drifted_past_the_newest_record_completes_the_interrupted_replay(
+        settings: Settings) -> None:
+    """`replay --from-timestamp -Ns` killed, then run again once N seconds reach past the newest record: the
+    start resolved after the last record and the documented resume was an error."""
+    from streaming.replay import START_FILE
+
+    s = settings.with_(batch_max_records=8)
+    publish(s, "sensor", sensor_events(40, sensors=1))
+    topic = raw_topic(s, "sensor")
+    ends = end_offsets(s, "sensor")
+    store = FeatureStore(s.feature_store)
+    directory = store.directory("sensor", "drift")
+    directory.mkdir(parents=True)  # what a run killed before its first batch leaves: its recorded start
+    (directory / START_FILE).write_text(json.dumps({"topic": topic, "start": dict.fromkeys(map(str, ends), 0)}))
+    done = replay(s, "sensor", from_ms=_now_ms() + 60_000, namespace="drift")
+    assert done.start == dict.fromkeys(ends, 0) and done.records == 40 and not (directory / START_FILE).exists()
+    with pytest.raises(OffsetOutOfRangeError, match="after the last record"):  # with no replay there: an error
+        replay(s, "sensor", from_ms=_now_ms() + 60_000, namespace="elsewhere")
