@@ -172,3 +172,16 @@ def test_subscribe_in_a_group_refuses_until_and_a_missing_topic(settings: config
     assert "use --idle-timeout" in capsys.readouterr().err
     assert cli(settings, "subscribe", "no_such_topic", "--group", "g") == 1
     assert "no_such_topic' does not exist" in capsys.readouterr().err
+
+
+def test_offsets_topic_gets_the_tenants_prefix_like_its_group(tmp_path: Path) -> None:
+    """`--tenant a offsets reset --group x --topic b.sensor.raw` committed offsets on tenant b's topic: --topic
+    was used as given while --group got the prefix. It is now prefixed too, as `subscribe TOPIC` is."""
+    from streamlearn.commands.stream import _group_topic
+
+    settings = config.load({"home": tmp_path, "tenant": "a", "metrics_port": -1}, environ={})
+    for action in (["show"], ["reset", "--to-earliest"]):
+        args = build_parser().parse_args(["offsets", *action, "--group", "x", "--topic", "b.sensor.raw"])
+        assert _group_topic(args, settings) == ("a.x", "a.b.sensor.raw")
+    args = build_parser().parse_args(["offsets", "show", "--kind", "sensor"])
+    assert _group_topic(args, settings)[1] == raw_topic(settings, "sensor") == "a.sensor.raw"

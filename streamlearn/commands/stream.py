@@ -66,7 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     for p in (show, reset):
         p.add_argument("--group", help="consumer group (default: the stream group of --kind)")
         p.add_argument("--kind", choices=sorted(KINDS), default=None, help="raw topic of this kind")
-        p.add_argument("--topic", help="topic name (default: the raw topic of --kind)")
+        p.add_argument("--topic", help="topic name without the topic prefix, which is added as for --group "
+                       "(default: the raw topic of --kind)")
         p.add_argument("--json", action="store_true")
     target = reset.add_mutually_exclusive_group(required=True)
     target.add_argument("--to-timestamp", type=time_arg("--to-timestamp"), metavar="T",
@@ -119,7 +120,9 @@ def _group_topic(args: argparse.Namespace, settings: config.Settings) -> tuple[s
 
     if args.topic is None and args.kind is None:
         raise StreamingError("offsets: give --kind (its raw topic and stream group) or --topic and --group")
-    topic = args.topic or raw_topic(settings, args.kind)
+    # --topic gets the prefix as --group does (and as `subscribe TOPIC` does): given as is, a tenant's
+    # `offsets reset --topic b.sensor.raw` committed offsets on another tenant's topic
+    topic = settings.topic(args.topic) if args.topic else raw_topic(settings, args.kind)
     if args.group is None and args.kind is None:
         raise StreamingError("group: give --group, or --kind for the stream workers' group")
     group = settings.group(args.group) if args.group else default_group(settings, args.kind)
