@@ -351,8 +351,13 @@ class AvroDeserializer:
     reads v2 data and vice versa); without, it is returned as written.
     """
 
-    def __init__(self, registry: SchemaRegistry, reader_schema: str | dict[str, Any] | None = None) -> None:
+    def __init__(self, registry: SchemaRegistry, reader_schema: str | dict[str, Any] | None = None, *,
+                 record_name: str | None = None) -> None:
         self.registry = registry
+        #: The (short) record name every writer schema must have, when given: a stream worker reads its kind's
+        #: records as written (no reader schema, the fast path), so a record of another kind's schema on its
+        #: topic was read and then refused field by field ("sensor_id: expected a non-empty string, got None").
+        self.record_name = record_name
         self.reader_schema: Any = None
         self._reader_parsed: Any = None
         self._reader_key: str | None = None
@@ -371,6 +376,13 @@ class AvroDeserializer:
                 f"against another registry (check registry_url / registry_dir)"
             ) from exc
         writer = self.registry.get_parsed(schema_id)
+        if self.record_name is not None:
+            name = writer.get("name") if isinstance(writer, dict) else None
+            short = str(name).rpartition(".")[2] if name else repr(writer)[:40]
+            if short != self.record_name:
+                raise IncompatibleReaderError(
+                    f"data: schema id {schema_id} is a {short} record, not a {self.record_name}: it was published "
+                    f"to this topic with another kind's schema")
         reader = None
         if self._reader_parsed is not None and catalog.canonical_text(text) != self._reader_key:
             errors = compat.reader_errors(self.reader_schema, text, reader_is_new=True)

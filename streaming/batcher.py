@@ -42,7 +42,7 @@ from streaming.exceptions import (
 from streaming.features.base import DeferredRow
 from streaming.sink import FeatureSink
 from streaming.store import BatchSpec, FeatureStore, StoredRow
-from streaming.topics import raw_topic
+from streaming.topics import KINDS, raw_topic
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class Pipeline:
         self.featurizer.max_future_ms = eventtime.max_future_ms(settings)  # the window every entry applies
         if settings.image_decode_threads and isinstance(self.featurizer, ImageFeaturizer):
             self.featurizer.decode_threads = settings.image_decode_threads
-        self.deserializer = AvroDeserializer(registry)
+        self.deserializer = AvroDeserializer(registry, record_name=KINDS[kind])
         self.publisher = publisher
         self.store = store or FeatureStore(settings.feature_store,
                                            state_inline_max_bytes=settings.store_state_inline_max_bytes)

@@ -197,3 +197,28 @@ def test_records_dropped_unpersisted_are_taken_off_the_run_counts(settings: Sett
         p.sink.flush([0])
         pub.settle()
     assert (p.stats.records, p.stats.rows, p.stats.dead_letters) == before
+
+
+def test_a_record_of_another_kinds_schema_is_a_decode_dead_letter_naming_both(settings: Settings) -> None:
+    """A stream worker reads its kind's records as written (no reader schema): a WebLogEvent published to the
+    sensor topic was read, then refused field by field ("sensor_id: expected a non-empty string, got None").
+    Its writer schema is now checked once per schema id against the kind's record name."""
+    from streamlearn.commands.publish import generated
+
+    with Publisher(settings) as pub:
+        weblog = pub.encode(raw_topic(settings, "weblog"), "WebLogEvent", next(iter(generated("weblog", 1, seed=5))))
+        sensor = pub.encode(raw_topic(settings, "sensor"), "SensorReading", next(iter(generated("sensor", 1, seed=5))))
+        pipeline = _pipeline(settings, "sensor", "wrongkind", pub)
+        topic = raw_topic(settings, "sensor")
+        msgs = [Msg(topic, 0, i, 0, b"k", raw, []) for i, raw in enumerate([sensor, weblog, sensor, weblog])]
+        assert pipeline.process_many(msgs[:2]) == (2, None)
+        pipeline.process(msgs[2])
+        pipeline.process(msgs[3])
+        pipeline.flush_dead_letters()
+        pub.settle()
+    assert (pipeline.stats.rows, pipeline.stats.dead_letters) == (2, 2)
+    letters = read_topic(settings, dead_letter_topic(settings, "sensor"), decode=False, expect=2)
+    for letter in letters:
+        reason = dict(letter.headers)["dl.message"].decode()
+        assert "is a WebLogEvent record, not a SensorReading" in reason, reason
+        assert letter.raw == weblog
