@@ -29,7 +29,7 @@ import logging
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +87,28 @@ class _HttpError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+#: How often a prediction waiting in the pool checks that its client is still connected.
+DISCONNECT_POLL_S = 0.1
+
+
+async def _finished_unless_abandoned(request: Request, work: Future[Any]) -> bool:
+    """Wait for ``work``; False when its client went away while it was still queued (it is then cancelled).
+
+    Why: a request whose client had gone kept its prediction queued and then running in the pool, and kept
+    its slot of ``max_concurrent``: ten abandoned slow requests held all 8 slots for ~20 s, and everybody
+    else got 429. Work already running is waited for (TensorFlow cannot be interrupted, and its slot bounds
+    the pool's work); queued work of a client that left is dropped.
+    """
+    done = asyncio.wrap_future(work)
+    while True:
+        finished, _ = await asyncio.wait({done}, timeout=DISCONNECT_POLL_S)
+        if finished:
+            return True
+        if await request.is_disconnected() and work.cancel():
+            log.info("%s: the client closed the connection before its prediction ran; dropped", request.url.path)
+            return False
 
 
 def _status(lv: LoadedVersion) -> dict[str, Any]:
@@ -259,7 +281,11 @@ def create_app(manager: VersionManager, featurization: Featurization, model: str
                 except GuardError as exc:
                     raise GuardError(429, f"tenant {principal.tenant_label!r}: {exc.message}",
                                      exc.retry_after) from None
-                answer = await asyncio.get_running_loop().run_in_executor(pool, predict, lv, body)
+                work = pool.submit(predict, lv, body)
+                if not await _finished_unless_abandoned(request, work):
+                    status = 499  # nginx's "client closed request": nobody to answer
+                    return JSONResponse({"error": "the client closed the connection"}, 499)
+                answer = work.result()
             finally:
                 busy.release()
             status = 200

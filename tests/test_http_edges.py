@@ -1,8 +1,11 @@
-"""A compressed request body is a 415 that names Content-Encoding, on every HTTP server.
+"""Edges of the HTTP servers found by probes: compressed bodies, TF Serving's other verbs, clients that leave.
 
-Why: no server decompresses (there would be a gzip bomb to bound), and read as it was sent a gzip body
-was answered 400 "not valid UTF-8 JSON" by serving, the control API and the registry, which named the
-wrong problem. The gateway had its own check; the shared body guard (schemas/httpguard.py) now has it.
+* A compressed request body is a 415 that names Content-Encoding, on every server: none decompresses
+  (there would be a gzip bomb to bound), and read as it was sent a gzip body was answered 400 "not valid
+  UTF-8 JSON" by serving, the control API and the registry. The shared body guard (schemas/httpguard.py)
+  now checks it; the gateway had its own check.
+* Serving says which TF Serving verbs it answers; a prediction whose client left while it was queued is
+  dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import uuid
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from schemas.access import load_keys
@@ -74,3 +78,51 @@ def test_serving_says_which_tf_serving_verbs_it_answers(broker_settings: Setting
         assert answer.status_code == 501 and ":predict with" in answer.json()["error"], (path, answer.text)
     other = tc.post("/v1/models/encmodel/nothing", json={}, headers=AUTH)
     assert other.status_code == 404 and ":predict" in other.json()["error"], other.text
+
+
+def test_a_prediction_whose_client_left_while_it_was_queued_is_dropped(broker_settings: Settings, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request whose client had gone kept its prediction queued, then running, and kept its concurrency slot:
+    ten abandoned slow requests held all 8 slots for ~20 s. Queued work of a client that left is now dropped."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from serving.exceptions import RequestDecodeError
+    from serving.http_api import ServeLimits
+
+    s = config.load({"home": tmp_path, "kafka_bootstrap": broker_settings.bootstrap,
+                     "topic_prefix": f"t{uuid.uuid4().hex[:10]}.", "metrics_port": -1})
+    manager = VersionManager(s, "encmodel", Policy.parse("latest"), poll_interval_s=0.1, follow_updates=False)
+    monkeypatch.setattr(manager, "current", lambda: SimpleNamespace(stable=SimpleNamespace(version=1)))
+    ran: list[object] = []
+
+    class Spy(Featurization):
+        def check_features(self, values: object, lv: object) -> object:  # type: ignore[override]
+            ran.append(values)
+            raise RequestDecodeError("not reached in this test")
+
+    app = serving_app(manager, Spy(), "encmodel", limits=ServeLimits(pool_workers=1))
+    gate = threading.Event()
+    app.state.pool.submit(gate.wait, 60)  # the one inference thread is busy: the request's work is queued
+    body = json.dumps({"instances": [[0.0, 1.0]]}).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/models/encmodel:predict", "raw_path": b"",
+             "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
+             "server": ("test", 80), "client": ("test", 1),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}  # the client has gone
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    try:
+        asyncio.run(asyncio.wait_for(app(scope, receive, send), 20))  # before: waited for the busy thread
+        assert next(m["status"] for m in sent if m["type"] == "http.response.start") == 499
+    finally:
+        gate.set()
+        app.state.pool.shutdown(wait=True)
+    assert ran == []  # its prediction never ran
