@@ -1,5 +1,5 @@
 """Fixes for kafka-python 3.0.x: two for group joins that a poll loop with short calls runs into, one for resume,
-and a receive cap raised for the embedded broker.
+a receive cap raised for the embedded broker, and reconnects spaced at most a second apart.
 
 Why this exists (the causes of the stalled rebalances behind the IdlePoller, docs/IDLE.md).
 
@@ -69,6 +69,16 @@ librdkafka's own maximum, which :mod:`streaming.cfetch` uses too). Apache Kafka 
 memory grows with the backlog it reads in one answer, and a backlog over 2 GiB still stalls (said in the
 README's durability notes).
 
+**5. A client gives up on a broker that is back.** kafka-python spaces its reconnects to a broker it cannot
+reach at 50 ms doubling up to ``reconnect_backoff_max_ms`` (30 s by default), and its bootstrap too: after
+10 s of a broker outage the next try came ~13 s later, then ~26 s. A `replay` started while the embedded
+broker was down and restarted 8 s later made its last try at 7 s and gave up at 30 s ("cannot reach the
+Kafka broker") with the broker up for 20 s of it; a worker noticed a returned broker as late. :func:`install`
+lowers the default of every ``KafkaConsumer``, ``KafkaProducer`` and ``KafkaAdminClient`` made afterwards
+to :data:`RECONNECT_BACKOFF_MAX_MS` (1 s: one connection attempt a second per broker while it is down).
+It is made sure of by :func:`streaming.kafka_security.kafka_security`, whose kwargs every client of this
+code base is built with.
+
 Nothing else of kafka-python changes. Each wrapper is installed only where the installed method
 still has the flawed code (checked on its source), so an upgraded kafka-python that fixed it is left
 alone.
@@ -89,6 +99,8 @@ _BARE_NEED_REJOIN = "return self.rejoin_needed"
 _PARKED_RESTORE = "if self._next_partition_records is None:"
 #: Largest fetch answer a consumer takes (fix 4): the embedded broker sends a partition's whole unread backlog.
 FETCH_RESPONSE_MAX_BYTES = 2**31 - 1
+#: Longest wait between two connection attempts to a broker that is down (fix 5).
+RECONNECT_BACKOFF_MAX_MS = 1000
 
 
 class _AwaitedJoin:
@@ -132,7 +144,8 @@ def installed() -> bool:
     from kafka import KafkaConsumer
 
     return all(getattr(getattr(owner, name), _MARK, False) for owner, name, *_ in _fixes()) \
-        and KafkaConsumer.DEFAULT_CONFIG["receive_message_max_bytes"] >= FETCH_RESPONSE_MAX_BYTES
+        and KafkaConsumer.DEFAULT_CONFIG["receive_message_max_bytes"] >= FETCH_RESPONSE_MAX_BYTES \
+        and KafkaConsumer.DEFAULT_CONFIG["reconnect_backoff_max_ms"] <= RECONNECT_BACKOFF_MAX_MS
 
 
 def _source_has(func: Any, text: str) -> bool:
@@ -144,15 +157,20 @@ def _source_has(func: Any, text: str) -> bool:
 
 def install() -> bool:
     """Wrap ``BaseCoordinator.join_group_async``, ``need_rejoin`` and ``Fetcher.fetched_records`` once per process,
-    and raise ``KafkaConsumer``'s default ``receive_message_max_bytes`` (fix 4).
+    raise ``KafkaConsumer``'s default ``receive_message_max_bytes`` (fix 4) and lower every client's default
+    ``reconnect_backoff_max_ms`` (fix 5).
 
     Idempotent. Returns True when all fixes are active; a method whose installed source no longer
     has the flaw is left alone (logged once).
     """
-    from kafka import KafkaConsumer
+    from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
     defaults = KafkaConsumer.DEFAULT_CONFIG
     defaults["receive_message_max_bytes"] = max(defaults.get("receive_message_max_bytes", 0), FETCH_RESPONSE_MAX_BYTES)
+    for client in (KafkaConsumer, KafkaProducer, KafkaAdminClient):
+        config = client.DEFAULT_CONFIG
+        config["reconnect_backoff_max_ms"] = min(config.get("reconnect_backoff_max_ms", RECONNECT_BACKOFF_MAX_MS),
+                                                 RECONNECT_BACKOFF_MAX_MS)
     for owner, name, flaw, wrap, otherwise in _fixes():
         method = getattr(owner, name)
         if getattr(method, _MARK, False):

@@ -17,7 +17,15 @@ MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 def kafka_security(settings: Settings) -> dict[str, Any]:
-    """kafka-python client kwargs for ``settings``; ``{}`` for PLAINTEXT (the default)."""
+    """kafka-python client kwargs for ``settings``; ``{}`` for PLAINTEXT (the default).
+
+    Every kafka-python client of this code base is built with these kwargs, so this is also where the
+    library fixes of :mod:`streaming.kafka_compat` are made sure of (idempotent; reconnects spaced at most
+    a second apart among them) before the client exists.
+    """
+    from streaming.kafka_compat import install
+
+    install()
     protocol = settings.kafka_security_protocol.upper()
     if protocol not in PROTOCOLS:
         raise ConfigError(f"setting 'kafka_security_protocol' (env STREAMLEARN_KAFKA_SECURITY_PROTOCOL) is "

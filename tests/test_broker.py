@@ -175,3 +175,44 @@ def test_up_restarts_the_embedded_broker_it_started(tmp_path: Path) -> None:
             up.wait(30)
         EmbeddedBroker(settings).stop()
     assert not EmbeddedBroker(settings).status().running, out.read_text()[-3000:]
+
+
+def test_every_client_retries_a_broker_at_least_once_a_second(own_broker) -> None:  # type: ignore[no-untyped-def]
+    """kafka-python doubled its reconnect back-off up to 30 s, its bootstrap too: a `replay` started while the
+    broker was down, which came back 8 s later, made its last try at 7 s and failed at 30 s ("cannot reach the
+    Kafka broker") with the broker up. Every client built with kafka_security() now retries at least once a
+    second: here the broker comes back after the back-off would have grown past 10 s, and the read that was
+    waiting for it answers within a few seconds."""
+    import threading
+    import time
+
+    from kafka import KafkaAdminClient, KafkaProducer
+
+    from streaming.kafka_compat import RECONNECT_BACKOFF_MAX_MS
+    from streaming.kafka_security import kafka_security
+    from streaming.offsets import earliest_and_end
+
+    settings, broker = own_broker
+    assert kafka_security(settings) == {}  # PLAINTEXT: no kwargs, but the defaults are set
+    for client in (KafkaConsumer, KafkaProducer, KafkaAdminClient):
+        assert client.DEFAULT_CONFIG["reconnect_backoff_max_ms"] == RECONNECT_BACKOFF_MAX_MS
+    broker.start()
+    ensure_topics(settings)
+    broker.stop()
+    answer: dict[str, object] = {}
+
+    def read() -> None:
+        try:
+            answer["ends"] = earliest_and_end(settings, raw_topic(settings, "sensor"))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            answer["error"] = exc
+        answer["at"] = time.monotonic()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    threading.Event().wait(12)  # the outage: 50 ms doubling had reached a 12.8 s gap by now
+    broker.start()
+    back = time.monotonic()
+    reader.join(60)
+    assert "error" not in answer, answer.get("error")
+    assert float(answer["at"]) - back < 5, f"answered {float(answer['at']) - back:.1f} s after the broker was back"
