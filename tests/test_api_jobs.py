@@ -59,6 +59,39 @@ def test_parse_outcome_reads_the_closing_json_and_the_error_line() -> None:
     indented = 'x\n{\n  "recorded": 0.5,\n  "ok": true\n}\n'
     assert parse_outcome(indented)[0] == {"recorded": 0.5, "ok": True}
     assert parse_outcome("starting\nerror: not enough data; publish more\n") == (None, "not enough data; publish more")
+    # the log's repeat summaries are flushed at exit, after the JSON: the job's result, version and gate were lost
+    trailing = ('{"version": 3, "action": "PROMOTED"}\n2026-12-03 20:12:49 ERROR kafka.net.manager: Connection failed '
+                '(3 more like this in the last 9 s; repeats are counted, not printed)\n')
+    assert parse_outcome(trailing)[0] == {"version": 3, "action": "PROMOTED"}
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"id": "x"}', "null"], ids=["list", "fields-missing", "null"])
+def test_a_malformed_job_file_is_skipped_and_named_not_a_500(api: tuple[TestClient, JobRunner, Path],
+                                                             local: Settings, text: str) -> None:
+    """A job file that is JSON of another shape was an AttributeError in `jobs list` and a 500 of GET /jobs for
+    everybody; an `"args": null` broke the CLI's list the same way. It is skipped, and its id is a 404 naming it."""
+    tc, _, _ = api
+    bad = "20261203T235959-00000001"
+    (local.home / "jobs").mkdir(parents=True, exist_ok=True)
+    (local.home / "jobs" / f"{bad}.json").write_text(text)
+    assert tc.get("/jobs").status_code == 200
+    shown = tc.get(f"/jobs/{bad}")
+    assert shown.status_code == 404 and "unreadable" in shown.json()["error"], shown.text
+    listed = subprocess.run(streamlearn_cmd("jobs", "list"), env=subprocess_env(local), capture_output=True,
+                            text=True, timeout=60, cwd=ROOT)
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr[-2000:]
+
+
+def test_a_job_file_whose_args_is_null_is_unreadable(local: Settings) -> None:
+    from streamlearn.api.jobs import Job, JobStore
+
+    store = JobStore(local.home / "jobs")
+    store.root.mkdir(parents=True)
+    good = Job(id="20261203T235959-00000002", kind="train", tenant="", resource="model:m", args={}, argv=[])
+    (store.root / f"{good.id}.json").write_text(json.dumps({**good.to_dict(), "args": None}))
+    assert store.jobs() == []
+    (store.root / f"{good.id}.json").write_text(json.dumps(good.to_dict()))
+    assert [j.id for j in store.jobs()] == [good.id]
 
 
 def test_train_job_status_409_cancel_and_free_again(api: tuple[TestClient, JobRunner, Path]) -> None:

@@ -89,8 +89,18 @@ class Job:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
+        """The job of a state file's JSON; TypeError when it is not a job's shape (the store calls the file
+        unreadable: a list or an ``"args": null`` was an AttributeError in ``jobs list`` and a 500 of
+        ``GET /jobs`` for everybody)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a job is a JSON object, not {type(data).__name__}")
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        job = cls(**{k: v for k, v in data.items() if k in names})
+        for name, want in _FIELD_TYPES.items():
+            value = getattr(job, name)
+            if not isinstance(value, want) or isinstance(value, bool) and bool not in want:
+                raise TypeError(f"job field {name!r} is {type(value).__name__}")
+        return job
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,6 +109,16 @@ class Job:
     def owner_pid(self) -> int | None:
         head = self.owner.split(":", 1)[0]
         return int(head) if head.isdigit() else None
+
+
+_OPT_INT = (int, type(None))
+_OPT_DICT = (dict, type(None))
+#: The type each field of a job's state file must have.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "id": (str,), "kind": (str,), "tenant": (str,), "resource": (str,), "args": (dict,), "argv": (list,),
+    "status": (str,), "owner": (str,), "pid": _OPT_INT, "created_ms": (int,), "started_ms": _OPT_INT,
+    "ended_ms": _OPT_INT, "exit_code": _OPT_INT, "version": _OPT_INT, "gate": _OPT_DICT, "result": _OPT_DICT,
+    "reason": (str, type(None))}
 
 
 def new_job_id() -> str:
@@ -209,10 +229,11 @@ def parse_outcome(text: str) -> tuple[dict[str, Any] | None, str | None]:
     """The command's closing JSON object and its last ``error:`` line, from the end of its output."""
     lines = text.splitlines()
     result: dict[str, Any] | None = None
+    decoder = json.JSONDecoder()
     for i in range(len(lines) - 1, -1, -1):
         if lines[i].startswith("{"):
-            try:
-                value = json.loads("\n".join(lines[i:]))
+            try:  # the object alone: log lines may follow it (repeat summaries flushed at exit, streaming/logs.py)
+                value, _ = decoder.raw_decode("\n".join(lines[i:]))
             except ValueError:
                 continue
             if isinstance(value, dict):
