@@ -77,7 +77,7 @@ from ingest.image_check import (  # noqa: F401 (re-exported: callers import them
 )
 from ingest.image_moves import Plan, carry_out, label_key, names_entry, names_tag, place
 from ingest.runner import SourceRunner
-from ingest.source import PUBLISHED, SourceItem, SourcePartition, keyed_state, text_name
+from ingest.source import PUBLISHED, SourceItem, SourcePartition, keyed_state, source_state_dir, text_name
 from streaming.eventtime import EventTimePolicy
 
 if TYPE_CHECKING:
@@ -198,7 +198,7 @@ class ImageWatcher:
         written before, under the path as given, is still used."""
 
         def at(where: Path) -> Path:
-            return settings.state_dir / "images" / hashlib.sha1(
+            return source_state_dir(settings, "images") / hashlib.sha1(
                 str(where).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
         return keyed_state(self.directory, Path(os.path.realpath(self.directory)), at,

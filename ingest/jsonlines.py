@@ -39,6 +39,7 @@ from ingest.source import (
     compressed,
     file_checkpoint_path,
     policy_flags,
+    source_state_dir,
 )
 from schemas.exceptions import RecordValidationError
 from streaming.eventtime import EventTimePolicy, TimestampReader
@@ -173,7 +174,8 @@ def reasons_of(exc: BaseException) -> str:
 def default_checkpoint_path(settings: Settings, kind: str, path: Path, *, policy: EventTimePolicy,
                             timestamp_unit: str) -> Path:
     """Checkpoint of ``publish KIND --file PATH`` with one set of flags, under ``state_dir/publish/KIND``."""
-    return file_checkpoint_path(settings.state_dir / "publish" / kind, path, policy_flags(policy, timestamp_unit))
+    return file_checkpoint_path(source_state_dir(settings, "publish") / kind, path,
+                                policy_flags(policy, timestamp_unit))
 
 
 class JsonLinesSource(SourcePartition):

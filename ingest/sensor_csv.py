@@ -53,6 +53,7 @@ from ingest.source import (
     compressed,
     file_checkpoint_path,
     policy_flags,
+    source_state_dir,
 )
 from streaming.eventtime import EventTimePolicy, TimestampReader
 from streaming.exceptions import EventTimeError
@@ -440,7 +441,7 @@ def default_checkpoint_path(settings: Settings, path: Path, *, unit: str = "unit
     the same file with other flags - typically ``--backfill`` after a live run refused the history -
     is a run of its own. A backfill's run id is not part of it (it is new per invocation).
     """
-    return file_checkpoint_path(settings.state_dir / "sensor", path,
+    return file_checkpoint_path(source_state_dir(settings, "sensor"), path,
                                 {"unit": unit, **policy_flags(policy or LIVE, timestamp_unit)})
 
 

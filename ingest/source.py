@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 from ingest.lines import cr_only, read_line, tail_hash
 
 if TYPE_CHECKING:
+    from streaming.config import Settings
     from streaming.eventtime import EventTimePolicy
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,22 @@ def policy_flags(policy: EventTimePolicy, timestamp_unit: str) -> dict[str, Any]
 #: Longest file name a state file may carry: ``.<name>.<16 hex>.json.compact`` and ``<...>.json.lock``
 #: must stay within the usual 255-byte limit of a file name.
 _STATE_NAME_MAX_BYTES = 224
+
+
+def source_state_dir(settings: Settings, source: str) -> Path:
+    """Where the checkpoints of one kind of source live: ``HOME/state/<source>``, and under it one folder per
+    topic namespace (``<prefix><tenant>.``) other than the default one.
+
+    Why: a checkpoint is keyed by the file and the flags, not by where its records go. The same CSV ingested
+    for a second tenant (or with another topic prefix) found the first tenant's finished checkpoint, said
+    "published to its end by an earlier run" and published nothing to the second tenant's topic. Runs
+    without a namespace keep the folder they always had, so their checkpoints still resume.
+    """
+    folder = settings.state_dir / source
+    if settings.namespace:
+        digest = hashlib.sha1(settings.namespace.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        folder = folder / f"ns-{state_name(settings.namespace.rstrip('.'))[:60]}-{digest}"
+    return folder
 
 
 def state_name(name: str) -> str:

@@ -53,6 +53,7 @@ from ingest.source import (
     compressed,
     keyed_state,
     not_a_file,
+    source_state_dir,
     state_name,
     text_name,
 )
@@ -125,7 +126,7 @@ def default_checkpoint_path(settings: Settings, path: Path, policy: EventTimePol
 
     def at(where: Path) -> Path:
         key = hashlib.sha1((str(where) + suffix).encode("utf-8", "surrogateescape")).hexdigest()[:16]  # latin-1 too
-        return settings.state_dir / "weblog" / f"{state_name(Path(path).name)}.{key}.json"
+        return source_state_dir(settings, "weblog") / f"{state_name(Path(path).name)}.{key}.json"
 
     # The directory resolved (another spelling of it was another checkpoint: the log published again); a
     # checkpoint written before that, under the path as given, is still resumed.

@@ -22,6 +22,7 @@ import pytest
 
 from ingest.checkpoint import EVENT_ID_HEADER
 from ingest.generators import web_traffic_lines
+from ingest.source import source_state_dir
 from ingest.tailer import default_checkpoint_path
 from streaming import config
 from streaming.broker import free_port
@@ -195,7 +196,7 @@ def test_source_and_broker_killed_together_lose_no_checkpointed_line(crash_broke
             fh.write(json.dumps({"sensor_id": f"s{i % 50}", "timestamp": now + i, "value": float(i),
                                  "unit": "celsius"}) + "\n")
     cmd = streamlearn_cmd("publish", "sensor", "--file", str(path))
-    state = settings.state_dir / "publish" / "sensor"
+    state = source_state_dir(settings, "publish") / "sensor"
 
     def checkpointed() -> int:
         for f in state.glob("*.json"):

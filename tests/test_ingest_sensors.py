@@ -316,3 +316,22 @@ def test_thousands_dots_with_a_decimal_comma_are_read_in_a_semicolon_file(tmp_pa
     path.write_text(f"sensor_id;timestamp;value\nn1;{NOW};1.234,5\nn2;{NOW};-12.345.678,25\nn3;{NOW};20.125\n")
     got = [(r.record["sensor_id"], r.record["value"]) for r in read_csv(path, now=NOW)]
     assert got == [("n1", 1234.5), ("n2", -12345678.25), ("n3", 20.125)]
+
+
+def test_the_same_csv_for_a_second_tenant_is_published_to_its_topic(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The checkpoint was keyed by the file and the flags only: the second tenant found the first one's finished
+    run ("published to its end by an earlier run with these flags") and published nothing, with exit 0."""
+    import subprocess
+
+    from streaming.topics import raw_topic
+    from tests.helpers import read_topic, streamlearn_cmd, subprocess_env
+
+    path = tmp_path / "ten.csv"
+    path.write_text("sensor_id,timestamp,value\ns9,2024-07-15T12:00:00Z,1\n")
+    for tenant in ("acme", "globex", "acme"):
+        s = settings.with_(tenant=tenant)
+        done = subprocess.run(streamlearn_cmd("ingest", "sensors", "--csv", str(path), "--backfill"),
+                              env=subprocess_env(s), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert len(read_topic(s, raw_topic(s, "sensor"), expect=1)) == 1, (tenant, done.stdout, done.stderr)
+    assert '"published": 0' in done.stdout  # acme's own checkpoint still holds: its second run sends nothing
