@@ -126,6 +126,21 @@ def _split_line(physical: bytes) -> list[bytes]:
     return [body[:-1] if body.endswith(b"\r") else body]
 
 
+def _parse_row(text: str, delimiter: str) -> list[str]:
+    """One line's cells; csv.Error for a line that is not one whole CSV record.
+
+    Rows are read a line at a time (a file still being appended to, byte offsets for resume), so a quoted
+    cell with a line break in it arrives as two lines. The csv module read them leniently: ``"hall`` became a
+    one-cell row and its rest, ``A",2026-...,1.5``, a good-looking reading of sensor ``A"``, published. A line
+    whose quotes do not pair up (RFC 4180 doubles a quote inside a quoted cell) is refused instead, as is an
+    unterminated quoted cell (``strict``): both halves become dead letters with the reason.
+    """
+    if text.count('"') % 2:
+        raise csv.Error("a quote that does not pair up: a quoted cell with a line break in it (not supported: "
+                        "one reading per line) or a stray '\"' (quote such a cell, doubling the quote)")
+    return next(csv.reader(io.StringIO(text), delimiter=delimiter, strict=True), [])
+
+
 class CsvReader:
     """The rows of one sensor CSV read as a stream from a byte offset (the file is never read whole).
 
@@ -169,8 +184,11 @@ class CsvReader:
         # first column's name; read as part of it, "\ufeffsensor_id" refused the whole file.
         text = _split_line(first)[0].decode("utf-8-sig", "replace")
         # Excel writes ';' (and decimal commas) where ',' is the decimal mark; '\t' is the other common
-        # export. Decided once from the header: a header without ',' but with one of them uses it.
-        self.delimiter = next((d for d in (",", ";", "\t") if d in text), ",")
+        # export. Decided once from the header: a header without ',' but with one of them uses it. Quoted
+        # names do not count: `time;"Temperatur, Mittel (°C)"` (German Excel) was read as ','-separated
+        # and refused as lacking its columns.
+        unquoted = re.sub(r'"[^"]*"', "", text)
+        self.delimiter = next((d for d in (",", ";", "\t") if d in unquoted), ",")
         try:
             header = [h.strip() for h in next(csv.reader([text], delimiter=self.delimiter))]
         except csv.Error as exc:  # a header cell over the csv module's 128 KiB field limit: was a traceback
@@ -262,7 +280,7 @@ class CsvReader:
                 continue
             for raw in _split_line(physical):
                 try:
-                    cells = next(csv.reader(io.StringIO(raw.decode("utf-8")), delimiter=self.delimiter), [])
+                    cells = _parse_row(raw.decode("utf-8"), self.delimiter)
                 except (UnicodeDecodeError, csv.Error):
                     continue
                 if cells:
@@ -282,7 +300,7 @@ class CsvReader:
                 if seen >= limit:
                     return
                 try:
-                    cells = next(csv.reader(io.StringIO(raw.decode("utf-8")), delimiter=self.delimiter), [])
+                    cells = _parse_row(raw.decode("utf-8"), self.delimiter)
                 except (UnicodeDecodeError, csv.Error):
                     continue
                 if len(cells) > column:
@@ -340,7 +358,7 @@ class CsvReader:
         """A data row's cells by column name; SensorValidationError when it is not UTF-8, not CSV or has
         another number of cells than the header."""
         try:
-            cells = next(csv.reader(io.StringIO(raw.decode("utf-8")), delimiter=self.delimiter))
+            cells = _parse_row(raw.decode("utf-8"), self.delimiter)
         except UnicodeDecodeError as exc:
             raise SensorValidationError(f"row is not UTF-8 ({exc})", "bad_encoding") from exc
         except csv.Error as exc:

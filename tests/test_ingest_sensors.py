@@ -335,3 +335,24 @@ def test_the_same_csv_for_a_second_tenant_is_published_to_its_topic(settings, tm
         assert done.returncode == 0, done.stderr[-2000:]
         assert len(read_topic(s, raw_topic(s, "sensor"), expect=1)) == 1, (tenant, done.stdout, done.stderr)
     assert '"published": 0' in done.stdout  # acme's own checkpoint still holds: its second run sends nothing
+
+
+def test_a_quoted_cell_with_a_line_break_is_two_dead_letters_not_a_wrong_reading(tmp_path: Path) -> None:
+    """Rows are read a line at a time: `"hall` became one dead letter and its rest, `A",...,1.5`, a reading of
+    sensor `A"`, published; a unit `"°C\\n(calibrated)"` published the reading with its unit cut to °C."""
+    path = tmp_path / "nl.csv"
+    path.write_text(f'sensor_id,timestamp,value,unit\n"hall\nA",{NOW},1.5,celsius\ns1,{NOW},2.5,"°C\n(cal)"\n'
+                    f's2,{NOW},3.5,"a ""quoted"" unit"\ns3,{NOW},4.5,celsius\n')
+    got = list(read_csv(path, now=NOW))
+    assert [(r.line, r.record["sensor_id"] if r.record else r.error.reason) for r in got] == [  # type: ignore[union-attr]
+        (2, "bad_csv"), (3, "bad_csv"), (4, "bad_csv"), (5, "bad_csv"), (6, "s2"), (7, "s3")]
+    assert "a quoted cell with a line break in it" in str(got[0].error)
+    assert got[4].record["unit"] == 'a "quoted" unit'  # type: ignore[index]
+
+
+def test_a_comma_inside_a_quoted_header_name_does_not_decide_the_separator(tmp_path: Path) -> None:
+    """`sensor_id;timestamp;value;"Ort, Halle"` was read as ','-separated and refused: header lacks its columns."""
+    path = tmp_path / "semi.csv"
+    path.write_text(f'sensor_id;timestamp;value;"Ort, Halle"\ns1;{NOW};1,5;3\n')
+    got = [r.record for r in read_csv(path, now=NOW)]
+    assert got and got[0] is not None and got[0]["value"] == 1.5 and got[0]["values"] == {"Ort, Halle": 3.0}
