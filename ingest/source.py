@@ -164,6 +164,15 @@ class FilePosition:
         if (saved.inode, saved.fingerprint) == (inode, fingerprint) and size >= saved.offset and (
                 not saved.tail or cls._tail_of(path, inode, saved.offset) == saved.tail):
             return saved
+        if saved.fingerprint == fingerprint and size >= saved.offset and saved.tail and \
+                cls._tail_of(path, inode, saved.offset) == saved.tail:
+            # Another inode with the same first line and the same bytes before the saved offset: the file was
+            # saved again by writing a copy and renaming it over (exporters, rsync, Excel), not replaced by
+            # other data. Read as a new generation, every row was published a second time. The position keeps
+            # its identity (record ids), so what an interrupted run sent is still recognised.
+            log.info("%s is another file now (a save by rename) with the same bytes up to the checkpoint; "
+                     "resuming at line %d", path, saved.line + 1)
+            return saved
         log.warning("%s changed since its checkpoint (other file, first line, shorter, or other bytes before the "
                     "saved offset); reading it from the start as a new generation", path)
         pos.generation = saved.generation + 1

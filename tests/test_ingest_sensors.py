@@ -356,3 +356,34 @@ def test_a_comma_inside_a_quoted_header_name_does_not_decide_the_separator(tmp_p
     path.write_text(f'sensor_id;timestamp;value;"Ort, Halle"\ns1;{NOW};1,5;3\n')
     got = [r.record for r in read_csv(path, now=NOW)]
     assert got and got[0] is not None and got[0]["value"] == 1.5 and got[0]["values"] == {"Ort, Halle": 3.0}
+
+
+def test_a_file_saved_again_by_rename_with_the_same_bytes_is_not_published_twice(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Exporters, rsync and Excel save by writing a copy and renaming it over: another inode, so the checkpoint
+    read it as a new generation and published every row again. Same first line and same bytes before the
+    saved offset: the run resumes; rows added by the new save are published once."""
+    import os
+    import shutil
+
+    from ingest.sensor_csv import publish_csv
+    from streaming.producer import Publisher
+
+    path = tmp_path / "re.csv"
+    path.write_text(f"sensor_id,timestamp,value\ns1,{NOW},1\ns1,{NOW + 1000},2\n")
+
+    def save(text: str) -> None:  # write a copy, rename it over the original
+        shutil.copy(path, tmp_path / "re.tmp")
+        with open(tmp_path / "re.tmp", "a") as fh:
+            fh.write(text)
+        os.replace(tmp_path / "re.tmp", path)
+
+    with Publisher(settings) as pub:
+        assert publish_csv(settings, pub, path).published == 2
+        before = path.stat().st_ino
+        save("")
+        assert path.stat().st_ino != before
+        assert publish_csv(settings, pub, path).published == 0
+        save(f"s1,{NOW + 2000},3\n")
+        assert publish_csv(settings, pub, path).published == 1
+        path.write_text(f"sensor_id,timestamp,value\ns2,{NOW},9\ns2,{NOW + 1000},8\n")  # other data: read anew
+        assert publish_csv(settings, pub, path).published == 2
