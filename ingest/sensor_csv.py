@@ -37,7 +37,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -475,10 +475,19 @@ class SensorCsvSource(SourcePartition):
         self.path = Path(path).absolute()
         self.name = str(self.path)
         self.batch_rows = batch_rows
-        self._headers = (policy or LIVE).headers()
         self._ids = PositionIds()
         self.pos = FilePosition.resume(self.path, resume_state, f"--csv {path}", head_bytes=MAX_ROW_BYTES)
         pos = self.pos
+        policy = policy or LIVE
+        saved_run = (resume_state or {}).get("backfill_run")
+        if policy.backfill and isinstance(saved_run, str) and saved_run and \
+                pos.generation == (resume_state or {}).get("generation"):
+            # The same run resumed: its records keep the run id they had. A new id per invocation split one
+            # backfill into two runs at the kill, and the featurizers keep runs' windows apart: each sensor
+            # lost a training row and had 16 partial windows more than an uninterrupted run.
+            policy = replace(policy, run_id=saved_run)
+        self.run_id = policy.run_id
+        self._headers = policy.headers()
         self.reader = (policy or LIVE).reader(timestamp_unit, source=f"--csv {path}")
         self.csv = CsvReader(self.path, unit=unit, now=now, policy=policy, reader=self.reader,
                              offset=pos.offset, line=pos.line)
@@ -505,7 +514,10 @@ class SensorCsvSource(SourcePartition):
         return item
 
     def snapshot(self) -> dict[str, Any]:
-        return self.pos.snapshot(self.csv.tail())
+        state = self.pos.snapshot(self.csv.tail())
+        if self.run_id:
+            state["backfill_run"] = self.run_id
+        return state
 
     def close(self) -> None:
         self.csv.close()
@@ -552,4 +564,5 @@ def publish_csv(settings: Settings, publisher: Publisher, path: Path, *, unit: s
                     "or a missing-value marker); check the column names", path, empty)
     return SensorIngestStats(stats.published, stats.dead_lettered, dict(stats.reasons) or None,
                              timestamp_unit=source.reader.decided, skipped_duplicates=stats.skipped_duplicates,
-                             from_line=from_line, checkpoint=str(cp_path), empty_columns=empty or None)
+                             from_line=from_line, checkpoint=str(cp_path), empty_columns=empty or None,
+                             backfill_run=source.run_id or None)

@@ -260,6 +260,8 @@ class SensorIngestStats:
     checkpoint: str | None = None
     #: Wide CSV: sensor columns without a single reading in the rows this run read.
     empty_columns: list[str] | None = None
+    #: CSV backfill: the run id its records carry (a resumed run keeps the interrupted run's).
+    backfill_run: str | None = None
 
     def count(self, reason: str) -> None:
         self.reasons = self.reasons or {}

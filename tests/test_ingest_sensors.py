@@ -387,3 +387,29 @@ def test_a_file_saved_again_by_rename_with_the_same_bytes_is_not_published_twice
         assert publish_csv(settings, pub, path).published == 1
         path.write_text(f"sensor_id,timestamp,value\ns2,{NOW},9\ns2,{NOW + 1000},8\n")  # other data: read anew
         assert publish_csv(settings, pub, path).published == 2
+
+
+def test_a_resumed_backfill_keeps_its_run_id(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A killed `ingest sensors --csv F --backfill` run again got a new run id, so the featurizers split one
+    history into two runs at the kill (windows kept apart): a training row lost and 16 partial windows more per
+    sensor. The checkpoint keeps the run id; a resumed run's records carry it."""
+    from ingest.sensor_csv import publish_csv
+    from streaming import eventtime
+    from streaming.producer import Publisher
+    from streaming.topics import raw_topic
+    from tests.helpers import read_topic
+
+    path = tmp_path / "hist.csv"
+    path.write_text("sensor_id,timestamp,value\n" + "".join(f"s1,{946_684_800_000 + i * 3_600_000},{i}\n"
+                                                             for i in range(3)))
+    with Publisher(settings) as pub:
+        first = eventtime.policy(settings, backfill=True, source="hist", run_id="run-1")
+        assert publish_csv(settings, pub, path, policy=first).backfill_run == "run-1"
+        with path.open("a") as fh:  # the rest of the history, read by the same command run again
+            fh.write("".join(f"s1,{946_684_800_000 + i * 3_600_000},{i}\n" for i in range(3, 5)))
+        again = eventtime.policy(settings, backfill=True, source="hist", run_id="run-2")
+        stats = publish_csv(settings, pub, path, policy=again)
+    assert (stats.published, stats.backfill_run) == (2, "run-1")
+    runs = [dict(r.headers)[eventtime.BACKFILL_HEADER] for r in read_topic(settings, raw_topic(settings, "sensor"),
+                                                                           decode=False, expect=5)]
+    assert runs == [b"run-1"] * 5

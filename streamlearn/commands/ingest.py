@@ -244,7 +244,7 @@ def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
             "timestamp_unit": stats.timestamp_unit,
             "skipped_duplicates": stats.skipped_duplicates,
             **({"empty_columns": stats.empty_columns} if stats.empty_columns else {}),
-            "backfill": policy.run_id or None,
+            "backfill": stats.backfill_run or policy.run_id or None,  # a resumed CSV run keeps its id
             "not_acked": pub.abandoned,
             "seconds": round(time.monotonic() - started, 3),
         }
