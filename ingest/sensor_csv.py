@@ -475,6 +475,7 @@ class SensorCsvSource(SourcePartition):
         self.path = Path(path).absolute()
         self.name = str(self.path)
         self.batch_rows = batch_rows
+        self.on_read: Callable[[int], None] | None = None
         self._ids = PositionIds()
         self.pos = FilePosition.resume(self.path, resume_state, f"--csv {path}", head_bytes=MAX_ROW_BYTES)
         pos = self.pos
@@ -497,6 +498,8 @@ class SensorCsvSource(SourcePartition):
         if self.csv.eof:
             raise StopIteration
         rows = self.csv.rows(self.batch_rows)
+        if self.on_read is not None and self.csv.offset > self.pos.offset:
+            self.on_read(self.csv.offset - self.pos.offset)  # bytes read: the progress bar or line
         self.pos.offset, self.pos.line = self.csv.offset, self.csv.line
         if not rows and self.csv.eof:
             raise StopIteration
@@ -527,14 +530,16 @@ def publish_csv(settings: Settings, publisher: Publisher, path: Path, *, unit: s
                 policy: EventTimePolicy | None = None, timestamp_unit: str = "auto",
                 checkpoint_path: Path | None = None, batch_rows: int = 1000,
                 on_start: Callable[[int, Path], None] | None = None,
-                stop: threading.Event | None = None) -> SensorIngestStats:
+                stop: threading.Event | None = None,
+                on_read: Callable[[int], None] | None = None) -> SensorIngestStats:
     """Publish the valid rows of a CSV file exactly once; dead-letter the others (original row bytes +
     reasons). Resumes after the last acknowledged row of an earlier run of the same file.
 
     Rows of a backfill (``policy.backfill``) carry the backfill header naming the run. Waits for
     every ack before returning, so a zero exit status means everything is in Kafka. ``on_start`` is
     called with the first line this run reads and the checkpoint file, before anything is sent.
-    ``stop`` ends the run early, checkpointed (the same call resumes).
+    ``stop`` ends the run early, checkpointed (the same call resumes). ``on_read(n)`` is called with the
+    bytes of each batch read (``ingest sensors``' progress).
     """
     cp_path = checkpoint_path or default_checkpoint_path(settings, path, unit=unit, policy=policy,
                                                          timestamp_unit=timestamp_unit)
@@ -547,6 +552,7 @@ def publish_csv(settings: Settings, publisher: Publisher, path: Path, *, unit: s
     runner = SourceRunner(settings, publisher, build, kind="sensor", checkpoint_path=cp_path)
     assert isinstance(runner.source, SensorCsvSource)
     source = runner.source
+    source.on_read = on_read
     from_line = source.pos.line + 1
     if on_start is not None:
         on_start(from_line, cp_path)

@@ -215,10 +215,15 @@ def _sensors(args: argparse.Namespace, settings: config.Settings) -> int:
         if args.csv is not None:
             source = str(args.csv)
             policy = policy_from_args(args, settings, f"--csv {source}")
-            stats = sensor_csv.publish_csv(
-                settings, pub, args.csv, unit=args.unit, policy=policy, timestamp_unit=unit_from_args(args, settings),
-                on_start=lambda line, cp: print(f"ingest sensors: {args.csv} from line {line} (checkpoint {cp})",
-                                                file=sys.stderr, flush=True), stop=stop)
+            # bytes read, without a total: a resumed run starts part-way through the file
+            with progress(None, f"ingest {args.csv.name}", unit="bytes") as bar:
+                def announce(line: int, cp: Path) -> None:
+                    print(f"ingest sensors: {args.csv} from line {line} (checkpoint {cp})", file=sys.stderr,
+                          flush=True)
+
+                stats = sensor_csv.publish_csv(
+                    settings, pub, args.csv, unit=args.unit, policy=policy,
+                    timestamp_unit=unit_from_args(args, settings), on_start=announce, stop=stop, on_read=bar.advance)
         else:
             records = sensors.generate(
                 args.generate,
