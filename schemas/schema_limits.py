@@ -125,13 +125,20 @@ def check_schema(text: str, limits: SchemaLimits | None = None) -> None:
             if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= _INT_MAX:
                 raise InvalidSchemaError(f"{where[:200]}: fixed size {str(size)[:40]!r} must be an integer "
                                          f"0-{_INT_MAX}")
-        elif kind == "array":
-            stack.append((node.get("items"), f"{where}[]"))
-        elif kind == "map":
-            stack.append((node.get("values"), f"{where}{{}}"))
-        elif isinstance(kind, dict | list):
-            stack.append((kind, where))
+        elif (inner := _inner(node, kind, where)) is not None:
+            stack.append(inner)
     check_defaults(doc)
+
+
+def _inner(node: dict[str, Any], kind: Any, where: str) -> tuple[Any, str] | None:
+    """The type inside an array, a map or a nested type object, with its path; None for other kinds."""
+    if kind == "array":
+        return node.get("items"), f"{where}[]"
+    if kind == "map":
+        return node.get("values"), f"{where}{{}}"
+    if isinstance(kind, dict | list):
+        return kind, where
+    return None
 
 
 _INT_MAX = 2**31 - 1
@@ -215,12 +222,8 @@ def check_defaults(doc: Any) -> None:
                             f"{fwhere[:200]}: default {json.dumps(field['default'])[:60]} is not a value of "
                             f"the field's type {_type_name(field['type'])}")
                     stack.append((field["type"], fwhere))
-            elif kind == "array":
-                stack.append((node.get("items"), f"{where}[]"))
-            elif kind == "map":
-                stack.append((node.get("values"), f"{where}{{}}"))
-            elif isinstance(kind, dict | list):
-                stack.append((kind, where))
+            elif (inner := _inner(node, kind, where)) is not None:
+                stack.append(inner)
 
 
 _MAX_DEFAULT_DEPTH = 64  # the schema document itself is at most 64 levels deep (SchemaLimits.max_depth)
