@@ -52,7 +52,7 @@ def normalize_level(level: str) -> str:
     return value
 
 
-class _Schema:
+class ParsedSchema:
     """A parsed schema plus its table of named types, so string references can be resolved."""
 
     def __init__(self, schema: Any) -> None:
@@ -93,22 +93,22 @@ def _short(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def _label(sch: _Schema, node: Any, depth: int = 0) -> str:
+def type_label(sch: ParsedSchema, node: Any, depth: int = 0) -> str:
     """Human name of a type for messages: ``double``, ``SensorReading``, ``array<float>``..."""
     node = sch.resolve(node)
     kind = _kind(node)
     if kind in _PRIMITIVES:
         return kind
     if kind == "union":
-        return "union[" + ", ".join(_label(sch, b, depth + 1) for b in node) + "]"
+        return "union[" + ", ".join(type_label(sch, b, depth + 1) for b in node) + "]"
     if kind in ("record", "enum", "fixed", "error"):
         return _short(node["name"])
     if depth > 3:
         return kind
     if kind == "array":
-        return f"array<{_label(sch, node['items'], depth + 1)}>"
+        return f"array<{type_label(sch, node['items'], depth + 1)}>"
     if kind == "map":
-        return f"map<{_label(sch, node['values'], depth + 1)}>"
+        return f"map<{type_label(sch, node['values'], depth + 1)}>"
     return kind
 
 
@@ -128,7 +128,7 @@ class _Checker:
     ``reader_is_new`` only orients messages: type changes are always told as "from old to new".
     """
 
-    def __init__(self, reader: _Schema, writer: _Schema, reader_is_new: bool) -> None:
+    def __init__(self, reader: ParsedSchema, writer: ParsedSchema, reader_is_new: bool) -> None:
         self.r = reader
         self.w = writer
         self.reader_is_new = reader_is_new
@@ -140,7 +140,7 @@ class _Checker:
         self._memo: dict[tuple[Any, Any], bool] = {}
 
     def changed(self, path: str, rnode: Any, wnode: Any) -> None:
-        old, new = (_label(self.w, wnode), _label(self.r, rnode))
+        old, new = (type_label(self.w, wnode), type_label(self.r, rnode))
         if not self.reader_is_new:
             old, new = new, old
         where = f"field '{path}'" if path else "schema"
@@ -252,7 +252,7 @@ class _Checker:
 
 def reader_errors(reader: Any, writer: Any, *, reader_is_new: bool = True) -> list[str]:
     """Why ``reader`` cannot read data written with ``writer``; empty when it can."""
-    checker = _Checker(_Schema(reader), _Schema(writer), reader_is_new)
+    checker = _Checker(ParsedSchema(reader), ParsedSchema(writer), reader_is_new)
     checker.check(checker.r.root, checker.w.root, "")
     return list(dict.fromkeys(checker.errors))
 
@@ -261,7 +261,7 @@ def check_compatibility(level: str, new: Any, previous: list[Any]) -> list[str]:
     """Reasons ``new`` breaks ``level`` against ``previous`` (oldest first); empty = compatible."""
     mode = normalize_level(level)
     if mode == "NONE" or not previous:
-        _Schema(new)  # still reject an invalid schema
+        ParsedSchema(new)  # still reject an invalid schema
         return []
     targets = previous if mode.endswith("_TRANSITIVE") else previous[-1:]
     errors: list[str] = []

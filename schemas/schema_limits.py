@@ -15,8 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import fastavro
-
+from schemas.compat import ParsedSchema, type_label
 from schemas.exceptions import InvalidSchemaError, InvalidSubjectError
 from schemas.httpguard import scan_json
 
@@ -196,13 +195,13 @@ def check_defaults(doc: Any) -> None:
     refuses them (42201). A union's default may match any of its branches (Avro 1.12, AVRO-3649; older
     readers wanted the first). A schema fastavro cannot parse is left to the parse that reports it.
     """
-    named: dict[str, Any] = {}
     try:
-        parsed = fastavro.parse_schema(doc, named_schemas=named)
-    except Exception:  # noqa: BLE001 - the registry's own parse raises the precise InvalidSchemaError
+        sch = ParsedSchema(doc)
+    except InvalidSchemaError:  # the registry's own parse reports it, with its message
         return
+    named = sch.named
     seen: set[str] = set()
-    stack: list[tuple[Any, str]] = [(parsed, "schema")]
+    stack: list[tuple[Any, str]] = [(sch.root, "schema")]
     while stack:
         node, where = stack.pop()
         if isinstance(node, str):
@@ -220,7 +219,7 @@ def check_defaults(doc: Any) -> None:
                     if "default" in field and not _fits(field["type"], field["default"], named, 0):
                         raise InvalidSchemaError(
                             f"{fwhere[:200]}: default {json.dumps(field['default'])[:60]} is not a value of "
-                            f"the field's type {_type_name(field['type'])}")
+                            f"the field's type {type_label(sch, field['type'])}")
                     stack.append((field["type"], fwhere))
             elif (inner := _inner(node, kind, where)) is not None:
                 stack.append(inner)
@@ -272,18 +271,3 @@ def _primitive_fits(kind: str, value: Any) -> bool:
     if kind == "bytes":  # JSON strings whose code points 0-255 are the bytes
         return isinstance(value, str) and all(ord(c) < 256 for c in value)
     return False
-
-
-def _type_name(node: Any) -> str:
-    if isinstance(node, list):
-        return "union[" + ", ".join(_type_name(b) for b in node) + "]"
-    if isinstance(node, dict):
-        kind = node.get("type")
-        if kind in ("record", "error", "enum", "fixed"):
-            return str(node.get("name"))
-        if kind == "array":
-            return f"array<{_type_name(node.get('items'))}>"
-        if kind == "map":
-            return f"map<{_type_name(node.get('values'))}>"
-        return _type_name(kind)
-    return str(node)
