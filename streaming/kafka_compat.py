@@ -155,13 +155,15 @@ def _source_has(func: Any, text: str) -> bool:
         return False
 
 
+@functools.cache
 def install() -> bool:
     """Wrap ``BaseCoordinator.join_group_async``, ``need_rejoin`` and ``Fetcher.fetched_records`` once per process,
     raise ``KafkaConsumer``'s default ``receive_message_max_bytes`` (fix 4) and lower every client's default
     ``reconnect_backoff_max_ms`` (fix 5).
 
-    Idempotent. Returns True when all fixes are active; a method whose installed source no longer
-    has the flaw is left alone (logged once).
+    Runs once per process (cached: every client's ``kafka_security()`` call asks for it, and a method whose
+    source no longer has the flaw would otherwise be read and logged again each time). Returns True when
+    all fixes are active; such a method is left alone, and said so once.
     """
     from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 

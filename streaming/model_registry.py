@@ -62,7 +62,6 @@ from streaming.registry_integrity import (  # re-exported: registry_remote and t
 from streaming.registry_leader import RegistryLeaderMixin
 from streaming.tf_serving import refresh_quietly
 
-_NAME_RE = MODEL_NAME_RE
 STAGING_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 STATE_FILE = "state.json"
@@ -104,7 +103,7 @@ class ModelRegistry(RegistryIntegrityMixin, RegistryLeaderMixin):
     # ------------------------------------------------------------------ paths
     def model_dir(self, name: str) -> Path:
         """Directory of model ``name``; the name is checked so it cannot escape the root."""
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not MODEL_NAME_RE.match(name):
             raise ModelRegistryError(
                 f"name: {name!r} is not a valid model name; use letters, digits, '_', '-', '.' "
                 "(starting with a letter or digit)"
@@ -125,7 +124,7 @@ class ModelRegistry(RegistryIntegrityMixin, RegistryLeaderMixin):
         """Every model that has a directory in the registry."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME_RE.match(p.name))
 
     def versions(self, name: str) -> list[int]:
         """Published versions, ascending. Staging and trash directories are never listed."""
