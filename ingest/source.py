@@ -161,11 +161,11 @@ class FilePosition:
         saved = cls(**{k: v for k, v in resume_state.items() if k in cls.__dataclass_fields__})
         if saved.path != str(path) and canonical_path(saved.path, whole=True) != canonical_path(path, whole=True):
             raise SourceError(f"the checkpoint belongs to {saved.path}, not {path}; pass another --checkpoint")
-        if (saved.inode, saved.fingerprint) == (inode, fingerprint) and size >= saved.offset and (
-                not saved.tail or cls._tail_of(path, inode, saved.offset) == saved.tail):
+        same_bytes = saved.fingerprint == fingerprint and size >= saved.offset and (
+            not saved.tail or cls._tail_of(path, inode, saved.offset) == saved.tail)
+        if same_bytes and saved.inode == inode:
             return saved
-        if saved.fingerprint == fingerprint and size >= saved.offset and saved.tail and \
-                cls._tail_of(path, inode, saved.offset) == saved.tail:
+        if same_bytes and saved.tail:
             # Another inode with the same first line and the same bytes before the saved offset: the file was
             # saved again by writing a copy and renaming it over (exporters, rsync, Excel), not replaced by
             # other data. Read as a new generation, every row was published a second time. The position keeps

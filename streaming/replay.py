@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 #: Written into ``<store>/<namespace>/<kind>/`` when a replay completes (not a batch: no ``.avro``).
 RANGE_FILE = "_replay.json"
 #: The start offsets of a replay that has not completed yet (written before its first batch, removed with
-#: :data:`RANGE_FILE`): a re-run of the same command resumes from them (:func:`_resume_start`).
+#: :data:`RANGE_FILE`): a re-run of the same command resumes from them (:func:`replay`).
 START_FILE = "_replay.start.json"
 
 
@@ -182,8 +182,14 @@ def replay(settings: Settings, kind: str, *, from_ms: int | None = None, from_of
                        has_batches=lambda: bool(store.batch_ids(kind, namespace)))
     # a killed earlier run of this replay left its half-written batch as a temp file: its writer is gone
     store.remove_stale_temp_files(kind, namespace)
-    if recorded is not None and not from_offsets:
-        start = _resume_start(start, recorded, directory)
+    if recorded is not None and start != recorded:
+        # A time start drifts (`--from-timestamp -2h` run again an hour later, `--from-beginning` after retention
+        # deleted records): resolved to later offsets, whose count-based batch boundaries would overlap the
+        # batches already written. Checked above to be this same replay, it continues from its recorded start
+        # (completing it, or extending a completed one to the current end).
+        log.info("replay into %s: continuing the replay from its recorded start offsets %s (this run's start "
+                 "resolved to %s)", directory, recorded, start)
+        start = dict(recorded)
     partitions = sorted(start)
     if to_ms is None:
         with Subscriber(settings, topic, start="end", decode=False, partitions=partitions) as probe:
@@ -257,8 +263,8 @@ def _check_same_replay(namespace: str, directory: Path, topic: str, start: dict[
     rewrote its recorded range, so promote refused the partitions it left out.
 
     The same replay is: the recorded start, or (``exact`` False: a time or --from-beginning start, which
-    drifts) a start at or after it on the same partitions, which :func:`_resume_start` then takes back to
-    the recorded one. ``--from-offset`` never drifts and must name the recorded start exactly.
+    drifts) a start at or after it on the same partitions, which :func:`replay` then takes back to the
+    recorded one. ``--from-offset`` never drifts and must name the recorded start exactly.
     """
     if recorded is None:
         if has_batches():
@@ -277,24 +283,6 @@ def _check_same_replay(namespace: str, directory: Path, topic: str, start: dict[
         f"--into: namespace {namespace!r} holds {state} replay of {topic!r} from offsets {where}; this one "
         f"starts at {asked}, a different replay, which would mix with it. Run the same start again (--from-offset "
         f"{where}) to finish or extend it, or replay into a new namespace (or remove {directory} first)")
-
-
-def _resume_start(start: dict[int, int], recorded: dict[int, int], directory: Path) -> dict[int, int]:
-    """The recorded start of this namespace's replay when ``start`` is a later one (checked by
-    :func:`_check_same_replay`), else ``start``.
-
-    Why: "an interrupted replay is completed by running the same command again", but a time start drifts:
-    ``--from-timestamp -2h`` run again an hour later (or ``--from-beginning`` after retention deleted
-    records) resolves to later offsets, whose count-based batch boundaries overlap the batches already
-    written, and the re-run was refused. A start that lies at or after the recorded one on every partition
-    is that same replay resumed (or, once completed, extended to the current end), so it continues from
-    the recorded start. ``--from-offset`` never drifts and is taken as given.
-    """
-    if recorded == start:
-        return start
-    log.info("replay into %s: continuing the replay from its recorded start offsets %s (this run's start "
-             "resolved to %s)", directory, recorded, start)
-    return dict(recorded)
 
 
 def _write_range(directory: Path, topic: str, result: ReplayResult, featurizer_version: str) -> None:
