@@ -327,7 +327,9 @@ class KeptBroker:
             return None
         old, code = proc.pid, proc.returncode
         self.broker._proc = None
-        with contextlib.suppress(OSError, ValueError):  # the pid file still names the dead broker
+        # The pid file still names the dead broker: should that pid be reused by another process meanwhile,
+        # start() would read it as a broker already running.
+        with contextlib.suppress(OSError, ValueError):
             if json.loads(self.broker.pid_file.read_text()).get("pid") == old:
                 self.broker.pid_file.unlink()
         try:
